@@ -1,0 +1,13 @@
+"""sdjax: Stable Diffusion in JAX/Flax."""
+
+import os as _os
+
+__version__ = "0.1.0"
+
+# sdjax's own small text-to-image model, shipped inside the package (diffusers format).
+BUILTIN_MODEL = _os.path.join(_os.path.dirname(__file__), "builtin", "shapes")
+
+from sdjax.pipeline import Pipeline, PipelineError, build_pipeline, load_pipeline  # noqa: E402
+
+__all__ = ["BUILTIN_MODEL", "Pipeline", "PipelineError", "__version__", "build_pipeline",
+           "load_pipeline"]

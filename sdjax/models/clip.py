@@ -1,0 +1,189 @@
+"""The CLIP text encoder, as transformers' `CLIPTextModel`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdjax.models import config_utils
+from sdjax.models.layers import dense, layer_norm
+
+Dtype = Any
+
+_ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+# Keys every transformers config may carry that do not change the forward pass.
+_IGNORED = frozenset({
+    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
+    "initializer_factor", "initializer_range", "attention_dropout", "dropout", "projection_dim",
+    "id2label", "label2id", "return_dict",
+    "output_attentions", "output_hidden_states", "chunk_size_feed_forward", "is_encoder_decoder",
+    "problem_type", "tie_word_embeddings", "use_bfloat16", "torchscript", "pruned_heads",
+    "tokenizer_class", "prefix", "task_specific_params", "finetuning_task", "is_decoder",
+    "add_cross_attention", "cross_attention_hidden_size", "tf_legacy_loss", "sep_token_id",
+    "decoder_start_token_id", "max_length", "min_length", "do_sample", "early_stopping",
+    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "output_hidden_states", "gradient_checkpointing",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+  """The options of transformers' `CLIPTextConfig` that change the forward pass."""
+
+  vocab_size: int = 49408
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  max_position_embeddings: int = 77
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  # Token ids: no effect on the hidden states, kept so an exported config says the same.
+  bos_token_id: int | None = 49406
+  eos_token_id: int | None = 49407
+  pad_token_id: int | None = 1
+
+  def __post_init__(self):
+    if self.hidden_act not in _ACTIVATIONS:
+      raise config_utils.ConfigError(
+          f"text_encoder hidden_act {self.hidden_act!r} is not supported by sdjax"
+      )
+    if self.hidden_size % self.num_attention_heads:
+      raise config_utils.ConfigError(
+          "text_encoder hidden_size must be a multiple of num_attention_heads"
+      )
+
+  @classmethod
+  def from_dict(cls, raw: dict[str, Any]) -> CLIPTextConfig:
+    model_type = raw.get("model_type", "clip_text_model")
+    if model_type != "clip_text_model":
+      raise config_utils.ConfigError(
+          f"text_encoder model_type {model_type!r} is not supported (need clip_text_model)"
+      )
+    return config_utils.build_config(
+        cls, raw, component="text_encoder", fixed={}, ignored=_IGNORED
+    )
+
+  def to_dict(self) -> dict[str, Any]:
+    out = config_utils.to_json_dict(self, "CLIPTextModel")
+    del out["_class_name"]
+    out.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
+    return out
+
+
+class CLIPAttention(nn.Module):
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d, pd = self.dtype, self.param_dtype
+    b, n, c = x.shape
+    head_dim = c // self.heads
+
+    def proj(name):
+      return dense(c, d, pd, name)(x).reshape(b, n, self.heads, head_dim)  # B, N, H, D
+
+    q, k, v = proj("q_proj") * head_dim**-0.5, proj("k_proj"), proj("v_proj")
+    scores = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32)  # B, H, N, N
+    causal = jnp.tril(jnp.ones((n, n), bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhnm,bmhd->bnhd", probs, v).reshape(b, n, c)  # B, N, C
+    return dense(c, d, pd, "out_proj")(out)
+
+
+class CLIPEncoderLayer(nn.Module):
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, d, pd = self.config, self.dtype, self.param_dtype
+    h = layer_norm(cfg.layer_norm_eps, d, pd, "layer_norm1")(x)
+    x = x + CLIPAttention(cfg.num_attention_heads, d, pd, name="self_attn")(h)
+    h = layer_norm(cfg.layer_norm_eps, d, pd, "layer_norm2")(x)
+    return x + CLIPMLP(cfg, d, pd, name="mlp")(h)
+
+
+class CLIPMLP(nn.Module):
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    h = dense(cfg.intermediate_size, self.dtype, self.param_dtype, "fc1")(x)
+    h = _ACTIVATIONS[cfg.hidden_act](h)
+    return dense(cfg.hidden_size, self.dtype, self.param_dtype, "fc2")(h)
+
+
+class CLIPEmbeddings(nn.Module):
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids):
+    cfg = self.config
+    tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="token_embedding")
+    pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="position_embedding")
+    return tok(input_ids) + pos(jnp.arange(input_ids.shape[-1]))[None]  # B, N, C
+
+
+class CLIPEncoder(nn.Module):
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    hidden_states = [x]
+    for i in range(self.config.num_hidden_layers):
+      x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layers_{i}")(x)
+      hidden_states.append(x)
+    return hidden_states
+
+
+class CLIPTextModel(nn.Module):
+  """Token ids [B, N] -> dict(last_hidden_state, hidden_states, prompt_embeds).
+
+  `hidden_states` holds the embeddings output and every layer's output (before the final
+  LayerNorm), as transformers' `output_hidden_states=True`. `prompt_embeds` is what Stable
+  Diffusion pipelines condition on: the last hidden state, or with `clip_skip=k` the output k
+  layers before the last passed through the final LayerNorm, as diffusers' `clip_skip` does.
+  """
+
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, clip_skip: int | None = None):
+    cfg, d, pd = self.config, self.dtype, self.param_dtype
+    if clip_skip is not None and not 0 <= clip_skip < cfg.num_hidden_layers:
+      raise ValueError(f"clip_skip must be in [0, {cfg.num_hidden_layers}), got {clip_skip}")
+    x = CLIPEmbeddings(cfg, d, pd, name="embeddings")(input_ids)
+    hidden_states = CLIPEncoder(cfg, d, pd, name="encoder")(x)
+    final_norm = layer_norm(cfg.layer_norm_eps, d, pd, "final_layer_norm")
+    last = final_norm(hidden_states[-1])
+    prompt_embeds = final_norm(hidden_states[-(clip_skip + 1)]) if clip_skip else last
+    return {"last_hidden_state": last, "hidden_states": hidden_states,
+            "prompt_embeds": prompt_embeds}

@@ -1,0 +1,253 @@
+"""Building blocks shared by the UNet and the VAE, named as in diffusers.
+
+Submodule names mirror diffusers' state-dict keys (`norm1`, `conv1`, `to_q`, `to_out_0` for
+`to_out.0`) so that weight conversion is a mechanical rename plus a layout change. Everything is
+NHWC. `dtype` is the compute dtype; `param_dtype` the dtype parameters are created in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdjax.models import attention
+
+Dtype = Any
+
+
+def group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str):
+  # use_fast_variance=False: E[(x-mean)^2] as torch computes it, not E[x^2]-mean^2.
+  return nn.GroupNorm(
+      num_groups=groups,
+      epsilon=eps,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      use_fast_variance=False,
+      name=name,
+  )
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str):
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
+  )
+
+
+def conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int = 1, padding=None):
+  pad = kernel // 2 if padding is None else padding
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)) if isinstance(pad, int) else pad,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+  )
+
+
+def dense(features: int, dtype, param_dtype, name: str, use_bias: bool = True):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def timestep_embedding(
+    timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+    max_period: float = 10000.0,
+) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps [B] -> [B, dim], in float32."""
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]  # B, half
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class ResnetBlock2D(nn.Module):
+  """GroupNorm-SiLU-conv twice, with an optional time embedding added in between."""
+
+  out_channels: int
+  groups: int
+  eps: float
+  output_scale_factor: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb=None):
+    d, pd = self.dtype, self.param_dtype
+    h = nn.silu(group_norm(self.groups, self.eps, d, pd, "norm1")(x))
+    h = conv(self.out_channels, 3, d, pd, "conv1")(h)
+    if temb is not None:
+      t = dense(self.out_channels, d, pd, "time_emb_proj")(nn.silu(temb))
+      h = h + t[:, None, None, :]
+    h = nn.silu(group_norm(self.groups, self.eps, d, pd, "norm2")(h))
+    h = conv(self.out_channels, 3, d, pd, "conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, 1, d, pd, "conv_shortcut")(x)
+    return (x + h) / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+  """Strided 3x3 conv. `padding=0` pads right/bottom only, as diffusers' VAE encoder."""
+
+  out_channels: int
+  padding: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.padding == 0:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    pad = self.padding
+    return conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv", stride=2, padding=pad)(x)
+
+
+class Upsample2D(nn.Module):
+  """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+  out_channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # B, 2H, 2W, C
+    return conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv")(x)
+
+
+class Attention(nn.Module):
+  """Multi-head attention over tokens [B, N, C], as diffusers' `Attention`.
+
+  With `norm_groups`, a GroupNorm precedes the projections and the input is added back (the VAE's
+  spatial self-attention).
+  """
+
+  heads: int
+  head_dim: int
+  qkv_bias: bool = False
+  upcast: bool = False
+  norm_groups: int | None = None
+  norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None):
+    d, pd = self.dtype, self.param_dtype
+    residual = x
+    if self.norm_groups is not None:
+      x = group_norm(self.norm_groups, self.norm_eps, d, pd, "group_norm")(x)
+    context = x if context is None else context
+    inner = self.heads * self.head_dim
+    b, n = x.shape[:2]
+    q = dense(inner, d, pd, "to_q", self.qkv_bias)(x).reshape(b, n, self.heads, self.head_dim)
+    k = dense(inner, d, pd, "to_k", self.qkv_bias)(context)
+    v = dense(inner, d, pd, "to_v", self.qkv_bias)(context)
+    k = k.reshape(b, -1, self.heads, self.head_dim)  # B, M, H, D
+    v = v.reshape(b, -1, self.heads, self.head_dim)  # B, M, H, D
+    out = attention.dot_product_attention(q, k, v, upcast=self.upcast)  # B, N, H, D
+    out = dense(x.shape[-1], d, pd, "to_out_0")(out.reshape(b, n, inner))
+    if self.norm_groups is not None:
+      out = out + residual
+    return out
+
+
+class GEGLU(nn.Module):
+  """Linear projection to twice the width; one half gates the other through GELU."""
+
+  inner_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = dense(self.inner_dim * 2, self.dtype, self.param_dtype, "proj")(x)
+    h, gate = jnp.split(h, 2, axis=-1)
+    return h * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+  dim: int
+  mult: int = 4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = GEGLU(self.dim * self.mult, self.dtype, self.param_dtype, name="net_0")(x)
+    return dense(self.dim, self.dtype, self.param_dtype, "net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+  """Self-attention, cross-attention and a GEGLU feed-forward, each pre-LayerNorm + residual."""
+
+  dim: int
+  heads: int
+  head_dim: int
+  only_cross_attention: bool = False
+  upcast_attention: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context):
+    d, pd = self.dtype, self.param_dtype
+
+    def attn(name):
+      return Attention(
+          self.heads, self.head_dim, upcast=self.upcast_attention, dtype=d, param_dtype=pd,
+          name=name,
+      )
+
+    h = layer_norm(1e-5, d, pd, "norm1")(x)
+    x = x + attn("attn1")(h, context if self.only_cross_attention else None)
+    h = layer_norm(1e-5, d, pd, "norm2")(x)
+    x = x + attn("attn2")(h, context)
+    h = layer_norm(1e-5, d, pd, "norm3")(x)
+    return x + FeedForward(self.dim, dtype=d, param_dtype=pd, name="ff")(h)
+
+
+class Transformer2DModel(nn.Module):
+  """Spatial transformer: GroupNorm, project in, transformer blocks, project out, residual."""
+
+  heads: int
+  head_dim: int
+  num_layers: int
+  groups: int
+  use_linear_projection: bool = False
+  only_cross_attention: bool = False
+  upcast_attention: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context):
+    d, pd = self.dtype, self.param_dtype
+    b, hh, ww, c = x.shape
+    inner = self.heads * self.head_dim
+    residual = x
+    x = group_norm(self.groups, 1e-6, d, pd, "norm")(x)
+    # A 1x1 conv and a linear layer are the same map; the checkpoint decides which holds it.
+    if self.use_linear_projection:
+      x = dense(inner, d, pd, "proj_in")(x.reshape(b, hh * ww, c))  # B, H*W, inner
+    else:
+      x = conv(inner, 1, d, pd, "proj_in")(x).reshape(b, hh * ww, inner)  # B, H*W, inner
+    for i in range(self.num_layers):
+      x = BasicTransformerBlock(
+          inner, self.heads, self.head_dim, self.only_cross_attention, self.upcast_attention,
+          dtype=d, param_dtype=pd, name=f"transformer_blocks_{i}",
+      )(x, context)
+    if self.use_linear_projection:
+      x = dense(c, d, pd, "proj_out")(x).reshape(b, hh, ww, c)  # B, H, W, C
+    else:
+      x = conv(c, 1, d, pd, "proj_out")(x.reshape(b, hh, ww, inner))  # B, H, W, C
+    return x + residual

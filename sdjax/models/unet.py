@@ -1,0 +1,295 @@
+"""The conditional UNet noise predictor, as diffusers' `UNet2DConditionModel` (SD 1.x / 2.x).
+
+Note diffusers' naming quirk, kept here for compatibility with every checkpoint: the config's
+`attention_head_dim` is the number of attention *heads* per block; the head width is
+`channels // heads`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sdjax.models import config_utils
+from sdjax.models.layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    Transformer2DModel,
+    Upsample2D,
+    conv,
+    dense,
+    group_norm,
+    timestep_embedding,
+)
+
+Dtype = Any
+
+_DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """The options of `UNet2DConditionModel` that sdjax implements (diffusers' names)."""
+
+  sample_size: int | None = 64
+  in_channels: int = 4
+  out_channels: int = 4
+  center_input_sample: bool = False
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0
+  down_block_types: tuple[str, ...] = (
+      "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D",
+  )
+  mid_block_type: str = "UNetMidBlock2DCrossAttn"
+  up_block_types: tuple[str, ...] = (
+      "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+  )
+  only_cross_attention: bool | tuple[bool, ...] = False
+  block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+  layers_per_block: int = 2
+  downsample_padding: int = 1
+  mid_block_scale_factor: float = 1.0
+  dropout: float = 0.0  # training only: identity at inference
+  act_fn: str = "silu"
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  cross_attention_dim: int = 1280
+  transformer_layers_per_block: int | tuple[int, ...] = 1
+  attention_head_dim: int | tuple[int, ...] = 8
+  use_linear_projection: bool = False
+  upcast_attention: bool = False
+
+  def __post_init__(self):
+    n = len(self.block_out_channels)
+    bad = [t for t in self.down_block_types if t not in _DOWN_TYPES]
+    bad += [t for t in self.up_block_types if t not in _UP_TYPES]
+    if bad:
+      raise config_utils.ConfigError(f"unet block type {bad[0]!r} is not supported by sdjax")
+    if self.mid_block_type != "UNetMidBlock2DCrossAttn":
+      raise config_utils.ConfigError(
+          f"unet mid_block_type {self.mid_block_type!r} is not supported by sdjax"
+      )
+    if self.act_fn != "silu":
+      raise config_utils.ConfigError(f"unet act_fn {self.act_fn!r} is not supported by sdjax")
+    if len(self.down_block_types) != n or len(self.up_block_types) != n:
+      raise config_utils.ConfigError(
+          "unet down_block_types, up_block_types and block_out_channels differ in length"
+      )
+    for name in ("attention_head_dim", "only_cross_attention", "transformer_layers_per_block"):
+      value = getattr(self, name)
+      if isinstance(value, tuple) and len(value) != n:
+        raise config_utils.ConfigError(f"unet {name} needs one entry per block ({n})")
+    if any(c % self.norm_num_groups for c in self.block_out_channels):
+      raise config_utils.ConfigError("unet block_out_channels must be multiples of norm_num_groups")
+
+  def per_block(self, name: str) -> tuple:
+    value = getattr(self, name)
+    return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
+
+  @property
+  def downscale(self) -> int:
+    """How much the UNet downsamples: latent sizes must be a multiple of this."""
+    return 2 ** (len(self.block_out_channels) - 1)
+
+  @classmethod
+  def from_dict(cls, raw: dict[str, Any]) -> UNetConfig:
+    return config_utils.build_config(
+        cls, raw, component="unet", fixed=_FIXED_OPTIONS, ignored=frozenset()
+    )
+
+  def to_dict(self) -> dict[str, Any]:
+    return config_utils.to_json_dict(self, "UNet2DConditionModel")
+
+
+# UNet2DConditionModel options sdjax implements only at their diffusers default.
+_FIXED_OPTIONS = {
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "num_attention_heads": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "addition_embed_type_num_heads": 64,
+}
+
+
+class _Block(nn.Module):
+  """One resolution level of the UNet: resnets, optional transformers, optional resampler.
+
+  A down block returns its output and the skip activations it produced; an up block consumes
+  skips (`skips`, last first) by concatenating them onto its input channels.
+  """
+
+  out_channels: int
+  num_layers: int
+  has_attention: bool
+  resample: bool
+  up: bool
+  heads: int
+  transformer_layers: int
+  only_cross_attention: bool
+  config: UNetConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, context, skips=()):
+    cfg, d, pd = self.config, self.dtype, self.param_dtype
+    outputs = []
+    skips = list(skips)
+    for j in range(self.num_layers):
+      if self.up:
+        x = jnp.concatenate([x, skips.pop()], axis=-1)  # B, H, W, C + C_skip
+      x = ResnetBlock2D(
+          self.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype=d, param_dtype=pd,
+          name=f"resnets_{j}",
+      )(x, temb)
+      if self.has_attention:
+        x = self._transformer(f"attentions_{j}")(x, context)
+      outputs.append(x)
+    if self.resample and self.up:
+      x = Upsample2D(self.out_channels, d, pd, name="upsamplers_0")(x)
+    elif self.resample:
+      x = Downsample2D(self.out_channels, cfg.downsample_padding, d, pd, name="downsamplers_0")(x)
+      outputs.append(x)
+    return x, tuple(outputs)
+
+  def _transformer(self, name):
+    cfg = self.config
+    return Transformer2DModel(
+        heads=self.heads,
+        head_dim=self.out_channels // self.heads,
+        num_layers=self.transformer_layers,
+        groups=cfg.norm_num_groups,
+        use_linear_projection=cfg.use_linear_projection,
+        only_cross_attention=self.only_cross_attention,
+        upcast_attention=cfg.upcast_attention,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+    )
+
+
+class _MidBlock(nn.Module):
+  """resnet, transformer, resnet at the lowest resolution."""
+
+  config: UNetConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, context):
+    cfg, d, pd = self.config, self.dtype, self.param_dtype
+    channels = cfg.block_out_channels[-1]
+    heads = cfg.per_block("attention_head_dim")[-1]
+
+    def resnet(name):
+      return ResnetBlock2D(
+          channels, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor, d, pd,
+          name=name,
+      )
+
+    x = resnet("resnets_0")(x, temb)
+    x = Transformer2DModel(
+        heads=heads,
+        head_dim=channels // heads,
+        num_layers=cfg.per_block("transformer_layers_per_block")[-1],
+        groups=cfg.norm_num_groups,
+        use_linear_projection=cfg.use_linear_projection,
+        upcast_attention=cfg.upcast_attention,
+        dtype=d,
+        param_dtype=pd,
+        name="attentions_0",
+    )(x, context)
+    return resnet("resnets_1")(x, temb)
+
+
+class TimestepEmbedding(nn.Module):
+  """Two linear layers with a SiLU between, from the sinusoidal embedding to the time vector."""
+
+  dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = dense(self.dim, self.dtype, self.param_dtype, "linear_1")(x)
+    return dense(self.dim, self.dtype, self.param_dtype, "linear_2")(nn.silu(x))
+
+
+class UNet2DConditionModel(nn.Module):
+  """Predicts the noise (or v) in latents x [B, h, w, C] at timesteps t [B] given context."""
+
+  config: UNetConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, sample, timesteps, context):
+    cfg, d, pd = self.config, self.dtype, self.param_dtype
+    channels = cfg.block_out_channels
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+    temb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    temb = TimestepEmbedding(channels[0] * 4, d, pd, name="time_embedding")(temb.astype(d))
+
+    if cfg.center_input_sample:
+      sample = 2 * sample - 1.0
+    x = conv(channels[0], 3, d, pd, "conv_in")(sample.astype(d))
+    context = context.astype(d)
+
+    skips = [x]
+    for i, block_type in enumerate(cfg.down_block_types):
+      x, outputs = self._block(i, block_type, up=False)(x, temb, context)
+      skips.extend(outputs)
+
+    x = _MidBlock(cfg, d, pd, name="mid_block")(x, temb, context)
+
+    for i, block_type in enumerate(cfg.up_block_types):
+      n = cfg.layers_per_block + 1
+      block_skips, skips = skips[-n:], skips[:-n]
+      x, _ = self._block(i, block_type, up=True)(x, temb, context, block_skips)
+
+    x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, d, pd, "conv_norm_out")(x))
+    return conv(cfg.out_channels, 3, d, pd, "conv_out")(x)
+
+  def _block(self, i: int, block_type: str, up: bool) -> _Block:
+    cfg = self.config
+    n = len(cfg.block_out_channels)
+    # Up blocks walk the per-block lists in reverse.
+    k = n - 1 - i if up else i
+    return _Block(
+        out_channels=cfg.block_out_channels[k],
+        num_layers=cfg.layers_per_block + (1 if up else 0),
+        has_attention=block_type.startswith("CrossAttn"),
+        resample=i < n - 1,
+        up=up,
+        heads=cfg.per_block("attention_head_dim")[k],
+        transformer_layers=cfg.per_block("transformer_layers_per_block")[k],
+        only_cross_attention=cfg.per_block("only_cross_attention")[k],
+        config=cfg,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"{'up' if up else 'down'}_blocks_{i}",
+    )

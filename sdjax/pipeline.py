@@ -1,0 +1,303 @@
+"""A Stable Diffusion pipeline: the three networks, their params, tokenizer and scheduler config.
+
+`load_pipeline(source)` reads a diffusers-format folder or Hugging Face hub id. The component API
+(`tokenize`, `encode_text`, `predict_noise`, `vae_decode`, `vae_encode`) is jit-compiled and
+NHWC, and takes numpy or jax arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax import hub
+from sdjax.models import config_utils
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+from sdjax.models.vae import AutoencoderKL, VAEConfig
+from sdjax.weights import TEXT_PREFIX, WeightsError, flax_to_torch, read_state_dict, torch_to_flax
+from sdjax.weights import write_safetensors
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class PipelineError(ValueError):
+  """A pipeline that cannot be loaded: one line saying why."""
+
+
+def parse_dtype(dtype) -> Any:
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise PipelineError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+  return jnp.dtype(dtype).type if dtype is not None else jnp.float32
+
+
+def _expected_params(module, *args):
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
+
+
+def init_params(module, *args, seed: int = 0):
+  """Fresh random params for a module (training from scratch, tests)."""
+  return jax.jit(lambda key: module.init(key, *args))(jax.random.key(seed))["params"]
+
+
+def _example_inputs(unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, vae_cfg: VAEConfig):
+  """Smallest valid inputs, for shape inference of each network's param tree."""
+  s = unet_cfg.downscale
+  return {
+      "unet": (jnp.zeros((1, s, s, unet_cfg.in_channels)), jnp.zeros((1,)),
+               jnp.zeros((1, 1, unet_cfg.cross_attention_dim))),
+      "text_encoder": (jnp.zeros((1, text_cfg.max_position_embeddings), jnp.int32),),
+      "vae": (jnp.zeros((1, vae_cfg.downscale, vae_cfg.downscale, vae_cfg.in_channels)),),
+  }
+
+
+@dataclasses.dataclass(eq=False)
+class Pipeline:
+  """The networks (Flax modules), their params, the tokenizer and the scheduler config."""
+
+  text_encoder: CLIPTextModel
+  unet: UNet2DConditionModel
+  vae: AutoencoderKL
+  params: dict[str, Any]
+  tokenizer: Any
+  scheduler_config: dict[str, Any]
+  name: str = "sdjax"
+
+  # -- properties -------------------------------------------------------------------------------
+  @property
+  def dtype(self):
+    return self.unet.dtype
+
+  @property
+  def vae_scale(self) -> int:
+    return self.vae.config.downscale
+
+  @property
+  def scaling_factor(self) -> float:
+    return self.vae.config.scaling_factor
+
+  @property
+  def native_size(self) -> int:
+    """Image side the UNet was trained at (pixels)."""
+    return (self.unet.config.sample_size or 64) * self.vae_scale
+
+  @property
+  def max_length(self) -> int:
+    return self.text_encoder.config.max_position_embeddings
+
+  # -- component API ------------------------------------------------------------------------------
+  def tokenize(self, prompts) -> np.ndarray:
+    """Prompts -> int32 token ids [B, 77], padded and truncated as Stable Diffusion does."""
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                         truncation=True, return_tensors="np")["input_ids"]
+    return np.asarray(ids, dtype=np.int32)
+
+  def encode_text(self, ids, clip_skip: int | None = None) -> jax.Array:
+    """Token ids [B, 77] -> prompt embeddings [B, 77, D] (the last hidden state by default)."""
+    return _encode_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids),
+                        clip_skip)
+
+  def predict_noise(self, x, t, ctx) -> jax.Array:
+    """UNet output [B, h, w, 4] for latents x [B, h, w, 4], timesteps t [B], context ctx."""
+    x = jnp.asarray(x)
+    self._check_latent_size(x.shape[1:3])
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+    return _predict_noise(self.unet, self.params["unet"], x, t, jnp.asarray(ctx))
+
+  def vae_decode(self, z) -> jax.Array:
+    """Latents [B, h, w, 4] (already divided by the scaling factor) -> images [B, H, W, 3]."""
+    return _vae_decode(self.vae, self.params["vae"], jnp.asarray(z))
+
+  def vae_encode(self, x) -> jax.Array:
+    """Images [B, H, W, 3] in [-1, 1] -> posterior mean latents [B, h, w, 4] (unscaled)."""
+    return _vae_encode(self.vae, self.params["vae"], jnp.asarray(x))
+
+  def _check_latent_size(self, hw) -> None:
+    s = self.unet.config.downscale
+    if hw[0] % s or hw[1] % s:
+      raise ValueError(
+          f"latent size {hw[0]}x{hw[1]} must be a multiple of {s} for this UNet "
+          f"(image size a multiple of {s * self.vae_scale})"
+      )
+
+  # -- export ------------------------------------------------------------------------------------
+  def save_pretrained(self, folder: str) -> None:
+    """Writes a diffusers-format folder that diffusers' `StableDiffusionPipeline` loads."""
+    save_pretrained(self, folder)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode_text(module, params, ids, clip_skip):
+  return module.apply({"params": params}, ids, clip_skip)["prompt_embeds"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _predict_noise(module, params, x, t, ctx):
+  return module.apply({"params": params}, x, t, ctx)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_decode(module, params, z):
+  return module.apply({"params": params}, z, method=AutoencoderKL.decode)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_encode(module, params, x):
+  return module.apply({"params": params}, x, method=AutoencoderKL.encode).mean
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def load_tokenizer(folder: str):
+  """The checkpoint's CLIP BPE tokenizer (vocab.json + merges.txt, or tokenizer.json)."""
+  from transformers import CLIPTokenizer  # noqa: PLC0415
+
+  if not any(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "tokenizer.json")):
+    raise PipelineError(f"no tokenizer in {folder} (need vocab.json + merges.txt or tokenizer.json)")
+  try:
+    return CLIPTokenizer.from_pretrained(folder)
+  except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad folder
+    raise PipelineError(f"cannot load the tokenizer in {folder}: {e}") from None
+
+
+def _read_component_config(folder: str, name: str) -> dict[str, Any]:
+  path = os.path.join(folder, name, "scheduler_config.json" if name == "scheduler" else "config.json")
+  return config_utils.read_json(path)
+
+
+def load_pipeline(
+    source: str | None = None,
+    dtype="float32",
+    *,
+    param_dtype=None,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+) -> Pipeline:
+  """Loads a Stable Diffusion pipeline.
+
+  Args:
+    source: a diffusers-format folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
+      `tokenizer/`, `scheduler/`), a Hugging Face hub id, or None for sdjax's built-in model.
+    dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
+    param_dtype: dtype the params are stored in (default: `dtype`).
+    variant: weight file variant to prefer, e.g. "fp16".
+    allow_pickle: allow reading `.bin` pickles (this can run code: only for trusted files).
+    revision: hub revision (branch, tag or commit).
+  """
+  if source is None:
+    from sdjax import BUILTIN_MODEL  # noqa: PLC0415
+
+    source = BUILTIN_MODEL
+  folder = hub.resolve_source(source, variant=variant, revision=revision)
+  compute = parse_dtype(dtype)
+  store = parse_dtype(param_dtype) if param_dtype is not None else compute
+  if not os.path.isfile(os.path.join(folder, "model_index.json")):
+    raise PipelineError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+  for name in COMPONENTS:
+    if not os.path.isdir(os.path.join(folder, name)):
+      raise PipelineError(f"{folder} has no {name}/ folder")
+
+  unet_cfg = UNetConfig.from_dict(_read_component_config(folder, "unet"))
+  vae_cfg = VAEConfig.from_dict(_read_component_config(folder, "vae"))
+  text_cfg = CLIPTextConfig.from_dict(_read_component_config(folder, "text_encoder"))
+  scheduler_config = _read_component_config(folder, "scheduler")
+  modules = {
+      "unet": UNet2DConditionModel(unet_cfg, compute, store),
+      "vae": AutoencoderKL(vae_cfg, compute, store),
+      "text_encoder": CLIPTextModel(text_cfg, compute, store),
+  }
+  examples = _example_inputs(unet_cfg, text_cfg, vae_cfg)
+  params = {}
+  for name, module in modules.items():
+    state = read_state_dict(os.path.join(folder, name), name, variant=variant,
+                            allow_pickle=allow_pickle)
+    expected = _expected_params(module, *examples[name])
+    params[name] = jax.device_put(torch_to_flax(state, expected, name, np.dtype(store)))
+  return Pipeline(
+      text_encoder=modules["text_encoder"],
+      unet=modules["unet"],
+      vae=modules["vae"],
+      params=params,
+      tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
+      scheduler_config=scheduler_config,
+      name=str(source),
+  )
+
+
+def build_pipeline(unet_cfg, vae_cfg, text_cfg, tokenizer, scheduler_config, params=None, *,
+                   dtype="float32", seed: int = 0, name: str = "sdjax") -> Pipeline:
+  """A pipeline from configs, with given params or freshly initialised ones."""
+  compute = parse_dtype(dtype)
+  modules = {
+      "unet": UNet2DConditionModel(unet_cfg, compute),
+      "vae": AutoencoderKL(vae_cfg, compute),
+      "text_encoder": CLIPTextModel(text_cfg, compute),
+  }
+  if params is None:
+    examples = _example_inputs(unet_cfg, text_cfg, vae_cfg)
+    params = {n: init_params(m, *examples[n], seed=seed + i)
+              for i, (n, m) in enumerate(modules.items())}
+  return Pipeline(modules["text_encoder"], modules["unet"], modules["vae"], params, tokenizer,
+                  dict(scheduler_config), name)
+
+
+# -- export ----------------------------------------------------------------------------------------
+_DIFFUSERS_VERSION = "0.30.0"
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def save_pretrained(pipe: Pipeline, folder: str) -> None:
+  """Writes `pipe` as a diffusers-format folder (float32 safetensors weights)."""
+  for name in COMPONENTS:
+    os.makedirs(os.path.join(folder, name), exist_ok=True)
+  version = {"_diffusers_version": _DIFFUSERS_VERSION}
+  scheduler_class = pipe.scheduler_config.get("_class_name", "PNDMScheduler")
+  _write_json(os.path.join(folder, "model_index.json"), {
+      "_class_name": "StableDiffusionPipeline", **version,
+      "feature_extractor": [None, None], "safety_checker": [None, None],
+      "image_encoder": [None, None], "requires_safety_checker": False,
+      "scheduler": ["diffusers", scheduler_class],
+      "text_encoder": ["transformers", "CLIPTextModel"],
+      "tokenizer": ["transformers", "CLIPTokenizer"],
+      "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+  })
+  _write_json(os.path.join(folder, "unet", "config.json"), {**pipe.unet.config.to_dict(), **version})
+  _write_json(os.path.join(folder, "vae", "config.json"), {**pipe.vae.config.to_dict(), **version})
+  _write_json(os.path.join(folder, "text_encoder", "config.json"),
+              pipe.text_encoder.config.to_dict())
+  _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
+              {**pipe.scheduler_config, "_class_name": scheduler_class, **version})
+
+  def f32(tree):
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+
+  write_safetensors(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"),
+                    flax_to_torch(f32(pipe.params["unet"])))
+  write_safetensors(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"),
+                    flax_to_torch(f32(pipe.params["vae"])))
+  write_safetensors(os.path.join(folder, "text_encoder", "model.safetensors"),
+                    flax_to_torch(f32(pipe.params["text_encoder"]), prefix=TEXT_PREFIX))
+  pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+
+
+__all__ = ["Pipeline", "PipelineError", "WeightsError", "build_pipeline", "load_pipeline"]

@@ -1,0 +1,228 @@
+"""Tiny configs and random reference pipelines, shared by the tests, tools and training.
+
+Everything that builds a PyTorch oracle imports torch / diffusers lazily: they are test-only
+dependencies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+# -- tiny architecture configs (diffusers / transformers config.json dicts) ------------------------
+UNET_SD1 = {  # conv projection, one head count for every block
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 2,
+    "norm_num_groups": 8,
+}
+
+UNET_SD2 = {  # linear projection, per-block head counts, upcast attention, 3 levels
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [16, 32, 32],
+    "layers_per_block": 1,
+    "cross_attention_dim": 24,
+    "attention_head_dim": [2, 4, 4],
+    "norm_num_groups": 8,
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "transformer_layers_per_block": [1, 2, 1],
+}
+
+VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 16,
+    "scaling_factor": 0.5,
+}
+
+
+def clip_config(hidden_act: str = "quick_gelu", hidden_size: int = 32) -> dict[str, Any]:
+  vocab, _ = _vocab_and_merges()
+  return {
+      "vocab_size": len(vocab),
+      "bos_token_id": vocab["<|startoftext|>"],
+      "eos_token_id": vocab["<|endoftext|>"],
+      "pad_token_id": vocab["<|endoftext|>"],
+      "hidden_size": hidden_size,
+      "intermediate_size": 37,
+      "num_hidden_layers": 3,
+      "num_attention_heads": 4,
+      "max_position_embeddings": 77,
+      "hidden_act": hidden_act,
+      "layer_norm_eps": 1e-5,
+  }
+
+
+SCHEDULER_SD15 = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+# -- a tiny CLIP BPE tokenizer ---------------------------------------------------------------------
+# Whole-word tokens for these words; anything else falls back to single byte-level characters.
+TOKENIZER_WORDS = (
+    "a an the of in on at with and photo picture painting cat dog house tree car sky "
+    "red orange yellow green blue purple white black circle square triangle center top bottom "
+    "left right background"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2 / CLIP's reversible byte -> printable unicode character table."""
+  printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+      range(ord("®"), ord("ÿ") + 1))
+  chars = printable[:]
+  extra = 0
+  for b in range(256):
+    if b not in printable:
+      printable.append(b)
+      chars.append(256 + extra)
+      extra += 1
+  return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def _vocab_and_merges(words=TOKENIZER_WORDS):
+  base = list(_bytes_to_unicode().values())
+  vocab = base + [c + "</w>" for c in base]
+  merges = []
+  for word in words:
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+      pair = (symbols[0], symbols[1])
+      merged = pair[0] + pair[1]
+      if pair not in merges:
+        merges.append(pair)
+      if merged not in vocab:
+        vocab.append(merged)
+      symbols = [merged] + symbols[2:]
+  vocab += ["<|startoftext|>", "<|endoftext|>"]
+  return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_tokenizer(folder: str, words=TOKENIZER_WORDS, pad_token: str = "<|endoftext|>") -> None:
+  """Writes a CLIP tokenizer folder in the slow layout (vocab.json + merges.txt)."""
+  os.makedirs(folder, exist_ok=True)
+  vocab, merges = _vocab_and_merges(words)
+  with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+    json.dump(vocab, f, ensure_ascii=False)
+  with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+    json.dump({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token,
+        "do_lower_case": True,
+    }, f)
+
+
+# -- random PyTorch reference models ---------------------------------------------------------------
+def perturb_(module, seed: int, scale: float = 0.1) -> None:
+  """Moves every bias and norm parameter away from its init, so no test passes trivially."""
+  import torch  # noqa: PLC0415
+
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def torch_unet(config: dict[str, Any], seed: int = 0):
+  import torch  # noqa: PLC0415
+  from diffusers import UNet2DConditionModel  # noqa: PLC0415
+
+  torch.manual_seed(seed)
+  model = UNet2DConditionModel(**config).eval()
+  perturb_(model, seed)
+  return model
+
+
+def torch_vae(config: dict[str, Any], seed: int = 0):
+  import torch  # noqa: PLC0415
+  from diffusers import AutoencoderKL  # noqa: PLC0415
+
+  torch.manual_seed(seed)
+  model = AutoencoderKL(**config).eval()
+  perturb_(model, seed)
+  return model
+
+
+def torch_clip(config: dict[str, Any], seed: int = 0):
+  import torch  # noqa: PLC0415
+  from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415
+
+  torch.manual_seed(seed)
+  model = CLIPTextModel(CLIPTextConfig(**config)).eval()
+  perturb_(model, seed)
+  return model
+
+
+def torch_tokenizer(folder: str):
+  from transformers import CLIPTokenizer  # noqa: PLC0415
+
+  return CLIPTokenizer.from_pretrained(folder)
+
+
+FAMILIES = {
+    # family -> (unet config, clip activation, scheduler overrides)
+    "sd1": (UNET_SD1, "quick_gelu", {}),
+    "sd2": (UNET_SD2, "gelu", {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction",
+                               "set_alpha_to_one": False, "clip_sample": False}),
+}
+
+
+def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0):
+  """A randomly initialised diffusers `StableDiffusionPipeline` of a tiny family config."""
+  import diffusers  # noqa: PLC0415
+
+  unet_config, act, sched_overrides = FAMILIES[family]
+  scheduler_config = {**SCHEDULER_SD15, **sched_overrides}
+  scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
+  tok_folder = os.path.join(tmp_folder, "_tokenizer_src")
+  write_tokenizer(tok_folder, pad_token="!" if family == "sd2" else "<|endoftext|>")
+  clip = clip_config(act, hidden_size=unet_config["cross_attention_dim"])
+  return diffusers.StableDiffusionPipeline(
+      vae=torch_vae(VAE, seed + 1),
+      text_encoder=torch_clip(clip, seed + 2),
+      tokenizer=torch_tokenizer(tok_folder),
+      unet=torch_unet(unet_config, seed + 3),
+      scheduler=scheduler_cls.from_config(scheduler_config),
+      safety_checker=None,
+      feature_extractor=None,
+      requires_safety_checker=False,
+  )
+
+
+def write_torch_pipeline(folder: str, family: str = "sd1", seed: int = 0):
+  """Saves a random tiny diffusers pipeline as a diffusers-format folder; returns the pipeline."""
+  pipe = torch_pipeline(folder + "_src", family, seed)
+  pipe.save_pretrained(folder, safe_serialization=True)
+  return pipe

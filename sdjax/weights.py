@@ -1,0 +1,228 @@
+"""Weight conversion between PyTorch-layout state dicts and sdjax's Flax params, both ways.
+
+The mapping is explicit and per layer: a Flax path names its PyTorch key by a fixed rename
+(`resnets_0` <-> `resnets.0` for the list containers below; `kernel`/`scale`/`embedding` <->
+`weight`), and each leaf kind has one layout rule (conv OIHW <-> HWIO, linear (out, in) <->
+(in, out)). Conversion is strict: the result must equal the model's expected tree key for key and
+shape for shape, or a `WeightsError` names the first offending key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+
+class WeightsError(ValueError):
+  """Missing, corrupt or mismatched checkpoint weights."""
+
+
+# diffusers / transformers ModuleList attributes: `name.N` in PyTorch, `name_N` in Flax.
+_LIST_CONTAINERS = (
+    "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
+    "downsamplers", "upsamplers", "layers", "to_out", "net",
+)
+_FLAX_LIST = re.compile(rf"^({'|'.join(_LIST_CONTAINERS)})_(\d+)$")
+_TORCH_LIST = re.compile(rf"(^|\.)({'|'.join(_LIST_CONTAINERS)})\.(\d+)(?=\.|$)")
+
+# Older diffusers VAE checkpoints name the mid-block attention differently.
+_LEGACY_RENAMES = (
+    (".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."),
+    (".proj_attn.", ".to_out.0."),
+)
+# Buffers some checkpoints carry that are not parameters.
+_BUFFERS = re.compile(r"(^|\.)position_ids$")
+# transformers' base-model prefix: present in most text encoder checkpoints, absent in others.
+TEXT_PREFIX = "text_model."
+
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def torch_key(flax_path: tuple[str, ...]) -> str:
+  """The PyTorch state-dict key of a Flax param path."""
+  parts = []
+  for part in flax_path[:-1]:
+    m = _FLAX_LIST.match(part)
+    parts.extend([m.group(1), m.group(2)] if m else [part])
+  parts.append(_LEAF_TO_TORCH[flax_path[-1]])
+  return ".".join(parts)
+
+
+def _to_flax_layout(name: str, leaf: str, value: np.ndarray, want: tuple[int, ...]) -> np.ndarray:
+  if leaf == "kernel" and len(want) == 4:
+    if value.ndim != 4:
+      raise WeightsError(f"checkpoint key {name} has shape {value.shape}, expected a conv weight")
+    return value.transpose(2, 3, 1, 0)  # O, I, kh, kw -> kh, kw, I, O
+  if leaf == "kernel" and len(want) == 2:
+    if value.ndim == 4 and value.shape[2:] == (1, 1):  # a 1x1 conv stored where we use a linear
+      value = value[:, :, 0, 0]
+    if value.ndim != 2:
+      raise WeightsError(f"checkpoint key {name} has shape {value.shape}, expected a linear weight")
+    return value.T  # out, in -> in, out
+  return value
+
+
+def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
+  if leaf == "kernel" and value.ndim == 4:
+    return value.transpose(3, 2, 0, 1)  # kh, kw, I, O -> O, I, kh, kw
+  if leaf == "kernel" and value.ndim == 2:
+    return value.T
+  return value
+
+
+def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """Undoes naming differences between checkpoint generations (text prefix, legacy VAE)."""
+  out = {}
+  for key, value in state_dict.items():
+    if _BUFFERS.search(key):
+      continue
+    if key.startswith(TEXT_PREFIX):
+      key = key[len(TEXT_PREFIX):]
+    for old, new in _LEGACY_RENAMES:
+      if "attentions" in key:
+        key = key.replace(old, new)
+    out[key] = value
+  return out
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], expected, component: str, dtype=None):
+  """Converts a PyTorch-layout state dict into Flax params matching `expected`.
+
+  Args:
+    state_dict: key -> array (numpy, or anything `np.asarray` takes).
+    expected: the model's param tree (arrays or `jax.ShapeDtypeStruct`), e.g. from
+      `jax.eval_shape(model.init, ...)["params"]`.
+    component: name for error messages ("unet", "vae", "text_encoder").
+    dtype: dtype of the returned arrays (default: the checkpoint's, float16 widened to float32).
+
+  Raises:
+    WeightsError: naming the first key that is missing, unused, or of the wrong shape.
+  """
+  remaining = normalize_keys(state_dict)
+  flat = {}
+  for path, spec in sorted(traverse_util.flatten_dict(expected).items()):
+    name = torch_key(path)
+    if name not in remaining:
+      raise WeightsError(f"{component} checkpoint is missing key {name!r}")
+    value = np.asarray(remaining.pop(name))
+    value = _to_flax_layout(name, path[-1], value, tuple(spec.shape))
+    if value.shape != tuple(spec.shape):
+      raise WeightsError(
+          f"{component} checkpoint key {name!r} has shape {value.shape} (in Flax layout), "
+          f"the config expects {tuple(spec.shape)}"
+      )
+    target = dtype or (np.float32 if value.dtype == np.float16 else value.dtype)
+    flat[path] = np.ascontiguousarray(value, dtype=target)
+  if remaining:
+    first = sorted(remaining)[0]
+    raise WeightsError(
+        f"{component} checkpoint has key {first!r} that its config does not use "
+        f"({len(remaining)} unused keys): the weights do not match config.json"
+    )
+  return traverse_util.unflatten_dict(flat)
+
+
+def flax_to_torch(params, prefix: str = "") -> dict[str, np.ndarray]:
+  """The inverse: Flax params -> PyTorch-layout numpy state dict (keys prefixed by `prefix`)."""
+  out = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    value = np.asarray(value)
+    out[prefix + torch_key(path)] = np.ascontiguousarray(_to_torch_layout(path[-1], value))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and writing checkpoint files.
+
+WEIGHT_STEMS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+_PICKLE_STEMS = {"diffusion_pytorch_model": "diffusion_pytorch_model", "model": "pytorch_model"}
+
+
+def _add_variant(name: str, variant: str | None) -> str:
+  """`a.b.ext` -> `a.b.<variant>.ext`, as diffusers names variant files."""
+  if not variant:
+    return name
+  head, ext = name.rsplit(".", 1)
+  return f"{head}.{variant}.{ext}"
+
+
+def weight_candidates(stem: str, variant: str | None) -> list[str]:
+  """File names a component's weights may have, in order of preference."""
+  bases = [f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{_PICKLE_STEMS[stem]}.bin"]
+  variants = ([variant] if variant else []) + [None]
+  return [_add_variant(b, v) for b in bases for v in variants]
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError  # noqa: PLC0415
+  from safetensors.numpy import load_file  # noqa: PLC0415
+
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError, ValueError) as e:
+    raise WeightsError(f"cannot read weights {path}: {e}") from None
+
+
+def _read_pickle(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
+  if not allow_pickle:
+    raise WeightsError(
+        f"{path} is a pickle, and loading it can run arbitrary code; convert it to "
+        "safetensors, or pass allow_pickle=True if you trust its source"
+    )
+  try:
+    import torch  # noqa: PLC0415
+  except ImportError:
+    raise WeightsError(f"reading {path} needs PyTorch installed") from None
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+  except Exception as e:  # noqa: BLE001 - anything a corrupt pickle raises
+    raise WeightsError(f"cannot read weights {path}: {e}") from None
+  return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+          for k, v in state.items()}
+
+
+def read_state_dict(folder: str, component: str, *, variant: str | None = None,
+                    allow_pickle: bool = False) -> dict[str, np.ndarray]:
+  """Reads a component folder's weights: safetensors (single or sharded), else an opted-in pickle."""
+  stem = WEIGHT_STEMS[component]
+  for name in weight_candidates(stem, variant):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      continue
+    if name.endswith(".index.json"):
+      return _read_sharded(folder, path)
+    if name.endswith(".safetensors"):
+      return _read_safetensors(path)
+    return _read_pickle(path, allow_pickle)
+  raise WeightsError(f"no {component} weights in {folder} (looked for {stem}.safetensors)")
+
+
+def _read_sharded(folder: str, index_path: str) -> dict[str, np.ndarray]:
+  try:
+    with open(index_path, encoding="utf-8") as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+  except (OSError, ValueError, KeyError) as e:
+    raise WeightsError(f"cannot read shard index {index_path}: {e}") from None
+  out = {}
+  for shard in shards:
+    out.update(_read_safetensors(os.path.join(folder, shard)))
+  return out
+
+
+def write_safetensors(path: str, state_dict: dict[str, np.ndarray]) -> None:
+  """Writes a state dict atomically in the format PyTorch loaders expect."""
+  from safetensors.numpy import save_file  # noqa: PLC0415
+
+  tmp = path + ".tmp"
+  save_file(state_dict, tmp, metadata={"format": "pt"})
+  os.replace(tmp, path)

@@ -1,0 +1,173 @@
+"""Every building block against its diffusers twin, weights transferred by the real converter."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models import unets
+from diffusers.models.attention import BasicTransformerBlock as TorchBasicTransformerBlock
+from diffusers.models.attention_processor import Attention as TorchAttention
+from diffusers.models.downsampling import Downsample2D as TorchDownsample2D
+from diffusers.models.resnet import ResnetBlock2D as TorchResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel as TorchTransformer2D
+from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
+from parity import assert_close, nchw, nhwc, randn, transfer
+
+from sdjax import testing
+from sdjax.models import layers, unet, vae
+
+blocks = unets.unet_2d_blocks
+
+
+def _run(torch_module, flax_module, flax_inputs, torch_inputs, method=None):
+  testing.perturb_(torch_module, seed=1)
+  torch_module.eval()
+  params = transfer(torch_module, flax_module, *flax_inputs, method=method)
+  ours = flax_module.apply({"params": params}, *flax_inputs, method=method)
+  with torch.no_grad():
+    ref = torch_module(*torch_inputs)
+  return ours, ref
+
+
+@pytest.mark.parametrize("cin,cout,temb", [(16, 16, True), (16, 32, True), (32, 16, False)])
+def test_resnet_block(cin, cout, temb):
+  x, t = randn(2, 8, 8, cin), randn(2, 24, seed=1)
+  tm = TorchResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=24 if temb else None,
+                          groups=8, eps=1e-5)
+  fm = layers.ResnetBlock2D(cout, groups=8, eps=1e-5)
+  fin = (x, t) if temb else (x,)
+  tin = (nchw(x), torch.from_numpy(t) if temb else None)
+  ours, ref = _run(tm, fm, fin, tin)
+  assert_close(ours, nhwc(ref))
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_downsample(padding):
+  x = randn(2, 8, 8, 16)
+  tm = TorchDownsample2D(16, use_conv=True, out_channels=16, padding=padding, name="op")
+  ours, ref = _run(tm, layers.Downsample2D(16, padding), (x,), (nchw(x),))
+  assert_close(ours, nhwc(ref))
+
+
+def test_upsample():
+  x = randn(2, 4, 4, 16)
+  tm = TorchUpsample2D(16, use_conv=True, out_channels=16)
+  ours, ref = _run(tm, layers.Upsample2D(16), (x,), (nchw(x),))
+  assert_close(ours, nhwc(ref))
+
+
+@pytest.mark.parametrize("cross,upcast", [(False, False), (True, True)])
+def test_attention(cross, upcast):
+  x, ctx = randn(2, 16, 32), randn(2, 7, 24, seed=1)
+  tm = TorchAttention(32, cross_attention_dim=24 if cross else None, heads=4, dim_head=8,
+                      upcast_attention=upcast)
+  fm = layers.Attention(heads=4, head_dim=8, upcast=upcast)
+  fin = (x, ctx) if cross else (x,)
+  tin = (torch.from_numpy(x), torch.from_numpy(ctx)) if cross else (torch.from_numpy(x),)
+  ours, ref = _run(tm, fm, fin, tin)
+  assert_close(ours, ref.numpy())
+
+
+def test_basic_transformer_block():
+  x, ctx = randn(2, 16, 32), randn(2, 7, 24, seed=1)
+  tm = TorchBasicTransformerBlock(32, 4, 8, cross_attention_dim=24, activation_fn="geglu")
+  fm = layers.BasicTransformerBlock(32, 4, 8)
+  ours, ref = _run(tm, fm, (x, ctx), (torch.from_numpy(x), None, torch.from_numpy(ctx)))
+  assert_close(ours, ref.numpy())
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_transformer_2d(linear):
+  x, ctx = randn(2, 4, 4, 32), randn(2, 7, 24, seed=1)
+  tm = TorchTransformer2D(num_attention_heads=4, attention_head_dim=8, in_channels=32,
+                          num_layers=2, cross_attention_dim=24, norm_num_groups=8,
+                          use_linear_projection=linear)
+  fm = layers.Transformer2DModel(4, 8, num_layers=2, groups=8, use_linear_projection=linear)
+  ours, ref = _run(tm, fm, (x, ctx), (nchw(x), torch.from_numpy(ctx)))
+  assert_close(ours, nhwc(ref.sample))
+
+
+def _unet_config(**kw):
+  return unet.UNetConfig(
+      block_out_channels=(32, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+      cross_attention_dim=24, attention_head_dim=4, layers_per_block=2, **kw)
+
+
+@pytest.mark.parametrize("attn", [True, False])
+def test_down_blocks(attn):
+  x, temb, ctx = randn(2, 8, 8, 16), randn(2, 40, seed=1), randn(2, 7, 24, seed=2)
+  common = dict(num_layers=2, in_channels=16, out_channels=32, temb_channels=40, resnet_eps=1e-5,
+                resnet_groups=8, downsample_padding=1, add_downsample=True)
+  if attn:
+    tm = blocks.CrossAttnDownBlock2D(cross_attention_dim=24, num_attention_heads=4, **common)
+  else:
+    tm = blocks.DownBlock2D(**common)
+  fm = unet._Block(32, 2, attn, True, False, 4, 1, False, _unet_config())
+  tin = (nchw(x), torch.from_numpy(temb)) + ((torch.from_numpy(ctx),) if attn else ())
+  ours, ref = _run(tm, fm, (x, temb, ctx), tin)
+  assert_close(ours[0], nhwc(ref[0]))
+  assert len(ours[1]) == len(ref[1]) == 3
+  for o, r in zip(ours[1], ref[1], strict=True):
+    assert_close(o, nhwc(r))
+
+
+@pytest.mark.parametrize("attn", [True, False])
+def test_up_blocks(attn):
+  x, temb, ctx = randn(2, 4, 4, 32), randn(2, 40, seed=1), randn(2, 7, 24, seed=2)
+  skips = [randn(2, 4, 4, c, seed=3 + i) for i, c in enumerate((16, 32, 32))]
+  common = dict(num_layers=3, in_channels=16, out_channels=32, prev_output_channel=32,
+                temb_channels=40, resnet_eps=1e-5, resnet_groups=8, add_upsample=True)
+  if attn:
+    tm = blocks.CrossAttnUpBlock2D(cross_attention_dim=24, num_attention_heads=4, **common)
+  else:
+    tm = blocks.UpBlock2D(**common)
+  fm = unet._Block(32, 3, attn, True, True, 4, 1, False, _unet_config())
+  tskips = tuple(nchw(s) for s in skips)
+  if attn:
+    tin = (nchw(x), tskips, torch.from_numpy(temb), torch.from_numpy(ctx))
+  else:
+    tin = (nchw(x), tskips, torch.from_numpy(temb))
+  ours, ref = _run(tm, fm, (x, temb, ctx, tuple(skips)), tin)
+  assert_close(ours[0], nhwc(ref))
+
+
+def test_unet_mid_block():
+  x, temb, ctx = randn(2, 4, 4, 32), randn(2, 40, seed=1), randn(2, 7, 24, seed=2)
+  tm = blocks.UNetMidBlock2DCrossAttn(in_channels=32, temb_channels=40, resnet_eps=1e-5,
+                                      resnet_groups=8, cross_attention_dim=24,
+                                      num_attention_heads=4)
+  fm = unet._MidBlock(_unet_config())
+  ours, ref = _run(tm, fm, (x, temb, ctx),
+                   (nchw(x), torch.from_numpy(temb), torch.from_numpy(ctx)))
+  assert_close(ours, nhwc(ref))
+
+
+def test_vae_blocks():
+  cfg = vae.VAEConfig(block_out_channels=(16, 32), norm_num_groups=8,
+                      down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2)
+  x = randn(2, 8, 8, 32)
+  tm = blocks.UNetMidBlock2D(in_channels=32, temb_channels=None, resnet_eps=1e-6,
+                             resnet_groups=8, attention_head_dim=32)
+  ours, ref = _run(tm, vae._MidBlock(cfg), (x,), (nchw(x),))
+  assert_close(ours, nhwc(ref))
+
+  tm = blocks.DownEncoderBlock2D(in_channels=32, out_channels=16, num_layers=2, resnet_eps=1e-6,
+                                 resnet_groups=8, downsample_padding=0)
+  ours, ref = _run(tm, vae._ResampleBlock(16, 2, True, False, 8), (x,), (nchw(x),))
+  assert_close(ours, nhwc(ref))
+
+  tm = blocks.UpDecoderBlock2D(in_channels=32, out_channels=16, num_layers=2, resnet_eps=1e-6,
+                               resnet_groups=8)
+  ours, ref = _run(tm, vae._ResampleBlock(16, 2, True, True, 8), (x,), (nchw(x),))
+  assert_close(ours, nhwc(ref))
+
+
+def test_timestep_embedding_fractional_and_odd():
+  from diffusers.models.embeddings import get_timestep_embedding
+
+  t = np.array([0.0, 1.5, 999.0], np.float32)
+  for flip, shift, dim in [(True, 0, 32), (False, 1, 33)]:
+    ours = layers.timestep_embedding(t, dim, flip, shift)
+    ref = get_timestep_embedding(torch.from_numpy(t), dim, flip, shift)
+    assert_close(ours, ref.numpy())

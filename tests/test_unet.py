@@ -1,0 +1,62 @@
+"""The whole UNet against diffusers' UNet2DConditionModel, for both SD families."""
+
+import numpy as np
+import pytest
+import torch
+from parity import assert_close, nchw, nhwc, randn, transfer
+
+from sdjax import testing
+from sdjax.models.config_utils import ConfigError
+from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_unet_matches_diffusers(family):
+  config = testing.FAMILIES[family][0]
+  tm = testing.torch_unet(config, seed=3)
+  fm = UNet2DConditionModel(UNetConfig.from_dict(dict(tm.config)))
+  x, ctx = randn(2, 8, 8, 4), randn(2, 77, config["cross_attention_dim"], seed=1)
+  t = np.array([3.0, 801.0], np.float32)
+  params = transfer(tm, fm, x, t, ctx)
+  ours = fm.apply({"params": params}, x, t, ctx)
+  with torch.no_grad():
+    ref = tm(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
+  assert_close(ours, nhwc(ref))
+
+
+def test_unet_scalar_timestep_broadcasts():
+  tm = testing.torch_unet(testing.UNET_SD1)
+  fm = UNet2DConditionModel(UNetConfig.from_dict(dict(tm.config)))
+  x, ctx = randn(2, 8, 8, 4), randn(2, 5, 32, seed=1)
+  params = transfer(tm, fm, x, np.zeros(2, np.float32), ctx)
+  ours = fm.apply({"params": params}, x, 250, ctx)
+  with torch.no_grad():
+    ref = tm(nchw(x), 250, torch.from_numpy(ctx)).sample
+  assert_close(ours, nhwc(ref))
+
+
+def test_unknown_option_is_named():
+  with pytest.raises(ConfigError, match="unknown option 'fancy_new_thing'"):
+    UNetConfig.from_dict({**testing.UNET_SD1, "fancy_new_thing": 3})
+
+
+@pytest.mark.parametrize("key,value", [("class_embed_type", "timestep"),
+                                       ("addition_embed_type", "text_time"),
+                                       ("resnet_time_scale_shift", "scale_shift"),
+                                       ("num_attention_heads", 8)])
+def test_unsupported_option_value_is_named(key, value):
+  with pytest.raises(ConfigError, match=f"option {key}="):
+    UNetConfig.from_dict({**testing.UNET_SD1, key: value})
+
+
+def test_unsupported_block_type_is_named():
+  cfg = {**testing.UNET_SD1, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]}
+  with pytest.raises(ConfigError, match="SimpleCrossAttnDownBlock2D"):
+    UNetConfig.from_dict(cfg)
+
+
+def test_diffusers_saved_config_is_accepted():
+  """Every key diffusers writes for a default-architecture UNet is known to us."""
+  tm = testing.torch_unet(testing.UNET_SD2)
+  cfg = UNetConfig.from_dict(dict(tm.config))
+  assert cfg.use_linear_projection and cfg.attention_head_dim == (2, 4, 4)
