@@ -22,8 +22,14 @@ from sdjax.models import config_utils
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
-from sdjax.weights import TEXT_PREFIX, WeightsError, flax_to_torch, read_state_dict, torch_to_flax
-from sdjax.weights import write_safetensors
+from sdjax.weights import (
+  TEXT_PREFIX,
+  WeightsError,
+  flax_to_torch,
+  read_state_dict,
+  torch_to_flax,
+  write_safetensors,
+)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -34,7 +34,7 @@ _IGNORED = frozenset({
     "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
     "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
     "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens", "output_hidden_states", "gradient_checkpointing",
+    "begin_suppress_tokens", "gradient_checkpointing",
 })
 
 
