@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import hub
+from sdjax import hub, sampling
 from sdjax.models import config_utils
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
@@ -137,6 +137,38 @@ class Pipeline:
           f"latent size {hw[0]}x{hw[1]} must be a multiple of {s} for this UNet "
           f"(image size a multiple of {s * self.vae_scale})"
       )
+
+  # -- sampling ----------------------------------------------------------------------------------
+  def generate(self, prompts, *, negative_prompts=None, steps: int = 50,
+               guidance_scale: float = 7.5, scheduler: str | None = None,
+               height: int | None = None, width: int | None = None, seed: int = 0,
+               latents=None, init_images=None, strength: float = 0.8,
+               guidance_rescale: float = 0.0, clip_skip: int | None = None) -> np.ndarray:
+    """Text-to-image (or image-to-image with `init_images`) generation.
+
+    Args:
+      prompts: a prompt or a list of them; one image each.
+      negative_prompts: what guidance steers away from (default: the empty prompt).
+      steps: denoising steps.
+      guidance_scale: classifier-free guidance scale; <= 1 skips the unconditional half.
+      scheduler: one of `sdjax.schedulers.SCHEDULERS`; default: the checkpoint's own.
+      height, width: image size in pixels (default: the model's native size).
+      seed: image i uses seed `seed + i` for all of its randomness.
+      latents: NHWC unit Gaussian initial noise [N, h, w, 4] (as diffusers' `latents`, before
+        scaling by the scheduler's initial sigma); default: drawn from the seeds.
+      init_images: float [N, H, W, 3] in [0, 1] to start from (img2img).
+      strength: img2img: how much of the schedule to run (1.0 ignores the image).
+      guidance_rescale: rescales guided noise towards the conditional one's std (0 = off).
+      clip_skip: condition on the text encoder's output this many layers before the last.
+
+    Returns:
+      float32 images [N, H, W, 3] in [0, 1].
+    """
+    return sampling.generate(
+        self, prompts, negative_prompts=negative_prompts, steps=steps,
+        guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
+        seed=seed, latents=latents, init_images=init_images, strength=strength,
+        guidance_rescale=guidance_rescale, clip_skip=clip_skip)
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:

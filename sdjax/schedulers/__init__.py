@@ -1,0 +1,76 @@
+"""Diffusion schedulers as pure functions over a float32 pytree state.
+
+`get_scheduler(name, scheduler_config)` builds one by the name users pick it by, configured from a
+checkpoint's `scheduler_config.json` exactly as diffusers' `from_config` would; `name=None` takes
+the checkpoint's own scheduler.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from sdjax.schedulers.common import Scheduler, SchedulerConfigError
+
+# name -> (module, class, overrides passed as diffusers' from_config(**overrides) would).
+_REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "ddim": ("ddim", "DDIMScheduler", {}),
+    "pndm": ("pndm", "PNDMScheduler", {}),
+    "ddpm": ("ddpm", "DDPMScheduler", {}),
+    "lms": ("lms", "LMSDiscreteScheduler", {}),
+    "euler": ("euler", "EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("euler", "EulerAncestralDiscreteScheduler", {}),
+    "heun": ("heun", "HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("dpmpp", "DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("dpmpp", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+# diffusers class name of a checkpoint's scheduler -> our name.
+_FROM_DIFFUSERS_CLASS = {
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "DDPMScheduler": "ddpm",
+    "LMSDiscreteScheduler": "lms",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "HeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+}
+
+SCHEDULERS = tuple(_REGISTRY)
+
+
+def default_scheduler_name(scheduler_config: dict[str, Any]) -> str:
+  """Our name for the scheduler a checkpoint ships with."""
+  class_name = scheduler_config.get("_class_name")
+  if class_name not in _FROM_DIFFUSERS_CLASS:
+    raise SchedulerConfigError(
+        f"the checkpoint's scheduler {class_name!r} is not supported; pick one of "
+        f"{', '.join(SCHEDULERS)}"
+    )
+  name = _FROM_DIFFUSERS_CLASS[class_name]
+  if name == "dpmpp_2m" and scheduler_config.get("use_karras_sigmas"):
+    name = "dpmpp_2m_karras"
+  return name
+
+
+def get_scheduler(name: str | None, scheduler_config: dict[str, Any]) -> Scheduler:
+  """Builds scheduler `name` (or the checkpoint's own when None) from a scheduler config."""
+  if name is None:
+    name = default_scheduler_name(scheduler_config)
+  if name not in _REGISTRY:
+    raise SchedulerConfigError(
+        f"unknown scheduler {name!r}; pick one of {', '.join(SCHEDULERS)}"
+    )
+  module_name, class_name, overrides = _REGISTRY[name]
+  module = importlib.import_module(f"sdjax.schedulers.{module_name}")
+  return getattr(module, class_name).from_config(scheduler_config, **overrides)
+
+
+__all__ = [
+    "SCHEDULERS",
+    "Scheduler",
+    "SchedulerConfigError",
+    "default_scheduler_name",
+    "get_scheduler",
+]

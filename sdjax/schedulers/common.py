@@ -1,0 +1,260 @@
+"""What every scheduler shares: config resolution, beta schedules, the scheduler interface.
+
+A scheduler is a frozen (hashable) dataclass holding its resolved config; it is static under
+`jax.jit`. Its per-run state is a `flax.struct.dataclass` pytree kept in float32.
+
+The sampling loop drives every scheduler the same way, mirroring diffusers' pipeline loop
+`for t in scheduler.timesteps`:
+
+    state = sched.set_timesteps(num_inference_steps)          # host-side, numpy float64 -> f32
+    x = noise * sched.init_noise_sigma(state)
+    for i in range(begin, len(state.timesteps)):               # one UNet call per i (lax.scan)
+        x_in = sched.scale_model_input(state, x, i)
+        eps = unet(x_in, state.timesteps[i])
+        x, state = sched.step(state, eps, i, x, noise_i)       # noise_i only if sched.needs_noise
+
+`i` is the position in `state.timesteps` (a traced int32 inside scan). Schedulers with history
+(multistep, PLMS, Heun's two stages) count the steps they have taken in their state, so a loop
+that starts at `begin > 0` (img2img) starts with an empty history, as diffusers does after
+`set_begin_index`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class SchedulerConfigError(ValueError):
+  """A scheduler name or option that sdjax does not implement."""
+
+
+# Keys that only describe the file, never the math.
+_META_KEYS = ("_class_name", "_diffusers_version", "_name_or_path")
+
+
+def resolve_config(
+    scheduler_name: str,
+    defaults: dict[str, Any],
+    user_config: dict[str, Any],
+    *,
+    unsupported: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+  """Resolves `user_config` against one diffusers class's `__init__` defaults.
+
+  As diffusers' `SchedulerClass.from_config(config, **overrides)`: keys the class does not take
+  are ignored, missing keys take the class defaults, overrides win. `unsupported` maps an option
+  sdjax does not implement to the only value it accepts; any other value raises.
+  """
+  resolved = dict(defaults)
+  for key, value in user_config.items():
+    if key in defaults:
+      resolved[key] = value
+  resolved.update(overrides or {})
+  for key, allowed in (unsupported or {}).items():
+    value = resolved.get(key, allowed)
+    if value != allowed and not (value is None and allowed is False):
+      raise SchedulerConfigError(
+          f"scheduler {scheduler_name!r}: option {key}={value!r} is not supported by sdjax"
+      )
+  return resolved
+
+
+def _fma_f32(a, b, c) -> np.ndarray:
+  """float32 fused multiply-add a * b + c, rounded once (float32 inputs, exactly)."""
+  a, b, c = (np.asarray(v, dtype=np.float64) for v in (a, b, c))
+  p = a * b  # exact: two 24-bit significands fit in 53 bits
+  s = p + c
+  pv = s - c
+  err = (p - pv) + (c - (s - pv))  # TwoSum: s + err == p + c exactly
+  # Round-to-odd in float64 makes the final cast to float32 a single correct rounding.
+  inexact_even = (err != 0) & ((s.view(np.int64) & 1) == 0)
+  s = np.where(inexact_even, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+  return s.astype(np.float32)
+
+
+def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+  """`torch.linspace(start, end, steps, dtype=torch.float32)` on CPU, bit for bit.
+
+  diffusers builds its beta schedules with it. torch fills the first half forwards from `start`
+  and the second half backwards from `end`, each element one fused multiply-add in float32 (as
+  compiled for x86-64 AVX2/AVX-512 and arm64); `np.linspace` differs in the last bit for ~10%
+  of the entries.
+  """
+  start32, end32 = np.float32(start), np.float32(end)
+  if steps == 1:
+    return np.asarray([start32], dtype=np.float32)
+  step = np.float32((end32 - start32) / np.float32(steps - 1))
+  idx = np.arange(steps)
+  head = _fma_f32(step, idx, start32)
+  tail = _fma_f32(-step, steps - 1 - idx, end32)
+  return np.where(idx < steps // 2, head, tail).astype(np.float32)
+
+
+def _cumprod_f32(x: np.ndarray) -> np.ndarray:
+  """`torch.cumprod` of a float32 CPU tensor: torch accumulates in float64, stores float32."""
+  return np.cumprod(np.asarray(x, dtype=np.float64)).astype(np.float32)
+
+
+def _betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+  """The squaredcos_cap_v2 schedule, in float64 Python math then float32, as diffusers."""
+
+  def alpha_bar(t):
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+  betas = []
+  for i in range(num_train_timesteps):
+    t1 = i / num_train_timesteps
+    t2 = (i + 1) / num_train_timesteps
+    betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
+  return np.asarray(betas, dtype=np.float32)
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """Rescales betas to zero terminal SNR (arXiv:2305.08891, algorithm 1), in float32."""
+  alphas_bar_sqrt = np.sqrt(_cumprod_f32(1.0 - betas))
+  first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
+  # diffusers scales in place by the 0-dim ratio, so the ratio is rounded before the product.
+  alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+  alphas_bar = alphas_bar_sqrt**2
+  alphas = alphas_bar[1:] / alphas_bar[:-1]
+  alphas = np.concatenate([alphas_bar[0:1], alphas])
+  return (1 - alphas).astype(np.float32)
+
+
+def make_betas(config: dict[str, Any]) -> np.ndarray:
+  """float32 betas [num_train_timesteps] for a resolved config, as diffusers computes them."""
+  n = int(config["num_train_timesteps"])
+  schedule = config["beta_schedule"]
+  if config.get("trained_betas") is not None:
+    betas = np.asarray(config["trained_betas"], dtype=np.float32)
+  elif schedule == "linear":
+    betas = torch_linspace_f32(config["beta_start"], config["beta_end"], n)
+  elif schedule == "scaled_linear":
+    betas = torch_linspace_f32(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n) ** 2
+  elif schedule == "squaredcos_cap_v2":
+    betas = _betas_for_alpha_bar(n)
+  else:
+    raise SchedulerConfigError(f"beta_schedule {schedule!r} is not supported by sdjax")
+  if config.get("rescale_betas_zero_snr"):
+    betas = _rescale_zero_terminal_snr(betas)
+  return betas
+
+
+def make_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
+  """float32 cumulative product of (1 - beta), [num_train_timesteps]."""
+  return _cumprod_f32(1.0 - make_betas(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheduler:
+  """Base of every scheduler. Subclasses are frozen dataclasses (hashable, jit-static).
+
+  Attributes:
+    config: the resolved diffusers-style config, as a tuple of (key, value) pairs so that the
+      dataclass stays hashable; `self.cfg` gives it as a dict.
+  """
+
+  config: tuple[tuple[str, Any], ...]
+
+  name: ClassVar[str] = ""
+  order: ClassVar[int] = 1  # model calls per inference step (2 for Heun)
+  needs_noise: ClassVar[bool] = False  # whether `step` consumes fresh noise
+
+  @property
+  def cfg(self) -> dict[str, Any]:
+    return dict(self.config)
+
+  @property
+  def prediction_type(self) -> str:
+    return self.cfg["prediction_type"]
+
+  def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
+    """Returns the state for a run (host-side numpy, arrays stored as float32 / int32).
+
+    `sample_shape` is the latent's shape; schedulers with a history of model outputs need it to
+    allocate fixed-shape buffers.
+    """
+    raise NotImplementedError
+
+  def init_noise_sigma(self, state):
+    """The factor that scales unit Gaussian noise into the first latent."""
+    raise NotImplementedError
+
+  def scale_model_input(self, state, sample, i):
+    """What the UNet sees at position `i` (identity for DDIM-like schedulers)."""
+    del state, i
+    return sample
+
+  def step(self, state, model_output, i, sample, noise=None):
+    """One update at position `i`; returns (prev_sample, new_state)."""
+    raise NotImplementedError
+
+  def add_noise(self, state, original_samples, noise, i):
+    """Noises a clean sample to the level of position `i` (img2img's starting latent)."""
+    raise NotImplementedError
+
+  def begin_index(self, num_inference_steps: int, strength: float) -> int:
+    """First position of an img2img run, as diffusers' img2img `get_timesteps`."""
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    t_start = max(num_inference_steps - init_timestep, 0)
+    return t_start * self.order
+
+
+def hashable_config(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+  """Freezes a resolved config so a scheduler dataclass can be a jit static argument."""
+
+  def freeze(value):
+    if isinstance(value, (list, np.ndarray)):
+      return tuple(np.asarray(value).tolist())
+    return value
+
+  return tuple(sorted((k, freeze(v)) for k, v in config.items() if k not in _META_KEYS))
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
+  """Karras et al. (2022) noise levels, rho = 7, float64 as diffusers' `_convert_to_karras`."""
+  rho = 7.0
+  ramp = np.linspace(0, 1, num_inference_steps)
+  min_inv_rho = sigma_min ** (1 / rho)
+  max_inv_rho = sigma_max ** (1 / rho)
+  return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+  """Fractional training timesteps of `sigmas`, interpolating in log-sigma (float64).
+
+  diffusers' `_sigma_to_t`, vectorised over `sigmas`; `log_sigmas` is the float32 log of the
+  training sigmas in ascending-t order, and its float32 differences stay float32 as there.
+  """
+  log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
+  dists = log_sigma[np.newaxis, :] - log_sigmas[:, np.newaxis]
+  low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+  high_idx = low_idx + 1
+  low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+  w = np.clip((low - log_sigma) / (low - high), 0, 1)
+  return (1 - w) * low_idx + w * high_idx
+
+
+def rounded(x):
+  """`x`, rounded to its dtype before whatever consumes it: keeps `a * b + c` two roundings.
+
+  XLA's LLVM backends always allow contracting a product and a sum into one fused multiply-add;
+  torch rounds each op, and where a step cancels (v-prediction, few steps) the difference grows
+  past float32 parity. The select is opaque to that contraction and passes every value through.
+  """
+  return jnp.where(jnp.isnan(x), jnp.nan, x)
+
+
+def true_divide(x, divisor):
+  """`x / divisor`, correctly rounded also when `divisor` is a scalar or a constant.
+
+  XLA rewrites division by a broadcast scalar into multiplication by its reciprocal (off by an
+  ulp for about a quarter of the elements); dividing by a same-shape array keeps the division.
+  """
+  return x / jnp.where(jnp.isnan(x), x, divisor)

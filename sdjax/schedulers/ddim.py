@@ -1,0 +1,210 @@
+"""DDIM (Song et al. 2020), as diffusers' `DDIMScheduler`.
+
+Also home of what the discrete-timestep schedulers (DDIM, DDPM, PNDM) share: the integer
+timestep spacings and the checks of their common options.
+
+Every per-position scalar (square roots of alpha products, the update's coefficients) is computed
+once on the host in numpy float32, with the same operations in the same order as diffusers' 0-dim
+float32 tensors, so `step` is only the elementwise update. (torch on CPU takes its square roots
+from MKL, which is faithful but not always correctly rounded; numpy's are, so a coefficient can
+differ from diffusers' CPU value in the last bit.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from sdjax.schedulers.common import (
+  Scheduler,
+  SchedulerConfigError,
+  hashable_config,
+  make_alphas_cumprod,
+  make_betas,
+  resolve_config,
+  rounded,
+  true_divide,
+)
+from sdjax.schedulers.euler import check_choice
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def check_discrete(
+  scheduler_name: str, config: dict[str, Any], prediction_types: tuple[str, ...]
+) -> None:
+  """Validates the options DDIM, DDPM and PNDM share."""
+  check_choice(scheduler_name, "prediction_type", config["prediction_type"], prediction_types)
+  check_choice(scheduler_name, "timestep_spacing", config["timestep_spacing"], SPACINGS)
+  make_betas(config)  # an unsupported beta_schedule raises here rather than at set_timesteps
+
+
+def discrete_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.ndarray:
+  """Descending int64 timesteps of DDIM / DDPM (PNDM's are these, ascending)."""
+  n_train = int(config["num_train_timesteps"])
+  if num_inference_steps > n_train:
+    raise ValueError(
+      f"num_inference_steps={num_inference_steps} cannot exceed num_train_timesteps={n_train}"
+    )
+  if num_inference_steps < 1:
+    raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
+  spacing = config["timestep_spacing"]
+  if spacing == "linspace":
+    timesteps = np.linspace(0, n_train - 1, num_inference_steps).round()[::-1].astype(np.int64)
+  elif spacing == "leading":
+    step_ratio = n_train // num_inference_steps
+    timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].astype(np.int64)
+    timesteps = timesteps + int(config["steps_offset"])
+  elif spacing == "trailing":
+    step_ratio = n_train / num_inference_steps
+    timesteps = np.round(np.arange(n_train, 0, -step_ratio)).astype(np.int64) - 1
+  else:
+    raise SchedulerConfigError(f"timestep_spacing {spacing!r} is not supported by sdjax")
+  if timesteps.max() >= n_train:  # diffusers fails at its first step (an index error)
+    raise ValueError(
+      f"timestep {timesteps.max()} is past num_train_timesteps={n_train} "
+      f"(steps_offset={config['steps_offset']} with {num_inference_steps} leading steps)"
+    )
+  return timesteps
+
+
+def alpha_prod_at(alphas_cumprod: np.ndarray, timesteps: np.ndarray, final: np.float32):
+  """alphas_cumprod[t] (float32) where t >= 0, else `final` (diffusers' step past t = 0)."""
+  safe = np.clip(timesteps, 0, len(alphas_cumprod) - 1)
+  return np.where(timesteps >= 0, alphas_cumprod[safe], final).astype(np.float32)
+
+
+def f32(x) -> jnp.ndarray:
+  return jnp.asarray(np.asarray(x, dtype=np.float32))
+
+
+@struct.dataclass
+class DDIMState:
+  """A DDIM run: per-position coefficients of the update.
+
+  Attributes:
+    timesteps: [n] int32, the t fed to the UNet at each position.
+    sqrt_alpha: [n] sqrt(alpha_prod_t).
+    sqrt_one_minus_alpha: [n] sqrt(1 - alpha_prod_t).
+    sqrt_alpha_prev: [n] sqrt(alpha_prod_{t_prev}).
+    direction_coeff: [n] sqrt(1 - alpha_prod_{t_prev} - std^2), the weight of the predicted noise.
+    noise_std: [n] eta * sigma_t, the weight of fresh noise (0 when eta = 0).
+  """
+
+  timesteps: jnp.ndarray
+  sqrt_alpha: jnp.ndarray
+  sqrt_one_minus_alpha: jnp.ndarray
+  sqrt_alpha_prev: jnp.ndarray
+  direction_coeff: jnp.ndarray
+  noise_std: jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMScheduler(Scheduler):
+  """diffusers' `DDIMScheduler`, with diffusers' `step(eta=...)` as the sdjax option `eta`.
+
+  `from_config(config, eta=0.3)` makes it stochastic (it then needs noise at every step), as
+  passing `eta` to diffusers' pipeline does; eta = 0 (the default) is deterministic DDIM.
+  """
+
+  name = "ddim"
+  order = 1
+
+  _DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "clip_sample": True,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "clip_sample_range": 1.0,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "rescale_betas_zero_snr": False,
+  }
+  _UNSUPPORTED = {"thresholding": False}
+
+  @classmethod
+  def from_config(cls, scheduler_config: dict[str, Any], **overrides):
+    # eta is an argument of diffusers' step, not of its config: only an override sets it.
+    eta = float(overrides.pop("eta", 0.0))
+    if not eta >= 0:
+      raise SchedulerConfigError(f"scheduler {cls.name!r}: eta must be >= 0, got {eta}")
+    config = resolve_config(
+      cls.name, cls._DEFAULTS, scheduler_config, unsupported=cls._UNSUPPORTED, overrides=overrides
+    )
+    check_discrete(cls.name, config, ("epsilon", "sample", "v_prediction"))
+    config["eta"] = eta
+    return cls(config=hashable_config(config))
+
+  @property
+  def needs_noise(self) -> bool:  # type: ignore[override]
+    return self.cfg["eta"] > 0
+
+  def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
+    del sample_shape  # no history
+    config = self.cfg
+    timesteps = discrete_timesteps(config, num_inference_steps)
+    alphas_cumprod = make_alphas_cumprod(config)
+    final = np.float32(1.0) if config["set_alpha_to_one"] else alphas_cumprod[0]
+    # diffusers steps back by the leading ratio whatever the spacing.
+    prev_timesteps = timesteps - int(config["num_train_timesteps"]) // num_inference_steps
+    alpha = alphas_cumprod[timesteps]
+    alpha_prev = alpha_prod_at(alphas_cumprod, prev_timesteps, final)
+    beta, beta_prev = 1 - alpha, 1 - alpha_prev
+    variance = (beta_prev / beta) * (1 - alpha / alpha_prev)
+    std = np.float32(config["eta"]) * np.sqrt(variance)
+    return DDIMState(
+      timesteps=jnp.asarray(timesteps.astype(np.int32)),
+      sqrt_alpha=f32(np.sqrt(alpha)),
+      sqrt_one_minus_alpha=f32(np.sqrt(beta)),
+      sqrt_alpha_prev=f32(np.sqrt(alpha_prev)),
+      direction_coeff=f32(np.sqrt(1 - alpha_prev - std * std)),
+      noise_std=f32(std),
+    )
+
+  def init_noise_sigma(self, state):
+    del state
+    return 1.0
+
+  def step(self, state, model_output, i, sample, noise=None):
+    config = self.cfg
+    x = sample.astype(jnp.float32)
+    out = model_output.astype(jnp.float32)
+    sqrt_alpha, sqrt_beta = state.sqrt_alpha[i], state.sqrt_one_minus_alpha[i]
+    prediction_type = config["prediction_type"]
+    if prediction_type == "epsilon":
+      pred_original = true_divide(x - rounded(sqrt_beta * out), sqrt_alpha)
+      pred_epsilon = out
+    elif prediction_type == "sample":
+      pred_original = out
+      pred_epsilon = true_divide(x - rounded(sqrt_alpha * pred_original), sqrt_beta)
+    else:  # v_prediction
+      pred_original = rounded(sqrt_alpha * x) - rounded(sqrt_beta * out)
+      pred_epsilon = rounded(sqrt_alpha * out) + rounded(sqrt_beta * x)
+    if config["clip_sample"]:
+      limit = config["clip_sample_range"]
+      pred_original = jnp.clip(pred_original, -limit, limit)
+    prev = rounded(state.sqrt_alpha_prev[i] * pred_original) + rounded(
+      state.direction_coeff[i] * pred_epsilon
+    )
+    if self.needs_noise:
+      if noise is None:
+        raise ValueError("ddim with eta > 0 needs `noise` (unit Gaussian, sample shape) each step")
+      prev = prev + rounded(state.noise_std[i] * noise.astype(jnp.float32))
+    return prev.astype(sample.dtype), state
+
+  def add_noise(self, state, original_samples, noise, i):
+    original = original_samples.astype(jnp.float32)
+    noise = noise.astype(jnp.float32)
+    noisy = rounded(state.sqrt_alpha[i] * original) + rounded(state.sqrt_one_minus_alpha[i] * noise)
+    return noisy.astype(original_samples.dtype)

@@ -1,0 +1,328 @@
+"""DPM-Solver++ multistep (Lu et al. 2022), as diffusers' `DPMSolverMultistepScheduler`.
+
+Implemented: algorithm_type "dpmsolver++" (and "deis", which diffusers maps onto it), solver
+orders 1, 2 and 3, solver_type "midpoint" / "heun", lower_order_final, euler_at_final, Karras
+sigmas, final_sigmas_type "zero" / "sigma_min", lambda_min_clipped, zero-terminal-SNR betas.
+
+Every coefficient of the update depends only on the position in the schedule, so the host
+computes them in float32 in diffusers' order of operations; the device only combines arrays. The
+solver order a step uses depends on how many steps this run has taken (its history), which the
+state counts, so img2img starting at a later position starts at first order as in diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from sdjax.schedulers.common import (
+  Scheduler,
+  SchedulerConfigError,
+  hashable_config,
+  karras_sigmas,
+  resolve_config,
+  rounded,
+  sigma_to_t,
+  true_divide,
+)
+from sdjax.schedulers.euler import (
+  as_f32,
+  check_choice,
+  check_common,
+  train_alphas_cumprod,
+  train_sigmas,
+)
+
+_F32 = np.float32
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+  """float32 natural log, correctly rounded (via float64) so it is the same on every host."""
+  with np.errstate(divide="ignore"):
+    return np.log(np.asarray(x, np.float64)).astype(_F32)
+
+
+def _exp(x: np.ndarray) -> np.ndarray:
+  """float32 exp, correctly rounded (via float64)."""
+  return np.exp(np.asarray(x, np.float64)).astype(_F32)
+
+
+def _alpha_sigma(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(alpha_t, sigma_t) of the variance-preserving process at VE noise levels `sigmas`."""
+  alpha_t = 1 / np.sqrt(sigmas**2 + 1)
+  return alpha_t, sigmas * alpha_t
+
+
+@struct.dataclass
+class DPMSolverState:
+  """A DPM-Solver++ run. Positions i = 0..n-1; per-position arrays are float32 [n] unless noted.
+
+  Attributes:
+    timesteps: [n] float32, the t fed to the UNet at each position (integers, as diffusers').
+    sigmas: [n + 1] float32 noise levels, the last one after the last step.
+    alpha_t: [n + 1] 1 / sqrt(sigma^2 + 1).
+    sigma_t: [n + 1] sigma * alpha_t.
+    c_sample: sigma_t[i+1] / sigma_t[i], every order's weight on the sample.
+    c_d0: alpha_t[i+1] * (exp(-h) - 1), every order's weight on the current x0 prediction.
+    inv_r0: 1 / r0 with r0 = h_{i-1} / h_i (second and third order).
+    c2_d1: the second-order update's weight on D1 (midpoint or heun form).
+    inv_r1: 1 / r1 with r1 = h_{i-2} / h_i (third order).
+    r0_frac: r0 / (r0 + r1) (third order).
+    inv_r01: 1 / (r0 + r1) (third order).
+    c3_d1: the third-order update's weight on D1.
+    c3_d2: the third-order update's weight on D2.
+    model_outputs: [solver_order - 1, *sample_shape] float32, earlier x0 predictions, newest last.
+    lower_order_nums: [] int32, steps taken in this run, capped at solver_order.
+  """
+
+  timesteps: jnp.ndarray
+  sigmas: jnp.ndarray
+  alpha_t: jnp.ndarray
+  sigma_t: jnp.ndarray
+  c_sample: jnp.ndarray
+  c_d0: jnp.ndarray
+  inv_r0: jnp.ndarray
+  c2_d1: jnp.ndarray
+  inv_r1: jnp.ndarray
+  r0_frac: jnp.ndarray
+  inv_r01: jnp.ndarray
+  c3_d1: jnp.ndarray
+  c3_d2: jnp.ndarray
+  model_outputs: jnp.ndarray
+  lower_order_nums: jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverMultistepScheduler(Scheduler):
+  """diffusers' `DPMSolverMultistepScheduler` with algorithm_type "dpmsolver++"."""
+
+  name = "dpmpp_2m"
+  order = 1  # model calls per step; the solver's order is config["solver_order"]
+  needs_noise = False
+
+  _DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "solver_order": 2,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+    "algorithm_type": "dpmsolver++",
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "euler_at_final": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "flow_shift": 1.0,
+    "final_sigmas_type": "zero",
+    "lambda_min_clipped": -float("inf"),
+    "variance_type": None,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+    "use_dynamic_shifting": False,
+    "time_shift_type": "exponential",
+  }
+  _UNSUPPORTED = {
+    "thresholding": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "variance_type": None,
+    "use_dynamic_shifting": False,
+  }
+
+  @classmethod
+  def from_config(cls, scheduler_config: dict[str, Any], **overrides):
+    config = resolve_config(
+      cls.name,
+      cls._DEFAULTS,
+      scheduler_config,
+      unsupported=cls._UNSUPPORTED,
+      overrides=overrides,
+    )
+    check_common(cls.name, config, ("epsilon", "v_prediction", "sample"))
+    check_choice(cls.name, "algorithm_type", config["algorithm_type"], ("dpmsolver++", "deis"))
+    check_choice(cls.name, "final_sigmas_type", config["final_sigmas_type"], ("zero", "sigma_min"))
+    if config["algorithm_type"] == "deis":
+      # diffusers rewrites deis to dpmsolver++, but only after refusing a zero final sigma.
+      if config["final_sigmas_type"] == "zero":
+        raise SchedulerConfigError(
+          f"scheduler {cls.name!r}: option algorithm_type='deis' needs "
+          "final_sigmas_type='sigma_min' (as in diffusers)"
+        )
+      config["algorithm_type"] = "dpmsolver++"
+    if config["solver_type"] in ("logrho", "bh1", "bh2"):
+      config["solver_type"] = "midpoint"  # diffusers' own substitution
+    check_choice(cls.name, "solver_type", config["solver_type"], ("midpoint", "heun"))
+    check_choice(cls.name, "solver_order", config["solver_order"], (1, 2, 3))
+    return cls(config=hashable_config(config))
+
+  def _timesteps_and_sigmas(self, num_inference_steps: int, alphas_cumprod: np.ndarray):
+    """(float64/int timesteps, float64 sigmas) as diffusers' set_timesteps builds them."""
+    config = self.cfg
+    n_train = int(config["num_train_timesteps"])
+    # Where lambda(t) = log(alpha_t / sigma_t) first drops below lambda_min_clipped, counted
+    # from the noisy end; the default -inf clips nothing.
+    lambda_t = _log(np.sqrt(alphas_cumprod)) - _log(np.sqrt(1 - alphas_cumprod))
+    clipped_idx = int(np.searchsorted(lambda_t[::-1], config["lambda_min_clipped"], side="left"))
+    last_timestep = n_train - clipped_idx
+    spacing = config["timestep_spacing"]
+    if spacing == "linspace":
+      timesteps = np.linspace(0, last_timestep - 1, num_inference_steps + 1).round()[::-1][:-1]
+      timesteps = timesteps.astype(np.int64)
+    elif spacing == "leading":
+      step_ratio = last_timestep // (num_inference_steps + 1)
+      timesteps = (np.arange(0, num_inference_steps + 1) * step_ratio).round()[::-1][:-1]
+      timesteps = timesteps.astype(np.int64) + int(config["steps_offset"])
+    elif spacing == "trailing":
+      step_ratio = n_train / num_inference_steps
+      timesteps = np.arange(last_timestep, 0, -step_ratio).round().astype(np.int64) - 1
+    else:
+      raise SchedulerConfigError(f"timestep_spacing {spacing!r} is not supported by sdjax")
+
+    sigmas = train_sigmas(alphas_cumprod)
+    log_sigmas = np.log(sigmas)
+    if config["use_karras_sigmas"]:
+      # Unlike Euler's, these span the whole training range, whatever the spacing.
+      sigmas = karras_sigmas(sigmas[0].item(), sigmas[-1].item(), num_inference_steps)
+      timesteps = sigma_to_t(sigmas, log_sigmas)
+      if config["beta_schedule"] != "squaredcos_cap_v2":
+        timesteps = timesteps.round()
+    else:
+      sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+    return timesteps, sigmas
+
+  def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
+    config = self.cfg
+    solver_order = int(config["solver_order"])
+    if solver_order > 1 and sample_shape is None:
+      raise ValueError(
+        f"dpmpp with solver_order={solver_order} keeps earlier model outputs: pass "
+        "set_timesteps(num_inference_steps, sample_shape=latents.shape)"
+      )
+    alphas_cumprod = train_alphas_cumprod(config)
+    timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps, alphas_cumprod)
+    if config["final_sigmas_type"] == "sigma_min":
+      sigma_last = np.sqrt((1 - alphas_cumprod[0]) / alphas_cumprod[0])
+    else:
+      sigma_last = 0
+    sigmas = np.concatenate([sigmas, [sigma_last]]).astype(_F32)
+    timesteps = timesteps.astype(np.int64).astype(_F32)
+    n = len(timesteps)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+      alpha_t, sigma_t = _alpha_sigma(sigmas)
+      lambdas = _log(alpha_t) - _log(sigma_t)  # +inf at a zero final sigma, as in diffusers
+      # h[i]: the log-SNR step from position i to i + 1; h[i - 1], h[i - 2] the earlier ones.
+      h = lambdas[1:] - lambdas[:-1]
+      h_0 = np.concatenate([[np.nan], h[:-1]]).astype(_F32)
+      h_1 = np.concatenate([[np.nan, np.nan], h[:-2]]).astype(_F32)[:n]
+      a_next = alpha_t[1:]
+      expm1 = _exp(-h) - _F32(1.0)
+      c_sample = sigma_t[1:] / sigma_t[:-1]
+      c_d0 = a_next * expm1
+      r0 = h_0 / h
+      r1 = h_1 / h
+      if config["solver_type"] == "midpoint":
+        c2_d1 = _F32(0.5) * (a_next * expm1)
+      else:
+        c2_d1 = a_next * (expm1 / h + _F32(1.0))
+      c3_d1 = a_next * (expm1 / h + _F32(1.0))
+      c3_d2 = a_next * ((expm1 + h) / (h * h) - _F32(0.5))
+      inv_r0 = _F32(1.0) / r0
+      inv_r1 = _F32(1.0) / r1
+      r0_frac = r0 / (r0 + r1)
+      inv_r01 = _F32(1.0) / (r0 + r1)
+
+    history = (solver_order - 1,) + tuple(sample_shape or ())
+    return DPMSolverState(
+      timesteps=jnp.asarray(timesteps),
+      sigmas=jnp.asarray(sigmas),
+      alpha_t=jnp.asarray(alpha_t),
+      sigma_t=jnp.asarray(sigma_t),
+      c_sample=jnp.asarray(c_sample),
+      c_d0=jnp.asarray(c_d0),
+      inv_r0=jnp.asarray(inv_r0),
+      c2_d1=jnp.asarray(c2_d1),
+      inv_r1=jnp.asarray(inv_r1),
+      r0_frac=jnp.asarray(r0_frac),
+      inv_r01=jnp.asarray(inv_r01),
+      c3_d1=jnp.asarray(c3_d1),
+      c3_d2=jnp.asarray(c3_d2),
+      model_outputs=jnp.zeros(history, jnp.float32),
+      lower_order_nums=jnp.zeros((), jnp.int32),
+    )
+
+  def init_noise_sigma(self, state):
+    del state
+    return jnp.float32(1.0)
+
+  def add_noise(self, state, original_samples, noise, i):
+    signal = rounded(state.alpha_t[i] * as_f32(original_samples))
+    noisy = signal + rounded(state.sigma_t[i] * as_f32(noise))
+    return noisy.astype(original_samples.dtype)
+
+  def _x0(self, state, model_output, sample, i):
+    """The data prediction (DPM-Solver++ integrates x0, not eps)."""
+    prediction_type = self.prediction_type
+    if prediction_type == "epsilon":
+      return true_divide(sample - rounded(state.sigma_t[i] * model_output), state.alpha_t[i])
+    if prediction_type == "v_prediction":
+      return rounded(state.alpha_t[i] * sample) - rounded(state.sigma_t[i] * model_output)
+    return model_output  # "sample"
+
+  def step(self, state, model_output, i, sample, noise=None):
+    del noise
+    config = self.cfg
+    solver_order = int(config["solver_order"])
+    n = state.timesteps.shape[0]  # static
+    sample32 = as_f32(sample)
+    m0 = self._x0(state, as_f32(model_output), sample32, i)
+    count = state.lower_order_nums
+
+    # diffusers' lower_order_final / lower_order_second; which ones apply is static per run.
+    final_first = config["euler_at_final"] or (config["lower_order_final"] and n < 15)
+    final_first = final_first or config["final_sigmas_type"] == "zero"
+    second_last_second = config["lower_order_final"] and n < 15
+    use_first = (count < 1) | ((i == n - 1) & final_first)
+    use_second = (count < 2) | ((i == n - 2) & second_last_second)
+
+    # Every product is rounded before it is summed, as torch does (see `rounded`).
+    prev_sample = rounded(state.c_sample[i] * sample32) - rounded(state.c_d0[i] * m0)
+    if solver_order >= 2:
+      m1 = state.model_outputs[-1]
+      d1_0 = rounded(state.inv_r0[i] * (m0 - m1))
+      if config["solver_type"] == "midpoint":
+        second = prev_sample - rounded(state.c2_d1[i] * d1_0)
+      else:
+        second = prev_sample + rounded(state.c2_d1[i] * d1_0)
+      if solver_order >= 3:
+        m2 = state.model_outputs[-2]
+        d1_1 = rounded(state.inv_r1[i] * (m1 - m2))
+        d1 = d1_0 + rounded(state.r0_frac[i] * (d1_0 - d1_1))
+        d2 = state.inv_r01[i] * (d1_0 - d1_1)
+        third = (prev_sample + rounded(state.c3_d1[i] * d1)) - rounded(state.c3_d2[i] * d2)
+        second = jnp.where(use_second, second, third)
+      prev_sample = jnp.where(use_first, prev_sample, second)
+      model_outputs = jnp.concatenate([state.model_outputs[1:], m0[None]], axis=0)
+    else:
+      model_outputs = state.model_outputs
+
+    new_state = state.replace(
+      model_outputs=model_outputs,
+      lower_order_nums=jnp.minimum(count + 1, solver_order).astype(jnp.int32),
+    )
+    return prev_sample.astype(sample.dtype), new_state

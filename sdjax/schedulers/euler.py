@@ -1,0 +1,334 @@
+"""Euler and Euler-ancestral samplers (Karras et al. 2022, k-diffusion), as diffusers' classes.
+
+Both walk a descending sigma schedule in the variance-exploding parametrisation x = x0 + sigma*eps
+and share its construction, the input scaling and `add_noise`. The schedule and validation
+helpers here are also used by Heun (`heun.py`) and DPM-Solver++ (`dpmpp.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from sdjax.schedulers.common import (
+  Scheduler,
+  SchedulerConfigError,
+  hashable_config,
+  karras_sigmas,
+  make_alphas_cumprod,
+  make_betas,
+  resolve_config,
+  rounded,
+  sigma_to_t,
+  true_divide,
+)
+
+_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def check_choice(scheduler_name: str, key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+  """Raises SchedulerConfigError naming `key` unless `value` is one of `allowed`."""
+  if value not in allowed:
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r}: option {key}={value!r} is not supported by sdjax "
+      f"(supported: {', '.join(map(repr, allowed))})"
+    )
+
+
+def check_common(scheduler_name: str, config: dict[str, Any], prediction_types: tuple[str, ...]):
+  """Validates what every sigma scheduler shares: prediction type, spacing, beta schedule."""
+  check_choice(scheduler_name, "prediction_type", config["prediction_type"], prediction_types)
+  check_choice(scheduler_name, "timestep_spacing", config["timestep_spacing"], _SPACINGS)
+  make_betas(config)  # an unsupported beta_schedule raises here rather than at set_timesteps
+
+
+def train_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
+  """float32 alphas_cumprod as the sigma schedulers hold it."""
+  alphas_cumprod = make_alphas_cumprod(config)
+  if config.get("rescale_betas_zero_snr"):
+    # Zero terminal SNR would make the first sigma infinite; diffusers substitutes the smallest
+    # float16 subnormal.
+    alphas_cumprod[-1] = 2.0**-24
+  return alphas_cumprod
+
+
+def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+  """float32 sigmas of the training timesteps, ascending in t."""
+  return np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+
+
+def spaced_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.ndarray:
+  """float32 descending timesteps of the sigma schedulers (Euler, Heun, LMS in diffusers)."""
+  n_train = int(config["num_train_timesteps"])
+  spacing = config["timestep_spacing"]
+  if spacing == "linspace":
+    return np.linspace(0, n_train - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
+  if spacing == "leading":
+    step_ratio = n_train // num_inference_steps
+    timesteps = (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].astype(np.float32)
+    return timesteps + np.float32(config["steps_offset"])
+  if spacing == "trailing":
+    step_ratio = n_train / num_inference_steps
+    timesteps = np.arange(n_train, 0, -step_ratio).round().astype(np.float32)
+    return timesteps - np.float32(1)
+  raise SchedulerConfigError(f"timestep_spacing {spacing!r} is not supported by sdjax")
+
+
+def sigma_schedule(
+  config: dict[str, Any], num_inference_steps: int, alphas_cumprod: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+  """(timesteps float64/float32, sigmas float64) before the final sigma is appended.
+
+  Mirrors diffusers: sigmas are linearly interpolated (in t) from the float32 training sigmas,
+  in float64; Karras sigmas are then placed between the first and last of those (or the config's
+  `sigma_min` / `sigma_max`) and mapped back to fractional timesteps.
+  """
+  timesteps = spaced_timesteps(config, num_inference_steps)
+  sigmas_train = train_sigmas(alphas_cumprod)
+  log_sigmas = np.log(sigmas_train)
+  sigmas = np.interp(timesteps, np.arange(0, len(sigmas_train)), sigmas_train)
+  if config.get("use_karras_sigmas"):
+    sigma_min = config.get("sigma_min")
+    sigma_max = config.get("sigma_max")
+    sigma_min = sigma_min if sigma_min is not None else sigmas[-1].item()
+    sigma_max = sigma_max if sigma_max is not None else sigmas[0].item()
+    sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
+    timesteps = sigma_to_t(sigmas, log_sigmas)
+  return timesteps, sigmas
+
+
+def final_sigma(config: dict[str, Any], alphas_cumprod: np.ndarray):
+  """The sigma after the last step: 0, or the smallest training sigma (float32)."""
+  kind = config.get("final_sigmas_type", "zero")
+  if kind == "zero":
+    return 0
+  if kind == "sigma_min":
+    return np.sqrt((1 - alphas_cumprod[0]) / alphas_cumprod[0])
+  raise SchedulerConfigError(f"final_sigmas_type {kind!r} is not supported by sdjax")
+
+
+def init_sigma(config: dict[str, Any], sigmas: np.ndarray) -> np.float32:
+  """diffusers' `init_noise_sigma` for the sigma schedulers (depends on the spacing)."""
+  max_sigma = sigmas.max()
+  if config["timestep_spacing"] in ("linspace", "trailing"):
+    return max_sigma
+  return np.sqrt(max_sigma**2 + 1)
+
+
+def input_scales(sigmas: np.ndarray) -> np.ndarray:
+  """float32 sqrt(sigma^2 + 1): the UNet sees sample / scale (unit variance)."""
+  return np.sqrt(sigmas**2 + 1)
+
+
+def as_f32(x: jnp.ndarray) -> jnp.ndarray:
+  """A caller's array in float32, rounded before our arithmetic uses it.
+
+  Without the `rounded` a product the caller computed in the same jit (noise * init_noise_sigma,
+  a guidance mix) could fuse with our first sum into one FMA, which torch never does.
+  """
+  return rounded(x.astype(jnp.float32))
+
+
+def predict_original(prediction_type: str, model_output, sample, sigma, v_out, v_den):
+  """x0 from the model output as the sigma schedulers compute it (float32 operands).
+
+  `v_out` = -sigma / sqrt(sigma^2 + 1) and `v_den` = sigma^2 + 1 come precomputed from the host,
+  rounded as diffusers rounds them, so only elementwise array arithmetic runs on the device; each
+  op rounds on its own as in torch (`rounded`, `true_divide`), since x0 feeds cancelling sums.
+  """
+  if prediction_type in ("sample", "original_sample"):
+    return model_output
+  if prediction_type == "epsilon":
+    return sample - rounded(sigma * model_output)
+  if prediction_type == "v_prediction":
+    return rounded(model_output * v_out) + true_divide(sample, v_den)
+  raise SchedulerConfigError(f"prediction_type {prediction_type!r} is not supported by sdjax")
+
+
+@struct.dataclass
+class SigmaState:
+  """A run of Euler / Euler-ancestral; per-position scalars are precomputed in float32.
+
+  Attributes:
+    timesteps: [n] float32, the t fed to the UNet at each position.
+    sigmas: [n + 1] float32, the noise level at each position and after the last one.
+    init_sigma: [] float32, diffusers' `init_noise_sigma`.
+    input_scale: [n] sqrt(sigma_i^2 + 1).
+    v_out: [n] -sigma_i / sqrt(sigma_i^2 + 1), v-prediction's weight on the model output.
+    v_den: [n] sigma_i^2 + 1, v-prediction's divisor of the sample.
+    dt: [n] the Euler step in sigma (to sigma_{i+1}, or to sigma_down when ancestral).
+    sigma_up: [n] the fresh noise's scale (0 unless ancestral).
+  """
+
+  timesteps: jnp.ndarray
+  sigmas: jnp.ndarray
+  init_sigma: jnp.ndarray
+  input_scale: jnp.ndarray
+  v_out: jnp.ndarray
+  v_den: jnp.ndarray
+  dt: jnp.ndarray
+  sigma_up: jnp.ndarray
+
+
+class SigmaScheduler(Scheduler):
+  """What Euler, Euler-ancestral and Heun share; subclasses define `_DEFAULTS` and `step`."""
+
+  _DEFAULTS: ClassVar[dict[str, Any]] = {}
+  _UNSUPPORTED: ClassVar[dict[str, Any]] = {}
+  _PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ()
+
+  @classmethod
+  def from_config(cls, scheduler_config: dict[str, Any], **overrides):
+    config = resolve_config(
+      cls.name,
+      cls._DEFAULTS,
+      scheduler_config,
+      unsupported=cls._UNSUPPORTED,
+      overrides=overrides,
+    )
+    cls._validate(config)
+    return cls(config=hashable_config(config))
+
+  @classmethod
+  def _validate(cls, config: dict[str, Any]) -> None:
+    check_common(cls.name, config, cls._PREDICTION_TYPES)
+
+  def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
+    del sample_shape  # no history
+    config = self.cfg
+    alphas_cumprod = train_alphas_cumprod(config)
+    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod)
+    sigmas = np.concatenate([sigmas, [final_sigma(config, alphas_cumprod)]]).astype(np.float32)
+    sigma, sigma_next = sigmas[:-1], sigmas[1:]
+    scale = input_scales(sigma)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      dt, sigma_up = self._step_sizes(sigma, sigma_next)
+    return SigmaState(
+      timesteps=jnp.asarray(timesteps.astype(np.float32)),
+      sigmas=jnp.asarray(sigmas),
+      init_sigma=jnp.asarray(init_sigma(config, sigmas)),
+      input_scale=jnp.asarray(scale),
+      v_out=jnp.asarray(-sigma / scale),
+      v_den=jnp.asarray(sigma**2 + 1),
+      dt=jnp.asarray(dt),
+      sigma_up=jnp.asarray(sigma_up),
+    )
+
+  def _step_sizes(self, sigma: np.ndarray, sigma_next: np.ndarray):
+    """float32 (dt, sigma_up) per position."""
+    raise NotImplementedError
+
+  def init_noise_sigma(self, state):
+    return state.init_sigma
+
+  def scale_model_input(self, state, sample, i):
+    return true_divide(as_f32(sample), state.input_scale[i]).astype(sample.dtype)
+
+  def add_noise(self, state, original_samples, noise, i):
+    noise = rounded(as_f32(noise) * state.sigmas[i])
+    noisy = as_f32(original_samples) + noise
+    return noisy.astype(original_samples.dtype)
+
+  def _euler_step(self, state, model_output, i, sample):
+    """sample + (sample - x0) / sigma * dt, in float32."""
+    sigma = state.sigmas[i]
+    pred_original = predict_original(
+      self.prediction_type, model_output, sample, sigma, state.v_out[i], state.v_den[i]
+    )
+    derivative = true_divide(sample - pred_original, sigma)
+    return sample + rounded(derivative * state.dt[i])
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerDiscreteScheduler(SigmaScheduler):
+  """diffusers' `EulerDiscreteScheduler` (deterministic: s_churn = 0)."""
+
+  name = "euler"
+  order = 1
+  needs_noise = False
+
+  _DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "sigma_min": None,
+    "sigma_max": None,
+    "timestep_spacing": "linspace",
+    "timestep_type": "discrete",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+    "final_sigmas_type": "zero",
+  }
+  _UNSUPPORTED = {
+    "interpolation_type": "linear",
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+  }
+  _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
+
+  @classmethod
+  def _validate(cls, config: dict[str, Any]) -> None:
+    super()._validate(config)
+    check_choice(cls.name, "final_sigmas_type", config["final_sigmas_type"], ("zero", "sigma_min"))
+    check_choice(cls.name, "timestep_type", config["timestep_type"], ("discrete", "continuous"))
+    if config["timestep_type"] == "continuous" and config["prediction_type"] == "v_prediction":
+      # Only this combination changes the math (EDM-style timesteps 0.25 * log(sigma)).
+      raise SchedulerConfigError(
+        f"scheduler {cls.name!r}: option timestep_type='continuous' with "
+        "prediction_type='v_prediction' is not supported by sdjax"
+      )
+
+  def _step_sizes(self, sigma, sigma_next):
+    # diffusers' churn factor gamma is 0 with its default s_churn, so sigma_hat == sigma.
+    return sigma_next - sigma, np.zeros_like(sigma)
+
+  def step(self, state, model_output, i, sample, noise=None):
+    del noise
+    prev_sample = self._euler_step(state, as_f32(model_output), i, as_f32(sample))
+    return prev_sample.astype(sample.dtype), state
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerAncestralDiscreteScheduler(SigmaScheduler):
+  """diffusers' `EulerAncestralDiscreteScheduler`: an Euler step to sigma_down, then fresh noise."""
+
+  name = "euler_ancestral"
+  order = 1
+  needs_noise = True
+
+  _DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+  }
+  # diffusers raises NotImplementedError for "sample" at the first step.
+  _PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+  def _step_sizes(self, sigma, sigma_next):
+    sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    sigma_down = np.sqrt(sigma_next**2 - sigma_up**2)
+    return sigma_down - sigma, sigma_up
+
+  def step(self, state, model_output, i, sample, noise=None):
+    if noise is None:
+      raise ValueError("euler_ancestral needs `noise` (unit Gaussian, sample shape) at every step")
+    prev_sample = self._euler_step(state, as_f32(model_output), i, as_f32(sample))
+    prev_sample = prev_sample + rounded(as_f32(noise) * state.sigma_up[i])
+    return prev_sample.astype(sample.dtype), state

@@ -1,0 +1,171 @@
+"""sdjax's DDIM against diffusers' `DDIMScheduler` (v0.42), step by step on a fake model."""
+
+from __future__ import annotations
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scheduler_harness import SHAPE, make_noises, parity_errors
+
+from sdjax.schedulers import SchedulerConfigError, get_scheduler
+from sdjax.schedulers.common import make_alphas_cumprod
+from sdjax.schedulers.ddim import DDIMScheduler
+
+TOL = 1e-6
+SD15 = {
+  "_class_name": "PNDMScheduler",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "num_train_timesteps": 1000,
+  "set_alpha_to_one": False,
+  "skip_prk_steps": True,
+  "steps_offset": 1,
+  "trained_betas": None,
+  "clip_sample": False,
+}
+LINEAR = {
+  "beta_schedule": "linear",
+  "beta_start": 0.0001,
+  "beta_end": 0.02,
+  "steps_offset": 0,
+  "set_alpha_to_one": True,
+  "clip_sample": True,
+}
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _case(overrides, steps, strength=None, eta=0.0):
+  parts = [f"{k}={v}" for k, v in overrides.items()] + [f"steps={steps}"]
+  parts += [f"strength={strength}"] if strength is not None else []
+  parts += [f"eta={eta}"] if eta else []
+  return pytest.param(overrides, steps, strength, eta, id=",".join(parts))
+
+
+CASES = (
+  [_case({"prediction_type": p, "timestep_spacing": s}, 10) for p in PREDICTIONS for s in SPACINGS]
+  + [_case({"prediction_type": p}, n) for p in PREDICTIONS for n in (1, 25)]
+  + [_case({**LINEAR, "prediction_type": p}, 10) for p in ("epsilon", "v_prediction")]
+  + [_case({**LINEAR, "timestep_spacing": "trailing", "prediction_type": "sample"}, 4)]
+  # img2img: the run starts part-way, from add_noise.
+  + [_case({"prediction_type": p}, 10, strength=0.6) for p in ("epsilon", "sample")]
+  + [_case({"timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 10, strength=0.3)]
+  # eta > 0: fresh noise at every step.
+  + [
+    _case({}, 10, eta=0.5),
+    _case({**LINEAR, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 4, eta=1),
+  ]
+  # Zero terminal SNR (SD 2.1's recipe); epsilon would divide by alpha_prod = 0 there.
+  + [
+    _case({"rescale_betas_zero_snr": True, "timestep_spacing": s, "prediction_type": p}, 10)
+    for s, p in (("trailing", "v_prediction"), ("linspace", "sample"))
+  ]
+)
+
+
+def _reference(config, eta=0.0):
+  """diffusers' DDIM, with `eta` passed to every step as its pipelines pass it."""
+  if not eta:
+    return diffusers.DDIMScheduler.from_config(config)
+
+  class EtaDDIM(diffusers.DDIMScheduler):
+    def step(self, *args, **kwargs):
+      return super().step(*args, eta=eta, **kwargs)
+
+  # The harness injects the step noise into the module that defines the class.
+  EtaDDIM.__module__ = diffusers.DDIMScheduler.__module__
+  return EtaDDIM.from_config(config)
+
+
+@pytest.mark.parametrize("overrides,steps,strength,eta", CASES)
+def test_matches_diffusers(overrides, steps, strength, eta):
+  config = {**SD15, **overrides}
+  ours = DDIMScheduler.from_config(config, eta=eta)
+  assert ours.needs_noise == (eta > 0)
+  parity = parity_errors(ours, lambda: _reference(config, eta), steps, strength=strength)
+  assert parity.exact_sqrt <= TOL
+  assert parity.plain <= TOL and parity.plain_timesteps_equal
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="bit-exactness is checked on CPU")
+def test_bit_exact_with_correctly_rounded_sqrt():
+  """With torch's square roots correctly rounded, the trajectories agree to the last bit.
+
+  SD's 50 steps with v-prediction is where torch's CPU sqrt (MKL) alone moves the plain
+  comparison towards 1e-6; every other float32 operation rounds as diffusers' does.
+  """
+  config = {**SD15, "prediction_type": "v_prediction", "timestep_spacing": "linspace"}
+  ours = get_scheduler("ddim", config)
+  parity = parity_errors(ours, lambda: _reference(config), 50)
+  assert parity.exact_sqrt == 0.0, parity
+
+
+def test_from_config_resolves_like_diffusers():
+  config = {**SD15, "unknown_key": 3, "timestep_spacing": "trailing"}
+  ours = get_scheduler("ddim", config)
+  ref = diffusers.DDIMScheduler.from_config(config)
+  for key in DDIMScheduler._DEFAULTS:
+    assert ours.cfg[key] == ref.config[key], key
+  assert "unknown_key" not in ours.cfg and "skip_prk_steps" not in ours.cfg
+  # Missing keys take DDIM's own defaults, not PNDM's; overrides win.
+  bare = DDIMScheduler.from_config({}, prediction_type="v_prediction")
+  assert bare.cfg["clip_sample"] is True and bare.cfg["set_alpha_to_one"] is True
+  assert bare.cfg["prediction_type"] == "v_prediction"
+
+
+@pytest.mark.parametrize(
+  "option",
+  [
+    {"thresholding": True},
+    {"prediction_type": "flow"},
+    {"timestep_spacing": "karras"},
+    {"beta_schedule": "sigmoid"},
+  ],
+  ids=lambda o: next(iter(o)),
+)
+def test_unsupported_options_raise(option):
+  key = next(iter(option))
+  with pytest.raises(SchedulerConfigError, match=key):
+    get_scheduler("ddim", {**SD15, **option})
+
+
+def test_negative_eta_raises():
+  with pytest.raises(SchedulerConfigError, match="eta"):
+    DDIMScheduler.from_config(SD15, eta=-0.1)
+
+
+def test_too_many_steps_raise():
+  with pytest.raises(ValueError, match="num_train_timesteps"):
+    get_scheduler("ddim", SD15).set_timesteps(1001)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_true_noise_model_recovers_the_clean_sample(prediction_type):
+  """A model that knows x_t = sqrt(a) x0 + sqrt(1 - a) eps lands deterministic DDIM on x0."""
+  config = {**SD15, "set_alpha_to_one": True, "prediction_type": prediction_type}
+  sched = get_scheduler("ddim", config)
+  state = sched.set_timesteps(10, SHAPE)
+  clean, noise = make_noises(1, seed=3)
+  clean, noise = jnp.asarray(clean), jnp.asarray(noise[0])
+  alphas_cumprod = make_alphas_cumprod(sched.cfg)
+  x = sched.add_noise(state, clean, noise, 0)
+  for i in range(len(state.timesteps)):
+    a = np.float32(alphas_cumprod[int(state.timesteps[i])])
+    # The noise is the same at every t: each step lands exactly on the next x_t.
+    out = noise if prediction_type == "epsilon" else np.sqrt(a) * noise - np.sqrt(1 - a) * clean
+    x, state = sched.step(state, out, i, x)
+  np.testing.assert_allclose(np.asarray(x), np.asarray(clean), rtol=0, atol=2e-5)
+
+
+def test_bfloat16_sample_keeps_its_dtype_with_float32_math():
+  sched = get_scheduler("ddim", {**SD15, "prediction_type": "v_prediction"})
+  state = sched.set_timesteps(10, SHAPE)
+  init, steps = make_noises(1)
+  x, out = jnp.asarray(init, jnp.bfloat16), jnp.asarray(steps[0], jnp.bfloat16)
+  got, _ = sched.step(state, out, 3, x)
+  want, _ = sched.step(state, out.astype(jnp.float32), 3, x.astype(jnp.float32))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(jnp.bfloat16)))

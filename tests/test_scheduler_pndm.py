@@ -1,0 +1,150 @@
+"""sdjax's PNDM against diffusers' `PNDMScheduler` (v0.42), step by step on a fake model.
+
+Both of diffusers' paths: PLMS with `skip_prk_steps` (Stable Diffusion's default scheduler) and the
+pseudo Runge-Kutta warm-up. diffusers selects its branches by a call counter, so img2img runs that
+start part-way (even inside the Runge-Kutta phase) must restart the warm-up there too.
+"""
+
+from __future__ import annotations
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scheduler_harness import SHAPE, make_noises, parity_errors
+
+from sdjax.schedulers import SchedulerConfigError, get_scheduler
+from sdjax.schedulers.pndm import PNDMScheduler
+
+TOL = 1e-6
+SD15 = {
+  "_class_name": "PNDMScheduler",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "num_train_timesteps": 1000,
+  "set_alpha_to_one": False,
+  "skip_prk_steps": True,
+  "steps_offset": 1,
+  "trained_betas": None,
+  "clip_sample": False,
+}
+LINEAR = {
+  "beta_schedule": "linear",
+  "beta_start": 0.0001,
+  "beta_end": 0.02,
+  "steps_offset": 0,
+  "set_alpha_to_one": True,
+}
+PRK = {"skip_prk_steps": False}
+PREDICTIONS = ("epsilon", "v_prediction")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _case(overrides, steps, strength=None):
+  parts = [f"{k}={v}" for k, v in overrides.items()] + [f"steps={steps}"]
+  parts += [f"strength={strength}"] if strength is not None else []
+  return pytest.param(overrides, steps, strength, id=",".join(parts))
+
+
+CASES = (
+  [_case({"prediction_type": p, "timestep_spacing": s}, 10) for p in PREDICTIONS for s in SPACINGS]
+  + [_case({"prediction_type": p}, n) for p in PREDICTIONS for n in (1, 25)]
+  + [_case({}, 4)]
+  + [_case({**LINEAR, "prediction_type": p}, 10) for p in PREDICTIONS]
+  + [_case({**LINEAR, "timestep_spacing": "trailing"}, 4)]
+  # The pseudo Runge-Kutta warm-up (needs >= 4 steps).
+  + [_case({**PRK, "prediction_type": p}, 10) for p in PREDICTIONS]
+  + [_case({**PRK, **LINEAR, "timestep_spacing": "trailing"}, 4)]
+  + [_case({**PRK, "timestep_spacing": "linspace", "prediction_type": "v_prediction"}, 25)]
+  # img2img: the run starts part-way with an empty history, from add_noise.
+  + [_case({}, 10, strength=0.6)]
+  + [_case({"timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 10, strength=0.3)]
+  + [_case({**PRK}, 10, strength=0.5), _case({**PRK, "prediction_type": "v_prediction"}, 6, 0.2)]
+)
+
+
+@pytest.mark.parametrize("overrides,steps,strength", CASES)
+def test_matches_diffusers(overrides, steps, strength):
+  config = {**SD15, **overrides}
+  parity = parity_errors(
+    get_scheduler("pndm", config),
+    lambda: diffusers.PNDMScheduler.from_config(config),
+    steps,
+    strength=strength,
+  )
+  assert parity.exact_sqrt <= TOL
+  assert parity.plain <= TOL and parity.plain_timesteps_equal
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="bit-exactness is checked on CPU")
+def test_bit_exact_with_correctly_rounded_sqrt():
+  """One v-prediction step from t = 999 of the linear schedule cancels ~160-fold.
+
+  There the last bit of torch's CPU sqrt(1 - alpha_prod) (MKL, not correctly rounded) alone
+  gives ~3e-5 against plain diffusers. With it correctly rounded, the trajectories agree to the
+  last bit, as they do wherever that sqrt is not involved.
+  """
+  config = {**SD15, **LINEAR, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
+  parity = parity_errors(
+    get_scheduler("pndm", config), lambda: diffusers.PNDMScheduler.from_config(config), 1
+  )
+  assert parity.exact_sqrt == 0.0, parity
+
+
+def test_from_config_resolves_like_diffusers():
+  config = {**SD15, "unknown_key": 3, "timestep_spacing": "trailing"}
+  ours = get_scheduler("pndm", config)
+  ref = diffusers.PNDMScheduler.from_config(config)
+  for key in PNDMScheduler._DEFAULTS:
+    assert ours.cfg[key] == ref.config[key], key
+  assert "unknown_key" not in ours.cfg and "clip_sample" not in ours.cfg
+  bare = PNDMScheduler.from_config({}, steps_offset=1)
+  assert bare.cfg["skip_prk_steps"] is False and bare.cfg["steps_offset"] == 1
+
+
+@pytest.mark.parametrize(
+  "option",
+  [{"prediction_type": "sample"}, {"timestep_spacing": "karras"}, {"beta_schedule": "sigmoid"}],
+  ids=lambda o: next(iter(o)),
+)
+def test_unsupported_options_raise(option):
+  key = next(iter(option))
+  with pytest.raises(SchedulerConfigError, match=key):
+    get_scheduler("pndm", {**SD15, **option})
+
+
+def test_runge_kutta_warm_up_needs_four_steps():
+  with pytest.raises(SchedulerConfigError, match="skip_prk_steps"):
+    get_scheduler("pndm", {**SD15, **PRK}).set_timesteps(3, SHAPE)
+
+
+def test_history_needs_the_sample_shape():
+  with pytest.raises(ValueError, match="sample_shape"):
+    get_scheduler("pndm", SD15).set_timesteps(10)
+
+
+@pytest.mark.parametrize("overrides", [{}, PRK], ids=["plms", "prk"])
+def test_true_noise_model_recovers_the_clean_sample(overrides):
+  """With the noise of x_t = sqrt(a) x0 + sqrt(1 - a) eps known, every step lands on x_t'."""
+  sched = get_scheduler("pndm", {**SD15, **overrides, "set_alpha_to_one": True})
+  state = sched.set_timesteps(10, SHAPE)
+  clean, noise = make_noises(1, seed=3)
+  clean, noise = jnp.asarray(clean), jnp.asarray(noise[0])
+  x = sched.add_noise(state, clean, noise, 0)
+  for i in range(len(state.timesteps)):
+    x, state = sched.step(state, noise, i, x)
+  np.testing.assert_allclose(np.asarray(x), np.asarray(clean), rtol=0, atol=2e-5)
+
+
+def test_bfloat16_sample_keeps_its_dtype_with_float32_math():
+  sched = get_scheduler("pndm", {**SD15, "prediction_type": "v_prediction"})
+  state = sched.set_timesteps(10, SHAPE)
+  init, steps = make_noises(3)
+  for i in range(3):  # through both warm-up calls into the multistep phase
+    x, out = jnp.asarray(init, jnp.bfloat16), jnp.asarray(steps[i], jnp.bfloat16)
+    got, state_bf16 = sched.step(state, out, i, x)
+    want, state = sched.step(state, out.astype(jnp.float32), i, x.astype(jnp.float32))
+    assert got.dtype == jnp.bfloat16 and state_bf16.ets.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(jnp.bfloat16)))
