@@ -1,0 +1,92 @@
+"""Generates images for many prompts on every device and host; reproducible and resumable.
+
+  python main.py --prompt "a red circle in the center on a blue background"
+  python main.py --config configs/sd15.py --model path/to/sd15 --prompts_file prompts.jsonl \
+      --batch_size 4 --output_dir outputs/run1
+
+Flags override the `--config` preset, which overrides the defaults (the built-in model's preset
+when --model is not given). See README.md for multi-device and multi-host runs.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sdjax import run
+
+_OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
+                "batch_size", "dtype")
+
+flags.DEFINE_string("model", None, "diffusers folder or hub id (default: the built-in model)")
+flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
+flags.DEFINE_string("prompts_file", None, ".txt (one prompt per line) or .jsonl (objects with "
+                    "prompt and optional negative_prompt, seed, num_images)")
+flags.DEFINE_string("negative_prompt", "", "negative prompt for every image")
+flags.DEFINE_integer("num_images_per_prompt", 1, "images per prompt")
+flags.DEFINE_integer("steps", None, "denoising steps")
+flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
+flags.DEFINE_string("scheduler", None, "ddim, pndm, lms, euler, euler_ancestral, heun, dpmpp_2m, "
+                    "dpmpp_2m_karras, ddpm (default: the checkpoint's own)")
+flags.DEFINE_integer("height", None, "image height in pixels (default: the model's native size)")
+flags.DEFINE_integer("width", None, "image width in pixels (default: the model's native size)")
+flags.DEFINE_integer("seed", 0, "image k of the run gets seed + k")
+flags.DEFINE_integer("batch_size", None, "images per device per step")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
+flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go")
+flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
+flags.DEFINE_bool("allow_pickle", False, "allow .bin pickle weights (can run code: trusted only)")
+flags.DEFINE_string("compilation_cache", None, "persistent compilation cache folder "
+                    "(default: ~/.cache/sdjax/jax; empty to disable)")
+flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a preset from configs/")
+
+FLAGS = flags.FLAGS
+
+
+def _run_config() -> run.RunConfig:
+  values = dict(steps=50, guidance_scale=7.5, batch_size=1, dtype="float32")
+  preset = _CONFIG.value
+  if preset is None and FLAGS.model is None:
+    from configs import builtin  # noqa: PLC0415
+
+    preset = builtin.get_config()
+  if preset is not None:
+    values.update({k: v for k, v in preset.items() if k in _OVERRIDABLE})
+  values.update({k: FLAGS[k].value for k in _OVERRIDABLE if FLAGS[k].present})
+  prompts = [run.PromptLine(p) for p in FLAGS.prompt]
+  if FLAGS.prompts_file:
+    prompts += run.read_prompts_file(FLAGS.prompts_file)
+  return run.RunConfig(
+      prompts=tuple(prompts), negative_prompt=FLAGS.negative_prompt,
+      num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
+      output_dir=FLAGS.output_dir, overwrite=FLAGS.overwrite, allow_pickle=FLAGS.allow_pickle,
+      compilation_cache=FLAGS.compilation_cache,
+      coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id, **values)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    summary = run.generate_run(_run_config())
+  except (ValueError, OSError) as e:  # every bad-input error sdjax raises is a ValueError
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("aborted: finished images are kept; rerun the same command to finish", file=sys.stderr)
+    sys.exit(130)
+  print(f"{summary.images} images in {summary.seconds:.1f} s ({summary.images_per_second:.2f} "
+        f"images/s, compile {summary.compile_seconds:.1f} s); {summary.skipped} already done",
+        file=sys.stderr)
+  if summary.interrupted:
+    print("interrupted: rerun the same command to finish", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,534 @@
+"""What a batch generation run writes to its output folder, safe to resume and to share.
+
+A run may be killed at any instant and several processes may write into one folder at once (each
+its own images, all one manifest). The rules that make that safe:
+
+* Every file is written under a temporary name in the same folder, fsynced, then renamed over
+  the final name, so a final name never holds a partial file.
+* `manifest.jsonl` gets one JSON line per finished image, appended with a single `os.write` on
+  an `O_APPEND` descriptor and fsynced, so lines from concurrent processes never interleave.
+  The image is written before its line: a line only ever names a complete file.
+* An image counts as done only when its manifest line exists and the file's sha256 matches it
+  (`finished`); anything else is generated again and overwritten.
+
+`O_APPEND` is atomic on local filesystems; on NFS, appends from different machines can clobber
+each other, so there give each machine its own output folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import re
+import socket
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from absl import logging
+from PIL import Image, PngImagePlugin
+
+MANIFEST_NAME = "manifest.jsonl"
+GRID_NAME = "grid.png"
+INDEX_HTML_NAME = "index.html"
+
+# A contact sheet of thousands of images would be huge and take minutes to encode; it is a preview.
+MAX_GRID_IMAGES = 256
+# 16 x 16 cells of 1024 px would need a 800 MB canvas; cells shrink to keep both sides below this.
+MAX_GRID_SIDE = 8192
+
+# Our scheduler names -> the sampler names AUTOMATIC1111's web UI writes and understands.
+A1111_SAMPLER_NAMES = {
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "lms": "LMS",
+    "euler": "Euler",
+    "euler_ancestral": "Euler a",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "ddpm": "DDPM",
+}
+
+_NEGATIVE_PREFIX = "Negative prompt:"
+# One `Key: value` item of A1111's last line; a value is either JSON-quoted or runs to the comma.
+_PARAM_RE = re.compile(r'\s*(\w[\w /-]*):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)')
+
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<host>[A-Za-z0-9._-]*)$")
+
+# Written (in the same write as the next record) right after a line that an interrupted append
+# cut short, so `records` can tell that line from corruption.
+_TORN_MARKER = b'{"_torn_line_above":true}'
+
+
+class OutputError(ValueError):
+  """An output folder that cannot be used."""
+
+
+# --- AUTOMATIC1111 `parameters` text ----------------------------------------------------------
+
+
+def _a1111_quote(value: Any) -> str:
+  # A1111 JSON-quotes exactly the values that would break its `Key: value, ...` line; a leading
+  # quote is added here because A1111 would otherwise JSON-decode the raw value on reading.
+  text = str(value)
+  if any(c in text for c in ",:\n") or text.startswith('"'):
+    return json.dumps(text, ensure_ascii=False)
+  return text
+
+
+def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str,
+                     cfg_scale: float, seed: int, width: int, height: int, model: str) -> str:
+  """The text AUTOMATIC1111's web UI stores in (and reads from) a PNG `parameters` chunk.
+
+  ```
+  a photo of a cat
+  Negative prompt: blurry
+  Steps: 30, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd-v1-5
+  ```
+
+  As in A1111: the negative prompt line is left out when it is empty, values holding `,`, `:`
+  or a newline are JSON-quoted, the CFG scale is Python's `str(float)` (`7.0`), and the whole
+  text is stripped (a prompt's leading whitespace is lost). `sampler` is one of our scheduler
+  names, written under its A1111 name (`A1111_SAMPLER_NAMES`); other names pass through. An
+  empty `model` is left out.
+  """
+  params = {
+      "Steps": int(steps),
+      "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler),
+      "CFG scale": float(cfg_scale),
+      "Seed": int(seed),
+      "Size": f"{int(width)}x{int(height)}",
+      "Model": model or None,
+  }
+  line = ", ".join(f"{k}: {_a1111_quote(v)}" for k, v in params.items() if v is not None)
+  negative = f"\n{_NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""
+  return f"{prompt}{negative}\n{line}".strip()
+
+
+def parse_a1111_parameters(text: str) -> dict[str, str]:
+  """Reads A1111 `parameters` text back, the way A1111 itself does.
+
+  Returns `prompt`, `negative_prompt` (empty when absent) and every `Key: value` pair of the last
+  line, keys as written (`Steps`, `Sampler`, `CFG scale`, `Seed`, `Size`, `Model`, ...) and values
+  as unquoted strings. The last line counts as the parameters line only when it holds at least
+  three pairs, as in A1111; otherwise all text is prompt. A prompt line starting with
+  `Negative prompt:` is ambiguous in this format and is read as the start of the negative prompt.
+  """
+  lines = text.strip().split("\n")
+  pairs = _PARAM_RE.findall(lines[-1])
+  if len(pairs) >= 3:
+    lines = lines[:-1]
+  else:
+    pairs = []
+
+  prompt, negative, in_negative = [], [], False
+  for line in lines:
+    if not in_negative and line.startswith(_NEGATIVE_PREFIX):
+      in_negative = True
+      line = line[len(_NEGATIVE_PREFIX):]
+      line = line[1:] if line.startswith(" ") else line
+    (negative if in_negative else prompt).append(line)
+
+  result = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+  for key, value in pairs:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+      try:
+        value = json.loads(value)
+      except ValueError:
+        pass  # A1111 keeps a value that only looks quoted as it is.
+    result[key] = value
+  return result
+
+
+# --- atomic files ------------------------------------------------------------------------------
+
+
+def _temp_name(name: str) -> str:
+  # pid and host let `cleanup_temporaries` tell a dead writer's leftovers from a live one's.
+  return f".{name}.tmp-{os.getpid()}-{_HOST}"
+
+
+def _fsync_dir(folder: str) -> None:
+  # Makes a rename or a new file survive a power loss, not just a kill.
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass  # Some filesystems cannot fsync a directory; the rename is still atomic.
+  finally:
+    os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
+  path = os.path.abspath(os.fspath(path))
+  folder, name = os.path.split(path)
+  tmp = os.path.join(folder, _temp_name(name))
+  try:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+      view = memoryview(data)
+      while view:
+        view = view[os.write(fd, view):]
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise
+  _fsync_dir(folder)
+
+
+def _png_bytes(image: Image.Image, pnginfo: PngImagePlugin.PngInfo | None = None) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, format="PNG", pnginfo=pnginfo)
+  return buf.getvalue()
+
+
+def to_uint8(image: Any) -> np.ndarray:
+  """A float [H, W, 3] image in [0, 1] as uint8: `clip(round(image * 255), 0, 255)` in float32.
+
+  `np.round` rounds halves to even (127.5 -> 128, 126.5 -> 126), exactly like diffusers'
+  `numpy_to_pil`, so files match a diffusers run byte for byte. Values outside [0, 1] are clipped;
+  NaN or inf raise, as they mean a broken decode that a black pixel would hide.
+  """
+  array = np.asarray(image, dtype=np.float32)
+  if array.ndim != 3 or array.shape[-1] != 3:
+    raise ValueError(f"expected an image of shape [H, W, 3], got {array.shape}")
+  if not np.isfinite(array).all():
+    raise ValueError("image holds NaN or inf values")
+  return np.clip(np.round(array * 255), 0, 255).astype(np.uint8)
+
+
+def write_png(path: str | os.PathLike, image: Any, parameters: str) -> str:
+  """Writes `image` (float [H, W, 3] in [0, 1], see `to_uint8`) as a PNG, atomically.
+
+  `parameters` goes into a `parameters` tEXt chunk (A1111's, see `a1111_parameters`). Returns the
+  sha256 hex digest of the file's bytes, for the manifest.
+  """
+  info = PngImagePlugin.PngInfo()
+  info.add_text("parameters", parameters)
+  data = _png_bytes(Image.fromarray(to_uint8(image)), info)
+  _atomic_write(path, data)
+  return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Someone else's process: alive.
+  except OSError:
+    return False
+  return True
+
+
+def cleanup_temporaries(output_dir: str | os.PathLike, *, stale_after_s: float = 3600.0
+                        ) -> list[str]:
+  """Removes the temporary files (`.<name>.tmp-<pid>-<host>`) that killed writers left behind.
+
+  Other processes may be writing into the folder right now, so a temporary file is removed only
+  when its writer is gone: one from this host whose process is dead, or is this process (call this
+  before writing; a restarted container often gets its predecessor's pid), or one older than
+  `stale_after_s` (the writer of another host cannot be asked; a write takes well under a
+  second). Processes sharing a host must share a pid namespace for this to hold. Leftovers that
+  are kept do no harm: they never carry a final name. Returns the names removed.
+  """
+  output_dir = os.fspath(output_dir)
+  removed = []
+  now = time.time()
+  for entry in os.scandir(output_dir):
+    match = _TEMP_RE.match(entry.name)
+    if match is None or not entry.is_file(follow_symlinks=False):
+      continue
+    pid = int(match["pid"])
+    dead = match["host"] == _HOST and (pid == os.getpid() or not _pid_alive(pid))
+    try:
+      stale = now - entry.stat(follow_symlinks=False).st_mtime > stale_after_s
+      if dead or stale:
+        os.remove(entry.path)
+        removed.append(entry.name)
+    except FileNotFoundError:
+      pass  # Renamed by its writer or removed by another cleanup meanwhile.
+  return sorted(removed)
+
+
+# --- manifest -----------------------------------------------------------------------------------
+
+
+def _check_record(record: Any) -> str | None:
+  if not isinstance(record, dict):
+    return "not a JSON object"
+  index = record.get("index")
+  if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+    return f"`index` must be an int >= 0, got {index!r}"
+  for key in ("file", "sha256"):
+    if not isinstance(record.get(key), str) or not record[key]:
+      return f"`{key}` must be a non-empty string, got {record.get(key)!r}"
+  return None
+
+
+class Manifest:
+  """`<output_dir>/manifest.jsonl`: one JSON record per finished image, shared by processes.
+
+  Each record has at least `index` (int), `file` (a name in the output folder) and `sha256`
+  (of that file); the CLI adds what `write_index_html` shows (`prompt`, `negative_prompt`,
+  `seed`, `steps`, `scheduler`, `guidance_scale`).
+
+  A kill in the middle of an append can leave a last line without its newline. `records` ignores
+  such a line, and the next `append` ends it and writes a marker line after it (in the same
+  write as its record), so that from then on `records` knows that line for a cut-short append
+  and skips it, while any other unreadable line still raises.
+  """
+
+  def __init__(self, output_dir: str | os.PathLike):
+    self.path = os.path.join(os.fspath(output_dir), MANIFEST_NAME)
+
+  def records(self) -> dict[int, dict]:
+    """Every complete record by index; a later line for the same index wins (a redone image).
+
+    Raises ValueError naming the line when a line other than a cut-short append is unreadable.
+    """
+    try:
+      with open(self.path, "rb") as f:
+        data = f.read()
+    except FileNotFoundError:
+      return {}
+    lines = data.split(b"\n")
+    if lines[-1]:
+      logging.warning("%s: ignoring an unfinished last line (%d bytes) from an interrupted "
+                      "write", self.path, len(lines[-1]))
+    lines = lines[:-1]
+
+    records = {}
+    for number, line in enumerate(lines, start=1):
+      if not line.strip() or line == _TORN_MARKER:
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError as e:  # Also invalid UTF-8.
+        if number < len(lines) and lines[number] == _TORN_MARKER:
+          continue
+        raise ValueError(f"{self.path}, line {number}: not valid JSON ({e}); the manifest is "
+                         "corrupt: fix or remove that line") from None
+      problem = _check_record(record)
+      if problem is not None:
+        raise ValueError(f"{self.path}, line {number}: bad record: {problem}")
+      records[record["index"]] = record
+    return records
+
+  def append(self, record: Mapping[str, Any]) -> None:
+    """Appends `record` as one line, durably, atomically with respect to other appenders."""
+    record = dict(record)
+    problem = _check_record(record)
+    if problem is not None:
+      raise ValueError(f"bad manifest record: {problem}")
+    line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    data = line.encode("utf-8") + b"\n"
+
+    fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+      # Without the lock, the end check can catch another appender's write half done and take
+      # it for a cut-short line.
+      fcntl.flock(fd, fcntl.LOCK_EX)
+      size = os.fstat(fd).st_size
+      if size and os.pread(fd, 1, size - 1) != b"\n":
+        data = b"\n" + _TORN_MARKER + b"\n" + data
+      # One write: with O_APPEND the kernel places it at the end as a whole, so lines cannot
+      # interleave even where the lock does not reach (another machine on NFS).
+      written = os.write(fd, data)
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      if written != len(data):
+        raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes (disk full?)")
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    if size == 0:
+      _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+
+def finished(output_dir: str | os.PathLike, manifest_records: Mapping[int, dict]) -> set[int]:
+  """The indices that need no work: a manifest record exists and its file has that sha256.
+
+  An image whose manifest line was lost, and a record whose file is missing or differs, are not
+  finished: they are generated again and overwrite whatever is there.
+  """
+  output_dir = os.fspath(output_dir)
+  done = set()
+  for index, record in manifest_records.items():
+    try:
+      digest = _sha256_file(os.path.join(output_dir, record["file"]))
+    except OSError:
+      continue
+    if digest == record["sha256"]:
+      done.add(index)
+  return done
+
+
+# --- previews -----------------------------------------------------------------------------------
+
+
+def write_grid(output_dir: str | os.PathLike, files: Iterable[str | os.PathLike], *,
+               columns: int | None = None) -> str:
+  """Writes `grid.png`, a contact sheet of `files` (relative to `output_dir`) in order.
+
+  Only the first `MAX_GRID_IMAGES` files are used. Cells have the first image's size (others are
+  resized to it), shrunk evenly when the sheet would exceed `MAX_GRID_SIDE` pixels a side; the
+  layout is `columns` wide (default: near square, ceil(sqrt(n))), filled row by row, unused cells
+  black. Returns the grid's path.
+  """
+  output_dir = os.fspath(output_dir)
+  paths = [os.path.join(output_dir, os.fspath(f)) for f in list(files)[:MAX_GRID_IMAGES]]
+  if not paths:
+    raise ValueError("write_grid needs at least one image")
+  if columns is not None and columns < 1:
+    raise ValueError(f"columns must be >= 1, got {columns}")
+  n = len(paths)
+  columns = min(columns or math.ceil(math.sqrt(n)), n)
+  rows = math.ceil(n / columns)
+
+  with Image.open(paths[0]) as first:
+    width, height = first.size
+  scale = min(1.0, MAX_GRID_SIDE / (columns * width), MAX_GRID_SIDE / (rows * height))
+  cell = (max(1, int(width * scale)), max(1, int(height * scale)))
+
+  sheet = Image.new("RGB", (columns * cell[0], rows * cell[1]))
+  for i, path in enumerate(paths):
+    with Image.open(path) as image:
+      image = image.convert("RGB")
+      if image.size != cell:
+        image = image.resize(cell, Image.Resampling.LANCZOS)
+      sheet.paste(image, ((i % columns) * cell[0], (i // columns) * cell[1]))
+
+  out = os.path.join(output_dir, GRID_NAME)
+  _atomic_write(out, _png_bytes(sheet))
+  return out
+
+
+_HTML_HEAD = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; background: #fafafa; }}
+main {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(256px, 1fr)); gap: 1em; }}
+figure {{ margin: 0; background: #fff; padding: .5em; border: 1px solid #ddd; }}
+img {{ width: 100%; height: auto; display: block; }}
+figcaption p {{ margin: .4em 0; white-space: pre-wrap; overflow-wrap: anywhere; }}
+.negative {{ color: #a33; }}
+.meta {{ color: #666; font-size: .85em; }}
+</style>
+</head>
+<body>
+<h1>{title}</h1>
+<main>
+"""
+
+
+def write_index_html(output_dir: str | os.PathLike,
+                     records: Mapping[int, dict] | Iterable[dict]) -> str:
+  """Writes `index.html`, a static gallery of the manifest records, by index.
+
+  Shows each record's image (`file`, linked relatively) with its `prompt`, `negative_prompt`,
+  `seed`, `steps`, `scheduler` and `guidance_scale` when present. Every value is HTML-escaped:
+  prompts are user text. Returns the page's path.
+  """
+  if isinstance(records, Mapping):
+    records = records.values()
+  records = sorted(records, key=lambda r: r["index"])
+
+  def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+  title = f"{len(records)} images"
+  parts = [_HTML_HEAD.format(title=esc(title))]
+  for record in records:
+    src = esc(urllib.parse.quote(str(record["file"])))
+    prompt = record.get("prompt", "")
+    parts.append(f'<figure id="image-{int(record["index"])}">\n'
+                 f'<a href="{src}"><img src="{src}" alt="{esc(prompt)}" loading="lazy"></a>\n'
+                 f'<figcaption>\n<p class="prompt">{esc(prompt)}</p>\n')
+    if record.get("negative_prompt"):
+      parts.append(f'<p class="negative">Negative: {esc(record["negative_prompt"])}</p>\n')
+    meta = [f"#{int(record['index'])}"]
+    for key, label in (("seed", "seed"), ("steps", "steps"), ("scheduler", "scheduler"),
+                       ("guidance_scale", "guidance")):
+      if record.get(key) is not None:
+        meta.append(f"{label} {esc(record[key])}")
+    parts.append(f'<p class="meta">{" &middot; ".join(meta)}</p>\n</figcaption>\n</figure>\n')
+  parts.append("</main>\n</body>\n</html>\n")
+
+  out = os.path.join(os.fspath(output_dir), INDEX_HTML_NAME)
+  _atomic_write(out, "".join(parts).encode("utf-8"))
+  return out
+
+
+# --- the folder ---------------------------------------------------------------------------------
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+  """Makes sure `path` is a writable folder, creating it (and its parents) if missing.
+
+  Raises OutputError with a one-line message when it is an existing file, cannot be created, or
+  cannot be written (tried with a probe file that is removed again).
+  """
+  path = os.fspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise OutputError(f"output path {path!r} exists and is not a folder")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise OutputError(f"cannot create output folder {path!r}: {e.strerror or e}") from None
+  # Named like our temporaries, so a probe left by a kill is cleaned up with them.
+  probe = os.path.join(path, _temp_name("write-probe"))
+  try:
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+      os.write(fd, b"probe")
+    finally:
+      os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise OutputError(f"output folder {path!r} is not writable: {e.strerror or e}") from None
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+  """Writes a JSON file atomically."""
+  _atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+_RUN_FILES = (MANIFEST_NAME, GRID_NAME, INDEX_HTML_NAME, "run.json")
+
+
+def clear(output_dir: str | os.PathLike) -> None:
+  """Removes what a previous run wrote (its numbered PNGs and run files), nothing else."""
+  for name in os.listdir(output_dir):
+    numbered = name.endswith(".png") and name[:-4].isdigit()
+    if numbered or name in _RUN_FILES:
+      os.remove(os.path.join(output_dir, name))

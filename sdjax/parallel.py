@@ -1,0 +1,107 @@
+"""Data parallelism over every device of every host: a 1-D mesh and a shard_map'ed sampler.
+
+Each device runs exactly the single-device sampling program on its own `per_device` images, so
+an image's pixels do not depend on how many devices or hosts made it (at the same per-device
+batch). This is the per-device program `jax.pmap` gave, written with `jax.shard_map`, which
+extends to multi-host meshes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sdjax import sampling
+
+DATA = "data"
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Joins a multi-host run: explicitly with a coordinator, or automatically on TPU pods."""
+  if coordinator_address:
+    if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator_env():
+      # CPU processes need a collectives backend to form one mesh.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()
+  if jax.process_count() > 1:
+    logging.info("process %d of %d, %d local of %d devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _has_accelerator_env() -> bool:
+  return bool(os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("TPU_NAME"))
+
+
+def make_mesh() -> Mesh:
+  """A 1-D mesh over all devices of all processes, each process's devices contiguous."""
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(devices), (DATA,))
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree on every device once (params)."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      tree)
+
+
+def local_slice(mesh: Mesh, global_batch: int) -> slice:
+  """Which rows of a global batch this process's devices hold."""
+  per_device = global_batch // mesh.size
+  local = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+  return slice(local[0] * per_device, (local[-1] + 1) * per_device)
+
+
+def shard_batch(mesh: Mesh, local_data: np.ndarray, global_batch: int):
+  """A global array split along the data axis, from this process's rows."""
+  sharding = NamedSharding(mesh, P(DATA))
+  shape = (global_batch, *local_data.shape[1:])
+  return jax.make_array_from_process_local_data(sharding, local_data, shape)
+
+
+def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe):
+  """The sampling program, run per device on its share of a global batch.
+
+  Returns a jitted `f(params, cond_ids, uncond_ids, seeds, guidance_scale, guidance_rescale,
+  state) -> images`, whose batch arguments are sharded along the mesh's data axis.
+  """
+  latent_shape = (*spec.latent_hw, pipe.unet.config.in_channels)
+
+  def per_device(params, cond_ids, uncond_ids, seeds, guidance_scale, guidance_rescale, state):
+    noise = sampling.initial_noise(seeds, latent_shape)
+    return sampling.sample_fn(spec, pipe.text_encoder, pipe.unet, pipe.vae, params, cond_ids,
+                              uncond_ids, seeds, noise, guidance_scale, guidance_rescale, None,
+                              state)
+
+  batch = P(DATA)
+  fn = jax.shard_map(per_device, mesh=mesh,
+                     in_specs=(P(), batch, batch, batch, P(), P(), P()),
+                     out_specs=batch, check_vma=False)
+  return jax.jit(fn)
+
+
+def local_rows(array) -> list[tuple[int, np.ndarray]]:
+  """(global row, value) for every row of a data-sharded array held by this process."""
+  rows = []
+  for shard in array.addressable_shards:
+    start = shard.index[0].start or 0
+    data = np.asarray(shard.data)
+    rows.extend((start + i, data[i]) for i in range(data.shape[0]))
+  return sorted(rows, key=lambda r: r[0])
+
+
+def barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+

@@ -1,0 +1,261 @@
+"""main.py as users run it: a subprocess on a tiny random pipeline folder."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdjax
+from sdjax import outputs, testing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red circle in the center", "a photo of a cat", "a blue square", "a dog",
+           "a green triangle"]
+COMMON = ["--steps", "2", "--height", "16", "--width", "16", "--guidance_scale", "3",
+          "--scheduler", "euler_ancestral"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("model") / "pipe")
+  testing.write_torch_pipeline(folder, "sd1", seed=31)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _env(devices: int = 1):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def main_py(args, devices=1, check=True, **kwargs):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
+                        env=_env(devices), capture_output=True, text=True, timeout=300, **kwargs)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def _prompt_args(prompts=PROMPTS):
+  return [a for p in prompts for a in ("--prompt", p)]
+
+
+def _pixels(folder):
+  files = sorted(f for f in os.listdir(folder) if f.endswith(".png") and f != "grid.png")
+  return {f: np.asarray(Image.open(os.path.join(folder, f))) for f in files}
+
+
+def _manifest(folder):
+  with open(os.path.join(folder, "manifest.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def reference_run(model, cache, tmp_path_factory):
+  """5 images on 1 device, 2 per device: the run every other layout must reproduce."""
+  out = str(tmp_path_factory.mktemp("ref") / "out")
+  main_py(["--model", model, *_prompt_args(), *COMMON, "--batch_size", "2", "--seed", "100",
+           "--output_dir", out, "--compilation_cache", cache])
+  return out
+
+
+def test_outputs_written(reference_run, model):
+  out = reference_run
+  pixels = _pixels(out)
+  assert sorted(pixels) == [f"{k:06d}.png" for k in range(5)]  # padding is never written
+  records = _manifest(out)
+  assert [r["index"] for r in records] == list(range(5))
+  for k, r in enumerate(records):
+    assert r["prompt"] == PROMPTS[k] and r["seed"] == 100 + k and r["steps"] == 2
+    assert r["scheduler"] == "euler_ancestral" and r["height"] == 16 and r["width"] == 16
+    assert r["sdjax_version"] == sdjax.__version__ and r["model"] == model
+    text = Image.open(os.path.join(out, r["file"])).text["parameters"]
+    assert text.splitlines()[0] == PROMPTS[k]
+    assert f"Seed: {100 + k}" in text and "Size: 16x16" in text and "Steps: 2" in text
+  assert os.path.isfile(os.path.join(out, "grid.png"))
+  assert "a photo of a cat" in open(os.path.join(out, "index.html")).read()
+  assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_regenerating_one_image_alone(reference_run, model):
+  record = _manifest(reference_run)[3]
+  pipe = sdjax.load_pipeline(model)
+  alone = pipe.generate(record["prompt"], negative_prompts=record["negative_prompt"],
+                        steps=record["steps"], guidance_scale=record["guidance_scale"],
+                        scheduler=record["scheduler"], height=16, width=16, seed=record["seed"])
+  written = np.asarray(Image.open(os.path.join(reference_run, record["file"])), np.float32)
+  assert np.abs(alone[0] * 255 - written).max() <= 1.0
+
+
+def test_eight_devices_same_pixels(reference_run, model, cache, tmp_path):
+  out = str(tmp_path / "out")
+  proc = main_py(["--model", model, *_prompt_args(), *COMMON, "--batch_size", "2", "--seed",
+                  "100", "--output_dir", out, "--compilation_cache", cache], devices=8)
+  ref = _pixels(reference_run)
+  got = _pixels(out)
+  assert sorted(got) == sorted(ref)
+  for name in ref:
+    np.testing.assert_array_equal(got[name], ref[name])
+  assert "5 images" in proc.stderr
+
+
+def test_batch_is_split_across_devices(model):
+  """The compiled program's per-device share is batch_size, not the global batch."""
+  code = f"""
+import jax, numpy as np, sdjax
+from sdjax import parallel, sampling
+pipe = sdjax.load_pipeline({model!r})
+mesh = parallel.make_mesh()
+spec, state = sampling.prepare(pipe, 2, steps=2, scheduler="ddim", height=16, width=16,
+                               guidance_scale=3.0)
+ids = parallel.shard_batch(mesh, pipe.tokenize(["a"] * 16), 16)
+seeds = parallel.shard_batch(mesh, np.arange(16, dtype=np.uint32), 16)
+out = parallel.sharded_sampler(mesh, spec, pipe)(
+    parallel.replicate(pipe.params, mesh), ids, ids, seeds, np.float32(3), np.float32(0),
+    parallel.replicate(state, mesh))
+print(mesh.size, [s.data.shape[0] for s in out.addressable_shards], len({{s.device for s in out.addressable_shards}}))
+"""
+  proc = subprocess.run([sys.executable, "-c", code], env=_env(8), capture_output=True,
+                        text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split("\n")[-2] == "8 [2, 2, 2, 2, 2, 2, 2, 2] 8"
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_same_images(reference_run, model, cache, tmp_path):
+  out = str(tmp_path / "out")
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "main.py"), "--model", model, *_prompt_args(),
+       *COMMON, "--batch_size", "2", "--seed", "100", "--output_dir", out,
+       "--compilation_cache", cache, "--coordinator_address", address, "--num_processes", "2",
+       "--process_id", str(i)], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  ref, got = _pixels(reference_run), _pixels(out)
+  assert sorted(got) == sorted(ref)
+  for name in ref:
+    np.testing.assert_array_equal(got[name], ref[name])
+  assert sorted(r["index"] for r in _manifest(out)) == list(range(5))
+
+
+def test_interrupt_then_resume(model, cache, tmp_path):
+  prompts = [f"a photo of a cat {i}" for i in range(10)]
+  ref_out, out = str(tmp_path / "ref"), str(tmp_path / "out")
+  args = ["--model", model, *_prompt_args(prompts), *COMMON, "--batch_size", "1",
+          "--compilation_cache", cache]
+  main_py([*args, "--output_dir", ref_out])
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--output_dir",
+                           out], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  manifest = os.path.join(out, "manifest.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(manifest) and os.path.getsize(manifest) > 0:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err
+  first = _manifest(out)
+  assert 1 <= len(first) < 10
+  assert not [f for f in os.listdir(out) if ".tmp" in f]
+  main_py([*args, "--output_dir", out])
+  records = _manifest(out)
+  assert sorted(r["index"] for r in records) == list(range(10))  # no duplicates, none missing
+  ref, got = _pixels(ref_out), _pixels(out)
+  assert sorted(got) == sorted(ref)
+  for name in ref:
+    np.testing.assert_array_equal(got[name], ref[name])
+  again = main_py([*args, "--output_dir", out])
+  assert "0 images" in again.stderr and "10 already done" in again.stderr
+
+
+def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tmp_path):
+  import shutil
+
+  out = str(tmp_path / "out")
+  shutil.copytree(reference_run, out)
+  args = ["--model", model, *_prompt_args(), *COMMON, "--batch_size", "2", "--seed", "100",
+          "--output_dir", out, "--compilation_cache", cache]
+  proc = main_py([*args[:-6], "--steps", "3", *args[-6:]], check=False)
+  assert proc.returncode == 2 and "--overwrite" in proc.stderr and "steps" in proc.stderr
+  main_py([*args, "--steps", "3", "--overwrite"])
+  assert all(r["steps"] == 3 for r in _manifest(out)) and len(_manifest(out)) == 5
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--height", "12"], "--height must be a multiple of 8"),
+    (["--width", "100000"], "--width must be a multiple of 8"),
+    (["--scheduler", "magic"], "unknown scheduler 'magic'"),
+    (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt does"),
+    (["--model", "/nonexistent/model"], "does not exist"),
+])
+def test_bad_input_one_line(extra, message, model, tmp_path):
+  args = ["--model", model, "--prompt", "a cat", "--output_dir", str(tmp_path / "o"), *extra]
+  proc = main_py(args, check=False)
+  assert proc.returncode == 2
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+  assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_bad_prompt_files(model, tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n  \n")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "seed": "x"}\n')
+  broken = tmp_path / "broken.jsonl"
+  broken.write_text('{"prompt": "a cat"}\n\n{"prompt": \n')
+  unreadable = tmp_path / "binary.txt"
+  unreadable.write_bytes(b"\xff\xfe\x00bad")
+  for path, message in [(empty, "holds no prompts"), (bad, "bad.jsonl line 2"),
+                        (broken, "broken.jsonl line 3: not valid JSON"),
+                        (unreadable, "cannot read prompts file")]:
+    proc = main_py(["--model", model, "--prompts_file", str(path), "--output_dir",
+                    str(tmp_path / "o")], check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_output_dir_is_a_file(model, tmp_path):
+  target = tmp_path / "file"
+  target.write_text("x")
+  proc = main_py(["--model", model, "--prompt", "a cat", "--output_dir", str(target)],
+                 check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr and str(target) in proc.stderr
+
+
+def test_jsonl_prompts_and_seeds(model, cache, tmp_path):
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text('{"prompt": "a cat", "seed": 7, "num_images": 2}\n'
+                     '{"prompt": "a dog", "negative_prompt": "red"}\n')
+  out = str(tmp_path / "out")
+  main_py(["--model", model, "--prompts_file", str(prompts), *COMMON, "--seed", "50",
+           "--output_dir", out, "--compilation_cache", cache])
+  records = _manifest(out)
+  assert [(r["prompt"], r["seed"], r["negative_prompt"]) for r in records] == [
+      ("a cat", 7, ""), ("a cat", 8, ""), ("a dog", 52, "red")]
+  text = Image.open(os.path.join(out, "000002.png")).text["parameters"]
+  assert outputs.parse_a1111_parameters(text)["negative_prompt"] == "red"

@@ -1,0 +1,337 @@
+"""Output folder files: A1111 text, atomic PNGs, the shared manifest, resume logic, previews."""
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax import outputs
+from sdjax.outputs import (
+  Manifest,
+  OutputError,
+  a1111_parameters,
+  check_output_dir,
+  cleanup_temporaries,
+  finished,
+  parse_a1111_parameters,
+  write_grid,
+  write_index_html,
+  write_png,
+)
+
+PARAMS = dict(prompt="a photo of a cat", negative_prompt="blurry, low quality", steps=30,
+              sampler="euler_ancestral", cfg_scale=7.5, seed=42, width=512, height=768,
+              model="sd-v1-5")
+
+
+def _image(h=4, w=6, value=0.5):
+  return np.full((h, w, 3), value, np.float32)
+
+
+def _record(index, file, sha256, **extra):
+  return {"index": index, "file": file, "sha256": sha256, **extra}
+
+
+# --- A1111 parameters -------------------------------------------------------------------------
+
+
+def test_a1111_text_exact():
+  assert a1111_parameters(**PARAMS) == (
+      "a photo of a cat\n"
+      "Negative prompt: blurry, low quality\n"
+      "Steps: 30, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x768, Model: sd-v1-5")
+
+
+def test_a1111_text_without_negative_prompt():
+  text = a1111_parameters(**{**PARAMS, "negative_prompt": "", "cfg_scale": 7, "sampler": "pndm"})
+  assert text == ("a photo of a cat\n"
+                  "Steps: 30, Sampler: PLMS, CFG scale: 7.0, Seed: 42, Size: 512x768, "
+                  "Model: sd-v1-5")
+  assert parse_a1111_parameters(text)["negative_prompt"] == ""
+
+
+@pytest.mark.parametrize("ours,theirs", sorted(outputs.A1111_SAMPLER_NAMES.items()) +
+                         [("my_sampler", "my_sampler")])
+def test_sampler_names(ours, theirs):
+  assert parse_a1111_parameters(a1111_parameters(**{**PARAMS, "sampler": ours}))["Sampler"] == theirs
+
+
+def test_a1111_round_trip():
+  params = {**PARAMS, "prompt": "line one, (detail:1.2)\nline two", "model": "odd, name: v2"}
+  text = a1111_parameters(**params)
+  assert text.endswith('Model: "odd, name: v2"')  # Quoted as A1111 quotes it.
+  assert parse_a1111_parameters(text) == {
+      "prompt": params["prompt"], "negative_prompt": params["negative_prompt"],
+      "Steps": "30", "Sampler": "Euler a", "CFG scale": "7.5", "Seed": "42", "Size": "512x768",
+      "Model": "odd, name: v2"}
+
+
+def test_parse_a1111_text_without_parameters_line():
+  assert parse_a1111_parameters("just a prompt") == {"prompt": "just a prompt",
+                                                     "negative_prompt": ""}
+
+
+# --- PNG ----------------------------------------------------------------------------------------
+
+
+def test_write_png(tmp_path):
+  image = np.zeros((2, 3, 3), np.float32)
+  image[0, 0] = [-0.5, 1.5, 1.0]  # Clipped.
+  image[0, 1] = [0.5, 10.5 / 255, 11.5 / 255]  # Exact halves round to even, as in diffusers.
+  image[0, 2] = [0.2, 0.7, 0.999]
+  path = tmp_path / "000001.png"
+  digest = write_png(path, image, "the text")
+
+  assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+  assert sorted(os.listdir(tmp_path)) == ["000001.png"]  # No temporary left.
+  with Image.open(path) as png:
+    assert png.text["parameters"] == "the text"
+    assert png.mode == "RGB" and png.size == (3, 2)
+    pixels = np.asarray(png)
+  np.testing.assert_array_equal(pixels[0, :2], [[0, 255, 255], [128, 10, 12]])
+  np.testing.assert_array_equal(pixels[0, 2], [51, 178, 255])
+  np.testing.assert_array_equal(pixels[1], 0)
+
+
+def test_write_png_overwrites_atomically(tmp_path):
+  path = tmp_path / "a.png"
+  write_png(path, _image(value=0.0), "old")
+  digest = write_png(path, _image(value=1.0), "new")
+  assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+  with Image.open(path) as png:
+    assert png.text["parameters"] == "new"
+
+
+def test_write_png_rejects_bad_images(tmp_path):
+  with pytest.raises(ValueError, match="shape"):
+    write_png(tmp_path / "a.png", np.zeros((4, 4)), "")
+  bad = _image()
+  bad[0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    write_png(tmp_path / "a.png", bad, "")
+  assert os.listdir(tmp_path) == []
+
+
+# --- manifest -----------------------------------------------------------------------------------
+
+
+def test_manifest_append_and_records(tmp_path):
+  manifest = Manifest(tmp_path)
+  assert manifest.records() == {}
+  manifest.append(_record(0, "000000.png", "aa", prompt="a \"cat\"\nnewline"))
+  manifest.append(_record(1, "000001.png", "bb"))
+  manifest.append(_record(0, "000000.png", "cc"))  # Redone: the later line wins.
+  records = manifest.records()
+  assert sorted(records) == [0, 1]
+  assert records[0]["sha256"] == "cc" and records[1]["file"] == "000001.png"
+  assert (tmp_path / "manifest.jsonl").read_text().count("\n") == 3
+
+
+def test_manifest_rejects_bad_records(tmp_path):
+  manifest = Manifest(tmp_path)
+  for bad in ({"file": "a", "sha256": "b"}, _record("1", "a", "b"), _record(True, "a", "b"),
+              _record(1, "", "b"), _record(1, "a", None)):
+    with pytest.raises(ValueError, match="bad manifest record"):
+      manifest.append(bad)
+  with pytest.raises(ValueError):
+    manifest.append(_record(1, "a", "b", guidance_scale=float("nan")))
+  assert manifest.records() == {}
+
+
+def test_manifest_truncated_last_line(tmp_path):
+  manifest = Manifest(tmp_path)
+  manifest.append(_record(0, "000000.png", "aa"))
+  with open(manifest.path, "ab") as f:
+    f.write(b'{"index": 1, "file": "0000')  # A kill in the middle of an append.
+  assert sorted(manifest.records()) == [0]
+
+  manifest.append(_record(2, "000002.png", "cc"))
+  manifest.append(_record(3, "000003.png", "dd"))
+  assert sorted(manifest.records()) == [0, 2, 3]
+  # The garbage stays on a line of its own instead of swallowing the new record.
+  lines = open(manifest.path, "rb").read().split(b"\n")
+  assert lines[1] == b'{"index": 1, "file": "0000'
+
+
+def test_manifest_corrupt_middle_line(tmp_path):
+  manifest = Manifest(tmp_path)
+  manifest.append(_record(0, "000000.png", "aa"))
+  with open(manifest.path, "ab") as f:
+    f.write(b"garbage\n")
+  manifest.append(_record(1, "000001.png", "bb"))
+  with pytest.raises(ValueError, match=r"line 2: not valid JSON"):
+    manifest.records()
+
+
+def test_manifest_middle_line_not_a_record(tmp_path):
+  manifest = Manifest(tmp_path)
+  with open(manifest.path, "w") as f:
+    f.write('{"index": 0, "file": "a", "sha256": "b"}\n[1, 2]\n')
+  with pytest.raises(ValueError, match=r"line 2: bad record"):
+    manifest.records()
+
+
+def _append_many(output_dir, worker, count):
+  manifest = Manifest(output_dir)
+  for i in range(count):
+    # Long lines make an interleaving, if there were one, show up as broken JSON.
+    manifest.append(_record(worker * 1000 + i, f"{worker}-{i}.png", "ab" * 32, pad="x" * 3000))
+
+
+def test_manifest_concurrent_appends(tmp_path):
+  with warnings.catch_warnings():
+    # JAX (imported with sdjax) warns about fork; the children never touch it.
+    warnings.simplefilter("ignore", RuntimeWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(str(tmp_path), w, 50))
+               for w in range(4)]
+    for p in workers:
+      p.start()
+    for p in workers:
+      p.join(60)
+  assert [p.exitcode for p in workers] == [0] * 4
+  lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+  assert len(lines) == 200
+  assert all(json.loads(line)["pad"] == "x" * 3000 for line in lines)
+  assert sorted(Manifest(tmp_path).records()) == sorted(
+      w * 1000 + i for w in range(4) for i in range(50))
+
+
+# --- resume -------------------------------------------------------------------------------------
+
+
+def test_finished(tmp_path):
+  manifest = Manifest(tmp_path)
+  for k in range(5):
+    digest = write_png(tmp_path / f"{k:06d}.png", _image(value=k / 10), f"image {k}")
+    if k != 4:  # 4: written, then killed before its manifest line.
+      manifest.append(_record(k, f"{k:06d}.png", digest))
+  os.remove(tmp_path / "000001.png")  # Record, no file.
+  write_png(tmp_path / "000002.png", _image(value=0.9), "other")  # Record, other content.
+  with open(tmp_path / "000003.png", "r+b") as f:  # Record, damaged file.
+    f.truncate(20)
+  manifest.append(_record(5, "000005.png", "00"))  # Record of a file never written.
+  assert finished(tmp_path, manifest.records()) == {0}
+
+
+def test_cleanup_temporaries(tmp_path):
+  dead = multiprocessing.get_context("fork").Process(target=int)
+  dead.start()
+  dead.join()
+  host = outputs._HOST
+  names = {
+      f".000001.png.tmp-{dead.pid}-{host}": False,  # Writer dead.
+      f".000002.png.tmp-{os.getpid()}-{host}": False,  # Ours: left by a predecessor.
+      f".000003.png.tmp-{os.getppid()}-{host}": True,  # A live writer.
+      f".000004.png.tmp-{dead.pid}-other-host": True,  # Cannot tell yet.
+      f".000005.png.tmp-{dead.pid}-other-host-old": False,  # Too old to be in progress.
+      "000006.png": True,
+      ".hidden": True,
+      "notes.tmp-1-x": True,
+  }
+  for name in names:
+    (tmp_path / name).write_bytes(b"x")
+  old = time.time() - 7200
+  os.utime(tmp_path / f".000005.png.tmp-{dead.pid}-other-host-old", (old, old))
+
+  removed = cleanup_temporaries(tmp_path)
+  assert removed == sorted(n for n, keep in names.items() if not keep)
+  assert sorted(os.listdir(tmp_path)) == sorted(n for n, keep in names.items() if keep)
+
+
+# --- previews -----------------------------------------------------------------------------------
+
+
+def _png(path, color, size=(8, 6)):
+  Image.new("RGB", size, color).save(path)
+  return path.name
+
+
+def test_write_grid(tmp_path):
+  colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+  files = [_png(tmp_path / f"{i}.png", c) for i, c in enumerate(colors)]
+  _png(tmp_path / "3.png", colors[3], size=(4, 4))  # Resized to the first image's size.
+
+  path = write_grid(tmp_path, files)
+  assert path == os.path.join(tmp_path, "grid.png")
+  with Image.open(path) as grid:
+    assert grid.size == (3 * 8, 2 * 6)
+    pixels = np.asarray(grid.convert("RGB"))
+  for i, color in enumerate(colors):
+    row, col = divmod(i, 3)
+    np.testing.assert_array_equal(pixels[row * 6 + 3, col * 8 + 4], color)
+  np.testing.assert_array_equal(pixels[6 + 3, 2 * 8 + 4], 0)  # The unused cell.
+
+  with Image.open(write_grid(tmp_path, files, columns=5)) as grid:
+    assert grid.size == (5 * 8, 6)
+  with Image.open(write_grid(tmp_path, files, columns=9)) as grid:
+    assert grid.size == (5 * 8, 6)
+  with pytest.raises(ValueError):
+    write_grid(tmp_path, [])
+
+
+def test_write_grid_is_bounded(tmp_path, monkeypatch):
+  monkeypatch.setattr(outputs, "MAX_GRID_IMAGES", 4)
+  monkeypatch.setattr(outputs, "MAX_GRID_SIDE", 8)
+  files = [_png(tmp_path / f"{i}.png", (i, i, i)) for i in range(6)]
+  with Image.open(write_grid(tmp_path, files)) as grid:
+    assert grid.size == (8, 6)  # 2 x 2 cells of 8 x 6 shrunk to fit 8 pixels.
+
+
+def test_write_index_html_escapes(tmp_path):
+  records = {
+      1: _record(1, "000001.png", "b", prompt="<script>alert('x')</script> & more",
+                 negative_prompt='"quoted" <b>', seed=7, steps=20, scheduler="ddim",
+                 guidance_scale=7.5),
+      0: _record(0, "a b.png", "a", prompt="first"),
+  }
+  page = open(write_index_html(tmp_path, records), encoding="utf-8").read()
+  assert "<script>" not in page and "<b>" not in page
+  assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in page
+  assert "&quot;quoted&quot; &lt;b&gt;" in page
+  assert 'src="a%20b.png"' in page and 'src="000001.png"' in page
+  assert page.index("a%20b.png") < page.index("000001.png")  # Ordered by index.
+  for text in ("seed 7", "steps 20", "scheduler ddim", "guidance 7.5"):
+    assert text in page
+  assert sorted(os.listdir(tmp_path)) == ["index.html"]
+
+
+# --- the folder ---------------------------------------------------------------------------------
+
+
+def test_check_output_dir_creates(tmp_path):
+  path = tmp_path / "a" / "b"
+  check_output_dir(path)
+  assert path.is_dir() and os.listdir(path) == []
+  check_output_dir(path)  # Existing is fine.
+
+
+def test_check_output_dir_on_a_file(tmp_path):
+  file = tmp_path / "file"
+  file.write_text("x")
+  with pytest.raises(OutputError, match="not a folder") as error:
+    check_output_dir(file)
+  assert "\n" not in str(error.value)
+  with pytest.raises(OutputError, match="cannot create") as error:
+    check_output_dir(file / "sub")
+  assert "\n" not in str(error.value)
+  assert isinstance(error.value, ValueError)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through read-only permissions")
+def test_check_output_dir_not_writable(tmp_path):
+  path = tmp_path / "ro"
+  path.mkdir()
+  path.chmod(0o500)
+  try:
+    with pytest.raises(OutputError, match="not writable"):
+      check_output_dir(path)
+  finally:
+    path.chmod(0o700)
