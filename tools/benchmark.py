@@ -1,0 +1,221 @@
+"""Times sdjax against diffusers on the same architecture, machine and run.
+
+  python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --height 512 --width 512
+  python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --backend torch
+  python tools/benchmark.py --arch sd15 --what generate --batch 8 --steps 50 --dtype bfloat16 \
+      --peak_tflops 989 --json
+
+Networks have random weights of the real architecture (no download). Reports compile time, the
+median of several timed calls after warm-up, images/s for `generate`, achieved TFLOP/s (FLOPs
+from XLA's cost analysis of the same program, used for both backends) with model-FLOPs
+utilisation against `--peak_tflops`, and peak memory. Run each backend in its own process so
+peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+_ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "builtin"],
+                          "architecture (random weights)")
+_WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate"],
+                          "what to time")
+_BATCH = flags.DEFINE_integer("batch", 2, "batch (unet_step: 2 = one CFG step of one image)")
+_HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the arch's native)")
+_WIDTH = flags.DEFINE_integer("width", None, "image width (default: the arch's native)")
+_STEPS = flags.DEFINE_integer("steps", 50, "generate: denoising steps")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype")
+_BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "sdjax or diffusers")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls after one warm-up call")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "hardware peak TFLOP/s at this dtype, for MFU")
+_FLOPS = flags.DEFINE_float("flops", None, "FLOPs per call (default: XLA cost analysis; "
+                            "pass the jax run's value to the torch run)")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON line instead of text")
+
+CLIP_SD1 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+CLIP_SD2 = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu")
+VAE_SD = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, sample_size=512,
+              down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+UNET_SD2 = dict(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+                use_linear_projection=True)
+ARCHS = {
+    # arch -> (unet config, clip config, vae config, native size, prediction type)
+    "sd15": (dict(cross_attention_dim=768, sample_size=64), CLIP_SD1, VAE_SD, 512, "epsilon"),
+    "sd21_base": (dict(UNET_SD2, sample_size=64), CLIP_SD2, VAE_SD, 512, "epsilon"),
+    "sd21": (dict(UNET_SD2, sample_size=96, upcast_attention=True), CLIP_SD2, VAE_SD, 768,
+             "v_prediction"),
+}
+
+
+def _configs():
+  if _ARCH.value == "builtin":
+    import sdjax  # noqa: PLC0415
+    from sdjax.models import config_utils  # noqa: PLC0415
+
+    def read(name):
+      return config_utils.read_json(f"{sdjax.BUILTIN_MODEL}/{name}/config.json")
+
+    return read("unet"), read("text_encoder"), read("vae"), 64, "epsilon"
+  return ARCHS[_ARCH.value]
+
+
+def _size():
+  native = _configs()[3]
+  return _HEIGHT.value or native, _WIDTH.value or native
+
+
+def _timed(fn, repeats):
+  fn()  # warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def bench_jax():
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import pipeline, sampling, testing  # noqa: PLC0415
+  from sdjax.models.clip import CLIPTextConfig  # noqa: PLC0415
+  from sdjax.models.unet import UNetConfig  # noqa: PLC0415
+  from sdjax.models.vae import VAEConfig  # noqa: PLC0415
+
+  unet_cfg, clip_cfg, vae_cfg, _, prediction = _configs()
+  h, w = _size()
+  b = _BATCH.value
+  pipe = pipeline.build_pipeline(
+      UNetConfig.from_dict(unet_cfg), VAEConfig.from_dict(vae_cfg),
+      CLIPTextConfig.from_dict(clip_cfg), None,
+      {**testing.SCHEDULER_SD15, "prediction_type": prediction}, dtype=_DTYPE.value)
+  dtype = pipe.dtype
+  pipe.params = jax.tree.map(lambda x: x.astype(dtype), pipe.params)
+  lat = (b, h // 8, w // 8, 4)
+  if _WHAT.value == "unet_step":
+    args = (pipe.params["unet"], jnp.ones(lat, dtype), jnp.full((b,), 500.0),
+            jnp.ones((b, 77, pipe.unet.config.cross_attention_dim), dtype))
+    fn = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
+  elif _WHAT.value == "vae_decode":
+    args = (pipe.params["vae"], jnp.ones(lat, dtype))
+    fn = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method=pipe.vae.decode))
+  else:
+    spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler="dpmpp_2m",
+                                   height=h, width=w, guidance_scale=7.5)
+    ids = jnp.zeros((b, 77), jnp.int32)
+    seeds = jnp.arange(b, dtype=jnp.uint32)
+    args = (spec, pipe.text_encoder, pipe.unet, pipe.vae, pipe.params, ids, ids, seeds,
+            sampling.initial_noise(seeds, lat[1:]), jnp.float32(7.5), jnp.float32(0.0), None,
+            state)
+    fn = jax.jit(sampling.sample_fn, static_argnums=(0, 1, 2, 3))
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  flops = _FLOPS.value or float(cost.get("flops", 0.0))
+  call_args = args if _WHAT.value != "generate" else args[4:]
+  median = _timed(lambda: jax.block_until_ready(compiled(*call_args)), _REPEATS.value)
+  stats = jax.devices()[0].memory_stats() or {}
+  # Accelerators report their peak; on CPU the process's peak resident memory stands in.
+  peak = stats.get("peak_bytes_in_use") or resource.getrusage(
+      resource.RUSAGE_SELF).ru_maxrss * 1024
+  return dict(compile_s=compile_s, median_s=median, flops=flops, peak_bytes=peak,
+              device=str(jax.devices()[0].device_kind), version=f"jax {jax.__version__}")
+
+
+def bench_torch():
+  import diffusers  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+  from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415
+
+  unet_cfg, clip_cfg, vae_cfg, _, prediction = _configs()
+  h, w = _size()
+  b = _BATCH.value
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}[_DTYPE.value]
+  with torch.device(device):
+    unet = diffusers.UNet2DConditionModel(**unet_cfg).to(dtype).eval()
+    vae = diffusers.AutoencoderKL(**vae_cfg).to(dtype).eval()
+  lat = (b, 4, h // 8, w // 8)
+  if _WHAT.value == "unet_step":
+    x = torch.ones(lat, dtype=dtype, device=device)
+    t = torch.full((b,), 500.0, device=device)
+    ctx = torch.ones((b, 77, unet.config.cross_attention_dim), dtype=dtype, device=device)
+
+    def fn():
+      return unet(x, t, ctx).sample
+  elif _WHAT.value == "vae_decode":
+    z = torch.ones(lat, dtype=dtype, device=device)
+
+    def fn():
+      return vae.decode(z).sample
+  else:
+    import tempfile  # noqa: PLC0415
+
+    from sdjax import testing  # noqa: PLC0415
+
+    tok_dir = tempfile.mkdtemp()
+    testing.write_tokenizer(tok_dir)
+    text = CLIPTextModel(CLIPTextConfig(**clip_cfg)).to(device, dtype).eval()
+    sched = diffusers.DPMSolverMultistepScheduler.from_config(
+        {**testing.SCHEDULER_SD15, "prediction_type": prediction})
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=testing.torch_tokenizer(tok_dir), unet=unet,
+        scheduler=sched, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def fn():
+      return pipe([""] * b, num_inference_steps=_STEPS.value, height=h, width=w,
+                  output_type="np").images
+
+  def sync_fn():
+    with torch.no_grad():
+      fn()
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  median = _timed(sync_fn, _REPEATS.value)
+  if device == "cuda":
+    peak = torch.cuda.max_memory_allocated()
+    kind = torch.cuda.get_device_name()
+  else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    kind = "cpu"
+  return dict(compile_s=0.0, median_s=median, flops=_FLOPS.value or 0.0, peak_bytes=peak,
+              device=kind, version=f"torch {torch.__version__}, diffusers {diffusers.__version__}")
+
+
+def main(argv):
+  del argv
+  result = bench_jax() if _BACKEND.value == "jax" else bench_torch()
+  h, w = _size()
+  result.update(arch=_ARCH.value, what=_WHAT.value, batch=_BATCH.value, height=h, width=w,
+                dtype=_DTYPE.value, backend=_BACKEND.value,
+                steps=_STEPS.value if _WHAT.value == "generate" else None)
+  if _WHAT.value == "generate":
+    result["images_per_s"] = _BATCH.value / result["median_s"]
+  if result["flops"]:
+    result["tflops_per_s"] = result["flops"] / result["median_s"] / 1e12
+    if _PEAK.value:
+      result["mfu"] = result["tflops_per_s"] / _PEAK.value
+  if _JSON.value:
+    print(json.dumps(result))
+    return
+  for key, value in result.items():
+    print(f"{key:>14}: {value:.4g}" if isinstance(value, float) else f"{key:>14}: {value}")
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
