@@ -13,23 +13,13 @@ import numpy as np
 import pytest
 from scheduler_harness import SHAPE, make_noises, parity_errors
 
+from sdjax import testing
 from sdjax.schedulers import SchedulerConfigError, get_scheduler
 from sdjax.schedulers.common import make_alphas_cumprod
 from sdjax.schedulers.ddpm import DDPMScheduler
 
 TOL = 1e-6
-SD15 = {
-  "_class_name": "PNDMScheduler",
-  "beta_end": 0.012,
-  "beta_schedule": "scaled_linear",
-  "beta_start": 0.00085,
-  "num_train_timesteps": 1000,
-  "set_alpha_to_one": False,
-  "skip_prk_steps": True,
-  "steps_offset": 1,
-  "trained_betas": None,
-  "clip_sample": False,
-}
+SD15 = dict(testing.SCHEDULER_SD15)  # Stable Diffusion 1.5's scheduler_config.json
 LINEAR = {
   "beta_schedule": "linear",
   "beta_start": 0.0001,

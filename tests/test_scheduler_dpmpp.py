@@ -21,21 +21,10 @@ from scheduler_harness import (
   sdjax_trajectory,
 )
 
+from sdjax import testing
 from sdjax.schedulers import SchedulerConfigError, default_scheduler_name, get_scheduler
 
-# Stable Diffusion 1.5's scheduler_config.json.
-SD15 = {
-  "_class_name": "PNDMScheduler",
-  "beta_end": 0.012,
-  "beta_schedule": "scaled_linear",
-  "beta_start": 0.00085,
-  "num_train_timesteps": 1000,
-  "set_alpha_to_one": False,
-  "skip_prk_steps": True,
-  "steps_offset": 1,
-  "trained_betas": None,
-  "clip_sample": False,
-}
+SD15 = dict(testing.SCHEDULER_SD15)  # Stable Diffusion 1.5's scheduler_config.json
 TOL = 1e-6
 # lower_order_final applies below 15 steps only.
 STEPS = (1, 4, 10, 14, 15, 20)
