@@ -26,9 +26,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None) -> None:
   """Joins a multi-host run: explicitly with a coordinator, or automatically on TPU pods."""
   if coordinator_address:
-    if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator_env():
-      # CPU processes need a collectives backend to form one mesh.
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU devices need a collectives backend to join one mesh; accelerators ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes=num_processes,
                                process_id=process_id)
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
@@ -36,10 +35,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if jax.process_count() > 1:
     logging.info("process %d of %d, %d local of %d devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
-
-
-def _has_accelerator_env() -> bool:
-  return bool(os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("TPU_NAME"))
 
 
 def make_mesh() -> Mesh:

@@ -167,7 +167,7 @@ def check_size(pipe, height: int, width: int) -> tuple[int, int]:
 
 
 def make_seeds(seed: int, n: int) -> np.ndarray:
-  if not 0 <= seed and seed + n <= 2**32:
+  if not (0 <= seed and seed + n <= 2**32):
     raise ValueError(f"seed must be in [0, 2**32 - {n}], got {seed}")
   return np.arange(seed, seed + n, dtype=np.uint32)
 

@@ -174,6 +174,7 @@ def test_default_size_and_bfloat16(pipes):
     ({"height": 10}, "height must be a positive multiple of"),
     ({"width": 0}, "width must be a positive multiple of"),
     ({"seed": -1}, "seed must be in"),
+    ({"seed": 2**32 - 1}, "seed must be in"),  # the second image's seed would not fit
     ({"latents": np.zeros((1, 4, 4, 4))}, "latents must have shape"),
     ({"negative_prompts": ["a", "b", "c"]}, "negative_prompts: got 3 entries"),
 ])
