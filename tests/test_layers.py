@@ -180,3 +180,25 @@ def test_chunked_attention_equals_plain():
   plain = attention.dot_product_attention(q, k, v, chunk_from=10**9)
   chunked = attention.dot_product_attention(q, k, v, chunk=16, chunk_from=64)
   assert_close(chunked, plain, tol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "xla", "cudnn"])
+@pytest.mark.parametrize("upcast", [False, True])
+def test_forced_attention_kernels_agree(kernel, upcast, monkeypatch):
+  """Every kernel SDJAX_ATTENTION can force computes the same attention (cudnn falls back to
+  XLA's where it can't run: float32 here)."""
+  from sdjax.models import attention
+
+  q, k, v = randn(2, 64, 4, 8), randn(2, 48, 4, 8, seed=1), randn(2, 48, 4, 8, seed=2)
+  plain = attention.dot_product_attention(q, k, v, upcast=upcast, chunk_from=10**9)
+  monkeypatch.setenv("SDJAX_ATTENTION", kernel)
+  got = attention.dot_product_attention(q, k, v, upcast=upcast, chunk=16)
+  assert_close(got, plain, tol=1e-6)
+
+
+def test_unknown_attention_kernel(monkeypatch):
+  from sdjax.models import attention
+
+  monkeypatch.setenv("SDJAX_ATTENTION", "flash9")
+  with pytest.raises(ValueError, match="flash9"):
+    attention.dot_product_attention(randn(1, 4, 1, 8), randn(1, 4, 1, 8), randn(1, 4, 1, 8))
