@@ -127,7 +127,8 @@ def _vocab_and_merges(words=TOKENIZER_WORDS):
   return {tok: i for i, tok in enumerate(vocab)}, merges
 
 
-def write_tokenizer(folder: str, words=TOKENIZER_WORDS, pad_token: str = "<|endoftext|>") -> None:
+def write_tokenizer(folder: str, words=TOKENIZER_WORDS, pad_token: str = "<|endoftext|>",
+                    max_length: int = 77) -> None:
   """Writes a CLIP tokenizer folder in the slow layout (vocab.json + merges.txt)."""
   os.makedirs(folder, exist_ok=True)
   vocab, merges = _vocab_and_merges(words)
@@ -137,7 +138,7 @@ def write_tokenizer(folder: str, words=TOKENIZER_WORDS, pad_token: str = "<|endo
     f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
   with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
     json.dump({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token,
         "do_lower_case": True,
     }, f)

@@ -1,0 +1,93 @@
+r"""Judges the built-in shapes model: generates canonical prompts and classifies the pixels.
+
+  python tools/eval_tiny.py                      # held-out prompts, generate()'s defaults
+  python tools/eval_tiny.py --split all --steps 20 --guidance_scale 4 --grid /tmp/grid.png
+
+Prints per-attribute rates (foreground color, background color, shape, position) and the rate
+of images with all four right. The classifier is `sdjax.shapes.classify` (pixel rules, no model).
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_MODEL = flags.DEFINE_string("model", None, "model folder (default: sdjax.BUILTIN_MODEL)")
+_SPLIT = flags.DEFINE_enum("split", "held_out", ["held_out", "trained", "all"],
+                           "which canonical prompts: held_out ones never appeared in training")
+_SEED = flags.DEFINE_integer("seed", 20261126, "image i uses seed + i (training used others)")
+_STEPS = flags.DEFINE_integer("steps", None, "denoising steps (default: generate()'s)")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "CFG scale (default: generate()'s)")
+_SCHEDULER = flags.DEFINE_string("scheduler", None, "scheduler (default: the model's)")
+_BATCH = flags.DEFINE_integer("batch", 64, "images per generate call")
+_LIMIT = flags.DEFINE_integer("limit", None, "only the first N prompts")
+_GRID = flags.DEFINE_string("grid", None, "also write the first 64 images as a PNG grid")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON line")
+_CARD = flags.DEFINE_bool("card", False, "also record the result in the model folder's README.md "
+                          "(its Evaluation section lists one line per distinct setting)")
+
+
+def _write_grid(path, images, columns=8):
+  import numpy as np  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+
+  images = np.asarray(images)
+  rows = -(-len(images) // columns)
+  pad = np.zeros((rows * columns - len(images), *images.shape[1:]), images.dtype)
+  cells = np.concatenate([images, pad]).reshape(rows, columns, *images.shape[1:])
+  sheet = cells.transpose(0, 2, 1, 3, 4).reshape(rows * images.shape[1], -1, 3)  # rows*H, cols*W, 3
+  Image.fromarray((sheet * 255).round().astype(np.uint8)).save(path)
+
+
+def _record(folder, result):
+  """Adds (or replaces) this setting's line under the card's "## Evaluation" heading."""
+  path = os.path.join(folder, "README.md")
+  text = open(path, encoding="utf-8").read()
+  head, _, tail = text.partition("## Evaluation\n")
+  lines = [x for x in tail.strip().splitlines() if x.startswith("| ")]
+  setting = (f"| {result['split']} | {result['prompts']} | {result['seed']} | "
+             f"{result.get('steps', 'default')} | {result.get('guidance_scale', 'default')} | "
+             f"{result.get('scheduler', 'default')} |")
+  row = setting + "".join(f" {result[k]:.3f} |" for k in ("color", "background", "shape",
+                                                            "position", "all"))
+  rows = [x for x in lines[2:] if not x.startswith(setting)] + [row]
+  body = ["Canonical prompts, one image each (image i seeded `seed + i`), judged by "
+          "`sdjax.shapes.classify`; command: `python tools/eval_tiny.py --split SPLIT [--steps N "
+          "--guidance_scale G]`. Held-out prompts never appeared in training.", "",
+          "| split | prompts | seed | steps | guidance | scheduler | color | background | shape "
+          "| position | all four |", "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(head + "## Evaluation\n\n" + "\n".join(body))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import sdjax  # noqa: PLC0415
+  from sdjax import shapes  # noqa: PLC0415
+
+  pipe = sdjax.load_pipeline(_MODEL.value)
+  prompts = shapes.canonical_prompts(_SPLIT.value)[:_LIMIT.value]
+  kwargs = {k: v for k, v in (("steps", _STEPS.value), ("guidance_scale", _GUIDANCE.value),
+                              ("scheduler", _SCHEDULER.value)) if v is not None}
+  start = time.time()
+  rates, images = shapes.evaluate(pipe, prompts, seed=_SEED.value, batch=_BATCH.value, **kwargs)
+  result = {"split": _SPLIT.value, "prompts": len(prompts), "seed": _SEED.value, **kwargs,
+            **rates, "seconds": round(time.time() - start, 1)}
+  if _GRID.value:
+    _write_grid(_GRID.value, images[:64])
+  if _CARD.value:
+    _record(_MODEL.value or sdjax.BUILTIN_MODEL, result)
+  if _JSON.value:
+    print(json.dumps(result))
+  else:
+    for k, v in result.items():
+      print(f"{k:>15}: {v:.3f}" if isinstance(v, float) else f"{k:>15}: {v}")
+
+
+if __name__ == "__main__":
+  app.run(main)
