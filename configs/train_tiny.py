@@ -59,10 +59,14 @@ def get_config(arg: str = ""):
   }
   c.vae = _stage(steps=1000, batch=16, lr=2e-3, warmup=50, ema_decay=0.0)
   c.vae.kl_weight = 1e-5
-  c.diffusion = _stage(steps=2500, batch=64, lr=1e-3, warmup=200, ema_decay=0.999)
+  # Then sharper outlines: a small shape's pixels weigh as much as the flat background.
+  c.vae_sharpen = _stage(steps=500, batch=16, lr=1e-3, warmup=20, ema_decay=0.0)
+  c.vae_sharpen.kl_weight = 1e-5
+  c.vae_sharpen.foreground_weight = 10.0
+  c.diffusion = _stage(steps=1500, batch=64, lr=1e-3, warmup=200, ema_decay=0.999)
   c.caption_mix = {"empty": 0.1, "no_position": 0.1, "no_background": 0.1, "neither": 0.1}
   if arg == "smoke":  # a few steps of each stage: tests and quick checks
-    for stage in (c.vae, c.diffusion):
+    for stage in (c.vae, c.vae_sharpen, c.diffusion):
       stage.steps, stage.batch_size, stage.warmup_steps = 4, 8, 1
       stage.checkpoint_every, stage.log_every = 2, 1
   elif arg:

@@ -179,8 +179,9 @@ def classify(image: np.ndarray) -> dict[str, str | None]:
   Pixel-level and independent of any model: the background is the commonest palette color on
   the border, the shape's color the commonest other palette color among pixels far from the
   background, the shape's mask the pixels nearer that color than the background; position is
-  the anchor nearest the mask's bounding-box centre (within 8 px), and shape follows from how
-  much of its bounding box the mask fills (square 1, circle pi/4, triangle 1/2).
+  the anchor nearest the mask's bounding-box centre (within 8 px), and the shape is the ideal
+  circle, square or triangle drawn in that box that overlaps the mask best (intersection over
+  union), which tolerates soft or slightly rounded outlines.
   """
   img = np.asarray(image, np.float32) * 255.0
   dist = np.linalg.norm(img[..., None, :] - _PALETTE, axis=-1)  # H, W, 8
@@ -203,16 +204,23 @@ def classify(image: np.ndarray) -> dict[str, str | None]:
   d = np.linalg.norm(_ANCHORS - centre, axis=-1)
   if d.min() <= 8.0:
     out["position"] = POSITION_NAMES[int(d.argmin())]
-  fill = mask.sum() / ((bottom - top) * (right - left))
-  half = (bottom - top) // 2  # an odd middle row counts for neither half
-  upper, lower = mask[top:top + half].sum(), mask[bottom - half:bottom].sum()
-  if fill > 0.9:
-    out["shape"] = "square"
-  elif fill > 0.65 and 0.8 < upper / max(lower, 1) < 1.25:
-    out["shape"] = "circle"
-  elif fill < 0.62 and upper < 0.6 * lower:
-    out["shape"] = "triangle"
+  out["shape"] = _nearest_template(mask, top, bottom, left, right)
   return out
+
+
+def _nearest_template(mask, top, bottom, left, right) -> str:
+  """The shape whose ideal outline, drawn in the mask's bounding box, overlaps it best (IoU)."""
+  ys, xs = np.mgrid[0:mask.shape[0], 0:mask.shape[1]] + 0.5  # pixel centres
+  cx, cy = (left + right) / 2, (top + bottom) / 2
+  hx, hy = (right - left) / 2, (bottom - top) / 2
+  inside = (xs >= left) & (xs <= right) & (ys >= top) & (ys <= bottom)
+  templates = {
+      "circle": ((xs - cx) / hx) ** 2 + ((ys - cy) / hy) ** 2 <= 1.0,
+      "square": inside,
+      "triangle": inside & (np.abs(xs - cx) <= hx * (ys - top) / (2 * hy)),
+  }
+  iou = {k: (mask & t).sum() / max((mask | t).sum(), 1) for k, t in templates.items()}
+  return max(iou, key=iou.get)
 
 
 def score(images: np.ndarray, attrs: list[dict[str, str]]) -> dict[str, float]:

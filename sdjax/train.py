@@ -156,11 +156,15 @@ def _log_metrics(workdir, step, loss, metrics, seconds) -> None:
 
 
 # -- Stable Diffusion's two losses -----------------------------------------------------------------
-def vae_loss(vae, make_images, batch: int, kl_weight: float, mesh: Mesh) -> LossFn:
+def vae_loss(vae, make_images, batch: int, kl_weight: float, mesh: Mesh,
+             foreground_weight: float = 0.0) -> LossFn:
   """Stage 1: per-pixel L1 + L2 reconstruction of a posterior sample, plus a weighted KL.
 
   The KL is normalised per pixel value like the reconstruction, so `kl_weight` compares the two
-  directly (Stable Diffusion's VAE used 1e-6 against a summed reconstruction loss).
+  directly (Stable Diffusion's VAE used 1e-6 against a summed reconstruction loss). With
+  `foreground_weight` > 0, pixels that differ from the image's corner (the background, in the
+  shapes data) weigh 1 + foreground_weight: a small shape's outline otherwise counts for little
+  against a large flat background.
   """
 
   def loss_fn(params, frozen, key):
@@ -169,7 +173,10 @@ def vae_loss(vae, make_images, batch: int, kl_weight: float, mesh: Mesh) -> Loss
     x = shard_rows(make_images(data_key, batch), mesh)  # B, H, W, 3
     recon, posterior = vae.apply({"params": params}, x, sample_key)
     err = recon.astype(jnp.float32) - x
-    l1, l2 = jnp.abs(err).mean(), jnp.square(err).mean()
+    foreground = jnp.abs(x - x[:, :1, :1, :]).max(-1, keepdims=True) > 0.02  # B, H, W, 1
+    w = 1.0 + foreground_weight * foreground
+    w = w / w.mean()
+    l1, l2 = (w * jnp.abs(err)).mean(), (w * jnp.square(err)).mean()
     kl = posterior.kl().mean() / np.prod(x.shape[1:])
     return l1 + l2 + kl_weight * kl, {"l1": l1, "kl": kl}
 

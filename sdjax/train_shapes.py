@@ -66,11 +66,17 @@ def _render_batch(key, n):
   return shapes.render(shapes.sample_attributes(key, n))
 
 
-def train_vae(pipe, cfg, workdir: str, mesh):
-  loss_fn = train.vae_loss(pipe.vae, _render_batch, cfg.batch_size, cfg.kl_weight, mesh)
-  state, losses = train.fit(loss_fn, pipe.params["vae"], None, cfg, os.path.join(workdir, "vae"),
-                            mesh=mesh, desc="vae")
-  return state.params, losses
+def train_vae(pipe, config, workdir: str, mesh):
+  """Stage 1 in two parts: plain reconstruction, then with the shapes' pixels weighted up."""
+  params, losses = pipe.params["vae"], []
+  for name in ("vae", "vae_sharpen"):
+    cfg = config[name]
+    loss_fn = train.vae_loss(pipe.vae, _render_batch, cfg.batch_size, cfg.kl_weight, mesh,
+                             cfg.get("foreground_weight", 0.0))
+    state, part = train.fit(loss_fn, params, None, cfg, os.path.join(workdir, name), mesh=mesh,
+                            desc=name)
+    params, losses = state.params, losses + part
+  return params, losses
 
 
 def train_diffusion(pipe, cfg, mix: shapes.CaptionMix, workdir: str, mesh):
@@ -89,7 +95,7 @@ def run(config, workdir: str, output: str | None) -> pipeline_lib.Pipeline:
   t0 = time.time()
   mesh = parallel.make_mesh()
   pipe = build(config, workdir)
-  vae_params, vae_losses = train_vae(pipe, config.vae, workdir, mesh)
+  vae_params, vae_losses = train_vae(pipe, config, workdir, mesh)
   scaling = train.latent_scaling_factor(pipe.vae, vae_params, _render_batch(jax.random.key(1), 256),
                                         jax.random.key(2))
   logging.info("vae done: scaling factor %.4f", scaling)
@@ -99,7 +105,8 @@ def run(config, workdir: str, output: str | None) -> pipeline_lib.Pipeline:
   pipe = build(config, workdir, {**pipe.params, **trained}, scaling)
   seconds = time.time() - t0
   summary = {
-      "vae_steps": config.vae.steps, "diffusion_steps": config.diffusion.steps,
+      "vae_steps": config.vae.steps + config.vae_sharpen.steps,
+      "diffusion_steps": config.diffusion.steps,
       "vae_final_loss": _tail_mean(vae_losses), "diffusion_final_loss": _tail_mean(diff_losses),
       "train_seconds_this_run": round(seconds, 1), "scaling_factor": scaling,
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -135,7 +142,9 @@ def write_model_card(folder: str, config, summary: dict, pipe) -> None:
       "```bash", "python tools/train_tiny.py --workdir /tmp/shapes_train "
       "--output sdjax/builtin/shapes", "```", "",
       f"- stage 1, VAE: {config.vae.steps} steps of batch {config.vae.batch_size}, AdamW, "
-      f"L1 + L2 reconstruction + KL (weight {config.vae.kl_weight}); final loss "
+      f"L1 + L2 reconstruction + KL (weight {config.vae.kl_weight}), then "
+      f"{config.vae_sharpen.steps} more with the shape's pixels weighted "
+      f"{1 + config.vae_sharpen.foreground_weight:g}x; final loss "
       f"{summary['vae_final_loss']:.4f}",
       f"- stage 2, UNet + text encoder on the frozen VAE's latents: {config.diffusion.steps} "
       f"steps of batch {config.diffusion.batch_size}, noise prediction (MSE), EMA "

@@ -73,7 +73,7 @@ def _tiny_config():
       "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                        "num_attention_heads": 4, "max_position_embeddings": 16},
   }
-  c.vae.steps = c.diffusion.steps = 3
+  c.vae.steps = c.vae_sharpen.steps = c.diffusion.steps = 3
   return c
 
 
@@ -81,7 +81,7 @@ def test_two_stage_recipe_exports_a_loadable_model(tmp_path):
   out = tmp_path / "model"
   train_shapes.run(_tiny_config(), str(tmp_path / "work"), str(out))
   summary = json.load(open(tmp_path / "work" / "summary.json"))
-  assert summary["vae_steps"] == summary["diffusion_steps"] == 3
+  assert summary["vae_steps"] == 6 and summary["diffusion_steps"] == 3
   assert np.isfinite(summary["diffusion_final_loss"]) and summary["scaling_factor"] > 0
   pipe = pipeline.load_pipeline(str(out))
   assert pipe.vae.config.scaling_factor == pytest.approx(summary["scaling_factor"])
