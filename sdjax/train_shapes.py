@@ -25,6 +25,7 @@ from sdjax.models.unet import UNetConfig
 from sdjax.models.vae import VAEConfig
 
 # The caption grammar's words, each one BPE token.
+STAGES = ("vae", "vae_sharpen", "diffusion")
 VOCABULARY = ("a in the on background " + " ".join(shapes.COLOR_NAMES) + " " +
               " ".join(shapes.SHAPES) + " center top bottom left right").split()
 
@@ -68,15 +69,15 @@ def _render_batch(key, n):
 
 def train_vae(pipe, config, workdir: str, mesh):
   """Stage 1 in two parts: plain reconstruction, then with the shapes' pixels weighted up."""
-  params, losses = pipe.params["vae"], []
-  for name in ("vae", "vae_sharpen"):
+  params = pipe.params["vae"]
+  for name in STAGES[:2]:
     cfg = config[name]
     loss_fn = train.vae_loss(pipe.vae, _render_batch, cfg.batch_size, cfg.kl_weight, mesh,
                              cfg.get("foreground_weight", 0.0))
-    state, part = train.fit(loss_fn, params, None, cfg, os.path.join(workdir, name), mesh=mesh,
-                            desc=name)
-    params, losses = state.params, losses + part
-  return params, losses
+    state, _ = train.fit(loss_fn, params, None, cfg, os.path.join(workdir, name), mesh=mesh,
+                         desc=name)
+    params = state.params
+  return params
 
 
 def train_diffusion(pipe, cfg, mix: shapes.CaptionMix, workdir: str, mesh):
@@ -84,9 +85,9 @@ def train_diffusion(pipe, cfg, mix: shapes.CaptionMix, workdir: str, mesh):
   loss_fn = train.diffusion_loss(pipe.unet, pipe.text_encoder, pipe.vae,
                                  make_batch_fn(pipe, mix), cfg.batch_size, pipe.scheduler_config, mesh)
   params = {"unet": pipe.params["unet"], "text_encoder": pipe.params["text_encoder"]}
-  state, losses = train.fit(loss_fn, params, pipe.params["vae"], cfg,
-                            os.path.join(workdir, "diffusion"), mesh=mesh, desc="diffusion")
-  return (state.ema if state.ema is not None else state.params), losses
+  state, _ = train.fit(loss_fn, params, pipe.params["vae"], cfg,
+                       os.path.join(workdir, "diffusion"), mesh=mesh, desc="diffusion")
+  return state.ema if state.ema is not None else state.params
 
 
 def run(config, workdir: str, output: str | None) -> pipeline_lib.Pipeline:
@@ -95,19 +96,22 @@ def run(config, workdir: str, output: str | None) -> pipeline_lib.Pipeline:
   t0 = time.time()
   mesh = parallel.make_mesh()
   pipe = build(config, workdir)
-  vae_params, vae_losses = train_vae(pipe, config, workdir, mesh)
+  vae_params = train_vae(pipe, config, workdir, mesh)
   scaling = train.latent_scaling_factor(pipe.vae, vae_params, _render_batch(jax.random.key(1), 256),
                                         jax.random.key(2))
   logging.info("vae done: scaling factor %.4f", scaling)
   pipe = build(config, workdir, {**pipe.params, "vae": vae_params}, scaling)
   mix = shapes.CaptionMix(**config.caption_mix)
-  trained, diff_losses = train_diffusion(pipe, config.diffusion, mix, workdir, mesh)
+  trained = train_diffusion(pipe, config.diffusion, mix, workdir, mesh)
   pipe = build(config, workdir, {**pipe.params, **trained}, scaling)
   seconds = time.time() - t0
   summary = {
       "vae_steps": config.vae.steps + config.vae_sharpen.steps,
       "diffusion_steps": config.diffusion.steps,
-      "vae_final_loss": _tail_mean(vae_losses), "diffusion_final_loss": _tail_mean(diff_losses),
+      "vae_final_loss": _last_logged(workdir, "vae_sharpen").get("loss"),
+      "diffusion_final_loss": _last_logged(workdir, "diffusion").get("loss"),
+      # Each stage's loop time as logged by the call that finished it, compile included.
+      "stage_seconds": {k: _last_logged(workdir, k).get("seconds") for k in STAGES},
       "train_seconds_this_run": round(seconds, 1), "scaling_factor": scaling,
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -153,14 +157,21 @@ def write_model_card(folder: str, config, summary: dict, pipe) -> None:
       "- captions: canonical, 10% each without position, without background, without both, "
       "and empty (the unconditional branch); about one attribute combination in ten "
       "(`sdjax.shapes.held_out`) never shown",
-      f"- wall time {summary['train_seconds_this_run'] / 60:.1f} min on {summary['host']} "
-      f"({summary['devices']}), jax {jax.__version__}", "",
+      "- wall time per stage (loop and compile, minutes): " + ", ".join(
+          f"{k} {v / 60:.1f}" for k, v in summary["stage_seconds"].items() if v) +
+      f"; on {summary['host']} ({summary['devices']}), jax {jax.__version__}", "",
       "## Evaluation", "", "Not evaluated yet: run `python tools/eval_tiny.py --card`.", "",
   ]
   with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
 
 
-def _tail_mean(losses, n=100):
-  return float(np.mean(losses[-n:])) if losses else None
+def _last_logged(workdir: str, stage: str) -> dict:
+  """The last metrics line a stage logged (also when this run resumed it with nothing to do)."""
+  path = os.path.join(workdir, stage, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  return json.loads(lines[-1]) if lines else {}
 

@@ -54,7 +54,7 @@ def _record(folder, result):
              f"{result.get('scheduler', 'default')} |")
   row = setting + "".join(f" {result[k]:.3f} |" for k in ("color", "background", "shape",
                                                             "position", "all"))
-  rows = [x for x in lines[2:] if not x.startswith(setting)] + [row]
+  rows = [x for x in lines[1:] if not x.startswith(setting)] + [row]  # [0] is the header
   body = ["Canonical prompts, one image each (image i seeded `seed + i`), judged by "
           "`sdjax.shapes.classify`; command: `python tools/eval_tiny.py --split SPLIT [--steps N "
           "--guidance_scale G]`. Held-out prompts never appeared in training.", "",

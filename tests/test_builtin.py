@@ -1,0 +1,75 @@
+"""The shipped built-in model: it follows prompts, and diffusers reads the folder the same way."""
+
+import json
+import os
+import subprocess
+import sys
+
+import diffusers
+import numpy as np
+import pytest
+from parity import nchw
+from PIL import Image
+
+import sdjax
+from sdjax import shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+  return sdjax.load_pipeline()  # no source: sdjax.BUILTIN_MODEL
+
+
+def test_shipped_folder():
+  folder = sdjax.BUILTIN_MODEL
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+  assert size <= 25 * 10**6, size
+  index = json.load(open(os.path.join(folder, "model_index.json")))
+  assert index["_class_name"] == "StableDiffusionPipeline"
+  card = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+  assert "## Training" in card and "| held_out |" in card
+
+
+def test_held_out_prompts(pipe):
+  """Prompts training never showed, fresh seeds, main.py's preset (20 steps, guidance 4).
+
+  The shipped model is undertrained (see its card): it gets the shape's color right about 63% of
+  the time and the rest near chance, so this guards only that level; issue 5's target is 95% of
+  all four attributes.
+  """
+  prompts = shapes.canonical_prompts("held_out")
+  rates, images = shapes.evaluate(pipe, prompts, seed=4242, batch=len(prompts), steps=20,
+                                  guidance_scale=4.0)
+  assert images.shape == (len(prompts), 64, 64, 3)
+  assert rates["color"] >= 0.5, rates
+
+
+def test_diffusers_loads_it_and_matches(pipe):
+  ref = diffusers.StableDiffusionPipeline.from_pretrained(sdjax.BUILTIN_MODEL, safety_checker=None)
+  ref.set_progress_bar_config(disable=True)
+  assert type(ref.scheduler).__name__ == "DPMSolverMultistepScheduler"
+  prompts = ["a red circle in the center on a blue background", "a black square"]
+  latents = np.random.default_rng(5).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  expected = ref(prompts, num_inference_steps=20, guidance_scale=4.0, latents=nchw(latents),
+                 output_type="np").images
+  ours = pipe.generate(prompts, steps=20, guidance_scale=4.0, latents=latents)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\nbuilt-in model vs diffusers: {err:.2e}")
+  assert err <= 1e-5
+
+
+def test_main_py_defaults_to_it(tmp_path):
+  """`python main.py --prompt ...` with no --model: the built-in model and its preset."""
+  out = tmp_path / "out"
+  prompt = "a red circle in the center on a blue background"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--prompt", prompt,
+                         "--output_dir", str(out), "--compilation_cache", str(tmp_path / "c")],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  files = [f for f in os.listdir(out) if f.endswith(".png") and f != "grid.png"]
+  assert len(files) == 1
+  image = Image.open(out / files[0])
+  assert image.size == (64, 64) and prompt in image.info["parameters"]
