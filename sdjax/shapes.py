@@ -251,3 +251,25 @@ def evaluate(pipe, prompts: list[tuple[str, dict[str, str]]], *, seed: int, batc
     images.append(out[:len(chunk)])
   images = np.concatenate(images)
   return score(images, [a for _, a in prompts]), images
+
+
+def evaluate_reconstruction(pipe, n: int, *, seed: int, batch: int = 64) -> dict[str, float]:
+  """Scores the VAE alone: `n` random images (all attribute combinations) through encode (the
+  posterior mean) and decode. The diffusion model can only be as right as this."""
+  vae = pipe.vae
+
+  @jax.jit
+  def roundtrip(params, key):
+    attrs = sample_attributes(key, batch)
+    z = vae.apply({"params": params}, render(attrs), method=vae.encode).mean
+    return vae.apply({"params": params}, z, method=vae.decode), attrs
+
+  images, wanted = [], []
+  for i in range(-(-n // batch)):
+    out, attrs = roundtrip(pipe.params["vae"], jax.random.fold_in(jax.random.key(seed), i))
+    images.append(np.clip((np.asarray(out, np.float32) + 1) / 2, 0, 1))
+    idx = {k: np.asarray(attrs[k]) for k in ("color", "background", "shape", "position")}
+    wanted += [{"color": COLOR_NAMES[idx["color"][j]], "background": COLOR_NAMES[idx["background"][j]],
+                "shape": SHAPES[idx["shape"][j]], "position": POSITION_NAMES[idx["position"][j]]}
+               for j in range(batch)]
+  return score(np.concatenate(images)[:n], wanted[:n])

@@ -109,20 +109,38 @@ def _bytes_to_unicode() -> dict[int, str]:
   return dict(zip(printable, map(chr, chars), strict=True))
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+  """CLIP's BPE: merge the best-ranked adjacent pair until none of the merges applies."""
+  while len(symbols) > 1:
+    pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(zip(symbols[:-1], symbols[1:], strict=True))]
+    rank, i = min(pairs)
+    if rank == len(ranks):
+      break
+    symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+  return symbols
+
+
 def _vocab_and_merges(words=TOKENIZER_WORDS):
+  """A byte-level BPE vocabulary in which every word of `words` is one token.
+
+  Each word is first split by the merges so far (as the tokenizer will), then its pieces are
+  joined left to right by new merges. New merges rank after the old ones, so the words before
+  keep their single token: a word whose letters an earlier word's merge claims ("re" of "red"
+  inside "green") still ends as one token.
+  """
   base = list(_bytes_to_unicode().values())
   vocab = base + [c + "</w>" for c in base]
-  merges = []
+  merges, ranks = [], {}
   for word in words:
-    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    symbols = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
     while len(symbols) > 1:
       pair = (symbols[0], symbols[1])
-      merged = pair[0] + pair[1]
-      if pair not in merges:
+      ranks.setdefault(pair, len(merges))
+      if len(ranks) > len(merges):
         merges.append(pair)
-      if merged not in vocab:
-        vocab.append(merged)
-      symbols = [merged] + symbols[2:]
+      if pair[0] + pair[1] not in vocab:
+        vocab.append(pair[0] + pair[1])
+      symbols = _bpe([pair[0] + pair[1]] + symbols[2:], ranks)
   vocab += ["<|startoftext|>", "<|endoftext|>"]
   return {tok: i for i, tok in enumerate(vocab)}, merges
 

@@ -98,13 +98,17 @@ def _checkpoint_manager(workdir: str, every: int) -> ocp.CheckpointManager:
 
 
 def fit(loss_fn: LossFn, params, frozen, cfg, workdir: str, *, mesh: Mesh | None = None,
-        desc: str = "train", stop_at: int | None = None) -> tuple[TrainState, list[float]]:
+        desc: str = "train", stop_at: int | None = None,
+        deadline: float | None = None) -> tuple[TrainState, list[float]]:
   """Trains `params` for `cfg.steps` steps, resuming from the newest checkpoint in `workdir`.
 
   `cfg` holds the optimizer's fields (see `make_optimizer`) and seed, ema_decay,
   checkpoint_every, log_every. `stop_at` ends this call after that step with a checkpoint (a
-  long run split into sessions); Ctrl-C also checkpoints before it stops. Returns the state and
-  the loss of every step this call ran (`workdir/metrics.jsonl` gets one line per logged step).
+  long run split into sessions); so does passing `deadline` (a `time.time()` value), checked at
+  each logged step; Ctrl-C also checkpoints before it stops. Returns the state and the loss of
+  every step this call ran (`workdir/metrics.jsonl` gets one line per logged step).
+
+  The host reads the loss only at logged steps, so the device runs ahead of Python in between.
   """
   mesh = mesh or parallel.make_mesh()
   optimizer = make_optimizer(cfg)
@@ -118,23 +122,28 @@ def fit(loss_fn: LossFn, params, frozen, cfg, workdir: str, *, mesh: Mesh | None
     logging.info("%s: resumed at step %d from %s", desc, start, workdir)
   step_fn = make_train_step(loss_fn, optimizer, mesh, cfg.ema_decay, cfg.seed)
   end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-  losses, window, t0 = [], [], time.time()
+  losses, pending, t0 = [], [], time.time()
   try:
     with tqdm(total=cfg.steps, initial=int(state.step), desc=desc, dynamic_ncols=True) as bar:
-      for _ in range(int(state.step), end):
+      for step in range(int(state.step) + 1, end + 1):
         state, metrics = step_fn(state, frozen)
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"{desc}: loss is {loss} at step {int(state.step)}")
-        losses.append(loss)
-        window.append(loss)
-        step = int(state.step)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == end:
+        pending.append(metrics["loss"])
+        last = step == end or (deadline is not None and step % cfg.log_every == 0
+                               and time.time() > deadline)
+        if step % cfg.log_every == 0 or last:
+          window = [float(x) for x in pending]  # waits for the device
+          pending = []
+          if not np.all(np.isfinite(window)):
+            raise FloatingPointError(f"{desc}: loss is {window[-1]} by step {step}")
+          losses += window
+          bar.update(len(window))
           bar.set_postfix(loss=f"{np.mean(window):.4f}")
           _log_metrics(workdir, step, np.mean(window), metrics, time.time() - t0)
-          window = []
-        manager.save(step, args=ocp.args.StandardSave(state), force=step == end)
+        manager.save(step, args=ocp.args.StandardSave(state), force=last)
+        if last:
+          if step < end:
+            logging.warning("%s: out of time, stopped at step %d of %d", desc, step, cfg.steps)
+          break
   except KeyboardInterrupt:
     try:  # the state is gone if the interrupt came while a step held its donated buffers
       if manager.latest_step() != int(state.step):

@@ -26,6 +26,7 @@ from sdjax.models.vae import VAEConfig
 
 # The caption grammar's words, each one BPE token.
 STAGES = ("vae", "vae_sharpen", "diffusion")
+SUMMARY = "sdjax_training.json"  # written beside the exported model: what trained it
 VOCABULARY = ("a in the on background " + " ".join(shapes.COLOR_NAMES) + " " +
               " ".join(shapes.SHAPES) + " center top bottom left right").split()
 
@@ -80,21 +81,34 @@ def train_vae(pipe, config, workdir: str, mesh):
   return params
 
 
-def train_diffusion(pipe, cfg, mix: shapes.CaptionMix, workdir: str, mesh):
-  """Returns the EMA params {"unet", "text_encoder"} (the raw ones when EMA is off)."""
+def train_diffusion(pipe, cfg, mix: shapes.CaptionMix, workdir: str, mesh,
+                    deadline: float | None = None, stage: str = "diffusion"):
+  """Returns the EMA params {"unet", "text_encoder"} (the raw ones when EMA is off) and the
+  number of steps trained (fewer than `cfg.steps` when `deadline` stopped it)."""
   loss_fn = train.diffusion_loss(pipe.unet, pipe.text_encoder, pipe.vae,
                                  make_batch_fn(pipe, mix), cfg.batch_size, pipe.scheduler_config, mesh)
   params = {"unet": pipe.params["unet"], "text_encoder": pipe.params["text_encoder"]}
   state, _ = train.fit(loss_fn, params, pipe.params["vae"], cfg,
-                       os.path.join(workdir, "diffusion"), mesh=mesh, desc="diffusion")
-  return state.ema if state.ema is not None else state.params
+                       os.path.join(workdir, stage), mesh=mesh, desc=stage,
+                       stop_at=cfg.get("stop_at"), deadline=deadline)
+  return (state.ema if state.ema is not None else state.params), int(state.step)
 
 
-def run(config, workdir: str, output: str | None) -> pipeline_lib.Pipeline:
-  """Both stages, then (when `output` is set) the exported folder with its model card."""
+def run(config, workdir: str, output: str | None, max_seconds: float | None = None,
+        init_from: str | None = None) -> pipeline_lib.Pipeline:
+  """Both stages, then (when `output` is set) the exported folder with its model card.
+
+  With `max_seconds`, the diffusion stage stops early (checkpointed, resumable) once this run
+  has taken that long, and what it has learned so far is exported. With `init_from` (a folder
+  this function exported), only `config.finetune` runs: the UNet and text encoder go on
+  training from that model, under this config's tokenizer (see `retokenize`).
+  """
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
+  deadline = None if max_seconds is None else t0 + max_seconds
   mesh = parallel.make_mesh()
+  if init_from:
+    return _finetune(config, workdir, output, init_from, mesh, deadline, t0)
   pipe = build(config, workdir)
   vae_params = train_vae(pipe, config, workdir, mesh)
   scaling = train.latent_scaling_factor(pipe.vae, vae_params, _render_batch(jax.random.key(1), 256),
@@ -102,25 +116,73 @@ def run(config, workdir: str, output: str | None) -> pipeline_lib.Pipeline:
   logging.info("vae done: scaling factor %.4f", scaling)
   pipe = build(config, workdir, {**pipe.params, "vae": vae_params}, scaling)
   mix = shapes.CaptionMix(**config.caption_mix)
-  trained = train_diffusion(pipe, config.diffusion, mix, workdir, mesh)
+  trained, diffusion_steps = train_diffusion(pipe, config.diffusion, mix, workdir, mesh,
+                                             deadline)
   pipe = build(config, workdir, {**pipe.params, **trained}, scaling)
   seconds = time.time() - t0
   summary = {
       "vae_steps": config.vae.steps + config.vae_sharpen.steps,
-      "diffusion_steps": config.diffusion.steps,
+      "diffusion_steps": diffusion_steps,
       "vae_final_loss": _last_logged(workdir, "vae_sharpen").get("loss"),
       "diffusion_final_loss": _last_logged(workdir, "diffusion").get("loss"),
-      # Each stage's loop time as logged by the call that finished it, compile included.
-      "stage_seconds": {k: _last_logged(workdir, k).get("seconds") for k in STAGES},
+      # Each stage's loop time over every call that ran it, compile included.
+      "stage_seconds": {k: stage_seconds(workdir, k) for k in STAGES},
       "train_seconds_this_run": round(seconds, 1), "scaling_factor": scaling,
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-      "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
+      "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "jax": jax.__version__,
   }
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  _export(pipe, config, summary, workdir, output)
+  return pipe
+
+
+def _export(pipe, config, summary: dict, workdir: str, output: str | None) -> None:
+  for folder in (workdir, output):
+    if folder:
+      os.makedirs(folder, exist_ok=True)
+      with open(os.path.join(folder, SUMMARY), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
   if output:
     pipe.save_pretrained(output)
     write_model_card(output, config, summary, pipe)
+
+
+def retokenize(text_params, old_tokenizer, new_tokenizer):
+  """The text encoder's params for `new_tokenizer`: a token both vocabularies hold keeps its
+  embedding; a new one starts as the mean embedding of the pieces the old tokenizer cut it into."""
+  table = np.asarray(text_params["embeddings"]["token_embedding"]["embedding"])
+  old_vocab = old_tokenizer.get_vocab()
+  rows = []
+  for token, _ in sorted(new_tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+    if token in old_vocab:
+      rows.append(table[old_vocab[token]])
+    else:
+      pieces = old_tokenizer(token.removesuffix("</w>"), add_special_tokens=False).input_ids
+      rows.append(table[pieces].mean(0))
+  embeddings = {**text_params["embeddings"], "token_embedding": {"embedding": jnp.asarray(
+      np.stack(rows))}}
+  return {**text_params, "embeddings": embeddings}
+
+
+def _finetune(config, workdir, output, init_from, mesh, deadline, t0):
+  start = pipeline_lib.load_pipeline(init_from)
+  with open(os.path.join(init_from, SUMMARY), encoding="utf-8") as f:
+    summary = json.load(f)
+  scaling = start.vae.config.scaling_factor
+  tokenizer = make_tokenizer(os.path.join(workdir, "tokenizer"), config.max_length)
+  params = {**start.params,
+            "text_encoder": retokenize(start.params["text_encoder"], start.tokenizer, tokenizer)}
+  pipe = build(config, workdir, params, scaling)
+  mix = shapes.CaptionMix(**config.caption_mix)
+  trained, steps = train_diffusion(pipe, config.finetune, mix, workdir, mesh, deadline,
+                                   stage="finetune")
+  pipe = build(config, workdir, {**pipe.params, **trained}, scaling)
+  summary.update({
+      "finetune_steps": steps, "finetune_final_loss": _last_logged(workdir, "finetune")["loss"],
+      "finetune_seconds": stage_seconds(workdir, "finetune"),
+      "finetune_host": f"{platform.machine()}, {os.cpu_count()} CPUs "
+                       f"({jax.device_count()} x {jax.devices()[0].device_kind})",
+      "train_seconds_this_run": round(time.time() - t0, 1)})
+  _export(pipe, config, summary, workdir, output)
   return pipe
 
 
@@ -143,15 +205,15 @@ def write_model_card(folder: str, config, summary: dict, pipe) -> None:
       f"- VAE: 64x64x3 -> 8x8x4 latents, scaling factor {summary['scaling_factor']:.5f}",
       f"- text: {config.max_length} tokens, a CLIP BPE vocabulary of the grammar's words", "",
       "## Training", "",
-      "```bash", "python tools/train_tiny.py --workdir /tmp/shapes_train "
-      "--output sdjax/builtin/shapes", "```", "",
+      "```bash", *_commands(summary), "```", "",
       f"- stage 1, VAE: {config.vae.steps} steps of batch {config.vae.batch_size}, AdamW, "
       f"L1 + L2 reconstruction + KL (weight {config.vae.kl_weight}), then "
       f"{config.vae_sharpen.steps} more with the shape's pixels weighted "
       f"{1 + config.vae_sharpen.foreground_weight:g}x; final loss "
       f"{summary['vae_final_loss']:.4f}",
-      f"- stage 2, UNet + text encoder on the frozen VAE's latents: {config.diffusion.steps} "
-      f"steps of batch {config.diffusion.batch_size}, noise prediction (MSE), EMA "
+      f"- stage 2, UNet + text encoder on the frozen VAE's latents: "
+      f"{_steps_of(summary['diffusion_steps'], config.diffusion.steps)} of batch "
+      f"{config.diffusion.batch_size}, noise prediction (MSE), EMA "
       f"{config.diffusion.ema_decay} of the weights exported; final loss "
       f"{summary['diffusion_final_loss']:.4f}",
       "- captions: canonical, 10% each without position, without background, without both, "
@@ -159,11 +221,48 @@ def write_model_card(folder: str, config, summary: dict, pipe) -> None:
       "(`sdjax.shapes.held_out`) never shown",
       "- wall time per stage (loop and compile, minutes): " + ", ".join(
           f"{k} {v / 60:.1f}" for k, v in summary["stage_seconds"].items() if v) +
-      f"; on {summary['host']} ({summary['devices']}), jax {jax.__version__}", "",
+      f"; on {summary['host']} ({summary['devices']}), jax {summary.get('jax', '?')}",
+      *([f"- {summary['note']}"] if summary.get("note") else []),
+      *([_finetune_line(config, summary)] if summary.get("finetune_steps") else []), "",
       "## Evaluation", "", "Not evaluated yet: run `python tools/eval_tiny.py --card`.", "",
   ]
   with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
+
+
+def _commands(summary: dict) -> list[str]:
+  train = "python tools/train_tiny.py --workdir /tmp/shapes_train --output "
+  if not summary.get("finetune_steps"):
+    return [train + "sdjax/builtin/shapes"]
+  return [train + "/tmp/shapes", "python tools/train_tiny.py --workdir /tmp/shapes_tune "
+          "--output sdjax/builtin/shapes --init_from /tmp/shapes"]
+
+
+def _finetune_line(config, summary: dict) -> str:
+  cfg = config.finetune
+  return (f"- stage 3, fine-tuning the UNet and text encoder from that model "
+          f"(`--init_from`): {_steps_of(summary['finetune_steps'], cfg.steps)} of batch "
+          f"{cfg.batch_size}, learning rate {cfg.learning_rate:g}, EMA {cfg.ema_decay}; final "
+          f"loss {summary['finetune_final_loss']:.4f}; {summary['finetune_seconds'] / 60:.1f} "
+          f"min on {summary['finetune_host']}")
+
+
+def _steps_of(done: int, planned: int) -> str:
+  return f"{done} steps" + ("" if done == planned else f" (of a {planned}-step schedule)")
+
+
+def stage_seconds(workdir: str, stage: str) -> float | None:
+  """A stage's wall time summed over the calls that ran it (each call's clock starts at 0)."""
+  path = os.path.join(workdir, stage, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  total, last = 0.0, 0.0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if line.strip():
+        seconds = json.loads(line)["seconds"]
+        total, last = (total + last, seconds) if seconds < last else (total, seconds)
+  return round(total + last, 1)
 
 
 def _last_logged(workdir: str, stage: str) -> dict:

@@ -80,7 +80,7 @@ def _tiny_config():
 def test_two_stage_recipe_exports_a_loadable_model(tmp_path):
   out = tmp_path / "model"
   train_shapes.run(_tiny_config(), str(tmp_path / "work"), str(out))
-  summary = json.load(open(tmp_path / "work" / "summary.json"))
+  summary = json.load(open(out / train_shapes.SUMMARY))
   assert summary["vae_steps"] == 6 and summary["diffusion_steps"] == 3
   assert np.isfinite(summary["diffusion_final_loss"]) and summary["scaling_factor"] > 0
   pipe = pipeline.load_pipeline(str(out))
@@ -90,3 +90,49 @@ def test_two_stage_recipe_exports_a_loadable_model(tmp_path):
   assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
   # Rerunning the finished command resumes both stages at their last step: nothing to redo.
   assert os.path.isdir(tmp_path / "work" / "diffusion" / "3")
+  # --init_from: two more steps of the UNet and text encoder, starting from the export.
+  config = _tiny_config()
+  config.finetune.steps = 2
+  tuned = train_shapes.run(config, str(tmp_path / "tune"), str(tmp_path / "tuned"),
+                           init_from=str(out))
+  after = json.load(open(tmp_path / "tuned" / train_shapes.SUMMARY))
+  assert after["finetune_steps"] == 2 and after["diffusion_steps"] == 3
+  assert "stage 3, fine-tuning" in open(tmp_path / "tuned" / "README.md").read()
+  np.testing.assert_array_equal(tuned.params["vae"]["decoder"]["conv_out"]["kernel"],
+                                pipe.params["vae"]["decoder"]["conv_out"]["kernel"])
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       tuned.params["unet"], pipe.params["unet"])
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_vocabulary_words_are_single_tokens(tmp_path):
+  """Every caption word is one token, so canonical captions fit the text encoder's 16 places.
+
+  (The first shipped tokenizer merged left to right regardless of rank: "red"'s "re" merge
+  left "green" in 4 pieces and "bottom" in 3, and 84 captions lost their background.)
+  """
+  tokenizer = train_shapes.make_tokenizer(str(tmp_path), 16)
+  for word in train_shapes.VOCABULARY:
+    assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+  longest = max(len(tokenizer(text).input_ids) for text, _ in shapes.canonical_prompts())
+  assert longest == 13  # BOS + 11 words + EOS
+
+
+def test_retokenize_keeps_known_tokens_and_averages_new_ones(tmp_path):
+  old_words, new_words = ("a", "red", "circle"), ("a", "red", "circle", "green")
+  testing.write_tokenizer(str(tmp_path / "old"), old_words)
+  testing.write_tokenizer(str(tmp_path / "new"), new_words)
+  old, new = (testing.torch_tokenizer(str(tmp_path / n)) for n in ("old", "new"))
+  table = np.random.default_rng(0).standard_normal((len(old), 8)).astype(np.float32)
+  params = {"embeddings": {"token_embedding": {"embedding": table},
+                           "position_embedding": {"embedding": np.zeros((16, 8))}}}
+  got = np.asarray(train_shapes.retokenize(params, old, new)["embeddings"]["token_embedding"]
+                   ["embedding"])
+  assert got.shape == (len(new), 8)
+  for word in ("a", "red", "circle", "<|endoftext|>"):
+    np.testing.assert_array_equal(got[new.convert_tokens_to_ids(word + "</w>" * (word[0] != "<"))],
+                                  table[old.convert_tokens_to_ids(word + "</w>" * (word[0] != "<"))])
+  pieces = old("green", add_special_tokens=False).input_ids
+  assert len(pieces) > 1
+  np.testing.assert_allclose(got[new.convert_tokens_to_ids("green</w>")], table[pieces].mean(0),
+                             rtol=1e-6)

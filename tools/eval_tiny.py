@@ -26,6 +26,7 @@ _SCHEDULER = flags.DEFINE_string("scheduler", None, "scheduler (default: the mod
 _BATCH = flags.DEFINE_integer("batch", 64, "images per generate call")
 _LIMIT = flags.DEFINE_integer("limit", None, "only the first N prompts")
 _GRID = flags.DEFINE_string("grid", None, "also write the first 64 images as a PNG grid")
+_VAE = flags.DEFINE_integer("vae", 0, "instead: score N random images through the VAE alone")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON line")
 _CARD = flags.DEFINE_bool("card", False, "also record the result in the model folder's README.md "
                           "(its Evaluation section lists one line per distinct setting)")
@@ -71,6 +72,12 @@ def main(argv):
   from sdjax import shapes  # noqa: PLC0415
 
   pipe = sdjax.load_pipeline(_MODEL.value)
+  if _VAE.value:
+    result = {"vae_images": _VAE.value, "seed": _SEED.value,
+              **shapes.evaluate_reconstruction(pipe, _VAE.value, seed=_SEED.value,
+                                               batch=_BATCH.value)}
+    print(json.dumps(result))
+    return
   prompts = shapes.canonical_prompts(_SPLIT.value)[:_LIMIT.value]
   kwargs = {k: v for k, v in (("steps", _STEPS.value), ("guidance_scale", _GUIDANCE.value),
                               ("scheduler", _SCHEDULER.value)) if v is not None}

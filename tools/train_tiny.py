@@ -22,12 +22,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and summar
                                required=True)
 _OUTPUT = flags.DEFINE_string("output", None,
                               "Where to write the trained diffusers-format folder (optional).")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "Instead of training from scratch, fine-tune this exported model's UNet "
+    "and text encoder (config.finetune), with the config's tokenizer.")
+_MAX_MINUTES = flags.DEFINE_float(
+    "max_minutes", None, "Stop the diffusion stage (checkpointed; rerun to go on) once the run "
+    "has taken this long, and export what it has.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  train_shapes.run(_CONFIG.value, _WORKDIR.value, _OUTPUT.value)
+  max_seconds = None if _MAX_MINUTES.value is None else 60 * _MAX_MINUTES.value
+  train_shapes.run(_CONFIG.value, _WORKDIR.value, _OUTPUT.value, max_seconds, _INIT_FROM.value)
 
 
 if __name__ == "__main__":
