@@ -225,4 +225,7 @@ def write_safetensors(path: str, state_dict: dict[str, np.ndarray]) -> None:
 
   tmp = path + ".tmp"
   save_file(state_dict, tmp, metadata={"format": "pt"})
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; a model folder is for sharing
   os.replace(tmp, path)

@@ -60,6 +60,12 @@ def test_vae(loaded):
   assert_close(pipe.vae_encode(img), nhwc(mean))
 
 
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def test_export_round_trip(loaded, tmp_path):
   """sdjax -> diffusers-format folder -> diffusers loads it and gives the same outputs."""
   import diffusers
@@ -67,6 +73,8 @@ def test_export_round_trip(loaded, tmp_path):
   ref, pipe, _ = loaded
   out = str(tmp_path / "exported")
   pipe.save_pretrained(out)
+  weights = os.path.join(out, "unet", "diffusion_pytorch_model.safetensors")
+  assert os.stat(weights).st_mode & 0o044 == 0o044 & ~_umask()  # readable as the umask allows
   back = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
   ids = pipe.tokenize(PROMPTS)
   np.testing.assert_array_equal(ids, back.tokenizer(PROMPTS, padding="max_length", max_length=77,
