@@ -253,24 +253,25 @@ def _steps_of(done: int, planned: int) -> str:
 
 def stage_seconds(workdir: str, stage: str) -> float | None:
   """A stage's wall time summed over the calls that ran it (each call's clock starts at 0)."""
-  path = os.path.join(workdir, stage, "metrics.jsonl")
-  if not os.path.exists(path):
+  records = _logged(workdir, stage)
+  if not records:
     return None
   total, last = 0.0, 0.0
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.strip():
-        seconds = json.loads(line)["seconds"]
-        total, last = (total + last, seconds) if seconds < last else (total, seconds)
+  for seconds in (r["seconds"] for r in records):
+    total, last = (total + last, seconds) if seconds < last else (total, seconds)
   return round(total + last, 1)
 
 
 def _last_logged(workdir: str, stage: str) -> dict:
   """The last metrics line a stage logged (also when this run resumed it with nothing to do)."""
+  records = _logged(workdir, stage)
+  return records[-1] if records else {}
+
+
+def _logged(workdir: str, stage: str) -> list[dict]:
+  """Every line of a stage's metrics.jsonl, over all the calls that ran it."""
   path = os.path.join(workdir, stage, "metrics.jsonl")
   if not os.path.exists(path):
-    return {}
+    return []
   with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.strip()]
-  return json.loads(lines[-1]) if lines else {}
-
+    return [json.loads(line) for line in f if line.strip()]

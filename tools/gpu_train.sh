@@ -22,6 +22,6 @@ ev() { python3 tools/eval_tiny.py --model "$WORK/model" --seed 1 --json "$@" 2>/
 ev --vae 1024
 ev
 ev --steps 20 --guidance_scale 4
-cp "$WORK/train/summary.json" "$OUTDIR/" 2>/dev/null
+cp "$WORK/train/sdjax_training.json" "$OUTDIR/" 2>/dev/null
 tar -czf "$OUTDIR/model.tar.gz" -C "$WORK" model $(cd "$WORK" && ls train/*/metrics.jsonl)
 ls -la "$OUTDIR"
