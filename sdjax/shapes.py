@@ -112,11 +112,16 @@ def sample_attributes(key, n: int, mix: CaptionMix = CaptionMix(),
   width = jax.random.uniform(keys[4], (n,), minval=MIN_WIDTH, maxval=MAX_WIDTH)
   jitter = jax.random.uniform(keys[5], (n, 2), minval=-JITTER, maxval=JITTER)
   centre = jnp.asarray(_ANCHORS)[position] + jitter
+  return {"color": color, "background": background, "shape": shape, "position": position,
+          "width": width, "centre": centre, "form": sample_forms(keys[6], n, mix)}
+
+
+def sample_forms(key, n: int, mix: CaptionMix = CaptionMix()) -> jax.Array:
+  """Which caption form each of `n` images gets: 0 full, 1 no position, 2 no background,
+  3 neither, 4 empty (see `caption_ids`)."""
   probs = jnp.asarray([1 - mix.empty - mix.no_position - mix.no_background - mix.neither,
                        mix.no_position, mix.no_background, mix.neither, mix.empty])
-  form = jax.random.choice(keys[6], 5, (n,), p=probs)  # 0 full .. 4 empty
-  return {"color": color, "background": background, "shape": shape, "position": position,
-          "width": width, "centre": centre, "form": form}
+  return jax.random.choice(key, 5, (n,), p=probs)
 
 
 def _coverage(shape, width, centre, px, py):
@@ -143,6 +148,21 @@ def render(attrs: dict[str, jax.Array], size: int = SIZE) -> jax.Array:
   fg = palette[attrs["color"]][:, None, None, :]  # B, 1, 1, 3
   bg = palette[attrs["background"]][:, None, None, :]
   return bg + (fg - bg) * alpha[..., None]
+
+
+def render_window(attrs: dict[str, jax.Array], size: int) -> jax.Array:
+  """The `size`-pixel window of each `render(attrs)` image that holds its shape, cut on the
+  8-pixel latent grid (a window's latents are those of the whole image's encoder, but for
+  padding and the mid-block attention): [B, size, size, 3].
+
+  Training the VAE on 32-pixel windows shows it every shape in a quarter of the pixels.
+  """
+  if size % 8 or not MAX_WIDTH + 2 * JITTER <= size <= SIZE:
+    raise ValueError(f"window must be a multiple of 8 from {MAX_WIDTH + 2 * JITTER} to {SIZE}, "
+                     f"got {size}")
+  centre = attrs["centre"]
+  corner = jnp.clip(jnp.round((centre - size / 2) / 8) * 8, 0, SIZE - size)
+  return render({**attrs, "centre": centre - corner}, size=size)
 
 
 # -- captions as token ids -------------------------------------------------------------------------

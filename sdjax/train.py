@@ -199,25 +199,24 @@ def noise_schedule(scheduler_config: dict[str, Any]) -> np.ndarray:
   return common.make_alphas_cumprod(cfg)
 
 
-def diffusion_loss(unet, text_encoder, vae, make_batch, batch: int, scheduler_config,
-                   mesh: Mesh) -> LossFn:
+def diffusion_loss(unet, text_encoder, make_batch, batch: int, scheduler_config, mesh: Mesh,
+                   scaling: float) -> LossFn:
   """Stage 2: predict the noise added to frozen-VAE latents at a uniform random timestep.
 
-  Trainable params are {"unet", "text_encoder"}; `frozen` is the VAE's params. `make_batch(key,
-  n)` returns (images [n, H, W, 3] in [-1, 1], caption token ids [n, L]).
+  Trainable params are {"unet", "text_encoder"}. `make_batch(key, n, frozen)` returns (latents
+  [n, h, w, C], posterior samples before `scaling`; caption token ids [n, L]), split over the
+  mesh: it encodes rendered images with the VAE params in `frozen`, or draws from latents
+  encoded once beforehand (see `sdjax.train_shapes`).
   """
   alphas_cumprod = jnp.asarray(noise_schedule(scheduler_config))
   prediction = scheduler_config.get("prediction_type", "epsilon")
   if prediction != "epsilon":
     raise ValueError(f"training supports prediction_type 'epsilon', got {prediction!r}")
-  scaling = vae.config.scaling_factor
 
   def loss_fn(params, frozen, key):
-    data_key, sample_key, t_key, noise_key = jax.random.split(key, 4)
-    images, ids = make_batch(data_key, batch)
-    images, ids = shard_rows(images, mesh), shard_rows(ids, mesh)
-    posterior = vae.apply({"params": frozen}, images, method=vae.encode)
-    x0 = jax.lax.stop_gradient(posterior.sample(sample_key)) * scaling  # B, h, w, C
+    data_key, t_key, noise_key = jax.random.split(key, 3)
+    latents, ids = make_batch(data_key, batch, frozen)
+    x0 = jax.lax.stop_gradient(latents) * scaling  # B, h, w, C
     t = jax.random.randint(t_key, (batch,), 0, alphas_cumprod.shape[0])
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     a = alphas_cumprod[t][:, None, None, None]

@@ -52,14 +52,65 @@ def build(config, workdir: str, params=None, scaling_factor: float | None = None
       seed=config.diffusion.seed, name="sdjax-shapes")
 
 
-def make_batch_fn(pipe, mix: shapes.CaptionMix):
-  """`(key, n) -> (images, ids)`: rendered shapes and their (possibly shortened) captions."""
-  table = jnp.asarray(shapes.caption_table(pipe.tokenize))
-  empty = jnp.asarray(pipe.tokenize([""])[0])
+def _caption_tables(pipe):
+  return jnp.asarray(shapes.caption_table(pipe.tokenize)), jnp.asarray(pipe.tokenize([""])[0])
 
-  def make_batch(key, n):
-    attrs = shapes.sample_attributes(key, n, mix, exclude_held_out=True)
-    return shapes.render(attrs), shapes.caption_ids(table, empty, attrs)
+
+def make_batch_fn(pipe, mix: shapes.CaptionMix, mesh):
+  """`(key, n, vae_params) -> (latents, ids)`: shapes rendered and put through the VAE's
+  encoder (a posterior sample), with their (possibly shortened) captions."""
+  table, empty = _caption_tables(pipe)
+
+  def make_batch(key, n, vae_params):
+    data_key, sample_key = jax.random.split(key)
+    attrs = shapes.sample_attributes(data_key, n, mix, exclude_held_out=True)
+    images = train.shard_rows(shapes.render(attrs), mesh)
+    ids = train.shard_rows(shapes.caption_ids(table, empty, attrs), mesh)
+    posterior = pipe.vae.apply({"params": vae_params}, images, method=pipe.vae.encode)
+    return posterior.sample(sample_key), ids
+
+  return make_batch
+
+
+_ATTRIBUTES = ("color", "background", "shape", "position")
+
+
+def encode_dataset(pipe, vae_params, n: int, seed: int, mesh, chunk: int = 256) -> dict:
+  """`n` training images (no held-out combination) through the VAE's encoder, once: their
+  posterior means and standard deviations [n, h, w, C] and attribute indices [n].
+
+  The encoder then costs nothing per diffusion step (a third of a step on a CPU); each step
+  draws images from this set and a fresh posterior sample, caption form, timestep and noise.
+  """
+  if n % chunk:
+    raise ValueError(f"cached_latents must be a multiple of {chunk}, got {n}")
+
+  @jax.jit
+  def encode(params, key):
+    attrs = shapes.sample_attributes(key, chunk, exclude_held_out=True)
+    images = train.shard_rows(shapes.render(attrs), mesh)
+    posterior = pipe.vae.apply({"params": params}, images, method=pipe.vae.encode)
+    return {"mean": posterior.mean, "std": posterior.std,
+            **{k: attrs[k].astype(jnp.int32) for k in _ATTRIBUTES}}
+
+  key = jax.random.key(seed)
+  parts = [encode(vae_params, jax.random.fold_in(key, i)) for i in range(n // chunk)]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+
+
+def cached_batch_fn(pipe, mix: shapes.CaptionMix, mesh):
+  """`(key, n, cache) -> (latents, ids)`: images drawn from `encode_dataset`'s `cache`."""
+  table, empty = _caption_tables(pipe)
+
+  def make_batch(key, n, cache):
+    pick_key, form_key, sample_key = jax.random.split(key, 3)
+    pick = jax.random.randint(pick_key, (n,), 0, cache["mean"].shape[0])
+    attrs = {k: cache[k][pick] for k in _ATTRIBUTES}
+    attrs["form"] = shapes.sample_forms(form_key, n, mix)
+    mean, std = cache["mean"][pick], cache["std"][pick]
+    latents = mean + std * jax.random.normal(sample_key, mean.shape, mean.dtype)
+    return (train.shard_rows(latents, mesh),
+            train.shard_rows(shapes.caption_ids(table, empty, attrs), mesh))
 
   return make_batch
 
@@ -68,12 +119,18 @@ def _render_batch(key, n):
   return shapes.render(shapes.sample_attributes(key, n))
 
 
+def _render_windows(size: int):
+  return lambda key, n: shapes.render_window(shapes.sample_attributes(key, n), size)
+
+
 def train_vae(pipe, config, workdir: str, mesh):
   """Stage 1 in two parts: plain reconstruction, then with the shapes' pixels weighted up."""
   params = pipe.params["vae"]
   for name in STAGES[:2]:
     cfg = config[name]
-    loss_fn = train.vae_loss(pipe.vae, _render_batch, cfg.batch_size, cfg.kl_weight, mesh,
+    crop = cfg.get("crop") or shapes.SIZE
+    images = _render_batch if crop == shapes.SIZE else _render_windows(crop)
+    loss_fn = train.vae_loss(pipe.vae, images, cfg.batch_size, cfg.kl_weight, mesh,
                              cfg.get("foreground_weight", 0.0))
     state, _ = train.fit(loss_fn, params, None, cfg, os.path.join(workdir, name), mesh=mesh,
                          desc=name)
@@ -84,13 +141,24 @@ def train_vae(pipe, config, workdir: str, mesh):
 def train_diffusion(pipe, cfg, mix: shapes.CaptionMix, workdir: str, mesh,
                     deadline: float | None = None, stage: str = "diffusion"):
   """Returns the EMA params {"unet", "text_encoder"} (the raw ones when EMA is off) and the
-  number of steps trained (fewer than `cfg.steps` when `deadline` stopped it)."""
-  loss_fn = train.diffusion_loss(pipe.unet, pipe.text_encoder, pipe.vae,
-                                 make_batch_fn(pipe, mix), cfg.batch_size, pipe.scheduler_config, mesh)
+  number of steps trained (fewer than `cfg.steps` when `deadline` stopped it).
+
+  With `cfg.cached_latents` = N, the VAE encodes N images once (`encode_dataset`) and the
+  steps draw from them; without, every step renders and encodes its batch.
+  """
+  n = cfg.get("cached_latents") or 0
+  if n:
+    start = time.time()
+    frozen = encode_dataset(pipe, pipe.params["vae"], n, cfg.seed + 1, mesh)
+    logging.info("%s: encoded %d images in %.1f s", stage, n, time.time() - start)
+    make_batch = cached_batch_fn(pipe, mix, mesh)
+  else:
+    frozen, make_batch = pipe.params["vae"], make_batch_fn(pipe, mix, mesh)
+  loss_fn = train.diffusion_loss(pipe.unet, pipe.text_encoder, make_batch, cfg.batch_size,
+                                 pipe.scheduler_config, mesh, pipe.vae.config.scaling_factor)
   params = {"unet": pipe.params["unet"], "text_encoder": pipe.params["text_encoder"]}
-  state, _ = train.fit(loss_fn, params, pipe.params["vae"], cfg,
-                       os.path.join(workdir, stage), mesh=mesh, desc=stage,
-                       stop_at=cfg.get("stop_at"), deadline=deadline)
+  state, _ = train.fit(loss_fn, params, frozen, cfg, os.path.join(workdir, stage), mesh=mesh,
+                       desc=stage, stop_at=cfg.get("stop_at"), deadline=deadline)
   return (state.ema if state.ema is not None else state.params), int(state.step)
 
 
@@ -206,12 +274,10 @@ def write_model_card(folder: str, config, summary: dict, pipe) -> None:
       f"- text: {config.max_length} tokens, a CLIP BPE vocabulary of the grammar's words", "",
       "## Training", "",
       "```bash", *_commands(summary), "```", "",
-      f"- stage 1, VAE: {config.vae.steps} steps of batch {config.vae.batch_size}, AdamW, "
-      f"L1 + L2 reconstruction + KL (weight {config.vae.kl_weight}), then "
-      f"{config.vae_sharpen.steps} more with the shape's pixels weighted "
-      f"{1 + config.vae_sharpen.foreground_weight:g}x; final loss "
-      f"{summary['vae_final_loss']:.4f}",
-      f"- stage 2, UNet + text encoder on the frozen VAE's latents: "
+      f"- stage 1, VAE: AdamW, L1 + L2 reconstruction + KL (weight {config.vae.kl_weight}); "
+      f"{_vae_parts(config)}; final loss {summary['vae_final_loss']:.4f}",
+      f"- stage 2, UNet + text encoder on the frozen VAE's latents"
+      f"{_cache_words(config.diffusion)}: "
       f"{_steps_of(summary['diffusion_steps'], config.diffusion.steps)} of batch "
       f"{config.diffusion.batch_size}, noise prediction (MSE), EMA "
       f"{config.diffusion.ema_decay} of the weights exported; final loss "
@@ -221,13 +287,34 @@ def write_model_card(folder: str, config, summary: dict, pipe) -> None:
       "(`sdjax.shapes.held_out`) never shown",
       "- wall time per stage (loop and compile, minutes): " + ", ".join(
           f"{k} {v / 60:.1f}" for k, v in summary["stage_seconds"].items() if v) +
-      f"; on {summary['host']} ({summary['devices']}), jax {summary.get('jax', '?')}",
+      f"; on {summary['host']} ({summary['devices']}), jax {summary.get('jax', '?')}" +
+      ("" if summary.get("finetune_steps") else
+       f"; the whole command {summary['train_seconds_this_run'] / 60:.1f} min"),
       *([f"- {summary['note']}"] if summary.get("note") else []),
       *([_finetune_line(config, summary)] if summary.get("finetune_steps") else []), "",
       "## Evaluation", "", "Not evaluated yet: run `python tools/eval_tiny.py --card`.", "",
   ]
   with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
+
+
+def _cache_words(cfg) -> str:
+  n = cfg.get("cached_latents") or 0
+  return (f" ({n} images encoded once; each step draws a fresh posterior sample)" if n else
+          " (each step's images encoded afresh)")
+
+
+def _vae_parts(config) -> str:
+  parts = []
+  for name in STAGES[:2]:
+    cfg = config[name]
+    crop = cfg.get("crop") or shapes.SIZE
+    where = ("whole images" if crop == shapes.SIZE else
+             f"the {crop}x{crop} window around each shape (`shapes.render_window`)")
+    fg = cfg.get("foreground_weight", 0.0)
+    parts.append(f"{cfg.steps} steps of batch {cfg.batch_size} on {where}" +
+                 (f", the shape's pixels weighted {1 + fg:g}x" if fg else ""))
+  return ", then ".join(parts)
 
 
 def _commands(summary: dict) -> list[str]:

@@ -58,6 +58,28 @@ def test_render_geometry():
   assert tri[23:28].sum() < tri[37:42].sum()  # apex up: narrow at the top
 
 
+@pytest.mark.parametrize("size", [32, 40])
+def test_render_window_is_the_latent_aligned_window_holding_the_shape(size):
+  a = {k: np.array(v) for k, v in _attrs(512, seed=3).items()}
+  # The worst cases too: the widest shapes at every corner of every position's jitter.
+  corners = np.asarray(list(itertools.product((-3.0, 3.0), repeat=2)))
+  anchors = np.asarray(list(shapes.POSITIONS.values()))[a["position"]]
+  a["centre"][:40] = anchors[:40] + corners[np.arange(40) % 4]
+  a["width"][:40] = 24.0
+  full = np.asarray(shapes.render(a))
+  window = np.asarray(shapes.render_window(a, size))
+  assert window.shape == (512, size, size, 3)
+  for i in range(512):
+    cut = [full[i, y:y + size, x:x + size] for y in range(0, 65 - size, 8)
+           for x in range(0, 65 - size, 8)]
+    assert any(np.allclose(window[i], c, atol=1e-6) for c in cut), i
+    # Every covered pixel of the whole image lies in the window.
+    ink = lambda img: np.abs(img - img[:1, :1]).sum()  # noqa: E731
+    np.testing.assert_allclose(ink(window[i]), ink(full[i]), rtol=1e-5)
+  with pytest.raises(ValueError, match="multiple of 8"):
+    shapes.render_window(a, 28)
+
+
 def test_classifier_reads_rendered_images():
   a = _attrs(600, seed=1)
   images = (np.asarray(shapes.render(a)) + 1) / 2

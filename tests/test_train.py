@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -136,3 +137,41 @@ def test_retokenize_keeps_known_tokens_and_averages_new_ones(tmp_path):
   assert len(pieces) > 1
   np.testing.assert_allclose(got[new.convert_tokens_to_ids("green</w>")], table[pieces].mean(0),
                              rtol=1e-6)
+
+
+def test_latent_cache_encodes_training_images_and_batches_draw_from_it(tmp_path):
+  config = _tiny_config()
+  pipe = train_shapes.build(config, str(tmp_path))
+  mesh = parallel.make_mesh()
+  cache = train_shapes.encode_dataset(pipe, pipe.params["vae"], 8, seed=5, mesh=mesh, chunk=4)
+  assert not shapes.held_out(*(np.asarray(cache[k]) for k in ("color", "shape", "position",
+                                                              "background"))).any()
+  # Row i holds the encoder's posterior of the image whose attributes row i records.
+  attrs = shapes.sample_attributes(jax.random.fold_in(jax.random.key(5), 1), 4,
+                                   exclude_held_out=True)
+  posterior = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x, method=pipe.vae.encode))(
+      pipe.params["vae"], shapes.render(attrs))
+  # Up to float rounding of different fusions; another image would be off by ~0.1 or more.
+  np.testing.assert_allclose(cache["mean"][4:], posterior.mean, atol=1e-3)
+  np.testing.assert_allclose(cache["std"][4:], posterior.std, atol=1e-3)
+  assert np.abs(cache["mean"][:4] - posterior.mean).max() > 0.05
+  np.testing.assert_array_equal(cache["color"][4:], attrs["color"])
+
+  # A batch: row j of the cache (mean j, std 0) comes with one of row j's caption forms.
+  make_batch = train_shapes.cached_batch_fn(pipe, shapes.CaptionMix(), mesh)
+  marked = {**cache, "mean": jnp.broadcast_to(jnp.arange(8.0)[:, None, None, None],
+                                              cache["mean"].shape),
+            "std": jnp.zeros_like(cache["std"])}
+  latents, ids = jax.jit(make_batch, static_argnums=1)(jax.random.key(0), 64, marked)
+  rows = np.asarray(latents[:, 0, 0, 0]).astype(int)
+  assert len(set(rows)) > 4 and (np.asarray(latents) == rows[:, None, None, None]).all()
+  table, empty = train_shapes._caption_tables(pipe)
+  for j, row in enumerate(rows):
+    forms = {k: jnp.full((5,), cache[k][row]) for k in ("color", "background", "shape",
+                                                        "position")}
+    allowed = np.asarray(shapes.caption_ids(table, empty, {**forms, "form": jnp.arange(5)}))
+    assert (allowed == np.asarray(ids[j])).all(1).any(), j
+  # With std 1 and mean 0, latents are fresh standard normal draws.
+  noisy = {**cache, "mean": jnp.zeros_like(cache["mean"]), "std": jnp.ones_like(cache["std"])}
+  latents, _ = make_batch(jax.random.key(1), 64, noisy)
+  assert abs(float(jnp.std(latents)) - 1) < 0.05 and abs(float(jnp.mean(latents))) < 0.05
