@@ -1,18 +1,19 @@
 """Trains sdjax's built-in shapes model (sdjax/builtin/shapes) from scratch.
 
-  python tools/train_tiny.py --workdir /tmp/shapes_train
+  python tools/train_tiny.py --workdir /tmp/shapes_train --output /tmp/shapes
   python tools/train_tiny.py --workdir /tmp/smoke --config configs/train_tiny.py:smoke
 
 Stage 1 trains the VAE (64x64x3 -> 8x8x4), stage 2 the UNet and text encoder together on the
-frozen VAE's latents. Rerunning the same command resumes from the newest checkpoint. The
-recipe is sized for a GPU: about 8 minutes on one H100 (the built-in model's card has the
-times). A 2-core CPU took 31 s per VAE step (batch 64) and 22 s per diffusion step (batch 256):
-about 100 hours, so train this on an accelerator.
+frozen VAE's latents. Rerunning the same command resumes from the newest checkpoint.
+
+The default recipe (`_cpu_recipe`) is sized for a 2-core CPU: about 45 minutes, measured in
+BENCHMARKS.md. `:gpu` is the larger recipe the first shipped model came from: about 8 minutes
+on one H100, about 100 hours on 2 CPU cores.
 
   python tools/train_tiny.py --workdir /tmp/tune --output /tmp/tuned --init_from FOLDER
 
 goes on training an exported model's UNet and text encoder (`finetune` below) under this
-config's tokenizer: how the shipped model got its fixed tokenizer without a GPU.
+config's tokenizer: how the first shipped model got its fixed tokenizer without a GPU.
 """
 
 import ml_collections
@@ -56,6 +57,8 @@ def _stage(steps, batch, lr, warmup, ema_decay):
 
 
 def get_config(arg: str = ""):
+  """"" (the recipe sized for a 2-core CPU), "gpu" (the larger one the first shipped model
+  came from) or "smoke" (a few steps of each stage, for tests)."""
   c = ml_collections.ConfigDict()
   c.models = _models()
   c.max_length = MAX_LENGTH
@@ -65,6 +68,45 @@ def get_config(arg: str = ""):
       "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
       "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 1,
   }
+  c.caption_mix = {"empty": 0.1, "no_position": 0.1, "no_background": 0.1, "neither": 0.1}
+  # `--init_from FOLDER`: go on training an exported model's UNet and text encoder instead.
+  c.finetune = _stage(steps=1000, batch=64, lr=3e-4, warmup=50, ema_decay=0.999)
+  c.finetune.checkpoint_every, c.finetune.log_every = 100, 25
+  if arg in ("", "smoke"):
+    _cpu_recipe(c)
+  elif arg == "gpu":
+    _gpu_recipe(c)
+  else:
+    raise ValueError(f"unknown train_tiny config variant {arg!r} (use '', 'gpu' or 'smoke')")
+  if arg == "smoke":  # a few steps of each stage: tests and quick checks
+    for stage in (c.vae, c.vae_sharpen, c.diffusion, c.finetune):
+      stage.steps, stage.batch_size, stage.warmup_steps = 4, 8, 1
+      stage.checkpoint_every, stage.log_every = 2, 1
+    c.diffusion.cached_latents = 256
+  return c
+
+
+def _cpu_recipe(c):
+  """About an hour on 2 CPU cores: the VAE learns the shapes from 32-pixel windows around them
+  (a quarter of the pixels), then adapts to whole images; small batches (a CPU's step time
+  grows faster than its batch); latents encoded once for stage 2."""
+  c.models.vae.block_out_channels = [16, 32, 64, 64]
+  c.models.vae.norm_num_groups = 4  # still 4 channels per group at full resolution
+  c.vae = _stage(steps=8000, batch=16, lr=2e-3, warmup=100, ema_decay=0.0)
+  c.vae.kl_weight = 1e-5
+  c.vae.crop = 32
+  c.vae.foreground_weight = 10.0
+  c.vae_sharpen = _stage(steps=400, batch=8, lr=5e-4, warmup=50, ema_decay=0.0)
+  c.vae_sharpen.kl_weight = 1e-5
+  c.vae_sharpen.foreground_weight = 10.0
+  c.diffusion = _stage(steps=7000, batch=32, lr=1e-3, warmup=200, ema_decay=0.999)
+  c.diffusion.cached_latents = 16384
+  for stage in (c.vae, c.vae_sharpen, c.diffusion):
+    stage.checkpoint_every, stage.log_every = 500, 50
+
+
+def _gpu_recipe(c):
+  """Batches sized for an accelerator: about 8 minutes on one H100, ~100 hours on 2 cores."""
   c.vae = _stage(steps=2500, batch=64, lr=2e-3, warmup=100, ema_decay=0.0)
   c.vae.kl_weight = 1e-5
   # Then sharper outlines: a small shape's pixels weigh as much as the flat background.
@@ -74,18 +116,5 @@ def get_config(arg: str = ""):
   c.diffusion = _stage(steps=12000, batch=256, lr=1e-3, warmup=500, ema_decay=0.9995)
   for stage in (c.vae, c.vae_sharpen, c.diffusion):
     stage.checkpoint_every, stage.log_every = 1000, 100
-  # The shipped model is this schedule's EMA at step 8900: its GPU lease ran out there, and
-  # held-out prompts already came out right 96% of the time. None runs all `steps`.
+  # The first shipped model is this schedule's EMA at step 8900: its GPU lease ran out there.
   c.diffusion.stop_at = 8900
-  # `--init_from FOLDER`: go on training an exported model's UNet and text encoder instead.
-  c.finetune = _stage(steps=1000, batch=64, lr=3e-4, warmup=50, ema_decay=0.999)
-  c.finetune.checkpoint_every, c.finetune.log_every = 100, 25
-  c.caption_mix = {"empty": 0.1, "no_position": 0.1, "no_background": 0.1, "neither": 0.1}
-  if arg == "smoke":  # a few steps of each stage: tests and quick checks
-    for stage in (c.vae, c.vae_sharpen, c.diffusion, c.finetune):
-      stage.steps, stage.batch_size, stage.warmup_steps = 4, 8, 1
-      stage.checkpoint_every, stage.log_every = 2, 1
-    c.diffusion.stop_at = None
-  elif arg:
-    raise ValueError(f"unknown train_tiny config variant {arg!r} (use '' or 'smoke')")
-  return c

@@ -35,7 +35,7 @@ def test_shipped_folder():
 def test_held_out_prompts(pipe):
   """Prompts training never showed, fresh seeds, main.py's preset (20 steps, guidance 4).
 
-  The card reports 96-97% of them fully right (all four attributes); 90% leaves room for
+  The card reports all 84 fully right (all four attributes); 90% leaves room for
   other CPUs' rounding without letting a broken model or tokenizer through.
   """
   prompts = shapes.canonical_prompts("held_out")

@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device-machine session: train the built-in shapes model, judge it there, bring it back.
 #   bash tools/gpu_train.sh OUTDIR [train_tiny.py flags...]
+#   bash tools/gpu_train.sh /tmp/out --config configs/train_tiny.py:gpu   # the GPU-sized recipe
 # OUTDIR gets model.tar.gz (the exported folder and each stage's metrics.jsonl), train.log and
 # eval.jsonl (VAE round trip, then held-out prompts at two settings, selection seed 1: the
 # reported numbers come from tools/eval_tiny.py's own seed afterwards). ml_collections (and
