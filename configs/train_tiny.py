@@ -6,7 +6,7 @@
 Stage 1 trains the VAE (64x64x3 -> 8x8x4), stage 2 the UNet and text encoder together on the
 frozen VAE's latents. Rerunning the same command resumes from the newest checkpoint.
 
-The default recipe (`_cpu_recipe`) is sized for a 2-core CPU: about 45 minutes, measured in
+The default recipe (`_cpu_recipe`) is sized for a 2-core CPU: about an hour, measured in
 BENCHMARKS.md. `:gpu` is the larger recipe the first shipped model came from: about 8 minutes
 on one H100, about 100 hours on 2 CPU cores.
 
@@ -99,7 +99,7 @@ def _cpu_recipe(c):
   c.vae_sharpen = _stage(steps=400, batch=8, lr=5e-4, warmup=50, ema_decay=0.0)
   c.vae_sharpen.kl_weight = 1e-5
   c.vae_sharpen.foreground_weight = 10.0
-  c.diffusion = _stage(steps=7000, batch=32, lr=1e-3, warmup=200, ema_decay=0.999)
+  c.diffusion = _stage(steps=13000, batch=32, lr=1e-3, warmup=200, ema_decay=0.999)
   c.diffusion.cached_latents = 16384
   for stage in (c.vae, c.vae_sharpen, c.diffusion):
     stage.checkpoint_every, stage.log_every = 500, 50

@@ -288,8 +288,7 @@ def write_model_card(folder: str, config, summary: dict, pipe) -> None:
       "- wall time per stage (loop and compile, minutes): " + ", ".join(
           f"{k} {v / 60:.1f}" for k, v in summary["stage_seconds"].items() if v) +
       f"; on {summary['host']} ({summary['devices']}), jax {summary.get('jax', '?')}" +
-      ("" if summary.get("finetune_steps") else
-       f"; the whole command {summary['train_seconds_this_run'] / 60:.1f} min"),
+      f"; {sum(v for v in summary['stage_seconds'].values() if v) / 60:.1f} min in all",
       *([f"- {summary['note']}"] if summary.get("note") else []),
       *([_finetune_line(config, summary)] if summary.get("finetune_steps") else []), "",
       "## Evaluation", "", "Not evaluated yet: run `python tools/eval_tiny.py --card`.", "",
