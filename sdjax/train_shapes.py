@@ -120,16 +120,17 @@ def _render_batch(key, n):
 
 
 def _render_windows(size: int):
+  """`(key, n) -> images`: `shapes.render_window`s; at `shapes.SIZE`, the whole images."""
   return lambda key, n: shapes.render_window(shapes.sample_attributes(key, n), size)
 
 
 def train_vae(pipe, config, workdir: str, mesh):
-  """Stage 1 in two parts: plain reconstruction, then with the shapes' pixels weighted up."""
+  """Stage 1 in two parts (`vae`, `vae_sharpen`), each on whole images or on the windows
+  around the shapes (`crop`), with the shapes' pixels optionally weighted up."""
   params = pipe.params["vae"]
   for name in STAGES[:2]:
     cfg = config[name]
-    crop = cfg.get("crop") or shapes.SIZE
-    images = _render_batch if crop == shapes.SIZE else _render_windows(crop)
+    images = _render_windows(cfg.get("crop") or shapes.SIZE)
     loss_fn = train.vae_loss(pipe.vae, images, cfg.batch_size, cfg.kl_weight, mesh,
                              cfg.get("foreground_weight", 0.0))
     state, _ = train.fit(loss_fn, params, None, cfg, os.path.join(workdir, name), mesh=mesh,

@@ -58,7 +58,7 @@ def test_render_geometry():
   assert tri[23:28].sum() < tri[37:42].sum()  # apex up: narrow at the top
 
 
-@pytest.mark.parametrize("size", [32, 40])
+@pytest.mark.parametrize("size", [32, 40, 64])
 def test_render_window_is_the_latent_aligned_window_holding_the_shape(size):
   a = {k: np.array(v) for k, v in _attrs(512, seed=3).items()}
   # The worst cases too: the widest shapes at every corner of every position's jitter.
