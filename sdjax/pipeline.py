@@ -17,12 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import hub, sampling
-from sdjax.models import config_utils
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
-from sdjax.models.unet import UNet2DConditionModel, UNetConfig
-from sdjax.models.vae import AutoencoderKL, VAEConfig
-from sdjax.weights import (
+from sdjax import sampling
+from sdjax.checkpoints import hub
+from sdjax.checkpoints.weights import (
   TEXT_PREFIX,
   WeightsError,
   flax_to_torch,
@@ -30,6 +27,10 @@ from sdjax.weights import (
   torch_to_flax,
   write_safetensors,
 )
+from sdjax.models import config_utils
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+from sdjax.models.vae import AutoencoderKL, VAEConfig
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import torch
 
-from sdjax.weights import torch_to_flax
+from sdjax.checkpoints.weights import torch_to_flax
 
 TOL = 1e-5  # relative error ||ours - ref|| / ||ref|| in float32
 

@@ -12,7 +12,7 @@ from parity import nchw
 from PIL import Image
 
 import sdjax
-from sdjax import shapes
+from sdjax.training import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

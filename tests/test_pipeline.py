@@ -9,10 +9,11 @@ import torch
 from parity import assert_close, nchw, nhwc, randn
 
 import sdjax
-from sdjax import hub, testing
+from sdjax import testing
+from sdjax.checkpoints import hub
+from sdjax.checkpoints.weights import WeightsError
 from sdjax.models.config_utils import ConfigError
 from sdjax.pipeline import PipelineError
-from sdjax.weights import WeightsError
 
 PROMPTS = ["a red circle in the center", "a photo of a cat on the house, zebra!"]
 

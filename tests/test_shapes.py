@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from sdjax import shapes, testing
+from sdjax import testing
+from sdjax.training import shapes
 
 
 def _attrs(n, seed=0, **kw):

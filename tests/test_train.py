@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from configs import train_tiny
-from sdjax import parallel, pipeline, shapes, testing, train, train_shapes
+from sdjax import parallel, pipeline, testing
 from sdjax.models.vae import AutoencoderKL, VAEConfig
+from sdjax.training import recipe, shapes, train
 
 
 def _stage_cfg(steps, lr=1e-2):
@@ -80,8 +81,8 @@ def _tiny_config():
 
 def test_two_stage_recipe_exports_a_loadable_model(tmp_path):
   out = tmp_path / "model"
-  train_shapes.run(_tiny_config(), str(tmp_path / "work"), str(out))
-  summary = json.load(open(out / train_shapes.SUMMARY))
+  recipe.run(_tiny_config(), str(tmp_path / "work"), str(out))
+  summary = json.load(open(out / recipe.SUMMARY))
   assert summary["vae_steps"] == 6 and summary["diffusion_steps"] == 3
   assert np.isfinite(summary["diffusion_final_loss"]) and summary["scaling_factor"] > 0
   pipe = pipeline.load_pipeline(str(out))
@@ -94,9 +95,9 @@ def test_two_stage_recipe_exports_a_loadable_model(tmp_path):
   # --init_from: two more steps of the UNet and text encoder, starting from the export.
   config = _tiny_config()
   config.finetune.steps = 2
-  tuned = train_shapes.run(config, str(tmp_path / "tune"), str(tmp_path / "tuned"),
+  tuned = recipe.run(config, str(tmp_path / "tune"), str(tmp_path / "tuned"),
                            init_from=str(out))
-  after = json.load(open(tmp_path / "tuned" / train_shapes.SUMMARY))
+  after = json.load(open(tmp_path / "tuned" / recipe.SUMMARY))
   assert after["finetune_steps"] == 2 and after["diffusion_steps"] == 3
   assert "stage 3, fine-tuning" in open(tmp_path / "tuned" / "README.md").read()
   np.testing.assert_array_equal(tuned.params["vae"]["decoder"]["conv_out"]["kernel"],
@@ -112,8 +113,8 @@ def test_vocabulary_words_are_single_tokens(tmp_path):
   (The first shipped tokenizer merged left to right regardless of rank: "red"'s "re" merge
   left "green" in 4 pieces and "bottom" in 3, and 84 captions lost their background.)
   """
-  tokenizer = train_shapes.make_tokenizer(str(tmp_path), 16)
-  for word in train_shapes.VOCABULARY:
+  tokenizer = recipe.make_tokenizer(str(tmp_path), 16)
+  for word in recipe.VOCABULARY:
     assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
   longest = max(len(tokenizer(text).input_ids) for text, _ in shapes.canonical_prompts())
   assert longest == 13  # BOS + 11 words + EOS
@@ -127,7 +128,7 @@ def test_retokenize_keeps_known_tokens_and_averages_new_ones(tmp_path):
   table = np.random.default_rng(0).standard_normal((len(old), 8)).astype(np.float32)
   params = {"embeddings": {"token_embedding": {"embedding": table},
                            "position_embedding": {"embedding": np.zeros((16, 8))}}}
-  got = np.asarray(train_shapes.retokenize(params, old, new)["embeddings"]["token_embedding"]
+  got = np.asarray(recipe.retokenize(params, old, new)["embeddings"]["token_embedding"]
                    ["embedding"])
   assert got.shape == (len(new), 8)
   for word in ("a", "red", "circle", "<|endoftext|>"):
@@ -141,9 +142,9 @@ def test_retokenize_keeps_known_tokens_and_averages_new_ones(tmp_path):
 
 def test_latent_cache_encodes_training_images_and_batches_draw_from_it(tmp_path):
   config = _tiny_config()
-  pipe = train_shapes.build(config, str(tmp_path))
+  pipe = recipe.build(config, str(tmp_path))
   mesh = parallel.make_mesh()
-  cache = train_shapes.encode_dataset(pipe, pipe.params["vae"], 8, seed=5, mesh=mesh, chunk=4)
+  cache = recipe.encode_dataset(pipe, pipe.params["vae"], 8, seed=5, mesh=mesh, chunk=4)
   assert not shapes.held_out(*(np.asarray(cache[k]) for k in ("color", "shape", "position",
                                                               "background"))).any()
   # Row i holds the encoder's posterior of the image whose attributes row i records.
@@ -158,14 +159,14 @@ def test_latent_cache_encodes_training_images_and_batches_draw_from_it(tmp_path)
   np.testing.assert_array_equal(cache["color"][4:], attrs["color"])
 
   # A batch: row j of the cache (mean j, std 0) comes with one of row j's caption forms.
-  make_batch = train_shapes.cached_batch_fn(pipe, shapes.CaptionMix(), mesh)
+  make_batch = recipe.cached_batch_fn(pipe, shapes.CaptionMix(), mesh)
   marked = {**cache, "mean": jnp.broadcast_to(jnp.arange(8.0)[:, None, None, None],
                                               cache["mean"].shape),
             "std": jnp.zeros_like(cache["std"])}
   latents, ids = jax.jit(make_batch, static_argnums=1)(jax.random.key(0), 64, marked)
   rows = np.asarray(latents[:, 0, 0, 0]).astype(int)
   assert len(set(rows)) > 4 and (np.asarray(latents) == rows[:, None, None, None]).all()
-  table, empty = train_shapes._caption_tables(pipe)
+  table, empty = recipe._caption_tables(pipe)
   for j, row in enumerate(rows):
     forms = {k: jnp.full((5,), cache[k][row]) for k in ("color", "background", "shape",
                                                         "position")}

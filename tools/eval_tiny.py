@@ -4,7 +4,7 @@ r"""Judges the built-in shapes model: generates canonical prompts and classifies
   python tools/eval_tiny.py --split all --steps 20 --guidance_scale 4 --grid /tmp/grid.png
 
 Prints per-attribute rates (foreground color, background color, shape, position) and the rate
-of images with all four right. The classifier is `sdjax.shapes.classify` (pixel rules, no model).
+of images with all four right. The classifier is `sdjax.training.shapes.classify` (pixel rules, no model).
 """
 
 import json
@@ -57,7 +57,7 @@ def _record(folder, result):
                                                             "position", "all"))
   rows = [x for x in lines[1:] if not x.startswith(setting)] + [row]  # [0] is the header
   body = ["Canonical prompts, one image each (image i seeded `seed + i`), judged by "
-          "`sdjax.shapes.classify`; command: `python tools/eval_tiny.py --split SPLIT [--steps N "
+          "`sdjax.training.shapes.classify`; command: `python tools/eval_tiny.py --split SPLIT [--steps N "
           "--guidance_scale G]`. Held-out prompts never appeared in training.", "",
           "| split | prompts | seed | steps | guidance | scheduler | color | background | shape "
           "| position | all four |", "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
@@ -69,7 +69,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import sdjax  # noqa: PLC0415
-  from sdjax import shapes  # noqa: PLC0415
+  from sdjax.training import shapes  # noqa: PLC0415
 
   pipe = sdjax.load_pipeline(_MODEL.value)
   if _VAE.value:

@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sdjax import train_shapes  # noqa: E402
+from sdjax.training import recipe  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "train_tiny.py"),
@@ -34,7 +34,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   max_seconds = None if _MAX_MINUTES.value is None else 60 * _MAX_MINUTES.value
-  train_shapes.run(_CONFIG.value, _WORKDIR.value, _OUTPUT.value, max_seconds, _INIT_FROM.value)
+  recipe.run(_CONFIG.value, _WORKDIR.value, _OUTPUT.value, max_seconds, _INIT_FROM.value)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from sdjax.weights import WEIGHT_STEMS, weight_candidates
+from sdjax.checkpoints.weights import WEIGHT_STEMS, weight_candidates
 
 _CONFIG_FILES = (
     "model_index.json",

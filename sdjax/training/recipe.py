@@ -18,11 +18,12 @@ import numpy as np
 from absl import logging
 from transformers import CLIPTokenizer
 
-from sdjax import parallel, shapes, testing, train
+from sdjax import parallel, testing
 from sdjax import pipeline as pipeline_lib
 from sdjax.models.clip import CLIPTextConfig
 from sdjax.models.unet import UNetConfig
 from sdjax.models.vae import VAEConfig
+from sdjax.training import shapes, train
 
 # The caption grammar's words, each one BPE token.
 STAGES = ("vae", "vae_sharpen", "diffusion")
@@ -285,7 +286,7 @@ def write_model_card(folder: str, config, summary: dict, pipe) -> None:
       f"{summary['diffusion_final_loss']:.4f}",
       "- captions: canonical, 10% each without position, without background, without both, "
       "and empty (the unconditional branch); about one attribute combination in ten "
-      "(`sdjax.shapes.held_out`) never shown",
+      "(`sdjax.training.shapes.held_out`) never shown",
       "- wall time per stage (loop and compile, minutes): " + ", ".join(
           f"{k} {v / 60:.1f}" for k, v in summary["stage_seconds"].items() if v) +
       f"; on {summary['host']} ({summary['devices']}), jax {summary.get('jax', '?')}" +

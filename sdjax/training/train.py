@@ -1,7 +1,7 @@
 """Training: optax optimisers, data-parallel jitted steps, EMA, orbax checkpoints with exact resume.
 
 A stage is a loss `loss_fn(params, frozen, key) -> (loss, metrics)` over trainable params; the
-batch is made inside the loss from `key` (see `sdjax.shapes`), so a step is a pure function of
+batch is made inside the loss from `key` (see `sdjax.training.shapes`), so a step is a pure function of
 (state, frozen, seed) and a resumed run replays the same keys. Params and optimiser state are
 replicated over a 1-D mesh of every device; the batch is split along it, so `jax.jit` turns the
 gradient into a data-parallel all-reduce.
@@ -206,7 +206,7 @@ def diffusion_loss(unet, text_encoder, make_batch, batch: int, scheduler_config,
   Trainable params are {"unet", "text_encoder"}. `make_batch(key, n, frozen)` returns (latents
   [n, h, w, C], posterior samples before `scaling`; caption token ids [n, L]), split over the
   mesh: it encodes rendered images with the VAE params in `frozen`, or draws from latents
-  encoded once beforehand (see `sdjax.train_shapes`).
+  encoded once beforehand (see `sdjax.training.recipe`).
   """
   alphas_cumprod = jnp.asarray(noise_schedule(scheduler_config))
   prediction = scheduler_config.get("prediction_type", "epsilon")

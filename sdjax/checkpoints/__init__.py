@@ -1,0 +1,1 @@
+"""Checkpoint files: reading and writing weights in the layouts the ecosystem uses."""
