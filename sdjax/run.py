@@ -54,8 +54,10 @@ class RunConfig:
   model: str | None = None
   negative_prompt: str = ""
   num_images_per_prompt: int = 1
-  steps: int = 50
-  guidance_scale: float = 7.5
+  # None: the model folder's sampling defaults (`sdjax_defaults.json`), else 50 steps, guidance
+  # 7.5 and the checkpoint's own scheduler.
+  steps: int | None = None
+  guidance_scale: float | None = None
   scheduler: str | None = None
   eta: float = 0.0  # DDIM's stochasticity; step noise from each image's seed
   height: int | None = None
@@ -147,7 +149,7 @@ def validate(cfg: RunConfig) -> None:
   """Checks what needs no model, so that bad input fails before anything slow."""
   if not cfg.prompts:
     raise RunError("no prompts: give --prompt or --prompts_file")
-  if cfg.steps < 1:
+  if cfg.steps is not None and cfg.steps < 1:
     raise RunError(f"--steps must be at least 1, got {cfg.steps}")
   if cfg.batch_size < 1:
     raise RunError(f"--batch_size must be at least 1, got {cfg.batch_size}")
@@ -249,12 +251,17 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   enable_compilation_cache(cfg.compilation_cache)
   outputs.check_output_dir(cfg.output_dir)
   pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, allow_pickle=cfg.allow_pickle)
+  steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
+                                                         cfg.scheduler)
+  cfg = dataclasses.replace(cfg, steps=steps, guidance_scale=guidance, scheduler=scheduler)
   height = cfg.height or pipe.native_size
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)
   scheduler = cfg.scheduler or sampling.schedulers.default_scheduler_name(pipe.scheduler_config)
 
   jobs = plan_images(cfg)
+  if jax.process_index() == 0:
+    sampling.warn_unknown_words(pipe, [line.prompt for line in cfg.prompts])
   _check_settings(cfg.output_dir, _settings(cfg, pipe, height, width, scheduler, jobs),
                   cfg.overwrite)
   if jax.process_index() == 0:
