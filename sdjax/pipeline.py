@@ -221,7 +221,7 @@ def load_pipeline(
     *,
     param_dtype=None,
     variant: str | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = True,
     revision: str | None = None,
 ) -> Pipeline:
   """Loads a Stable Diffusion pipeline.
@@ -232,9 +232,11 @@ def load_pipeline(
     dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
     param_dtype: dtype the params are stored in (default: `dtype`).
     variant: weight file variant to prefer, e.g. "fp16".
-    allow_pickle: allow reading `.bin` pickles (this can run code: only for trusted files).
+    allow_pickle: ignored, kept for compatibility: `.bin`/`.ckpt` pickles are always read by an
+      allowlisting unpickler that never runs code from the file.
     revision: hub revision (branch, tag or commit).
   """
+  del allow_pickle
   if source is None:
     from sdjax import BUILTIN_MODEL  # noqa: PLC0415
 
@@ -260,8 +262,7 @@ def load_pipeline(
   examples = _example_inputs(unet_cfg, text_cfg, vae_cfg)
   params = {}
   for name, module in modules.items():
-    state = read_state_dict(os.path.join(folder, name), name, variant=variant,
-                            allow_pickle=allow_pickle)
+    state = read_state_dict(os.path.join(folder, name), name, variant=variant)
     expected = _expected_params(module, *examples[name])
     params[name] = jax.device_put(torch_to_flax(state, expected, name, np.dtype(store)))
   return Pipeline(
