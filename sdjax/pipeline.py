@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
 from sdjax import sampling
@@ -266,7 +267,11 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
            for name in ("unet", "vae", "text_encoder", "scheduler")}
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
   else:
-    raw = standard.standard_config(single_file.standard_config_name(family, prediction_type))
+    name = single_file.standard_config_name(family, prediction_type)
+    if family == "sd2" and prediction_type is None:
+      logging.info("%s: SD2 weights do not say their prediction type; assuming 768-v "
+                   "(v_prediction). Pass prediction_type='epsilon' for 512-base models.", path)
+    raw = standard.standard_config(name)
     tokenizer = standard.clip_tokenizer(raw["tokenizer"]["pad_token"])
   text_cfg = CLIPTextConfig.from_dict(raw["text_encoder"])
   if single_file.config_family(text_cfg) != family:

@@ -380,3 +380,24 @@ def test_builtin_configs_and_tokenizer_offline(family_files, monkeypatch):
   assert asked == ["sd1"]
   _assert_params_equal(pipe.params, ref.params)
   assert len(pipe.tokenizer) == 49408
+
+
+def test_hub_selects_only_what_is_needed():
+  from sdjax.checkpoints import hub
+
+  pipeline_repo = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                   "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+                   "vae/diffusion_pytorch_model.bin", "text_encoder/config.json",
+                   "text_encoder/model.safetensors", "tokenizer/vocab.json",
+                   "tokenizer/merges.txt", "scheduler/scheduler_config.json"]
+  assert hub.select_files(pipeline_repo, component="vae") == [
+      "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+  vae_repo = ["config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors",
+              "diffusion_pytorch_model.safetensors", "vae-ft-mse-840000-ema-pruned.ckpt"]
+  assert hub.select_files(vae_repo, component="vae") == [
+      "config.json", "diffusion_pytorch_model.safetensors"]
+  assert hub.select_files(vae_repo, component="vae", variant="fp16")[1] == (
+      "diffusion_pytorch_model.fp16.safetensors")
+  configs = hub.select_files(pipeline_repo, configs_only=True)
+  assert "tokenizer/vocab.json" in configs and "unet/config.json" in configs
+  assert not any(f.endswith((".safetensors", ".bin")) for f in configs)

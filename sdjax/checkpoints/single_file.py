@@ -14,16 +14,13 @@ model's config: `unet_table(cfg)` lists, for every diffusers key, the original k
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import struct
 from collections.abc import Callable, Mapping
 
-import ml_dtypes
 import numpy as np
 
-from sdjax.checkpoints.weights import WeightsError, read_pickle
+from sdjax.checkpoints.weights import WeightsError, read_pickle, read_safetensors
 
 
 class SingleFileError(WeightsError):
@@ -59,39 +56,7 @@ def is_single_file(source: str) -> bool:
 
 
 # -- reading ----------------------------------------------------------------------------------------
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$|\.index\.json$")
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """A safetensors file as numpy arrays (bfloat16 as `ml_dtypes.bfloat16`), checked for size."""
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    if not 2 <= n <= len(data) - 8:
-      raise ValueError(f"header length {n} exceeds the file ({len(data)} bytes)")
-    header = json.loads(data[8:8 + n])
-  except (OSError, ValueError, struct.error) as e:
-    raise SingleFileError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
-  body = memoryview(data)[8 + n:]
-  out = {}
-  for key, info in header.items():
-    if key == "__metadata__":
-      continue
-    if info.get("dtype") not in _SAFETENSORS_DTYPES:
-      raise SingleFileError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-    start, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    if end > len(body) or end - start != int(np.prod(shape)) * dtype.itemsize:
-      raise SingleFileError(f"{path} is truncated or corrupt: tensor {key!r} lies outside the file")
-    out[key] = np.frombuffer(body[start:end], dtype).reshape(shape)
-  return out
 
 
 def read_single_file(path: str) -> dict[str, np.ndarray]:
@@ -103,7 +68,7 @@ def read_single_file(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise SingleFileError(f"checkpoint file {path} does not exist")
   if path.lower().endswith(".safetensors"):
-    return read_safetensors(path)
+    return read_safetensors(path, SingleFileError)
   if path.lower().endswith(PICKLE_EXTENSIONS):
     return read_pickle(path)
   raise SingleFileError(f"{path}: unknown checkpoint extension (use one of {', '.join(EXTENSIONS)})")
