@@ -124,7 +124,9 @@ def test_half_precision_file(family_files, tmp_path):
 
   family, folder, _, ref, exported, _ = family_files
   state = load_file(exported)
-  if family == "sd1":
+  if family == "sd1":  # also with CLIP keys as transformers < 4.20 saved them (no text_model.)
+    state = {k.replace(single_file.CLIP_PREFIX, "cond_stage_model.transformer."): v
+             for k, v in state.items()}
     path, cast = str(tmp_path / "model-fp16.safetensors"), np.float16
     save_file({k: v.astype(np.float16) for k, v in state.items()}, path)
   else:  # bf16 as torch writes it
@@ -225,6 +227,8 @@ def test_bad_files(family_files, tmp_path):
   truncated.write_bytes(data[: len(data) // 2])
   with pytest.raises(SingleFileError, match="truncated"):
     sdjax.load_pipeline(str(truncated), config=folder)
+  with pytest.raises(SingleFileError, match="checkpoint file .*nothere.ckpt does not exist"):
+    sdjax.load_pipeline(str(tmp_path / "nothere.ckpt"))
   shard = tmp_path / "model-00001-of-00002.safetensors"
   shutil.copy(real, shard)
   with pytest.raises(SingleFileError, match="one shard of a sharded checkpoint"):
