@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import sampling
-from sdjax.checkpoints import hub
+from sdjax.checkpoints import embeddings as textual_inversion
+from sdjax.checkpoints import hub, lora
 from sdjax.checkpoints.weights import (
   TEXT_PREFIX,
   WeightsError,
@@ -79,6 +80,9 @@ class Pipeline:
   tokenizer: Any
   scheduler_config: dict[str, Any]
   name: str = "sdjax"
+  # Textual-inversion embeddings by token (`checkpoints.embeddings.Embedding`: vectors per
+  # text encoder); their tokens are already in the tokenizer and the embedding table.
+  embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   # -- properties -------------------------------------------------------------------------------
   @property
@@ -107,7 +111,8 @@ class Pipeline:
     """Prompts -> int32 token ids [B, 77], padded and truncated as Stable Diffusion does."""
     if isinstance(prompts, str):
       prompts = [prompts]
-    ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+    prompts = [textual_inversion.expand_prompt(p, self.embeddings) for p in prompts]
+    ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
                          truncation=True, return_tensors="np")["input_ids"]
     return np.asarray(ids, dtype=np.int32)
 
@@ -223,6 +228,8 @@ def load_pipeline(
     variant: str | None = None,
     allow_pickle: bool = False,
     revision: str | None = None,
+    loras=(),
+    embeddings=(),
 ) -> Pipeline:
   """Loads a Stable Diffusion pipeline.
 
@@ -234,6 +241,10 @@ def load_pipeline(
     variant: weight file variant to prefer, e.g. "fp16".
     allow_pickle: allow reading `.bin` pickles (this can run code: only for trusted files).
     revision: hub revision (branch, tag or commit).
+    loras: LoRA files merged into the weights: `path`, `(path, scale)` or
+      `(path, unet_scale, text_encoder_scale)` each (see `checkpoints.lora`).
+    embeddings: textual-inversion files: `path` or `(path, token)` each (token default: the
+      file's stem; see `checkpoints.embeddings`).
   """
   if source is None:
     from sdjax import BUILTIN_MODEL  # noqa: PLC0415
@@ -264,7 +275,7 @@ def load_pipeline(
                             allow_pickle=allow_pickle)
     expected = _expected_params(module, *examples[name])
     params[name] = jax.device_put(torch_to_flax(state, expected, name, np.dtype(store)))
-  return Pipeline(
+  pipe = Pipeline(
       text_encoder=modules["text_encoder"],
       unet=modules["unet"],
       vae=modules["vae"],
@@ -273,6 +284,16 @@ def load_pipeline(
       scheduler_config=scheduler_config,
       name=str(source),
   )
+  return add_extras(pipe, loras=loras, embeddings=embeddings)
+
+
+def add_extras(pipe: Pipeline, *, loras=(), embeddings=()) -> Pipeline:
+  """`pipe` with textual-inversion embeddings added, then LoRAs merged into its weights."""
+  if embeddings:
+    pipe = textual_inversion.add_embeddings(pipe, embeddings)
+  if loras:
+    pipe = dataclasses.replace(pipe, params=lora.merge_loras(pipe.params, loras))
+  return pipe
 
 
 def build_pipeline(unet_cfg, vae_cfg, text_cfg, tokenizer, scheduler_config, params=None, *,
