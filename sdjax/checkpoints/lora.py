@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sdjax.checkpoints import hub
+from sdjax.checkpoints import hub, safe_pickle
 from sdjax.checkpoints.weights import TEXT_PREFIX, torch_key
 
 
@@ -98,10 +98,6 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 def read_pickle(path: str) -> Any:
   """A `.pt` / `.bin` / `.ckpt` pickle through sdjax's allowlisting unpickler (no code runs)."""
-  try:
-    from sdjax.checkpoints import safe_pickle  # noqa: PLC0415
-  except ImportError:
-    raise LoraError(f"{path}: pickle files are not supported yet; use .safetensors") from None
   return safe_pickle.load(path)
 
 
