@@ -212,6 +212,8 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
     (["--scheduler", "magic"], "unknown scheduler 'magic'"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt does"),
     (["--model", "/nonexistent/model"], "does not exist"),
+    (["--lora", "/nonexistent/style.safetensors:0.5"], "LoRA file '/nonexistent/style.safetensors"),
+    (["--embedding", "/nonexistent/neg.pt:neg"], "embedding file '/nonexistent/neg.pt' does"),
 ])
 def test_bad_input_one_line(extra, message, model, tmp_path):
   args = ["--model", model, "--prompt", "a cat", "--output_dir", str(tmp_path / "o"), *extra]
