@@ -149,7 +149,8 @@ class Pipeline:
                guidance_scale: float = 7.5, scheduler: str | None = None,
                height: int | None = None, width: int | None = None, seed: int = 0,
                latents=None, init_images=None, strength: float = 0.8,
-               guidance_rescale: float = 0.0, clip_skip: int | None = None) -> np.ndarray:
+               guidance_rescale: float = 0.0, clip_skip: int | None = None,
+               eta: float = 0.0) -> np.ndarray:
     """Text-to-image (or image-to-image with `init_images`) generation.
 
     Args:
@@ -166,6 +167,8 @@ class Pipeline:
       strength: img2img: how much of the schedule to run (1.0 ignores the image).
       guidance_rescale: rescales guided noise towards the conditional one's std (0 = off).
       clip_skip: condition on the text encoder's output this many layers before the last.
+      eta: DDIM's stochasticity (diffusers' `eta`; 0 is deterministic DDIM, 1 DDPM-like); its
+        step noise comes from each image's seed. Only the `ddim` scheduler takes it.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1].
@@ -174,7 +177,7 @@ class Pipeline:
         self, prompts, negative_prompts=negative_prompts, steps=steps,
         guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
         seed=seed, latents=latents, init_images=init_images, strength=strength,
-        guidance_rescale=guidance_rescale, clip_skip=clip_skip)
+        guidance_rescale=guidance_rescale, clip_skip=clip_skip, eta=eta)
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:
