@@ -169,8 +169,11 @@ def test_merge_does_not_mutate_and_scales_split(models, tmp_path):
   # Two LoRAs add: a + b at once equals a then b; the te scale alone moves only the text.
   both = lora.apply_loras(pipe, [(path, 0.5, 0.0), (path, 0.0, 2.0)])
   once = lora.apply_loras(pipe, [(path, 0.5, 2.0)])
-  for a, b in zip(_outputs_ours(pipe, both), _outputs_ours(pipe, once), strict=True):
+  parsed = lora.read_lora(path, pipe.params)  # parsed once, merged at any scales
+  again = lora.apply_loras(pipe, [(parsed, 0.5, 2.0)])
+  for a, b, c in zip(*(_outputs_ours(pipe, p) for p in (both, once, again)), strict=True):
     assert_close(a, b, tol=1e-6)
+    assert_close(c, b, tol=0)
 
 
 # -- LoRA, LoHa and LoKr against the merge formula, applied to the torch reference ---------------
