@@ -302,6 +302,12 @@ def test_load_pipeline_with_loras(models, tmp_path):
   expected = lora.apply_loras(pipe, [(path, 1.8)])
   for a, b in zip(_outputs_ours(pipe, loaded.params), _outputs_ours(pipe, expected), strict=True):
     assert_close(a, b, tol=1e-6)
+  # bfloat16 params: merged in float32, stored back in bfloat16.
+  half = sdjax.load_pipeline(folder, dtype="bfloat16", loras=[(path, 1.8)])
+  kernel = half.params["unet"]["conv_in"]["kernel"]
+  assert str(kernel.dtype) == "bfloat16"
+  assert_close(np.asarray(kernel, np.float32), np.asarray(expected["unet"]["conv_in"]["kernel"]),
+               tol=1e-2)
 
 
 def test_parse_lora_flag():
