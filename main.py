@@ -18,7 +18,14 @@ from sdjax import run
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
                 "batch_size", "dtype", "eta")
 
-flags.DEFINE_string("model", None, "diffusers folder or hub id (default: the built-in model)")
+flags.DEFINE_string("model", None, "diffusers folder, hub id, or single checkpoint file "
+                    "(.safetensors/.ckpt; default: the built-in model)")
+flags.DEFINE_string("model_config", None, "single-file --model: diffusers folder or hub id whose "
+                    "configs, tokenizer and scheduler to use (default: built-in standard configs)")
+flags.DEFINE_string("vae", None, "replacement VAE: diffusers folder, hub id or VAE file")
+flags.DEFINE_enum("prediction_type", None, ["epsilon", "v_prediction"],
+                  "override the scheduler's prediction type (SD2 single files: 512-base is "
+                  "epsilon, 768-v is v_prediction, the default)")
 flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 flags.DEFINE_string("prompts_file", None, ".txt (one prompt per line) or .jsonl (objects with "
                     "prompt and optional negative_prompt, seed, num_images)")
@@ -37,7 +44,7 @@ flags.DEFINE_integer("batch_size", None, "images per device per step")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
 flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
-flags.DEFINE_bool("allow_pickle", True, "no longer needed: pickles are read without running code")
+flags.DEFINE_bool("allow_pickle", True, "ignored (pickles are read without running code)")
 flags.DEFINE_multi_string("lora", [], "LoRA file or hub file merged into the weights, "
                           "path[:scale] (repeatable; scale default 1)")
 flags.DEFINE_multi_string("embedding", [], "textual-inversion file or hub file, path[:token] "
@@ -68,7 +75,8 @@ def _run_config() -> run.RunConfig:
   return run.RunConfig(
       prompts=tuple(prompts), negative_prompt=FLAGS.negative_prompt,
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
-      output_dir=FLAGS.output_dir, overwrite=FLAGS.overwrite, allow_pickle=FLAGS.allow_pickle,
+      output_dir=FLAGS.output_dir, overwrite=FLAGS.overwrite, model_config=FLAGS.model_config,
+      vae=FLAGS.vae, prediction_type=FLAGS.prediction_type,
       compilation_cache=FLAGS.compilation_cache,
       coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id,

@@ -66,6 +66,9 @@ class RunConfig:
   output_dir: str = "outputs"
   overwrite: bool = False
   allow_pickle: bool = True  # ignored: pickles are always read safely
+  model_config: str | None = None  # single-file model: folder / hub id of its configs
+  vae: str | None = None
+  prediction_type: str | None = None
   compilation_cache: str | None = None
   coordinator_address: str | None = None
   num_processes: int | None = None
@@ -263,8 +266,9 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   parallel.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
   enable_compilation_cache(cfg.compilation_cache)
   outputs.check_output_dir(cfg.output_dir)
-  pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, allow_pickle=cfg.allow_pickle,
-                             loras=cfg.loras, embeddings=cfg.embeddings)
+  pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, config=cfg.model_config, vae=cfg.vae,
+                             prediction_type=cfg.prediction_type, loras=cfg.loras,
+                             embeddings=cfg.embeddings)
   height = cfg.height or pipe.native_size
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)
