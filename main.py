@@ -45,6 +45,10 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dt
 flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
 flags.DEFINE_bool("allow_pickle", True, "ignored (pickles are read without running code)")
+flags.DEFINE_multi_string("lora", [], "LoRA file or hub file merged into the weights, "
+                          "path[:scale] (repeatable; scale default 1)")
+flags.DEFINE_multi_string("embedding", [], "textual-inversion file or hub file, path[:token] "
+                          "(repeatable; token default: the file's stem)")
 flags.DEFINE_string("compilation_cache", None, "persistent compilation cache folder "
                     "(default: ~/.cache/sdjax/jax; empty to disable)")
 flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
@@ -75,7 +79,11 @@ def _run_config() -> run.RunConfig:
       vae=FLAGS.vae, prediction_type=FLAGS.prediction_type,
       compilation_cache=FLAGS.compilation_cache,
       coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-      process_id=FLAGS.process_id, **values)
+      process_id=FLAGS.process_id,
+      loras=tuple(run.parse_path_arg(s, float, 1.0) for s in FLAGS.lora),
+      embeddings=tuple(run.parse_path_arg(s, str, None, "--embedding", "token")
+                       for s in FLAGS.embedding),
+      **values)
 
 
 def main(argv):

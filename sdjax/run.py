@@ -74,6 +74,8 @@ class RunConfig:
   num_processes: int | None = None
   process_id: int | None = None
   show_progress: bool = True
+  loras: tuple[tuple[str, float], ...] = ()  # (file or hub file, scale)
+  embeddings: tuple[tuple[str, str | None], ...] = ()  # (file or hub file, token or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +147,17 @@ def plan_images(cfg: RunConfig) -> list[ImageJob]:
   return jobs
 
 
+def parse_path_arg(spec: str, convert, default, flag: str = "--lora", value: str = "scale"):
+  """`path[:value]` -> (path, value); a ':' followed by a path (`C:/x`) is part of the path."""
+  head, sep, tail = spec.rpartition(":")
+  if not sep or not head or "/" in tail or "\\" in tail:
+    return spec, default
+  try:
+    return head, convert(tail)
+  except ValueError:
+    raise RunError(f"{flag} {spec}: the {value} after ':' must be a {convert.__name__}") from None
+
+
 # -- validation ------------------------------------------------------------------------------------
 def validate(cfg: RunConfig) -> None:
   """Checks what needs no model, so that bad input fails before anything slow."""
@@ -182,7 +195,9 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
   return {"model": pipe.name, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
           "scheduler": scheduler, "height": height, "width": width, "dtype": cfg.dtype,
           "images": len(jobs), "jobs_sha256": digest,
-          **({"eta": cfg.eta} if cfg.eta else {})}  # absent when 0: older folders still match
+          **({"eta": cfg.eta} if cfg.eta else {}),  # absent when 0: older folders still match
+          **({"loras": [list(x) for x in cfg.loras]} if cfg.loras else {}),
+          **({"embeddings": [list(x) for x in cfg.embeddings]} if cfg.embeddings else {})}
 
 
 def _check_settings(output_dir: str, settings: dict[str, Any], overwrite: bool) -> None:
@@ -252,7 +267,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   enable_compilation_cache(cfg.compilation_cache)
   outputs.check_output_dir(cfg.output_dir)
   pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, config=cfg.model_config, vae=cfg.vae,
-                             prediction_type=cfg.prediction_type)
+                             prediction_type=cfg.prediction_type, loras=cfg.loras,
+                             embeddings=cfg.embeddings)
   height = cfg.height or pipe.native_size
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)

@@ -214,6 +214,8 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
     (["--scheduler", "ddim", "--eta=-1"], "--eta must be >= 0"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt does"),
     (["--model", "/nonexistent/model"], "does not exist"),
+    (["--lora", "/nonexistent/style.safetensors:0.5"], "LoRA file '/nonexistent/style.safetensors"),
+    (["--embedding", "/nonexistent/neg.pt:neg"], "embedding file '/nonexistent/neg.pt' does"),
 ])
 def test_bad_input_one_line(extra, message, model, tmp_path):
   args = ["--model", model, "--prompt", "a cat", "--output_dir", str(tmp_path / "o"), *extra]
@@ -277,3 +279,25 @@ def test_ddim_eta(model, cache, tmp_path):
                                              guidance_scale=3.0, scheduler="ddim", eta=0.5, seed=5)
   got = np.stack(list(_pixels(out).values())).astype(np.float32) / 255
   assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+
+def test_lora_and_embedding_flags(reference_run, model, cache, tmp_path):
+  """--lora and --embedding reach the model: the same seed gives other pixels, run.json says why."""
+  from safetensors.numpy import save_file
+
+  rng = np.random.default_rng(0)
+  lora = str(tmp_path / "style.safetensors")
+  save_file({"lora_unet_conv_in.lora_down.weight": rng.standard_normal((2, 4, 3, 3), np.float32),
+             "lora_unet_conv_in.lora_up.weight": rng.standard_normal((32, 2, 1, 1), np.float32)},
+            lora)
+  emb = str(tmp_path / "my-style.safetensors")
+  save_file({"emb_params": rng.standard_normal((2, 32), np.float32)}, emb)
+  out = str(tmp_path / "out")
+  main_py(["--model", model, "--prompt", PROMPTS[0], *COMMON, "--batch_size", "2", "--seed",
+           "100", "--output_dir", out, "--compilation_cache", cache, "--lora", f"{lora}:0.5",
+           "--embedding", emb])
+  with open(os.path.join(out, "run.json")) as f:
+    settings = json.load(f)
+  assert settings["loras"] == [[lora, 0.5]] and settings["embeddings"] == [[emb, None]]
+  ours, before = _pixels(out)["000000.png"], _pixels(reference_run)["000000.png"]
+  assert np.abs(ours.astype(int) - before).max() > 10
