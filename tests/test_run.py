@@ -21,6 +21,19 @@ def model(tmp_path_factory):
   return folder
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def single_run(model, cache, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("single") / "out")
+  summary = run.generate_run(_config(model, out, cache))
+  assert (summary.images, summary.merged) == (5, True)
+  return out
+
+
 def _config(model, output_dir, cache, **kwargs):
   return run.RunConfig(prompts=PROMPTS, model=model, steps=2, guidance_scale=3.0,
                        scheduler="euler_ancestral", height=16, width=16, seed=100, batch_size=2,
@@ -34,11 +47,8 @@ def _pixels(store):
   return {r["index"]: np.asarray(Image.open(io.BytesIO(store.read(r["file"])))) for r in records}
 
 
-def test_jobs_on_a_memory_store_make_the_single_run(model, tmp_path):
+def test_jobs_on_a_memory_store_make_the_single_run(model, cache, single_run):
   """Two jobs (--num_shards 2) writing to memory:// make the pixels of one local run."""
-  cache = str(tmp_path / "cache")
-  single = run.generate_run(_config(model, str(tmp_path / "single"), cache))
-  assert (single.images, single.merged) == (5, True)
   url = f"memory://test-run-{os.getpid()}/out"
   first = run.generate_run(_config(model, url, cache, num_shards=2, shard_index=1))
   assert (first.images, first.merged) == (2, False)  # shard 1; shards 0 and 2 belong to job 0
@@ -47,7 +57,7 @@ def test_jobs_on_a_memory_store_make_the_single_run(model, tmp_path):
   second = run.generate_run(_config(model, url, cache, num_shards=2, shard_index=0))
   assert (second.images, second.skipped, second.merged) == (3, 2, True)
 
-  ref = _pixels(sinks.Store(str(tmp_path / "single")))
+  ref = _pixels(sinks.Store(single_run))
   got = _pixels(store)
   assert sorted(got) == list(range(5))
   for k in ref:
@@ -58,10 +68,8 @@ def test_jobs_on_a_memory_store_make_the_single_run(model, tmp_path):
   assert (again.images, again.skipped) == (0, 5)
 
 
-def test_png_metadata_is_shareable(model, tmp_path):
-  out = tmp_path / "out"
-  run.generate_run(_config(model, str(out), str(tmp_path / "cache")))
-  text = Image.open(out / "00000" / "000000.png").text["parameters"]
+def test_png_metadata_is_shareable(model, single_run):
+  text = Image.open(os.path.join(single_run, "00000", "000000.png")).text["parameters"]
   params = outputs.parse_a1111_parameters(text)
   unet = os.path.join(model, "unet", "diffusion_pytorch_model.safetensors")
   assert params["Model"] == "pipe" and model not in text  # no local path in shared images
