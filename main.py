@@ -16,9 +16,16 @@ from ml_collections import config_flags
 from sdjax import run
 
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
-                "batch_size", "dtype")
+                "batch_size", "dtype", "eta")
 
-flags.DEFINE_string("model", None, "diffusers folder or hub id (default: the built-in model)")
+flags.DEFINE_string("model", None, "diffusers folder, hub id, or single checkpoint file "
+                    "(.safetensors/.ckpt; default: the built-in model)")
+flags.DEFINE_string("model_config", None, "single-file --model: diffusers folder or hub id whose "
+                    "configs, tokenizer and scheduler to use (default: built-in standard configs)")
+flags.DEFINE_string("vae", None, "replacement VAE: diffusers folder, hub id or VAE file")
+flags.DEFINE_enum("prediction_type", None, ["epsilon", "v_prediction"],
+                  "override the scheduler's prediction type (SD2 single files: 512-base is "
+                  "epsilon, 768-v is v_prediction, the default)")
 flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 flags.DEFINE_string("prompts_file", None, ".txt (one prompt per line) or .jsonl (objects with "
                     "prompt and optional negative_prompt, seed, num_images)")
@@ -28,6 +35,8 @@ flags.DEFINE_integer("steps", None, "denoising steps")
 flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
 flags.DEFINE_string("scheduler", None, "ddim, pndm, lms, euler, euler_ancestral, heun, dpmpp_2m, "
                     "dpmpp_2m_karras, ddpm (default: the checkpoint's own)")
+flags.DEFINE_float("eta", None, "DDIM's eta: 0 deterministic (default), 1 DDPM-like; step noise "
+                   "from each image's seed (--scheduler ddim only)")
 flags.DEFINE_integer("height", None, "image height in pixels (default: the model's native size)")
 flags.DEFINE_integer("width", None, "image width in pixels (default: the model's native size)")
 flags.DEFINE_integer("seed", 0, "image k of the run gets seed + k")
@@ -46,7 +55,7 @@ flags.DEFINE_integer("shard_index", 0, "which of the --num_shards jobs this is: 
                      "shards s with s % num_shards == shard_index")
 flags.DEFINE_integer("writer_threads", 8, "threads that encode and write images")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
-flags.DEFINE_bool("allow_pickle", False, "allow .bin pickle weights (can run code: trusted only)")
+flags.DEFINE_bool("allow_pickle", True, "ignored (pickles are read without running code)")
 flags.DEFINE_string("compilation_cache", None, "persistent compilation cache folder "
                     "(default: ~/.cache/sdjax/jax; empty to disable)")
 flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
@@ -58,7 +67,7 @@ FLAGS = flags.FLAGS
 
 
 def _run_config() -> run.RunConfig:
-  values = dict(steps=50, guidance_scale=7.5, batch_size=1, dtype="float32")
+  values = dict(steps=50, guidance_scale=7.5, batch_size=1, dtype="float32", eta=0.0)
   preset = _CONFIG.value
   if preset is None and FLAGS.model is None:
     from configs import builtin  # noqa: PLC0415
@@ -74,7 +83,8 @@ def _run_config() -> run.RunConfig:
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, shard_size=FLAGS.shard_size,
       num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index,
-      writer_threads=FLAGS.writer_threads, overwrite=FLAGS.overwrite, allow_pickle=FLAGS.allow_pickle,
+      writer_threads=FLAGS.writer_threads, overwrite=FLAGS.overwrite,
+      model_config=FLAGS.model_config, vae=FLAGS.vae, prediction_type=FLAGS.prediction_type,
       compilation_cache=FLAGS.compilation_cache,
       coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id, **values)

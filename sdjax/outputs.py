@@ -88,7 +88,8 @@ def _a1111_quote(value: Any) -> str:
 
 def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str,
                      cfg_scale: float, seed: int, width: int, height: int, model: str,
-                     model_hash: str | None = None, version: str | None = None) -> str:
+                     model_hash: str | None = None, eta: float = 0.0,
+                     version: str | None = None) -> str:
   """The text AUTOMATIC1111's web UI stores in (and reads from) a PNG `parameters` chunk.
 
   ```
@@ -101,8 +102,9 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
   or a newline are JSON-quoted, the CFG scale is Python's `str(float)` (`7.0`), and the whole
   text is stripped (a prompt's leading whitespace is lost). `sampler` is one of our scheduler
   names, written under its A1111 name (`A1111_SAMPLER_NAMES`); other names pass through. An
-  empty `model`, `model_hash` (A1111's short hash, see `short_hash`) or `version` is left out;
-  A1111 writes `Model hash` before `Model` and `Version` last.
+  empty `model`, `model_hash` (A1111's short hash, see `short_hash`) or `version` is left out,
+  and so is a zero `eta` (DDIM's); A1111 writes `Model hash` before `Model`, `Eta` after it and
+  `Version` last.
   """
   params = {
       "Steps": int(steps),
@@ -112,6 +114,7 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
       "Size": f"{int(width)}x{int(height)}",
       "Model hash": model_hash or None,
       "Model": model or None,
+      "Eta": float(eta) if eta else None,
       "Version": version or None,
   }
   line = ", ".join(f"{k}: {_a1111_quote(v)}" for k, v in params.items() if v is not None)

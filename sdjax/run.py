@@ -43,6 +43,7 @@ class RunConfig:
   steps: int = 50
   guidance_scale: float = 7.5
   scheduler: str | None = None
+  eta: float = 0.0  # DDIM's stochasticity; step noise from each image's seed
   height: int | None = None
   width: int | None = None
   seed: int = 0
@@ -56,7 +57,10 @@ class RunConfig:
   shard_index: int = 0  # which of them this is
   writer_threads: int = 8
   overwrite: bool = False
-  allow_pickle: bool = False
+  allow_pickle: bool = True  # ignored: pickles are always read safely
+  model_config: str | None = None  # single-file model: folder / hub id of its configs
+  vae: str | None = None
+  prediction_type: str | None = None
   compilation_cache: str | None = None
   coordinator_address: str | None = None
   num_processes: int | None = None
@@ -105,10 +109,15 @@ def validate(cfg: RunConfig) -> None:
     value = getattr(cfg, name)
     if value is not None and (value % 8 or not 8 <= value <= MAX_SIZE):
       raise RunError(f"--{name} must be a multiple of 8 between 8 and {MAX_SIZE}, got {value}")
-  if not 0 <= cfg.seed < 2**32:
-    raise RunError(f"--seed must be in [0, 2**32), got {cfg.seed}")
   from sdjax import schedulers  # noqa: PLC0415
 
+  if not cfg.eta >= 0:
+    raise RunError(f"--eta must be >= 0, got {cfg.eta}")
+  if cfg.eta and cfg.scheduler is not None and cfg.scheduler not in schedulers.ETA_SCHEDULERS:
+    raise RunError(f"eta is an option of {', '.join(schedulers.ETA_SCHEDULERS)} only, not of "
+                   f"scheduler {cfg.scheduler!r}")
+  if not 0 <= cfg.seed < 2**32:
+    raise RunError(f"--seed must be in [0, 2**32), got {cfg.seed}")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -123,6 +132,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
               "output_format": cfg.output_format, "shard_size": cfg.shard_size}
   if cfg.output_format == "png":
     settings["images_per_folder"] = cfg.images_per_folder
+  if cfg.eta:  # absent when 0: older folders still match
+    settings["eta"] = cfg.eta
   return settings
 
 
@@ -229,7 +240,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   store = sinks.Store(cfg.output_dir)
   store.check()
   plan = make_plan(cfg)
-  pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, allow_pickle=cfg.allow_pickle)
+  pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, config=cfg.model_config, vae=cfg.vae,
+                             prediction_type=cfg.prediction_type)
   height = cfg.height or pipe.native_size
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)
@@ -265,7 +277,8 @@ def _generate(cfg, pipe, plan, work, sink, metadata):
     return 0, 0.0, 0.0, False
   spec, state = sampling.prepare(pipe, cfg.batch_size, steps=cfg.steps,
                                  scheduler=metadata.scheduler, height=metadata.height,
-                                 width=metadata.width, guidance_scale=cfg.guidance_scale)
+                                 width=metadata.width, guidance_scale=cfg.guidance_scale,
+                                 eta=cfg.eta)
   run_batch = _Sampler(cfg, pipe, mesh, spec, state)
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
@@ -375,11 +388,15 @@ def model_identity(source: str | None) -> tuple[str, str | None]:
   from sdjax.checkpoints import hub, weights  # noqa: PLC0415
 
   source = source or BUILTIN_MODEL
-  if os.path.exists(source):
-    name = os.path.basename(os.path.normpath(source))
-    folder = source
+  if os.path.exists(os.path.expanduser(source)):
+    folder = os.path.expanduser(source)
+    name = os.path.basename(os.path.normpath(folder))
   else:
-    name, folder = source, hub.resolve_source(source)
+    name = source
+    try:
+      folder = hub.resolve_source(source)  # loaded already: a cache lookup
+    except ValueError:
+      return name, None
   if os.path.isfile(folder):
     name, file = os.path.splitext(name)[0], folder
   else:
@@ -408,7 +425,7 @@ class _Metadata:
     return {
         "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
         "seed": job.seed, "steps": cfg.steps, "scheduler": self.scheduler,
-        "guidance_scale": cfg.guidance_scale, "height": self.height, "width": self.width,
+        "guidance_scale": cfg.guidance_scale, "eta": cfg.eta, "height": self.height, "width": self.width,
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
     }
@@ -418,5 +435,5 @@ class _Metadata:
     return outputs.a1111_parameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=cfg.steps,
         sampler=self.scheduler, cfg_scale=cfg.guidance_scale, seed=job.seed, width=self.width,
-        height=self.height, model=self.model_name, model_hash=self.model_hash,
+        height=self.height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
         version=f"sdjax {sdjax.__version__}")

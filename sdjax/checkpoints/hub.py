@@ -28,30 +28,48 @@ def _looks_like_path(source: str) -> bool:
   return source.startswith((".", "/", "~")) or source.count("/") != 1
 
 
-def select_files(repo_files: list[str], *, variant: str | None = None) -> list[str]:
+def _weight_files(files: set[str], folder: str, stem: str, variant: str | None) -> list[str]:
+  for name in weight_candidates(stem, variant):
+    path = f"{folder}{name}"
+    if path in files:
+      if not name.endswith(".index.json"):
+        return [path]
+      shard_head = path.rsplit(".safetensors", 1)[0]
+      return [path] + sorted(f for f in files if f.startswith(shard_head + "-")
+                             and f.endswith(".safetensors"))
+  return []
+
+
+def select_files(repo_files: list[str], *, variant: str | None = None,
+                 configs_only: bool = False, component: str | None = None) -> list[str]:
   """The files of a diffusers repo that loading needs: configs, tokenizer, one weight file set.
 
   safetensors are preferred over pickles, and `variant` files (e.g. fp16) over plain ones; a
-  sharded checkpoint brings its index and every shard file.
+  sharded checkpoint brings its index and every shard file. `configs_only`: configs and
+  tokenizer (a single file's `config=`). `component="vae"`: only a VAE, from a pipeline repo's
+  `vae/` or a VAE repo's root.
   """
   files = set(repo_files)
+  if component is not None:
+    folder = f"{component}/" if f"{component}/config.json" in files else ""
+    if f"{folder}config.json" not in files:
+      return []
+    return [f"{folder}config.json"] + _weight_files(files, folder, WEIGHT_STEMS[component],
+                                                    variant)
   wanted = [f for f in _CONFIG_FILES if f in files]
   wanted += [f"tokenizer/{f}" for f in _TOKENIZER_FILES if f"tokenizer/{f}" in files]
-  for component, stem in WEIGHT_STEMS.items():
-    for name in weight_candidates(stem, variant):
-      path = f"{component}/{name}"
-      if path in files:
-        wanted.append(path)
-        if name.endswith(".index.json"):
-          shard_head = path.rsplit(".safetensors", 1)[0]
-          wanted += sorted(f for f in files if f.startswith(shard_head + "-")
-                           and f.endswith(".safetensors"))
-        break
+  if not configs_only:
+    for comp, stem in WEIGHT_STEMS.items():
+      wanted += _weight_files(files, f"{comp}/", stem, variant)
   return wanted
 
 
-def resolve_source(source: str, *, variant: str | None = None, revision: str | None = None) -> str:
-  """A local folder holding the pipeline `source` (a folder path or a hub repo id)."""
+def resolve_source(source: str, *, variant: str | None = None, revision: str | None = None,
+                   configs_only: bool = False, component: str | None = None) -> str:
+  """A local folder holding the pipeline `source` (a folder path or a hub repo id).
+
+  `configs_only` and `component` narrow what a hub download fetches (see `select_files`).
+  """
   expanded = os.path.expanduser(source)
   if os.path.isdir(expanded):
     return expanded
@@ -63,7 +81,10 @@ def resolve_source(source: str, *, variant: str | None = None, revision: str | N
     import huggingface_hub  # noqa: PLC0415
 
     repo_files = huggingface_hub.list_repo_files(source, revision=revision)
-    allow = select_files(repo_files, variant=variant)
+    allow = select_files(repo_files, variant=variant, configs_only=configs_only,
+                         component=component)
+    if not allow:
+      raise HubError(f"hub repository {source!r} holds no diffusers {component or 'model'}")
     return huggingface_hub.snapshot_download(source, revision=revision, allow_patterns=allow)
   except Exception as e:  # noqa: BLE001 - network, auth and not-found errors all end here
     raise HubError(f"cannot download model {source!r} from the Hugging Face hub: "
