@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 import sdjax
-from sdjax import outputs, parallel, sampling
+from sdjax import aot, outputs, parallel, sampling
 
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
@@ -304,7 +304,7 @@ def _generate_batches(cfg, pipe, mesh, spec, state, todo, per_batch, writer):
               *scalars, state)
       if compiled is None:
         t0 = time.perf_counter()
-        compiled = sampler.lower(*args).compile()
+        compiled = aot.load_or_compile(sampler, args, aot.sampler_statics(spec, pipe))
         compile_s = time.perf_counter() - t0
         logging.info("compiled the sampler for %dx%d, %d steps, %d per device in %.1f s",
                      spec.latent_hw[1] * pipe.vae_scale, spec.latent_hw[0] * pipe.vae_scale,
