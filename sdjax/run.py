@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 import sdjax
-from sdjax import outputs, parallel, sampling, sinks
+from sdjax import aot, outputs, parallel, sampling, sinks
 from sdjax.plan import ImageJob, Plan, PromptLine, RunError, read_prompts_file
 
 __all__ = ["ImageJob", "PromptLine", "RunConfig", "RunError", "RunSummary", "generate_run",
@@ -370,7 +370,8 @@ class _Sampler:
             shard(np.asarray([j.seed for j in jobs], np.uint32)), *self.scalars, self.state)
     if self.compiled is None:
       t0 = time.perf_counter()
-      self.compiled = self.sampler.lower(*args).compile()
+      self.compiled = aot.load_or_compile(self.sampler, args,
+                                          aot.sampler_statics(self.spec, self.pipe))
       self.compile_seconds = time.perf_counter() - t0
       logging.info("compiled the sampler for %dx%d, %d steps, %d per device in %.1f s",
                    self.spec.latent_hw[1] * self.pipe.vae_scale,
