@@ -274,7 +274,7 @@ def test_bad_prompt_files(model, tmp_path):
     # Lines are parsed when reached (the file is streamed): bad.jsonl and broken.jsonl fail
     # after their first line's image.
     proc = main_py(["--model", model, "--prompts_file", str(path), "--output_dir",
-                    str(tmp_path / path.name), *COMMON], check=False)
+                    str(tmp_path / f"out-{path.name}"), *COMMON], check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
