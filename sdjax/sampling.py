@@ -127,18 +127,18 @@ def sample_fn(spec: SampleSpec, text_encoder, unet, vae: AutoencoderKL, params, 
     return guide(eps_uncond, eps_cond, guidance_scale,
                  guidance_rescale if spec.guidance_rescale else None)
 
-  scaling = vae.config.scaling_factor
   if spec.img2img:
     posterior = vae.apply({"params": params["vae"]}, 2.0 * init_images - 1.0,
                           method=AutoencoderKL.encode)
     eps = _keyed_noise(keys, _POSTERIOR, posterior.mean.shape[1:])
     latents = posterior.mean.astype(jnp.float32) + posterior.std.astype(jnp.float32) * eps
-    x = sched.add_noise(state, latents * scaling, noise, spec.begin)
+    x = sched.add_noise(state, vae.config.to_diffusion_latents(latents), noise, spec.begin)
   else:
     x = noise * sched.init_noise_sigma(state)
 
   x = _denoise(spec, predict, state, x, keys)
-  images = vae.apply({"params": params["vae"]}, x / scaling, method=AutoencoderKL.decode)
+  images = vae.apply({"params": params["vae"]}, vae.config.from_diffusion_latents(x),
+                     method=AutoencoderKL.decode)
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
