@@ -296,11 +296,12 @@ def _generate_batches(cfg, pipe, mesh, spec, state, todo, per_batch, writer):
       batch = todo[first:first + per_batch]
       padded = batch + [batch[-1]] * (per_batch - len(batch))  # padding is never written
       local = padded[rows]
-      args = (params,
-              *(parallel.shard_batch(mesh, a, per_batch) for a in (
-                  pipe.tokenize([j.prompt for j in local]),
-                  pipe.tokenize([j.negative_prompt for j in local]),
-                  np.asarray([j.seed for j in local], np.uint32))),
+      cond = sampling.make_conditioning(
+          pipe, [j.prompt for j in local], [j.negative_prompt or None for j in local],
+          size=(spec.latent_hw[0] * pipe.vae_scale, spec.latent_hw[1] * pipe.vae_scale))
+      args = (params, parallel.shard_tree(mesh, cond, per_batch),
+              parallel.shard_batch(mesh, np.asarray([j.seed for j in local], np.uint32),
+                                   per_batch),
               *scalars, state)
       if compiled is None:
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ _CONFIG_FILES = (
     "unet/config.json",
     "vae/config.json",
     "text_encoder/config.json",
+    "text_encoder_2/config.json",
     "scheduler/scheduler_config.json",
 )
 _TOKENIZER_FILES = (
@@ -36,7 +37,8 @@ def select_files(repo_files: list[str], *, variant: str | None = None) -> list[s
   """
   files = set(repo_files)
   wanted = [f for f in _CONFIG_FILES if f in files]
-  wanted += [f"tokenizer/{f}" for f in _TOKENIZER_FILES if f"tokenizer/{f}" in files]
+  for folder in ("tokenizer", "tokenizer_2"):  # tokenizer_2: SDXL
+    wanted += [f"{folder}/{f}" for f in _TOKENIZER_FILES if f"{folder}/{f}" in files]
   for component, stem in WEIGHT_STEMS.items():
     for name in weight_candidates(stem, variant):
       path = f"{component}/{name}"
