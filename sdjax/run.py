@@ -24,6 +24,7 @@ from absl import logging
 
 import sdjax
 from sdjax import outputs, parallel, sampling
+from sdjax.conditioning import MicroConditioning
 
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
@@ -70,6 +71,10 @@ class RunConfig:
   num_processes: int | None = None
   process_id: int | None = None
   show_progress: bool = True
+  # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
+  refiner: str | None = None
+  refiner_start: float = 0.8
+  micro: MicroConditioning = MicroConditioning()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +165,8 @@ def validate(cfg: RunConfig) -> None:
     raise RunError(f"--seed must be in [0, 2**32), got {cfg.seed}")
   from sdjax import schedulers  # noqa: PLC0415
 
+  if cfg.refiner is not None and not 0.0 < cfg.refiner_start < 1.0:
+    raise RunError(f"--refiner_start must be in (0, 1), got {cfg.refiner_start}")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -170,9 +177,20 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
   """What decides the pixels; a folder's images must all come from the same settings."""
   digest = hashlib.sha256(
       json.dumps([dataclasses.astuple(j) for j in jobs]).encode()).hexdigest()
-  return {"model": pipe.name, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
-          "scheduler": scheduler, "height": height, "width": width, "dtype": cfg.dtype,
-          "images": len(jobs), "jobs_sha256": digest}
+  settings = {"model": pipe.name, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+              "scheduler": scheduler, "height": height, "width": width, "dtype": cfg.dtype,
+              "images": len(jobs), "jobs_sha256": digest}
+  return {**settings, **_sdxl_record(cfg, pipe)}
+
+
+def _sdxl_record(cfg: RunConfig, pipe) -> dict[str, Any]:
+  """SDXL's extra settings (none for SD1/SD2, whose records stay as they were)."""
+  if not pipe.is_sdxl:
+    return {}
+  record = {"micro_conditioning": cfg.micro.to_dict()}
+  if cfg.refiner is not None:
+    record.update(refiner=cfg.refiner, refiner_start=cfg.refiner_start)
+  return record
 
 
 def _check_settings(output_dir: str, settings: dict[str, Any], overwrite: bool) -> None:
@@ -245,6 +263,7 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   height = cfg.height or pipe.native_size
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)
+  refiner = _load_refiner(cfg, pipe)
   scheduler = cfg.scheduler or sampling.schedulers.default_scheduler_name(pipe.scheduler_config)
 
   jobs = plan_images(cfg)
@@ -259,12 +278,17 @@ def generate_run(cfg: RunConfig) -> RunSummary:
 
   mesh = parallel.make_mesh()
   per_batch = cfg.batch_size * mesh.size
-  spec, state = sampling.prepare(pipe, cfg.batch_size, steps=cfg.steps, scheduler=scheduler,
-                                 height=height, width=width, guidance_scale=cfg.guidance_scale)
+  common = dict(steps=cfg.steps, scheduler=scheduler, height=height, width=width,
+                guidance_scale=cfg.guidance_scale)
+  spec, state = sampling.prepare(pipe, cfg.batch_size, **common,
+                                 denoising_end=cfg.refiner_start if refiner else None)
+  if refiner is not None:
+    refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
+                                 denoising_start=cfg.refiner_start), refiner)
   writer = _Writer(cfg, pipe, manifest, height, width, scheduler)
   start = time.perf_counter()
   made, compile_s, interrupted = _generate_batches(cfg, pipe, mesh, spec, state, todo, per_batch,
-                                                   writer)
+                                                   writer, refiner)
   seconds = time.perf_counter() - start
   parallel.barrier("generated")
   if jax.process_index() == 0 and not interrupted:
@@ -279,15 +303,44 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   return summary
 
 
-def _generate_batches(cfg, pipe, mesh, spec, state, todo, per_batch, writer):
-  """Runs the compiled sampler over `todo` in global batches; returns (images, compile s, stop)."""
+def _load_refiner(cfg: RunConfig, pipe):
+  if cfg.refiner is None:
+    return None
+  if not pipe.is_sdxl:
+    raise RunError("--refiner needs an SDXL base model")
+  refiner = sdjax.load_pipeline(cfg.refiner, cfg.dtype, allow_pickle=cfg.allow_pickle)
+  if not refiner.is_sdxl:
+    raise RunError(f"--refiner {cfg.refiner} is not an SDXL pipeline")
+  return refiner
+
+
+def _conditioning(pipe, jobs, size, micro, refiner):
+  """The batch's conditioning (a (base, refiner) pair with a refiner). An empty negative prompt
+  is no negative prompt: zeros where the checkpoint asks for them (SDXL)."""
+  prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt or None for j in jobs]
+  cond = sampling.make_conditioning(pipe, prompts, negatives, micro=micro, size=size)
+  if refiner is None:
+    return cond
+  return cond, sampling.make_conditioning(refiner[2], prompts, negatives, micro=micro, size=size,
+                                          img2img=True)
+
+
+def _generate_batches(cfg, pipe, mesh, spec, state, todo, per_batch, writer, refiner=None):
+  """Runs the compiled sampler over `todo` in global batches; returns (images, compile s, stop).
+
+  `refiner`: (spec, state, pipeline) of an SDXL refiner stage run in the same program.
+  """
   if not todo:
     return 0, 0.0, False
-  params = parallel.replicate(pipe.params, mesh)
+  if refiner is not None:
+    state = (state, refiner[1])
+  params = parallel.replicate(pipe.params if refiner is None else (pipe.params,
+                                                                   refiner[2].params), mesh)
   state = parallel.replicate(state, mesh)
   scalars = parallel.replicate(
       (np.float32(cfg.guidance_scale), np.float32(0.0)), mesh)
-  sampler = parallel.sharded_sampler(mesh, spec, pipe)
+  sampler = parallel.sharded_sampler(mesh, spec, pipe,
+                                     None if refiner is None else (refiner[0], refiner[2]))
   rows = parallel.local_slice(mesh, per_batch)
   compiled, compile_s, made = None, 0.0, 0
   progress = _progress(len(todo), cfg.show_progress)
@@ -296,9 +349,8 @@ def _generate_batches(cfg, pipe, mesh, spec, state, todo, per_batch, writer):
       batch = todo[first:first + per_batch]
       padded = batch + [batch[-1]] * (per_batch - len(batch))  # padding is never written
       local = padded[rows]
-      cond = sampling.make_conditioning(
-          pipe, [j.prompt for j in local], [j.negative_prompt or None for j in local],
-          size=(spec.latent_hw[0] * pipe.vae_scale, spec.latent_hw[1] * pipe.vae_scale))
+      size = (spec.latent_hw[0] * pipe.vae_scale, spec.latent_hw[1] * pipe.vae_scale)
+      cond = _conditioning(pipe, local, size, cfg.micro, refiner)
       args = (params, parallel.shard_tree(mesh, cond, per_batch),
               parallel.shard_batch(mesh, np.asarray([j.seed for j in local], np.uint32),
                                    per_batch),
@@ -355,7 +407,7 @@ class _Writer:
     params = outputs.a1111_parameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=cfg.steps,
         sampler=self.scheduler, cfg_scale=cfg.guidance_scale, seed=job.seed, width=self.width,
-        height=self.height, model=self.pipe.name)
+        height=self.height, model=self.pipe.name, extra=self._a1111_extra())
     digest = outputs.write_png(os.path.join(cfg.output_dir, name), image, params)
     self.manifest.append({
         "index": job.index, "file": name, "sha256": digest, "prompt": job.prompt,
@@ -363,4 +415,24 @@ class _Writer:
         "scheduler": self.scheduler, "guidance_scale": cfg.guidance_scale,
         "height": self.height, "width": self.width, "model": self.pipe.name,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
+        **_sdxl_record(cfg, self.pipe),
     })
+
+  def _a1111_extra(self) -> dict[str, Any]:
+    """A1111's names for the refiner; sdjax's for the micro-conditioning (A1111 has none)."""
+    cfg = self.cfg
+    if not self.pipe.is_sdxl:
+      return {}
+    m = cfg.micro
+    extra = {"Original size": _size_text(m.original_size or (self.height, self.width)),
+             "Crop": _size_text(m.crops_coords_top_left),
+             "Target size": _size_text(m.target_size or (self.height, self.width))}
+    if cfg.refiner is not None:
+      extra.update({"Refiner": cfg.refiner, "Refiner switch at": cfg.refiner_start,
+                    "Aesthetic score": m.aesthetic_score,
+                    "Negative aesthetic score": m.negative_aesthetic_score})
+    return extra
+
+
+def _size_text(hw) -> str:
+  return f"{int(hw[1])}x{int(hw[0])}"  # width x height, as A1111's Size

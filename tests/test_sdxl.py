@@ -233,3 +233,35 @@ np.save({out!r}, np.asarray(images))
   ours = base.generate([f"a cat {i}" for i in range(8)], steps=3, scheduler="euler", height=H,
                        width=W, guidance_scale=GUIDANCE, seed=50)
   np.testing.assert_allclose(np.load(out), ours, atol=1e-5)
+
+
+def test_run_with_refiner_records_it(pipes, tmp_path):
+  """main.py's run: base + refiner in the sharded program, recorded in PNG and manifest."""
+  import json
+
+  from PIL import Image
+
+  from sdjax import outputs, run
+  from sdjax.conditioning import MicroConditioning
+
+  _, _, base, refiner, folder = pipes
+  micro = MicroConditioning(original_size=(32, 48), aesthetic_score=7.0)
+  cfg = run.RunConfig(
+      prompts=(run.PromptLine("a cat"), run.PromptLine("a dog", negative_prompt="red")),
+      model=os.path.join(folder, "base"), refiner=os.path.join(folder, "refiner"),
+      refiner_start=0.7, steps=3, guidance_scale=GUIDANCE, scheduler="euler", height=H, width=W,
+      seed=5, batch_size=2, output_dir=str(tmp_path / "out"), compilation_cache="",
+      show_progress=False, micro=micro)
+  assert run.generate_run(cfg).images == 2
+  records = [json.loads(line) for line in open(tmp_path / "out" / "manifest.jsonl")]
+  assert records[0]["refiner"] == cfg.refiner and records[0]["refiner_start"] == 0.7
+  assert records[0]["micro_conditioning"]["original_size"] == [32, 48]
+  png = Image.open(tmp_path / "out" / records[1]["file"])
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert params["Refiner switch at"] == "0.7" and params["Original size"] == "48x32"
+  expected = base.generate(["a cat", "a dog"], negative_prompts=[None, "red"], steps=3,
+                           guidance_scale=GUIDANCE, scheduler="euler", height=H, width=W,
+                           seed=5, refiner=refiner, refiner_start=0.7, original_size=(32, 48),
+                           aesthetic_score=7.0)
+  written = np.asarray(png, np.float32) / 255
+  assert np.abs(written - expected[1]).max() <= 1 / 255 + 1e-6
