@@ -238,18 +238,21 @@ def denoising_start_index(sched, state, fraction: float) -> int:
 
 def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int, width: int,
             guidance_scale: float, guidance_rescale: float = 0.0, img2img: bool = False,
-            strength: float = 1.0, clip_skip: int | None = None,
+            strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0,
             denoising_end: float | None = None, denoising_start: float | None = None):
   """The static spec and the scheduler state for one kind of call.
 
+  DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
   `denoising_end` stops early and returns latents; `denoising_start` continues such latents
   (the SDXL base -> refiner handoff).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
+  if not (isinstance(eta, (int, float, np.floating)) and eta >= 0):
+    raise ValueError(f"eta must be a number >= 0, got {eta}")
   conditioning.check_clip_skip(pipe.networks, clip_skip)
   latent_hw = check_size(pipe, height, width)
-  sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config)
+  sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta))
   state = sched.set_timesteps(int(steps), sample_shape=(batch, *latent_hw,
                                                          pipe.unet.config.in_channels))
   begin, end = 0, None
@@ -262,9 +265,10 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   if denoising_end is not None:
     end = denoising_end_index(sched, state, denoising_end)
   if begin >= (len(state.timesteps) if end is None else end):
-    raise ValueError(f"{steps} steps with strength {strength} / refiner_start leave no "
+    raise ValueError(f"strength {strength} (or refiner_start) with {steps} steps leaves no "
                      "denoising step")
-  spec = SampleSpec(sched, begin, latent_hw, guidance_scale > 1.0, guidance_rescale > 0.0,
+  spec = SampleSpec(sched.program(), begin, latent_hw, guidance_scale > 1.0,
+                    guidance_rescale > 0.0,
                     img2img and denoising_start is None, clip_skip, end=end,
                     output_latents=denoising_end is not None,
                     init_latents=denoising_start is not None)
@@ -297,6 +301,7 @@ def generate(
     micro: MicroConditioning | None = None,
     refiner=None,
     refiner_start: float = 0.8,
+    eta: float = 0.0,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate`."""
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -317,7 +322,7 @@ def generate(
   width = pipe.native_size if width is None else width
   common = dict(steps=steps, scheduler=scheduler, height=height, width=width,
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                clip_skip=clip_skip)
+                clip_skip=clip_skip, eta=eta)
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
                         denoising_end=refiner_start if refiner is not None else None, **common)
   seeds = make_seeds(seed, n)

@@ -56,6 +56,13 @@ def test_a1111_text_without_negative_prompt():
   assert parse_a1111_parameters(text)["negative_prompt"] == ""
 
 
+def test_a1111_text_with_eta():
+  text = a1111_parameters(**{**PARAMS, "sampler": "ddim", "eta": 0.5})
+  assert text.endswith("Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x768, "
+                       "Model: sd-v1-5, Eta: 0.5")
+  assert parse_a1111_parameters(text)["Eta"] == "0.5"
+
+
 @pytest.mark.parametrize("ours,theirs", sorted(outputs.A1111_SAMPLER_NAMES.items()) +
                          [("my_sampler", "my_sampler")])
 def test_sampler_names(ours, theirs):
@@ -70,6 +77,29 @@ def test_a1111_round_trip():
       "prompt": params["prompt"], "negative_prompt": params["negative_prompt"],
       "Steps": "30", "Sampler": "Euler a", "CFG scale": "7.5", "Seed": "42", "Size": "512x768",
       "Model": "odd, name: v2"}
+
+
+def test_a1111_text_with_hash_and_version():
+  text = a1111_parameters(**PARAMS, model_hash="0123456789", version="sdjax 0.1.0")
+  assert text.endswith("Size: 512x768, Model hash: 0123456789, Model: sd-v1-5, "
+                       "Version: sdjax 0.1.0")
+  assert parse_a1111_parameters(text)["Model hash"] == "0123456789"
+
+
+def test_short_hash_is_cached(tmp_path):
+  weights = tmp_path / "model.safetensors"
+  weights.write_bytes(b"weights" * 1000)
+  cache = str(tmp_path / "cache" / "hashes.json")
+  expected = hashlib.sha256(weights.read_bytes()).hexdigest()[:10]
+  assert outputs.short_hash(weights, cache_file=cache) == expected
+  assert list(json.load(open(cache)).values()) == [expected]
+  keys = list(json.load(open(cache)))
+  with open(cache, "w") as f:  # a cached value is used while size and mtime are unchanged
+    json.dump({k: "cachedhash" for k in keys}, f)
+  assert outputs.short_hash(weights, cache_file=cache) == "cachedhash"
+  weights.write_bytes(b"other" * 1000)
+  assert outputs.short_hash(weights, cache_file=cache) == hashlib.sha256(
+      weights.read_bytes()).hexdigest()[:10]
 
 
 def test_parse_a1111_text_without_parameters_line():
