@@ -20,7 +20,8 @@ from absl import logging
 from flax import traverse_util
 
 from sdjax import sampling
-from sdjax.checkpoints import hub, single_file, standard
+from sdjax.checkpoints import embeddings as textual_inversion
+from sdjax.checkpoints import hub, lora, single_file, standard
 from sdjax.checkpoints.weights import (
   TEXT_PREFIX,
   WeightsError,
@@ -82,6 +83,9 @@ class Pipeline:
   tokenizer: Any
   scheduler_config: dict[str, Any]
   name: str = "sdjax"
+  # Textual-inversion embeddings by token (`checkpoints.embeddings.Embedding`: vectors per
+  # text encoder); their tokens are already in the tokenizer and the embedding table.
+  embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   # -- properties -------------------------------------------------------------------------------
   @property
@@ -110,7 +114,8 @@ class Pipeline:
     """Prompts -> int32 token ids [B, 77], padded and truncated as Stable Diffusion does."""
     if isinstance(prompts, str):
       prompts = [prompts]
-    ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+    prompts = [textual_inversion.expand_prompt(p, self.embeddings) for p in prompts]
+    ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
                          truncation=True, return_tensors="np")["input_ids"]
     return np.asarray(ids, dtype=np.int32)
 
@@ -327,6 +332,8 @@ def load_pipeline(
     config: str | None = None,
     vae: str | None = None,
     prediction_type: str | None = None,
+    loras=(),
+    embeddings=(),
 ) -> Pipeline:
   """Loads a Stable Diffusion pipeline.
 
@@ -346,6 +353,10 @@ def load_pipeline(
       (original layout `encoder.*`/`decoder.*`, optionally under `first_stage_model.`).
     prediction_type: "epsilon" or "v_prediction", overriding the scheduler config (SD2 single
       files: picks the 512-base or the 768-v standard config; default v_prediction).
+    loras: LoRA files merged into the weights: `path`, `(path, scale)` or
+      `(path, unet_scale, text_encoder_scale)` each (see `checkpoints.lora`).
+    embeddings: textual-inversion files: `path` or `(path, token)` each (token default: the
+      file's stem; see `checkpoints.embeddings`).
   """
   del allow_pickle
   if prediction_type not in (None, "epsilon", "v_prediction"):
@@ -382,7 +393,7 @@ def load_pipeline(
   params = {name: jax.device_put(torch_to_flax(states[name], expected[name], name,
                                                np.dtype(store)))
             for name in modules}
-  return Pipeline(
+  pipe = Pipeline(
       text_encoder=modules["text_encoder"],
       unet=modules["unet"],
       vae=modules["vae"],
@@ -391,6 +402,16 @@ def load_pipeline(
       scheduler_config=scheduler_config,
       name=_pipeline_name(source, config, vae, prediction_type),
   )
+  return add_extras(pipe, loras=loras, embeddings=embeddings)
+
+
+def add_extras(pipe: Pipeline, *, loras=(), embeddings=()) -> Pipeline:
+  """`pipe` with textual-inversion embeddings added, then LoRAs merged into its weights."""
+  if embeddings:
+    pipe = textual_inversion.add_embeddings(pipe, embeddings)
+  if loras:
+    pipe = dataclasses.replace(pipe, params=lora.merge_loras(pipe.params, loras))
+  return pipe
 
 
 def build_pipeline(unet_cfg, vae_cfg, text_cfg, tokenizer, scheduler_config, params=None, *,
