@@ -172,9 +172,14 @@ _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
 
 
 def _unet_modules(cfg) -> dict[str, tuple[str, dict[str, str]]]:
-  """diffusers module -> (original module, renames inside it), from the UNet's block structure."""
-  per_level = cfg.layers_per_block + 1  # resnets, then a resampler (or one more up resnet)
-  last = len(cfg.block_out_channels) - 1
+  """diffusers module -> (original module, renames inside it), from the UNet's block structure.
+
+  `input_blocks` / `output_blocks` number every resnet (with its attention) and every resampler
+  in order.
+  """
+  levels = len(cfg.block_out_channels)
+  layers = (tuple(cfg.layers_per_block) if isinstance(cfg.layers_per_block, list | tuple)
+            else (cfg.layers_per_block,) * levels)
   m = {
       "conv_in": ("input_blocks.0.0", {}),
       "time_embedding.linear_1": ("time_embed.0", {}),
@@ -187,24 +192,27 @@ def _unet_modules(cfg) -> dict[str, tuple[str, dict[str, str]]]:
       "conv_norm_out": ("out.0", {}),
       "conv_out": ("out.2", {}),
   }
+  k = 1  # input_blocks.0 is conv_in
   for i, kind in enumerate(cfg.down_block_types):
-    for j in range(cfg.layers_per_block):
-      k = 1 + i * per_level + j
+    for j in range(layers[i]):
       m[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{k}.0", _UNET_RESNET)
       if kind.startswith("CrossAttn"):
         m[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{k}.1", {})
-    if i < last:
-      m[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{(i + 1) * per_level}.0.op", {})
+      k += 1
+    if i < levels - 1:
+      m[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{k}.0.op", {})
+      k += 1
+  k = 0
   for i, kind in enumerate(cfg.up_block_types):
     attention = kind.startswith("CrossAttn")
-    for j in range(per_level):
-      k = i * per_level + j
+    for j in range(layers[levels - 1 - i] + 1):  # one more resnet per level on the way up
       m[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{k}.0", _UNET_RESNET)
       if attention:
         m[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{k}.1", {})
-    if i < last:
-      k = i * per_level + per_level - 1
-      m[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{k}.{2 if attention else 1}.conv", {})
+      k += 1
+    if i < levels - 1:  # the upsampler sits in the level's last output block
+      m[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{k - 1}.{2 if attention else 1}.conv",
+                                               {})
   return m
 
 
