@@ -416,3 +416,26 @@ def test_bad_files(models, tmp_path):
   with pytest.raises(LoraError, match="path, .path, scale."):
     lora.apply_loras(pipe, [("x", 1, 2, 3)])
   assert not os.path.exists(str(tmp_path / "missing.safetensors"))
+
+
+def test_key_spellings_agree(models):
+  """The same factors under every naming sdjax reads give the same deltas."""
+  _, pipe, _ = models
+  rng = np.random.default_rng(0)
+  down, up = rng.standard_normal((2, 32), np.float32), rng.standard_normal((32, 2), np.float32)
+  module = f"{ATTN}.attn1.to_q"
+  spellings = [
+      {f"lora_unet_{module.replace('.', '_')}.lora_down.weight": down,
+       f"lora_unet_{module.replace('.', '_')}.lora_up.weight": up},
+      {f"unet.{module}.lora_A.weight": down, f"unet.{module}.lora_B.weight": up},
+      {f"base_model.model.{module}.lora_A.default.weight": down,
+       f"base_model.model.{module}.lora_B.default.weight": up},
+      {f"unet.{module}.lora.down.weight": down, f"unet.{module}.lora.up.weight": up},
+      {f"unet.{ATTN}.attn1.processor.to_q_lora.down.weight": down,
+       f"unet.{ATTN}.attn1.processor.to_q_lora.up.weight": up},
+  ]
+  deltas = [lora.resolve_lora(sd, {}, pipe.params).deltas for sd in spellings]
+  path = ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn1", "to_q", "kernel")
+  for d in deltas:
+    assert list(d) == ["unet"] and list(d["unet"]) == [path]
+    np.testing.assert_array_equal(d["unet"][path], (up @ down).T)

@@ -60,6 +60,7 @@ _DIFFUSERS_FACTORS = (
     (re.compile(r"^(.*)\.(?:lora|lora_linear_layer)\.up\.weight$"), "lora_up.weight"),
     (re.compile(r"^(.*)\.alpha$"), "alpha"),
 )
+_PEFT_MODEL_PREFIX = "base_model.model."  # PEFT's own save_pretrained of a wrapped model
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _SGM_NAMES = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
 
@@ -120,6 +121,7 @@ def _split_kohya(key: str) -> tuple[str, str, str] | None:
 
 def _split_diffusers(key: str) -> tuple[str, str, str] | None:
   component = "unet"
+  key = key.removeprefix(_PEFT_MODEL_PREFIX)
   for prefix, name in _DIFFUSERS_PREFIXES.items():
     if key.startswith(prefix):
       component, key = name, key[len(prefix):]
