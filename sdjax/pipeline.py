@@ -261,26 +261,30 @@ def _folder_source(folder: str, variant: str | None) -> _Source:
   )
 
 
+def _single_file_configs(family: str, config: str | None, prediction_type: str | None,
+                         revision: str | None, path: str) -> tuple[dict[str, Any], Any]:
+  """(raw component configs, tokenizer): from a `config` folder / hub id, else built in."""
+  if config is None:
+    if family == "sd2" and prediction_type is None:
+      logging.info("%s: SD2 weights do not say their prediction type; assuming 768-v "
+                   "(v_prediction). Pass prediction_type='epsilon' for 512-base models.", path)
+    raw = standard.standard_config(single_file.standard_config_name(family, prediction_type))
+    return raw, standard.clip_tokenizer(raw["tokenizer"]["pad_token"])
+  folder = hub.resolve_source(config, revision=revision, configs_only=True)
+  for name in COMPONENTS:
+    if not os.path.isdir(os.path.join(folder, name)):
+      raise PipelineError(f"config {config} has no {name}/ folder")
+  raw = {name: _read_component_config(folder, name)
+         for name in ("unet", "vae", "text_encoder", "scheduler")}
+  return raw, load_tokenizer(os.path.join(folder, "tokenizer"))
+
+
 def _single_file_source(path: str, config: str | None, prediction_type: str | None,
                         revision: str | None) -> _Source:
   """A single original-layout file, with configs from `config` or the family's standard ones."""
   state = single_file.read_single_file(path)
   family = single_file.detect_family(state, path)
-  if config is not None:
-    folder = hub.resolve_source(config, revision=revision, configs_only=True)
-    for name in COMPONENTS:
-      if not os.path.isdir(os.path.join(folder, name)):
-        raise PipelineError(f"config {config} has no {name}/ folder")
-    raw = {name: _read_component_config(folder, name)
-           for name in ("unet", "vae", "text_encoder", "scheduler")}
-    tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
-  else:
-    name = single_file.standard_config_name(family, prediction_type)
-    if family == "sd2" and prediction_type is None:
-      logging.info("%s: SD2 weights do not say their prediction type; assuming 768-v "
-                   "(v_prediction). Pass prediction_type='epsilon' for 512-base models.", path)
-    raw = standard.standard_config(name)
-    tokenizer = standard.clip_tokenizer(raw["tokenizer"]["pad_token"])
+  raw, tokenizer = _single_file_configs(family, config, prediction_type, revision, path)
   text_cfg = CLIPTextConfig.from_dict(raw["text_encoder"])
   if single_file.config_family(text_cfg) != family:
     raise PipelineError(f"{path} is an {family.upper()} checkpoint but config {config} is "

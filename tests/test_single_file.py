@@ -124,7 +124,9 @@ def test_half_precision_file(family_files, tmp_path):
 
   family, folder, _, ref, exported, _ = family_files
   state = load_file(exported)
-  if family == "sd1":
+  if family == "sd1":  # also with CLIP keys as transformers < 4.20 saved them (no text_model.)
+    state = {k.replace(single_file.CLIP_PREFIX, "cond_stage_model.transformer."): v
+             for k, v in state.items()}
     path, cast = str(tmp_path / "model-fp16.safetensors"), np.float16
     save_file({k: v.astype(np.float16) for k, v in state.items()}, path)
   else:  # bf16 as torch writes it
@@ -141,6 +143,11 @@ def test_export_round_trip(family_files, loaded, tmp_path):
   loaded.save_single_file(again)
   a, b = load_file(exported), load_file(again)
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+  half = str(tmp_path / "half.safetensors")
+  loaded.save_single_file(half, dtype="float16")
+  c = load_file(half)
+  assert sorted(c) == sorted(a)
+  assert all(c[k].dtype == np.float16 and np.array_equal(c[k], a[k].astype(np.float16)) for k in a)
 
 
 def _vae_original_file(torch_vae, path, prefix):
@@ -155,8 +162,9 @@ def _vae_original_file(torch_vae, path, prefix):
   save_file(original, path)
 
 
-def test_vae_swap(family_files, tmp_path):
+def test_vae_swap(family_files, tmp_path, monkeypatch):
   import diffusers
+  import huggingface_hub
 
   family, folder, torch_pipe, ref, exported, _ = family_files
   if family != "sd1":
@@ -164,7 +172,18 @@ def test_vae_swap(family_files, tmp_path):
   other = testing.torch_vae(testing.VAE, seed=77)
   vae_dir = str(tmp_path / "vae_folder")
   other.save_pretrained(vae_dir)
-  want = sdjax.load_pipeline(folder, vae=vae_dir)  # a diffusers VAE folder
+  # A hub VAE repo (config.json + weights at its root) downloads only those files.
+  seen = {}
+  monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                      lambda repo, revision=None: sorted(os.listdir(vae_dir)) + ["README.md"])
+
+  def snapshot(repo, revision=None, allow_patterns=None):
+    seen["allow"] = allow_patterns
+    return vae_dir
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+  want = sdjax.load_pipeline(folder, vae="someone/sd-vae")
+  assert seen["allow"] == ["config.json", "diffusion_pytorch_model.safetensors"]
   assert not np.array_equal(np.asarray(want.params["vae"]["decoder"]["conv_out"]["kernel"]),
                             np.asarray(ref.params["vae"]["decoder"]["conv_out"]["kernel"]))
   _assert_params_equal(want.params["unet"], ref.params["unet"])
@@ -225,6 +244,8 @@ def test_bad_files(family_files, tmp_path):
   truncated.write_bytes(data[: len(data) // 2])
   with pytest.raises(SingleFileError, match="truncated"):
     sdjax.load_pipeline(str(truncated), config=folder)
+  with pytest.raises(SingleFileError, match="checkpoint file .*nothere.ckpt does not exist"):
+    sdjax.load_pipeline(str(tmp_path / "nothere.ckpt"))
   shard = tmp_path / "model-00001-of-00002.safetensors"
   shutil.copy(real, shard)
   with pytest.raises(SingleFileError, match="one shard of a sharded checkpoint"):

@@ -52,7 +52,8 @@ _IGNORED = re.compile(
 
 
 def is_single_file(source: str) -> bool:
-  return source.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.expanduser(source))
+  """Whether `source` names a checkpoint file (by extension; a missing one errors on reading)."""
+  return source.lower().endswith(EXTENSIONS) and not os.path.isdir(os.path.expanduser(source))
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -68,10 +69,23 @@ def read_single_file(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise SingleFileError(f"checkpoint file {path} does not exist")
   if path.lower().endswith(".safetensors"):
-    return read_safetensors(path, SingleFileError)
+    return _normalize(read_safetensors(path, SingleFileError))
   if path.lower().endswith(PICKLE_EXTENSIONS):
-    return read_pickle(path)
+    return _normalize(read_pickle(path))
   raise SingleFileError(f"{path}: unknown checkpoint extension (use one of {', '.join(EXTENSIONS)})")
+
+
+_OLD_CLIP_PREFIX = "cond_stage_model.transformer."
+
+
+def _normalize(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Files saved with transformers < 4.20 lack CLIP's `text_model.` level: add it."""
+  old = (_OLD_CLIP_PREFIX + "embeddings.", _OLD_CLIP_PREFIX + "encoder.")
+  if not any(k.startswith(old) for k in state):
+    return state
+  return {CLIP_PREFIX + k[len(_OLD_CLIP_PREFIX):]
+          if k.startswith(_OLD_CLIP_PREFIX) and not k.startswith(CLIP_PREFIX) else k: v
+          for k, v in state.items()}
 
 
 # -- families ---------------------------------------------------------------------------------------
