@@ -524,7 +524,7 @@ def add_extras(pipe: Pipeline, *, loras=(), embeddings=()) -> Pipeline:
   if embeddings:
     pipe = textual_inversion.add_embeddings(pipe, embeddings)
   if loras:
-    pipe = dataclasses.replace(pipe, params=lora.merge_loras(pipe.params, loras))
+    pipe = dataclasses.replace(pipe, params=lora.apply_loras(pipe, loras))
   return pipe
 
 

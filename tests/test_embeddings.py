@@ -73,8 +73,9 @@ def test_a1111_pt_multi_vector(models, tmp_path):
   prompts = ["a dog in my-style, my-style", "my-style"]
   ours, err = _check(models, [(path, "my-style")], prompts)
   assert ours.embeddings["my-style"].num_vectors == 3
-  np.testing.assert_array_equal(ours.embeddings["my-style"].vectors["text_encoder"],
-                                _vectors(3, 1).numpy())
+  triggers = embeddings.trigger_vectors(ours.embeddings)
+  assert list(triggers) == ["my-style"]
+  np.testing.assert_array_equal(triggers["my-style"], _vectors(3, 1).numpy())
   print(f"A1111 .pt (3 vectors) rel err {err:.2g}")
 
 
