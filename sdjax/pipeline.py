@@ -266,7 +266,7 @@ class Pipeline:
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:
-    """Writes a diffusers-format folder that diffusers' `StableDiffusionPipeline` loads."""
+    """Writes a diffusers-format folder that diffusers' pipeline class (SD, SDXL, refiner) loads."""
     save_pretrained(self, folder)
 
   def save_single_file(self, path: str, dtype: str = "float32") -> None:
