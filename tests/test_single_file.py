@@ -299,12 +299,27 @@ def _fake_state(family, in_channels=4):
   return state
 
 
+def test_standard_configs_parse():
+  for name in standard.STANDARD_CONFIGS:
+    raw = standard.standard_config(name)
+    UNetConfig.from_dict(raw["unet"])
+    VAEConfig.from_dict(raw["vae"])
+    text = {n: CLIPTextConfig.from_dict(raw[n]) for n in ("text_encoder", "text_encoder_2")
+            if n in raw}
+    family = single_file.config_family(text)
+    assert name.startswith(family), name
+    assert all(tok in raw for tok in ("tokenizer", "tokenizer_2")
+               if tok.replace("tokenizer", "text_encoder") in raw), name
+
+
 def test_family_detection_picks_standard_config():
   pick = single_file.standard_config_name
   assert pick(single_file.detect_family(_fake_state("sd1")), None) == "sd1"
   assert pick(single_file.detect_family(_fake_state("sd2")), None) == "sd2_768_v"
   assert pick(single_file.detect_family(_fake_state("sd2")), "v_prediction") == "sd2_768_v"
   assert pick(single_file.detect_family(_fake_state("sd2")), "epsilon") == "sd2_512_base"
+  assert pick(single_file.detect_family(_fake_state("sdxl")), None) == "sdxl"
+  assert pick(single_file.detect_family(_fake_state("sdxl_refiner")), None) == "sdxl_refiner"
   assert single_file.detect_family(_fake_state("sdxl")) == "sdxl"
   assert single_file.detect_family(_fake_state("sdxl_refiner")) == "sdxl_refiner"
   with pytest.raises(SingleFileError, match="inpainting"):
