@@ -68,7 +68,8 @@ def test_diffusers_learned_embeds(models, tmp_path):
 def test_a1111_pt_multi_vector(models, tmp_path):
   """The A1111 `.pt` pickle is read by the safe unpickler; the token is the file's stem."""
   path = str(tmp_path / "my-style.pt")
-  torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": _vectors(3, 1)},
+  vectors = _vectors(3, 1).requires_grad_()  # as A1111 saves its trained vectors
+  torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors},
               "name": "other-name", "step": 500}, path)
   prompts = ["a dog in my-style, my-style", "my-style"]
   ours, err = _check(models, [(path, "my-style")], prompts)
