@@ -135,6 +135,20 @@ def _jax_pipeline():
   return pipe, dtype
 
 
+def _conditioning(pipe, b, h, w):
+  """Token ids of zeros (and SDXL's pooled / time-id inputs), the shapes a real batch has."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import conditioning  # noqa: PLC0415
+
+  ids = jnp.zeros((b, 77), jnp.int32)
+  if pipe.text_encoder_2 is None:
+    return conditioning.Conditioning(conditioning.PromptIds(ids), conditioning.PromptIds(ids))
+  time_ids = jnp.tile(jnp.asarray([h, w, 0, 0, h, w], jnp.float32), (b, 1))
+  side = conditioning.PromptIds(ids, ids)
+  return conditioning.Conditioning(side, side, jnp.zeros((b,), bool), time_ids, time_ids)
+
+
 def bench_jax():
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -155,19 +169,18 @@ def bench_jax():
   else:
     spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler="dpmpp_2m",
                                    height=h, width=w, guidance_scale=7.5)
-    ids = jnp.zeros((b, 77), jnp.int32)
     seeds = jnp.arange(b, dtype=jnp.uint32)
-    args = (spec, pipe.text_encoder, pipe.unet, pipe.vae, pipe.params, ids, ids, seeds,
+    args = (spec, pipe.networks, pipe.params, _conditioning(pipe, b, h, w), seeds,
             sampling.initial_noise(seeds, lat[1:]), jnp.float32(7.5), jnp.float32(0.0), None,
             state)
-    fn = jax.jit(sampling.sample_fn, static_argnums=(0, 1, 2, 3))
+    fn = jax.jit(sampling.sample_fn, static_argnums=(0, 1))
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = _FLOPS.value or float(cost.get("flops", 0.0))
-  call_args = args if _WHAT.value != "generate" else args[4:]
+  call_args = args if _WHAT.value != "generate" else args[2:]
   median = float("nan")
   if _REPEATS.value:
     median = _timed(lambda: jax.block_until_ready(compiled(*call_args)), _REPEATS.value)
@@ -200,9 +213,9 @@ def bench_run():
   per_batch = b * mesh.size
   spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler="dpmpp_2m", height=h,
                                  width=w, guidance_scale=4.0)
-  ids = parallel.shard_batch(mesh, pipe.tokenize(["a red circle"] * per_batch), per_batch)
+  cond = sampling.make_conditioning(pipe, ["a red circle"] * per_batch, [""] * per_batch)
   seeds = parallel.shard_batch(mesh, np.arange(per_batch, dtype=np.uint32), per_batch)
-  args = (parallel.replicate(pipe.params, mesh), ids, ids, seeds,
+  args = (parallel.replicate(pipe.params, mesh), parallel.shard_tree(mesh, cond, per_batch), seeds,
           *parallel.replicate((np.float32(4.0), np.float32(0.0)), mesh),
           parallel.replicate(state, mesh))
   compiled = parallel.sharded_sampler(mesh, spec, pipe).lower(*args).compile()
