@@ -14,9 +14,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sdjax import run
+from sdjax.conditioning import MicroConditioning
 
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
-                "batch_size", "dtype", "eta")
+                "batch_size", "dtype", "eta", "refiner", "refiner_start")
 
 flags.DEFINE_string("model", None, "diffusers folder, hub id, or single checkpoint file "
                     "(.safetensors/.ckpt; default: the built-in model)")
@@ -56,18 +57,33 @@ flags.DEFINE_integer("shard_index", 0, "which of the --num_shards jobs this is: 
 flags.DEFINE_integer("writer_threads", 8, "threads that encode and write images")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
 flags.DEFINE_bool("allow_pickle", True, "ignored (pickles are read without running code)")
+flags.DEFINE_multi_string("lora", [], "LoRA file or hub file merged into the weights, "
+                          "path[:scale] (repeatable; scale default 1)")
+flags.DEFINE_multi_string("embedding", [], "textual-inversion file or hub file, path[:token] "
+                          "(repeatable; token default: the file's stem)")
 flags.DEFINE_string("compilation_cache", None, "persistent compilation cache folder "
                     "(default: ~/.cache/sdjax/jax; empty to disable)")
 flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+flags.DEFINE_string("refiner", None, "SDXL: refiner folder or hub id to finish each image")
+flags.DEFINE_float("refiner_start", None, "SDXL: fraction of the schedule after which the "
+                   "refiner takes over (default 0.8)")
+flags.DEFINE_list("original_size", None, "SDXL micro-conditioning: HEIGHT,WIDTH "
+                  "(default: the output size)")
+flags.DEFINE_list("crops_coords_top_left", ["0", "0"], "SDXL micro-conditioning: TOP,LEFT")
+flags.DEFINE_list("target_size", None, "SDXL micro-conditioning: HEIGHT,WIDTH "
+                  "(default: the output size)")
+flags.DEFINE_float("aesthetic_score", 6.0, "SDXL refiner: aesthetic score conditioning")
+flags.DEFINE_float("negative_aesthetic_score", 2.5, "SDXL refiner: negative aesthetic score")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a preset from configs/")
 
 FLAGS = flags.FLAGS
 
 
 def _run_config() -> run.RunConfig:
-  values = dict(steps=50, guidance_scale=7.5, batch_size=1, dtype="float32", eta=0.0)
+  values = dict(steps=50, guidance_scale=7.5, batch_size=1, dtype="float32", eta=0.0,
+                refiner_start=0.8)
   preset = _CONFIG.value
   if preset is None and FLAGS.model is None:
     from configs import builtin  # noqa: PLC0415
@@ -87,7 +103,31 @@ def _run_config() -> run.RunConfig:
       model_config=FLAGS.model_config, vae=FLAGS.vae, prediction_type=FLAGS.prediction_type,
       compilation_cache=FLAGS.compilation_cache,
       coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-      process_id=FLAGS.process_id, **values)
+      process_id=FLAGS.process_id,
+      loras=tuple(run.parse_path_arg(s, float, 1.0) for s in FLAGS.lora),
+      embeddings=tuple(run.parse_path_arg(s, str, None, "--embedding", "token")
+                       for s in FLAGS.embedding),
+      micro=_micro_conditioning(), **values)
+
+
+def _pair(name: str):
+  value = FLAGS[name].value
+  if value is None:
+    return None
+  try:
+    pair = tuple(int(v) for v in value)
+  except ValueError:
+    pair = ()
+  if len(pair) != 2:
+    raise run.RunError(f"--{name} must be two integers A,B, got {','.join(value)}")
+  return pair
+
+
+def _micro_conditioning() -> MicroConditioning:
+  return MicroConditioning(
+      original_size=_pair("original_size"), crops_coords_top_left=_pair("crops_coords_top_left"),
+      target_size=_pair("target_size"), aesthetic_score=FLAGS.aesthetic_score,
+      negative_aesthetic_score=FLAGS.negative_aesthetic_score)
 
 
 def main(argv):

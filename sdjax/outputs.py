@@ -93,7 +93,7 @@ def _a1111_quote(value: Any) -> str:
 def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str,
                      cfg_scale: float, seed: int, width: int, height: int, model: str,
                      model_hash: str | None = None, eta: float = 0.0,
-                     version: str | None = None) -> str:
+                     version: str | None = None, extra: dict[str, Any] | None = None) -> str:
   """The text AUTOMATIC1111's web UI stores in (and reads from) a PNG `parameters` chunk.
 
   ```
@@ -108,7 +108,7 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
   names, written under its A1111 name (`A1111_SAMPLER_NAMES`); other names pass through. An
   empty `model`, `model_hash` (A1111's short hash, see `short_hash`) or `version` is left out,
   and so is a zero `eta` (DDIM's); A1111 writes `Model hash` before `Model`, `Eta` after it and
-  `Version` last.
+  `Version` last. `extra` fields (e.g. `Refiner`) come before `Version`, in order.
   """
   params = {
       "Steps": int(steps),
@@ -119,6 +119,7 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
       "Model hash": model_hash or None,
       "Model": model or None,
       "Eta": float(eta) if eta else None,
+      **(extra or {}),
       "Version": version or None,
   }
   line = ", ".join(f"{k}: {_a1111_quote(v)}" for k, v in params.items() if v is not None)

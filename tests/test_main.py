@@ -125,10 +125,10 @@ pipe = sdjax.load_pipeline({model!r})
 mesh = parallel.make_mesh()
 spec, state = sampling.prepare(pipe, 2, steps=2, scheduler="ddim", height=16, width=16,
                                guidance_scale=3.0)
-ids = parallel.shard_batch(mesh, pipe.tokenize(["a"] * 16), 16)
+cond = parallel.shard_tree(mesh, sampling.make_conditioning(pipe, ["a"] * 16, ["a"] * 16), 16)
 seeds = parallel.shard_batch(mesh, np.arange(16, dtype=np.uint32), 16)
 out = parallel.sharded_sampler(mesh, spec, pipe)(
-    parallel.replicate(pipe.params, mesh), ids, ids, seeds, np.float32(3), np.float32(0),
+    parallel.replicate(pipe.params, mesh), cond, seeds, np.float32(3), np.float32(0),
     parallel.replicate(state, mesh))
 print(mesh.size, [s.data.shape[0] for s in out.addressable_shards], len({{s.device for s in out.addressable_shards}}))
 """
@@ -248,6 +248,8 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
     (["--scheduler", "ddim", "--eta=-1"], "--eta must be >= 0"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt does"),
     (["--model", "/nonexistent/model"], "does not exist"),
+    (["--lora", "/nonexistent/style.safetensors:0.5"], "LoRA file '/nonexistent/style.safetensors"),
+    (["--embedding", "/nonexistent/neg.pt:neg"], "embedding file '/nonexistent/neg.pt' does"),
 ])
 def test_bad_input_one_line(extra, message, model, tmp_path):
   args = ["--model", model, "--prompt", "a cat", "--output_dir", str(tmp_path / "o"), *extra]
@@ -272,7 +274,7 @@ def test_bad_prompt_files(model, tmp_path):
     # Lines are parsed when reached (the file is streamed): bad.jsonl and broken.jsonl fail
     # after their first line's image.
     proc = main_py(["--model", model, "--prompts_file", str(path), "--output_dir",
-                    str(tmp_path / path.name), *COMMON], check=False)
+                    str(tmp_path / f"out-{path.name}"), *COMMON], check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -313,3 +315,25 @@ def test_ddim_eta(model, cache, tmp_path):
                                              guidance_scale=3.0, scheduler="ddim", eta=0.5, seed=5)
   got = np.stack(list(_pixels(out).values())).astype(np.float32) / 255
   assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+
+def test_lora_and_embedding_flags(reference_run, model, cache, tmp_path):
+  """--lora and --embedding reach the model: the same seed gives other pixels, run.json says why."""
+  from safetensors.numpy import save_file
+
+  rng = np.random.default_rng(0)
+  lora = str(tmp_path / "style.safetensors")
+  save_file({"lora_unet_conv_in.lora_down.weight": rng.standard_normal((2, 4, 3, 3), np.float32),
+             "lora_unet_conv_in.lora_up.weight": rng.standard_normal((32, 2, 1, 1), np.float32)},
+            lora)
+  emb = str(tmp_path / "my-style.safetensors")
+  save_file({"emb_params": rng.standard_normal((2, 32), np.float32)}, emb)
+  out = str(tmp_path / "out")
+  main_py(["--model", model, "--prompt", PROMPTS[0], *COMMON, "--batch_size", "2", "--seed",
+           "100", "--output_dir", out, "--compilation_cache", cache, "--lora", f"{lora}:0.5",
+           "--embedding", emb])
+  with open(os.path.join(out, "run.json")) as f:
+    settings = json.load(f)
+  assert settings["loras"] == [[lora, 0.5]] and settings["embeddings"] == [[emb, None]]
+  ours, before = _pixels(out)["000000.png"], _pixels(reference_run)["000000.png"]
+  assert np.abs(ours.astype(int) - before).max() > 10

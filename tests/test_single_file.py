@@ -124,7 +124,9 @@ def test_half_precision_file(family_files, tmp_path):
 
   family, folder, _, ref, exported, _ = family_files
   state = load_file(exported)
-  if family == "sd1":
+  if family == "sd1":  # also with CLIP keys as transformers < 4.20 saved them (no text_model.)
+    state = {k.replace(single_file.CLIP_PREFIX, "cond_stage_model.transformer."): v
+             for k, v in state.items()}
     path, cast = str(tmp_path / "model-fp16.safetensors"), np.float16
     save_file({k: v.astype(np.float16) for k, v in state.items()}, path)
   else:  # bf16 as torch writes it
@@ -141,6 +143,11 @@ def test_export_round_trip(family_files, loaded, tmp_path):
   loaded.save_single_file(again)
   a, b = load_file(exported), load_file(again)
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+  half = str(tmp_path / "half.safetensors")
+  loaded.save_single_file(half, dtype="float16")
+  c = load_file(half)
+  assert sorted(c) == sorted(a)
+  assert all(c[k].dtype == np.float16 and np.array_equal(c[k], a[k].astype(np.float16)) for k in a)
 
 
 def _vae_original_file(torch_vae, path, prefix):
@@ -155,8 +162,9 @@ def _vae_original_file(torch_vae, path, prefix):
   save_file(original, path)
 
 
-def test_vae_swap(family_files, tmp_path):
+def test_vae_swap(family_files, tmp_path, monkeypatch):
   import diffusers
+  import huggingface_hub
 
   family, folder, torch_pipe, ref, exported, _ = family_files
   if family != "sd1":
@@ -164,7 +172,18 @@ def test_vae_swap(family_files, tmp_path):
   other = testing.torch_vae(testing.VAE, seed=77)
   vae_dir = str(tmp_path / "vae_folder")
   other.save_pretrained(vae_dir)
-  want = sdjax.load_pipeline(folder, vae=vae_dir)  # a diffusers VAE folder
+  # A hub VAE repo (config.json + weights at its root) downloads only those files.
+  seen = {}
+  monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                      lambda repo, revision=None: sorted(os.listdir(vae_dir)) + ["README.md"])
+
+  def snapshot(repo, revision=None, allow_patterns=None):
+    seen["allow"] = allow_patterns
+    return vae_dir
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+  want = sdjax.load_pipeline(folder, vae="someone/sd-vae")
+  assert seen["allow"] == ["config.json", "diffusion_pytorch_model.safetensors"]
   assert not np.array_equal(np.asarray(want.params["vae"]["decoder"]["conv_out"]["kernel"]),
                             np.asarray(ref.params["vae"]["decoder"]["conv_out"]["kernel"]))
   _assert_params_equal(want.params["unet"], ref.params["unet"])
@@ -225,6 +244,8 @@ def test_bad_files(family_files, tmp_path):
   truncated.write_bytes(data[: len(data) // 2])
   with pytest.raises(SingleFileError, match="truncated"):
     sdjax.load_pipeline(str(truncated), config=folder)
+  with pytest.raises(SingleFileError, match="checkpoint file .*nothere.ckpt does not exist"):
+    sdjax.load_pipeline(str(tmp_path / "nothere.ckpt"))
   shard = tmp_path / "model-00001-of-00002.safetensors"
   shutil.copy(real, shard)
   with pytest.raises(SingleFileError, match="one shard of a sharded checkpoint"):
@@ -272,7 +293,8 @@ def _fake_state(family, in_channels=4):
   state = {"model.diffusion_model.input_blocks.0.0.weight": np.zeros((320, in_channels, 3, 3))}
   text = {"sd1": single_file.CLIP_PREFIX + "final_layer_norm.weight",
           "sd2": single_file.OPENCLIP_PREFIX + "ln_final.weight",
-          "sdxl": single_file.SDXL_OPENCLIP_PREFIX + "ln_final.weight"}[family]
+          "sdxl": single_file.SDXL_OPENCLIP_PREFIX + "ln_final.weight",
+          "sdxl_refiner": single_file.SDXL_REFINER_OPENCLIP_PREFIX + "ln_final.weight"}[family]
   state[text] = np.zeros((8,))
   return state
 
@@ -283,8 +305,8 @@ def test_family_detection_picks_standard_config():
   assert pick(single_file.detect_family(_fake_state("sd2")), None) == "sd2_768_v"
   assert pick(single_file.detect_family(_fake_state("sd2")), "v_prediction") == "sd2_768_v"
   assert pick(single_file.detect_family(_fake_state("sd2")), "epsilon") == "sd2_512_base"
-  with pytest.raises(SingleFileError, match="SDXL base"):
-    single_file.detect_family(_fake_state("sdxl"))
+  assert single_file.detect_family(_fake_state("sdxl")) == "sdxl"
+  assert single_file.detect_family(_fake_state("sdxl_refiner")) == "sdxl_refiner"
   with pytest.raises(SingleFileError, match="inpainting"):
     single_file.detect_family(_fake_state("sd1", in_channels=9))
   with pytest.raises(SingleFileError, match="looks like a VAE file"):
@@ -401,3 +423,85 @@ def test_hub_selects_only_what_is_needed():
   configs = hub.select_files(pipeline_repo, configs_only=True)
   assert "tokenizer/vocab.json" in configs and "unet/config.json" in configs
   assert not any(f.endswith((".safetensors", ".bin")) for f in configs)
+
+
+# -- SDXL key tables (the pipeline wiring comes with SDXL pipelines) --------------------------------
+_UNET_SDXL = {  # tiny SDXL layout: no attention in level 0, text_time added conditioning
+    "sample_size": 8, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [16, 32, 32], "layers_per_block": 1, "cross_attention_dim": 64,
+    "attention_head_dim": [2, 2, 4], "norm_num_groups": 8, "use_linear_projection": True,
+    "transformer_layers_per_block": [1, 1, 2], "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 20 + 6 * 8,
+}
+_UNET_SDXL_REFINER = {**_UNET_SDXL, "cross_attention_dim": 40,
+                      "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                      "projection_class_embeddings_input_dim": 20 + 5 * 8}
+
+
+def _tiny_sdxl(tmp_path):
+  """Random tiny diffusers SDXL base and refiner pipelines."""
+  import diffusers
+
+  tok = str(tmp_path / "tok")
+  testing.write_tokenizer(tok)
+  clip_l = testing.clip_config("quick_gelu", hidden_size=24)
+  clip_g = {**testing.clip_config("gelu", hidden_size=40), "projection_dim": 20,
+            "num_attention_heads": 5}
+  torch.manual_seed(5)
+  from transformers import CLIPTextConfig as HFConfig
+  from transformers import CLIPTextModelWithProjection
+
+  encoder_2 = CLIPTextModelWithProjection(HFConfig(**clip_g)).eval()
+  testing.perturb_(encoder_2, 5)
+  common = dict(vae=testing.torch_vae(testing.VAE, 1), text_encoder_2=encoder_2,
+                tokenizer_2=testing.torch_tokenizer(tok), add_watermarker=False,
+                scheduler=diffusers.EulerDiscreteScheduler.from_config(testing.SCHEDULER_SD15))
+  base = diffusers.StableDiffusionXLPipeline(
+      text_encoder=testing.torch_clip(clip_l, 2), tokenizer=testing.torch_tokenizer(tok),
+      unet=testing.torch_unet(_UNET_SDXL, 3), **common)
+  refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+      text_encoder=None, tokenizer=None, unet=testing.torch_unet(_UNET_SDXL_REFINER, 4),
+      requires_aesthetics_score=True, **common)
+  return base, refiner
+
+
+def test_sdxl_key_tables_are_real(tmp_path):
+  """SDXL base and refiner files written by the tables load in diffusers to the same weights,
+  and the tables read them back bit for bit."""
+  from types import SimpleNamespace
+
+  import diffusers
+
+  from sdjax.checkpoints.weights import normalize_keys
+
+  torch.set_num_threads(1)
+  base, refiner = _tiny_sdxl(tmp_path)
+  for pipe, family, cls in ((base, "sdxl", diffusers.StableDiffusionXLPipeline),
+                            (refiner, "sdxl_refiner", diffusers.StableDiffusionXLImg2ImgPipeline)):
+    folder = str(tmp_path / family)
+    pipe.save_pretrained(folder)
+    names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2")
+             if getattr(pipe, n) is not None]
+    comps = {n: normalize_keys({k: v.numpy() for k, v in getattr(pipe, n).state_dict().items()})
+             for n in names}
+    unet_cfg = SimpleNamespace(**pipe.unet.config)
+    vae_cfg = SimpleNamespace(**pipe.vae.config)
+    path = str(tmp_path / f"{family}.safetensors")
+    save_file(single_file.to_original(family, unet_cfg, vae_cfg, comps), path)
+    state = single_file.read_single_file(path)
+    assert single_file.detect_family(state) == family
+    assert any(k.startswith(f"{single_file.UNET_PREFIX}label_emb.0.0.") for k in state)
+    loaded = cls.from_single_file(path, config=folder, local_files_only=True)
+    back = single_file.split_state(state, family, unet_cfg, None, vae_cfg,
+                                   {n: list(c) for n, c in comps.items()}, path)
+    for name, want in comps.items():
+      got = normalize_keys(getattr(loaded, name).state_dict())
+      assert sorted(got) == sorted(want) == sorted(back[name]), name
+      for key, value in want.items():
+        assert np.array_equal(got[key].numpy(), value), (family, name, key)
+        assert np.array_equal(back[name][key], value), (family, name, key)
+    with pytest.raises(PipelineError, match=f"is an {family.replace('_', ' ').upper()} checkpoint"):
+      sdjax.load_pipeline(path, config=folder)

@@ -6,6 +6,8 @@
       --peak_tflops 989 --json
   python tools/benchmark.py --arch builtin --what run --batch 8 --steps 4 --images 256
   python tools/benchmark.py --arch builtin --what first_image --prompts 2000000 --steps 2
+  python tools/benchmark.py --arch sd15 --what unet_step --backend both \
+      --kernels blocked,chunked --repeats 2 --json   # interleaved in one process
 
 Networks have random weights of the real architecture (no download). Reports compile time, the
 median of several timed calls after warm-up, images/s for `generate`, achieved TFLOP/s (FLOPs
@@ -43,7 +45,10 @@ _HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the arch'
 _WIDTH = flags.DEFINE_integer("width", None, "image width (default: the arch's native)")
 _STEPS = flags.DEFINE_integer("steps", 50, "generate: denoising steps")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype")
-_BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "sdjax or diffusers")
+_BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch", "both"], "sdjax or diffusers; "
+                              "both: unet_step of each in one process, calls interleaved")
+_KERNELS = flags.DEFINE_list("kernels", [], "--backend both: one sdjax program per attention "
+                             "kernel (SDJAX_ATTENTION), e.g. blocked,chunked (default: the choice)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls after one warm-up call (0: compile "
                                 "only)")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "jax: persistent compilation cache folder "
@@ -97,12 +102,13 @@ def _timed(fn, repeats):
   return statistics.median(times)
 
 
-def bench_jax():
+def _jax_pipeline():
+  """sdjax networks of the arch with random weights (no init compile)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from sdjax import pipeline, sampling, testing  # noqa: PLC0415
+  from sdjax import pipeline, testing  # noqa: PLC0415
   from sdjax.models.clip import CLIPTextConfig  # noqa: PLC0415
   from sdjax.models.unet import UNetConfig  # noqa: PLC0415
   from sdjax.models.vae import VAEConfig  # noqa: PLC0415
@@ -112,8 +118,6 @@ def bench_jax():
 
     run.enable_compilation_cache(_CACHE.value)
   unet_cfg, clip_cfg, vae_cfg, _, prediction = _configs()
-  h, w = _size()
-  b = _BATCH.value
   unet_c, vae_c = UNetConfig.from_dict(unet_cfg), VAEConfig.from_dict(vae_cfg)
   clip_c = CLIPTextConfig.from_dict(clip_cfg)
   dtype = pipeline.parse_dtype(_DTYPE.value)
@@ -128,6 +132,32 @@ def bench_jax():
     shapes = pipeline._expected_params(module, *examples[name])  # noqa: SLF001
     pipe.params[name] = jax.tree.map(
         lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 0.02, dtype), shapes)
+  return pipe, dtype
+
+
+def _conditioning(pipe, b, h, w):
+  """Token ids of zeros (and SDXL's pooled / time-id inputs), the shapes a real batch has."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import conditioning  # noqa: PLC0415
+
+  ids = jnp.zeros((b, 77), jnp.int32)
+  if pipe.text_encoder_2 is None:
+    return conditioning.Conditioning(conditioning.PromptIds(ids), conditioning.PromptIds(ids))
+  time_ids = jnp.tile(jnp.asarray([h, w, 0, 0, h, w], jnp.float32), (b, 1))
+  side = conditioning.PromptIds(ids, ids)
+  return conditioning.Conditioning(side, side, jnp.zeros((b,), bool), time_ids, time_ids)
+
+
+def bench_jax():
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import sampling  # noqa: PLC0415
+
+  pipe, dtype = _jax_pipeline()
+  h, w = _size()
+  b = _BATCH.value
   lat = (b, h // 8, w // 8, 4)
   if _WHAT.value == "unet_step":
     args = (pipe.params["unet"], jnp.ones(lat, dtype), jnp.full((b,), 500.0),
@@ -139,19 +169,18 @@ def bench_jax():
   else:
     spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler="dpmpp_2m",
                                    height=h, width=w, guidance_scale=7.5)
-    ids = jnp.zeros((b, 77), jnp.int32)
     seeds = jnp.arange(b, dtype=jnp.uint32)
-    args = (spec, pipe.text_encoder, pipe.unet, pipe.vae, pipe.params, ids, ids, seeds,
+    args = (spec, pipe.networks, pipe.params, _conditioning(pipe, b, h, w), seeds,
             sampling.initial_noise(seeds, lat[1:]), jnp.float32(7.5), jnp.float32(0.0), None,
             state)
-    fn = jax.jit(sampling.sample_fn, static_argnums=(0, 1, 2, 3))
+    fn = jax.jit(sampling.sample_fn, static_argnums=(0, 1))
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = _FLOPS.value or float(cost.get("flops", 0.0))
-  call_args = args if _WHAT.value != "generate" else args[4:]
+  call_args = args if _WHAT.value != "generate" else args[2:]
   median = float("nan")
   if _REPEATS.value:
     median = _timed(lambda: jax.block_until_ready(compiled(*call_args)), _REPEATS.value)
@@ -184,9 +213,9 @@ def bench_run():
   per_batch = b * mesh.size
   spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler="dpmpp_2m", height=h,
                                  width=w, guidance_scale=4.0)
-  ids = parallel.shard_batch(mesh, pipe.tokenize(["a red circle"] * per_batch), per_batch)
+  cond = sampling.make_conditioning(pipe, ["a red circle"] * per_batch, [""] * per_batch)
   seeds = parallel.shard_batch(mesh, np.arange(per_batch, dtype=np.uint32), per_batch)
-  args = (parallel.replicate(pipe.params, mesh), ids, ids, seeds,
+  args = (parallel.replicate(pipe.params, mesh), parallel.shard_tree(mesh, cond, per_batch), seeds,
           *parallel.replicate((np.float32(4.0), np.float32(0.0)), mesh),
           parallel.replicate(state, mesh))
   compiled = parallel.sharded_sampler(mesh, spec, pipe).lower(*args).compile()
@@ -327,8 +356,77 @@ def bench_torch():
               device=kind, version=f"torch {torch.__version__}, diffusers {diffusers.__version__}")
 
 
+def torch_threads() -> int:
+  import torch  # noqa: PLC0415
+
+  return torch.get_num_threads()
+
+
+def bench_both():
+  """One CFG UNet step of diffusers and of sdjax (one program per kernel), calls interleaved.
+
+  On a shared machine each round runs every program once, in turn, so load hits them alike;
+  reports the best and median wall time and the best process CPU time (all threads) per program.
+  """
+  import os  # noqa: PLC0415
+
+  import diffusers  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+
+  if _WHAT.value != "unet_step" or _DTYPE.value != "float32":
+    raise app.UsageError("--backend both times a float32 unet_step")
+  pipe, dtype = _jax_pipeline()
+  h, w = _size()
+  b = _BATCH.value
+  args = (pipe.params["unet"], jnp.ones((b, h // 8, w // 8, 4), dtype), jnp.full((b,), 500.0),
+          jnp.ones((b, 77, pipe.unet.config.cross_attention_dim), dtype))
+  programs, results = {}, {}
+  for kernel in _KERNELS.value or [""]:
+    os.environ.pop("SDJAX_ATTENTION", None)
+    if kernel:
+      os.environ["SDJAX_ATTENTION"] = kernel  # read while tracing
+    fn = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    name = f"sdjax {kernel or 'default'}"
+    results[name] = dict(compile_s=time.perf_counter() - start)
+    programs[name] = lambda compiled=compiled: jax.block_until_ready(compiled(*args))
+  os.environ.pop("SDJAX_ATTENTION", None)
+  unet = diffusers.UNet2DConditionModel(**_configs()[0]).eval()
+  x, t = torch.ones((b, 4, h // 8, w // 8)), torch.full((b,), 500.0)
+  ctx = torch.ones((b, 77, unet.config.cross_attention_dim))
+  programs["diffusers"] = lambda: unet(x, t, ctx).sample
+  results["diffusers"] = dict(compile_s=0.0)
+  wall = {name: [] for name in programs}
+  cpu = {name: [] for name in programs}
+  with torch.no_grad():
+    for fn in programs.values():
+      fn()  # warm-up
+    for _ in range(_REPEATS.value):
+      for name, fn in programs.items():
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall[name].append(time.perf_counter() - w0)
+        cpu[name].append(time.process_time() - c0)
+  for name in programs:
+    results[name].update(best_s=min(wall[name]), median_s=statistics.median(wall[name]),
+                         best_cpu_s=min(cpu[name]), wall_s=wall[name], cpu_s=cpu[name],
+                         ratio_best=min(wall[name]) / min(wall["diffusers"]),
+                         ratio_cpu=min(cpu[name]) / min(cpu["diffusers"]))
+  return results
+
+
 def main(argv):
   del argv
+  if _BACKEND.value == "both":
+    h, w = _size()
+    for name, result in bench_both().items():
+      print(json.dumps(dict(program=name, arch=_ARCH.value, what="unet_step", batch=_BATCH.value,
+                            height=h, width=w, dtype="float32", torch_threads=torch_threads(),
+                            date=time.strftime("%Y-%m-%d %H:%M"), **result)))
+    return
   if _WHAT.value == "run":
     result = bench_run()
   elif _WHAT.value == "first_image":
