@@ -23,14 +23,14 @@ def _stage_cfg(steps, lr=1e-2):
   })
 
 
-def _render(key, n):
-  return shapes.render(shapes.sample_attributes(key, n))
+def _render(key, n):  # 32-pixel windows around the shapes: a quarter of the pixels
+  return shapes.render_window(shapes.sample_attributes(key, n), 32)
 
 
 @pytest.fixture(scope="module")
 def vae_setup():
-  vae = AutoencoderKL(VAEConfig.from_dict({**testing.VAE, "sample_size": 64}))
-  params = pipeline.init_params(vae, np.zeros((1, 64, 64, 3), np.float32))
+  vae = AutoencoderKL(VAEConfig.from_dict({**testing.VAE, "sample_size": 32}))
+  params = pipeline.init_params(vae, np.zeros((1, 32, 32, 3), np.float32))
   mesh = parallel.make_mesh()
   return vae, params, mesh, train.vae_loss(vae, _render, 4, 1e-5, mesh)
 

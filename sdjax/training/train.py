@@ -86,6 +86,20 @@ def make_train_step(loss_fn: LossFn, optimizer, mesh: Mesh, ema_decay: float, se
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
+_last_step: list = []  # [(key, step_fn)]: the latest compiled step, for a fit that resumes
+
+
+def _cached_train_step(loss_fn, optimizer, mesh: Mesh, cfg):
+  """`make_train_step`, reused when the same loss and settings train again in this process
+  (a resumed or repeated fit): one compile instead of one per call. Only the latest is kept, so
+  nothing a finished stage closed over stays alive."""
+  key = (loss_fn, mesh, cfg.ema_decay, cfg.seed, cfg.learning_rate, cfg.warmup_steps, cfg.steps,
+         cfg.end_lr_factor, cfg.weight_decay, cfg.grad_clip)
+  if not _last_step or _last_step[0][0] != key:
+    _last_step[:] = [(key, make_train_step(loss_fn, optimizer, mesh, cfg.ema_decay, cfg.seed))]
+  return _last_step[0][1]
+
+
 def shard_rows(x, mesh: Mesh):
   """Splits a batch made inside a jitted step along the mesh's data axis."""
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(parallel.DATA)))
@@ -120,7 +134,7 @@ def fit(loss_fn: LossFn, params, frozen, cfg, workdir: str, *, mesh: Mesh | None
   if start is not None:
     state = manager.restore(start, args=ocp.args.StandardRestore(state))
     logging.info("%s: resumed at step %d from %s", desc, start, workdir)
-  step_fn = make_train_step(loss_fn, optimizer, mesh, cfg.ema_decay, cfg.seed)
+  step_fn = _cached_train_step(loss_fn, optimizer, mesh, cfg)
   end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
   losses, pending, t0 = [], [], time.time()
   try:
