@@ -155,9 +155,10 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, 
 _jitted_sample = jax.jit(sample_fn, static_argnums=(0, 1))
 
 
-def _as_list(value, n: int, name: str, default=None) -> list:
+def _as_list(value, n: int, name: str) -> list:
+  """A per-prompt list; None gives None for each (no negative prompt)."""
   if value is None:
-    return [default] * n
+    return [None] * n
   if isinstance(value, str):
     return [value] * n
   value = list(value)

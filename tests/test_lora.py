@@ -42,7 +42,9 @@ def models(tmp_path_factory):
 
 
 def _weights(model):
-  return {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+  """Module name (without transformers' `text_model.`) -> weight, of every linear and conv."""
+  return {n.removeprefix("text_model."): m.weight for n, m in model.named_modules()
+          if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
 
 
 def _factors(shape, rank, gen, locon=True):
@@ -439,3 +441,79 @@ def test_key_spellings_agree(models):
   for d in deltas:
     assert list(d) == ["unet"] and list(d["unet"]) == [path]
     np.testing.assert_array_equal(d["unet"][path], (up @ down).T)
+
+
+# -- SDXL: two text encoders (lora_te1_ / lora_te2_) and SGM-named UNet keys, as kohya writes them --
+SDXL_SGM = {  # kohya (SGM) name -> diffusers module, for testing.UNET_SDXL
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks_2_0_op": "down_blocks.0.downsamplers.0.conv",
+    "input_blocks_3_1_transformer_blocks_0_attn1_to_q":
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "input_blocks_5_1_transformer_blocks_1_attn2_to_k":
+        "down_blocks.2.attentions.0.transformer_blocks.1.attn2.to_k",
+    "middle_block_1_proj_out": "mid_block.attentions.0.proj_out",
+    "output_blocks_1_2_conv": "up_blocks.0.upsamplers.0.conv",
+    "output_blocks_3_0_skip_connection": "up_blocks.1.resnets.1.conv_shortcut",
+    "output_blocks_2_1_transformer_blocks_0_ff_net_0_proj":
+        "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj",
+    "label_emb_0_0": "add_embedding.linear_1", "time_embed_2": "time_embedding.linear_2",
+}
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("sdxl") / "pipes")
+  ref, _ = testing.write_torch_sdxl(folder, seed=12)
+  return ref, sdjax.load_pipeline(os.path.join(folder, "base"))
+
+
+def _sdxl_outputs_torch(ref):
+  x, ctx = randn(2, 8, 8, 4), randn(2, 77, 64, seed=1)
+  added = {"text_embeds": torch.from_numpy(randn(2, 20, seed=2)),
+           "time_ids": torch.tensor([[32.0, 40, 0, 8, 24, 16]] * 2)}
+  with torch.no_grad():
+    eps = nhwc(ref.unet(nchw(x), torch.tensor([3, 700]), torch.from_numpy(ctx),
+                        added_cond_kwargs=added).sample)
+    text, _, pooled, _ = ref.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+  return eps, text.numpy(), pooled.numpy()
+
+
+def _sdxl_outputs_ours(pipe, params):
+  pipe = dataclasses.replace(pipe, params=params)
+  x, ctx = randn(2, 8, 8, 4), randn(2, 77, 64, seed=1)
+  time_ids = np.array([[32.0, 40, 0, 8, 24, 16]] * 2, np.float32)
+  eps = pipe.predict_noise(x, np.array([3, 700]), ctx, randn(2, 20, seed=2), time_ids)
+  text, _, pooled, _ = pipe.encode_prompt(PROMPTS)
+  return np.asarray(eps), np.asarray(text), np.asarray(pooled)
+
+
+def test_sdxl_kohya_vs_diffusers(sdxl, tmp_path):
+  ref, pipe = sdxl
+  gen, sd = torch.Generator().manual_seed(4), {}
+  weights = _weights(ref.unet)
+  for sgm, name in SDXL_SGM.items():
+    sd[f"lora_unet_{sgm}.lora_down.weight"], sd[f"lora_unet_{sgm}.lora_up.weight"] = _factors(
+        weights[name].shape, 2, gen)
+  for prefix, model in (("lora_te1_", ref.text_encoder), ("lora_te2_", ref.text_encoder_2)):
+    te_weights = _weights(model)
+    for name in TEXT_MODULES:
+      key = f"{prefix}text_model_{name.replace('.', '_')}"
+      sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = _factors(
+          te_weights[name].shape, 2, gen)
+  path = str(tmp_path / "sdxl.safetensors")
+  save_file(sd, path)
+  models = [ref.unet, ref.text_encoder, ref.text_encoder_2]
+  saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+  base = _sdxl_outputs_torch(ref)
+  ref.load_lora_weights(path)
+  ref.fuse_lora(lora_scale=0.8)
+  expected = _sdxl_outputs_torch(ref)
+  ref.unfuse_lora()
+  ref.unload_lora_weights()
+  for m, state in zip(models, saved, strict=True):
+    m.load_state_dict(state)
+  ours = _sdxl_outputs_ours(pipe, lora.apply_loras(pipe, [(path, 0.8)]))
+  for what, a, b, b0 in zip(("unet", "text", "pooled"), ours, expected, base, strict=True):
+    assert np.linalg.norm(b - b0) / np.linalg.norm(b0) > 0.05  # the LoRA changes each output
+    print(f"SDXL kohya {what}: rel err {assert_close(a, b):.2g}, "
+          f"of the change {assert_close(a - b0, b - b0):.2g}")

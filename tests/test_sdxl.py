@@ -265,3 +265,24 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
                            aesthetic_score=7.0)
   written = np.asarray(png, np.float32) / 255
   assert np.abs(written - expected[1]).max() <= 1 / 255 + 1e-6
+
+
+def test_export_round_trip(pipes, tmp_path):
+  """SDXL base and refiner folders written by sdjax load in diffusers with the same weights."""
+  ref_base, ref_refiner, base, refiner, _ = pipes
+  for ours, ref, cls in ((base, ref_base, diffusers.StableDiffusionXLPipeline),
+                         (refiner, ref_refiner, diffusers.StableDiffusionXLImg2ImgPipeline)):
+    out = str(tmp_path / cls.__name__)
+    ours.save_pretrained(out)
+    back = cls.from_pretrained(out)
+    assert back.config.force_zeros_for_empty_prompt == ref.config.force_zeros_for_empty_prompt
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+      a, b = getattr(ref, name), getattr(back, name)
+      assert (a is None) == (b is None), name
+      if a is not None:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sorted(sa) == sorted(sb), name
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    again = sdjax.load_pipeline(out)
+    assert again.requires_aesthetics_score == ours.requires_aesthetics_score
+    np.testing.assert_array_equal(again.tokenize_2(PROMPTS), ours.tokenize_2(PROMPTS))

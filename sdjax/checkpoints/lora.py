@@ -7,6 +7,8 @@ several LoRAs add. Key naming:
 - kohya / A1111 / LyCORIS: `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`,
   `lora_te2_`), where `<module>` is the diffusers module name with `.` -> `_`, followed by
   `.lora_down.weight`, `.lora_up.weight`, `.lora_mid.weight`, `.alpha`, `.hada_*`, `.lokr_*`.
+  kohya's SDXL files name UNet modules as the original (SGM) UNet does (`input_blocks_4_1_...`):
+  they resolve through the single-file key table of the model's UNet config.
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`,
   `text_encoder_2.`; older files `.lora.down.weight` or `processor.to_q_lora.down.weight`), alpha
   from the `lora_adapter_metadata` safetensors header (`unet.lora_alpha`, `unet.r`, patterns) or

@@ -4,7 +4,10 @@ One file holds the whole model under per-network prefixes: the UNet under
 `model.diffusion_model.` (`input_blocks` / `middle_block` / `output_blocks`), the VAE under
 `first_stage_model.` (`encoder.down.N.block.M`, attention as 1x1 convs), the text encoder under
 `cond_stage_model.transformer.text_model.` (SD1, OpenAI CLIP: transformers' names) or
-`cond_stage_model.model.` (SD2, OpenCLIP: fused q/k/v `in_proj`, `resblocks`).
+`cond_stage_model.model.` (SD2, OpenCLIP: fused q/k/v `in_proj`, `resblocks`); SDXL (SGM) has
+`conditioner.embedders.0.transformer.` (CLIP-L) and `conditioner.embedders.1.model.` (OpenCLIP
+bigG with `text_projection`), the refiner only bigG as `conditioner.embedders.0.model.`, and the
+UNet's added conditioning as `label_emb`.
 
 The mapping to diffusers' names (which sdjax's params follow) is a table generated from the
 model's config: `unet_table(cfg)` lists, for every diffusers key, the original key it comes from
@@ -135,7 +138,7 @@ def _guess_kind(state: Mapping[str, np.ndarray]) -> str:
 def standard_config_name(family: str, prediction_type: str | None) -> str:
   """The built-in config for a family; SD2's 768-v and 512-base differ only in prediction type."""
   if family.startswith("sdxl"):
-    raise SingleFileError(f"no built-in config for {family} single files yet")
+    return family
   if family == "sd1":
     if prediction_type not in (None, "epsilon"):
       raise SingleFileError(f"prediction_type {prediction_type!r}: SD1 models predict epsilon")
@@ -148,9 +151,12 @@ def standard_config_name(family: str, prediction_type: str | None) -> str:
                         "(use epsilon or v_prediction)")
 
 
-def config_family(text_config) -> str:
-  """The family a diffusers config describes: SD2's OpenCLIP uses gelu, SD1's CLIP quick_gelu."""
-  return "sd2" if text_config.hidden_act == "gelu" else "sd1"
+def config_family(text_configs: Mapping[str, object]) -> str:
+  """The family a pipeline's text encoder configs describe: SDXL has a second encoder (the
+  refiner only that one); SD2's OpenCLIP uses gelu, SD1's CLIP quick_gelu."""
+  if "text_encoder_2" in text_configs:
+    return "sdxl" if "text_encoder" in text_configs else "sdxl_refiner"
+  return "sd2" if text_configs["text_encoder"].hidden_act == "gelu" else "sd1"
 
 
 # -- key tables -------------------------------------------------------------------------------------
