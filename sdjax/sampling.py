@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import schedulers
+from sdjax import conditioning, schedulers
+from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
 from sdjax.models.vae import AutoencoderKL
 
 # Fold-in tags that split one image's key into independent streams.
@@ -40,6 +41,9 @@ class SampleSpec:
   guidance_rescale: bool
   img2img: bool
   clip_skip: int | None = None
+  end: int | None = None  # stop before this position (diffusers' denoising_end); None: the end
+  output_latents: bool = False  # return the diffusion latents undecoded (output_type="latent")
+  init_latents: bool = False  # start from given diffusion latents as they are (denoising_start)
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -87,73 +91,113 @@ def _denoise(spec: SampleSpec, predict, state, x, keys):
     x, state = sched.step(state, eps, i, x, noise)
     return (x, state), None
 
-  (x, _), _ = jax.lax.scan(body, (x, state), jnp.arange(spec.begin, n, dtype=jnp.int32))
+  end = n if spec.end is None else spec.end
+  (x, _), _ = jax.lax.scan(body, (x, state), jnp.arange(spec.begin, end, dtype=jnp.int32))
   return x
 
 
-def sample_fn(spec: SampleSpec, text_encoder, unet, vae: AutoencoderKL, params, cond_ids,
-              uncond_ids, seeds, noise, guidance_scale, guidance_rescale, init_images, state):
+def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seeds, noise,
+              guidance_scale, guidance_rescale, init, state):
   """The whole sampling program (pure; callers jit it, possibly with shardings).
 
   Args:
-    cond_ids, uncond_ids: int32 [B, 77] token ids of prompts and negative prompts.
+    nets: the pipeline's modules (static).
+    cond: token ids of prompts and negative prompts, SDXL's micro-conditioning ([B, ...] leaves).
     seeds: uint32 [B] per-image seeds.
     noise: float32 [B, h, w, C] unit Gaussian initial noise.
     guidance_scale, guidance_rescale: float32 scalars (traced: changing them does not recompile).
-    init_images: float32 [B, H, W, 3] in [0, 1] for img2img, else None.
+    init: img2img: float32 images [B, H, W, 3] in [0, 1]; `spec.init_latents`: diffusion latents
+      [B, h, w, C] to continue denoising; else None.
     state: the scheduler state from `set_timesteps`.
 
   Returns:
-    float32 images [B, H, W, 3] in [0, 1].
+    float32 images [B, H, W, 3] in [0, 1], or the diffusion latents with `spec.output_latents`.
   """
   global trace_count
   trace_count += 1
-  sched = spec.scheduler
   keys = image_keys(seeds)
-
-  def encode(ids):
-    return text_encoder.apply({"params": params["text_encoder"]}, ids,
-                              spec.clip_skip)["prompt_embeds"]
-
-  cond = encode(cond_ids)
+  negative, positive = conditioning.encode(nets, params, cond, spec.clip_skip, spec.clip_skip,
+                                           spec.guidance)
   if spec.guidance:
-    context = jnp.concatenate([encode(uncond_ids), cond], axis=0)  # 2B, 77, D
+    both = conditioning.Embeddings.concat(negative, positive)  # 2B rows: [uncond, cond]
 
   def predict(x, t):
     if not spec.guidance:
-      return unet.apply({"params": params["unet"]}, x, t, cond)
-    both = unet.apply({"params": params["unet"]}, jnp.concatenate([x, x], axis=0), t, context)
-    eps_uncond, eps_cond = jnp.split(both.astype(jnp.float32), 2, axis=0)
+      return conditioning.predict(nets, params, x, t, positive)
+    out = conditioning.predict(nets, params, jnp.concatenate([x, x], axis=0), t, both)
+    eps_uncond, eps_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
     return guide(eps_uncond, eps_cond, guidance_scale,
                  guidance_rescale if spec.guidance_rescale else None)
 
-  scaling = vae.config.scaling_factor
-  if spec.img2img:
-    posterior = vae.apply({"params": params["vae"]}, 2.0 * init_images - 1.0,
-                          method=AutoencoderKL.encode)
-    eps = _keyed_noise(keys, _POSTERIOR, posterior.mean.shape[1:])
-    latents = posterior.mean.astype(jnp.float32) + posterior.std.astype(jnp.float32) * eps
-    x = sched.add_noise(state, latents * scaling, noise, spec.begin)
-  else:
-    x = noise * sched.init_noise_sigma(state)
-
+  x = _initial_latents(spec, nets.vae, params, keys, noise, init, state)
   x = _denoise(spec, predict, state, x, keys)
-  images = vae.apply({"params": params["vae"]}, x / scaling, method=AutoencoderKL.decode)
+  if spec.output_latents:
+    return x
+  vae = nets.vae
+  images = vae.apply({"params": params["vae"]}, vae.config.from_diffusion_latents(x),
+                     method=AutoencoderKL.decode)
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-_jitted_sample = jax.jit(sample_fn, static_argnums=(0, 1, 2, 3))
+def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, init, state):
+  """Pure noise, a noised encoding of init images (img2img), or given latents (handoff)."""
+  sched = spec.scheduler
+  if spec.init_latents:
+    return init.astype(jnp.float32)
+  if not spec.img2img:
+    return noise * sched.init_noise_sigma(state)
+  posterior = vae.apply({"params": params["vae"]}, 2.0 * init - 1.0, method=AutoencoderKL.encode)
+  eps = _keyed_noise(keys, _POSTERIOR, posterior.mean.shape[1:])
+  latents = posterior.mean.astype(jnp.float32) + posterior.std.astype(jnp.float32) * eps
+  return sched.add_noise(state, vae.config.to_diffusion_latents(latents), noise, spec.begin)
 
 
-def _as_list(value, n: int, name: str) -> list[str]:
+_jitted_sample = jax.jit(sample_fn, static_argnums=(0, 1))
+
+
+def _as_list(value, n: int, name: str) -> list:
+  """A per-prompt list; None gives None for each (no negative prompt)."""
   if value is None:
-    return [""] * n
+    return [None] * n
   if isinstance(value, str):
     return [value] * n
   value = list(value)
   if len(value) != n:
     raise ValueError(f"{name}: got {len(value)} entries for {n} prompts")
   return value
+
+
+def make_conditioning(pipe, prompts: Sequence[str], negative_prompts: Sequence[str | None], *,
+                      prompts_2: Sequence[str] | None = None,
+                      negative_prompts_2: Sequence[str | None] | None = None,
+                      micro: MicroConditioning | None = None, size: tuple[int, int] = (0, 0),
+                      img2img: bool = False) -> Conditioning:
+  """Token ids and micro-conditioning of a batch, as diffusers' pipelines prepare them.
+
+  A negative prompt of None is the empty prompt, or zeros where the checkpoint asks for
+  `force_zeros_for_empty_prompt` (SDXL base). `prompts_2` / `negative_prompts_2` go to the
+  second encoder (default: the same prompts); a refiner encodes `prompts` with its only one.
+  """
+  n = len(prompts)
+  negatives = ["" if p is None else p for p in negative_prompts]
+  if not pipe.is_sdxl:
+    return Conditioning(PromptIds(pipe.tokenize(prompts)), PromptIds(pipe.tokenize(negatives)))
+  if pipe.text_encoder is None:  # the refiner: diffusers pairs `prompt` with text_encoder_2
+    prompt, negative = PromptIds(ids_2=pipe.tokenize_2(prompts)), PromptIds(
+        ids_2=pipe.tokenize_2(negatives))
+  else:
+    prompts_2 = prompts if prompts_2 is None else _as_list(prompts_2, n, "prompts_2")
+    negatives_2 = negatives if negative_prompts_2 is None else [
+        "" if p is None else p for p in _as_list(negative_prompts_2, n, "negative_prompts_2")]
+    prompt = PromptIds(pipe.tokenize(prompts), pipe.tokenize_2(prompts_2))
+    negative = PromptIds(pipe.tokenize(negatives), pipe.tokenize_2(negatives_2))
+  zero = np.asarray([p is None and pipe.force_zeros_for_empty_prompt for p in negative_prompts])
+  # The aesthetic-score layout exists only in diffusers' img2img pipelines (the refiner's).
+  ids, neg_ids = conditioning.sdxl_time_ids(
+      micro or MicroConditioning(), size, img2img=img2img or pipe.requires_aesthetics_score,
+      requires_aesthetics_score=pipe.requires_aesthetics_score)
+  conditioning.check_time_ids(pipe.networks, len(ids))
+  return Conditioning(prompt, negative, zero, np.tile(ids, (n, 1)), np.tile(neg_ids, (n, 1)))
 
 
 def check_size(pipe, height: int, width: int) -> tuple[int, int]:
@@ -172,38 +216,76 @@ def make_seeds(seed: int, n: int) -> np.ndarray:
   return np.arange(seed, seed + n, dtype=np.uint32)
 
 
+def _cutoff(sched, fraction: float) -> int:
+  """diffusers' discrete timestep cutoff of `denoising_end` / `denoising_start`."""
+  n_train = int(sched.cfg["num_train_timesteps"])
+  return int(round(n_train - fraction * n_train))
+
+
+def denoising_end_index(sched, state, fraction: float) -> int:
+  """Positions the base runs with `denoising_end=fraction` (StableDiffusionXLPipeline)."""
+  return int(np.sum(np.asarray(state.timesteps) >= _cutoff(sched, fraction)))
+
+
+def denoising_start_index(sched, state, fraction: float) -> int:
+  """First position of a `denoising_start=fraction` run (StableDiffusionXLImg2ImgPipeline):
+  second-order schedulers never start between the two stages of a step."""
+  timesteps = np.asarray(state.timesteps)
+  count = int(np.sum(timesteps < _cutoff(sched, fraction)))
+  if sched.order == 2 and count % 2 == 0:
+    count += 1
+  return len(timesteps) - count
+
+
 def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int, width: int,
             guidance_scale: float, guidance_rescale: float = 0.0, img2img: bool = False,
-            strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0):
+            strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0,
+            denoising_end: float | None = None, denoising_start: float | None = None):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
+  `denoising_end` stops early and returns latents; `denoising_start` continues such latents
+  (the SDXL base -> refiner handoff).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
   if not (isinstance(eta, (int, float, np.floating)) and eta >= 0):
     raise ValueError(f"eta must be a number >= 0, got {eta}")
+  conditioning.check_clip_skip(pipe.networks, clip_skip)
   latent_hw = check_size(pipe, height, width)
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta))
   state = sched.set_timesteps(int(steps), sample_shape=(batch, *latent_hw,
                                                          pipe.unet.config.in_channels))
-  begin = 0
-  if img2img:
+  begin, end = 0, None
+  if denoising_start is not None:
+    begin = denoising_start_index(sched, state, denoising_start)
+  elif img2img:
     if not 0.0 < strength <= 1.0:
       raise ValueError(f"strength must be in (0, 1], got {strength}")
     begin = sched.begin_index(int(steps), strength)
-    if begin >= len(state.timesteps):
-      raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step")
-  spec = SampleSpec(sched.program(), begin, latent_hw, guidance_scale > 1.0, guidance_rescale > 0.0,
-                    img2img, clip_skip)
+  if denoising_end is not None:
+    end = denoising_end_index(sched, state, denoising_end)
+  if begin >= (len(state.timesteps) if end is None else end):
+    raise ValueError(f"strength {strength} (or refiner_start) with {steps} steps leaves no "
+                     "denoising step")
+  spec = SampleSpec(sched.program(), begin, latent_hw, guidance_scale > 1.0,
+                    guidance_rescale > 0.0,
+                    img2img and denoising_start is None, clip_skip, end=end,
+                    output_latents=denoising_end is not None,
+                    init_latents=denoising_start is not None)
   return spec, state
+
+
+def _check_fraction(value: float, name: str) -> None:
+  if not 0.0 < value < 1.0:
+    raise ValueError(f"{name} must be in (0, 1), got {value}")
 
 
 def generate(
     pipe,
     prompts: str | Sequence[str],
     *,
-    negative_prompts: str | Sequence[str] | None = None,
+    negative_prompts: str | Sequence[str | None] | None = None,
     steps: int = 50,
     guidance_scale: float = 7.5,
     scheduler: str | None = None,
@@ -215,6 +297,11 @@ def generate(
     strength: float = 0.8,
     guidance_rescale: float = 0.0,
     clip_skip: int | None = None,
+    prompts_2: str | Sequence[str] | None = None,
+    negative_prompts_2: str | Sequence[str | None] | None = None,
+    micro: MicroConditioning | None = None,
+    refiner=None,
+    refiner_start: float = 0.8,
     eta: float = 0.0,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate`."""
@@ -228,12 +315,17 @@ def generate(
     if init_images.ndim != 4 or init_images.shape[0] != n or init_images.shape[-1] != 3:
       raise ValueError(f"init_images must be [{n}, H, W, 3], got {init_images.shape}")
     height, width = init_images.shape[1:3]
+  if refiner is not None:
+    _check_fraction(refiner_start, "refiner_start")
+    if init_images is not None:
+      raise ValueError("refiner= hands off a text-to-image run; it does not take init_images")
   height = pipe.native_size if height is None else height
   width = pipe.native_size if width is None else width
-  spec, state = prepare(pipe, n, steps=steps, scheduler=scheduler, height=height, width=width,
-                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                        img2img=init_images is not None, strength=strength, clip_skip=clip_skip,
-                        eta=eta)
+  common = dict(steps=steps, scheduler=scheduler, height=height, width=width,
+                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                clip_skip=clip_skip, eta=eta)
+  spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
+                        denoising_end=refiner_start if refiner is not None else None, **common)
   seeds = make_seeds(seed, n)
   latent_shape = (n, *spec.latent_hw, pipe.unet.config.in_channels)
   if latents is None:
@@ -242,10 +334,31 @@ def generate(
     noise = jnp.asarray(latents, jnp.float32)
     if noise.shape != latent_shape:
       raise ValueError(f"latents must have shape {latent_shape}, got {noise.shape}")
-  images = _jitted_sample(
-      spec, pipe.text_encoder, pipe.unet, pipe.vae, pipe.params,
-      jnp.asarray(pipe.tokenize(prompts)), jnp.asarray(pipe.tokenize(negatives)),
-      jnp.asarray(seeds), noise, jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
-      None if init_images is None else jnp.asarray(init_images), state)
-  return np.asarray(images)
+  cond = make_conditioning(pipe, prompts, negatives, prompts_2=prompts_2,
+                           negative_prompts_2=negative_prompts_2, micro=micro,
+                           size=(height, width), img2img=init_images is not None)
+  scalars = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
+  out = _jitted_sample(spec, pipe.networks, pipe.params, _device(cond), jnp.asarray(seeds), noise,
+                       *scalars, None if init_images is None else jnp.asarray(init_images),
+                       state)
+  if refiner is None:
+    return np.asarray(out)
+  return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
+                            {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
+                                pipe.scheduler_config)}, refiner_start))
 
+
+def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, common,
+            refiner_start):
+  """The ensemble-of-experts second stage: the refiner continues the base's latents on device."""
+  if refiner.unet.config.in_channels != latents.shape[-1]:
+    raise ValueError("the refiner's latents do not match the base model's")
+  spec, state = prepare(refiner, len(prompts), denoising_start=refiner_start, **common)
+  size = (common["height"], common["width"])
+  cond = make_conditioning(refiner, prompts, negatives, micro=micro, size=size, img2img=True)
+  return _jitted_sample(spec, refiner.networks, refiner.params, _device(cond),
+                        jnp.asarray(seeds), noise, *scalars, latents, state)
+
+
+def _device(tree):
+  return jax.tree.map(jnp.asarray, tree)
