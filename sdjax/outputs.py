@@ -1,4 +1,8 @@
-"""What a batch generation run writes to its output folder, safe to resume and to share.
+"""Output files safe to resume and to share: A1111 text, atomic writes, previews, a manifest.
+
+`run.py` writes through `sinks.py` (one writer per shard, per-shard manifests); the shared,
+append-only `Manifest` and `finished` below are the older single-folder scheme, kept for tools
+that append to one folder from several processes.
 
 A run may be killed at any instant and several processes may write into one folder at once (each
 its own images, all one manifest). The rules that make that safe:
@@ -529,10 +533,12 @@ def index_html(records: Mapping[int, dict] | Iterable[dict], *, total: int | Non
   title = f"{total} images" + (f" (the first {len(records)} shown)" if total > len(records)
                                else "")
   parts = [_HTML_HEAD.format(title=esc(title))]
+  shards = list(shards)
+  if shards:  # the images are inside tars: the grid shows them
+    parts.append(f'<figure><img src="{GRID_NAME}" alt="grid of the first images"></figure>\n')
   for record in records:
     parts.append(_figure(record, esc))
   parts.append("</main>\n")
-  shards = list(shards)
   if shards:
     parts.append(f"<h2>{len(shards)} WebDataset shards</h2>\n<ul>\n")
     parts.extend(f'<li><a href="{esc(urllib.parse.quote(s))}">{esc(s)}</a></li>\n'

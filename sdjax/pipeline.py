@@ -375,21 +375,29 @@ def _folder_source(folder: str, variant: str | None) -> _Source:
 
 
 def _single_file_configs(family: str, config: str | None, prediction_type: str | None,
-                         revision: str | None, path: str) -> tuple[dict[str, Any], Any]:
-  """(raw component configs, tokenizer): from a `config` folder / hub id, else built in."""
+                         revision: str | None, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(raw configs by component, plus "model_index" options; tokenizers by name): from a
+  `config` folder / hub id, else sdjax's built-in standard config of the family."""
   if config is None:
     if family == "sd2" and prediction_type is None:
       logging.info("%s: SD2 weights do not say their prediction type; assuming 768-v "
                    "(v_prediction). Pass prediction_type='epsilon' for 512-base models.", path)
     raw = standard.standard_config(single_file.standard_config_name(family, prediction_type))
-    return raw, standard.clip_tokenizer(raw["tokenizer"]["pad_token"])
+    tokenizers = {name: standard.clip_tokenizer(raw[name]["pad_token"])
+                  for name in ("tokenizer", "tokenizer_2") if name in raw}
+    return raw, tokenizers
   folder = hub.resolve_source(config, revision=revision, configs_only=True)
-  for name in COMPONENTS:
+  index_path = os.path.join(folder, "model_index.json")
+  index = config_utils.read_json(index_path) if os.path.isfile(index_path) else {}
+  names = _component_names(index)
+  for name in names:
     if not os.path.isdir(os.path.join(folder, name)):
       raise PipelineError(f"config {config} has no {name}/ folder")
-  raw = {name: _read_component_config(folder, name)
-         for name in ("unet", "vae", "text_encoder", "scheduler")}
-  return raw, load_tokenizer(os.path.join(folder, "tokenizer"))
+  raw = {name: _read_component_config(folder, name) for name in names
+         if not name.startswith("tokenizer")}
+  raw["model_index"] = index
+  return raw, {name: load_tokenizer(os.path.join(folder, name)) for name in names
+               if name.startswith("tokenizer")}
 
 
 def _single_file_source(path: str, config: str | None, prediction_type: str | None,
@@ -397,20 +405,37 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   """A single original-layout file, with configs from `config` or the family's standard ones."""
   state = single_file.read_single_file(path)
   family = single_file.detect_family(state, path)
-  raw, tokenizer = _single_file_configs(family, config, prediction_type, revision, path)
-  text_cfg = CLIPTextConfig.from_dict(raw["text_encoder"])
-  if single_file.config_family(text_cfg) != family:
-    raise PipelineError(f"{path} is an {family.upper()} checkpoint but config {config} is "
-                        f"{single_file.config_family(text_cfg).upper()}")
+  raw, tokenizers = _single_file_configs(family, config, prediction_type, revision, path)
+  text_cfgs = {name: CLIPTextConfig.from_dict(raw[name])
+               for name in ("text_encoder", "text_encoder_2") if name in raw}
+  config_family = single_file.config_family(text_cfgs)
+  if config_family != family:
+    raise PipelineError(f"{path} is an {_family_name(family)} checkpoint but config {config} is "
+                        f"{_family_name(config_family)}")
   unet_cfg = UNetConfig.from_dict(raw["unet"])
   vae_cfg = VAEConfig.from_dict(raw["vae"])
 
   def read_states(expected):
     keys = {n: [torch_key(p) for p in traverse_util.flatten_dict(tree)]
             for n, tree in expected.items()}
-    return single_file.split_state(state, family, unet_cfg, text_cfg, vae_cfg, keys, path)
+    return single_file.split_state(state, family, unet_cfg, text_cfgs.get("text_encoder"),
+                                   vae_cfg, keys, path)
 
-  return _Source(unet_cfg, vae_cfg, text_cfg, dict(raw["scheduler"]), tokenizer, read_states)
+  index = raw.get("model_index", {})
+  sdxl = family.startswith("sdxl")
+  return _Source(
+      unet_cfg, vae_cfg, text_cfgs.get("text_encoder"), dict(raw["scheduler"]),
+      tokenizers.get("tokenizer"), read_states, text_encoder_2=text_cfgs.get("text_encoder_2"),
+      tokenizer_2=tokenizers.get("tokenizer_2"),
+      options={
+          "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", sdxl)),
+          "requires_aesthetics_score": bool(index.get("requires_aesthetics_score",
+                                                      family == "sdxl_refiner")),
+      })
+
+
+def _family_name(family: str) -> str:
+  return family.replace("_", " ").upper()
 
 
 def _vae_source(vae: str, default_cfg: VAEConfig, revision: str | None):
@@ -450,7 +475,8 @@ def load_pipeline(
   Args:
     source: a diffusers-format folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
       `tokenizer/`, `scheduler/`), a Hugging Face hub id, a single original-layout checkpoint
-      file (`.safetensors`, `.ckpt`, `.pt`, `.bin`; SD1 or SD2), or None for the built-in model.
+      file (`.safetensors`, `.ckpt`, `.pt`, `.bin`; SD1, SD2, SDXL base or refiner), or None for
+      the built-in model.
     dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
     param_dtype: dtype the params are stored in (default: `dtype`).
     variant: weight file variant to prefer, e.g. "fp16".
@@ -521,7 +547,7 @@ def add_extras(pipe: Pipeline, *, loras=(), embeddings=()) -> Pipeline:
   if embeddings:
     pipe = textual_inversion.add_embeddings(pipe, embeddings)
   if loras:
-    pipe = dataclasses.replace(pipe, params=lora.merge_loras(pipe.params, loras))
+    pipe = dataclasses.replace(pipe, params=lora.apply_loras(pipe, loras))
   return pipe
 
 
@@ -666,11 +692,14 @@ def save_single_file(pipe: Pipeline, path: str, dtype: str = "float32") -> None:
     raise PipelineError(f"save_single_file dtype {dtype!r}: use float32 or float16")
   if not path.endswith(".safetensors"):
     raise PipelineError(f"save_single_file writes .safetensors, not {path}")
+  names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in pipe.params]
   states = {name: flax_to_torch(jax.tree.map(lambda x: np.asarray(x, dtype), pipe.params[name]))
-            for name in ("unet", "vae", "text_encoder")}
-  family = single_file.config_family(pipe.text_encoder.config)
-  state = single_file.to_original(family, pipe.unet.config, pipe.vae.config, states)
-  write_safetensors(path, state)
+            for name in names}
+  text_cfgs = {n: getattr(pipe, n).config for n in ("text_encoder", "text_encoder_2")
+               if getattr(pipe, n) is not None}
+  family = single_file.config_family(text_cfgs)
+  write_safetensors(path, single_file.to_original(family, pipe.unet.config, pipe.vae.config,
+                                                  states))
 
 
 __all__ = ["Pipeline", "PipelineError", "WeightsError", "build_pipeline", "load_pipeline"]

@@ -274,7 +274,7 @@ def test_bad_prompt_files(model, tmp_path):
     # Lines are parsed when reached (the file is streamed): bad.jsonl and broken.jsonl fail
     # after their first line's image.
     proc = main_py(["--model", model, "--prompts_file", str(path), "--output_dir",
-                    str(tmp_path / path.name), *COMMON], check=False)
+                    str(tmp_path / f"out-{path.name}"), *COMMON], check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -335,5 +335,7 @@ def test_lora_and_embedding_flags(reference_run, model, cache, tmp_path):
   with open(os.path.join(out, "run.json")) as f:
     settings = json.load(f)
   assert settings["loras"] == [[lora, 0.5]] and settings["embeddings"] == [[emb, None]]
-  ours, before = _pixels(out)["000000.png"], _pixels(reference_run)["000000.png"]
-  assert np.abs(ours.astype(int) - before).max() > 10
+  first = {r["index"]: r["file"] for r in _manifest(reference_run)}[0]
+  (name, ours), = _pixels(out).items()
+  assert name == first
+  assert np.abs(ours.astype(int) - _pixels(reference_run)[first]).max() > 10
