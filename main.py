@@ -82,8 +82,8 @@ FLAGS = flags.FLAGS
 
 
 def _run_config() -> run.RunConfig:
-  values = dict(steps=50, guidance_scale=7.5, batch_size=1, dtype="float32", eta=0.0,
-                refiner_start=0.8)
+  # steps, guidance_scale, scheduler: None leaves them to the model (run.RunConfig).
+  values = dict(batch_size=1, dtype="float32", eta=0.0, refiner_start=0.8)
   preset = _CONFIG.value
   if preset is None and FLAGS.model is None:
     from configs import builtin  # noqa: PLC0415

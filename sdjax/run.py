@@ -41,8 +41,10 @@ class RunConfig:
   model: str | None = None
   negative_prompt: str = ""
   num_images_per_prompt: int = 1
-  steps: int = 50
-  guidance_scale: float = 7.5
+  # None: the model folder's sampling defaults (`sdjax_defaults.json`), else 50 steps, guidance
+  # 7.5 and the checkpoint's own scheduler.
+  steps: int | None = None
+  guidance_scale: float | None = None
   scheduler: str | None = None
   eta: float = 0.0  # DDIM's stochasticity; step noise from each image's seed
   height: int | None = None
@@ -110,7 +112,9 @@ def validate(cfg: RunConfig) -> None:
   """Checks what needs no model, so that bad input fails before anything slow."""
   if not cfg.prompts and not cfg.prompts_file:
     raise RunError("no prompts: give --prompt or --prompts_file")
-  for name in ("steps", "batch_size", "num_images_per_prompt", "shard_size",
+  if cfg.steps is not None and cfg.steps < 1:  # None: the model's default
+    raise RunError(f"--steps must be at least 1, got {cfg.steps}")
+  for name in ("batch_size", "num_images_per_prompt", "shard_size",
                "images_per_folder", "num_shards", "writer_threads"):
     if getattr(cfg, name) < 1:
       raise RunError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -288,11 +292,16 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, config=cfg.model_config, vae=cfg.vae,
                              prediction_type=cfg.prediction_type, loras=cfg.loras,
                              embeddings=cfg.embeddings)
+  steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
+                                                         cfg.scheduler)
+  cfg = dataclasses.replace(cfg, steps=steps, guidance_scale=guidance, scheduler=scheduler)
   height = cfg.height or pipe.native_size
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)
   scheduler = cfg.scheduler or sampling.schedulers.default_scheduler_name(pipe.scheduler_config)
 
+  if jax.process_index() == 0:  # the prompts given on the command line
+    sampling.warn_unknown_words(pipe, [line.prompt for line in cfg.prompts])
   _check_settings(store, _settings(cfg, pipe, height, width, scheduler, plan), cfg.overwrite)
   if jax.process_index() == 0:
     store.cleanup_temporaries()

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from sdjax import conditioning, schedulers
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
@@ -167,6 +168,29 @@ def _as_list(value, n: int, name: str) -> list:
   return value
 
 
+def warn_unknown_words(pipe, prompts: Sequence[str]) -> list[str]:
+  """Logs one warning naming the prompts' words a fixed-grammar model (the built-in one) has
+  never seen, with the grammar it understands; generation goes on. Returns those words."""
+  if not getattr(pipe, "prompt_grammar", None):
+    return []
+  unknown = pipe.unknown_words(prompts)
+  if unknown:
+    logging.warning("the model does not know the word%s %s: it understands only prompts of the "
+                    "form %s", "s" * (len(unknown) > 1), ", ".join(repr(w) for w in unknown),
+                    pipe.prompt_grammar)
+  return unknown
+
+
+def resolve_settings(pipe, steps: int | None, guidance_scale: float | None,
+                     scheduler: str | None) -> tuple[int, float, str | None]:
+  """Fills what the caller left None from the model's `sampling_defaults`, then 50 steps and
+  guidance 7.5 (a None scheduler stays None: the checkpoint's own)."""
+  defaults = getattr(pipe, "sampling_defaults", None) or {}
+  return (defaults.get("steps", 50) if steps is None else steps,
+          defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale,
+          defaults.get("scheduler") if scheduler is None else scheduler)
+
+
 def make_conditioning(pipe, prompts: Sequence[str], negative_prompts: Sequence[str | None], *,
                       prompts_2: Sequence[str] | None = None,
                       negative_prompts_2: Sequence[str | None] | None = None,
@@ -286,8 +310,8 @@ def generate(
     prompts: str | Sequence[str],
     *,
     negative_prompts: str | Sequence[str | None] | None = None,
-    steps: int = 50,
-    guidance_scale: float = 7.5,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
     scheduler: str | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -310,6 +334,8 @@ def generate(
     raise ValueError("no prompts given")
   n = len(prompts)
   negatives = _as_list(negative_prompts, n, "negative_prompts")
+  warn_unknown_words(pipe, prompts)
+  steps, guidance_scale, scheduler = resolve_settings(pipe, steps, guidance_scale, scheduler)
   if init_images is not None:
     init_images = np.asarray(init_images, np.float32)
     if init_images.ndim != 4 or init_images.shape[0] != n or init_images.shape[-1] != 3:
