@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from sdjax import run
 
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
-                "batch_size", "dtype")
+                "batch_size", "dtype", "eta")
 
 flags.DEFINE_string("model", None, "diffusers folder or hub id (default: the built-in model)")
 flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
@@ -28,6 +28,8 @@ flags.DEFINE_integer("steps", None, "denoising steps")
 flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
 flags.DEFINE_string("scheduler", None, "ddim, pndm, lms, euler, euler_ancestral, heun, dpmpp_2m, "
                     "dpmpp_2m_karras, ddpm (default: the checkpoint's own)")
+flags.DEFINE_float("eta", None, "DDIM's eta: 0 deterministic (default), 1 DDPM-like; step noise "
+                   "from each image's seed (--scheduler ddim only)")
 flags.DEFINE_integer("height", None, "image height in pixels (default: the model's native size)")
 flags.DEFINE_integer("width", None, "image width in pixels (default: the model's native size)")
 flags.DEFINE_integer("seed", 0, "image k of the run gets seed + k")
@@ -35,7 +37,7 @@ flags.DEFINE_integer("batch_size", None, "images per device per step")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
 flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
-flags.DEFINE_bool("allow_pickle", False, "allow .bin pickle weights (can run code: trusted only)")
+flags.DEFINE_bool("allow_pickle", True, "no longer needed: pickles are read without running code")
 flags.DEFINE_string("compilation_cache", None, "persistent compilation cache folder "
                     "(default: ~/.cache/sdjax/jax; empty to disable)")
 flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
@@ -47,7 +49,7 @@ FLAGS = flags.FLAGS
 
 
 def _run_config() -> run.RunConfig:
-  values = dict(steps=50, guidance_scale=7.5, batch_size=1, dtype="float32")
+  values = dict(steps=50, guidance_scale=7.5, batch_size=1, dtype="float32", eta=0.0)
   preset = _CONFIG.value
   if preset is None and FLAGS.model is None:
     from configs import builtin  # noqa: PLC0415

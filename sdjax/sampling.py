@@ -174,12 +174,17 @@ def make_seeds(seed: int, n: int) -> np.ndarray:
 
 def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int, width: int,
             guidance_scale: float, guidance_rescale: float = 0.0, img2img: bool = False,
-            strength: float = 1.0, clip_skip: int | None = None):
-  """The static spec and the scheduler state for one kind of call."""
+            strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0):
+  """The static spec and the scheduler state for one kind of call.
+
+  DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
+  """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
+  if not (isinstance(eta, (int, float, np.floating)) and eta >= 0):
+    raise ValueError(f"eta must be a number >= 0, got {eta}")
   latent_hw = check_size(pipe, height, width)
-  sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config)
+  sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta))
   state = sched.set_timesteps(int(steps), sample_shape=(batch, *latent_hw,
                                                          pipe.unet.config.in_channels))
   begin = 0
@@ -189,7 +194,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
     begin = sched.begin_index(int(steps), strength)
     if begin >= len(state.timesteps):
       raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step")
-  spec = SampleSpec(sched, begin, latent_hw, guidance_scale > 1.0, guidance_rescale > 0.0,
+  spec = SampleSpec(sched.program(), begin, latent_hw, guidance_scale > 1.0, guidance_rescale > 0.0,
                     img2img, clip_skip)
   return spec, state
 
@@ -210,6 +215,7 @@ def generate(
     strength: float = 0.8,
     guidance_rescale: float = 0.0,
     clip_skip: int | None = None,
+    eta: float = 0.0,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate`."""
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -226,7 +232,8 @@ def generate(
   width = pipe.native_size if width is None else width
   spec, state = prepare(pipe, n, steps=steps, scheduler=scheduler, height=height, width=width,
                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                        img2img=init_images is not None, strength=strength, clip_skip=clip_skip)
+                        img2img=init_images is not None, strength=strength, clip_skip=clip_skip,
+                        eta=eta)
   seeds = make_seeds(seed, n)
   latent_shape = (n, *spec.latent_hw, pipe.unet.config.in_channels)
   if latents is None:

@@ -1,5 +1,7 @@
 """Every building block against its diffusers twin, weights transferred by the real converter."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -10,10 +12,10 @@ from diffusers.models.downsampling import Downsample2D as TorchDownsample2D
 from diffusers.models.resnet import ResnetBlock2D as TorchResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel as TorchTransformer2D
 from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
-from parity import assert_close, nchw, nhwc, randn, transfer
+from parity import assert_close, nchw, nhwc, randn, rel_err, transfer
 
 from sdjax import testing
-from sdjax.models import layers, unet, vae
+from sdjax.models import attention, layers, unet, vae
 
 blocks = unets.unet_2d_blocks
 
@@ -173,32 +175,82 @@ def test_timestep_embedding_fractional_and_odd():
     assert_close(ours, ref.numpy())
 
 
-def test_chunked_attention_equals_plain():
-  from sdjax.models import attention
-
-  q, k, v = randn(2, 64, 4, 8), randn(2, 48, 4, 8, seed=1), randn(2, 48, 4, 8, seed=2)
-  plain = attention.dot_product_attention(q, k, v, chunk_from=10**9)
-  chunked = attention.dot_product_attention(q, k, v, chunk=16, chunk_from=64)
-  assert_close(chunked, plain, tol=1e-6)
+def _qkv(n=64, m=48, dtype=np.float32):
+  q, k, v = randn(2, n, 4, 8), randn(2, m, 4, 8, seed=1), randn(2, m, 4, 8, seed=2)
+  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
-@pytest.mark.parametrize("kernel", ["chunked", "xla", "cudnn"])
+@pytest.mark.parametrize("kernel", ["chunked", "blocked", "xla", "cudnn"])
 @pytest.mark.parametrize("upcast", [False, True])
 def test_forced_attention_kernels_agree(kernel, upcast, monkeypatch):
   """Every kernel SDJAX_ATTENTION can force computes the same attention (cudnn falls back to
   XLA's where it can't run: float32 here)."""
-  from sdjax.models import attention
-
-  q, k, v = randn(2, 64, 4, 8), randn(2, 48, 4, 8, seed=1), randn(2, 48, 4, 8, seed=2)
-  plain = attention.dot_product_attention(q, k, v, upcast=upcast, chunk_from=10**9)
+  q, k, v = _qkv()
+  plain = attention.dot_product_attention(q, k, v, upcast=upcast, kernel="einsum")
   monkeypatch.setenv("SDJAX_ATTENTION", kernel)
-  got = attention.dot_product_attention(q, k, v, upcast=upcast, chunk=16)
+  got = attention.dot_product_attention(q, k, v, upcast=upcast, chunk=16, block=16)
   assert_close(got, plain, tol=1e-6)
 
 
-def test_unknown_attention_kernel(monkeypatch):
-  from sdjax.models import attention
+@pytest.mark.parametrize("n,m,block", [(64, 48, 16), (77, 77, 16), (100, 77, 32), (5, 77, 256)])
+def test_blocked_attention_any_length(n, m, block):
+  """Query counts that are no multiple of the block (77-token cross attention) and below it."""
+  q, k, v = _qkv(n, m)
+  plain = attention.dot_product_attention(q, k, v, kernel="einsum")
+  got = attention.dot_product_attention(q, k, v, kernel="blocked", block=block)
+  assert got.shape == (2, n, 4, 8)
+  assert_close(got, plain, tol=1e-6)
 
+
+@pytest.mark.parametrize("kernel", ["blocked", "chunked"])
+def test_attention_kernels_bfloat16(kernel):
+  """bfloat16 inputs: as close to the float32 answer as the einsum kernel in bfloat16 is."""
+  exact = attention.dot_product_attention(*_qkv(), kernel="einsum")
+  plain = attention.dot_product_attention(*_qkv(dtype=jnp.bfloat16), kernel="einsum")
+  got = attention.dot_product_attention(*_qkv(dtype=jnp.bfloat16), kernel=kernel, block=16,
+                                        chunk=16)
+  assert got.dtype == jnp.bfloat16
+  assert_close(got.astype(np.float32), plain.astype(np.float32), tol=1e-2)
+  assert rel_err(got.astype(np.float32), exact) <= 1.5 * rel_err(plain.astype(np.float32), exact)
+
+
+@pytest.mark.parametrize("kernel", ["einsum", "chunked", "blocked", "xla"])
+def test_attention_key_padding_bias(kernel):
+  """A [B, 1, 1, M] bias of -1e9 at padded keys equals attending to the unpadded keys only."""
+  q, k, v = _qkv(64, 48)
+  keep = np.array([40, 48])  # valid keys per batch row
+  bias = np.where(np.arange(48)[None, :] < keep[:, None], 0.0, -1e9).astype(np.float32)
+  got = attention.dot_product_attention(q, k, v, bias[:, None, None, :], kernel=kernel, block=16,
+                                        chunk=16)
+  for row, valid in enumerate(keep):
+    ref = attention.dot_product_attention(q[row:row + 1], k[row:row + 1, :valid],
+                                          v[row:row + 1, :valid], kernel="einsum")
+    assert_close(got[row:row + 1], ref, tol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "blocked", "xla"])
+def test_attention_full_bias(kernel):
+  q, k, v = _qkv(64, 48)
+  bias = jnp.asarray(randn(2, 4, 64, 48, seed=3))
+  plain = attention.dot_product_attention(q, k, v, bias, kernel="einsum")
+  got = attention.dot_product_attention(q, k, v, bias, kernel=kernel, block=24, chunk=16)
+  assert_close(got, plain, tol=1e-6)
+
+
+def test_cpu_default_kernel():
+  if jax.default_backend() != "cpu":
+    pytest.skip("CPU choice")
+  long, short = jnp.zeros((2, 4096, 8, 40)), jnp.zeros((2, 16, 8, 40))
+  assert attention.choose_kernel(long, long) == "blocked"
+  assert attention.choose_kernel(long, jnp.zeros((2, 77, 8, 40))) == "blocked"
+  assert attention.choose_kernel(short, short) == "einsum"
+
+
+def test_unknown_attention_kernel(monkeypatch):
   monkeypatch.setenv("SDJAX_ATTENTION", "flash9")
   with pytest.raises(ValueError, match="flash9"):
     attention.dot_product_attention(randn(1, 4, 1, 8), randn(1, 4, 1, 8), randn(1, 4, 1, 8))
+  monkeypatch.delenv("SDJAX_ATTENTION")
+  with pytest.raises(ValueError, match="4-D"):
+    attention.dot_product_attention(randn(1, 4, 1, 8), randn(1, 4, 1, 8), randn(1, 4, 1, 8),
+                                    np.zeros((4, 4), np.float32))

@@ -210,6 +210,8 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
     (["--height", "12"], "--height must be a multiple of 8"),
     (["--width", "100000"], "--width must be a multiple of 8"),
     (["--scheduler", "magic"], "unknown scheduler 'magic'"),
+    (["--scheduler", "euler", "--eta", "0.5"], "eta is an option of ddim only"),
+    (["--scheduler", "ddim", "--eta=-1"], "--eta must be >= 0"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt does"),
     (["--model", "/nonexistent/model"], "does not exist"),
 ])
@@ -259,3 +261,19 @@ def test_jsonl_prompts_and_seeds(model, cache, tmp_path):
       ("a cat", 7, ""), ("a cat", 8, ""), ("a dog", 52, "red")]
   text = Image.open(os.path.join(out, "000002.png")).text["parameters"]
   assert outputs.parse_a1111_parameters(text)["negative_prompt"] == "red"
+
+
+def test_ddim_eta(model, cache, tmp_path):
+  """--eta: recorded in the PNG parameters and the manifest; the pixels are generate()'s."""
+  out = str(tmp_path / "out")
+  main_py(["--model", model, "--prompt", "a cat", "--prompt", "a dog", "--steps", "2",
+           "--height", "16", "--width", "16", "--guidance_scale", "3", "--scheduler", "ddim",
+           "--eta", "0.5", "--seed", "5", "--batch_size", "2", "--output_dir", out,
+           "--compilation_cache", cache])
+  assert [r["eta"] for r in _manifest(out)] == [0.5, 0.5]
+  text = Image.open(os.path.join(out, "000001.png")).text["parameters"]
+  assert outputs.parse_a1111_parameters(text)["Eta"] == "0.5"
+  want = sdjax.load_pipeline(model).generate(["a cat", "a dog"], steps=2, height=16, width=16,
+                                             guidance_scale=3.0, scheduler="ddim", eta=0.5, seed=5)
+  got = np.stack(list(_pixels(out).values())).astype(np.float32) / 255
+  assert np.abs(got - want).max() <= 1 / 255 + 1e-6

@@ -56,6 +56,13 @@ def test_a1111_text_without_negative_prompt():
   assert parse_a1111_parameters(text)["negative_prompt"] == ""
 
 
+def test_a1111_text_with_eta():
+  text = a1111_parameters(**{**PARAMS, "sampler": "ddim", "eta": 0.5})
+  assert text.endswith("Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x768, "
+                       "Model: sd-v1-5, Eta: 0.5")
+  assert parse_a1111_parameters(text)["Eta"] == "0.5"
+
+
 @pytest.mark.parametrize("ours,theirs", sorted(outputs.A1111_SAMPLER_NAMES.items()) +
                          [("my_sampler", "my_sampler")])
 def test_sampler_names(ours, theirs):

@@ -193,7 +193,7 @@ def test_unknown_config_option(sd1_folder, tmp_path):
     sdjax.load_pipeline(folder)
 
 
-def test_pickle_needs_opt_in(sd1_folder, tmp_path):
+def test_bin_pickle_loads_safely(sd1_folder, tmp_path):
   folder = _copy(sd1_folder, tmp_path)
   vae_dir = os.path.join(folder, "vae")
   from safetensors.torch import load_file
@@ -201,9 +201,7 @@ def test_pickle_needs_opt_in(sd1_folder, tmp_path):
   sd = load_file(os.path.join(vae_dir, "diffusion_pytorch_model.safetensors"))
   torch.save(sd, os.path.join(vae_dir, "diffusion_pytorch_model.bin"))
   os.remove(os.path.join(vae_dir, "diffusion_pytorch_model.safetensors"))
-  with pytest.raises(WeightsError, match="pickle.*allow_pickle=True"):
-    sdjax.load_pipeline(folder)
-  pipe = sdjax.load_pipeline(folder, allow_pickle=True)
+  pipe = sdjax.load_pipeline(folder)  # no opt-in: nothing in the pickle runs
   ref = sdjax.load_pipeline(sd1_folder)
   z = randn(1, 8, 8, 4)
   np.testing.assert_array_equal(np.asarray(pipe.vae_decode(z)), np.asarray(ref.vae_decode(z)))

@@ -111,6 +111,40 @@ def test_img2img_matches_diffusers(pipes, name):
   assert rel(ours, expected) <= 1e-3
 
 
+def test_ddim_eta_matches_diffusers_and_compiles_once(pipes):
+  """eta > 0: diffusers' DDIM step given our per-step noise (`variance_noise`, drawn from each
+  image's seed) lands on the same images; another eta reuses the compiled program."""
+  _sd1_only(pipes)
+  ref, pipe, _ = pipes
+  seed, eta, steps = 11, 0.5, 4
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
+  step_noise = [nchw(np.asarray(sampling._keyed_noise(keys, sampling._STEP_NOISE, (8, 8, 4), i)))
+                for i in range(steps)]
+
+  class NoisedDDIM(diffusers.DDIMScheduler):
+    def step(self, model_output, timestep, sample, eta=0.0, **kwargs):
+      i = list(self.timesteps).index(timestep)
+      kwargs.pop("generator", None)
+      return super().step(model_output, timestep, sample, eta=eta,
+                          variance_noise=step_noise[i], **kwargs)
+
+  ref.scheduler = NoisedDDIM.from_config(pipe.scheduler_config)
+  latents = _unit_noise((2, 8, 8, 4), seed=7)
+  expected = ref(PROMPTS, num_inference_steps=steps, guidance_scale=GUIDANCE, eta=eta, height=16,
+                 width=16, latents=nchw(latents), output_type="np").images
+  ours = pipe.generate(PROMPTS, steps=steps, guidance_scale=GUIDANCE, scheduler="ddim", eta=eta,
+                       height=16, width=16, latents=latents, seed=seed)
+  deterministic = pipe.generate(PROMPTS, steps=steps, guidance_scale=GUIDANCE, scheduler="ddim",
+                                height=16, width=16, latents=latents, seed=seed)
+  err = rel(ours, expected)
+  print(f"\nddim eta={eta} vs diffusers: {err:.2e}")
+  assert err <= 1e-3 and rel(deterministic, expected) > 10 * err
+  before = sampling.trace_count
+  other = pipe.generate(PROMPTS, steps=steps, guidance_scale=GUIDANCE, scheduler="ddim", eta=1.0,
+                        height=16, width=16, latents=latents, seed=seed)
+  assert sampling.trace_count == before and rel(other, ours) > 10 * err
+
+
 def test_true_noise_model_recovers_clean_sample():
   """A model that predicts the exact noise of x_t around a known x0 must give x0 back."""
   config = {**testing.SCHEDULER_SD15, "set_alpha_to_one": True}
@@ -177,6 +211,8 @@ def test_default_size_and_bfloat16(pipes):
     ({"seed": 2**32 - 1}, "seed must be in"),  # the second image's seed would not fit
     ({"latents": np.zeros((1, 4, 4, 4))}, "latents must have shape"),
     ({"negative_prompts": ["a", "b", "c"]}, "negative_prompts: got 3 entries"),
+    ({"eta": 0.5, "scheduler": "euler"}, "eta is an option of ddim only"),
+    ({"eta": -1.0, "scheduler": "ddim"}, "eta must be a number >= 0"),
 ])
 def test_bad_arguments(pipes, kwargs, match):
   _sd1_only(pipes)

@@ -127,6 +127,20 @@ def test_negative_eta_raises():
     DDIMScheduler.from_config(SD15, eta=-0.1)
 
 
+def test_eta_lives_in_the_state():
+  """Every eta > 0 compiles one program (`program()`); its value only scales the state."""
+  half, one = (get_scheduler("ddim", SD15, eta=e) for e in (0.5, 1.0))
+  assert half.program() == one.program() == one and half.program() != half
+  assert get_scheduler("ddim", SD15).program() == get_scheduler("ddim", SD15)
+  state = half.set_timesteps(10, SHAPE)
+  init, steps = make_noises(2)
+  x, out, noise = (jnp.asarray(a) for a in (init, steps[0], steps[1]))
+  np.testing.assert_array_equal(np.asarray(half.program().step(state, out, 3, x, noise)[0]),
+                                np.asarray(half.step(state, out, 3, x, noise)[0]))
+  with pytest.raises(SchedulerConfigError, match="eta is an option of ddim only"):
+    get_scheduler("euler_ancestral", SD15, eta=0.5)
+
+
 def test_too_many_steps_raise():
   with pytest.raises(ValueError, match="num_train_timesteps"):
     get_scheduler("ddim", SD15).set_timesteps(1001)

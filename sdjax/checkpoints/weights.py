@@ -173,27 +173,23 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     raise WeightsError(f"cannot read weights {path}: {e}") from None
 
 
-def _read_pickle(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
-  if not allow_pickle:
-    raise WeightsError(
-        f"{path} is a pickle, and loading it can run arbitrary code; convert it to "
-        "safetensors, or pass allow_pickle=True if you trust its source"
-    )
+def read_pickle(path: str) -> dict[str, np.ndarray]:
+  """A torch pickle's state dict, read by the allowlisting unpickler (nothing in it runs)."""
+  from sdjax.checkpoints import safe_pickle  # noqa: PLC0415
+
   try:
-    import torch  # noqa: PLC0415
-  except ImportError:
-    raise WeightsError(f"reading {path} needs PyTorch installed") from None
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-  except Exception as e:  # noqa: BLE001 - anything a corrupt pickle raises
-    raise WeightsError(f"cannot read weights {path}: {e}") from None
-  return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-          for k, v in state.items()}
+    return safe_pickle.load_state_dict(path)
+  except safe_pickle.UnsafePickleError as e:
+    raise WeightsError(str(e)) from None
 
 
 def read_state_dict(folder: str, component: str, *, variant: str | None = None,
-                    allow_pickle: bool = False) -> dict[str, np.ndarray]:
-  """Reads a component folder's weights: safetensors (single or sharded), else an opted-in pickle."""
+                    allow_pickle: bool = True) -> dict[str, np.ndarray]:
+  """Reads a component folder's weights: safetensors (single or sharded), else a `.bin` pickle.
+
+  `allow_pickle` is accepted for compatibility and ignored: pickles are read without running code.
+  """
+  del allow_pickle
   stem = WEIGHT_STEMS[component]
   for name in weight_candidates(stem, variant):
     path = os.path.join(folder, name)
@@ -203,7 +199,7 @@ def read_state_dict(folder: str, component: str, *, variant: str | None = None,
       return _read_sharded(folder, path)
     if name.endswith(".safetensors"):
       return _read_safetensors(path)
-    return _read_pickle(path, allow_pickle)
+    return read_pickle(path)
   raise WeightsError(f"no {component} weights in {folder} (looked for {stem}.safetensors)")
 
 

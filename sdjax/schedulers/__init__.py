@@ -54,8 +54,17 @@ def default_scheduler_name(scheduler_config: dict[str, Any]) -> str:
   return name
 
 
-def get_scheduler(name: str | None, scheduler_config: dict[str, Any]) -> Scheduler:
-  """Builds scheduler `name` (or the checkpoint's own when None) from a scheduler config."""
+# Schedulers that take DDIM's eta (diffusers passes `eta` to the steps of those whose `step` has it).
+ETA_SCHEDULERS = ("ddim",)
+
+
+def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
+                  eta: float = 0.0) -> Scheduler:
+  """Builds scheduler `name` (or the checkpoint's own when None) from a scheduler config.
+
+  `eta` > 0 makes DDIM stochastic (diffusers' `step(eta=...)`); other schedulers refuse it
+  rather than ignore it silently.
+  """
   if name is None:
     name = default_scheduler_name(scheduler_config)
   if name not in _REGISTRY:
@@ -63,11 +72,17 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any]) -> Schedul
         f"unknown scheduler {name!r}; pick one of {', '.join(SCHEDULERS)}"
     )
   module_name, class_name, overrides = _REGISTRY[name]
+  if eta:
+    if name not in ETA_SCHEDULERS:
+      raise SchedulerConfigError(
+          f"eta is an option of {', '.join(ETA_SCHEDULERS)} only, not of scheduler {name!r}")
+    overrides = {**overrides, "eta": eta}
   module = importlib.import_module(f"sdjax.schedulers.{module_name}")
   return getattr(module, class_name).from_config(scheduler_config, **overrides)
 
 
 __all__ = [
+    "ETA_SCHEDULERS",
     "SCHEDULERS",
     "Scheduler",
     "SchedulerConfigError",

@@ -199,6 +199,14 @@ class Scheduler:
     """Noises a clean sample to the level of position `i` (img2img's starting latent)."""
     raise NotImplementedError
 
+  def program(self) -> Scheduler:
+    """The scheduler as the compiled sampling program sees it (its jit-static part).
+
+    Options whose value lives only in the state `set_timesteps` returns (DDIM's eta) are
+    normalised here, so that changing them does not compile a new program.
+    """
+    return self
+
   def begin_index(self, num_inference_steps: int, strength: float) -> int:
     """First position of an img2img run, as diffusers' img2img `get_timesteps`."""
     init_timestep = min(int(num_inference_steps * strength), num_inference_steps)

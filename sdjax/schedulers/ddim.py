@@ -150,6 +150,12 @@ class DDIMScheduler(Scheduler):
   def needs_noise(self) -> bool:  # type: ignore[override]
     return self.cfg["eta"] > 0
 
+  def program(self) -> DDIMScheduler:
+    # eta's value only scales the state's coefficients (noise_std, direction_coeff); `step`
+    # depends only on whether it is 0. One program serves every eta > 0.
+    config = {**self.cfg, "eta": 1.0 if self.needs_noise else 0.0}
+    return dataclasses.replace(self, config=hashable_config(config))
+
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     del sample_shape  # no history
     config = self.cfg
