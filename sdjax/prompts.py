@@ -19,7 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -322,3 +328,279 @@ def lora_tags(prompt: str) -> tuple[str, tuple[LoraTag, ...]]:
   """
   text, found = extract_extra_networks(prompt)
   return text, tuple(_lora_tag(args, prompt) for kind, args in found if kind == "lora")
+
+
+# -- chunked tokenization --------------------------------------------------------------------------
+CHUNK_LENGTH = 75  # prompt tokens per chunk; with BOS and EOS a chunk is 77 tokens
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+
+
+@dataclasses.dataclass
+class _Chunk:
+  tokens: list = dataclasses.field(default_factory=list)
+  weights: list = dataclasses.field(default_factory=list)
+  fixes: list = dataclasses.field(default_factory=list)  # (offset in tokens, trigger)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunks:
+  """A text as A1111 feeds it to a text encoder, chunk by chunk.
+
+  ids: [k][77] token ids, BOS ... EOS then the tokenizer's pad token.
+  weights: [k][77] attention weight per token (1.0 on BOS, EOS and padding).
+  fixes: (chunk, position in the 77, trigger) where a textual-inversion embedding's vectors go;
+    its ids there are placeholders.
+  """
+
+  ids: tuple[tuple[int, ...], ...]
+  weights: tuple[tuple[float, ...], ...]
+  fixes: tuple[tuple[int, int, str], ...] = ()
+
+
+class TriggerTable:
+  """Finds textual-inversion trigger words in token ids (longest trigger first, as A1111)."""
+
+  def __init__(self, tokenizer, vectors: dict[str, object] | None = None):
+    self.lengths: dict[str, int] = {}
+    self._by_first: dict[int, list[tuple[tuple[int, ...], str]]] = {}
+    for trigger, vecs in (vectors or {}).items():
+      n = int(len(vecs))
+      if not 1 <= n <= CHUNK_LENGTH:
+        raise PromptError(f"embedding {trigger!r} has {n} vectors; a chunk holds 1 to "
+                          f"{CHUNK_LENGTH}")
+      ids = tuple(tokenizer(trigger, add_special_tokens=False)["input_ids"])
+      if not ids:
+        continue
+      self.lengths[trigger] = n
+      entries = self._by_first.setdefault(ids[0], [])
+      entries.append((ids, trigger))
+      entries.sort(key=lambda e: len(e[0]), reverse=True)
+
+  def find(self, tokens: Sequence[int], at: int) -> tuple[str | None, int]:
+    """(trigger, its length in tokens) starting at `tokens[at]`, or (None, 0)."""
+    for ids, trigger in self._by_first.get(tokens[at], ()):
+      if tuple(tokens[at:at + len(ids)]) == ids:
+        return trigger, len(ids)
+    return None, 0
+
+
+def _special_ids(tokenizer) -> tuple[int, int, int, int | None]:
+  bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+  return bos, eos, pad, tokenizer.get_vocab().get(",</w>")
+
+
+def tokenize_chunks(text: str, tokenizer, triggers: TriggerTable | None = None,
+                    comma_backtrack: int = COMMA_BACKTRACK) -> Chunks:
+  """Splits a prompt (without schedules) into weighted 77-token chunks, as A1111.
+
+  A chunk takes 75 tokens; BREAK closes it early. When a chunk fills up and its last comma is at
+  most `comma_backtrack` tokens back, the tokens after that comma move on to the next chunk. A
+  trigger word takes as many positions as its embedding has vectors, in one chunk.
+  """
+  bos, eos, pad, comma = _special_ids(tokenizer)
+  runs = parse_prompt_attention(text)
+  token_lists = tokenizer([t for t, _ in runs], add_special_tokens=False)["input_ids"]
+  chunks: list[_Chunk] = []
+  chunk = _Chunk()
+  last_comma = -1
+
+  def close():
+    nonlocal chunk, last_comma
+    chunks.append(chunk)
+    chunk, last_comma = _Chunk(), -1
+
+  for tokens, (run_text, weight) in zip(token_lists, runs, strict=True):
+    if (run_text, weight) == BREAK:
+      close()
+      continue
+    pos = 0
+    while pos < len(tokens):
+      if tokens[pos] == comma:
+        last_comma = len(chunk.tokens)
+      elif (comma_backtrack and len(chunk.tokens) == CHUNK_LENGTH and last_comma != -1
+            and len(chunk.tokens) - last_comma <= comma_backtrack):
+        chunk = _move_after(chunk, last_comma + 1, close)
+      if len(chunk.tokens) == CHUNK_LENGTH:
+        close()
+      trigger, span = triggers.find(tokens, pos) if triggers else (None, 0)
+      if trigger is None:
+        chunk.tokens.append(tokens[pos])
+        chunk.weights.append(weight)
+        pos += 1
+        continue
+      n = triggers.lengths[trigger]
+      if len(chunk.tokens) + n > CHUNK_LENGTH:
+        close()
+      chunk.fixes.append((len(chunk.tokens), trigger))
+      chunk.tokens += [0] * n  # placeholders (as A1111): the vectors replace their embeddings
+      chunk.weights += [weight] * n
+      pos += span
+  if chunk.tokens or not chunks:
+    close()
+  return _finish(chunks, bos, eos, pad)
+
+
+def _move_after(chunk: _Chunk, cut: int, close) -> _Chunk:
+  """Closes `chunk` at `cut` and returns a new chunk holding what came after it."""
+  # A1111 leaves a moved trigger's vectors behind (a bug); sdjax moves them with their positions.
+  rest = _Chunk(chunk.tokens[cut:], chunk.weights[cut:],
+                [(at - cut, t) for at, t in chunk.fixes if at >= cut])
+  chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+  chunk.fixes = [(at, t) for at, t in chunk.fixes if at < cut]
+  close()
+  return rest
+
+
+def _finish(chunks: list[_Chunk], bos: int, eos: int, pad: int) -> Chunks:
+  """Wraps each chunk in BOS...EOS, pads to 77 (EOS then the pad token, as A1111's SD2 path)."""
+  ids, weights, fixes = [], [], []
+  for k, c in enumerate(chunks):
+    n = len(c.tokens)
+    ids.append((bos, *c.tokens, eos, *[pad] * (CHUNK_LENGTH - n)))
+    weights.append((1.0, *c.weights, *[1.0] * (CHUNK_LENGTH + 1 - n)))
+    fixes += [(k, at + 1, t) for at, t in c.fixes]
+  return Chunks(tuple(ids), tuple(weights), tuple(fixes))
+
+
+# -- a batch of prompts with schedules, packed for the compiled sampler ---------------------------
+@struct.dataclass
+class PromptBatch:
+  """Prompts tokenized for A1111-style encoding; every array leads with the batch axis B.
+
+  Each prompt has V variants (the distinct texts of its schedule) of K chunks of 77 tokens. V and
+  K are the batch's buckets: a prompt uses `chunks[b]` chunks (the rest is padding, masked out of
+  cross-attention) and the variants with `counts > 0`.
+  """
+
+  ids: Any  # int32 [B, V, K, 77]
+  weights: Any  # float32 [B, V, K, 77] attention weight per token
+  counts: Any  # float32 [B, V] schedule entries that use each variant (0: padding)
+  chunks: Any  # int32 [B] chunks in use
+  schedule: Any  # int32 [B, T] the variant in force at each denoiser call
+  token_embeds: Any = None  # (float32 [B, V, K, 77, D], bool [B, V, K, 77]) trigger vectors
+
+  @property
+  def context_length(self) -> int:
+    return self.ids.shape[2] * self.ids.shape[3]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prompt:
+  variants: tuple[Chunks, ...]
+  counts: tuple[int, ...]
+  schedule: tuple[int, ...]
+
+  @property
+  def chunks(self) -> int:
+    return max(len(v.ids) for v in self.variants)
+
+
+def _prompt(text: str, tokenizer, steps: int, calls: int, triggers, comma_backtrack) -> _Prompt:
+  schedule = prompt_schedule(text, steps)
+  texts = list(dict.fromkeys(t for _, t in schedule))
+  counts = [sum(t == u for _, u in schedule) for t in texts]
+  ends = [end for end, _ in schedule]
+  per_call = tuple(texts.index(schedule[schedule_index(ends, c)][1]) for c in range(calls))
+  variants = tuple(tokenize_chunks(t, tokenizer, triggers, comma_backtrack) for t in texts)
+  return _Prompt(variants, tuple(counts), per_call)
+
+
+def pack_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
+                 embeddings: Mapping[str, Any] | None = None, chunks: int | None = None,
+                 variants: int | None = None,
+                 comma_backtrack: int = COMMA_BACKTRACK) -> PromptBatch:
+  """Parses, schedules and tokenizes prompts (A1111 syntax) into one `PromptBatch` (numpy).
+
+  Args:
+    prompts: prompt texts (extra-network tags already removed).
+    tokenizer: the text encoder's CLIP tokenizer.
+    steps: the step count schedules are written against (A1111: sampler steps, doubled for
+      second-order samplers).
+    calls: denoiser calls the sampler makes; the schedule table has one entry per call.
+    embeddings: textual-inversion vectors {trigger word: [n, D]} for this text encoder.
+    chunks, variants: bucket sizes (default: the batch's largest).
+  """
+  triggers = TriggerTable(tokenizer, embeddings) if embeddings else None
+  parsed = [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack) for p in prompts]
+  k = max(p.chunks for p in parsed) if chunks is None else chunks
+  v = max(len(p.variants) for p in parsed) if variants is None else variants
+  if k < max(p.chunks for p in parsed) or v < max(len(p.variants) for p in parsed):
+    raise ValueError("chunk or variant bucket smaller than a prompt needs")
+  bos, eos, pad, _ = _special_ids(tokenizer)
+  empty = _finish([_Chunk()], bos, eos, pad)
+  b = len(parsed)
+  ids = np.zeros((b, v, k, CHUNK_LENGTH + 2), np.int32)
+  weights = np.ones((b, v, k, CHUNK_LENGTH + 2), np.float32)
+  counts = np.zeros((b, v), np.float32)
+  dim = next(iter(embeddings.values())).shape[-1] if embeddings else 0
+  vectors = np.zeros((b, v, k, CHUNK_LENGTH + 2, dim), np.float32) if triggers else None
+  where = np.zeros((b, v, k, CHUNK_LENGTH + 2), bool) if triggers else None
+  for i, p in enumerate(parsed):
+    for j in range(v):
+      # Padding variants repeat the first; short variants end in empty chunks, as A1111 pads a
+      # prompt's variants to its longest (those chunks are encoded and attended to).
+      var = p.variants[j] if j < len(p.variants) else p.variants[0]
+      for c in range(k):
+        ids[i, j, c] = var.ids[c] if c < len(var.ids) else empty.ids[0]
+        weights[i, j, c] = var.weights[c] if c < len(var.weights) else empty.weights[0]
+      for c, at, trigger in var.fixes:
+        vecs = np.asarray(embeddings[trigger], np.float32)
+        vectors[i, j, c, at:at + len(vecs)] = vecs
+        where[i, j, c, at:at + len(vecs)] = True
+    counts[i, :len(p.counts)] = p.counts
+  return PromptBatch(
+      ids=ids, weights=weights, counts=counts,
+      chunks=np.asarray([p.chunks for p in parsed], np.int32),
+      schedule=np.asarray([p.schedule for p in parsed], np.int32).reshape(b, calls),
+      token_embeds=None if triggers is None else (vectors, where))
+
+
+# -- weighted encoding (traced) --------------------------------------------------------------------
+Encoder = Callable[..., jax.Array]  # (ids [N, 77], token_embeds or None) -> hidden [N, 77, D]
+
+
+def emphasize(z, weights, counts, chunks):
+  """A1111's "Original" emphasis: z [B, V, K, L, D] times the weights, rescaled per chunk.
+
+  Per prompt and chunk, the mean of the weighted output is set back to the unweighted one, both
+  taken over every token, channel and schedule entry (A1111 encodes a prompt's schedule texts as
+  one batch and takes `z.mean()` of it).
+  """
+  b, v, k, length, dim = z.shape
+  in_use = counts[:, :, None] * (jnp.arange(k)[None, :] < chunks[:, None])[:, None, :]  # B, V, K
+  total = jnp.sum(in_use, axis=1) * (length * dim)  # B, K
+
+  def mean(x):  # B, K
+    return jnp.einsum("bvk,bvk->bk", in_use, jnp.sum(x, axis=(3, 4))) / jnp.maximum(total, 1.0)
+
+  weighted = z * weights[..., None]
+  scale = jnp.where(total > 0, mean(z) / mean(weighted), 1.0)  # B, K
+  return weighted * scale[:, None, :, None, None]
+
+
+def encode_weighted(encode: Encoder, batch: PromptBatch) -> jax.Array:
+  """Every variant's conditioning [B, V, K * 77, D]: chunks encoded apart, then concatenated."""
+  b, v, k, length = batch.ids.shape
+  token_embeds = None
+  if batch.token_embeds is not None:
+    vectors, where = batch.token_embeds
+    token_embeds = (vectors.reshape(b * v * k, length, -1), where.reshape(b * v * k, length))
+  z = encode(batch.ids.reshape(b * v * k, length), token_embeds).astype(jnp.float32)
+  z = emphasize(z.reshape(b, v, k, length, -1), batch.weights, batch.counts, batch.chunks)
+  return z.reshape(b, v, k * length, -1)  # B, V, K*77, D
+
+
+def context_bias(batch: PromptBatch) -> jax.Array | None:
+  """Additive cross-attention bias [B, 1, 1, K*77] hiding each prompt's padding chunks."""
+  b, _, k, length = batch.ids.shape
+  if k == 1:
+    return None
+  valid = jnp.arange(k * length)[None, :] < (batch.chunks * length)[:, None]  # B, K*77
+  return jnp.where(valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+
+
+def select_variant(contexts: jax.Array, batch: PromptBatch, call) -> jax.Array:
+  """The conditioning [B, K*77, D] in force at denoiser call `call` (traced)."""
+  index = batch.schedule[:, call]  # B
+  return jnp.take_along_axis(contexts, index[:, None, None, None], axis=1)[:, 0]

@@ -1,8 +1,12 @@
 """A1111 prompt syntax: the parser against A1111's own docstring examples; weighted encoding."""
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from parity import assert_close, transfer
 
-from sdjax import prompts
+from sdjax import prompts, testing
 from sdjax.prompts import parse_prompt_attention, prompt_schedule
 
 
@@ -113,3 +117,136 @@ def test_lora_tags():
                   prompts.LoraTag("three", 0.2, 0.9), prompts.LoraTag("four", 0.3, 0.7))
   with pytest.raises(prompts.PromptError, match="bad multiplier in <lora:x:strong>"):
     prompts.lora_tags("<lora:x:strong>")
+
+
+# -- chunked, weighted encoding against A1111's description on transformers' CLIPTextModel --------
+CAT, DOG = "cat ", "dog "
+
+
+@pytest.fixture(scope="module", params=["<|endoftext|>", "!"], ids=["sd1_pad_eos", "sd2_pad"])
+def clip(request, tmp_path_factory):
+  import torch
+
+  from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+
+  torch.set_num_threads(1)
+  folder = str(tmp_path_factory.mktemp("tokenizer"))
+  testing.write_tokenizer(folder, pad_token=request.param)
+  tok = testing.torch_tokenizer(folder)
+  tm = testing.torch_clip(testing.clip_config("quick_gelu"), seed=3)
+  fm = CLIPTextModel(CLIPTextConfig.from_dict(tm.config.to_dict()))
+  params = transfer(tm, fm, np.zeros((1, 77), np.int32))
+
+  @jax.jit
+  def encode_all(ids, vectors, where):
+    return fm.apply({"params": params}, ids, None, (vectors, where))["prompt_embeds"]
+
+  def encode(ids, token_embeds):  # one compiled shape for every test: no-op vectors if none
+    if token_embeds is None:
+      token_embeds = (jnp.zeros((*ids.shape, 32)), jnp.zeros(ids.shape, bool))
+    return encode_all(ids, *token_embeds)
+
+  return tok, tm, encode
+
+
+def _expected_chunk(tok, pieces):
+  """One 77-token chunk written out by hand: pieces of (word or token id, weight, repeat)."""
+  ids, weights = [tok.bos_token_id], [1.0]
+  for word, weight, n in pieces:
+    token = word if isinstance(word, int) else tok.convert_tokens_to_ids(word + "</w>")
+    ids += [token] * n
+    weights += [weight] * n
+  ids.append(tok.eos_token_id)
+  pad = tok.pad_token_id
+  return ids + [pad] * (77 - len(ids)), weights + [1.0] * (77 - len(weights))
+
+
+def _torch_conditioning(tm, variants, fixes=()):
+  """A1111's recipe: per chunk, encode every variant's chunk as a batch, weight, restore mean."""
+  import torch
+
+  emb = tm.embeddings if hasattr(tm, "embeddings") else tm.text_model.embeddings
+  original = emb.token_embedding
+
+  class WithFixes(torch.nn.Module):  # A1111's EmbeddingsWithFixes: vectors over placeholders
+    def forward(self, ids):
+      out = original(ids).clone()
+      for row, at, vectors in fixes_now:
+        out[row, at:at + len(vectors)] = torch.from_numpy(vectors)
+      return out
+
+  chunks = []
+  emb.token_embedding = WithFixes()
+  try:
+    for c in range(len(variants[0])):
+      fixes_now = [(v, at, vec) for (v, k, at, vec) in fixes if k == c]
+      ids = torch.tensor([variant[c][0] for variant in variants])
+      weights = torch.tensor([variant[c][1] for variant in variants], dtype=torch.float32)
+      with torch.no_grad():
+        z = tm(ids).last_hidden_state.double()
+      # In float64: the mean of CLIP's output is near zero, so a float32 mean (A1111's) carries
+      # a relative rounding error of ~1e-5 of its own.
+      weighted = z * weights.double()[..., None]
+      chunks.append(weighted * (z.mean() / weighted.mean()))
+  finally:
+    emb.token_embedding = original
+  return torch.cat(chunks, dim=1).numpy()  # V, K*77, D
+
+
+def _check(clip, prompt, variants, embeddings=None, fixes=()):
+  """Packs `prompt` in a batch of 2 variants x 2 chunks (padding included) and compares."""
+  tok, tm, encode = clip
+  batch = prompts.pack_prompts([prompt], tok, steps=10, calls=10, embeddings=embeddings,
+                               chunks=2, variants=2)
+  v, k = len(variants), len(variants[0])
+  assert batch.chunks[0] == k and (batch.counts[0] > 0).sum() == v
+  np.testing.assert_array_equal(batch.ids[0, :v, :k],
+                                np.asarray([[chunk[0] for chunk in v] for v in variants]))
+  np.testing.assert_array_equal(batch.weights[0, :v, :k],
+                                np.asarray([[chunk[1] for chunk in v] for v in variants],
+                                           np.float32))
+  ours = prompts.encode_weighted(encode, jax.tree.map(jnp.asarray, batch))[0, :v, :k * 77]
+  return assert_close(ours, _torch_conditioning(tm, variants, fixes))
+
+
+def test_weights_and_break(clip):
+  tok = clip[0]
+  _check(clip, "a (red:1.5) [cat] BREAK dog, house", [[
+      _expected_chunk(tok, [("a", 1.0, 1), ("red", 1.5, 1), ("cat", 1 / 1.1, 1)]),
+      _expected_chunk(tok, [("dog", 1.0, 1), (",", 1.0, 1), ("house", 1.0, 1)])]])
+
+
+def test_long_prompt_comma_backtrack(clip):
+  tok = clip[0]
+  # 70 weighted cats, a comma and 10 dogs: the chunk fills 4 dogs after the comma, which is
+  # within 20 tokens, so those dogs move on to the second chunk.
+  _check(clip, "(" + CAT * 70 + ":1.2), " + DOG * 10, [[
+      _expected_chunk(tok, [("cat", 1.2, 70), (",", 1.0, 1)]),
+      _expected_chunk(tok, [("dog", 1.0, 10)])]])
+  # A comma 25 tokens back is too far: the chunk is cut at 75 tokens.
+  _check(clip, CAT * 50 + ", " + DOG * 30, [[
+      _expected_chunk(tok, [("cat", 1.0, 50), (",", 1.0, 1), ("dog", 1.0, 24)]),
+      _expected_chunk(tok, [("dog", 1.0, 6)])]])
+
+
+def test_schedule_variants_share_the_mean(clip):
+  tok = clip[0]
+  # The two texts of the schedule are one batch for the mean; the short one gets an empty chunk.
+  long_cat = [_expected_chunk(tok, [("cat", 1.0, 75)]), _expected_chunk(tok, [("cat", 1.0, 5),
+                                                                               ("red", 1.3, 1)])]
+  dog = [_expected_chunk(tok, [("dog", 1.0, 1), ("red", 1.3, 1)]), _expected_chunk(tok, [])]
+  err = _check(clip, "[" + CAT * 80 + ":dog:2](red:1.3)", [long_cat, dog])
+  print(f"\nscheduled long prompt conditioning rel err {err:.2e}")
+
+
+def test_embedding_triggers(clip):
+  tok, tm, _ = clip
+  vectors = np.random.default_rng(5).standard_normal((3, 32)).astype(np.float32)
+  # A trigger takes one position per vector, weighted as its run.
+  _check(clip, "a (house:1.2) cat", [[_expected_chunk(tok, [("a", 1.0, 1), (0, 1.2, 3),
+                                                            ("cat", 1.0, 1)])]],
+         {"house": vectors}, fixes=[(0, 0, 2, vectors)])
+  # One that does not fit in the chunk starts the next.
+  _check(clip, CAT * 73 + "house", [[_expected_chunk(tok, [("cat", 1.0, 73)]),
+                                     _expected_chunk(tok, [(0, 1.0, 3)])]],
+         {"house": vectors}, fixes=[(0, 1, 1, vectors)])
