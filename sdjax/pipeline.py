@@ -145,7 +145,8 @@ class Pipeline:
                height: int | None = None, width: int | None = None, seed: int = 0,
                latents=None, init_images=None, strength: float = 0.8,
                guidance_rescale: float = 0.0, clip_skip: int | None = None,
-               eta: float = 0.0) -> np.ndarray:
+               eta: float = 0.0, prompt_syntax: str = "plain",
+               embeddings=None) -> np.ndarray:
     """Text-to-image (or image-to-image with `init_images`) generation.
 
     Args:
@@ -164,6 +165,9 @@ class Pipeline:
       clip_skip: condition on the text encoder's output this many layers before the last.
       eta: DDIM's stochasticity (diffusers' `eta`; 0 is deterministic DDIM, 1 DDPM-like); its
         step noise comes from each image's seed. Only the `ddim` scheduler takes it.
+      prompt_syntax: "plain" (diffusers: text truncated at 77 tokens) or "a1111" (AUTOMATIC1111's
+        weights, long prompts, BREAK, prompt editing and alternation; see `sdjax.prompts`).
+      embeddings: a1111: textual-inversion vectors {trigger word: float [n, D]}.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1].
@@ -172,7 +176,8 @@ class Pipeline:
         self, prompts, negative_prompts=negative_prompts, steps=steps,
         guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
         seed=seed, latents=latents, init_images=init_images, strength=strength,
-        guidance_rescale=guidance_rescale, clip_skip=clip_skip, eta=eta)
+        guidance_rescale=guidance_rescale, clip_skip=clip_skip, eta=eta,
+        prompt_syntax=prompt_syntax, embeddings=embeddings)
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:

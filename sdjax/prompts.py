@@ -506,36 +506,49 @@ def _prompt(text: str, tokenizer, steps: int, calls: int, triggers, comma_backtr
   return _Prompt(variants, tuple(counts), per_call)
 
 
-def pack_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
-                 embeddings: Mapping[str, Any] | None = None, chunks: int | None = None,
-                 variants: int | None = None,
-                 comma_backtrack: int = COMMA_BACKTRACK) -> PromptBatch:
-  """Parses, schedules and tokenizes prompts (A1111 syntax) into one `PromptBatch` (numpy).
+def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
+                  embeddings: Mapping[str, Any] | None = None,
+                  comma_backtrack: int = COMMA_BACKTRACK) -> list[_Prompt]:
+  """Schedules and tokenizes prompts (A1111 syntax, extra-network tags already removed).
 
   Args:
-    prompts: prompt texts (extra-network tags already removed).
+    prompts: prompt texts.
     tokenizer: the text encoder's CLIP tokenizer.
     steps: the step count schedules are written against (A1111: sampler steps, doubled for
       second-order samplers).
     calls: denoiser calls the sampler makes; the schedule table has one entry per call.
     embeddings: textual-inversion vectors {trigger word: [n, D]} for this text encoder.
-    chunks, variants: bucket sizes (default: the batch's largest).
   """
   triggers = TriggerTable(tokenizer, embeddings) if embeddings else None
-  parsed = [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack) for p in prompts]
+  return [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack) for p in prompts]
+
+
+def pack_prompts(prompts: Sequence[str] | Sequence[_Prompt], tokenizer, *, steps: int = 1,
+                 calls: int = 1, embeddings: Mapping[str, Any] | None = None,
+                 chunks: int | None = None, variants: int | None = None,
+                 comma_backtrack: int = COMMA_BACKTRACK) -> PromptBatch:
+  """Prompts (texts, or `parse_prompts`' output) as one `PromptBatch` of numpy arrays.
+
+  `chunks` and `variants` are the bucket sizes (default: the batch's largest).
+  """
+  parsed = [p if isinstance(p, _Prompt) else
+            _prompt(p, tokenizer, steps, calls,
+                    TriggerTable(tokenizer, embeddings) if embeddings else None, comma_backtrack)
+            for p in prompts]
   k = max(p.chunks for p in parsed) if chunks is None else chunks
   v = max(len(p.variants) for p in parsed) if variants is None else variants
   if k < max(p.chunks for p in parsed) or v < max(len(p.variants) for p in parsed):
     raise ValueError("chunk or variant bucket smaller than a prompt needs")
   bos, eos, pad, _ = _special_ids(tokenizer)
   empty = _finish([_Chunk()], bos, eos, pad)
-  b = len(parsed)
+  b, calls = len(parsed), len(parsed[0].schedule)
   ids = np.zeros((b, v, k, CHUNK_LENGTH + 2), np.int32)
   weights = np.ones((b, v, k, CHUNK_LENGTH + 2), np.float32)
   counts = np.zeros((b, v), np.float32)
-  dim = next(iter(embeddings.values())).shape[-1] if embeddings else 0
-  vectors = np.zeros((b, v, k, CHUNK_LENGTH + 2, dim), np.float32) if triggers else None
-  where = np.zeros((b, v, k, CHUNK_LENGTH + 2), bool) if triggers else None
+  uses_triggers = any(var.fixes for p in parsed for var in p.variants)
+  dim = next(iter(embeddings.values())).shape[-1] if uses_triggers else 0
+  vectors = np.zeros((b, v, k, CHUNK_LENGTH + 2, dim), np.float32) if uses_triggers else None
+  where = np.zeros((b, v, k, CHUNK_LENGTH + 2), bool) if uses_triggers else None
   for i, p in enumerate(parsed):
     for j in range(v):
       # Padding variants repeat the first; short variants end in empty chunks, as A1111 pads a
@@ -553,7 +566,12 @@ def pack_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
       ids=ids, weights=weights, counts=counts,
       chunks=np.asarray([p.chunks for p in parsed], np.int32),
       schedule=np.asarray([p.schedule for p in parsed], np.int32).reshape(b, calls),
-      token_embeds=None if triggers is None else (vectors, where))
+      token_embeds=None if not uses_triggers else (vectors, where))
+
+
+def bucket(n: int) -> int:
+  """The next power of two: variant buckets, so few shapes compile."""
+  return 1 << max(n - 1, 0).bit_length()
 
 
 # -- weighted encoding (traced) --------------------------------------------------------------------

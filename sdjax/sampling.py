@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import prompts as prompt_lib
 from sdjax import schedulers
 from sdjax.models.vae import AutoencoderKL
 
@@ -82,7 +83,7 @@ def _denoise(spec: SampleSpec, predict, state, x, keys):
   def body(carry, i):
     x, state = carry
     x_in = sched.scale_model_input(state, x, i)
-    eps = predict(x_in, state.timesteps[i]).astype(jnp.float32)
+    eps = predict(x_in, state.timesteps[i], i - spec.begin).astype(jnp.float32)
     noise = _keyed_noise(keys, _STEP_NOISE, x.shape[1:], i) if sched.needs_noise else None
     x, state = sched.step(state, eps, i, x, noise)
     return (x, state), None
@@ -91,12 +92,44 @@ def _denoise(spec: SampleSpec, predict, state, x, keys):
   return x
 
 
+def _conditioning(spec: SampleSpec, text_encoder, params, cond, uncond):
+  """Encodes the prompts once; returns `call -> (context, attention bias or None)`.
+
+  Plain token ids [B, 77] give one context for every step. A1111 `PromptBatch`es give every
+  schedule variant's context, and each denoiser call picks its variants from the schedule table.
+  With guidance the context is [uncond, cond] along the batch.
+  """
+
+  def encode(ids, token_embeds=None):
+    return text_encoder.apply({"params": params}, ids, spec.clip_skip,
+                              token_embeds)["prompt_embeds"]
+
+  if not isinstance(cond, prompt_lib.PromptBatch):
+    context = encode(cond)
+    if spec.guidance:
+      context = jnp.concatenate([encode(uncond), context], axis=0)  # 2B, 77, D
+    return lambda call: (context, None)
+
+  batches = [uncond, cond] if spec.guidance else [cond]
+  contexts = [prompt_lib.encode_weighted(encode, b) for b in batches]  # B, V, K*77, D
+  biases = [prompt_lib.context_bias(b) for b in batches]
+
+  def at(call):
+    context = jnp.concatenate([prompt_lib.select_variant(c, b, call)
+                               for c, b in zip(contexts, batches, strict=True)], axis=0)
+    bias = None if biases[0] is None else jnp.concatenate(biases, axis=0)  # 2B, 1, 1, K*77
+    return context, bias
+
+  return at
+
+
 def sample_fn(spec: SampleSpec, text_encoder, unet, vae: AutoencoderKL, params, cond_ids,
               uncond_ids, seeds, noise, guidance_scale, guidance_rescale, init_images, state):
   """The whole sampling program (pure; callers jit it, possibly with shardings).
 
   Args:
-    cond_ids, uncond_ids: int32 [B, 77] token ids of prompts and negative prompts.
+    cond_ids, uncond_ids: int32 [B, 77] token ids of prompts and negative prompts, or (A1111
+      syntax) `prompts.PromptBatch`es of the same chunk count, from `prompt_inputs`.
     seeds: uint32 [B] per-image seeds.
     noise: float32 [B, h, w, C] unit Gaussian initial noise.
     guidance_scale, guidance_rescale: float32 scalars (traced: changing them does not recompile).
@@ -111,18 +144,14 @@ def sample_fn(spec: SampleSpec, text_encoder, unet, vae: AutoencoderKL, params, 
   sched = spec.scheduler
   keys = image_keys(seeds)
 
-  def encode(ids):
-    return text_encoder.apply({"params": params["text_encoder"]}, ids,
-                              spec.clip_skip)["prompt_embeds"]
+  context_at = _conditioning(spec, text_encoder, params["text_encoder"], cond_ids, uncond_ids)
 
-  cond = encode(cond_ids)
-  if spec.guidance:
-    context = jnp.concatenate([encode(uncond_ids), cond], axis=0)  # 2B, 77, D
-
-  def predict(x, t):
+  def predict(x, t, call):
+    context, bias = context_at(call)
     if not spec.guidance:
-      return unet.apply({"params": params["unet"]}, x, t, cond)
-    both = unet.apply({"params": params["unet"]}, jnp.concatenate([x, x], axis=0), t, context)
+      return unet.apply({"params": params["unet"]}, x, t, context, bias)
+    both = unet.apply({"params": params["unet"]}, jnp.concatenate([x, x], axis=0), t, context,
+                      bias)
     eps_uncond, eps_cond = jnp.split(both.astype(jnp.float32), 2, axis=0)
     return guide(eps_uncond, eps_cond, guidance_scale,
                  guidance_rescale if spec.guidance_rescale else None)
@@ -199,6 +228,46 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   return spec, state
 
 
+PROMPT_SYNTAXES = ("plain", "a1111")
+
+
+def strip_extra_networks(prompt: str, allow_lora: bool = False) -> str:
+  """The prompt without `<lora:...>`-style tags (A1111 removes them before encoding)."""
+  text, loras = prompt_lib.lora_tags(prompt)
+  if loras and not allow_lora:
+    raise prompt_lib.PromptError(
+        f"prompt {prompt!r} has <lora:...> tags: generate() does not apply LoRAs from tags "
+        "(main.py does, with --lora_dir)")
+  return text
+
+
+def prompt_inputs(pipe, prompts: Sequence[str], negatives: Sequence[str], *, syntax: str,
+                  steps: int, spec: SampleSpec, state, embeddings=None,
+                  bucket_variants: bool = False, allow_lora: bool = False):
+  """What the sampling program takes for the prompts: token ids [B, 77] (`plain`, as diffusers:
+  truncated at 77 tokens) or, for `a1111`, two `PromptBatch`es with one chunk count.
+
+  A1111 counts schedule steps in denoiser calls of a run of `steps` steps (twice as many for
+  second-order samplers); img2img counts from its first call.
+  """
+  if syntax not in PROMPT_SYNTAXES:
+    raise ValueError(f"unknown prompt syntax {syntax!r}; use one of {', '.join(PROMPT_SYNTAXES)}")
+  if syntax == "plain":
+    return pipe.tokenize(prompts), pipe.tokenize(negatives)
+  kwargs = dict(steps=steps * spec.scheduler.order, calls=len(state.timesteps) - spec.begin,
+                embeddings=embeddings)
+  parsed = [prompt_lib.parse_prompts([strip_extra_networks(p, allow_lora) for p in texts],
+                                     pipe.tokenizer, **kwargs) for texts in (prompts, negatives)]
+  chunks = max(p.chunks for group in parsed for p in group)
+  packed = []
+  for group in parsed:
+    variants = max(len(p.variants) for p in group)
+    variants = prompt_lib.bucket(variants) if bucket_variants else variants
+    packed.append(prompt_lib.pack_prompts(group, pipe.tokenizer, chunks=chunks,
+                                          variants=variants, embeddings=embeddings))
+  return tuple(packed)
+
+
 def generate(
     pipe,
     prompts: str | Sequence[str],
@@ -216,6 +285,8 @@ def generate(
     guidance_rescale: float = 0.0,
     clip_skip: int | None = None,
     eta: float = 0.0,
+    prompt_syntax: str = "plain",
+    embeddings: Any = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate`."""
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -242,10 +313,11 @@ def generate(
     noise = jnp.asarray(latents, jnp.float32)
     if noise.shape != latent_shape:
       raise ValueError(f"latents must have shape {latent_shape}, got {noise.shape}")
+  cond, uncond = prompt_inputs(pipe, prompts, negatives, syntax=prompt_syntax, steps=steps,
+                               spec=spec, state=state, embeddings=embeddings)
   images = _jitted_sample(
       spec, pipe.text_encoder, pipe.unet, pipe.vae, pipe.params,
-      jnp.asarray(pipe.tokenize(prompts)), jnp.asarray(pipe.tokenize(negatives)),
-      jnp.asarray(seeds), noise, jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
+      jax.tree.map(jnp.asarray, cond), jax.tree.map(jnp.asarray, uncond), jnp.asarray(seeds), noise, jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
       None if init_images is None else jnp.asarray(init_images), state)
   return np.asarray(images)
 

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity import assert_close, transfer
+from parity import assert_close, nchw, nhwc, rel_err, transfer
 
+import sdjax
 from sdjax import prompts, testing
 from sdjax.prompts import parse_prompt_attention, prompt_schedule
 
@@ -250,3 +251,80 @@ def test_embedding_triggers(clip):
   _check(clip, CAT * 73 + "house", [[_expected_chunk(tok, [("cat", 1.0, 73)]),
                                      _expected_chunk(tok, [(0, 1.0, 3)])]],
          {"house": vectors}, fixes=[(0, 1, 1, vectors)])
+
+
+# -- through generate(): schedules switch at A1111's calls; padding is masked ---------------------
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+  import diffusers
+  import torch
+
+  torch.set_num_threads(1)
+  folder = str(tmp_path_factory.mktemp("sd1") / "pipe")
+  testing.write_torch_pipeline(folder, "sd1", seed=4)
+  ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+  return ref, sdjax.load_pipeline(folder)
+
+
+def _torch_loop(ref, cond_at, uncond, latents, guidance, scheduler_cls, steps):
+  """diffusers' UNet and scheduler in a plain loop whose conditioning is picked per UNet call."""
+  import diffusers
+  import torch
+
+  sched = getattr(diffusers, scheduler_cls).from_config(ref.scheduler.config)
+  sched.set_timesteps(steps)
+  x = nchw(latents) * sched.init_noise_sigma
+  with torch.no_grad():
+    for call, t in enumerate(sched.timesteps):
+      x_in = sched.scale_model_input(torch.cat([x, x]), t)
+      context = torch.cat([uncond, cond_at(call)]).float()
+      eps_uncond, eps_cond = ref.unet(x_in, t, encoder_hidden_states=context).sample.chunk(2)
+      x = sched.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
+    images = ref.vae.decode(x / ref.vae.config.scaling_factor).sample
+  return nhwc((images / 2 + 0.5).clamp(0, 1))
+
+
+def test_scheduled_prompt_image_matches_torch_loop(sd):
+  """Heun (2 calls a step, A1111 doubles the schedule's steps): 3 steps are 5 UNet calls and
+  a schedule over 6 steps; `[red:(blue:1.3):3]` is red for calls 0-3 and weighted blue after."""
+  ref, pipe = sd
+  tok = ref.tokenizer
+  variants = [[_expected_chunk(tok, [("a", 1.0, 1), ("red", 1.0, 1), ("circle", 1.0, 1)])],
+              [_expected_chunk(tok, [("a", 1.0, 1), ("blue", 1.3, 1), ("circle", 1.0, 1)])]]
+  import torch
+
+  cond = torch.from_numpy(_torch_conditioning(ref.text_encoder, variants))
+  uncond = torch.from_numpy(_torch_conditioning(ref.text_encoder, [[_expected_chunk(tok, [])]]))
+  latents = np.random.default_rng(7).standard_normal((1, 8, 8, 4)).astype(np.float32)
+  expected = _torch_loop(ref, lambda call: cond[:1] if call <= 3 else cond[1:], uncond, latents,
+                         10.0, "HeunDiscreteScheduler", 3)
+  ours = pipe.generate("a [red:(blue:1.3):3] circle", steps=3, scheduler="heun",
+                       guidance_scale=10.0, height=16, width=16, latents=latents,
+                       prompt_syntax="a1111")
+  err = assert_close(ours, expected, 1e-4)
+  # The schedule matters: switching one call later is a visibly different image.
+  late = _torch_loop(ref, lambda call: cond[:1] if call <= 4 else cond[1:], uncond, latents,
+                     10.0, "HeunDiscreteScheduler", 3)
+  print(f"\nscheduled heun image rel err {err:.2e} (switching a call late: "
+        f"{rel_err(late, expected):.2e})")
+  assert rel_err(late, expected) > 100 * err
+
+
+def test_a1111_plain_prompt_same_pixels_and_mixed_batch(sd):
+  _, pipe = sd
+  kw = dict(steps=2, scheduler="euler", guidance_scale=7.5, height=16, width=16, seed=3)
+  plain = ["a red circle", "a photo of a cat"]
+  np.testing.assert_array_equal(pipe.generate(plain, **kw, prompt_syntax="a1111"),
+                                pipe.generate(plain, **kw))
+  # A long BREAK prompt (2 chunks) beside an alternating one (1 chunk), with negatives of other
+  # lengths: each image is what it is alone (one compile serves both lone images).
+  long = "a (red:1.2) circle, " * 20 + "BREAK a [cat|dog]"
+  prompts_ = [long, "a [photo|painting] of a (cat:0.8)"]
+  negatives = ["[blue:green:1]", "[green:yellow:1], " * 30]
+  batch = pipe.generate(prompts_, negative_prompts=negatives, **kw, prompt_syntax="a1111")
+  for i in range(2):
+    alone = pipe.generate(prompts_[i], negative_prompts=negatives[i], **{**kw, "seed": 3 + i},
+                          prompt_syntax="a1111")
+    np.testing.assert_allclose(batch[i], alone[0], atol=2e-6)
+  truncated = pipe.generate(prompts_, negative_prompts=negatives, **kw)
+  assert not np.allclose(batch[0], truncated[0], atol=1e-3)
