@@ -18,7 +18,14 @@ from sdjax import run
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
                 "batch_size", "dtype", "eta")
 
-flags.DEFINE_string("model", None, "diffusers folder or hub id (default: the built-in model)")
+flags.DEFINE_string("model", None, "diffusers folder, hub id, or single checkpoint file "
+                    "(.safetensors/.ckpt; default: the built-in model)")
+flags.DEFINE_string("model_config", None, "single-file --model: diffusers folder or hub id whose "
+                    "configs, tokenizer and scheduler to use (default: built-in standard configs)")
+flags.DEFINE_string("vae", None, "replacement VAE: diffusers folder, hub id or VAE file")
+flags.DEFINE_enum("prediction_type", None, ["epsilon", "v_prediction"],
+                  "override the scheduler's prediction type (SD2 single files: 512-base is "
+                  "epsilon, 768-v is v_prediction, the default)")
 flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 flags.DEFINE_string("prompts_file", None, ".txt (one prompt per line) or .jsonl (objects with "
                     "prompt and optional negative_prompt, seed, num_images)")
@@ -35,9 +42,24 @@ flags.DEFINE_integer("width", None, "image width in pixels (default: the model's
 flags.DEFINE_integer("seed", 0, "image k of the run gets seed + k")
 flags.DEFINE_integer("batch_size", None, "images per device per step")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
-flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go")
+flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go: a "
+                    "folder or any fsspec URL (gs://bucket/run, s3://..., memory://...)")
+flags.DEFINE_enum("output_format", "png", ["png", "webdataset"], "png files in folders, or "
+                  "WebDataset tar shards (<key>.png + <key>.json)")
+flags.DEFINE_integer("images_per_folder", 10000, "png: images per subfolder")
+flags.DEFINE_integer("shard_size", 1000, "images per shard: a webdataset tar; for png, the unit "
+                     "of resume and of work split between processes and jobs")
+flags.DEFINE_integer("num_shards", 1, "split the run into this many independent jobs (e.g. a "
+                     "SLURM array) that share --output_dir")
+flags.DEFINE_integer("shard_index", 0, "which of the --num_shards jobs this is: it makes the "
+                     "shards s with s % num_shards == shard_index")
+flags.DEFINE_integer("writer_threads", 8, "threads that encode and write images")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
-flags.DEFINE_bool("allow_pickle", True, "no longer needed: pickles are read without running code")
+flags.DEFINE_bool("allow_pickle", True, "ignored (pickles are read without running code)")
+flags.DEFINE_multi_string("lora", [], "LoRA file or hub file merged into the weights, "
+                          "path[:scale] (repeatable; scale default 1)")
+flags.DEFINE_multi_string("embedding", [], "textual-inversion file or hub file, path[:token] "
+                          "(repeatable; token default: the file's stem)")
 flags.DEFINE_string("compilation_cache", None, "persistent compilation cache folder "
                     "(default: ~/.cache/sdjax/jax; empty to disable)")
 flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
@@ -58,21 +80,30 @@ def _run_config() -> run.RunConfig:
   if preset is not None:
     values.update({k: v for k, v in preset.items() if k in _OVERRIDABLE})
   values.update({k: FLAGS[k].value for k in _OVERRIDABLE if FLAGS[k].present})
-  prompts = [run.PromptLine(p) for p in FLAGS.prompt]
-  if FLAGS.prompts_file:
-    prompts += run.read_prompts_file(FLAGS.prompts_file)
   return run.RunConfig(
-      prompts=tuple(prompts), negative_prompt=FLAGS.negative_prompt,
+      prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
+      negative_prompt=FLAGS.negative_prompt,
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
-      output_dir=FLAGS.output_dir, overwrite=FLAGS.overwrite, allow_pickle=FLAGS.allow_pickle,
+      output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
+      images_per_folder=FLAGS.images_per_folder, shard_size=FLAGS.shard_size,
+      num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index,
+      writer_threads=FLAGS.writer_threads, overwrite=FLAGS.overwrite,
+      model_config=FLAGS.model_config, vae=FLAGS.vae, prediction_type=FLAGS.prediction_type,
       compilation_cache=FLAGS.compilation_cache,
       coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-      process_id=FLAGS.process_id, **values)
+      process_id=FLAGS.process_id,
+      loras=tuple(run.parse_path_arg(s, float, 1.0) for s in FLAGS.lora),
+      embeddings=tuple(run.parse_path_arg(s, str, None, "--embedding", "token")
+                       for s in FLAGS.embedding),
+      **values)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:
+    # Warnings and errors only: no backend probing noise, one progress bar. -v 0 for info lines.
+    logging.set_verbosity(logging.WARNING)
   try:
     summary = run.generate_run(_run_config())
   except (ValueError, OSError) as e:  # every bad-input error sdjax raises is a ValueError
@@ -85,6 +116,9 @@ def main(argv):
   print(f"{summary.images} images in {summary.seconds:.1f} s ({summary.images_per_second:.2f} "
         f"images/s, compile {summary.compile_seconds:.1f} s); {summary.skipped} already done",
         file=sys.stderr)
+  if not summary.merged and not summary.interrupted and FLAGS.num_shards > 1:
+    print("other jobs' shards are not finished yet: the last job to finish writes "
+          "manifest.jsonl, index.html and grid.png", file=sys.stderr)
   if summary.interrupted:
     print("interrupted: rerun the same command to finish", file=sys.stderr)
     sys.exit(130)

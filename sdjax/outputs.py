@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import html
 import io
+import itertools
 import json
 import math
 import os
@@ -87,7 +88,8 @@ def _a1111_quote(value: Any) -> str:
 
 def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str,
                      cfg_scale: float, seed: int, width: int, height: int, model: str,
-                     eta: float = 0.0) -> str:
+                     model_hash: str | None = None, eta: float = 0.0,
+                     version: str | None = None) -> str:
   """The text AUTOMATIC1111's web UI stores in (and reads from) a PNG `parameters` chunk.
 
   ```
@@ -100,8 +102,9 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
   or a newline are JSON-quoted, the CFG scale is Python's `str(float)` (`7.0`), and the whole
   text is stripped (a prompt's leading whitespace is lost). `sampler` is one of our scheduler
   names, written under its A1111 name (`A1111_SAMPLER_NAMES`); other names pass through. An
-  empty `model` is left out, and so is a zero `eta` (DDIM's; A1111 writes `Eta: 0.5` after the
-  model).
+  empty `model`, `model_hash` (A1111's short hash, see `short_hash`) or `version` is left out,
+  and so is a zero `eta` (DDIM's); A1111 writes `Model hash` before `Model`, `Eta` after it and
+  `Version` last.
   """
   params = {
       "Steps": int(steps),
@@ -109,12 +112,43 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
       "CFG scale": float(cfg_scale),
       "Seed": int(seed),
       "Size": f"{int(width)}x{int(height)}",
+      "Model hash": model_hash or None,
       "Model": model or None,
       "Eta": float(eta) if eta else None,
+      "Version": version or None,
   }
   line = ", ".join(f"{k}: {_a1111_quote(v)}" for k, v in params.items() if v is not None)
   negative = f"\n{_NEGATIVE_PREFIX} {negative_prompt}" if negative_prompt else ""
   return f"{prompt}{negative}\n{line}".strip()
+
+
+def short_hash(path: str | os.PathLike, *, cache_file: str | None = None) -> str:
+  """A1111's short model hash: the first 10 hex digits of the file's sha256.
+
+  Hashing a multi-GB checkpoint takes seconds, so results are kept in `cache_file` (JSON, keyed
+  by absolute path, size and modification time) when given.
+  """
+  path = os.path.abspath(os.fspath(path))
+  stat = os.stat(path)
+  key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+  cache = {}
+  if cache_file:
+    try:
+      with open(cache_file, encoding="utf-8") as f:
+        cache = json.load(f)
+    except (OSError, ValueError):
+      cache = {}
+    if isinstance(cache, dict) and isinstance(cache.get(key), str):
+      return cache[key]
+  digest = _sha256_file(path)[:10]
+  if cache_file:
+    try:
+      os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+      _atomic_write(cache_file, json_bytes({**(cache if isinstance(cache, dict) else {}),
+                                            key: digest}))
+    except OSError:
+      pass  # a read-only cache only costs time
+  return digest
 
 
 def parse_a1111_parameters(text: str) -> dict[str, str]:
@@ -398,39 +432,50 @@ def finished(output_dir: str | os.PathLike, manifest_records: Mapping[int, dict]
 
 def write_grid(output_dir: str | os.PathLike, files: Iterable[str | os.PathLike], *,
                columns: int | None = None) -> str:
-  """Writes `grid.png`, a contact sheet of `files` (relative to `output_dir`) in order.
-
-  Only the first `MAX_GRID_IMAGES` files are used. Cells have the first image's size (others are
-  resized to it), shrunk evenly when the sheet would exceed `MAX_GRID_SIDE` pixels a side; the
-  layout is `columns` wide (default: near square, ceil(sqrt(n))), filled row by row, unused cells
-  black. Returns the grid's path.
-  """
+  """Writes `grid.png`, a contact sheet of `files` (relative to `output_dir`); see `grid_png`."""
   output_dir = os.fspath(output_dir)
   paths = [os.path.join(output_dir, os.fspath(f)) for f in list(files)[:MAX_GRID_IMAGES]]
-  if not paths:
+
+  def images():
+    for path in paths:
+      with Image.open(path) as image:
+        image.load()
+        yield image
+
+  out = os.path.join(output_dir, GRID_NAME)
+  _atomic_write(out, grid_png(images(), len(paths), columns=columns))
+  return out
+
+
+def grid_png(images: Iterable[Image.Image], n: int, *, columns: int | None = None) -> bytes:
+  """A contact sheet of the first `n` of `images` in order, as PNG bytes.
+
+  At most `MAX_GRID_IMAGES` images are used, read one at a time. Cells have the first image's
+  size (others are resized to it), shrunk evenly when the sheet would exceed `MAX_GRID_SIDE`
+  pixels a side; the layout is `columns` wide (default: near square, ceil(sqrt(n))), filled row
+  by row, unused cells black.
+  """
+  n = min(n, MAX_GRID_IMAGES)
+  if n < 1:
     raise ValueError("write_grid needs at least one image")
   if columns is not None and columns < 1:
     raise ValueError(f"columns must be >= 1, got {columns}")
-  n = len(paths)
   columns = min(columns or math.ceil(math.sqrt(n)), n)
   rows = math.ceil(n / columns)
 
-  with Image.open(paths[0]) as first:
-    width, height = first.size
+  images = itertools.islice(images, n)
+  first = next(images)
+  width, height = first.size
   scale = min(1.0, MAX_GRID_SIDE / (columns * width), MAX_GRID_SIDE / (rows * height))
   cell = (max(1, int(width * scale)), max(1, int(height * scale)))
 
   sheet = Image.new("RGB", (columns * cell[0], rows * cell[1]))
-  for i, path in enumerate(paths):
-    with Image.open(path) as image:
-      image = image.convert("RGB")
-      if image.size != cell:
-        image = image.resize(cell, Image.Resampling.LANCZOS)
-      sheet.paste(image, ((i % columns) * cell[0], (i // columns) * cell[1]))
-
-  out = os.path.join(output_dir, GRID_NAME)
-  _atomic_write(out, _png_bytes(sheet))
-  return out
+  for i, image in enumerate(itertools.chain([first], images)):
+    image = image.convert("RGB")
+    if image.size != cell:
+      image = image.resize(cell, Image.Resampling.LANCZOS)
+    sheet.paste(image, ((i % columns) * cell[0], (i // columns) * cell[1]))
+  return _png_bytes(sheet)
 
 
 _HTML_HEAD = """<!doctype html>
@@ -456,11 +501,21 @@ figcaption p {{ margin: .4em 0; white-space: pre-wrap; overflow-wrap: anywhere; 
 
 def write_index_html(output_dir: str | os.PathLike,
                      records: Mapping[int, dict] | Iterable[dict]) -> str:
-  """Writes `index.html`, a static gallery of the manifest records, by index.
+  """Writes `index.html` (see `index_html`) into `output_dir`; returns its path."""
+  out = os.path.join(os.fspath(output_dir), INDEX_HTML_NAME)
+  _atomic_write(out, index_html(records).encode("utf-8"))
+  return out
 
-  Shows each record's image (`file`, linked relatively) with its `prompt`, `negative_prompt`,
-  `seed`, `steps`, `scheduler` and `guidance_scale` when present. Every value is HTML-escaped:
-  prompts are user text. Returns the page's path.
+
+def index_html(records: Mapping[int, dict] | Iterable[dict], *, total: int | None = None,
+               shards: Iterable[str] = ()) -> str:
+  """A static gallery of manifest records, by index.
+
+  Shows each record's image (`file`, linked relatively; a record with a `key` is a sample of the
+  WebDataset shard `file`, linked instead) with its `prompt`, `negative_prompt`, `seed`, `steps`,
+  `scheduler` and `guidance_scale` when present. `total` > len(records) says the page shows the
+  first images of a larger run; `shards` are listed as links. Every value is HTML-escaped:
+  prompts are user text.
   """
   if isinstance(records, Mapping):
     records = records.values()
@@ -469,27 +524,41 @@ def write_index_html(output_dir: str | os.PathLike,
   def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
-  title = f"{len(records)} images"
+  total = len(records) if total is None else total
+  title = f"{total} images" + (f" (the first {len(records)} shown)" if total > len(records)
+                               else "")
   parts = [_HTML_HEAD.format(title=esc(title))]
   for record in records:
-    src = esc(urllib.parse.quote(str(record["file"])))
-    prompt = record.get("prompt", "")
-    parts.append(f'<figure id="image-{int(record["index"])}">\n'
-                 f'<a href="{src}"><img src="{src}" alt="{esc(prompt)}" loading="lazy"></a>\n'
-                 f'<figcaption>\n<p class="prompt">{esc(prompt)}</p>\n')
-    if record.get("negative_prompt"):
-      parts.append(f'<p class="negative">Negative: {esc(record["negative_prompt"])}</p>\n')
-    meta = [f"#{int(record['index'])}"]
-    for key, label in (("seed", "seed"), ("steps", "steps"), ("scheduler", "scheduler"),
-                       ("guidance_scale", "guidance")):
-      if record.get(key) is not None:
-        meta.append(f"{label} {esc(record[key])}")
-    parts.append(f'<p class="meta">{" &middot; ".join(meta)}</p>\n</figcaption>\n</figure>\n')
-  parts.append("</main>\n</body>\n</html>\n")
+    parts.append(_figure(record, esc))
+  parts.append("</main>\n")
+  shards = list(shards)
+  if shards:
+    parts.append(f"<h2>{len(shards)} WebDataset shards</h2>\n<ul>\n")
+    parts.extend(f'<li><a href="{esc(urllib.parse.quote(s))}">{esc(s)}</a></li>\n'
+                 for s in shards)
+    parts.append("</ul>\n")
+  parts.append("</body>\n</html>\n")
+  return "".join(parts)
 
-  out = os.path.join(os.fspath(output_dir), INDEX_HTML_NAME)
-  _atomic_write(out, "".join(parts).encode("utf-8"))
-  return out
+
+def _figure(record: dict, esc) -> str:
+  src = esc(urllib.parse.quote(str(record["file"])))
+  prompt = record.get("prompt", "")
+  if "key" in record:
+    picture = f'<a href="{src}">{esc(record["file"])}: {esc(record["key"])}.png</a>'
+  else:
+    picture = f'<a href="{src}"><img src="{src}" alt="{esc(prompt)}" loading="lazy"></a>'
+  parts = [f'<figure id="image-{int(record["index"])}">\n{picture}\n'
+           f'<figcaption>\n<p class="prompt">{esc(prompt)}</p>\n']
+  if record.get("negative_prompt"):
+    parts.append(f'<p class="negative">Negative: {esc(record["negative_prompt"])}</p>\n')
+  meta = [f"#{int(record['index'])}"]
+  for key, label in (("seed", "seed"), ("steps", "steps"), ("scheduler", "scheduler"),
+                     ("guidance_scale", "guidance")):
+    if record.get(key) is not None:
+      meta.append(f"{label} {esc(record[key])}")
+  parts.append(f'<p class="meta">{" &middot; ".join(meta)}</p>\n</figcaption>\n</figure>\n')
+  return "".join(parts)
 
 
 # --- the folder ---------------------------------------------------------------------------------
@@ -521,9 +590,13 @@ def check_output_dir(path: str | os.PathLike) -> None:
     raise OutputError(f"output folder {path!r} is not writable: {e.strerror or e}") from None
 
 
+def json_bytes(data: Any) -> bytes:
+  return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
   """Writes a JSON file atomically."""
-  _atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+  _atomic_write(path, json_bytes(data))
 
 
 _RUN_FILES = (MANIFEST_NAME, GRID_NAME, INDEX_HTML_NAME, "run.json")

@@ -95,6 +95,19 @@ def local_rows(array) -> list[tuple[int, np.ndarray]]:
   return sorted(rows, key=lambda r: r[0])
 
 
+def local_rows_numpy(array) -> np.ndarray:
+  """This process's rows of a data-sharded array, in order, on the host."""
+  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def max_over_processes(value: int) -> int:
+  """The largest `value` any process has (every process must call this)."""
+  if jax.process_count() == 1:
+    return value
+  return int(np.max(multihost_utils.process_allgather(np.int64(value))))
+
+
 def barrier(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)

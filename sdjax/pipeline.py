@@ -16,14 +16,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from flax import traverse_util
 
 from sdjax import sampling
-from sdjax.checkpoints import hub
+from sdjax.checkpoints import embeddings as textual_inversion
+from sdjax.checkpoints import hub, lora, single_file, standard
 from sdjax.checkpoints.weights import (
   TEXT_PREFIX,
   WeightsError,
   flax_to_torch,
   read_state_dict,
+  torch_key,
   torch_to_flax,
   write_safetensors,
 )
@@ -79,6 +83,9 @@ class Pipeline:
   tokenizer: Any
   scheduler_config: dict[str, Any]
   name: str = "sdjax"
+  # Textual-inversion embeddings by token (`checkpoints.embeddings.Embedding`: vectors per
+  # text encoder); their tokens are already in the tokenizer and the embedding table.
+  embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   # -- properties -------------------------------------------------------------------------------
   @property
@@ -107,7 +114,8 @@ class Pipeline:
     """Prompts -> int32 token ids [B, 77], padded and truncated as Stable Diffusion does."""
     if isinstance(prompts, str):
       prompts = [prompts]
-    ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+    prompts = [textual_inversion.expand_prompt(p, self.embeddings) for p in prompts]
+    ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
                          truncation=True, return_tensors="np")["input_ids"]
     return np.asarray(ids, dtype=np.int32)
 
@@ -184,6 +192,11 @@ class Pipeline:
     """Writes a diffusers-format folder that diffusers' `StableDiffusionPipeline` loads."""
     save_pretrained(self, folder)
 
+  def save_single_file(self, path: str, dtype: str = "float32") -> None:
+    """Writes one original-layout (CompVis/LDM) `.safetensors`, as A1111 and diffusers'
+    `from_single_file` read it; `dtype` "float32" or "float16"."""
+    save_single_file(self, path, dtype)
+
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _encode_text(module, params, ids, clip_skip):
@@ -223,6 +236,93 @@ def _read_component_config(folder: str, name: str) -> dict[str, Any]:
   return config_utils.read_json(path)
 
 
+@dataclasses.dataclass
+class _Source:
+  """Where a pipeline's parts come from, before any weights are read."""
+
+  unet: UNetConfig
+  vae: VAEConfig
+  text_encoder: CLIPTextConfig
+  scheduler_config: dict[str, Any]
+  tokenizer: Any
+  read_states: Any  # (expected param trees) -> {component: diffusers-layout state dict}
+
+
+def _folder_source(folder: str, variant: str | None) -> _Source:
+  if not os.path.isfile(os.path.join(folder, "model_index.json")):
+    raise PipelineError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+  for name in COMPONENTS:
+    if not os.path.isdir(os.path.join(folder, name)):
+      raise PipelineError(f"{folder} has no {name}/ folder")
+  return _Source(
+      unet=UNetConfig.from_dict(_read_component_config(folder, "unet")),
+      vae=VAEConfig.from_dict(_read_component_config(folder, "vae")),
+      text_encoder=CLIPTextConfig.from_dict(_read_component_config(folder, "text_encoder")),
+      scheduler_config=_read_component_config(folder, "scheduler"),
+      tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
+      read_states=lambda expected: {
+          name: read_state_dict(os.path.join(folder, name), name, variant=variant)
+          for name in expected},
+  )
+
+
+def _single_file_configs(family: str, config: str | None, prediction_type: str | None,
+                         revision: str | None, path: str) -> tuple[dict[str, Any], Any]:
+  """(raw component configs, tokenizer): from a `config` folder / hub id, else built in."""
+  if config is None:
+    if family == "sd2" and prediction_type is None:
+      logging.info("%s: SD2 weights do not say their prediction type; assuming 768-v "
+                   "(v_prediction). Pass prediction_type='epsilon' for 512-base models.", path)
+    raw = standard.standard_config(single_file.standard_config_name(family, prediction_type))
+    return raw, standard.clip_tokenizer(raw["tokenizer"]["pad_token"])
+  folder = hub.resolve_source(config, revision=revision, configs_only=True)
+  for name in COMPONENTS:
+    if not os.path.isdir(os.path.join(folder, name)):
+      raise PipelineError(f"config {config} has no {name}/ folder")
+  raw = {name: _read_component_config(folder, name)
+         for name in ("unet", "vae", "text_encoder", "scheduler")}
+  return raw, load_tokenizer(os.path.join(folder, "tokenizer"))
+
+
+def _single_file_source(path: str, config: str | None, prediction_type: str | None,
+                        revision: str | None) -> _Source:
+  """A single original-layout file, with configs from `config` or the family's standard ones."""
+  state = single_file.read_single_file(path)
+  family = single_file.detect_family(state, path)
+  raw, tokenizer = _single_file_configs(family, config, prediction_type, revision, path)
+  text_cfg = CLIPTextConfig.from_dict(raw["text_encoder"])
+  if single_file.config_family(text_cfg) != family:
+    raise PipelineError(f"{path} is an {family.upper()} checkpoint but config {config} is "
+                        f"{single_file.config_family(text_cfg).upper()}")
+  unet_cfg = UNetConfig.from_dict(raw["unet"])
+  vae_cfg = VAEConfig.from_dict(raw["vae"])
+
+  def read_states(expected):
+    keys = {n: [torch_key(p) for p in traverse_util.flatten_dict(tree)]
+            for n, tree in expected.items()}
+    return single_file.split_state(state, family, unet_cfg, text_cfg, vae_cfg, keys, path)
+
+  return _Source(unet_cfg, vae_cfg, text_cfg, dict(raw["scheduler"]), tokenizer, read_states)
+
+
+def _vae_source(vae: str, default_cfg: VAEConfig, revision: str | None):
+  """(config, state reader) of a replacement VAE: a file, a VAE folder or a pipeline folder."""
+  if single_file.is_single_file(vae):
+    return default_cfg, lambda expected: single_file.read_vae_file(vae, default_cfg, expected)
+  folder = hub.resolve_source(vae, revision=revision, component="vae")
+  if os.path.isdir(os.path.join(folder, "vae")):
+    folder = os.path.join(folder, "vae")
+  cfg = VAEConfig.from_dict(config_utils.read_json(os.path.join(folder, "config.json")))
+  return cfg, lambda expected: read_state_dict(folder, "vae")
+
+
+def _pipeline_name(source, config, vae, prediction_type) -> str:
+  """What the pixels depend on (run.py compares it when resuming a run)."""
+  extras = [f"{k} {v}" for k, v in (("config", config), ("vae", vae),
+                                    ("prediction_type", prediction_type)) if v is not None]
+  return str(source) + (f" ({', '.join(extras)})" if extras else "")
+
+
 def load_pipeline(
     source: str | None = None,
     dtype="float32",
@@ -231,57 +331,89 @@ def load_pipeline(
     variant: str | None = None,
     allow_pickle: bool = True,
     revision: str | None = None,
+    config: str | None = None,
+    vae: str | None = None,
+    prediction_type: str | None = None,
+    loras=(),
+    embeddings=(),
 ) -> Pipeline:
   """Loads a Stable Diffusion pipeline.
 
   Args:
     source: a diffusers-format folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
-      `tokenizer/`, `scheduler/`), a Hugging Face hub id, or None for sdjax's built-in model.
+      `tokenizer/`, `scheduler/`), a Hugging Face hub id, a single original-layout checkpoint
+      file (`.safetensors`, `.ckpt`, `.pt`, `.bin`; SD1 or SD2), or None for the built-in model.
     dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
     param_dtype: dtype the params are stored in (default: `dtype`).
     variant: weight file variant to prefer, e.g. "fp16".
     allow_pickle: ignored, kept for compatibility: `.bin`/`.ckpt` pickles are always read by an
       allowlisting unpickler that never runs code from the file.
     revision: hub revision (branch, tag or commit).
+    config: single files only: a diffusers folder or hub id whose configs, tokenizer and scheduler
+      to use (default: sdjax's built-in standard config of the file's family).
+    vae: a replacement VAE: a diffusers VAE or pipeline folder, a hub id, or a single VAE file
+      (original layout `encoder.*`/`decoder.*`, optionally under `first_stage_model.`).
+    prediction_type: "epsilon" or "v_prediction", overriding the scheduler config (SD2 single
+      files: picks the 512-base or the 768-v standard config; default v_prediction).
+    loras: LoRA files merged into the weights: `path`, `(path, scale)` or
+      `(path, unet_scale, text_encoder_scale)` each (see `checkpoints.lora`).
+    embeddings: textual-inversion files: `path` or `(path, token)` each (token default: the
+      file's stem; see `checkpoints.embeddings`).
   """
   del allow_pickle
+  if prediction_type not in (None, "epsilon", "v_prediction"):
+    raise PipelineError(f"unknown prediction_type {prediction_type!r} (epsilon or v_prediction)")
   if source is None:
     from sdjax import BUILTIN_MODEL  # noqa: PLC0415
 
     source = BUILTIN_MODEL
-  folder = hub.resolve_source(source, variant=variant, revision=revision)
   compute = parse_dtype(dtype)
   store = parse_dtype(param_dtype) if param_dtype is not None else compute
-  if not os.path.isfile(os.path.join(folder, "model_index.json")):
-    raise PipelineError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-  for name in COMPONENTS:
-    if not os.path.isdir(os.path.join(folder, name)):
-      raise PipelineError(f"{folder} has no {name}/ folder")
+  if single_file.is_single_file(source):
+    src = _single_file_source(os.path.expanduser(source), config, prediction_type, revision)
+  elif config is not None:
+    raise PipelineError("config= is only for single-file checkpoints; a folder has its own")
+  else:
+    src = _folder_source(hub.resolve_source(source, variant=variant, revision=revision), variant)
+  vae_cfg, read_vae = src.vae, None
+  if vae is not None:
+    vae_cfg, read_vae = _vae_source(vae, src.vae, revision)
+  scheduler_config = dict(src.scheduler_config)
+  if prediction_type is not None:
+    scheduler_config["prediction_type"] = prediction_type
 
-  unet_cfg = UNetConfig.from_dict(_read_component_config(folder, "unet"))
-  vae_cfg = VAEConfig.from_dict(_read_component_config(folder, "vae"))
-  text_cfg = CLIPTextConfig.from_dict(_read_component_config(folder, "text_encoder"))
-  scheduler_config = _read_component_config(folder, "scheduler")
   modules = {
-      "unet": UNet2DConditionModel(unet_cfg, compute, store),
+      "unet": UNet2DConditionModel(src.unet, compute, store),
       "vae": AutoencoderKL(vae_cfg, compute, store),
-      "text_encoder": CLIPTextModel(text_cfg, compute, store),
+      "text_encoder": CLIPTextModel(src.text_encoder, compute, store),
   }
-  examples = _example_inputs(unet_cfg, text_cfg, vae_cfg)
-  params = {}
-  for name, module in modules.items():
-    state = read_state_dict(os.path.join(folder, name), name, variant=variant)
-    expected = _expected_params(module, *examples[name])
-    params[name] = jax.device_put(torch_to_flax(state, expected, name, np.dtype(store)))
-  return Pipeline(
+  examples = _example_inputs(src.unet, src.text_encoder, vae_cfg)
+  expected = {name: _expected_params(m, *examples[name]) for name, m in modules.items()}
+  states = src.read_states({n: t for n, t in expected.items() if n != "vae" or read_vae is None})
+  if read_vae is not None:
+    states["vae"] = read_vae(expected["vae"])
+  params = {name: jax.device_put(torch_to_flax(states[name], expected[name], name,
+                                               np.dtype(store)))
+            for name in modules}
+  pipe = Pipeline(
       text_encoder=modules["text_encoder"],
       unet=modules["unet"],
       vae=modules["vae"],
       params=params,
-      tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
+      tokenizer=src.tokenizer,
       scheduler_config=scheduler_config,
-      name=str(source),
+      name=_pipeline_name(source, config, vae, prediction_type),
   )
+  return add_extras(pipe, loras=loras, embeddings=embeddings)
+
+
+def add_extras(pipe: Pipeline, *, loras=(), embeddings=()) -> Pipeline:
+  """`pipe` with textual-inversion embeddings added, then LoRAs merged into its weights."""
+  if embeddings:
+    pipe = textual_inversion.add_embeddings(pipe, embeddings)
+  if loras:
+    pipe = dataclasses.replace(pipe, params=lora.merge_loras(pipe.params, loras))
+  return pipe
 
 
 def build_pipeline(unet_cfg, vae_cfg, text_cfg, tokenizer, scheduler_config, params=None, *,
@@ -346,6 +478,19 @@ def save_pretrained(pipe: Pipeline, folder: str) -> None:
   write_safetensors(os.path.join(folder, "text_encoder", "model.safetensors"),
                     flax_to_torch(f32(pipe.params["text_encoder"]), prefix=TEXT_PREFIX))
   pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+
+
+def save_single_file(pipe: Pipeline, path: str, dtype: str = "float32") -> None:
+  """Writes `pipe` as one original-layout `.safetensors` file (see `Pipeline.save_single_file`)."""
+  if dtype not in ("float32", "float16"):
+    raise PipelineError(f"save_single_file dtype {dtype!r}: use float32 or float16")
+  if not path.endswith(".safetensors"):
+    raise PipelineError(f"save_single_file writes .safetensors, not {path}")
+  states = {name: flax_to_torch(jax.tree.map(lambda x: np.asarray(x, dtype), pipe.params[name]))
+            for name in ("unet", "vae", "text_encoder")}
+  family = single_file.config_family(pipe.text_encoder.config)
+  state = single_file.to_original(family, pipe.unet.config, pipe.vae.config, states)
+  write_safetensors(path, state)
 
 
 __all__ = ["Pipeline", "PipelineError", "WeightsError", "build_pipeline", "load_pipeline"]

@@ -3,19 +3,20 @@
 `generate_run(RunConfig(...))` is what `main.py` calls. Image k of a run (prompts in order, then
 `num_images_per_prompt`) gets seed `seed + k` unless its jsonl line names one; each device makes
 `batch_size` images per step with the single-device program, so the pixels do not depend on the
-number of devices or processes. Outputs are written atomically and recorded in `manifest.jsonl`
-after their image; rerunning the same command skips what is finished.
+number of devices, processes or jobs. The images are cut into shards of `shard_size`; each shard
+has one writer (see `sinks`), and the prompts file is streamed (see `plan`), so memory does not
+grow with the run. While the devices compute batch n+1, the host fetches batch n and worker
+threads encode and write it. Rerunning the same command skips finished shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import math
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,34 +24,19 @@ import numpy as np
 from absl import logging
 
 import sdjax
-from sdjax import outputs, parallel, sampling
+from sdjax import aot, outputs, parallel, sampling, sinks
+from sdjax.plan import ImageJob, Plan, PromptLine, RunError, read_prompts_file
+
+__all__ = ["ImageJob", "PromptLine", "RunConfig", "RunError", "RunSummary", "generate_run",
+           "read_prompts_file"]
 
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
-class RunError(ValueError):
-  """Bad input to a run: one line that says what to change."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptLine:
-  prompt: str
-  negative_prompt: str | None = None
-  seed: int | None = None
-  num_images: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageJob:
-  index: int
-  prompt: str
-  negative_prompt: str
-  seed: int
-
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  prompts: tuple[PromptLine, ...]
+  prompts: tuple[PromptLine, ...] = ()
+  prompts_file: str | None = None  # streamed after `prompts`
   model: str | None = None
   negative_prompt: str = ""
   num_images_per_prompt: int = 1
@@ -63,96 +49,75 @@ class RunConfig:
   seed: int = 0
   batch_size: int = 1  # per device
   dtype: str = "float32"
-  output_dir: str = "outputs"
+  output_dir: str = "outputs"  # a folder or any fsspec URL
+  output_format: str = "png"  # or "webdataset"
+  images_per_folder: int = 10000  # png
+  shard_size: int = 1000  # images per shard (a tar, or a unit of png resume and work split)
+  num_shards: int = 1  # independent jobs sharing output_dir (a SLURM array)
+  shard_index: int = 0  # which of them this is
+  writer_threads: int = 8
   overwrite: bool = False
   allow_pickle: bool = True  # ignored: pickles are always read safely
+  model_config: str | None = None  # single-file model: folder / hub id of its configs
+  vae: str | None = None
+  prediction_type: str | None = None
   compilation_cache: str | None = None
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
   show_progress: bool = True
+  loras: tuple[tuple[str, float], ...] = ()  # (file or hub file, scale)
+  embeddings: tuple[tuple[str, str | None], ...] = ()  # (file or hub file, token or None)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
-  images: int  # made by this run (all processes)
-  skipped: int  # already finished before it started
-  seconds: float
+  images: int  # made by this process
+  skipped: int  # already finished before it started (whole run)
+  seconds: float  # generating, compile excluded
   compile_seconds: float
   interrupted: bool = False
+  merged: bool = False  # manifest.jsonl / index.html / grid.png written: the run is complete
 
   @property
   def images_per_second(self) -> float:
     return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
-# -- prompts ---------------------------------------------------------------------------------------
-def read_prompts_file(path: str) -> list[PromptLine]:
-  """`.txt`: one prompt per non-empty line; `.jsonl`: objects with `prompt` and options."""
+def make_plan(cfg: RunConfig) -> Plan:
+  return Plan(cfg.prompts, cfg.prompts_file, num_images_per_prompt=cfg.num_images_per_prompt,
+              seed=cfg.seed, negative_prompt=cfg.negative_prompt, shard_size=cfg.shard_size)
+
+
+def parse_path_arg(spec: str, convert, default, flag: str = "--lora", value: str = "scale"):
+  """`path[:value]` -> (path, value); a ':' followed by a path (`C:/x`) is part of the path."""
+  head, sep, tail = spec.rpartition(":")
+  if not sep or not head or "/" in tail or "\\" in tail:
+    return spec, default
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except FileNotFoundError:
-    raise RunError(f"prompts file {path} does not exist") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise RunError(f"cannot read prompts file {path}: {e}") from None
-  if path.endswith(".jsonl"):
-    prompts = [_jsonl_line(path, n, line) for n, line in enumerate(lines, 1) if line.strip()]
-  else:
-    prompts = [PromptLine(line.strip()) for line in lines if line.strip()]
-  if not prompts:
-    raise RunError(f"prompts file {path} holds no prompts")
-  return prompts
-
-
-def _jsonl_line(path: str, n: int, line: str) -> PromptLine:
-  where = f"{path} line {n}"
-  try:
-    obj = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise RunError(f"{where}: not valid JSON ({e.msg})") from None
-  if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-    raise RunError(f"{where}: needs an object with a string \"prompt\"")
-  unknown = set(obj) - {"prompt", "negative_prompt", "seed", "num_images"}
-  if unknown:
-    raise RunError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-  negative = obj.get("negative_prompt")
-  if negative is not None and not isinstance(negative, str):
-    raise RunError(f"{where}: \"negative_prompt\" must be a string")
-  for key in ("seed", "num_images"):
-    value = obj.get(key)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0
-                              or (key == "num_images" and value < 1)):
-      raise RunError(f"{where}: \"{key}\" must be a {'positive' if key == 'num_images' else 'non-negative'} integer")
-  return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"))
-
-
-def plan_images(cfg: RunConfig) -> list[ImageJob]:
-  """Every image of the run, in global order, with its prompt, negative prompt and seed.
-
-  A jsonl line's own `seed` s gives its j-th image seed s + j.
-  """
-  jobs = []
-  for line in cfg.prompts:
-    for j in range(line.num_images or cfg.num_images_per_prompt):
-      k = len(jobs)
-      seed = cfg.seed + k if line.seed is None else line.seed + j
-      negative = cfg.negative_prompt if line.negative_prompt is None else line.negative_prompt
-      jobs.append(ImageJob(k, line.prompt, negative, seed))
-  return jobs
+    return head, convert(tail)
+  except ValueError:
+    raise RunError(f"{flag} {spec}: the {value} after ':' must be a {convert.__name__}") from None
 
 
 # -- validation ------------------------------------------------------------------------------------
 def validate(cfg: RunConfig) -> None:
   """Checks what needs no model, so that bad input fails before anything slow."""
-  if not cfg.prompts:
+  if not cfg.prompts and not cfg.prompts_file:
     raise RunError("no prompts: give --prompt or --prompts_file")
-  if cfg.steps < 1:
-    raise RunError(f"--steps must be at least 1, got {cfg.steps}")
-  if cfg.batch_size < 1:
-    raise RunError(f"--batch_size must be at least 1, got {cfg.batch_size}")
-  if cfg.num_images_per_prompt < 1:
-    raise RunError(f"--num_images_per_prompt must be at least 1, got {cfg.num_images_per_prompt}")
+  for name in ("steps", "batch_size", "num_images_per_prompt", "shard_size",
+               "images_per_folder", "num_shards", "writer_threads"):
+    if getattr(cfg, name) < 1:
+      raise RunError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+  if not 0 <= cfg.shard_index < cfg.num_shards:
+    raise RunError(f"--shard_index must be in [0, --num_shards={cfg.num_shards}), "
+                   f"got {cfg.shard_index}")
+  if cfg.overwrite and cfg.num_shards > 1:
+    raise RunError("--overwrite would delete the other jobs' shards: clear --output_dir "
+                   "before starting the jobs instead")
+  if cfg.output_format not in sinks.FORMATS:
+    raise RunError(f"--output_format must be one of {', '.join(sinks.FORMATS)}, "
+                   f"got {cfg.output_format!r}")
   for name in ("height", "width"):
     value = getattr(cfg, name)
     if value is not None and (value % 8 or not 8 <= value <= MAX_SIZE):
@@ -172,41 +137,45 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
-              jobs: Sequence[ImageJob]) -> dict[str, Any]:
-  """What decides the pixels; a folder's images must all come from the same settings."""
-  digest = hashlib.sha256(
-      json.dumps([dataclasses.astuple(j) for j in jobs]).encode()).hexdigest()
-  return {"model": pipe.name, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
-          "scheduler": scheduler, "height": height, "width": width, "dtype": cfg.dtype,
-          "images": len(jobs), "jobs_sha256": digest,
-          **({"eta": cfg.eta} if cfg.eta else {})}  # absent when 0: older folders still match
+              plan: Plan) -> dict[str, Any]:
+  """What decides the pixels and the layout; a location's images must all share them."""
+  settings = {"model": pipe.name, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+              "scheduler": scheduler, "height": height, "width": width, "dtype": cfg.dtype,
+              "images": plan.total, "jobs_sha256": plan.digest,
+              "output_format": cfg.output_format, "shard_size": cfg.shard_size}
+  if cfg.output_format == "png":
+    settings["images_per_folder"] = cfg.images_per_folder
+  if cfg.eta:  # absent when 0: older folders still match
+    settings["eta"] = cfg.eta
+  if cfg.loras:
+    settings["loras"] = [list(x) for x in cfg.loras]
+  if cfg.embeddings:
+    settings["embeddings"] = [list(x) for x in cfg.embeddings]
+  return settings
 
 
-def _check_settings(output_dir: str, settings: dict[str, Any], overwrite: bool) -> None:
-  path = os.path.join(output_dir, "run.json")
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      previous = json.load(f)
-    if previous == settings:
-      return
-    if not overwrite:
-      changed = sorted(k for k in settings if previous.get(k) != settings[k])
-      raise RunError(
-          f"{output_dir} holds a run with other settings ({', '.join(changed)} differ); "
-          "use another --output_dir, or --overwrite to replace it")
-  elif any(f.endswith(".png") or f == "manifest.jsonl" for f in os.listdir(output_dir)):
-    if not overwrite:
-      raise RunError(f"{output_dir} is not empty and was not made by this run; use another "
-                     "--output_dir, or --overwrite to replace it")
-  if overwrite and jax.process_index() == 0:
-    outputs.clear(output_dir)
+def _check_settings(store: sinks.Store, settings: dict[str, Any], overwrite: bool) -> None:
+  previous = sinks.read_json(store, sinks.RUN_JSON)
+  if previous == settings:
+    return
+  if previous is not None and not overwrite:
+    changed = sorted(k for k in settings if previous.get(k) != settings[k])
+    raise RunError(
+        f"{store.url} holds a run with other settings ({', '.join(changed)} differ); "
+        "use another --output_dir, or --overwrite to replace it")
+  if previous is None and not overwrite and sinks.holds_other_outputs(store):
+    raise RunError(f"{store.url} is not empty and was not made by this run; use another "
+                   "--output_dir, or --overwrite to replace it")
+  parallel.barrier("settings read")  # nobody clears what another process is still reading
   if jax.process_index() == 0:
-    outputs.write_json(path, settings)
+    if overwrite:
+      sinks.clear(store)
+    store.write(sinks.RUN_JSON, outputs.json_bytes(settings))
 
 
 # -- the run ---------------------------------------------------------------------------------------
 class _StopFlag:
-  """First Ctrl-C: finish writing the current batch, then stop. Second: stop at once."""
+  """First Ctrl-C: finish writing what was dispatched, then stop. Second: stop at once."""
 
   def __init__(self):
     self.requested = False
@@ -242,132 +211,248 @@ def enable_compilation_cache(path: str | None) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def owns(cfg: RunConfig, shard: int) -> bool:
+  """Whether this process makes `shard`: job i of N takes the shards s = i (mod N); within a
+  job, its processes take turns over them."""
+  if shard % cfg.num_shards != cfg.shard_index:
+    return False
+  return (shard // cfg.num_shards) % jax.process_count() == jax.process_index()
+
+
+@dataclasses.dataclass
+class _Work:
+  """This process's share of what is not finished yet."""
+
+  shards: list[int]  # in order
+  kept: dict[int, set[int]]  # shard -> indices an interrupted run already wrote
+  images: int
+
+  def remaining(self, plan: Plan) -> dict[int, int]:
+    return {s: len(plan.shard_range(s)) - len(self.kept.get(s, ())) for s in self.shards}
+
+  def jobs(self, plan: Plan) -> Iterator[tuple[int, ImageJob]]:
+    for shard in self.shards:
+      kept = self.kept.get(shard, set())
+      for job in plan.jobs(shard):
+        if job.index not in kept:
+          yield shard, job
+
+
+def _find_work(cfg: RunConfig, plan: Plan, sink: sinks.Sink) -> tuple[_Work, int]:
+  """(this process's work, images of the whole run finished before)."""
+  finished = sinks.finished_shards(sink.store) & set(range(plan.num_shards))
+  partial = sinks.partial_shards(sink.store)
+  shards = [s for s in range(plan.num_shards) if s not in finished and owns(cfg, s)]
+  kept = {s: sink.resume(s) for s in shards if s in partial}
+  images = sum(len(plan.shard_range(s)) - len(kept.get(s, ())) for s in shards)
+  done_before = sum(len(plan.shard_range(s)) for s in finished)
+  return _Work(shards, kept, images), done_before + sum(map(len, kept.values()))
+
+
 def generate_run(cfg: RunConfig) -> RunSummary:
   """Generates every image of `cfg` that is not finished yet into `cfg.output_dir`."""
   validate(cfg)
   parallel.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
   enable_compilation_cache(cfg.compilation_cache)
-  outputs.check_output_dir(cfg.output_dir)
-  pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, allow_pickle=cfg.allow_pickle)
+  store = sinks.Store(cfg.output_dir)
+  store.check()
+  plan = make_plan(cfg)
+  pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, config=cfg.model_config, vae=cfg.vae,
+                             prediction_type=cfg.prediction_type, loras=cfg.loras,
+                             embeddings=cfg.embeddings)
   height = cfg.height or pipe.native_size
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)
   scheduler = cfg.scheduler or sampling.schedulers.default_scheduler_name(pipe.scheduler_config)
 
-  jobs = plan_images(cfg)
-  _check_settings(cfg.output_dir, _settings(cfg, pipe, height, width, scheduler, jobs),
-                  cfg.overwrite)
+  _check_settings(store, _settings(cfg, pipe, height, width, scheduler, plan), cfg.overwrite)
   if jax.process_index() == 0:
-    outputs.cleanup_temporaries(cfg.output_dir)
-  manifest = outputs.Manifest(cfg.output_dir)
-  done = outputs.finished(cfg.output_dir, manifest.records())
-  todo = [job for job in jobs if job.index not in done]
-  parallel.barrier("planned")  # every process has read the manifest before anyone writes
+    store.cleanup_temporaries()
+  sink = sinks.make_sink(cfg.output_format, store, shard_size=cfg.shard_size,
+                         images_per_folder=cfg.images_per_folder)
+  work, skipped = _find_work(cfg, plan, sink)
+  parallel.barrier("planned")  # every process has listed the shards before anyone writes
 
-  mesh = parallel.make_mesh()
-  per_batch = cfg.batch_size * mesh.size
-  spec, state = sampling.prepare(pipe, cfg.batch_size, steps=cfg.steps, scheduler=scheduler,
-                                 height=height, width=width, guidance_scale=cfg.guidance_scale,
-                                 eta=cfg.eta)
-  writer = _Writer(cfg, pipe, manifest, height, width, scheduler)
-  start = time.perf_counter()
-  made, compile_s, interrupted = _generate_batches(cfg, pipe, mesh, spec, state, todo, per_batch,
-                                                   writer)
-  seconds = time.perf_counter() - start
+  made, seconds, compile_s, interrupted = _generate(cfg, pipe, plan, work, sink,
+                                                    _Metadata(cfg, pipe, height, width, scheduler))
   parallel.barrier("generated")
+  merged = False
   if jax.process_index() == 0 and not interrupted:
-    records = outputs.Manifest(cfg.output_dir).records()
-    ordered = [records[k] for k in sorted(records)]
-    outputs.write_grid(cfg.output_dir, [r["file"] for r in ordered])
-    outputs.write_index_html(cfg.output_dir, ordered)
-  summary = RunSummary(made, len(jobs) - len(todo), seconds, compile_s, interrupted)
+    merged = sinks.merge(store, plan.num_shards, plan.total)
+  summary = RunSummary(made, skipped, seconds, compile_s, interrupted, merged)
   logging.info("%d images in %.1f s (%.2f images/s; compile %.1f s); %d were already done",
                summary.images, summary.seconds, summary.images_per_second, compile_s,
                summary.skipped)
   return summary
 
 
-def _generate_batches(cfg, pipe, mesh, spec, state, todo, per_batch, writer):
-  """Runs the compiled sampler over `todo` in global batches; returns (images, compile s, stop)."""
-  if not todo:
-    return 0, 0.0, False
-  params = parallel.replicate(pipe.params, mesh)
-  state = parallel.replicate(state, mesh)
-  scalars = parallel.replicate(
-      (np.float32(cfg.guidance_scale), np.float32(0.0)), mesh)
-  sampler = parallel.sharded_sampler(mesh, spec, pipe)
-  rows = parallel.local_slice(mesh, per_batch)
-  compiled, compile_s, made = None, 0.0, 0
-  progress = _progress(len(todo), cfg.show_progress)
-  with _StopFlag() as stop:
-    for first in range(0, len(todo), per_batch):
-      batch = todo[first:first + per_batch]
-      padded = batch + [batch[-1]] * (per_batch - len(batch))  # padding is never written
-      local = padded[rows]
-      args = (params,
-              *(parallel.shard_batch(mesh, a, per_batch) for a in (
-                  pipe.tokenize([j.prompt for j in local]),
-                  pipe.tokenize([j.negative_prompt for j in local]),
-                  np.asarray([j.seed for j in local], np.uint32))),
-              *scalars, state)
-      if compiled is None:
-        t0 = time.perf_counter()
-        compiled = sampler.lower(*args).compile()
-        compile_s = time.perf_counter() - t0
-        logging.info("compiled the sampler for %dx%d, %d steps, %d per device in %.1f s",
-                     spec.latent_hw[1] * pipe.vae_scale, spec.latent_hw[0] * pipe.vae_scale,
-                     cfg.steps, cfg.batch_size, compile_s)
-      images = _run_compiled(compiled, args, cfg.batch_size)
-      for row, image in parallel.local_rows(images):
-        if row < len(batch):
-          writer.write(batch[row], image)
-      made += len(batch)
-      progress.update(len(batch))
-      if stop.requested:
-        progress.close()
-        return made, compile_s, True
-  progress.close()
-  return made, compile_s, False
-
-
-def _run_compiled(compiled, args, batch_size):
+def _generate(cfg, pipe, plan, work, sink, metadata):
+  """Runs the compiled sampler over this process's work; (images, seconds, compile s, stop)."""
+  mesh = parallel.make_mesh()
+  local_batch = cfg.batch_size * jax.local_device_count()
+  steps = parallel.max_over_processes(math.ceil(work.images / local_batch))
+  if not steps:
+    return 0, 0.0, 0.0, False
+  spec, state = sampling.prepare(pipe, cfg.batch_size, steps=cfg.steps,
+                                 scheduler=metadata.scheduler, height=metadata.height,
+                                 width=metadata.width, guidance_scale=cfg.guidance_scale,
+                                 eta=cfg.eta)
+  run_batch = _Sampler(cfg, pipe, mesh, spec, state)
+  writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
+                             max_pending=4 * local_batch)
+  batches = _batches(work.jobs(plan), local_batch)
+  made, start, pending, interrupted, progress = 0, None, None, False, None
   try:
-    return compiled(*args)
-  except Exception as e:  # noqa: BLE001 - XLA reports OOM as a generic runtime error
-    text = str(e)
-    if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:
-      raise RunError(
-          f"the batch does not fit in device memory: lower --batch_size (now {batch_size}) "
-          "or --height/--width") from None
-    raise
+    with _StopFlag() as stop:
+      for _ in range(steps):
+        batch = next(batches)
+        images = run_batch(batch)  # dispatched: the devices work while the host writes
+        if progress is None:  # compiled: from here on the bar's rate and ETA mean something
+          start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
+        if pending is not None:
+          made += _write(writer, metadata, *pending, progress)
+        pending = batch, images
+        if stop.requested:
+          interrupted = True
+          break
+      made += _write(writer, metadata, *pending, progress)
+  finally:
+    writer.close()
+    if progress is not None:
+      progress.close()
+  return made, time.perf_counter() - start, run_batch.compile_seconds, interrupted
+
+
+def _batches(jobs: Iterator[tuple[int, ImageJob]], size: int) -> Iterator[list]:
+  """Lists of `size` (shard, job); padded with copies (never written) once jobs run out."""
+  batch = []
+  for item in jobs:
+    batch.append(item)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  filler = (batch or [(None, ImageJob(0, "", "", 0))])[-1]
+  while True:
+    yield batch + [(None, filler[1])] * (size - len(batch))
+    batch = []
+
+
+def _write(writer, metadata, batch, images, progress) -> int:
+  """Fetches a finished batch and hands its real images to the writer threads."""
+  made = 0
+  for row, image in enumerate(parallel.local_rows_numpy(images)):
+    shard, job = batch[row]
+    if shard is not None:
+      record = metadata.record(job)
+      writer.submit(shard, record, outputs.to_uint8(image), metadata.parameters(job))
+      made += 1
+  progress.update(made)
+  return made
+
+
+class _Sampler:
+  """The compiled, sharded sampler: a process's batch of jobs -> a dispatched global batch."""
+
+  def __init__(self, cfg, pipe, mesh, spec, state):
+    self.cfg, self.pipe, self.mesh, self.spec = cfg, pipe, mesh, spec
+    self.global_batch = cfg.batch_size * mesh.size
+    self.params = parallel.replicate(pipe.params, mesh)
+    self.state = parallel.replicate(state, mesh)
+    self.scalars = parallel.replicate((np.float32(cfg.guidance_scale), np.float32(0.0)), mesh)
+    self.sampler = parallel.sharded_sampler(mesh, spec, pipe)
+    self.compiled, self.compile_seconds = None, 0.0
+
+  def __call__(self, batch):
+    jobs = [job for _, job in batch]
+    shard = lambda a: parallel.shard_batch(self.mesh, a, self.global_batch)  # noqa: E731
+    args = (self.params, shard(self.pipe.tokenize([j.prompt for j in jobs])),
+            shard(self.pipe.tokenize([j.negative_prompt for j in jobs])),
+            shard(np.asarray([j.seed for j in jobs], np.uint32)), *self.scalars, self.state)
+    if self.compiled is None:
+      t0 = time.perf_counter()
+      self.compiled = aot.load_or_compile(self.sampler, args,
+                                          aot.sampler_statics(self.spec, self.pipe))
+      self.compile_seconds = time.perf_counter() - t0
+      logging.info("compiled the sampler for %dx%d, %d steps, %d per device in %.1f s",
+                   self.spec.latent_hw[1] * self.pipe.vae_scale,
+                   self.spec.latent_hw[0] * self.pipe.vae_scale, self.cfg.steps,
+                   self.cfg.batch_size, self.compile_seconds)
+    try:
+      return self.compiled(*args)
+    except Exception as e:  # noqa: BLE001 - XLA reports OOM as a generic runtime error
+      text = str(e)
+      if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:
+        raise RunError(
+            f"the batch does not fit in device memory: lower --batch_size (now "
+            f"{self.cfg.batch_size}) or --height/--width") from None
+      raise
 
 
 def _progress(total: int, show: bool):
   from tqdm import tqdm  # noqa: PLC0415
 
   return tqdm(total=total, unit="img", disable=not show or jax.process_index() != 0,
-              desc="generating")
+              desc="generating", smoothing=0.1)
 
 
-class _Writer:
-  """Writes one finished image and then its manifest line."""
+def model_identity(source: str | None) -> tuple[str, str | None]:
+  """(name, A1111 short hash) of a model, as AUTOMATIC1111 writes them into its PNGs.
 
-  def __init__(self, cfg: RunConfig, pipe, manifest, height: int, width: int, scheduler: str):
-    self.cfg, self.pipe, self.manifest = cfg, pipe, manifest
+  The name is the hub id, or the folder's or file's name without its path (which would leak the
+  local layout into shared images); the hash is that of the checkpoint file, or for a diffusers
+  folder of its UNet weights file (the variant-less safetensors, else the first that exists; for
+  sharded weights, their index file). None when there is no such file.
+  """
+  from sdjax import BUILTIN_MODEL  # noqa: PLC0415
+  from sdjax.checkpoints import hub, weights  # noqa: PLC0415
+
+  source = source or BUILTIN_MODEL
+  if os.path.exists(os.path.expanduser(source)):
+    folder = os.path.expanduser(source)
+    name = os.path.basename(os.path.normpath(folder))
+  else:
+    name = source
+    try:
+      folder = hub.resolve_source(source)  # loaded already: a cache lookup
+    except ValueError:
+      return name, None
+  if os.path.isfile(folder):
+    name, file = os.path.splitext(name)[0], folder
+  else:
+    unet = os.path.join(folder, "unet")
+    stem = weights.WEIGHT_STEMS["unet"]
+    file = next((os.path.join(unet, n) for n in weights.weight_candidates(stem, None)
+                 if os.path.isfile(os.path.join(unet, n))), None)
+  if source == BUILTIN_MODEL:
+    name = "sdjax-shapes"
+  if file is None:
+    return name, None
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return name, outputs.short_hash(file, cache_file=os.path.join(base, "sdjax", "hashes.json"))
+
+
+class _Metadata:
+  """Each image's manifest record and A1111 `parameters` text (extend both here)."""
+
+  def __init__(self, cfg: RunConfig, pipe, height: int, width: int, scheduler: str):
+    self.cfg, self.pipe = cfg, pipe
     self.height, self.width, self.scheduler = height, width, scheduler
+    self.model_name, self.model_hash = model_identity(cfg.model)
 
-  def write(self, job: ImageJob, image: np.ndarray) -> None:
+  def record(self, job: ImageJob) -> dict[str, Any]:
     cfg = self.cfg
-    name = f"{job.index:06d}.png"
-    params = outputs.a1111_parameters(
+    return {
+        "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
+        "seed": job.seed, "steps": cfg.steps, "scheduler": self.scheduler,
+        "guidance_scale": cfg.guidance_scale, "eta": cfg.eta, "height": self.height, "width": self.width,
+        "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
+        "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
+    }
+
+  def parameters(self, job: ImageJob) -> str:
+    cfg = self.cfg
+    return outputs.a1111_parameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=cfg.steps,
         sampler=self.scheduler, cfg_scale=cfg.guidance_scale, seed=job.seed, width=self.width,
-        height=self.height, model=self.pipe.name, eta=cfg.eta)
-    digest = outputs.write_png(os.path.join(cfg.output_dir, name), image, params)
-    self.manifest.append({
-        "index": job.index, "file": name, "sha256": digest, "prompt": job.prompt,
-        "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": cfg.steps,
-        "scheduler": self.scheduler, "guidance_scale": cfg.guidance_scale, "eta": cfg.eta,
-        "height": self.height, "width": self.width, "model": self.pipe.name,
-        "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
-    })
+        height=self.height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
+        version=f"sdjax {sdjax.__version__}")

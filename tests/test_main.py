@@ -1,5 +1,6 @@
 """main.py as users run it: a subprocess on a tiny random pipeline folder."""
 
+import io
 import json
 import os
 import signal
@@ -54,8 +55,9 @@ def _prompt_args(prompts=PROMPTS):
 
 
 def _pixels(folder):
-  files = sorted(f for f in os.listdir(folder) if f.endswith(".png") and f != "grid.png")
-  return {f: np.asarray(Image.open(os.path.join(folder, f))) for f in files}
+  """{file: pixels} of every image the folder's manifest names."""
+  return {r["file"]: np.asarray(Image.open(os.path.join(folder, r["file"])))
+          for r in _manifest(folder)}
 
 
 def _manifest(folder):
@@ -75,7 +77,9 @@ def reference_run(model, cache, tmp_path_factory):
 def test_outputs_written(reference_run, model):
   out = reference_run
   pixels = _pixels(out)
-  assert sorted(pixels) == [f"{k:06d}.png" for k in range(5)]  # padding is never written
+  assert sorted(pixels) == [f"00000/{k:06d}.png" for k in range(5)]  # padding never written
+  assert sorted(f for f in os.listdir(os.path.join(out, "00000"))) == sorted(
+      os.path.basename(f) for f in pixels)
   records = _manifest(out)
   assert [r["index"] for r in records] == list(range(5))
   for k, r in enumerate(records):
@@ -141,11 +145,12 @@ def _free_port():
 
 
 def test_two_processes_same_images(reference_run, model, cache, tmp_path):
+  """Two processes write their own shards (0 and 2; 1) into one folder: the single run's."""
   out = str(tmp_path / "out")
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "main.py"), "--model", model, *_prompt_args(),
-       *COMMON, "--batch_size", "2", "--seed", "100", "--output_dir", out,
+       *COMMON, "--batch_size", "2", "--seed", "100", "--output_dir", out, "--shard_size", "2",
        "--compilation_cache", cache, "--coordinator_address", address, "--num_processes", "2",
        "--process_id", str(i)], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -156,35 +161,64 @@ def test_two_processes_same_images(reference_run, model, cache, tmp_path):
   assert sorted(got) == sorted(ref)
   for name in ref:
     np.testing.assert_array_equal(got[name], ref[name])
-  assert sorted(r["index"] for r in _manifest(out)) == list(range(5))
+  assert [r["index"] for r in _manifest(out)] == list(range(5))
+  assert sorted(os.listdir(os.path.join(out, "manifests"))) == [
+      f"00000{s}.jsonl" for s in range(3)]
 
 
-def test_interrupt_then_resume(model, cache, tmp_path):
+def _tar_pixels(folder):
+  """{png file the key would have: pixels} of every sample in the folder's WebDataset shards."""
+  import webdataset as wds
+
+  shards = sorted(os.path.join(folder, "shards", f) for f in os.listdir(os.path.join(folder,
+                                                                                    "shards")))
+  got = {}
+  for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
+    record = json.loads(sample["json"])
+    assert record["key"] == sample["__key__"] and record["index"] == int(sample["__key__"])
+    key = f"00000/{sample['__key__']}.png"
+    assert key not in got  # every image in exactly one shard
+    got[key] = np.asarray(Image.open(io.BytesIO(sample["png"])))
+  return got
+
+
+def _wait_for(predicate, proc, seconds=240):
+  deadline = time.time() + seconds
+  while time.time() < deadline and proc.poll() is None and not predicate():
+    time.sleep(0.05)
+
+
+@pytest.mark.parametrize("output_format", ["png", "webdataset"])
+def test_interrupt_then_resume(output_format, model, cache, tmp_path_factory):
+  """Ctrl-C mid-run, rerun: every image exactly once, the pixels of an uninterrupted run."""
   prompts = [f"a photo of a cat {i}" for i in range(10)]
-  ref_out, out = str(tmp_path / "ref"), str(tmp_path / "out")
+  ref_out = str(tmp_path_factory.getbasetemp() / "resume_ref")
+  out = str(tmp_path_factory.mktemp(output_format) / "out")
   args = ["--model", model, *_prompt_args(prompts), *COMMON, "--batch_size", "1",
-          "--compilation_cache", cache]
-  main_py([*args, "--output_dir", ref_out])
+          "--compilation_cache", cache, "--shard_size", "3"]
+  if not os.path.exists(os.path.join(ref_out, "manifest.jsonl")):
+    main_py([*args, "--output_dir", ref_out])
+  args += ["--output_format", output_format]
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args, "--output_dir",
                            out], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-  manifest = os.path.join(out, "manifest.jsonl")
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(manifest) and os.path.getsize(manifest) > 0:
-      break
-    time.sleep(0.05)
+  manifests = os.path.join(out, "manifests")
+  _wait_for(lambda: os.path.isdir(manifests) and os.listdir(manifests), proc)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=240)
   assert proc.returncode == 130, err[-3000:]
   assert "Traceback" not in err
-  first = _manifest(out)
-  assert 1 <= len(first) < 10
-  assert not [f for f in os.listdir(out) if ".tmp" in f]
+  finished = sorted(f for f in os.listdir(manifests) if f.endswith(".jsonl")
+                    and ".part" not in f)
+  assert 1 <= len(finished) < 4 and not os.path.exists(os.path.join(out, "manifest.jsonl"))
+  assert not [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
+  if output_format == "webdataset":  # only finished shards are published
+    assert len(os.listdir(os.path.join(out, "shards"))) == len(finished)
+
   main_py([*args, "--output_dir", out])
-  records = _manifest(out)
-  assert sorted(r["index"] for r in records) == list(range(10))  # no duplicates, none missing
-  ref, got = _pixels(ref_out), _pixels(out)
+  assert [r["index"] for r in _manifest(out)] == list(range(10))  # in order, each once
+  ref = _pixels(ref_out)
+  got = _tar_pixels(out) if output_format == "webdataset" else _pixels(out)
   assert sorted(got) == sorted(ref)
   for name in ref:
     np.testing.assert_array_equal(got[name], ref[name])
@@ -214,6 +248,8 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
     (["--scheduler", "ddim", "--eta=-1"], "--eta must be >= 0"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt does"),
     (["--model", "/nonexistent/model"], "does not exist"),
+    (["--lora", "/nonexistent/style.safetensors:0.5"], "LoRA file '/nonexistent/style.safetensors"),
+    (["--embedding", "/nonexistent/neg.pt:neg"], "embedding file '/nonexistent/neg.pt' does"),
 ])
 def test_bad_input_one_line(extra, message, model, tmp_path):
   args = ["--model", model, "--prompt", "a cat", "--output_dir", str(tmp_path / "o"), *extra]
@@ -235,8 +271,10 @@ def test_bad_prompt_files(model, tmp_path):
   for path, message in [(empty, "holds no prompts"), (bad, "bad.jsonl line 2"),
                         (broken, "broken.jsonl line 3: not valid JSON"),
                         (unreadable, "cannot read prompts file")]:
+    # Lines are parsed when reached (the file is streamed): bad.jsonl and broken.jsonl fail
+    # after their first line's image.
     proc = main_py(["--model", model, "--prompts_file", str(path), "--output_dir",
-                    str(tmp_path / "o")], check=False)
+                    str(tmp_path / path.name), *COMMON], check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -259,7 +297,7 @@ def test_jsonl_prompts_and_seeds(model, cache, tmp_path):
   records = _manifest(out)
   assert [(r["prompt"], r["seed"], r["negative_prompt"]) for r in records] == [
       ("a cat", 7, ""), ("a cat", 8, ""), ("a dog", 52, "red")]
-  text = Image.open(os.path.join(out, "000002.png")).text["parameters"]
+  text = Image.open(os.path.join(out, "00000", "000002.png")).text["parameters"]
   assert outputs.parse_a1111_parameters(text)["negative_prompt"] == "red"
 
 
@@ -277,3 +315,25 @@ def test_ddim_eta(model, cache, tmp_path):
                                              guidance_scale=3.0, scheduler="ddim", eta=0.5, seed=5)
   got = np.stack(list(_pixels(out).values())).astype(np.float32) / 255
   assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+
+def test_lora_and_embedding_flags(reference_run, model, cache, tmp_path):
+  """--lora and --embedding reach the model: the same seed gives other pixels, run.json says why."""
+  from safetensors.numpy import save_file
+
+  rng = np.random.default_rng(0)
+  lora = str(tmp_path / "style.safetensors")
+  save_file({"lora_unet_conv_in.lora_down.weight": rng.standard_normal((2, 4, 3, 3), np.float32),
+             "lora_unet_conv_in.lora_up.weight": rng.standard_normal((32, 2, 1, 1), np.float32)},
+            lora)
+  emb = str(tmp_path / "my-style.safetensors")
+  save_file({"emb_params": rng.standard_normal((2, 32), np.float32)}, emb)
+  out = str(tmp_path / "out")
+  main_py(["--model", model, "--prompt", PROMPTS[0], *COMMON, "--batch_size", "2", "--seed",
+           "100", "--output_dir", out, "--compilation_cache", cache, "--lora", f"{lora}:0.5",
+           "--embedding", emb])
+  with open(os.path.join(out, "run.json")) as f:
+    settings = json.load(f)
+  assert settings["loras"] == [[lora, 0.5]] and settings["embeddings"] == [[emb, None]]
+  ours, before = _pixels(out)["000000.png"], _pixels(reference_run)["000000.png"]
+  assert np.abs(ours.astype(int) - before).max() > 10

@@ -79,6 +79,29 @@ def test_a1111_round_trip():
       "Model": "odd, name: v2"}
 
 
+def test_a1111_text_with_hash_and_version():
+  text = a1111_parameters(**PARAMS, model_hash="0123456789", version="sdjax 0.1.0")
+  assert text.endswith("Size: 512x768, Model hash: 0123456789, Model: sd-v1-5, "
+                       "Version: sdjax 0.1.0")
+  assert parse_a1111_parameters(text)["Model hash"] == "0123456789"
+
+
+def test_short_hash_is_cached(tmp_path):
+  weights = tmp_path / "model.safetensors"
+  weights.write_bytes(b"weights" * 1000)
+  cache = str(tmp_path / "cache" / "hashes.json")
+  expected = hashlib.sha256(weights.read_bytes()).hexdigest()[:10]
+  assert outputs.short_hash(weights, cache_file=cache) == expected
+  assert list(json.load(open(cache)).values()) == [expected]
+  keys = list(json.load(open(cache)))
+  with open(cache, "w") as f:  # a cached value is used while size and mtime are unchanged
+    json.dump({k: "cachedhash" for k in keys}, f)
+  assert outputs.short_hash(weights, cache_file=cache) == "cachedhash"
+  weights.write_bytes(b"other" * 1000)
+  assert outputs.short_hash(weights, cache_file=cache) == hashlib.sha256(
+      weights.read_bytes()).hexdigest()[:10]
+
+
 def test_parse_a1111_text_without_parameters_line():
   assert parse_a1111_parameters("just a prompt") == {"prompt": "just a prompt",
                                                      "negative_prompt": ""}

@@ -42,10 +42,17 @@ def _as_numpy(t):
 def test_tensors_read_back_bit_exact(tmp_path, legacy):
   tensors = _tensors()
   path = str(tmp_path / "model.ckpt")
-  torch.save({"state_dict": tensors, "global_step": 12, "epoch": 1, "name": "x",
-              "nested": [1.5, (2, None)]}, path, _use_new_zipfile_serialization=not legacy)
+  extras = {"global_step": 12, "epoch": 1, "name": "x", "nested": [1.5, (2, None)],
+            "np_scalar": np.float64(0.25), "np_array": np.arange(6, dtype=np.int16).reshape(2, 3),
+            "np_fortran": np.asfortranarray(np.ones((2, 3), np.float32) * 3), "tags": {"a", "b"}}
+  torch.save({"state_dict": tensors, **extras}, path, _use_new_zipfile_serialization=not legacy)
   obj = safe_pickle.load(path)
-  assert obj["global_step"] == 12 and obj["name"] == "x" and obj["nested"] == [1.5, (2, None)]
+  for key, value in extras.items():
+    assert type(obj[key]) is type(value), key
+    if key.startswith("np"):
+      np.testing.assert_array_equal(obj[key], value)
+    else:
+      assert obj[key] == value, key
   state = safe_pickle.load_state_dict(path)
   assert sorted(state) == sorted(tensors)
   for name, t in tensors.items():

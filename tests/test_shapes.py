@@ -86,6 +86,38 @@ def test_classifier_reads_rendered_images():
   images = (np.asarray(shapes.render(a)) + 1) / 2
   rates = shapes.score(images, [_wanted(a, i) for i in range(600)])
   assert rates["all"] == 1.0, rates
+  # The training images are the cleanest shapes there are: IoU with their fitted ideal ~0.99
+  # (pixel-centre quantisation of 16-24 pixel shapes), never below 0.96.
+  for name in shapes.SHAPES:
+    assert rates[f"iou_{name}_mean"] >= 0.985 and rates[f"iou_{name}_p5"] >= 0.96, rates
+
+
+def _disc(cx, cy, rx, ry):
+  ys, xs = np.mgrid[0:64, 0:64] + 0.5
+  return ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1
+
+
+def test_fitted_shape_and_iou():
+  """The fit keeps area and centroid; a wobbly outline scores lower than a clean one."""
+  triangle = np.asarray(shapes._coverage(np.asarray([2]), np.asarray([20.0]),
+                                         np.asarray([[30.0, 34.0]]), *(np.mgrid[0:64, 0:64][::-1]
+                                                                       + 0.5)))[0]
+  fitted = shapes.fitted_shape(triangle, "triangle")
+  assert abs(int(fitted.sum()) - int(triangle.sum())) <= 6
+  assert (fitted & triangle).sum() / (fitted | triangle).sum() >= 0.97
+  rgb = np.asarray([0.9, 0.1, 0.1]), np.asarray([0.1, 0.1, 0.9])
+
+  def paint(mask):
+    return np.where(mask[..., None], rgb[0], rgb[1]).astype(np.float32)
+
+  clean, squashed = _disc(32, 32, 10, 10), _disc(32, 32, 13, 7.7)  # both about 314 pixels
+  assert shapes.shape_iou(paint(clean)) >= 0.97
+  assert 0.6 < shapes.shape_iou(paint(squashed)) < 0.9
+  assert shapes.shape_iou(paint(np.zeros((64, 64), bool))) == 0.0
+  stats = shapes.iou_stats(np.stack([paint(clean), paint(squashed)]), ["circle", "circle"])
+  assert stats["iou_circle_mean"] == pytest.approx(
+      (shapes.shape_iou(paint(clean)) + shapes.shape_iou(paint(squashed))) / 2)
+  assert "iou_square_mean" not in stats and stats["iou_all_p5"] <= stats["iou_all_mean"]
 
 
 def test_classifier_rejects_plain_images():

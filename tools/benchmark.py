@@ -4,12 +4,22 @@
   python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --backend torch
   python tools/benchmark.py --arch sd15 --what generate --batch 8 --steps 50 --dtype bfloat16 \
       --peak_tflops 989 --json
+  python tools/benchmark.py --arch builtin --what run --batch 8 --steps 4 --images 256
+  python tools/benchmark.py --arch builtin --what first_image --prompts 2000000 --steps 2
+  python tools/benchmark.py --arch sd15 --what unet_step --backend both \
+      --kernels blocked,chunked --repeats 2 --json   # interleaved in one process
 
 Networks have random weights of the real architecture (no download). Reports compile time, the
 median of several timed calls after warm-up, images/s for `generate`, achieved TFLOP/s (FLOPs
 from XLA's cost analysis of the same program, used for both backends) with model-FLOPs
 utilisation against `--peak_tflops`, and peak memory. Run each backend in its own process so
 peak memory is its own.
+
+`--what run` times main.py's whole job (`run.generate_run`: prompts, sampler, PNG encoding and
+writing, manifests) on the built-in model against the bare compiled sampler at the same shape,
+both after compiling, and reports both images/s and their ratio. `--what first_image` starts
+main.py on a synthetic `--prompts`-line jsonl file (built-in model, warm compilation cache) and
+reports the seconds until its first PNG exists and the process's peak resident memory then.
 """
 
 from __future__ import annotations
@@ -24,14 +34,21 @@ from absl import app, flags
 
 _ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "builtin"],
                           "architecture (random weights)")
-_WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate"],
-                          "what to time")
+_WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate", "run",
+                                               "first_image"], "what to time")
+_PROMPTS = flags.DEFINE_integer("prompts", 1, "first_image: lines of the synthetic prompts file")
+_IMAGES = flags.DEFINE_integer("images", 256, "run: images per timed run")
+_FORMAT = flags.DEFINE_enum("output_format", "png", ["png", "webdataset"], "run: output format")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "run: output folder (default: a temporary one)")
 _BATCH = flags.DEFINE_integer("batch", 2, "batch (unet_step: 2 = one CFG step of one image)")
 _HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the arch's native)")
 _WIDTH = flags.DEFINE_integer("width", None, "image width (default: the arch's native)")
 _STEPS = flags.DEFINE_integer("steps", 50, "generate: denoising steps")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype")
-_BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "sdjax or diffusers")
+_BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch", "both"], "sdjax or diffusers; "
+                              "both: unet_step of each in one process, calls interleaved")
+_KERNELS = flags.DEFINE_list("kernels", [], "--backend both: one sdjax program per attention "
+                             "kernel (SDJAX_ATTENTION), e.g. blocked,chunked (default: the choice)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls after one warm-up call (0: compile "
                                 "only)")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "jax: persistent compilation cache folder "
@@ -85,12 +102,13 @@ def _timed(fn, repeats):
   return statistics.median(times)
 
 
-def bench_jax():
+def _jax_pipeline():
+  """sdjax networks of the arch with random weights (no init compile)."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from sdjax import pipeline, sampling, testing  # noqa: PLC0415
+  from sdjax import pipeline, testing  # noqa: PLC0415
   from sdjax.models.clip import CLIPTextConfig  # noqa: PLC0415
   from sdjax.models.unet import UNetConfig  # noqa: PLC0415
   from sdjax.models.vae import VAEConfig  # noqa: PLC0415
@@ -100,8 +118,6 @@ def bench_jax():
 
     run.enable_compilation_cache(_CACHE.value)
   unet_cfg, clip_cfg, vae_cfg, _, prediction = _configs()
-  h, w = _size()
-  b = _BATCH.value
   unet_c, vae_c = UNetConfig.from_dict(unet_cfg), VAEConfig.from_dict(vae_cfg)
   clip_c = CLIPTextConfig.from_dict(clip_cfg)
   dtype = pipeline.parse_dtype(_DTYPE.value)
@@ -116,6 +132,18 @@ def bench_jax():
     shapes = pipeline._expected_params(module, *examples[name])  # noqa: SLF001
     pipe.params[name] = jax.tree.map(
         lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 0.02, dtype), shapes)
+  return pipe, dtype
+
+
+def bench_jax():
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import sampling  # noqa: PLC0415
+
+  pipe, dtype = _jax_pipeline()
+  h, w = _size()
+  b = _BATCH.value
   lat = (b, h // 8, w // 8, 4)
   if _WHAT.value == "unet_step":
     args = (pipe.params["unet"], jnp.ones(lat, dtype), jnp.full((b,), 500.0),
@@ -149,6 +177,106 @@ def bench_jax():
       resource.RUSAGE_SELF).ru_maxrss * 1024
   return dict(compile_s=compile_s, median_s=median, flops=flops, peak_bytes=peak,
               device=str(jax.devices()[0].device_kind), version=f"jax {jax.__version__}")
+
+
+def bench_run():
+  """main.py's job vs the bare sharded sampler it runs, same model, shape and batch."""
+  import tempfile  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+  from sdjax import parallel, run, sampling  # noqa: PLC0415
+
+  if _ARCH.value != "builtin":
+    raise app.UsageError("--what run needs --arch builtin (the only model shipped)")
+  h, w = _size()
+  b = _BATCH.value
+  cache = _CACHE.value or tempfile.mkdtemp()
+  run.enable_compilation_cache(cache)
+  pipe = sdjax.load_pipeline(None, _DTYPE.value)
+  mesh = parallel.make_mesh()
+  per_batch = b * mesh.size
+  spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler="dpmpp_2m", height=h,
+                                 width=w, guidance_scale=4.0)
+  ids = parallel.shard_batch(mesh, pipe.tokenize(["a red circle"] * per_batch), per_batch)
+  seeds = parallel.shard_batch(mesh, np.arange(per_batch, dtype=np.uint32), per_batch)
+  args = (parallel.replicate(pipe.params, mesh), ids, ids, seeds,
+          *parallel.replicate((np.float32(4.0), np.float32(0.0)), mesh),
+          parallel.replicate(state, mesh))
+  compiled = parallel.sharded_sampler(mesh, spec, pipe).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  batches = max(_IMAGES.value // per_batch, 1)
+  start = time.perf_counter()
+  outs = [compiled(*args) for _ in range(batches)]  # back to back, as a perfect host would
+  jax.block_until_ready(outs)
+  bare = batches * per_batch / (time.perf_counter() - start)
+
+  prompts = tuple(run.PromptLine(f"a red circle {i}") for i in range(batches * per_batch))
+  cfg = run.RunConfig(prompts=prompts, steps=_STEPS.value, guidance_scale=4.0,
+                      scheduler="dpmpp_2m", height=h, width=w, batch_size=b,
+                      dtype=_DTYPE.value, output_dir=_OUTPUT.value or tempfile.mkdtemp(),
+                      output_format=_FORMAT.value, compilation_cache=cache,
+                      show_progress=False, overwrite=True)
+  summary = run.generate_run(cfg)
+  return dict(compile_s=summary.compile_seconds, median_s=summary.seconds / batches, flops=0.0,
+              peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              device=str(jax.devices()[0].device_kind), version=f"jax {jax.__version__}",
+              images=summary.images, bare_images_per_s=bare,
+              run_images_per_s=summary.images_per_second,
+              run_vs_bare=summary.images_per_second / bare)
+
+
+def bench_first_image():
+  """main.py's time to its first image and its peak memory, for a synthetic prompts file."""
+  import json as json_  # noqa: PLC0415
+  import os  # noqa: PLC0415
+  import signal  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+
+  work = tempfile.mkdtemp()
+  prompts = os.path.join(work, "prompts.jsonl")
+  with open(prompts, "w") as f:
+    for i in range(_PROMPTS.value):
+      f.write(json_.dumps({"prompt": f"a red circle in the center on a blue background {i}"})
+              + "\n")
+  cache = _CACHE.value or os.path.join(work, "cache")
+  h, w = _size()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  warm = os.path.join(work, "warm.jsonl")
+  with open(warm, "w") as f:
+    f.write('{"prompt": "a red circle"}\n')
+
+  def main_py(out, prompts=prompts):
+    return subprocess.Popen(
+        [sys.executable, os.path.join(root, "main.py"), "--prompts_file", prompts, "--steps",
+         str(_STEPS.value), "--batch_size", str(_BATCH.value), "--height", str(h), "--width",
+         str(w), "--output_dir", out, "--compilation_cache", cache, "--output_format",
+         _FORMAT.value], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+  main_py(os.path.join(work, "warm"), warm).wait()  # fills the compilation cache
+  out = os.path.join(work, "out")
+  start = time.perf_counter()
+  proc = main_py(out)
+  first, peak = None, 0
+  while first is None:
+    running = proc.poll() is None
+    if running:
+      with open(f"/proc/{proc.pid}/status") as f:
+        peak = max([peak] + [int(line.split()[1]) * 1024 for line in f
+                             if line.startswith("VmHWM")])
+    if any(n.endswith(".png") for _, _, files in os.walk(out) for n in files):
+      first = time.perf_counter() - start
+    elif not running:
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGINT)
+  proc.wait()
+  return dict(compile_s=0.0, median_s=first or float("nan"), flops=0.0, peak_bytes=peak,
+              device="cpu", version="", prompts=_PROMPTS.value, first_image_s=first)
 
 
 def bench_torch():
@@ -215,9 +343,83 @@ def bench_torch():
               device=kind, version=f"torch {torch.__version__}, diffusers {diffusers.__version__}")
 
 
+def torch_threads() -> int:
+  import torch  # noqa: PLC0415
+
+  return torch.get_num_threads()
+
+
+def bench_both():
+  """One CFG UNet step of diffusers and of sdjax (one program per kernel), calls interleaved.
+
+  On a shared machine each round runs every program once, in turn, so load hits them alike;
+  reports the best and median wall time and the best process CPU time (all threads) per program.
+  """
+  import os  # noqa: PLC0415
+
+  import diffusers  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+
+  if _WHAT.value != "unet_step" or _DTYPE.value != "float32":
+    raise app.UsageError("--backend both times a float32 unet_step")
+  pipe, dtype = _jax_pipeline()
+  h, w = _size()
+  b = _BATCH.value
+  args = (pipe.params["unet"], jnp.ones((b, h // 8, w // 8, 4), dtype), jnp.full((b,), 500.0),
+          jnp.ones((b, 77, pipe.unet.config.cross_attention_dim), dtype))
+  programs, results = {}, {}
+  for kernel in _KERNELS.value or [""]:
+    os.environ.pop("SDJAX_ATTENTION", None)
+    if kernel:
+      os.environ["SDJAX_ATTENTION"] = kernel  # read while tracing
+    fn = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    name = f"sdjax {kernel or 'default'}"
+    results[name] = dict(compile_s=time.perf_counter() - start)
+    programs[name] = lambda compiled=compiled: jax.block_until_ready(compiled(*args))
+  os.environ.pop("SDJAX_ATTENTION", None)
+  unet = diffusers.UNet2DConditionModel(**_configs()[0]).eval()
+  x, t = torch.ones((b, 4, h // 8, w // 8)), torch.full((b,), 500.0)
+  ctx = torch.ones((b, 77, unet.config.cross_attention_dim))
+  programs["diffusers"] = lambda: unet(x, t, ctx).sample
+  results["diffusers"] = dict(compile_s=0.0)
+  wall = {name: [] for name in programs}
+  cpu = {name: [] for name in programs}
+  with torch.no_grad():
+    for fn in programs.values():
+      fn()  # warm-up
+    for _ in range(_REPEATS.value):
+      for name, fn in programs.items():
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall[name].append(time.perf_counter() - w0)
+        cpu[name].append(time.process_time() - c0)
+  for name in programs:
+    results[name].update(best_s=min(wall[name]), median_s=statistics.median(wall[name]),
+                         best_cpu_s=min(cpu[name]), wall_s=wall[name], cpu_s=cpu[name],
+                         ratio_best=min(wall[name]) / min(wall["diffusers"]),
+                         ratio_cpu=min(cpu[name]) / min(cpu["diffusers"]))
+  return results
+
+
 def main(argv):
   del argv
-  result = bench_jax() if _BACKEND.value == "jax" else bench_torch()
+  if _BACKEND.value == "both":
+    h, w = _size()
+    for name, result in bench_both().items():
+      print(json.dumps(dict(program=name, arch=_ARCH.value, what="unet_step", batch=_BATCH.value,
+                            height=h, width=w, dtype="float32", torch_threads=torch_threads(),
+                            date=time.strftime("%Y-%m-%d %H:%M"), **result)))
+    return
+  if _WHAT.value == "run":
+    result = bench_run()
+  elif _WHAT.value == "first_image":
+    result = bench_first_image()
+  else:
+    result = bench_jax() if _BACKEND.value == "jax" else bench_torch()
   h, w = _size()
   result.update(arch=_ARCH.value, what=_WHAT.value, batch=_BATCH.value, height=h, width=w,
                 dtype=_DTYPE.value, backend=_BACKEND.value,

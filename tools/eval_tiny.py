@@ -3,8 +3,9 @@ r"""Judges the built-in shapes model: generates canonical prompts and classifies
   python tools/eval_tiny.py                      # held-out prompts, generate()'s defaults
   python tools/eval_tiny.py --split all --steps 20 --guidance_scale 4 --grid /tmp/grid.png
 
-Prints per-attribute rates (foreground color, background color, shape, position) and the rate
-of images with all four right. The classifier is `sdjax.training.shapes.classify` (pixel rules, no model).
+Prints per-attribute rates (foreground color, background color, shape, position), the rate
+of images with all four right and how clean the shapes are (`shapes.shape_iou`: mean and 5th
+percentile per shape). The classifier is `sdjax.training.shapes.classify` (pixel rules, no model).
 """
 
 import json
@@ -44,23 +45,40 @@ def _write_grid(path, images, columns=8):
   Image.fromarray((sheet * 255).round().astype(np.uint8)).save(path)
 
 
+_RATES = ("color", "background", "shape", "position", "all")
+_IOUS = tuple(f"iou_{s}_{k}" for s in ("circle", "square", "triangle", "all")
+              for k in ("mean", "p5"))
+
+
 def _record(folder, result):
-  """Adds (or replaces) this setting's line under the card's "## Evaluation" heading."""
+  """Adds (or replaces) this setting's rows under the card's "## Evaluation" heading: one in the
+  attribute table, one in the shape-cleanliness (IoU) table."""
   path = os.path.join(folder, "README.md")
   text = open(path, encoding="utf-8").read()
   head, _, tail = text.partition("## Evaluation\n")
-  lines = [x for x in tail.strip().splitlines() if x.startswith("| ")]
   setting = (f"| {result['split']} | {result['prompts']} | {result['seed']} | "
              f"{result.get('steps', 'default')} | {result.get('guidance_scale', 'default')} | "
              f"{result.get('scheduler', 'default')} |")
-  row = setting + "".join(f" {result[k]:.3f} |" for k in ("color", "background", "shape",
-                                                            "position", "all"))
-  rows = [x for x in lines[1:] if not x.startswith(setting)] + [row]  # [0] is the header
+  tables = []
+  for keys in (_RATES, _IOUS):
+    width = 6 + len(keys)  # setting cells, then one per value
+    rows = [x for x in tail.splitlines()
+            if x.startswith("| ") and x.count("|") == width + 1 and not x.startswith("| split")]
+    row = setting + "".join(f" {result[k]:.3f} |" for k in keys)
+    tables.append([x for x in rows if not x.startswith(setting)] + [row])
+  columns = "| split | prompts | seed | steps | guidance | scheduler |"
   body = ["Canonical prompts, one image each (image i seeded `seed + i`), judged by "
-          "`sdjax.training.shapes.classify`; command: `python tools/eval_tiny.py --split SPLIT [--steps N "
-          "--guidance_scale G]`. Held-out prompts never appeared in training.", "",
-          "| split | prompts | seed | steps | guidance | scheduler | color | background | shape "
-          "| position | all four |", "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+          "`sdjax.training.shapes.classify`; command: `python tools/eval_tiny.py --split SPLIT "
+          "[--steps N --guidance_scale G --scheduler S]`. Held-out prompts never appeared in "
+          "training.", "",
+          columns + " color | background | shape | position | all four |",
+          "|---|---|---|---|---|---|---|---|---|---|---|", *tables[0], "",
+          "Shape cleanliness: per image, the intersection over union of the shape's pixel mask "
+          "with the ideal shape of its class fitted to it (same area and centroid, drawn as the "
+          "training images are: `sdjax.training.shapes.shape_iou`); mean and 5th percentile per "
+          "asked-for shape. Rendered training images score 0.99.", "",
+          columns + " circle | circle p5 | square | square p5 | triangle | triangle p5 | all "
+          "| all p5 |", "|" + "---|" * 14, *tables[1], ""]
   with open(path, "w", encoding="utf-8") as f:
     f.write(head + "## Evaluation\n\n" + "\n".join(body))
 

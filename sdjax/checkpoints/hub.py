@@ -28,30 +28,48 @@ def _looks_like_path(source: str) -> bool:
   return source.startswith((".", "/", "~")) or source.count("/") != 1
 
 
-def select_files(repo_files: list[str], *, variant: str | None = None) -> list[str]:
+def _weight_files(files: set[str], folder: str, stem: str, variant: str | None) -> list[str]:
+  for name in weight_candidates(stem, variant):
+    path = f"{folder}{name}"
+    if path in files:
+      if not name.endswith(".index.json"):
+        return [path]
+      shard_head = path.rsplit(".safetensors", 1)[0]
+      return [path] + sorted(f for f in files if f.startswith(shard_head + "-")
+                             and f.endswith(".safetensors"))
+  return []
+
+
+def select_files(repo_files: list[str], *, variant: str | None = None,
+                 configs_only: bool = False, component: str | None = None) -> list[str]:
   """The files of a diffusers repo that loading needs: configs, tokenizer, one weight file set.
 
   safetensors are preferred over pickles, and `variant` files (e.g. fp16) over plain ones; a
-  sharded checkpoint brings its index and every shard file.
+  sharded checkpoint brings its index and every shard file. `configs_only`: configs and
+  tokenizer (a single file's `config=`). `component="vae"`: only a VAE, from a pipeline repo's
+  `vae/` or a VAE repo's root.
   """
   files = set(repo_files)
+  if component is not None:
+    folder = f"{component}/" if f"{component}/config.json" in files else ""
+    if f"{folder}config.json" not in files:
+      return []
+    return [f"{folder}config.json"] + _weight_files(files, folder, WEIGHT_STEMS[component],
+                                                    variant)
   wanted = [f for f in _CONFIG_FILES if f in files]
   wanted += [f"tokenizer/{f}" for f in _TOKENIZER_FILES if f"tokenizer/{f}" in files]
-  for component, stem in WEIGHT_STEMS.items():
-    for name in weight_candidates(stem, variant):
-      path = f"{component}/{name}"
-      if path in files:
-        wanted.append(path)
-        if name.endswith(".index.json"):
-          shard_head = path.rsplit(".safetensors", 1)[0]
-          wanted += sorted(f for f in files if f.startswith(shard_head + "-")
-                           and f.endswith(".safetensors"))
-        break
+  if not configs_only:
+    for comp, stem in WEIGHT_STEMS.items():
+      wanted += _weight_files(files, f"{comp}/", stem, variant)
   return wanted
 
 
-def resolve_source(source: str, *, variant: str | None = None, revision: str | None = None) -> str:
-  """A local folder holding the pipeline `source` (a folder path or a hub repo id)."""
+def resolve_source(source: str, *, variant: str | None = None, revision: str | None = None,
+                   configs_only: bool = False, component: str | None = None) -> str:
+  """A local folder holding the pipeline `source` (a folder path or a hub repo id).
+
+  `configs_only` and `component` narrow what a hub download fetches (see `select_files`).
+  """
   expanded = os.path.expanduser(source)
   if os.path.isdir(expanded):
     return expanded
@@ -63,8 +81,76 @@ def resolve_source(source: str, *, variant: str | None = None, revision: str | N
     import huggingface_hub  # noqa: PLC0415
 
     repo_files = huggingface_hub.list_repo_files(source, revision=revision)
-    allow = select_files(repo_files, variant=variant)
+    allow = select_files(repo_files, variant=variant, configs_only=configs_only,
+                         component=component)
+    if not allow:
+      raise HubError(f"hub repository {source!r} holds no diffusers {component or 'model'}")
     return huggingface_hub.snapshot_download(source, revision=revision, allow_patterns=allow)
   except Exception as e:  # noqa: BLE001 - network, auth and not-found errors all end here
     raise HubError(f"cannot download model {source!r} from the Hugging Face hub: "
+                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+# -- single files (LoRA, embeddings) ------------------------------------------------------------
+_FILE_EXTENSIONS = (".safetensors", ".pt", ".bin", ".ckpt")
+
+
+def select_file(repo_files: list[str], kind: str, preferred=()) -> str:
+  """The one weight file of a hub repo meant by its bare id: a `preferred` name, else the only one.
+
+  Raises HubError listing the candidates when there are several, so the user can name one as
+  `owner/name/file`.
+  """
+  files = set(repo_files)
+  for name in preferred:
+    if name in files:
+      return name
+  candidates = sorted(f for f in files if f.endswith(_FILE_EXTENSIONS))
+  safe = [f for f in candidates if f.endswith(".safetensors")]
+  if len(safe) == 1:
+    return safe[0]
+  if len(candidates) == 1:
+    return candidates[0]
+  if not candidates:
+    raise HubError(f"the hub repo has no {kind} file ({', '.join(_FILE_EXTENSIONS)})")
+  raise HubError(f"the hub repo has several {kind} files ({', '.join(candidates[:5])}"
+                 f"{', ...' if len(candidates) > 5 else ''}); name one as owner/name/file")
+
+
+def split_hub_file(source: str) -> tuple[str, str | None] | None:
+  """`owner/name` -> (repo, None); `owner/name/path/file.ext` -> (repo, path); else None."""
+  if source.startswith((".", "/", "~")) or source.count("/") < 1:
+    return None
+  parts = source.split("/")
+  if len(parts) == 2:
+    return source, None
+  if source.endswith(_FILE_EXTENSIONS):
+    return "/".join(parts[:2]), "/".join(parts[2:])
+  return None
+
+
+def resolve_file(source: str, kind: str, preferred=(), *, revision: str | None = None) -> str:
+  """A local path for a single-file `source`: a file, or a file downloaded from the hub.
+
+  Hub forms: `owner/name/file.safetensors` (that file) or `owner/name` (the repo's `preferred`
+  file, else its only weight file). Only that one file is downloaded.
+  """
+  expanded = os.path.expanduser(source)
+  if os.path.isfile(expanded):
+    return expanded
+  hub_file = None if os.path.exists(expanded) else split_hub_file(source)
+  if hub_file is None:
+    raise HubError(f"{kind} file {source!r} does not exist")
+  repo, filename = hub_file
+  try:
+    import huggingface_hub  # noqa: PLC0415
+
+    if filename is None:
+      filename = select_file(huggingface_hub.list_repo_files(repo, revision=revision), kind,
+                             preferred)
+    return huggingface_hub.hf_hub_download(repo, filename, revision=revision)
+  except HubError as e:
+    raise HubError(f"{kind} {source!r}: {e}") from None
+  except Exception as e:  # noqa: BLE001 - network, auth and not-found errors all end here
+    raise HubError(f"cannot download {kind} {source!r} from the Hugging Face hub: "
                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -127,6 +127,53 @@ def _numpy_scalar(dtype, data=None):
   return np.frombuffer(data, dtype, count=1)[0]
 
 
+class _NdarrayType:
+  """Stand-in for `numpy.ndarray` as the class argument of `_reconstruct`."""
+
+
+class _PickledArray:
+  """A numpy array as pickle spells it (`_reconstruct` + BUILD state), rebuilt from raw bytes by
+  our code instead of `ndarray.__setstate__`; replaced by the array after unpickling."""
+
+  array: np.ndarray | None = None
+
+  def __setstate__(self, state):
+    if not (isinstance(state, tuple) and len(state) == 5):
+      raise UnsafePickleError("bad numpy array state")
+    _, shape, dtype, fortran, raw = state
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(raw, bytes):
+      raise UnsafePickleError("forbidden numpy array (object dtype or no raw bytes)")
+    shape = _check_int_tuple("shape", shape)
+    if len(raw) != int(np.prod(shape)) * dtype.itemsize:
+      raise UnsafePickleError("numpy array data does not match its shape")
+    self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _numpy_reconstruct(cls, shape, typecode):
+  del shape, typecode
+  if cls is not _NdarrayType:
+    raise UnsafePickleError("forbidden numpy _reconstruct of a non-ndarray class")
+  return _PickledArray()
+
+
+def _unwrap_arrays(obj):
+  """Replaces `_PickledArray`s by their arrays, in place through dicts, lists and tuples."""
+  if isinstance(obj, _PickledArray):
+    if obj.array is None:
+      raise UnsafePickleError("numpy array without data")
+    return obj.array
+  if isinstance(obj, dict):
+    for key, value in obj.items():
+      obj[key] = _unwrap_arrays(value)
+  elif isinstance(obj, list):
+    obj[:] = [_unwrap_arrays(v) for v in obj]
+  elif isinstance(obj, tuple):
+    return tuple(_unwrap_arrays(v) for v in obj)
+  elif isinstance(obj, _Inert) and hasattr(obj, "state"):
+    obj.state = _unwrap_arrays(obj.state)
+  return obj
+
+
 def _numpy_dtype(spec, align=False, copy=False):
   del align, copy
   if not isinstance(spec, str):
@@ -150,6 +197,9 @@ _ALLOWED = {
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy", "dtype"): _numpy_dtype,
+    ("numpy", "ndarray"): _NdarrayType,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
     ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"): _Inert,
     ("__builtin__", "set"): set,
     ("builtins", "set"): set,
@@ -225,7 +275,7 @@ def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
     return data.byteswap() if byteorder == "big" else data
 
   with archive.open(pickles[0]) as f:
-    return SafeUnpickler(f, load_storage).load()
+    return _unwrap_arrays(SafeUnpickler(f, load_storage).load())
 
 
 def _load_legacy(path: str, f) -> Any:
@@ -266,7 +316,7 @@ def _load_legacy(path: str, f) -> Any:
       raise UnsafePickleError(f"{path}: no data for storage {key!r}")
     return storages[key]
 
-  return SafeUnpickler(f, load_storage).load()
+  return _unwrap_arrays(SafeUnpickler(f, load_storage).load())
 
 
 def load(path: str) -> Any:

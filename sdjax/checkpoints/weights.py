@@ -10,11 +10,15 @@ shape for shape, or a `WeightsError` names the first offending key.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import re
+import struct
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -163,14 +167,44 @@ def weight_candidates(stem: str, variant: str | None) -> list[str]:
   return [_add_variant(b, v) for b in bases for v in variants]
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import SafetensorError  # noqa: PLC0415
-  from safetensors.numpy import load_file  # noqa: PLC0415
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
+
+def read_safetensors(path: str, error=WeightsError) -> dict[str, np.ndarray]:
+  """A safetensors file as read-only numpy arrays over a memory map (bfloat16 as
+  `ml_dtypes.bfloat16`, which safetensors' numpy reader lacks); sizes checked against the file."""
   try:
-    return load_file(path)
-  except (SafetensorError, OSError, ValueError) as e:
-    raise WeightsError(f"cannot read weights {path}: {e}") from None
+    with open(path, "rb") as f:
+      data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    (n,) = struct.unpack("<Q", data[:8])
+    if not 2 <= n <= len(data) - 8:
+      raise ValueError(f"header length {n} exceeds the file ({len(data)} bytes)")
+    header = json.loads(data[8:8 + n])
+    if not isinstance(header, dict):
+      raise ValueError("the header is not a JSON object")
+  except (OSError, ValueError, struct.error) as e:
+    raise error(f"cannot read weights {path} (truncated or corrupt?): {e}") from None
+  body = memoryview(data)[8 + n:]
+  out = {}
+  for key, info in header.items():
+    if key == "__metadata__":
+      continue
+    try:
+      dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+      start, end = info["data_offsets"]
+      shape = tuple(int(d) for d in info["shape"])
+    except (KeyError, TypeError, ValueError):
+      raise error(f"cannot read weights {path}: tensor {key!r} has an unsupported or bad "
+                  f"entry {str(info)[:80]}") from None
+    if not 0 <= start <= end <= len(body) or end - start != math.prod(shape) * dtype.itemsize:
+      raise error(f"cannot read weights {path}: truncated or corrupt (tensor {key!r} lies "
+                  "outside the file)")
+    out[key] = np.frombuffer(body[start:end], dtype).reshape(shape)
+  return out
 
 
 def read_pickle(path: str) -> dict[str, np.ndarray]:
@@ -198,7 +232,7 @@ def read_state_dict(folder: str, component: str, *, variant: str | None = None,
     if name.endswith(".index.json"):
       return _read_sharded(folder, path)
     if name.endswith(".safetensors"):
-      return _read_safetensors(path)
+      return read_safetensors(path)
     return read_pickle(path)
   raise WeightsError(f"no {component} weights in {folder} (looked for {stem}.safetensors)")
 
@@ -211,7 +245,7 @@ def _read_sharded(folder: str, index_path: str) -> dict[str, np.ndarray]:
     raise WeightsError(f"cannot read shard index {index_path}: {e}") from None
   out = {}
   for shard in shards:
-    out.update(_read_safetensors(os.path.join(folder, shard)))
+    out.update(read_safetensors(os.path.join(folder, shard)))
   return out
 
 

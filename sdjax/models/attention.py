@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 QUERY_BLOCK = 256  # blocked: queries per block (per head)
-BLOCKED_FROM = 64 * 64  # blocked: from this many scores per head (N x M) on; einsum below
+BLOCKED_FROM = 256 * 256  # blocked: from this many scores per head (N x M) on; einsum below
 QUERY_CHUNK = 512  # chunked: queries per slice
 KERNELS = ("einsum", "chunked", "blocked", "xla", "cudnn")
 

@@ -42,6 +42,10 @@ COLOR_NAMES = tuple(COLORS)
 POSITION_NAMES = tuple(POSITIONS)
 MIN_WIDTH, MAX_WIDTH = 16, 24
 JITTER = 3  # px, each axis
+# What the built-in model understands (recorded with it: `Pipeline.prompt_grammar`).
+GRAMMAR = (f"'a {{color}} {{shape}} in the {{position}} on a {{background}} background' "
+           f"(position and background optional) with colors {', '.join(COLOR_NAMES)}; shapes "
+           f"{', '.join(SHAPES)}; positions {', '.join(POSITION_NAMES)}")
 _PALETTE = np.asarray(list(COLORS.values()), np.float32)  # 8, 3
 _ANCHORS = np.asarray(list(POSITIONS.values()), np.float32)  # 5, 2
 
@@ -203,21 +207,11 @@ def classify(image: np.ndarray) -> dict[str, str | None]:
   circle, square or triangle drawn in that box that overlaps the mask best (intersection over
   union), which tolerates soft or slightly rounded outlines.
   """
-  img = np.asarray(image, np.float32) * 255.0
-  dist = np.linalg.norm(img[..., None, :] - _PALETTE, axis=-1)  # H, W, 8
-  nearest = dist.argmin(-1)
-  border = np.concatenate([nearest[:2].ravel(), nearest[-2:].ravel(), nearest[:, :2].ravel(),
-                           nearest[:, -2:].ravel()])
-  bg = int(np.bincount(border, minlength=len(COLORS)).argmax())
+  fg, bg, mask = _shape_mask(image)
   out = {"color": None, "background": COLOR_NAMES[bg], "shape": None, "position": None}
-  far = dist[..., bg] > 60.0
-  counts = np.bincount(nearest[far], minlength=len(COLORS))
-  counts[bg] = 0
-  if counts.sum() < 32:
+  if fg is None:
     return out
-  fg = int(counts.argmax())
   out["color"] = COLOR_NAMES[fg]
-  mask = dist[..., fg] < dist[..., bg]
   rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
   top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
   centre = np.asarray([(left + right) / 2, (top + bottom) / 2])
@@ -225,6 +219,68 @@ def classify(image: np.ndarray) -> dict[str, str | None]:
   if d.min() <= 8.0:
     out["position"] = POSITION_NAMES[int(d.argmin())]
   out["shape"] = _nearest_template(mask, top, bottom, left, right)
+  return out
+
+
+def _shape_mask(image: np.ndarray) -> tuple[int | None, int, np.ndarray | None]:
+  """(shape color, background color, shape mask [H, W] bool) as `classify` reads them; the
+  shape color and mask are None when no shape stands out."""
+  img = np.asarray(image, np.float32) * 255.0
+  dist = np.linalg.norm(img[..., None, :] - _PALETTE, axis=-1)  # H, W, 8
+  nearest = dist.argmin(-1)
+  border = np.concatenate([nearest[:2].ravel(), nearest[-2:].ravel(), nearest[:, :2].ravel(),
+                           nearest[:, -2:].ravel()])
+  bg = int(np.bincount(border, minlength=len(COLORS)).argmax())
+  far = dist[..., bg] > 60.0
+  counts = np.bincount(nearest[far], minlength=len(COLORS))
+  counts[bg] = 0
+  if counts.sum() < 32:
+    return None, bg, None
+  fg = int(counts.argmax())
+  return fg, bg, dist[..., fg] < dist[..., bg]
+
+
+def fitted_shape(mask: np.ndarray, shape: str) -> np.ndarray:
+  """The ideal `shape` fitted to `mask` [H, W] bool: drawn as `render` draws it (axis-aligned
+  square, apex-up triangle as wide as tall), with the mask's area and its centroid."""
+  ys, xs = np.nonzero(mask)
+  area = float(len(xs))
+  cx, cy = xs.mean() + 0.5, ys.mean() + 0.5  # pixel centres
+  if shape == "circle":
+    h = np.sqrt(area / np.pi)
+  elif shape == "square":
+    h = np.sqrt(area) / 2
+  else:
+    h = np.sqrt(area / 2)  # area (2h)^2 / 2
+    cy -= h / 3  # the centroid lies a third of the way up from the base: box centre above it
+  py, px = np.mgrid[0:mask.shape[0], 0:mask.shape[1]] + 0.5
+  coverage = _coverage(np.asarray([SHAPES.index(shape)]), np.asarray([2 * h]),
+                       np.asarray([[cx, cy]]), px, py)
+  return np.asarray(coverage[0])
+
+
+def shape_iou(image: np.ndarray) -> float:
+  """How clean the shape in `image` is: the intersection over union of its mask (as `classify`
+  reads it) with `fitted_shape` of the class `classify` gives it; 0 when no shape is found."""
+  fg, _, mask = _shape_mask(image)
+  if fg is None:
+    return 0.0
+  rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+  shape = _nearest_template(mask, rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
+  ideal = fitted_shape(mask, shape)
+  return float((mask & ideal).sum() / (mask | ideal).sum())
+
+
+def iou_stats(images: np.ndarray, asked: list[str]) -> dict[str, float]:
+  """Mean and 5th percentile of `shape_iou` per asked-for shape, and over all images."""
+  ious = np.asarray([shape_iou(image) for image in images])
+  asked = np.asarray(asked)
+  out = {}
+  for name in (*SHAPES, "all"):
+    values = ious if name == "all" else ious[asked == name]
+    if len(values):
+      out[f"iou_{name}_mean"] = float(values.mean())
+      out[f"iou_{name}_p5"] = float(np.percentile(values, 5))
   return out
 
 
@@ -252,7 +308,7 @@ def score(images: np.ndarray, attrs: list[dict[str, str]]) -> dict[str, float]:
     hits[i] = [got[k] == want[k] for k in keys]
   rates = {k: float(hits[:, j].mean()) for j, k in enumerate(keys)}
   rates["all"] = float(hits.all(1).mean())
-  return rates
+  return {**rates, **iou_stats(images, [a["shape"] for a in attrs])}
 
 
 def evaluate(pipe, prompts: list[tuple[str, dict[str, str]]], *, seed: int, batch: int = 64,

@@ -1,0 +1,172 @@
+"""Compiled programs kept on disk, so that a second process of the same shape neither traces nor
+compiles.
+
+JAX's persistent compilation cache saves XLA's compile, but a new process still traces and lowers
+the networks in Python before it can look the program up (half of a cold start for SD1.5). This
+cache stores the compiled executable itself (`jax.experimental.serialize_executable`) under a key
+computed without tracing: what the caller says fixes the program (its static configuration), the
+shapes, dtypes and shardings of the arguments, the jax and jaxlib versions, the devices, the
+process layout, the environment variables that change the program and a digest of sdjax's own
+source. An entry that does not match (stale), does not load (corrupt, truncated, another jax) or
+fails its checksum is ignored and rebuilt.
+
+Entries live in `aot/` inside the persistent compilation cache folder (`~/.cache/sdjax/jax/aot`
+by default) and are trusted as that cache is: only sdjax writes them, and they are read with an
+unpickler that builds nothing but jax's and numpy's own types.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import pickle
+import tempfile
+from typing import Any
+
+import jax
+import jaxlib
+from absl import logging
+from jax.experimental import serialize_executable
+
+FORMAT = 1  # bump when the entry layout changes
+ENV_VARS = ("SDJAX_ATTENTION", "XLA_FLAGS")  # environment that changes the compiled program
+_NUMPY_NAMES = {("numpy", "dtype"), ("numpy", "ndarray"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar")}
+
+
+def cache_dir() -> str | None:
+  """`aot/` inside the persistent compilation cache folder, or None when that cache is off."""
+  base = jax.config.jax_compilation_cache_dir
+  return os.path.join(base, "aot") if base else None
+
+
+@functools.cache
+def source_digest() -> str:
+  """sha256 of every sdjax source file: a code change makes every entry stale."""
+  root = os.path.dirname(os.path.abspath(__file__))
+  digest = hashlib.sha256()
+  for folder, dirs, files in sorted(os.walk(root)):
+    dirs.sort()
+    for name in sorted(f for f in files if f.endswith(".py")):
+      path = os.path.join(folder, name)
+      digest.update(os.path.relpath(path, root).encode())
+      with open(path, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def _leaf_signature(x) -> list[Any]:
+  sharding = getattr(x, "sharding", None)
+  return [list(jax.numpy.shape(x)), str(jax.numpy.result_type(x)),
+          bool(getattr(x, "weak_type", False)), str(sharding) if sharding is not None else None]
+
+
+def entry_key(what: str, args) -> str:
+  """The cache key of `jitted.lower(*args)` for a program described by `what` (its statics)."""
+  leaves, tree = jax.tree.flatten(args)
+  parts = {
+      "format": FORMAT, "what": what, "tree": str(tree),
+      "leaves": [_leaf_signature(x) for x in leaves],
+      "jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
+      "devices": [[d.id, d.device_kind] for d in jax.devices()],
+      "process": [jax.process_index(), jax.process_count()],
+      "env": {k: os.environ.get(k) for k in ENV_VARS}, "sdjax": source_digest(),
+  }
+  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def load_or_compile(jitted, args, what: str, directory: str | None = None):
+  """`jitted.lower(*args).compile()`, or the same executable loaded from the cache.
+
+  `what` must name everything static that the arguments do not show (for the sampler: the spec
+  and the networks' configs). `directory` defaults to `cache_dir()`; with no cache folder, or in
+  multi-process runs (each process would need its own executable of a shared program), this
+  compiles as usual.
+  """
+  directory = cache_dir() if directory is None else directory
+  if not directory or jax.process_count() > 1:
+    return jitted.lower(*args).compile()
+  key = entry_key(what, args)
+  path = os.path.join(directory, f"{key}.jaxexe")
+  compiled = _load(path, key, args)
+  if compiled is not None:
+    logging.info("loaded the compiled program from %s", path)
+    return compiled
+  compiled = jitted.lower(*args).compile()
+  _save(path, key, compiled, args)
+  return compiled
+
+
+def sampler_statics(spec, pipe) -> str:
+  """What fixes a sampling program beside its arguments: the spec and the networks' configs."""
+  return repr((spec, pipe.text_encoder, pipe.unet, pipe.vae))
+
+
+def _save(path: str, key: str, compiled, args) -> None:
+  try:
+    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+  except (ValueError, NotImplementedError) as e:
+    logging.info("compiled program not cached: %s", e)
+    return
+  if in_tree != jax.tree.structure((tuple(args), {})):
+    logging.info("compiled program not cached: its argument tree is not the call's")
+    return
+  body = pickle.dumps((payload, out_tree), protocol=pickle.HIGHEST_PROTOCOL)
+  header = {"format": FORMAT, "key": key, "sha256": hashlib.sha256(body).hexdigest()}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(json.dumps(header).encode() + b"\n" + body)
+    os.replace(tmp, path)
+  except OSError as e:
+    logging.warning("could not write the compiled-program cache %s: %s", path, e)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _load(path: str, key: str, args):
+  """The cached executable, or None (missing, stale or corrupt: the caller rebuilds it)."""
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, "rb") as f:
+      header, _, body = f.read().partition(b"\n")
+    header = json.loads(header)
+    if header.get("format") != FORMAT or header.get("key") != key:
+      raise ValueError("stale entry")
+    if header.get("sha256") != hashlib.sha256(body).hexdigest():
+      raise ValueError("checksum mismatch")
+    payload, out_tree = _Unpickler(io.BytesIO(body)).load()
+    return _deserialize(payload, jax.tree.structure((tuple(args), {})), out_tree)
+  except Exception as e:  # noqa: BLE001 - any failure to load means: compile afresh
+    logging.warning("ignoring compiled-program cache entry %s (%s: %s); rebuilding it", path,
+                    type(e).__name__, e)
+    return None
+
+
+def _find_class(unpickler, module: str, name: str):
+  """Builds jax's and numpy's own types only: a tampered entry cannot name other code."""
+  if module.split(".")[0] not in ("jax", "jaxlib") and (module, name) not in _NUMPY_NAMES:
+    raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a cache entry")
+  return pickle.Unpickler.find_class(unpickler, module, name)
+
+
+class _Unpickler(pickle.Unpickler):
+  find_class = _find_class
+
+
+class _ExecutableUnpickler(serialize_executable._JaxPjrtUnpickler):  # noqa: SLF001
+  find_class = _find_class
+
+
+def _deserialize(payload: bytes, in_tree, out_tree):
+  """`serialize_executable.deserialize_and_load` with the restricted unpickler."""
+  backend = jax.devices()[0].client
+  executable, args_info_flat, no_kwargs = _ExecutableUnpickler(io.BytesIO(payload),
+                                                               backend).load()
+  return jax.stages.Compiled(executable.load(), [], in_tree.unflatten(args_info_flat), out_tree,
+                             no_kwargs=no_kwargs)

@@ -1,0 +1,388 @@
+"""LoRA files merged into a pipeline's weights: kohya/A1111, LoCon, LyCORIS LoHa/LoKr, PEFT.
+
+A LoRA changes some linear and conv weights by a low-rank (or Hadamard / Kronecker) product.
+sdjax merges it once, `W + scale * alpha / rank * up @ down`, so sampling costs nothing extra;
+several LoRAs add. Key naming:
+
+- kohya / A1111 / LyCORIS: `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`,
+  `lora_te2_`), where `<module>` is the diffusers module name with `.` -> `_`, followed by
+  `.lora_down.weight`, `.lora_up.weight`, `.lora_mid.weight`, `.alpha`, `.hada_*`, `.lokr_*`.
+- diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`,
+  `text_encoder_2.`; older files `.lora.down.weight` or `processor.to_q_lora.down.weight`), alpha
+  from the `lora_adapter_metadata` safetensors header (`unet.lora_alpha`, `unet.r`, patterns) or
+  from `<module>.alpha` tensors; without either, alpha = rank.
+
+A key that names no layer of the model, or a delta whose shape does not fit its layer, is a
+`LoraError` naming it: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from sdjax.checkpoints import hub, safe_pickle
+from sdjax.checkpoints.weights import TEXT_PREFIX, torch_key
+
+
+class LoraError(ValueError):
+  """A LoRA file that cannot be merged into this model: one line saying why."""
+
+
+# kohya key prefix -> pipeline component.
+_KOHYA_PREFIXES = {
+    "lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+# diffusers / PEFT key prefix -> pipeline component.
+_DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder",
+                       "text_encoder_2.": "text_encoder_2"}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+_KOHYA_SUFFIXES = (
+    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "scale",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+)
+# Older diffusers names of the same two factors.
+_DIFFUSERS_FACTORS = (
+    (re.compile(r"^(.*)\.lora_A(?:\.[\w-]+)?\.weight$"), "lora_down.weight"),
+    (re.compile(r"^(.*)\.lora_B(?:\.[\w-]+)?\.weight$"), "lora_up.weight"),
+    (re.compile(r"^(.*)\.(?:lora|lora_linear_layer)\.down\.weight$"), "lora_down.weight"),
+    (re.compile(r"^(.*)\.(?:lora|lora_linear_layer)\.up\.weight$"), "lora_up.weight"),
+    (re.compile(r"^(.*)\.alpha$"), "alpha"),
+)
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_SGM_NAMES = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+  """A LoRA file resolved against one model: per component, flax path -> weight delta.
+
+  Each delta has its layer's Flax layout and already includes alpha / rank; merging adds
+  `scale * delta`.
+  """
+
+  name: str
+  deltas: Mapping[str, Mapping[tuple[str, ...], np.ndarray]]
+
+
+# -- reading files ---------------------------------------------------------------------------------
+def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """A flat tensor file's tensors (float32) and its safetensors metadata header."""
+  if not os.path.isfile(path):
+    raise LoraError(f"no such file: {path}")
+  if path.endswith(".safetensors"):
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    try:
+      with safe_open(path, "numpy") as f:
+        tensors = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
+        return tensors, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+      raise LoraError(f"cannot read {path}: {e}") from None
+  raw = read_pickle(path)
+  if not isinstance(raw, Mapping) or not all(isinstance(v, np.ndarray) for v in raw.values()):
+    raise LoraError(f"{path} is not a flat dict of tensors")
+  return {k: np.asarray(v, np.float32) for k, v in raw.items()}, {}
+
+
+def read_pickle(path: str) -> Any:
+  """A `.pt` / `.bin` / `.ckpt` pickle through sdjax's allowlisting unpickler (no code runs)."""
+  return safe_pickle.load(path)
+
+
+def resolve_file(source: str, kind: str, preferred: Sequence[str] = ()) -> str:
+  """A local path for `source`: a file, or a hub file (see `hub.resolve_file`)."""
+  try:
+    return hub.resolve_file(source, kind, preferred)
+  except hub.HubError as e:
+    raise LoraError(str(e)) from None
+
+
+# -- grouping keys into modules --------------------------------------------------------------------
+def _split_kohya(key: str) -> tuple[str, str, str] | None:
+  for prefix, component in _KOHYA_PREFIXES.items():
+    if key.startswith(prefix) and "." in key:
+      module, suffix = key[len(prefix):].split(".", 1)
+      return component, module, suffix
+  return None
+
+
+def _split_diffusers(key: str) -> tuple[str, str, str] | None:
+  component = "unet"
+  for prefix, name in _DIFFUSERS_PREFIXES.items():
+    if key.startswith(prefix):
+      component, key = name, key[len(prefix):]
+      break
+  else:
+    if key.startswith(TEXT_PREFIX):
+      component = "text_encoder"
+  m = _PROCESSOR.search(key)
+  if m:  # diffusers' attention-processor LoRA: `attn1.processor.to_q_lora.down.weight`
+    proj = "to_out.0" if m.group(1) == "to_out" else m.group(1)
+    return component, f"{key[:m.start()]}.{proj}", f"lora_{m.group(2)}.weight"
+  for pattern, suffix in _DIFFUSERS_FACTORS:
+    m = pattern.match(key)
+    if m:
+      return component, m.group(1), suffix
+  return None
+
+
+def group_modules(tensors: Mapping[str, np.ndarray], name: str):
+  """Keys -> {(component, module name, naming): {suffix: tensor}}; unknown keys are errors."""
+  modules: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
+  for key, value in tensors.items():
+    split = _split_kohya(key)
+    naming = "kohya"
+    if split is None:
+      split, naming = _split_diffusers(key), "diffusers"
+    if split is None or (naming == "kohya" and split[2] not in _KOHYA_SUFFIXES):
+      kind = key.rsplit(".", 1)[-1] if split is None else split[2]
+      raise LoraError(f"LoRA {name}: key {key!r} is not a LoRA weight sdjax knows ({kind!r})")
+    component, module, suffix = split
+    modules.setdefault((component, module, naming), {})[suffix] = value
+  return modules
+
+
+# -- the weight delta of one module (PyTorch layout) ------------------------------------------------
+def _as_2d(x: np.ndarray) -> np.ndarray:
+  return x.reshape(x.shape[0], -1)
+
+
+def _cp_weight(t: np.ndarray, wa: np.ndarray, wb: np.ndarray) -> np.ndarray:
+  """LyCORIS' Tucker rebuild: core t [i, j, kh, kw] with factors wa [i, p], wb [j, r]."""
+  return np.einsum("ijkl,jr,ip->prkl", t, wb, wa)  # p, r, kh, kw
+
+
+def _lora_delta(w: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
+  up, down = w["lora_up.weight"], w["lora_down.weight"]
+  rank = down.shape[0]
+  if "lora_mid.weight" in w:  # LoCon with a Tucker core
+    mid = w["lora_mid.weight"]
+    return np.einsum("nmkl,in,mj->ijkl", mid, _as_2d(up), _as_2d(down)), rank  # O, I, kh, kw
+  delta = _as_2d(up) @ _as_2d(down)  # O, I*kh*kw
+  if down.ndim == 4:
+    delta = delta.reshape(up.shape[0], *down.shape[1:])  # O, I, kh, kw
+  return delta, rank
+
+
+def _loha_delta(w: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
+  w1a, w1b, w2a, w2b = (w[f"hada_w{i}_{ab}"] for i in (1, 2) for ab in "ab")
+  if "hada_t1" in w and "hada_t2" in w:
+    return _cp_weight(w["hada_t1"], w1a, w1b) * _cp_weight(w["hada_t2"], w2a, w2b), w1b.shape[0]
+  return (_as_2d(w1a) @ _as_2d(w1b)) * (_as_2d(w2a) @ _as_2d(w2b)), w1b.shape[0]
+
+
+def _lokr_delta(w: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int | None]:
+  rank = None
+  if "lokr_w1" in w:
+    w1 = w["lokr_w1"]
+  else:
+    w1, rank = w["lokr_w1_a"] @ w["lokr_w1_b"], w["lokr_w1_b"].shape[0]
+  if "lokr_w2" in w:
+    w2 = w["lokr_w2"]
+  elif "lokr_t2" in w:
+    w2, rank = _cp_weight(w["lokr_t2"], w["lokr_w2_a"], w["lokr_w2_b"]), w["lokr_w2_b"].shape[0]
+  else:
+    w2, rank = _as_2d(w["lokr_w2_a"]) @ _as_2d(w["lokr_w2_b"]), w["lokr_w2_b"].shape[0]
+  if w2.ndim == 4:
+    w1 = w1[:, :, None, None]
+  return np.kron(w1, w2), rank
+
+
+_KINDS = (
+    (("lora_up.weight", "lora_down.weight"), _lora_delta),
+    (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), _loha_delta),
+    (("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b"), _lokr_delta),
+)
+
+
+def _has(w: Mapping[str, np.ndarray], need: str) -> bool:
+  return any(all(k in w for k in alt.split("+")) for alt in need.split("|"))
+
+
+def module_delta(w: Mapping[str, np.ndarray], alpha: float | None) -> np.ndarray:
+  """The unscaled-by-user weight change of one module: delta * alpha / rank (A1111's rule)."""
+  for needs, fn in _KINDS:
+    if all(_has(w, n) for n in needs):
+      delta, rank = fn(w)
+      break
+  else:
+    raise KeyError(", ".join(sorted(w)))
+  if "scale" in w:
+    return delta * float(w["scale"])
+  if alpha is not None and rank:
+    return delta * (alpha / rank)
+  return delta
+
+
+# -- alpha of diffusers / PEFT files ----------------------------------------------------------------
+def _peft_configs(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+  """`lora_adapter_metadata` header -> {component: {r, lora_alpha, rank_pattern, ...}}."""
+  raw = metadata.get("lora_adapter_metadata")
+  if not raw:
+    return {}
+  out: dict[str, dict[str, Any]] = {}
+  for key, value in json.loads(raw).items():
+    component, _, field = key.partition(".")
+    out.setdefault(component, {})[field] = value
+  return out
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str):
+  for pattern, value in (patterns or {}).items():
+    if re.match(rf"(.*\.)?({pattern})$", module):
+      return value
+  return None
+
+
+def _peft_alpha(config: Mapping[str, Any], module: str, rank: int) -> float | None:
+  """alpha such that alpha / rank is PEFT's scaling for `module` (rs-LoRA: alpha / sqrt(r))."""
+  if not config:
+    return None
+  r = _pattern_value(config.get("rank_pattern"), module) or config.get("r", rank)
+  alpha = _pattern_value(config.get("alpha_pattern"), module) or config.get("lora_alpha", r)
+  scaling = alpha / np.sqrt(r) if config.get("use_rslora") else alpha / r
+  return scaling * rank
+
+
+# -- resolving module names against the model ------------------------------------------------------
+def _module_index(params: Mapping[str, Any]) -> dict[str, dict[str, tuple[str, ...]]]:
+  """Per component: module name (dotted and underscored, as diffusers names it) -> kernel path."""
+  index: dict[str, dict[str, tuple[str, ...]]] = {}
+  for component in ("unet", *TEXT_ENCODERS):
+    if component not in params:
+      continue
+    names = index.setdefault(component, {})
+    for path in traverse_util.flatten_dict(params[component]):
+      if path[-1] != "kernel":
+        continue
+      module = torch_key(path).rsplit(".", 1)[0]
+      names[module] = names[module.replace(".", "_")] = path
+  return index
+
+
+def _strip_text_prefix(module: str, naming: str) -> str:
+  prefix = TEXT_PREFIX if naming == "diffusers" else TEXT_PREFIX.replace(".", "_")
+  return module[len(prefix):] if module.startswith(prefix) else module
+
+
+def _find_layer(index, component: str, module: str, naming: str, name: str):
+  if component not in index:
+    raise LoraError(f"LoRA {name} has {component} weights but this model has no {component} "
+                    "(a LoRA for another model family?)")
+  if component in TEXT_ENCODERS:
+    module = _strip_text_prefix(module, naming)
+  path = index[component].get(module)
+  if path is None:
+    shown = f"lora_unet_{module}" if naming == "kohya" and component == "unet" else module
+    if _SGM_NAMES.match(shown):
+      raise LoraError(f"LoRA {name}: {shown!r} uses SGM/LDM UNet names, which sdjax does not "
+                      "map yet")
+    raise LoraError(f"LoRA {name}: {component} module {module!r} matches no layer of this model")
+  return path
+
+
+def _to_flax(delta: np.ndarray, kernel_shape: tuple[int, ...], where: str, name: str):
+  """A PyTorch-layout delta -> the Flax kernel layout (linear (in, out); conv HWIO)."""
+  torch_shape = ((kernel_shape[3], kernel_shape[2], *kernel_shape[:2]) if len(kernel_shape) == 4
+                 else kernel_shape[::-1])
+  if delta.shape[0] != torch_shape[0] or delta.size != np.prod(torch_shape):
+    raise LoraError(
+        f"LoRA {name}: {where} gives a weight change of shape {delta.shape} for a layer of shape "
+        f"{tuple(torch_shape)}: the LoRA was made for another model family"
+    )
+  delta = delta.reshape(torch_shape)
+  return delta.transpose(2, 3, 1, 0) if delta.ndim == 4 else delta.T  # kh, kw, I, O / in, out
+
+
+def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], params,
+                 name: str = "lora") -> Lora:
+  """Resolves a LoRA state dict against `params` ({component: tree}) into Flax-layout deltas."""
+  index = _module_index(params)
+  shapes = {c: {p: np.shape(v) for p, v in traverse_util.flatten_dict(params[c]).items()}
+            for c in index}
+  peft = _peft_configs(metadata)
+  deltas: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
+  for (component, module, naming), w in group_modules(tensors, name).items():
+    path = _find_layer(index, component, module, naming, name)
+    alpha = float(w["alpha"]) if "alpha" in w else None
+    if naming == "diffusers" and alpha is None and "lora_down.weight" in w:
+      alpha = _peft_alpha(peft.get(component, {}), module, w["lora_down.weight"].shape[0])
+    try:
+      delta = module_delta(w, alpha)
+    except KeyError as e:
+      raise LoraError(f"LoRA {name}: module {module!r} has an incomplete or unsupported set of "
+                      f"weights ({e.args[0]})") from None
+    where = f"{component} module {module!r}"
+    flax_delta = _to_flax(delta.astype(np.float32), shapes[component][path], where, name)
+    comp = deltas.setdefault(component, {})
+    comp[path] = comp[path] + flax_delta if path in comp else flax_delta
+  return Lora(name, deltas)
+
+
+def read_lora(source: str, params) -> Lora:
+  """Reads a LoRA file (or hub file, see `hub.resolve_file`) and resolves it against `params`."""
+  path = resolve_file(source, "LoRA", ("pytorch_lora_weights.safetensors",))
+  tensors, metadata = read_tensors(path)
+  if not tensors:
+    raise LoraError(f"LoRA {source} holds no tensors")
+  return resolve_lora(tensors, metadata, params, os.path.basename(path))
+
+
+# -- merging ---------------------------------------------------------------------------------------
+def _normalize_entry(entry) -> tuple[Any, float, float]:
+  """`path`, `(path, scale)` or `(path, unet_scale, te_scale)` -> (path, unet, te)."""
+  if isinstance(entry, (str, os.PathLike, Lora)):
+    return entry, 1.0, 1.0
+  entry = tuple(entry)
+  if len(entry) == 2:
+    return entry[0], float(entry[1]), float(entry[1])
+  if len(entry) == 3:
+    return entry[0], float(entry[1]), float(entry[2])
+  raise LoraError(f"a LoRA is path, (path, scale) or (path, unet_scale, te_scale), got {entry!r}")
+
+
+@jax.jit
+def _add(w, delta):
+  return (w.astype(jnp.float32) + delta).astype(w.dtype)
+
+
+def merge_loras(params, loras) -> dict[str, Any]:
+  """New params with LoRAs merged; `params` is left as it was.
+
+  Args:
+    params: {component: param tree}, as `Pipeline.params`.
+    loras: entries `path | Lora`, `(path, scale)` or `(path, unet_scale, te_scale)`.
+  """
+  total: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
+  for entry in loras:
+    source, unet_scale, te_scale = _normalize_entry(entry)
+    lora = source if isinstance(source, Lora) else read_lora(os.fspath(source), params)
+    for component, deltas in lora.deltas.items():
+      scale = te_scale if component in TEXT_ENCODERS else unet_scale
+      comp = total.setdefault(component, {})
+      for path, delta in deltas.items():
+        comp[path] = comp.get(path, 0.0) + np.float32(scale) * delta
+  out = dict(params)
+  for component, deltas in total.items():
+    flat = dict(traverse_util.flatten_dict(params[component]))
+    for path, delta in deltas.items():
+      flat[path] = _add(flat[path], jnp.asarray(delta))
+    out[component] = traverse_util.unflatten_dict(flat)
+  return out
+
+
+def apply_loras(pipe, loras):
+  """`pipe.params` with LoRAs merged (the pipeline is not changed): see `merge_loras`."""
+  return merge_loras(pipe.params, loras)

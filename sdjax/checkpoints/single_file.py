@@ -1,0 +1,392 @@
+"""Original-layout single-file checkpoints (CompVis / LDM, as A1111 and model sites share them).
+
+One file holds the whole model under per-network prefixes: the UNet under
+`model.diffusion_model.` (`input_blocks` / `middle_block` / `output_blocks`), the VAE under
+`first_stage_model.` (`encoder.down.N.block.M`, attention as 1x1 convs), the text encoder under
+`cond_stage_model.transformer.text_model.` (SD1, OpenAI CLIP: transformers' names) or
+`cond_stage_model.model.` (SD2, OpenCLIP: fused q/k/v `in_proj`, `resblocks`).
+
+The mapping to diffusers' names (which sdjax's params follow) is a table generated from the
+model's config: `unet_table(cfg)` lists, for every diffusers key, the original key it comes from
+(and which third of a fused q/k/v). Loading and export both read the same tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from sdjax.checkpoints.weights import WeightsError, read_pickle, read_safetensors
+
+
+class SingleFileError(WeightsError):
+  """A single-file checkpoint that cannot be read or is not a supported model."""
+
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1: OpenAI CLIP-L
+OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP ViT-H text tower
+# Hooks for the SGM layout (SDXL): detected, so users get a clear message until it is mapped.
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
+
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+EXTENSIONS = (".safetensors", *PICKLE_EXTENSIONS)
+
+# What real files carry beside the weights: the DDPM schedule as buffers, the EMA copy (we take
+# the live weights), the VAE's training loss (LPIPS, discriminator), non-parameter buffers.
+_IGNORED = re.compile(
+    r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|"
+    r"sqrt_one_minus_alphas_cumprod|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|"
+    r"sqrt_recipm1_alphas_cumprod|posterior_variance|posterior_log_variance_clipped|"
+    r"posterior_mean_coef1|posterior_mean_coef2|logvar|lvlb_weights)$"
+    r"|^model_ema\.|^(first_stage_model\.)?loss\."
+    r"|(^|\.)(position_ids|logit_scale|text_projection|attn_mask)$"
+)
+
+
+def is_single_file(source: str) -> bool:
+  """Whether `source` names a checkpoint file (by extension; a missing one errors on reading)."""
+  return source.lower().endswith(EXTENSIONS) and not os.path.isdir(os.path.expanduser(source))
+
+
+# -- reading ----------------------------------------------------------------------------------------
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$|\.index\.json$")
+
+
+def read_single_file(path: str) -> dict[str, np.ndarray]:
+  """The flat state dict of a `.safetensors` or (safely unpickled) `.ckpt`/`.pt`/`.bin` file."""
+  path = os.path.expanduser(path)
+  if _SHARD.search(path):
+    raise SingleFileError(f"{path} is one shard of a sharded checkpoint; single-file loading "
+                          "needs the whole model in one file (or use the diffusers folder)")
+  if not os.path.isfile(path):
+    raise SingleFileError(f"checkpoint file {path} does not exist")
+  if path.lower().endswith(".safetensors"):
+    return _normalize(read_safetensors(path, SingleFileError))
+  if path.lower().endswith(PICKLE_EXTENSIONS):
+    return _normalize(read_pickle(path))
+  raise SingleFileError(f"{path}: unknown checkpoint extension (use one of {', '.join(EXTENSIONS)})")
+
+
+_OLD_CLIP_PREFIX = "cond_stage_model.transformer."
+
+
+def _normalize(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Files saved with transformers < 4.20 lack CLIP's `text_model.` level: add it."""
+  old = (_OLD_CLIP_PREFIX + "embeddings.", _OLD_CLIP_PREFIX + "encoder.")
+  if not any(k.startswith(old) for k in state):
+    return state
+  return {CLIP_PREFIX + k[len(_OLD_CLIP_PREFIX):]
+          if k.startswith(_OLD_CLIP_PREFIX) and not k.startswith(CLIP_PREFIX) else k: v
+          for k, v in state.items()}
+
+
+# -- families ---------------------------------------------------------------------------------------
+def _has_prefix(state: Mapping[str, object], prefix: str) -> bool:
+  return any(k.startswith(prefix) for k in state)
+
+
+def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> str:
+  """"sd1" or "sd2" from the keys and shapes; any other model is a one-line error naming it.
+
+  Reads only key names and the shape of the UNet's first conv.
+  """
+  conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
+  if conv_in is None:
+    raise SingleFileError(f"{name} is not a Stable Diffusion single file: {_guess_kind(state)}")
+  if _has_prefix(state, SDXL_OPENCLIP_PREFIX) or _has_prefix(state, SDXL_CLIP_PREFIX):
+    raise SingleFileError(f"{name} is an SDXL base checkpoint, which single-file loading "
+                          "does not support yet")
+  if _has_prefix(state, SDXL_REFINER_OPENCLIP_PREFIX):
+    raise SingleFileError(f"{name} is an SDXL refiner checkpoint, which single-file loading "
+                          "does not support yet")
+  if _has_prefix(state, "embedder.") or _has_prefix(state, "noise_augmentor."):
+    raise SingleFileError(f"{name} is a Stable unCLIP checkpoint, which sdjax does not support")
+  channels = conv_in.shape[1]
+  if channels != 4:
+    variant = {9: "an inpainting", 8: "an instruct-pix2pix", 5: "a depth-to-image",
+               7: "an upscaler"}.get(channels, "an unsupported")
+    raise SingleFileError(f"{name} is {variant} model ({channels} UNet input channels); sdjax "
+                          "supports text-to-image models (4 channels)")
+  if _has_prefix(state, OPENCLIP_PREFIX):
+    return "sd2"
+  if _has_prefix(state, CLIP_PREFIX):
+    return "sd1"
+  raise SingleFileError(f"{name} has a UNet but no known text encoder (cond_stage_model.*)")
+
+
+def _guess_kind(state: Mapping[str, np.ndarray]) -> str:
+  keys = list(state)
+  if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+    return "it looks like a VAE file (pass it as vae=... / --vae)"
+  if any("lora_" in k or ".lora" in k for k in keys):
+    return "it looks like a LoRA file"
+  if _has_prefix(state, "down_blocks.") or _has_prefix(state, "conv_in."):
+    return "it looks like one diffusers component (use the diffusers folder)"
+  return f"no {UNET_PREFIX}* UNet keys (first key: {keys[0] if keys else 'none'!r})"
+
+
+def standard_config_name(family: str, prediction_type: str | None) -> str:
+  """The built-in config for a family; SD2's 768-v and 512-base differ only in prediction type."""
+  if family == "sd1":
+    if prediction_type not in (None, "epsilon"):
+      raise SingleFileError(f"prediction_type {prediction_type!r}: SD1 models predict epsilon")
+    return "sd1"
+  if prediction_type in (None, "v_prediction"):
+    return "sd2_768_v"
+  if prediction_type == "epsilon":
+    return "sd2_512_base"
+  raise SingleFileError(f"unknown prediction_type {prediction_type!r} "
+                        "(use epsilon or v_prediction)")
+
+
+def config_family(text_config) -> str:
+  """The family a diffusers config describes: SD2's OpenCLIP uses gelu, SD1's CLIP quick_gelu."""
+  return "sd2" if text_config.hidden_act == "gelu" else "sd1"
+
+
+# -- key tables -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a diffusers weight lives in the original file."""
+
+  key: str
+  part: int | None = None  # which third of a fused q/k/v tensor
+  conv1x1: bool = False  # stored as a [O, I, 1, 1] conv where diffusers has a [O, I] linear
+
+
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+                  "to_out.0": "proj_out"}
+
+
+def _unet_modules(cfg) -> dict[str, tuple[str, dict[str, str]]]:
+  """diffusers module -> (original module, renames inside it), from the UNet's block structure."""
+  per_level = cfg.layers_per_block + 1  # resnets, then a resampler (or one more up resnet)
+  last = len(cfg.block_out_channels) - 1
+  m = {
+      "conv_in": ("input_blocks.0.0", {}),
+      "time_embedding.linear_1": ("time_embed.0", {}),
+      "time_embedding.linear_2": ("time_embed.2", {}),
+      "mid_block.resnets.0": ("middle_block.0", _UNET_RESNET),
+      "mid_block.attentions.0": ("middle_block.1", {}),
+      "mid_block.resnets.1": ("middle_block.2", _UNET_RESNET),
+      "conv_norm_out": ("out.0", {}),
+      "conv_out": ("out.2", {}),
+  }
+  for i, kind in enumerate(cfg.down_block_types):
+    for j in range(cfg.layers_per_block):
+      k = 1 + i * per_level + j
+      m[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{k}.0", _UNET_RESNET)
+      if kind.startswith("CrossAttn"):
+        m[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{k}.1", {})
+    if i < last:
+      m[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{(i + 1) * per_level}.0.op", {})
+  for i, kind in enumerate(cfg.up_block_types):
+    attention = kind.startswith("CrossAttn")
+    for j in range(per_level):
+      k = i * per_level + j
+      m[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{k}.0", _UNET_RESNET)
+      if attention:
+        m[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{k}.1", {})
+    if i < last:
+      k = i * per_level + per_level - 1
+      m[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{k}.{2 if attention else 1}.conv", {})
+  return m
+
+
+def _vae_modules(cfg) -> dict[str, tuple[str, dict[str, str]]]:
+  """As `_unet_modules` for the VAE; the decoder's `up` list runs in reverse order."""
+  n = len(cfg.block_out_channels)
+  m = {}
+  for part in ("encoder", "decoder"):
+    m[f"{part}.conv_norm_out"] = (f"{part}.norm_out", {})
+    m[f"{part}.mid_block.resnets.0"] = (f"{part}.mid.block_1", _VAE_RESNET)
+    m[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", _VAE_ATTENTION)
+    m[f"{part}.mid_block.resnets.1"] = (f"{part}.mid.block_2", _VAE_RESNET)
+  for i in range(n):
+    for j in range(cfg.layers_per_block):
+      m[f"encoder.down_blocks.{i}.resnets.{j}"] = (f"encoder.down.{i}.block.{j}", _VAE_RESNET)
+    m[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (f"encoder.down.{i}.downsample.conv", {})
+    for j in range(cfg.layers_per_block + 1):
+      m[f"decoder.up_blocks.{i}.resnets.{j}"] = (f"decoder.up.{n - 1 - i}.block.{j}", _VAE_RESNET)
+    m[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (f"decoder.up.{n - 1 - i}.upsample.conv", {})
+  return m
+
+
+def _rename(key: str, modules: dict[str, tuple[str, dict[str, str]]], passthrough: bool) -> str:
+  """A diffusers key -> its original key, by the longest module prefix in `modules`."""
+  parts = key.split(".")
+  for cut in range(len(parts) - 1, 0, -1):
+    module = ".".join(parts[:cut])
+    if module in modules:
+      original, inner = modules[module]
+      rest = ".".join(parts[cut:])
+      for old, new in inner.items():
+        if rest.startswith(old + "."):
+          rest = new + rest[len(old):]
+          break
+      return f"{original}.{rest}"
+  if passthrough:
+    return key
+  raise SingleFileError(f"no original-layout name for {key!r} (unsupported architecture)")
+
+
+def unet_table(cfg, keys) -> dict[str, Source]:
+  modules = _unet_modules(cfg)
+  return {k: Source(UNET_PREFIX + _rename(k, modules, passthrough=False)) for k in keys}
+
+
+def vae_table(cfg, keys, prefix: str = VAE_PREFIX) -> dict[str, Source]:
+  modules = _vae_modules(cfg)
+  out = {}
+  for k in keys:
+    original = _rename(k, modules, passthrough=True)
+    out[k] = Source(prefix + original, conv1x1=".mid.attn_1." in original and k.endswith("weight")
+                    and "group_norm" not in k)
+  return out
+
+
+_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                 "embeddings.position_embedding.weight": "positional_embedding",
+                 "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _openclip_source(key: str) -> Source:
+  if key in _OPENCLIP_TOP:
+    return Source(OPENCLIP_PREFIX + _OPENCLIP_TOP[key])
+  if m := _QKV.match(key):
+    layer, which, leaf = m.groups()
+    return Source(f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{leaf}",
+                  part="qkv".index(which))
+  if (m := _LAYER.match(key)) and m.group(2) in _OPENCLIP_LAYER:
+    layer, module, leaf = m.groups()
+    return Source(f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}.{_OPENCLIP_LAYER[module]}.{leaf}")
+  raise SingleFileError(f"no OpenCLIP name for text encoder key {key!r}")
+
+
+def text_table(family: str, keys) -> dict[str, Source]:
+  if family == "sd2":
+    return {k: _openclip_source(k) for k in keys}
+  return {k: Source(CLIP_PREFIX + k) for k in keys}
+
+
+# -- original file -> diffusers-layout component state dicts ----------------------------------------
+def gather(state: Mapping[str, np.ndarray], table: Mapping[str, Source], name: str,
+           used: set[str]) -> dict[str, np.ndarray]:
+  """The diffusers-layout state dict `table` describes, taken from original-layout `state`."""
+  out = {}
+  for key, src in table.items():
+    if src.key not in state:
+      raise SingleFileError(f"{name} is missing key {src.key!r} (for {key})")
+    value = state[src.key]
+    if src.part is not None:
+      if value.shape[0] % 3:
+        raise SingleFileError(f"{name}: fused q/k/v {src.key!r} has shape {value.shape}")
+      third = value.shape[0] // 3
+      value = value[src.part * third:(src.part + 1) * third]
+    if src.conv1x1 and value.ndim == 4:
+      if value.shape[2:] != (1, 1):
+        raise SingleFileError(f"{name}: {src.key!r} has shape {value.shape}, expected a 1x1 conv")
+      value = value[:, :, 0, 0]
+    out[key] = value
+    used.add(src.key)
+  return out
+
+
+def check_all_used(state: Mapping[str, np.ndarray], used: set[str], name: str,
+                   ignore: Callable[[str], bool] = lambda k: False) -> None:
+  """Fails on the first key the model does not use, unless it is known non-weight content."""
+  unused = sorted(k for k in state if k not in used and not _IGNORED.search(k) and not ignore(k))
+  if unused:
+    raise SingleFileError(f"{name} has key {unused[0]!r} that the model does not use "
+                          f"({len(unused)} unknown keys): wrong config or unsupported variant")
+
+
+def extra_openclip_block(num_layers: int) -> Callable[[str], bool]:
+  """Real SD2 files carry one resblock more than the penultimate-layer encoder uses: skip it."""
+  prefix = f"{OPENCLIP_PREFIX}transformer.resblocks.{num_layers}."
+  return lambda k: k.startswith(prefix)
+
+
+# -- diffusers-layout component state dicts -> original file ----------------------------------------
+def scatter(state: Mapping[str, np.ndarray], table: Mapping[str, Source]) -> dict[str, np.ndarray]:
+  """The inverse of `gather`: fused q/k/v are concatenated, 1x1 convs get their kernel dims."""
+  out, fused = {}, {}
+  for key, value in state.items():
+    src = table[key]
+    if src.part is not None:
+      fused.setdefault(src.key, [None] * 3)[src.part] = value
+      continue
+    out[src.key] = value[:, :, None, None] if src.conv1x1 and value.ndim == 2 else value
+  for key, parts in fused.items():
+    if any(p is None for p in parts):
+      raise SingleFileError(f"cannot export {key}: q, k and v are not all present")
+    out[key] = np.concatenate(parts, axis=0)
+  return out
+
+
+# -- whole files ------------------------------------------------------------------------------------
+def split_state(state: Mapping[str, np.ndarray], family: str, unet_cfg, text_cfg, vae_cfg,
+                keys: Mapping[str, list[str]], name: str) -> dict[str, dict[str, np.ndarray]]:
+  """Original-layout `state` -> diffusers-layout state dicts of the components in `keys`.
+
+  Every key of the file must be used, except the known non-weights (`_IGNORED`) and SD2's
+  unused last text resblock; a UNet-less VAE swap may leave `first_stage_model.*` unused.
+  """
+  used: set[str] = set()
+  tables = {
+      "unet": lambda k: unet_table(unet_cfg, k),
+      "vae": lambda k: vae_table(vae_cfg, k),
+      "text_encoder": lambda k: text_table(family, k),
+  }
+  out = {comp: gather(state, tables[comp](comp_keys), name, used) for comp, comp_keys in keys.items()}
+  skip_block = (extra_openclip_block(text_cfg.num_hidden_layers) if family == "sd2"
+                else lambda k: False)
+  replaced_vae = "vae" not in keys
+  check_all_used(state, used, name,
+                 lambda k: skip_block(k) or (replaced_vae and k.startswith(VAE_PREFIX)))
+  return out
+
+
+def read_vae_file(path: str, cfg, expected) -> dict[str, np.ndarray]:
+  """A single VAE file (original layout, optionally under `first_stage_model.`, or diffusers
+  layout) -> the diffusers-layout VAE state dict."""
+  from flax import traverse_util  # noqa: PLC0415
+
+  from sdjax.checkpoints.weights import torch_key  # noqa: PLC0415
+
+  state = read_single_file(path)
+  if any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in state):
+    return dict(state)  # already diffusers layout
+  prefix = VAE_PREFIX if _has_prefix(state, VAE_PREFIX) else ""
+  if not _has_prefix(state, prefix + "encoder.") and not _has_prefix(state, prefix + "decoder."):
+    raise SingleFileError(f"{path} is not a VAE file (no encoder.* / decoder.* keys)")
+  keys = [torch_key(p) for p in traverse_util.flatten_dict(expected)]
+  used: set[str] = set()
+  out = gather(state, vae_table(cfg, keys, prefix), path, used)
+  check_all_used(state, used, path, lambda k: bool(prefix) and not k.startswith(prefix))
+  return out
+
+
+def to_original(family: str, unet_cfg, vae_cfg, states: Mapping[str, Mapping[str, np.ndarray]]
+                ) -> dict[str, np.ndarray]:
+  """diffusers-layout component state dicts -> one original-layout state dict (for export)."""
+  out = {}
+  out.update(scatter(states["unet"], unet_table(unet_cfg, states["unet"])))
+  out.update(scatter(states["vae"], vae_table(vae_cfg, states["vae"])))
+  out.update(scatter(states["text_encoder"], text_table(family, states["text_encoder"])))
+  return out

@@ -1,0 +1,192 @@
+"""The images of a run, streamed from its prompts: memory independent of the prompts file's length.
+
+Image k of a run (prompts in order: `--prompt`s, then the file's lines; each repeated
+`num_images` times) gets seed `seed + k`, or `s + j` for the j-th image of a jsonl line with its
+own `seed` s. `Plan` reads the prompts file once up front, without parsing it: it counts the
+images, hashes the file and notes where every shard (`shard_size` consecutive images) starts, so
+that `jobs(shard)` can seek straight to any shard. Lines are parsed, and bad ones reported with
+their line number, when their shard is generated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+
+_JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images")
+
+
+class RunError(ValueError):
+  """Bad input to a run: one line that says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLine:
+  prompt: str
+  negative_prompt: str | None = None
+  seed: int | None = None
+  num_images: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageJob:
+  """One image of the run: everything that decides its pixels besides the run's settings."""
+
+  index: int
+  prompt: str
+  negative_prompt: str
+  seed: int
+
+
+def parse_line(path: str, number: int, raw: bytes) -> PromptLine | None:
+  """One line of a prompts file (`.jsonl`: a JSON object; else the prompt); None when blank.
+
+  Blank means ASCII whitespace only, decided on the bytes, as `Plan` counts lines.
+  """
+  if not raw.strip():
+    return None
+  line = _decode(path, number, raw)
+  if not path.endswith(".jsonl"):
+    return PromptLine(line.strip())
+  where = f"{path} line {number}"
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise RunError(f"{where}: not valid JSON ({e.msg})") from None
+  if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+    raise RunError(f"{where}: needs an object with a string \"prompt\"")
+  unknown = set(obj) - set(_JSONL_FIELDS)
+  if unknown:
+    raise RunError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+  negative = obj.get("negative_prompt")
+  if negative is not None and not isinstance(negative, str):
+    raise RunError(f"{where}: \"negative_prompt\" must be a string")
+  for key, least in (("seed", 0), ("num_images", 1)):
+    value = obj.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value < least):
+      kind = "positive" if least else "non-negative"
+      raise RunError(f"{where}: \"{key}\" must be a {kind} integer")
+  return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"))
+
+
+def _decode(path: str, number: int, raw: bytes) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise RunError(f"cannot read prompts file {path}: line {number} is not UTF-8 ({e.reason})"
+                   ) from None
+
+
+def read_prompts_file(path: str) -> list[PromptLine]:
+  """Every prompt of a (small) prompts file, parsed; runs stream the file with `Plan` instead."""
+  with _open(path) as f:
+    lines = [parse_line(path, n, raw) for n, raw in enumerate(f, 1)]
+  prompts = [p for p in lines if p is not None]
+  if not prompts:
+    raise RunError(f"prompts file {path} holds no prompts")
+  return prompts
+
+
+def _open(path: str):
+  try:
+    return open(path, "rb")
+  except FileNotFoundError:
+    raise RunError(f"prompts file {path} does not exist") from None
+  except OSError as e:
+    raise RunError(f"cannot read prompts file {path}: {e.strerror or e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cursor:
+  """Where a shard starts: prompt entry `entry` (the `--prompt`s, then the file's lines, blank
+  lines included), at byte `offset` of the file, its image `skip` of that entry."""
+
+  entry: int
+  offset: int
+  skip: int
+
+
+class Plan:
+  """The run's images: counted, hashed and indexed by shard in one pass over the prompts file."""
+
+  def __init__(self, prompts: Sequence[PromptLine], prompts_file: str | None, *,
+               num_images_per_prompt: int, seed: int, negative_prompt: str, shard_size: int):
+    self.prompts, self.prompts_file = tuple(prompts), prompts_file
+    self.num_images_per_prompt, self.seed = num_images_per_prompt, seed
+    self.negative_prompt, self.shard_size = negative_prompt, shard_size
+    self.total = 0
+    self._starts: list[_Cursor] = []
+    digest = hashlib.sha256(json.dumps(
+        [num_images_per_prompt, seed, negative_prompt,
+         [dataclasses.astuple(p) for p in self.prompts]]).encode())
+    for entry, prompt in enumerate(self.prompts):
+      self._count(entry, 0, prompt.num_images or num_images_per_prompt)
+    if prompts_file is not None:
+      self._scan_file(digest)
+    self.digest = digest.hexdigest()
+    if not self.total:
+      raise RunError("no prompts: give --prompt or --prompts_file")
+
+  @property
+  def num_shards(self) -> int:
+    return -(-self.total // self.shard_size)
+
+  def shard_range(self, shard: int) -> range:
+    return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.total))
+
+  def _count(self, entry: int, offset: int, images: int) -> None:
+    # Notes a cursor for every shard that starts among this entry's images.
+    end = self.total + images
+    next_start = len(self._starts) * self.shard_size
+    while next_start < end:
+      self._starts.append(_Cursor(entry, offset, next_start - self.total))
+      next_start += self.shard_size
+    self.total = end
+
+  def _scan_file(self, digest) -> None:
+    # Only lines that may name `num_images` are parsed: a plain line has the run's count.
+    path, jsonl = self.prompts_file, self.prompts_file.endswith(".jsonl")
+    entry, offset, total_before = len(self.prompts), 0, self.total
+    with _open(path) as f:
+      for number, raw in enumerate(f, 1):
+        digest.update(raw)
+        if raw.strip():
+          images = self.num_images_per_prompt
+          if jsonl and b"num_images" in raw:
+            images = parse_line(path, number, raw).num_images or images
+          self._count(entry, offset, images)
+        entry += 1
+        offset += len(raw)
+    if self.total == total_before:
+      raise RunError(f"prompts file {path} holds no prompts")
+
+  def _entries(self, cursor: _Cursor) -> Iterator[PromptLine | None]:
+    yield from self.prompts[cursor.entry:]
+    if self.prompts_file is None:
+      return
+    first = max(cursor.entry - len(self.prompts), 0)
+    offset = cursor.offset if cursor.entry >= len(self.prompts) else 0
+    with _open(self.prompts_file) as f:
+      f.seek(offset)
+      for number, raw in enumerate(f, first + 1):
+        yield parse_line(self.prompts_file, number, raw)
+
+  def jobs(self, shard: int) -> Iterator[ImageJob]:
+    """The images of `shard`, in order, read from where the shard starts."""
+    cursor = self._starts[shard]
+    wanted = self.shard_range(shard)
+    index = wanted.start - cursor.skip
+    for line in self._entries(cursor):
+      if line is None:
+        continue
+      negative = self.negative_prompt if line.negative_prompt is None else line.negative_prompt
+      for j in range(line.num_images or self.num_images_per_prompt):
+        if index >= wanted.start:
+          seed = self.seed + index if line.seed is None else line.seed + j
+          yield ImageJob(index, line.prompt, negative, seed)
+        index += 1
+        if index >= wanted.stop:
+          return  # before reading the next line, which belongs to the next shard

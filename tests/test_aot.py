@@ -1,0 +1,142 @@
+"""The compiled-program cache: a second compile of the same program loads instead of tracing."""
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax import aot, testing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = (jnp.arange(32, dtype=jnp.float32).reshape(4, 8), jnp.ones((8, 2), jnp.float32))
+
+
+def _program():
+  """A fresh jitted function (nothing cached in memory) and the list of its traces."""
+  traces = []
+
+  def f(x, y):
+    traces.append(x.shape)
+    return {"out": jnp.sin(x) @ y}
+
+  return jax.jit(f), traces
+
+
+def _entries(folder):
+  return sorted(p for p in os.listdir(folder) if p.endswith(".jaxexe"))
+
+
+def test_second_compile_loads_without_tracing(tmp_path):
+  fn, traces = _program()
+  first = aot.load_or_compile(fn, ARGS, "f", str(tmp_path))
+  assert len(traces) == 1 and len(_entries(tmp_path)) == 1
+  fn, traces = _program()
+  second = aot.load_or_compile(fn, ARGS, "f", str(tmp_path))
+  assert traces == []
+  np.testing.assert_array_equal(second(*ARGS)["out"], first(*ARGS)["out"])
+  np.testing.assert_array_equal(second(*ARGS)["out"], jnp.sin(ARGS[0]) @ ARGS[1])
+
+
+@pytest.mark.parametrize("change", ["shape", "what", "jax_version"])
+def test_other_program_is_not_loaded(change, tmp_path, monkeypatch):
+  fn, _ = _program()
+  aot.load_or_compile(fn, ARGS, "f", str(tmp_path))
+  args, what = ARGS, "f"
+  if change == "shape":
+    args = (jnp.ones((3, 8)), ARGS[1])
+  elif change == "what":
+    what = "g"
+  else:
+    monkeypatch.setattr(jax, "__version__", "0.0.0")
+  fn, traces = _program()
+  out = aot.load_or_compile(fn, args, what, str(tmp_path))(*args)["out"]
+  assert len(traces) == 1 and len(_entries(tmp_path)) == 2
+  np.testing.assert_allclose(out, jnp.sin(args[0]) @ args[1], rtol=1e-6)
+
+
+def _rewrite(path, body):
+  header = {"format": aot.FORMAT, "key": os.path.basename(path).split(".")[0],
+            "sha256": hashlib.sha256(body).hexdigest()}
+  with open(path, "wb") as f:
+    f.write(json.dumps(header).encode() + b"\n" + body)
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "truncated", "empty", "bad_payload",
+                                    "foreign_code"])
+def test_corrupt_entry_is_rebuilt(damage, tmp_path, caplog):
+  fn, _ = _program()
+  aot.load_or_compile(fn, ARGS, "f", str(tmp_path))
+  path = os.path.join(tmp_path, _entries(tmp_path)[0])
+  with open(path, "rb") as f:
+    data = f.read()
+  if damage == "flipped_byte":
+    data = data[:-100] + bytes([data[-100] ^ 1]) + data[-99:]
+  elif damage == "truncated":
+    data = data[:len(data) // 2]
+  elif damage == "empty":
+    data = b""
+  if damage == "bad_payload":  # the checksum matches, the executable is garbage
+    _rewrite(path, pickle.dumps((b"not an executable", None)))
+  elif damage == "foreign_code":  # the checksum matches: the unpickler must refuse os.system
+    _rewrite(path, pickle.dumps((os.system, None)))
+  else:
+    with open(path, "wb") as f:
+      f.write(data)
+  fn, traces = _program()
+  out = aot.load_or_compile(fn, ARGS, "f", str(tmp_path))(*ARGS)["out"]
+  assert len(traces) == 1  # rebuilt
+  if damage == "foreign_code":
+    assert "is not allowed in a cache entry" in caplog.text
+  np.testing.assert_allclose(out, jnp.sin(ARGS[0]) @ ARGS[1], rtol=1e-6)
+  fn, traces = _program()
+  aot.load_or_compile(fn, ARGS, "f", str(tmp_path))
+  assert traces == []  # and the rebuilt entry loads again
+
+
+def test_no_cache_folder_compiles():
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    assert aot.cache_dir() is None
+    fn, traces = _program()
+    aot.load_or_compile(fn, ARGS, "f")
+    assert len(traces) == 1
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous)
+
+
+_RUN = """
+import json, sys
+from sdjax import run, sampling
+summary = run.generate_run(run.RunConfig(
+    prompts=(run.PromptLine("a red circle"),), model=sys.argv[1], steps=2, height=16, width=16,
+    guidance_scale=3.0, output_dir=sys.argv[2], compilation_cache=sys.argv[3],
+    show_progress=False))
+print(json.dumps({"traces": sampling.trace_count, "compile_s": summary.compile_seconds}))
+"""
+
+
+def test_fresh_process_loads_the_sampler(tmp_path):
+  """A second process of the same run neither traces nor compiles, and makes the same image."""
+  model = str(tmp_path / "model")
+  testing.write_torch_pipeline(model, "sd1", seed=5)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  results = []
+  for i in range(2):
+    proc = subprocess.run([sys.executable, "-c", _RUN, model, str(tmp_path / f"out{i}"),
+                           str(tmp_path / "cache")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  assert [r["traces"] for r in results] == [1, 0]
+  assert len(_entries(tmp_path / "cache" / "aot")) == 1
+  images = [np.asarray(Image.open(tmp_path / f"out{i}" / "000000.png")) for i in range(2)]
+  np.testing.assert_array_equal(images[0], images[1])

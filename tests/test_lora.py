@@ -1,0 +1,383 @@
+"""LoRA merging: kohya / LoCon / PEFT vs diffusers' fuse_lora, LoHa / LoKr vs their formula."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from parity import assert_close, nchw, nhwc, randn
+from safetensors.torch import save_file
+
+import sdjax
+from sdjax import testing
+from sdjax.checkpoints import hub, lora
+from sdjax.checkpoints.lora import LoraError
+
+torch.set_num_threads(1)
+
+PROMPTS = ["a red circle in the center", "a photo of a cat"]
+ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
+UNET_MODULES = [  # linear, 1x1 conv (SD1 proj_in), 3x3 conv (LoCon), every kind of layer
+    f"{ATTN}.attn1.to_q", f"{ATTN}.attn2.to_k", f"{ATTN}.attn1.to_out.0",
+    "down_blocks.0.attentions.0.proj_in", "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+    "up_blocks.1.attentions.2.transformer_blocks.0.ff.net.2", "up_blocks.1.resnets.0.conv1",
+    "up_blocks.1.resnets.0.conv_shortcut", "mid_block.resnets.1.time_emb_proj",
+    "down_blocks.0.downsamplers.0.conv", "conv_in", "time_embedding.linear_1",
+]
+TEXT_MODULES = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1",
+                "encoder.layers.2.self_attn.out_proj"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("lora") / "pipe")
+  testing.write_torch_pipeline(folder, "sd1", seed=5)
+  import diffusers
+
+  ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+  return ref, sdjax.load_pipeline(folder), folder
+
+
+def _weights(model):
+  return {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+
+
+def _factors(shape, rank, gen, locon=True):
+  """Random (down, up) in kohya layout for a layer of PyTorch weight shape `shape`."""
+  out, inn = shape[:2]
+  if len(shape) == 4:
+    k = shape[2] if locon else 1
+    return (torch.randn(rank, inn, k, k, generator=gen) * 0.2,
+            torch.randn(out, rank, 1, 1, generator=gen) * 0.2)
+  return torch.randn(rank, inn, generator=gen) * 0.2, torch.randn(out, rank, generator=gen) * 0.2
+
+
+def _kohya_file(path, ref, alpha=1.0, rank=2, seed=0):
+  """A kohya LoRA (LoCon on 3x3 convs), every module with `alpha` (None: no alpha keys).
+
+  diffusers reads per-module alphas of kohya files under names that miss most layers (attention
+  processors, transformers v5 text encoders) and falls back to the file's first alpha, and it
+  reads a missing alpha as that first alpha too, so against diffusers the alpha is uniform.
+  Per-module alphas and absent alpha = rank (as kohya and A1111 read it) are tested against the
+  merge formula in `test_vs_formula`.
+  """
+  gen = torch.Generator().manual_seed(seed)
+  sd = {}
+  for prefix, model, names in (("lora_unet_", ref.unet, UNET_MODULES),
+                               ("lora_te_text_model_", ref.text_encoder, TEXT_MODULES)):
+    weights = _weights(model)
+    for name in names:
+      key = prefix + name.replace(".", "_")
+      sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = _factors(
+          weights[name].shape, rank, gen)
+      if alpha is not None:
+        sd[f"{key}.alpha"] = torch.tensor(alpha)
+  save_file(sd, path)
+  return path
+
+
+def _peft_file(path, ref, metadata=True, rank=3, seed=1):
+  gen = torch.Generator().manual_seed(seed)
+  sd = {}
+  for prefix, model, names in (("unet.", ref.unet, UNET_MODULES[:6]),
+                               ("text_encoder.text_model.", ref.text_encoder, TEXT_MODULES)):
+    weights = _weights(model)
+    for name in names:
+      down, up = _factors(weights[name].shape, rank, gen, locon=False)
+      sd[f"{prefix}{name}.lora_A.weight"], sd[f"{prefix}{name}.lora_B.weight"] = down, up
+  meta = {"format": "pt"}
+  if metadata:
+    meta["lora_adapter_metadata"] = json.dumps({
+        "unet.r": rank, "unet.lora_alpha": 5, "unet.target_modules": UNET_MODULES[:6],
+        "unet.alpha_pattern": {"ff.net.2": 1.5},
+        "text_encoder.r": rank, "text_encoder.lora_alpha": 2, "text_encoder.target_modules":
+        TEXT_MODULES,
+    })
+  save_file(sd, path, metadata=meta)
+  return path
+
+
+def _outputs_torch(ref):
+  d = ref.unet.config.cross_attention_dim
+  x, ctx, t = randn(2, 8, 8, 4), randn(2, 77, d, seed=1), np.array([3, 700], np.int32)
+  ids = ref.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
+                      return_tensors="pt").input_ids
+  with torch.no_grad():
+    eps = nhwc(ref.unet(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample)
+    text = ref.text_encoder(ids).last_hidden_state.numpy()
+  return eps, text
+
+
+def _outputs_ours(pipe, params):
+  pipe = dataclasses.replace(pipe, params=params)
+  d = pipe.unet.config.cross_attention_dim
+  x, ctx, t = randn(2, 8, 8, 4), randn(2, 77, d, seed=1), np.array([3, 700], np.int32)
+  return (np.asarray(pipe.predict_noise(x, t, ctx)),
+          np.asarray(pipe.encode_text(pipe.tokenize(PROMPTS))))
+
+
+def _diffusers_fused(ref, path, scale):
+  """Outputs of the reference pipeline with the LoRA fused by diffusers (then restored)."""
+  unet, text = ({k: v.clone() for k, v in m.state_dict().items()}
+                for m in (ref.unet, ref.text_encoder))
+  ref.load_lora_weights(path)
+  ref.fuse_lora(lora_scale=scale)
+  out = _outputs_torch(ref)
+  ref.unfuse_lora()
+  ref.unload_lora_weights()
+  ref.unet.load_state_dict(unet)
+  ref.text_encoder.load_state_dict(text)
+  return out
+
+
+def _check_vs_diffusers(models, path, scale):
+  ref, pipe, _ = models
+  eps, text = _diffusers_fused(ref, path, scale)
+  base_eps, base_text = _outputs_torch(ref)
+  ours_eps, ours_text = _outputs_ours(pipe, lora.apply_loras(pipe, [(path, scale)]))
+  errs = assert_close(ours_eps, eps), assert_close(ours_text, text)
+  # The change the LoRA makes, alone: large, and the same in both.
+  for ours, fused, base in ((ours_eps, eps, base_eps), (ours_text, text, base_text)):
+    change = np.linalg.norm(fused - base) / np.linalg.norm(base)
+    print(f"  LoRA changes the output by {change:.2f}; rel err of the change "
+          f"{assert_close(ours - base, fused - base):.2g}")
+    assert change > 0.05
+  return errs
+
+
+@pytest.mark.parametrize("alpha", [1.0, None])
+def test_kohya_and_locon_vs_diffusers(models, tmp_path, alpha):
+  path = _kohya_file(str(tmp_path / "kohya.safetensors"), models[0], alpha)
+  errs = _check_vs_diffusers(models, path, 0.7)
+  print(f"kohya/LoCon (alpha {alpha}) rel err unet {errs[0]:.2g} text {errs[1]:.2g}")
+
+
+@pytest.mark.parametrize("metadata", [True, False])
+def test_peft_vs_diffusers(models, tmp_path, metadata):
+  path = _peft_file(str(tmp_path / "pytorch_lora_weights.safetensors"), models[0], metadata)
+  errs = _check_vs_diffusers(models, path, 1.3)
+  print(f"PEFT (metadata={metadata}) rel err unet {errs[0]:.2g} text {errs[1]:.2g}")
+
+
+def test_merge_does_not_mutate_and_scales_split(models, tmp_path):
+  ref, pipe, _ = models
+  path = _kohya_file(str(tmp_path / "k.safetensors"), ref)
+  before = np.asarray(pipe.params["unet"]["conv_in"]["kernel"]).copy()
+  base_eps, base_text = _outputs_ours(pipe, pipe.params)
+  unet_only = lora.apply_loras(pipe, [(path, 0.5, 0.0)])
+  np.testing.assert_array_equal(np.asarray(pipe.params["unet"]["conv_in"]["kernel"]), before)
+  eps, text = _outputs_ours(pipe, unet_only)
+  np.testing.assert_array_equal(text, base_text)
+  assert np.abs(eps - base_eps).max() > 1e-3
+  # Two LoRAs add: a + b at once equals a then b; the te scale alone moves only the text.
+  both = lora.apply_loras(pipe, [(path, 0.5, 0.0), (path, 0.0, 2.0)])
+  once = lora.apply_loras(pipe, [(path, 0.5, 2.0)])
+  parsed = lora.read_lora(path, pipe.params)  # parsed once, merged at any scales
+  again = lora.apply_loras(pipe, [(parsed, 0.5, 2.0)])
+  for a, b, c in zip(*(_outputs_ours(pipe, p) for p in (both, once, again)), strict=True):
+    assert_close(a, b, tol=1e-6)
+    assert_close(c, b, tol=0)
+
+
+# -- LoRA, LoHa and LoKr against the merge formula, applied to the torch reference ---------------
+def _lycoris_modules(ref):
+  return {"unet": (ref.unet, ["lora_unet_", [f"{ATTN}.attn1.to_q", "up_blocks.1.resnets.0.conv1",
+                                             "mid_block.resnets.1.conv2", "conv_in"]]),
+          "text_encoder": (ref.text_encoder, ["lora_te_text_model_", TEXT_MODULES[:2]])}
+
+
+def _lora(shape, gen, mid):
+  down, up = _factors(shape, 2, gen)
+  if mid and len(shape) == 4:  # LoCon with a Tucker core: down 1x1, mid kxk, up 1x1
+    w = {"lora_down.weight": torch.randn(2, shape[1], 1, 1, generator=gen) * 0.3,
+         "lora_mid.weight": torch.randn(2, 2, *shape[2:], generator=gen) * 0.3,
+         "lora_up.weight": up}
+    delta = torch.einsum("nmkl,in,mj->ijkl", w["lora_mid.weight"], up[:, :, 0, 0],
+                         w["lora_down.weight"][:, :, 0, 0])
+    return w, delta
+  delta = (up.reshape(up.shape[0], -1) @ down.reshape(2, -1)).reshape(shape)
+  return {"lora_down.weight": down, "lora_up.weight": up}, delta
+
+
+def _loha(shape, gen, tucker):
+  out, inn = shape[:2]
+  r = 2
+  w = {f"hada_w{i}_a": torch.randn(out, r, generator=gen) * 0.3 for i in (1, 2)}
+  if tucker:
+    k = shape[2]
+    w.update({f"hada_w{i}_a": torch.randn(r, out, generator=gen) * 0.3 for i in (1, 2)})
+    w.update({f"hada_w{i}_b": torch.randn(r, inn, generator=gen) * 0.3 for i in (1, 2)})
+    w.update({f"hada_t{i}": torch.randn(r, r, k, k, generator=gen) * 0.3 for i in (1, 2)})
+    w1 = torch.einsum("ijkl,jr,ip->prkl", w["hada_t1"], w["hada_w1_b"], w["hada_w1_a"])
+    w2 = torch.einsum("ijkl,jr,ip->prkl", w["hada_t2"], w["hada_w2_b"], w["hada_w2_a"])
+    return w, w1 * w2
+  flat_in = int(np.prod(shape[1:]))
+  w.update({f"hada_w{i}_b": torch.randn(r, flat_in, generator=gen) * 0.3 for i in (1, 2)})
+  delta = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"])
+  return w, delta.reshape(shape)
+
+
+def _lokr(shape, gen, variant):
+  out, inn = shape[:2]
+  a = 2 if out % 2 == 0 else 1
+  b = 2 if inn % 2 == 0 else 1
+  c = out // a
+  d = inn // b
+  if variant == 0:  # full w1, factorized w2 (rank 3)
+    w = {"lokr_w1": torch.randn(a, b, generator=gen),
+         "lokr_w2_a": torch.randn(c, 3, generator=gen) * 0.3,
+         "lokr_w2_b": torch.randn(3, d * int(np.prod(shape[2:])), generator=gen) * 0.3}
+    w1, w2 = w["lokr_w1"], w["lokr_w2_a"] @ w["lokr_w2_b"]
+  elif variant == 1:  # factorized w1 (rank 1), full w2
+    w = {"lokr_w1_a": torch.randn(a, 1, generator=gen),
+         "lokr_w1_b": torch.randn(1, b, generator=gen), "lokr_w2": torch.randn(c, d, *shape[2:], generator=gen) * 0.3}
+    w1, w2 = w["lokr_w1_a"] @ w["lokr_w1_b"], w["lokr_w2"]
+  else:  # conv with a Tucker core on w2
+    k = shape[2]
+    w = {"lokr_w1": torch.randn(a, b, generator=gen),
+         "lokr_t2": torch.randn(3, 3, k, k, generator=gen),
+         "lokr_w2_a": torch.randn(3, c, generator=gen) * 0.3,
+         "lokr_w2_b": torch.randn(3, d, generator=gen) * 0.3}
+    w1 = w["lokr_w1"]
+    w2 = torch.einsum("ijkl,jr,ip->prkl", w["lokr_t2"], w["lokr_w2_b"], w["lokr_w2_a"])
+  if w2.dim() == 4:
+    w1 = w1[:, :, None, None]
+  return w, torch.kron(w1, w2).reshape(shape)
+
+
+def _rank(w):
+  for key in ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+    if key in w:
+      return w[key].shape[0]
+  return None
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_vs_formula(models, tmp_path, kind):
+  """Per-module alphas (some absent: alpha = rank) and every factorization, vs the formula."""
+  ref, pipe, _ = models
+  gen = torch.Generator().manual_seed(7)
+  scale, sd, expected = 0.6, {}, {}
+  for component, (model, (prefix, names)) in _lycoris_modules(ref).items():
+    weights = _weights(model)
+    for i, name in enumerate(names):
+      shape = tuple(weights[name].shape)
+      if kind == "lora":
+        w, delta = _lora(shape, gen, mid=i % 2 == 0)
+      elif kind == "loha":
+        w, delta = _loha(shape, gen, tucker=len(shape) == 4 and shape[2] == 3 and i % 2 == 0)
+      else:
+        variant = 2 if len(shape) == 4 and shape[2] == 3 and i % 2 == 0 else i % 2
+        w, delta = _lokr(shape, gen, variant)
+      alpha = (1.5, None, 4.0)[i % 3]
+      if alpha is not None:
+        w["alpha"] = torch.tensor(alpha)
+      factor = alpha / _rank(w) if alpha is not None and _rank(w) else 1.0
+      expected[(component, name)] = scale * factor * delta
+      sd.update({f"{prefix}{name.replace('.', '_')}.{k}": v for k, v in w.items()})
+  path = str(tmp_path / f"{kind}.safetensors")
+  save_file(sd, path)
+  unet, text = ({k: v.clone() for k, v in m.state_dict().items()}
+                for m in (ref.unet, ref.text_encoder))
+  try:
+    with torch.no_grad():
+      for (component, name), delta in expected.items():
+        _weights(getattr(ref, component))[name].add_(delta)
+    eps, text_out = _outputs_torch(ref)
+  finally:
+    ref.unet.load_state_dict(unet)
+    ref.text_encoder.load_state_dict(text)
+  ours = _outputs_ours(pipe, lora.apply_loras(pipe, [(path, scale)]))
+  errs = assert_close(ours[0], eps), assert_close(ours[1], text_out)
+  print(f"{kind} rel err unet %.2g text %.2g" % errs)
+
+
+# -- loading, flags, hub ---------------------------------------------------------------------------
+def test_load_pipeline_with_loras(models, tmp_path):
+  ref, pipe, folder = models
+  path = _kohya_file(str(tmp_path / "k.safetensors"), ref)
+  loaded = sdjax.load_pipeline(folder, loras=[(path, 0.8), path])
+  expected = lora.apply_loras(pipe, [(path, 1.8)])
+  for a, b in zip(_outputs_ours(pipe, loaded.params), _outputs_ours(pipe, expected), strict=True):
+    assert_close(a, b, tol=1e-6)
+  # bfloat16 params: merged in float32, stored back in bfloat16.
+  half = sdjax.load_pipeline(folder, dtype="bfloat16", loras=[(path, 1.8)])
+  kernel = half.params["unet"]["conv_in"]["kernel"]
+  assert str(kernel.dtype) == "bfloat16"
+  assert_close(np.asarray(kernel, np.float32), np.asarray(expected["unet"]["conv_in"]["kernel"]),
+               tol=1e-2)
+
+
+def test_parse_lora_flag():
+  from sdjax.run import parse_path_arg
+
+  assert parse_path_arg("a/b.safetensors", float, 1.0) == ("a/b.safetensors", 1.0)
+  assert parse_path_arg("a/b.safetensors:0.5", float, 1.0) == ("a/b.safetensors", 0.5)
+  assert parse_path_arg("C:/x/b.safetensors:-1", float, 1.0) == ("C:/x/b.safetensors", -1.0)
+  with pytest.raises(ValueError, match="scale"):
+    parse_path_arg("b.safetensors:much", float, 1.0)
+
+
+def test_hub_file_selection():
+  assert hub.split_hub_file("owner/loras") == ("owner/loras", None)
+  assert hub.split_hub_file("owner/loras/sub/x.safetensors") == ("owner/loras", "sub/x.safetensors")
+  assert hub.split_hub_file("./owner/loras") is None
+  assert hub.split_hub_file("loras/sub/folder") is None
+  files = ["README.md", "pytorch_lora_weights.safetensors", "other.safetensors", "x.bin"]
+  assert hub.select_file(files, "LoRA", ("pytorch_lora_weights.safetensors",)) == (
+      "pytorch_lora_weights.safetensors")
+  assert hub.select_file(["a.md", "x.bin", "style.safetensors"], "LoRA") == "style.safetensors"
+  assert hub.select_file(["a.md", "emb.pt"], "embedding") == "emb.pt"
+  with pytest.raises(hub.HubError, match="several LoRA files.*owner/name/file"):
+    hub.select_file(["a.safetensors", "b.safetensors"], "LoRA")
+  with pytest.raises(hub.HubError, match="no LoRA file"):
+    hub.select_file(["README.md"], "LoRA")
+  with pytest.raises(hub.HubError, match="does not exist"):
+    hub.resolve_file("./missing.safetensors", "LoRA")
+
+
+# -- bad input: one line naming the problem --------------------------------------------------------
+def _write(tmp_path, sd, name="bad.safetensors"):
+  path = str(tmp_path / name)
+  save_file({k: torch.as_tensor(v).contiguous() for k, v in sd.items()}, path)
+  return path
+
+
+@pytest.mark.parametrize("sd, message", [
+    ({"lora_unet_down_blocks_0_nothing_here.lora_down.weight": torch.ones(2, 32),
+      "lora_unet_down_blocks_0_nothing_here.lora_up.weight": torch.ones(32, 2)},
+     "unet module 'down_blocks_0_nothing_here' matches no layer"),
+    ({f"lora_unet_{ATTN.replace('.', '_')}_attn1_to_q.lora_down.weight": torch.ones(2, 320),
+      f"lora_unet_{ATTN.replace('.', '_')}_attn1_to_q.lora_up.weight": torch.ones(320, 2)},
+     r"shape \(320, 320\) for a layer of shape \(32, 32\).*another model family"),
+    ({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 32),
+      "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(32, 2)},
+     "has text_encoder_2 weights but this model has no text_encoder_2"),
+    ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.ones(2, 32),
+      "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.ones(32, 2)},
+     "SGM/LDM UNet names"),
+    ({"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3)},
+     "module 'conv_in' has an incomplete or unsupported set of weights"),
+    ({"lora_unet_conv_in.dora_scale": torch.ones(4)}, "not a LoRA weight sdjax knows"),
+    ({"something.else": torch.ones(4)}, "key 'something.else' is not a LoRA weight"),
+])
+def test_bad_lora(models, tmp_path, sd, message):
+  _, pipe, _ = models
+  with pytest.raises(LoraError, match=message) as e:
+    lora.apply_loras(pipe, [_write(tmp_path, sd)])
+  assert "\n" not in str(e.value)
+
+
+def test_bad_files(models, tmp_path):
+  _, pipe, _ = models
+  with pytest.raises(LoraError, match="does not exist"):
+    lora.apply_loras(pipe, [str(tmp_path / "missing.safetensors")])
+  path = tmp_path / "truncated.safetensors"
+  path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1")
+  with pytest.raises(LoraError, match="cannot read"):
+    lora.apply_loras(pipe, [str(path)])
+  with pytest.raises(LoraError, match="path, .path, scale."):
+    lora.apply_loras(pipe, [("x", 1, 2, 3)])
+  assert not os.path.exists(str(tmp_path / "missing.safetensors"))

@@ -1,0 +1,114 @@
+"""The streamed plan: the same images as an eager reading, any shard on its own, bounded memory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sdjax.plan import ImageJob, Plan, PromptLine, RunError, read_prompts_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _eager(prompts, lines, nipp, seed, negative):
+  """The plan as the pre-streaming code made it: every job in a list."""
+  jobs = []
+  for line in [*prompts, *lines]:
+    for j in range(line.num_images or nipp):
+      k = len(jobs)
+      jobs.append(ImageJob(k, line.prompt, negative if line.negative_prompt is None
+                           else line.negative_prompt,
+                           seed + k if line.seed is None else line.seed + j))
+  return jobs
+
+
+def _all_jobs(plan):
+  return [job for s in range(plan.num_shards) for job in plan.jobs(s)]
+
+
+@pytest.mark.parametrize("shard_size", [1, 2, 3, 7, 100])
+def test_jsonl_plan_matches_eager(tmp_path, shard_size):
+  path = tmp_path / "p.jsonl"
+  path.write_text(
+      '{"prompt": "a cat", "seed": 7, "num_images": 3}\n'
+      "\n"
+      '{"prompt": "a dog", "negative_prompt": "red"}\n'
+      '   \n'
+      '{"prompt": "mentions num_images in text"}\n'
+      '{"prompt": "caf\\u00e9 \u00e9", "num_images": 4}\n'
+      '{"prompt": "last"}')  # no final newline
+  cli = [PromptLine("first"), PromptLine("second", num_images=2)]
+  plan = Plan(cli, str(path), num_images_per_prompt=2, seed=100, negative_prompt="neg",
+              shard_size=shard_size)
+  expected = _eager(cli, read_prompts_file(str(path)), 2, 100, "neg")
+  assert plan.total == len(expected) == 2 + 2 + 3 + 2 + 2 + 4 + 2
+  assert plan.num_shards == -(-plan.total // shard_size)
+  assert _all_jobs(plan) == expected
+  for s in reversed(range(plan.num_shards)):  # any shard alone, in any order
+    assert list(plan.jobs(s)) == expected[s * shard_size:(s + 1) * shard_size]
+
+
+def test_txt_plan_and_digest(tmp_path):
+  path = tmp_path / "p.txt"
+  path.write_text("a cat\n\n  a dog  \r\nthird\n")
+  plan = Plan([], str(path), num_images_per_prompt=1, seed=5, negative_prompt="",
+              shard_size=2)
+  assert [(j.index, j.prompt, j.seed) for j in _all_jobs(plan)] == [
+      (0, "a cat", 5), (1, "a dog", 6), (2, "third", 7)]
+  same = Plan([], str(path), num_images_per_prompt=1, seed=5, negative_prompt="", shard_size=2)
+  assert same.digest == plan.digest
+  path.write_text("a cat\n\n  a dog  \r\nthird!\n")
+  changed = Plan([], str(path), num_images_per_prompt=1, seed=5, negative_prompt="",
+                 shard_size=2)
+  other_seed = Plan([], str(path), num_images_per_prompt=1, seed=6, negative_prompt="",
+                    shard_size=2)
+  assert len({plan.digest, changed.digest, other_seed.digest}) == 3
+
+
+def test_bad_lines_name_their_line(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"prompt": "ok"}\n{"prompt": "a", "num_images": 0}\n')
+  with pytest.raises(RunError, match=r"bad.jsonl line 2: \"num_images\" must be a positive"):
+    Plan([], str(path), num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=10)
+  path.write_text('{"prompt": "ok"}\n{"prompt": "a", "seed": -1}\n')
+  plan = Plan([], str(path), num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=1)
+  assert list(plan.jobs(0))[0].prompt == "ok"  # a bad line is found when reached
+  with pytest.raises(RunError, match=r"bad.jsonl line 2: \"seed\" must be a non-negative"):
+    list(plan.jobs(1))
+  for text in ("", "\n \n"):
+    path.write_text(text)
+    with pytest.raises(RunError, match="holds no prompts"):
+      Plan([], str(path), num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=1)
+  with pytest.raises(RunError, match="does not exist"):
+    Plan([], str(tmp_path / "missing.txt"), num_images_per_prompt=1, seed=0,
+         negative_prompt="", shard_size=1)
+
+
+_MEMORY_PROBE = """
+import json, sys, tracemalloc
+from sdjax.plan import Plan
+tracemalloc.start()
+plan = Plan([], sys.argv[1], num_images_per_prompt=1, seed=0, negative_prompt="",
+            shard_size=1000)
+last = list(plan.jobs(plan.num_shards - 1))
+print(json.dumps([plan.total, last[-1].index, last[-1].prompt,
+                  tracemalloc.get_traced_memory()[1]]))
+"""
+
+
+def test_memory_does_not_grow_with_the_file(tmp_path):
+  """400k prompts (~30 MB): planning and reading the last shard stay under 2 MB of Python heap,
+  where a list of the jobs alone takes over 100 MB."""
+  path = tmp_path / "big.jsonl"
+  with open(path, "w") as f:
+    for i in range(400_000):
+      f.write(json.dumps({"prompt": f"a red circle number {i} on a blue background"}) + "\n")
+  proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path)], capture_output=True,
+                        text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  total, last, prompt, peak = json.loads(proc.stdout.splitlines()[-1])
+  assert (total, last) == (400_000, 399_999)
+  assert prompt.startswith("a red circle number 399999")
+  assert peak < 2 * 2**20, peak
