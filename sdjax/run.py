@@ -68,6 +68,7 @@ class RunConfig:
   show_progress: bool = True
   loras: tuple[tuple[str, float], ...] = ()  # (file or hub file, scale)
   embeddings: tuple[tuple[str, str | None], ...] = ()  # (file or hub file, token or None)
+  prompt_syntax: str = "plain"  # or "a1111": weights, long prompts, BREAK, prompt editing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,9 @@ def validate(cfg: RunConfig) -> None:
                    f"scheduler {cfg.scheduler!r}")
   if not 0 <= cfg.seed < 2**32:
     raise RunError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+  if cfg.prompt_syntax not in sampling.PROMPT_SYNTAXES:
+    raise RunError(f"--prompt_syntax must be one of {', '.join(sampling.PROMPT_SYNTAXES)}, "
+                   f"got {cfg.prompt_syntax!r}")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -147,6 +151,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["images_per_folder"] = cfg.images_per_folder
   if cfg.eta:  # absent when 0: older folders still match
     settings["eta"] = cfg.eta
+  if cfg.prompt_syntax != "plain":
+    settings["prompt_syntax"] = cfg.prompt_syntax
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.embeddings:
@@ -360,25 +366,41 @@ class _Sampler:
     self.state = parallel.replicate(state, mesh)
     self.scalars = parallel.replicate((np.float32(cfg.guidance_scale), np.float32(0.0)), mesh)
     self.sampler = parallel.sharded_sampler(mesh, spec, pipe)
-    self.compiled, self.compile_seconds = None, 0.0
+    self.state_host = state
+    self.compiled, self.compile_seconds = {}, 0.0  # per prompt-input shape (A1111 buckets)
+
+  def _prompt_inputs(self, jobs):
+    """Token inputs for a process's jobs; A1111 buckets agree across processes."""
+    prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt for j in jobs]
+    kw = dict(syntax=self.cfg.prompt_syntax, steps=self.cfg.steps, spec=self.spec,
+              state=self.state_host, bucket_variants=True)
+    cond, uncond = sampling.prompt_inputs(self.pipe, prompts, negatives, **kw)
+    sizes = sampling.input_sizes(cond, uncond)
+    if sizes is not None and jax.process_count() > 1:
+      agreed = tuple(parallel.max_over_processes(n) for n in sizes)
+      if agreed != sizes:
+        cond, uncond = sampling.prompt_inputs(self.pipe, prompts, negatives, sizes=agreed, **kw)
+    return cond, uncond
 
   def __call__(self, batch):
     jobs = [job for _, job in batch]
     shard = lambda a: parallel.shard_batch(self.mesh, a, self.global_batch)  # noqa: E731
-    args = (self.params, shard(self.pipe.tokenize([j.prompt for j in jobs])),
-            shard(self.pipe.tokenize([j.negative_prompt for j in jobs])),
+    cond, uncond = self._prompt_inputs(jobs)
+    args = (self.params, jax.tree.map(shard, cond), jax.tree.map(shard, uncond),
             shard(np.asarray([j.seed for j in jobs], np.uint32)), *self.scalars, self.state)
-    if self.compiled is None:
+    key = str(jax.tree.map(np.shape, (cond, uncond)))
+    if key not in self.compiled:
       t0 = time.perf_counter()
-      self.compiled = aot.load_or_compile(self.sampler, args,
-                                          aot.sampler_statics(self.spec, self.pipe))
-      self.compile_seconds = time.perf_counter() - t0
-      logging.info("compiled the sampler for %dx%d, %d steps, %d per device in %.1f s",
-                   self.spec.latent_hw[1] * self.pipe.vae_scale,
+      self.compiled[key] = aot.load_or_compile(self.sampler, args,
+                                               aot.sampler_statics(self.spec, self.pipe))
+      self.compile_seconds += time.perf_counter() - t0
+      logging.info("compiled the sampler for %dx%d, %d steps, %d per device, prompts %s in "
+                   "%.1f s", self.spec.latent_hw[1] * self.pipe.vae_scale,
                    self.spec.latent_hw[0] * self.pipe.vae_scale, self.cfg.steps,
-                   self.cfg.batch_size, self.compile_seconds)
+                   self.cfg.batch_size, sampling.input_sizes(cond, uncond) or "plain",
+                   time.perf_counter() - t0)
     try:
-      return self.compiled(*args)
+      return self.compiled[key](*args)
     except Exception as e:  # noqa: BLE001 - XLA reports OOM as a generic runtime error
       text = str(e)
       if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:

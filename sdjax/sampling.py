@@ -243,29 +243,42 @@ def strip_extra_networks(prompt: str, allow_lora: bool = False) -> str:
 
 def prompt_inputs(pipe, prompts: Sequence[str], negatives: Sequence[str], *, syntax: str,
                   steps: int, spec: SampleSpec, state, embeddings=None,
-                  bucket_variants: bool = False, allow_lora: bool = False):
+                  sizes: tuple[int, int, int] | None = None, bucket_variants: bool = False,
+                  allow_lora: bool = False):
   """What the sampling program takes for the prompts: token ids [B, 77] (`plain`, as diffusers:
   truncated at 77 tokens) or, for `a1111`, two `PromptBatch`es with one chunk count.
 
   A1111 counts schedule steps in denoiser calls of a run of `steps` steps (twice as many for
-  second-order samplers); img2img counts from its first call.
+  second-order samplers); img2img counts from its first call. `sizes` = (chunks, prompt variants,
+  negative variants) forces the buckets (all processes of a run must agree on them);
+  `bucket_variants` rounds variant counts up to powers of two, so fewer shapes compile.
+  `embeddings` {trigger: [n, D]} default to the pipeline's textual-inversion embeddings.
   """
   if syntax not in PROMPT_SYNTAXES:
     raise ValueError(f"unknown prompt syntax {syntax!r}; use one of {', '.join(PROMPT_SYNTAXES)}")
   if syntax == "plain":
     return pipe.tokenize(prompts), pipe.tokenize(negatives)
+  if embeddings is None and getattr(pipe, "embeddings", None):
+    embeddings = {token: e.vectors["text_encoder"] for token, e in pipe.embeddings.items()}
   kwargs = dict(steps=steps * spec.scheduler.order, calls=len(state.timesteps) - spec.begin,
                 embeddings=embeddings)
   parsed = [prompt_lib.parse_prompts([strip_extra_networks(p, allow_lora) for p in texts],
                                      pipe.tokenizer, **kwargs) for texts in (prompts, negatives)]
-  chunks = max(p.chunks for group in parsed for p in group)
-  packed = []
-  for group in parsed:
-    variants = max(len(p.variants) for p in group)
-    variants = prompt_lib.bucket(variants) if bucket_variants else variants
-    packed.append(prompt_lib.pack_prompts(group, pipe.tokenizer, chunks=chunks,
-                                          variants=variants, embeddings=embeddings))
-  return tuple(packed)
+  if sizes is None:
+    variants = [max(len(p.variants) for p in group) for group in parsed]
+    if bucket_variants:
+      variants = [prompt_lib.bucket(v) for v in variants]
+    sizes = (max(p.chunks for group in parsed for p in group), *variants)
+  return tuple(prompt_lib.pack_prompts(group, pipe.tokenizer, chunks=sizes[0], variants=v,
+                                       embeddings=embeddings)
+               for group, v in zip(parsed, sizes[1:], strict=True))
+
+
+def input_sizes(cond, uncond) -> tuple[int, int, int] | None:
+  """(chunks, prompt variants, negative variants) of `prompt_inputs`' A1111 batches."""
+  if not isinstance(cond, prompt_lib.PromptBatch):
+    return None
+  return cond.ids.shape[2], cond.ids.shape[1], uncond.ids.shape[1]
 
 
 def generate(

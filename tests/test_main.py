@@ -337,3 +337,27 @@ def test_lora_and_embedding_flags(reference_run, model, cache, tmp_path):
   assert settings["loras"] == [[lora, 0.5]] and settings["embeddings"] == [[emb, None]]
   ours, before = _pixels(out)["000000.png"], _pixels(reference_run)["000000.png"]
   assert np.abs(ours.astype(int) - before).max() > 10
+
+
+def test_a1111_prompt_syntax(model, cache, tmp_path):
+  """A1111 prompts from a file: kept as written in manifest and PNG, each image as if alone."""
+  prompts = ["a (red:1.3) circle, " * 16 + "BREAK [cat|dog]", "a [blue:green:1] (square:0.7)"]
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p, "negative_prompt": "[red|blue]"}) + "\n"
+                          for p in prompts))
+  out = str(tmp_path / "out")
+  main_py(["--model", model, "--prompts_file", str(path), *COMMON, "--batch_size", "2",
+           "--seed", "7", "--output_dir", out, "--compilation_cache", cache])
+  records = _manifest(out)
+  assert [r["prompt"] for r in records] == prompts
+  assert Image.open(os.path.join(out, records[0]["file"])).text["parameters"].startswith(
+      prompts[0] + "\nNegative prompt: [red|blue]\n")
+  pipe = sdjax.load_pipeline(model)
+  alone = pipe.generate(prompts[1], negative_prompts="[red|blue]", steps=2, guidance_scale=3,
+                        scheduler="euler_ancestral", height=16, width=16, seed=8,
+                        prompt_syntax="a1111")
+  written = np.asarray(Image.open(os.path.join(out, records[1]["file"])), np.float32)
+  assert np.abs(alone[0] * 255 - written).max() <= 1.0
+  plain = pipe.generate(prompts[1], negative_prompts="[red|blue]", steps=2, guidance_scale=3,
+                        scheduler="euler_ancestral", height=16, width=16, seed=8)
+  assert np.abs(plain[0] * 255 - written).max() > 1.0
