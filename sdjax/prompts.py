@@ -575,7 +575,9 @@ def bucket(n: int) -> int:
 
 
 # -- weighted encoding (traced) --------------------------------------------------------------------
-Encoder = Callable[..., jax.Array]  # (ids [N, 77], token_embeds or None) -> hidden [N, 77, D]
+# (ids [N, 77], token_embeds or None) -> hidden [N, 77, D], or (hidden, pooled [N, P]) for
+# SDXL's second text encoder.
+Encoder = Callable[..., Any]
 
 
 def emphasize(z, weights, counts, chunks):
@@ -597,16 +599,26 @@ def emphasize(z, weights, counts, chunks):
   return weighted * scale[:, None, :, None, None]
 
 
-def encode_weighted(encode: Encoder, batch: PromptBatch) -> jax.Array:
-  """Every variant's conditioning [B, V, K * 77, D]: chunks encoded apart, then concatenated."""
+def encode_weighted(encode: Encoder, batch: PromptBatch):
+  """Every variant's conditioning [B, V, K * 77, D]: chunks encoded apart, then concatenated.
+
+  With an encoder that also returns pooled outputs, returns (conditioning, pooled [B, V, P]) with
+  the pooled output of each variant's first chunk, unweighted (as A1111 for SDXL). SDXL's two
+  text encoders are two calls, each with its tokenizer's batch; their contexts concatenate on D.
+  """
   b, v, k, length = batch.ids.shape
   token_embeds = None
   if batch.token_embeds is not None:
     vectors, where = batch.token_embeds
     token_embeds = (vectors.reshape(b * v * k, length, -1), where.reshape(b * v * k, length))
-  z = encode(batch.ids.reshape(b * v * k, length), token_embeds).astype(jnp.float32)
-  z = emphasize(z.reshape(b, v, k, length, -1), batch.weights, batch.counts, batch.chunks)
-  return z.reshape(b, v, k * length, -1)  # B, V, K*77, D
+  out = encode(batch.ids.reshape(b * v * k, length), token_embeds)
+  z, pooled = out if isinstance(out, tuple) else (out, None)
+  z = emphasize(z.astype(jnp.float32).reshape(b, v, k, length, -1), batch.weights, batch.counts,
+                batch.chunks)
+  z = z.reshape(b, v, k * length, -1)  # B, V, K*77, D
+  if pooled is None:
+    return z
+  return z, pooled.reshape(b, v, k, -1)[:, :, 0]  # B, V, P
 
 
 def context_bias(batch: PromptBatch) -> jax.Array | None:

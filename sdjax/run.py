@@ -69,6 +69,7 @@ class RunConfig:
   loras: tuple[tuple[str, float], ...] = ()  # (file or hub file, scale)
   embeddings: tuple[tuple[str, str | None], ...] = ()  # (file or hub file, token or None)
   prompt_syntax: str = "plain"  # or "a1111": weights, long prompts, BREAK, prompt editing
+  lora_dir: str | None = None  # a1111: where <lora:name:w> tags find name.safetensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,15 @@ def parse_path_arg(spec: str, convert, default, flag: str = "--lora", value: str
     return head, convert(tail)
   except ValueError:
     raise RunError(f"{flag} {spec}: the {value} after ':' must be a {convert.__name__}") from None
+
+
+def embeddings_in_dir(folder: str) -> tuple[tuple[str, None], ...]:
+  """Every textual-inversion file in `folder` (A1111's embeddings folder), trigger = file stem."""
+  if not os.path.isdir(folder):
+    raise RunError(f"--embeddings_dir {folder} is not a folder")
+  names = sorted(n for n in os.listdir(folder)
+                 if n.lower().endswith((".pt", ".safetensors", ".bin")) and not n.startswith("."))
+  return tuple((os.path.join(folder, n), None) for n in names)
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -135,6 +145,20 @@ def validate(cfg: RunConfig) -> None:
   if cfg.prompt_syntax not in sampling.PROMPT_SYNTAXES:
     raise RunError(f"--prompt_syntax must be one of {', '.join(sampling.PROMPT_SYNTAXES)}, "
                    f"got {cfg.prompt_syntax!r}")
+  if cfg.prompt_syntax == "a1111":  # the inline prompts fail here; a file's when reached
+    from sdjax import prompts  # noqa: PLC0415
+
+    for line in cfg.prompts:
+      for text in (line.prompt, line.negative_prompt or cfg.negative_prompt):
+        prompts.parse_prompt_attention(prompts.lora_tags(text)[0])
+  if cfg.lora_dir is not None:
+    if cfg.prompt_syntax != "a1111":
+      raise RunError("--lora_dir applies <lora:...> tags, which need --prompt_syntax a1111")
+    if not os.path.isdir(cfg.lora_dir):
+      raise RunError(f"--lora_dir {cfg.lora_dir} is not a folder")
+    if (cfg.num_processes or 1) > 1:
+      raise RunError("<lora:...> tags (--lora_dir) need a single-process run: every device of a "
+                     "batch shares its weights")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -153,6 +177,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["eta"] = cfg.eta
   if cfg.prompt_syntax != "plain":
     settings["prompt_syntax"] = cfg.prompt_syntax
+  if cfg.lora_dir is not None:
+    settings["lora_dir"] = cfg.lora_dir
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.embeddings:
@@ -303,15 +329,19 @@ def _generate(cfg, pipe, plan, work, sink, metadata):
                                  scheduler=metadata.scheduler, height=metadata.height,
                                  width=metadata.width, guidance_scale=cfg.guidance_scale,
                                  eta=cfg.eta)
-  run_batch = _Sampler(cfg, pipe, mesh, spec, state)
+  lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
+  run_batch = _Sampler(cfg, pipe, mesh, spec, state, lora_set)
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
-  batches = _batches(work.jobs(plan), local_batch)
+  batches = _batches(work.jobs(plan), local_batch, lora_set)
   made, start, pending, interrupted, progress = 0, None, None, False, None
   try:
     with _StopFlag() as stop:
-      for _ in range(steps):
+      # LoRA sets split batches, so their count is known only at the end (one process).
+      for _ in range(steps) if lora_set is None else iter(int, 1):
         batch = next(batches)
+        if lora_set is not None and all(shard is None for shard, _ in batch):
+          break
         images = run_batch(batch)  # dispatched: the devices work while the host writes
         if progress is None:  # compiled: from here on the bar's rate and ETA mean something
           start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
@@ -329,10 +359,44 @@ def _generate(cfg, pipe, plan, work, sink, metadata):
   return made, time.perf_counter() - start, run_batch.compile_seconds, interrupted
 
 
-def _batches(jobs: Iterator[tuple[int, ImageJob]], size: int) -> Iterator[list]:
-  """Lists of `size` (shard, job); padded with copies (never written) once jobs run out."""
+class _LoraSets:
+  """A prompt's `<lora:name:te:unet>` tags as `apply_loras` entries (files in `lora_dir`)."""
+
+  EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
+
+  def __init__(self, lora_dir: str):
+    self.lora_dir, self._cache = lora_dir, {}
+
+  def __call__(self, prompt: str) -> tuple[tuple[str, float, float], ...]:
+    if prompt not in self._cache:
+      from sdjax import prompts  # noqa: PLC0415
+
+      if len(self._cache) > 10000:  # the prompts file is streamed: keep memory flat
+        self._cache.clear()
+
+      _, tags = prompts.lora_tags(prompt)
+      self._cache[prompt] = tuple((self.file(t.name), t.unet_scale, t.te_scale) for t in tags)
+    return self._cache[prompt]
+
+  def file(self, name: str) -> str:
+    for ext in ("", *self.EXTENSIONS):
+      path = os.path.join(self.lora_dir, name + ext)
+      if os.path.isfile(path):
+        return path
+    raise RunError(f"<lora:{name}>: no {name}{{{','.join(self.EXTENSIONS)}}} in --lora_dir "
+                   f"{self.lora_dir}")
+
+
+def _batches(jobs: Iterator[tuple[int, ImageJob]], size: int, lora_set=None) -> Iterator[list]:
+  """Lists of `size` (shard, job); padded with copies (never written) once jobs run out.
+
+  With `lora_set`, a batch holds one LoRA set: a job with another set starts a new batch.
+  """
   batch = []
   for item in jobs:
+    if batch and lora_set is not None and lora_set(item[1].prompt) != lora_set(batch[0][1].prompt):
+      yield batch + [(None, batch[-1][1])] * (size - len(batch))
+      batch = []
     batch.append(item)
     if len(batch) == size:
       yield batch
@@ -359,8 +423,9 @@ def _write(writer, metadata, batch, images, progress) -> int:
 class _Sampler:
   """The compiled, sharded sampler: a process's batch of jobs -> a dispatched global batch."""
 
-  def __init__(self, cfg, pipe, mesh, spec, state):
+  def __init__(self, cfg, pipe, mesh, spec, state, lora_set=None):
     self.cfg, self.pipe, self.mesh, self.spec = cfg, pipe, mesh, spec
+    self.lora_set, self.loras = lora_set, ()
     self.global_batch = cfg.batch_size * mesh.size
     self.params = parallel.replicate(pipe.params, mesh)
     self.state = parallel.replicate(state, mesh)
@@ -373,7 +438,7 @@ class _Sampler:
     """Token inputs for a process's jobs; A1111 buckets agree across processes."""
     prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt for j in jobs]
     kw = dict(syntax=self.cfg.prompt_syntax, steps=self.cfg.steps, spec=self.spec,
-              state=self.state_host, bucket_variants=True)
+              state=self.state_host, bucket_variants=True, allow_lora=self.lora_set is not None)
     cond, uncond = sampling.prompt_inputs(self.pipe, prompts, negatives, **kw)
     sizes = sampling.input_sizes(cond, uncond)
     if sizes is not None and jax.process_count() > 1:
@@ -382,9 +447,21 @@ class _Sampler:
         cond, uncond = sampling.prompt_inputs(self.pipe, prompts, negatives, sizes=agreed, **kw)
     return cond, uncond
 
+  def _use_loras(self, prompt: str) -> None:
+    """Merges the batch's LoRA set into the weights, once per change of set."""
+    loras = self.lora_set(prompt)
+    if loras != self.loras:
+      from sdjax.checkpoints import lora  # noqa: PLC0415
+
+      params = lora.apply_loras(self.pipe, list(loras)) if loras else self.pipe.params
+      self.params, self.loras = parallel.replicate(params, self.mesh), loras
+      logging.info("LoRA set %s merged", loras)
+
   def __call__(self, batch):
     jobs = [job for _, job in batch]
     shard = lambda a: parallel.shard_batch(self.mesh, a, self.global_batch)  # noqa: E731
+    if self.lora_set is not None:
+      self._use_loras(jobs[0].prompt)
     cond, uncond = self._prompt_inputs(jobs)
     args = (self.params, jax.tree.map(shard, cond), jax.tree.map(shard, uncond),
             shard(np.asarray([j.seed for j in jobs], np.uint32)), *self.scalars, self.state)

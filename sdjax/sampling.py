@@ -236,8 +236,8 @@ def strip_extra_networks(prompt: str, allow_lora: bool = False) -> str:
   text, loras = prompt_lib.lora_tags(prompt)
   if loras and not allow_lora:
     raise prompt_lib.PromptError(
-        f"prompt {prompt!r} has <lora:...> tags: generate() does not apply LoRAs from tags "
-        "(main.py does, with --lora_dir)")
+        f"prompt {prompt!r} has <lora:...> tags, which only main.py applies (with --lora_dir); "
+        "or load the LoRA with load_pipeline(loras=...)")
   return text
 
 

@@ -253,6 +253,19 @@ def test_embedding_triggers(clip):
          {"house": vectors}, fixes=[(0, 1, 1, vectors)])
 
 
+def test_pooled_output_from_first_chunk(clip):
+  """An encoder with a pooled output (SDXL's second) gives each variant's first-chunk pool."""
+  tok = clip[0]
+  batch = prompts.pack_prompts(["[" + CAT * 80 + ":dog:2]"], tok, steps=10, calls=10)
+
+  def encode(ids, token_embeds):  # pooled = the ids themselves, to see which chunk it came from
+    return jnp.ones((*ids.shape, 4)), ids.astype(jnp.float32)
+
+  context, pooled = prompts.encode_weighted(encode, jax.tree.map(jnp.asarray, batch))
+  assert context.shape == (1, 2, 2 * 77, 4)
+  np.testing.assert_array_equal(pooled[0], batch.ids[0, :, 0])
+
+
 # -- through generate(): schedules switch at A1111's calls; padding is masked ---------------------
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
