@@ -14,9 +14,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sdjax import run
+from sdjax.conditioning import MicroConditioning
 
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
-                "batch_size", "dtype", "eta")
+                "batch_size", "dtype", "eta", "refiner", "refiner_start")
 
 flags.DEFINE_string("model", None, "diffusers folder, hub id, or single checkpoint file "
                     "(.safetensors/.ckpt; default: the built-in model)")
@@ -72,13 +73,24 @@ flags.DEFINE_string("compilation_cache", None, "persistent compilation cache fol
 flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+flags.DEFINE_string("refiner", None, "SDXL: refiner folder or hub id to finish each image")
+flags.DEFINE_float("refiner_start", None, "SDXL: fraction of the schedule after which the "
+                   "refiner takes over (default 0.8)")
+flags.DEFINE_list("original_size", None, "SDXL micro-conditioning: HEIGHT,WIDTH "
+                  "(default: the output size)")
+flags.DEFINE_list("crops_coords_top_left", ["0", "0"], "SDXL micro-conditioning: TOP,LEFT")
+flags.DEFINE_list("target_size", None, "SDXL micro-conditioning: HEIGHT,WIDTH "
+                  "(default: the output size)")
+flags.DEFINE_float("aesthetic_score", 6.0, "SDXL refiner: aesthetic score conditioning")
+flags.DEFINE_float("negative_aesthetic_score", 2.5, "SDXL refiner: negative aesthetic score")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a preset from configs/")
 
 FLAGS = flags.FLAGS
 
 
 def _run_config() -> run.RunConfig:
-  values = dict(steps=50, guidance_scale=7.5, batch_size=1, dtype="float32", eta=0.0)
+  values = dict(steps=50, guidance_scale=7.5, batch_size=1, dtype="float32", eta=0.0,
+                refiner_start=0.8)
   preset = _CONFIG.value
   if preset is None and FLAGS.model is None:
     from configs import builtin  # noqa: PLC0415
@@ -104,7 +116,27 @@ def _run_config() -> run.RunConfig:
       embeddings=tuple(run.parse_path_arg(s, str, None, "--embedding", "token")
                        for s in FLAGS.embedding)
       + (run.embeddings_in_dir(FLAGS.embeddings_dir) if FLAGS.embeddings_dir else ()),
-      **values)
+      micro=_micro_conditioning(), **values)
+
+
+def _pair(name: str):
+  value = FLAGS[name].value
+  if value is None:
+    return None
+  try:
+    pair = tuple(int(v) for v in value)
+  except ValueError:
+    pair = ()
+  if len(pair) != 2:
+    raise run.RunError(f"--{name} must be two integers A,B, got {','.join(value)}")
+  return pair
+
+
+def _micro_conditioning() -> MicroConditioning:
+  return MicroConditioning(
+      original_size=_pair("original_size"), crops_coords_top_left=_pair("crops_coords_top_left"),
+      target_size=_pair("target_size"), aesthetic_score=FLAGS.aesthetic_score,
+      negative_aesthetic_score=FLAGS.negative_aesthetic_score)
 
 
 def main(argv):

@@ -100,9 +100,11 @@ def load_or_compile(jitted, args, what: str, directory: str | None = None):
   return compiled
 
 
-def sampler_statics(spec, pipe) -> str:
-  """What fixes a sampling program beside its arguments: the spec and the networks' configs."""
-  return repr((spec, pipe.text_encoder, pipe.unet, pipe.vae))
+def sampler_statics(spec, pipe, refiner=None) -> str:
+  """What fixes a sampling program beside its arguments: the spec and the networks' configs
+  (and an SDXL refiner stage's: `(spec, pipeline)`)."""
+  stage = None if refiner is None else (refiner[0], refiner[1].networks)
+  return repr((spec, pipe.networks, stage))
 
 
 def _save(path: str, key: str, compiled, args) -> None:

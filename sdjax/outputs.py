@@ -1,4 +1,8 @@
-"""What a batch generation run writes to its output folder, safe to resume and to share.
+"""Output files safe to resume and to share: A1111 text, atomic writes, previews, a manifest.
+
+`run.py` writes through `sinks.py` (one writer per shard, per-shard manifests); the shared,
+append-only `Manifest` and `finished` below are the older single-folder scheme, kept for tools
+that append to one folder from several processes.
 
 A run may be killed at any instant and several processes may write into one folder at once (each
 its own images, all one manifest). The rules that make that safe:
@@ -89,7 +93,7 @@ def _a1111_quote(value: Any) -> str:
 def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str,
                      cfg_scale: float, seed: int, width: int, height: int, model: str,
                      model_hash: str | None = None, eta: float = 0.0,
-                     version: str | None = None) -> str:
+                     version: str | None = None, extra: dict[str, Any] | None = None) -> str:
   """The text AUTOMATIC1111's web UI stores in (and reads from) a PNG `parameters` chunk.
 
   ```
@@ -104,7 +108,7 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
   names, written under its A1111 name (`A1111_SAMPLER_NAMES`); other names pass through. An
   empty `model`, `model_hash` (A1111's short hash, see `short_hash`) or `version` is left out,
   and so is a zero `eta` (DDIM's); A1111 writes `Model hash` before `Model`, `Eta` after it and
-  `Version` last.
+  `Version` last. `extra` fields (e.g. `Refiner`) come before `Version`, in order.
   """
   params = {
       "Steps": int(steps),
@@ -115,6 +119,7 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
       "Model hash": model_hash or None,
       "Model": model or None,
       "Eta": float(eta) if eta else None,
+      **(extra or {}),
       "Version": version or None,
   }
   line = ", ".join(f"{k}: {_a1111_quote(v)}" for k, v in params.items() if v is not None)
@@ -528,10 +533,12 @@ def index_html(records: Mapping[int, dict] | Iterable[dict], *, total: int | Non
   title = f"{total} images" + (f" (the first {len(records)} shown)" if total > len(records)
                                else "")
   parts = [_HTML_HEAD.format(title=esc(title))]
+  shards = list(shards)
+  if shards:  # the images are inside tars: the grid shows them
+    parts.append(f'<figure><img src="{GRID_NAME}" alt="grid of the first images"></figure>\n')
   for record in records:
     parts.append(_figure(record, esc))
   parts.append("</main>\n")
-  shards = list(shards)
   if shards:
     parts.append(f"<h2>{len(shards)} WebDataset shards</h2>\n<ul>\n")
     parts.extend(f'<li><a href="{esc(urllib.parse.quote(s))}">{esc(s)}</a></li>\n'

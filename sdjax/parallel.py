@@ -64,25 +64,38 @@ def shard_batch(mesh: Mesh, local_data: np.ndarray, global_batch: int):
   return jax.make_array_from_process_local_data(sharding, local_data, shape)
 
 
-def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe):
+def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None):
   """The sampling program, run per device on its share of a global batch.
 
-  Returns a jitted `f(params, cond_ids, uncond_ids, seeds, guidance_scale, guidance_rescale,
-  state) -> images`, whose batch arguments are sharded along the mesh's data axis.
+  Returns a jitted `f(params, cond, seeds, guidance_scale, guidance_rescale, state) -> images`;
+  `cond` is a `sampling.Conditioning` whose leaves, like `seeds`, are sharded along the mesh's
+  data axis (see `shard_tree`). With `refiner=(refiner_spec, refiner_pipe)` (an SDXL
+  base -> refiner handoff, `spec` ending in latents) `params`, `cond` and `state` are
+  (base, refiner) pairs and both stages run in the one program.
   """
   latent_shape = (*spec.latent_hw, pipe.unet.config.in_channels)
+  nets = pipe.networks
 
-  def per_device(params, cond_ids, uncond_ids, seeds, guidance_scale, guidance_rescale, state):
+  def per_device(params, cond, seeds, guidance_scale, guidance_rescale, state):
     noise = sampling.initial_noise(seeds, latent_shape)
-    return sampling.sample_fn(spec, pipe.text_encoder, pipe.unet, pipe.vae, params, cond_ids,
-                              uncond_ids, seeds, noise, guidance_scale, guidance_rescale, None,
-                              state)
+    if refiner is None:
+      return sampling.sample_fn(spec, nets, params, cond, seeds, noise, guidance_scale,
+                                guidance_rescale, None, state)
+    latents = sampling.sample_fn(spec, nets, params[0], cond[0], seeds, noise, guidance_scale,
+                                 guidance_rescale, None, state[0])
+    return sampling.sample_fn(refiner[0], refiner[1].networks, params[1], cond[1], seeds, noise,
+                              guidance_scale, guidance_rescale, latents, state[1])
 
   batch = P(DATA)
   fn = jax.shard_map(per_device, mesh=mesh,
-                     in_specs=(P(), batch, batch, batch, P(), P(), P()),
+                     in_specs=(P(), batch, batch, P(), P(), P()),
                      out_specs=batch, check_vma=False)
   return jax.jit(fn)
+
+
+def shard_tree(mesh: Mesh, tree, global_batch: int):
+  """`shard_batch` on every leaf of a pytree of this process's rows (a `Conditioning`)."""
+  return jax.tree.map(lambda x: shard_batch(mesh, np.asarray(x), global_batch), tree)
 
 
 def local_rows(array) -> list[tuple[int, np.ndarray]]:

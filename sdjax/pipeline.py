@@ -1,8 +1,10 @@
-"""A Stable Diffusion pipeline: the three networks, their params, tokenizer and scheduler config.
+"""A Stable Diffusion pipeline: the networks, their params, tokenizers and scheduler config.
 
-`load_pipeline(source)` reads a diffusers-format folder or Hugging Face hub id. The component API
-(`tokenize`, `encode_text`, `predict_noise`, `vae_decode`, `vae_encode`) is jit-compiled and
-NHWC, and takes numpy or jax arrays.
+`load_pipeline(source)` reads a diffusers-format folder or Hugging Face hub id: SD 1.x / 2.x
+(`StableDiffusionPipeline`), SDXL (`StableDiffusionXLPipeline`: two text encoders) and the SDXL
+refiner (`StableDiffusionXLImg2ImgPipeline` with only `text_encoder_2`). The component API
+(`tokenize`, `encode_text`, `encode_prompt`, `predict_noise`, `vae_decode`, `vae_encode`) is
+jit-compiled and NHWC, and takes numpy or jax arrays.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from sdjax import sampling
+from sdjax import conditioning, sampling
 from sdjax.checkpoints import embeddings as textual_inversion
 from sdjax.checkpoints import hub, lora, single_file, standard
 from sdjax.checkpoints.weights import (
@@ -32,11 +34,14 @@ from sdjax.checkpoints.weights import (
   write_safetensors,
 )
 from sdjax.models import config_utils
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
+_SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                 "StableDiffusionXLInpaintPipeline")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -61,28 +66,40 @@ def init_params(module, *args, seed: int = 0):
   return jax.jit(lambda key: module.init(key, *args))(jax.random.key(seed))["params"]
 
 
-def _example_inputs(unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, vae_cfg: VAEConfig):
+def _example_inputs(unet_cfg: UNetConfig, text_cfg: CLIPTextConfig | None, vae_cfg: VAEConfig,
+                    text_cfg_2: CLIPTextConfig | None = None):
   """Smallest valid inputs, for shape inference of each network's param tree."""
   s = unet_cfg.downscale
-  return {
-      "unet": (jnp.zeros((1, s, s, unet_cfg.in_channels)), jnp.zeros((1,)),
-               jnp.zeros((1, 1, unet_cfg.cross_attention_dim))),
-      "text_encoder": (jnp.zeros((1, text_cfg.max_position_embeddings), jnp.int32),),
-      "vae": (jnp.zeros((1, vae_cfg.downscale, vae_cfg.downscale, vae_cfg.in_channels)),),
-  }
+  unet = (jnp.zeros((1, s, s, unet_cfg.in_channels)), jnp.zeros((1,)),
+          jnp.zeros((1, 1, unet_cfg.cross_attention_dim)))
+  if unet_cfg.addition_embed_type == "text_time":
+    # Any split of add_embedding's input width into pooled text and one time id has its shapes.
+    width = unet_cfg.projection_class_embeddings_input_dim - unet_cfg.addition_time_embed_dim
+    unet += (jnp.zeros((1, width)), jnp.zeros((1, 1)))
+  out = {"unet": unet,
+         "vae": (jnp.zeros((1, vae_cfg.downscale, vae_cfg.downscale, vae_cfg.in_channels)),)}
+  for name, cfg in (("text_encoder", text_cfg), ("text_encoder_2", text_cfg_2)):
+    if cfg is not None:
+      out[name] = (jnp.zeros((1, cfg.max_position_embeddings), jnp.int32),)
+  return out
 
 
 @dataclasses.dataclass(eq=False)
 class Pipeline:
   """The networks (Flax modules), their params, the tokenizer and the scheduler config."""
 
-  text_encoder: CLIPTextModel
+  text_encoder: CLIPTextModel | None  # None for the SDXL refiner
   unet: UNet2DConditionModel
   vae: AutoencoderKL
   params: dict[str, Any]
   tokenizer: Any
   scheduler_config: dict[str, Any]
   name: str = "sdjax"
+  # SDXL: the second text encoder (with projection) and its tokenizer; model_index options.
+  text_encoder_2: CLIPTextModelWithProjection | None = None
+  tokenizer_2: Any = None
+  force_zeros_for_empty_prompt: bool = False
+  requires_aesthetics_score: bool = False
   # Textual-inversion embeddings by token (`checkpoints.embeddings.Embedding`: vectors per
   # text encoder); their tokens are already in the tokenizer and the embedding table.
   embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -91,6 +108,14 @@ class Pipeline:
   @property
   def dtype(self):
     return self.unet.dtype
+
+  @property
+  def is_sdxl(self) -> bool:
+    return self.text_encoder_2 is not None
+
+  @property
+  def networks(self) -> conditioning.Networks:
+    return conditioning.Networks(self.text_encoder, self.text_encoder_2, self.unet, self.vae)
 
   @property
   def vae_scale(self) -> int:
@@ -107,29 +132,63 @@ class Pipeline:
 
   @property
   def max_length(self) -> int:
-    return self.text_encoder.config.max_position_embeddings
+    return (self.text_encoder or self.text_encoder_2).config.max_position_embeddings
 
   # -- component API ------------------------------------------------------------------------------
   def tokenize(self, prompts) -> np.ndarray:
     """Prompts -> int32 token ids [B, 77], padded and truncated as Stable Diffusion does."""
-    if isinstance(prompts, str):
-      prompts = [prompts]
-    prompts = [textual_inversion.expand_prompt(p, self.embeddings) for p in prompts]
-    ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
-                         truncation=True, return_tensors="np")["input_ids"]
-    return np.asarray(ids, dtype=np.int32)
+    if self.tokenizer is None:
+      return self.tokenize_2(prompts)
+    return _tokenize(self.tokenizer, prompts, self.max_length, self.embeddings)
+
+  def tokenize_2(self, prompts) -> np.ndarray:
+    """As `tokenize`, with SDXL's second tokenizer (the one for `text_encoder_2`)."""
+    if self.tokenizer_2 is None:
+      raise ValueError("this pipeline has no second tokenizer (not SDXL)")
+    return _tokenize(self.tokenizer_2, prompts,
+                     self.text_encoder_2.config.max_position_embeddings, self.embeddings)
+
+  def encode_prompt(self, prompts, negative_prompts=None, prompts_2=None,
+                    negative_prompts_2=None, clip_skip: int | None = None):
+    """(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+    negative_pooled_prompt_embeds) as diffusers' pipelines' `encode_prompt` with guidance.
+
+    SD 1.x / 2.x: the text encoder's output, the pooled ones None. SDXL: both encoders'
+    penultimate hidden states concatenated and the second's projected pooled state; with no
+    negative prompt and `force_zeros_for_empty_prompt`, zeros. `clip_skip` applies to the
+    prompts only, as in diffusers.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negatives = sampling._as_list(negative_prompts, len(prompts), "negative_prompts")  # noqa: SLF001
+    conditioning.check_clip_skip(self.networks, clip_skip)
+    cond = sampling.make_conditioning(self, prompts, negatives, prompts_2=prompts_2,
+                                      negative_prompts_2=negative_prompts_2,
+                                      size=(self.native_size, self.native_size))
+    negative, positive = _encode_prompt(self.networks, self._text_params(),
+                                        jax.tree.map(jnp.asarray, cond), clip_skip)
+    return positive.context, negative.context, positive.text_embeds, negative.text_embeds
+
+  def _text_params(self):
+    return {k: v for k, v in self.params.items() if k.startswith("text_encoder")}
 
   def encode_text(self, ids, clip_skip: int | None = None) -> jax.Array:
     """Token ids [B, 77] -> prompt embeddings [B, 77, D] (the last hidden state by default)."""
     return _encode_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids),
                         clip_skip)
 
-  def predict_noise(self, x, t, ctx) -> jax.Array:
-    """UNet output [B, h, w, 4] for latents x [B, h, w, 4], timesteps t [B], context ctx."""
+  def predict_noise(self, x, t, ctx, text_embeds=None, time_ids=None) -> jax.Array:
+    """UNet output [B, h, w, 4] for latents x [B, h, w, 4], timesteps t [B], context ctx.
+
+    SDXL also takes diffusers' `added_cond_kwargs`: `text_embeds` [B, P], `time_ids` [B, K].
+    """
     x = jnp.asarray(x)
     self._check_latent_size(x.shape[1:3])
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-    return _predict_noise(self.unet, self.params["unet"], x, t, jnp.asarray(ctx))
+    if self.unet.config.addition_embed_type and (text_embeds is None or time_ids is None):
+      raise ValueError("this SDXL UNet needs text_embeds and time_ids")
+    extra = (None, None) if text_embeds is None else (
+        jnp.asarray(text_embeds), jnp.asarray(time_ids, jnp.float32))
+    return _predict_noise(self.unet, self.params["unet"], x, t, jnp.asarray(ctx), *extra)
 
   def vae_decode(self, z) -> jax.Array:
     """Latents [B, h, w, 4] (already divided by the scaling factor) -> images [B, H, W, 3]."""
@@ -153,6 +212,15 @@ class Pipeline:
                height: int | None = None, width: int | None = None, seed: int = 0,
                latents=None, init_images=None, strength: float = 0.8,
                guidance_rescale: float = 0.0, clip_skip: int | None = None,
+               prompts_2=None, negative_prompts_2=None,
+               original_size: tuple[int, int] | None = None,
+               crops_coords_top_left: tuple[int, int] = (0, 0),
+               target_size: tuple[int, int] | None = None,
+               negative_original_size: tuple[int, int] | None = None,
+               negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+               negative_target_size: tuple[int, int] | None = None,
+               aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+               refiner: Pipeline | None = None, refiner_start: float = 0.8,
                eta: float = 0.0, prompt_syntax: str = "plain",
                embeddings=None) -> np.ndarray:
     """Text-to-image (or image-to-image with `init_images`) generation.
@@ -171,6 +239,14 @@ class Pipeline:
       strength: img2img: how much of the schedule to run (1.0 ignores the image).
       guidance_rescale: rescales guided noise towards the conditional one's std (0 = off).
       clip_skip: condition on the text encoder's output this many layers before the last.
+      prompts_2, negative_prompts_2: SDXL: prompts for the second text encoder (default: the
+        same as `prompts` / `negative_prompts`).
+      original_size, crops_coords_top_left, target_size, negative_*: SDXL micro-conditioning,
+        (height, width) / (top, left), as diffusers' arguments of the same names.
+      aesthetic_score, negative_aesthetic_score: the refiner's aesthetic conditioning.
+      refiner: an SDXL refiner pipeline: the base denoises until `refiner_start` of the schedule
+        (diffusers' `denoising_end`) and the refiner finishes from its latents
+        (`denoising_start`), with the same steps, scheduler and guidance.
       eta: DDIM's stochasticity (diffusers' `eta`; 0 is deterministic DDIM, 1 DDPM-like); its
         step noise comes from each image's seed. Only the `ddim` scheduler takes it.
       prompt_syntax: "plain" (diffusers: text truncated at 77 tokens) or "a1111" (AUTOMATIC1111's
@@ -180,16 +256,22 @@ class Pipeline:
     Returns:
       float32 images [N, H, W, 3] in [0, 1].
     """
+    micro = conditioning.MicroConditioning(
+        original_size, tuple(crops_coords_top_left), target_size, negative_original_size,
+        tuple(negative_crops_coords_top_left), negative_target_size, aesthetic_score,
+        negative_aesthetic_score)
     return sampling.generate(
         self, prompts, negative_prompts=negative_prompts, steps=steps,
         guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
         seed=seed, latents=latents, init_images=init_images, strength=strength,
-        guidance_rescale=guidance_rescale, clip_skip=clip_skip, eta=eta,
-        prompt_syntax=prompt_syntax, embeddings=embeddings)
+        guidance_rescale=guidance_rescale, clip_skip=clip_skip, prompts_2=prompts_2,
+        negative_prompts_2=negative_prompts_2, micro=micro, refiner=refiner,
+        refiner_start=refiner_start, eta=eta, prompt_syntax=prompt_syntax,
+        embeddings=embeddings)
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:
-    """Writes a diffusers-format folder that diffusers' `StableDiffusionPipeline` loads."""
+    """Writes a diffusers-format folder that diffusers' pipeline class (SD, SDXL, refiner) loads."""
     save_pretrained(self, folder)
 
   def save_single_file(self, path: str, dtype: str = "float32") -> None:
@@ -203,9 +285,14 @@ def _encode_text(module, params, ids, clip_skip):
   return module.apply({"params": params}, ids, clip_skip)["prompt_embeds"]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode_prompt(nets, params, cond, clip_skip):
+  return conditioning.encode(nets, params, cond, clip_skip, None)
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _predict_noise(module, params, x, t, ctx):
-  return module.apply({"params": params}, x, t, ctx)
+def _predict_noise(module, params, x, t, ctx, text_embeds=None, time_ids=None):
+  return module.apply({"params": params}, x, t, ctx, text_embeds, time_ids)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -216,6 +303,15 @@ def _vae_decode(module, params, z):
 @functools.partial(jax.jit, static_argnums=0)
 def _vae_encode(module, params, x):
   return module.apply({"params": params}, x, method=AutoencoderKL.encode).mean
+
+
+def _tokenize(tokenizer, prompts, max_length: int, embeddings) -> np.ndarray:
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  prompts = [textual_inversion.expand_prompt(p, embeddings) for p in prompts]
+  ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                  return_tensors="np")["input_ids"]
+  return np.asarray(ids, dtype=np.int32)
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -242,46 +338,71 @@ class _Source:
 
   unet: UNetConfig
   vae: VAEConfig
-  text_encoder: CLIPTextConfig
+  text_encoder: CLIPTextConfig | None
   scheduler_config: dict[str, Any]
   tokenizer: Any
   read_states: Any  # (expected param trees) -> {component: diffusers-layout state dict}
+  # SDXL: the second encoder and tokenizer; model_index flags (Pipeline fields).
+  text_encoder_2: CLIPTextConfig | None = None
+  tokenizer_2: Any = None
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _folder_source(folder: str, variant: str | None) -> _Source:
   if not os.path.isfile(os.path.join(folder, "model_index.json")):
     raise PipelineError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-  for name in COMPONENTS:
+  index = config_utils.read_json(os.path.join(folder, "model_index.json"))
+  names = _component_names(index)
+  for name in names:
     if not os.path.isdir(os.path.join(folder, name)):
       raise PipelineError(f"{folder} has no {name}/ folder")
+
+  def text_config(name):
+    return CLIPTextConfig.from_dict(_read_component_config(folder, name)) if name in names else None
+
+  sdxl = index.get("_class_name") in _SDXL_CLASSES
   return _Source(
       unet=UNetConfig.from_dict(_read_component_config(folder, "unet")),
       vae=VAEConfig.from_dict(_read_component_config(folder, "vae")),
-      text_encoder=CLIPTextConfig.from_dict(_read_component_config(folder, "text_encoder")),
+      text_encoder=text_config("text_encoder"),
       scheduler_config=_read_component_config(folder, "scheduler"),
-      tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
+      tokenizer=_load_tokenizer_if(folder, "tokenizer", names),
       read_states=lambda expected: {
           name: read_state_dict(os.path.join(folder, name), name, variant=variant)
           for name in expected},
+      text_encoder_2=text_config("text_encoder_2"),
+      tokenizer_2=_load_tokenizer_if(folder, "tokenizer_2", names),
+      options={
+          "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", sdxl)),
+          "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
+      },
   )
 
 
 def _single_file_configs(family: str, config: str | None, prediction_type: str | None,
-                         revision: str | None, path: str) -> tuple[dict[str, Any], Any]:
-  """(raw component configs, tokenizer): from a `config` folder / hub id, else built in."""
+                         revision: str | None, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(raw configs by component, plus "model_index" options; tokenizers by name): from a
+  `config` folder / hub id, else sdjax's built-in standard config of the family."""
   if config is None:
     if family == "sd2" and prediction_type is None:
       logging.info("%s: SD2 weights do not say their prediction type; assuming 768-v "
                    "(v_prediction). Pass prediction_type='epsilon' for 512-base models.", path)
     raw = standard.standard_config(single_file.standard_config_name(family, prediction_type))
-    return raw, standard.clip_tokenizer(raw["tokenizer"]["pad_token"])
+    tokenizers = {name: standard.clip_tokenizer(raw[name]["pad_token"])
+                  for name in ("tokenizer", "tokenizer_2") if name in raw}
+    return raw, tokenizers
   folder = hub.resolve_source(config, revision=revision, configs_only=True)
-  for name in COMPONENTS:
+  index_path = os.path.join(folder, "model_index.json")
+  index = config_utils.read_json(index_path) if os.path.isfile(index_path) else {}
+  names = _component_names(index)
+  for name in names:
     if not os.path.isdir(os.path.join(folder, name)):
       raise PipelineError(f"config {config} has no {name}/ folder")
-  raw = {name: _read_component_config(folder, name)
-         for name in ("unet", "vae", "text_encoder", "scheduler")}
-  return raw, load_tokenizer(os.path.join(folder, "tokenizer"))
+  raw = {name: _read_component_config(folder, name) for name in names
+         if not name.startswith("tokenizer")}
+  raw["model_index"] = index
+  return raw, {name: load_tokenizer(os.path.join(folder, name)) for name in names
+               if name.startswith("tokenizer")}
 
 
 def _single_file_source(path: str, config: str | None, prediction_type: str | None,
@@ -289,20 +410,37 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   """A single original-layout file, with configs from `config` or the family's standard ones."""
   state = single_file.read_single_file(path)
   family = single_file.detect_family(state, path)
-  raw, tokenizer = _single_file_configs(family, config, prediction_type, revision, path)
-  text_cfg = CLIPTextConfig.from_dict(raw["text_encoder"])
-  if single_file.config_family(text_cfg) != family:
-    raise PipelineError(f"{path} is an {family.upper()} checkpoint but config {config} is "
-                        f"{single_file.config_family(text_cfg).upper()}")
+  raw, tokenizers = _single_file_configs(family, config, prediction_type, revision, path)
+  text_cfgs = {name: CLIPTextConfig.from_dict(raw[name])
+               for name in ("text_encoder", "text_encoder_2") if name in raw}
+  config_family = single_file.config_family(text_cfgs)
+  if config_family != family:
+    raise PipelineError(f"{path} is an {_family_name(family)} checkpoint but config {config} is "
+                        f"{_family_name(config_family)}")
   unet_cfg = UNetConfig.from_dict(raw["unet"])
   vae_cfg = VAEConfig.from_dict(raw["vae"])
 
   def read_states(expected):
     keys = {n: [torch_key(p) for p in traverse_util.flatten_dict(tree)]
             for n, tree in expected.items()}
-    return single_file.split_state(state, family, unet_cfg, text_cfg, vae_cfg, keys, path)
+    return single_file.split_state(state, family, unet_cfg, text_cfgs.get("text_encoder"),
+                                   vae_cfg, keys, path)
 
-  return _Source(unet_cfg, vae_cfg, text_cfg, dict(raw["scheduler"]), tokenizer, read_states)
+  index = raw.get("model_index", {})
+  sdxl = family.startswith("sdxl")
+  return _Source(
+      unet_cfg, vae_cfg, text_cfgs.get("text_encoder"), dict(raw["scheduler"]),
+      tokenizers.get("tokenizer"), read_states, text_encoder_2=text_cfgs.get("text_encoder_2"),
+      tokenizer_2=tokenizers.get("tokenizer_2"),
+      options={
+          "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", sdxl)),
+          "requires_aesthetics_score": bool(index.get("requires_aesthetics_score",
+                                                      family == "sdxl_refiner")),
+      })
+
+
+def _family_name(family: str) -> str:
+  return family.replace("_", " ").upper()
 
 
 def _vae_source(vae: str, default_cfg: VAEConfig, revision: str | None):
@@ -342,7 +480,8 @@ def load_pipeline(
   Args:
     source: a diffusers-format folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
       `tokenizer/`, `scheduler/`), a Hugging Face hub id, a single original-layout checkpoint
-      file (`.safetensors`, `.ckpt`, `.pt`, `.bin`; SD1 or SD2), or None for the built-in model.
+      file (`.safetensors`, `.ckpt`, `.pt`, `.bin`; SD1, SD2, SDXL base or refiner), or None for
+      the built-in model.
     dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
     param_dtype: dtype the params are stored in (default: `dtype`).
     variant: weight file variant to prefer, e.g. "fp16".
@@ -382,12 +521,10 @@ def load_pipeline(
   if prediction_type is not None:
     scheduler_config["prediction_type"] = prediction_type
 
-  modules = {
-      "unet": UNet2DConditionModel(src.unet, compute, store),
-      "vae": AutoencoderKL(vae_cfg, compute, store),
-      "text_encoder": CLIPTextModel(src.text_encoder, compute, store),
-  }
-  examples = _example_inputs(src.unet, src.text_encoder, vae_cfg)
+  text_cfgs = {name: cfg for name, cfg in (("text_encoder", src.text_encoder),
+                                           ("text_encoder_2", src.text_encoder_2)) if cfg}
+  modules = _modules(src.unet, vae_cfg, text_cfgs, compute, store)
+  examples = _example_inputs(src.unet, src.text_encoder, vae_cfg, src.text_encoder_2)
   expected = {name: _expected_params(m, *examples[name]) for name, m in modules.items()}
   states = src.read_states({n: t for n, t in expected.items() if n != "vae" or read_vae is None})
   if read_vae is not None:
@@ -396,13 +533,16 @@ def load_pipeline(
                                                np.dtype(store)))
             for name in modules}
   pipe = Pipeline(
-      text_encoder=modules["text_encoder"],
+      text_encoder=modules.get("text_encoder"),
       unet=modules["unet"],
       vae=modules["vae"],
       params=params,
       tokenizer=src.tokenizer,
       scheduler_config=scheduler_config,
       name=_pipeline_name(source, config, vae, prediction_type),
+      text_encoder_2=modules.get("text_encoder_2"),
+      tokenizer_2=src.tokenizer_2,
+      **src.options,
   )
   return add_extras(pipe, loras=loras, embeddings=embeddings)
 
@@ -412,25 +552,65 @@ def add_extras(pipe: Pipeline, *, loras=(), embeddings=()) -> Pipeline:
   if embeddings:
     pipe = textual_inversion.add_embeddings(pipe, embeddings)
   if loras:
-    pipe = dataclasses.replace(pipe, params=lora.merge_loras(pipe.params, loras))
+    pipe = dataclasses.replace(pipe, params=lora.apply_loras(pipe, loras))
   return pipe
 
 
-def build_pipeline(unet_cfg, vae_cfg, text_cfg, tokenizer, scheduler_config, params=None, *,
-                   dtype="float32", seed: int = 0, name: str = "sdjax") -> Pipeline:
-  """A pipeline from configs, with given params or freshly initialised ones."""
-  compute = parse_dtype(dtype)
+def _listed(index: dict[str, Any], name: str) -> bool | None:
+  """Whether model_index.json names a component (None when it does not mention it)."""
+  entry = index.get(name)
+  if entry is None:
+    return None
+  return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+
+def _component_names(index: dict[str, Any]) -> list[str]:
+  """The components to load: the SD set, less a text encoder the index lists as absent (the
+  refiner's), plus SDXL's second encoder when listed."""
+  names = [n for n in COMPONENTS if _listed(index, n) is not False]
+  names += [n for n in SDXL_COMPONENTS if _listed(index, n)]
+  if not any(n.startswith("text_encoder") for n in names):
+    raise PipelineError("model_index.json lists no text encoder")
+  return names
+
+
+def _load_tokenizer_if(folder: str, name: str, names: list[str]):
+  return load_tokenizer(os.path.join(folder, name)) if name in names else None
+
+
+def _modules(unet_cfg, vae_cfg, text_cfgs, compute, store=None) -> dict[str, Any]:
+  store = store or compute
   modules = {
-      "unet": UNet2DConditionModel(unet_cfg, compute),
-      "vae": AutoencoderKL(vae_cfg, compute),
-      "text_encoder": CLIPTextModel(text_cfg, compute),
+      "unet": UNet2DConditionModel(unet_cfg, compute, store),
+      "vae": AutoencoderKL(vae_cfg, vae_cfg.compute_dtype(compute), store),
   }
+  if "text_encoder" in text_cfgs:
+    modules["text_encoder"] = CLIPTextModel(text_cfgs["text_encoder"], compute, store)
+  if "text_encoder_2" in text_cfgs:
+    modules["text_encoder_2"] = CLIPTextModelWithProjection(text_cfgs["text_encoder_2"], compute,
+                                                            store)
+  return modules
+
+
+def build_pipeline(unet_cfg, vae_cfg, text_cfg, tokenizer, scheduler_config, params=None, *,
+                   dtype="float32", seed: int = 0, name: str = "sdjax", text_cfg_2=None,
+                   tokenizer_2=None, **options) -> Pipeline:
+  """A pipeline from configs, with given params or freshly initialised ones.
+
+  `text_cfg_2` / `tokenizer_2` make an SDXL pipeline (`text_cfg=None`: a refiner); `options` are
+  model_index flags (`force_zeros_for_empty_prompt`, `requires_aesthetics_score`).
+  """
+  compute = parse_dtype(dtype)
+  text_cfgs = {k: v for k, v in (("text_encoder", text_cfg), ("text_encoder_2", text_cfg_2))
+               if v is not None}
+  modules = _modules(unet_cfg, vae_cfg, text_cfgs, compute)
   if params is None:
-    examples = _example_inputs(unet_cfg, text_cfg, vae_cfg)
+    examples = _example_inputs(unet_cfg, text_cfg, vae_cfg, text_cfg_2)
     params = {n: init_params(m, *examples[n], seed=seed + i)
               for i, (n, m) in enumerate(modules.items())}
-  return Pipeline(modules["text_encoder"], modules["unet"], modules["vae"], params, tokenizer,
-                  dict(scheduler_config), name)
+  return Pipeline(modules.get("text_encoder"), modules["unet"], modules["vae"], params, tokenizer,
+                  dict(scheduler_config), name, modules.get("text_encoder_2"), tokenizer_2,
+                  **options)
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -445,26 +625,50 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
   os.replace(tmp, path)
 
 
-def save_pretrained(pipe: Pipeline, folder: str) -> None:
-  """Writes `pipe` as a diffusers-format folder (float32 safetensors weights)."""
-  for name in COMPONENTS:
-    os.makedirs(os.path.join(folder, name), exist_ok=True)
-  version = {"_diffusers_version": _DIFFUSERS_VERSION}
-  scheduler_class = pipe.scheduler_config.get("_class_name", "PNDMScheduler")
-  _write_json(os.path.join(folder, "model_index.json"), {
-      "_class_name": "StableDiffusionPipeline", **version,
-      "feature_extractor": [None, None], "safety_checker": [None, None],
-      "image_encoder": [None, None], "requires_safety_checker": False,
+def _model_index(pipe: Pipeline, scheduler_class: str) -> dict[str, Any]:
+  index = {
+      "_diffusers_version": _DIFFUSERS_VERSION,
+      "feature_extractor": [None, None], "image_encoder": [None, None],
       "scheduler": ["diffusers", scheduler_class],
-      "text_encoder": ["transformers", "CLIPTextModel"],
-      "tokenizer": ["transformers", "CLIPTokenizer"],
       "unet": ["diffusers", "UNet2DConditionModel"],
       "vae": ["diffusers", "AutoencoderKL"],
-  })
+  }
+  clip = ["transformers", "CLIPTextModel"] if pipe.text_encoder else [None, None]
+  tokenizer = ["transformers", "CLIPTokenizer"] if pipe.tokenizer else [None, None]
+  index.update(text_encoder=clip, tokenizer=tokenizer)
+  if not pipe.is_sdxl:
+    return {**index, "_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
+            "requires_safety_checker": False}
+  refiner = pipe.text_encoder is None
+  return {**index,
+          "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner
+          else "StableDiffusionXLPipeline",
+          "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+          "tokenizer_2": ["transformers", "CLIPTokenizer"],
+          "force_zeros_for_empty_prompt": pipe.force_zeros_for_empty_prompt,
+          **({"requires_aesthetics_score": pipe.requires_aesthetics_score} if refiner else {})}
+
+
+def _text_encoder_state(params) -> dict[str, np.ndarray]:
+  """transformers' layout: the text model under `text_model.`, its projection beside it."""
+  body = {k: v for k, v in params.items() if k != "text_projection"}
+  state = flax_to_torch(body, prefix=TEXT_PREFIX)
+  if "text_projection" in params:
+    state.update(flax_to_torch({"text_projection": params["text_projection"]}))
+  return state
+
+
+def save_pretrained(pipe: Pipeline, folder: str) -> None:
+  """Writes `pipe` as a diffusers-format folder (float32 safetensors weights)."""
+  version = {"_diffusers_version": _DIFFUSERS_VERSION}
+  scheduler_class = pipe.scheduler_config.get("_class_name", "PNDMScheduler")
+  index = _model_index(pipe, scheduler_class)
+  for name, entry in index.items():
+    if isinstance(entry, list) and entry[0] is not None:
+      os.makedirs(os.path.join(folder, name), exist_ok=True)
+  _write_json(os.path.join(folder, "model_index.json"), index)
   _write_json(os.path.join(folder, "unet", "config.json"), {**pipe.unet.config.to_dict(), **version})
   _write_json(os.path.join(folder, "vae", "config.json"), {**pipe.vae.config.to_dict(), **version})
-  _write_json(os.path.join(folder, "text_encoder", "config.json"),
-              pipe.text_encoder.config.to_dict())
   _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
               {**pipe.scheduler_config, "_class_name": scheduler_class, **version})
 
@@ -475,9 +679,16 @@ def save_pretrained(pipe: Pipeline, folder: str) -> None:
                     flax_to_torch(f32(pipe.params["unet"])))
   write_safetensors(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"),
                     flax_to_torch(f32(pipe.params["vae"])))
-  write_safetensors(os.path.join(folder, "text_encoder", "model.safetensors"),
-                    flax_to_torch(f32(pipe.params["text_encoder"]), prefix=TEXT_PREFIX))
-  pipe.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+  encoders = (("text_encoder", pipe.text_encoder, pipe.tokenizer, "tokenizer", "CLIPTextModel"),
+              ("text_encoder_2", pipe.text_encoder_2, pipe.tokenizer_2, "tokenizer_2",
+               "CLIPTextModelWithProjection"))
+  for name, module, tokenizer, tok_name, architecture in encoders:
+    if module is None:
+      continue
+    _write_json(os.path.join(folder, name, "config.json"), module.config.to_dict(architecture))
+    write_safetensors(os.path.join(folder, name, "model.safetensors"),
+                      _text_encoder_state(f32(pipe.params[name])))
+    tokenizer.save_pretrained(os.path.join(folder, tok_name))
 
 
 def save_single_file(pipe: Pipeline, path: str, dtype: str = "float32") -> None:
@@ -486,11 +697,14 @@ def save_single_file(pipe: Pipeline, path: str, dtype: str = "float32") -> None:
     raise PipelineError(f"save_single_file dtype {dtype!r}: use float32 or float16")
   if not path.endswith(".safetensors"):
     raise PipelineError(f"save_single_file writes .safetensors, not {path}")
+  names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in pipe.params]
   states = {name: flax_to_torch(jax.tree.map(lambda x: np.asarray(x, dtype), pipe.params[name]))
-            for name in ("unet", "vae", "text_encoder")}
-  family = single_file.config_family(pipe.text_encoder.config)
-  state = single_file.to_original(family, pipe.unet.config, pipe.vae.config, states)
-  write_safetensors(path, state)
+            for name in names}
+  text_cfgs = {n: getattr(pipe, n).config for n in ("text_encoder", "text_encoder_2")
+               if getattr(pipe, n) is not None}
+  family = single_file.config_family(text_cfgs)
+  write_safetensors(path, single_file.to_original(family, pipe.unet.config, pipe.vae.config,
+                                                  states))
 
 
 __all__ = ["Pipeline", "PipelineError", "WeightsError", "build_pipeline", "load_pipeline"]

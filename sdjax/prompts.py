@@ -496,19 +496,21 @@ class _Prompt:
     return max(len(v.ids) for v in self.variants)
 
 
-def _prompt(text: str, tokenizer, steps: int, calls: int, triggers, comma_backtrack) -> _Prompt:
+def _prompt(text: str, tokenizer, steps: int, calls: int, triggers, comma_backtrack,
+            first_call: int = 0) -> _Prompt:
   schedule = prompt_schedule(text, steps)
   texts = list(dict.fromkeys(t for _, t in schedule))
   counts = [sum(t == u for _, u in schedule) for t in texts]
   ends = [end for end, _ in schedule]
-  per_call = tuple(texts.index(schedule[schedule_index(ends, c)][1]) for c in range(calls))
+  per_call = tuple(texts.index(schedule[schedule_index(ends, c)][1])
+                   for c in range(first_call, first_call + calls))
   variants = tuple(tokenize_chunks(t, tokenizer, triggers, comma_backtrack) for t in texts)
   return _Prompt(variants, tuple(counts), per_call)
 
 
 def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
                   embeddings: Mapping[str, Any] | None = None,
-                  comma_backtrack: int = COMMA_BACKTRACK) -> list[_Prompt]:
+                  comma_backtrack: int = COMMA_BACKTRACK, first_call: int = 0) -> list[_Prompt]:
   """Schedules and tokenizes prompts (A1111 syntax, extra-network tags already removed).
 
   Args:
@@ -518,9 +520,11 @@ def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
       second-order samplers).
     calls: denoiser calls the sampler makes; the schedule table has one entry per call.
     embeddings: textual-inversion vectors {trigger word: [n, D]} for this text encoder.
+    first_call: A1111's call counter at the first call (a refiner continues the base's count).
   """
   triggers = TriggerTable(tokenizer, embeddings) if embeddings else None
-  return [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack) for p in prompts]
+  return [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack, first_call)
+          for p in prompts]
 
 
 def pack_prompts(prompts: Sequence[str] | Sequence[_Prompt], tokenizer, *, steps: int = 1,

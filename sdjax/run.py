@@ -25,6 +25,7 @@ from absl import logging
 
 import sdjax
 from sdjax import aot, outputs, parallel, sampling, sinks
+from sdjax.conditioning import MicroConditioning
 from sdjax.plan import ImageJob, Plan, PromptLine, RunError, read_prompts_file
 
 __all__ = ["ImageJob", "PromptLine", "RunConfig", "RunError", "RunSummary", "generate_run",
@@ -70,6 +71,10 @@ class RunConfig:
   embeddings: tuple[tuple[str, str | None], ...] = ()  # (file or hub file, token or None)
   prompt_syntax: str = "plain"  # or "a1111": weights, long prompts, BREAK, prompt editing
   lora_dir: str | None = None  # a1111: where <lora:name:w> tags find name.safetensors
+  # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
+  refiner: str | None = None
+  refiner_start: float = 0.8
+  micro: MicroConditioning = MicroConditioning()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +164,8 @@ def validate(cfg: RunConfig) -> None:
     if (cfg.num_processes or 1) > 1:
       raise RunError("<lora:...> tags (--lora_dir) need a single-process run: every device of a "
                      "batch shares its weights")
+  if cfg.refiner is not None and not 0.0 < cfg.refiner_start < 1.0:
+    raise RunError(f"--refiner_start must be in (0, 1), got {cfg.refiner_start}")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -183,7 +190,28 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.embeddings:
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
-  return settings
+  return {**settings, **_sdxl_record(cfg, pipe)}
+
+
+def _sdxl_record(cfg: RunConfig, pipe) -> dict[str, Any]:
+  """SDXL's extra settings (none for SD1/SD2, whose records stay as they were)."""
+  if not pipe.is_sdxl:
+    return {}
+  record = {"micro_conditioning": cfg.micro.to_dict()}
+  if cfg.refiner is not None:
+    record.update(refiner=cfg.refiner, refiner_start=cfg.refiner_start)
+  return record
+
+
+def _load_refiner(cfg: RunConfig, pipe):
+  if cfg.refiner is None:
+    return None
+  if not pipe.is_sdxl:
+    raise RunError("--refiner needs an SDXL base model")
+  refiner = sdjax.load_pipeline(cfg.refiner, cfg.dtype)
+  if not refiner.is_sdxl:
+    raise RunError(f"--refiner {cfg.refiner} is not an SDXL pipeline")
+  return refiner
 
 
 def _check_settings(store: sinks.Store, settings: dict[str, Any], overwrite: bool) -> None:
@@ -306,7 +334,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   parallel.barrier("planned")  # every process has listed the shards before anyone writes
 
   made, seconds, compile_s, interrupted = _generate(cfg, pipe, plan, work, sink,
-                                                    _Metadata(cfg, pipe, height, width, scheduler))
+                                                    _Metadata(cfg, pipe, height, width, scheduler),
+                                                    _load_refiner(cfg, pipe))
   parallel.barrier("generated")
   merged = False
   if jax.process_index() == 0 and not interrupted:
@@ -318,19 +347,22 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   return summary
 
 
-def _generate(cfg, pipe, plan, work, sink, metadata):
+def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
   """Runs the compiled sampler over this process's work; (images, seconds, compile s, stop)."""
   mesh = parallel.make_mesh()
   local_batch = cfg.batch_size * jax.local_device_count()
   steps = parallel.max_over_processes(math.ceil(work.images / local_batch))
   if not steps:
     return 0, 0.0, 0.0, False
-  spec, state = sampling.prepare(pipe, cfg.batch_size, steps=cfg.steps,
-                                 scheduler=metadata.scheduler, height=metadata.height,
-                                 width=metadata.width, guidance_scale=cfg.guidance_scale,
-                                 eta=cfg.eta)
+  common = dict(steps=cfg.steps, scheduler=metadata.scheduler, height=metadata.height,
+                width=metadata.width, guidance_scale=cfg.guidance_scale, eta=cfg.eta)
+  spec, state = sampling.prepare(pipe, cfg.batch_size, **common,
+                                 denoising_end=cfg.refiner_start if refiner else None)
+  if refiner is not None:  # (spec, state, pipeline) of the second stage, in the same program
+    refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
+                                 denoising_start=cfg.refiner_start), refiner)
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
-  run_batch = _Sampler(cfg, pipe, mesh, spec, state, lora_set)
+  run_batch = _Sampler(cfg, pipe, mesh, spec, state, refiner, lora_set)
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
   batches = _batches(work.jobs(plan), local_batch, lora_set)
@@ -423,58 +455,85 @@ def _write(writer, metadata, batch, images, progress) -> int:
 class _Sampler:
   """The compiled, sharded sampler: a process's batch of jobs -> a dispatched global batch."""
 
-  def __init__(self, cfg, pipe, mesh, spec, state, lora_set=None):
-    self.cfg, self.pipe, self.mesh, self.spec = cfg, pipe, mesh, spec
+  def __init__(self, cfg, pipe, mesh, spec, state, refiner=None, lora_set=None):
+    self.cfg, self.pipe, self.mesh, self.spec, self.refiner = cfg, pipe, mesh, spec, refiner
     self.lora_set, self.loras = lora_set, ()
     self.global_batch = cfg.batch_size * mesh.size
-    self.params = parallel.replicate(pipe.params, mesh)
+    params, stage = pipe.params, None
+    if refiner is not None:  # (base, refiner) pairs of params and states
+      params, state, stage = (params, refiner[2].params), (state, refiner[1]), refiner[::2]
+    self.params = parallel.replicate(params, mesh)
     self.state = parallel.replicate(state, mesh)
     self.scalars = parallel.replicate((np.float32(cfg.guidance_scale), np.float32(0.0)), mesh)
-    self.sampler = parallel.sharded_sampler(mesh, spec, pipe)
-    self.state_host = state
+    self.sampler = parallel.sharded_sampler(mesh, spec, pipe, stage)
+    self.statics = aot.sampler_statics(spec, pipe, stage)
+    self.host_state = state if refiner is None else state[0]
     self.compiled, self.compile_seconds = {}, 0.0  # per prompt-input shape (A1111 buckets)
 
-  def _prompt_inputs(self, jobs):
-    """Token inputs for a process's jobs; A1111 buckets agree across processes."""
-    prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt for j in jobs]
-    kw = dict(syntax=self.cfg.prompt_syntax, steps=self.cfg.steps, spec=self.spec,
-              state=self.state_host, bucket_variants=True, allow_lora=self.lora_set is not None)
-    cond, uncond = sampling.prompt_inputs(self.pipe, prompts, negatives, **kw)
-    sizes = sampling.input_sizes(cond, uncond)
+  def _a1111(self, sizes=None):
+    if self.cfg.prompt_syntax != "a1111":
+      return None
+    return sampling.a1111_options(self.spec, self.host_state, self.cfg.steps, sizes=sizes,
+                                  bucket_variants=True, allow_lora=self.lora_set is not None)
+
+  def _conditioning(self, jobs):
+    """The batch's conditioning ((base, refiner) with a refiner). An empty negative prompt is no
+    negative prompt: zeros where the checkpoint asks for them (SDXL base). A1111 buckets agree
+    across processes."""
+    cond = self._make_conditioning(jobs, self._a1111())
+    sizes = sampling.input_sizes(cond[0] if self.refiner else cond)
     if sizes is not None and jax.process_count() > 1:
       agreed = tuple(parallel.max_over_processes(n) for n in sizes)
       if agreed != sizes:
-        cond, uncond = sampling.prompt_inputs(self.pipe, prompts, negatives, sizes=agreed, **kw)
-    return cond, uncond
+        cond = self._make_conditioning(jobs, self._a1111(agreed))
+    return cond
+
+  def _make_conditioning(self, jobs, a1111):
+    size = (self.spec.latent_hw[0] * self.pipe.vae_scale,
+            self.spec.latent_hw[1] * self.pipe.vae_scale)
+    prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt or None for j in jobs]
+    cond = sampling.make_conditioning(self.pipe, prompts, negatives, micro=self.cfg.micro,
+                                      size=size, a1111=a1111)
+    if self.refiner is None:
+      return cond
+    spec, state, refiner = self.refiner
+    if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
+      a1111 = sampling.a1111_options(spec, state, self.cfg.steps, first_call=a1111.calls,
+                                     bucket_variants=True, allow_lora=a1111.allow_lora)
+    return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
+                                            size=size, img2img=True, a1111=a1111)
 
   def _use_loras(self, prompt: str) -> None:
-    """Merges the batch's LoRA set into the weights, once per change of set."""
+    """Merges the batch's LoRA set into the base weights, once per change of set."""
     loras = self.lora_set(prompt)
     if loras != self.loras:
       from sdjax.checkpoints import lora  # noqa: PLC0415
 
       params = lora.apply_loras(self.pipe, list(loras)) if loras else self.pipe.params
+      if self.refiner is not None:
+        params = (params, self.refiner[2].params)
       self.params, self.loras = parallel.replicate(params, self.mesh), loras
       logging.info("LoRA set %s merged", loras)
 
   def __call__(self, batch):
     jobs = [job for _, job in batch]
-    shard = lambda a: parallel.shard_batch(self.mesh, a, self.global_batch)  # noqa: E731
     if self.lora_set is not None:
       self._use_loras(jobs[0].prompt)
-    cond, uncond = self._prompt_inputs(jobs)
-    args = (self.params, jax.tree.map(shard, cond), jax.tree.map(shard, uncond),
-            shard(np.asarray([j.seed for j in jobs], np.uint32)), *self.scalars, self.state)
-    key = str(jax.tree.map(np.shape, (cond, uncond)))
+    cond = self._conditioning(jobs)
+    args = (self.params, parallel.shard_tree(self.mesh, cond, self.global_batch),
+            parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),
+                                 self.global_batch),
+            *self.scalars, self.state)
+    key = str(jax.tree.map(np.shape, cond))
     if key not in self.compiled:
       t0 = time.perf_counter()
-      self.compiled[key] = aot.load_or_compile(self.sampler, args,
-                                               aot.sampler_statics(self.spec, self.pipe))
+      self.compiled[key] = aot.load_or_compile(self.sampler, args, self.statics)
       self.compile_seconds += time.perf_counter() - t0
       logging.info("compiled the sampler for %dx%d, %d steps, %d per device, prompts %s in "
                    "%.1f s", self.spec.latent_hw[1] * self.pipe.vae_scale,
                    self.spec.latent_hw[0] * self.pipe.vae_scale, self.cfg.steps,
-                   self.cfg.batch_size, sampling.input_sizes(cond, uncond) or "plain",
+                   self.cfg.batch_size,
+                   sampling.input_sizes(cond[0] if self.refiner else cond) or "plain",
                    time.perf_counter() - t0)
     try:
       return self.compiled[key](*args)
@@ -546,6 +605,7 @@ class _Metadata:
         "guidance_scale": cfg.guidance_scale, "eta": cfg.eta, "height": self.height, "width": self.width,
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
+        **_sdxl_record(cfg, self.pipe),
     }
 
   def parameters(self, job: ImageJob) -> str:
@@ -554,4 +614,23 @@ class _Metadata:
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=cfg.steps,
         sampler=self.scheduler, cfg_scale=cfg.guidance_scale, seed=job.seed, width=self.width,
         height=self.height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
-        version=f"sdjax {sdjax.__version__}")
+        version=f"sdjax {sdjax.__version__}", extra=self._a1111_extra())
+
+  def _a1111_extra(self) -> dict[str, Any]:
+    """A1111's names for the refiner; sdjax's for the micro-conditioning (A1111 has none)."""
+    cfg = self.cfg
+    if not self.pipe.is_sdxl:
+      return {}
+    m = cfg.micro
+    extra = {"Original size": _size_text(m.original_size or (self.height, self.width)),
+             "Crop": _size_text(m.crops_coords_top_left),
+             "Target size": _size_text(m.target_size or (self.height, self.width))}
+    if cfg.refiner is not None:
+      extra.update({"Refiner": cfg.refiner, "Refiner switch at": cfg.refiner_start,
+                    "Aesthetic score": m.aesthetic_score,
+                    "Negative aesthetic score": m.negative_aesthetic_score})
+    return extra
+
+
+def _size_text(hw) -> str:
+  return f"{int(hw[1])}x{int(hw[0])}"  # width x height, as A1111's Size

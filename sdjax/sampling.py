@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import conditioning, schedulers
 from sdjax import prompts as prompt_lib
-from sdjax import schedulers
+from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
 from sdjax.models.vae import AutoencoderKL
 
 # Fold-in tags that split one image's key into independent streams.
@@ -41,6 +42,9 @@ class SampleSpec:
   guidance_rescale: bool
   img2img: bool
   clip_skip: int | None = None
+  end: int | None = None  # stop before this position (diffusers' denoising_end); None: the end
+  output_latents: bool = False  # return the diffusion latents undecoded (output_type="latent")
+  init_latents: bool = False  # start from given diffusion latents as they are (denoising_start)
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -88,101 +92,205 @@ def _denoise(spec: SampleSpec, predict, state, x, keys):
     x, state = sched.step(state, eps, i, x, noise)
     return (x, state), None
 
-  (x, _), _ = jax.lax.scan(body, (x, state), jnp.arange(spec.begin, n, dtype=jnp.int32))
+  end = n if spec.end is None else spec.end
+  (x, _), _ = jax.lax.scan(body, (x, state), jnp.arange(spec.begin, end, dtype=jnp.int32))
   return x
 
 
-def _conditioning(spec: SampleSpec, text_encoder, params, cond, uncond):
-  """Encodes the prompts once; returns `call -> (context, attention bias or None)`.
-
-  Plain token ids [B, 77] give one context for every step. A1111 `PromptBatch`es give every
-  schedule variant's context, and each denoiser call picks its variants from the schedule table.
-  With guidance the context is [uncond, cond] along the batch.
-  """
-
-  def encode(ids, token_embeds=None):
-    return text_encoder.apply({"params": params}, ids, spec.clip_skip,
-                              token_embeds)["prompt_embeds"]
-
-  if not isinstance(cond, prompt_lib.PromptBatch):
-    context = encode(cond)
-    if spec.guidance:
-      context = jnp.concatenate([encode(uncond), context], axis=0)  # 2B, 77, D
-    return lambda call: (context, None)
-
-  batches = [uncond, cond] if spec.guidance else [cond]
-  contexts = [prompt_lib.encode_weighted(encode, b) for b in batches]  # B, V, K*77, D
-  biases = [prompt_lib.context_bias(b) for b in batches]
-
-  def at(call):
-    context = jnp.concatenate([prompt_lib.select_variant(c, b, call)
-                               for c, b in zip(contexts, batches, strict=True)], axis=0)
-    bias = None if biases[0] is None else jnp.concatenate(biases, axis=0)  # 2B, 1, 1, K*77
-    return context, bias
-
-  return at
-
-
-def sample_fn(spec: SampleSpec, text_encoder, unet, vae: AutoencoderKL, params, cond_ids,
-              uncond_ids, seeds, noise, guidance_scale, guidance_rescale, init_images, state):
+def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seeds, noise,
+              guidance_scale, guidance_rescale, init, state):
   """The whole sampling program (pure; callers jit it, possibly with shardings).
 
   Args:
-    cond_ids, uncond_ids: int32 [B, 77] token ids of prompts and negative prompts, or (A1111
-      syntax) `prompts.PromptBatch`es of the same chunk count, from `prompt_inputs`.
+    nets: the pipeline's modules (static).
+    cond: token ids of prompts and negative prompts (A1111 syntax: `prompts.PromptBatch`es),
+      SDXL's micro-conditioning ([B, ...] leaves).
     seeds: uint32 [B] per-image seeds.
     noise: float32 [B, h, w, C] unit Gaussian initial noise.
     guidance_scale, guidance_rescale: float32 scalars (traced: changing them does not recompile).
-    init_images: float32 [B, H, W, 3] in [0, 1] for img2img, else None.
+    init: img2img: float32 images [B, H, W, 3] in [0, 1]; `spec.init_latents`: diffusion latents
+      [B, h, w, C] to continue denoising; else None.
     state: the scheduler state from `set_timesteps`.
 
   Returns:
-    float32 images [B, H, W, 3] in [0, 1].
+    float32 images [B, H, W, 3] in [0, 1], or the diffusion latents with `spec.output_latents`.
   """
   global trace_count
   trace_count += 1
-  sched = spec.scheduler
   keys = image_keys(seeds)
-
-  context_at = _conditioning(spec, text_encoder, params["text_encoder"], cond_ids, uncond_ids)
+  negative, positive = conditioning.encode(nets, params, cond, spec.clip_skip, spec.clip_skip,
+                                           spec.guidance)
+  scheduled = positive.schedule is not None  # A1111 syntax: the variants in force per call
+  if spec.guidance and not scheduled:
+    both = conditioning.Embeddings.concat(negative, positive)  # 2B rows: [uncond, cond]
 
   def predict(x, t, call):
-    context, bias = context_at(call)
     if not spec.guidance:
-      return unet.apply({"params": params["unet"]}, x, t, context, bias)
-    both = unet.apply({"params": params["unet"]}, jnp.concatenate([x, x], axis=0), t, context,
-                      bias)
-    eps_uncond, eps_cond = jnp.split(both.astype(jnp.float32), 2, axis=0)
+      return conditioning.predict(nets, params, x, t, positive.at(call))
+    emb = (conditioning.Embeddings.concat(negative.at(call), positive.at(call)) if scheduled
+           else both)
+    out = conditioning.predict(nets, params, jnp.concatenate([x, x], axis=0), t, emb)
+    eps_uncond, eps_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
     return guide(eps_uncond, eps_cond, guidance_scale,
                  guidance_rescale if spec.guidance_rescale else None)
 
-  scaling = vae.config.scaling_factor
-  if spec.img2img:
-    posterior = vae.apply({"params": params["vae"]}, 2.0 * init_images - 1.0,
-                          method=AutoencoderKL.encode)
-    eps = _keyed_noise(keys, _POSTERIOR, posterior.mean.shape[1:])
-    latents = posterior.mean.astype(jnp.float32) + posterior.std.astype(jnp.float32) * eps
-    x = sched.add_noise(state, latents * scaling, noise, spec.begin)
-  else:
-    x = noise * sched.init_noise_sigma(state)
-
+  x = _initial_latents(spec, nets.vae, params, keys, noise, init, state)
   x = _denoise(spec, predict, state, x, keys)
-  images = vae.apply({"params": params["vae"]}, x / scaling, method=AutoencoderKL.decode)
+  if spec.output_latents:
+    return x
+  vae = nets.vae
+  images = vae.apply({"params": params["vae"]}, vae.config.from_diffusion_latents(x),
+                     method=AutoencoderKL.decode)
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-_jitted_sample = jax.jit(sample_fn, static_argnums=(0, 1, 2, 3))
+def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, init, state):
+  """Pure noise, a noised encoding of init images (img2img), or given latents (handoff)."""
+  sched = spec.scheduler
+  if spec.init_latents:
+    return init.astype(jnp.float32)
+  if not spec.img2img:
+    return noise * sched.init_noise_sigma(state)
+  posterior = vae.apply({"params": params["vae"]}, 2.0 * init - 1.0, method=AutoencoderKL.encode)
+  eps = _keyed_noise(keys, _POSTERIOR, posterior.mean.shape[1:])
+  latents = posterior.mean.astype(jnp.float32) + posterior.std.astype(jnp.float32) * eps
+  return sched.add_noise(state, vae.config.to_diffusion_latents(latents), noise, spec.begin)
 
 
-def _as_list(value, n: int, name: str) -> list[str]:
+_jitted_sample = jax.jit(sample_fn, static_argnums=(0, 1))
+
+
+def _as_list(value, n: int, name: str) -> list:
+  """A per-prompt list; None gives None for each (no negative prompt)."""
   if value is None:
-    return [""] * n
+    return [None] * n
   if isinstance(value, str):
     return [value] * n
   value = list(value)
   if len(value) != n:
     raise ValueError(f"{name}: got {len(value)} entries for {n} prompts")
   return value
+
+
+PROMPT_SYNTAXES = ("plain", "a1111")
+
+
+@dataclasses.dataclass(frozen=True)
+class A1111:
+  """How A1111-syntax prompts are scheduled and packed for one program (`a1111_options`)."""
+
+  steps: int  # what schedules count in: sampler steps x UNet calls per step (heun: 2)
+  calls: int  # UNet calls the program makes
+  first_call: int = 0  # A1111's counter at the first of them (a refiner continues the base's)
+  sizes: tuple[int, int, int] | None = None  # forced (chunks, prompt / negative variants)
+  bucket_variants: bool = False  # variant counts rounded up to powers of two: fewer programs
+  allow_lora: bool = False  # <lora:...> tags are applied by the caller (main.py --lora_dir)
+  embeddings: Any = None  # {trigger: [n, D]} for text_encoder; default: pipe.embeddings
+
+
+def a1111_options(spec: SampleSpec, state, steps: int, **kwargs) -> A1111:
+  """A1111 scheduling for a program of `spec`: its calls, schedules over steps x order."""
+  end = len(state.timesteps) if spec.end is None else spec.end
+  return A1111(steps * spec.scheduler.order, end - spec.begin, **kwargs)
+
+
+def strip_extra_networks(prompt: str, allow_lora: bool = False) -> str:
+  """The prompt without `<lora:...>`-style tags (A1111 removes them before encoding)."""
+  text, loras = prompt_lib.lora_tags(prompt)
+  if loras and not allow_lora:
+    raise prompt_lib.PromptError(
+        f"prompt {prompt!r} has <lora:...> tags, which only main.py applies (with --lora_dir); "
+        "or load the LoRA with load_pipeline(loras=...)")
+  return text
+
+
+def _trigger_vectors(pipe, encoder: str, given):
+  if encoder == "text_encoder" and given is not None:
+    return given
+  return {token: e.vectors[encoder] for token, e in (getattr(pipe, "embeddings", None) or {}).items()
+          if encoder in e.vectors} or None
+
+
+def _a1111_ids(pipe, sides, sides_2, opts: A1111) -> tuple[PromptIds, PromptIds]:
+  """(prompt, negative) PromptIds of `prompts.PromptBatch`es: one chunk count for both sides
+  and both text encoders, so they attend over one context length."""
+  encoders = [(name, tok, texts) for name, tok, texts in (
+      ("text_encoder", getattr(pipe, "tokenizer", None), sides),
+      ("text_encoder_2", getattr(pipe, "tokenizer_2", None), sides_2))
+      if getattr(pipe, name, None) is not None]
+  parsed = {}
+  for name, tok, texts in encoders:
+    vectors = _trigger_vectors(pipe, name, opts.embeddings)
+    parsed[name] = [prompt_lib.parse_prompts(
+        [strip_extra_networks(p, opts.allow_lora) for p in side], tok, steps=opts.steps,
+        calls=opts.calls, embeddings=vectors, first_call=opts.first_call) for side in texts]
+  sizes = opts.sizes
+  if sizes is None:
+    groups = list(parsed.values())
+    variants = [max(len(p.variants) for g in groups for p in g[k]) for k in (0, 1)]
+    if opts.bucket_variants:
+      variants = [prompt_lib.bucket(v) for v in variants]
+    sizes = (max(p.chunks for g in groups for side in g for p in side), *variants)
+  ids = {name: [prompt_lib.pack_prompts(parsed[name][k], tok, chunks=sizes[0],
+                                        variants=sizes[1 + k],
+                                        embeddings=_trigger_vectors(pipe, name, opts.embeddings))
+                for k in (0, 1)] for name, tok, _ in encoders}
+  return tuple(PromptIds(ids.get("text_encoder", [None, None])[k],
+                         ids.get("text_encoder_2", [None, None])[k]) for k in (0, 1))
+
+
+def input_sizes(cond: Conditioning) -> tuple[int, int, int] | None:
+  """(chunks, prompt variants, negative variants) of an A1111 conditioning, else None."""
+  batch = cond.prompt.ids if cond.prompt.ids is not None else cond.prompt.ids_2
+  if not isinstance(batch, prompt_lib.PromptBatch):
+    return None
+  negative = cond.negative.ids if cond.negative.ids is not None else cond.negative.ids_2
+  return batch.ids.shape[2], batch.ids.shape[1], negative.ids.shape[1]
+
+
+def make_conditioning(pipe, prompts: Sequence[str], negative_prompts: Sequence[str | None], *,
+                      prompts_2: Sequence[str] | None = None,
+                      negative_prompts_2: Sequence[str | None] | None = None,
+                      micro: MicroConditioning | None = None, size: tuple[int, int] = (0, 0),
+                      img2img: bool = False, a1111: A1111 | None = None) -> Conditioning:
+  """Token ids and micro-conditioning of a batch, as diffusers' pipelines prepare them.
+
+  A negative prompt of None is the empty prompt, or zeros where the checkpoint asks for
+  `force_zeros_for_empty_prompt` (SDXL base). `prompts_2` / `negative_prompts_2` go to the
+  second encoder (default: the same prompts); a refiner encodes `prompts` with its only one.
+  With `a1111`, prompts are read in AUTOMATIC1111's syntax (`sdjax.prompts`).
+  """
+  n = len(prompts)
+  negatives = ["" if p is None else p for p in negative_prompts]
+  if a1111 is not None:
+    prompts_2 = prompts if prompts_2 is None else _as_list(prompts_2, n, "prompts_2")
+    negatives_2 = negatives if negative_prompts_2 is None else [
+        "" if p is None else p for p in _as_list(negative_prompts_2, n, "negative_prompts_2")]
+    if getattr(pipe, "text_encoder", None) is None:  # the refiner: `prompt` to its encoder
+      prompts_2, negatives_2 = prompts, negatives
+    prompt, negative = _a1111_ids(pipe, (prompts, negatives), (prompts_2, negatives_2), a1111)
+    if not pipe.is_sdxl:
+      return Conditioning(prompt, negative)
+  elif not pipe.is_sdxl:
+    return Conditioning(PromptIds(pipe.tokenize(prompts)), PromptIds(pipe.tokenize(negatives)))
+  if a1111 is not None:
+    pass  # token ids made above
+  elif pipe.text_encoder is None:  # the refiner: diffusers pairs `prompt` with text_encoder_2
+    prompt, negative = PromptIds(ids_2=pipe.tokenize_2(prompts)), PromptIds(
+        ids_2=pipe.tokenize_2(negatives))
+  else:
+    prompts_2 = prompts if prompts_2 is None else _as_list(prompts_2, n, "prompts_2")
+    negatives_2 = negatives if negative_prompts_2 is None else [
+        "" if p is None else p for p in _as_list(negative_prompts_2, n, "negative_prompts_2")]
+    prompt = PromptIds(pipe.tokenize(prompts), pipe.tokenize_2(prompts_2))
+    negative = PromptIds(pipe.tokenize(negatives), pipe.tokenize_2(negatives_2))
+  zero = np.asarray([p is None and pipe.force_zeros_for_empty_prompt for p in negative_prompts])
+  # The aesthetic-score layout exists only in diffusers' img2img pipelines (the refiner's).
+  ids, neg_ids = conditioning.sdxl_time_ids(
+      micro or MicroConditioning(), size, img2img=img2img or pipe.requires_aesthetics_score,
+      requires_aesthetics_score=pipe.requires_aesthetics_score)
+  conditioning.check_time_ids(pipe.networks, len(ids))
+  return Conditioning(prompt, negative, zero, np.tile(ids, (n, 1)), np.tile(neg_ids, (n, 1)))
 
 
 def check_size(pipe, height: int, width: int) -> tuple[int, int]:
@@ -201,91 +309,76 @@ def make_seeds(seed: int, n: int) -> np.ndarray:
   return np.arange(seed, seed + n, dtype=np.uint32)
 
 
+def _cutoff(sched, fraction: float) -> int:
+  """diffusers' discrete timestep cutoff of `denoising_end` / `denoising_start`."""
+  n_train = int(sched.cfg["num_train_timesteps"])
+  return int(round(n_train - fraction * n_train))
+
+
+def denoising_end_index(sched, state, fraction: float) -> int:
+  """Positions the base runs with `denoising_end=fraction` (StableDiffusionXLPipeline)."""
+  return int(np.sum(np.asarray(state.timesteps) >= _cutoff(sched, fraction)))
+
+
+def denoising_start_index(sched, state, fraction: float) -> int:
+  """First position of a `denoising_start=fraction` run (StableDiffusionXLImg2ImgPipeline):
+  second-order schedulers never start between the two stages of a step."""
+  timesteps = np.asarray(state.timesteps)
+  count = int(np.sum(timesteps < _cutoff(sched, fraction)))
+  if sched.order == 2 and count % 2 == 0:
+    count += 1
+  return len(timesteps) - count
+
+
 def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int, width: int,
             guidance_scale: float, guidance_rescale: float = 0.0, img2img: bool = False,
-            strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0):
+            strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0,
+            denoising_end: float | None = None, denoising_start: float | None = None):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
+  `denoising_end` stops early and returns latents; `denoising_start` continues such latents
+  (the SDXL base -> refiner handoff).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
   if not (isinstance(eta, (int, float, np.floating)) and eta >= 0):
     raise ValueError(f"eta must be a number >= 0, got {eta}")
+  conditioning.check_clip_skip(pipe.networks, clip_skip)
   latent_hw = check_size(pipe, height, width)
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta))
   state = sched.set_timesteps(int(steps), sample_shape=(batch, *latent_hw,
                                                          pipe.unet.config.in_channels))
-  begin = 0
-  if img2img:
+  begin, end = 0, None
+  if denoising_start is not None:
+    begin = denoising_start_index(sched, state, denoising_start)
+  elif img2img:
     if not 0.0 < strength <= 1.0:
       raise ValueError(f"strength must be in (0, 1], got {strength}")
     begin = sched.begin_index(int(steps), strength)
-    if begin >= len(state.timesteps):
-      raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step")
-  spec = SampleSpec(sched.program(), begin, latent_hw, guidance_scale > 1.0, guidance_rescale > 0.0,
-                    img2img, clip_skip)
+  if denoising_end is not None:
+    end = denoising_end_index(sched, state, denoising_end)
+  if begin >= (len(state.timesteps) if end is None else end):
+    raise ValueError(f"strength {strength} (or refiner_start) with {steps} steps leaves no "
+                     "denoising step")
+  spec = SampleSpec(sched.program(), begin, latent_hw, guidance_scale > 1.0,
+                    guidance_rescale > 0.0,
+                    img2img and denoising_start is None, clip_skip, end=end,
+                    output_latents=denoising_end is not None,
+                    init_latents=denoising_start is not None)
   return spec, state
 
 
-PROMPT_SYNTAXES = ("plain", "a1111")
-
-
-def strip_extra_networks(prompt: str, allow_lora: bool = False) -> str:
-  """The prompt without `<lora:...>`-style tags (A1111 removes them before encoding)."""
-  text, loras = prompt_lib.lora_tags(prompt)
-  if loras and not allow_lora:
-    raise prompt_lib.PromptError(
-        f"prompt {prompt!r} has <lora:...> tags, which only main.py applies (with --lora_dir); "
-        "or load the LoRA with load_pipeline(loras=...)")
-  return text
-
-
-def prompt_inputs(pipe, prompts: Sequence[str], negatives: Sequence[str], *, syntax: str,
-                  steps: int, spec: SampleSpec, state, embeddings=None,
-                  sizes: tuple[int, int, int] | None = None, bucket_variants: bool = False,
-                  allow_lora: bool = False):
-  """What the sampling program takes for the prompts: token ids [B, 77] (`plain`, as diffusers:
-  truncated at 77 tokens) or, for `a1111`, two `PromptBatch`es with one chunk count.
-
-  A1111 counts schedule steps in denoiser calls of a run of `steps` steps (twice as many for
-  second-order samplers); img2img counts from its first call. `sizes` = (chunks, prompt variants,
-  negative variants) forces the buckets (all processes of a run must agree on them);
-  `bucket_variants` rounds variant counts up to powers of two, so fewer shapes compile.
-  `embeddings` {trigger: [n, D]} default to the pipeline's textual-inversion embeddings.
-  """
-  if syntax not in PROMPT_SYNTAXES:
-    raise ValueError(f"unknown prompt syntax {syntax!r}; use one of {', '.join(PROMPT_SYNTAXES)}")
-  if syntax == "plain":
-    return pipe.tokenize(prompts), pipe.tokenize(negatives)
-  if embeddings is None and getattr(pipe, "embeddings", None):
-    embeddings = {token: e.vectors["text_encoder"] for token, e in pipe.embeddings.items()}
-  kwargs = dict(steps=steps * spec.scheduler.order, calls=len(state.timesteps) - spec.begin,
-                embeddings=embeddings)
-  parsed = [prompt_lib.parse_prompts([strip_extra_networks(p, allow_lora) for p in texts],
-                                     pipe.tokenizer, **kwargs) for texts in (prompts, negatives)]
-  if sizes is None:
-    variants = [max(len(p.variants) for p in group) for group in parsed]
-    if bucket_variants:
-      variants = [prompt_lib.bucket(v) for v in variants]
-    sizes = (max(p.chunks for group in parsed for p in group), *variants)
-  return tuple(prompt_lib.pack_prompts(group, pipe.tokenizer, chunks=sizes[0], variants=v,
-                                       embeddings=embeddings)
-               for group, v in zip(parsed, sizes[1:], strict=True))
-
-
-def input_sizes(cond, uncond) -> tuple[int, int, int] | None:
-  """(chunks, prompt variants, negative variants) of `prompt_inputs`' A1111 batches."""
-  if not isinstance(cond, prompt_lib.PromptBatch):
-    return None
-  return cond.ids.shape[2], cond.ids.shape[1], uncond.ids.shape[1]
+def _check_fraction(value: float, name: str) -> None:
+  if not 0.0 < value < 1.0:
+    raise ValueError(f"{name} must be in (0, 1), got {value}")
 
 
 def generate(
     pipe,
     prompts: str | Sequence[str],
     *,
-    negative_prompts: str | Sequence[str] | None = None,
+    negative_prompts: str | Sequence[str | None] | None = None,
     steps: int = 50,
     guidance_scale: float = 7.5,
     scheduler: str | None = None,
@@ -297,11 +390,19 @@ def generate(
     strength: float = 0.8,
     guidance_rescale: float = 0.0,
     clip_skip: int | None = None,
+    prompts_2: str | Sequence[str] | None = None,
+    negative_prompts_2: str | Sequence[str | None] | None = None,
+    micro: MicroConditioning | None = None,
+    refiner=None,
+    refiner_start: float = 0.8,
     eta: float = 0.0,
     prompt_syntax: str = "plain",
     embeddings: Any = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate`."""
+  if prompt_syntax not in PROMPT_SYNTAXES:
+    raise ValueError(f"unknown prompt syntax {prompt_syntax!r}; use one of "
+                     f"{', '.join(PROMPT_SYNTAXES)}")
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   if not prompts:
     raise ValueError("no prompts given")
@@ -312,12 +413,17 @@ def generate(
     if init_images.ndim != 4 or init_images.shape[0] != n or init_images.shape[-1] != 3:
       raise ValueError(f"init_images must be [{n}, H, W, 3], got {init_images.shape}")
     height, width = init_images.shape[1:3]
+  if refiner is not None:
+    _check_fraction(refiner_start, "refiner_start")
+    if init_images is not None:
+      raise ValueError("refiner= hands off a text-to-image run; it does not take init_images")
   height = pipe.native_size if height is None else height
   width = pipe.native_size if width is None else width
-  spec, state = prepare(pipe, n, steps=steps, scheduler=scheduler, height=height, width=width,
-                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                        img2img=init_images is not None, strength=strength, clip_skip=clip_skip,
-                        eta=eta)
+  common = dict(steps=steps, scheduler=scheduler, height=height, width=width,
+                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                clip_skip=clip_skip, eta=eta)
+  spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
+                        denoising_end=refiner_start if refiner is not None else None, **common)
   seeds = make_seeds(seed, n)
   latent_shape = (n, *spec.latent_hw, pipe.unet.config.in_channels)
   if latents is None:
@@ -326,11 +432,38 @@ def generate(
     noise = jnp.asarray(latents, jnp.float32)
     if noise.shape != latent_shape:
       raise ValueError(f"latents must have shape {latent_shape}, got {noise.shape}")
-  cond, uncond = prompt_inputs(pipe, prompts, negatives, syntax=prompt_syntax, steps=steps,
-                               spec=spec, state=state, embeddings=embeddings)
-  images = _jitted_sample(
-      spec, pipe.text_encoder, pipe.unet, pipe.vae, pipe.params,
-      jax.tree.map(jnp.asarray, cond), jax.tree.map(jnp.asarray, uncond), jnp.asarray(seeds), noise, jnp.float32(guidance_scale), jnp.float32(guidance_rescale),
-      None if init_images is None else jnp.asarray(init_images), state)
-  return np.asarray(images)
+  a1111 = None
+  if prompt_syntax == "a1111":
+    a1111 = a1111_options(spec, state, steps, embeddings=embeddings)
+  cond = make_conditioning(pipe, prompts, negatives, prompts_2=prompts_2,
+                           negative_prompts_2=negative_prompts_2, micro=micro,
+                           size=(height, width), img2img=init_images is not None, a1111=a1111)
+  scalars = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
+  out = _jitted_sample(spec, pipe.networks, pipe.params, _device(cond), jnp.asarray(seeds), noise,
+                       *scalars, None if init_images is None else jnp.asarray(init_images),
+                       state)
+  if refiner is None:
+    return np.asarray(out)
+  return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
+                            {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
+                                pipe.scheduler_config)}, refiner_start, a1111))
 
+
+def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, common,
+            refiner_start, a1111=None):
+  """The ensemble-of-experts second stage: the refiner continues the base's latents on device."""
+  if refiner.unet.config.in_channels != latents.shape[-1]:
+    raise ValueError("the refiner's latents do not match the base model's")
+  spec, state = prepare(refiner, len(prompts), denoising_start=refiner_start, **common)
+  size = (common["height"], common["width"])
+  if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
+    a1111 = a1111_options(spec, state, common["steps"], first_call=a1111.calls,
+                          embeddings=a1111.embeddings)
+  cond = make_conditioning(refiner, prompts, negatives, micro=micro, size=size, img2img=True,
+                           a1111=a1111)
+  return _jitted_sample(spec, refiner.networks, refiner.params, _device(cond),
+                        jnp.asarray(seeds), noise, *scalars, latents, state)
+
+
+def _device(tree):
+  return jax.tree.map(jnp.asarray, tree)

@@ -89,11 +89,10 @@ class Store:
       raise outputs.OutputError(f"output location {self.url!r} is not writable: {e}") from None
 
   def makedirs(self, rel: str) -> None:
-    with self._lock:
-      if rel in self._made:
-        return
-      self._made.add(rel)
-    self.fs.makedirs(self.path(rel), exist_ok=True)
+    with self._lock:  # held while creating: another writer must not use the folder before
+      if rel not in self._made:
+        self.fs.makedirs(self.path(rel), exist_ok=True)
+        self._made.add(rel)
 
   def write(self, rel: str, data: bytes) -> None:
     """Writes one whole object; readers never see a part of it."""

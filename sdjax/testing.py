@@ -42,6 +42,84 @@ UNET_SD2 = {  # linear projection, per-block head counts, upcast attention, 3 le
     "transformer_layers_per_block": [1, 2, 1],
 }
 
+# SDXL layout: no attention in the first level, linear projection, per-block heads, transformer
+# depth growing with depth (the mid block takes the last), text_time added conditioning. The two
+# text encoders are 24 and 40 wide (context 64), the second projects its pooled state to 20.
+SDXL_TIME_EMBED_DIM = 8
+UNET_SDXL = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [16, 32, 32],
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+    "attention_head_dim": [2, 2, 4],
+    "norm_num_groups": 8,
+    "use_linear_projection": True,
+    "upcast_attention": None,  # as SDXL's config.json
+    "transformer_layers_per_block": [1, 1, 2],
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+    "addition_embed_type_num_heads": 64,
+    "projection_class_embeddings_input_dim": 20 + 6 * SDXL_TIME_EMBED_DIM,
+}
+
+# The refiner: conditioned on the second encoder only (context 40), 5 time ids (aesthetic score).
+UNET_SDXL_REFINER = {
+    **UNET_SDXL,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [16, 24, 32],
+    "attention_head_dim": [2, 3, 4],
+    "cross_attention_dim": 40,
+    "transformer_layers_per_block": 2,
+    "projection_class_embeddings_input_dim": 20 + 5 * SDXL_TIME_EMBED_DIM,
+}
+
+# A distilled (SSD-1B / Vega-like) layout: per-layer depths, explicit up-block depths.
+UNET_SDXL_DISTILLED = {
+    **UNET_SDXL,
+    "layers_per_block": [1, 2, 2],
+    "transformer_layers_per_block": [1, [1, 2], [2, 0]],
+    "reverse_transformer_layers_per_block": [[2, 1, 0], [1, 0, 2], [1, 1, 1]],
+}
+
+VAE_SDXL = {  # latents_mean / latents_std as newer SDXL-family VAEs carry them
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 16,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+    "latents_mean": [0.1, -0.2, 0.05, 0.3],
+    "latents_std": [0.9, 1.1, 1.3, 0.8],
+}
+
+SCHEDULER_SDXL = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
 VAE = {
     "in_channels": 3,
     "out_channels": 3,
@@ -56,7 +134,8 @@ VAE = {
 }
 
 
-def clip_config(hidden_act: str = "quick_gelu", hidden_size: int = 32) -> dict[str, Any]:
+def clip_config(hidden_act: str = "quick_gelu", hidden_size: int = 32,
+                **overrides) -> dict[str, Any]:
   vocab, _ = _vocab_and_merges()
   return {
       "vocab_size": len(vocab),
@@ -70,7 +149,16 @@ def clip_config(hidden_act: str = "quick_gelu", hidden_size: int = 32) -> dict[s
       "max_position_embeddings": 77,
       "hidden_act": hidden_act,
       "layer_norm_eps": 1e-5,
+      **overrides,
   }
+
+
+def sdxl_clip_configs() -> tuple[dict[str, Any], dict[str, Any]]:
+  """SDXL's two encoders, tiny: CLIP-L-like (quick_gelu) and bigG-like (gelu, projection,
+  `eos_token_id=2` as the real config, which selects transformers' legacy pooling rule)."""
+  return (clip_config("quick_gelu", hidden_size=24),
+          clip_config("gelu", hidden_size=40, projection_dim=20, eos_token_id=2,
+                      num_attention_heads=5))
 
 
 SCHEDULER_SD15 = {
@@ -204,6 +292,16 @@ def torch_clip(config: dict[str, Any], seed: int = 0):
   return model
 
 
+def torch_clip_with_projection(config: dict[str, Any], seed: int = 0):
+  import torch  # noqa: PLC0415
+  from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: PLC0415
+
+  torch.manual_seed(seed)
+  model = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
+  perturb_(model, seed)
+  return model
+
+
 def torch_tokenizer(folder: str):
   from transformers import CLIPTokenizer  # noqa: PLC0415
 
@@ -245,3 +343,41 @@ def write_torch_pipeline(folder: str, family: str = "sd1", seed: int = 0):
   pipe = torch_pipeline(folder + "_src", family, seed)
   pipe.save_pretrained(folder, safe_serialization=True)
   return pipe
+
+
+def torch_sdxl_pipelines(tmp_folder: str, seed: int = 0):
+  """Random tiny diffusers `StableDiffusionXLPipeline` and its refiner
+  (`StableDiffusionXLImg2ImgPipeline`: second encoder only, aesthetic score), sharing the VAE,
+  the second encoder and its tokenizer as the real pair does."""
+  import diffusers  # noqa: PLC0415
+
+  tok_1, tok_2 = os.path.join(tmp_folder, "_tok1"), os.path.join(tmp_folder, "_tok2")
+  write_tokenizer(tok_1)
+  write_tokenizer(tok_2, pad_token="!")  # SDXL's second tokenizer pads with "!"
+  clip_1, clip_2 = sdxl_clip_configs()
+  vae = torch_vae(VAE_SDXL, seed + 1)
+  text_encoder_2 = torch_clip_with_projection(clip_2, seed + 3)
+  tokenizer_2 = torch_tokenizer(tok_2)
+  scheduler = diffusers.EulerDiscreteScheduler.from_config(SCHEDULER_SDXL)
+  base = diffusers.StableDiffusionXLPipeline(
+      vae=vae, text_encoder=torch_clip(clip_1, seed + 2), text_encoder_2=text_encoder_2,
+      tokenizer=torch_tokenizer(tok_1), tokenizer_2=tokenizer_2,
+      unet=torch_unet(UNET_SDXL, seed + 4), scheduler=scheduler, add_watermarker=False,
+  )
+  refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+      vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+      tokenizer_2=tokenizer_2, unet=torch_unet(UNET_SDXL_REFINER, seed + 5),
+      scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+      add_watermarker=False,
+  )
+  for pipe in (base, refiner):
+    pipe.set_progress_bar_config(disable=True)
+  return base, refiner
+
+
+def write_torch_sdxl(folder: str, seed: int = 0):
+  """Saves random tiny SDXL base and refiner folders (`folder`/base, `folder`/refiner)."""
+  base, refiner = torch_sdxl_pipelines(folder + "_src", seed)
+  base.save_pretrained(os.path.join(folder, "base"), safe_serialization=True)
+  refiner.save_pretrained(os.path.join(folder, "refiner"), safe_serialization=True)
+  return base, refiner

@@ -68,13 +68,15 @@ def test_diffusers_learned_embeds(models, tmp_path):
 def test_a1111_pt_multi_vector(models, tmp_path):
   """The A1111 `.pt` pickle is read by the safe unpickler; the token is the file's stem."""
   path = str(tmp_path / "my-style.pt")
-  torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": _vectors(3, 1)},
+  vectors = _vectors(3, 1).requires_grad_()  # as A1111 saves its trained vectors
+  torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors},
               "name": "other-name", "step": 500}, path)
   prompts = ["a dog in my-style, my-style", "my-style"]
   ours, err = _check(models, [(path, "my-style")], prompts)
   assert ours.embeddings["my-style"].num_vectors == 3
-  np.testing.assert_array_equal(ours.embeddings["my-style"].vectors["text_encoder"],
-                                _vectors(3, 1).numpy())
+  triggers = embeddings.trigger_vectors(ours.embeddings)
+  assert list(triggers) == ["my-style"]
+  np.testing.assert_array_equal(triggers["my-style"], _vectors(3, 1).numpy())
   print(f"A1111 .pt (3 vectors) rel err {err:.2g}")
 
 
@@ -147,3 +149,36 @@ def test_bad_files(models, tmp_path):
   with pytest.raises(ValueError, match="os.system"):
     embeddings.add_embeddings(models[1], [hostile])
   assert not (tmp_path / "pwned").exists()
+
+
+def test_sdxl_vs_diffusers(tmp_path_factory, tmp_path):
+  """clip_l + clip_g: one set of vectors per text encoder, as diffusers loads them in two calls."""
+  import os
+
+  from safetensors.torch import load_file
+
+  folder = str(tmp_path_factory.mktemp("sdxl") / "pipes")
+  ref, _ = testing.write_torch_sdxl(folder, seed=13)
+  pipe = sdjax.load_pipeline(os.path.join(folder, "base"))
+  path = str(tmp_path / "sdxl-style.safetensors")
+  save_file({"clip_l": _vectors(2, 5, dim=24), "clip_g": _vectors(2, 6, dim=40)}, path)
+  state = load_file(path)
+  ref.load_textual_inversion(state["clip_l"], token="sdxl-style", text_encoder=ref.text_encoder,
+                             tokenizer=ref.tokenizer)
+  ref.load_textual_inversion(state["clip_g"], token="sdxl-style",
+                             text_encoder=ref.text_encoder_2, tokenizer=ref.tokenizer_2)
+  prompts, negatives = ["a cat in sdxl-style", "a dog"], ["sdxl-style", "blue"]
+  with torch.no_grad():
+    expected = ref.encode_prompt(prompts, device="cpu", negative_prompt=negatives)
+  ours = embeddings.add_embeddings(pipe, [path])
+  assert {k: v.shape for k, v in ours.embeddings["sdxl-style"].vectors.items()} == {
+      "text_encoder": (2, 24), "text_encoder_2": (2, 40)}
+  got = ours.encode_prompt(prompts, negatives)
+  errs = [assert_close(np.asarray(a), b.numpy()) for a, b in zip(got, expected, strict=True)]
+  print("SDXL clip_l + clip_g rel err (embeds, negative, pooled, negative pooled): "
+        + ", ".join(f"{e:.2g}" for e in errs))
+  with pytest.raises(EmbeddingError, match="vectors for text_encoder but this model has "
+                                           "text_encoder and text_encoder_2"):
+    single = str(tmp_path / "one.safetensors")
+    save_file({"emb_params": _vectors(1, 7, dim=24)}, single)
+    embeddings.add_embeddings(pipe, [single])

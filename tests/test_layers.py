@@ -1,5 +1,7 @@
 """Every building block against its diffusers twin, weights transferred by the real converter."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,6 +177,11 @@ def test_timestep_embedding_fractional_and_odd():
     assert_close(ours, ref.numpy())
 
 
+def _attend(q, k, v, bias=None, **kwargs):
+  """attention.dot_product_attention, jitted: one compile per call instead of one per op."""
+  return jax.jit(functools.partial(attention.dot_product_attention, **kwargs))(q, k, v, bias)
+
+
 def _qkv(n=64, m=48, dtype=np.float32):
   q, k, v = randn(2, n, 4, 8), randn(2, m, 4, 8, seed=1), randn(2, m, 4, 8, seed=2)
   return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
@@ -186,9 +193,9 @@ def test_forced_attention_kernels_agree(kernel, upcast, monkeypatch):
   """Every kernel SDJAX_ATTENTION can force computes the same attention (cudnn falls back to
   XLA's where it can't run: float32 here)."""
   q, k, v = _qkv()
-  plain = attention.dot_product_attention(q, k, v, upcast=upcast, kernel="einsum")
+  plain = _attend(q, k, v, upcast=upcast, kernel="einsum")
   monkeypatch.setenv("SDJAX_ATTENTION", kernel)
-  got = attention.dot_product_attention(q, k, v, upcast=upcast, chunk=16, block=16)
+  got = _attend(q, k, v, upcast=upcast, chunk=16, block=16)
   assert_close(got, plain, tol=1e-6)
 
 
@@ -196,8 +203,8 @@ def test_forced_attention_kernels_agree(kernel, upcast, monkeypatch):
 def test_blocked_attention_any_length(n, m, block):
   """Query counts that are no multiple of the block (77-token cross attention) and below it."""
   q, k, v = _qkv(n, m)
-  plain = attention.dot_product_attention(q, k, v, kernel="einsum")
-  got = attention.dot_product_attention(q, k, v, kernel="blocked", block=block)
+  plain = _attend(q, k, v, kernel="einsum")
+  got = _attend(q, k, v, kernel="blocked", block=block)
   assert got.shape == (2, n, 4, 8)
   assert_close(got, plain, tol=1e-6)
 
@@ -205,9 +212,9 @@ def test_blocked_attention_any_length(n, m, block):
 @pytest.mark.parametrize("kernel", ["blocked", "chunked"])
 def test_attention_kernels_bfloat16(kernel):
   """bfloat16 inputs: as close to the float32 answer as the einsum kernel in bfloat16 is."""
-  exact = attention.dot_product_attention(*_qkv(), kernel="einsum")
-  plain = attention.dot_product_attention(*_qkv(dtype=jnp.bfloat16), kernel="einsum")
-  got = attention.dot_product_attention(*_qkv(dtype=jnp.bfloat16), kernel=kernel, block=16,
+  exact = _attend(*_qkv(), kernel="einsum")
+  plain = _attend(*_qkv(dtype=jnp.bfloat16), kernel="einsum")
+  got = _attend(*_qkv(dtype=jnp.bfloat16), kernel=kernel, block=16,
                                         chunk=16)
   assert got.dtype == jnp.bfloat16
   assert_close(got.astype(np.float32), plain.astype(np.float32), tol=1e-2)
@@ -220,10 +227,10 @@ def test_attention_key_padding_bias(kernel):
   q, k, v = _qkv(64, 48)
   keep = np.array([40, 48])  # valid keys per batch row
   bias = np.where(np.arange(48)[None, :] < keep[:, None], 0.0, -1e9).astype(np.float32)
-  got = attention.dot_product_attention(q, k, v, bias[:, None, None, :], kernel=kernel, block=16,
+  got = _attend(q, k, v, bias[:, None, None, :], kernel=kernel, block=16,
                                         chunk=16)
   for row, valid in enumerate(keep):
-    ref = attention.dot_product_attention(q[row:row + 1], k[row:row + 1, :valid],
+    ref = _attend(q[row:row + 1], k[row:row + 1, :valid],
                                           v[row:row + 1, :valid], kernel="einsum")
     assert_close(got[row:row + 1], ref, tol=1e-6)
 
@@ -232,8 +239,8 @@ def test_attention_key_padding_bias(kernel):
 def test_attention_full_bias(kernel):
   q, k, v = _qkv(64, 48)
   bias = jnp.asarray(randn(2, 4, 64, 48, seed=3))
-  plain = attention.dot_product_attention(q, k, v, bias, kernel="einsum")
-  got = attention.dot_product_attention(q, k, v, bias, kernel=kernel, block=24, chunk=16)
+  plain = _attend(q, k, v, bias, kernel="einsum")
+  got = _attend(q, k, v, bias, kernel=kernel, block=24, chunk=16)
   assert_close(got, plain, tol=1e-6)
 
 

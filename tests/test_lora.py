@@ -16,6 +16,7 @@ from sdjax.checkpoints import hub, lora
 from sdjax.checkpoints.lora import LoraError
 
 torch.set_num_threads(1)
+DIM = 32  # the tiny SD1 text encoder's width
 
 PROMPTS = ["a red circle in the center", "a photo of a cat"]
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
@@ -41,7 +42,9 @@ def models(tmp_path_factory):
 
 
 def _weights(model):
-  return {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+  """Module name (without transformers' `text_model.`) -> weight, of every linear and conv."""
+  return {n.removeprefix("text_model."): m.weight for n, m in model.named_modules()
+          if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
 
 
 def _factors(shape, rank, gen, locon=True):
@@ -118,11 +121,11 @@ def _outputs_ours(pipe, params):
           np.asarray(pipe.encode_text(pipe.tokenize(PROMPTS))))
 
 
-def _diffusers_fused(ref, path, scale):
+def _diffusers_fused(ref, source, scale):
   """Outputs of the reference pipeline with the LoRA fused by diffusers (then restored)."""
   unet, text = ({k: v.clone() for k, v in m.state_dict().items()}
                 for m in (ref.unet, ref.text_encoder))
-  ref.load_lora_weights(path)
+  ref.load_lora_weights(source)
   ref.fuse_lora(lora_scale=scale)
   out = _outputs_torch(ref)
   ref.unfuse_lora()
@@ -132,9 +135,9 @@ def _diffusers_fused(ref, path, scale):
   return out
 
 
-def _check_vs_diffusers(models, path, scale):
+def _check_vs_diffusers(models, path, scale, ref_source=None):
   ref, pipe, _ = models
-  eps, text = _diffusers_fused(ref, path, scale)
+  eps, text = _diffusers_fused(ref, path if ref_source is None else ref_source, scale)
   base_eps, base_text = _outputs_torch(ref)
   ours_eps, ours_text = _outputs_ours(pipe, lora.apply_loras(pipe, [(path, scale)]))
   errs = assert_close(ours_eps, eps), assert_close(ours_text, text)
@@ -152,6 +155,40 @@ def test_kohya_and_locon_vs_diffusers(models, tmp_path, alpha):
   path = _kohya_file(str(tmp_path / "kohya.safetensors"), models[0], alpha)
   errs = _check_vs_diffusers(models, path, 0.7)
   print(f"kohya/LoCon (alpha {alpha}) rel err unet {errs[0]:.2g} text {errs[1]:.2g}")
+
+
+# kohya's SDXL files name UNet modules as the original (SGM/LDM) UNet does. diffusers maps them
+# in `lora_state_dict(..., unet_config=)` (its SD pipeline does not ask for that by itself);
+# these are the modules its mapping gets right on this UNet.
+SGM_MODULES = {
+    "input_blocks_1_1_transformer_blocks_0_attn1_to_q": f"{ATTN}.attn1.to_q",
+    "input_blocks_2_1_proj_in": "down_blocks.0.attentions.1.proj_in",
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
+    "middle_block_1_transformer_blocks_0_ff_net_2": "mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+    "middle_block_2_emb_layers_1": "mid_block.resnets.1.time_emb_proj",
+    "output_blocks_3_0_skip_connection": "up_blocks.1.resnets.0.conv_shortcut",
+    "output_blocks_4_0_out_layers_3": "up_blocks.1.resnets.1.conv2",
+    "output_blocks_5_1_transformer_blocks_0_attn2_to_k": "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k",
+    "input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding.linear_1",
+}
+
+
+def test_sgm_names_vs_diffusers(models, tmp_path):
+  ref = models[0]
+  weights, gen, sd = _weights(ref.unet), torch.Generator().manual_seed(3), {}
+  for sgm, name in SGM_MODULES.items():
+    sd[f"lora_unet_{sgm}.lora_down.weight"], sd[f"lora_unet_{sgm}.lora_up.weight"] = _factors(
+        weights[name].shape, 2, gen)
+  for name in (TEXT_MODULES[0], TEXT_MODULES[2]):  # diffusers needs an out_proj to read the te
+    te = f"lora_te_text_model_{name.replace('.', '_')}"
+    sd[f"{te}.lora_down.weight"], sd[f"{te}.lora_up.weight"] = _factors((DIM, DIM), 2, gen)
+  path = str(tmp_path / "sgm.safetensors")
+  save_file(sd, path)
+  converted, alphas = ref.lora_state_dict(path, unet_config=ref.unet.config)
+  assert not alphas and not any("input_blocks" in k for k in converted)
+  errs = _check_vs_diffusers(models, path, 0.9, ref_source=converted)
+  print(f"kohya SGM names rel err unet {errs[0]:.2g} text {errs[1]:.2g}")
 
 
 @pytest.mark.parametrize("metadata", [True, False])
@@ -357,7 +394,7 @@ def _write(tmp_path, sd, name="bad.safetensors"):
      "has text_encoder_2 weights but this model has no text_encoder_2"),
     ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.ones(2, 32),
       "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.ones(32, 2)},
-     "SGM/LDM UNet names"),
+     "SGM/LDM-named UNet module 'lora_unet_input_blocks_4_1_proj_in' matches no layer"),
     ({"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3)},
      "module 'conv_in' has an incomplete or unsupported set of weights"),
     ({"lora_unet_conv_in.dora_scale": torch.ones(4)}, "not a LoRA weight sdjax knows"),
@@ -381,3 +418,102 @@ def test_bad_files(models, tmp_path):
   with pytest.raises(LoraError, match="path, .path, scale."):
     lora.apply_loras(pipe, [("x", 1, 2, 3)])
   assert not os.path.exists(str(tmp_path / "missing.safetensors"))
+
+
+def test_key_spellings_agree(models):
+  """The same factors under every naming sdjax reads give the same deltas."""
+  _, pipe, _ = models
+  rng = np.random.default_rng(0)
+  down, up = rng.standard_normal((2, 32), np.float32), rng.standard_normal((32, 2), np.float32)
+  module = f"{ATTN}.attn1.to_q"
+  spellings = [
+      {f"lora_unet_{module.replace('.', '_')}.lora_down.weight": down,
+       f"lora_unet_{module.replace('.', '_')}.lora_up.weight": up},
+      {f"unet.{module}.lora_A.weight": down, f"unet.{module}.lora_B.weight": up},
+      {f"base_model.model.{module}.lora_A.default.weight": down,
+       f"base_model.model.{module}.lora_B.default.weight": up},
+      {f"unet.{module}.lora.down.weight": down, f"unet.{module}.lora.up.weight": up},
+      {f"unet.{ATTN}.attn1.processor.to_q_lora.down.weight": down,
+       f"unet.{ATTN}.attn1.processor.to_q_lora.up.weight": up},
+  ]
+  deltas = [lora.resolve_lora(sd, {}, pipe.params).deltas for sd in spellings]
+  path = ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn1", "to_q", "kernel")
+  for d in deltas:
+    assert list(d) == ["unet"] and list(d["unet"]) == [path]
+    np.testing.assert_array_equal(d["unet"][path], (up @ down).T)
+
+
+# -- SDXL: two text encoders (lora_te1_ / lora_te2_) and SGM-named UNet keys, as kohya writes them --
+SDXL_SGM = {  # kohya (SGM) name -> diffusers module, for testing.UNET_SDXL
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks_2_0_op": "down_blocks.0.downsamplers.0.conv",
+    "input_blocks_3_1_transformer_blocks_0_attn1_to_q":
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "input_blocks_5_1_transformer_blocks_1_attn2_to_k":
+        "down_blocks.2.attentions.0.transformer_blocks.1.attn2.to_k",
+    "middle_block_1_proj_out": "mid_block.attentions.0.proj_out",
+    "output_blocks_1_2_conv": "up_blocks.0.upsamplers.0.conv",
+    "output_blocks_3_0_skip_connection": "up_blocks.1.resnets.1.conv_shortcut",
+    "output_blocks_2_1_transformer_blocks_0_ff_net_0_proj":
+        "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj",
+    "label_emb_0_0": "add_embedding.linear_1", "time_embed_2": "time_embedding.linear_2",
+}
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("sdxl") / "pipes")
+  ref, _ = testing.write_torch_sdxl(folder, seed=12)
+  return ref, sdjax.load_pipeline(os.path.join(folder, "base"))
+
+
+def _sdxl_outputs_torch(ref):
+  x, ctx = randn(2, 8, 8, 4), randn(2, 77, 64, seed=1)
+  added = {"text_embeds": torch.from_numpy(randn(2, 20, seed=2)),
+           "time_ids": torch.tensor([[32.0, 40, 0, 8, 24, 16]] * 2)}
+  with torch.no_grad():
+    eps = nhwc(ref.unet(nchw(x), torch.tensor([3, 700]), torch.from_numpy(ctx),
+                        added_cond_kwargs=added).sample)
+    text, _, pooled, _ = ref.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+  return eps, text.numpy(), pooled.numpy()
+
+
+def _sdxl_outputs_ours(pipe, params):
+  pipe = dataclasses.replace(pipe, params=params)
+  x, ctx = randn(2, 8, 8, 4), randn(2, 77, 64, seed=1)
+  time_ids = np.array([[32.0, 40, 0, 8, 24, 16]] * 2, np.float32)
+  eps = pipe.predict_noise(x, np.array([3, 700]), ctx, randn(2, 20, seed=2), time_ids)
+  text, _, pooled, _ = pipe.encode_prompt(PROMPTS)
+  return np.asarray(eps), np.asarray(text), np.asarray(pooled)
+
+
+def test_sdxl_kohya_vs_diffusers(sdxl, tmp_path):
+  ref, pipe = sdxl
+  gen, sd = torch.Generator().manual_seed(4), {}
+  weights = _weights(ref.unet)
+  for sgm, name in SDXL_SGM.items():
+    sd[f"lora_unet_{sgm}.lora_down.weight"], sd[f"lora_unet_{sgm}.lora_up.weight"] = _factors(
+        weights[name].shape, 2, gen)
+  for prefix, model in (("lora_te1_", ref.text_encoder), ("lora_te2_", ref.text_encoder_2)):
+    te_weights = _weights(model)
+    for name in TEXT_MODULES:
+      key = f"{prefix}text_model_{name.replace('.', '_')}"
+      sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = _factors(
+          te_weights[name].shape, 2, gen)
+  path = str(tmp_path / "sdxl.safetensors")
+  save_file(sd, path)
+  models = [ref.unet, ref.text_encoder, ref.text_encoder_2]
+  saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+  base = _sdxl_outputs_torch(ref)
+  ref.load_lora_weights(path)
+  ref.fuse_lora(lora_scale=0.8)
+  expected = _sdxl_outputs_torch(ref)
+  ref.unfuse_lora()
+  ref.unload_lora_weights()
+  for m, state in zip(models, saved, strict=True):
+    m.load_state_dict(state)
+  ours = _sdxl_outputs_ours(pipe, lora.apply_loras(pipe, [(path, 0.8)]))
+  for what, a, b, b0 in zip(("unet", "text", "pooled"), ours, expected, base, strict=True):
+    assert np.linalg.norm(b - b0) / np.linalg.norm(b0) > 0.05  # the LoRA changes each output
+    print(f"SDXL kohya {what}: rel err {assert_close(a, b):.2g}, "
+          f"of the change {assert_close(a - b0, b - b0):.2g}")

@@ -293,9 +293,23 @@ def _fake_state(family, in_channels=4):
   state = {"model.diffusion_model.input_blocks.0.0.weight": np.zeros((320, in_channels, 3, 3))}
   text = {"sd1": single_file.CLIP_PREFIX + "final_layer_norm.weight",
           "sd2": single_file.OPENCLIP_PREFIX + "ln_final.weight",
-          "sdxl": single_file.SDXL_OPENCLIP_PREFIX + "ln_final.weight"}[family]
+          "sdxl": single_file.SDXL_OPENCLIP_PREFIX + "ln_final.weight",
+          "sdxl_refiner": single_file.SDXL_REFINER_OPENCLIP_PREFIX + "ln_final.weight"}[family]
   state[text] = np.zeros((8,))
   return state
+
+
+def test_standard_configs_parse():
+  for name in standard.STANDARD_CONFIGS:
+    raw = standard.standard_config(name)
+    UNetConfig.from_dict(raw["unet"])
+    VAEConfig.from_dict(raw["vae"])
+    text = {n: CLIPTextConfig.from_dict(raw[n]) for n in ("text_encoder", "text_encoder_2")
+            if n in raw}
+    family = single_file.config_family(text)
+    assert name.startswith(family), name
+    assert all(tok in raw for tok in ("tokenizer", "tokenizer_2")
+               if tok.replace("tokenizer", "text_encoder") in raw), name
 
 
 def test_family_detection_picks_standard_config():
@@ -304,8 +318,10 @@ def test_family_detection_picks_standard_config():
   assert pick(single_file.detect_family(_fake_state("sd2")), None) == "sd2_768_v"
   assert pick(single_file.detect_family(_fake_state("sd2")), "v_prediction") == "sd2_768_v"
   assert pick(single_file.detect_family(_fake_state("sd2")), "epsilon") == "sd2_512_base"
-  with pytest.raises(SingleFileError, match="SDXL base"):
-    single_file.detect_family(_fake_state("sdxl"))
+  assert pick(single_file.detect_family(_fake_state("sdxl")), None) == "sdxl"
+  assert pick(single_file.detect_family(_fake_state("sdxl_refiner")), None) == "sdxl_refiner"
+  assert single_file.detect_family(_fake_state("sdxl")) == "sdxl"
+  assert single_file.detect_family(_fake_state("sdxl_refiner")) == "sdxl_refiner"
   with pytest.raises(SingleFileError, match="inpainting"):
     single_file.detect_family(_fake_state("sd1", in_channels=9))
   with pytest.raises(SingleFileError, match="looks like a VAE file"):
@@ -322,17 +338,21 @@ def _standard_keys(name):
 
   raw = standard.standard_config(name)
   with torch.device("meta"):
-    models = {
-        "unet": diffusers.UNet2DConditionModel(**raw["unet"]),
-        "vae": diffusers.AutoencoderKL(**raw["vae"]),
-        "text_encoder": transformers.CLIPTextModel(
-            transformers.CLIPTextConfig(**raw["text_encoder"])),
-    }
+    models = {"unet": diffusers.UNet2DConditionModel(**raw["unet"]),
+              "vae": diffusers.AutoencoderKL(**raw["vae"])}
+    if "text_encoder" in raw:
+      models["text_encoder"] = transformers.CLIPTextModel(
+          transformers.CLIPTextConfig(**raw["text_encoder"]))
+    if "text_encoder_2" in raw:
+      models["text_encoder_2"] = transformers.CLIPTextModelWithProjection(
+          transformers.CLIPTextConfig(**raw["text_encoder_2"]))
   shapes = {comp: normalize_keys({k: _zeros(tuple(v.shape)) for k, v in m.state_dict().items()})
             for comp, m in models.items()}
-  state = single_file.to_original(
-      single_file.config_family(CLIPTextConfig.from_dict(raw["text_encoder"])),
-      UNetConfig.from_dict(raw["unet"]), VAEConfig.from_dict(raw["vae"]), shapes)
+  text_cfgs = {n: CLIPTextConfig.from_dict(raw[n]) for n in ("text_encoder", "text_encoder_2")
+               if n in raw}
+  state = single_file.to_original(single_file.config_family(text_cfgs),
+                                  UNetConfig.from_dict(raw["unet"]),
+                                  VAEConfig.from_dict(raw["vae"]), shapes)
   return {k: v.shape for k, v in state.items()}
 
 
@@ -340,7 +360,7 @@ def _zeros(shape):
   return np.broadcast_to(np.zeros((), np.float32), shape)  # zero-strided: no memory
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2_768_v"])
+@pytest.mark.parametrize("name", ["sd1", "sd2_768_v", "sdxl"])
 def test_standard_configs_match_released_key_names(name):
   """The tables on the full-size configs give the key names and shapes of the released files."""
   keys = _standard_keys(name)
@@ -364,6 +384,9 @@ def test_standard_configs_match_released_key_names(name):
       "first_stage_model.decoder.mid.attn_1.proj_out.weight": (512, 512, 1, 1),
       "first_stage_model.post_quant_conv.weight": (4, 4, 1, 1),
   }
+  if name == "sdxl":  # three levels, attention from level 1, 10 transformer blocks at the bottom
+    _check_sdxl_keys(keys)
+    return
   if name == "sd1":
     want[unet + "input_blocks.1.1.proj_in.weight"] = (320, 320, 1, 1)
     want[single_file.CLIP_PREFIX + "encoder.layers.11.mlp.fc2.weight"] = (768, 3072)
@@ -377,6 +400,28 @@ def test_standard_configs_match_released_key_names(name):
   assert len([k for k in keys if k.startswith("first_stage_model.")]) == 248
   for key, shape in want.items():
     assert keys.get(key) == shape, key
+
+
+def _check_sdxl_keys(keys):
+  unet = "model.diffusion_model."
+  want = {
+      unet + "label_emb.0.0.weight": (1280, 2816),
+      unet + "input_blocks.3.0.op.weight": (320, 320, 3, 3),
+      unet + "input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+      unet + "middle_block.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
+      unet + "output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+      unet + "output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+      unet + "output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
+      "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc1.weight":
+          (3072, 768),
+      "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+      "conditioner.embedders.1.model.text_projection": (1280, 1280),
+      "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+  }
+  for key, shape in want.items():
+    assert keys.get(key) == shape, key
+  assert unet + "input_blocks.1.1.proj_in.weight" not in keys  # no attention at level 0
+  assert not any(k.startswith(unet + "input_blocks.9.") for k in keys)
 
 
 def test_builtin_configs_and_tokenizer_offline(family_files, monkeypatch):
@@ -422,3 +467,43 @@ def test_hub_selects_only_what_is_needed():
   configs = hub.select_files(pipeline_repo, configs_only=True)
   assert "tokenizer/vocab.json" in configs and "unet/config.json" in configs
   assert not any(f.endswith((".safetensors", ".bin")) for f in configs)
+
+
+# -- SDXL --------------------------------------------------------------------------------------------
+def test_sdxl_single_files(tmp_path):
+  """SDXL base and refiner: the exported file is real for diffusers (same weights) and loads back
+  into sdjax equal to the folder bit for bit."""
+  import diffusers
+
+  from sdjax.checkpoints.weights import normalize_keys
+
+  torch.set_num_threads(1)
+  torch_pipes = testing.write_torch_sdxl(str(tmp_path / "sdxl"))
+  for torch_pipe, kind, cls in zip(
+      torch_pipes, ("base", "refiner"),
+      (diffusers.StableDiffusionXLPipeline, diffusers.StableDiffusionXLImg2ImgPipeline),
+      strict=True):
+    folder = str(tmp_path / "sdxl" / kind)
+    ref = sdjax.load_pipeline(folder)
+    path = str(tmp_path / f"{kind}.safetensors")
+    ref.save_single_file(path)
+    state = single_file.read_single_file(path)
+    family = "sdxl" if kind == "base" else "sdxl_refiner"
+    assert single_file.detect_family(state) == family
+    assert any(k.startswith(f"{single_file.UNET_PREFIX}label_emb.0.0.") for k in state)
+    loaded = cls.from_single_file(path, config=folder, local_files_only=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+      if getattr(torch_pipe, name) is None:
+        continue
+      want = normalize_keys(getattr(torch_pipe, name).state_dict())
+      got = normalize_keys(getattr(loaded, name).state_dict())
+      assert sorted(got) == sorted(want), name
+      for key, value in want.items():
+        assert torch.equal(got[key], value), (kind, name, key)
+    pipe = sdjax.load_pipeline(path, config=folder)
+    _assert_params_equal(pipe.params, ref.params)
+    assert pipe.is_sdxl and (pipe.text_encoder is None) == (kind == "refiner")
+    assert (pipe.force_zeros_for_empty_prompt, pipe.requires_aesthetics_score) == (
+        ref.force_zeros_for_empty_prompt, ref.requires_aesthetics_score)
+    ids = ref.tokenize_2(["a photo of a cat"])
+    np.testing.assert_array_equal(pipe.tokenize_2(["a photo of a cat"]), ids)

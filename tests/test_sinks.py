@@ -134,7 +134,8 @@ def test_merge_is_bounded(store, output_format, monkeypatch):
   assert [json.loads(line)["index"] for line in lines] == list(range(8))
   page = store.read(outputs.INDEX_HTML_NAME).decode()
   assert "8 images (the first 5 shown)" in page
-  assert page.count("<figure") == 5
+  assert page.count("<figure id=") == 5
+  assert ("src=\"grid.png\"" in page) == (output_format == "webdataset")
   assert ("shards/000002.tar" in page) == (output_format == "webdataset")
   with Image.open(io.BytesIO(store.read(outputs.GRID_NAME))) as grid:
     assert grid.size == (3 * 8, 2 * 8)

@@ -9,6 +9,8 @@ from sdjax import testing
 from sdjax.models.config_utils import ConfigError
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 
+torch.set_num_threads(1)
+
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_unet_matches_diffusers(family):
@@ -22,6 +24,33 @@ def test_unet_matches_diffusers(family):
   with torch.no_grad():
     ref = tm(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
   assert_close(ours, nhwc(ref))
+
+
+SDXL_CONFIGS = {"base": testing.UNET_SDXL, "refiner": testing.UNET_SDXL_REFINER,
+                "distilled": testing.UNET_SDXL_DISTILLED}
+
+
+@pytest.mark.parametrize("name", list(SDXL_CONFIGS))
+def test_sdxl_unet_matches_diffusers(name):
+  """text_time added conditioning, levels without attention, non-uniform / per-layer depths."""
+  config = SDXL_CONFIGS[name]
+  tm = testing.torch_unet(config, seed=5)
+  fm = UNet2DConditionModel(UNetConfig.from_dict(dict(tm.config)))
+  n_ids = (config["projection_class_embeddings_input_dim"] - 20) // testing.SDXL_TIME_EMBED_DIM
+  x, ctx = randn(2, 8, 12, 4), randn(2, 77, config["cross_attention_dim"], seed=1)
+  text_embeds = randn(2, 20, seed=2)
+  time_ids = np.array([[1024, 768, 0, 32, 1024, 1024, 6][:n_ids],
+                       [512, 640, 16, 0, 768, 896, 2.5][:n_ids]], np.float32)
+  t = np.array([3.0, 801.0], np.float32)
+  params = transfer(tm, fm, x, t, ctx, text_embeds, time_ids)
+  ours = fm.apply({"params": params}, x, t, ctx, text_embeds, time_ids)
+  with torch.no_grad():
+    ref = tm(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), added_cond_kwargs={
+        "text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)})
+  err = assert_close(ours, nhwc(ref.sample))
+  print(f"\nsdxl unet {name}: {err:.2e}")
+  with pytest.raises(ValueError, match="needs text_embeds and time_ids"):
+    fm.apply({"params": params}, x, t, ctx)
 
 
 def test_unet_scalar_timestep_broadcasts():
@@ -41,7 +70,7 @@ def test_unknown_option_is_named():
 
 
 @pytest.mark.parametrize("key,value", [("class_embed_type", "timestep"),
-                                       ("addition_embed_type", "text_time"),
+                                       ("addition_embed_type", "image"),
                                        ("resnet_time_scale_shift", "scale_shift"),
                                        ("num_attention_heads", 8)])
 def test_unsupported_option_value_is_named(key, value):

@@ -61,3 +61,21 @@ def test_without_quant_convs_and_mid_attention():
 def test_unsupported_shift_factor():
   with pytest.raises(ConfigError, match="shift_factor"):
     VAEConfig.from_dict({**testing.VAE, "shift_factor": 0.1159})
+
+
+def test_sdxl_latent_statistics_and_upcast():
+  """latents_mean / latents_std as diffusers' SDXL pipelines apply them; force_upcast."""
+  tm = testing.torch_vae(testing.VAE_SDXL, seed=1)
+  cfg = VAEConfig.from_dict(dict(tm.config))
+  mean = np.asarray(testing.VAE_SDXL["latents_mean"], np.float32)
+  std = np.asarray(testing.VAE_SDXL["latents_std"], np.float32)
+  x = randn(2, 4, 6, 4)
+  np.testing.assert_allclose(cfg.from_diffusion_latents(x), x * std / 0.13025 + mean, rtol=1e-6)
+  np.testing.assert_allclose(cfg.to_diffusion_latents(cfg.from_diffusion_latents(x)), x,
+                             rtol=1e-5, atol=1e-5)
+  plain = VAEConfig.from_dict(dict(testing.torch_vae(testing.VAE).config))
+  np.testing.assert_allclose(plain.from_diffusion_latents(x), x / 0.5)
+  assert cfg.compute_dtype(np.float16) == np.float32
+  assert cfg.compute_dtype(jax.numpy.bfloat16) == jax.numpy.bfloat16
+  with pytest.raises(ConfigError, match="latents_mean needs one entry per latent channel"):
+    VAEConfig.from_dict({**testing.VAE_SDXL, "latents_mean": [0.0, 1.0]})

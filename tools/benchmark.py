@@ -4,6 +4,9 @@
   python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --backend torch
   python tools/benchmark.py --arch sd15 --what generate --batch 8 --steps 50 --dtype bfloat16 \
       --peak_tflops 989 --json
+  python tools/benchmark.py --arch sdxl --what generate --batch 4 --steps 30 --dtype bfloat16 \
+      --scheduler euler --peak_tflops 989 --json
+  python tools/benchmark.py --arch sdxl_small --what unet_step --batch 2 --height 512 --width 512
   python tools/benchmark.py --arch builtin --what run --batch 8 --steps 4 --images 256
   python tools/benchmark.py --arch builtin --what first_image --prompts 2000000 --steps 2
   python tools/benchmark.py --arch sd15 --what unet_step --backend both \
@@ -20,6 +23,11 @@ writing, manifests) on the built-in model against the bare compiled sampler at t
 both after compiling, and reports both images/s and their ratio. `--what first_image` starts
 main.py on a synthetic `--prompts`-line jsonl file (built-in model, warm compilation cache) and
 reports the seconds until its first PNG exists and the process's peak resident memory then.
+
+`sdxl` is SDXL base 1.0's architecture (2.6B-parameter UNet, CLIP-L + OpenCLIP-bigG encoders,
+1024x1024). `sdxl_small` keeps SDXL's layout (no attention at the first level, linear
+projections, transformer depth growing with depth, two encoders, text_time conditioning) at
+half the UNet width, depths (1, 2, 4) and small encoders, so that CPU comparisons finish.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import time
 
 from absl import app, flags
 
-_ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "builtin"],
+_ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "sdxl", "sdxl_small",
+                                          "builtin"],
                           "architecture (random weights)")
 _WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate", "run",
                                                "first_image"], "what to time")
@@ -44,6 +53,8 @@ _BATCH = flags.DEFINE_integer("batch", 2, "batch (unet_step: 2 = one CFG step of
 _HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the arch's native)")
 _WIDTH = flags.DEFINE_integer("width", None, "image width (default: the arch's native)")
 _STEPS = flags.DEFINE_integer("steps", 50, "generate: denoising steps")
+_SCHEDULER = flags.DEFINE_enum("scheduler", "dpmpp_2m", ["dpmpp_2m", "euler"],
+                               "generate: scheduler (both backends)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype")
 _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch", "both"], "sdjax or diffusers; "
                               "both: unet_step of each in one process, calls interleaved")
@@ -66,12 +77,37 @@ VAE_SD = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, sampl
               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
 UNET_SD2 = dict(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
                 use_linear_projection=True)
+_SDXL_LEVELS = dict(down_block_types=["DownBlock2D", "CrossAttnDownBlock2D",
+                                      "CrossAttnDownBlock2D"],
+                    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                    use_linear_projection=True, addition_embed_type="text_time",
+                    addition_time_embed_dim=256)
+UNET_SDXL = dict(_SDXL_LEVELS, block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20],
+                 transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
+                 projection_class_embeddings_input_dim=1280 + 6 * 256, sample_size=128)
+UNET_SDXL_SMALL = dict(_SDXL_LEVELS, block_out_channels=[160, 320, 640],
+                       attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 4],
+                       cross_attention_dim=384 + 512,
+                       projection_class_embeddings_input_dim=512 + 6 * 256, sample_size=64)
+CLIP_SDXL_SMALL = dict(CLIP_SD1, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                       num_attention_heads=6)
+# The second encoder of each SDXL arch (with projection).
+CLIP_2 = {
+    "sdxl": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                 projection_dim=1280),
+    "sdxl_small": dict(CLIP_SD2, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                       num_attention_heads=8, projection_dim=512),
+}
+VAE_SDXL = dict(VAE_SD, scaling_factor=0.13025, sample_size=1024)
 ARCHS = {
     # arch -> (unet config, clip config, vae config, native size, prediction type)
     "sd15": (dict(cross_attention_dim=768, sample_size=64), CLIP_SD1, VAE_SD, 512, "epsilon"),
     "sd21_base": (dict(UNET_SD2, sample_size=64), CLIP_SD2, VAE_SD, 512, "epsilon"),
     "sd21": (dict(UNET_SD2, sample_size=96, upcast_attention=True), CLIP_SD2, VAE_SD, 768,
              "v_prediction"),
+    "sdxl": (UNET_SDXL, CLIP_SD1, VAE_SDXL, 1024, "epsilon"),
+    "sdxl_small": (UNET_SDXL_SMALL, CLIP_SDXL_SMALL, VAE_SDXL, 512, "epsilon"),
 }
 
 
@@ -120,19 +156,46 @@ def _jax_pipeline():
   unet_cfg, clip_cfg, vae_cfg, _, prediction = _configs()
   unet_c, vae_c = UNetConfig.from_dict(unet_cfg), VAEConfig.from_dict(vae_cfg)
   clip_c = CLIPTextConfig.from_dict(clip_cfg)
+  clip_2 = CLIPTextConfig.from_dict(CLIP_2[_ARCH.value]) if _ARCH.value in CLIP_2 else None
   dtype = pipeline.parse_dtype(_DTYPE.value)
-  examples = pipeline._example_inputs(unet_c, clip_c, vae_c)  # noqa: SLF001
+  examples = pipeline._example_inputs(unet_c, clip_c, vae_c, clip_2)  # noqa: SLF001
   pipe = pipeline.build_pipeline(
       unet_c, vae_c, clip_c, None, {**testing.SCHEDULER_SD15, "prediction_type": prediction},
-      params={}, dtype=_DTYPE.value)
+      params={}, dtype=_DTYPE.value, text_cfg_2=clip_2)
   # Timing does not depend on the values: random normal weights, without compiling init.
   rng = np.random.default_rng(0)
-  for name, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder",
-                                                                  pipe.text_encoder)):
+  for name, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder),
+                       ("text_encoder_2", pipe.text_encoder_2)):
+    if module is None:
+      continue
     shapes = pipeline._expected_params(module, *examples[name])  # noqa: SLF001
     pipe.params[name] = jax.tree.map(
         lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 0.02, dtype), shapes)
   return pipe, dtype
+
+
+def _added_cond(pipe, b):
+  """SDXL UNets' text_embeds and time_ids (none for SD1/SD2)."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  if pipe.text_encoder_2 is None:
+    return ()
+  width = pipe.text_encoder_2.config.projection_dim
+  return jnp.ones((b, width), pipe.dtype), jnp.full((b, 6), 512.0)
+
+
+def _conditioning(pipe, b, h, w):
+  """Token ids of zeros (and SDXL's pooled / time-id inputs), the shapes a real batch has."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import conditioning  # noqa: PLC0415
+
+  ids = jnp.zeros((b, 77), jnp.int32)
+  if pipe.text_encoder_2 is None:
+    return conditioning.Conditioning(conditioning.PromptIds(ids), conditioning.PromptIds(ids))
+  time_ids = jnp.tile(jnp.asarray([h, w, 0, 0, h, w], jnp.float32), (b, 1))
+  side = conditioning.PromptIds(ids, ids)
+  return conditioning.Conditioning(side, side, jnp.zeros((b,), bool), time_ids, time_ids)
 
 
 def bench_jax():
@@ -147,27 +210,26 @@ def bench_jax():
   lat = (b, h // 8, w // 8, 4)
   if _WHAT.value == "unet_step":
     args = (pipe.params["unet"], jnp.ones(lat, dtype), jnp.full((b,), 500.0),
-            jnp.ones((b, 77, pipe.unet.config.cross_attention_dim), dtype))
-    fn = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
+            jnp.ones((b, 77, pipe.unet.config.cross_attention_dim), dtype), *_added_cond(pipe, b))
+    fn = jax.jit(lambda p, x, t, c, *added: pipe.unet.apply({"params": p}, x, t, c, *added))
   elif _WHAT.value == "vae_decode":
     args = (pipe.params["vae"], jnp.ones(lat, dtype))
     fn = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method=pipe.vae.decode))
   else:
-    spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler="dpmpp_2m",
+    spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler=_SCHEDULER.value,
                                    height=h, width=w, guidance_scale=7.5)
-    ids = jnp.zeros((b, 77), jnp.int32)
     seeds = jnp.arange(b, dtype=jnp.uint32)
-    args = (spec, pipe.text_encoder, pipe.unet, pipe.vae, pipe.params, ids, ids, seeds,
+    args = (spec, pipe.networks, pipe.params, _conditioning(pipe, b, h, w), seeds,
             sampling.initial_noise(seeds, lat[1:]), jnp.float32(7.5), jnp.float32(0.0), None,
             state)
-    fn = jax.jit(sampling.sample_fn, static_argnums=(0, 1, 2, 3))
+    fn = jax.jit(sampling.sample_fn, static_argnums=(0, 1))
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = _FLOPS.value or float(cost.get("flops", 0.0))
-  call_args = args if _WHAT.value != "generate" else args[4:]
+  call_args = args if _WHAT.value != "generate" else args[2:]
   median = float("nan")
   if _REPEATS.value:
     median = _timed(lambda: jax.block_until_ready(compiled(*call_args)), _REPEATS.value)
@@ -200,9 +262,9 @@ def bench_run():
   per_batch = b * mesh.size
   spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler="dpmpp_2m", height=h,
                                  width=w, guidance_scale=4.0)
-  ids = parallel.shard_batch(mesh, pipe.tokenize(["a red circle"] * per_batch), per_batch)
+  cond = sampling.make_conditioning(pipe, ["a red circle"] * per_batch, [""] * per_batch)
   seeds = parallel.shard_batch(mesh, np.arange(per_batch, dtype=np.uint32), per_batch)
-  args = (parallel.replicate(pipe.params, mesh), ids, ids, seeds,
+  args = (parallel.replicate(pipe.params, mesh), parallel.shard_tree(mesh, cond, per_batch), seeds,
           *parallel.replicate((np.float32(4.0), np.float32(0.0)), mesh),
           parallel.replicate(state, mesh))
   compiled = parallel.sharded_sampler(mesh, spec, pipe).lower(*args).compile()
@@ -294,13 +356,18 @@ def bench_torch():
     unet = diffusers.UNet2DConditionModel(**unet_cfg).to(dtype).eval()
     vae = diffusers.AutoencoderKL(**vae_cfg).to(dtype).eval()
   lat = (b, 4, h // 8, w // 8)
+  sdxl = _ARCH.value in CLIP_2
   if _WHAT.value == "unet_step":
     x = torch.ones(lat, dtype=dtype, device=device)
     t = torch.full((b,), 500.0, device=device)
     ctx = torch.ones((b, 77, unet.config.cross_attention_dim), dtype=dtype, device=device)
+    added = None if not sdxl else {
+        "text_embeds": torch.ones((b, CLIP_2[_ARCH.value]["projection_dim"]), dtype=dtype,
+                                  device=device),
+        "time_ids": torch.full((b, 6), 512.0, dtype=dtype, device=device)}
 
     def fn():
-      return unet(x, t, ctx).sample
+      return unet(x, t, ctx, added_cond_kwargs=added).sample
   elif _WHAT.value == "vae_decode":
     z = torch.ones(lat, dtype=dtype, device=device)
 
@@ -314,12 +381,23 @@ def bench_torch():
     tok_dir = tempfile.mkdtemp()
     testing.write_tokenizer(tok_dir)
     text = CLIPTextModel(CLIPTextConfig(**clip_cfg)).to(device, dtype).eval()
-    sched = diffusers.DPMSolverMultistepScheduler.from_config(
-        {**testing.SCHEDULER_SD15, "prediction_type": prediction})
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=testing.torch_tokenizer(tok_dir), unet=unet,
-        scheduler=sched, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+    cls = {"dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+           "euler": diffusers.EulerDiscreteScheduler}[_SCHEDULER.value]
+    sched = cls.from_config({**testing.SCHEDULER_SD15, "prediction_type": prediction})
+    tokenizer = testing.torch_tokenizer(tok_dir)
+    if sdxl:
+      from transformers import CLIPTextModelWithProjection  # noqa: PLC0415
+
+      text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_2[_ARCH.value]))
+      pipe = diffusers.StableDiffusionXLPipeline(
+          vae=vae, text_encoder=text, text_encoder_2=text_2.to(device, dtype).eval(),
+          tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=sched,
+          add_watermarker=False)
+    else:
+      pipe = diffusers.StableDiffusionPipeline(
+          vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+          scheduler=sched, safety_checker=None, feature_extractor=None,
+          requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
 
     def fn():

@@ -89,6 +89,12 @@ def read_embedding(source: str, token: str | None = None) -> Embedding:
   return parse_embedding(data, os.path.splitext(os.path.basename(path))[0], token)
 
 
+def trigger_vectors(embeddings: Mapping[str, Embedding], component: str = "text_encoder"):
+  """{trigger word: vectors [n, D]} for one text encoder, as A1111-style prompt parsers take."""
+  return {token: emb.vectors[component] for token, emb in embeddings.items()
+          if component in emb.vectors}
+
+
 def token_names(token: str, n: int) -> list[str]:
   """The added tokens of an n-vector embedding, as diffusers names them."""
   return [token] + [f"{token}_{i}" for i in range(1, n)]

@@ -11,6 +11,7 @@ _CONFIG_FILES = (
     "unet/config.json",
     "vae/config.json",
     "text_encoder/config.json",
+    "text_encoder_2/config.json",
     "scheduler/scheduler_config.json",
 )
 _TOKENIZER_FILES = (
@@ -57,7 +58,8 @@ def select_files(repo_files: list[str], *, variant: str | None = None,
     return [f"{folder}config.json"] + _weight_files(files, folder, WEIGHT_STEMS[component],
                                                     variant)
   wanted = [f for f in _CONFIG_FILES if f in files]
-  wanted += [f"tokenizer/{f}" for f in _TOKENIZER_FILES if f"tokenizer/{f}" in files]
+  for folder in ("tokenizer", "tokenizer_2"):  # tokenizer_2: SDXL
+    wanted += [f"{folder}/{f}" for f in _TOKENIZER_FILES if f"{folder}/{f}" in files]
   if not configs_only:
     for comp, stem in WEIGHT_STEMS.items():
       wanted += _weight_files(files, f"{comp}/", stem, variant)

@@ -7,6 +7,8 @@ several LoRAs add. Key naming:
 - kohya / A1111 / LyCORIS: `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`,
   `lora_te2_`), where `<module>` is the diffusers module name with `.` -> `_`, followed by
   `.lora_down.weight`, `.lora_up.weight`, `.lora_mid.weight`, `.alpha`, `.hada_*`, `.lokr_*`.
+  kohya's SDXL files name UNet modules as the original (SGM) UNet does (`input_blocks_4_1_...`):
+  they resolve through the single-file key table of the model's UNet config.
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`,
   `text_encoder_2.`; older files `.lora.down.weight` or `processor.to_q_lora.down.weight`), alpha
   from the `lora_adapter_metadata` safetensors header (`unet.lora_alpha`, `unet.r`, patterns) or
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from sdjax.checkpoints import hub, safe_pickle
+from sdjax.checkpoints import hub, safe_pickle, single_file
 from sdjax.checkpoints.weights import TEXT_PREFIX, torch_key
 
 
@@ -60,6 +62,7 @@ _DIFFUSERS_FACTORS = (
     (re.compile(r"^(.*)\.(?:lora|lora_linear_layer)\.up\.weight$"), "lora_up.weight"),
     (re.compile(r"^(.*)\.alpha$"), "alpha"),
 )
+_PEFT_MODEL_PREFIX = "base_model.model."  # PEFT's own save_pretrained of a wrapped model
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _SGM_NAMES = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_")
 
@@ -120,6 +123,7 @@ def _split_kohya(key: str) -> tuple[str, str, str] | None:
 
 def _split_diffusers(key: str) -> tuple[str, str, str] | None:
   component = "unet"
+  key = key.removeprefix(_PEFT_MODEL_PREFIX)
   for prefix, name in _DIFFUSERS_PREFIXES.items():
     if key.startswith(prefix):
       component, key = name, key[len(prefix):]
@@ -257,8 +261,27 @@ def _peft_alpha(config: Mapping[str, Any], module: str, rank: int) -> float | No
 
 
 # -- resolving module names against the model ------------------------------------------------------
-def _module_index(params: Mapping[str, Any]) -> dict[str, dict[str, tuple[str, ...]]]:
-  """Per component: module name (dotted and underscored, as diffusers names it) -> kernel path."""
+# SDXL's added-conditioning MLP, which the original-layout UNet table does not name.
+_SGM_EXTRA = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def _sgm_name(module: str, unet_config) -> str | None:
+  """The SGM/LDM (original layout) name of a diffusers UNet module, as kohya's SDXL files use."""
+  if module in _SGM_EXTRA:
+    return _SGM_EXTRA[module]
+  try:
+    key = single_file.unet_table(unet_config, [module + ".weight"])[module + ".weight"].key
+  except (single_file.SingleFileError, AttributeError, TypeError):
+    return None
+  return key[len(single_file.UNET_PREFIX):].rsplit(".", 1)[0]
+
+
+def _module_index(params: Mapping[str, Any], unet_config=None):
+  """Per component: module name -> kernel path.
+
+  Names as diffusers spells them, dotted and underscored (kohya), and for the UNet, given its
+  config, the underscored original-layout (SGM) names too.
+  """
   index: dict[str, dict[str, tuple[str, ...]]] = {}
   for component in ("unet", *TEXT_ENCODERS):
     if component not in params:
@@ -269,6 +292,9 @@ def _module_index(params: Mapping[str, Any]) -> dict[str, dict[str, tuple[str, .
         continue
       module = torch_key(path).rsplit(".", 1)[0]
       names[module] = names[module.replace(".", "_")] = path
+      sgm = _sgm_name(module, unet_config) if component == "unet" and unet_config else None
+      if sgm is not None:
+        names.setdefault(sgm.replace(".", "_"), path)
   return index
 
 
@@ -287,8 +313,8 @@ def _find_layer(index, component: str, module: str, naming: str, name: str):
   if path is None:
     shown = f"lora_unet_{module}" if naming == "kohya" and component == "unet" else module
     if _SGM_NAMES.match(shown):
-      raise LoraError(f"LoRA {name}: {shown!r} uses SGM/LDM UNet names, which sdjax does not "
-                      "map yet")
+      raise LoraError(f"LoRA {name}: SGM/LDM-named UNet module {shown!r} matches no layer of "
+                      "this model (a LoRA for another model family?)")
     raise LoraError(f"LoRA {name}: {component} module {module!r} matches no layer of this model")
   return path
 
@@ -307,9 +333,12 @@ def _to_flax(delta: np.ndarray, kernel_shape: tuple[int, ...], where: str, name:
 
 
 def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], params,
-                 name: str = "lora") -> Lora:
-  """Resolves a LoRA state dict against `params` ({component: tree}) into Flax-layout deltas."""
-  index = _module_index(params)
+                 name: str = "lora", unet_config=None) -> Lora:
+  """Resolves a LoRA state dict against `params` ({component: tree}) into Flax-layout deltas.
+
+  `unet_config` (the UNet's `UNetConfig`) lets SGM-named UNet keys resolve too.
+  """
+  index = _module_index(params, unet_config)
   shapes = {c: {p: np.shape(v) for p, v in traverse_util.flatten_dict(params[c]).items()}
             for c in index}
   peft = _peft_configs(metadata)
@@ -331,13 +360,13 @@ def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
   return Lora(name, deltas)
 
 
-def read_lora(source: str, params) -> Lora:
+def read_lora(source: str, params, unet_config=None) -> Lora:
   """Reads a LoRA file (or hub file, see `hub.resolve_file`) and resolves it against `params`."""
   path = resolve_file(source, "LoRA", ("pytorch_lora_weights.safetensors",))
   tensors, metadata = read_tensors(path)
   if not tensors:
     raise LoraError(f"LoRA {source} holds no tensors")
-  return resolve_lora(tensors, metadata, params, os.path.basename(path))
+  return resolve_lora(tensors, metadata, params, os.path.basename(path), unet_config)
 
 
 # -- merging ---------------------------------------------------------------------------------------
@@ -358,17 +387,19 @@ def _add(w, delta):
   return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
 
-def merge_loras(params, loras) -> dict[str, Any]:
+def merge_loras(params, loras, unet_config=None) -> dict[str, Any]:
   """New params with LoRAs merged; `params` is left as it was.
 
   Args:
     params: {component: param tree}, as `Pipeline.params`.
     loras: entries `path | Lora`, `(path, scale)` or `(path, unet_scale, te_scale)`.
+    unet_config: the UNet's config, for SGM-named UNet keys (kohya's SDXL files).
   """
   total: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
   for entry in loras:
     source, unet_scale, te_scale = _normalize_entry(entry)
-    lora = source if isinstance(source, Lora) else read_lora(os.fspath(source), params)
+    lora = (source if isinstance(source, Lora)
+            else read_lora(os.fspath(source), params, unet_config))
     for component, deltas in lora.deltas.items():
       scale = te_scale if component in TEXT_ENCODERS else unet_scale
       comp = total.setdefault(component, {})
@@ -385,4 +416,4 @@ def merge_loras(params, loras) -> dict[str, Any]:
 
 def apply_loras(pipe, loras):
   """`pipe.params` with LoRAs merged (the pipeline is not changed): see `merge_loras`."""
-  return merge_loras(pipe.params, loras)
+  return merge_loras(pipe.params, loras, pipe.unet.config)

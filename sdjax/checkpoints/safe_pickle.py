@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import io
+import mmap
 import pickle
 import struct
 import zipfile
@@ -257,7 +258,22 @@ def _storage_from_bytes(data: bytes, dtype: np.dtype, numel: int, what: str) -> 
   return np.frombuffer(data, dtype, count=numel)
 
 
-def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
+def _stored_member(raw, info: zipfile.ZipInfo, path: str):
+  """An uncompressed zip member's bytes as a view into `raw` (no copy), else None."""
+  if info.compress_type != zipfile.ZIP_STORED:
+    return None
+  header = bytes(raw[info.header_offset:info.header_offset + 30])
+  if len(header) != 30 or header[:4] != b"PK\x03\x04":
+    raise UnsafePickleError(f"{path}: bad zip entry {info.filename}")
+  name_len, extra_len = struct.unpack("<HH", header[26:30])
+  start = info.header_offset + 30 + name_len + extra_len
+  if start + info.file_size > len(raw):
+    raise UnsafePickleError(f"{path}: {info.filename} lies outside the file (truncated?)")
+  return memoryview(raw)[start:start + info.file_size]
+
+
+def _load_zip(path: str, archive: zipfile.ZipFile, raw) -> Any:
+  """torch's zip format; storages are read as views into `raw` (the whole file) when stored."""
   pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
   if len(pickles) != 1:
     raise UnsafePickleError(f"{path} is a zip file but not a torch checkpoint (no data.pkl)")
@@ -271,7 +287,9 @@ def _load_zip(path: str, archive: zipfile.ZipFile) -> Any:
     name = f"{root}data/{key}"
     if name not in names:
       raise UnsafePickleError(f"{path} has no storage record {name}")
-    data = _storage_from_bytes(archive.read(name), dtype, numel, name)
+    member = _stored_member(raw, archive.getinfo(name), path)
+    data = _storage_from_bytes(archive.read(name) if member is None else member, dtype, numel,
+                               name)
     return data.byteswap() if byteorder == "big" else data
 
   with archive.open(pickles[0]) as f:
@@ -325,17 +343,28 @@ def load(path: str) -> Any:
   Raises:
     UnsafePickleError: a forbidden global (named), or a truncated / unreadable file.
   """
-  try:
+
+  def read():
     if zipfile.is_zipfile(path):
+      with open(path, "rb") as f:
+        raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
       with zipfile.ZipFile(path) as archive:
-        return _load_zip(path, archive)
+        return _load_zip(path, archive, raw)
     with open(path, "rb") as f:
       return _load_legacy(path, f)
+
+  return _guarded(path, read)
+
+
+def _guarded(name: str, read) -> Any:
+  """Runs `read`, turning anything a corrupt file makes the parsers raise into one line."""
+  try:
+    return read()
   except UnsafePickleError as e:
-    raise UnsafePickleError(f"{path}: {e}" if path not in str(e) else str(e)) from None
+    raise UnsafePickleError(f"{name}: {e}" if name not in str(e) else str(e)) from None
   except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, OSError,
           ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-    raise UnsafePickleError(f"cannot read {path} as a torch pickle (truncated or corrupt?): "
+    raise UnsafePickleError(f"cannot read {name} as a torch pickle (truncated or corrupt?): "
                             f"{type(e).__name__}: {e}") from None
 
 
@@ -351,12 +380,16 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def loads(data: bytes) -> Any:
   """`load` for in-memory bytes (tests, archives within archives)."""
-  buf = io.BytesIO(data)
-  if zipfile.is_zipfile(buf):
-    with zipfile.ZipFile(buf) as archive:
-      return _load_zip("<bytes>", archive)
-  buf.seek(0)
-  return _load_legacy("<bytes>", buf)
+
+  def read():
+    buf = io.BytesIO(data)
+    if zipfile.is_zipfile(buf):
+      with zipfile.ZipFile(buf) as archive:
+        return _load_zip("<bytes>", archive, data)
+    buf.seek(0)
+    return _load_legacy("<bytes>", buf)
+
+  return _guarded("<bytes>", read)
 
 
 __all__ = ["SafeUnpickler", "UnsafePickleError", "load", "load_state_dict", "loads"]

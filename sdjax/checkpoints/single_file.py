@@ -4,7 +4,10 @@ One file holds the whole model under per-network prefixes: the UNet under
 `model.diffusion_model.` (`input_blocks` / `middle_block` / `output_blocks`), the VAE under
 `first_stage_model.` (`encoder.down.N.block.M`, attention as 1x1 convs), the text encoder under
 `cond_stage_model.transformer.text_model.` (SD1, OpenAI CLIP: transformers' names) or
-`cond_stage_model.model.` (SD2, OpenCLIP: fused q/k/v `in_proj`, `resblocks`).
+`cond_stage_model.model.` (SD2, OpenCLIP: fused q/k/v `in_proj`, `resblocks`); SDXL (SGM) has
+`conditioner.embedders.0.transformer.` (CLIP-L) and `conditioner.embedders.1.model.` (OpenCLIP
+bigG with `text_projection`), the refiner only bigG as `conditioner.embedders.0.model.`, and the
+UNet's added conditioning as `label_emb`.
 
 The mapping to diffusers' names (which sdjax's params follow) is a table generated from the
 model's config: `unet_table(cfg)` lists, for every diffusers key, the original key it comes from
@@ -31,7 +34,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1: OpenAI CLIP-L
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP ViT-H text tower
-# Hooks for the SGM layout (SDXL): detected, so users get a clear message until it is mapped.
+# SGM layout (SDXL): CLIP-L and OpenCLIP bigG (the refiner: bigG only, as embedder 0).
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 SDXL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
@@ -94,19 +97,14 @@ def _has_prefix(state: Mapping[str, object], prefix: str) -> bool:
 
 
 def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> str:
-  """"sd1" or "sd2" from the keys and shapes; any other model is a one-line error naming it.
+  """"sd1", "sd2", "sdxl" or "sdxl_refiner" from the keys and shapes; any other model is a
+  one-line error naming it.
 
   Reads only key names and the shape of the UNet's first conv.
   """
   conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
   if conv_in is None:
     raise SingleFileError(f"{name} is not a Stable Diffusion single file: {_guess_kind(state)}")
-  if _has_prefix(state, SDXL_OPENCLIP_PREFIX) or _has_prefix(state, SDXL_CLIP_PREFIX):
-    raise SingleFileError(f"{name} is an SDXL base checkpoint, which single-file loading "
-                          "does not support yet")
-  if _has_prefix(state, SDXL_REFINER_OPENCLIP_PREFIX):
-    raise SingleFileError(f"{name} is an SDXL refiner checkpoint, which single-file loading "
-                          "does not support yet")
   if _has_prefix(state, "embedder.") or _has_prefix(state, "noise_augmentor."):
     raise SingleFileError(f"{name} is a Stable unCLIP checkpoint, which sdjax does not support")
   channels = conv_in.shape[1]
@@ -115,6 +113,10 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
                7: "an upscaler"}.get(channels, "an unsupported")
     raise SingleFileError(f"{name} is {variant} model ({channels} UNet input channels); sdjax "
                           "supports text-to-image models (4 channels)")
+  if _has_prefix(state, SDXL_OPENCLIP_PREFIX):
+    return "sdxl"
+  if _has_prefix(state, SDXL_REFINER_OPENCLIP_PREFIX):
+    return "sdxl_refiner"
   if _has_prefix(state, OPENCLIP_PREFIX):
     return "sd2"
   if _has_prefix(state, CLIP_PREFIX):
@@ -135,6 +137,8 @@ def _guess_kind(state: Mapping[str, np.ndarray]) -> str:
 
 def standard_config_name(family: str, prediction_type: str | None) -> str:
   """The built-in config for a family; SD2's 768-v and 512-base differ only in prediction type."""
+  if family.startswith("sdxl"):
+    return family
   if family == "sd1":
     if prediction_type not in (None, "epsilon"):
       raise SingleFileError(f"prediction_type {prediction_type!r}: SD1 models predict epsilon")
@@ -147,9 +151,12 @@ def standard_config_name(family: str, prediction_type: str | None) -> str:
                         "(use epsilon or v_prediction)")
 
 
-def config_family(text_config) -> str:
-  """The family a diffusers config describes: SD2's OpenCLIP uses gelu, SD1's CLIP quick_gelu."""
-  return "sd2" if text_config.hidden_act == "gelu" else "sd1"
+def config_family(text_configs: Mapping[str, object]) -> str:
+  """The family a pipeline's text encoder configs describe: SDXL has a second encoder (the
+  refiner only that one); SD2's OpenCLIP uses gelu, SD1's CLIP quick_gelu."""
+  if "text_encoder_2" in text_configs:
+    return "sdxl" if "text_encoder" in text_configs else "sdxl_refiner"
+  return "sd2" if text_configs["text_encoder"].hidden_act == "gelu" else "sd1"
 
 
 # -- key tables -------------------------------------------------------------------------------------
@@ -160,6 +167,7 @@ class Source:
   key: str
   part: int | None = None  # which third of a fused q/k/v tensor
   conv1x1: bool = False  # stored as a [O, I, 1, 1] conv where diffusers has a [O, I] linear
+  transpose: bool = False  # OpenCLIP's text_projection is applied as x @ P, diffusers' as x @ W.T
 
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -170,9 +178,14 @@ _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
 
 
 def _unet_modules(cfg) -> dict[str, tuple[str, dict[str, str]]]:
-  """diffusers module -> (original module, renames inside it), from the UNet's block structure."""
-  per_level = cfg.layers_per_block + 1  # resnets, then a resampler (or one more up resnet)
-  last = len(cfg.block_out_channels) - 1
+  """diffusers module -> (original module, renames inside it), from the UNet's block structure.
+
+  `input_blocks` / `output_blocks` number every resnet (with its attention) and every resampler
+  in order.
+  """
+  levels = len(cfg.block_out_channels)
+  layers = (tuple(cfg.layers_per_block) if isinstance(cfg.layers_per_block, list | tuple)
+            else (cfg.layers_per_block,) * levels)
   m = {
       "conv_in": ("input_blocks.0.0", {}),
       "time_embedding.linear_1": ("time_embed.0", {}),
@@ -180,27 +193,32 @@ def _unet_modules(cfg) -> dict[str, tuple[str, dict[str, str]]]:
       "mid_block.resnets.0": ("middle_block.0", _UNET_RESNET),
       "mid_block.attentions.0": ("middle_block.1", {}),
       "mid_block.resnets.1": ("middle_block.2", _UNET_RESNET),
+      "add_embedding.linear_1": ("label_emb.0.0", {}),  # SDXL
+      "add_embedding.linear_2": ("label_emb.0.2", {}),
       "conv_norm_out": ("out.0", {}),
       "conv_out": ("out.2", {}),
   }
+  k = 1  # input_blocks.0 is conv_in
   for i, kind in enumerate(cfg.down_block_types):
-    for j in range(cfg.layers_per_block):
-      k = 1 + i * per_level + j
+    for j in range(layers[i]):
       m[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{k}.0", _UNET_RESNET)
       if kind.startswith("CrossAttn"):
         m[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{k}.1", {})
-    if i < last:
-      m[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{(i + 1) * per_level}.0.op", {})
+      k += 1
+    if i < levels - 1:
+      m[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{k}.0.op", {})
+      k += 1
+  k = 0
   for i, kind in enumerate(cfg.up_block_types):
     attention = kind.startswith("CrossAttn")
-    for j in range(per_level):
-      k = i * per_level + j
+    for j in range(layers[levels - 1 - i] + 1):  # one more resnet per level on the way up
       m[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{k}.0", _UNET_RESNET)
       if attention:
         m[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{k}.1", {})
-    if i < last:
-      k = i * per_level + per_level - 1
-      m[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{k}.{2 if attention else 1}.conv", {})
+      k += 1
+    if i < levels - 1:  # the upsampler sits in the level's last output block
+      m[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{k - 1}.{2 if attention else 1}.conv",
+                                               {})
   return m
 
 
@@ -265,23 +283,39 @@ _QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bi
 _LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def _openclip_source(key: str) -> Source:
+def _openclip_source(key: str, prefix: str) -> Source:
   if key in _OPENCLIP_TOP:
-    return Source(OPENCLIP_PREFIX + _OPENCLIP_TOP[key])
+    return Source(prefix + _OPENCLIP_TOP[key])
+  if key == "text_projection.weight":
+    return Source(prefix + "text_projection", transpose=True)
   if m := _QKV.match(key):
     layer, which, leaf = m.groups()
-    return Source(f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{leaf}",
+    return Source(f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{leaf}",
                   part="qkv".index(which))
   if (m := _LAYER.match(key)) and m.group(2) in _OPENCLIP_LAYER:
     layer, module, leaf = m.groups()
-    return Source(f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}.{_OPENCLIP_LAYER[module]}.{leaf}")
+    return Source(f"{prefix}transformer.resblocks.{layer}.{_OPENCLIP_LAYER[module]}.{leaf}")
   raise SingleFileError(f"no OpenCLIP name for text encoder key {key!r}")
 
 
-def text_table(family: str, keys) -> dict[str, Source]:
-  if family == "sd2":
-    return {k: _openclip_source(k) for k in keys}
-  return {k: Source(CLIP_PREFIX + k) for k in keys}
+# family -> text encoder component -> (layout, key prefix in the file)
+TEXT_ENCODERS = {
+    "sd1": {"text_encoder": ("clip", CLIP_PREFIX)},
+    "sd2": {"text_encoder": ("openclip", OPENCLIP_PREFIX)},
+    "sdxl": {"text_encoder": ("clip", SDXL_CLIP_PREFIX),
+             "text_encoder_2": ("openclip", SDXL_OPENCLIP_PREFIX)},
+    "sdxl_refiner": {"text_encoder_2": ("openclip", SDXL_REFINER_OPENCLIP_PREFIX)},
+}
+
+
+def text_table(family: str, keys, component: str = "text_encoder") -> dict[str, Source]:
+  """Text encoder keys (transformers' names without `text_model.`) -> their original sources."""
+  if component not in TEXT_ENCODERS[family]:
+    raise SingleFileError(f"{family} single files have no {component}")
+  layout, prefix = TEXT_ENCODERS[family][component]
+  if layout == "openclip":
+    return {k: _openclip_source(k, prefix) for k in keys}
+  return {k: Source(prefix + k) for k in keys}
 
 
 # -- original file -> diffusers-layout component state dicts ----------------------------------------
@@ -302,6 +336,8 @@ def gather(state: Mapping[str, np.ndarray], table: Mapping[str, Source], name: s
       if value.shape[2:] != (1, 1):
         raise SingleFileError(f"{name}: {src.key!r} has shape {value.shape}, expected a 1x1 conv")
       value = value[:, :, 0, 0]
+    if src.transpose:
+      value = value.T
     out[key] = value
     used.add(src.key)
   return out
@@ -331,6 +367,8 @@ def scatter(state: Mapping[str, np.ndarray], table: Mapping[str, Source]) -> dic
     if src.part is not None:
       fused.setdefault(src.key, [None] * 3)[src.part] = value
       continue
+    if src.transpose:
+      value = np.ascontiguousarray(value.T)  # safetensors writes raw buffers: no strided views
     out[src.key] = value[:, :, None, None] if src.conv1x1 and value.ndim == 2 else value
   for key, parts in fused.items():
     if any(p is None for p in parts):
@@ -348,12 +386,8 @@ def split_state(state: Mapping[str, np.ndarray], family: str, unet_cfg, text_cfg
   unused last text resblock; a UNet-less VAE swap may leave `first_stage_model.*` unused.
   """
   used: set[str] = set()
-  tables = {
-      "unet": lambda k: unet_table(unet_cfg, k),
-      "vae": lambda k: vae_table(vae_cfg, k),
-      "text_encoder": lambda k: text_table(family, k),
-  }
-  out = {comp: gather(state, tables[comp](comp_keys), name, used) for comp, comp_keys in keys.items()}
+  out = {comp: gather(state, _table(comp, family, unet_cfg, vae_cfg, comp_keys), name, used)
+         for comp, comp_keys in keys.items()}
   skip_block = (extra_openclip_block(text_cfg.num_hidden_layers) if family == "sd2"
                 else lambda k: False)
   replaced_vae = "vae" not in keys
@@ -382,11 +416,19 @@ def read_vae_file(path: str, cfg, expected) -> dict[str, np.ndarray]:
   return out
 
 
+def _table(component: str, family: str, unet_cfg, vae_cfg, keys) -> dict[str, Source]:
+  if component == "unet":
+    return unet_table(unet_cfg, keys)
+  if component == "vae":
+    return vae_table(vae_cfg, keys)
+  return text_table(family, keys, component)
+
+
 def to_original(family: str, unet_cfg, vae_cfg, states: Mapping[str, Mapping[str, np.ndarray]]
                 ) -> dict[str, np.ndarray]:
-  """diffusers-layout component state dicts -> one original-layout state dict (for export)."""
+  """diffusers-layout component state dicts (unet, vae, text_encoder[_2]) -> one
+  original-layout state dict (for export)."""
   out = {}
-  out.update(scatter(states["unet"], unet_table(unet_cfg, states["unet"])))
-  out.update(scatter(states["vae"], vae_table(vae_cfg, states["vae"])))
-  out.update(scatter(states["text_encoder"], text_table(family, states["text_encoder"])))
+  for component, state in states.items():
+    out.update(scatter(state, _table(component, family, unet_cfg, vae_cfg, state)))
   return out

@@ -148,6 +148,7 @@ WEIGHT_STEMS = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
 _PICKLE_STEMS = {"diffusion_pytorch_model": "diffusion_pytorch_model", "model": "pytorch_model"}
 
@@ -254,7 +255,9 @@ def write_safetensors(path: str, state_dict: dict[str, np.ndarray]) -> None:
   from safetensors.numpy import save_file  # noqa: PLC0415
 
   tmp = path + ".tmp"
-  save_file(state_dict, tmp, metadata={"format": "pt"})
+  # safetensors' numpy writer copies raw buffers: a strided view would be written scrambled.
+  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp,
+            metadata={"format": "pt"})
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; a model folder is for sharing

@@ -8,10 +8,10 @@ q and k (diffusers' `upcast_attention`).
 On CPU the `blocked` kernel attends one head and one block of 256 queries at a time, with the
 softmax over all keys of that block: its scores (256 x M floats, 4 MB at M = 4096) stay in cache,
 where the plain einsum writes and rereads all B x H x N x M of them (1 GB at SD1.5's 64x64
-latents). On a 2-core CPU (B=2, 8 heads, float32) it takes 0.5-0.6x the einsum's time at 4096
-tokens and close to PyTorch's fused SDPA; see BENCHMARKS.md for every kernel and block size
-tried, including flash-style online softmax over key blocks (slower here: the extra rescaling
-costs more than the smaller blocks save).
+latents). On a 2-core CPU (B=2, 8 heads, float32) it does 0.4x the einsum's work at 4096 tokens
+and 0.55x at 1024, within 1.0-1.25x of PyTorch's fused SDPA; see BENCHMARKS.md for every kernel
+and block size tried, including flash-style online softmax over key blocks (slower here: the
+accumulator's rescaling costs more than the smaller blocks save).
 
 On GPUs, XLA's fused attention is used, with cuDNN's flash kernel for 16-bit inputs where
 head dims allow. `SDJAX_ATTENTION` (einsum, chunked, blocked, xla, cudnn) forces one kernel, for

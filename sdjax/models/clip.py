@@ -1,4 +1,4 @@
-"""The CLIP text encoder, as transformers' `CLIPTextModel`."""
+"""The CLIP text encoders, as transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ _ACTIVATIONS = {
 # Keys every transformers config may carry that do not change the forward pass.
 _IGNORED = frozenset({
     "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
-    "initializer_factor", "initializer_range", "attention_dropout", "dropout", "projection_dim",
+    "initializer_factor", "initializer_range", "attention_dropout", "dropout",
     "id2label", "label2id", "return_dict",
     "output_attentions", "output_hidden_states", "chunk_size_feed_forward", "is_encoder_decoder",
     "problem_type", "tie_word_embeddings", "use_bfloat16", "torchscript", "pruned_heads",
@@ -50,7 +50,9 @@ class CLIPTextConfig:
   max_position_embeddings: int = 77
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
+  projection_dim: int = 512  # `CLIPTextModelWithProjection`'s text_projection width only
   # Token ids: no effect on the hidden states, kept so an exported config says the same.
+  # eos_token_id picks the pooled position (see `pool_eos`).
   bos_token_id: int | None = 49406
   eos_token_id: int | None = 49407
   pad_token_id: int | None = 1
@@ -76,10 +78,10 @@ class CLIPTextConfig:
         cls, raw, component="text_encoder", fixed={}, ignored=_IGNORED
     )
 
-  def to_dict(self) -> dict[str, Any]:
-    out = config_utils.to_json_dict(self, "CLIPTextModel")
+  def to_dict(self, architecture: str = "CLIPTextModel") -> dict[str, Any]:
+    out = config_utils.to_json_dict(self, architecture)
     del out["_class_name"]
-    out.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
+    out.update(architectures=[architecture], model_type="clip_text_model")
     return out
 
 
@@ -166,8 +168,22 @@ class CLIPEncoder(nn.Module):
     return hidden_states
 
 
+def pool_eos(last_hidden_state, input_ids, eos_token_id):
+  """The hidden state [B, C] at each sequence's end-of-text token, as transformers picks it.
+
+  Configs with `eos_token_id == 2` (SD2's and SDXL's encoders, written before transformers fixed
+  the id) take the position of the largest token id, which is the real EOS in CLIP's vocabulary;
+  otherwise the first position holding `eos_token_id`.
+  """
+  if eos_token_id == 2:
+    pos = jnp.argmax(input_ids, axis=-1)
+  else:
+    pos = jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1)
+  return jnp.take_along_axis(last_hidden_state, pos[:, None, None], axis=1)[:, 0]  # B, C
+
+
 class CLIPTextModel(nn.Module):
-  """Token ids [B, N] -> dict(last_hidden_state, hidden_states, prompt_embeds).
+  """Token ids [B, N] -> dict(last_hidden_state, hidden_states, pooler_output, prompt_embeds).
 
   `hidden_states` holds the embeddings output and every layer's output (before the final
   LayerNorm), as transformers' `output_hidden_states=True`. `prompt_embeds` is what Stable
@@ -183,6 +199,9 @@ class CLIPTextModel(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, clip_skip: int | None = None, token_embeds=None):
+    return self._encode(input_ids, clip_skip, token_embeds)
+
+  def _encode(self, input_ids, clip_skip, token_embeds=None):
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     if clip_skip is not None and not 0 <= clip_skip < cfg.num_hidden_layers:
       raise ValueError(f"clip_skip must be in [0, {cfg.num_hidden_layers}), got {clip_skip}")
@@ -192,4 +211,21 @@ class CLIPTextModel(nn.Module):
     last = final_norm(hidden_states[-1])
     prompt_embeds = final_norm(hidden_states[-(clip_skip + 1)]) if clip_skip else last
     return {"last_hidden_state": last, "hidden_states": hidden_states,
+            "pooler_output": pool_eos(last, input_ids, cfg.eos_token_id),
             "prompt_embeds": prompt_embeds}
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+  """`CLIPTextModel`'s outputs plus `text_embeds` [B, projection_dim]: the pooled state projected.
+
+  The projection sits beside the text model's modules, as the checkpoint's `text_projection`
+  key sits beside its (prefix-stripped) `text_model.*` keys.
+  """
+
+  @nn.compact
+  def __call__(self, input_ids, clip_skip: int | None = None, token_embeds=None):
+    out = self._encode(input_ids, clip_skip, token_embeds)
+    cfg = self.config
+    proj = dense(cfg.projection_dim, self.dtype, self.param_dtype, "text_projection",
+                 use_bias=False)
+    return {**out, "text_embeds": proj(out["pooler_output"])}

@@ -18,7 +18,8 @@ class ConfigError(ValueError):
 
 
 def _normalize(value):
-  return tuple(value) if isinstance(value, list) else value
+  # Nested lists too (SDXL-style per-layer depths): configs must be hashable jit statics.
+  return tuple(_normalize(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def build_config(

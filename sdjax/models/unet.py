@@ -1,8 +1,14 @@
-"""The conditional UNet noise predictor, as diffusers' `UNet2DConditionModel` (SD 1.x / 2.x).
+"""The conditional UNet noise predictor, as diffusers' `UNet2DConditionModel` (SD 1.x/2.x, SDXL).
 
 Note diffusers' naming quirk, kept here for compatibility with every checkpoint: the config's
 `attention_head_dim` is the number of attention *heads* per block; the head width is
 `channels // heads`.
+
+SDXL adds `addition_embed_type="text_time"`: the pooled text embedding and sinusoidal embeddings
+of the micro-conditioning `time_ids` go through `add_embedding` and are added to the time
+embedding. `transformer_layers_per_block` may give one depth per block or, per block, one depth
+per layer (distilled SDXL variants); up blocks take the reversed list unless
+`reverse_transformer_layers_per_block` gives theirs.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ class UNetConfig:
   )
   only_cross_attention: bool | tuple[bool, ...] = False
   block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-  layers_per_block: int = 2
+  layers_per_block: int | tuple[int, ...] = 2
   downsample_padding: int = 1
   mid_block_scale_factor: float = 1.0
   dropout: float = 0.0  # training only: identity at inference
@@ -58,10 +64,14 @@ class UNetConfig:
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   cross_attention_dim: int = 1280
-  transformer_layers_per_block: int | tuple[int, ...] = 1
+  transformer_layers_per_block: int | tuple[int | tuple[int, ...], ...] = 1
+  reverse_transformer_layers_per_block: tuple[int | tuple[int, ...], ...] | None = None
   attention_head_dim: int | tuple[int, ...] = 8
   use_linear_projection: bool = False
-  upcast_attention: bool = False
+  upcast_attention: bool | None = False
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -79,16 +89,37 @@ class UNetConfig:
       raise config_utils.ConfigError(
           "unet down_block_types, up_block_types and block_out_channels differ in length"
       )
-    for name in ("attention_head_dim", "only_cross_attention", "transformer_layers_per_block"):
+    for name in ("attention_head_dim", "only_cross_attention", "transformer_layers_per_block",
+                 "layers_per_block", "reverse_transformer_layers_per_block"):
       value = getattr(self, name)
       if isinstance(value, tuple) and len(value) != n:
         raise config_utils.ConfigError(f"unet {name} needs one entry per block ({n})")
+    if self.addition_embed_type not in (None, "text_time"):
+      raise config_utils.ConfigError(
+          f"unet config option addition_embed_type={self.addition_embed_type!r} is not "
+          "supported by sdjax (only None or 'text_time')"
+      )
+    if self.addition_embed_type and not (
+        self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+      raise config_utils.ConfigError(
+          "unet addition_embed_type 'text_time' needs addition_time_embed_dim and "
+          "projection_class_embeddings_input_dim"
+      )
     if any(c % self.norm_num_groups for c in self.block_out_channels):
       raise config_utils.ConfigError("unet block_out_channels must be multiples of norm_num_groups")
 
   def per_block(self, name: str) -> tuple:
     value = getattr(self, name)
     return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
+
+  def transformer_depth(self, block: int, layer: int, up: bool) -> int:
+    """Transformer blocks in layer `layer` of down (or up) block `block`, as diffusers counts."""
+    if up and self.reverse_transformer_layers_per_block is not None:
+      value = self.reverse_transformer_layers_per_block[block]
+    else:
+      k = len(self.block_out_channels) - 1 - block if up else block
+      value = self.per_block("transformer_layers_per_block")[k]
+    return value[layer] if isinstance(value, tuple) else value
 
   @property
   def downscale(self) -> int:
@@ -107,14 +138,11 @@ class UNetConfig:
 
 # UNet2DConditionModel options sdjax implements only at their diffusers default.
 _FIXED_OPTIONS = {
-    "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "num_attention_heads": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -126,7 +154,6 @@ _FIXED_OPTIONS = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -148,7 +175,7 @@ class _Block(nn.Module):
   resample: bool
   up: bool
   heads: int
-  transformer_layers: int
+  transformer_layers: tuple[int, ...]  # per layer
   only_cross_attention: bool
   config: UNetConfig
   dtype: Dtype = jnp.float32
@@ -167,7 +194,8 @@ class _Block(nn.Module):
           name=f"resnets_{j}",
       )(x, temb)
       if self.has_attention:
-        x = self._transformer(f"attentions_{j}")(x, context, context_bias)
+        x = self._transformer(f"attentions_{j}", self.transformer_layers[j])(x, context,
+                                                                            context_bias)
       outputs.append(x)
     if self.resample and self.up:
       x = Upsample2D(self.out_channels, d, pd, name="upsamplers_0")(x)
@@ -176,12 +204,12 @@ class _Block(nn.Module):
       outputs.append(x)
     return x, tuple(outputs)
 
-  def _transformer(self, name):
+  def _transformer(self, name, depth):
     cfg = self.config
     return Transformer2DModel(
         heads=self.heads,
         head_dim=self.out_channels // self.heads,
-        num_layers=self.transformer_layers,
+        num_layers=depth,
         groups=cfg.norm_num_groups,
         use_linear_projection=cfg.use_linear_projection,
         only_cross_attention=self.only_cross_attention,
@@ -215,7 +243,7 @@ class _MidBlock(nn.Module):
     x = Transformer2DModel(
         heads=heads,
         head_dim=channels // heads,
-        num_layers=cfg.per_block("transformer_layers_per_block")[-1],
+        num_layers=_first(cfg.per_block("transformer_layers_per_block")[-1]),
         groups=cfg.norm_num_groups,
         use_linear_projection=cfg.use_linear_projection,
         upcast_attention=cfg.upcast_attention,
@@ -224,6 +252,11 @@ class _MidBlock(nn.Module):
         name="attentions_0",
     )(x, context, context_bias)
     return resnet("resnets_1")(x, temb)
+
+
+def _first(depth):
+  """The mid block has one layer: a per-layer depth list gives its first entry."""
+  return depth[0] if isinstance(depth, tuple) else depth
 
 
 class TimestepEmbedding(nn.Module):
@@ -251,12 +284,16 @@ class UNet2DConditionModel(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, sample, timesteps, context, context_bias=None):
+  def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
+               context_bias=None):
+    """`text_embeds` [B, P] and `time_ids` [B, K] are diffusers' `added_cond_kwargs` (SDXL)."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     channels = cfg.block_out_channels
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     temb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
     temb = TimestepEmbedding(channels[0] * 4, d, pd, name="time_embedding")(temb.astype(d))
+    if cfg.addition_embed_type == "text_time":
+      temb = temb + self._text_time_embedding(text_embeds, time_ids)
 
     if cfg.center_input_sample:
       sample = 2 * sample - 1.0
@@ -271,26 +308,42 @@ class UNet2DConditionModel(nn.Module):
     x = _MidBlock(cfg, d, pd, name="mid_block")(x, temb, context, context_bias)
 
     for i, block_type in enumerate(cfg.up_block_types):
-      n = cfg.layers_per_block + 1
+      n = cfg.per_block("layers_per_block")[-1 - i] + 1
       block_skips, skips = skips[-n:], skips[:-n]
       x, _ = self._block(i, block_type, up=True)(x, temb, context, block_skips, context_bias)
 
     x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, d, pd, "conv_norm_out")(x))
     return conv(cfg.out_channels, 3, d, pd, "conv_out")(x)
 
+  def _text_time_embedding(self, text_embeds, time_ids):
+    """SDXL's added conditioning: pooled text [B, P] and micro-conditioning [B, K] -> [B, T]."""
+    cfg = self.config
+    if text_embeds is None or time_ids is None:
+      raise ValueError("this UNet (addition_embed_type='text_time') needs text_embeds and "
+                       "time_ids")
+    b = text_embeds.shape[0]
+    time_embeds = timestep_embedding(
+        jnp.asarray(time_ids).reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+        cfg.freq_shift)  # B*K, E
+    add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds.reshape(b, -1)],
+                          axis=-1)  # B, P + K*E
+    return TimestepEmbedding(cfg.block_out_channels[0] * 4, self.dtype, self.param_dtype,
+                             name="add_embedding")(add.astype(self.dtype))
+
   def _block(self, i: int, block_type: str, up: bool) -> _Block:
     cfg = self.config
     n = len(cfg.block_out_channels)
     # Up blocks walk the per-block lists in reverse.
     k = n - 1 - i if up else i
+    num_layers = cfg.per_block("layers_per_block")[k] + (1 if up else 0)
     return _Block(
         out_channels=cfg.block_out_channels[k],
-        num_layers=cfg.layers_per_block + (1 if up else 0),
+        num_layers=num_layers,
         has_attention=block_type.startswith("CrossAttn"),
         resample=i < n - 1,
         up=up,
         heads=cfg.per_block("attention_head_dim")[k],
-        transformer_layers=cfg.per_block("transformer_layers_per_block")[k],
+        transformer_layers=tuple(cfg.transformer_depth(i, j, up) for j in range(num_layers)),
         only_cross_attention=cfg.per_block("only_cross_attention")[k],
         config=cfg,
         dtype=self.dtype,

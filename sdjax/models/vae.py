@@ -39,7 +39,9 @@ class VAEConfig:
   norm_num_groups: int = 32
   sample_size: int = 32
   scaling_factor: float = 0.18215
-  force_upcast: bool = True  # diffusers' fp16 advice; sdjax's bfloat16 needs no upcast
+  force_upcast: bool = True  # float16 networks run this VAE in float32 (bfloat16 needs no upcast)
+  latents_mean: tuple[float, ...] | None = None  # per-channel latent statistics (both or neither)
+  latents_std: tuple[float, ...] | None = None
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   mid_block_add_attention: bool = True
@@ -54,6 +56,10 @@ class VAEConfig:
     n = len(self.block_out_channels)
     if len(self.down_block_types) != n or len(self.up_block_types) != n:
       raise config_utils.ConfigError("vae block types and block_out_channels differ in length")
+    for name in ("latents_mean", "latents_std"):
+      value = getattr(self, name)
+      if value is not None and len(value) != self.latent_channels:
+        raise config_utils.ConfigError(f"vae {name} needs one entry per latent channel")
 
   @property
   def downscale(self) -> int:
@@ -63,9 +69,30 @@ class VAEConfig:
   @classmethod
   def from_dict(cls, raw: dict[str, Any]) -> VAEConfig:
     return config_utils.build_config(
-        cls, raw, component="vae", fixed={"shift_factor": None, "latents_mean": None,
-                                          "latents_std": None},
+        cls, raw, component="vae", fixed={"shift_factor": None},
     )
+
+  @property
+  def has_latents_stats(self) -> bool:
+    return self.latents_mean is not None and self.latents_std is not None
+
+  def compute_dtype(self, dtype):
+    """The dtype this VAE runs in when the networks run in `dtype` (diffusers' force_upcast)."""
+    return jnp.float32 if self.force_upcast and jnp.dtype(dtype) == jnp.float16 else dtype
+
+  def to_diffusion_latents(self, z):
+    """VAE latents [B, h, w, C] -> the scaled latents diffusion runs on."""
+    if self.has_latents_stats:
+      mean, std = jnp.asarray(self.latents_mean), jnp.asarray(self.latents_std)
+      return (z - mean) * self.scaling_factor / std
+    return z * self.scaling_factor
+
+  def from_diffusion_latents(self, x):
+    """The inverse: what the decoder takes, as diffusers' SDXL pipelines undo the scaling."""
+    if self.has_latents_stats:
+      mean, std = jnp.asarray(self.latents_mean), jnp.asarray(self.latents_std)
+      return x * std / self.scaling_factor + mean
+    return x / self.scaling_factor
 
   def to_dict(self) -> dict[str, Any]:
     return config_utils.to_json_dict(self, "AutoencoderKL")

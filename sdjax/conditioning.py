@@ -1,0 +1,245 @@
+"""Text conditioning for every family: token ids in, UNet conditioning out (pure, jit-able).
+
+SD 1.x / 2.x condition the UNet on one CLIP encoder's hidden states. SDXL concatenates the
+penultimate hidden states of two encoders, adds the second one's projected pooled state
+(`text_embeds`) and the micro-conditioning `time_ids` (sizes, crop, aesthetic score) as diffusers'
+`added_cond_kwargs`. The SDXL refiner has only the second encoder. `encode` follows diffusers'
+`encode_prompt` of each pipeline; `sdxl_time_ids` its `_get_add_time_ids`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax import prompts as prompt_lib
+from sdjax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from sdjax.models.unet import UNet2DConditionModel
+from sdjax.models.vae import AutoencoderKL
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+  """The Flax modules of a pipeline (jit-static); either text encoder may be absent."""
+
+  text_encoder: CLIPTextModel | None
+  text_encoder_2: CLIPTextModelWithProjection | None
+  unet: UNet2DConditionModel
+  vae: AutoencoderKL
+
+  @property
+  def is_sdxl(self) -> bool:
+    return self.text_encoder_2 is not None
+
+
+@flax.struct.dataclass
+class PromptIds:
+  """Token ids [B, 77] of one side of guidance, per text encoder (None where it is absent).
+
+  With A1111 prompt syntax each is a `prompts.PromptBatch` (chunks, weights, schedule variants).
+  """
+
+  ids: jax.Array | None = None  # for text_encoder
+  ids_2: jax.Array | None = None  # for text_encoder_2
+
+
+@flax.struct.dataclass
+class Conditioning:
+  """Everything a sampling call conditions on, per image: a pytree, the batch first on every leaf.
+
+  `zero_negative` [B] bool marks images whose negative context and pooled embeds are zeros
+  (diffusers' `force_zeros_for_empty_prompt`); `time_ids` / `negative_time_ids` [B, K] are
+  SDXL's micro-conditioning.
+  """
+
+  prompt: PromptIds
+  negative: PromptIds
+  zero_negative: jax.Array | None = None
+  time_ids: jax.Array | None = None
+  negative_time_ids: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class Embeddings:
+  """What the UNet takes besides x and t: context [B, 77, D] and SDXL's added conditioning."""
+
+  context: jax.Array
+  text_embeds: jax.Array | None = None
+  time_ids: jax.Array | None = None
+  # A1111 syntax: additive cross-attention bias [B, 1, 1, M] hiding padded chunks; and the
+  # schedule [B, T] of the variant in force at each denoiser call, while `context` [B, V, M, D]
+  # and `text_embeds` [B, V, P] still hold every variant (see `at`).
+  context_bias: jax.Array | None = None
+  schedule: jax.Array | None = None
+
+  def at(self, call) -> Embeddings:
+    """The embeddings in force at denoiser call `call` (traced); themselves without schedule."""
+    if self.schedule is None:
+      return self
+    index = self.schedule[:, call]  # B
+
+    def pick(x):
+      return jnp.take_along_axis(x, index.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+
+    return self.replace(context=pick(self.context), schedule=None,
+                        text_embeds=None if self.text_embeds is None else pick(self.text_embeds))
+
+  @staticmethod
+  def concat(a: Embeddings, b: Embeddings) -> Embeddings:
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), a, b)
+
+
+def check_clip_skip(nets: Networks, clip_skip: int | None) -> None:
+  if clip_skip is None:
+    return
+  layers = min(e.config.num_hidden_layers for e in (nets.text_encoder, nets.text_encoder_2) if e)
+  if not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+    raise ValueError(f"clip_skip must be in [0, {layers}), got {clip_skip}")
+
+
+def _encode_side_a1111(nets: Networks, params, ids: PromptIds, clip_skip: int | None):
+  """A1111: every schedule variant's weighted, chunked context [B, V, K*77, D] (each text
+  encoder weighted on its own, as A1111's SDXL embedders) and pooled embeds of the first chunk."""
+  if not nets.is_sdxl:
+    def encode(tokens, token_embeds):
+      return nets.text_encoder.apply({"params": params["text_encoder"]}, tokens, clip_skip,
+                                     token_embeds)["prompt_embeds"]
+
+    return prompt_lib.encode_weighted(encode, ids.ids), None
+  layer = -((clip_skip or 0) + 2)
+  contexts = []
+  if nets.text_encoder is not None:
+    def encode_1(tokens, token_embeds):
+      return nets.text_encoder.apply({"params": params["text_encoder"]}, tokens, None,
+                                     token_embeds)["hidden_states"][layer]
+
+    contexts.append(prompt_lib.encode_weighted(encode_1, ids.ids))
+
+  def encode_2(tokens, token_embeds):
+    out = nets.text_encoder_2.apply({"params": params["text_encoder_2"]}, tokens, None,
+                                    token_embeds)
+    return out["hidden_states"][layer], out["text_embeds"]
+
+  context, pooled = prompt_lib.encode_weighted(encode_2, ids.ids_2)
+  return jnp.concatenate([*contexts, context], axis=-1), pooled  # B, V, K*77, D1 + D2
+
+
+def encode_side(nets: Networks, params, ids: PromptIds, clip_skip: int | None):
+  """Context [B, 77, D] and pooled text embeds [B, P] (None for SD1/SD2) of one side."""
+  if isinstance(ids.ids if ids.ids is not None else ids.ids_2, prompt_lib.PromptBatch):
+    return _encode_side_a1111(nets, params, ids, clip_skip)
+  if not nets.is_sdxl:
+    out = nets.text_encoder.apply({"params": params["text_encoder"]}, ids.ids, clip_skip)
+    return out["prompt_embeds"], None
+  # diffusers' SDXL encode_prompt: hidden_states[-(clip_skip + 2)], no final LayerNorm.
+  layer = -((clip_skip or 0) + 2)
+  hidden = []
+  if nets.text_encoder is not None:
+    out = nets.text_encoder.apply({"params": params["text_encoder"]}, ids.ids)
+    hidden.append(out["hidden_states"][layer])
+  out = nets.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids.ids_2)
+  hidden.append(out["hidden_states"][layer])
+  return jnp.concatenate(hidden, axis=-1), out["text_embeds"]  # B, 77, D1 + D2
+
+
+def _zero_where(mask, x):
+  if mask is None or x is None:
+    return x
+  return jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.zeros_like(x), x)
+
+
+def encode(nets: Networks, params, cond: Conditioning, clip_skip: int | None = None,
+           negative_clip_skip: int | None = None, guidance: bool = True):
+  """(negative, positive) Embeddings of a conditioning; negative is None without guidance."""
+  context, pooled = encode_side(nets, params, cond.prompt, clip_skip)
+  positive = Embeddings(context, pooled, cond.time_ids, *_a1111_extras(cond.prompt))
+  if not guidance:
+    return None, positive
+  context, pooled = encode_side(nets, params, cond.negative, negative_clip_skip)
+  negative = Embeddings(_zero_where(cond.zero_negative, context),
+                        _zero_where(cond.zero_negative, pooled), cond.negative_time_ids,
+                        *_a1111_extras(cond.negative))
+  return negative, positive
+
+
+def _a1111_extras(ids: PromptIds):
+  """(context bias, schedule) of an A1111 side, else (None, None)."""
+  batch = ids.ids if ids.ids is not None else ids.ids_2
+  if not isinstance(batch, prompt_lib.PromptBatch):
+    return None, None
+  return prompt_lib.context_bias(batch), batch.schedule
+
+
+def predict(nets: Networks, params, x, t, emb: Embeddings):
+  """The UNet's output for latents x [B, h, w, C] at t under embeddings `emb`."""
+  return nets.unet.apply({"params": params["unet"]}, x, t, emb.context, emb.text_embeds,
+                         emb.time_ids, emb.context_bias)
+
+
+# -- micro-conditioning ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MicroConditioning:
+  """SDXL's size / crop / aesthetic conditioning, by diffusers' argument names.
+
+  Sizes are (height, width); None takes the diffusers default (the output size, (0, 0)).
+  """
+
+  original_size: tuple[int, int] | None = None
+  crops_coords_top_left: tuple[int, int] = (0, 0)
+  target_size: tuple[int, int] | None = None
+  negative_original_size: tuple[int, int] | None = None
+  negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+  negative_target_size: tuple[int, int] | None = None
+  aesthetic_score: float = 6.0
+  negative_aesthetic_score: float = 2.5
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()}
+
+
+def sdxl_time_ids(micro: MicroConditioning, size: tuple[int, int], *, img2img: bool,
+                  requires_aesthetics_score: bool) -> tuple[np.ndarray, np.ndarray]:
+  """(time_ids, negative_time_ids) float32 [K] as diffusers' SDXL pipelines build them.
+
+  Text-to-image (`StableDiffusionXLPipeline`): the negative ids equal the positive ones unless
+  both negative sizes are given. Image-to-image (`StableDiffusionXLImg2ImgPipeline`, the
+  refiner): negative sizes default to the positive ones; with an aesthetic score the ids are
+  original size, crop, score (5), otherwise the negative ids take the *positive* crop, as there.
+  """
+  m = micro
+  original = tuple(m.original_size or size)
+  target = tuple(m.target_size or size)
+  crops, neg_crops = tuple(m.crops_coords_top_left), tuple(m.negative_crops_coords_top_left)
+  if not img2img:
+    ids = original + crops + target
+    if m.negative_original_size is not None and m.negative_target_size is not None:
+      negative = tuple(m.negative_original_size) + neg_crops + tuple(m.negative_target_size)
+    else:
+      negative = ids
+  else:
+    neg_original = tuple(m.negative_original_size or original)
+    neg_target = tuple(m.negative_target_size or target)
+    if requires_aesthetics_score:
+      ids = original + crops + (m.aesthetic_score,)
+      negative = neg_original + neg_crops + (m.negative_aesthetic_score,)
+    else:
+      ids = original + crops + target
+      negative = neg_original + crops + neg_target
+  return np.asarray(ids, np.float32), np.asarray(negative, np.float32)
+
+
+def check_time_ids(nets: Networks, n_ids: int) -> None:
+  """diffusers' check that pooled width + time ids fill the UNet's add_embedding input."""
+  cfg = nets.unet.config
+  passed = nets.text_encoder_2.config.projection_dim + n_ids * cfg.addition_time_embed_dim
+  if passed != cfg.projection_class_embeddings_input_dim:
+    raise ValueError(
+        f"the UNet expects added conditioning of width {cfg.projection_class_embeddings_input_dim}"
+        f" but {n_ids} time ids and text_encoder_2's projection_dim give {passed}: check "
+        "requires_aesthetics_score in model_index.json")

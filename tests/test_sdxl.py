@@ -1,0 +1,288 @@
+"""SDXL base and refiner end to end against diffusers' StableDiffusionXL(Img2Img)Pipeline.
+
+The tiny architectures differ where SDXL's do: two encoders of different widths, a projection
+narrower than the encoder, non-uniform transformer depth, a refiner conditioned on the second
+encoder only with an aesthetic score, a VAE with latent statistics; sizes are non-square.
+"""
+
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import diffusers
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from parity import assert_close, nchw, nhwc, randn, rel_err
+
+import sdjax
+from sdjax import sampling, testing
+
+torch.set_num_threads(1)
+
+PROMPTS = ["a red circle in the center", "a photo of a cat"]
+NEGATIVES = ["blue", ""]
+H, W = 16, 24  # latents 8 x 12
+GUIDANCE = 3.0
+MICRO = dict(original_size=(40, 32), crops_coords_top_left=(4, 8), target_size=(24, 16))
+GENERATE_TOL = 1e-4
+DIFFUSERS_SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("sdxl") / "pipes")
+  ref_base, ref_refiner = testing.write_torch_sdxl(folder, seed=31)
+  base = sdjax.load_pipeline(os.path.join(folder, "base"))
+  refiner = sdjax.load_pipeline(os.path.join(folder, "refiner"))
+  return ref_base, ref_refiner, base, refiner, folder
+
+
+def _set_scheduler(ref, name, config):
+  cls, overrides = DIFFUSERS_SCHEDULERS[name]
+  ref.scheduler = getattr(diffusers, cls).from_config(config, **overrides)
+
+
+def test_loads_base_and_refiner(pipes):
+  _, _, base, refiner, _ = pipes
+  assert base.is_sdxl and base.text_encoder is not None and base.force_zeros_for_empty_prompt
+  assert refiner.is_sdxl and refiner.text_encoder is None and refiner.tokenizer is None
+  assert refiner.requires_aesthetics_score and not refiner.force_zeros_for_empty_prompt
+  assert base.vae.config.latents_mean is not None
+
+
+@pytest.mark.parametrize("case", ["negatives", "zeros", "prompts_2_clip_skip"])
+def test_encode_prompt_matches_diffusers(pipes, case):
+  ref, _, pipe, _, _ = pipes
+  kwargs = {
+      "negatives": dict(negative_prompt=NEGATIVES),
+      "zeros": {},  # no negative prompt: force_zeros_for_empty_prompt
+      "prompts_2_clip_skip": dict(prompt_2=["a dog", "green tree"], negative_prompt=NEGATIVES,
+                                  negative_prompt_2=["square", "sky"], clip_skip=1),
+  }[case]
+  with torch.no_grad():
+    expected = ref.encode_prompt(PROMPTS, device="cpu", **kwargs)
+  ours = pipe.encode_prompt(PROMPTS, kwargs.get("negative_prompt"), kwargs.get("prompt_2"),
+                            kwargs.get("negative_prompt_2"), kwargs.get("clip_skip"))
+  assert ours[0].shape == (2, 77, 64) and ours[2].shape == (2, 20)
+  for a, b in zip(ours, expected, strict=True):
+    if case == "zeros" and not b.abs().sum():
+      assert not np.asarray(a).any()
+      continue
+    err = assert_close(a, b.numpy())
+    print(f"\nencode_prompt {case}: {err:.2e}")
+
+
+def test_refiner_encode_prompt_matches_diffusers(pipes):
+  _, ref, _, pipe, _ = pipes
+  with torch.no_grad():
+    expected = ref.encode_prompt(PROMPTS, device="cpu", negative_prompt=NEGATIVES)
+  ours = pipe.encode_prompt(PROMPTS, NEGATIVES)
+  assert ours[0].shape == (2, 77, 40)
+  for a, b in zip(ours, expected, strict=True):
+    assert_close(a, b.numpy())
+
+
+def test_predict_noise_matches_diffusers(pipes):
+  ref, _, pipe, _, _ = pipes
+  x, ctx, pooled = randn(2, 8, 12, 4), randn(2, 77, 64, seed=1), randn(2, 20, seed=2)
+  time_ids = np.array([[40, 32, 4, 8, 24, 16], [16, 24, 0, 0, 16, 24]], np.float32)
+  t = np.array([10.0, 700.0], np.float32)
+  with torch.no_grad():
+    expected = ref.unet(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), added_cond_kwargs={
+        "text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)}).sample
+  err = assert_close(pipe.predict_noise(x, t, ctx, pooled, time_ids), nhwc(expected))
+  print(f"\npredict_noise: {err:.2e}")
+  with pytest.raises(ValueError, match="needs text_embeds and time_ids"):
+    pipe.predict_noise(x, t, ctx)
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m_karras", "ddim"])
+def test_generate_matches_diffusers(pipes, name):
+  ref, _, pipe, _, _ = pipes
+  _set_scheduler(ref, name, pipe.scheduler_config)
+  prompts, prompts_2, negatives, extra = PROMPTS, ["a dog", "sky"], NEGATIVES, {}
+  if name == "euler":
+    negatives = None  # zeroed negative conditioning (force_zeros_for_empty_prompt)
+  if name == "ddim":
+    # Negative micro-conditioning. diffusers' text-to-image pipeline pairs the time ids with
+    # the wrong rows for batches of more than one ([neg, pos] repeated per image, while the
+    # UNet batch is [negatives..., positives...]); sdjax gives every image its own ids, which
+    # equals diffusers at batch 1.
+    prompts, prompts_2, negatives = PROMPTS[:1], prompts_2[:1], NEGATIVES[:1]
+    extra = dict(negative_original_size=(24, 24), negative_target_size=(8, 16),
+                 negative_crops_coords_top_left=(0, 8))
+  latents = randn(len(prompts), 8, 12, 4, seed=3)
+  with torch.no_grad():
+    expected = ref(prompts, prompt_2=prompts_2, negative_prompt=negatives, height=H,
+                   width=W, num_inference_steps=5, guidance_scale=GUIDANCE,
+                   latents=nchw(latents), output_type="np", **MICRO, **extra).images
+  ours = pipe.generate(prompts, prompts_2=prompts_2, negative_prompts=negatives,
+                       height=H, width=W, steps=5, guidance_scale=GUIDANCE, scheduler=name,
+                       latents=latents, **MICRO, **extra)
+  assert ours.shape == (len(prompts), H, W, 3)
+  err = rel_err(ours, expected)
+  print(f"\ngenerate {name}: {err:.2e}")
+  assert err <= GENERATE_TOL
+
+
+def test_refiner_img2img_matches_diffusers(pipes):
+  _, ref, _, pipe, _ = pipes
+  _set_scheduler(ref, "euler", pipe.scheduler_config)
+  images = np.random.default_rng(3).uniform(size=(2, H, W, 3)).astype(np.float32)
+  noise, seed = randn(2, 8, 12, 4, seed=4), 17
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
+  post_eps = np.asarray(sampling._keyed_noise(keys, sampling._POSTERIOR, (8, 12, 4)))
+
+  def retrieve_latents(encoder_output, generator=None, sample_mode="sample"):
+    dist = encoder_output.latent_dist
+    return dist.mean + dist.std * nchw(post_eps)
+
+  module = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img"
+  with mock.patch(f"{module}.retrieve_latents", retrieve_latents), \
+       mock.patch(f"{module}.randn_tensor", lambda *a, **k: nchw(noise)), torch.no_grad():
+    expected = ref(PROMPTS, image=images, strength=0.3, num_inference_steps=10,
+                   guidance_scale=GUIDANCE, negative_prompt=NEGATIVES, aesthetic_score=7.0,
+                   negative_aesthetic_score=2.0, original_size=(32, 32),
+                   output_type="np").images
+  ours = pipe.generate(PROMPTS, init_images=images, strength=0.3, steps=10, seed=seed,
+                       guidance_scale=GUIDANCE, negative_prompts=NEGATIVES, aesthetic_score=7.0,
+                       negative_aesthetic_score=2.0, original_size=(32, 32), scheduler="euler",
+                       latents=noise)
+  err = rel_err(ours, expected)
+  print(f"\nrefiner img2img: {err:.2e}")
+  assert err <= GENERATE_TOL
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_base_to_refiner_handoff_matches_diffusers(pipes, name):
+  """base(denoising_end=0.8, output_type="latent") then refiner(denoising_start=0.8)."""
+  ref_base, ref_refiner, base, refiner, _ = pipes
+  _set_scheduler(ref_base, name, base.scheduler_config)
+  _set_scheduler(ref_refiner, name, refiner.scheduler_config)
+  latents = randn(2, 8, 12, 4, seed=5)
+  common = dict(num_inference_steps=6, guidance_scale=GUIDANCE, height=H, width=W)
+  with torch.no_grad():
+    handed = ref_base(PROMPTS, negative_prompt=NEGATIVES, latents=nchw(latents),
+                      denoising_end=0.8, output_type="latent", **common).images
+    expected = ref_refiner(PROMPTS, negative_prompt=NEGATIVES, image=handed,
+                           denoising_start=0.8, output_type="np",
+                           **{k: v for k, v in common.items() if k in (
+                               "num_inference_steps", "guidance_scale")}).images
+  ours = base.generate(PROMPTS, negative_prompts=NEGATIVES, steps=6, guidance_scale=GUIDANCE,
+                       height=H, width=W, scheduler=name, latents=latents, refiner=refiner,
+                       refiner_start=0.8)
+  err = rel_err(ours, expected)
+  print(f"\nhandoff {name}: {err:.2e}")
+  assert err <= GENERATE_TOL
+
+
+def test_compiles_once_per_shape(pipes):
+  _, _, base, refiner, _ = pipes
+  kwargs = dict(steps=3, scheduler="euler", height=H, width=W, refiner=refiner)
+  base.generate(["warm up"], **kwargs)
+  before = sampling.trace_count
+  a = base.generate(["a cat"], seed=2, guidance_scale=5.0, original_size=(64, 64), **kwargs)
+  b = base.generate(["a dog"], negative_prompts="red", seed=9, guidance_scale=9.0, **kwargs)
+  assert sampling.trace_count == before
+  assert not np.allclose(a, b)
+
+
+def test_bad_sdxl_arguments(pipes):
+  _, _, base, refiner, _ = pipes
+  with pytest.raises(ValueError, match="refiner_start must be in"):
+    base.generate(PROMPTS, steps=3, height=H, width=W, refiner=refiner, refiner_start=1.0)
+  with pytest.raises(ValueError, match="prompts_2: got 3 entries"):
+    base.generate(PROMPTS, prompts_2=["a", "b", "c"], steps=3, height=H, width=W)
+  with pytest.raises(ValueError, match="clip_skip must be in"):
+    base.encode_prompt(PROMPTS, clip_skip=3)
+
+
+def test_eight_devices_same_pixels(pipes, tmp_path):
+  """The sharded sampler on 8 simulated devices makes generate()'s pixels."""
+  _, _, base, _, folder = pipes
+  out = str(tmp_path / "images.npy")
+  code = f"""
+import numpy as np, sdjax
+from sdjax import parallel, sampling
+pipe = sdjax.load_pipeline({os.path.join(folder, "base")!r})
+mesh = parallel.make_mesh()
+assert mesh.size == 8
+spec, state = sampling.prepare(pipe, 1, steps=3, scheduler="euler", height={H}, width={W},
+                               guidance_scale={GUIDANCE})
+prompts = [f"a cat {{i}}" for i in range(8)]
+cond = sampling.make_conditioning(pipe, prompts, [None] * 8, size=({H}, {W}))
+images = parallel.sharded_sampler(mesh, spec, pipe)(
+    parallel.replicate(pipe.params, mesh), parallel.shard_tree(mesh, cond, 8),
+    parallel.shard_batch(mesh, np.arange(50, 58, dtype=np.uint32), 8), np.float32({GUIDANCE}),
+    np.float32(0), parallel.replicate(state, mesh))
+np.save({out!r}, np.asarray(images))
+"""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  ours = base.generate([f"a cat {i}" for i in range(8)], steps=3, scheduler="euler", height=H,
+                       width=W, guidance_scale=GUIDANCE, seed=50)
+  np.testing.assert_allclose(np.load(out), ours, atol=1e-5)
+
+
+def test_run_with_refiner_records_it(pipes, tmp_path):
+  """main.py's run: base + refiner in the sharded program, recorded in PNG and manifest."""
+  import json
+
+  from PIL import Image
+
+  from sdjax import outputs, run
+  from sdjax.conditioning import MicroConditioning
+
+  _, _, base, refiner, folder = pipes
+  micro = MicroConditioning(original_size=(32, 48), aesthetic_score=7.0)
+  cfg = run.RunConfig(
+      prompts=(run.PromptLine("a cat"), run.PromptLine("a dog", negative_prompt="red")),
+      model=os.path.join(folder, "base"), refiner=os.path.join(folder, "refiner"),
+      refiner_start=0.7, steps=3, guidance_scale=GUIDANCE, scheduler="euler", height=H, width=W,
+      seed=5, batch_size=2, output_dir=str(tmp_path / "out"), compilation_cache="",
+      show_progress=False, micro=micro)
+  assert run.generate_run(cfg).images == 2
+  records = [json.loads(line) for line in open(tmp_path / "out" / "manifest.jsonl")]
+  assert records[0]["refiner"] == cfg.refiner and records[0]["refiner_start"] == 0.7
+  assert records[0]["micro_conditioning"]["original_size"] == [32, 48]
+  png = Image.open(tmp_path / "out" / records[1]["file"])
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert params["Refiner switch at"] == "0.7" and params["Original size"] == "48x32"
+  expected = base.generate(["a cat", "a dog"], negative_prompts=[None, "red"], steps=3,
+                           guidance_scale=GUIDANCE, scheduler="euler", height=H, width=W,
+                           seed=5, refiner=refiner, refiner_start=0.7, original_size=(32, 48),
+                           aesthetic_score=7.0)
+  written = np.asarray(png, np.float32) / 255
+  assert np.abs(written - expected[1]).max() <= 1 / 255 + 1e-6
+
+
+def test_export_round_trip(pipes, tmp_path):
+  """SDXL base and refiner folders written by sdjax load in diffusers with the same weights."""
+  ref_base, ref_refiner, base, refiner, _ = pipes
+  for ours, ref, cls in ((base, ref_base, diffusers.StableDiffusionXLPipeline),
+                         (refiner, ref_refiner, diffusers.StableDiffusionXLImg2ImgPipeline)):
+    out = str(tmp_path / cls.__name__)
+    ours.save_pretrained(out)
+    back = cls.from_pretrained(out)
+    assert back.config.force_zeros_for_empty_prompt == ref.config.force_zeros_for_empty_prompt
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+      a, b = getattr(ref, name), getattr(back, name)
+      assert (a is None) == (b is None), name
+      if a is not None:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sorted(sa) == sorted(sb), name
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    again = sdjax.load_pipeline(out)
+    assert again.requires_aesthetics_score == ours.requires_aesthetics_score
+    np.testing.assert_array_equal(again.tokenize_2(PROMPTS), ours.tokenize_2(PROMPTS))
