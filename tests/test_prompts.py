@@ -341,3 +341,21 @@ def test_a1111_plain_prompt_same_pixels_and_mixed_batch(sd):
     np.testing.assert_allclose(batch[i], alone[0], atol=2e-6)
   truncated = pipe.generate(prompts_, negative_prompts=negatives, **kw)
   assert not np.allclose(batch[0], truncated[0], atol=1e-3)
+
+
+def test_sdxl_base_and_refiner(tmp_path):
+  """SDXL: both encoders chunked and weighted, pooled embeds of the first chunk; within 75
+  tokens A1111 syntax gives plain's pixels, through the refiner handoff too."""
+  folder = str(tmp_path / "sdxl")
+  testing.write_torch_sdxl(folder, seed=5)
+  base = sdjax.load_pipeline(f"{folder}/base")
+  kw = dict(steps=3, scheduler="euler", height=16, width=24, guidance_scale=5.0, seed=1,
+            refiner=sdjax.load_pipeline(f"{folder}/refiner"))
+  prompts_, negatives = ["a red circle", "a photo of a cat"], ["blue", None]
+  plain = base.generate(prompts_, negative_prompts=negatives, **kw)
+  ours = base.generate(prompts_, negative_prompts=negatives, **kw, prompt_syntax="a1111")
+  np.testing.assert_allclose(ours, plain, atol=2e-6)
+  weighted = base.generate(["a (red:1.4) circle, " * 14 + "BREAK [cat|dog]", prompts_[1]],
+                           negative_prompts=negatives, **kw, prompt_syntax="a1111")
+  assert np.isfinite(weighted).all() and not np.allclose(weighted[0], plain[0], atol=1e-3)
+  np.testing.assert_allclose(weighted[1], plain[1], atol=2e-6)  # its batch mate is masked
