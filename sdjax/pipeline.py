@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -39,6 +40,16 @@ from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Written beside a model sdjax trained (sdjax.training.recipe); its "prompt_grammar" says which
+# prompts the model understands, and marks a model whose vocabulary is only its caption words.
+TRAINING_SUMMARY = "sdjax_training.json"
+# Optional, in a model folder: the sampling settings the model works best at, used by generate()
+# and main.py for whatever the caller leaves unset: {"steps": 20, "guidance_scale": 4.0,
+# "scheduler": "dpmpp_2m"} (any subset).
+SAMPLING_DEFAULTS = "sdjax_defaults.json"
+_DEFAULT_TYPES = {"steps": int, "guidance_scale": (int, float), "scheduler": str}
+# Words as CLIP's tokenizer splits them (lowercased): letters, single digits, other symbols.
+_WORDS = re.compile(r"[^\W\d_]+|\d|[^\w\s]+|_+")
 SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 _SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                  "StableDiffusionXLInpaintPipeline")
@@ -103,6 +114,8 @@ class Pipeline:
   # Textual-inversion embeddings by token (`checkpoints.embeddings.Embedding`: vectors per
   # text encoder); their tokens are already in the tokenizer and the embedding table.
   embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)
+  prompt_grammar: str | None = None  # set for models trained on a fixed caption grammar
+  sampling_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   # -- properties -------------------------------------------------------------------------------
   @property
@@ -171,6 +184,22 @@ class Pipeline:
   def _text_params(self):
     return {k: v for k, v in self.params.items() if k.startswith("text_encoder")}
 
+  def unknown_words(self, prompts) -> list[str]:
+    """The words of `prompts` that the tokenizer's vocabulary does not hold whole, in order of
+    first appearance (they become sub-word or byte pieces). Only meaningful for a model whose
+    vocabulary is its training captions' words (`prompt_grammar` set)."""
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    vocab = self.tokenizer.get_vocab()
+    unknown = {}
+    for prompt in prompts:
+      for word in _WORDS.findall(prompt.lower()):
+        # Every CLIP vocabulary holds each single byte as a word end ("x</w>", ",</w>"): a lone
+        # letter or digit may be a word, a lone symbol is punctuation no caption had.
+        if word + "</w>" not in vocab or not (len(word) > 1 or word.isalnum()):
+          unknown[word] = None
+    return list(unknown)
+
   def encode_text(self, ids, clip_skip: int | None = None) -> jax.Array:
     """Token ids [B, 77] -> prompt embeddings [B, 77, D] (the last hidden state by default)."""
     return _encode_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids),
@@ -207,8 +236,8 @@ class Pipeline:
       )
 
   # -- sampling ----------------------------------------------------------------------------------
-  def generate(self, prompts, *, negative_prompts=None, steps: int = 50,
-               guidance_scale: float = 7.5, scheduler: str | None = None,
+  def generate(self, prompts, *, negative_prompts=None, steps: int | None = None,
+               guidance_scale: float | None = None, scheduler: str | None = None,
                height: int | None = None, width: int | None = None, seed: int = 0,
                latents=None, init_images=None, strength: float = 0.8,
                guidance_rescale: float = 0.0, clip_skip: int | None = None,
@@ -221,15 +250,18 @@ class Pipeline:
                negative_target_size: tuple[int, int] | None = None,
                aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
                refiner: Pipeline | None = None, refiner_start: float = 0.8,
-               eta: float = 0.0) -> np.ndarray:
+               eta: float = 0.0, prompt_syntax: str = "plain",
+               embeddings=None) -> np.ndarray:
     """Text-to-image (or image-to-image with `init_images`) generation.
 
     Args:
       prompts: a prompt or a list of them; one image each.
       negative_prompts: what guidance steers away from (default: the empty prompt).
-      steps: denoising steps.
-      guidance_scale: classifier-free guidance scale; <= 1 skips the unconditional half.
-      scheduler: one of `sdjax.schedulers.SCHEDULERS`; default: the checkpoint's own.
+      steps: denoising steps (default: the model folder's `sdjax_defaults.json`, else 50).
+      guidance_scale: classifier-free guidance scale; <= 1 skips the unconditional half
+        (default: the model folder's `sdjax_defaults.json`, else 7.5).
+      scheduler: one of `sdjax.schedulers.SCHEDULERS`; default: the model folder's
+        `sdjax_defaults.json`, else the checkpoint's own.
       height, width: image size in pixels (default: the model's native size).
       seed: image i uses seed `seed + i` for all of its randomness.
       latents: NHWC unit Gaussian initial noise [N, h, w, 4] (as diffusers' `latents`, before
@@ -248,6 +280,9 @@ class Pipeline:
         (`denoising_start`), with the same steps, scheduler and guidance.
       eta: DDIM's stochasticity (diffusers' `eta`; 0 is deterministic DDIM, 1 DDPM-like); its
         step noise comes from each image's seed. Only the `ddim` scheduler takes it.
+      prompt_syntax: "plain" (diffusers: text truncated at 77 tokens) or "a1111" (AUTOMATIC1111's
+        weights, long prompts, BREAK, prompt editing and alternation; see `sdjax.prompts`).
+      embeddings: a1111: textual-inversion vectors {trigger word: float [n, D]}.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1].
@@ -262,7 +297,8 @@ class Pipeline:
         seed=seed, latents=latents, init_images=init_images, strength=strength,
         guidance_rescale=guidance_rescale, clip_skip=clip_skip, prompts_2=prompts_2,
         negative_prompts_2=negative_prompts_2, micro=micro, refiner=refiner,
-        refiner_start=refiner_start, eta=eta)
+        refiner_start=refiner_start, eta=eta, prompt_syntax=prompt_syntax,
+        embeddings=embeddings)
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:
@@ -368,6 +404,8 @@ def _folder_source(folder: str, variant: str | None) -> _Source:
       text_encoder_2=text_config("text_encoder_2"),
       tokenizer_2=_load_tokenizer_if(folder, "tokenizer_2", names),
       options={
+          "prompt_grammar": _read_prompt_grammar(folder),
+          "sampling_defaults": _read_sampling_defaults(folder),
           "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", sdxl)),
           "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
       },
@@ -585,6 +623,37 @@ def _modules(unet_cfg, vae_cfg, text_cfgs, compute, store=None) -> dict[str, Any
     modules["text_encoder_2"] = CLIPTextModelWithProjection(text_cfgs["text_encoder_2"], compute,
                                                             store)
   return modules
+
+
+def _read_sampling_defaults(folder: str) -> dict[str, Any]:
+  path = os.path.join(folder, SAMPLING_DEFAULTS)
+  if not os.path.isfile(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      defaults = json.load(f)
+  except (OSError, ValueError) as e:
+    raise PipelineError(f"cannot read {path}: {e}") from None
+  if not isinstance(defaults, dict):
+    raise PipelineError(f"{path} must hold a JSON object")
+  for key, value in defaults.items():
+    kind = _DEFAULT_TYPES.get(key)
+    if kind is None or isinstance(value, bool) or not isinstance(value, kind):
+      raise PipelineError(f"{path}: unknown or ill-typed setting {key!r}: {value!r} (allowed: "
+                          f"{', '.join(_DEFAULT_TYPES)})")
+  return defaults
+
+
+def _read_prompt_grammar(folder: str) -> str | None:
+  path = os.path.join(folder, TRAINING_SUMMARY)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      grammar = json.load(f).get("prompt_grammar")
+  except (OSError, ValueError, AttributeError) as e:
+    raise PipelineError(f"cannot read {path}: {e}") from None
+  return grammar if isinstance(grammar, str) else None
 
 
 def build_pipeline(unet_cfg, vae_cfg, text_cfg, tokenizer, scheduler_config, params=None, *,

@@ -152,6 +152,31 @@ def test_missing_key(sd1_folder, tmp_path):
     sdjax.load_pipeline(folder)
 
 
+def test_model_folder_extras(sd1_folder, tmp_path):
+  """sdjax_defaults.json (sampling defaults) and sdjax_training.json's prompt grammar."""
+  import json
+
+  from sdjax import sampling
+
+  folder = _copy(sd1_folder, tmp_path)
+  plain = sdjax.load_pipeline(folder)
+  assert plain.sampling_defaults == {} and plain.prompt_grammar is None
+  assert sampling.resolve_settings(plain, None, None, None) == (50, 7.5, None)
+  with open(os.path.join(folder, "sdjax_defaults.json"), "w") as f:
+    json.dump({"steps": 12, "guidance_scale": 3.5, "scheduler": "euler"}, f)
+  with open(os.path.join(folder, "sdjax_training.json"), "w") as f:
+    json.dump({"prompt_grammar": "a {color} thing"}, f)
+  pipe = sdjax.load_pipeline(folder)
+  assert pipe.prompt_grammar == "a {color} thing"
+  assert sampling.resolve_settings(pipe, None, None, None) == (12, 3.5, "euler")
+  assert sampling.resolve_settings(pipe, 3, 1.0, "ddim") == (3, 1.0, "ddim")
+  for bad in ({"steps": "20"}, {"stepz": 20}, [20]):
+    with open(os.path.join(folder, "sdjax_defaults.json"), "w") as f:
+      json.dump(bad, f)
+    with pytest.raises(PipelineError, match="sdjax_defaults.json"):
+      sdjax.load_pipeline(folder)
+
+
 def test_wrong_shape(sd1_folder, tmp_path):
   folder = _copy(sd1_folder, tmp_path)
   path = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")

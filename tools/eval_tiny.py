@@ -1,6 +1,7 @@
 r"""Judges the built-in shapes model: generates canonical prompts and classifies the pixels.
 
   python tools/eval_tiny.py                      # held-out prompts, generate()'s defaults
+                                                 # (the model's own: sdjax_defaults.json)
   python tools/eval_tiny.py --split all --steps 20 --guidance_scale 4 --grid /tmp/grid.png
 
 Prints per-attribute rates (foreground color, background color, shape, position), the rate
@@ -21,7 +22,7 @@ _MODEL = flags.DEFINE_string("model", None, "model folder (default: sdjax.BUILTI
 _SPLIT = flags.DEFINE_enum("split", "held_out", ["held_out", "trained", "all"],
                            "which canonical prompts: held_out ones never appeared in training")
 _SEED = flags.DEFINE_integer("seed", 20261126, "image i uses seed + i (training used others)")
-_STEPS = flags.DEFINE_integer("steps", None, "denoising steps (default: generate()'s)")
+_STEPS = flags.DEFINE_integer("steps", None, "denoising steps (default: generate()'s, the model's)")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "CFG scale (default: generate()'s)")
 _SCHEDULER = flags.DEFINE_string("scheduler", None, "scheduler (default: the model's)")
 _BATCH = flags.DEFINE_integer("batch", 64, "images per generate call")
@@ -87,6 +88,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import sdjax  # noqa: PLC0415
+  from sdjax import sampling, schedulers  # noqa: PLC0415
   from sdjax.training import shapes  # noqa: PLC0415
 
   pipe = sdjax.load_pipeline(_MODEL.value)
@@ -97,8 +99,12 @@ def main(argv):
     print(json.dumps(result))
     return
   prompts = shapes.canonical_prompts(_SPLIT.value)[:_LIMIT.value]
-  kwargs = {k: v for k, v in (("steps", _STEPS.value), ("guidance_scale", _GUIDANCE.value),
-                              ("scheduler", _SCHEDULER.value)) if v is not None}
+  # The settings generate() will use (the model's sdjax_defaults.json for those not given),
+  # written out so that the card's rows say what they measured.
+  steps, guidance, scheduler = sampling.resolve_settings(pipe, _STEPS.value, _GUIDANCE.value,
+                                                         _SCHEDULER.value)
+  scheduler = scheduler or schedulers.default_scheduler_name(pipe.scheduler_config)
+  kwargs = {"steps": steps, "guidance_scale": float(guidance), "scheduler": scheduler}
   start = time.time()
   rates, images = shapes.evaluate(pipe, prompts, seed=_SEED.value, batch=_BATCH.value, **kwargs)
   result = {"split": _SPLIT.value, "prompts": len(prompts), "seed": _SEED.value, **kwargs,

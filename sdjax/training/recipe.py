@@ -27,7 +27,7 @@ from sdjax.training import shapes, train
 
 # The caption grammar's words, each one BPE token.
 STAGES = ("vae", "vae_sharpen", "diffusion")
-SUMMARY = "sdjax_training.json"  # written beside the exported model: what trained it
+SUMMARY = pipeline_lib.TRAINING_SUMMARY  # written beside the exported model: what trained it
 VOCABULARY = ("a in the on background " + " ".join(shapes.COLOR_NAMES) + " " +
               " ".join(shapes.SHAPES) + " center top bottom left right").split()
 
@@ -151,7 +151,7 @@ def train_diffusion(pipe, cfg, mix: shapes.CaptionMix, workdir: str, mesh,
   n = cfg.get("cached_latents") or 0
   if n:
     start = time.time()
-    frozen = encode_dataset(pipe, pipe.params["vae"], n, cfg.seed + 1, mesh)
+    frozen = encode_dataset(pipe, pipe.params["vae"], n, cfg.seed + 1, mesh, chunk=min(n, 256))
     logging.info("%s: encoded %d images in %.1f s", stage, n, time.time() - start)
     make_batch = cached_batch_fn(pipe, mix, mesh)
   else:
@@ -181,8 +181,9 @@ def run(config, workdir: str, output: str | None, max_seconds: float | None = No
     return _finetune(config, workdir, output, init_from, mesh, deadline, t0)
   pipe = build(config, workdir)
   vae_params = train_vae(pipe, config, workdir, mesh)
-  scaling = train.latent_scaling_factor(pipe.vae, vae_params, _render_batch(jax.random.key(1), 256),
-                                        jax.random.key(2))
+  scaling = train.latent_scaling_factor(
+      pipe.vae, vae_params, _render_batch(jax.random.key(1), config.get("scaling_images", 256)),
+      jax.random.key(2))
   logging.info("vae done: scaling factor %.4f", scaling)
   pipe = build(config, workdir, {**pipe.params, "vae": vae_params}, scaling)
   mix = shapes.CaptionMix(**config.caption_mix)
@@ -200,6 +201,7 @@ def run(config, workdir: str, output: str | None, max_seconds: float | None = No
       "train_seconds_this_run": round(seconds, 1), "scaling_factor": scaling,
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "host": f"{platform.machine()}, {os.cpu_count()} CPUs", "jax": jax.__version__,
+      "prompt_grammar": shapes.GRAMMAR,
   }
   _export(pipe, config, summary, workdir, output)
   return pipe
@@ -247,7 +249,7 @@ def _finetune(config, workdir, output, init_from, mesh, deadline, t0):
                                    stage="finetune")
   pipe = build(config, workdir, {**pipe.params, **trained}, scaling)
   summary.update({
-      "finetune_steps": steps, "finetune_final_loss": _last_logged(workdir, "finetune")["loss"],
+      "prompt_grammar": shapes.GRAMMAR, "finetune_steps": steps, "finetune_final_loss": _last_logged(workdir, "finetune")["loss"],
       "finetune_seconds": stage_seconds(workdir, "finetune"),
       "finetune_host": f"{platform.machine()}, {os.cpu_count()} CPUs "
                        f"({jax.device_count()} x {jax.devices()[0].device_kind})",
