@@ -31,6 +31,13 @@ flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 flags.DEFINE_string("prompts_file", None, ".txt (one prompt per line) or .jsonl (objects with "
                     "prompt and optional negative_prompt, seed, num_images)")
 flags.DEFINE_string("negative_prompt", "", "negative prompt for every image")
+flags.DEFINE_enum("prompt_syntax", "a1111", ["a1111", "plain"], "a1111: AUTOMATIC1111's (x:1.2) "
+                  "weights, long prompts, BREAK, [from:to:when] and [a|b]; plain: diffusers' "
+                  "(truncated at 77 tokens)")
+flags.DEFINE_string("embeddings_dir", None, "load every textual-inversion file in this folder "
+                    "(.pt, .safetensors, .bin), its trigger word the file's name")
+flags.DEFINE_string("lora_dir", None, "a1111: folder where <lora:name:w> tags in prompts find "
+                    "name.safetensors (or .ckpt/.pt/.bin); each LoRA set is merged once")
 flags.DEFINE_integer("num_images_per_prompt", 1, "images per prompt")
 flags.DEFINE_integer("steps", None, "denoising steps")
 flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
@@ -94,7 +101,8 @@ def _run_config() -> run.RunConfig:
   values.update({k: FLAGS[k].value for k in _OVERRIDABLE if FLAGS[k].present})
   return run.RunConfig(
       prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
-      negative_prompt=FLAGS.negative_prompt,
+      negative_prompt=FLAGS.negative_prompt, prompt_syntax=FLAGS.prompt_syntax,
+      lora_dir=FLAGS.lora_dir,
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, shard_size=FLAGS.shard_size,
@@ -106,7 +114,8 @@ def _run_config() -> run.RunConfig:
       process_id=FLAGS.process_id,
       loras=tuple(run.parse_path_arg(s, float, 1.0) for s in FLAGS.lora),
       embeddings=tuple(run.parse_path_arg(s, str, None, "--embedding", "token")
-                       for s in FLAGS.embedding),
+                       for s in FLAGS.embedding)
+      + (run.embeddings_in_dir(FLAGS.embeddings_dir) if FLAGS.embeddings_dir else ()),
       micro=_micro_conditioning(), **values)
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import prompts as prompt_lib
 from sdjax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
@@ -38,7 +39,10 @@ class Networks:
 
 @flax.struct.dataclass
 class PromptIds:
-  """Token ids [B, 77] of one side of guidance, per text encoder (None where it is absent)."""
+  """Token ids [B, 77] of one side of guidance, per text encoder (None where it is absent).
+
+  With A1111 prompt syntax each is a `prompts.PromptBatch` (chunks, weights, schedule variants).
+  """
 
   ids: jax.Array | None = None  # for text_encoder
   ids_2: jax.Array | None = None  # for text_encoder_2
@@ -67,6 +71,23 @@ class Embeddings:
   context: jax.Array
   text_embeds: jax.Array | None = None
   time_ids: jax.Array | None = None
+  # A1111 syntax: additive cross-attention bias [B, 1, 1, M] hiding padded chunks; and the
+  # schedule [B, T] of the variant in force at each denoiser call, while `context` [B, V, M, D]
+  # and `text_embeds` [B, V, P] still hold every variant (see `at`).
+  context_bias: jax.Array | None = None
+  schedule: jax.Array | None = None
+
+  def at(self, call) -> Embeddings:
+    """The embeddings in force at denoiser call `call` (traced); themselves without schedule."""
+    if self.schedule is None:
+      return self
+    index = self.schedule[:, call]  # B
+
+    def pick(x):
+      return jnp.take_along_axis(x, index.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+
+    return self.replace(context=pick(self.context), schedule=None,
+                        text_embeds=None if self.text_embeds is None else pick(self.text_embeds))
 
   @staticmethod
   def concat(a: Embeddings, b: Embeddings) -> Embeddings:
@@ -81,8 +102,37 @@ def check_clip_skip(nets: Networks, clip_skip: int | None) -> None:
     raise ValueError(f"clip_skip must be in [0, {layers}), got {clip_skip}")
 
 
+def _encode_side_a1111(nets: Networks, params, ids: PromptIds, clip_skip: int | None):
+  """A1111: every schedule variant's weighted, chunked context [B, V, K*77, D] (each text
+  encoder weighted on its own, as A1111's SDXL embedders) and pooled embeds of the first chunk."""
+  if not nets.is_sdxl:
+    def encode(tokens, token_embeds):
+      return nets.text_encoder.apply({"params": params["text_encoder"]}, tokens, clip_skip,
+                                     token_embeds)["prompt_embeds"]
+
+    return prompt_lib.encode_weighted(encode, ids.ids), None
+  layer = -((clip_skip or 0) + 2)
+  contexts = []
+  if nets.text_encoder is not None:
+    def encode_1(tokens, token_embeds):
+      return nets.text_encoder.apply({"params": params["text_encoder"]}, tokens, None,
+                                     token_embeds)["hidden_states"][layer]
+
+    contexts.append(prompt_lib.encode_weighted(encode_1, ids.ids))
+
+  def encode_2(tokens, token_embeds):
+    out = nets.text_encoder_2.apply({"params": params["text_encoder_2"]}, tokens, None,
+                                    token_embeds)
+    return out["hidden_states"][layer], out["text_embeds"]
+
+  context, pooled = prompt_lib.encode_weighted(encode_2, ids.ids_2)
+  return jnp.concatenate([*contexts, context], axis=-1), pooled  # B, V, K*77, D1 + D2
+
+
 def encode_side(nets: Networks, params, ids: PromptIds, clip_skip: int | None):
   """Context [B, 77, D] and pooled text embeds [B, P] (None for SD1/SD2) of one side."""
+  if isinstance(ids.ids if ids.ids is not None else ids.ids_2, prompt_lib.PromptBatch):
+    return _encode_side_a1111(nets, params, ids, clip_skip)
   if not nets.is_sdxl:
     out = nets.text_encoder.apply({"params": params["text_encoder"]}, ids.ids, clip_skip)
     return out["prompt_embeds"], None
@@ -107,19 +157,28 @@ def encode(nets: Networks, params, cond: Conditioning, clip_skip: int | None = N
            negative_clip_skip: int | None = None, guidance: bool = True):
   """(negative, positive) Embeddings of a conditioning; negative is None without guidance."""
   context, pooled = encode_side(nets, params, cond.prompt, clip_skip)
-  positive = Embeddings(context, pooled, cond.time_ids)
+  positive = Embeddings(context, pooled, cond.time_ids, *_a1111_extras(cond.prompt))
   if not guidance:
     return None, positive
   context, pooled = encode_side(nets, params, cond.negative, negative_clip_skip)
   negative = Embeddings(_zero_where(cond.zero_negative, context),
-                        _zero_where(cond.zero_negative, pooled), cond.negative_time_ids)
+                        _zero_where(cond.zero_negative, pooled), cond.negative_time_ids,
+                        *_a1111_extras(cond.negative))
   return negative, positive
+
+
+def _a1111_extras(ids: PromptIds):
+  """(context bias, schedule) of an A1111 side, else (None, None)."""
+  batch = ids.ids if ids.ids is not None else ids.ids_2
+  if not isinstance(batch, prompt_lib.PromptBatch):
+    return None, None
+  return prompt_lib.context_bias(batch), batch.schedule
 
 
 def predict(nets: Networks, params, x, t, emb: Embeddings):
   """The UNet's output for latents x [B, h, w, C] at t under embeddings `emb`."""
   return nets.unet.apply({"params": params["unet"]}, x, t, emb.context, emb.text_embeds,
-                         emb.time_ids)
+                         emb.time_ids, emb.context_bias)
 
 
 # -- micro-conditioning ------------------------------------------------------------------------

@@ -250,7 +250,8 @@ class Pipeline:
                negative_target_size: tuple[int, int] | None = None,
                aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
                refiner: Pipeline | None = None, refiner_start: float = 0.8,
-               eta: float = 0.0) -> np.ndarray:
+               eta: float = 0.0, prompt_syntax: str = "plain",
+               embeddings=None) -> np.ndarray:
     """Text-to-image (or image-to-image with `init_images`) generation.
 
     Args:
@@ -279,6 +280,9 @@ class Pipeline:
         (`denoising_start`), with the same steps, scheduler and guidance.
       eta: DDIM's stochasticity (diffusers' `eta`; 0 is deterministic DDIM, 1 DDPM-like); its
         step noise comes from each image's seed. Only the `ddim` scheduler takes it.
+      prompt_syntax: "plain" (diffusers: text truncated at 77 tokens) or "a1111" (AUTOMATIC1111's
+        weights, long prompts, BREAK, prompt editing and alternation; see `sdjax.prompts`).
+      embeddings: a1111: textual-inversion vectors {trigger word: float [n, D]}.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1].
@@ -293,7 +297,8 @@ class Pipeline:
         seed=seed, latents=latents, init_images=init_images, strength=strength,
         guidance_rescale=guidance_rescale, clip_skip=clip_skip, prompts_2=prompts_2,
         negative_prompts_2=negative_prompts_2, micro=micro, refiner=refiner,
-        refiner_start=refiner_start, eta=eta)
+        refiner_start=refiner_start, eta=eta, prompt_syntax=prompt_syntax,
+        embeddings=embeddings)
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:

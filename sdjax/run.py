@@ -71,6 +71,8 @@ class RunConfig:
   show_progress: bool = True
   loras: tuple[tuple[str, float], ...] = ()  # (file or hub file, scale)
   embeddings: tuple[tuple[str, str | None], ...] = ()  # (file or hub file, token or None)
+  prompt_syntax: str = "plain"  # or "a1111": weights, long prompts, BREAK, prompt editing
+  lora_dir: str | None = None  # a1111: where <lora:name:w> tags find name.safetensors
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -107,6 +109,15 @@ def parse_path_arg(spec: str, convert, default, flag: str = "--lora", value: str
     raise RunError(f"{flag} {spec}: the {value} after ':' must be a {convert.__name__}") from None
 
 
+def embeddings_in_dir(folder: str) -> tuple[tuple[str, None], ...]:
+  """Every textual-inversion file in `folder` (A1111's embeddings folder), trigger = file stem."""
+  if not os.path.isdir(folder):
+    raise RunError(f"--embeddings_dir {folder} is not a folder")
+  names = sorted(n for n in os.listdir(folder)
+                 if n.lower().endswith((".pt", ".safetensors", ".bin")) and not n.startswith("."))
+  return tuple((os.path.join(folder, n), None) for n in names)
+
+
 # -- validation ------------------------------------------------------------------------------------
 def validate(cfg: RunConfig) -> None:
   """Checks what needs no model, so that bad input fails before anything slow."""
@@ -140,6 +151,23 @@ def validate(cfg: RunConfig) -> None:
                    f"scheduler {cfg.scheduler!r}")
   if not 0 <= cfg.seed < 2**32:
     raise RunError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+  if cfg.prompt_syntax not in sampling.PROMPT_SYNTAXES:
+    raise RunError(f"--prompt_syntax must be one of {', '.join(sampling.PROMPT_SYNTAXES)}, "
+                   f"got {cfg.prompt_syntax!r}")
+  if cfg.prompt_syntax == "a1111":  # the inline prompts fail here; a file's when reached
+    from sdjax import prompts  # noqa: PLC0415
+
+    for line in cfg.prompts:
+      for text in (line.prompt, line.negative_prompt or cfg.negative_prompt):
+        prompts.parse_prompt_attention(prompts.lora_tags(text)[0])
+  if cfg.lora_dir is not None:
+    if cfg.prompt_syntax != "a1111":
+      raise RunError("--lora_dir applies <lora:...> tags, which need --prompt_syntax a1111")
+    if not os.path.isdir(cfg.lora_dir):
+      raise RunError(f"--lora_dir {cfg.lora_dir} is not a folder")
+    if (cfg.num_processes or 1) > 1:
+      raise RunError("<lora:...> tags (--lora_dir) need a single-process run: every device of a "
+                     "batch shares its weights")
   if cfg.refiner is not None and not 0.0 < cfg.refiner_start < 1.0:
     raise RunError(f"--refiner_start must be in (0, 1), got {cfg.refiner_start}")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
@@ -158,6 +186,10 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["images_per_folder"] = cfg.images_per_folder
   if cfg.eta:  # absent when 0: older folders still match
     settings["eta"] = cfg.eta
+  if cfg.prompt_syntax != "plain":
+    settings["prompt_syntax"] = cfg.prompt_syntax
+  if cfg.lora_dir is not None:
+    settings["lora_dir"] = cfg.lora_dir
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.embeddings:
@@ -338,15 +370,19 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
   if refiner is not None:  # (spec, state, pipeline) of the second stage, in the same program
     refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
                                  denoising_start=cfg.refiner_start), refiner)
-  run_batch = _Sampler(cfg, pipe, mesh, spec, state, refiner)
+  lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
+  run_batch = _Sampler(cfg, pipe, mesh, spec, state, refiner, lora_set)
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
-  batches = _batches(work.jobs(plan), local_batch)
+  batches = _batches(work.jobs(plan), local_batch, lora_set)
   made, start, pending, interrupted, progress = 0, None, None, False, None
   try:
     with _StopFlag() as stop:
-      for _ in range(steps):
+      # LoRA sets split batches, so their count is known only at the end (one process).
+      for _ in range(steps) if lora_set is None else iter(int, 1):
         batch = next(batches)
+        if lora_set is not None and all(shard is None for shard, _ in batch):
+          break
         images = run_batch(batch)  # dispatched: the devices work while the host writes
         if progress is None:  # compiled: from here on the bar's rate and ETA mean something
           start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
@@ -364,10 +400,44 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
   return made, time.perf_counter() - start, run_batch.compile_seconds, interrupted
 
 
-def _batches(jobs: Iterator[tuple[int, ImageJob]], size: int) -> Iterator[list]:
-  """Lists of `size` (shard, job); padded with copies (never written) once jobs run out."""
+class _LoraSets:
+  """A prompt's `<lora:name:te:unet>` tags as `apply_loras` entries (files in `lora_dir`)."""
+
+  EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
+
+  def __init__(self, lora_dir: str):
+    self.lora_dir, self._cache = lora_dir, {}
+
+  def __call__(self, prompt: str) -> tuple[tuple[str, float, float], ...]:
+    if prompt not in self._cache:
+      from sdjax import prompts  # noqa: PLC0415
+
+      if len(self._cache) > 10000:  # the prompts file is streamed: keep memory flat
+        self._cache.clear()
+
+      _, tags = prompts.lora_tags(prompt)
+      self._cache[prompt] = tuple((self.file(t.name), t.unet_scale, t.te_scale) for t in tags)
+    return self._cache[prompt]
+
+  def file(self, name: str) -> str:
+    for ext in ("", *self.EXTENSIONS):
+      path = os.path.join(self.lora_dir, name + ext)
+      if os.path.isfile(path):
+        return path
+    raise RunError(f"<lora:{name}>: no {name}{{{','.join(self.EXTENSIONS)}}} in --lora_dir "
+                   f"{self.lora_dir}")
+
+
+def _batches(jobs: Iterator[tuple[int, ImageJob]], size: int, lora_set=None) -> Iterator[list]:
+  """Lists of `size` (shard, job); padded with copies (never written) once jobs run out.
+
+  With `lora_set`, a batch holds one LoRA set: a job with another set starts a new batch.
+  """
   batch = []
   for item in jobs:
+    if batch and lora_set is not None and lora_set(item[1].prompt) != lora_set(batch[0][1].prompt):
+      yield batch + [(None, batch[-1][1])] * (size - len(batch))
+      batch = []
     batch.append(item)
     if len(batch) == size:
       yield batch
@@ -394,8 +464,9 @@ def _write(writer, metadata, batch, images, progress) -> int:
 class _Sampler:
   """The compiled, sharded sampler: a process's batch of jobs -> a dispatched global batch."""
 
-  def __init__(self, cfg, pipe, mesh, spec, state, refiner=None):
+  def __init__(self, cfg, pipe, mesh, spec, state, refiner=None, lora_set=None):
     self.cfg, self.pipe, self.mesh, self.spec, self.refiner = cfg, pipe, mesh, spec, refiner
+    self.lora_set, self.loras = lora_set, ()
     self.global_batch = cfg.batch_size * mesh.size
     params, stage = pipe.params, None
     if refiner is not None:  # (base, refiner) pairs of params and states
@@ -405,38 +476,76 @@ class _Sampler:
     self.scalars = parallel.replicate((np.float32(cfg.guidance_scale), np.float32(0.0)), mesh)
     self.sampler = parallel.sharded_sampler(mesh, spec, pipe, stage)
     self.statics = aot.sampler_statics(spec, pipe, stage)
-    self.compiled, self.compile_seconds = None, 0.0
+    self.host_state = state if refiner is None else state[0]
+    self.compiled, self.compile_seconds = {}, 0.0  # per prompt-input shape (A1111 buckets)
+
+  def _a1111(self, sizes=None):
+    if self.cfg.prompt_syntax != "a1111":
+      return None
+    return sampling.a1111_options(self.spec, self.host_state, self.cfg.steps, sizes=sizes,
+                                  bucket_variants=True, allow_lora=self.lora_set is not None)
 
   def _conditioning(self, jobs):
     """The batch's conditioning ((base, refiner) with a refiner). An empty negative prompt is no
-    negative prompt: zeros where the checkpoint asks for them (SDXL base)."""
+    negative prompt: zeros where the checkpoint asks for them (SDXL base). A1111 buckets agree
+    across processes."""
+    cond = self._make_conditioning(jobs, self._a1111())
+    sizes = sampling.input_sizes(cond[0] if self.refiner else cond)
+    if sizes is not None and jax.process_count() > 1:
+      agreed = tuple(parallel.max_over_processes(n) for n in sizes)
+      if agreed != sizes:
+        cond = self._make_conditioning(jobs, self._a1111(agreed))
+    return cond
+
+  def _make_conditioning(self, jobs, a1111):
     size = (self.spec.latent_hw[0] * self.pipe.vae_scale,
             self.spec.latent_hw[1] * self.pipe.vae_scale)
     prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt or None for j in jobs]
     cond = sampling.make_conditioning(self.pipe, prompts, negatives, micro=self.cfg.micro,
-                                      size=size)
+                                      size=size, a1111=a1111)
     if self.refiner is None:
       return cond
-    return cond, sampling.make_conditioning(self.refiner[2], prompts, negatives,
-                                            micro=self.cfg.micro, size=size, img2img=True)
+    spec, state, refiner = self.refiner
+    if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
+      a1111 = sampling.a1111_options(spec, state, self.cfg.steps, first_call=a1111.calls,
+                                     bucket_variants=True, allow_lora=a1111.allow_lora)
+    return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
+                                            size=size, img2img=True, a1111=a1111)
+
+  def _use_loras(self, prompt: str) -> None:
+    """Merges the batch's LoRA set into the base weights, once per change of set."""
+    loras = self.lora_set(prompt)
+    if loras != self.loras:
+      from sdjax.checkpoints import lora  # noqa: PLC0415
+
+      params = lora.apply_loras(self.pipe, list(loras)) if loras else self.pipe.params
+      if self.refiner is not None:
+        params = (params, self.refiner[2].params)
+      self.params, self.loras = parallel.replicate(params, self.mesh), loras
+      logging.info("LoRA set %s merged", loras)
 
   def __call__(self, batch):
     jobs = [job for _, job in batch]
-    args = (self.params, parallel.shard_tree(self.mesh, self._conditioning(jobs),
-                                             self.global_batch),
+    if self.lora_set is not None:
+      self._use_loras(jobs[0].prompt)
+    cond = self._conditioning(jobs)
+    args = (self.params, parallel.shard_tree(self.mesh, cond, self.global_batch),
             parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),
                                  self.global_batch),
             *self.scalars, self.state)
-    if self.compiled is None:
+    key = str(jax.tree.map(np.shape, cond))
+    if key not in self.compiled:
       t0 = time.perf_counter()
-      self.compiled = aot.load_or_compile(self.sampler, args, self.statics)
-      self.compile_seconds = time.perf_counter() - t0
-      logging.info("compiled the sampler for %dx%d, %d steps, %d per device in %.1f s",
-                   self.spec.latent_hw[1] * self.pipe.vae_scale,
+      self.compiled[key] = aot.load_or_compile(self.sampler, args, self.statics)
+      self.compile_seconds += time.perf_counter() - t0
+      logging.info("compiled the sampler for %dx%d, %d steps, %d per device, prompts %s in "
+                   "%.1f s", self.spec.latent_hw[1] * self.pipe.vae_scale,
                    self.spec.latent_hw[0] * self.pipe.vae_scale, self.cfg.steps,
-                   self.cfg.batch_size, self.compile_seconds)
+                   self.cfg.batch_size,
+                   sampling.input_sizes(cond[0] if self.refiner else cond) or "plain",
+                   time.perf_counter() - t0)
     try:
-      return self.compiled(*args)
+      return self.compiled[key](*args)
     except Exception as e:  # noqa: BLE001 - XLA reports OOM as a generic runtime error
       text = str(e)
       if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:

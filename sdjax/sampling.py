@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from sdjax import conditioning, schedulers
+from sdjax import prompts as prompt_lib
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
 from sdjax.models.vae import AutoencoderKL
 
@@ -87,7 +88,7 @@ def _denoise(spec: SampleSpec, predict, state, x, keys):
   def body(carry, i):
     x, state = carry
     x_in = sched.scale_model_input(state, x, i)
-    eps = predict(x_in, state.timesteps[i]).astype(jnp.float32)
+    eps = predict(x_in, state.timesteps[i], i - spec.begin).astype(jnp.float32)
     noise = _keyed_noise(keys, _STEP_NOISE, x.shape[1:], i) if sched.needs_noise else None
     x, state = sched.step(state, eps, i, x, noise)
     return (x, state), None
@@ -103,7 +104,8 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
 
   Args:
     nets: the pipeline's modules (static).
-    cond: token ids of prompts and negative prompts, SDXL's micro-conditioning ([B, ...] leaves).
+    cond: token ids of prompts and negative prompts (A1111 syntax: `prompts.PromptBatch`es),
+      SDXL's micro-conditioning ([B, ...] leaves).
     seeds: uint32 [B] per-image seeds.
     noise: float32 [B, h, w, C] unit Gaussian initial noise.
     guidance_scale, guidance_rescale: float32 scalars (traced: changing them does not recompile).
@@ -119,13 +121,16 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
   keys = image_keys(seeds)
   negative, positive = conditioning.encode(nets, params, cond, spec.clip_skip, spec.clip_skip,
                                            spec.guidance)
-  if spec.guidance:
+  scheduled = positive.schedule is not None  # A1111 syntax: the variants in force per call
+  if spec.guidance and not scheduled:
     both = conditioning.Embeddings.concat(negative, positive)  # 2B rows: [uncond, cond]
 
-  def predict(x, t):
+  def predict(x, t, call):
     if not spec.guidance:
-      return conditioning.predict(nets, params, x, t, positive)
-    out = conditioning.predict(nets, params, jnp.concatenate([x, x], axis=0), t, both)
+      return conditioning.predict(nets, params, x, t, positive.at(call))
+    emb = (conditioning.Embeddings.concat(negative.at(call), positive.at(call)) if scheduled
+           else both)
+    out = conditioning.predict(nets, params, jnp.concatenate([x, x], axis=0), t, emb)
     eps_uncond, eps_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
     return guide(eps_uncond, eps_cond, guidance_scale,
                  guidance_rescale if spec.guidance_rescale else None)
@@ -191,22 +196,110 @@ def resolve_settings(pipe, steps: int | None, guidance_scale: float | None,
           defaults.get("scheduler") if scheduler is None else scheduler)
 
 
+PROMPT_SYNTAXES = ("plain", "a1111")
+
+
+@dataclasses.dataclass(frozen=True)
+class A1111:
+  """How A1111-syntax prompts are scheduled and packed for one program (`a1111_options`)."""
+
+  steps: int  # what schedules count in: sampler steps x UNet calls per step (heun: 2)
+  calls: int  # UNet calls the program makes
+  first_call: int = 0  # A1111's counter at the first of them (a refiner continues the base's)
+  sizes: tuple[int, int, int] | None = None  # forced (chunks, prompt / negative variants)
+  bucket_variants: bool = False  # variant counts rounded up to powers of two: fewer programs
+  allow_lora: bool = False  # <lora:...> tags are applied by the caller (main.py --lora_dir)
+  embeddings: Any = None  # {trigger: [n, D]} for text_encoder; default: pipe.embeddings
+
+
+def a1111_options(spec: SampleSpec, state, steps: int, **kwargs) -> A1111:
+  """A1111 scheduling for a program of `spec`: its calls, schedules over steps x order."""
+  end = len(state.timesteps) if spec.end is None else spec.end
+  return A1111(steps * spec.scheduler.order, end - spec.begin, **kwargs)
+
+
+def strip_extra_networks(prompt: str, allow_lora: bool = False) -> str:
+  """The prompt without `<lora:...>`-style tags (A1111 removes them before encoding)."""
+  text, loras = prompt_lib.lora_tags(prompt)
+  if loras and not allow_lora:
+    raise prompt_lib.PromptError(
+        f"prompt {prompt!r} has <lora:...> tags, which only main.py applies (with --lora_dir); "
+        "or load the LoRA with load_pipeline(loras=...)")
+  return text
+
+
+def _trigger_vectors(pipe, encoder: str, given):
+  if encoder == "text_encoder" and given is not None:
+    return given
+  return {token: e.vectors[encoder] for token, e in (getattr(pipe, "embeddings", None) or {}).items()
+          if encoder in e.vectors} or None
+
+
+def _a1111_ids(pipe, sides, sides_2, opts: A1111) -> tuple[PromptIds, PromptIds]:
+  """(prompt, negative) PromptIds of `prompts.PromptBatch`es: one chunk count for both sides
+  and both text encoders, so they attend over one context length."""
+  encoders = [(name, tok, texts) for name, tok, texts in (
+      ("text_encoder", getattr(pipe, "tokenizer", None), sides),
+      ("text_encoder_2", getattr(pipe, "tokenizer_2", None), sides_2))
+      if getattr(pipe, name, None) is not None]
+  parsed = {}
+  for name, tok, texts in encoders:
+    vectors = _trigger_vectors(pipe, name, opts.embeddings)
+    parsed[name] = [prompt_lib.parse_prompts(
+        [strip_extra_networks(p, opts.allow_lora) for p in side], tok, steps=opts.steps,
+        calls=opts.calls, embeddings=vectors, first_call=opts.first_call) for side in texts]
+  sizes = opts.sizes
+  if sizes is None:
+    groups = list(parsed.values())
+    variants = [max(len(p.variants) for g in groups for p in g[k]) for k in (0, 1)]
+    if opts.bucket_variants:
+      variants = [prompt_lib.bucket(v) for v in variants]
+    sizes = (max(p.chunks for g in groups for side in g for p in side), *variants)
+  ids = {name: [prompt_lib.pack_prompts(parsed[name][k], tok, chunks=sizes[0],
+                                        variants=sizes[1 + k],
+                                        embeddings=_trigger_vectors(pipe, name, opts.embeddings))
+                for k in (0, 1)] for name, tok, _ in encoders}
+  return tuple(PromptIds(ids.get("text_encoder", [None, None])[k],
+                         ids.get("text_encoder_2", [None, None])[k]) for k in (0, 1))
+
+
+def input_sizes(cond: Conditioning) -> tuple[int, int, int] | None:
+  """(chunks, prompt variants, negative variants) of an A1111 conditioning, else None."""
+  batch = cond.prompt.ids if cond.prompt.ids is not None else cond.prompt.ids_2
+  if not isinstance(batch, prompt_lib.PromptBatch):
+    return None
+  negative = cond.negative.ids if cond.negative.ids is not None else cond.negative.ids_2
+  return batch.ids.shape[2], batch.ids.shape[1], negative.ids.shape[1]
+
+
 def make_conditioning(pipe, prompts: Sequence[str], negative_prompts: Sequence[str | None], *,
                       prompts_2: Sequence[str] | None = None,
                       negative_prompts_2: Sequence[str | None] | None = None,
                       micro: MicroConditioning | None = None, size: tuple[int, int] = (0, 0),
-                      img2img: bool = False) -> Conditioning:
+                      img2img: bool = False, a1111: A1111 | None = None) -> Conditioning:
   """Token ids and micro-conditioning of a batch, as diffusers' pipelines prepare them.
 
   A negative prompt of None is the empty prompt, or zeros where the checkpoint asks for
   `force_zeros_for_empty_prompt` (SDXL base). `prompts_2` / `negative_prompts_2` go to the
   second encoder (default: the same prompts); a refiner encodes `prompts` with its only one.
+  With `a1111`, prompts are read in AUTOMATIC1111's syntax (`sdjax.prompts`).
   """
   n = len(prompts)
   negatives = ["" if p is None else p for p in negative_prompts]
-  if not pipe.is_sdxl:
+  if a1111 is not None:
+    prompts_2 = prompts if prompts_2 is None else _as_list(prompts_2, n, "prompts_2")
+    negatives_2 = negatives if negative_prompts_2 is None else [
+        "" if p is None else p for p in _as_list(negative_prompts_2, n, "negative_prompts_2")]
+    if getattr(pipe, "text_encoder", None) is None:  # the refiner: `prompt` to its encoder
+      prompts_2, negatives_2 = prompts, negatives
+    prompt, negative = _a1111_ids(pipe, (prompts, negatives), (prompts_2, negatives_2), a1111)
+    if not pipe.is_sdxl:
+      return Conditioning(prompt, negative)
+  elif not pipe.is_sdxl:
     return Conditioning(PromptIds(pipe.tokenize(prompts)), PromptIds(pipe.tokenize(negatives)))
-  if pipe.text_encoder is None:  # the refiner: diffusers pairs `prompt` with text_encoder_2
+  if a1111 is not None:
+    pass  # token ids made above
+  elif pipe.text_encoder is None:  # the refiner: diffusers pairs `prompt` with text_encoder_2
     prompt, negative = PromptIds(ids_2=pipe.tokenize_2(prompts)), PromptIds(
         ids_2=pipe.tokenize_2(negatives))
   else:
@@ -327,8 +420,13 @@ def generate(
     refiner=None,
     refiner_start: float = 0.8,
     eta: float = 0.0,
+    prompt_syntax: str = "plain",
+    embeddings: Any = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate`."""
+  if prompt_syntax not in PROMPT_SYNTAXES:
+    raise ValueError(f"unknown prompt syntax {prompt_syntax!r}; use one of "
+                     f"{', '.join(PROMPT_SYNTAXES)}")
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   if not prompts:
     raise ValueError("no prompts given")
@@ -360,9 +458,12 @@ def generate(
     noise = jnp.asarray(latents, jnp.float32)
     if noise.shape != latent_shape:
       raise ValueError(f"latents must have shape {latent_shape}, got {noise.shape}")
+  a1111 = None
+  if prompt_syntax == "a1111":
+    a1111 = a1111_options(spec, state, steps, embeddings=embeddings)
   cond = make_conditioning(pipe, prompts, negatives, prompts_2=prompts_2,
                            negative_prompts_2=negative_prompts_2, micro=micro,
-                           size=(height, width), img2img=init_images is not None)
+                           size=(height, width), img2img=init_images is not None, a1111=a1111)
   scalars = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
   out = _jitted_sample(spec, pipe.networks, pipe.params, _device(cond), jnp.asarray(seeds), noise,
                        *scalars, None if init_images is None else jnp.asarray(init_images),
@@ -371,17 +472,21 @@ def generate(
     return np.asarray(out)
   return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
                             {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
-                                pipe.scheduler_config)}, refiner_start))
+                                pipe.scheduler_config)}, refiner_start, a1111))
 
 
 def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, common,
-            refiner_start):
+            refiner_start, a1111=None):
   """The ensemble-of-experts second stage: the refiner continues the base's latents on device."""
   if refiner.unet.config.in_channels != latents.shape[-1]:
     raise ValueError("the refiner's latents do not match the base model's")
   spec, state = prepare(refiner, len(prompts), denoising_start=refiner_start, **common)
   size = (common["height"], common["width"])
-  cond = make_conditioning(refiner, prompts, negatives, micro=micro, size=size, img2img=True)
+  if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
+    a1111 = a1111_options(spec, state, common["steps"], first_call=a1111.calls,
+                          embeddings=a1111.embeddings)
+  cond = make_conditioning(refiner, prompts, negatives, micro=micro, size=size, img2img=True,
+                           a1111=a1111)
   return _jitted_sample(spec, refiner.networks, refiner.params, _device(cond),
                         jnp.asarray(seeds), noise, *scalars, latents, state)
 

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -345,6 +346,22 @@ def test_load_pipeline_with_loras(models, tmp_path):
   assert str(kernel.dtype) == "bfloat16"
   assert_close(np.asarray(kernel, np.float32), np.asarray(expected["unet"]["conv_in"]["kernel"]),
                tol=1e-2)
+
+
+def test_merged_lora_exports_as_single_file(models, tmp_path):
+  """save_single_file writes the merged weights: the file loads back to them exactly."""
+  ref, pipe, folder = models
+  path = _kohya_file(str(tmp_path / "k.safetensors"), ref)
+  merged = sdjax.load_pipeline(folder, loras=[(path, 0.7)])
+  out = str(tmp_path / "merged.safetensors")
+  merged.save_single_file(out)
+  back = sdjax.load_pipeline(out, config=folder)
+  for name in ("unet", "text_encoder"):
+    for a, b in zip(jax.tree.leaves(back.params[name]), jax.tree.leaves(merged.params[name]),
+                    strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(back.params["unet"]["conv_in"]["kernel"],
+                            pipe.params["unet"]["conv_in"]["kernel"])
 
 
 def test_parse_lora_flag():

@@ -250,6 +250,10 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
     (["--model", "/nonexistent/model"], "does not exist"),
     (["--lora", "/nonexistent/style.safetensors:0.5"], "LoRA file '/nonexistent/style.safetensors"),
     (["--embedding", "/nonexistent/neg.pt:neg"], "embedding file '/nonexistent/neg.pt' does"),
+    (["--embeddings_dir", "/nonexistent"], "--embeddings_dir /nonexistent is not a folder"),
+    (["--lora_dir", "/", "--prompt_syntax", "plain"], "--lora_dir applies <lora:...> tags"),
+    (["--prompt", "a (cat:1.2.3)"], "bad attention weight '1.2.3'"),
+    (["--prompt", "<lora:style:0.5> a cat"], "<lora:...> tags, which only main.py applies"),
 ])
 def test_bad_input_one_line(extra, message, model, tmp_path):
   args = ["--model", model, "--prompt", "a cat", "--output_dir", str(tmp_path / "o"), *extra]
@@ -339,3 +343,51 @@ def test_lora_and_embedding_flags(reference_run, model, cache, tmp_path):
   (name, ours), = _pixels(out).items()
   assert name == first
   assert np.abs(ours.astype(int) - _pixels(reference_run)[first]).max() > 10
+
+
+def test_a1111_prompt_syntax(model, cache, tmp_path):
+  """A1111 prompts from a file: kept as written in manifest and PNG, each image as if alone."""
+  prompts = ["a (red:1.3) circle, " * 16 + "BREAK [cat|dog]", "a [blue:green:1] (square:0.7)"]
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p, "negative_prompt": "[red|blue]"}) + "\n"
+                          for p in prompts))
+  out = str(tmp_path / "out")
+  main_py(["--model", model, "--prompts_file", str(path), *COMMON, "--batch_size", "2",
+           "--seed", "7", "--output_dir", out, "--compilation_cache", cache])
+  records = _manifest(out)
+  assert [r["prompt"] for r in records] == prompts
+  assert Image.open(os.path.join(out, records[0]["file"])).text["parameters"].startswith(
+      prompts[0] + "\nNegative prompt: [red|blue]\n")
+  pipe = sdjax.load_pipeline(model)
+  alone = pipe.generate(prompts[1], negative_prompts="[red|blue]", steps=2, guidance_scale=3,
+                        scheduler="euler_ancestral", height=16, width=16, seed=8,
+                        prompt_syntax="a1111")
+  written = np.asarray(Image.open(os.path.join(out, records[1]["file"])), np.float32)
+  assert np.abs(alone[0] * 255 - written).max() <= 1.0
+  plain = pipe.generate(prompts[1], negative_prompts="[red|blue]", steps=2, guidance_scale=3,
+                        scheduler="euler_ancestral", height=16, width=16, seed=8)
+  assert np.abs(plain[0] * 255 - written).max() > 1.0
+
+
+def test_lora_tags(reference_run, model, cache, tmp_path):
+  """<lora:name:w> tags with --lora_dir: each image as with loras=[...] in-process or none."""
+  from safetensors.numpy import save_file
+
+  rng = np.random.default_rng(1)
+  loras = tmp_path / "loras"
+  loras.mkdir()
+  save_file({"lora_unet_conv_in.lora_down.weight": rng.standard_normal((2, 4, 3, 3), np.float32),
+             "lora_unet_conv_in.lora_up.weight": rng.standard_normal((32, 2, 1, 1), np.float32)},
+            str(loras / "style.safetensors"))
+  out = str(tmp_path / "out")
+  prompts = [PROMPTS[0] + " <lora:style:0.5>", PROMPTS[1], PROMPTS[2] + "<lora:style:0.5>"]
+  main_py(["--model", model, *_prompt_args(prompts), *COMMON, "--batch_size", "2", "--seed",
+           "100", "--output_dir", out, "--compilation_cache", cache, "--lora_dir", str(loras)])
+  got, ref = _pixels(out), _pixels(reference_run)
+  np.testing.assert_array_equal(got["00000/000001.png"], ref["00000/000001.png"])  # no tag: no LoRA
+  pipe = sdjax.load_pipeline(model, loras=[(str(loras / "style.safetensors"), 0.5)])
+  alone = pipe.generate(PROMPTS[2], steps=2, guidance_scale=3, scheduler="euler_ancestral",
+                        height=16, width=16, seed=102, prompt_syntax="a1111")
+  assert np.abs(alone[0] * 255 - got["00000/000002.png"]).max() <= 1.0
+  assert np.abs(got["00000/000002.png"].astype(int) - ref["00000/000002.png"]).max() > 10
+  assert _manifest(out)[0]["prompt"] == prompts[0]

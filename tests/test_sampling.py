@@ -154,7 +154,7 @@ def test_true_noise_model_recovers_clean_sample():
       sched.cfg), np.float64)), jnp.float32)
   x0 = jnp.asarray(_unit_noise((2, 4, 4, 4), seed=5)) * 0.5
 
-  def true_noise(x_t, t):
+  def true_noise(x_t, t, call=None):
     a = alphas[t.astype(jnp.int32)]
     return (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
 

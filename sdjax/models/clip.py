@@ -141,13 +141,17 @@ class CLIPEmbeddings(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids):
+  def __call__(self, input_ids, token_embeds=None):
     cfg = self.config
     tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                    param_dtype=self.param_dtype, name="token_embedding")
     pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
                    param_dtype=self.param_dtype, name="position_embedding")
-    return tok(input_ids) + pos(jnp.arange(input_ids.shape[-1]))[None]  # B, N, C
+    x = tok(input_ids)  # B, N, C
+    if token_embeds is not None:  # (vectors [B, N, C], where [B, N]): textual inversion
+      vectors, where = token_embeds
+      x = jnp.where(where[..., None], vectors.astype(x.dtype), x)
+    return x + pos(jnp.arange(input_ids.shape[-1]))[None]  # B, N, C
 
 
 class CLIPEncoder(nn.Module):
@@ -185,6 +189,8 @@ class CLIPTextModel(nn.Module):
   LayerNorm), as transformers' `output_hidden_states=True`. `prompt_embeds` is what Stable
   Diffusion pipelines condition on: the last hidden state, or with `clip_skip=k` the output k
   layers before the last passed through the final LayerNorm, as diffusers' `clip_skip` does.
+  `token_embeds=(vectors, where)` replaces the token embeddings where `where` is true (before the
+  position embeddings are added), for textual-inversion vectors placed by a prompt parser.
   """
 
   config: CLIPTextConfig
@@ -192,14 +198,14 @@ class CLIPTextModel(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, clip_skip: int | None = None):
-    return self._encode(input_ids, clip_skip)
+  def __call__(self, input_ids, clip_skip: int | None = None, token_embeds=None):
+    return self._encode(input_ids, clip_skip, token_embeds)
 
-  def _encode(self, input_ids, clip_skip):
+  def _encode(self, input_ids, clip_skip, token_embeds=None):
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     if clip_skip is not None and not 0 <= clip_skip < cfg.num_hidden_layers:
       raise ValueError(f"clip_skip must be in [0, {cfg.num_hidden_layers}), got {clip_skip}")
-    x = CLIPEmbeddings(cfg, d, pd, name="embeddings")(input_ids)
+    x = CLIPEmbeddings(cfg, d, pd, name="embeddings")(input_ids, token_embeds)
     hidden_states = CLIPEncoder(cfg, d, pd, name="encoder")(x)
     final_norm = layer_norm(cfg.layer_norm_eps, d, pd, "final_layer_norm")
     last = final_norm(hidden_states[-1])
@@ -217,8 +223,8 @@ class CLIPTextModelWithProjection(CLIPTextModel):
   """
 
   @nn.compact
-  def __call__(self, input_ids, clip_skip: int | None = None):
-    out = self._encode(input_ids, clip_skip)
+  def __call__(self, input_ids, clip_skip: int | None = None, token_embeds=None):
+    out = self._encode(input_ids, clip_skip, token_embeds)
     cfg = self.config
     proj = dense(cfg.projection_dim, self.dtype, self.param_dtype, "text_projection",
                  use_bias=False)

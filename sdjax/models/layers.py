@@ -141,7 +141,8 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context=None):
+  def __call__(self, x, context=None, bias=None):
+    """`bias`: optional additive attention bias [B, 1, 1, M] (e.g. -inf on padded context)."""
     d, pd = self.dtype, self.param_dtype
     residual = x
     if self.norm_groups is not None:
@@ -154,7 +155,7 @@ class Attention(nn.Module):
     v = dense(inner, d, pd, "to_v", self.qkv_bias)(context)
     k = k.reshape(b, -1, self.heads, self.head_dim)  # B, M, H, D
     v = v.reshape(b, -1, self.heads, self.head_dim)  # B, M, H, D
-    out = attention.dot_product_attention(q, k, v, upcast=self.upcast)  # B, N, H, D
+    out = attention.dot_product_attention(q, k, v, bias, upcast=self.upcast)  # B, N, H, D
     out = dense(x.shape[-1], d, pd, "to_out_0")(out.reshape(b, n, inner))
     if self.norm_groups is not None:
       out = out + residual
@@ -199,7 +200,7 @@ class BasicTransformerBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context):
+  def __call__(self, x, context, context_bias=None):
     d, pd = self.dtype, self.param_dtype
 
     def attn(name):
@@ -209,9 +210,12 @@ class BasicTransformerBlock(nn.Module):
       )
 
     h = layer_norm(1e-5, d, pd, "norm1")(x)
-    x = x + attn("attn1")(h, context if self.only_cross_attention else None)
+    if self.only_cross_attention:
+      x = x + attn("attn1")(h, context, context_bias)
+    else:
+      x = x + attn("attn1")(h)
     h = layer_norm(1e-5, d, pd, "norm2")(x)
-    x = x + attn("attn2")(h, context)
+    x = x + attn("attn2")(h, context, context_bias)
     h = layer_norm(1e-5, d, pd, "norm3")(x)
     return x + FeedForward(self.dim, dtype=d, param_dtype=pd, name="ff")(h)
 
@@ -230,7 +234,7 @@ class Transformer2DModel(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context):
+  def __call__(self, x, context, context_bias=None):
     d, pd = self.dtype, self.param_dtype
     b, hh, ww, c = x.shape
     inner = self.heads * self.head_dim
@@ -245,7 +249,7 @@ class Transformer2DModel(nn.Module):
       x = BasicTransformerBlock(
           inner, self.heads, self.head_dim, self.only_cross_attention, self.upcast_attention,
           dtype=d, param_dtype=pd, name=f"transformer_blocks_{i}",
-      )(x, context)
+      )(x, context, context_bias)
     if self.use_linear_projection:
       x = dense(c, d, pd, "proj_out")(x).reshape(b, hh, ww, c)  # B, H, W, C
     else:

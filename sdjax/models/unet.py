@@ -182,7 +182,7 @@ class _Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, context, skips=()):
+  def __call__(self, x, temb, context, skips=(), context_bias=None):
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     outputs = []
     skips = list(skips)
@@ -194,7 +194,8 @@ class _Block(nn.Module):
           name=f"resnets_{j}",
       )(x, temb)
       if self.has_attention:
-        x = self._transformer(f"attentions_{j}", self.transformer_layers[j])(x, context)
+        x = self._transformer(f"attentions_{j}", self.transformer_layers[j])(x, context,
+                                                                            context_bias)
       outputs.append(x)
     if self.resample and self.up:
       x = Upsample2D(self.out_channels, d, pd, name="upsamplers_0")(x)
@@ -227,7 +228,7 @@ class _MidBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, context):
+  def __call__(self, x, temb, context, context_bias=None):
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     channels = cfg.block_out_channels[-1]
     heads = cfg.per_block("attention_head_dim")[-1]
@@ -249,7 +250,7 @@ class _MidBlock(nn.Module):
         dtype=d,
         param_dtype=pd,
         name="attentions_0",
-    )(x, context)
+    )(x, context, context_bias)
     return resnet("resnets_1")(x, temb)
 
 
@@ -272,14 +273,19 @@ class TimestepEmbedding(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-  """Predicts the noise (or v) in latents x [B, h, w, C] at timesteps t [B] given context."""
+  """Predicts the noise (or v) in latents x [B, h, w, C] at timesteps t [B] given context.
+
+  `context_bias` (optional, [B, 1, 1, M]) is added to the cross-attention scores: -inf hides
+  padded context tokens, so a short prompt padded to a batch's length attends as if alone.
+  """
 
   config: UNetConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None):
+  def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
+               context_bias=None):
     """`text_embeds` [B, P] and `time_ids` [B, K] are diffusers' `added_cond_kwargs` (SDXL)."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     channels = cfg.block_out_channels
@@ -296,15 +302,15 @@ class UNet2DConditionModel(nn.Module):
 
     skips = [x]
     for i, block_type in enumerate(cfg.down_block_types):
-      x, outputs = self._block(i, block_type, up=False)(x, temb, context)
+      x, outputs = self._block(i, block_type, up=False)(x, temb, context, (), context_bias)
       skips.extend(outputs)
 
-    x = _MidBlock(cfg, d, pd, name="mid_block")(x, temb, context)
+    x = _MidBlock(cfg, d, pd, name="mid_block")(x, temb, context, context_bias)
 
     for i, block_type in enumerate(cfg.up_block_types):
       n = cfg.per_block("layers_per_block")[-1 - i] + 1
       block_skips, skips = skips[-n:], skips[:-n]
-      x, _ = self._block(i, block_type, up=True)(x, temb, context, block_skips)
+      x, _ = self._block(i, block_type, up=True)(x, temb, context, block_skips, context_bias)
 
     x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, d, pd, "conv_norm_out")(x))
     return conv(cfg.out_channels, 3, d, pd, "conv_out")(x)

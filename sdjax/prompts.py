@@ -1,0 +1,640 @@
+"""Prompts as the AUTOMATIC1111 web UI reads them.
+
+Parsing (pure Python, no model):
+- `parse_prompt_attention`: `(x)` x1.1, `[x]` /1.1, `(x:1.5)`, escapes, BREAK -> (text, weight) runs.
+- `prompt_schedule`: prompt editing `[from:to:when]`, `[to:when]`, `[from::when]` and alternation
+  `[a|b|c]` -> the prompt text in force up to each step.
+- `extract_extra_networks` / `lora_tags`: `<lora:name:w>` tags, removed from the text.
+
+Encoding (`tokenize_chunks`, `PromptBatch`, `encode_weighted`): 75-token chunks wrapped in
+BOS...EOS, BREAK and the comma backtrack rule, textual-inversion vectors at their positions,
+per-token weights on the encoder output rescaled to the unweighted mean.
+
+The behaviour follows A1111's `modules/prompt_parser.py`, `sd_hijack_clip.py`, `sd_emphasis.py`
+("Original" emphasis) and `extra_networks.py`; the code is sdjax's own (a small recursive-descent
+parser instead of A1111's lark grammar).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+ROUND_MULTIPLIER = 1.1
+SQUARE_MULTIPLIER = 1 / 1.1
+BREAK = ("BREAK", -1.0)  # the run A1111 emits for the BREAK keyword
+
+
+class PromptError(ValueError):
+  """A prompt that cannot be read: one line saying where."""
+
+
+# -- attention weights -----------------------------------------------------------------------------
+_BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_WEIGHT_CLOSE_RE = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
+_TEXT_RE = re.compile(r"[^\\()\[\]:]+")
+
+
+def _attention_tokens(text: str):
+  """Splits `text` into A1111's attention tokens: (kind, text, weight string or None)."""
+  i, n = 0, len(text)
+  while i < n:
+    c = text[i]
+    if c == "\\":
+      nxt = text[i + 1:i + 2]
+      if nxt in ("(", ")", "[", "]", "\\"):
+        yield "literal", nxt, None
+        i += 2
+      else:  # a lone backslash stands for nothing
+        yield "literal", "", None
+        i += 1
+    elif c in "([":
+      yield "open", c, None
+      i += 1
+    elif c == ":" and (m := _WEIGHT_CLOSE_RE.match(text, i)):
+      yield "weight", m.group(0), m.group(1)
+      i = m.end()
+    elif c in ")]:":
+      yield "close" if c != ":" else "text", c, None
+      i += 1
+    else:
+      m = _TEXT_RE.match(text, i)
+      yield "text", m.group(0), None
+      i = m.end()
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+  """(text, weight) runs of a prompt; ("BREAK", -1.0) marks a chunk break.
+
+  Weights multiply as brackets close (inner first), then for brackets left open (outermost
+  first), so the float products are A1111's to the last bit; adjacent runs of equal weight merge.
+  """
+  runs: list[list] = []
+  open_round: list[int] = []
+  open_square: list[int] = []
+
+  def scale_from(start: int, factor: float) -> None:
+    for run in runs[start:]:
+      run[1] *= factor
+
+  for kind, tok, weight in _attention_tokens(text):
+    if kind == "literal":
+      runs.append([tok, 1.0])
+    elif kind == "open":
+      (open_round if tok == "(" else open_square).append(len(runs))
+    elif kind == "weight" and open_round:
+      try:
+        factor = float(weight)
+      except ValueError:
+        raise PromptError(f"bad attention weight {weight!r} in prompt {text!r}") from None
+      scale_from(open_round.pop(), factor)
+    elif tok == ")" and open_round:
+      scale_from(open_round.pop(), ROUND_MULTIPLIER)
+    elif tok == "]" and open_square:
+      scale_from(open_square.pop(), SQUARE_MULTIPLIER)
+    else:
+      for j, part in enumerate(_BREAK_RE.split(tok)):
+        if j:
+          runs.append(list(BREAK))
+        runs.append([part, 1.0])
+  for start in open_round:
+    scale_from(start, ROUND_MULTIPLIER)
+  for start in open_square:
+    scale_from(start, SQUARE_MULTIPLIER)
+  if not runs:
+    runs = [["", 1.0]]
+  merged = [runs[0]]
+  for run in runs[1:]:
+    if run[1] == merged[-1][1]:
+      merged[-1][0] += run[0]
+    else:
+      merged.append(run)
+  return [(t, w) for t, w in merged]
+
+
+# -- prompt editing and alternation ----------------------------------------------------------------
+@dataclasses.dataclass
+class _Scheduled:
+  before: list | None
+  after: list
+  number: str  # as written; resolved to a step for a given step count
+
+
+@dataclasses.dataclass
+class _Alternate:
+  options: list[list]
+
+
+_NUMBER_RE = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
+_SPECIAL = "\\[]():|"
+
+
+class _ScheduleParser:
+  """Recursive descent over A1111's schedule grammar.
+
+  prompt := (emphasized | scheduled | alternate | plain)*; `(` or `[` that opens no valid
+  construct ends a prompt. At the top level such characters (and `]`, `)`, `:`) are kept as
+  literal text; a `|` outside an alternation makes the whole prompt unparsed text, as in A1111.
+  """
+
+  def __init__(self, text: str):
+    self.s = text
+
+  def top(self) -> list | None:
+    s, i, out = self.s, 0, []
+    while True:
+      nodes, i = self.prompt(i)
+      out += nodes
+      if i == len(s):
+        return out
+      if s[i] not in "[]():":
+        return None  # a `|` outside an alternation, or a dangling backslash
+      out.append(s[i])
+      i += 1
+
+  def prompt(self, i: int) -> tuple[list, int]:
+    s, out = self.s, []
+    while i < len(s):
+      c = s[i]
+      if c in "([":
+        parsed = self.bracket(i)
+        if parsed is None:
+          break
+        node, i = parsed
+        out += node
+      elif c == "\\":
+        if i + 1 >= len(s) or s[i + 1] == "\n":
+          break
+        out.append(s[i:i + 2])
+        i += 2
+      elif c in _SPECIAL:
+        break
+      else:
+        j = i
+        while j < len(s) and s[j] not in _SPECIAL:
+          j += 1
+        out.append(s[i:j])
+        i = j
+    return out, i
+
+  def bracket(self, i: int) -> tuple[list, int] | None:
+    s = self.s
+    first, j = self.prompt(i + 1)
+    end = s[j:j + 1]
+    if s[i] == "(":
+      if end == ")":
+        return ["(", *first, ")"], j + 1
+      if end == ":":
+        second, k = self.prompt(j + 1)
+        if s[k:k + 1] == ")":
+          return ["(", *first, ":", *second, ")"], k + 1
+      return None
+    if end == "]":
+      return ["[", *first, "]"], j + 1
+    if end == "|":
+      return self.alternate(first, j)
+    if end == ":":
+      m = _NUMBER_RE.match(s, j + 1)
+      if m:
+        return [_Scheduled(None, first, m.group(1))], m.end()
+      second, k = self.prompt(j + 1)
+      m = _NUMBER_RE.match(s, k + 1) if s[k:k + 1] == ":" else None
+      if m:
+        return [_Scheduled(first, second, m.group(1))], m.end()
+    return None
+
+  def alternate(self, first: list, j: int) -> tuple[list, int] | None:
+    s, options = self.s, [first]
+    while s[j:j + 1] == "|":
+      option, j = self.prompt(j + 1)
+      options.append(option)
+    if s[j:j + 1] != "]":
+      return None
+    return [_Alternate(options)], j + 1
+
+
+def _resolve_step(number: str, steps: int) -> int:
+  """The last step of a `[...:when]`: a fraction of `steps` if written with a dot, else a step."""
+  value = float(number)
+  if "." in number:
+    value *= steps
+  return steps if value >= steps else int(value)
+
+
+def _collect_steps(nodes: list, steps: int, out: set[int]) -> None:
+  for node in nodes:
+    if isinstance(node, _Scheduled):
+      when = _resolve_step(node.number, steps)
+      if when >= 1:
+        out.add(when)
+      _collect_steps(node.before or [], steps, out)
+      _collect_steps(node.after, steps, out)
+    elif isinstance(node, _Alternate):
+      out.update(range(1, steps + 1))
+      for option in node.options:
+        _collect_steps(option, steps, out)
+
+
+def _text_at(nodes: list, step: int, steps: int) -> str:
+  parts = []
+  for node in nodes:
+    if isinstance(node, str):
+      parts.append(node)
+    elif isinstance(node, _Scheduled):
+      early = step <= _resolve_step(node.number, steps)
+      parts.append(_text_at((node.before or []) if early else node.after, step, steps))
+    else:
+      parts.append(_text_at(node.options[(step - 1) % len(node.options)], step, steps))
+  return "".join(parts)
+
+
+def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+  """[(last step, text)] for a prompt with editing/alternation, as A1111's schedules.
+
+  `prompt_schedule("a [b:3]", 10) == [(3, "a "), (10, "a b")]`: the text is "a " while the
+  step counter is at most 3.
+  """
+  nodes = _ScheduleParser(prompt).top()
+  if nodes is None:
+    return [(steps, prompt)]
+  ends = {steps}
+  _collect_steps(nodes, steps, ends)
+  return [(end, _text_at(nodes, end, steps)) for end in sorted(ends)]
+
+
+def schedule_index(ends: Sequence[int], step: int) -> int:
+  """Which schedule entry is in force at denoiser call `step` (0-based), as A1111 picks it."""
+  for k, end in enumerate(ends):
+    if step <= end:
+      return k
+  return 0
+
+
+# -- extra networks (<lora:name:w>) ----------------------------------------------------------------
+_EXTRA_NETWORK_RE = re.compile(r"<(\w+):([^>]+)>")
+
+
+def extract_extra_networks(prompt: str) -> tuple[str, list[tuple[str, tuple[str, ...]]]]:
+  """Removes `<kind:arg:arg...>` tags; returns the text and [(kind, args)] in order."""
+  found = []
+
+  def take(m):
+    found.append((m.group(1), tuple(m.group(2).split(":"))))
+    return ""
+
+  return _EXTRA_NETWORK_RE.sub(take, prompt), found
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraTag:
+  name: str
+  te_scale: float = 1.0
+  unet_scale: float = 1.0
+
+
+def _lora_tag(args: tuple[str, ...], prompt: str) -> LoraTag:
+  positional, named = [], {}
+  for item in args:
+    parts = item.split("=", 2)
+    if len(parts) == 2:
+      named[parts[0]] = parts[1]
+    else:
+      positional.append(item)
+  if not positional:
+    raise PromptError(f"<lora:{':'.join(args)}> names no LoRA in prompt {prompt!r}")
+  try:
+    te = float(positional[1]) if len(positional) > 1 else 1.0
+    te = float(named.get("te", te))
+    unet = float(positional[2]) if len(positional) > 2 else te
+    unet = float(named.get("unet", unet))
+  except ValueError:
+    raise PromptError(f"bad multiplier in <lora:{':'.join(args)}> in prompt {prompt!r}") from None
+  return LoraTag(positional[0], te, unet)
+
+
+def lora_tags(prompt: str) -> tuple[str, tuple[LoraTag, ...]]:
+  """The prompt without its extra-network tags, and its `<lora:name:te:unet>` tags.
+
+  `<lora:name>` is scale 1; `<lora:name:w>` scales both text encoder and UNet by w;
+  `<lora:name:te:unet>` (or `te=`/`unet=`) scales them apart. Other kinds (`<hypernet:...>`) are
+  removed and ignored, as A1111 skips extra networks it does not know.
+  """
+  text, found = extract_extra_networks(prompt)
+  return text, tuple(_lora_tag(args, prompt) for kind, args in found if kind == "lora")
+
+
+# -- chunked tokenization --------------------------------------------------------------------------
+CHUNK_LENGTH = 75  # prompt tokens per chunk; with BOS and EOS a chunk is 77 tokens
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+
+
+@dataclasses.dataclass
+class _Chunk:
+  tokens: list = dataclasses.field(default_factory=list)
+  weights: list = dataclasses.field(default_factory=list)
+  fixes: list = dataclasses.field(default_factory=list)  # (offset in tokens, trigger)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunks:
+  """A text as A1111 feeds it to a text encoder, chunk by chunk.
+
+  ids: [k][77] token ids, BOS ... EOS then the tokenizer's pad token.
+  weights: [k][77] attention weight per token (1.0 on BOS, EOS and padding).
+  fixes: (chunk, position in the 77, trigger) where a textual-inversion embedding's vectors go;
+    its ids there are placeholders.
+  """
+
+  ids: tuple[tuple[int, ...], ...]
+  weights: tuple[tuple[float, ...], ...]
+  fixes: tuple[tuple[int, int, str], ...] = ()
+
+
+class TriggerTable:
+  """Finds textual-inversion trigger words in token ids (longest trigger first, as A1111)."""
+
+  def __init__(self, tokenizer, vectors: dict[str, object] | None = None):
+    self.lengths: dict[str, int] = {}
+    self._by_first: dict[int, list[tuple[tuple[int, ...], str]]] = {}
+    for trigger, vecs in (vectors or {}).items():
+      n = int(len(vecs))
+      if not 1 <= n <= CHUNK_LENGTH:
+        raise PromptError(f"embedding {trigger!r} has {n} vectors; a chunk holds 1 to "
+                          f"{CHUNK_LENGTH}")
+      ids = tuple(tokenizer(trigger, add_special_tokens=False)["input_ids"])
+      if not ids:
+        continue
+      self.lengths[trigger] = n
+      entries = self._by_first.setdefault(ids[0], [])
+      entries.append((ids, trigger))
+      entries.sort(key=lambda e: len(e[0]), reverse=True)
+
+  def find(self, tokens: Sequence[int], at: int) -> tuple[str | None, int]:
+    """(trigger, its length in tokens) starting at `tokens[at]`, or (None, 0)."""
+    for ids, trigger in self._by_first.get(tokens[at], ()):
+      if tuple(tokens[at:at + len(ids)]) == ids:
+        return trigger, len(ids)
+    return None, 0
+
+
+def _special_ids(tokenizer) -> tuple[int, int, int, int | None]:
+  bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+  return bos, eos, pad, tokenizer.get_vocab().get(",</w>")
+
+
+def tokenize_chunks(text: str, tokenizer, triggers: TriggerTable | None = None,
+                    comma_backtrack: int = COMMA_BACKTRACK) -> Chunks:
+  """Splits a prompt (without schedules) into weighted 77-token chunks, as A1111.
+
+  A chunk takes 75 tokens; BREAK closes it early. When a chunk fills up and its last comma is at
+  most `comma_backtrack` tokens back, the tokens after that comma move on to the next chunk. A
+  trigger word takes as many positions as its embedding has vectors, in one chunk.
+  """
+  bos, eos, pad, comma = _special_ids(tokenizer)
+  runs = parse_prompt_attention(text)
+  token_lists = tokenizer([t for t, _ in runs], add_special_tokens=False)["input_ids"]
+  chunks: list[_Chunk] = []
+  chunk = _Chunk()
+  last_comma = -1
+
+  def close():
+    nonlocal chunk, last_comma
+    chunks.append(chunk)
+    chunk, last_comma = _Chunk(), -1
+
+  for tokens, (run_text, weight) in zip(token_lists, runs, strict=True):
+    if (run_text, weight) == BREAK:
+      close()
+      continue
+    pos = 0
+    while pos < len(tokens):
+      if tokens[pos] == comma:
+        last_comma = len(chunk.tokens)
+      elif (comma_backtrack and len(chunk.tokens) == CHUNK_LENGTH and last_comma != -1
+            and len(chunk.tokens) - last_comma <= comma_backtrack):
+        chunk = _move_after(chunk, last_comma + 1, close)
+      if len(chunk.tokens) == CHUNK_LENGTH:
+        close()
+      trigger, span = triggers.find(tokens, pos) if triggers else (None, 0)
+      if trigger is None:
+        chunk.tokens.append(tokens[pos])
+        chunk.weights.append(weight)
+        pos += 1
+        continue
+      n = triggers.lengths[trigger]
+      if len(chunk.tokens) + n > CHUNK_LENGTH:
+        close()
+      chunk.fixes.append((len(chunk.tokens), trigger))
+      chunk.tokens += [0] * n  # placeholders (as A1111): the vectors replace their embeddings
+      chunk.weights += [weight] * n
+      pos += span
+  if chunk.tokens or not chunks:
+    close()
+  return _finish(chunks, bos, eos, pad)
+
+
+def _move_after(chunk: _Chunk, cut: int, close) -> _Chunk:
+  """Closes `chunk` at `cut` and returns a new chunk holding what came after it."""
+  # A1111 leaves a moved trigger's vectors behind (a bug); sdjax moves them with their positions.
+  rest = _Chunk(chunk.tokens[cut:], chunk.weights[cut:],
+                [(at - cut, t) for at, t in chunk.fixes if at >= cut])
+  chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+  chunk.fixes = [(at, t) for at, t in chunk.fixes if at < cut]
+  close()
+  return rest
+
+
+def _finish(chunks: list[_Chunk], bos: int, eos: int, pad: int) -> Chunks:
+  """Wraps each chunk in BOS...EOS, pads to 77 (EOS then the pad token, as A1111's SD2 path)."""
+  ids, weights, fixes = [], [], []
+  for k, c in enumerate(chunks):
+    n = len(c.tokens)
+    ids.append((bos, *c.tokens, eos, *[pad] * (CHUNK_LENGTH - n)))
+    weights.append((1.0, *c.weights, *[1.0] * (CHUNK_LENGTH + 1 - n)))
+    fixes += [(k, at + 1, t) for at, t in c.fixes]
+  return Chunks(tuple(ids), tuple(weights), tuple(fixes))
+
+
+# -- a batch of prompts with schedules, packed for the compiled sampler ---------------------------
+@struct.dataclass
+class PromptBatch:
+  """Prompts tokenized for A1111-style encoding; every array leads with the batch axis B.
+
+  Each prompt has V variants (the distinct texts of its schedule) of K chunks of 77 tokens. V and
+  K are the batch's buckets: a prompt uses `chunks[b]` chunks (the rest is padding, masked out of
+  cross-attention) and the variants with `counts > 0`.
+  """
+
+  ids: Any  # int32 [B, V, K, 77]
+  weights: Any  # float32 [B, V, K, 77] attention weight per token
+  counts: Any  # float32 [B, V] schedule entries that use each variant (0: padding)
+  chunks: Any  # int32 [B] chunks in use
+  schedule: Any  # int32 [B, T] the variant in force at each denoiser call
+  token_embeds: Any = None  # (float32 [B, V, K, 77, D], bool [B, V, K, 77]) trigger vectors
+
+  @property
+  def context_length(self) -> int:
+    return self.ids.shape[2] * self.ids.shape[3]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prompt:
+  variants: tuple[Chunks, ...]
+  counts: tuple[int, ...]
+  schedule: tuple[int, ...]
+
+  @property
+  def chunks(self) -> int:
+    return max(len(v.ids) for v in self.variants)
+
+
+def _prompt(text: str, tokenizer, steps: int, calls: int, triggers, comma_backtrack,
+            first_call: int = 0) -> _Prompt:
+  schedule = prompt_schedule(text, steps)
+  texts = list(dict.fromkeys(t for _, t in schedule))
+  counts = [sum(t == u for _, u in schedule) for t in texts]
+  ends = [end for end, _ in schedule]
+  per_call = tuple(texts.index(schedule[schedule_index(ends, c)][1])
+                   for c in range(first_call, first_call + calls))
+  variants = tuple(tokenize_chunks(t, tokenizer, triggers, comma_backtrack) for t in texts)
+  return _Prompt(variants, tuple(counts), per_call)
+
+
+def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
+                  embeddings: Mapping[str, Any] | None = None,
+                  comma_backtrack: int = COMMA_BACKTRACK, first_call: int = 0) -> list[_Prompt]:
+  """Schedules and tokenizes prompts (A1111 syntax, extra-network tags already removed).
+
+  Args:
+    prompts: prompt texts.
+    tokenizer: the text encoder's CLIP tokenizer.
+    steps: the step count schedules are written against (A1111: sampler steps, doubled for
+      second-order samplers).
+    calls: denoiser calls the sampler makes; the schedule table has one entry per call.
+    embeddings: textual-inversion vectors {trigger word: [n, D]} for this text encoder.
+    first_call: A1111's call counter at the first call (a refiner continues the base's count).
+  """
+  triggers = TriggerTable(tokenizer, embeddings) if embeddings else None
+  return [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack, first_call)
+          for p in prompts]
+
+
+def pack_prompts(prompts: Sequence[str] | Sequence[_Prompt], tokenizer, *, steps: int = 1,
+                 calls: int = 1, embeddings: Mapping[str, Any] | None = None,
+                 chunks: int | None = None, variants: int | None = None,
+                 comma_backtrack: int = COMMA_BACKTRACK) -> PromptBatch:
+  """Prompts (texts, or `parse_prompts`' output) as one `PromptBatch` of numpy arrays.
+
+  `chunks` and `variants` are the bucket sizes (default: the batch's largest).
+  """
+  parsed = [p if isinstance(p, _Prompt) else
+            _prompt(p, tokenizer, steps, calls,
+                    TriggerTable(tokenizer, embeddings) if embeddings else None, comma_backtrack)
+            for p in prompts]
+  k = max(p.chunks for p in parsed) if chunks is None else chunks
+  v = max(len(p.variants) for p in parsed) if variants is None else variants
+  if k < max(p.chunks for p in parsed) or v < max(len(p.variants) for p in parsed):
+    raise ValueError("chunk or variant bucket smaller than a prompt needs")
+  bos, eos, pad, _ = _special_ids(tokenizer)
+  empty = _finish([_Chunk()], bos, eos, pad)
+  b, calls = len(parsed), len(parsed[0].schedule)
+  ids = np.zeros((b, v, k, CHUNK_LENGTH + 2), np.int32)
+  weights = np.ones((b, v, k, CHUNK_LENGTH + 2), np.float32)
+  counts = np.zeros((b, v), np.float32)
+  uses_triggers = any(var.fixes for p in parsed for var in p.variants)
+  dim = next(iter(embeddings.values())).shape[-1] if uses_triggers else 0
+  vectors = np.zeros((b, v, k, CHUNK_LENGTH + 2, dim), np.float32) if uses_triggers else None
+  where = np.zeros((b, v, k, CHUNK_LENGTH + 2), bool) if uses_triggers else None
+  for i, p in enumerate(parsed):
+    for j in range(v):
+      # Padding variants repeat the first; short variants end in empty chunks, as A1111 pads a
+      # prompt's variants to its longest (those chunks are encoded and attended to).
+      var = p.variants[j] if j < len(p.variants) else p.variants[0]
+      for c in range(k):
+        ids[i, j, c] = var.ids[c] if c < len(var.ids) else empty.ids[0]
+        weights[i, j, c] = var.weights[c] if c < len(var.weights) else empty.weights[0]
+      for c, at, trigger in var.fixes:
+        vecs = np.asarray(embeddings[trigger], np.float32)
+        vectors[i, j, c, at:at + len(vecs)] = vecs
+        where[i, j, c, at:at + len(vecs)] = True
+    counts[i, :len(p.counts)] = p.counts
+  return PromptBatch(
+      ids=ids, weights=weights, counts=counts,
+      chunks=np.asarray([p.chunks for p in parsed], np.int32),
+      schedule=np.asarray([p.schedule for p in parsed], np.int32).reshape(b, calls),
+      token_embeds=None if not uses_triggers else (vectors, where))
+
+
+def bucket(n: int) -> int:
+  """The next power of two: variant buckets, so few shapes compile."""
+  return 1 << max(n - 1, 0).bit_length()
+
+
+# -- weighted encoding (traced) --------------------------------------------------------------------
+# (ids [N, 77], token_embeds or None) -> hidden [N, 77, D], or (hidden, pooled [N, P]) for
+# SDXL's second text encoder.
+Encoder = Callable[..., Any]
+
+
+def emphasize(z, weights, counts, chunks):
+  """A1111's "Original" emphasis: z [B, V, K, L, D] times the weights, rescaled per chunk.
+
+  Per prompt and chunk, the mean of the weighted output is set back to the unweighted one, both
+  taken over every token, channel and schedule entry (A1111 encodes a prompt's schedule texts as
+  one batch and takes `z.mean()` of it).
+  """
+  b, v, k, length, dim = z.shape
+  in_use = counts[:, :, None] * (jnp.arange(k)[None, :] < chunks[:, None])[:, None, :]  # B, V, K
+  total = jnp.sum(in_use, axis=1) * (length * dim)  # B, K
+
+  def mean(x):  # B, K
+    return jnp.einsum("bvk,bvk->bk", in_use, jnp.sum(x, axis=(3, 4))) / jnp.maximum(total, 1.0)
+
+  weighted = z * weights[..., None]
+  scale = jnp.where(total > 0, mean(z) / mean(weighted), 1.0)  # B, K
+  return weighted * scale[:, None, :, None, None]
+
+
+def encode_weighted(encode: Encoder, batch: PromptBatch):
+  """Every variant's conditioning [B, V, K * 77, D]: chunks encoded apart, then concatenated.
+
+  With an encoder that also returns pooled outputs, returns (conditioning, pooled [B, V, P]) with
+  the pooled output of each variant's first chunk, unweighted (as A1111 for SDXL). SDXL's two
+  text encoders are two calls, each with its tokenizer's batch; their contexts concatenate on D.
+  """
+  b, v, k, length = batch.ids.shape
+  token_embeds = None
+  if batch.token_embeds is not None:
+    vectors, where = batch.token_embeds
+    token_embeds = (vectors.reshape(b * v * k, length, -1), where.reshape(b * v * k, length))
+  out = encode(batch.ids.reshape(b * v * k, length), token_embeds)
+  z, pooled = out if isinstance(out, tuple) else (out, None)
+  z = emphasize(z.astype(jnp.float32).reshape(b, v, k, length, -1), batch.weights, batch.counts,
+                batch.chunks)
+  z = z.reshape(b, v, k * length, -1)  # B, V, K*77, D
+  if pooled is None:
+    return z
+  return z, pooled.reshape(b, v, k, -1)[:, :, 0]  # B, V, P
+
+
+def context_bias(batch: PromptBatch) -> jax.Array | None:
+  """Additive cross-attention bias [B, 1, 1, K*77] hiding each prompt's padding chunks."""
+  b, _, k, length = batch.ids.shape
+  if k == 1:
+    return None
+  valid = jnp.arange(k * length)[None, :] < (batch.chunks * length)[:, None]  # B, K*77
+  return jnp.where(valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+
+
+def select_variant(contexts: jax.Array, batch: PromptBatch, call) -> jax.Array:
+  """The conditioning [B, K*77, D] in force at denoiser call `call` (traced)."""
+  index = batch.schedule[:, call]  # B
+  return jnp.take_along_axis(contexts, index[:, None, None, None], axis=1)[:, 0]

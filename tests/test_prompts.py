@@ -1,0 +1,361 @@
+"""A1111 prompt syntax: the parser against A1111's own docstring examples; weighted encoding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from parity import assert_close, nchw, nhwc, rel_err, transfer
+
+import sdjax
+from sdjax import prompts, testing
+from sdjax.prompts import parse_prompt_attention, prompt_schedule
+
+
+# -- attention weights: modules/prompt_parser.py parse_prompt_attention's docstring ----------------
+@pytest.mark.parametrize("text,expected", [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", [
+        ("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1),
+        ("hill", 0.55), (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+])
+def test_attention_docstring_examples(text, expected):
+  assert parse_prompt_attention(text) == expected  # exact floats, products included
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", [("", 1.0)]),
+    ("[a] (b:0.5) (c: 1.5 )", [("a", 1 / 1.1), (" ", 1.0), ("b", 0.5), (" ", 1.0), ("c", 1.5)]),
+    ("a BREAK b", [("a", 1.0), prompts.BREAK, ("b", 1.0)]),
+    ("BREAK", [("", 1.0), prompts.BREAK, ("", 1.0)]),
+    # Inside brackets BREAK is weighted too, and then A1111 reads it as the word "BREAK".
+    ("(a BREAK b)", [("a", 1.1), ("BREAK", -1.1), ("b", 1.1)]),
+    ("x:1.5) \\\\ y\\z", [("x:1.5) \\ yz", 1.0)]),  # no open bracket; a lone backslash vanishes
+    ("[[a]", [("a", 1 / 1.1 / 1.1)]),
+])
+def test_attention_edge_cases(text, expected):
+  assert parse_prompt_attention(text) == expected
+
+
+def test_attention_bad_weight():
+  with pytest.raises(prompts.PromptError, match="bad attention weight '1.2.3'"):
+    parse_prompt_attention("(a:1.2.3)")
+
+
+# -- schedules: get_learned_conditioning_prompt_schedules' docstring (steps=10) --------------------
+def _alternating(a, b, steps=10):
+  return [(s, a if s % 2 else b) for s in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    ("test", [(10, "test")]),
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[a|(b:1.1)]", _alternating("a", "(b:1.1)")),
+    ("[fe|]male", _alternating("female", "male")),
+    ("[fe|||]male", [(s, "female" if s % 4 == 1 else "male") for s in range(1, 11)]),
+    # Not in the docstring: a step past the end clamps; a `|` outside brackets leaves it all text.
+    ("a [b:1.5] c", [(10, "a  c")]),
+    ("a|b [c:2]", [(10, "a|b [c:2]")]),
+])
+def test_schedule_docstring_examples(prompt, expected):
+  assert prompt_schedule(prompt, 10) == expected
+
+
+def test_schedule_stale_docstring_example():
+  # The docstring says [[5, 'a  c'], [10, 'a {b|d{ c']] ("not handling this right now"), but with
+  # A1111's grammar (lark 1.1.2, its pinned version, and later ones) `|` outside an alternation is
+  # a syntax error, so A1111 encodes the prompt as written. sdjax does what A1111 does.
+  assert prompt_schedule("a [{b|d{:.5] c", 10) == [(10, "a [{b|d{:.5] c")]
+
+
+def test_schedule_module_comment_example():
+  prompt = ("fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75]"
+            "[ in foreground::0.6][ in background:0.25] [shoddy:masterful:0.5]")
+  assert prompt_schedule(prompt, 100) == [
+      (25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
+      (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
+      (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
+      (75, "fantasy landscape with a lake and an oak in background masterful"),
+      (100, "fantasy landscape with a lake and a christmas tree in background masterful"),
+  ]
+
+
+def test_schedule_index_counts_denoiser_calls():
+  # get_learned_conditioning's docstring: 'a [blue:green:5] jeweled crown' at 20 steps.
+  schedule = prompt_schedule("a [blue:green:5] jeweled crown", 20)
+  assert schedule == [(5, "a blue jeweled crown"), (20, "a green jeweled crown")]
+  ends = [end for end, _ in schedule]
+  # A1111's denoiser counts calls from 0 and keeps an entry while the count is <= its end.
+  assert [prompts.schedule_index(ends, c) for c in range(8)] == [0] * 6 + [1] * 2
+  assert prompts.schedule_index(ends, 25) == 0  # past every end: the first entry, as A1111
+
+
+# -- extra networks: modules/extra_networks.py -----------------------------------------------------
+def test_extra_networks_removed_in_order():
+  text, found = prompts.extract_extra_networks(
+      "1girl, <hypernet:agm:1.1> <extrasupernet:master:12:13:14> <hypernet:ray>")
+  assert text == "1girl,   "
+  assert found == [("hypernet", ("agm", "1.1")), ("extrasupernet", ("master", "12", "13", "14")),
+                   ("hypernet", ("ray",))]
+
+
+def test_lora_tags():
+  text, tags = prompts.lora_tags(
+      "a <lora:one> b <lora:two:0.5> <lora:three:0.2:0.9><lora:four:te=0.3:unet=0.7> <hn:x:1>")
+  assert text == "a  b   "
+  assert tags == (prompts.LoraTag("one", 1.0, 1.0), prompts.LoraTag("two", 0.5, 0.5),
+                  prompts.LoraTag("three", 0.2, 0.9), prompts.LoraTag("four", 0.3, 0.7))
+  with pytest.raises(prompts.PromptError, match="bad multiplier in <lora:x:strong>"):
+    prompts.lora_tags("<lora:x:strong>")
+
+
+# -- chunked, weighted encoding against A1111's description on transformers' CLIPTextModel --------
+CAT, DOG = "cat ", "dog "
+
+
+@pytest.fixture(scope="module", params=["<|endoftext|>", "!"], ids=["sd1_pad_eos", "sd2_pad"])
+def clip(request, tmp_path_factory):
+  import torch
+
+  from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+
+  torch.set_num_threads(1)
+  folder = str(tmp_path_factory.mktemp("tokenizer"))
+  testing.write_tokenizer(folder, pad_token=request.param)
+  tok = testing.torch_tokenizer(folder)
+  tm = testing.torch_clip(testing.clip_config("quick_gelu"), seed=3)
+  fm = CLIPTextModel(CLIPTextConfig.from_dict(tm.config.to_dict()))
+  params = transfer(tm, fm, np.zeros((1, 77), np.int32))
+
+  @jax.jit
+  def encode_all(ids, vectors, where):
+    return fm.apply({"params": params}, ids, None, (vectors, where))["prompt_embeds"]
+
+  def encode(ids, token_embeds):  # one compiled shape for every test: no-op vectors if none
+    if token_embeds is None:
+      token_embeds = (jnp.zeros((*ids.shape, 32)), jnp.zeros(ids.shape, bool))
+    return encode_all(ids, *token_embeds)
+
+  return tok, tm, encode
+
+
+def _expected_chunk(tok, pieces):
+  """One 77-token chunk written out by hand: pieces of (word or token id, weight, repeat)."""
+  ids, weights = [tok.bos_token_id], [1.0]
+  for word, weight, n in pieces:
+    token = word if isinstance(word, int) else tok.convert_tokens_to_ids(word + "</w>")
+    ids += [token] * n
+    weights += [weight] * n
+  ids.append(tok.eos_token_id)
+  pad = tok.pad_token_id
+  return ids + [pad] * (77 - len(ids)), weights + [1.0] * (77 - len(weights))
+
+
+def _torch_conditioning(tm, variants, fixes=()):
+  """A1111's recipe: per chunk, encode every variant's chunk as a batch, weight, restore mean."""
+  import torch
+
+  emb = tm.embeddings if hasattr(tm, "embeddings") else tm.text_model.embeddings
+  original = emb.token_embedding
+
+  class WithFixes(torch.nn.Module):  # A1111's EmbeddingsWithFixes: vectors over placeholders
+    def forward(self, ids):
+      out = original(ids).clone()
+      for row, at, vectors in fixes_now:
+        out[row, at:at + len(vectors)] = torch.from_numpy(vectors)
+      return out
+
+  chunks = []
+  emb.token_embedding = WithFixes()
+  try:
+    for c in range(len(variants[0])):
+      fixes_now = [(v, at, vec) for (v, k, at, vec) in fixes if k == c]
+      ids = torch.tensor([variant[c][0] for variant in variants])
+      weights = torch.tensor([variant[c][1] for variant in variants], dtype=torch.float32)
+      with torch.no_grad():
+        z = tm(ids).last_hidden_state.double()
+      # In float64: the mean of CLIP's output is near zero, so a float32 mean (A1111's) carries
+      # a relative rounding error of ~1e-5 of its own.
+      weighted = z * weights.double()[..., None]
+      chunks.append(weighted * (z.mean() / weighted.mean()))
+  finally:
+    emb.token_embedding = original
+  return torch.cat(chunks, dim=1).numpy()  # V, K*77, D
+
+
+def _check(clip, prompt, variants, embeddings=None, fixes=()):
+  """Packs `prompt` in a batch of 2 variants x 2 chunks (padding included) and compares."""
+  tok, tm, encode = clip
+  batch = prompts.pack_prompts([prompt], tok, steps=10, calls=10, embeddings=embeddings,
+                               chunks=2, variants=2)
+  v, k = len(variants), len(variants[0])
+  assert batch.chunks[0] == k and (batch.counts[0] > 0).sum() == v
+  np.testing.assert_array_equal(batch.ids[0, :v, :k],
+                                np.asarray([[chunk[0] for chunk in v] for v in variants]))
+  np.testing.assert_array_equal(batch.weights[0, :v, :k],
+                                np.asarray([[chunk[1] for chunk in v] for v in variants],
+                                           np.float32))
+  ours = prompts.encode_weighted(encode, jax.tree.map(jnp.asarray, batch))[0, :v, :k * 77]
+  return assert_close(ours, _torch_conditioning(tm, variants, fixes))
+
+
+def test_weights_and_break(clip):
+  tok = clip[0]
+  _check(clip, "a (red:1.5) [cat] BREAK dog, house", [[
+      _expected_chunk(tok, [("a", 1.0, 1), ("red", 1.5, 1), ("cat", 1 / 1.1, 1)]),
+      _expected_chunk(tok, [("dog", 1.0, 1), (",", 1.0, 1), ("house", 1.0, 1)])]])
+
+
+def test_long_prompt_comma_backtrack(clip):
+  tok = clip[0]
+  # 70 weighted cats, a comma and 10 dogs: the chunk fills 4 dogs after the comma, which is
+  # within 20 tokens, so those dogs move on to the second chunk.
+  _check(clip, "(" + CAT * 70 + ":1.2), " + DOG * 10, [[
+      _expected_chunk(tok, [("cat", 1.2, 70), (",", 1.0, 1)]),
+      _expected_chunk(tok, [("dog", 1.0, 10)])]])
+  # A comma 25 tokens back is too far: the chunk is cut at 75 tokens.
+  _check(clip, CAT * 50 + ", " + DOG * 30, [[
+      _expected_chunk(tok, [("cat", 1.0, 50), (",", 1.0, 1), ("dog", 1.0, 24)]),
+      _expected_chunk(tok, [("dog", 1.0, 6)])]])
+
+
+def test_schedule_variants_share_the_mean(clip):
+  tok = clip[0]
+  # The two texts of the schedule are one batch for the mean; the short one gets an empty chunk.
+  long_cat = [_expected_chunk(tok, [("cat", 1.0, 75)]), _expected_chunk(tok, [("cat", 1.0, 5),
+                                                                               ("red", 1.3, 1)])]
+  dog = [_expected_chunk(tok, [("dog", 1.0, 1), ("red", 1.3, 1)]), _expected_chunk(tok, [])]
+  err = _check(clip, "[" + CAT * 80 + ":dog:2](red:1.3)", [long_cat, dog])
+  print(f"\nscheduled long prompt conditioning rel err {err:.2e}")
+
+
+def test_embedding_triggers(clip):
+  tok, tm, _ = clip
+  vectors = np.random.default_rng(5).standard_normal((3, 32)).astype(np.float32)
+  # A trigger takes one position per vector, weighted as its run.
+  _check(clip, "a (house:1.2) cat", [[_expected_chunk(tok, [("a", 1.0, 1), (0, 1.2, 3),
+                                                            ("cat", 1.0, 1)])]],
+         {"house": vectors}, fixes=[(0, 0, 2, vectors)])
+  # One that does not fit in the chunk starts the next.
+  _check(clip, CAT * 73 + "house", [[_expected_chunk(tok, [("cat", 1.0, 73)]),
+                                     _expected_chunk(tok, [(0, 1.0, 3)])]],
+         {"house": vectors}, fixes=[(0, 1, 1, vectors)])
+
+
+def test_pooled_output_from_first_chunk(clip):
+  """An encoder with a pooled output (SDXL's second) gives each variant's first-chunk pool."""
+  tok = clip[0]
+  batch = prompts.pack_prompts(["[" + CAT * 80 + ":dog:2]"], tok, steps=10, calls=10)
+
+  def encode(ids, token_embeds):  # pooled = the ids themselves, to see which chunk it came from
+    return jnp.ones((*ids.shape, 4)), ids.astype(jnp.float32)
+
+  context, pooled = prompts.encode_weighted(encode, jax.tree.map(jnp.asarray, batch))
+  assert context.shape == (1, 2, 2 * 77, 4)
+  np.testing.assert_array_equal(pooled[0], batch.ids[0, :, 0])
+
+
+# -- through generate(): schedules switch at A1111's calls; padding is masked ---------------------
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+  import diffusers
+  import torch
+
+  torch.set_num_threads(1)
+  folder = str(tmp_path_factory.mktemp("sd1") / "pipe")
+  testing.write_torch_pipeline(folder, "sd1", seed=4)
+  ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+  return ref, sdjax.load_pipeline(folder)
+
+
+def _torch_loop(ref, cond_at, uncond, latents, guidance, scheduler_cls, steps):
+  """diffusers' UNet and scheduler in a plain loop whose conditioning is picked per UNet call."""
+  import diffusers
+  import torch
+
+  sched = getattr(diffusers, scheduler_cls).from_config(ref.scheduler.config)
+  sched.set_timesteps(steps)
+  x = nchw(latents) * sched.init_noise_sigma
+  with torch.no_grad():
+    for call, t in enumerate(sched.timesteps):
+      x_in = sched.scale_model_input(torch.cat([x, x]), t)
+      context = torch.cat([uncond, cond_at(call)]).float()
+      eps_uncond, eps_cond = ref.unet(x_in, t, encoder_hidden_states=context).sample.chunk(2)
+      x = sched.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
+    images = ref.vae.decode(x / ref.vae.config.scaling_factor).sample
+  return nhwc((images / 2 + 0.5).clamp(0, 1))
+
+
+def test_scheduled_prompt_image_matches_torch_loop(sd):
+  """Heun (2 calls a step, A1111 doubles the schedule's steps): 3 steps are 5 UNet calls and
+  a schedule over 6 steps; `[red:(blue:1.3):3]` is red for calls 0-3 and weighted blue after."""
+  ref, pipe = sd
+  tok = ref.tokenizer
+  variants = [[_expected_chunk(tok, [("a", 1.0, 1), ("red", 1.0, 1), ("circle", 1.0, 1)])],
+              [_expected_chunk(tok, [("a", 1.0, 1), ("blue", 1.3, 1), ("circle", 1.0, 1)])]]
+  import torch
+
+  cond = torch.from_numpy(_torch_conditioning(ref.text_encoder, variants))
+  uncond = torch.from_numpy(_torch_conditioning(ref.text_encoder, [[_expected_chunk(tok, [])]]))
+  latents = np.random.default_rng(7).standard_normal((1, 8, 8, 4)).astype(np.float32)
+  expected = _torch_loop(ref, lambda call: cond[:1] if call <= 3 else cond[1:], uncond, latents,
+                         10.0, "HeunDiscreteScheduler", 3)
+  ours = pipe.generate("a [red:(blue:1.3):3] circle", steps=3, scheduler="heun",
+                       guidance_scale=10.0, height=16, width=16, latents=latents,
+                       prompt_syntax="a1111")
+  err = assert_close(ours, expected, 1e-4)
+  # The schedule matters: switching one call later is a visibly different image.
+  late = _torch_loop(ref, lambda call: cond[:1] if call <= 4 else cond[1:], uncond, latents,
+                     10.0, "HeunDiscreteScheduler", 3)
+  print(f"\nscheduled heun image rel err {err:.2e} (switching a call late: "
+        f"{rel_err(late, expected):.2e})")
+  assert rel_err(late, expected) > 100 * err
+
+
+def test_a1111_plain_prompt_same_pixels_and_mixed_batch(sd):
+  _, pipe = sd
+  kw = dict(steps=2, scheduler="euler", guidance_scale=7.5, height=16, width=16, seed=3)
+  plain = ["a red circle", "a photo of a cat"]
+  np.testing.assert_array_equal(pipe.generate(plain, **kw, prompt_syntax="a1111"),
+                                pipe.generate(plain, **kw))
+  # A long BREAK prompt (2 chunks) beside an alternating one (1 chunk), with negatives of other
+  # lengths: each image is what it is alone (one compile serves both lone images).
+  long = "a (red:1.2) circle, " * 20 + "BREAK a [cat|dog]"
+  prompts_ = [long, "a [photo|painting] of a (cat:0.8)"]
+  negatives = ["[blue:green:1]", "[green:yellow:1], " * 30]
+  batch = pipe.generate(prompts_, negative_prompts=negatives, **kw, prompt_syntax="a1111")
+  for i in range(2):
+    alone = pipe.generate(prompts_[i], negative_prompts=negatives[i], **{**kw, "seed": 3 + i},
+                          prompt_syntax="a1111")
+    np.testing.assert_allclose(batch[i], alone[0], atol=2e-6)
+  truncated = pipe.generate(prompts_, negative_prompts=negatives, **kw)
+  assert not np.allclose(batch[0], truncated[0], atol=1e-3)
+
+
+def test_sdxl_base_and_refiner(tmp_path):
+  """SDXL: both encoders chunked and weighted, pooled embeds of the first chunk; within 75
+  tokens A1111 syntax gives plain's pixels, through the refiner handoff too."""
+  folder = str(tmp_path / "sdxl")
+  testing.write_torch_sdxl(folder, seed=5)
+  base = sdjax.load_pipeline(f"{folder}/base")
+  kw = dict(steps=3, scheduler="euler", height=16, width=24, guidance_scale=5.0, seed=1,
+            refiner=sdjax.load_pipeline(f"{folder}/refiner"))
+  prompts_, negatives = ["a red circle", "a photo of a cat"], ["blue", None]
+  plain = base.generate(prompts_, negative_prompts=negatives, **kw)
+  ours = base.generate(prompts_, negative_prompts=negatives, **kw, prompt_syntax="a1111")
+  np.testing.assert_allclose(ours, plain, atol=2e-6)
+  weighted = base.generate(["a (red:1.4) circle, " * 14 + "BREAK [cat|dog]", prompts_[1]],
+                           negative_prompts=negatives, **kw, prompt_syntax="a1111")
+  assert np.isfinite(weighted).all() and not np.allclose(weighted[0], plain[0], atol=1e-3)
+  np.testing.assert_allclose(weighted[1], plain[1], atol=2e-6)  # its batch mate is masked
