@@ -190,10 +190,16 @@ class Pipeline:
     vocabulary is its training captions' words (`prompt_grammar` set)."""
     if isinstance(prompts, str):
       prompts = [prompts]
+    from sdjax import prompts as prompt_syntax  # noqa: PLC0415
+
     vocab = self.tokenizer.get_vocab()
     unknown = {}
     for prompt in prompts:
-      for word in _WORDS.findall(prompt.lower()):
+      try:  # the words, without A1111 emphasis syntax: "(red:1.2)" -> "red"
+        text = " ".join(t for t, w in prompt_syntax.parse_prompt_attention(prompt) if w >= 0)
+      except ValueError:
+        text = prompt
+      for word in _WORDS.findall(text.lower()):
         # Every CLIP vocabulary holds each single byte as a word end ("x</w>", ",</w>"): a lone
         # letter or digit may be a word, a lone symbol is punctuation no caption had.
         if word + "</w>" not in vocab or not (len(word) > 1 or word.isalnum()):
