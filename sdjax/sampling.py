@@ -242,6 +242,11 @@ def _a1111_ids(pipe, sides, sides_2, opts: A1111) -> tuple[PromptIds, PromptIds]
       ("text_encoder", getattr(pipe, "tokenizer", None), sides),
       ("text_encoder_2", getattr(pipe, "tokenizer_2", None), sides_2))
       if getattr(pipe, name, None) is not None]
+  for name, _, _ in encoders:
+    length = getattr(pipe, name).config.max_position_embeddings
+    if length != prompt_lib.CHUNK_LENGTH + 2:
+      raise ValueError(f"A1111 prompt syntax needs {prompt_lib.CHUNK_LENGTH + 2}-token text "
+                       f"encoders, this model's {name} takes {length}: use plain prompts")
   parsed = {}
   for name, tok, texts in encoders:
     vectors = _trigger_vectors(pipe, name, opts.embeddings)

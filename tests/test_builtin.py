@@ -111,12 +111,13 @@ def test_main_py_defaults_to_it(tmp_path):
                          "--compilation_cache", str(tmp_path / "c")],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  files = sorted(f for f in os.listdir(out) if f.endswith(".png") and f != "grid.png")
+  folder = out / "00000"  # png output goes into subfolders of --images_per_folder images
+  files = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
   assert len(files) == 2  # the prompt outside the grammar still makes its image
   warnings = [x for x in proc.stderr.splitlines() if "does not know the words" in x]
   assert len(warnings) == 1 and "'cat', 'wearing', 'hat'" in warnings[0], proc.stderr[-3000:]
   assert "a {color} {shape} in the {position}" in warnings[0]
-  image = Image.open(out / files[0])
+  image = Image.open(folder / files[0])
   assert image.size == (64, 64) and prompt in image.info["parameters"]
   got = shapes.classify(np.asarray(image.convert("RGB"), np.float32) / 255)
   assert got == {"color": "red", "background": "blue", "shape": "circle", "position": "center"}

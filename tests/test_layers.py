@@ -106,7 +106,7 @@ def test_down_blocks(attn):
     tm = blocks.CrossAttnDownBlock2D(cross_attention_dim=24, num_attention_heads=4, **common)
   else:
     tm = blocks.DownBlock2D(**common)
-  fm = unet._Block(32, 2, attn, True, False, 4, 1, False, _unet_config())
+  fm = unet._Block(32, 2, attn, True, False, 4, (1, 1), False, _unet_config())
   tin = (nchw(x), torch.from_numpy(temb)) + ((torch.from_numpy(ctx),) if attn else ())
   ours, ref = _run(tm, fm, (x, temb, ctx), tin)
   assert_close(ours[0], nhwc(ref[0]))
@@ -125,7 +125,7 @@ def test_up_blocks(attn):
     tm = blocks.CrossAttnUpBlock2D(cross_attention_dim=24, num_attention_heads=4, **common)
   else:
     tm = blocks.UpBlock2D(**common)
-  fm = unet._Block(32, 3, attn, True, True, 4, 1, False, _unet_config())
+  fm = unet._Block(32, 3, attn, True, True, 4, (1, 1, 1), False, _unet_config())
   tskips = tuple(nchw(s) for s in skips)
   if attn:
     tin = (nchw(x), tskips, torch.from_numpy(temb), torch.from_numpy(ctx))

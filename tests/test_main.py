@@ -313,7 +313,7 @@ def test_ddim_eta(model, cache, tmp_path):
            "--eta", "0.5", "--seed", "5", "--batch_size", "2", "--output_dir", out,
            "--compilation_cache", cache])
   assert [r["eta"] for r in _manifest(out)] == [0.5, 0.5]
-  text = Image.open(os.path.join(out, "000001.png")).text["parameters"]
+  text = Image.open(os.path.join(out, "00000", "000001.png")).text["parameters"]
   assert outputs.parse_a1111_parameters(text)["Eta"] == "0.5"
   want = sdjax.load_pipeline(model).generate(["a cat", "a dog"], steps=2, height=16, width=16,
                                              guidance_scale=3.0, scheduler="ddim", eta=0.5, seed=5)
