@@ -30,6 +30,7 @@ import jax
 import jaxlib
 from absl import logging
 from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache
 
 FORMAT = 1  # bump when the entry layout changes
 ENV_VARS = ("SDJAX_ATTENTION", "XLA_FLAGS")  # environment that changes the compiled program
@@ -95,9 +96,22 @@ def load_or_compile(jitted, args, what: str, directory: str | None = None):
   if compiled is not None:
     logging.info("loaded the compiled program from %s", path)
     return compiled
-  compiled = jitted.lower(*args).compile()
+  compiled = _compile_afresh(jitted, args)
   _save(path, key, compiled, args)
   return compiled
+
+
+def _compile_afresh(jitted, args):
+  """Compiles past jax's persistent cache: an executable that cache loaded serializes on XLA:CPU
+  into an entry that fails when run (`Function ... not found`); this entry replaces it anyway."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # jax decides once whether the cache is on: decide again
+  try:
+    return jitted.lower(*args).compile()
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
 
 
 def sampler_statics(spec, pipe, refiner=None) -> str:
