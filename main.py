@@ -8,7 +8,6 @@ Flags override the `--config` preset, which overrides the defaults (the built-in
 when --model is not given). See README.md for multi-device and multi-host runs.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -32,10 +31,9 @@ flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 flags.DEFINE_string("prompts_file", None, ".txt (one prompt per line) or .jsonl (objects with "
                     "prompt and optional negative_prompt, seed, num_images)")
 flags.DEFINE_string("negative_prompt", "", "negative prompt for every image")
-flags.DEFINE_enum("prompt_syntax", None, ["a1111", "plain"], "a1111: AUTOMATIC1111's (x:1.2) "
+flags.DEFINE_enum("prompt_syntax", "a1111", ["a1111", "plain"], "a1111: AUTOMATIC1111's (x:1.2) "
                   "weights, long prompts, BREAK, [from:to:when] and [a|b]; plain: diffusers' "
-                  "(truncated at 77 tokens). Default: a1111, but plain for the built-in model "
-                  "(its 16-token text encoder cannot take 77-token chunks)")
+                  "(truncated at the text encoder's length, 77 tokens)")
 flags.DEFINE_string("embeddings_dir", None, "load every textual-inversion file in this folder "
                     "(.pt, .safetensors, .bin), its trigger word the file's name")
 flags.DEFINE_string("lora_dir", None, "a1111: folder where <lora:name:w> tags in prompts find "
@@ -104,7 +102,7 @@ def _run_config() -> run.RunConfig:
   return run.RunConfig(
       prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
       negative_prompt=FLAGS.negative_prompt,
-      prompt_syntax=FLAGS.prompt_syntax or ("plain" if FLAGS.model is None else "a1111"),
+      prompt_syntax=FLAGS.prompt_syntax,
       lora_dir=FLAGS.lora_dir,
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
@@ -153,10 +151,7 @@ def main(argv):
   except (ValueError, OSError) as e:  # every bad-input error sdjax raises is a ValueError
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
-    sys.stderr.flush()
-    # A streamed prompt file can fail while a batch is still running on the device; a normal
-    # interpreter exit then races XLA's threads (seen as a segfault). Nothing is left to save.
-    os._exit(2)
+    sys.exit(2)
   except KeyboardInterrupt:
     print("aborted: finished images are kept; rerun the same command to finish", file=sys.stderr)
     sys.exit(130)

@@ -387,12 +387,20 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
         if progress is None:  # compiled: from here on the bar's rate and ETA mean something
           start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
         if pending is not None:
-          made += _write(writer, metadata, *pending, progress)
+          done, pending = pending, None
+          made += _write(writer, metadata, *done, progress)
         pending = batch, images
         if stop.requested:
           interrupted = True
           break
-      made += _write(writer, metadata, *pending, progress)
+      done, pending = pending, None
+      made += _write(writer, metadata, *done, progress)
+  except Exception:
+    # A later prompt line failed (the file is streamed): keep the batch the devices were making,
+    # and leave no device work in flight behind the error.
+    if pending is not None:
+      _write(writer, metadata, *pending, progress)
+    raise
   finally:
     writer.close()
     if progress is not None:

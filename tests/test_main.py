@@ -281,6 +281,9 @@ def test_bad_prompt_files(model, tmp_path):
                     str(tmp_path / f"out-{path.name}"), *COMMON], check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+  # The image the first line made before line 2 or 3 failed is kept.
+  for name in ("bad.jsonl", "broken.jsonl"):
+    assert os.listdir(tmp_path / f"out-{name}" / "00000") == ["000000.png"]
 
 
 def test_output_dir_is_a_file(model, tmp_path):
