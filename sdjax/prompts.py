@@ -331,7 +331,7 @@ def lora_tags(prompt: str) -> tuple[str, tuple[LoraTag, ...]]:
 
 
 # -- chunked tokenization --------------------------------------------------------------------------
-CHUNK_LENGTH = 75  # prompt tokens per chunk; with BOS and EOS a chunk is 77 tokens
+CHUNK_LENGTH = 75  # prompt tokens per chunk of a 77-token text encoder (with BOS and EOS)
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 
 
@@ -346,9 +346,9 @@ class _Chunk:
 class Chunks:
   """A text as A1111 feeds it to a text encoder, chunk by chunk.
 
-  ids: [k][77] token ids, BOS ... EOS then the tokenizer's pad token.
-  weights: [k][77] attention weight per token (1.0 on BOS, EOS and padding).
-  fixes: (chunk, position in the 77, trigger) where a textual-inversion embedding's vectors go;
+  ids: [k][L] token ids, BOS ... EOS then the tokenizer's pad token; L = chunk length + 2 (77).
+  weights: [k][L] attention weight per token (1.0 on BOS, EOS and padding).
+  fixes: (chunk, position in the L, trigger) where a textual-inversion embedding's vectors go;
     its ids there are placeholders.
   """
 
@@ -360,14 +360,15 @@ class Chunks:
 class TriggerTable:
   """Finds textual-inversion trigger words in token ids (longest trigger first, as A1111)."""
 
-  def __init__(self, tokenizer, vectors: dict[str, object] | None = None):
+  def __init__(self, tokenizer, vectors: dict[str, object] | None = None,
+               chunk_length: int = CHUNK_LENGTH):
     self.lengths: dict[str, int] = {}
     self._by_first: dict[int, list[tuple[tuple[int, ...], str]]] = {}
     for trigger, vecs in (vectors or {}).items():
       n = int(len(vecs))
-      if not 1 <= n <= CHUNK_LENGTH:
+      if not 1 <= n <= chunk_length:
         raise PromptError(f"embedding {trigger!r} has {n} vectors; a chunk holds 1 to "
-                          f"{CHUNK_LENGTH}")
+                          f"{chunk_length}")
       ids = tuple(tokenizer(trigger, add_special_tokens=False)["input_ids"])
       if not ids:
         continue
@@ -391,12 +392,14 @@ def _special_ids(tokenizer) -> tuple[int, int, int, int | None]:
 
 
 def tokenize_chunks(text: str, tokenizer, triggers: TriggerTable | None = None,
-                    comma_backtrack: int = COMMA_BACKTRACK) -> Chunks:
-  """Splits a prompt (without schedules) into weighted 77-token chunks, as A1111.
+                    comma_backtrack: int = COMMA_BACKTRACK,
+                    chunk_length: int = CHUNK_LENGTH) -> Chunks:
+  """Splits a prompt (without schedules) into weighted chunks, as A1111.
 
-  A chunk takes 75 tokens; BREAK closes it early. When a chunk fills up and its last comma is at
-  most `comma_backtrack` tokens back, the tokens after that comma move on to the next chunk. A
-  trigger word takes as many positions as its embedding has vectors, in one chunk.
+  A chunk takes `chunk_length` tokens (75: 77 with BOS and EOS, the CLIP text encoders' length);
+  BREAK closes it early. When a chunk fills up and its last comma is at most `comma_backtrack`
+  tokens back, the tokens after that comma move on to the next chunk. A trigger word takes as many
+  positions as its embedding has vectors, in one chunk.
   """
   bos, eos, pad, comma = _special_ids(tokenizer)
   runs = parse_prompt_attention(text)
@@ -418,10 +421,10 @@ def tokenize_chunks(text: str, tokenizer, triggers: TriggerTable | None = None,
     while pos < len(tokens):
       if tokens[pos] == comma:
         last_comma = len(chunk.tokens)
-      elif (comma_backtrack and len(chunk.tokens) == CHUNK_LENGTH and last_comma != -1
+      elif (comma_backtrack and len(chunk.tokens) == chunk_length and last_comma != -1
             and len(chunk.tokens) - last_comma <= comma_backtrack):
         chunk = _move_after(chunk, last_comma + 1, close)
-      if len(chunk.tokens) == CHUNK_LENGTH:
+      if len(chunk.tokens) == chunk_length:
         close()
       trigger, span = triggers.find(tokens, pos) if triggers else (None, 0)
       if trigger is None:
@@ -430,7 +433,7 @@ def tokenize_chunks(text: str, tokenizer, triggers: TriggerTable | None = None,
         pos += 1
         continue
       n = triggers.lengths[trigger]
-      if len(chunk.tokens) + n > CHUNK_LENGTH:
+      if len(chunk.tokens) + n > chunk_length:
         close()
       chunk.fixes.append((len(chunk.tokens), trigger))
       chunk.tokens += [0] * n  # placeholders (as A1111): the vectors replace their embeddings
@@ -438,7 +441,7 @@ def tokenize_chunks(text: str, tokenizer, triggers: TriggerTable | None = None,
       pos += span
   if chunk.tokens or not chunks:
     close()
-  return _finish(chunks, bos, eos, pad)
+  return _finish(chunks, bos, eos, pad, chunk_length)
 
 
 def _move_after(chunk: _Chunk, cut: int, close) -> _Chunk:
@@ -452,13 +455,14 @@ def _move_after(chunk: _Chunk, cut: int, close) -> _Chunk:
   return rest
 
 
-def _finish(chunks: list[_Chunk], bos: int, eos: int, pad: int) -> Chunks:
-  """Wraps each chunk in BOS...EOS, pads to 77 (EOS then the pad token, as A1111's SD2 path)."""
+def _finish(chunks: list[_Chunk], bos: int, eos: int, pad: int, chunk_length: int) -> Chunks:
+  """Wraps each chunk in BOS...EOS, pads to chunk_length + 2 (EOS then the pad token, as A1111's
+  SD2 path)."""
   ids, weights, fixes = [], [], []
   for k, c in enumerate(chunks):
     n = len(c.tokens)
-    ids.append((bos, *c.tokens, eos, *[pad] * (CHUNK_LENGTH - n)))
-    weights.append((1.0, *c.weights, *[1.0] * (CHUNK_LENGTH + 1 - n)))
+    ids.append((bos, *c.tokens, eos, *[pad] * (chunk_length - n)))
+    weights.append((1.0, *c.weights, *[1.0] * (chunk_length + 1 - n)))
     fixes += [(k, at + 1, t) for at, t in c.fixes]
   return Chunks(tuple(ids), tuple(weights), tuple(fixes))
 
@@ -468,17 +472,17 @@ def _finish(chunks: list[_Chunk], bos: int, eos: int, pad: int) -> Chunks:
 class PromptBatch:
   """Prompts tokenized for A1111-style encoding; every array leads with the batch axis B.
 
-  Each prompt has V variants (the distinct texts of its schedule) of K chunks of 77 tokens. V and
-  K are the batch's buckets: a prompt uses `chunks[b]` chunks (the rest is padding, masked out of
-  cross-attention) and the variants with `counts > 0`.
+  Each prompt has V variants (the distinct texts of its schedule) of K chunks of L tokens (the
+  text encoder's length, 77 for CLIP). V and K are the batch's buckets: a prompt uses `chunks[b]`
+  chunks (the rest is padding, masked out of cross-attention) and the variants with `counts > 0`.
   """
 
-  ids: Any  # int32 [B, V, K, 77]
-  weights: Any  # float32 [B, V, K, 77] attention weight per token
+  ids: Any  # int32 [B, V, K, L]
+  weights: Any  # float32 [B, V, K, L] attention weight per token
   counts: Any  # float32 [B, V] schedule entries that use each variant (0: padding)
   chunks: Any  # int32 [B] chunks in use
   schedule: Any  # int32 [B, T] the variant in force at each denoiser call
-  token_embeds: Any = None  # (float32 [B, V, K, 77, D], bool [B, V, K, 77]) trigger vectors
+  token_embeds: Any = None  # (float32 [B, V, K, L, D], bool [B, V, K, L]) trigger vectors
 
   @property
   def context_length(self) -> int:
@@ -497,20 +501,22 @@ class _Prompt:
 
 
 def _prompt(text: str, tokenizer, steps: int, calls: int, triggers, comma_backtrack,
-            first_call: int = 0) -> _Prompt:
+            chunk_length: int, first_call: int = 0) -> _Prompt:
   schedule = prompt_schedule(text, steps)
   texts = list(dict.fromkeys(t for _, t in schedule))
   counts = [sum(t == u for _, u in schedule) for t in texts]
   ends = [end for end, _ in schedule]
   per_call = tuple(texts.index(schedule[schedule_index(ends, c)][1])
                    for c in range(first_call, first_call + calls))
-  variants = tuple(tokenize_chunks(t, tokenizer, triggers, comma_backtrack) for t in texts)
+  variants = tuple(tokenize_chunks(t, tokenizer, triggers, comma_backtrack, chunk_length)
+                   for t in texts)
   return _Prompt(variants, tuple(counts), per_call)
 
 
 def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
                   embeddings: Mapping[str, Any] | None = None,
-                  comma_backtrack: int = COMMA_BACKTRACK, first_call: int = 0) -> list[_Prompt]:
+                  comma_backtrack: int = COMMA_BACKTRACK, first_call: int = 0,
+                  chunk_length: int = CHUNK_LENGTH) -> list[_Prompt]:
   """Schedules and tokenizes prompts (A1111 syntax, extra-network tags already removed).
 
   Args:
@@ -521,38 +527,42 @@ def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
     calls: denoiser calls the sampler makes; the schedule table has one entry per call.
     embeddings: textual-inversion vectors {trigger word: [n, D]} for this text encoder.
     first_call: A1111's call counter at the first call (a refiner continues the base's count).
+    chunk_length: prompt tokens per chunk: the text encoder's max_position_embeddings - 2.
   """
-  triggers = TriggerTable(tokenizer, embeddings) if embeddings else None
-  return [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack, first_call)
+  triggers = TriggerTable(tokenizer, embeddings, chunk_length) if embeddings else None
+  return [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack, chunk_length, first_call)
           for p in prompts]
 
 
 def pack_prompts(prompts: Sequence[str] | Sequence[_Prompt], tokenizer, *, steps: int = 1,
                  calls: int = 1, embeddings: Mapping[str, Any] | None = None,
                  chunks: int | None = None, variants: int | None = None,
-                 comma_backtrack: int = COMMA_BACKTRACK) -> PromptBatch:
+                 comma_backtrack: int = COMMA_BACKTRACK,
+                 chunk_length: int = CHUNK_LENGTH) -> PromptBatch:
   """Prompts (texts, or `parse_prompts`' output) as one `PromptBatch` of numpy arrays.
 
-  `chunks` and `variants` are the bucket sizes (default: the batch's largest).
+  `chunks` and `variants` are the bucket sizes (default: the batch's largest). Parsed prompts
+  keep the chunk length they were parsed with.
   """
+  triggers = TriggerTable(tokenizer, embeddings, chunk_length) if embeddings else None
   parsed = [p if isinstance(p, _Prompt) else
-            _prompt(p, tokenizer, steps, calls,
-                    TriggerTable(tokenizer, embeddings) if embeddings else None, comma_backtrack)
+            _prompt(p, tokenizer, steps, calls, triggers, comma_backtrack, chunk_length)
             for p in prompts]
+  length = len(parsed[0].variants[0].ids[0])
   k = max(p.chunks for p in parsed) if chunks is None else chunks
   v = max(len(p.variants) for p in parsed) if variants is None else variants
   if k < max(p.chunks for p in parsed) or v < max(len(p.variants) for p in parsed):
     raise ValueError("chunk or variant bucket smaller than a prompt needs")
   bos, eos, pad, _ = _special_ids(tokenizer)
-  empty = _finish([_Chunk()], bos, eos, pad)
+  empty = _finish([_Chunk()], bos, eos, pad, length - 2)
   b, calls = len(parsed), len(parsed[0].schedule)
-  ids = np.zeros((b, v, k, CHUNK_LENGTH + 2), np.int32)
-  weights = np.ones((b, v, k, CHUNK_LENGTH + 2), np.float32)
+  ids = np.zeros((b, v, k, length), np.int32)
+  weights = np.ones((b, v, k, length), np.float32)
   counts = np.zeros((b, v), np.float32)
   uses_triggers = any(var.fixes for p in parsed for var in p.variants)
   dim = next(iter(embeddings.values())).shape[-1] if uses_triggers else 0
-  vectors = np.zeros((b, v, k, CHUNK_LENGTH + 2, dim), np.float32) if uses_triggers else None
-  where = np.zeros((b, v, k, CHUNK_LENGTH + 2), bool) if uses_triggers else None
+  vectors = np.zeros((b, v, k, length, dim), np.float32) if uses_triggers else None
+  where = np.zeros((b, v, k, length), bool) if uses_triggers else None
   for i, p in enumerate(parsed):
     for j in range(v):
       # Padding variants repeat the first; short variants end in empty chunks, as A1111 pads a
@@ -579,7 +589,7 @@ def bucket(n: int) -> int:
 
 
 # -- weighted encoding (traced) --------------------------------------------------------------------
-# (ids [N, 77], token_embeds or None) -> hidden [N, 77, D], or (hidden, pooled [N, P]) for
+# (ids [N, L], token_embeds or None) -> hidden [N, L, D], or (hidden, pooled [N, P]) for
 # SDXL's second text encoder.
 Encoder = Callable[..., Any]
 
@@ -604,7 +614,7 @@ def emphasize(z, weights, counts, chunks):
 
 
 def encode_weighted(encode: Encoder, batch: PromptBatch):
-  """Every variant's conditioning [B, V, K * 77, D]: chunks encoded apart, then concatenated.
+  """Every variant's conditioning [B, V, K * L, D]: chunks encoded apart, then concatenated.
 
   With an encoder that also returns pooled outputs, returns (conditioning, pooled [B, V, P]) with
   the pooled output of each variant's first chunk, unweighted (as A1111 for SDXL). SDXL's two
@@ -619,22 +629,22 @@ def encode_weighted(encode: Encoder, batch: PromptBatch):
   z, pooled = out if isinstance(out, tuple) else (out, None)
   z = emphasize(z.astype(jnp.float32).reshape(b, v, k, length, -1), batch.weights, batch.counts,
                 batch.chunks)
-  z = z.reshape(b, v, k * length, -1)  # B, V, K*77, D
+  z = z.reshape(b, v, k * length, -1)  # B, V, K*L, D
   if pooled is None:
     return z
   return z, pooled.reshape(b, v, k, -1)[:, :, 0]  # B, V, P
 
 
 def context_bias(batch: PromptBatch) -> jax.Array | None:
-  """Additive cross-attention bias [B, 1, 1, K*77] hiding each prompt's padding chunks."""
+  """Additive cross-attention bias [B, 1, 1, K*L] hiding each prompt's padding chunks."""
   b, _, k, length = batch.ids.shape
   if k == 1:
     return None
-  valid = jnp.arange(k * length)[None, :] < (batch.chunks * length)[:, None]  # B, K*77
+  valid = jnp.arange(k * length)[None, :] < (batch.chunks * length)[:, None]  # B, K*L
   return jnp.where(valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
 
 
 def select_variant(contexts: jax.Array, batch: PromptBatch, call) -> jax.Array:
-  """The conditioning [B, K*77, D] in force at denoiser call `call` (traced)."""
+  """The conditioning [B, K*L, D] in force at denoiser call `call` (traced)."""
   index = batch.schedule[:, call]  # B
   return jnp.take_along_axis(contexts, index[:, None, None, None], axis=1)[:, 0]

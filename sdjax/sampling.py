@@ -242,17 +242,19 @@ def _a1111_ids(pipe, sides, sides_2, opts: A1111) -> tuple[PromptIds, PromptIds]
       ("text_encoder", getattr(pipe, "tokenizer", None), sides),
       ("text_encoder_2", getattr(pipe, "tokenizer_2", None), sides_2))
       if getattr(pipe, name, None) is not None]
-  for name, _, _ in encoders:
-    length = getattr(pipe, name).config.max_position_embeddings
-    if length != prompt_lib.CHUNK_LENGTH + 2:
-      raise ValueError(f"A1111 prompt syntax needs {prompt_lib.CHUNK_LENGTH + 2}-token text "
-                       f"encoders, this model's {name} takes {length}: use plain prompts")
+  # A chunk fills the text encoder's positions: 75 + BOS + EOS for CLIP's 77.
+  lengths = {getattr(pipe, name).config.max_position_embeddings for name, _, _ in encoders}
+  if len(lengths) != 1:
+    raise ValueError(f"A1111 prompt syntax needs text encoders of one length, this model's take "
+                     f"{sorted(lengths)} tokens: use plain prompts")
+  chunk_length = lengths.pop() - 2
   parsed = {}
   for name, tok, texts in encoders:
     vectors = _trigger_vectors(pipe, name, opts.embeddings)
     parsed[name] = [prompt_lib.parse_prompts(
         [strip_extra_networks(p, opts.allow_lora) for p in side], tok, steps=opts.steps,
-        calls=opts.calls, embeddings=vectors, first_call=opts.first_call) for side in texts]
+        calls=opts.calls, embeddings=vectors, first_call=opts.first_call,
+        chunk_length=chunk_length) for side in texts]
   sizes = opts.sizes
   if sizes is None:
     groups = list(parsed.values())

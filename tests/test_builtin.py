@@ -87,6 +87,22 @@ def test_unknown_words_warn_once(pipe, caplog):
   assert not caplog.records
 
 
+def test_a1111_syntax_on_its_16_token_encoder(pipe):
+  """Chunks follow the text encoder's length (14 + BOS + EOS here): a plain caption is plain's
+  pixels, emphasis changes them, and a caption past 14 tokens takes a second chunk."""
+  prompt = shapes.caption("red", "circle", "center", "blue")
+  ids, _ = sdjax.sampling._a1111_ids(pipe, [[prompt + ", " + prompt], [""]], None,
+                                     sdjax.sampling.A1111(steps=4, calls=4))
+  assert ids.ids.ids.shape[-2:] == (2, 16)
+  latents = np.random.default_rng(5).standard_normal((3, 8, 8, 4)).astype(np.float32)
+  latents[2] = latents[1]
+  kw = dict(steps=4, latents=latents)  # dpmpp_2m: no noise but the latents
+  plain = pipe.generate([prompt] * 3, **kw)
+  ours = pipe.generate([prompt, "(red:1.5) circle", "red circle"], prompt_syntax="a1111", **kw)
+  np.testing.assert_array_equal(ours[0], plain[0])
+  assert np.abs(ours[1] - ours[2]).max() > 0.01
+
+
 def test_diffusers_loads_it_and_matches(pipe):
   ref = diffusers.StableDiffusionPipeline.from_pretrained(sdjax.BUILTIN_MODEL, safety_checker=None)
   ref.set_progress_bar_config(disable=True)
