@@ -72,9 +72,17 @@ def _expected_params(module, *args):
   return jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
 
 
+# init is thousands of small random-number fusions that run once: XLA's optimising backend
+# spends most of a tiny UNet's 20 s compile on them (10 s without; values within 1 ulp).
+_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
+                          "xla_llvm_disable_expensive_passes": True}
+
+
 def init_params(module, *args, seed: int = 0):
   """Fresh random params for a module (training from scratch, tests)."""
-  return jax.jit(lambda key: module.init(key, *args))(jax.random.key(seed))["params"]
+  init = jax.jit(lambda key: module.init(key, *args)["params"])
+  key = jax.random.key(seed)
+  return init.lower(key).compile(compiler_options=_INIT_COMPILER_OPTIONS)(key)
 
 
 def _example_inputs(unet_cfg: UNetConfig, text_cfg: CLIPTextConfig | None, vae_cfg: VAEConfig,
