@@ -68,14 +68,20 @@ def test_resume_is_exact(vae_setup, tmp_path):
 
 
 def _tiny_config():
+  """The smoke recipe on the smallest networks (one layer per block: the train steps' compiles
+  are most of this test's time)."""
   c = train_tiny.get_config("smoke")
   c.models = {
       "vae": {**testing.VAE, "sample_size": 64},
-      "unet": {**testing.UNET_SD1, "cross_attention_dim": 32, "sample_size": 32},
-      "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+      "unet": {**testing.UNET_SD1, "cross_attention_dim": 32, "sample_size": 32,
+               "layers_per_block": 1},
+      "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                        "num_attention_heads": 4, "max_position_embeddings": 16},
   }
   c.vae.steps = c.vae_sharpen.steps = c.diffusion.steps = 3
+  # Fine-tuning as the diffusion stage trains: the same training step, compiled once (the
+  # suite's persistent compilation cache, tests/conftest.py).
+  c.finetune = ml_collections.ConfigDict(c.diffusion.to_dict())
   return c
 
 
@@ -92,13 +98,11 @@ def test_two_stage_recipe_exports_a_loadable_model(tmp_path):
   assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
   # Rerunning the finished command resumes both stages at their last step: nothing to redo.
   assert os.path.isdir(tmp_path / "work" / "diffusion" / "3")
-  # --init_from: two more steps of the UNet and text encoder, starting from the export.
-  config = _tiny_config()
-  config.finetune.steps = 2
-  tuned = recipe.run(config, str(tmp_path / "tune"), str(tmp_path / "tuned"),
-                           init_from=str(out))
+  # --init_from: three more steps of the UNet and text encoder, starting from the export.
+  tuned = recipe.run(_tiny_config(), str(tmp_path / "tune"), str(tmp_path / "tuned"),
+                     init_from=str(out))
   after = json.load(open(tmp_path / "tuned" / recipe.SUMMARY))
-  assert after["finetune_steps"] == 2 and after["diffusion_steps"] == 3
+  assert after["finetune_steps"] == 3 and after["diffusion_steps"] == 3
   assert "stage 3, fine-tuning" in open(tmp_path / "tuned" / "README.md").read()
   np.testing.assert_array_equal(tuned.params["vae"]["decoder"]["conv_out"]["kernel"],
                                 pipe.params["vae"]["decoder"]["conv_out"]["kernel"])
