@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -45,3 +49,34 @@ def transfer(torch_module, flax_module, *example_inputs, method=None):
 
 def randn(*shape, seed=0) -> np.ndarray:
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@contextlib.contextmanager
+def img2img_draws(module: str, seed: int, latent_shape, noise):
+  """diffusers' img2img pipeline in `module` given our draws: the VAE posterior sample from each
+  image's key (as `generate(init_images=..., seed=seed)` draws it) and `noise` [B, h, w, 4]."""
+  from sdjax import sampling  # noqa: PLC0415
+
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, len(noise))))
+  post_eps = nchw(np.asarray(sampling._keyed_noise(keys, sampling._POSTERIOR, latent_shape)))  # noqa: SLF001
+
+  def retrieve_latents(encoder_output, generator=None, sample_mode="sample"):
+    dist = encoder_output.latent_dist
+    return dist.mean + dist.std * post_eps
+
+  with mock.patch(f"{module}.retrieve_latents", retrieve_latents), \
+       mock.patch(f"{module}.randn_tensor", lambda *a, **k: nchw(noise)), torch.no_grad():
+    yield
+
+
+def reference_pipelines(tmp_path_factory, name: str, seed: int, family: str = "sd1"):
+  """(diffusers pipeline, sdjax pipeline, folder) of one tiny random model written to disk."""
+  import diffusers  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+  from sdjax import testing  # noqa: PLC0415
+
+  folder = str(tmp_path_factory.mktemp(name) / "pipe")
+  testing.write_torch_pipeline(folder, family, seed=seed)
+  ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+  return ref, sdjax.load_pipeline(folder), folder

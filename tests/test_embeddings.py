@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from parity import assert_close
+from parity import assert_close, reference_pipelines
 from safetensors.torch import save_file
 
 import sdjax
@@ -17,12 +17,7 @@ DIM = 32  # the tiny SD1 text encoder's width
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("ti") / "pipe")
-  testing.write_torch_pipeline(folder, "sd1", seed=6)
-  import diffusers
-
-  ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-  return ref, sdjax.load_pipeline(folder), folder
+  return reference_pipelines(tmp_path_factory, "ti", seed=6)
 
 
 def _vectors(n, seed, dim=DIM):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from parity import assert_close, nchw, nhwc, randn
+from parity import assert_close, nchw, nhwc, randn, reference_pipelines
 from safetensors.torch import save_file
 
 import sdjax
@@ -34,12 +34,7 @@ TEXT_MODULES = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1",
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("lora") / "pipe")
-  testing.write_torch_pipeline(folder, "sd1", seed=5)
-  import diffusers
-
-  ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-  return ref, sdjax.load_pipeline(folder), folder
+  return reference_pipelines(tmp_path_factory, "lora", seed=5)
 
 
 def _weights(model):

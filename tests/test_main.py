@@ -14,25 +14,13 @@ import pytest
 from PIL import Image
 
 import sdjax
-from sdjax import outputs, testing
+from sdjax import outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red circle in the center", "a photo of a cat", "a blue square", "a dog",
            "a green triangle"]
 COMMON = ["--steps", "2", "--height", "16", "--width", "16", "--guidance_scale", "3",
           "--scheduler", "euler_ancestral"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("model") / "pipe")
-  testing.write_torch_pipeline(folder, "sd1", seed=31)
-  return folder
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _env(devices: int = 1):

@@ -5,25 +5,11 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from sdjax import outputs, run, sinks, testing
+from sdjax import outputs, run, sinks
 
 PROMPTS = tuple(run.PromptLine(f"a photo of a cat {i}") for i in range(5))
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  torch.set_num_threads(1)
-  folder = str(tmp_path_factory.mktemp("model") / "pipe")
-  testing.write_torch_pipeline(folder, "sd1", seed=31)
-  return folder
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="module")

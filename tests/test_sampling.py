@@ -1,13 +1,12 @@
 """generate() end to end against diffusers' pipelines, plus exact fake-model and compile checks."""
 
-from unittest import mock
 
 import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity import nchw
+from parity import img2img_draws, nchw
 
 import sdjax
 from sdjax import sampling, schedulers, testing
@@ -93,17 +92,8 @@ def test_img2img_matches_diffusers(pipes, name):
   images = np.random.default_rng(3).uniform(size=(2, 16, 16, 3)).astype(np.float32)
   noise = _unit_noise((2, 8, 8, 4), seed=4)
   seed = 17
-  # Our posterior sample draws from each image's key; hand diffusers the same draw.
-  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
-  post_eps = np.asarray(sampling._keyed_noise(keys, sampling._POSTERIOR, (8, 8, 4)))
-
-  def retrieve_latents(encoder_output, generator=None, sample_mode="sample"):
-    dist = encoder_output.latent_dist
-    return dist.mean + dist.std * nchw(post_eps)
-
   module = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"
-  with mock.patch(f"{module}.retrieve_latents", retrieve_latents), \
-       mock.patch(f"{module}.randn_tensor", lambda *a, **k: nchw(noise)):
+  with img2img_draws(module, seed, (8, 8, 4), noise):
     expected = img_pipe(PROMPTS, image=images, strength=0.6, num_inference_steps=6,
                         guidance_scale=GUIDANCE, output_type="np").images
   ours = pipe.generate(PROMPTS, init_images=images, strength=0.6, steps=6, seed=seed,

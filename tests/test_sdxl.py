@@ -8,14 +8,12 @@ encoder only with an aesthetic score, a VAE with latent statistics; sizes are no
 import os
 import subprocess
 import sys
-from unittest import mock
 
 import diffusers
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from parity import assert_close, nchw, nhwc, randn, rel_err
+from parity import assert_close, img2img_draws, nchw, nhwc, randn, rel_err
 
 import sdjax
 from sdjax import sampling, testing
@@ -138,16 +136,8 @@ def test_refiner_img2img_matches_diffusers(pipes):
   _set_scheduler(ref, "euler", pipe.scheduler_config)
   images = np.random.default_rng(3).uniform(size=(2, H, W, 3)).astype(np.float32)
   noise, seed = randn(2, 8, 12, 4, seed=4), 17
-  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
-  post_eps = np.asarray(sampling._keyed_noise(keys, sampling._POSTERIOR, (8, 12, 4)))
-
-  def retrieve_latents(encoder_output, generator=None, sample_mode="sample"):
-    dist = encoder_output.latent_dist
-    return dist.mean + dist.std * nchw(post_eps)
-
   module = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img"
-  with mock.patch(f"{module}.retrieve_latents", retrieve_latents), \
-       mock.patch(f"{module}.randn_tensor", lambda *a, **k: nchw(noise)), torch.no_grad():
+  with img2img_draws(module, seed, (8, 12, 4), noise):
     expected = ref(PROMPTS, image=images, strength=0.3, num_inference_steps=10,
                    guidance_scale=GUIDANCE, negative_prompt=NEGATIVES, aesthetic_score=7.0,
                    negative_aesthetic_score=2.0, original_size=(32, 32),
