@@ -12,17 +12,24 @@ _CACHE_VAR = "SDJAX_TEST_JAX_CACHE"
 
 
 def pytest_configure(config):
-  """One persistent compilation cache for the whole run, shared by the xdist workers (they
-  inherit the variable): a program that several tests compile (the same tiny network under the
-  same sampler, a training step the recipe runs twice) is compiled once. Set before any compile:
-  jax decides at its first compile whether the cache is on."""
+  """One persistent compilation cache for the whole run, shared by the xdist workers and the
+  main.py processes tests start (they inherit the variables): a program that several tests
+  compile (the same tiny network under the same sampler, a training step the recipe runs twice)
+  is compiled once, and nothing is written to the user's ~/.cache. Set before any compile: jax
+  decides at its first compile whether the cache is on."""
   if _CACHE_VAR not in os.environ:
     os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="sdjax-test-jax-cache-")
     config._sdjax_cache_owner = True  # noqa: SLF001
+  # main.py's default --compilation_cache is $XDG_CACHE_HOME/sdjax/jax: the same folder.
+  os.environ["XDG_CACHE_HOME"] = os.environ[_CACHE_VAR]
   import jax  # noqa: PLC0415
 
-  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
+  jax.config.update("jax_compilation_cache_dir", _run_cache())
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _run_cache() -> str:
+  return os.path.join(os.environ[_CACHE_VAR], "sdjax", "jax")
 
 
 def pytest_unconfigure(config):
@@ -44,6 +51,7 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  """A --compilation_cache folder of the module's own: runs in it start cold."""
-  return str(tmp_path_factory.mktemp("jax_cache"))
+def cache():
+  """The --compilation_cache folder for runs: the run-wide one (tests that need a cold start
+  make their own)."""
+  return _run_cache()
