@@ -101,8 +101,7 @@ def _run_config() -> run.RunConfig:
   values.update({k: FLAGS[k].value for k in _OVERRIDABLE if FLAGS[k].present})
   return run.RunConfig(
       prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
-      negative_prompt=FLAGS.negative_prompt,
-      prompt_syntax=FLAGS.prompt_syntax,
+      negative_prompt=FLAGS.negative_prompt, prompt_syntax=FLAGS.prompt_syntax,
       lora_dir=FLAGS.lora_dir,
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
