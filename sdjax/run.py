@@ -154,12 +154,6 @@ def validate(cfg: RunConfig) -> None:
   if cfg.prompt_syntax not in sampling.PROMPT_SYNTAXES:
     raise RunError(f"--prompt_syntax must be one of {', '.join(sampling.PROMPT_SYNTAXES)}, "
                    f"got {cfg.prompt_syntax!r}")
-  if cfg.prompt_syntax == "a1111":  # the inline prompts fail here; a file's when reached
-    from sdjax import prompts  # noqa: PLC0415
-
-    for line in cfg.prompts:
-      for text in (line.prompt, line.negative_prompt or cfg.negative_prompt):
-        prompts.parse_prompt_attention(prompts.lora_tags(text)[0])
   if cfg.lora_dir is not None:
     if cfg.prompt_syntax != "a1111":
       raise RunError("--lora_dir applies <lora:...> tags, which need --prompt_syntax a1111")
@@ -168,6 +162,15 @@ def validate(cfg: RunConfig) -> None:
     if (cfg.num_processes or 1) > 1:
       raise RunError("<lora:...> tags (--lora_dir) need a single-process run: every device of a "
                      "batch shares its weights")
+  if cfg.prompt_syntax == "a1111":  # the inline prompts fail here; a file's when reached
+    from sdjax import prompts  # noqa: PLC0415
+
+    lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
+    for line in cfg.prompts:
+      for text in (line.prompt, line.negative_prompt or cfg.negative_prompt):
+        prompts.parse_prompt_attention(sampling.strip_extra_networks(text, lora_set is not None))
+        if lora_set is not None:
+          lora_set(text)  # every tag names a file in --lora_dir
   if cfg.refiner is not None and not 0.0 < cfg.refiner_start < 1.0:
     raise RunError(f"--refiner_start must be in (0, 1), got {cfg.refiner_start}")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:

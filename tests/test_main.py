@@ -242,6 +242,7 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
     (["--lora_dir", "/", "--prompt_syntax", "plain"], "--lora_dir applies <lora:...> tags"),
     (["--prompt", "a (cat:1.2.3)"], "bad attention weight '1.2.3'"),
     (["--prompt", "<lora:style:0.5> a cat"], "<lora:...> tags, which only main.py applies"),
+    (["--prompt", "<lora:style:0.5> a cat", "--lora_dir", "/"], "<lora:style>: no style{"),
 ])
 def test_bad_input_one_line(extra, message, model, tmp_path):
   args = ["--model", model, "--prompt", "a cat", "--output_dir", str(tmp_path / "o"), *extra]
