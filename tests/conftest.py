@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 _CACHE_VAR = "SDJAX_TEST_JAX_CACHE"
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def pytest_configure(config):
@@ -22,6 +23,12 @@ def pytest_configure(config):
     config._sdjax_cache_owner = True  # noqa: SLF001
   # main.py's default --compilation_cache is $XDG_CACHE_HOME/sdjax/jax: the same folder.
   os.environ["XDG_CACHE_HOME"] = os.environ[_CACHE_VAR]
+  # Compiling is most of the suite's time and the tests' networks are tiny: skip LLVM's
+  # expensive optimisations (the programs, and so every parity and equality check, are the
+  # same HLO; only the machine code is less tuned). Inherited by the processes tests start.
+  flags = os.environ.get("XLA_FLAGS", "")
+  if FAST_COMPILE not in flags:
+    os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {flags}".strip()
   import jax  # noqa: PLC0415
 
   jax.config.update("jax_compilation_cache_dir", _run_cache())

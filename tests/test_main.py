@@ -25,7 +25,8 @@ COMMON = ["--steps", "2", "--height", "16", "--width", "16", "--guidance_scale",
 
 def _env(devices: int = 1):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  devices_flag = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {devices_flag}"  # after conftest's flags
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
