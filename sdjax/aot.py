@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import tempfile
+import time
 from typing import Any
 
 import jax
@@ -33,6 +34,7 @@ from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 
 FORMAT = 1  # bump when the entry layout changes
+MAX_BYTES = 4 * 2**30  # entries past this total are deleted, least recently used first
 ENV_VARS = ("SDJAX_ATTENTION", "XLA_FLAGS")  # environment that changes the compiled program
 _NUMPY_NAMES = {("numpy", "dtype"), ("numpy", "ndarray"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar")}
@@ -95,10 +97,63 @@ def load_or_compile(jitted, args, what: str, directory: str | None = None):
   compiled = _load(path, key, args)
   if compiled is not None:
     logging.info("loaded the compiled program from %s", path)
+    _touch(path)
     return compiled
   compiled = _compile_afresh(jitted, args)
   _save(path, key, compiled, args)
+  prune(directory, keep=path)
   return compiled
+
+
+def _touch(path: str) -> None:
+  """Marks an entry used now: pruning goes by modification time (atime is often off)."""
+  try:
+    os.utime(path)
+  except OSError:  # a read-only cache still serves its entries
+    pass
+
+
+def prune(directory: str, max_bytes: int | None = None, keep: str | None = None) -> list[str]:
+  """Deletes the least recently used entries until the rest fit in `max_bytes`, and temporary
+  files a crashed writer left (older than an hour); returns the deleted paths. Every sdjax or
+  jax upgrade and source change starts a new set of entries: without this the folder grows
+  by a few programs per release forever."""
+  max_bytes = MAX_BYTES if max_bytes is None else max_bytes
+  entries, removed = [], []
+  now = time.time()
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return removed
+  for name in names:
+    path = os.path.join(directory, name)
+    try:
+      stat = os.stat(path)
+    except OSError:  # another process deleted it
+      continue
+    if name.endswith(".jaxexe"):
+      entries.append((stat.st_mtime, stat.st_size, path))
+    elif name.endswith(".tmp") and now - stat.st_mtime > 3600:
+      removed += _remove(path)
+  total = sum(size for _, size, _ in entries)
+  for _, size, path in sorted(entries):  # oldest use first
+    if total <= max_bytes:
+      break
+    if path != keep:
+      removed += _remove(path)
+      total -= size
+  if removed:
+    logging.info("compiled-program cache: deleted %d old entries from %s", len(removed),
+                 directory)
+  return removed
+
+
+def _remove(path: str) -> list[str]:
+  try:
+    os.remove(path)
+  except OSError:  # gone already (another process), or not ours to delete
+    return []
+  return [path]
 
 
 def _compile_afresh(jitted, args):

@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,33 @@ def test_second_compile_loads_without_tracing(tmp_path):
   assert traces == []
   np.testing.assert_array_equal(second(*ARGS)["out"], first(*ARGS)["out"])
   np.testing.assert_array_equal(second(*ARGS)["out"], jnp.sin(ARGS[0]) @ ARGS[1])
+
+
+def test_old_entries_are_pruned_least_recently_used_first(tmp_path, monkeypatch):
+  """Past the size budget the entries used longest ago go; loading an entry counts as a use;
+  a crashed writer's old temporary goes, a fresh one (a writer at work) stays."""
+  fn, _ = _program()
+  aot.load_or_compile(fn, ARGS, "f", str(tmp_path))
+  (used,) = _entries(tmp_path)
+  size = os.path.getsize(tmp_path / used)
+  now = time.time()
+  for age, name in ((300, "old.jaxexe"), (200, "fresh.tmp"), (7200, "crashed.tmp"),
+                    (100, "newer.jaxexe"), (1000, used)):  # the used entry is the oldest...
+    if name != used:
+      (tmp_path / name).write_bytes(b"x" * size)
+    os.utime(tmp_path / name, (now - age, now - age))
+  fn, traces = _program()
+  aot.load_or_compile(fn, ARGS, "f", str(tmp_path))  # ...until loaded now
+  assert traces == []
+  removed = aot.prune(str(tmp_path), max_bytes=2 * size)
+  assert sorted(os.path.basename(p) for p in removed) == ["crashed.tmp", "old.jaxexe"]
+  assert _entries(tmp_path) == sorted([used, "newer.jaxexe"])
+  assert os.path.exists(tmp_path / "fresh.tmp")
+  # A new entry is never its own victim, and compiling prunes with the module's budget.
+  monkeypatch.setattr(aot, "MAX_BYTES", 0)
+  fn, _ = _program()
+  aot.load_or_compile(fn, (jnp.ones((3, 8)), ARGS[1]), "f", str(tmp_path))
+  assert len(_entries(tmp_path)) == 1 and _entries(tmp_path)[0] not in (used, "newer.jaxexe")
 
 
 @pytest.mark.parametrize("change", ["shape", "what", "jax_version"])
