@@ -244,6 +244,47 @@ def test_attention_full_bias(kernel):
   assert_close(got, plain, tol=1e-6)
 
 
+@pytest.mark.parametrize("b,h,w,c,o", [(2, 8, 8, 32, 16), (1, 5, 7, 24, 40), (3, 16, 4, 8, 8)])
+def test_matmul_convolution_matches_torch(b, h, w, c, o):
+  """The CPU's 3x3 convolution as one matmul (any size, non-square) against torch's Conv2d."""
+  x, kernel = randn(b, h, w, c), randn(3, 3, c, o, seed=1) * 0.2
+  tm = torch.nn.Conv2d(c, o, 3, padding=1, bias=False)
+  with torch.no_grad():
+    tm.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1)))
+    ref = nhwc(tm(nchw(x)))
+  pad = ((1, 1), (1, 1))
+  ours = layers.conv2d(jnp.asarray(x), jnp.asarray(kernel), 1, pad, form="matmul")
+  assert_close(ours, ref)
+  assert_close(ours, layers.conv2d(jnp.asarray(x), jnp.asarray(kernel), 1, pad, form="xla"),
+               tol=1e-6)
+  half = layers.conv2d(jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16), 1, pad,
+                       form="matmul")
+  assert half.dtype == jnp.bfloat16
+  assert_close(half.astype(np.float32), ref, tol=1e-2)
+
+
+def test_cpu_convolution_choice(monkeypatch):
+  """The matmul form where it measured faster (BENCHMARKS.md): few output pixels, many
+  channels, 3x3, stride 1; XLA's convolution everywhere else. SDJAX_CONV forces a form."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("CPU choice")
+  pad, k3 = ((1, 1), (1, 1)), jnp.zeros((3, 3, 1280, 1280))
+  choose = layers.conv_kernel
+  assert choose(jnp.zeros((2, 8, 8, 1280)), k3, 1, pad) == "matmul"  # SD1.5's 8x8 level
+  assert choose(jnp.zeros((2, 16, 16, 1280)), k3, 1, pad) == "matmul"  # and its 16x16 level
+  assert choose(jnp.zeros((2, 32, 32, 1280)), k3, 1, pad) == "xla"  # more pixels
+  assert choose(jnp.zeros((2, 8, 8, 64)), jnp.zeros((3, 3, 64, 64)), 1, pad) == "xla"
+  assert choose(jnp.zeros((2, 16, 16, 1280)), k3, 2, pad) == "xla"  # strided
+  one = jnp.zeros((1, 1, 1280, 1280))
+  assert choose(jnp.zeros((2, 8, 8, 1280)), one, 1, ((0, 0), (0, 0))) == "xla"  # 1x1
+  monkeypatch.setenv("SDJAX_CONV", "matmul")
+  assert choose(jnp.zeros((2, 64, 64, 4)), jnp.zeros((3, 3, 4, 8)), 1, pad) == "matmul"
+  assert choose(jnp.zeros((2, 16, 16, 1280)), k3, 2, pad) == "xla"  # the form can't do it
+  monkeypatch.setenv("SDJAX_CONV", "winograd")
+  with pytest.raises(ValueError, match="winograd"):
+    layers.conv2d(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)), 1, pad)
+
+
 def test_cpu_default_kernel():
   if jax.default_backend() != "cpu":
     pytest.skip("CPU choice")

@@ -12,8 +12,12 @@ from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_unet_matches_diffusers(family):
+@pytest.mark.parametrize("family,conv", [("sd1", None), ("sd2", None), ("sd1", "matmul")])
+def test_unet_matches_diffusers(family, conv, monkeypatch):
+  """conv: a convolution form forced into every 3x3 layer (the CPU's matmul form is chosen
+  only for wide layers, which these tiny networks lack)."""
+  if conv:
+    monkeypatch.setenv("SDJAX_CONV", conv)
   config = testing.FAMILIES[family][0]
   tm = testing.torch_unet(config, seed=3)
   fm = UNet2DConditionModel(UNetConfig.from_dict(dict(tm.config)))

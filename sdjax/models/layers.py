@@ -8,6 +8,7 @@ NHWC. `dtype` is the compute dtype; `param_dtype` the dtype parameters are creat
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -39,15 +40,71 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str):
 
 def conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int = 1, padding=None):
   pad = kernel // 2 if padding is None else padding
-  return nn.Conv(
-      features,
-      (kernel, kernel),
-      strides=(stride, stride),
-      padding=((pad, pad), (pad, pad)) if isinstance(pad, int) else pad,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      name=name,
-  )
+  return Conv(features, kernel, stride, ((pad, pad), (pad, pad)) if isinstance(pad, int) else pad,
+              dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+# CPU: a 3x3 convolution with at most this many output pixels in the whole batch, and at least
+# CONV_MATMUL_CHANNELS input channels, runs as one matmul over the 9 shifted copies of its input
+# (XLA:CPU's convolution is 1.5-2.5x slower on such short, wide problems; BENCHMARKS.md).
+CONV_MATMUL_PIXELS = 512
+CONV_MATMUL_CHANNELS = 256
+CONV_KERNELS = ("xla", "matmul")
+
+
+class Conv(nn.Module):
+  """nn.Conv's parameters (`kernel` HWIO, `bias`) and arithmetic, NHWC, with the convolution
+  form chosen per backend and shape (`conv2d`)."""
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: Any = ((1, 1), (1, 1))
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (k, k, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return conv2d(x, kernel, self.stride, self.padding) + bias
+
+
+def conv_kernel(x, kernel, stride: int, padding) -> str:
+  """Which form computes this convolution on the default backend (`SDJAX_CONV` forces one)."""
+  forced = os.environ.get("SDJAX_CONV")
+  b, h, w, c = x.shape
+  fits = kernel.shape[:2] == (3, 3) and stride == 1 and tuple(map(tuple, padding)) == ((1, 1),
+                                                                                       (1, 1))
+  if forced:
+    return forced if fits else "xla"
+  small = b * h * w <= CONV_MATMUL_PIXELS and c >= CONV_MATMUL_CHANNELS
+  return "matmul" if fits and small and jax.default_backend() == "cpu" else "xla"
+
+
+def conv2d(x, kernel, stride: int, padding, form: str | None = None):
+  """x [B, H, W, C] convolved with kernel [kh, kw, C, O]; `padding` ((top, bottom), (left,
+  right)). `form`: one of CONV_KERNELS (default: `conv_kernel`'s choice)."""
+  form = form or conv_kernel(x, kernel, stride, padding)
+  if form == "matmul":
+    return _matmul_conv3x3(x, kernel)
+  if form != "xla":
+    raise ValueError(f"unknown convolution form {form!r} ({', '.join(CONV_KERNELS)})")
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _matmul_conv3x3(x, kernel):
+  """A stride-1, pad-1 3x3 convolution as one [B*H*W, 9C] x [9C, O] matmul."""
+  b, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  # The 9 shifted copies in the kernel's (row, column, channel) order.
+  cols = jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)
+  out = jnp.dot(cols.reshape(b * h * w, 9 * c), kernel.reshape(9 * c, -1))
+  return out.reshape(b, h, w, -1)
 
 
 def dense(features: int, dtype, param_dtype, name: str, use_bias: bool = True):
