@@ -11,6 +11,8 @@
   python tools/benchmark.py --arch builtin --what first_image --prompts 2000000 --steps 2
   python tools/benchmark.py --arch sd15 --what unet_step --backend both \
       --kernels blocked,chunked --repeats 2 --json   # interleaved in one process
+  python tools/benchmark.py --arch sd15 --what unet_step --backend both --kernels blocked \
+      --convs xla,matmul --repeats 3 --json          # convolution forms (SDJAX_CONV)
 
 Networks have random weights of the real architecture (no download). Reports compile time, the
 median of several timed calls after warm-up, images/s for `generate`, achieved TFLOP/s (FLOPs
@@ -32,6 +34,7 @@ half the UNet width, depths (1, 2, 4) and small encoders, so that CPU comparison
 
 from __future__ import annotations
 
+import itertools
 import json
 import resource
 import statistics
@@ -60,6 +63,9 @@ _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch", "both"], "sdjax 
                               "both: unet_step of each in one process, calls interleaved")
 _KERNELS = flags.DEFINE_list("kernels", [], "--backend both: one sdjax program per attention "
                              "kernel (SDJAX_ATTENTION), e.g. blocked,chunked (default: the choice)")
+_CONVS = flags.DEFINE_list("convs", [], "--backend both: one sdjax program per convolution form "
+                           "(SDJAX_CONV) and attention kernel, e.g. xla,matmul (default: the "
+                           "choice)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls after one warm-up call (0: compile "
                                 "only)")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "jax: persistent compilation cache folder "
@@ -448,17 +454,19 @@ def bench_both():
   args = (pipe.params["unet"], jnp.ones((b, h // 8, w // 8, 4), dtype), jnp.full((b,), 500.0),
           jnp.ones((b, 77, pipe.unet.config.cross_attention_dim), dtype))
   programs, results = {}, {}
-  for kernel in _KERNELS.value or [""]:
-    os.environ.pop("SDJAX_ATTENTION", None)
-    if kernel:
-      os.environ["SDJAX_ATTENTION"] = kernel  # read while tracing
+  for kernel, conv in itertools.product(_KERNELS.value or [""], _CONVS.value or [""]):
+    for var, value in (("SDJAX_ATTENTION", kernel), ("SDJAX_CONV", conv)):  # read while tracing
+      os.environ.pop(var, None)
+      if value:
+        os.environ[var] = value
     fn = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
-    name = f"sdjax {kernel or 'default'}"
+    name = f"sdjax {kernel or 'default'}" + (f" conv={conv}" if conv else "")
     results[name] = dict(compile_s=time.perf_counter() - start)
     programs[name] = lambda compiled=compiled: jax.block_until_ready(compiled(*args))
   os.environ.pop("SDJAX_ATTENTION", None)
+  os.environ.pop("SDJAX_CONV", None)
   unet = diffusers.UNet2DConditionModel(**_configs()[0]).eval()
   x, t = torch.ones((b, 4, h // 8, w // 8)), torch.full((b,), 500.0)
   ctx = torch.ones((b, 77, unet.config.cross_attention_dim))
