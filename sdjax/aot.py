@@ -35,7 +35,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 FORMAT = 1  # bump when the entry layout changes
 MAX_BYTES = 4 * 2**30  # entries past this total are deleted, least recently used first
-ENV_VARS = ("SDJAX_ATTENTION", "SDJAX_CONV", "XLA_FLAGS")  # environment that changes the compiled program
+ENV_VARS = ("SDJAX_ATTENTION", "SDJAX_CONV", "XLA_FLAGS")  # environment that changes programs
 _NUMPY_NAMES = {("numpy", "dtype"), ("numpy", "ndarray"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar")}
 

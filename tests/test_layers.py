@@ -269,7 +269,7 @@ def test_cpu_convolution_choice(monkeypatch):
   if jax.default_backend() != "cpu":
     pytest.skip("CPU choice")
   pad, k3 = ((1, 1), (1, 1)), jnp.zeros((3, 3, 1280, 1280))
-  choose = layers.conv_kernel
+  choose = layers.choose_conv_form
   assert choose(jnp.zeros((2, 8, 8, 1280)), k3, 1, pad) == "matmul"  # SD1.5's 8x8 level
   assert choose(jnp.zeros((2, 16, 16, 1280)), k3, 1, pad) == "matmul"  # and its 16x16 level
   assert choose(jnp.zeros((2, 32, 32, 1280)), k3, 1, pad) == "xla"  # more pixels

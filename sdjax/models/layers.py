@@ -49,7 +49,7 @@ def conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int 
 # (XLA:CPU's convolution is 1.5-2.5x slower on such short, wide problems; BENCHMARKS.md).
 CONV_MATMUL_PIXELS = 512
 CONV_MATMUL_CHANNELS = 256
-CONV_KERNELS = ("xla", "matmul")
+CONV_FORMS = ("xla", "matmul")
 
 
 class Conv(nn.Module):
@@ -73,12 +73,12 @@ class Conv(nn.Module):
     return conv2d(x, kernel, self.stride, self.padding) + bias
 
 
-def conv_kernel(x, kernel, stride: int, padding) -> str:
+def choose_conv_form(x, kernel, stride: int, padding) -> str:
   """Which form computes this convolution on the default backend (`SDJAX_CONV` forces one)."""
   forced = os.environ.get("SDJAX_CONV")
   b, h, w, c = x.shape
-  fits = kernel.shape[:2] == (3, 3) and stride == 1 and tuple(map(tuple, padding)) == ((1, 1),
-                                                                                       (1, 1))
+  pad_one = tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+  fits = kernel.shape[:2] == (3, 3) and stride == 1 and pad_one
   if forced:
     return forced if fits else "xla"
   small = b * h * w <= CONV_MATMUL_PIXELS and c >= CONV_MATMUL_CHANNELS
@@ -87,12 +87,12 @@ def conv_kernel(x, kernel, stride: int, padding) -> str:
 
 def conv2d(x, kernel, stride: int, padding, form: str | None = None):
   """x [B, H, W, C] convolved with kernel [kh, kw, C, O]; `padding` ((top, bottom), (left,
-  right)). `form`: one of CONV_KERNELS (default: `conv_kernel`'s choice)."""
-  form = form or conv_kernel(x, kernel, stride, padding)
+  right)). `form`: one of CONV_FORMS (default: `choose_conv_form`'s choice)."""
+  form = form or choose_conv_form(x, kernel, stride, padding)
   if form == "matmul":
     return _matmul_conv3x3(x, kernel)
   if form != "xla":
-    raise ValueError(f"unknown convolution form {form!r} ({', '.join(CONV_KERNELS)})")
+    raise ValueError(f"unknown convolution form {form!r} ({', '.join(CONV_FORMS)})")
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
