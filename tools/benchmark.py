@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import resource
 import statistics
 import sys
@@ -257,13 +258,14 @@ def bench_run():
   import sdjax  # noqa: PLC0415
   from sdjax import parallel, run, sampling  # noqa: PLC0415
 
-  if _ARCH.value != "builtin":
-    raise app.UsageError("--what run needs --arch builtin (the only model shipped)")
+  if _ARCH.value in CLIP_2:
+    raise app.UsageError("--what run takes the built-in model or an SD1/SD2 arch")
   h, w = _size()
   b = _BATCH.value
   cache = _CACHE.value or tempfile.mkdtemp()
   run.enable_compilation_cache(cache)
-  pipe = sdjax.load_pipeline(None, _DTYPE.value)
+  model = None if _ARCH.value == "builtin" else _random_model_folder()
+  pipe = sdjax.load_pipeline(model, _DTYPE.value)
   mesh = parallel.make_mesh()
   per_batch = b * mesh.size
   spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler="dpmpp_2m", height=h,
@@ -282,7 +284,7 @@ def bench_run():
   bare = batches * per_batch / (time.perf_counter() - start)
 
   prompts = tuple(run.PromptLine(f"a red circle {i}") for i in range(batches * per_batch))
-  cfg = run.RunConfig(prompts=prompts, steps=_STEPS.value, guidance_scale=4.0,
+  cfg = run.RunConfig(prompts=prompts, model=model, steps=_STEPS.value, guidance_scale=4.0,
                       scheduler="dpmpp_2m", height=h, width=w, batch_size=b,
                       dtype=_DTYPE.value, output_dir=_OUTPUT.value or tempfile.mkdtemp(),
                       output_format=_FORMAT.value, compilation_cache=cache,
@@ -296,10 +298,26 @@ def bench_run():
               run_vs_bare=summary.images_per_second / bare)
 
 
+def _random_model_folder() -> str:
+  """The arch with random weights as a diffusers folder (float32, the test tokenizer), for
+  main.py's run to load: the real networks' device time against the host's per-image work."""
+  import dataclasses  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+
+  from sdjax import pipeline, testing  # noqa: PLC0415
+
+  folder = tempfile.mkdtemp()
+  testing.write_tokenizer(os.path.join(folder, "tokenizer_src"))
+  pipe, _ = _jax_pipeline()
+  pipe = dataclasses.replace(pipe, tokenizer=testing.torch_tokenizer(
+      os.path.join(folder, "tokenizer_src")))
+  pipeline.save_pretrained(pipe, os.path.join(folder, "model"))
+  return os.path.join(folder, "model")
+
+
 def bench_first_image():
   """main.py's time to its first image and its peak memory, for a synthetic prompts file."""
   import json as json_  # noqa: PLC0415
-  import os  # noqa: PLC0415
   import signal  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
   import tempfile  # noqa: PLC0415
@@ -439,7 +457,6 @@ def bench_both():
   On a shared machine each round runs every program once, in turn, so load hits them alike;
   reports the best and median wall time and the best process CPU time (all threads) per program.
   """
-  import os  # noqa: PLC0415
 
   import diffusers  # noqa: PLC0415
   import jax  # noqa: PLC0415

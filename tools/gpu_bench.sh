@@ -1,9 +1,14 @@
 #!/bin/bash
 # One device-machine session of benchmarks (see BENCHMARKS.md, GPU section).
-#   bash tools/gpu_bench.sh OUTDIR
+#   bash tools/gpu_bench.sh OUTDIR [PARTS]
+# PARTS (default "sdxl run sd15"), in the order of what the open issues still lack: sdxl (issues
+# 13, 17: SDXL 1024x1024 bf16 vs diffusers fp16, ~6 min), run (issue 16: main.py vs the bare
+# sampler on SD1.5-sized networks, ~5 min), sd15 (issue 17: SD1.5 MFU, ~5 min). A device
+# command may run 10 minutes: run the parts as two commands.
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the image lacks them.
 set -u
 OUTDIR=${1:-/tmp/gpu_bench}  # results.jsonl, gpu.txt and errors.log land here
+PARTS=${2:-sdxl run sd15}
 WORK=$(mktemp -d)
 mkdir -p "$OUTDIR"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -14,10 +19,10 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUTDIR/gpu.txt"
 PEAK=989  # H100 SXM dense bf16/fp16 TFLOP/s (datasheet)
 GEN_FLOPS=82.5e12  # per image: 50 steps x 2 (CFG) x 0.80 TFLOP UNet + 2.5 TFLOP VAE decode
-bench() {  # label, then benchmark flags
+bench() {  # label, then benchmark flags; T=seconds before it is stopped (default 240)
   local label=$1; shift
   echo "== $label $*"
-  if timeout 240 python3 tools/benchmark.py --json --peak_tflops $PEAK "$@" \
+  if timeout "${T:-240}" python3 tools/benchmark.py --json --peak_tflops $PEAK "$@" \
       >"$WORK/$label.json" 2>"$WORK/$label.err"; then
     sed "s/^{/{\"label\": \"$label\", /" "$WORK/$label.json" | tee -a "$OUTDIR/results.jsonl"
   else
@@ -26,25 +31,38 @@ bench() {  # label, then benchmark flags
   fi
 }
 flops() { python3 -c "print($1 * $GEN_FLOPS)"; }
-for b in 8 32 1; do
-  r=3; [ "$b" = 32 ] && r=2
-  bench "jax_gen_b$b" --arch sd15 --what generate --steps 50 --dtype bfloat16 --batch $b \
-      --repeats $r --flops "$(flops $b)"
-  bench "torch_gen_b$b" --backend torch --arch sd15 --what generate --steps 50 --dtype float16 \
-      --batch $b --repeats $r --flops "$(flops $b)"
-done
-# Attention kernels on the UNet step (batch 16 = 8 images with CFG).
-for k in cudnn xla einsum; do
-  SDJAX_ATTENTION=$k bench "jax_unet_b16_$k" --arch sd15 --what unet_step --dtype bfloat16 \
-      --batch 16 --repeats 10 --flops 12.8e12
-done
-bench "torch_unet_b16" --backend torch --arch sd15 --what unet_step --dtype float16 --batch 16 \
-    --repeats 10 --flops 12.8e12
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+if part sdxl; then
+  # Per image: 30 steps x 13.52 TFLOP (UNet, CFG) + 10.47 TFLOP (VAE decode at 1024x1024).
+  SDXL_FLOPS=416.1e12
+  for b in 1 4; do
+    bench "jax_sdxl_b$b" --arch sdxl --what generate --steps 30 --scheduler euler \
+        --dtype bfloat16 --batch $b --repeats 2 --flops "$(python3 -c "print($b * $SDXL_FLOPS)")"
+    bench "torch_sdxl_b$b" --backend torch --arch sdxl --what generate --steps 30 \
+        --scheduler euler --dtype float16 --batch $b --repeats 1 \
+        --flops "$(python3 -c "print($b * $SDXL_FLOPS)")"
+  done
+fi
+if part run; then  # random SD1.5 weights written as a folder; main.py's loop vs the bare sampler
+  for format in png webdataset; do
+    T=360 bench "run_sd15_$format" --arch sd15 --what run --steps 20 --batch 8 --images 96 \
+        --dtype bfloat16 --output_format $format
+  done
+fi
+if part sd15; then
+  for b in 16 32; do
+    bench "jax_gen_b$b" --arch sd15 --what generate --steps 50 --dtype bfloat16 --batch $b \
+        --repeats 2 --flops "$(flops $b)"
+  done
+  bench "torch_gen_b16" --backend torch --arch sd15 --what generate --steps 50 \
+      --dtype float16 --batch 16 --repeats 2 --flops "$(flops 16)"
+fi
 python3 - "$OUTDIR/results.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
   r = json.loads(line)
   print(f"{r['label']:>22} {r['median_s']:8.3f}s {r.get('images_per_s', 0):7.2f} img/s "
         f"{r.get('tflops_per_s', 0):7.1f} TFLOP/s mfu {r.get('mfu', 0):.3f} "
-        f"compile {r['compile_s']:.1f}s peak {r['peak_bytes'] / 2**30:.1f} GiB")
+        f"compile {r['compile_s']:.1f}s peak {r['peak_bytes'] / 2**30:.1f} GiB"
+        + (f" main.py/bare {r['run_vs_bare']:.3f}" if "run_vs_bare" in r else ""))
 PY
