@@ -22,9 +22,30 @@ from sdjax import sampling
 DATA = "data"
 
 
+def set_cpu_devices(count: int) -> None:
+  """Splits the CPU into `count` devices (0: one per core) before JAX starts its backends.
+
+  Each device runs its own images' program on one stream of work: on a CPU-only host that keeps
+  every core busy where one program's small parallel operations leave cores waiting on each
+  other (BENCHMARKS.md, "CPU IV"). Accelerators are unaffected.
+  """
+  count = count or len(os.sched_getaffinity(0))
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:
+    if len(jax.devices("cpu")) != count:
+      raise ValueError(f"--cpu_devices {count}: JAX has already started with "
+                       f"{len(jax.devices('cpu'))} CPU devices in this process") from None
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-  """Joins a multi-host run: explicitly with a coordinator, or automatically on TPU pods."""
+               process_id: int | None = None, cpu_devices: int | None = None) -> None:
+  """Joins a multi-host run: explicitly with a coordinator, or automatically on TPU pods.
+
+  `cpu_devices`: see `set_cpu_devices` (None: JAX's default, or XLA_FLAGS').
+  """
+  if cpu_devices is not None:
+    set_cpu_devices(cpu_devices)
   if coordinator_address:
     # CPU devices need a collectives backend to join one mesh; accelerators ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -68,6 +68,7 @@ class RunConfig:
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
+  cpu_devices: int | None = None  # CPU-only hosts: devices to split the CPU into (0: per core)
   show_progress: bool = True
   loras: tuple[tuple[str, float], ...] = ()  # (file or hub file, scale)
   embeddings: tuple[tuple[str, str | None], ...] = ()  # (file or hub file, token or None)
@@ -129,6 +130,8 @@ def validate(cfg: RunConfig) -> None:
                "images_per_folder", "num_shards", "writer_threads"):
     if getattr(cfg, name) < 1:
       raise RunError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+  if cfg.cpu_devices is not None and cfg.cpu_devices < 0:
+    raise RunError(f"--cpu_devices must be 0 (one per core) or more, got {cfg.cpu_devices}")
   if not 0 <= cfg.shard_index < cfg.num_shards:
     raise RunError(f"--shard_index must be in [0, --num_shards={cfg.num_shards}), "
                    f"got {cfg.shard_index}")
@@ -319,7 +322,8 @@ def _find_work(cfg: RunConfig, plan: Plan, sink: sinks.Sink) -> tuple[_Work, int
 def generate_run(cfg: RunConfig) -> RunSummary:
   """Generates every image of `cfg` that is not finished yet into `cfg.output_dir`."""
   validate(cfg)
-  parallel.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+  parallel.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
+                      cfg.cpu_devices)
   enable_compilation_cache(cfg.compilation_cache)
   store = sinks.Store(cfg.output_dir)
   store.check()
@@ -549,10 +553,10 @@ class _Sampler:
       t0 = time.perf_counter()
       self.compiled[key] = aot.load_or_compile(self.sampler, args, self.statics)
       self.compile_seconds += time.perf_counter() - t0
-      logging.info("compiled the sampler for %dx%d, %d steps, %d per device, prompts %s in "
-                   "%.1f s", self.spec.latent_hw[1] * self.pipe.vae_scale,
+      logging.info("compiled the sampler for %dx%d, %d steps, %d per device on %d devices, "
+                   "prompts %s in %.1f s", self.spec.latent_hw[1] * self.pipe.vae_scale,
                    self.spec.latent_hw[0] * self.pipe.vae_scale, self.cfg.steps,
-                   self.cfg.batch_size,
+                   self.cfg.batch_size, self.mesh.size,
                    sampling.input_sizes(cond[0] if self.refiner else cond) or "plain",
                    time.perf_counter() - t0)
     try:

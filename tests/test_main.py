@@ -94,15 +94,17 @@ def test_regenerating_one_image_alone(reference_run, model):
 
 
 def test_eight_devices_same_pixels(reference_run, model, cache, tmp_path):
+  """--cpu_devices 8 splits this CPU into 8 devices (the environment asks for one)."""
   out = str(tmp_path / "out")
   proc = main_py(["--model", model, *_prompt_args(), *COMMON, "--batch_size", "2", "--seed",
-                  "100", "--output_dir", out, "--compilation_cache", cache], devices=8)
+                  "100", "--output_dir", out, "--compilation_cache", cache, "--cpu_devices", "8",
+                  "--verbosity", "0"], devices=1)
   ref = _pixels(reference_run)
   got = _pixels(out)
   assert sorted(got) == sorted(ref)
   for name in ref:
     np.testing.assert_array_equal(got[name], ref[name])
-  assert "5 images" in proc.stderr
+  assert "5 images" in proc.stderr and "2 per device on 8 devices" in proc.stderr
 
 
 def test_batch_is_split_across_devices(model):
@@ -241,6 +243,7 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
     (["--embedding", "/nonexistent/neg.pt:neg"], "embedding file '/nonexistent/neg.pt' does"),
     (["--embeddings_dir", "/nonexistent"], "--embeddings_dir /nonexistent is not a folder"),
     (["--lora_dir", "/", "--prompt_syntax", "plain"], "--lora_dir applies <lora:...> tags"),
+    (["--cpu_devices=-1"], "--cpu_devices must be 0 (one per core) or more, got -1"),
     (["--prompt", "a (cat:1.2.3)"], "bad attention weight '1.2.3'"),
     (["--prompt", "<lora:style:0.5> a cat"], "<lora:...> tags, which only main.py applies"),
     (["--prompt", "<lora:style:0.5> a cat", "--lora_dir", "/"], "<lora:style>: no style{"),

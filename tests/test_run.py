@@ -61,3 +61,15 @@ def test_png_metadata_is_shareable(model, single_run):
   assert params["Model"] == "pipe" and model not in text  # no local path in shared images
   assert params["Model hash"] == outputs.short_hash(unet) == outputs._sha256_file(unet)[:10]  # noqa: SLF001
   assert params["Version"].startswith("sdjax ")
+
+
+def test_cpu_devices_after_jax_started():
+  """In a process whose CPU backend is up, the same count is fine and another a clear error."""
+  import jax  # noqa: PLC0415
+
+  from sdjax import parallel  # noqa: PLC0415
+
+  started = len(jax.devices("cpu"))
+  parallel.set_cpu_devices(started)
+  with pytest.raises(ValueError, match=f"already started with {started} CPU devices"):
+    parallel.set_cpu_devices(started + 1)
