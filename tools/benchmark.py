@@ -2,6 +2,7 @@
 
   python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --height 512 --width 512
   python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --backend torch
+  python tools/benchmark.py --arch sd15 --what unet_step --batch 4 --cpu_devices 2
   python tools/benchmark.py --arch sd15 --what generate --batch 8 --steps 50 --dtype bfloat16 \
       --peak_tflops 989 --json
   python tools/benchmark.py --arch sdxl --what generate --batch 4 --steps 30 --dtype bfloat16 \
@@ -67,6 +68,9 @@ _KERNELS = flags.DEFINE_list("kernels", [], "--backend both: one sdjax program p
 _CONVS = flags.DEFINE_list("convs", [], "--backend both: one sdjax program per convolution form "
                            "(SDJAX_CONV) and attention kernel, e.g. xla,matmul (default: the "
                            "choice)")
+_DEVICES = flags.DEFINE_integer("cpu_devices", None, "jax unet_step: split the CPU into this many "
+                                "devices (main.py --cpu_devices) and the batch across them, "
+                                "--batch 2 per device = one image's CFG pair each as main.py runs")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls after one warm-up call (0: compile "
                                 "only)")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "jax: persistent compilation cache folder "
@@ -208,9 +212,15 @@ def _conditioning(pipe, b, h, w):
 def bench_jax():
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
-  from sdjax import sampling  # noqa: PLC0415
+  from sdjax import parallel, sampling  # noqa: PLC0415
 
+  if _DEVICES.value is not None:
+    if _WHAT.value != "unet_step":
+      raise app.UsageError("--cpu_devices times a unet_step")
+    parallel.set_cpu_devices(_DEVICES.value)
   pipe, dtype = _jax_pipeline()
   h, w = _size()
   b = _BATCH.value
@@ -218,7 +228,16 @@ def bench_jax():
   if _WHAT.value == "unet_step":
     args = (pipe.params["unet"], jnp.ones(lat, dtype), jnp.full((b,), 500.0),
             jnp.ones((b, 77, pipe.unet.config.cross_attention_dim), dtype), *_added_cond(pipe, b))
-    fn = jax.jit(lambda p, x, t, c, *added: pipe.unet.apply({"params": p}, x, t, c, *added))
+    unet = lambda p, x, t, c, *added: pipe.unet.apply({"params": p}, x, t, c, *added)  # noqa: E731
+    if _DEVICES.value is not None:  # each device its share of the batch, as main.py's runs
+      mesh = parallel.make_mesh()
+      if b % mesh.size:
+        raise app.UsageError(f"--batch {b} does not split over {mesh.size} devices")
+      unet = jax.shard_map(unet, mesh=mesh, in_specs=(P(),) + (P(parallel.DATA),) * (len(args) - 1),
+                           out_specs=P(parallel.DATA))
+      args = (parallel.replicate(args[0], mesh),
+              *(parallel.shard_batch(mesh, np.asarray(a), b) for a in args[1:]))
+    fn = jax.jit(unet)
   elif _WHAT.value == "vae_decode":
     args = (pipe.params["vae"], jnp.ones(lat, dtype))
     fn = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method=pipe.vae.decode))
@@ -235,7 +254,10 @@ def bench_jax():
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  flops = _FLOPS.value or float(cost.get("flops", 0.0))
+  flops = float(cost.get("flops", 0.0))
+  if _DEVICES.value is not None:
+    flops *= jax.device_count()  # a shard_map'ed program's cost is one device's
+  flops = _FLOPS.value or flops
   call_args = args if _WHAT.value != "generate" else args[2:]
   median = float("nan")
   if _REPEATS.value:
@@ -527,6 +549,8 @@ def main(argv):
   result.update(arch=_ARCH.value, what=_WHAT.value, batch=_BATCH.value, height=h, width=w,
                 dtype=_DTYPE.value, backend=_BACKEND.value,
                 steps=_STEPS.value if _WHAT.value == "generate" else None)
+  if _DEVICES.value is not None:
+    result["cpu_devices"] = _DEVICES.value
   if _WHAT.value == "generate":
     result["images_per_s"] = _BATCH.value / result["median_s"]
   if result["flops"]:
