@@ -591,6 +591,8 @@ def load_pipeline(
       tokenizer_2=src.tokenizer_2,
       **src.options,
   )
+  # A folder saved after adding embeddings: its tokenizers hold them (multi-vector expansion).
+  pipe = dataclasses.replace(pipe, embeddings=textual_inversion.from_vocabulary(pipe))
   return add_extras(pipe, loras=loras, embeddings=embeddings)
 
 

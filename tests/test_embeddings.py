@@ -172,8 +172,40 @@ def test_sdxl_vs_diffusers(tmp_path_factory, tmp_path):
   errs = [assert_close(np.asarray(a), b.numpy()) for a, b in zip(got, expected, strict=True)]
   print("SDXL clip_l + clip_g rel err (embeds, negative, pooled, negative pooled): "
         + ", ".join(f"{e:.2g}" for e in errs))
+  ours.save_pretrained(str(tmp_path / "saved"))  # both encoders' vectors come back
+  again = sdjax.load_pipeline(str(tmp_path / "saved"))
+  for name, vectors in ours.embeddings["sdxl-style"].vectors.items():
+    np.testing.assert_array_equal(again.embeddings["sdxl-style"].vectors[name], vectors)
+  for a, b in zip(again.encode_prompt(prompts, negatives), got, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(EmbeddingError, match="vectors for text_encoder but this model has "
                                            "text_encoder and text_encoder_2"):
     single = str(tmp_path / "one.safetensors")
     save_file({"emb_params": _vectors(1, 7, dim=24)}, single)
     embeddings.add_embeddings(pipe, [single])
+
+
+def test_saved_pipeline_keeps_its_embeddings(models, tmp_path):
+  """save_pretrained after adding a 3-vector embedding, reloaded: the trigger expands as before
+  (and as diffusers expands it reading the same folder), with the same vectors."""
+  import diffusers
+
+  _, pipe, _ = models
+  path = str(tmp_path / "my-style.safetensors")
+  save_file({"emb_params": _vectors(3, 7)}, path)
+  ours = embeddings.add_embeddings(pipe, [path])
+  folder = str(tmp_path / "saved")
+  ours.save_pretrained(folder)
+  again = sdjax.load_pipeline(folder)
+  assert list(again.embeddings) == ["my-style"]
+  np.testing.assert_array_equal(again.embeddings["my-style"].vectors["text_encoder"],
+                                _vectors(3, 7).numpy())
+  prompts = ["a dog in my-style, my-style", "a cat"]
+  ids = again.tokenize(prompts)
+  np.testing.assert_array_equal(ids, ours.tokenize(prompts))
+  theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                             local_files_only=True)
+  expected = theirs.tokenizer(theirs.maybe_convert_prompt(prompts, theirs.tokenizer),
+                              padding="max_length", max_length=77, truncation=True).input_ids
+  np.testing.assert_array_equal(ids, expected)
+  assert not sdjax.load_pipeline(models[2]).embeddings  # a folder without added tokens

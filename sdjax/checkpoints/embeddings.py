@@ -8,7 +8,8 @@ Loading works as diffusers' `load_textual_inversion`: the tokenizer gains the ad
 `tok`, `tok_1`, ... (one per vector), the token embedding table grows by as many rows (the text
 encoder's `vocab_size` with it), and prompts are expanded so `tok` reads `tok tok_1 ...`.
 The vectors stay available per token on `Pipeline.embeddings` for prompt parsers that insert
-them themselves.
+them themselves; a folder saved after adding them keeps them in its tokenizers and token tables,
+where loading it finds them again (`from_vocabulary`).
 """
 
 from __future__ import annotations
@@ -107,6 +108,38 @@ def expand_prompt(prompt: str, embeddings: Mapping[str, Embedding]) -> str:
       prompt = re.sub(re.escape(token) + r"(?!_\d)", " ".join(token_names(token, emb.num_vectors)),
                       prompt, flags=re.IGNORECASE)
   return prompt
+
+
+_LATER_VECTOR = re.compile(r"^(.+)_(\d+)$")
+
+
+def from_vocabulary(pipe) -> dict[str, Embedding]:
+  """The embeddings a loaded pipeline's tokenizers already hold, {token: Embedding}.
+
+  A pipeline saved after `add_embeddings` keeps the added tokens `tok`, `tok_1`, ... and their
+  rows of the token table; this finds them again (tokens past the tokenizer's own vocabulary,
+  grouped by the `_i` suffixes diffusers' `maybe_convert_prompt` expands by), so that a reloaded
+  folder expands and weights its triggers as the pipeline that was saved.
+  """
+  found: dict[str, dict[str, np.ndarray]] = {}
+  for component, tokenizer_name in ENCODERS.items():
+    tokenizer = getattr(pipe, tokenizer_name, None)
+    if tokenizer is None or getattr(pipe, component, None) is None:
+      continue
+    added = {t: i for t, i in tokenizer.get_added_vocab().items() if i >= tokenizer.vocab_size}
+    if not added:
+      continue
+    table = np.asarray(pipe.params[component]["embeddings"]["token_embedding"]["embedding"],
+                       np.float32)
+    for token in added:
+      later = _LATER_VECTOR.match(token)
+      if later and later.group(1) in added:
+        continue  # one of another token's vectors
+      names = [token]
+      while f"{token}_{len(names)}" in added:
+        names.append(f"{token}_{len(names)}")
+      found.setdefault(token, {})[component] = table[[added[n] for n in names]]
+  return {token: Embedding(token, vectors) for token, vectors in found.items()}
 
 
 def _normalize_entry(entry) -> tuple[str, str | None]:
