@@ -3,8 +3,10 @@
 #   bash tools/gpu_bench.sh OUTDIR [PARTS]
 # PARTS (default "sdxl run sd15"), in the order of what the open issues still lack: sdxl (issues
 # 13, 17: SDXL 1024x1024 bf16 vs diffusers fp16, ~6 min), run (issue 16: main.py vs the bare
-# sampler on SD1.5-sized networks, ~5 min), sd15 (issue 17: SD1.5 MFU, ~5 min). A device
-# command may run 10 minutes: run the parts as two commands.
+# sampler on SD1.5-sized networks, ~5 min), sd15 (issue 17: SD1.5 MFU, ~5 min), compile (issue
+# 17: diffusers fp16 with a max-autotune torch.compile'd channels_last UNet, SD1.5 batch 16; its
+# compile alone may take minutes, so run it as its own command). A device command may run 10
+# minutes and a session has about 15 in all: pick the parts that fit, in this order.
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the image lacks them.
 set -u
 OUTDIR=${1:-/tmp/gpu_bench}  # results.jsonl, gpu.txt and errors.log land here
@@ -56,6 +58,10 @@ if part sd15; then
   done
   bench "torch_gen_b16" --backend torch --arch sd15 --what generate --steps 50 \
       --dtype float16 --batch 16 --repeats 2 --flops "$(flops 16)"
+fi
+if part compile; then  # the strongest PyTorch baseline the issue names
+  T=580 bench "torch_compiled_gen_b16" --backend torch --arch sd15 --what generate --steps 50 \
+      --dtype float16 --batch 16 --repeats 2 --torch_compile max-autotune --flops "$(flops 16)"
 fi
 python3 - "$OUTDIR/results.jsonl" <<'PY'
 import json, sys
