@@ -69,6 +69,9 @@ class RunConfig:
   num_processes: int | None = None
   process_id: int | None = None
   cpu_devices: int | None = None  # CPU-only hosts: devices to split the CPU into (0: per core)
+  # Each image's guidance pair on two devices (uncond on one, cond on the other): an image's
+  # latency halves where images are fewer than devices; pixels move by float rounding.
+  cfg_parallel: bool = False
   show_progress: bool = True
   loras: tuple[tuple[str, float], ...] = ()  # (file or hub file, scale)
   embeddings: tuple[tuple[str, str | None], ...] = ()  # (file or hub file, token or None)
@@ -198,6 +201,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["lora_dir"] = cfg.lora_dir
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
+  if cfg.cfg_parallel:  # its own program: pixels differ by rounding
+    settings["cfg_parallel"] = True
   if cfg.embeddings:
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
   return {**settings, **_sdxl_record(cfg, pipe)}
@@ -334,6 +339,9 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
                                                          cfg.scheduler)
   cfg = dataclasses.replace(cfg, steps=steps, guidance_scale=guidance, scheduler=scheduler)
+  if cfg.cfg_parallel and guidance <= 1.0:
+    raise RunError(f"--cfg_parallel splits classifier-free guidance, which guidance_scale "
+                   f"{guidance:g} (<= 1) does not use")
   height = cfg.height or pipe.native_size
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)
@@ -365,13 +373,17 @@ def generate_run(cfg: RunConfig) -> RunSummary:
 
 def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
   """Runs the compiled sampler over this process's work; (images, seconds, compile s, stop)."""
-  mesh = parallel.make_mesh()
-  local_batch = cfg.batch_size * jax.local_device_count()
+  try:
+    mesh = parallel.make_mesh(cfg.cfg_parallel)
+  except ValueError as e:
+    raise RunError(f"--cfg_parallel: {e}") from None
+  local_batch = cfg.batch_size * parallel.local_data_size(mesh)
   steps = parallel.max_over_processes(math.ceil(work.images / local_batch))
   if not steps:
     return 0, 0.0, 0.0, False
   common = dict(steps=cfg.steps, scheduler=metadata.scheduler, height=metadata.height,
-                width=metadata.width, guidance_scale=cfg.guidance_scale, eta=cfg.eta)
+                width=metadata.width, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
+                cfg_split=cfg.cfg_parallel)
   spec, state = sampling.prepare(pipe, cfg.batch_size, **common,
                                  denoising_end=cfg.refiner_start if refiner else None)
   if refiner is not None:  # (spec, state, pipeline) of the second stage, in the same program
@@ -482,7 +494,7 @@ class _Sampler:
   def __init__(self, cfg, pipe, mesh, spec, state, refiner=None, lora_set=None):
     self.cfg, self.pipe, self.mesh, self.spec, self.refiner = cfg, pipe, mesh, spec, refiner
     self.lora_set, self.loras = lora_set, ()
-    self.global_batch = cfg.batch_size * mesh.size
+    self.global_batch = cfg.batch_size * parallel.data_size(mesh)
     params, stage = pipe.params, None
     if refiner is not None:  # (base, refiner) pairs of params and states
       params, state, stage = (params, refiner[2].params), (state, refiner[1]), refiner[::2]
@@ -553,10 +565,12 @@ class _Sampler:
       t0 = time.perf_counter()
       self.compiled[key] = aot.load_or_compile(self.sampler, args, self.statics)
       self.compile_seconds += time.perf_counter() - t0
-      logging.info("compiled the sampler for %dx%d, %d steps, %d per device on %d devices, "
+      logging.info("compiled the sampler for %dx%d, %d steps, %d per device on %d devices%s, "
                    "prompts %s in %.1f s", self.spec.latent_hw[1] * self.pipe.vae_scale,
                    self.spec.latent_hw[0] * self.pipe.vae_scale, self.cfg.steps,
                    self.cfg.batch_size, self.mesh.size,
+                   " (guidance pairs split over 2)" if parallel.CFG in self.mesh.axis_names
+                   else "",
                    sampling.input_sizes(cond[0] if self.refiner else cond) or "plain",
                    time.perf_counter() - t0)
     try:

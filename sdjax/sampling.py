@@ -1,7 +1,8 @@
 """Text-to-image and image-to-image sampling: one jit-compiled function per shape.
 
 Prompt encoding, the whole denoising loop (a `lax.scan` over the scheduler's timesteps, with
-classifier-free guidance as one batched UNet call on [uncond, cond]) and the VAE decode run in a
+classifier-free guidance as one batched UNet call on [uncond, cond], or as two calls, one per
+device of a pair, with `cfg_split`) and the VAE decode run in a
 single compiled program: no Python loop over steps and no host round trips inside.
 
 Randomness is per image: image i of a call uses seed `seed + i`, and its initial noise, any
@@ -46,6 +47,10 @@ class SampleSpec:
   end: int | None = None  # stop before this position (diffusers' denoising_end); None: the end
   output_latents: bool = False  # return the diffusion latents undecoded (output_type="latent")
   init_latents: bool = False  # start from given diffusion latents as they are (denoising_start)
+  # Guidance as two UNet calls of B rows, [uncond] and [cond], instead of one of 2B: inside a
+  # shard_map with a `cfg_axis` of two devices each device makes one of them (CFG parallelism,
+  # halving one image's latency); elsewhere one device makes both, with the same pixels.
+  cfg_split: bool = False
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -99,7 +104,7 @@ def _denoise(spec: SampleSpec, predict, state, x, keys):
 
 
 def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seeds, noise,
-              guidance_scale, guidance_rescale, init, state):
+              guidance_scale, guidance_rescale, init, state, cfg_axis: str | None = None):
   """The whole sampling program (pure; callers jit it, possibly with shardings).
 
   Args:
@@ -112,6 +117,8 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
     init: img2img: float32 images [B, H, W, 3] in [0, 1]; `spec.init_latents`: diffusion latents
       [B, h, w, C] to continue denoising; else None.
     state: the scheduler state from `set_timesteps`.
+    cfg_axis: with `spec.cfg_split`, the name of a size-2 mesh axis (inside a shard_map) whose
+      two devices split the guidance pair: device 0 the uncond call, device 1 the cond call.
 
   Returns:
     float32 images [B, H, W, 3] in [0, 1], or the diffusion latents with `spec.output_latents`.
@@ -122,12 +129,17 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
   negative, positive = conditioning.encode(nets, params, cond, spec.clip_skip, spec.clip_skip,
                                            spec.guidance)
   scheduled = positive.schedule is not None  # A1111 syntax: the variants in force per call
-  if spec.guidance and not scheduled:
+  if spec.guidance and not scheduled and not spec.cfg_split:
     both = conditioning.Embeddings.concat(negative, positive)  # 2B rows: [uncond, cond]
 
   def predict(x, t, call):
     if not spec.guidance:
       return conditioning.predict(nets, params, x, t, positive.at(call))
+    if spec.cfg_split:
+      eps_uncond, eps_cond = _split_guidance_pair(nets, params, x, t, negative.at(call),
+                                                  positive.at(call), cfg_axis)
+      return guide(eps_uncond, eps_cond, guidance_scale,
+                   guidance_rescale if spec.guidance_rescale else None)
     emb = (conditioning.Embeddings.concat(negative.at(call), positive.at(call)) if scheduled
            else both)
     out = conditioning.predict(nets, params, jnp.concatenate([x, x], axis=0), t, emb)
@@ -143,6 +155,21 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
   images = vae.apply({"params": params["vae"]}, vae.config.from_diffusion_latents(x),
                      method=AutoencoderKL.decode)
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def _split_guidance_pair(nets, params, x, t, negative, positive, cfg_axis):
+  """(eps_uncond, eps_cond) as two UNet calls of B rows: one per device of `cfg_axis`, or
+  both here. Each call is the same computation either way, so the pixels agree."""
+
+  def call(emb):
+    return conditioning.predict(nets, params, x, t, emb).astype(jnp.float32)
+
+  if cfg_axis is None:
+    return call(negative), call(positive)
+  is_cond = jax.lax.axis_index(cfg_axis) == 1
+  mine = jax.tree.map(lambda u, c: jnp.where(is_cond, c, u), negative, positive)
+  pair = jax.lax.all_gather(call(mine), cfg_axis)  # [2, B, ...]: both devices get both
+  return pair[0], pair[1]
 
 
 def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, init, state):
@@ -364,7 +391,8 @@ def denoising_start_index(sched, state, fraction: float) -> int:
 def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int, width: int,
             guidance_scale: float, guidance_rescale: float = 0.0, img2img: bool = False,
             strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0,
-            denoising_end: float | None = None, denoising_start: float | None = None):
+            denoising_end: float | None = None, denoising_start: float | None = None,
+            cfg_split: bool = False):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -396,7 +424,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     guidance_rescale > 0.0,
                     img2img and denoising_start is None, clip_skip, end=end,
                     output_latents=denoising_end is not None,
-                    init_latents=denoising_start is not None)
+                    init_latents=denoising_start is not None,
+                    cfg_split=cfg_split and guidance_scale > 1.0)
   return spec, state
 
 

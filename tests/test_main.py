@@ -107,6 +107,74 @@ def test_eight_devices_same_pixels(reference_run, model, cache, tmp_path):
   assert "5 images" in proc.stderr and "2 per device on 8 devices" in proc.stderr
 
 
+def test_cfg_parallel_splits_each_guidance_pair(model):
+  """CFG parallelism: each device of a pair runs the UNet on its images' uncond or cond rows
+  only, and two pairs make bit for bit what one device makes with the split program (scheduled
+  A1111 prompts included); the default program agrees to float rounding."""
+  code = f"""
+import json, jax, numpy as np, sdjax
+from jax.sharding import Mesh
+from sdjax import conditioning, parallel, sampling
+pipe = sdjax.load_pipeline({model!r})
+rows, predict = [], conditioning.predict
+def spy(nets, params, x, *args):
+  rows.append(int(x.shape[0]))
+  return predict(nets, params, x, *args)
+conditioning.predict = spy
+prompts = ["a [red:blue:0.5] circle", "a (cat:1.3)", "a [dog|cat]", "a green triangle"]
+negatives = ["a blue square", None, "blurry", None]
+seeds = np.arange(7, 11, dtype=np.uint32)
+def sample(mesh, split, lo=0, hi=4):
+  spec, state = sampling.prepare(pipe, 2, steps=4, scheduler="euler_ancestral", height=16,
+                                 width=16, guidance_scale=6.0, cfg_split=split)
+  cond = sampling.make_conditioning(pipe, prompts, negatives,
+                                    a1111=sampling.a1111_options(spec, state, 4))
+  cond = jax.tree.map(lambda a: np.asarray(a)[lo:hi], cond)
+  rows.clear()
+  out = parallel.sharded_sampler(mesh, spec, pipe)(
+      parallel.replicate(pipe.params, mesh), parallel.shard_tree(mesh, cond, hi - lo),
+      parallel.shard_batch(mesh, seeds[lo:hi], hi - lo), np.float32(6), np.float32(0),
+      parallel.replicate(state, mesh))
+  return parallel.local_rows_numpy(out), sorted(set(rows)), len(out.addressable_shards)
+pairs = parallel.make_mesh(cfg_parallel=True)
+one = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA,))
+two = Mesh(np.asarray(jax.devices()[:2]), (parallel.DATA,))
+split, split_rows, shards = sample(pairs, True)
+alone = np.concatenate([sample(one, True, 0, 2)[0], sample(one, True, 2, 4)[0]])
+plain, plain_rows, _ = sample(two, False)
+print(json.dumps(dict(mesh=dict(pairs.shape), split_rows=split_rows, plain_rows=plain_rows,
+                      shards=shards, images=split.shape[0],
+                      bitwise=bool(np.array_equal(split, alone)),
+                      vs_plain=float(np.abs(split - plain).max()))))
+"""
+  proc = subprocess.run([sys.executable, "-c", code], env=_env(4), capture_output=True,
+                        text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = json.loads(proc.stdout.splitlines()[-1])
+  assert got["mesh"] == {"data": 2, "cfg": 2}
+  assert got["split_rows"] == [2] and got["plain_rows"] == [4]  # 2 images per device
+  assert got["shards"] == 4 and got["images"] == 4  # each pair's copy counted once
+  assert got["bitwise"]
+  assert got["vs_plain"] <= 1e-5
+
+
+def test_cfg_parallel_run(reference_run, model, cache, tmp_path):
+  """main.py --cfg_parallel on 2 devices: the reference run's images, to rounding."""
+  out = str(tmp_path / "out")
+  proc = main_py(["--model", model, *_prompt_args(), *COMMON, "--batch_size", "2", "--seed",
+                  "100", "--output_dir", out, "--compilation_cache", cache, "--cpu_devices", "2",
+                  "--cfg_parallel", "--verbosity", "0"], devices=1)
+  assert "2 per device on 2 devices (guidance pairs split over 2)" in proc.stderr
+  ref, got = _pixels(reference_run), _pixels(out)
+  assert sorted(got) == sorted(ref)
+  for name in ref:
+    assert np.abs(got[name].astype(int) - ref[name]).max() <= 1
+  again = main_py(["--model", model, *_prompt_args(), *COMMON, "--batch_size", "2", "--seed",
+                   "100", "--output_dir", out, "--compilation_cache", cache, "--verbosity", "0"],
+                  check=False)
+  assert again.returncode == 2 and "cfg_parallel" in again.stderr  # not mixed into one run
+
+
 def test_batch_is_split_across_devices(model):
   """The compiled program's per-device share is batch_size, not the global batch."""
   code = f"""
@@ -244,6 +312,8 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
     (["--embeddings_dir", "/nonexistent"], "--embeddings_dir /nonexistent is not a folder"),
     (["--lora_dir", "/", "--prompt_syntax", "plain"], "--lora_dir applies <lora:...> tags"),
     (["--cpu_devices=-1"], "--cpu_devices must be 0 (one per core) or more, got -1"),
+    (["--cfg_parallel", "--guidance_scale", "1"], "--cfg_parallel splits classifier-free"),
+    (["--cfg_parallel", "--cpu_devices", "3"], "--cfg_parallel: CFG parallelism pairs devices"),
     (["--prompt", "a (cat:1.2.3)"], "bad attention weight '1.2.3'"),
     (["--prompt", "<lora:style:0.5> a cat"], "<lora:...> tags, which only main.py applies"),
     (["--prompt", "<lora:style:0.5> a cat", "--lora_dir", "/"], "<lora:style>: no style{"),

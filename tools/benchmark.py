@@ -3,6 +3,7 @@
   python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --height 512 --width 512
   python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --backend torch
   python tools/benchmark.py --arch sd15 --what unet_step --batch 4 --cpu_devices 2
+  python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --cpu_devices 2 --cfg_parallel
   python tools/benchmark.py --arch sd15 --what generate --batch 8 --steps 50 --dtype bfloat16 \
       --peak_tflops 989 --json
   python tools/benchmark.py --arch sdxl --what generate --batch 4 --steps 30 --dtype bfloat16 \
@@ -71,6 +72,10 @@ _CONVS = flags.DEFINE_list("convs", [], "--backend both: one sdjax program per c
 _DEVICES = flags.DEFINE_integer("cpu_devices", None, "jax unet_step: split the CPU into this many "
                                 "devices (main.py --cpu_devices) and the batch across them, "
                                 "--batch 2 per device = one image's CFG pair each as main.py runs")
+_CFG_PARALLEL = flags.DEFINE_bool("cfg_parallel", False, "jax unet_step with --cpu_devices: "
+                                   "--batch UNet rows = batch/2 images, each image's CFG pair "
+                                   "split over two devices as main.py --cfg_parallel runs it "
+                                   "(guidance combined)")
 _TORCH_COMPILE = flags.DEFINE_string("torch_compile", "", "torch: torch.compile the UNet with this "
                                       "mode (default, max-autotune, ...), channels_last; empty: "
                                       "eager. compile_s: the first call's extra time")
@@ -212,6 +217,36 @@ def _conditioning(pipe, b, h, w):
   return conditioning.Conditioning(side, side, jnp.zeros((b,), bool), time_ids, time_ids)
 
 
+def _cfg_parallel_step(pipe, args):
+  """One CFG step of --batch/2 images on a (data, cfg) mesh, as main.py --cfg_parallel runs it:
+  x [n], each side's embeddings [n], each pair split over a device pair, guidance combined."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  from sdjax import conditioning, parallel, sampling  # noqa: PLC0415
+
+  mesh = parallel.make_mesh(cfg_parallel=True)
+  n = _BATCH.value // 2  # images
+  if parallel.CFG not in mesh.axis_names or _BATCH.value % 2 or n % parallel.data_size(mesh):
+    raise app.UsageError(f"--cfg_parallel needs an even --cpu_devices and --batch twice a "
+                         f"multiple of the pairs; got {mesh.size} devices, batch {_BATCH.value}")
+  params, x, t, context, *added = (args[0], *(a[:n] for a in args[1:]))
+  side = conditioning.Embeddings(context, *added)
+
+  def step(p, x, t, negative, positive):
+    eps_u, eps_c = sampling._split_guidance_pair(  # noqa: SLF001 - what the sampler runs
+        pipe.networks, {"unet": p}, x, t, negative, positive, parallel.CFG)
+    return sampling.guide(eps_u, eps_c, 7.5)
+
+  rows = P(parallel.DATA)
+  fn = jax.shard_map(step, mesh=mesh, in_specs=(P(), rows, rows, rows, rows), out_specs=rows,
+                     check_vma=False)
+  put = lambda a: parallel.shard_batch(mesh, np.asarray(a), n)  # noqa: E731
+  side = jax.tree.map(put, side)
+  return jax.jit(fn), (parallel.replicate(params, mesh), put(x), put(t), side, side)
+
+
 def bench_jax():
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -232,7 +267,7 @@ def bench_jax():
     args = (pipe.params["unet"], jnp.ones(lat, dtype), jnp.full((b,), 500.0),
             jnp.ones((b, 77, pipe.unet.config.cross_attention_dim), dtype), *_added_cond(pipe, b))
     unet = lambda p, x, t, c, *added: pipe.unet.apply({"params": p}, x, t, c, *added)  # noqa: E731
-    if _DEVICES.value is not None:  # each device its share of the batch, as main.py's runs
+    if _DEVICES.value is not None and not _CFG_PARALLEL.value:  # each device its share
       mesh = parallel.make_mesh()
       if b % mesh.size:
         raise app.UsageError(f"--batch {b} does not split over {mesh.size} devices")
@@ -240,7 +275,10 @@ def bench_jax():
                            out_specs=P(parallel.DATA))
       args = (parallel.replicate(args[0], mesh),
               *(parallel.shard_batch(mesh, np.asarray(a), b) for a in args[1:]))
-    fn = jax.jit(unet)
+    if _CFG_PARALLEL.value:
+      fn, args = _cfg_parallel_step(pipe, args)
+    else:
+      fn = jax.jit(unet)
   elif _WHAT.value == "vae_decode":
     args = (pipe.params["vae"], jnp.ones(lat, dtype))
     fn = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method=pipe.vae.decode))
@@ -564,6 +602,8 @@ def main(argv):
                 steps=_STEPS.value if _WHAT.value == "generate" else None)
   if _DEVICES.value is not None:
     result["cpu_devices"] = _DEVICES.value
+  if _CFG_PARALLEL.value:
+    result["cfg_parallel"] = True
   if _WHAT.value == "generate":
     result["images_per_s"] = _BATCH.value / result["median_s"]
   if result["flops"]:
