@@ -486,6 +486,14 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
       })
 
 
+def _local_file(source: str, kind: str, revision: str | None) -> str:
+  """A single file's local path: `source` itself, or a hub file it names (downloaded once, then
+  from the hub cache); a missing local file is left for the reader to report."""
+  if hub.is_hub_file(source):
+    return hub.resolve_file(source, kind, revision=revision)
+  return os.path.expanduser(source)
+
+
 def _family_name(family: str) -> str:
   return family.replace("_", " ").upper()
 
@@ -493,7 +501,8 @@ def _family_name(family: str) -> str:
 def _vae_source(vae: str, default_cfg: VAEConfig, revision: str | None):
   """(config, state reader) of a replacement VAE: a file, a VAE folder or a pipeline folder."""
   if single_file.is_single_file(vae):
-    return default_cfg, lambda expected: single_file.read_vae_file(vae, default_cfg, expected)
+    path = _local_file(vae, "VAE", revision)
+    return default_cfg, lambda expected: single_file.read_vae_file(path, default_cfg, expected)
   folder = hub.resolve_source(vae, revision=revision, component="vae")
   if os.path.isdir(os.path.join(folder, "vae")):
     folder = os.path.join(folder, "vae")
@@ -527,8 +536,10 @@ def load_pipeline(
   Args:
     source: a diffusers-format folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
       `tokenizer/`, `scheduler/`), a Hugging Face hub id, a single original-layout checkpoint
-      file (`.safetensors`, `.ckpt`, `.pt`, `.bin`; SD1, SD2, SDXL base or refiner), or None for
-      the built-in model.
+      file (`.safetensors`, `.ckpt`, `.pt`, `.bin`; SD1, SD2, SDXL base or refiner): a path, a
+      hub file `owner/name/file.safetensors` or its URL
+      (`https://huggingface.co/owner/name/blob/main/file.safetensors`), or None for the
+      built-in model.
     dtype: compute dtype of the networks ("float32", "bfloat16", "float16").
     param_dtype: dtype the params are stored in (default: `dtype`).
     variant: weight file variant to prefer, e.g. "fp16".
@@ -538,7 +549,8 @@ def load_pipeline(
     config: single files only: a diffusers folder or hub id whose configs, tokenizer and scheduler
       to use (default: sdjax's built-in standard config of the file's family).
     vae: a replacement VAE: a diffusers VAE or pipeline folder, a hub id, or a single VAE file
-      (original layout `encoder.*`/`decoder.*`, optionally under `first_stage_model.`).
+      (original layout `encoder.*`/`decoder.*`, optionally under `first_stage_model.`; a path,
+      hub file or URL as for `source`).
     prediction_type: "epsilon" or "v_prediction", overriding the scheduler config (SD2 single
       files: picks the 512-base or the 768-v standard config; default v_prediction).
     loras: LoRA files merged into the weights: `path`, `(path, scale)` or
@@ -556,7 +568,8 @@ def load_pipeline(
   compute = parse_dtype(dtype)
   store = parse_dtype(param_dtype) if param_dtype is not None else compute
   if single_file.is_single_file(source):
-    src = _single_file_source(os.path.expanduser(source), config, prediction_type, revision)
+    src = _single_file_source(_local_file(source, "checkpoint", revision), config,
+                              prediction_type, revision)
   elif config is not None:
     raise PipelineError("config= is only for single-file checkpoints; a folder has its own")
   else:

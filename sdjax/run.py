@@ -606,6 +606,9 @@ def model_identity(source: str | None) -> tuple[str, str | None]:
   if os.path.exists(os.path.expanduser(source)):
     folder = os.path.expanduser(source)
     name = os.path.basename(os.path.normpath(folder))
+  elif hub.is_hub_file(source):  # a single file from the hub: its cached download
+    folder = hub.resolve_file(source, "checkpoint")
+    name = os.path.basename(folder)
   else:
     name = source
     try:

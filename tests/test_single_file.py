@@ -204,6 +204,55 @@ def test_vae_swap(family_files, tmp_path, monkeypatch):
     sdjax.load_pipeline(folder, vae=_write(tmp_path / "x.safetensors", {"w": np.ones(2)}))
 
 
+def _hub_cache(monkeypatch, root, repo, files):
+  """An offline Hugging Face cache holding `files` ({path in repo: local file}) of `repo` at
+  main, as hf_hub_download leaves it: what a download finds on its second run."""
+  import huggingface_hub
+
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  base = root / f"models--{repo.replace('/', '--')}"
+  (base / "refs").mkdir(parents=True)
+  (base / "refs" / "main").write_text(commit)
+  for name, local in files.items():
+    target = base / "snapshots" / commit / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(local, target)
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_single_file(family_files, loaded, monkeypatch, tmp_path):
+  """A checkpoint (and a VAE file) on the hub, named `owner/name/path/file` or by its URL,
+  downloaded through huggingface_hub: the local file's weights, name and A1111 hash."""
+  from sdjax import outputs, run
+
+  family, folder, _, ref, exported, real = family_files
+  if family != "sd1":
+    pytest.skip("family-independent")
+  vae = str(tmp_path / "vae.safetensors")
+  _vae_original_file(testing.torch_vae(testing.VAE, seed=5), vae, "")
+  _hub_cache(monkeypatch, tmp_path / "hub", "someone/models",
+             {"sd/model.safetensors": real, "vae.safetensors": vae})
+  want_vae = sdjax.load_pipeline(real, config=folder, vae=vae)
+  for source in ("someone/models/sd/model.safetensors",
+                 "https://huggingface.co/someone/models/blob/main/sd/model.safetensors",
+                 "https://huggingface.co/someone/models/resolve/main/sd/model.safetensors"
+                 "?download=true"):
+    pipe = sdjax.load_pipeline(source, config=folder)
+    _assert_params_equal(pipe.params, loaded.params)
+    assert pipe.name.startswith(f"{source} (config ")
+    assert run.model_identity(source) == ("model", outputs.short_hash(real))
+  pipe = sdjax.load_pipeline(real, config=folder, vae="someone/models/vae.safetensors")
+  _assert_params_equal(pipe.params["vae"], want_vae.params["vae"])
+  for source in ("someone/models/other.safetensors",
+                 "https://huggingface.co/someone/models/blob/v2/sd/model.safetensors"):
+    with pytest.raises(ValueError, match="is no local file and cannot be downloaded") as e:
+      sdjax.load_pipeline(source, config=folder)
+    assert "\n" not in str(e.value)
+  with pytest.raises(SingleFileError, match="checkpoint file .*nothere.ckpt does not exist"):
+    sdjax.load_pipeline("models/nothere.ckpt")  # owner/name without a file: a local path
+
+
 def _write(path, state):
   save_file({k: np.asarray(v, np.float32) for k, v in state.items()}, str(path))
   return str(path)

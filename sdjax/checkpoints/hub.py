@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from sdjax.checkpoints.weights import WEIGHT_STEMS, weight_candidates
 
@@ -119,6 +120,27 @@ def select_file(repo_files: list[str], kind: str, preferred=()) -> str:
                  f"{', ...' if len(candidates) > 5 else ''}); name one as owner/name/file")
 
 
+# A file's page or download address on the hub: .../owner/name/{blob,resolve}/revision/path.
+_HUB_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/([^/]+/[^/]+)/"
+                      r"(?:blob|resolve)/([^/]+)/([^?#]+)(?:[?#].*)?$")
+
+
+def parse_hub_url(source: str) -> tuple[str, str, str] | None:
+  """`https://huggingface.co/owner/name/blob/main/x.safetensors` (or `/resolve/`) ->
+  (repo, file, revision); None for anything else."""
+  match = _HUB_URL.match(source)
+  return None if match is None else (match.group(1), match.group(3), match.group(2))
+
+
+def is_hub_file(source: str) -> bool:
+  """Whether `source`, not being a local path, names one hub file: a hub URL, or
+  `owner/name/path/file.ext`."""
+  if os.path.exists(os.path.expanduser(source)):
+    return False
+  hub_file = split_hub_file(source)
+  return parse_hub_url(source) is not None or (hub_file is not None and hub_file[1] is not None)
+
+
 def split_hub_file(source: str) -> tuple[str, str | None] | None:
   """`owner/name` -> (repo, None); `owner/name/path/file.ext` -> (repo, path); else None."""
   if source.startswith((".", "/", "~")) or source.count("/") < 1:
@@ -134,16 +156,22 @@ def split_hub_file(source: str) -> tuple[str, str | None] | None:
 def resolve_file(source: str, kind: str, preferred=(), *, revision: str | None = None) -> str:
   """A local path for a single-file `source`: a file, or a file downloaded from the hub.
 
-  Hub forms: `owner/name/file.safetensors` (that file) or `owner/name` (the repo's `preferred`
-  file, else its only weight file). Only that one file is downloaded.
+  Hub forms: `owner/name/file.safetensors` (that file), `owner/name` (the repo's `preferred`
+  file, else its only weight file), or the file's hub URL
+  (`https://huggingface.co/owner/name/blob/<revision>/file`, whose revision wins). Only that one
+  file is downloaded.
   """
   expanded = os.path.expanduser(source)
   if os.path.isfile(expanded):
     return expanded
-  hub_file = None if os.path.exists(expanded) else split_hub_file(source)
-  if hub_file is None:
-    raise HubError(f"{kind} file {source!r} does not exist")
-  repo, filename = hub_file
+  url = None if os.path.exists(expanded) else parse_hub_url(source)
+  if url is not None:
+    repo, filename, revision = url
+  else:
+    hub_file = None if os.path.exists(expanded) else split_hub_file(source)
+    if hub_file is None:
+      raise HubError(f"{kind} file {source!r} does not exist")
+    repo, filename = hub_file
   try:
     import huggingface_hub  # noqa: PLC0415
 
@@ -154,5 +182,6 @@ def resolve_file(source: str, kind: str, preferred=(), *, revision: str | None =
   except HubError as e:
     raise HubError(f"{kind} {source!r}: {e}") from None
   except Exception as e:  # noqa: BLE001 - network, auth and not-found errors all end here
-    raise HubError(f"cannot download {kind} {source!r} from the Hugging Face hub: "
+    raise HubError(f"{kind} {source!r} is no local file and cannot be downloaded from the "
+                   f"Hugging Face hub: "
                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -55,8 +55,10 @@ _IGNORED = re.compile(
 
 
 def is_single_file(source: str) -> bool:
-  """Whether `source` names a checkpoint file (by extension; a missing one errors on reading)."""
-  return source.lower().endswith(EXTENSIONS) and not os.path.isdir(os.path.expanduser(source))
+  """Whether `source` names a checkpoint file (by extension; a missing one errors on reading),
+  local or on the hub (`owner/name/file.safetensors`, or its URL)."""
+  name = source.split("?", 1)[0] if "://" in source else source
+  return name.lower().endswith(EXTENSIONS) and not os.path.isdir(os.path.expanduser(source))
 
 
 # -- reading ----------------------------------------------------------------------------------------
