@@ -12,6 +12,7 @@ threads encode and write it. Rerunning the same command skips finished shards.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -165,9 +166,6 @@ def validate(cfg: RunConfig) -> None:
       raise RunError("--lora_dir applies <lora:...> tags, which need --prompt_syntax a1111")
     if not os.path.isdir(cfg.lora_dir):
       raise RunError(f"--lora_dir {cfg.lora_dir} is not a folder")
-    if (cfg.num_processes or 1) > 1:
-      raise RunError("<lora:...> tags (--lora_dir) need a single-process run: every device of a "
-                     "batch shares its weights")
   if cfg.prompt_syntax == "a1111":  # the inline prompts fail here; a file's when reached
     from sdjax import prompts  # noqa: PLC0415
 
@@ -393,16 +391,18 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
   run_batch = _Sampler(cfg, pipe, mesh, spec, state, refiner, lora_set)
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
-  batches = _batches(work.jobs(plan), local_batch, lora_set)
+  if lora_set is None:
+    batches = _batches(work.jobs(plan), local_batch)
+  else:  # LoRA sets split batches, so their count is known only at the end
+    batches = _LoraBatches(work.jobs(plan), local_batch, lora_set)
   made, start, pending, interrupted, progress = 0, None, None, False, None
   try:
     with _StopFlag() as stop:
-      # LoRA sets split batches, so their count is known only at the end (one process).
       for _ in range(steps) if lora_set is None else iter(int, 1):
-        batch = next(batches)
-        if lora_set is not None and all(shard is None for shard, _ in batch):
+        batch, loras = next(batches) if lora_set is not None else (next(batches), None)
+        if batch is None:  # no process has LoRA-set work left
           break
-        images = run_batch(batch)  # dispatched: the devices work while the host writes
+        images = run_batch(batch, loras)  # dispatched: the devices work while the host writes
         if progress is None:  # compiled: from here on the bar's rate and ETA mean something
           start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
         if pending is not None:
@@ -455,16 +455,10 @@ class _LoraSets:
                    f"{self.lora_dir}")
 
 
-def _batches(jobs: Iterator[tuple[int, ImageJob]], size: int, lora_set=None) -> Iterator[list]:
-  """Lists of `size` (shard, job); padded with copies (never written) once jobs run out.
-
-  With `lora_set`, a batch holds one LoRA set: a job with another set starts a new batch.
-  """
+def _batches(jobs: Iterator[tuple[int, ImageJob]], size: int) -> Iterator[list]:
+  """Lists of `size` (shard, job); padded with copies (never written) once jobs run out."""
   batch = []
   for item in jobs:
-    if batch and lora_set is not None and lora_set(item[1].prompt) != lora_set(batch[0][1].prompt):
-      yield batch + [(None, batch[-1][1])] * (size - len(batch))
-      batch = []
     batch.append(item)
     if len(batch) == size:
       yield batch
@@ -473,6 +467,59 @@ def _batches(jobs: Iterator[tuple[int, ImageJob]], size: int, lora_set=None) -> 
   while True:
     yield batch + [(None, filler[1])] * (size - len(batch))
     batch = []
+
+
+class _LoraBatches:
+  """Batches that each hold one LoRA set, the same on every process (their devices share the
+  weights): each step the processes agree on the set the first process with work left wants
+  next; a process whose next job has another set sends padding that step.
+
+  Yields (batch, set), or (None, None) once no process has work left.
+  """
+
+  def __init__(self, jobs: Iterator[tuple[int, ImageJob]], size: int, lora_set):
+    self.jobs, self.size, self.lora_set, self.head = jobs, size, lora_set, None
+
+  def __iter__(self):
+    return self
+
+  def _peek(self):
+    if self.head is None:
+      self.head = next(self.jobs, None)
+    return self.head
+
+  def __next__(self):
+    head = self._peek()
+    wanted = None if head is None else self.lora_set(head[1].prompt)
+    loras = _agree_on_lora_set(wanted)
+    if loras is None:
+      return None, None
+    batch = []
+    while len(batch) < self.size and (head := self._peek()) is not None \
+        and self.lora_set(head[1].prompt) == loras:
+      batch.append(head)
+      self.head = None
+    filler = batch[-1][1] if batch else ImageJob(0, "", "", 0)
+    return batch + [(None, filler)] * (self.size - len(batch)), loras
+
+
+def _agree_on_lora_set(wanted):
+  """The LoRA set (tuple of (file, unet scale, te scale)) the lowest process with work wants,
+  or None when none has work; `wanted`: this process's next set, or None."""
+  if jax.process_count() == 1:
+    return wanted
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  data = np.frombuffer(json.dumps(wanted).encode(), np.uint8)
+  longest = parallel.max_over_processes(len(data))
+  padded = np.zeros(longest, np.uint8)
+  padded[:len(data)] = data
+  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, longest)
+  for row in every:  # in process order
+    value = json.loads(bytes(row).rstrip(b"\0").decode())
+    if value is not None:
+      return tuple(tuple(x) for x in value)
+  return None
 
 
 def _write(writer, metadata, batch, images, progress) -> int:
@@ -539,9 +586,8 @@ class _Sampler:
     return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
                                             size=size, img2img=True, a1111=a1111)
 
-  def _use_loras(self, prompt: str) -> None:
+  def _use_loras(self, loras) -> None:
     """Merges the batch's LoRA set into the base weights, once per change of set."""
-    loras = self.lora_set(prompt)
     if loras != self.loras:
       from sdjax.checkpoints import lora  # noqa: PLC0415
 
@@ -551,10 +597,11 @@ class _Sampler:
       self.params, self.loras = parallel.replicate(params, self.mesh), loras
       logging.info("LoRA set %s merged", loras)
 
-  def __call__(self, batch):
-    jobs = [job for _, job in batch]
+  def __call__(self, batch, loras=None):
+    """Dispatches `batch` ((shard, job) rows) under LoRA set `loras` (with `--lora_dir`)."""
     if self.lora_set is not None:
-      self._use_loras(jobs[0].prompt)
+      self._use_loras(loras)
+    jobs = [job for _, job in batch]
     cond = self._conditioning(jobs)
     args = (self.params, parallel.shard_tree(self.mesh, cond, self.global_batch),
             parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),

@@ -457,3 +457,20 @@ def test_lora_tags(reference_run, model, cache, tmp_path):
   assert np.abs(alone[0] * 255 - got["00000/000002.png"]).max() <= 1.0
   assert np.abs(got["00000/000002.png"].astype(int) - ref["00000/000002.png"]).max() > 10
   assert _manifest(out)[0]["prompt"] == prompts[0]
+  # Two processes (shards of one image: process 0 makes the two tagged images, process 1 the
+  # untagged one) agree on one set per step, padding meanwhile: the same images.
+  out2 = str(tmp_path / "out2")
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "main.py"), "--model", model, *_prompt_args(prompts),
+       *COMMON, "--batch_size", "2", "--seed", "100", "--output_dir", out2, "--shard_size", "1",
+       "--compilation_cache", cache, "--lora_dir", str(loras), "--coordinator_address", address,
+       "--num_processes", "2", "--process_id", str(i)], cwd=ROOT, env=_env(1),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  two = _pixels(out2)
+  assert sorted(two) == sorted(got)
+  for name in got:
+    np.testing.assert_array_equal(two[name], got[name])
