@@ -279,6 +279,20 @@ def schedule_index(ends: Sequence[int], step: int) -> int:
 
 # -- extra networks (<lora:name:w>) ----------------------------------------------------------------
 _EXTRA_NETWORK_RE = re.compile(r"<(\w+):([^>]+)>")
+# Composable diffusion, which sdjax does not implement: A1111 splits a prompt at AND and reads a
+# number after a last ':' as the part's guidance weight.
+_AND_RE = re.compile(r"\bAND\b")
+_PART_WEIGHT_RE = re.compile(r":\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
+
+
+def composable_syntax(prompt: str) -> str | None:
+  """What in `prompt` AUTOMATIC1111 would read as composable diffusion (`AND`, or a trailing
+  `:weight`), which sdjax reads as text; None when there is nothing."""
+  if _AND_RE.search(prompt):
+    return "AND"
+  if _PART_WEIGHT_RE.search(prompt):
+    return "a trailing ':weight'"
+  return None
 
 
 def extract_extra_networks(prompt: str) -> tuple[str, list[tuple[str, tuple[str, ...]]]]:

@@ -255,6 +255,23 @@ def strip_extra_networks(prompt: str, allow_lora: bool = False) -> str:
   return text
 
 
+_warned_composable = False
+
+
+def _warn_composable(prompts: Sequence[str]) -> None:
+  """Warns (once per process) about composable-diffusion syntax, which is read as text."""
+  global _warned_composable
+  if _warned_composable:
+    return
+  for prompt in prompts:
+    found = prompt_lib.composable_syntax(prompt)
+    if found:
+      _warned_composable = True
+      logging.warning("prompt %r: %s (composable diffusion) is not supported and is read as "
+                      "text, so the image differs from AUTOMATIC1111's (warned once)", prompt, found)
+      return
+
+
 def _trigger_vectors(pipe, encoder: str, given):
   if encoder == "text_encoder" and given is not None:
     return given
@@ -326,6 +343,7 @@ def make_conditioning(pipe, prompts: Sequence[str], negative_prompts: Sequence[s
         "" if p is None else p for p in _as_list(negative_prompts_2, n, "negative_prompts_2")]
     if getattr(pipe, "text_encoder", None) is None:  # the refiner: `prompt` to its encoder
       prompts_2, negatives_2 = prompts, negatives
+    _warn_composable(prompts)
     prompt, negative = _a1111_ids(pipe, (prompts, negatives), (prompts_2, negatives_2), a1111)
     if not pipe.is_sdxl:
       return Conditioning(prompt, negative)

@@ -120,6 +120,31 @@ def test_lora_tags():
     prompts.lora_tags("<lora:x:strong>")
 
 
+@pytest.mark.parametrize("prompt, found", [
+    ("a cat AND a dog", "AND"),
+    ("a cat AND a dog :1.2", "AND"),
+    ("a cat: 1.5", "a trailing ':weight'"),
+    ("a city at 5:30", "a trailing ':weight'"),  # A1111 reads this as weight 30 too
+    ("a (cat:1.2)", None),
+    ("a cat and a dog", None),  # only the upper-case word separates
+    ("ANDROID, BRANDY", None),
+    ("[cat:dog:0.5]", None),
+])
+def test_composable_syntax_is_named(prompt, found):
+  assert prompts.composable_syntax(prompt) == found
+
+
+def test_composable_syntax_warns_once(monkeypatch, caplog):
+  from sdjax import sampling
+
+  monkeypatch.setattr(sampling, "_warned_composable", False)
+  with caplog.at_level("WARNING"):
+    sampling._warn_composable(["a cat", "a cat AND a dog"])
+    sampling._warn_composable(["a cat AND a dog", "a cat:2"])
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "'a cat AND a dog': AND (composable diffusion)" in warnings[0]
+
+
 # -- chunked, weighted encoding against A1111's description on transformers' CLIPTextModel --------
 CAT, DOG = "cat ", "dog "
 
