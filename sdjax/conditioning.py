@@ -54,7 +54,9 @@ class Conditioning:
 
   `zero_negative` [B] bool marks images whose negative context and pooled embeds are zeros
   (diffusers' `force_zeros_for_empty_prompt`); `time_ids` / `negative_time_ids` [B, K] are
-  SDXL's micro-conditioning.
+  SDXL's micro-conditioning. With composable prompts (A1111's `AND`, `:weight`) `prompt` holds
+  S rows per image (its parts, padded with parts of weight 0) and `part_weights` [B, S] their
+  guidance weights.
   """
 
   prompt: PromptIds
@@ -62,6 +64,7 @@ class Conditioning:
   zero_negative: jax.Array | None = None
   time_ids: jax.Array | None = None
   negative_time_ids: jax.Array | None = None
+  part_weights: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -157,7 +160,10 @@ def encode(nets: Networks, params, cond: Conditioning, clip_skip: int | None = N
            negative_clip_skip: int | None = None, guidance: bool = True):
   """(negative, positive) Embeddings of a conditioning; negative is None without guidance."""
   context, pooled = encode_side(nets, params, cond.prompt, clip_skip)
-  positive = Embeddings(context, pooled, cond.time_ids, *_a1111_extras(cond.prompt))
+  time_ids = cond.time_ids
+  if cond.part_weights is not None and time_ids is not None:  # a row per part
+    time_ids = jnp.repeat(time_ids, cond.part_weights.shape[1], axis=0)
+  positive = Embeddings(context, pooled, time_ids, *_a1111_extras(cond.prompt))
   if not guidance:
     return None, positive
   context, pooled = encode_side(nets, params, cond.negative, negative_clip_skip)

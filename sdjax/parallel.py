@@ -144,8 +144,12 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None):
 
 
 def shard_tree(mesh: Mesh, tree, global_batch: int):
-  """`shard_batch` on every leaf of a pytree of this process's rows (a `Conditioning`)."""
-  return jax.tree.map(lambda x: shard_batch(mesh, np.asarray(x), global_batch), tree)
+  """`shard_batch` on every leaf of a pytree of this process's rows (a `Conditioning`); a leaf
+  may hold several rows per image (composable prompts' parts), split with their images."""
+  del global_batch  # each leaf's global rows follow from its local rows
+  scale = data_size(mesh), local_data_size(mesh)
+  return jax.tree.map(lambda x: shard_batch(mesh, np.asarray(x), len(x) * scale[0] // scale[1]),
+                      tree)
 
 
 def local_rows(array) -> list[tuple[int, np.ndarray]]:

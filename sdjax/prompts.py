@@ -285,6 +285,20 @@ _AND_RE = re.compile(r"\bAND\b")
 _PART_WEIGHT_RE = re.compile(r":\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
 
 
+_PART_RE = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+def composable_parts(prompt: str) -> list[tuple[str, float]]:
+  """A1111's composable diffusion: the prompt's parts between `AND`s, each with the weight a
+  trailing `:number` gives it (default 1), as `get_multicond_prompt_list` reads them."""
+  parts = []
+  for part in _AND_RE.split(prompt):
+    match = _PART_RE.search(part)
+    text, weight = match.groups() if match is not None else (part, None)
+    parts.append((text, 1.0 if weight is None else float(weight)))
+  return parts
+
+
 def composable_syntax(prompt: str) -> str | None:
   """What in `prompt` AUTOMATIC1111 would read as composable diffusion (`AND`, or a trailing
   `:weight`), which sdjax reads as text; None when there is nothing."""
@@ -497,6 +511,9 @@ class PromptBatch:
   chunks: Any  # int32 [B] chunks in use
   schedule: Any  # int32 [B, T] the variant in force at each denoiser call
   token_embeds: Any = None  # (float32 [B, V, K, L, D], bool [B, V, K, L]) trigger vectors
+  # Composable prompts (a row per part): int32 [B] chunks attended to, the longest part's of the
+  # row's prompt; past its own `chunks` a part repeats its last vector, as A1111 pads the parts.
+  attend_chunks: Any = None
 
   @property
   def context_length(self) -> int:
@@ -644,6 +661,9 @@ def encode_weighted(encode: Encoder, batch: PromptBatch):
   z = emphasize(z.astype(jnp.float32).reshape(b, v, k, length, -1), batch.weights, batch.counts,
                 batch.chunks)
   z = z.reshape(b, v, k * length, -1)  # B, V, K*L, D
+  if batch.attend_chunks is not None:  # a part shorter than its prompt's longest: repeat the end
+    last = jnp.minimum(jnp.arange(k * length)[None, :], (batch.chunks * length - 1)[:, None])
+    z = jnp.take_along_axis(z, last[:, None, :, None], axis=2)
   if pooled is None:
     return z
   return z, pooled.reshape(b, v, k, -1)[:, :, 0]  # B, V, P
@@ -654,7 +674,8 @@ def context_bias(batch: PromptBatch) -> jax.Array | None:
   b, _, k, length = batch.ids.shape
   if k == 1:
     return None
-  valid = jnp.arange(k * length)[None, :] < (batch.chunks * length)[:, None]  # B, K*L
+  chunks = batch.chunks if batch.attend_chunks is None else batch.attend_chunks
+  valid = jnp.arange(k * length)[None, :] < (chunks * length)[:, None]  # B, K*L
   return jnp.where(valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
 
 

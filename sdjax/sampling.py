@@ -129,12 +129,21 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
   negative, positive = conditioning.encode(nets, params, cond, spec.clip_skip, spec.clip_skip,
                                            spec.guidance)
   scheduled = positive.schedule is not None  # A1111 syntax: the variants in force per call
+  parts = cond.part_weights
+  if parts is not None and (not spec.guidance or spec.cfg_split or spec.guidance_rescale):
+    raise ValueError("composable prompts (AND, :weight) need classifier-free guidance "
+                     "(guidance_scale > 1), without guidance_rescale or cfg_parallel")
   if spec.guidance and not scheduled and not spec.cfg_split:
-    both = conditioning.Embeddings.concat(negative, positive)  # 2B rows: [uncond, cond]
+    both = conditioning.Embeddings.concat(negative, positive)  # [uncond, cond] rows
 
   def predict(x, t, call):
     if not spec.guidance:
       return conditioning.predict(nets, params, x, t, positive.at(call))
+    if parts is not None:
+      return _composable_guidance(nets, params, x, t, both if not scheduled else
+                                  conditioning.Embeddings.concat(negative.at(call),
+                                                                 positive.at(call)),
+                                  parts, guidance_scale)
     if spec.cfg_split:
       eps_uncond, eps_cond = _split_guidance_pair(nets, params, x, t, negative.at(call),
                                                   positive.at(call), cfg_axis)
@@ -155,6 +164,20 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
   images = vae.apply({"params": params["vae"]}, vae.config.from_diffusion_latents(x),
                      method=AutoencoderKL.decode)
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def _composable_guidance(nets, params, x, t, emb, weights, scale):
+  """A1111's composable diffusion: one UNet call on [uncond (B), parts (B*S)], then
+  uncond + sum over parts of (part - uncond) * (weight * scale), in A1111's order."""
+  b, s = weights.shape
+  out = conditioning.predict(nets, params, jnp.concatenate([x, jnp.repeat(x, s, axis=0)]), t,
+                             emb).astype(jnp.float32)
+  eps_uncond, eps_parts = out[:b], out[b:].reshape(b, s, *out.shape[1:])
+  eps = eps_uncond
+  for k in range(s):
+    factor = (weights[:, k] * scale).reshape((b,) + (1,) * (x.ndim - 1))
+    eps = eps + (eps_parts[:, k] - eps_uncond) * factor
+  return eps
 
 
 def _split_guidance_pair(nets, params, x, t, negative, positive, cfg_axis):
@@ -233,7 +256,8 @@ class A1111:
   steps: int  # what schedules count in: sampler steps x UNet calls per step (heun: 2)
   calls: int  # UNet calls the program makes
   first_call: int = 0  # A1111's counter at the first of them (a refiner continues the base's)
-  sizes: tuple[int, int, int] | None = None  # forced (chunks, prompt / negative variants)
+  # forced (chunks, prompt / negative variants[, composable parts per prompt; 0: none])
+  sizes: tuple[int, ...] | None = None
   bucket_variants: bool = False  # variant counts rounded up to powers of two: fewer programs
   allow_lora: bool = False  # <lora:...> tags are applied by the caller (main.py --lora_dir)
   embeddings: Any = None  # {trigger: [n, D]} for text_encoder; default: pipe.embeddings
@@ -255,23 +279,6 @@ def strip_extra_networks(prompt: str, allow_lora: bool = False) -> str:
   return text
 
 
-_warned_composable = False
-
-
-def _warn_composable(prompts: Sequence[str]) -> None:
-  """Warns (once per process) about composable-diffusion syntax, which is read as text."""
-  global _warned_composable
-  if _warned_composable:
-    return
-  for prompt in prompts:
-    found = prompt_lib.composable_syntax(prompt)
-    if found:
-      _warned_composable = True
-      logging.warning("prompt %r: %s (composable diffusion) is not supported and is read as "
-                      "text, so the image differs from AUTOMATIC1111's (warned once)", prompt, found)
-      return
-
-
 def _trigger_vectors(pipe, encoder: str, given):
   if encoder == "text_encoder" and given is not None:
     return given
@@ -279,9 +286,37 @@ def _trigger_vectors(pipe, encoder: str, given):
           if encoder in e.vectors} or None
 
 
-def _a1111_ids(pipe, sides, sides_2, opts: A1111) -> tuple[PromptIds, PromptIds]:
-  """(prompt, negative) PromptIds of `prompts.PromptBatch`es: one chunk count for both sides
-  and both text encoders, so they attend over one context length."""
+def _composable(prompts, prompts_2, opts: A1111):
+  """Composable prompts (A1111's `AND` / `:weight`) as parts: (part texts [B*S], the second
+  encoder's [B*S], weights [B, S], S), or None when no prompt uses the syntax (and no other
+  process's batch does: `opts.sizes`)."""
+  texts = [strip_extra_networks(p, opts.allow_lora) for p in prompts]
+  forced = opts.sizes[3] if opts.sizes is not None and len(opts.sizes) > 3 else 0
+  if not forced and not any(prompt_lib.composable_syntax(t) for t in texts):
+    return None
+  if list(prompts_2) != list(prompts):
+    raise prompt_lib.PromptError("composable prompts (AND, :weight) take one prompt for both "
+                                 "text encoders, as A1111: leave prompts_2 out")
+  parts = [prompt_lib.composable_parts(t) for t in texts]
+  s = max(len(p) for p in parts)
+  s = forced or (prompt_lib.bucket(s) if opts.bucket_variants else s)
+  if s < max(len(p) for p in parts):
+    raise ValueError("composable part bucket smaller than a prompt needs")
+  padded = [p + [(p[0][0], 0.0)] * (s - len(p)) for p in parts]  # weight 0: no effect
+  flat = [text for p in padded for text, _ in p]
+  weights = np.asarray([[w for _, w in p] for p in padded], np.float32)
+  return flat, list(flat), weights, s
+
+
+def _a1111_ids(pipe, sides, sides_2, opts: A1111):
+  """(prompt, negative, part weights) of `prompts.PromptBatch`es: one chunk count for both sides
+  and both text encoders, so they attend over one context length. With composable prompts the
+  prompt side has a row per part (`_composable`), else the part weights are None."""
+  composable = _composable(sides[0], sides_2[0], opts)
+  part_weights = None
+  if composable is not None:
+    flat, flat_2, part_weights, n_parts = composable
+    sides, sides_2 = (flat, sides[1]), (flat_2, sides_2[1])
   encoders = [(name, tok, texts) for name, tok, texts in (
       ("text_encoder", getattr(pipe, "tokenizer", None), sides),
       ("text_encoder_2", getattr(pipe, "tokenizer_2", None), sides_2))
@@ -310,17 +345,25 @@ def _a1111_ids(pipe, sides, sides_2, opts: A1111) -> tuple[PromptIds, PromptIds]
                                         variants=sizes[1 + k],
                                         embeddings=_trigger_vectors(pipe, name, opts.embeddings))
                 for k in (0, 1)] for name, tok, _ in encoders}
-  return tuple(PromptIds(ids.get("text_encoder", [None, None])[k],
-                         ids.get("text_encoder_2", [None, None])[k]) for k in (0, 1))
+  if composable is not None:  # each part attends over its prompt's longest part
+    own = np.max([[p.chunks for p in parsed[name][0]] for name, _, _ in encoders], axis=0)
+    attend = np.repeat(own.reshape(-1, n_parts).max(axis=1), n_parts).astype(np.int32)
+    for name in ids:
+      ids[name][0] = ids[name][0].replace(attend_chunks=attend)
+  prompt, negative = (PromptIds(ids.get("text_encoder", [None, None])[k],
+                                ids.get("text_encoder_2", [None, None])[k]) for k in (0, 1))
+  return prompt, negative, part_weights
 
 
-def input_sizes(cond: Conditioning) -> tuple[int, int, int] | None:
-  """(chunks, prompt variants, negative variants) of an A1111 conditioning, else None."""
+def input_sizes(cond: Conditioning) -> tuple[int, int, int, int] | None:
+  """(chunks, prompt variants, negative variants, composable parts or 0) of an A1111
+  conditioning, else None."""
   batch = cond.prompt.ids if cond.prompt.ids is not None else cond.prompt.ids_2
   if not isinstance(batch, prompt_lib.PromptBatch):
     return None
   negative = cond.negative.ids if cond.negative.ids is not None else cond.negative.ids_2
-  return batch.ids.shape[2], batch.ids.shape[1], negative.ids.shape[1]
+  parts = 0 if cond.part_weights is None else cond.part_weights.shape[1]
+  return batch.ids.shape[2], batch.ids.shape[1], negative.ids.shape[1], parts
 
 
 def make_conditioning(pipe, prompts: Sequence[str], negative_prompts: Sequence[str | None], *,
@@ -343,10 +386,10 @@ def make_conditioning(pipe, prompts: Sequence[str], negative_prompts: Sequence[s
         "" if p is None else p for p in _as_list(negative_prompts_2, n, "negative_prompts_2")]
     if getattr(pipe, "text_encoder", None) is None:  # the refiner: `prompt` to its encoder
       prompts_2, negatives_2 = prompts, negatives
-    _warn_composable(prompts)
-    prompt, negative = _a1111_ids(pipe, (prompts, negatives), (prompts_2, negatives_2), a1111)
+    prompt, negative, part_weights = _a1111_ids(pipe, (prompts, negatives),
+                                                (prompts_2, negatives_2), a1111)
     if not pipe.is_sdxl:
-      return Conditioning(prompt, negative)
+      return Conditioning(prompt, negative, part_weights=part_weights)
   elif not pipe.is_sdxl:
     return Conditioning(PromptIds(pipe.tokenize(prompts)), PromptIds(pipe.tokenize(negatives)))
   if a1111 is not None:
@@ -366,7 +409,8 @@ def make_conditioning(pipe, prompts: Sequence[str], negative_prompts: Sequence[s
       micro or MicroConditioning(), size, img2img=img2img or pipe.requires_aesthetics_score,
       requires_aesthetics_score=pipe.requires_aesthetics_score)
   conditioning.check_time_ids(pipe.networks, len(ids))
-  return Conditioning(prompt, negative, zero, np.tile(ids, (n, 1)), np.tile(neg_ids, (n, 1)))
+  return Conditioning(prompt, negative, zero, np.tile(ids, (n, 1)), np.tile(neg_ids, (n, 1)),
+                      part_weights if a1111 is not None else None)
 
 
 def check_size(pipe, height: int, width: int) -> tuple[int, int]:

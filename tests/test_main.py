@@ -412,8 +412,10 @@ def test_lora_and_embedding_flags(reference_run, model, cache, tmp_path):
 
 
 def test_a1111_prompt_syntax(model, cache, tmp_path):
-  """A1111 prompts from a file: kept as written in manifest and PNG, each image as if alone."""
-  prompts = ["a (red:1.3) circle, " * 16 + "BREAK [cat|dog]", "a [blue:green:1] (square:0.7)"]
+  """A1111 prompts from a file: kept as written in manifest and PNG, each image as if alone
+  (the second composable: two parts, one weighted)."""
+  prompts = ["a (red:1.3) circle, " * 16 + "BREAK [cat|dog]",
+             "a [blue:green:1] (square:0.7) AND a cat :0.5"]
   path = tmp_path / "prompts.jsonl"
   path.write_text("".join(json.dumps({"prompt": p, "negative_prompt": "[red|blue]"}) + "\n"
                           for p in prompts))

@@ -134,17 +134,6 @@ def test_composable_syntax_is_named(prompt, found):
   assert prompts.composable_syntax(prompt) == found
 
 
-def test_composable_syntax_warns_once(monkeypatch, caplog):
-  from sdjax import sampling
-
-  monkeypatch.setattr(sampling, "_warned_composable", False)
-  with caplog.at_level("WARNING"):
-    sampling._warn_composable(["a cat", "a cat AND a dog"])
-    sampling._warn_composable(["a cat AND a dog", "a cat:2"])
-  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-  assert len(warnings) == 1 and "'a cat AND a dog': AND (composable diffusion)" in warnings[0]
-
-
 # -- chunked, weighted encoding against A1111's description on transformers' CLIPTextModel --------
 CAT, DOG = "cat ", "dog "
 
@@ -348,6 +337,66 @@ def test_scheduled_prompt_image_matches_torch_loop(sd):
   assert rel_err(late, expected) > 100 * err
 
 
+def test_composable_prompt_image_matches_torch_loop(sd):
+  """A1111's composable diffusion: parts between ANDs with trailing weights, each scheduled on
+  its own; a part shorter than the longest repeats its last vector (A1111's padding); the
+  uncond (one chunk) is its own UNet call; guidance adds (part - uncond) * weight * scale."""
+  import diffusers
+  import torch
+
+  ref, pipe = sd
+  tok = ref.tokenizer
+  prompt = "a [red:blue:1] circle AND a green square BREAK a cat :0.6 AND a blue square:-0.4"
+  assert prompts.composable_parts(prompt) == [
+      ("a [red:blue:1] circle", 1.0), (" a green square BREAK a cat", 0.6),
+      (" a blue square", -0.4)]
+
+  def cond(*chunks):
+    return torch.from_numpy(_torch_conditioning(
+        ref.text_encoder, [[_expected_chunk(tok, [(w, 1.0, 1) for w in c]) for c in chunks]]))
+
+  def pad(c):  # to two chunks by repeating the last vector
+    return torch.cat([c, c[:, -1:].repeat(1, 77, 1)], dim=1)
+
+  red, blue = pad(cond(["a", "red", "circle"])), pad(cond(["a", "blue", "circle"]))
+  long, square = cond(["a", "green", "square"], ["a", "cat"]), pad(cond(["a", "blue", "square"]))
+  uncond = cond([])
+  latents = np.random.default_rng(11).standard_normal((1, 8, 8, 4)).astype(np.float32)
+
+  def loop(weights, switch_after=1):
+    sched = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    sched.set_timesteps(3)
+    x = nchw(latents) * sched.init_noise_sigma
+    with torch.no_grad():
+      for call, t in enumerate(sched.timesteps):
+        x_in = sched.scale_model_input(x, t)
+        parts = [red if call <= switch_after else blue, long, square]
+        eps_u = ref.unet(x_in, t, encoder_hidden_states=uncond.float()).sample
+        eps = eps_u.clone()
+        for c, w in zip(parts, weights, strict=True):
+          eps_c = ref.unet(x_in, t, encoder_hidden_states=c.float()).sample
+          eps += (eps_c - eps_u) * (w * 10.0)
+        x = sched.step(eps, t, x).prev_sample
+      images = ref.vae.decode(x / ref.vae.config.scaling_factor).sample
+    return nhwc((images / 2 + 0.5).clamp(0, 1))
+
+  expected = loop([1.0, 0.6, -0.4])
+  kw = dict(steps=3, scheduler="euler", guidance_scale=10.0, height=16, width=16,
+            prompt_syntax="a1111")
+  ours = pipe.generate(prompt, latents=latents, **kw)
+  err = assert_close(ours, expected, 1e-4)
+  print(f"\ncomposable prompt image rel err {err:.2e}")
+  for other in (loop([1.0, 1.0, 1.0]), loop([1.0, 0.6, -0.4], switch_after=2)):
+    assert rel_err(other, expected) > 100 * err  # weights and per-part schedules matter
+  # Beside plain prompts (whose batch gets weight-0 parts): each image is what it is alone, to
+  # the rounding of a 12-row UNet batch against 2 rows, times guidance 10 (seen: 2.4e-6).
+  batch = pipe.generate(["a red circle", prompt, "a cat:1.5"], seed=5, **kw)
+  for i, p in enumerate(["a red circle", prompt, "a cat:1.5"]):
+    np.testing.assert_allclose(batch[i], pipe.generate(p, seed=5 + i, **kw)[0], atol=1e-5)
+  with pytest.raises(ValueError, match="composable prompts .* guidance_rescale"):
+    pipe.generate(prompt, guidance_rescale=0.5, **kw)
+
+
 def test_a1111_plain_prompt_same_pixels_and_mixed_batch(sd):
   _, pipe = sd
   kw = dict(steps=2, scheduler="euler", guidance_scale=7.5, height=16, width=16, seed=3)
@@ -366,6 +415,48 @@ def test_a1111_plain_prompt_same_pixels_and_mixed_batch(sd):
     np.testing.assert_allclose(batch[i], alone[0], atol=2e-6)
   truncated = pipe.generate(prompts_, negative_prompts=negatives, **kw)
   assert not np.allclose(batch[0], truncated[0], atol=1e-3)
+
+
+def test_sdxl_composable_prompt_matches_torch_loop(tmp_path):
+  """SDXL parts: each its own context and pooled embeds (diffusers' encode_prompt of the part),
+  the micro-conditioning for every part, combined as A1111 combines them."""
+  import diffusers
+  import torch
+
+  torch.set_num_threads(1)
+  folder = str(tmp_path / "sdxl")
+  ref, _ = testing.write_torch_sdxl(folder, seed=6)
+  pipe = sdjax.load_pipeline(f"{folder}/base")
+  parts = [("a red circle", 1.0), ("a photo of a cat", 0.5)]
+  latents = np.random.default_rng(2).standard_normal((1, 8, 12, 4)).astype(np.float32)
+  with torch.no_grad():
+    encoded = [ref.encode_prompt(p, device="cpu", do_classifier_free_guidance=True)
+               for p, _ in parts]
+    time_ids = torch.tensor([[16.0, 24.0, 0.0, 0.0, 16.0, 24.0]])
+    sched = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    sched.set_timesteps(3)
+    x = nchw(latents) * sched.init_noise_sigma
+    for t in sched.timesteps:
+      x_in = sched.scale_model_input(x, t)
+
+      def unet(context, pooled, x_in=x_in, t=t):
+        return ref.unet(x_in, t, encoder_hidden_states=context, added_cond_kwargs={
+            "text_embeds": pooled, "time_ids": time_ids}).sample
+
+      eps_u = unet(encoded[0][1], encoded[0][3])  # zeros: no negative prompt (SDXL base)
+      eps = eps_u.clone()
+      for (context, _, pooled, _), (_, w) in zip(encoded, parts, strict=True):
+        eps += (unet(context, pooled) - eps_u) * (w * 5.0)
+      x = sched.step(eps, t, x).prev_sample
+    vae = ref.vae.config  # this VAE has latents_mean / latents_std
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (vae.latents_mean, vae.latents_std))
+    images = ref.vae.decode(x * std / vae.scaling_factor + mean).sample
+  expected = nhwc((images / 2 + 0.5).clamp(0, 1))
+  ours = pipe.generate("a red circle AND a photo of a cat:0.5", steps=3, scheduler="euler",
+                       height=16, width=24, guidance_scale=5.0, latents=latents,
+                       prompt_syntax="a1111")
+  err = assert_close(ours, expected, 1e-4)
+  print(f"\nSDXL composable prompt image rel err {err:.2e}")
 
 
 def test_sdxl_base_and_refiner(tmp_path):
