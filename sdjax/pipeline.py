@@ -295,7 +295,8 @@ class Pipeline:
       eta: DDIM's stochasticity (diffusers' `eta`; 0 is deterministic DDIM, 1 DDPM-like); its
         step noise comes from each image's seed. Only the `ddim` scheduler takes it.
       prompt_syntax: "plain" (diffusers: text truncated at 77 tokens) or "a1111" (AUTOMATIC1111's
-        weights, long prompts, BREAK, prompt editing and alternation; see `sdjax.prompts`).
+        weights, long prompts, BREAK, prompt editing and alternation, composable `AND` /
+        `:weight` parts; see `sdjax.prompts`).
       embeddings: a1111: textual-inversion vectors {trigger word: float [n, D]}.
 
     Returns:

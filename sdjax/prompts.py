@@ -5,6 +5,8 @@ Parsing (pure Python, no model):
 - `prompt_schedule`: prompt editing `[from:to:when]`, `[to:when]`, `[from::when]` and alternation
   `[a|b|c]` -> the prompt text in force up to each step.
 - `extract_extra_networks` / `lora_tags`: `<lora:name:w>` tags, removed from the text.
+- `composable_parts`: composable diffusion, `a AND b :0.5` -> parts with guidance weights (the
+  sampler runs the UNet per part and sums the weighted guidance, `sampling._composable_guidance`).
 
 Encoding (`tokenize_chunks`, `PromptBatch`, `encode_weighted`): 75-token chunks wrapped in
 BOS...EOS, BREAK and the comma backtrack rule, textual-inversion vectors at their positions,
