@@ -294,7 +294,7 @@ def _composable(prompts, prompts_2, opts: A1111):
   forced = opts.sizes[3] if opts.sizes is not None and len(opts.sizes) > 3 else 0
   if not forced and not any(prompt_lib.composable_syntax(t) for t in texts):
     return None
-  if list(prompts_2) != list(prompts):
+  if prompts_2 is not None and list(prompts_2) != list(prompts):
     raise prompt_lib.PromptError("composable prompts (AND, :weight) take one prompt for both "
                                  "text encoders, as A1111: leave prompts_2 out")
   parts = [prompt_lib.composable_parts(t) for t in texts]
@@ -312,11 +312,12 @@ def _a1111_ids(pipe, sides, sides_2, opts: A1111):
   """(prompt, negative, part weights) of `prompts.PromptBatch`es: one chunk count for both sides
   and both text encoders, so they attend over one context length. With composable prompts the
   prompt side has a row per part (`_composable`), else the part weights are None."""
-  composable = _composable(sides[0], sides_2[0], opts)
+  composable = _composable(sides[0], None if sides_2 is None else sides_2[0], opts)
   part_weights = None
   if composable is not None:
     flat, flat_2, part_weights, n_parts = composable
-    sides, sides_2 = (flat, sides[1]), (flat_2, sides_2[1])
+    sides = (flat, sides[1])
+    sides_2 = None if sides_2 is None else (flat_2, sides_2[1])
   encoders = [(name, tok, texts) for name, tok, texts in (
       ("text_encoder", getattr(pipe, "tokenizer", None), sides),
       ("text_encoder_2", getattr(pipe, "tokenizer_2", None), sides_2))

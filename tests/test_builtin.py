@@ -91,7 +91,7 @@ def test_a1111_syntax_on_its_16_token_encoder(pipe):
   """Chunks follow the text encoder's length (14 + BOS + EOS here): a plain caption is plain's
   pixels, emphasis changes them, and a caption past 14 tokens takes a second chunk."""
   prompt = shapes.caption("red", "circle", "center", "blue")
-  ids, _ = sdjax.sampling._a1111_ids(pipe, [[prompt + ", " + prompt], [""]], None,
+  ids, _, _ = sdjax.sampling._a1111_ids(pipe, [[prompt + ", " + prompt], [""]], None,
                                      sdjax.sampling.A1111(steps=4, calls=4))
   assert ids.ids.ids.shape[-2:] == (2, 16)
   latents = np.random.default_rng(5).standard_normal((3, 8, 8, 4)).astype(np.float32)
