@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from sdjax import sampling
 
-DATA, CFG = "data", "cfg"
+DATA, CFG = "data", sampling.CFG_AXIS
 
 
 def set_cpu_devices(count: int) -> None:

@@ -158,6 +158,36 @@ print(json.dumps(dict(mesh=dict(pairs.shape), split_rows=split_rows, plain_rows=
   assert got["vs_plain"] <= 1e-5
 
 
+def test_generate_cfg_parallel(model, tmp_path):
+  """generate(cfg_parallel=True) on two devices: each runs the UNet on the B rows of one side,
+  and the images are those of the split program on one device (this process)."""
+  kw = dict(steps=3, scheduler="euler_ancestral", guidance_scale=5.0, height=16, width=16,
+            seed=4, prompt_syntax="a1111")
+  prompts = ["a [red:blue:1] circle", "a (cat:1.2) on a tree"]
+  out = str(tmp_path / "two.npy")
+  code = f"""
+import jax, numpy as np, sdjax
+from sdjax import conditioning, sampling
+assert len(jax.devices()) == 2
+rows, predict = [], conditioning.predict
+def spy(nets, params, x, *args):
+  rows.append(int(x.shape[0]))
+  return predict(nets, params, x, *args)
+conditioning.predict = spy
+pipe = sdjax.load_pipeline({model!r})
+np.save({out!r}, pipe.generate({prompts!r}, cfg_parallel=True, **{kw!r}))
+print(sorted(set(rows)), len(sampling._replicated))
+"""
+  proc = subprocess.run([sys.executable, "-c", code], env=_env(2), capture_output=True,
+                        text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.splitlines()[-1] == "[2] 1"  # 2 rows a call, the weights on the pair
+  pipe = sdjax.load_pipeline(model)
+  one = pipe.generate(prompts, cfg_parallel=True, **kw)
+  np.testing.assert_array_equal(np.load(out), one)
+  assert np.abs(pipe.generate(prompts, **kw) - one).max() <= 1e-5
+
+
 def test_cfg_parallel_run(reference_run, model, cache, tmp_path):
   """main.py --cfg_parallel on 2 devices: the reference run's images, to rounding."""
   out = str(tmp_path / "out")
