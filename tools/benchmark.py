@@ -75,7 +75,8 @@ _DEVICES = flags.DEFINE_integer("cpu_devices", None, "jax unet_step: split the C
 _CFG_PARALLEL = flags.DEFINE_bool("cfg_parallel", False, "jax unet_step with --cpu_devices: "
                                    "--batch UNet rows = batch/2 images, each image's CFG pair "
                                    "split over two devices as main.py --cfg_parallel runs it "
-                                   "(guidance combined)")
+                                   "(guidance combined); generate: as generate(cfg_parallel="
+                                   "True), on the first two devices")
 _TORCH_COMPILE = flags.DEFINE_string("torch_compile", "", "torch: torch.compile the UNet with this "
                                       "mode (default, max-autotune, ...), channels_last; empty: "
                                       "eager. compile_s: the first call's extra time")
@@ -256,8 +257,8 @@ def bench_jax():
   from sdjax import parallel, sampling  # noqa: PLC0415
 
   if _DEVICES.value is not None:
-    if _WHAT.value != "unet_step":
-      raise app.UsageError("--cpu_devices times a unet_step")
+    if _WHAT.value != "unet_step" and not (_WHAT.value == "generate" and _CFG_PARALLEL.value):
+      raise app.UsageError("--cpu_devices times a unet_step, or a generate with --cfg_parallel")
     parallel.set_cpu_devices(_DEVICES.value)
   pipe, dtype = _jax_pipeline()
   h, w = _size()
@@ -284,20 +285,29 @@ def bench_jax():
     fn = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method=pipe.vae.decode))
   else:
     spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler=_SCHEDULER.value,
-                                   height=h, width=w, guidance_scale=7.5)
+                                   height=h, width=w, guidance_scale=7.5,
+                                   cfg_split=_CFG_PARALLEL.value)
     seeds = jnp.arange(b, dtype=jnp.uint32)
     args = (spec, pipe.networks, pipe.params, _conditioning(pipe, b, h, w), seeds,
             sampling.initial_noise(seeds, lat[1:]), jnp.float32(7.5), jnp.float32(0.0), None,
             state)
     fn = jax.jit(sampling.sample_fn, static_argnums=(0, 1))
+    if _CFG_PARALLEL.value and jax.device_count() >= 2:  # as generate(cfg_parallel=True)
+      from jax.sharding import Mesh, NamedSharding  # noqa: PLC0415
+
+      mesh = Mesh(np.asarray(jax.devices()[:2]), (sampling.CFG_AXIS,))
+      fn = sampling._cfg_parallel_sample(spec, pipe.networks, mesh)  # noqa: SLF001
+      args = (None, None, *jax.device_put(args[2:], NamedSharding(mesh, P())))
   start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
+  compiled = fn.lower(*(args if args[0] is not None else args[2:])).compile()
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get("flops", 0.0))
-  if _DEVICES.value is not None:
+  if _DEVICES.value is not None and _WHAT.value == "unet_step":
     flops *= jax.device_count()  # a shard_map'ed program's cost is one device's
+  elif _CFG_PARALLEL.value and _WHAT.value == "generate":
+    flops = 0.0  # each device also encodes and decodes: per-device FLOPs x 2 would overcount
   flops = _FLOPS.value or flops
   call_args = args if _WHAT.value != "generate" else args[2:]
   median = float("nan")
