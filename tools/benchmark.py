@@ -17,9 +17,10 @@
       --convs xla,matmul --repeats 3 --json          # convolution forms (SDJAX_CONV)
 
 Networks have random weights of the real architecture (no download). Reports compile time, the
-median of several timed calls after warm-up, images/s for `generate`, achieved TFLOP/s (FLOPs
-from XLA's cost analysis of the same program, used for both backends) with model-FLOPs
-utilisation against `--peak_tflops`, and peak memory. Run each backend in its own process so
+median of several timed calls after warm-up, images/s for `generate`, achieved TFLOP/s (the matmul and
+convolution FLOPs of the single-device program, counted from its jaxpr with loops times their
+trip counts, used for both backends; XLA's cost analysis, reported beside as `xla_flops`, counts
+a loop body once) with model-FLOPs utilisation against `--peak_tflops`, and peak memory. Run each backend in its own process so
 peak memory is its own.
 
 `--what run` times main.py's whole job (`run.generate_run`: prompts, sampler, PNG encoding and
@@ -36,6 +37,7 @@ half the UNet width, depths (1, 2, 4) and small encoders, so that CPU comparison
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -85,7 +87,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls after one warm-up cal
 _CACHE = flags.DEFINE_string("compilation_cache", "", "jax: persistent compilation cache folder "
                              "(empty: off), to measure cold and warm starts")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "hardware peak TFLOP/s at this dtype, for MFU")
-_FLOPS = flags.DEFINE_float("flops", None, "FLOPs per call (default: XLA cost analysis; "
+_FLOPS = flags.DEFINE_float("flops", None, "FLOPs per call (default: counted from the jax "
+                            "program's jaxpr; "
                             "pass the jax run's value to the torch run)")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON line instead of text")
 
@@ -252,6 +255,7 @@ def bench_jax():
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
+  from flops import jaxpr_flops  # noqa: PLC0415 - tools/flops.py
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
   from sdjax import parallel, sampling  # noqa: PLC0415
@@ -268,6 +272,7 @@ def bench_jax():
     args = (pipe.params["unet"], jnp.ones(lat, dtype), jnp.full((b,), 500.0),
             jnp.ones((b, 77, pipe.unet.config.cross_attention_dim), dtype), *_added_cond(pipe, b))
     unet = lambda p, x, t, c, *added: pipe.unet.apply({"params": p}, x, t, c, *added)  # noqa: E731
+    counted = (unet, args)
     if _DEVICES.value is not None and not _CFG_PARALLEL.value:  # each device its share
       mesh = parallel.make_mesh()
       if b % mesh.size:
@@ -283,6 +288,7 @@ def bench_jax():
   elif _WHAT.value == "vae_decode":
     args = (pipe.params["vae"], jnp.ones(lat, dtype))
     fn = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method=pipe.vae.decode))
+    counted = (fn, args)
   else:
     spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler=_SCHEDULER.value,
                                    height=h, width=w, guidance_scale=7.5,
@@ -292,24 +298,26 @@ def bench_jax():
             sampling.initial_noise(seeds, lat[1:]), jnp.float32(7.5), jnp.float32(0.0), None,
             state)
     fn = jax.jit(sampling.sample_fn, static_argnums=(0, 1))
-    if _CFG_PARALLEL.value and jax.device_count() >= 2:  # as generate(cfg_parallel=True)
-      from jax.sharding import Mesh, NamedSharding  # noqa: PLC0415
-
-      mesh = Mesh(np.asarray(jax.devices()[:2]), (sampling.CFG_AXIS,))
-      fn = sampling._cfg_parallel_sample(spec, pipe.networks, mesh)  # noqa: SLF001
-      args = (None, None, *jax.device_put(args[2:], NamedSharding(mesh, P())))
+    one_device = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler=_SCHEDULER.value,
+                                  height=h, width=w, guidance_scale=7.5)[0]
+    counted = (functools.partial(sampling.sample_fn, one_device, pipe.networks), args[2:])
+    if _CFG_PARALLEL.value:  # generate(cfg_parallel=True): the pair's program, then the decode
+      cond, seeds, noise, scale, rescale, init, state = args[3:]
+      fn = lambda: sampling._sample(  # noqa: E731, SLF001
+          spec, pipe.networks, pipe.params, cond, seeds, noise, (scale, rescale), init, state)
   start = time.perf_counter()
-  compiled = fn.lower(*(args if args[0] is not None else args[2:])).compile()
+  if _WHAT.value == "generate" and _CFG_PARALLEL.value:  # two programs: compile = first call
+    jax.block_until_ready(fn())
+    compiled, cost = (lambda: fn()), {}
+  else:
+    compiled = fn.lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", 0.0))
-  if _DEVICES.value is not None and _WHAT.value == "unet_step":
-    flops *= jax.device_count()  # a shard_map'ed program's cost is one device's
-  elif _CFG_PARALLEL.value and _WHAT.value == "generate":
-    flops = 0.0  # each device also encodes and decodes: per-device FLOPs x 2 would overcount
-  flops = _FLOPS.value or flops
-  call_args = args if _WHAT.value != "generate" else args[2:]
+  # The single-device program's work (a shard_map'ed program's cost would be one device's).
+  flops = _FLOPS.value or jaxpr_flops(jax.make_jaxpr(counted[0])(*counted[1]))
+  call_args = () if _CFG_PARALLEL.value and _WHAT.value == "generate" else (
+      args if _WHAT.value != "generate" else args[2:])
   median = float("nan")
   if _REPEATS.value:
     median = _timed(lambda: jax.block_until_ready(compiled(*call_args)), _REPEATS.value)
@@ -317,7 +325,8 @@ def bench_jax():
   # Accelerators report their peak; on CPU the process's peak resident memory stands in.
   peak = stats.get("peak_bytes_in_use") or resource.getrusage(
       resource.RUSAGE_SELF).ru_maxrss * 1024
-  return dict(compile_s=compile_s, median_s=median, flops=flops, peak_bytes=peak,
+  return dict(compile_s=compile_s, median_s=median, flops=flops,
+              xla_flops=float(cost.get("flops", 0.0)), peak_bytes=peak,
               device=str(jax.devices()[0].device_kind), version=f"jax {jax.__version__}")
 
 
