@@ -639,11 +639,25 @@ def emphasize(z, weights, counts, chunks):
   total = jnp.sum(in_use, axis=1) * (length * dim)  # B, K
 
   def mean(x):  # B, K
-    return jnp.einsum("bvk,bvk->bk", in_use, jnp.sum(x, axis=(3, 4))) / jnp.maximum(total, 1.0)
+    sums = _pairwise_sum(x.reshape(b, v, k, length * dim))
+    return jnp.einsum("bvk,bvk->bk", in_use, sums) / jnp.maximum(total, 1.0)
 
   weighted = z * weights[..., None]
   scale = jnp.where(total > 0, mean(z) / mean(weighted), 1.0)  # B, K
   return weighted * scale[:, None, :, None, None]
+
+
+def _pairwise_sum(x):
+  """The sum over the last axis as a tree of halves. The mean of CLIP's output is near zero, so
+  the relative error of one long float32 sum carries into every weighted vector: up to 1.0e-5
+  against a float64 reference on the tests' tiny encoders (on an AVX-512 CPU), 2-8e-7 pairwise."""
+  n = x.shape[-1]
+  size = 1 << max(n - 1, 0).bit_length()
+  x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - n)])
+  while x.shape[-1] > 1:
+    half = x.shape[-1] // 2
+    x = x[..., :half] + x[..., half:]
+  return x[..., 0]
 
 
 def encode_weighted(encode: Encoder, batch: PromptBatch):
