@@ -20,7 +20,9 @@ Networks have random weights of the real architecture (no download). Reports com
 median of several timed calls after warm-up, images/s for `generate`, achieved TFLOP/s (the matmul and
 convolution FLOPs of the single-device program, counted from its jaxpr with loops times their
 trip counts, used for both backends; XLA's cost analysis, reported beside as `xla_flops`, counts
-a loop body once) with model-FLOPs utilisation against `--peak_tflops`, and peak memory. Run each backend in its own process so
+a loop body once) with model-FLOPs utilisation against `--peak_tflops`, and peak memory.
+`--what generate --cfg_parallel` times `generate(cfg_parallel=True)`'s two programs (the pair's
+latents, one device's decode); its compile time is the first call's. Run each backend in its own process so
 peak memory is its own.
 
 `--what run` times main.py's whole job (`run.generate_run`: prompts, sampler, PNG encoding and
