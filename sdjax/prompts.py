@@ -281,13 +281,12 @@ def schedule_index(ends: Sequence[int], step: int) -> int:
 
 # -- extra networks (<lora:name:w>) ----------------------------------------------------------------
 _EXTRA_NETWORK_RE = re.compile(r"<(\w+):([^>]+)>")
-# Composable diffusion, which sdjax does not implement: A1111 splits a prompt at AND and reads a
-# number after a last ':' as the part's guidance weight.
+# Composable diffusion: A1111 splits a prompt at AND and reads a number after a last ':' as the
+# part's guidance weight.
 _AND_RE = re.compile(r"\bAND\b")
-_PART_WEIGHT_RE = re.compile(r":\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")
-
-
-_PART_RE = re.compile(r"^(\s*.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+_NUMBER = r"[-+]?(?:\d+\.?|\d*\.\d+)"
+_PART_WEIGHT_RE = re.compile(rf":\s*{_NUMBER}\s*$")
+_PART_RE = re.compile(rf"^(\s*.*?)(?:\s*:\s*({_NUMBER}))?\s*$")
 
 
 def composable_parts(prompt: str) -> list[tuple[str, float]]:
@@ -302,8 +301,8 @@ def composable_parts(prompt: str) -> list[tuple[str, float]]:
 
 
 def composable_syntax(prompt: str) -> str | None:
-  """What in `prompt` AUTOMATIC1111 would read as composable diffusion (`AND`, or a trailing
-  `:weight`), which sdjax reads as text; None when there is nothing."""
+  """What in `prompt` AUTOMATIC1111 reads as composable diffusion (`AND`, or a trailing
+  `:weight`); None when there is nothing (the prompt is one part of weight 1)."""
   if _AND_RE.search(prompt):
     return "AND"
   if _PART_WEIGHT_RE.search(prompt):

@@ -346,9 +346,9 @@ def _trigger_vectors(pipe, encoder: str, given):
 
 
 def _composable(prompts, prompts_2, opts: A1111):
-  """Composable prompts (A1111's `AND` / `:weight`) as parts: (part texts [B*S], the second
-  encoder's [B*S], weights [B, S], S), or None when no prompt uses the syntax (and no other
-  process's batch does: `opts.sizes`)."""
+  """Composable prompts (A1111's `AND` / `:weight`) as parts: (part texts [B*S], for both text
+  encoders; weights [B, S]; S), or None when no prompt uses the syntax (and no other process's
+  batch does: `opts.sizes`)."""
   texts = [strip_extra_networks(p, opts.allow_lora) for p in prompts]
   forced = opts.sizes[3] if opts.sizes is not None and len(opts.sizes) > 3 else 0
   if not forced and not any(prompt_lib.composable_syntax(t) for t in texts):
@@ -364,7 +364,7 @@ def _composable(prompts, prompts_2, opts: A1111):
   padded = [p + [(p[0][0], 0.0)] * (s - len(p)) for p in parts]  # weight 0: no effect
   flat = [text for p in padded for text, _ in p]
   weights = np.asarray([[w for _, w in p] for p in padded], np.float32)
-  return flat, list(flat), weights, s
+  return flat, weights, s
 
 
 def _a1111_ids(pipe, sides, sides_2, opts: A1111):
@@ -374,9 +374,9 @@ def _a1111_ids(pipe, sides, sides_2, opts: A1111):
   composable = _composable(sides[0], None if sides_2 is None else sides_2[0], opts)
   part_weights = None
   if composable is not None:
-    flat, flat_2, part_weights, n_parts = composable
+    flat, part_weights, n_parts = composable
     sides = (flat, sides[1])
-    sides_2 = None if sides_2 is None else (flat_2, sides_2[1])
+    sides_2 = None if sides_2 is None else (flat, sides_2[1])
   encoders = [(name, tok, texts) for name, tok, texts in (
       ("text_encoder", getattr(pipe, "tokenizer", None), sides),
       ("text_encoder_2", getattr(pipe, "tokenizer_2", None), sides_2))

@@ -164,11 +164,12 @@ def resolve_file(source: str, kind: str, preferred=(), *, revision: str | None =
   expanded = os.path.expanduser(source)
   if os.path.isfile(expanded):
     return expanded
-  url = None if os.path.exists(expanded) else parse_hub_url(source)
+  elsewhere = not os.path.exists(expanded)  # a folder of that name is no hub file
+  url = parse_hub_url(source) if elsewhere else None
   if url is not None:
     repo, filename, revision = url
   else:
-    hub_file = None if os.path.exists(expanded) else split_hub_file(source)
+    hub_file = split_hub_file(source) if elsewhere else None
     if hub_file is None:
       raise HubError(f"{kind} file {source!r} does not exist")
     repo, filename = hub_file
