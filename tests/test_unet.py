@@ -57,6 +57,22 @@ def test_sdxl_unet_matches_diffusers(name):
     fm.apply({"params": params}, x, t, ctx)
 
 
+@pytest.mark.parametrize("mid_block_type", [None, "UNetMidBlock2D"])
+def test_unet_mid_block_variants_match_diffusers(mid_block_type):
+  """No mid block (block-removed distillations such as BK-SDM small/tiny), or one resnet."""
+  config = {**testing.UNET_SD2, "mid_block_type": mid_block_type, "mid_block_scale_factor": 1.4}
+  tm = testing.torch_unet(config, seed=4)
+  fm = UNet2DConditionModel(UNetConfig.from_dict(dict(tm.config)))
+  x, ctx = randn(2, 8, 12, 4), randn(2, 7, config["cross_attention_dim"], seed=1)
+  t = np.array([3.0, 801.0], np.float32)
+  params = transfer(tm, fm, x, t, ctx)
+  assert ("mid_block" in params) == (mid_block_type is not None)
+  ours = fm.apply({"params": params}, x, t, ctx)
+  with torch.no_grad():
+    ref = tm(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
+  assert_close(ours, nhwc(ref))
+
+
 def test_unet_scalar_timestep_broadcasts():
   tm = testing.torch_unet(testing.UNET_SD1)
   fm = UNet2DConditionModel(UNetConfig.from_dict(dict(tm.config)))

@@ -35,6 +35,8 @@ Dtype = Any
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+# None: no mid block (block-removed distillations such as BK-SDM); UNetMidBlock2D: one resnet.
+_MID_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,7 @@ class UNetConfig:
   down_block_types: tuple[str, ...] = (
       "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D",
   )
-  mid_block_type: str = "UNetMidBlock2DCrossAttn"
+  mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
   up_block_types: tuple[str, ...] = (
       "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
   )
@@ -79,7 +81,7 @@ class UNetConfig:
     bad += [t for t in self.up_block_types if t not in _UP_TYPES]
     if bad:
       raise config_utils.ConfigError(f"unet block type {bad[0]!r} is not supported by sdjax")
-    if self.mid_block_type != "UNetMidBlock2DCrossAttn":
+    if self.mid_block_type not in _MID_TYPES:
       raise config_utils.ConfigError(
           f"unet mid_block_type {self.mid_block_type!r} is not supported by sdjax"
       )
@@ -221,7 +223,7 @@ class _Block(nn.Module):
 
 
 class _MidBlock(nn.Module):
-  """resnet, transformer, resnet at the lowest resolution."""
+  """resnet, transformer, resnet at the lowest resolution (`UNetMidBlock2D`: one resnet)."""
 
   config: UNetConfig
   dtype: Dtype = jnp.float32
@@ -240,6 +242,8 @@ class _MidBlock(nn.Module):
       )
 
     x = resnet("resnets_0")(x, temb)
+    if cfg.mid_block_type == "UNetMidBlock2D":
+      return x
     x = Transformer2DModel(
         heads=heads,
         head_dim=channels // heads,
@@ -305,7 +309,8 @@ class UNet2DConditionModel(nn.Module):
       x, outputs = self._block(i, block_type, up=False)(x, temb, context, (), context_bias)
       skips.extend(outputs)
 
-    x = _MidBlock(cfg, d, pd, name="mid_block")(x, temb, context, context_bias)
+    if cfg.mid_block_type is not None:
+      x = _MidBlock(cfg, d, pd, name="mid_block")(x, temb, context, context_bias)
 
     for i, block_type in enumerate(cfg.up_block_types):
       n = cfg.per_block("layers_per_block")[-1 - i] + 1
