@@ -127,15 +127,26 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
   return f"{prompt}{negative}\n{line}".strip()
 
 
-def short_hash(path: str | os.PathLike, *, cache_file: str | None = None) -> str:
-  """A1111's short model hash: the first 10 hex digits of the file's sha256.
+def short_hash(path: str | os.PathLike, *, cache_file: str | None = None,
+               kind: str = "model") -> str:
+  """A1111's short hash of a file, as model sites index them.
+
+  kind "model" (`Model hash`, `Refiner`): the first 10 hex digits of the file's sha256;
+  "embedding" (`TI hashes`): the first 12; "lora" (`Lora hashes`): the first 12 of the hash
+  kohya's scripts write into a safetensors LoRA's metadata (`sshs_model_hash`), else of the
+  sha256 of its tensor data after the JSON header (the "addnet" hash, unchanged by metadata
+  edits); a LoRA in another format: of the whole file.
 
   Hashing a multi-GB checkpoint takes seconds, so results are kept in `cache_file` (JSON, keyed
-  by absolute path, size and modification time) when given.
+  by kind, absolute path, size and modification time) when given.
   """
+  if kind not in _HASH_DIGITS:
+    raise ValueError(f"unknown hash kind {kind!r}")
   path = os.path.abspath(os.fspath(path))
   stat = os.stat(path)
   key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+  if kind != "model":
+    key = f"{kind}:{key}"
   cache = {}
   if cache_file:
     try:
@@ -145,7 +156,11 @@ def short_hash(path: str | os.PathLike, *, cache_file: str | None = None) -> str
       cache = {}
     if isinstance(cache, dict) and isinstance(cache.get(key), str):
       return cache[key]
-  digest = _sha256_file(path)[:10]
+  if kind == "lora" and path.endswith(".safetensors"):
+    digest = _lora_hash(path)
+  else:
+    digest = _sha256_file(path)
+  digest = digest[:_HASH_DIGITS[kind]]
   if cache_file:
     try:
       os.makedirs(os.path.dirname(cache_file), exist_ok=True)
@@ -154,6 +169,27 @@ def short_hash(path: str | os.PathLike, *, cache_file: str | None = None) -> str
     except OSError:
       pass  # a read-only cache only costs time
   return digest
+
+
+_HASH_DIGITS = {"model": 10, "embedding": 12, "lora": 12}
+
+
+def _lora_hash(path: str) -> str:
+  """A safetensors LoRA's `sshs_model_hash`, else the sha256 of the bytes after its header."""
+  with open(path, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    try:
+      header = json.loads(f.read(size))
+      stored = header.get("__metadata__", {}).get("sshs_model_hash")
+    except (ValueError, AttributeError):
+      stored = None
+    if isinstance(stored, str) and stored:
+      return stored
+    f.seek(8 + size)
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def parse_a1111_parameters(text: str) -> dict[str, str]:

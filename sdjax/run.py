@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -673,17 +674,45 @@ def model_identity(source: str | None) -> tuple[str, str | None]:
     name = "sdjax-shapes"
   if file is None:
     return name, None
+  return name, outputs.short_hash(file, cache_file=_hash_cache_file())
+
+
+def _hash_cache_file() -> str:
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return name, outputs.short_hash(file, cache_file=os.path.join(base, "sdjax", "hashes.json"))
+  return os.path.join(base, "sdjax", "hashes.json")
+
+
+_A1111_NAME_SYMBOLS = str.maketrans("", "", ":,")  # A1111 drops these from hashed names
 
 
 class _Metadata:
   """Each image's manifest record and A1111 `parameters` text (extend both here)."""
 
   def __init__(self, cfg: RunConfig, pipe, height: int, width: int, scheduler: str):
+    from sdjax.checkpoints import embeddings, lora  # noqa: PLC0415
+
     self.cfg, self.pipe = cfg, pipe
     self.height, self.width, self.scheduler = height, width, scheduler
     self.model_name, self.model_hash = model_identity(cfg.model)
+    self.refiner = model_identity(cfg.refiner) if cfg.refiner is not None else None
+    self._hashes: dict[tuple[str, str], str] = {}
+    # A1111's `Lora hashes` / `TI hashes`: every --lora; the <lora:...> tags and the embeddings'
+    # trigger words an image's prompts use.
+    self.lora_dir = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
+    self.loras = [(_stem(path), self._hash(path, "lora"))
+                  for path in (lora.lora_file(source) for source, _ in cfg.loras)]
+    self.triggers = []
+    for source, token in cfg.embeddings:
+      trigger = embeddings.read_embedding(source, token).token
+      pattern = re.compile(rf"(?<![\w]){re.escape(trigger)}(?![\w])", re.IGNORECASE)
+      self.triggers.append((trigger, self._hash(embeddings.embedding_file(source), "embedding"),
+                            pattern))
+
+  def _hash(self, path: str, kind: str) -> str:
+    if (path, kind) not in self._hashes:
+      self._hashes[path, kind] = outputs.short_hash(path, cache_file=_hash_cache_file(),
+                                                    kind=kind)
+    return self._hashes[path, kind]
 
   def record(self, job: ImageJob) -> dict[str, Any]:
     cfg = self.cfg
@@ -702,10 +731,12 @@ class _Metadata:
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=cfg.steps,
         sampler=self.scheduler, cfg_scale=cfg.guidance_scale, seed=job.seed, width=self.width,
         height=self.height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
-        version=f"sdjax {sdjax.__version__}", extra=self._a1111_extra())
+        version=f"sdjax {sdjax.__version__}",
+        extra={**self._sdxl_extra(), **self._network_hashes(job)})
 
-  def _a1111_extra(self) -> dict[str, Any]:
-    """A1111's names for the refiner; sdjax's for the micro-conditioning (A1111 has none)."""
+  def _sdxl_extra(self) -> dict[str, Any]:
+    """A1111's names for the refiner (`name [short hash]`, no local path); sdjax's for the
+    micro-conditioning (A1111 has none)."""
     cfg = self.cfg
     if not self.pipe.is_sdxl:
       return {}
@@ -713,11 +744,37 @@ class _Metadata:
     extra = {"Original size": _size_text(m.original_size or (self.height, self.width)),
              "Crop": _size_text(m.crops_coords_top_left),
              "Target size": _size_text(m.target_size or (self.height, self.width))}
-    if cfg.refiner is not None:
-      extra.update({"Refiner": cfg.refiner, "Refiner switch at": cfg.refiner_start,
+    if self.refiner is not None:
+      name, short = self.refiner
+      extra.update({"Refiner": f"{name} [{short}]" if short else name,
+                    "Refiner switch at": cfg.refiner_start,
                     "Aesthetic score": m.aesthetic_score,
                     "Negative aesthetic score": m.negative_aesthetic_score})
     return extra
+
+  def _network_hashes(self, job: ImageJob) -> dict[str, str]:
+    """`Lora hashes` and `TI hashes` as A1111 writes them: `name: hash` pairs, one per name."""
+    from sdjax import prompts  # noqa: PLC0415
+
+    loras = list(self.loras)
+    if self.lora_dir is not None:
+      loras += [(tag.name, self._hash(self.lora_dir.file(tag.name), "lora"))
+                for tag in prompts.lora_tags(job.prompt)[1]]
+    texts = (job.prompt, job.negative_prompt or "")
+    used = [(trigger, short) for trigger, short, pattern in self.triggers
+            if any(pattern.search(text) for text in texts)]
+    extra = {}
+    for key, pairs in (("Lora hashes", loras), ("TI hashes", used)):
+      named = {}
+      for name, short in pairs:
+        named.setdefault(name.translate(_A1111_NAME_SYMBOLS), short)
+      if named:
+        extra[key] = ", ".join(f"{name}: {short}" for name, short in named.items())
+    return extra
+
+
+def _stem(path: str) -> str:
+  return os.path.splitext(os.path.basename(path))[0]
 
 
 def _size_text(hw) -> str:

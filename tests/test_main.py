@@ -1,5 +1,6 @@
 """main.py as users run it: a subprocess on a tiny random pipeline folder."""
 
+import hashlib
 import io
 import json
 import os
@@ -436,7 +437,7 @@ def test_lora_and_embedding_flags(reference_run, model, cache, tmp_path):
   out = str(tmp_path / "out")
   main_py(["--model", model, "--prompt", PROMPTS[0], *COMMON, "--batch_size", "2", "--seed",
            "100", "--output_dir", out, "--compilation_cache", cache, "--lora", f"{lora}:0.5",
-           "--embedding", emb])
+           "--embedding", emb, "--negative_prompt", "blurry, My-Style"])
   with open(os.path.join(out, "run.json")) as f:
     settings = json.load(f)
   assert settings["loras"] == [[lora, 0.5]] and settings["embeddings"] == [[emb, None]]
@@ -444,6 +445,15 @@ def test_lora_and_embedding_flags(reference_run, model, cache, tmp_path):
   (name, ours), = _pixels(out).items()
   assert name == first
   assert np.abs(ours.astype(int) - _pixels(reference_run)[first]).max() > 10
+  # A1111's hashes, which model sites index: the LoRA's of its tensor bytes after the header,
+  # the embedding's of its file; the trigger word was used (in the negative prompt).
+  params = outputs.parse_a1111_parameters(
+      Image.open(os.path.join(out, first)).text["parameters"])
+  data = open(lora, "rb").read()
+  tensors = data[8 + int.from_bytes(data[:8], "little"):]
+  assert params["Lora hashes"] == f"style: {hashlib.sha256(tensors).hexdigest()[:12]}"
+  assert params["TI hashes"] == (
+      f"my-style: {hashlib.sha256(open(emb, 'rb').read()).hexdigest()[:12]}")
 
 
 def test_a1111_prompt_syntax(model, cache, tmp_path):
@@ -494,6 +504,10 @@ def test_lora_tags(reference_run, model, cache, tmp_path):
   assert np.abs(alone[0] * 255 - got["00000/000002.png"]).max() <= 1.0
   assert np.abs(got["00000/000002.png"].astype(int) - ref["00000/000002.png"]).max() > 10
   assert _manifest(out)[0]["prompt"] == prompts[0]
+  hashes = [outputs.parse_a1111_parameters(Image.open(os.path.join(out, f)).text["parameters"])
+            .get("Lora hashes") for f in sorted(got)]
+  short = outputs.short_hash(loras / "style.safetensors", kind="lora")
+  assert hashes == [f"style: {short}", None, f"style: {short}"]
   # Two processes (shards of one image: process 0 makes the two tagged images, process 1 the
   # untagged one) agree on one set per step, padding meanwhile: the same images.
   out2 = str(tmp_path / "out2")

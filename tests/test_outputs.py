@@ -102,6 +102,35 @@ def test_short_hash_is_cached(tmp_path):
       weights.read_bytes()).hexdigest()[:10]
 
 
+def test_lora_and_embedding_hashes_as_a1111(tmp_path):
+  """`Lora hashes`: 12 digits of the sha256 of a safetensors LoRA's tensor bytes (its header,
+  metadata included, left out), or of its stored `sshs_model_hash`; other files and
+  embeddings: of the whole file."""
+  from safetensors.numpy import save_file
+
+  tensors = {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}
+  plain, tagged = str(tmp_path / "plain.safetensors"), str(tmp_path / "tagged.safetensors")
+  save_file(tensors, plain)
+  save_file(tensors, tagged, metadata={"ss_output_name": "x" * 40})
+  data = open(plain, "rb").read()
+  addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+  assert outputs.short_hash(plain, kind="lora") == addnet[:12]
+  assert outputs.short_hash(tagged, kind="lora") == addnet[:12]  # metadata does not count
+  assert outputs.short_hash(plain, kind="model") == hashlib.sha256(data).hexdigest()[:10]
+  assert outputs.short_hash(plain, kind="embedding") == hashlib.sha256(data).hexdigest()[:12]
+  save_file(tensors, tagged, metadata={"sshs_model_hash": "0123456789abcdef"})
+  assert outputs.short_hash(tagged, kind="lora") == "0123456789ab"
+  pickled = tmp_path / "old.pt"
+  pickled.write_bytes(b"not safetensors")
+  assert outputs.short_hash(pickled, kind="lora") == hashlib.sha256(
+      b"not safetensors").hexdigest()[:12]
+  cache = str(tmp_path / "hashes.json")  # kinds are cached apart
+  assert outputs.short_hash(plain, kind="lora", cache_file=cache) == addnet[:12]
+  assert outputs.short_hash(plain, cache_file=cache) == hashlib.sha256(data).hexdigest()[:10]
+  with pytest.raises(ValueError, match="unknown hash kind"):
+    outputs.short_hash(plain, kind="vae")
+
+
 def test_parse_a1111_text_without_parameters_line():
   assert parse_a1111_parameters("just a prompt") == {"prompt": "just a prompt",
                                                      "negative_prompt": ""}

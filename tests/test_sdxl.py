@@ -255,6 +255,10 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   png = Image.open(tmp_path / "out" / records[1]["file"])
   params = outputs.parse_a1111_parameters(png.text["parameters"])
   assert params["Refiner switch at"] == "0.8" and params["Original size"] == "48x32"
+  # A1111's `name [short hash]`, no local path (the manifest keeps the path).
+  assert params["Refiner"] == f"refiner [{run.model_identity(cfg.refiner)[1]}]"
+  assert run.model_identity(cfg.refiner)[1] == outputs.short_hash(
+      os.path.join(folder, "refiner", "unet", "diffusion_pytorch_model.safetensors"))
   expected = base.generate(["a cat", "a dog"], negative_prompts=[None, "red"], seed=5,
                            refiner=refiner, original_size=(32, 48), aesthetic_score=7.0,
                            **HANDOFF)

@@ -75,10 +75,15 @@ def parse_embedding(data: Mapping[str, Any], stem: str, token: str | None = None
   return Embedding(token or default, {"text_encoder": _as_vectors(value, what)})
 
 
+def embedding_file(source: str) -> str:
+  """The local file of an embedding `source` (a path, or a hub file)."""
+  return lora.resolve_file(source, "embedding", _PREFERRED)
+
+
 def read_embedding(source: str, token: str | None = None) -> Embedding:
   """Reads an embedding file (or hub file, see `hub.resolve_file`)."""
   try:
-    path = lora.resolve_file(source, "embedding", _PREFERRED)
+    path = embedding_file(source)
     if path.endswith(".safetensors"):
       data = lora.read_tensors(path)[0]
     else:

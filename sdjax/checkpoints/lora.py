@@ -112,6 +112,11 @@ def resolve_file(source: str, kind: str, preferred: Sequence[str] = ()) -> str:
     raise LoraError(str(e)) from None
 
 
+def lora_file(source: str) -> str:
+  """The local file of a LoRA `source` (a path, or a hub file)."""
+  return resolve_file(source, "LoRA", ("pytorch_lora_weights.safetensors",))
+
+
 # -- grouping keys into modules --------------------------------------------------------------------
 def _split_kohya(key: str) -> tuple[str, str, str] | None:
   for prefix, component in _KOHYA_PREFIXES.items():
@@ -362,7 +367,7 @@ def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
 
 def read_lora(source: str, params, unet_config=None) -> Lora:
   """Reads a LoRA file (or hub file, see `hub.resolve_file`) and resolves it against `params`."""
-  path = resolve_file(source, "LoRA", ("pytorch_lora_weights.safetensors",))
+  path = lora_file(source)
   tensors, metadata = read_tensors(path)
   if not tensors:
     raise LoraError(f"LoRA {source} holds no tensors")
