@@ -20,7 +20,9 @@ Networks have random weights of the real architecture (no download). Reports com
 median of several timed calls after warm-up, images/s for `generate`, achieved TFLOP/s (the matmul and
 convolution FLOPs of the single-device program, counted from its jaxpr with loops times their
 trip counts, used for both backends; XLA's cost analysis, reported beside as `xla_flops`, counts
-a loop body once) with model-FLOPs utilisation against `--peak_tflops`, and peak memory.
+a loop body once) with model-FLOPs utilisation against `--peak_tflops`, and peak memory (and
+XLA's buffer assignment: `xla_argument_bytes`, `xla_temp_bytes`, `xla_output_bytes`, known from
+the compile alone, so `--repeats 0` gives them for shapes too slow to run here).
 `--what generate --cfg_parallel` times `generate(cfg_parallel=True)`'s two programs (the pair's
 latents, one device's decode); its compile time is the first call's. Run each backend in its own process so
 peak memory is its own.
@@ -310,11 +312,12 @@ def bench_jax():
   start = time.perf_counter()
   if _WHAT.value == "generate" and _CFG_PARALLEL.value:  # two programs: compile = first call
     jax.block_until_ready(fn())
-    compiled, cost = (lambda: fn()), {}
+    compiled, cost, memory = (lambda: fn()), {}, {}
   else:
     compiled = fn.lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
+    memory = _xla_memory(compiled)
   compile_s = time.perf_counter() - start
   # The single-device program's work (a shard_map'ed program's cost would be one device's).
   flops = _FLOPS.value or jaxpr_flops(jax.make_jaxpr(counted[0])(*counted[1]))
@@ -328,8 +331,22 @@ def bench_jax():
   peak = stats.get("peak_bytes_in_use") or resource.getrusage(
       resource.RUSAGE_SELF).ru_maxrss * 1024
   return dict(compile_s=compile_s, median_s=median, flops=flops,
-              xla_flops=float(cost.get("flops", 0.0)), peak_bytes=peak,
+              xla_flops=float(cost.get("flops", 0.0)), peak_bytes=peak, **memory,
               device=str(jax.devices()[0].device_kind), version=f"jax {jax.__version__}")
+
+
+def _xla_memory(compiled) -> dict[str, int]:
+  """XLA's buffer assignment for the compiled program (known before it runs, so `--repeats 0`
+  gives it): argument bytes (the weights), temporaries' peak, output bytes."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return {}
+  if m is None:
+    return {}
+  return dict(xla_argument_bytes=int(m.argument_size_in_bytes),
+              xla_temp_bytes=int(m.temp_size_in_bytes),
+              xla_output_bytes=int(m.output_size_in_bytes))
 
 
 def bench_run():
