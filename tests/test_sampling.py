@@ -209,3 +209,28 @@ def test_bad_arguments(pipes, kwargs, match):
   _, pipe, _ = pipes
   with pytest.raises(ValueError, match=match):
     pipe.generate(PROMPTS, **kwargs)
+
+
+def test_decode_in_chunks(monkeypatch):
+  """Large batches decode a few images at a time (a scan): the same images, less memory."""
+  import functools
+
+  from sdjax.models.vae import AutoencoderKL, VAEConfig
+
+  assert sampling.decode_chunk(8, 64, 64) == 1  # SD1.5 at 512x512: one at a time
+  assert sampling.decode_chunk(6, 32, 32) == 3  # the largest divisor within the limit
+  assert sampling.decode_chunk(7, 32, 32) == 1
+  assert sampling.decode_chunk(3, 8, 8) == 3  # small images: the whole batch at once
+  vae = AutoencoderKL(VAEConfig.from_dict(testing.VAE))
+  params = vae.init(jax.random.key(0), jnp.zeros((1, 8, 12, 3)))["params"]
+  z = _unit_noise((6, 4, 6, 4), seed=3)
+  decode = jax.jit(functools.partial(sampling.decode_images, vae))
+  whole = decode(params, z)
+  monkeypatch.setattr(sampling, "DECODE_LATENT_PIXELS", 2 * 4 * 6)
+  assert sampling.decode_chunk(6, 4, 6) == 2
+  chunked = jax.jit(functools.partial(sampling.decode_images, vae))
+  assert "scan" in str(jax.make_jaxpr(chunked)(params, z))
+  out = chunked(params, z)
+  assert out.shape == whole.shape == (6, 8, 12, 3)
+  np.testing.assert_allclose(out, whole, atol=2e-6)
+  assert float(out.std()) > 0.01  # not trivially equal
