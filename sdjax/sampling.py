@@ -174,32 +174,47 @@ DECODE_LATENT_PIXELS = 64 * 64
 
 
 def decode_chunk(batch: int, h: int, w: int) -> int:
-  """Images per decode call: the largest divisor of `batch` within DECODE_LATENT_PIXELS (at
-  least 1). It depends only on the shapes, so the pixels do not depend on the device count."""
+  """Images per VAE call for latents [batch, h, w]: the largest divisor of `batch` within
+  DECODE_LATENT_PIXELS (at least 1). It depends only on the shapes, so the pixels do not depend
+  on the device count."""
   limit = max(1, DECODE_LATENT_PIXELS // (h * w))
   return max(d for d in range(1, min(batch, limit) + 1) if batch % d == 0)
+
+
+def _in_chunks(fn, x, per: int):
+  """`fn` over `per` rows of `x` at a time, one chunk after the other (`lax.map`)."""
+  b = x.shape[0]
+  if per == b:
+    return fn(x)
+  out = jax.lax.map(fn, x.reshape(b // per, per, *x.shape[1:]))
+  return jax.tree.map(lambda y: y.reshape(b, *y.shape[2:]), out)
 
 
 def decode_images(vae: AutoencoderKL, vae_params, x):
   """Diffusion latents [B, h, w, C] -> float32 images [B, H, W, 3] in [0, 1].
 
-  Decodes `decode_chunk` images at a time, one after the other (`lax.map`): the decode's
-  activations grow with its batch (SDXL at 1024x1024: ~3.5 GiB per image in float32 in XLA's
-  buffer assignment, a 1 GB attention score matrix among them) while its share of the work is
-  small, so a large batch's peak memory would otherwise be the decode's.
+  Decodes `decode_chunk` images at a time, one after the other: the decode's activations grow
+  with its batch (SDXL at 1024x1024: ~3.5 GiB per image in float32 in XLA's buffer assignment,
+  a 1 GB attention score matrix among them) while its share of the work is small, so a large
+  batch's peak memory would otherwise be the decode's.
   """
-  b, h, w, c = x.shape
 
   def decode(z):
     images = vae.apply({"params": vae_params}, vae.config.from_diffusion_latents(z),
                        method=AutoencoderKL.decode)
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
-  per = decode_chunk(b, h, w)
-  if per == b:
-    return decode(x)
-  images = jax.lax.map(decode, x.reshape(b // per, per, h, w, c))
-  return images.reshape(b, *images.shape[2:])
+  return _in_chunks(decode, x, decode_chunk(*x.shape[:3]))
+
+
+def encode_images(vae: AutoencoderKL, vae_params, images):
+  """Images [B, H, W, 3] in [0, 1] -> the VAE's posterior, as many images at a time as the
+  decode takes (the encoder's activations are as large)."""
+  s = vae.config.downscale
+  per = decode_chunk(images.shape[0], images.shape[1] // s, images.shape[2] // s)
+  return _in_chunks(
+      lambda x: vae.apply({"params": vae_params}, 2.0 * x - 1.0, method=AutoencoderKL.encode),
+      images, per)
 
 
 def _composable_guidance(nets, params, x, t, emb, weights, scale):
@@ -238,7 +253,7 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, 
     return init.astype(jnp.float32)
   if not spec.img2img:
     return noise * sched.init_noise_sigma(state)
-  posterior = vae.apply({"params": params["vae"]}, 2.0 * init - 1.0, method=AutoencoderKL.encode)
+  posterior = encode_images(vae, params["vae"], init)
   eps = _keyed_noise(keys, _POSTERIOR, posterior.mean.shape[1:])
   latents = posterior.mean.astype(jnp.float32) + posterior.std.astype(jnp.float32) * eps
   return sched.add_noise(state, vae.config.to_diffusion_latents(latents), noise, spec.begin)

@@ -212,7 +212,8 @@ def test_bad_arguments(pipes, kwargs, match):
 
 
 def test_decode_in_chunks(monkeypatch):
-  """Large batches decode a few images at a time (a scan): the same images, less memory."""
+  """Large batches decode (and img2img encodes) a few images at a time (a scan): the same
+  images, less memory."""
   import functools
 
   from sdjax.models.vae import AutoencoderKL, VAEConfig
@@ -234,3 +235,13 @@ def test_decode_in_chunks(monkeypatch):
   assert out.shape == whole.shape == (6, 8, 12, 3)
   np.testing.assert_allclose(out, whole, atol=2e-6)
   assert float(out.std()) > 0.01  # not trivially equal
+  # img2img's encode takes the same chunks.
+  images = np.random.default_rng(4).uniform(size=(6, 8, 12, 3)).astype(np.float32)
+  encode = functools.partial(sampling.encode_images, vae)
+  assert "scan" in str(jax.make_jaxpr(encode)(params, images))
+  chunked_post = jax.jit(encode)(params, images)
+  monkeypatch.setattr(sampling, "DECODE_LATENT_PIXELS", 4096)
+  whole_post = jax.jit(functools.partial(sampling.encode_images, vae))(params, images)
+  assert chunked_post.mean.shape == (6, 4, 6, 4)
+  np.testing.assert_allclose(chunked_post.mean, whole_post.mean, atol=2e-6)
+  np.testing.assert_allclose(chunked_post.std, whole_post.std, atol=2e-6)
