@@ -705,8 +705,7 @@ class _Metadata:
     for source, token in cfg.embeddings:
       trigger = embeddings.read_embedding(source, token).token
       pattern = re.compile(rf"(?<![\w]){re.escape(trigger)}(?![\w])", re.IGNORECASE)
-      self.triggers.append((trigger, self._hash(embeddings.embedding_file(source), "embedding"),
-                            pattern))
+      self.triggers.append((trigger, embeddings.embedding_file(source), pattern))
 
   def _hash(self, path: str, kind: str) -> str:
     if (path, kind) not in self._hashes:
@@ -761,8 +760,8 @@ class _Metadata:
       loras += [(tag.name, self._hash(self.lora_dir.file(tag.name), "lora"))
                 for tag in prompts.lora_tags(job.prompt)[1]]
     texts = (job.prompt, job.negative_prompt or "")
-    used = [(trigger, short) for trigger, short, pattern in self.triggers
-            if any(pattern.search(text) for text in texts)]
+    used = [(trigger, self._hash(path, "embedding")) for trigger, path, pattern in self.triggers
+            if any(pattern.search(text) for text in texts)]  # hashed when first used
     extra = {}
     for key, pairs in (("Lora hashes", loras), ("TI hashes", used)):
       named = {}
