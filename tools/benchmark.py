@@ -94,6 +94,9 @@ _PEAK = flags.DEFINE_float("peak_tflops", None, "hardware peak TFLOP/s at this d
 _FLOPS = flags.DEFINE_float("flops", None, "FLOPs per call (default: counted from the jax "
                             "program's jaxpr; "
                             "pass the jax run's value to the torch run)")
+_DECODE = flags.DEFINE_integer("decode_latent_pixels", None, "jax generate: latent pixels the VAE "
+                              "decodes at once (sampling.DECODE_LATENT_PIXELS; default sdjax's; "
+                              "0: the whole batch in one call, as before 2026-12-02)")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON line instead of text")
 
 CLIP_SD1 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -264,6 +267,8 @@ def bench_jax():
 
   from sdjax import parallel, sampling  # noqa: PLC0415
 
+  if _DECODE.value is not None:
+    sampling.DECODE_LATENT_PIXELS = _DECODE.value or 2**62
   if _DEVICES.value is not None:
     if _WHAT.value != "unet_step" and not (_WHAT.value == "generate" and _CFG_PARALLEL.value):
       raise app.UsageError("--cpu_devices times a unet_step, or a generate with --cfg_parallel")
@@ -642,6 +647,8 @@ def main(argv):
     result["cpu_devices"] = _DEVICES.value
   if _CFG_PARALLEL.value:
     result["cfg_parallel"] = True
+  if _DECODE.value is not None:
+    result["decode_latent_pixels"] = _DECODE.value
   if _WHAT.value == "generate":
     result["images_per_s"] = _BATCH.value / result["median_s"]
   if result["flops"]:

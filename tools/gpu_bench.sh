@@ -3,7 +3,7 @@
 #   bash tools/gpu_bench.sh OUTDIR [PARTS]
 # PARTS (default "sdxl run sd15"), in the order of what the open issues still lack: sdxl (issues
 # 13, 17: SDXL 1024x1024 bf16 vs diffusers fp16, ~6 min), run (issue 16: main.py vs the bare
-# sampler on SD1.5-sized networks, ~5 min), sd15 (issue 17: SD1.5 MFU, ~5 min), compile (issue
+# sampler on SD1.5-sized networks, ~5 min), sd15 (issue 17: SD1.5 MFU, ~6 min), compile (issue
 # 17: diffusers fp16 with a max-autotune torch.compile'd channels_last UNet, SD1.5 batch 16; its
 # compile alone may take minutes, so run it as its own command). A device command may run 10
 # minutes and a session has about 15 in all: pick the parts that fit, in this order.
@@ -58,6 +58,9 @@ if part sd15; then
   done
   bench "torch_gen_b16" --backend torch --arch sd15 --what generate --steps 50 \
       --dtype float16 --batch 16 --repeats 2 --flops "$(flops 16)"
+  # The VAE decode one image at a time (the default since 2026-12-02) against the whole batch.
+  bench "jax_gen_b16_batch_decode" --arch sd15 --what generate --steps 50 --dtype bfloat16 \
+      --batch 16 --repeats 2 --decode_latent_pixels 0 --flops "$(flops 16)"
 fi
 if part compile; then  # the strongest PyTorch baseline the issue names
   T=580 bench "torch_compiled_gen_b16" --backend torch --arch sd15 --what generate --steps 50 \
