@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from parity import assert_close, nchw, nhwc, randn, reference_pipelines
+from parity import assert_close, nchw, nhwc, randn, reference_pipelines, rel_err
 from safetensors.torch import save_file
 
 import sdjax
@@ -312,19 +312,103 @@ def test_vs_formula(models, tmp_path, kind):
       sd.update({f"{prefix}{name.replace('.', '_')}.{k}": v for k, v in w.items()})
   path = str(tmp_path / f"{kind}.safetensors")
   save_file(sd, path)
+  eps, text_out = _outputs_changed(ref, expected)
+  ours = _outputs_ours(pipe, lora.apply_loras(pipe, [(path, scale)]))
+  errs = assert_close(ours[0], eps), assert_close(ours[1], text_out)
+  print(f"{kind} rel err unet %.2g text %.2g" % errs)
+
+
+def _outputs_changed(ref, changes):
+  """The reference's outputs with {(component, module): weight change} added (then restored)."""
   unet, text = ({k: v.clone() for k, v in m.state_dict().items()}
                 for m in (ref.unet, ref.text_encoder))
   try:
     with torch.no_grad():
-      for (component, name), delta in expected.items():
+      for (component, name), delta in changes.items():
         _weights(getattr(ref, component))[name].add_(delta)
-    eps, text_out = _outputs_torch(ref)
+    return _outputs_torch(ref)
   finally:
     ref.unet.load_state_dict(unet)
     ref.text_encoder.load_state_dict(text)
+
+
+# -- DoRA: PEFT files vs diffusers, LyCORIS files vs A1111's rule ---------------------------------
+def _norms(w, per_output):
+  """Per-channel norms of a PyTorch-layout weight, shaped to broadcast against it."""
+  if per_output:
+    return w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+  return w.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (w.dim() - 2))
+
+
+def _magnitudes(w, per_output, gen):
+  """Realistic DoRA magnitudes: the weight's own norms, each changed by up to 30%."""
+  norms = _norms(w, per_output)
+  return norms * (0.7 + 0.6 * torch.rand(norms.shape, generator=gen))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_dora_peft_vs_diffusers(models, tmp_path, scale):
+  """diffusers' DoRA files (`lora_magnitude_vector`, as `save_lora_weights` writes them) vs
+  diffusers + PEFT fusing them: the scale acts inside the norm, as PEFT applies it."""
+  ref = models[0]
+  gen, sd = torch.Generator().manual_seed(11), {}
+  rank, unet_modules = 2, [*UNET_MODULES[:6], "up_blocks.1.resnets.0.conv1"]
+  for prefix, model, names in (("unet.", ref.unet, unet_modules),
+                               ("text_encoder.text_model.", ref.text_encoder, TEXT_MODULES)):
+    weights = _weights(model)
+    for name in names:
+      w = weights[name].detach()
+      down, up = _factors(w.shape, rank, gen)
+      m = _magnitudes(w, True, gen)
+      sd[f"{prefix}{name}.lora_A.weight"], sd[f"{prefix}{name}.lora_B.weight"] = down, up
+      # diffusers reads the text encoders' magnitudes only with transformers' `.weight` suffix.
+      key = f"{prefix}{name}.lora_magnitude_vector" + (".weight" if model is not ref.unet else "")
+      sd[key] = m.reshape(1, -1, 1, 1) if w.dim() == 4 else m.reshape(-1)
+  meta = {"format": "pt", "lora_adapter_metadata": json.dumps({
+      "unet.r": rank, "unet.lora_alpha": 3, "unet.use_dora": True,
+      "unet.target_modules": unet_modules, "text_encoder.r": rank, "text_encoder.lora_alpha": 1,
+      "text_encoder.use_dora": True, "text_encoder.target_modules": TEXT_MODULES})}
+  path = str(tmp_path / "pytorch_lora_weights.safetensors")
+  save_file(sd, path, metadata=meta)
+  errs = _check_vs_diffusers(models, path, scale)
+  print(f"PEFT DoRA (scale {scale}) rel err unet {errs[0]:.2g} text {errs[1]:.2g}")
+
+
+def test_dora_lycoris_vs_formula(models, tmp_path):
+  """LyCORIS DoRA (`dora_scale` on LoRA, LoHa and LoKr modules, per output [out, 1, ...] and
+  per input [1, in, ...]) vs A1111's rule: W + k * (m * V / ||V|| - W), V = W + alpha/rank * delta.
+  """
+  ref, pipe, _ = models
+  gen = torch.Generator().manual_seed(13)
+  scale, sd, expected = 0.6, {}, {}
+  makers = (lambda shape: _lora(shape, gen, mid=False), lambda shape: _loha(shape, gen, False),
+            lambda shape: _lokr(shape, gen, 0))
+  count = 0
+  for component, (model, (prefix, names)) in _lycoris_modules(ref).items():
+    weights = _weights(model)
+    for name in names:
+      w0 = weights[name].detach()
+      w, delta = makers[count % 3](tuple(w0.shape))
+      per_output = count % 2 == 0
+      w["dora_scale"] = m = _magnitudes(w0, per_output, gen)
+      w["alpha"] = torch.tensor(1.5)
+      v = w0 + 1.5 / _rank(w) * delta if _rank(w) else w0 + delta
+      expected[(component, name)] = scale * (m / _norms(v, per_output) * v - w0)
+      sd.update({f"{prefix}{name.replace('.', '_')}.{k}": v for k, v in w.items()})
+      count += 1
+  path = str(tmp_path / "dora.safetensors")
+  save_file(sd, path)
+  eps, text = _outputs_changed(ref, expected)
+  base = _outputs_torch(ref)
   ours = _outputs_ours(pipe, lora.apply_loras(pipe, [(path, scale)]))
-  errs = assert_close(ours[0], eps), assert_close(ours[1], text_out)
-  print(f"{kind} rel err unet %.2g text %.2g" % errs)
+  errs = assert_close(ours[0], eps), assert_close(ours[1], text)
+  for a, b in zip(base, (eps, text), strict=True):  # the DoRA changes the outputs
+    assert rel_err(b, a) > 0.01
+  print(f"LyCORIS DoRA rel err unet {errs[0]:.2g} text {errs[1]:.2g}")
+  # The rule is not the plain LoRA's: without dora_scale the same file merges to other outputs.
+  plain = {k: v for k, v in sd.items() if not k.endswith("dora_scale")}
+  other = _outputs_ours(pipe, lora.apply_loras(pipe, [(_write(tmp_path, plain), scale)]))
+  assert rel_err(other[0], eps) > 1e-2
 
 
 # -- loading, flags, hub ---------------------------------------------------------------------------
@@ -409,7 +493,18 @@ def _write(tmp_path, sd, name="bad.safetensors"):
      "SGM/LDM-named UNet module 'lora_unet_input_blocks_4_1_proj_in' matches no layer"),
     ({"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3)},
      "module 'conv_in' has an incomplete or unsupported set of weights"),
-    ({"lora_unet_conv_in.dora_scale": torch.ones(4)}, "not a LoRA weight sdjax knows"),
+    ({"lora_unet_conv_in.dora_scale": torch.ones(4)},
+     r"module 'conv_in' has an incomplete or unsupported set of weights \(dora_scale\)"),
+    ({"lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3),
+      "lora_unet_conv_in.lora_up.weight": torch.ones(32, 2, 1, 1),
+      "lora_unet_conv_in.dora_scale": torch.ones(1, 32, 1, 1)},
+     r"unet module 'conv_in' has DoRA magnitudes of shape \(1, 32, 1, 1\) for a layer with "
+     "32 outputs and 4 inputs"),
+    ({"unet.conv_in.lora_A.weight": torch.ones(2, 4, 3, 3),
+      "unet.conv_in.lora_B.weight": torch.ones(32, 2, 1, 1),
+      "unet.conv_in.lora_magnitude_vector": torch.ones(1, 4, 1, 1)},
+     r"DoRA magnitudes of shape \(1, 4, 1, 1\) for a layer with 32 outputs"),
+    ({"lora_unet_conv_in.oft_blocks": torch.ones(4)}, "not a LoRA weight sdjax knows"),
     ({"something.else": torch.ones(4)}, "key 'something.else' is not a LoRA weight"),
 ])
 def test_bad_lora(models, tmp_path, sd, message):

@@ -1,16 +1,19 @@
-"""LoRA files merged into a pipeline's weights: kohya/A1111, LoCon, LyCORIS LoHa/LoKr, PEFT.
+"""LoRA files merged into a pipeline's weights: kohya/A1111, LoCon, LyCORIS LoHa/LoKr, PEFT, DoRA.
 
 A LoRA changes some linear and conv weights by a low-rank (or Hadamard / Kronecker) product.
 sdjax merges it once, `W + scale * alpha / rank * up @ down`, so sampling costs nothing extra;
-several LoRAs add. Key naming:
+several LoRAs add. A DoRA layer (weight-decomposed LoRA) also sets the norms of the changed
+weight, per output or per input channel, to the magnitudes it carries; see `Dora`. Key naming:
 
 - kohya / A1111 / LyCORIS: `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`,
   `lora_te2_`), where `<module>` is the diffusers module name with `.` -> `_`, followed by
-  `.lora_down.weight`, `.lora_up.weight`, `.lora_mid.weight`, `.alpha`, `.hada_*`, `.lokr_*`.
+  `.lora_down.weight`, `.lora_up.weight`, `.lora_mid.weight`, `.alpha`, `.hada_*`, `.lokr_*`,
+  `.dora_scale`.
   kohya's SDXL files name UNet modules as the original (SGM) UNet does (`input_blocks_4_1_...`):
   they resolve through the single-file key table of the model's UNet config.
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`,
-  `text_encoder_2.`; older files `.lora.down.weight` or `processor.to_q_lora.down.weight`), alpha
+  `text_encoder_2.`; older files `.lora.down.weight` or `processor.to_q_lora.down.weight`;
+  DoRA `.lora_magnitude_vector`), alpha
   from the `lora_adapter_metadata` safetensors header (`unet.lora_alpha`, `unet.r`, patterns) or
   from `<module>.alpha` tensors; without either, alpha = rank.
 
@@ -21,6 +24,7 @@ A key that names no layer of the model, or a delta whose shape does not fit its 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -53,13 +57,16 @@ _KOHYA_SUFFIXES = (
     "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "scale",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "dora_scale",
 )
+_MAGNITUDES = ("dora_scale", "lora_magnitude_vector")
 # Older diffusers names of the same two factors.
 _DIFFUSERS_FACTORS = (
     (re.compile(r"^(.*)\.lora_A(?:\.[\w-]+)?\.weight$"), "lora_down.weight"),
     (re.compile(r"^(.*)\.lora_B(?:\.[\w-]+)?\.weight$"), "lora_up.weight"),
     (re.compile(r"^(.*)\.(?:lora|lora_linear_layer)\.down\.weight$"), "lora_down.weight"),
     (re.compile(r"^(.*)\.(?:lora|lora_linear_layer)\.up\.weight$"), "lora_up.weight"),
+    (re.compile(r"^(.*)\.lora_magnitude_vector(?:\.[\w-]+)?(?:\.weight)?$"), "lora_magnitude_vector"),
     (re.compile(r"^(.*)\.alpha$"), "alpha"),
 )
 _PEFT_MODEL_PREFIX = "base_model.model."  # PEFT's own save_pretrained of a wrapped model
@@ -68,15 +75,41 @@ _SGM_NAMES = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks)_"
 
 
 @dataclasses.dataclass(frozen=True)
+class Dora:
+  """One DoRA layer: its delta, and the norms the changed weight is rescaled to.
+
+  With V = W + delta, DoRA's weight is `magnitude * V / ||V||`, the norm taken per output
+  channel (over the kernel's other axes) or, in older LyCORIS files, per input channel. The
+  user's scale k enters as the tool the file's naming comes from applies it:
+  - kohya / LyCORIS `dora_scale` (A1111, ComfyUI): W + k * (DoRA weight - W);
+  - diffusers / PEFT `lora_magnitude_vector` (PEFT's fuse and adapter weights): k scales the
+    delta inside, V = W + k * delta.
+  At k = 1 the two agree.
+  """
+
+  delta: np.ndarray  # Flax layout, alpha / rank included
+  magnitude: np.ndarray  # broadcasts against the kernel: size 1 on the normed axes
+  axes: tuple[int, ...]  # the kernel axes each norm runs over
+  scale_inside: bool
+
+  def change(self, w: jax.Array, scale: float) -> np.ndarray:
+    """What merging this layer at `scale` adds to its weight `w` (float32)."""
+    inside = np.float32(scale if self.scale_inside else 1.0)
+    outside = np.float32(1.0 if self.scale_inside else scale)
+    return np.asarray(_dora_change(w, self.delta, self.magnitude, inside, outside, self.axes))
+
+
+@dataclasses.dataclass(frozen=True)
 class Lora:
   """A LoRA file resolved against one model: per component, flax path -> weight delta.
 
   Each delta has its layer's Flax layout and already includes alpha / rank; merging adds
-  `scale * delta`.
+  `scale * delta`. DoRA layers are in `doras` instead: their change depends on the weight.
   """
 
   name: str
   deltas: Mapping[str, Mapping[tuple[str, ...], np.ndarray]]
+  doras: Mapping[str, Mapping[tuple[str, ...], Dora]] = dataclasses.field(default_factory=dict)
 
 
 # -- reading files ---------------------------------------------------------------------------------
@@ -337,6 +370,46 @@ def _to_flax(delta: np.ndarray, kernel_shape: tuple[int, ...], where: str, name:
   return delta.transpose(2, 3, 1, 0) if delta.ndim == 4 else delta.T  # kh, kw, I, O / in, out
 
 
+def _dora(delta: np.ndarray, key: str, magnitude: np.ndarray, kernel_shape: tuple[int, ...],
+          where: str, name: str) -> Dora:
+  """A DoRA layer from its Flax-layout delta and its magnitudes (`key` names their format).
+
+  PEFT's `lora_magnitude_vector` is per output channel ([out], convs [1, out, 1, 1]). LyCORIS'
+  `dora_scale` keeps the normed axes as 1s: [out, 1, ...] per output, [1, in, ...] per input
+  (older files; A1111's DoRA reads only these).
+  """
+  conv = len(kernel_shape) == 4
+  out, inn = kernel_shape[-1], kernel_shape[-2 if conv else 0]
+  m, shape = magnitude.reshape(-1), magnitude.shape
+  per_output = None
+  if key == "lora_magnitude_vector":
+    per_output = True if m.size == out else None
+  elif len(shape) == 1:
+    per_output = True if m.size == out else False if m.size == inn else None
+  elif shape[0] == out and m.size == out:
+    per_output = True
+  elif shape[0] == 1 and shape[1] == inn and m.size == inn:
+    per_output = False
+  if per_output is None:
+    raise LoraError(f"LoRA {name}: {where} has DoRA magnitudes of shape {shape} for a layer with "
+                    f"{out} outputs and {inn} inputs")
+  # Flax kernels: linear (in, out), conv (kh, kw, in, out).
+  channel = len(kernel_shape) - 1 if per_output else len(kernel_shape) - 2
+  broadcast = [1] * len(kernel_shape)
+  broadcast[channel] = m.size
+  axes = tuple(a for a in range(len(kernel_shape)) if a != channel)
+  return Dora(delta, m.reshape(broadcast).astype(np.float32), axes,
+              scale_inside=key == "lora_magnitude_vector")
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _dora_change(w, delta, magnitude, inside, outside, axes):
+  w = w.astype(jnp.float32)
+  v = w + inside * delta
+  norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+  return outside * (magnitude / norm * v - w)
+
+
 def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], params,
                  name: str = "lora", unet_config=None) -> Lora:
   """Resolves a LoRA state dict against `params` ({component: tree}) into Flax-layout deltas.
@@ -348,6 +421,7 @@ def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
             for c in index}
   peft = _peft_configs(metadata)
   deltas: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
+  doras: dict[str, dict[tuple[str, ...], Dora]] = {}
   for (component, module, naming), w in group_modules(tensors, name).items():
     path = _find_layer(index, component, module, naming, name)
     alpha = float(w["alpha"]) if "alpha" in w else None
@@ -359,10 +433,16 @@ def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
       raise LoraError(f"LoRA {name}: module {module!r} has an incomplete or unsupported set of "
                       f"weights ({e.args[0]})") from None
     where = f"{component} module {module!r}"
-    flax_delta = _to_flax(delta.astype(np.float32), shapes[component][path], where, name)
+    kernel_shape = shapes[component][path]
+    flax_delta = _to_flax(delta.astype(np.float32), kernel_shape, where, name)
+    magnitude = next(((k, w[k]) for k in _MAGNITUDES if k in w), None)
+    if magnitude is not None:
+      doras.setdefault(component, {})[path] = _dora(flax_delta, *magnitude, kernel_shape, where,
+                                                    name)
+      continue
     comp = deltas.setdefault(component, {})
     comp[path] = comp[path] + flax_delta if path in comp else flax_delta
-  return Lora(name, deltas)
+  return Lora(name, deltas, doras)
 
 
 def read_lora(source: str, params, unet_config=None) -> Lora:
@@ -410,6 +490,12 @@ def merge_loras(params, loras, unet_config=None) -> dict[str, Any]:
       comp = total.setdefault(component, {})
       for path, delta in deltas.items():
         comp[path] = comp.get(path, 0.0) + np.float32(scale) * delta
+    for component, doras in lora.doras.items():
+      scale = te_scale if component in TEXT_ENCODERS else unet_scale
+      comp = total.setdefault(component, {})
+      flat = traverse_util.flatten_dict(params[component])
+      for path, dora in doras.items():  # each against the weights it is merged into
+        comp[path] = comp.get(path, 0.0) + dora.change(flat[path], scale)
   out = dict(params)
   for component, deltas in total.items():
     flat = dict(traverse_util.flatten_dict(params[component]))
