@@ -318,18 +318,66 @@ def test_vs_formula(models, tmp_path, kind):
   print(f"{kind} rel err unet %.2g text %.2g" % errs)
 
 
+def _params(model):
+  """Param name (without transformers' `text_model.`) -> parameter."""
+  return {n.removeprefix("text_model."): p for n, p in model.named_parameters()}
+
+
 def _outputs_changed(ref, changes):
-  """The reference's outputs with {(component, module): weight change} added (then restored)."""
+  """The reference's outputs with {(component, name): change} added (then restored).
+
+  A name ending in `.weight` or `.bias` names that param; else it is a module, whose weight.
+  """
   unet, text = ({k: v.clone() for k, v in m.state_dict().items()}
                 for m in (ref.unet, ref.text_encoder))
   try:
     with torch.no_grad():
       for (component, name), delta in changes.items():
-        _weights(getattr(ref, component))[name].add_(delta)
+        param = name if name.endswith((".weight", ".bias")) else f"{name}.weight"
+        _params(getattr(ref, component))[param].add_(delta)
     return _outputs_torch(ref)
   finally:
     ref.unet.load_state_dict(unet)
     ref.text_encoder.load_state_dict(text)
+
+
+def test_full_and_norm_vs_formula(models, tmp_path):
+  """LyCORIS full modules (`diff`, `diff_b`) and norm modules (`w_norm`, `b_norm`: GroupNorm,
+  LayerNorm) vs A1111's rule: each param + scale * its change (a `scale` key scales w_norm)."""
+  ref, pipe, _ = models
+  gen = torch.Generator().manual_seed(17)
+  scale, sd, expected = 0.7, {}, {}
+  spec = [  # component, module, keys
+      ("unet", f"{ATTN}.attn1.to_q", ("diff",)),
+      ("unet", "up_blocks.1.resnets.0.conv1", ("diff", "diff_b")),
+      ("unet", "down_blocks.0.resnets.0.norm1", ("w_norm", "b_norm", "scale")),
+      ("unet", f"{ATTN}.norm2", ("w_norm", "b_norm")),
+      ("unet", "conv_norm_out", ("b_norm",)),
+      ("text_encoder", "encoder.layers.1.mlp.fc1", ("diff", "diff_b")),
+      ("text_encoder", "encoder.layers.0.layer_norm1", ("w_norm", "b_norm")),
+      ("text_encoder", "final_layer_norm", ("w_norm",)),
+  ]
+  for component, module, keys in spec:
+    params = _params(getattr(ref, component))
+    prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
+    factor = 2.0 if "scale" in keys else 1.0
+    for key in keys:
+      name = f"{prefix}{module.replace('.', '_')}.{key}"
+      if key == "scale":
+        sd[name] = torch.tensor(factor)
+        continue
+      param = f"{module}.{'bias' if key in ('diff_b', 'b_norm') else 'weight'}"
+      sd[name] = change = torch.randn(params[param].shape, generator=gen) * 0.1
+      expected[(component, param)] = scale * change * (factor if key == "w_norm" else 1.0)
+  path = str(tmp_path / "full.safetensors")
+  save_file(sd, path)
+  eps, text = _outputs_changed(ref, expected)
+  base = _outputs_torch(ref)
+  ours = _outputs_ours(pipe, lora.apply_loras(pipe, [(path, scale)]))
+  errs = assert_close(ours[0], eps), assert_close(ours[1], text)
+  for a, b in zip(base, (eps, text), strict=True):
+    assert rel_err(b, a) > 0.01
+  print(f"LyCORIS full and norm rel err unet {errs[0]:.2g} text {errs[1]:.2g}")
 
 
 # -- DoRA: PEFT files vs diffusers, LyCORIS files vs A1111's rule ---------------------------------
@@ -505,6 +553,16 @@ def _write(tmp_path, sd, name="bad.safetensors"):
       "unet.conv_in.lora_magnitude_vector": torch.ones(1, 4, 1, 1)},
      r"DoRA magnitudes of shape \(1, 4, 1, 1\) for a layer with 32 outputs"),
     ({"lora_unet_conv_in.oft_blocks": torch.ones(4)}, "not a LoRA weight sdjax knows"),
+    ({"lora_unet_conv_in.w_norm": torch.ones(32)},
+     r"unet module 'conv_in' changes a norm weight \(w_norm\) this layer does not have"),
+    ({f"lora_unet_{ATTN.replace('.', '_')}_attn1_to_q.diff": torch.ones(32, 32),
+      f"lora_unet_{ATTN.replace('.', '_')}_attn1_to_q.diff_b": torch.ones(32)},
+     r"changes a bias \(diff_b\) this layer does not have"),
+    ({"lora_unet_conv_norm_out.lora_down.weight": torch.ones(2, 32),
+      "lora_unet_conv_norm_out.lora_up.weight": torch.ones(32, 2)},
+     "unet module 'conv_norm_out' is a norm layer, which only w_norm / b_norm change"),
+    ({"lora_unet_conv_norm_out.b_norm": torch.ones(16)},
+     r"b_norm of shape \(16,\) for a param of shape \(32,\)"),
     ({"something.else": torch.ones(4)}, "key 'something.else' is not a LoRA weight"),
 ])
 def test_bad_lora(models, tmp_path, sd, message):

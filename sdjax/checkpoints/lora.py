@@ -1,14 +1,16 @@
-"""LoRA files merged into a pipeline's weights: kohya/A1111, LoCon, LyCORIS LoHa/LoKr, PEFT, DoRA.
+"""LoRA files merged into a pipeline's weights: kohya/A1111, LoCon, LyCORIS, PEFT, DoRA.
 
 A LoRA changes some linear and conv weights by a low-rank (or Hadamard / Kronecker) product.
 sdjax merges it once, `W + scale * alpha / rank * up @ down`, so sampling costs nothing extra;
 several LoRAs add. A DoRA layer (weight-decomposed LoRA) also sets the norms of the changed
-weight, per output or per input channel, to the magnitudes it carries; see `Dora`. Key naming:
+weight, per output or per input channel, to the magnitudes it carries; see `Dora`. LyCORIS'
+full modules carry the whole change (`diff`, and `diff_b` for the bias), and its norm modules
+the change of a norm layer's weight and bias (`w_norm`, `b_norm`). Key naming:
 
 - kohya / A1111 / LyCORIS: `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`,
   `lora_te2_`), where `<module>` is the diffusers module name with `.` -> `_`, followed by
   `.lora_down.weight`, `.lora_up.weight`, `.lora_mid.weight`, `.alpha`, `.hada_*`, `.lokr_*`,
-  `.dora_scale`.
+  `.dora_scale`, `.diff`, `.diff_b`, `.w_norm`, `.b_norm`.
   kohya's SDXL files name UNet modules as the original (SGM) UNet does (`input_blocks_4_1_...`):
   they resolve through the single-file key table of the model's UNet config.
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`,
@@ -57,7 +59,7 @@ _KOHYA_SUFFIXES = (
     "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "scale",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "dora_scale",
+    "dora_scale", "diff", "diff_b", "w_norm", "b_norm",
 )
 _MAGNITUDES = ("dora_scale", "lora_magnitude_vector")
 # Older diffusers names of the same two factors.
@@ -101,10 +103,10 @@ class Dora:
 
 @dataclasses.dataclass(frozen=True)
 class Lora:
-  """A LoRA file resolved against one model: per component, flax path -> weight delta.
+  """A LoRA file resolved against one model: per component, flax param path -> its change.
 
-  Each delta has its layer's Flax layout and already includes alpha / rank; merging adds
-  `scale * delta`. DoRA layers are in `doras` instead: their change depends on the weight.
+  Each delta (of a kernel, bias or norm scale) has its param's Flax layout and already includes
+  alpha / rank; merging adds `scale * delta`. DoRA layers are in `doras` instead: their change depends on the weight.
   """
 
   name: str
@@ -246,6 +248,7 @@ _KINDS = (
     (("lora_up.weight", "lora_down.weight"), _lora_delta),
     (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), _loha_delta),
     (("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b"), _lokr_delta),
+    (("diff",), lambda w: (w["diff"], None)),  # LyCORIS full: the change itself, no rank
 )
 
 
@@ -315,7 +318,7 @@ def _sgm_name(module: str, unet_config) -> str | None:
 
 
 def _module_index(params: Mapping[str, Any], unet_config=None):
-  """Per component: module name -> kernel path.
+  """Per component: module name -> the layer's param path (its kernel's or norm scale's parent).
 
   Names as diffusers spells them, dotted and underscored (kohya), and for the UNet, given its
   config, the underscored original-layout (SGM) names too.
@@ -326,9 +329,9 @@ def _module_index(params: Mapping[str, Any], unet_config=None):
       continue
     names = index.setdefault(component, {})
     for path in traverse_util.flatten_dict(params[component]):
-      if path[-1] != "kernel":
+      if path[-1] not in ("kernel", "scale"):
         continue
-      module = torch_key(path).rsplit(".", 1)[0]
+      module, path = torch_key(path).rsplit(".", 1)[0], path[:-1]
       names[module] = names[module.replace(".", "_")] = path
       sgm = _sgm_name(module, unet_config) if component == "unet" and unet_config else None
       if sgm is not None:
@@ -368,6 +371,18 @@ def _to_flax(delta: np.ndarray, kernel_shape: tuple[int, ...], where: str, name:
     )
   delta = delta.reshape(torch_shape)
   return delta.transpose(2, 3, 1, 0) if delta.ndim == 4 else delta.T  # kh, kw, I, O / in, out
+
+
+def _vector(value: np.ndarray, key: str, shape: tuple[int, ...] | None, where: str,
+            name: str) -> np.ndarray:
+  """A bias or norm-weight change (`key`), checked against its param's `shape` (None: absent)."""
+  if shape is None:
+    what = "bias" if key in ("diff_b", "b_norm") else "norm weight"
+    raise LoraError(f"LoRA {name}: {where} changes a {what} ({key}) this layer does not have")
+  if value.size != int(np.prod(shape)):
+    raise LoraError(f"LoRA {name}: {where} gives {key} of shape {value.shape} for a param of "
+                    f"shape {tuple(shape)}: the LoRA was made for another model family")
+  return value.reshape(shape).astype(np.float32)
 
 
 def _dora(delta: np.ndarray, key: str, magnitude: np.ndarray, kernel_shape: tuple[int, ...],
@@ -423,25 +438,40 @@ def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
   deltas: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
   doras: dict[str, dict[tuple[str, ...], Dora]] = {}
   for (component, module, naming), w in group_modules(tensors, name).items():
-    path = _find_layer(index, component, module, naming, name)
-    alpha = float(w["alpha"]) if "alpha" in w else None
-    if naming == "diffusers" and alpha is None and "lora_down.weight" in w:
-      alpha = _peft_alpha(peft.get(component, {}), module, w["lora_down.weight"].shape[0])
-    try:
-      delta = module_delta(w, alpha)
-    except KeyError as e:
-      raise LoraError(f"LoRA {name}: module {module!r} has an incomplete or unsupported set of "
-                      f"weights ({e.args[0]})") from None
-    where = f"{component} module {module!r}"
-    kernel_shape = shapes[component][path]
-    flax_delta = _to_flax(delta.astype(np.float32), kernel_shape, where, name)
-    magnitude = next(((k, w[k]) for k in _MAGNITUDES if k in w), None)
-    if magnitude is not None:
-      doras.setdefault(component, {})[path] = _dora(flax_delta, *magnitude, kernel_shape, where,
-                                                    name)
-      continue
+    layer = _find_layer(index, component, module, naming, name)
+    where, shape = f"{component} module {module!r}", shapes[component].get
     comp = deltas.setdefault(component, {})
-    comp[path] = comp[path] + flax_delta if path in comp else flax_delta
+    changes = []  # (param path, change)
+    if "w_norm" in w or "b_norm" in w:  # LyCORIS norm module: a norm layer's weight and bias
+      norm_scale = float(w["scale"]) if "scale" in w else 1.0
+      for key, leaf, factor in (("w_norm", "scale", norm_scale), ("b_norm", "bias", 1.0)):
+        if key in w:
+          changes.append((layer + (leaf,),
+                          factor * _vector(w[key], key, shape(layer + (leaf,)), where, name)))
+    else:
+      path = layer + ("kernel",)
+      if shape(path) is None:
+        raise LoraError(f"LoRA {name}: {where} is a norm layer, which only w_norm / b_norm change")
+      if "diff_b" in w:  # LyCORIS full module's bias
+        changes.append((layer + ("bias",),
+                        _vector(w["diff_b"], "diff_b", shape(layer + ("bias",)), where, name)))
+      alpha = float(w["alpha"]) if "alpha" in w else None
+      if naming == "diffusers" and alpha is None and "lora_down.weight" in w:
+        alpha = _peft_alpha(peft.get(component, {}), module, w["lora_down.weight"].shape[0])
+      try:
+        delta = module_delta(w, alpha)
+      except KeyError as e:
+        raise LoraError(f"LoRA {name}: module {module!r} has an incomplete or unsupported set "
+                        f"of weights ({e.args[0]})") from None
+      flax_delta = _to_flax(delta.astype(np.float32), shape(path), where, name)
+      magnitude = next(((k, w[k]) for k in _MAGNITUDES if k in w), None)
+      if magnitude is None:
+        changes.append((path, flax_delta))
+      else:
+        doras.setdefault(component, {})[path] = _dora(flax_delta, *magnitude, shape(path), where,
+                                                      name)
+    for path, change in changes:
+      comp[path] = comp[path] + change if path in comp else change
   return Lora(name, deltas, doras)
 
 
