@@ -463,7 +463,12 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   """A single original-layout file, with configs from `config` or the family's standard ones."""
   state = single_file.read_single_file(path)
   family = single_file.detect_family(state, path)
-  raw, tokenizers = _single_file_configs(family, config, prediction_type, revision, path)
+  # `v_pred` / `ztsnr` marker keys; an explicit prediction_type still wins (see load()).
+  markers = single_file.scheduler_markers(state)
+  if markers:
+    logging.info("%s: marked as %s", path, ", ".join(f"{k}={v}" for k, v in markers.items()))
+  raw, tokenizers = _single_file_configs(
+      family, config, prediction_type or markers.get("prediction_type"), revision, path)
   text_cfgs = {name: CLIPTextConfig.from_dict(raw[name])
                for name in ("text_encoder", "text_encoder_2") if name in raw}
   config_family = single_file.config_family(text_cfgs)
@@ -482,7 +487,7 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   index = raw.get("model_index", {})
   sdxl = family.startswith("sdxl")
   return _Source(
-      unet_cfg, vae_cfg, text_cfgs.get("text_encoder"), dict(raw["scheduler"]),
+      unet_cfg, vae_cfg, text_cfgs.get("text_encoder"), {**raw["scheduler"], **markers},
       tokenizers.get("tokenizer"), read_states, text_encoder_2=text_cfgs.get("text_encoder_2"),
       tokenizer_2=tokenizers.get("tokenizer_2"),
       options={
@@ -802,8 +807,8 @@ def save_single_file(pipe: Pipeline, path: str, dtype: str = "float32") -> None:
   text_cfgs = {n: getattr(pipe, n).config for n in ("text_encoder", "text_encoder_2")
                if getattr(pipe, n) is not None}
   family = single_file.config_family(text_cfgs)
-  write_safetensors(path, single_file.to_original(family, pipe.unet.config, pipe.vae.config,
-                                                  states))
+  state = single_file.to_original(family, pipe.unet.config, pipe.vae.config, states)
+  write_safetensors(path, {**state, **single_file.markers_for(pipe.scheduler_config, dtype)})
 
 
 __all__ = ["Pipeline", "PipelineError", "WeightsError", "build_pipeline", "load_pipeline"]

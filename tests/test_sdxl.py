@@ -285,3 +285,45 @@ def test_export_round_trip(pipes, tmp_path):
     again = sdjax.load_pipeline(out)
     assert again.requires_aesthetics_score == ours.requires_aesthetics_score
     np.testing.assert_array_equal(again.tokenize_2(PROMPTS), ours.tokenize_2(PROMPTS))
+
+
+def test_v_prediction_marker_file_matches_diffusers(pipes, tmp_path):
+  """A v-prediction fine-tune's single file (`v_pred` and `ztsnr` marker keys, as NoobAI-XL
+  v-pred ships) loads as v-prediction on zero-terminal-SNR betas, and generates what diffusers
+  makes from the same file with the scheduler its model cards set up."""
+  from safetensors.numpy import load_file, save_file
+
+  _, _, base, _, folder = pipes
+  plain = str(tmp_path / "plain.safetensors")
+  base.save_single_file(plain)
+  assert not {"v_pred", "ztsnr"} & set(load_file(plain))  # epsilon: no markers
+  path = str(tmp_path / "vpred.safetensors")
+  save_file({**load_file(plain), "v_pred": np.zeros((0,), np.float32),
+             "ztsnr": np.zeros((0,), np.float32)}, path)
+  pipe = sdjax.load_pipeline(path, config=os.path.join(folder, "base"))
+  assert pipe.scheduler_config["prediction_type"] == "v_prediction"
+  assert pipe.scheduler_config["rescale_betas_zero_snr"] is True
+  explicit = sdjax.load_pipeline(path, config=os.path.join(folder, "base"),
+                                 prediction_type="epsilon")
+  assert explicit.scheduler_config["prediction_type"] == "epsilon"
+
+  ref = diffusers.StableDiffusionXLPipeline.from_single_file(
+      path, config=os.path.join(folder, "base"), local_files_only=True)
+  ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+      ref.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True)
+  latents = randn(1, 8, 12, 4, seed=5)
+  with torch.no_grad():
+    expected = ref(PROMPTS[:1], negative_prompt=NEGATIVES[:1], height=H, width=W,
+                   num_inference_steps=5, guidance_scale=GUIDANCE, latents=nchw(latents),
+                   output_type="np").images
+  kwargs = dict(negative_prompts=NEGATIVES[:1], height=H, width=W, steps=5,
+                guidance_scale=GUIDANCE, scheduler="euler", latents=latents)
+  ours = pipe.generate(PROMPTS[:1], **kwargs)
+  err = rel_err(ours, expected)
+  print(f"\nv_pred + ztsnr file, euler: {err:.2e}")
+  assert err <= GENERATE_TOL
+  assert rel_err(base.generate(PROMPTS[:1], **kwargs), expected) > 1e-2  # the markers matter
+
+  again = str(tmp_path / "again.safetensors")
+  pipe.save_single_file(again)  # the markers go out again, for A1111 and ComfyUI
+  assert {"v_pred", "ztsnr"} <= set(load_file(again))

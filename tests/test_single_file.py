@@ -377,6 +377,30 @@ def test_family_detection_picks_standard_config():
     single_file.detect_family({"encoder.conv_in.weight": np.zeros(1)})
 
 
+def test_marker_keys(family_files, tmp_path):
+  """`v_pred` (and `ztsnr`) marker keys set the scheduler (an explicit prediction_type wins);
+  an EDM model's markers are a one-line refusal."""
+  family, folder, _, ref, exported, _ = family_files
+  state = load_file(exported)
+  marked = str(tmp_path / "marked.safetensors")
+  save_file({**state, "v_pred": np.zeros((0,), np.float32),
+             "ztsnr": np.zeros((0,), np.float32)}, marked)
+  pipe = sdjax.load_pipeline(marked, config=folder)
+  assert pipe.scheduler_config == {**ref.scheduler_config, "prediction_type": "v_prediction",
+                                   "rescale_betas_zero_snr": True}
+  _assert_params_equal(pipe.params, ref.params)
+  explicit = sdjax.load_pipeline(marked, config=folder, prediction_type="epsilon")
+  assert explicit.scheduler_config["prediction_type"] == "epsilon"
+  assert single_file.scheduler_markers({"ztsnr": 0}) == {}  # zero SNR only with v-prediction
+  assert single_file.standard_config_name(family, "v_prediction") == (
+      "sd1" if family == "sd1" else "sd2_768_v")
+  edm = str(tmp_path / "edm.safetensors")
+  save_file({**state, "edm_mean": np.zeros((1, 4, 1, 1), np.float32),
+             "edm_std": np.ones((1, 4, 1, 1), np.float32)}, edm)
+  with pytest.raises(SingleFileError, match=r"is an EDM model \(edm_mean: Playground v2.5, CosXL\)"):
+    sdjax.load_pipeline(edm, config=folder)
+
+
 def _standard_keys(name):
   """Original-layout key -> shape for a full-size standard config, from diffusers / transformers
   models built on the meta device (names and shapes, no weights)."""

@@ -20,6 +20,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,14 @@ _IGNORED = re.compile(
     r"posterior_mean_coef1|posterior_mean_coef2|logvar|lvlb_weights)$"
     r"|^model_ema\.|^(first_stage_model\.)?loss\."
     r"|(^|\.)(position_ids|logit_scale|text_projection|attn_mask)$"
+    r"|^(v_pred|ztsnr)$"  # markers, read by `scheduler_markers`
 )
+
+# Marker keys (empty tensors) that v-prediction fine-tunes carry, as ComfyUI and A1111 read them:
+# `v_pred` = the model predicts v; `ztsnr` (with `v_pred`) = trained on zero-terminal-SNR betas.
+V_PRED_MARKER, ZERO_SNR_MARKER = "v_pred", "ztsnr"
+# EDM models (Playground v2.5, CosXL) mark themselves too; sdjax has no EDM schedulers.
+_EDM_MARKERS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
 
 
 def is_single_file(source: str) -> bool:
@@ -109,6 +117,10 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
     raise SingleFileError(f"{name} is not a Stable Diffusion single file: {_guess_kind(state)}")
   if _has_prefix(state, "embedder.") or _has_prefix(state, "noise_augmentor."):
     raise SingleFileError(f"{name} is a Stable unCLIP checkpoint, which sdjax does not support")
+  edm = [k for k in _EDM_MARKERS if k in state]
+  if edm:
+    raise SingleFileError(f"{name} is an EDM model ({edm[0]}: Playground v2.5, CosXL), whose "
+                          "EDM schedulers sdjax does not have")
   channels = conv_in.shape[1]
   if channels != 4:
     variant = {9: "an inpainting", 8: "an instruct-pix2pix", 5: "a depth-to-image",
@@ -137,13 +149,28 @@ def _guess_kind(state: Mapping[str, np.ndarray]) -> str:
   return f"no {UNET_PREFIX}* UNet keys (first key: {keys[0] if keys else 'none'!r})"
 
 
+def scheduler_markers(state: Mapping[str, object]) -> dict[str, Any]:
+  """The scheduler settings a file's marker keys state: {} when it has none."""
+  if V_PRED_MARKER not in state:
+    return {}
+  return {"prediction_type": "v_prediction",
+          **({"rescale_betas_zero_snr": True} if ZERO_SNR_MARKER in state else {})}
+
+
+def markers_for(scheduler_config: Mapping[str, Any], dtype=np.float32) -> dict[str, np.ndarray]:
+  """The marker keys an exported file carries for a scheduler config (see `scheduler_markers`)."""
+  if scheduler_config.get("prediction_type") != "v_prediction":
+    return {}
+  keys = [V_PRED_MARKER] + ([ZERO_SNR_MARKER] if scheduler_config.get("rescale_betas_zero_snr")
+                            else [])
+  return {k: np.zeros((0,), dtype) for k in keys}
+
+
 def standard_config_name(family: str, prediction_type: str | None) -> str:
   """The built-in config for a family; SD2's 768-v and 512-base differ only in prediction type."""
   if family.startswith("sdxl"):
     return family
-  if family == "sd1":
-    if prediction_type not in (None, "epsilon"):
-      raise SingleFileError(f"prediction_type {prediction_type!r}: SD1 models predict epsilon")
+  if family == "sd1":  # v-prediction SD1 fine-tunes: the same config, another prediction type
     return "sd1"
   if prediction_type in (None, "v_prediction"):
     return "sd2_768_v"
