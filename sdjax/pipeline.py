@@ -463,8 +463,8 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   """A single original-layout file, with configs from `config` or the family's standard ones."""
   state = single_file.read_single_file(path)
   family = single_file.detect_family(state, path)
-  # `v_pred` / `ztsnr` marker keys; an explicit prediction_type still wins (see load()).
-  markers = single_file.scheduler_markers(state)
+  # Marker keys or ModelSpec metadata; an explicit prediction_type still wins (see load()).
+  markers = single_file.scheduler_markers(state, single_file.read_metadata(path))
   if markers:
     logging.info("%s: marked as %s", path, ", ".join(f"{k}={v}" for k, v in markers.items()))
   raw, tokenizers = _single_file_configs(

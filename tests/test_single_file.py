@@ -377,11 +377,13 @@ def test_family_detection_picks_standard_config():
     single_file.detect_family({"encoder.conv_in.weight": np.zeros(1)})
 
 
-def test_marker_keys(family_files, tmp_path):
+def test_marker_keys(family_files, tmp_path, monkeypatch):
   """`v_pred` (and `ztsnr`) marker keys set the scheduler (an explicit prediction_type wins);
   an EDM model's markers are a one-line refusal."""
   family, folder, _, ref, exported, _ = family_files
   state = load_file(exported)
+  assert ("v_pred" in state) == (ref.scheduler_config["prediction_type"] == "v_prediction")
+  state = {k: v for k, v in state.items() if k != "v_pred"}
   marked = str(tmp_path / "marked.safetensors")
   save_file({**state, "v_pred": np.zeros((0,), np.float32),
              "ztsnr": np.zeros((0,), np.float32)}, marked)
@@ -394,6 +396,23 @@ def test_marker_keys(family_files, tmp_path):
   assert single_file.scheduler_markers({"ztsnr": 0}) == {}  # zero SNR only with v-prediction
   assert single_file.standard_config_name(family, "v_prediction") == (
       "sd1" if family == "sd1" else "sd2_768_v")
+  # ModelSpec metadata (sd-scripts, Stability) says it too: "v" or "epsilon".
+  other = "epsilon" if ref.scheduler_config["prediction_type"] == "v_prediction" else "v"
+  spec = str(tmp_path / "modelspec.safetensors")
+  save_file(state, spec, metadata={"modelspec.prediction_type": other})
+  pipe = sdjax.load_pipeline(spec, config=folder)
+  assert pipe.scheduler_config["prediction_type"] == (
+      "epsilon" if other == "epsilon" else "v_prediction")
+  asked = []
+
+  def standard_config(name):
+    asked.append(name)
+    raise KeyboardInterrupt  # stop here: only the choice of config is under test
+
+  monkeypatch.setattr(standard, "standard_config", standard_config)
+  with pytest.raises(KeyboardInterrupt):
+    sdjax.load_pipeline(spec)
+  assert asked == ["sd1" if family == "sd1" else "sd2_512_base"]
   edm = str(tmp_path / "edm.safetensors")
   save_file({**state, "edm_mean": np.zeros((1, 4, 1, 1), np.float32),
              "edm_std": np.ones((1, 4, 1, 1), np.float32)}, edm)

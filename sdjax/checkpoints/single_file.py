@@ -24,7 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from sdjax.checkpoints.weights import WeightsError, read_pickle, read_safetensors
+from sdjax.checkpoints.weights import (
+    WeightsError,
+    read_pickle,
+    read_safetensors,
+    read_safetensors_metadata,
+)
 
 
 class SingleFileError(WeightsError):
@@ -149,12 +154,32 @@ def _guess_kind(state: Mapping[str, np.ndarray]) -> str:
   return f"no {UNET_PREFIX}* UNet keys (first key: {keys[0] if keys else 'none'!r})"
 
 
-def scheduler_markers(state: Mapping[str, object]) -> dict[str, Any]:
-  """The scheduler settings a file's marker keys state: {} when it has none."""
-  if V_PRED_MARKER not in state:
+# ModelSpec metadata (kohya's sd-scripts and Stability write it): modelspec.prediction_type.
+_MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}
+
+
+def read_metadata(path: str) -> dict[str, str]:
+  """A single file's safetensors header metadata ({} for pickles and files without)."""
+  path = os.path.expanduser(path)
+  if not path.lower().endswith(".safetensors"):
     return {}
-  return {"prediction_type": "v_prediction",
-          **({"rescale_betas_zero_snr": True} if ZERO_SNR_MARKER in state else {})}
+  return read_safetensors_metadata(path, SingleFileError)
+
+
+def scheduler_markers(state: Mapping[str, object],
+                      metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
+  """The scheduler settings a file states about itself: {} when it says nothing.
+
+  The `v_pred` marker key (with `ztsnr`: zero-terminal-SNR betas), else the ModelSpec
+  `modelspec.prediction_type` metadata ("epsilon" or "v").
+  """
+  if V_PRED_MARKER in state:
+    return {"prediction_type": "v_prediction",
+            **({"rescale_betas_zero_snr": True} if ZERO_SNR_MARKER in state else {})}
+  spec = (metadata or {}).get("modelspec.prediction_type")
+  if spec in _MODELSPEC_PREDICTION:
+    return {"prediction_type": _MODELSPEC_PREDICTION[spec]}
+  return {}
 
 
 def markers_for(scheduler_config: Mapping[str, Any], dtype=np.float32) -> dict[str, np.ndarray]:

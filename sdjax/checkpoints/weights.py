@@ -175,9 +175,8 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def read_safetensors(path: str, error=WeightsError) -> dict[str, np.ndarray]:
-  """A safetensors file as read-only numpy arrays over a memory map (bfloat16 as
-  `ml_dtypes.bfloat16`, which safetensors' numpy reader lacks); sizes checked against the file."""
+def _safetensors_header(path: str, error) -> tuple[mmap.mmap, int, dict[str, Any]]:
+  """(the file memory-mapped, its header's length, the header)."""
   try:
     with open(path, "rb") as f:
       data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -189,6 +188,19 @@ def read_safetensors(path: str, error=WeightsError) -> dict[str, np.ndarray]:
       raise ValueError("the header is not a JSON object")
   except (OSError, ValueError, struct.error) as e:
     raise error(f"cannot read weights {path} (truncated or corrupt?): {e}") from None
+  return data, n, header
+
+
+def read_safetensors_metadata(path: str, error=WeightsError) -> dict[str, str]:
+  """A safetensors file's `__metadata__` strings (modelspec.*, ss_*, ...); {} if it has none."""
+  metadata = _safetensors_header(path, error)[2].get("__metadata__")
+  return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def read_safetensors(path: str, error=WeightsError) -> dict[str, np.ndarray]:
+  """A safetensors file as read-only numpy arrays over a memory map (bfloat16 as
+  `ml_dtypes.bfloat16`, which safetensors' numpy reader lacks); sizes checked against the file."""
+  data, n, header = _safetensors_header(path, error)
   body = memoryview(data)[8 + n:]
   out = {}
   for key, info in header.items():
