@@ -265,7 +265,8 @@ class Pipeline:
                aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
                refiner: Pipeline | None = None, refiner_start: float = 0.8,
                eta: float = 0.0, prompt_syntax: str = "plain",
-               embeddings=None, cfg_parallel: bool = False) -> np.ndarray:
+               embeddings=None, cfg_parallel: bool = False,
+               emphasis: str = "Original") -> np.ndarray:
     """Text-to-image (or image-to-image with `init_images`) generation.
 
     Args:
@@ -298,6 +299,9 @@ class Pipeline:
         weights, long prompts, BREAK, prompt editing and alternation, composable `AND` /
         `:weight` parts; see `sdjax.prompts`).
       embeddings: a1111: textual-inversion vectors {trigger word: float [n, D]}.
+      emphasis: a1111: A1111's emphasis mode, "Original" (weights, then each chunk's mean
+        restored), "No norm" (weights only; A1111 suggests it for SDXL), "Ignore" (weights
+        parsed, not applied) or "None" (brackets and BREAK read as plain text).
       cfg_parallel: make each guidance pair's two UNet calls on the first two devices, one each
         (about half an image's time per step where one device is not kept busy: a CPU split
         with `sdjax.parallel.set_cpu_devices(2)` before JAX starts, or two GPUs). With one
@@ -318,7 +322,7 @@ class Pipeline:
         guidance_rescale=guidance_rescale, clip_skip=clip_skip, prompts_2=prompts_2,
         negative_prompts_2=negative_prompts_2, micro=micro, refiner=refiner,
         refiner_start=refiner_start, eta=eta, prompt_syntax=prompt_syntax,
-        embeddings=embeddings, cfg_parallel=cfg_parallel)
+        embeddings=embeddings, cfg_parallel=cfg_parallel, emphasis=emphasis)
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:

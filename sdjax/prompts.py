@@ -10,11 +10,13 @@ Parsing (pure Python, no model):
 
 Encoding (`tokenize_chunks`, `PromptBatch`, `encode_weighted`): 75-token chunks wrapped in
 BOS...EOS, BREAK and the comma backtrack rule, textual-inversion vectors at their positions,
-per-token weights on the encoder output rescaled to the unweighted mean.
+per-token weights on the encoder output rescaled to the unweighted mean (A1111's emphasis
+modes, `EMPHASIS_MODES`: "Original" rescales, "No norm" does not, "Ignore" drops the weights,
+"None" reads brackets and BREAK as plain text).
 
 The behaviour follows A1111's `modules/prompt_parser.py`, `sd_hijack_clip.py`, `sd_emphasis.py`
-("Original" emphasis) and `extra_networks.py`; the code is sdjax's own (a small recursive-descent
-parser instead of A1111's lark grammar).
+and `extra_networks.py`; the code is sdjax's own (a small recursive-descent parser instead of
+A1111's lark grammar).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # A1111's names; Original its default
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 BREAK = ("BREAK", -1.0)  # the run A1111 emits for the BREAK keyword
@@ -420,9 +423,25 @@ def _special_ids(tokenizer) -> tuple[int, int, int, int | None]:
   return bos, eos, pad, tokenizer.get_vocab().get(",</w>")
 
 
+def check_emphasis(emphasis: str) -> str:
+  if emphasis not in EMPHASIS_MODES:
+    raise PromptError(f"unknown emphasis {emphasis!r}; use one of {', '.join(EMPHASIS_MODES)}")
+  return emphasis
+
+
+def _runs(text: str, emphasis: str) -> list[tuple[str, float]]:
+  """A text's (text, weight) runs under an emphasis mode."""
+  if emphasis == "None":  # brackets, weights and BREAK are plain text
+    return [(text, 1.0)]
+  runs = parse_prompt_attention(text)
+  if emphasis == "Ignore":  # parsed (brackets and BREAK act), the weights not applied
+    return [run if run == BREAK else (run[0], 1.0) for run in runs]
+  return runs
+
+
 def tokenize_chunks(text: str, tokenizer, triggers: TriggerTable | None = None,
                     comma_backtrack: int = COMMA_BACKTRACK,
-                    chunk_length: int = CHUNK_LENGTH) -> Chunks:
+                    chunk_length: int = CHUNK_LENGTH, emphasis: str = "Original") -> Chunks:
   """Splits a prompt (without schedules) into weighted chunks, as A1111.
 
   A chunk takes `chunk_length` tokens (75: 77 with BOS and EOS, the CLIP text encoders' length);
@@ -431,7 +450,7 @@ def tokenize_chunks(text: str, tokenizer, triggers: TriggerTable | None = None,
   positions as its embedding has vectors, in one chunk.
   """
   bos, eos, pad, comma = _special_ids(tokenizer)
-  runs = parse_prompt_attention(text)
+  runs = _runs(text, check_emphasis(emphasis))
   token_lists = tokenizer([t for t, _ in runs], add_special_tokens=False)["input_ids"]
   chunks: list[_Chunk] = []
   chunk = _Chunk()
@@ -515,6 +534,8 @@ class PromptBatch:
   # Composable prompts (a row per part): int32 [B] chunks attended to, the longest part's of the
   # row's prompt; past its own `chunks` a part repeats its last vector, as A1111 pads the parts.
   attend_chunks: Any = None
+  # Emphasis restores each chunk's unweighted mean (A1111's "Original"; "No norm": False).
+  normalize: bool = struct.field(pytree_node=False, default=True)
 
   @property
   def context_length(self) -> int:
@@ -533,22 +554,23 @@ class _Prompt:
 
 
 def _prompt(text: str, tokenizer, steps: int, calls: int, triggers, comma_backtrack,
-            chunk_length: int, first_call: int = 0) -> _Prompt:
+            chunk_length: int, first_call: int = 0, emphasis: str = "Original") -> _Prompt:
   schedule = prompt_schedule(text, steps)
   texts = list(dict.fromkeys(t for _, t in schedule))
   counts = [sum(t == u for _, u in schedule) for t in texts]
   ends = [end for end, _ in schedule]
   per_call = tuple(texts.index(schedule[schedule_index(ends, c)][1])
                    for c in range(first_call, first_call + calls))
-  variants = tuple(tokenize_chunks(t, tokenizer, triggers, comma_backtrack, chunk_length)
-                   for t in texts)
+  variants = tuple(tokenize_chunks(t, tokenizer, triggers, comma_backtrack, chunk_length,
+                                   emphasis) for t in texts)
   return _Prompt(variants, tuple(counts), per_call)
 
 
 def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
                   embeddings: Mapping[str, Any] | None = None,
                   comma_backtrack: int = COMMA_BACKTRACK, first_call: int = 0,
-                  chunk_length: int = CHUNK_LENGTH) -> list[_Prompt]:
+                  chunk_length: int = CHUNK_LENGTH,
+                  emphasis: str = "Original") -> list[_Prompt]:
   """Schedules and tokenizes prompts (A1111 syntax, extra-network tags already removed).
 
   Args:
@@ -560,26 +582,28 @@ def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
     embeddings: textual-inversion vectors {trigger word: [n, D]} for this text encoder.
     first_call: A1111's call counter at the first call (a refiner continues the base's count).
     chunk_length: prompt tokens per chunk: the text encoder's max_position_embeddings - 2.
+    emphasis: one of `EMPHASIS_MODES` (pack with the same).
   """
   triggers = TriggerTable(tokenizer, embeddings, chunk_length) if embeddings else None
-  return [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack, chunk_length, first_call)
-          for p in prompts]
+  return [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack, chunk_length, first_call,
+                  emphasis) for p in prompts]
 
 
 def pack_prompts(prompts: Sequence[str] | Sequence[_Prompt], tokenizer, *, steps: int = 1,
                  calls: int = 1, embeddings: Mapping[str, Any] | None = None,
                  chunks: int | None = None, variants: int | None = None,
                  comma_backtrack: int = COMMA_BACKTRACK,
-                 chunk_length: int = CHUNK_LENGTH) -> PromptBatch:
+                 chunk_length: int = CHUNK_LENGTH, emphasis: str = "Original") -> PromptBatch:
   """Prompts (texts, or `parse_prompts`' output) as one `PromptBatch` of numpy arrays.
 
   `chunks` and `variants` are the bucket sizes (default: the batch's largest). Parsed prompts
-  keep the chunk length they were parsed with.
+  keep the chunk length and emphasis they were parsed with; `emphasis` also sets whether
+  encoding restores the mean.
   """
   triggers = TriggerTable(tokenizer, embeddings, chunk_length) if embeddings else None
   parsed = [p if isinstance(p, _Prompt) else
-            _prompt(p, tokenizer, steps, calls, triggers, comma_backtrack, chunk_length)
-            for p in prompts]
+            _prompt(p, tokenizer, steps, calls, triggers, comma_backtrack, chunk_length,
+                    emphasis=emphasis) for p in prompts]
   length = len(parsed[0].variants[0].ids[0])
   k = max(p.chunks for p in parsed) if chunks is None else chunks
   v = max(len(p.variants) for p in parsed) if variants is None else variants
@@ -612,7 +636,8 @@ def pack_prompts(prompts: Sequence[str] | Sequence[_Prompt], tokenizer, *, steps
       ids=ids, weights=weights, counts=counts,
       chunks=np.asarray([p.chunks for p in parsed], np.int32),
       schedule=np.asarray([p.schedule for p in parsed], np.int32).reshape(b, calls),
-      token_embeds=None if not uses_triggers else (vectors, where))
+      token_embeds=None if not uses_triggers else (vectors, where),
+      normalize=check_emphasis(emphasis) != "No norm")
 
 
 def bucket(n: int) -> int:
@@ -626,13 +651,15 @@ def bucket(n: int) -> int:
 Encoder = Callable[..., Any]
 
 
-def emphasize(z, weights, counts, chunks):
+def emphasize(z, weights, counts, chunks, normalize: bool = True):
   """A1111's "Original" emphasis: z [B, V, K, L, D] times the weights, rescaled per chunk.
 
   Per prompt and chunk, the mean of the weighted output is set back to the unweighted one, both
   taken over every token, channel and schedule entry (A1111 encodes a prompt's schedule texts as
-  one batch and takes `z.mean()` of it).
+  one batch and takes `z.mean()` of it). Without `normalize` ("No norm"): the weighted output.
   """
+  if not normalize:
+    return z * weights[..., None]
   b, v, k, length, dim = z.shape
   in_use = counts[:, :, None] * (jnp.arange(k)[None, :] < chunks[:, None])[:, None, :]  # B, V, K
   total = jnp.sum(in_use, axis=1) * (length * dim)  # B, K
@@ -674,7 +701,7 @@ def encode_weighted(encode: Encoder, batch: PromptBatch):
   out = encode(batch.ids.reshape(b * v * k, length), token_embeds)
   z, pooled = out if isinstance(out, tuple) else (out, None)
   z = emphasize(z.astype(jnp.float32).reshape(b, v, k, length, -1), batch.weights, batch.counts,
-                batch.chunks)
+                batch.chunks, batch.normalize)
   z = z.reshape(b, v, k * length, -1)  # B, V, K*L, D
   if batch.attend_chunks is not None:  # a part shorter than its prompt's longest: repeat the end
     last = jnp.minimum(jnp.arange(k * length)[None, :], (batch.chunks * length - 1)[:, None])

@@ -79,6 +79,7 @@ class RunConfig:
   embeddings: tuple[tuple[str, str | None], ...] = ()  # (file or hub file, token or None)
   prompt_syntax: str = "plain"  # or "a1111": weights, long prompts, BREAK, prompt editing
   lora_dir: str | None = None  # a1111: where <lora:name:w> tags find name.safetensors
+  emphasis: str = "Original"  # a1111: A1111's emphasis mode (`prompts.EMPHASIS_MODES`)
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -167,13 +168,20 @@ def validate(cfg: RunConfig) -> None:
       raise RunError("--lora_dir applies <lora:...> tags, which need --prompt_syntax a1111")
     if not os.path.isdir(cfg.lora_dir):
       raise RunError(f"--lora_dir {cfg.lora_dir} is not a folder")
-  if cfg.prompt_syntax == "a1111":  # the inline prompts fail here; a file's when reached
-    from sdjax import prompts  # noqa: PLC0415
+  from sdjax import prompts  # noqa: PLC0415
 
+  if cfg.emphasis not in prompts.EMPHASIS_MODES:
+    raise RunError(f"--emphasis must be one of {', '.join(prompts.EMPHASIS_MODES)}, "
+                   f"got {cfg.emphasis!r}")
+  if cfg.emphasis != "Original" and cfg.prompt_syntax != "a1111":
+    raise RunError("--emphasis is a mode of --prompt_syntax a1111")
+  if cfg.prompt_syntax == "a1111":  # the inline prompts fail here; a file's when reached
     lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
     for line in cfg.prompts:
       for text in (line.prompt, line.negative_prompt or cfg.negative_prompt):
-        prompts.parse_prompt_attention(sampling.strip_extra_networks(text, lora_set is not None))
+        text = sampling.strip_extra_networks(text, lora_set is not None)
+        if cfg.emphasis != "None":  # "None" reads brackets as text: nothing to get wrong
+          prompts.parse_prompt_attention(text)
         if lora_set is not None:
           lora_set(text)  # every tag names a file in --lora_dir
   if cfg.refiner is not None and not 0.0 < cfg.refiner_start < 1.0:
@@ -198,6 +206,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["prompt_syntax"] = cfg.prompt_syntax
   if cfg.lora_dir is not None:
     settings["lora_dir"] = cfg.lora_dir
+  if cfg.emphasis != "Original":  # absent for the default: older folders still match
+    settings["emphasis"] = cfg.emphasis
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.cfg_parallel:  # its own program: pixels differ by rounding
@@ -558,7 +568,8 @@ class _Sampler:
     if self.cfg.prompt_syntax != "a1111":
       return None
     return sampling.a1111_options(self.spec, self.host_state, self.cfg.steps, sizes=sizes,
-                                  bucket_variants=True, allow_lora=self.lora_set is not None)
+                                  bucket_variants=True, allow_lora=self.lora_set is not None,
+                                  emphasis=self.cfg.emphasis)
 
   def _conditioning(self, jobs):
     """The batch's conditioning ((base, refiner) with a refiner). An empty negative prompt is no
@@ -583,7 +594,8 @@ class _Sampler:
     spec, state, refiner = self.refiner
     if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
       a1111 = sampling.a1111_options(spec, state, self.cfg.steps, first_call=a1111.calls,
-                                     bucket_variants=True, allow_lora=a1111.allow_lora)
+                                     bucket_variants=True, allow_lora=a1111.allow_lora,
+                                     emphasis=a1111.emphasis)
     return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
                                             size=size, img2img=True, a1111=a1111)
 
@@ -731,7 +743,20 @@ class _Metadata:
         sampler=self.scheduler, cfg_scale=cfg.guidance_scale, seed=job.seed, width=self.width,
         height=self.height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
         version=f"sdjax {sdjax.__version__}",
-        extra={**self._sdxl_extra(), **self._network_hashes(job)})
+        extra={**self._sdxl_extra(), **self._network_hashes(job), **self._emphasis(job)})
+
+  def _emphasis(self, job: ImageJob) -> dict[str, str]:
+    """A1111's `Emphasis` field: the mode, when not "Original" and a prompt text (after its
+    extra-network tags and schedules) has a bracket."""
+    if self.cfg.prompt_syntax != "a1111" or self.cfg.emphasis == "Original":
+      return {}
+    from sdjax import prompts  # noqa: PLC0415
+
+    for text in (job.prompt, job.negative_prompt or ""):
+      texts = [t for _, t in prompts.prompt_schedule(prompts.lora_tags(text)[0], self.cfg.steps)]
+      if any("(" in t or "[" in t for t in texts):
+        return {"Emphasis": self.cfg.emphasis}
+    return {}
 
   def _sdxl_extra(self) -> dict[str, Any]:
     """A1111's names for the refiner (`name [short hash]`, no local path); sdjax's for the

@@ -364,6 +364,7 @@ class A1111:
   bucket_variants: bool = False  # variant counts rounded up to powers of two: fewer programs
   allow_lora: bool = False  # <lora:...> tags are applied by the caller (main.py --lora_dir)
   embeddings: Any = None  # {trigger: [n, D]} for text_encoder; default: pipe.embeddings
+  emphasis: str = "Original"  # one of `prompts.EMPHASIS_MODES`
 
 
 def a1111_options(spec: SampleSpec, state, steps: int, **kwargs) -> A1111:
@@ -437,7 +438,7 @@ def _a1111_ids(pipe, sides, sides_2, opts: A1111):
     parsed[name] = [prompt_lib.parse_prompts(
         [strip_extra_networks(p, opts.allow_lora) for p in side], tok, steps=opts.steps,
         calls=opts.calls, embeddings=vectors, first_call=opts.first_call,
-        chunk_length=chunk_length) for side in texts]
+        chunk_length=chunk_length, emphasis=opts.emphasis) for side in texts]
   sizes = opts.sizes
   if sizes is None:
     groups = list(parsed.values())
@@ -447,7 +448,8 @@ def _a1111_ids(pipe, sides, sides_2, opts: A1111):
     sizes = (max(p.chunks for g in groups for side in g for p in side), *variants)
   ids = {name: [prompt_lib.pack_prompts(parsed[name][k], tok, chunks=sizes[0],
                                         variants=sizes[1 + k],
-                                        embeddings=_trigger_vectors(pipe, name, opts.embeddings))
+                                        embeddings=_trigger_vectors(pipe, name, opts.embeddings),
+                                        emphasis=opts.emphasis)
                 for k in (0, 1)] for name, tok, _ in encoders}
   if composable is not None:  # each part attends over its prompt's longest part
     own = np.max([[p.chunks for p in parsed[name][0]] for name, _, _ in encoders], axis=0)
@@ -625,11 +627,15 @@ def generate(
     prompt_syntax: str = "plain",
     embeddings: Any = None,
     cfg_parallel: bool = False,
+    emphasis: str = "Original",
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate`."""
   if prompt_syntax not in PROMPT_SYNTAXES:
     raise ValueError(f"unknown prompt syntax {prompt_syntax!r}; use one of "
                      f"{', '.join(PROMPT_SYNTAXES)}")
+  prompt_lib.check_emphasis(emphasis)
+  if emphasis != "Original" and prompt_syntax != "a1111":
+    raise ValueError(f"emphasis {emphasis!r} is a mode of prompt_syntax='a1111'")
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   if not prompts:
     raise ValueError("no prompts given")
@@ -663,7 +669,7 @@ def generate(
       raise ValueError(f"latents must have shape {latent_shape}, got {noise.shape}")
   a1111 = None
   if prompt_syntax == "a1111":
-    a1111 = a1111_options(spec, state, steps, embeddings=embeddings)
+    a1111 = a1111_options(spec, state, steps, embeddings=embeddings, emphasis=emphasis)
   cond = make_conditioning(pipe, prompts, negatives, prompts_2=prompts_2,
                            negative_prompts_2=negative_prompts_2, micro=micro,
                            size=(height, width), img2img=init_images is not None, a1111=a1111)
@@ -686,7 +692,7 @@ def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, 
   size = (common["height"], common["width"])
   if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
     a1111 = a1111_options(spec, state, common["steps"], first_call=a1111.calls,
-                          embeddings=a1111.embeddings)
+                          embeddings=a1111.embeddings, emphasis=a1111.emphasis)
   cond = make_conditioning(refiner, prompts, negatives, micro=micro, size=size, img2img=True,
                            a1111=a1111)
   return _sample(spec, refiner.networks, refiner.params, cond, seeds, noise, scalars, latents,

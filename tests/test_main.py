@@ -347,6 +347,8 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
     (["--embedding", "/nonexistent/neg.pt:neg"], "embedding file '/nonexistent/neg.pt' does"),
     (["--embeddings_dir", "/nonexistent"], "--embeddings_dir /nonexistent is not a folder"),
     (["--lora_dir", "/", "--prompt_syntax", "plain"], "--lora_dir applies <lora:...> tags"),
+    (["--emphasis", "no norm", "--prompt_syntax", "plain"],
+     "--emphasis is a mode of --prompt_syntax a1111"),
     (["--cpu_devices=-1"], "--cpu_devices must be 0 (one per core) or more, got -1"),
     (["--cfg_parallel", "--guidance_scale", "1"], "--cfg_parallel splits classifier-free"),
     (["--cfg_parallel", "--cpu_devices", "3"], "--cfg_parallel: CFG parallelism pairs devices"),
@@ -480,6 +482,31 @@ def test_a1111_prompt_syntax(model, cache, tmp_path):
   plain = pipe.generate(prompts[1], negative_prompts="[red|blue]", steps=2, guidance_scale=3,
                         scheduler="euler_ancestral", height=16, width=16, seed=8)
   assert np.abs(plain[0] * 255 - written).max() > 1.0
+
+
+def test_emphasis_flag(model, cache, tmp_path):
+  """--emphasis (None: brackets read as text): the run's setting, generate()'s pixels, and
+  A1111's `Emphasis` field on the images whose prompts have brackets."""
+  prompts = ["a (red:1.4) circle", "a cat"]
+  out = str(tmp_path / "out")
+  main_py(["--model", model, *sum((["--prompt", p] for p in prompts), []), *COMMON,
+           "--batch_size", "2", "--seed", "7", "--emphasis", "none", "--output_dir", out,
+           "--compilation_cache", cache])
+  with open(os.path.join(out, "run.json")) as f:
+    assert json.load(f)["emphasis"] == "None"
+  records = _manifest(out)
+  pipe = sdjax.load_pipeline(model)
+  kw = dict(steps=2, guidance_scale=3, scheduler="euler_ancestral", height=16, width=16,
+            prompt_syntax="a1111")
+  for i, record in enumerate(records):
+    png = Image.open(os.path.join(out, record["file"]))
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    assert params.get("Emphasis") == ("None" if i == 0 else None)
+    alone = pipe.generate(record["prompt"], seed=record["seed"], emphasis="None", **kw)
+    assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  original = pipe.generate(prompts[0], seed=records[0]["seed"], **kw)
+  assert np.abs(original[0] * 255 - np.asarray(Image.open(
+      os.path.join(out, records[0]["file"])), np.float32)).max() > 1.0
 
 
 def test_lora_tags(reference_run, model, cache, tmp_path):

@@ -176,8 +176,9 @@ def _expected_chunk(tok, pieces):
   return ids + [pad] * (77 - len(ids)), weights + [1.0] * (77 - len(weights))
 
 
-def _torch_conditioning(tm, variants, fixes=()):
-  """A1111's recipe: per chunk, encode every variant's chunk as a batch, weight, restore mean."""
+def _torch_conditioning(tm, variants, fixes=(), normalize=True):
+  """A1111's recipe: per chunk, encode every variant's chunk as a batch, weight, restore mean
+  (not with `normalize` False: A1111's "No norm" emphasis)."""
   import torch
 
   emb = tm.embeddings if hasattr(tm, "embeddings") else tm.text_model.embeddings
@@ -202,17 +203,17 @@ def _torch_conditioning(tm, variants, fixes=()):
       # In float64: the mean of CLIP's output is near zero, so a float32 mean (A1111's) carries
       # a relative rounding error of ~1e-5 of its own.
       weighted = z * weights.double()[..., None]
-      chunks.append(weighted * (z.mean() / weighted.mean()))
+      chunks.append(weighted * (z.mean() / weighted.mean()) if normalize else weighted)
   finally:
     emb.token_embedding = original
   return torch.cat(chunks, dim=1).numpy()  # V, K*77, D
 
 
-def _check(clip, prompt, variants, embeddings=None, fixes=()):
+def _check(clip, prompt, variants, embeddings=None, fixes=(), emphasis="Original"):
   """Packs `prompt` in a batch of 2 variants x 2 chunks (padding included) and compares."""
   tok, tm, encode = clip
   batch = prompts.pack_prompts([prompt], tok, steps=10, calls=10, embeddings=embeddings,
-                               chunks=2, variants=2)
+                               chunks=2, variants=2, emphasis=emphasis)
   v, k = len(variants), len(variants[0])
   assert batch.chunks[0] == k and (batch.counts[0] > 0).sum() == v
   np.testing.assert_array_equal(batch.ids[0, :v, :k],
@@ -221,7 +222,7 @@ def _check(clip, prompt, variants, embeddings=None, fixes=()):
                                 np.asarray([[chunk[1] for chunk in v] for v in variants],
                                            np.float32))
   ours = prompts.encode_weighted(encode, jax.tree.map(jnp.asarray, batch))[0, :v, :k * 77]
-  return assert_close(ours, _torch_conditioning(tm, variants, fixes))
+  return assert_close(ours, _torch_conditioning(tm, variants, fixes, emphasis != "No norm"))
 
 
 def test_weights_and_break(clip):
@@ -229,6 +230,28 @@ def test_weights_and_break(clip):
   _check(clip, "a (red:1.5) [cat] BREAK dog, house", [[
       _expected_chunk(tok, [("a", 1.0, 1), ("red", 1.5, 1), ("cat", 1 / 1.1, 1)]),
       _expected_chunk(tok, [("dog", 1.0, 1), (",", 1.0, 1), ("house", 1.0, 1)])]])
+
+
+def test_emphasis_modes(clip):
+  """A1111's emphasis modes: "No norm" weights without restoring the mean, "Ignore" parses
+  (BREAK still splits) but leaves the weights out, "None" reads brackets and BREAK as text."""
+  tok = clip[0]
+  prompt = "a (red:1.5) [cat] BREAK dog"
+  weighted = [_expected_chunk(tok, [("a", 1.0, 1), ("red", 1.5, 1), ("cat", 1 / 1.1, 1)]),
+              _expected_chunk(tok, [("dog", 1.0, 1)])]
+  err = _check(clip, prompt, [weighted], emphasis="No norm")
+  original = prompts.encode_weighted(clip[2], jax.tree.map(jnp.asarray, prompts.pack_prompts(
+      [prompt], tok, steps=10, calls=10)))
+  no_norm = prompts.encode_weighted(clip[2], jax.tree.map(jnp.asarray, prompts.pack_prompts(
+      [prompt], tok, steps=10, calls=10, emphasis="No norm")))
+  assert rel_err(no_norm, original) > 1e-3  # the mean restoration matters at these weights
+  print(f"\nNo norm rel err {err:.2e}")
+  _check(clip, prompt, [[_expected_chunk(tok, [("a", 1.0, 1), ("red", 1.0, 1), ("cat", 1.0, 1)]),
+                         _expected_chunk(tok, [("dog", 1.0, 1)])]], emphasis="Ignore")
+  literal = tok(prompt, add_special_tokens=False)["input_ids"]
+  _check(clip, prompt, [[_expected_chunk(tok, [(t, 1.0, 1) for t in literal])]], emphasis="None")
+  with pytest.raises(prompts.PromptError, match="unknown emphasis 'no-norm'"):
+    prompts.pack_prompts([prompt], tok, emphasis="no-norm")
 
 
 def test_long_prompt_comma_backtrack(clip):
@@ -395,6 +418,26 @@ def test_composable_prompt_image_matches_torch_loop(sd):
     np.testing.assert_allclose(batch[i], pipe.generate(p, seed=5 + i, **kw)[0], atol=1e-5)
   with pytest.raises(ValueError, match="composable prompts .* guidance_rescale"):
     pipe.generate(prompt, guidance_rescale=0.5, **kw)
+
+
+def test_emphasis_reaches_generate(sd):
+  """generate(emphasis=...): "Ignore" is the prompt without its weights, "None" reads the
+  brackets as words, "No norm" is neither; the mode needs prompt_syntax="a1111"."""
+  _, pipe = sd
+  kw = dict(steps=2, scheduler="euler", guidance_scale=7.5, height=16, width=16, seed=3,
+            prompt_syntax="a1111")
+  weighted, plain = "(a red circle:1.6)", "a red circle"
+  ignore = pipe.generate(weighted, emphasis="Ignore", **kw)
+  np.testing.assert_array_equal(ignore, pipe.generate(plain, **kw))
+  original = pipe.generate(weighted, **kw)
+  no_norm = pipe.generate(weighted, emphasis="No norm", **kw)
+  literal = pipe.generate(weighted, emphasis="None", **kw)
+  for a, b in ((original, ignore), (no_norm, original), (literal, ignore)):
+    assert rel_err(a, b) > 1e-4  # seen: 4.8e-3, 1.5e-3, 4.7e-2; rounding alone is ~1e-7
+  np.testing.assert_array_equal(pipe.generate(weighted.replace("(", "\\(").replace(")", "\\)"),
+                                              **kw), literal)  # escaped brackets are text too
+  with pytest.raises(ValueError, match="emphasis 'No norm' is a mode of prompt_syntax='a1111'"):
+    pipe.generate(weighted, emphasis="No norm", **{**kw, "prompt_syntax": "plain"})
 
 
 def test_a1111_plain_prompt_same_pixels_and_mixed_batch(sd):
