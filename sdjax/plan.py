@@ -40,12 +40,17 @@ class ImageJob:
   seed: int
 
 
-def parse_line(path: str, number: int, raw: bytes) -> PromptLine | None:
-  """One line of a prompts file (`.jsonl`: a JSON object; else the prompt); None when blank.
+def _blank(path: str, raw: bytes, comments: bool) -> bool:
+  """A line that is no prompt: ASCII whitespace only, or (`comments`, a `.txt` file) a `#`
+  comment line. Decided on the bytes, as `Plan` counts lines."""
+  line = raw.strip()
+  return not line or (comments and line.startswith(b"#") and not path.endswith(".jsonl"))
 
-  Blank means ASCII whitespace only, decided on the bytes, as `Plan` counts lines.
-  """
-  if not raw.strip():
+
+def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> PromptLine | None:
+  """One line of a prompts file (`.jsonl`: a JSON object; else the prompt); None when blank
+  (with `comments`, A1111 syntax's `#`, a `.txt` line that is only a comment too)."""
+  if _blank(path, raw, comments):
     return None
   line = _decode(path, number, raw)
   if not path.endswith(".jsonl"):
@@ -80,10 +85,10 @@ def _decode(path: str, number: int, raw: bytes) -> str:
                    ) from None
 
 
-def read_prompts_file(path: str) -> list[PromptLine]:
+def read_prompts_file(path: str, comments: bool = False) -> list[PromptLine]:
   """Every prompt of a (small) prompts file, parsed; runs stream the file with `Plan` instead."""
   with _open(path) as f:
-    lines = [parse_line(path, n, raw) for n, raw in enumerate(f, 1)]
+    lines = [parse_line(path, n, raw, comments) for n, raw in enumerate(f, 1)]
   prompts = [p for p in lines if p is not None]
   if not prompts:
     raise RunError(f"prompts file {path} holds no prompts")
@@ -113,8 +118,9 @@ class Plan:
   """The run's images: counted, hashed and indexed by shard in one pass over the prompts file."""
 
   def __init__(self, prompts: Sequence[PromptLine], prompts_file: str | None, *,
-               num_images_per_prompt: int, seed: int, negative_prompt: str, shard_size: int):
-    self.prompts, self.prompts_file = tuple(prompts), prompts_file
+               num_images_per_prompt: int, seed: int, negative_prompt: str, shard_size: int,
+               comments: bool = False):
+    self.prompts, self.prompts_file, self.comments = tuple(prompts), prompts_file, comments
     self.num_images_per_prompt, self.seed = num_images_per_prompt, seed
     self.negative_prompt, self.shard_size = negative_prompt, shard_size
     self.total = 0
@@ -153,7 +159,7 @@ class Plan:
     with _open(path) as f:
       for number, raw in enumerate(f, 1):
         digest.update(raw)
-        if raw.strip():
+        if not _blank(path, raw, self.comments):
           images = self.num_images_per_prompt
           if jsonl and b"num_images" in raw:
             images = parse_line(path, number, raw).num_images or images
@@ -172,7 +178,7 @@ class Plan:
     with _open(self.prompts_file) as f:
       f.seek(offset)
       for number, raw in enumerate(f, first + 1):
-        yield parse_line(self.prompts_file, number, raw)
+        yield parse_line(self.prompts_file, number, raw, self.comments)
 
   def jobs(self, shard: int) -> Iterator[ImageJob]:
     """The images of `shard`, in order, read from where the shard starts."""

@@ -4,6 +4,7 @@ Parsing (pure Python, no model):
 - `parse_prompt_attention`: `(x)` x1.1, `[x]` /1.1, `(x:1.5)`, escapes, BREAK -> (text, weight) runs.
 - `prompt_schedule`: prompt editing `[from:to:when]`, `[to:when]`, `[from::when]` and alternation
   `[a|b|c]` -> the prompt text in force up to each step.
+- `strip_comments`: `# ...` to the end of a line is a comment.
 - `extract_extra_networks` / `lora_tags`: `<lora:name:w>` tags, removed from the text.
 - `composable_parts`: composable diffusion, `a AND b :0.5` -> parts with guidance weights (the
   sampler runs the UNet per part and sums the weighted guidance, `sampling._composable_guidance`).
@@ -351,14 +352,25 @@ def _lora_tag(args: tuple[str, ...], prompt: str) -> LoraTag:
   return LoraTag(positional[0], te, unet)
 
 
+_LINE_COMMENT_RE = re.compile(r"(^|\n)#[^\n]*(\n|$)")
+_COMMENT_RE = re.compile(r"#[^\n]*(\n|$)")
+
+
+def strip_comments(prompt: str) -> str:
+  """The prompt without `#` comments: from `#` to the end of its line (A1111's "Enable
+  comments", on by default; a whole comment line and a trailing one each leave a newline)."""
+  return _COMMENT_RE.sub("\n", _LINE_COMMENT_RE.sub("\n", prompt))
+
+
 def lora_tags(prompt: str) -> tuple[str, tuple[LoraTag, ...]]:
-  """The prompt without its extra-network tags, and its `<lora:name:te:unet>` tags.
+  """The prompt without its comments and extra-network tags, and its `<lora:name:te:unet>` tags.
 
   `<lora:name>` is scale 1; `<lora:name:w>` scales both text encoder and UNet by w;
   `<lora:name:te:unet>` (or `te=`/`unet=`) scales them apart. Other kinds (`<hypernet:...>`) are
-  removed and ignored, as A1111 skips extra networks it does not know.
+  removed and ignored, as A1111 skips extra networks it does not know. Comments go first (as
+  A1111 strips them before reading tags): a tag in a comment does nothing.
   """
-  text, found = extract_extra_networks(prompt)
+  text, found = extract_extra_networks(strip_comments(prompt))
   return text, tuple(_lora_tag(args, prompt) for kind, args in found if kind == "lora")
 
 

@@ -102,7 +102,8 @@ class RunSummary:
 
 def make_plan(cfg: RunConfig) -> Plan:
   return Plan(cfg.prompts, cfg.prompts_file, num_images_per_prompt=cfg.num_images_per_prompt,
-              seed=cfg.seed, negative_prompt=cfg.negative_prompt, shard_size=cfg.shard_size)
+              seed=cfg.seed, negative_prompt=cfg.negative_prompt, shard_size=cfg.shard_size,
+              comments=cfg.prompt_syntax == "a1111")
 
 
 def parse_path_arg(spec: str, convert, default, flag: str = "--lora", value: str = "scale"):
@@ -784,7 +785,8 @@ class _Metadata:
     if self.lora_dir is not None:
       loras += [(tag.name, self._hash(self.lora_dir.file(tag.name), "lora"))
                 for tag in prompts.lora_tags(job.prompt)[1]]
-    texts = (job.prompt, job.negative_prompt or "")
+    texts = [prompts.strip_comments(t) if self.cfg.prompt_syntax == "a1111" else t
+             for t in (job.prompt, job.negative_prompt or "")]
     used = [(trigger, self._hash(path, "embedding")) for trigger, path, pattern in self.triggers
             if any(pattern.search(text) for text in texts)]  # hashed when first used
     extra = {}

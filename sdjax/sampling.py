@@ -374,7 +374,8 @@ def a1111_options(spec: SampleSpec, state, steps: int, **kwargs) -> A1111:
 
 
 def strip_extra_networks(prompt: str, allow_lora: bool = False) -> str:
-  """The prompt without `<lora:...>`-style tags (A1111 removes them before encoding)."""
+  """The prompt without `#` comments and `<lora:...>`-style tags (A1111 removes both before
+  encoding)."""
   text, loras = prompt_lib.lora_tags(prompt)
   if loras and not allow_lora:
     raise prompt_lib.PromptError(

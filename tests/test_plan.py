@@ -67,6 +67,22 @@ def test_txt_plan_and_digest(tmp_path):
   assert len({plan.digest, changed.digest, other_seed.digest}) == 3
 
 
+def test_txt_comment_lines(tmp_path):
+  """With comments (A1111 syntax), a .txt line that is only a `#` comment is no prompt; a
+  comment after a prompt stays in it (the encoder drops it); without, `#` is text."""
+  path = tmp_path / "p.txt"
+  path.write_text("# cats\na cat # tabby\n  #dogs\na dog\n#\nthird")
+  kw = dict(num_images_per_prompt=2, seed=5, negative_prompt="", shard_size=3)
+  plan = Plan([], str(path), comments=True, **kw)
+  expected = [(0, "a cat # tabby"), (1, "a cat # tabby"), (2, "a dog"), (3, "a dog"),
+              (4, "third"), (5, "third")]
+  assert [(j.index, j.prompt) for j in _all_jobs(plan)] == expected
+  assert [(j.index, j.prompt) for j in plan.jobs(1)] == expected[3:]  # a shard alone
+  assert [p.prompt for p in read_prompts_file(str(path), comments=True)] == [
+      "a cat # tabby", "a dog", "third"]
+  assert Plan([], str(path), **kw).total == 12  # every line a prompt
+
+
 def test_bad_lines_name_their_line(tmp_path):
   path = tmp_path / "bad.jsonl"
   path.write_text('{"prompt": "ok"}\n{"prompt": "a", "num_images": 0}\n')

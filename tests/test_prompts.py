@@ -110,6 +110,16 @@ def test_extra_networks_removed_in_order():
                    ("hypernet", ("ray",))]
 
 
+def test_comments():
+  """A1111's comments: `#` to the end of the line; a tag inside one does nothing."""
+  assert prompts.strip_comments("a cat # on a mat") == "a cat \n"
+  assert prompts.strip_comments("# setting\na cat\n#style: oil\nBREAK a dog # old") == (
+      "\na cat\nBREAK a dog \n")
+  assert prompts.strip_comments("no comment") == "no comment"
+  text, tags = prompts.lora_tags("<lora:a:0.5> a cat # <lora:b:1>")
+  assert text == " a cat \n" and [t.name for t in tags] == ["a"]
+
+
 def test_lora_tags():
   text, tags = prompts.lora_tags(
       "a <lora:one> b <lora:two:0.5> <lora:three:0.2:0.9><lora:four:te=0.3:unet=0.7> <hn:x:1>")
@@ -422,7 +432,7 @@ def test_composable_prompt_image_matches_torch_loop(sd):
 
 def test_emphasis_reaches_generate(sd):
   """generate(emphasis=...): "Ignore" is the prompt without its weights, "None" reads the
-  brackets as words, "No norm" is neither; the mode needs prompt_syntax="a1111"."""
+  brackets as words, "No norm" is neither; the mode needs prompt_syntax="a1111". Comments."""
   _, pipe = sd
   kw = dict(steps=2, scheduler="euler", guidance_scale=7.5, height=16, width=16, seed=3,
             prompt_syntax="a1111")
@@ -436,6 +446,11 @@ def test_emphasis_reaches_generate(sd):
     assert rel_err(a, b) > 1e-4  # seen: 4.8e-3, 1.5e-3, 4.7e-2; rounding alone is ~1e-7
   np.testing.assert_array_equal(pipe.generate(weighted.replace("(", "\\(").replace(")", "\\)"),
                                               **kw), literal)  # escaped brackets are text too
+  # A comment (a1111 syntax) is not part of the prompt; in plain syntax it is text.
+  np.testing.assert_array_equal(pipe.generate(plain + " # (blue:1.5) square", **kw),
+                                pipe.generate(plain, **kw))
+  commented = pipe.generate(plain + " # blue square", **{**kw, "prompt_syntax": "plain"})
+  assert rel_err(commented, pipe.generate(plain, **{**kw, "prompt_syntax": "plain"})) > 1e-4
   with pytest.raises(ValueError, match="emphasis 'No norm' is a mode of prompt_syntax='a1111'"):
     pipe.generate(weighted, emphasis="No norm", **{**kw, "prompt_syntax": "plain"})
 
