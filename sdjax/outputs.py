@@ -59,6 +59,8 @@ A1111_SAMPLER_NAMES = {
     "heun": "Heun",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
     "ddpm": "DDPM",
 }
 

@@ -171,14 +171,16 @@ def test_compiles_once_per_shape(pipes):
   assert not np.allclose(a, b)
 
 
-def test_each_image_depends_on_its_seed_alone(pipes):
+@pytest.mark.parametrize("scheduler", ["euler_ancestral", "dpmpp_2m_sde_karras"])
+def test_each_image_depends_on_its_seed_alone(pipes, scheduler):
+  """Stochastic samplers draw each step's noise from the image's own seed."""
   _sd1_only(pipes)
   _, pipe, _ = pipes
   prompts = ["a red circle", "a cat", "a dog"]
-  batch = pipe.generate(prompts, steps=3, scheduler="euler_ancestral", seed=40)
-  alone = pipe.generate(prompts[1], steps=3, scheduler="euler_ancestral", seed=41)
+  batch = pipe.generate(prompts, steps=3, scheduler=scheduler, seed=40)
+  alone = pipe.generate(prompts[1], steps=3, scheduler=scheduler, seed=41)
   np.testing.assert_allclose(batch[1], alone[0], atol=1e-5)
-  again = pipe.generate(prompts, steps=3, scheduler="euler_ancestral", seed=40)
+  again = pipe.generate(prompts, steps=3, scheduler=scheduler, seed=40)
   np.testing.assert_array_equal(batch, again)
   assert not np.allclose(batch[0], batch[1])
 

@@ -1,4 +1,5 @@
-"""DPM-Solver++ against diffusers' DPMSolverMultistepScheduler, step by step, on a fake model.
+"""DPM-Solver++ against diffusers' DPMSolverMultistepScheduler, step by step, on a fake model
+(the SDE form with the same noise injected into both).
 
 Residual differences (~3e-7 relative) come from torch's CPU float32 sqrt/log/exp (MKL, not
 correctly rounded); with correctly rounded ones the trajectories agree bit for bit.
@@ -82,6 +83,16 @@ def test_trajectory_matches_diffusers(pred, spacing, karras, steps, offset):
     ({"lambda_min_clipped": -2.0, "timestep_spacing": "linspace"}, 10),
     ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, 10),
     ({"algorithm_type": "deis", "final_sigmas_type": "sigma_min"}, 10),
+    ({"algorithm_type": "sde-dpmsolver++"}, 10),
+    ({"algorithm_type": "sde-dpmsolver++"}, 20),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_order": 1}, 8),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "prediction_type": "v_prediction"},
+     20),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, 14),
+    ({"algorithm_type": "sde-dpmsolver++", "final_sigmas_type": "sigma_min",
+      "lower_order_final": False}, 8),
+    ({"algorithm_type": "sde-dpmsolver++", "rescale_betas_zero_snr": True,
+      "timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 10),
   ],
   ids=[
     "order1",
@@ -94,6 +105,13 @@ def test_trajectory_matches_diffusers(pred, spacing, karras, steps, offset):
     "lambda_min_clipped",
     "zero_snr",
     "deis",
+    "sde-10steps",
+    "sde-20steps",
+    "sde-order1",
+    "sde-order3-v",
+    "sde-heun",
+    "sde-sigma_min",
+    "sde-zero_snr-v",
   ],
 )
 def test_options_match_diffusers(options, steps):
@@ -118,6 +136,7 @@ def test_cosine_karras_schedule_matches_diffusers():
     ({"prediction_type": "epsilon"}, False, 20, 0.6),
     ({"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, True, 10, 0.75),
     ({"solver_order": 3}, False, 12, 0.5),
+    ({"algorithm_type": "sde-dpmsolver++"}, True, 10, 0.6),
   ],
 )
 def test_img2img_matches_diffusers(options, karras, steps, strength):
@@ -137,12 +156,19 @@ def test_config_resolves_as_diffusers():
   assert get_scheduler("dpmpp_2m", karras_cfg).cfg["use_karras_sigmas"] is False
   assert get_scheduler("dpmpp_2m_karras", SD15).cfg["use_karras_sigmas"] is True
   assert default_scheduler_name(karras_cfg) == "dpmpp_2m_karras"
+  # DPM++ 2M SDE (Karras): the stochastic form, by name or from a checkpoint's config.
+  sde = get_scheduler("dpmpp_2m_sde_karras", SD15)
+  assert sde.cfg["algorithm_type"] == "sde-dpmsolver++" and sde.cfg["use_karras_sigmas"]
+  assert sde.needs_noise and not get_scheduler("dpmpp_2m", SD15).needs_noise
+  sde_cfg = dict(karras_cfg, algorithm_type="sde-dpmsolver++")
+  assert default_scheduler_name(sde_cfg) == "dpmpp_2m_sde_karras"
+  assert default_scheduler_name(dict(sde_cfg, use_karras_sigmas=False)) == "dpmpp_2m_sde"
 
 
 @pytest.mark.parametrize(
   "options,option",
   [
-    ({"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+    ({"algorithm_type": "sde-dpmsolver"}, "algorithm_type"),
     ({"algorithm_type": "dpmsolver"}, "algorithm_type"),
     ({"algorithm_type": "deis"}, "algorithm_type"),  # diffusers refuses it with a zero sigma
     ({"thresholding": True}, "thresholding"),

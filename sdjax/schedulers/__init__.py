@@ -23,6 +23,10 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "heun": ("heun", "HeunDiscreteScheduler", {}),
     "dpmpp_2m": ("dpmpp", "DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
     "dpmpp_2m_karras": ("dpmpp", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("dpmpp", "DPMSolverMultistepScheduler",
+                     {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}),
+    "dpmpp_2m_sde_karras": ("dpmpp", "DPMSolverMultistepScheduler",
+                            {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
 }
 
 # diffusers class name of a checkpoint's scheduler -> our name.
@@ -49,8 +53,10 @@ def default_scheduler_name(scheduler_config: dict[str, Any]) -> str:
         f"{', '.join(SCHEDULERS)}"
     )
   name = _FROM_DIFFUSERS_CLASS[class_name]
-  if name == "dpmpp_2m" and scheduler_config.get("use_karras_sigmas"):
-    name = "dpmpp_2m_karras"
+  if name == "dpmpp_2m" and scheduler_config.get("algorithm_type") == "sde-dpmsolver++":
+    name = "dpmpp_2m_sde"
+  if name.startswith("dpmpp_2m") and scheduler_config.get("use_karras_sigmas"):
+    name += "_karras"
   return name
 
 

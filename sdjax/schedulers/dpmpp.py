@@ -1,6 +1,7 @@
 """DPM-Solver++ multistep (Lu et al. 2022), as diffusers' `DPMSolverMultistepScheduler`.
 
-Implemented: algorithm_type "dpmsolver++" (and "deis", which diffusers maps onto it), solver
+Implemented: algorithm_type "dpmsolver++" (and "deis", which diffusers maps onto it) and its
+stochastic form "sde-dpmsolver++" (A1111's "DPM++ 2M SDE": fresh noise every step), solver
 orders 1, 2 and 3, solver_type "midpoint" / "heun", lower_order_final, euler_at_final, Karras
 sigmas, final_sigmas_type "zero" / "sigma_min", lambda_min_clipped, zero-terminal-SNR betas.
 
@@ -66,8 +67,9 @@ class DPMSolverState:
     sigmas: [n + 1] float32 noise levels, the last one after the last step.
     alpha_t: [n + 1] 1 / sqrt(sigma^2 + 1).
     sigma_t: [n + 1] sigma * alpha_t.
-    c_sample: sigma_t[i+1] / sigma_t[i], every order's weight on the sample.
-    c_d0: alpha_t[i+1] * (exp(-h) - 1), every order's weight on the current x0 prediction.
+    c_sample: sigma_t[i+1] / sigma_t[i], every order's weight on the sample (SDE: times exp(-h)).
+    c_d0: alpha_t[i+1] * (exp(-h) - 1), every order's weight on the current x0 prediction (SDE:
+      alpha_t[i+1] * (1 - exp(-2h)), added).
     inv_r0: 1 / r0 with r0 = h_{i-1} / h_i (second and third order).
     c2_d1: the second-order update's weight on D1 (midpoint or heun form).
     inv_r1: 1 / r1 with r1 = h_{i-2} / h_i (third order).
@@ -75,6 +77,7 @@ class DPMSolverState:
     inv_r01: 1 / (r0 + r1) (third order).
     c3_d1: the third-order update's weight on D1.
     c3_d2: the third-order update's weight on D2.
+    c_noise: SDE: sigma_t[i+1] * sqrt(1 - exp(-2h)), the weight on the step's fresh noise.
     model_outputs: [solver_order - 1, *sample_shape] float32, earlier x0 predictions, newest last.
     lower_order_nums: [] int32, steps taken in this run, capped at solver_order.
   """
@@ -92,17 +95,26 @@ class DPMSolverState:
   inv_r01: jnp.ndarray
   c3_d1: jnp.ndarray
   c3_d2: jnp.ndarray
+  c_noise: jnp.ndarray
   model_outputs: jnp.ndarray
   lower_order_nums: jnp.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverMultistepScheduler(Scheduler):
-  """diffusers' `DPMSolverMultistepScheduler` with algorithm_type "dpmsolver++"."""
+  """diffusers' `DPMSolverMultistepScheduler` with algorithm_type "dpmsolver++" or
+  "sde-dpmsolver++"."""
 
   name = "dpmpp_2m"
   order = 1  # model calls per step; the solver's order is config["solver_order"]
-  needs_noise = False
+
+  @property
+  def sde(self) -> bool:
+    return self.cfg["algorithm_type"] == "sde-dpmsolver++"
+
+  @property
+  def needs_noise(self) -> bool:  # type: ignore[override]
+    return self.sde
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -154,7 +166,8 @@ class DPMSolverMultistepScheduler(Scheduler):
       overrides=overrides,
     )
     check_common(cls.name, config, ("epsilon", "v_prediction", "sample"))
-    check_choice(cls.name, "algorithm_type", config["algorithm_type"], ("dpmsolver++", "deis"))
+    check_choice(cls.name, "algorithm_type", config["algorithm_type"],
+                 ("dpmsolver++", "sde-dpmsolver++", "deis"))
     check_choice(cls.name, "final_sigmas_type", config["final_sigmas_type"], ("zero", "sigma_min"))
     if config["algorithm_type"] == "deis":
       # diffusers rewrites deis to dpmsolver++, but only after refusing a zero final sigma.
@@ -231,17 +244,28 @@ class DPMSolverMultistepScheduler(Scheduler):
       h_0 = np.concatenate([[np.nan], h[:-1]]).astype(_F32)
       h_1 = np.concatenate([[np.nan, np.nan], h[:-2]]).astype(_F32)[:n]
       a_next = alpha_t[1:]
-      expm1 = _exp(-h) - _F32(1.0)
-      c_sample = sigma_t[1:] / sigma_t[:-1]
-      c_d0 = a_next * expm1
       r0 = h_0 / h
       r1 = h_1 / h
-      if config["solver_type"] == "midpoint":
-        c2_d1 = _F32(0.5) * (a_next * expm1)
+      c_noise = np.zeros_like(h)
+      if self.sde:  # diffusers' sde-dpmsolver++ updates, their operations in their order
+        decay = _F32(1.0) - _exp(_F32(-2.0) * h)  # 1 - exp(-2h)
+        c_sample = sigma_t[1:] / sigma_t[:-1] * _exp(-h)
+        c_d0 = a_next * decay
+        heun = a_next * (decay / (_F32(-2.0) * h) + _F32(1.0))
+        c2_d1 = _F32(0.5) * c_d0 if config["solver_type"] == "midpoint" else heun
+        c3_d1 = heun
+        c3_d2 = a_next * ((decay - _F32(2.0) * h) / (_F32(2.0) * h) ** 2 - _F32(0.5))
+        c_noise = sigma_t[1:] * np.sqrt(decay)
       else:
-        c2_d1 = a_next * (expm1 / h + _F32(1.0))
-      c3_d1 = a_next * (expm1 / h + _F32(1.0))
-      c3_d2 = a_next * ((expm1 + h) / (h * h) - _F32(0.5))
+        expm1 = _exp(-h) - _F32(1.0)
+        c_sample = sigma_t[1:] / sigma_t[:-1]
+        c_d0 = a_next * expm1
+        if config["solver_type"] == "midpoint":
+          c2_d1 = _F32(0.5) * (a_next * expm1)
+        else:
+          c2_d1 = a_next * (expm1 / h + _F32(1.0))
+        c3_d1 = a_next * (expm1 / h + _F32(1.0))
+        c3_d2 = a_next * ((expm1 + h) / (h * h) - _F32(0.5))
       inv_r0 = _F32(1.0) / r0
       inv_r1 = _F32(1.0) / r1
       r0_frac = r0 / (r0 + r1)
@@ -262,6 +286,7 @@ class DPMSolverMultistepScheduler(Scheduler):
       inv_r01=jnp.asarray(inv_r01),
       c3_d1=jnp.asarray(c3_d1),
       c3_d2=jnp.asarray(c3_d2),
+      c_noise=jnp.asarray(c_noise, jnp.float32),
       model_outputs=jnp.zeros(history, jnp.float32),
       lower_order_nums=jnp.zeros((), jnp.int32),
     )
@@ -285,8 +310,10 @@ class DPMSolverMultistepScheduler(Scheduler):
     return model_output  # "sample"
 
   def step(self, state, model_output, i, sample, noise=None):
-    del noise
     config = self.cfg
+    sde = self.sde
+    if sde and noise is None:
+      raise ValueError("sde-dpmsolver++ takes fresh noise every step: pass noise=")
     solver_order = int(config["solver_order"])
     n = state.timesteps.shape[0]  # static
     sample32 = as_f32(sample)
@@ -300,13 +327,17 @@ class DPMSolverMultistepScheduler(Scheduler):
     use_first = (count < 1) | ((i == n - 1) & final_first)
     use_second = (count < 2) | ((i == n - 2) & second_last_second)
 
-    # Every product is rounded before it is summed, as torch does (see `rounded`).
-    prev_sample = rounded(state.c_sample[i] * sample32) - rounded(state.c_d0[i] * m0)
+    # Every product is rounded before it is summed, as torch does (see `rounded`). The ODE
+    # subtracts the terms the SDE adds (its coefficients carry the other sign).
+    def plus(a, b):
+      return a + b if sde else a - b
+
+    prev_sample = plus(rounded(state.c_sample[i] * sample32), rounded(state.c_d0[i] * m0))
     if solver_order >= 2:
       m1 = state.model_outputs[-1]
       d1_0 = rounded(state.inv_r0[i] * (m0 - m1))
       if config["solver_type"] == "midpoint":
-        second = prev_sample - rounded(state.c2_d1[i] * d1_0)
+        second = plus(prev_sample, rounded(state.c2_d1[i] * d1_0))
       else:
         second = prev_sample + rounded(state.c2_d1[i] * d1_0)
       if solver_order >= 3:
@@ -314,12 +345,14 @@ class DPMSolverMultistepScheduler(Scheduler):
         d1_1 = rounded(state.inv_r1[i] * (m1 - m2))
         d1 = d1_0 + rounded(state.r0_frac[i] * (d1_0 - d1_1))
         d2 = state.inv_r01[i] * (d1_0 - d1_1)
-        third = (prev_sample + rounded(state.c3_d1[i] * d1)) - rounded(state.c3_d2[i] * d2)
+        third = plus(prev_sample + rounded(state.c3_d1[i] * d1), rounded(state.c3_d2[i] * d2))
         second = jnp.where(use_second, second, third)
       prev_sample = jnp.where(use_first, prev_sample, second)
       model_outputs = jnp.concatenate([state.model_outputs[1:], m0[None]], axis=0)
     else:
       model_outputs = state.model_outputs
+    if sde:
+      prev_sample = prev_sample + rounded(state.c_noise[i] * as_f32(noise))
 
     new_state = state.replace(
       model_outputs=model_outputs,
