@@ -61,6 +61,7 @@ A1111_SAMPLER_NAMES = {
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "unipc": "UniPC",
     "ddpm": "DDPM",
 }
 

@@ -27,6 +27,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
                      {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}),
     "dpmpp_2m_sde_karras": ("dpmpp", "DPMSolverMultistepScheduler",
                             {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": ("unipc", "UniPCMultistepScheduler", {}),
 }
 
 # diffusers class name of a checkpoint's scheduler -> our name.
@@ -39,6 +40,7 @@ _FROM_DIFFUSERS_CLASS = {
     "EulerAncestralDiscreteScheduler": "euler_ancestral",
     "HeunDiscreteScheduler": "heun",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
 }
 
 SCHEDULERS = tuple(_REGISTRY)
