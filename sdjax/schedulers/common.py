@@ -249,6 +249,23 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
   return (1 - w) * low_idx + w * high_idx
 
 
+def log_f32(x: np.ndarray) -> np.ndarray:
+  """float32 natural log, correctly rounded (via float64) so it is the same on every host."""
+  with np.errstate(divide="ignore"):
+    return np.log(np.asarray(x, np.float64)).astype(np.float32)
+
+
+def exp_f32(x: np.ndarray) -> np.ndarray:
+  """float32 exp, correctly rounded (via float64)."""
+  return np.exp(np.asarray(x, np.float64)).astype(np.float32)
+
+
+def vp_alpha_sigma(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(alpha_t, sigma_t) of the variance-preserving process at VE noise levels `sigmas`."""
+  alpha_t = 1 / np.sqrt(sigmas**2 + 1)
+  return alpha_t, sigmas * alpha_t
+
+
 def rounded(x):
   """`x`, rounded to its dtype before whatever consumes it: keeps `a * b + c` two roundings.
 

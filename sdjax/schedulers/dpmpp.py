@@ -23,12 +23,15 @@ from flax import struct
 from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
+  exp_f32,
   hashable_config,
   karras_sigmas,
+  log_f32,
   resolve_config,
   rounded,
   sigma_to_t,
   true_divide,
+  vp_alpha_sigma,
 )
 from sdjax.schedulers.euler import (
   as_f32,
@@ -39,23 +42,6 @@ from sdjax.schedulers.euler import (
 )
 
 _F32 = np.float32
-
-
-def _log(x: np.ndarray) -> np.ndarray:
-  """float32 natural log, correctly rounded (via float64) so it is the same on every host."""
-  with np.errstate(divide="ignore"):
-    return np.log(np.asarray(x, np.float64)).astype(_F32)
-
-
-def _exp(x: np.ndarray) -> np.ndarray:
-  """float32 exp, correctly rounded (via float64)."""
-  return np.exp(np.asarray(x, np.float64)).astype(_F32)
-
-
-def _alpha_sigma(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(alpha_t, sigma_t) of the variance-preserving process at VE noise levels `sigmas`."""
-  alpha_t = 1 / np.sqrt(sigmas**2 + 1)
-  return alpha_t, sigmas * alpha_t
 
 
 @struct.dataclass
@@ -189,7 +175,7 @@ class DPMSolverMultistepScheduler(Scheduler):
     n_train = int(config["num_train_timesteps"])
     # Where lambda(t) = log(alpha_t / sigma_t) first drops below lambda_min_clipped, counted
     # from the noisy end; the default -inf clips nothing.
-    lambda_t = _log(np.sqrt(alphas_cumprod)) - _log(np.sqrt(1 - alphas_cumprod))
+    lambda_t = log_f32(np.sqrt(alphas_cumprod)) - log_f32(np.sqrt(1 - alphas_cumprod))
     clipped_idx = int(np.searchsorted(lambda_t[::-1], config["lambda_min_clipped"], side="left"))
     last_timestep = n_train - clipped_idx
     spacing = config["timestep_spacing"]
@@ -237,8 +223,8 @@ class DPMSolverMultistepScheduler(Scheduler):
     n = len(timesteps)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-      alpha_t, sigma_t = _alpha_sigma(sigmas)
-      lambdas = _log(alpha_t) - _log(sigma_t)  # +inf at a zero final sigma, as in diffusers
+      alpha_t, sigma_t = vp_alpha_sigma(sigmas)
+      lambdas = log_f32(alpha_t) - log_f32(sigma_t)  # +inf at a zero final sigma, as in diffusers
       # h[i]: the log-SNR step from position i to i + 1; h[i - 1], h[i - 2] the earlier ones.
       h = lambdas[1:] - lambdas[:-1]
       h_0 = np.concatenate([[np.nan], h[:-1]]).astype(_F32)
@@ -248,8 +234,8 @@ class DPMSolverMultistepScheduler(Scheduler):
       r1 = h_1 / h
       c_noise = np.zeros_like(h)
       if self.sde:  # diffusers' sde-dpmsolver++ updates, their operations in their order
-        decay = _F32(1.0) - _exp(_F32(-2.0) * h)  # 1 - exp(-2h)
-        c_sample = sigma_t[1:] / sigma_t[:-1] * _exp(-h)
+        decay = _F32(1.0) - exp_f32(_F32(-2.0) * h)  # 1 - exp(-2h)
+        c_sample = sigma_t[1:] / sigma_t[:-1] * exp_f32(-h)
         c_d0 = a_next * decay
         heun = a_next * (decay / (_F32(-2.0) * h) + _F32(1.0))
         c2_d1 = _F32(0.5) * c_d0 if config["solver_type"] == "midpoint" else heun
@@ -257,7 +243,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         c3_d2 = a_next * ((decay - _F32(2.0) * h) / (_F32(2.0) * h) ** 2 - _F32(0.5))
         c_noise = sigma_t[1:] * np.sqrt(decay)
       else:
-        expm1 = _exp(-h) - _F32(1.0)
+        expm1 = exp_f32(-h) - _F32(1.0)
         c_sample = sigma_t[1:] / sigma_t[:-1]
         c_d0 = a_next * expm1
         if config["solver_type"] == "midpoint":

@@ -25,12 +25,13 @@ from sdjax.schedulers.common import (
   SchedulerConfigError,
   hashable_config,
   karras_sigmas,
+  log_f32,
   resolve_config,
   rounded,
   sigma_to_t,
   true_divide,
+  vp_alpha_sigma,
 )
-from sdjax.schedulers.dpmpp import _alpha_sigma, _log
 from sdjax.schedulers.euler import (
   as_f32,
   check_choice,
@@ -229,8 +230,8 @@ class UniPCMultistepScheduler(Scheduler):
     n = len(timesteps)
     bh1 = config["solver_type"] == "bh1"
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-      alpha_t, sigma_t = _alpha_sigma(sigmas)
-      lambdas = _log(alpha_t) - _log(sigma_t)  # +inf at a zero final sigma, as in diffusers
+      alpha_t, sigma_t = vp_alpha_sigma(sigmas)
+      lambdas = log_f32(alpha_t) - log_f32(sigma_t)  # +inf at a zero final sigma, as in diffusers
 
     def weights(to: int, frm: int):
       """(sample, m0 and residual weights, r_k [P - 1], h_phi_1-based hh, B_h) of the step
