@@ -290,7 +290,7 @@ def _rank(w):
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
 def test_vs_formula(models, tmp_path, kind):
   """Per-module alphas (some absent: alpha = rank) and every factorization, vs the formula."""
-  ref, pipe, _ = models
+  ref = models[0]
   gen = torch.Generator().manual_seed(7)
   scale, sd, expected = 0.6, {}, {}
   for component, (model, (prefix, names)) in _lycoris_modules(ref).items():
@@ -312,10 +312,20 @@ def test_vs_formula(models, tmp_path, kind):
       sd.update({f"{prefix}{name.replace('.', '_')}.{k}": v for k, v in w.items()})
   path = str(tmp_path / f"{kind}.safetensors")
   save_file(sd, path)
-  eps, text_out = _outputs_changed(ref, expected)
+  _check_formula(models, path, scale, expected, kind)
+
+
+def _check_formula(models, path, scale, changes, label):
+  """Our outputs with the LoRA at `path` merged at `scale` vs the reference's with `changes`
+  added; the changes must move both outputs."""
+  ref, pipe, _ = models
+  eps, text = _outputs_changed(ref, changes)
   ours = _outputs_ours(pipe, lora.apply_loras(pipe, [(path, scale)]))
-  errs = assert_close(ours[0], eps), assert_close(ours[1], text_out)
-  print(f"{kind} rel err unet %.2g text %.2g" % errs)
+  errs = assert_close(ours[0], eps), assert_close(ours[1], text)
+  for base, changed in zip(_outputs_torch(ref), (eps, text), strict=True):
+    assert rel_err(changed, base) > 0.01
+  print(f"{label} rel err unet {errs[0]:.2g} text {errs[1]:.2g}")
+  return eps
 
 
 def _params(model):
@@ -344,7 +354,7 @@ def _outputs_changed(ref, changes):
 def test_full_and_norm_vs_formula(models, tmp_path):
   """LyCORIS full modules (`diff`, `diff_b`) and norm modules (`w_norm`, `b_norm`: GroupNorm,
   LayerNorm) vs A1111's rule: each param + scale * its change (a `scale` key scales w_norm)."""
-  ref, pipe, _ = models
+  ref = models[0]
   gen = torch.Generator().manual_seed(17)
   scale, sd, expected = 0.7, {}, {}
   spec = [  # component, module, keys
@@ -371,13 +381,7 @@ def test_full_and_norm_vs_formula(models, tmp_path):
       expected[(component, param)] = scale * change * (factor if key == "w_norm" else 1.0)
   path = str(tmp_path / "full.safetensors")
   save_file(sd, path)
-  eps, text = _outputs_changed(ref, expected)
-  base = _outputs_torch(ref)
-  ours = _outputs_ours(pipe, lora.apply_loras(pipe, [(path, scale)]))
-  errs = assert_close(ours[0], eps), assert_close(ours[1], text)
-  for a, b in zip(base, (eps, text), strict=True):
-    assert rel_err(b, a) > 0.01
-  print(f"LyCORIS full and norm rel err unet {errs[0]:.2g} text {errs[1]:.2g}")
+  _check_formula(models, path, scale, expected, "LyCORIS full and norm")
 
 
 # -- DoRA: PEFT files vs diffusers, LyCORIS files vs A1111's rule ---------------------------------
@@ -446,13 +450,7 @@ def test_dora_lycoris_vs_formula(models, tmp_path):
       count += 1
   path = str(tmp_path / "dora.safetensors")
   save_file(sd, path)
-  eps, text = _outputs_changed(ref, expected)
-  base = _outputs_torch(ref)
-  ours = _outputs_ours(pipe, lora.apply_loras(pipe, [(path, scale)]))
-  errs = assert_close(ours[0], eps), assert_close(ours[1], text)
-  for a, b in zip(base, (eps, text), strict=True):  # the DoRA changes the outputs
-    assert rel_err(b, a) > 0.01
-  print(f"LyCORIS DoRA rel err unet {errs[0]:.2g} text {errs[1]:.2g}")
+  eps = _check_formula(models, path, scale, expected, "LyCORIS DoRA")
   # The rule is not the plain LoRA's: without dora_scale the same file merges to other outputs.
   plain = {k: v for k, v in sd.items() if not k.endswith("dora_scale")}
   other = _outputs_ours(pipe, lora.apply_loras(pipe, [(_write(tmp_path, plain), scale)]))
