@@ -2,7 +2,7 @@
 
 Image k of a run (prompts in order: `--prompt`s, then the file's lines; each repeated
 `num_images` times) gets seed `seed + k`, or `s + j` for the j-th image of a jsonl line with its
-own `seed` s. `Plan` reads the prompts file once up front, without parsing it: it counts the
+own `seed` s; a jsonl line's `width` / `height` replace the run's size for its images. `Plan` reads the prompts file once up front, without parsing it: it counts the
 images, hashes the file and notes where every shard (`shard_size` consecutive images) starts, so
 that `jobs(shard)` can seek straight to any shard. Lines are parsed, and bad ones reported with
 their line number, when their shard is generated.
@@ -15,7 +15,8 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 
-_JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images")
+_JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height")
+MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
 class RunError(ValueError):
@@ -28,6 +29,8 @@ class PromptLine:
   negative_prompt: str | None = None
   seed: int | None = None
   num_images: int | None = None
+  width: int | None = None  # None: the run's
+  height: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,14 @@ class ImageJob:
   prompt: str
   negative_prompt: str
   seed: int
+  size: tuple[int, int] | None = None  # (height, width); None: the run's
+
+
+def check_size(value, what: str) -> None:
+  """A side of an image: a multiple of 8 in [8, MAX_SIZE] (`what` names it in the error)."""
+  if not isinstance(value, int) or isinstance(value, bool) or value % 8 or not (
+      8 <= value <= MAX_SIZE):
+    raise RunError(f"{what} must be a multiple of 8 between 8 and {MAX_SIZE}, got {value!r}")
 
 
 def _blank(path: str, raw: bytes, comments: bool) -> bool:
@@ -74,7 +85,11 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
                               or value < least):
       kind = "positive" if least else "non-negative"
       raise RunError(f"{where}: \"{key}\" must be a {kind} integer")
-  return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"))
+  for key in ("width", "height"):
+    if obj.get(key) is not None:
+      check_size(obj[key], f'{where}: "{key}"')
+  return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"),
+                    obj.get("width"), obj.get("height"))
 
 
 def _decode(path: str, number: int, raw: bytes) -> str:
@@ -114,6 +129,13 @@ class _Cursor:
   skip: int
 
 
+def _key(line: PromptLine) -> list:
+  """A command-line prompt as the run's digest holds it (sizes only when set, so the digests of
+  runs from before per-line sizes stay valid)."""
+  key = [line.prompt, line.negative_prompt, line.seed, line.num_images]
+  return key + [line.width, line.height] if (line.width, line.height) != (None, None) else key
+
+
 class Plan:
   """The run's images: counted, hashed and indexed by shard in one pass over the prompts file."""
 
@@ -126,8 +148,7 @@ class Plan:
     self.total = 0
     self._starts: list[_Cursor] = []
     digest = hashlib.sha256(json.dumps(
-        [num_images_per_prompt, seed, negative_prompt,
-         [dataclasses.astuple(p) for p in self.prompts]]).encode())
+        [num_images_per_prompt, seed, negative_prompt, [_key(p) for p in self.prompts]]).encode())
     for entry, prompt in enumerate(self.prompts):
       self._count(entry, 0, prompt.num_images or num_images_per_prompt)
     if prompts_file is not None:
@@ -189,10 +210,13 @@ class Plan:
       if line is None:
         continue
       negative = self.negative_prompt if line.negative_prompt is None else line.negative_prompt
+      size = None
+      if line.width is not None or line.height is not None:
+        size = (line.height, line.width)  # a missing side is the run's (run.py fills it in)
       for j in range(line.num_images or self.num_images_per_prompt):
         if index >= wanted.start:
           seed = self.seed + index if line.seed is None else line.seed + j
-          yield ImageJob(index, line.prompt, negative, seed)
+          yield ImageJob(index, line.prompt, negative, seed, size)
         index += 1
         if index >= wanted.stop:
           return  # before reading the next line, which belongs to the next shard

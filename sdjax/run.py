@@ -28,12 +28,11 @@ from absl import logging
 import sdjax
 from sdjax import aot, outputs, parallel, sampling, sinks
 from sdjax.conditioning import MicroConditioning
-from sdjax.plan import ImageJob, Plan, PromptLine, RunError, read_prompts_file
+from sdjax.plan import MAX_SIZE, ImageJob, Plan, PromptLine, RunError, read_prompts_file
 
 __all__ = ["ImageJob", "PromptLine", "RunConfig", "RunError", "RunSummary", "generate_run",
            "read_prompts_file"]
 
-MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,30 +390,21 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
   steps = parallel.max_over_processes(math.ceil(work.images / local_batch))
   if not steps:
     return 0, 0.0, 0.0, False
-  common = dict(steps=cfg.steps, scheduler=metadata.scheduler, height=metadata.height,
-                width=metadata.width, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                cfg_split=cfg.cfg_parallel)
-  spec, state = sampling.prepare(pipe, cfg.batch_size, **common,
-                                 denoising_end=cfg.refiner_start if refiner else None)
-  if refiner is not None:  # (spec, state, pipeline) of the second stage, in the same program
-    refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
-                                 denoising_start=cfg.refiner_start), refiner)
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
-  run_batch = _Sampler(cfg, pipe, mesh, spec, state, refiner, lora_set)
+  run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set)
+  run_batch.program((metadata.height, metadata.width))  # the run's own size: checked up front
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
-  if lora_set is None:
-    batches = _batches(work.jobs(plan), local_batch)
-  else:  # LoRA sets split batches, so their count is known only at the end
-    batches = _LoraBatches(work.jobs(plan), local_batch, lora_set)
+
+  def group(job):  # a batch holds one image size and one LoRA set
+    return metadata.size(job), lora_set(job.prompt) if lora_set is not None else None
+
+  batches = _Batches(work.jobs(plan), local_batch, group)
   made, start, pending, interrupted, progress = 0, None, None, False, None
   try:
     with _StopFlag() as stop:
-      for _ in range(steps) if lora_set is None else iter(int, 1):
-        batch, loras = next(batches) if lora_set is not None else (next(batches), None)
-        if batch is None:  # no process has LoRA-set work left
-          break
-        images = run_batch(batch, loras)  # dispatched: the devices work while the host writes
+      for batch, (size, loras) in batches:  # until no process has work left
+        images = run_batch(batch, size, loras)  # dispatched: the devices work while the host writes
         if progress is None:  # compiled: from here on the bar's rate and ETA mean something
           start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
         if pending is not None:
@@ -467,30 +457,18 @@ class _LoraSets:
                    f"{self.lora_dir}")
 
 
-def _batches(jobs: Iterator[tuple[int, ImageJob]], size: int) -> Iterator[list]:
-  """Lists of `size` (shard, job); padded with copies (never written) once jobs run out."""
-  batch = []
-  for item in jobs:
-    batch.append(item)
-    if len(batch) == size:
-      yield batch
-      batch = []
-  filler = (batch or [(None, ImageJob(0, "", "", 0))])[-1]
-  while True:
-    yield batch + [(None, filler[1])] * (size - len(batch))
-    batch = []
+class _Batches:
+  """Batches of (shard, job) rows that each hold one group (image size, LoRA set), the same on
+  every process (their devices run one program and share the weights): each step the processes
+  agree on the group the first process with work left wants next; a process whose next job is
+  in another group (or that has none left) pads that step with copies, which are never
+  written. Iteration ends once no process has work left.
 
-
-class _LoraBatches:
-  """Batches that each hold one LoRA set, the same on every process (their devices share the
-  weights): each step the processes agree on the set the first process with work left wants
-  next; a process whose next job has another set sends padding that step.
-
-  Yields (batch, set), or (None, None) once no process has work left.
+  Yields (batch, group).
   """
 
-  def __init__(self, jobs: Iterator[tuple[int, ImageJob]], size: int, lora_set):
-    self.jobs, self.size, self.lora_set, self.head = jobs, size, lora_set, None
+  def __init__(self, jobs: Iterator[tuple[int, ImageJob]], size: int, group):
+    self.jobs, self.size, self.group, self.head = jobs, size, group, None
 
   def __iter__(self):
     return self
@@ -502,22 +480,26 @@ class _LoraBatches:
 
   def __next__(self):
     head = self._peek()
-    wanted = None if head is None else self.lora_set(head[1].prompt)
-    loras = _agree_on_lora_set(wanted)
-    if loras is None:
-      return None, None
+    group = _agree_on_group(None if head is None else self.group(head[1]))
+    if group is None:
+      raise StopIteration
     batch = []
     while len(batch) < self.size and (head := self._peek()) is not None \
-        and self.lora_set(head[1].prompt) == loras:
+        and self.group(head[1]) == group:
       batch.append(head)
       self.head = None
     filler = batch[-1][1] if batch else ImageJob(0, "", "", 0)
-    return batch + [(None, filler)] * (self.size - len(batch)), loras
+    return batch + [(None, filler)] * (self.size - len(batch)), group
 
 
-def _agree_on_lora_set(wanted):
-  """The LoRA set (tuple of (file, unet scale, te scale)) the lowest process with work wants,
-  or None when none has work; `wanted`: this process's next set, or None."""
+def _frozen(value):
+  """JSON lists back as (nested) tuples."""
+  return tuple(_frozen(x) for x in value) if isinstance(value, list) else value
+
+
+def _agree_on_group(wanted):
+  """The group (JSON-able, nested tuples) the lowest process with work wants, or None when no
+  process has work; `wanted`: this process's next group, or None."""
   if jax.process_count() == 1:
     return wanted
   from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -530,7 +512,7 @@ def _agree_on_lora_set(wanted):
   for row in every:  # in process order
     value = json.loads(bytes(row).rstrip(b"\0").decode())
     if value is not None:
-      return tuple(tuple(x) for x in value)
+      return _frozen(value)
   return None
 
 
@@ -547,52 +529,83 @@ def _write(writer, metadata, batch, images, progress) -> int:
   return made
 
 
+@dataclasses.dataclass
+class _Program:
+  """The sampler of one image size: spec, states and the sharded, compiled programs."""
+
+  spec: Any
+  host_state: Any  # the base's scheduler state, on the host (A1111 schedules read it)
+  state: Any  # replicated: the base's, or (base, refiner)
+  sampler: Any
+  statics: str
+  refiner: Any  # (spec, state, pipeline) of the refiner stage, or None
+  compiled: dict = dataclasses.field(default_factory=dict)  # per prompt-input shape
+
+
 class _Sampler:
-  """The compiled, sharded sampler: a process's batch of jobs -> a dispatched global batch."""
+  """The compiled, sharded samplers (one per image size): a process's batch of jobs -> a
+  dispatched global batch."""
 
-  def __init__(self, cfg, pipe, mesh, spec, state, refiner=None, lora_set=None):
-    self.cfg, self.pipe, self.mesh, self.spec, self.refiner = cfg, pipe, mesh, spec, refiner
-    self.lora_set, self.loras = lora_set, ()
+  def __init__(self, cfg, pipe, mesh, scheduler, refiner=None, lora_set=None):
+    self.cfg, self.pipe, self.mesh, self.scheduler = cfg, pipe, mesh, scheduler
+    self.refiner_pipe, self.lora_set, self.loras = refiner, lora_set, ()
     self.global_batch = cfg.batch_size * parallel.data_size(mesh)
-    params, stage = pipe.params, None
-    if refiner is not None:  # (base, refiner) pairs of params and states
-      params, state, stage = (params, refiner[2].params), (state, refiner[1]), refiner[::2]
+    params = pipe.params if refiner is None else (pipe.params, refiner.params)
     self.params = parallel.replicate(params, mesh)
-    self.state = parallel.replicate(state, mesh)
     self.scalars = parallel.replicate((np.float32(cfg.guidance_scale), np.float32(0.0)), mesh)
-    self.sampler = parallel.sharded_sampler(mesh, spec, pipe, stage)
-    self.statics = aot.sampler_statics(spec, pipe, stage)
-    self.host_state = state if refiner is None else state[0]
-    self.compiled, self.compile_seconds = {}, 0.0  # per prompt-input shape (A1111 buckets)
+    self.programs: dict[tuple[int, int], _Program] = {}
+    self.compile_seconds = 0.0
 
-  def _a1111(self, sizes=None):
+  def program(self, size: tuple[int, int]) -> _Program:
+    """The sampler of images of `size` (height, width), made when first needed."""
+    if size not in self.programs:
+      cfg, pipe = self.cfg, self.pipe
+      try:
+        sampling.check_size(pipe, *size)
+      except ValueError as e:
+        raise RunError(f"image size {size[1]}x{size[0]}: {e}") from None
+      common = dict(steps=cfg.steps, scheduler=self.scheduler, height=size[0], width=size[1],
+                    guidance_scale=cfg.guidance_scale, eta=cfg.eta, cfg_split=cfg.cfg_parallel)
+      refiner = self.refiner_pipe
+      spec, state = sampling.prepare(pipe, cfg.batch_size, **common,
+                                     denoising_end=cfg.refiner_start if refiner else None)
+      host_state, stage = state, None
+      if refiner is not None:  # the second stage runs in the same program
+        refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
+                                     denoising_start=cfg.refiner_start), refiner)
+        state, stage = (state, refiner[1]), refiner[::2]
+      self.programs[size] = _Program(
+          spec, host_state, parallel.replicate(state, self.mesh),
+          parallel.sharded_sampler(self.mesh, spec, pipe, stage),
+          aot.sampler_statics(spec, pipe, stage), refiner)
+    return self.programs[size]
+
+  def _a1111(self, program, sizes=None):
     if self.cfg.prompt_syntax != "a1111":
       return None
-    return sampling.a1111_options(self.spec, self.host_state, self.cfg.steps, sizes=sizes,
+    return sampling.a1111_options(program.spec, program.host_state, self.cfg.steps, sizes=sizes,
                                   bucket_variants=True, allow_lora=self.lora_set is not None,
                                   emphasis=self.cfg.emphasis)
 
-  def _conditioning(self, jobs):
+  def _conditioning(self, program, jobs, size):
     """The batch's conditioning ((base, refiner) with a refiner). An empty negative prompt is no
     negative prompt: zeros where the checkpoint asks for them (SDXL base). A1111 buckets agree
     across processes."""
-    cond = self._make_conditioning(jobs, self._a1111())
-    sizes = sampling.input_sizes(cond[0] if self.refiner else cond)
+    cond = self._make_conditioning(program, jobs, size, self._a1111(program))
+    sizes = sampling.input_sizes(cond[0] if program.refiner else cond)
     if sizes is not None and jax.process_count() > 1:
       agreed = tuple(parallel.max_over_processes(n) for n in sizes)
       if agreed != sizes:
-        cond = self._make_conditioning(jobs, self._a1111(agreed))
+        cond = self._make_conditioning(program, jobs, size, self._a1111(program, agreed))
     return cond
 
-  def _make_conditioning(self, jobs, a1111):
-    size = (self.spec.latent_hw[0] * self.pipe.vae_scale,
-            self.spec.latent_hw[1] * self.pipe.vae_scale)
+  def _make_conditioning(self, program, jobs, size, a1111):
     prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt or None for j in jobs]
     cond = sampling.make_conditioning(self.pipe, prompts, negatives, micro=self.cfg.micro,
                                       size=size, a1111=a1111)
-    if self.refiner is None:
+    if program.refiner is None:
       return cond
-    spec, state, refiner = self.refiner
+    spec, state, refiner = program.refiner
     if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
       a1111 = sampling.a1111_options(spec, state, self.cfg.steps, first_call=a1111.calls,
                                      bucket_variants=True, allow_lora=a1111.allow_lora,
@@ -606,36 +619,37 @@ class _Sampler:
       from sdjax.checkpoints import lora  # noqa: PLC0415
 
       params = lora.apply_loras(self.pipe, list(loras)) if loras else self.pipe.params
-      if self.refiner is not None:
-        params = (params, self.refiner[2].params)
+      if self.refiner_pipe is not None:
+        params = (params, self.refiner_pipe.params)
       self.params, self.loras = parallel.replicate(params, self.mesh), loras
       logging.info("LoRA set %s merged", loras)
 
-  def __call__(self, batch, loras=None):
-    """Dispatches `batch` ((shard, job) rows) under LoRA set `loras` (with `--lora_dir`)."""
+  def __call__(self, batch, size, loras=None):
+    """Dispatches `batch` ((shard, job) rows) of images of `size` (height, width) under LoRA set
+    `loras` (with `--lora_dir`)."""
     if self.lora_set is not None:
       self._use_loras(loras)
+    program = self.program(size)
     jobs = [job for _, job in batch]
-    cond = self._conditioning(jobs)
+    cond = self._conditioning(program, jobs, size)
     args = (self.params, parallel.shard_tree(self.mesh, cond, self.global_batch),
             parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),
                                  self.global_batch),
-            *self.scalars, self.state)
+            *self.scalars, program.state)
     key = str(jax.tree.map(np.shape, cond))
-    if key not in self.compiled:
+    if key not in program.compiled:
       t0 = time.perf_counter()
-      self.compiled[key] = aot.load_or_compile(self.sampler, args, self.statics)
+      program.compiled[key] = aot.load_or_compile(program.sampler, args, program.statics)
       self.compile_seconds += time.perf_counter() - t0
       logging.info("compiled the sampler for %dx%d, %d steps, %d per device on %d devices%s, "
-                   "prompts %s in %.1f s", self.spec.latent_hw[1] * self.pipe.vae_scale,
-                   self.spec.latent_hw[0] * self.pipe.vae_scale, self.cfg.steps,
+                   "prompts %s in %.1f s", size[1], size[0], self.cfg.steps,
                    self.cfg.batch_size, self.mesh.size,
                    " (guidance pairs split over 2)" if parallel.CFG in self.mesh.axis_names
                    else "",
-                   sampling.input_sizes(cond[0] if self.refiner else cond) or "plain",
+                   sampling.input_sizes(cond[0] if program.refiner else cond) or "plain",
                    time.perf_counter() - t0)
     try:
-      return self.compiled[key](*args)
+      return program.compiled[key](*args)
     except Exception as e:  # noqa: BLE001 - XLA reports OOM as a generic runtime error
       text = str(e)
       if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:
@@ -726,12 +740,19 @@ class _Metadata:
                                                     kind=kind)
     return self._hashes[path, kind]
 
+  def size(self, job: ImageJob) -> tuple[int, int]:
+    """(height, width) of a job's image: its prompt line's, else the run's."""
+    if job.size is None:
+      return self.height, self.width
+    return job.size[0] or self.height, job.size[1] or self.width
+
   def record(self, job: ImageJob) -> dict[str, Any]:
     cfg = self.cfg
+    height, width = self.size(job)
     return {
         "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
         "seed": job.seed, "steps": cfg.steps, "scheduler": self.scheduler,
-        "guidance_scale": cfg.guidance_scale, "eta": cfg.eta, "height": self.height, "width": self.width,
+        "guidance_scale": cfg.guidance_scale, "eta": cfg.eta, "height": height, "width": width,
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **_sdxl_record(cfg, self.pipe),
@@ -739,12 +760,14 @@ class _Metadata:
 
   def parameters(self, job: ImageJob) -> str:
     cfg = self.cfg
+    height, width = self.size(job)
     return outputs.a1111_parameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=cfg.steps,
-        sampler=self.scheduler, cfg_scale=cfg.guidance_scale, seed=job.seed, width=self.width,
-        height=self.height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
+        sampler=self.scheduler, cfg_scale=cfg.guidance_scale, seed=job.seed, width=width,
+        height=height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
         version=f"sdjax {sdjax.__version__}",
-        extra={**self._sdxl_extra(), **self._network_hashes(job), **self._emphasis(job)})
+        extra={**self._sdxl_extra(height, width), **self._network_hashes(job),
+               **self._emphasis(job)})
 
   def _emphasis(self, job: ImageJob) -> dict[str, str]:
     """A1111's `Emphasis` field: the mode, when not "Original" and a prompt text (after its
@@ -759,16 +782,16 @@ class _Metadata:
         return {"Emphasis": self.cfg.emphasis}
     return {}
 
-  def _sdxl_extra(self) -> dict[str, Any]:
+  def _sdxl_extra(self, height: int, width: int) -> dict[str, Any]:
     """A1111's names for the refiner (`name [short hash]`, no local path); sdjax's for the
     micro-conditioning (A1111 has none)."""
     cfg = self.cfg
     if not self.pipe.is_sdxl:
       return {}
     m = cfg.micro
-    extra = {"Original size": _size_text(m.original_size or (self.height, self.width)),
+    extra = {"Original size": _size_text(m.original_size or (height, width)),
              "Crop": _size_text(m.crops_coords_top_left),
-             "Target size": _size_text(m.target_size or (self.height, self.width))}
+             "Target size": _size_text(m.target_size or (height, width))}
     if self.refiner is not None:
       name, short = self.refiner
       extra.update({"Refiner": f"{name} [{short}]" if short else name,

@@ -261,6 +261,35 @@ def test_two_processes_same_images(reference_run, model, cache, tmp_path):
       f"00000{s}.jsonl" for s in range(3)]
 
 
+def test_two_processes_mixed_sizes(model, cache, tmp_path):
+  """Per-line image sizes in a 2-process run: each step the processes agree on one size (one
+  pads); the images are the single process's, every one exactly once."""
+  path = tmp_path / "sizes.jsonl"
+  path.write_text("".join(json.dumps(line) + "\n" for line in [
+      {"prompt": "a cat"}, {"prompt": "a dog", "width": 24}, {"prompt": "a bird", "width": 24},
+      {"prompt": "a fish", "height": 24, "num_images": 2}, {"prompt": "a frog"}]))
+  args = ["--model", model, "--prompts_file", str(path), *COMMON, "--batch_size", "2",
+          "--seed", "9", "--shard_size", "2", "--compilation_cache", cache]
+  single = str(tmp_path / "single")
+  main_py([*args, "--output_dir", single])
+  out = str(tmp_path / "out")
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "main.py"), *args, "--output_dir", out,
+       "--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
+      cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  ref, got = _pixels(single), _pixels(out)
+  assert sorted(got) == sorted(ref) and len(ref) == 6
+  for name in ref:
+    np.testing.assert_array_equal(got[name], ref[name])
+  assert [(r["height"], r["width"]) for r in _manifest(out)] == [
+      (16, 16), (16, 24), (16, 24), (24, 16), (24, 16), (16, 16)]
+
+
 def _tar_pixels(folder):
   """{png file the key would have: pixels} of every sample in the folder's WebDataset shards."""
   import webdataset as wds

@@ -1,6 +1,8 @@
 """generate_run in this process: fsspec output locations, a run split into independent jobs."""
 
+import dataclasses
 import io
+import json
 import os
 
 import numpy as np
@@ -73,3 +75,38 @@ def test_cpu_devices_after_jax_started():
   parallel.set_cpu_devices(started)
   with pytest.raises(ValueError, match=f"already started with {started} CPU devices"):
     parallel.set_cpu_devices(started + 1)
+
+
+def test_per_line_image_sizes(model, cache, tmp_path):
+  """jsonl lines with their own width / height: batches keep one size (a program per size),
+  each image is the one generate() makes at its size, and records and PNGs say the size."""
+  import sdjax  # noqa: PLC0415
+
+  lines = ['{"prompt": "a cat"}', '{"prompt": "a wide dog", "width": 24, "num_images": 2}',
+           '{"prompt": "a tall bird", "height": 24}', '{"prompt": "a fish"}']
+  path = tmp_path / "sizes.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path))
+  summary = run.generate_run(config)
+  assert (summary.images, summary.merged) == (5, True)
+  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  sizes = [(r["height"], r["width"]) for r in records]
+  assert sizes == [(16, 16), (16, 24), (16, 24), (24, 16), (16, 16)]
+  pipe = sdjax.load_pipeline(model)
+  for record, (height, width) in zip(records, sizes, strict=True):
+    png = Image.open(os.path.join(out, record["file"]))
+    assert png.size == (width, height)
+    assert outputs.parse_a1111_parameters(png.text["parameters"])["Size"] == f"{width}x{height}"
+    alone = pipe.generate(record["prompt"], seed=record["seed"], steps=2, guidance_scale=3.0,
+                          scheduler="euler_ancestral", height=height, width=width)
+    assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+
+
+def test_bad_line_size(model, cache, tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"prompt": "a cat", "width": 20}\n')
+  config = dataclasses.replace(_config(model, str(tmp_path / "out"), cache), prompts=(),
+                               prompts_file=str(path))
+  with pytest.raises(run.RunError, match=r'bad.jsonl line 1: "width" must be a multiple of 8'):
+    run.generate_run(config)
