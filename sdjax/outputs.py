@@ -296,6 +296,23 @@ def to_uint8(image: Any) -> np.ndarray:
   return np.clip(np.round(array * 255), 0, 255).astype(np.uint8)
 
 
+def read_image(path: str, size: tuple[int, int]) -> np.ndarray:
+  """An image file (local path or fsspec URL) as float32 [H, W, 3] in [0, 1], resized to `size`
+  (height, width) with Lanczos as A1111's img2img "Just resize"; ValueError if unreadable."""
+  import fsspec  # noqa: PLC0415
+
+  try:
+    with fsspec.open(path, "rb") as f:
+      image = Image.open(io.BytesIO(f.read()))
+      image.load()
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read image {path}: {e}") from None
+  image = image.convert("RGB")
+  if image.size != (size[1], size[0]):
+    image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+  return np.asarray(image, np.float32) / np.float32(255.0)
+
+
 def write_png(path: str | os.PathLike, image: Any, parameters: str) -> str:
   """Writes `image` (float [H, W, 3] in [0, 1], see `to_uint8`) as a PNG, atomically.
 

@@ -114,9 +114,10 @@ def shard_batch(mesh: Mesh, local_data: np.ndarray, global_batch: int):
 def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None):
   """The sampling program, run per device on its share of a global batch.
 
-  Returns a jitted `f(params, cond, seeds, guidance_scale, guidance_rescale, state) -> images`;
-  `cond` is a `sampling.Conditioning` whose leaves, like `seeds`, are sharded along the mesh's
-  data axis (see `shard_tree`). With `refiner=(refiner_spec, refiner_pipe)` (an SDXL
+  Returns a jitted `f(params, cond, seeds, guidance_scale, guidance_rescale, state) -> images`
+  (img2img, `spec.img2img`: `f(..., state, init_images)`); `cond` is a `sampling.Conditioning`
+  whose leaves, like `seeds` and the images, are sharded along the mesh's data axis (see
+  `shard_tree`). With `refiner=(refiner_spec, refiner_pipe)` (an SDXL
   base -> refiner handoff, `spec` ending in latents) `params`, `cond` and `state` are
   (base, refiner) pairs and both stages run in the one program.
   """
@@ -126,20 +127,20 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None):
   if cfg_axis is not None and not spec.cfg_split:
     raise ValueError("a (data, cfg) mesh needs a spec prepared with cfg_split=True")
 
-  def per_device(params, cond, seeds, guidance_scale, guidance_rescale, state):
+  def per_device(params, cond, seeds, guidance_scale, guidance_rescale, state, init=None):
     noise = sampling.initial_noise(seeds, latent_shape)
     if refiner is None:
       return sampling.sample_fn(spec, nets, params, cond, seeds, noise, guidance_scale,
-                                guidance_rescale, None, state, cfg_axis)
+                                guidance_rescale, init, state, cfg_axis)
     latents = sampling.sample_fn(spec, nets, params[0], cond[0], seeds, noise, guidance_scale,
-                                 guidance_rescale, None, state[0], cfg_axis)
+                                 guidance_rescale, init, state[0], cfg_axis)
     return sampling.sample_fn(refiner[0], refiner[1].networks, params[1], cond[1], seeds, noise,
                               guidance_scale, guidance_rescale, latents, state[1], cfg_axis)
 
   batch = P(DATA)  # and replicated over the cfg axis, if any
-  fn = jax.shard_map(per_device, mesh=mesh,
-                     in_specs=(P(), batch, batch, P(), P(), P()),
-                     out_specs=batch, check_vma=False)
+  in_specs = (P(), batch, batch, P(), P(), P()) + ((batch,) if spec.img2img else ())
+  fn = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=batch,
+                     check_vma=False)
   return jax.jit(fn)
 
 

@@ -2,7 +2,8 @@
 
 Image k of a run (prompts in order: `--prompt`s, then the file's lines; each repeated
 `num_images` times) gets seed `seed + k`, or `s + j` for the j-th image of a jsonl line with its
-own `seed` s; a jsonl line's `width` / `height` replace the run's size for its images. `Plan` reads the prompts file once up front, without parsing it: it counts the
+own `seed` s; a jsonl line's `width` / `height` replace the run's size for its images, and its
+`init_image` (a path, relative to the prompts file's folder) makes them img2img. `Plan` reads the prompts file once up front, without parsing it: it counts the
 images, hashes the file and notes where every shard (`shard_size` consecutive images) starts, so
 that `jobs(shard)` can seek straight to any shard. Lines are parsed, and bad ones reported with
 their line number, when their shard is generated.
@@ -13,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 
-_JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height")
+_JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
+                 "init_image")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -31,6 +34,7 @@ class PromptLine:
   num_images: int | None = None
   width: int | None = None  # None: the run's
   height: int | None = None
+  init_image: str | None = None  # img2img: the image to start from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,7 @@ class ImageJob:
   negative_prompt: str
   seed: int
   size: tuple[int, int] | None = None  # (height, width); None: the run's
+  init_image: str | None = None
 
 
 def check_size(value, what: str) -> None:
@@ -88,8 +93,14 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
   for key in ("width", "height"):
     if obj.get(key) is not None:
       check_size(obj[key], f'{where}: "{key}"')
+  init = obj.get("init_image")
+  if init is not None:
+    if not isinstance(init, str) or not init:
+      raise RunError(f'{where}: "init_image" must be a path')
+    if "://" not in init:  # a local path: relative to the prompts file
+      init = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(init))
   return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"),
-                    obj.get("width"), obj.get("height"))
+                    obj.get("width"), obj.get("height"), init)
 
 
 def _decode(path: str, number: int, raw: bytes) -> str:
@@ -133,7 +144,8 @@ def _key(line: PromptLine) -> list:
   """A command-line prompt as the run's digest holds it (sizes only when set, so the digests of
   runs from before per-line sizes stay valid)."""
   key = [line.prompt, line.negative_prompt, line.seed, line.num_images]
-  return key + [line.width, line.height] if (line.width, line.height) != (None, None) else key
+  extra = [line.width, line.height, line.init_image]
+  return key + extra if any(x is not None for x in extra) else key
 
 
 class Plan:
@@ -216,7 +228,7 @@ class Plan:
       for j in range(line.num_images or self.num_images_per_prompt):
         if index >= wanted.start:
           seed = self.seed + index if line.seed is None else line.seed + j
-          yield ImageJob(index, line.prompt, negative, seed, size)
+          yield ImageJob(index, line.prompt, negative, seed, size, line.init_image)
         index += 1
         if index >= wanted.stop:
           return  # before reading the next line, which belongs to the next shard

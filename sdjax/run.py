@@ -79,6 +79,7 @@ class RunConfig:
   prompt_syntax: str = "plain"  # or "a1111": weights, long prompts, BREAK, prompt editing
   lora_dir: str | None = None  # a1111: where <lora:name:w> tags find name.safetensors
   emphasis: str = "Original"  # a1111: A1111's emphasis mode (`prompts.EMPHASIS_MODES`)
+  strength: float = 0.75  # img2img lines (jsonl init_image): A1111's denoising strength
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -155,6 +156,8 @@ def validate(cfg: RunConfig) -> None:
 
   if not cfg.eta >= 0:
     raise RunError(f"--eta must be >= 0, got {cfg.eta}")
+  if not 0.0 < cfg.strength <= 1.0:
+    raise RunError(f"--strength must be in (0, 1], got {cfg.strength}")
   if cfg.eta and cfg.scheduler is not None and cfg.scheduler not in schedulers.ETA_SCHEDULERS:
     raise RunError(f"eta is an option of {', '.join(schedulers.ETA_SCHEDULERS)} only, not of "
                    f"scheduler {cfg.scheduler!r}")
@@ -208,6 +211,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["lora_dir"] = cfg.lora_dir
   if cfg.emphasis != "Original":  # absent for the default: older folders still match
     settings["emphasis"] = cfg.emphasis
+  if cfg.strength != RunConfig.strength:  # img2img lines' pixels depend on it
+    settings["strength"] = cfg.strength
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.cfg_parallel:  # its own program: pixels differ by rounding
@@ -392,19 +397,21 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
     return 0, 0.0, 0.0, False
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
   run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set)
-  run_batch.program((metadata.height, metadata.width))  # the run's own size: checked up front
+  run_batch.program((metadata.height, metadata.width), False)  # the run's size: checked first
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
 
-  def group(job):  # a batch holds one image size and one LoRA set
-    return metadata.size(job), lora_set(job.prompt) if lora_set is not None else None
+  def group(job):  # a batch holds one image size, text-to-image or img2img, and one LoRA set
+    return (metadata.size(job), job.init_image is not None,
+            lora_set(job.prompt) if lora_set is not None else None)
 
   batches = _Batches(work.jobs(plan), local_batch, group)
   made, start, pending, interrupted, progress = 0, None, None, False, None
   try:
     with _StopFlag() as stop:
-      for batch, (size, loras) in batches:  # until no process has work left
-        images = run_batch(batch, size, loras)  # dispatched: the devices work while the host writes
+      for batch, (size, img2img, loras) in batches:  # until no process has work left
+        # Dispatched: the devices work while the host writes the last batch.
+        images = run_batch(batch, size, img2img, loras)
         if progress is None:  # compiled: from here on the bar's rate and ETA mean something
           start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
         if pending is not None:
@@ -531,7 +538,8 @@ def _write(writer, metadata, batch, images, progress) -> int:
 
 @dataclasses.dataclass
 class _Program:
-  """The sampler of one image size: spec, states and the sharded, compiled programs."""
+  """The sampler of one image size (text-to-image or img2img): spec, states and the sharded,
+  compiled programs."""
 
   spec: Any
   host_state: Any  # the base's scheduler state, on the host (A1111 schedules read it)
@@ -553,32 +561,35 @@ class _Sampler:
     params = pipe.params if refiner is None else (pipe.params, refiner.params)
     self.params = parallel.replicate(params, mesh)
     self.scalars = parallel.replicate((np.float32(cfg.guidance_scale), np.float32(0.0)), mesh)
-    self.programs: dict[tuple[int, int], _Program] = {}
+    self.programs: dict[tuple[tuple[int, int], bool], _Program] = {}
     self.compile_seconds = 0.0
 
-  def program(self, size: tuple[int, int]) -> _Program:
+  def program(self, size: tuple[int, int], img2img: bool) -> _Program:
     """The sampler of images of `size` (height, width), made when first needed."""
-    if size not in self.programs:
+    if (size, img2img) not in self.programs:
       cfg, pipe = self.cfg, self.pipe
       try:
         sampling.check_size(pipe, *size)
       except ValueError as e:
         raise RunError(f"image size {size[1]}x{size[0]}: {e}") from None
+      refiner = self.refiner_pipe
+      if img2img and refiner is not None:
+        raise RunError("prompt lines with an init_image (img2img) do not take --refiner")
       common = dict(steps=cfg.steps, scheduler=self.scheduler, height=size[0], width=size[1],
                     guidance_scale=cfg.guidance_scale, eta=cfg.eta, cfg_split=cfg.cfg_parallel)
-      refiner = self.refiner_pipe
-      spec, state = sampling.prepare(pipe, cfg.batch_size, **common,
+      extra = dict(img2img=True, strength=cfg.strength) if img2img else {}
+      spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra,
                                      denoising_end=cfg.refiner_start if refiner else None)
       host_state, stage = state, None
       if refiner is not None:  # the second stage runs in the same program
         refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
                                      denoising_start=cfg.refiner_start), refiner)
         state, stage = (state, refiner[1]), refiner[::2]
-      self.programs[size] = _Program(
+      self.programs[size, img2img] = _Program(
           spec, host_state, parallel.replicate(state, self.mesh),
           parallel.sharded_sampler(self.mesh, spec, pipe, stage),
           aot.sampler_statics(spec, pipe, stage), refiner)
-    return self.programs[size]
+    return self.programs[size, img2img]
 
   def _a1111(self, program, sizes=None):
     if self.cfg.prompt_syntax != "a1111":
@@ -613,6 +624,17 @@ class _Sampler:
     return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
                                             size=size, img2img=True, a1111=a1111)
 
+  def _init_images(self, jobs, size) -> np.ndarray:
+    """The batch's init images [B, H, W, 3], resized to `size` (A1111's "Just resize")."""
+    images = {None: np.zeros((*size, 3), np.float32)}  # a process with no work left pads
+    for job in jobs:
+      if job.init_image not in images:
+        try:
+          images[job.init_image] = outputs.read_image(job.init_image, size)
+        except ValueError as e:
+          raise RunError(f"image {job.index} ({job.prompt!r}): {e}") from None
+    return np.stack([images[job.init_image] for job in jobs])
+
   def _use_loras(self, loras) -> None:
     """Merges the batch's LoRA set into the base weights, once per change of set."""
     if loras != self.loras:
@@ -624,18 +646,20 @@ class _Sampler:
       self.params, self.loras = parallel.replicate(params, self.mesh), loras
       logging.info("LoRA set %s merged", loras)
 
-  def __call__(self, batch, size, loras=None):
-    """Dispatches `batch` ((shard, job) rows) of images of `size` (height, width) under LoRA set
-    `loras` (with `--lora_dir`)."""
+  def __call__(self, batch, size, img2img=False, loras=None):
+    """Dispatches `batch` ((shard, job) rows) of images of `size` (height, width), from their
+    init images with `img2img`, under LoRA set `loras` (with `--lora_dir`)."""
     if self.lora_set is not None:
       self._use_loras(loras)
-    program = self.program(size)
+    program = self.program(size, img2img)
     jobs = [job for _, job in batch]
     cond = self._conditioning(program, jobs, size)
     args = (self.params, parallel.shard_tree(self.mesh, cond, self.global_batch),
             parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),
                                  self.global_batch),
             *self.scalars, program.state)
+    if img2img:
+      args += (parallel.shard_batch(self.mesh, self._init_images(jobs, size), self.global_batch),)
     key = str(jax.tree.map(np.shape, cond))
     if key not in program.compiled:
       t0 = time.perf_counter()
@@ -755,6 +779,7 @@ class _Metadata:
         "guidance_scale": cfg.guidance_scale, "eta": cfg.eta, "height": height, "width": width,
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
+        **({"init_image": job.init_image, "strength": cfg.strength} if job.init_image else {}),
         **_sdxl_record(cfg, self.pipe),
     }
 
@@ -766,7 +791,8 @@ class _Metadata:
         sampler=self.scheduler, cfg_scale=cfg.guidance_scale, seed=job.seed, width=width,
         height=height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
         version=f"sdjax {sdjax.__version__}",
-        extra={**self._sdxl_extra(height, width), **self._network_hashes(job),
+        extra={**({"Denoising strength": cfg.strength} if job.init_image else {}),
+               **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job)})
 
   def _emphasis(self, job: ImageJob) -> dict[str, str]:

@@ -110,3 +110,43 @@ def test_bad_line_size(model, cache, tmp_path):
                                prompts_file=str(path))
   with pytest.raises(run.RunError, match=r'bad.jsonl line 1: "width" must be a multiple of 8'):
     run.generate_run(config)
+
+
+def test_init_image_lines(model, cache, tmp_path):
+  """jsonl lines with an init_image run img2img at the run's --strength (A1111's "Just resize"
+  of the image to the image size), beside text-to-image lines; records and PNGs say so."""
+  import sdjax  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (20, 12, 3), np.uint8)).save(tmp_path / "a.png")
+  os.makedirs(tmp_path / "sub")
+  Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(tmp_path / "sub" / "b.png")
+  path = tmp_path / "img2img.jsonl"
+  path.write_text('{"prompt": "a cat", "init_image": "a.png"}\n{"prompt": "a dog"}\n'
+                  '{"prompt": "a bird", "init_image": "sub/b.png"}\n')
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path),
+                               strength=0.6)
+  assert run.generate_run(config).images == 3
+  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  pipe = sdjax.load_pipeline(model)
+  kw = dict(steps=2, guidance_scale=3.0, scheduler="euler_ancestral")
+  for record, init in zip(records, ["a.png", None, "sub/b.png"], strict=True):
+    png = Image.open(os.path.join(out, record["file"]))
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    size = (record["height"], record["width"])
+    if init is None:
+      assert "init_image" not in record and "Denoising strength" not in params
+      alone = pipe.generate(record["prompt"], seed=record["seed"], height=16, width=16, **kw)
+    else:
+      assert record["init_image"] == str(tmp_path / init) and record["strength"] == 0.6
+      assert params["Denoising strength"] == "0.6"
+      image = outputs.read_image(str(tmp_path / init), size)
+      alone = pipe.generate(record["prompt"], seed=record["seed"], init_images=image[None],
+                            strength=0.6, **kw)
+    assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a cat", "init_image": "missing.png"}\n')
+  with pytest.raises(run.RunError, match=r"image 0 \('a cat'\): cannot read image .*missing.png"):
+    run.generate_run(dataclasses.replace(config, prompts_file=str(bad),
+                                         output_dir=str(tmp_path / "bad")))
