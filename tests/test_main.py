@@ -376,6 +376,7 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
     (["--embedding", "/nonexistent/neg.pt:neg"], "embedding file '/nonexistent/neg.pt' does"),
     (["--embeddings_dir", "/nonexistent"], "--embeddings_dir /nonexistent is not a folder"),
     (["--lora_dir", "/", "--prompt_syntax", "plain"], "--lora_dir applies <lora:...> tags"),
+    (["--strength", "0"], "--strength must be in (0, 1], got 0.0"),
     (["--emphasis", "no norm", "--prompt_syntax", "plain"],
      "--emphasis is a mode of --prompt_syntax a1111"),
     (["--cpu_devices=-1"], "--cpu_devices must be 0 (one per core) or more, got -1"),
