@@ -65,7 +65,8 @@ _BATCH = flags.DEFINE_integer("batch", 2, "batch (unet_step: 2 = one CFG step of
 _HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the arch's native)")
 _WIDTH = flags.DEFINE_integer("width", None, "image width (default: the arch's native)")
 _STEPS = flags.DEFINE_integer("steps", 50, "generate: denoising steps")
-_SCHEDULER = flags.DEFINE_enum("scheduler", "dpmpp_2m", ["dpmpp_2m", "euler"],
+_SCHEDULER = flags.DEFINE_enum("scheduler", "dpmpp_2m",
+                               ["dpmpp_2m", "euler", "unipc", "dpmpp_2m_sde_karras"],
                                "generate: scheduler (both backends)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype")
 _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch", "both"], "sdjax or diffusers; "
@@ -513,9 +514,14 @@ def bench_torch():
     tok_dir = tempfile.mkdtemp()
     testing.write_tokenizer(tok_dir)
     text = CLIPTextModel(CLIPTextConfig(**clip_cfg)).to(device, dtype).eval()
-    cls = {"dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
-           "euler": diffusers.EulerDiscreteScheduler}[_SCHEDULER.value]
-    sched = cls.from_config({**testing.SCHEDULER_SD15, "prediction_type": prediction})
+    cls, options = {
+        "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {}),
+        "euler": (diffusers.EulerDiscreteScheduler, {}),
+        "unipc": (diffusers.UniPCMultistepScheduler, {}),
+        "dpmpp_2m_sde_karras": (diffusers.DPMSolverMultistepScheduler,
+                                {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    }[_SCHEDULER.value]
+    sched = cls.from_config({**testing.SCHEDULER_SD15, "prediction_type": prediction}, **options)
     tokenizer = testing.torch_tokenizer(tok_dir)
     if sdxl:
       from transformers import CLIPTextModelWithProjection  # noqa: PLC0415
