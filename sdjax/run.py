@@ -34,7 +34,6 @@ __all__ = ["ImageJob", "PromptLine", "RunConfig", "RunError", "RunSummary", "gen
            "read_prompts_file"]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   prompts: tuple[PromptLine, ...] = ()
@@ -465,8 +464,8 @@ class _LoraSets:
 
 
 class _Batches:
-  """Batches of (shard, job) rows that each hold one group (image size, LoRA set), the same on
-  every process (their devices run one program and share the weights): each step the processes
+  """Batches of (shard, job) rows that each hold one group (image size, text-to-image or img2img,
+  LoRA set), the same on every process (their devices run one program and share the weights): each step the processes
   agree on the group the first process with work left wants next; a process whose next job is
   in another group (or that has none left) pads that step with copies, which are never
   written. Iteration ends once no process has work left.
