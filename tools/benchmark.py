@@ -56,7 +56,9 @@ _ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "sdxl", 
                                           "builtin"],
                           "architecture (random weights)")
 _WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate", "run",
-                                               "first_image"], "what to time")
+                                               "first_image", "lora_merge"], "what to time")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 32, "lora_merge: rank of the synthetic LoRA, "
+                                  "on every linear layer of the UNet and text encoders")
 _PROMPTS = flags.DEFINE_integer("prompts", 1, "first_image: lines of the synthetic prompts file")
 _IMAGES = flags.DEFINE_integer("images", 256, "run: images per timed run")
 _FORMAT = flags.DEFINE_enum("output_format", "png", ["png", "webdataset"], "run: output format")
@@ -422,6 +424,58 @@ def _random_model_folder() -> str:
   return os.path.join(folder, "model")
 
 
+def bench_lora_merge():
+  """Seconds to merge a kohya LoRA on every linear layer of the UNet and text encoders: reading
+  and resolving the file, and merging the parsed LoRA (what main.py pays per change of LoRA set),
+  plainly and with the same file carrying DoRA magnitudes."""
+  import tempfile  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from flax import traverse_util  # noqa: PLC0415
+  from safetensors.numpy import save_file  # noqa: PLC0415
+
+  from sdjax.checkpoints import lora  # noqa: PLC0415
+  from sdjax.checkpoints.weights import torch_key  # noqa: PLC0415
+
+  pipe, _ = _jax_pipeline()
+  rng, rank, plain, layers = np.random.default_rng(0), _LORA_RANK.value, {}, 0
+  magnitudes = {}
+  prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if pipe.is_sdxl else "lora_te_",
+              "text_encoder_2": "lora_te2_"}
+  for component, prefix in prefixes.items():
+    if component not in pipe.params:
+      continue
+    for path, kernel in traverse_util.flatten_dict(pipe.params[component]).items():
+      if path[-1] != "kernel" or kernel.ndim != 2:
+        continue
+      key = prefix + torch_key(path).rsplit(".", 1)[0].replace(".", "_")
+      fan_in, fan_out = kernel.shape
+      plain[f"{key}.lora_down.weight"] = (rng.standard_normal((rank, fan_in)) * 0.01).astype(
+          np.float32)
+      plain[f"{key}.lora_up.weight"] = (rng.standard_normal((fan_out, rank)) * 0.01).astype(
+          np.float32)
+      plain[f"{key}.alpha"] = np.asarray(rank, np.float32)
+      norms = np.linalg.norm(np.asarray(kernel, np.float32), axis=0)  # per output channel
+      magnitudes[f"{key}.dora_scale"] = norms.reshape(-1, 1).astype(np.float32)
+      layers += 1
+  folder = tempfile.mkdtemp()
+  files = {"plain": os.path.join(folder, "plain.safetensors"),
+           "dora": os.path.join(folder, "dora.safetensors")}
+  save_file(plain, files["plain"])
+  save_file({**plain, **magnitudes}, files["dora"])
+  result = {"layers": layers, "lora_rank": rank, "flops": None,
+            "file_mb": os.path.getsize(files["plain"]) / 1e6}
+  for name, path in files.items():
+    result[f"{name}_read_s"] = _timed(
+        lambda path=path: lora.read_lora(path, pipe.params, pipe.unet.config), _REPEATS.value)
+    parsed = lora.read_lora(path, pipe.params, pipe.unet.config)
+    result[f"{name}_merge_s"] = _timed(lambda parsed=parsed: jax.block_until_ready(
+        lora.apply_loras(pipe, [parsed])), _REPEATS.value)
+  result["median_s"] = result["plain_read_s"] + result["plain_merge_s"]
+  return result
+
+
 def bench_first_image():
   """main.py's time to its first image and its peak memory, for a synthetic prompts file."""
   import json as json_  # noqa: PLC0415
@@ -643,6 +697,8 @@ def main(argv):
     result = bench_run()
   elif _WHAT.value == "first_image":
     result = bench_first_image()
+  elif _WHAT.value == "lora_merge":
+    result = bench_lora_merge()
   else:
     result = bench_jax() if _BACKEND.value == "jax" else bench_torch()
   h, w = _size()
