@@ -384,6 +384,33 @@ def test_full_and_norm_vs_formula(models, tmp_path):
   _check_formula(models, path, scale, expected, "LyCORIS full and norm")
 
 
+def test_ia3_vs_formula(models, tmp_path):
+  """LyCORIS IA3 (`weight`, `on_input`) vs A1111's rule: W + scale * W * w, per output channel
+  or per input; a convolution's IA3 is a one-line error."""
+  ref = models[0]
+  gen = torch.Generator().manual_seed(19)
+  scale, sd, expected = 0.6, {}, {}
+  for component, model, prefix, names in (
+      ("unet", ref.unet, "lora_unet_", [f"{ATTN}.attn1.to_q", f"{ATTN}.attn2.to_v",
+                                         "mid_block.attentions.0.transformer_blocks.0.ff.net.2"]),
+      ("text_encoder", ref.text_encoder, "lora_te_text_model_", TEXT_MODULES[:2])):
+    weights = _weights(model)
+    for i, name in enumerate(names):
+      w0 = weights[name].detach()
+      on_input = i % 2 == 1
+      vector = torch.randn(w0.shape[1 if on_input else 0], generator=gen) * 2.0
+      key = f"{prefix}{name.replace('.', '_')}"
+      sd[f"{key}.weight"], sd[f"{key}.on_input"] = vector, torch.tensor(on_input)
+      expected[(component, name)] = scale * (w0 * (vector if on_input else vector[:, None]))
+  path = str(tmp_path / "ia3.safetensors")
+  save_file(sd, path)
+  _check_formula(models, path, scale, expected, "LyCORIS IA3")
+  conv = _write(tmp_path, {"lora_unet_conv_in.weight": torch.ones(32),
+                           "lora_unet_conv_in.on_input": torch.tensor(False)}, "conv.safetensors")
+  with pytest.raises(LoraError, match="IA3 weights for a convolution"):
+    lora.apply_loras(models[1], [conv])
+
+
 # -- DoRA: PEFT files vs diffusers, LyCORIS files vs A1111's rule ---------------------------------
 def _norms(w, per_output):
   """Per-channel norms of a PyTorch-layout weight, shaped to broadcast against it."""

@@ -4,13 +4,14 @@ A LoRA changes some linear and conv weights by a low-rank (or Hadamard / Kroneck
 sdjax merges it once, `W + scale * alpha / rank * up @ down`, so sampling costs nothing extra;
 several LoRAs add. A DoRA layer (weight-decomposed LoRA) also sets the norms of the changed
 weight, per output or per input channel, to the magnitudes it carries; see `Dora`. LyCORIS'
-full modules carry the whole change (`diff`, and `diff_b` for the bias), and its norm modules
-the change of a norm layer's weight and bias (`w_norm`, `b_norm`). Key naming:
+full modules carry the whole change (`diff`, and `diff_b` for the bias), its norm modules the
+change of a norm layer's weight and bias (`w_norm`, `b_norm`), and its IA3 modules a per-channel
+scaling of a linear weight (`weight`, `on_input`; see `Ia3`). Key naming:
 
 - kohya / A1111 / LyCORIS: `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`,
   `lora_te2_`), where `<module>` is the diffusers module name with `.` -> `_`, followed by
   `.lora_down.weight`, `.lora_up.weight`, `.lora_mid.weight`, `.alpha`, `.hada_*`, `.lokr_*`,
-  `.dora_scale`, `.diff`, `.diff_b`, `.w_norm`, `.b_norm`.
+  `.dora_scale`, `.diff`, `.diff_b`, `.w_norm`, `.b_norm`, `.weight` and `.on_input` (IA3).
   kohya's SDXL files name UNet modules as the original (SGM) UNet does (`input_blocks_4_1_...`):
   they resolve through the single-file key table of the model's UNet config.
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`,
@@ -59,7 +60,7 @@ _KOHYA_SUFFIXES = (
     "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "scale",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "dora_scale", "diff", "diff_b", "w_norm", "b_norm",
+    "dora_scale", "diff", "diff_b", "w_norm", "b_norm", "weight", "on_input",
 )
 _MAGNITUDES = ("dora_scale", "lora_magnitude_vector")
 # Older diffusers names of the same two factors.
@@ -102,16 +103,37 @@ class Dora:
 
 
 @dataclasses.dataclass(frozen=True)
+class Ia3:
+  """A LyCORIS IA3 layer: the weight scaled per output channel (or per input, `on_input`).
+
+  Merging at scale k adds `k * W * vector`, as A1111 applies it (a linear layer's only).
+  """
+
+  vector: np.ndarray  # float32, broadcasts against the Flax kernel (in, out)
+
+  def change(self, w: jax.Array, scale: float) -> np.ndarray:
+    """What merging this layer at `scale` adds to its weight `w` (float32)."""
+    return np.asarray(_ia3_change(w, self.vector, np.float32(scale)))
+
+
+@jax.jit
+def _ia3_change(w, vector, scale):
+  return (w.astype(jnp.float32) * vector) * scale
+
+
+@dataclasses.dataclass(frozen=True)
 class Lora:
   """A LoRA file resolved against one model: per component, flax param path -> its change.
 
   Each delta (of a kernel, bias or norm scale) has its param's Flax layout and already includes
-  alpha / rank; merging adds `scale * delta`. DoRA layers are in `doras` instead: their change depends on the weight.
+  alpha / rank; merging adds `scale * delta`. Layers whose change depends on the weight it is
+  merged into (`Dora`, `Ia3`) are in `weighted` instead.
   """
 
   name: str
   deltas: Mapping[str, Mapping[tuple[str, ...], np.ndarray]]
-  doras: Mapping[str, Mapping[tuple[str, ...], Dora]] = dataclasses.field(default_factory=dict)
+  weighted: Mapping[str, Mapping[tuple[str, ...], Dora | Ia3]] = dataclasses.field(
+      default_factory=dict)
 
 
 # -- reading files ---------------------------------------------------------------------------------
@@ -373,6 +395,21 @@ def _to_flax(delta: np.ndarray, kernel_shape: tuple[int, ...], where: str, name:
   return delta.transpose(2, 3, 1, 0) if delta.ndim == 4 else delta.T  # kh, kw, I, O / in, out
 
 
+def _ia3(w: Mapping[str, np.ndarray], kernel_shape: tuple[int, ...], where: str,
+         name: str) -> Ia3:
+  """An IA3 layer: its per-channel `weight`, per input where `on_input` is set."""
+  if len(kernel_shape) != 2:
+    raise LoraError(f"LoRA {name}: {where} has IA3 weights for a convolution; sdjax merges IA3 "
+                    "into linear layers only")
+  on_input = bool(np.asarray(w.get("on_input", 0.0)).reshape(-1)[0])
+  vector = np.asarray(w["weight"], np.float32).reshape(-1)
+  axis = 0 if on_input else 1  # Flax kernel: (in, out)
+  if vector.size != kernel_shape[axis]:
+    raise LoraError(f"LoRA {name}: {where} has IA3 weights of size {vector.size} for a layer "
+                    f"with {kernel_shape[axis]} {'inputs' if on_input else 'outputs'}")
+  return Ia3(vector.reshape((-1, 1) if on_input else (1, -1)))
+
+
 def _vector(value: np.ndarray, key: str, shape: tuple[int, ...] | None, where: str,
             name: str) -> np.ndarray:
   """A bias or norm-weight change (`key`), checked against its param's `shape` (None: absent)."""
@@ -436,7 +473,7 @@ def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
             for c in index}
   peft = _peft_configs(metadata)
   deltas: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
-  doras: dict[str, dict[tuple[str, ...], Dora]] = {}
+  weighted: dict[str, dict[tuple[str, ...], Dora | Ia3]] = {}
   for (component, module, naming), w in group_modules(tensors, name).items():
     layer = _find_layer(index, component, module, naming, name)
     where, shape = f"{component} module {module!r}", shapes[component].get
@@ -452,6 +489,9 @@ def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
       path = layer + ("kernel",)
       if shape(path) is None:
         raise LoraError(f"LoRA {name}: {where} is a norm layer, which only w_norm / b_norm change")
+      if "weight" in w:  # LyCORIS IA3 (nothing else in its module)
+        weighted.setdefault(component, {})[path] = _ia3(w, shape(path), where, name)
+        continue
       if "diff_b" in w:  # LyCORIS full module's bias
         changes.append((layer + ("bias",),
                         _vector(w["diff_b"], "diff_b", shape(layer + ("bias",)), where, name)))
@@ -468,11 +508,11 @@ def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
       if magnitude is None:
         changes.append((path, flax_delta))
       else:
-        doras.setdefault(component, {})[path] = _dora(flax_delta, *magnitude, shape(path), where,
-                                                      name)
+        weighted.setdefault(component, {})[path] = _dora(flax_delta, *magnitude, shape(path),
+                                                         where, name)
     for path, change in changes:
       comp[path] = comp[path] + change if path in comp else change
-  return Lora(name, deltas, doras)
+  return Lora(name, deltas, weighted)
 
 
 def read_lora(source: str, params, unet_config=None) -> Lora:
@@ -520,12 +560,12 @@ def merge_loras(params, loras, unet_config=None) -> dict[str, Any]:
       comp = total.setdefault(component, {})
       for path, delta in deltas.items():
         comp[path] = comp.get(path, 0.0) + np.float32(scale) * delta
-    for component, doras in lora.doras.items():
+    for component, layers in lora.weighted.items():
       scale = te_scale if component in TEXT_ENCODERS else unet_scale
       comp = total.setdefault(component, {})
       flat = traverse_util.flatten_dict(params[component])
-      for path, dora in doras.items():  # each against the weights it is merged into
-        comp[path] = comp.get(path, 0.0) + dora.change(flat[path], scale)
+      for path, layer in layers.items():  # each against the weights it is merged into
+        comp[path] = comp.get(path, 0.0) + layer.change(flat[path], scale)
   out = dict(params)
   for component, deltas in total.items():
     flat = dict(traverse_util.flatten_dict(params[component]))
