@@ -2,8 +2,8 @@
 
 Image k of a run (prompts in order: `--prompt`s, then the file's lines; each repeated
 `num_images` times) gets seed `seed + k`, or `s + j` for the j-th image of a jsonl line with its
-own `seed` s; a jsonl line's `width` / `height` replace the run's size for its images, and its
-`init_image` (a path, relative to the prompts file's folder) makes them img2img. `Plan` reads the prompts file once up front, without parsing it: it counts the
+own `seed` s; a jsonl line's `width` / `height` and `guidance_scale` replace the run's for its
+images, and its `init_image` (a path, relative to the prompts file's folder) makes them img2img. `Plan` reads the prompts file once up front, without parsing it: it counts the
 images, hashes the file and notes where every shard (`shard_size` consecutive images) starts, so
 that `jobs(shard)` can seek straight to any shard. Lines are parsed, and bad ones reported with
 their line number, when their shard is generated.
@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
-                 "init_image")
+                 "init_image", "guidance_scale")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -35,6 +36,7 @@ class PromptLine:
   width: int | None = None  # None: the run's
   height: int | None = None
   init_image: str | None = None  # img2img: the image to start from
+  guidance_scale: float | None = None  # None: the run's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,7 @@ class ImageJob:
   seed: int
   size: tuple[int, int] | None = None  # (height, width); None: the run's
   init_image: str | None = None
+  guidance_scale: float | None = None  # None: the run's
 
 
 def check_size(value, what: str) -> None:
@@ -99,8 +102,13 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
       raise RunError(f'{where}: "init_image" must be a path')
     if "://" not in init:  # a local path: relative to the prompts file
       init = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(init))
+  guidance = obj.get("guidance_scale")
+  if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)
+                               or not math.isfinite(guidance) or guidance < 0):
+    raise RunError(f'{where}: "guidance_scale" must be a number >= 0')
   return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"),
-                    obj.get("width"), obj.get("height"), init)
+                    obj.get("width"), obj.get("height"), init,
+                    None if guidance is None else float(guidance))
 
 
 def _decode(path: str, number: int, raw: bytes) -> str:
@@ -144,7 +152,7 @@ def _key(line: PromptLine) -> list:
   """A command-line prompt as the run's digest holds it (sizes only when set, so the digests of
   runs from before per-line sizes stay valid)."""
   key = [line.prompt, line.negative_prompt, line.seed, line.num_images]
-  extra = [line.width, line.height, line.init_image]
+  extra = [line.width, line.height, line.init_image, line.guidance_scale]
   return key + extra if any(x is not None for x in extra) else key
 
 
@@ -228,7 +236,8 @@ class Plan:
       for j in range(line.num_images or self.num_images_per_prompt):
         if index >= wanted.start:
           seed = self.seed + index if line.seed is None else line.seed + j
-          yield ImageJob(index, line.prompt, negative, seed, size, line.init_image)
+          yield ImageJob(index, line.prompt, negative, seed, size, line.init_image,
+                         line.guidance_scale)
         index += 1
         if index >= wanted.stop:
           return  # before reading the next line, which belongs to the next shard

@@ -396,21 +396,22 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
     return 0, 0.0, 0.0, False
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
   run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set)
-  run_batch.program((metadata.height, metadata.width), False)  # the run's size: checked first
+  run_batch.program((metadata.height, metadata.width), False,
+                    cfg.guidance_scale)  # the run's size: checked first
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
 
-  def group(job):  # a batch holds one image size, text-to-image or img2img, and one LoRA set
-    return (metadata.size(job), job.init_image is not None,
+  def group(job):  # a batch holds one size, text-to-image or img2img, guidance, LoRA set
+    return (metadata.size(job), job.init_image is not None, metadata.guidance(job),
             lora_set(job.prompt) if lora_set is not None else None)
 
   batches = _Batches(work.jobs(plan), local_batch, group)
   made, start, pending, interrupted, progress = 0, None, None, False, None
   try:
     with _StopFlag() as stop:
-      for batch, (size, img2img, loras) in batches:  # until no process has work left
+      for batch, (size, img2img, guidance, loras) in batches:  # until no process has work left
         # Dispatched: the devices work while the host writes the last batch.
-        images = run_batch(batch, size, img2img, loras)
+        images = run_batch(batch, size, img2img, guidance, loras)
         if progress is None:  # compiled: from here on the bar's rate and ETA mean something
           start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
         if pending is not None:
@@ -559,13 +560,15 @@ class _Sampler:
     self.global_batch = cfg.batch_size * parallel.data_size(mesh)
     params = pipe.params if refiner is None else (pipe.params, refiner.params)
     self.params = parallel.replicate(params, mesh)
-    self.scalars = parallel.replicate((np.float32(cfg.guidance_scale), np.float32(0.0)), mesh)
-    self.programs: dict[tuple[tuple[int, int], bool], _Program] = {}
+    self.scalars: dict[float, Any] = {}  # per guidance scale, replicated
+    self.programs: dict[tuple[tuple[int, int], bool, bool], _Program] = {}
     self.compile_seconds = 0.0
 
-  def program(self, size: tuple[int, int], img2img: bool) -> _Program:
-    """The sampler of images of `size` (height, width), made when first needed."""
-    if (size, img2img) not in self.programs:
+  def program(self, size: tuple[int, int], img2img: bool, guidance: float) -> _Program:
+    """The sampler of images of `size` (height, width), made when first needed; one program
+    serves every guidance scale > 1 (the scale is an input), another those <= 1 (no guidance)."""
+    key = (size, img2img, guidance > 1.0)
+    if key not in self.programs:
       cfg, pipe = self.cfg, self.pipe
       try:
         sampling.check_size(pipe, *size)
@@ -574,8 +577,11 @@ class _Sampler:
       refiner = self.refiner_pipe
       if img2img and refiner is not None:
         raise RunError("prompt lines with an init_image (img2img) do not take --refiner")
+      if cfg.cfg_parallel and guidance <= 1.0:
+        raise RunError(f"--cfg_parallel splits classifier-free guidance, which a prompt line's "
+                       f"guidance_scale {guidance:g} (<= 1) does not use")
       common = dict(steps=cfg.steps, scheduler=self.scheduler, height=size[0], width=size[1],
-                    guidance_scale=cfg.guidance_scale, eta=cfg.eta, cfg_split=cfg.cfg_parallel)
+                    guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel)
       extra = dict(img2img=True, strength=cfg.strength) if img2img else {}
       spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra,
                                      denoising_end=cfg.refiner_start if refiner else None)
@@ -584,11 +590,11 @@ class _Sampler:
         refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
                                      denoising_start=cfg.refiner_start), refiner)
         state, stage = (state, refiner[1]), refiner[::2]
-      self.programs[size, img2img] = _Program(
+      self.programs[key] = _Program(
           spec, host_state, parallel.replicate(state, self.mesh),
           parallel.sharded_sampler(self.mesh, spec, pipe, stage),
           aot.sampler_statics(spec, pipe, stage), refiner)
-    return self.programs[size, img2img]
+    return self.programs[key]
 
   def _a1111(self, program, sizes=None):
     if self.cfg.prompt_syntax != "a1111":
@@ -645,18 +651,22 @@ class _Sampler:
       self.params, self.loras = parallel.replicate(params, self.mesh), loras
       logging.info("LoRA set %s merged", loras)
 
-  def __call__(self, batch, size, img2img=False, loras=None):
+  def __call__(self, batch, size, img2img, guidance, loras=None):
     """Dispatches `batch` ((shard, job) rows) of images of `size` (height, width), from their
-    init images with `img2img`, under LoRA set `loras` (with `--lora_dir`)."""
+    init images with `img2img`, at guidance scale `guidance`, under LoRA set `loras` (with
+    `--lora_dir`)."""
     if self.lora_set is not None:
       self._use_loras(loras)
-    program = self.program(size, img2img)
+    program = self.program(size, img2img, guidance)
+    if guidance not in self.scalars:
+      self.scalars[guidance] = parallel.replicate((np.float32(guidance), np.float32(0.0)),
+                                                  self.mesh)
     jobs = [job for _, job in batch]
     cond = self._conditioning(program, jobs, size)
     args = (self.params, parallel.shard_tree(self.mesh, cond, self.global_batch),
             parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),
                                  self.global_batch),
-            *self.scalars, program.state)
+            *self.scalars[guidance], program.state)
     if img2img:
       args += (parallel.shard_batch(self.mesh, self._init_images(jobs, size), self.global_batch),)
     key = str(jax.tree.map(np.shape, cond))
@@ -763,6 +773,10 @@ class _Metadata:
                                                     kind=kind)
     return self._hashes[path, kind]
 
+  def guidance(self, job: ImageJob) -> float:
+    """A job's guidance scale: its prompt line's, else the run's."""
+    return self.cfg.guidance_scale if job.guidance_scale is None else job.guidance_scale
+
   def size(self, job: ImageJob) -> tuple[int, int]:
     """(height, width) of a job's image: its prompt line's, else the run's."""
     if job.size is None:
@@ -775,7 +789,7 @@ class _Metadata:
     return {
         "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
         "seed": job.seed, "steps": cfg.steps, "scheduler": self.scheduler,
-        "guidance_scale": cfg.guidance_scale, "eta": cfg.eta, "height": height, "width": width,
+        "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image, "strength": cfg.strength} if job.init_image else {}),
@@ -787,7 +801,7 @@ class _Metadata:
     height, width = self.size(job)
     return outputs.a1111_parameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=cfg.steps,
-        sampler=self.scheduler, cfg_scale=cfg.guidance_scale, seed=job.seed, width=width,
+        sampler=self.scheduler, cfg_scale=self.guidance(job), seed=job.seed, width=width,
         height=height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
         version=f"sdjax {sdjax.__version__}",
         extra={**({"Denoising strength": cfg.strength} if job.init_image else {}),

@@ -150,3 +150,29 @@ def test_init_image_lines(model, cache, tmp_path):
   with pytest.raises(run.RunError, match=r"image 0 \('a cat'\): cannot read image .*missing.png"):
     run.generate_run(dataclasses.replace(config, prompts_file=str(bad),
                                          output_dir=str(tmp_path / "bad")))
+
+
+def test_per_line_guidance(model, cache, tmp_path):
+  """jsonl guidance_scale: each line's images at its own scale (<= 1: no guidance, its own
+  program), records and PNGs say it; a bad value is a one-line error."""
+  import sdjax  # noqa: PLC0415
+
+  path = tmp_path / "cfg.jsonl"
+  path.write_text('{"prompt": "a cat", "guidance_scale": 7.5}\n{"prompt": "a dog"}\n'
+                  '{"prompt": "a bird", "guidance_scale": 1}\n')
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path))
+  assert run.generate_run(config).images == 3
+  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  assert [r["guidance_scale"] for r in records] == [7.5, 3.0, 1.0]
+  pipe = sdjax.load_pipeline(model)
+  for record in records:
+    png = Image.open(os.path.join(out, record["file"]))
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    assert float(params["CFG scale"]) == record["guidance_scale"]
+    alone = pipe.generate(record["prompt"], seed=record["seed"], steps=2, height=16, width=16,
+                          guidance_scale=record["guidance_scale"], scheduler="euler_ancestral")
+    assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  path.write_text('{"prompt": "a cat", "guidance_scale": "high"}\n')
+  with pytest.raises(run.RunError, match=r'cfg.jsonl line 1: "guidance_scale" must be a number'):
+    run.generate_run(dataclasses.replace(config, output_dir=str(tmp_path / "bad")))
