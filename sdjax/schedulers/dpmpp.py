@@ -44,6 +44,29 @@ from sdjax.schedulers.euler import (
 _F32 = np.float32
 
 
+class VPDataPrediction:
+  """What the multistep solvers on the variance-preserving alpha_t / sigma_t of their state
+  share (DPM-Solver++, UniPC): unit initial noise, img2img noising and the data prediction."""
+
+  def init_noise_sigma(self, state):
+    del state
+    return jnp.float32(1.0)
+
+  def add_noise(self, state, original_samples, noise, i):
+    signal = rounded(state.alpha_t[i] * as_f32(original_samples))
+    noisy = signal + rounded(state.sigma_t[i] * as_f32(noise))
+    return noisy.astype(original_samples.dtype)
+
+  def _x0(self, state, model_output, sample, i):
+    """The data prediction x0 (these solvers integrate it, not eps)."""
+    prediction_type = self.prediction_type
+    if prediction_type == "epsilon":
+      return true_divide(sample - rounded(state.sigma_t[i] * model_output), state.alpha_t[i])
+    if prediction_type == "v_prediction":
+      return rounded(state.alpha_t[i] * sample) - rounded(state.sigma_t[i] * model_output)
+    return model_output  # "sample"
+
+
 @struct.dataclass
 class DPMSolverState:
   """A DPM-Solver++ run. Positions i = 0..n-1; per-position arrays are float32 [n] unless noted.
@@ -87,7 +110,7 @@ class DPMSolverState:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverMultistepScheduler(Scheduler):
+class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
   """diffusers' `DPMSolverMultistepScheduler` with algorithm_type "dpmsolver++" or
   "sde-dpmsolver++"."""
 
@@ -276,24 +299,6 @@ class DPMSolverMultistepScheduler(Scheduler):
       model_outputs=jnp.zeros(history, jnp.float32),
       lower_order_nums=jnp.zeros((), jnp.int32),
     )
-
-  def init_noise_sigma(self, state):
-    del state
-    return jnp.float32(1.0)
-
-  def add_noise(self, state, original_samples, noise, i):
-    signal = rounded(state.alpha_t[i] * as_f32(original_samples))
-    noisy = signal + rounded(state.sigma_t[i] * as_f32(noise))
-    return noisy.astype(original_samples.dtype)
-
-  def _x0(self, state, model_output, sample, i):
-    """The data prediction (DPM-Solver++ integrates x0, not eps)."""
-    prediction_type = self.prediction_type
-    if prediction_type == "epsilon":
-      return true_divide(sample - rounded(state.sigma_t[i] * model_output), state.alpha_t[i])
-    if prediction_type == "v_prediction":
-      return rounded(state.alpha_t[i] * sample) - rounded(state.sigma_t[i] * model_output)
-    return model_output  # "sample"
 
   def step(self, state, model_output, i, sample, noise=None):
     config = self.cfg

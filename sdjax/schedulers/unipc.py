@@ -32,6 +32,7 @@ from sdjax.schedulers.common import (
   true_divide,
   vp_alpha_sigma,
 )
+from sdjax.schedulers.dpmpp import VPDataPrediction
 from sdjax.schedulers.euler import (
   as_f32,
   check_choice,
@@ -121,7 +122,7 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class UniPCMultistepScheduler(Scheduler):
+class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
   """diffusers' `UniPCMultistepScheduler` (predict_x0, B(h) solvers)."""
 
   name = "unipc"
@@ -281,23 +282,6 @@ class UniPCMultistepScheduler(Scheduler):
       lower_order_nums=jnp.zeros((), jnp.int32),
       last_order=jnp.zeros((), jnp.int32),
     )
-
-  def init_noise_sigma(self, state):
-    del state
-    return jnp.float32(1.0)
-
-  def add_noise(self, state, original_samples, noise, i):
-    signal = rounded(state.alpha_t[i] * as_f32(original_samples))
-    noisy = signal + rounded(state.sigma_t[i] * as_f32(noise))
-    return noisy.astype(original_samples.dtype)
-
-  def _x0(self, state, model_output, sample, i):
-    prediction_type = self.prediction_type
-    if prediction_type == "epsilon":
-      return true_divide(sample - rounded(state.sigma_t[i] * model_output), state.alpha_t[i])
-    if prediction_type == "v_prediction":
-      return rounded(state.alpha_t[i] * sample) - rounded(state.sigma_t[i] * model_output)
-    return model_output  # "sample"
 
   @staticmethod
   def _weighted(rho, diffs):
