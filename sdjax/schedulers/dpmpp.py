@@ -44,6 +44,25 @@ from sdjax.schedulers.euler import (
 _F32 = np.float32
 
 
+def multistep_timesteps(config: dict[str, Any], num_inference_steps: int,
+                        last_timestep: int) -> np.ndarray:
+  """int64 descending timesteps of the multistep solvers (DPM-Solver++, UniPC) by the config's
+  spacing, below `last_timestep` (DPM-Solver++'s lambda_min_clipped lowers it)."""
+  n_train = int(config["num_train_timesteps"])
+  spacing = config["timestep_spacing"]
+  if spacing == "linspace":
+    timesteps = np.linspace(0, last_timestep - 1, num_inference_steps + 1).round()[::-1][:-1]
+    return timesteps.astype(np.int64)
+  if spacing == "leading":
+    step_ratio = last_timestep // (num_inference_steps + 1)
+    timesteps = (np.arange(0, num_inference_steps + 1) * step_ratio).round()[::-1][:-1]
+    return timesteps.astype(np.int64) + int(config["steps_offset"])
+  if spacing == "trailing":
+    step_ratio = n_train / num_inference_steps
+    return np.arange(last_timestep, 0, -step_ratio).round().astype(np.int64) - 1
+  raise SchedulerConfigError(f"timestep_spacing {spacing!r} is not supported by sdjax")
+
+
 class VPDataPrediction:
   """What the multistep solvers on the variance-preserving alpha_t / sigma_t of their state
   share (DPM-Solver++, UniPC): unit initial noise, img2img noising and the data prediction."""
@@ -200,21 +219,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     # from the noisy end; the default -inf clips nothing.
     lambda_t = log_f32(np.sqrt(alphas_cumprod)) - log_f32(np.sqrt(1 - alphas_cumprod))
     clipped_idx = int(np.searchsorted(lambda_t[::-1], config["lambda_min_clipped"], side="left"))
-    last_timestep = n_train - clipped_idx
-    spacing = config["timestep_spacing"]
-    if spacing == "linspace":
-      timesteps = np.linspace(0, last_timestep - 1, num_inference_steps + 1).round()[::-1][:-1]
-      timesteps = timesteps.astype(np.int64)
-    elif spacing == "leading":
-      step_ratio = last_timestep // (num_inference_steps + 1)
-      timesteps = (np.arange(0, num_inference_steps + 1) * step_ratio).round()[::-1][:-1]
-      timesteps = timesteps.astype(np.int64) + int(config["steps_offset"])
-    elif spacing == "trailing":
-      step_ratio = n_train / num_inference_steps
-      timesteps = np.arange(last_timestep, 0, -step_ratio).round().astype(np.int64) - 1
-    else:
-      raise SchedulerConfigError(f"timestep_spacing {spacing!r} is not supported by sdjax")
-
+    timesteps = multistep_timesteps(config, num_inference_steps, n_train - clipped_idx)
     sigmas = train_sigmas(alphas_cumprod)
     log_sigmas = np.log(sigmas)
     if config["use_karras_sigmas"]:

@@ -22,7 +22,6 @@ from flax import struct
 
 from sdjax.schedulers.common import (
   Scheduler,
-  SchedulerConfigError,
   hashable_config,
   karras_sigmas,
   log_f32,
@@ -32,7 +31,7 @@ from sdjax.schedulers.common import (
   true_divide,
   vp_alpha_sigma,
 )
-from sdjax.schedulers.dpmpp import VPDataPrediction
+from sdjax.schedulers.dpmpp import VPDataPrediction, multistep_timesteps
 from sdjax.schedulers.euler import (
   as_f32,
   check_choice,
@@ -193,20 +192,8 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
   def _timesteps_and_sigmas(self, num_inference_steps: int, alphas_cumprod: np.ndarray):
     """(int timesteps, float32 sigmas with the final one) as diffusers' set_timesteps."""
     config = self.cfg
-    n_train = int(config["num_train_timesteps"])
-    spacing = config["timestep_spacing"]
-    if spacing == "linspace":
-      timesteps = np.linspace(0, n_train - 1, num_inference_steps + 1).round()[::-1][:-1]
-    elif spacing == "leading":
-      step_ratio = n_train // (num_inference_steps + 1)
-      timesteps = (np.arange(0, num_inference_steps + 1) * step_ratio).round()[::-1][:-1]
-      timesteps = timesteps.astype(np.int64) + int(config["steps_offset"])
-    elif spacing == "trailing":
-      step_ratio = n_train / num_inference_steps
-      timesteps = np.arange(n_train, 0, -step_ratio).round().astype(np.int64) - 1
-    else:
-      raise SchedulerConfigError(f"timestep_spacing {spacing!r} is not supported by sdjax")
-    timesteps = np.asarray(timesteps).astype(np.int64)
+    timesteps = multistep_timesteps(config, num_inference_steps,
+                                    int(config["num_train_timesteps"]))
     sigmas = train_sigmas(alphas_cumprod)
     if config["use_karras_sigmas"]:
       log_sigmas = np.log(sigmas)
