@@ -3,9 +3,10 @@
 Image k of a run (prompts in order: `--prompt`s, then the file's lines; each repeated
 `num_images` times) gets seed `seed + k`, or `s + j` for the j-th image of a jsonl line with its
 own `seed` s; a jsonl line's `width` / `height` and `guidance_scale` replace the run's for its
-images, and its `init_image` (a path, relative to the prompts file's folder) makes them img2img. `Plan` reads the prompts file once up front, without parsing it: it counts the
-images, hashes the file and notes where every shard (`shard_size` consecutive images) starts, so
-that `jobs(shard)` can seek straight to any shard. Lines are parsed, and bad ones reported with
+images, and its `init_image` (a path, relative to the prompts file's folder) makes them img2img.
+`Plan` reads the prompts file once up front, without parsing it: it counts the images, hashes
+the file and notes where every shard (`shard_size` consecutive images) starts, so that
+`jobs(shard)` can seek straight to any shard. Lines are parsed, and bad ones reported with
 their line number, when their shard is generated.
 """
 
@@ -149,8 +150,8 @@ class _Cursor:
 
 
 def _key(line: PromptLine) -> list:
-  """A command-line prompt as the run's digest holds it (sizes only when set, so the digests of
-  runs from before per-line sizes stay valid)."""
+  """A command-line prompt as the run's digest holds it (the per-line settings only when set, so
+  the digests of runs from before them stay valid)."""
   key = [line.prompt, line.negative_prompt, line.seed, line.num_images]
   extra = [line.width, line.height, line.init_image, line.guidance_scale]
   return key + extra if any(x is not None for x in extra) else key

@@ -28,7 +28,7 @@ from absl import logging
 import sdjax
 from sdjax import aot, outputs, parallel, sampling, sinks
 from sdjax.conditioning import MicroConditioning
-from sdjax.plan import MAX_SIZE, ImageJob, Plan, PromptLine, RunError, read_prompts_file
+from sdjax.plan import ImageJob, Plan, PromptLine, RunError, check_size, read_prompts_file
 
 __all__ = ["ImageJob", "PromptLine", "RunConfig", "RunError", "RunSummary", "generate_run",
            "read_prompts_file"]
@@ -148,9 +148,8 @@ def validate(cfg: RunConfig) -> None:
     raise RunError(f"--output_format must be one of {', '.join(sinks.FORMATS)}, "
                    f"got {cfg.output_format!r}")
   for name in ("height", "width"):
-    value = getattr(cfg, name)
-    if value is not None and (value % 8 or not 8 <= value <= MAX_SIZE):
-      raise RunError(f"--{name} must be a multiple of 8 between 8 and {MAX_SIZE}, got {value}")
+    if getattr(cfg, name) is not None:
+      check_size(getattr(cfg, name), f"--{name}")
   from sdjax import schedulers  # noqa: PLC0415
 
   if not cfg.eta >= 0:
