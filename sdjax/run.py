@@ -464,11 +464,11 @@ class _LoraSets:
 
 
 class _Batches:
-  """Batches of (shard, job) rows that each hold one group (image size, text-to-image or img2img,
-  LoRA set), the same on every process (their devices run one program and share the weights): each step the processes
-  agree on the group the first process with work left wants next; a process whose next job is
-  in another group (or that has none left) pads that step with copies, which are never
-  written. Iteration ends once no process has work left.
+  """Batches of (shard, job) rows that each hold one group (image size, text-to-image or
+  img2img, guidance scale, LoRA set), the same on every process (their devices run one program
+  and share the weights): each step the processes agree on the group the first process with work
+  left wants next; a process whose next job is in another group (or that has none left) pads
+  that step with copies, which are never written. Iteration ends once no process has work left.
 
   Yields (batch, group).
   """
@@ -537,8 +537,8 @@ def _write(writer, metadata, batch, images, progress) -> int:
 
 @dataclasses.dataclass
 class _Program:
-  """The sampler of one image size (text-to-image or img2img): spec, states and the sharded,
-  compiled programs."""
+  """The sampler of one image size and kind (text-to-image or img2img, guided or not): spec,
+  states and the sharded, compiled programs."""
 
   spec: Any
   host_state: Any  # the base's scheduler state, on the host (A1111 schedules read it)
@@ -550,8 +550,8 @@ class _Program:
 
 
 class _Sampler:
-  """The compiled, sharded samplers (one per image size): a process's batch of jobs -> a
-  dispatched global batch."""
+  """The compiled, sharded samplers (one per image size and kind, see `program`): a process's
+  batch of jobs -> a dispatched global batch."""
 
   def __init__(self, cfg, pipe, mesh, scheduler, refiner=None, lora_set=None):
     self.cfg, self.pipe, self.mesh, self.scheduler = cfg, pipe, mesh, scheduler
