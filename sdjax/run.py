@@ -11,6 +11,7 @@ threads encode and write it. Rerunning the same command skips finished shards.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -404,7 +405,7 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
     return (metadata.size(job), job.init_image is not None, metadata.guidance(job),
             lora_set(job.prompt) if lora_set is not None else None)
 
-  batches = _Batches(work.jobs(plan), local_batch, group)
+  batches = _Batches(work.jobs(plan), local_batch, group, lookahead=max(1024, 16 * local_batch))
   made, start, pending, interrupted, progress = 0, None, None, False, None
   try:
     with _StopFlag() as stop:
@@ -466,36 +467,86 @@ class _LoraSets:
 class _Batches:
   """Batches of (shard, job) rows that each hold one group (image size, text-to-image or
   img2img, guidance scale, LoRA set), the same on every process (their devices run one program
-  and share the weights): each step the processes agree on the group the first process with work
-  left wants next; a process whose next job is in another group (or that has none left) pads
-  that step with copies, which are never written. Iteration ends once no process has work left.
+  and share the weights).
+
+  Jobs are read ahead, at most `lookahead` waiting at once, and queued per group, so prompt lines
+  of several sizes or kinds in any order still make full batches (each image is what it would be
+  alone, so the order they are made in changes no pixel). A process proposes the group of a full
+  batch (the one whose oldest job is oldest), else, when it can read no further, the group of
+  its oldest job; a job waits at most while `lookahead` later jobs are read, so its shard
+  closes. Each step the processes take, in turn, the proposal of one process (the next with work
+  left); the others read ahead for that group while allowed, and one with fewer jobs of it pads
+  the step with copies, which are never written. Iteration ends once no process has work left.
 
   Yields (batch, group).
   """
 
-  def __init__(self, jobs: Iterator[tuple[int, ImageJob]], size: int, group):
-    self.jobs, self.size, self.group, self.head = jobs, size, group, None
+  def __init__(self, jobs: Iterator[tuple[int, ImageJob]], size: int, group, lookahead: int):
+    self.jobs, self.size, self.group = jobs, size, group
+    self.lookahead = max(lookahead, size)
+    self.queues: dict[Any, collections.deque] = {}  # group -> (read order, (shard, job))
+    self.read = self.waiting = self.step = 0
+    self.ended = False
 
   def __iter__(self):
     return self
 
-  def _peek(self):
-    if self.head is None:
-      self.head = next(self.jobs, None)
-    return self.head
+  def _oldest(self):
+    return min(self.queues, key=lambda g: self.queues[g][0][0])
+
+  def _can_read(self) -> bool:
+    """Whether reading on is allowed: the read-ahead has room and its oldest job is not yet
+    `lookahead` jobs old."""
+    return not self.ended and self.waiting < self.lookahead and (
+        not self.queues or self.read - self.queues[self._oldest()][0][0] < self.lookahead)
+
+  def _read_until(self, enough) -> None:
+    """Reads ahead while allowed, until `enough(group, queue)` holds for the last job's."""
+    while self._can_read():
+      item = next(self.jobs, None)
+      if item is None:
+        self.ended = True
+        return
+      key = self.group(item[1])
+      queue = self.queues.setdefault(key, collections.deque())
+      queue.append((self.read, item))
+      self.read, self.waiting = self.read + 1, self.waiting + 1
+      if enough(key, queue):
+        return
+
+  def _proposal(self):
+    """The group this process would make next, reading ahead as far as that takes; None when it
+    has no work left."""
+    if not any(len(q) >= self.size for q in self.queues.values()):
+      self._read_until(lambda _, queue: len(queue) >= self.size)
+    if not self.queues:
+      return None
+    full = [g for g, q in self.queues.items() if len(q) >= self.size]
+    oldest = self._oldest()
+    if full and self.read - self.queues[oldest][0][0] < self.lookahead:
+      return min(full, key=lambda g: self.queues[g][0][0])
+    return oldest
 
   def __next__(self):
-    head = self._peek()
-    group = _agree_on_group(None if head is None else self.group(head[1]))
+    group = _agree_on_group(self._proposal(), self.step)
     if group is None:
       raise StopIteration
+    return self._take(group), group
+
+  def _take(self, group) -> list[tuple[int | None, ImageJob]]:
+    """A batch of `group`'s oldest jobs (reading ahead for more while allowed), padded."""
+    self.step += 1
+    if len(self.queues.get(group, ())) < self.size:  # another process's proposal
+      self._read_until(lambda key, queue: key == group and len(queue) >= self.size)
     batch = []
-    while len(batch) < self.size and (head := self._peek()) is not None \
-        and self.group(head[1]) == group:
-      batch.append(head)
-      self.head = None
+    queue = self.queues.get(group)
+    while queue and len(batch) < self.size:
+      batch.append(queue.popleft()[1])
+    if queue is not None and not queue:
+      del self.queues[group]
+    self.waiting -= len(batch)
     filler = batch[-1][1] if batch else ImageJob(0, "", "", 0)
-    return batch + [(None, filler)] * (self.size - len(batch)), group
+    return batch + [(None, filler)] * (self.size - len(batch))
 
 
 def _frozen(value):
@@ -503,9 +554,10 @@ def _frozen(value):
   return tuple(_frozen(x) for x in value) if isinstance(value, list) else value
 
 
-def _agree_on_group(wanted):
-  """The group (JSON-able, nested tuples) the lowest process with work wants, or None when no
-  process has work; `wanted`: this process's next group, or None."""
+def _agree_on_group(wanted, step: int = 0):
+  """The group (JSON-able, nested tuples) that process `step` mod the process count wants, or
+  if it has no work the next one's after it, ...; None when no process has work. `wanted`: this
+  process's proposal, or None."""
   if jax.process_count() == 1:
     return wanted
   from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -515,7 +567,8 @@ def _agree_on_group(wanted):
   padded = np.zeros(longest, np.uint8)
   padded[:len(data)] = data
   every = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, longest)
-  for row in every:  # in process order
+  first = step % len(every)
+  for row in (*every[first:], *every[:first]):  # in turn, from process `first`
     value = json.loads(bytes(row).rstrip(b"\0").decode())
     if value is not None:
       return _frozen(value)

@@ -321,7 +321,10 @@ class TarSink(Sink):
 
   def finish(self, shard):
     staged, tar = self._open.pop(shard)
+    keys = [_sample_key(m) for m in tar.getmembers()]
     tar.close()
+    if keys != sorted(keys):  # made out of order (lines of several sizes): samples by key
+      _sort_tar(staged)
     with open(staged, "rb+") as f:
       os.fsync(f.fileno())
     self.store.publish(staged, f"{SHARDS}/{shard_name(shard)}.tar")
@@ -333,6 +336,23 @@ class TarSink(Sink):
       staged, tar = self._open.pop(shard)
       tar.close()
       os.remove(staged)
+
+
+def _sample_key(member: tarfile.TarInfo) -> str:
+  return member.name.split(".", 1)[0]
+
+
+def _sort_tar(path: str) -> None:
+  """Rewrites the tar at `path` with its samples in key order (each sample's files as they
+  were: `<key>.png`, `<key>.json`), so a shard's bytes do not depend on the order its images
+  were made in."""
+  folder, name = os.path.split(path)
+  ordered = os.path.join(folder, outputs._temp_name(name))  # noqa: SLF001
+  with tarfile.open(path, "r") as src, \
+      tarfile.open(ordered, "w", format=tarfile.USTAR_FORMAT) as dst:
+    for member in sorted(src.getmembers(), key=_sample_key):  # stable: a sample's order kept
+      dst.addfile(member, src.extractfile(member))
+  os.replace(ordered, path)
 
 
 def make_sink(output_format: str, store: Store, *, shard_size: int,

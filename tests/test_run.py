@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -77,6 +78,76 @@ def test_cpu_devices_after_jax_started():
     parallel.set_cpu_devices(started + 1)
 
 
+def _batches(groups, size, lookahead):
+  """The batches of jobs whose groups are `groups` (one per job, in file order), as job indices
+  (None: padding), with their groups."""
+  jobs = iter([(0, run.ImageJob(i, f"p{i}", "", i, size=(g, g))) for i, g in enumerate(groups)])
+  made = run._Batches(jobs, size, lambda job: job.size, lookahead)  # noqa: SLF001
+  return [([None if s is None else j.index for s, j in batch], g) for batch, g in made]
+
+
+def _check_batches(groups, batches, size):
+  made = [i for batch, _ in batches for i in batch if i is not None]
+  assert sorted(made) == list(range(len(groups)))  # every job exactly once
+  for batch, group in batches:
+    assert len(batch) == size and all(groups[i] == group[0] for i in batch if i is not None)
+  for g in set(groups):  # a group's jobs keep their order
+    assert [i for i in made if groups[i] == g] == [i for i, x in enumerate(groups) if x == g]
+
+
+def test_batches_of_interleaved_groups_are_full():
+  """Lines of five sizes in turn: read ahead and queued per size, every batch is full but the
+  last of each size; without read-ahead (lookahead 1) almost every row was padding."""
+  groups = [8 * (1 + i % 5) for i in range(203)]
+  batches = _batches(groups, 4, 64)
+  _check_batches(groups, batches, 4)
+  padded = [b for b, _ in batches if None in b]
+  assert len(batches) == 3 * 11 + 2 * 10 and len(padded) == 3  # sizes of 41, 41, 41, 40, 40 jobs
+  naive = _batches(groups, 4, 1)
+  _check_batches(groups, naive, 4)
+  assert len(naive) == 203  # one job per batch
+
+
+def test_batches_of_one_group_keep_file_order():
+  groups = [16] * 10
+  batches = _batches(groups, 4, 1024)
+  assert [b for b, _ in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, None, None]]
+
+
+def test_batches_make_a_rare_job_within_the_lookahead():
+  """A job of a size no later line has waits while at most `lookahead` later jobs are read
+  (so its shard closes), not until the file ends."""
+  groups = [24] + [16] * 300 + [24] * 3
+  batches = _batches(groups, 4, 32)
+  _check_batches(groups, batches, 4)
+  first = next(k for k, (b, _) in enumerate(batches) if 0 in b)
+  assert batches[first][0] == [0, None, None, None]
+  assert 32 // 4 - 1 <= first <= 32 // 4  # after the batches of the 32 jobs read after it
+  assert [b for b, _ in batches[-1:]] == [[301, 302, 303, None]]
+
+
+def test_batches_of_two_processes_take_turns():
+  """Two processes (their agreement simulated): each step both make the group one of them
+  proposes, in turn, so each one's lines of several sizes still fill most of its batches."""
+  files = [[8 * (1 + i % 3) for i in range(60)], [8 * (1 + i % 2) for i in range(41)]]
+  procs = []
+  for p, groups in enumerate(files):
+    jobs = iter([(p, run.ImageJob(i, "", "", i, size=(g, g))) for i, g in enumerate(groups)])
+    procs.append(run._Batches(jobs, 4, lambda job: job.size, 64))  # noqa: SLF001
+  made, step = [[], []], 0
+  while any(wanted := [b._proposal() for b in procs]):  # noqa: SLF001
+    group = next(w for w in (*wanted[step % 2:], *wanted[:step % 2]) if w is not None)
+    for p, b in enumerate(procs):
+      made[p].append([None if s is None else j.index for s, j in b._take(group)])  # noqa: SLF001
+      assert all(files[p][i] == group[0] for i in made[p][-1] if i is not None)
+    step += 1
+  for p, groups in enumerate(files):
+    _check_batches(groups, [(b, (groups[next(i for i in b if i is not None)],)) for b in made[p]
+                            if any(i is not None for i in b)], 4)
+  assert step <= 16  # the longer file alone needs 15 (each process's last batch of a size
+  # may be short); reading ahead for its own proposal only, a process padded more: 18
+
+
 def test_per_line_image_sizes(model, cache, tmp_path):
   """jsonl lines with their own width / height: batches keep one size (a program per size),
   each image is the one generate() makes at its size, and records and PNGs say the size."""
@@ -101,6 +172,22 @@ def test_per_line_image_sizes(model, cache, tmp_path):
     alone = pipe.generate(record["prompt"], seed=record["seed"], steps=2, guidance_scale=3.0,
                           scheduler="euler_ancestral", height=height, width=width)
     assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+
+  # The wide pair is made first (the first full batch), then the two squares: shard 0's tar
+  # gets image 1 before image 0 and is written in key order all the same.
+  tars = str(tmp_path / "tars")
+  run.generate_run(dataclasses.replace(config, output_dir=tars, output_format="webdataset"))
+  for shard in range(3):
+    with tarfile.open(os.path.join(tars, sinks.SHARDS, f"{sinks.shard_name(shard)}.tar")) as tar:
+      names = tar.getnames()
+      keys = [f"{i:06d}" for i in range(2 * shard, min(2 * shard + 2, 5))]
+      assert names == [f"{k}.{ext}" for k in keys for ext in ("png", "json")]
+      for name in names[::2]:
+        record = records[int(name.split(".")[0])]
+        want = Image.open(os.path.join(out, record["file"]))
+        assert tar.extractfile(name).read() == open(os.path.join(out, record["file"]), "rb").read()
+        assert json.loads(tar.extractfile(name[:-4] + ".json").read())["seed"] == record["seed"]
+        assert want.size == (record["width"], record["height"])
 
 
 def test_bad_line_size(model, cache, tmp_path):
