@@ -61,6 +61,10 @@ _LORA_RANK = flags.DEFINE_integer("lora_rank", 32, "lora_merge: rank of the synt
                                   "on every linear layer of the UNet and text encoders")
 _PROMPTS = flags.DEFINE_integer("prompts", 1, "first_image: lines of the synthetic prompts file")
 _IMAGES = flags.DEFINE_integer("images", 256, "run: images per timed run")
+_LINE_GROUPS = flags.DEFINE_integer("line_groups", 0, "run: the prompts as a jsonl file whose "
+                                    "lines take this many guidance scales in turn (4.0, 4.5, "
+                                    "...: one compiled program, as many batch groups); 0: "
+                                    "--prompt lines, one group")
 _FORMAT = flags.DEFINE_enum("output_format", "png", ["png", "webdataset"], "run: output format")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "run: output folder (default: a temporary one)")
 _BATCH = flags.DEFINE_integer("batch", 2, "batch (unet_step: 2 = one CFG step of one image)")
@@ -392,8 +396,16 @@ def bench_run():
   jax.block_until_ready(outs)
   bare = batches * per_batch / (time.perf_counter() - start)
 
-  prompts = tuple(run.PromptLine(f"a red circle {i}") for i in range(batches * per_batch))
-  cfg = run.RunConfig(prompts=prompts, model=model, steps=_STEPS.value, guidance_scale=4.0,
+  prompts, prompts_file = tuple(run.PromptLine(f"a red circle {i}")
+                                for i in range(batches * per_batch)), None
+  if _LINE_GROUPS.value:  # lines of several guidance scales in turn: the same device work
+    prompts_file = os.path.join(tempfile.mkdtemp(), "prompts.jsonl")
+    with open(prompts_file, "w") as f:
+      for i, line in enumerate(prompts):
+        scale = 4.0 + 0.5 * (i % _LINE_GROUPS.value)
+        f.write(json.dumps({"prompt": line.prompt, "guidance_scale": scale}) + "\n")
+    prompts = ()
+  cfg = run.RunConfig(prompts=prompts, prompts_file=prompts_file, model=model, steps=_STEPS.value, guidance_scale=4.0,
                       scheduler="dpmpp_2m", height=h, width=w, batch_size=b,
                       dtype=_DTYPE.value, output_dir=_OUTPUT.value or tempfile.mkdtemp(),
                       output_format=_FORMAT.value, compilation_cache=cache,
@@ -404,7 +416,7 @@ def bench_run():
               device=str(jax.devices()[0].device_kind), version=f"jax {jax.__version__}",
               images=summary.images, bare_images_per_s=bare,
               run_images_per_s=summary.images_per_second,
-              run_vs_bare=summary.images_per_second / bare)
+              run_vs_bare=summary.images_per_second / bare, line_groups=_LINE_GROUPS.value)
 
 
 def _random_model_folder() -> str:
