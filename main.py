@@ -59,9 +59,13 @@ flags.DEFINE_integer("batch_size", None, "images per device per step")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
 flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go: a "
                     "folder or any fsspec URL (gs://bucket/run, s3://..., memory://...)")
-flags.DEFINE_enum("output_format", "png", ["png", "webdataset"], "png files in folders, or "
-                  "WebDataset tar shards (<key>.png + <key>.json)")
+flags.DEFINE_enum("output_format", "png", ["png", "webdataset"], "png: image files in folders, "
+                  "or WebDataset tar shards (<key>.png + <key>.json)")
 flags.DEFINE_integer("images_per_folder", 10000, "png: images per subfolder")
+flags.DEFINE_enum("image_format", "png", ["png", "jpg", "webp"], "the image files (in folders "
+                  "or tars); jpg and webp carry the A1111 parameters in EXIF, as A1111 saves them")
+flags.DEFINE_integer("image_quality", 80, "jpg and lossy webp quality, 1-100 (A1111's default)")
+flags.DEFINE_bool("webp_lossless", False, "webp: lossless (same pixels as png, smaller)")
 flags.DEFINE_integer("shard_size", 1000, "images per shard: a webdataset tar; for png, the unit "
                      "of resume and of work split between processes and jobs")
 flags.DEFINE_integer("num_shards", 1, "split the run into this many independent jobs (e.g. a "
@@ -118,7 +122,9 @@ def _run_config() -> run.RunConfig:
       lora_dir=FLAGS.lora_dir, emphasis=FLAGS.emphasis, strength=FLAGS.strength,
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
-      images_per_folder=FLAGS.images_per_folder, shard_size=FLAGS.shard_size,
+      images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,
+      image_quality=FLAGS.image_quality, webp_lossless=FLAGS.webp_lossless,
+      shard_size=FLAGS.shard_size,
       num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index,
       writer_threads=FLAGS.writer_threads, overwrite=FLAGS.overwrite,
       model_config=FLAGS.model_config, vae=FLAGS.vae, prediction_type=FLAGS.prediction_type,

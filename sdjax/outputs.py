@@ -31,6 +31,7 @@ import math
 import os
 import re
 import socket
+import struct
 import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -279,6 +280,66 @@ def _png_bytes(image: Image.Image, pnginfo: PngImagePlugin.PngInfo | None = None
   buf = io.BytesIO()
   image.save(buf, format="PNG", pnginfo=pnginfo)
   return buf.getvalue()
+
+
+IMAGE_FORMATS = ("png", "jpg", "webp")
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+_UNICODE_COMMENT = b"UNICODE\0"  # EXIF's character-code prefix for UCS-2 (big-endian) text
+
+
+def image_bytes(image: np.ndarray, parameters: str, image_format: str = "png", *,
+                quality: int = 80, lossless: bool = False) -> bytes:
+  """A uint8 [H, W, 3] image as `image_format` file bytes carrying A1111's `parameters` text.
+
+  As A1111 saves them: a PNG `parameters` text chunk; for jpg and webp the EXIF UserComment, in
+  the "UNICODE" character code (UTF-16 big-endian), which A1111's PNG Info tab, civitai and
+  other readers take. `quality`: jpg and lossy webp (A1111's "Quality for saved jpeg images",
+  default 80); `lossless`: webp (A1111's "Lossless WebP").
+  """
+  picture = Image.fromarray(image)
+  if image_format == "png":
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    return _png_bytes(picture, info)
+  if image_format not in IMAGE_FORMATS:
+    raise ValueError(f"unknown image format {image_format!r}; pick one of "
+                     f"{', '.join(IMAGE_FORMATS)}")
+  exif = _user_comment_exif(_UNICODE_COMMENT + parameters.encode("utf_16_be"))
+  buf = io.BytesIO()
+  if image_format == "jpg":
+    picture.save(buf, format="JPEG", quality=quality, exif=exif)
+  else:
+    picture.save(buf, format="WEBP", quality=quality, lossless=lossless, exif=exif)
+  return buf.getvalue()
+
+
+def _user_comment_exif(comment: bytes) -> bytes:
+  """EXIF (APP1 payload) holding only a UserComment in the Exif IFD, typed UNDEFINED as the
+  standard says. (PIL's `Image.Exif` types a bytes value BYTE, which piexif, A1111's reader,
+  returns as a tuple of ints instead of the text.) Big-endian TIFF: header, IFD0 with one entry
+  pointing at the Exif IFD, the Exif IFD with one entry pointing at the comment."""
+  exif_ifd, data = 8 + 18, 8 + 18 + 18
+
+  def ifd(tag: int, kind: int, count: int, value: int) -> bytes:
+    return struct.pack(">HHHII", 1, tag, kind, count, value) + struct.pack(">I", 0)
+
+  return (b"Exif\0\0MM\0\x2a" + struct.pack(">I", 8) + ifd(_EXIF_IFD, 4, 1, exif_ifd)
+          + ifd(_USER_COMMENT, 7, len(comment), data) + comment)
+
+
+def read_parameters(data: bytes) -> str | None:
+  """The A1111 `parameters` text an image file's bytes carry (PNG text chunk, or jpg / webp
+  EXIF UserComment), as A1111's PNG Info reads it; None when it carries none."""
+  with Image.open(io.BytesIO(data)) as image:
+    if "parameters" in image.info:
+      return image.info["parameters"]
+    comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+  if not isinstance(comment, bytes) or len(comment) < 8:
+    return None
+  codes = {_UNICODE_COMMENT: "utf_16_be", b"ASCII\0\0\0": "ascii"}
+  if comment[:8] not in codes:
+    return None
+  return comment[8:].decode(codes[comment[:8]], errors="replace")
 
 
 def to_uint8(image: Any) -> np.ndarray:
@@ -608,7 +669,8 @@ def _figure(record: dict, esc) -> str:
   src = esc(urllib.parse.quote(str(record["file"])))
   prompt = record.get("prompt", "")
   if "key" in record:
-    picture = f'<a href="{src}">{esc(record["file"])}: {esc(record["key"])}.png</a>'
+    name = record.get("image", f'{record["key"]}.png')  # the sample's image in the tar
+    picture = f'<a href="{src}">{esc(record["file"])}: {esc(name)}</a>'
   else:
     picture = f'<a href="{src}"><img src="{src}" alt="{esc(prompt)}" loading="lazy"></a>'
   parts = [f'<figure id="image-{int(record["index"])}">\n{picture}\n'

@@ -56,6 +56,9 @@ class RunConfig:
   output_dir: str = "outputs"  # a folder or any fsspec URL
   output_format: str = "png"  # or "webdataset"
   images_per_folder: int = 10000  # png
+  image_format: str = "png"  # or "jpg", "webp": the image files, in either output format
+  image_quality: int = 80  # jpg and lossy webp (A1111's default)
+  webp_lossless: bool = False
   shard_size: int = 1000  # images per shard (a tar, or a unit of png resume and work split)
   num_shards: int = 1  # independent jobs sharing output_dir (a SLURM array)
   shard_index: int = 0  # which of them this is
@@ -148,6 +151,11 @@ def validate(cfg: RunConfig) -> None:
   if cfg.output_format not in sinks.FORMATS:
     raise RunError(f"--output_format must be one of {', '.join(sinks.FORMATS)}, "
                    f"got {cfg.output_format!r}")
+  if cfg.image_format not in outputs.IMAGE_FORMATS:
+    raise RunError(f"--image_format must be one of {', '.join(outputs.IMAGE_FORMATS)}, "
+                   f"got {cfg.image_format!r}")
+  if not 1 <= cfg.image_quality <= 100:
+    raise RunError(f"--image_quality must be in [1, 100], got {cfg.image_quality}")
   for name in ("height", "width"):
     if getattr(cfg, name) is not None:
       check_size(getattr(cfg, name), f"--{name}")
@@ -202,6 +210,7 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
               "output_format": cfg.output_format, "shard_size": cfg.shard_size}
   if cfg.output_format == "png":
     settings["images_per_folder"] = cfg.images_per_folder
+  settings.update(_image_format(cfg).settings())
   if cfg.eta:  # absent when 0: older folders still match
     settings["eta"] = cfg.eta
   if cfg.prompt_syntax != "plain":
@@ -219,6 +228,10 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
   if cfg.embeddings:
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
   return {**settings, **_sdxl_record(cfg, pipe)}
+
+
+def _image_format(cfg: RunConfig) -> sinks.ImageFormat:
+  return sinks.ImageFormat(cfg.image_format, cfg.image_quality, cfg.webp_lossless)
 
 
 def _sdxl_record(cfg: RunConfig, pipe) -> dict[str, Any]:
@@ -366,7 +379,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   if jax.process_index() == 0:
     store.cleanup_temporaries()
   sink = sinks.make_sink(cfg.output_format, store, shard_size=cfg.shard_size,
-                         images_per_folder=cfg.images_per_folder)
+                         images_per_folder=cfg.images_per_folder,
+                         image_format=_image_format(cfg))
   work, skipped = _find_work(cfg, plan, sink)
   parallel.barrier("planned")  # every process has listed the shards before anyone writes
 

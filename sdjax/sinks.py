@@ -1,4 +1,4 @@
-"""Where a run's images go: PNG folders or WebDataset tar shards, on a local disk or any fsspec URL.
+"""Where a run's images go: image folders or WebDataset tar shards, on a local disk or any fsspec URL.
 
 A run's images are cut into shards of `shard_size` consecutive indices; each shard has exactly
 one writer (a process of a job), so nothing is ever appended to by two writers and no locks are
@@ -8,8 +8,10 @@ needed, on NFS or object stores alike. The output location holds
   manifests/000012.jsonl        shard 12's manifest records, written once, after all its images:
                                 a shard is finished exactly when this object exists
   manifests/000012.part.jsonl   png only: the images of an interrupted shard already written
-  00000/000000.png ...          png: images in folders of `images_per_folder`
-  shards/000012.tar             webdataset: `<key>.png` + `<key>.json` (the manifest record)
+  00000/000000.png ...          png: images in folders of `images_per_folder` (.jpg / .webp with
+                                that image format)
+  shards/000012.tar             webdataset: `<key>.png` (.jpg, .webp) + `<key>.json` (the
+                                manifest record)
   manifest.jsonl index.html grid.png   merged when every shard is finished
 
 Every object is written whole (a temporary name renamed on local disks; one upload on object
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -37,7 +40,7 @@ from typing import Any
 import fsspec
 import numpy as np
 from absl import logging
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from sdjax import outputs
 
@@ -199,16 +202,27 @@ def _jsonl(records: Iterable[dict]) -> bytes:
                              allow_nan=False).encode() + b"\n" for r in records)
 
 
-def png_bytes(image: np.ndarray, parameters: str) -> bytes:
-  """A uint8 [H, W, 3] image as PNG bytes with A1111's `parameters` text chunk."""
-  info = PngImagePlugin.PngInfo()
-  info.add_text("parameters", parameters)
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
-  return buf.getvalue()
-
-
 # --- sinks --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFormat:
+  """How images are encoded (`outputs.image_bytes`): png, jpg or webp, with A1111's options."""
+
+  name: str = "png"
+  quality: int = 80  # jpg, lossy webp
+  lossless: bool = False  # webp
+
+  def encode(self, image: np.ndarray, parameters: str) -> bytes:
+    return outputs.image_bytes(image, parameters, self.name, quality=self.quality,
+                               lossless=self.lossless)
+
+  def settings(self) -> dict[str, Any]:
+    """What the run's settings record of it (nothing for png: older folders still match)."""
+    if self.name == "png":
+      return {}
+    return {"image_format": self.name, "image_quality": self.quality,
+            **({"webp_lossless": True} if self.name == "webp" and self.lossless else {})}
 
 
 class Sink:
@@ -216,13 +230,14 @@ class Sink:
 
   format = ""
 
-  def __init__(self, store: Store):
-    self.store = store
+  def __init__(self, store: Store, image_format: ImageFormat = ImageFormat()):
+    self.store, self.image_format = store, image_format
+    self.ext = image_format.name
     self._records: dict[int, list[dict]] = {}
 
   def encode(self, record: dict, image: np.ndarray, parameters: str) -> tuple[dict, bytes]:
-    """Worker thread: the PNG and the record that names it. `image` is uint8 [H, W, 3]."""
-    data = png_bytes(image, parameters)
+    """Worker thread: the image file and the record that names it. `image`: uint8 [H, W, 3]."""
+    data = self.image_format.encode(image, parameters)
     return {**record, **self.location(record["index"]),
             "sha256": hashlib.sha256(data).hexdigest()}, data
 
@@ -251,12 +266,12 @@ class PngSink(Sink):
 
   format = "png"
 
-  def __init__(self, store: Store, images_per_folder: int):
-    super().__init__(store)
+  def __init__(self, store: Store, images_per_folder: int, image_format: ImageFormat):
+    super().__init__(store, image_format)
     self.images_per_folder = images_per_folder
 
   def location(self, index: int) -> dict[str, str]:
-    return {"file": f"{index // self.images_per_folder:05d}/{image_key(index)}.png"}
+    return {"file": f"{index // self.images_per_folder:05d}/{image_key(index)}.{self.ext}"}
 
   def encode(self, record, image, parameters):
     record, data = super().encode(record, image, parameters)
@@ -298,14 +313,15 @@ class TarSink(Sink):
 
   format = "webdataset"
 
-  def __init__(self, store: Store, shard_size: int):
-    super().__init__(store)
+  def __init__(self, store: Store, shard_size: int, image_format: ImageFormat):
+    super().__init__(store, image_format)
     self.shard_size = shard_size
     self._open: dict[int, tuple[str, tarfile.TarFile]] = {}
 
   def location(self, index: int) -> dict[str, str]:
     shard = index // self.shard_size
-    return {"file": f"{SHARDS}/{shard_name(shard)}.tar", "key": image_key(index)}
+    location = {"file": f"{SHARDS}/{shard_name(shard)}.tar", "key": image_key(index)}
+    return location if self.ext == "png" else {**location, "image": f"{location['key']}.{self.ext}"}
 
   def add(self, shard, record, data):
     super().add(shard, record, data)
@@ -314,7 +330,7 @@ class TarSink(Sink):
       self._open[shard] = staged, tarfile.open(staged, "w", format=tarfile.USTAR_FORMAT)
     tar = self._open[shard][1]
     meta = json.dumps(record, ensure_ascii=False, allow_nan=False).encode()
-    for name, payload in ((f"{record['key']}.png", data), (f"{record['key']}.json", meta)):
+    for name, payload in ((f"{record['key']}.{self.ext}", data), (f"{record['key']}.json", meta)):
       info = tarfile.TarInfo(name)
       info.size, info.mode, info.mtime = len(payload), 0o644, 0  # same bytes on every run
       tar.addfile(info, io.BytesIO(payload))
@@ -355,11 +371,11 @@ def _sort_tar(path: str) -> None:
   os.replace(ordered, path)
 
 
-def make_sink(output_format: str, store: Store, *, shard_size: int,
-              images_per_folder: int) -> Sink:
+def make_sink(output_format: str, store: Store, *, shard_size: int, images_per_folder: int,
+              image_format: ImageFormat = ImageFormat()) -> Sink:
   if output_format == "png":
-    return PngSink(store, images_per_folder)
-  return TarSink(store, shard_size)
+    return PngSink(store, images_per_folder, image_format)
+  return TarSink(store, shard_size, image_format)
 
 
 # --- writing on worker threads ------------------------------------------------------------------
@@ -426,11 +442,16 @@ def _preview_images(store: Store, records: list[dict]) -> Iterator[Image.Image]:
     if not file.endswith(".tar"):
       blobs = (store.read(file) for _ in group)
     else:
-      blobs = _tar_pngs(store, file, {f"{r['key']}.png" for r in group})
+      blobs = _tar_pngs(store, file, {sample_image(r) for r in group})
     for data in blobs:
       with Image.open(io.BytesIO(data)) as image:
         image.load()
         yield image
+
+
+def sample_image(record: dict) -> str:
+  """The name of a webdataset record's image in its tar (`<key>.png`, or `image`)."""
+  return record.get("image", f"{record['key']}.png")
 
 
 def _tar_pngs(store: Store, file: str, names: set[str]) -> Iterator[bytes]:

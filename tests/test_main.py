@@ -431,12 +431,16 @@ def test_jsonl_prompts_and_seeds(model, cache, tmp_path):
                      '{"prompt": "a dog", "negative_prompt": "red"}\n')
   out = str(tmp_path / "out")
   main_py(["--model", model, "--prompts_file", str(prompts), *COMMON, "--seed", "50",
-           "--output_dir", out, "--compilation_cache", cache])
+           "--output_dir", out, "--compilation_cache", cache, "--image_format", "jpg",
+           "--image_quality", "95"])
   records = _manifest(out)
   assert [(r["prompt"], r["seed"], r["negative_prompt"]) for r in records] == [
       ("a cat", 7, ""), ("a cat", 8, ""), ("a dog", 52, "red")]
-  text = Image.open(os.path.join(out, "00000", "000002.png")).text["parameters"]
+  assert records[2]["file"] == "00000/000002.jpg"
+  with open(os.path.join(out, records[2]["file"]), "rb") as f:
+    text = outputs.read_parameters(f.read())  # --image_format jpg: the text in EXIF
   assert outputs.parse_a1111_parameters(text)["negative_prompt"] == "red"
+  assert json.load(open(os.path.join(out, "run.json")))["image_quality"] == 95
 
 
 def test_ddim_eta(model, cache, tmp_path):

@@ -1,9 +1,11 @@
 """Output folder files: A1111 text, atomic PNGs, the shared manifest, resume logic, previews."""
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
+import struct
 import time
 import warnings
 
@@ -156,6 +158,65 @@ def test_write_png(tmp_path):
   np.testing.assert_array_equal(pixels[0, :2], [[0, 255, 255], [128, 10, 12]])
   np.testing.assert_array_equal(pixels[0, 2], [51, 178, 255])
   np.testing.assert_array_equal(pixels[1], 0)
+
+
+def _exif_entries(data: bytes) -> dict[int, tuple[int, bytes]]:
+  """{tag: (TIFF type, value bytes)} of the Exif IFD of a jpg / webp file's EXIF, read with a
+  plain TIFF walk (PIL's reader does not tell BYTE from UNDEFINED; A1111's piexif does)."""
+  with Image.open(io.BytesIO(data)) as image:
+    raw = image.info["exif"]
+  tiff = raw[6:] if raw.startswith(b"Exif\0\0") else raw
+  order = {b"MM": ">", b"II": "<"}[tiff[:2]]
+  sizes = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 7: 1, 9: 4, 10: 8}
+
+  def entries(offset):
+    (count,) = struct.unpack_from(order + "H", tiff, offset)
+    for k in range(count):
+      tag, kind, n, value = struct.unpack_from(order + "HHII", tiff, offset + 2 + 12 * k)
+      size = sizes[kind] * n
+      start = offset + 2 + 12 * k + 8 if size <= 4 else value
+      yield tag, kind, value, tiff[start:start + size]
+
+  (ifd0,) = struct.unpack_from(order + "I", tiff, 4)
+  exif_ifd = next(value for tag, _, value, _ in entries(ifd0) if tag == 0x8769)
+  return {tag: (kind, payload) for tag, kind, _, payload in entries(exif_ifd)}
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpg", "webp"])
+def test_image_formats_carry_a1111_text(image_format):
+  """png: the `parameters` chunk; jpg / webp: EXIF UserComment typed UNDEFINED with the UNICODE
+  code, as A1111 (piexif) writes and reads it; non-ASCII text survives."""
+  image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+  text = "a cat, (red:1.2) — ünïcode 🐱\nNegative prompt: blurry\nSteps: 20, Seed: 1, Size: 40x24"
+  data = outputs.image_bytes(image, text, image_format)
+  assert outputs.read_parameters(data) == text
+  with Image.open(io.BytesIO(data)) as got:
+    assert got.format == {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[image_format]
+    pixels = np.asarray(got.convert("RGB"), np.float32)
+  if image_format == "png":
+    np.testing.assert_array_equal(pixels, image)
+    return
+  kind, payload = _exif_entries(data)[0x9286]
+  assert kind == 7 and payload == b"UNICODE\0" + text.encode("utf_16_be")
+  assert np.abs(pixels - image).mean() < 60  # lossy, but this image (noise is the worst case)
+
+
+def test_webp_lossless_and_quality():
+  image = np.kron(np.random.default_rng(1).integers(0, 256, (8, 8, 3)), np.ones((8, 8, 1)))
+  image = image.astype(np.uint8)  # 64x64 blocks: compressible, as generated images are
+  lossless = outputs.image_bytes(image, "x", "webp", lossless=True)
+  with Image.open(io.BytesIO(lossless)) as got:
+    np.testing.assert_array_equal(np.asarray(got.convert("RGB")), image)
+  low, high = (outputs.image_bytes(image, "x", "jpg", quality=q) for q in (20, 95))
+  errors = [np.abs(np.asarray(Image.open(io.BytesIO(d)), np.float32) - image).mean()
+            for d in (low, high)]
+  assert len(low) < len(high) and errors[1] < errors[0]
+  with pytest.raises(ValueError, match="unknown image format 'gif'"):
+    outputs.image_bytes(image, "x", "gif")
+  assert outputs.read_parameters(outputs.image_bytes(image, "", "jpg")) == ""
+  plain = io.BytesIO()
+  Image.fromarray(image).save(plain, format="JPEG")
+  assert outputs.read_parameters(plain.getvalue()) is None
 
 
 def test_write_png_overwrites_atomically(tmp_path):

@@ -57,6 +57,28 @@ def test_jobs_on_a_memory_store_make_the_single_run(model, cache, single_run):
   assert (again.images, again.skipped) == (0, 5)
 
 
+def test_lossless_webp_run_has_the_png_pixels(model, cache, single_run, tmp_path):
+  """--image_format webp --webp_lossless: the same pixels as the png run, the A1111 text in
+  EXIF; the same folder with another image format is another run's."""
+  out = str(tmp_path / "out")
+  summary = run.generate_run(_config(model, out, cache, image_format="webp", webp_lossless=True))
+  assert summary.images == 5
+  store, ref = sinks.Store(out), _pixels(sinks.Store(single_run))
+  records = list(sinks.iter_records(store, 3))
+  assert [r["file"] for r in records] == [f"00000/{k:06d}.webp" for k in range(5)]
+  for r in records:
+    data = store.read(r["file"])
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+                                  ref[r["index"]])
+    params = outputs.parse_a1111_parameters(outputs.read_parameters(data))
+    assert params["Seed"] == str(r["seed"]) and params["prompt"] == r["prompt"]
+  assert json.loads(store.read(sinks.RUN_JSON))["image_format"] == "webp"
+  with pytest.raises(run.RunError, match=r"other settings \(image_format differ\)"):
+    run.generate_run(_config(model, out, cache, image_format="jpg"))
+  with pytest.raises(run.RunError, match=r"--image_quality must be in \[1, 100\], got 0"):
+    run.generate_run(_config(model, out, cache, image_format="jpg", image_quality=0))
+
+
 def test_png_metadata_is_shareable(model, single_run):
   text = Image.open(os.path.join(single_run, "00000", "000000.png")).text["parameters"]
   params = outputs.parse_a1111_parameters(text)

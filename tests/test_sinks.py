@@ -110,6 +110,39 @@ def test_webdataset_shards(store):
       np.testing.assert_array_equal(np.asarray(png), _image(record["index"]))
 
 
+@pytest.mark.parametrize("output_format", ["png", "webdataset"])
+def test_jpg_and_lossless_webp_images(store, output_format, monkeypatch):
+  """--image_format in both layouts: files named by it, the A1111 text in EXIF, lossless webp
+  keeps every pixel, and the merged grid reads them back."""
+  monkeypatch.setattr(outputs, "MAX_GRID_IMAGES", 5)
+  for name, fmt in (("jpg", sinks.ImageFormat("jpg", 90)),
+                    ("webp", sinks.ImageFormat("webp", lossless=True))):
+    sub = sinks.Store(f"{store.url}/{name}")
+    sub.check()
+    _write(sinks.make_sink(output_format, sub, shard_size=3, images_per_folder=4,
+                           image_format=fmt), [0, 1], 3, 6)
+    assert sinks.merge(sub, 2, 6)
+    for r in sinks.iter_records(sub, 2):
+      if output_format == "png":
+        assert r["file"] == f"{r['index'] // 4:05d}/{r['index']:06d}.{name}"
+        data = sub.read(r["file"])
+      else:
+        assert r["image"] == f"{r['key']}.{name}"
+        with tarfile.open(fileobj=io.BytesIO(sub.read(r["file"]))) as tar:
+          data = tar.extractfile(r["image"]).read()
+      assert outputs.read_parameters(data) == f"text {r['index']}"
+      with Image.open(io.BytesIO(data)) as got:
+        pixels = np.asarray(got.convert("RGB"))
+      if name == "webp":
+        np.testing.assert_array_equal(pixels, _image(r["index"]))
+    with Image.open(io.BytesIO(sub.read(outputs.GRID_NAME))) as grid:
+      cell = np.asarray(grid.convert("RGB"))[8:16, 8:16]  # image 4
+    if name == "webp":
+      np.testing.assert_array_equal(cell, _image(4))
+    page = sub.read(outputs.INDEX_HTML_NAME).decode()
+    assert f"000004.{name}" in page
+
+
 def test_tar_bytes_do_not_depend_on_the_run(tmp_path):
   digests = []
   for run in range(2):

@@ -32,6 +32,8 @@ writing, manifests) on the built-in model against the bare compiled sampler at t
 both after compiling, and reports both images/s and their ratio. `--what first_image` starts
 main.py on a synthetic `--prompts`-line jsonl file (built-in model, warm compilation cache) and
 reports the seconds until its first PNG exists and the process's peak resident memory then.
+`--what encode` times writing one image in each `--image_format` (milliseconds and bytes), and
+`--what run --line_groups N` feeds the run jsonl lines of N guidance scales in turn.
 
 `sdxl` is SDXL base 1.0's architecture (2.6B-parameter UNet, CLIP-L + OpenCLIP-bigG encoders,
 1024x1024). `sdxl_small` keeps SDXL's layout (no attention at the first level, linear
@@ -56,7 +58,8 @@ _ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "sdxl", 
                                           "builtin"],
                           "architecture (random weights)")
 _WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate", "run",
-                                               "first_image", "lora_merge"], "what to time")
+                                               "first_image", "lora_merge", "encode"],
+                          "what to time")
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 32, "lora_merge: rank of the synthetic LoRA, "
                                   "on every linear layer of the UNet and text encoders")
 _PROMPTS = flags.DEFINE_integer("prompts", 1, "first_image: lines of the synthetic prompts file")
@@ -419,6 +422,36 @@ def bench_run():
               run_vs_bare=summary.images_per_second / bare, line_groups=_LINE_GROUPS.value)
 
 
+def bench_encode():
+  """Milliseconds and bytes per image of each `--image_format` (`outputs.image_bytes`, with the
+  A1111 text) at --height x --width (default 512), on a photo-like image: 1/f ("pink") noise,
+  whose spectrum falls off as natural images' do (random-weight networks make white noise, the
+  worst case for every codec, and the built-in model's flat shapes the best)."""
+  import numpy as np  # noqa: PLC0415
+
+  from sdjax import outputs  # noqa: PLC0415
+
+  h, w = _HEIGHT.value or 512, _WIDTH.value or 512
+  rng = np.random.default_rng(0)
+  fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+  falloff = 1.0 / np.maximum(np.hypot(fy, fx), 1.0 / max(h, w))
+  channels = [np.fft.irfft2(falloff * np.exp(2j * np.pi * rng.random(falloff.shape)), (h, w))
+              for _ in range(3)]
+  image = np.stack(channels, -1)
+  image = ((image - image.min()) / (image.max() - image.min()) * 255).astype(np.uint8)
+  text = "a photo of a cat\nNegative prompt: blurry\nSteps: 30, Sampler: Euler, CFG scale: 7"
+  result = {"flops": None}
+  for name, kwargs in (("png", {}), ("jpg", {"quality": 80}), ("jpg_q95", {"quality": 95}),
+                       ("webp", {"quality": 80}), ("webp_lossless", {"lossless": True})):
+    fmt = name.split("_")[0]
+    data = outputs.image_bytes(image, text, fmt, **kwargs)
+    result[f"{name}_ms"] = 1e3 * _timed(lambda f=fmt, k=kwargs: outputs.image_bytes(
+        image, text, f, **k), max(_REPEATS.value, 1))
+    result[f"{name}_kb"] = len(data) / 1e3
+  result["median_s"] = result["png_ms"] / 1e3
+  return result
+
+
 def _random_model_folder() -> str:
   """The arch with random weights as a diffusers folder (float32, the test tokenizer), for
   main.py's run to load: the real networks' device time against the host's per-image work."""
@@ -711,6 +744,8 @@ def main(argv):
     result = bench_first_image()
   elif _WHAT.value == "lora_merge":
     result = bench_lora_merge()
+  elif _WHAT.value == "encode":
+    result = bench_encode()
   else:
     result = bench_jax() if _BACKEND.value == "jax" else bench_torch()
   h, w = _size()
