@@ -59,6 +59,12 @@ flags.DEFINE_integer("batch_size", None, "images per device per step")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
 flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go: a "
                     "folder or any fsspec URL (gs://bucket/run, s3://..., memory://...)")
+flags.DEFINE_float("hires_scale", 0.0, "A1111's hires fix (SD1/SD2): enlarge the latents this "
+                   "many times and denoise again (0: off)")
+flags.DEFINE_integer("hires_steps", 0, "hires fix: steps of the second pass (0: --steps)")
+flags.DEFINE_float("hires_strength", 0.7, "hires fix: the second pass's denoising strength")
+flags.DEFINE_enum("hires_upscaler", "latent", ["latent", "latent-nearest-exact"],
+                  "hires fix: A1111's Latent (bilinear) or Latent (nearest-exact)")
 flags.DEFINE_enum("output_format", "png", ["png", "webdataset"], "png: image files in folders, "
                   "or WebDataset tar shards (<key>.png + <key>.json)")
 flags.DEFINE_integer("images_per_folder", 10000, "png: images per subfolder")
@@ -124,6 +130,8 @@ def _run_config() -> run.RunConfig:
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,
       image_quality=FLAGS.image_quality, webp_lossless=FLAGS.webp_lossless,
+      hires_scale=FLAGS.hires_scale, hires_steps=FLAGS.hires_steps,
+      hires_strength=FLAGS.hires_strength, hires_upscaler=FLAGS.hires_upscaler,
       shard_size=FLAGS.shard_size,
       num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index,
       writer_threads=FLAGS.writer_threads, overwrite=FLAGS.overwrite,

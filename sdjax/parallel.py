@@ -111,7 +111,7 @@ def shard_batch(mesh: Mesh, local_data: np.ndarray, global_batch: int):
   return jax.make_array_from_process_local_data(sharding, local_data, shape)
 
 
-def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None):
+def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, hires=None):
   """The sampling program, run per device on its share of a global batch.
 
   Returns a jitted `f(params, cond, seeds, guidance_scale, guidance_rescale, state) -> images`
@@ -119,7 +119,8 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None):
   whose leaves, like `seeds` and the images, are sharded along the mesh's data axis (see
   `shard_tree`). With `refiner=(refiner_spec, refiner_pipe)` (an SDXL
   base -> refiner handoff, `spec` ending in latents) `params`, `cond` and `state` are
-  (base, refiner) pairs and both stages run in the one program.
+  (base, refiner) pairs and both stages run in the one program. With `hires` (the hires pass's
+  spec, `spec` ending in latents) `cond` and `state` are (first pass, hires pass) pairs.
   """
   latent_shape = (*spec.latent_hw, pipe.unet.config.in_channels)
   nets = pipe.networks
@@ -129,6 +130,11 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None):
 
   def per_device(params, cond, seeds, guidance_scale, guidance_rescale, state, init=None):
     noise = sampling.initial_noise(seeds, latent_shape)
+    if hires is not None:
+      latents = sampling.sample_fn(spec, nets, params, cond[0], seeds, noise, guidance_scale,
+                                   guidance_rescale, init, state[0], cfg_axis)
+      return sampling.sample_fn(hires, nets, params, cond[1], seeds, noise, guidance_scale,
+                                guidance_rescale, latents, state[1], cfg_axis)
     if refiner is None:
       return sampling.sample_fn(spec, nets, params, cond, seeds, noise, guidance_scale,
                                 guidance_rescale, init, state, cfg_axis)

@@ -266,7 +266,9 @@ class Pipeline:
                refiner: Pipeline | None = None, refiner_start: float = 0.8,
                eta: float = 0.0, prompt_syntax: str = "plain",
                embeddings=None, cfg_parallel: bool = False,
-               emphasis: str = "Original") -> np.ndarray:
+               emphasis: str = "Original", hires_scale: float | None = None,
+               hires_steps: int | None = None, hires_strength: float = 0.7,
+               hires_upscaler: str = "latent") -> np.ndarray:
     """Text-to-image (or image-to-image with `init_images`) generation.
 
     Args:
@@ -307,9 +309,15 @@ class Pipeline:
         with `sdjax.parallel.set_cpu_devices(2)` before JAX starts, or two GPUs). With one
         device the same split program runs there: the pixels never depend on the device count,
         and differ from the default's by float rounding.
+      hires_scale: A1111's hires fix (SD1/SD2): the text-to-image latents are enlarged this
+        many times (`hires_upscaler`: "latent", bilinear, or "latent-nearest-exact"; each side
+        rounded down to a size the model takes) and denoised again at that size as img2img at
+        `hires_strength` for `hires_steps` steps (default: `steps`), which run as A1111 runs
+        them: the last `hires_steps` of a schedule of int(hires_steps / hires_strength) steps.
+        Same prompts, scheduler and guidance; both passes stay on device.
 
     Returns:
-      float32 images [N, H, W, 3] in [0, 1].
+      float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size).
     """
     micro = conditioning.MicroConditioning(
         original_size, tuple(crops_coords_top_left), target_size, negative_original_size,
@@ -322,7 +330,9 @@ class Pipeline:
         guidance_rescale=guidance_rescale, clip_skip=clip_skip, prompts_2=prompts_2,
         negative_prompts_2=negative_prompts_2, micro=micro, refiner=refiner,
         refiner_start=refiner_start, eta=eta, prompt_syntax=prompt_syntax,
-        embeddings=embeddings, cfg_parallel=cfg_parallel, emphasis=emphasis)
+        embeddings=embeddings, cfg_parallel=cfg_parallel, emphasis=emphasis,
+        hires=None if hires_scale is None else sampling.Hires(
+            hires_scale, hires_steps, hires_strength, hires_upscaler))
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:

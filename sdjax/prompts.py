@@ -226,53 +226,61 @@ class _ScheduleParser:
     return [_Alternate(options)], j + 1
 
 
-def _resolve_step(number: str, steps: int) -> int:
-  """The last step of a `[...:when]`: a fraction of `steps` if written with a dot, else a step."""
+def _resolve_step(number: str, steps: int, base_steps: int | None = None) -> int:
+  """The last step of a `[...:when]`: a fraction of `steps` if written with a dot, else a step.
+  In a hires pass (`base_steps`: the first pass's) A1111 counts on from the first pass: a
+  fraction f is (f - 1) of the pass's steps, a step s is s - base_steps (<= 0: in force from
+  the start)."""
   value = float(number)
   if "." in number:
-    value *= steps
+    value = (value - (base_steps is not None)) * steps
+  elif base_steps is not None:
+    value -= base_steps
   return steps if value >= steps else int(value)
 
 
-def _collect_steps(nodes: list, steps: int, out: set[int]) -> None:
+def _collect_steps(nodes: list, steps: int, out: set[int], base: int | None) -> None:
   for node in nodes:
     if isinstance(node, _Scheduled):
-      when = _resolve_step(node.number, steps)
+      when = _resolve_step(node.number, steps, base)
       if when >= 1:
         out.add(when)
-      _collect_steps(node.before or [], steps, out)
-      _collect_steps(node.after, steps, out)
+      _collect_steps(node.before or [], steps, out, base)
+      _collect_steps(node.after, steps, out, base)
     elif isinstance(node, _Alternate):
       out.update(range(1, steps + 1))
       for option in node.options:
-        _collect_steps(option, steps, out)
+        _collect_steps(option, steps, out, base)
 
 
-def _text_at(nodes: list, step: int, steps: int) -> str:
+def _text_at(nodes: list, step: int, steps: int, base: int | None) -> str:
   parts = []
   for node in nodes:
     if isinstance(node, str):
       parts.append(node)
     elif isinstance(node, _Scheduled):
-      early = step <= _resolve_step(node.number, steps)
-      parts.append(_text_at((node.before or []) if early else node.after, step, steps))
+      early = step <= _resolve_step(node.number, steps, base)
+      parts.append(_text_at((node.before or []) if early else node.after, step, steps, base))
     else:
-      parts.append(_text_at(node.options[(step - 1) % len(node.options)], step, steps))
+      parts.append(_text_at(node.options[(step - 1) % len(node.options)], step, steps, base))
   return "".join(parts)
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, base_steps: int | None = None
+                    ) -> list[tuple[int, str]]:
   """[(last step, text)] for a prompt with editing/alternation, as A1111's schedules.
 
   `prompt_schedule("a [b:3]", 10) == [(3, "a "), (10, "a b")]`: the text is "a " while the
-  step counter is at most 3.
+  step counter is at most 3. With `base_steps` the schedule is a hires pass's of `steps` steps
+  after a first pass of `base_steps`, as A1111 counts it: `prompt_schedule("a [b:1.5]", 10, 10)
+  == [(5, "a "), (10, "a b")]`, and an edit the first pass finished stays finished.
   """
   nodes = _ScheduleParser(prompt).top()
   if nodes is None:
     return [(steps, prompt)]
   ends = {steps}
-  _collect_steps(nodes, steps, ends)
-  return [(end, _text_at(nodes, end, steps)) for end in sorted(ends)]
+  _collect_steps(nodes, steps, ends, base_steps)
+  return [(end, _text_at(nodes, end, steps, base_steps)) for end in sorted(ends)]
 
 
 def schedule_index(ends: Sequence[int], step: int) -> int:
@@ -566,8 +574,9 @@ class _Prompt:
 
 
 def _prompt(text: str, tokenizer, steps: int, calls: int, triggers, comma_backtrack,
-            chunk_length: int, first_call: int = 0, emphasis: str = "Original") -> _Prompt:
-  schedule = prompt_schedule(text, steps)
+            chunk_length: int, first_call: int = 0, emphasis: str = "Original",
+            base_steps: int | None = None) -> _Prompt:
+  schedule = prompt_schedule(text, steps, base_steps)
   texts = list(dict.fromkeys(t for _, t in schedule))
   counts = [sum(t == u for _, u in schedule) for t in texts]
   ends = [end for end, _ in schedule]
@@ -581,8 +590,8 @@ def _prompt(text: str, tokenizer, steps: int, calls: int, triggers, comma_backtr
 def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
                   embeddings: Mapping[str, Any] | None = None,
                   comma_backtrack: int = COMMA_BACKTRACK, first_call: int = 0,
-                  chunk_length: int = CHUNK_LENGTH,
-                  emphasis: str = "Original") -> list[_Prompt]:
+                  chunk_length: int = CHUNK_LENGTH, emphasis: str = "Original",
+                  base_steps: int | None = None) -> list[_Prompt]:
   """Schedules and tokenizes prompts (A1111 syntax, extra-network tags already removed).
 
   Args:
@@ -595,10 +604,11 @@ def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
     first_call: A1111's call counter at the first call (a refiner continues the base's count).
     chunk_length: prompt tokens per chunk: the text encoder's max_position_embeddings - 2.
     emphasis: one of `EMPHASIS_MODES` (pack with the same).
+    base_steps: a hires pass: the first pass's `steps` (A1111's offsets, see `prompt_schedule`).
   """
   triggers = TriggerTable(tokenizer, embeddings, chunk_length) if embeddings else None
   return [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack, chunk_length, first_call,
-                  emphasis) for p in prompts]
+                  emphasis, base_steps) for p in prompts]
 
 
 def pack_prompts(prompts: Sequence[str] | Sequence[_Prompt], tokenizer, *, steps: int = 1,

@@ -86,6 +86,12 @@ class RunConfig:
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
+  # A1111's hires fix (SD1/SD2): 0 = off; else the latents are enlarged this many times and
+  # denoised again (img2img at hires_strength) for hires_steps steps (0: --steps).
+  hires_scale: float = 0.0
+  hires_steps: int = 0
+  hires_strength: float = 0.7
+  hires_upscaler: str = "latent"
   micro: MicroConditioning = MicroConditioning()
 
 
@@ -196,6 +202,15 @@ def validate(cfg: RunConfig) -> None:
           lora_set(text)  # every tag names a file in --lora_dir
   if cfg.refiner is not None and not 0.0 < cfg.refiner_start < 1.0:
     raise RunError(f"--refiner_start must be in (0, 1), got {cfg.refiner_start}")
+  if cfg.hires_scale < 0 or cfg.hires_steps < 0:
+    raise RunError("--hires_scale and --hires_steps must be >= 0 (0: off / --steps)")
+  if cfg.hires_scale:
+    try:
+      _hires(cfg).check()
+    except ValueError as e:
+      raise RunError(f"--hires_*: {e}") from None
+    if cfg.refiner is not None:
+      raise RunError("--hires_scale and --refiner do not go together")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -227,7 +242,23 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["cfg_parallel"] = True
   if cfg.embeddings:
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
-  return {**settings, **_sdxl_record(cfg, pipe)}
+  return {**settings, **_hires_record(cfg), **_sdxl_record(cfg, pipe)}
+
+
+def _hires(cfg: RunConfig) -> sampling.Hires | None:
+  if not cfg.hires_scale:
+    return None
+  return sampling.Hires(cfg.hires_scale, cfg.hires_steps or None, cfg.hires_strength,
+                        cfg.hires_upscaler)
+
+
+def _hires_record(cfg: RunConfig) -> dict[str, Any]:
+  """The hires fix's settings (nothing without it: older folders still match)."""
+  hires = _hires(cfg)
+  if hires is None:
+    return {}
+  return {"hires": {"scale": hires.scale, "steps": hires.steps or cfg.steps,
+                    "strength": hires.strength, "upscaler": hires.upscaler}}
 
 
 def _image_format(cfg: RunConfig) -> sinks.ImageFormat:
@@ -613,7 +644,13 @@ class _Program:
   sampler: Any
   statics: str
   refiner: Any  # (spec, state, pipeline) of the refiner stage, or None
+  hires: Any = None  # (spec, state) of the hires pass, or None
   compiled: dict = dataclasses.field(default_factory=dict)  # per prompt-input shape
+
+  @property
+  def stages(self) -> bool:
+    """Whether the program has a second stage (its conditioning and states are pairs)."""
+    return self.refiner is not None or self.hires is not None
 
 
 class _Sampler:
@@ -640,9 +677,11 @@ class _Sampler:
         sampling.check_size(pipe, *size)
       except ValueError as e:
         raise RunError(f"image size {size[1]}x{size[0]}: {e}") from None
-      refiner = self.refiner_pipe
+      refiner, hires = self.refiner_pipe, _hires(cfg)
       if img2img and refiner is not None:
         raise RunError("prompt lines with an init_image (img2img) do not take --refiner")
+      if img2img and hires is not None:
+        raise RunError("prompt lines with an init_image (img2img) do not take --hires_scale")
       if cfg.cfg_parallel and guidance <= 1.0:
         raise RunError(f"--cfg_parallel splits classifier-free guidance, which a prompt line's "
                        f"guidance_scale {guidance:g} (<= 1) does not use")
@@ -656,10 +695,19 @@ class _Sampler:
         refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
                                      denoising_start=cfg.refiner_start), refiner)
         state, stage = (state, refiner[1]), refiner[::2]
+      if hires is not None:  # so does the hires pass
+        try:
+          hires = sampling.prepare_hires(pipe, cfg.batch_size, hires, **common)
+        except ValueError as e:
+          raise RunError(f"--hires_scale: {e}") from None
+        spec = dataclasses.replace(spec, output_latents=True)
+        state = (state, hires[1])
       self.programs[key] = _Program(
           spec, host_state, parallel.replicate(state, self.mesh),
-          parallel.sharded_sampler(self.mesh, spec, pipe, stage),
-          aot.sampler_statics(spec, pipe, stage), refiner)
+          parallel.sharded_sampler(self.mesh, spec, pipe, stage,
+                                   hires=None if hires is None else hires[0]),
+          aot.sampler_statics(spec, pipe, stage if hires is None else (hires[0], pipe)),
+          refiner, hires)
     return self.programs[key]
 
   def _a1111(self, program, sizes=None):
@@ -670,14 +718,16 @@ class _Sampler:
                                   emphasis=self.cfg.emphasis)
 
   def _conditioning(self, program, jobs, size):
-    """The batch's conditioning ((base, refiner) with a refiner). An empty negative prompt is no
-    negative prompt: zeros where the checkpoint asks for them (SDXL base). A1111 buckets agree
-    across processes."""
+    """The batch's conditioning ((base, refiner) with a refiner, (first, hires pass) with the
+    hires fix). An empty negative prompt is no negative prompt: zeros where the checkpoint asks
+    for them (SDXL base). A1111 buckets agree across processes (the hires pass's schedules may
+    need more variants than the first pass's: both take the larger)."""
     cond = self._make_conditioning(program, jobs, size, self._a1111(program))
-    sizes = sampling.input_sizes(cond[0] if program.refiner else cond)
-    if sizes is not None and jax.process_count() > 1:
-      agreed = tuple(parallel.max_over_processes(n) for n in sizes)
-      if agreed != sizes:
+    each = [sampling.input_sizes(c) for c in (cond if program.hires is not None else
+                                              [cond[0] if program.stages else cond])]
+    if each[0] is not None and jax.process_count() > 1:
+      agreed = tuple(parallel.max_over_processes(max(n)) for n in zip(*each, strict=True))
+      if any(sizes != agreed for sizes in each):
         cond = self._make_conditioning(program, jobs, size, self._a1111(program, agreed))
     return cond
 
@@ -685,6 +735,16 @@ class _Sampler:
     prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt or None for j in jobs]
     cond = sampling.make_conditioning(self.pipe, prompts, negatives, micro=self.cfg.micro,
                                       size=size, a1111=a1111)
+    if program.hires is not None:  # the hires pass's schedules count on from the first's
+      if a1111 is None:
+        return cond, cond
+      spec, state = program.hires
+      a1111 = sampling.a1111_options(spec, state, self.cfg.hires_steps or self.cfg.steps,
+                                     sizes=a1111.sizes, bucket_variants=True,
+                                     allow_lora=a1111.allow_lora, emphasis=a1111.emphasis,
+                                     base_steps=a1111.steps)
+      return cond, sampling.make_conditioning(self.pipe, prompts, negatives,
+                                              micro=self.cfg.micro, size=size, a1111=a1111)
     if program.refiner is None:
       return cond
     spec, state, refiner = program.refiner
@@ -745,7 +805,7 @@ class _Sampler:
                    self.cfg.batch_size, self.mesh.size,
                    " (guidance pairs split over 2)" if parallel.CFG in self.mesh.axis_names
                    else "",
-                   sampling.input_sizes(cond[0] if program.refiner else cond) or "plain",
+                   sampling.input_sizes(cond[0] if program.stages else cond) or "plain",
                    time.perf_counter() - t0)
     try:
       return program.compiled[key](*args)
@@ -849,9 +909,19 @@ class _Metadata:
       return self.height, self.width
     return job.size[0] or self.height, job.size[1] or self.width
 
+  def _hires_size(self, height: int, width: int) -> tuple[int, int]:
+    return _hires(self.cfg).size(height, width,
+                                 self.pipe.vae_scale * self.pipe.unet.config.downscale)
+
   def record(self, job: ImageJob) -> dict[str, Any]:
+    """The manifest record; `height` / `width` are the image file's (with the hires fix, the
+    second pass's; `hires` says the first pass's)."""
     cfg = self.cfg
     height, width = self.size(job)
+    hires = _hires_record(cfg)
+    if hires:
+      hires["hires"].update(first_height=height, first_width=width)
+      height, width = self._hires_size(height, width)
     return {
         "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
         "seed": job.seed, "steps": cfg.steps, "scheduler": self.scheduler,
@@ -859,8 +929,22 @@ class _Metadata:
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image, "strength": cfg.strength} if job.init_image else {}),
-        **_sdxl_record(cfg, self.pipe),
+        **hires, **_sdxl_record(cfg, self.pipe),
     }
+
+  def _hires_extra(self, height: int, width: int) -> dict[str, Any]:
+    """A1111's hires fields (its `Size` stays the first pass's)."""
+    cfg = self.cfg
+    if not cfg.hires_scale:
+      return {}
+    extra = {"Denoising strength": cfg.hires_strength, "Hires upscale": cfg.hires_scale}
+    final = self._hires_size(height, width)
+    if final != (int(height * cfg.hires_scale), int(width * cfg.hires_scale)):
+      extra["Hires resize"] = f"{final[1]}x{final[0]}"  # rounded to a size the model takes
+    if cfg.hires_steps:
+      extra["Hires steps"] = cfg.hires_steps
+    extra["Hires upscaler"] = sampling.HIRES_UPSCALER_NAMES[cfg.hires_upscaler]
+    return extra
 
   def parameters(self, job: ImageJob) -> str:
     cfg = self.cfg
@@ -871,6 +955,7 @@ class _Metadata:
         height=height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
         version=f"sdjax {sdjax.__version__}",
         extra={**({"Denoising strength": cfg.strength} if job.init_image else {}),
+               **self._hires_extra(height, width),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job)})
 

@@ -29,8 +29,9 @@ from sdjax import prompts as prompt_lib
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
 from sdjax.models.vae import AutoencoderKL
 
-# Fold-in tags that split one image's key into independent streams.
-_STEP_NOISE, _POSTERIOR = 1, 2
+# Fold-in tags that split one image's key into independent streams: step noise (SDE /
+# ancestral samplers), the VAE posterior sample, the hires pass's initial noise and step noise.
+_STEP_NOISE, _POSTERIOR, _HIRES_NOISE, _HIRES_STEP_NOISE = 1, 2, 3, 4
 
 # How many times the sampling program has been traced (tests assert one trace per shape).
 trace_count = 0
@@ -50,6 +51,9 @@ class SampleSpec:
   end: int | None = None  # stop before this position (diffusers' denoising_end); None: the end
   output_latents: bool = False  # return the diffusion latents undecoded (output_type="latent")
   init_latents: bool = False  # start from given diffusion latents as they are (denoising_start)
+  # Hires fix: start from another stage's denoised latents, resized to `latent_hw` by this
+  # `HIRES_UPSCALERS` method, noised at `begin` (img2img from latents).
+  upscale: str | None = None
   # Guidance as two UNet calls of B rows, [uncond] and [cond], instead of one of 2B: inside a
   # shard_map with a `cfg_axis` of two devices each device makes one of them (CFG parallelism,
   # halving one image's latency); elsewhere one device makes both, with the same pixels.
@@ -92,12 +96,13 @@ def _denoise(spec: SampleSpec, predict, state, x, keys):
   """Runs the scheduler from position `spec.begin` to the end; x is float32 [B, h, w, C]."""
   sched = spec.scheduler
   n = len(state.timesteps)
+  stream = _STEP_NOISE if spec.upscale is None else _HIRES_STEP_NOISE
 
   def body(carry, i):
     x, state = carry
     x_in = sched.scale_model_input(state, x, i)
     eps = predict(x_in, state.timesteps[i], i - spec.begin).astype(jnp.float32)
-    noise = _keyed_noise(keys, _STEP_NOISE, x.shape[1:], i) if sched.needs_noise else None
+    noise = _keyed_noise(keys, stream, x.shape[1:], i) if sched.needs_noise else None
     x, state = sched.step(state, eps, i, x, noise)
     return (x, state), None
 
@@ -251,6 +256,11 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, 
   sched = spec.scheduler
   if spec.init_latents:
     return init.astype(jnp.float32)
+  if spec.upscale is not None:
+    shape = (init.shape[0], *spec.latent_hw, init.shape[-1])
+    latents = jax.image.resize(init.astype(jnp.float32), shape, HIRES_UPSCALERS[spec.upscale])
+    return sched.add_noise(state, latents, _keyed_noise(keys, _HIRES_NOISE, shape[1:]),
+                           spec.begin)
   if not spec.img2img:
     return noise * sched.init_noise_sigma(state)
   posterior = encode_images(vae, params["vae"], init)
@@ -365,6 +375,7 @@ class A1111:
   allow_lora: bool = False  # <lora:...> tags are applied by the caller (main.py --lora_dir)
   embeddings: Any = None  # {trigger: [n, D]} for text_encoder; default: pipe.embeddings
   emphasis: str = "Original"  # one of `prompts.EMPHASIS_MODES`
+  base_steps: int | None = None  # a hires pass: the first pass's `steps` (A1111's offsets)
 
 
 def a1111_options(spec: SampleSpec, state, steps: int, **kwargs) -> A1111:
@@ -439,7 +450,8 @@ def _a1111_ids(pipe, sides, sides_2, opts: A1111):
     parsed[name] = [prompt_lib.parse_prompts(
         [strip_extra_networks(p, opts.allow_lora) for p in side], tok, steps=opts.steps,
         calls=opts.calls, embeddings=vectors, first_call=opts.first_call,
-        chunk_length=chunk_length, emphasis=opts.emphasis) for side in texts]
+        chunk_length=chunk_length, emphasis=opts.emphasis, base_steps=opts.base_steps)
+        for side in texts]
   sizes = opts.sizes
   if sizes is None:
     groups = list(parsed.values())
@@ -598,6 +610,65 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   return spec, state
 
 
+# A1111's latent upscalers ("Hires upscaler") -> jax.image.resize methods. "Latent" is torch's
+# bilinear interpolate (align_corners=False, no antialiasing: the same half-pixel centres as
+# jax's "linear" when enlarging); "Latent (nearest-exact)" torch's nearest-exact, jax's
+# "nearest". (A1111's "Latent (bicubic)" uses a = -0.75, jax's cubic a = -0.5: not offered.)
+HIRES_UPSCALERS = {"latent": "linear", "latent-nearest-exact": "nearest"}
+HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-nearest-exact": "Latent (nearest-exact)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Hires:
+  """A1111's hires fix: after the text-to-image run, the latents are enlarged `scale` times
+  (each side rounded down to a size the model takes) and denoised again as img2img at
+  `strength` for `steps` steps (None: the first pass's), with the same prompts, scheduler and
+  guidance."""
+
+  scale: float = 2.0
+  steps: int | None = None
+  strength: float = 0.7
+  upscaler: str = "latent"
+
+  def size(self, height: int, width: int, multiple: int = 8) -> tuple[int, int]:
+    """The second pass's (height, width): A1111's `int(side * scale)`, rounded down to a
+    `multiple` (A1111: 8, a latent pixel; sdjax: what the model takes, 64 for SD1/SD2)."""
+    return (int(height * self.scale) // multiple * multiple,
+            int(width * self.scale) // multiple * multiple)
+
+  def check(self) -> None:
+    if not (isinstance(self.scale, (int, float)) and self.scale > 0):
+      raise ValueError(f"hires scale must be a number > 0, got {self.scale!r}")
+    if self.steps is not None and (not isinstance(self.steps, (int, np.integer))
+                                   or self.steps < 1):
+      raise ValueError(f"hires steps must be a positive integer, got {self.steps!r}")
+    if not 0.0 < self.strength <= 1.0:
+      raise ValueError(f"hires strength must be in (0, 1], got {self.strength}")
+    if self.upscaler not in HIRES_UPSCALERS:
+      raise ValueError(f"unknown hires upscaler {self.upscaler!r}; pick one of "
+                       f"{', '.join(HIRES_UPSCALERS)}")
+
+
+def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str | None,
+                  height: int, width: int, guidance_scale: float, guidance_rescale: float = 0.0,
+                  clip_skip: int | None = None, eta: float = 0.0, cfg_split: bool = False):
+  """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
+  (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
+  steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps."""
+  hires.check()
+  if pipe.is_sdxl:
+    raise ValueError("the hires fix is for SD1/SD2 models (SDXL's micro-conditioning "
+                     "would need the second size too)")
+  n = hires.steps or steps
+  total = int(n / min(hires.strength, 0.999))
+  h, w = hires.size(height, width, pipe.vae_scale * pipe.unet.config.downscale)
+  spec, state = prepare(pipe, batch, steps=total, scheduler=scheduler, height=h, width=w,
+                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                        clip_skip=clip_skip, eta=eta, cfg_split=cfg_split)
+  return dataclasses.replace(spec, begin=(total - n) * spec.scheduler.order,
+                             upscale=hires.upscaler), state
+
+
 def _check_fraction(value: float, name: str) -> None:
   if not 0.0 < value < 1.0:
     raise ValueError(f"{name} must be in (0, 1), got {value}")
@@ -629,6 +700,7 @@ def generate(
     embeddings: Any = None,
     cfg_parallel: bool = False,
     emphasis: str = "Original",
+    hires: Hires | None = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate`."""
   if prompt_syntax not in PROMPT_SYNTAXES:
@@ -653,6 +725,9 @@ def generate(
     _check_fraction(refiner_start, "refiner_start")
     if init_images is not None:
       raise ValueError("refiner= hands off a text-to-image run; it does not take init_images")
+  if hires is not None and (init_images is not None or refiner is not None):
+    raise ValueError("hires= follows a text-to-image run; it does not take init_images or "
+                     "refiner=")
   height = pipe.native_size if height is None else height
   width = pipe.native_size if width is None else width
   common = dict(steps=steps, scheduler=scheduler, height=height, width=width,
@@ -660,6 +735,9 @@ def generate(
                 clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel)
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
                         denoising_end=refiner_start if refiner is not None else None, **common)
+  if hires is not None:  # checked before the first pass runs
+    hires_stage = prepare_hires(pipe, n, hires, **common)
+    spec = dataclasses.replace(spec, output_latents=True)
   seeds = make_seeds(seed, n)
   latent_shape = (n, *spec.latent_hw, pipe.unet.config.in_channels)
   if latents is None:
@@ -677,6 +755,17 @@ def generate(
   scalars = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
   out = _sample(spec, pipe.networks, pipe.params, cond, seeds, noise, scalars,
                 None if init_images is None else jnp.asarray(init_images), state)
+  if hires is not None:
+    hires_spec, hires_state = hires_stage
+    if a1111 is not None:  # the second pass's schedules count on from the first's, as A1111
+      a1111 = a1111_options(hires_spec, hires_state, hires.steps or steps,
+                            embeddings=embeddings, emphasis=emphasis,
+                            base_steps=steps * spec.scheduler.order)
+      cond = make_conditioning(pipe, prompts, negatives, prompts_2=prompts_2,
+                               negative_prompts_2=negative_prompts_2, micro=micro,
+                               size=(height, width), a1111=a1111)
+    out = _sample(hires_spec, pipe.networks, pipe.params, cond, seeds, noise, scalars, out,
+                  hires_state)
   if refiner is None:
     return np.asarray(out)
   return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,

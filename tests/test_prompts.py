@@ -72,6 +72,19 @@ def test_schedule_docstring_examples(prompt, expected):
   assert prompt_schedule(prompt, 10) == expected
 
 
+@pytest.mark.parametrize("prompt,expected", [
+    # A1111's docstring, a hires pass of 10 steps after a first pass of 10:
+    ("a [b:.5] c", [(10, "a b c")]),
+    ("a [b:1.5] c", [(5, "a  c"), (10, "a b c")]),
+    # Steps count on from the first pass; edits it finished stay finished.
+    ("a [b:15] c", [(5, "a  c"), (10, "a b c")]),
+    ("a [b:c:5] d", [(10, "a c d")]),
+    ("[x|y] z", _alternating("x z", "y z")),
+])
+def test_schedule_of_a_hires_pass(prompt, expected):
+  assert prompt_schedule(prompt, 10, 10) == expected
+
+
 def test_schedule_stale_docstring_example():
   # The docstring says [[5, 'a  c'], [10, 'a {b|d{ c']] ("not handling this right now"), but with
   # A1111's grammar (lark 1.1.2, its pinned version, and later ones) `|` outside an alternation is

@@ -79,6 +79,35 @@ def test_lossless_webp_run_has_the_png_pixels(model, cache, single_run, tmp_path
     run.generate_run(_config(model, out, cache, image_format="jpg", image_quality=0))
 
 
+def test_hires_fix_run(model, cache, tmp_path):
+  """--hires_scale: both passes in the run's program make generate(hires_scale=...)'s images;
+  the records give the file's size and the first pass's, the PNG text A1111's hires fields."""
+  import sdjax  # noqa: PLC0415
+
+  out = str(tmp_path / "out")
+  prompts = (*PROMPTS[:2], run.PromptLine("a [red:blue:0.5] (cat:1.2)"))  # A1111 editing
+  config = dataclasses.replace(_config(model, out, cache, hires_scale=1.5, hires_steps=3,
+                                       hires_strength=0.6, prompt_syntax="a1111"),
+                               prompts=prompts)
+  assert run.generate_run(config).images == 3
+  pipe = sdjax.load_pipeline(model)
+  for r in sinks.iter_records(sinks.Store(out), 2):
+    assert (r["height"], r["width"]) == (24, 24)
+    assert r["hires"] == {"scale": 1.5, "steps": 3, "strength": 0.6, "upscaler": "latent",
+                          "first_height": 16, "first_width": 16}
+    png = Image.open(os.path.join(out, r["file"]))
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    assert (params["Size"], params["Hires upscale"], params["Hires steps"]) == ("16x16", "1.5", "3")
+    assert (params["Denoising strength"], params["Hires upscaler"]) == ("0.6", "Latent")
+    alone = pipe.generate(r["prompt"], seed=r["seed"], steps=2, guidance_scale=3.0,
+                          scheduler="euler_ancestral", height=16, width=16, hires_scale=1.5,
+                          hires_steps=3, hires_strength=0.6, prompt_syntax="a1111")
+    assert alone.shape == (1, 24, 24, 3)
+    assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  with pytest.raises(run.RunError, match="--hires_scale and --refiner do not go together"):
+    run.generate_run(dataclasses.replace(config, refiner="x"))
+
+
 def test_png_metadata_is_shareable(model, single_run):
   text = Image.open(os.path.join(single_run, "00000", "000000.png")).text["parameters"]
   params = outputs.parse_a1111_parameters(text)

@@ -1,6 +1,8 @@
 """generate() end to end against diffusers' pipelines, plus exact fake-model and compile checks."""
 
 
+from unittest import mock
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -100,6 +102,73 @@ def test_img2img_matches_diffusers(pipes, name):
   ours = pipe.generate(PROMPTS, init_images=images, strength=0.6, steps=6, seed=seed,
                        guidance_scale=GUIDANCE, scheduler=name, latents=noise)
   assert rel(ours, expected) <= 1e-3
+
+
+@pytest.mark.parametrize("upscaler,mode", [("latent", "bilinear"),
+                                           ("latent-nearest-exact", "nearest-exact")])
+def test_hires_upscalers_are_torch_interpolate(upscaler, mode):
+  """A1111's latent upscalers are torch's `interpolate` (align_corners=False, no antialias)."""
+  import torch  # noqa: PLC0415
+
+  x = _unit_noise((2, 8, 12, 4), seed=2)
+  for shape in ((12, 18), (16, 24), (13, 17)):
+    want = torch.nn.functional.interpolate(nchw(x), size=shape, mode=mode).numpy()
+    got = jax.image.resize(x, (2, *shape, 4), sampling.HIRES_UPSCALERS[upscaler])
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("name,upscaler", [("euler", "latent"),
+                                           ("dpmpp_2m_karras", "latent-nearest-exact")])
+def test_hires_fix_matches_diffusers(pipes, name, upscaler):
+  """hires_scale: diffusers' text-to-image to latents, torch's interpolate, then its img2img
+  pipeline on those latents for the steps A1111 runs (the last 3 of int(3 / 0.6) = 5), with our
+  draws of the second pass's noise."""
+  import torch  # noqa: PLC0415
+
+  ref, pipe, folder = pipes
+  cls, overrides = DIFFUSERS_SCHEDULERS[name]
+  ref.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler_config, **overrides)
+  img_pipe = diffusers.StableDiffusionImg2ImgPipeline(**{**ref.components, "scheduler": getattr(
+      diffusers, cls).from_config(pipe.scheduler_config, **overrides)})
+  img_pipe.set_progress_bar_config(disable=True)
+  noise, seed, steps, hires_steps, strength = _unit_noise((2, 8, 16, 4), seed=5), 9, 4, 3, 0.6
+  total = int(hires_steps / strength)
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
+  second = nchw(np.asarray(sampling._keyed_noise(keys, sampling._HIRES_NOISE, (12, 24, 4))))  # noqa: SLF001
+  module = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"
+  with torch.no_grad():
+    first = ref(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps,
+                guidance_scale=GUIDANCE, height=16, width=32, latents=nchw(noise),
+                output_type="latent").images
+    mode = {"latent": "bilinear", "latent-nearest-exact": "nearest-exact"}[upscaler]
+    enlarged = torch.nn.functional.interpolate(first, size=(12, 24), mode=mode)
+    with mock.patch(f"{module}.randn_tensor", lambda *a, **k: second):
+      expected = img_pipe(PROMPTS, negative_prompt=NEGATIVES, image=enlarged,
+                          strength=(hires_steps + 0.5) / total, num_inference_steps=total,
+                          guidance_scale=GUIDANCE, output_type="np").images
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=steps, guidance_scale=GUIDANCE,
+                       scheduler=name, height=16, width=32, latents=noise, seed=seed,
+                       hires_scale=1.5, hires_steps=hires_steps, hires_strength=strength,
+                       hires_upscaler=upscaler)
+  assert ours.shape == (2, 24, 48, 3)
+  err = rel(ours, expected)
+  print(f"\nhires {name} {upscaler}: {err:.2e}")
+  assert err <= 1e-3
+
+
+def test_hires_pass_prompt_edits_count_on(pipes):
+  """A1111 syntax: the hires pass's schedules continue the first pass's count, so an edit at
+  1.5 (past the first pass: "red" throughout it) switches halfway through the hires pass."""
+  _sd1_only(pipes)
+  _, pipe, _ = pipes
+  kw = dict(steps=2, guidance_scale=GUIDANCE, scheduler="euler", height=16, width=16, seed=3,
+            hires_scale=2.0, hires_steps=4, hires_strength=0.5, prompt_syntax="a1111")
+  edited, red = (pipe.generate([p], **kw) for p in ("a [red:blue:1.5] cat", "a red cat"))
+  first = (pipe.generate([p], **{**kw, "hires_scale": None}) for p in ("a [red:blue:1.5] cat",
+                                                                        "a red cat"))
+  np.testing.assert_array_equal(*first)
+  # The tiny random text encoder moves images little; another program's rounding is ~1e-7.
+  assert rel(edited, red) > 1e-5
 
 
 def test_ddim_eta_matches_diffusers_and_compiles_once(pipes):
