@@ -164,10 +164,8 @@ def test_hires_pass_prompt_edits_count_on(pipes):
   kw = dict(steps=2, guidance_scale=GUIDANCE, scheduler="euler", height=16, width=16, seed=3,
             hires_scale=2.0, hires_steps=4, hires_strength=0.5, prompt_syntax="a1111")
   edited, red = (pipe.generate([p], **kw) for p in ("a [red:blue:1.5] cat", "a red cat"))
-  first = (pipe.generate([p], **{**kw, "hires_scale": None}) for p in ("a [red:blue:1.5] cat",
-                                                                        "a red cat"))
-  np.testing.assert_array_equal(*first)
-  # The tiny random text encoder moves images little; another program's rounding is ~1e-7.
+  # The first pass reads both as "a red cat" (`test_prompts`); without the count going on, the
+  # images are bit-equal. The tiny random text encoder moves images little.
   assert rel(edited, red) > 1e-5
 
 
