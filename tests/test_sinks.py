@@ -110,6 +110,24 @@ def test_webdataset_shards(store):
       np.testing.assert_array_equal(np.asarray(png), _image(record["index"]))
 
 
+def test_tar_made_out_of_order_is_written_in_key_order(tmp_path):
+  """main.py makes a shard's images out of order when its lines have several sizes: the tar is
+  rewritten in key order when it closes, the same bytes as one made in order."""
+  tars = []
+  for order in ([0, 1, 2], [2, 0, 1]):
+    store = sinks.Store(str(tmp_path / "".join(map(str, order))))
+    writer = sinks.ShardWriter(sinks.make_sink("webdataset", store, shard_size=3,
+                                               images_per_folder=1), {0: 3}, workers=2,
+                               max_pending=1)
+    for index in order:
+      writer.submit(0, {"index": index, "prompt": f"p{index}"}, _image(index), f"text {index}")
+    writer.close()
+    tars.append(store.read("shards/000000.tar"))
+    assert not [n for n in os.listdir(tmp_path / "".join(map(str, order)) / "shards")
+                if n != "000000.tar"]  # no temporary left
+  assert tars[0] == tars[1]
+
+
 @pytest.mark.parametrize("output_format", ["png", "webdataset"])
 def test_jpg_and_lossless_webp_images(store, output_format, monkeypatch):
   """--image_format in both layouts: files named by it, the A1111 text in EXIF, lossless webp
