@@ -665,12 +665,16 @@ def index_html(records: Mapping[int, dict] | Iterable[dict], *, total: int | Non
   return "".join(parts)
 
 
+def sample_image(record: dict) -> str:
+  """The name of a webdataset record's image in its tar: `image`, else `<key>.png`."""
+  return record.get("image", f"{record['key']}.png")
+
+
 def _figure(record: dict, esc) -> str:
   src = esc(urllib.parse.quote(str(record["file"])))
   prompt = record.get("prompt", "")
   if "key" in record:
-    name = record.get("image", f'{record["key"]}.png')  # the sample's image in the tar
-    picture = f'<a href="{src}">{esc(record["file"])}: {esc(name)}</a>'
+    picture = f'<a href="{src}">{esc(record["file"])}: {esc(sample_image(record))}</a>'
   else:
     picture = f'<a href="{src}"><img src="{src}" alt="{esc(prompt)}" loading="lazy"></a>'
   parts = [f'<figure id="image-{int(record["index"])}">\n{picture}\n'

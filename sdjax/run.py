@@ -910,8 +910,7 @@ class _Metadata:
     return job.size[0] or self.height, job.size[1] or self.width
 
   def _hires_size(self, height: int, width: int) -> tuple[int, int]:
-    return _hires(self.cfg).size(height, width,
-                                 self.pipe.vae_scale * self.pipe.unet.config.downscale)
+    return _hires(self.cfg).size(self.pipe, height, width)
 
   def record(self, job: ImageJob) -> dict[str, Any]:
     """The manifest record; `height` / `width` are the image file's (with the hires fix, the

@@ -532,9 +532,14 @@ def make_conditioning(pipe, prompts: Sequence[str], negative_prompts: Sequence[s
                       part_weights if a1111 is not None else None)
 
 
+def size_multiple(pipe) -> int:
+  """Image sides the networks take are multiples of this (64 for SD1/SD2)."""
+  return pipe.vae_scale * pipe.unet.config.downscale
+
+
 def check_size(pipe, height: int, width: int) -> tuple[int, int]:
   """Latent size for an image size, or a clear error when the networks cannot take it."""
-  multiple = pipe.vae_scale * pipe.unet.config.downscale
+  multiple = size_multiple(pipe)
   for name, value in (("height", height), ("width", width)):
     if not isinstance(value, (int, np.integer)) or value < multiple or value % multiple:
       raise ValueError(f"{name} must be a positive multiple of {multiple} for this model, "
@@ -630,9 +635,10 @@ class Hires:
   strength: float = 0.7
   upscaler: str = "latent"
 
-  def size(self, height: int, width: int, multiple: int = 8) -> tuple[int, int]:
-    """The second pass's (height, width): A1111's `int(side * scale)`, rounded down to a
-    `multiple` (A1111: 8, a latent pixel; sdjax: what the model takes, 64 for SD1/SD2)."""
+  def size(self, pipe, height: int, width: int) -> tuple[int, int]:
+    """The second pass's (height, width): A1111's `int(side * scale)`, rounded down to a size
+    `pipe` takes (`size_multiple`; A1111 rounds to 8, a latent pixel)."""
+    multiple = size_multiple(pipe)
     return (int(height * self.scale) // multiple * multiple,
             int(width * self.scale) // multiple * multiple)
 
@@ -661,7 +667,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                      "would need the second size too)")
   n = hires.steps or steps
   total = int(n / min(hires.strength, 0.999))
-  h, w = hires.size(height, width, pipe.vae_scale * pipe.unet.config.downscale)
+  h, w = hires.size(pipe, height, width)
   spec, state = prepare(pipe, batch, steps=total, scheduler=scheduler, height=h, width=w,
                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                         clip_skip=clip_skip, eta=eta, cfg_split=cfg_split)

@@ -442,16 +442,11 @@ def _preview_images(store: Store, records: list[dict]) -> Iterator[Image.Image]:
     if not file.endswith(".tar"):
       blobs = (store.read(file) for _ in group)
     else:
-      blobs = _tar_pngs(store, file, {sample_image(r) for r in group})
+      blobs = _tar_pngs(store, file, {outputs.sample_image(r) for r in group})
     for data in blobs:
       with Image.open(io.BytesIO(data)) as image:
         image.load()
         yield image
-
-
-def sample_image(record: dict) -> str:
-  """The name of a webdataset record's image in its tar (`<key>.png`, or `image`)."""
-  return record.get("image", f"{record['key']}.png")
 
 
 def _tar_pngs(store: Store, file: str, names: set[str]) -> Iterator[bytes]:
