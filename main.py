@@ -59,8 +59,8 @@ flags.DEFINE_integer("batch_size", None, "images per device per step")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
 flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go: a "
                     "folder or any fsspec URL (gs://bucket/run, s3://..., memory://...)")
-flags.DEFINE_float("hires_scale", 0.0, "A1111's hires fix (SD1/SD2): enlarge the latents this "
-                   "many times and denoise again (0: off)")
+flags.DEFINE_float("hires_scale", 0.0, "A1111's hires fix: enlarge the latents this many times "
+                   "and denoise again (0: off)")
 flags.DEFINE_integer("hires_steps", 0, "hires fix: steps of the second pass (0: --steps)")
 flags.DEFINE_float("hires_strength", 0.7, "hires fix: the second pass's denoising strength")
 flags.DEFINE_enum("hires_upscaler", "latent", ["latent", "latent-nearest-exact"],

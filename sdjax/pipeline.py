@@ -309,12 +309,14 @@ class Pipeline:
         with `sdjax.parallel.set_cpu_devices(2)` before JAX starts, or two GPUs). With one
         device the same split program runs there: the pixels never depend on the device count,
         and differ from the default's by float rounding.
-      hires_scale: A1111's hires fix (SD1/SD2): the text-to-image latents are enlarged this
+      hires_scale: A1111's hires fix: the text-to-image latents are enlarged this
         many times (`hires_upscaler`: "latent", bilinear, or "latent-nearest-exact"; each side
         rounded down to a size the model takes) and denoised again at that size as img2img at
         `hires_strength` for `hires_steps` steps (default: `steps`), which run as A1111 runs
         them: the last `hires_steps` of a schedule of int(hires_steps / hires_strength) steps.
-        Same prompts, scheduler and guidance; both passes stay on device.
+        Same prompts, scheduler and guidance; both passes stay on device. SDXL's default
+        original and target sizes are each pass's own (as A1111 conditions its hires pass);
+        not with `refiner`.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size).

@@ -86,7 +86,7 @@ class RunConfig:
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
-  # A1111's hires fix (SD1/SD2): 0 = off; else the latents are enlarged this many times and
+  # A1111's hires fix: 0 = off; else the latents are enlarged this many times and
   # denoised again (img2img at hires_strength) for hires_steps steps (0: --steps).
   hires_scale: float = 0.0
   hires_steps: int = 0
@@ -736,15 +736,18 @@ class _Sampler:
     cond = sampling.make_conditioning(self.pipe, prompts, negatives, micro=self.cfg.micro,
                                       size=size, a1111=a1111)
     if program.hires is not None:  # the hires pass's schedules count on from the first's
-      if a1111 is None:
+      if a1111 is None and not self.pipe.is_sdxl:
         return cond, cond
-      spec, state = program.hires
-      a1111 = sampling.a1111_options(spec, state, self.cfg.hires_steps or self.cfg.steps,
-                                     sizes=a1111.sizes, bucket_variants=True,
-                                     allow_lora=a1111.allow_lora, emphasis=a1111.emphasis,
-                                     base_steps=a1111.steps)
+      if a1111 is not None:
+        spec, state = program.hires
+        a1111 = sampling.a1111_options(spec, state, self.cfg.hires_steps or self.cfg.steps,
+                                       sizes=a1111.sizes, bucket_variants=True,
+                                       allow_lora=a1111.allow_lora, emphasis=a1111.emphasis,
+                                       base_steps=a1111.steps)
       return cond, sampling.make_conditioning(self.pipe, prompts, negatives,
-                                              micro=self.cfg.micro, size=size, a1111=a1111)
+                                              micro=self.cfg.micro,
+                                              size=_hires(self.cfg).size(self.pipe, *size),
+                                              a1111=a1111)
     if program.refiner is None:
       return cond
     spec, state, refiner = program.refiner

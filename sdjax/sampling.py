@@ -662,9 +662,6 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps."""
   hires.check()
-  if pipe.is_sdxl:
-    raise ValueError("the hires fix is for SD1/SD2 models (SDXL's micro-conditioning "
-                     "would need the second size too)")
   n = hires.steps or steps
   total = int(n / min(hires.strength, 0.999))
   h, w = hires.size(pipe, height, width)
@@ -767,9 +764,10 @@ def generate(
       a1111 = a1111_options(hires_spec, hires_state, hires.steps or steps,
                             embeddings=embeddings, emphasis=emphasis,
                             base_steps=steps * spec.scheduler.order)
+    if a1111 is not None or pipe.is_sdxl:  # SDXL's default sizes are the second pass's
       cond = make_conditioning(pipe, prompts, negatives, prompts_2=prompts_2,
                                negative_prompts_2=negative_prompts_2, micro=micro,
-                               size=(height, width), a1111=a1111)
+                               size=hires.size(pipe, height, width), a1111=a1111)
     out = _sample(hires_spec, pipe.networks, pipe.params, cond, seeds, noise, scalars, out,
                   hires_state)
   if refiner is None:

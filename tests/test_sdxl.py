@@ -8,8 +8,10 @@ encoder only with an aesthetic score, a VAE with latent statistics; sizes are no
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import diffusers
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from parity import assert_close, img2img_draws, nchw, nhwc, randn, rel_err
 
 import sdjax
 from sdjax import sampling, testing
+from sdjax.conditioning import MicroConditioning
 
 torch.set_num_threads(1)
 
@@ -174,6 +177,42 @@ def test_base_to_refiner_handoff_matches_diffusers(pipes, name):
   assert err <= GENERATE_TOL
 
 
+def test_hires_fix_matches_diffusers(pipes):
+  """hires_scale on SDXL: diffusers' text-to-image to latents, torch's interpolate, then its
+  img2img pipeline (the base's components) on those latents for the steps A1111 runs, with our
+  draws of the second pass's noise. The default original / target sizes of the second pass are
+  its own size, as A1111 conditions its hires pass: the reference's default for its image."""
+  ref, _, pipe, _, _ = pipes
+  _set_scheduler(ref, "euler", pipe.scheduler_config)
+  img_pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**ref.components)
+  img_pipe.set_progress_bar_config(disable=True)
+  noise, seed, hires_steps, strength = randn(2, 8, 12, 4, seed=6), 9, 3, 0.6
+  total = int(hires_steps / strength)
+  hires = sampling.Hires(1.5, hires_steps, strength)
+  h, w = hires.size(pipe, H, W)
+  assert (h, w) != (H, W) and h / H != w / W  # rounded to the model's size multiple
+  latent_hw = (h // pipe.vae_scale, w // pipe.vae_scale)
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
+  second = nchw(np.asarray(sampling._keyed_noise(keys, sampling._HIRES_NOISE, (*latent_hw, 4))))  # noqa: SLF001
+  module = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img"
+  common = dict(negative_prompt=NEGATIVES, guidance_scale=GUIDANCE, crops_coords_top_left=(4, 8))
+  with torch.no_grad():
+    first = ref(PROMPTS, height=H, width=W, num_inference_steps=4, latents=nchw(noise),
+                output_type="latent", **common).images
+    enlarged = torch.nn.functional.interpolate(first, size=latent_hw, mode="bilinear")
+    with mock.patch(f"{module}.randn_tensor", lambda *a, **k: second):
+      expected = img_pipe(PROMPTS, image=enlarged, strength=(hires_steps + 0.5) / total,
+                          num_inference_steps=total, output_type="np", **common).images
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=4, guidance_scale=GUIDANCE,
+                       scheduler="euler", height=H, width=W, latents=noise, seed=seed,
+                       crops_coords_top_left=(4, 8), hires_scale=1.5, hires_steps=hires_steps,
+                       hires_strength=strength)
+  assert ours.shape == (2, h, w, 3)
+  err = rel_err(ours, expected)
+  print(f"\nhires: {err:.2e}")
+  assert err <= GENERATE_TOL
+
+
 # The handoff test's shapes: jit's cache is warm when the whole module runs.
 HANDOFF = dict(steps=6, scheduler="euler", height=H, width=W, guidance_scale=GUIDANCE,
                refiner_start=0.8)
@@ -238,7 +277,6 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   from PIL import Image
 
   from sdjax import outputs, run
-  from sdjax.conditioning import MicroConditioning
 
   _, _, base, refiner, folder = pipes
   micro = MicroConditioning(original_size=(32, 48), aesthetic_score=7.0)
@@ -264,6 +302,26 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
                            **HANDOFF)
   written = np.asarray(png, np.float32) / 255
   assert np.abs(written - expected[1]).max() <= 1 / 255 + 1e-6
+
+
+def test_hires_fix_run_conditions_each_pass_at_its_size(pipes):
+  """main.py's run with the hires fix on SDXL: the second pass's default time ids are its own
+  size, as generate()'s (the sharded two-pass program itself is checked on SD1, test_run).
+  Pixels cannot show it here: the tiny model's images move by less than a PNG step."""
+  from sdjax import parallel, run
+
+  _, _, base, _, folder = pipes
+  cfg = run.RunConfig(model=os.path.join(folder, "base"), steps=3, scheduler="euler",
+                      hires_scale=1.5, hires_steps=2, hires_strength=0.5,
+                      micro=MicroConditioning(crops_coords_top_left=(4, 8)))
+  sampler = run._Sampler(cfg, base, parallel.make_mesh(), "euler")  # noqa: SLF001
+  program = sampler.program((H, W), False, GUIDANCE)
+  first, second = sampler._conditioning(program, [run.PromptLine("a cat")], (H, W))  # noqa: SLF001
+  h, w = sampling.Hires(1.5).size(base, H, W)
+  assert (h, w) != (H, W)
+  np.testing.assert_array_equal(first.time_ids, [[H, W, 4, 8, H, W]])
+  np.testing.assert_array_equal(second.time_ids, [[h, w, 4, 8, h, w]])
+  np.testing.assert_array_equal(second.negative_time_ids, second.time_ids)
 
 
 def test_export_round_trip(pipes, tmp_path):
