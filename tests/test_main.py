@@ -267,7 +267,7 @@ def test_two_processes_mixed_sizes(model, cache, tmp_path):
   path = tmp_path / "sizes.jsonl"
   path.write_text("".join(json.dumps(line) + "\n" for line in [
       {"prompt": "a cat"}, {"prompt": "a dog", "width": 24}, {"prompt": "a bird", "width": 24},
-      {"prompt": "a fish", "height": 24, "num_images": 2}, {"prompt": "a frog"}]))
+      {"prompt": "a fish", "width": 24, "num_images": 2}, {"prompt": "a frog"}]))
   args = ["--model", model, "--prompts_file", str(path), *COMMON, "--batch_size", "2",
           "--seed", "9", "--shard_size", "2", "--compilation_cache", cache]
   single = str(tmp_path / "single")
@@ -287,7 +287,7 @@ def test_two_processes_mixed_sizes(model, cache, tmp_path):
   for name in ref:
     np.testing.assert_array_equal(got[name], ref[name])
   assert [(r["height"], r["width"]) for r in _manifest(out)] == [
-      (16, 16), (16, 24), (16, 24), (24, 16), (24, 16), (16, 16)]
+      (16, 16), (16, 24), (16, 24), (16, 24), (16, 24), (16, 16)]
 
 
 def _tar_pixels(folder):
@@ -363,7 +363,7 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
   assert all(r["steps"] == 3 for r in _manifest(out)) and len(_manifest(out)) == 5
 
 
-@pytest.mark.parametrize("extra,message", [
+BAD_INPUT = [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--height", "12"], "--height must be a multiple of 8"),
     (["--width", "100000"], "--width must be a multiple of 8"),
@@ -381,17 +381,57 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
      "--emphasis is a mode of --prompt_syntax a1111"),
     (["--cpu_devices=-1"], "--cpu_devices must be 0 (one per core) or more, got -1"),
     (["--cfg_parallel", "--guidance_scale", "1"], "--cfg_parallel splits classifier-free"),
-    (["--cfg_parallel", "--cpu_devices", "3"], "--cfg_parallel: CFG parallelism pairs devices"),
     (["--prompt", "a (cat:1.2.3)"], "bad attention weight '1.2.3'"),
     (["--prompt", "<lora:style:0.5> a cat"], "<lora:...> tags, which only main.py applies"),
     (["--prompt", "<lora:style:0.5> a cat", "--lora_dir", "/"], "<lora:style>: no style{"),
-])
-def test_bad_input_one_line(extra, message, model, tmp_path):
-  args = ["--model", model, "--prompt", "a cat", "--output_dir", str(tmp_path / "o"), *extra]
-  proc = main_py(args, check=False)
-  assert proc.returncode == 2
-  assert message in proc.stderr and "Traceback" not in proc.stderr
-  assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+    # Last: its own process (a process sets its CPU devices once, before JAX starts).
+    (["--cfg_parallel", "--cpu_devices", "3"], "--cfg_parallel: CFG parallelism pairs devices"),
+]
+# main.main on each bad command line in turn, in one process: flags parsed afresh per line.
+_BAD_INPUT_LOOP = """
+import contextlib, io, json, sys
+import main
+from absl import flags
+results = []
+for i, extra in enumerate(json.loads(sys.argv[1])):  # each into a folder of its own
+  flags.FLAGS.unparse_flags()
+  argv = flags.FLAGS(["main.py", *sys.argv[3:], "--output_dir", f"{sys.argv[2]}/{i}", *extra])
+  err, code = io.StringIO(), 0
+  with contextlib.redirect_stderr(err):
+    try:
+      main.main(argv)
+    except SystemExit as e:
+      code = e.code
+  results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(model, tmp_path_factory):
+  """(exit code, stderr) of main.main on each of BAD_INPUT's command lines but the last in one
+  process (a process each spent most of its time starting Python and JAX), and of the last
+  command line as its own main.py: the process's exit status and output end to end."""
+  out, args = str(tmp_path_factory.mktemp("bad")), ["--model", model, "--prompt", "a cat"]
+  proc = subprocess.run([sys.executable, "-c", _BAD_INPUT_LOOP,
+                         json.dumps([extra for extra, _ in BAD_INPUT[:-1]]), out, *args],
+                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  alone = main_py([*args, "--output_dir", f"{out}/last", *BAD_INPUT[-1][0]], check=False)
+  return [tuple(r) for r in json.loads(proc.stdout.splitlines()[-1])] + [
+      (alone.returncode, alone.stderr)]
+
+
+def _error_lines(stderr):
+  return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)))
+def test_bad_input_one_line(case, bad_input_runs):
+  code, stderr = bad_input_runs[case]
+  assert code == 2
+  assert BAD_INPUT[case][1] in stderr and "Traceback" not in stderr
+  assert len(_error_lines(stderr)) == 1
 
 
 def test_bad_prompt_files(model, tmp_path):
