@@ -122,7 +122,7 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
   (base, refiner) pairs and both stages run in the one program. With `hires` (the hires pass's
   spec, `spec` ending in latents) `cond` and `state` are (first pass, hires pass) pairs.
   """
-  latent_shape = (*spec.latent_hw, pipe.unet.config.in_channels)
+  latent_shape = (*spec.latent_hw, sampling.latent_channels(pipe))
   nets = pipe.networks
   cfg_axis = CFG if CFG in mesh.axis_names else None
   if cfg_axis is not None and not spec.cfg_split:

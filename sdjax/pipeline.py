@@ -253,7 +253,8 @@ class Pipeline:
   def generate(self, prompts, *, negative_prompts=None, steps: int | None = None,
                guidance_scale: float | None = None, scheduler: str | None = None,
                height: int | None = None, width: int | None = None, seed: int = 0,
-               latents=None, init_images=None, strength: float = 0.8,
+               latents=None, init_images=None, mask_images=None,
+               strength: float | None = None,
                guidance_rescale: float = 0.0, clip_skip: int | None = None,
                prompts_2=None, negative_prompts_2=None,
                original_size: tuple[int, int] | None = None,
@@ -269,7 +270,8 @@ class Pipeline:
                emphasis: str = "Original", hires_scale: float | None = None,
                hires_steps: int | None = None, hires_strength: float = 0.7,
                hires_upscaler: str = "latent") -> np.ndarray:
-    """Text-to-image (or image-to-image with `init_images`) generation.
+    """Text-to-image generation, or image-to-image with `init_images` (inpainting with
+    `mask_images` too).
 
     Args:
       prompts: a prompt or a list of them; one image each.
@@ -284,7 +286,13 @@ class Pipeline:
       latents: NHWC unit Gaussian initial noise [N, h, w, 4] (as diffusers' `latents`, before
         scaling by the scheduler's initial sigma); default: drawn from the seeds.
       init_images: float [N, H, W, 3] in [0, 1] to start from (img2img).
-      strength: img2img: how much of the schedule to run (1.0 ignores the image).
+      mask_images: float [N, H, W] (or [N, H, W, 1]) in [0, 1], with `init_images`: inpaint
+        where the mask is >= 0.5, as diffusers' StableDiffusionInpaintPipeline. An inpainting
+        model (9-channel UNet: sd-v1-5-inpainting, stable-diffusion-2-inpainting) sees the
+        mask and the masked image; another model keeps the latents outside the mask to the
+        image's, noised to each step.
+      strength: img2img: how much of the schedule to run (1.0 ignores the image; default 0.8,
+        1.0 when inpainting, as diffusers' pipelines).
       guidance_rescale: rescales guided noise towards the conditional one's std (0 = off).
       clip_skip: condition on the text encoder's output this many layers before the last.
       prompts_2, negative_prompts_2: SDXL: prompts for the second text encoder (default: the
@@ -328,7 +336,8 @@ class Pipeline:
     return sampling.generate(
         self, prompts, negative_prompts=negative_prompts, steps=steps,
         guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
-        seed=seed, latents=latents, init_images=init_images, strength=strength,
+        seed=seed, latents=latents, init_images=init_images, mask_images=mask_images,
+        strength=strength,
         guidance_rescale=guidance_rescale, clip_skip=clip_skip, prompts_2=prompts_2,
         negative_prompts_2=negative_prompts_2, micro=micro, refiner=refiner,
         refiner_start=refiner_start, eta=eta, prompt_syntax=prompt_syntax,
@@ -449,14 +458,16 @@ def _folder_source(folder: str, variant: str | None) -> _Source:
 
 
 def _single_file_configs(family: str, config: str | None, prediction_type: str | None,
-                         revision: str | None, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+                         revision: str | None, path: str,
+                         inpainting: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
   """(raw configs by component, plus "model_index" options; tokenizers by name): from a
   `config` folder / hub id, else sdjax's built-in standard config of the family."""
   if config is None:
-    if family == "sd2" and prediction_type is None:
+    if family == "sd2" and prediction_type is None and not inpainting:
       logging.info("%s: SD2 weights do not say their prediction type; assuming 768-v "
                    "(v_prediction). Pass prediction_type='epsilon' for 512-base models.", path)
-    raw = standard.standard_config(single_file.standard_config_name(family, prediction_type))
+    raw = standard.standard_config(single_file.standard_config_name(family, prediction_type,
+                                                                    inpainting))
     tokenizers = {name: standard.clip_tokenizer(raw[name]["pad_token"])
                   for name in ("tokenizer", "tokenizer_2") if name in raw}
     return raw, tokenizers
@@ -483,15 +494,17 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   markers = single_file.scheduler_markers(state, single_file.read_metadata(path))
   if markers:
     logging.info("%s: marked as %s", path, ", ".join(f"{k}={v}" for k, v in markers.items()))
+  in_channels = single_file.unet_in_channels(state)  # the weights say (inpainting: 9)
   raw, tokenizers = _single_file_configs(
-      family, config, prediction_type or markers.get("prediction_type"), revision, path)
+      family, config, prediction_type or markers.get("prediction_type"), revision, path,
+      in_channels == single_file.INPAINTING_CHANNELS)
   text_cfgs = {name: CLIPTextConfig.from_dict(raw[name])
                for name in ("text_encoder", "text_encoder_2") if name in raw}
   config_family = single_file.config_family(text_cfgs)
   if config_family != family:
     raise PipelineError(f"{path} is an {_family_name(family)} checkpoint but config {config} is "
                         f"{_family_name(config_family)}")
-  unet_cfg = UNetConfig.from_dict(raw["unet"])
+  unet_cfg = UNetConfig.from_dict({**raw["unet"], "in_channels": in_channels})
   vae_cfg = VAEConfig.from_dict(raw["vae"])
 
   def read_states(expected):
@@ -757,7 +770,9 @@ def _model_index(pipe: Pipeline, scheduler_class: str) -> dict[str, Any]:
   tokenizer = ["transformers", "CLIPTokenizer"] if pipe.tokenizer else [None, None]
   index.update(text_encoder=clip, tokenizer=tokenizer)
   if not pipe.is_sdxl:
-    return {**index, "_class_name": "StableDiffusionPipeline", "safety_checker": [None, None],
+    inpainting = pipe.unet.config.in_channels == single_file.INPAINTING_CHANNELS
+    return {**index, "_class_name": "StableDiffusionInpaintPipeline" if inpainting
+            else "StableDiffusionPipeline", "safety_checker": [None, None],
             "requires_safety_checker": False}
   refiner = pipe.text_encoder is None
   return {**index,

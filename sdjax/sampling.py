@@ -30,8 +30,14 @@ from sdjax.conditioning import Conditioning, MicroConditioning, Networks, Prompt
 from sdjax.models.vae import AutoencoderKL
 
 # Fold-in tags that split one image's key into independent streams: step noise (SDE /
-# ancestral samplers), the VAE posterior sample, the hires pass's initial noise and step noise.
-_STEP_NOISE, _POSTERIOR, _HIRES_NOISE, _HIRES_STEP_NOISE = 1, 2, 3, 4
+# ancestral samplers), the VAE posterior sample, the hires pass's initial noise and step noise,
+# the posterior sample of an inpainting model's masked image.
+_STEP_NOISE, _POSTERIOR, _HIRES_NOISE, _HIRES_STEP_NOISE, _MASKED_POSTERIOR = 1, 2, 3, 4, 5
+# How an inpainting run uses its mask (SampleSpec.inpaint): "concat" for inpainting models (UNet
+# input: latents, mask, masked image latents, 9 channels), "blend" for other models (the latents
+# outside the mask are reset to the noised image's after every step), as diffusers'
+# StableDiffusionInpaintPipeline does for each.
+INPAINT_MODES = ("concat", "blend")
 
 # How many times the sampling program has been traced (tests assert one trace per shape).
 trace_count = 0
@@ -58,6 +64,9 @@ class SampleSpec:
   # shard_map with a `cfg_axis` of two devices each device makes one of them (CFG parallelism,
   # halving one image's latency); elsewhere one device makes both, with the same pixels.
   cfg_split: bool = False
+  # Inpainting (`img2img` with masks, INPAINT_MODES): `init` is (images, masks); strength 1
+  # (`begin` 0) starts from pure noise, as diffusers' inpainting pipeline.
+  inpaint: str | None = None
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -92,8 +101,9 @@ def guide(eps_uncond, eps_cond, scale, rescale=None):
   return rescale * (eps * (std_cond / std_cfg)) + (1 - rescale) * eps
 
 
-def _denoise(spec: SampleSpec, predict, state, x, keys):
-  """Runs the scheduler from position `spec.begin` to the end; x is float32 [B, h, w, C]."""
+def _denoise(spec: SampleSpec, predict, state, x, keys, after_step=None):
+  """Runs the scheduler from position `spec.begin` to the end; x is float32 [B, h, w, C].
+  `after_step(x, state, i)` (if given) replaces x after the step at position i."""
   sched = spec.scheduler
   n = len(state.timesteps)
   stream = _STEP_NOISE if spec.upscale is None else _HIRES_STEP_NOISE
@@ -104,6 +114,8 @@ def _denoise(spec: SampleSpec, predict, state, x, keys):
     eps = predict(x_in, state.timesteps[i], i - spec.begin).astype(jnp.float32)
     noise = _keyed_noise(keys, stream, x.shape[1:], i) if sched.needs_noise else None
     x, state = sched.step(state, eps, i, x, noise)
+    if after_step is not None:
+      x = after_step(x, state, i)
     return (x, state), None
 
   end = n if spec.end is None else spec.end
@@ -122,7 +134,8 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
     seeds: uint32 [B] per-image seeds.
     noise: float32 [B, h, w, C] unit Gaussian initial noise.
     guidance_scale, guidance_rescale: float32 scalars (traced: changing them does not recompile).
-    init: img2img: float32 images [B, H, W, 3] in [0, 1]; `spec.init_latents`: diffusion latents
+    init: img2img: float32 images [B, H, W, 3] in [0, 1]; inpainting (`spec.inpaint`): those
+      and float32 masks [B, H, W, 1] (>= 0.5: repaint); `spec.init_latents`: diffusion latents
       [B, h, w, C] to continue denoising; else None.
     state: the scheduler state from `set_timesteps`.
     cfg_axis: with `spec.cfg_split`, the name of a size-2 mesh axis (inside a shard_map) whose
@@ -164,8 +177,20 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
     return guide(eps_uncond, eps_cond, guidance_scale,
                  guidance_rescale if spec.guidance_rescale else None)
 
-  x = _initial_latents(spec, nets.vae, params, keys, noise, init, state)
-  x = _denoise(spec, predict, state, x, keys)
+  after_step = None
+  if spec.inpaint is not None:
+    mask, image_latents, masked_latents = _inpaint_inputs(spec, nets.vae, params, keys, init)
+    if spec.inpaint == "concat":
+      unet_predict = predict
+
+      def predict(x, t, call):
+        return unet_predict(jnp.concatenate([x, mask, masked_latents], axis=-1), t, call)
+    else:
+      after_step = functools.partial(_keep_unmasked, spec, mask, image_latents, noise)
+    x = _initial_latents(spec, nets.vae, params, keys, noise, image_latents, state)
+  else:
+    x = _initial_latents(spec, nets.vae, params, keys, noise, init, state)
+  x = _denoise(spec, predict, state, x, keys, after_step)
   if spec.output_latents:
     return x
   return decode_images(nets.vae, params["vae"], x)
@@ -252,8 +277,13 @@ def _split_guidance_pair(nets, params, x, t, negative, positive, cfg_axis):
 
 
 def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, init, state):
-  """Pure noise, a noised encoding of init images (img2img), or given latents (handoff)."""
+  """Pure noise, a noised encoding of init images (img2img), or given latents (handoff; the
+  image latents of an inpainting run, pure noise at strength 1)."""
   sched = spec.scheduler
+  if spec.inpaint is not None:
+    if spec.begin == 0:
+      return noise * sched.init_noise_sigma(state)
+    return sched.add_noise(state, init, noise, spec.begin)
   if spec.init_latents:
     return init.astype(jnp.float32)
   if spec.upscale is not None:
@@ -263,10 +293,45 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, 
                            spec.begin)
   if not spec.img2img:
     return noise * sched.init_noise_sigma(state)
-  posterior = encode_images(vae, params["vae"], init)
-  eps = _keyed_noise(keys, _POSTERIOR, posterior.mean.shape[1:])
+  return sched.add_noise(state, _encode_sample(vae, params, init, keys, _POSTERIOR), noise,
+                         spec.begin)
+
+
+def _encode_sample(vae: AutoencoderKL, params, images, keys, stream: int):
+  """Diffusion latents of images [B, H, W, 3] in [0, 1]: a sample of the VAE's posterior, its
+  noise from `stream` of each image's key."""
+  posterior = encode_images(vae, params["vae"], images)
+  eps = _keyed_noise(keys, stream, posterior.mean.shape[1:])
   latents = posterior.mean.astype(jnp.float32) + posterior.std.astype(jnp.float32) * eps
-  return sched.add_noise(state, vae.config.to_diffusion_latents(latents), noise, spec.begin)
+  return vae.config.to_diffusion_latents(latents)
+
+
+def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, keys, init):
+  """(mask [B, h, w, 1], image latents, masked image latents) of an inpainting run, as
+  diffusers' inpainting pipeline makes them: the mask binarized at 0.5 and brought to the
+  latents' size by torch's default (nearest, top-left) interpolation, the masked image the
+  image with the mask's pixels at 0 in [-1, 1] (mid grey). Only what the mode uses is encoded
+  (the image latents: for "blend", or to start from at strength < 1)."""
+  images, masks = init
+  repaint = masks.astype(jnp.float32) >= 0.5
+  s = vae.config.downscale
+  mask = repaint[:, ::s, ::s].astype(jnp.float32)
+  image_latents = masked_latents = None
+  if spec.inpaint == "blend" or spec.begin > 0:
+    image_latents = _encode_sample(vae, params, images, keys, _POSTERIOR)
+  if spec.inpaint == "concat":
+    masked = jnp.where(repaint, jnp.float32(0.5), images.astype(jnp.float32))
+    masked_latents = _encode_sample(vae, params, masked, keys, _MASKED_POSTERIOR)
+  return mask, image_latents, masked_latents
+
+
+def _keep_unmasked(spec: SampleSpec, mask, image_latents, noise, x, state, i):
+  """diffusers' inpainting with a model that is not an inpainting model: after each step, the
+  latents outside the mask are the image's, noised to the next position (clean after the last)."""
+  n = len(state.timesteps)
+  noised = spec.scheduler.add_noise(state, image_latents, noise, jnp.minimum(i + 1, n - 1))
+  kept = jnp.where(i < n - 1, noised, image_latents)
+  return (1 - mask) * kept + mask * x
 
 
 _jitted_sample = jax.jit(sample_fn, static_argnums=(0, 1))
@@ -578,12 +643,13 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             guidance_scale: float, guidance_rescale: float = 0.0, img2img: bool = False,
             strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0,
             denoising_end: float | None = None, denoising_start: float | None = None,
-            cfg_split: bool = False):
+            cfg_split: bool = False, inpaint: bool = False):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
   `denoising_end` stops early and returns latents; `denoising_start` continues such latents
-  (the SDXL base -> refiner handoff).
+  (the SDXL base -> refiner handoff). `inpaint` (with `img2img`): init images come with masks,
+  used as the model takes them (`inpaint_mode`).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
@@ -591,9 +657,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
     raise ValueError(f"eta must be a number >= 0, got {eta}")
   conditioning.check_clip_skip(pipe.networks, clip_skip)
   latent_hw = check_size(pipe, height, width)
+  mode = inpaint_mode(pipe, inpaint and img2img)
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta))
-  state = sched.set_timesteps(int(steps), sample_shape=(batch, *latent_hw,
-                                                         pipe.unet.config.in_channels))
+  state = sched.set_timesteps(int(steps), sample_shape=(batch, *latent_hw, latent_channels(pipe)))
   begin, end = 0, None
   if denoising_start is not None:
     begin = denoising_start_index(sched, state, denoising_start)
@@ -611,8 +677,32 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     img2img and denoising_start is None, clip_skip, end=end,
                     output_latents=denoising_end is not None,
                     init_latents=denoising_start is not None,
-                    cfg_split=cfg_split and guidance_scale > 1.0)
+                    cfg_split=cfg_split and guidance_scale > 1.0, inpaint=mode)
   return spec, state
+
+
+def latent_channels(pipe) -> int:
+  """Channels of the diffusion latents (an inpainting UNet takes more: mask, masked image)."""
+  return pipe.vae.config.latent_channels
+
+
+def inpaint_mode(pipe, masks: bool) -> str | None:
+  """How `pipe` inpaints (INPAINT_MODES) when given masks, None without; a clear error for an
+  inpainting model without masks or a UNet of other inputs (instruct-pix2pix, depth)."""
+  extra = pipe.unet.config.in_channels - latent_channels(pipe)
+  if (masks or extra) and pipe.is_sdxl:
+    raise ValueError("inpainting is for SD1/SD2 models (SDXL's is not checked against "
+                     "diffusers yet)")
+  if extra == latent_channels(pipe) + 1:
+    if not masks:
+      raise ValueError("this is an inpainting model: give init_images and mask_images (in "
+                       "main.py, prompt lines with an init_image and a mask_image)")
+    return "concat"
+  if extra:
+    raise ValueError(f"the UNet takes {pipe.unet.config.in_channels} input channels, which "
+                     "sdjax does not know how to fill (only text-to-image and inpainting "
+                     "models)")
+  return "blend" if masks else None
 
 
 # A1111's latent upscalers ("Hires upscaler") -> jax.image.resize methods. "Latent" is torch's
@@ -690,7 +780,7 @@ def generate(
     seed: int = 0,
     latents: Any = None,
     init_images: Any = None,
-    strength: float = 0.8,
+    strength: float | None = None,
     guidance_rescale: float = 0.0,
     clip_skip: int | None = None,
     prompts_2: str | Sequence[str] | None = None,
@@ -704,6 +794,7 @@ def generate(
     cfg_parallel: bool = False,
     emphasis: str = "Original",
     hires: Hires | None = None,
+    mask_images: Any = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate`."""
   if prompt_syntax not in PROMPT_SYNTAXES:
@@ -724,6 +815,17 @@ def generate(
     if init_images.ndim != 4 or init_images.shape[0] != n or init_images.shape[-1] != 3:
       raise ValueError(f"init_images must be [{n}, H, W, 3], got {init_images.shape}")
     height, width = init_images.shape[1:3]
+  if mask_images is not None:
+    if init_images is None:
+      raise ValueError("mask_images mark what to repaint in init_images: give both")
+    mask_images = np.asarray(mask_images, np.float32)
+    if mask_images.ndim == 3:
+      mask_images = mask_images[..., None]
+    if mask_images.shape != (*init_images.shape[:3], 1):
+      raise ValueError(f"mask_images must be [{n}, {height}, {width}] (or with a last axis of "
+                       f"1), as init_images, got {mask_images.shape}")
+  if strength is None:  # diffusers' defaults: its img2img and inpainting pipelines'
+    strength = 1.0 if mask_images is not None else 0.8
   if refiner is not None:
     _check_fraction(refiner_start, "refiner_start")
     if init_images is not None:
@@ -737,12 +839,13 @@ def generate(
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                 clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel)
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
-                        denoising_end=refiner_start if refiner is not None else None, **common)
+                        denoising_end=refiner_start if refiner is not None else None,
+                        inpaint=mask_images is not None, **common)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(pipe, n, hires, **common)
     spec = dataclasses.replace(spec, output_latents=True)
   seeds = make_seeds(seed, n)
-  latent_shape = (n, *spec.latent_hw, pipe.unet.config.in_channels)
+  latent_shape = (n, *spec.latent_hw, latent_channels(pipe))
   if latents is None:
     noise = initial_noise(jnp.asarray(seeds), latent_shape[1:])
   else:
@@ -757,7 +860,7 @@ def generate(
                            size=(height, width), img2img=init_images is not None, a1111=a1111)
   scalars = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
   out = _sample(spec, pipe.networks, pipe.params, cond, seeds, noise, scalars,
-                None if init_images is None else jnp.asarray(init_images), state)
+                _init_input(init_images, mask_images), state)
   if hires is not None:
     hires_spec, hires_state = hires_stage
     if a1111 is not None:  # the second pass's schedules count on from the first's, as A1111
@@ -777,10 +880,19 @@ def generate(
                                 pipe.scheduler_config)}, refiner_start, a1111))
 
 
+def _init_input(init_images, mask_images):
+  """sample_fn's `init`: None, the images, or (images, masks) when inpainting."""
+  if init_images is None:
+    return None
+  if mask_images is None:
+    return jnp.asarray(init_images)
+  return jnp.asarray(init_images), jnp.asarray(mask_images)
+
+
 def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, common,
             refiner_start, a1111=None):
   """The ensemble-of-experts second stage: the refiner continues the base's latents on device."""
-  if refiner.unet.config.in_channels != latents.shape[-1]:
+  if latent_channels(refiner) != latents.shape[-1]:
     raise ValueError("the refiner's latents do not match the base model's")
   spec, state = prepare(refiner, len(prompts), denoising_start=refiner_start, **common)
   size = (common["height"], common["width"])

@@ -316,17 +316,23 @@ FAMILIES = {
 }
 
 
-def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0):
-  """A randomly initialised diffusers `StableDiffusionPipeline` of a tiny family config."""
+def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0,
+                   inpainting: bool = False):
+  """A randomly initialised diffusers `StableDiffusionPipeline` of a tiny family config (with
+  `inpainting`, a `StableDiffusionInpaintPipeline` whose UNet also takes the mask and the masked
+  image's latents: 9 input channels)."""
   import diffusers  # noqa: PLC0415
 
   unet_config, act, sched_overrides = FAMILIES[family]
+  if inpainting:
+    unet_config = {**unet_config, "in_channels": 2 * VAE["latent_channels"] + 1}
   scheduler_config = {**SCHEDULER_SD15, **sched_overrides}
   scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
   tok_folder = os.path.join(tmp_folder, "_tokenizer_src")
   write_tokenizer(tok_folder, pad_token="!" if family == "sd2" else "<|endoftext|>")
   clip = clip_config(act, hidden_size=unet_config["cross_attention_dim"])
-  return diffusers.StableDiffusionPipeline(
+  cls = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
+  return cls(
       vae=torch_vae(VAE, seed + 1),
       text_encoder=torch_clip(clip, seed + 2),
       tokenizer=torch_tokenizer(tok_folder),
@@ -338,9 +344,10 @@ def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0):
   )
 
 
-def write_torch_pipeline(folder: str, family: str = "sd1", seed: int = 0):
+def write_torch_pipeline(folder: str, family: str = "sd1", seed: int = 0,
+                         inpainting: bool = False):
   """Saves a random tiny diffusers pipeline as a diffusers-format folder; returns the pipeline."""
-  pipe = torch_pipeline(folder + "_src", family, seed)
+  pipe = torch_pipeline(folder + "_src", family, seed, inpainting)
   pipe.save_pretrained(folder, safe_serialization=True)
   return pipe
 

@@ -283,11 +283,11 @@ def test_bad_files(family_files, tmp_path):
   del missing["model.diffusion_model.middle_block.1.proj_out.weight"]
   with pytest.raises(SingleFileError, match="missing key 'model.diffusion_model.middle_block.1"):
     sdjax.load_pipeline(_write(tmp_path / "missing.safetensors", missing), config=folder)
-  inpaint = dict(state)
-  w = inpaint["model.diffusion_model.input_blocks.0.0.weight"]
-  inpaint["model.diffusion_model.input_blocks.0.0.weight"] = np.concatenate([w, w, w[:, :1]], 1)
-  with pytest.raises(SingleFileError, match="inpainting model \\(9 UNet input channels\\)"):
-    sdjax.load_pipeline(_write(tmp_path / "inpaint.safetensors", inpaint), config=folder)
+  pix2pix = dict(state)  # (inpainting files, 9 channels, load: test_inpaint)
+  w = pix2pix["model.diffusion_model.input_blocks.0.0.weight"]
+  pix2pix["model.diffusion_model.input_blocks.0.0.weight"] = np.concatenate([w, w], 1)
+  with pytest.raises(SingleFileError, match="instruct-pix2pix model \\(8 UNet input channels\\)"):
+    sdjax.load_pipeline(_write(tmp_path / "pix2pix.safetensors", pix2pix), config=folder)
   data = open(real, "rb").read()
   truncated = tmp_path / "truncated.safetensors"
   truncated.write_bytes(data[: len(data) // 2])
@@ -371,8 +371,10 @@ def test_family_detection_picks_standard_config():
   assert pick(single_file.detect_family(_fake_state("sdxl_refiner")), None) == "sdxl_refiner"
   assert single_file.detect_family(_fake_state("sdxl")) == "sdxl"
   assert single_file.detect_family(_fake_state("sdxl_refiner")) == "sdxl_refiner"
-  with pytest.raises(SingleFileError, match="inpainting"):
-    single_file.detect_family(_fake_state("sd1", in_channels=9))
+  assert single_file.detect_family(_fake_state("sd1", in_channels=9)) == "sd1"  # inpainting
+  assert pick("sd2", None, inpainting=True) == "sd2_512_base"  # as stable-diffusion-2-inpainting
+  with pytest.raises(SingleFileError, match="depth-to-image"):
+    single_file.detect_family(_fake_state("sd1", in_channels=5))
   with pytest.raises(SingleFileError, match="looks like a VAE file"):
     single_file.detect_family({"encoder.conv_in.weight": np.zeros(1)})
 

@@ -37,6 +37,8 @@ class SingleFileError(WeightsError):
 
 
 UNET_PREFIX = "model.diffusion_model."
+# An inpainting UNet's input: latents (4), the mask (1), the masked image's latents (4).
+INPAINTING_CHANNELS = 9
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1: OpenAI CLIP-L
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP ViT-H text tower
@@ -127,11 +129,11 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
     raise SingleFileError(f"{name} is an EDM model ({edm[0]}: Playground v2.5, CosXL), whose "
                           "EDM schedulers sdjax does not have")
   channels = conv_in.shape[1]
-  if channels != 4:
-    variant = {9: "an inpainting", 8: "an instruct-pix2pix", 5: "a depth-to-image",
+  if channels not in (4, INPAINTING_CHANNELS):
+    variant = {8: "an instruct-pix2pix", 5: "a depth-to-image",
                7: "an upscaler"}.get(channels, "an unsupported")
     raise SingleFileError(f"{name} is {variant} model ({channels} UNet input channels); sdjax "
-                          "supports text-to-image models (4 channels)")
+                          "supports text-to-image (4 channels) and inpainting (9) models")
   if _has_prefix(state, SDXL_OPENCLIP_PREFIX):
     return "sdxl"
   if _has_prefix(state, SDXL_REFINER_OPENCLIP_PREFIX):
@@ -141,6 +143,11 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
   if _has_prefix(state, CLIP_PREFIX):
     return "sd1"
   raise SingleFileError(f"{name} has a UNet but no known text encoder (cond_stage_model.*)")
+
+
+def unet_in_channels(state: Mapping[str, np.ndarray]) -> int:
+  """The UNet's input channels: 4, or INPAINTING_CHANNELS for an inpainting model."""
+  return int(state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1])
 
 
 def _guess_kind(state: Mapping[str, np.ndarray]) -> str:
@@ -191,12 +198,16 @@ def markers_for(scheduler_config: Mapping[str, Any], dtype=np.float32) -> dict[s
   return {k: np.zeros((0,), dtype) for k in keys}
 
 
-def standard_config_name(family: str, prediction_type: str | None) -> str:
-  """The built-in config for a family; SD2's 768-v and 512-base differ only in prediction type."""
+def standard_config_name(family: str, prediction_type: str | None,
+                         inpainting: bool = False) -> str:
+  """The built-in config for a family; SD2's 768-v and 512-base differ only in prediction type
+  (an SD2 inpainting file, as stable-diffusion-2-inpainting, defaults to 512-base)."""
   if family.startswith("sdxl"):
     return family
   if family == "sd1":  # v-prediction SD1 fine-tunes: the same config, another prediction type
     return "sd1"
+  if prediction_type is None and inpainting:
+    return "sd2_512_base"
   if prediction_type in (None, "v_prediction"):
     return "sd2_768_v"
   if prediction_type == "epsilon":

@@ -1,0 +1,177 @@
+"""Inpainting end to end against diffusers' StableDiffusionInpaintPipeline: an inpainting model
+(9-channel UNet: latents, mask, masked image latents) and a text-to-image model (the latents
+outside the mask reset to the image's after every step), with our draws of every random
+number (initial noise, the VAE posterior samples of the image and of the masked image)."""
+
+import contextlib
+from unittest import mock
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from parity import nchw, rel_err
+
+import sdjax
+from sdjax import sampling, testing
+
+torch.set_num_threads(1)
+
+PROMPTS = ["a red circle in the center", "a photo of a cat"]
+NEGATIVES = ["blue", ""]
+GUIDANCE = 3.0
+H, W = 16, 24  # latents 8 x 12
+MODULE = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint"
+SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def _pipes(tmp_path_factory, name, inpainting):
+  folder = str(tmp_path_factory.mktemp(name) / "pipe")
+  testing.write_torch_pipeline(folder, "sd1", seed=41, inpainting=inpainting)
+  ref = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None)
+  ref.set_progress_bar_config(disable=True)
+  return ref, sdjax.load_pipeline(folder), folder
+
+
+@pytest.fixture(scope="module")
+def inpainting(tmp_path_factory):
+  return _pipes(tmp_path_factory, "inpainting", True)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+  return _pipes(tmp_path_factory, "plain", False)
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(size=(2, H, W, 3)).astype(np.float32)
+  masks = np.zeros((2, H, W), np.float32)
+  masks[0, 4:12, 8:20] = 1.0  # a rectangle to repaint
+  masks[1] = rng.uniform(size=(H, W)) > 0.6  # scattered pixels: the binarized, sampled mask
+  masks[1, :, :5] = 0.7  # >= 0.5 repaints
+  masks[1, :3] = 0.3  # < 0.5 keeps
+  noise = rng.standard_normal((2, H // 2, W // 2, 4)).astype(np.float32)
+  return images, masks, noise
+
+
+@contextlib.contextmanager
+def _our_draws(seed, noise):
+  """diffusers' pipeline given our random numbers: `randn_tensor` our initial noise, the VAE
+  posterior samples from our streams (the image's first, then the masked image's, as diffusers
+  encodes them)."""
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, len(noise))))
+  shape = noise.shape[1:]
+  eps = {stream: nchw(np.asarray(sampling._keyed_noise(keys, stream, shape)))  # noqa: SLF001
+         for stream in (sampling._POSTERIOR, sampling._MASKED_POSTERIOR)}  # noqa: SLF001
+  calls = []
+
+  def retrieve_latents(encoder_output, generator=None, sample_mode="sample"):
+    dist = encoder_output.latent_dist
+    masked = torch.equal(dist.mean, _encoded[1]) if _encoded else False
+    calls.append("masked" if masked else "image")
+    return dist.mean + dist.std * eps[sampling._MASKED_POSTERIOR if masked  # noqa: SLF001
+                                      else sampling._POSTERIOR]  # noqa: SLF001
+
+  _encoded = []
+  with mock.patch(f"{MODULE}.retrieve_latents", retrieve_latents), \
+       mock.patch(f"{MODULE}.randn_tensor", lambda *a, **k: nchw(noise)), torch.no_grad():
+    yield _encoded, calls
+
+
+def _reference(ref, pipe, images, masks, noise, seed, name, strength, steps):
+  cls, overrides = SCHEDULERS[name]
+  ref.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler_config, **overrides)
+  with _our_draws(seed, noise) as (encoded, calls):
+    # The masked image's posterior mean, to tell its encoding from the image's.
+    binary = torch.from_numpy(masks[:, None] >= 0.5)
+    masked = nchw(2 * images - 1) * ~binary
+    encoded.extend([None, ref.vae.encode(masked).latent_dist.mean])
+    out = ref(PROMPTS, negative_prompt=NEGATIVES, image=nchw(images),
+              mask_image=torch.from_numpy(masks[:, None]), height=H, width=W, strength=strength,
+              num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="np").images
+  return out, calls
+
+
+@pytest.mark.parametrize("name,strength", [("euler", 1.0), ("dpmpp_2m_karras", 0.6),
+                                           ("heun", 0.7)])
+def test_inpainting_model_matches_diffusers(inpainting, name, strength):
+  ref, pipe, _ = inpainting
+  images, masks, noise = _inputs(1)
+  seed = 7
+  expected, calls = _reference(ref, pipe, images, masks, noise, seed, name, strength, 6)
+  # strength 1 starts from pure noise: only the masked image is encoded.
+  assert calls == (["masked"] if strength == 1.0 else ["image", "masked"])
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images,
+                       mask_images=masks, strength=strength, steps=6, seed=seed,
+                       guidance_scale=GUIDANCE, scheduler=name, latents=noise)
+  assert ours.shape == (2, H, W, 3)
+  err = rel_err(ours, expected)
+  print(f"\ninpainting model, {name}, strength {strength}: {err:.2e}")
+  assert err <= 1e-4
+
+
+@pytest.mark.parametrize("name,strength", [("ddim", 1.0), ("euler", 0.6), ("heun", 1.0)])
+def test_text_to_image_model_matches_diffusers(plain, name, strength):
+  ref, pipe, _ = plain
+  images, masks, noise = _inputs(2)
+  seed = 11
+  expected, calls = _reference(ref, pipe, images, masks, noise, seed, name, strength, 5)
+  assert calls == ["image", "masked"]  # the masked image's latents go unused here
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images,
+                       mask_images=masks[..., None], strength=strength, steps=5, seed=seed,
+                       guidance_scale=GUIDANCE, scheduler=name, latents=noise)
+  err = rel_err(ours, expected)
+  print(f"\ntext-to-image model, {name}, strength {strength}: {err:.2e}")
+  assert err <= 1e-4
+  # Outside the mask the image stays close to the (VAE round trip of the) init image; inside
+  # it does not.
+  inside = masks[0] >= 0.5
+  assert np.abs(ours[0] - images[0])[~inside].mean() < np.abs(ours[0] - images[0])[inside].mean()
+
+
+def test_bad_inpainting_arguments(inpainting, plain):
+  _, pipe, _ = inpainting
+  images, masks, _ = _inputs()
+  kw = dict(steps=2, guidance_scale=GUIDANCE)
+  with pytest.raises(ValueError, match="this is an inpainting model: give init_images and mask"):
+    pipe.generate(PROMPTS, height=H, width=W, **kw)
+  with pytest.raises(ValueError, match="this is an inpainting model"):
+    pipe.generate(PROMPTS, init_images=images, **kw)
+  with pytest.raises(ValueError, match="mask_images must be"):
+    pipe.generate(PROMPTS, init_images=images, mask_images=masks[:, :8], **kw)
+  with pytest.raises(ValueError, match="give both"):
+    plain[1].generate(PROMPTS, mask_images=masks, **kw)
+
+
+def test_single_file_and_export_round_trip(inpainting, plain, tmp_path):
+  """An inpainting model's single file loads with a text-to-image model's config (the weights
+  say 9 input channels, as sd-v1-5-inpainting.ckpt beside a v1-5 config), as diffusers reads
+  the same file; a folder sdjax writes is diffusers' inpainting pipeline."""
+  from safetensors.numpy import load_file
+
+  ref, pipe, folder = inpainting
+  path = str(tmp_path / "inpainting.safetensors")
+  pipe.save_single_file(path)
+  assert load_file(path)["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == 9
+  loaded = sdjax.load_pipeline(path, config=plain[2])
+  assert loaded.unet.config.in_channels == 9
+  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(pipe.params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  theirs = diffusers.StableDiffusionInpaintPipeline.from_single_file(
+      path, config=folder, local_files_only=True, safety_checker=None)
+  for name, tensor in ref.unet.state_dict().items():
+    assert torch.equal(theirs.unet.state_dict()[name], tensor), name
+  out = str(tmp_path / "folder")
+  pipe.save_pretrained(out)
+  back = diffusers.StableDiffusionInpaintPipeline.from_pretrained(out)
+  assert back.unet.config.in_channels == 9
+  assert type(diffusers.DiffusionPipeline.from_pretrained(out)).__name__ == (
+      "StableDiffusionInpaintPipeline")
