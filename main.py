@@ -38,8 +38,9 @@ flags.DEFINE_enum("emphasis", "Original", ["Original", "No norm", "Ignore", "Non
                   "a1111: A1111's emphasis mode: Original (weights, then each chunk's mean "
                   "restored), No norm (weights only), Ignore (weights not applied), None "
                   "(brackets and BREAK read as plain text)", case_sensitive=False)
-flags.DEFINE_float("strength", 0.75, "img2img (jsonl lines with an init_image): how much of "
-                   "the schedule to run, A1111's denoising strength (1.0 ignores the image)")
+flags.DEFINE_float("strength", 0.75, "img2img and inpainting (jsonl lines with an init_image): "
+                   "how much of the schedule to run, A1111's denoising strength (1.0 ignores "
+                   "the image)")
 flags.DEFINE_string("embeddings_dir", None, "load every textual-inversion file in this folder "
                     "(.pt, .safetensors, .bin), its trigger word the file's name")
 flags.DEFINE_string("lora_dir", None, "a1111: folder where <lora:name:w> tags in prompts find "

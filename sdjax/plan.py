@@ -3,7 +3,8 @@
 Image k of a run (prompts in order: `--prompt`s, then the file's lines; each repeated
 `num_images` times) gets seed `seed + k`, or `s + j` for the j-th image of a jsonl line with its
 own `seed` s; a jsonl line's `width` / `height` and `guidance_scale` replace the run's for its
-images, and its `init_image` (a path, relative to the prompts file's folder) makes them img2img.
+images, and its `init_image` (a path, relative to the prompts file's folder) makes them img2img
+(inpainting with a `mask_image` too).
 `Plan` reads the prompts file once up front, without parsing it: it counts the images, hashes
 the file and notes where every shard (`shard_size` consecutive images) starts, so that
 `jobs(shard)` can seek straight to any shard. Lines are parsed, and bad ones reported with
@@ -20,7 +21,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
-                 "init_image", "guidance_scale")
+                 "init_image", "guidance_scale", "mask_image")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -38,6 +39,7 @@ class PromptLine:
   height: int | None = None
   init_image: str | None = None  # img2img: the image to start from
   guidance_scale: float | None = None  # None: the run's
+  mask_image: str | None = None  # inpainting (with init_image): white repaints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,14 @@ class ImageJob:
   size: tuple[int, int] | None = None  # (height, width); None: the run's
   init_image: str | None = None
   guidance_scale: float | None = None  # None: the run's
+  mask_image: str | None = None
+
+  @property
+  def kind(self) -> str | None:
+    """None (text-to-image), "img2img" or "inpaint"."""
+    if self.init_image is None:
+      return None
+    return "img2img" if self.mask_image is None else "inpaint"
 
 
 def check_size(value, what: str) -> None:
@@ -97,19 +107,28 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
   for key in ("width", "height"):
     if obj.get(key) is not None:
       check_size(obj[key], f'{where}: "{key}"')
-  init = obj.get("init_image")
-  if init is not None:
-    if not isinstance(init, str) or not init:
-      raise RunError(f'{where}: "init_image" must be a path')
-    if "://" not in init:  # a local path: relative to the prompts file
-      init = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(init))
+  init, mask = (_image_path(path, where, obj, key) for key in ("init_image", "mask_image"))
+  if mask is not None and init is None:
+    raise RunError(f'{where}: "mask_image" marks what to repaint in an "init_image": give both')
   guidance = obj.get("guidance_scale")
   if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)
                                or not math.isfinite(guidance) or guidance < 0):
     raise RunError(f'{where}: "guidance_scale" must be a number >= 0')
   return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"),
                     obj.get("width"), obj.get("height"), init,
-                    None if guidance is None else float(guidance))
+                    None if guidance is None else float(guidance), mask)
+
+
+def _image_path(path: str, where: str, obj: dict, key: str) -> str | None:
+  """A line's image path (a local path is relative to the prompts file), or None."""
+  value = obj.get(key)
+  if value is None:
+    return None
+  if not isinstance(value, str) or not value:
+    raise RunError(f'{where}: "{key}" must be a path')
+  if "://" in value:
+    return value
+  return os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(value))
 
 
 def _decode(path: str, number: int, raw: bytes) -> str:
@@ -154,6 +173,8 @@ def _key(line: PromptLine) -> list:
   the digests of runs from before them stay valid)."""
   key = [line.prompt, line.negative_prompt, line.seed, line.num_images]
   extra = [line.width, line.height, line.init_image, line.guidance_scale]
+  if line.mask_image is not None:
+    extra.append(line.mask_image)
   return key + extra if any(x is not None for x in extra) else key
 
 
@@ -238,7 +259,7 @@ class Plan:
         if index >= wanted.start:
           seed = self.seed + index if line.seed is None else line.seed + j
           yield ImageJob(index, line.prompt, negative, seed, size, line.init_image,
-                         line.guidance_scale)
+                         line.guidance_scale, line.mask_image)
         index += 1
         if index >= wanted.stop:
           return  # before reading the next line, which belongs to the next shard

@@ -441,22 +441,22 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
     return 0, 0.0, 0.0, False
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
   run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set)
-  run_batch.program((metadata.height, metadata.width), False,
-                    cfg.guidance_scale)  # the run's size: checked first
+  run_batch.program((metadata.height, metadata.width),  # the run's size: checked first
+                    "inpaint" if sampling.is_inpainting_model(pipe) else None, cfg.guidance_scale)
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
 
-  def group(job):  # a batch holds one size, text-to-image or img2img, guidance, LoRA set
-    return (metadata.size(job), job.init_image is not None, metadata.guidance(job),
+  def group(job):  # a batch holds one size, kind (ImageJob.kind), guidance, LoRA set
+    return (metadata.size(job), job.kind, metadata.guidance(job),
             lora_set(job.prompt) if lora_set is not None else None)
 
   batches = _Batches(work.jobs(plan), local_batch, group, lookahead=max(1024, 16 * local_batch))
   made, start, pending, interrupted, progress = 0, None, None, False, None
   try:
     with _StopFlag() as stop:
-      for batch, (size, img2img, guidance, loras) in batches:  # until no process has work left
+      for batch, (size, kind, guidance, loras) in batches:  # until no process has work left
         # Dispatched: the devices work while the host writes the last batch.
-        images = run_batch(batch, size, img2img, guidance, loras)
+        images = run_batch(batch, size, kind, guidance, loras)
         if progress is None:  # compiled: from here on the bar's rate and ETA mean something
           start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
         if pending is not None:
@@ -510,8 +510,8 @@ class _LoraSets:
 
 
 class _Batches:
-  """Batches of (shard, job) rows that each hold one group (image size, text-to-image or
-  img2img, guidance scale, LoRA set), the same on every process (their devices run one program
+  """Batches of (shard, job) rows that each hold one group (image size, kind: text-to-image,
+  img2img or inpainting, guidance scale, LoRA set), the same on every process (their devices run one program
   and share the weights).
 
   Jobs are read ahead, at most `lookahead` waiting at once, and queued per group, so prompt lines
@@ -635,8 +635,8 @@ def _write(writer, metadata, batch, images, progress) -> int:
 
 @dataclasses.dataclass
 class _Program:
-  """The sampler of one image size and kind (text-to-image or img2img, guided or not): spec,
-  states and the sharded, compiled programs."""
+  """The sampler of one image size and kind (text-to-image, img2img or inpainting, guided or
+  not): spec, states and the sharded, compiled programs."""
 
   spec: Any
   host_state: Any  # the base's scheduler state, on the host (A1111 schedules read it)
@@ -664,13 +664,15 @@ class _Sampler:
     params = pipe.params if refiner is None else (pipe.params, refiner.params)
     self.params = parallel.replicate(params, mesh)
     self.scalars: dict[float, Any] = {}  # per guidance scale, replicated
-    self.programs: dict[tuple[tuple[int, int], bool, bool], _Program] = {}
+    self.programs: dict[tuple[tuple[int, int], str | None, bool], _Program] = {}
     self.compile_seconds = 0.0
 
-  def program(self, size: tuple[int, int], img2img: bool, guidance: float) -> _Program:
-    """The sampler of images of `size` (height, width), made when first needed; one program
-    serves every guidance scale > 1 (the scale is an input), another those <= 1 (no guidance)."""
-    key = (size, img2img, guidance > 1.0)
+  def program(self, size: tuple[int, int], kind: str | None, guidance: float) -> _Program:
+    """The sampler of images of `size` (height, width) and `kind` (`ImageJob.kind`), made when
+    first needed; one program serves every guidance scale > 1 (the scale is an input), another
+    those <= 1 (no guidance)."""
+    key = (size, kind, guidance > 1.0)
+    img2img = kind is not None
     if key not in self.programs:
       cfg, pipe = self.cfg, self.pipe
       try:
@@ -688,8 +690,13 @@ class _Sampler:
       common = dict(steps=cfg.steps, scheduler=self.scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel)
       extra = dict(img2img=True, strength=cfg.strength) if img2img else {}
-      spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra,
-                                     denoising_end=cfg.refiner_start if refiner else None)
+      try:
+        spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra,
+                                       inpaint=kind == "inpaint",
+                                       denoising_end=cfg.refiner_start if refiner else None)
+      except ValueError as e:
+        what = {None: "text-to-image", "img2img": "img2img", "inpaint": "inpainting"}[kind]
+        raise RunError(f"{what} lines: {e}") from None
       host_state, stage = state, None
       if refiner is not None:  # the second stage runs in the same program
         refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
@@ -758,16 +765,15 @@ class _Sampler:
     return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
                                             size=size, img2img=True, a1111=a1111)
 
-  def _init_images(self, jobs, size) -> np.ndarray:
-    """The batch's init images [B, H, W, 3], resized to `size` (A1111's "Just resize")."""
-    images = {None: np.zeros((*size, 3), np.float32)}  # a process with no work left pads
-    for job in jobs:
-      if job.init_image not in images:
-        try:
-          images[job.init_image] = outputs.read_image(job.init_image, size)
-        except ValueError as e:
-          raise RunError(f"image {job.index} ({job.prompt!r}): {e}") from None
-    return np.stack([images[job.init_image] for job in jobs])
+  def _init_images(self, jobs, size, kind):
+    """The batch's init images [B, H, W, 3], resized to `size` (A1111's "Just resize"), and with
+    `kind` "inpaint" their masks [B, H, W, 1] too."""
+    images = _read_each(jobs, "init_image", lambda path: outputs.read_image(path, size),
+                        np.zeros((*size, 3), np.float32))
+    if kind != "inpaint":
+      return images
+    return images, _read_each(jobs, "mask_image", lambda path: outputs.read_mask(path, size),
+                              np.zeros((*size, 1), np.float32))
 
   def _use_loras(self, loras) -> None:
     """Merges the batch's LoRA set into the base weights, once per change of set."""
@@ -780,13 +786,13 @@ class _Sampler:
       self.params, self.loras = parallel.replicate(params, self.mesh), loras
       logging.info("LoRA set %s merged", loras)
 
-  def __call__(self, batch, size, img2img, guidance, loras=None):
-    """Dispatches `batch` ((shard, job) rows) of images of `size` (height, width), from their
-    init images with `img2img`, at guidance scale `guidance`, under LoRA set `loras` (with
-    `--lora_dir`)."""
+  def __call__(self, batch, size, kind, guidance, loras=None):
+    """Dispatches `batch` ((shard, job) rows) of images of `size` (height, width) and `kind`
+    (`ImageJob.kind`: from their init images, and masks), at guidance scale `guidance`, under
+    LoRA set `loras` (with `--lora_dir`)."""
     if self.lora_set is not None:
       self._use_loras(loras)
-    program = self.program(size, img2img, guidance)
+    program = self.program(size, kind, guidance)
     if guidance not in self.scalars:
       self.scalars[guidance] = parallel.replicate((np.float32(guidance), np.float32(0.0)),
                                                   self.mesh)
@@ -796,8 +802,9 @@ class _Sampler:
             parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),
                                  self.global_batch),
             *self.scalars[guidance], program.state)
-    if img2img:
-      args += (parallel.shard_batch(self.mesh, self._init_images(jobs, size), self.global_batch),)
+    if kind is not None:
+      args += (parallel.shard_tree(self.mesh, self._init_images(jobs, size, kind),
+                                   self.global_batch),)
     key = str(jax.tree.map(np.shape, cond))
     if key not in program.compiled:
       t0 = time.perf_counter()
@@ -819,6 +826,20 @@ class _Sampler:
             f"the batch does not fit in device memory: lower --batch_size (now "
             f"{self.cfg.batch_size}) or --height/--width") from None
       raise
+
+
+def _read_each(jobs, field: str, read, blank: np.ndarray) -> np.ndarray:
+  """`read(path)` of each job's `field` path, each file read once; `blank` for a process with no
+  work left, which pads."""
+  images = {None: blank}
+  for job in jobs:
+    path = getattr(job, field)
+    if path not in images:
+      try:
+        images[path] = read(path)
+      except ValueError as e:
+        raise RunError(f"image {job.index} ({job.prompt!r}): {e}") from None
+  return np.stack([images[getattr(job, field)] for job in jobs])
 
 
 def _progress(total: int, show: bool):
@@ -931,6 +952,7 @@ class _Metadata:
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image, "strength": cfg.strength} if job.init_image else {}),
+        **({"mask_image": job.mask_image} if job.mask_image else {}),
         **hires, **_sdxl_record(cfg, self.pipe),
     }
 

@@ -686,6 +686,11 @@ def latent_channels(pipe) -> int:
   return pipe.vae.config.latent_channels
 
 
+def is_inpainting_model(pipe) -> bool:
+  """Whether the UNet also takes a mask and the masked image's latents (9 input channels)."""
+  return pipe.unet.config.in_channels == 2 * latent_channels(pipe) + 1
+
+
 def inpaint_mode(pipe, masks: bool) -> str | None:
   """How `pipe` inpaints (INPAINT_MODES) when given masks, None without; a clear error for an
   inpainting model without masks or a UNet of other inputs (instruct-pix2pix, depth)."""
@@ -693,7 +698,7 @@ def inpaint_mode(pipe, masks: bool) -> str | None:
   if (masks or extra) and pipe.is_sdxl:
     raise ValueError("inpainting is for SD1/SD2 models (SDXL's is not checked against "
                      "diffusers yet)")
-  if extra == latent_channels(pipe) + 1:
+  if is_inpainting_model(pipe):
     if not masks:
       raise ValueError("this is an inpainting model: give init_images and mask_images (in "
                        "main.py, prompt lines with an init_image and a mask_image)")

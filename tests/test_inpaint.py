@@ -4,6 +4,7 @@ outside the mask reset to the image's after every step), with our draws of every
 number (initial noise, the VAE posterior samples of the image and of the masked image)."""
 
 import contextlib
+import dataclasses
 from unittest import mock
 
 import diffusers
@@ -175,3 +176,52 @@ def test_single_file_and_export_round_trip(inpainting, plain, tmp_path):
   assert back.unet.config.in_channels == 9
   assert type(diffusers.DiffusionPipeline.from_pretrained(out)).__name__ == (
       "StableDiffusionInpaintPipeline")
+
+
+def test_run_with_mask_lines(inpainting, tmp_path):
+  """main.py's run: jsonl lines with an init_image and a mask_image (paths relative to the
+  file; the mask's grey levels resized as the image is) make generate()'s images; records keep
+  the mask. An inpainting model refuses lines without a mask, and a mask needs an image."""
+  import json
+  import os
+
+  from PIL import Image
+
+  from sdjax import outputs, run
+
+  _, pipe, folder = inpainting
+  rng = np.random.default_rng(5)
+  Image.fromarray(rng.integers(0, 255, (20, 28, 3), np.uint8)).save(tmp_path / "a.png")
+  mask = np.zeros((32, 48), np.uint8)
+  mask[8:24, 12:40] = 255
+  Image.fromarray(mask).save(tmp_path / "m.png")
+  Image.fromarray(rng.integers(0, 255, (H, W), np.uint8)).save(tmp_path / "noisy.png")
+  path = tmp_path / "inpaint.jsonl"
+  path.write_text(json.dumps({"prompt": "a cat", "init_image": "a.png", "mask_image": "m.png"})
+                  + "\n" + json.dumps({"prompt": "a dog", "init_image": "a.png",
+                                       "mask_image": "noisy.png", "seed": 3}) + "\n")
+  kw = dict(steps=3, guidance_scale=GUIDANCE, scheduler="euler")
+  cfg = run.RunConfig(model=folder, prompts_file=str(path), height=H, width=W, seed=1,
+                      batch_size=2, strength=0.8, output_dir=str(tmp_path / "out"),
+                      compilation_cache="", show_progress=False, **kw)
+  assert run.generate_run(cfg).images == 2
+  records = [json.loads(x) for x in open(tmp_path / "out" / outputs.MANIFEST_NAME)]
+  image = outputs.read_image(str(tmp_path / "a.png"), (H, W))
+  for record, name in zip(records, ["m.png", "noisy.png"], strict=True):
+    assert record["mask_image"] == str(tmp_path / name) and record["strength"] == 0.8
+    expected = pipe.generate(record["prompt"], init_images=image[None],
+                             mask_images=outputs.read_mask(str(tmp_path / name), (H, W))[None],
+                             strength=0.8, seed=record["seed"], **kw)
+    written = np.asarray(Image.open(tmp_path / "out" / record["file"]), np.float32) / 255
+    assert np.abs(written - expected[0]).max() <= 1 / 255 + 1e-6
+  text = tmp_path / "text.jsonl"
+  text.write_text('{"prompt": "a cat"}\n')
+  with pytest.raises(run.RunError, match="text-to-image lines: this is an inpainting model"):
+    run.generate_run(dataclasses.replace(cfg, prompts_file=str(text),
+                                         output_dir=str(tmp_path / "text")))
+  lone = tmp_path / "lone.jsonl"
+  lone.write_text('{"prompt": "a cat", "mask_image": "m.png"}\n')
+  with pytest.raises(run.RunError, match='"mask_image" marks what to repaint in an "init_image"'):
+    run.generate_run(dataclasses.replace(cfg, prompts_file=str(lone),
+                                         output_dir=str(tmp_path / "lone")))
+  assert not os.path.exists(tmp_path / "lone" / "00000")

@@ -315,7 +315,7 @@ def test_hires_fix_run_conditions_each_pass_at_its_size(pipes):
                       hires_scale=1.5, hires_steps=2, hires_strength=0.5,
                       micro=MicroConditioning(crops_coords_top_left=(4, 8)))
   sampler = run._Sampler(cfg, base, parallel.make_mesh(), "euler")  # noqa: SLF001
-  program = sampler.program((H, W), False, GUIDANCE)
+  program = sampler.program((H, W), None, GUIDANCE)
   first, second = sampler._conditioning(program, [run.PromptLine("a cat")], (H, W))  # noqa: SLF001
   h, w = sampling.Hires(1.5).size(base, H, W)
   assert (h, w) != (H, W)
