@@ -741,7 +741,7 @@ class _Sampler:
   def _make_conditioning(self, program, jobs, size, a1111):
     prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt or None for j in jobs]
     cond = sampling.make_conditioning(self.pipe, prompts, negatives, micro=self.cfg.micro,
-                                      size=size, a1111=a1111)
+                                      size=size, img2img=program.spec.img2img, a1111=a1111)
     if program.hires is not None:  # the hires pass's schedules count on from the first's
       if a1111 is None and not self.pipe.is_sdxl:
         return cond, cond

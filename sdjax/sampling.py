@@ -695,9 +695,6 @@ def inpaint_mode(pipe, masks: bool) -> str | None:
   """How `pipe` inpaints (INPAINT_MODES) when given masks, None without; a clear error for an
   inpainting model without masks or a UNet of other inputs (instruct-pix2pix, depth)."""
   extra = pipe.unet.config.in_channels - latent_channels(pipe)
-  if (masks or extra) and pipe.is_sdxl:
-    raise ValueError("inpainting is for SD1/SD2 models (SDXL's is not checked against "
-                     "diffusers yet)")
   if is_inpainting_model(pipe):
     if not masks:
       raise ValueError("this is an inpainting model: give init_images and mask_images (in "
