@@ -191,7 +191,7 @@ print(sorted(set(rows)), len(sampling._replicated), len(decodes))
   pipe = sdjax.load_pipeline(model)
   one = pipe.generate(prompts, cfg_parallel=True, **kw)
   np.testing.assert_array_equal(np.load(out), one)
-  assert np.abs(pipe.generate(prompts, **kw) - one).max() <= 1e-5
+  # (The split program against the default one: test_cfg_parallel_splits_each_guidance_pair.)
 
 
 def test_cfg_parallel_run(reference_run, model, cache, tmp_path):
