@@ -290,7 +290,8 @@ class Pipeline:
         where the mask is >= 0.5, as diffusers' StableDiffusionInpaintPipeline. An inpainting
         model (9-channel UNet: sd-v1-5-inpainting, stable-diffusion-2-inpainting) sees the
         mask and the masked image; another model keeps the latents outside the mask to the
-        image's, noised to each step.
+        image's, noised to each step. An inpainting model given no mask repaints everything,
+        as A1111 runs it (no init_images either: text-to-image from pure noise).
       strength: img2img: how much of the schedule to run (1.0 ignores the image; default 0.8,
         1.0 when inpainting, as diffusers' pipelines).
       guidance_rescale: rescales guided noise towards the conditional one's std (0 = off).

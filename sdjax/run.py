@@ -441,8 +441,8 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
     return 0, 0.0, 0.0, False
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
   run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set)
-  run_batch.program((metadata.height, metadata.width),  # the run's size: checked first
-                    "inpaint" if sampling.is_inpainting_model(pipe) else None, cfg.guidance_scale)
+  run_batch.program((metadata.height, metadata.width), None,
+                    cfg.guidance_scale)  # the run's size: checked first
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
 
@@ -690,9 +690,12 @@ class _Sampler:
       common = dict(steps=cfg.steps, scheduler=self.scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel)
       extra = dict(img2img=True, strength=cfg.strength) if img2img else {}
+      inpaint = kind == "inpaint"
+      if sampling.is_inpainting_model(pipe) and refiner is None and hires is None:
+        # Lines without a mask repaint everything, without an image from pure noise (A1111's).
+        extra, inpaint = dict(img2img=True, strength=cfg.strength if img2img else 1.0), True
       try:
-        spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra,
-                                       inpaint=kind == "inpaint",
+        spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
                                        denoising_end=cfg.refiner_start if refiner else None)
       except ValueError as e:
         what = {None: "text-to-image", "img2img": "img2img", "inpaint": "inpainting"}[kind]
@@ -765,15 +768,16 @@ class _Sampler:
     return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
                                             size=size, img2img=True, a1111=a1111)
 
-  def _init_images(self, jobs, size, kind):
-    """The batch's init images [B, H, W, 3], resized to `size` (A1111's "Just resize"), and with
-    `kind` "inpaint" their masks [B, H, W, 1] too."""
+  def _init_images(self, jobs, size, inpaint: bool):
+    """The batch's init images [B, H, W, 3], resized to `size` (A1111's "Just resize"), and when
+    inpainting their masks [B, H, W, 1] too. An inpainting model's line without an image or mask
+    has a grey one and a full one (everything repainted)."""
     images = _read_each(jobs, "init_image", lambda path: outputs.read_image(path, size),
-                        np.zeros((*size, 3), np.float32))
-    if kind != "inpaint":
+                        np.full((*size, 3), 0.5 if inpaint else 0.0, np.float32))
+    if not inpaint:
       return images
     return images, _read_each(jobs, "mask_image", lambda path: outputs.read_mask(path, size),
-                              np.zeros((*size, 1), np.float32))
+                              np.ones((*size, 1), np.float32))
 
   def _use_loras(self, loras) -> None:
     """Merges the batch's LoRA set into the base weights, once per change of set."""
@@ -802,9 +806,9 @@ class _Sampler:
             parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),
                                  self.global_batch),
             *self.scalars[guidance], program.state)
-    if kind is not None:
-      args += (parallel.shard_tree(self.mesh, self._init_images(jobs, size, kind),
-                                   self.global_batch),)
+    if program.spec.img2img:
+      init = self._init_images(jobs, size, program.spec.inpaint is not None)
+      args += (parallel.shard_tree(self.mesh, init, self.global_batch),)
     key = str(jax.tree.map(np.shape, cond))
     if key not in program.compiled:
       t0 = time.perf_counter()
@@ -829,8 +833,8 @@ class _Sampler:
 
 
 def _read_each(jobs, field: str, read, blank: np.ndarray) -> np.ndarray:
-  """`read(path)` of each job's `field` path, each file read once; `blank` for a process with no
-  work left, which pads."""
+  """`read(path)` of each job's `field` path, each file read once; `blank` where it has none
+  (and for a process with no work left, which pads)."""
   images = {None: blank}
   for job in jobs:
     path = getattr(job, field)

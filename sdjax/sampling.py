@@ -693,12 +693,13 @@ def is_inpainting_model(pipe) -> bool:
 
 def inpaint_mode(pipe, masks: bool) -> str | None:
   """How `pipe` inpaints (INPAINT_MODES) when given masks, None without; a clear error for an
-  inpainting model without masks or a UNet of other inputs (instruct-pix2pix, depth)."""
+  inpainting model without masks (generate() and runs give it full masks: only the hires
+  pass and the refiner stage come here without) or a UNet of other inputs (instruct-pix2pix,
+  depth)."""
   extra = pipe.unet.config.in_channels - latent_channels(pipe)
   if is_inpainting_model(pipe):
     if not masks:
-      raise ValueError("this is an inpainting model: give init_images and mask_images (in "
-                       "main.py, prompt lines with an init_image and a mask_image)")
+      raise ValueError("an inpainting model (9-channel UNet) takes no hires fix or refiner")
     return "concat"
   if extra:
     raise ValueError(f"the UNet takes {pipe.unet.config.in_channels} input channels, which "
@@ -817,6 +818,14 @@ def generate(
     if init_images.ndim != 4 or init_images.shape[0] != n or init_images.shape[-1] != 3:
       raise ValueError(f"init_images must be [{n}, H, W, 3], got {init_images.shape}")
     height, width = init_images.shape[1:3]
+  if is_inpainting_model(pipe) and mask_images is None and hires is None and refiner is None:
+    # As A1111 runs an inpainting model without a mask: everything is repainted (the masked
+    # image is all grey); without an image, from pure noise (text-to-image).
+    if init_images is None:
+      height = pipe.native_size if height is None else height
+      width = pipe.native_size if width is None else width
+      init_images, strength = np.full((n, height, width, 3), 0.5, np.float32), 1.0
+    mask_images = np.ones((*init_images.shape[:3], 1), np.float32)
   if mask_images is not None:
     if init_images is None:
       raise ValueError("mask_images mark what to repaint in init_images: give both")

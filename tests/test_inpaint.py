@@ -171,14 +171,30 @@ def test_sdxl_matches_diffusers(sdxl):
   assert err <= 1e-4
 
 
+@pytest.mark.parametrize("with_image", [False, True])
+def test_inpainting_model_without_mask_matches_diffusers(inpainting, with_image):
+  """An inpainting model without a mask repaints everything, as A1111 runs one: diffusers'
+  inpainting pipeline given a full mask, and (text-to-image) a grey image at strength 1."""
+  ref, pipe, _ = inpainting
+  images, _, noise = _inputs(4)
+  strength = 0.6 if with_image else 1.0
+  given = images if with_image else np.full_like(images, 0.5)
+  expected, _ = _reference(ref, pipe, given, np.ones((2, H, W), np.float32), noise, 9,
+                           "euler", strength, 4)
+  kw = dict(init_images=images, strength=strength) if with_image else dict(height=H, width=W)
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=4, seed=9,
+                       guidance_scale=GUIDANCE, scheduler="euler", latents=noise, **kw)
+  err = rel_err(ours, expected)
+  print(f"\ninpainting model without a mask, {'img2img' if with_image else 'txt2img'}: {err:.2e}")
+  assert err <= 1e-4
+
+
 def test_bad_inpainting_arguments(inpainting, plain):
   _, pipe, _ = inpainting
   images, masks, _ = _inputs()
   kw = dict(steps=2, guidance_scale=GUIDANCE)
-  with pytest.raises(ValueError, match="this is an inpainting model: give init_images and mask"):
-    pipe.generate(PROMPTS, height=H, width=W, **kw)
-  with pytest.raises(ValueError, match="this is an inpainting model"):
-    pipe.generate(PROMPTS, init_images=images, **kw)
+  with pytest.raises(ValueError, match="an inpainting model .* takes no hires fix or refiner"):
+    pipe.generate(PROMPTS, height=H, width=W, hires_scale=2.0, **kw)
   with pytest.raises(ValueError, match="mask_images must be"):
     pipe.generate(PROMPTS, init_images=images, mask_images=masks[:, :8], **kw)
   with pytest.raises(ValueError, match="give both"):
@@ -214,7 +230,8 @@ def test_single_file_and_export_round_trip(inpainting, plain, tmp_path):
 def test_run_with_mask_lines(inpainting, tmp_path):
   """main.py's run: jsonl lines with an init_image and a mask_image (paths relative to the
   file; the mask's grey levels resized as the image is) make generate()'s images; records keep
-  the mask. An inpainting model refuses lines without a mask, and a mask needs an image."""
+  the mask. A text-to-image line on an inpainting model is generate()'s too; a mask needs an
+  image."""
   import json
   import os
 
@@ -247,11 +264,14 @@ def test_run_with_mask_lines(inpainting, tmp_path):
                              strength=0.8, seed=record["seed"], **kw)
     written = np.asarray(Image.open(tmp_path / "out" / record["file"]), np.float32) / 255
     assert np.abs(written - expected[0]).max() <= 1 / 255 + 1e-6
-  text = tmp_path / "text.jsonl"
+  text = tmp_path / "text.jsonl"  # as A1111: from grey, everything repainted, pure noise
   text.write_text('{"prompt": "a cat"}\n')
-  with pytest.raises(run.RunError, match="text-to-image lines: this is an inpainting model"):
-    run.generate_run(dataclasses.replace(cfg, prompts_file=str(text),
-                                         output_dir=str(tmp_path / "text")))
+  run.generate_run(dataclasses.replace(cfg, prompts_file=str(text), batch_size=1,
+                                       output_dir=str(tmp_path / "text")))
+  record = json.loads(open(tmp_path / "text" / outputs.MANIFEST_NAME).readline())
+  expected = pipe.generate("a cat", seed=record["seed"], height=H, width=W, **kw)
+  written = np.asarray(Image.open(tmp_path / "text" / record["file"]), np.float32) / 255
+  assert np.abs(written - expected[0]).max() <= 1 / 255 + 1e-6
   lone = tmp_path / "lone.jsonl"
   lone.write_text('{"prompt": "a cat", "mask_image": "m.png"}\n')
   with pytest.raises(run.RunError, match='"mask_image" marks what to repaint in an "init_image"'):
