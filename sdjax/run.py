@@ -511,8 +511,8 @@ class _LoraSets:
 
 class _Batches:
   """Batches of (shard, job) rows that each hold one group (image size, kind: text-to-image,
-  img2img or inpainting, guidance scale, LoRA set), the same on every process (their devices run one program
-  and share the weights).
+  img2img or inpainting, guidance scale, LoRA set), the same on every process (their devices
+  run one program and share the weights).
 
   Jobs are read ahead, at most `lookahead` waiting at once, and queued per group, so prompt lines
   of several sizes or kinds in any order still make full batches (each image is what it would be

@@ -331,7 +331,9 @@ def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0,
   tok_folder = os.path.join(tmp_folder, "_tokenizer_src")
   write_tokenizer(tok_folder, pad_token="!" if family == "sd2" else "<|endoftext|>")
   clip = clip_config(act, hidden_size=unet_config["cross_attention_dim"])
-  cls = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
+  cls = diffusers.StableDiffusionPipeline
+  if inpainting:
+    cls = diffusers.StableDiffusionInpaintPipeline
   return cls(
       vae=torch_vae(VAE, seed + 1),
       text_encoder=torch_clip(clip, seed + 2),
