@@ -771,9 +771,9 @@ def _model_index(pipe: Pipeline, scheduler_class: str) -> dict[str, Any]:
   tokenizer = ["transformers", "CLIPTokenizer"] if pipe.tokenizer else [None, None]
   index.update(text_encoder=clip, tokenizer=tokenizer)
   if not pipe.is_sdxl:
-    inpainting = pipe.unet.config.in_channels == single_file.INPAINTING_CHANNELS
-    return {**index, "_class_name": "StableDiffusionInpaintPipeline" if inpainting
-            else "StableDiffusionPipeline", "safety_checker": [None, None],
+    return {**index, "_class_name": "StableDiffusionInpaintPipeline"
+            if sampling.is_inpainting_model(pipe) else "StableDiffusionPipeline",
+            "safety_checker": [None, None],
             "requires_safety_checker": False}
   refiner = pipe.text_encoder is None
   return {**index,
