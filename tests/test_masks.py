@@ -1,0 +1,132 @@
+"""sdjax.masks against diffusers' VaeImageProcessor (A1111's rules), pixel for pixel."""
+
+import numpy as np
+import pytest
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image, ImageFilter
+
+from sdjax import masks
+
+PROCESSOR = VaeImageProcessor()  # diffusers' inpainting pipelines': Lanczos
+
+
+def _image(rng, height, width):
+  return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _mask(rng, height, width, box, blur=0.0):
+  """A white box (x1, y1, x2, y2) on black, maybe blurred, with a few stray grey pixels in it."""
+  mask = np.zeros((height, width), np.uint8)
+  x1, y1, x2, y2 = box
+  mask[y1:y2, x1:x2] = rng.integers(1, 256, (y2 - y1, x2 - x1))
+  image = Image.fromarray(mask)
+  return image.filter(ImageFilter.GaussianBlur(blur)) if blur else image
+
+
+# (image height, width), mask box, padding, output (height, width): every branch of the aspect
+# rule (wider, taller, equal), boxes at the edges, padding pushing out of the image.
+CROPS = [
+    ((40, 56), (10, 5, 20, 12), 0, (32, 32)),
+    ((40, 56), (10, 5, 20, 12), 4, (24, 40)),
+    ((40, 56), (0, 0, 3, 30), 2, (32, 16)),
+    ((40, 56), (50, 30, 56, 40), 6, (16, 48)),
+    ((64, 24), (2, 40, 22, 63), 1, (40, 40)),
+    ((64, 24), (5, 5, 6, 6), 0, (8, 64)),
+    ((33, 47), (0, 0, 47, 33), 9, (24, 32)),
+    ((50, 50), (20, 1, 30, 49), 3, (64, 8)),
+]
+
+
+@pytest.mark.parametrize(("shape", "box", "padding", "out"), CROPS)
+def test_crop_region_matches_diffusers(shape, box, padding, out):
+  mask = _mask(np.random.default_rng(0), *shape, box)
+  ours = masks.crop_region(np.asarray(mask), *out, padding)
+  assert ours == PROCESSOR.get_crop_region(mask, out[1], out[0], pad=padding)
+  x1, y1, x2, y2 = ours
+  assert 0 <= x1 < x2 <= shape[1] and 0 <= y1 < y2 <= shape[0]
+
+
+def test_blank_mask_has_no_crop_region():
+  assert masks.crop_region(np.zeros((16, 24), np.uint8), 8, 8, 4) is None
+
+
+@pytest.mark.parametrize("source", [(30, 50), (50, 30), (40, 40), (17, 61), (64, 9)])
+@pytest.mark.parametrize("out", [(32, 32), (24, 40), (48, 16)])
+def test_resizes_match_diffusers(source, out):
+  rng = np.random.default_rng(1)
+  image = _image(rng, *source)
+  mask = Image.fromarray(rng.integers(0, 256, source, dtype=np.uint8))
+  fill = PROCESSOR._resize_and_fill(image, out[1], out[0])  # noqa: SLF001
+  np.testing.assert_array_equal(np.asarray(masks.resize_fill(image, *out)), np.asarray(fill))
+  # A mask keeps its own mode (diffusers pastes it into RGB and converts back: the same levels).
+  fill = PROCESSOR._resize_and_fill(mask, out[1], out[0]).convert("L")  # noqa: SLF001
+  np.testing.assert_array_equal(np.asarray(masks.resize_fill(mask, *out)), np.asarray(fill))
+  cover = PROCESSOR._resize_and_crop(image, out[1], out[0])  # noqa: SLF001
+  np.testing.assert_array_equal(np.asarray(masks.resize_cover(image, *out)), np.asarray(cover))
+
+
+@pytest.mark.parametrize("crop", [None, (8, 4, 40, 36)])
+def test_overlay_matches_diffusers(crop):
+  rng = np.random.default_rng(2)
+  original = _image(rng, 40, 56)
+  mask = _mask(rng, 40, 56, (12, 9, 34, 30), blur=3.0)  # grey edges: blended
+  generated = _image(rng, 32, 32) if crop else _image(rng, 40, 56)
+  ours = masks.overlay(generated, original, mask, crop)
+  theirs = PROCESSOR.apply_overlay(mask, original, generated, crop)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+  outside = np.asarray(mask) == 0
+  np.testing.assert_array_equal(np.asarray(ours)[outside], np.asarray(original)[outside])
+
+
+def test_prepare_only_masked_is_diffusers_preprocessing():
+  """The sampler's inputs for "Only masked", as diffusers' inpainting pipelines preprocess them
+  with `padding_mask_crop`; `finish` pastes back at the original's size."""
+  rng = np.random.default_rng(3)
+  image, mask = _image(rng, 40, 56), _mask(rng, 40, 56, (30, 10, 44, 18))
+  blur = 2.0
+  blurred = PROCESSOR.blur(mask, blur)
+  prepared = masks.prepare(image, mask, 24, 32, masks.MaskOptions(blur=blur, padding=5))
+  crop = PROCESSOR.get_crop_region(blurred, 32, 24, pad=5)
+  assert prepared.crop == crop
+  mask_processor = VaeImageProcessor(do_normalize=False, do_binarize=True,
+                                     do_convert_grayscale=True)
+  theirs_image = PROCESSOR.preprocess(image, 24, 32, resize_mode="fill", crops_coords=crop)
+  theirs_mask = mask_processor.preprocess(blurred, 24, 32, resize_mode="fill", crops_coords=crop)
+  np.testing.assert_allclose(prepared.image * 2 - 1, theirs_image[0].permute(1, 2, 0).numpy(),
+                             atol=1e-7)
+  np.testing.assert_array_equal(prepared.mask[..., 0] >= 0.5, theirs_mask[0, 0].numpy() == 1)
+  generated = np.asarray(_image(rng, 24, 32))
+  final = prepared.finish(generated)
+  assert final.shape == (40, 56, 3)
+  theirs = PROCESSOR.apply_overlay(blurred, image, Image.fromarray(generated), crop)
+  np.testing.assert_array_equal(final, np.asarray(theirs))
+
+
+def test_prepare_whole_picture():
+  """Without padding the sampler gets the image and mask resized to its size (Lanczos, A1111's
+  "Just resize"); the overlay keeps the original's pixels where the mask is 0 and the result's
+  where the doubled mask saturates."""
+  rng = np.random.default_rng(4)
+  image, mask = _image(rng, 24, 32), _mask(rng, 24, 32, (4, 4, 20, 16))
+  plain = masks.prepare(image, mask, 24, 32, masks.MaskOptions())
+  np.testing.assert_array_equal(plain.image, np.asarray(image, np.float32) / 255)
+  np.testing.assert_array_equal(plain.mask[..., 0], np.asarray(mask, np.float32) / 255)
+  generated = np.asarray(_image(rng, 24, 32))
+  np.testing.assert_array_equal(plain.finish(generated), generated)
+
+  resized = masks.prepare(image, mask.resize((16, 12)), 16, 24, masks.MaskOptions(overlay=True))
+  assert resized.image.shape == (16, 24, 3) and resized.mask.shape == (16, 24, 1)
+  small = image.resize((24, 16), Image.Resampling.LANCZOS)
+  np.testing.assert_array_equal(resized.image, np.asarray(small, np.float32) / 255)
+  generated = np.asarray(_image(rng, 16, 24))
+  final = resized.finish(generated)
+  levels = np.round(resized.mask[..., 0] * 255)
+  np.testing.assert_array_equal(final[levels == 0], np.asarray(small)[levels == 0])
+  np.testing.assert_array_equal(final[levels >= 128], generated[levels >= 128])
+
+
+def test_blank_mask_only_masked_is_whole_picture():
+  rng = np.random.default_rng(5)
+  image = _image(rng, 24, 32)
+  prepared = masks.prepare(image, Image.new("L", (32, 24)), 24, 32, masks.MaskOptions(padding=8))
+  assert prepared.crop is None and not prepared.mask.any()
