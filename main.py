@@ -41,6 +41,14 @@ flags.DEFINE_enum("emphasis", "Original", ["Original", "No norm", "Ignore", "Non
 flags.DEFINE_float("strength", 0.75, "img2img and inpainting (jsonl lines with an init_image): "
                    "how much of the schedule to run, A1111's denoising strength (1.0 ignores "
                    "the image)")
+flags.DEFINE_float("mask_blur", 4.0, "inpainting (jsonl lines with a mask_image): the mask's "
+                   "Gaussian blur radius in pixels (A1111's Mask blur; soft edges blend the "
+                   "original back in)")
+flags.DEFINE_bool("inpaint_full_res", False, "inpainting: A1111's 'Only masked': the masked box, "
+                  "padded and widened to the output's aspect, is generated at the full output "
+                  "size and pasted back into the original, which keeps its size")
+flags.DEFINE_integer("inpaint_full_res_padding", 32, "inpainting with --inpaint_full_res: "
+                     "pixels of context around the mask")
 flags.DEFINE_string("embeddings_dir", None, "load every textual-inversion file in this folder "
                     "(.pt, .safetensors, .bin), its trigger word the file's name")
 flags.DEFINE_string("lora_dir", None, "a1111: folder where <lora:name:w> tags in prompts find "
@@ -127,6 +135,8 @@ def _run_config() -> run.RunConfig:
       prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
       negative_prompt=FLAGS.negative_prompt, prompt_syntax=FLAGS.prompt_syntax,
       lora_dir=FLAGS.lora_dir, emphasis=FLAGS.emphasis, strength=FLAGS.strength,
+      mask_blur=FLAGS.mask_blur, inpaint_full_res=FLAGS.inpaint_full_res,
+      inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,

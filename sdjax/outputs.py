@@ -357,10 +357,9 @@ def to_uint8(image: Any) -> np.ndarray:
   return np.clip(np.round(array * 255), 0, 255).astype(np.uint8)
 
 
-def read_image(path: str, size: tuple[int, int], mode: str = "RGB") -> np.ndarray:
-  """An image file (local path or fsspec URL) as float32 [H, W, 3] in [0, 1], resized to `size`
-  (height, width) with Lanczos as A1111's img2img "Just resize"; ValueError if unreadable.
-  `mode` "L": grey levels [H, W]."""
+def open_image(path: str, mode: str = "RGB") -> Image.Image:
+  """An image file (local path or fsspec URL) in `mode`, at its own size; ValueError if
+  unreadable."""
   import fsspec  # noqa: PLC0415
 
   try:
@@ -369,16 +368,17 @@ def read_image(path: str, size: tuple[int, int], mode: str = "RGB") -> np.ndarra
       image.load()
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from None
-  image = image.convert(mode)
+  return image.convert(mode)
+
+
+def read_image(path: str, size: tuple[int, int], mode: str = "RGB") -> np.ndarray:
+  """An image file (local path or fsspec URL) as float32 [H, W, 3] in [0, 1], resized to `size`
+  (height, width) with Lanczos as A1111's img2img "Just resize"; ValueError if unreadable.
+  `mode` "L": grey levels [H, W]."""
+  image = open_image(path, mode)
   if image.size != (size[1], size[0]):
     image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
   return np.asarray(image, np.float32) / np.float32(255.0)
-
-
-def read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
-  """An inpainting mask file as float32 [H, W, 1] in [0, 1] (its grey levels; white repaints),
-  resized to `size` as `read_image`."""
-  return read_image(path, size, "L")[..., None]
 
 
 def write_png(path: str | os.PathLike, image: Any, parameters: str) -> str:

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
+from PIL import Image
 
-from sdjax import conditioning, sampling
+from sdjax import conditioning, masks, outputs, sampling
 from sdjax.checkpoints import embeddings as textual_inversion
 from sdjax.checkpoints import hub, lora, single_file, standard
 from sdjax.checkpoints.weights import (
@@ -254,7 +255,8 @@ class Pipeline:
                guidance_scale: float | None = None, scheduler: str | None = None,
                height: int | None = None, width: int | None = None, seed: int = 0,
                latents=None, init_images=None, mask_images=None,
-               strength: float | None = None,
+               strength: float | None = None, mask_blur: float = 0.0,
+               padding_mask_crop: int | None = None, mask_overlay: bool = False,
                guidance_rescale: float = 0.0, clip_skip: int | None = None,
                prompts_2=None, negative_prompts_2=None,
                original_size: tuple[int, int] | None = None,
@@ -294,6 +296,14 @@ class Pipeline:
         as A1111 runs it (no init_images either: text-to-image from pure noise).
       strength: img2img: how much of the schedule to run (1.0 ignores the image; default 0.8,
         1.0 when inpainting, as diffusers' pipelines).
+      mask_blur, padding_mask_crop, mask_overlay: inpainting as A1111 (see `sdjax.masks`): the
+        masks' Gaussian blur radius in pixels ("Mask blur"; diffusers' `mask_processor.blur`);
+        "Only masked" with this padding (diffusers' `padding_mask_crop`): the masked box of
+        each image, widened to `height`:`width` (default: the model's size), is inpainted at
+        that size and pasted back, and `init_images` may have any size, which the results keep;
+        with the whole picture, paste the original back outside the mask (blended where a
+        blurred mask is grey). With any of these, images and masks are taken as 8-bit, as
+        image files are, and the results are 8-bit levels too.
       guidance_rescale: rescales guided noise towards the conditional one's std (0 = off).
       clip_skip: condition on the text encoder's output this many layers before the last.
       prompts_2, negative_prompts_2: SDXL: prompts for the second text encoder (default: the
@@ -328,13 +338,19 @@ class Pipeline:
         not with `refiner`.
 
     Returns:
-      float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size).
+      float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size; with
+      `padding_mask_crop`, at the size of `init_images`).
     """
+    options = masks.MaskOptions(mask_blur, padding_mask_crop, mask_overlay)
+    prepared = None
+    if options.host_work:
+      prepared, init_images, mask_images, height, width = _prepare_masks(
+          self, init_images, mask_images, height, width, options)
     micro = conditioning.MicroConditioning(
         original_size, tuple(crops_coords_top_left), target_size, negative_original_size,
         tuple(negative_crops_coords_top_left), negative_target_size, aesthetic_score,
         negative_aesthetic_score)
-    return sampling.generate(
+    images = sampling.generate(
         self, prompts, negative_prompts=negative_prompts, steps=steps,
         guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
         seed=seed, latents=latents, init_images=init_images, mask_images=mask_images,
@@ -345,6 +361,10 @@ class Pipeline:
         embeddings=embeddings, cfg_parallel=cfg_parallel, emphasis=emphasis,
         hires=None if hires_scale is None else sampling.Hires(
             hires_scale, hires_steps, hires_strength, hires_upscaler))
+    if prepared is None:
+      return images
+    return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(
+        prepared, images, strict=True)]).astype(np.float32) / np.float32(255.0)
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:
@@ -355,6 +375,35 @@ class Pipeline:
     """Writes one original-layout (CompVis/LDM) `.safetensors`, as A1111 and diffusers'
     `from_single_file` read it; `dtype` "float32" or "float16"."""
     save_single_file(self, path, dtype)
+
+
+def _prepare_masks(pipe, init_images, mask_images, height, width, options):
+  """`masks.prepare` of each image and mask: (prepared, the sampler's images, masks, height,
+  width)."""
+  options.check()
+  if init_images is None or mask_images is None:
+    raise ValueError("mask_blur, padding_mask_crop and mask_overlay are inpainting options: "
+                     "give init_images and mask_images")
+  init_images, mask_images = np.asarray(init_images), np.asarray(mask_images)
+  if mask_images.ndim == 4 and mask_images.shape[-1] == 1:
+    mask_images = mask_images[..., 0]
+  if init_images.ndim != 4 or init_images.shape[-1] != 3 or (
+      mask_images.shape != init_images.shape[:3]):
+    raise ValueError(f"init_images [N, H, W, 3] and mask_images [N, H, W] must match, got "
+                     f"{init_images.shape} and {mask_images.shape}")
+  if options.padding is None:  # the whole picture: generated at the images' size
+    height, width = init_images.shape[1:3]
+  else:
+    height = pipe.native_size if height is None else height
+    width = pipe.native_size if width is None else width
+  prepared = []
+  for image, mask in zip(init_images, mask_images, strict=True):
+    # 8-bit, as image files; a mask through three equal channels (to L exactly).
+    mask = Image.fromarray(outputs.to_uint8(np.repeat(mask[..., None], 3, -1))).convert("L")
+    prepared.append(masks.prepare(Image.fromarray(outputs.to_uint8(image)), mask, height, width,
+                                  options))
+  return (prepared, np.stack([p.image for p in prepared]), np.stack([p.mask for p in prepared]),
+          height, width)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

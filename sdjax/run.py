@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 import sdjax
-from sdjax import aot, outputs, parallel, sampling, sinks
+from sdjax import aot, masks, outputs, parallel, sampling, sinks
 from sdjax.conditioning import MicroConditioning
 from sdjax.plan import ImageJob, Plan, PromptLine, RunError, check_size, read_prompts_file
 
@@ -83,6 +83,12 @@ class RunConfig:
   lora_dir: str | None = None  # a1111: where <lora:name:w> tags find name.safetensors
   emphasis: str = "Original"  # a1111: A1111's emphasis mode (`prompts.EMPHASIS_MODES`)
   strength: float = 0.75  # img2img lines (jsonl init_image): A1111's denoising strength
+  # Inpainting lines (jsonl mask_image), as A1111: the mask's blur radius; "Only masked" (the
+  # masked box, padded, generated at the run's size and pasted back) or the whole picture. The
+  # original's pixels are pasted back outside the mask either way (`sdjax.masks`).
+  mask_blur: float = 4.0
+  inpaint_full_res: bool = False
+  inpaint_full_res_padding: int = 32
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -171,6 +177,9 @@ def validate(cfg: RunConfig) -> None:
     raise RunError(f"--eta must be >= 0, got {cfg.eta}")
   if not 0.0 < cfg.strength <= 1.0:
     raise RunError(f"--strength must be in (0, 1], got {cfg.strength}")
+  if not cfg.mask_blur >= 0 or cfg.inpaint_full_res_padding < 0:
+    raise RunError(f"--mask_blur and --inpaint_full_res_padding must be >= 0, got "
+                   f"{cfg.mask_blur} and {cfg.inpaint_full_res_padding}")
   if cfg.eta and cfg.scheduler is not None and cfg.scheduler not in schedulers.ETA_SCHEDULERS:
     raise RunError(f"eta is an option of {', '.join(schedulers.ETA_SCHEDULERS)} only, not of "
                    f"scheduler {cfg.scheduler!r}")
@@ -236,6 +245,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["emphasis"] = cfg.emphasis
   if cfg.strength != RunConfig.strength:  # img2img lines' pixels depend on it
     settings["strength"] = cfg.strength
+  if _mask_options(cfg) != _mask_options(RunConfig()):  # inpainting lines' pixels depend on it
+    settings["inpainting"] = dataclasses.asdict(_mask_options(cfg))
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.cfg_parallel:  # its own program: pixels differ by rounding
@@ -243,6 +254,11 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
   if cfg.embeddings:
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
   return {**settings, **_hires_record(cfg), **_sdxl_record(cfg, pipe)}
+
+
+def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
+  return masks.MaskOptions(cfg.mask_blur, cfg.inpaint_full_res_padding if cfg.inpaint_full_res
+                           else None, overlay=True)
 
 
 def _hires(cfg: RunConfig) -> sampling.Hires | None:
@@ -456,13 +472,13 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
     with _StopFlag() as stop:
       for batch, (size, kind, guidance, loras) in batches:  # until no process has work left
         # Dispatched: the devices work while the host writes the last batch.
-        images = run_batch(batch, size, kind, guidance, loras)
+        images, finish = run_batch(batch, size, kind, guidance, loras)
         if progress is None:  # compiled: from here on the bar's rate and ETA mean something
           start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
         if pending is not None:
           done, pending = pending, None
           made += _write(writer, metadata, *done, progress)
-        pending = batch, images
+        pending = batch, images, finish
         if stop.requested:
           interrupted = True
           break
@@ -620,14 +636,20 @@ def _agree_on_group(wanted, step: int = 0):
   return None
 
 
-def _write(writer, metadata, batch, images, progress) -> int:
-  """Fetches a finished batch and hands its real images to the writer threads."""
+def _write(writer, metadata, batch, images, finish, progress) -> int:
+  """Fetches a finished batch, finishes inpainted images (`masks.Prepared.finish`, where `finish`
+  has one for the row) and hands the real ones to the writer threads."""
   made = 0
   for row, image in enumerate(parallel.local_rows_numpy(images)):
     shard, job = batch[row]
     if shard is not None:
-      record = metadata.record(job)
-      writer.submit(shard, record, outputs.to_uint8(image), metadata.parameters(job))
+      record, image = metadata.record(job), outputs.to_uint8(image)
+      if finish is not None and finish[row] is not None:
+        image = finish[row].finish(image)
+        if finish[row].crop is not None:  # "Only masked": the original's size
+          record.update(height=image.shape[0], width=image.shape[1],
+                        inpaint_region=list(finish[row].crop))
+      writer.submit(shard, record, image, metadata.parameters(job))
       made += 1
   progress.update(made)
   return made
@@ -770,14 +792,30 @@ class _Sampler:
 
   def _init_images(self, jobs, size, inpaint: bool):
     """The batch's init images [B, H, W, 3], resized to `size` (A1111's "Just resize"), and when
-    inpainting their masks [B, H, W, 1] too. An inpainting model's line without an image or mask
-    has a grey one and a full one (everything repainted)."""
-    images = _read_each(jobs, "init_image", lambda path: outputs.read_image(path, size),
-                        np.full((*size, 3), 0.5 if inpaint else 0.0, np.float32))
+    inpainting their masks [B, H, W, 1] too, each row's `masks.Prepared` (or None: nothing to
+    finish). An inpainting model's line without an image or mask has a grey one and a full one
+    (everything repainted)."""
     if not inpaint:
-      return images
-    return images, _read_each(jobs, "mask_image", lambda path: outputs.read_mask(path, size),
-                              np.ones((*size, 1), np.float32))
+      return _read_each(jobs, "init_image", lambda path: outputs.read_image(path, size),
+                        np.zeros((*size, 3), np.float32)), None
+    options, rows = _mask_options(self.cfg), {}
+    for job in jobs:
+      key = job.init_image, job.mask_image
+      if key in rows:
+        continue
+      try:
+        if job.mask_image is None:  # an inpainting model's: everything
+          image = (np.full((*size, 3), 0.5, np.float32) if job.init_image is None
+                   else outputs.read_image(job.init_image, size))
+          rows[key] = masks.Prepared(image, np.ones((*size, 1), np.float32), None, None, None)
+        else:
+          rows[key] = masks.prepare(outputs.open_image(job.init_image),
+                                    outputs.open_image(job.mask_image, "L"), *size, options)
+      except ValueError as e:
+        raise RunError(f"image {job.index} ({job.prompt!r}): {e}") from None
+    prepared = [rows[job.init_image, job.mask_image] for job in jobs]
+    return ((np.stack([p.image for p in prepared]), np.stack([p.mask for p in prepared])),
+            [p if p.original is not None else None for p in prepared])
 
   def _use_loras(self, loras) -> None:
     """Merges the batch's LoRA set into the base weights, once per change of set."""
@@ -793,7 +831,8 @@ class _Sampler:
   def __call__(self, batch, size, kind, guidance, loras=None):
     """Dispatches `batch` ((shard, job) rows) of images of `size` (height, width) and `kind`
     (`ImageJob.kind`: from their init images, and masks), at guidance scale `guidance`, under
-    LoRA set `loras` (with `--lora_dir`)."""
+    LoRA set `loras` (with `--lora_dir`); with what finishes inpainted rows on the host (see
+    `_init_images`)."""
     if self.lora_set is not None:
       self._use_loras(loras)
     program = self.program(size, kind, guidance)
@@ -806,8 +845,9 @@ class _Sampler:
             parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),
                                  self.global_batch),
             *self.scalars[guidance], program.state)
+    finish = None
     if program.spec.img2img:
-      init = self._init_images(jobs, size, program.spec.inpaint is not None)
+      init, finish = self._init_images(jobs, size, program.spec.inpaint is not None)
       args += (parallel.shard_tree(self.mesh, init, self.global_batch),)
     key = str(jax.tree.map(np.shape, cond))
     if key not in program.compiled:
@@ -822,7 +862,7 @@ class _Sampler:
                    sampling.input_sizes(cond[0] if program.stages else cond) or "plain",
                    time.perf_counter() - t0)
     try:
-      return program.compiled[key](*args)
+      return program.compiled[key](*args), finish
     except Exception as e:  # noqa: BLE001 - XLA reports OOM as a generic runtime error
       text = str(e)
       if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:
@@ -956,9 +996,16 @@ class _Metadata:
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image, "strength": cfg.strength} if job.init_image else {}),
-        **({"mask_image": job.mask_image} if job.mask_image else {}),
+        **({"mask_image": job.mask_image, **self._mask_record()} if job.mask_image else {}),
         **hires, **_sdxl_record(cfg, self.pipe),
     }
+
+  def _mask_record(self) -> dict[str, Any]:
+    cfg = self.cfg
+    record = {"mask_blur": cfg.mask_blur}
+    if cfg.inpaint_full_res:  # `_write` adds the box and the file's own size
+      record["inpaint_full_res_padding"] = cfg.inpaint_full_res_padding
+    return record
 
   def _hires_extra(self, height: int, width: int) -> dict[str, Any]:
     """A1111's hires fields (its `Size` stays the first pass's)."""
@@ -983,6 +1030,7 @@ class _Metadata:
         height=height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
         version=f"sdjax {sdjax.__version__}",
         extra={**({"Denoising strength": cfg.strength} if job.init_image else {}),
+               **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._hires_extra(height, width),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job)})
