@@ -17,6 +17,8 @@ import dataclasses
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from sdjax import outputs
+
 _LANCZOS = Image.Resampling.LANCZOS
 
 
@@ -87,8 +89,8 @@ def prepare(image: Image.Image, mask: Image.Image, height: int, width: int,
   if options.padding is not None:  # a blank mask has no region: the whole picture, as A1111
     region = crop_region(np.asarray(mask), height, width, options.padding)
   if region is not None:
-    sampled_image = resize_fill(image.crop(region), height, width)
-    sampled_mask = resize_fill(mask.crop(region), height, width)
+    sampled_image = outputs.resize_fill(image.crop(region), height, width)
+    sampled_mask = outputs.resize_fill(mask.crop(region), height, width)
     original, overlay_mask = image, mask
   else:
     sampled_image = image if image.size == (width, height) else image.resize((width, height),
@@ -138,44 +140,6 @@ def _widen(lo: int, hi: int, grow: int, size: int) -> tuple[int, int]:
   return lo, min(hi, size)
 
 
-def resize_fill(image: Image.Image, height: int, width: int) -> Image.Image:
-  """`image` scaled to fit `width` x `height` with its aspect kept, centred, the two uncovered
-  bands filled with its first and last rows (or columns) stretched (A1111's "Resize and fill";
-  the bands with PIL's default filter, as there)."""
-  aspect, source = width / height, image.width / image.height
-  if aspect < source:  # wider than the output: fit the width, bands above and below
-    w, h = width, image.height * width // image.width
-  else:
-    w, h = image.width * height // image.height, height
-  resized = image.resize((w, h), _LANCZOS)
-  canvas = Image.new(image.mode, (width, height))
-  canvas.paste(resized, (width // 2 - w // 2, height // 2 - h // 2))
-  if aspect < source:
-    band = height // 2 - h // 2
-    if band > 0:
-      canvas.paste(resized.resize((width, band), box=(0, 0, width, 0)), (0, 0))
-      canvas.paste(resized.resize((width, band), box=(0, h, width, h)), (0, band + h))
-  elif aspect > source:
-    band = width // 2 - w // 2
-    if band > 0:
-      canvas.paste(resized.resize((band, height), box=(0, 0, 0, height)), (0, 0))
-      canvas.paste(resized.resize((band, height), box=(w, 0, w, height)), (band + w, 0))
-  return canvas
-
-
-def resize_cover(image: Image.Image, height: int, width: int) -> Image.Image:
-  """`image` scaled to cover `width` x `height` with its aspect kept, centred, the excess cut
-  (A1111's "Crop and resize")."""
-  aspect, source = width / height, image.width / image.height
-  if aspect > source:  # narrower than the output: fit the width, cut above and below
-    w, h = width, image.height * width // image.width
-  else:
-    w, h = image.width * height // image.height, height
-  canvas = Image.new(image.mode, (width, height))
-  canvas.paste(image.resize((w, h), _LANCZOS), (width // 2 - w // 2, height // 2 - h // 2))
-  return canvas
-
-
 def overlay(generated: Image.Image, original: Image.Image, mask: Image.Image,
             crop: tuple[int, int, int, int] | None = None) -> Image.Image:
   """`original` with `generated` showing through where `mask` (L) is white, blended where grey
@@ -184,7 +148,7 @@ def overlay(generated: Image.Image, original: Image.Image, mask: Image.Image,
   if crop is not None:
     x1, y1, x2, y2 = crop
     placed = Image.new("RGB", original.size)  # outside the box the mask is 0: the original's
-    placed.paste(resize_cover(generated.convert("RGB"), y2 - y1, x2 - x1), (x1, y1))
+    placed.paste(outputs.resize_cover(generated.convert("RGB"), y2 - y1, x2 - x1), (x1, y1))
     generated = placed
   kept = Image.new("RGBa", original.size)
   kept.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))

@@ -381,6 +381,45 @@ def read_image(path: str, size: tuple[int, int], mode: str = "RGB") -> np.ndarra
   return np.asarray(image, np.float32) / np.float32(255.0)
 
 
+def resize_fill(image: Image.Image, height: int, width: int) -> Image.Image:
+  """`image` scaled to fit `width` x `height` with its aspect kept, centred, the two uncovered
+  bands filled with its first and last rows (or columns) stretched (A1111's "Resize and fill";
+  the bands with PIL's default filter, as there)."""
+  aspect, source = width / height, image.width / image.height
+  if aspect < source:  # wider than the output: fit the width, bands above and below
+    w, h = width, image.height * width // image.width
+  else:
+    w, h = image.width * height // image.height, height
+  resized = image.resize((w, h), Image.Resampling.LANCZOS)
+  canvas = Image.new(image.mode, (width, height))
+  canvas.paste(resized, (width // 2 - w // 2, height // 2 - h // 2))
+  if aspect < source:
+    band = height // 2 - h // 2
+    if band > 0:
+      canvas.paste(resized.resize((width, band), box=(0, 0, width, 0)), (0, 0))
+      canvas.paste(resized.resize((width, band), box=(0, h, width, h)), (0, band + h))
+  elif aspect > source:
+    band = width // 2 - w // 2
+    if band > 0:
+      canvas.paste(resized.resize((band, height), box=(0, 0, 0, height)), (0, 0))
+      canvas.paste(resized.resize((band, height), box=(w, 0, w, height)), (band + w, 0))
+  return canvas
+
+
+def resize_cover(image: Image.Image, height: int, width: int) -> Image.Image:
+  """`image` scaled to cover `width` x `height` with its aspect kept, centred, the excess cut
+  (A1111's "Crop and resize")."""
+  aspect, source = width / height, image.width / image.height
+  if aspect > source:  # narrower than the output: fit the width, cut above and below
+    w, h = width, image.height * width // image.width
+  else:
+    w, h = image.width * height // image.height, height
+  canvas = Image.new(image.mode, (width, height))
+  canvas.paste(image.resize((w, h), Image.Resampling.LANCZOS),
+               (width // 2 - w // 2, height // 2 - h // 2))
+  return canvas
+
+
 def write_png(path: str | os.PathLike, image: Any, parameters: str) -> str:
   """Writes `image` (float [H, W, 3] in [0, 1], see `to_uint8`) as a PNG, atomically.
 

@@ -50,21 +50,6 @@ def test_blank_mask_has_no_crop_region():
   assert masks.crop_region(np.zeros((16, 24), np.uint8), 8, 8, 4) is None
 
 
-@pytest.mark.parametrize("source", [(30, 50), (50, 30), (40, 40), (17, 61), (64, 9)])
-@pytest.mark.parametrize("out", [(32, 32), (24, 40), (48, 16)])
-def test_resizes_match_diffusers(source, out):
-  rng = np.random.default_rng(1)
-  image = _image(rng, *source)
-  mask = Image.fromarray(rng.integers(0, 256, source, dtype=np.uint8))
-  fill = PROCESSOR._resize_and_fill(image, out[1], out[0])  # noqa: SLF001
-  np.testing.assert_array_equal(np.asarray(masks.resize_fill(image, *out)), np.asarray(fill))
-  # A mask keeps its own mode (diffusers pastes it into RGB and converts back: the same levels).
-  fill = PROCESSOR._resize_and_fill(mask, out[1], out[0]).convert("L")  # noqa: SLF001
-  np.testing.assert_array_equal(np.asarray(masks.resize_fill(mask, *out)), np.asarray(fill))
-  cover = PROCESSOR._resize_and_crop(image, out[1], out[0])  # noqa: SLF001
-  np.testing.assert_array_equal(np.asarray(masks.resize_cover(image, *out)), np.asarray(cover))
-
-
 @pytest.mark.parametrize("crop", [None, (8, 4, 40, 36)])
 def test_overlay_matches_diffusers(crop):
   rng = np.random.default_rng(2)

@@ -455,3 +455,27 @@ def test_check_output_dir_not_writable(tmp_path):
       check_output_dir(path)
   finally:
     path.chmod(0o700)
+
+# --- init image resizing (A1111's resize modes) -----------------------------------------------
+
+
+def _random_image(rng, height, width):
+  return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("source", [(30, 50), (50, 30), (40, 40), (17, 61), (64, 9)])
+@pytest.mark.parametrize("out", [(32, 32), (24, 40), (48, 16)])
+def test_resizes_match_diffusers(source, out):
+  from diffusers.image_processor import VaeImageProcessor
+
+  processor = VaeImageProcessor()  # Lanczos, as diffusers' img2img and inpainting pipelines
+  rng = np.random.default_rng(1)
+  image = _random_image(rng, *source)
+  mask = Image.fromarray(rng.integers(0, 256, source, dtype=np.uint8))
+  fill = processor._resize_and_fill(image, out[1], out[0])  # noqa: SLF001
+  np.testing.assert_array_equal(np.asarray(outputs.resize_fill(image, *out)), np.asarray(fill))
+  # A mask keeps its own mode (diffusers pastes it into RGB and converts back: the same levels).
+  fill = processor._resize_and_fill(mask, out[1], out[0]).convert("L")  # noqa: SLF001
+  np.testing.assert_array_equal(np.asarray(outputs.resize_fill(mask, *out)), np.asarray(fill))
+  cover = processor._resize_and_crop(image, out[1], out[0])  # noqa: SLF001
+  np.testing.assert_array_equal(np.asarray(outputs.resize_cover(image, *out)), np.asarray(cover))
