@@ -41,6 +41,10 @@ flags.DEFINE_enum("emphasis", "Original", ["Original", "No norm", "Ignore", "Non
 flags.DEFINE_float("strength", 0.75, "img2img and inpainting (jsonl lines with an init_image): "
                    "how much of the schedule to run, A1111's denoising strength (1.0 ignores "
                    "the image)")
+flags.DEFINE_enum("resize_mode", "just", ["just", "crop", "fill"], "img2img and inpainting: "
+                  "how an init_image of another aspect meets the image size, A1111's Just "
+                  "resize (stretched), Crop and resize (covered, the excess cut) or Resize and "
+                  "fill (fitted, the bands filled with its edges stretched)")
 flags.DEFINE_float("mask_blur", 4.0, "inpainting (jsonl lines with a mask_image): the mask's "
                    "Gaussian blur radius in pixels (A1111's Mask blur; soft edges blend the "
                    "original back in)")
@@ -135,7 +139,7 @@ def _run_config() -> run.RunConfig:
       prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
       negative_prompt=FLAGS.negative_prompt, prompt_syntax=FLAGS.prompt_syntax,
       lora_dir=FLAGS.lora_dir, emphasis=FLAGS.emphasis, strength=FLAGS.strength,
-      mask_blur=FLAGS.mask_blur, inpaint_full_res=FLAGS.inpaint_full_res,
+      resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur, inpaint_full_res=FLAGS.inpaint_full_res,
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,

@@ -19,8 +19,6 @@ from PIL import Image, ImageFilter, ImageOps
 
 from sdjax import outputs
 
-_LANCZOS = Image.Resampling.LANCZOS
-
 
 @dataclasses.dataclass(frozen=True)
 class MaskOptions:
@@ -77,12 +75,13 @@ class Prepared:
 
 
 def prepare(image: Image.Image, mask: Image.Image, height: int, width: int,
-            options: MaskOptions) -> Prepared:
+            options: MaskOptions, resize_mode: str = "just") -> Prepared:
   """The sampler's image and mask (`height` x `width`) from an image and a mask of any (common)
-  size; the mask is resized to the image's size first if they differ."""
+  size; the mask is resized to the image's size first if they differ. The whole picture is
+  resized to the output by `resize_mode` (`outputs.RESIZE_MODES`)."""
   image, mask = image.convert("RGB"), mask.convert("L")
   if mask.size != image.size:
-    mask = mask.resize(image.size, _LANCZOS)
+    mask = mask.resize(image.size, Image.Resampling.LANCZOS)
   if options.blur:
     mask = mask.filter(ImageFilter.GaussianBlur(options.blur))
   region = None
@@ -93,10 +92,8 @@ def prepare(image: Image.Image, mask: Image.Image, height: int, width: int,
     sampled_mask = outputs.resize_fill(mask.crop(region), height, width)
     original, overlay_mask = image, mask
   else:
-    sampled_image = image if image.size == (width, height) else image.resize((width, height),
-                                                                             _LANCZOS)
-    sampled_mask = mask if mask.size == (width, height) else mask.resize((width, height),
-                                                                         _LANCZOS)
+    sampled_image = outputs.resize(image, height, width, resize_mode)
+    sampled_mask = outputs.resize(mask, height, width, resize_mode)
     original = overlay_mask = None
     if options.overlay:  # A1111: the doubled mask, so what is repainted shows whole
       original = sampled_image

@@ -371,14 +371,31 @@ def open_image(path: str, mode: str = "RGB") -> Image.Image:
   return image.convert(mode)
 
 
-def read_image(path: str, size: tuple[int, int], mode: str = "RGB") -> np.ndarray:
+def read_image(path: str, size: tuple[int, int], mode: str = "RGB",
+               resize_mode: str = "just") -> np.ndarray:
   """An image file (local path or fsspec URL) as float32 [H, W, 3] in [0, 1], resized to `size`
-  (height, width) with Lanczos as A1111's img2img "Just resize"; ValueError if unreadable.
-  `mode` "L": grey levels [H, W]."""
-  image = open_image(path, mode)
-  if image.size != (size[1], size[0]):
-    image = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+  (height, width) by `resize` (`resize_mode`); ValueError if unreadable. `mode` "L": grey levels
+  [H, W]."""
+  image = resize(open_image(path, mode), *size, resize_mode)
   return np.asarray(image, np.float32) / np.float32(255.0)
+
+
+# A1111's img2img resize modes, by their names there.
+RESIZE_MODES = {"just": "Just resize", "crop": "Crop and resize", "fill": "Resize and fill"}
+
+
+def resize(image: Image.Image, height: int, width: int, mode: str = "just") -> Image.Image:
+  """`image` at `width` x `height` (Lanczos) in one of `RESIZE_MODES`: "just" (the aspect not
+  kept), "crop" (`resize_cover`) or "fill" (`resize_fill`)."""
+  if image.size == (width, height):
+    return image
+  if mode == "crop":
+    return resize_cover(image, height, width)
+  if mode == "fill":
+    return resize_fill(image, height, width)
+  if mode != "just":
+    raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+  return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def resize_fill(image: Image.Image, height: int, width: int) -> Image.Image:

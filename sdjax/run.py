@@ -87,6 +87,7 @@ class RunConfig:
   # masked box, padded, generated at the run's size and pasted back) or the whole picture. The
   # original's pixels are pasted back outside the mask either way (`sdjax.masks`).
   mask_blur: float = 4.0
+  resize_mode: str = "just"  # init images to the image size: `outputs.RESIZE_MODES`
   inpaint_full_res: bool = False
   inpaint_full_res_padding: int = 32
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
@@ -177,6 +178,9 @@ def validate(cfg: RunConfig) -> None:
     raise RunError(f"--eta must be >= 0, got {cfg.eta}")
   if not 0.0 < cfg.strength <= 1.0:
     raise RunError(f"--strength must be in (0, 1], got {cfg.strength}")
+  if cfg.resize_mode not in outputs.RESIZE_MODES:
+    raise RunError(f"--resize_mode must be one of {', '.join(outputs.RESIZE_MODES)}, "
+                   f"got {cfg.resize_mode!r}")
   if not cfg.mask_blur >= 0 or cfg.inpaint_full_res_padding < 0:
     raise RunError(f"--mask_blur and --inpaint_full_res_padding must be >= 0, got "
                    f"{cfg.mask_blur} and {cfg.inpaint_full_res_padding}")
@@ -245,6 +249,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["emphasis"] = cfg.emphasis
   if cfg.strength != RunConfig.strength:  # img2img lines' pixels depend on it
     settings["strength"] = cfg.strength
+  if cfg.resize_mode != RunConfig.resize_mode:
+    settings["resize_mode"] = cfg.resize_mode
   if _mask_options(cfg) != _mask_options(RunConfig()):  # inpainting lines' pixels depend on it
     settings["inpainting"] = dataclasses.asdict(_mask_options(cfg))
   if cfg.loras:
@@ -796,8 +802,8 @@ class _Sampler:
     finish). An inpainting model's line without an image or mask has a grey one and a full one
     (everything repainted)."""
     if not inpaint:
-      return _read_each(jobs, "init_image", lambda path: outputs.read_image(path, size),
-                        np.zeros((*size, 3), np.float32)), None
+      return _read_each(jobs, "init_image", lambda path: outputs.read_image(
+          path, size, resize_mode=self.cfg.resize_mode), np.zeros((*size, 3), np.float32)), None
     options, rows = _mask_options(self.cfg), {}
     for job in jobs:
       key = job.init_image, job.mask_image
@@ -806,11 +812,13 @@ class _Sampler:
       try:
         if job.mask_image is None:  # an inpainting model's: everything
           image = (np.full((*size, 3), 0.5, np.float32) if job.init_image is None
-                   else outputs.read_image(job.init_image, size))
+                   else outputs.read_image(job.init_image, size,
+                                           resize_mode=self.cfg.resize_mode))
           rows[key] = masks.Prepared(image, np.ones((*size, 1), np.float32), None, None, None)
         else:
           rows[key] = masks.prepare(outputs.open_image(job.init_image),
-                                    outputs.open_image(job.mask_image, "L"), *size, options)
+                                    outputs.open_image(job.mask_image, "L"), *size, options,
+                                    self.cfg.resize_mode)
       except ValueError as e:
         raise RunError(f"image {job.index} ({job.prompt!r}): {e}") from None
     prepared = [rows[job.init_image, job.mask_image] for job in jobs]
@@ -996,6 +1004,8 @@ class _Metadata:
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image, "strength": cfg.strength} if job.init_image else {}),
+        **({"resize_mode": cfg.resize_mode} if job.init_image and cfg.resize_mode != "just"
+           else {}),
         **({"mask_image": job.mask_image, **self._mask_record()} if job.mask_image else {}),
         **hires, **_sdxl_record(cfg, self.pipe),
     }

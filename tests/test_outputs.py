@@ -479,3 +479,12 @@ def test_resizes_match_diffusers(source, out):
   np.testing.assert_array_equal(np.asarray(outputs.resize_fill(mask, *out)), np.asarray(fill))
   cover = processor._resize_and_crop(image, out[1], out[0])  # noqa: SLF001
   np.testing.assert_array_equal(np.asarray(outputs.resize_cover(image, *out)), np.asarray(cover))
+  just = processor.resize(image, out[0], out[1])  # diffusers' default: the aspect not kept
+  for mode, expected in (("just", just), ("crop", cover)):
+    np.testing.assert_array_equal(np.asarray(outputs.resize(image, *out, mode)),
+                                  np.asarray(expected))
+
+
+def test_resize_mode_is_checked():
+  with pytest.raises(ValueError, match="resize mode must be one of just, crop, fill"):
+    outputs.resize(Image.new("RGB", (4, 4)), 8, 8, "stretch")

@@ -234,8 +234,9 @@ def test_bad_line_size(model, cache, tmp_path):
 
 
 def test_init_image_lines(model, cache, tmp_path):
-  """jsonl lines with an init_image run img2img at the run's --strength (A1111's "Just resize"
-  of the image to the image size), beside text-to-image lines; records and PNGs say so."""
+  """jsonl lines with an init_image run img2img at the run's --strength (here A1111's "Crop
+  and resize" of the image to the image size), beside text-to-image lines; records and PNGs
+  say so."""
   import sdjax  # noqa: PLC0415
 
   rng = np.random.default_rng(0)
@@ -247,7 +248,7 @@ def test_init_image_lines(model, cache, tmp_path):
                   '{"prompt": "a bird", "init_image": "sub/b.png"}\n')
   out = str(tmp_path / "out")
   config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path),
-                               strength=0.6)
+                               strength=0.6, resize_mode="crop")
   assert run.generate_run(config).images == 3
   records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
   pipe = sdjax.load_pipeline(model)
@@ -261,8 +262,8 @@ def test_init_image_lines(model, cache, tmp_path):
       alone = pipe.generate(record["prompt"], seed=record["seed"], height=16, width=16, **kw)
     else:
       assert record["init_image"] == str(tmp_path / init) and record["strength"] == 0.6
-      assert params["Denoising strength"] == "0.6"
-      image = outputs.read_image(str(tmp_path / init), size)
+      assert params["Denoising strength"] == "0.6" and record["resize_mode"] == "crop"
+      image = np.asarray(outputs.resize_cover(Image.open(tmp_path / init), *size)) / 255
       alone = pipe.generate(record["prompt"], seed=record["seed"], init_images=image[None],
                             strength=0.6, **kw)
     assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
