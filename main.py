@@ -51,6 +51,8 @@ flags.DEFINE_float("mask_blur", 4.0, "inpainting (jsonl lines with a mask_image)
 flags.DEFINE_bool("inpaint_full_res", False, "inpainting: A1111's 'Only masked': the masked box, "
                   "padded and widened to the output's aspect, is generated at the full output "
                   "size and pasted back into the original, which keeps its size")
+flags.DEFINE_bool("inpainting_mask_invert", False, "inpainting: repaint what the mask leaves "
+                  "black (A1111's Inpaint not masked)")
 flags.DEFINE_integer("inpaint_full_res_padding", 32, "inpainting with --inpaint_full_res: "
                      "pixels of context around the mask")
 flags.DEFINE_string("embeddings_dir", None, "load every textual-inversion file in this folder "
@@ -141,6 +143,7 @@ def _run_config() -> run.RunConfig:
       lora_dir=FLAGS.lora_dir, emphasis=FLAGS.emphasis, strength=FLAGS.strength,
       resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur, inpaint_full_res=FLAGS.inpaint_full_res,
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
+      inpainting_mask_invert=FLAGS.inpainting_mask_invert,
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,

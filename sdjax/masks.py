@@ -31,11 +31,13 @@ class MaskOptions:
     into the original, which keeps its size. None: the whole picture, resized to the output size.
   overlay: whole picture: paste the original back over the result where the mask is below 0.5,
     blended where the (blurred) mask is in between (A1111 always does; "Only masked" always does).
+  invert: repaint what the mask leaves black (A1111's "Inpaint not masked"), before the blur.
   """
 
   blur: float = 0.0
   padding: int | None = None
   overlay: bool = False
+  invert: bool = False
 
   def check(self) -> None:
     if not self.blur >= 0:
@@ -46,7 +48,7 @@ class MaskOptions:
   @property
   def host_work(self) -> bool:
     """Whether anything happens here, besides the sampler's own binarizing of the mask."""
-    return bool(self.blur) or self.padding is not None or self.overlay
+    return bool(self.blur) or self.padding is not None or self.overlay or self.invert
 
   def a1111_parameters(self) -> dict[str, str]:
     """A1111's infotext entries for these options."""
@@ -80,6 +82,8 @@ def prepare(image: Image.Image, mask: Image.Image, height: int, width: int,
   size; the mask is resized to the image's size first if they differ. The whole picture is
   resized to the output by `resize_mode` (`outputs.RESIZE_MODES`)."""
   image, mask = image.convert("RGB"), mask.convert("L")
+  if options.invert:
+    mask = ImageOps.invert(mask)
   if mask.size != image.size:
     mask = mask.resize(image.size, Image.Resampling.LANCZOS)
   if options.blur:

@@ -90,6 +90,7 @@ class RunConfig:
   resize_mode: str = "just"  # init images to the image size: `outputs.RESIZE_MODES`
   inpaint_full_res: bool = False
   inpaint_full_res_padding: int = 32
+  inpainting_mask_invert: bool = False  # repaint what the mask leaves black
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -264,7 +265,7 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
 
 def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
   return masks.MaskOptions(cfg.mask_blur, cfg.inpaint_full_res_padding if cfg.inpaint_full_res
-                           else None, overlay=True)
+                           else None, overlay=True, invert=cfg.inpainting_mask_invert)
 
 
 def _hires(cfg: RunConfig) -> sampling.Hires | None:
@@ -1015,6 +1016,8 @@ class _Metadata:
     record = {"mask_blur": cfg.mask_blur}
     if cfg.inpaint_full_res:  # `_write` adds the box and the file's own size
       record["inpaint_full_res_padding"] = cfg.inpaint_full_res_padding
+    if cfg.inpainting_mask_invert:
+      record["inpainting_mask_invert"] = True
     return record
 
   def _hires_extra(self, height: int, width: int) -> dict[str, Any]:

@@ -323,18 +323,21 @@ def test_run_with_mask_lines(inpainting, tmp_path):
     assert np.abs(written - expected).max() <= 1
     parameters = Image.open(tmp_path / "out" / record["file"]).text["parameters"]
     assert "Mask blur: 4, " in parameters and "Inpaint area" not in parameters
-  # "Only masked": the file is the original's size, generate(padding_mask_crop=)'s pixels.
+  # "Only masked" (of an inverted mask): the file is the original's size, generate()'s pixels
+  # with padding_mask_crop and the inverted mask.
   Image.open(tmp_path / "m.png").resize((28, 20)).save(tmp_path / "m_small.png")
   path.write_text(json.dumps({"prompt": "a cat", "init_image": "a.png",
                               "mask_image": "m_small.png"}) + "\n")
   full = dataclasses.replace(cfg, inpaint_full_res=True, inpaint_full_res_padding=2, mask_blur=1,
-                             batch_size=1, output_dir=str(tmp_path / "full"))
+                             inpainting_mask_invert=True, batch_size=1,
+                             output_dir=str(tmp_path / "full"))
   assert run.generate_run(full).images == 1
   record = json.loads(open(tmp_path / "full" / outputs.MANIFEST_NAME).readline())
   assert (record["height"], record["width"], record["inpaint_full_res_padding"]) == (20, 28, 2)
+  assert record["inpainting_mask_invert"] and len(record["inpaint_region"]) == 4
   expected = pipe.generate(
       "a cat", init_images=np.asarray(Image.open(tmp_path / "a.png"))[None] / 255,
-      mask_images=np.asarray(Image.open(tmp_path / "m_small.png"))[None] / 255, mask_blur=1,
+      mask_images=1 - np.asarray(Image.open(tmp_path / "m_small.png"))[None] / 255, mask_blur=1,
       padding_mask_crop=2, height=H, width=W, strength=0.8, seed=record["seed"], **kw)
   written = Image.open(tmp_path / "full" / record["file"])
   assert np.abs(np.asarray(written, int) - np.round(expected[0] * 255)).max() <= 1

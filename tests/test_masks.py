@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from diffusers.image_processor import VaeImageProcessor
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from sdjax import masks
 
@@ -108,6 +108,15 @@ def test_prepare_whole_picture():
   levels = np.round(resized.mask[..., 0] * 255)
   np.testing.assert_array_equal(final[levels == 0], np.asarray(small)[levels == 0])
   np.testing.assert_array_equal(final[levels >= 128], generated[levels >= 128])
+
+
+def test_inverted_mask_repaints_the_rest():
+  """A1111's "Inpaint not masked": the mask inverted before anything else (here the blur)."""
+  rng = np.random.default_rng(6)
+  image, mask = _image(rng, 24, 32), _mask(rng, 24, 32, (4, 4, 20, 16))
+  inverted = masks.prepare(image, mask, 24, 32, masks.MaskOptions(blur=2.0, invert=True))
+  expected = ImageOps.invert(mask).filter(ImageFilter.GaussianBlur(2.0))
+  np.testing.assert_array_equal(inverted.mask[..., 0], np.asarray(expected, np.float32) / 255)
 
 
 def test_blank_mask_only_masked_is_whole_picture():
