@@ -187,36 +187,41 @@ def test_only_masked_matches_diffusers(request, model, name, strength):
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-  """A tiny SDXL inpainting model (9-channel UNet): (diffusers, sdjax). The VAE has no latent
-  statistics, as SDXL's: diffusers' SDXL inpainting pipeline encodes without them."""
+  """Tiny SDXL models for inpainting: {"inpainting": (diffusers, sdjax) with a 9-channel UNet,
+  "plain": the same with the base's own 4-channel UNet}. The VAE has no latent statistics, as
+  SDXL's: diffusers' SDXL inpainting pipeline encodes without them."""
   base, _ = testing.torch_sdxl_pipelines(str(tmp_path_factory.mktemp("sdxl_src")), seed=43)
   vae = diffusers.AutoencoderKL.from_config({**base.vae.config, "latents_mean": None,
                                              "latents_std": None})
   vae.load_state_dict(base.vae.state_dict())
-  ref = diffusers.StableDiffusionXLInpaintPipeline(
-      vae=vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
-      tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2,
-      unet=testing.torch_unet({**testing.UNET_SDXL, "in_channels": 9}, seed=47),
-      scheduler=base.scheduler, add_watermarker=False)
-  ref.set_progress_bar_config(disable=True)
-  folder = str(tmp_path_factory.mktemp("sdxl") / "pipe")
-  ref.save_pretrained(folder, safe_serialization=True)
-  return ref, sdjax.load_pipeline(folder)
+  pipes = {}
+  for name, unet in (("inpainting", testing.torch_unet({**testing.UNET_SDXL, "in_channels": 9},
+                                                       seed=47)), ("plain", base.unet)):
+    ref = diffusers.StableDiffusionXLInpaintPipeline(
+        vae=vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+        tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=unet,
+        scheduler=base.scheduler, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    folder = str(tmp_path_factory.mktemp("sdxl") / name)
+    ref.save_pretrained(folder, safe_serialization=True)
+    pipes[name] = ref, sdjax.load_pipeline(folder)
+  return pipes
 
 
-def test_sdxl_matches_diffusers(sdxl):
-  """StableDiffusionXLInpaintPipeline with an SDXL inpainting model: the micro-conditioning as
-  its img2img pipeline's (a negative original size alone counts there, not in text-to-image);
-  the mask's use is SD1's (checked above for both kinds of model)."""
-  ref, pipe = sdxl
+@pytest.mark.parametrize("model,name", [("inpainting", "euler"), ("plain", "dpmpp_2m_karras")])
+def test_sdxl_matches_diffusers(sdxl, model, name):
+  """StableDiffusionXLInpaintPipeline with an SDXL inpainting model and with the base's own
+  UNet (the latents outside the mask kept to the image's): the micro-conditioning as its
+  img2img pipeline's (a negative original size alone counts there, not in text-to-image)."""
+  ref, pipe = sdxl[model]
   strength, micro = 0.7, dict(crops_coords_top_left=(4, 8), negative_original_size=(24, 24))
   images, masks, noise = _inputs(3)
-  expected, _ = _reference(ref, pipe, images, masks, noise, 13, "euler", strength, 5, **micro)
+  expected, _ = _reference(ref, pipe, images, masks, noise, 13, name, strength, 5, **micro)
   ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images,
                        mask_images=masks, strength=strength, steps=5, seed=13,
-                       guidance_scale=GUIDANCE, scheduler="euler", latents=noise, **micro)
+                       guidance_scale=GUIDANCE, scheduler=name, latents=noise, **micro)
   err = rel_err(ours, expected)
-  print(f"\nSDXL inpainting model, euler, strength {strength}: {err:.2e}")
+  print(f"\nSDXL {model} model, {name}, strength {strength}: {err:.2e}")
   assert err <= 1e-4
 
 
