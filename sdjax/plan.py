@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
-                 "init_image", "guidance_scale", "mask_image")
+                 "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -40,6 +40,9 @@ class PromptLine:
   init_image: str | None = None  # img2img: the image to start from
   guidance_scale: float | None = None  # None: the run's
   mask_image: str | None = None  # inpainting (with init_image): white repaints
+  steps: int | None = None  # None: the run's
+  scheduler: str | None = None
+  strength: float | None = None  # img2img and inpainting lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,9 @@ class ImageJob:
   init_image: str | None = None
   guidance_scale: float | None = None  # None: the run's
   mask_image: str | None = None
+  steps: int | None = None  # None: the run's
+  scheduler: str | None = None
+  strength: float | None = None
 
   @property
   def kind(self) -> str | None:
@@ -98,7 +104,7 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
   negative = obj.get("negative_prompt")
   if negative is not None and not isinstance(negative, str):
     raise RunError(f"{where}: \"negative_prompt\" must be a string")
-  for key, least in (("seed", 0), ("num_images", 1)):
+  for key, least in (("seed", 0), ("num_images", 1), ("steps", 1)):
     value = obj.get(key)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                               or value < least):
@@ -110,13 +116,28 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
   init, mask = (_image_path(path, where, obj, key) for key in ("init_image", "mask_image"))
   if mask is not None and init is None:
     raise RunError(f'{where}: "mask_image" marks what to repaint in an "init_image": give both')
-  guidance = obj.get("guidance_scale")
-  if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)
-                               or not math.isfinite(guidance) or guidance < 0):
+  guidance, strength = obj.get("guidance_scale"), obj.get("strength")
+  if guidance is not None and not (_is_number(guidance) and guidance >= 0):
     raise RunError(f'{where}: "guidance_scale" must be a number >= 0')
+  if strength is not None:
+    if not (_is_number(strength) and 0 < strength <= 1):
+      raise RunError(f'{where}: "strength" must be a number in (0, 1]')
+    if init is None:
+      raise RunError(f'{where}: "strength" is how much of an "init_image" to repaint: give one')
+  scheduler = obj.get("scheduler")
+  if scheduler is not None:
+    from sdjax import schedulers  # noqa: PLC0415
+
+    if scheduler not in schedulers.SCHEDULERS:
+      raise RunError(f'{where}: "scheduler" must be one of {", ".join(schedulers.SCHEDULERS)}')
   return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"),
                     obj.get("width"), obj.get("height"), init,
-                    None if guidance is None else float(guidance), mask)
+                    None if guidance is None else float(guidance), mask, obj.get("steps"),
+                    scheduler, None if strength is None else float(strength))
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _image_path(path: str, where: str, obj: dict, key: str) -> str | None:
@@ -175,6 +196,10 @@ def _key(line: PromptLine) -> list:
   extra = [line.width, line.height, line.init_image, line.guidance_scale]
   if line.mask_image is not None:
     extra.append(line.mask_image)
+  schedule = {k: v for k, v in (("steps", line.steps), ("scheduler", line.scheduler),
+                                ("strength", line.strength)) if v is not None}
+  if schedule:
+    extra.append(schedule)
   return key + extra if any(x is not None for x in extra) else key
 
 
@@ -259,7 +284,8 @@ class Plan:
         if index >= wanted.start:
           seed = self.seed + index if line.seed is None else line.seed + j
           yield ImageJob(index, line.prompt, negative, seed, size, line.init_image,
-                         line.guidance_scale, line.mask_image)
+                         line.guidance_scale, line.mask_image, line.steps, line.scheduler,
+                         line.strength)
         index += 1
         if index >= wanted.stop:
           return  # before reading the next line, which belongs to the next shard

@@ -469,17 +469,17 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
 
-  def group(job):  # a batch holds one size, kind (ImageJob.kind), guidance, LoRA set
+  def group(job):  # a batch holds one size, kind (ImageJob.kind), guidance, LoRA set, schedule
     return (metadata.size(job), job.kind, metadata.guidance(job),
-            lora_set(job.prompt) if lora_set is not None else None)
+            lora_set(job.prompt) if lora_set is not None else None, metadata.schedule(job))
 
   batches = _Batches(work.jobs(plan), local_batch, group, lookahead=max(1024, 16 * local_batch))
   made, start, pending, interrupted, progress = 0, None, None, False, None
   try:
     with _StopFlag() as stop:
-      for batch, (size, kind, guidance, loras) in batches:  # until no process has work left
+      for batch, group in batches:  # until no process has work left
         # Dispatched: the devices work while the host writes the last batch.
-        images, finish = run_batch(batch, size, kind, guidance, loras)
+        images, finish = run_batch(batch, *group)
         if progress is None:  # compiled: from here on the bar's rate and ETA mean something
           start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
         if pending is not None:
@@ -673,6 +673,7 @@ class _Program:
   sampler: Any
   statics: str
   refiner: Any  # (spec, state, pipeline) of the refiner stage, or None
+  steps: int
   hires: Any = None  # (spec, state) of the hires pass, or None
   compiled: dict = dataclasses.field(default_factory=dict)  # per prompt-input shape
 
@@ -693,15 +694,20 @@ class _Sampler:
     params = pipe.params if refiner is None else (pipe.params, refiner.params)
     self.params = parallel.replicate(params, mesh)
     self.scalars: dict[float, Any] = {}  # per guidance scale, replicated
-    self.programs: dict[tuple[tuple[int, int], str | None, bool], _Program] = {}
+    self.programs: dict[tuple, _Program] = {}
     self.compile_seconds = 0.0
 
-  def program(self, size: tuple[int, int], kind: str | None, guidance: float) -> _Program:
-    """The sampler of images of `size` (height, width) and `kind` (`ImageJob.kind`), made when
-    first needed; one program serves every guidance scale > 1 (the scale is an input), another
-    those <= 1 (no guidance)."""
-    key = (size, kind, guidance > 1.0)
+  def program(self, size: tuple[int, int], kind: str | None, guidance: float,
+              schedule: tuple[int, str, float | None] | None = None) -> _Program:
+    """The sampler of images of `size` (height, width) and `kind` (`ImageJob.kind`) under
+    `schedule` (`_Metadata.schedule`; default the run's), made when first needed; one program
+    serves every guidance scale > 1 (the scale is an input), another those <= 1 (no
+    guidance)."""
     img2img = kind is not None
+    schedule = schedule or (self.cfg.steps, self.scheduler,
+                            self.cfg.strength if img2img else None)
+    key = (size, kind, guidance > 1.0, schedule)
+    steps, scheduler, strength = schedule
     if key not in self.programs:
       cfg, pipe = self.cfg, self.pipe
       try:
@@ -716,13 +722,13 @@ class _Sampler:
       if cfg.cfg_parallel and guidance <= 1.0:
         raise RunError(f"--cfg_parallel splits classifier-free guidance, which a prompt line's "
                        f"guidance_scale {guidance:g} (<= 1) does not use")
-      common = dict(steps=cfg.steps, scheduler=self.scheduler, height=size[0], width=size[1],
+      common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel)
-      extra = dict(img2img=True, strength=cfg.strength) if img2img else {}
+      extra = dict(img2img=True, strength=strength) if img2img else {}
       inpaint = kind == "inpaint"
       if sampling.is_inpainting_model(pipe) and refiner is None and hires is None:
         # Lines without a mask repaint everything, without an image from pure noise (A1111's).
-        extra, inpaint = dict(img2img=True, strength=cfg.strength if img2img else 1.0), True
+        extra, inpaint = dict(img2img=True, strength=strength if img2img else 1.0), True
       try:
         spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
                                        denoising_end=cfg.refiner_start if refiner else None)
@@ -746,13 +752,13 @@ class _Sampler:
           parallel.sharded_sampler(self.mesh, spec, pipe, stage,
                                    hires=None if hires is None else hires[0]),
           aot.sampler_statics(spec, pipe, stage if hires is None else (hires[0], pipe)),
-          refiner, hires)
+          refiner, steps, hires)
     return self.programs[key]
 
   def _a1111(self, program, sizes=None):
     if self.cfg.prompt_syntax != "a1111":
       return None
-    return sampling.a1111_options(program.spec, program.host_state, self.cfg.steps, sizes=sizes,
+    return sampling.a1111_options(program.spec, program.host_state, program.steps, sizes=sizes,
                                   bucket_variants=True, allow_lora=self.lora_set is not None,
                                   emphasis=self.cfg.emphasis)
 
@@ -779,7 +785,7 @@ class _Sampler:
         return cond, cond
       if a1111 is not None:
         spec, state = program.hires
-        a1111 = sampling.a1111_options(spec, state, self.cfg.hires_steps or self.cfg.steps,
+        a1111 = sampling.a1111_options(spec, state, self.cfg.hires_steps or program.steps,
                                        sizes=a1111.sizes, bucket_variants=True,
                                        allow_lora=a1111.allow_lora, emphasis=a1111.emphasis,
                                        base_steps=a1111.steps)
@@ -791,7 +797,7 @@ class _Sampler:
       return cond
     spec, state, refiner = program.refiner
     if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
-      a1111 = sampling.a1111_options(spec, state, self.cfg.steps, first_call=a1111.calls,
+      a1111 = sampling.a1111_options(spec, state, program.steps, first_call=a1111.calls,
                                      bucket_variants=True, allow_lora=a1111.allow_lora,
                                      emphasis=a1111.emphasis)
     return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
@@ -837,14 +843,14 @@ class _Sampler:
       self.params, self.loras = parallel.replicate(params, self.mesh), loras
       logging.info("LoRA set %s merged", loras)
 
-  def __call__(self, batch, size, kind, guidance, loras=None):
+  def __call__(self, batch, size, kind, guidance, loras, schedule):
     """Dispatches `batch` ((shard, job) rows) of images of `size` (height, width) and `kind`
     (`ImageJob.kind`: from their init images, and masks), at guidance scale `guidance`, under
-    LoRA set `loras` (with `--lora_dir`); with what finishes inpainted rows on the host (see
-    `_init_images`)."""
+    LoRA set `loras` (with `--lora_dir`) and `schedule`; with what finishes inpainted rows on
+    the host (see `_init_images`)."""
     if self.lora_set is not None:
       self._use_loras(loras)
-    program = self.program(size, kind, guidance)
+    program = self.program(size, kind, guidance, schedule)
     if guidance not in self.scalars:
       self.scalars[guidance] = parallel.replicate((np.float32(guidance), np.float32(0.0)),
                                                   self.mesh)
@@ -864,7 +870,7 @@ class _Sampler:
       program.compiled[key] = aot.load_or_compile(program.sampler, args, program.statics)
       self.compile_seconds += time.perf_counter() - t0
       logging.info("compiled the sampler for %dx%d, %d steps, %d per device on %d devices%s, "
-                   "prompts %s in %.1f s", size[1], size[0], self.cfg.steps,
+                   "prompts %s in %.1f s", size[1], size[0], program.steps,
                    self.cfg.batch_size, self.mesh.size,
                    " (guidance pairs split over 2)" if parallel.CFG in self.mesh.axis_names
                    else "",
@@ -980,6 +986,15 @@ class _Metadata:
     """A job's guidance scale: its prompt line's, else the run's."""
     return self.cfg.guidance_scale if job.guidance_scale is None else job.guidance_scale
 
+  def schedule(self, job: ImageJob) -> tuple[int, str, float | None]:
+    """(steps, scheduler, strength) of a job: its prompt line's, else the run's (strength None
+    for text-to-image)."""
+    cfg = self.cfg
+    strength = None
+    if job.init_image is not None:
+      strength = cfg.strength if job.strength is None else job.strength
+    return job.steps or cfg.steps, job.scheduler or self.scheduler, strength
+
   def size(self, job: ImageJob) -> tuple[int, int]:
     """(height, width) of a job's image: its prompt line's, else the run's."""
     if job.size is None:
@@ -994,17 +1009,19 @@ class _Metadata:
     second pass's; `hires` says the first pass's)."""
     cfg = self.cfg
     height, width = self.size(job)
+    steps, scheduler, strength = self.schedule(job)
     hires = _hires_record(cfg)
     if hires:
-      hires["hires"].update(first_height=height, first_width=width)
+      hires["hires"].update(first_height=height, first_width=width,
+                            steps=cfg.hires_steps or steps)
       height, width = self._hires_size(height, width)
     return {
         "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
-        "seed": job.seed, "steps": cfg.steps, "scheduler": self.scheduler,
+        "seed": job.seed, "steps": steps, "scheduler": scheduler,
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
-        **({"init_image": job.init_image, "strength": cfg.strength} if job.init_image else {}),
+        **({"init_image": job.init_image, "strength": strength} if job.init_image else {}),
         **({"resize_mode": cfg.resize_mode} if job.init_image and cfg.resize_mode != "just"
            else {}),
         **({"mask_image": job.mask_image, **self._mask_record()} if job.mask_image else {}),
@@ -1037,12 +1054,13 @@ class _Metadata:
   def parameters(self, job: ImageJob) -> str:
     cfg = self.cfg
     height, width = self.size(job)
+    steps, scheduler, strength = self.schedule(job)
     return outputs.a1111_parameters(
-        prompt=job.prompt, negative_prompt=job.negative_prompt, steps=cfg.steps,
-        sampler=self.scheduler, cfg_scale=self.guidance(job), seed=job.seed, width=width,
+        prompt=job.prompt, negative_prompt=job.negative_prompt, steps=steps,
+        sampler=scheduler, cfg_scale=self.guidance(job), seed=job.seed, width=width,
         height=height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
         version=f"sdjax {sdjax.__version__}",
-        extra={**({"Denoising strength": cfg.strength} if job.init_image else {}),
+        extra={**({"Denoising strength": strength} if job.init_image else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._hires_extra(height, width),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
@@ -1056,7 +1074,8 @@ class _Metadata:
     from sdjax import prompts  # noqa: PLC0415
 
     for text in (job.prompt, job.negative_prompt or ""):
-      texts = [t for _, t in prompts.prompt_schedule(prompts.lora_tags(text)[0], self.cfg.steps)]
+      texts = [t for _, t in prompts.prompt_schedule(prompts.lora_tags(text)[0],
+                                                     self.schedule(job)[0])]
       if any("(" in t or "[" in t for t in texts):
         return {"Emphasis": self.cfg.emphasis}
     return {}

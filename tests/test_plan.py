@@ -102,6 +102,32 @@ def test_bad_lines_name_their_line(tmp_path):
          negative_prompt="", shard_size=1)
 
 
+def test_per_line_schedule(tmp_path):
+  """jsonl steps, scheduler and strength (img2img lines) reach the jobs and the digest; bad
+  values are named."""
+  from sdjax.plan import parse_line
+
+  line = parse_line("p.jsonl", 1, b'{"prompt": "a", "steps": 12, "scheduler": "ddim", '
+                    b'"init_image": "a.png", "strength": 0.5}')
+  assert (line.steps, line.scheduler, line.strength) == (12, "ddim", 0.5)
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"prompt": "a", "steps": 12}\n{"prompt": "b"}\n')
+  plan = Plan([], str(path), num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=4)
+  assert [(j.steps, j.scheduler, j.strength) for j in _all_jobs(plan)] == [
+      (12, None, None), (None, None, None)]
+  cli = Plan([PromptLine("a")], None, num_images_per_prompt=1, seed=0, negative_prompt="",
+             shard_size=4)
+  assert Plan([PromptLine("a", steps=3)], None, num_images_per_prompt=1, seed=0,
+              negative_prompt="", shard_size=4).digest != cli.digest
+  for text, error in (('"steps": 0', '"steps" must be a positive integer'),
+                      ('"scheduler": "k_euler"', '"scheduler" must be one of ddim, '),
+                      ('"init_image": "a.png", "strength": 1.5', r'"strength" must be a number '
+                       r"in \(0, 1\]"),
+                      ('"strength": 0.5', '"strength" is how much of an "init_image"')):
+    with pytest.raises(RunError, match=f"p.jsonl line 3: {error}"):
+      parse_line("p.jsonl", 3, ('{"prompt": "a", ' + text + "}").encode())
+
+
 _MEMORY_PROBE = """
 import importlib.util, json, sys, tracemalloc
 # plan.py alone: importing the sdjax package would load jax (slow, and not what is measured).

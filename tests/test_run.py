@@ -274,6 +274,43 @@ def test_init_image_lines(model, cache, tmp_path):
                                          output_dir=str(tmp_path / "bad")))
 
 
+def test_per_line_schedule(model, cache, tmp_path):
+  """jsonl steps, scheduler and strength: each line's images under its own (a program each),
+  batched with the lines that share them; records and PNGs say them (A1111's sampler names)."""
+  import sdjax  # noqa: PLC0415
+
+  Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), np.uint8)).save(
+      tmp_path / "a.png")
+  lines = [{"prompt": "a cat", "steps": 3, "scheduler": "ddim"}, {"prompt": "a dog"},
+           {"prompt": "a bird", "init_image": "a.png", "strength": 0.5},
+           {"prompt": "a cow", "steps": 3, "scheduler": "ddim"}]
+  path = tmp_path / "schedule.jsonl"
+  path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path))
+  assert run.generate_run(config).images == 4
+  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  assert [(r["steps"], r["scheduler"], r.get("strength")) for r in records] == [
+      (3, "ddim", None), (2, "euler_ancestral", None), (2, "euler_ancestral", 0.5),
+      (3, "ddim", None)]
+  pipe = sdjax.load_pipeline(model)
+  for record in records:
+    png = Image.open(os.path.join(out, record["file"]))
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    assert params["Steps"] == str(record["steps"])
+    assert params["Sampler"] == {"ddim": "DDIM", "euler_ancestral": "Euler a"}[
+        record["scheduler"]]
+    init = {}
+    if "strength" in record:
+      assert params["Denoising strength"] == "0.5"
+      init = dict(init_images=outputs.read_image(str(tmp_path / "a.png"), (16, 16))[None],
+                  strength=0.5)
+    alone = pipe.generate(record["prompt"], seed=record["seed"], steps=record["steps"],
+                          height=16, width=16, guidance_scale=3.0,
+                          scheduler=record["scheduler"], **init)
+    assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+
+
 def test_per_line_guidance(model, cache, tmp_path):
   """jsonl guidance_scale: each line's images at its own scale (<= 1: no guidance, its own
   program), records and PNGs say it; a bad value is a one-line error."""
