@@ -608,10 +608,14 @@ def bench_torch():
   else:
     import tempfile  # noqa: PLC0415
 
+    import sdjax  # noqa: PLC0415
     from sdjax import testing  # noqa: PLC0415
 
-    tok_dir = tempfile.mkdtemp()
-    testing.write_tokenizer(tok_dir)
+    if _ARCH.value == "builtin":  # its own words and length
+      tok_dir = f"{sdjax.BUILTIN_MODEL}/tokenizer"
+    else:
+      tok_dir = tempfile.mkdtemp()
+      testing.write_tokenizer(tok_dir)
     text = CLIPTextModel(CLIPTextConfig(**clip_cfg)).to(device, dtype).eval()
     cls, options = {
         "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {}),
