@@ -726,8 +726,7 @@ class _Sampler:
                     guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel)
       extra = dict(img2img=True, strength=strength) if img2img else {}
       inpaint = kind == "inpaint"
-      if sampling.is_inpainting_model(pipe) and refiner is None and hires is None:
-        # Lines without a mask repaint everything, without an image from pure noise (A1111's).
+      if sampling.repaints_everything(pipe, inpaint, hires, refiner):  # lines without masks
         extra, inpaint = dict(img2img=True, strength=strength if img2img else 1.0), True
       try:
         spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
@@ -818,10 +817,10 @@ class _Sampler:
         continue
       try:
         if job.mask_image is None:  # an inpainting model's: everything
-          image = (np.full((*size, 3), 0.5, np.float32) if job.init_image is None
-                   else outputs.read_image(job.init_image, size,
-                                           resize_mode=self.cfg.resize_mode))
-          rows[key] = masks.Prepared(image, np.ones((*size, 1), np.float32), None, None, None)
+          image, mask, _ = sampling.unmasked_inpainting(
+              None if job.init_image is None else outputs.read_image(
+                  job.init_image, size, resize_mode=self.cfg.resize_mode)[None], 1, *size)
+          rows[key] = masks.Prepared(image[0], mask[0], None, None, None)
         else:
           rows[key] = masks.prepare(outputs.open_image(job.init_image),
                                     outputs.open_image(job.mask_image, "L"), *size, options,

@@ -691,6 +691,24 @@ def is_inpainting_model(pipe) -> bool:
   return pipe.unet.config.in_channels == 2 * latent_channels(pipe) + 1
 
 
+def repaints_everything(pipe, masks: bool, hires=None, refiner=None) -> bool:
+  """Whether `pipe` is an inpainting model given no masks in a pass that takes them, which A1111
+  runs as a repaint of everything (`unmasked_inpainting`); the hires pass and a refiner stage
+  take none."""
+  return is_inpainting_model(pipe) and not masks and hires is None and refiner is None
+
+
+def unmasked_inpainting(init_images: np.ndarray | None, n: int, height: int,
+                        width: int) -> tuple[np.ndarray, np.ndarray, bool]:
+  """An inpainting model's inputs without masks, as A1111 makes them: the init images [n, H, W, 3]
+  (all grey without: text-to-image from pure noise), masks [n, H, W, 1] that repaint everything,
+  and whether the strength is forced to 1 (no init images)."""
+  grey = init_images is None
+  if grey:
+    init_images = np.full((n, height, width, 3), 0.5, np.float32)
+  return init_images, np.ones((*init_images.shape[:3], 1), np.float32), grey
+
+
 def inpaint_mode(pipe, masks: bool) -> str | None:
   """How `pipe` inpaints (INPAINT_MODES) when given masks, None without; a clear error for an
   inpainting model without masks (generate() and runs give it full masks: only the hires
@@ -818,14 +836,11 @@ def generate(
     if init_images.ndim != 4 or init_images.shape[0] != n or init_images.shape[-1] != 3:
       raise ValueError(f"init_images must be [{n}, H, W, 3], got {init_images.shape}")
     height, width = init_images.shape[1:3]
-  if is_inpainting_model(pipe) and mask_images is None and hires is None and refiner is None:
-    # As A1111 runs an inpainting model without a mask: everything is repainted (the masked
-    # image is all grey); without an image, from pure noise (text-to-image).
-    if init_images is None:
-      height = pipe.native_size if height is None else height
-      width = pipe.native_size if width is None else width
-      init_images, strength = np.full((n, height, width, 3), 0.5, np.float32), 1.0
-    mask_images = np.ones((*init_images.shape[:3], 1), np.float32)
+  if repaints_everything(pipe, mask_images is not None, hires, refiner):
+    init_images, mask_images, grey = unmasked_inpainting(
+        init_images, n, pipe.native_size if height is None else height,
+        pipe.native_size if width is None else width)
+    strength = 1.0 if grey else strength
   if mask_images is not None:
     if init_images is None:
       raise ValueError("mask_images mark what to repaint in init_images: give both")
