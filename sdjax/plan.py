@@ -126,14 +126,23 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
       raise RunError(f'{where}: "strength" is how much of an "init_image" to repaint: give one')
   scheduler = obj.get("scheduler")
   if scheduler is not None:
-    from sdjax import schedulers  # noqa: PLC0415
-
-    if scheduler not in schedulers.SCHEDULERS:
-      raise RunError(f'{where}: "scheduler" must be one of {", ".join(schedulers.SCHEDULERS)}')
+    scheduler = _scheduler(scheduler, where)
   return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"),
                     obj.get("width"), obj.get("height"), init,
                     None if guidance is None else float(guidance), mask, obj.get("steps"),
                     scheduler, None if strength is None else float(strength))
+
+
+def _scheduler(name, where: str) -> str:
+  """A line's scheduler: one of sdjax's names, or the sampler name A1111 writes for it ("Euler a",
+  "DPM++ 2M Karras"; as its PNG parameters and prompts-from-file say)."""
+  from sdjax import outputs, schedulers  # noqa: PLC0415
+
+  ours = {a1111: name for name, a1111 in outputs.A1111_SAMPLER_NAMES.items()}
+  if name in schedulers.SCHEDULERS or name in ours:
+    return ours.get(name, name)
+  raise RunError(f'{where}: "scheduler" must be one of {", ".join(schedulers.SCHEDULERS)}, or '
+                 f'A1111\'s name of one ({", ".join(ours)})')
 
 
 def _is_number(value) -> bool:

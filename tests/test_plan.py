@@ -110,6 +110,10 @@ def test_per_line_schedule(tmp_path):
   line = parse_line("p.jsonl", 1, b'{"prompt": "a", "steps": 12, "scheduler": "ddim", '
                     b'"init_image": "a.png", "strength": 0.5}')
   assert (line.steps, line.scheduler, line.strength) == (12, "ddim", 0.5)
+  for a1111, ours in (("Euler a", "euler_ancestral"), ("DPM++ 2M Karras", "dpmpp_2m_karras"),
+                      ("PLMS", "pndm")):  # A1111's sampler names, as its PNGs write them
+    line = parse_line("p.jsonl", 1, json.dumps({"prompt": "a", "scheduler": a1111}).encode())
+    assert line.scheduler == ours
   path = tmp_path / "p.jsonl"
   path.write_text('{"prompt": "a", "steps": 12}\n{"prompt": "b"}\n')
   plan = Plan([], str(path), num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=4)
@@ -120,7 +124,7 @@ def test_per_line_schedule(tmp_path):
   assert Plan([PromptLine("a", steps=3)], None, num_images_per_prompt=1, seed=0,
               negative_prompt="", shard_size=4).digest != cli.digest
   for text, error in (('"steps": 0', '"steps" must be a positive integer'),
-                      ('"scheduler": "k_euler"', '"scheduler" must be one of ddim, '),
+                      ('"scheduler": "k_euler"', '"scheduler" must be one of ddim, .* or A1111'),
                       ('"init_image": "a.png", "strength": 1.5', r'"strength" must be a number '
                        r"in \(0, 1\]"),
                       ('"strength": 0.5', '"strength" is how much of an "init_image"')):
