@@ -650,7 +650,14 @@ def _write(writer, metadata, batch, images, finish, progress) -> int:
   for row, image in enumerate(parallel.local_rows_numpy(images)):
     shard, job = batch[row]
     if shard is not None:
-      record, image = metadata.record(job), outputs.to_uint8(image)
+      try:
+        image = outputs.to_uint8(image)
+      except ValueError:  # NaN or inf: say for which image, under what settings
+        steps, scheduler, _ = metadata.schedule(job)
+        raise RunError(f"image {job.index} ({job.prompt!r}): NaN or inf pixels, the sampler "
+                       f"diverged ({steps} {scheduler} steps, guidance "
+                       f"{metadata.guidance(job):g}, {metadata.cfg.dtype})") from None
+      record = metadata.record(job)
       if finish is not None and finish[row] is not None:
         image = finish[row].finish(image)
         if finish[row].crop is not None:  # "Only masked": the original's size

@@ -385,6 +385,8 @@ BAD_INPUT = [
     (["--prompt", "a (cat:1.2.3)"], "bad attention weight '1.2.3'"),
     (["--prompt", "<lora:style:0.5> a cat"], "<lora:...> tags, which only main.py applies"),
     (["--prompt", "<lora:style:0.5> a cat", "--lora_dir", "/"], "<lora:style>: no style{"),
+    (["--guidance_scale", "1e38", "--steps", "2"],  # overflows: which image, what settings
+     "image 0 ('a cat'): NaN or inf pixels, the sampler diverged (2 "),
     # Last: its own process (a process sets its CPU devices once, before JAX starts).
     (["--cfg_parallel", "--cpu_devices", "3"], "--cfg_parallel: CFG parallelism pairs devices"),
 ]
