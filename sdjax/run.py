@@ -824,7 +824,7 @@ class _Sampler:
         continue
       try:
         if job.mask_image is None:  # an inpainting model's: everything
-          image, mask, _ = sampling.unmasked_inpainting(
+          image, mask = sampling.unmasked_inpainting(
               None if job.init_image is None else outputs.read_image(
                   job.init_image, size, resize_mode=self.cfg.resize_mode)[None], 1, *size)
           rows[key] = masks.Prepared(image[0], mask[0], None, None, None)

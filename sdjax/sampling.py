@@ -699,14 +699,13 @@ def repaints_everything(pipe, masks: bool, hires=None, refiner=None) -> bool:
 
 
 def unmasked_inpainting(init_images: np.ndarray | None, n: int, height: int,
-                        width: int) -> tuple[np.ndarray, np.ndarray, bool]:
+                        width: int) -> tuple[np.ndarray, np.ndarray]:
   """An inpainting model's inputs without masks, as A1111 makes them: the init images [n, H, W, 3]
-  (all grey without: text-to-image from pure noise), masks [n, H, W, 1] that repaint everything,
-  and whether the strength is forced to 1 (no init images)."""
-  grey = init_images is None
-  if grey:
+  (all grey without: text-to-image from pure noise, at strength 1) and masks [n, H, W, 1] that
+  repaint everything."""
+  if init_images is None:
     init_images = np.full((n, height, width, 3), 0.5, np.float32)
-  return init_images, np.ones((*init_images.shape[:3], 1), np.float32), grey
+  return init_images, np.ones((*init_images.shape[:3], 1), np.float32)
 
 
 def inpaint_mode(pipe, masks: bool) -> str | None:
@@ -837,10 +836,10 @@ def generate(
       raise ValueError(f"init_images must be [{n}, H, W, 3], got {init_images.shape}")
     height, width = init_images.shape[1:3]
   if repaints_everything(pipe, mask_images is not None, hires, refiner):
-    init_images, mask_images, grey = unmasked_inpainting(
+    strength = 1.0 if init_images is None else strength
+    init_images, mask_images = unmasked_inpainting(
         init_images, n, pipe.native_size if height is None else height,
         pipe.native_size if width is None else width)
-    strength = 1.0 if grey else strength
   if mask_images is not None:
     if init_images is None:
       raise ValueError("mask_images mark what to repaint in init_images: give both")
