@@ -53,6 +53,11 @@ flags.DEFINE_bool("inpaint_full_res", False, "inpainting: A1111's 'Only masked':
                   "size and pasted back into the original, which keeps its size")
 flags.DEFINE_bool("inpainting_mask_invert", False, "inpainting: repaint what the mask leaves "
                   "black (A1111's Inpaint not masked)")
+flags.DEFINE_enum("inpainting_fill", "original", ["original", "fill", "latent_noise",
+                                                  "latent_nothing"],
+                  "inpainting: what the masked area starts from, A1111's Masked content: the "
+                  "image, the colours around it, or (filled, then in latent space) the image's "
+                  "noise or zeros; matters at --strength < 1")
 flags.DEFINE_integer("inpaint_full_res_padding", 32, "inpainting with --inpaint_full_res: "
                      "pixels of context around the mask")
 flags.DEFINE_string("embeddings_dir", None, "load every textual-inversion file in this folder "
@@ -144,6 +149,7 @@ def _run_config() -> run.RunConfig:
       resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur, inpaint_full_res=FLAGS.inpaint_full_res,
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,
+      inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,

@@ -19,6 +19,15 @@ from PIL import Image, ImageFilter, ImageOps
 
 from sdjax import outputs
 
+# A1111's "Masked content" (its API's `inpainting_fill` is the index): what the masked area
+# starts from. "original": the image; "fill": the image with the masked area painted over by
+# the colours around it (`fill`); "latent noise" / "latent nothing": the filled image's latents
+# with the masked area's replaced by the image's own initial noise / by zeros (on the device,
+# `sampling`). They matter where the start is not pure noise: strength < 1.
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+# `fill`'s layers: (blur radius, times composited), widest first, as A1111's.
+_FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
+
 
 @dataclasses.dataclass(frozen=True)
 class MaskOptions:
@@ -32,30 +41,45 @@ class MaskOptions:
   overlay: whole picture: paste the original back over the result where the mask is below 0.5,
     blended where the (blurred) mask is in between (A1111 always does; "Only masked" always does).
   invert: repaint what the mask leaves black (A1111's "Inpaint not masked"), before the blur.
+  masked_content: what the masked area starts from (MASKED_CONTENT); all but "original" fill it
+    on the host (`fill`, after the blur and the resize, as A1111), the latent ones go on in
+    `sampling`.
   """
 
   blur: float = 0.0
   padding: int | None = None
   overlay: bool = False
   invert: bool = False
+  masked_content: str = "original"
 
   def check(self) -> None:
     if not self.blur >= 0:
       raise ValueError(f"the mask blur must be >= 0, got {self.blur}")
     if self.padding is not None and self.padding < 0:
       raise ValueError(f"the only-masked padding must be >= 0, got {self.padding}")
+    check_masked_content(self.masked_content)
 
   @property
   def host_work(self) -> bool:
     """Whether anything happens here, besides the sampler's own binarizing of the mask."""
-    return bool(self.blur) or self.padding is not None or self.overlay or self.invert
+    return (bool(self.blur) or self.padding is not None or self.overlay or self.invert
+            or self.masked_content != "original")
 
   def a1111_parameters(self) -> dict[str, str]:
     """A1111's infotext entries for these options."""
     extra = {"Mask blur": f"{self.blur:g}"}
     if self.padding is not None:
       extra.update({"Inpaint area": "Only masked", "Masked area padding": str(self.padding)})
+    if self.masked_content != "original":
+      extra["Masked content"] = self.masked_content
     return extra
+
+
+def check_masked_content(value: str) -> str:
+  if value not in MASKED_CONTENT:
+    raise ValueError(f"masked content must be one of {', '.join(map(repr, MASKED_CONTENT))}, "
+                     f"got {value!r}")
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +127,27 @@ def prepare(image: Image.Image, mask: Image.Image, height: int, width: int,
       original = sampled_image
       doubled = np.clip(np.asarray(sampled_mask, np.float32) * 2, 0, 255).astype(np.uint8)
       overlay_mask = Image.fromarray(doubled)
+  if options.masked_content != "original":  # what is sampled; the overlay keeps the original
+    sampled_image = fill(sampled_image, sampled_mask)
   return Prepared(_unit(sampled_image), _unit(sampled_mask)[..., None], original, overlay_mask,
                   region)
+
+
+def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+  """`image` (RGB) with what `mask` (L) covers painted over by the colours around it, as A1111's
+  "fill": the image's pixels weighted by how much the mask leaves them (alpha = 255 - mask,
+  8-bit premultiplied) are blurred ever less widely (`_FILL_LAYERS`), each blur composited over
+  the last, so the widest blur reaches into any hole and the narrower ones bring the nearer
+  colours; the last (no blur) restores what the mask leaves whole. A mask covering everything
+  leaves nothing to take colours from: black."""
+  weighted = Image.new("RGBa", image.size)
+  weighted.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+  canvas = Image.new("RGBA", image.size)
+  for radius, times in _FILL_LAYERS:
+    layer = weighted.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+    for _ in range(times):
+      canvas.alpha_composite(layer)
+  return canvas.convert("RGB")
 
 
 def _unit(image: Image.Image) -> np.ndarray:

@@ -257,7 +257,8 @@ class Pipeline:
                latents=None, init_images=None, mask_images=None,
                strength: float | None = None, mask_blur: float = 0.0,
                padding_mask_crop: int | None = None, mask_overlay: bool = False,
-               guidance_rescale: float = 0.0, clip_skip: int | None = None,
+               masked_content: str = "original", guidance_rescale: float = 0.0,
+               clip_skip: int | None = None,
                prompts_2=None, negative_prompts_2=None,
                original_size: tuple[int, int] | None = None,
                crops_coords_top_left: tuple[int, int] = (0, 0),
@@ -304,6 +305,11 @@ class Pipeline:
         with the whole picture, paste the original back outside the mask (blended where a
         blurred mask is grey). With any of these, images and masks are taken as 8-bit, as
         image files are, and the results are 8-bit levels too.
+      masked_content: what the masked area starts from, A1111's "Masked content"
+        (`masks.MASKED_CONTENT`): "original" (the image), "fill" (the colours around it),
+        "latent noise" or "latent nothing" (the filled image's latents there replaced by the
+        initial noise or zeros); all but "original" change only what strength < 1 starts from
+        (and what an inpainting model sees where a blurred mask is grey).
       guidance_rescale: rescales guided noise towards the conditional one's std (0 = off).
       clip_skip: condition on the text encoder's output this many layers before the last.
       prompts_2, negative_prompts_2: SDXL: prompts for the second text encoder (default: the
@@ -341,7 +347,8 @@ class Pipeline:
       float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size; with
       `padding_mask_crop`, at the size of `init_images`).
     """
-    options = masks.MaskOptions(mask_blur, padding_mask_crop, mask_overlay)
+    options = masks.MaskOptions(mask_blur, padding_mask_crop, mask_overlay,
+                                masked_content=masked_content)
     prepared = None
     if options.host_work:
       prepared, init_images, mask_images, height, width = _prepare_masks(
@@ -354,7 +361,7 @@ class Pipeline:
         self, prompts, negative_prompts=negative_prompts, steps=steps,
         guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
         seed=seed, latents=latents, init_images=init_images, mask_images=mask_images,
-        strength=strength,
+        strength=strength, masked_content=masked_content,
         guidance_rescale=guidance_rescale, clip_skip=clip_skip, prompts_2=prompts_2,
         negative_prompts_2=negative_prompts_2, micro=micro, refiner=refiner,
         refiner_start=refiner_start, eta=eta, prompt_syntax=prompt_syntax,
@@ -382,8 +389,8 @@ def _prepare_masks(pipe, init_images, mask_images, height, width, options):
   width)."""
   options.check()
   if init_images is None or mask_images is None:
-    raise ValueError("mask_blur, padding_mask_crop and mask_overlay are inpainting options: "
-                     "give init_images and mask_images")
+    raise ValueError("mask_blur, padding_mask_crop, mask_overlay and masked_content are "
+                     "inpainting options: give init_images and mask_images")
   init_images, mask_images = np.asarray(init_images), np.asarray(mask_images)
   if mask_images.ndim == 4 and mask_images.shape[-1] == 1:
     mask_images = mask_images[..., 0]

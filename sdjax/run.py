@@ -91,6 +91,7 @@ class RunConfig:
   inpaint_full_res: bool = False
   inpaint_full_res_padding: int = 32
   inpainting_mask_invert: bool = False  # repaint what the mask leaves black
+  inpainting_fill: str = "original"  # A1111's "Masked content" (`masks.MASKED_CONTENT`)
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -185,6 +186,10 @@ def validate(cfg: RunConfig) -> None:
   if not cfg.mask_blur >= 0 or cfg.inpaint_full_res_padding < 0:
     raise RunError(f"--mask_blur and --inpaint_full_res_padding must be >= 0, got "
                    f"{cfg.mask_blur} and {cfg.inpaint_full_res_padding}")
+  if cfg.inpainting_fill not in masks.MASKED_CONTENT:
+    raise RunError(f"--inpainting_fill must be one of "
+                   f"{', '.join(m.replace(' ', '_') for m in masks.MASKED_CONTENT)}, got "
+                   f"{cfg.inpainting_fill!r}")
   if cfg.eta and cfg.scheduler is not None and cfg.scheduler not in schedulers.ETA_SCHEDULERS:
     raise RunError(f"eta is an option of {', '.join(schedulers.ETA_SCHEDULERS)} only, not of "
                    f"scheduler {cfg.scheduler!r}")
@@ -254,6 +259,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["resize_mode"] = cfg.resize_mode
   if _mask_options(cfg) != _mask_options(RunConfig()):  # inpainting lines' pixels depend on it
     settings["inpainting"] = dataclasses.asdict(_mask_options(cfg))
+    if cfg.inpainting_fill == "original":  # absent for the default: older folders still match
+      del settings["inpainting"]["masked_content"]
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.cfg_parallel:  # its own program: pixels differ by rounding
@@ -265,7 +272,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
 
 def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
   return masks.MaskOptions(cfg.mask_blur, cfg.inpaint_full_res_padding if cfg.inpaint_full_res
-                           else None, overlay=True, invert=cfg.inpainting_mask_invert)
+                           else None, overlay=True, invert=cfg.inpainting_mask_invert,
+                           masked_content=cfg.inpainting_fill)
 
 
 def _hires(cfg: RunConfig) -> sampling.Hires | None:
@@ -733,6 +741,8 @@ class _Sampler:
                     guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel)
       extra = dict(img2img=True, strength=strength) if img2img else {}
       inpaint = kind == "inpaint"
+      if inpaint:
+        extra["masked_content"] = cfg.inpainting_fill
       if sampling.repaints_everything(pipe, inpaint, hires, refiner):  # lines without masks
         extra, inpaint = dict(img2img=True, strength=strength if img2img else 1.0), True
       try:
@@ -1041,6 +1051,8 @@ class _Metadata:
       record["inpaint_full_res_padding"] = cfg.inpaint_full_res_padding
     if cfg.inpainting_mask_invert:
       record["inpainting_mask_invert"] = True
+    if cfg.inpainting_fill != "original":
+      record["inpainting_fill"] = cfg.inpainting_fill
     return record
 
   def _hires_extra(self, height: int, width: int) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdjax import conditioning, schedulers
+from sdjax import conditioning, masks, schedulers
 from sdjax import prompts as prompt_lib
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
 from sdjax.models.vae import AutoencoderKL
@@ -67,6 +67,10 @@ class SampleSpec:
   # Inpainting (`img2img` with masks, INPAINT_MODES): `init` is (images, masks); strength 1
   # (`begin` 0) starts from pure noise, as diffusers' inpainting pipeline.
   inpaint: str | None = None
+  # Inpainting at strength < 1: the image latents the masked area starts from are replaced by
+  # the initial noise ("latent noise") or zeros ("latent nothing"), A1111's "Masked content";
+  # else "original" (`masks.MASKED_CONTENT`; "fill" is host work).
+  masked_content: str = "original"
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -179,7 +183,8 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
 
   after_step = None
   if spec.inpaint is not None:
-    mask, image_latents, masked_latents = _inpaint_inputs(spec, nets.vae, params, keys, init)
+    mask, image_latents, masked_latents = _inpaint_inputs(spec, nets.vae, params, keys, noise,
+                                                          init)
     if spec.inpaint == "concat":
       unet_predict = predict
 
@@ -306,12 +311,13 @@ def _encode_sample(vae: AutoencoderKL, params, images, keys, stream: int):
   return vae.config.to_diffusion_latents(latents)
 
 
-def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, keys, init):
+def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, init):
   """(mask [B, h, w, 1], image latents, masked image latents) of an inpainting run, as
   diffusers' inpainting pipeline makes them: the mask binarized at 0.5 and brought to the
   latents' size by torch's default (nearest, top-left) interpolation, the masked image the
   image with the mask's pixels at 0 in [-1, 1] (mid grey). Only what the mode uses is encoded
-  (the image latents: for "blend", or to start from at strength < 1)."""
+  (the image latents: for "blend", or to start from at strength < 1); `spec.masked_content`
+  replaces their masked area (outside it they are what "blend" keeps)."""
   images, masks = init
   repaint = masks.astype(jnp.float32) >= 0.5
   s = vae.config.downscale
@@ -319,6 +325,9 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, keys, init):
   image_latents = masked_latents = None
   if spec.inpaint == "blend" or spec.begin > 0:
     image_latents = _encode_sample(vae, params, images, keys, _POSTERIOR)
+    if spec.masked_content != "original":  # A1111: the latents the masked area starts from
+      instead = noise if spec.masked_content == "latent noise" else jnp.zeros_like(noise)
+      image_latents = jnp.where(mask > 0, instead, image_latents)
   if spec.inpaint == "concat":
     masked = jnp.where(repaint, jnp.float32(0.5), images.astype(jnp.float32))
     masked_latents = _encode_sample(vae, params, masked, keys, _MASKED_POSTERIOR)
@@ -643,19 +652,22 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             guidance_scale: float, guidance_rescale: float = 0.0, img2img: bool = False,
             strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0,
             denoising_end: float | None = None, denoising_start: float | None = None,
-            cfg_split: bool = False, inpaint: bool = False):
+            cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original"):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
   `denoising_end` stops early and returns latents; `denoising_start` continues such latents
   (the SDXL base -> refiner handoff). `inpaint` (with `img2img`): init images come with masks,
-  used as the model takes them (`inpaint_mode`).
+  used as the model takes them (`inpaint_mode`), their masked area starting from
+  `masked_content` (`masks.MASKED_CONTENT`: the latent ones here; at strength 1, where the start
+  is pure noise, none matters).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
   if not (isinstance(eta, (int, float, np.floating)) and eta >= 0):
     raise ValueError(f"eta must be a number >= 0, got {eta}")
   conditioning.check_clip_skip(pipe.networks, clip_skip)
+  masks.check_masked_content(masked_content)
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta))
@@ -677,7 +689,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     img2img and denoising_start is None, clip_skip, end=end,
                     output_latents=denoising_end is not None,
                     init_latents=denoising_start is not None,
-                    cfg_split=cfg_split and guidance_scale > 1.0, inpaint=mode)
+                    cfg_split=cfg_split and guidance_scale > 1.0, inpaint=mode,
+                    masked_content=masked_content if mode and begin > 0 and masked_content in
+                    ("latent noise", "latent nothing") else "original")
   return spec, state
 
 
@@ -815,8 +829,10 @@ def generate(
     emphasis: str = "Original",
     hires: Hires | None = None,
     mask_images: Any = None,
+    masked_content: str = "original",
 ) -> np.ndarray:
-  """Generates images; see `Pipeline.generate`."""
+  """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
+  fills the images for any but "original")."""
   if prompt_syntax not in PROMPT_SYNTAXES:
     raise ValueError(f"unknown prompt syntax {prompt_syntax!r}; use one of "
                      f"{', '.join(PROMPT_SYNTAXES)}")
@@ -836,6 +852,7 @@ def generate(
       raise ValueError(f"init_images must be [{n}, H, W, 3], got {init_images.shape}")
     height, width = init_images.shape[1:3]
   if repaints_everything(pipe, mask_images is not None, hires, refiner):
+    masked_content = "original"  # A1111: there is no masked area
     strength = 1.0 if init_images is None else strength
     init_images, mask_images = unmasked_inpainting(
         init_images, n, pipe.native_size if height is None else height,
@@ -865,7 +882,8 @@ def generate(
                 clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel)
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
                         denoising_end=refiner_start if refiner is not None else None,
-                        inpaint=mask_images is not None, **common)
+                        inpaint=mask_images is not None, masked_content=masked_content,
+                        **common)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(pipe, n, hires, **common)
     spec = dataclasses.replace(spec, output_latents=True)

@@ -63,10 +63,11 @@ def _inputs(seed=0):
 
 
 @contextlib.contextmanager
-def _our_draws(module, seed, noise, masked_mean):
+def _our_draws(module, seed, noise, masked_mean, image_latents=None):
   """diffusers' pipeline (in `module`) given our random numbers: `randn_tensor` our initial
   noise, the VAE posterior samples from our streams: the masked image's (told apart by its
-  posterior mean, `masked_mean`) and the image's. Yields the encodings' order."""
+  posterior mean, `masked_mean`) and the image's (then passed through `image_latents`, if
+  given). Yields the encodings' order."""
   keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, len(noise))))
   shape = noise.shape[1:]
   eps = {stream: nchw(np.asarray(sampling._keyed_noise(keys, stream, shape)))  # noqa: SLF001
@@ -79,18 +80,20 @@ def _our_draws(module, seed, noise, masked_mean):
     # may round differently).
     masked = torch.allclose(dist.mean, masked_mean[:len(dist.mean)], rtol=1e-5, atol=1e-6)
     calls.append("masked" if masked else "image")
-    return dist.mean + dist.std * eps[sampling._MASKED_POSTERIOR if masked  # noqa: SLF001
-                                      else sampling._POSTERIOR]  # noqa: SLF001
+    latents = dist.mean + dist.std * eps[sampling._MASKED_POSTERIOR if masked  # noqa: SLF001
+                                         else sampling._POSTERIOR]  # noqa: SLF001
+    return latents if masked or image_latents is None else image_latents(latents)
 
   with mock.patch(f"{module}.retrieve_latents", retrieve_latents), \
        mock.patch(f"{module}.randn_tensor", lambda *a, **k: nchw(noise)), torch.no_grad():
     yield calls
 
 
-def _reference(ref, pipe, images, masks, noise, seed, name, strength, steps, **kwargs):
+def _reference(ref, pipe, images, masks, noise, seed, name, strength, steps, image_latents=None,
+               **kwargs):
   """diffusers' images; `images` and `masks` are what the sampler sees ([N, H, W, 3], [N, H, W]),
   `kwargs` may give diffusers its own `image` and `mask_image` (which it preprocesses into
-  those)."""
+  those); `image_latents` changes the image's encoding (see `_our_draws`)."""
   cls, overrides = SCHEDULERS[name]
   ref.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler_config, **overrides)
   masked = nchw(2 * images - 1) * ~torch.from_numpy(masks[:, None] >= 0.5)
@@ -98,7 +101,7 @@ def _reference(ref, pipe, images, masks, noise, seed, name, strength, steps, **k
     masked_mean = ref.vae.encode(masked).latent_dist.mean
   kwargs = {"image": nchw(images), "mask_image": torch.from_numpy(masks[:, None]),
             "output_type": "np", **kwargs}
-  with _our_draws(type(ref).__module__, seed, noise, masked_mean) as calls:
+  with _our_draws(type(ref).__module__, seed, noise, masked_mean, image_latents) as calls:
     out = ref(PROMPTS, negative_prompt=NEGATIVES, height=H, width=W, strength=strength,
               num_inference_steps=steps, guidance_scale=GUIDANCE, **kwargs).images
   return out, calls
@@ -185,6 +188,54 @@ def test_only_masked_matches_diffusers(request, model, name, strength):
   assert np.abs(levels[:, inside] - original[inside]).mean() > 20  # repainted
 
 
+def _levels(images):
+  return np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(int)
+
+
+@pytest.mark.parametrize("model,content,name", [
+    ("plain", "latent noise", "euler"), ("plain", "latent nothing", "dpmpp_2m_karras"),
+    ("inpainting", "fill", "euler"), ("inpainting", "latent noise", "ddim")])
+def test_masked_content_matches_diffusers(request, model, content, name):
+  """A1111's "Masked content" at strength < 1: the image filled where the mask is
+  (`masks.fill`; every mode but "original"), and for the latent modes its latents there
+  replaced by the image's initial noise or by zeros (A1111 does so before sampling, where
+  diffusers encodes the image: given those latents instead, diffusers is the oracle). 8-bit
+  images and binary masks, so equal as 8-bit images but where float rounding differs by a
+  level; each mode changes the masked area from "original"'s."""
+  from PIL import Image
+
+  from sdjax import masks
+
+  ref, pipe, _ = request.getfixturevalue(model)
+  images, mask_values, noise = _inputs(5)
+  images = _levels(images).astype(np.uint8)
+  binary = np.where(mask_values >= 0.5, 255, 0).astype(np.uint8)
+  filled = np.stack([np.asarray(masks.fill(Image.fromarray(image), Image.fromarray(mask)))
+                     for image, mask in zip(images, binary, strict=True)])
+  s = H // noise.shape[1]
+  where = torch.from_numpy(binary[:, None, ::s, ::s] > 0)
+  # what the hook sees is not yet scaled by the VAE's scaling factor
+  instead = {"latent noise": nchw(noise) / ref.vae.config.scaling_factor,
+             "latent nothing": torch.zeros(nchw(noise).shape)}
+  change = None if content == "fill" else (
+      lambda latents: torch.where(where, instead[content], latents))
+  seed, strength, steps = 3, 0.6, 4
+  expected, calls = _reference(ref, pipe, filled.astype(np.float32) / 255, binary / 255.0, noise,
+                               seed, name, strength, steps, image_latents=change)
+  assert calls[0] == "image"
+  kw = dict(negative_prompts=NEGATIVES, init_images=images / 255, mask_images=binary / 255,
+            strength=strength, steps=steps, seed=seed, guidance_scale=GUIDANCE, scheduler=name,
+            latents=noise)
+  ours = pipe.generate(PROMPTS, masked_content=content, **kw)
+  diff = np.abs(_levels(ours) - _levels(expected))
+  print(f"\nmasked content {content!r}, {model} model, {name}: {(diff > 0).mean():.2%} of "
+        f"values differ, by at most {diff.max()}")
+  assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
+  original = pipe.generate(PROMPTS, **kw)
+  inside = binary >= 128
+  assert np.abs(ours - original)[inside].mean() > 0.01
+
+
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
   """Tiny SDXL models for inpainting: {"inpainting": (diffusers, sdjax) with a 9-channel UNet,
@@ -257,6 +308,10 @@ def test_bad_inpainting_arguments(inpainting, plain):
     plain[1].generate(PROMPTS, init_images=images, padding_mask_crop=8, **kw)
   with pytest.raises(ValueError, match="mask blur must be >= 0"):
     pipe.generate(PROMPTS, init_images=images, mask_images=masks, mask_blur=-1.0, **kw)
+  with pytest.raises(ValueError, match="masked content must be one of"):
+    pipe.generate(PROMPTS, init_images=images, mask_images=masks, masked_content="noise", **kw)
+  with pytest.raises(ValueError, match="are inpainting options"):
+    plain[1].generate(PROMPTS, init_images=images, masked_content="fill", **kw)
 
 
 def test_single_file_and_export_round_trip(inpainting, plain, tmp_path):
@@ -334,19 +389,22 @@ def test_run_with_mask_lines(inpainting, tmp_path):
   path.write_text(json.dumps({"prompt": "a cat", "init_image": "a.png",
                               "mask_image": "m_small.png"}) + "\n")
   full = dataclasses.replace(cfg, inpaint_full_res=True, inpaint_full_res_padding=2, mask_blur=1,
-                             inpainting_mask_invert=True, batch_size=1,
-                             output_dir=str(tmp_path / "full"))
+                             inpainting_mask_invert=True, inpainting_fill="latent noise",
+                             batch_size=1, output_dir=str(tmp_path / "full"))
   assert run.generate_run(full).images == 1
   record = json.loads(open(tmp_path / "full" / outputs.MANIFEST_NAME).readline())
   assert (record["height"], record["width"], record["inpaint_full_res_padding"]) == (20, 28, 2)
   assert record["inpainting_mask_invert"] and len(record["inpaint_region"]) == 4
+  assert record["inpainting_fill"] == "latent noise"
   expected = pipe.generate(
       "a cat", init_images=np.asarray(Image.open(tmp_path / "a.png"))[None] / 255,
       mask_images=1 - np.asarray(Image.open(tmp_path / "m_small.png"))[None] / 255, mask_blur=1,
-      padding_mask_crop=2, height=H, width=W, strength=0.8, seed=record["seed"], **kw)
+      padding_mask_crop=2, masked_content="latent noise", height=H, width=W, strength=0.8,
+      seed=record["seed"], **kw)
   written = Image.open(tmp_path / "full" / record["file"])
   assert np.abs(np.asarray(written, int) - np.round(expected[0] * 255)).max() <= 1
-  assert "Inpaint area: Only masked, Masked area padding: 2" in written.text["parameters"]
+  assert ("Inpaint area: Only masked, Masked area padding: 2, Masked content: latent noise"
+          in written.text["parameters"])
   text = tmp_path / "text.jsonl"  # as A1111: from grey, everything repainted, pure noise
   text.write_text('{"prompt": "a cat"}\n')
   run.generate_run(dataclasses.replace(cfg, prompts_file=str(text), batch_size=1,

@@ -1,5 +1,7 @@
 """sdjax.masks against diffusers' VaeImageProcessor (A1111's rules), pixel for pixel."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from diffusers.image_processor import VaeImageProcessor
@@ -124,3 +126,56 @@ def test_blank_mask_only_masked_is_whole_picture():
   image = _image(rng, 24, 32)
   prepared = masks.prepare(image, Image.new("L", (32, 24)), 24, 32, masks.MaskOptions(padding=8))
   assert prepared.crop is None and not prepared.mask.any()
+
+
+def _halves(height, width, left, right):
+  image = np.empty((height, width, 3), np.uint8)
+  image[:, : width // 2], image[:, width // 2:] = left, right
+  return image
+
+
+def test_fill_paints_the_hole_from_around_it():
+  """A1111's "fill": what the mask leaves black is the image's own; a hole takes the colours
+  around it, each side's nearer, none of its own; a hole in one colour becomes that colour
+  (within the 8-bit premultiplied-alpha rounding of the wide, faint blurs)."""
+  image = _halves(40, 64, (200, 20, 20), (20, 20, 200))
+  image[10:30, 16:48] = (20, 220, 20)  # what the hole hides: none of its green comes back
+  mask = np.zeros((40, 64), np.uint8)
+  mask[10:30, 16:48] = 255
+  filled = np.asarray(masks.fill(Image.fromarray(image), Image.fromarray(mask)))
+  kept = mask == 0
+  np.testing.assert_array_equal(filled[kept], image[kept])
+  row = filled[20, 16:48].astype(int)
+  assert np.all(np.diff(row[:, 0]) <= 0) and np.all(np.diff(row[:, 2]) >= 0)  # red to blue
+  assert row[0, 0] > 180 and row[0, 2] < 40 and row[-1, 2] > 180 and row[-1, 0] < 40
+  assert filled[mask == 255, 1].max() <= 25
+  one = np.full((40, 64, 3), (90, 140, 30), np.uint8)
+  filled_one = np.asarray(masks.fill(Image.fromarray(one), Image.fromarray(mask)))
+  assert np.abs(filled_one.astype(int) - one).max() <= 8
+  everything = masks.fill(Image.fromarray(one), Image.new("L", (64, 40), 255))
+  assert not np.asarray(everything).any()  # nothing to take colours from: black
+
+
+@pytest.mark.parametrize("padding", [None, 4])
+def test_prepare_fills_what_is_sampled_not_the_overlay(padding):
+  """Every masked content but "original" samples the filled image (filled after the blur and
+  the resize, with the mask the sampler gets); the overlay still pastes the original back."""
+  rng = np.random.default_rng(8)
+  image, mask = _image(rng, 24, 32), _mask(rng, 24, 32, (4, 4, 20, 16))
+  for content in ("fill", "latent noise", "latent nothing"):
+    options = masks.MaskOptions(blur=2.0, padding=padding, overlay=True, masked_content=content)
+    assert options.a1111_parameters()["Masked content"] == content
+    filled = masks.prepare(image, mask, 16, 24, options)
+    plain = masks.prepare(image, mask, 16, 24, dataclasses.replace(options,
+                                                                   masked_content="original"))
+    np.testing.assert_array_equal(filled.mask, plain.mask)
+    sampled_mask = Image.fromarray(np.round(plain.mask[..., 0] * 255).astype(np.uint8))
+    expected = masks.fill(Image.fromarray(np.round(plain.image * 255).astype(np.uint8)),
+                          sampled_mask)
+    np.testing.assert_array_equal(filled.image, np.asarray(expected, np.float32) / 255)
+    assert not np.array_equal(filled.image, plain.image)
+    generated = np.asarray(_image(rng, 16, 24))
+    np.testing.assert_array_equal(filled.finish(generated), plain.finish(generated))
+  assert "Masked content" not in masks.MaskOptions().a1111_parameters()
+  with pytest.raises(ValueError, match="masked content must be one of"):
+    masks.MaskOptions(masked_content="latent_noise").check()
