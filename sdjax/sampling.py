@@ -664,6 +664,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
+  n_train = int(pipe.scheduler_config.get("num_train_timesteps", 1000))
+  if steps > n_train:  # diffusers: an error for some schedulers, NaN or repeated steps for others
+    raise ValueError(f"steps ({steps}) cannot exceed the model's {n_train} training timesteps")
   if not (isinstance(eta, (int, float, np.floating)) and eta >= 0):
     raise ValueError(f"eta must be a number >= 0, got {eta}")
   conditioning.check_clip_skip(pipe.networks, clip_skip)

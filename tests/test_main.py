@@ -365,6 +365,7 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
 
 BAD_INPUT = [
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "1001"], "steps (1001) cannot exceed the model's 1000 training timesteps"),
     (["--height", "12"], "--height must be a multiple of 8"),
     (["--width", "100000"], "--width must be a multiple of 8"),
     (["--scheduler", "magic"], "unknown scheduler 'magic'"),
