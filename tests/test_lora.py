@@ -1,4 +1,4 @@
-"""LoRA merging: kohya / LoCon / PEFT vs diffusers' fuse_lora, LoHa / LoKr vs their formula."""
+"""LoRA merging: kohya / LoCon / PEFT vs diffusers' fuse_lora; LoHa / LoKr / LyCORIS / OFT vs their formula."""
 
 import dataclasses
 import json
@@ -411,6 +411,86 @@ def test_ia3_vs_formula(models, tmp_path):
     lora.apply_loras(models[1], [conv])
 
 
+# -- OFT / BOFT: rotations of the output channels -------------------------------------------------
+def _cayley(blocks, alpha, out):
+  """kohya's and LyCORIS' rotation from `oft_blocks` (A1111's rule), by matrix inverse."""
+  q = blocks - blocks.transpose(-1, -2)
+  if alpha:
+    norm = q.norm()
+    q = q * (torch.clamp(norm, max=alpha * out) + 1e-8) / (norm + 1e-8)
+  eye = torch.eye(blocks.shape[-1])
+  return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def _boft_matrix(rotations, out):
+  """BOFT's whole rotation as one [out, out] matrix: per stage, the block-diagonal R between a
+  permutation matrix and its transpose; stage 0 first."""
+  n = rotations.shape[-1]
+  total = torch.eye(out)
+  for i, stage in enumerate(rotations):
+    group = 2**i * (n // 2)  # channels c * 2g + j and c * 2g + g + j meet in one block
+    position = torch.arange(out).reshape(-1, 2, group).permute(0, 2, 1).reshape(-1)
+    permute = torch.eye(out)[position]  # (permute @ x)[p] = x[position[p]]
+    total = permute.T @ torch.block_diag(*stage) @ permute @ total
+  return total
+
+
+def test_oft_and_boft_vs_formula(models, tmp_path):
+  """kohya / LyCORIS OFT (`oft_blocks` by Cayley's map, the clip by `alpha` on or off), older
+  LyCORIS `oft_diag` (the rotation itself), BOFT (4-D blocks, butterfly stages) with LyCORIS'
+  `rescale`, on linear and conv layers, vs A1111's rule: W + scale * (W' - W), W' = R^T W for
+  OFT (block-diagonal R over the output channels), the stages' product for BOFT."""
+  ref = models[0]
+  gen = torch.Generator().manual_seed(23)
+  scale, sd, expected = 0.7, {}, {}
+  modules = _lycoris_modules(ref)
+  modules["text_encoder"][1][1] = [TEXT_MODULES[0], TEXT_MODULES[2]]  # fc1's 37 outputs: prime
+  for component, (model, (prefix, names)) in modules.items():
+    weights = _weights(model)
+    for i, name in enumerate(names):
+      w0 = weights[name].detach()
+      out, key = w0.shape[0], f"{prefix}{name.replace('.', '_')}"
+      rows = w0.flatten(1)
+      variant = (i + (component == "text_encoder")) % 4
+      if variant == 0:  # kohya OFT, no clip
+        blocks = torch.randn(out // 8, 8, 8, generator=gen) * 0.2
+        sd[f"{key}.oft_blocks"] = blocks
+        rotated = torch.block_diag(*_cayley(blocks, 0.0, out)).T @ rows
+      elif variant == 1:  # the clip on: alpha * out below Q's norm
+        blocks = torch.randn(out // 4, 4, 4, generator=gen) * 0.2
+        alpha = 0.5 * float((blocks - blocks.transpose(1, 2)).norm()) / out
+        sd[f"{key}.oft_blocks"], sd[f"{key}.alpha"] = blocks, torch.tensor(alpha)
+        rotated = torch.block_diag(*_cayley(blocks, alpha, out)).T @ rows
+      elif variant == 2:  # older LyCORIS: the rotation blocks themselves
+        blocks = torch.eye(4) + torch.randn(out // 4, 4, 4, generator=gen) * 0.1
+        sd[f"{key}.oft_diag"] = blocks
+        rotated = torch.block_diag(*blocks).T @ rows
+      else:  # BOFT, two stages, rescaled
+        blocks = torch.randn(2, out // 4, 4, 4, generator=gen) * 0.2
+        rescale = 1 + 0.2 * torch.randn(out, *[1] * (w0.dim() - 1), generator=gen)
+        sd[f"{key}.oft_blocks"], sd[f"{key}.rescale"] = blocks, rescale
+        sd[f"{key}.alpha"] = torch.tensor(0.0)  # alpha 0: no clip
+        rotated = _boft_matrix(_cayley(blocks, 0.0, out), out) @ rows
+        rotated = rescale.reshape(-1, 1) * rotated
+      expected[(component, name)] = scale * (rotated.reshape(w0.shape) - w0)
+  assert {k.rsplit(".", 1)[1] for k in sd} == {"oft_blocks", "oft_diag", "alpha", "rescale"}
+  path = str(tmp_path / "oft.safetensors")
+  save_file(sd, path)
+  _check_formula(models, path, scale, expected, "OFT / BOFT")
+  # Cayley's R is orthogonal: each input's column of the rotated W keeps its norm (to_q: OFT
+  # without rescale).
+  from flax import traverse_util
+
+  from sdjax.checkpoints.weights import torch_key
+
+  merged, original = (traverse_util.flatten_dict(p["unet"]) for p in (
+      lora.apply_loras(models[1], [(path, 1.0)]), models[1].params))
+  to_q = next(p for p in original if torch_key(p) == f"{ATTN}.attn1.to_q.weight")
+  np.testing.assert_allclose(np.linalg.norm(merged[to_q], axis=-1),
+                             np.linalg.norm(original[to_q], axis=-1), rtol=1e-5)
+  assert rel_err(merged[to_q], original[to_q]) > 0.05
+
+
 # -- DoRA: PEFT files vs diffusers, LyCORIS files vs A1111's rule ---------------------------------
 def _norms(w, per_output):
   """Per-channel norms of a PyTorch-layout weight, shaped to broadcast against it."""
@@ -577,7 +657,16 @@ def _write(tmp_path, sd, name="bad.safetensors"):
       "unet.conv_in.lora_B.weight": torch.ones(32, 2, 1, 1),
       "unet.conv_in.lora_magnitude_vector": torch.ones(1, 4, 1, 1)},
      r"DoRA magnitudes of shape \(1, 4, 1, 1\) for a layer with 32 outputs"),
-    ({"lora_unet_conv_in.oft_blocks": torch.ones(4)}, "not a LoRA weight sdjax knows"),
+    ({"lora_unet_conv_in.oft_blocks": torch.ones(4)},
+     r"unet module 'conv_in' has OFT blocks of shape \(4,\) for a layer with 32 output"),
+    ({"lora_unet_conv_in.oft_blocks": torch.ones(3, 8, 8)}, r"OFT blocks of shape \(3, 8, 8\)"),
+    ({"lora_unet_conv_in.oft_blocks": torch.ones(4, 4, 8, 8)},  # 4 stages need 8 * 8 | channels
+     r"OFT blocks of shape \(4, 4, 8, 8\) for a layer with 32"),
+    ({"lora_unet_conv_in.oft_diag": torch.ones(4, 8, 8), "lora_unet_conv_in.rescale":
+      torch.ones(16)}, "OFT rescale of size 16 for a layer with 32 output channels"),
+    ({"lora_unet_conv_in.oft_blocks": torch.ones(4, 8, 8),
+      "lora_unet_conv_in.lora_down.weight": torch.ones(2, 4, 3, 3)},
+     "mixes OFT blocks with lora_down.weight"),
     ({"lora_unet_conv_in.w_norm": torch.ones(32)},
      r"unet module 'conv_in' changes a norm weight \(w_norm\) this layer does not have"),
     ({f"lora_unet_{ATTN.replace('.', '_')}_attn1_to_q.diff": torch.ones(32, 32),

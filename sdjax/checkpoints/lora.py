@@ -5,13 +5,16 @@ sdjax merges it once, `W + scale * alpha / rank * up @ down`, so sampling costs 
 several LoRAs add. A DoRA layer (weight-decomposed LoRA) also sets the norms of the changed
 weight, per output or per input channel, to the magnitudes it carries; see `Dora`. LyCORIS'
 full modules carry the whole change (`diff`, and `diff_b` for the bias), its norm modules the
-change of a norm layer's weight and bias (`w_norm`, `b_norm`), and its IA3 modules a per-channel
-scaling of a linear weight (`weight`, `on_input`; see `Ia3`). Key naming:
+change of a norm layer's weight and bias (`w_norm`, `b_norm`), its IA3 modules a per-channel
+scaling of a linear weight (`weight`, `on_input`; see `Ia3`), and OFT / BOFT modules (kohya's and
+LyCORIS' `oft_blocks`, older LyCORIS `oft_diag`, `rescale`) an orthogonal rotation of a layer's
+output channels (see `Oft`). Key naming:
 
 - kohya / A1111 / LyCORIS: `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`,
   `lora_te2_`), where `<module>` is the diffusers module name with `.` -> `_`, followed by
   `.lora_down.weight`, `.lora_up.weight`, `.lora_mid.weight`, `.alpha`, `.hada_*`, `.lokr_*`,
-  `.dora_scale`, `.diff`, `.diff_b`, `.w_norm`, `.b_norm`, `.weight` and `.on_input` (IA3).
+  `.dora_scale`, `.diff`, `.diff_b`, `.w_norm`, `.b_norm`, `.weight` and `.on_input` (IA3),
+  `.oft_blocks`, `.oft_diag` and `.rescale` (OFT).
   kohya's SDXL files name UNet modules as the original (SGM) UNet does (`input_blocks_4_1_...`):
   they resolve through the single-file key table of the model's UNet config.
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` (`text_encoder.`,
@@ -61,7 +64,9 @@ _KOHYA_SUFFIXES = (
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
     "dora_scale", "diff", "diff_b", "w_norm", "b_norm", "weight", "on_input",
+    "oft_blocks", "oft_diag", "rescale",
 )
+_OFT_KEYS = ("oft_blocks", "oft_diag", "alpha", "rescale")
 _MAGNITUDES = ("dora_scale", "lora_magnitude_vector")
 # Older diffusers names of the same two factors.
 _DIFFUSERS_FACTORS = (
@@ -122,17 +127,101 @@ def _ia3_change(w, vector, scale):
 
 
 @dataclasses.dataclass(frozen=True)
+class Oft:
+  """An OFT layer (orthogonal finetuning): the weight's output channels mixed by a block-diagonal
+  orthogonal matrix, or for BOFT by a product of such matrices between butterfly permutations.
+
+  The rotation R comes from the file's blocks B by Cayley's map, R = (I + Q)(I - Q)^-1 with
+  Q = B - B^T, Q's norm (over all blocks) clipped to `constraint` (kohya / LyCORIS `alpha` times
+  the output channels; no clip without alpha); older LyCORIS `oft_diag` blocks are R itself.
+  OFT's rotated weight has per block W'_k = R_k^T W_k (W_k: that block's output rows), BOFT's
+  stage i regroups the output channels by its butterfly, applies each R_i block as R W_k, and
+  ungroups; LyCORIS' `rescale` then scales each output channel. Merging at scale k adds
+  `k * (W' - W)`, as A1111 applies it.
+  """
+
+  rotations: np.ndarray  # float32 [k, n, n] (OFT) or [stages, k, n, n] (BOFT)
+  rescale: np.ndarray | None  # float32 [out] or None
+
+  def change(self, w: jax.Array, scale: float) -> np.ndarray:
+    """What merging this layer at `scale` adds to its weight `w` (float32)."""
+    return np.asarray(_oft_change(w, self.rotations, self.rescale, np.float32(scale)))
+
+
+def _butterfly(size: int, group: int) -> np.ndarray:
+  """The channel order of one BOFT stage: channels `(c, g, j)` (g of 2, j of `group`) taken in
+  the order `(c, j, g)`, so that a block of consecutive positions pairs channels `group` apart."""
+  return np.arange(size).reshape(-1, 2, group).transpose(0, 2, 1).reshape(-1)
+
+
+@jax.jit
+def _oft_change(w, rotations, rescale, scale):
+  w = w.astype(jnp.float32)
+  out = w.shape[-1]  # Flax kernels: output channels last
+  if rotations.ndim == 3:  # OFT: W'_k = R_k^T W_k
+    k, n = rotations.shape[:2]
+    rotated = jnp.einsum("...kn,knm->...km", w.reshape(*w.shape[:-1], k, n), rotations,
+                         precision=jax.lax.Precision.HIGHEST)
+    rotated = rotated.reshape(w.shape)
+  else:  # BOFT: stage by stage, each R block applied within its butterfly group
+    rotated = w
+    n = rotations.shape[-1]
+    for stage in range(rotations.shape[0]):
+      order = _butterfly(out, 2**stage * (n // 2))
+      grouped = rotated[..., order].reshape(*w.shape[:-1], out // n, n)
+      turned = jnp.einsum("kij,...kj->...ki", rotations[stage], grouped,
+                          precision=jax.lax.Precision.HIGHEST).reshape(w.shape)
+      rotated = turned[..., np.argsort(order)]
+  if rescale is not None:
+    rotated = rotated * rescale
+  return (rotated - w) * scale
+
+
+def _oft(w: Mapping[str, np.ndarray], kernel_shape: tuple[int, ...], where: str,
+         name: str) -> Oft:
+  """An OFT / BOFT layer: its rotations from the file's blocks, checked against the layer."""
+  extra = sorted(set(w) - set(_OFT_KEYS))
+  if extra:
+    raise LoraError(f"LoRA {name}: {where} mixes OFT blocks with {', '.join(extra)}")
+  out = kernel_shape[-1]
+  blocks = np.asarray(w["oft_blocks"] if "oft_blocks" in w else w["oft_diag"], np.float32)
+  n = blocks.shape[-1]
+  boft = blocks.ndim == 4
+  fits = blocks.ndim in (3, 4) and blocks.shape[-2] == n and blocks.shape[-3] * n == out
+  if fits and boft:  # every stage's butterfly group must tile the channels
+    fits = n % 2 == 0 and out % (2 ** (blocks.shape[0] - 1) * n) == 0
+  if not fits:
+    raise LoraError(f"LoRA {name}: {where} has OFT blocks of shape {blocks.shape} for a layer "
+                    f"with {out} output channels")
+  if "oft_blocks" in w:  # Cayley: skew-symmetric Q -> orthogonal R
+    q = blocks - np.swapaxes(blocks, -1, -2)
+    alpha = float(np.asarray(w["alpha"]).reshape(-1)[0]) if "alpha" in w else 0.0
+    if alpha:
+      norm, limit = np.float32(np.linalg.norm(q)), np.float32(alpha * out)
+      q = q * ((min(norm, limit) + np.float32(1e-8)) / (norm + np.float32(1e-8)))
+    eye = np.eye(n, dtype=np.float32)
+    blocks = np.matmul(eye + q, np.linalg.inv(eye - q)).astype(np.float32)
+  rescale = None
+  if "rescale" in w:
+    rescale = np.asarray(w["rescale"], np.float32).reshape(-1)
+    if rescale.size != out:
+      raise LoraError(f"LoRA {name}: {where} has an OFT rescale of size {rescale.size} for a "
+                      f"layer with {out} output channels")
+  return Oft(blocks, rescale)
+
+
+@dataclasses.dataclass(frozen=True)
 class Lora:
   """A LoRA file resolved against one model: per component, flax param path -> its change.
 
   Each delta (of a kernel, bias or norm scale) has its param's Flax layout and already includes
   alpha / rank; merging adds `scale * delta`. Layers whose change depends on the weight it is
-  merged into (`Dora`, `Ia3`) are in `weighted` instead.
+  merged into (`Dora`, `Ia3`, `Oft`) are in `weighted` instead.
   """
 
   name: str
   deltas: Mapping[str, Mapping[tuple[str, ...], np.ndarray]]
-  weighted: Mapping[str, Mapping[tuple[str, ...], Dora | Ia3]] = dataclasses.field(
+  weighted: Mapping[str, Mapping[tuple[str, ...], Dora | Ia3 | Oft]] = dataclasses.field(
       default_factory=dict)
 
 
@@ -473,7 +562,7 @@ def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
             for c in index}
   peft = _peft_configs(metadata)
   deltas: dict[str, dict[tuple[str, ...], np.ndarray]] = {}
-  weighted: dict[str, dict[tuple[str, ...], Dora | Ia3]] = {}
+  weighted: dict[str, dict[tuple[str, ...], Dora | Ia3 | Oft]] = {}
   for (component, module, naming), w in group_modules(tensors, name).items():
     layer = _find_layer(index, component, module, naming, name)
     where, shape = f"{component} module {module!r}", shapes[component].get
@@ -491,6 +580,9 @@ def resolve_lora(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
         raise LoraError(f"LoRA {name}: {where} is a norm layer, which only w_norm / b_norm change")
       if "weight" in w:  # LyCORIS IA3 (nothing else in its module)
         weighted.setdefault(component, {})[path] = _ia3(w, shape(path), where, name)
+        continue
+      if "oft_blocks" in w or "oft_diag" in w:
+        weighted.setdefault(component, {})[path] = _oft(w, shape(path), where, name)
         continue
       if "diff_b" in w:  # LyCORIS full module's bias
         changes.append((layer + ("bias",),
