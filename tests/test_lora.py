@@ -1,4 +1,4 @@
-"""LoRA merging: kohya / LoCon / PEFT vs diffusers' fuse_lora; LoHa / LoKr / LyCORIS / OFT vs their formula."""
+"""LoRA merging: kohya / LoCon / PEFT vs diffusers' fuse_lora, LyCORIS kinds and OFT vs formulas."""
 
 import dataclasses
 import json
