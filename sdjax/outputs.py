@@ -64,6 +64,7 @@ A1111_SAMPLER_NAMES = {
     "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
     "unipc": "UniPC",
     "ddpm": "DDPM",
+    "lcm": "LCM",
 }
 
 _NEGATIVE_PREFIX = "Negative prompt:"

@@ -1,6 +1,5 @@
 """generate() end to end against diffusers' pipelines, plus exact fake-model and compile checks."""
 
-
 from unittest import mock
 
 import diffusers
@@ -214,6 +213,29 @@ def test_ddim_eta_matches_diffusers_and_compiles_once(pipes):
   other = pipe.generate(PROMPTS, steps=steps, guidance_scale=GUIDANCE, scheduler="ddim", eta=1.0,
                         height=16, width=16, latents=latents, seed=seed)
   assert sampling.trace_count == before and rel(other, ours) > 10 * err
+
+
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_lcm_matches_diffusers(pipes, guidance):
+  """LCM (LCM-LoRA's sampler: few steps, little or no guidance): diffusers' pipeline with its
+  LCMScheduler given our per-step noise (drawn from each image's seed; none after the last)."""
+  _sd1_only(pipes)
+  ref, pipe, _ = pipes
+  seed, steps = 5, 4
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
+  draws = iter([nchw(np.asarray(sampling._keyed_noise(keys, sampling._STEP_NOISE, (8, 8, 4), i)))
+                for i in range(steps - 1)])
+  ref.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler_config)
+  latents = _unit_noise((2, 8, 8, 4), seed=8)
+  with mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", lambda *a, **k: next(draws)):
+    expected = ref(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, height=16,
+                   width=16, latents=nchw(latents), output_type="np").images
+  assert next(draws, None) is None  # a draw for every step but the last
+  ours = pipe.generate(PROMPTS, steps=steps, guidance_scale=guidance, scheduler="lcm", height=16,
+                       width=16, latents=latents, seed=seed)
+  err = rel(ours, expected)
+  print(f"\nlcm, guidance {guidance}: {err:.2e}")
+  assert err <= 1e-3
 
 
 def test_true_noise_model_recovers_clean_sample():

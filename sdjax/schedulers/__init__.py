@@ -28,6 +28,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "dpmpp_2m_sde_karras": ("dpmpp", "DPMSolverMultistepScheduler",
                             {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
     "unipc": ("unipc", "UniPCMultistepScheduler", {}),
+    "lcm": ("lcm", "LCMScheduler", {}),
 }
 
 # diffusers class name of a checkpoint's scheduler -> our name.
@@ -41,6 +42,7 @@ _FROM_DIFFUSERS_CLASS = {
     "HeunDiscreteScheduler": "heun",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
 }
 
 SCHEDULERS = tuple(_REGISTRY)
