@@ -8,7 +8,9 @@ Flags override the `--config` preset, which overrides the defaults (the built-in
 when --model is not given). See README.md for multi-device and multi-host runs.
 """
 
+import json
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -70,6 +72,10 @@ flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
 flags.DEFINE_string("scheduler", None, "ddim, pndm, lms, euler, euler_ancestral, heun, dpmpp_2m, "
                     "dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, ddpm, lcm "
                     "(default: the checkpoint's own)")
+flags.DEFINE_string("scheduler_options", None, "a JSON object of scheduler config options to "
+                    "override, as diffusers' from_config(config, **options), e.g. "
+                    "'{\"timestep_spacing\": \"trailing\"}' (SDXL Lightning / Turbo) or "
+                    "'{\"use_karras_sigmas\": true}'")
 flags.DEFINE_float("eta", None, "DDIM's eta: 0 deterministic (default), 1 DDPM-like; step noise "
                    "from each image's seed (--scheduler ddim only)")
 flags.DEFINE_integer("height", None, "image height in pixels (default: the model's native size)")
@@ -168,7 +174,21 @@ def _run_config() -> run.RunConfig:
       embeddings=tuple(run.parse_path_arg(s, str, None, "--embedding", "token")
                        for s in FLAGS.embedding)
       + (run.embeddings_in_dir(FLAGS.embeddings_dir) if FLAGS.embeddings_dir else ()),
-      micro=_micro_conditioning(), **values)
+      micro=_micro_conditioning(), scheduler_options=_scheduler_options(), **values)
+
+
+def _scheduler_options() -> tuple[tuple[str, Any], ...]:
+  if FLAGS.scheduler_options is None:
+    return ()
+  try:
+    options = json.loads(FLAGS.scheduler_options)
+  except json.JSONDecodeError as e:
+    raise run.RunError(f"--scheduler_options is not JSON ({e}): "
+                       f"{FLAGS.scheduler_options}") from None
+  if not isinstance(options, dict):
+    raise run.RunError(f"--scheduler_options must be a JSON object {{\"option\": value}}, got "
+                       f"{FLAGS.scheduler_options}")
+  return tuple(sorted(options.items()))
 
 
 def _pair(name: str):

@@ -253,7 +253,7 @@ class Pipeline:
   # -- sampling ----------------------------------------------------------------------------------
   def generate(self, prompts, *, negative_prompts=None, steps: int | None = None,
                guidance_scale: float | None = None, scheduler: str | None = None,
-               height: int | None = None, width: int | None = None, seed: int = 0,
+               scheduler_options: dict | None = None, height: int | None = None, width: int | None = None, seed: int = 0,
                latents=None, init_images=None, mask_images=None,
                strength: float | None = None, mask_blur: float = 0.0,
                padding_mask_crop: int | None = None, mask_overlay: bool = False,
@@ -284,6 +284,10 @@ class Pipeline:
         (default: the model folder's `sdjax_defaults.json`, else 7.5).
       scheduler: one of `sdjax.schedulers.SCHEDULERS`; default: the model folder's
         `sdjax_defaults.json`, else the checkpoint's own.
+      scheduler_options: options of the scheduler's config to override, as diffusers'
+        `Scheduler.from_config(config, **options)`: e.g. `{"timestep_spacing": "trailing"}`
+        (SDXL Lightning, Turbo), `{"use_karras_sigmas": True}` (euler); an option the scheduler
+        does not have is an error.
       height, width: image size in pixels (default: the model's native size).
       seed: image i uses seed `seed + i` for all of its randomness.
       latents: NHWC unit Gaussian initial noise [N, h, w, 4] (as diffusers' `latents`, before
@@ -359,7 +363,8 @@ class Pipeline:
         negative_aesthetic_score)
     images = sampling.generate(
         self, prompts, negative_prompts=negative_prompts, steps=steps,
-        guidance_scale=guidance_scale, scheduler=scheduler, height=height, width=width,
+        guidance_scale=guidance_scale, scheduler=scheduler, scheduler_options=scheduler_options,
+        height=height, width=width,
         seed=seed, latents=latents, init_images=init_images, mask_images=mask_images,
         strength=strength, masked_content=masked_content,
         guidance_rescale=guidance_rescale, clip_skip=clip_skip, prompts_2=prompts_2,

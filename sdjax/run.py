@@ -47,6 +47,8 @@ class RunConfig:
   steps: int | None = None
   guidance_scale: float | None = None
   scheduler: str | None = None
+  # The scheduler's config options to override ((key, value) pairs), e.g. timestep_spacing.
+  scheduler_options: tuple[tuple[str, Any], ...] = ()
   eta: float = 0.0  # DDIM's stochasticity; step noise from each image's seed
   height: int | None = None
   width: int | None = None
@@ -244,6 +246,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
               "output_format": cfg.output_format, "shard_size": cfg.shard_size}
   if cfg.output_format == "png":
     settings["images_per_folder"] = cfg.images_per_folder
+  if cfg.scheduler_options:  # absent without: older folders still match
+    settings["scheduler_options"] = dict(cfg.scheduler_options)
   settings.update(_image_format(cfg).settings())
   if cfg.eta:  # absent when 0: older folders still match
     settings["eta"] = cfg.eta
@@ -434,6 +438,12 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)
   scheduler = cfg.scheduler or sampling.schedulers.default_scheduler_name(pipe.scheduler_config)
+  if cfg.scheduler_options:
+    try:
+      sampling.schedulers.get_scheduler(scheduler, pipe.scheduler_config,
+                                        options=dict(cfg.scheduler_options))
+    except ValueError as e:
+      raise RunError(f"--scheduler_options: {e}") from None
 
   if jax.process_index() == 0:  # the prompts given on the command line
     sampling.warn_unknown_words(pipe, [line.prompt for line in cfg.prompts])
@@ -738,7 +748,8 @@ class _Sampler:
         raise RunError(f"--cfg_parallel splits classifier-free guidance, which a prompt line's "
                        f"guidance_scale {guidance:g} (<= 1) does not use")
       common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
-                    guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel)
+                    guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel,
+                    scheduler_options=dict(cfg.scheduler_options) or None)
       extra = dict(img2img=True, strength=strength) if img2img else {}
       inpaint = kind == "inpaint"
       if inpaint:
@@ -1034,6 +1045,7 @@ class _Metadata:
     return {
         "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
         "seed": job.seed, "steps": steps, "scheduler": scheduler,
+        **({"scheduler_options": dict(cfg.scheduler_options)} if cfg.scheduler_options else {}),
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
@@ -1078,7 +1090,9 @@ class _Metadata:
         sampler=scheduler, cfg_scale=self.guidance(job), seed=job.seed, width=width,
         height=height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
         version=f"sdjax {sdjax.__version__}",
-        extra={**({"Denoising strength": strength} if job.init_image else {}),
+        extra={**({"Scheduler options": "; ".join(f"{k}={v}" for k, v in cfg.scheduler_options)}
+                  if cfg.scheduler_options else {}),
+               **({"Denoising strength": strength} if job.init_image else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._hires_extra(height, width),
                **self._sdxl_extra(height, width), **self._network_hashes(job),

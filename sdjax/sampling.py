@@ -652,7 +652,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             guidance_scale: float, guidance_rescale: float = 0.0, img2img: bool = False,
             strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0,
             denoising_end: float | None = None, denoising_start: float | None = None,
-            cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original"):
+            cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original",
+            scheduler_options: dict[str, Any] | None = None):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -660,7 +661,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   (the SDXL base -> refiner handoff). `inpaint` (with `img2img`): init images come with masks,
   used as the model takes them (`inpaint_mode`), their masked area starting from
   `masked_content` (`masks.MASKED_CONTENT`: the latent ones here; at strength 1, where the start
-  is pure noise, none matters).
+  is pure noise, none matters). `scheduler_options` override the scheduler's config
+  (`schedulers.get_scheduler`).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
@@ -673,7 +675,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   masks.check_masked_content(masked_content)
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
-  sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta))
+  sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
+                                   options=scheduler_options)
   state = sched.set_timesteps(int(steps), sample_shape=(batch, *latent_hw, latent_channels(pipe)))
   begin, end = 0, None
   if denoising_start is not None:
@@ -784,7 +787,8 @@ class Hires:
 
 def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str | None,
                   height: int, width: int, guidance_scale: float, guidance_rescale: float = 0.0,
-                  clip_skip: int | None = None, eta: float = 0.0, cfg_split: bool = False):
+                  clip_skip: int | None = None, eta: float = 0.0, cfg_split: bool = False,
+                  scheduler_options: dict[str, Any] | None = None):
   """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps."""
@@ -794,7 +798,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   h, w = hires.size(pipe, height, width)
   spec, state = prepare(pipe, batch, steps=total, scheduler=scheduler, height=h, width=w,
                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                        clip_skip=clip_skip, eta=eta, cfg_split=cfg_split)
+                        clip_skip=clip_skip, eta=eta, cfg_split=cfg_split,
+                        scheduler_options=scheduler_options)
   return dataclasses.replace(spec, begin=(total - n) * spec.scheduler.order,
                              upscale=hires.upscaler), state
 
@@ -833,6 +838,7 @@ def generate(
     hires: Hires | None = None,
     mask_images: Any = None,
     masked_content: str = "original",
+    scheduler_options: dict[str, Any] | None = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original")."""
@@ -882,7 +888,8 @@ def generate(
   width = pipe.native_size if width is None else width
   common = dict(steps=steps, scheduler=scheduler, height=height, width=width,
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel)
+                clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel,
+                scheduler_options=scheduler_options)
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
                         denoising_end=refiner_start if refiner is not None else None,
                         inpaint=mask_images is not None, masked_content=masked_content,

@@ -366,6 +366,12 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
 BAD_INPUT = [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--steps", "1001"], "steps (1001) cannot exceed the model's 1000 training timesteps"),
+    (["--scheduler_options", "{spacing: 1}"], "--scheduler_options is not JSON"),
+    (["--scheduler_options", "[1]"], "--scheduler_options must be a JSON object"),
+    (["--scheduler", "euler", "--scheduler_options", '{"spacing": "trailing"}'],
+     "--scheduler_options: scheduler 'euler' has no option 'spacing'; its options: "),
+    (["--scheduler", "euler", "--scheduler_options", '{"timestep_spacing": "middle"}'],
+     "--scheduler_options: scheduler 'euler': option timestep_spacing='middle' is not "),
     (["--height", "12"], "--height must be a multiple of 8"),
     (["--width", "100000"], "--width must be a multiple of 8"),
     (["--scheduler", "magic"], "unknown scheduler 'magic'"),

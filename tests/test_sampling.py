@@ -215,6 +215,30 @@ def test_ddim_eta_matches_diffusers_and_compiles_once(pipes):
   assert sampling.trace_count == before and rel(other, ours) > 10 * err
 
 
+@pytest.mark.parametrize("name,options", [
+    ("euler", {"timestep_spacing": "trailing"}),  # SDXL Lightning's
+    ("dpmpp_2m", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}),
+])
+def test_scheduler_options_match_diffusers(pipes, name, options):
+  """scheduler_options override the checkpoint's scheduler config as diffusers'
+  `from_config(config, **options)` does."""
+  _sd1_only(pipes)
+  ref, pipe, _ = pipes
+  cls, overrides = {**DIFFUSERS_SCHEDULERS, "dpmpp_2m": ("DPMSolverMultistepScheduler", {})}[name]
+  ref.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler_config,
+                                                      **{**overrides, **options})
+  latents = _unit_noise((2, 8, 8, 4), seed=9)
+  expected = ref(PROMPTS, num_inference_steps=4, guidance_scale=GUIDANCE, height=16, width=16,
+                 latents=nchw(latents), output_type="np").images
+  kw = dict(steps=4, guidance_scale=GUIDANCE, scheduler=name, height=16, width=16, latents=latents)
+  ours = pipe.generate(PROMPTS, scheduler_options=options, **kw)
+  err = rel(ours, expected)
+  print(f"\n{name} with {options}: {err:.2e}")
+  assert err <= 1e-3 and rel(pipe.generate(PROMPTS, **kw), expected) > 10 * err
+  with pytest.raises(ValueError, match=f"scheduler '{name}' has no option 'spacing'"):
+    pipe.generate(PROMPTS, scheduler_options={"spacing": "trailing"}, **kw)
+
+
 @pytest.mark.parametrize("guidance", [1.0, 1.5])
 def test_lcm_matches_diffusers(pipes, guidance):
   """LCM (LCM-LoRA's sampler: few steps, little or no guidance): diffusers' pipeline with its

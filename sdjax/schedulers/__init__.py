@@ -69,11 +69,14 @@ ETA_SCHEDULERS = ("ddim",)
 
 
 def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
-                  eta: float = 0.0) -> Scheduler:
+                  eta: float = 0.0, options: dict[str, Any] | None = None) -> Scheduler:
   """Builds scheduler `name` (or the checkpoint's own when None) from a scheduler config.
 
   `eta` > 0 makes DDIM stochastic (diffusers' `step(eta=...)`); other schedulers refuse it
-  rather than ignore it silently.
+  rather than ignore it silently. `options` override the config as diffusers'
+  `from_config(config, **options)` does (e.g. `{"timestep_spacing": "trailing"}`, as SDXL
+  Lightning and Turbo want), after what `name` itself sets (`dpmpp_2m_karras`'s Karras sigmas);
+  an option the scheduler does not have is an error, not ignored.
   """
   if name is None:
     name = default_scheduler_name(scheduler_config)
@@ -88,7 +91,13 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
           f"eta is an option of {', '.join(ETA_SCHEDULERS)} only, not of scheduler {name!r}")
     overrides = {**overrides, "eta": eta}
   module = importlib.import_module(f"sdjax.schedulers.{module_name}")
-  return getattr(module, class_name).from_config(scheduler_config, **overrides)
+  cls = getattr(module, class_name)
+  unknown = sorted(set(options or {}) - set(cls._DEFAULTS))
+  if unknown:
+    raise SchedulerConfigError(
+        f"scheduler {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
+        f"{', '.join(sorted(cls._DEFAULTS))}")
+  return cls.from_config(scheduler_config, **{**overrides, **(options or {})})
 
 
 __all__ = [
