@@ -181,10 +181,25 @@ def _a1111_extras(ids: PromptIds):
   return prompt_lib.context_bias(batch), batch.schedule
 
 
-def predict(nets: Networks, params, x, t, emb: Embeddings):
-  """The UNet's output for latents x [B, h, w, C] at t under embeddings `emb`."""
+def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None):
+  """The UNet's output for latents x [B, h, w, C] at t under embeddings `emb` (and an LCM
+  model's `guidance_embedding`)."""
   return nets.unet.apply({"params": params["unet"]}, x, t, emb.context, emb.text_embeds,
-                         emb.time_ids, emb.context_bias)
+                         emb.time_ids, emb.context_bias, timestep_cond)
+
+
+def guidance_embedding(guidance_scale, batch: int, dim: int) -> jax.Array:
+  """An LCM-distilled UNet's `timestep_cond` [batch, dim]: the sinusoidal embedding of
+  w = (guidance_scale - 1) * 1000, as diffusers' `get_guidance_scale_embedding` (float32)."""
+  w = (jnp.asarray(guidance_scale, jnp.float32) - 1) * jnp.float32(1000.0)
+  half = dim // 2
+  step = jnp.log(jnp.float32(10000.0)) / jnp.float32(half - 1)
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -step)
+  angles = w * freqs
+  emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)])
+  if dim % 2:
+    emb = jnp.pad(emb, (0, 1))
+  return jnp.broadcast_to(emb, (batch, dim))
 
 
 # -- micro-conditioning ------------------------------------------------------------------------

@@ -96,6 +96,8 @@ def _example_inputs(unet_cfg: UNetConfig, text_cfg: CLIPTextConfig | None, vae_c
     # Any split of add_embedding's input width into pooled text and one time id has its shapes.
     width = unet_cfg.projection_class_embeddings_input_dim - unet_cfg.addition_time_embed_dim
     unet += (jnp.zeros((1, width)), jnp.zeros((1, 1)))
+  if unet_cfg.time_cond_proj_dim is not None:  # after text_embeds, time_ids, context_bias
+    unet += (None,) * (6 - len(unet)) + (jnp.zeros((1, unet_cfg.time_cond_proj_dim)),)
   out = {"unet": unet,
          "vae": (jnp.zeros((1, vae_cfg.downscale, vae_cfg.downscale, vae_cfg.in_channels)),)}
   for name, cfg in (("text_encoder", text_cfg), ("text_encoder_2", text_cfg_2)):
@@ -220,10 +222,13 @@ class Pipeline:
     return _encode_text(self.text_encoder, self.params["text_encoder"], jnp.asarray(ids),
                         clip_skip)
 
-  def predict_noise(self, x, t, ctx, text_embeds=None, time_ids=None) -> jax.Array:
+  def predict_noise(self, x, t, ctx, text_embeds=None, time_ids=None,
+                    timestep_cond=None) -> jax.Array:
     """UNet output [B, h, w, 4] for latents x [B, h, w, 4], timesteps t [B], context ctx.
 
-    SDXL also takes diffusers' `added_cond_kwargs`: `text_embeds` [B, P], `time_ids` [B, K].
+    SDXL also takes diffusers' `added_cond_kwargs`: `text_embeds` [B, P], `time_ids` [B, K];
+    an LCM-distilled UNet `timestep_cond` [B, time_cond_proj_dim]
+    (`conditioning.guidance_embedding`).
     """
     x = jnp.asarray(x)
     self._check_latent_size(x.shape[1:3])
@@ -232,7 +237,10 @@ class Pipeline:
       raise ValueError("this SDXL UNet needs text_embeds and time_ids")
     extra = (None, None) if text_embeds is None else (
         jnp.asarray(text_embeds), jnp.asarray(time_ids, jnp.float32))
-    return _predict_noise(self.unet, self.params["unet"], x, t, jnp.asarray(ctx), *extra)
+    if self.unet.config.time_cond_proj_dim is not None and timestep_cond is None:
+      raise ValueError("this LCM UNet (time_cond_proj_dim) needs timestep_cond")
+    cond = None if timestep_cond is None else jnp.asarray(timestep_cond, jnp.float32)
+    return _predict_noise(self.unet, self.params["unet"], x, t, jnp.asarray(ctx), *extra, cond)
 
   def vae_decode(self, z) -> jax.Array:
     """Latents [B, h, w, 4] (already divided by the scaling factor) -> images [B, H, W, 3]."""
@@ -429,8 +437,9 @@ def _encode_prompt(nets, params, cond, clip_skip):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _predict_noise(module, params, x, t, ctx, text_embeds=None, time_ids=None):
-  return module.apply({"params": params}, x, t, ctx, text_embeds, time_ids)
+def _predict_noise(module, params, x, t, ctx, text_embeds=None, time_ids=None,
+                   timestep_cond=None):
+  return module.apply({"params": params}, x, t, ctx, text_embeds, time_ids, None, timestep_cond)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -161,9 +161,13 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
   if spec.guidance and not scheduled and not spec.cfg_split:
     both = conditioning.Embeddings.concat(negative, positive)  # [uncond, cond] rows
 
+  cond_dim = nets.unet.config.time_cond_proj_dim  # LCM models: guidance as an input, no CFG
+
   def predict(x, t, call):
     if not spec.guidance:
-      return conditioning.predict(nets, params, x, t, positive.at(call))
+      return conditioning.predict(nets, params, x, t, positive.at(call), None if cond_dim is None
+                                  else conditioning.guidance_embedding(guidance_scale, len(x),
+                                                                       cond_dim))
     if parts is not None:
       return _composable_guidance(nets, params, x, t, both if not scheduled else
                                   conditioning.Embeddings.concat(negative.at(call),
@@ -690,12 +694,14 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   if begin >= (len(state.timesteps) if end is None else end):
     raise ValueError(f"strength {strength} (or refiner_start) with {steps} steps leaves no "
                      "denoising step")
-  spec = SampleSpec(sched.program(), begin, latent_hw, guidance_scale > 1.0,
+  # An LCM-distilled UNet takes the guidance scale as an input instead (diffusers: no CFG).
+  guidance = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+  spec = SampleSpec(sched.program(), begin, latent_hw, guidance,
                     guidance_rescale > 0.0,
                     img2img and denoising_start is None, clip_skip, end=end,
                     output_latents=denoising_end is not None,
                     init_latents=denoising_start is not None,
-                    cfg_split=cfg_split and guidance_scale > 1.0, inpaint=mode,
+                    cfg_split=cfg_split and guidance, inpaint=mode,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
                     ("latent noise", "latent nothing") else "original")
   return spec, state

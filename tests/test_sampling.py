@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from parity import img2img_draws, nchw
 
 import sdjax
@@ -260,6 +261,53 @@ def test_lcm_matches_diffusers(pipes, guidance):
   err = rel(ours, expected)
   print(f"\nlcm, guidance {guidance}: {err:.2e}")
   assert err <= 1e-3
+
+
+def test_lcm_distilled_unet_matches_diffusers(pipes, tmp_path):
+  """An LCM-distilled UNet (time_cond_proj_dim, here odd: the embedding's zero pad) with its
+  LCMScheduler: no CFG, the guidance scale as the guidance embedding (`timestep_cond`), as
+  diffusers' StableDiffusionPipeline runs it; predict_noise takes timestep_cond too."""
+  _sd1_only(pipes)
+  ref, _, _ = pipes
+  unet = testing.torch_unet({**testing.UNET_SD1, "time_cond_proj_dim": 9}, seed=31)
+  lcm = diffusers.StableDiffusionPipeline(
+      vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer, unet=unet,
+      scheduler=diffusers.LCMScheduler.from_config(ref.scheduler.config), safety_checker=None,
+      feature_extractor=None, requires_safety_checker=False)
+  lcm.set_progress_bar_config(disable=True)
+  folder = str(tmp_path / "lcm")
+  lcm.save_pretrained(folder, safe_serialization=True)
+  pipe = sdjax.load_pipeline(folder)
+  assert pipe.unet.config.time_cond_proj_dim == 9
+
+  guidance, seed, steps = 4.0, 6, 3
+  w = lcm.get_guidance_scale_embedding(torch.tensor([guidance - 1] * 2), embedding_dim=9)
+  ours_w = sdjax.conditioning.guidance_embedding(jnp.float32(guidance), 2, 9)
+  # sin and cos of float32 angles up to w = 3000: an ulp of the angle 139 (1.5e-5) shows.
+  np.testing.assert_allclose(ours_w, w.numpy(), rtol=0, atol=2e-5)
+  x, ctx = _unit_noise((2, 8, 8, 4), seed=2), _unit_noise((2, 77, 32), seed=3)
+  t = np.array([999, 259])
+  with torch.no_grad():
+    eps = unet(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), timestep_cond=w).sample
+  got = pipe.predict_noise(x, t, ctx, timestep_cond=w.numpy())
+  assert rel(got, eps.numpy().transpose(0, 2, 3, 1)) <= 1e-5
+
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
+  draws = iter([nchw(np.asarray(sampling._keyed_noise(keys, sampling._STEP_NOISE, (8, 8, 4), i)))
+                for i in range(steps - 1)])
+  latents = _unit_noise((2, 8, 8, 4), seed=10)
+  with mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", lambda *a, **k: next(draws)):
+    expected = lcm(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, height=16,
+                   width=16, latents=nchw(latents), output_type="np").images
+  ours = pipe.generate(PROMPTS, steps=steps, guidance_scale=guidance, height=16, width=16,
+                       latents=latents, seed=seed)  # the checkpoint's own scheduler: lcm
+  err = rel(ours, expected)
+  print(f"\nLCM-distilled UNet: predict_noise {rel(got, eps.numpy().transpose(0, 2, 3, 1)):.2e}, "
+        f"generate {err:.2e}")
+  assert err <= 1e-3
+  other = pipe.generate(PROMPTS, steps=steps, guidance_scale=8.0, height=16, width=16,
+                        latents=latents, seed=seed)
+  assert rel(other, ours) > 10 * err  # the guidance scale reaches the UNet
 
 
 def test_true_noise_model_recovers_clean_sample():

@@ -74,6 +74,9 @@ class UNetConfig:
   addition_embed_type: str | None = None
   addition_time_embed_dim: int | None = None
   projection_class_embeddings_input_dim: int | None = None
+  # LCM-distilled UNets: the width of a guidance-scale embedding added to the time embedding's
+  # input (diffusers' `timestep_cond`; their pipelines then run without CFG).
+  time_cond_proj_dim: int | None = None
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -153,7 +156,6 @@ _FIXED_OPTIONS = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "attention_type": "default",
@@ -264,14 +266,22 @@ def _first(depth):
 
 
 class TimestepEmbedding(nn.Module):
-  """Two linear layers with a SiLU between, from the sinusoidal embedding to the time vector."""
+  """Two linear layers with a SiLU between, from the sinusoidal embedding to the time vector;
+  with `cond_proj_dim`, a condition [B, cond_proj_dim] projected (no bias) and added first."""
 
   dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  cond_proj_dim: int | None = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, condition=None):
+    if self.cond_proj_dim is not None:
+      if condition is None:
+        raise ValueError(f"this UNet (time_cond_proj_dim={self.cond_proj_dim}) needs a "
+                         "timestep_cond (an LCM model's guidance-scale embedding)")
+      x = x + dense(x.shape[-1], self.dtype, self.param_dtype, "cond_proj", use_bias=False)(
+          condition.astype(self.dtype))
     x = dense(self.dim, self.dtype, self.param_dtype, "linear_1")(x)
     return dense(self.dim, self.dtype, self.param_dtype, "linear_2")(nn.silu(x))
 
@@ -289,13 +299,15 @@ class UNet2DConditionModel(nn.Module):
 
   @nn.compact
   def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
-               context_bias=None):
-    """`text_embeds` [B, P] and `time_ids` [B, K] are diffusers' `added_cond_kwargs` (SDXL)."""
+               context_bias=None, timestep_cond=None):
+    """`text_embeds` [B, P] and `time_ids` [B, K] are diffusers' `added_cond_kwargs` (SDXL),
+    `timestep_cond` [B, time_cond_proj_dim] its argument of that name (LCM-distilled UNets)."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     channels = cfg.block_out_channels
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     temb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-    temb = TimestepEmbedding(channels[0] * 4, d, pd, name="time_embedding")(temb.astype(d))
+    temb = TimestepEmbedding(channels[0] * 4, d, pd, cfg.time_cond_proj_dim,
+                             name="time_embedding")(temb.astype(d), timestep_cond)
     if cfg.addition_embed_type == "text_time":
       temb = temb + self._text_time_embedding(text_embeds, time_ids)
 
