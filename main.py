@@ -70,14 +70,14 @@ flags.DEFINE_integer("num_images_per_prompt", 1, "images per prompt")
 flags.DEFINE_integer("steps", None, "denoising steps")
 flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
 flags.DEFINE_string("scheduler", None, "ddim, pndm, lms, euler, euler_ancestral, heun, dpmpp_2m, "
-                    "dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, ddpm, lcm "
-                    "(default: the checkpoint's own)")
+                    "dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, ddpm, lcm, "
+                    "tcd (default: the checkpoint's own)")
 flags.DEFINE_string("scheduler_options", None, "a JSON object of scheduler config options to "
                     "override, as diffusers' from_config(config, **options), e.g. "
                     "'{\"timestep_spacing\": \"trailing\"}' (SDXL Lightning / Turbo) or "
                     "'{\"use_karras_sigmas\": true}'")
 flags.DEFINE_float("eta", None, "DDIM's eta: 0 deterministic (default), 1 DDPM-like; step noise "
-                   "from each image's seed (--scheduler ddim only)")
+                   "from each image's seed (--scheduler ddim; tcd: its gamma, in [0, 1])")
 flags.DEFINE_integer("height", None, "image height in pixels (default: the model's native size)")
 flags.DEFINE_integer("width", None, "image width in pixels (default: the model's native size)")
 flags.DEFINE_integer("seed", 0, "image k of the run gets seed + k")

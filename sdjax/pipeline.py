@@ -333,7 +333,8 @@ class Pipeline:
         (diffusers' `denoising_end`) and the refiner finishes from its latents
         (`denoising_start`), with the same steps, scheduler and guidance.
       eta: DDIM's stochasticity (diffusers' `eta`; 0 is deterministic DDIM, 1 DDPM-like); its
-        step noise comes from each image's seed. Only the `ddim` scheduler takes it.
+        step noise comes from each image's seed. `tcd` takes it as its gamma (in [0, 1]; its
+        authors suggest 0.3); no other scheduler does.
       prompt_syntax: "plain" (diffusers: text truncated at 77 tokens) or "a1111" (AUTOMATIC1111's
         weights, long prompts, BREAK, prompt editing and alternation, composable `AND` /
         `:weight` parts; see `sdjax.prompts`).

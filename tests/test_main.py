@@ -375,7 +375,7 @@ BAD_INPUT = [
     (["--height", "12"], "--height must be a multiple of 8"),
     (["--width", "100000"], "--width must be a multiple of 8"),
     (["--scheduler", "magic"], "unknown scheduler 'magic'"),
-    (["--scheduler", "euler", "--eta", "0.5"], "eta is an option of ddim only"),
+    (["--scheduler", "euler", "--eta", "0.5"], "eta is an option of ddim, tcd only"),
     (["--scheduler", "ddim", "--eta=-1"], "--eta must be >= 0"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt does"),
     (["--model", "/nonexistent/model"], "does not exist"),

@@ -240,26 +240,29 @@ def test_scheduler_options_match_diffusers(pipes, name, options):
     pipe.generate(PROMPTS, scheduler_options={"spacing": "trailing"}, **kw)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 1.5])
-def test_lcm_matches_diffusers(pipes, guidance):
-  """LCM (LCM-LoRA's sampler: few steps, little or no guidance): diffusers' pipeline with its
-  LCMScheduler given our per-step noise (drawn from each image's seed; none after the last)."""
+@pytest.mark.parametrize("name,guidance,eta", [("lcm", 1.0, 0.0), ("lcm", 1.5, 0.0),
+                                               ("tcd", 1.5, 0.3)])
+def test_lcm_and_tcd_match_diffusers(pipes, name, guidance, eta):
+  """LCM and TCD (LCM-, TCD-LoRA's and Hyper-SD's samplers: few steps, little or no guidance):
+  diffusers' pipeline with its LCMScheduler / TCDScheduler (TCD's gamma: the pipeline's `eta`)
+  given our per-step noise (drawn from each image's seed; none after the last)."""
   _sd1_only(pipes)
   ref, pipe, _ = pipes
   seed, steps = 5, 4
   keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
   draws = iter([nchw(np.asarray(sampling._keyed_noise(keys, sampling._STEP_NOISE, (8, 8, 4), i)))
                 for i in range(steps - 1)])
-  ref.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler_config)
+  cls = {"lcm": diffusers.LCMScheduler, "tcd": diffusers.TCDScheduler}[name]
+  ref.scheduler = cls.from_config(pipe.scheduler_config)
   latents = _unit_noise((2, 8, 8, 4), seed=8)
-  with mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor", lambda *a, **k: next(draws)):
+  with mock.patch(f"{cls.__module__}.randn_tensor", lambda *a, **k: next(draws)):
     expected = ref(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, height=16,
-                   width=16, latents=nchw(latents), output_type="np").images
+                   width=16, latents=nchw(latents), output_type="np", eta=eta).images
   assert next(draws, None) is None  # a draw for every step but the last
-  ours = pipe.generate(PROMPTS, steps=steps, guidance_scale=guidance, scheduler="lcm", height=16,
-                       width=16, latents=latents, seed=seed)
+  ours = pipe.generate(PROMPTS, steps=steps, guidance_scale=guidance, scheduler=name, height=16,
+                       width=16, latents=latents, seed=seed, eta=eta)
   err = rel(ours, expected)
-  print(f"\nlcm, guidance {guidance}: {err:.2e}")
+  print(f"\n{name}, guidance {guidance}, eta {eta}: {err:.2e}")
   assert err <= 1e-3
 
 
@@ -378,7 +381,7 @@ def test_default_size_and_bfloat16(pipes):
     ({"seed": 2**32 - 1}, "seed must be in"),  # the second image's seed would not fit
     ({"latents": np.zeros((1, 4, 4, 4))}, "latents must have shape"),
     ({"negative_prompts": ["a", "b", "c"]}, "negative_prompts: got 3 entries"),
-    ({"eta": 0.5, "scheduler": "euler"}, "eta is an option of ddim only"),
+    ({"eta": 0.5, "scheduler": "euler"}, "eta is an option of ddim, tcd only"),
     ({"eta": -1.0, "scheduler": "ddim"}, "eta must be a number >= 0"),
 ])
 def test_bad_arguments(pipes, kwargs, match):

@@ -29,6 +29,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
                             {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
     "unipc": ("unipc", "UniPCMultistepScheduler", {}),
     "lcm": ("lcm", "LCMScheduler", {}),
+    "tcd": ("tcd", "TCDScheduler", {}),
 }
 
 # diffusers class name of a checkpoint's scheduler -> our name.
@@ -43,6 +44,7 @@ _FROM_DIFFUSERS_CLASS = {
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "UniPCMultistepScheduler": "unipc",
     "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
 }
 
 SCHEDULERS = tuple(_REGISTRY)
@@ -64,8 +66,9 @@ def default_scheduler_name(scheduler_config: dict[str, Any]) -> str:
   return name
 
 
-# Schedulers that take DDIM's eta (diffusers passes `eta` to the steps of those whose `step` has it).
-ETA_SCHEDULERS = ("ddim",)
+# Schedulers that take DDIM's eta (diffusers passes `eta` to the steps of those whose `step` has it;
+# TCD's is its gamma).
+ETA_SCHEDULERS = ("ddim", "tcd")
 
 
 def get_scheduler(name: str | None, scheduler_config: dict[str, Any],

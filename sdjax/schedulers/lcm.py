@@ -55,7 +55,8 @@ class LCMState:
   noise_std: jnp.ndarray
 
 
-def lcm_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.ndarray:
+def lcm_timesteps(config: dict[str, Any], num_inference_steps: int,
+                  name: str = "lcm") -> np.ndarray:
   """Descending int64 timesteps: `num_inference_steps` evenly spaced indices into the
   distillation schedule (k - 1, 2k - 1, ..., with k = num_train // original_inference_steps)."""
   n_train, original = int(config["num_train_timesteps"]), int(config["original_inference_steps"])
@@ -63,12 +64,27 @@ def lcm_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.ndarra
     raise ValueError(f"original_inference_steps={original} cannot exceed "
                      f"num_train_timesteps={n_train}")
   if not 1 <= num_inference_steps <= original:
-    raise ValueError(f"lcm takes 1 to original_inference_steps={original} steps, got "
+    raise ValueError(f"{name} takes 1 to original_inference_steps={original} steps, got "
                      f"{num_inference_steps}")
   k = n_train // original
   origin = (np.arange(1, original + 1) * k - 1)[::-1]
   indices = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False))
   return origin[indices.astype(np.int64)].astype(np.int64)
+
+
+def resolve_lcm_config(cls, scheduler_config: dict[str, Any],
+                       overrides: dict[str, Any]) -> dict[str, Any]:
+  """The config of LCM or of a scheduler sharing its options (TCD), resolved and checked."""
+  config = resolve_config(
+    cls.name, cls._DEFAULTS, scheduler_config, unsupported=cls._UNSUPPORTED, overrides=overrides
+  )
+  check_choice(cls.name, "prediction_type", config["prediction_type"],
+               ("epsilon", "sample", "v_prediction"))
+  make_betas(config)  # an unsupported beta_schedule raises here rather than at set_timesteps
+  if int(config["original_inference_steps"]) < 1:
+    raise SchedulerConfigError(f"scheduler {cls.name!r}: original_inference_steps must be "
+                               f">= 1, got {config['original_inference_steps']}")
+  return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,16 +118,7 @@ class LCMScheduler(Scheduler):
 
   @classmethod
   def from_config(cls, scheduler_config: dict[str, Any], **overrides):
-    config = resolve_config(
-      cls.name, cls._DEFAULTS, scheduler_config, unsupported=cls._UNSUPPORTED, overrides=overrides
-    )
-    check_choice(cls.name, "prediction_type", config["prediction_type"],
-                 ("epsilon", "sample", "v_prediction"))
-    make_betas(config)  # an unsupported beta_schedule raises here rather than at set_timesteps
-    if int(config["original_inference_steps"]) < 1:
-      raise SchedulerConfigError(f"scheduler {cls.name!r}: original_inference_steps must be "
-                                 f">= 1, got {config['original_inference_steps']}")
-    return cls(config=hashable_config(config))
+    return cls(config=hashable_config(resolve_lcm_config(cls, scheduler_config, overrides)))
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     del sample_shape  # no history
