@@ -82,6 +82,28 @@ def f32(x) -> jnp.ndarray:
   return jnp.asarray(np.asarray(x, dtype=np.float32))
 
 
+def predict_original_and_noise(prediction_type: str, x, out, sqrt_alpha, sqrt_beta):
+  """(x0, noise) predicted from x_t and the model output `out` (float32), in diffusers' order of
+  operations; `sqrt_alpha`, `sqrt_beta` are the roots of alpha_prod_t and 1 - alpha_prod_t."""
+  if prediction_type == "epsilon":
+    return true_divide(x - rounded(sqrt_beta * out), sqrt_alpha), out
+  if prediction_type == "sample":
+    return out, true_divide(x - rounded(sqrt_alpha * out), sqrt_beta)
+  # v_prediction
+  return (rounded(sqrt_alpha * x) - rounded(sqrt_beta * out),
+          rounded(sqrt_alpha * out) + rounded(sqrt_beta * x))
+
+
+def add_noise_vp(self, state, original_samples, noise, i):
+  """`Scheduler.add_noise` of a state with `sqrt_alpha` and `sqrt_one_minus_alpha` per position
+  (DDIM, DDPM, LCM, TCD): sqrt(alpha_prod_t) x0 + sqrt(1 - alpha_prod_t) noise."""
+  del self
+  original = original_samples.astype(jnp.float32)
+  noise = noise.astype(jnp.float32)
+  noisy = rounded(state.sqrt_alpha[i] * original) + rounded(state.sqrt_one_minus_alpha[i] * noise)
+  return noisy.astype(original_samples.dtype)
+
+
 @struct.dataclass
 class DDIMState:
   """A DDIM run: per-position coefficients of the update.
@@ -103,8 +125,21 @@ class DDIMState:
   noise_std: jnp.ndarray
 
 
+class EtaInState:
+  """For schedulers whose `eta` (DDIM's; TCD's gamma) scales only their state's coefficients:
+  `step` depends only on whether it is 0, so one program serves every eta > 0."""
+
+  @property
+  def needs_noise(self) -> bool:
+    return self.cfg["eta"] > 0
+
+  def program(self):
+    config = {**self.cfg, "eta": 1.0 if self.needs_noise else 0.0}
+    return dataclasses.replace(self, config=hashable_config(config))
+
+
 @dataclasses.dataclass(frozen=True)
-class DDIMScheduler(Scheduler):
+class DDIMScheduler(EtaInState, Scheduler):
   """diffusers' `DDIMScheduler`, with diffusers' `step(eta=...)` as the sdjax option `eta`.
 
   `from_config(config, eta=0.3)` makes it stochastic (it then needs noise at every step), as
@@ -146,16 +181,6 @@ class DDIMScheduler(Scheduler):
     config["eta"] = eta
     return cls(config=hashable_config(config))
 
-  @property
-  def needs_noise(self) -> bool:  # type: ignore[override]
-    return self.cfg["eta"] > 0
-
-  def program(self) -> DDIMScheduler:
-    # eta's value only scales the state's coefficients (noise_std, direction_coeff); `step`
-    # depends only on whether it is 0. One program serves every eta > 0.
-    config = {**self.cfg, "eta": 1.0 if self.needs_noise else 0.0}
-    return dataclasses.replace(self, config=hashable_config(config))
-
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     del sample_shape  # no history
     config = self.cfg
@@ -186,17 +211,8 @@ class DDIMScheduler(Scheduler):
     config = self.cfg
     x = sample.astype(jnp.float32)
     out = model_output.astype(jnp.float32)
-    sqrt_alpha, sqrt_beta = state.sqrt_alpha[i], state.sqrt_one_minus_alpha[i]
-    prediction_type = config["prediction_type"]
-    if prediction_type == "epsilon":
-      pred_original = true_divide(x - rounded(sqrt_beta * out), sqrt_alpha)
-      pred_epsilon = out
-    elif prediction_type == "sample":
-      pred_original = out
-      pred_epsilon = true_divide(x - rounded(sqrt_alpha * pred_original), sqrt_beta)
-    else:  # v_prediction
-      pred_original = rounded(sqrt_alpha * x) - rounded(sqrt_beta * out)
-      pred_epsilon = rounded(sqrt_alpha * out) + rounded(sqrt_beta * x)
+    pred_original, pred_epsilon = predict_original_and_noise(
+      config["prediction_type"], x, out, state.sqrt_alpha[i], state.sqrt_one_minus_alpha[i])
     if config["clip_sample"]:
       limit = config["clip_sample_range"]
       pred_original = jnp.clip(pred_original, -limit, limit)
@@ -209,8 +225,4 @@ class DDIMScheduler(Scheduler):
       prev = prev + rounded(state.noise_std[i] * noise.astype(jnp.float32))
     return prev.astype(sample.dtype), state
 
-  def add_noise(self, state, original_samples, noise, i):
-    original = original_samples.astype(jnp.float32)
-    noise = noise.astype(jnp.float32)
-    noisy = rounded(state.sqrt_alpha[i] * original) + rounded(state.sqrt_one_minus_alpha[i] * noise)
-    return noisy.astype(original_samples.dtype)
+  add_noise = add_noise_vp

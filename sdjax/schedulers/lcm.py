@@ -26,9 +26,8 @@ from sdjax.schedulers.common import (
   make_betas,
   resolve_config,
   rounded,
-  true_divide,
 )
-from sdjax.schedulers.ddim import f32
+from sdjax.schedulers.ddim import add_noise_vp, f32, predict_original_and_noise
 from sdjax.schedulers.euler import check_choice
 
 _SIGMA_DATA = np.float32(0.5)
@@ -151,14 +150,8 @@ class LCMScheduler(Scheduler):
     config = self.cfg
     x = sample.astype(jnp.float32)
     out = model_output.astype(jnp.float32)
-    sqrt_alpha, sqrt_beta = state.sqrt_alpha[i], state.sqrt_one_minus_alpha[i]
-    prediction_type = config["prediction_type"]
-    if prediction_type == "epsilon":
-      pred_original = true_divide(x - rounded(sqrt_beta * out), sqrt_alpha)
-    elif prediction_type == "sample":
-      pred_original = out
-    else:  # v_prediction
-      pred_original = rounded(sqrt_alpha * x) - rounded(sqrt_beta * out)
+    pred_original, _ = predict_original_and_noise(
+      config["prediction_type"], x, out, state.sqrt_alpha[i], state.sqrt_one_minus_alpha[i])
     if config["clip_sample"]:
       limit = config["clip_sample_range"]
       pred_original = jnp.clip(pred_original, -limit, limit)
@@ -168,8 +161,4 @@ class LCMScheduler(Scheduler):
       state.noise_std[i] * noise.astype(jnp.float32))
     return prev.astype(sample.dtype), state
 
-  def add_noise(self, state, original_samples, noise, i):
-    original = original_samples.astype(jnp.float32)
-    noise = noise.astype(jnp.float32)
-    noisy = rounded(state.sqrt_alpha[i] * original) + rounded(state.sqrt_one_minus_alpha[i] * noise)
-    return noisy.astype(original_samples.dtype)
+  add_noise = add_noise_vp

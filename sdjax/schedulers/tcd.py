@@ -23,9 +23,8 @@ from sdjax.schedulers.common import (
   hashable_config,
   make_alphas_cumprod,
   rounded,
-  true_divide,
 )
-from sdjax.schedulers.ddim import f32
+from sdjax.schedulers.ddim import EtaInState, add_noise_vp, f32, predict_original_and_noise
 from sdjax.schedulers.lcm import LCMScheduler, lcm_timesteps, resolve_lcm_config
 
 
@@ -51,7 +50,7 @@ class TCDState:
 
 
 @dataclasses.dataclass(frozen=True)
-class TCDScheduler(Scheduler):
+class TCDScheduler(EtaInState, Scheduler):
   """diffusers' `TCDScheduler` (without thresholding or custom timesteps); `eta` is its gamma."""
 
   name = "tcd"
@@ -70,15 +69,6 @@ class TCDScheduler(Scheduler):
     config = resolve_lcm_config(cls, scheduler_config, overrides)
     config["eta"] = eta
     return cls(config=hashable_config(config))
-
-  @property
-  def needs_noise(self) -> bool:  # type: ignore[override]
-    return self.cfg["eta"] > 0
-
-  def program(self) -> TCDScheduler:
-    # eta's value lives in the state's coefficients; `step` depends only on whether it is 0.
-    config = {**self.cfg, "eta": 1.0 if self.needs_noise else 0.0}
-    return dataclasses.replace(self, config=hashable_config(config))
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     del sample_shape  # no history
@@ -109,17 +99,8 @@ class TCDScheduler(Scheduler):
     config = self.cfg
     x = sample.astype(jnp.float32)
     out = model_output.astype(jnp.float32)
-    sqrt_alpha, sqrt_beta = state.sqrt_alpha[i], state.sqrt_one_minus_alpha[i]
-    prediction_type = config["prediction_type"]
-    if prediction_type == "epsilon":
-      pred_original = true_divide(x - rounded(sqrt_beta * out), sqrt_alpha)
-      pred_epsilon = out
-    elif prediction_type == "sample":
-      pred_original = out
-      pred_epsilon = true_divide(x - rounded(sqrt_alpha * pred_original), sqrt_beta)
-    else:  # v_prediction
-      pred_original = rounded(sqrt_alpha * x) - rounded(sqrt_beta * out)
-      pred_epsilon = rounded(sqrt_alpha * out) + rounded(sqrt_beta * x)
+    pred_original, pred_epsilon = predict_original_and_noise(
+      config["prediction_type"], x, out, state.sqrt_alpha[i], state.sqrt_one_minus_alpha[i])
     noised = rounded(state.sqrt_alpha_s[i] * pred_original) + rounded(
       state.sqrt_one_minus_alpha_s[i] * pred_epsilon)
     if self.needs_noise:
@@ -130,8 +111,4 @@ class TCDScheduler(Scheduler):
         state.noise_std[i] * noise.astype(jnp.float32))
     return noised.astype(sample.dtype), state
 
-  def add_noise(self, state, original_samples, noise, i):
-    original = original_samples.astype(jnp.float32)
-    noise = noise.astype(jnp.float32)
-    noisy = rounded(state.sqrt_alpha[i] * original) + rounded(state.sqrt_one_minus_alpha[i] * noise)
-    return noisy.astype(original_samples.dtype)
+  add_noise = add_noise_vp
