@@ -131,6 +131,16 @@ class UNetConfig:
     """How much the UNet downsamples: latent sizes must be a multiple of this."""
     return 2 ** (len(self.block_out_channels) - 1)
 
+  @property
+  def skip_channels(self) -> tuple[int, ...]:
+    """Channels of each skip the down path keeps (conv_in's, then each down block's layers and
+    downsampler): the residuals a ControlNet adds."""
+    channels = [self.block_out_channels[0]]
+    n = len(self.block_out_channels)
+    for i, c in enumerate(self.block_out_channels):
+      channels += [c] * (self.per_block("layers_per_block")[i] + (1 if i < n - 1 else 0))
+    return tuple(channels)
+
   @classmethod
   def from_dict(cls, raw: dict[str, Any]) -> UNetConfig:
     return config_utils.build_config(
@@ -299,30 +309,18 @@ class UNet2DConditionModel(nn.Module):
 
   @nn.compact
   def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
-               context_bias=None, timestep_cond=None):
+               context_bias=None, timestep_cond=None, down_residuals=None, mid_residual=None):
     """`text_embeds` [B, P] and `time_ids` [B, K] are diffusers' `added_cond_kwargs` (SDXL),
-    `timestep_cond` [B, time_cond_proj_dim] its argument of that name (LCM-distilled UNets)."""
+    `timestep_cond` [B, time_cond_proj_dim] its argument of that name (LCM-distilled UNets),
+    `down_residuals` (one per skip) and `mid_residual` a ControlNet's outputs (diffusers'
+    `down_block_additional_residuals`, `mid_block_additional_residual`)."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
-    channels = cfg.block_out_channels
-    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
-    temb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-    temb = TimestepEmbedding(channels[0] * 4, d, pd, cfg.time_cond_proj_dim,
-                             name="time_embedding")(temb.astype(d), timestep_cond)
-    if cfg.addition_embed_type == "text_time":
-      temb = temb + self._text_time_embedding(text_embeds, time_ids)
-
-    if cfg.center_input_sample:
-      sample = 2 * sample - 1.0
-    x = conv(channels[0], 3, d, pd, "conv_in")(sample.astype(d))
-    context = context.astype(d)
-
-    skips = [x]
-    for i, block_type in enumerate(cfg.down_block_types):
-      x, outputs = self._block(i, block_type, up=False)(x, temb, context, (), context_bias)
-      skips.extend(outputs)
-
-    if cfg.mid_block_type is not None:
-      x = _MidBlock(cfg, d, pd, name="mid_block")(x, temb, context, context_bias)
+    temb = self._time_embedding(sample, timesteps, text_embeds, time_ids, timestep_cond)
+    x = self._conv_in(sample)
+    x, skips = self._down_and_mid(x, temb, context.astype(d), context_bias)
+    if down_residuals is not None:
+      skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
+      x = x + mid_residual.astype(x.dtype)
 
     for i, block_type in enumerate(cfg.up_block_types):
       n = cfg.per_block("layers_per_block")[-1 - i] + 1
@@ -331,6 +329,37 @@ class UNet2DConditionModel(nn.Module):
 
     x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, d, pd, "conv_norm_out")(x))
     return conv(cfg.out_channels, 3, d, pd, "conv_out")(x)
+
+  def _time_embedding(self, sample, timesteps, text_embeds, time_ids, timestep_cond):
+    """The time vector [B, 4 * C0]: timesteps, SDXL's added conditioning, an LCM guidance."""
+    cfg, d, pd = self.config, self.dtype, self.param_dtype
+    channels = cfg.block_out_channels
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+    temb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    temb = TimestepEmbedding(channels[0] * 4, d, pd, cfg.time_cond_proj_dim,
+                             name="time_embedding")(temb.astype(d), timestep_cond)
+    if cfg.addition_embed_type == "text_time":
+      temb = temb + self._text_time_embedding(text_embeds, time_ids)
+    return temb
+
+  def _conv_in(self, sample):
+    cfg = self.config
+    if cfg.center_input_sample:
+      sample = 2 * sample - 1.0
+    return conv(cfg.block_out_channels[0], 3, self.dtype, self.param_dtype, "conv_in")(
+        sample.astype(self.dtype))
+
+  def _down_and_mid(self, x, temb, context, context_bias):
+    """The down blocks and the mid block: (the mid block's output, the skips, first first)."""
+    cfg = self.config
+    skips = [x]
+    for i, block_type in enumerate(cfg.down_block_types):
+      x, outputs = self._block(i, block_type, up=False)(x, temb, context, (), context_bias)
+      skips.extend(outputs)
+    if cfg.mid_block_type is not None:
+      x = _MidBlock(cfg, self.dtype, self.param_dtype, name="mid_block")(x, temb, context,
+                                                                        context_bias)
+    return x, skips
 
   def _text_time_embedding(self, text_embeds, time_ids):
     """SDXL's added conditioning: pooled text [B, P] and micro-conditioning [B, K] -> [B, T]."""
