@@ -7,7 +7,14 @@ __version__ = "0.1.0"
 # sdjax's own small text-to-image model, shipped inside the package (diffusers format).
 BUILTIN_MODEL = _os.path.join(_os.path.dirname(__file__), "builtin", "shapes")
 
-from sdjax.pipeline import Pipeline, PipelineError, build_pipeline, load_pipeline  # noqa: E402
+from sdjax.pipeline import (  # noqa: E402
+    ControlNet,
+    Pipeline,
+    PipelineError,
+    build_pipeline,
+    load_controlnet,
+    load_pipeline,
+)
 
-__all__ = ["BUILTIN_MODEL", "Pipeline", "PipelineError", "__version__", "build_pipeline",
-           "load_pipeline"]
+__all__ = ["BUILTIN_MODEL", "ControlNet", "Pipeline", "PipelineError", "__version__",
+           "build_pipeline", "load_controlnet", "load_pipeline"]

@@ -31,6 +31,7 @@ class Networks:
   text_encoder_2: CLIPTextModelWithProjection | None
   unet: UNet2DConditionModel
   vae: AutoencoderKL
+  controlnet: Any = None  # a `ControlNetModel` steering the UNet (params["controlnet"])
 
   @property
   def is_sdxl(self) -> bool:
@@ -181,11 +182,19 @@ def _a1111_extras(ids: PromptIds):
   return prompt_lib.context_bias(batch), batch.schedule
 
 
-def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None):
+def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, control=None):
   """The UNet's output for latents x [B, h, w, C] at t under embeddings `emb` (and an LCM
-  model's `guidance_embedding`)."""
+  model's `guidance_embedding`); `control` = (control images [B, H, W, c] in [0, 1], scale):
+  `nets.controlnet`'s residuals, from the same inputs, added to the UNet's."""
+  residuals = {}
+  if control is not None:
+    images, scale = control
+    down, mid = nets.controlnet.apply({"params": params["controlnet"]}, x, t, emb.context, images,
+                                      scale, emb.text_embeds, emb.time_ids, emb.context_bias,
+                                      timestep_cond)
+    residuals = {"down_residuals": down, "mid_residual": mid}
   return nets.unet.apply({"params": params["unet"]}, x, t, emb.context, emb.text_embeds,
-                         emb.time_ids, emb.context_bias, timestep_cond)
+                         emb.time_ids, emb.context_bias, timestep_cond, **residuals)
 
 
 def guidance_embedding(guidance_scale, batch: int, dim: int) -> jax.Array:

@@ -37,6 +37,7 @@ from sdjax.checkpoints.weights import (
 )
 from sdjax.models import config_utils
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 
@@ -280,7 +281,10 @@ class Pipeline:
                embeddings=None, cfg_parallel: bool = False,
                emphasis: str = "Original", hires_scale: float | None = None,
                hires_steps: int | None = None, hires_strength: float = 0.7,
-               hires_upscaler: str = "latent") -> np.ndarray:
+               hires_upscaler: str = "latent", controlnet: ControlNet | None = None,
+               control_images=None, controlnet_conditioning_scale: float = 1.0,
+               control_guidance_start: float = 0.0,
+               control_guidance_end: float = 1.0) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -355,6 +359,13 @@ class Pipeline:
         Same prompts, scheduler and guidance; both passes stay on device. SDXL's default
         original and target sizes are each pass's own (as A1111 conditions its hires pass);
         not with `refiner`.
+      controlnet, control_images: a `load_controlnet` ControlNet steering text-to-image by
+        control images (edges, pose, depth, ... as the ControlNet was trained on: float
+        [N or 1, H, W, 3] in [0, 1], the image size), as diffusers'
+        StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline.
+      controlnet_conditioning_scale: the weight of the ControlNet's residuals.
+      control_guidance_start, control_guidance_end: the share of the steps, from and to, in which
+        the ControlNet acts (diffusers' arguments).
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size; with
@@ -381,7 +392,10 @@ class Pipeline:
         refiner_start=refiner_start, eta=eta, prompt_syntax=prompt_syntax,
         embeddings=embeddings, cfg_parallel=cfg_parallel, emphasis=emphasis,
         hires=None if hires_scale is None else sampling.Hires(
-            hires_scale, hires_steps, hires_strength, hires_upscaler))
+            hires_scale, hires_steps, hires_strength, hires_upscaler),
+        controlnet=controlnet, control_images=control_images,
+        controlnet_conditioning_scale=controlnet_conditioning_scale,
+        control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(
@@ -719,6 +733,60 @@ def load_pipeline(
   # A folder saved after adding embeddings: its tokenizers hold them (multi-vector expansion).
   pipe = dataclasses.replace(pipe, embeddings=textual_inversion.from_vocabulary(pipe))
   return add_extras(pipe, loras=loras, embeddings=embeddings)
+
+
+@dataclasses.dataclass(eq=False)
+class ControlNet:
+  """A ControlNet (network and params) for `Pipeline.generate(controlnet=...)`."""
+
+  model: ControlNetModel
+  params: Any
+  name: str
+
+  @property
+  def config(self) -> ControlNetConfig:
+    return self.model.config
+
+  def check_fits(self, pipe: Pipeline) -> None:
+    """A one-line error unless this ControlNet was made for `pipe`'s UNet."""
+    mine, unet = self.config, pipe.unet.config
+    for what, ours, theirs in (
+        ("skip_channels", mine.skip_channels, unet.skip_channels),
+        ("cross_attention_dim", mine.cross_attention_dim, unet.cross_attention_dim),
+        ("addition_embed_type", mine.addition_embed_type, unet.addition_embed_type),
+        ("in_channels", mine.in_channels, sampling.latent_channels(pipe))):
+      if ours != theirs:
+        raise ValueError(f"ControlNet {self.name} does not fit this model ({what} {ours} "
+                         f"against the UNet's {theirs}): a ControlNet for another model family?")
+
+
+def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: str | None = None,
+                    revision: str | None = None) -> ControlNet:
+  """Loads a diffusers-format ControlNet (`config.json` + weights): a folder, a hub id (e.g.
+  `lllyasviel/sd-controlnet-canny`, `diffusers/controlnet-canny-sdxl-1.0`), or a pipeline
+  folder's `controlnet/`. `dtype`, `param_dtype` as `load_pipeline`'s."""
+  compute = parse_dtype(dtype)
+  store = parse_dtype(param_dtype) if param_dtype is not None else compute
+  try:
+    folder = hub.resolve_source(source, variant=variant, revision=revision,
+                                component="controlnet")
+    if os.path.isdir(os.path.join(folder, "controlnet")):
+      folder = os.path.join(folder, "controlnet")
+    cfg = ControlNetConfig.from_dict(config_utils.read_json(os.path.join(folder, "config.json")))
+    model = ControlNetModel(cfg, compute, store)
+    s, f = cfg.downscale, cfg.downscale * cfg.downscale_control
+    examples = [jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,)),
+                jnp.zeros((1, 1, cfg.cross_attention_dim)),
+                jnp.zeros((1, f, f, cfg.conditioning_channels))]
+    if cfg.addition_embed_type == "text_time":
+      width = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
+      examples += [1.0, jnp.zeros((1, width)), jnp.zeros((1, 1))]
+    expected = _expected_params(model, *examples)
+    state = read_state_dict(folder, "controlnet", variant=variant)
+    params = jax.device_put(torch_to_flax(state, expected, "controlnet", np.dtype(store)))
+  except (hub.HubError, config_utils.ConfigError, WeightsError) as e:
+    raise PipelineError(f"cannot load ControlNet {source}: {e}") from None
+  return ControlNet(model, params, str(source))
 
 
 def add_extras(pipe: Pipeline, *, loras=(), embeddings=()) -> Pipeline:

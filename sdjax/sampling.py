@@ -71,6 +71,8 @@ class SampleSpec:
   # the initial noise ("latent noise") or zeros ("latent nothing"), A1111's "Masked content";
   # else "original" (`masks.MASKED_CONTENT`; "fill" is host work).
   masked_content: str = "original"
+  # A ControlNet steers the UNet (`nets.controlnet`; sample_fn's `control`).
+  control: bool = False
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -128,7 +130,8 @@ def _denoise(spec: SampleSpec, predict, state, x, keys, after_step=None):
 
 
 def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seeds, noise,
-              guidance_scale, guidance_rescale, init, state, cfg_axis: str | None = None):
+              guidance_scale, guidance_rescale, init, state, cfg_axis: str | None = None,
+              control=None):
   """The whole sampling program (pure; callers jit it, possibly with shardings).
 
   Args:
@@ -144,6 +147,9 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
     state: the scheduler state from `set_timesteps`.
     cfg_axis: with `spec.cfg_split`, the name of a size-2 mesh axis (inside a shard_map) whose
       two devices split the guidance pair: device 0 the uncond call, device 1 the cond call.
+    control: with `spec.control`, (control images [B, H, W, c] in [0, 1], the ControlNet's
+      conditioning scale, its weight at each UNet call [calls]: 1 inside diffusers'
+      control_guidance_start / end, 0 outside).
 
   Returns:
     float32 images [B, H, W, 3] in [0, 1], or the diffusion latents with `spec.output_latents`.
@@ -163,24 +169,33 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
 
   cond_dim = nets.unet.config.time_cond_proj_dim  # LCM models: guidance as an input, no CFG
 
+  def controls(call, rows=lambda images: images):
+    """The ControlNet's input at this call, its images arranged as the UNet's rows."""
+    if not spec.control:
+      return None
+    images, scale, keep = control
+    return rows(images), scale * keep[call]
+
   def predict(x, t, call):
     if not spec.guidance:
       return conditioning.predict(nets, params, x, t, positive.at(call), None if cond_dim is None
                                   else conditioning.guidance_embedding(guidance_scale, len(x),
-                                                                       cond_dim))
+                                                                       cond_dim),
+                                  controls(call))
     if parts is not None:
       return _composable_guidance(nets, params, x, t, both if not scheduled else
                                   conditioning.Embeddings.concat(negative.at(call),
                                                                  positive.at(call)),
-                                  parts, guidance_scale)
+                                  parts, guidance_scale, controls(call))
     if spec.cfg_split:
       eps_uncond, eps_cond = _split_guidance_pair(nets, params, x, t, negative.at(call),
-                                                  positive.at(call), cfg_axis)
+                                                  positive.at(call), cfg_axis, controls(call))
       return guide(eps_uncond, eps_cond, guidance_scale,
                    guidance_rescale if spec.guidance_rescale else None)
     emb = (conditioning.Embeddings.concat(negative.at(call), positive.at(call)) if scheduled
            else both)
-    out = conditioning.predict(nets, params, jnp.concatenate([x, x], axis=0), t, emb)
+    out = conditioning.predict(nets, params, jnp.concatenate([x, x], axis=0), t, emb,
+                               control=controls(call, lambda i: jnp.concatenate([i, i])))
     eps_uncond, eps_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
     return guide(eps_uncond, eps_cond, guidance_scale,
                  guidance_rescale if spec.guidance_rescale else None)
@@ -256,12 +271,14 @@ def encode_images(vae: AutoencoderKL, vae_params, images):
       images, per)
 
 
-def _composable_guidance(nets, params, x, t, emb, weights, scale):
+def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None):
   """A1111's composable diffusion: one UNet call on [uncond (B), parts (B*S)], then
   uncond + sum over parts of (part - uncond) * (weight * scale), in A1111's order."""
   b, s = weights.shape
+  if control is not None:  # the control images in the same rows
+    control = (jnp.concatenate([control[0], jnp.repeat(control[0], s, axis=0)]), control[1])
   out = conditioning.predict(nets, params, jnp.concatenate([x, jnp.repeat(x, s, axis=0)]), t,
-                             emb).astype(jnp.float32)
+                             emb, control=control).astype(jnp.float32)
   eps_uncond, eps_parts = out[:b], out[b:].reshape(b, s, *out.shape[1:])
   eps = eps_uncond
   for k in range(s):
@@ -270,12 +287,12 @@ def _composable_guidance(nets, params, x, t, emb, weights, scale):
   return eps
 
 
-def _split_guidance_pair(nets, params, x, t, negative, positive, cfg_axis):
+def _split_guidance_pair(nets, params, x, t, negative, positive, cfg_axis, control=None):
   """(eps_uncond, eps_cond) as two UNet calls of B rows: one per device of `cfg_axis`, or
   both here. Each call is the same computation either way, so the pixels agree."""
 
   def call(emb):
-    return conditioning.predict(nets, params, x, t, emb).astype(jnp.float32)
+    return conditioning.predict(nets, params, x, t, emb, control=control).astype(jnp.float32)
 
   if cfg_axis is None:
     return call(negative), call(positive)
@@ -370,7 +387,8 @@ _replicated: dict[int, tuple[Any, Any]] = {}  # id(params) -> (params, their cop
 _jitted_decode = jax.jit(decode_images, static_argnums=0)
 
 
-def _sample(spec: SampleSpec, nets: Networks, params, cond, seeds, noise, scalars, init, state):
+def _sample(spec: SampleSpec, nets: Networks, params, cond, seeds, noise, scalars, init, state,
+            control=None):
   """Runs the sampling program: on one device, or with `spec.cfg_split` on the first two
   devices when there are two (one device runs the same split program alone).
 
@@ -382,7 +400,7 @@ def _sample(spec: SampleSpec, nets: Networks, params, cond, seeds, noise, scalar
   """
   args = (_device(cond), jnp.asarray(seeds), noise, *scalars, init, state)
   if not spec.cfg_split:
-    return _jitted_sample(spec, nets, params, *args)
+    return _jitted_sample(spec, nets, params, *args, None, control)
   latent_spec = dataclasses.replace(spec, output_latents=True)
   devices = jax.devices()
   if len(devices) < 2:
@@ -657,7 +675,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0,
             denoising_end: float | None = None, denoising_start: float | None = None,
             cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original",
-            scheduler_options: dict[str, Any] | None = None):
+            scheduler_options: dict[str, Any] | None = None, control: bool = False):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -703,7 +721,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     init_latents=denoising_start is not None,
                     cfg_split=cfg_split and guidance, inpaint=mode,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
-                    ("latent noise", "latent nothing") else "original")
+                    ("latent noise", "latent nothing") else "original", control=control)
   return spec, state
 
 
@@ -845,6 +863,11 @@ def generate(
     mask_images: Any = None,
     masked_content: str = "original",
     scheduler_options: dict[str, Any] | None = None,
+    controlnet=None,
+    control_images: Any = None,
+    controlnet_conditioning_scale: float = 1.0,
+    control_guidance_start: float = 0.0,
+    control_guidance_end: float = 1.0,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original")."""
@@ -892,6 +915,12 @@ def generate(
                      "refiner=")
   height = pipe.native_size if height is None else height
   width = pipe.native_size if width is None else width
+  if controlnet is not None:
+    control_images = _control_images(pipe, controlnet, control_images, n, height, width,
+                                     init_images is not None or hires is not None
+                                     or refiner is not None or cfg_parallel)
+  elif control_images is not None:
+    raise ValueError("control_images are a ControlNet's input: give controlnet= too")
   common = dict(steps=steps, scheduler=scheduler, height=height, width=width,
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                 clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel,
@@ -899,7 +928,7 @@ def generate(
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
                         denoising_end=refiner_start if refiner is not None else None,
                         inpaint=mask_images is not None, masked_content=masked_content,
-                        **common)
+                        control=controlnet is not None, **common)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(pipe, n, hires, **common)
     spec = dataclasses.replace(spec, output_latents=True)
@@ -918,8 +947,15 @@ def generate(
                            negative_prompts_2=negative_prompts_2, micro=micro,
                            size=(height, width), img2img=init_images is not None, a1111=a1111)
   scalars = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
-  out = _sample(spec, pipe.networks, pipe.params, cond, seeds, noise, scalars,
-                _init_input(init_images, mask_images), state)
+  nets, params, control = pipe.networks, pipe.params, None
+  if controlnet is not None:
+    nets = dataclasses.replace(nets, controlnet=controlnet.model)
+    params = {**params, "controlnet": controlnet.params}
+    control = (jnp.asarray(control_images), jnp.float32(controlnet_conditioning_scale),
+               jnp.asarray(control_weights(spec, state, control_guidance_start,
+                                           control_guidance_end)))
+  out = _sample(spec, nets, params, cond, seeds, noise, scalars,
+                _init_input(init_images, mask_images), state, control)
   if hires is not None:
     hires_spec, hires_state = hires_stage
     if a1111 is not None:  # the second pass's schedules count on from the first's, as A1111
@@ -937,6 +973,38 @@ def generate(
   return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
                             {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
                                 pipe.scheduler_config)}, refiner_start, a1111))
+
+
+def _control_images(pipe, controlnet, images, n: int, height: int, width: int,
+                    unsupported: bool) -> np.ndarray:
+  """The ControlNet's images [n, height, width, c] (one given image serves every prompt)."""
+  controlnet.check_fits(pipe)
+  if unsupported:
+    raise ValueError("controlnet= steers text-to-image runs; it does not take init_images, "
+                     "hires_scale, refiner= or cfg_parallel yet")
+  if images is None:
+    raise ValueError("controlnet= needs control_images")
+  images = np.asarray(images, np.float32)
+  if images.ndim == 3:
+    images = images[None]
+  if images.ndim == 4 and images.shape[0] == 1:
+    images = np.repeat(images, n, axis=0)
+  c = controlnet.config.conditioning_channels
+  if images.shape != (n, height, width, c):
+    raise ValueError(f"control_images must be [{n} (or 1), {height}, {width}, {c}] (the image "
+                     f"size), got {images.shape}")
+  return images
+
+
+def control_weights(spec: SampleSpec, state, start: float, end: float) -> np.ndarray:
+  """The ControlNet's weight at each UNet call (float32 [calls]): 1 where the call's share of
+  the run lies within [start, end], else 0, as diffusers' `controlnet_keep`."""
+  if not 0.0 <= start < end <= 1.0:
+    raise ValueError(f"control_guidance_start and _end must satisfy 0 <= start < end <= 1, got "
+                     f"{start} and {end}")
+  n = (len(state.timesteps) if spec.end is None else spec.end) - spec.begin
+  return np.asarray([0.0 if i / n < start or (i + 1) / n > end else 1.0 for i in range(n)],
+                    np.float32)
 
 
 def _init_input(init_images, mask_images):

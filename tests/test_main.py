@@ -118,9 +118,9 @@ from jax.sharding import Mesh
 from sdjax import conditioning, parallel, sampling
 pipe = sdjax.load_pipeline({model!r})
 rows, predict = [], conditioning.predict
-def spy(nets, params, x, *args):
+def spy(nets, params, x, *args, **kwargs):
   rows.append(int(x.shape[0]))
-  return predict(nets, params, x, *args)
+  return predict(nets, params, x, *args, **kwargs)
 conditioning.predict = spy
 prompts = ["a [red:blue:0.5] circle", "a (cat:1.3)", "a [dog|cat]", "a green triangle"]
 negatives = ["a blue square", None, "blurry", None]
@@ -172,9 +172,9 @@ import jax, numpy as np, sdjax
 from sdjax import conditioning, sampling
 assert len(jax.devices()) == 2
 rows, predict = [], conditioning.predict
-def spy(nets, params, x, *args):
+def spy(nets, params, x, *args, **kwargs):
   rows.append(int(x.shape[0]))
-  return predict(nets, params, x, *args)
+  return predict(nets, params, x, *args, **kwargs)
 conditioning.predict = spy
 decodes = []
 sampling.decode_images = lambda *a: decodes.append(a)  # inside sample_fn, not _jitted_decode

@@ -31,6 +31,7 @@ class WeightsError(ValueError):
 _LIST_CONTAINERS = (
     "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
     "downsamplers", "upsamplers", "layers", "to_out", "net",
+    "controlnet_down_blocks", "blocks",  # ControlNet's residual convs, its image embedding's
 )
 _FLAX_LIST = re.compile(rf"^({'|'.join(_LIST_CONTAINERS)})_(\d+)$")
 _TORCH_LIST = re.compile(rf"(^|\.)({'|'.join(_LIST_CONTAINERS)})\.(\d+)(?=\.|$)")
@@ -146,6 +147,7 @@ def flax_to_torch(params, prefix: str = "") -> dict[str, np.ndarray]:
 
 WEIGHT_STEMS = {
     "unet": "diffusion_pytorch_model",
+    "controlnet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
     "text_encoder_2": "model",

@@ -1,0 +1,166 @@
+"""ControlNet against diffusers: the network (`ControlNetModel`), the UNet taking its residuals,
+and generate() against `StableDiffusionControlNetPipeline`."""
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from parity import assert_close, nchw, nhwc, randn, transfer
+
+from sdjax import testing
+from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
+from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+
+torch.set_num_threads(1)
+
+
+def torch_controlnet(unet_config, seed, **kwargs):
+  """A random diffusers ControlNet shaped as a UNet of `unet_config` (its zero convolutions
+  perturbed too, so that every residual is non-zero)."""
+  unet = testing.torch_unet(unet_config, seed=seed)
+  model = diffusers.ControlNetModel.from_unet(unet, **kwargs).eval()
+  testing.perturb_(model, seed + 1)
+  gen = torch.Generator().manual_seed(seed + 2)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.startswith(("controlnet_down_blocks", "controlnet_mid_block",
+                          "controlnet_cond_embedding.conv_out")) and name.endswith("weight"):
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+  return model
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("sd1", {}),
+    ("sd2", {"conditioning_embedding_out_channels": (8, 16)}),
+    ("sdxl", {"conditioning_embedding_out_channels": (8, 16, 16)}),
+    ("sd1-bgr-pooled", {"controlnet_conditioning_channel_order": "bgr"}),
+])
+def test_controlnet_matches_diffusers(name, kwargs):
+  config = {"sd1": testing.UNET_SD1, "sd2": testing.UNET_SD2, "sdxl": testing.UNET_SDXL,
+            "sd1-bgr-pooled": testing.UNET_SD1}[name]
+  tm = torch_controlnet(config, 7, **kwargs)
+  if name == "sd1-bgr-pooled":
+    tm.register_to_config(global_pool_conditions=True)
+  fm = ControlNetModel(ControlNetConfig.from_dict(dict(tm.config)))
+  down_factor = 2 ** (len(tm.config.conditioning_embedding_out_channels) - 1)
+  x, ctx = randn(2, 8, 8, 4), randn(2, 77, config["cross_attention_dim"], seed=1)
+  cond = np.random.default_rng(2).uniform(size=(2, 8 * down_factor, 8 * down_factor, 3))
+  cond = cond.astype(np.float32)
+  t, scale = np.array([3.0, 801.0], np.float32), 0.7
+  extra, torch_extra = (), {}
+  if config is testing.UNET_SDXL:
+    text_embeds = randn(2, 20, seed=3)
+    time_ids = np.tile(np.float32([[64, 64, 0, 0, 64, 64]]), (2, 1))
+    extra = (text_embeds, time_ids)
+    torch_extra = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(text_embeds),
+                                         "time_ids": torch.from_numpy(time_ids)}}
+  params = transfer(tm, fm, x, t, ctx, cond, scale, *extra)
+  down, mid = fm.apply({"params": params}, x, t, ctx, cond, scale, *extra)
+  with torch.no_grad():
+    ref_down, ref_mid = tm(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), nchw(cond),
+                           conditioning_scale=scale, return_dict=False, **torch_extra)
+  assert len(down) == len(ref_down) == len(fm.config.skip_channels)
+  errs = [assert_close(a, nhwc(b)) for a, b in zip(down, ref_down, strict=True)]
+  errs.append(assert_close(mid, nhwc(ref_mid)))
+  # Each residual varies over the image (not just the zero convs' biases).
+  assert all(float(np.std(np.asarray(r))) > 1e-3 for r in [*down, mid])
+  print(f"\ncontrolnet {name}: worst residual {max(errs):.2e}")
+
+
+def test_unet_adds_the_residuals_as_diffusers():
+  tm = testing.torch_unet(testing.UNET_SD1, seed=3)
+  fm = UNet2DConditionModel(UNetConfig.from_dict(dict(tm.config)))
+  x, ctx = randn(2, 8, 8, 4), randn(2, 77, 32, seed=1)
+  t = np.array([3.0, 801.0], np.float32)
+  params = transfer(tm, fm, x, t, ctx)
+  shapes = [(2, 8, 8, 32)] * 3 + [(2, 4, 4, 32)] + [(2, 4, 4, 64)] * 2  # conv_in, block 0, 1
+  down = [randn(*s, seed=10 + i) for i, s in enumerate(shapes)]
+  mid = randn(2, 4, 4, 64, seed=20)
+  ours = fm.apply({"params": params}, x, t, ctx, down_residuals=down, mid_residual=mid)
+  with torch.no_grad():
+    ref = tm(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx),
+             down_block_additional_residuals=[nchw(d) for d in down],
+             mid_block_additional_residual=nchw(mid)).sample
+  assert_close(ours, nhwc(ref))
+  plain = fm.apply({"params": params}, x, t, ctx)
+  assert np.abs(np.asarray(plain) - np.asarray(ours)).max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def sd1_controlnet(tmp_path_factory):
+  """(diffusers' StableDiffusionControlNetPipeline, sdjax pipeline, sdjax ControlNet) of tiny
+  random SD1 networks; the ControlNet downsamples its images 2x as the tiny VAE does."""
+  import sdjax  # noqa: PLC0415
+
+  folder = str(tmp_path_factory.mktemp("cn") / "pipe")
+  base = testing.write_torch_pipeline(folder, "sd1", seed=11)
+  controlnet = torch_controlnet(testing.UNET_SD1, 13,
+                                conditioning_embedding_out_channels=(8, 16))
+  controlnet.save_pretrained(folder + "_controlnet", safe_serialization=True)
+  pipe = sdjax.load_pipeline(folder)
+  # From the saved config, as sdjax reads it (diffusers' in-memory one marks the options it
+  # defaulted, which another scheduler class then takes at its own defaults).
+  ref = diffusers.StableDiffusionControlNetPipeline(
+      vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+      controlnet=controlnet, scheduler=diffusers.EulerDiscreteScheduler.from_config(
+          pipe.scheduler_config), safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  ref.set_progress_bar_config(disable=True)
+  return ref, pipe, sdjax.load_controlnet(folder + "_controlnet")
+
+
+PROMPTS = ["a red circle in the center", "a photo of a cat"]
+
+
+@pytest.mark.parametrize("scale,start,end", [(0.8, 0.0, 1.0), (1.3, 0.25, 0.75)])
+def test_generate_matches_diffusers(sd1_controlnet, scale, start, end):
+  """Text-to-image steered by a ControlNet, with classifier-free guidance (the control image
+  and the ControlNet on both halves), a conditioning scale, and the ControlNet acting in part of
+  the steps only (diffusers' control_guidance_start / end)."""
+  ref, pipe, controlnet = sd1_controlnet
+  rng = np.random.default_rng(4)
+  control = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  latents = randn(2, 8, 8, 4, seed=5)
+  kw = dict(num_inference_steps=4, guidance_scale=3.0, height=16, width=16)
+  with torch.no_grad():
+    expected = ref(PROMPTS, image=nchw(control), latents=nchw(latents), output_type="np",
+                   controlnet_conditioning_scale=scale, control_guidance_start=start,
+                   control_guidance_end=end, **kw).images
+  ours = pipe.generate(PROMPTS, steps=4, guidance_scale=3.0, height=16, width=16,
+                       scheduler="euler", latents=latents, controlnet=controlnet,
+                       control_images=control, controlnet_conditioning_scale=scale,
+                       control_guidance_start=start, control_guidance_end=end)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  plain = pipe.generate(PROMPTS, steps=4, guidance_scale=3.0, height=16, width=16,
+                        scheduler="euler", latents=latents)
+  change = float(np.linalg.norm(plain - expected) / np.linalg.norm(expected))
+  print(f"\ncontrolnet generate, scale {scale}, steps {start}-{end}: {err:.2e} (without the "
+        f"ControlNet: {change:.2e})")
+  assert err <= 1e-4 and change > 100 * err
+
+
+def test_bad_controlnet_arguments(sd1_controlnet, tmp_path):
+  import sdjax  # noqa: PLC0415
+
+  _, pipe, controlnet = sd1_controlnet
+  kw = dict(steps=2, height=16, width=16)
+  control = np.zeros((16, 16, 3), np.float32)
+  with pytest.raises(ValueError, match="needs control_images"):
+    pipe.generate(PROMPTS, controlnet=controlnet, **kw)
+  with pytest.raises(ValueError, match=r"control_images must be \[2 \(or 1\), 16, 16, 3\]"):
+    pipe.generate(PROMPTS, controlnet=controlnet, control_images=control[:8], **kw)
+  with pytest.raises(ValueError, match="give controlnet= too"):
+    pipe.generate(PROMPTS, control_images=control, **kw)
+  with pytest.raises(ValueError, match="0 <= start < end <= 1"):
+    pipe.generate(PROMPTS, controlnet=controlnet, control_images=control,
+                  control_guidance_start=0.5, control_guidance_end=0.5, **kw)
+  with pytest.raises(ValueError, match="does not take init_images"):
+    pipe.generate(PROMPTS, controlnet=controlnet, control_images=control,
+                  init_images=np.zeros((2, 16, 16, 3)), **kw)
+  other = torch_controlnet(testing.UNET_SD2, 3, conditioning_embedding_out_channels=(8, 16))
+  other.save_pretrained(str(tmp_path / "sd2"), safe_serialization=True)
+  with pytest.raises(ValueError, match="does not fit this model .skip_channels"):
+    pipe.generate(PROMPTS, controlnet=sdjax.load_controlnet(str(tmp_path / "sd2")),
+                  control_images=control, **kw)
+  with pytest.raises(sdjax.PipelineError, match="cannot load ControlNet .*missing"):
+    sdjax.load_controlnet(str(tmp_path / "missing"))
