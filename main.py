@@ -107,6 +107,16 @@ flags.DEFINE_integer("shard_index", 0, "which of the --num_shards jobs this is: 
 flags.DEFINE_integer("writer_threads", 8, "threads that encode and write images")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
 flags.DEFINE_bool("allow_pickle", True, "ignored (pickles are read without running code)")
+flags.DEFINE_string("controlnet", None, "a diffusers-format ControlNet (folder or hub id) "
+                    "steering text-to-image by each jsonl line's control_image (or "
+                    "--control_image)")
+flags.DEFINE_string("control_image", None, "the ControlNet's image for lines without their own "
+                    "(resized to the image size by --resize_mode)")
+flags.DEFINE_float("controlnet_scale", 1.0, "the weight of the ControlNet's residuals")
+flags.DEFINE_float("control_guidance_start", 0.0, "the share of the steps after which the "
+                   "ControlNet acts")
+flags.DEFINE_float("control_guidance_end", 1.0, "the share of the steps until which the "
+                   "ControlNet acts")
 flags.DEFINE_multi_string("lora", [], "LoRA file or hub file merged into the weights, "
                           "path[:scale] (repeatable; scale default 1)")
 flags.DEFINE_multi_string("embedding", [], "textual-inversion file or hub file, path[:token] "
@@ -156,6 +166,10 @@ def _run_config() -> run.RunConfig:
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
+      controlnet=FLAGS.controlnet, control_image=FLAGS.control_image,
+      controlnet_scale=FLAGS.controlnet_scale,
+      control_guidance_start=FLAGS.control_guidance_start,
+      control_guidance_end=FLAGS.control_guidance_end,
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,

@@ -115,7 +115,9 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
   """The sampling program, run per device on its share of a global batch.
 
   Returns a jitted `f(params, cond, seeds, guidance_scale, guidance_rescale, state) -> images`
-  (img2img, `spec.img2img`: `f(..., state, init_images)`); `cond` is a `sampling.Conditioning`
+  (img2img, `spec.img2img`: `f(..., state, init_images)`; with a ControlNet, `spec.control`:
+  `f(..., control_images, scale, weights)`, see `sampling.sample_fn`'s `control`); `cond` is a
+  `sampling.Conditioning`
   whose leaves, like `seeds` and the images, are sharded along the mesh's data axis (see
   `shard_tree`). With `refiner=(refiner_spec, refiner_pipe)` (an SDXL
   base -> refiner handoff, `spec` ending in latents) `params`, `cond` and `state` are
@@ -128,7 +130,9 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
   if cfg_axis is not None and not spec.cfg_split:
     raise ValueError("a (data, cfg) mesh needs a spec prepared with cfg_split=True")
 
-  def per_device(params, cond, seeds, guidance_scale, guidance_rescale, state, init=None):
+  def per_device(params, cond, seeds, guidance_scale, guidance_rescale, state, *extra):
+    init = extra[0] if spec.img2img else None
+    control = extra[-3:] if spec.control else None
     noise = sampling.initial_noise(seeds, latent_shape)
     if hires is not None:
       latents = sampling.sample_fn(spec, nets, params, cond[0], seeds, noise, guidance_scale,
@@ -137,14 +141,15 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
                                 guidance_rescale, latents, state[1], cfg_axis)
     if refiner is None:
       return sampling.sample_fn(spec, nets, params, cond, seeds, noise, guidance_scale,
-                                guidance_rescale, init, state, cfg_axis)
+                                guidance_rescale, init, state, cfg_axis, control)
     latents = sampling.sample_fn(spec, nets, params[0], cond[0], seeds, noise, guidance_scale,
                                  guidance_rescale, init, state[0], cfg_axis)
     return sampling.sample_fn(refiner[0], refiner[1].networks, params[1], cond[1], seeds, noise,
                               guidance_scale, guidance_rescale, latents, state[1], cfg_axis)
 
   batch = P(DATA)  # and replicated over the cfg axis, if any
-  in_specs = (P(), batch, batch, P(), P(), P()) + ((batch,) if spec.img2img else ())
+  in_specs = (P(), batch, batch, P(), P(), P()) + ((batch,) if spec.img2img else ()) + (
+      (batch, P(), P()) if spec.control else ())
   fn = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=batch,
                      check_vma=False)
   return jax.jit(fn)

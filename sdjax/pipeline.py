@@ -128,6 +128,7 @@ class Pipeline:
   embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)
   prompt_grammar: str | None = None  # set for models trained on a fixed caption grammar
   sampling_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+  controlnet: ControlNetModel | None = None  # see `with_controlnet`; params["controlnet"]
 
   # -- properties -------------------------------------------------------------------------------
   @property
@@ -140,7 +141,15 @@ class Pipeline:
 
   @property
   def networks(self) -> conditioning.Networks:
-    return conditioning.Networks(self.text_encoder, self.text_encoder_2, self.unet, self.vae)
+    return conditioning.Networks(self.text_encoder, self.text_encoder_2, self.unet, self.vae,
+                                 self.controlnet)
+
+  def with_controlnet(self, controlnet: ControlNet) -> Pipeline:
+    """This pipeline with `controlnet`'s network and params in its own (main.py's runs), after
+    checking that it fits the UNet."""
+    controlnet.check_fits(self)
+    return dataclasses.replace(self, controlnet=controlnet.model,
+                               params={**self.params, "controlnet": controlnet.params})
 
   @property
   def vae_scale(self) -> int:

@@ -4,7 +4,7 @@ Image k of a run (prompts in order: `--prompt`s, then the file's lines; each rep
 `num_images` times) gets seed `seed + k`, or `s + j` for the j-th image of a jsonl line with its
 own `seed` s; a jsonl line's `width` / `height` and `guidance_scale` replace the run's for its
 images, and its `init_image` (a path, relative to the prompts file's folder) makes them img2img
-(inpainting with a `mask_image` too).
+(inpainting with a `mask_image` too); its `control_image` is the ControlNet's (`--controlnet`).
 `Plan` reads the prompts file once up front, without parsing it: it counts the images, hashes
 the file and notes where every shard (`shard_size` consecutive images) starts, so that
 `jobs(shard)` can seek straight to any shard. Lines are parsed, and bad ones reported with
@@ -21,7 +21,8 @@ import os
 from collections.abc import Iterator, Sequence
 
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
-                 "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength")
+                 "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
+                 "control_image")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -43,6 +44,7 @@ class PromptLine:
   steps: int | None = None  # None: the run's
   scheduler: str | None = None
   strength: float | None = None  # img2img and inpainting lines
+  control_image: str | None = None  # the ControlNet's image (--controlnet); None: the run's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ImageJob:
   steps: int | None = None  # None: the run's
   scheduler: str | None = None
   strength: float | None = None
+  control_image: str | None = None
 
   @property
   def kind(self) -> str | None:
@@ -113,7 +116,8 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
   for key in ("width", "height"):
     if obj.get(key) is not None:
       check_size(obj[key], f'{where}: "{key}"')
-  init, mask = (_image_path(path, where, obj, key) for key in ("init_image", "mask_image"))
+  init, mask, control = (_image_path(path, where, obj, key)
+                         for key in ("init_image", "mask_image", "control_image"))
   if mask is not None and init is None:
     raise RunError(f'{where}: "mask_image" marks what to repaint in an "init_image": give both')
   guidance, strength = obj.get("guidance_scale"), obj.get("strength")
@@ -130,7 +134,7 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
   return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"),
                     obj.get("width"), obj.get("height"), init,
                     None if guidance is None else float(guidance), mask, obj.get("steps"),
-                    scheduler, None if strength is None else float(strength))
+                    scheduler, None if strength is None else float(strength), control)
 
 
 def _scheduler(name, where: str) -> str:
@@ -205,6 +209,8 @@ def _key(line: PromptLine) -> list:
   extra = [line.width, line.height, line.init_image, line.guidance_scale]
   if line.mask_image is not None:
     extra.append(line.mask_image)
+  if line.control_image is not None:
+    extra.append({"control_image": line.control_image})
   schedule = {k: v for k, v in (("steps", line.steps), ("scheduler", line.scheduler),
                                 ("strength", line.strength)) if v is not None}
   if schedule:
@@ -294,7 +300,7 @@ class Plan:
           seed = self.seed + index if line.seed is None else line.seed + j
           yield ImageJob(index, line.prompt, negative, seed, size, line.init_image,
                          line.guidance_scale, line.mask_image, line.steps, line.scheduler,
-                         line.strength)
+                         line.strength, line.control_image)
         index += 1
         if index >= wanted.stop:
           return  # before reading the next line, which belongs to the next shard

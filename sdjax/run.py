@@ -94,6 +94,12 @@ class RunConfig:
   inpaint_full_res_padding: int = 32
   inpainting_mask_invert: bool = False  # repaint what the mask leaves black
   inpainting_fill: str = "original"  # A1111's "Masked content" (`masks.MASKED_CONTENT`)
+  # A ControlNet steering text-to-image lines by their control_image (else this one).
+  controlnet: str | None = None
+  control_image: str | None = None
+  controlnet_scale: float = 1.0
+  control_guidance_start: float = 0.0
+  control_guidance_end: float = 1.0
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -188,6 +194,18 @@ def validate(cfg: RunConfig) -> None:
   if not cfg.mask_blur >= 0 or cfg.inpaint_full_res_padding < 0:
     raise RunError(f"--mask_blur and --inpaint_full_res_padding must be >= 0, got "
                    f"{cfg.mask_blur} and {cfg.inpaint_full_res_padding}")
+  if cfg.control_image is not None and cfg.controlnet is None:
+    raise RunError("--control_image is a ControlNet's input: give --controlnet too")
+  if cfg.controlnet is not None:
+    if not 0.0 <= cfg.control_guidance_start < cfg.control_guidance_end <= 1.0:
+      raise RunError(f"--control_guidance_start and --control_guidance_end must satisfy "
+                     f"0 <= start < end <= 1, got {cfg.control_guidance_start} and "
+                     f"{cfg.control_guidance_end}")
+    if not math.isfinite(cfg.controlnet_scale):
+      raise RunError(f"--controlnet_scale must be a number, got {cfg.controlnet_scale}")
+    if cfg.hires_scale or cfg.refiner is not None:
+      raise RunError("--controlnet steers one text-to-image pass: not with --hires_scale or "
+                     "--refiner yet")
   if cfg.inpainting_fill not in masks.MASKED_CONTENT:
     raise RunError(f"--inpainting_fill must be one of "
                    f"{', '.join(m.replace(' ', '_') for m in masks.MASKED_CONTENT)}, got "
@@ -248,6 +266,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["images_per_folder"] = cfg.images_per_folder
   if cfg.scheduler_options:  # absent without: older folders still match
     settings["scheduler_options"] = dict(cfg.scheduler_options)
+  if cfg.controlnet is not None:
+    settings["controlnet"] = _controlnet_record(cfg)
   settings.update(_image_format(cfg).settings())
   if cfg.eta:  # absent when 0: older folders still match
     settings["eta"] = cfg.eta
@@ -272,6 +292,12 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
   if cfg.embeddings:
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
   return {**settings, **_hires_record(cfg), **_sdxl_record(cfg, pipe)}
+
+
+def _controlnet_record(cfg: RunConfig) -> dict[str, Any]:
+  return {"controlnet": cfg.controlnet, "controlnet_scale": cfg.controlnet_scale,
+          "control_guidance_start": cfg.control_guidance_start,
+          "control_guidance_end": cfg.control_guidance_end}
 
 
 def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
@@ -428,6 +454,11 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, config=cfg.model_config, vae=cfg.vae,
                              prediction_type=cfg.prediction_type, loras=cfg.loras,
                              embeddings=cfg.embeddings)
+  if cfg.controlnet is not None:
+    try:
+      pipe = pipe.with_controlnet(sdjax.load_controlnet(cfg.controlnet, cfg.dtype))
+    except ValueError as e:
+      raise RunError(f"--controlnet: {e}") from None
   steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
                                                          cfg.scheduler)
   cfg = dataclasses.replace(cfg, steps=steps, guidance_scale=guidance, scheduler=scheduler)
@@ -703,6 +734,7 @@ class _Program:
   refiner: Any  # (spec, state, pipeline) of the refiner stage, or None
   steps: int
   hires: Any = None  # (spec, state) of the hires pass, or None
+  control: Any = None  # replicated (scale, weight per call) of the ControlNet, or None
   compiled: dict = dataclasses.field(default_factory=dict)  # per prompt-input shape
 
   @property
@@ -753,7 +785,11 @@ class _Sampler:
       common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel,
                     scheduler_options=dict(cfg.scheduler_options) or None)
+      if img2img and pipe.controlnet is not None:
+        raise RunError("prompt lines with an init_image (img2img) do not take --controlnet yet")
       extra = dict(img2img=True, strength=strength) if img2img else {}
+      if pipe.controlnet is not None:
+        extra["control"] = True
       inpaint = kind == "inpaint"
       if inpaint:
         extra["masked_content"] = cfg.inpainting_fill
@@ -783,6 +819,11 @@ class _Sampler:
                                    hires=None if hires is None else hires[0]),
           aot.sampler_statics(spec, pipe, stage if hires is None else (hires[0], pipe)),
           refiner, steps, hires)
+      if spec.control:
+        self.programs[key].control = parallel.replicate(
+            (np.float32(cfg.controlnet_scale),
+             sampling.control_weights(spec, host_state, cfg.control_guidance_start,
+                                      cfg.control_guidance_end)), self.mesh)
     return self.programs[key]
 
   def _a1111(self, program, sizes=None):
@@ -862,6 +903,19 @@ class _Sampler:
     return ((np.stack([p.image for p in prepared]), np.stack([p.mask for p in prepared])),
             [p if p.original is not None else None for p in prepared])
 
+  def _control_images(self, batch, size) -> np.ndarray:
+    """The batch's ControlNet images [B, H, W, 3]: each line's `control_image`, else the run's,
+    resized to `size` by --resize_mode."""
+    jobs = []
+    for shard, job in batch:
+      path = job.control_image or self.cfg.control_image
+      if path is None and shard is not None:
+        raise RunError(f'image {job.index} ({job.prompt!r}): --controlnet needs a control image: '
+                       f'the line\'s "control_image" or --control_image')
+      jobs.append(dataclasses.replace(job, control_image=path))
+    return _read_each(jobs, "control_image", lambda path: outputs.read_image(
+        path, size, resize_mode=self.cfg.resize_mode), np.zeros((*size, 3), np.float32))
+
   def _use_loras(self, loras) -> None:
     """Merges the batch's LoRA set into the base weights, once per change of set."""
     if loras != self.loras:
@@ -894,6 +948,9 @@ class _Sampler:
     if program.spec.img2img:
       init, finish = self._init_images(jobs, size, program.spec.inpaint is not None)
       args += (parallel.shard_tree(self.mesh, init, self.global_batch),)
+    if program.spec.control:
+      args += (parallel.shard_tree(self.mesh, self._control_images(batch, size),
+                                   self.global_batch), *program.control)
     key = str(jax.tree.map(np.shape, cond))
     if key not in program.compiled:
       t0 = time.perf_counter()
@@ -994,6 +1051,7 @@ class _Metadata:
     self.height, self.width, self.scheduler = height, width, scheduler
     self.model_name, self.model_hash = model_identity(cfg.model)
     self.refiner = model_identity(cfg.refiner) if cfg.refiner is not None else None
+    self.controlnet = model_identity(cfg.controlnet)[0] if cfg.controlnet is not None else None
     self._hashes: dict[tuple[str, str], str] = {}
     # A1111's `Lora hashes` / `TI hashes`: every --lora; the <lora:...> tags and the embeddings'
     # trigger words an image's prompts use.
@@ -1056,6 +1114,8 @@ class _Metadata:
         **({"resize_mode": cfg.resize_mode} if job.init_image and cfg.resize_mode != "just"
            else {}),
         **({"mask_image": job.mask_image, **self._mask_record()} if job.mask_image else {}),
+        **({"control_image": job.control_image or cfg.control_image,
+            **_controlnet_record(cfg)} if cfg.controlnet else {}),
         **hires, **_sdxl_record(cfg, self.pipe),
     }
 
@@ -1097,9 +1157,19 @@ class _Metadata:
                   if cfg.scheduler_options else {}),
                **({"Denoising strength": strength} if job.init_image else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
+               **self._controlnet_extra(),
                **self._hires_extra(height, width),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job)})
+
+  def _controlnet_extra(self) -> dict[str, str]:
+    """A1111's `ControlNet 0` entry (the sd-webui-controlnet extension's), the model by name."""
+    cfg = self.cfg
+    if cfg.controlnet is None:
+      return {}
+    return {"ControlNet 0": f"Model: {self.controlnet}, Weight: {cfg.controlnet_scale:g}, Guidance Start: "
+                            f"{cfg.control_guidance_start:g}, Guidance End: "
+                            f"{cfg.control_guidance_end:g}"}
 
   def _emphasis(self, job: ImageJob) -> dict[str, str]:
     """A1111's `Emphasis` field: the mode, when not "Original" and a prompt text (after its

@@ -949,8 +949,8 @@ def generate(
   scalars = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
   nets, params, control = pipe.networks, pipe.params, None
   if controlnet is not None:
-    nets = dataclasses.replace(nets, controlnet=controlnet.model)
-    params = {**params, "controlnet": controlnet.params}
+    with_controlnet = pipe.with_controlnet(controlnet)
+    nets, params = with_controlnet.networks, with_controlnet.params
     control = (jnp.asarray(control_images), jnp.float32(controlnet_conditioning_scale),
                jnp.asarray(control_weights(spec, state, control_guidance_start,
                                            control_guidance_end)))

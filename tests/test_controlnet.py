@@ -1,6 +1,8 @@
 """ControlNet against diffusers: the network (`ControlNetModel`), the UNet taking its residuals,
 and generate() against `StableDiffusionControlNetPipeline`."""
 
+import dataclasses
+
 import diffusers
 import numpy as np
 import pytest
@@ -164,3 +166,53 @@ def test_bad_controlnet_arguments(sd1_controlnet, tmp_path):
                   control_images=control, **kw)
   with pytest.raises(sdjax.PipelineError, match="cannot load ControlNet .*missing"):
     sdjax.load_controlnet(str(tmp_path / "missing"))
+
+
+def test_run_with_control_images(sd1_controlnet, tmp_path):
+  """main.py's run with --controlnet: each jsonl line's control_image (relative to the file),
+  else --control_image, resized to the image size; each image is generate()'s with that image;
+  records and PNG parameters name the ControlNet. A line without any control image and an
+  img2img line are one-line errors."""
+  import json  # noqa: PLC0415
+  import os  # noqa: PLC0415
+
+  from PIL import Image  # noqa: PLC0415
+
+  from sdjax import outputs, run  # noqa: PLC0415
+
+  _, pipe, controlnet = sd1_controlnet
+  rng = np.random.default_rng(9)
+  for name, size in (("edges.png", (16, 16)), ("pose.png", (24, 32)), ("default.png", (16, 16))):
+    Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(tmp_path / name)
+  lines = [{"prompt": "a cat", "control_image": "edges.png"},
+           {"prompt": "a dog", "control_image": "pose.png", "seed": 7}, {"prompt": "a cow"}]
+  path = tmp_path / "control.jsonl"
+  path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  cfg = run.RunConfig(model=pipe.name, prompts_file=str(path), steps=3, guidance_scale=3.0,
+                      scheduler="euler", height=16, width=16, seed=2, batch_size=2,
+                      controlnet=controlnet.name, control_image=str(tmp_path / "default.png"),
+                      controlnet_scale=0.9, control_guidance_end=0.8,
+                      output_dir=str(tmp_path / "out"), compilation_cache="",
+                      show_progress=False)
+  assert run.generate_run(cfg).images == 3
+  records = [json.loads(x) for x in open(tmp_path / "out" / outputs.MANIFEST_NAME)]
+  for record, name in zip(records, ["edges.png", "pose.png", "default.png"], strict=True):
+    assert record["control_image"] == str(tmp_path / name)
+    assert record["controlnet_scale"] == 0.9 and record["control_guidance_end"] == 0.8
+    control = outputs.read_image(str(tmp_path / name), (16, 16))
+    expected = pipe.generate(record["prompt"], steps=3, guidance_scale=3.0, scheduler="euler",
+                             height=16, width=16, seed=record["seed"], controlnet=controlnet,
+                             control_images=control, controlnet_conditioning_scale=0.9,
+                             control_guidance_end=0.8)
+    png = Image.open(tmp_path / "out" / record["file"])
+    assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    assert params["ControlNet 0"] == (f"Model: {os.path.basename(controlnet.name)}, Weight: 0.9, "
+                                      "Guidance Start: 0, Guidance End: 0.8")
+  path.write_text('{"prompt": "a cat"}\n')
+  with pytest.raises(run.RunError, match="--controlnet needs a control image"):
+    run.generate_run(dataclasses.replace(cfg, control_image=None,
+                                         output_dir=str(tmp_path / "none")))
+  path.write_text(json.dumps({"prompt": "a cat", "init_image": "edges.png"}) + "\n")
+  with pytest.raises(run.RunError, match="do not take --controlnet yet"):
+    run.generate_run(dataclasses.replace(cfg, output_dir=str(tmp_path / "img2img")))
