@@ -216,3 +216,34 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
   path.write_text(json.dumps({"prompt": "a cat", "init_image": "edges.png"}) + "\n")
   with pytest.raises(run.RunError, match="do not take --controlnet yet"):
     run.generate_run(dataclasses.replace(cfg, output_dir=str(tmp_path / "img2img")))
+
+
+def test_sdxl_generate_matches_diffusers(tmp_path):
+  """An SDXL ControlNet (text_time conditioning in the ControlNet too) against
+  StableDiffusionXLControlNetPipeline, with a non-square image."""
+  import sdjax  # noqa: PLC0415
+
+  folder = str(tmp_path / "sdxl")
+  base, _ = testing.write_torch_sdxl(folder, seed=17)
+  pipe = sdjax.load_pipeline(folder + "/base")
+  controlnet = torch_controlnet(testing.UNET_SDXL, 19, conditioning_embedding_out_channels=(8, 16))
+  controlnet.save_pretrained(str(tmp_path / "cn"), safe_serialization=True)
+  ref = diffusers.StableDiffusionXLControlNetPipeline(
+      vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+      tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+      controlnet=controlnet, scheduler=diffusers.EulerDiscreteScheduler.from_config(
+          pipe.scheduler_config), add_watermarker=False)
+  ref.set_progress_bar_config(disable=True)
+  control = np.random.default_rng(3).uniform(size=(2, 16, 24, 3)).astype(np.float32)
+  latents = randn(2, 8, 12, 4, seed=6)
+  with torch.no_grad():
+    expected = ref(PROMPTS, image=nchw(control), latents=nchw(latents), output_type="np",
+                   num_inference_steps=3, guidance_scale=3.0, height=16, width=24,
+                   controlnet_conditioning_scale=0.7).images
+  ours = pipe.generate(PROMPTS, steps=3, guidance_scale=3.0, height=16, width=24,
+                       scheduler="euler", latents=latents, controlnet=sdjax.load_controlnet(
+                           str(tmp_path / "cn")), control_images=control,
+                       controlnet_conditioning_scale=0.7)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\nSDXL controlnet generate: {err:.2e}")
+  assert err <= 1e-4
