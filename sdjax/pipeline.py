@@ -368,10 +368,11 @@ class Pipeline:
         Same prompts, scheduler and guidance; both passes stay on device. SDXL's default
         original and target sizes are each pass's own (as A1111 conditions its hires pass);
         not with `refiner`.
-      controlnet, control_images: a `load_controlnet` ControlNet steering text-to-image by
-        control images (edges, pose, depth, ... as the ControlNet was trained on: float
+      controlnet, control_images: a `load_controlnet` ControlNet steering text-to-image or
+        img2img by control images (edges, pose, depth, ... as the ControlNet was trained on: float
         [N or 1, H, W, 3] in [0, 1], the image size), as diffusers'
-        StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline.
+        StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline (img2img: their
+        ControlNetImg2Img pipelines).
       controlnet_conditioning_scale: the weight of the ControlNet's residuals.
       control_guidance_start, control_guidance_end: the share of the steps, from and to, in which
         the ControlNet acts (diffusers' arguments).

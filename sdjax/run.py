@@ -785,8 +785,9 @@ class _Sampler:
       common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel,
                     scheduler_options=dict(cfg.scheduler_options) or None)
-      if img2img and pipe.controlnet is not None:
-        raise RunError("prompt lines with an init_image (img2img) do not take --controlnet yet")
+      if (kind == "inpaint" or sampling.is_inpainting_model(pipe)) and pipe.controlnet is not None:
+        raise RunError("inpainting (lines with a mask_image, or an inpainting model) does not "
+                       "take --controlnet yet")
       extra = dict(img2img=True, strength=strength) if img2img else {}
       if pipe.controlnet is not None:
         extra["control"] = True
@@ -1167,9 +1168,9 @@ class _Metadata:
     cfg = self.cfg
     if cfg.controlnet is None:
       return {}
-    return {"ControlNet 0": f"Model: {self.controlnet}, Weight: {cfg.controlnet_scale:g}, Guidance Start: "
-                            f"{cfg.control_guidance_start:g}, Guidance End: "
-                            f"{cfg.control_guidance_end:g}"}
+    return {"ControlNet 0": f"Model: {self.controlnet}, Weight: {cfg.controlnet_scale:g}, "
+                            f"Guidance Start: {cfg.control_guidance_start:g}, "
+                            f"Guidance End: {cfg.control_guidance_end:g}"}
 
   def _emphasis(self, job: ImageJob) -> dict[str, str]:
     """A1111's `Emphasis` field: the mode, when not "Original" and a prompt text (after its

@@ -917,7 +917,7 @@ def generate(
   width = pipe.native_size if width is None else width
   if controlnet is not None:
     control_images = _control_images(pipe, controlnet, control_images, n, height, width,
-                                     init_images is not None or hires is not None
+                                     mask_images is not None or hires is not None
                                      or refiner is not None or cfg_parallel)
   elif control_images is not None:
     raise ValueError("control_images are a ControlNet's input: give controlnet= too")
@@ -980,8 +980,9 @@ def _control_images(pipe, controlnet, images, n: int, height: int, width: int,
   """The ControlNet's images [n, height, width, c] (one given image serves every prompt)."""
   controlnet.check_fits(pipe)
   if unsupported:
-    raise ValueError("controlnet= steers text-to-image runs; it does not take init_images, "
-                     "hires_scale, refiner= or cfg_parallel yet")
+    raise ValueError("controlnet= steers text-to-image and img2img runs; it does not take "
+                     "mask_images (or an inpainting model), hires_scale, refiner= or "
+                     "cfg_parallel yet")
   if images is None:
     raise ValueError("controlnet= needs control_images")
   images = np.asarray(images, np.float32)

@@ -141,6 +141,32 @@ def test_generate_matches_diffusers(sd1_controlnet, scale, start, end):
   assert err <= 1e-4 and change > 100 * err
 
 
+def test_img2img_matches_diffusers(sd1_controlnet):
+  """img2img steered by a ControlNet: StableDiffusionControlNetImg2ImgPipeline given our draws
+  (the init image's posterior sample, the noise); the ControlNet's steps count from where
+  strength starts the run."""
+  from parity import img2img_draws  # noqa: PLC0415
+
+  ref, pipe, controlnet = sd1_controlnet
+  img = diffusers.StableDiffusionControlNetImg2ImgPipeline(**ref.components)
+  img.set_progress_bar_config(disable=True)
+  rng = np.random.default_rng(8)
+  images, control = (rng.uniform(size=(2, 16, 16, 3)).astype(np.float32) for _ in range(2))
+  noise, seed = randn(2, 8, 8, 4, seed=12), 3
+  kw = dict(controlnet_conditioning_scale=0.8, control_guidance_start=0.2)
+  with img2img_draws("diffusers.pipelines.controlnet.pipeline_controlnet_img2img", seed,
+                     (8, 8, 4), noise):
+    expected = img(PROMPTS, image=images, control_image=control, strength=0.6,
+                   num_inference_steps=6, guidance_scale=3.0, height=16, width=16,
+                   output_type="np", **kw).images
+  ours = pipe.generate(PROMPTS, init_images=images, strength=0.6, steps=6, guidance_scale=3.0,
+                       scheduler="euler", seed=seed, latents=noise, controlnet=controlnet,
+                       control_images=control, **kw)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\ncontrolnet img2img: {err:.2e}")
+  assert err <= 1e-4
+
+
 def test_bad_controlnet_arguments(sd1_controlnet, tmp_path):
   import sdjax  # noqa: PLC0415
 
@@ -156,9 +182,9 @@ def test_bad_controlnet_arguments(sd1_controlnet, tmp_path):
   with pytest.raises(ValueError, match="0 <= start < end <= 1"):
     pipe.generate(PROMPTS, controlnet=controlnet, control_images=control,
                   control_guidance_start=0.5, control_guidance_end=0.5, **kw)
-  with pytest.raises(ValueError, match="does not take init_images"):
+  with pytest.raises(ValueError, match="does not take mask_images"):
     pipe.generate(PROMPTS, controlnet=controlnet, control_images=control,
-                  init_images=np.zeros((2, 16, 16, 3)), **kw)
+                  init_images=np.zeros((2, 16, 16, 3)), mask_images=np.ones((2, 16, 16)), **kw)
   other = torch_controlnet(testing.UNET_SD2, 3, conditioning_embedding_out_channels=(8, 16))
   other.save_pretrained(str(tmp_path / "sd2"), safe_serialization=True)
   with pytest.raises(ValueError, match="does not fit this model .skip_channels"):
@@ -172,7 +198,7 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
   """main.py's run with --controlnet: each jsonl line's control_image (relative to the file),
   else --control_image, resized to the image size; each image is generate()'s with that image;
   records and PNG parameters name the ControlNet. A line without any control image and an
-  img2img line are one-line errors."""
+  inpainting line are one-line errors."""
   import json  # noqa: PLC0415
   import os  # noqa: PLC0415
 
@@ -213,8 +239,9 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
   with pytest.raises(run.RunError, match="--controlnet needs a control image"):
     run.generate_run(dataclasses.replace(cfg, control_image=None,
                                          output_dir=str(tmp_path / "none")))
-  path.write_text(json.dumps({"prompt": "a cat", "init_image": "edges.png"}) + "\n")
-  with pytest.raises(run.RunError, match="do not take --controlnet yet"):
+  path.write_text(json.dumps({"prompt": "a cat", "init_image": "edges.png",
+                              "mask_image": "edges.png"}) + "\n")
+  with pytest.raises(run.RunError, match="does not take --controlnet yet"):
     run.generate_run(dataclasses.replace(cfg, output_dir=str(tmp_path / "img2img")))
 
 
