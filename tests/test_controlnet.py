@@ -31,14 +31,14 @@ def torch_controlnet(unet_config, seed, **kwargs):
   return model
 
 
+# SD1's default layout: end to end in test_generate_matches_diffusers.
 @pytest.mark.parametrize("name,kwargs", [
-    ("sd1", {}),
     ("sd2", {"conditioning_embedding_out_channels": (8, 16)}),
     ("sdxl", {"conditioning_embedding_out_channels": (8, 16, 16)}),
     ("sd1-bgr-pooled", {"controlnet_conditioning_channel_order": "bgr"}),
 ])
 def test_controlnet_matches_diffusers(name, kwargs):
-  config = {"sd1": testing.UNET_SD1, "sd2": testing.UNET_SD2, "sdxl": testing.UNET_SDXL,
+  config = {"sd2": testing.UNET_SD2, "sdxl": testing.UNET_SDXL,
             "sd1-bgr-pooled": testing.UNET_SD1}[name]
   tm = torch_controlnet(config, 7, **kwargs)
   if name == "sd1-bgr-pooled":
@@ -114,7 +114,7 @@ def sd1_controlnet(tmp_path_factory):
 PROMPTS = ["a red circle in the center", "a photo of a cat"]
 
 
-@pytest.mark.parametrize("scale,start,end", [(0.8, 0.0, 1.0), (1.3, 0.25, 0.75)])
+@pytest.mark.parametrize("scale,start,end", [(1.3, 0.25, 0.75)])
 def test_generate_matches_diffusers(sd1_controlnet, scale, start, end):
   """Text-to-image steered by a ControlNet, with classifier-free guidance (the control image
   and the ControlNet on both halves), a conditioning scale, and the ControlNet acting in part of
