@@ -192,7 +192,6 @@ def _levels(images):
   return np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(int)
 
 
-# An inpainting model with latent noise: test_run_with_mask_lines (with "Only masked").
 @pytest.mark.parametrize("model,content,name", [
     ("plain", "latent noise", "euler"), ("plain", "latent nothing", "dpmpp_2m_karras"),
     ("inpainting", "fill", "euler")])
@@ -390,21 +389,21 @@ def test_run_with_mask_lines(inpainting, tmp_path):
   path.write_text(json.dumps({"prompt": "a cat", "init_image": "a.png",
                               "mask_image": "m_small.png"}) + "\n")
   full = dataclasses.replace(cfg, inpaint_full_res=True, inpaint_full_res_padding=2, mask_blur=1,
-                             inpainting_mask_invert=True, inpainting_fill="latent noise",
+                             inpainting_mask_invert=True, inpainting_fill="fill",
                              batch_size=1, output_dir=str(tmp_path / "full"))
   assert run.generate_run(full).images == 1
   record = json.loads(open(tmp_path / "full" / outputs.MANIFEST_NAME).readline())
   assert (record["height"], record["width"], record["inpaint_full_res_padding"]) == (20, 28, 2)
   assert record["inpainting_mask_invert"] and len(record["inpaint_region"]) == 4
-  assert record["inpainting_fill"] == "latent noise"
+  assert record["inpainting_fill"] == "fill"
   expected = pipe.generate(
       "a cat", init_images=np.asarray(Image.open(tmp_path / "a.png"))[None] / 255,
       mask_images=1 - np.asarray(Image.open(tmp_path / "m_small.png"))[None] / 255, mask_blur=1,
-      padding_mask_crop=2, masked_content="latent noise", height=H, width=W, strength=0.8,
+      padding_mask_crop=2, masked_content="fill", height=H, width=W, strength=0.8,
       seed=record["seed"], **kw)
   written = Image.open(tmp_path / "full" / record["file"])
   assert np.abs(np.asarray(written, int) - np.round(expected[0] * 255)).max() <= 1
-  assert ("Inpaint area: Only masked, Masked area padding: 2, Masked content: latent noise"
+  assert ("Inpaint area: Only masked, Masked area padding: 2, Masked content: fill"
           in written.text["parameters"])
   text = tmp_path / "text.jsonl"  # as A1111: from grey, everything repainted, pure noise
   text.write_text('{"prompt": "a cat"}\n')
