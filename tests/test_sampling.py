@@ -235,7 +235,11 @@ def test_scheduler_options_match_diffusers(pipes, name, options):
   ours = pipe.generate(PROMPTS, scheduler_options=options, **kw)
   err = rel(ours, expected)
   print(f"\n{name} with {options}: {err:.2e}")
-  assert err <= 1e-3 and rel(pipe.generate(PROMPTS, **kw), expected) > 10 * err
+  assert err <= 1e-3
+  # The options change the schedule (the default's is another program, not compiled here).
+  plain, changed = (schedulers.get_scheduler(name, pipe.scheduler_config, options=o)
+                    .set_timesteps(4, sample_shape=latents.shape) for o in (None, options))
+  assert not np.array_equal(plain.timesteps, changed.timesteps)
   with pytest.raises(ValueError, match=f"scheduler '{name}' has no option 'spacing'"):
     pipe.generate(PROMPTS, scheduler_options={"spacing": "trailing"}, **kw)
 
