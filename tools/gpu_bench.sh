@@ -5,8 +5,9 @@
 # 13, 17: SDXL 1024x1024 bf16 vs diffusers fp16, ~6 min), run (issue 16: main.py vs the bare
 # sampler on SD1.5-sized networks, ~5 min), sd15 (issue 17: SD1.5 MFU, ~6 min), compile (issue
 # 17: diffusers fp16 with a max-autotune torch.compile'd channels_last UNet, SD1.5 batch 16; its
-# compile alone may take minutes, so run it as its own command). A device command may run 10
-# minutes and a session has about 15 in all: pick the parts that fit, in this order.
+# compile alone may take minutes, so run it as its own command), lcm (4-step LCM sampling
+# without CFG, LCM-LoRA's way, SD1.5 batch 16 vs diffusers fp16, ~2 min). A device command may
+# run 10 minutes and a session has about 15 in all: pick the parts that fit, in this order.
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the image lacks them.
 set -u
 OUTDIR=${1:-/tmp/gpu_bench}  # results.jsonl, gpu.txt and errors.log land here
@@ -61,6 +62,14 @@ if part sd15; then
   # The VAE decode one image at a time (the default since 2026-12-02) against the whole batch.
   bench "jax_gen_b16_batch_decode" --arch sd15 --what generate --steps 50 --dtype bfloat16 \
       --batch 16 --repeats 2 --decode_latent_pixels 0 --flops "$(flops 16)"
+fi
+if part lcm; then  # few-step sampling: 4 LCM steps, no CFG pass (LCM-LoRA's settings)
+  LCM_FLOPS=5.7e12  # per image: 4 steps x 0.80 TFLOP UNet + 2.5 TFLOP VAE decode
+  bench "jax_lcm4_b16" --arch sd15 --what generate --steps 4 --scheduler lcm --guidance_scale 1 \
+      --dtype bfloat16 --batch 16 --repeats 3 --flops "$(python3 -c "print(16 * $LCM_FLOPS)")"
+  bench "torch_lcm4_b16" --backend torch --arch sd15 --what generate --steps 4 --scheduler lcm \
+      --guidance_scale 1 --dtype float16 --batch 16 --repeats 3 \
+      --flops "$(python3 -c "print(16 * $LCM_FLOPS)")"
 fi
 if part compile; then  # the strongest PyTorch baseline the issue names
   T=580 bench "torch_compiled_gen_b16" --backend torch --arch sd15 --what generate --steps 50 \
