@@ -87,19 +87,29 @@ def init_params(module, *args, seed: int = 0):
   return init.lower(key).compile(compiler_options=_INIT_COMPILER_OPTIONS)(key)
 
 
+def _unet_example(cfg: UNetConfig, after_context: tuple = ()) -> tuple:
+  """Smallest valid positional inputs of a UNet of `cfg` (with `after_context`, a ControlNet's
+  control image and scale, of a ControlNet): latents, timesteps, context, then what the config
+  needs of text_embeds, time_ids, (context_bias,) timestep_cond."""
+  s = cfg.downscale
+  head = (jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,)),
+          jnp.zeros((1, 1, cfg.cross_attention_dim)), *after_context)
+  tail = [None] * 4  # text_embeds, time_ids, context_bias, timestep_cond
+  if cfg.addition_embed_type == "text_time":
+    # Any split of add_embedding's input width into pooled text and one time id has its shapes.
+    width = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
+    tail[:2] = jnp.zeros((1, width)), jnp.zeros((1, 1))
+  if cfg.time_cond_proj_dim is not None:
+    tail[3] = jnp.zeros((1, cfg.time_cond_proj_dim))
+  while tail and tail[-1] is None:
+    tail.pop()
+  return (*head, *tail)
+
+
 def _example_inputs(unet_cfg: UNetConfig, text_cfg: CLIPTextConfig | None, vae_cfg: VAEConfig,
                     text_cfg_2: CLIPTextConfig | None = None):
   """Smallest valid inputs, for shape inference of each network's param tree."""
-  s = unet_cfg.downscale
-  unet = (jnp.zeros((1, s, s, unet_cfg.in_channels)), jnp.zeros((1,)),
-          jnp.zeros((1, 1, unet_cfg.cross_attention_dim)))
-  if unet_cfg.addition_embed_type == "text_time":
-    # Any split of add_embedding's input width into pooled text and one time id has its shapes.
-    width = unet_cfg.projection_class_embeddings_input_dim - unet_cfg.addition_time_embed_dim
-    unet += (jnp.zeros((1, width)), jnp.zeros((1, 1)))
-  if unet_cfg.time_cond_proj_dim is not None:  # after text_embeds, time_ids, context_bias
-    unet += (None,) * (6 - len(unet)) + (jnp.zeros((1, unet_cfg.time_cond_proj_dim)),)
-  out = {"unet": unet,
+  out = {"unet": _unet_example(unet_cfg),
          "vae": (jnp.zeros((1, vae_cfg.downscale, vae_cfg.downscale, vae_cfg.in_channels)),)}
   for name, cfg in (("text_encoder", text_cfg), ("text_encoder_2", text_cfg_2)):
     if cfg is not None:
@@ -271,7 +281,8 @@ class Pipeline:
   # -- sampling ----------------------------------------------------------------------------------
   def generate(self, prompts, *, negative_prompts=None, steps: int | None = None,
                guidance_scale: float | None = None, scheduler: str | None = None,
-               scheduler_options: dict | None = None, height: int | None = None, width: int | None = None, seed: int = 0,
+               scheduler_options: dict | None = None, height: int | None = None,
+               width: int | None = None, seed: int = 0,
                latents=None, init_images=None, mask_images=None,
                strength: float | None = None, mask_blur: float = 0.0,
                padding_mask_crop: int | None = None, mask_overlay: bool = False,
@@ -784,14 +795,9 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
       folder = os.path.join(folder, "controlnet")
     cfg = ControlNetConfig.from_dict(config_utils.read_json(os.path.join(folder, "config.json")))
     model = ControlNetModel(cfg, compute, store)
-    s, f = cfg.downscale, cfg.downscale * cfg.downscale_control
-    examples = [jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,)),
-                jnp.zeros((1, 1, cfg.cross_attention_dim)),
-                jnp.zeros((1, f, f, cfg.conditioning_channels))]
-    if cfg.addition_embed_type == "text_time":
-      width = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
-      examples += [1.0, jnp.zeros((1, width)), jnp.zeros((1, 1))]
-    expected = _expected_params(model, *examples)
+    f = cfg.downscale * cfg.downscale_control
+    control = jnp.zeros((1, f, f, cfg.conditioning_channels))
+    expected = _expected_params(model, *_unet_example(cfg, (control, 1.0)))
     state = read_state_dict(folder, "controlnet", variant=variant)
     params = jax.device_put(torch_to_flax(state, expected, "controlnet", np.dtype(store)))
   except (hub.HubError, config_utils.ConfigError, WeightsError) as e:

@@ -462,12 +462,10 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
                                                          cfg.scheduler)
   cfg = dataclasses.replace(cfg, steps=steps, guidance_scale=guidance, scheduler=scheduler)
-  if cfg.cfg_parallel and pipe.unet.config.time_cond_proj_dim is not None:
-    raise RunError("--cfg_parallel splits classifier-free guidance, which an LCM-distilled UNet "
-                   "(time_cond_proj_dim: the guidance scale is an input) does not use")
-  if cfg.cfg_parallel and guidance <= 1.0:
-    raise RunError(f"--cfg_parallel splits classifier-free guidance, which guidance_scale "
-                   f"{guidance:g} (<= 1) does not use")
+  if cfg.cfg_parallel and not sampling.uses_guidance(pipe, guidance):
+    why = (f"guidance_scale {guidance:g} (<= 1)" if guidance <= 1.0 else
+           "an LCM-distilled UNet (time_cond_proj_dim: the guidance scale is an input)")
+    raise RunError(f"--cfg_parallel splits classifier-free guidance, which {why} does not use")
   height = cfg.height or pipe.native_size
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)

@@ -712,8 +712,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   if begin >= (len(state.timesteps) if end is None else end):
     raise ValueError(f"strength {strength} (or refiner_start) with {steps} steps leaves no "
                      "denoising step")
-  # An LCM-distilled UNet takes the guidance scale as an input instead (diffusers: no CFG).
-  guidance = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+  guidance = uses_guidance(pipe, guidance_scale)
   spec = SampleSpec(sched.program(), begin, latent_hw, guidance,
                     guidance_rescale > 0.0,
                     img2img and denoising_start is None, clip_skip, end=end,
@@ -723,6 +722,12 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
                     ("latent noise", "latent nothing") else "original", control=control)
   return spec, state
+
+
+def uses_guidance(pipe, guidance_scale: float) -> bool:
+  """Whether sampling runs classifier-free guidance (an uncond pass): a scale > 1, and a UNet
+  that does not take the scale as an input instead (LCM-distilled, as diffusers runs them)."""
+  return guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
 
 
 def latent_channels(pipe) -> int:
@@ -915,8 +920,10 @@ def generate(
                      "refiner=")
   height = pipe.native_size if height is None else height
   width = pipe.native_size if width is None else width
+  controlled = None
   if controlnet is not None:
-    control_images = _control_images(pipe, controlnet, control_images, n, height, width,
+    controlled = pipe.with_controlnet(controlnet)  # a one-line error unless it fits the UNet
+    control_images = _control_images(controlnet, control_images, n, height, width,
                                      mask_images is not None or hires is not None
                                      or refiner is not None or cfg_parallel)
   elif control_images is not None:
@@ -948,9 +955,8 @@ def generate(
                            size=(height, width), img2img=init_images is not None, a1111=a1111)
   scalars = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
   nets, params, control = pipe.networks, pipe.params, None
-  if controlnet is not None:
-    with_controlnet = pipe.with_controlnet(controlnet)
-    nets, params = with_controlnet.networks, with_controlnet.params
+  if controlled is not None:
+    nets, params = controlled.networks, controlled.params
     control = (jnp.asarray(control_images), jnp.float32(controlnet_conditioning_scale),
                jnp.asarray(control_weights(spec, state, control_guidance_start,
                                            control_guidance_end)))
@@ -975,10 +981,9 @@ def generate(
                                 pipe.scheduler_config)}, refiner_start, a1111))
 
 
-def _control_images(pipe, controlnet, images, n: int, height: int, width: int,
+def _control_images(controlnet, images, n: int, height: int, width: int,
                     unsupported: bool) -> np.ndarray:
   """The ControlNet's images [n, height, width, c] (one given image serves every prompt)."""
-  controlnet.check_fits(pipe)
   if unsupported:
     raise ValueError("controlnet= steers text-to-image and img2img runs; it does not take "
                      "mask_images (or an inpainting model), hires_scale, refiner= or "
