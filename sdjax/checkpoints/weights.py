@@ -109,6 +109,22 @@ def torch_to_flax(state_dict: Mapping[str, Any], expected, component: str, dtype
   Raises:
     WeightsError: naming the first key that is missing, unused, or of the wrong shape.
   """
+  flat = {}
+  for path, value in _flax_layout_views(state_dict, expected, component).items():
+    target = dtype or (np.float32 if value.dtype == np.float16 else value.dtype)
+    flat[path] = np.ascontiguousarray(value, dtype=target)
+  return traverse_util.unflatten_dict(flat)
+
+
+def check_state(state_dict: Mapping[str, Any], expected, component: str) -> None:
+  """`torch_to_flax`'s checks (every key present and used, every shape as `expected` says)
+  without copying a weight: a WeightsError naming the first mismatch."""
+  _flax_layout_views(state_dict, expected, component)
+
+
+def _flax_layout_views(state_dict: Mapping[str, Any], expected,
+                       component: str) -> dict[tuple[str, ...], np.ndarray]:
+  """Flax param path -> the state dict's array in Flax layout (a view where it can be)."""
   remaining = normalize_keys(state_dict)
   flat = {}
   for path, spec in sorted(traverse_util.flatten_dict(expected).items()):
@@ -122,15 +138,14 @@ def torch_to_flax(state_dict: Mapping[str, Any], expected, component: str, dtype
           f"{component} checkpoint key {name!r} has shape {value.shape} (in Flax layout), "
           f"the config expects {tuple(spec.shape)}"
       )
-    target = dtype or (np.float32 if value.dtype == np.float16 else value.dtype)
-    flat[path] = np.ascontiguousarray(value, dtype=target)
+    flat[path] = value
   if remaining:
     first = sorted(remaining)[0]
     raise WeightsError(
         f"{component} checkpoint has key {first!r} that its config does not use "
         f"({len(remaining)} unused keys): the weights do not match config.json"
     )
-  return traverse_util.unflatten_dict(flat)
+  return flat
 
 
 def flax_to_torch(params, prefix: str = "") -> dict[str, np.ndarray]:
