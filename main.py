@@ -107,9 +107,11 @@ flags.DEFINE_integer("shard_index", 0, "which of the --num_shards jobs this is: 
 flags.DEFINE_integer("writer_threads", 8, "threads that encode and write images")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
 flags.DEFINE_bool("allow_pickle", True, "ignored (pickles are read without running code)")
-flags.DEFINE_string("controlnet", None, "a diffusers-format ControlNet (folder or hub id) "
-                    "steering text-to-image by each jsonl line's control_image (or "
-                    "--control_image)")
+flags.DEFINE_string("controlnet", None, "a ControlNet (diffusers folder or hub id, or a single "
+                    ".safetensors/.pth file) steering text-to-image by each jsonl line's "
+                    "control_image (or --control_image)")
+flags.DEFINE_string("controlnet_config", None, "a single --controlnet file's diffusers config "
+                    "(folder or hub id; default: the standard SD1/SD2/SDXL one its weights show)")
 flags.DEFINE_string("control_image", None, "the ControlNet's image for lines without their own "
                     "(resized to the image size by --resize_mode)")
 flags.DEFINE_float("controlnet_scale", 1.0, "the weight of the ControlNet's residuals")
@@ -166,7 +168,8 @@ def _run_config() -> run.RunConfig:
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
-      controlnet=FLAGS.controlnet, control_image=FLAGS.control_image,
+      controlnet=FLAGS.controlnet, controlnet_config=FLAGS.controlnet_config,
+      control_image=FLAGS.control_image,
       controlnet_scale=FLAGS.controlnet_scale,
       control_guidance_start=FLAGS.control_guidance_start,
       control_guidance_end=FLAGS.control_guidance_end,

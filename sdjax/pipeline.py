@@ -782,27 +782,54 @@ class ControlNet:
 
 
 def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: str | None = None,
-                    revision: str | None = None) -> ControlNet:
-  """Loads a diffusers-format ControlNet (`config.json` + weights): a folder, a hub id (e.g.
-  `lllyasviel/sd-controlnet-canny`, `diffusers/controlnet-canny-sdxl-1.0`), or a pipeline
-  folder's `controlnet/`. `dtype`, `param_dtype` as `load_pipeline`'s."""
+                    revision: str | None = None, config: str | None = None) -> ControlNet:
+  """Loads a ControlNet: a diffusers-format folder (`config.json` + weights), a hub id (e.g.
+  `lllyasviel/sd-controlnet-canny`, `diffusers/controlnet-canny-sdxl-1.0`), a pipeline folder's
+  `controlnet/`, or a single file (`.safetensors`, `.pth`, ...: lllyasviel's original layout, as
+  ControlNet 1.0/1.1 and the A1111 extension share them, or one diffusers component; a path, hub
+  file or URL). `config`: single files only, a diffusers ControlNet folder or hub id whose config
+  to use (default: the standard SD1/SD2/SDXL architecture the weights show). `dtype`,
+  `param_dtype` as `load_pipeline`'s."""
   compute = parse_dtype(dtype)
   store = parse_dtype(param_dtype) if param_dtype is not None else compute
   try:
-    folder = hub.resolve_source(source, variant=variant, revision=revision,
-                                component="controlnet")
-    if os.path.isdir(os.path.join(folder, "controlnet")):
-      folder = os.path.join(folder, "controlnet")
-    cfg = ControlNetConfig.from_dict(config_utils.read_json(os.path.join(folder, "config.json")))
-    model = ControlNetModel(cfg, compute, store)
-    f = cfg.downscale * cfg.downscale_control
-    control = jnp.zeros((1, f, f, cfg.conditioning_channels))
-    expected = _expected_params(model, *_unet_example(cfg, (control, 1.0)))
-    state = read_state_dict(folder, "controlnet", variant=variant)
+    if single_file.is_single_file(source):
+      path = _local_file(source, "ControlNet", revision)
+      state = single_file.read_single_file(path)
+      prefix = single_file.controlnet_prefix(state, path)
+      raw = (_controlnet_folder_config(config, revision)[1] if config is not None
+             else single_file.controlnet_config(state, prefix, path))
+      model, expected = _controlnet_model(ControlNetConfig.from_dict(raw), compute, store)
+      keys = [torch_key(p) for p in traverse_util.flatten_dict(expected)]
+      state = single_file.controlnet_state(state, prefix, model.config, keys, path)
+    elif config is not None:
+      raise PipelineError("config= is only for single-file ControlNets; a folder has its own")
+    else:
+      folder, raw = _controlnet_folder_config(source, revision, variant)
+      model, expected = _controlnet_model(ControlNetConfig.from_dict(raw), compute, store)
+      state = read_state_dict(folder, "controlnet", variant=variant)
     params = jax.device_put(torch_to_flax(state, expected, "controlnet", np.dtype(store)))
   except (hub.HubError, config_utils.ConfigError, WeightsError) as e:
     raise PipelineError(f"cannot load ControlNet {source}: {e}") from None
-  return ControlNet(model, params, str(source))
+  name = str(source) + (f" (config {config})" if config is not None else "")
+  return ControlNet(model, params, name)
+
+
+def _controlnet_folder_config(source: str, revision: str | None, variant: str | None = None
+                              ) -> tuple[str, dict[str, Any]]:
+  """(folder, config dict) of a diffusers ControlNet folder, hub id or pipeline folder."""
+  folder = hub.resolve_source(source, variant=variant, revision=revision, component="controlnet")
+  if os.path.isdir(os.path.join(folder, "controlnet")):
+    folder = os.path.join(folder, "controlnet")
+  return folder, config_utils.read_json(os.path.join(folder, "config.json"))
+
+
+def _controlnet_model(cfg: ControlNetConfig, compute, store):
+  """The network and the params it expects (abstract)."""
+  model = ControlNetModel(cfg, compute, store)
+  f = cfg.downscale * cfg.downscale_control
+  control = jnp.zeros((1, f, f, cfg.conditioning_channels))
+  return model, _expected_params(model, *_unet_example(cfg, (control, 1.0)))
 
 
 def add_extras(pipe: Pipeline, *, loras=(), embeddings=()) -> Pipeline:

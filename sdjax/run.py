@@ -96,6 +96,7 @@ class RunConfig:
   inpainting_fill: str = "original"  # A1111's "Masked content" (`masks.MASKED_CONTENT`)
   # A ControlNet steering text-to-image lines by their control_image (else this one).
   controlnet: str | None = None
+  controlnet_config: str | None = None  # a single ControlNet file's diffusers config
   control_image: str | None = None
   controlnet_scale: float = 1.0
   control_guidance_start: float = 0.0
@@ -194,8 +195,9 @@ def validate(cfg: RunConfig) -> None:
   if not cfg.mask_blur >= 0 or cfg.inpaint_full_res_padding < 0:
     raise RunError(f"--mask_blur and --inpaint_full_res_padding must be >= 0, got "
                    f"{cfg.mask_blur} and {cfg.inpaint_full_res_padding}")
-  if cfg.control_image is not None and cfg.controlnet is None:
-    raise RunError("--control_image is a ControlNet's input: give --controlnet too")
+  if cfg.controlnet is None and (cfg.control_image, cfg.controlnet_config) != (None, None):
+    raise RunError("--control_image and --controlnet_config are for a ControlNet: give "
+                   "--controlnet too")
   if cfg.controlnet is not None:
     if not 0.0 <= cfg.control_guidance_start < cfg.control_guidance_end <= 1.0:
       raise RunError(f"--control_guidance_start and --control_guidance_end must satisfy "
@@ -295,9 +297,12 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
 
 
 def _controlnet_record(cfg: RunConfig) -> dict[str, Any]:
-  return {"controlnet": cfg.controlnet, "controlnet_scale": cfg.controlnet_scale,
-          "control_guidance_start": cfg.control_guidance_start,
-          "control_guidance_end": cfg.control_guidance_end}
+  record = {"controlnet": cfg.controlnet, "controlnet_scale": cfg.controlnet_scale,
+            "control_guidance_start": cfg.control_guidance_start,
+            "control_guidance_end": cfg.control_guidance_end}
+  if cfg.controlnet_config is not None:  # absent without: older folders still match
+    record["controlnet_config"] = cfg.controlnet_config
+  return record
 
 
 def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
@@ -456,7 +461,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
                              embeddings=cfg.embeddings)
   if cfg.controlnet is not None:
     try:
-      pipe = pipe.with_controlnet(sdjax.load_controlnet(cfg.controlnet, cfg.dtype))
+      pipe = pipe.with_controlnet(sdjax.load_controlnet(cfg.controlnet, cfg.dtype,
+                                                        config=cfg.controlnet_config))
     except ValueError as e:
       raise RunError(f"--controlnet: {e}") from None
   steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
@@ -1032,6 +1038,12 @@ def model_identity(source: str | None) -> tuple[str, str | None]:
   return name, outputs.short_hash(file, cache_file=_hash_cache_file())
 
 
+def _named_with_hash(source: str) -> str:
+  """A1111's dropdown name of a model, `name [short hash]` (the name alone without a file)."""
+  name, short = model_identity(source)
+  return name if short is None else f"{name} [{short}]"
+
+
 def _hash_cache_file() -> str:
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "sdjax", "hashes.json")
@@ -1050,7 +1062,7 @@ class _Metadata:
     self.height, self.width, self.scheduler = height, width, scheduler
     self.model_name, self.model_hash = model_identity(cfg.model)
     self.refiner = model_identity(cfg.refiner) if cfg.refiner is not None else None
-    self.controlnet = model_identity(cfg.controlnet)[0] if cfg.controlnet is not None else None
+    self.controlnet = _named_with_hash(cfg.controlnet) if cfg.controlnet is not None else None
     self._hashes: dict[tuple[str, str], str] = {}
     # A1111's `Lora hashes` / `TI hashes`: every --lora; the <lora:...> tags and the embeddings'
     # trigger words an image's prompts use.

@@ -7,6 +7,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 from parity import assert_close, nchw, nhwc, randn, transfer
 
 from sdjax import testing
@@ -29,6 +30,20 @@ def torch_controlnet(unet_config, seed, **kwargs):
                           "controlnet_cond_embedding.conv_out")) and name.endswith("weight"):
         p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
   return model
+
+
+def original_layout_file(controlnet, path, prefix="", extra=None):
+  """Writes an sdjax ControlNet's weights in lllyasviel's original layout (`.pth`: a pickle)."""
+  from sdjax.checkpoints import single_file, weights  # noqa: PLC0415
+
+  state = weights.flax_to_torch(controlnet.params)
+  table = single_file.controlnet_table(controlnet.config, state, prefix)
+  original = {**single_file.scatter(state, table), **(extra or {})}
+  if path.endswith(".pth"):
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in original.items()}, path)
+  else:
+    weights.write_safetensors(path, original)
+  return path
 
 
 # SD1's default layout: end to end in test_generate_matches_diffusers.
@@ -194,19 +209,102 @@ def test_bad_controlnet_arguments(sd1_controlnet, tmp_path):
     sdjax.load_controlnet(str(tmp_path / "missing"))
 
 
+def test_single_files_load_as_diffusers_reads_them(tmp_path):
+  """ControlNet files as users have them: lllyasviel's original layout under `control_model.`
+  (a 1.0 `.pth` holds a whole SD model beside it) or bare (thibaud's SD2 files), and one
+  diffusers component in a file. diffusers' `from_single_file` reads the original-layout files
+  written here to the torch model's exact weights (so the layout is the real one); sdjax loads
+  each to exactly the folder's params. Bad files are one-line errors."""
+  import sdjax  # noqa: PLC0415
+  from sdjax.checkpoints import single_file, weights  # noqa: PLC0415
+
+  tm = torch_controlnet(testing.UNET_SD1, 13)  # the 4-level image embedding real files have
+  folder = str(tmp_path / "cn")
+  tm.save_pretrained(folder, safe_serialization=True)
+  ref = sdjax.load_controlnet(folder)
+  torch_state = tm.state_dict()
+  sd_model = {"model.diffusion_model.input_blocks.0.0.weight": np.ones((2, 4, 3, 3), np.float32)}
+  original = [original_layout_file(ref, str(tmp_path / "control_sd15.pth"), "control_model.",
+                                   sd_model),
+              original_layout_file(ref, str(tmp_path / "control_sd21.safetensors"))]
+  component = str(tmp_path / "diffusers_layout.safetensors")
+  weights.write_safetensors(component, {k: v.numpy() for k, v in torch_state.items()})
+  want = traverse_util.flatten_dict(ref.params)
+  for path in [*original, component]:
+    if path in original:
+      theirs = diffusers.ControlNetModel.from_single_file(path, config=folder,
+                                                          local_files_only=True).state_dict()
+      assert all(torch.equal(v, theirs[k]) for k, v in torch_state.items()), path
+    got = traverse_util.flatten_dict(sdjax.load_controlnet(path, config=folder).params)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want), path
+
+  def load_error(state=None, **kw):
+    path = str(tmp_path / "bad.safetensors")
+    if state is not None:
+      weights.write_safetensors(path, state)
+    with pytest.raises(sdjax.PipelineError) as e:
+      sdjax.load_controlnet(kw.pop("source", path), **kw)
+    return str(e.value)
+
+  assert "cannot tell the model family of this ControlNet (text context widths [32]); pass " \
+      "its diffusers config" in load_error(source=original[1])
+  state = single_file.read_single_file(original[1])
+  assert "is missing key 'middle_block_out.0.bias'" in load_error(
+      {k: v for k, v in state.items() if k != "middle_block_out.0.bias"}, config=folder)
+  assert "has key 'zero_convs.9.0.weight' that the model does not use" in load_error(
+      {**state, "zero_convs.9.0.weight": np.zeros(1, np.float32)}, config=folder)
+  assert "is not a ControlNet file: a Control-LoRA file" in load_error(
+      {"lora_controlnet": np.zeros(1, np.float32)})
+  assert "is not a ControlNet file: a Stable Diffusion checkpoint" in load_error(sd_model)
+  assert "config= is only for single-file ControlNets" in load_error(source=folder,
+                                                                      config=folder)
+
+
+@pytest.mark.parametrize("family,layout", [("sd1", "control_model."), ("sd2", ""),
+                                           ("sdxl", None)])
+def test_files_without_config_get_the_standard_one(family, layout):
+  """A ControlNet file without a config: the standard architecture of the family its weights
+  show. The full-size diffusers ControlNet of each family (on torch's meta device: shapes only),
+  as a file of each layout, is read key for key, none left over, every shape as the config's."""
+  import inspect  # noqa: PLC0415
+
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import pipeline  # noqa: PLC0415
+  from sdjax.checkpoints import single_file, standard, weights  # noqa: PLC0415
+
+  unet = standard.standard_config("sd2_768_v" if family == "sd2" else family)["unet"]
+  accepted = inspect.signature(diffusers.ControlNetModel.__init__).parameters
+  with torch.device("meta"):
+    tm = diffusers.ControlNetModel(**{k: v for k, v in unet.items() if k in accepted})
+  state = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in tm.state_dict().items()}
+  if layout is not None:
+    table = single_file.controlnet_table(ControlNetConfig.from_dict(dict(tm.config)), state,
+                                         layout)
+    state = single_file.scatter(state, table)
+  prefix = single_file.controlnet_prefix(state, family)
+  assert prefix == layout
+  cfg = ControlNetConfig.from_dict(single_file.controlnet_config(state, prefix, family))
+  _, expected = pipeline._controlnet_model(cfg, jnp.float32, jnp.float32)  # noqa: SLF001
+  keys = [weights.torch_key(p) for p in traverse_util.flatten_dict(expected)]
+  weights.check_state(single_file.controlnet_state(state, prefix, cfg, keys, family), expected,
+                      "controlnet")
+
+
 def test_run_with_control_images(sd1_controlnet, tmp_path):
   """main.py's run with --controlnet: each jsonl line's control_image (relative to the file),
   else --control_image, resized to the image size; each image is generate()'s with that image;
-  records and PNG parameters name the ControlNet. A line without any control image and an
-  inpainting line are one-line errors."""
+  records and PNG parameters name the ControlNet (here an original-layout file with its
+  diffusers config). A line without any control image and an inpainting line are one-line
+  errors."""
   import json  # noqa: PLC0415
-  import os  # noqa: PLC0415
 
   from PIL import Image  # noqa: PLC0415
 
   from sdjax import outputs, run  # noqa: PLC0415
 
   _, pipe, controlnet = sd1_controlnet
+  file = original_layout_file(controlnet, str(tmp_path / "control_tiny.safetensors"))
   rng = np.random.default_rng(9)
   for name, size in (("edges.png", (16, 16)), ("pose.png", (24, 32)), ("default.png", (16, 16))):
     Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(tmp_path / name)
@@ -216,7 +314,8 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
   path.write_text("".join(json.dumps(line) + "\n" for line in lines))
   cfg = run.RunConfig(model=pipe.name, prompts_file=str(path), steps=3, guidance_scale=3.0,
                       scheduler="euler", height=16, width=16, seed=2, batch_size=2,
-                      controlnet=controlnet.name, control_image=str(tmp_path / "default.png"),
+                      controlnet=file, controlnet_config=controlnet.name,
+                      control_image=str(tmp_path / "default.png"),
                       controlnet_scale=0.9, control_guidance_end=0.8,
                       output_dir=str(tmp_path / "out"), compilation_cache="",
                       show_progress=False)
@@ -225,6 +324,7 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
   for record, name in zip(records, ["edges.png", "pose.png", "default.png"], strict=True):
     assert record["control_image"] == str(tmp_path / name)
     assert record["controlnet_scale"] == 0.9 and record["control_guidance_end"] == 0.8
+    assert record["controlnet"] == file and record["controlnet_config"] == controlnet.name
     control = outputs.read_image(str(tmp_path / name), (16, 16))
     expected = pipe.generate(record["prompt"], steps=3, guidance_scale=3.0, scheduler="euler",
                              height=16, width=16, seed=record["seed"], controlnet=controlnet,
@@ -233,8 +333,8 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
     png = Image.open(tmp_path / "out" / record["file"])
     assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
     params = outputs.parse_a1111_parameters(png.text["parameters"])
-    assert params["ControlNet 0"] == (f"Model: {os.path.basename(controlnet.name)}, Weight: 0.9, "
-                                      "Guidance Start: 0, Guidance End: 0.8")
+    assert params["ControlNet 0"] == (f"Model: control_tiny [{outputs.short_hash(file)}], "
+                                      "Weight: 0.9, Guidance Start: 0, Guidance End: 0.8")
   path.write_text('{"prompt": "a cat"}\n')
   with pytest.raises(run.RunError, match="--controlnet needs a control image"):
     run.generate_run(dataclasses.replace(cfg, control_image=None,

@@ -17,13 +17,15 @@ model's config: `unet_table(cfg)` lists, for every diffusers key, the original k
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from sdjax.checkpoints import standard
 from sdjax.checkpoints.weights import (
     WeightsError,
     read_pickle,
@@ -381,6 +383,105 @@ def text_table(family: str, keys, component: str = "text_encoder") -> dict[str, 
   if layout == "openclip":
     return {k: _openclip_source(k, prefix) for k in keys}
   return {k: Source(prefix + k) for k in keys}
+
+
+# -- ControlNets ------------------------------------------------------------------------------------
+# lllyasviel's ControlNet files (1.0 / 1.1 `.pth`, the A1111 extension's `.safetensors`) hold the
+# network under `control_model.` (1.0 files beside a whole SD model), or bare (thibaud's SD2 ones):
+# the UNet's down path and mid block in its layout, plus `input_hint_block` (the control image's
+# conv net: convs at even indices, SiLUs between), `zero_convs.N.0` and `middle_block_out.0`.
+CONTROLNET_PREFIX = "control_model."
+_HINT_CONV_IN = "input_hint_block.0.weight"
+DIFFUSERS_CONTROLNET_KEY = "controlnet_cond_embedding.conv_in.weight"
+_CONTROLNET_FAMILIES = {768: "sd1", 1024: "sd2"}  # the text context width; SDXL has label_emb
+
+
+def controlnet_prefix(state: Mapping[str, np.ndarray], name: str) -> str | None:
+  """Where a ControlNet file keeps its weights: None for diffusers' layout (one component's
+  `diffusion_pytorch_model` in a file), else the original layout's prefix (maybe "")."""
+  if DIFFUSERS_CONTROLNET_KEY in state:
+    return None
+  for prefix in (CONTROLNET_PREFIX, ""):
+    if prefix + _HINT_CONV_IN in state:
+      return prefix
+  if "lora_controlnet" in state:
+    kind = "a Control-LoRA file, which sdjax does not support"
+  elif _has_prefix(state, "body.") or _has_prefix(state, "adapter."):
+    kind = "a T2I-Adapter, which sdjax does not support"
+  elif _has_prefix(state, UNET_PREFIX):
+    kind = "a Stable Diffusion checkpoint (load it as the model)"
+  else:
+    kind = f"no ControlNet keys (first key: {next(iter(state), 'none')!r})"
+  raise SingleFileError(f"{name} is not a ControlNet file: {kind}")
+
+
+def _controlnet_key(prefix: str | None, diffusers: str, original: str) -> str:
+  return diffusers if prefix is None else prefix + original
+
+
+def controlnet_config(state: Mapping[str, np.ndarray], prefix: str | None,
+                      name: str) -> dict[str, Any]:
+  """A ControlNet file's diffusers config, without one at hand: its family's standard UNet
+  config (SD1 / SD2 / SDXL, told by the cross-attention width and SDXL's added embedding) with the
+  control image's channels and conv widths read from the weights."""
+  inside = [k for k in state if prefix is None or k.startswith(prefix)]
+  if _controlnet_key(prefix, "add_embedding.linear_1.weight", "label_emb.0.0.weight") in state:
+    family = "sdxl"
+  else:
+    widths = {int(state[k].shape[1]) for k in inside if k.endswith("attn2.to_k.weight")}
+    families = {_CONTROLNET_FAMILIES.get(w) for w in widths}
+    if len(families) != 1 or None in families:
+      raise SingleFileError(f"{name}: cannot tell the model family of this ControlNet (text "
+                            f"context widths {sorted(widths)}); pass its diffusers config")
+    family = families.pop()
+  raw = dict(standard.standard_config("sd2_768_v" if family == "sd2" else family)["unet"])
+  if prefix is None:
+    convs = [DIFFUSERS_CONTROLNET_KEY, *_leading(
+        state, (f"controlnet_cond_embedding.blocks.{i}.weight" for i in itertools.count()))]
+  else:  # the last one is conv_out
+    convs = _leading(state, (f"{prefix}input_hint_block.{2 * i}.weight"
+                             for i in itertools.count()))[:-1]
+  # conv_in, then per level a same-width conv and a stride-2 one to the next width.
+  raw["conditioning_channels"] = int(state[convs[0]].shape[1])
+  raw["conditioning_embedding_out_channels"] = [int(state[k].shape[0]) for k in convs[::2]]
+  return raw
+
+
+def _leading(state: Mapping[str, object], keys: Iterable[str]) -> list[str]:
+  """The keys of `keys` up to the first that `state` lacks."""
+  return list(itertools.takewhile(lambda k: k in state, keys))
+
+
+def _controlnet_modules(cfg) -> dict[str, tuple[str, dict[str, str]]]:
+  """As `_unet_modules`, for a ControlNet: the UNet's down path and mid block, and its own."""
+  m = {k: v for k, v in _unet_modules(cfg).items()
+       if not k.startswith(("up_blocks.", "conv_norm_out", "conv_out"))}
+  n = len(cfg.conditioning_embedding_out_channels)
+  m["controlnet_cond_embedding.conv_in"] = ("input_hint_block.0", {})
+  for i in range(2 * (n - 1)):
+    m[f"controlnet_cond_embedding.blocks.{i}"] = (f"input_hint_block.{2 * (i + 1)}", {})
+  m["controlnet_cond_embedding.conv_out"] = (f"input_hint_block.{2 * (2 * n - 1)}", {})
+  for i in range(len(cfg.skip_channels)):
+    m[f"controlnet_down_blocks.{i}"] = (f"zero_convs.{i}.0", {})
+  m["controlnet_mid_block"] = ("middle_block_out.0", {})
+  return m
+
+
+def controlnet_table(cfg, keys, prefix: str = CONTROLNET_PREFIX) -> dict[str, Source]:
+  modules = _controlnet_modules(cfg)
+  return {k: Source(prefix + _rename(k, modules, passthrough=False)) for k in keys}
+
+
+def controlnet_state(state: Mapping[str, np.ndarray], prefix: str | None, cfg, keys,
+                     name: str) -> dict[str, np.ndarray]:
+  """A ControlNet file's diffusers-layout state dict; in the original layout every key under
+  `prefix` must be used (a 1.0 file's SD model beside it is not read)."""
+  if prefix is None:
+    return dict(state)
+  used: set[str] = set()
+  out = gather(state, controlnet_table(cfg, keys, prefix), name, used)
+  check_all_used(state, used, name, lambda k: not k.startswith(prefix))
+  return out
 
 
 # -- original file -> diffusers-layout component state dicts ----------------------------------------
