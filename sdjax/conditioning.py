@@ -189,9 +189,12 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
   residuals = {}
   if control is not None:
     images, scale = control
-    down, mid = nets.controlnet.apply({"params": params["controlnet"]}, x, t, emb.context, images,
-                                      scale, emb.text_embeds, emb.time_ids, emb.context_bias,
-                                      timestep_cond)
+    # An inpainting UNet's input is the latents, the mask, the masked image's latents: the
+    # ControlNet sees the latents (as diffusers' ControlNet inpainting pipelines).
+    latents = x[..., :nets.controlnet.config.in_channels]
+    down, mid = nets.controlnet.apply({"params": params["controlnet"]}, latents, t, emb.context,
+                                      images, scale, emb.text_embeds, emb.time_ids,
+                                      emb.context_bias, timestep_cond)
     residuals = {"down_residuals": down, "mid_residual": mid}
   return nets.unet.apply({"params": params["unet"]}, x, t, emb.context, emb.text_embeds,
                          emb.time_ids, emb.context_bias, timestep_cond, **residuals)

@@ -100,6 +100,16 @@ class Prepared:
                               self.crop))
 
 
+def cut_as(image: Image.Image, prepared: Prepared, height: int, width: int,
+           resize_mode: str = "just") -> Image.Image:
+  """Another image of the original's size (a ControlNet's control image) made the sampler's
+  size as `prepare` made `prepared`'s: with "Only masked", the same box resized to fill; else
+  the whole picture resized by `resize_mode`."""
+  if prepared.crop is None:
+    return outputs.resize(image, height, width, resize_mode)
+  return outputs.resize_fill(image.crop(prepared.crop), height, width)
+
+
 def prepare(image: Image.Image, mask: Image.Image, height: int, width: int,
             options: MaskOptions, resize_mode: str = "just") -> Prepared:
   """The sampler's image and mask (`height` x `width`) from an image and a mask of any (common)

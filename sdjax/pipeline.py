@@ -379,11 +379,12 @@ class Pipeline:
         Same prompts, scheduler and guidance; both passes stay on device. SDXL's default
         original and target sizes are each pass's own (as A1111 conditions its hires pass);
         not with `refiner`.
-      controlnet, control_images: a `load_controlnet` ControlNet steering text-to-image or
-        img2img by control images (edges, pose, depth, ... as the ControlNet was trained on: float
-        [N or 1, H, W, 3] in [0, 1], the image size), as diffusers'
-        StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline (img2img: their
-        ControlNetImg2Img pipelines).
+      controlnet, control_images: a `load_controlnet` ControlNet steering text-to-image,
+        img2img or inpainting by control images (edges, pose, depth, ... as the ControlNet was
+        trained on: float [N or 1, H, W, 3] in [0, 1], the image size; with
+        `padding_mask_crop`, the init images' size, cut as they are), as diffusers'
+        StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline (and their
+        img2img and inpainting pipelines).
       controlnet_conditioning_scale: the weight of the ControlNet's residuals.
       control_guidance_start, control_guidance_end: the share of the steps, from and to, in which
         the ControlNet acts (diffusers' arguments).
@@ -398,6 +399,8 @@ class Pipeline:
     if options.host_work:
       prepared, init_images, mask_images, height, width = _prepare_masks(
           self, init_images, mask_images, height, width, options)
+      if control_images is not None and options.padding is not None:
+        control_images = _cut_control_images(prepared, control_images, height, width)
     micro = conditioning.MicroConditioning(
         original_size, tuple(crops_coords_top_left), target_size, negative_original_size,
         tuple(negative_crops_coords_top_left), negative_target_size, aesthetic_score,
@@ -460,6 +463,20 @@ def _prepare_masks(pipe, init_images, mask_images, height, width, options):
                                   options))
   return (prepared, np.stack([p.image for p in prepared]), np.stack([p.mask for p in prepared]),
           height, width)
+
+
+def _cut_control_images(prepared, images, height: int, width: int) -> np.ndarray:
+  """ControlNet images at the init images' size, cut as "Only masked" cut those (8-bit, as
+  they are); the sampler checks the result's shape."""
+  images = np.asarray(images, np.float32)
+  images = images[None] if images.ndim == 3 else images
+  if images.ndim != 4 or len(images) not in (1, len(prepared)) or images.shape[-1] != 3:
+    return images
+  images = np.broadcast_to(images, (len(prepared), *images.shape[1:]))
+  return np.stack([
+      np.asarray(masks.cut_as(Image.fromarray(outputs.to_uint8(image)), p, height, width),
+                 np.float32) / np.float32(255.0)
+      for image, p in zip(images, prepared, strict=True)])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

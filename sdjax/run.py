@@ -789,9 +789,6 @@ class _Sampler:
       common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel,
                     scheduler_options=dict(cfg.scheduler_options) or None)
-      if (kind == "inpaint" or sampling.is_inpainting_model(pipe)) and pipe.controlnet is not None:
-        raise RunError("inpainting (lines with a mask_image, or an inpainting model) does not "
-                       "take --controlnet yet")
       extra = dict(img2img=True, strength=strength) if img2img else {}
       if pipe.controlnet is not None:
         extra["control"] = True
@@ -908,9 +905,10 @@ class _Sampler:
     return ((np.stack([p.image for p in prepared]), np.stack([p.mask for p in prepared])),
             [p if p.original is not None else None for p in prepared])
 
-  def _control_images(self, batch, size) -> np.ndarray:
+  def _control_images(self, batch, size, prepared=None) -> np.ndarray:
     """The batch's ControlNet images [B, H, W, 3]: each line's `control_image`, else the run's,
-    resized to `size` by --resize_mode."""
+    resized to `size` by --resize_mode; for an inpainting row with "Only masked" (`prepared`,
+    see `_init_images`), resized to its init image's size and cut as that was."""
     jobs = []
     for shard, job in batch:
       path = job.control_image or self.cfg.control_image
@@ -918,8 +916,15 @@ class _Sampler:
         raise RunError(f'image {job.index} ({job.prompt!r}): --controlnet needs a control image: '
                        f'the line\'s "control_image" or --control_image')
       jobs.append(dataclasses.replace(job, control_image=path))
-    return _read_each(jobs, "control_image", lambda path: outputs.read_image(
+    images = _read_each(jobs, "control_image", lambda path: outputs.read_image(
         path, size, resize_mode=self.cfg.resize_mode), np.zeros((*size, 3), np.float32))
+    for i, (job, row) in enumerate(zip(jobs, prepared or [None] * len(jobs), strict=True)):
+      if row is not None and row.crop is not None:
+        width, height = row.original.size
+        whole = outputs.resize(outputs.open_image(job.control_image), height, width,
+                               self.cfg.resize_mode)
+        images[i] = np.asarray(masks.cut_as(whole, row, *size), np.float32) / np.float32(255.0)
+    return images
 
   def _use_loras(self, loras) -> None:
     """Merges the batch's LoRA set into the base weights, once per change of set."""
@@ -954,7 +959,7 @@ class _Sampler:
       init, finish = self._init_images(jobs, size, program.spec.inpaint is not None)
       args += (parallel.shard_tree(self.mesh, init, self.global_batch),)
     if program.spec.control:
-      args += (parallel.shard_tree(self.mesh, self._control_images(batch, size),
+      args += (parallel.shard_tree(self.mesh, self._control_images(batch, size, finish),
                                    self.global_batch), *program.control)
     key = str(jax.tree.map(np.shape, cond))
     if key not in program.compiled:

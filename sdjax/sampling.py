@@ -924,8 +924,7 @@ def generate(
   if controlnet is not None:
     controlled = pipe.with_controlnet(controlnet)  # a one-line error unless it fits the UNet
     control_images = _control_images(controlnet, control_images, n, height, width,
-                                     mask_images is not None or hires is not None
-                                     or refiner is not None or cfg_parallel)
+                                     hires is not None or refiner is not None or cfg_parallel)
   elif control_images is not None:
     raise ValueError("control_images are a ControlNet's input: give controlnet= too")
   common = dict(steps=steps, scheduler=scheduler, height=height, width=width,
@@ -985,9 +984,8 @@ def _control_images(controlnet, images, n: int, height: int, width: int,
                     unsupported: bool) -> np.ndarray:
   """The ControlNet's images [n, height, width, c] (one given image serves every prompt)."""
   if unsupported:
-    raise ValueError("controlnet= steers text-to-image and img2img runs; it does not take "
-                     "mask_images (or an inpainting model), hires_scale, refiner= or "
-                     "cfg_parallel yet")
+    raise ValueError("controlnet= steers text-to-image, img2img and inpainting runs; it does "
+                     "not take hires_scale, refiner= or cfg_parallel yet")
   if images is None:
     raise ValueError("controlnet= needs control_images")
   images = np.asarray(images, np.float32)

@@ -197,9 +197,8 @@ def test_bad_controlnet_arguments(sd1_controlnet, tmp_path):
   with pytest.raises(ValueError, match="0 <= start < end <= 1"):
     pipe.generate(PROMPTS, controlnet=controlnet, control_images=control,
                   control_guidance_start=0.5, control_guidance_end=0.5, **kw)
-  with pytest.raises(ValueError, match="does not take mask_images"):
-    pipe.generate(PROMPTS, controlnet=controlnet, control_images=control,
-                  init_images=np.zeros((2, 16, 16, 3)), mask_images=np.ones((2, 16, 16)), **kw)
+  with pytest.raises(ValueError, match="does not take hires_scale, refiner= or cfg_parallel"):
+    pipe.generate(PROMPTS, controlnet=controlnet, control_images=control, hires_scale=1.5, **kw)
   other = torch_controlnet(testing.UNET_SD2, 3, conditioning_embedding_out_channels=(8, 16))
   other.save_pretrained(str(tmp_path / "sd2"), safe_serialization=True)
   with pytest.raises(ValueError, match="does not fit this model .skip_channels"):
@@ -295,8 +294,8 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
   """main.py's run with --controlnet: each jsonl line's control_image (relative to the file),
   else --control_image, resized to the image size; each image is generate()'s with that image;
   records and PNG parameters name the ControlNet (here an original-layout file with its
-  diffusers config). A line without any control image and an inpainting line are one-line
-  errors."""
+  diffusers config). A line without any control image is a one-line error; an inpainting line
+  with "Only masked" gets its control image cut as its image."""
   import json  # noqa: PLC0415
 
   from PIL import Image  # noqa: PLC0415
@@ -339,10 +338,27 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
   with pytest.raises(run.RunError, match="--controlnet needs a control image"):
     run.generate_run(dataclasses.replace(cfg, control_image=None,
                                          output_dir=str(tmp_path / "none")))
-  path.write_text(json.dumps({"prompt": "a cat", "init_image": "edges.png",
-                              "mask_image": "edges.png"}) + "\n")
-  with pytest.raises(run.RunError, match="does not take --controlnet yet"):
-    run.generate_run(dataclasses.replace(cfg, output_dir=str(tmp_path / "img2img")))
+  # Inpainting "Only masked": the control image, resized to the init image's size, is cut as
+  # the image is (generate()'s padding_mask_crop).
+  mask = np.zeros((24, 32), np.uint8)
+  mask[4:14, 18:30] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  path.write_text(json.dumps({"prompt": "a cat", "init_image": "pose.png", "mask_image":
+                              "mask.png", "control_image": "edges.png"}) + "\n")
+  inpaint = dataclasses.replace(cfg, inpaint_full_res=True, inpaint_full_res_padding=2,
+                                mask_blur=1, batch_size=1, output_dir=str(tmp_path / "inpaint"))
+  assert run.generate_run(inpaint).images == 1
+  record = json.loads(open(tmp_path / "inpaint" / outputs.MANIFEST_NAME).readline())
+  expected = pipe.generate(
+      "a cat", init_images=np.asarray(Image.open(tmp_path / "pose.png"))[None] / 255,
+      mask_images=mask[None] / 255, mask_blur=1, padding_mask_crop=2, height=16, width=16,
+      strength=0.75, seed=record["seed"], steps=3, guidance_scale=3.0, scheduler="euler",
+      controlnet=controlnet, control_images=outputs.read_image(str(tmp_path / "edges.png"),
+                                                               (24, 32)),
+      controlnet_conditioning_scale=0.9, control_guidance_end=0.8)
+  written = np.asarray(Image.open(tmp_path / "inpaint" / record["file"]), np.float32)
+  assert written.shape == (24, 32, 3)
+  assert np.abs(written - np.round(expected[0] * 255)).max() <= 1.0
 
 
 def test_sdxl_generate_matches_diffusers(tmp_path):

@@ -294,6 +294,62 @@ def test_inpainting_model_without_mask_matches_diffusers(inpainting, with_image)
   assert err <= 1e-4
 
 
+@pytest.mark.parametrize("padding", [None, 3])
+def test_controlnet_matches_diffusers(inpainting, tmp_path, padding):
+  """An inpainting model steered by a ControlNet (which sees the latents, not the mask and
+  masked image's channels) against StableDiffusionControlNetInpaintPipeline, at strength 0.6;
+  with "Only masked" (`padding_mask_crop`; one 8-bit original of another size, as diffusers
+  cuts one PIL image) the control image is cut as the image is, and the results pasted back."""
+  from PIL import Image
+  from test_controlnet import torch_controlnet
+
+  from sdjax import masks as masks_lib
+
+  ref, pipe, _ = inpainting
+  torch_cn = torch_controlnet(testing.UNET_SD1, 23, conditioning_embedding_out_channels=(8, 16))
+  torch_cn.save_pretrained(str(tmp_path / "cn"), safe_serialization=True)
+  cref = diffusers.StableDiffusionControlNetInpaintPipeline(
+      vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer, unet=ref.unet,
+      controlnet=torch_cn, scheduler=ref.scheduler, safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  cref.set_progress_bar_config(disable=True)
+  images, masks, noise = _inputs(3)
+  rng = np.random.default_rng(4)
+  seed, strength, steps = 5, 0.6, 4
+  if padding is None:
+    control = rng.uniform(size=(2, H, W, 3)).astype(np.float32)
+    expected, _ = _reference(cref, pipe, images, masks, noise, seed, "euler", strength, steps,
+                             control_image=nchw(control), controlnet_conditioning_scale=0.8)
+  else:
+    original = rng.integers(0, 256, (36, 52, 3), dtype=np.uint8)
+    mask = np.zeros((36, 52), np.uint8)
+    mask[22:31, 30:41] = 255
+    control = rng.integers(0, 256, (36, 52, 3), dtype=np.uint8)
+    prepared = masks_lib.prepare(Image.fromarray(original), Image.fromarray(mask), H, W,
+                                 masks_lib.MaskOptions(padding=padding))
+    expected, _ = _reference(
+        cref, pipe, np.stack([prepared.image] * 2), np.stack([prepared.mask[..., 0]] * 2), noise,
+        seed, "euler", strength, steps, image=Image.fromarray(original),
+        mask_image=Image.fromarray(mask), control_image=Image.fromarray(control),
+        controlnet_conditioning_scale=0.8, padding_mask_crop=padding, output_type="pil")
+    expected = np.stack([np.asarray(image, np.float32) / 255 for image in expected])
+    images, masks = np.stack([original] * 2) / 255, np.stack([mask] * 2) / 255
+    control = control / 255  # one image for both prompts
+  kw = dict(negative_prompts=NEGATIVES, init_images=images, mask_images=masks, steps=steps,
+            guidance_scale=GUIDANCE, scheduler="euler", latents=noise, strength=strength,
+            seed=seed, padding_mask_crop=padding, height=H, width=W)
+  ours = pipe.generate(PROMPTS, controlnet=sdjax.load_controlnet(str(tmp_path / "cn")),
+                       control_images=control, controlnet_conditioning_scale=0.8, **kw)
+  err = rel_err(ours, expected)
+  print(f"\ncontrolnet inpainting, padding {padding}: {err:.2e}")
+  if padding is None:
+    assert err <= 1e-4
+  else:  # 8-bit results: a level where float rounding differs
+    diff = np.abs(np.round(ours * 255) - np.round(expected * 255))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
+  assert rel_err(pipe.generate(PROMPTS, **kw), expected) > 1e-2  # the ControlNet steered it
+
+
 def test_bad_inpainting_arguments(inpainting, plain):
   _, pipe, _ = inpainting
   images, masks, _ = _inputs()
