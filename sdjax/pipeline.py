@@ -71,7 +71,19 @@ def parse_dtype(dtype) -> Any:
 
 
 def _expected_params(module, *args):
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), *args))["params"]
+  """The params `module` takes (shapes and dtypes only) for inputs shaped as `args`."""
+  return _abstract_params(module, tuple(
+      None if a is None else jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)) for a in args))
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params(module, specs: tuple):
+  """Tracing a model's init is most of loading a small one: once per architecture and input
+  shapes in a process (a second pipeline of the same config, a reloaded one)."""
+  def init(*args):
+    return module.init(jax.random.key(0), *args)["params"]
+
+  return jax.eval_shape(init, *specs)
 
 
 # init is thousands of small random-number fusions that run once: XLA's optimising backend
