@@ -239,31 +239,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_same_images(reference_run, model, cache, tmp_path):
-  """Two processes write their own shards (0 and 2; 1) into one folder: the single run's."""
-  out = str(tmp_path / "out")
-  address = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, "main.py"), "--model", model, *_prompt_args(),
-       *COMMON, "--batch_size", "2", "--seed", "100", "--output_dir", out, "--shard_size", "2",
-       "--compilation_cache", cache, "--coordinator_address", address, "--num_processes", "2",
-       "--process_id", str(i)], cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-  ref, got = _pixels(reference_run), _pixels(out)
-  assert sorted(got) == sorted(ref)
-  for name in ref:
-    np.testing.assert_array_equal(got[name], ref[name])
-  assert [r["index"] for r in _manifest(out)] == list(range(5))
-  assert sorted(os.listdir(os.path.join(out, "manifests"))) == [
-      f"00000{s}.jsonl" for s in range(3)]
-
-
 def test_two_processes_mixed_sizes(model, cache, tmp_path):
-  """Per-line image sizes in a 2-process run: each step the processes agree on one size (one
-  pads); the images are the single process's, every one exactly once."""
+  """Two processes write their own shards (0 and 2; 1) into one folder, with per-line image
+  sizes: each step the processes agree on one size (one pads); the images are the single
+  process's, every one exactly once, the manifest in order."""
   path = tmp_path / "sizes.jsonl"
   path.write_text("".join(json.dumps(line) + "\n" for line in [
       {"prompt": "a cat"}, {"prompt": "a dog", "width": 24}, {"prompt": "a bird", "width": 24},
@@ -288,6 +267,9 @@ def test_two_processes_mixed_sizes(model, cache, tmp_path):
     np.testing.assert_array_equal(got[name], ref[name])
   assert [(r["height"], r["width"]) for r in _manifest(out)] == [
       (16, 16), (16, 24), (16, 24), (16, 24), (16, 24), (16, 16)]
+  assert [r["index"] for r in _manifest(out)] == list(range(6))
+  assert sorted(os.listdir(os.path.join(out, "manifests"))) == [
+      f"00000{s}.jsonl" for s in range(3)]
 
 
 def _tar_pixels(folder):
@@ -400,14 +382,14 @@ BAD_INPUT = [
     (["--cfg_parallel", "--cpu_devices", "3"], "--cfg_parallel: CFG parallelism pairs devices"),
 ]
 # main.main on each bad command line in turn, in one process: flags parsed afresh per line.
-_BAD_INPUT_LOOP = """
+_MAIN_LOOP = """
 import contextlib, io, json, sys
 import main
 from absl import flags
 results = []
-for i, extra in enumerate(json.loads(sys.argv[1])):  # each into a folder of its own
+for args in json.loads(sys.argv[1]):
   flags.FLAGS.unparse_flags()
-  argv = flags.FLAGS(["main.py", *sys.argv[3:], "--output_dir", f"{sys.argv[2]}/{i}", *extra])
+  argv = flags.FLAGS(["main.py", *args])
   err, code = io.StringIO(), 0
   with contextlib.redirect_stderr(err):
     try:
@@ -419,19 +401,25 @@ print(json.dumps(results))
 """
 
 
+def _in_one_process(command_lines):
+  """(exit code, stderr) of main.main on each command line, all in one process (a process each
+  spent most of its time starting Python and JAX)."""
+  proc = subprocess.run([sys.executable, "-c", _MAIN_LOOP, json.dumps(command_lines)], cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [tuple(r) for r in json.loads(proc.stdout.splitlines()[-1])]
+
+
 @pytest.fixture(scope="module")
 def bad_input_runs(model, tmp_path_factory):
   """(exit code, stderr) of main.main on each of BAD_INPUT's command lines but the last in one
-  process (a process each spent most of its time starting Python and JAX), and of the last
-  command line as its own main.py: the process's exit status and output end to end."""
+  process (each into a folder of its own), and of the last command line as its own main.py:
+  the process's exit status and output end to end."""
   out, args = str(tmp_path_factory.mktemp("bad")), ["--model", model, "--prompt", "a cat"]
-  proc = subprocess.run([sys.executable, "-c", _BAD_INPUT_LOOP,
-                         json.dumps([extra for extra, _ in BAD_INPUT[:-1]]), out, *args],
-                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  runs = _in_one_process([[*args, "--output_dir", f"{out}/{i}", *extra]
+                          for i, (extra, _) in enumerate(BAD_INPUT[:-1])])
   alone = main_py([*args, "--output_dir", f"{out}/last", *BAD_INPUT[-1][0]], check=False)
-  return [tuple(r) for r in json.loads(proc.stdout.splitlines()[-1])] + [
-      (alone.returncode, alone.stderr)]
+  return [*runs, (alone.returncode, alone.stderr)]
 
 
 def _error_lines(stderr):
@@ -455,15 +443,16 @@ def test_bad_prompt_files(model, tmp_path):
   broken.write_text('{"prompt": "a cat"}\n\n{"prompt": \n')
   unreadable = tmp_path / "binary.txt"
   unreadable.write_bytes(b"\xff\xfe\x00bad")
-  for path, message in [(empty, "holds no prompts"), (bad, "bad.jsonl line 2"),
-                        (broken, "broken.jsonl line 3: not valid JSON"),
-                        (unreadable, "cannot read prompts file")]:
-    # Lines are parsed when reached (the file is streamed): bad.jsonl and broken.jsonl fail
-    # after their first line's image.
-    proc = main_py(["--model", model, "--prompts_file", str(path), "--output_dir",
-                    str(tmp_path / f"out-{path.name}"), *COMMON], check=False)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+  cases = [(empty, "holds no prompts"), (bad, "bad.jsonl line 2"),
+           (broken, "broken.jsonl line 3: not valid JSON"),
+           (unreadable, "cannot read prompts file")]
+  # Lines are parsed when reached (the file is streamed): bad.jsonl and broken.jsonl fail after
+  # their first line's image.
+  runs = _in_one_process([["--model", model, "--prompts_file", str(path), "--output_dir",
+                           str(tmp_path / f"out-{path.name}"), *COMMON] for path, _ in cases])
+  for (code, stderr), (_, message) in zip(runs, cases, strict=True):
+    assert code == 2 and message in stderr, stderr
+    assert "Traceback" not in stderr and len(_error_lines(stderr)) == 1
   # The image the first line made before line 2 or 3 failed is kept.
   for name in ("bad.jsonl", "broken.jsonl"):
     assert os.listdir(tmp_path / f"out-{name}" / "00000") == ["000000.png"]
