@@ -107,18 +107,23 @@ flags.DEFINE_integer("shard_index", 0, "which of the --num_shards jobs this is: 
 flags.DEFINE_integer("writer_threads", 8, "threads that encode and write images")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
 flags.DEFINE_bool("allow_pickle", True, "ignored (pickles are read without running code)")
-flags.DEFINE_string("controlnet", None, "a ControlNet (diffusers folder or hub id, or a single "
-                    ".safetensors/.pth file) steering text-to-image by each jsonl line's "
-                    "control_image (or --control_image)")
-flags.DEFINE_string("controlnet_config", None, "a single --controlnet file's diffusers config "
-                    "(folder or hub id; default: the standard SD1/SD2/SDXL one its weights show)")
-flags.DEFINE_string("control_image", None, "the ControlNet's image for lines without their own "
-                    "(resized to the image size by --resize_mode)")
-flags.DEFINE_float("controlnet_scale", 1.0, "the weight of the ControlNet's residuals")
-flags.DEFINE_float("control_guidance_start", 0.0, "the share of the steps after which the "
-                   "ControlNet acts")
-flags.DEFINE_float("control_guidance_end", 1.0, "the share of the steps until which the "
-                   "ControlNet acts")
+flags.DEFINE_multi_string("controlnet", [], "a ControlNet (diffusers folder or hub id, or a "
+                          "single .safetensors/.pth file) steering each jsonl line by its "
+                          "control_image (else --control_image); repeatable: the residuals "
+                          "are summed, and a line's control_image lists one per ControlNet")
+flags.DEFINE_multi_string("controlnet_config", [], "per --controlnet, a single file's diffusers "
+                          "config (folder or hub id; '' for none; default: the standard "
+                          "SD1/SD2/SDXL one its weights show)")
+flags.DEFINE_multi_string("control_image", [], "per --controlnet, its image for lines without "
+                          "their own (resized to the image size by --resize_mode)")
+flags.DEFINE_multi_float("controlnet_scale", [1.0], "the weight of the ControlNet's residuals "
+                         "(one for all, or one per --controlnet)")
+flags.DEFINE_multi_float("control_guidance_start", [0.0], "the share of the steps after which "
+                         "the ControlNet acts (one for all, or one per --controlnet)")
+flags.DEFINE_multi_float("control_guidance_end", [1.0], "the share of the steps until which "
+                         "the ControlNet acts (one for all, or one per --controlnet)")
+flags.DEFINE_bool("controlnet_guess_mode", False, "diffusers' guess mode: the ControlNets act "
+                  "on the conditional half of guidance only, residuals scaled 0.1 to 1")
 flags.DEFINE_multi_string("lora", [], "LoRA file or hub file merged into the weights, "
                           "path[:scale] (repeatable; scale default 1)")
 flags.DEFINE_multi_string("embedding", [], "textual-inversion file or hub file, path[:token] "
@@ -168,11 +173,12 @@ def _run_config() -> run.RunConfig:
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
-      controlnet=FLAGS.controlnet, controlnet_config=FLAGS.controlnet_config,
-      control_image=FLAGS.control_image,
-      controlnet_scale=FLAGS.controlnet_scale,
-      control_guidance_start=FLAGS.control_guidance_start,
-      control_guidance_end=FLAGS.control_guidance_end,
+      controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
+      control_image=tuple(FLAGS.control_image),
+      controlnet_scale=tuple(FLAGS.controlnet_scale),
+      control_guidance_start=tuple(FLAGS.control_guidance_start),
+      control_guidance_end=tuple(FLAGS.control_guidance_end),
+      controlnet_guess_mode=FLAGS.controlnet_guess_mode,
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,

@@ -31,7 +31,8 @@ class Networks:
   text_encoder_2: CLIPTextModelWithProjection | None
   unet: UNet2DConditionModel
   vae: AutoencoderKL
-  controlnet: Any = None  # a `ControlNetModel` steering the UNet (params["controlnet"])
+  # `ControlNetModel`s steering the UNet (a tuple; params["controlnet"]: theirs, in order).
+  controlnet: Any = None
 
   @property
   def is_sdxl(self) -> bool:
@@ -182,19 +183,34 @@ def _a1111_extras(ids: PromptIds):
   return prompt_lib.context_bias(batch), batch.schedule
 
 
-def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, control=None):
+def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, control=None,
+            guess: int | None = None):
   """The UNet's output for latents x [B, h, w, C] at t under embeddings `emb` (and an LCM
-  model's `guidance_embedding`); `control` = (control images [B, H, W, c] in [0, 1], scale):
-  `nets.controlnet`'s residuals, from the same inputs, added to the UNet's."""
+  model's `guidance_embedding`); `control` = (control images per ControlNet [B, H, W, c] in
+  [0, 1], their scales float32 [n]): `nets.controlnet`'s residuals, from the same inputs, summed
+  in order (diffusers' MultiControlNetModel) and added to the UNet's. `guess`: diffusers' guess
+  mode, the ControlNets run on rows `guess`: only (the first, unconditional ones get none)."""
   residuals = {}
   if control is not None:
-    images, scale = control
-    # An inpainting UNet's input is the latents, the mask, the masked image's latents: the
-    # ControlNet sees the latents (as diffusers' ControlNet inpainting pipelines).
-    latents = x[..., :nets.controlnet.config.in_channels]
-    down, mid = nets.controlnet.apply({"params": params["controlnet"]}, latents, t, emb.context,
-                                      images, scale, emb.text_embeds, emb.time_ids,
-                                      emb.context_bias, timestep_cond)
+    images, scales = control
+    skip = guess or 0
+    n = x.shape[0]  # per-row inputs lose their first `skip` rows; a scalar t stays
+    rows = jax.tree.map(lambda a: a[skip:] if jnp.ndim(a) and a.shape[0] == n else a,
+                        (x, t, emb, timestep_cond))
+    down = mid = None
+    for i, (net, net_params, image) in enumerate(zip(nets.controlnet, params["controlnet"],
+                                                     images, strict=True)):
+      x_, t_, emb_, cond_ = rows
+      # An inpainting UNet's input is the latents, the mask, the masked image's latents: a
+      # ControlNet sees the latents (as diffusers' ControlNet inpainting pipelines).
+      d, m = net.apply({"params": net_params}, x_[..., :net.config.in_channels], t_,
+                       emb_.context, image[skip:], scales[i], emb_.text_embeds, emb_.time_ids,
+                       emb_.context_bias, cond_, guess is not None)
+      down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+      mid = m if mid is None else mid + m
+    if skip:  # no residuals for the unconditional rows
+      down, mid = ([jnp.pad(r, ((skip, 0),) + ((0, 0),) * (r.ndim - 1)) for r in down],
+                   jnp.pad(mid, ((skip, 0),) + ((0, 0),) * (mid.ndim - 1)))
     residuals = {"down_residuals": down, "mid_residual": mid}
   return nets.unet.apply({"params": params["unet"]}, x, t, emb.context, emb.text_embeds,
                          emb.time_ids, emb.context_bias, timestep_cond, **residuals)

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -150,7 +151,8 @@ class Pipeline:
   embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)
   prompt_grammar: str | None = None  # set for models trained on a fixed caption grammar
   sampling_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
-  controlnet: ControlNetModel | None = None  # see `with_controlnet`; params["controlnet"]
+  # ControlNets steering the UNet, see `with_controlnet`; params["controlnet"]: theirs.
+  controlnet: tuple[ControlNetModel, ...] | None = None
 
   # -- properties -------------------------------------------------------------------------------
   @property
@@ -166,12 +168,16 @@ class Pipeline:
     return conditioning.Networks(self.text_encoder, self.text_encoder_2, self.unet, self.vae,
                                  self.controlnet)
 
-  def with_controlnet(self, controlnet: ControlNet) -> Pipeline:
-    """This pipeline with `controlnet`'s network and params in its own (main.py's runs), after
-    checking that it fits the UNet."""
-    controlnet.check_fits(self)
-    return dataclasses.replace(self, controlnet=controlnet.model,
-                               params={**self.params, "controlnet": controlnet.params})
+  def with_controlnet(self, controlnet: ControlNet | Sequence[ControlNet]) -> Pipeline:
+    """This pipeline with the networks and params of a ControlNet, or of several (their
+    residuals summed, in order), in its own (main.py's runs), after checking each fits the
+    UNet."""
+    nets = as_controlnets(controlnet)
+    for net in nets:
+      net.check_fits(self)
+    return dataclasses.replace(self, controlnet=tuple(net.model for net in nets),
+                               params={**self.params,
+                                       "controlnet": tuple(net.params for net in nets)})
 
   @property
   def vae_scale(self) -> int:
@@ -313,10 +319,13 @@ class Pipeline:
                embeddings=None, cfg_parallel: bool = False,
                emphasis: str = "Original", hires_scale: float | None = None,
                hires_steps: int | None = None, hires_strength: float = 0.7,
-               hires_upscaler: str = "latent", controlnet: ControlNet | None = None,
-               control_images=None, controlnet_conditioning_scale: float = 1.0,
-               control_guidance_start: float = 0.0,
-               control_guidance_end: float = 1.0) -> np.ndarray:
+               hires_upscaler: str = "latent",
+               controlnet: ControlNet | Sequence[ControlNet] | None = None,
+               control_images=None,
+               controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+               control_guidance_start: float | Sequence[float] = 0.0,
+               control_guidance_end: float | Sequence[float] = 1.0,
+               guess_mode: bool = False) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -396,10 +405,17 @@ class Pipeline:
         trained on: float [N or 1, H, W, 3] in [0, 1], the image size; with
         `padding_mask_crop`, the init images' size, cut as they are), as diffusers'
         StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline (and their
-        img2img and inpainting pipelines).
-      controlnet_conditioning_scale: the weight of the ControlNet's residuals.
+        img2img and inpainting pipelines). A list of ControlNets takes a list of control
+        images, one entry per ControlNet; their residuals are summed in order (diffusers'
+        MultiControlNetModel).
+      controlnet_conditioning_scale: the weight of the ControlNet's residuals (a list: one per
+        ControlNet).
       control_guidance_start, control_guidance_end: the share of the steps, from and to, in which
-        the ControlNet acts (diffusers' arguments).
+        the ControlNet acts (diffusers' arguments; a list: one per ControlNet).
+      guess_mode: diffusers' guess mode: the ControlNets act on the conditional half of
+        classifier-free guidance only, their residuals scaled from 0.1 (the first) to 1 (the
+        mid one), for control images without a prompt to match. On by itself for a ControlNet
+        with pooled conditions (the shuffle model), as in diffusers.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size; with
@@ -412,7 +428,11 @@ class Pipeline:
       prepared, init_images, mask_images, height, width = _prepare_masks(
           self, init_images, mask_images, height, width, options)
       if control_images is not None and options.padding is not None:
-        control_images = _cut_control_images(prepared, control_images, height, width)
+        several = not isinstance(controlnet, ControlNet) and isinstance(control_images,
+                                                                        list | tuple)
+        control_images = ([_cut_control_images(prepared, c, height, width)
+                           for c in control_images] if several else
+                          _cut_control_images(prepared, control_images, height, width))
     micro = conditioning.MicroConditioning(
         original_size, tuple(crops_coords_top_left), target_size, negative_original_size,
         tuple(negative_crops_coords_top_left), negative_target_size, aesthetic_score,
@@ -431,7 +451,8 @@ class Pipeline:
             hires_scale, hires_steps, hires_strength, hires_upscaler),
         controlnet=controlnet, control_images=control_images,
         controlnet_conditioning_scale=controlnet_conditioning_scale,
-        control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
+        control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+        guess_mode=guess_mode)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(
@@ -783,6 +804,14 @@ def load_pipeline(
   # A folder saved after adding embeddings: its tokenizers hold them (multi-vector expansion).
   pipe = dataclasses.replace(pipe, embeddings=textual_inversion.from_vocabulary(pipe))
   return add_extras(pipe, loras=loras, embeddings=embeddings)
+
+
+def as_controlnets(controlnet) -> list[ControlNet]:
+  """A ControlNet, or a sequence of them, as a non-empty list."""
+  nets = [controlnet] if isinstance(controlnet, ControlNet) else list(controlnet)
+  if not nets or not all(isinstance(net, ControlNet) for net in nets):
+    raise ValueError("controlnet= takes a load_controlnet() ControlNet or a list of them")
+  return nets
 
 
 @dataclasses.dataclass(eq=False)

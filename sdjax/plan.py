@@ -4,8 +4,8 @@ Image k of a run (prompts in order: `--prompt`s, then the file's lines; each rep
 `num_images` times) gets seed `seed + k`, or `s + j` for the j-th image of a jsonl line with its
 own `seed` s; a jsonl line's `width` / `height` and `guidance_scale` replace the run's for its
 images, and its `init_image` (a path, relative to the prompts file's folder) makes them img2img
-(inpainting with a `mask_image` too); its `control_image` is the ControlNet's (`--controlnet`).
-`Plan` reads the prompts file once up front, without parsing it: it counts the images, hashes
+(inpainting with a `mask_image` too); its `control_image` is the ControlNet's (`--controlnet`;
+with several, a list of one per ControlNet). `Plan` reads the prompts file once up front, without parsing it: it counts the images, hashes
 the file and notes where every shard (`shard_size` consecutive images) starts, so that
 `jobs(shard)` can seek straight to any shard. Lines are parsed, and bad ones reported with
 their line number, when their shard is generated.
@@ -44,7 +44,8 @@ class PromptLine:
   steps: int | None = None  # None: the run's
   scheduler: str | None = None
   strength: float | None = None  # img2img and inpainting lines
-  control_image: str | None = None  # the ControlNet's image (--controlnet); None: the run's
+  # The ControlNet's image (--controlnet), or one per ControlNet (None: the run's).
+  control_image: str | tuple[str | None, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ class ImageJob:
   steps: int | None = None  # None: the run's
   scheduler: str | None = None
   strength: float | None = None
-  control_image: str | None = None
+  control_image: str | tuple[str | None, ...] | None = None
 
   @property
   def kind(self) -> str | None:
@@ -116,8 +117,15 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
   for key in ("width", "height"):
     if obj.get(key) is not None:
       check_size(obj[key], f'{where}: "{key}"')
-  init, mask, control = (_image_path(path, where, obj, key)
-                         for key in ("init_image", "mask_image", "control_image"))
+  init, mask = (_image_path(path, where, obj, key) for key in ("init_image", "mask_image"))
+  control = obj.get("control_image")
+  if isinstance(control, list):  # one per ControlNet (null: the run's)
+    if not control:
+      raise RunError(f'{where}: "control_image" must be a path or a list of them')
+    control = tuple(_image_path(path, where, {"control_image": x}, "control_image")
+                    for x in control)
+  else:
+    control = _image_path(path, where, obj, "control_image")
   if mask is not None and init is None:
     raise RunError(f'{where}: "mask_image" marks what to repaint in an "init_image": give both')
   guidance, strength = obj.get("guidance_scale"), obj.get("strength")
@@ -210,7 +218,8 @@ def _key(line: PromptLine) -> list:
   if line.mask_image is not None:
     extra.append(line.mask_image)
   if line.control_image is not None:
-    extra.append({"control_image": line.control_image})
+    control = line.control_image
+    extra.append({"control_image": list(control) if isinstance(control, tuple) else control})
   schedule = {k: v for k, v in (("steps", line.steps), ("scheduler", line.scheduler),
                                 ("strength", line.strength)) if v is not None}
   if schedule:

@@ -94,13 +94,16 @@ class RunConfig:
   inpaint_full_res_padding: int = 32
   inpainting_mask_invert: bool = False  # repaint what the mask leaves black
   inpainting_fill: str = "original"  # A1111's "Masked content" (`masks.MASKED_CONTENT`)
-  # A ControlNet steering text-to-image lines by their control_image (else this one).
-  controlnet: str | None = None
-  controlnet_config: str | None = None  # a single ControlNet file's diffusers config
-  control_image: str | None = None
-  controlnet_scale: float = 1.0
-  control_guidance_start: float = 0.0
-  control_guidance_end: float = 1.0
+  # ControlNets steering lines by their control_image (else these, one per ControlNet), their
+  # residuals summed in order; per ControlNet a single file's diffusers config ("": none). The
+  # scale and share of the steps: one for all, or one per ControlNet.
+  controlnet: tuple[str, ...] = ()
+  controlnet_config: tuple[str, ...] = ()
+  control_image: tuple[str, ...] = ()
+  controlnet_scale: tuple[float, ...] = (1.0,)
+  control_guidance_start: tuple[float, ...] = (0.0,)
+  control_guidance_end: tuple[float, ...] = (1.0,)
+  controlnet_guess_mode: bool = False  # diffusers' guess_mode (see Pipeline.generate)
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -195,16 +198,27 @@ def validate(cfg: RunConfig) -> None:
   if not cfg.mask_blur >= 0 or cfg.inpaint_full_res_padding < 0:
     raise RunError(f"--mask_blur and --inpaint_full_res_padding must be >= 0, got "
                    f"{cfg.mask_blur} and {cfg.inpaint_full_res_padding}")
-  if cfg.controlnet is None and (cfg.control_image, cfg.controlnet_config) != (None, None):
-    raise RunError("--control_image and --controlnet_config are for a ControlNet: give "
-                   "--controlnet too")
-  if cfg.controlnet is not None:
-    if not 0.0 <= cfg.control_guidance_start < cfg.control_guidance_end <= 1.0:
-      raise RunError(f"--control_guidance_start and --control_guidance_end must satisfy "
-                     f"0 <= start < end <= 1, got {cfg.control_guidance_start} and "
-                     f"{cfg.control_guidance_end}")
-    if not math.isfinite(cfg.controlnet_scale):
-      raise RunError(f"--controlnet_scale must be a number, got {cfg.controlnet_scale}")
+  if not cfg.controlnet and (cfg.control_image or cfg.controlnet_config
+                             or cfg.controlnet_guess_mode):
+    raise RunError("--control_image, --controlnet_config and --controlnet_guess_mode are for a "
+                   "ControlNet: give --controlnet too")
+  if cfg.controlnet:
+    nets = len(cfg.controlnet)
+    for name in ("control_image", "controlnet_config"):
+      if getattr(cfg, name) and len(getattr(cfg, name)) != nets:
+        raise RunError(f"--{name}: give one per --controlnet ({nets}), got "
+                       f"{len(getattr(cfg, name))}")
+    for name in ("controlnet_scale", "control_guidance_start", "control_guidance_end"):
+      if len(getattr(cfg, name)) not in (1, nets):
+        raise RunError(f"--{name}: give one, or one per --controlnet ({nets}), got "
+                       f"{len(getattr(cfg, name))}")
+    for start, end in zip(*_per_controlnet(cfg)[1:], strict=True):
+      if not 0.0 <= start < end <= 1.0:
+        raise RunError(f"--control_guidance_start and --control_guidance_end must satisfy "
+                       f"0 <= start < end <= 1, got {start} and {end}")
+    for scale in cfg.controlnet_scale:
+      if not math.isfinite(scale):
+        raise RunError(f"--controlnet_scale must be a number, got {scale}")
     if cfg.hires_scale or cfg.refiner is not None:
       raise RunError("--controlnet steers one text-to-image pass: not with --hires_scale or "
                      "--refiner yet")
@@ -268,7 +282,7 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["images_per_folder"] = cfg.images_per_folder
   if cfg.scheduler_options:  # absent without: older folders still match
     settings["scheduler_options"] = dict(cfg.scheduler_options)
-  if cfg.controlnet is not None:
+  if cfg.controlnet:
     settings["controlnet"] = _controlnet_record(cfg)
   settings.update(_image_format(cfg).settings())
   if cfg.eta:  # absent when 0: older folders still match
@@ -296,12 +310,25 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
   return {**settings, **_hires_record(cfg), **_sdxl_record(cfg, pipe)}
 
 
+def _per_controlnet(cfg: RunConfig) -> tuple[tuple[float, ...], ...]:
+  """(scales, starts, ends), one of each per ControlNet."""
+  n = len(cfg.controlnet)
+  return tuple(values * n if len(values) == 1 else values for values in (
+      cfg.controlnet_scale, cfg.control_guidance_start, cfg.control_guidance_end))
+
+
 def _controlnet_record(cfg: RunConfig) -> dict[str, Any]:
-  record = {"controlnet": cfg.controlnet, "controlnet_scale": cfg.controlnet_scale,
-            "control_guidance_start": cfg.control_guidance_start,
-            "control_guidance_end": cfg.control_guidance_end}
-  if cfg.controlnet_config is not None:  # absent without: older folders still match
-    record["controlnet_config"] = cfg.controlnet_config
+  """The ControlNets' settings: one ControlNet's as single values, as before there could be
+  several (older folders still match); several as lists."""
+  scales, starts, ends = _per_controlnet(cfg)
+  record = {"controlnet": list(cfg.controlnet), "controlnet_scale": list(scales),
+            "control_guidance_start": list(starts), "control_guidance_end": list(ends)}
+  if any(cfg.controlnet_config):  # absent without: older folders still match
+    record["controlnet_config"] = list(cfg.controlnet_config)
+  if len(cfg.controlnet) == 1:
+    record = {k: v[0] for k, v in record.items()}
+  if cfg.controlnet_guess_mode:  # absent without: older folders still match
+    record["controlnet_guess_mode"] = True
   return record
 
 
@@ -459,10 +486,11 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, config=cfg.model_config, vae=cfg.vae,
                              prediction_type=cfg.prediction_type, loras=cfg.loras,
                              embeddings=cfg.embeddings)
-  if cfg.controlnet is not None:
+  if cfg.controlnet:
     try:
-      pipe = pipe.with_controlnet(sdjax.load_controlnet(cfg.controlnet, cfg.dtype,
-                                                        config=cfg.controlnet_config))
+      pipe = pipe.with_controlnet([
+          sdjax.load_controlnet(path, cfg.dtype, config=config or None) for path, config in zip(
+              cfg.controlnet, cfg.controlnet_config or ("",) * len(cfg.controlnet), strict=True)])
     except ValueError as e:
       raise RunError(f"--controlnet: {e}") from None
   steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
@@ -792,6 +820,8 @@ class _Sampler:
       extra = dict(img2img=True, strength=strength) if img2img else {}
       if pipe.controlnet is not None:
         extra["control"] = True
+        extra["control_guess"] = sampling.uses_guess_mode(pipe.controlnet,
+                                                          cfg.controlnet_guess_mode)
       inpaint = kind == "inpaint"
       if inpaint:
         extra["masked_content"] = cfg.inpainting_fill
@@ -823,9 +853,10 @@ class _Sampler:
           refiner, steps, hires)
       if spec.control:
         self.programs[key].control = parallel.replicate(
-            (np.float32(cfg.controlnet_scale),
-             sampling.control_weights(spec, host_state, cfg.control_guidance_start,
-                                      cfg.control_guidance_end)), self.mesh)
+            (np.float32(_per_controlnet(cfg)[0]),
+             np.stack([sampling.control_weights(spec, host_state, start, end)
+                       for start, end in zip(*_per_controlnet(cfg)[1:], strict=True)])),
+            self.mesh)
     return self.programs[key]
 
   def _a1111(self, program, sizes=None):
@@ -905,26 +936,29 @@ class _Sampler:
     return ((np.stack([p.image for p in prepared]), np.stack([p.mask for p in prepared])),
             [p if p.original is not None else None for p in prepared])
 
-  def _control_images(self, batch, size, prepared=None) -> np.ndarray:
-    """The batch's ControlNet images [B, H, W, 3]: each line's `control_image`, else the run's,
-    resized to `size` by --resize_mode; for an inpainting row with "Only masked" (`prepared`,
-    see `_init_images`), resized to its init image's size and cut as that was."""
-    jobs = []
-    for shard, job in batch:
-      path = job.control_image or self.cfg.control_image
-      if path is None and shard is not None:
-        raise RunError(f'image {job.index} ({job.prompt!r}): --controlnet needs a control image: '
-                       f'the line\'s "control_image" or --control_image')
-      jobs.append(dataclasses.replace(job, control_image=path))
-    images = _read_each(jobs, "control_image", lambda path: outputs.read_image(
-        path, size, resize_mode=self.cfg.resize_mode), np.zeros((*size, 3), np.float32))
-    for i, (job, row) in enumerate(zip(jobs, prepared or [None] * len(jobs), strict=True)):
-      if row is not None and row.crop is not None:
-        width, height = row.original.size
-        whole = outputs.resize(outputs.open_image(job.control_image), height, width,
-                               self.cfg.resize_mode)
-        images[i] = np.asarray(masks.cut_as(whole, row, *size), np.float32) / np.float32(255.0)
-    return images
+  def _control_images(self, batch, size, prepared=None) -> tuple[np.ndarray, ...]:
+    """Per ControlNet, the batch's images [B, H, W, 3]: each line's `control_image`, else the
+    run's, resized to `size` by --resize_mode; for an inpainting row with "Only masked"
+    (`prepared`, see `_init_images`), resized to its init image's size and cut as that was."""
+    out = []
+    for i in range(len(self.cfg.controlnet)):
+      jobs = []
+      for shard, job in batch:
+        path = control_paths(self.cfg, job)[i]
+        if path is None and shard is not None:
+          raise RunError(f'image {job.index} ({job.prompt!r}): --controlnet needs a control '
+                         f'image: the line\'s "control_image" or --control_image')
+        jobs.append(dataclasses.replace(job, control_image=path))
+      images = _read_each(jobs, "control_image", lambda path: outputs.read_image(
+          path, size, resize_mode=self.cfg.resize_mode), np.zeros((*size, 3), np.float32))
+      for k, (job, row) in enumerate(zip(jobs, prepared or [None] * len(jobs), strict=True)):
+        if row is not None and row.crop is not None:
+          width, height = row.original.size
+          whole = outputs.resize(outputs.open_image(job.control_image), height, width,
+                                 self.cfg.resize_mode)
+          images[k] = np.asarray(masks.cut_as(whole, row, *size), np.float32) / np.float32(255.0)
+      out.append(images)
+    return tuple(out)
 
   def _use_loras(self, loras) -> None:
     """Merges the batch's LoRA set into the base weights, once per change of set."""
@@ -982,6 +1016,29 @@ class _Sampler:
             f"the batch does not fit in device memory: lower --batch_size (now "
             f"{self.cfg.batch_size}) or --height/--width") from None
       raise
+
+
+def control_paths(cfg: RunConfig, job: ImageJob) -> list[str | None]:
+  """A line's control image per ControlNet: its own (a list, one per ControlNet, for several;
+  null entries and a line without any: the run's --control_image)."""
+  n = len(cfg.controlnet)
+  defaults = list(cfg.control_image) or [None] * n
+  own = job.control_image
+  if own is None:
+    return defaults
+  if isinstance(own, str):
+    if n > 1:
+      raise RunError(f'image {job.index} ({job.prompt!r}): "control_image" must be a list of '
+                     f'one per ControlNet ({n}), null for --control_image\'s')
+    return [own]
+  if len(own) != n:
+    raise RunError(f'image {job.index} ({job.prompt!r}): "control_image" lists {len(own)} '
+                   f'images for {n} ControlNets')
+  return [default if path is None else path for path, default in zip(own, defaults, strict=True)]
+
+
+def _one_or_list(values: list):
+  return values[0] if len(values) == 1 else values
 
 
 def _read_each(jobs, field: str, read, blank: np.ndarray) -> np.ndarray:
@@ -1067,7 +1124,7 @@ class _Metadata:
     self.height, self.width, self.scheduler = height, width, scheduler
     self.model_name, self.model_hash = model_identity(cfg.model)
     self.refiner = model_identity(cfg.refiner) if cfg.refiner is not None else None
-    self.controlnet = _named_with_hash(cfg.controlnet) if cfg.controlnet is not None else None
+    self.controlnets = [_named_with_hash(path) for path in cfg.controlnet]
     self._hashes: dict[tuple[str, str], str] = {}
     # A1111's `Lora hashes` / `TI hashes`: every --lora; the <lora:...> tags and the embeddings'
     # trigger words an image's prompts use.
@@ -1130,7 +1187,7 @@ class _Metadata:
         **({"resize_mode": cfg.resize_mode} if job.init_image and cfg.resize_mode != "just"
            else {}),
         **({"mask_image": job.mask_image, **self._mask_record()} if job.mask_image else {}),
-        **({"control_image": job.control_image or cfg.control_image,
+        **({"control_image": _one_or_list(control_paths(cfg, job)),
             **_controlnet_record(cfg)} if cfg.controlnet else {}),
         **hires, **_sdxl_record(cfg, self.pipe),
     }
@@ -1179,13 +1236,12 @@ class _Metadata:
                **self._emphasis(job)})
 
   def _controlnet_extra(self) -> dict[str, str]:
-    """A1111's `ControlNet 0` entry (the sd-webui-controlnet extension's), the model by name."""
-    cfg = self.cfg
-    if cfg.controlnet is None:
-      return {}
-    return {"ControlNet 0": f"Model: {self.controlnet}, Weight: {cfg.controlnet_scale:g}, "
-                            f"Guidance Start: {cfg.control_guidance_start:g}, "
-                            f"Guidance End: {cfg.control_guidance_end:g}"}
+    """A1111's `ControlNet N` entries (the sd-webui-controlnet extension's units), each model by
+    name."""
+    return {f"ControlNet {i}": f"Model: {name}, Weight: {scale:g}, Guidance Start: {start:g}, "
+                              f"Guidance End: {end:g}"
+            for i, (name, scale, start, end) in enumerate(zip(
+                self.controlnets, *_per_controlnet(self.cfg), strict=True))}
 
   def _emphasis(self, job: ImageJob) -> dict[str, str]:
     """A1111's `Emphasis` field: the mode, when not "Original" and a prompt text (after its

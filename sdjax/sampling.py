@@ -71,8 +71,10 @@ class SampleSpec:
   # the initial noise ("latent noise") or zeros ("latent nothing"), A1111's "Masked content";
   # else "original" (`masks.MASKED_CONTENT`; "fill" is host work).
   masked_content: str = "original"
-  # A ControlNet steers the UNet (`nets.controlnet`; sample_fn's `control`).
+  # A ControlNet steers the UNet (`nets.controlnet`; sample_fn's `control`); `control_guess`:
+  # diffusers' guess mode (the ControlNets skip the unconditional rows, residuals scaled 0.1-1).
   control: bool = False
+  control_guess: bool = False
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -147,9 +149,9 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
     state: the scheduler state from `set_timesteps`.
     cfg_axis: with `spec.cfg_split`, the name of a size-2 mesh axis (inside a shard_map) whose
       two devices split the guidance pair: device 0 the uncond call, device 1 the cond call.
-    control: with `spec.control`, (control images [B, H, W, c] in [0, 1], the ControlNet's
-      conditioning scale, its weight at each UNet call [calls]: 1 inside diffusers'
-      control_guidance_start / end, 0 outside).
+    control: with `spec.control`, (each ControlNet's control images [B, H, W, c] in [0, 1]
+      (a tuple), their conditioning scales [n], their weights at each UNet call [n, calls]: 1
+      inside diffusers' control_guidance_start / end, 0 outside).
 
   Returns:
     float32 images [B, H, W, 3] in [0, 1], or the diffusion latents with `spec.output_latents`.
@@ -173,20 +175,23 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
     """The ControlNet's input at this call, its images arranged as the UNet's rows."""
     if not spec.control:
       return None
-    images, scale, keep = control
-    return rows(images), scale * keep[call]
+    images, scales, keep = control
+    return tuple(rows(x) for x in images), scales * keep[:, call]
+
+  def guess(uncond_rows: int) -> int | None:
+    return uncond_rows if spec.control_guess else None
 
   def predict(x, t, call):
     if not spec.guidance:
       return conditioning.predict(nets, params, x, t, positive.at(call), None if cond_dim is None
                                   else conditioning.guidance_embedding(guidance_scale, len(x),
                                                                        cond_dim),
-                                  controls(call))
+                                  controls(call), guess(0))
     if parts is not None:
       return _composable_guidance(nets, params, x, t, both if not scheduled else
                                   conditioning.Embeddings.concat(negative.at(call),
                                                                  positive.at(call)),
-                                  parts, guidance_scale, controls(call))
+                                  parts, guidance_scale, controls(call), guess(len(x)))
     if spec.cfg_split:
       eps_uncond, eps_cond = _split_guidance_pair(nets, params, x, t, negative.at(call),
                                                   positive.at(call), cfg_axis, controls(call))
@@ -195,7 +200,8 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
     emb = (conditioning.Embeddings.concat(negative.at(call), positive.at(call)) if scheduled
            else both)
     out = conditioning.predict(nets, params, jnp.concatenate([x, x], axis=0), t, emb,
-                               control=controls(call, lambda i: jnp.concatenate([i, i])))
+                               control=controls(call, lambda i: jnp.concatenate([i, i])),
+                               guess=guess(len(x)))
     eps_uncond, eps_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
     return guide(eps_uncond, eps_cond, guidance_scale,
                  guidance_rescale if spec.guidance_rescale else None)
@@ -271,14 +277,15 @@ def encode_images(vae: AutoencoderKL, vae_params, images):
       images, per)
 
 
-def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None):
+def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None, guess=None):
   """A1111's composable diffusion: one UNet call on [uncond (B), parts (B*S)], then
   uncond + sum over parts of (part - uncond) * (weight * scale), in A1111's order."""
   b, s = weights.shape
   if control is not None:  # the control images in the same rows
-    control = (jnp.concatenate([control[0], jnp.repeat(control[0], s, axis=0)]), control[1])
+    control = (tuple(jnp.concatenate([images, jnp.repeat(images, s, axis=0)])
+                     for images in control[0]), control[1])
   out = conditioning.predict(nets, params, jnp.concatenate([x, jnp.repeat(x, s, axis=0)]), t,
-                             emb, control=control).astype(jnp.float32)
+                             emb, control=control, guess=guess).astype(jnp.float32)
   eps_uncond, eps_parts = out[:b], out[b:].reshape(b, s, *out.shape[1:])
   eps = eps_uncond
   for k in range(s):
@@ -675,7 +682,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0,
             denoising_end: float | None = None, denoising_start: float | None = None,
             cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original",
-            scheduler_options: dict[str, Any] | None = None, control: bool = False):
+            scheduler_options: dict[str, Any] | None = None, control: bool = False,
+            control_guess: bool = False):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -720,7 +728,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     init_latents=denoising_start is not None,
                     cfg_split=cfg_split and guidance, inpaint=mode,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
-                    ("latent noise", "latent nothing") else "original", control=control)
+                    ("latent noise", "latent nothing") else "original", control=control,
+                    control_guess=control and control_guess)
   return spec, state
 
 
@@ -873,6 +882,7 @@ def generate(
     controlnet_conditioning_scale: float = 1.0,
     control_guidance_start: float = 0.0,
     control_guidance_end: float = 1.0,
+    guess_mode: bool = False,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original")."""
@@ -922,8 +932,8 @@ def generate(
   width = pipe.native_size if width is None else width
   controlled = None
   if controlnet is not None:
-    controlled = pipe.with_controlnet(controlnet)  # a one-line error unless it fits the UNet
-    control_images = _control_images(controlnet, control_images, n, height, width,
+    controlled = pipe.with_controlnet(controlnet)  # a one-line error unless each fits the UNet
+    control_images = _control_images(controlled.controlnet, control_images, n, height, width,
                                      hires is not None or refiner is not None or cfg_parallel)
   elif control_images is not None:
     raise ValueError("control_images are a ControlNet's input: give controlnet= too")
@@ -934,7 +944,10 @@ def generate(
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
                         denoising_end=refiner_start if refiner is not None else None,
                         inpaint=mask_images is not None, masked_content=masked_content,
-                        control=controlnet is not None, **common)
+                        control=controlnet is not None,
+                        control_guess=controlled is not None and uses_guess_mode(
+                            controlled.controlnet, guess_mode),
+                        **common)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(pipe, n, hires, **common)
     spec = dataclasses.replace(spec, output_latents=True)
@@ -956,9 +969,14 @@ def generate(
   nets, params, control = pipe.networks, pipe.params, None
   if controlled is not None:
     nets, params = controlled.networks, controlled.params
-    control = (jnp.asarray(control_images), jnp.float32(controlnet_conditioning_scale),
-               jnp.asarray(control_weights(spec, state, control_guidance_start,
-                                           control_guidance_end)))
+    k = len(controlled.controlnet)
+    starts, ends = (per_controlnet(control_guidance_start, k, "control_guidance_start"),
+                    per_controlnet(control_guidance_end, k, "control_guidance_end"))
+    control = (tuple(jnp.asarray(images) for images in control_images),
+               jnp.asarray(per_controlnet(controlnet_conditioning_scale, k,
+                                          "controlnet_conditioning_scale"), jnp.float32),
+               jnp.asarray(np.stack([control_weights(spec, state, a, b)
+                                     for a, b in zip(starts, ends, strict=True)])))
   out = _sample(spec, nets, params, cond, seeds, noise, scalars,
                 _init_input(init_images, mask_images), state, control)
   if hires is not None:
@@ -980,24 +998,53 @@ def generate(
                                 pipe.scheduler_config)}, refiner_start, a1111))
 
 
-def _control_images(controlnet, images, n: int, height: int, width: int,
-                    unsupported: bool) -> np.ndarray:
-  """The ControlNet's images [n, height, width, c] (one given image serves every prompt)."""
+def _control_images(controlnets, images, n: int, height: int, width: int,
+                    unsupported: bool) -> list[np.ndarray]:
+  """Each ControlNet's images [n, height, width, c] (one given image serves every prompt):
+  `images` itself for one ControlNet, a list of one entry per ControlNet for several."""
   if unsupported:
     raise ValueError("controlnet= steers text-to-image, img2img and inpainting runs; it does "
                      "not take hires_scale, refiner= or cfg_parallel yet")
   if images is None:
     raise ValueError("controlnet= needs control_images")
-  images = np.asarray(images, np.float32)
-  if images.ndim == 3:
-    images = images[None]
-  if images.ndim == 4 and images.shape[0] == 1:
-    images = np.repeat(images, n, axis=0)
-  c = controlnet.config.conditioning_channels
-  if images.shape != (n, height, width, c):
-    raise ValueError(f"control_images must be [{n} (or 1), {height}, {width}, {c}] (the image "
-                     f"size), got {images.shape}")
-  return images
+  k = len(controlnets)
+  if k == 1:
+    images, names = [images], ["control_images"]
+  elif not isinstance(images, list | tuple) or len(images) != k:
+    raise ValueError(f"with {k} ControlNets, control_images is a list of {k} (one per "
+                     f"ControlNet, in order)")
+  else:
+    names = [f"control_images[{i}]" for i in range(k)]
+  out = []
+  for net, given, name in zip(controlnets, images, names, strict=True):
+    given = np.asarray(given, np.float32)
+    if given.ndim == 3:
+      given = given[None]
+    if given.ndim == 4 and given.shape[0] == 1:
+      given = np.repeat(given, n, axis=0)
+    c = net.config.conditioning_channels
+    if given.shape != (n, height, width, c):
+      raise ValueError(f"{name} must be [{n} (or 1), {height}, {width}, {c}] (the image "
+                       f"size), got {given.shape}")
+    out.append(given)
+  return out
+
+
+def uses_guess_mode(controlnets, requested: bool) -> bool:
+  """diffusers' rule: guess mode when asked for, or when the (first) ControlNet has pooled
+  conditions (the shuffle model)."""
+  return requested or controlnets[0].config.global_pool_conditions
+
+
+def per_controlnet(value, k: int, name: str) -> list[float]:
+  """A ControlNet setting as one float per ControlNet: one number serves all."""
+  if np.ndim(value) == 0:
+    return [float(value)] * k
+  values = [float(v) for v in value]
+  if len(values) != k:
+    raise ValueError(f"{name} must be one number or one per ControlNet ({k}), got "
+                     f"{len(values)}")
+  return values
 
 
 def control_weights(spec: SampleSpec, state, start: float, end: float) -> np.ndarray:

@@ -36,13 +36,14 @@ def test_held_out_prompts(pipe):
   """Prompts training never showed, fresh seeds, the model's own sampling defaults (what
   generate() and main.py use: `sdjax_defaults.json`).
 
-  The card reports all 84 fully right (all four attributes); 90% leaves room for other CPUs'
-  rounding without letting a broken model or tokenizer through. Shapes stay clean: the card
-  reports a mean IoU with the fitted ideal shape of 0.960 (5th percentile 0.920) at another seed.
+  Every other one of the 84 (the card reports all 84 fully right, all four attributes; so does
+  each half here); 90% leaves room for other CPUs' rounding without letting a broken model or
+  tokenizer through. Shapes stay clean: the card reports a mean IoU with the fitted ideal shape
+  of 0.960 (5th percentile 0.920) at another seed; this half 0.963 (0.933).
   """
   assert pipe.sampling_defaults == json.load(open(os.path.join(sdjax.BUILTIN_MODEL,
                                                                "sdjax_defaults.json")))
-  prompts = shapes.canonical_prompts("held_out")
+  prompts = shapes.canonical_prompts("held_out")[::2]
   rates, images = shapes.evaluate(pipe, prompts, seed=4242, batch=len(prompts))
   assert images.shape == (len(prompts), 64, 64, 3)
   print(f"\nheld-out prompts, seed 4242: {rates}")

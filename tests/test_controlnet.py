@@ -156,6 +156,50 @@ def test_generate_matches_diffusers(sd1_controlnet, scale, start, end):
   assert err <= 1e-4 and change > 100 * err
 
 
+def test_two_controlnets_and_guess_mode_match_diffusers(sd1_controlnet, tmp_path):
+  """Two ControlNets (diffusers' MultiControlNetModel: residuals summed in order), each with
+  its own images (one image serving both prompts for the second), scale and share of the steps,
+  in diffusers' guess mode: the ControlNets skip the unconditional half of CFG, the first's
+  residuals scaled 0.1 to 1, the second's not (it has pooled conditions, the shuffle model's,
+  which on their own turn guess mode on)."""
+  import sdjax  # noqa: PLC0415
+  from sdjax import sampling  # noqa: PLC0415
+
+  ref, pipe, first = sd1_controlnet
+  torch_pooled = torch_controlnet(testing.UNET_SD1, 37, conditioning_embedding_out_channels=(8, 16))
+  torch_pooled.register_to_config(global_pool_conditions=True)
+  torch_pooled.save_pretrained(str(tmp_path / "pooled"), safe_serialization=True)
+  multi = diffusers.StableDiffusionControlNetPipeline(
+      **{**ref.components, "controlnet": [ref.controlnet, torch_pooled]})
+  multi.set_progress_bar_config(disable=True)
+  rng = np.random.default_rng(6)
+  control = [rng.uniform(size=(2, 16, 16, 3)).astype(np.float32),
+             rng.uniform(size=(1, 16, 16, 3)).astype(np.float32)]
+  latents = randn(2, 8, 8, 4, seed=7)
+  settings = dict(controlnet_conditioning_scale=[0.8, 1.5], control_guidance_start=[0.0, 0.25],
+                  control_guidance_end=[1.0, 0.75])
+  with torch.no_grad():
+    expected = multi(PROMPTS, image=[nchw(c) for c in control], latents=nchw(latents),
+                     output_type="np", num_inference_steps=4, guidance_scale=3.0, height=16,
+                     width=16, guess_mode=True, **settings).images
+  kw = dict(steps=4, guidance_scale=3.0, height=16, width=16, scheduler="euler",
+            latents=latents)
+  pooled = sdjax.load_controlnet(str(tmp_path / "pooled"))
+  assert sampling.uses_guess_mode([pooled.model], False)
+  assert not sampling.uses_guess_mode([first.model, pooled.model], False)
+  ours = pipe.generate(PROMPTS, controlnet=[first, pooled], control_images=control, **kw,
+                       guess_mode=True, **settings)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\ntwo controlnets, guess mode: {err:.2e}")
+  assert err <= 1e-4
+  with pytest.raises(ValueError, match="with 2 ControlNets, control_images is a list of 2"):
+    pipe.generate(PROMPTS, controlnet=[first, pooled], control_images=control[0], **kw)
+  with pytest.raises(ValueError, match="controlnet_conditioning_scale must be one number or "
+                                       "one per ControlNet .2., got 3"):
+    pipe.generate(PROMPTS, controlnet=[first, pooled], control_images=control, **kw,
+                  controlnet_conditioning_scale=[1.0, 1.0, 1.0])
+
+
 def test_img2img_matches_diffusers(sd1_controlnet):
   """img2img steered by a ControlNet: StableDiffusionControlNetImg2ImgPipeline given our draws
   (the init image's posterior sample, the noise); the ControlNet's steps count from where
@@ -291,53 +335,71 @@ def test_files_without_config_get_the_standard_one(family, layout):
 
 
 def test_run_with_control_images(sd1_controlnet, tmp_path):
-  """main.py's run with --controlnet: each jsonl line's control_image (relative to the file),
-  else --control_image, resized to the image size; each image is generate()'s with that image;
-  records and PNG parameters name the ControlNet (here an original-layout file with its
-  diffusers config). A line without any control image is a one-line error; an inpainting line
-  with "Only masked" gets its control image cut as its image."""
+  """main.py's run with two ControlNets (an original-layout file with its diffusers config, and
+  a folder): each jsonl line's control_image list (relative to the file; null: that
+  ControlNet's --control_image), resized to the image size; each image is generate()'s with
+  those images; records and PNG parameters name both. A line's single image for two ControlNets
+  and a line without any control image are one-line errors; with one ControlNet in guess mode,
+  an inpainting line with "Only masked" gets its control image cut as its image."""
   import json  # noqa: PLC0415
 
   from PIL import Image  # noqa: PLC0415
 
+  import sdjax  # noqa: PLC0415
   from sdjax import outputs, run  # noqa: PLC0415
 
   _, pipe, controlnet = sd1_controlnet
   file = original_layout_file(controlnet, str(tmp_path / "control_tiny.safetensors"))
+  torch_controlnet(testing.UNET_SD1, 31, conditioning_embedding_out_channels=(8, 16)
+                   ).save_pretrained(str(tmp_path / "depth"), safe_serialization=True)
+  second = sdjax.load_controlnet(str(tmp_path / "depth"))
   rng = np.random.default_rng(9)
-  for name, size in (("edges.png", (16, 16)), ("pose.png", (24, 32)), ("default.png", (16, 16))):
+  for name, size in (("edges.png", (16, 16)), ("pose.png", (24, 32)), ("default.png", (16, 16)),
+                     ("depth.png", (16, 16))):
     Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(tmp_path / name)
-  lines = [{"prompt": "a cat", "control_image": "edges.png"},
-           {"prompt": "a dog", "control_image": "pose.png", "seed": 7}, {"prompt": "a cow"}]
+  lines = [{"prompt": "a cat", "control_image": ["edges.png", "pose.png"]},
+           {"prompt": "a dog", "control_image": ["pose.png", None], "seed": 7},
+           {"prompt": "a cow"}]
   path = tmp_path / "control.jsonl"
   path.write_text("".join(json.dumps(line) + "\n" for line in lines))
   cfg = run.RunConfig(model=pipe.name, prompts_file=str(path), steps=3, guidance_scale=3.0,
                       scheduler="euler", height=16, width=16, seed=2, batch_size=2,
-                      controlnet=file, controlnet_config=controlnet.name,
-                      control_image=str(tmp_path / "default.png"),
-                      controlnet_scale=0.9, control_guidance_end=0.8,
+                      controlnet=(file, str(tmp_path / "depth")),
+                      controlnet_config=(controlnet.name, ""),
+                      control_image=(str(tmp_path / "default.png"), str(tmp_path / "depth.png")),
+                      controlnet_scale=(0.9, 0.5), control_guidance_end=(0.8,),
                       output_dir=str(tmp_path / "out"), compilation_cache="",
                       show_progress=False)
   assert run.generate_run(cfg).images == 3
   records = [json.loads(x) for x in open(tmp_path / "out" / outputs.MANIFEST_NAME)]
-  for record, name in zip(records, ["edges.png", "pose.png", "default.png"], strict=True):
-    assert record["control_image"] == str(tmp_path / name)
-    assert record["controlnet_scale"] == 0.9 and record["control_guidance_end"] == 0.8
-    assert record["controlnet"] == file and record["controlnet_config"] == controlnet.name
-    control = outputs.read_image(str(tmp_path / name), (16, 16))
+  used = [["edges.png", "pose.png"], ["pose.png", "depth.png"], ["default.png", "depth.png"]]
+  for record, names in zip(records, used, strict=True):
+    assert record["control_image"] == [str(tmp_path / name) for name in names]
+    assert record["controlnet"] == [file, str(tmp_path / "depth")]
+    assert record["controlnet_config"] == [controlnet.name, ""]
+    assert record["controlnet_scale"] == [0.9, 0.5]
+    assert record["control_guidance_end"] == [0.8, 0.8]
+    control = [outputs.read_image(str(tmp_path / name), (16, 16)) for name in names]
     expected = pipe.generate(record["prompt"], steps=3, guidance_scale=3.0, scheduler="euler",
-                             height=16, width=16, seed=record["seed"], controlnet=controlnet,
-                             control_images=control, controlnet_conditioning_scale=0.9,
-                             control_guidance_end=0.8)
+                             height=16, width=16, seed=record["seed"],
+                             controlnet=[controlnet, second], control_images=control,
+                             controlnet_conditioning_scale=[0.9, 0.5], control_guidance_end=0.8)
     png = Image.open(tmp_path / "out" / record["file"])
     assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
     params = outputs.parse_a1111_parameters(png.text["parameters"])
     assert params["ControlNet 0"] == (f"Model: control_tiny [{outputs.short_hash(file)}], "
                                       "Weight: 0.9, Guidance Start: 0, Guidance End: 0.8")
+    assert params["ControlNet 1"] == ("Model: depth, Weight: 0.5, Guidance Start: 0, "
+                                      "Guidance End: 0.8")
+  path.write_text('{"prompt": "a cat", "control_image": "edges.png"}\n')
+  with pytest.raises(run.RunError, match=r'"control_image" must be a list of one per '
+                                         r'ControlNet \(2\)'):
+    run.generate_run(dataclasses.replace(cfg, output_dir=str(tmp_path / "one")))
+  single = dataclasses.replace(cfg, controlnet=(file,), controlnet_config=(controlnet.name,),
+                               control_image=(), controlnet_scale=(0.9,))
   path.write_text('{"prompt": "a cat"}\n')
   with pytest.raises(run.RunError, match="--controlnet needs a control image"):
-    run.generate_run(dataclasses.replace(cfg, control_image=None,
-                                         output_dir=str(tmp_path / "none")))
+    run.generate_run(dataclasses.replace(single, output_dir=str(tmp_path / "none")))
   # Inpainting "Only masked": the control image, resized to the init image's size, is cut as
   # the image is (generate()'s padding_mask_crop).
   mask = np.zeros((24, 32), np.uint8)
@@ -345,17 +407,21 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
   Image.fromarray(mask).save(tmp_path / "mask.png")
   path.write_text(json.dumps({"prompt": "a cat", "init_image": "pose.png", "mask_image":
                               "mask.png", "control_image": "edges.png"}) + "\n")
-  inpaint = dataclasses.replace(cfg, inpaint_full_res=True, inpaint_full_res_padding=2,
-                                mask_blur=1, batch_size=1, output_dir=str(tmp_path / "inpaint"))
+  inpaint = dataclasses.replace(single, inpaint_full_res=True, inpaint_full_res_padding=2,
+                                mask_blur=1, batch_size=1, output_dir=str(tmp_path / "inpaint"),
+                                controlnet_guess_mode=True)
   assert run.generate_run(inpaint).images == 1
   record = json.loads(open(tmp_path / "inpaint" / outputs.MANIFEST_NAME).readline())
+  assert record["controlnet"] == file and record["control_image"] == str(tmp_path / "edges.png")
+  assert record["controlnet_scale"] == 0.9 and record["controlnet_config"] == controlnet.name
+  assert record["controlnet_guess_mode"]
   expected = pipe.generate(
       "a cat", init_images=np.asarray(Image.open(tmp_path / "pose.png"))[None] / 255,
       mask_images=mask[None] / 255, mask_blur=1, padding_mask_crop=2, height=16, width=16,
       strength=0.75, seed=record["seed"], steps=3, guidance_scale=3.0, scheduler="euler",
       controlnet=controlnet, control_images=outputs.read_image(str(tmp_path / "edges.png"),
                                                                (24, 32)),
-      controlnet_conditioning_scale=0.9, control_guidance_end=0.8)
+      controlnet_conditioning_scale=0.9, control_guidance_end=0.8, guess_mode=True)
   written = np.asarray(Image.open(tmp_path / "inpaint" / record["file"]), np.float32)
   assert written.shape == (24, 32, 3)
   assert np.abs(written - np.round(expected[0] * 255)).max() <= 1.0

@@ -347,7 +347,8 @@ def test_controlnet_matches_diffusers(inpainting, tmp_path, padding):
   else:  # 8-bit results: a level where float rounding differs
     diff = np.abs(np.round(ours * 255) - np.round(expected * 255))
     assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
-  assert rel_err(pipe.generate(PROMPTS, **kw), expected) > 1e-2  # the ControlNet steered it
+  if padding is None:
+    assert rel_err(pipe.generate(PROMPTS, **kw), expected) > 1e-2  # the ControlNet steered it
 
 
 def test_bad_inpainting_arguments(inpainting, plain):

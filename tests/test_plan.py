@@ -102,6 +102,24 @@ def test_bad_lines_name_their_line(tmp_path):
          negative_prompt="", shard_size=1)
 
 
+def test_control_images_per_line():
+  """A line's control_image: one path, or a list of one per ControlNet (null: the run's), each
+  relative to the prompts file and part of the digest."""
+  from sdjax.plan import _key, parse_line  # noqa: PLC0415
+
+  folder = os.path.abspath("prompts")
+  one = parse_line("prompts/p.jsonl", 1, b'{"prompt": "a", "control_image": "e.png"}')
+  assert one.control_image == os.path.join(folder, "e.png")
+  two = parse_line("prompts/p.jsonl", 1, b'{"prompt": "a", "control_image": ["e.png", null]}')
+  assert two.control_image == (os.path.join(folder, "e.png"), None)
+  assert _key(two)[-1] == {"control_image": [os.path.join(folder, "e.png"), None]}
+  assert _key(one)[-1] == {"control_image": os.path.join(folder, "e.png")}
+  for bad, message in (("[]", "must be a path or a list of them"), ("[1]", "must be a path"),
+                       ('""', "must be a path")):
+    with pytest.raises(RunError, match=f'line 1: "control_image" {message}'):
+      parse_line("p.jsonl", 1, f'{{"prompt": "a", "control_image": {bad}}}'.encode())
+
+
 def test_per_line_schedule(tmp_path):
   """jsonl steps, scheduler and strength (img2img lines) reach the jobs and the digest; bad
   values are named."""

@@ -71,13 +71,16 @@ class ControlNetConditioningEmbedding(nn.Module):
 
 class ControlNetModel(UNet2DConditionModel):
   """(down residuals, mid residual) for latents x [B, h, w, C] at timesteps t [B], context,
-  and a control image [B, 8h, 8w, c] in [0, 1], each scaled by `conditioning_scale`."""
+  and a control image [B, 8h, 8w, c] in [0, 1], each scaled by `conditioning_scale`; with
+  `guess_mode` (diffusers'; static), the residuals from the first to the mid one are further
+  scaled from 0.1 to 1, log-evenly (not for pooled conditions)."""
 
   config: ControlNetConfig
 
   @nn.compact
   def __call__(self, sample, timesteps, context, controlnet_cond, conditioning_scale=1.0,
-               text_embeds=None, time_ids=None, context_bias=None, timestep_cond=None):
+               text_embeds=None, time_ids=None, context_bias=None, timestep_cond=None,
+               guess_mode: bool = False):
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     temb = self._time_embedding(sample, timesteps, text_embeds, time_ids, timestep_cond)
     x = self._conv_in(sample)
@@ -91,8 +94,13 @@ class ControlNetModel(UNet2DConditionModel):
     down = [conv(s.shape[-1], 1, d, pd, f"controlnet_down_blocks_{k}")(s)
             for k, s in enumerate(skips)]
     mid = conv(x.shape[-1], 1, d, pd, "controlnet_mid_block")(x)
-    scale = jnp.asarray(conditioning_scale, d)
-    down, mid = [r * scale for r in down], mid * scale
+    if guess_mode and not cfg.global_pool_conditions:
+      scales = jnp.logspace(-1.0, 0.0, len(down) + 1, dtype=jnp.float32) * conditioning_scale
+      scales = scales.astype(d)
+      down, mid = [r * scales[k] for k, r in enumerate(down)], mid * scales[-1]
+    else:
+      scale = jnp.asarray(conditioning_scale, d)
+      down, mid = [r * scale for r in down], mid * scale
     if cfg.global_pool_conditions:
       down = [jnp.mean(r, axis=(1, 2), keepdims=True) for r in down]
       mid = jnp.mean(mid, axis=(1, 2), keepdims=True)
