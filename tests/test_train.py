@@ -81,6 +81,7 @@ def _tiny_config():
   for stage in (c.vae, c.vae_sharpen, c.diffusion):  # compiles, not steps, are the time here
     stage.steps, stage.batch_size, stage.checkpoint_every = 3, 2, 3
   c.scaling_images = 16
+  c.diffusion.cached_latents = 16
   # Fine-tuning as the diffusion stage trains: the same training step, compiled once (the
   # suite's persistent compilation cache, tests/conftest.py).
   c.finetune = ml_collections.ConfigDict(c.diffusion.to_dict())
