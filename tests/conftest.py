@@ -64,14 +64,14 @@ def cache():
   return _run_cache()
 
 
-# The longest files first (worker seconds on 2 cores, measured 2026-12-03: main 370, sampling
-# 222, train 182, prompts 152, inpaint 138, sdxl 136, run 135, builtin 105, controlnet 61, unet
-# 58, pipeline 49; the rest under 35 each): xdist hands whole files to workers in collection
-# order, and a long file collected late (test_train, then test_run) left one worker idle for
-# minutes at the end.
-_LONGEST_FIRST = ("test_main.py", "test_sampling.py", "test_train.py", "test_prompts.py",
-                  "test_inpaint.py", "test_sdxl.py", "test_run.py", "test_builtin.py",
-                  "test_controlnet.py", "test_unet.py", "test_pipeline.py")
+# The longest files first (worker seconds on 2 cores, the mean of two clean runs on 2026-12-03,
+# on a machine a third slower than the morning's: main 480, sampling 293, train 218, inpaint 202,
+# prompts 184, sdxl 180, run 171, controlnet 149, builtin 113, unet 75, aot 41, pipeline 40; the
+# rest under 35 each): xdist hands whole files to workers in collection order, and a long file
+# collected late (test_train, then test_run) left one worker idle for minutes at the end.
+_LONGEST_FIRST = ("test_main.py", "test_sampling.py", "test_train.py", "test_inpaint.py",
+                  "test_prompts.py", "test_sdxl.py", "test_run.py", "test_controlnet.py",
+                  "test_builtin.py", "test_unet.py", "test_aot.py", "test_pipeline.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
