@@ -310,11 +310,14 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
   return {**settings, **_hires_record(cfg), **_sdxl_record(cfg, pipe)}
 
 
-def _per_controlnet(cfg: RunConfig) -> tuple[tuple[float, ...], ...]:
-  """(scales, starts, ends), one of each per ControlNet."""
-  n = len(cfg.controlnet)
-  return tuple(values * n if len(values) == 1 else values for values in (
-      cfg.controlnet_scale, cfg.control_guidance_start, cfg.control_guidance_end))
+def _per_controlnet(cfg: RunConfig) -> tuple[list[float], ...]:
+  """(scales, starts, ends), one of each per ControlNet (generate()'s rule)."""
+  def one_or_each(values):
+    return values[0] if len(values) == 1 else values
+
+  return tuple(sampling.per_controlnet(one_or_each(getattr(cfg, name)), len(cfg.controlnet), name)
+               for name in ("controlnet_scale", "control_guidance_start",
+                            "control_guidance_end"))
 
 
 def _controlnet_record(cfg: RunConfig) -> dict[str, Any]:
