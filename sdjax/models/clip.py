@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.models import config_utils
-from sdjax.models.layers import dense, layer_norm
+from sdjax.models.layers import Embed, dense, layer_norm
 
 Dtype = Any
 
@@ -143,10 +143,10 @@ class CLIPEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_embeds=None):
     cfg = self.config
-    tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="token_embedding")
-    pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name="position_embedding")
+    tok = Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="token_embedding")
+    pos = Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="position_embedding")
     x = tok(input_ids)  # B, N, C
     if token_embeds is not None:  # (vectors [B, N, C], where [B, N]): textual inversion
       vectors, where = token_embeds

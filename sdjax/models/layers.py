@@ -20,9 +20,39 @@ from sdjax.models import attention
 Dtype = Any
 
 
+class LoadedParams:
+  """Mixin for a module's `param`: created as flax creates it (same initializer, same random
+  stream) but, when the weights are given, returned without flax's shape check. That check
+  traces the initializer at every parameter of every apply (a few thousand traces per sampler
+  program, ~15% of building one); loading already checked every shape (`torch_to_flax`) and
+  `init` makes them."""
+
+  def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+    def init():
+      return init_fn(self.make_rng("params"), *init_args, **init_kwargs)
+
+    return self.variable("params", name, init, unbox=unbox).value
+
+
+class GroupNorm(LoadedParams, nn.GroupNorm):
+  pass
+
+
+class LayerNorm(LoadedParams, nn.LayerNorm):
+  pass
+
+
+class Dense(LoadedParams, nn.Dense):
+  pass
+
+
+class Embed(LoadedParams, nn.Embed):
+  pass
+
+
 def group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str):
   # use_fast_variance=False: E[(x-mean)^2] as torch computes it, not E[x^2]-mean^2.
-  return nn.GroupNorm(
+  return GroupNorm(
       num_groups=groups,
       epsilon=eps,
       dtype=dtype,
@@ -33,7 +63,7 @@ def group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: 
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str):
-  return nn.LayerNorm(
+  return LayerNorm(
       epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
   )
 
@@ -52,7 +82,7 @@ CONV_MATMUL_CHANNELS = 256
 CONV_FORMS = ("xla", "matmul")
 
 
-class Conv(nn.Module):
+class Conv(LoadedParams, nn.Module):
   """nn.Conv's parameters (`kernel` HWIO, `bias`) and arithmetic, NHWC, with the convolution
   form chosen per backend and shape (`conv2d`)."""
 
@@ -108,7 +138,7 @@ def _matmul_conv3x3(x, kernel):
 
 
 def dense(features: int, dtype, param_dtype, name: str, use_bias: bool = True):
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+  return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def timestep_embedding(
