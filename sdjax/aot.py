@@ -30,10 +30,12 @@ from typing import Any
 import jax
 import jaxlib
 from absl import logging
+from flax import traverse_util
 from jax.experimental import serialize_executable
 from jax.experimental.compilation_cache import compilation_cache
 
 FORMAT = 1  # bump when the entry layout changes
+PARAMS_SUFFIX = ".params.json"
 MAX_BYTES = 4 * 2**30  # entries past this total are deleted, least recently used first
 ENV_VARS = ("SDJAX_ATTENTION", "SDJAX_CONV", "XLA_FLAGS")  # environment that changes programs
 _NUMPY_NAMES = {("numpy", "dtype"), ("numpy", "ndarray"), ("numpy._core.multiarray", "_reconstruct"),
@@ -105,6 +107,36 @@ def load_or_compile(jitted, args, what: str, directory: str | None = None):
   return compiled
 
 
+def param_shapes(what: str, trace, directory: str | None = None):
+  """`trace()`, a module's params as nested dicts of `jax.ShapeDtypeStruct` (tracing its init:
+  2-3.5 s for an SD UNet, most of loading a small model), or the same tree from the cache,
+  keyed by `what` (the module and its input shapes) as programs are."""
+  directory = cache_dir() if directory is None else directory
+  if not directory:
+    return trace()
+  key = entry_key(f"param shapes of {what}", ())
+  path = os.path.join(directory, f"{key}{PARAMS_SUFFIX}")
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        entry = json.load(f)
+      if entry.get("format") != FORMAT or entry.get("key") != key:
+        raise ValueError("stale entry")
+      tree = traverse_util.unflatten_dict(
+          {k: jax.ShapeDtypeStruct(tuple(shape), jax.numpy.dtype(dtype))
+           for k, (shape, dtype) in entry["params"].items()}, sep="/")
+      _touch(path)
+      return tree
+    except Exception as e:  # noqa: BLE001 - any failure to read means: trace afresh
+      logging.warning("ignoring param-shape cache entry %s (%s: %s); rebuilding it", path,
+                      type(e).__name__, e)
+  tree = trace()
+  flat = {k: [list(v.shape), str(v.dtype)]
+          for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+  _write_atomically(path, json.dumps({"format": FORMAT, "key": key, "params": flat}).encode())
+  return tree
+
+
 def _touch(path: str) -> None:
   """Marks an entry used now: pruning goes by modification time (atime is often off)."""
   try:
@@ -131,7 +163,7 @@ def prune(directory: str, max_bytes: int | None = None, keep: str | None = None)
       stat = os.stat(path)
     except OSError:  # another process deleted it
       continue
-    if name.endswith(".jaxexe"):
+    if name.endswith((".jaxexe", PARAMS_SUFFIX)):
       entries.append((stat.st_mtime, stat.st_size, path))
     elif name.endswith(".tmp") and now - stat.st_mtime > 3600:
       removed += _remove(path)
@@ -187,15 +219,21 @@ def _save(path: str, key: str, compiled, args) -> None:
     return
   body = pickle.dumps((payload, out_tree), protocol=pickle.HIGHEST_PROTOCOL)
   header = {"format": FORMAT, "key": key, "sha256": hashlib.sha256(body).hexdigest()}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+  _write_atomically(path, json.dumps(header).encode() + b"\n" + body)
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+  """A temporary file renamed into place: readers see a whole entry or none."""
+  tmp = None
   try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
-      f.write(json.dumps(header).encode() + b"\n" + body)
+      f.write(data)
     os.replace(tmp, path)
   except OSError as e:
     logging.warning("could not write the compiled-program cache %s: %s", path, e)
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)
 
 

@@ -24,7 +24,7 @@ from absl import logging
 from flax import traverse_util
 from PIL import Image
 
-from sdjax import conditioning, masks, outputs, sampling
+from sdjax import aot, conditioning, masks, outputs, sampling
 from sdjax.checkpoints import embeddings as textual_inversion
 from sdjax.checkpoints import hub, lora, single_file, standard
 from sdjax.checkpoints.weights import (
@@ -80,11 +80,12 @@ def _expected_params(module, *args):
 @functools.lru_cache(maxsize=16)
 def _abstract_params(module, specs: tuple):
   """Tracing a model's init is most of loading a small one: once per architecture and input
-  shapes in a process (a second pipeline of the same config, a reloaded one)."""
+  shapes in a process (a second pipeline of the same config, a reloaded one), and kept on disk
+beside the compiled programs for the next process."""
   def init(*args):
     return module.init(jax.random.key(0), *args)["params"]
 
-  return jax.eval_shape(init, *specs)
+  return aot.param_shapes(repr((module, specs)), lambda: jax.eval_shape(init, *specs))
 
 
 # init is thousands of small random-number fusions that run once: XLA's optimising backend

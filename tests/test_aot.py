@@ -47,6 +47,28 @@ def test_second_compile_loads_without_tracing(tmp_path):
   np.testing.assert_array_equal(second(*ARGS)["out"], jnp.sin(ARGS[0]) @ ARGS[1])
 
 
+def test_param_shapes_are_kept(tmp_path, caplog):
+  """A module's param shapes are traced once per key; a damaged entry is traced again."""
+  calls = []
+
+  def trace(n=3):
+    calls.append(n)
+    return {"block": {"kernel": jax.ShapeDtypeStruct((3, 3, n, 8), jnp.bfloat16)},
+            "bias": jax.ShapeDtypeStruct((8,), jnp.float32)}
+
+  first = aot.param_shapes("m", trace, str(tmp_path))
+  assert aot.param_shapes("m", trace, str(tmp_path)) == first and calls == [3]
+  assert aot.param_shapes("other", lambda: trace(4), str(tmp_path)) == trace(4)
+  assert calls == [3, 4, 4]
+  entries = sorted(tmp_path.iterdir())
+  assert len(entries) == 2 and all(p.name.endswith(aot.PARAMS_SUFFIX) for p in entries)
+  for path in entries:  # truncated
+    path.write_text('{"format": 1, "key": "')
+  assert aot.param_shapes("m", trace, str(tmp_path)) == first and calls == [3, 4, 4, 3]
+  assert "rebuilding it" in caplog.text
+  assert aot.param_shapes("m", trace, str(tmp_path)) == first and len(calls) == 4
+
+
 def test_old_entries_are_pruned_least_recently_used_first(tmp_path, monkeypatch):
   """Past the size budget the entries used longest ago go; loading an entry counts as a use;
   a crashed writer's old temporary goes, a fresh one (a writer at work) stays."""
