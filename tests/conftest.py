@@ -26,6 +26,9 @@ def pytest_configure(config):
   # Compiling is most of the suite's time and the tests' networks are tiny: skip LLVM's
   # expensive optimisations (the programs, and so every parity and equality check, are the
   # same HLO; only the machine code is less tuned). Inherited by the processes tests start.
+  # (XLA:CPU's classic emitters, --xla_cpu_use_fusion_emitters=false, compile a third faster
+  # but round programs of different batch shapes differently: bit-for-bit checks that hold
+  # with the default emitters users run fail there.)
   flags = os.environ.get("XLA_FLAGS", "")
   if FAST_COMPILE not in flags:
     os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {flags}".strip()
