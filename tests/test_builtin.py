@@ -88,6 +88,7 @@ def test_unknown_words_warn_once(pipe, caplog):
   assert not caplog.records
 
 
+@pytest.mark.default_codegen
 def test_a1111_syntax_on_its_16_token_encoder(pipe):
   """Chunks follow the text encoder's length (14 + BOS + EOS here): a plain caption is plain's
   pixels, emphasis changes them, and a caption past 14 tokens takes a second chunk."""

@@ -108,6 +108,7 @@ def test_eight_devices_same_pixels(reference_run, model, cache, tmp_path):
   assert "5 images" in proc.stderr and "2 per device on 8 devices" in proc.stderr
 
 
+@pytest.mark.default_codegen
 def test_cfg_parallel_splits_each_guidance_pair(model):
   """CFG parallelism: each device of a pair runs the UNet on its images' uncond or cond rows
   only, and two pairs make bit for bit what one device makes with the split program (scheduled
@@ -159,6 +160,7 @@ print(json.dumps(dict(mesh=dict(pairs.shape), split_rows=split_rows, plain_rows=
   assert got["vs_plain"] <= 1e-5
 
 
+@pytest.mark.default_codegen
 def test_generate_cfg_parallel(model, tmp_path):
   """generate(cfg_parallel=True) on two devices: each runs the UNet on the B rows of one side,
   the first decodes, and the images are those of the split program on one device (this

@@ -468,6 +468,7 @@ def test_emphasis_reaches_generate(sd):
     pipe.generate(weighted, emphasis="No norm", **{**kw, "prompt_syntax": "plain"})
 
 
+@pytest.mark.default_codegen
 def test_a1111_plain_prompt_same_pixels_and_mixed_batch(sd):
   _, pipe = sd
   kw = dict(steps=2, scheduler="euler", guidance_scale=7.5, height=16, width=16, seed=3)
