@@ -94,14 +94,14 @@ def cache():
   return _run_cache()
 
 
-# The longest files first (worker seconds on 2 cores, the mean of two clean runs on 2026-12-03,
-# on a machine a third slower than the morning's: main 480, sampling 293, train 218, inpaint 202,
-# prompts 184, sdxl 180, run 171, controlnet 149, builtin 113, unet 75, aot 41, pipeline 40; the
-# rest under 35 each): xdist hands whole files to workers in collection order, and a long file
-# collected late (test_train, then test_run) left one worker idle for minutes at the end.
-_LONGEST_FIRST = ("test_main.py", "test_sampling.py", "test_train.py", "test_inpaint.py",
-                  "test_prompts.py", "test_sdxl.py", "test_run.py", "test_controlnet.py",
-                  "test_builtin.py", "test_unet.py", "test_aot.py", "test_pipeline.py")
+# The longest files first (worker seconds on 2 cores, a clean run on 2026-12-03 at 13 min: main
+# 323, train 156, sampling 153, prompts 123, inpaint 122, builtin 102, sdxl 100, run 92,
+# controlnet 77, unet 47, aot 28; the rest under 20 each): xdist hands whole files to workers in
+# collection order, and a long file collected late (test_train, then test_run) left one worker
+# idle for minutes at the end.
+_LONGEST_FIRST = ("test_main.py", "test_train.py", "test_sampling.py", "test_prompts.py",
+                  "test_inpaint.py", "test_builtin.py", "test_sdxl.py", "test_run.py",
+                  "test_controlnet.py", "test_unet.py", "test_aot.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
