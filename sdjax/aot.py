@@ -232,7 +232,7 @@ def _write_atomically(path: str, data: bytes) -> None:
       f.write(data)
     os.replace(tmp, path)
   except OSError as e:
-    logging.warning("could not write the compiled-program cache %s: %s", path, e)
+    logging.warning("could not write the cache entry %s: %s", path, e)
     if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)
 

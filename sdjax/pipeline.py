@@ -81,7 +81,7 @@ def _expected_params(module, *args):
 def _abstract_params(module, specs: tuple):
   """Tracing a model's init is most of loading a small one: once per architecture and input
   shapes in a process (a second pipeline of the same config, a reloaded one), and kept on disk
-beside the compiled programs for the next process."""
+  beside the compiled programs for the next process."""
   def init(*args):
     return module.init(jax.random.key(0), *args)["params"]
 
