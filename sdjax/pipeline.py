@@ -322,7 +322,7 @@ class Pipeline:
                hires_steps: int | None = None, hires_strength: float = 0.7,
                hires_upscaler: str = "latent",
                controlnet: ControlNet | Sequence[ControlNet] | None = None,
-               control_images=None,
+               control_images=None, hires_control_images=None,
                controlnet_conditioning_scale: float | Sequence[float] = 1.0,
                control_guidance_start: float | Sequence[float] = 0.0,
                control_guidance_end: float | Sequence[float] = 1.0,
@@ -408,7 +408,11 @@ class Pipeline:
         StableDiffusionControlNetPipeline / StableDiffusionXLControlNetPipeline (and their
         img2img and inpainting pipelines). A list of ControlNets takes a list of control
         images, one entry per ControlNet; their residuals are summed in order (diffusers'
-        MultiControlNetModel).
+        MultiControlNetModel). With `refiner` the ControlNet steers the base's steps (its share
+        of the steps counted over the whole schedule, as diffusers' base with
+        `denoising_end`); with `hires_scale` both passes (A1111's ControlNet extension), the
+        second by `hires_control_images` at its size (default: `control_images` enlarged
+        bilinearly), its share of the steps counted over the second pass's.
       controlnet_conditioning_scale: the weight of the ControlNet's residuals (a list: one per
         ControlNet).
       control_guidance_start, control_guidance_end: the share of the steps, from and to, in which
@@ -451,6 +455,7 @@ class Pipeline:
         hires=None if hires_scale is None else sampling.Hires(
             hires_scale, hires_steps, hires_strength, hires_upscaler),
         controlnet=controlnet, control_images=control_images,
+        hires_control_images=hires_control_images,
         controlnet_conditioning_scale=controlnet_conditioning_scale,
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
         guess_mode=guess_mode)

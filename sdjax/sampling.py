@@ -826,10 +826,12 @@ class Hires:
 def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str | None,
                   height: int, width: int, guidance_scale: float, guidance_rescale: float = 0.0,
                   clip_skip: int | None = None, eta: float = 0.0, cfg_split: bool = False,
-                  scheduler_options: dict[str, Any] | None = None):
+                  scheduler_options: dict[str, Any] | None = None, control: bool = False,
+                  control_guess: bool = False):
   """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
-  steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps."""
+  steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps. `control`,
+  `control_guess`: as `prepare`'s (a ControlNet steers the second pass too)."""
   hires.check()
   n = hires.steps or steps
   total = int(n / min(hires.strength, 0.999))
@@ -837,7 +839,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   spec, state = prepare(pipe, batch, steps=total, scheduler=scheduler, height=h, width=w,
                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                         clip_skip=clip_skip, eta=eta, cfg_split=cfg_split,
-                        scheduler_options=scheduler_options)
+                        scheduler_options=scheduler_options, control=control,
+                        control_guess=control_guess)
   return dataclasses.replace(spec, begin=(total - n) * spec.scheduler.order,
                              upscale=hires.upscaler), state
 
@@ -879,6 +882,7 @@ def generate(
     scheduler_options: dict[str, Any] | None = None,
     controlnet=None,
     control_images: Any = None,
+    hires_control_images: Any = None,
     controlnet_conditioning_scale: float = 1.0,
     control_guidance_start: float = 0.0,
     control_guidance_end: float = 1.0,
@@ -934,8 +938,14 @@ def generate(
   if controlnet is not None:
     controlled = pipe.with_controlnet(controlnet)  # a one-line error unless each fits the UNet
     control_images = _control_images(controlled.controlnet, control_images, n, height, width,
-                                     hires is not None or refiner is not None or cfg_parallel)
-  elif control_images is not None:
+                                     cfg_parallel)
+    if hires is not None:
+      hires_control_images = _hires_control_images(
+          controlled.controlnet, control_images, hires_control_images, n,
+          hires.size(pipe, height, width))
+    elif hires_control_images is not None:
+      raise ValueError("hires_control_images are the hires pass's: give hires_scale too")
+  elif control_images is not None or hires_control_images is not None:
     raise ValueError("control_images are a ControlNet's input: give controlnet= too")
   common = dict(steps=steps, scheduler=scheduler, height=height, width=width,
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
@@ -949,7 +959,8 @@ def generate(
                             controlled.controlnet, guess_mode),
                         **common)
   if hires is not None:  # checked before the first pass runs
-    hires_stage = prepare_hires(pipe, n, hires, **common)
+    hires_stage = prepare_hires(pipe, n, hires, control=spec.control,
+                                control_guess=spec.control_guess, **common)
     spec = dataclasses.replace(spec, output_latents=True)
   seeds = make_seeds(seed, n)
   latent_shape = (n, *spec.latent_hw, latent_channels(pipe))
@@ -972,11 +983,15 @@ def generate(
     k = len(controlled.controlnet)
     starts, ends = (per_controlnet(control_guidance_start, k, "control_guidance_start"),
                     per_controlnet(control_guidance_end, k, "control_guidance_end"))
-    control = (tuple(jnp.asarray(images) for images in control_images),
-               jnp.asarray(per_controlnet(controlnet_conditioning_scale, k,
-                                          "controlnet_conditioning_scale"), jnp.float32),
-               jnp.asarray(np.stack([control_weights(spec, state, a, b)
-                                     for a, b in zip(starts, ends, strict=True)])))
+    scales = jnp.asarray(per_controlnet(controlnet_conditioning_scale, k,
+                                        "controlnet_conditioning_scale"), jnp.float32)
+
+    def control_input(images, spec, state):
+      return (tuple(jnp.asarray(x) for x in images), scales,
+              jnp.asarray(np.stack([control_weights(spec, state, a, b)
+                                    for a, b in zip(starts, ends, strict=True)])))
+
+    control = control_input(control_images, spec, state)
   out = _sample(spec, nets, params, cond, seeds, noise, scalars,
                 _init_input(init_images, mask_images), state, control)
   if hires is not None:
@@ -989,8 +1004,9 @@ def generate(
       cond = make_conditioning(pipe, prompts, negatives, prompts_2=prompts_2,
                                negative_prompts_2=negative_prompts_2, micro=micro,
                                size=hires.size(pipe, height, width), a1111=a1111)
-    out = _sample(hires_spec, pipe.networks, pipe.params, cond, seeds, noise, scalars, out,
-                  hires_state)
+    out = _sample(hires_spec, nets, params, cond, seeds, noise, scalars, out, hires_state,
+                  None if controlled is None else control_input(hires_control_images, hires_spec,
+                                                                hires_state))
   if refiner is None:
     return np.asarray(out)
   return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
@@ -999,22 +1015,21 @@ def generate(
 
 
 def _control_images(controlnets, images, n: int, height: int, width: int,
-                    unsupported: bool) -> list[np.ndarray]:
+                    unsupported: bool = False, what: str = "control_images") -> list[np.ndarray]:
   """Each ControlNet's images [n, height, width, c] (one given image serves every prompt):
   `images` itself for one ControlNet, a list of one entry per ControlNet for several."""
   if unsupported:
-    raise ValueError("controlnet= steers text-to-image, img2img and inpainting runs; it does "
-                     "not take hires_scale, refiner= or cfg_parallel yet")
+    raise ValueError("controlnet= does not take cfg_parallel yet")
   if images is None:
-    raise ValueError("controlnet= needs control_images")
+    raise ValueError(f"controlnet= needs {what}")
   k = len(controlnets)
   if k == 1:
-    images, names = [images], ["control_images"]
+    images, names = [images], [what]
   elif not isinstance(images, list | tuple) or len(images) != k:
-    raise ValueError(f"with {k} ControlNets, control_images is a list of {k} (one per "
+    raise ValueError(f"with {k} ControlNets, {what} is a list of {k} (one per "
                      f"ControlNet, in order)")
   else:
-    names = [f"control_images[{i}]" for i in range(k)]
+    names = [f"{what}[{i}]" for i in range(k)]
   out = []
   for net, given, name in zip(controlnets, images, names, strict=True):
     given = np.asarray(given, np.float32)
@@ -1028,6 +1043,15 @@ def _control_images(controlnets, images, n: int, height: int, width: int,
                        f"size), got {given.shape}")
     out.append(given)
   return out
+
+
+def _hires_control_images(controlnets, images, given, n: int,
+                          size: tuple[int, int]) -> list[np.ndarray]:
+  """Each ControlNet's images for the hires pass, at its `size`: `given` (as `control_images`),
+  or by default the first pass's enlarged bilinearly."""
+  if given is not None:
+    return _control_images(controlnets, given, n, *size, what="hires_control_images")
+  return [np.asarray(jax.image.resize(x, (n, *size, x.shape[-1]), "linear")) for x in images]
 
 
 def uses_guess_mode(controlnets, requested: bool) -> bool:
@@ -1049,12 +1073,14 @@ def per_controlnet(value, k: int, name: str) -> list[float]:
 
 def control_weights(spec: SampleSpec, state, start: float, end: float) -> np.ndarray:
   """The ControlNet's weight at each UNet call (float32 [calls]): 1 where the call's share of
-  the run lies within [start, end], else 0, as diffusers' `controlnet_keep`."""
+  the run lies within [start, end], else 0, as diffusers' `controlnet_keep` (which a base
+  stopping at a refiner's `denoising_end` counts over the whole schedule)."""
   if not 0.0 <= start < end <= 1.0:
     raise ValueError(f"control_guidance_start and _end must satisfy 0 <= start < end <= 1, got "
                      f"{start} and {end}")
-  n = (len(state.timesteps) if spec.end is None else spec.end) - spec.begin
-  return np.asarray([0.0 if i / n < start or (i + 1) / n > end else 1.0 for i in range(n)],
+  n = len(state.timesteps) - spec.begin  # a refiner's base stage: shares of the whole run
+  calls = (len(state.timesteps) if spec.end is None else spec.end) - spec.begin
+  return np.asarray([0.0 if i / n < start or (i + 1) / n > end else 1.0 for i in range(calls)],
                     np.float32)
 
 

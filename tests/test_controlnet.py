@@ -226,6 +226,56 @@ def test_img2img_matches_diffusers(sd1_controlnet):
   assert err <= 1e-4
 
 
+def test_hires_fix_matches_diffusers(sd1_controlnet):
+  """The hires fix with a ControlNet, which steers both passes (A1111's ControlNet extension):
+  diffusers' ControlNet pipeline to latents, torch's interpolate, then its ControlNet img2img
+  pipeline on those latents with the second pass's control images, for the steps A1111 runs (the
+  last 3 of int(3 / 0.6) = 5), with our draws of the second pass's noise; control_guidance_end
+  counts over each pass's steps. The default second-pass images are the first's enlarged
+  bilinearly."""
+  from unittest import mock  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import sampling  # noqa: PLC0415
+
+  ref, pipe, controlnet = sd1_controlnet
+  img = diffusers.StableDiffusionControlNetImg2ImgPipeline(**ref.components)
+  img.set_progress_bar_config(disable=True)
+  rng = np.random.default_rng(10)
+  control = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  hires_control = rng.uniform(size=(1, 24, 24, 3)).astype(np.float32)
+  noise, seed, hires_steps, strength = randn(2, 8, 8, 4, seed=13), 4, 3, 0.6
+  total = int(hires_steps / strength)
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
+  second = nchw(np.asarray(sampling._keyed_noise(keys, sampling._HIRES_NOISE, (12, 12, 4))))  # noqa: SLF001
+  kw = dict(guidance_scale=3.0, controlnet_conditioning_scale=1.2, control_guidance_end=0.7)
+  module = "diffusers.pipelines.controlnet.pipeline_controlnet_img2img"
+  ours = {}
+  for name, given in (("given", hires_control), ("default", None)):
+    with torch.no_grad():
+      first = ref(PROMPTS, image=nchw(control), num_inference_steps=4, height=16, width=16,
+                  latents=nchw(noise), output_type="latent", **kw).images
+      enlarged = torch.nn.functional.interpolate(first, size=(12, 12), mode="bilinear")
+      again = (np.repeat(hires_control, 2, axis=0) if given is not None else
+               np.asarray(jax.image.resize(control, (2, 24, 24, 3), "linear")))
+      with mock.patch(f"{module}.randn_tensor", lambda *a, **k: second):
+        expected = img(PROMPTS, image=enlarged, control_image=nchw(again),
+                       strength=(hires_steps + 0.5) / total, num_inference_steps=total,
+                       height=24, width=24, output_type="np", **kw).images
+    ours[name] = pipe.generate(PROMPTS, steps=4, height=16, width=16, scheduler="euler",
+                               latents=noise, seed=seed, hires_scale=1.5,
+                               hires_steps=hires_steps, hires_strength=strength,
+                               controlnet=controlnet, control_images=control,
+                               hires_control_images=given, **kw)
+    assert ours[name].shape == (2, 24, 24, 3)
+    err = float(np.linalg.norm(ours[name] - expected) / np.linalg.norm(expected))
+    print(f"\ncontrolnet hires fix ({name} second-pass images): {err:.2e}")
+    assert err <= 1e-4
+  assert np.abs(ours["given"] - ours["default"]).max() > 1e-3
+
+
 def test_bad_controlnet_arguments(sd1_controlnet, tmp_path):
   import sdjax  # noqa: PLC0415
 
@@ -241,8 +291,15 @@ def test_bad_controlnet_arguments(sd1_controlnet, tmp_path):
   with pytest.raises(ValueError, match="0 <= start < end <= 1"):
     pipe.generate(PROMPTS, controlnet=controlnet, control_images=control,
                   control_guidance_start=0.5, control_guidance_end=0.5, **kw)
-  with pytest.raises(ValueError, match="does not take hires_scale, refiner= or cfg_parallel"):
-    pipe.generate(PROMPTS, controlnet=controlnet, control_images=control, hires_scale=1.5, **kw)
+  with pytest.raises(ValueError, match="does not take cfg_parallel"):
+    pipe.generate(PROMPTS, controlnet=controlnet, control_images=control, cfg_parallel=True,
+                  guidance_scale=3.0, **kw)
+  with pytest.raises(ValueError, match=r"hires_control_images must be \[2 \(or 1\), 24, 24, 3\]"):
+    pipe.generate(PROMPTS, controlnet=controlnet, control_images=control, hires_scale=1.5,
+                  hires_control_images=control, **kw)
+  with pytest.raises(ValueError, match="give hires_scale too"):
+    pipe.generate(PROMPTS, controlnet=controlnet, control_images=control,
+                  hires_control_images=control, **kw)
   other = torch_controlnet(testing.UNET_SD2, 3, conditioning_embedding_out_channels=(8, 16))
   other.save_pretrained(str(tmp_path / "sd2"), safe_serialization=True)
   with pytest.raises(ValueError, match="does not fit this model .skip_channels"):
@@ -427,13 +484,15 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
   assert np.abs(written - np.round(expected[0] * 255)).max() <= 1.0
 
 
-def test_sdxl_generate_matches_diffusers(tmp_path):
-  """An SDXL ControlNet (text_time conditioning in the ControlNet too) against
-  StableDiffusionXLControlNetPipeline, with a non-square image."""
+@pytest.fixture(scope="module")
+def sdxl_controlnet(tmp_path_factory):
+  """(StableDiffusionXLControlNetPipeline, diffusers' refiner, sdjax base, refiner,
+  ControlNet) of tiny random SDXL networks."""
   import sdjax  # noqa: PLC0415
 
+  tmp_path = tmp_path_factory.mktemp("sdxl_cn")
   folder = str(tmp_path / "sdxl")
-  base, _ = testing.write_torch_sdxl(folder, seed=17)
+  base, refiner = testing.write_torch_sdxl(folder, seed=17)
   pipe = sdjax.load_pipeline(folder + "/base")
   controlnet = torch_controlnet(testing.UNET_SDXL, 19, conditioning_embedding_out_channels=(8, 16))
   controlnet.save_pretrained(str(tmp_path / "cn"), safe_serialization=True)
@@ -443,6 +502,16 @@ def test_sdxl_generate_matches_diffusers(tmp_path):
       controlnet=controlnet, scheduler=diffusers.EulerDiscreteScheduler.from_config(
           pipe.scheduler_config), add_watermarker=False)
   ref.set_progress_bar_config(disable=True)
+  refiner.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
+  refiner.set_progress_bar_config(disable=True)
+  return (ref, refiner, pipe, sdjax.load_pipeline(folder + "/refiner"),
+          sdjax.load_controlnet(str(tmp_path / "cn")))
+
+
+def test_sdxl_generate_matches_diffusers(sdxl_controlnet):
+  """An SDXL ControlNet (text_time conditioning in the ControlNet too) against
+  StableDiffusionXLControlNetPipeline, with a non-square image."""
+  ref, _, pipe, _, controlnet = sdxl_controlnet
   control = np.random.default_rng(3).uniform(size=(2, 16, 24, 3)).astype(np.float32)
   latents = randn(2, 8, 12, 4, seed=6)
   with torch.no_grad():
@@ -450,9 +519,34 @@ def test_sdxl_generate_matches_diffusers(tmp_path):
                    num_inference_steps=3, guidance_scale=3.0, height=16, width=24,
                    controlnet_conditioning_scale=0.7).images
   ours = pipe.generate(PROMPTS, steps=3, guidance_scale=3.0, height=16, width=24,
-                       scheduler="euler", latents=latents, controlnet=sdjax.load_controlnet(
-                           str(tmp_path / "cn")), control_images=control,
-                       controlnet_conditioning_scale=0.7)
+                       scheduler="euler", latents=latents, controlnet=controlnet,
+                       control_images=control, controlnet_conditioning_scale=0.7)
   err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
   print(f"\nSDXL controlnet generate: {err:.2e}")
   assert err <= 1e-4
+
+
+def test_sdxl_controlnet_with_refiner_matches_diffusers(sdxl_controlnet):
+  """The ControlNet steers the base's steps of a base -> refiner hand-off: diffusers' ControlNet
+  base with denoising_end=0.8 (its control_guidance_start / _end counted over the whole
+  schedule: the ControlNet acts at calls 2 and 3 of 6, not 1 and 2 of the base's 5), then its
+  refiner with denoising_start=0.8."""
+  ref, ref_refiner, pipe, refiner, controlnet = sdxl_controlnet
+  control = np.random.default_rng(4).uniform(size=(1, 16, 24, 3)).astype(np.float32)
+  latents = randn(2, 8, 12, 4, seed=7)
+  settings = dict(controlnet_conditioning_scale=1.5, control_guidance_start=0.2,
+                  control_guidance_end=0.7)
+  with torch.no_grad():
+    handed = ref(PROMPTS, image=nchw(control), latents=nchw(latents), output_type="latent",
+                 num_inference_steps=6, guidance_scale=3.0, height=16, width=24,
+                 denoising_end=0.8, **settings).images
+    expected = ref_refiner(PROMPTS, image=handed, denoising_start=0.8, num_inference_steps=6,
+                           guidance_scale=3.0, output_type="np").images
+  kw = dict(steps=6, guidance_scale=3.0, height=16, width=24, scheduler="euler",
+            latents=latents, refiner=refiner, refiner_start=0.8)
+  ours = pipe.generate(PROMPTS, controlnet=controlnet, control_images=control, **settings, **kw)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  plain = pipe.generate(PROMPTS, **kw)
+  change = float(np.linalg.norm(plain - expected) / np.linalg.norm(expected))
+  print(f"\nSDXL controlnet + refiner: {err:.2e} (without the ControlNet: {change:.2e})")
+  assert err <= 1e-4 and change > 100 * err
