@@ -121,8 +121,10 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
   whose leaves, like `seeds` and the images, are sharded along the mesh's data axis (see
   `shard_tree`). With `refiner=(refiner_spec, refiner_pipe)` (an SDXL
   base -> refiner handoff, `spec` ending in latents) `params`, `cond` and `state` are
-  (base, refiner) pairs and both stages run in the one program. With `hires` (the hires pass's
-  spec, `spec` ending in latents) `cond` and `state` are (first pass, hires pass) pairs.
+  (base, refiner) pairs and both stages run in the one program (a ControlNet steers the
+  base's). With `hires` (the hires pass's spec, `spec` ending in latents) `cond` and `state` are
+  (first pass, hires pass) pairs; a ControlNet steers both, `f(..., control_images, scale,
+  weights, hires_control_images, hires_weights)`.
   """
   latent_shape = (*spec.latent_hw, sampling.latent_channels(pipe))
   nets = pipe.networks
@@ -132,24 +134,29 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
 
   def per_device(params, cond, seeds, guidance_scale, guidance_rescale, state, *extra):
     init = extra[0] if spec.img2img else None
-    control = extra[-3:] if spec.control else None
+    control = hires_control = None
+    if spec.control:
+      control = tuple(extra[int(spec.img2img):][:3])
+      if hires is not None:
+        hires_control = (extra[-2], control[1], extra[-1])
     noise = sampling.initial_noise(seeds, latent_shape)
     if hires is not None:
       latents = sampling.sample_fn(spec, nets, params, cond[0], seeds, noise, guidance_scale,
-                                   guidance_rescale, init, state[0], cfg_axis)
+                                   guidance_rescale, init, state[0], cfg_axis, control)
       return sampling.sample_fn(hires, nets, params, cond[1], seeds, noise, guidance_scale,
-                                guidance_rescale, latents, state[1], cfg_axis)
+                                guidance_rescale, latents, state[1], cfg_axis, hires_control)
     if refiner is None:
       return sampling.sample_fn(spec, nets, params, cond, seeds, noise, guidance_scale,
                                 guidance_rescale, init, state, cfg_axis, control)
     latents = sampling.sample_fn(spec, nets, params[0], cond[0], seeds, noise, guidance_scale,
-                                 guidance_rescale, init, state[0], cfg_axis)
+                                 guidance_rescale, init, state[0], cfg_axis, control)
     return sampling.sample_fn(refiner[0], refiner[1].networks, params[1], cond[1], seeds, noise,
                               guidance_scale, guidance_rescale, latents, state[1], cfg_axis)
 
   batch = P(DATA)  # and replicated over the cfg axis, if any
   in_specs = (P(), batch, batch, P(), P(), P()) + ((batch,) if spec.img2img else ()) + (
-      (batch, P(), P()) if spec.control else ())
+      (batch, P(), P()) if spec.control else ()) + (
+      (batch, P()) if spec.control and hires is not None else ())
   fn = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=batch,
                      check_vma=False)
   return jax.jit(fn)

@@ -219,9 +219,6 @@ def validate(cfg: RunConfig) -> None:
     for scale in cfg.controlnet_scale:
       if not math.isfinite(scale):
         raise RunError(f"--controlnet_scale must be a number, got {scale}")
-    if cfg.hires_scale or cfg.refiner is not None:
-      raise RunError("--controlnet steers one text-to-image pass: not with --hires_scale or "
-                     "--refiner yet")
   if cfg.inpainting_fill not in masks.MASKED_CONTENT:
     raise RunError(f"--inpainting_fill must be one of "
                    f"{', '.join(m.replace(' ', '_') for m in masks.MASKED_CONTENT)}, got "
@@ -769,7 +766,7 @@ class _Program:
   refiner: Any  # (spec, state, pipeline) of the refiner stage, or None
   steps: int
   hires: Any = None  # (spec, state) of the hires pass, or None
-  control: Any = None  # replicated (scale, weight per call) of the ControlNet, or None
+  control: Any = None  # replicated (scale, weight per call[, hires pass's]) of the ControlNet
   compiled: dict = dataclasses.field(default_factory=dict)  # per prompt-input shape
 
   @property
@@ -843,7 +840,8 @@ class _Sampler:
         state, stage = (state, refiner[1]), refiner[::2]
       if hires is not None:  # so does the hires pass
         try:
-          hires = sampling.prepare_hires(pipe, cfg.batch_size, hires, **common)
+          hires = sampling.prepare_hires(pipe, cfg.batch_size, hires, control=spec.control,
+                                         control_guess=spec.control_guess, **common)
         except ValueError as e:
           raise RunError(f"--hires_scale: {e}") from None
         spec = dataclasses.replace(spec, output_latents=True)
@@ -854,12 +852,13 @@ class _Sampler:
                                    hires=None if hires is None else hires[0]),
           aot.sampler_statics(spec, pipe, stage if hires is None else (hires[0], pipe)),
           refiner, steps, hires)
-      if spec.control:
-        self.programs[key].control = parallel.replicate(
-            (np.float32(_per_controlnet(cfg)[0]),
-             np.stack([sampling.control_weights(spec, host_state, start, end)
-                       for start, end in zip(*_per_controlnet(cfg)[1:], strict=True)])),
-            self.mesh)
+      if spec.control:  # (scales, weights per call[, the hires pass's weights])
+        scales, starts, ends = _per_controlnet(cfg)
+        control = (np.float32(scales),) + tuple(
+            np.stack([sampling.control_weights(s, st, start, end)
+                      for start, end in zip(starts, ends, strict=True)])
+            for s, st in [(spec, host_state)] + ([] if hires is None else [hires]))
+        self.programs[key].control = parallel.replicate(control, self.mesh)
     return self.programs[key]
 
   def _a1111(self, program, sizes=None):
@@ -995,9 +994,12 @@ class _Sampler:
     if program.spec.img2img:
       init, finish = self._init_images(jobs, size, program.spec.inpaint is not None)
       args += (parallel.shard_tree(self.mesh, init, self.global_batch),)
-    if program.spec.control:
-      args += (parallel.shard_tree(self.mesh, self._control_images(batch, size, finish),
-                                   self.global_batch), *program.control)
+    if program.spec.control:  # with the hires fix the second pass's too, read at its size
+      images = [self._control_images(batch, size, finish)]
+      if program.hires is not None:
+        images.append(self._control_images(batch, _hires(self.cfg).size(self.pipe, *size)))
+      images = [parallel.shard_tree(self.mesh, x, self.global_batch) for x in images]
+      args += (images[0], *program.control[:2], *images[1:], *program.control[2:])
     key = str(jax.tree.map(np.shape, cond))
     if key not in program.compiled:
       t0 = time.perf_counter()

@@ -550,3 +550,58 @@ def test_sdxl_controlnet_with_refiner_matches_diffusers(sdxl_controlnet):
   change = float(np.linalg.norm(plain - expected) / np.linalg.norm(expected))
   print(f"\nSDXL controlnet + refiner: {err:.2e} (without the ControlNet: {change:.2e})")
   assert err <= 1e-4 and change > 100 * err
+
+
+def test_run_with_hires_fix_and_refiner(sd1_controlnet, sdxl_controlnet, tmp_path):
+  """main.py's run with a ControlNet and the hires fix (its control image read at each pass's
+  size) or the refiner (the base's steps): each image is generate()'s."""
+  from unittest import mock  # noqa: PLC0415
+
+  from PIL import Image  # noqa: PLC0415
+
+  from sdjax import outputs, run  # noqa: PLC0415
+
+  Image.fromarray(np.random.default_rng(11).integers(0, 255, (24, 32, 3), np.uint8)).save(
+      tmp_path / "edges.png")
+  edges = str(tmp_path / "edges.png")
+  _, pipe, controlnet = sd1_controlnet
+  common = dict(steps=3, guidance_scale=3.0, scheduler="euler", seed=2, batch_size=1,
+                controlnet=(controlnet.name,), control_image=(edges,), controlnet_scale=(1.5,),
+                control_guidance_end=(0.7,), compilation_cache="", show_progress=False)
+  hires = dict(hires_scale=1.5, hires_steps=2, hires_strength=0.6)
+  cfg = run.RunConfig(model=pipe.name, prompts=(run.PromptLine("a cat"),), height=16, width=16,
+                      output_dir=str(tmp_path / "hires"), **hires, **common)
+  read = run._Sampler._control_images  # noqa: SLF001
+  sizes = []
+
+  def spy(self, batch, size, prepared=None):
+    sizes.append(size)
+    return read(self, batch, size, prepared)
+
+  # (The tiny model's pixels move by less than a PNG step between the two ways of making the
+  # second pass's images: the sizes they are read at show it.)
+  with mock.patch.object(run._Sampler, "_control_images", spy):  # noqa: SLF001
+    assert run.generate_run(cfg).images == 1
+  assert sizes == [(16, 16), (24, 24)]
+  expected = pipe.generate("a cat", steps=3, guidance_scale=3.0, scheduler="euler", seed=2,
+                           height=16, width=16, controlnet=controlnet,
+                           control_images=outputs.read_image(edges, (16, 16)),
+                           hires_control_images=outputs.read_image(edges, (24, 24)),
+                           controlnet_conditioning_scale=1.5, control_guidance_end=0.7, **hires)
+  written = np.asarray(Image.open(tmp_path / "hires" / "00000" / "000000.png"), np.float32)
+  assert written.shape == (24, 24, 3)
+  assert np.abs(written - expected[0] * 255).max() <= 1.0
+
+  _, _, base, refiner, sdxl_controlnet_ = sdxl_controlnet
+  cfg = run.RunConfig(model=base.name, refiner=refiner.name, refiner_start=0.8,
+                      prompts=(run.PromptLine("a cat"),), height=16, width=24,
+                      output_dir=str(tmp_path / "refiner"),
+                      **{**common, "controlnet": (sdxl_controlnet_.name,), "steps": 6})
+  assert run.generate_run(cfg).images == 1
+  expected = base.generate("a cat", steps=6, guidance_scale=3.0, scheduler="euler", seed=2,
+                           height=16, width=24, refiner=refiner, refiner_start=0.8,
+                           controlnet=sdxl_controlnet_,
+                           control_images=outputs.read_image(edges, (16, 24)),
+                           controlnet_conditioning_scale=1.5, control_guidance_end=0.7)
+  written = np.asarray(Image.open(tmp_path / "refiner" / "00000" / "000000.png"), np.float32)
+  assert np.abs(written - expected[0] * 255).max() <= 1.0
