@@ -194,7 +194,8 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
                                   parts, guidance_scale, controls(call), guess(len(x)))
     if spec.cfg_split:
       eps_uncond, eps_cond = _split_guidance_pair(nets, params, x, t, negative.at(call),
-                                                  positive.at(call), cfg_axis, controls(call))
+                                                  positive.at(call), cfg_axis, controls(call),
+                                                  spec.control_guess)
       return guide(eps_uncond, eps_cond, guidance_scale,
                    guidance_rescale if spec.guidance_rescale else None)
     emb = (conditioning.Embeddings.concat(negative.at(call), positive.at(call)) if scheduled
@@ -294,18 +295,25 @@ def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None, 
   return eps
 
 
-def _split_guidance_pair(nets, params, x, t, negative, positive, cfg_axis, control=None):
+def _split_guidance_pair(nets, params, x, t, negative, positive, cfg_axis, control=None,
+                         guess: bool = False):
   """(eps_uncond, eps_cond) as two UNet calls of B rows: one per device of `cfg_axis`, or
-  both here. Each call is the same computation either way, so the pixels agree."""
+  both here. Each call is the same computation either way, so the pixels agree. In guess mode
+  the unconditional call's ControlNet residuals are scaled by 0 (none, as diffusers' guess
+  mode; the same program on either side)."""
 
-  def call(emb):
-    return conditioning.predict(nets, params, x, t, emb, control=control).astype(jnp.float32)
+  def call(emb, is_cond):
+    side = control
+    if control is not None and guess:
+      side = (control[0], control[1] * is_cond.astype(jnp.float32))
+    return conditioning.predict(nets, params, x, t, emb, control=side,
+                                guess=0 if guess else None).astype(jnp.float32)
 
   if cfg_axis is None:
-    return call(negative), call(positive)
+    return call(negative, jnp.bool_(False)), call(positive, jnp.bool_(True))
   is_cond = jax.lax.axis_index(cfg_axis) == 1
   mine = jax.tree.map(lambda u, c: jnp.where(is_cond, c, u), negative, positive)
-  pair = jax.lax.all_gather(call(mine), cfg_axis)  # [2, B, ...]: both devices get both
+  pair = jax.lax.all_gather(call(mine, is_cond), cfg_axis)  # [2, B, ...]: both get both
   return pair[0], pair[1]
 
 
@@ -380,9 +388,10 @@ def _cfg_parallel_sample(spec: SampleSpec, nets: Networks, mesh):
   """`sample_fn` on a mesh of two devices (axis CFG_AXIS), each making one side of every guidance
   pair; every input and the output replicated."""
 
-  def per_device(params, cond, seeds, noise, guidance_scale, guidance_rescale, init, state):
+  def per_device(params, cond, seeds, noise, guidance_scale, guidance_rescale, init, state,
+                 control):
     return sample_fn(spec, nets, params, cond, seeds, noise, guidance_scale, guidance_rescale,
-                     init, state, CFG_AXIS)
+                     init, state, CFG_AXIS, control)
 
   return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(), out_specs=P(),
                                check_vma=False))
@@ -411,7 +420,7 @@ def _sample(spec: SampleSpec, nets: Networks, params, cond, seeds, noise, scalar
   latent_spec = dataclasses.replace(spec, output_latents=True)
   devices = jax.devices()
   if len(devices) < 2:
-    latents = _jitted_sample(latent_spec, nets, params, *args)
+    latents = _jitted_sample(latent_spec, nets, params, *args, None, control)
   else:
     mesh = Mesh(np.asarray(devices[:2]), (CFG_AXIS,))
     sharding = NamedSharding(mesh, P())
@@ -419,8 +428,8 @@ def _sample(spec: SampleSpec, nets: Networks, params, cond, seeds, noise, scalar
       if len(_replicated) >= 2:
         _replicated.pop(next(iter(_replicated)))
       _replicated[id(params)] = (params, jax.device_put(params, sharding))
-    latents = _cfg_parallel_sample(latent_spec, nets, mesh)(_replicated[id(params)][1],
-                                                            *jax.device_put(args, sharding))
+    latents = _cfg_parallel_sample(latent_spec, nets, mesh)(
+        _replicated[id(params)][1], *jax.device_put((*args, control), sharding))
     latents = next(s.data for s in latents.addressable_shards if s.device == devices[0])
   if spec.output_latents:
     return latents
@@ -937,8 +946,7 @@ def generate(
   controlled = None
   if controlnet is not None:
     controlled = pipe.with_controlnet(controlnet)  # a one-line error unless each fits the UNet
-    control_images = _control_images(controlled.controlnet, control_images, n, height, width,
-                                     cfg_parallel)
+    control_images = _control_images(controlled.controlnet, control_images, n, height, width)
     if hires is not None:
       hires_control_images = _hires_control_images(
           controlled.controlnet, control_images, hires_control_images, n,
@@ -1015,11 +1023,9 @@ def generate(
 
 
 def _control_images(controlnets, images, n: int, height: int, width: int,
-                    unsupported: bool = False, what: str = "control_images") -> list[np.ndarray]:
+                    what: str = "control_images") -> list[np.ndarray]:
   """Each ControlNet's images [n, height, width, c] (one given image serves every prompt):
   `images` itself for one ControlNet, a list of one entry per ControlNet for several."""
-  if unsupported:
-    raise ValueError("controlnet= does not take cfg_parallel yet")
   if images is None:
     raise ValueError(f"controlnet= needs {what}")
   k = len(controlnets)

@@ -161,7 +161,8 @@ def test_two_controlnets_and_guess_mode_match_diffusers(sd1_controlnet, tmp_path
   its own images (one image serving both prompts for the second), scale and share of the steps,
   in diffusers' guess mode: the ControlNets skip the unconditional half of CFG, the first's
   residuals scaled 0.1 to 1, the second's not (it has pooled conditions, the shuffle model's,
-  which on their own turn guess mode on)."""
+  which on their own turn guess mode on). With cfg_parallel too (each half of a guidance pair
+  its own UNet call)."""
   import sdjax  # noqa: PLC0415
   from sdjax import sampling  # noqa: PLC0415
 
@@ -187,11 +188,12 @@ def test_two_controlnets_and_guess_mode_match_diffusers(sd1_controlnet, tmp_path
   pooled = sdjax.load_controlnet(str(tmp_path / "pooled"))
   assert sampling.uses_guess_mode([pooled.model], False)
   assert not sampling.uses_guess_mode([first.model, pooled.model], False)
-  ours = pipe.generate(PROMPTS, controlnet=[first, pooled], control_images=control, **kw,
-                       guess_mode=True, **settings)
-  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
-  print(f"\ntwo controlnets, guess mode: {err:.2e}")
-  assert err <= 1e-4
+  for split in (False, True):  # cfg_parallel: the split program (here on one device)
+    ours = pipe.generate(PROMPTS, controlnet=[first, pooled], control_images=control, **kw,
+                         guess_mode=True, cfg_parallel=split, **settings)
+    err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+    print(f"\ntwo controlnets, guess mode, cfg_parallel={split}: {err:.2e}")
+    assert err <= 1e-4
   with pytest.raises(ValueError, match="with 2 ControlNets, control_images is a list of 2"):
     pipe.generate(PROMPTS, controlnet=[first, pooled], control_images=control[0], **kw)
   with pytest.raises(ValueError, match="controlnet_conditioning_scale must be one number or "
@@ -291,9 +293,6 @@ def test_bad_controlnet_arguments(sd1_controlnet, tmp_path):
   with pytest.raises(ValueError, match="0 <= start < end <= 1"):
     pipe.generate(PROMPTS, controlnet=controlnet, control_images=control,
                   control_guidance_start=0.5, control_guidance_end=0.5, **kw)
-  with pytest.raises(ValueError, match="does not take cfg_parallel"):
-    pipe.generate(PROMPTS, controlnet=controlnet, control_images=control, cfg_parallel=True,
-                  guidance_scale=3.0, **kw)
   with pytest.raises(ValueError, match=r"hires_control_images must be \[2 \(or 1\), 24, 24, 3\]"):
     pipe.generate(PROMPTS, controlnet=controlnet, control_images=control, hires_scale=1.5,
                   hires_control_images=control, **kw)
@@ -604,4 +603,37 @@ def test_run_with_hires_fix_and_refiner(sd1_controlnet, sdxl_controlnet, tmp_pat
                            control_images=outputs.read_image(edges, (16, 24)),
                            controlnet_conditioning_scale=1.5, control_guidance_end=0.7)
   written = np.asarray(Image.open(tmp_path / "refiner" / "00000" / "000000.png"), np.float32)
+  assert np.abs(written - expected[0] * 255).max() <= 1.0
+
+
+def test_cfg_parallel_run_in_guess_mode(sd1_controlnet, tmp_path):
+  """main.py --cfg_parallel --controlnet_guess_mode on two devices: the device making the
+  unconditional half adds no residuals, so each image is generate(cfg_parallel=True,
+  guess_mode=True)'s (the split program on one device)."""
+  import os  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  from PIL import Image  # noqa: PLC0415
+
+  from sdjax import outputs  # noqa: PLC0415
+
+  _, pipe, controlnet = sd1_controlnet
+  Image.fromarray(np.random.default_rng(12).integers(0, 255, (16, 16, 3), np.uint8)).save(
+      tmp_path / "edges.png")
+  edges, out = str(tmp_path / "edges.png"), str(tmp_path / "out")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, "main.py"), "--model", pipe.name, "--prompt", "a cat",
+       "--steps", "3", "--guidance_scale", "3", "--scheduler", "euler", "--height", "16",
+       "--width", "16", "--seed", "5", "--cfg_parallel", "--controlnet", controlnet.name,
+       "--control_image", edges, "--controlnet_guess_mode", "--output_dir", out,
+       "--compilation_cache="], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  expected = pipe.generate("a cat", steps=3, guidance_scale=3.0, scheduler="euler", height=16,
+                           width=16, seed=5, cfg_parallel=True, controlnet=controlnet,
+                           control_images=outputs.read_image(edges, (16, 16)), guess_mode=True)
+  written = np.asarray(Image.open(os.path.join(out, "00000", "000000.png")), np.float32)
   assert np.abs(written - expected[0] * 255).max() <= 1.0
