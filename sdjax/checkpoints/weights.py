@@ -32,6 +32,7 @@ _LIST_CONTAINERS = (
     "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
     "downsamplers", "upsamplers", "layers", "to_out", "net",
     "controlnet_down_blocks", "blocks",  # ControlNet's residual convs, its image embedding's
+    "body",  # T2I-Adapter's levels
 )
 _FLAX_LIST = re.compile(rf"^({'|'.join(_LIST_CONTAINERS)})_(\d+)$")
 _TORCH_LIST = re.compile(rf"(^|\.)({'|'.join(_LIST_CONTAINERS)})\.(\d+)(?=\.|$)")

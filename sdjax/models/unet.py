@@ -196,7 +196,10 @@ class _Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, context, skips=(), context_bias=None):
+  def __call__(self, x, temb, context, skips=(), context_bias=None, intrablock=None):
+    """`intrablock`: a T2I-Adapter's feature map, added to a down block's output (and to its
+    last skip, which is that output): with attention, to its last layer's, before the
+    downsampler, as diffusers' `down_intrablock_additional_residuals`."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     outputs = []
     skips = list(skips)
@@ -210,12 +213,17 @@ class _Block(nn.Module):
       if self.has_attention:
         x = self._transformer(f"attentions_{j}", self.transformer_layers[j])(x, context,
                                                                             context_bias)
+        if intrablock is not None and j == self.num_layers - 1:
+          x = x + intrablock.astype(x.dtype)
       outputs.append(x)
     if self.resample and self.up:
       x = Upsample2D(self.out_channels, d, pd, name="upsamplers_0")(x)
     elif self.resample:
       x = Downsample2D(self.out_channels, cfg.downsample_padding, d, pd, name="downsamplers_0")(x)
       outputs.append(x)
+    if intrablock is not None and not self.has_attention:
+      x = x + intrablock.astype(x.dtype)  # diffusers adds it in place: to the last skip too
+      outputs[-1] = x
     return x, tuple(outputs)
 
   def _transformer(self, name, depth):
@@ -309,15 +317,20 @@ class UNet2DConditionModel(nn.Module):
 
   @nn.compact
   def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
-               context_bias=None, timestep_cond=None, down_residuals=None, mid_residual=None):
+               context_bias=None, timestep_cond=None, down_residuals=None, mid_residual=None,
+               intrablock_residuals=None):
     """`text_embeds` [B, P] and `time_ids` [B, K] are diffusers' `added_cond_kwargs` (SDXL),
     `timestep_cond` [B, time_cond_proj_dim] its argument of that name (LCM-distilled UNets),
     `down_residuals` (one per skip) and `mid_residual` a ControlNet's outputs (diffusers'
-    `down_block_additional_residuals`, `mid_block_additional_residual`)."""
+    `down_block_additional_residuals`, `mid_block_additional_residual`),
+    `intrablock_residuals` a T2I-Adapter's feature maps (diffusers'
+    `down_intrablock_additional_residuals`: one per down block, in order, and one more for the
+    mid block's output if it has that shape, as SDXL's adapters make)."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     temb = self._time_embedding(sample, timesteps, text_embeds, time_ids, timestep_cond)
     x = self._conv_in(sample)
-    x, skips = self._down_and_mid(x, temb, context.astype(d), context_bias)
+    x, skips = self._down_and_mid(x, temb, context.astype(d), context_bias,
+                                  list(intrablock_residuals or ()))
     if down_residuals is not None:
       skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
       x = x + mid_residual.astype(x.dtype)
@@ -349,16 +362,24 @@ class UNet2DConditionModel(nn.Module):
     return conv(cfg.block_out_channels[0], 3, self.dtype, self.param_dtype, "conv_in")(
         sample.astype(self.dtype))
 
-  def _down_and_mid(self, x, temb, context, context_bias):
-    """The down blocks and the mid block: (the mid block's output, the skips, first first)."""
+  def _down_and_mid(self, x, temb, context, context_bias, intrablock=None):
+    """The down blocks and the mid block: (the mid block's output, the skips, first first);
+    `intrablock`: a T2I-Adapter's feature maps, taken in order (see `__call__`)."""
     cfg = self.config
+    intrablock = list(intrablock or ())
     skips = [x]
     for i, block_type in enumerate(cfg.down_block_types):
-      x, outputs = self._block(i, block_type, up=False)(x, temb, context, (), context_bias)
+      x, outputs = self._block(i, block_type, up=False)(
+          x, temb, context, (), context_bias, intrablock.pop(0) if intrablock else None)
       skips.extend(outputs)
     if cfg.mid_block_type is not None:
       x = _MidBlock(cfg, self.dtype, self.param_dtype, name="mid_block")(x, temb, context,
                                                                         context_bias)
+      if intrablock and intrablock[0].shape == x.shape:
+        x = x + intrablock.pop(0).astype(x.dtype)
+    if intrablock:
+      raise ValueError(f"{len(intrablock)} T2I-Adapter feature maps left over: an adapter for "
+                       "another model family?")
     return x, skips
 
   def _text_time_embedding(self, text_embeds, time_ids):
