@@ -8,13 +8,15 @@ __version__ = "0.1.0"
 BUILTIN_MODEL = _os.path.join(_os.path.dirname(__file__), "builtin", "shapes")
 
 from sdjax.pipeline import (  # noqa: E402
+    Adapter,
     ControlNet,
     Pipeline,
     PipelineError,
     build_pipeline,
+    load_adapter,
     load_controlnet,
     load_pipeline,
 )
 
-__all__ = ["BUILTIN_MODEL", "ControlNet", "Pipeline", "PipelineError", "__version__",
-           "build_pipeline", "load_controlnet", "load_pipeline"]
+__all__ = ["BUILTIN_MODEL", "Adapter", "ControlNet", "Pipeline", "PipelineError", "__version__",
+           "build_pipeline", "load_adapter", "load_controlnet", "load_pipeline"]

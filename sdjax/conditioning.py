@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import prompts as prompt_lib
+from sdjax.models.adapter import T2IAdapter
 from sdjax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
@@ -183,13 +184,23 @@ def _a1111_extras(ids: PromptIds):
   return prompt_lib.context_bias(batch), batch.schedule
 
 
+def adapter_features(nets: Networks, params, images) -> tuple:
+  """The control inputs with each T2I-Adapter's images [B, H, W, c] replaced by its feature maps
+  (a list): an adapter sees neither latents nor timestep, so this runs once per image."""
+  return tuple(net.apply({"params": p}, x) if isinstance(net, T2IAdapter) else x
+               for net, p, x in zip(nets.controlnet, params["controlnet"], images, strict=True))
+
+
 def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, control=None,
             guess: int | None = None):
   """The UNet's output for latents x [B, h, w, C] at t under embeddings `emb` (and an LCM
   model's `guidance_embedding`); `control` = (control images per ControlNet [B, H, W, c] in
-  [0, 1], their scales float32 [n]): `nets.controlnet`'s residuals, from the same inputs, summed
-  in order (diffusers' MultiControlNetModel) and added to the UNet's. `guess`: diffusers' guess
-  mode, the ControlNets run on rows `guess`: only (the first, unconditional ones get none)."""
+  [0, 1] (a T2I-Adapter's: its `adapter_features`), their scales float32 [n]):
+  `nets.controlnet`'s residuals, from the same inputs, summed in order (diffusers'
+  MultiControlNetModel) and added to the UNet's, and the adapters' feature maps times their
+  scales, summed in order (diffusers' MultiAdapter), added inside its down path. `guess`:
+  diffusers' guess mode, the ControlNets run on rows `guess`: only (the first, unconditional
+  ones get none)."""
   residuals = {}
   if control is not None:
     images, scales = control
@@ -197,9 +208,14 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
     n = x.shape[0]  # per-row inputs lose their first `skip` rows; a scalar t stays
     rows = jax.tree.map(lambda a: a[skip:] if jnp.ndim(a) and a.shape[0] == n else a,
                         (x, t, emb, timestep_cond))
-    down = mid = None
+    down = mid = intrablock = None
     for i, (net, net_params, image) in enumerate(zip(nets.controlnet, params["controlnet"],
                                                      images, strict=True)):
+      if isinstance(net, T2IAdapter):
+        scaled = [f * scales[i].astype(f.dtype) for f in image]
+        intrablock = scaled if intrablock is None else [
+            a + b for a, b in zip(intrablock, scaled, strict=True)]
+        continue
       x_, t_, emb_, cond_ = rows
       # An inpainting UNet's input is the latents, the mask, the masked image's latents: a
       # ControlNet sees the latents (as diffusers' ControlNet inpainting pipelines).
@@ -208,10 +224,13 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
                        emb_.context_bias, cond_, guess is not None)
       down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
       mid = m if mid is None else mid + m
-    if skip:  # no residuals for the unconditional rows
+    if skip and down is not None:  # no residuals for the unconditional rows
       down, mid = ([jnp.pad(r, ((skip, 0),) + ((0, 0),) * (r.ndim - 1)) for r in down],
                    jnp.pad(mid, ((skip, 0),) + ((0, 0),) * (mid.ndim - 1)))
-    residuals = {"down_residuals": down, "mid_residual": mid}
+    if down is not None:
+      residuals = {"down_residuals": down, "mid_residual": mid}
+    if intrablock is not None:
+      residuals["intrablock_residuals"] = intrablock
   return nets.unet.apply({"params": params["unet"]}, x, t, emb.context, emb.text_embeds,
                          emb.time_ids, emb.context_bias, timestep_cond, **residuals)
 

@@ -37,6 +37,7 @@ from sdjax.checkpoints.weights import (
   write_safetensors,
 )
 from sdjax.models import config_utils
+from sdjax.models.adapter import T2IAdapter, T2IAdapterConfig
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
@@ -152,8 +153,9 @@ class Pipeline:
   embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)
   prompt_grammar: str | None = None  # set for models trained on a fixed caption grammar
   sampling_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
-  # ControlNets steering the UNet, see `with_controlnet`; params["controlnet"]: theirs.
-  controlnet: tuple[ControlNetModel, ...] | None = None
+  # ControlNets (and T2I-Adapters) steering the UNet, see `with_controlnet`;
+  # params["controlnet"]: theirs.
+  controlnet: tuple[ControlNetModel | T2IAdapter, ...] | None = None
 
   # -- properties -------------------------------------------------------------------------------
   @property
@@ -812,11 +814,12 @@ def load_pipeline(
   return add_extras(pipe, loras=loras, embeddings=embeddings)
 
 
-def as_controlnets(controlnet) -> list[ControlNet]:
-  """A ControlNet, or a sequence of them, as a non-empty list."""
-  nets = [controlnet] if isinstance(controlnet, ControlNet) else list(controlnet)
-  if not nets or not all(isinstance(net, ControlNet) for net in nets):
-    raise ValueError("controlnet= takes a load_controlnet() ControlNet or a list of them")
+def as_controlnets(controlnet) -> list[ControlNet | Adapter]:
+  """A ControlNet or T2I-Adapter, or a sequence of them, as a non-empty list."""
+  nets = [controlnet] if isinstance(controlnet, ControlNet | Adapter) else list(controlnet)
+  if not nets or not all(isinstance(net, ControlNet | Adapter) for net in nets):
+    raise ValueError("controlnet= takes a load_controlnet() ControlNet or T2I-Adapter, or a "
+                     "list of them")
   return nets
 
 
@@ -845,15 +848,68 @@ class ControlNet:
                          f"against the UNet's {theirs}): a ControlNet for another model family?")
 
 
+@dataclasses.dataclass(eq=False)
+class Adapter:
+  """A T2I-Adapter (network and params): `Pipeline.generate(controlnet=...)` takes it as it
+  takes a ControlNet (alone, or in a list with ControlNets), as A1111's ControlNet extension
+  does."""
+
+  model: T2IAdapter
+  params: Any
+  name: str
+
+  @property
+  def config(self) -> T2IAdapterConfig:
+    return self.model.config
+
+  def check_fits(self, pipe: Pipeline, height: int | None = None,
+                 width: int | None = None) -> None:
+    """A one-line error unless each feature map this adapter makes of a (height, width) control
+    image (default: the model's native size) has the shape of where the UNet adds it."""
+    problem = sampling.adapter_misfit(pipe, self.model, self.params,
+                                      pipe.native_size if height is None else height,
+                                      pipe.native_size if width is None else width)
+    if problem:
+      raise ValueError(f"T2I-Adapter {self.name} {problem}")
+
+
+def load_adapter(source: str, dtype="float32", *, param_dtype=None, variant: str | None = None,
+                 revision: str | None = None) -> Adapter:
+  """Loads a T2I-Adapter: a diffusers-format folder (`config.json` + weights) or hub id (e.g.
+  `TencentARC/t2iadapter_canny_sd15v2`, `TencentARC/t2i-adapter-canny-sdxl-1.0`). `dtype`,
+  `param_dtype` as `load_pipeline`'s."""
+  try:
+    folder, raw = _controlnet_folder_config(source, revision, variant)
+    return _load_adapter(source, folder, raw, dtype, param_dtype, variant)
+  except (hub.HubError, config_utils.ConfigError, WeightsError) as e:
+    raise PipelineError(f"cannot load T2I-Adapter {source}: {e}") from None
+
+
+def _load_adapter(source, folder, raw, dtype, param_dtype, variant) -> Adapter:
+  if raw.get("_class_name", "T2IAdapter") != "T2IAdapter":
+    raise config_utils.ConfigError(f"{folder} holds a {raw['_class_name']}, not a T2IAdapter")
+  compute = parse_dtype(dtype)
+  store = parse_dtype(param_dtype) if param_dtype is not None else compute
+  cfg = T2IAdapterConfig.from_dict(raw)
+  model = T2IAdapter(cfg, compute, store)
+  side = cfg.total_downscale
+  expected = _expected_params(model, jnp.zeros((1, side, side, cfg.in_channels)))
+  state = read_state_dict(folder, "controlnet", variant=variant)
+  params = jax.device_put(torch_to_flax(state, expected, "t2i_adapter", np.dtype(store)))
+  return Adapter(model, params, str(source))
+
+
 def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: str | None = None,
-                    revision: str | None = None, config: str | None = None) -> ControlNet:
+                    revision: str | None = None, config: str | None = None
+                    ) -> ControlNet | Adapter:
   """Loads a ControlNet: a diffusers-format folder (`config.json` + weights), a hub id (e.g.
   `lllyasviel/sd-controlnet-canny`, `diffusers/controlnet-canny-sdxl-1.0`), a pipeline folder's
   `controlnet/`, or a single file (`.safetensors`, `.pth`, ...: lllyasviel's original layout, as
   ControlNet 1.0/1.1 and the A1111 extension share them, or one diffusers component; a path, hub
   file or URL). `config`: single files only, a diffusers ControlNet folder or hub id whose config
   to use (default: the standard SD1/SD2/SDXL architecture the weights show). `dtype`,
-  `param_dtype` as `load_pipeline`'s."""
+  `param_dtype` as `load_pipeline`'s. A T2I-Adapter folder or hub id gives its `Adapter`
+  (`load_adapter`), which `controlnet=` and main.py's `--controlnet` take too."""
   compute = parse_dtype(dtype)
   store = parse_dtype(param_dtype) if param_dtype is not None else compute
   try:
@@ -870,6 +926,8 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
       raise PipelineError("config= is only for single-file ControlNets; a folder has its own")
     else:
       folder, raw = _controlnet_folder_config(source, revision, variant)
+      if raw.get("_class_name") == "T2IAdapter":
+        return _load_adapter(source, folder, raw, dtype, param_dtype, variant)
       model, expected = _controlnet_model(ControlNetConfig.from_dict(raw), compute, store)
       state = read_state_dict(folder, "controlnet", variant=variant)
     params = jax.device_put(torch_to_flax(state, expected, "controlnet", np.dtype(store)))

@@ -802,11 +802,16 @@ class _Sampler:
     steps, scheduler, strength = schedule
     if key not in self.programs:
       cfg, pipe = self.cfg, self.pipe
+      refiner, hires = self.refiner_pipe, _hires(cfg)
       try:
         sampling.check_size(pipe, *size)
+        if pipe.controlnet is not None:  # T2I-Adapters: their feature maps at this size
+          sampling.check_control(pipe, *size, sampling.uses_guess_mode(
+              pipe.controlnet, cfg.controlnet_guess_mode))
+          if hires is not None:
+            sampling.check_control(pipe, *hires.size(pipe, *size), False)
       except ValueError as e:
         raise RunError(f"image size {size[1]}x{size[0]}: {e}") from None
-      refiner, hires = self.refiner_pipe, _hires(cfg)
       if img2img and refiner is not None:
         raise RunError("prompt lines with an init_image (img2img) do not take --refiner")
       if img2img and hires is not None:
@@ -939,11 +944,14 @@ class _Sampler:
             [p if p.original is not None else None for p in prepared])
 
   def _control_images(self, batch, size, prepared=None) -> tuple[np.ndarray, ...]:
-    """Per ControlNet, the batch's images [B, H, W, 3]: each line's `control_image`, else the
-    run's, resized to `size` by --resize_mode; for an inpainting row with "Only masked"
+    """Per ControlNet, the batch's images [B, H, W, c]: each line's `control_image`, else the
+    run's, resized to `size` by --resize_mode (grey levels for a model taking one channel, as
+    T2I-Adapters' canny and sketch ones do); for an inpainting row with "Only masked"
     (`prepared`, see `_init_images`), resized to its init image's size and cut as that was."""
     out = []
-    for i in range(len(self.cfg.controlnet)):
+    for i, net in enumerate(self.pipe.controlnet):
+      channels = net.config.conditioning_channels
+      mode = "L" if channels == 1 else "RGB"
       jobs = []
       for shard, job in batch:
         path = control_paths(self.cfg, job)[i]
@@ -951,14 +959,16 @@ class _Sampler:
           raise RunError(f'image {job.index} ({job.prompt!r}): --controlnet needs a control '
                          f'image: the line\'s "control_image" or --control_image')
         jobs.append(dataclasses.replace(job, control_image=path))
-      images = _read_each(jobs, "control_image", lambda path: outputs.read_image(
-          path, size, resize_mode=self.cfg.resize_mode), np.zeros((*size, 3), np.float32))
+      images = _read_each(jobs, "control_image", lambda path, mode=mode: outputs.read_image(
+          path, size, mode, self.cfg.resize_mode).reshape(*size, -1),
+          np.zeros((*size, channels), np.float32))
       for k, (job, row) in enumerate(zip(jobs, prepared or [None] * len(jobs), strict=True)):
         if row is not None and row.crop is not None:
           width, height = row.original.size
-          whole = outputs.resize(outputs.open_image(job.control_image), height, width,
+          whole = outputs.resize(outputs.open_image(job.control_image, mode), height, width,
                                  self.cfg.resize_mode)
-          images[k] = np.asarray(masks.cut_as(whole, row, *size), np.float32) / np.float32(255.0)
+          images[k] = np.asarray(masks.cut_as(whole, row, *size), np.float32).reshape(
+              *size, -1) / np.float32(255.0)
       out.append(images)
     return tuple(out)
 

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from sdjax import conditioning, masks, schedulers
 from sdjax import prompts as prompt_lib
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
+from sdjax.models.adapter import T2IAdapter
 from sdjax.models.vae import AutoencoderKL
 
 # Fold-in tags that split one image's key into independent streams: step noise (SDE /
@@ -171,12 +172,15 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
 
   cond_dim = nets.unet.config.time_cond_proj_dim  # LCM models: guidance as an input, no CFG
 
+  if spec.control:  # a T2I-Adapter's feature maps are made once
+    control = (conditioning.adapter_features(nets, params, control[0]), *control[1:])
+
   def controls(call, rows=lambda images: images):
     """The ControlNet's input at this call, its images arranged as the UNet's rows."""
     if not spec.control:
       return None
     images, scales, keep = control
-    return tuple(rows(x) for x in images), scales * keep[:, call]
+    return tuple(jax.tree.map(rows, x) for x in images), scales * keep[:, call]
 
   def guess(uncond_rows: int) -> int | None:
     return uncond_rows if spec.control_guess else None
@@ -947,6 +951,9 @@ def generate(
   if controlnet is not None:
     controlled = pipe.with_controlnet(controlnet)  # a one-line error unless each fits the UNet
     control_images = _control_images(controlled.controlnet, control_images, n, height, width)
+    check_control(controlled, height, width, uses_guess_mode(controlled.controlnet, guess_mode))
+    if hires is not None:
+      check_control(controlled, *hires.size(pipe, height, width), False)
     if hires is not None:
       hires_control_images = _hires_control_images(
           controlled.controlnet, control_images, hires_control_images, n,
@@ -1058,6 +1065,38 @@ def _hires_control_images(controlnets, images, given, n: int,
   if given is not None:
     return _control_images(controlnets, given, n, *size, what="hires_control_images")
   return [np.asarray(jax.image.resize(x, (n, *size, x.shape[-1]), "linear")) for x in images]
+
+
+def adapter_misfit(pipe, adapter, params, height: int, width: int) -> str | None:
+  """Why T2I-Adapter `adapter` cannot steer `pipe`'s UNet at this image size (None if it can):
+  each feature map it makes must have the shape of where the UNet adds it."""
+  factor = adapter.config.downscale_factor
+  if height % factor or width % factor:
+    return f"takes images whose sides are multiples of {factor}, got {width}x{height}"
+  scale = pipe.vae.config.downscale
+  blocks, mid = pipe.unet.config.intrablock_shapes(height // scale, width // scale)
+  got = [tuple(f.shape[1:]) for f in jax.eval_shape(
+      lambda: adapter.apply({"params": params},
+                            jnp.zeros((1, height, width, adapter.config.in_channels))))]
+  want = blocks[:len(got)] + ([mid] if len(got) > len(blocks) else [])
+  if len(got) > len(blocks) + 1 or got != want:
+    return (f"does not fit this model (feature maps {got} against the UNet's {want}): an "
+            f"adapter for another model family?")
+  return None
+
+
+def check_control(pipe, height: int, width: int, guess: bool) -> None:
+  """A one-line error unless the T2I-Adapters among `pipe`'s ControlNets (`with_controlnet`'s)
+  fit its UNet at this size, and are not asked for guess mode (a ControlNet's)."""
+  for i, (net, params) in enumerate(zip(pipe.controlnet, pipe.params["controlnet"],
+                                        strict=True)):
+    if not isinstance(net, T2IAdapter):
+      continue
+    if guess:
+      raise ValueError("guess mode is a ControlNet's: not with a T2I-Adapter")
+    problem = adapter_misfit(pipe, net, params, height, width)
+    if problem:
+      raise ValueError(f"the T2I-Adapter (control model {i}) {problem}")
 
 
 def uses_guess_mode(controlnets, requested: bool) -> bool:

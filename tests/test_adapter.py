@@ -80,3 +80,173 @@ def test_unet_adds_the_features_as_diffusers(family):
   plain = fm.apply({"params": params}, x, t, ctx, *extra)
   print(f"\nunet + t2i-adapter features {family}: {err:.2e}")
   assert np.abs(np.asarray(plain) - np.asarray(ours)).max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def sd1_adapter(tmp_path_factory):
+  """(diffusers' StableDiffusionAdapterPipeline, sdjax pipeline, sdjax Adapter, the torch
+  adapter) of tiny random SD1 networks; the adapter saved as a diffusers folder."""
+  import sdjax  # noqa: PLC0415
+
+  folder = str(tmp_path_factory.mktemp("adapter") / "pipe")
+  base = testing.write_torch_pipeline(folder, "sd1", seed=11)
+  adapter = torch_adapter("sd1", 13)
+  adapter.save_pretrained(folder + "_adapter", safe_serialization=True)
+  pipe = sdjax.load_pipeline(folder)
+  ref = diffusers.StableDiffusionAdapterPipeline(
+      vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+      adapter=adapter, scheduler=diffusers.EulerDiscreteScheduler.from_config(
+          pipe.scheduler_config), safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  ref.set_progress_bar_config(disable=True)
+  return ref, pipe, sdjax.load_controlnet(folder + "_adapter"), adapter
+
+
+PROMPTS = ["a red circle in the center", "a photo of a cat"]
+
+
+def test_generate_matches_diffusers(sd1_adapter, tmp_path):
+  """Text-to-image steered by a T2I-Adapter (loaded by load_controlnet from its folder), with
+  classifier-free guidance (also split, cfg_parallel) and a conditioning scale; then two adapters (diffusers'
+  MultiAdapter: features weighted by the scales, summed), the second's one image serving both
+  prompts."""
+  import sdjax  # noqa: PLC0415
+
+  ref, pipe, adapter, torch_first = sd1_adapter
+  assert isinstance(adapter, sdjax.Adapter)
+  rng = np.random.default_rng(4)
+  control = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  latents = randn(2, 8, 8, 4, seed=5)
+  kw = dict(num_inference_steps=4, guidance_scale=3.0, height=16, width=16)
+  ours_kw = dict(steps=4, guidance_scale=3.0, height=16, width=16, scheduler="euler",
+                 latents=latents)
+  with torch.no_grad():
+    expected = ref(PROMPTS, image=nchw(control), latents=nchw(latents), output_type="np",
+                   adapter_conditioning_scale=1.4, **kw).images
+  plain = pipe.generate(PROMPTS, **ours_kw)
+  change = float(np.linalg.norm(plain - expected) / np.linalg.norm(expected))
+  for split in (False, True):  # cfg_parallel: the split program (here on one device)
+    ours = pipe.generate(PROMPTS, controlnet=adapter, control_images=control,
+                         controlnet_conditioning_scale=1.4, cfg_parallel=split, **ours_kw)
+    err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+    print(f"\nt2i-adapter generate, cfg_parallel={split}: {err:.2e} (without it: {change:.2e})")
+    assert err <= 1e-4 and change > 100 * err
+
+  torch_second = torch_adapter("sd1", 17)
+  torch_second.save_pretrained(str(tmp_path / "second"), safe_serialization=True)
+  multi = diffusers.StableDiffusionAdapterPipeline(
+      **{**ref.components, "adapter": diffusers.MultiAdapter([torch_first, torch_second])})
+  multi.set_progress_bar_config(disable=True)
+  second = rng.uniform(size=(1, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = multi(PROMPTS, image=[nchw(control), nchw(np.repeat(second, 2, 0))],
+                     latents=nchw(latents), output_type="np",
+                     adapter_conditioning_scale=[0.8, 1.5], **kw).images
+  ours = pipe.generate(PROMPTS, controlnet=[adapter, sdjax.load_adapter(str(tmp_path / "second"))],
+                       control_images=[control, second], controlnet_conditioning_scale=[0.8, 1.5],
+                       **ours_kw)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"two t2i-adapters: {err:.2e}")
+  assert err <= 1e-4
+
+
+def test_bad_adapter_arguments(sd1_adapter, tmp_path):
+  import sdjax  # noqa: PLC0415
+
+  _, pipe, adapter, _ = sd1_adapter
+  kw = dict(steps=2, height=16, width=16)
+  control = np.zeros((16, 16, 3), np.float32)
+  with pytest.raises(ValueError, match="guess mode is a ControlNet's: not with a T2I-Adapter"):
+    pipe.generate(PROMPTS, controlnet=adapter, control_images=control, guess_mode=True, **kw)
+  with pytest.raises(ValueError, match="takes images whose sides are multiples of 2, got 24x17"):
+    adapter.check_fits(pipe, 17, 24)
+  torch_adapter("sdxl", 3).save_pretrained(str(tmp_path / "xl"), safe_serialization=True)
+  with pytest.raises(ValueError, match=r"does not fit this model \(feature maps"):
+    pipe.generate(PROMPTS, controlnet=sdjax.load_adapter(str(tmp_path / "xl")),
+                  control_images=control, **kw)
+  with pytest.raises(sdjax.PipelineError, match="cannot load T2I-Adapter .*missing"):
+    sdjax.load_adapter(str(tmp_path / "missing"))
+
+
+def test_sdxl_generate_matches_diffusers(tmp_path):
+  """An SDXL adapter (full_adapter_xl: its fourth feature map onto the mid block) against
+  StableDiffusionXLAdapterPipeline's latents, non-square, acting in the first 60% of the steps
+  (diffusers' adapter_conditioning_factor is control_guidance_end)."""
+  import sdjax  # noqa: PLC0415
+
+  folder = str(tmp_path / "sdxl")
+  base, _ = testing.write_torch_sdxl(folder, seed=17)
+  pipe = sdjax.load_pipeline(folder + "/base")
+  adapter = torch_adapter("sdxl", 19)
+  adapter.save_pretrained(str(tmp_path / "adapter"), safe_serialization=True)
+  ref = diffusers.StableDiffusionXLAdapterPipeline(
+      vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+      tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, adapter=adapter,
+      scheduler=diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config))
+  ref.set_progress_bar_config(disable=True)
+  control = np.random.default_rng(3).uniform(size=(2, 16, 24, 3)).astype(np.float32)
+  latents = randn(2, 8, 12, 4, seed=6)
+  with torch.no_grad():
+    denoised = ref(PROMPTS, image=nchw(control), latents=nchw(latents), output_type="latent",
+                   num_inference_steps=5, guidance_scale=3.0, height=16, width=24,
+                   adapter_conditioning_scale=1.3, adapter_conditioning_factor=0.6).images
+    # Decoded as StableDiffusionXLPipeline decodes: that pipeline leaves out the VAE's latent
+    # statistics (SDXL's own VAE has none, the tiny one here does).
+    vae = base.vae.config
+    stats = [torch.tensor(v).view(1, -1, 1, 1) for v in (vae.latents_mean, vae.latents_std)]
+    decoded = base.vae.decode(denoised * stats[1] / vae.scaling_factor + stats[0]).sample
+    expected = nhwc((decoded / 2 + 0.5).clamp(0, 1))
+  ours = pipe.generate(PROMPTS, steps=5, guidance_scale=3.0, height=16, width=24,
+                       scheduler="euler", latents=latents,
+                       controlnet=sdjax.load_adapter(str(tmp_path / "adapter")),
+                       control_images=control, controlnet_conditioning_scale=1.3,
+                       control_guidance_end=0.6)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\nSDXL t2i-adapter generate: {err:.2e}")
+  assert err <= 1e-4
+
+
+def test_run_with_adapter_and_controlnet(sd1_adapter, tmp_path):
+  """main.py's --controlnet takes T2I-Adapter folders (as A1111's ControlNet extension does),
+  beside a ControlNet: a one-channel adapter reads its control image as grey levels; each image
+  is generate()'s. A guess-mode run with an adapter is a one-line error."""
+  import dataclasses  # noqa: PLC0415
+  import json  # noqa: PLC0415
+
+  from PIL import Image  # noqa: PLC0415
+  from test_controlnet import torch_controlnet  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+  from sdjax import outputs, run  # noqa: PLC0415
+
+  _, pipe, adapter, _ = sd1_adapter
+  torch_adapter("sd1", 23, in_channels=1).save_pretrained(str(tmp_path / "sketch"),
+                                                          safe_serialization=True)
+  torch_controlnet(testing.UNET_SD1, 29, conditioning_embedding_out_channels=(8, 16)
+                   ).save_pretrained(str(tmp_path / "cn"), safe_serialization=True)
+  rng = np.random.default_rng(5)
+  for name in ("edges.png", "sketch.png", "depth.png"):
+    Image.fromarray(rng.integers(0, 255, (24, 32, 3), np.uint8)).save(tmp_path / name)
+  nets = (adapter.name, str(tmp_path / "sketch"), str(tmp_path / "cn"))
+  files = tuple(str(tmp_path / name) for name in ("edges.png", "sketch.png", "depth.png"))
+  cfg = run.RunConfig(model=pipe.name, prompts=(run.PromptLine("a cat"),
+                                                run.PromptLine("a dog")),
+                      steps=3, guidance_scale=3.0, scheduler="euler", height=16, width=16,
+                      seed=2, batch_size=2, controlnet=nets, control_image=files,
+                      controlnet_scale=(0.9, 1.2, 0.7), output_dir=str(tmp_path / "out"),
+                      compilation_cache="", show_progress=False)
+  assert run.generate_run(cfg).images == 2
+  loaded = [sdjax.load_controlnet(n) for n in nets]
+  control = [outputs.read_image(files[0], (16, 16)),
+             outputs.read_image(files[1], (16, 16), "L")[..., None],
+             outputs.read_image(files[2], (16, 16))]
+  for record in (json.loads(x) for x in open(tmp_path / "out" / outputs.MANIFEST_NAME)):
+    assert record["controlnet"] == list(nets)
+    expected = pipe.generate(record["prompt"], steps=3, guidance_scale=3.0, scheduler="euler",
+                             height=16, width=16, seed=record["seed"], controlnet=loaded,
+                             control_images=control, controlnet_conditioning_scale=[0.9, 1.2, 0.7])
+    png = np.asarray(Image.open(tmp_path / "out" / record["file"]), np.float32)
+    assert np.abs(png - expected[0] * 255).max() <= 1.0
+  with pytest.raises(run.RunError, match="guess mode is a ControlNet's: not with a T2I-Adapter"):
+    run.generate_run(dataclasses.replace(cfg, controlnet_guess_mode=True,
+                                         output_dir=str(tmp_path / "guess")))

@@ -141,6 +141,22 @@ class UNetConfig:
       channels += [c] * (self.per_block("layers_per_block")[i] + (1 if i < n - 1 else 0))
     return tuple(channels)
 
+  def intrablock_shapes(self, height: int, width: int):
+    """Where a T2I-Adapter's feature maps go, for latents of (height, width): ((h, w, channels)
+    per down block (see `_Block`), the mid block's output's (h, w, channels))."""
+    blocks = []
+    n = len(self.block_out_channels)
+    for i, (kind, c) in enumerate(zip(self.down_block_types, self.block_out_channels,
+                                      strict=True)):
+      if kind.startswith("CrossAttn"):
+        blocks.append((height, width, c))
+      if i < n - 1:  # Downsample2D: a stride-2 3x3 convolution (padding 0: one more pixel)
+        pad = 2 * self.downsample_padding or 1
+        height, width = (height + pad - 3) // 2 + 1, (width + pad - 3) // 2 + 1
+      if not kind.startswith("CrossAttn"):
+        blocks.append((height, width, c))
+    return blocks, (height, width, self.block_out_channels[-1])
+
   @classmethod
   def from_dict(cls, raw: dict[str, Any]) -> UNetConfig:
     return config_utils.build_config(
