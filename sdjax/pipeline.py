@@ -874,29 +874,56 @@ class Adapter:
 
 
 def load_adapter(source: str, dtype="float32", *, param_dtype=None, variant: str | None = None,
-                 revision: str | None = None) -> Adapter:
+                 revision: str | None = None, config: str | None = None) -> Adapter:
   """Loads a T2I-Adapter: a diffusers-format folder (`config.json` + weights) or hub id (e.g.
-  `TencentARC/t2iadapter_canny_sd15v2`, `TencentARC/t2i-adapter-canny-sdxl-1.0`). `dtype`,
-  `param_dtype` as `load_pipeline`'s."""
+  `TencentARC/t2iadapter_canny_sd15v2`, `TencentARC/t2i-adapter-canny-sdxl-1.0`), or a single
+  file as A1111 users have them (TencentARC's original `.pth` layout, e.g.
+  `t2iadapter_canny_sd15v2.pth`, or one diffusers component, as the SDXL ones; a path, hub file
+  or URL). `config`: single files only, a diffusers adapter folder or hub id whose config to use
+  (default: read from the weights; see `single_file.adapter_config`). `dtype`, `param_dtype` as
+  `load_pipeline`'s."""
   try:
+    if single_file.is_single_file(source):
+      path = _local_file(source, "T2I-Adapter", revision)
+      return _adapter_from_file(source, path, single_file.read_single_file(path), config, dtype,
+                                param_dtype, revision)
+    if config is not None:
+      raise PipelineError("config= is only for single-file T2I-Adapters; a folder has its own")
     folder, raw = _controlnet_folder_config(source, revision, variant)
-    return _load_adapter(source, folder, raw, dtype, param_dtype, variant)
+    state = read_state_dict(folder, "controlnet", variant=variant)
+    return _adapter(source, raw, state, dtype, param_dtype)
   except (hub.HubError, config_utils.ConfigError, WeightsError) as e:
     raise PipelineError(f"cannot load T2I-Adapter {source}: {e}") from None
 
 
-def _load_adapter(source, folder, raw, dtype, param_dtype, variant) -> Adapter:
+def _adapter_from_file(source, path, state, config, dtype, param_dtype, revision) -> Adapter:
+  layout = single_file.adapter_layout(state)
+  if layout is None:
+    raise single_file.SingleFileError(f"{path} is not a T2I-Adapter file (first key: "
+                                      f"{next(iter(state), 'none')!r})")
+  raw = (_controlnet_folder_config(config, revision)[1] if config is not None
+         else single_file.adapter_config(state, layout, path))
+  adapter = _adapter(source, raw, {}, dtype, param_dtype, config)
+  keys = [torch_key(p) for p in traverse_util.flatten_dict(adapter.params)]
+  state = single_file.adapter_state(state, layout, adapter.config, keys, path)
+  return _adapter(source, raw, state, dtype, param_dtype, config)
+
+
+def _adapter(source, raw, state, dtype, param_dtype, config=None) -> Adapter:
+  """The adapter of config `raw` with weights `state` (empty: its abstract params only)."""
   if raw.get("_class_name", "T2IAdapter") != "T2IAdapter":
-    raise config_utils.ConfigError(f"{folder} holds a {raw['_class_name']}, not a T2IAdapter")
+    raise config_utils.ConfigError(f"the config is a {raw['_class_name']}'s, not a T2IAdapter's")
   compute = parse_dtype(dtype)
   store = parse_dtype(param_dtype) if param_dtype is not None else compute
   cfg = T2IAdapterConfig.from_dict(raw)
   model = T2IAdapter(cfg, compute, store)
   side = cfg.total_downscale
   expected = _expected_params(model, jnp.zeros((1, side, side, cfg.in_channels)))
-  state = read_state_dict(folder, "controlnet", variant=variant)
-  params = jax.device_put(torch_to_flax(state, expected, "t2i_adapter", np.dtype(store)))
-  return Adapter(model, params, str(source))
+  name = str(source) + (f" (config {config})" if config is not None else "")
+  if not state:
+    return Adapter(model, expected, name)
+  return Adapter(model, jax.device_put(torch_to_flax(state, expected, "t2i_adapter",
+                                                     np.dtype(store))), name)
 
 
 def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: str | None = None,
@@ -916,6 +943,8 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
     if single_file.is_single_file(source):
       path = _local_file(source, "ControlNet", revision)
       state = single_file.read_single_file(path)
+      if single_file.adapter_layout(state) is not None:
+        return _adapter_from_file(source, path, state, config, dtype, param_dtype, revision)
       prefix = single_file.controlnet_prefix(state, path)
       raw = (_controlnet_folder_config(config, revision)[1] if config is not None
              else single_file.controlnet_config(state, prefix, path))
@@ -927,7 +956,8 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
     else:
       folder, raw = _controlnet_folder_config(source, revision, variant)
       if raw.get("_class_name") == "T2IAdapter":
-        return _load_adapter(source, folder, raw, dtype, param_dtype, variant)
+        return load_adapter(source, dtype, param_dtype=param_dtype, variant=variant,
+                            revision=revision)
       model, expected = _controlnet_model(ControlNetConfig.from_dict(raw), compute, store)
       state = read_state_dict(folder, "controlnet", variant=variant)
     params = jax.device_put(torch_to_flax(state, expected, "controlnet", np.dtype(store)))

@@ -166,6 +166,16 @@ def test_bad_adapter_arguments(sd1_adapter, tmp_path):
                   control_images=control, **kw)
   with pytest.raises(sdjax.PipelineError, match="cannot load T2I-Adapter .*missing"):
     sdjax.load_adapter(str(tmp_path / "missing"))
+  from sdjax.checkpoints import weights  # noqa: PLC0415
+
+  weights.write_safetensors(str(tmp_path / "other.safetensors"), {"x.weight": np.zeros(2)})
+  with pytest.raises(sdjax.PipelineError, match="is not a T2I-Adapter file .first key: 'x.weight'"):
+    sdjax.load_adapter(str(tmp_path / "other.safetensors"))
+  state = {"conv_in.weight": np.zeros((8, 12, 3, 3), np.float32),
+           "body.0.block1.weight": np.zeros((8, 8, 3, 3), np.float32)}
+  weights.write_safetensors(str(tmp_path / "odd.safetensors"), state)
+  with pytest.raises(sdjax.PipelineError, match="a T2I-Adapter of 1 resnets is not 4 levels"):
+    sdjax.load_controlnet(str(tmp_path / "odd.safetensors"))
 
 
 def test_sdxl_generate_matches_diffusers(tmp_path):
@@ -250,3 +260,76 @@ def test_run_with_adapter_and_controlnet(sd1_adapter, tmp_path):
   with pytest.raises(run.RunError, match="guess mode is a ControlNet's: not with a T2I-Adapter"):
     run.generate_run(dataclasses.replace(cfg, controlnet_guess_mode=True,
                                          output_dir=str(tmp_path / "guess")))
+
+
+def original_layout(state: dict, light: bool, per: int) -> dict:
+  """A diffusers-layout adapter state dict in TencentARC's original layout (as diffusers'
+  `convert_original_t2i_adapter.py` reads it): the full adapter's resnets in one list, each
+  level's in_conv on its first; the light adapter's nested."""
+  import re  # noqa: PLC0415
+
+  out = {}
+  for key, value in state.items():
+    key = key.removeprefix("adapter.")
+    m = re.fullmatch(r"body\.(\d+)\.(?:resnets\.(\d+)\.)?(.*)", key)
+    if m is not None:
+      level, resnet, rest = int(m.group(1)), m.group(2), m.group(3)
+      if light:
+        key = f"body.{level}." + (rest if resnet is None else f"body.{resnet}.{rest}")
+      else:
+        key = f"body.{level * per + int(resnet or 0)}.{rest}"
+    out[key] = value
+  return out
+
+
+@pytest.mark.parametrize("name,light", [("sd1", False), ("sd2-light", True), ("sdxl", False)])
+def test_single_files_load_as_the_folder(name, light, tmp_path):
+  """Adapter files as A1111 users have them: TencentARC's original layout (`.pth`, the full and
+  light adapters) and one diffusers component in a file (the SDXL ones), through
+  load_controlnet (main.py's --controlnet) and load_adapter, with the tiny adapters' config;
+  each loads to exactly the folder's params."""
+  from flax import traverse_util  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+  from sdjax.checkpoints import weights  # noqa: PLC0415
+
+  tm = torch_adapter(name, 5)
+  folder = str(tmp_path / "folder")
+  tm.save_pretrained(folder, safe_serialization=True)
+  want = traverse_util.flatten_dict(sdjax.load_adapter(folder).params)
+  state = {k: v.numpy() for k, v in tm.state_dict().items()}
+  files = [str(tmp_path / "diffusers_layout.safetensors")]
+  weights.write_safetensors(files[0], state)
+  if name != "sdxl":  # TencentARC's own files are SD1's
+    files.append(str(tmp_path / f"t2iadapter_{name}.pth"))
+    torch.save({k: torch.from_numpy(v) for k, v in original_layout(
+        state, light, tm.config.num_res_blocks).items()}, files[1])
+  for path in files:
+    for load in (sdjax.load_controlnet, sdjax.load_adapter):
+      adapter = load(path, config=folder)
+      assert isinstance(adapter, sdjax.Adapter)
+      got = traverse_util.flatten_dict(adapter.params)
+      assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("kwargs,layout", [
+    (dict(in_channels=1, adapter_type="full_adapter"), "original"),  # canny / sketch sd15v2
+    (dict(in_channels=3, adapter_type="full_adapter"), "diffusers"),  # depth, as diffusers'
+    (dict(channels=[320, 640, 1280], num_res_blocks=4, adapter_type="light_adapter"),
+     "original_light"),  # color
+    (dict(in_channels=3, adapter_type="full_adapter_xl", downscale_factor=16), "diffusers"),
+])
+def test_real_files_get_their_config(kwargs, layout):
+  """Without config=, a real-size file's config is read from its weights' shapes: each gives
+  diffusers' config of the model that made it (shapes from torch's meta device: no memory)."""
+  from sdjax.checkpoints import single_file  # noqa: PLC0415
+
+  with torch.device("meta"):
+    tm = diffusers.T2IAdapter(**kwargs)
+  state = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in tm.state_dict().items()}
+  if layout != "diffusers":
+    state = original_layout(state, layout == "original_light", tm.config.num_res_blocks)
+  assert single_file.adapter_layout(state) == layout
+  raw = single_file.adapter_config(state, layout, "file")
+  for key in ("in_channels", "channels", "num_res_blocks", "downscale_factor", "adapter_type"):
+    assert raw[key] == (list(tm.config[key]) if key == "channels" else tm.config[key]), key

@@ -406,8 +406,6 @@ def controlnet_prefix(state: Mapping[str, np.ndarray], name: str) -> str | None:
       return prefix
   if "lora_controlnet" in state:
     kind = "a Control-LoRA file, which sdjax does not support"
-  elif _has_prefix(state, "body.") or _has_prefix(state, "adapter."):
-    kind = "a T2I-Adapter, which sdjax does not support"
   elif _has_prefix(state, UNET_PREFIX):
     kind = "a Stable Diffusion checkpoint (load it as the model)"
   else:
@@ -481,6 +479,100 @@ def controlnet_state(state: Mapping[str, np.ndarray], prefix: str | None, cfg, k
   used: set[str] = set()
   out = gather(state, controlnet_table(cfg, keys, prefix), name, used)
   check_all_used(state, used, name, lambda k: not k.startswith(prefix))
+  return out
+
+
+# -- T2I-Adapters ------------------------------------------------------------------------------------
+# TencentARC's original layout numbers the full adapter's resnets along one list (`body.<level *
+# num_res_blocks + k>`, the level's 1x1 `in_conv` on its first) and nests the light adapter's
+# (`body.<level>.body.<k>`); files of diffusers' layout (the SDXL adapters A1111 users download)
+# are one `T2IAdapter` component. sdjax's SD1 adapters have 4 levels and unshuffle by 8, SDXL's by
+# 16: a file's config is read from its weights on those grounds (`config=` for any other).
+ADAPTER_LAYOUTS = ("diffusers", "original", "original_light")
+
+
+def adapter_layout(state: Mapping[str, np.ndarray]) -> str | None:
+  """Which T2I-Adapter layout a file's keys are in (`ADAPTER_LAYOUTS`), or None (not one)."""
+  if "adapter.conv_in.weight" in state or "adapter.body.0.in_conv.weight" in state:
+    return "diffusers"
+  if "conv_in.weight" in state and "body.0.block1.weight" in state:
+    return "original"
+  if "body.0.in_conv.weight" in state and "body.0.body.0.block1.weight" in state:
+    return "original_light"
+  return None
+
+
+def _adapter_levels(state, layout: str) -> list[tuple[str, list[str]]]:
+  """Per level of a light adapter (any layout) or a diffusers-layout full one: (its key prefix,
+  its resnets' prefixes)."""
+  body, nested = ("adapter.body.", "resnets.") if layout == "diffusers" else ("body.", "body.")
+  levels = []
+  for i in itertools.count():
+    resnets = _leading(state, (f"{body}{i}.{nested}{k}.block1.weight" for k in itertools.count()))
+    if not resnets:
+      return levels
+    levels.append((f"{body}{i}.", [r.removesuffix("block1.weight") for r in resnets]))
+
+
+def adapter_config(state: Mapping[str, np.ndarray], layout: str, name: str) -> dict[str, Any]:
+  """A T2I-Adapter file's diffusers config, read from its weights."""
+  light = layout == "original_light" or "adapter.body.0.out_conv.weight" in state
+  if light:
+    levels = _adapter_levels(state, layout)
+    first = state[levels[0][0] + "in_conv.weight"]
+    channels = [int(state[p + "out_conv.weight"].shape[0]) for p, _ in levels[:-1]]
+    return {"_class_name": "T2IAdapter", "adapter_type": "light_adapter",
+            "in_channels": int(first.shape[1]) // 64, "channels": channels,
+            "num_res_blocks": len(levels[0][1]), "downscale_factor": 8}
+  if layout == "original":
+    blocks = _leading(state, (f"body.{i}.block1.weight" for i in itertools.count()))
+    if len(blocks) % 4:
+      raise SingleFileError(f"{name}: a T2I-Adapter of {len(blocks)} resnets is not 4 levels; "
+                            "pass its diffusers config")
+    per = len(blocks) // 4
+    channels = [int(state[blocks[level * per]].shape[0]) for level in range(4)]
+    conv_in = state["conv_in.weight"]
+  else:
+    levels = _adapter_levels(state, layout)
+    per = len(levels[0][1])
+    channels = [int(state[resnets[0] + "block1.weight"].shape[0]) for _, resnets in levels]
+    conv_in = state["adapter.conv_in.weight"]
+  inputs = int(conv_in.shape[1])  # in_channels x downscale_factor^2
+  kind, factor = (("full_adapter_xl", 16) if inputs in (256, 768) and layout == "diffusers"
+                  else ("full_adapter", 8) if inputs in (64, 192) else (None, None))
+  if kind is None:
+    raise SingleFileError(f"{name}: cannot tell this T2I-Adapter's input (conv_in takes "
+                          f"{inputs} channels); pass its diffusers config")
+  return {"_class_name": "T2IAdapter", "adapter_type": kind, "channels": channels,
+          "in_channels": inputs // factor ** 2, "num_res_blocks": per,
+          "downscale_factor": factor}
+
+
+def adapter_state(state: Mapping[str, np.ndarray], layout: str, cfg, keys,
+                  name: str) -> dict[str, np.ndarray]:
+  """A T2I-Adapter file's diffusers-layout state dict (every key of the file used)."""
+  if layout == "diffusers":
+    return dict(state)
+  table = {}
+  for key in keys:
+    m = re.fullmatch(r"adapter\.(conv_in|body\.(\d+)\.(in_conv|out_conv|resnets\.(\d+)\.(block\d)))"
+                     r"\.(weight|bias)", key)
+    if m is None:
+      raise SingleFileError(f"{name}: no original T2I-Adapter key for {key}")
+    whole, level, part, resnet, block, leaf = m.groups()
+    if whole == "conv_in":
+      original = "conv_in"
+    elif layout == "original_light":
+      original = (f"body.{level}.{part}" if resnet is None else
+                  f"body.{level}.body.{resnet}.{block}")
+    else:  # one list of resnets: the level's first holds its in_conv
+      first = int(level) * cfg.num_res_blocks
+      original = (f"body.{first}.in_conv" if resnet is None else
+                  f"body.{first + int(resnet)}.{block}")
+    table[key] = Source(f"{original}.{leaf}")
+  used: set[str] = set()
+  out = gather(state, table, name, used)
+  check_all_used(state, used, name)
   return out
 
 
