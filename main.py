@@ -107,10 +107,11 @@ flags.DEFINE_integer("shard_index", 0, "which of the --num_shards jobs this is: 
 flags.DEFINE_integer("writer_threads", 8, "threads that encode and write images")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
 flags.DEFINE_bool("allow_pickle", True, "ignored (pickles are read without running code)")
-flags.DEFINE_multi_string("controlnet", [], "a ControlNet (diffusers folder or hub id, or a "
-                          "single .safetensors/.pth file) steering each jsonl line by its "
-                          "control_image (else --control_image); repeatable: the residuals "
-                          "are summed, and a line's control_image lists one per ControlNet")
+flags.DEFINE_multi_string("controlnet", [], "a ControlNet or T2I-Adapter (diffusers folder or "
+                          "hub id, or a single .safetensors/.pth file) steering each jsonl line "
+                          "by its control_image (else --control_image); repeatable: the "
+                          "residuals are summed, and a line's control_image lists one per "
+                          "ControlNet")
 flags.DEFINE_multi_string("controlnet_config", [], "per --controlnet, a single file's diffusers "
                           "config (folder or hub id; '' for none; default: the standard "
                           "SD1/SD2/SDXL one its weights show)")
