@@ -318,6 +318,7 @@ def test_single_files_load_as_the_folder(name, light, tmp_path):
     (dict(channels=[320, 640, 1280], num_res_blocks=4, adapter_type="light_adapter"),
      "original_light"),  # color
     (dict(in_channels=3, adapter_type="full_adapter_xl", downscale_factor=16), "diffusers"),
+    (dict(in_channels=1, adapter_type="full_adapter_xl", downscale_factor=16), "original"),
 ])
 def test_real_files_get_their_config(kwargs, layout):
   """Without config=, a real-size file's config is read from its weights' shapes: each gives

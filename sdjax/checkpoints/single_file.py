@@ -486,8 +486,9 @@ def controlnet_state(state: Mapping[str, np.ndarray], prefix: str | None, cfg, k
 # TencentARC's original layout numbers the full adapter's resnets along one list (`body.<level *
 # num_res_blocks + k>`, the level's 1x1 `in_conv` on its first) and nests the light adapter's
 # (`body.<level>.body.<k>`); files of diffusers' layout (the SDXL adapters A1111 users download)
-# are one `T2IAdapter` component. sdjax's SD1 adapters have 4 levels and unshuffle by 8, SDXL's by
-# 16: a file's config is read from its weights on those grounds (`config=` for any other).
+# are one `T2IAdapter` component. SD1 adapters have 4 levels and unshuffle by 8, SDXL's by 16
+# (ComfyUI tells them apart the same way): a file's config is read from its weights on those
+# grounds (`config=` for any other).
 ADAPTER_LAYOUTS = ("diffusers", "original", "original_light")
 
 
@@ -538,7 +539,7 @@ def adapter_config(state: Mapping[str, np.ndarray], layout: str, name: str) -> d
     channels = [int(state[resnets[0] + "block1.weight"].shape[0]) for _, resnets in levels]
     conv_in = state["adapter.conv_in.weight"]
   inputs = int(conv_in.shape[1])  # in_channels x downscale_factor^2
-  kind, factor = (("full_adapter_xl", 16) if inputs in (256, 768) and layout == "diffusers"
+  kind, factor = (("full_adapter_xl", 16) if inputs in (256, 768)
                   else ("full_adapter", 8) if inputs in (64, 192) else (None, None))
   if kind is None:
     raise SingleFileError(f"{name}: cannot tell this T2I-Adapter's input (conv_in takes "
