@@ -282,22 +282,45 @@ def torch_vae(config: dict[str, Any], seed: int = 0):
   return model
 
 
-def torch_clip(config: dict[str, Any], seed: int = 0):
+def _init_clip_(model, seed: int) -> None:
+  """CLIP's initialisation (transformers' `CLIPPreTrainedModel._init_weights` as of 4.x: normal
+  weights with per-layer widths, unit norms, zero biases) drawn from a generator of ours, so the
+  random test models do not change when transformers changes how or in which order it draws
+  (5.2x did: a tiny CLIP's mean output moved from -1.1e-3 to 3.7e-3)."""
   import torch  # noqa: PLC0415
+
+  cfg = model.config
+  width, layers = cfg.hidden_size, cfg.num_hidden_layers
+  attention, outputs = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias"):
+        p.zero_()
+      elif "norm" in name:
+        p.fill_(1.0)
+      else:
+        std = (0.02 if "embedding" in name else
+               attention if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                           "fc2.weight")) else
+               (2 * width) ** -0.5 if name.endswith("fc1.weight") else outputs)
+        p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def torch_clip(config: dict[str, Any], seed: int = 0):
   from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415
 
-  torch.manual_seed(seed)
   model = CLIPTextModel(CLIPTextConfig(**config)).eval()
+  _init_clip_(model, seed)
   perturb_(model, seed)
   return model
 
 
 def torch_clip_with_projection(config: dict[str, Any], seed: int = 0):
-  import torch  # noqa: PLC0415
   from transformers import CLIPTextConfig, CLIPTextModelWithProjection  # noqa: PLC0415
 
-  torch.manual_seed(seed)
   model = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
+  _init_clip_(model, seed)
   perturb_(model, seed)
   return model
 
