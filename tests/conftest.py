@@ -94,14 +94,14 @@ def cache():
   return _run_cache()
 
 
-# The longest files first (worker seconds on 2 cores, a clean run on 2026-12-03 at 13 min: main
-# 323, train 156, sampling 153, prompts 123, inpaint 122, builtin 102, sdxl 100, run 92,
-# controlnet 77, unet 47, aot 28; the rest under 20 each): xdist hands whole files to workers in
+# The longest files first (worker seconds on 2 cores, a clean run on 2026-12-03 at 11 min: main
+# 235, controlnet 146, train 124, sampling 117, prompts 98, inpaint 83, builtin 81, sdxl 77, run
+# 65, adapter 41, unet 28, aot 22; the rest under 20 each): xdist hands whole files to workers in
 # collection order, and a long file collected late (test_train, then test_run) left one worker
 # idle for minutes at the end.
-_LONGEST_FIRST = ("test_main.py", "test_train.py", "test_sampling.py", "test_prompts.py",
-                  "test_inpaint.py", "test_builtin.py", "test_sdxl.py", "test_run.py",
-                  "test_controlnet.py", "test_unet.py", "test_aot.py")
+_LONGEST_FIRST = ("test_main.py", "test_controlnet.py", "test_train.py", "test_sampling.py",
+                  "test_prompts.py", "test_inpaint.py", "test_builtin.py", "test_sdxl.py",
+                  "test_run.py", "test_adapter.py", "test_unet.py", "test_aot.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
