@@ -927,8 +927,8 @@ def _adapter(source, raw, state, dtype, param_dtype, config=None) -> Adapter:
 
 
 def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: str | None = None,
-                    revision: str | None = None, config: str | None = None
-                    ) -> ControlNet | Adapter:
+                    revision: str | None = None, config: str | None = None,
+                    base: Pipeline | None = None) -> ControlNet | Adapter:
   """Loads a ControlNet: a diffusers-format folder (`config.json` + weights), a hub id (e.g.
   `lllyasviel/sd-controlnet-canny`, `diffusers/controlnet-canny-sdxl-1.0`), a pipeline folder's
   `controlnet/`, or a single file (`.safetensors`, `.pth`, ...: lllyasviel's original layout, as
@@ -936,7 +936,9 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
   file or URL). `config`: single files only, a diffusers ControlNet folder or hub id whose config
   to use (default: the standard SD1/SD2/SDXL architecture the weights show). `dtype`,
   `param_dtype` as `load_pipeline`'s. A T2I-Adapter folder or hub id gives its `Adapter`
-  (`load_adapter`), which `controlnet=` and main.py's `--controlnet` take too."""
+  (`load_adapter`), which `controlnet=` and main.py's `--controlnet` take too. A Control-LoRA
+  file (Stability AI's `control-lora-*.safetensors`) holds a ControlNet as its difference from
+  the UNet it steers: `base`, the pipeline it is for, supplies the rest."""
   compute = parse_dtype(dtype)
   store = parse_dtype(param_dtype) if param_dtype is not None else compute
   try:
@@ -945,6 +947,8 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
       state = single_file.read_single_file(path)
       if single_file.adapter_layout(state) is not None:
         return _adapter_from_file(source, path, state, config, dtype, param_dtype, revision)
+      if single_file.CONTROL_LORA_MARKER in state:
+        return _control_lora(source, path, state, base, config, revision, compute, store)
       prefix = single_file.controlnet_prefix(state, path)
       raw = (_controlnet_folder_config(config, revision)[1] if config is not None
              else single_file.controlnet_config(state, prefix, path))
@@ -963,6 +967,21 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
     params = jax.device_put(torch_to_flax(state, expected, "controlnet", np.dtype(store)))
   except (hub.HubError, config_utils.ConfigError, WeightsError) as e:
     raise PipelineError(f"cannot load ControlNet {source}: {e}") from None
+  name = str(source) + (f" (config {config})" if config is not None else "")
+  return ControlNet(model, params, name)
+
+
+def _control_lora(source, path, state, base, config, revision, compute, store) -> ControlNet:
+  if base is None:
+    raise PipelineError(f"cannot load ControlNet {source}: a Control-LoRA is made from the "
+                        f"model it steers: load_controlnet(path, base=pipe)")
+  raw = (_controlnet_folder_config(config, revision)[1] if config is not None else
+         single_file.control_lora_config(state, base.unet.config.to_dict(), path))
+  model, expected = _controlnet_model(ControlNetConfig.from_dict(raw), compute, store)
+  keys = [torch_key(p) for p in traverse_util.flatten_dict(expected)]
+  state = single_file.control_lora_state(state, model.config, keys,
+                                         flax_to_torch(base.params["unet"]), path)
+  params = jax.device_put(torch_to_flax(state, expected, "controlnet", np.dtype(store)))
   name = str(source) + (f" (config {config})" if config is not None else "")
   return ControlNet(model, params, name)
 

@@ -489,7 +489,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   if cfg.controlnet:
     try:
       pipe = pipe.with_controlnet([
-          sdjax.load_controlnet(path, cfg.dtype, config=config or None) for path, config in zip(
+          sdjax.load_controlnet(path, cfg.dtype, config=config or None, base=pipe)
+          for path, config in zip(
               cfg.controlnet, cfg.controlnet_config or ("",) * len(cfg.controlnet), strict=True)])
     except ValueError as e:
       raise RunError(f"--controlnet: {e}") from None

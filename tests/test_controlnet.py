@@ -637,3 +637,116 @@ def test_cfg_parallel_run_in_guess_mode(sd1_controlnet, tmp_path):
                            control_images=outputs.read_image(edges, (16, 16)), guess_mode=True)
   written = np.asarray(Image.open(os.path.join(out, "00000", "000000.png")), np.float32)
   assert np.abs(written - expected[0] * 255).max() <= 1.0
+
+
+def test_control_lora_loads_as_comfyui_builds_it(tmp_path):
+  """A Control-LoRA file (Stability AI's layout: the original names without prefix, the UNet's
+  shared weights as low-rank up/down pairs, the ControlNet's own parts, norms and biases in full)
+  loads against its base UNet to the ControlNet ComfyUI builds: the UNet's weight plus up @ down,
+  or the file's. The file's names are the real ones: diffusers' Control-LoRA converter maps
+  every one of them; its residuals agree with that reference ControlNet's."""
+  import types  # noqa: PLC0415
+
+  from diffusers.utils import convert_sai_sd_control_lora_state_dict_to_peft  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+  from sdjax.checkpoints import single_file, weights  # noqa: PLC0415
+
+  # diffusers' converter assumes SDXL's two layers per block and a 4-level image embedding.
+  config = {**testing.UNET_SDXL, "layers_per_block": 2}
+  unet = testing.torch_unet(config, seed=41)
+  embedding = dict(conditioning_embedding_out_channels=(4, 8, 8, 8))
+  shape = diffusers.ControlNetModel.from_unet(unet, **embedding)
+  cfg = ControlNetConfig.from_dict(dict(shape.config))
+  table = single_file.controlnet_table(cfg, list(shape.state_dict()), prefix="")
+  shared, gen = set(unet.state_dict()), np.random.default_rng(43)
+  file = {"lora_controlnet": np.zeros((0,), np.float32)}
+  for k, v in shape.state_dict().items():
+    v, name = v.numpy(), table[k].key
+    if k in shared and k.endswith("weight") and v.ndim >= 2:
+      extra = (1, 1) if v.ndim == 4 else ()
+      file[name.removesuffix("weight") + "up"] = (
+          gen.standard_normal((v.shape[0], 2, *extra)) * 0.1).astype(np.float32)
+      file[name.removesuffix("weight") + "down"] = (
+          gen.standard_normal((2, *v.shape[1:])) * 0.1).astype(np.float32)
+    elif k not in shared or "norm" in k or k.endswith("bias"):
+      file[name] = (v + gen.standard_normal(v.shape) * 0.05).astype(np.float32)
+  path = str(tmp_path / "control-lora-tiny-rank2.safetensors")
+  weights.write_safetensors(path, file)
+
+  converted = convert_sai_sd_control_lora_state_dict_to_peft(
+      {k: torch.from_numpy(v) for k, v in file.items()})
+  converted = {k: v for k, v in converted.items() if v is not None}
+  assert len(converted) == len(file) - 1  # every key but the marker has a diffusers name
+  ref = diffusers.ControlNetModel.from_unet(unet, **embedding).eval()
+  state = ref.state_dict()
+  for k, v in converted.items():
+    if k.endswith("lora_B.weight"):
+      target, down = k.replace("lora_B.", ""), converted[k.replace("lora_B", "lora_A")]
+      state[target] = state[target] + (v.flatten(1) @ down.flatten(1)).reshape(state[target].shape)
+    elif not k.endswith("lora_A.weight"):
+      assert k in state, k
+      state[k] = v
+  ref.load_state_dict(state)
+
+  fm = UNet2DConditionModel(UNetConfig.from_dict(dict(unet.config)))
+  x, ctx = randn(2, 8, 8, 4), randn(2, 77, 64, seed=1)
+  t, text_embeds = np.array([3.0, 801.0], np.float32), randn(2, 20, seed=3)
+  time_ids = np.tile(np.float32([[64, 64, 0, 0, 64, 64]]), (2, 1))
+  base = types.SimpleNamespace(unet=fm, params={"unet": transfer(unet, fm, x, t, ctx, text_embeds,
+                                                                  time_ids)})
+  with pytest.raises(sdjax.PipelineError, match="a Control-LoRA is made from the model it steers"):
+    sdjax.load_controlnet(path)
+  controlnet = sdjax.load_controlnet(path, base=base)
+  ours, theirs = (np.asarray(p["down_blocks_1"]["attentions_0"]["proj_in"]["kernel"])
+                  for p in (controlnet.params, base.params["unet"]))
+  assert np.abs(ours - theirs).max() > 1e-3  # the low-rank difference is applied
+  cond = np.random.default_rng(2).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+  down, mid = controlnet.model.apply({"params": controlnet.params}, x, t, ctx, cond, 0.8,
+                                     text_embeds, time_ids)
+  with torch.no_grad():
+    ref_down, ref_mid = ref(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), nchw(cond),
+                            conditioning_scale=0.8, return_dict=False, added_cond_kwargs={
+                                "text_embeds": torch.from_numpy(text_embeds),
+                                "time_ids": torch.from_numpy(time_ids)})
+  errs = [assert_close(a, nhwc(b)) for a, b in zip([*down, mid], [*ref_down, ref_mid],
+                                                    strict=True)]
+  print(f"\ncontrol-lora: worst residual {max(errs):.2e}")
+
+
+def test_run_with_control_lora(sdxl_controlnet, tmp_path):
+  """main.py's --controlnet takes a Control-LoRA file, built from the run's own model."""
+  from PIL import Image  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+  from sdjax import outputs, run  # noqa: PLC0415
+  from sdjax.checkpoints import single_file, weights  # noqa: PLC0415
+
+  _, _, base, _, controlnet = sdxl_controlnet
+  state = weights.flax_to_torch(controlnet.params)
+  table = single_file.controlnet_table(controlnet.config, list(state), prefix="")
+  unet = weights.flax_to_torch(base.params["unet"])
+  file = {"lora_controlnet": np.zeros((0,), np.float32)}
+  for k, v in state.items():  # the ControlNet's own parts in full, the rest as the UNet's
+    if k not in unet or not np.array_equal(unet[k], v):
+      file[table[k].key] = v
+  path = str(tmp_path / "control-lora-tiny.safetensors")
+  weights.write_safetensors(path, file)
+  from flax import traverse_util  # noqa: PLC0415
+
+  got = traverse_util.flatten_dict(sdjax.load_controlnet(path, base=base).params)
+  want = traverse_util.flatten_dict(controlnet.params)
+  assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+  Image.fromarray(np.random.default_rng(3).integers(0, 255, (16, 24, 3), np.uint8)).save(
+      tmp_path / "edges.png")
+  cfg = run.RunConfig(model=base.name, prompts=(run.PromptLine("a cat"),), steps=2,
+                      guidance_scale=3.0, scheduler="euler", height=16, width=24, seed=2,
+                      batch_size=1, controlnet=(path,), control_image=(str(tmp_path / "edges.png"),),
+                      output_dir=str(tmp_path / "out"), compilation_cache="", show_progress=False)
+  assert run.generate_run(cfg).images == 1
+  expected = base.generate("a cat", steps=2, guidance_scale=3.0, scheduler="euler", height=16,
+                           width=24, seed=2, controlnet=sdjax.load_controlnet(path, base=base),
+                           control_images=outputs.read_image(str(tmp_path / "edges.png"),
+                                                             (16, 24)))
+  png = np.asarray(Image.open(tmp_path / "out" / "00000" / "000000.png"), np.float32)
+  assert np.abs(png - expected[0] * 255).max() <= 1.0

@@ -401,12 +401,13 @@ def controlnet_prefix(state: Mapping[str, np.ndarray], name: str) -> str | None:
   `diffusion_pytorch_model` in a file), else the original layout's prefix (maybe "")."""
   if DIFFUSERS_CONTROLNET_KEY in state:
     return None
+  if CONTROL_LORA_MARKER in state:
+    raise SingleFileError(f"{name} is a Control-LoRA: it is made from the model it steers "
+                          "(load_controlnet(path, base=pipe); main.py does this)")
   for prefix in (CONTROLNET_PREFIX, ""):
     if prefix + _HINT_CONV_IN in state:
       return prefix
-  if "lora_controlnet" in state:
-    kind = "a Control-LoRA file, which sdjax does not support"
-  elif _has_prefix(state, UNET_PREFIX):
+  if _has_prefix(state, UNET_PREFIX):
     kind = "a Stable Diffusion checkpoint (load it as the model)"
   else:
     kind = f"no ControlNet keys (first key: {next(iter(state), 'none')!r})"
@@ -479,6 +480,57 @@ def controlnet_state(state: Mapping[str, np.ndarray], prefix: str | None, cfg, k
   used: set[str] = set()
   out = gather(state, controlnet_table(cfg, keys, prefix), name, used)
   check_all_used(state, used, name, lambda k: not k.startswith(prefix))
+  return out
+
+
+# -- Control-LoRA -----------------------------------------------------------------------------------
+# Stability AI's Control-LoRAs (control-lora-canny-rank128.safetensors, ...) store a ControlNet
+# as the difference from the UNet it steers: the original layout without prefix, its own parts
+# (the control image's embedding, the zero convolutions) and every norm and bias in full, each
+# convolution and linear weight the UNet shares as a low-rank pair `<key>.up` [O, r(, 1, 1)] and
+# `<key>.down` [r, I(, kh, kw)], and a `lora_controlnet` marker. As ComfyUI builds it: the UNet's
+# weight plus up @ down, or the file's own; a weight the file leaves out is the UNet's.
+CONTROL_LORA_MARKER = "lora_controlnet"
+
+
+def control_lora_config(state: Mapping[str, np.ndarray], unet_config: dict[str, Any],
+                        name: str) -> dict[str, Any]:
+  """A Control-LoRA's diffusers ControlNet config: the base UNet's, with the control image's
+  channels and embedding widths read from the file."""
+  convs = _leading(state, (f"input_hint_block.{2 * i}.weight" for i in itertools.count()))[:-1]
+  if not convs:
+    raise SingleFileError(f"{name}: a Control-LoRA without its control image embedding")
+  raw = {k: v for k, v in unet_config.items() if k not in ("out_channels", "up_block_types")}
+  raw["conditioning_channels"] = int(state[convs[0]].shape[1])
+  raw["conditioning_embedding_out_channels"] = [int(state[k].shape[0]) for k in convs[::2]]
+  return raw
+
+
+def control_lora_state(state: Mapping[str, np.ndarray], cfg, keys,
+                       unet_state: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+  """A Control-LoRA's ControlNet as a diffusers-layout state dict, from the base UNet's
+  (`unet_state`, diffusers layout): every key of the file used."""
+  out, used = {}, {CONTROL_LORA_MARKER}
+  for key, src in controlnet_table(cfg, keys, prefix="").items():
+    stem = src.key.removesuffix(".weight")
+    if src.key in state:
+      out.update(gather(state, {key: src}, name, used))
+    elif src.key.endswith(".weight") and f"{stem}.up" in state and f"{stem}.down" in state:
+      if key not in unet_state:
+        raise SingleFileError(f"{name}: a low-rank {stem} where the base UNet has no {key}")
+      up, down = (np.asarray(state[f"{stem}.{part}"], np.float32) for part in ("up", "down"))
+      base = np.asarray(unet_state[key], np.float32)
+      delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+      if delta.size != base.size:
+        raise SingleFileError(f"{name}: {stem}.up @ .down has shape {delta.shape}, the base "
+                              f"UNet's {key} {base.shape}")
+      out[key] = base + delta.reshape(base.shape)
+      used.update((f"{stem}.up", f"{stem}.down"))
+    elif key in unet_state:
+      out[key] = unet_state[key]
+    else:
+      raise SingleFileError(f"{name} is missing key {src.key!r} (for {key})")
+  check_all_used(state, used, name)
   return out
 
 
