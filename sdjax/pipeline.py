@@ -824,16 +824,22 @@ def as_controlnets(controlnet) -> list[ControlNet | Adapter]:
 
 
 @dataclasses.dataclass(eq=False)
-class ControlNet:
-  """A ControlNet (network and params) for `Pipeline.generate(controlnet=...)`."""
+class _ControlModel:
+  """A network steering the UNet and its params, named by where it came from."""
 
-  model: ControlNetModel
+  model: Any
   params: Any
   name: str
 
   @property
-  def config(self) -> ControlNetConfig:
+  def config(self):
     return self.model.config
+
+
+class ControlNet(_ControlModel):
+  """A ControlNet (network and params) for `Pipeline.generate(controlnet=...)`."""
+
+  model: ControlNetModel
 
   def check_fits(self, pipe: Pipeline) -> None:
     """A one-line error unless this ControlNet was made for `pipe`'s UNet."""
@@ -848,19 +854,12 @@ class ControlNet:
                          f"against the UNet's {theirs}): a ControlNet for another model family?")
 
 
-@dataclasses.dataclass(eq=False)
-class Adapter:
+class Adapter(_ControlModel):
   """A T2I-Adapter (network and params): `Pipeline.generate(controlnet=...)` takes it as it
   takes a ControlNet (alone, or in a list with ControlNets), as A1111's ControlNet extension
   does."""
 
   model: T2IAdapter
-  params: Any
-  name: str
-
-  @property
-  def config(self) -> T2IAdapterConfig:
-    return self.model.config
 
   def check_fits(self, pipe: Pipeline, height: int | None = None,
                  width: int | None = None) -> None:

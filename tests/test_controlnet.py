@@ -352,7 +352,7 @@ def test_single_files_load_as_diffusers_reads_them(tmp_path):
       {k: v for k, v in state.items() if k != "middle_block_out.0.bias"}, config=folder)
   assert "has key 'zero_convs.9.0.weight' that the model does not use" in load_error(
       {**state, "zero_convs.9.0.weight": np.zeros(1, np.float32)}, config=folder)
-  assert "is not a ControlNet file: a Control-LoRA file" in load_error(
+  assert "a Control-LoRA is made from the model it steers" in load_error(
       {"lora_controlnet": np.zeros(1, np.float32)})
   assert "is not a ControlNet file: a Stable Diffusion checkpoint" in load_error(sd_model)
   assert "config= is only for single-file ControlNets" in load_error(source=folder,
