@@ -384,6 +384,12 @@ def test_files_without_config_get_the_standard_one(family, layout):
   prefix = single_file.controlnet_prefix(state, family)
   assert prefix == layout
   cfg = ControlNetConfig.from_dict(single_file.controlnet_config(state, prefix, family))
+  assert not cfg.global_pool_conditions
+  # The shuffle model is told by its name (ComfyUI's rule): its pooled conditions.
+  assert single_file.controlnet_config(state, prefix, "control_v11e_sd15_shuffle.pth")[
+      "global_pool_conditions"]
+  assert single_file.controlnet_config(state, prefix, "x/shuffle_fp16/control_lineart_shuffle"
+                                       "_fp16.safetensors")["global_pool_conditions"]
   _, expected = pipeline._controlnet_model(cfg, jnp.float32, jnp.float32)  # noqa: SLF001
   keys = [weights.torch_key(p) for p in traverse_util.flatten_dict(expected)]
   weights.check_state(single_file.controlnet_state(state, prefix, cfg, keys, family), expected,

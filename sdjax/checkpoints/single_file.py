@@ -443,7 +443,17 @@ def controlnet_config(state: Mapping[str, np.ndarray], prefix: str | None,
   # conv_in, then per level a same-width conv and a stride-2 one to the next width.
   raw["conditioning_channels"] = int(state[convs[0]].shape[1])
   raw["conditioning_embedding_out_channels"] = [int(state[k].shape[0]) for k in convs[::2]]
+  if is_shuffle_file(name):
+    raw["global_pool_conditions"] = True
   return raw
+
+
+def is_shuffle_file(name: str) -> bool:
+  """Whether a ControlNet file is the shuffle model (`control_v11e_sd15_shuffle.pth`), whose
+  pooled conditions its weights do not show: ComfyUI's rule, the name's stem ending in
+  `_shuffle` (or `_shuffle_fp16`)."""
+  stem = os.path.splitext(os.path.basename(name.split("?", 1)[0]))[0]
+  return stem.endswith(("_shuffle", "_shuffle_fp16"))
 
 
 def _leading(state: Mapping[str, object], keys: Iterable[str]) -> list[str]:
