@@ -435,7 +435,7 @@ class Pipeline:
       prepared, init_images, mask_images, height, width = _prepare_masks(
           self, init_images, mask_images, height, width, options)
       if control_images is not None and options.padding is not None:
-        several = not isinstance(controlnet, ControlNet) and isinstance(control_images,
+        several = not isinstance(controlnet, _ControlModel) and isinstance(control_images,
                                                                         list | tuple)
         control_images = ([_cut_control_images(prepared, c, height, width)
                            for c in control_images] if several else
