@@ -414,7 +414,11 @@ class Pipeline:
         of the steps counted over the whole schedule, as diffusers' base with
         `denoising_end`); with `hires_scale` both passes (A1111's ControlNet extension), the
         second by `hires_control_images` at its size (default: `control_images` enlarged
-        bilinearly), its share of the steps counted over the second pass's.
+        bilinearly), its share of the steps counted over the second pass's. A T2I-Adapter
+        (`load_adapter`) goes where a ControlNet goes, alone or in the list: its feature maps,
+        times its scale, are added inside the UNet's down path (diffusers'
+        StableDiffusionAdapterPipeline; `adapter_conditioning_factor` is
+        `control_guidance_end`); a one-channel adapter takes [N or 1, H, W, 1].
       controlnet_conditioning_scale: the weight of the ControlNet's residuals (a list: one per
         ControlNet).
       control_guidance_start, control_guidance_end: the share of the steps, from and to, in which
