@@ -284,17 +284,20 @@ def torch_vae(config: dict[str, Any], seed: int = 0):
 
 def _init_clip_(model, seed: int) -> None:
   """CLIP's initialisation (transformers' `CLIPPreTrainedModel._init_weights` as of 4.x: normal
-  weights with per-layer widths, unit norms, zero biases) drawn from a generator of ours, so the
-  random test models do not change when transformers changes how or in which order it draws
-  (5.2x did: a tiny CLIP's mean output moved from -1.1e-3 to 3.7e-3)."""
+  weights with per-layer widths, unit norms, zero biases) drawn by us, each parameter from a
+  generator seeded by `seed` and its name, so the random test models do not change when
+  transformers changes how or in which order it draws (5.2x did: a tiny CLIP's mean output
+  moved from -1.1e-3 to 3.7e-3)."""
+  import zlib  # noqa: PLC0415
+
   import torch  # noqa: PLC0415
 
   cfg = model.config
   width, layers = cfg.hidden_size, cfg.num_hidden_layers
   attention, outputs = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5
-  gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
+      gen = torch.Generator().manual_seed(seed * 2 ** 32 + zlib.crc32(name.encode()))
       if name.endswith("bias"):
         p.zero_()
       elif "norm" in name:
