@@ -286,9 +286,9 @@ def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None, 
   """A1111's composable diffusion: one UNet call on [uncond (B), parts (B*S)], then
   uncond + sum over parts of (part - uncond) * (weight * scale), in A1111's order."""
   b, s = weights.shape
-  if control is not None:  # the control images in the same rows
-    control = (tuple(jnp.concatenate([images, jnp.repeat(images, s, axis=0)])
-                     for images in control[0]), control[1])
+  if control is not None:  # the control images (an adapter's feature maps) in the same rows
+    control = (tuple(jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a, s, axis=0)]),
+                                  images) for images in control[0]), control[1])
   out = conditioning.predict(nets, params, jnp.concatenate([x, jnp.repeat(x, s, axis=0)]), t,
                              emb, control=control, guess=guess).astype(jnp.float32)
   eps_uncond, eps_parts = out[:b], out[b:].reshape(b, s, *out.shape[1:])

@@ -150,6 +150,20 @@ def test_generate_matches_diffusers(sd1_adapter, tmp_path):
   assert err <= 1e-4
 
 
+def test_composable_prompt_takes_the_features_per_part(sd1_adapter):
+  """A1111's composable prompts run the UNet on [uncond, part rows]: the adapter's feature maps
+  go with each row's image. One part of weight 1 (`:1`) is the plain guided image, to rounding."""
+  _, pipe, adapter, _ = sd1_adapter
+  control = np.random.default_rng(7).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  kw = dict(steps=3, guidance_scale=3.0, height=16, width=16, scheduler="euler", seed=3,
+            controlnet=adapter, control_images=control, prompt_syntax="a1111")
+  plain = pipe.generate(PROMPTS, **kw)
+  parts = pipe.generate([p + " :1" for p in PROMPTS], **kw)
+  err = float(np.linalg.norm(parts - plain) / np.linalg.norm(plain))
+  print(f"\nt2i-adapter, composable prompt of one part: {err:.2e}")
+  assert err <= 1e-5
+
+
 def test_bad_adapter_arguments(sd1_adapter, tmp_path):
   import sdjax  # noqa: PLC0415
 
