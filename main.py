@@ -125,6 +125,9 @@ flags.DEFINE_multi_float("control_guidance_end", [1.0], "the share of the steps 
                          "the ControlNet acts (one for all, or one per --controlnet)")
 flags.DEFINE_bool("controlnet_guess_mode", False, "diffusers' guess mode: the ControlNets act "
                   "on the conditional half of guidance only, residuals scaled 0.1 to 1")
+flags.DEFINE_multi_string("control_mode", ["balanced"], "A1111's Control Mode (one for all, or "
+                          "one per --controlnet): balanced, prompt ('My prompt is more "
+                          "important') or controlnet ('ControlNet is more important')")
 flags.DEFINE_multi_string("lora", [], "LoRA file or hub file merged into the weights, "
                           "path[:scale] (repeatable; scale default 1)")
 flags.DEFINE_multi_string("embedding", [], "textual-inversion file or hub file, path[:token] "
@@ -176,7 +179,7 @@ def _run_config() -> run.RunConfig:
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image),
-      controlnet_scale=tuple(FLAGS.controlnet_scale),
+      controlnet_scale=tuple(FLAGS.controlnet_scale), control_mode=tuple(FLAGS.control_mode),
       control_guidance_start=tuple(FLAGS.control_guidance_start),
       control_guidance_end=tuple(FLAGS.control_guidance_end),
       controlnet_guess_mode=FLAGS.controlnet_guess_mode,

@@ -10,7 +10,7 @@ penultimate hidden states of two encoders, adds the second one's projected poole
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -184,6 +184,46 @@ def _a1111_extras(ids: PromptIds):
   return prompt_lib.context_bias(batch), batch.schedule
 
 
+# A1111's ControlNet "Control Mode" (its extension's names), per control model: "prompt" softens
+# the residuals toward the UNet's input (a ControlNet's j-th residual, its down skips then the mid
+# one, times 0.825^(12-j); a T2I-Adapter's feature maps times 0.25, 0.62, 0.825, 1);
+# "controlnet" softens them too and adds them to the conditional rows of guidance only.
+CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                 "controlnet": "ControlNet is more important"}
+_SOFT_CONTROLNET, _SOFT_ADAPTER = 0.825, (0.25, 0.62, 0.825, 1.0)
+
+
+def control_mode(value: str) -> str:
+  """A Control Mode's key in CONTROL_MODES, from the key or A1111's name (any case)."""
+  for key, name in CONTROL_MODES.items():
+    if str(value).strip().lower() in (key, name.lower()):
+      return key
+  raise ValueError(f"unknown control mode {value!r}; use one of "
+                   f"{', '.join(repr(n) for n in CONTROL_MODES.values())} (or "
+                   f"{', '.join(CONTROL_MODES)})")
+
+
+class ControlInput(NamedTuple):
+  """The control models' input at one UNet call."""
+
+  images: tuple  # per control model: images [R, H, W, c] (an adapter's: its feature maps)
+  scales: Any  # float32 [n], their weights at this call
+  modes: tuple[str, ...] = ()  # per control model, CONTROL_MODES keys; (): all "balanced"
+  cond_rows: Any = None  # float32 [R], 1 on the conditional rows of guidance; None: all
+
+
+def _soften(residuals: list, mode: str, factors, cond_rows) -> list:
+  """`residuals` under Control Mode `mode` (see CONTROL_MODES): `factors` per residual (zip
+  truncates, as A1111's extension zips them), and no residual on unconditional rows."""
+  if mode == "balanced":
+    return residuals
+  out = [r * jnp.asarray(f, r.dtype) for r, f in zip(residuals, factors, strict=False)]
+  out += residuals[len(out):]
+  if mode == "controlnet" and cond_rows is not None:
+    out = [r * cond_rows.astype(r.dtype).reshape((-1,) + (1,) * (r.ndim - 1)) for r in out]
+  return out
+
+
 def adapter_features(nets: Networks, params, images) -> tuple:
   """The control inputs with each T2I-Adapter's images [B, H, W, c] replaced by its feature maps
   (a list): an adapter sees neither latents nor timestep, so this runs once per image."""
@@ -194,8 +234,9 @@ def adapter_features(nets: Networks, params, images) -> tuple:
 def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, control=None,
             guess: int | None = None):
   """The UNet's output for latents x [B, h, w, C] at t under embeddings `emb` (and an LCM
-  model's `guidance_embedding`); `control` = (control images per ControlNet [B, H, W, c] in
-  [0, 1] (a T2I-Adapter's: its `adapter_features`), their scales float32 [n]):
+  model's `guidance_embedding`); `control` = a `ControlInput` (or (images, scales)): control
+  images per ControlNet [B, H, W, c] in [0, 1] (a T2I-Adapter's: its `adapter_features`), their
+  scales float32 [n], their Control Modes:
   `nets.controlnet`'s residuals, from the same inputs, summed in order (diffusers'
   MultiControlNetModel) and added to the UNet's, and the adapters' feature maps times their
   scales, summed in order (diffusers' MultiAdapter), added inside its down path. `guess`:
@@ -203,7 +244,8 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
   ones get none)."""
   residuals = {}
   if control is not None:
-    images, scales = control
+    images, scales, modes, cond_rows = ControlInput(*control)
+    modes = modes or ("balanced",) * len(images)
     skip = guess or 0
     n = x.shape[0]  # per-row inputs lose their first `skip` rows; a scalar t stays
     rows = jax.tree.map(lambda a: a[skip:] if jnp.ndim(a) and a.shape[0] == n else a,
@@ -212,7 +254,8 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
     for i, (net, net_params, image) in enumerate(zip(nets.controlnet, params["controlnet"],
                                                      images, strict=True)):
       if isinstance(net, T2IAdapter):
-        scaled = [f * scales[i].astype(f.dtype) for f in image]
+        scaled = _soften([f * scales[i].astype(f.dtype) for f in image], modes[i],
+                         _SOFT_ADAPTER, cond_rows)
         intrablock = scaled if intrablock is None else [
             a + b for a, b in zip(intrablock, scaled, strict=True)]
         continue
@@ -222,6 +265,8 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
       d, m = net.apply({"params": net_params}, x_[..., :net.config.in_channels], t_,
                        emb_.context, image[skip:], scales[i], emb_.text_embeds, emb_.time_ids,
                        emb_.context_bias, cond_, guess is not None)
+      *d, m = _soften([*d, m], modes[i], [_SOFT_CONTROLNET ** (12 - j) for j in range(13)],
+                      cond_rows)
       down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
       mid = m if mid is None else mid + m
     if skip and down is not None:  # no residuals for the unconditional rows

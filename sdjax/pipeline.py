@@ -328,7 +328,8 @@ class Pipeline:
                controlnet_conditioning_scale: float | Sequence[float] = 1.0,
                control_guidance_start: float | Sequence[float] = 0.0,
                control_guidance_end: float | Sequence[float] = 1.0,
-               guess_mode: bool = False) -> np.ndarray:
+               guess_mode: bool = False,
+               control_mode: str | Sequence[str] = "balanced") -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -427,6 +428,11 @@ class Pipeline:
         classifier-free guidance only, their residuals scaled from 0.1 (the first) to 1 (the
         mid one), for control images without a prompt to match. On by itself for a ControlNet
         with pooled conditions (the shuffle model), as in diffusers.
+      control_mode: A1111's ControlNet "Control Mode" (one, or one per ControlNet): "balanced";
+        "prompt" ("My prompt is more important": the residuals softened, the j-th of a
+        ControlNet's times 0.825^(12-j), an adapter's feature maps times 0.25, 0.62, 0.825, 1);
+        "controlnet" ("ControlNet is more important": softened, and on the conditional half of
+        guidance only). A1111's names are taken too. Not with `guess_mode`.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size; with
@@ -464,7 +470,7 @@ class Pipeline:
         hires_control_images=hires_control_images,
         controlnet_conditioning_scale=controlnet_conditioning_scale,
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
-        guess_mode=guess_mode)
+        guess_mode=guess_mode, control_mode=control_mode)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

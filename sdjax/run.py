@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 import sdjax
-from sdjax import aot, masks, outputs, parallel, sampling, sinks
+from sdjax import aot, conditioning, masks, outputs, parallel, sampling, sinks
 from sdjax.conditioning import MicroConditioning
 from sdjax.plan import ImageJob, Plan, PromptLine, RunError, check_size, read_prompts_file
 
@@ -104,6 +104,7 @@ class RunConfig:
   control_guidance_start: tuple[float, ...] = (0.0,)
   control_guidance_end: tuple[float, ...] = (1.0,)
   controlnet_guess_mode: bool = False  # diffusers' guess_mode (see Pipeline.generate)
+  control_mode: tuple[str, ...] = ("balanced",)  # A1111's Control Mode: one, or one per net
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -199,16 +200,17 @@ def validate(cfg: RunConfig) -> None:
     raise RunError(f"--mask_blur and --inpaint_full_res_padding must be >= 0, got "
                    f"{cfg.mask_blur} and {cfg.inpaint_full_res_padding}")
   if not cfg.controlnet and (cfg.control_image or cfg.controlnet_config
-                             or cfg.controlnet_guess_mode):
-    raise RunError("--control_image, --controlnet_config and --controlnet_guess_mode are for a "
-                   "ControlNet: give --controlnet too")
+                             or cfg.controlnet_guess_mode or _control_modes(cfg)):
+    raise RunError("--control_image, --controlnet_config, --controlnet_guess_mode and "
+                   "--control_mode are for a ControlNet: give --controlnet too")
   if cfg.controlnet:
     nets = len(cfg.controlnet)
     for name in ("control_image", "controlnet_config"):
       if getattr(cfg, name) and len(getattr(cfg, name)) != nets:
         raise RunError(f"--{name}: give one per --controlnet ({nets}), got "
                        f"{len(getattr(cfg, name))}")
-    for name in ("controlnet_scale", "control_guidance_start", "control_guidance_end"):
+    for name in ("controlnet_scale", "control_guidance_start", "control_guidance_end",
+                 "control_mode"):
       if len(getattr(cfg, name)) not in (1, nets):
         raise RunError(f"--{name}: give one, or one per --controlnet ({nets}), got "
                        f"{len(getattr(cfg, name))}")
@@ -317,6 +319,17 @@ def _per_controlnet(cfg: RunConfig) -> tuple[list[float], ...]:
                             "control_guidance_end"))
 
 
+def _control_modes(cfg: RunConfig) -> tuple[str, ...]:
+  """The ControlNets' A1111 Control Modes (CONTROL_MODES keys), () when all are balanced."""
+  try:
+    modes = tuple(conditioning.control_mode(m) for m in cfg.control_mode)
+  except ValueError as e:
+    raise RunError(f"--control_mode: {e}") from None
+  if all(m == "balanced" for m in modes):
+    return ()
+  return modes if len(modes) > 1 else modes * max(len(cfg.controlnet), 1)
+
+
 def _controlnet_record(cfg: RunConfig) -> dict[str, Any]:
   """The ControlNets' settings: one ControlNet's as single values, as before there could be
   several (older folders still match); several as lists."""
@@ -329,6 +342,9 @@ def _controlnet_record(cfg: RunConfig) -> dict[str, Any]:
     record = {k: v[0] for k, v in record.items()}
   if cfg.controlnet_guess_mode:  # absent without: older folders still match
     record["controlnet_guess_mode"] = True
+  if _control_modes(cfg):  # absent when balanced: older folders still match
+    modes = [conditioning.CONTROL_MODES[m] for m in _control_modes(cfg)]
+    record["control_mode"] = modes[0] if len(cfg.controlnet) == 1 else modes
   return record
 
 
@@ -839,6 +855,12 @@ class _Sampler:
       except ValueError as e:
         what = {None: "text-to-image", "img2img": "img2img", "inpaint": "inpainting"}[kind]
         raise RunError(f"{what} lines: {e}") from None
+      if spec.control:  # A1111's Control Modes (both passes of the hires fix)
+        try:
+          spec = dataclasses.replace(spec, control_modes=sampling.control_modes(
+              _control_modes(cfg) or "balanced", len(pipe.controlnet), spec.control_guess))
+        except ValueError as e:
+          raise RunError(f"--control_mode: {e}") from None
       host_state, stage = state, None
       if refiner is not None:  # the second stage runs in the same program
         refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
@@ -848,6 +870,7 @@ class _Sampler:
         try:
           hires = sampling.prepare_hires(pipe, cfg.batch_size, hires, control=spec.control,
                                          control_guess=spec.control_guess, **common)
+          hires = (dataclasses.replace(hires[0], control_modes=spec.control_modes), hires[1])
         except ValueError as e:
           raise RunError(f"--hires_scale: {e}") from None
         spec = dataclasses.replace(spec, output_latents=True)
@@ -1254,10 +1277,13 @@ class _Metadata:
   def _controlnet_extra(self) -> dict[str, str]:
     """A1111's `ControlNet N` entries (the sd-webui-controlnet extension's units), each model by
     name."""
+    modes = _control_modes(self.cfg) or ("balanced",) * len(self.controlnets)
     return {f"ControlNet {i}": f"Model: {name}, Weight: {scale:g}, Guidance Start: {start:g}, "
-                              f"Guidance End: {end:g}"
-            for i, (name, scale, start, end) in enumerate(zip(
-                self.controlnets, *_per_controlnet(self.cfg), strict=True))}
+                              f"Guidance End: {end:g}" + (
+                                  "" if mode == "balanced" else
+                                  f", Control Mode: {conditioning.CONTROL_MODES[mode]}")
+            for i, (name, scale, start, end, mode) in enumerate(zip(
+                self.controlnets, *_per_controlnet(self.cfg), modes, strict=True))}
 
   def _emphasis(self, job: ImageJob) -> dict[str, str]:
     """A1111's `Emphasis` field: the mode, when not "Original" and a prompt text (after its

@@ -76,6 +76,7 @@ class SampleSpec:
   # diffusers' guess mode (the ControlNets skip the unconditional rows, residuals scaled 0.1-1).
   control: bool = False
   control_guess: bool = False
+  control_modes: tuple[str, ...] = ()  # A1111's Control Mode per control model (() balanced)
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -175,12 +176,14 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
   if spec.control:  # a T2I-Adapter's feature maps are made once
     control = (conditioning.adapter_features(nets, params, control[0]), *control[1:])
 
-  def controls(call, rows=lambda images: images):
-    """The ControlNet's input at this call, its images arranged as the UNet's rows."""
+  def controls(call, rows=lambda images: images, cond_rows=None):
+    """The ControlNet's input at this call, its images arranged as the UNet's rows
+    (`cond_rows`: which of them are guidance's conditional ones; None: all)."""
     if not spec.control:
       return None
     images, scales, keep = control
-    return tuple(jax.tree.map(rows, x) for x in images), scales * keep[:, call]
+    return conditioning.ControlInput(tuple(jax.tree.map(rows, x) for x in images),
+                                     scales * keep[:, call], spec.control_modes, cond_rows)
 
   def guess(uncond_rows: int) -> int | None:
     return uncond_rows if spec.control_guess else None
@@ -204,8 +207,9 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
                    guidance_rescale if spec.guidance_rescale else None)
     emb = (conditioning.Embeddings.concat(negative.at(call), positive.at(call)) if scheduled
            else both)
+    halves = jnp.concatenate([jnp.zeros(len(x)), jnp.ones(len(x))])
     out = conditioning.predict(nets, params, jnp.concatenate([x, x], axis=0), t, emb,
-                               control=controls(call, lambda i: jnp.concatenate([i, i])),
+                               control=controls(call, lambda i: jnp.concatenate([i, i]), halves),
                                guess=guess(len(x)))
     eps_uncond, eps_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
     return guide(eps_uncond, eps_cond, guidance_scale,
@@ -287,8 +291,10 @@ def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None, 
   uncond + sum over parts of (part - uncond) * (weight * scale), in A1111's order."""
   b, s = weights.shape
   if control is not None:  # the control images (an adapter's feature maps) in the same rows
-    control = (tuple(jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a, s, axis=0)]),
-                                  images) for images in control[0]), control[1])
+    control = conditioning.ControlInput(*control)._replace(
+        images=tuple(jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a, s, axis=0)]),
+                                  images) for images in control[0]),
+        cond_rows=jnp.concatenate([jnp.zeros(b), jnp.ones(b * s)]))
   out = conditioning.predict(nets, params, jnp.concatenate([x, jnp.repeat(x, s, axis=0)]), t,
                              emb, control=control, guess=guess).astype(jnp.float32)
   eps_uncond, eps_parts = out[:b], out[b:].reshape(b, s, *out.shape[1:])
@@ -308,8 +314,11 @@ def _split_guidance_pair(nets, params, x, t, negative, positive, cfg_axis, contr
 
   def call(emb, is_cond):
     side = control
+    if control is not None:
+      side = conditioning.ControlInput(*control)._replace(
+          cond_rows=jnp.full((len(x),), is_cond, jnp.float32))
     if control is not None and guess:
-      side = (control[0], control[1] * is_cond.astype(jnp.float32))
+      side = side._replace(scales=side.scales * is_cond.astype(jnp.float32))
     return conditioning.predict(nets, params, x, t, emb, control=side,
                                 guess=0 if guess else None).astype(jnp.float32)
 
@@ -900,6 +909,7 @@ def generate(
     control_guidance_start: float = 0.0,
     control_guidance_end: float = 1.0,
     guess_mode: bool = False,
+    control_mode: str | Sequence[str] = "balanced",
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original")."""
@@ -960,8 +970,10 @@ def generate(
           hires.size(pipe, height, width))
     elif hires_control_images is not None:
       raise ValueError("hires_control_images are the hires pass's: give hires_scale too")
-  elif control_images is not None or hires_control_images is not None:
-    raise ValueError("control_images are a ControlNet's input: give controlnet= too")
+  elif (control_images is not None or hires_control_images is not None
+        or not (isinstance(control_mode, str)
+                and conditioning.control_mode(control_mode) == "balanced")):
+    raise ValueError("control_images and control_mode are a ControlNet's: give controlnet= too")
   common = dict(steps=steps, scheduler=scheduler, height=height, width=width,
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                 clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel,
@@ -973,9 +985,14 @@ def generate(
                         control_guess=controlled is not None and uses_guess_mode(
                             controlled.controlnet, guess_mode),
                         **common)
+  if controlled is not None:
+    spec = dataclasses.replace(spec, control_modes=control_modes(
+        control_mode, len(controlled.controlnet), spec.control_guess))
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(pipe, n, hires, control=spec.control,
                                 control_guess=spec.control_guess, **common)
+    hires_stage = (dataclasses.replace(hires_stage[0], control_modes=spec.control_modes),
+                   hires_stage[1])
     spec = dataclasses.replace(spec, output_latents=True)
   seeds = make_seeds(seed, n)
   latent_shape = (n, *spec.latent_hw, latent_channels(pipe))
@@ -1103,6 +1120,23 @@ def uses_guess_mode(controlnets, requested: bool) -> bool:
   """diffusers' rule: guess mode when asked for, or when the (first) ControlNet has pooled
   conditions (the shuffle model)."""
   return requested or controlnets[0].config.global_pool_conditions
+
+
+def control_modes(value, k: int, guess: bool) -> tuple[str, ...]:
+  """A1111's Control Mode of each of `k` control models (one name serves all; see
+  `conditioning.CONTROL_MODES`), () when all are balanced; not with diffusers' guess mode."""
+  values = [value] * k if isinstance(value, str) else list(value)
+  if len(values) != k:
+    raise ValueError(f"control_mode must be one mode or one per ControlNet ({k}), got "
+                     f"{len(values)}")
+  modes = tuple(conditioning.control_mode(v) for v in values)
+  if all(m == "balanced" for m in modes):
+    return ()
+  if guess:
+    raise ValueError("guess mode is diffusers' counterpart of A1111's Control Modes: use one "
+                     "(a ControlNet with pooled conditions, the shuffle model, turns guess "
+                     "mode on by itself)")
+  return modes
 
 
 def per_controlnet(value, k: int, name: str) -> list[float]:

@@ -164,6 +164,34 @@ def test_composable_prompt_takes_the_features_per_part(sd1_adapter):
   assert err <= 1e-5
 
 
+def test_control_modes_soften_the_features(sd1_adapter):
+  """A1111's "My prompt is more important" scales an adapter's feature maps by 0.25, 0.62,
+  0.825, 1 (the tiny one has two); "ControlNet is more important" also leaves the
+  unconditional rows without them."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import conditioning  # noqa: PLC0415
+
+  _, pipe, adapter, _ = sd1_adapter
+  controlled = pipe.with_controlnet(adapter)
+  x, ctx = randn(4, 8, 8, 4, seed=1), randn(4, 77, 32, seed=2)
+  t = np.full((4,), 501.0, np.float32)
+  image = np.random.default_rng(3).uniform(size=(4, 16, 16, 3)).astype(np.float32)
+  features = adapter.model.apply({"params": adapter.params}, image)
+  rows = np.asarray([0.0, 0.0, 1.0, 1.0], np.float32).reshape(-1, 1, 1, 1)
+  for mode in ("prompt", "controlnet"):
+    got = conditioning.predict(
+        controlled.networks, controlled.params, x, t, conditioning.Embeddings(ctx),
+        control=conditioning.ControlInput(
+            conditioning.adapter_features(controlled.networks, controlled.params, (image,)),
+            jnp.asarray([1.5]), (mode,), jnp.asarray(rows[:, 0, 0, 0])))
+    want = [f * 1.5 * f_ * (rows if mode == "controlnet" else 1.0)
+            for f, f_ in zip(features, (0.25, 0.62), strict=True)]
+    expected = pipe.unet.apply({"params": pipe.params["unet"]}, x, t, ctx,
+                               intrablock_residuals=want)
+    assert_close(got, expected, 1e-6)
+
+
 def test_bad_adapter_arguments(sd1_adapter, tmp_path):
   import sdjax  # noqa: PLC0415
 

@@ -756,3 +756,84 @@ def test_run_with_control_lora(sdxl_controlnet, tmp_path):
                                                              (16, 24)))
   png = np.asarray(Image.open(tmp_path / "out" / "00000" / "000000.png"), np.float32)
   assert np.abs(png - expected[0] * 255).max() <= 1.0
+
+
+def test_control_modes_soften_as_a1111(sd1_controlnet):
+  """A1111's Control Modes (its ControlNet extension's hook): "prompt" scales a ControlNet's
+  j-th residual (down skips, then mid) by 0.825^(12-j); "controlnet" does too and leaves the
+  unconditional rows without residuals. Checked on the UNet call against residuals scaled by
+  hand, then through generate(): the split guidance program agrees with the batched one."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import conditioning  # noqa: PLC0415
+
+  _, pipe, controlnet = sd1_controlnet
+  controlled = pipe.with_controlnet(controlnet)
+  nets, params = controlled.networks, controlled.params
+  x, ctx = randn(4, 8, 8, 4, seed=1), randn(4, 77, 32, seed=2)
+  t = np.full((4,), 501.0, np.float32)
+  image = np.random.default_rng(3).uniform(size=(4, 16, 16, 3)).astype(np.float32)
+  cond_rows = jnp.asarray([0.0, 0.0, 1.0, 1.0])
+  down, mid = controlnet.model.apply({"params": controlnet.params}, x, t, ctx, image, 0.7)
+  residuals = [*down, mid]
+  assert len(residuals) == 7  # the tiny UNet's: 6 skips and the mid block
+  soft = [r * np.float32(0.825 ** (12 - j)) for j, r in enumerate(residuals)]
+  for mode in ("balanced", "prompt", "controlnet"):
+    got = conditioning.predict(nets, params, x, t, conditioning.Embeddings(ctx),
+                               control=conditioning.ControlInput(
+                                   (image,), jnp.asarray([0.7]), (mode,), cond_rows))
+    want = {"balanced": residuals, "prompt": soft,
+            "controlnet": [r * np.asarray(cond_rows).reshape(-1, 1, 1, 1) for r in soft]}[mode]
+    expected = pipe.unet.apply({"params": params["unet"]}, x, t, ctx, down_residuals=want[:-1],
+                               mid_residual=want[-1])
+    assert_close(got, expected, 1e-6)
+  kw = dict(steps=3, guidance_scale=3.0, height=16, width=16, scheduler="euler", seed=4,
+            controlnet=controlnet, control_images=image[:2])
+  out = {mode: pipe.generate(PROMPTS, control_mode=mode, **kw)
+         for mode in ("balanced", "My prompt is more important", "controlnet")}
+  split = pipe.generate(PROMPTS, control_mode="controlnet", cfg_parallel=True, **kw)
+  err = float(np.linalg.norm(split - out["controlnet"]) / np.linalg.norm(out["controlnet"]))
+  print(f"\ncontrol mode 'controlnet', split guidance vs batched: {err:.2e}")
+  assert err <= 1e-5
+  for a, b in (("balanced", "My prompt is more important"),
+               ("My prompt is more important", "controlnet")):
+    assert np.abs(out[a] - out[b]).max() > 1e-3
+  with pytest.raises(ValueError, match="guess mode is diffusers' counterpart"):
+    pipe.generate(PROMPTS, control_mode="prompt", guess_mode=True, **kw)
+  with pytest.raises(ValueError, match="unknown control mode 'strong'"):
+    pipe.generate(PROMPTS, control_mode="strong", **kw)
+
+
+def test_run_with_control_modes(sd1_controlnet, tmp_path):
+  """main.py's --control_mode (A1111's names taken too): each image is generate()'s; PNGs name
+  the mode as A1111's extension does, records keep it (absent when balanced)."""
+  import dataclasses  # noqa: PLC0415
+  import json  # noqa: PLC0415
+
+  from PIL import Image  # noqa: PLC0415
+
+  from sdjax import outputs, run  # noqa: PLC0415
+
+  _, pipe, controlnet = sd1_controlnet
+  Image.fromarray(np.random.default_rng(13).integers(0, 255, (16, 16, 3), np.uint8)).save(
+      tmp_path / "edges.png")
+  edges = str(tmp_path / "edges.png")
+  cfg = run.RunConfig(model=pipe.name, prompts=(run.PromptLine("a cat"),), steps=2,
+                      guidance_scale=3.0, scheduler="euler", height=16, width=16, seed=6,
+                      controlnet=(controlnet.name,), control_image=(edges,),
+                      control_mode=("ControlNet is more important",),
+                      output_dir=str(tmp_path / "out"), compilation_cache="", show_progress=False)
+  assert run.generate_run(cfg).images == 1
+  record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
+  assert record["control_mode"] == "ControlNet is more important"
+  png = Image.open(tmp_path / "out" / record["file"])
+  assert outputs.parse_a1111_parameters(png.text["parameters"])["ControlNet 0"].endswith(
+      "Guidance End: 1, Control Mode: ControlNet is more important")
+  expected = pipe.generate("a cat", steps=2, guidance_scale=3.0, scheduler="euler", height=16,
+                           width=16, seed=6, controlnet=controlnet,
+                           control_images=outputs.read_image(edges, (16, 16)),
+                           control_mode="controlnet")
+  assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
+  with pytest.raises(run.RunError, match="--control_mode: unknown control mode 'strong'"):
+    run.generate_run(dataclasses.replace(cfg, control_mode=("strong",),
+                                         output_dir=str(tmp_path / "bad")))

@@ -350,7 +350,8 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
 BAD_INPUT = [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--steps", "1001"], "steps (1001) cannot exceed the model's 1000 training timesteps"),
-    (["--controlnet_config", "cn"], "--control_image, --controlnet_config and "),
+    (["--controlnet_config", "cn"], "--control_image, --controlnet_config, "),
+    (["--control_mode", "prompt"], "--control_mode are for a ControlNet: give --controlnet"),
     (["--controlnet", "cn", "--control_guidance_end", "0"], "0 <= start < end <= 1, got 0.0 "),
     (["--controlnet", "a", "--controlnet", "b", *["--controlnet_scale", "1"] * 3],
      "--controlnet_scale: give one, or one per --controlnet (2), got 3"),
