@@ -891,48 +891,50 @@ def load_adapter(source: str, dtype="float32", *, param_dtype=None, variant: str
   or URL). `config`: single files only, a diffusers adapter folder or hub id whose config to use
   (default: read from the weights; see `single_file.adapter_config`). `dtype`, `param_dtype` as
   `load_pipeline`'s."""
+  compute = parse_dtype(dtype)
+  store = parse_dtype(param_dtype) if param_dtype is not None else compute
   try:
     if single_file.is_single_file(source):
       path = _local_file(source, "T2I-Adapter", revision)
-      return _adapter_from_file(source, path, single_file.read_single_file(path), config, dtype,
-                                param_dtype, revision)
+      return _adapter_from_file(source, path, single_file.read_single_file(path), config,
+                                revision, compute, store)
     if config is not None:
       raise PipelineError("config= is only for single-file T2I-Adapters; a folder has its own")
     folder, raw = _controlnet_folder_config(source, revision, variant)
-    state = read_state_dict(folder, "controlnet", variant=variant)
-    return _adapter(source, raw, state, dtype, param_dtype)
+    return _adapter_from_folder(source, folder, raw, variant, compute, store)
   except (hub.HubError, config_utils.ConfigError, WeightsError) as e:
     raise PipelineError(f"cannot load T2I-Adapter {source}: {e}") from None
 
 
-def _adapter_from_file(source, path, state, config, dtype, param_dtype, revision) -> Adapter:
+def _adapter_from_folder(source, folder, raw, variant, compute, store) -> Adapter:
+  model, expected = _adapter_model(raw, compute, store)
+  state = read_state_dict(folder, "controlnet", variant=variant)
+  return Adapter(model, jax.device_put(torch_to_flax(state, expected, "t2i_adapter",
+                                                     np.dtype(store))), str(source))
+
+
+def _adapter_from_file(source, path, state, config, revision, compute, store) -> Adapter:
   layout = single_file.adapter_layout(state)
   if layout is None:
     raise single_file.SingleFileError(f"{path} is not a T2I-Adapter file (first key: "
                                       f"{next(iter(state), 'none')!r})")
   raw = (_controlnet_folder_config(config, revision)[1] if config is not None
          else single_file.adapter_config(state, layout, path))
-  adapter = _adapter(source, raw, {}, dtype, param_dtype, config)
-  keys = [torch_key(p) for p in traverse_util.flatten_dict(adapter.params)]
-  state = single_file.adapter_state(state, layout, adapter.config, keys, path)
-  return _adapter(source, raw, state, dtype, param_dtype, config)
-
-
-def _adapter(source, raw, state, dtype, param_dtype, config=None) -> Adapter:
-  """The adapter of config `raw` with weights `state` (empty: its abstract params only)."""
-  if raw.get("_class_name", "T2IAdapter") != "T2IAdapter":
-    raise config_utils.ConfigError(f"the config is a {raw['_class_name']}'s, not a T2IAdapter's")
-  compute = parse_dtype(dtype)
-  store = parse_dtype(param_dtype) if param_dtype is not None else compute
-  cfg = T2IAdapterConfig.from_dict(raw)
-  model = T2IAdapter(cfg, compute, store)
-  side = cfg.total_downscale
-  expected = _expected_params(model, jnp.zeros((1, side, side, cfg.in_channels)))
+  model, expected = _adapter_model(raw, compute, store)
+  keys = [torch_key(p) for p in traverse_util.flatten_dict(expected)]
+  state = single_file.adapter_state(state, layout, model.config, keys, path)
   name = str(source) + (f" (config {config})" if config is not None else "")
-  if not state:
-    return Adapter(model, expected, name)
   return Adapter(model, jax.device_put(torch_to_flax(state, expected, "t2i_adapter",
                                                      np.dtype(store))), name)
+
+
+def _adapter_model(raw: dict[str, Any], compute, store):
+  """The adapter network of config `raw` and the params it expects (abstract)."""
+  if raw.get("_class_name", "T2IAdapter") != "T2IAdapter":
+    raise config_utils.ConfigError(f"the config is a {raw['_class_name']}'s, not a T2IAdapter's")
+  model = T2IAdapter(T2IAdapterConfig.from_dict(raw), compute, store)
+  side = model.config.total_downscale
+  return model, _expected_params(model, jnp.zeros((1, side, side, model.config.in_channels)))
 
 
 def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: str | None = None,
@@ -955,7 +957,7 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
       path = _local_file(source, "ControlNet", revision)
       state = single_file.read_single_file(path)
       if single_file.adapter_layout(state) is not None:
-        return _adapter_from_file(source, path, state, config, dtype, param_dtype, revision)
+        return _adapter_from_file(source, path, state, config, revision, compute, store)
       if single_file.CONTROL_LORA_MARKER in state:
         return _control_lora(source, path, state, base, config, revision, compute, store)
       prefix = single_file.controlnet_prefix(state, path)
@@ -968,9 +970,8 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
       raise PipelineError("config= is only for single-file ControlNets; a folder has its own")
     else:
       folder, raw = _controlnet_folder_config(source, revision, variant)
-      if raw.get("_class_name") == "T2IAdapter":
-        return load_adapter(source, dtype, param_dtype=param_dtype, variant=variant,
-                            revision=revision)
+      if raw.get("_class_name") == "T2IAdapter":  # the folder is already at hand
+        return _adapter_from_folder(source, folder, raw, variant, compute, store)
       model, expected = _controlnet_model(ControlNetConfig.from_dict(raw), compute, store)
       state = read_state_dict(folder, "controlnet", variant=variant)
     params = jax.device_put(torch_to_flax(state, expected, "controlnet", np.dtype(store)))
