@@ -56,7 +56,7 @@ def torch_key(flax_path: tuple[str, ...]) -> str:
   for part in flax_path[:-1]:
     m = _FLAX_LIST.match(part)
     parts.extend([m.group(1), m.group(2)] if m else [part])
-  parts.append(_LEAF_TO_TORCH[flax_path[-1]])
+  parts.append(_LEAF_TO_TORCH.get(flax_path[-1], flax_path[-1]))  # a bare param: its own name
   return ".".join(parts)
 
 
@@ -167,6 +167,7 @@ WEIGHT_STEMS = {
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
     "text_encoder_2": "model",
+    "image_encoder": "model",  # an IP-Adapter's (transformers' CLIPVisionModelWithProjection)
 }
 _PICKLE_STEMS = {"diffusion_pytorch_model": "diffusion_pytorch_model", "model": "pytorch_model"}
 

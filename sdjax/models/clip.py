@@ -1,4 +1,5 @@
-"""The CLIP text encoders, as transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`."""
+"""The CLIP encoders, as transformers' `CLIPTextModel`, `CLIPTextModelWithProjection` and
+`CLIPVisionModelWithProjection` (the image encoder of IP-Adapters)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.models import config_utils
-from sdjax.models.layers import Embed, dense, layer_norm
+from sdjax.models.layers import Conv, Embed, LoadedParams, dense, layer_norm
 
 Dtype = Any
 
@@ -85,10 +86,59 @@ class CLIPTextConfig:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+  """The options of transformers' `CLIPVisionConfig` that change the forward pass."""
+
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  num_channels: int = 3
+  image_size: int = 224
+  patch_size: int = 32
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  projection_dim: int = 512  # `CLIPVisionModelWithProjection`'s visual_projection width
+
+  def __post_init__(self):
+    if self.hidden_act not in _ACTIVATIONS:
+      raise config_utils.ConfigError(
+          f"image_encoder hidden_act {self.hidden_act!r} is not supported by sdjax")
+    if self.hidden_size % self.num_attention_heads:
+      raise config_utils.ConfigError(
+          "image_encoder hidden_size must be a multiple of num_attention_heads")
+    if self.image_size % self.patch_size:
+      raise config_utils.ConfigError("image_encoder image_size must be a multiple of patch_size")
+
+  @property
+  def num_positions(self) -> int:
+    """Tokens the encoder sees: one per patch and the class token."""
+    return (self.image_size // self.patch_size) ** 2 + 1
+
+  @classmethod
+  def from_dict(cls, raw: dict[str, Any]) -> CLIPVisionConfig:
+    if raw.get("model_type") == "clip" and "vision_config" in raw:  # a whole CLIPModel's
+      raw = raw["vision_config"]
+    model_type = raw.get("model_type", "clip_vision_model")
+    if model_type != "clip_vision_model":
+      raise config_utils.ConfigError(
+          f"image_encoder model_type {model_type!r} is not supported (need clip_vision_model)")
+    return config_utils.build_config(cls, raw, component="image_encoder", fixed={},
+                                     ignored=_IGNORED)
+
+  def to_dict(self) -> dict[str, Any]:
+    out = config_utils.to_json_dict(self, "CLIPVisionModelWithProjection")
+    del out["_class_name"]
+    out.update(architectures=["CLIPVisionModelWithProjection"], model_type="clip_vision_model")
+    return out
+
+
 class CLIPAttention(nn.Module):
   heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = True  # the text encoder's; the vision encoder attends to every token
 
   @nn.compact
   def __call__(self, x):
@@ -101,29 +151,30 @@ class CLIPAttention(nn.Module):
 
     q, k, v = proj("q_proj") * head_dim**-0.5, proj("k_proj"), proj("v_proj")
     scores = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32)  # B, H, N, N
-    causal = jnp.tril(jnp.ones((n, n), bool))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    if self.causal:
+      scores = jnp.where(jnp.tril(jnp.ones((n, n), bool)), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhnm,bmhd->bnhd", probs, v).reshape(b, n, c)  # B, N, C
     return dense(c, d, pd, "out_proj")(out)
 
 
 class CLIPEncoderLayer(nn.Module):
-  config: CLIPTextConfig
+  config: CLIPTextConfig | CLIPVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x):
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     h = layer_norm(cfg.layer_norm_eps, d, pd, "layer_norm1")(x)
-    x = x + CLIPAttention(cfg.num_attention_heads, d, pd, name="self_attn")(h)
+    x = x + CLIPAttention(cfg.num_attention_heads, d, pd, self.causal, name="self_attn")(h)
     h = layer_norm(cfg.layer_norm_eps, d, pd, "layer_norm2")(x)
     return x + CLIPMLP(cfg, d, pd, name="mlp")(h)
 
 
 class CLIPMLP(nn.Module):
-  config: CLIPTextConfig
+  config: CLIPTextConfig | CLIPVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -155,15 +206,17 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-  config: CLIPTextConfig
+  config: CLIPTextConfig | CLIPVisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x):
     hidden_states = [x]
     for i in range(self.config.num_hidden_layers):
-      x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layers_{i}")(x)
+      x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.causal,
+                           name=f"layers_{i}")(x)
       hidden_states.append(x)
     return hidden_states
 
@@ -229,3 +282,46 @@ class CLIPTextModelWithProjection(CLIPTextModel):
     proj = dense(cfg.projection_dim, self.dtype, self.param_dtype, "text_projection",
                  use_bias=False)
     return {**out, "text_embeds": proj(out["pooler_output"])}
+
+
+class CLIPVisionEmbeddings(LoadedParams, nn.Module):
+  """Patches of the image embedded by a convolution, the class token first, positions added."""
+
+  config: CLIPVisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels):
+    cfg, d, pd = self.config, self.dtype, self.param_dtype
+    p = cfg.patch_size
+    x = Conv(cfg.hidden_size, p, p, ((0, 0), (0, 0)), d, pd, use_bias=False,
+             name="patch_embedding")(pixels.astype(d))  # B, S/p, S/p, C
+    x = x.reshape(x.shape[0], -1, cfg.hidden_size)  # B, N, C
+    cls = self.param("class_embedding", nn.initializers.normal(1.0), (cfg.hidden_size,), pd)
+    cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.hidden_size))
+    pos = Embed(cfg.num_positions, cfg.hidden_size, dtype=d, param_dtype=pd,
+                name="position_embedding")
+    return jnp.concatenate([cls, x], axis=1) + pos(jnp.arange(cfg.num_positions))[None]
+
+
+class CLIPVisionModelWithProjection(nn.Module):
+  """Pixels [B, S, S, 3] (NHWC, normalized as CLIP's image processor does) -> dict(
+  last_hidden_state, hidden_states, pooler_output, image_embeds), as transformers' model with
+  `output_hidden_states=True`: `hidden_states` the embeddings (after the pre-LayerNorm) and every
+  layer's output, `image_embeds` the class token's final state, LayerNormed and projected."""
+
+  config: CLIPVisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels):
+    cfg, d, pd = self.config, self.dtype, self.param_dtype
+    x = CLIPVisionEmbeddings(cfg, d, pd, name="embeddings")(pixels)
+    x = layer_norm(cfg.layer_norm_eps, d, pd, "pre_layrnorm")(x)  # (sic, transformers' name)
+    hidden_states = CLIPEncoder(cfg, d, pd, causal=False, name="encoder")(x)
+    pooled = layer_norm(cfg.layer_norm_eps, d, pd, "post_layernorm")(hidden_states[-1][:, 0])
+    proj = dense(cfg.projection_dim, d, pd, "visual_projection", use_bias=False)
+    return {"last_hidden_state": hidden_states[-1], "hidden_states": hidden_states,
+            "pooler_output": pooled, "image_embeds": proj(pooled)}

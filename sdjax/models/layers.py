@@ -92,12 +92,16 @@ class Conv(LoadedParams, nn.Module):
   padding: Any = ((1, 1), (1, 1))
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (k, k, x.shape[-1], self.features), self.param_dtype)
+    if not self.use_bias:
+      x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+      return conv2d(x, kernel, self.stride, self.padding)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return conv2d(x, kernel, self.stride, self.padding) + bias
@@ -228,8 +232,12 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context=None, bias=None):
-    """`bias`: optional additive attention bias [B, 1, 1, M] (e.g. -inf on padded context)."""
+  def __call__(self, x, context=None, bias=None, ip=None):
+    """`bias`: optional additive attention bias [B, 1, 1, M] (e.g. -inf on padded context).
+    `ip`: IP-Adapters' image tokens, per adapter (tokens [B, T, C], scale [B]): the queries
+    attend to each through keys and values of its own (params `to_k_ip_<a>`, `to_v_ip_<a>`),
+    and that output, times the scale and the layer's `ip_scale_<a>`, is added to the text's
+    before the output projection (diffusers' IPAdapterAttnProcessor)."""
     d, pd = self.dtype, self.param_dtype
     residual = x
     if self.norm_groups is not None:
@@ -243,6 +251,14 @@ class Attention(nn.Module):
     k = k.reshape(b, -1, self.heads, self.head_dim)  # B, M, H, D
     v = v.reshape(b, -1, self.heads, self.head_dim)  # B, M, H, D
     out = attention.dot_product_attention(q, k, v, bias, upcast=self.upcast)  # B, N, H, D
+    for a, (tokens, scale) in enumerate(ip or ()):
+      k = dense(inner, d, pd, f"to_k_ip_{a}", False)(tokens).reshape(b, -1, self.heads,
+                                                                     self.head_dim)
+      v = dense(inner, d, pd, f"to_v_ip_{a}", False)(tokens).reshape(b, -1, self.heads,
+                                                                     self.head_dim)
+      layer_scale = self.param(f"ip_scale_{a}", nn.initializers.ones, (), jnp.float32)
+      weight = (scale.astype(jnp.float32) * layer_scale).astype(out.dtype).reshape(b, 1, 1, 1)
+      out = out + weight * attention.dot_product_attention(q, k, v, upcast=self.upcast)
     out = dense(x.shape[-1], d, pd, "to_out_0")(out.reshape(b, n, inner))
     if self.norm_groups is not None:
       out = out + residual
@@ -287,7 +303,7 @@ class BasicTransformerBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context, context_bias=None):
+  def __call__(self, x, context, context_bias=None, ip=None):
     d, pd = self.dtype, self.param_dtype
 
     def attn(name):
@@ -302,7 +318,7 @@ class BasicTransformerBlock(nn.Module):
     else:
       x = x + attn("attn1")(h)
     h = layer_norm(1e-5, d, pd, "norm2")(x)
-    x = x + attn("attn2")(h, context, context_bias)
+    x = x + attn("attn2")(h, context, context_bias, ip)
     h = layer_norm(1e-5, d, pd, "norm3")(x)
     return x + FeedForward(self.dim, dtype=d, param_dtype=pd, name="ff")(h)
 
@@ -321,7 +337,7 @@ class Transformer2DModel(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context, context_bias=None):
+  def __call__(self, x, context, context_bias=None, ip=None):
     d, pd = self.dtype, self.param_dtype
     b, hh, ww, c = x.shape
     inner = self.heads * self.head_dim
@@ -336,7 +352,7 @@ class Transformer2DModel(nn.Module):
       x = BasicTransformerBlock(
           inner, self.heads, self.head_dim, self.only_cross_attention, self.upcast_attention,
           dtype=d, param_dtype=pd, name=f"transformer_blocks_{i}",
-      )(x, context, context_bias)
+      )(x, context, context_bias, ip)
     if self.use_linear_projection:
       x = dense(c, d, pd, "proj_out")(x).reshape(b, hh, ww, c)  # B, H, W, C
     else:
