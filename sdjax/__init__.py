@@ -10,13 +10,16 @@ BUILTIN_MODEL = _os.path.join(_os.path.dirname(__file__), "builtin", "shapes")
 from sdjax.pipeline import (  # noqa: E402
     Adapter,
     ControlNet,
+    IPAdapter,
     Pipeline,
     PipelineError,
     build_pipeline,
     load_adapter,
     load_controlnet,
+    load_ip_adapter,
     load_pipeline,
 )
 
-__all__ = ["BUILTIN_MODEL", "Adapter", "ControlNet", "Pipeline", "PipelineError", "__version__",
-           "build_pipeline", "load_adapter", "load_controlnet", "load_pipeline"]
+__all__ = ["BUILTIN_MODEL", "Adapter", "ControlNet", "IPAdapter", "Pipeline", "PipelineError",
+           "__version__", "build_pipeline", "load_adapter", "load_controlnet", "load_ip_adapter",
+           "load_pipeline"]

@@ -34,6 +34,9 @@ class Networks:
   vae: AutoencoderKL
   # `ControlNetModel`s steering the UNet (a tuple; params["controlnet"]: theirs, in order).
   controlnet: Any = None
+  # IP-Adapters: per adapter (image encoder, image projection) (a tuple; params["ip_adapter"]:
+  # {"image": theirs, in order, "layers": their per-layer weights beside the UNet's params}).
+  ip_adapter: Any = None
 
   @property
   def is_sdxl(self) -> bool:
@@ -59,7 +62,8 @@ class Conditioning:
   (diffusers' `force_zeros_for_empty_prompt`); `time_ids` / `negative_time_ids` [B, K] are
   SDXL's micro-conditioning. With composable prompts (A1111's `AND`, `:weight`) `prompt` holds
   S rows per image (its parts, padded with parts of weight 0) and `part_weights` [B, S] their
-  guidance weights.
+  guidance weights. With IP-Adapters, `ip_images` holds each adapter's images [B, K, S, S, 3]
+  (as its image encoder takes them) and `ip_scales` [B, A] their scales.
   """
 
   prompt: PromptIds
@@ -68,6 +72,8 @@ class Conditioning:
   time_ids: jax.Array | None = None
   negative_time_ids: jax.Array | None = None
   part_weights: jax.Array | None = None
+  ip_images: tuple | None = None
+  ip_scales: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -82,6 +88,9 @@ class Embeddings:
   # and `text_embeds` [B, V, P] still hold every variant (see `at`).
   context_bias: jax.Array | None = None
   schedule: jax.Array | None = None
+  # IP-Adapters: image tokens per adapter [B, K*T, D] and the adapters' scales [B, A].
+  image_tokens: tuple | None = None
+  image_scales: jax.Array | None = None
 
   def at(self, call) -> Embeddings:
     """The embeddings in force at denoiser call `call` (traced); themselves without schedule."""
@@ -163,17 +172,51 @@ def encode(nets: Networks, params, cond: Conditioning, clip_skip: int | None = N
            negative_clip_skip: int | None = None, guidance: bool = True):
   """(negative, positive) Embeddings of a conditioning; negative is None without guidance."""
   context, pooled = encode_side(nets, params, cond.prompt, clip_skip)
-  time_ids = cond.time_ids
-  if cond.part_weights is not None and time_ids is not None:  # a row per part
-    time_ids = jnp.repeat(time_ids, cond.part_weights.shape[1], axis=0)
-  positive = Embeddings(context, pooled, time_ids, *_a1111_extras(cond.prompt))
+  negative_tokens, tokens = image_tokens(nets, params, cond)
+  time_ids, scales = cond.time_ids, cond.ip_scales
+  if cond.part_weights is not None:  # a row per part
+    parts = cond.part_weights.shape[1]
+    time_ids, tokens, scales = jax.tree.map(lambda x: jnp.repeat(x, parts, axis=0),
+                                            (time_ids, tokens, scales))
+  positive = Embeddings(context, pooled, time_ids, *_a1111_extras(cond.prompt), tokens, scales)
   if not guidance:
     return None, positive
   context, pooled = encode_side(nets, params, cond.negative, negative_clip_skip)
   negative = Embeddings(_zero_where(cond.zero_negative, context),
                         _zero_where(cond.zero_negative, pooled), cond.negative_time_ids,
-                        *_a1111_extras(cond.negative))
+                        *_a1111_extras(cond.negative), negative_tokens, cond.ip_scales)
   return negative, positive
+
+
+def image_tokens(nets: Networks, params, cond: Conditioning):
+  """(negative, positive) IP-Adapter image tokens, per adapter [B, K*T, D] (None without
+  IP-Adapters), as diffusers' `prepare_ip_adapter_image_embeds` and `encoder_hid_proj` make
+  them: the projection of the image encoder's `image_embeds`, negative: of zeros; or, for
+  projections of hidden states, of its penultimate hidden states, negative: of a black (zero)
+  image's."""
+  if cond.ip_images is None:
+    return None, None
+  negative, positive = [], []
+  for (encoder, projection), p, pixels in zip(nets.ip_adapter, params["ip_adapter"]["image"],
+                                              cond.ip_images, strict=True):
+    b, k = pixels.shape[:2]
+    flat = pixels.reshape(b * k, *pixels.shape[2:])
+    hidden = projection.config.uses_hidden_states
+    features = _image_features(encoder, p["image_encoder"], flat, hidden)
+    blank = (_image_features(encoder, p["image_encoder"], jnp.zeros_like(flat[:1]), hidden)
+             if hidden else jnp.zeros_like(features[:1]))
+    width = projection.config.cross_attention_dim
+    positive.append(projection.apply({"params": p["image_proj"]}, features).reshape(b, -1, width))
+    negative.append(jnp.broadcast_to(
+        projection.apply({"params": p["image_proj"]}, blank).reshape(1, -1, width),
+        positive[-1].shape))
+  return tuple(negative), tuple(positive)
+
+
+def _image_features(encoder, params, pixels, hidden: bool):
+  """An IP-Adapter image encoder's penultimate hidden states (`hidden`), else image_embeds."""
+  out = encoder.apply({"params": params}, pixels)
+  return out["hidden_states"][-2] if hidden else out["image_embeds"]
 
 
 def _a1111_extras(ids: PromptIds):
@@ -276,8 +319,21 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
       residuals = {"down_residuals": down, "mid_residual": mid}
     if intrablock is not None:
       residuals["intrablock_residuals"] = intrablock
-  return nets.unet.apply({"params": params["unet"]}, x, t, emb.context, emb.text_embeds,
+  unet_params = params["unet"]
+  if emb.image_tokens is not None:  # the IP-Adapters' per-layer weights beside the UNet's
+    unet_params = merge_params(unet_params, params["ip_adapter"]["layers"])
+    residuals["ip"] = tuple((tokens, emb.image_scales[:, a])
+                            for a, tokens in enumerate(emb.image_tokens))
+  return nets.unet.apply({"params": unet_params}, x, t, emb.context, emb.text_embeds,
                          emb.time_ids, emb.context_bias, timestep_cond, **residuals)
+
+
+def merge_params(params: dict, extra: dict) -> dict:
+  """`params` with the (nested) entries of `extra` added (new dicts: neither is changed)."""
+  out = dict(params)
+  for key, value in extra.items():
+    out[key] = merge_params(out.get(key, {}), value) if isinstance(value, dict) else value
+  return out
 
 
 def guidance_embedding(guidance_scale, batch: int, dim: int) -> jax.Array:

@@ -27,6 +27,7 @@ from PIL import Image
 from sdjax import aot, conditioning, masks, outputs, sampling
 from sdjax.checkpoints import embeddings as textual_inversion
 from sdjax.checkpoints import hub, lora, single_file, standard
+from sdjax.checkpoints import ip_adapter as ip_files
 from sdjax.checkpoints.weights import (
   TEXT_PREFIX,
   WeightsError,
@@ -38,8 +39,15 @@ from sdjax.checkpoints.weights import (
 )
 from sdjax.models import config_utils
 from sdjax.models.adapter import T2IAdapter, T2IAdapterConfig
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from sdjax.models.clip import (
+  CLIPTextConfig,
+  CLIPTextModel,
+  CLIPTextModelWithProjection,
+  CLIPVisionConfig,
+  CLIPVisionModelWithProjection,
+)
 from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
+from sdjax.models.ip_adapter import ImageProjection
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 
@@ -156,6 +164,9 @@ class Pipeline:
   # ControlNets (and T2I-Adapters) steering the UNet, see `with_controlnet`;
   # params["controlnet"]: theirs.
   controlnet: tuple[ControlNetModel | T2IAdapter, ...] | None = None
+  # IP-Adapters conditioning the UNet on images, see `with_ip_adapter`: per adapter (image
+  # encoder, image projection); params["ip_adapter"]: theirs.
+  ip_adapter: tuple[tuple[CLIPVisionModelWithProjection, ImageProjection], ...] | None = None
 
   # -- properties -------------------------------------------------------------------------------
   @property
@@ -169,7 +180,24 @@ class Pipeline:
   @property
   def networks(self) -> conditioning.Networks:
     return conditioning.Networks(self.text_encoder, self.text_encoder_2, self.unet, self.vae,
-                                 self.controlnet)
+                                 self.controlnet, self.ip_adapter)
+
+  def with_ip_adapter(self, ip_adapter: IPAdapter | Sequence[IPAdapter],
+                      layer_scales=None) -> Pipeline:
+    """This pipeline with the networks and params of an IP-Adapter, or of several (each
+    attended to on its own, their outputs summed), in its own, after checking each fits the
+    UNet. `layer_scales`: per adapter, None or a per-layer scale dict (`ip_layer_scales`)."""
+    adapters = as_ip_adapters(ip_adapter)
+    layer_scales = [None] * len(adapters) if layer_scales is None else list(layer_scales)
+    layers: dict[str, Any] = {}
+    for i, (adapter, scales) in enumerate(zip(adapters, layer_scales, strict=True)):
+      _merge_into(layers, adapter.layer_tree(self, i, scales))
+    return dataclasses.replace(
+        self, ip_adapter=tuple((a.image_encoder, a.projection) for a in adapters),
+        params={**self.params, "ip_adapter": {
+            "image": tuple({"image_encoder": a.params["image_encoder"],
+                            "image_proj": a.params["image_proj"]} for a in adapters),
+            "layers": layers}})
 
   def with_controlnet(self, controlnet: ControlNet | Sequence[ControlNet]) -> Pipeline:
     """This pipeline with the networks and params of a ControlNet, or of several (their
@@ -329,7 +357,9 @@ class Pipeline:
                control_guidance_start: float | Sequence[float] = 0.0,
                control_guidance_end: float | Sequence[float] = 1.0,
                guess_mode: bool = False,
-               control_mode: str | Sequence[str] = "balanced") -> np.ndarray:
+               control_mode: str | Sequence[str] = "balanced",
+               ip_adapter: IPAdapter | Sequence[IPAdapter] | None = None,
+               ip_adapter_images=None, ip_adapter_scale=1.0) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -433,6 +463,16 @@ class Pipeline:
         ControlNet's times 0.825^(12-j), an adapter's feature maps times 0.25, 0.62, 0.825, 1);
         "controlnet" ("ControlNet is more important": softened, and on the conditional half of
         guidance only). A1111's names are taken too. Not with `guess_mode`.
+      ip_adapter, ip_adapter_images: a `load_ip_adapter` IP-Adapter conditioning the UNet on
+        an image as well as the prompt (diffusers' `load_ip_adapter` + `ip_adapter_image`),
+        or a list of them with a list of one entry per adapter. An entry: a PIL image or float
+        [H, W, 3] in [0, 1] for every prompt, float [N, H, W, 3] one per prompt, or a list of
+        images whose tokens the UNet attends to together (any sizes: CLIP's image processor
+        resizes and crops them). Not with `refiner`'s stage (the base's steps have it).
+      ip_adapter_scale: the weight of the adapter's attention (diffusers'
+        `set_ip_adapter_scale`): a number; or a dict of per-layer weights, InstantStyle's
+        {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}} (layers it leaves
+        out: 0); a list: one per adapter.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size; with
@@ -450,12 +490,18 @@ class Pipeline:
         control_images = ([_cut_control_images(prepared, c, height, width)
                            for c in control_images] if several else
                           _cut_control_images(prepared, control_images, height, width))
+    pipe, ip = self, None
+    if ip_adapter is not None:
+      n = 1 if isinstance(prompts, str) else len(prompts)
+      pipe, ip = ip_adapter_input(self, ip_adapter, ip_adapter_images, ip_adapter_scale, n)
+    elif ip_adapter_images is not None:
+      raise ValueError("ip_adapter_images are an IP-Adapter's: give ip_adapter= too")
     micro = conditioning.MicroConditioning(
         original_size, tuple(crops_coords_top_left), target_size, negative_original_size,
         tuple(negative_crops_coords_top_left), negative_target_size, aesthetic_score,
         negative_aesthetic_score)
     images = sampling.generate(
-        self, prompts, negative_prompts=negative_prompts, steps=steps,
+        pipe, prompts, negative_prompts=negative_prompts, steps=steps,
         guidance_scale=guidance_scale, scheduler=scheduler, scheduler_options=scheduler_options,
         height=height, width=width,
         seed=seed, latents=latents, init_images=init_images, mask_images=mask_images,
@@ -470,7 +516,7 @@ class Pipeline:
         hires_control_images=hires_control_images,
         controlnet_conditioning_scale=controlnet_conditioning_scale,
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
-        guess_mode=guess_mode, control_mode=control_mode)
+        guess_mode=guess_mode, control_mode=control_mode, ip=ip)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(
@@ -1207,3 +1253,236 @@ def save_single_file(pipe: Pipeline, path: str, dtype: str = "float32") -> None:
 
 
 __all__ = ["Pipeline", "PipelineError", "WeightsError", "build_pipeline", "load_pipeline"]
+
+
+# -- IP-Adapters -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class IPAdapter:
+  """An IP-Adapter for `Pipeline.generate(ip_adapter=...)`: its CLIP image encoder, its image
+  projection and per cross-attention layer key/value weights (params: "image_encoder",
+  "image_proj", and "layers" {n: (to_k_ip kernel, to_v_ip kernel)} by the file's layer number)."""
+
+  image_encoder: CLIPVisionModelWithProjection
+  projection: ImageProjection
+  params: dict[str, Any]
+  name: str
+
+  @property
+  def config(self):
+    return self.projection.config
+
+  @property
+  def image_size(self) -> int:
+    return self.image_encoder.config.image_size
+
+  def layer_tree(self, pipe: Pipeline, index: int, scales=None) -> dict[str, Any]:
+    """The per-layer weights as a tree beside `pipe`'s UNet params, as adapter `index` of the
+    run (`layers.Attention`'s `to_k_ip_<index>`, `to_v_ip_<index>`, `ip_scale_<index>`); a
+    one-line error unless they fit that UNet."""
+    unet = pipe.params["unet"]
+    if self.config.cross_attention_dim != pipe.unet.config.cross_attention_dim:
+      raise ValueError(f"IP-Adapter {self.name} does not fit this model (image tokens of width "
+                       f"{self.config.cross_attention_dim}, the UNet's context is "
+                       f"{pipe.unet.config.cross_attention_dim}): an IP-Adapter for another "
+                       "model family?")
+    paths = ip_files.cross_attention_paths(unet)
+    layers = self.params["layers"]
+    if sorted(layers) != list(range(1, 2 * len(paths), 2)):
+      raise ValueError(f"IP-Adapter {self.name} has weights for {len(layers)} cross-attention "
+                       f"layers, this UNet has {len(paths)}: an IP-Adapter for another model "
+                       "family?")
+    per_layer = ip_layer_scales(pipe.unet.config, paths, scales)
+    tree: dict[str, Any] = {}
+    for n, path, scale in zip(sorted(layers), paths, per_layer, strict=True):
+      node, want = tree, unet
+      for part in path:
+        node, want = node.setdefault(part, {}), want[part]
+      for kind, kernel in zip(("k", "v"), layers[n], strict=True):
+        if kernel.shape != tuple(want[f"to_{kind}"]["kernel"].shape):
+          raise ValueError(f"IP-Adapter {self.name} does not fit this model (layer {n}'s "
+                           f"to_{kind}_ip is {tuple(kernel.shape)[::-1]}, the UNet's layer "
+                           f"takes {tuple(want[f'to_{kind}']['kernel'].shape)[::-1]})")
+        node[f"to_{kind}_ip_{index}"] = {"kernel": kernel}
+      node[f"ip_scale_{index}"] = jnp.float32(scale)
+    return tree
+
+
+def as_ip_adapters(value) -> tuple[IPAdapter, ...]:
+  """One IP-Adapter or a sequence of them, as a tuple (a one-line error for anything else)."""
+  adapters = (value,) if isinstance(value, IPAdapter) else tuple(value)
+  if not adapters or not all(isinstance(a, IPAdapter) for a in adapters):
+    raise ValueError("ip_adapter= takes an IPAdapter from load_ip_adapter, or a list of them")
+  return adapters
+
+
+def _merge_into(tree: dict, other: dict) -> None:
+  for key, value in other.items():
+    if isinstance(value, dict):
+      _merge_into(tree.setdefault(key, {}), value)
+    else:
+      tree[key] = value
+
+
+def ip_layer_scales(unet_config: UNetConfig, paths, scales) -> list[float]:
+  """Each cross-attention layer's scale multiplier: 1 everywhere for None, else from a dict as
+  diffusers' `set_ip_adapter_scale` reads it (InstantStyle): {"down": ..., "mid": ..., "up":
+  ...}, each a number or {"block_<i>": a number, or a list of one per attention layer of that
+  block}; what it leaves out is 0."""
+  if scales is None:
+    return [1.0] * len(paths)
+  if not isinstance(scales, dict) or set(scales) - {"down", "mid", "up"}:
+    raise ValueError(f"a per-layer IP-Adapter scale is a dict with keys down, mid, up; got "
+                     f"{scales!r}")
+  out = []
+  for path in paths:
+    section, _, block = path[0].partition("_blocks_")
+    value = scales.get("mid" if path[0] == "mid_block" else section, 0.0)
+    if isinstance(value, list | tuple) and path[0] == "mid_block" and len(value) == 1:
+      value = value[0]
+    if isinstance(value, dict):
+      known = {f"block_{i}" for i, t in enumerate(
+          unet_config.down_block_types if section == "down" else unet_config.up_block_types)
+          if t.startswith("CrossAttn")}
+      if set(value) - known:
+        raise ValueError(f"IP-Adapter scale: {section} has no attention block "
+                         f"{sorted(set(value) - known)[0]!r} (it has {', '.join(sorted(known))})")
+      value = value.get(f"block_{block}", 0.0)
+      if isinstance(value, list | tuple):
+        layer = int(path[1].rpartition("_")[2])
+        count = sum(1 for p in paths if p[:1] == path[:1] and p[2:] == path[2:])
+        if len(value) == 1:
+          value = value[0]
+        elif len(value) != count:
+          raise ValueError(f"IP-Adapter scale: {section} block_{block} has {count} attention "
+                           f"layers, got {len(value)} scales")
+        else:
+          value = value[layer]
+    if not isinstance(value, int | float):
+      raise ValueError(f"IP-Adapter scale: expected a number, got {value!r}")
+    out.append(float(value))
+  return out
+
+
+def load_ip_adapter(source: str, image_encoder: str | None = None, dtype="float32", *,
+                    param_dtype=None, revision: str | None = None) -> IPAdapter:
+  """Loads an IP-Adapter file (`ip-adapter_sd15.safetensors`, `ip-adapter-plus_sdxl_vit-h.bin`,
+  ...: a path, hub file or URL; pickles are read without running code) with its CLIP image
+  encoder: `image_encoder`, a transformers `CLIPVisionModelWithProjection` folder or hub id, or
+  one file of its weights (A1111's / ComfyUI's `clip_vision` files); default: the
+  `image_encoder/` folder beside the file, or above it (h94/IP-Adapter's `models/` and
+  `sdxl_models/` layout). `dtype`, `param_dtype` as `load_pipeline`'s."""
+  compute = parse_dtype(dtype)
+  store = parse_dtype(param_dtype) if param_dtype is not None else compute
+  try:
+    path = _local_file(source, "IP-Adapter", revision)
+    proj_state, layer_state = ip_files.read_file(path)
+    encoder, encoder_params = _image_encoder(image_encoder, path, revision, compute, store)
+    cfg = ip_files.projection_config(proj_state, encoder.config.num_positions)
+    want = encoder.config.projection_dim if cfg.kind == "image" else encoder.config.hidden_size
+    if cfg.image_embed_dim != want:
+      raise PipelineError(f"IP-Adapter {source} takes image features of width "
+                          f"{cfg.image_embed_dim}, its image encoder makes {want}: the wrong "
+                          "image encoder (ViT-H and ViT-bigG IP-Adapters differ)?")
+    projection = ImageProjection(cfg, compute, store)
+    features = (jnp.zeros((1, cfg.num_tokens if cfg.kind == "full" else 1, cfg.image_embed_dim))
+                if cfg.uses_hidden_states else jnp.zeros((1, cfg.image_embed_dim)))
+    proj_params = torch_to_flax(ip_files.projection_state(proj_state, cfg),
+                                _expected_params(projection, features), "ip_adapter image_proj",
+                                np.dtype(store))
+    layers = ip_files.layer_kernels(layer_state, np.dtype(store))
+  except (hub.HubError, config_utils.ConfigError, WeightsError, ValueError) as e:
+    if isinstance(e, PipelineError):
+      raise
+    raise PipelineError(f"cannot load IP-Adapter {source}: {e}") from None
+  return IPAdapter(encoder, projection, jax.device_put({
+      "image_encoder": encoder_params, "image_proj": proj_params, "layers": layers}),
+      str(source))
+
+
+def _image_encoder(source: str | None, path: str, revision: str | None, compute, store):
+  """(CLIPVisionModelWithProjection, its params) of `load_ip_adapter`'s `image_encoder`."""
+  if source is None:
+    here = os.path.dirname(os.path.abspath(path))
+    for folder in (here, os.path.dirname(here)):
+      if os.path.isfile(os.path.join(folder, "image_encoder", "config.json")):
+        source = os.path.join(folder, "image_encoder")
+        break
+    else:
+      raise PipelineError(f"no image_encoder/ folder beside {path}: give image_encoder= (a "
+                          "CLIPVisionModelWithProjection folder, hub id or file)")
+  if single_file.is_single_file(source):
+    encoder_path = _local_file(source, "image encoder", revision)
+    state = single_file.read_single_file(encoder_path)
+    raw = ip_files.vision_config(state, encoder_path)
+  else:
+    folder = hub.resolve_source(source, revision=revision, component="image_encoder")
+    if os.path.isdir(os.path.join(folder, "image_encoder")):
+      folder = os.path.join(folder, "image_encoder")
+    raw = config_utils.read_json(os.path.join(folder, "config.json"))
+    state = read_state_dict(folder, "image_encoder")
+  model = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(raw), compute, store)
+  side = model.config.image_size
+  expected = _expected_params(model, jnp.zeros((1, side, side, model.config.num_channels)))
+  return model, torch_to_flax(ip_files.vision_state(state), expected, "image_encoder",
+                              np.dtype(store))
+
+
+def ip_adapter_input(pipe: Pipeline, ip_adapter, images, scale, n: int):
+  """(`pipe` with the IP-Adapters, (each adapter's images [n, K, S, S, 3], their scales float32
+  [n, A])) for `n` prompts: see `Pipeline.generate`'s ip_adapter arguments."""
+  adapters = as_ip_adapters(ip_adapter)
+  k = len(adapters)
+  if images is None:
+    raise ValueError("ip_adapter= needs ip_adapter_images")
+  if k > 1 and (not isinstance(images, list | tuple) or len(images) != k):
+    raise ValueError(f"with {k} IP-Adapters, ip_adapter_images is a list of {k} (one entry per "
+                     "adapter, in order)")
+  scales = list(scale) if isinstance(scale, list | tuple) else [scale] * k
+  if len(scales) != k:
+    raise ValueError(f"ip_adapter_scale must be one scale or one per IP-Adapter ({k}), got "
+                     f"{len(scales)}")
+  pixels = []
+  for adapter, given in zip(adapters, [images] if k == 1 else images, strict=True):
+    if isinstance(given, np.ndarray | jnp.ndarray) and np.ndim(given) == 4:  # one per prompt
+      if len(given) not in (1, n):
+        raise ValueError(f"ip_adapter_images: [N, H, W, 3] needs one image per prompt ({n}), "
+                         f"got {len(given)}")
+      per = np.stack([ip_adapter_pixels(adapter, image) for image in np.asarray(given)])
+    else:
+      per = ip_adapter_pixels(adapter, given)[None]  # 1, K, S, S, 3: every prompt's
+    pixels.append(np.ascontiguousarray(np.broadcast_to(per, (n, *per.shape[1:]))))
+  numbers = [1.0 if isinstance(s, dict) else s for s in scales]
+  if not all(isinstance(s, int | float) for s in numbers):
+    raise ValueError(f"ip_adapter_scale: a number or a per-layer dict per adapter, got {scale!r}")
+  wrapped = pipe.with_ip_adapter(adapters, [s if isinstance(s, dict) else None for s in scales])
+  return wrapped, (tuple(pixels), np.tile(np.asarray(numbers, np.float32), (n, 1)))
+
+
+def ip_adapter_pixels(adapter: IPAdapter, images) -> np.ndarray:
+  """An IP-Adapter's image(s) as its encoder takes them: float32 [K, S, S, 3], resized (shorter
+  side, bicubic), centre-cropped and normalized by CLIP's image processor, as diffusers'
+  pipelines prepare `ip_adapter_image`. `images`: a PIL image or float [H, W, 3] in [0, 1], or a
+  list of them (K images, whose tokens the UNet attends to together)."""
+  processor = _clip_image_processor(adapter.image_size)
+  many = images if isinstance(images, list | tuple) else [images]
+  pil = []
+  for image in many:
+    if not isinstance(image, Image.Image):
+      array = np.asarray(image, np.float32)
+      if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"an IP-Adapter image is a PIL image or [H, W, 3] in [0, 1], got shape "
+                         f"{array.shape}")
+      image = Image.fromarray(outputs.to_uint8(array))
+    pil.append(image.convert("RGB"))
+  pixels = processor(pil, return_tensors="np")["pixel_values"]  # K, 3, S, S
+  return np.ascontiguousarray(np.asarray(pixels, np.float32).transpose(0, 2, 3, 1))
+
+
+@functools.lru_cache(maxsize=4)
+def _clip_image_processor(size: int):
+  """transformers' CLIP image processor (its PIL backend: the same pixels with or without
+  torchvision)."""
+  import transformers  # noqa: PLC0415
+
+  cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+  return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})

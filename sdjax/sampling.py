@@ -910,9 +910,11 @@ def generate(
     control_guidance_end: float = 1.0,
     guess_mode: bool = False,
     control_mode: str | Sequence[str] = "balanced",
+    ip: tuple | None = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
-  fills the images for any but "original")."""
+  fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
+  `pipeline.ip_adapter_input`, whose pipeline `pipe` is)."""
   if prompt_syntax not in PROMPT_SYNTAXES:
     raise ValueError(f"unknown prompt syntax {prompt_syntax!r}; use one of "
                      f"{', '.join(PROMPT_SYNTAXES)}")
@@ -1005,9 +1007,9 @@ def generate(
   a1111 = None
   if prompt_syntax == "a1111":
     a1111 = a1111_options(spec, state, steps, embeddings=embeddings, emphasis=emphasis)
-  cond = make_conditioning(pipe, prompts, negatives, prompts_2=prompts_2,
-                           negative_prompts_2=negative_prompts_2, micro=micro,
-                           size=(height, width), img2img=init_images is not None, a1111=a1111)
+  cond = with_ip_images(make_conditioning(
+      pipe, prompts, negatives, prompts_2=prompts_2, negative_prompts_2=negative_prompts_2,
+      micro=micro, size=(height, width), img2img=init_images is not None, a1111=a1111), ip)
   scalars = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
   nets, params, control = pipe.networks, pipe.params, None
   if controlled is not None:
@@ -1033,9 +1035,9 @@ def generate(
                             embeddings=embeddings, emphasis=emphasis,
                             base_steps=steps * spec.scheduler.order)
     if a1111 is not None or pipe.is_sdxl:  # SDXL's default sizes are the second pass's
-      cond = make_conditioning(pipe, prompts, negatives, prompts_2=prompts_2,
-                               negative_prompts_2=negative_prompts_2, micro=micro,
-                               size=hires.size(pipe, height, width), a1111=a1111)
+      cond = with_ip_images(make_conditioning(
+          pipe, prompts, negatives, prompts_2=prompts_2, negative_prompts_2=negative_prompts_2,
+          micro=micro, size=hires.size(pipe, height, width), a1111=a1111), ip)
     out = _sample(hires_spec, nets, params, cond, seeds, noise, scalars, out, hires_state,
                   None if controlled is None else control_input(hires_control_images, hires_spec,
                                                                 hires_state))
@@ -1044,6 +1046,13 @@ def generate(
   return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
                             {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
                                 pipe.scheduler_config)}, refiner_start, a1111))
+
+
+def with_ip_images(cond: Conditioning, ip: tuple | None) -> Conditioning:
+  """`cond` with the IP-Adapters' (images, scales) (`pipeline.ip_adapter_input`), if any."""
+  if ip is None:
+    return cond
+  return cond.replace(ip_images=tuple(ip[0]), ip_scales=ip[1])
 
 
 def _control_images(controlnets, images, n: int, height: int, width: int,

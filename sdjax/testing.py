@@ -328,6 +328,22 @@ def torch_clip_with_projection(config: dict[str, Any], seed: int = 0):
   return model
 
 
+# A tiny CLIP image encoder (IP-Adapters'): 32x32 images in 8x8 patches (17 tokens).
+CLIP_VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+               "num_attention_heads": 4, "image_size": 32, "patch_size": 8,
+               "projection_dim": 24, "hidden_act": "gelu", "layer_norm_eps": 1e-5}
+
+
+def torch_clip_vision(config: dict[str, Any] | None = None, seed: int = 0):
+  """A random transformers `CLIPVisionModelWithProjection` (default: CLIP_VISION)."""
+  from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: PLC0415
+
+  model = CLIPVisionModelWithProjection(CLIPVisionConfig(**(config or CLIP_VISION))).eval()
+  _init_clip_(model, seed)
+  perturb_(model, seed)
+  return model
+
+
 def torch_tokenizer(folder: str):
   from transformers import CLIPTokenizer  # noqa: PLC0415
 

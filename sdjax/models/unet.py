@@ -212,10 +212,11 @@ class _Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, context, skips=(), context_bias=None, intrablock=None):
+  def __call__(self, x, temb, context, skips=(), context_bias=None, intrablock=None, ip=None):
     """`intrablock`: a T2I-Adapter's feature map, added to a down block's output (and to its
     last skip, which is that output): with attention, to its last layer's, before the
-    downsampler, as diffusers' `down_intrablock_additional_residuals`."""
+    downsampler, as diffusers' `down_intrablock_additional_residuals`. `ip`: IP-Adapters'
+    image tokens (see `layers.Attention`)."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     outputs = []
     skips = list(skips)
@@ -228,7 +229,7 @@ class _Block(nn.Module):
       )(x, temb)
       if self.has_attention:
         x = self._transformer(f"attentions_{j}", self.transformer_layers[j])(x, context,
-                                                                            context_bias)
+                                                                            context_bias, ip)
         if intrablock is not None and j == self.num_layers - 1:
           x = x + intrablock.astype(x.dtype)
       outputs.append(x)
@@ -266,7 +267,7 @@ class _MidBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, context, context_bias=None):
+  def __call__(self, x, temb, context, context_bias=None, ip=None):
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     channels = cfg.block_out_channels[-1]
     heads = cfg.per_block("attention_head_dim")[-1]
@@ -290,7 +291,7 @@ class _MidBlock(nn.Module):
         dtype=d,
         param_dtype=pd,
         name="attentions_0",
-    )(x, context, context_bias)
+    )(x, context, context_bias, ip)
     return resnet("resnets_1")(x, temb)
 
 
@@ -334,19 +335,22 @@ class UNet2DConditionModel(nn.Module):
   @nn.compact
   def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
                context_bias=None, timestep_cond=None, down_residuals=None, mid_residual=None,
-               intrablock_residuals=None):
+               intrablock_residuals=None, ip=None):
     """`text_embeds` [B, P] and `time_ids` [B, K] are diffusers' `added_cond_kwargs` (SDXL),
     `timestep_cond` [B, time_cond_proj_dim] its argument of that name (LCM-distilled UNets),
     `down_residuals` (one per skip) and `mid_residual` a ControlNet's outputs (diffusers'
     `down_block_additional_residuals`, `mid_block_additional_residual`),
     `intrablock_residuals` a T2I-Adapter's feature maps (diffusers'
     `down_intrablock_additional_residuals`: one per down block, in order, and one more for the
-    mid block's output if it has that shape, as SDXL's adapters make)."""
+    mid block's output if it has that shape, as SDXL's adapters make), `ip` IP-Adapters' image
+    tokens, per adapter (tokens [B, T, cross_attention_dim], scale [B]), which every
+    cross-attention layer attends to with its own `to_k_ip_<a>` / `to_v_ip_<a>` params
+    (diffusers' `added_cond_kwargs["image_embeds"]` after its `encoder_hid_proj`)."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     temb = self._time_embedding(sample, timesteps, text_embeds, time_ids, timestep_cond)
     x = self._conv_in(sample)
     x, skips = self._down_and_mid(x, temb, context.astype(d), context_bias,
-                                  list(intrablock_residuals or ()))
+                                  list(intrablock_residuals or ()), ip)
     if down_residuals is not None:
       skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
       x = x + mid_residual.astype(x.dtype)
@@ -354,7 +358,8 @@ class UNet2DConditionModel(nn.Module):
     for i, block_type in enumerate(cfg.up_block_types):
       n = cfg.per_block("layers_per_block")[-1 - i] + 1
       block_skips, skips = skips[-n:], skips[:-n]
-      x, _ = self._block(i, block_type, up=True)(x, temb, context, block_skips, context_bias)
+      x, _ = self._block(i, block_type, up=True)(x, temb, context, block_skips, context_bias,
+                                                 None, ip)
 
     x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, d, pd, "conv_norm_out")(x))
     return conv(cfg.out_channels, 3, d, pd, "conv_out")(x)
@@ -378,7 +383,7 @@ class UNet2DConditionModel(nn.Module):
     return conv(cfg.block_out_channels[0], 3, self.dtype, self.param_dtype, "conv_in")(
         sample.astype(self.dtype))
 
-  def _down_and_mid(self, x, temb, context, context_bias, intrablock=None):
+  def _down_and_mid(self, x, temb, context, context_bias, intrablock=None, ip=None):
     """The down blocks and the mid block: (the mid block's output, the skips, first first);
     `intrablock`: a T2I-Adapter's feature maps, taken in order (see `__call__`)."""
     cfg = self.config
@@ -386,11 +391,11 @@ class UNet2DConditionModel(nn.Module):
     skips = [x]
     for i, block_type in enumerate(cfg.down_block_types):
       x, outputs = self._block(i, block_type, up=False)(
-          x, temb, context, (), context_bias, intrablock.pop(0) if intrablock else None)
+          x, temb, context, (), context_bias, intrablock.pop(0) if intrablock else None, ip)
       skips.extend(outputs)
     if cfg.mid_block_type is not None:
       x = _MidBlock(cfg, self.dtype, self.param_dtype, name="mid_block")(x, temb, context,
-                                                                        context_bias)
+                                                                        context_bias, ip)
       if intrablock and intrablock[0].shape == x.shape:
         x = x + intrablock.pop(0).astype(x.dtype)
     if intrablock:

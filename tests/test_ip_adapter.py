@@ -1,0 +1,259 @@
+"""IP-Adapters against diffusers: the CLIP image encoder (transformers'
+`CLIPVisionModelWithProjection`), the three image projections, and generate() against
+diffusers' pipelines after `load_ip_adapter` (SD1, SDXL; scales, InstantStyle per-layer scales,
+two adapters), from random IP-Adapter files in the original layout (`.bin` and `.safetensors`)."""
+
+import os
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+from parity import assert_close, nchw, randn
+from PIL import Image
+from transformers import CLIPImageProcessor
+
+from sdjax import testing
+from sdjax.checkpoints import ip_adapter as ip_files
+from sdjax.checkpoints.weights import torch_to_flax
+from sdjax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+torch.set_num_threads(1)
+
+
+def cross_attention_widths(unet) -> list[int]:
+  """The inner width of each cross-attention layer of a diffusers UNet, in its module order."""
+  return [unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+          for name in unet.attn_processors if name.endswith("attn2.processor")]
+
+
+def ip_state(kind: str, unet, seed: int, tokens: int = 4, vision=None) -> dict:
+  """A random IP-Adapter in the original layout: {"image_proj": ..., "ip_adapter": ...}."""
+  vision = vision or testing.CLIP_VISION
+  rng = np.random.default_rng(seed)
+
+  def w(*shape, scale=None):
+    return (rng.standard_normal(shape) * (scale or shape[-1] ** -0.5)).astype(np.float32)
+
+  def norm(prefix, width):
+    return {f"{prefix}.weight": 1 + w(width, scale=0.2), f"{prefix}.bias": w(width, scale=0.2)}
+
+  cross = unet.config.cross_attention_dim
+  embeds, hidden = vision["projection_dim"], vision["hidden_size"]
+  if kind == "image":
+    proj = {"proj.weight": w(tokens * cross, embeds), "proj.bias": w(tokens * cross, scale=0.2),
+            **norm("norm", cross)}
+  elif kind == "full":
+    proj = {"proj.0.weight": w(hidden, hidden), "proj.0.bias": w(hidden, scale=0.2),
+            "proj.2.weight": w(cross, hidden), "proj.2.bias": w(cross, scale=0.2),
+            **norm("proj.3", cross)}
+  else:  # plus: 4 perceiver layers of one 64-wide head over a 32-wide resampler
+    width = 32
+    proj = {"latents": w(1, tokens, width), "proj_in.weight": w(width, hidden),
+            "proj_in.bias": w(width, scale=0.2), "proj_out.weight": w(cross, width),
+            "proj_out.bias": w(cross, scale=0.2), **norm("norm_out", cross)}
+    for i in range(4):
+      proj.update({**norm(f"layers.{i}.0.norm1", width), **norm(f"layers.{i}.0.norm2", width),
+                   f"layers.{i}.0.to_q.weight": w(64, width),
+                   f"layers.{i}.0.to_kv.weight": w(128, width),
+                   f"layers.{i}.0.to_out.weight": w(width, 64), **norm(f"layers.{i}.1.0", width),
+                   f"layers.{i}.1.1.weight": w(4 * width, width),
+                   f"layers.{i}.1.3.weight": w(width, 4 * width)})
+  layers = {}
+  for i, inner in enumerate(cross_attention_widths(unet)):
+    layers[f"{2 * i + 1}.to_k_ip.weight"] = w(inner, cross)
+    layers[f"{2 * i + 1}.to_v_ip.weight"] = w(inner, cross)
+  return {"image_proj": proj, "ip_adapter": layers}
+
+
+def write_ip_file(path: str, state: dict) -> str:
+  """`.bin`: the nested dicts torch-pickled, as Tencent's files; `.safetensors`: prefixed keys."""
+  if path.endswith(".safetensors"):
+    safetensors.numpy.save_file({f"{part}.{k}": v for part, d in state.items()
+                                 for k, v in d.items()}, path)
+  else:
+    torch.save({part: {k: torch.from_numpy(v) for k, v in d.items()}
+                for part, d in state.items()}, path)
+  return path
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_image_encoder_matches_transformers(act):
+  """image_embeds and the penultimate hidden states, and the config of a weights-only file."""
+  tm = testing.torch_clip_vision({**testing.CLIP_VISION, "hidden_act": act}, seed=2)
+  cfg = CLIPVisionConfig.from_dict(tm.config.to_dict())
+  fm = CLIPVisionModelWithProjection(cfg)
+  state = {k: v.numpy() for k, v in tm.state_dict().items()}
+  expected = jax.eval_shape(fm.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = torch_to_flax(ip_files.vision_state(state), expected, "image_encoder")
+  x = randn(2, 32, 32, 3, seed=1)
+  ours = fm.apply({"params": params}, x)
+  with torch.no_grad():
+    ref = tm(nchw(x), output_hidden_states=True)
+  e1 = assert_close(ours["image_embeds"], ref.image_embeds.numpy())
+  e2 = assert_close(ours["hidden_states"][-2], ref.hidden_states[-2].numpy())
+  print(f"\nclip vision {act}: image_embeds {e1:.2e}, hidden_states[-2] {e2:.2e}")
+  with pytest.raises(ip_files.WeightsError, match="width 32 is not one sdjax knows"):
+    ip_files.vision_config(state, "encoder.safetensors")
+
+
+# The image encoders of IP-Adapters (transformers configs): OpenCLIP ViT-H/14 (SD1.5 and the
+# "vit-h" SDXL ones), ViT-bigG/14 (SDXL), OpenAI ViT-L/14.
+REAL_ENCODERS = {
+    "vit-h": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                  num_attention_heads=16, patch_size=14, projection_dim=1024, hidden_act="gelu"),
+    "vit-bigg": dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48,
+                     num_attention_heads=16, patch_size=14, projection_dim=1280,
+                     hidden_act="gelu"),
+    "vit-l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, patch_size=14, projection_dim=768,
+                  hidden_act="quick_gelu"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_ENCODERS))
+def test_encoder_config_from_real_weights(name):
+  """A weights-only encoder file (A1111's clip_vision/) of each real size gives its config
+  (shapes from torch's meta device: no real-size weights made)."""
+  from transformers import CLIPVisionConfig as TorchConfig  # noqa: PLC0415
+  from transformers import CLIPVisionModelWithProjection as TorchModel  # noqa: PLC0415
+
+  raw = {**REAL_ENCODERS[name], "image_size": 224}
+  with torch.device("meta"):
+    model = TorchModel(TorchConfig(**raw))
+  state = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in model.state_dict().items()}
+  inferred = CLIPVisionConfig.from_dict(ip_files.vision_config(state, f"{name}.safetensors"))
+  assert inferred == CLIPVisionConfig(**raw)
+
+
+@pytest.mark.parametrize("kind", ["image", "plus", "full"])
+def test_projection_matches_diffusers(kind):
+  """Each image projection, read from the original layout, against the module diffusers'
+  `load_ip_adapter` builds from the same weights."""
+  from sdjax.models.ip_adapter import ImageProjection  # noqa: PLC0415
+
+  unet = testing.torch_unet(testing.UNET_SD1, seed=1)
+  state = ip_state(kind, unet, seed=3, tokens=4 if kind == "image" else 6)  # diffusers: 4
+  ref = unet._convert_ip_adapter_image_proj_to_diffusers(
+      {k: torch.from_numpy(v) for k, v in state["image_proj"].items()}, low_cpu_mem_usage=False)
+  cfg = ip_files.projection_config(state["image_proj"], 17)
+  fm = ImageProjection(cfg)
+  features = (randn(2, 17, 32, seed=4) if cfg.uses_hidden_states else randn(2, 24, seed=4))
+  expected = jax.eval_shape(fm.init, jax.random.key(0), features)["params"]
+  params = torch_to_flax(ip_files.projection_state(state["image_proj"], cfg), expected, kind)
+  ours = fm.apply({"params": params}, features)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(features)).numpy()
+  err = assert_close(ours, want)
+  print(f"\nip-adapter projection {kind}: {ours.shape}, {err:.2e}")
+
+
+@pytest.fixture(scope="module")
+def sd1_ip(tmp_path_factory):
+  """(diffusers StableDiffusionPipeline with an image encoder, sdjax pipeline, the folder
+  holding image_encoder/ and the IP-Adapter files) of tiny random SD1 networks."""
+  import sdjax  # noqa: PLC0415
+
+  root = tmp_path_factory.mktemp("ip")
+  folder = str(root / "pipe")
+  base = testing.write_torch_pipeline(folder, "sd1", seed=21)
+  encoder = testing.torch_clip_vision(seed=22)
+  models = root / "models"
+  encoder.save_pretrained(str(models / "image_encoder"), safe_serialization=True)
+  pipe = sdjax.load_pipeline(folder)
+  ref = diffusers.StableDiffusionPipeline(
+      vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+      scheduler=diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config),
+      safety_checker=None, feature_extractor=CLIPImageProcessor(size=32, crop_size=32),
+      image_encoder=encoder, requires_safety_checker=False)
+  ref.set_progress_bar_config(disable=True)
+  for kind, seed in (("image", 1), ("plus", 2), ("full", 3)):
+    state = ip_state(kind, base.unet, seed)
+    write_ip_file(str(models / f"ip-{kind}.bin"), state)
+    write_ip_file(str(models / f"ip-{kind}.safetensors"), state)
+  return ref, pipe, models
+
+
+def reference_images(seed: int, n: int = 2) -> list[Image.Image]:
+  """Non-square 8-bit images (CLIP's processor resizes the shorter side, then crops)."""
+  rng = np.random.default_rng(seed)
+  return [Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+PROMPTS = ["a red circle in the center", "a photo of a cat"]
+KW = dict(num_inference_steps=4, guidance_scale=3.0, height=16, width=16, output_type="np")
+OURS = dict(steps=4, guidance_scale=3.0, height=16, width=16, scheduler="euler")
+
+
+def diffusers_rows(ref, latents, images, prompts=PROMPTS, **kw):
+  """diffusers one prompt at a time (its IP-Adapter images serve a whole call)."""
+  out = []
+  with torch.no_grad():
+    for i, prompt in enumerate(prompts):
+      out.append(ref(prompt, latents=nchw(latents[i:i + 1]), ip_adapter_image=images[i],
+                     **KW, **kw).images[0])
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["image", "plus", "full"])
+def test_generate_matches_diffusers(sd1_ip, kind):
+  """One image per prompt (ours: one batch; diffusers: a call each) at scale 0.6; the file read
+  as .bin and as .safetensors gives the same pixels; without the adapter the images differ."""
+  import sdjax  # noqa: PLC0415
+
+  ref, pipe, models = sd1_ip
+  ref.load_ip_adapter(str(models), subfolder="", weight_name=f"ip-{kind}.bin",
+                      image_encoder_folder=None)
+  ref.set_ip_adapter_scale(0.6)
+  latents = randn(2, 8, 8, 4, seed=5)
+  images = reference_images(7)
+  expected = diffusers_rows(ref, latents, images)
+  arrays = np.stack([np.asarray(i, np.float32) / 255 for i in images])
+  plain = pipe.generate(PROMPTS, latents=latents, **OURS)
+  change = float(np.linalg.norm(plain - expected) / np.linalg.norm(expected))
+  errs = []
+  for ext in ("bin", "safetensors"):
+    adapter = sdjax.load_ip_adapter(str(models / f"ip-{kind}.{ext}"))
+    assert adapter.config.kind == kind
+    ours = pipe.generate(PROMPTS, latents=latents, ip_adapter=adapter,
+                         ip_adapter_images=arrays, ip_adapter_scale=0.6, **OURS)
+    errs.append(float(np.linalg.norm(ours - expected) / np.linalg.norm(expected)))
+  print(f"\nip-adapter {kind} generate: {errs[0]:.2e} / {errs[1]:.2e} (without it: {change:.2e})")
+  assert max(errs) <= 1e-4 and change > 100 * max(errs)
+
+
+def test_layer_scales_and_two_adapters(sd1_ip):
+  """InstantStyle's per-layer scales (what the dict leaves out: 0), and two IP-Adapters at
+  once, each with its own image shared by both prompts (diffusers: a list of files and
+  images); cfg_parallel's split program gives the same pixels."""
+  import sdjax  # noqa: PLC0415
+
+  ref, pipe, models = sd1_ip
+  latents = randn(2, 8, 8, 4, seed=6)
+  first, second = reference_images(8, 2)
+  style = {"up": {"block_1": [0.0, 1.5, 0.5]}}
+  ref.load_ip_adapter(str(models), subfolder="", weight_name="ip-image.bin",
+                      image_encoder_folder=None)
+  ref.set_ip_adapter_scale(style)
+  expected = diffusers_rows(ref, latents, [first, first])
+  adapter = sdjax.load_ip_adapter(str(models / "ip-image.safetensors"))
+  ours = pipe.generate(PROMPTS, latents=latents, ip_adapter=adapter, ip_adapter_images=first,
+                       ip_adapter_scale=style, **OURS)
+  err = assert_close(ours, expected, 1e-4)
+  ref.load_ip_adapter(str(models), subfolder="", image_encoder_folder=None,
+                      weight_name=["ip-image.bin", "ip-plus.bin"])
+  ref.set_ip_adapter_scale([0.7, 0.4])
+  with torch.no_grad():
+    expected = np.stack([ref(p, latents=nchw(latents[i:i + 1]), **KW,
+                             ip_adapter_image=[first, second]).images[0]
+                         for i, p in enumerate(PROMPTS)])
+  both = [sdjax.load_ip_adapter(str(models / f"ip-{k}.bin")) for k in ("image", "plus")]
+  errs = [assert_close(pipe.generate(PROMPTS, latents=latents, ip_adapter=both,
+                                     ip_adapter_images=[first, second],
+                                     ip_adapter_scale=[0.7, 0.4], cfg_parallel=split, **OURS),
+                       expected, 1e-4) for split in (False, True)]
+  print(f"\nip-adapter InstantStyle scales {err:.2e}; two adapters {errs[0]:.2e}, "
+        f"split {errs[1]:.2e}")
