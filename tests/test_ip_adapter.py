@@ -194,7 +194,7 @@ def diffusers_rows(ref, latents, images, prompts=PROMPTS, **kw):
   with torch.no_grad():
     for i, prompt in enumerate(prompts):
       out.append(ref(prompt, latents=nchw(latents[i:i + 1]), ip_adapter_image=images[i],
-                     **KW, **kw).images[0])
+                     **{**KW, **kw}).images[0])
   return np.stack(out)
 
 
@@ -257,3 +257,119 @@ def test_layer_scales_and_two_adapters(sd1_ip):
                        expected, 1e-4) for split in (False, True)]
   print(f"\nip-adapter InstantStyle scales {err:.2e}; two adapters {errs[0]:.2e}, "
         f"split {errs[1]:.2e}")
+
+
+def test_sdxl_matches_diffusers(tmp_path):
+  """SDXL (context 64 from two encoders, an IP-Adapter of the "plus" kind) against
+  StableDiffusionXLPipeline; then with the refiner, which the adapter does not condition (the
+  base's steps have it: diffusers' base with denoising_end, then its refiner)."""
+  import sdjax  # noqa: PLC0415
+
+  base, refiner = testing.write_torch_sdxl(str(tmp_path / "sdxl"), seed=31)
+  encoder = testing.torch_clip_vision(seed=32)
+  encoder.save_pretrained(str(tmp_path / "image_encoder"), safe_serialization=True)
+  write_ip_file(str(tmp_path / "ip.safetensors"), ip_state("plus", base.unet, 4))
+  pipe = sdjax.load_pipeline(str(tmp_path / "sdxl" / "base"))
+  ref_refiner = sdjax.load_pipeline(str(tmp_path / "sdxl" / "refiner"))
+  components = {**base.components, "image_encoder": encoder,
+                "feature_extractor": CLIPImageProcessor(size=32, crop_size=32),
+                "scheduler": diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)}
+  ref = diffusers.StableDiffusionXLPipeline(**components)
+  ref.set_progress_bar_config(disable=True)
+  ref.load_ip_adapter(str(tmp_path), subfolder="", weight_name="ip.safetensors",
+                      image_encoder_folder=None)
+  ref.set_ip_adapter_scale(0.8)
+  adapter = sdjax.load_ip_adapter(str(tmp_path / "ip.safetensors"),
+                                  image_encoder=str(tmp_path / "image_encoder"))
+  image = reference_images(9, 1)[0]
+  latents = randn(1, 8, 8, 4, seed=7)
+  kw = dict(latents=latents, ip_adapter=adapter, ip_adapter_images=image, ip_adapter_scale=0.8,
+            **OURS)
+  with torch.no_grad():
+    expected = ref(PROMPTS[0], latents=nchw(latents), ip_adapter_image=image, **KW).images
+    handoff = ref(PROMPTS[0], latents=nchw(latents), ip_adapter_image=image, denoising_end=0.5,
+                  **{**KW, "output_type": "latent"}).images
+    refiner.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
+    refined = refiner(PROMPTS[0], image=handoff, denoising_start=0.5,
+                      **{k: v for k, v in KW.items() if k not in ("height", "width")}).images
+  err = assert_close(pipe.generate(PROMPTS[0], **kw), expected, 1e-4)
+  err_refined = assert_close(pipe.generate(PROMPTS[0], refiner=ref_refiner, refiner_start=0.5,
+                                           **kw), refined, 1e-4)
+  print(f"\nip-adapter sdxl: {err:.2e}, with the refiner {err_refined:.2e}")
+
+
+def test_with_other_features(sd1_ip):
+  """A composable prompt of the prompt and itself at weight 0 (A1111's `AND`, `:0`: the UNet on
+  [uncond, part rows], image tokens repeated per part) is the plain guided image; without guidance (scale 1)
+  only the conditional tokens are used, as diffusers; the hires fix and a T2I-Adapter take it."""
+  import sdjax  # noqa: PLC0415
+
+  ref, pipe, models = sd1_ip
+  adapter = sdjax.load_ip_adapter(str(models / "ip-image.bin"))
+  images = np.random.default_rng(3).uniform(size=(2, 24, 20, 3)).astype(np.float32)
+  kw = dict(steps=3, guidance_scale=3.0, height=16, width=16, scheduler="euler", seed=3,
+            ip_adapter=adapter, ip_adapter_images=images, prompt_syntax="a1111")
+  plain = pipe.generate(PROMPTS, **kw)
+  parts = pipe.generate([f"{p} AND {p} :0" for p in PROMPTS], **kw)
+  err = assert_close(parts, plain)
+  ref.load_ip_adapter(str(models), subfolder="", weight_name="ip-image.bin",
+                      image_encoder_folder=None)
+  ref.set_ip_adapter_scale(1.0)
+  latents = randn(2, 8, 8, 4, seed=5)
+  pil = [Image.fromarray((x * 255).round().astype(np.uint8)) for x in images]
+  expected = diffusers_rows(ref, latents, pil, guidance_scale=1.0)
+  unguided = assert_close(pipe.generate(PROMPTS, latents=latents, ip_adapter=adapter,
+                                        ip_adapter_images=images,
+                                        **{**OURS, "guidance_scale": 1.0}), expected, 1e-4)
+  hires = pipe.generate(PROMPTS, **{**kw, "hires_scale": 1.5, "prompt_syntax": "plain"})
+  assert hires.shape == (2, 24, 24, 3) and np.isfinite(hires).all()
+  print(f"\nip-adapter composable parts {err:.2e}, no guidance {unguided:.2e}")
+
+
+def test_bad_input(sd1_ip, tmp_path):
+  """One-line errors: the wrong model family, a FaceID file, no image encoder, an encoder of
+  another width, missing images, a bad scale."""
+  import sdjax  # noqa: PLC0415
+
+  _, pipe, models = sd1_ip
+  adapter = sdjax.load_ip_adapter(str(models / "ip-image.bin"))
+  image = np.zeros((16, 16, 3), np.float32)
+  sdxl_unet = testing.torch_unet(testing.UNET_SDXL, seed=1)
+  write_ip_file(str(tmp_path / "xl.bin"), ip_state("image", sdxl_unet, 1))
+  os.symlink(models / "image_encoder", tmp_path / "image_encoder")
+  xl = sdjax.load_ip_adapter(str(tmp_path / "xl.bin"))
+  with pytest.raises(ValueError, match="another model family"):
+    pipe.generate("x", ip_adapter=xl, ip_adapter_images=image, steps=1)
+  faceid = ip_state("image", sdxl_unet, 1)
+  faceid["image_proj"] = {"proj.0.weight": np.zeros((8, 4), np.float32),
+                          "norm.weight": np.ones(8, np.float32)}
+  write_ip_file(str(tmp_path / "faceid.bin"), faceid)
+  with pytest.raises(sdjax.PipelineError, match="FaceID"):
+    sdjax.load_ip_adapter(str(tmp_path / "faceid.bin"))
+  lone = tmp_path / "a" / "lone"
+  lone.mkdir(parents=True)
+  write_ip_file(str(lone / "ip.bin"), ip_state("image", sdxl_unet, 1))
+  with pytest.raises(sdjax.PipelineError, match="no image_encoder/ folder"):
+    sdjax.load_ip_adapter(str(lone / "ip.bin"))
+  wide = testing.torch_clip_vision({**testing.CLIP_VISION, "projection_dim": 16}, seed=1)
+  wide.save_pretrained(str(tmp_path / "wide"), safe_serialization=True)
+  with pytest.raises(sdjax.PipelineError, match="the wrong image encoder"):
+    sdjax.load_ip_adapter(str(models / "ip-image.bin"), image_encoder=str(tmp_path / "wide"))
+  safetensors.numpy.save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "other.safetensors"))
+  with pytest.raises(sdjax.PipelineError, match="not an IP-Adapter file"):
+    sdjax.load_ip_adapter(str(tmp_path / "other.safetensors"))
+  for kwargs, match in [
+      (dict(ip_adapter=adapter), "needs ip_adapter_images"),
+      (dict(ip_adapter_images=image), "give ip_adapter= too"),
+      (dict(ip_adapter=[adapter, adapter], ip_adapter_images=image), "a list of 2"),
+      (dict(ip_adapter=adapter, ip_adapter_images=image, ip_adapter_scale={"mid": 1, "x": 2}),
+       "keys down, mid, up"),
+      (dict(ip_adapter=adapter, ip_adapter_images=image,
+            ip_adapter_scale={"up": {"block_0": 1.0}}), "no attention block 'block_0'"),
+      (dict(ip_adapter=adapter, ip_adapter_images=image,
+            ip_adapter_scale={"up": {"block_1": [1.0, 2.0]}}), "has 3 attention layers"),
+      (dict(ip_adapter=adapter, ip_adapter_images=np.zeros((3, 8, 8, 3))), "one image per"),
+      (dict(ip_adapter=adapter, ip_adapter_images=np.zeros((8, 8))), "PIL image or"),
+      (dict(ip_adapter="ip.bin", ip_adapter_images=image), "takes an IPAdapter")]:
+    with pytest.raises(ValueError, match=match):
+      pipe.generate(PROMPTS, steps=1, height=16, width=16, **kwargs)
