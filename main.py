@@ -128,6 +128,17 @@ flags.DEFINE_bool("controlnet_guess_mode", False, "diffusers' guess mode: the Co
 flags.DEFINE_multi_string("control_mode", ["balanced"], "A1111's Control Mode (one for all, or "
                           "one per --controlnet): balanced, prompt ('My prompt is more "
                           "important') or controlnet ('ControlNet is more important')")
+flags.DEFINE_multi_string("ip_adapter", [], "an IP-Adapter file (.bin/.safetensors, or hub "
+                          "file) conditioning each jsonl line on its ip_adapter_image (else "
+                          "--ip_adapter_image); repeatable, and a line's ip_adapter_image then "
+                          "lists one per IP-Adapter")
+flags.DEFINE_multi_string("ip_adapter_encoder", [], "per --ip_adapter, its CLIP image encoder "
+                          "(folder, hub id or file; '' or default: the image_encoder/ folder "
+                          "beside the file or above it)")
+flags.DEFINE_multi_string("ip_adapter_image", [], "per --ip_adapter, its image for lines "
+                          "without their own")
+flags.DEFINE_multi_float("ip_adapter_scale", [1.0], "the weight of the IP-Adapter's attention "
+                         "(one for all, or one per --ip_adapter)")
 flags.DEFINE_multi_string("lora", [], "LoRA file or hub file merged into the weights, "
                           "path[:scale] (repeatable; scale default 1)")
 flags.DEFINE_multi_string("embedding", [], "textual-inversion file or hub file, path[:token] "
@@ -183,6 +194,9 @@ def _run_config() -> run.RunConfig:
       control_guidance_start=tuple(FLAGS.control_guidance_start),
       control_guidance_end=tuple(FLAGS.control_guidance_end),
       controlnet_guess_mode=FLAGS.controlnet_guess_mode,
+      ip_adapter=tuple(FLAGS.ip_adapter), ip_adapter_encoder=tuple(FLAGS.ip_adapter_encoder),
+      ip_adapter_image=tuple(FLAGS.ip_adapter_image),
+      ip_adapter_scale=tuple(FLAGS.ip_adapter_scale),
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,

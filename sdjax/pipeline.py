@@ -1447,9 +1447,10 @@ def ip_adapter_input(pipe: Pipeline, ip_adapter, images, scale, n: int):
       if len(given) not in (1, n):
         raise ValueError(f"ip_adapter_images: [N, H, W, 3] needs one image per prompt ({n}), "
                          f"got {len(given)}")
-      per = np.stack([ip_adapter_pixels(adapter, image) for image in np.asarray(given)])
+      per = np.stack([ip_adapter_pixels(adapter.image_size, image)
+                      for image in np.asarray(given)])
     else:
-      per = ip_adapter_pixels(adapter, given)[None]  # 1, K, S, S, 3: every prompt's
+      per = ip_adapter_pixels(adapter.image_size, given)[None]  # 1, K, S, S, 3: every prompt's
     pixels.append(np.ascontiguousarray(np.broadcast_to(per, (n, *per.shape[1:]))))
   numbers = [1.0 if isinstance(s, dict) else s for s in scales]
   if not all(isinstance(s, int | float) for s in numbers):
@@ -1458,12 +1459,12 @@ def ip_adapter_input(pipe: Pipeline, ip_adapter, images, scale, n: int):
   return wrapped, (tuple(pixels), np.tile(np.asarray(numbers, np.float32), (n, 1)))
 
 
-def ip_adapter_pixels(adapter: IPAdapter, images) -> np.ndarray:
-  """An IP-Adapter's image(s) as its encoder takes them: float32 [K, S, S, 3], resized (shorter
-  side, bicubic), centre-cropped and normalized by CLIP's image processor, as diffusers'
-  pipelines prepare `ip_adapter_image`. `images`: a PIL image or float [H, W, 3] in [0, 1], or a
-  list of them (K images, whose tokens the UNet attends to together)."""
-  processor = _clip_image_processor(adapter.image_size)
+def ip_adapter_pixels(image_size: int, images) -> np.ndarray:
+  """An IP-Adapter's image(s) as its encoder (of `image_size`) takes them: float32 [K, S, S, 3],
+  resized (shorter side, bicubic), centre-cropped and normalized by CLIP's image processor, as
+  diffusers' pipelines prepare `ip_adapter_image`. `images`: a PIL image or float [H, W, 3] in
+  [0, 1], or a list of them (K images, whose tokens the UNet attends to together)."""
+  processor = _clip_image_processor(image_size)
   many = images if isinstance(images, list | tuple) else [images]
   pil = []
   for image in many:

@@ -5,7 +5,8 @@ Image k of a run (prompts in order: `--prompt`s, then the file's lines; each rep
 own `seed` s; a jsonl line's `width` / `height` and `guidance_scale` replace the run's for its
 images, and its `init_image` (a path, relative to the prompts file's folder) makes them img2img
 (inpainting with a `mask_image` too); its `control_image` is the ControlNet's (`--controlnet`;
-with several, a list of one per ControlNet). `Plan` reads the prompts file once up front, without parsing it: it counts the images, hashes
+with several, a list of one per ControlNet), its `ip_adapter_image` the IP-Adapter's
+(`--ip_adapter`, likewise). `Plan` reads the prompts file once up front, without parsing it: it counts the images, hashes
 the file and notes where every shard (`shard_size` consecutive images) starts, so that
 `jobs(shard)` can seek straight to any shard. Lines are parsed, and bad ones reported with
 their line number, when their shard is generated.
@@ -22,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
                  "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
-                 "control_image")
+                 "control_image", "ip_adapter_image")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -46,6 +47,8 @@ class PromptLine:
   strength: float | None = None  # img2img and inpainting lines
   # The ControlNet's image (--controlnet), or one per ControlNet (None: the run's).
   control_image: str | tuple[str | None, ...] | None = None
+  # The IP-Adapter's image (--ip_adapter), or one per IP-Adapter (None: the run's).
+  ip_adapter_image: str | tuple[str | None, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,7 @@ class ImageJob:
   scheduler: str | None = None
   strength: float | None = None
   control_image: str | tuple[str | None, ...] | None = None
+  ip_adapter_image: str | tuple[str | None, ...] | None = None
 
   @property
   def kind(self) -> str | None:
@@ -118,14 +122,8 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
     if obj.get(key) is not None:
       check_size(obj[key], f'{where}: "{key}"')
   init, mask = (_image_path(path, where, obj, key) for key in ("init_image", "mask_image"))
-  control = obj.get("control_image")
-  if isinstance(control, list):  # one per ControlNet (null: the run's)
-    if not control:
-      raise RunError(f'{where}: "control_image" must be a path or a list of them')
-    control = tuple(_image_path(path, where, {"control_image": x}, "control_image")
-                    for x in control)
-  else:
-    control = _image_path(path, where, obj, "control_image")
+  control, ip_image = (_image_paths(path, where, obj, key)
+                       for key in ("control_image", "ip_adapter_image"))
   if mask is not None and init is None:
     raise RunError(f'{where}: "mask_image" marks what to repaint in an "init_image": give both')
   guidance, strength = obj.get("guidance_scale"), obj.get("strength")
@@ -142,7 +140,18 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
   return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"),
                     obj.get("width"), obj.get("height"), init,
                     None if guidance is None else float(guidance), mask, obj.get("steps"),
-                    scheduler, None if strength is None else float(strength), control)
+                    scheduler, None if strength is None else float(strength), control,
+                    ip_image)
+
+
+def _image_paths(path: str, where: str, obj: dict, key: str):
+  """A line's image for a control model, or a list of one per model (null: the run's)."""
+  value = obj.get(key)
+  if not isinstance(value, list):
+    return _image_path(path, where, obj, key)
+  if not value:
+    raise RunError(f'{where}: "{key}" must be a path or a list of them')
+  return tuple(_image_path(path, where, {key: x}, key) for x in value)
 
 
 def _scheduler(name, where: str) -> str:
@@ -217,9 +226,10 @@ def _key(line: PromptLine) -> list:
   extra = [line.width, line.height, line.init_image, line.guidance_scale]
   if line.mask_image is not None:
     extra.append(line.mask_image)
-  if line.control_image is not None:
-    control = line.control_image
-    extra.append({"control_image": list(control) if isinstance(control, tuple) else control})
+  for key in ("control_image", "ip_adapter_image"):
+    value = getattr(line, key)
+    if value is not None:
+      extra.append({key: list(value) if isinstance(value, tuple) else value})
   schedule = {k: v for k, v in (("steps", line.steps), ("scheduler", line.scheduler),
                                 ("strength", line.strength)) if v is not None}
   if schedule:
@@ -309,7 +319,7 @@ class Plan:
           seed = self.seed + index if line.seed is None else line.seed + j
           yield ImageJob(index, line.prompt, negative, seed, size, line.init_image,
                          line.guidance_scale, line.mask_image, line.steps, line.scheduler,
-                         line.strength, line.control_image)
+                         line.strength, line.control_image, line.ip_adapter_image)
         index += 1
         if index >= wanted.stop:
           return  # before reading the next line, which belongs to the next shard

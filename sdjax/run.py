@@ -105,6 +105,13 @@ class RunConfig:
   control_guidance_end: tuple[float, ...] = (1.0,)
   controlnet_guess_mode: bool = False  # diffusers' guess_mode (see Pipeline.generate)
   control_mode: tuple[str, ...] = ("balanced",)  # A1111's Control Mode: one, or one per net
+  # IP-Adapters conditioning lines on their ip_adapter_image (else these, one per adapter); per
+  # adapter its image encoder ("": the image_encoder/ folder beside the file); the scale: one
+  # for all, or one per adapter.
+  ip_adapter: tuple[str, ...] = ()
+  ip_adapter_encoder: tuple[str, ...] = ()
+  ip_adapter_image: tuple[str, ...] = ()
+  ip_adapter_scale: tuple[float, ...] = (1.0,)
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -221,6 +228,20 @@ def validate(cfg: RunConfig) -> None:
     for scale in cfg.controlnet_scale:
       if not math.isfinite(scale):
         raise RunError(f"--controlnet_scale must be a number, got {scale}")
+  if not cfg.ip_adapter and (cfg.ip_adapter_image or cfg.ip_adapter_encoder):
+    raise RunError("--ip_adapter_image and --ip_adapter_encoder are for an IP-Adapter: give "
+                   "--ip_adapter too")
+  if cfg.ip_adapter:
+    adapters = len(cfg.ip_adapter)
+    for name in ("ip_adapter_image", "ip_adapter_encoder"):
+      if getattr(cfg, name) and len(getattr(cfg, name)) != adapters:
+        raise RunError(f"--{name}: give one per --ip_adapter ({adapters}), got "
+                       f"{len(getattr(cfg, name))}")
+    if len(cfg.ip_adapter_scale) not in (1, adapters):
+      raise RunError(f"--ip_adapter_scale: give one, or one per --ip_adapter ({adapters}), got "
+                     f"{len(cfg.ip_adapter_scale)}")
+    if not all(math.isfinite(s) for s in cfg.ip_adapter_scale):
+      raise RunError(f"--ip_adapter_scale must be numbers, got {list(cfg.ip_adapter_scale)}")
   if cfg.inpainting_fill not in masks.MASKED_CONTENT:
     raise RunError(f"--inpainting_fill must be one of "
                    f"{', '.join(m.replace(' ', '_') for m in masks.MASKED_CONTENT)}, got "
@@ -283,6 +304,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["scheduler_options"] = dict(cfg.scheduler_options)
   if cfg.controlnet:
     settings["controlnet"] = _controlnet_record(cfg)
+  if cfg.ip_adapter:
+    settings["ip_adapter"] = _ip_adapter_record(cfg)
   settings.update(_image_format(cfg).settings())
   if cfg.eta:  # absent when 0: older folders still match
     settings["eta"] = cfg.eta
@@ -510,6 +533,14 @@ def generate_run(cfg: RunConfig) -> RunSummary:
               cfg.controlnet, cfg.controlnet_config or ("",) * len(cfg.controlnet), strict=True)])
     except ValueError as e:
       raise RunError(f"--controlnet: {e}") from None
+  if cfg.ip_adapter:
+    try:
+      pipe = pipe.with_ip_adapter([
+          sdjax.load_ip_adapter(path, encoder or None, cfg.dtype) for path, encoder in zip(
+              cfg.ip_adapter, cfg.ip_adapter_encoder or ("",) * len(cfg.ip_adapter),
+              strict=True)])
+    except ValueError as e:
+      raise RunError(f"--ip_adapter: {e}") from None
   steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
                                                          cfg.scheduler)
   cfg = dataclasses.replace(cfg, steps=steps, guidance_scale=guidance, scheduler=scheduler)
@@ -897,24 +928,26 @@ class _Sampler:
                                   bucket_variants=True, allow_lora=self.lora_set is not None,
                                   emphasis=self.cfg.emphasis)
 
-  def _conditioning(self, program, jobs, size):
+  def _conditioning(self, program, jobs, size, ip=None):
     """The batch's conditioning ((base, refiner) with a refiner, (first, hires pass) with the
     hires fix). An empty negative prompt is no negative prompt: zeros where the checkpoint asks
     for them (SDXL base). A1111 buckets agree across processes (the hires pass's schedules may
     need more variants than the first pass's: both take the larger)."""
-    cond = self._make_conditioning(program, jobs, size, self._a1111(program))
+    cond = self._make_conditioning(program, jobs, size, self._a1111(program), ip)
     each = [sampling.input_sizes(c) for c in (cond if program.hires is not None else
                                               [cond[0] if program.stages else cond])]
     if each[0] is not None and jax.process_count() > 1:
       agreed = tuple(parallel.max_over_processes(max(n)) for n in zip(*each, strict=True))
       if any(sizes != agreed for sizes in each):
-        cond = self._make_conditioning(program, jobs, size, self._a1111(program, agreed))
+        cond = self._make_conditioning(program, jobs, size, self._a1111(program, agreed), ip)
     return cond
 
-  def _make_conditioning(self, program, jobs, size, a1111):
+  def _make_conditioning(self, program, jobs, size, a1111, ip=None):
+    """`ip`: the IP-Adapters' input (`_ip_images`), which the refiner does not take."""
     prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt or None for j in jobs]
-    cond = sampling.make_conditioning(self.pipe, prompts, negatives, micro=self.cfg.micro,
-                                      size=size, img2img=program.spec.img2img, a1111=a1111)
+    cond = sampling.with_ip_images(sampling.make_conditioning(
+        self.pipe, prompts, negatives, micro=self.cfg.micro, size=size,
+        img2img=program.spec.img2img, a1111=a1111), ip)
     if program.hires is not None:  # the hires pass's schedules count on from the first's
       if a1111 is None and not self.pipe.is_sdxl:
         return cond, cond
@@ -924,10 +957,9 @@ class _Sampler:
                                        sizes=a1111.sizes, bucket_variants=True,
                                        allow_lora=a1111.allow_lora, emphasis=a1111.emphasis,
                                        base_steps=a1111.steps)
-      return cond, sampling.make_conditioning(self.pipe, prompts, negatives,
-                                              micro=self.cfg.micro,
-                                              size=_hires(self.cfg).size(self.pipe, *size),
-                                              a1111=a1111)
+      return cond, sampling.with_ip_images(sampling.make_conditioning(
+          self.pipe, prompts, negatives, micro=self.cfg.micro,
+          size=_hires(self.cfg).size(self.pipe, *size), a1111=a1111), ip)
     if program.refiner is None:
       return cond
     spec, state, refiner = program.refiner
@@ -937,6 +969,32 @@ class _Sampler:
                                      emphasis=a1111.emphasis)
     return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
                                             size=size, img2img=True, a1111=a1111)
+
+  def _ip_images(self, batch):
+    """The IP-Adapters' (images [B, 1, S, S, 3] per adapter, scales [B, A]) of a batch ((shard,
+    job) rows): each line's `ip_adapter_image`, else the run's, as CLIP's image processor
+    prepares them; None without --ip_adapter."""
+    if self.pipe.ip_adapter is None:
+      return None
+    cfg, pixels = self.cfg, []
+    for i, (encoder, _) in enumerate(self.pipe.ip_adapter):
+      side = encoder.config.image_size
+      rows = []
+      for shard, job in batch:
+        path = ip_adapter_paths(cfg, job)[i]
+        if path is None and shard is not None:
+          raise RunError(f'image {job.index} ({job.prompt!r}): --ip_adapter needs an image: the '
+                         f'line\'s "ip_adapter_image" or --ip_adapter_image')
+        rows.append(dataclasses.replace(job, ip_adapter_image=path))
+      pixels.append(_read_each(rows, "ip_adapter_image", lambda path, side=side: (
+          self._ip_pixels(path, side)), np.zeros((1, side, side, 3), np.float32)))
+    scales = _per_ip_adapter(cfg)
+    return tuple(pixels), np.tile(np.float32(scales), (len(batch), 1))
+
+  def _ip_pixels(self, path: str, side: int) -> np.ndarray:
+    from sdjax import pipeline  # noqa: PLC0415
+
+    return pipeline.ip_adapter_pixels(side, outputs.open_image(path))
 
   def _init_images(self, jobs, size, inpaint: bool):
     """The batch's init images [B, H, W, 3], resized to `size` (A1111's "Just resize"), and when
@@ -1019,7 +1077,7 @@ class _Sampler:
       self.scalars[guidance] = parallel.replicate((np.float32(guidance), np.float32(0.0)),
                                                   self.mesh)
     jobs = [job for _, job in batch]
-    cond = self._conditioning(program, jobs, size)
+    cond = self._conditioning(program, jobs, size, self._ip_images(batch))
     args = (self.params, parallel.shard_tree(self.mesh, cond, self.global_batch),
             parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),
                                  self.global_batch),
@@ -1074,6 +1132,40 @@ def control_paths(cfg: RunConfig, job: ImageJob) -> list[str | None]:
     raise RunError(f'image {job.index} ({job.prompt!r}): "control_image" lists {len(own)} '
                    f'images for {n} ControlNets')
   return [default if path is None else path for path, default in zip(own, defaults, strict=True)]
+
+
+def ip_adapter_paths(cfg: RunConfig, job: ImageJob) -> list[str | None]:
+  """A line's image per IP-Adapter: its own (a list, one per adapter, for several; null entries
+  and a line without any: the run's --ip_adapter_image)."""
+  n = len(cfg.ip_adapter)
+  defaults = list(cfg.ip_adapter_image) or [None] * n
+  own = job.ip_adapter_image
+  if own is None:
+    return defaults
+  if isinstance(own, str):
+    if n > 1:
+      raise RunError(f'image {job.index} ({job.prompt!r}): "ip_adapter_image" must be a list of '
+                     f'one per IP-Adapter ({n}), null for --ip_adapter_image\'s')
+    return [own]
+  if len(own) != n:
+    raise RunError(f'image {job.index} ({job.prompt!r}): "ip_adapter_image" lists {len(own)} '
+                   f'images for {n} IP-Adapters')
+  return [default if path is None else path for path, default in zip(own, defaults, strict=True)]
+
+
+def _per_ip_adapter(cfg: RunConfig) -> list[float]:
+  """The scale of each --ip_adapter: one serves all."""
+  return sampling.per_controlnet(cfg.ip_adapter_scale if len(cfg.ip_adapter_scale) > 1 else
+                                 cfg.ip_adapter_scale[0], len(cfg.ip_adapter), "ip_adapter_scale")
+
+
+def _ip_adapter_record(cfg: RunConfig) -> dict[str, Any]:
+  """The IP-Adapters' settings: one adapter's as single values (as ControlNets'), several as
+  lists."""
+  record = {"ip_adapter": list(cfg.ip_adapter), "ip_adapter_scale": _per_ip_adapter(cfg)}
+  if any(cfg.ip_adapter_encoder):
+    record["ip_adapter_encoder"] = list(cfg.ip_adapter_encoder)
+  return {k: v[0] for k, v in record.items()} if len(cfg.ip_adapter) == 1 else record
 
 
 def _one_or_list(values: list):
@@ -1164,6 +1256,7 @@ class _Metadata:
     self.model_name, self.model_hash = model_identity(cfg.model)
     self.refiner = model_identity(cfg.refiner) if cfg.refiner is not None else None
     self.controlnets = [_named_with_hash(path) for path in cfg.controlnet]
+    self.ip_adapters = [_named_with_hash(path) for path in cfg.ip_adapter]
     self._hashes: dict[tuple[str, str], str] = {}
     # A1111's `Lora hashes` / `TI hashes`: every --lora; the <lora:...> tags and the embeddings'
     # trigger words an image's prompts use.
@@ -1228,6 +1321,8 @@ class _Metadata:
         **({"mask_image": job.mask_image, **self._mask_record()} if job.mask_image else {}),
         **({"control_image": _one_or_list(control_paths(cfg, job)),
             **_controlnet_record(cfg)} if cfg.controlnet else {}),
+        **({"ip_adapter_image": _one_or_list(ip_adapter_paths(cfg, job)),
+            **_ip_adapter_record(cfg)} if cfg.ip_adapter else {}),
         **hires, **_sdxl_record(cfg, self.pipe),
     }
 
@@ -1283,7 +1378,19 @@ class _Metadata:
                                   "" if mode == "balanced" else
                                   f", Control Mode: {conditioning.CONTROL_MODES[mode]}")
             for i, (name, scale, start, end, mode) in enumerate(zip(
-                self.controlnets, *_per_controlnet(self.cfg), modes, strict=True))}
+                self.controlnets, *_per_controlnet(self.cfg), modes, strict=True))} | {
+        f"ControlNet {len(self.controlnets) + i}": f"Module: {module}, Model: {name}, Weight: "
+                                                   f"{scale:g}, Guidance Start: 0, "
+                                                   f"Guidance End: 1"
+        for i, (name, scale, module) in enumerate(zip(
+            self.ip_adapters, _per_ip_adapter(self.cfg) if self.ip_adapters else [],
+            self._ip_modules(), strict=True))}
+
+  def _ip_modules(self) -> list[str]:
+    """A1111's ControlNet-extension preprocessor name of each IP-Adapter's image encoder."""
+    names = {1280: "ip-adapter_clip_h", 1664: "ip-adapter_clip_g"}
+    return [names.get(encoder.config.hidden_size, "ip-adapter_clip")
+            for encoder, _ in self.pipe.ip_adapter or ()]
 
   def _emphasis(self, job: ImageJob) -> dict[str, str]:
     """A1111's `Emphasis` field: the mode, when not "Original" and a prompt text (after its

@@ -3,6 +3,7 @@
 diffusers' pipelines after `load_ip_adapter` (SD1, SDXL; scales, InstantStyle per-layer scales,
 two adapters), from random IP-Adapter files in the original layout (`.bin` and `.safetensors`)."""
 
+import dataclasses
 import os
 
 import diffusers
@@ -373,3 +374,66 @@ def test_bad_input(sd1_ip, tmp_path):
       (dict(ip_adapter="ip.bin", ip_adapter_images=image), "takes an IPAdapter")]:
     with pytest.raises(ValueError, match=match):
       pipe.generate(PROMPTS, steps=1, height=16, width=16, **kwargs)
+
+
+def test_run_with_ip_adapter(sd1_ip, tmp_path):
+  """main.py's run: each jsonl line's ip_adapter_image (else --ip_adapter_image), a batch with
+  a padded row; each image is generate()'s with its image; the manifest and the PNG's A1111
+  ControlNet unit name the adapter; on two devices (a subprocess) the same pixels; a line
+  without an image is a one-line error."""
+  import json  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+  from sdjax import outputs, run  # noqa: PLC0415
+
+  _, pipe, models = sd1_ip
+  file = str(models / "ip-plus.safetensors")
+  adapter = sdjax.load_ip_adapter(file)
+  rng = np.random.default_rng(10)
+  for name in ("style.png", "default.png"):
+    Image.fromarray(rng.integers(0, 255, (20, 28, 3), np.uint8)).save(tmp_path / name)
+  lines = [{"prompt": "a cat", "ip_adapter_image": "style.png"}, {"prompt": "a dog", "seed": 7},
+           {"prompt": "a cow", "ip_adapter_image": "style.png"}]
+  path = tmp_path / "ip.jsonl"
+  path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  cfg = run.RunConfig(model=pipe.name, prompts_file=str(path), steps=3, guidance_scale=3.0,
+                      scheduler="euler", height=16, width=16, seed=2, batch_size=2,
+                      ip_adapter=(file,), ip_adapter_image=(str(tmp_path / "default.png"),),
+                      ip_adapter_scale=(0.7,), output_dir=str(tmp_path / "out"),
+                      compilation_cache="", show_progress=False)
+  assert run.generate_run(cfg).images == 3
+  records = [json.loads(x) for x in open(tmp_path / "out" / outputs.MANIFEST_NAME)]
+  for record, name in zip(records, ["style.png", "default.png", "style.png"], strict=True):
+    assert record["ip_adapter_image"] == str(tmp_path / name)
+    assert record["ip_adapter"] == file and record["ip_adapter_scale"] == 0.7
+    expected = pipe.generate(record["prompt"], steps=3, guidance_scale=3.0, scheduler="euler",
+                             height=16, width=16, seed=record["seed"], ip_adapter=adapter,
+                             ip_adapter_images=Image.open(tmp_path / name),
+                             ip_adapter_scale=0.7)
+    png = Image.open(tmp_path / "out" / record["file"])
+    assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    assert params["ControlNet 0"] == (f"Module: ip-adapter_clip, Model: ip-plus "
+                                      f"[{outputs.short_hash(file)}], Weight: 0.7, "
+                                      "Guidance Start: 0, Guidance End: 1")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+  two = str(tmp_path / "two")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, "main.py"), "--model", pipe.name, "--prompts_file",
+       str(path), "--steps", "3", "--guidance_scale", "3", "--scheduler", "euler", "--height",
+       "16", "--width", "16", "--seed", "2", "--batch_size", "1", "--ip_adapter", file,
+       "--ip_adapter_image", str(tmp_path / "default.png"), "--ip_adapter_scale", "0.7",
+       "--output_dir", two, "--compilation_cache="],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for record in records:
+    one = np.asarray(Image.open(tmp_path / "out" / record["file"]), np.float32)
+    assert np.abs(np.asarray(Image.open(os.path.join(two, record["file"])), np.float32)
+                  - one).max() <= 1.0
+  with pytest.raises(run.RunError, match="--ip_adapter needs an image"):
+    run.generate_run(dataclasses.replace(cfg, ip_adapter_image=(),
+                                         output_dir=str(tmp_path / "none")))
