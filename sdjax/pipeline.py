@@ -1376,7 +1376,8 @@ def load_ip_adapter(source: str, image_encoder: str | None = None, dtype="float3
   try:
     path = _local_file(source, "IP-Adapter", revision)
     proj_state, layer_state = ip_files.read_file(path)
-    encoder, encoder_params = _image_encoder(image_encoder, path, revision, compute, store)
+    encoder, encoder_params = _image_encoder(image_encoder, path, revision, compute, store,
+                                             source)
     cfg = ip_files.projection_config(proj_state, encoder.config.num_positions)
     want = encoder.config.projection_dim if cfg.kind == "image" else encoder.config.hidden_size
     if cfg.image_embed_dim != want:
@@ -1399,8 +1400,12 @@ def load_ip_adapter(source: str, image_encoder: str | None = None, dtype="float3
       str(source))
 
 
-def _image_encoder(source: str | None, path: str, revision: str | None, compute, store):
-  """(CLIPVisionModelWithProjection, its params) of `load_ip_adapter`'s `image_encoder`."""
+def _image_encoder(source: str | None, path: str, revision: str | None, compute, store,
+                   adapter: str = ""):
+  """(CLIPVisionModelWithProjection, its params) of `load_ip_adapter`'s `image_encoder`;
+  default: beside the adapter's file (for a hub file, its repo's, downloaded)."""
+  if source is None and hub.is_hub_file(adapter):
+    source = hub.sibling_folder(adapter, "image_encoder", "model", revision=revision)
   if source is None:
     here = os.path.dirname(os.path.abspath(path))
     for folder in (here, os.path.dirname(here)):

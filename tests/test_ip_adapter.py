@@ -437,3 +437,36 @@ def test_run_with_ip_adapter(sd1_ip, tmp_path):
   with pytest.raises(run.RunError, match="--ip_adapter needs an image"):
     run.generate_run(dataclasses.replace(cfg, ip_adapter_image=(),
                                          output_dir=str(tmp_path / "none")))
+
+
+def test_hub_file_brings_its_image_encoder(sd1_ip, tmp_path, monkeypatch):
+  """`owner/name/models/ip.safetensors`: the file, and of its repo's `models/image_encoder/`
+  only the config and the safetensors weights (h94/IP-Adapter keeps a .bin beside them)."""
+  import shutil  # noqa: PLC0415
+
+  import huggingface_hub  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+
+  _, _, models = sd1_ip
+  snapshot = tmp_path / "snapshot"
+  shutil.copytree(models, snapshot / "models")
+  files = ["models/ip-image.safetensors", "models/image_encoder/config.json",
+           "models/image_encoder/model.safetensors", "models/image_encoder/pytorch_model.bin",
+           "sdxl_models/image_encoder/config.json"]
+  asked = []
+  monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None: files)
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                      lambda repo, name, revision=None: str(snapshot / name))
+
+  def snapshot_download(repo, revision=None, allow_patterns=()):
+    asked.append((repo, list(allow_patterns)))
+    return str(snapshot)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+  adapter = sdjax.load_ip_adapter("h94/IP-Adapter/models/ip-image.safetensors")
+  assert asked == [("h94/IP-Adapter", ["models/image_encoder/config.json",
+                                       "models/image_encoder/model.safetensors"])]
+  local = sdjax.load_ip_adapter(str(models / "ip-image.safetensors"))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
+                                   adapter.params, local.params))

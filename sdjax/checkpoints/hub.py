@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 
 from sdjax.checkpoints.weights import WEIGHT_STEMS, weight_candidates
@@ -63,7 +64,8 @@ def select_files(repo_files: list[str], *, variant: str | None = None,
     wanted += [f"{folder}/{f}" for f in _TOKENIZER_FILES if f"{folder}/{f}" in files]
   if not configs_only:
     for comp, stem in WEIGHT_STEMS.items():
-      wanted += _weight_files(files, f"{comp}/", stem, variant)
+      if comp != "image_encoder":  # an IP-Adapter's, loaded by load_ip_adapter
+        wanted += _weight_files(files, f"{comp}/", stem, variant)
   return wanted
 
 
@@ -186,3 +188,30 @@ def resolve_file(source: str, kind: str, preferred=(), *, revision: str | None =
     raise HubError(f"{kind} {source!r} is no local file and cannot be downloaded from the "
                    f"Hugging Face hub: "
                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def sibling_folder(source: str, name: str, stem: str, *, revision: str | None = None) -> str | None:
+  """For a hub file `source` (see `resolve_file`), its repo's folder `name` beside the file or
+  one level up (h94/IP-Adapter's `models/image_encoder/`), downloaded: its config.json and one
+  weight file set of `stem`. None when the repo has no such folder."""
+  url = parse_hub_url(source)
+  if url is not None:
+    repo, filename, revision = url
+  else:
+    repo, filename = split_hub_file(source)
+  try:
+    import huggingface_hub  # noqa: PLC0415
+
+    files = set(huggingface_hub.list_repo_files(repo, revision=revision))
+    here = posixpath.dirname(filename or "")
+    for base in dict.fromkeys((here, posixpath.dirname(here))):
+      folder = posixpath.join(base, name)
+      if f"{folder}/config.json" in files:
+        wanted = [f"{folder}/config.json"] + _weight_files(files, f"{folder}/", stem, None)
+        local = huggingface_hub.snapshot_download(repo, revision=revision,
+                                                  allow_patterns=wanted)
+        return os.path.join(local, folder)
+  except Exception as e:  # noqa: BLE001 - network, auth and not-found errors all end here
+    raise HubError(f"cannot download {name}/ of {source!r} from the Hugging Face hub: "
+                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+  return None

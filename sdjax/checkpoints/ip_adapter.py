@@ -179,6 +179,8 @@ def vision_config(state: dict[str, np.ndarray], path: str) -> dict[str, Any]:
 
 def vision_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """An image encoder's weights with transformers' `vision_model.` level removed (sdjax's
-  params start below it; `visual_projection` sits beside it)."""
+  params start below it; `visual_projection` sits beside it); a whole CLIP model's text half
+  (`text_model.`, `text_projection`, `logit_scale`) left out."""
   return {k[len(VISION_PREFIX):] if k.startswith(VISION_PREFIX) else k: v
-          for k, v in state.items()}
+          for k, v in state.items()
+          if not k.startswith(("text_model.", "text_projection.", "logit_scale"))}
