@@ -1118,38 +1118,33 @@ class _Sampler:
 def control_paths(cfg: RunConfig, job: ImageJob) -> list[str | None]:
   """A line's control image per ControlNet: its own (a list, one per ControlNet, for several;
   null entries and a line without any: the run's --control_image)."""
-  n = len(cfg.controlnet)
-  defaults = list(cfg.control_image) or [None] * n
-  own = job.control_image
-  if own is None:
-    return defaults
-  if isinstance(own, str):
-    if n > 1:
-      raise RunError(f'image {job.index} ({job.prompt!r}): "control_image" must be a list of '
-                     f'one per ControlNet ({n}), null for --control_image\'s')
-    return [own]
-  if len(own) != n:
-    raise RunError(f'image {job.index} ({job.prompt!r}): "control_image" lists {len(own)} '
-                   f'images for {n} ControlNets')
-  return [default if path is None else path for path, default in zip(own, defaults, strict=True)]
+  return _per_model_paths(job, "control_image", list(cfg.control_image), len(cfg.controlnet),
+                          "ControlNet")
 
 
 def ip_adapter_paths(cfg: RunConfig, job: ImageJob) -> list[str | None]:
   """A line's image per IP-Adapter: its own (a list, one per adapter, for several; null entries
   and a line without any: the run's --ip_adapter_image)."""
-  n = len(cfg.ip_adapter)
-  defaults = list(cfg.ip_adapter_image) or [None] * n
-  own = job.ip_adapter_image
+  return _per_model_paths(job, "ip_adapter_image", list(cfg.ip_adapter_image),
+                          len(cfg.ip_adapter), "IP-Adapter")
+
+
+def _per_model_paths(job: ImageJob, field: str, defaults: list[str], n: int,
+                     what: str) -> list[str | None]:
+  """A line's `field` image per model (ControlNet, IP-Adapter) of `n`: its own, else the run's
+  `--<field>` (`defaults`)."""
+  defaults = defaults or [None] * n
+  own = getattr(job, field)
   if own is None:
     return defaults
   if isinstance(own, str):
     if n > 1:
-      raise RunError(f'image {job.index} ({job.prompt!r}): "ip_adapter_image" must be a list of '
-                     f'one per IP-Adapter ({n}), null for --ip_adapter_image\'s')
+      raise RunError(f'image {job.index} ({job.prompt!r}): "{field}" must be a list of one per '
+                     f"{what} ({n}), null for --{field}'s")
     return [own]
   if len(own) != n:
-    raise RunError(f'image {job.index} ({job.prompt!r}): "ip_adapter_image" lists {len(own)} '
-                   f'images for {n} IP-Adapters')
+    raise RunError(f'image {job.index} ({job.prompt!r}): "{field}" lists {len(own)} images for '
+                   f"{n} {what}s")
   return [default if path is None else path for path, default in zip(own, defaults, strict=True)]
 
 

@@ -39,6 +39,15 @@ _IGNORED = frozenset({
 })
 
 
+def _check_encoder(cfg, component: str) -> None:
+  if cfg.hidden_act not in _ACTIVATIONS:
+    raise config_utils.ConfigError(
+        f"{component} hidden_act {cfg.hidden_act!r} is not supported by sdjax")
+  if cfg.hidden_size % cfg.num_attention_heads:
+    raise config_utils.ConfigError(
+        f"{component} hidden_size must be a multiple of num_attention_heads")
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
   """The options of transformers' `CLIPTextConfig` that change the forward pass."""
@@ -59,14 +68,7 @@ class CLIPTextConfig:
   pad_token_id: int | None = 1
 
   def __post_init__(self):
-    if self.hidden_act not in _ACTIVATIONS:
-      raise config_utils.ConfigError(
-          f"text_encoder hidden_act {self.hidden_act!r} is not supported by sdjax"
-      )
-    if self.hidden_size % self.num_attention_heads:
-      raise config_utils.ConfigError(
-          "text_encoder hidden_size must be a multiple of num_attention_heads"
-      )
+    _check_encoder(self, "text_encoder")
 
   @classmethod
   def from_dict(cls, raw: dict[str, Any]) -> CLIPTextConfig:
@@ -102,12 +104,7 @@ class CLIPVisionConfig:
   projection_dim: int = 512  # `CLIPVisionModelWithProjection`'s visual_projection width
 
   def __post_init__(self):
-    if self.hidden_act not in _ACTIVATIONS:
-      raise config_utils.ConfigError(
-          f"image_encoder hidden_act {self.hidden_act!r} is not supported by sdjax")
-    if self.hidden_size % self.num_attention_heads:
-      raise config_utils.ConfigError(
-          "image_encoder hidden_size must be a multiple of num_attention_heads")
+    _check_encoder(self, "image_encoder")
     if self.image_size % self.patch_size:
       raise config_utils.ConfigError("image_encoder image_size must be a multiple of patch_size")
 
