@@ -99,7 +99,8 @@ def cache():
 # 65, adapter 41, unet 28, aot 22; the rest under 20 each): xdist hands whole files to workers in
 # collection order, and a long file collected late (test_train, then test_run) left one worker
 # idle for minutes at the end.
-_LONGEST_FIRST = ("test_main.py", "test_controlnet.py", "test_train.py", "test_sampling.py",
+_LONGEST_FIRST = ("test_main.py", "test_controlnet.py", "test_ip_adapter.py", "test_train.py",
+                  "test_sampling.py",
                   "test_prompts.py", "test_inpaint.py", "test_builtin.py", "test_sdxl.py",
                   "test_run.py", "test_adapter.py", "test_unet.py", "test_aot.py")
 
