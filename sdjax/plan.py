@@ -226,10 +226,10 @@ def _key(line: PromptLine) -> list:
   extra = [line.width, line.height, line.init_image, line.guidance_scale]
   if line.mask_image is not None:
     extra.append(line.mask_image)
-  for key in ("control_image", "ip_adapter_image"):
-    value = getattr(line, key)
+  for field in ("control_image", "ip_adapter_image"):
+    value = getattr(line, field)
     if value is not None:
-      extra.append({key: list(value) if isinstance(value, tuple) else value})
+      extra.append({field: list(value) if isinstance(value, tuple) else value})
   schedule = {k: v for k, v in (("steps", line.steps), ("scheduler", line.scheduler),
                                 ("strength", line.strength)) if v is not None}
   if schedule:

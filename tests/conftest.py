@@ -100,9 +100,9 @@ def cache():
 # collection order, and a long file collected late (test_train, then test_run) left one worker
 # idle for minutes at the end.
 _LONGEST_FIRST = ("test_main.py", "test_controlnet.py", "test_ip_adapter.py", "test_train.py",
-                  "test_sampling.py",
-                  "test_prompts.py", "test_inpaint.py", "test_builtin.py", "test_sdxl.py",
-                  "test_run.py", "test_adapter.py", "test_unet.py", "test_aot.py")
+                  "test_sampling.py", "test_prompts.py", "test_inpaint.py", "test_builtin.py",
+                  "test_sdxl.py", "test_run.py", "test_adapter.py", "test_unet.py",
+                  "test_aot.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

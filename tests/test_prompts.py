@@ -476,7 +476,10 @@ def test_a1111_plain_prompt_same_pixels_and_mixed_batch(sd):
   np.testing.assert_array_equal(pipe.generate(plain, **kw, prompt_syntax="a1111"),
                                 pipe.generate(plain, **kw))
   # A long BREAK prompt (2 chunks) beside an alternating one (1 chunk), with negatives of other
-  # lengths: each image is what it is alone (one compile serves both lone images).
+  # lengths: each image is what it is alone (one compile serves both lone images), to the
+  # rounding of programs of another batch size: up to 2e-6 on AVX-512 CPUs, 2.1e-6 on an
+  # AVX2-only EPYC (the same at the commit before IP-Adapters); what the check is for moves them
+  # far more (the prompt truncated to its first chunk, below: over 1e-3).
   long = "a (red:1.2) circle, " * 20 + "BREAK a [cat|dog]"
   prompts_ = [long, "a [photo|painting] of a (cat:0.8)"]
   negatives = ["[blue:green:1]", "[green:yellow:1], " * 30]
@@ -484,7 +487,7 @@ def test_a1111_plain_prompt_same_pixels_and_mixed_batch(sd):
   for i in range(2):
     alone = pipe.generate(prompts_[i], negative_prompts=negatives[i], **{**kw, "seed": 3 + i},
                           prompt_syntax="a1111")
-    np.testing.assert_allclose(batch[i], alone[0], atol=2e-6)
+    np.testing.assert_allclose(batch[i], alone[0], atol=1e-5)
   truncated = pipe.generate(prompts_, negative_prompts=negatives, **kw)
   assert not np.allclose(batch[0], truncated[0], atol=1e-3)
 
