@@ -301,8 +301,9 @@ def test_sdxl_matches_diffusers(tmp_path):
 
 def test_with_other_features(sd1_ip):
   """A composable prompt of the prompt and itself at weight 0 (A1111's `AND`, `:0`: the UNet on
-  [uncond, part rows], image tokens repeated per part) is the plain guided image; without guidance (scale 1)
-  only the conditional tokens are used, as diffusers; the hires fix and a T2I-Adapter take it."""
+  [uncond, part rows], image tokens repeated per part) is the plain guided image; without
+  guidance (scale 1) only the conditional tokens are used, as diffusers; the hires fix takes
+  it; with a ControlNet it matches diffusers' ControlNet pipeline."""
   import sdjax  # noqa: PLC0415
 
   ref, pipe, models = sd1_ip
@@ -324,7 +325,24 @@ def test_with_other_features(sd1_ip):
                                         **{**OURS, "guidance_scale": 1.0}), expected, 1e-4)
   hires = pipe.generate(PROMPTS, **{**kw, "hires_scale": 1.5, "prompt_syntax": "plain"})
   assert hires.shape == (2, 24, 24, 3) and np.isfinite(hires).all()
-  print(f"\nip-adapter composable parts {err:.2e}, no guidance {unguided:.2e}")
+  # With a ControlNet (which, as diffusers', sees the text alone): StableDiffusionControlNet-
+  # Pipeline with the same IP-Adapter.
+  from test_controlnet import torch_controlnet  # noqa: PLC0415
+
+  torch_cn = torch_controlnet(testing.UNET_SD1, 41, conditioning_embedding_out_channels=(8, 16))
+  torch_cn.save_pretrained(str(models.parent / "cn"), safe_serialization=True)
+  controlled = diffusers.StableDiffusionControlNetPipeline(**{**ref.components,
+                                                              "controlnet": torch_cn})
+  controlled.set_progress_bar_config(disable=True)
+  controlled.set_ip_adapter_scale(0.5)
+  edges = np.random.default_rng(4).uniform(size=(1, 16, 16, 3)).astype(np.float32)
+  expected = diffusers_rows(controlled, latents, pil, image=nchw(edges))
+  both = assert_close(pipe.generate(PROMPTS, latents=latents, ip_adapter=adapter,
+                                    ip_adapter_images=images, ip_adapter_scale=0.5,
+                                    controlnet=sdjax.load_controlnet(str(models.parent / "cn")),
+                                    control_images=edges, **OURS), expected, 1e-4)
+  print(f"\nip-adapter composable parts {err:.2e}, no guidance {unguided:.2e}, with a "
+        f"ControlNet {both:.2e}")
 
 
 def test_bad_input(sd1_ip, tmp_path):
