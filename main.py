@@ -137,8 +137,10 @@ flags.DEFINE_multi_string("ip_adapter_encoder", [], "per --ip_adapter, its CLIP 
                           "beside the file or above it)")
 flags.DEFINE_multi_string("ip_adapter_image", [], "per --ip_adapter, its image for lines "
                           "without their own")
-flags.DEFINE_multi_float("ip_adapter_scale", [1.0], "the weight of the IP-Adapter's attention "
-                         "(one for all, or one per --ip_adapter)")
+flags.DEFINE_multi_string("ip_adapter_scale", ["1"], "the weight of the IP-Adapter's attention "
+                          "(one for all, or one per --ip_adapter): a number, or InstantStyle's "
+                          "per-layer weights as JSON, e.g. '{\"up\": {\"block_0\": [0, 1, "
+                          "0]}}' (layers it leaves out: 0)")
 flags.DEFINE_multi_string("lora", [], "LoRA file or hub file merged into the weights, "
                           "path[:scale] (repeatable; scale default 1)")
 flags.DEFINE_multi_string("embedding", [], "textual-inversion file or hub file, path[:token] "

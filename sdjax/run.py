@@ -107,11 +107,12 @@ class RunConfig:
   control_mode: tuple[str, ...] = ("balanced",)  # A1111's Control Mode: one, or one per net
   # IP-Adapters conditioning lines on their ip_adapter_image (else these, one per adapter); per
   # adapter its image encoder ("": the image_encoder/ folder beside the file); the scale: one
-  # for all, or one per adapter.
+  # for all, or one per adapter, each a number or InstantStyle's per-layer scales (a dict, or
+  # its JSON text).
   ip_adapter: tuple[str, ...] = ()
   ip_adapter_encoder: tuple[str, ...] = ()
   ip_adapter_image: tuple[str, ...] = ()
-  ip_adapter_scale: tuple[float, ...] = (1.0,)
+  ip_adapter_scale: tuple[float | str | dict, ...] = (1.0,)
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -240,8 +241,7 @@ def validate(cfg: RunConfig) -> None:
     if len(cfg.ip_adapter_scale) not in (1, adapters):
       raise RunError(f"--ip_adapter_scale: give one, or one per --ip_adapter ({adapters}), got "
                      f"{len(cfg.ip_adapter_scale)}")
-    if not all(math.isfinite(s) for s in cfg.ip_adapter_scale):
-      raise RunError(f"--ip_adapter_scale must be numbers, got {list(cfg.ip_adapter_scale)}")
+    _ip_scales(cfg)  # numbers or JSON objects
   if cfg.inpainting_fill not in masks.MASKED_CONTENT:
     raise RunError(f"--inpainting_fill must be one of "
                    f"{', '.join(m.replace(' ', '_') for m in masks.MASKED_CONTENT)}, got "
@@ -535,12 +535,17 @@ def generate_run(cfg: RunConfig) -> RunSummary:
       raise RunError(f"--controlnet: {e}") from None
   if cfg.ip_adapter:
     try:
-      pipe = pipe.with_ip_adapter([
-          sdjax.load_ip_adapter(path, encoder or None, cfg.dtype) for path, encoder in zip(
-              cfg.ip_adapter, cfg.ip_adapter_encoder or ("",) * len(cfg.ip_adapter),
-              strict=True)])
+      adapters = [sdjax.load_ip_adapter(path, encoder or None, cfg.dtype)
+                  for path, encoder in zip(cfg.ip_adapter, cfg.ip_adapter_encoder
+                                           or ("",) * len(cfg.ip_adapter), strict=True)]
     except ValueError as e:
       raise RunError(f"--ip_adapter: {e}") from None
+    try:
+      pipe = pipe.with_ip_adapter(adapters, [s if isinstance(s, dict) else None
+                                             for s in _ip_scales(cfg)])
+    except ValueError as e:
+      raise RunError(f"--ip_adapter_scale: {e}" if "scale" in str(e) else
+                     f"--ip_adapter: {e}") from None
   steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
                                                          cfg.scheduler)
   cfg = dataclasses.replace(cfg, steps=steps, guidance_scale=guidance, scheduler=scheduler)
@@ -988,7 +993,7 @@ class _Sampler:
         rows.append(dataclasses.replace(job, ip_adapter_image=path))
       pixels.append(_read_each(rows, "ip_adapter_image", lambda path, side=side: (
           self._ip_pixels(path, side)), np.zeros((1, side, side, 3), np.float32)))
-    scales = _per_ip_adapter(cfg)
+    scales = [1.0 if isinstance(s, dict) else s for s in _ip_scales(cfg)]
     return tuple(pixels), np.tile(np.float32(scales), (len(batch), 1))
 
   def _ip_pixels(self, path: str, side: int) -> np.ndarray:
@@ -1148,19 +1153,44 @@ def _per_model_paths(job: ImageJob, field: str, defaults: list[str], n: int,
   return [default if path is None else path for path, default in zip(own, defaults, strict=True)]
 
 
-def _per_ip_adapter(cfg: RunConfig) -> list[float]:
-  """The scale of each --ip_adapter: one serves all."""
-  return sampling.per_controlnet(cfg.ip_adapter_scale if len(cfg.ip_adapter_scale) > 1 else
-                                 cfg.ip_adapter_scale[0], len(cfg.ip_adapter), "ip_adapter_scale")
+def _ip_scales(cfg: RunConfig) -> list[float | dict]:
+  """The scale of each --ip_adapter (one serves all): a number, or InstantStyle's per-layer
+  scales (a dict; given as JSON text on the command line)."""
+  out = []
+  for value in cfg.ip_adapter_scale:
+    if isinstance(value, str):
+      try:
+        value = float(value)
+      except ValueError:
+        try:
+          value = json.loads(value)
+        except json.JSONDecodeError:
+          value = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+      value = float(value)
+      if math.isfinite(value):
+        out.append(value)
+        continue
+    elif isinstance(value, dict):
+      out.append(value)
+      continue
+    raise RunError(f"--ip_adapter_scale: a number, or per-layer scales as a JSON object (e.g. "
+                   f"'{{\"up\": {{\"block_0\": [0, 1, 0]}}}}'), got {value!r}")
+  return out * len(cfg.ip_adapter) if len(out) == 1 else out
 
 
 def _ip_adapter_record(cfg: RunConfig) -> dict[str, Any]:
   """The IP-Adapters' settings: one adapter's as single values (as ControlNets'), several as
   lists."""
-  record = {"ip_adapter": list(cfg.ip_adapter), "ip_adapter_scale": _per_ip_adapter(cfg)}
+  record = {"ip_adapter": list(cfg.ip_adapter), "ip_adapter_scale": _ip_scales(cfg)}
   if any(cfg.ip_adapter_encoder):
     record["ip_adapter_encoder"] = list(cfg.ip_adapter_encoder)
   return {k: v[0] for k, v in record.items()} if len(cfg.ip_adapter) == 1 else record
+
+
+def _weight(scale: float | dict) -> str:
+  """An IP-Adapter's A1111 `Weight`: its scale (1 with per-layer scales, written beside)."""
+  return "1" if isinstance(scale, dict) else f"{scale:g}"
 
 
 def _one_or_list(values: list):
@@ -1375,11 +1405,14 @@ class _Metadata:
             for i, (name, scale, start, end, mode) in enumerate(zip(
                 self.controlnets, *_per_controlnet(self.cfg), modes, strict=True))} | {
         f"ControlNet {len(self.controlnets) + i}": f"Module: {module}, Model: {name}, Weight: "
-                                                   f"{scale:g}, Guidance Start: 0, "
+                                                   f"{_weight(scale)}, Guidance Start: 0, "
                                                    f"Guidance End: 1"
         for i, (name, scale, module) in enumerate(zip(
-            self.ip_adapters, _per_ip_adapter(self.cfg) if self.ip_adapters else [],
-            self._ip_modules(), strict=True))}
+            self.ip_adapters, _ip_scales(self.cfg) if self.ip_adapters else [],
+            self._ip_modules(), strict=True))} | {
+        f"IP-Adapter {i} layer scales": json.dumps(scale, separators=(",", ":"))
+        for i, scale in enumerate(_ip_scales(self.cfg) if self.ip_adapters else [])
+        if isinstance(scale, dict)}
 
   def _ip_modules(self) -> list[str]:
     """A1111's ControlNet-extension preprocessor name of each IP-Adapter's image encoder."""

@@ -397,8 +397,8 @@ def test_bad_input(sd1_ip, tmp_path):
 def test_run_with_ip_adapter(sd1_ip, tmp_path):
   """main.py's run: each jsonl line's ip_adapter_image (else --ip_adapter_image), a batch with
   a padded row; each image is generate()'s with its image; the manifest and the PNG's A1111
-  ControlNet unit name the adapter; on two devices (a subprocess) the same pixels; a line
-  without an image is a one-line error."""
+  ControlNet unit name the adapter; InstantStyle's per-layer scales given as JSON; on two
+  devices (a subprocess) the same pixels; a line without an image is a one-line error."""
   import json  # noqa: PLC0415
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
@@ -436,6 +436,24 @@ def test_run_with_ip_adapter(sd1_ip, tmp_path):
     assert params["ControlNet 0"] == (f"Module: ip-adapter_clip, Model: ip-plus "
                                       f"[{outputs.short_hash(file)}], Weight: 0.7, "
                                       "Guidance Start: 0, Guidance End: 1")
+  # InstantStyle's per-layer scales, as JSON text (main.py's flag): the PNG writes them beside
+  # the unit, whose Weight is 1.
+  style = {"up": {"block_1": [0.0, 1.5, 0.5]}}
+  path.write_text(json.dumps(lines[0]) + "\n")
+  styled = dataclasses.replace(cfg, ip_adapter_scale=(json.dumps(style),),
+                               output_dir=str(tmp_path / "style"))
+  assert run.generate_run(styled).images == 1
+  record = json.loads(open(tmp_path / "style" / outputs.MANIFEST_NAME).readline())
+  assert record["ip_adapter_scale"] == style
+  expected = pipe.generate("a cat", steps=3, guidance_scale=3.0, scheduler="euler", height=16,
+                           width=16, seed=2, ip_adapter=adapter, ip_adapter_scale=style,
+                           ip_adapter_images=Image.open(tmp_path / "style.png"))
+  png = Image.open(tmp_path / "style" / record["file"])
+  assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert "Weight: 1," in params["ControlNet 0"]
+  assert json.loads(params["IP-Adapter 0 layer scales"]) == style
+  path.write_text("".join(json.dumps(line) + "\n" for line in lines))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}

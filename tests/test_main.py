@@ -359,6 +359,7 @@ BAD_INPUT = [
     (["--ip_adapter", "a", *["--ip_adapter_scale", "1"] * 2],
      "--ip_adapter_scale: give one, or one per --ip_adapter (1), got 2"),
     (["--ip_adapter", "/nonexistent/ip.bin"], "--ip_adapter: cannot load IP-Adapter "),
+    (["--ip_adapter", "a", "--ip_adapter_scale", "{up"], "--ip_adapter_scale: a number, or "),
     (["--scheduler_options", "{spacing: 1}"], "--scheduler_options is not JSON"),
     (["--scheduler_options", "[1]"], "--scheduler_options must be a JSON object"),
     (["--scheduler", "euler", "--scheduler_options", '{"spacing": "trailing"}'],

@@ -34,6 +34,10 @@ main.py on a synthetic `--prompts`-line jsonl file (built-in model, warm compila
 reports the seconds until its first PNG exists and the process's peak resident memory then.
 `--what encode` times writing one image in each `--image_format` (milliseconds and bytes), and
 `--what run --line_groups N` feeds the run jsonl lines of N guidance scales in turn.
+`--what image_encoder --encoder vit-h` times an IP-Adapter's CLIP image encoder (`--batch`
+images at its 224x224) in sdjax and in transformers, calls interleaved in one process: what an
+IP-Adapter adds per image (its penultimate hidden states or image embeds; once per image, not
+per step).
 
 `sdxl` is SDXL base 1.0's architecture (2.6B-parameter UNet, CLIP-L + OpenCLIP-bigG encoders,
 1024x1024). `sdxl_small` keeps SDXL's layout (no attention at the first level, linear
@@ -58,8 +62,22 @@ _ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "sdxl", 
                                           "builtin"],
                           "architecture (random weights)")
 _WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate", "run",
-                                               "first_image", "lora_merge", "encode"],
+                                               "first_image", "lora_merge", "encode",
+                                               "image_encoder"],
                           "what to time")
+# IP-Adapters' image encoders (transformers CLIPVisionConfig): OpenCLIP ViT-H/14 (SD1.5 and the
+# "vit-h" SDXL adapters), ViT-bigG/14 (SDXL), OpenAI ViT-L/14.
+ENCODERS = {
+    "vit-h": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                  num_attention_heads=16, patch_size=14, projection_dim=1024, hidden_act="gelu"),
+    "vit-bigg": dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48,
+                     num_attention_heads=16, patch_size=14, projection_dim=1280,
+                     hidden_act="gelu"),
+    "vit-l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, patch_size=14, projection_dim=768,
+                  hidden_act="quick_gelu"),
+}
+_ENCODER = flags.DEFINE_enum("encoder", "vit-h", sorted(ENCODERS), "image_encoder: which")
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 32, "lora_merge: rank of the synthetic LoRA, "
                                   "on every linear layer of the UNet and text encoders")
 _PROMPTS = flags.DEFINE_integer("prompts", 1, "first_image: lines of the synthetic prompts file")
@@ -736,8 +754,55 @@ def bench_both():
   return results
 
 
+def bench_image_encoder():
+  """An IP-Adapter image encoder (random weights) in sdjax and transformers, float32, calls
+  interleaved; best and median wall seconds of each, and their ratio."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+  import transformers  # noqa: PLC0415
+
+  from sdjax.checkpoints import ip_adapter as ip_files  # noqa: PLC0415
+  from sdjax.checkpoints.weights import torch_to_flax  # noqa: PLC0415
+  from sdjax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: PLC0415
+
+  raw = dict(ENCODERS[_ENCODER.value], image_size=224)
+  model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**raw)).eval()
+  ours = CLIPVisionModelWithProjection(CLIPVisionConfig(**raw))
+  b = _BATCH.value
+  pixels = np.random.default_rng(0).standard_normal((b, 224, 224, 3)).astype(np.float32)
+  expected = jax.eval_shape(ours.init, jax.random.key(0), pixels[:1])["params"]
+  params = jax.device_put(torch_to_flax(ip_files.vision_state(
+      {k: v.numpy() for k, v in model.state_dict().items()}), expected, "image_encoder"))
+  fn = jax.jit(lambda p, x: ours.apply({"params": p}, x)["hidden_states"][-2])
+  start = time.perf_counter()
+  compiled = fn.lower(params, pixels).compile()
+  compile_s = time.perf_counter() - start
+  x = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+  programs = {"sdjax": lambda: jax.block_until_ready(compiled(params, pixels)),
+              "transformers": lambda: model(x, output_hidden_states=True).hidden_states[-2]}
+  wall = {name: [] for name in programs}
+  with torch.no_grad():
+    for fn in programs.values():
+      fn()
+    for _ in range(_REPEATS.value):
+      for name, fn in programs.items():
+        t0 = time.perf_counter()
+        fn()
+        wall[name].append(time.perf_counter() - t0)
+  return {"encoder": _ENCODER.value, "batch": b, "compile_s": compile_s,
+          **{f"{name}_best_s": min(w) for name, w in wall.items()},
+          **{f"{name}_median_s": statistics.median(w) for name, w in wall.items()},
+          "ratio_best": min(wall["sdjax"]) / min(wall["transformers"]),
+          "params": sum(p.numel() for p in model.parameters()), "torch_threads": torch_threads(),
+          "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
 def main(argv):
   del argv
+  if _WHAT.value == "image_encoder":
+    print(json.dumps(bench_image_encoder()))
+    return
   if _BACKEND.value == "both":
     h, w = _size()
     for name, result in bench_both().items():
