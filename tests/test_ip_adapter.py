@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from parity import assert_close, nchw, randn
+from parity import assert_close, img2img_draws, nchw, randn
 from PIL import Image
 from transformers import CLIPImageProcessor
 
@@ -506,3 +506,28 @@ def test_hub_file_brings_its_image_encoder(sd1_ip, tmp_path, monkeypatch):
   local = sdjax.load_ip_adapter(str(models / "ip-image.safetensors"))
   assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
                                    adapter.params, local.params))
+
+
+def test_img2img_matches_diffusers(sd1_ip):
+  """img2img with an IP-Adapter against StableDiffusionImg2ImgPipeline after load_ip_adapter,
+  given the same posterior sample and noise."""
+  import sdjax  # noqa: PLC0415
+
+  ref, pipe, models = sd1_ip
+  img_pipe = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+  img_pipe.set_progress_bar_config(disable=True)
+  img_pipe.load_ip_adapter(str(models), subfolder="", weight_name="ip-image.bin",
+                           image_encoder_folder=None)
+  img_pipe.set_ip_adapter_scale(0.6)
+  image = reference_images(3, 1)[0]
+  init = np.random.default_rng(0).uniform(size=(1, 16, 16, 3)).astype(np.float32)
+  noise = randn(1, 8, 8, 4, seed=4)
+  module = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"
+  with img2img_draws(module, 17, (8, 8, 4), noise), torch.no_grad():
+    expected = img_pipe(PROMPTS[1], image=nchw(init), strength=0.6, ip_adapter_image=image,
+                        **{k: v for k, v in KW.items() if k not in ("height", "width")}).images
+  ours = pipe.generate(PROMPTS[1], init_images=init, strength=0.6, latents=noise, seed=17,
+                       ip_adapter=sdjax.load_ip_adapter(str(models / "ip-image.bin")),
+                       ip_adapter_images=image, ip_adapter_scale=0.6, **OURS)
+  err = assert_close(ours, expected, 1e-4)
+  print(f"\nip-adapter img2img: {err:.2e}")
