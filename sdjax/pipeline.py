@@ -191,7 +191,7 @@ class Pipeline:
     layer_scales = [None] * len(adapters) if layer_scales is None else list(layer_scales)
     layers: dict[str, Any] = {}
     for i, (adapter, scales) in enumerate(zip(adapters, layer_scales, strict=True)):
-      _merge_into(layers, adapter.layer_tree(self, i, scales))
+      layers = conditioning.merge_params(layers, adapter.layer_tree(self, i, scales))
     return dataclasses.replace(
         self, ip_adapter=tuple((a.image_encoder, a.projection) for a in adapters),
         params={**self.params, "ip_adapter": {
@@ -1252,9 +1252,6 @@ def save_single_file(pipe: Pipeline, path: str, dtype: str = "float32") -> None:
   write_safetensors(path, {**state, **single_file.markers_for(pipe.scheduler_config, dtype)})
 
 
-__all__ = ["Pipeline", "PipelineError", "WeightsError", "build_pipeline", "load_pipeline"]
-
-
 # -- IP-Adapters -----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, eq=False)
 class IPAdapter:
@@ -1313,14 +1310,6 @@ def as_ip_adapters(value) -> tuple[IPAdapter, ...]:
   if not adapters or not all(isinstance(a, IPAdapter) for a in adapters):
     raise ValueError("ip_adapter= takes an IPAdapter from load_ip_adapter, or a list of them")
   return adapters
-
-
-def _merge_into(tree: dict, other: dict) -> None:
-  for key, value in other.items():
-    if isinstance(value, dict):
-      _merge_into(tree.setdefault(key, {}), value)
-    else:
-      tree[key] = value
 
 
 def ip_layer_scales(unet_config: UNetConfig, paths, scales) -> list[float]:
@@ -1492,3 +1481,6 @@ def _clip_image_processor(size: int):
 
   cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
   return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+__all__ = ["Pipeline", "PipelineError", "WeightsError", "build_pipeline", "load_pipeline"]
