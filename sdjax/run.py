@@ -538,14 +538,10 @@ def generate_run(cfg: RunConfig) -> RunSummary:
       adapters = [sdjax.load_ip_adapter(path, encoder or None, cfg.dtype)
                   for path, encoder in zip(cfg.ip_adapter, cfg.ip_adapter_encoder
                                            or ("",) * len(cfg.ip_adapter), strict=True)]
-    except ValueError as e:
-      raise RunError(f"--ip_adapter: {e}") from None
-    try:
       pipe = pipe.with_ip_adapter(adapters, [s if isinstance(s, dict) else None
                                              for s in _ip_scales(cfg)])
-    except ValueError as e:
-      raise RunError(f"--ip_adapter_scale: {e}" if "scale" in str(e) else
-                     f"--ip_adapter: {e}") from None
+    except ValueError as e:  # a misfit, or per-layer scales naming no layer: the text says
+      raise RunError(f"--ip_adapter: {e}") from None
   steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
                                                          cfg.scheduler)
   cfg = dataclasses.replace(cfg, steps=steps, guidance_scale=guidance, scheduler=scheduler)
