@@ -334,6 +334,20 @@ CLIP_VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 
                "projection_dim": 24, "hidden_act": "gelu", "layer_norm_eps": 1e-5}
 
 
+# The real image encoders of IP-Adapters (transformers CLIPVisionConfig, 224x224): OpenCLIP
+# ViT-H/14 (SD1.5 and the "vit-h" SDXL adapters), ViT-bigG/14 (SDXL), OpenAI ViT-L/14.
+CLIP_VISION_SIZES = {
+    "vit-h": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                  num_attention_heads=16, patch_size=14, projection_dim=1024, hidden_act="gelu"),
+    "vit-bigg": dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48,
+                     num_attention_heads=16, patch_size=14, projection_dim=1280,
+                     hidden_act="gelu"),
+    "vit-l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, patch_size=14, projection_dim=768,
+                  hidden_act="quick_gelu"),
+}
+
+
 def torch_clip_vision(config: dict[str, Any] | None = None, seed: int = 0):
   """A random transformers `CLIPVisionModelWithProjection` (default: CLIP_VISION)."""
   from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: PLC0415

@@ -101,28 +101,14 @@ def test_image_encoder_matches_transformers(act):
     ip_files.vision_config(state, "encoder.safetensors")
 
 
-# The image encoders of IP-Adapters (transformers configs): OpenCLIP ViT-H/14 (SD1.5 and the
-# "vit-h" SDXL ones), ViT-bigG/14 (SDXL), OpenAI ViT-L/14.
-REAL_ENCODERS = {
-    "vit-h": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                  num_attention_heads=16, patch_size=14, projection_dim=1024, hidden_act="gelu"),
-    "vit-bigg": dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48,
-                     num_attention_heads=16, patch_size=14, projection_dim=1280,
-                     hidden_act="gelu"),
-    "vit-l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16, patch_size=14, projection_dim=768,
-                  hidden_act="quick_gelu"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(REAL_ENCODERS))
+@pytest.mark.parametrize("name", sorted(testing.CLIP_VISION_SIZES))
 def test_encoder_config_from_real_weights(name):
   """A weights-only encoder file (A1111's clip_vision/) of each real size gives its config
   (shapes from torch's meta device: no real-size weights made)."""
   from transformers import CLIPVisionConfig as TorchConfig  # noqa: PLC0415
   from transformers import CLIPVisionModelWithProjection as TorchModel  # noqa: PLC0415
 
-  raw = {**REAL_ENCODERS[name], "image_size": 224}
+  raw = {**testing.CLIP_VISION_SIZES[name], "image_size": 224}
   with torch.device("meta"):
     model = TorchModel(TorchConfig(**raw))
   state = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in model.state_dict().items()}

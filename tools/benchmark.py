@@ -65,19 +65,8 @@ _WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "gene
                                                "first_image", "lora_merge", "encode",
                                                "image_encoder"],
                           "what to time")
-# IP-Adapters' image encoders (transformers CLIPVisionConfig): OpenCLIP ViT-H/14 (SD1.5 and the
-# "vit-h" SDXL adapters), ViT-bigG/14 (SDXL), OpenAI ViT-L/14.
-ENCODERS = {
-    "vit-h": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                  num_attention_heads=16, patch_size=14, projection_dim=1024, hidden_act="gelu"),
-    "vit-bigg": dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48,
-                     num_attention_heads=16, patch_size=14, projection_dim=1280,
-                     hidden_act="gelu"),
-    "vit-l": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16, patch_size=14, projection_dim=768,
-                  hidden_act="quick_gelu"),
-}
-_ENCODER = flags.DEFINE_enum("encoder", "vit-h", sorted(ENCODERS), "image_encoder: which")
+_ENCODER = flags.DEFINE_enum("encoder", "vit-h", ["vit-bigg", "vit-h", "vit-l"],
+                             "image_encoder: which (testing.CLIP_VISION_SIZES)")
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 32, "lora_merge: rank of the synthetic LoRA, "
                                   "on every linear layer of the UNet and text encoders")
 _PROMPTS = flags.DEFINE_integer("prompts", 1, "first_image: lines of the synthetic prompts file")
@@ -762,11 +751,12 @@ def bench_image_encoder():
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
 
+  from sdjax import testing  # noqa: PLC0415
   from sdjax.checkpoints import ip_adapter as ip_files  # noqa: PLC0415
   from sdjax.checkpoints.weights import torch_to_flax  # noqa: PLC0415
   from sdjax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: PLC0415
 
-  raw = dict(ENCODERS[_ENCODER.value], image_size=224)
+  raw = dict(testing.CLIP_VISION_SIZES[_ENCODER.value], image_size=224)
   model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**raw)).eval()
   ours = CLIPVisionModelWithProjection(CLIPVisionConfig(**raw))
   b = _BATCH.value
