@@ -15,7 +15,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax import run
+from sdjax import run, sampling
 from sdjax.conditioning import MicroConditioning
 
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
@@ -89,8 +89,9 @@ flags.DEFINE_float("hires_scale", 0.0, "A1111's hires fix: enlarge the latents t
                    "and denoise again (0: off)")
 flags.DEFINE_integer("hires_steps", 0, "hires fix: steps of the second pass (0: --steps)")
 flags.DEFINE_float("hires_strength", 0.7, "hires fix: the second pass's denoising strength")
-flags.DEFINE_enum("hires_upscaler", "latent", ["latent", "latent-nearest-exact"],
-                  "hires fix: A1111's Latent (bilinear) or Latent (nearest-exact)")
+flags.DEFINE_enum("hires_upscaler", "latent", list(sampling.HIRES_UPSCALERS),
+                  "hires fix: A1111's latent upscalers (latent = Latent, bilinear; "
+                  "latent-bicubic-antialiased = Latent (bicubic antialiased), ...)")
 flags.DEFINE_enum("output_format", "png", ["png", "webdataset"], "png: image files in folders, "
                   "or WebDataset tar shards (<key>.png + <key>.json)")
 flags.DEFINE_integer("images_per_folder", 10000, "png: images per subfolder")

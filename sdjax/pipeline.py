@@ -427,7 +427,9 @@ class Pipeline:
         device the same split program runs there: the pixels never depend on the device count,
         and differ from the default's by float rounding.
       hires_scale: A1111's hires fix: the text-to-image latents are enlarged this
-        many times (`hires_upscaler`: "latent", bilinear, or "latent-nearest-exact"; each side
+        many times (`hires_upscaler`: one of A1111's latent upscalers, as torch's interpolate
+        makes them: "latent" (bilinear), "latent-antialiased", "latent-bicubic",
+        "latent-bicubic-antialiased", "latent-nearest", "latent-nearest-exact"; each side
         rounded down to a size the model takes) and denoised again at that size as img2img at
         `hires_strength` for `hires_steps` steps (default: `steps`), which run as A1111 runs
         them: the last `hires_steps` of a schedule of int(hires_steps / hires_strength) steps.

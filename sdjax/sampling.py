@@ -24,7 +24,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdjax import conditioning, masks, schedulers
+from sdjax import conditioning, interpolate, masks, schedulers
 from sdjax import prompts as prompt_lib
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
 from sdjax.models.adapter import T2IAdapter
@@ -341,9 +341,8 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, 
   if spec.init_latents:
     return init.astype(jnp.float32)
   if spec.upscale is not None:
-    shape = (init.shape[0], *spec.latent_hw, init.shape[-1])
-    latents = jax.image.resize(init.astype(jnp.float32), shape, HIRES_UPSCALERS[spec.upscale])
-    return sched.add_noise(state, latents, _keyed_noise(keys, _HIRES_NOISE, shape[1:]),
+    latents = interpolate.resize(init, spec.latent_hw, *HIRES_UPSCALERS[spec.upscale])
+    return sched.add_noise(state, latents, _keyed_noise(keys, _HIRES_NOISE, latents.shape[1:]),
                            spec.begin)
   if not spec.img2img:
     return noise * sched.init_noise_sigma(state)
@@ -805,12 +804,18 @@ def inpaint_mode(pipe, masks: bool) -> str | None:
   return "blend" if masks else None
 
 
-# A1111's latent upscalers ("Hires upscaler") -> jax.image.resize methods. "Latent" is torch's
-# bilinear interpolate (align_corners=False, no antialiasing: the same half-pixel centres as
-# jax's "linear" when enlarging); "Latent (nearest-exact)" torch's nearest-exact, jax's
-# "nearest". (A1111's "Latent (bicubic)" uses a = -0.75, jax's cubic a = -0.5: not offered.)
-HIRES_UPSCALERS = {"latent": "linear", "latent-nearest-exact": "nearest"}
-HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-nearest-exact": "Latent (nearest-exact)"}
+# A1111's latent upscalers ("Hires upscaler"): torch's interpolate of the latents (mode,
+# antialias), with the names A1111 shows.
+HIRES_UPSCALERS = {"latent": ("bilinear", False), "latent-antialiased": ("bilinear", True),
+                   "latent-bicubic": ("bicubic", False),
+                   "latent-bicubic-antialiased": ("bicubic", True),
+                   "latent-nearest": ("nearest", False),
+                   "latent-nearest-exact": ("nearest-exact", False)}
+HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-antialiased": "Latent (antialiased)",
+                        "latent-bicubic": "Latent (bicubic)",
+                        "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
+                        "latent-nearest": "Latent (nearest)",
+                        "latent-nearest-exact": "Latent (nearest-exact)"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from parity import img2img_draws, nchw
 
 import sdjax
-from sdjax import sampling, schedulers, testing
+from sdjax import interpolate, sampling, schedulers, testing
 
 PROMPTS = ["a red circle in the center", "a photo of a cat"]
 NEGATIVES = ["blue", ""]  # the second image has no negative prompt: diffusers' empty default
@@ -115,21 +115,24 @@ def test_img2img_matches_diffusers(pipes, name):
   assert rel(ours, expected) <= 1e-3
 
 
-@pytest.mark.parametrize("upscaler,mode", [("latent", "bilinear"),
-                                           ("latent-nearest-exact", "nearest-exact")])
-def test_hires_upscalers_are_torch_interpolate(upscaler, mode):
-  """A1111's latent upscalers are torch's `interpolate` (align_corners=False, no antialias)."""
+@pytest.mark.parametrize("upscaler", list(sampling.HIRES_UPSCALERS))
+def test_hires_upscalers_are_torch_interpolate(upscaler):
+  """A1111's latent upscalers are torch's `interpolate` (align_corners=False) in its modes,
+  enlarging and shrinking, with and without antialiasing."""
   import torch  # noqa: PLC0415
 
+  mode, antialias = sampling.HIRES_UPSCALERS[upscaler]
   x = _unit_noise((2, 8, 12, 4), seed=2)
-  for shape in ((12, 18), (16, 24), (13, 17)):
-    want = torch.nn.functional.interpolate(nchw(x), size=shape, mode=mode).numpy()
-    got = jax.image.resize(x, (2, *shape, 4), sampling.HIRES_UPSCALERS[upscaler])
-    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, rtol=0, atol=2e-6)
+  for shape in ((12, 18), (16, 24), (13, 17), (21, 31), (8, 12), (6, 9), (3, 5)):
+    want = torch.nn.functional.interpolate(nchw(x), size=shape, mode=mode,
+                                           antialias=antialias).numpy()
+    got = np.asarray(interpolate.resize(jnp.asarray(x), shape, mode, antialias))
+    # float32 weights (torch's) against ours rounded from float64: seen <= 1.2e-6 of the max
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, rtol=0, atol=4e-6)
 
 
 @pytest.mark.parametrize("name,upscaler", [("euler", "latent"),
-                                           ("dpmpp_2m_karras", "latent-nearest-exact")])
+                                           ("dpmpp_2m_karras", "latent-bicubic-antialiased")])
 def test_hires_fix_matches_diffusers(pipes, name, upscaler):
   """hires_scale: diffusers' text-to-image to latents, torch's interpolate, then its img2img
   pipeline on those latents for the steps A1111 runs (the last 3 of int(3 / 0.6) = 5), with our
@@ -153,8 +156,10 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler):
     first = ref(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps,
                 guidance_scale=GUIDANCE, height=16, width=32, latents=nchw(noise),
                 output_type="latent").images
-    mode = {"latent": "bilinear", "latent-nearest-exact": "nearest-exact"}[upscaler]
-    enlarged = torch.nn.functional.interpolate(first, size=(12, 24), mode=mode)
+    mode, antialias = {"latent": ("bilinear", False),
+                       "latent-bicubic-antialiased": ("bicubic", True)}[upscaler]
+    enlarged = torch.nn.functional.interpolate(first, size=(12, 24), mode=mode,
+                                               antialias=antialias)
     with mock.patch(f"{module}.randn_tensor", lambda *a, **k: second):
       expected = img_pipe(PROMPTS, negative_prompt=NEGATIVES, image=enlarged,
                           strength=(hires_steps + 0.5) / total, num_inference_steps=total,

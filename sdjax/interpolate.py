@@ -1,0 +1,98 @@
+"""torch's `interpolate` (align_corners=False) as two matrix products, for A1111's latent upscalers.
+
+A1111's hires fix enlarges latents with `torch.nn.functional.interpolate` in one of six modes
+("Hires upscaler": Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic
+antialiased), Latent (nearest), Latent (nearest-exact)). jax.image.resize matches two of them
+(bilinear and nearest-exact); its cubic kernel has a = -0.5 where torch's plain bicubic has
+-0.75, and its nearest is torch's nearest-exact. Every mode is separable: each axis's weights
+are an [out, in] matrix built here on the host from the static sizes, with torch's formulas
+(source index, border clamping, kernel, and the antialiased modes' widened, normalised
+filters), and applied in the program as two contractions.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ("bilinear", "bicubic", "nearest", "nearest-exact")
+_CUBIC_A = -0.75  # torch's upsample_bicubic2d (antialiased bicubic uses -0.5, as PIL)
+_CUBIC_AA_A = -0.5
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def _plain(in_size: int, out_size: int, mode: str) -> np.ndarray:
+  scale = in_size / out_size
+  dst = np.arange(out_size, dtype=np.float64)
+  w = np.zeros((out_size, in_size))
+  rows = np.arange(out_size)
+  if mode in ("nearest", "nearest-exact"):
+    # torch computes the source index in float32: floor(dst * scale) or floor((dst + .5) * scale)
+    offset = np.float32(0.5 if mode == "nearest-exact" else 0.0)
+    src = np.floor((dst.astype(np.float32) + offset) * np.float32(scale)).astype(np.int64)
+    w[rows, np.minimum(src, in_size - 1)] = 1.0
+    return w
+  real = scale * (dst + 0.5) - 0.5
+  if mode == "bilinear":
+    real = np.maximum(real, 0.0)
+    lo = np.floor(real).astype(np.int64)
+    frac = real - lo
+    np.add.at(w, (rows, lo), 1.0 - frac)
+    np.add.at(w, (rows, np.minimum(lo + 1, in_size - 1)), frac)
+    return w
+  lo = np.floor(real).astype(np.int64)  # bicubic: four taps, indices clamped to the border
+  frac = real - lo
+  for k in range(-1, 3):
+    np.add.at(w, (rows, np.clip(lo + k, 0, in_size - 1)), _cubic(frac - k, _CUBIC_A))
+  return w
+
+
+def _antialiased(in_size: int, out_size: int, mode: str) -> np.ndarray:
+  """torch's `_upsample_{bilinear,bicubic}2d_aa`: when shrinking, the kernel widens by the
+  scale; each output's taps lie inside the input and are normalised to sum to 1."""
+  scale = in_size / out_size
+  taps = 2 if mode == "bilinear" else 4
+  support = taps / 2 * scale if scale >= 1.0 else taps / 2
+  inv = 1.0 / scale if scale >= 1.0 else 1.0
+  w = np.zeros((out_size, in_size))
+  for i in range(out_size):
+    center = scale * (i + 0.5)
+    lo = max(int(center - support + 0.5), 0)
+    hi = min(int(center + support + 0.5), in_size)
+    x = (np.arange(lo, hi) - center + 0.5) * inv
+    k = np.maximum(1.0 - np.abs(x), 0.0) if mode == "bilinear" else _cubic(x, _CUBIC_AA_A)
+    total = k.sum()
+    w[i, lo:hi] = k / total if total != 0 else k
+  return w
+
+
+@functools.lru_cache(maxsize=64)
+def weights(in_size: int, out_size: int, mode: str, antialias: bool = False) -> np.ndarray:
+  """float32 [out_size, in_size]: row i holds the input weights of output pixel i along one
+  axis, as `torch.nn.functional.interpolate(size=..., mode=mode, antialias=antialias)` takes
+  them (align_corners=False)."""
+  if mode not in MODES:
+    raise ValueError(f"unknown interpolation mode {mode!r}; pick one of {', '.join(MODES)}")
+  if antialias and mode not in ("bilinear", "bicubic"):
+    raise ValueError(f"antialias applies to bilinear and bicubic, not {mode!r}")
+  if min(in_size, out_size) < 1:
+    raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+  matrix = (_antialiased if antialias else _plain)(in_size, out_size, mode)
+  out = matrix.astype(np.float32)
+  out.flags.writeable = False
+  return out
+
+
+def resize(x: jax.Array, size: tuple[int, int], mode: str, antialias: bool = False) -> jax.Array:
+  """[B, H, W, C] -> [B, *size, C] as torch's interpolate of the NCHW tensor (in float32)."""
+  h, w = (weights(n, m, mode, antialias) for n, m in zip(x.shape[1:3], size, strict=True))
+  x = jnp.einsum("oh,bhwc->bowc", h, x.astype(jnp.float32), precision="highest")
+  return jnp.einsum("pw,bowc->bopc", w, x, precision="highest")
+
