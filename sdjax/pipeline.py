@@ -350,7 +350,7 @@ class Pipeline:
                embeddings=None, cfg_parallel: bool = False,
                emphasis: str = "Original", hires_scale: float | None = None,
                hires_steps: int | None = None, hires_strength: float = 0.7,
-               hires_upscaler: str = "latent",
+               hires_upscaler: str = "latent", hires_prompts=None, hires_negative_prompts=None,
                controlnet: ControlNet | Sequence[ControlNet] | None = None,
                control_images=None, hires_control_images=None,
                controlnet_conditioning_scale: float | Sequence[float] = 1.0,
@@ -433,7 +433,9 @@ class Pipeline:
         rounded down to a size the model takes) and denoised again at that size as img2img at
         `hires_strength` for `hires_steps` steps (default: `steps`), which run as A1111 runs
         them: the last `hires_steps` of a schedule of int(hires_steps / hires_strength) steps.
-        Same prompts, scheduler and guidance; both passes stay on device. SDXL's default
+        Same scheduler and guidance, and the same prompts unless `hires_prompts` /
+        `hires_negative_prompts` (A1111's "Hires prompt", per prompt or one for all; with SDXL,
+        both encoders') are given; both passes stay on device. SDXL's default
         original and target sizes are each pass's own (as A1111 conditions its hires pass);
         not with `refiner`.
       controlnet, control_images: a `load_controlnet` ControlNet steering text-to-image,
@@ -514,6 +516,7 @@ class Pipeline:
         embeddings=embeddings, cfg_parallel=cfg_parallel, emphasis=emphasis,
         hires=None if hires_scale is None else sampling.Hires(
             hires_scale, hires_steps, hires_strength, hires_upscaler),
+        hires_prompts=hires_prompts, hires_negative_prompts=hires_negative_prompts,
         controlnet=controlnet, control_images=control_images,
         hires_control_images=hires_control_images,
         controlnet_conditioning_scale=controlnet_conditioning_scale,

@@ -904,6 +904,8 @@ def generate(
     cfg_parallel: bool = False,
     emphasis: str = "Original",
     hires: Hires | None = None,
+    hires_prompts: str | Sequence[str] | None = None,
+    hires_negative_prompts: str | Sequence[str | None] | None = None,
     mask_images: Any = None,
     masked_content: str = "original",
     scheduler_options: dict[str, Any] | None = None,
@@ -919,7 +921,8 @@ def generate(
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
-  `pipeline.ip_adapter_input`, whose pipeline `pipe` is)."""
+  `pipeline.ip_adapter_input`, whose pipeline `pipe` is; `hires_prompts`,
+  `hires_negative_prompts`: the hires pass's, None: the first pass's)."""
   if prompt_syntax not in PROMPT_SYNTAXES:
     raise ValueError(f"unknown prompt syntax {prompt_syntax!r}; use one of "
                      f"{', '.join(PROMPT_SYNTAXES)}")
@@ -959,6 +962,13 @@ def generate(
     _check_fraction(refiner_start, "refiner_start")
     if init_images is not None:
       raise ValueError("refiner= hands off a text-to-image run; it does not take init_images")
+  hires_prompts = prompts if hires_prompts is None else _as_list(hires_prompts, n,
+                                                                   "hires_prompts")
+  hires_negatives = negatives if hires_negative_prompts is None else _as_list(
+      hires_negative_prompts, n, "hires_negative_prompts")
+  if hires is None and (hires_prompts is not prompts or hires_negatives is not negatives):
+    raise ValueError("hires_prompts and hires_negative_prompts are the hires pass's: give "
+                     "hires_scale too")
   if hires is not None and (init_images is not None or refiner is not None):
     raise ValueError("hires= follows a text-to-image run; it does not take init_images or "
                      "refiner=")
@@ -1039,10 +1049,13 @@ def generate(
       a1111 = a1111_options(hires_spec, hires_state, hires.steps or steps,
                             embeddings=embeddings, emphasis=emphasis,
                             base_steps=steps * spec.scheduler.order)
-    if a1111 is not None or pipe.is_sdxl:  # SDXL's default sizes are the second pass's
+    # SDXL's default sizes are the second pass's; A1111's hires prompts are both encoders'.
+    own = hires_prompts is not prompts, hires_negatives is not negatives
+    if a1111 is not None or pipe.is_sdxl or any(own):
       cond = with_ip_images(make_conditioning(
-          pipe, prompts, negatives, prompts_2=prompts_2, negative_prompts_2=negative_prompts_2,
-          micro=micro, size=hires.size(pipe, height, width), a1111=a1111), ip)
+          pipe, hires_prompts, hires_negatives, prompts_2=None if own[0] else prompts_2,
+          negative_prompts_2=None if own[1] else negative_prompts_2, micro=micro,
+          size=hires.size(pipe, height, width), a1111=a1111), ip)
     out = _sample(hires_spec, nets, params, cond, seeds, noise, scalars, out, hires_state,
                   None if controlled is None else control_input(hires_control_images, hires_spec,
                                                                 hires_state))

@@ -131,12 +131,13 @@ def test_hires_upscalers_are_torch_interpolate(upscaler):
     np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, rtol=0, atol=4e-6)
 
 
-@pytest.mark.parametrize("name,upscaler", [("euler", "latent"),
-                                           ("dpmpp_2m_karras", "latent-bicubic-antialiased")])
-def test_hires_fix_matches_diffusers(pipes, name, upscaler):
+@pytest.mark.parametrize("name,upscaler,hires_prompts", [
+    ("euler", "latent", None),
+    ("dpmpp_2m_karras", "latent-bicubic-antialiased", (["a blue square", "a dog"], "blurry"))])
+def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts):
   """hires_scale: diffusers' text-to-image to latents, torch's interpolate, then its img2img
   pipeline on those latents for the steps A1111 runs (the last 3 of int(3 / 0.6) = 5), with our
-  draws of the second pass's noise."""
+  draws of the second pass's noise; A1111's hires prompts are that pipeline's."""
   import torch  # noqa: PLC0415
 
   ref, pipe, folder = pipes
@@ -160,18 +161,21 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler):
                        "latent-bicubic-antialiased": ("bicubic", True)}[upscaler]
     enlarged = torch.nn.functional.interpolate(first, size=(12, 24), mode=mode,
                                                antialias=antialias)
+    second_prompts, second_negatives = hires_prompts or (PROMPTS, NEGATIVES)
     with mock.patch(f"{module}.randn_tensor", lambda *a, **k: second):
-      expected = img_pipe(PROMPTS, negative_prompt=NEGATIVES, image=enlarged,
+      negatives = [second_negatives] * 2 if isinstance(second_negatives, str) else NEGATIVES
+      expected = img_pipe(second_prompts, negative_prompt=negatives, image=enlarged,
                           strength=(hires_steps + 0.5) / total, num_inference_steps=total,
                           guidance_scale=GUIDANCE, output_type="np").images
   ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=steps, guidance_scale=GUIDANCE,
                        scheduler=name, height=16, width=32, latents=noise, seed=seed,
                        hires_scale=1.5, hires_steps=hires_steps, hires_strength=strength,
-                       hires_upscaler=upscaler)
+                       hires_upscaler=upscaler, hires_prompts=second_prompts,
+                       hires_negative_prompts=second_negatives)
   assert ours.shape == (2, 24, 48, 3)
   err = rel(ours, expected)
   print(f"\nhires {name} {upscaler}: {err:.2e}")
-  assert err <= 1e-3
+  assert err <= 1e-4  # seen 7.0e-7, 4.0e-7; the first pass's prompts in the second: 1.3e-3
 
 
 def test_hires_pass_prompt_edits_count_on(pipes):
@@ -391,6 +395,9 @@ def test_default_size_and_bfloat16(pipes):
     ({"negative_prompts": ["a", "b", "c"]}, "negative_prompts: got 3 entries"),
     ({"eta": 0.5, "scheduler": "euler"}, "eta is an option of ddim, tcd only"),
     ({"eta": -1.0, "scheduler": "ddim"}, "eta must be a number >= 0"),
+    ({"hires_prompts": "a cat"}, "hires_prompts and hires_negative_prompts are the hires pass"),
+    ({"hires_scale": 2.0, "hires_negative_prompts": ["a"] * 3},
+     "hires_negative_prompts: got 3 entries"),
 ])
 def test_bad_arguments(pipes, kwargs, match):
   _sd1_only(pipes)
