@@ -92,6 +92,10 @@ flags.DEFINE_float("hires_strength", 0.7, "hires fix: the second pass's denoisin
 flags.DEFINE_enum("hires_upscaler", "latent", list(sampling.HIRES_UPSCALERS),
                   "hires fix: A1111's latent upscalers (latent = Latent, bilinear; "
                   "latent-bicubic-antialiased = Latent (bicubic antialiased), ...)")
+flags.DEFINE_string("hires_prompt", "", "hires fix: the second pass's prompt (A1111's Hires "
+                    "prompt; empty: each image's own; a jsonl line's hires_prompt wins)")
+flags.DEFINE_string("hires_negative_prompt", "", "hires fix: the second pass's negative prompt "
+                    "(empty: each image's own; a jsonl line's hires_negative_prompt wins)")
 flags.DEFINE_enum("output_format", "png", ["png", "webdataset"], "png: image files in folders, "
                   "or WebDataset tar shards (<key>.png + <key>.json)")
 flags.DEFINE_integer("images_per_folder", 10000, "png: images per subfolder")
@@ -206,6 +210,7 @@ def _run_config() -> run.RunConfig:
       image_quality=FLAGS.image_quality, webp_lossless=FLAGS.webp_lossless,
       hires_scale=FLAGS.hires_scale, hires_steps=FLAGS.hires_steps,
       hires_strength=FLAGS.hires_strength, hires_upscaler=FLAGS.hires_upscaler,
+      hires_prompt=FLAGS.hires_prompt, hires_negative_prompt=FLAGS.hires_negative_prompt,
       shard_size=FLAGS.shard_size,
       num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index,
       writer_threads=FLAGS.writer_threads, overwrite=FLAGS.overwrite,

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
                  "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
-                 "control_image", "ip_adapter_image")
+                 "control_image", "ip_adapter_image", "hires_prompt", "hires_negative_prompt")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -49,6 +49,9 @@ class PromptLine:
   control_image: str | tuple[str | None, ...] | None = None
   # The IP-Adapter's image (--ip_adapter), or one per IP-Adapter (None: the run's).
   ip_adapter_image: str | tuple[str | None, ...] | None = None
+  # The hires fix's second pass (A1111's Hires prompt; None: the run's, else the line's own).
+  hires_prompt: str | None = None
+  hires_negative_prompt: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,8 @@ class ImageJob:
   strength: float | None = None
   control_image: str | tuple[str | None, ...] | None = None
   ip_adapter_image: str | tuple[str | None, ...] | None = None
+  hires_prompt: str | None = None  # None: the run's --hires_prompt, else the line's prompt
+  hires_negative_prompt: str | None = None
 
   @property
   def kind(self) -> str | None:
@@ -109,9 +114,10 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
   unknown = set(obj) - set(_JSONL_FIELDS)
   if unknown:
     raise RunError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+  for key in ("negative_prompt", "hires_prompt", "hires_negative_prompt"):
+    if obj.get(key) is not None and not isinstance(obj[key], str):
+      raise RunError(f"{where}: \"{key}\" must be a string")
   negative = obj.get("negative_prompt")
-  if negative is not None and not isinstance(negative, str):
-    raise RunError(f"{where}: \"negative_prompt\" must be a string")
   for key, least in (("seed", 0), ("num_images", 1), ("steps", 1)):
     value = obj.get(key)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
@@ -141,7 +147,7 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
                     obj.get("width"), obj.get("height"), init,
                     None if guidance is None else float(guidance), mask, obj.get("steps"),
                     scheduler, None if strength is None else float(strength), control,
-                    ip_image)
+                    ip_image, obj.get("hires_prompt"), obj.get("hires_negative_prompt"))
 
 
 def _image_paths(path: str, where: str, obj: dict, key: str):
@@ -234,6 +240,11 @@ def _key(line: PromptLine) -> list:
                                 ("strength", line.strength)) if v is not None}
   if schedule:
     extra.append(schedule)
+  hires = {k: v for k, v in (("hires_prompt", line.hires_prompt),
+                             ("hires_negative_prompt", line.hires_negative_prompt))
+           if v is not None}
+  if hires:
+    extra.append(hires)
   return key + extra if any(x is not None for x in extra) else key
 
 
@@ -319,7 +330,8 @@ class Plan:
           seed = self.seed + index if line.seed is None else line.seed + j
           yield ImageJob(index, line.prompt, negative, seed, size, line.init_image,
                          line.guidance_scale, line.mask_image, line.steps, line.scheduler,
-                         line.strength, line.control_image, line.ip_adapter_image)
+                         line.strength, line.control_image, line.ip_adapter_image,
+                         line.hires_prompt, line.hires_negative_prompt)
         index += 1
         if index >= wanted.stop:
           return  # before reading the next line, which belongs to the next shard

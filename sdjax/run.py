@@ -122,6 +122,10 @@ class RunConfig:
   hires_steps: int = 0
   hires_strength: float = 0.7
   hires_upscaler: str = "latent"
+  # The second pass's prompts (A1111's Hires prompt; "" = each image's own), unless a prompt
+  # line gives its own.
+  hires_prompt: str = ""
+  hires_negative_prompt: str = ""
   micro: MicroConditioning = MicroConditioning()
 
 
@@ -269,7 +273,9 @@ def validate(cfg: RunConfig) -> None:
   if cfg.prompt_syntax == "a1111":  # the inline prompts fail here; a file's when reached
     lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
     for line in cfg.prompts:
-      for text in (line.prompt, line.negative_prompt or cfg.negative_prompt):
+      for text in (line.prompt, line.negative_prompt or cfg.negative_prompt,
+                   line.hires_prompt or cfg.hires_prompt,
+                   line.hires_negative_prompt or cfg.hires_negative_prompt):
         text = sampling.strip_extra_networks(text, lora_set is not None)
         if cfg.emphasis != "None":  # "None" reads brackets as text: nothing to get wrong
           prompts.parse_prompt_attention(text)
@@ -286,6 +292,9 @@ def validate(cfg: RunConfig) -> None:
       raise RunError(f"--hires_*: {e}") from None
     if cfg.refiner is not None:
       raise RunError("--hires_scale and --refiner do not go together")
+  elif cfg.hires_prompt or cfg.hires_negative_prompt:
+    raise RunError("--hires_prompt and --hires_negative_prompt are the hires pass's: give "
+                   "--hires_scale too")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -389,8 +398,19 @@ def _hires_record(cfg: RunConfig) -> dict[str, Any]:
   hires = _hires(cfg)
   if hires is None:
     return {}
-  return {"hires": {"scale": hires.scale, "steps": hires.steps or cfg.steps,
-                    "strength": hires.strength, "upscaler": hires.upscaler}}
+  record = {"scale": hires.scale, "steps": hires.steps or cfg.steps,
+            "strength": hires.strength, "upscaler": hires.upscaler}
+  for key in ("prompt", "negative_prompt"):  # only when set: older folders still match
+    if getattr(cfg, f"hires_{key}"):
+      record[key] = getattr(cfg, f"hires_{key}")
+  return {"hires": record}
+
+
+def hires_prompts(cfg: RunConfig, job: ImageJob) -> tuple[str, str]:
+  """The hires pass's (prompt, negative prompt) of an image: its line's, else the run's, else
+  (empty, as A1111 reads an empty Hires prompt) the first pass's."""
+  return (job.hires_prompt or cfg.hires_prompt or job.prompt,
+          job.hires_negative_prompt or cfg.hires_negative_prompt or job.negative_prompt)
 
 
 def _image_format(cfg: RunConfig) -> sinks.ImageFormat:
@@ -949,8 +969,16 @@ class _Sampler:
     cond = sampling.with_ip_images(sampling.make_conditioning(
         self.pipe, prompts, negatives, micro=self.cfg.micro, size=size,
         img2img=program.spec.img2img, a1111=a1111), ip)
+    second = [hires_prompts(self.cfg, j) for j in jobs]
+    second = [p for p, _ in second], [n or None for _, n in second]
+    if program.hires is None and any(j.hires_prompt or j.hires_negative_prompt for j in jobs):
+      raise RunError("prompt lines with a hires_prompt or hires_negative_prompt need "
+                     "--hires_scale")
     if program.hires is not None:  # the hires pass's schedules count on from the first's
-      if a1111 is None and not self.pipe.is_sdxl:
+      own = second != (prompts, negatives)
+      if own and self.lora_set is not None:
+        self._check_hires_loras(jobs, second[0])
+      if a1111 is None and not self.pipe.is_sdxl and not own:
         return cond, cond
       if a1111 is not None:
         spec, state = program.hires
@@ -959,7 +987,7 @@ class _Sampler:
                                        allow_lora=a1111.allow_lora, emphasis=a1111.emphasis,
                                        base_steps=a1111.steps)
       return cond, sampling.with_ip_images(sampling.make_conditioning(
-          self.pipe, prompts, negatives, micro=self.cfg.micro,
+          self.pipe, *second, micro=self.cfg.micro,
           size=_hires(self.cfg).size(self.pipe, *size), a1111=a1111), ip)
     if program.refiner is None:
       return cond
@@ -970,6 +998,16 @@ class _Sampler:
                                      emphasis=a1111.emphasis)
     return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
                                             size=size, img2img=True, a1111=a1111)
+
+  @staticmethod
+  def _check_hires_loras(jobs, hires_texts) -> None:
+    """One LoRA set per image: a hires prompt's <lora:...> tags must be its prompt's."""
+    from sdjax import prompts  # noqa: PLC0415
+
+    for job, text in zip(jobs, hires_texts, strict=True):
+      if prompts.lora_tags(text)[1] != prompts.lora_tags(job.prompt)[1]:
+        raise RunError(f"image {job.index}: its hires prompt's <lora:...> tags differ from its "
+                       f"prompt's (sdjax applies one set of LoRAs to both passes)")
 
   def _ip_images(self, batch):
     """The IP-Adapters' (images [B, 1, S, S, 3] per adapter, scales [B, A]) of a batch ((shard,
@@ -1328,6 +1366,11 @@ class _Metadata:
     if hires:
       hires["hires"].update(first_height=height, first_width=width,
                             steps=cfg.hires_steps or steps)
+      for key, text, first in zip(("prompt", "negative_prompt"), hires_prompts(cfg, job),
+                                  (job.prompt, job.negative_prompt), strict=True):
+        hires["hires"].pop(key, None)  # the run's, or the line's own: what this image used
+        if text != first:
+          hires["hires"][key] = text
       height, width = self._hires_size(height, width)
     return {
         "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
@@ -1372,6 +1415,14 @@ class _Metadata:
     extra["Hires upscaler"] = sampling.HIRES_UPSCALER_NAMES[cfg.hires_upscaler]
     return extra
 
+  def _hires_prompts(self, job: ImageJob) -> dict[str, str]:
+    """A1111's `Hires prompt` / `Hires negative prompt`: written when not the first pass's."""
+    if not self.cfg.hires_scale:
+      return {}
+    prompt, negative = hires_prompts(self.cfg, job)
+    return {**({"Hires prompt": prompt} if prompt != job.prompt else {}),
+            **({"Hires negative prompt": negative} if negative != job.negative_prompt else {})}
+
   def parameters(self, job: ImageJob) -> str:
     cfg = self.cfg
     height, width = self.size(job)
@@ -1386,7 +1437,7 @@ class _Metadata:
                **({"Denoising strength": strength} if job.init_image else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._controlnet_extra(),
-               **self._hires_extra(height, width),
+               **self._hires_extra(height, width), **self._hires_prompts(job),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job)})
 

@@ -378,6 +378,7 @@ BAD_INPUT = [
     (["--embeddings_dir", "/nonexistent"], "--embeddings_dir /nonexistent is not a folder"),
     (["--lora_dir", "/", "--prompt_syntax", "plain"], "--lora_dir applies <lora:...> tags"),
     (["--strength", "0"], "--strength must be in (0, 1], got 0.0"),
+    (["--hires_negative_prompt", "blurry"], "--hires_prompt and --hires_negative_prompt are"),
     (["--mask_blur", "-2"], "--mask_blur and --inpaint_full_res_padding must be >= 0"),
     (["--emphasis", "no norm", "--prompt_syntax", "plain"],
      "--emphasis is a mode of --prompt_syntax a1111"),

@@ -150,6 +150,28 @@ def test_per_line_schedule(tmp_path):
       parse_line("p.jsonl", 3, ('{"prompt": "a", ' + text + "}").encode())
 
 
+def test_per_line_hires_prompts(tmp_path):
+  """jsonl hires_prompt / hires_negative_prompt reach the jobs and the digest (only when set:
+  older runs' digests stay); a non-string is named."""
+  from sdjax.plan import parse_line  # noqa: PLC0415
+
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"prompt": "a", "hires_prompt": "a, detailed"}\n'
+                  '{"prompt": "b", "hires_negative_prompt": "blurry"}\n{"prompt": "c"}\n')
+  plan = Plan([], str(path), num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=4)
+  assert [(j.hires_prompt, j.hires_negative_prompt) for j in _all_jobs(plan)] == [
+      ("a, detailed", None), (None, "blurry"), (None, None)]
+  cli = Plan([PromptLine("a")], None, num_images_per_prompt=1, seed=0, negative_prompt="",
+             shard_size=4)
+  assert Plan([PromptLine("a", hires_prompt="b")], None, num_images_per_prompt=1, seed=0,
+              negative_prompt="", shard_size=4).digest != cli.digest
+  assert cli.digest == Plan([PromptLine("a", hires_prompt=None)], None, num_images_per_prompt=1,
+                            seed=0, negative_prompt="", shard_size=4).digest
+  for key in ("hires_prompt", "hires_negative_prompt"):
+    with pytest.raises(RunError, match=f'p.jsonl line 3: "{key}" must be a string'):
+      parse_line("p.jsonl", 3, json.dumps({"prompt": "a", key: 3}).encode())
+
+
 _MEMORY_PROBE = """
 import importlib.util, json, sys, tracemalloc
 # plan.py alone: importing the sdjax package would load jax (slow, and not what is measured).

@@ -84,25 +84,35 @@ def test_hires_fix_run(model, cache, tmp_path):
   import sdjax  # noqa: PLC0415
 
   out = str(tmp_path / "out")
-  prompts = (PROMPTS[0], run.PromptLine("a [red:blue:0.5] (cat:1.2)"))  # A1111 editing
+  # A1111 editing; A1111's Hires prompt: the line's own, and the run's negative one
+  prompts = (PROMPTS[0], run.PromptLine("a [red:blue:0.5] (cat:1.2)", hires_prompt="a (dog:1.3)"))
   config = dataclasses.replace(_config(model, out, cache, hires_scale=1.5, hires_steps=3,
-                                       hires_strength=0.6, prompt_syntax="a1111"),
+                                       hires_strength=0.6, prompt_syntax="a1111",
+                                       hires_negative_prompt="blurry, [red|blue]"),
                                prompts=prompts)
   assert run.generate_run(config).images == 2
   pipe = sdjax.load_pipeline(model)
   for r in sinks.iter_records(sinks.Store(out), 1):
     assert (r["height"], r["width"]) == (24, 24)
+    second = {"prompt": "a (dog:1.3)"} if r["index"] == 1 else {}
     assert r["hires"] == {"scale": 1.5, "steps": 3, "strength": 0.6, "upscaler": "latent",
-                          "first_height": 16, "first_width": 16}
+                          "first_height": 16, "first_width": 16, **second,
+                          "negative_prompt": "blurry, [red|blue]"}
     png = Image.open(os.path.join(out, r["file"]))
     params = outputs.parse_a1111_parameters(png.text["parameters"])
     assert (params["Size"], params["Hires upscale"], params["Hires steps"]) == ("16x16", "1.5", "3")
     assert (params["Denoising strength"], params["Hires upscaler"]) == ("0.6", "Latent")
+    assert params.get("Hires prompt") == second.get("prompt")
+    assert params["Hires negative prompt"] == "blurry, [red|blue]"
     alone = pipe.generate(r["prompt"], seed=r["seed"], steps=2, guidance_scale=3.0,
                           scheduler="euler_ancestral", height=16, width=16, hires_scale=1.5,
-                          hires_steps=3, hires_strength=0.6, prompt_syntax="a1111")
+                          hires_steps=3, hires_strength=0.6, prompt_syntax="a1111",
+                          hires_prompts=second.get("prompt"),
+                          hires_negative_prompts="blurry, [red|blue]")
     assert alone.shape == (1, 24, 24, 3)
     assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  with pytest.raises(run.RunError, match="--hires_prompt and --hires_negative_prompt are the "):
+    run.generate_run(dataclasses.replace(config, hires_scale=0.0))
   with pytest.raises(run.RunError, match="--hires_scale and --refiner do not go together"):
     run.generate_run(dataclasses.replace(config, refiner="x"))
 
