@@ -117,6 +117,15 @@ def test_hires_fix_run(model, cache, tmp_path):
     run.generate_run(dataclasses.replace(config, refiner="x"))
 
 
+def test_hires_prompt_takes_its_prompts_loras():
+  """One LoRA set per image: a hires prompt with other <lora:...> tags is refused."""
+  jobs = [run.ImageJob(0, "a <lora:ink:0.5> cat", "", 0)]
+  run._Sampler._check_hires_loras(jobs, ["a dog, detailed <lora:ink:0.5>"])  # noqa: SLF001
+  for other in ("a dog", "a <lora:ink:0.7> dog", "a <lora:ink:0.5> <lora:oil:1> dog"):
+    with pytest.raises(run.RunError, match=r"image 0: its hires prompt's <lora:\.\.\.> tags"):
+      run._Sampler._check_hires_loras(jobs, [other])  # noqa: SLF001
+
+
 def test_png_metadata_is_shareable(model, single_run):
   text = Image.open(os.path.join(single_run, "00000", "000000.png")).text["parameters"]
   params = outputs.parse_a1111_parameters(text)
