@@ -351,6 +351,7 @@ class Pipeline:
                emphasis: str = "Original", hires_scale: float | None = None,
                hires_steps: int | None = None, hires_strength: float = 0.7,
                hires_upscaler: str = "latent", hires_prompts=None, hires_negative_prompts=None,
+               hires_resize: tuple[int, int] | None = None,
                controlnet: ControlNet | Sequence[ControlNet] | None = None,
                control_images=None, hires_control_images=None,
                controlnet_conditioning_scale: float | Sequence[float] = 1.0,
@@ -433,10 +434,12 @@ class Pipeline:
         rounded down to a size the model takes) and denoised again at that size as img2img at
         `hires_strength` for `hires_steps` steps (default: `steps`), which run as A1111 runs
         them: the last `hires_steps` of a schedule of int(hires_steps / hires_strength) steps.
-        Same scheduler and guidance, and the same prompts unless `hires_prompts` /
-        `hires_negative_prompts` (A1111's "Hires prompt", per prompt or one for all; with SDXL,
-        both encoders') are given; both passes stay on device. SDXL's default
-        original and target sizes are each pass's own (as A1111 conditions its hires pass);
+        `hires_resize=(width, height)` instead enlarges to that size (A1111's "Resize width to",
+        "Resize height to"; 0 keeps the aspect; both: the latents enlarged to cover it, the
+        excess cut from both ends). Same scheduler and guidance, and the same prompts unless
+        `hires_prompts` / `hires_negative_prompts` (A1111's "Hires prompt", per prompt or one
+        for all; with SDXL, both encoders') are given; both passes stay on device. SDXL's
+        default original and target sizes are each pass's own (as A1111 conditions its hires pass);
         not with `refiner`.
       controlnet, control_images: a `load_controlnet` ControlNet steering text-to-image,
         img2img or inpainting by control images (edges, pose, depth, ... as the ControlNet was
@@ -514,8 +517,9 @@ class Pipeline:
         negative_prompts_2=negative_prompts_2, micro=micro, refiner=refiner,
         refiner_start=refiner_start, eta=eta, prompt_syntax=prompt_syntax,
         embeddings=embeddings, cfg_parallel=cfg_parallel, emphasis=emphasis,
-        hires=None if hires_scale is None else sampling.Hires(
-            hires_scale, hires_steps, hires_strength, hires_upscaler),
+        hires=None if hires_scale is None and hires_resize is None else sampling.Hires(
+            2.0 if hires_scale is None else hires_scale, hires_steps, hires_strength,
+            hires_upscaler, tuple(hires_resize or (0, 0))),
         hires_prompts=hires_prompts, hires_negative_prompts=hires_negative_prompts,
         controlnet=controlnet, control_images=control_images,
         hires_control_images=hires_control_images,

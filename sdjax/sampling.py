@@ -61,6 +61,9 @@ class SampleSpec:
   # Hires fix: start from another stage's denoised latents, resized to `latent_hw` by this
   # `HIRES_UPSCALERS` method, noised at `begin` (img2img from latents).
   upscale: str | None = None
+  # ... to (h, w) latent pixels first, then cut at (top, left) to `latent_hw` (A1111's Hires
+  # resize to another aspect); None: straight to `latent_hw`.
+  upscale_crop: tuple[int, int, int, int] | None = None
   # Guidance as two UNet calls of B rows, [uncond] and [cond], instead of one of 2B: inside a
   # shard_map with a `cfg_axis` of two devices each device makes one of them (CFG parallelism,
   # halving one image's latency); elsewhere one device makes both, with the same pixels.
@@ -341,7 +344,9 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, 
   if spec.init_latents:
     return init.astype(jnp.float32)
   if spec.upscale is not None:
-    latents = interpolate.resize(init, spec.latent_hw, *HIRES_UPSCALERS[spec.upscale])
+    h, w, top, left = spec.upscale_crop or (*spec.latent_hw, 0, 0)
+    latents = interpolate.resize(init, (h, w), *HIRES_UPSCALERS[spec.upscale])
+    latents = latents[:, top:top + spec.latent_hw[0], left:left + spec.latent_hw[1]]
     return sched.add_noise(state, latents, _keyed_noise(keys, _HIRES_NOISE, latents.shape[1:]),
                            spec.begin)
   if not spec.img2img:
@@ -821,25 +826,49 @@ HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-antialiased": "Latent (antia
 @dataclasses.dataclass(frozen=True)
 class Hires:
   """A1111's hires fix: after the text-to-image run, the latents are enlarged `scale` times
-  (each side rounded down to a size the model takes) and denoised again as img2img at
-  `strength` for `steps` steps (None: the first pass's), with the same prompts, scheduler and
-  guidance."""
+  (each side rounded down to a size the model takes), or to `resize` (A1111's "Resize width to",
+  "Resize height to": (width, height), 0 = keep the aspect; both: enlarged to cover, then cut
+  to it), and denoised again as img2img at `strength` for `steps` steps (None: the first
+  pass's), with the same scheduler and guidance."""
 
   scale: float = 2.0
   steps: int | None = None
   strength: float = 0.7
   upscaler: str = "latent"
+  resize: tuple[int, int] = (0, 0)  # (width, height); any nonzero: instead of `scale`
 
   def size(self, pipe, height: int, width: int) -> tuple[int, int]:
     """The second pass's (height, width): A1111's `int(side * scale)`, rounded down to a size
-    `pipe` takes (`size_multiple`; A1111 rounds to 8, a latent pixel)."""
-    multiple = size_multiple(pipe)
-    return (int(height * self.scale) // multiple * multiple,
-            int(width * self.scale) // multiple * multiple)
+    `pipe` takes (`size_multiple`; A1111 rounds to 8, a latent pixel); with `resize`, see
+    `layout`."""
+    return self.layout(pipe, height, width)[0]
+
+  def layout(self, pipe, height: int, width: int):
+    """((height, width) of the second pass, `SampleSpec.upscale_crop`). With `resize`, as
+    A1111's `calculate_target_resolution`: one side given, the other follows the aspect; both,
+    the latents are enlarged to cover them and the excess cut, half from each end (the odd
+    latent pixel from the end)."""
+    if not any(self.resize):
+      multiple = size_multiple(pipe)
+      return (int(height * self.scale) // multiple * multiple,
+              int(width * self.scale) // multiple * multiple), None
+    rx, ry = self.resize
+    if not ry or (rx and width / height < rx / ry):
+      ux, uy = rx, rx * height // width
+    else:
+      ux, uy = ry * width // height, ry
+    f = pipe.vae_scale
+    tx, ty = ((ux - rx) // f, (uy - ry) // f) if rx and ry else (0, 0)
+    lh, lw = uy // f, ux // f
+    return ((lh - ty) * f, (lw - tx) * f), (lh, lw, ty // 2, tx // 2)
 
   def check(self) -> None:
     if not (isinstance(self.scale, (int, float)) and self.scale > 0):
       raise ValueError(f"hires scale must be a number > 0, got {self.scale!r}")
+    if not (len(self.resize) == 2 and all(isinstance(v, (int, np.integer)) and 0 <= v <= 16384
+                                          for v in self.resize)):
+      raise ValueError(f"hires resize must be (width, height), integers >= 0, got "
+                       f"{self.resize!r}")
     if self.steps is not None and (not isinstance(self.steps, (int, np.integer))
                                    or self.steps < 1):
       raise ValueError(f"hires steps must be a positive integer, got {self.steps!r}")
@@ -862,14 +891,14 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   hires.check()
   n = hires.steps or steps
   total = int(n / min(hires.strength, 0.999))
-  h, w = hires.size(pipe, height, width)
+  (h, w), crop = hires.layout(pipe, height, width)
   spec, state = prepare(pipe, batch, steps=total, scheduler=scheduler, height=h, width=w,
                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                         clip_skip=clip_skip, eta=eta, cfg_split=cfg_split,
                         scheduler_options=scheduler_options, control=control,
                         control_guess=control_guess)
   return dataclasses.replace(spec, begin=(total - n) * spec.scheduler.order,
-                             upscale=hires.upscaler), state
+                             upscale=hires.upscaler, upscale_crop=crop), state
 
 
 def _check_fraction(value: float, name: str) -> None:

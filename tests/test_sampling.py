@@ -131,13 +131,34 @@ def test_hires_upscalers_are_torch_interpolate(upscaler):
     np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, rtol=0, atol=4e-6)
 
 
-@pytest.mark.parametrize("name,upscaler,hires_prompts", [
-    ("euler", "latent", None),
-    ("dpmpp_2m_karras", "latent-bicubic-antialiased", (["a blue square", "a dog"], "blurry"))])
-def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts):
+def test_hires_resize_layout_is_a1111s():
+  """A1111's calculate_target_resolution on a 512x768 (w x h) image of an SD1.5-like pipeline:
+  one side keeps the aspect; both cover, then cut the excess (top, left offsets in latents)."""
+  import types  # noqa: PLC0415
+
+  pipe = types.SimpleNamespace(vae_scale=8, unet=types.SimpleNamespace(
+      config=types.SimpleNamespace(downscale=8)))
+  for resize, size, crop in (((1024, 0), (1536, 1024), (192, 128, 0, 0)),
+                             ((0, 1536), (1536, 1024), (192, 128, 0, 0)),
+                             ((1024, 1024), (1024, 1024), (192, 128, 32, 0)),
+                             ((1536, 1024), (1024, 1536), (288, 192, 80, 0)),
+                             ((640, 1536), (1536, 640), (192, 128, 0, 24))):
+    assert sampling.Hires(resize=resize).layout(pipe, 768, 512) == (size, crop), resize
+  assert sampling.Hires(scale=1.5).layout(pipe, 768, 512) == ((1152, 768), None)
+  with pytest.raises(ValueError, match="hires resize must be"):
+    sampling.Hires(resize=(-8, 0)).check()
+
+
+@pytest.mark.parametrize("name,upscaler,hires_prompts,resize", [
+    ("euler", "latent", None, (40, 24)),
+    ("dpmpp_2m_karras", "latent-bicubic-antialiased", (["a blue square", "a dog"], "blurry"),
+     None)])
+def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts, resize):
   """hires_scale: diffusers' text-to-image to latents, torch's interpolate, then its img2img
   pipeline on those latents for the steps A1111 runs (the last 3 of int(3 / 0.6) = 5), with our
-  draws of the second pass's noise; A1111's hires prompts are that pipeline's."""
+  draws of the second pass's noise; A1111's hires prompts are that pipeline's. hires_resize to
+  another aspect (40x24 from 32x16): enlarged to cover (48x24), then 2 latent pixels cut from
+  each side, as A1111."""
   import torch  # noqa: PLC0415
 
   ref, pipe, folder = pipes
@@ -151,7 +172,8 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts):
   noise, seed, steps, hires_steps, strength = _unit_noise((2, 8, 16, 4), seed=5), 9, 4, 3, 0.6
   total = int(hires_steps / strength)
   keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
-  second = nchw(np.asarray(sampling._keyed_noise(keys, sampling._HIRES_NOISE, (12, 24, 4))))  # noqa: SLF001
+  hw = (12, 20) if resize else (12, 24)
+  second = nchw(np.asarray(sampling._keyed_noise(keys, sampling._HIRES_NOISE, (*hw, 4))))  # noqa: SLF001
   module = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"
   with torch.no_grad():
     first = ref(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps,
@@ -161,6 +183,8 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts):
                        "latent-bicubic-antialiased": ("bicubic", True)}[upscaler]
     enlarged = torch.nn.functional.interpolate(first, size=(12, 24), mode=mode,
                                                antialias=antialias)
+    if resize:
+      enlarged = enlarged[:, :, :, 2:22]
     second_prompts, second_negatives = hires_prompts or (PROMPTS, NEGATIVES)
     with mock.patch(f"{module}.randn_tensor", lambda *a, **k: second):
       negatives = [second_negatives] * 2 if isinstance(second_negatives, str) else NEGATIVES
@@ -171,8 +195,8 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts):
                        scheduler=name, height=16, width=32, latents=noise, seed=seed,
                        hires_scale=1.5, hires_steps=hires_steps, hires_strength=strength,
                        hires_upscaler=upscaler, hires_prompts=second_prompts,
-                       hires_negative_prompts=second_negatives)
-  assert ours.shape == (2, 24, 48, 3)
+                       hires_negative_prompts=second_negatives, hires_resize=resize)
+  assert ours.shape == (2, 24, 40 if resize else 48, 3)
   err = rel(ours, expected)
   print(f"\nhires {name} {upscaler}: {err:.2e}")
   assert err <= 1e-4  # seen 7.0e-7, 4.0e-7; the first pass's prompts in the second: 1.3e-3
