@@ -122,6 +122,9 @@ class RunConfig:
   hires_steps: int = 0
   hires_strength: float = 0.7
   hires_upscaler: str = "latent"
+  # Instead of hires_scale: A1111's "Resize width to" / "Resize height to" (0: from the aspect).
+  hires_resize_width: int = 0
+  hires_resize_height: int = 0
   # The second pass's prompts (A1111's Hires prompt; "" = each image's own), unless a prompt
   # line gives its own.
   hires_prompt: str = ""
@@ -283,9 +286,11 @@ def validate(cfg: RunConfig) -> None:
           lora_set(text)  # every tag names a file in --lora_dir
   if cfg.refiner is not None and not 0.0 < cfg.refiner_start < 1.0:
     raise RunError(f"--refiner_start must be in (0, 1), got {cfg.refiner_start}")
-  if cfg.hires_scale < 0 or cfg.hires_steps < 0:
-    raise RunError("--hires_scale and --hires_steps must be >= 0 (0: off / --steps)")
-  if cfg.hires_scale:
+  if min(cfg.hires_scale, cfg.hires_steps, cfg.hires_resize_width,
+         cfg.hires_resize_height) < 0:
+    raise RunError("--hires_scale, --hires_steps and --hires_resize_* must be >= 0 (0: off / "
+                   "--steps / from the aspect)")
+  if _hires(cfg) is not None:
     try:
       _hires(cfg).check()
     except ValueError as e:
@@ -387,10 +392,12 @@ def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
 
 
 def _hires(cfg: RunConfig) -> sampling.Hires | None:
-  if not cfg.hires_scale:
+  """The run's hires fix: on with --hires_scale or --hires_resize_* (which then win)."""
+  resize = (cfg.hires_resize_width, cfg.hires_resize_height)
+  if not cfg.hires_scale and not any(resize):
     return None
-  return sampling.Hires(cfg.hires_scale, cfg.hires_steps or None, cfg.hires_strength,
-                        cfg.hires_upscaler)
+  return sampling.Hires(cfg.hires_scale or 2.0, cfg.hires_steps or None, cfg.hires_strength,
+                        cfg.hires_upscaler, resize)
 
 
 def _hires_record(cfg: RunConfig) -> dict[str, Any]:
@@ -400,6 +407,9 @@ def _hires_record(cfg: RunConfig) -> dict[str, Any]:
     return {}
   record = {"scale": hires.scale, "steps": hires.steps or cfg.steps,
             "strength": hires.strength, "upscaler": hires.upscaler}
+  if any(hires.resize):  # only when set: older folders still match
+    record.update(resize_width=hires.resize[0], resize_height=hires.resize[1])
+    del record["scale"]
   for key in ("prompt", "negative_prompt"):  # only when set: older folders still match
     if getattr(cfg, f"hires_{key}"):
       record[key] = getattr(cfg, f"hires_{key}")
@@ -1403,13 +1413,17 @@ class _Metadata:
 
   def _hires_extra(self, height: int, width: int) -> dict[str, Any]:
     """A1111's hires fields (its `Size` stays the first pass's)."""
-    cfg = self.cfg
-    if not cfg.hires_scale:
+    cfg, hires = self.cfg, _hires(self.cfg)
+    if hires is None:
       return {}
-    extra = {"Denoising strength": cfg.hires_strength, "Hires upscale": cfg.hires_scale}
+    extra = {"Denoising strength": cfg.hires_strength}
     final = self._hires_size(height, width)
-    if final != (int(height * cfg.hires_scale), int(width * cfg.hires_scale)):
-      extra["Hires resize"] = f"{final[1]}x{final[0]}"  # rounded to a size the model takes
+    if any(hires.resize):
+      extra["Hires resize"] = "x".join(map(str, hires.resize))  # A1111's: as given, 0 kept
+    else:
+      extra["Hires upscale"] = cfg.hires_scale
+      if final != (int(height * cfg.hires_scale), int(width * cfg.hires_scale)):
+        extra["Hires resize"] = f"{final[1]}x{final[0]}"  # rounded to a size the model takes
     if cfg.hires_steps:
       extra["Hires steps"] = cfg.hires_steps
     extra["Hires upscaler"] = sampling.HIRES_UPSCALER_NAMES[cfg.hires_upscaler]
@@ -1417,7 +1431,7 @@ class _Metadata:
 
   def _hires_prompts(self, job: ImageJob) -> dict[str, str]:
     """A1111's `Hires prompt` / `Hires negative prompt`: written when not the first pass's."""
-    if not self.cfg.hires_scale:
+    if _hires(self.cfg) is None:
       return {}
     prompt, negative = hires_prompts(self.cfg, job)
     return {**({"Hires prompt": prompt} if prompt != job.prompt else {}),

@@ -117,6 +117,32 @@ def test_hires_fix_run(model, cache, tmp_path):
     run.generate_run(dataclasses.replace(config, refiner="x"))
 
 
+def test_hires_resize_run(model, cache, tmp_path):
+  """--hires_resize_width/height: A1111's Resize to (16x16 -> cover 32x32 -> cut to 32x24): the
+  images are generate(hires_resize=...)'s; the PNG text says `Hires resize`, not an upscale."""
+  import sdjax  # noqa: PLC0415
+
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(
+      _config(model, out, cache, hires_resize_width=32, hires_resize_height=24, hires_steps=2),
+      prompts=(PROMPTS[0],))
+  assert run.generate_run(config).images == 1
+  (r,) = sinks.iter_records(sinks.Store(out), 1)
+  assert (r["height"], r["width"]) == (24, 32)
+  assert r["hires"] == {"resize_width": 32, "resize_height": 24, "steps": 2, "strength": 0.7,
+                        "upscaler": "latent", "first_height": 16, "first_width": 16}
+  png = Image.open(os.path.join(out, r["file"]))
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert params["Hires resize"] == "32x24" and "Hires upscale" not in params
+  alone = sdjax.load_pipeline(model).generate(
+      r["prompt"], seed=r["seed"], steps=2, guidance_scale=3.0, scheduler="euler_ancestral",
+      height=16, width=16, hires_resize=(32, 24), hires_steps=2)
+  assert alone.shape == (1, 24, 32, 3)
+  assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  with pytest.raises(run.RunError, match="--hires_resize_. must be >= 0"):
+    run.generate_run(dataclasses.replace(config, hires_resize_width=-32))
+
+
 def test_hires_prompt_takes_its_prompts_loras():
   """One LoRA set per image: a hires prompt with other <lora:...> tags is refused."""
   jobs = [run.ImageJob(0, "a <lora:ink:0.5> cat", "", 0)]
