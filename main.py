@@ -96,6 +96,8 @@ flags.DEFINE_integer("hires_resize_width", 0, "hires fix: enlarge to this width 
                      "--hires_scale (A1111's Resize width to; 0: from the aspect)")
 flags.DEFINE_integer("hires_resize_height", 0, "hires fix: enlarge to this height instead of "
                      "--hires_scale (both given at another aspect: cover, then cut)")
+flags.DEFINE_string("hires_scheduler", None, "hires fix: the second pass's scheduler, one of "
+                    "--scheduler's (A1111's Hires sampler; default: each image's)")
 flags.DEFINE_string("hires_prompt", "", "hires fix: the second pass's prompt (A1111's Hires "
                     "prompt; empty: each image's own; a jsonl line's hires_prompt wins)")
 flags.DEFINE_string("hires_negative_prompt", "", "hires fix: the second pass's negative prompt "
@@ -215,7 +217,8 @@ def _run_config() -> run.RunConfig:
       hires_scale=FLAGS.hires_scale, hires_steps=FLAGS.hires_steps,
       hires_strength=FLAGS.hires_strength, hires_upscaler=FLAGS.hires_upscaler,
       hires_resize_width=FLAGS.hires_resize_width,
-      hires_resize_height=FLAGS.hires_resize_height, hires_prompt=FLAGS.hires_prompt, hires_negative_prompt=FLAGS.hires_negative_prompt,
+      hires_resize_height=FLAGS.hires_resize_height, hires_scheduler=FLAGS.hires_scheduler,
+      hires_prompt=FLAGS.hires_prompt, hires_negative_prompt=FLAGS.hires_negative_prompt,
       shard_size=FLAGS.shard_size,
       num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index,
       writer_threads=FLAGS.writer_threads, overwrite=FLAGS.overwrite,

@@ -125,6 +125,7 @@ class RunConfig:
   # Instead of hires_scale: A1111's "Resize width to" / "Resize height to" (0: from the aspect).
   hires_resize_width: int = 0
   hires_resize_height: int = 0
+  hires_scheduler: str | None = None  # A1111's Hires sampler; None: each image's scheduler
   # The second pass's prompts (A1111's Hires prompt; "" = each image's own), unless a prompt
   # line gives its own.
   hires_prompt: str = ""
@@ -397,7 +398,7 @@ def _hires(cfg: RunConfig) -> sampling.Hires | None:
   if not cfg.hires_scale and not any(resize):
     return None
   return sampling.Hires(cfg.hires_scale or 2.0, cfg.hires_steps or None, cfg.hires_strength,
-                        cfg.hires_upscaler, resize)
+                        cfg.hires_upscaler, resize, cfg.hires_scheduler)
 
 
 def _hires_record(cfg: RunConfig) -> dict[str, Any]:
@@ -410,6 +411,8 @@ def _hires_record(cfg: RunConfig) -> dict[str, Any]:
   if any(hires.resize):  # only when set: older folders still match
     record.update(resize_width=hires.resize[0], resize_height=hires.resize[1])
     del record["scale"]
+  if hires.scheduler is not None:
+    record["scheduler"] = hires.scheduler
   for key in ("prompt", "negative_prompt"):  # only when set: older folders still match
     if getattr(cfg, f"hires_{key}"):
       record[key] = getattr(cfg, f"hires_{key}")
@@ -1411,7 +1414,7 @@ class _Metadata:
       record["inpainting_fill"] = cfg.inpainting_fill
     return record
 
-  def _hires_extra(self, height: int, width: int) -> dict[str, Any]:
+  def _hires_extra(self, height: int, width: int, scheduler: str) -> dict[str, Any]:
     """A1111's hires fields (its `Size` stays the first pass's)."""
     cfg, hires = self.cfg, _hires(self.cfg)
     if hires is None:
@@ -1427,6 +1430,8 @@ class _Metadata:
     if cfg.hires_steps:
       extra["Hires steps"] = cfg.hires_steps
     extra["Hires upscaler"] = sampling.HIRES_UPSCALER_NAMES[cfg.hires_upscaler]
+    if hires.scheduler is not None and hires.scheduler != scheduler:
+      extra["Hires sampler"] = outputs.A1111_SAMPLER_NAMES.get(hires.scheduler, hires.scheduler)
     return extra
 
   def _hires_prompts(self, job: ImageJob) -> dict[str, str]:
@@ -1451,7 +1456,7 @@ class _Metadata:
                **({"Denoising strength": strength} if job.init_image else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._controlnet_extra(),
-               **self._hires_extra(height, width), **self._hires_prompts(job),
+               **self._hires_extra(height, width, scheduler), **self._hires_prompts(job),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job)})
 

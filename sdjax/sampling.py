@@ -829,13 +829,14 @@ class Hires:
   (each side rounded down to a size the model takes), or to `resize` (A1111's "Resize width to",
   "Resize height to": (width, height), 0 = keep the aspect; both: enlarged to cover, then cut
   to it), and denoised again as img2img at `strength` for `steps` steps (None: the first
-  pass's), with the same scheduler and guidance."""
+  pass's), with the same guidance and the same scheduler unless `scheduler`."""
 
   scale: float = 2.0
   steps: int | None = None
   strength: float = 0.7
   upscaler: str = "latent"
   resize: tuple[int, int] = (0, 0)  # (width, height); any nonzero: instead of `scale`
+  scheduler: str | None = None  # A1111's Hires sampler; None: the first pass's
 
   def size(self, pipe, height: int, width: int) -> tuple[int, int]:
     """The second pass's (height, width): A1111's `int(side * scale)`, rounded down to a size
@@ -877,6 +878,9 @@ class Hires:
     if self.upscaler not in HIRES_UPSCALERS:
       raise ValueError(f"unknown hires upscaler {self.upscaler!r}; pick one of "
                        f"{', '.join(HIRES_UPSCALERS)}")
+    if self.scheduler is not None and self.scheduler not in schedulers.SCHEDULERS:
+      raise ValueError(f"unknown hires scheduler {self.scheduler!r}; pick one of "
+                       f"{', '.join(schedulers.SCHEDULERS)}")
 
 
 def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str | None,
@@ -887,8 +891,12 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps. `control`,
-  `control_guess`: as `prepare`'s (a ControlNet steers the second pass too)."""
+  `control_guess`: as `prepare`'s (a ControlNet steers the second pass too). `hires.scheduler`
+  replaces `scheduler` (`eta` then applies where that scheduler takes it)."""
   hires.check()
+  if hires.scheduler is not None and hires.scheduler != scheduler:
+    scheduler = hires.scheduler
+    eta = eta if scheduler in schedulers.ETA_SCHEDULERS else 0.0
   n = hires.steps or steps
   total = int(n / min(hires.strength, 0.999))
   (h, w), crop = hires.layout(pipe, height, width)

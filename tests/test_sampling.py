@@ -149,16 +149,17 @@ def test_hires_resize_layout_is_a1111s():
     sampling.Hires(resize=(-8, 0)).check()
 
 
-@pytest.mark.parametrize("name,upscaler,hires_prompts,resize", [
-    ("euler", "latent", None, (40, 24)),
+@pytest.mark.parametrize("name,upscaler,hires_prompts,resize,hires_scheduler", [
+    ("euler", "latent", None, (40, 24), "ddim"),
     ("dpmpp_2m_karras", "latent-bicubic-antialiased", (["a blue square", "a dog"], "blurry"),
-     None)])
-def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts, resize):
+     None, None)])
+def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts, resize,
+                                     hires_scheduler):
   """hires_scale: diffusers' text-to-image to latents, torch's interpolate, then its img2img
   pipeline on those latents for the steps A1111 runs (the last 3 of int(3 / 0.6) = 5), with our
   draws of the second pass's noise; A1111's hires prompts are that pipeline's. hires_resize to
   another aspect (40x24 from 32x16): enlarged to cover (48x24), then 2 latent pixels cut from
-  each side, as A1111."""
+  each side, as A1111; a hires scheduler (A1111's Hires sampler) is that pipeline's."""
   import torch  # noqa: PLC0415
 
   ref, pipe, folder = pipes
@@ -166,8 +167,9 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts, resiz
     pytest.skip("euler + latent is checked on the v-prediction family, the other on epsilon")
   cls, overrides = DIFFUSERS_SCHEDULERS[name]
   ref.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler_config, **overrides)
+  second_cls, second_overrides = DIFFUSERS_SCHEDULERS[hires_scheduler or name]
   img_pipe = diffusers.StableDiffusionImg2ImgPipeline(**{**ref.components, "scheduler": getattr(
-      diffusers, cls).from_config(pipe.scheduler_config, **overrides)})
+      diffusers, second_cls).from_config(pipe.scheduler_config, **second_overrides)})
   img_pipe.set_progress_bar_config(disable=True)
   noise, seed, steps, hires_steps, strength = _unit_noise((2, 8, 16, 4), seed=5), 9, 4, 3, 0.6
   total = int(hires_steps / strength)
@@ -195,7 +197,8 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts, resiz
                        scheduler=name, height=16, width=32, latents=noise, seed=seed,
                        hires_scale=1.5, hires_steps=hires_steps, hires_strength=strength,
                        hires_upscaler=upscaler, hires_prompts=second_prompts,
-                       hires_negative_prompts=second_negatives, hires_resize=resize)
+                       hires_negative_prompts=second_negatives, hires_resize=resize,
+                       hires_scheduler=hires_scheduler)
   assert ours.shape == (2, 24, 40 if resize else 48, 3)
   err = rel(ours, expected)
   print(f"\nhires {name} {upscaler}: {err:.2e}")
