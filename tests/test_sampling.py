@@ -11,7 +11,7 @@ import torch
 from parity import img2img_draws, nchw
 
 import sdjax
-from sdjax import interpolate, sampling, schedulers, testing
+from sdjax import sampling, schedulers, testing
 
 PROMPTS = ["a red circle in the center", "a photo of a cat"]
 NEGATIVES = ["blue", ""]  # the second image has no negative prompt: diffusers' empty default
@@ -113,22 +113,6 @@ def test_img2img_matches_diffusers(pipes, name):
   ours = pipe.generate(PROMPTS, init_images=images, strength=0.6, steps=6, seed=seed,
                        guidance_scale=GUIDANCE, scheduler=name, latents=noise)
   assert rel(ours, expected) <= 1e-3
-
-
-@pytest.mark.parametrize("upscaler", list(sampling.HIRES_UPSCALERS))
-def test_hires_upscalers_are_torch_interpolate(upscaler):
-  """A1111's latent upscalers are torch's `interpolate` (align_corners=False) in its modes,
-  enlarging and shrinking, with and without antialiasing."""
-  import torch  # noqa: PLC0415
-
-  mode, antialias = sampling.HIRES_UPSCALERS[upscaler]
-  x = _unit_noise((2, 8, 12, 4), seed=2)
-  for shape in ((12, 18), (16, 24), (13, 17), (21, 31), (8, 12), (6, 9), (3, 5)):
-    want = torch.nn.functional.interpolate(nchw(x), size=shape, mode=mode,
-                                           antialias=antialias).numpy()
-    got = np.asarray(interpolate.resize(jnp.asarray(x), shape, mode, antialias))
-    # float32 weights (torch's) against ours rounded from float64: seen <= 1.2e-6 of the max
-    np.testing.assert_allclose(got.transpose(0, 3, 1, 2), want, rtol=0, atol=4e-6)
 
 
 def test_hires_resize_layout_is_a1111s():
