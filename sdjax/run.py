@@ -300,7 +300,7 @@ def validate(cfg: RunConfig) -> None:
       raise RunError("--hires_scale and --refiner do not go together")
   elif cfg.hires_prompt or cfg.hires_negative_prompt:
     raise RunError("--hires_prompt and --hires_negative_prompt are the hires pass's: give "
-                   "--hires_scale too")
+                   "--hires_scale or --hires_resize_* too")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -982,12 +982,12 @@ class _Sampler:
     cond = sampling.with_ip_images(sampling.make_conditioning(
         self.pipe, prompts, negatives, micro=self.cfg.micro, size=size,
         img2img=program.spec.img2img, a1111=a1111), ip)
-    second = [hires_prompts(self.cfg, j) for j in jobs]
-    second = [p for p, _ in second], [n or None for _, n in second]
     if program.hires is None and any(j.hires_prompt or j.hires_negative_prompt for j in jobs):
       raise RunError("prompt lines with a hires_prompt or hires_negative_prompt need "
-                     "--hires_scale")
+                     "--hires_scale or --hires_resize_*")
     if program.hires is not None:  # the hires pass's schedules count on from the first's
+      second = [hires_prompts(self.cfg, j) for j in jobs]
+      second = [p for p, _ in second], [n or None for _, n in second]
       own = second != (prompts, negatives)
       if own and self.lora_set is not None:
         self._check_hires_loras(jobs, second[0])
