@@ -31,7 +31,8 @@ def pytest_configure(config):
   # parity check, are the same HLO; only the machine code is less tuned: a tiny SD1 sampler
   # compiles in 2.0 s instead of 3.0, the suite takes 30% less CPU). Inherited by the processes
   # tests start. The classic emitters round programs of different batch shapes differently
-  # (1e-6): tests that compare such programs bit for bit are marked `default_codegen`.
+  # (1e-6): tests that compare such programs bit for bit are marked `default_codegen`, or, when
+  # all their programs run in processes they start, give those `default_codegen_flags()`.
   config.addinivalue_line("markers", "default_codegen: compares programs of different shapes "
                           "bit for bit; runs in a process with XLA:CPU's default emitters")
   flags = os.environ.get("XLA_FLAGS", "")
@@ -50,6 +51,13 @@ def _run_cache() -> str:
   return os.path.join(os.environ[_CACHE_VAR], "sdjax", "jax")
 
 
+def default_codegen_flags() -> str:
+  """XLA_FLAGS for a process a test starts whose programs are compared bit for bit across
+  shapes: this run's, less the classic emitters (cheaper than a `default_codegen` test's nested
+  pytest, which pays pytest's start and the module's fixtures again: ~20 s)."""
+  return os.environ["XLA_FLAGS"].replace(CLASSIC_EMITTERS, "").strip()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
   """A `default_codegen` test runs again, alone, in a pytest process whose XLA flags (and its
@@ -57,8 +65,7 @@ def pytest_pyfunc_call(pyfuncitem):
   if pyfuncitem.get_closest_marker("default_codegen") is None or os.environ.get(
       _DEFAULT_CODEGEN_VAR):
     return None
-  flags = os.environ["XLA_FLAGS"].replace(CLASSIC_EMITTERS, "").strip()
-  env = {**os.environ, "XLA_FLAGS": flags, _DEFAULT_CODEGEN_VAR: "1"}
+  env = {**os.environ, "XLA_FLAGS": default_codegen_flags(), _DEFAULT_CODEGEN_VAR: "1"}
   proc = subprocess.run([sys.executable, "-m", "pytest", pyfuncitem.nodeid, "-q",
                          "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore"],
                         cwd=str(pyfuncitem.config.rootpath), env=env, capture_output=True,
