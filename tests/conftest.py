@@ -12,7 +12,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 _CACHE_VAR = "SDJAX_TEST_JAX_CACHE"
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 CLASSIC_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
-_DEFAULT_CODEGEN_VAR = "SDJAX_TEST_DEFAULT_CODEGEN"
 
 
 def pytest_configure(config):
@@ -31,14 +30,12 @@ def pytest_configure(config):
   # parity check, are the same HLO; only the machine code is less tuned: a tiny SD1 sampler
   # compiles in 2.0 s instead of 3.0, the suite takes 30% less CPU). Inherited by the processes
   # tests start. The classic emitters round programs of different batch shapes differently
-  # (1e-6): tests that compare such programs bit for bit are marked `default_codegen`, or, when
-  # all their programs run in processes they start, give those `default_codegen_flags()`.
-  config.addinivalue_line("markers", "default_codegen: compares programs of different shapes "
-                          "bit for bit; runs in a process with XLA:CPU's default emitters")
+  # (1e-6): tests that compare such programs bit for bit run them in processes with
+  # `default_codegen_flags()` (`run_default_codegen`).
   flags = os.environ.get("XLA_FLAGS", "")
   if FAST_COMPILE not in flags:
     flags = f"{FAST_COMPILE} {flags}"
-  if CLASSIC_EMITTERS not in flags and not os.environ.get(_DEFAULT_CODEGEN_VAR):
+  if CLASSIC_EMITTERS not in flags:
     flags = f"{flags} {CLASSIC_EMITTERS}"
   os.environ["XLA_FLAGS"] = flags.strip()
   import jax  # noqa: PLC0415
@@ -53,27 +50,22 @@ def _run_cache() -> str:
 
 def default_codegen_flags() -> str:
   """XLA_FLAGS for a process a test starts whose programs are compared bit for bit across
-  shapes: this run's, less the classic emitters (cheaper than a `default_codegen` test's nested
-  pytest, which pays pytest's start and the module's fixtures again: ~20 s)."""
+  shapes: this run's, less the classic emitters. (A process of its own, not a nested pytest,
+  which would pay pytest's start and the module's fixtures again: ~20 s a test.)"""
   return os.environ["XLA_FLAGS"].replace(CLASSIC_EMITTERS, "").strip()
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem):
-  """A `default_codegen` test runs again, alone, in a pytest process whose XLA flags (and its
-  subprocesses') leave out the classic emitters; its result is this test's."""
-  if pyfuncitem.get_closest_marker("default_codegen") is None or os.environ.get(
-      _DEFAULT_CODEGEN_VAR):
-    return None
-  env = {**os.environ, "XLA_FLAGS": default_codegen_flags(), _DEFAULT_CODEGEN_VAR: "1"}
-  proc = subprocess.run([sys.executable, "-m", "pytest", pyfuncitem.nodeid, "-q",
-                         "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore"],
-                        cwd=str(pyfuncitem.config.rootpath), env=env, capture_output=True,
-                        text=True, timeout=900)
+def run_default_codegen(code: str, *args: str) -> str:
+  """`python -c code *args` (the repository root its folder, one CPU device) with
+  `default_codegen_flags()`: for checks that compare programs bit for bit, which the code
+  asserts itself. Its stdout; its stderr's end when it fails."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "XLA_FLAGS": default_codegen_flags(), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", code, *args], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=600)
   if proc.returncode != 0:
-    pytest.fail(f"with XLA:CPU's default emitters:\n{proc.stdout[-6000:]}{proc.stderr[-2000:]}",
-                pytrace=False)
-  return True
+    pytest.fail(f"with XLA:CPU's default emitters:\n{proc.stderr[-4000:]}", pytrace=False)
+  return proc.stdout
 
 
 def pytest_unconfigure(config):

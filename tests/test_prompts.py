@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_default_codegen
 from parity import assert_close, nchw, nhwc, rel_err, transfer
 
 import sdjax
@@ -468,28 +469,38 @@ def test_emphasis_reaches_generate(sd):
     pipe.generate(weighted, emphasis="No norm", **{**kw, "prompt_syntax": "plain"})
 
 
-@pytest.mark.default_codegen
 def test_a1111_plain_prompt_same_pixels_and_mixed_batch(sd):
+  """A plain prompt under A1111 syntax is plain's pixels, bit for bit; a batch of prompts of
+  different chunk counts makes each image what it makes alone. (In a process with XLA:CPU's
+  default emitters: the classic ones round the two syntaxes' programs 1.8e-6 apart.)"""
   _, pipe = sd
-  kw = dict(steps=2, scheduler="euler", guidance_scale=7.5, height=16, width=16, seed=3)
-  plain = ["a red circle", "a photo of a cat"]
-  np.testing.assert_array_equal(pipe.generate(plain, **kw, prompt_syntax="a1111"),
-                                pipe.generate(plain, **kw))
-  # A long BREAK prompt (2 chunks) beside an alternating one (1 chunk), with negatives of other
-  # lengths: each image is what it is alone (one compile serves both lone images), to the
-  # rounding of programs of another batch size: up to 2e-6 on AVX-512 CPUs, 2.1e-6 on an
-  # AVX2-only EPYC (the same at the commit before IP-Adapters); what the check is for moves them
-  # far more (the prompt truncated to its first chunk, below: over 1e-3).
-  long = "a (red:1.2) circle, " * 20 + "BREAK a [cat|dog]"
-  prompts_ = [long, "a [photo|painting] of a (cat:0.8)"]
-  negatives = ["[blue:green:1]", "[green:yellow:1], " * 30]
-  batch = pipe.generate(prompts_, negative_prompts=negatives, **kw, prompt_syntax="a1111")
-  for i in range(2):
-    alone = pipe.generate(prompts_[i], negative_prompts=negatives[i], **{**kw, "seed": 3 + i},
-                          prompt_syntax="a1111")
-    np.testing.assert_allclose(batch[i], alone[0], atol=1e-5)
-  truncated = pipe.generate(prompts_, negative_prompts=negatives, **kw)
-  assert not np.allclose(batch[0], truncated[0], atol=1e-3)
+  code = """
+import sys
+import numpy as np
+import sdjax
+pipe = sdjax.load_pipeline(sys.argv[1])
+kw = dict(steps=2, scheduler="euler", guidance_scale=7.5, height=16, width=16, seed=3)
+plain = ["a red circle", "a photo of a cat"]
+np.testing.assert_array_equal(pipe.generate(plain, **kw, prompt_syntax="a1111"),
+                              pipe.generate(plain, **kw))
+# A long BREAK prompt (2 chunks) beside an alternating one (1 chunk), with negatives of other
+# lengths: each image is what it is alone (one compile serves both lone images), to the
+# rounding of programs of another batch size: up to 2e-6 on AVX-512 CPUs, 2.1e-6 on an
+# AVX2-only EPYC (the same at the commit before IP-Adapters); what the check is for moves them
+# far more (the prompt truncated to its first chunk, below: over 1e-3).
+long = "a (red:1.2) circle, " * 20 + "BREAK a [cat|dog]"
+prompts_ = [long, "a [photo|painting] of a (cat:0.8)"]
+negatives = ["[blue:green:1]", "[green:yellow:1], " * 30]
+batch = pipe.generate(prompts_, negative_prompts=negatives, **kw, prompt_syntax="a1111")
+for i in range(2):
+  alone = pipe.generate(prompts_[i], negative_prompts=negatives[i], **{**kw, "seed": 3 + i},
+                        prompt_syntax="a1111")
+  np.testing.assert_allclose(batch[i], alone[0], atol=1e-5)
+truncated = pipe.generate(prompts_, negative_prompts=negatives, **kw)
+assert not np.allclose(batch[0], truncated[0], atol=1e-3)
+print("ok")
+"""
+  assert run_default_codegen(code, pipe.name).split() == ["ok"]
 
 
 def test_sdxl_composable_prompt_matches_torch_loop(tmp_path):
