@@ -102,6 +102,9 @@ flags.DEFINE_string("hires_prompt", "", "hires fix: the second pass's prompt (A1
                     "prompt; empty: each image's own; a jsonl line's hires_prompt wins)")
 flags.DEFINE_string("hires_negative_prompt", "", "hires fix: the second pass's negative prompt "
                     "(empty: each image's own; a jsonl line's hires_negative_prompt wins)")
+flags.DEFINE_string("hires_model", None, "hires fix: another model (folder, file or hub id, of "
+                    "the same latents) for the second pass (A1111's Hires checkpoint); --vae, "
+                    "--lora, --embedding and the ControlNets and IP-Adapters apply to it too")
 flags.DEFINE_enum("output_format", "png", ["png", "webdataset"], "png: image files in folders, "
                   "or WebDataset tar shards (<key>.png + <key>.json)")
 flags.DEFINE_integer("images_per_folder", 10000, "png: images per subfolder")
@@ -219,6 +222,7 @@ def _run_config() -> run.RunConfig:
       hires_resize_width=FLAGS.hires_resize_width,
       hires_resize_height=FLAGS.hires_resize_height, hires_scheduler=FLAGS.hires_scheduler,
       hires_prompt=FLAGS.hires_prompt, hires_negative_prompt=FLAGS.hires_negative_prompt,
+      hires_model=FLAGS.hires_model,
       shard_size=FLAGS.shard_size,
       num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index,
       writer_threads=FLAGS.writer_threads, overwrite=FLAGS.overwrite,

@@ -111,7 +111,8 @@ def shard_batch(mesh: Mesh, local_data: np.ndarray, global_batch: int):
   return jax.make_array_from_process_local_data(sharding, local_data, shape)
 
 
-def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, hires=None):
+def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, hires=None,
+                    hires_pipe=None):
   """The sampling program, run per device on its share of a global batch.
 
   Returns a jitted `f(params, cond, seeds, guidance_scale, guidance_rescale, state) -> images`
@@ -124,7 +125,8 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
   (base, refiner) pairs and both stages run in the one program (a ControlNet steers the
   base's). With `hires` (the hires pass's spec, `spec` ending in latents) `cond` and `state` are
   (first pass, hires pass) pairs; a ControlNet steers both, `f(..., control_images, scale,
-  weights, hires_control_images, hires_weights)`.
+  weights, hires_control_images, hires_weights)`; with `hires_pipe` (another model for the hires
+  pass) `params` are (first pass, hires pass) pairs too.
   """
   latent_shape = (*spec.latent_hw, sampling.latent_channels(pipe))
   nets = pipe.networks
@@ -141,9 +143,11 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
         hires_control = (extra[-2], control[1], extra[-1])
     noise = sampling.initial_noise(seeds, latent_shape)
     if hires is not None:
-      latents = sampling.sample_fn(spec, nets, params, cond[0], seeds, noise, guidance_scale,
+      first, second = (params, params) if hires_pipe is None else params
+      latents = sampling.sample_fn(spec, nets, first, cond[0], seeds, noise, guidance_scale,
                                    guidance_rescale, init, state[0], cfg_axis, control)
-      return sampling.sample_fn(hires, nets, params, cond[1], seeds, noise, guidance_scale,
+      return sampling.sample_fn(hires, nets if hires_pipe is None else hires_pipe.networks,
+                                second, cond[1], seeds, noise, guidance_scale,
                                 guidance_rescale, latents, state[1], cfg_axis, hires_control)
     if refiner is None:
       return sampling.sample_fn(spec, nets, params, cond, seeds, noise, guidance_scale,

@@ -352,6 +352,7 @@ class Pipeline:
                hires_steps: int | None = None, hires_strength: float = 0.7,
                hires_upscaler: str = "latent", hires_prompts=None, hires_negative_prompts=None,
                hires_resize: tuple[int, int] | None = None, hires_scheduler: str | None = None,
+               hires_model: Pipeline | None = None,
                controlnet: ControlNet | Sequence[ControlNet] | None = None,
                control_images=None, hires_control_images=None,
                controlnet_conditioning_scale: float | Sequence[float] = 1.0,
@@ -441,7 +442,11 @@ class Pipeline:
         `hires_prompts` / `hires_negative_prompts` (A1111's "Hires prompt", per prompt or one
         for all; with SDXL, both encoders') are given; both passes stay on device. SDXL's
         default original and target sizes are each pass's own (as A1111 conditions its hires pass);
-        not with `refiner`.
+        not with `refiner`. `hires_model` (A1111's Hires checkpoint): another pipeline of the
+        same latents (an SD1 fine-tune after an SD1 model, say) runs the second pass: its UNet,
+        text encoders (the prompts encoded again), schedule and VAE (the decode); the
+        ControlNets and IP-Adapters given steer it too, LoRAs merged into it only if its
+        pipeline has them (`add_extras`).
       controlnet, control_images: a `load_controlnet` ControlNet steering text-to-image,
         img2img or inpainting by control images (edges, pose, depth, ... as the ControlNet was
         trained on: float [N or 1, H, W, 3] in [0, 1], the image size; with
@@ -502,6 +507,9 @@ class Pipeline:
     if ip_adapter is not None:
       n = 1 if isinstance(prompts, str) else len(prompts)
       pipe, ip = ip_adapter_input(self, ip_adapter, ip_adapter_images, ip_adapter_scale, n)
+      if hires_model is not None:
+        hires_model = ip_adapter_input(hires_model, ip_adapter, ip_adapter_images,
+                                       ip_adapter_scale, n)[0]
     elif ip_adapter_images is not None:
       raise ValueError("ip_adapter_images are an IP-Adapter's: give ip_adapter= too")
     micro = conditioning.MicroConditioning(
@@ -522,7 +530,7 @@ class Pipeline:
             2.0 if hires_scale is None else hires_scale, hires_steps, hires_strength,
             hires_upscaler, tuple(hires_resize or (0, 0)), hires_scheduler),
         hires_prompts=hires_prompts, hires_negative_prompts=hires_negative_prompts,
-        controlnet=controlnet, control_images=control_images,
+        hires_model=hires_model, controlnet=controlnet, control_images=control_images,
         hires_control_images=hires_control_images,
         controlnet_conditioning_scale=controlnet_conditioning_scale,
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,

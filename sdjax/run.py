@@ -130,6 +130,9 @@ class RunConfig:
   # line gives its own.
   hires_prompt: str = ""
   hires_negative_prompt: str = ""
+  # A1111's Hires checkpoint: another model (of the same latents) for the second pass; the
+  # run's --vae, --lora and --embedding, ControlNets and IP-Adapters apply to it too.
+  hires_model: str | None = None
   micro: MicroConditioning = MicroConditioning()
 
 
@@ -301,6 +304,9 @@ def validate(cfg: RunConfig) -> None:
   elif cfg.hires_prompt or cfg.hires_negative_prompt:
     raise RunError("--hires_prompt and --hires_negative_prompt are the hires pass's: give "
                    "--hires_scale or --hires_resize_* too")
+  elif cfg.hires_model is not None:
+    raise RunError("--hires_model is the hires pass's model: give --hires_scale or "
+                   "--hires_resize_* too")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -413,7 +419,7 @@ def _hires_record(cfg: RunConfig) -> dict[str, Any]:
     del record["scale"]
   if hires.scheduler is not None:
     record["scheduler"] = hires.scheduler
-  for key in ("prompt", "negative_prompt"):  # only when set: older folders still match
+  for key in ("prompt", "negative_prompt", "model"):  # only when set: older folders match
     if getattr(cfg, f"hires_{key}"):
       record[key] = getattr(cfg, f"hires_{key}")
   return {"hires": record}
@@ -438,6 +444,25 @@ def _sdxl_record(cfg: RunConfig, pipe) -> dict[str, Any]:
   if cfg.refiner is not None:
     record.update(refiner=cfg.refiner, refiner_start=cfg.refiner_start)
   return record
+
+
+def _load_hires_model(cfg: RunConfig, pipe, controlnets=(), ip_adapters=()):
+  """The --hires_model pipeline, with what the run adds to its model: the VAE, LoRAs and
+  embeddings given, its ControlNets and IP-Adapters (loaded)."""
+  if cfg.hires_model is None:
+    return None
+  try:
+    hires = sdjax.load_pipeline(cfg.hires_model, cfg.dtype, vae=cfg.vae, loras=cfg.loras,
+                                embeddings=cfg.embeddings)
+    sampling.check_hires_model(pipe, hires)
+    if controlnets:
+      hires = hires.with_controlnet(controlnets)
+    if ip_adapters:
+      hires = hires.with_ip_adapter(ip_adapters, [s if isinstance(s, dict) else None
+                                                  for s in _ip_scales(cfg)])
+  except ValueError as e:
+    raise RunError(f"--hires_model {cfg.hires_model}: {e}") from None
+  return hires
 
 
 def _load_refiner(cfg: RunConfig, pipe):
@@ -558,12 +583,14 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, config=cfg.model_config, vae=cfg.vae,
                              prediction_type=cfg.prediction_type, loras=cfg.loras,
                              embeddings=cfg.embeddings)
+  controlnets, adapters = [], []
   if cfg.controlnet:
     try:
-      pipe = pipe.with_controlnet([
+      controlnets = [
           sdjax.load_controlnet(path, cfg.dtype, config=config or None, base=pipe)
           for path, config in zip(
-              cfg.controlnet, cfg.controlnet_config or ("",) * len(cfg.controlnet), strict=True)])
+              cfg.controlnet, cfg.controlnet_config or ("",) * len(cfg.controlnet), strict=True)]
+      pipe = pipe.with_controlnet(controlnets)
     except ValueError as e:
       raise RunError(f"--controlnet: {e}") from None
   if cfg.ip_adapter:
@@ -575,6 +602,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
                                              for s in _ip_scales(cfg)])
     except ValueError as e:  # a misfit, or per-layer scales naming no layer: the text says
       raise RunError(f"--ip_adapter: {e}") from None
+  refiner, hires_model = _load_refiner(cfg, pipe), _load_hires_model(cfg, pipe, controlnets,
+                                                                     adapters)
   steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
                                                          cfg.scheduler)
   cfg = dataclasses.replace(cfg, steps=steps, guidance_scale=guidance, scheduler=scheduler)
@@ -604,9 +633,9 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   work, skipped = _find_work(cfg, plan, sink)
   parallel.barrier("planned")  # every process has listed the shards before anyone writes
 
-  made, seconds, compile_s, interrupted = _generate(cfg, pipe, plan, work, sink,
-                                                    _Metadata(cfg, pipe, height, width, scheduler),
-                                                    _load_refiner(cfg, pipe))
+  made, seconds, compile_s, interrupted = _generate(
+      cfg, pipe, plan, work, sink, _Metadata(cfg, pipe, height, width, scheduler),
+      refiner, hires_model)
   parallel.barrier("generated")
   merged = False
   if jax.process_index() == 0 and not interrupted:
@@ -618,7 +647,7 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   return summary
 
 
-def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
+def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None, hires_model=None):
   """Runs the compiled sampler over this process's work; (images, seconds, compile s, stop)."""
   try:
     mesh = parallel.make_mesh(cfg.cfg_parallel)
@@ -629,7 +658,7 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None):
   if not steps:
     return 0, 0.0, 0.0, False
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
-  run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set)
+  run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set, hires_model)
   run_batch.program((metadata.height, metadata.width), None,
                     cfg.guidance_scale)  # the run's size: checked first
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
@@ -861,15 +890,21 @@ class _Sampler:
   """The compiled, sharded samplers (one per image size and kind, see `program`): a process's
   batch of jobs -> a dispatched global batch."""
 
-  def __init__(self, cfg, pipe, mesh, scheduler, refiner=None, lora_set=None):
+  def __init__(self, cfg, pipe, mesh, scheduler, refiner=None, lora_set=None, hires_model=None):
     self.cfg, self.pipe, self.mesh, self.scheduler = cfg, pipe, mesh, scheduler
     self.refiner_pipe, self.lora_set, self.loras = refiner, lora_set, ()
+    self.hires_pipe = hires_model  # --hires_model's pipeline, or None: the hires pass's is pipe
     self.global_batch = cfg.batch_size * parallel.data_size(mesh)
-    params = pipe.params if refiner is None else (pipe.params, refiner.params)
-    self.params = parallel.replicate(params, mesh)
+    self.params = parallel.replicate(self._params(pipe.params), mesh)
     self.scalars: dict[float, Any] = {}  # per guidance scale, replicated
     self.programs: dict[tuple, _Program] = {}
     self.compile_seconds = 0.0
+
+  def _params(self, params):
+    """The program's params given the base's: with a second model (the refiner, the hires
+    model), the pair."""
+    second = self.refiner_pipe or self.hires_pipe
+    return params if second is None else (params, second.params)
 
   def program(self, size: tuple[int, int], kind: str | None, guidance: float,
               schedule: tuple[int, str, float | None] | None = None) -> _Program:
@@ -891,7 +926,7 @@ class _Sampler:
           sampling.check_control(pipe, *size, sampling.uses_guess_mode(
               pipe.controlnet, cfg.controlnet_guess_mode))
           if hires is not None:
-            sampling.check_control(pipe, *hires.size(pipe, *size), False)
+            sampling.check_control(self.hires_pipe or pipe, *hires.size(pipe, *size), False)
       except ValueError as e:
         raise RunError(f"image size {size[1]}x{size[0]}: {e}") from None
       if img2img and refiner is not None:
@@ -933,7 +968,8 @@ class _Sampler:
         state, stage = (state, refiner[1]), refiner[::2]
       if hires is not None:  # so does the hires pass
         try:
-          hires = sampling.prepare_hires(pipe, cfg.batch_size, hires, control=spec.control,
+          hires = sampling.prepare_hires(self.hires_pipe or pipe, cfg.batch_size, hires,
+                                         control=spec.control,
                                          control_guess=spec.control_guess, **common)
           hires = (dataclasses.replace(hires[0], control_modes=spec.control_modes), hires[1])
         except ValueError as e:
@@ -943,8 +979,10 @@ class _Sampler:
       self.programs[key] = _Program(
           spec, host_state, parallel.replicate(state, self.mesh),
           parallel.sharded_sampler(self.mesh, spec, pipe, stage,
-                                   hires=None if hires is None else hires[0]),
-          aot.sampler_statics(spec, pipe, stage if hires is None else (hires[0], pipe)),
+                                   hires=None if hires is None else hires[0],
+                                   hires_pipe=self.hires_pipe),
+          aot.sampler_statics(spec, pipe, stage if hires is None else (
+              hires[0], self.hires_pipe or pipe)),
           refiner, steps, hires)
       if spec.control:  # (scales, weights per call[, the hires pass's weights])
         scales, starts, ends = _per_controlnet(cfg)
@@ -991,7 +1029,7 @@ class _Sampler:
       own = second != (prompts, negatives)
       if own and self.lora_set is not None:
         self._check_hires_loras(jobs, second[0])
-      if a1111 is None and not self.pipe.is_sdxl and not own:
+      if a1111 is None and not self.pipe.is_sdxl and not own and self.hires_pipe is None:
         return cond, cond
       if a1111 is not None:
         spec, state = program.hires
@@ -1000,7 +1038,7 @@ class _Sampler:
                                        allow_lora=a1111.allow_lora, emphasis=a1111.emphasis,
                                        base_steps=a1111.steps)
       return cond, sampling.with_ip_images(sampling.make_conditioning(
-          self.pipe, *second, micro=self.cfg.micro,
+          self.hires_pipe or self.pipe, *second, micro=self.cfg.micro,
           size=_hires(self.cfg).size(self.pipe, *size), a1111=a1111), ip)
     if program.refiner is None:
       return cond
@@ -1114,6 +1152,9 @@ class _Sampler:
       params = lora.apply_loras(self.pipe, list(loras)) if loras else self.pipe.params
       if self.refiner_pipe is not None:
         params = (params, self.refiner_pipe.params)
+      if self.hires_pipe is not None:  # A1111 applies an image's LoRAs to its hires model too
+        params = (params, lora.apply_loras(self.hires_pipe, list(loras)) if loras
+                  else self.hires_pipe.params)
       self.params, self.loras = parallel.replicate(params, self.mesh), loras
       logging.info("LoRA set %s merged", loras)
 
@@ -1327,6 +1368,7 @@ class _Metadata:
     self.height, self.width, self.scheduler = height, width, scheduler
     self.model_name, self.model_hash = model_identity(cfg.model)
     self.refiner = model_identity(cfg.refiner) if cfg.refiner is not None else None
+    self.hires_model = model_identity(cfg.hires_model) if cfg.hires_model is not None else None
     self.controlnets = [_named_with_hash(path) for path in cfg.controlnet]
     self.ip_adapters = [_named_with_hash(path) for path in cfg.ip_adapter]
     self._hashes: dict[tuple[str, str], str] = {}
@@ -1430,6 +1472,9 @@ class _Metadata:
     if cfg.hires_steps:
       extra["Hires steps"] = cfg.hires_steps
     extra["Hires upscaler"] = sampling.HIRES_UPSCALER_NAMES[cfg.hires_upscaler]
+    if self.hires_model is not None:  # A1111's checkpoint short title: name [short hash]
+      name, short = self.hires_model
+      extra["Hires checkpoint"] = f"{name} [{short}]" if short else name
     if hires.scheduler is not None and hires.scheduler != scheduler:
       extra["Hires sampler"] = outputs.A1111_SAMPLER_NAMES.get(hires.scheduler, hires.scheduler)
     return extra

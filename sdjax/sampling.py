@@ -909,6 +909,19 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                              upscale=hires.upscaler, upscale_crop=crop), state
 
 
+def check_hires_model(pipe, hires_model) -> None:
+  """A1111's Hires checkpoint: the hires pass continues `pipe`'s latents with another model, which
+  must take them (the same latent channels and VAE scale) and be a text-to-image model."""
+  if (latent_channels(hires_model), hires_model.vae_scale) != (latent_channels(pipe),
+                                                               pipe.vae_scale):
+    raise ValueError(f"the hires model's latents ({latent_channels(hires_model)} channels, 1/"
+                     f"{hires_model.vae_scale} of the image) are not the model's "
+                     f"({latent_channels(pipe)}, 1/{pipe.vae_scale})")
+  if hires_model.unet.config.in_channels != latent_channels(hires_model):
+    raise ValueError("the hires model must be a text-to-image model (its UNet takes "
+                     f"{hires_model.unet.config.in_channels} input channels)")
+
+
 def _check_fraction(value: float, name: str) -> None:
   if not 0.0 < value < 1.0:
     raise ValueError(f"{name} must be in (0, 1), got {value}")
@@ -943,6 +956,7 @@ def generate(
     hires: Hires | None = None,
     hires_prompts: str | Sequence[str] | None = None,
     hires_negative_prompts: str | Sequence[str | None] | None = None,
+    hires_model=None,
     mask_images: Any = None,
     masked_content: str = "original",
     scheduler_options: dict[str, Any] | None = None,
@@ -959,7 +973,8 @@ def generate(
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
   `pipeline.ip_adapter_input`, whose pipeline `pipe` is; `hires_prompts`,
-  `hires_negative_prompts`: the hires pass's, None: the first pass's)."""
+  `hires_negative_prompts`: the hires pass's, None: the first pass's; `hires_model`: the
+  pipeline of the hires pass, None: `pipe`, with the same IP-Adapters as `pipe`)."""
   if prompt_syntax not in PROMPT_SYNTAXES:
     raise ValueError(f"unknown prompt syntax {prompt_syntax!r}; use one of "
                      f"{', '.join(PROMPT_SYNTAXES)}")
@@ -1009,6 +1024,11 @@ def generate(
   if hires is not None and (init_images is not None or refiner is not None):
     raise ValueError("hires= follows a text-to-image run; it does not take init_images or "
                      "refiner=")
+  if hires_model is not None:
+    if hires is None:
+      raise ValueError("hires_model is the hires pass's model: give hires_scale too")
+    check_hires_model(pipe, hires_model)
+  second = pipe if hires_model is None else hires_model
   height = pipe.native_size if height is None else height
   width = pipe.native_size if width is None else width
   controlled = None
@@ -1017,8 +1037,8 @@ def generate(
     control_images = _control_images(controlled.controlnet, control_images, n, height, width)
     check_control(controlled, height, width, uses_guess_mode(controlled.controlnet, guess_mode))
     if hires is not None:
-      check_control(controlled, *hires.size(pipe, height, width), False)
-    if hires is not None:
+      second = second.with_controlnet(controlnet) if hires_model is not None else controlled
+      check_control(second, *hires.size(pipe, height, width), False)
       hires_control_images = _hires_control_images(
           controlled.controlnet, control_images, hires_control_images, n,
           hires.size(pipe, height, width))
@@ -1043,8 +1063,10 @@ def generate(
     spec = dataclasses.replace(spec, control_modes=control_modes(
         control_mode, len(controlled.controlnet), spec.control_guess))
   if hires is not None:  # checked before the first pass runs
-    hires_stage = prepare_hires(pipe, n, hires, control=spec.control,
-                                control_guess=spec.control_guess, **common)
+    hires_stage = prepare_hires(second, n, hires, control=spec.control,
+                                control_guess=spec.control_guess, **{
+                                    **common, "scheduler": scheduler or
+                                    schedulers.default_scheduler_name(pipe.scheduler_config)})
     hires_stage = (dataclasses.replace(hires_stage[0], control_modes=spec.control_modes),
                    hires_stage[1])
     spec = dataclasses.replace(spec, output_latents=True)
@@ -1088,14 +1110,14 @@ def generate(
                             base_steps=steps * spec.scheduler.order)
     # SDXL's default sizes are the second pass's; A1111's hires prompts are both encoders'.
     own = hires_prompts is not prompts, hires_negatives is not negatives
-    if a1111 is not None or pipe.is_sdxl or any(own):
+    if a1111 is not None or pipe.is_sdxl or any(own) or hires_model is not None:
       cond = with_ip_images(make_conditioning(
-          pipe, hires_prompts, hires_negatives, prompts_2=None if own[0] else prompts_2,
+          second, hires_prompts, hires_negatives, prompts_2=None if own[0] else prompts_2,
           negative_prompts_2=None if own[1] else negative_prompts_2, micro=micro,
           size=hires.size(pipe, height, width), a1111=a1111), ip)
-    out = _sample(hires_spec, nets, params, cond, seeds, noise, scalars, out, hires_state,
-                  None if controlled is None else control_input(hires_control_images, hires_spec,
-                                                                hires_state))
+    out = _sample(hires_spec, second.networks, second.params, cond, seeds, noise, scalars, out,
+                  hires_state, None if controlled is None else control_input(
+                      hires_control_images, hires_spec, hires_state))
   if refiner is None:
     return np.asarray(out)
   return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,

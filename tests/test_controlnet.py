@@ -276,6 +276,16 @@ def test_hires_fix_matches_diffusers(sd1_controlnet):
     print(f"\ncontrolnet hires fix ({name} second-pass images): {err:.2e}")
     assert err <= 1e-4
   assert np.abs(ours["given"] - ours["default"]).max() > 1e-3
+  # A hires model (A1111's Hires checkpoint) takes the ControlNet too: the same model loaded
+  # again makes the same pixels (sdjax.sampling's hires-model test checks another model's).
+  import sdjax  # noqa: PLC0415
+
+  again = pipe.generate(PROMPTS, steps=4, height=16, width=16, scheduler="euler", latents=noise,
+                        seed=seed, hires_scale=1.5, hires_steps=hires_steps,
+                        hires_strength=strength, controlnet=controlnet, control_images=control,
+                        hires_control_images=hires_control,
+                        hires_model=sdjax.load_pipeline(pipe.name), **kw)
+  np.testing.assert_array_equal(again, ours["given"])
 
 
 def test_bad_controlnet_arguments(sd1_controlnet, tmp_path):

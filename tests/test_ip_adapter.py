@@ -311,6 +311,11 @@ def test_with_other_features(sd1_ip):
                                         **{**OURS, "guidance_scale": 1.0}), expected, 1e-4)
   hires = pipe.generate(PROMPTS, **{**kw, "hires_scale": 1.5, "prompt_syntax": "plain"})
   assert hires.shape == (2, 24, 24, 3) and np.isfinite(hires).all()
+  # A hires model (A1111's Hires checkpoint) takes the IP-Adapter too: the same model loaded
+  # again makes the same pixels.
+  np.testing.assert_array_equal(pipe.generate(PROMPTS, **{
+      **kw, "hires_scale": 1.5, "prompt_syntax": "plain",
+      "hires_model": sdjax.load_pipeline(pipe.name)}), hires)
   # With a ControlNet (which, as diffusers', sees the text alone): StableDiffusionControlNet-
   # Pipeline with the same IP-Adapter.
   from test_controlnet import torch_controlnet  # noqa: PLC0415

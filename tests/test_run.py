@@ -149,6 +149,52 @@ def test_hires_resize_run(model, cache, tmp_path):
     run.generate_run(dataclasses.replace(config, hires_scheduler="k_euler"))
 
 
+def test_hires_model_run(model, cache, tmp_path):
+  """--hires_model (A1111's Hires checkpoint): the second pass runs another model in the run's
+  program, a prompt's <lora:...> tags merged into both models as A1111 applies them; the images
+  are generate(hires_model=...)'s, the record keeps its path, the PNG text its A1111 short
+  title (`Hires checkpoint: name [short hash]`)."""
+  from safetensors.numpy import save_file  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+  from sdjax import testing  # noqa: PLC0415
+
+  other = str(tmp_path / "fine-tune")
+  testing.write_torch_pipeline(other, "sd1", seed=32)
+  rng = np.random.default_rng(1)
+  style = str(tmp_path / "loras" / "style.safetensors")
+  os.makedirs(os.path.dirname(style))
+  save_file({"lora_unet_conv_in.lora_down.weight": rng.standard_normal((2, 4, 3, 3), np.float32),
+             "lora_unet_conv_in.lora_up.weight": rng.standard_normal((32, 2, 1, 1), np.float32)},
+            style)
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(
+      _config(model, out, cache, hires_scale=1.5, hires_steps=2, hires_model=other,
+              prompt_syntax="a1111", lora_dir=os.path.dirname(style)),
+      prompts=(run.PromptLine("a cat <lora:style:0.5>"),))
+  assert run.generate_run(config).images == 1
+  (r,) = sinks.iter_records(sinks.Store(out), 1)
+  assert r["hires"]["model"] == other and (r["height"], r["width"]) == (24, 24)
+  png = Image.open(os.path.join(out, r["file"]))
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  unet = os.path.join(other, "unet", "diffusion_pytorch_model.safetensors")
+  assert params["Hires checkpoint"] == f"fine-tune [{outputs.short_hash(unet)}]"
+  assert other not in png.text["parameters"]  # no local path in shared images
+  kw = dict(seed=r["seed"], steps=2, guidance_scale=3.0, scheduler="euler_ancestral",
+            height=16, width=16, hires_scale=1.5, hires_steps=2, prompt_syntax="a1111")
+  pipe, hires_model = (sdjax.load_pipeline(m, loras=[(style, 0.5)]) for m in (model, other))
+  alone = pipe.generate("a cat", hires_model=hires_model, **kw)
+  assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  assert np.abs(pipe.generate("a cat", **kw)[0] - alone[0]).max() > 0.05  # its own model's
+  without = pipe.generate("a cat", hires_model=sdjax.load_pipeline(other), **kw)
+  assert np.abs(without[0] - alone[0]).max() > 0.05  # the hires model without the LoRA
+  with pytest.raises(run.RunError, match="--hires_model is the hires pass's model: give "):
+    run.generate_run(dataclasses.replace(config, hires_scale=0.0))
+  with pytest.raises(run.RunError, match=r"--hires_model /nowhere: model folder '/nowhere' "):
+    run.generate_run(dataclasses.replace(config, hires_model="/nowhere", overwrite=True,
+                                         output_dir=str(tmp_path / "bad")))
+
+
 def test_hires_prompt_takes_its_prompts_loras():
   """One LoRA set per image: a hires prompt with other <lora:...> tags is refused."""
   jobs = [run.ImageJob(0, "a <lora:ink:0.5> cat", "", 0)]

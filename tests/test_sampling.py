@@ -133,6 +133,26 @@ def test_hires_resize_layout_is_a1111s():
     sampling.Hires(resize=(-8, 0)).check()
 
 
+def test_hires_model_must_take_the_latents():
+  """A hires model continues the first pass's latents: the same channels and VAE scale, and a
+  text-to-image UNet (an inpainting one would want a mask)."""
+  import types  # noqa: PLC0415
+
+  def fake(channels=4, scale=8, unet_in=4):
+    return types.SimpleNamespace(vae=types.SimpleNamespace(config=types.SimpleNamespace(
+        latent_channels=channels)), vae_scale=scale, unet=types.SimpleNamespace(
+            config=types.SimpleNamespace(in_channels=unet_in)))
+
+  sampling.check_hires_model(fake(), fake())
+  with pytest.raises(ValueError, match=r"hires model's latents \(16 channels, 1/8 of the image\) "
+                     r"are not the model's \(4, 1/8\)"):
+    sampling.check_hires_model(fake(), fake(channels=16, unet_in=16))
+  with pytest.raises(ValueError, match="are not the model's"):
+    sampling.check_hires_model(fake(), fake(scale=4))
+  with pytest.raises(ValueError, match="must be a text-to-image model .* takes 9 input channels"):
+    sampling.check_hires_model(fake(), fake(unet_in=9))
+
+
 @pytest.mark.parametrize("name,upscaler,hires_prompts,resize,hires_scheduler", [
     ("euler", "latent", None, (40, 24), "ddim"),
     ("dpmpp_2m_karras", "latent-bicubic-antialiased", (["a blue square", "a dog"], "blurry"),
@@ -187,6 +207,48 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts, resiz
   err = rel(ours, expected)
   print(f"\nhires {name} {upscaler}: {err:.2e}")
   assert err <= 1e-4  # seen 7.0e-7, 4.0e-7; the first pass's prompts in the second: 1.3e-3
+
+
+def test_hires_model_matches_diffusers(pipes, tmp_path):
+  """hires_model (A1111's Hires checkpoint): the first pass's latents, enlarged, continue in
+  another model's img2img pipeline: here an SD2 (v-prediction, its own text encoder, UNet,
+  schedule and VAE) after an SD1; the first pass's scheduler by name on the second model's
+  config, as A1111 builds its sampler on the model it switched to."""
+  import torch  # noqa: PLC0415
+
+  _sd1_only(pipes)
+  ref, pipe, _ = pipes
+  testing.write_torch_pipeline(str(tmp_path / "sd2"), "sd2", seed=22)
+  hires_ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+      str(tmp_path / "sd2"), safety_checker=None, requires_safety_checker=False)
+  hires_ref.set_progress_bar_config(disable=True)
+  hires_model = sdjax.load_pipeline(str(tmp_path / "sd2"))
+  ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
+  hires_ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(hires_model.scheduler_config)
+  noise, seed, steps, hires_steps, strength = _unit_noise((2, 8, 8, 4), seed=6), 4, 3, 3, 0.6
+  total = int(hires_steps / strength)
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
+  second = nchw(np.asarray(sampling._keyed_noise(keys, sampling._HIRES_NOISE, (16, 16, 4))))  # noqa: SLF001
+  module = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"
+  with torch.no_grad():
+    first = ref(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps,
+                guidance_scale=GUIDANCE, height=16, width=16, latents=nchw(noise),
+                output_type="latent").images
+    enlarged = torch.nn.functional.interpolate(first, size=(16, 16), mode="bilinear")
+    with mock.patch(f"{module}.randn_tensor", lambda *a, **k: second):
+      expected = hires_ref(PROMPTS, negative_prompt=NEGATIVES, image=enlarged,
+                           strength=(hires_steps + 0.5) / total, num_inference_steps=total,
+                           guidance_scale=GUIDANCE, output_type="np").images
+  kw = dict(negative_prompts=NEGATIVES, steps=steps, guidance_scale=GUIDANCE, scheduler="euler",
+            height=16, width=16, latents=noise, seed=seed, hires_scale=2.0,
+            hires_steps=hires_steps, hires_strength=strength)
+  ours = pipe.generate(PROMPTS, hires_model=hires_model, **kw)
+  err = rel(ours, expected)
+  print(f"\nhires model (sd1 -> sd2): {err:.2e}")
+  assert err <= 1e-4
+  assert rel(pipe.generate(PROMPTS, **kw), expected) > 1e-2  # the first model's second pass
+  with pytest.raises(ValueError, match="hires_model is the hires pass's model: give hires_scale"):
+    pipe.generate(PROMPTS, hires_model=hires_model, steps=2)
 
 
 def test_hires_pass_prompt_edits_count_on(pipes):
