@@ -89,9 +89,10 @@ flags.DEFINE_float("hires_scale", 0.0, "A1111's hires fix: enlarge the latents t
                    "and denoise again (0: off)")
 flags.DEFINE_integer("hires_steps", 0, "hires fix: steps of the second pass (0: --steps)")
 flags.DEFINE_float("hires_strength", 0.7, "hires fix: the second pass's denoising strength")
-flags.DEFINE_enum("hires_upscaler", "latent", list(sampling.HIRES_UPSCALERS),
+flags.DEFINE_enum("hires_upscaler", "latent", list(sampling.HIRES_UPSCALER_NAMES),
                   "hires fix: A1111's latent upscalers (latent = Latent, bilinear; "
-                  "latent-bicubic-antialiased = Latent (bicubic antialiased), ...)")
+                  "latent-bicubic-antialiased = Latent (bicubic antialiased), ...) or its "
+                  "pixel ones lanczos and nearest (the decoded images resized as PIL does)")
 flags.DEFINE_integer("hires_resize_width", 0, "hires fix: enlarge to this width instead of "
                      "--hires_scale (A1111's Resize width to; 0: from the aspect)")
 flags.DEFINE_integer("hires_resize_height", 0, "hires fix: enlarge to this height instead of "

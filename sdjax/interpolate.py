@@ -1,4 +1,5 @@
-"""torch's `interpolate` (align_corners=False) as two matrix products, for A1111's latent upscalers.
+"""Resampling as A1111's hires upscalers do it: torch's `interpolate` (align_corners=False) as two
+matrix products, for its latent upscalers; PIL's 8-bit resize (below), for its pixel ones.
 
 A1111's hires fix enlarges latents with `torch.nn.functional.interpolate` in one of six modes
 ("Hires upscaler": Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic
@@ -11,6 +12,7 @@ filters), and applied in the program as two contractions.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -96,3 +98,88 @@ def resize(x: jax.Array, size: tuple[int, int], mode: str, antialias: bool = Fal
   x = jnp.einsum("oh,bhwc->bowc", h, x.astype(jnp.float32), precision="highest")
   return jnp.einsum("pw,bowc->bopc", w, x, precision="highest")
 
+
+
+# -- PIL's Image.resize of 8-bit images (A1111's pixel-space hires upscalers) --------------------
+# A1111's "Lanczos" and "Nearest" upscalers, and the Lanczos resizes around every upscaler, are
+# PIL's resize of 8-bit RGB images. PIL resamples in fixed point: each axis's filter weights
+# (support 3, widened by the scale when shrinking, normalised) are rounded to 22 fractional bits
+# and each pass (horizontal, then vertical) rounds and clips its sums to 0..255. The same integer
+# arithmetic runs here as int32 contractions, so the results are PIL's exactly; NEAREST picks
+# the pixel PIL's affine scaling picks (its position accumulated step by step, in double).
+PIL_FILTERS = ("lanczos", "nearest")
+_PIL_PRECISION_BITS = 32 - 8 - 2  # PIL's Resample.c
+
+
+def _pil_sinc(x: float) -> float:
+  if x == 0.0:
+    return 1.0
+  x *= math.pi
+  return math.sin(x) / x
+
+
+def _pil_lanczos(x: float) -> float:
+  return _pil_sinc(x) * _pil_sinc(x / 3.0) if -3.0 <= x < 3.0 else 0.0
+
+
+@functools.lru_cache(maxsize=64)
+def pil_weights(in_size: int, out_size: int) -> np.ndarray:
+  """int32 [out_size, in_size]: PIL's fixed-point Lanczos weights along one axis (its
+  `precompute_coeffs` and `normalize_coeffs_8bpc`, in the same double arithmetic)."""
+  if min(in_size, out_size) < 1:
+    raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+  scale = in_size / out_size
+  filterscale = max(scale, 1.0)
+  support = 3.0 * filterscale
+  out = np.zeros((out_size, in_size), np.int32)
+  one = float(1 << _PIL_PRECISION_BITS)
+  for i in range(out_size):
+    center = (i + 0.5) * scale
+    lo = max(int(center - support + 0.5), 0)
+    hi = min(int(center + support + 0.5), in_size)
+    k = [_pil_lanczos((x - center + 0.5) / filterscale) for x in range(lo, hi)]
+    total = 0.0
+    for v in k:  # in order, as PIL sums
+      total += v
+    for j, v in enumerate(k):
+      v = v / total if total != 0.0 else v
+      out[i, lo + j] = int(-0.5 + v * one) if v < 0 else int(0.5 + v * one)
+  out.flags.writeable = False
+  return out
+
+
+@functools.lru_cache(maxsize=64)
+def pil_nearest(in_size: int, out_size: int) -> np.ndarray:
+  """int32 [out_size]: the input pixel PIL's NEAREST resize takes for each output pixel."""
+  step = in_size / out_size
+  pos = step * 0.5
+  picks = []
+  for _ in range(out_size):
+    picks.append(min(int(pos), in_size - 1))
+    pos += step
+  out = np.asarray(picks, np.int32)
+  out.flags.writeable = False
+  return out
+
+
+def _pil_pass(x: jax.Array, weights: np.ndarray, axis: str) -> jax.Array:
+  spec = "oh,bhwc->bowc" if axis == "h" else "ow,bhwc->bhoc"
+  acc = jnp.einsum(spec, jnp.asarray(weights), x, preferred_element_type=jnp.int32)
+  acc = acc + jnp.int32(1 << (_PIL_PRECISION_BITS - 1))
+  return jnp.clip(acc >> _PIL_PRECISION_BITS, 0, 255)
+
+
+def pil_resize(x: jax.Array, size: tuple[int, int], resample: str) -> jax.Array:
+  """int32 levels [B, H, W, C] in 0..255 -> [B, *size, C], as PIL's
+  `Image.resize((w, h), LANCZOS or NEAREST)` of each 8-bit image."""
+  if resample not in PIL_FILTERS:
+    raise ValueError(f"unknown PIL filter {resample!r}; pick one of {', '.join(PIL_FILTERS)}")
+  (h0, w0), (h, w) = x.shape[1:3], size
+  x = x.astype(jnp.int32)
+  if resample == "nearest":
+    return x[:, pil_nearest(h0, h)][:, :, pil_nearest(w0, w)]
+  if w != w0:  # PIL: the horizontal pass first
+    x = _pil_pass(x, pil_weights(w0, w), "w")
+  if h != h0:
+    x = _pil_pass(x, pil_weights(h0, h), "h")
+  return x

@@ -974,7 +974,7 @@ class _Sampler:
           hires = (dataclasses.replace(hires[0], control_modes=spec.control_modes), hires[1])
         except ValueError as e:
           raise RunError(f"--hires_scale: {e}") from None
-        spec = dataclasses.replace(spec, output_latents=True)
+        spec = dataclasses.replace(spec, output_latents=_hires(cfg).in_latents)
         state = (state, hires[1])
       self.programs[key] = _Program(
           spec, host_state, parallel.replicate(state, self.mesh),

@@ -59,7 +59,8 @@ class SampleSpec:
   output_latents: bool = False  # return the diffusion latents undecoded (output_type="latent")
   init_latents: bool = False  # start from given diffusion latents as they are (denoising_start)
   # Hires fix: start from another stage's denoised latents, resized to `latent_hw` by this
-  # `HIRES_UPSCALERS` method, noised at `begin` (img2img from latents).
+  # `LATENT_UPSCALERS` method, noised at `begin` (img2img from latents); or (`PIXEL_UPSCALERS`)
+  # from its images, resized as A1111 resizes them and encoded.
   upscale: str | None = None
   # ... to (h, w) latent pixels first, then cut at (top, left) to `latent_hw` (A1111's Hires
   # resize to another aspect); None: straight to `latent_hw`.
@@ -345,7 +346,10 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, 
     return init.astype(jnp.float32)
   if spec.upscale is not None:
     h, w, top, left = spec.upscale_crop or (*spec.latent_hw, 0, 0)
-    latents = interpolate.resize(init, (h, w), *HIRES_UPSCALERS[spec.upscale])
+    if spec.upscale in PIXEL_UPSCALERS:
+      latents = _pixel_upscaled(spec.upscale, vae, params, init, (h, w), keys)
+    else:
+      latents = interpolate.resize(init, (h, w), *LATENT_UPSCALERS[spec.upscale])
     latents = latents[:, top:top + spec.latent_hw[0], left:left + spec.latent_hw[1]]
     return sched.add_noise(state, latents, _keyed_noise(keys, _HIRES_NOISE, latents.shape[1:]),
                            spec.begin)
@@ -353,6 +357,19 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, keys, noise, 
     return noise * sched.init_noise_sigma(state)
   return sched.add_noise(state, _encode_sample(vae, params, init, keys, _POSTERIOR), noise,
                          spec.begin)
+
+
+def _pixel_upscaled(upscaler: str, vae: AutoencoderKL, params, images, latent_hw, keys):
+  """A1111's hires fix with a pixel upscaler: the first pass's images [B, H, W, 3] in [0, 1] as
+  8-bit levels (truncated, as A1111 converts them), resized by PIL's arithmetic
+  (`pixel_upscale_steps`) to `latent_hw` latent pixels, and encoded (a posterior sample)."""
+  s = vae.config.downscale
+  levels = jnp.floor(images.astype(jnp.float32) * jnp.float32(255.0)).astype(jnp.int32)
+  for size, resample in pixel_upscale_steps(upscaler, images.shape[1:3],
+                                            (latent_hw[0] * s, latent_hw[1] * s)):
+    levels = interpolate.pil_resize(levels, size, resample)
+  return _encode_sample(vae, params, levels.astype(jnp.float32) / jnp.float32(255.0), keys,
+                        _POSTERIOR)
 
 
 def _encode_sample(vae: AutoencoderKL, params, images, keys, stream: int):
@@ -810,17 +827,44 @@ def inpaint_mode(pipe, masks: bool) -> str | None:
 
 
 # A1111's latent upscalers ("Hires upscaler"): torch's interpolate of the latents (mode,
-# antialias), with the names A1111 shows.
-HIRES_UPSCALERS = {"latent": ("bilinear", False), "latent-antialiased": ("bilinear", True),
-                   "latent-bicubic": ("bicubic", False),
-                   "latent-bicubic-antialiased": ("bicubic", True),
-                   "latent-nearest": ("nearest", False),
-                   "latent-nearest-exact": ("nearest-exact", False)}
+# antialias); its pixel ones built in (no network): PIL's resize of the decoded 8-bit images
+# (filter); with the names A1111 shows.
+LATENT_UPSCALERS = {"latent": ("bilinear", False), "latent-antialiased": ("bilinear", True),
+                    "latent-bicubic": ("bicubic", False),
+                    "latent-bicubic-antialiased": ("bicubic", True),
+                    "latent-nearest": ("nearest", False),
+                    "latent-nearest-exact": ("nearest-exact", False)}
+PIXEL_UPSCALERS = {"lanczos": "lanczos", "nearest": "nearest"}
 HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-antialiased": "Latent (antialiased)",
                         "latent-bicubic": "Latent (bicubic)",
                         "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
                         "latent-nearest": "Latent (nearest)",
-                        "latent-nearest-exact": "Latent (nearest-exact)"}
+                        "latent-nearest-exact": "Latent (nearest-exact)",
+                        "lanczos": "Lanczos", "nearest": "Nearest"}
+
+
+def pixel_upscale_steps(upscaler: str, size: tuple[int, int],
+                        target: tuple[int, int]) -> tuple[tuple[tuple[int, int], str], ...]:
+  """The PIL resizes ((height, width), filter), in order, that A1111's `resize_image` ("Just
+  resize") makes of an image of `size` (height, width) to `target` with its Lanczos or Nearest
+  upscaler: when enlarging, the upscaler's own resize by the larger side's factor, then Lanczos
+  to that size rounded down to 8 and to the target where they differ."""
+  (h, w), (th, tw) = size, target
+  steps, current = [], (h, w)
+  scale = max(tw / w, th / h)
+  if scale > 1.0:  # A1111's Upscaler.upscale: up to 3 rounds; these filters finish in one
+    dest = (int((h * scale) // 8 * 8), int((w * scale) // 8 * 8))
+    if current[1] < dest[1] or current[0] < dest[0]:
+      enlarged = (int(h * scale), int(w * scale))
+      if enlarged != current:
+        steps.append((enlarged, PIXEL_UPSCALERS[upscaler]))
+        current = enlarged
+    if current != dest:
+      steps.append((dest, "lanczos"))
+      current = dest
+  if current != (th, tw):
+    steps.append(((th, tw), "lanczos"))
+  return tuple(steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -837,6 +881,11 @@ class Hires:
   upscaler: str = "latent"
   resize: tuple[int, int] = (0, 0)  # (width, height); any nonzero: instead of `scale`
   scheduler: str | None = None  # A1111's Hires sampler; None: the first pass's
+
+  @property
+  def in_latents(self) -> bool:
+    """Whether the first pass hands over latents (a latent upscaler), else its images."""
+    return self.upscaler in LATENT_UPSCALERS
 
   def size(self, pipe, height: int, width: int) -> tuple[int, int]:
     """The second pass's (height, width): A1111's `int(side * scale)`, rounded down to a size
@@ -875,9 +924,9 @@ class Hires:
       raise ValueError(f"hires steps must be a positive integer, got {self.steps!r}")
     if not 0.0 < self.strength <= 1.0:
       raise ValueError(f"hires strength must be in (0, 1], got {self.strength}")
-    if self.upscaler not in HIRES_UPSCALERS:
+    if self.upscaler not in HIRES_UPSCALER_NAMES:
       raise ValueError(f"unknown hires upscaler {self.upscaler!r}; pick one of "
-                       f"{', '.join(HIRES_UPSCALERS)}")
+                       f"{', '.join(HIRES_UPSCALER_NAMES)}")
     if self.scheduler is not None and self.scheduler not in schedulers.SCHEDULERS:
       raise ValueError(f"unknown hires scheduler {self.scheduler!r}; pick one of "
                        f"{', '.join(schedulers.SCHEDULERS)}")
@@ -1069,7 +1118,7 @@ def generate(
                                     schedulers.default_scheduler_name(pipe.scheduler_config)})
     hires_stage = (dataclasses.replace(hires_stage[0], control_modes=spec.control_modes),
                    hires_stage[1])
-    spec = dataclasses.replace(spec, output_latents=True)
+    spec = dataclasses.replace(spec, output_latents=hires.in_latents)
   seeds = make_seeds(seed, n)
   latent_shape = (n, *spec.latent_hw, latent_channels(pipe))
   if latents is None:

@@ -118,29 +118,33 @@ def test_hires_fix_run(model, cache, tmp_path):
 
 
 def test_hires_resize_run(model, cache, tmp_path):
-  """--hires_resize_width/height: A1111's Resize to (16x16 -> cover 32x32 -> cut to 32x24), and
-  --hires_scheduler (A1111's Hires sampler): the images are generate(hires_resize=...,
-  hires_scheduler=...)'s; the PNG text says `Hires resize` (not an upscale), `Hires sampler`."""
+  """--hires_resize_width/height: A1111's Resize to (16x16 -> cover 32x32 -> cut to 32x24), with
+  its pixel upscaler Lanczos (the first pass's images enlarged) and --hires_scheduler (A1111's
+  Hires sampler): the images are generate(hires_resize=..., hires_upscaler="lanczos",
+  hires_scheduler=...)'s; the PNG text says `Hires resize` (not an upscale), `Hires upscaler:
+  Lanczos`, `Hires sampler`."""
   import sdjax  # noqa: PLC0415
 
   out = str(tmp_path / "out")
   config = dataclasses.replace(
       _config(model, out, cache, hires_resize_width=32, hires_resize_height=24, hires_steps=2,
-              hires_scheduler="ddim"),
+              hires_scheduler="ddim", hires_upscaler="lanczos"),
       prompts=(PROMPTS[0],))
   assert run.generate_run(config).images == 1
   (r,) = sinks.iter_records(sinks.Store(out), 1)
   assert (r["height"], r["width"]) == (24, 32)
   assert r["hires"] == {"resize_width": 32, "resize_height": 24, "steps": 2, "strength": 0.7,
-                        "upscaler": "latent", "scheduler": "ddim", "first_height": 16,
+                        "upscaler": "lanczos", "scheduler": "ddim", "first_height": 16,
                         "first_width": 16}
   png = Image.open(os.path.join(out, r["file"]))
   params = outputs.parse_a1111_parameters(png.text["parameters"])
   assert params["Hires resize"] == "32x24" and "Hires upscale" not in params
+  assert params["Hires upscaler"] == "Lanczos"
   assert (params["Sampler"], params["Hires sampler"]) == ("Euler a", "DDIM")
   alone = sdjax.load_pipeline(model).generate(
       r["prompt"], seed=r["seed"], steps=2, guidance_scale=3.0, scheduler="euler_ancestral",
-      height=16, width=16, hires_resize=(32, 24), hires_steps=2, hires_scheduler="ddim")
+      height=16, width=16, hires_resize=(32, 24), hires_steps=2, hires_scheduler="ddim",
+      hires_upscaler="lanczos")
   assert alone.shape == (1, 24, 32, 3)
   assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
   with pytest.raises(run.RunError, match="--hires_resize_. must be >= 0"):

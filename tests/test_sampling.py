@@ -209,6 +209,50 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts, resiz
   assert err <= 1e-4  # seen 7.0e-7, 4.0e-7; the first pass's prompts in the second: 1.3e-3
 
 
+@pytest.mark.parametrize("upscaler", list(sampling.PIXEL_UPSCALERS))
+def test_pixel_hires_upscaler_matches_diffusers(pipes, upscaler):
+  """A1111's pixel upscalers (Lanczos, Nearest): diffusers' text-to-image images as A1111 turns
+  them into 8-bit levels (truncated), resized by PIL as A1111's resize_image does (here one
+  resize, 16x32 -> 24x48), then diffusers' img2img pipeline on them for the steps A1111 runs,
+  with our draws of the posterior sample and the second pass's noise."""
+  from PIL import Image  # noqa: PLC0415
+
+  ref, pipe, folder = pipes
+  if _v_prediction(pipe) != (upscaler == "nearest"):
+    pytest.skip("lanczos is checked on the epsilon family, nearest on the v-prediction one")
+  ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
+  img_pipe = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+  img_pipe.set_progress_bar_config(disable=True)
+  noise, seed, steps, hires_steps, strength = _unit_noise((2, 8, 16, 4), seed=8), 5, 3, 3, 0.6
+  total = int(hires_steps / strength)
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
+  second = np.asarray(sampling._keyed_noise(keys, sampling._HIRES_NOISE, (12, 24, 4)))  # noqa: SLF001
+  assert sampling.pixel_upscale_steps(upscaler, (16, 32), (24, 48)) == (
+      ((24, 48), upscaler),)
+  filt = {"lanczos": Image.LANCZOS, "nearest": Image.NEAREST}[upscaler]
+  first = ref(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps,
+              guidance_scale=GUIDANCE, height=16, width=32, latents=nchw(noise),
+              output_type="np").images
+  levels = np.floor(first * np.float32(255.0)).astype(np.uint8)  # A1111's astype(np.uint8)
+  enlarged = np.stack([np.asarray(Image.fromarray(x).resize((48, 16), filt).resize((48, 24), filt))
+                       if upscaler == "lanczos" else  # PIL 9.5's two passes, horizontal first
+                       np.asarray(Image.fromarray(x).resize((48, 24), filt)) for x in levels])
+  module = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"
+  with img2img_draws(module, seed, (12, 24, 4), second):
+    expected = img_pipe(PROMPTS, negative_prompt=NEGATIVES,
+                        image=enlarged.astype(np.float32) / np.float32(255.0),
+                        strength=(hires_steps + 0.5) / total, num_inference_steps=total,
+                        guidance_scale=GUIDANCE, output_type="np").images
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=steps, guidance_scale=GUIDANCE,
+                       scheduler="euler", height=16, width=32, latents=noise, seed=seed,
+                       hires_scale=1.5, hires_steps=hires_steps, hires_strength=strength,
+                       hires_upscaler=upscaler)
+  assert ours.shape == (2, 24, 48, 3)
+  err = rel(ours, expected)
+  print(f"\nhires {upscaler} (pixel): {err:.2e}")
+  assert err <= 1e-4
+
+
 def test_hires_model_matches_diffusers(pipes, tmp_path):
   """hires_model (A1111's Hires checkpoint): the first pass's latents, enlarged, continue in
   another model's img2img pipeline: here an SD2 (v-prediction, its own text encoder, UNet,
