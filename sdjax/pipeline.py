@@ -431,8 +431,10 @@ class Pipeline:
       hires_scale: A1111's hires fix: the text-to-image latents are enlarged this
         many times (`hires_upscaler`: one of A1111's latent upscalers, as torch's interpolate
         makes them: "latent" (bilinear), "latent-antialiased", "latent-bicubic",
-        "latent-bicubic-antialiased", "latent-nearest", "latent-nearest-exact"; each side
-        rounded down to a size the model takes) and denoised again at that size as img2img at
+        "latent-bicubic-antialiased", "latent-nearest", "latent-nearest-exact"; or its pixel
+        upscalers "lanczos" and "nearest": the decoded images as 8-bit levels resized as
+        A1111's Pillow resizes them, then encoded; each side rounded down to a size the model
+        takes) and denoised again at that size as img2img at
         `hires_strength` for `hires_steps` steps (default: `steps`), which run as A1111 runs
         them: the last `hires_steps` of a schedule of int(hires_steps / hires_strength) steps.
         `hires_resize=(width, height)` instead enlarges to that size (A1111's "Resize width to",
