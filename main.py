@@ -92,7 +92,7 @@ flags.DEFINE_float("hires_strength", 0.7, "hires fix: the second pass's denoisin
 flags.DEFINE_enum("hires_upscaler", "latent", list(sampling.HIRES_UPSCALER_NAMES),
                   "hires fix: A1111's latent upscalers (latent = Latent, bilinear; "
                   "latent-bicubic-antialiased = Latent (bicubic antialiased), ...) or its "
-                  "pixel ones lanczos and nearest (the decoded images resized as PIL does)")
+                  "pixel ones lanczos, nearest and none (the decoded images resized as PIL does)")
 flags.DEFINE_integer("hires_resize_width", 0, "hires fix: enlarge to this width instead of "
                      "--hires_scale (A1111's Resize width to; 0: from the aspect)")
 flags.DEFINE_integer("hires_resize_height", 0, "hires fix: enlarge to this height instead of "

@@ -432,7 +432,7 @@ class Pipeline:
         many times (`hires_upscaler`: one of A1111's latent upscalers, as torch's interpolate
         makes them: "latent" (bilinear), "latent-antialiased", "latent-bicubic",
         "latent-bicubic-antialiased", "latent-nearest", "latent-nearest-exact"; or its pixel
-        upscalers "lanczos" and "nearest": the decoded images as 8-bit levels resized as
+        upscalers "lanczos", "nearest" and "none": the decoded images as 8-bit levels resized as
         A1111's Pillow resizes them, then encoded; each side rounded down to a size the model
         takes) and denoised again at that size as img2img at
         `hires_strength` for `hires_steps` steps (default: `steps`), which run as A1111 runs

@@ -834,13 +834,13 @@ LATENT_UPSCALERS = {"latent": ("bilinear", False), "latent-antialiased": ("bilin
                     "latent-bicubic-antialiased": ("bicubic", True),
                     "latent-nearest": ("nearest", False),
                     "latent-nearest-exact": ("nearest-exact", False)}
-PIXEL_UPSCALERS = {"lanczos": "lanczos", "nearest": "nearest"}
+PIXEL_UPSCALERS = {"lanczos": "lanczos", "nearest": "nearest", "none": None}
 HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-antialiased": "Latent (antialiased)",
                         "latent-bicubic": "Latent (bicubic)",
                         "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
                         "latent-nearest": "Latent (nearest)",
                         "latent-nearest-exact": "Latent (nearest-exact)",
-                        "lanczos": "Lanczos", "nearest": "Nearest"}
+                        "lanczos": "Lanczos", "nearest": "Nearest", "none": "None"}
 
 
 def pixel_upscale_steps(upscaler: str, size: tuple[int, int],
@@ -848,11 +848,12 @@ def pixel_upscale_steps(upscaler: str, size: tuple[int, int],
   """The PIL resizes ((height, width), filter), in order, that A1111's `resize_image` ("Just
   resize") makes of an image of `size` (height, width) to `target` with its Lanczos or Nearest
   upscaler: when enlarging, the upscaler's own resize by the larger side's factor, then Lanczos
-  to that size rounded down to 8 and to the target where they differ."""
+  to that size rounded down to 8 and to the target where they differ; with "None", Lanczos
+  straight to the target."""
   (h, w), (th, tw) = size, target
   steps, current = [], (h, w)
   scale = max(tw / w, th / h)
-  if scale > 1.0:  # A1111's Upscaler.upscale: up to 3 rounds; these filters finish in one
+  if scale > 1.0 and PIXEL_UPSCALERS[upscaler] is not None:  # A1111's Upscaler.upscale: up to 3 rounds; these filters finish in one
     dest = (int((h * scale) // 8 * 8), int((w * scale) // 8 * 8))
     if current[1] < dest[1] or current[0] < dest[0]:
       enlarged = (int(h * scale), int(w * scale))

@@ -77,3 +77,4 @@ def test_pixel_upscale_steps_are_a1111s():
   assert steps("nearest", (512, 768), (1024, 1024)) == (  # covers, then to the target
       ((1024, 1536), "nearest"), ((1024, 1024), "lanczos"))
   assert steps("nearest", (16, 16), (12, 12)) == (((12, 12), "lanczos"),)  # shrinking: Lanczos
+  assert steps("none", (100, 100), (150, 150)) == (((150, 150), "lanczos"),)  # A1111's None
