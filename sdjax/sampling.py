@@ -853,7 +853,8 @@ def pixel_upscale_steps(upscaler: str, size: tuple[int, int],
   (h, w), (th, tw) = size, target
   steps, current = [], (h, w)
   scale = max(tw / w, th / h)
-  if scale > 1.0 and PIXEL_UPSCALERS[upscaler] is not None:  # A1111's Upscaler.upscale: up to 3 rounds; these filters finish in one
+  if scale > 1.0 and PIXEL_UPSCALERS[upscaler] is not None:
+    # A1111's Upscaler.upscale: up to 3 rounds of the upscaler; these filters finish in one
     dest = (int((h * scale) // 8 * 8), int((w * scale) // 8 * 8))
     if current[1] < dest[1] or current[0] < dest[0]:
       enlarged = (int(h * scale), int(w * scale))
