@@ -130,14 +130,14 @@ def pil_weights(in_size: int, out_size: int) -> np.ndarray:
     raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
   scale = in_size / out_size
   filterscale = max(scale, 1.0)
-  support = 3.0 * filterscale
+  support, ss = 3.0 * filterscale, 1.0 / filterscale
   out = np.zeros((out_size, in_size), np.int32)
   one = float(1 << _PIL_PRECISION_BITS)
   for i in range(out_size):
     center = (i + 0.5) * scale
     lo = max(int(center - support + 0.5), 0)
     hi = min(int(center + support + 0.5), in_size)
-    k = [_pil_lanczos((x - center + 0.5) / filterscale) for x in range(lo, hi)]
+    k = [_pil_lanczos((x - center + 0.5) * ss) for x in range(lo, hi)]  # PIL multiplies
     total = 0.0
     for v in k:  # in order, as PIL sums
       total += v

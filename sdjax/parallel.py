@@ -123,10 +123,11 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
   `shard_tree`). With `refiner=(refiner_spec, refiner_pipe)` (an SDXL
   base -> refiner handoff, `spec` ending in latents) `params`, `cond` and `state` are
   (base, refiner) pairs and both stages run in the one program (a ControlNet steers the
-  base's). With `hires` (the hires pass's spec, `spec` ending in latents) `cond` and `state` are
-  (first pass, hires pass) pairs; a ControlNet steers both, `f(..., control_images, scale,
-  weights, hires_control_images, hires_weights)`; with `hires_pipe` (another model for the hires
-  pass) `params` are (first pass, hires pass) pairs too.
+  base's). With `hires` (the hires pass's spec, `spec` ending in latents, or in images for a
+  pixel upscaler) `cond` and `state` are (first pass, hires pass) pairs; a ControlNet steers
+  both, `f(..., control_images, scale, weights, hires_control_images, hires_weights)`; with
+  `hires_pipe` (another model for the hires pass) `params` are (first pass, hires pass) pairs
+  too.
   """
   latent_shape = (*spec.latent_hw, sampling.latent_channels(pipe))
   nets = pipe.networks

@@ -458,8 +458,7 @@ def _load_hires_model(cfg: RunConfig, pipe, controlnets=(), ip_adapters=()):
     if controlnets:
       hires = hires.with_controlnet(controlnets)
     if ip_adapters:
-      hires = hires.with_ip_adapter(ip_adapters, [s if isinstance(s, dict) else None
-                                                  for s in _ip_scales(cfg)])
+      hires = hires.with_ip_adapter(ip_adapters, _ip_layer_scales(cfg))
   except ValueError as e:
     raise RunError(f"--hires_model {cfg.hires_model}: {e}") from None
   return hires
@@ -598,8 +597,7 @@ def generate_run(cfg: RunConfig) -> RunSummary:
       adapters = [sdjax.load_ip_adapter(path, encoder or None, cfg.dtype)
                   for path, encoder in zip(cfg.ip_adapter, cfg.ip_adapter_encoder
                                            or ("",) * len(cfg.ip_adapter), strict=True)]
-      pipe = pipe.with_ip_adapter(adapters, [s if isinstance(s, dict) else None
-                                             for s in _ip_scales(cfg)])
+      pipe = pipe.with_ip_adapter(adapters, _ip_layer_scales(cfg))
     except ValueError as e:  # a misfit, or per-layer scales naming no layer: the text says
       raise RunError(f"--ip_adapter: {e}") from None
   refiner, hires_model = _load_refiner(cfg, pipe), _load_hires_model(cfg, pipe, controlnets,
@@ -1239,6 +1237,11 @@ def _per_model_paths(job: ImageJob, field: str, defaults: list[str], n: int,
     raise RunError(f'image {job.index} ({job.prompt!r}): "{field}" lists {len(own)} images for '
                    f"{n} {what}s")
   return [default if path is None else path for path, default in zip(own, defaults, strict=True)]
+
+
+def _ip_layer_scales(cfg: RunConfig) -> list[dict | None]:
+  """Per --ip_adapter, its InstantStyle per-layer scales, or None (one number for all layers)."""
+  return [s if isinstance(s, dict) else None for s in _ip_scales(cfg)]
 
 
 def _ip_scales(cfg: RunConfig) -> list[float | dict]:
