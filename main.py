@@ -40,6 +40,15 @@ flags.DEFINE_enum("emphasis", "Original", ["Original", "No norm", "Ignore", "Non
                   "a1111: A1111's emphasis mode: Original (weights, then each chunk's mean "
                   "restored), No norm (weights only), Ignore (weights not applied), None "
                   "(brackets and BREAK read as plain text)", case_sensitive=False)
+flags.DEFINE_enum("dynamic_prompts", "off", ["off", "random", "combinatorial"],
+                  "read prompts as templates of A1111's sd-dynamic-prompts extension ({a|b}, "
+                  "{2$$a|b|c}, __wildcard__; needs the dynamicprompts package): random picks "
+                  "each image's text by its seed, combinatorial makes every text a template "
+                  "makes a prompt of its own")
+flags.DEFINE_string("wildcards_dir", None, "--dynamic_prompts: the folder where __name__ reads "
+                    "name.txt (one option per line; __dir/*__ any file under dir/)")
+flags.DEFINE_integer("max_generations", 0, "--dynamic_prompts combinatorial: at most this many "
+                     "prompts per template (0: all)")
 flags.DEFINE_float("strength", 0.75, "img2img and inpainting (jsonl lines with an init_image): "
                    "how much of the schedule to run, A1111's denoising strength (1.0 ignores "
                    "the image)")
@@ -200,6 +209,8 @@ def _run_config() -> run.RunConfig:
   return run.RunConfig(
       prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
       negative_prompt=FLAGS.negative_prompt, prompt_syntax=FLAGS.prompt_syntax,
+      dynamic_prompts=FLAGS.dynamic_prompts, wildcards_dir=FLAGS.wildcards_dir,
+      max_generations=FLAGS.max_generations,
       lora_dir=FLAGS.lora_dir, emphasis=FLAGS.emphasis, strength=FLAGS.strength,
       resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur, inpaint_full_res=FLAGS.inpaint_full_res,
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,

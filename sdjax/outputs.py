@@ -205,7 +205,16 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
   as unquoted strings. The last line counts as the parameters line only when it holds at least
   three pairs, as in A1111; otherwise all text is prompt. A prompt line starting with
   `Negative prompt:` is ambiguous in this format and is read as the start of the negative prompt.
+  Dynamic prompts' `Template: ...` and `Negative Template: ...` lines after the parameters line
+  (as the sd-dynamic-prompts extension writes them) come back as `template` and
+  `negative_template`.
   """
+  templates = {}
+  for key, label in (("negative_template", "\nNegative Template: "),
+                     ("template", "\nTemplate: ")):
+    at = text.rfind(label)
+    if at >= 0:
+      text, templates[key] = text[:at], text[at + len(label):]
   lines = text.strip().split("\n")
   pairs = _PARAM_RE.findall(lines[-1])
   if len(pairs) >= 3:
@@ -221,7 +230,8 @@ def parse_a1111_parameters(text: str) -> dict[str, str]:
       line = line[1:] if line.startswith(" ") else line
     (negative if in_negative else prompt).append(line)
 
-  result = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+  result = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative),
+            **templates}
   for key, value in pairs:
     if len(value) >= 2 and value[0] == value[-1] == '"':
       try:

@@ -14,12 +14,15 @@ their line number, when their shard is generated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 from collections.abc import Iterator, Sequence
+
+from sdjax.dynamic_prompts import DynamicPrompts, TemplateError, is_template
 
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
                  "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
@@ -73,6 +76,10 @@ class ImageJob:
   ip_adapter_image: str | tuple[str | None, ...] | None = None
   hires_prompt: str | None = None  # None: the run's --hires_prompt, else the line's prompt
   hires_negative_prompt: str | None = None
+  # Dynamic prompts (`sdjax.dynamic_prompts`): the templates the prompts came from, when they
+  # were templates.
+  template: str | None = None
+  negative_template: str | None = None
 
   @property
   def kind(self) -> str | None:
@@ -253,16 +260,23 @@ class Plan:
 
   def __init__(self, prompts: Sequence[PromptLine], prompts_file: str | None, *,
                num_images_per_prompt: int, seed: int, negative_prompt: str, shard_size: int,
-               comments: bool = False):
+               comments: bool = False, dynamic: DynamicPrompts | None = None):
     self.prompts, self.prompts_file, self.comments = tuple(prompts), prompts_file, comments
     self.num_images_per_prompt, self.seed = num_images_per_prompt, seed
     self.negative_prompt, self.shard_size = negative_prompt, shard_size
+    # Dynamic prompts: each image's text sampled from its line's template (random), or every
+    # text a template makes a prompt of its own (combinatorial: counted in the first pass).
+    self.dynamic = dynamic
+    self._negatives = 1  # combinatorial: the texts of the run's negative prompt
+    if self._combinatorial:
+      with _templates("--negative_prompt"):
+        self._negatives = dynamic.count(negative_prompt)
     self.total = 0
     self._starts: list[_Cursor] = []
     digest = hashlib.sha256(json.dumps(
         [num_images_per_prompt, seed, negative_prompt, [_key(p) for p in self.prompts]]).encode())
     for entry, prompt in enumerate(self.prompts):
-      self._count(entry, 0, prompt.num_images or num_images_per_prompt)
+      self._count(entry, 0, self._images(prompt, "--prompt"))
     if prompts_file is not None:
       self._scan_file(digest)
     self.digest = digest.hexdigest()
@@ -294,7 +308,12 @@ class Plan:
         digest.update(raw)
         if not _blank(path, raw, self.comments):
           images = self.num_images_per_prompt
-          if jsonl and b"num_images" in raw:
+          if self._combinatorial and _may_be_template(raw):
+            images = self._images(parse_line(path, number, raw, self.comments),
+                                  f"{path} line {number}")
+          elif self._combinatorial:
+            images *= self._negatives
+          elif jsonl and b"num_images" in raw:
             images = parse_line(path, number, raw).num_images or images
           self._count(entry, offset, images)
         entry += 1
@@ -302,8 +321,41 @@ class Plan:
     if self.total == total_before:
       raise RunError(f"prompts file {path} holds no prompts")
 
-  def _entries(self, cursor: _Cursor) -> Iterator[PromptLine | None]:
-    yield from self.prompts[cursor.entry:]
+  @property
+  def _combinatorial(self) -> bool:
+    return self.dynamic is not None and self.dynamic.mode == "combinatorial"
+
+  def _negative(self, line: PromptLine) -> str:
+    return self.negative_prompt if line.negative_prompt is None else line.negative_prompt
+
+  def _images(self, line: PromptLine, where: str) -> int:
+    """How many images a prompt line makes (combinatorial: per text its templates make)."""
+    images = line.num_images or self.num_images_per_prompt
+    if self._combinatorial:
+      with _templates(where):
+        images *= self.dynamic.count(line.prompt)
+        if line.negative_prompt is not None:
+          images *= self.dynamic.count(line.negative_prompt)
+        else:
+          images *= self._negatives
+    return images
+
+  def _texts(self, line: PromptLine) -> Iterator[tuple[int, str, str]]:
+    """(image within the line, prompt, negative prompt) for each of a line's images; random
+    dynamic prompts are sampled later, by each image's seed."""
+    count = line.num_images or self.num_images_per_prompt
+    pairs = [(line.prompt, self._negative(line))]
+    if self._combinatorial:
+      pairs = self.dynamic.pairs(*pairs[0])
+    j = 0
+    for prompt, negative in pairs:
+      for _ in range(count):
+        yield j, prompt, negative
+        j += 1
+
+  def _entries(self, cursor: _Cursor) -> Iterator[tuple[str, PromptLine | None]]:
+    for line in self.prompts[cursor.entry:]:
+      yield "--prompt", line
     if self.prompts_file is None:
       return
     first = max(cursor.entry - len(self.prompts), 0)
@@ -311,27 +363,52 @@ class Plan:
     with _open(self.prompts_file) as f:
       f.seek(offset)
       for number, raw in enumerate(f, first + 1):
-        yield parse_line(self.prompts_file, number, raw, self.comments)
+        yield (f"{self.prompts_file} line {number}",
+               parse_line(self.prompts_file, number, raw, self.comments))
 
   def jobs(self, shard: int) -> Iterator[ImageJob]:
     """The images of `shard`, in order, read from where the shard starts."""
     cursor = self._starts[shard]
     wanted = self.shard_range(shard)
     index = wanted.start - cursor.skip
-    for line in self._entries(cursor):
+    for where, line in self._entries(cursor):
       if line is None:
         continue
-      negative = self.negative_prompt if line.negative_prompt is None else line.negative_prompt
       size = None
       if line.width is not None or line.height is not None:
         size = (line.height, line.width)  # a missing side is the run's (run.py fills it in)
-      for j in range(line.num_images or self.num_images_per_prompt):
-        if index >= wanted.start:
-          seed = self.seed + index if line.seed is None else line.seed + j
-          yield ImageJob(index, line.prompt, negative, seed, size, line.init_image,
-                         line.guidance_scale, line.mask_image, line.steps, line.scheduler,
-                         line.strength, line.control_image, line.ip_adapter_image,
-                         line.hires_prompt, line.hires_negative_prompt)
-        index += 1
-        if index >= wanted.stop:
-          return  # before reading the next line, which belongs to the next shard
+      with _templates(where):
+        for j, prompt, negative in self._texts(line):
+          if index >= wanted.start:
+            seed = self.seed + index if line.seed is None else line.seed + j
+            yield self._job(line, index, prompt, negative, seed, size)
+          index += 1
+          if index >= wanted.stop:
+            return  # before reading the next line, which belongs to the next shard
+
+  def _job(self, line: PromptLine, index: int, prompt: str, negative: str, seed: int,
+           size) -> ImageJob:
+    templates = (None, None)
+    if self.dynamic is not None:  # random: the image's own pick, by its seed
+      templates = tuple(t if is_template(t) else None
+                        for t in (line.prompt, self._negative(line)))
+      if self.dynamic.mode == "random":
+        prompt, negative = (self.dynamic.sample(t, seed) for t in (prompt, negative))
+    return ImageJob(index, prompt, negative, seed, size, line.init_image, line.guidance_scale,
+                    line.mask_image, line.steps, line.scheduler, line.strength,
+                    line.control_image, line.ip_adapter_image, line.hires_prompt,
+                    line.hires_negative_prompt, *templates)
+
+
+def _may_be_template(raw: bytes) -> bool:
+  """Whether a prompts file's line may hold dynamic-prompts syntax (or a JSON escape of it)."""
+  return any(s in raw for s in (b"{", b"__", b"$", b"%", b"#", b"//", b"/*", b"\t", b"\\"))
+
+
+@contextlib.contextmanager
+def _templates(where: str):
+  """A template error as a run error naming its line."""
+  try:
+    yield
+  except TemplateError as e:
+    raise RunError(f"{where}: {e}") from None

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 import sdjax
-from sdjax import aot, conditioning, masks, outputs, parallel, sampling, sinks
+from sdjax import aot, conditioning, dynamic_prompts, masks, outputs, parallel, sampling, sinks
 from sdjax.conditioning import MicroConditioning
 from sdjax.plan import ImageJob, Plan, PromptLine, RunError, check_size, read_prompts_file
 
@@ -134,6 +134,12 @@ class RunConfig:
   # run's --vae, --lora and --embedding, ControlNets and IP-Adapters apply to it too.
   hires_model: str | None = None
   micro: MicroConditioning = MicroConditioning()
+  # Prompts as templates of A1111's sd-dynamic-prompts extension (`sdjax.dynamic_prompts`):
+  # "random" (each image's text picked by its seed) or "combinatorial" (every text a template
+  # makes, at most max_generations; 0: all), `__name__` reading wildcards_dir/name.txt.
+  dynamic_prompts: str = "off"
+  wildcards_dir: str | None = None
+  max_generations: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +159,18 @@ class RunSummary:
 def make_plan(cfg: RunConfig) -> Plan:
   return Plan(cfg.prompts, cfg.prompts_file, num_images_per_prompt=cfg.num_images_per_prompt,
               seed=cfg.seed, negative_prompt=cfg.negative_prompt, shard_size=cfg.shard_size,
-              comments=cfg.prompt_syntax == "a1111")
+              comments=cfg.prompt_syntax == "a1111", dynamic=_dynamic(cfg))
+
+
+def _dynamic(cfg: RunConfig) -> dynamic_prompts.DynamicPrompts | None:
+  """The run's dynamic prompts, or None (off)."""
+  if cfg.dynamic_prompts == "off":
+    return None
+  try:
+    return dynamic_prompts.DynamicPrompts(cfg.dynamic_prompts, cfg.wildcards_dir,
+                                          cfg.max_generations)
+  except dynamic_prompts.TemplateError as e:
+    raise RunError(str(e)) from None
 
 
 def parse_path_arg(spec: str, convert, default, flag: str = "--lora", value: str = "scale"):
@@ -262,6 +279,13 @@ def validate(cfg: RunConfig) -> None:
                    f"scheduler {cfg.scheduler!r}")
   if not 0 <= cfg.seed < 2**32:
     raise RunError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+  if cfg.dynamic_prompts not in dynamic_prompts.MODES:
+    raise RunError(f"--dynamic_prompts must be one of {', '.join(dynamic_prompts.MODES)}, "
+                   f"got {cfg.dynamic_prompts!r}")
+  if cfg.dynamic_prompts == "off" and (cfg.wildcards_dir is not None or cfg.max_generations):
+    raise RunError("--wildcards_dir and --max_generations are options of --dynamic_prompts "
+                   "random or combinatorial")
+  _dynamic(cfg)  # the library installed, the folder there
   if cfg.prompt_syntax not in sampling.PROMPT_SYNTAXES:
     raise RunError(f"--prompt_syntax must be one of {', '.join(sampling.PROMPT_SYNTAXES)}, "
                    f"got {cfg.prompt_syntax!r}")
@@ -350,6 +374,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["cfg_parallel"] = True
   if cfg.embeddings:
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
+  if plan.dynamic is not None:
+    settings["dynamic_prompts"] = plan.dynamic.settings()
   return {**settings, **_hires_record(cfg), **_sdxl_record(cfg, pipe)}
 
 
@@ -1446,6 +1472,8 @@ class _Metadata:
         **({"ip_adapter_image": _one_or_list(ip_adapter_paths(cfg, job)),
             **_ip_adapter_record(cfg)} if cfg.ip_adapter else {}),
         **hires, **_sdxl_record(cfg, self.pipe),
+        **{k: v for k, v in (("template", job.template),
+                             ("negative_template", job.negative_template)) if v is not None},
     }
 
   def _mask_record(self) -> dict[str, Any]:
@@ -1491,6 +1519,13 @@ class _Metadata:
             **({"Hires negative prompt": negative} if negative != job.negative_prompt else {})}
 
   def parameters(self, job: ImageJob) -> str:
+    """A1111's `parameters` text; dynamic prompts' templates on lines of their own after it,
+    as the sd-dynamic-prompts extension writes them."""
+    templates = "".join(f"\n{label}: {text}" for label, text in (
+        ("Template", job.template), ("Negative Template", job.negative_template)) if text)
+    return self._parameters(job) + templates
+
+  def _parameters(self, job: ImageJob) -> str:
     cfg = self.cfg
     height, width = self.size(job)
     steps, scheduler, strength = self.schedule(job)

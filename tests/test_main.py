@@ -350,6 +350,10 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
 
 BAD_INPUT = [
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--wildcards_dir", "."], "--wildcards_dir and --max_generations are options of"),
+    (["--dynamic_prompts", "random", "--wildcards_dir", "nowhere"], "nowhere is not a folder"),
+    (["--dynamic_prompts", "combinatorial", "--prompt", "50% off"],
+     "--prompt: cannot read the dynamic prompt '50% off'"),
     (["--steps", "1001"], "steps (1001) cannot exceed the model's 1000 training timesteps"),
     (["--controlnet_config", "cn"], "--control_image, --controlnet_config, "),
     (["--control_mode", "prompt"], "--control_mode are for a ControlNet: give --controlnet"),
