@@ -63,7 +63,8 @@ class Conditioning:
   SDXL's micro-conditioning. With composable prompts (A1111's `AND`, `:weight`) `prompt` holds
   S rows per image (its parts, padded with parts of weight 0) and `part_weights` [B, S] their
   guidance weights. With IP-Adapters, `ip_images` holds each adapter's images [B, K, S, S, 3]
-  (as its image encoder takes them) and `ip_scales` [B, A] their scales.
+  (as its image encoder takes them), `ip_scales` [B, A] their scales and `ip_masks` per
+  adapter None or its images' masks [B, K, H, W] (0/1 at the image size).
   """
 
   prompt: PromptIds
@@ -74,6 +75,7 @@ class Conditioning:
   part_weights: jax.Array | None = None
   ip_images: tuple | None = None
   ip_scales: jax.Array | None = None
+  ip_masks: tuple | None = None
 
 
 @flax.struct.dataclass
@@ -88,9 +90,11 @@ class Embeddings:
   # and `text_embeds` [B, V, P] still hold every variant (see `at`).
   context_bias: jax.Array | None = None
   schedule: jax.Array | None = None
-  # IP-Adapters: image tokens per adapter [B, K*T, D] and the adapters' scales [B, A].
+  # IP-Adapters: image tokens per adapter [B, K*T, D], the adapters' scales [B, A] and per
+  # adapter None or its images' masks [B, K, H, W].
   image_tokens: tuple | None = None
   image_scales: jax.Array | None = None
+  image_masks: tuple | None = None
 
   def at(self, call) -> Embeddings:
     """The embeddings in force at denoiser call `call` (traced); themselves without schedule."""
@@ -173,18 +177,20 @@ def encode(nets: Networks, params, cond: Conditioning, clip_skip: int | None = N
   """(negative, positive) Embeddings of a conditioning; negative is None without guidance."""
   context, pooled = encode_side(nets, params, cond.prompt, clip_skip)
   negative_tokens, tokens = image_tokens(nets, params, cond)
-  time_ids, scales = cond.time_ids, cond.ip_scales
+  time_ids, scales, masks = cond.time_ids, cond.ip_scales, cond.ip_masks
   if cond.part_weights is not None:  # a row per part
     parts = cond.part_weights.shape[1]
-    time_ids, tokens, scales = jax.tree.map(lambda x: jnp.repeat(x, parts, axis=0),
-                                            (time_ids, tokens, scales))
-  positive = Embeddings(context, pooled, time_ids, *_a1111_extras(cond.prompt), tokens, scales)
+    time_ids, tokens, scales, masks = jax.tree.map(lambda x: jnp.repeat(x, parts, axis=0),
+                                                   (time_ids, tokens, scales, masks))
+  positive = Embeddings(context, pooled, time_ids, *_a1111_extras(cond.prompt), tokens, scales,
+                        masks)
   if not guidance:
     return None, positive
   context, pooled = encode_side(nets, params, cond.negative, negative_clip_skip)
   negative = Embeddings(_zero_where(cond.zero_negative, context),
                         _zero_where(cond.zero_negative, pooled), cond.negative_time_ids,
-                        *_a1111_extras(cond.negative), negative_tokens, cond.ip_scales)
+                        *_a1111_extras(cond.negative), negative_tokens, cond.ip_scales,
+                        cond.ip_masks)
   return negative, positive
 
 
@@ -207,9 +213,8 @@ def image_tokens(nets: Networks, params, cond: Conditioning):
              if hidden else jnp.zeros_like(features[:1]))
     width = projection.config.cross_attention_dim
     positive.append(projection.apply({"params": p["image_proj"]}, features).reshape(b, -1, width))
-    negative.append(jnp.broadcast_to(
-        projection.apply({"params": p["image_proj"]}, blank).reshape(1, -1, width),
-        positive[-1].shape))
+    blank = projection.apply({"params": p["image_proj"]}, blank).reshape(1, -1, width)
+    negative.append(jnp.broadcast_to(jnp.tile(blank, (1, k, 1)), positive[-1].shape))  # K
   return tuple(negative), tuple(positive)
 
 
@@ -322,8 +327,10 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
   unet_params = params["unet"]
   if emb.image_tokens is not None:  # the IP-Adapters' per-layer weights beside the UNet's
     unet_params = merge_params(unet_params, params["ip_adapter"]["layers"])
-    residuals["ip"] = tuple((tokens, emb.image_scales[:, a])
-                            for a, tokens in enumerate(emb.image_tokens))
+    masks = emb.image_masks or (None,) * len(emb.image_tokens)
+    residuals["ip"] = tuple((tokens, emb.image_scales[:, a], mask)
+                            for a, (tokens, mask) in enumerate(zip(emb.image_tokens, masks,
+                                                                   strict=True)))
   return nets.unet.apply({"params": unet_params}, x, t, emb.context, emb.text_embeds,
                          emb.time_ids, emb.context_bias, timestep_cond, **residuals)
 

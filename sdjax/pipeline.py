@@ -361,7 +361,8 @@ class Pipeline:
                guess_mode: bool = False,
                control_mode: str | Sequence[str] = "balanced",
                ip_adapter: IPAdapter | Sequence[IPAdapter] | None = None,
-               ip_adapter_images=None, ip_adapter_scale=1.0) -> np.ndarray:
+               ip_adapter_images=None, ip_adapter_scale=1.0,
+               ip_adapter_masks=None) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -488,6 +489,12 @@ class Pipeline:
         `set_ip_adapter_scale`): a number; or a dict of per-layer weights, InstantStyle's
         {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}} (layers it leaves
         out: 0); a list: one per adapter.
+      ip_adapter_masks: where each adapter's images act (diffusers' `ip_adapter_masks`, as
+        `IPAdapterMaskProcessor` prepares them): per adapter None, or one mask per image of its
+        entry (a single mask for a single image), each a PIL image or float [H, W] / [H, W, C]
+        in [0, 1] (8-bit levels), made grey, Lanczos-resized to the output size and cut at 0.5.
+        With masks, each image is attended to on its own and its output kept where its mask
+        is white (downsampled to each layer); a list of one entry per adapter with several.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size; with
@@ -509,11 +516,16 @@ class Pipeline:
     if ip_adapter is not None:
       n = 1 if isinstance(prompts, str) else len(prompts)
       pipe, ip = ip_adapter_input(self, ip_adapter, ip_adapter_images, ip_adapter_scale, n)
+      if ip_adapter_masks is not None:
+        ip = (*ip, ip_adapter_mask_input(ip_adapter_masks, ip[0], n,
+                                         self.native_size if height is None else height,
+                                         self.native_size if width is None else width))
       if hires_model is not None:
         hires_model = ip_adapter_input(hires_model, ip_adapter, ip_adapter_images,
                                        ip_adapter_scale, n)[0]
-    elif ip_adapter_images is not None:
-      raise ValueError("ip_adapter_images are an IP-Adapter's: give ip_adapter= too")
+    elif ip_adapter_images is not None or ip_adapter_masks is not None:
+      raise ValueError("ip_adapter_images and ip_adapter_masks are an IP-Adapter's: give "
+                       "ip_adapter= too")
     micro = conditioning.MicroConditioning(
         original_size, tuple(crops_coords_top_left), target_size, negative_original_size,
         tuple(negative_crops_coords_top_left), negative_target_size, aesthetic_score,
@@ -1471,6 +1483,44 @@ def ip_adapter_input(pipe: Pipeline, ip_adapter, images, scale, n: int):
     raise ValueError(f"ip_adapter_scale: a number or a per-layer dict per adapter, got {scale!r}")
   wrapped = pipe.with_ip_adapter(adapters, [s if isinstance(s, dict) else None for s in scales])
   return wrapped, (tuple(pixels), np.tile(np.asarray(numbers, np.float32), (n, 1)))
+
+
+def ip_adapter_mask_input(masks, pixels, n: int, height: int, width: int) -> tuple:
+  """Per adapter None or its images' masks float32 [n, K, height, width] (0 or 1), for the
+  adapters' images `pixels` (`ip_adapter_input`'s, [n, K, S, S, 3] each)."""
+  several = len(pixels) > 1
+  if several and (not isinstance(masks, list | tuple) or len(masks) != len(pixels)):
+    raise ValueError(f"with {len(pixels)} IP-Adapters, ip_adapter_masks is a list of "
+                     f"{len(pixels)} (one entry per adapter, None for none)")
+  out = []
+  for given, images in zip(masks if several else [masks], pixels, strict=True):
+    if given is None:
+      out.append(None)
+      continue
+    given = list(given) if isinstance(given, list | tuple) else [given]
+    if len(given) != images.shape[1]:
+      raise ValueError(f"ip_adapter_masks: one mask per image of the adapter's entry "
+                       f"({images.shape[1]}), got {len(given)}")
+    cut = np.stack([ip_adapter_mask(m, height, width) for m in given])
+    out.append(np.ascontiguousarray(np.broadcast_to(cut, (n, *cut.shape))))
+  return tuple(out)
+
+
+def ip_adapter_mask(mask, height: int, width: int) -> np.ndarray:
+  """float32 [height, width] of 0 and 1: a mask as diffusers' `IPAdapterMaskProcessor`
+  prepares a PIL one (grey, Lanczos-resized, cut at 0.5); arrays in [0, 1] as 8-bit images."""
+  if not isinstance(mask, Image.Image):
+    array = np.asarray(mask, np.float32)
+    if array.ndim == 2:
+      array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+      raise ValueError(f"an IP-Adapter mask is a PIL image or [H, W] / [H, W, C] in [0, 1], "
+                       f"got shape {array.shape}")
+    array = np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array[..., :3]
+    mask = Image.fromarray(outputs.to_uint8(array))  # grey levels stay theirs in "L"
+  grey = mask.convert("L").resize((width, height), resample=Image.Resampling.LANCZOS)
+  levels = np.asarray(grey, np.float32) / np.float32(255.0)
+  return (levels >= 0.5).astype(np.float32)
 
 
 def ip_adapter_pixels(image_size: int, images) -> np.ndarray:

@@ -1180,7 +1180,9 @@ def with_ip_images(cond: Conditioning, ip: tuple | None) -> Conditioning:
   """`cond` with the IP-Adapters' (images, scales) (`pipeline.ip_adapter_input`), if any."""
   if ip is None:
     return cond
-  return cond.replace(ip_images=tuple(ip[0]), ip_scales=ip[1])
+  masks = ip[2] if len(ip) > 2 and any(m is not None for m in ip[2]) else None
+  return cond.replace(ip_images=tuple(ip[0]), ip_scales=ip[1],
+                      ip_masks=None if masks is None else tuple(masks))
 
 
 def _control_images(controlnets, images, n: int, height: int, width: int,

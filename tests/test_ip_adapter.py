@@ -246,6 +246,60 @@ def test_layer_scales_and_two_adapters(sd1_ip):
         f"split {errs[1]:.2e}")
 
 
+def _region_masks(height: int, width: int) -> list[Image.Image]:
+  """Two grey-level masks of another size than the output: left and right, overlapping, with
+  soft edges (cut at 0.5 after the resize)."""
+  x = np.linspace(0.0, 1.0, width)[None, :].repeat(height, 0)
+  left = np.clip(1.6 - 2.2 * x, 0, 1)
+  right = np.clip(2.2 * x - 0.5, 0, 1)
+  return [Image.fromarray((255 * m).round().astype(np.uint8)) for m in (left, right)]
+
+
+def test_masks_match_diffusers(sd1_ip):
+  """Two images for one adapter: attended to together (a list, diffusers' [[a, b]]), and each
+  kept where its mask is (diffusers' ip_adapter_masks by IPAdapterMaskProcessor), at a
+  non-square size whose layers downsample the masks to 8x12 and 4x6 grids; masks as arrays,
+  in cfg_parallel's split program, give the same pixels."""
+  from diffusers.image_processor import IPAdapterMaskProcessor  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+
+  ref, pipe, models = sd1_ip
+  size = dict(height=16, width=24)
+  latents = randn(2, 8, 12, 4, seed=9)
+  images, masks = reference_images(10, 2), _region_masks(20, 36)
+  ref.load_ip_adapter(str(models), subfolder="", weight_name="ip-plus.bin",
+                      image_encoder_folder=None)
+  ref.set_ip_adapter_scale(0.8)
+  prepared = IPAdapterMaskProcessor().preprocess(masks, **size)  # 2, 1, H, W
+  assert 0 < float(prepared.mean()) < 1
+
+  def diffusers_run(**kw):
+    with torch.no_grad():
+      return np.stack([ref(p, latents=nchw(latents[i:i + 1]), **{**KW, **size},
+                           ip_adapter_image=[images], **kw).images[0]
+                       for i, p in enumerate(PROMPTS)])
+
+  together = diffusers_run()
+  expected = diffusers_run(cross_attention_kwargs={"ip_adapter_masks": [
+      prepared.reshape(1, 2, *prepared.shape[2:])]})
+  adapter = sdjax.load_ip_adapter(str(models / "ip-plus.bin"))
+  common = dict(latents=latents, ip_adapter=adapter, ip_adapter_images=images,
+                ip_adapter_scale=0.8, **{**OURS, **size})
+  err = assert_close(pipe.generate(PROMPTS, **common), together, 1e-4)
+  errs = [assert_close(pipe.generate(PROMPTS, ip_adapter_masks=m, cfg_parallel=split, **common),
+                       expected, 1e-4)
+          for m, split in ((masks, False),
+                           ([np.asarray(m, np.float32) / 255 for m in masks], True))]
+  change = float(np.linalg.norm(together - expected) / np.linalg.norm(expected))
+  print(f"\nip-adapter two images {err:.2e}; masked {errs[0]:.2e}, split {errs[1]:.2e} "
+        f"(masks change the images by {change:.2e})")
+  assert change > 100 * max(errs)
+  with pytest.raises(ValueError, match="one mask per image of the adapter's entry"):
+    pipe.generate(PROMPTS, ip_adapter=adapter, ip_adapter_images=images,
+                  ip_adapter_masks=masks[:1], **OURS)
+
+
 def test_sdxl_matches_diffusers(tmp_path):
   """SDXL (context 64 from two encoders, an IP-Adapter of the "plus" kind) against
   StableDiffusionXLPipeline; then with the refiner, which the adapter does not condition (the

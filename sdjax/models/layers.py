@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax import interpolate
 from sdjax.models import attention
 
 Dtype = Any
@@ -234,10 +235,13 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, context=None, bias=None, ip=None):
     """`bias`: optional additive attention bias [B, 1, 1, M] (e.g. -inf on padded context).
-    `ip`: IP-Adapters' image tokens, per adapter (tokens [B, T, C], scale [B]): the queries
-    attend to each through keys and values of its own (params `to_k_ip_<a>`, `to_v_ip_<a>`),
-    and that output, times the scale and the layer's `ip_scale_<a>`, is added to the text's
-    before the output projection (diffusers' IPAdapterAttnProcessor)."""
+    `ip`: IP-Adapters' image tokens, per adapter (tokens [B, T, C], scale [B], mask): the
+    queries attend to each through keys and values of its own (params `to_k_ip_<a>`,
+    `to_v_ip_<a>`), and that output, times the scale and the layer's `ip_scale_<a>`, is added
+    to the text's before the output projection (diffusers' IPAdapterAttnProcessor). With a mask
+    [B, K, H, W] (0/1 at the image's size) the tokens are K images' (T = K * tokens), each
+    attended to on its own and its output kept where its mask, downsampled to the queries as
+    diffusers' `IPAdapterMaskProcessor.downsample` does, is (diffusers' `ip_adapter_masks`)."""
     d, pd = self.dtype, self.param_dtype
     residual = x
     if self.norm_groups is not None:
@@ -251,18 +255,40 @@ class Attention(nn.Module):
     k = k.reshape(b, -1, self.heads, self.head_dim)  # B, M, H, D
     v = v.reshape(b, -1, self.heads, self.head_dim)  # B, M, H, D
     out = attention.dot_product_attention(q, k, v, bias, upcast=self.upcast)  # B, N, H, D
-    for a, (tokens, scale) in enumerate(ip or ()):
-      k = dense(inner, d, pd, f"to_k_ip_{a}", False)(tokens).reshape(b, -1, self.heads,
+    for a, (tokens, scale, *mask) in enumerate(ip or ()):
+      mask = mask[0] if mask else None
+      images = 1 if mask is None else mask.shape[1]
+      k = dense(inner, d, pd, f"to_k_ip_{a}", False)(tokens).reshape(b, images, -1, self.heads,
                                                                      self.head_dim)
-      v = dense(inner, d, pd, f"to_v_ip_{a}", False)(tokens).reshape(b, -1, self.heads,
+      v = dense(inner, d, pd, f"to_v_ip_{a}", False)(tokens).reshape(b, images, -1, self.heads,
                                                                      self.head_dim)
       layer_scale = self.param(f"ip_scale_{a}", nn.initializers.ones, (), jnp.float32)
       weight = (scale.astype(jnp.float32) * layer_scale).astype(out.dtype).reshape(b, 1, 1, 1)
-      out = out + weight * attention.dot_product_attention(q, k, v, upcast=self.upcast)
+      if mask is None:
+        out = out + weight * attention.dot_product_attention(q, k[:, 0], v[:, 0],
+                                                             upcast=self.upcast)
+        continue
+      keep = ip_mask_queries(mask, n).astype(out.dtype)  # B, N, K
+      for i in range(images):
+        image = attention.dot_product_attention(q, k[:, i], v[:, i], upcast=self.upcast)
+        out = out + weight * (image * keep[:, :, i, None, None])
     out = dense(x.shape[-1], d, pd, "to_out_0")(out.reshape(b, n, inner))
     if self.norm_groups is not None:
       out = out + residual
     return out
+
+
+def ip_mask_queries(mask: jax.Array, queries: int) -> jax.Array:
+  """IP-Adapter masks [B, K, H, W] -> [B, queries, K], as diffusers'
+  `IPAdapterMaskProcessor.downsample`: the mask resized (torch's bicubic) to the grid of about
+  `queries` cells with its aspect, flattened, then cut or zero-padded to `queries`."""
+  h, w = mask.shape[2:]
+  grid_h = int(math.sqrt(queries / (w / h)))
+  grid_h += int(queries % grid_h != 0)
+  grid_w = queries // grid_h
+  cells = interpolate.resize(mask.transpose(0, 2, 3, 1), (grid_h, grid_w), "bicubic")
+  cells = cells.reshape(mask.shape[0], grid_h * grid_w, mask.shape[1])[:, :queries]
+  return jnp.pad(cells, ((0, 0), (0, queries - cells.shape[1]), (0, 0)))
 
 
 class GEGLU(nn.Module):
