@@ -161,6 +161,9 @@ flags.DEFINE_multi_string("ip_adapter_encoder", [], "per --ip_adapter, its CLIP 
                           "beside the file or above it)")
 flags.DEFINE_multi_string("ip_adapter_image", [], "per --ip_adapter, its image for lines "
                           "without their own")
+flags.DEFINE_multi_string("ip_adapter_mask", [], "per --ip_adapter, a mask image ('': none): "
+                          "its image acts where the mask is white (diffusers' "
+                          "ip_adapter_masks; resized to each image's size, cut at 0.5)")
 flags.DEFINE_multi_string("ip_adapter_scale", ["1"], "the weight of the IP-Adapter's attention "
                           "(one for all, or one per --ip_adapter): a number, or InstantStyle's "
                           "per-layer weights as JSON, e.g. '{\"up\": {\"block_0\": [0, 1, "
@@ -224,6 +227,7 @@ def _run_config() -> run.RunConfig:
       controlnet_guess_mode=FLAGS.controlnet_guess_mode,
       ip_adapter=tuple(FLAGS.ip_adapter), ip_adapter_encoder=tuple(FLAGS.ip_adapter_encoder),
       ip_adapter_image=tuple(FLAGS.ip_adapter_image),
+      ip_adapter_mask=tuple(FLAGS.ip_adapter_mask),
       ip_adapter_scale=tuple(FLAGS.ip_adapter_scale),
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,

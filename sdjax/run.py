@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -113,6 +114,9 @@ class RunConfig:
   ip_adapter_encoder: tuple[str, ...] = ()
   ip_adapter_image: tuple[str, ...] = ()
   ip_adapter_scale: tuple[float | str | dict, ...] = (1.0,)
+  # Per adapter a mask image ("": none) keeping its image to a region (diffusers'
+  # ip_adapter_masks), resized to each image's size.
+  ip_adapter_mask: tuple[str, ...] = ()
   # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
   refiner: str | None = None
   refiner_start: float = 0.8
@@ -257,12 +261,13 @@ def validate(cfg: RunConfig) -> None:
     for scale in cfg.controlnet_scale:
       if not math.isfinite(scale):
         raise RunError(f"--controlnet_scale must be a number, got {scale}")
-  if not cfg.ip_adapter and (cfg.ip_adapter_image or cfg.ip_adapter_encoder):
-    raise RunError("--ip_adapter_image and --ip_adapter_encoder are for an IP-Adapter: give "
-                   "--ip_adapter too")
+  if not cfg.ip_adapter and (cfg.ip_adapter_image or cfg.ip_adapter_encoder
+                             or cfg.ip_adapter_mask):
+    raise RunError("--ip_adapter_image, --ip_adapter_encoder and --ip_adapter_mask are for an "
+                   "IP-Adapter: give --ip_adapter too")
   if cfg.ip_adapter:
     adapters = len(cfg.ip_adapter)
-    for name in ("ip_adapter_image", "ip_adapter_encoder"):
+    for name in ("ip_adapter_image", "ip_adapter_encoder", "ip_adapter_mask"):
       if getattr(cfg, name) and len(getattr(cfg, name)) != adapters:
         raise RunError(f"--{name}: give one per --ip_adapter ({adapters}), got "
                        f"{len(getattr(cfg, name))}")
@@ -1084,10 +1089,11 @@ class _Sampler:
         raise RunError(f"image {job.index}: its hires prompt's <lora:...> tags differ from its "
                        f"prompt's (sdjax applies one set of LoRAs to both passes)")
 
-  def _ip_images(self, batch):
+  def _ip_images(self, batch, size):
     """The IP-Adapters' (images [B, 1, S, S, 3] per adapter, scales [B, A]) of a batch ((shard,
     job) rows): each line's `ip_adapter_image`, else the run's, as CLIP's image processor
-    prepares them; None without --ip_adapter."""
+    prepares them, and with --ip_adapter_mask the masks (per adapter None or [B, 1, *size]);
+    None without --ip_adapter."""
     if self.pipe.ip_adapter is None:
       return None
     cfg, pixels = self.cfg, []
@@ -1103,7 +1109,17 @@ class _Sampler:
       pixels.append(_read_each(rows, "ip_adapter_image", lambda path, side=side: (
           self._ip_pixels(path, side)), np.zeros((1, side, side, 3), np.float32)))
     scales = [1.0 if isinstance(s, dict) else s for s in _ip_scales(cfg)]
-    return tuple(pixels), np.tile(np.float32(scales), (len(batch), 1))
+    ip = tuple(pixels), np.tile(np.float32(scales), (len(batch), 1))
+    if not any(cfg.ip_adapter_mask):
+      return ip
+    return (*ip, tuple(None if not path else np.broadcast_to(
+        self._ip_mask(path, *size), (len(batch), 1, *size)) for path in cfg.ip_adapter_mask))
+
+  @functools.lru_cache(maxsize=16)  # noqa: B019 (the runner lives as long as its run)
+  def _ip_mask(self, path: str, height: int, width: int) -> np.ndarray:
+    from sdjax import pipeline  # noqa: PLC0415
+
+    return pipeline.ip_adapter_mask(outputs.open_image(path, "L"), height, width)
 
   def _ip_pixels(self, path: str, side: int) -> np.ndarray:
     from sdjax import pipeline  # noqa: PLC0415
@@ -1194,7 +1210,7 @@ class _Sampler:
       self.scalars[guidance] = parallel.replicate((np.float32(guidance), np.float32(0.0)),
                                                   self.mesh)
     jobs = [job for _, job in batch]
-    cond = self._conditioning(program, jobs, size, self._ip_images(batch))
+    cond = self._conditioning(program, jobs, size, self._ip_images(batch, size))
     args = (self.params, parallel.shard_tree(self.mesh, cond, self.global_batch),
             parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),
                                  self.global_batch),
@@ -1302,6 +1318,8 @@ def _ip_adapter_record(cfg: RunConfig) -> dict[str, Any]:
   record = {"ip_adapter": list(cfg.ip_adapter), "ip_adapter_scale": _ip_scales(cfg)}
   if any(cfg.ip_adapter_encoder):
     record["ip_adapter_encoder"] = list(cfg.ip_adapter_encoder)
+  if any(cfg.ip_adapter_mask):
+    record["ip_adapter_mask"] = [p or None for p in cfg.ip_adapter_mask]
   return {k: v[0] for k, v in record.items()} if len(cfg.ip_adapter) == 1 else record
 
 

@@ -482,17 +482,23 @@ def test_run_with_ip_adapter(sd1_ip, tmp_path):
                                       f"[{outputs.short_hash(file)}], Weight: 0.7, "
                                       "Guidance Start: 0, Guidance End: 1")
   # InstantStyle's per-layer scales, as JSON text (main.py's flag): the PNG writes them beside
-  # the unit, whose Weight is 1.
+  # the unit, whose Weight is 1. With --ip_adapter_mask, a mask file keeps the image to a
+  # region.
   style = {"up": {"block_1": [0.0, 1.5, 0.5]}}
+  mask = _region_masks(20, 28)[1]
+  mask.save(tmp_path / "mask.png")
   path.write_text(json.dumps(lines[0]) + "\n")
   styled = dataclasses.replace(cfg, ip_adapter_scale=(json.dumps(style),),
+                               ip_adapter_mask=(str(tmp_path / "mask.png"),),
                                output_dir=str(tmp_path / "style"))
   assert run.generate_run(styled).images == 1
   record = json.loads(open(tmp_path / "style" / outputs.MANIFEST_NAME).readline())
   assert record["ip_adapter_scale"] == style
+  assert record["ip_adapter_mask"] == str(tmp_path / "mask.png")
   expected = pipe.generate("a cat", steps=3, guidance_scale=3.0, scheduler="euler", height=16,
                            width=16, seed=2, ip_adapter=adapter, ip_adapter_scale=style,
-                           ip_adapter_images=Image.open(tmp_path / "style.png"))
+                           ip_adapter_images=Image.open(tmp_path / "style.png"),
+                           ip_adapter_masks=mask)
   png = Image.open(tmp_path / "style" / record["file"])
   assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
   params = outputs.parse_a1111_parameters(png.text["parameters"])

@@ -361,6 +361,8 @@ BAD_INPUT = [
     (["--controlnet", "a", "--controlnet", "b", *["--controlnet_scale", "1"] * 3],
      "--controlnet_scale: give one, or one per --controlnet (2), got 3"),
     (["--ip_adapter_image", "x.png"], "are for an IP-Adapter: give --ip_adapter too"),
+    (["--ip_adapter", "a", "--ip_adapter", "b", "--ip_adapter_mask", "m.png"],
+     "--ip_adapter_mask: give one per --ip_adapter (2), got 1"),
     (["--ip_adapter", "a", *["--ip_adapter_scale", "1"] * 2],
      "--ip_adapter_scale: give one, or one per --ip_adapter (1), got 2"),
     (["--ip_adapter", "/nonexistent/ip.bin"], "--ip_adapter: cannot load IP-Adapter "),
