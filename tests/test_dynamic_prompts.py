@@ -91,6 +91,45 @@ def test_plain_text_is_its_own_prompt():
   assert is_template("a\tb") and DynamicPrompts().sample("a\tb", 1) == "a       b"
 
 
+def _random_template(rng: random.Random, depth: int = 0) -> str:
+  """Variants (nested, options with leading and trailing whitespace, empty ones), wildcards
+  (globs, odd underscores) and literal text with A1111 syntax in it."""
+  parts = []
+  for _ in range(rng.randint(1, 4)):
+    r = rng.random()
+    if r < 0.3 and depth < 3:
+      parts.append("{" + "|".join(rng.choice(["", " ", "\n "]) + _random_template(rng, depth + 1)
+                                  + rng.choice(["", " "]) for _ in range(rng.randint(1, 4))) + "}")
+    elif r < 0.45:
+      parts.append("__" + rng.choice(["x", "a/b", "c/*", " sp ", "_u", "w_"]) + "__")
+    else:
+      parts.append(rng.choice(["a ", "red", " big cat, ", "x_y", "(w:1.2)", "[a:b:3]", "\u00e9"]
+                              + (["}", "|"] if depth == 0 else [])))
+  return "".join(parts)
+
+
+def test_quick_parse_is_the_library_parse():
+  """The library's parser takes ~3.5 ms a template; sdjax reads variants and wildcards itself
+  into the very tree the library's parser makes, and leaves the rest (or anything unclear) to
+  it: checked on structured templates and on soups of syntax characters."""
+  from dynamicprompts.parser.parse import parse  # noqa: PLC0415
+
+  from sdjax.dynamic_prompts import _quick_parse  # noqa: PLC0415
+
+  rng = random.Random(0)
+  structured = [_random_template(rng) for _ in range(400)]
+  pieces = ["a", " ", "{", "}", "|", "_", "__", "\n", "/", "*", "~", "x y", "(", ")", ":", ",",
+            "0.5", "/*", "*/", "\u00e9"]
+  soups = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) for _ in range(1500)]
+  for templates, least in ((structured, 0.5), (soups, 0.3)):
+    quick = [(t, _quick_parse(t)) for t in templates]
+    read = [(t, q) for t, q in quick if q is not None]
+    assert len(read) > least * len(templates)
+    for template, command in read:
+      assert command == parse(template), template
+  assert _quick_parse("a {red|blue} __colors/*__, {big|small}") is not None
+
+
 def test_errors_are_one_line(wildcards):
   ours = DynamicPrompts("random", wildcards)
   with pytest.raises(TemplateError, match=r"'50% off'.*a literal \$, % or __"):
