@@ -11,6 +11,7 @@
   python tools/benchmark.py --arch sdxl_small --what unet_step --batch 2 --height 512 --width 512
   python tools/benchmark.py --arch builtin --what run --batch 8 --steps 4 --images 256
   python tools/benchmark.py --arch builtin --what first_image --prompts 2000000 --steps 2
+  python tools/benchmark.py --what dynamic_prompts --prompts 100000 --json
   python tools/benchmark.py --arch sd15 --what unet_step --backend both \
       --kernels blocked,chunked --repeats 2 --json   # interleaved in one process
   python tools/benchmark.py --arch sd15 --what unet_step --backend both --kernels blocked \
@@ -63,7 +64,7 @@ _ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "sdxl", 
                           "architecture (random weights)")
 _WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate", "run",
                                                "first_image", "lora_merge", "encode",
-                                               "image_encoder"],
+                                               "image_encoder", "dynamic_prompts"],
                           "what to time")
 _ENCODER = flags.DEFINE_enum("encoder", "vit-h", ["vit-bigg", "vit-h", "vit-l"],
                              "image_encoder: which (testing.CLIP_VISION_SIZES)")
@@ -461,6 +462,51 @@ def bench_encode():
   return result
 
 
+def bench_dynamic_prompts():
+  """Host time of dynamic prompts (`sdjax.dynamic_prompts`) in a run's plan: --prompts lines of
+  distinct templates, for random runs with variants and a wildcard of 1,000 lines, for
+  combinatorial ones with 4 texts each: the first pass (combinatorial: every line counted),
+  the jobs of a shard (random: each image sampled by its seed), and one template sampled again
+  and again; the library's own parser on the same templates beside."""
+  import tempfile  # noqa: PLC0415
+
+  from dynamicprompts.parser.parse import parse  # noqa: PLC0415
+
+  from sdjax.dynamic_prompts import DynamicPrompts  # noqa: PLC0415
+  from sdjax.plan import Plan  # noqa: PLC0415
+
+  folder = tempfile.mkdtemp()
+  os.makedirs(os.path.join(folder, "wildcards"))
+  with open(os.path.join(folder, "wildcards", "things.txt"), "w") as f:
+    f.write("\n".join(f"thing {i}" for i in range(1000)))
+  lines = _PROMPTS.value
+  texts = {"random": "a {{photo|painting}} of __things__ {}, {{in snow|at night|at dawn}}\n",
+           "combinatorial": "a {{photo|painting}} of a {{red|blue}} thing {}\n"}
+  wildcards = os.path.join(folder, "wildcards")
+  result = {"flops": None, "prompts": lines}
+  for mode, text in texts.items():
+    path = os.path.join(folder, f"{mode}.txt")
+    with open(path, "w") as f:
+      f.writelines(text.format(i) for i in range(lines))
+    t0 = time.perf_counter()
+    plan = Plan((), path, num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=1000,
+                comments=True, dynamic=DynamicPrompts(mode, wildcards))
+    result[f"{mode}_first_pass_s"] = time.perf_counter() - t0
+    result[f"{mode}_images"] = plan.total
+    t0 = time.perf_counter()
+    jobs = list(plan.jobs(plan.num_shards // 2))
+    result[f"{mode}_ms_per_image"] = 1e3 * (time.perf_counter() - t0) / len(jobs)
+  one = DynamicPrompts("random", wildcards)
+  template = "a {photo|painting} of __things__, {in snow|at night|at dawn}"
+  result["same_template_sample_ms"] = 1e3 * _timed(lambda: [one.sample(template, s)
+                                                             for s in range(1000)], 3) / 1000
+  sample = [f"a {{photo|painting}} of __things__ {i}, {{in snow|at night|at dawn}}"
+            for i in range(200)]
+  result["library_parse_ms"] = 1e3 * _timed(lambda: [parse(t) for t in sample], 1) / 200
+  result["median_s"] = result["random_ms_per_image"] / 1e3
+  return result
+
+
 def _random_model_folder() -> str:
   """The arch with random weights as a diffusers folder (float32, the test tokenizer), for
   main.py's run to load: the real networks' device time against the host's per-image work."""
@@ -808,6 +854,8 @@ def main(argv):
     result = bench_lora_merge()
   elif _WHAT.value == "encode":
     result = bench_encode()
+  elif _WHAT.value == "dynamic_prompts":
+    result = bench_dynamic_prompts()
   else:
     result = bench_jax() if _BACKEND.value == "jax" else bench_torch()
   h, w = _size()
