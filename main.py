@@ -108,6 +108,8 @@ flags.DEFINE_integer("hires_resize_height", 0, "hires fix: enlarge to this heigh
                      "--hires_scale (both given at another aspect: cover, then cut)")
 flags.DEFINE_string("hires_scheduler", None, "hires fix: the second pass's scheduler, one of "
                     "--scheduler's (A1111's Hires sampler; default: each image's)")
+flags.DEFINE_float("hires_guidance_scale", 0.0, "hires fix: the second pass's guidance scale "
+                   "(Forge's Hires CFG Scale; 0: each image's)")
 flags.DEFINE_string("hires_prompt", "", "hires fix: the second pass's prompt (A1111's Hires "
                     "prompt; empty: each image's own; a jsonl line's hires_prompt wins)")
 flags.DEFINE_string("hires_negative_prompt", "", "hires fix: the second pass's negative prompt "
@@ -238,6 +240,7 @@ def _run_config() -> run.RunConfig:
       hires_resize_width=FLAGS.hires_resize_width,
       hires_resize_height=FLAGS.hires_resize_height, hires_scheduler=FLAGS.hires_scheduler,
       hires_prompt=FLAGS.hires_prompt, hires_negative_prompt=FLAGS.hires_negative_prompt,
+      hires_guidance_scale=FLAGS.hires_guidance_scale,
       hires_model=FLAGS.hires_model,
       shard_size=FLAGS.shard_size,
       num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index,

@@ -352,7 +352,7 @@ class Pipeline:
                hires_steps: int | None = None, hires_strength: float = 0.7,
                hires_upscaler: str = "latent", hires_prompts=None, hires_negative_prompts=None,
                hires_resize: tuple[int, int] | None = None, hires_scheduler: str | None = None,
-               hires_model: Pipeline | None = None,
+               hires_guidance_scale: float | None = None, hires_model: Pipeline | None = None,
                controlnet: ControlNet | Sequence[ControlNet] | None = None,
                control_images=None, hires_control_images=None,
                controlnet_conditioning_scale: float | Sequence[float] = 1.0,
@@ -441,7 +441,8 @@ class Pipeline:
         `hires_resize=(width, height)` instead enlarges to that size (A1111's "Resize width to",
         "Resize height to"; 0 keeps the aspect; both: the latents enlarged to cover it, the
         excess cut from both ends). `hires_scheduler` (A1111's Hires sampler) runs the second
-        pass (default: `scheduler`). Same guidance, and the same prompts unless
+        pass (default: `scheduler`), at `hires_guidance_scale` (Forge's Hires CFG Scale;
+        default: `guidance_scale`), with the same prompts unless
         `hires_prompts` / `hires_negative_prompts` (A1111's "Hires prompt", per prompt or one
         for all; with SDXL, both encoders') are given; both passes stay on device. SDXL's
         default original and target sizes are each pass's own (as A1111 conditions its hires pass);
@@ -542,7 +543,8 @@ class Pipeline:
         embeddings=embeddings, cfg_parallel=cfg_parallel, emphasis=emphasis,
         hires=None if hires_scale is None and hires_resize is None else sampling.Hires(
             2.0 if hires_scale is None else hires_scale, hires_steps, hires_strength,
-            hires_upscaler, tuple(hires_resize or (0, 0)), hires_scheduler),
+            hires_upscaler, tuple(hires_resize or (0, 0)), hires_scheduler,
+            hires_guidance_scale),
         hires_prompts=hires_prompts, hires_negative_prompts=hires_negative_prompts,
         hires_model=hires_model, controlnet=controlnet, control_images=control_images,
         hires_control_images=hires_control_images,

@@ -130,6 +130,7 @@ class RunConfig:
   hires_resize_width: int = 0
   hires_resize_height: int = 0
   hires_scheduler: str | None = None  # A1111's Hires sampler; None: each image's scheduler
+  hires_guidance_scale: float = 0.0  # Forge's Hires CFG Scale; 0: each image's guidance
   # The second pass's prompts (A1111's Hires prompt; "" = each image's own), unless a prompt
   # line gives its own.
   hires_prompt: str = ""
@@ -330,6 +331,9 @@ def validate(cfg: RunConfig) -> None:
       raise RunError(f"--hires_*: {e}") from None
     if cfg.refiner is not None:
       raise RunError("--hires_scale and --refiner do not go together")
+  elif cfg.hires_guidance_scale:
+    raise RunError("--hires_guidance_scale is the hires pass's: give --hires_scale or "
+                   "--hires_resize_* too")
   elif cfg.hires_prompt or cfg.hires_negative_prompt:
     raise RunError("--hires_prompt and --hires_negative_prompt are the hires pass's: give "
                    "--hires_scale or --hires_resize_* too")
@@ -435,7 +439,8 @@ def _hires(cfg: RunConfig) -> sampling.Hires | None:
   if not cfg.hires_scale and not any(resize):
     return None
   return sampling.Hires(cfg.hires_scale or 2.0, cfg.hires_steps or None, cfg.hires_strength,
-                        cfg.hires_upscaler, resize, cfg.hires_scheduler)
+                        cfg.hires_upscaler, resize, cfg.hires_scheduler,
+                        cfg.hires_guidance_scale or None)
 
 
 def _hires_record(cfg: RunConfig) -> dict[str, Any]:
@@ -450,6 +455,8 @@ def _hires_record(cfg: RunConfig) -> dict[str, Any]:
     del record["scale"]
   if hires.scheduler is not None:
     record["scheduler"] = hires.scheduler
+  if hires.guidance_scale is not None:  # only when set: older folders still match
+    record["guidance_scale"] = hires.guidance_scale
   for key in ("prompt", "negative_prompt", "model"):  # only when set: older folders match
     if getattr(cfg, f"hires_{key}"):
       record[key] = getattr(cfg, f"hires_{key}")
@@ -1524,6 +1531,8 @@ class _Metadata:
     if self.hires_model is not None:  # A1111's checkpoint short title: name [short hash]
       name, short = self.hires_model
       extra["Hires checkpoint"] = f"{name} [{short}]" if short else name
+    if hires.guidance_scale is not None:  # Forge's
+      extra["Hires CFG Scale"] = hires.guidance_scale
     if hires.scheduler is not None and hires.scheduler != scheduler:
       extra["Hires sampler"] = outputs.A1111_SAMPLER_NAMES.get(hires.scheduler, hires.scheduler)
     return extra

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,6 +82,9 @@ class SampleSpec:
   control: bool = False
   control_guess: bool = False
   control_modes: tuple[str, ...] = ()  # A1111's Control Mode per control model (() balanced)
+  # This pass's own guidance scale, compiled in (the hires fix's Hires CFG Scale); None: the
+  # call's guidance_scale.
+  fixed_guidance: float | None = None
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -164,6 +168,8 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
   """
   global trace_count
   trace_count += 1
+  if spec.fixed_guidance is not None:
+    guidance_scale = jnp.float32(spec.fixed_guidance)
   keys = image_keys(seeds)
   negative, positive = conditioning.encode(nets, params, cond, spec.clip_skip, spec.clip_skip,
                                            spec.guidance)
@@ -875,7 +881,8 @@ class Hires:
   (each side rounded down to a size the model takes), or to `resize` (A1111's "Resize width to",
   "Resize height to": (width, height), 0 = keep the aspect; both: enlarged to cover, then cut
   to it), and denoised again as img2img at `strength` for `steps` steps (None: the first
-  pass's), with the same guidance and the same scheduler unless `scheduler`."""
+  pass's), with the same guidance unless `guidance_scale` (Forge's Hires CFG Scale) and the
+  same scheduler unless `scheduler`."""
 
   scale: float = 2.0
   steps: int | None = None
@@ -883,6 +890,7 @@ class Hires:
   upscaler: str = "latent"
   resize: tuple[int, int] = (0, 0)  # (width, height); any nonzero: instead of `scale`
   scheduler: str | None = None  # A1111's Hires sampler; None: the first pass's
+  guidance_scale: float | None = None  # Forge's Hires CFG Scale; None: the first pass's
 
   @property
   def in_latents(self) -> bool:
@@ -932,6 +940,10 @@ class Hires:
     if self.scheduler is not None and self.scheduler not in schedulers.SCHEDULERS:
       raise ValueError(f"unknown hires scheduler {self.scheduler!r}; pick one of "
                        f"{', '.join(schedulers.SCHEDULERS)}")
+    if self.guidance_scale is not None and not (
+        isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)
+        and self.guidance_scale >= 0):
+      raise ValueError(f"hires guidance scale must be a number >= 0, got {self.guidance_scale!r}")
 
 
 def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str | None,
@@ -943,8 +955,11 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps. `control`,
   `control_guess`: as `prepare`'s (a ControlNet steers the second pass too). `hires.scheduler`
-  replaces `scheduler` (`eta` then applies where that scheduler takes it)."""
+  replaces `scheduler` (`eta` then applies where that scheduler takes it); `hires.guidance_scale`
+  the guidance, compiled into the spec (`SampleSpec.fixed_guidance`)."""
   hires.check()
+  if hires.guidance_scale is not None:
+    guidance_scale = hires.guidance_scale
   if hires.scheduler is not None and hires.scheduler != scheduler:
     scheduler = hires.scheduler
     eta = eta if scheduler in schedulers.ETA_SCHEDULERS else 0.0
@@ -957,7 +972,9 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                         scheduler_options=scheduler_options, control=control,
                         control_guess=control_guess)
   return dataclasses.replace(spec, begin=(total - n) * spec.scheduler.order,
-                             upscale=hires.upscaler, upscale_crop=crop), state
+                             upscale=hires.upscaler, upscale_crop=crop,
+                             fixed_guidance=None if hires.guidance_scale is None else float(
+                                 hires.guidance_scale)), state
 
 
 def check_hires_model(pipe, hires_model) -> None:

@@ -120,37 +120,43 @@ def test_hires_fix_run(model, cache, tmp_path):
 def test_hires_resize_run(model, cache, tmp_path):
   """--hires_resize_width/height: A1111's Resize to (16x16 -> cover 32x32 -> cut to 32x24), with
   its pixel upscaler Lanczos (the first pass's images enlarged) and --hires_scheduler (A1111's
-  Hires sampler): the images are generate(hires_resize=..., hires_upscaler="lanczos",
-  hires_scheduler=...)'s; the PNG text says `Hires resize` (not an upscale), `Hires upscaler:
-  Lanczos`, `Hires sampler`."""
+  Hires sampler) and --hires_guidance_scale (Forge's Hires CFG Scale): the images are
+  generate(hires_resize=..., hires_upscaler="lanczos", hires_scheduler=...,
+  hires_guidance_scale=...)'s; the PNG text says `Hires resize` (not an upscale), `Hires
+  upscaler: Lanczos`, `Hires sampler`, `Hires CFG Scale`."""
   import sdjax  # noqa: PLC0415
 
   out = str(tmp_path / "out")
   config = dataclasses.replace(
       _config(model, out, cache, hires_resize_width=32, hires_resize_height=24, hires_steps=2,
-              hires_scheduler="ddim", hires_upscaler="lanczos"),
+              hires_scheduler="ddim", hires_upscaler="lanczos", hires_guidance_scale=5.0),
       prompts=(PROMPTS[0],))
   assert run.generate_run(config).images == 1
   (r,) = sinks.iter_records(sinks.Store(out), 1)
   assert (r["height"], r["width"]) == (24, 32)
   assert r["hires"] == {"resize_width": 32, "resize_height": 24, "steps": 2, "strength": 0.7,
-                        "upscaler": "lanczos", "scheduler": "ddim", "first_height": 16,
-                        "first_width": 16}
+                        "upscaler": "lanczos", "scheduler": "ddim", "guidance_scale": 5.0,
+                        "first_height": 16, "first_width": 16}
   png = Image.open(os.path.join(out, r["file"]))
   params = outputs.parse_a1111_parameters(png.text["parameters"])
   assert params["Hires resize"] == "32x24" and "Hires upscale" not in params
   assert params["Hires upscaler"] == "Lanczos"
   assert (params["Sampler"], params["Hires sampler"]) == ("Euler a", "DDIM")
+  assert (params["CFG scale"], params["Hires CFG Scale"]) == ("3.0", "5.0")
   alone = sdjax.load_pipeline(model).generate(
       r["prompt"], seed=r["seed"], steps=2, guidance_scale=3.0, scheduler="euler_ancestral",
       height=16, width=16, hires_resize=(32, 24), hires_steps=2, hires_scheduler="ddim",
-      hires_upscaler="lanczos")
+      hires_upscaler="lanczos", hires_guidance_scale=5.0)
   assert alone.shape == (1, 24, 32, 3)
   assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
   with pytest.raises(run.RunError, match="--hires_resize_. must be >= 0"):
     run.generate_run(dataclasses.replace(config, hires_resize_width=-32))
   with pytest.raises(run.RunError, match="--hires_.*: unknown hires scheduler 'k_euler'"):
     run.generate_run(dataclasses.replace(config, hires_scheduler="k_euler"))
+  with pytest.raises(run.RunError, match="hires guidance scale must be a number >= 0"):
+    run.generate_run(dataclasses.replace(config, hires_guidance_scale=-1.0))
+  with pytest.raises(run.RunError, match="--hires_guidance_scale is the hires pass's"):
+    run.generate_run(dataclasses.replace(config, hires_resize_width=0, hires_resize_height=0))
 
 
 def test_hires_model_run(model, cache, tmp_path):

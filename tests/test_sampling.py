@@ -153,17 +153,18 @@ def test_hires_model_must_take_the_latents():
     sampling.check_hires_model(fake(), fake(unet_in=9))
 
 
-@pytest.mark.parametrize("name,upscaler,hires_prompts,resize,hires_scheduler", [
-    ("euler", "latent", None, (40, 24), "ddim"),
+@pytest.mark.parametrize("name,upscaler,hires_prompts,resize,hires_scheduler,hires_guidance", [
+    ("euler", "latent", None, (40, 24), "ddim", None),
     ("dpmpp_2m_karras", "latent-bicubic-antialiased", (["a blue square", "a dog"], "blurry"),
-     None, None)])
+     None, None, 2.5)])
 def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts, resize,
-                                     hires_scheduler):
+                                     hires_scheduler, hires_guidance):
   """hires_scale: diffusers' text-to-image to latents, torch's interpolate, then its img2img
   pipeline on those latents for the steps A1111 runs (the last 3 of int(3 / 0.6) = 5), with our
   draws of the second pass's noise; A1111's hires prompts are that pipeline's. hires_resize to
   another aspect (40x24 from 32x16): enlarged to cover (48x24), then 2 latent pixels cut from
-  each side, as A1111; a hires scheduler (A1111's Hires sampler) is that pipeline's."""
+  each side, as A1111; a hires scheduler (A1111's Hires sampler) is that pipeline's, and so is
+  a hires guidance scale (Forge's Hires CFG Scale)."""
   import torch  # noqa: PLC0415
 
   ref, pipe, folder = pipes
@@ -196,13 +197,13 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts, resiz
       negatives = [second_negatives] * 2 if isinstance(second_negatives, str) else NEGATIVES
       expected = img_pipe(second_prompts, negative_prompt=negatives, image=enlarged,
                           strength=(hires_steps + 0.5) / total, num_inference_steps=total,
-                          guidance_scale=GUIDANCE, output_type="np").images
+                          guidance_scale=hires_guidance or GUIDANCE, output_type="np").images
   ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=steps, guidance_scale=GUIDANCE,
                        scheduler=name, height=16, width=32, latents=noise, seed=seed,
                        hires_scale=1.5, hires_steps=hires_steps, hires_strength=strength,
                        hires_upscaler=upscaler, hires_prompts=second_prompts,
                        hires_negative_prompts=second_negatives, hires_resize=resize,
-                       hires_scheduler=hires_scheduler)
+                       hires_scheduler=hires_scheduler, hires_guidance_scale=hires_guidance)
   assert ours.shape == (2, 24, 40 if resize else 48, 3)
   err = rel(ours, expected)
   print(f"\nhires {name} {upscaler}: {err:.2e}")
