@@ -33,7 +33,7 @@ MODES = ("off", "random", "combinatorial")
 # A template without these is plain text, and the library returns it unchanged: `{` variants,
 # `__` wildcards, `$` variables, `%` wraps, `#`, `//` and `/*` comments (and tabs, which its
 # parser expands to spaces).
-_SYNTAX = ("{", "__", "$", "%", "#", "//", "/*", "\t")
+SYNTAX = ("{", "__", "$", "%", "#", "//", "/*", "\t")
 
 
 class TemplateError(ValueError):
@@ -42,7 +42,7 @@ class TemplateError(ValueError):
 
 def is_template(text: str) -> bool:
   """Whether `text` holds any dynamic-prompts syntax (else it is its own only prompt)."""
-  return any(s in text for s in _SYNTAX)
+  return any(s in text for s in SYNTAX)
 
 
 @dataclasses.dataclass(frozen=True)

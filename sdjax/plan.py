@@ -22,7 +22,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 
-from sdjax.dynamic_prompts import DynamicPrompts, TemplateError, is_template
+from sdjax.dynamic_prompts import SYNTAX, DynamicPrompts, TemplateError, is_template
 
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
                  "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
@@ -400,9 +400,12 @@ class Plan:
                     line.hires_negative_prompt, *templates)
 
 
+_SYNTAX_BYTES = (*(s.encode() for s in SYNTAX), b"\\")  # and any JSON escape
+
+
 def _may_be_template(raw: bytes) -> bool:
   """Whether a prompts file's line may hold dynamic-prompts syntax (or a JSON escape of it)."""
-  return any(s in raw for s in (b"{", b"__", b"$", b"%", b"#", b"//", b"/*", b"\t", b"\\"))
+  return any(s in raw for s in _SYNTAX_BYTES)
 
 
 @contextlib.contextmanager
