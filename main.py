@@ -141,6 +141,9 @@ flags.DEFINE_multi_string("controlnet", [], "a ControlNet or T2I-Adapter (diffus
 flags.DEFINE_multi_string("controlnet_config", [], "per --controlnet, a single file's diffusers "
                           "config (folder or hub id; '' for none; default: the standard "
                           "SD1/SD2/SDXL one its weights show)")
+flags.DEFINE_multi_string("control_type", [], "per --controlnet, a ControlNet union's control "
+                          "type ('' for other ControlNets): openpose, depth, softedge, canny, "
+                          "lineart, normal, segment, tile, repaint, ... or its index")
 flags.DEFINE_multi_string("control_image", [], "per --controlnet, its image for lines without "
                           "their own (resized to the image size by --resize_mode)")
 flags.DEFINE_multi_float("controlnet_scale", [1.0], "the weight of the ControlNet's residuals "
@@ -222,7 +225,7 @@ def _run_config() -> run.RunConfig:
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
-      control_image=tuple(FLAGS.control_image),
+      control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       controlnet_scale=tuple(FLAGS.controlnet_scale), control_mode=tuple(FLAGS.control_mode),
       control_guidance_start=tuple(FLAGS.control_guidance_start),
       control_guidance_end=tuple(FLAGS.control_guidance_end),

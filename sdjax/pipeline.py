@@ -46,7 +46,13 @@ from sdjax.models.clip import (
   CLIPVisionConfig,
   CLIPVisionModelWithProjection,
 )
-from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
+from sdjax.models.controlnet import (
+  ControlNetConfig,
+  ControlNetModel,
+  ControlNetUnionConfig,
+  ControlNetUnionModel,
+  union_control_type,
+)
 from sdjax.models.ip_adapter import ImageProjection
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
@@ -206,7 +212,11 @@ class Pipeline:
     nets = as_controlnets(controlnet)
     for net in nets:
       net.check_fits(self)
-    return dataclasses.replace(self, controlnet=tuple(net.model for net in nets),
+    models = [net.model for net in nets]
+    if len(models) > 1:  # a union among several: diffusers' MultiControlNetUnionModel's scaling
+      models = [m.clone(from_multi=True) if isinstance(m, ControlNetUnionModel) else m
+                for m in models]
+    return dataclasses.replace(self, controlnet=tuple(models),
                                params={**self.params,
                                        "controlnet": tuple(net.params for net in nets)})
 
@@ -931,8 +941,37 @@ class ControlNet(_ControlModel):
 
   model: ControlNetModel
 
+  @property
+  def is_union(self) -> bool:
+    """Whether this is a ControlNet union (ControlNet++), which needs control types."""
+    return isinstance(self.model, ControlNetUnionModel)
+
+  @property
+  def control_types(self) -> tuple[int, ...]:
+    """A union's control types (indices), one per control image; () otherwise."""
+    return self.model.control_types if self.is_union else ()
+
+  def with_control_type(self, *types: int | str) -> ControlNet:
+    """This ControlNet union (same params) for control images of `types`: one image per type,
+    each an index or a name of xinsir's models (`UNION_CONTROL_TYPES`: openpose, depth,
+    softedge/hed/pidi/scribble, canny/lineart/mlsd, normal, segment, tile, repaint). Several
+    types: `control_images` takes a list of one image per type for this ControlNet, which
+    diffusers' union pipeline passes as its `control_image` list with `control_mode`."""
+    if not self.is_union:
+      raise ValueError(f"ControlNet {self.name} is not a ControlNet union: it takes no "
+                       f"control type")
+    if not types:
+      raise ValueError("with_control_type needs at least one control type")
+    indices = tuple(union_control_type(t, self.config.num_control_type) for t in types)
+    return dataclasses.replace(self, model=self.model.clone(control_types=indices))
+
   def check_fits(self, pipe: Pipeline) -> None:
-    """A one-line error unless this ControlNet was made for `pipe`'s UNet."""
+    """A one-line error unless this ControlNet was made for `pipe`'s UNet (and a union has
+    its control types)."""
+    if self.is_union and not self.control_types:
+      raise ValueError(f"ControlNet {self.name} is a ControlNet union: give its control type "
+                       f"(load_controlnet(..., control_type='depth'), or "
+                       f"net.with_control_type('depth'); main.py: --control_type)")
     mine, unet = self.config, pipe.unet.config
     for what, ours, theirs in (
         ("skip_channels", mine.skip_channels, unet.skip_channels),
@@ -1019,7 +1058,9 @@ def _adapter_model(raw: dict[str, Any], compute, store):
 
 def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: str | None = None,
                     revision: str | None = None, config: str | None = None,
-                    base: Pipeline | None = None) -> ControlNet | Adapter:
+                    base: Pipeline | None = None,
+                    control_type: int | str | Sequence[int | str] | None = None
+                    ) -> ControlNet | Adapter:
   """Loads a ControlNet: a diffusers-format folder (`config.json` + weights), a hub id (e.g.
   `lllyasviel/sd-controlnet-canny`, `diffusers/controlnet-canny-sdxl-1.0`), a pipeline folder's
   `controlnet/`, or a single file (`.safetensors`, `.pth`, ...: lllyasviel's original layout, as
@@ -1029,7 +1070,24 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
   `param_dtype` as `load_pipeline`'s. A T2I-Adapter folder or hub id gives its `Adapter`
   (`load_adapter`), which `controlnet=` and main.py's `--controlnet` take too. A Control-LoRA
   file (Stability AI's `control-lora-*.safetensors`) holds a ControlNet as its difference from
-  the UNet it steers: `base`, the pipeline it is for, supplies the rest."""
+  the UNet it steers: `base`, the pipeline it is for, supplies the rest. A ControlNet union
+  (ControlNet++, diffusers' `ControlNetUnionModel`, e.g. `xinsir/controlnet-union-sdxl-1.0` and
+  its promax file) needs `control_type`: one type, or a list (`ControlNet.with_control_type`)."""
+  net = _load_controlnet(source, dtype, param_dtype, variant, revision, config, base)
+  if control_type is None:
+    return net
+  if not isinstance(net, ControlNet) or not net.is_union:
+    raise PipelineError(f"cannot load ControlNet {source}: control_type is for a ControlNet "
+                        f"union (ControlNet++), and this is not one")
+  types = [control_type] if isinstance(control_type, int | str) else list(control_type)
+  try:
+    return net.with_control_type(*types)
+  except ValueError as e:
+    raise PipelineError(f"cannot load ControlNet {source}: {e}") from None
+
+
+def _load_controlnet(source, dtype, param_dtype, variant, revision, config, base
+                     ) -> ControlNet | Adapter:
   compute = parse_dtype(dtype)
   store = parse_dtype(param_dtype) if param_dtype is not None else compute
   try:
@@ -1043,7 +1101,7 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
       prefix = single_file.controlnet_prefix(state, path)
       raw = (_controlnet_folder_config(config, revision)[1] if config is not None
              else single_file.controlnet_config(state, prefix, path))
-      model, expected = _controlnet_model(ControlNetConfig.from_dict(raw), compute, store)
+      model, expected = _controlnet_model(_controlnet_config(raw), compute, store)
       keys = [torch_key(p) for p in traverse_util.flatten_dict(expected)]
       state = single_file.controlnet_state(state, prefix, model.config, keys, path)
     elif config is not None:
@@ -1052,7 +1110,7 @@ def load_controlnet(source: str, dtype="float32", *, param_dtype=None, variant: 
       folder, raw = _controlnet_folder_config(source, revision, variant)
       if raw.get("_class_name") == "T2IAdapter":  # the folder is already at hand
         return _adapter_from_folder(source, folder, raw, variant, compute, store)
-      model, expected = _controlnet_model(ControlNetConfig.from_dict(raw), compute, store)
+      model, expected = _controlnet_model(_controlnet_config(raw), compute, store)
       state = read_state_dict(folder, "controlnet", variant=variant)
     params = jax.device_put(torch_to_flax(state, expected, "controlnet", np.dtype(store)))
   except (hub.HubError, config_utils.ConfigError, WeightsError) as e:
@@ -1085,12 +1143,23 @@ def _controlnet_folder_config(source: str, revision: str | None, variant: str | 
   return folder, config_utils.read_json(os.path.join(folder, "config.json"))
 
 
+def _controlnet_config(raw: dict[str, Any]) -> ControlNetConfig:
+  """A ControlNet's config: a union's (ControlNet++: its class name, or its own options) or a
+  plain one's."""
+  if "Union" in str(raw.get("_class_name", "")) or "num_control_type" in raw:
+    return ControlNetUnionConfig.from_dict(raw)
+  return ControlNetConfig.from_dict(raw)
+
+
 def _controlnet_model(cfg: ControlNetConfig, compute, store):
-  """The network and the params it expects (abstract)."""
-  model = ControlNetModel(cfg, compute, store)
+  """The network and the params it expects (abstract); a union's without control types."""
+  union = isinstance(cfg, ControlNetUnionConfig)
+  model = (ControlNetUnionModel(cfg, compute, store, control_types=(0,)) if union
+           else ControlNetModel(cfg, compute, store))
   f = cfg.downscale * cfg.downscale_control
   control = jnp.zeros((1, f, f, cfg.conditioning_channels))
-  return model, _expected_params(model, *_unet_example(cfg, (control, 1.0)))
+  expected = _expected_params(model, *_unet_example(cfg, (control, 1.0)))
+  return (model.clone(control_types=()) if union else model), expected
 
 
 def add_extras(pipe: Pipeline, *, loras=(), embeddings=()) -> Pipeline:

@@ -106,6 +106,8 @@ class RunConfig:
   control_guidance_end: tuple[float, ...] = (1.0,)
   controlnet_guess_mode: bool = False  # diffusers' guess_mode (see Pipeline.generate)
   control_mode: tuple[str, ...] = ("balanced",)  # A1111's Control Mode: one, or one per net
+  # Per ControlNet, a ControlNet union's control type (a name or index; "": not a union).
+  control_type: tuple[str, ...] = ()
   # IP-Adapters conditioning lines on their ip_adapter_image (else these, one per adapter); per
   # adapter its image encoder ("": the image_encoder/ folder beside the file); the scale: one
   # for all, or one per adapter, each a number or InstantStyle's per-layer scales (a dict, or
@@ -240,13 +242,14 @@ def validate(cfg: RunConfig) -> None:
   if not cfg.mask_blur >= 0 or cfg.inpaint_full_res_padding < 0:
     raise RunError(f"--mask_blur and --inpaint_full_res_padding must be >= 0, got "
                    f"{cfg.mask_blur} and {cfg.inpaint_full_res_padding}")
-  if not cfg.controlnet and (cfg.control_image or cfg.controlnet_config
+  if not cfg.controlnet and (cfg.control_image or cfg.controlnet_config or cfg.control_type
                              or cfg.controlnet_guess_mode or _control_modes(cfg)):
-    raise RunError("--control_image, --controlnet_config, --controlnet_guess_mode and "
-                   "--control_mode are for a ControlNet: give --controlnet too")
+    raise RunError("--control_image, --controlnet_config, --control_type, "
+                   "--controlnet_guess_mode and --control_mode are for a ControlNet: give "
+                   "--controlnet too")
   if cfg.controlnet:
     nets = len(cfg.controlnet)
-    for name in ("control_image", "controlnet_config"):
+    for name in ("control_image", "controlnet_config", "control_type"):
       if getattr(cfg, name) and len(getattr(cfg, name)) != nets:
         raise RunError(f"--{name}: give one per --controlnet ({nets}), got "
                        f"{len(getattr(cfg, name))}")
@@ -417,6 +420,8 @@ def _controlnet_record(cfg: RunConfig) -> dict[str, Any]:
             "control_guidance_start": list(starts), "control_guidance_end": list(ends)}
   if any(cfg.controlnet_config):  # absent without: older folders still match
     record["controlnet_config"] = list(cfg.controlnet_config)
+  if any(cfg.control_type):  # absent without unions: older folders still match
+    record["control_type"] = list(cfg.control_type)
   if len(cfg.controlnet) == 1:
     record = {k: v[0] for k, v in record.items()}
   if cfg.controlnet_guess_mode:  # absent without: older folders still match
@@ -623,10 +628,12 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   controlnets, adapters = [], []
   if cfg.controlnet:
     try:
+      none = ("",) * len(cfg.controlnet)
       controlnets = [
-          sdjax.load_controlnet(path, cfg.dtype, config=config or None, base=pipe)
-          for path, config in zip(
-              cfg.controlnet, cfg.controlnet_config or ("",) * len(cfg.controlnet), strict=True)]
+          sdjax.load_controlnet(path, cfg.dtype, config=config or None, base=pipe,
+                                control_type=kind or None)
+          for path, config, kind in zip(cfg.controlnet, cfg.controlnet_config or none,
+                                        cfg.control_type or none, strict=True)]
       pipe = pipe.with_controlnet(controlnets)
     except ValueError as e:
       raise RunError(f"--controlnet: {e}") from None
@@ -1574,12 +1581,14 @@ class _Metadata:
     """A1111's `ControlNet N` entries (the sd-webui-controlnet extension's units), each model by
     name."""
     modes = _control_modes(self.cfg) or ("balanced",) * len(self.controlnets)
+    kinds = self.cfg.control_type or ("",) * len(self.controlnets)
     return {f"ControlNet {i}": f"Model: {name}, Weight: {scale:g}, Guidance Start: {start:g}, "
                               f"Guidance End: {end:g}" + (
                                   "" if mode == "balanced" else
-                                  f", Control Mode: {conditioning.CONTROL_MODES[mode]}")
-            for i, (name, scale, start, end, mode) in enumerate(zip(
-                self.controlnets, *_per_controlnet(self.cfg), modes, strict=True))} | {
+                                  f", Control Mode: {conditioning.CONTROL_MODES[mode]}") + (
+                                  f", Union Control Type: {kind}" if kind else "")
+            for i, (name, scale, start, end, mode, kind) in enumerate(zip(
+                self.controlnets, *_per_controlnet(self.cfg), modes, kinds, strict=True))} | {
         f"ControlNet {len(self.controlnets) + i}": f"Module: {module}, Model: {name}, Weight: "
                                                    f"{_weight(scale)}, Guidance Start: 0, "
                                                    f"Guidance End: 1"

@@ -1218,17 +1218,30 @@ def _control_images(controlnets, images, n: int, height: int, width: int,
     names = [f"{what}[{i}]" for i in range(k)]
   out = []
   for net, given, name in zip(controlnets, images, names, strict=True):
-    given = np.asarray(given, np.float32)
-    if given.ndim == 3:
-      given = given[None]
-    if given.ndim == 4 and given.shape[0] == 1:
-      given = np.repeat(given, n, axis=0)
-    c = net.config.conditioning_channels
-    if given.shape != (n, height, width, c):
-      raise ValueError(f"{name} must be [{n} (or 1), {height}, {width}, {c}] (the image "
-                       f"size), got {given.shape}")
-    out.append(given)
+    types = getattr(net, "control_types", ())  # a ControlNet union: one image per type
+    if len(types) > 1:
+      if not isinstance(given, list | tuple) or len(given) != len(types):
+        raise ValueError(f"{name} is a list of {len(types)} images for this ControlNet union "
+                         f"(one per control type, in order)")
+      out.append(np.concatenate([_one_control_image(net, g, f"{name}[{j}]", n, height, width)
+                                 for j, g in enumerate(given)], axis=-1))
+    else:
+      out.append(_one_control_image(net, given, name, n, height, width))
   return out
+
+
+def _one_control_image(net, given, name: str, n: int, height: int, width: int) -> np.ndarray:
+  """A control image as [n, height, width, c]: one given image serves every prompt."""
+  given = np.asarray(given, np.float32)
+  if given.ndim == 3:
+    given = given[None]
+  if given.ndim == 4 and given.shape[0] == 1:
+    given = np.repeat(given, n, axis=0)
+  c = net.config.conditioning_channels
+  if given.shape != (n, height, width, c):
+    raise ValueError(f"{name} must be [{n} (or 1), {height}, {width}, {c}] (the image "
+                     f"size), got {given.shape}")
+  return given
 
 
 def _hires_control_images(controlnets, images, given, n: int,

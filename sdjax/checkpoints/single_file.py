@@ -445,7 +445,26 @@ def controlnet_config(state: Mapping[str, np.ndarray], prefix: str | None,
   raw["conditioning_embedding_out_channels"] = [int(state[k].shape[0]) for k in convs[::2]]
   if is_shuffle_file(name):
     raw["global_pool_conditions"] = True
+  if prefix is None and UNION_TASK_KEY in state:
+    raw.update(_union_options(state))
   return raw
+
+
+# A ControlNet union's (ControlNet++) own weights, in diffusers' layout (xinsir's files are).
+UNION_TASK_KEY = "task_embedding"
+# Its fusing transformer's head count, which its weights do not show: diffusers' default, the
+# value of xinsir's models.
+UNION_HEADS = 8
+
+
+def _union_options(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """A ControlNet union file's own config options, read from its weights."""
+  types, width = (int(n) for n in state[UNION_TASK_KEY].shape)
+  layers = _leading(state, (f"transformer_layes.{i}.ln_1.weight" for i in itertools.count()))
+  return {"_class_name": "ControlNetUnionModel", "num_control_type": types,
+          "num_trans_channel": width, "num_trans_head": UNION_HEADS,
+          "num_trans_layer": len(layers),
+          "num_proj_channel": int(state["spatial_ch_projs.weight"].shape[0])}
 
 
 def is_shuffle_file(name: str) -> bool:

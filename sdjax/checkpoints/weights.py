@@ -33,6 +33,7 @@ _LIST_CONTAINERS = (
     "downsamplers", "upsamplers", "layers", "to_out", "net",
     "controlnet_down_blocks", "blocks",  # ControlNet's residual convs, its image embedding's
     "body",  # T2I-Adapter's levels
+    "transformer_layes",  # a ControlNet union's (diffusers' spelling)
 )
 _FLAX_LIST = re.compile(rf"^({'|'.join(_LIST_CONTAINERS)})_(\d+)$")
 _TORCH_LIST = re.compile(rf"(^|\.)({'|'.join(_LIST_CONTAINERS)})\.(\d+)(?=\.|$)")

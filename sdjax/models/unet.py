@@ -364,14 +364,18 @@ class UNet2DConditionModel(nn.Module):
     x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, d, pd, "conv_norm_out")(x))
     return conv(cfg.out_channels, 3, d, pd, "conv_out")(x)
 
-  def _time_embedding(self, sample, timesteps, text_embeds, time_ids, timestep_cond):
-    """The time vector [B, 4 * C0]: timesteps, SDXL's added conditioning, an LCM guidance."""
+  def _time_embedding(self, sample, timesteps, text_embeds, time_ids, timestep_cond,
+                      extra=None):
+    """The time vector [B, 4 * C0]: timesteps, SDXL's added conditioning, an LCM guidance;
+    `extra` (a module's own embedding, [B, 4 * C0]) added before SDXL's, in diffusers' order."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     channels = cfg.block_out_channels
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
     temb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
     temb = TimestepEmbedding(channels[0] * 4, d, pd, cfg.time_cond_proj_dim,
                              name="time_embedding")(temb.astype(d), timestep_cond)
+    if extra is not None:
+      temb = temb + extra.astype(temb.dtype)
     if cfg.addition_embed_type == "text_time":
       temb = temb + self._text_time_embedding(text_embeds, time_ids)
     return temb
