@@ -171,8 +171,8 @@ def union_control_type(value: int | str, num_control_type: int) -> int:
 class _QuickGeluMlp(nn.Module):
   """CLIP's MLP: linear, x * sigmoid(1.702 x), linear."""
 
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -186,8 +186,8 @@ class _MultiheadAttention(LoadedParams, nn.Module):
   (`in_proj_weight` [3C, C], `in_proj_bias`, `out_proj`)."""
 
   heads: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -211,8 +211,8 @@ class _UnionAttentionBlock(nn.Module):
   any number of devices."""
 
   heads: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
