@@ -126,7 +126,8 @@ def test_generate_matches_diffusers(sdxl_union):
   """generate() against StableDiffusionXLControlNetUnionPipeline (non-square, guidance): one
   control type by name; two types in one union (their images a list) acting in part of the
   steps (after it, diffusers' union still adds residuals: its scale only weighs the images);
-  two unions (diffusers' MultiControlNetUnionModel), a scale each."""
+  two unions (diffusers' MultiControlNetUnionModel), a scale each; the last's second image
+  alone is the same."""
   import sdjax  # noqa: PLC0415
 
   base, pipe, ((first, tm1), (second, tm2)) = sdxl_union
@@ -163,6 +164,10 @@ def test_generate_matches_diffusers(sdxl_union):
     print(f"\ncontrolnet union generate, {name}: {err:.2e}")
     assert err <= 1e-4
     assert np.abs(ours - plain).max() > 1e-2
+  # An image does not depend on its batch-mates (diffusers' attention across the batch would).
+  alone = pipe.generate(PROMPTS[1:], **{**common, "latents": latents[1:]},
+                        **{**kwargs, "control_images": [a[1:], c[1:]]})
+  assert np.abs(alone[0] - ours[1]).max() <= 1e-5
 
 
 def test_loading_and_bad_arguments(sdxl_union, tmp_path):
