@@ -157,6 +157,14 @@ flags.DEFINE_bool("controlnet_guess_mode", False, "diffusers' guess mode: the Co
 flags.DEFINE_multi_string("control_mode", ["balanced"], "A1111's Control Mode (one for all, or "
                           "one per --controlnet): balanced, prompt ('My prompt is more "
                           "important') or controlnet ('ControlNet is more important')")
+flags.DEFINE_float("pag_scale", 0.0, "perturbed-attention guidance (Forge's PAG, diffusers' PAG "
+                   "pipelines): a third UNet pass per step with identity self-attention in "
+                   "--pag_applied_layers, guided away from by this much; 0: off")
+flags.DEFINE_float("pag_adaptive_scale", 0.0, "lower the PAG scale by this much per timestep "
+                   "below 1000 (diffusers' pag_adaptive_scale; 0: constant)")
+flags.DEFINE_multi_string("pag_applied_layers", ["mid"], "self-attention layers PAG perturbs: "
+                          "regular expressions searched in their diffusers names (mid, "
+                          "down_blocks.2, up_blocks.0.attentions.1, ...); repeatable")
 flags.DEFINE_multi_string("ip_adapter", [], "an IP-Adapter file (.bin/.safetensors, or hub "
                           "file) conditioning each jsonl line on its ip_adapter_image (else "
                           "--ip_adapter_image); repeatable, and a line's ip_adapter_image then "
@@ -226,6 +234,8 @@ def _run_config() -> run.RunConfig:
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
+      pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,
+      pag_applied_layers=tuple(FLAGS.pag_applied_layers),
       controlnet_scale=tuple(FLAGS.controlnet_scale), control_mode=tuple(FLAGS.control_mode),
       control_guidance_start=tuple(FLAGS.control_guidance_start),
       control_guidance_end=tuple(FLAGS.control_guidance_end),

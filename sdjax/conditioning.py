@@ -280,7 +280,7 @@ def adapter_features(nets: Networks, params, images) -> tuple:
 
 
 def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, control=None,
-            guess: int | None = None):
+            guess: int | None = None, pag=None):
   """The UNet's output for latents x [B, h, w, C] at t under embeddings `emb` (and an LCM
   model's `guidance_embedding`); `control` = a `ControlInput` (or (images, scales)): control
   images per ControlNet [B, H, W, c] in [0, 1] (a T2I-Adapter's: its `adapter_features`), their
@@ -289,7 +289,7 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
   MultiControlNetModel) and added to the UNet's, and the adapters' feature maps times their
   scales, summed in order (diffusers' MultiAdapter), added inside its down path. `guess`:
   diffusers' guess mode, the ControlNets run on rows `guess`: only (the first, unconditional
-  ones get none)."""
+  ones get none). `pag`: the UNet's `PerturbedLayers` (perturbed-attention guidance)."""
   residuals = {}
   if control is not None:
     images, scales, modes, cond_rows = ControlInput(*control)
@@ -331,6 +331,8 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
     residuals["ip"] = tuple((tokens, emb.image_scales[:, a], mask)
                             for a, (tokens, mask) in enumerate(zip(emb.image_tokens, masks,
                                                                    strict=True)))
+  if pag is not None:
+    residuals["pag"] = pag
   return nets.unet.apply({"params": unet_params}, x, t, emb.context, emb.text_embeds,
                          emb.time_ids, emb.context_bias, timestep_cond, **residuals)
 

@@ -372,7 +372,8 @@ class Pipeline:
                control_mode: str | Sequence[str] = "balanced",
                ip_adapter: IPAdapter | Sequence[IPAdapter] | None = None,
                ip_adapter_images=None, ip_adapter_scale=1.0,
-               ip_adapter_masks=None) -> np.ndarray:
+               ip_adapter_masks=None, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0,
+               pag_applied_layers: str | Sequence[str] = "mid") -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -506,6 +507,15 @@ class Pipeline:
         in [0, 1] (8-bit levels), made grey, Lanczos-resized to the output size and cut at 0.5.
         With masks, each image is attended to on its own and its output kept where its mask
         is white (downsampled to each layer); a list of one entry per adapter with several.
+      pag_scale, pag_adaptive_scale, pag_applied_layers: perturbed-attention guidance
+        (diffusers' PAG pipelines; Forge's and ComfyUI's PAG), on when `pag_scale` > 0: the
+        conditional prediction is made again with identity self-attention in the layers
+        `pag_applied_layers` names (regular expressions searched in the self-attention layers'
+        diffusers names: "mid", "down_blocks.2", "up_blocks.0.attentions.1", ...) and the
+        guided prediction moves `pag_scale` times away from it, at timestep t by
+        max(pag_scale - pag_adaptive_scale * (1000 - t), 0). One more UNet pass per step;
+        text-to-image, img2img, inpainting and the hires pass (not a refiner's stage, nor with
+        ControlNets, IP-Adapters or cfg_parallel yet).
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size; with
@@ -560,7 +570,8 @@ class Pipeline:
         hires_control_images=hires_control_images,
         controlnet_conditioning_scale=controlnet_conditioning_scale,
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
-        guess_mode=guess_mode, control_mode=control_mode, ip=ip)
+        guess_mode=guess_mode, control_mode=control_mode, ip=ip, pag_scale=pag_scale,
+        pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

@@ -108,6 +108,10 @@ class RunConfig:
   control_mode: tuple[str, ...] = ("balanced",)  # A1111's Control Mode: one, or one per net
   # Per ControlNet, a ControlNet union's control type (a name or index; "": not a union).
   control_type: tuple[str, ...] = ()
+  # Perturbed-attention guidance (see Pipeline.generate's pag_*): on when pag_scale > 0.
+  pag_scale: float = 0.0
+  pag_adaptive_scale: float = 0.0
+  pag_applied_layers: tuple[str, ...] = ("mid",)
   # IP-Adapters conditioning lines on their ip_adapter_image (else these, one per adapter); per
   # adapter its image encoder ("": the image_encoder/ folder beside the file); the scale: one
   # for all, or one per adapter, each a number or InstantStyle's per-layer scales (a dict, or
@@ -388,6 +392,9 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
   if plan.dynamic is not None:
     settings["dynamic_prompts"] = plan.dynamic.settings()
+  if cfg.pag_scale:  # absent when off: older folders still match
+    settings["pag"] = {"scale": cfg.pag_scale, "adaptive_scale": cfg.pag_adaptive_scale,
+                       "applied_layers": list(cfg.pag_applied_layers)}
   return {**settings, **_hires_record(cfg), **_sdxl_record(cfg, pipe)}
 
 
@@ -410,6 +417,16 @@ def _control_modes(cfg: RunConfig) -> tuple[str, ...]:
   if all(m == "balanced" for m in modes):
     return ()
   return modes if len(modes) > 1 else modes * max(len(cfg.controlnet), 1)
+
+
+def _pag(cfg: RunConfig, pipe) -> sampling.Pag | None:
+  """The run's perturbed-attention guidance for `pipe`'s UNet (None: off)."""
+  try:
+    return sampling.perturbed_guidance(
+        pipe, cfg.pag_scale, cfg.pag_adaptive_scale, cfg.pag_applied_layers,
+        controlnet=pipe.controlnet, ip=pipe.ip_adapter, cfg_parallel=cfg.cfg_parallel)
+  except ValueError as e:
+    raise RunError(f"--pag_scale: {e}") from None
 
 
 def _controlnet_record(cfg: RunConfig) -> dict[str, Any]:
@@ -647,6 +664,9 @@ def generate_run(cfg: RunConfig) -> RunSummary:
       raise RunError(f"--ip_adapter: {e}") from None
   refiner, hires_model = _load_refiner(cfg, pipe), _load_hires_model(cfg, pipe, controlnets,
                                                                      adapters)
+  for model in (pipe, hires_model):  # what it does not combine with, layers it cannot find
+    if model is not None:
+      _pag(cfg, model)
   steps, guidance, scheduler = sampling.resolve_settings(pipe, cfg.steps, cfg.guidance_scale,
                                                          cfg.scheduler)
   cfg = dataclasses.replace(cfg, steps=steps, guidance_scale=guidance, scheduler=scheduler)
@@ -1004,6 +1024,7 @@ class _Sampler:
               _control_modes(cfg) or "balanced", len(pipe.controlnet), spec.control_guess))
         except ValueError as e:
           raise RunError(f"--control_mode: {e}") from None
+      spec = dataclasses.replace(spec, pag=_pag(cfg, pipe))
       host_state, stage = state, None
       if refiner is not None:  # the second stage runs in the same program
         refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
@@ -1014,7 +1035,8 @@ class _Sampler:
           hires = sampling.prepare_hires(self.hires_pipe or pipe, cfg.batch_size, hires,
                                          control=spec.control,
                                          control_guess=spec.control_guess, **common)
-          hires = (dataclasses.replace(hires[0], control_modes=spec.control_modes), hires[1])
+          hires = (dataclasses.replace(hires[0], control_modes=spec.control_modes,
+                                       pag=_pag(cfg, self.hires_pipe or pipe)), hires[1])
         except ValueError as e:
           raise RunError(f"--hires_scale: {e}") from None
         spec = dataclasses.replace(spec, output_latents=_hires(cfg).in_latents)
@@ -1575,7 +1597,20 @@ class _Metadata:
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler), **self._hires_prompts(job),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
-               **self._emphasis(job)})
+               **self._emphasis(job), **self._pag_extra()})
+
+  def _pag_extra(self) -> dict[str, Any]:
+    """Forge's perturbed-attention guidance entries (its built-in extension writes the first
+    two), the adaptive scale and layers when not the defaults."""
+    cfg = self.cfg
+    if not cfg.pag_scale:
+      return {}
+    return {"PerturbedAttentionGuidance_enabled": True,
+            "PerturbedAttentionGuidance_scale": cfg.pag_scale,
+            **({"PerturbedAttentionGuidance_adaptive_scale": cfg.pag_adaptive_scale}
+               if cfg.pag_adaptive_scale else {}),
+            **({"PerturbedAttentionGuidance_layers": json.dumps(list(cfg.pag_applied_layers))}
+               if cfg.pag_applied_layers != RunConfig.pag_applied_layers else {})}
 
   def _controlnet_extra(self) -> dict[str, str]:
     """A1111's `ControlNet N` entries (the sd-webui-controlnet extension's units), each model by

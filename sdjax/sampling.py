@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,13 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sdjax import conditioning, interpolate, masks, schedulers
 from sdjax import prompts as prompt_lib
+from sdjax.checkpoints.weights import torch_key
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
 from sdjax.models.adapter import T2IAdapter
+from sdjax.models.layers import PerturbedLayers
 from sdjax.models.vae import AutoencoderKL
 
 # Fold-in tags that split one image's key into independent streams: step noise (SDE /
@@ -85,6 +89,60 @@ class SampleSpec:
   # This pass's own guidance scale, compiled in (the hires fix's Hires CFG Scale); None: the
   # call's guidance_scale.
   fixed_guidance: float | None = None
+  # Perturbed-attention guidance (`Pag`): a third UNet pass whose self-attention in the chosen
+  # blocks is the identity, guided away from; None: off.
+  pag: Pag | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Pag:
+  """Perturbed-attention guidance (Ahn et al. 2024), as diffusers' PAG pipelines: the
+  conditional prediction is also made with identity self-attention in `blocks` (BasicTransformer
+  block paths, `pag_blocks`), and the guided prediction moves `scale` times away from it; with
+  `adaptive_scale`, at timestep t the scale is max(scale - adaptive_scale * (1000 - t), 0)."""
+
+  scale: float
+  adaptive_scale: float
+  blocks: tuple[tuple[str, ...], ...]
+
+  def scale_at(self, t) -> jax.Array:
+    scale = jnp.float32(self.scale)
+    if self.adaptive_scale > 0 and self.scale > 0:  # diffusers' do_pag_adaptive_scaling
+      t = jnp.asarray(t, jnp.float32).reshape(-1)[0]
+      scale = jnp.maximum(scale - jnp.float32(self.adaptive_scale) * (1000 - t), 0.0)
+    return scale
+
+  def layers(self, rows: int) -> PerturbedLayers:
+    return PerturbedLayers(frozenset(self.blocks), rows)
+
+
+def pag_blocks(unet_params, layers: str | Sequence[str]) -> tuple[tuple[str, ...], ...]:
+  """The transformer blocks whose self-attention diffusers' `set_pag_applied_layers(layers)`
+  perturbs: each of `layers` a regular expression searched in the self-attention layers'
+  PyTorch names (`mid`, `down_blocks.1`, `up_blocks.0.attentions.1`, ...; an id ending in a
+  number matches that number, not 10 or 11), each matching at least one."""
+  layers = [layers] if isinstance(layers, str) else list(layers)
+  if not layers:
+    raise ValueError("pag_applied_layers names no layer")
+  names = {}
+  for path in traverse_util.flatten_dict(unet_params):
+    if "attn1" in path:
+      block = path[:path.index("attn1")]
+      names[block] = torch_key((*block, "attn1", "x")).rsplit(".", 1)[0]
+  chosen = set()
+  for layer in layers:
+    try:
+      pattern = re.compile(layer)
+    except re.error as e:
+      raise ValueError(f"pag_applied_layers {layer!r} is not a regular expression: {e}") from None
+    last = layer.split(".")[-1]
+    found = [block for block, name in names.items() if pattern.search(name) and not (
+        last.isnumeric() and name.split(".")[-1].isnumeric() and last == name.split(".")[-1])]
+    if not found:
+      raise ValueError(f"pag_applied_layers {layer!r} names no self-attention layer of this UNet "
+                       f"(they are {', '.join(sorted(names.values())[:4])}, ...)")
+    chosen.update(found)
+  return tuple(sorted(chosen))
 
 
 def image_keys(seeds: jax.Array) -> jax.Array:
@@ -107,9 +165,12 @@ def _keyed_noise(keys, stream: int, shape, i=None):
   return jax.vmap(one)(keys)
 
 
-def guide(eps_uncond, eps_cond, scale, rescale=None):
-  """Classifier-free guidance, with optional rescaling (arXiv:2305.08891, section 3.4)."""
+def guide(eps_uncond, eps_cond, scale, rescale=None, extra=None):
+  """Classifier-free guidance, with optional rescaling (arXiv:2305.08891, section 3.4);
+  `extra` (perturbed-attention guidance's term) added before the rescaling, as diffusers."""
   eps = eps_uncond + scale * (eps_cond - eps_uncond)
+  if extra is not None:
+    eps = eps + extra
   if rescale is None:
     return eps
   axes = tuple(range(1, eps.ndim))
@@ -175,9 +236,11 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
                                            spec.guidance)
   scheduled = positive.schedule is not None  # A1111 syntax: the variants in force per call
   parts = cond.part_weights
-  if parts is not None and (not spec.guidance or spec.cfg_split or spec.guidance_rescale):
+  if parts is not None and (not spec.guidance or spec.cfg_split or spec.guidance_rescale
+                            or spec.pag is not None):
     raise ValueError("composable prompts (AND, :weight) need classifier-free guidance "
-                     "(guidance_scale > 1), without guidance_rescale or cfg_parallel")
+                     "(guidance_scale > 1), without guidance_rescale, cfg_parallel or "
+                     "pag_scale")
   if spec.guidance and not scheduled and not spec.cfg_split:
     both = conditioning.Embeddings.concat(negative, positive)  # [uncond, cond] rows
 
@@ -199,6 +262,10 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
     return uncond_rows if spec.control_guess else None
 
   def predict(x, t, call):
+    if spec.pag is not None:
+      return _perturbed_guidance(spec, nets, params, x, t,
+                                 negative.at(call) if spec.guidance else None,
+                                 positive.at(call), guidance_scale, guidance_rescale, cond_dim)
     if not spec.guidance:
       return conditioning.predict(nets, params, x, t, positive.at(call), None if cond_dim is None
                                   else conditioning.guidance_embedding(guidance_scale, len(x),
@@ -313,6 +380,28 @@ def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None, 
     factor = (weights[:, k] * scale).reshape((b,) + (1,) * (x.ndim - 1))
     eps = eps + (eps_parts[:, k] - eps_uncond) * factor
   return eps
+
+
+def _perturbed_guidance(spec: SampleSpec, nets, params, x, t, negative, positive, scale, rescale,
+                        cond_dim):
+  """One UNet call on [uncond, cond, cond] rows ([cond, cond] without classifier-free
+  guidance), the last B with perturbed attention; guidance then PAG's term (diffusers'
+  `_apply_perturbed_attention_guidance`, then its guidance rescale)."""
+  b = len(x)
+  rows = ([negative] if spec.guidance else []) + [positive, positive]
+  emb = rows[0]
+  for more in rows[1:]:
+    emb = conditioning.Embeddings.concat(emb, more)
+  n = len(rows) * b
+  timestep_cond = (None if cond_dim is None
+                   else conditioning.guidance_embedding(scale, n, cond_dim))
+  out = conditioning.predict(nets, params, jnp.concatenate([x] * len(rows)), t, emb,
+                             timestep_cond, pag=spec.pag.layers(b)).astype(jnp.float32)
+  *first, eps_cond, eps_perturbed = jnp.split(out, len(rows))
+  extra = spec.pag.scale_at(t) * (eps_cond - eps_perturbed)
+  if not spec.guidance:
+    return eps_cond + extra
+  return guide(first[0], eps_cond, scale, rescale if spec.guidance_rescale else None, extra)
 
 
 def _split_guidance_pair(nets, params, x, t, negative, positive, cfg_axis, control=None,
@@ -1037,6 +1126,9 @@ def generate(
     guess_mode: bool = False,
     control_mode: str | Sequence[str] = "balanced",
     ip: tuple | None = None,
+    pag_scale: float = 0.0,
+    pag_adaptive_scale: float = 0.0,
+    pag_applied_layers: str | Sequence[str] = "mid",
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1130,13 +1222,18 @@ def generate(
   if controlled is not None:
     spec = dataclasses.replace(spec, control_modes=control_modes(
         control_mode, len(controlled.controlnet), spec.control_guess))
+  pag = perturbed_guidance(pipe, pag_scale, pag_adaptive_scale, pag_applied_layers,
+                           controlnet=controlnet, ip=ip, cfg_parallel=cfg_parallel)
+  spec = dataclasses.replace(spec, pag=pag)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(second, n, hires, control=spec.control,
                                 control_guess=spec.control_guess, **{
                                     **common, "scheduler": scheduler or
                                     schedulers.default_scheduler_name(pipe.scheduler_config)})
-    hires_stage = (dataclasses.replace(hires_stage[0], control_modes=spec.control_modes),
-                   hires_stage[1])
+    hires_pag = pag if pag is None or hires_model is None else perturbed_guidance(
+        hires_model, pag_scale, pag_adaptive_scale, pag_applied_layers)
+    hires_stage = (dataclasses.replace(hires_stage[0], control_modes=spec.control_modes,
+                                       pag=hires_pag), hires_stage[1])
     spec = dataclasses.replace(spec, output_latents=hires.in_latents)
   seeds = make_seeds(seed, n)
   latent_shape = (n, *spec.latent_hw, latent_channels(pipe))
@@ -1191,6 +1288,24 @@ def generate(
   return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
                             {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
                                 pipe.scheduler_config)}, refiner_start, a1111))
+
+
+def perturbed_guidance(pipe, scale: float, adaptive_scale: float = 0.0,
+                       layers: str | Sequence[str] = "mid", *, controlnet=None, ip=None,
+                       cfg_parallel: bool = False) -> Pag | None:
+  """Perturbed-attention guidance's settings for `pipe`'s UNet; None at scale 0 (off, as in
+  diffusers). A one-line error for bad values and what it does not combine with."""
+  for name, value in (("pag_scale", scale), ("pag_adaptive_scale", adaptive_scale)):
+    if not (isinstance(value, int | float | np.floating) and math.isfinite(value) and value >= 0):
+      raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+  if not scale:
+    return None
+  for given, what in ((controlnet, "ControlNets"), (ip, "IP-Adapters"),
+                      (cfg_parallel or None, "cfg_parallel")):
+    if given is not None:
+      raise ValueError(f"perturbed-attention guidance (pag_scale) does not work with {what} "
+                       f"yet")
+  return Pag(float(scale), float(adaptive_scale), pag_blocks(pipe.params["unet"], layers))
 
 
 def with_ip_images(cond: Conditioning, ip: tuple | None) -> Conditioning:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -233,8 +233,10 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context=None, bias=None, ip=None):
+  def __call__(self, x, context=None, bias=None, ip=None, perturb: int = 0):
     """`bias`: optional additive attention bias [B, 1, 1, M] (e.g. -inf on padded context).
+    `perturb` (static): the last `perturb` rows attend each query to itself alone (their output
+    is the values' projection), perturbed-attention guidance's identity attention.
     `ip`: IP-Adapters' image tokens, per adapter (tokens [B, T, C], scale [B], mask): the
     queries attend to each through keys and values of its own (params `to_k_ip_<a>`,
     `to_v_ip_<a>`), and that output, times the scale and the layer's `ip_scale_<a>`, is added
@@ -254,7 +256,13 @@ class Attention(nn.Module):
     v = dense(inner, d, pd, "to_v", self.qkv_bias)(context)
     k = k.reshape(b, -1, self.heads, self.head_dim)  # B, M, H, D
     v = v.reshape(b, -1, self.heads, self.head_dim)  # B, M, H, D
-    out = attention.dot_product_attention(q, k, v, bias, upcast=self.upcast)  # B, N, H, D
+    if perturb:  # diffusers' PAG identity processors: attention on the others only
+      kept = b - perturb
+      out = attention.dot_product_attention(q[:kept], k[:kept], v[:kept], bias,
+                                            upcast=self.upcast)
+      out = jnp.concatenate([out, v[kept:].astype(out.dtype)])
+    else:
+      out = attention.dot_product_attention(q, k, v, bias, upcast=self.upcast)  # B, N, H, D
     for a, (tokens, scale, *mask) in enumerate(ip or ()):
       mask = mask[0] if mask else None
       images = 1 if mask is None else mask.shape[1]
@@ -317,6 +325,14 @@ class FeedForward(nn.Module):
     return dense(self.dim, self.dtype, self.param_dtype, "net_2")(h)
 
 
+class PerturbedLayers(NamedTuple):
+  """Perturbed-attention guidance's layers (static): the BasicTransformerBlocks (module paths
+  in the UNet) whose self-attention is the identity for the last `rows` rows."""
+
+  blocks: frozenset
+  rows: int
+
+
 class BasicTransformerBlock(nn.Module):
   """Self-attention, cross-attention and a GEGLU feed-forward, each pre-LayerNorm + residual."""
 
@@ -329,8 +345,11 @@ class BasicTransformerBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context, context_bias=None, ip=None):
+  def __call__(self, x, context, context_bias=None, ip=None, pag=None):
+    """`pag`: a `PerturbedLayers`; if it names this block's self-attention, its last rows
+    take identity attention there."""
     d, pd = self.dtype, self.param_dtype
+    perturb = pag.rows if pag is not None and self.scope.path in pag.blocks else 0
 
     def attn(name):
       return Attention(
@@ -342,7 +361,7 @@ class BasicTransformerBlock(nn.Module):
     if self.only_cross_attention:
       x = x + attn("attn1")(h, context, context_bias)
     else:
-      x = x + attn("attn1")(h)
+      x = x + attn("attn1")(h, perturb=perturb)
     h = layer_norm(1e-5, d, pd, "norm2")(x)
     x = x + attn("attn2")(h, context, context_bias, ip)
     h = layer_norm(1e-5, d, pd, "norm3")(x)
@@ -363,7 +382,7 @@ class Transformer2DModel(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context, context_bias=None, ip=None):
+  def __call__(self, x, context, context_bias=None, ip=None, pag=None):
     d, pd = self.dtype, self.param_dtype
     b, hh, ww, c = x.shape
     inner = self.heads * self.head_dim
@@ -378,7 +397,7 @@ class Transformer2DModel(nn.Module):
       x = BasicTransformerBlock(
           inner, self.heads, self.head_dim, self.only_cross_attention, self.upcast_attention,
           dtype=d, param_dtype=pd, name=f"transformer_blocks_{i}",
-      )(x, context, context_bias, ip)
+      )(x, context, context_bias, ip, pag)
     if self.use_linear_projection:
       x = dense(c, d, pd, "proj_out")(x).reshape(b, hh, ww, c)  # B, H, W, C
     else:

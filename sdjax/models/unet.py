@@ -212,7 +212,8 @@ class _Block(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, context, skips=(), context_bias=None, intrablock=None, ip=None):
+  def __call__(self, x, temb, context, skips=(), context_bias=None, intrablock=None, ip=None,
+               pag=None):
     """`intrablock`: a T2I-Adapter's feature map, added to a down block's output (and to its
     last skip, which is that output): with attention, to its last layer's, before the
     downsampler, as diffusers' `down_intrablock_additional_residuals`. `ip`: IP-Adapters'
@@ -228,8 +229,8 @@ class _Block(nn.Module):
           name=f"resnets_{j}",
       )(x, temb)
       if self.has_attention:
-        x = self._transformer(f"attentions_{j}", self.transformer_layers[j])(x, context,
-                                                                            context_bias, ip)
+        x = self._transformer(f"attentions_{j}", self.transformer_layers[j])(
+            x, context, context_bias, ip, pag)
         if intrablock is not None and j == self.num_layers - 1:
           x = x + intrablock.astype(x.dtype)
       outputs.append(x)
@@ -267,7 +268,7 @@ class _MidBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, context, context_bias=None, ip=None):
+  def __call__(self, x, temb, context, context_bias=None, ip=None, pag=None):
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     channels = cfg.block_out_channels[-1]
     heads = cfg.per_block("attention_head_dim")[-1]
@@ -291,7 +292,7 @@ class _MidBlock(nn.Module):
         dtype=d,
         param_dtype=pd,
         name="attentions_0",
-    )(x, context, context_bias, ip)
+    )(x, context, context_bias, ip, pag)
     return resnet("resnets_1")(x, temb)
 
 
@@ -335,7 +336,7 @@ class UNet2DConditionModel(nn.Module):
   @nn.compact
   def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
                context_bias=None, timestep_cond=None, down_residuals=None, mid_residual=None,
-               intrablock_residuals=None, ip=None):
+               intrablock_residuals=None, ip=None, pag=None):
     """`text_embeds` [B, P] and `time_ids` [B, K] are diffusers' `added_cond_kwargs` (SDXL),
     `timestep_cond` [B, time_cond_proj_dim] its argument of that name (LCM-distilled UNets),
     `down_residuals` (one per skip) and `mid_residual` a ControlNet's outputs (diffusers'
@@ -345,12 +346,14 @@ class UNet2DConditionModel(nn.Module):
     mid block's output if it has that shape, as SDXL's adapters make), `ip` IP-Adapters' image
     tokens, per adapter (tokens [B, T, cross_attention_dim], scale [B]), which every
     cross-attention layer attends to with its own `to_k_ip_<a>` / `to_v_ip_<a>` params
-    (diffusers' `added_cond_kwargs["image_embeds"]` after its `encoder_hid_proj`)."""
+    (diffusers' `added_cond_kwargs["image_embeds"]` after its `encoder_hid_proj`), `pag` a
+    `PerturbedLayers` (static): perturbed-attention guidance's identity self-attention for the
+    last rows in the blocks it names."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     temb = self._time_embedding(sample, timesteps, text_embeds, time_ids, timestep_cond)
     x = self._conv_in(sample)
     x, skips = self._down_and_mid(x, temb, context.astype(d), context_bias,
-                                  list(intrablock_residuals or ()), ip)
+                                  list(intrablock_residuals or ()), ip, pag)
     if down_residuals is not None:
       skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
       x = x + mid_residual.astype(x.dtype)
@@ -359,7 +362,7 @@ class UNet2DConditionModel(nn.Module):
       n = cfg.per_block("layers_per_block")[-1 - i] + 1
       block_skips, skips = skips[-n:], skips[:-n]
       x, _ = self._block(i, block_type, up=True)(x, temb, context, block_skips, context_bias,
-                                                 None, ip)
+                                                 None, ip, pag)
 
     x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, d, pd, "conv_norm_out")(x))
     return conv(cfg.out_channels, 3, d, pd, "conv_out")(x)
@@ -387,7 +390,7 @@ class UNet2DConditionModel(nn.Module):
     return conv(cfg.block_out_channels[0], 3, self.dtype, self.param_dtype, "conv_in")(
         sample.astype(self.dtype))
 
-  def _down_and_mid(self, x, temb, context, context_bias, intrablock=None, ip=None):
+  def _down_and_mid(self, x, temb, context, context_bias, intrablock=None, ip=None, pag=None):
     """The down blocks and the mid block: (the mid block's output, the skips, first first);
     `intrablock`: a T2I-Adapter's feature maps, taken in order (see `__call__`)."""
     cfg = self.config
@@ -395,11 +398,12 @@ class UNet2DConditionModel(nn.Module):
     skips = [x]
     for i, block_type in enumerate(cfg.down_block_types):
       x, outputs = self._block(i, block_type, up=False)(
-          x, temb, context, (), context_bias, intrablock.pop(0) if intrablock else None, ip)
+          x, temb, context, (), context_bias, intrablock.pop(0) if intrablock else None, ip,
+          pag)
       skips.extend(outputs)
     if cfg.mid_block_type is not None:
       x = _MidBlock(cfg, self.dtype, self.param_dtype, name="mid_block")(x, temb, context,
-                                                                        context_bias, ip)
+                                                                        context_bias, ip, pag)
       if intrablock and intrablock[0].shape == x.shape:
         x = x + intrablock.pop(0).astype(x.dtype)
     if intrablock:
