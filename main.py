@@ -165,6 +165,8 @@ flags.DEFINE_float("pag_adaptive_scale", 0.0, "lower the PAG scale by this much 
 flags.DEFINE_multi_string("pag_applied_layers", ["mid"], "self-attention layers PAG perturbs: "
                           "regular expressions searched in their diffusers names (mid, "
                           "down_blocks.2, up_blocks.0.attentions.1, ...); repeatable")
+flags.DEFINE_list("freeu", None, "FreeU as diffusers' enable_freeu: S1,S2,B1,B2 (SD1.5: "
+                  "0.9,0.2,1.5,1.6; SDXL: 0.6,0.4,1.1,1.2)")
 flags.DEFINE_multi_string("ip_adapter", [], "an IP-Adapter file (.bin/.safetensors, or hub "
                           "file) conditioning each jsonl line on its ip_adapter_image (else "
                           "--ip_adapter_image); repeatable, and a line's ip_adapter_image then "
@@ -235,7 +237,7 @@ def _run_config() -> run.RunConfig:
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,
-      pag_applied_layers=tuple(FLAGS.pag_applied_layers),
+      pag_applied_layers=tuple(FLAGS.pag_applied_layers), freeu=_freeu(),
       controlnet_scale=tuple(FLAGS.controlnet_scale), control_mode=tuple(FLAGS.control_mode),
       control_guidance_start=tuple(FLAGS.control_guidance_start),
       control_guidance_end=tuple(FLAGS.control_guidance_end),
@@ -295,6 +297,13 @@ def _pair(name: str):
   if len(pair) != 2:
     raise run.RunError(f"--{name} must be two integers A,B, got {','.join(value)}")
   return pair
+
+
+def _freeu():
+  try:
+    return sampling.freeu_factors(FLAGS.freeu)
+  except ValueError as e:
+    raise run.RunError(f"--freeu: {e}") from None
 
 
 def _micro_conditioning() -> MicroConditioning:

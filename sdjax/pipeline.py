@@ -373,7 +373,7 @@ class Pipeline:
                ip_adapter: IPAdapter | Sequence[IPAdapter] | None = None,
                ip_adapter_images=None, ip_adapter_scale=1.0,
                ip_adapter_masks=None, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0,
-               pag_applied_layers: str | Sequence[str] = "mid") -> np.ndarray:
+               pag_applied_layers: str | Sequence[str] = "mid", freeu=None) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -514,8 +514,14 @@ class Pipeline:
         diffusers names: "mid", "down_blocks.2", "up_blocks.0.attentions.1", ...) and the
         guided prediction moves `pag_scale` times away from it, at timestep t by
         max(pag_scale - pag_adaptive_scale * (1000 - t), 0). One more UNet pass per step;
-        text-to-image, img2img, inpainting and the hires pass (not a refiner's stage, nor with
-        ControlNets, IP-Adapters or cfg_parallel yet).
+        text-to-image, img2img, inpainting and the hires pass, with ControlNets and IP-Adapters
+        acting on every pass (not a refiner's stage, nor with guess mode, composable prompts or
+        cfg_parallel yet).
+      freeu: FreeU, as diffusers' `enable_freeu(s1, s2, b1, b2)`: a dict of those names, or the
+        four numbers in that order (e.g. SD1.5: s1=0.9, s2=0.2, b1=1.5, b2=1.6; SDXL: 0.6, 0.4,
+        1.1, 1.2, FreeU's authors' values). In the UNet's first two up blocks, half the
+        backbone's channels are scaled by b1 / b2 and the skip features' lowest frequencies by
+        s1 / s2. Every pass of this call (not a refiner's stage); None: off.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size; with
@@ -571,7 +577,8 @@ class Pipeline:
         controlnet_conditioning_scale=controlnet_conditioning_scale,
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
         guess_mode=guess_mode, control_mode=control_mode, ip=ip, pag_scale=pag_scale,
-        pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers)
+        pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers,
+        freeu=freeu)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

@@ -112,6 +112,7 @@ class RunConfig:
   pag_scale: float = 0.0
   pag_adaptive_scale: float = 0.0
   pag_applied_layers: tuple[str, ...] = ("mid",)
+  freeu: tuple[float, float, float, float] | None = None  # (s1, s2, b1, b2); see generate()
   # IP-Adapters conditioning lines on their ip_adapter_image (else these, one per adapter); per
   # adapter its image encoder ("": the image_encoder/ folder beside the file); the scale: one
   # for all, or one per adapter, each a number or InstantStyle's per-layer scales (a dict, or
@@ -347,6 +348,10 @@ def validate(cfg: RunConfig) -> None:
   elif cfg.hires_model is not None:
     raise RunError("--hires_model is the hires pass's model: give --hires_scale or "
                    "--hires_resize_* too")
+  try:
+    sampling.freeu_factors(cfg.freeu)
+  except ValueError as e:
+    raise RunError(f"--freeu: {e}") from None
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -392,6 +397,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
   if plan.dynamic is not None:
     settings["dynamic_prompts"] = plan.dynamic.settings()
+  if cfg.freeu is not None:  # absent when off: older folders still match
+    settings["freeu"] = list(cfg.freeu)
   if cfg.pag_scale:  # absent when off: older folders still match
     settings["pag"] = {"scale": cfg.pag_scale, "adaptive_scale": cfg.pag_adaptive_scale,
                        "applied_layers": list(cfg.pag_applied_layers)}
@@ -424,7 +431,8 @@ def _pag(cfg: RunConfig, pipe) -> sampling.Pag | None:
   try:
     return sampling.perturbed_guidance(
         pipe, cfg.pag_scale, cfg.pag_adaptive_scale, cfg.pag_applied_layers,
-        controlnet=pipe.controlnet, ip=pipe.ip_adapter, cfg_parallel=cfg.cfg_parallel)
+        guess_mode=pipe.controlnet is not None and sampling.uses_guess_mode(
+            pipe.controlnet, cfg.controlnet_guess_mode), cfg_parallel=cfg.cfg_parallel)
   except ValueError as e:
     raise RunError(f"--pag_scale: {e}") from None
 
@@ -1024,7 +1032,8 @@ class _Sampler:
               _control_modes(cfg) or "balanced", len(pipe.controlnet), spec.control_guess))
         except ValueError as e:
           raise RunError(f"--control_mode: {e}") from None
-      spec = dataclasses.replace(spec, pag=_pag(cfg, pipe))
+      spec = dataclasses.replace(spec, pag=_pag(cfg, pipe),
+                                 freeu=sampling.freeu_factors(cfg.freeu))
       host_state, stage = state, None
       if refiner is not None:  # the second stage runs in the same program
         refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
@@ -1036,7 +1045,8 @@ class _Sampler:
                                          control=spec.control,
                                          control_guess=spec.control_guess, **common)
           hires = (dataclasses.replace(hires[0], control_modes=spec.control_modes,
-                                       pag=_pag(cfg, self.hires_pipe or pipe)), hires[1])
+                                       pag=_pag(cfg, self.hires_pipe or pipe),
+                                       freeu=spec.freeu), hires[1])
         except ValueError as e:
           raise RunError(f"--hires_scale: {e}") from None
         spec = dataclasses.replace(spec, output_latents=_hires(cfg).in_latents)
@@ -1597,7 +1607,9 @@ class _Metadata:
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler), **self._hires_prompts(job),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
-               **self._emphasis(job), **self._pag_extra()})
+               **self._emphasis(job), **self._pag_extra(),
+               **({"FreeU": ", ".join(f"{k}={v:g}" for k, v in zip(
+                   sampling.FREEU_NAMES, cfg.freeu, strict=True))} if cfg.freeu else {})})
 
   def _pag_extra(self) -> dict[str, Any]:
     """Forge's perturbed-attention guidance entries (its built-in extension writes the first

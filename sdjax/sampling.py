@@ -92,6 +92,8 @@ class SampleSpec:
   # Perturbed-attention guidance (`Pag`): a third UNet pass whose self-attention in the chosen
   # blocks is the identity, guided away from; None: off.
   pag: Pag | None = None
+  # FreeU's (s1, s2, b1, b2) in the UNet (`UNet2DConditionModel.freeu`); None: off.
+  freeu: tuple[float, float, float, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +231,8 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
   """
   global trace_count
   trace_count += 1
+  if spec.freeu is not None:
+    nets = dataclasses.replace(nets, unet=nets.unet.clone(freeu=spec.freeu))
   if spec.fixed_guidance is not None:
     guidance_scale = jnp.float32(spec.fixed_guidance)
   keys = image_keys(seeds)
@@ -262,10 +266,14 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
     return uncond_rows if spec.control_guess else None
 
   def predict(x, t, call):
-    if spec.pag is not None:
+    if spec.pag is not None:  # the control images in all rows, guidance's conditional ones
+      k, b = (3 if spec.guidance else 2), len(x)
+      control = controls(call, lambda i: jnp.concatenate([i] * k),
+                         jnp.concatenate([jnp.zeros(b), jnp.ones((k - 1) * b)]))
       return _perturbed_guidance(spec, nets, params, x, t,
                                  negative.at(call) if spec.guidance else None,
-                                 positive.at(call), guidance_scale, guidance_rescale, cond_dim)
+                                 positive.at(call), guidance_scale, guidance_rescale, cond_dim,
+                                 control)
     if not spec.guidance:
       return conditioning.predict(nets, params, x, t, positive.at(call), None if cond_dim is None
                                   else conditioning.guidance_embedding(guidance_scale, len(x),
@@ -383,10 +391,11 @@ def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None, 
 
 
 def _perturbed_guidance(spec: SampleSpec, nets, params, x, t, negative, positive, scale, rescale,
-                        cond_dim):
+                        cond_dim, control=None):
   """One UNet call on [uncond, cond, cond] rows ([cond, cond] without classifier-free
   guidance), the last B with perturbed attention; guidance then PAG's term (diffusers'
-  `_apply_perturbed_attention_guidance`, then its guidance rescale)."""
+  `_apply_perturbed_attention_guidance`, then its guidance rescale). ControlNets and
+  IP-Adapters act on every row, as in diffusers' PAG pipelines."""
   b = len(x)
   rows = ([negative] if spec.guidance else []) + [positive, positive]
   emb = rows[0]
@@ -396,7 +405,7 @@ def _perturbed_guidance(spec: SampleSpec, nets, params, x, t, negative, positive
   timestep_cond = (None if cond_dim is None
                    else conditioning.guidance_embedding(scale, n, cond_dim))
   out = conditioning.predict(nets, params, jnp.concatenate([x] * len(rows)), t, emb,
-                             timestep_cond, pag=spec.pag.layers(b)).astype(jnp.float32)
+                             timestep_cond, control, pag=spec.pag.layers(b)).astype(jnp.float32)
   *first, eps_cond, eps_perturbed = jnp.split(out, len(rows))
   extra = spec.pag.scale_at(t) * (eps_cond - eps_perturbed)
   if not spec.guidance:
@@ -1129,6 +1138,7 @@ def generate(
     pag_scale: float = 0.0,
     pag_adaptive_scale: float = 0.0,
     pag_applied_layers: str | Sequence[str] = "mid",
+    freeu: Any = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1223,8 +1233,9 @@ def generate(
     spec = dataclasses.replace(spec, control_modes=control_modes(
         control_mode, len(controlled.controlnet), spec.control_guess))
   pag = perturbed_guidance(pipe, pag_scale, pag_adaptive_scale, pag_applied_layers,
-                           controlnet=controlnet, ip=ip, cfg_parallel=cfg_parallel)
-  spec = dataclasses.replace(spec, pag=pag)
+                           guess_mode=spec.control_guess, cfg_parallel=cfg_parallel)
+  freeu = freeu_factors(freeu)
+  spec = dataclasses.replace(spec, pag=pag, freeu=freeu)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(second, n, hires, control=spec.control,
                                 control_guess=spec.control_guess, **{
@@ -1233,7 +1244,7 @@ def generate(
     hires_pag = pag if pag is None or hires_model is None else perturbed_guidance(
         hires_model, pag_scale, pag_adaptive_scale, pag_applied_layers)
     hires_stage = (dataclasses.replace(hires_stage[0], control_modes=spec.control_modes,
-                                       pag=hires_pag), hires_stage[1])
+                                       pag=hires_pag, freeu=freeu), hires_stage[1])
     spec = dataclasses.replace(spec, output_latents=hires.in_latents)
   seeds = make_seeds(seed, n)
   latent_shape = (n, *spec.latent_hw, latent_channels(pipe))
@@ -1290,8 +1301,29 @@ def generate(
                                 pipe.scheduler_config)}, refiner_start, a1111))
 
 
+FREEU_NAMES = ("s1", "s2", "b1", "b2")
+
+
+def freeu_factors(value) -> tuple[float, float, float, float] | None:
+  """FreeU's (s1, s2, b1, b2) from a dict of those names or a sequence in that order (diffusers'
+  `enable_freeu` arguments); None: off."""
+  if value is None:
+    return None
+  if isinstance(value, dict):
+    if sorted(value) != sorted(FREEU_NAMES):
+      raise ValueError(f"freeu takes s1, s2, b1 and b2, got {sorted(value)}")
+    value = [value[k] for k in FREEU_NAMES]
+  try:
+    factors = tuple(float(v) for v in value)
+  except (TypeError, ValueError):
+    raise ValueError(f"freeu takes four numbers (s1, s2, b1, b2), got {value!r}") from None
+  if len(factors) != 4 or not all(math.isfinite(f) for f in factors):
+    raise ValueError(f"freeu takes four numbers (s1, s2, b1, b2), got {value!r}")
+  return factors
+
+
 def perturbed_guidance(pipe, scale: float, adaptive_scale: float = 0.0,
-                       layers: str | Sequence[str] = "mid", *, controlnet=None, ip=None,
+                       layers: str | Sequence[str] = "mid", *, guess_mode: bool = False,
                        cfg_parallel: bool = False) -> Pag | None:
   """Perturbed-attention guidance's settings for `pipe`'s UNet; None at scale 0 (off, as in
   diffusers). A one-line error for bad values and what it does not combine with."""
@@ -1300,9 +1332,8 @@ def perturbed_guidance(pipe, scale: float, adaptive_scale: float = 0.0,
       raise ValueError(f"{name} must be a number >= 0, got {value!r}")
   if not scale:
     return None
-  for given, what in ((controlnet, "ControlNets"), (ip, "IP-Adapters"),
-                      (cfg_parallel or None, "cfg_parallel")):
-    if given is not None:
+  for given, what in ((guess_mode, "ControlNet guess mode"), (cfg_parallel, "cfg_parallel")):
+    if given:
       raise ValueError(f"perturbed-attention guidance (pag_scale) does not work with {what} "
                        f"yet")
   return Pag(float(scale), float(adaptive_scale), pag_blocks(pipe.params["unet"], layers))

@@ -390,6 +390,28 @@ def test_with_other_features(sd1_ip):
         f"ControlNet {both:.2e}")
 
 
+def test_with_perturbed_attention_guidance(sd1_ip):
+  """PAG with an IP-Adapter (its image tokens in all three rows) against
+  StableDiffusionPAGPipeline with the same adapter."""
+  import sdjax  # noqa: PLC0415
+
+  ref, pipe, models = sd1_ip
+  pag = diffusers.StableDiffusionPAGPipeline(**ref.components, pag_applied_layers="mid")
+  pag.set_progress_bar_config(disable=True)
+  pag.load_ip_adapter(str(models), subfolder="", weight_name="ip-plus.bin",
+                      image_encoder_folder=None)
+  pag.set_ip_adapter_scale(0.7)
+  latents = randn(2, 8, 8, 4, seed=5)
+  images = reference_images(9)
+  expected = diffusers_rows(pag, latents, images, pag_scale=2.0)
+  arrays = np.stack([np.asarray(i, np.float32) / 255 for i in images])
+  ours = pipe.generate(PROMPTS, latents=latents, ip_adapter=sdjax.load_ip_adapter(
+      str(models / "ip-plus.bin")), ip_adapter_images=arrays, ip_adapter_scale=0.7,
+                       pag_scale=2.0, **OURS)
+  err = assert_close(ours, expected, 1e-4)
+  print(f"\nip-adapter with PAG: {err:.2e}")
+
+
 def test_bad_input(sd1_ip, tmp_path):
   """One-line errors: the wrong model family, a FaceID file, no image encoder, an encoder of
   another width, missing images, a bad scale."""

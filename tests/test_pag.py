@@ -116,6 +116,37 @@ def test_img2img_matches_diffusers(sd1):
   assert err <= 1e-4
 
 
+def test_controlnet_matches_diffusers(sd1, tmp_path):
+  """PAG with a ControlNet (on all three rows, its scale and end) against
+  StableDiffusionControlNetPAGPipeline."""
+  from test_controlnet import torch_controlnet  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+
+  base, pipe = sd1
+  torch_cn = torch_controlnet(testing.UNET_SD1, 13, conditioning_embedding_out_channels=(8, 16))
+  torch_cn.save_pretrained(str(tmp_path / "cn"), safe_serialization=True)
+  ref = diffusers.StableDiffusionControlNetPAGPipeline(
+      **{k: v for k, v in base.components.items() if k not in ("scheduler", "image_encoder")},
+      controlnet=torch_cn, scheduler=diffusers.EulerDiscreteScheduler.from_config(
+          pipe.scheduler_config), pag_applied_layers="mid")
+  ref.set_progress_bar_config(disable=True)
+  control = np.random.default_rng(3).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  latents = randn(2, 8, 8, 4, seed=6)
+  kw = dict(controlnet_conditioning_scale=0.8, control_guidance_end=0.7)
+  with torch.no_grad():
+    expected = ref(PROMPTS, image=nchw(control), latents=nchw(latents), output_type="np",
+                   num_inference_steps=3, guidance_scale=3.0, height=16, width=16,
+                   pag_scale=2.0, **kw).images
+  ours = pipe.generate(PROMPTS, steps=3, guidance_scale=3.0, height=16, width=16,
+                       scheduler="euler", latents=latents, pag_scale=2.0,
+                       controlnet=sdjax.load_controlnet(str(tmp_path / "cn")),
+                       control_images=control, **kw)
+  err = _err(ours, expected)
+  print(f"\nPAG with a ControlNet: {err:.2e}")
+  assert err <= 1e-4
+
+
 def test_sdxl_matches_diffusers(tmp_path):
   """SDXL (two text encoders, micro-conditioning in all three rows) against
   StableDiffusionXLPAGPipeline, non-square."""
@@ -181,3 +212,6 @@ def test_run_with_pag(sd1, tmp_path):
        "perturbed-attention guidance .pag_scale. does not work with cfg_parallel yet")):
     with pytest.raises(run.RunError, match=message):
       run.generate_run(dataclasses.replace(cfg, output_dir=str(tmp_path / "bad"), **change))
+  with pytest.raises(ValueError, match="composable prompts .* or pag_scale"):
+    pipe.generate("a cat AND a dog", prompt_syntax="a1111", steps=2, guidance_scale=3.0,
+                  height=16, width=16, pag_scale=2.0)

@@ -18,6 +18,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from sdjax.models import config_utils
 from sdjax.models.layers import (
@@ -213,17 +214,24 @@ class _Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb, context, skips=(), context_bias=None, intrablock=None, ip=None,
-               pag=None):
+               pag=None, freeu=None):
     """`intrablock`: a T2I-Adapter's feature map, added to a down block's output (and to its
     last skip, which is that output): with attention, to its last layer's, before the
     downsampler, as diffusers' `down_intrablock_additional_residuals`. `ip`: IP-Adapters'
-    image tokens (see `layers.Attention`)."""
+    image tokens (see `layers.Attention`). `freeu`: an up block's FreeU (b, s) (static), as
+    diffusers' `apply_freeu` before each layer."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     outputs = []
     skips = list(skips)
     for j in range(self.num_layers):
       if self.up:
-        x = jnp.concatenate([x, skips.pop()], axis=-1)  # B, H, W, C + C_skip
+        skip = skips.pop()
+        if freeu is not None:
+          b, s = freeu
+          half = x.shape[-1] // 2
+          x = jnp.concatenate([x[..., :half] * jnp.asarray(b, x.dtype), x[..., half:]], -1)
+          skip = fourier_filter(skip, 1, s)
+        x = jnp.concatenate([x, skip], axis=-1)  # B, H, W, C + C_skip
       x = ResnetBlock2D(
           self.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype=d, param_dtype=pd,
           name=f"resnets_{j}",
@@ -296,6 +304,19 @@ class _MidBlock(nn.Module):
     return resnet("resnets_1")(x, temb)
 
 
+def fourier_filter(x, threshold: int, scale: float):
+  """FreeU's filter, as diffusers' `fourier_filter`: x [B, H, W, C] with its centred lowest
+  (2 * threshold)^2 spatial frequencies times `scale`, in float32, back in x's dtype."""
+  h, w = x.shape[1:3]
+  freq = jnp.fft.fftshift(jnp.fft.fftn(x.astype(jnp.float32), axes=(1, 2)), axes=(1, 2))
+  mask = np.ones((h, w), np.float32)
+  mask[max(h // 2 - threshold, 0):h // 2 + threshold,
+       max(w // 2 - threshold, 0):w // 2 + threshold] = scale
+  freq = freq * mask[None, :, :, None]
+  out = jnp.fft.ifftn(jnp.fft.ifftshift(freq, axes=(1, 2)), axes=(1, 2)).real
+  return out.astype(x.dtype)
+
+
 def _first(depth):
   """The mid block has one layer: a per-layer depth list gives its first entry."""
   return depth[0] if isinstance(depth, tuple) else depth
@@ -332,6 +353,10 @@ class UNet2DConditionModel(nn.Module):
   config: UNetConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # FreeU (Si et al. 2023) as diffusers' `enable_freeu(s1, s2, b1, b2)`: in the first two up
+  # blocks, before each layer, half the backbone channels times b and the skip's lowest
+  # frequencies times s (`freeu`); None: off.
+  freeu: tuple[float, float, float, float] | None = None
 
   @nn.compact
   def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
@@ -361,8 +386,12 @@ class UNet2DConditionModel(nn.Module):
     for i, block_type in enumerate(cfg.up_block_types):
       n = cfg.per_block("layers_per_block")[-1 - i] + 1
       block_skips, skips = skips[-n:], skips[:-n]
+      freeu = None
+      if self.freeu is not None and i < 2:
+        s1, s2, b1, b2 = self.freeu
+        freeu = (b1, s1) if i == 0 else (b2, s2)
       x, _ = self._block(i, block_type, up=True)(x, temb, context, block_skips, context_bias,
-                                                 None, ip, pag)
+                                                 None, ip, pag, freeu)
 
     x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, d, pd, "conv_norm_out")(x))
     return conv(cfg.out_channels, 3, d, pd, "conv_out")(x)

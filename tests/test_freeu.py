@@ -1,0 +1,120 @@
+"""FreeU against diffusers' `enable_freeu`: the Fourier filter, the UNet (SD1 and SDXL layouts,
+sizes that are not powers of two), generate() against StableDiffusionPipeline, main.py's
+--freeu."""
+
+import dataclasses
+import json
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers.utils.torch_utils import fourier_filter as torch_fourier_filter
+from parity import assert_close, nchw, nhwc, randn, transfer
+
+from sdjax import testing
+from sdjax.models.unet import UNet2DConditionModel, UNetConfig, fourier_filter
+
+torch.set_num_threads(1)
+
+SD15 = (0.9, 0.2, 1.5, 1.6)  # FreeU's authors' SD1.5 values (s1, s2, b1, b2)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 5, 6, 4), (1, 3, 7, 2), (1, 1, 2, 2)])
+def test_fourier_filter_matches_diffusers(shape):
+  x = randn(*shape, seed=sum(shape))
+  ours = fourier_filter(x, 1, 0.3)
+  ref = nhwc(torch_fourier_filter(nchw(x), threshold=1, scale=0.3))
+  assert_close(ours, ref)
+  assert np.abs(np.asarray(ours) - x).max() > 1e-3  # the filter changed something
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_unet_matches_diffusers(name):
+  """The UNet with FreeU on (the first two up blocks; SDXL's are attention blocks) against
+  diffusers' after `enable_freeu`, at latents 8x12 (the skips' FFTs 8x12 and 4x6)."""
+  config = {"sd1": testing.UNET_SD1, "sdxl": testing.UNET_SDXL}[name]
+  tm = testing.torch_unet(config, seed=3)
+  fm = UNet2DConditionModel(UNetConfig.from_dict(dict(tm.config)), freeu=SD15)
+  x, ctx = randn(2, 8, 12, 4), randn(2, 77, config["cross_attention_dim"], seed=1)
+  t = np.array([3.0, 801.0], np.float32)
+  extra, torch_extra = (), {}
+  if name == "sdxl":
+    text_embeds = randn(2, 20, seed=3)
+    time_ids = np.tile(np.float32([[64, 96, 0, 0, 64, 96]]), (2, 1))
+    extra = (text_embeds, time_ids)
+    torch_extra = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(text_embeds),
+                                         "time_ids": torch.from_numpy(time_ids)}}
+  params = transfer(tm, fm, x, t, ctx, *extra)
+  tm.enable_freeu(s1=SD15[0], s2=SD15[1], b1=SD15[2], b2=SD15[3])
+  with torch.no_grad():
+    ref = nhwc(tm(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), **torch_extra).sample)
+  err = assert_close(fm.apply({"params": params}, x, t, ctx, *extra), ref)
+  plain = fm.clone(freeu=None).apply({"params": params}, x, t, ctx, *extra)
+  assert np.abs(np.asarray(plain) - ref).max() > 1e-2
+  print(f"\nFreeU UNet {name}: {err:.2e}")
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+  import sdjax  # noqa: PLC0415
+
+  folder = str(tmp_path_factory.mktemp("freeu") / "sd1")
+  base = testing.write_torch_pipeline(folder, "sd1", seed=11)
+  return base, sdjax.load_pipeline(folder)
+
+
+def test_generate_matches_diffusers(sd1):
+  """generate(freeu=) against StableDiffusionPipeline after `enable_freeu` (a dict or the
+  four numbers in enable_freeu's order give the same images)."""
+  base, pipe = sd1
+  ref = diffusers.StableDiffusionPipeline(**{
+      **base.components, "scheduler": diffusers.EulerDiscreteScheduler.from_config(
+          pipe.scheduler_config)})
+  ref.set_progress_bar_config(disable=True)
+  latents = randn(2, 8, 8, 4, seed=6)
+  prompts = ["a red circle in the center", "a photo of a cat"]
+  ref.enable_freeu(s1=0.6, s2=0.4, b1=1.1, b2=1.2)
+  try:
+    with torch.no_grad():
+      expected = ref(prompts, latents=nchw(latents), output_type="np", num_inference_steps=3,
+                     guidance_scale=3.0, height=16, width=16).images
+  finally:
+    ref.disable_freeu()
+  common = dict(steps=3, guidance_scale=3.0, height=16, width=16, scheduler="euler",
+                latents=latents)
+  ours = pipe.generate(prompts, freeu={"s1": 0.6, "s2": 0.4, "b1": 1.1, "b2": 1.2}, **common)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\nFreeU generate: {err:.2e}")
+  assert err <= 1e-4
+  np.testing.assert_array_equal(pipe.generate(prompts, freeu=(0.6, 0.4, 1.1, 1.2), **common),
+                                ours)
+  assert np.abs(pipe.generate(prompts, **common) - ours).max() > 1e-2
+  with pytest.raises(ValueError, match="freeu takes s1, s2, b1 and b2"):
+    pipe.generate(prompts, freeu={"s1": 0.6}, **common)
+
+
+def test_run_with_freeu(sd1, tmp_path):
+  """main.py --freeu: the image is generate()'s; run.json and PNG parameters name it; a bad
+  value is a one-line error."""
+  from PIL import Image  # noqa: PLC0415
+
+  from sdjax import outputs, run  # noqa: PLC0415
+
+  _, pipe = sd1
+  cfg = run.RunConfig(model=pipe.name, prompts=(run.PromptLine("a cat"),), steps=3,
+                      guidance_scale=3.0, scheduler="euler", height=16, width=16, seed=2,
+                      batch_size=1, freeu=SD15, output_dir=str(tmp_path / "out"),
+                      compilation_cache="", show_progress=False)
+  assert run.generate_run(cfg).images == 1
+  record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
+  expected = pipe.generate("a cat", steps=3, guidance_scale=3.0, scheduler="euler", height=16,
+                           width=16, seed=record["seed"], freeu=SD15)
+  png = Image.open(tmp_path / "out" / record["file"])
+  assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert params["FreeU"] == "s1=0.9, s2=0.2, b1=1.5, b2=1.6"
+  assert json.load(open(tmp_path / "out" / "run.json"))["freeu"] == list(SD15)
+  with pytest.raises(run.RunError, match="--freeu: freeu takes four numbers"):
+    run.generate_run(dataclasses.replace(cfg, freeu=(1.0, 2.0),
+                                         output_dir=str(tmp_path / "bad")))
