@@ -19,7 +19,7 @@ from sdjax import run, sampling
 from sdjax.conditioning import MicroConditioning
 
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
-                "batch_size", "dtype", "eta", "refiner", "refiner_start")
+                "batch_size", "dtype", "eta", "refiner", "refiner_start", "guidance_rescale")
 
 flags.DEFINE_string("model", None, "diffusers folder, hub id, or single checkpoint file "
                     "(.safetensors/.ckpt; default: the built-in model)")
@@ -78,6 +78,9 @@ flags.DEFINE_string("lora_dir", None, "a1111: folder where <lora:name:w> tags in
 flags.DEFINE_integer("num_images_per_prompt", 1, "images per prompt")
 flags.DEFINE_integer("steps", None, "denoising steps")
 flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
+flags.DEFINE_float("guidance_rescale", 0.0, "rescale the guided prediction's spread towards the "
+                   "conditional one's (diffusers' guidance_rescale, arXiv:2305.08891; 0.7 for "
+                   "v-prediction models trained with zero terminal SNR; 0: off)")
 flags.DEFINE_string("scheduler", None, "ddim, pndm, lms, euler, euler_ancestral, heun, dpmpp_2m, "
                     "dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, unipc, ddpm, lcm, "
                     "tcd (default: the checkpoint's own)")
@@ -165,6 +168,8 @@ flags.DEFINE_float("pag_adaptive_scale", 0.0, "lower the PAG scale by this much 
 flags.DEFINE_multi_string("pag_applied_layers", ["mid"], "self-attention layers PAG perturbs: "
                           "regular expressions searched in their diffusers names (mid, "
                           "down_blocks.2, up_blocks.0.attentions.1, ...); repeatable")
+flags.DEFINE_bool("tiling", False, "A1111's Tiling: seamless images (the UNet's and the VAE's "
+                  "convolutions pad circularly)")
 flags.DEFINE_list("freeu", None, "FreeU as diffusers' enable_freeu: S1,S2,B1,B2 (SD1.5: "
                   "0.9,0.2,1.5,1.6; SDXL: 0.6,0.4,1.1,1.2)")
 flags.DEFINE_multi_string("ip_adapter", [], "an IP-Adapter file (.bin/.safetensors, or hub "
@@ -215,7 +220,7 @@ FLAGS = flags.FLAGS
 
 def _run_config() -> run.RunConfig:
   # steps, guidance_scale, scheduler: None leaves them to the model (run.RunConfig).
-  values = dict(batch_size=1, dtype="float32", eta=0.0, refiner_start=0.8)
+  values = dict(batch_size=1, dtype="float32", eta=0.0, refiner_start=0.8, guidance_rescale=0.0)
   preset = _CONFIG.value
   if preset is None and FLAGS.model is None:
     from configs import builtin  # noqa: PLC0415
@@ -237,7 +242,7 @@ def _run_config() -> run.RunConfig:
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,
-      pag_applied_layers=tuple(FLAGS.pag_applied_layers), freeu=_freeu(),
+      pag_applied_layers=tuple(FLAGS.pag_applied_layers), freeu=_freeu(), tiling=FLAGS.tiling,
       controlnet_scale=tuple(FLAGS.controlnet_scale), control_mode=tuple(FLAGS.control_mode),
       control_guidance_start=tuple(FLAGS.control_guidance_start),
       control_guidance_end=tuple(FLAGS.control_guidance_end),

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import prompts as prompt_lib
+from sdjax.models import layers
 from sdjax.models.adapter import T2IAdapter
 from sdjax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2DConditionModel
@@ -310,9 +311,10 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
       x_, t_, emb_, cond_ = rows
       # An inpainting UNet's input is the latents, the mask, the masked image's latents: a
       # ControlNet sees the latents (as diffusers' ControlNet inpainting pipelines).
-      d, m = net.apply({"params": net_params}, x_[..., :net.config.in_channels], t_,
-                       emb_.context, image[skip:], scales[i], emb_.text_embeds, emb_.time_ids,
-                       emb_.context_bias, cond_, guess is not None)
+      with layers.circular_padding(False):  # A1111's Tiling is the model's, not the ControlNet's
+        d, m = net.apply({"params": net_params}, x_[..., :net.config.in_channels], t_,
+                         emb_.context, image[skip:], scales[i], emb_.text_embeds,
+                         emb_.time_ids, emb_.context_bias, cond_, guess is not None)
       *d, m = _soften([*d, m], modes[i], [_SOFT_CONTROLNET ** (12 - j) for j in range(13)],
                       cond_rows)
       down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]

@@ -373,7 +373,8 @@ class Pipeline:
                ip_adapter: IPAdapter | Sequence[IPAdapter] | None = None,
                ip_adapter_images=None, ip_adapter_scale=1.0,
                ip_adapter_masks=None, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0,
-               pag_applied_layers: str | Sequence[str] = "mid", freeu=None) -> np.ndarray:
+               pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
+               tiling: bool = False) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -522,6 +523,9 @@ class Pipeline:
         1.1, 1.2, FreeU's authors' values). In the UNet's first two up blocks, half the
         backbone's channels are scaled by b1 / b2 and the skip features' lowest frequencies by
         s1 / s2. Every pass of this call (not a refiner's stage); None: off.
+      tiling: A1111's "Tiling" (seamless images that tile): every convolution of the UNet and
+        the VAE pads circularly, as A1111 sets torch's padding_mode="circular" on each; every
+        pass and the refiner's stage, not ControlNets or T2I-Adapters; not with cfg_parallel.
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size; with
@@ -578,7 +582,7 @@ class Pipeline:
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
         guess_mode=guess_mode, control_mode=control_mode, ip=ip, pag_scale=pag_scale,
         pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers,
-        freeu=freeu)
+        freeu=freeu, tiling=tiling)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

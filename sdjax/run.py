@@ -47,6 +47,7 @@ class RunConfig:
   # 7.5 and the checkpoint's own scheduler.
   steps: int | None = None
   guidance_scale: float | None = None
+  guidance_rescale: float = 0.0  # diffusers' guidance_rescale (run-wide; 0: off)
   scheduler: str | None = None
   # The scheduler's config options to override ((key, value) pairs), e.g. timestep_spacing.
   scheduler_options: tuple[tuple[str, Any], ...] = ()
@@ -113,6 +114,7 @@ class RunConfig:
   pag_adaptive_scale: float = 0.0
   pag_applied_layers: tuple[str, ...] = ("mid",)
   freeu: tuple[float, float, float, float] | None = None  # (s1, s2, b1, b2); see generate()
+  tiling: bool = False  # A1111's Tiling: seamless images
   # IP-Adapters conditioning lines on their ip_adapter_image (else these, one per adapter); per
   # adapter its image encoder ("": the image_encoder/ folder beside the file); the scale: one
   # for all, or one per adapter, each a number or InstantStyle's per-layer scales (a dict, or
@@ -352,6 +354,10 @@ def validate(cfg: RunConfig) -> None:
     sampling.freeu_factors(cfg.freeu)
   except ValueError as e:
     raise RunError(f"--freeu: {e}") from None
+  if cfg.tiling and cfg.cfg_parallel:
+    raise RunError("--tiling does not work with --cfg_parallel yet")
+  if not (math.isfinite(cfg.guidance_rescale) and cfg.guidance_rescale >= 0):
+    raise RunError(f"--guidance_rescale must be a number >= 0, got {cfg.guidance_rescale}")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
@@ -397,6 +403,10 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
   if plan.dynamic is not None:
     settings["dynamic_prompts"] = plan.dynamic.settings()
+  if cfg.tiling:  # absent when off: older folders still match
+    settings["tiling"] = True
+  if cfg.guidance_rescale:  # absent when off: older folders still match
+    settings["guidance_rescale"] = cfg.guidance_rescale
   if cfg.freeu is not None:  # absent when off: older folders still match
     settings["freeu"] = list(cfg.freeu)
   if cfg.pag_scale:  # absent when off: older folders still match
@@ -1008,7 +1018,8 @@ class _Sampler:
         raise RunError(f"--cfg_parallel splits classifier-free guidance, which a prompt line's "
                        f"guidance_scale {guidance:g} (<= 1) does not use")
       common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
-                    guidance_scale=guidance, eta=cfg.eta, cfg_split=cfg.cfg_parallel,
+                    guidance_scale=guidance, guidance_rescale=cfg.guidance_rescale,
+                    eta=cfg.eta, cfg_split=cfg.cfg_parallel,
                     scheduler_options=dict(cfg.scheduler_options) or None)
       extra = dict(img2img=True, strength=strength) if img2img else {}
       if pipe.controlnet is not None:
@@ -1033,11 +1044,12 @@ class _Sampler:
         except ValueError as e:
           raise RunError(f"--control_mode: {e}") from None
       spec = dataclasses.replace(spec, pag=_pag(cfg, pipe),
-                                 freeu=sampling.freeu_factors(cfg.freeu))
+                                 freeu=sampling.freeu_factors(cfg.freeu), tiling=cfg.tiling)
       host_state, stage = state, None
       if refiner is not None:  # the second stage runs in the same program
-        refiner = (*sampling.prepare(refiner, cfg.batch_size, **common,
-                                     denoising_start=cfg.refiner_start), refiner)
+        stage_spec, stage_state = sampling.prepare(refiner, cfg.batch_size, **common,
+                                                   denoising_start=cfg.refiner_start)
+        refiner = (dataclasses.replace(stage_spec, tiling=cfg.tiling), stage_state, refiner)
         state, stage = (state, refiner[1]), refiner[::2]
       if hires is not None:  # so does the hires pass
         try:
@@ -1046,7 +1058,7 @@ class _Sampler:
                                          control_guess=spec.control_guess, **common)
           hires = (dataclasses.replace(hires[0], control_modes=spec.control_modes,
                                        pag=_pag(cfg, self.hires_pipe or pipe),
-                                       freeu=spec.freeu), hires[1])
+                                       freeu=spec.freeu, tiling=cfg.tiling), hires[1])
         except ValueError as e:
           raise RunError(f"--hires_scale: {e}") from None
         spec = dataclasses.replace(spec, output_latents=_hires(cfg).in_latents)
@@ -1095,6 +1107,12 @@ class _Sampler:
     cond = sampling.with_ip_images(sampling.make_conditioning(
         self.pipe, prompts, negatives, micro=self.cfg.micro, size=size,
         img2img=program.spec.img2img, a1111=a1111), ip)
+    spec = program.spec
+    if cond.part_weights is not None and (spec.cfg_split or spec.guidance_rescale
+                                          or spec.pag is not None or not spec.guidance):
+      raise RunError("prompt lines with composable prompts (AND, :weight) need guidance "
+                     "(guidance_scale > 1), without --guidance_rescale, --cfg_parallel or "
+                     "--pag_scale")
     if program.hires is None and any(j.hires_prompt or j.hires_negative_prompt for j in jobs):
       raise RunError("prompt lines with a hires_prompt or hires_negative_prompt need "
                      "--hires_scale or --hires_resize_*")
@@ -1253,7 +1271,8 @@ class _Sampler:
       self._use_loras(loras)
     program = self.program(size, kind, guidance, schedule)
     if guidance not in self.scalars:
-      self.scalars[guidance] = parallel.replicate((np.float32(guidance), np.float32(0.0)),
+      self.scalars[guidance] = parallel.replicate((np.float32(guidance),
+                                                   np.float32(self.cfg.guidance_rescale)),
                                                   self.mesh)
     jobs = [job for _, job in batch]
     cond = self._conditioning(program, jobs, size, self._ip_images(batch, size))
@@ -1608,6 +1627,8 @@ class _Metadata:
                **self._hires_extra(height, width, scheduler), **self._hires_prompts(job),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job), **self._pag_extra(),
+               **({"Guidance rescale": cfg.guidance_rescale} if cfg.guidance_rescale else {}),
+               **({"Tiling": True} if cfg.tiling else {}),
                **({"FreeU": ", ".join(f"{k}={v:g}" for k, v in zip(
                    sampling.FREEU_NAMES, cfg.freeu, strict=True))} if cfg.freeu else {})})
 

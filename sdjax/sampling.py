@@ -31,6 +31,7 @@ from sdjax import conditioning, interpolate, masks, schedulers
 from sdjax import prompts as prompt_lib
 from sdjax.checkpoints.weights import torch_key
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
+from sdjax.models import layers
 from sdjax.models.adapter import T2IAdapter
 from sdjax.models.layers import PerturbedLayers
 from sdjax.models.vae import AutoencoderKL
@@ -94,6 +95,8 @@ class SampleSpec:
   pag: Pag | None = None
   # FreeU's (s1, s2, b1, b2) in the UNet (`UNet2DConditionModel.freeu`); None: off.
   freeu: tuple[float, float, float, float] | None = None
+  # A1111's Tiling: the UNet's and the VAE's convolutions pad circularly (not the ControlNets').
+  tiling: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +210,17 @@ def _denoise(spec: SampleSpec, predict, state, x, keys, after_step=None):
 def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seeds, noise,
               guidance_scale, guidance_rescale, init, state, cfg_axis: str | None = None,
               control=None):
-  """The whole sampling program (pure; callers jit it, possibly with shardings).
+  """The whole sampling program (pure; callers jit it, possibly with shardings); see
+  `_sample_fn`. With `spec.tiling` its convolutions pad circularly."""
+  with layers.circular_padding(spec.tiling):
+    return _sample_fn(spec, nets, params, cond, seeds, noise, guidance_scale, guidance_rescale,
+                      init, state, cfg_axis, control)
+
+
+def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seeds, noise,
+               guidance_scale, guidance_rescale, init, state, cfg_axis: str | None = None,
+               control=None):
+  """The whole sampling program.
 
   Args:
     nets: the pipeline's modules (static).
@@ -250,8 +263,9 @@ def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seed
 
   cond_dim = nets.unet.config.time_cond_proj_dim  # LCM models: guidance as an input, no CFG
 
-  if spec.control:  # a T2I-Adapter's feature maps are made once
-    control = (conditioning.adapter_features(nets, params, control[0]), *control[1:])
+  if spec.control:  # a T2I-Adapter's feature maps are made once (never circular)
+    with layers.circular_padding(False):
+      control = (conditioning.adapter_features(nets, params, control[0]), *control[1:])
 
   def controls(call, rows=lambda images: images, cond_rows=None):
     """The ControlNet's input at this call, its images arranged as the UNet's rows
@@ -1139,6 +1153,7 @@ def generate(
     pag_adaptive_scale: float = 0.0,
     pag_applied_layers: str | Sequence[str] = "mid",
     freeu: Any = None,
+    tiling: bool = False,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1235,7 +1250,9 @@ def generate(
   pag = perturbed_guidance(pipe, pag_scale, pag_adaptive_scale, pag_applied_layers,
                            guess_mode=spec.control_guess, cfg_parallel=cfg_parallel)
   freeu = freeu_factors(freeu)
-  spec = dataclasses.replace(spec, pag=pag, freeu=freeu)
+  if tiling and cfg_parallel:
+    raise ValueError("tiling does not work with cfg_parallel yet")
+  spec = dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=bool(tiling))
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(second, n, hires, control=spec.control,
                                 control_guess=spec.control_guess, **{
@@ -1244,7 +1261,8 @@ def generate(
     hires_pag = pag if pag is None or hires_model is None else perturbed_guidance(
         hires_model, pag_scale, pag_adaptive_scale, pag_applied_layers)
     hires_stage = (dataclasses.replace(hires_stage[0], control_modes=spec.control_modes,
-                                       pag=hires_pag, freeu=freeu), hires_stage[1])
+                                       pag=hires_pag, freeu=freeu, tiling=spec.tiling),
+                   hires_stage[1])
     spec = dataclasses.replace(spec, output_latents=hires.in_latents)
   seeds = make_seeds(seed, n)
   latent_shape = (n, *spec.latent_hw, latent_channels(pipe))
@@ -1298,7 +1316,7 @@ def generate(
     return np.asarray(out)
   return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
                             {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
-                                pipe.scheduler_config)}, refiner_start, a1111))
+                                pipe.scheduler_config)}, refiner_start, a1111, spec.tiling))
 
 
 FREEU_NAMES = ("s1", "s2", "b1", "b2")
@@ -1488,11 +1506,12 @@ def _init_input(init_images, mask_images):
 
 
 def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, common,
-            refiner_start, a1111=None):
+            refiner_start, a1111=None, tiling: bool = False):
   """The ensemble-of-experts second stage: the refiner continues the base's latents on device."""
   if latent_channels(refiner) != latents.shape[-1]:
     raise ValueError("the refiner's latents do not match the base model's")
   spec, state = prepare(refiner, len(prompts), denoising_start=refiner_start, **common)
+  spec = dataclasses.replace(spec, tiling=tiling)
   size = (common["height"], common["width"])
   if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
     a1111 = a1111_options(spec, state, common["steps"], first_call=a1111.calls,

@@ -99,12 +99,12 @@ def cache():
 # collection order, and a long file collected late (test_train, then test_run) left one worker
 # idle for minutes at the end.
 # Added 2026-12-04 (worker seconds, -n 0): pag 75, controlnet_union 57, freeu 37,
-# dynamic_prompts 25.
+# dynamic_prompts 25, tiling 25.
 _LONGEST_FIRST = ("test_main.py", "test_controlnet.py", "test_ip_adapter.py", "test_train.py",
                   "test_sampling.py", "test_prompts.py", "test_inpaint.py", "test_builtin.py",
                   "test_pag.py", "test_sdxl.py", "test_run.py", "test_controlnet_union.py",
                   "test_adapter.py", "test_freeu.py", "test_unet.py", "test_dynamic_prompts.py",
-                  "test_aot.py")
+                  "test_tiling.py", "test_aot.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

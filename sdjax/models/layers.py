@@ -7,6 +7,8 @@ NHWC. `dtype` is the compute dtype; `param_dtype` the dtype parameters are creat
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 from typing import Any, NamedTuple
@@ -75,6 +77,22 @@ def conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int 
               dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+# A1111's "Tiling" (seamless images): every convolution of the UNet and the VAE pads circularly
+# (torch's padding_mode="circular", as A1111 sets it on each Conv2d), while this is True. Read
+# when a program is traced: callers set it from a static setting (`circular_padding`).
+_CIRCULAR = contextvars.ContextVar("sdjax_circular_padding", default=False)
+
+
+@contextlib.contextmanager
+def circular_padding(enabled: bool):
+  """Convolutions traced inside pad circularly (`enabled`) or with zeros."""
+  token = _CIRCULAR.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _CIRCULAR.reset(token)
+
+
 # CPU: a 3x3 convolution with at most this many output pixels in the whole batch, and at least
 # CONV_MATMUL_CHANNELS input channels, runs as one matmul over the 9 shifted copies of its input
 # (XLA:CPU's convolution is 1.5-2.5x slower on such short, wide problems; BENCHMARKS.md).
@@ -100,12 +118,16 @@ class Conv(LoadedParams, nn.Module):
     k = self.kernel_size
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (k, k, x.shape[-1], self.features), self.param_dtype)
+    padding = self.padding
+    if _CIRCULAR.get() and any(p for pair in padding for p in pair):  # see circular_padding
+      x = jnp.pad(x, ((0, 0), *padding, (0, 0)), mode="wrap")
+      padding = ((0, 0), (0, 0))
     if not self.use_bias:
       x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-      return conv2d(x, kernel, self.stride, self.padding)
+      return conv2d(x, kernel, self.stride, padding)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return conv2d(x, kernel, self.stride, self.padding) + bias
+    return conv2d(x, kernel, self.stride, padding) + bias
 
 
 def choose_conv_form(x, kernel, stride: int, padding) -> str:
