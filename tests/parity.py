@@ -80,3 +80,26 @@ def reference_pipelines(tmp_path_factory, name: str, seed: int, family: str = "s
   testing.write_torch_pipeline(folder, family, seed=seed)
   ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
   return ref, sdjax.load_pipeline(folder), folder
+
+
+def one_image_run(pipe, out, **options):
+  """A run of one prompt, "a cat" (3 euler steps at guidance 3, 16x16, seed 2, unless
+  `options` say otherwise), into folder `out`: (its RunConfig, its manifest record, its PNG,
+  the generate() arguments that make the same image but for the feature under test)."""
+  import json  # noqa: PLC0415
+
+  from PIL import Image  # noqa: PLC0415
+
+  from sdjax import outputs, run  # noqa: PLC0415
+
+  settings = {"steps": 3, "guidance_scale": 3.0, "scheduler": "euler", "height": 16,
+              "width": 16, "seed": 2, **{k: options.pop(k) for k in
+                                          ("steps", "guidance_scale", "scheduler", "height",
+                                           "width", "seed") if k in options}}
+  cfg = run.RunConfig(model=pipe.name, prompts=(run.PromptLine("a cat"),), batch_size=1,
+                      output_dir=str(out), compilation_cache="", show_progress=False,
+                      **settings, **options)
+  assert run.generate_run(cfg).images == 1
+  record = json.loads(open(f"{out}/{outputs.MANIFEST_NAME}").readline())
+  png = Image.open(f"{out}/{record['file']}")
+  return cfg, record, png, {**settings, "seed": record["seed"]}

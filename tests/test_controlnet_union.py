@@ -9,14 +9,13 @@ layers: the same weights and arithmetic, attention over each image's own tokens.
 
 import dataclasses
 import inspect
-import json
 
 import diffusers
 import numpy as np
 import pytest
 import torch
 from diffusers.models.controlnets.multicontrolnet_union import MultiControlNetUnionModel
-from parity import assert_close, nchw, nhwc, randn, transfer
+from parity import assert_close, nchw, nhwc, one_image_run, randn, transfer
 
 from sdjax import testing
 from sdjax.models.controlnet import ControlNetUnionConfig, ControlNetUnionModel
@@ -232,23 +231,14 @@ def test_run_with_control_type(sdxl_union, tmp_path):
 
   rng = np.random.default_rng(5)
   Image.fromarray(rng.integers(0, 255, (16, 24, 3), np.uint8)).save(tmp_path / "edges.png")
-  cfg = run.RunConfig(model=pipe.name, prompts=(run.PromptLine("a cat"),), steps=3,
-                      guidance_scale=3.0, scheduler="euler", height=16, width=24, seed=2,
-                      batch_size=1,
-                      controlnet=(first,), control_type=("canny",),
-                      control_image=(str(tmp_path / "edges.png"),), controlnet_scale=(0.8,),
-                      output_dir=str(tmp_path / "out"), compilation_cache="",
-                      show_progress=False)
-  assert run.generate_run(cfg).images == 1
-  record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
+  cfg, record, png, kw = one_image_run(
+      pipe, tmp_path / "out", width=24, controlnet=(first,), control_type=("canny",),
+      control_image=(str(tmp_path / "edges.png"),), controlnet_scale=(0.8,))
   assert record["controlnet"] == first and record["control_type"] == "canny"
-  expected = pipe.generate("a cat", steps=3, guidance_scale=3.0, scheduler="euler", height=16,
-                           width=24, seed=record["seed"],
-                           controlnet=sdjax.load_controlnet(first, control_type=3),
+  expected = pipe.generate("a cat", controlnet=sdjax.load_controlnet(first, control_type=3),
                            control_images=outputs.read_image(str(tmp_path / "edges.png"),
                                                              (16, 24)),
-                           controlnet_conditioning_scale=0.8)
-  png = Image.open(tmp_path / "out" / record["file"])
+                           controlnet_conditioning_scale=0.8, **kw)
   assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
   params = outputs.parse_a1111_parameters(png.text["parameters"])
   assert params["ControlNet 0"].endswith("Guidance End: 1, Union Control Type: canny")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.utils.torch_utils import fourier_filter as torch_fourier_filter
-from parity import assert_close, nchw, nhwc, randn, transfer
+from parity import assert_close, nchw, nhwc, one_image_run, randn, transfer
 
 from sdjax import testing
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig, fourier_filter
@@ -97,20 +97,11 @@ def test_generate_matches_diffusers(sd1):
 def test_run_with_freeu(sd1, tmp_path):
   """main.py --freeu: the image is generate()'s; run.json and PNG parameters name it; a bad
   value is a one-line error."""
-  from PIL import Image  # noqa: PLC0415
-
   from sdjax import outputs, run  # noqa: PLC0415
 
   _, pipe = sd1
-  cfg = run.RunConfig(model=pipe.name, prompts=(run.PromptLine("a cat"),), steps=3,
-                      guidance_scale=3.0, scheduler="euler", height=16, width=16, seed=2,
-                      batch_size=1, freeu=SD15, output_dir=str(tmp_path / "out"),
-                      compilation_cache="", show_progress=False)
-  assert run.generate_run(cfg).images == 1
-  record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
-  expected = pipe.generate("a cat", steps=3, guidance_scale=3.0, scheduler="euler", height=16,
-                           width=16, seed=record["seed"], freeu=SD15)
-  png = Image.open(tmp_path / "out" / record["file"])
+  cfg, _, png, kw = one_image_run(pipe, tmp_path / "out", freeu=SD15)
+  expected = pipe.generate("a cat", freeu=SD15, **kw)
   assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
   params = outputs.parse_a1111_parameters(png.text["parameters"])
   assert params["FreeU"] == "s1=0.9, s2=0.2, b1=1.5, b2=1.6"

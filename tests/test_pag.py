@@ -10,7 +10,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from parity import img2img_draws, nchw, randn
+from parity import img2img_draws, nchw, one_image_run, randn
 
 from sdjax import testing
 
@@ -171,27 +171,16 @@ def test_run_with_pag(sd1, tmp_path):
   """main.py --pag_scale: the image is generate()'s (hires pass included: PAG in both passes);
   the settings and Forge's PNG entries name it; bad values and what PAG does not combine with
   are one-line errors."""
-  from PIL import Image  # noqa: PLC0415
-
   from sdjax import outputs, run  # noqa: PLC0415
 
   _, pipe = sd1
-  cfg = run.RunConfig(model=pipe.name, prompts=(run.PromptLine("a cat"),), steps=3,
-                      guidance_scale=3.0, scheduler="euler", height=16, width=16, seed=2,
-                      batch_size=1, pag_scale=2.5, pag_adaptive_scale=0.001,
-                      pag_applied_layers=("mid", "up_blocks.1"), hires_scale=1.5,
-                      hires_steps=2, hires_strength=0.5, output_dir=str(tmp_path / "out"),
-                      compilation_cache="", show_progress=False)
-  assert run.generate_run(cfg).images == 1
-  record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
-  expected = pipe.generate("a cat", steps=3, guidance_scale=3.0, scheduler="euler", height=16,
-                           width=16, seed=record["seed"], pag_scale=2.5,
-                           pag_adaptive_scale=0.001, pag_applied_layers=["mid", "up_blocks.1"],
-                           hires_scale=1.5, hires_steps=2, hires_strength=0.5)
-  plain = pipe.generate("a cat", steps=3, guidance_scale=3.0, scheduler="euler", height=16,
-                        width=16, seed=record["seed"], hires_scale=1.5, hires_steps=2,
-                        hires_strength=0.5)
-  png = Image.open(tmp_path / "out" / record["file"])
+  hires = dict(hires_scale=1.5, hires_steps=2, hires_strength=0.5)
+  cfg, _, png, kw = one_image_run(pipe, tmp_path / "out", pag_scale=2.5,
+                                  pag_adaptive_scale=0.001,
+                                  pag_applied_layers=("mid", "up_blocks.1"), **hires)
+  expected = pipe.generate("a cat", pag_scale=2.5, pag_adaptive_scale=0.001,
+                           pag_applied_layers=["mid", "up_blocks.1"], **hires, **kw)
+  plain = pipe.generate("a cat", **hires, **kw)
   written = np.asarray(png, np.float32)
   assert written.shape == (24, 24, 3)
   assert np.abs(written - expected[0] * 255).max() <= 1.0

@@ -10,7 +10,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from parity import img2img_draws, nchw, randn
+from parity import img2img_draws, nchw, one_image_run, randn
 
 from sdjax import testing
 
@@ -98,20 +98,11 @@ def test_controlnet_keeps_zero_padding(sd1, tmp_path):
 def test_run_with_tiling(sd1, tmp_path):
   """main.py --tiling: generate()'s image; run.json and A1111's `Tiling: True` say it;
   with --cfg_parallel a one-line error."""
-  from PIL import Image  # noqa: PLC0415
-
   from sdjax import outputs, run  # noqa: PLC0415
 
   _, pipe = sd1
-  cfg = run.RunConfig(model=pipe.name, prompts=(run.PromptLine("a cat"),), steps=3,
-                      guidance_scale=3.0, scheduler="euler", height=16, width=16, seed=2,
-                      batch_size=1, tiling=True, output_dir=str(tmp_path / "out"),
-                      compilation_cache="", show_progress=False)
-  assert run.generate_run(cfg).images == 1
-  record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
-  expected = pipe.generate("a cat", steps=3, guidance_scale=3.0, scheduler="euler", height=16,
-                           width=16, seed=record["seed"], tiling=True)
-  png = Image.open(tmp_path / "out" / record["file"])
+  cfg, _, png, kw = one_image_run(pipe, tmp_path / "out", tiling=True)
+  expected = pipe.generate("a cat", tiling=True, **kw)
   assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
   assert outputs.parse_a1111_parameters(png.text["parameters"])["Tiling"] == "True"
   assert json.load(open(tmp_path / "out" / "run.json"))["tiling"] is True
