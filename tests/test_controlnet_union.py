@@ -169,6 +169,37 @@ def test_generate_matches_diffusers(sdxl_union):
   assert np.abs(alone[0] - ours[1]).max() <= 1e-5
 
 
+def test_img2img_matches_diffusers(sdxl_union):
+  """img2img steered by a union: StableDiffusionXLControlNetUnionImg2ImgPipeline given our
+  draws (the init images' posterior sample, the noise)."""
+  from parity import img2img_draws  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+
+  base, pipe, ((first, tm1), _) = sdxl_union
+  ref = diffusers.StableDiffusionXLControlNetUnionImg2ImgPipeline(
+      vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+      tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, controlnet=tm1,
+      scheduler=diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config),
+      add_watermarker=False)
+  ref.set_progress_bar_config(disable=True)
+  rng = np.random.default_rng(8)
+  images, control = (rng.uniform(size=(2, 16, 24, 3)).astype(np.float32) for _ in range(2))
+  noise, seed = randn(2, 8, 12, 4, seed=12), 3
+  with img2img_draws("diffusers.pipelines.controlnet.pipeline_controlnet_union_sd_xl_img2img",
+                     seed, (8, 12, 4), noise), torch.no_grad():
+    expected = ref(PROMPTS, image=images, control_image=[nchw(control)], control_mode=[1],
+                   strength=0.6, num_inference_steps=6, guidance_scale=3.0, height=16,
+                   width=24, output_type="np", controlnet_conditioning_scale=0.8).images
+  ours = pipe.generate(PROMPTS, init_images=images, strength=0.6, steps=6, guidance_scale=3.0,
+                       scheduler="euler", seed=seed, latents=noise,
+                       controlnet=sdjax.load_controlnet(first, control_type="depth"),
+                       control_images=control, controlnet_conditioning_scale=0.8)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\ncontrolnet union img2img: {err:.2e}")
+  assert err <= 1e-4
+
+
 def test_loading_and_bad_arguments(sdxl_union, tmp_path):
   """A single file in diffusers' layout (xinsir's promax file is one): without a config, the
   union's options read from its weights (its heads xinsir's 8: the weights do not show them);
