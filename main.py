@@ -168,6 +168,8 @@ flags.DEFINE_float("pag_adaptive_scale", 0.0, "lower the PAG scale by this much 
 flags.DEFINE_multi_string("pag_applied_layers", ["mid"], "self-attention layers PAG perturbs: "
                           "regular expressions searched in their diffusers names (mid, "
                           "down_blocks.2, up_blocks.0.attentions.1, ...); repeatable")
+flags.DEFINE_enum("tiling_axes", "xy", ["xy", "x", "y"], "with --tiling, the axes that wrap "
+                  "(x alone: 360-degree panoramas)")
 flags.DEFINE_bool("tiling", False, "A1111's Tiling: seamless images (the UNet's and the VAE's "
                   "convolutions pad circularly)")
 flags.DEFINE_list("freeu", None, "FreeU as diffusers' enable_freeu: S1,S2,B1,B2 (SD1.5: "
@@ -242,7 +244,8 @@ def _run_config() -> run.RunConfig:
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,
-      pag_applied_layers=tuple(FLAGS.pag_applied_layers), freeu=_freeu(), tiling=FLAGS.tiling,
+      pag_applied_layers=tuple(FLAGS.pag_applied_layers), freeu=_freeu(),
+      tiling=FLAGS.tiling_axes if FLAGS.tiling else False,
       controlnet_scale=tuple(FLAGS.controlnet_scale), control_mode=tuple(FLAGS.control_mode),
       control_guidance_start=tuple(FLAGS.control_guidance_start),
       control_guidance_end=tuple(FLAGS.control_guidance_end),

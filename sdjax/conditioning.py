@@ -311,7 +311,7 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
       x_, t_, emb_, cond_ = rows
       # An inpainting UNet's input is the latents, the mask, the masked image's latents: a
       # ControlNet sees the latents (as diffusers' ControlNet inpainting pipelines).
-      with layers.circular_padding(False):  # A1111's Tiling is the model's, not the ControlNet's
+      with layers.circular_padding(""):  # A1111's Tiling is the model's, not the ControlNet's
         d, m = net.apply({"params": net_params}, x_[..., :net.config.in_channels], t_,
                          emb_.context, image[skip:], scales[i], emb_.text_embeds,
                          emb_.time_ids, emb_.context_bias, cond_, guess is not None)

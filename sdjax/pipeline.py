@@ -374,7 +374,7 @@ class Pipeline:
                ip_adapter_images=None, ip_adapter_scale=1.0,
                ip_adapter_masks=None, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0,
                pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
-               tiling: bool = False) -> np.ndarray:
+               tiling: bool | str = False) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -526,6 +526,8 @@ class Pipeline:
       tiling: A1111's "Tiling" (seamless images that tile): every convolution of the UNet and
         the VAE pads circularly, as A1111 sets torch's padding_mode="circular" on each; every
         pass and the refiner's stage, not ControlNets or T2I-Adapters; not with cfg_parallel.
+        True wraps both axes; "x" or "y" one (zeros along the other, as A1111's
+        asymmetric-tiling extension pads: "x" for 360-degree panoramas).
 
     Returns:
       float32 images [N, H, W, 3] in [0, 1] (with `hires_scale`, at the enlarged size; with

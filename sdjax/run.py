@@ -114,7 +114,8 @@ class RunConfig:
   pag_adaptive_scale: float = 0.0
   pag_applied_layers: tuple[str, ...] = ("mid",)
   freeu: tuple[float, float, float, float] | None = None  # (s1, s2, b1, b2); see generate()
-  tiling: bool = False  # A1111's Tiling: seamless images
+  # A1111's Tiling, seamless images: True (both axes), "x" or "y" (one: panoramas, strips).
+  tiling: bool | str = False
   # IP-Adapters conditioning lines on their ip_adapter_image (else these, one per adapter); per
   # adapter its image encoder ("": the image_encoder/ folder beside the file); the scale: one
   # for all, or one per adapter, each a number or InstantStyle's per-layer scales (a dict, or
@@ -354,7 +355,11 @@ def validate(cfg: RunConfig) -> None:
     sampling.freeu_factors(cfg.freeu)
   except ValueError as e:
     raise RunError(f"--freeu: {e}") from None
-  if cfg.tiling and cfg.cfg_parallel:
+  try:
+    tiling = sampling.tiling_axes(cfg.tiling)
+  except ValueError as e:
+    raise RunError(f"--tiling: {e}") from None
+  if tiling and cfg.cfg_parallel:
     raise RunError("--tiling does not work with --cfg_parallel yet")
   if not (math.isfinite(cfg.guidance_rescale) and cfg.guidance_rescale >= 0):
     raise RunError(f"--guidance_rescale must be a number >= 0, got {cfg.guidance_rescale}")
@@ -403,8 +408,9 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
   if plan.dynamic is not None:
     settings["dynamic_prompts"] = plan.dynamic.settings()
-  if cfg.tiling:  # absent when off: older folders still match
-    settings["tiling"] = True
+  if sampling.tiling_axes(cfg.tiling):  # absent when off: older folders still match
+    axes = sampling.tiling_axes(cfg.tiling)
+    settings["tiling"] = True if axes == "xy" else axes
   if cfg.guidance_rescale:  # absent when off: older folders still match
     settings["guidance_rescale"] = cfg.guidance_rescale
   if cfg.freeu is not None:  # absent when off: older folders still match
@@ -1044,12 +1050,13 @@ class _Sampler:
         except ValueError as e:
           raise RunError(f"--control_mode: {e}") from None
       spec = dataclasses.replace(spec, pag=_pag(cfg, pipe),
-                                 freeu=sampling.freeu_factors(cfg.freeu), tiling=cfg.tiling)
+                                 freeu=sampling.freeu_factors(cfg.freeu),
+                                 tiling=sampling.tiling_axes(cfg.tiling))
       host_state, stage = state, None
       if refiner is not None:  # the second stage runs in the same program
         stage_spec, stage_state = sampling.prepare(refiner, cfg.batch_size, **common,
                                                    denoising_start=cfg.refiner_start)
-        refiner = (dataclasses.replace(stage_spec, tiling=cfg.tiling), stage_state, refiner)
+        refiner = (dataclasses.replace(stage_spec, tiling=spec.tiling), stage_state, refiner)
         state, stage = (state, refiner[1]), refiner[::2]
       if hires is not None:  # so does the hires pass
         try:
@@ -1058,7 +1065,7 @@ class _Sampler:
                                          control_guess=spec.control_guess, **common)
           hires = (dataclasses.replace(hires[0], control_modes=spec.control_modes,
                                        pag=_pag(cfg, self.hires_pipe or pipe),
-                                       freeu=spec.freeu, tiling=cfg.tiling), hires[1])
+                                       freeu=spec.freeu, tiling=spec.tiling), hires[1])
         except ValueError as e:
           raise RunError(f"--hires_scale: {e}") from None
         spec = dataclasses.replace(spec, output_latents=_hires(cfg).in_latents)
@@ -1628,9 +1635,14 @@ class _Metadata:
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job), **self._pag_extra(),
                **({"Guidance rescale": cfg.guidance_rescale} if cfg.guidance_rescale else {}),
-               **({"Tiling": True} if cfg.tiling else {}),
+               **self._tiling_extra(),
                **({"FreeU": ", ".join(f"{k}={v:g}" for k, v in zip(
                    sampling.FREEU_NAMES, cfg.freeu, strict=True))} if cfg.freeu else {})})
+
+  def _tiling_extra(self) -> dict[str, Any]:
+    """A1111's `Tiling: True` for both axes; one axis: `Tiling axis: x` (or y)."""
+    axes = sampling.tiling_axes(self.cfg.tiling)
+    return {} if not axes else {"Tiling": True} if axes == "xy" else {"Tiling axis": axes}
 
   def _pag_extra(self) -> dict[str, Any]:
     """Forge's perturbed-attention guidance entries (its built-in extension writes the first

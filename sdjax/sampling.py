@@ -95,8 +95,9 @@ class SampleSpec:
   pag: Pag | None = None
   # FreeU's (s1, s2, b1, b2) in the UNet (`UNet2DConditionModel.freeu`); None: off.
   freeu: tuple[float, float, float, float] | None = None
-  # A1111's Tiling: the UNet's and the VAE's convolutions pad circularly (not the ControlNets').
-  tiling: bool = False
+  # A1111's Tiling: the UNet's and the VAE's convolutions pad circularly (not the ControlNets')
+  # along these axes (`layers.TILING_AXES`); "": off.
+  tiling: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +265,7 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
   cond_dim = nets.unet.config.time_cond_proj_dim  # LCM models: guidance as an input, no CFG
 
   if spec.control:  # a T2I-Adapter's feature maps are made once (never circular)
-    with layers.circular_padding(False):
+    with layers.circular_padding(""):
       control = (conditioning.adapter_features(nets, params, control[0]), *control[1:])
 
   def controls(call, rows=lambda images: images, cond_rows=None):
@@ -1153,7 +1154,7 @@ def generate(
     pag_adaptive_scale: float = 0.0,
     pag_applied_layers: str | Sequence[str] = "mid",
     freeu: Any = None,
-    tiling: bool = False,
+    tiling: bool | str = False,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1250,9 +1251,10 @@ def generate(
   pag = perturbed_guidance(pipe, pag_scale, pag_adaptive_scale, pag_applied_layers,
                            guess_mode=spec.control_guess, cfg_parallel=cfg_parallel)
   freeu = freeu_factors(freeu)
+  tiling = tiling_axes(tiling)
   if tiling and cfg_parallel:
     raise ValueError("tiling does not work with cfg_parallel yet")
-  spec = dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=bool(tiling))
+  spec = dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=tiling)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(second, n, hires, control=spec.control,
                                 control_guess=spec.control_guess, **{
@@ -1320,6 +1322,19 @@ def generate(
 
 
 FREEU_NAMES = ("s1", "s2", "b1", "b2")
+
+
+def tiling_axes(value: bool | str | None) -> str:
+  """A1111's Tiling as the axes to wrap: True is both ("xy"), "x" / "y" one; False / None / ""
+  none."""
+  if value is None or value is False or value == "":
+    return ""
+  if value is True:
+    return "xy"
+  if value not in layers.TILING_AXES:
+    raise ValueError(f"tiling is True, False or one of {', '.join(layers.TILING_AXES)}, got "
+                     f"{value!r}")
+  return value
 
 
 def freeu_factors(value) -> tuple[float, float, float, float] | None:
@@ -1506,7 +1521,7 @@ def _init_input(init_images, mask_images):
 
 
 def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, common,
-            refiner_start, a1111=None, tiling: bool = False):
+            refiner_start, a1111=None, tiling: str = ""):
   """The ensemble-of-experts second stage: the refiner continues the base's latents on device."""
   if latent_channels(refiner) != latents.shape[-1]:
     raise ValueError("the refiner's latents do not match the base model's")

@@ -70,6 +70,52 @@ def test_generate_and_img2img_match_diffusers(sd1):
   assert img2img <= 1e-4
 
 
+def _one_axis(axes: str, *modules) -> list:
+  """The asymmetric-tiling extension's convolution: pad width circularly (for "x", else zeros),
+  then height (for "y"), then convolve unpadded. Returns the patched layers."""
+  patched = []
+  for module in modules:
+    for layer in module.modules():
+      if isinstance(layer, torch.nn.Conv2d):
+        def forward(x, weight, bias, layer=layer):
+          ph, pw = layer.padding
+          x = torch.nn.functional.pad(x, (pw, pw, 0, 0),
+                                      mode="circular" if "x" in axes else "constant")
+          x = torch.nn.functional.pad(x, (0, 0, ph, ph),
+                                      mode="circular" if "y" in axes else "constant")
+          return torch.nn.functional.conv2d(x, weight, bias, layer.stride, 0, layer.dilation,
+                                            layer.groups)
+
+        layer._conv_forward = forward  # noqa: SLF001
+        patched.append(layer)
+  return patched
+
+
+@pytest.mark.parametrize("axes", ["x", "y"])
+def test_one_axis_matches_diffusers(sd1, axes):
+  """tiling="x" (or "y"): circular along that axis, zeros along the other, as A1111's
+  asymmetric-tiling extension pads: diffusers with that convolution."""
+  base, pipe = sd1
+  _circular(base.unet, base.vae, enable=False)
+  patched = _one_axis(axes, base.unet, base.vae)
+  latents = randn(1, 8, 12, 4, seed=7)
+  try:
+    with torch.no_grad():
+      expected = base(PROMPTS[:1], latents=nchw(latents), output_type="np",
+                      num_inference_steps=3, guidance_scale=3.0, height=16, width=24).images
+  finally:
+    for layer in patched:
+      del layer._conv_forward  # noqa: SLF001
+    _circular(base.unet, base.vae)
+  common = dict(steps=3, guidance_scale=3.0, height=16, width=24, scheduler="euler",
+                latents=latents)
+  ours = pipe.generate(PROMPTS[:1], tiling=axes, **common)
+  err = _err(ours, expected)
+  print(f"\ntiling {axes}: {err:.2e}")
+  assert err <= 1e-4
+  assert np.abs(pipe.generate(PROMPTS[:1], tiling=True, **common) - ours).max() > 1e-2
+
+
 def test_controlnet_keeps_zero_padding(sd1, tmp_path):
   """With a ControlNet, as A1111 with its ControlNet extension: the UNet and VAE circular, the
   ControlNet's convolutions as they are."""
@@ -109,3 +155,10 @@ def test_run_with_tiling(sd1, tmp_path):
   with pytest.raises(run.RunError, match="--tiling does not work with --cfg_parallel"):
     run.generate_run(dataclasses.replace(cfg, cfg_parallel=True,
                                          output_dir=str(tmp_path / "bad")))
+  with pytest.raises(run.RunError, match="--tiling: tiling is True, False or one of xy, x, y"):
+    run.generate_run(dataclasses.replace(cfg, tiling="z", output_dir=str(tmp_path / "bad")))
+  _, _, png, kw = one_image_run(pipe, tmp_path / "x", tiling="x")
+  np.testing.assert_allclose(np.asarray(png, np.float32),
+                             np.round(pipe.generate("a cat", tiling="x", **kw)[0] * 255), atol=1)
+  assert outputs.parse_a1111_parameters(png.text["parameters"])["Tiling axis"] == "x"
+  assert json.load(open(tmp_path / "x" / "run.json"))["tiling"] == "x"

@@ -78,19 +78,34 @@ def conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int 
 
 
 # A1111's "Tiling" (seamless images): every convolution of the UNet and the VAE pads circularly
-# (torch's padding_mode="circular", as A1111 sets it on each Conv2d), while this is True. Read
-# when a program is traced: callers set it from a static setting (`circular_padding`).
-_CIRCULAR = contextvars.ContextVar("sdjax_circular_padding", default=False)
+# (torch's padding_mode="circular", as A1111 sets it on each Conv2d) along the axes this names
+# ("xy", or "x" / "y" alone: the asymmetric-tiling extension's horizontal or vertical wrap, zeros
+# along the other); "": zeros. Read when a program is traced: callers set it from a static
+# setting (`circular_padding`).
+_CIRCULAR = contextvars.ContextVar("sdjax_circular_padding", default="")
+TILING_AXES = ("xy", "x", "y")
 
 
 @contextlib.contextmanager
-def circular_padding(enabled: bool):
-  """Convolutions traced inside pad circularly (`enabled`) or with zeros."""
-  token = _CIRCULAR.set(bool(enabled))
+def circular_padding(axes: str):
+  """Convolutions traced inside pad circularly along `axes` ("xy", "x", "y"; "": none)."""
+  if axes not in ("", *TILING_AXES):
+    raise ValueError(f"tiling axes must be one of {', '.join(TILING_AXES)}, got {axes!r}")
+  token = _CIRCULAR.set(axes)
   try:
     yield
   finally:
     _CIRCULAR.reset(token)
+
+
+def _pad_for_tiling(x, padding, axes: str):
+  """x padded by `padding` ((top, bottom), (left, right)): circularly along `axes`, with zeros
+  along the other (width first, then height, as the asymmetric-tiling extension pads)."""
+  (top, bottom), (left, right) = padding
+  x = jnp.pad(x, ((0, 0), (0, 0), (left, right), (0, 0)),
+              mode="wrap" if "x" in axes else "constant")
+  return jnp.pad(x, ((0, 0), (top, bottom), (0, 0), (0, 0)),
+                 mode="wrap" if "y" in axes else "constant")
 
 
 # CPU: a 3x3 convolution with at most this many output pixels in the whole batch, and at least
@@ -118,10 +133,9 @@ class Conv(LoadedParams, nn.Module):
     k = self.kernel_size
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (k, k, x.shape[-1], self.features), self.param_dtype)
-    padding = self.padding
-    if _CIRCULAR.get() and any(p for pair in padding for p in pair):  # see circular_padding
-      x = jnp.pad(x, ((0, 0), *padding, (0, 0)), mode="wrap")
-      padding = ((0, 0), (0, 0))
+    padding, axes = self.padding, _CIRCULAR.get()
+    if axes and any(p for pair in padding for p in pair):  # see circular_padding
+      x, padding = _pad_for_tiling(x, padding, axes), ((0, 0), (0, 0))
     if not self.use_bias:
       x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
       return conv2d(x, kernel, self.stride, padding)
