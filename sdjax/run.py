@@ -408,8 +408,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
   if plan.dynamic is not None:
     settings["dynamic_prompts"] = plan.dynamic.settings()
-  if sampling.tiling_axes(cfg.tiling):  # absent when off: older folders still match
-    axes = sampling.tiling_axes(cfg.tiling)
+  axes = sampling.tiling_axes(cfg.tiling)
+  if axes:  # absent when off: older folders still match
     settings["tiling"] = True if axes == "xy" else axes
   if cfg.guidance_rescale:  # absent when off: older folders still match
     settings["guidance_rescale"] = cfg.guidance_rescale
@@ -1114,9 +1114,7 @@ class _Sampler:
     cond = sampling.with_ip_images(sampling.make_conditioning(
         self.pipe, prompts, negatives, micro=self.cfg.micro, size=size,
         img2img=program.spec.img2img, a1111=a1111), ip)
-    spec = program.spec
-    if cond.part_weights is not None and (spec.cfg_split or spec.guidance_rescale
-                                          or spec.pag is not None or not spec.guidance):
+    if cond.part_weights is not None and not sampling.takes_composable(program.spec):
       raise RunError("prompt lines with composable prompts (AND, :weight) need guidance "
                      "(guidance_scale > 1), without --guidance_rescale, --cfg_parallel or "
                      "--pag_scale")

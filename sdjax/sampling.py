@@ -151,6 +151,12 @@ def pag_blocks(unet_params, layers: str | Sequence[str]) -> tuple[tuple[str, ...
   return tuple(sorted(chosen))
 
 
+def takes_composable(spec: SampleSpec) -> bool:
+  """Whether a program of `spec` runs composable prompts (A1111's AND / :weight): guidance as
+  one UNet call on [uncond, parts] rows, so not split, rescaled or perturbed."""
+  return spec.guidance and not (spec.cfg_split or spec.guidance_rescale or spec.pag is not None)
+
+
 def image_keys(seeds: jax.Array) -> jax.Array:
   """One PRNG key per image, from its seed (uint32 [B])."""
   return jax.vmap(jax.random.key)(seeds)
@@ -254,8 +260,7 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
                                            spec.guidance)
   scheduled = positive.schedule is not None  # A1111 syntax: the variants in force per call
   parts = cond.part_weights
-  if parts is not None and (not spec.guidance or spec.cfg_split or spec.guidance_rescale
-                            or spec.pag is not None):
+  if parts is not None and not takes_composable(spec):
     raise ValueError("composable prompts (AND, :weight) need classifier-free guidance "
                      "(guidance_scale > 1), without guidance_rescale, cfg_parallel or "
                      "pag_scale")

@@ -92,15 +92,24 @@ class ControlNetModel(UNet2DConditionModel):
     x = x + ControlNetConditioningEmbedding(
         cfg.block_out_channels[0], cfg.conditioning_embedding_out_channels, d, pd,
         name="controlnet_cond_embedding")(control)
+    return self._residuals(x, temb, context, context_bias, conditioning_scale, guess_mode)
+
+  def _residuals(self, x, temb, context, context_bias, conditioning_scale, guess_mode: bool,
+                 scale_residuals: bool = True):
+    """The down path and mid block from input features x, through the zero convolutions, as
+    diffusers scales them: by `conditioning_scale` (unless not `scale_residuals`: a union's
+    several images, already weighed), in guess mode also from 0.1 to 1; pooled conditions
+    averaged."""
+    cfg, d, pd = self.config, self.dtype, self.param_dtype
     x, skips = self._down_and_mid(x, temb, context.astype(d), context_bias)
     down = [conv(s.shape[-1], 1, d, pd, f"controlnet_down_blocks_{k}")(s)
             for k, s in enumerate(skips)]
     mid = conv(x.shape[-1], 1, d, pd, "controlnet_mid_block")(x)
     if guess_mode and not cfg.global_pool_conditions:
-      scales = jnp.logspace(-1.0, 0.0, len(down) + 1, dtype=jnp.float32) * conditioning_scale
-      scales = scales.astype(d)
+      scales = jnp.logspace(-1.0, 0.0, len(down) + 1, dtype=jnp.float32)
+      scales = (scales * conditioning_scale if scale_residuals else scales).astype(d)
       down, mid = [r * scales[k] for k, r in enumerate(down)], mid * scales[-1]
-    else:
+    elif scale_residuals:
       scale = jnp.asarray(conditioning_scale, d)
       down, mid = [r * scale for r in down], mid * scale
     if cfg.global_pool_conditions:
@@ -285,18 +294,5 @@ class ControlNetUnionModel(ControlNetModel):
     for j, condition in enumerate(conditions):
       alpha = project(seq[:, j])[:, None, None, :]
       fused = fused + (condition + (alpha * scale if scaled else alpha))
-    x = x + fused
-    x, skips = self._down_and_mid(x, temb, context.astype(d), context_bias)
-    down = [conv(s.shape[-1], 1, d, pd, f"controlnet_down_blocks_{n}")(s)
-            for n, s in enumerate(skips)]
-    mid = conv(x.shape[-1], 1, d, pd, "controlnet_mid_block")(x)
-    if guess_mode and not cfg.global_pool_conditions:
-      scales = jnp.logspace(-1.0, 0.0, len(down) + 1, dtype=jnp.float32)
-      scales = (scales * conditioning_scale if not scaled else scales).astype(d)
-      down, mid = [r * scales[n] for n, r in enumerate(down)], mid * scales[-1]
-    elif not scaled:
-      down, mid = [r * scale for r in down], mid * scale
-    if cfg.global_pool_conditions:
-      down = [jnp.mean(r, axis=(1, 2), keepdims=True) for r in down]
-      mid = jnp.mean(mid, axis=(1, 2), keepdims=True)
-    return down, mid
+    return self._residuals(x + fused, temb, context, context_bias, conditioning_scale,
+                           guess_mode, scale_residuals=not scaled)
