@@ -525,7 +525,7 @@ class Pipeline:
         s1 / s2. Every pass of this call (not a refiner's stage); None: off.
       tiling: A1111's "Tiling" (seamless images that tile): every convolution of the UNet and
         the VAE pads circularly, as A1111 sets torch's padding_mode="circular" on each; every
-        pass and the refiner's stage, not ControlNets or T2I-Adapters; not with cfg_parallel.
+        pass and the refiner's stage, not ControlNets or T2I-Adapters.
         True wraps both axes; "x" or "y" one (zeros along the other, as A1111's
         asymmetric-tiling extension pads: "x" for 360-degree panoramas).
 

@@ -356,11 +356,9 @@ def validate(cfg: RunConfig) -> None:
   except ValueError as e:
     raise RunError(f"--freeu: {e}") from None
   try:
-    tiling = sampling.tiling_axes(cfg.tiling)
+    sampling.tiling_axes(cfg.tiling)
   except ValueError as e:
     raise RunError(f"--tiling: {e}") from None
-  if tiling and cfg.cfg_parallel:
-    raise RunError("--tiling does not work with --cfg_parallel yet")
   if not (math.isfinite(cfg.guidance_rescale) and cfg.guidance_rescale >= 0):
     raise RunError(f"--guidance_rescale must be a number >= 0, got {cfg.guidance_rescale}")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:

@@ -558,7 +558,15 @@ def _cfg_parallel_sample(spec: SampleSpec, nets: Networks, mesh):
 _replicated: dict[int, tuple[Any, Any]] = {}  # id(params) -> (params, their copy on a pair)
 
 
-_jitted_decode = jax.jit(decode_images, static_argnums=0)
+def _decode_tiled(vae: AutoencoderKL, tiling: str, vae_params, x, decode=decode_images):
+  """`decode_images` for the split program's separate decode (bound here, so a test's spy on the
+  module's `decode_images` sees only `sample_fn`'s); with `tiling` its convolutions pad
+  circularly, as inside `sample_fn`."""
+  with layers.circular_padding(tiling):
+    return decode(vae, vae_params, x)
+
+
+_jitted_decode = jax.jit(_decode_tiled, static_argnums=(0, 1))
 
 
 def _sample(spec: SampleSpec, nets: Networks, params, cond, seeds, noise, scalars, init, state,
@@ -591,7 +599,7 @@ def _sample(spec: SampleSpec, nets: Networks, params, cond, seeds, noise, scalar
     latents = next(s.data for s in latents.addressable_shards if s.device == devices[0])
   if spec.output_latents:
     return latents
-  return _jitted_decode(nets.vae, params["vae"], latents)
+  return _jitted_decode(nets.vae, spec.tiling, params["vae"], latents)
 
 
 def _as_list(value, n: int, name: str) -> list:
@@ -1257,8 +1265,6 @@ def generate(
                            guess_mode=spec.control_guess, cfg_parallel=cfg_parallel)
   freeu = freeu_factors(freeu)
   tiling = tiling_axes(tiling)
-  if tiling and cfg_parallel:
-    raise ValueError("tiling does not work with cfg_parallel yet")
   spec = dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=tiling)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(second, n, hires, control=spec.control,

@@ -1,7 +1,7 @@
 """A1111's Tiling (seamless images): diffusers' pipelines with every Conv2d of the UNet and the
 VAE set to padding_mode="circular", as A1111 sets them, against generate(tiling=True):
-text-to-image, img2img (the VAE encoder too), with a ControlNet (whose convolutions A1111 leaves
-alone); main.py's --tiling."""
+text-to-image (also in cfg_parallel's split program), img2img (the VAE encoder too), with a
+ControlNet (whose convolutions A1111 leaves alone); main.py's --tiling."""
 
 import dataclasses
 import json
@@ -56,6 +56,9 @@ def test_generate_and_img2img_match_diffusers(sd1):
   err = _err(ours, expected)
   assert err <= 1e-4
   assert np.abs(pipe.generate(PROMPTS, **common) - ours).max() > 1e-2  # the padding mattered
+  # cfg_parallel's split program (here on one device) decodes in a program of its own
+  split = _err(pipe.generate(PROMPTS, tiling=True, cfg_parallel=True, **common), expected)
+  assert split <= 1e-4
   img = diffusers.StableDiffusionImg2ImgPipeline(**base.components)
   images = np.random.default_rng(8).uniform(size=(2, 16, 24, 3)).astype(np.float32)
   noise, seed = randn(2, 8, 12, 4, seed=12), 3
@@ -66,7 +69,7 @@ def test_generate_and_img2img_match_diffusers(sd1):
   ours = pipe.generate(PROMPTS, init_images=images, strength=0.6, steps=6, guidance_scale=3.0,
                        scheduler="euler", seed=seed, latents=noise, tiling=True)
   img2img = _err(ours, expected)
-  print(f"\ntiling generate {err:.2e}, img2img {img2img:.2e}")
+  print(f"\ntiling generate {err:.2e} (split program {split:.2e}), img2img {img2img:.2e}")
   assert img2img <= 1e-4
 
 
@@ -142,8 +145,8 @@ def test_controlnet_keeps_zero_padding(sd1, tmp_path):
 
 
 def test_run_with_tiling(sd1, tmp_path):
-  """main.py --tiling: generate()'s image; run.json and A1111's `Tiling: True` say it;
-  with --cfg_parallel a one-line error."""
+  """main.py --tiling: generate()'s image, also with --cfg_parallel (its separate decode pads
+  circularly too); run.json and A1111's `Tiling: True` say it."""
   from sdjax import outputs, run  # noqa: PLC0415
 
   _, pipe = sd1
@@ -152,9 +155,8 @@ def test_run_with_tiling(sd1, tmp_path):
   assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
   assert outputs.parse_a1111_parameters(png.text["parameters"])["Tiling"] == "True"
   assert json.load(open(tmp_path / "out" / "run.json"))["tiling"] is True
-  with pytest.raises(run.RunError, match="--tiling does not work with --cfg_parallel"):
-    run.generate_run(dataclasses.replace(cfg, cfg_parallel=True,
-                                         output_dir=str(tmp_path / "bad")))
+  _, _, png, _ = one_image_run(pipe, tmp_path / "split", tiling=True, cfg_parallel=True)
+  assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
   with pytest.raises(run.RunError, match="--tiling: tiling is True, False or one of xy, x, y"):
     run.generate_run(dataclasses.replace(cfg, tiling="z", output_dir=str(tmp_path / "bad")))
   _, _, png, kw = one_image_run(pipe, tmp_path / "x", tiling="x")
