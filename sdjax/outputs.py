@@ -62,6 +62,8 @@ A1111_SAMPLER_NAMES = {
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras",
     "unipc": "UniPC",
     "ddpm": "DDPM",
     "lcm": "LCM",

@@ -93,6 +93,11 @@ def test_trajectory_matches_diffusers(pred, spacing, karras, steps, offset):
       "lower_order_final": False}, 8),
     ({"algorithm_type": "sde-dpmsolver++", "rescale_betas_zero_snr": True,
       "timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 10),
+    ({"use_exponential_sigmas": True}, 10),
+    ({"use_exponential_sigmas": True, "algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+     20),
+    ({"use_beta_sigmas": True, "final_sigmas_type": "sigma_min"}, 12),
+    ({"use_beta_sigmas": True, "prediction_type": "v_prediction"}, 10),
   ],
   ids=[
     "order1",
@@ -112,6 +117,10 @@ def test_trajectory_matches_diffusers(pred, spacing, karras, steps, offset):
     "sde-heun",
     "sde-sigma_min",
     "sde-zero_snr-v",
+    "exponential",
+    "exponential-sde-order3",
+    "beta-sigma_min",
+    "beta-v",
   ],
 )
 def test_options_match_diffusers(options, steps):
@@ -163,6 +172,24 @@ def test_config_resolves_as_diffusers():
   sde_cfg = dict(karras_cfg, algorithm_type="sde-dpmsolver++")
   assert default_scheduler_name(sde_cfg) == "dpmpp_2m_sde_karras"
   assert default_scheduler_name(dict(sde_cfg, use_karras_sigmas=False)) == "dpmpp_2m_sde"
+  assert default_scheduler_name(dict(sde_cfg, solver_order=3)) == "dpmpp_3m_sde_karras"
+  assert default_scheduler_name(dict(sde_cfg, solver_order=3, use_karras_sigmas=False)) == (
+    "dpmpp_3m_sde")
+  assert default_scheduler_name(dict(karras_cfg, solver_order=3)) == "dpmpp_2m_karras"
+
+
+@pytest.mark.parametrize("name,karras", [("dpmpp_3m_sde", False), ("dpmpp_3m_sde_karras", True)])
+def test_3m_sde_matches_diffusers(name, karras):
+  """A1111's "DPM++ 3M SDE (Karras)": diffusers' third-order sde-dpmsolver++, by name."""
+  ref = RefDPM.from_config(SD15, algorithm_type="sde-dpmsolver++", solver_order=3,
+                           use_karras_sigmas=karras)
+  ours = get_scheduler(name, dict(SD15, solver_order=2))  # the name sets the order
+  assert ours.cfg["solver_order"] == 3 and ours.needs_noise
+  init_noise, step_noises = make_noises(20)
+  err = max_rel_error(sdjax_trajectory(ours, 20, init_noise, step_noises),
+                      diffusers_trajectory(ref, 20, init_noise, step_noises))
+  print(f"maxrel {name} {err:.3g}")
+  assert err <= TOL, err
 
 
 @pytest.mark.parametrize(
@@ -175,7 +202,7 @@ def test_config_resolves_as_diffusers():
     ({"solver_order": 4}, "solver_order"),
     ({"solver_type": "bogacki"}, "solver_type"),
     ({"use_lu_lambdas": True}, "use_lu_lambdas"),
-    ({"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+    ({"use_exponential_sigmas": True, "use_beta_sigmas": True}, "only one of"),
     ({"use_flow_sigmas": True}, "use_flow_sigmas"),
     ({"use_dynamic_shifting": True}, "use_dynamic_shifting"),
     ({"variance_type": "learned_range"}, "variance_type"),

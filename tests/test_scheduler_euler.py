@@ -112,13 +112,21 @@ def test_img2img_matches_diffusers(name, pred, karras, spacing):
     {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0},
     {"timestep_type": "continuous", "beta_schedule": "linear", "beta_start": 0.0001},
     {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "leading"},
+    {"use_exponential_sigmas": True},
+    {"use_exponential_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0,
+     "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+    {"use_beta_sigmas": True},
+    {"use_beta_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0,
+     "final_sigmas_type": "sigma_min"},
   ],
-  ids=["sigma_min", "zero_snr", "karras_range", "continuous_eps", "cosine"],
+  ids=["sigma_min", "zero_snr", "karras_range", "continuous_eps", "cosine", "exponential",
+       "exponential_range-v", "beta", "beta_range-sigma_min"],
 )
 def test_options_match_diffusers(options):
   cfg = dict(SD15, **options)
   ours, ref, _ = _compare("euler", cfg, 7)
-  _check_schedule(ours, ref, 7, fractional=bool(options.get("use_karras_sigmas")))
+  fractional = any(options.get(f"use_{kind}_sigmas") for kind in ("karras", "exponential", "beta"))
+  _check_schedule(ours, ref, 7, fractional=fractional)
 
 
 @pytest.mark.parametrize("name", ["euler", "euler_ancestral"])
@@ -136,8 +144,7 @@ def test_config_resolves_as_diffusers(name):
   "name,options,option",
   [
     ("euler", {"interpolation_type": "log_linear"}, "interpolation_type"),
-    ("euler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
-    ("euler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+    ("euler", {"use_karras_sigmas": True, "use_beta_sigmas": True}, "only one of"),
     ("euler", {"timestep_spacing": "uniform"}, "timestep_spacing"),
     ("euler", {"prediction_type": "flow_prediction"}, "prediction_type"),
     ("euler", {"final_sigmas_type": "one"}, "final_sigmas_type"),

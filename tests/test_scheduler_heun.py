@@ -100,8 +100,10 @@ def test_img2img_matches_diffusers(pred, karras, spacing, strength):
   [
     {"prediction_type": "sample", "clip_sample": True, "clip_sample_range": 0.3},
     {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "trailing"},
+    {"use_exponential_sigmas": True},
+    {"use_beta_sigmas": True, "prediction_type": "v_prediction"},
   ],
-  ids=["clip_sample", "cosine"],
+  ids=["clip_sample", "cosine", "exponential", "beta-v"],
 )
 def test_options_match_diffusers(options):
   _compare(dict(SD15, **options), 6)
@@ -119,8 +121,7 @@ def test_config_resolves_as_diffusers():
 @pytest.mark.parametrize(
   "options,option",
   [
-    ({"use_exponential_sigmas": True}, "use_exponential_sigmas"),
-    ({"use_beta_sigmas": True}, "use_beta_sigmas"),
+    ({"use_exponential_sigmas": True, "use_beta_sigmas": True}, "only one of"),
     ({"timestep_spacing": "uniform"}, "timestep_spacing"),
     ({"prediction_type": "flow_prediction"}, "prediction_type"),
     ({"beta_schedule": "exp"}, "beta_schedule"),

@@ -44,6 +44,8 @@ CASES = (
   + [_case({**LINEAR, "timestep_spacing": "leading", "prediction_type": "sample"}, 4, None, True)]
   + [_case({"use_karras_sigmas": True}, 10)]
   + [_case({"use_karras_sigmas": True, "prediction_type": "v_prediction"}, 10)]
+  + [_case({"use_exponential_sigmas": True}, 10)]
+  + [_case({"use_beta_sigmas": True, "prediction_type": "v_prediction"}, 10)]
   # img2img: the run starts part-way, its first steps with a short history but diffusers'
   # higher-order coefficients of that position.
   + [_case({}, 10, strength=0.6)]
@@ -64,9 +66,10 @@ def test_matches_diffusers(overrides, steps, strength, mkl_sensitive):
   assert parity.exact_sqrt <= TOL
   if not mkl_sensitive:
     assert parity.plain <= TOL
-  # Karras timesteps are interpolated in log of the training sigmas, so the last bit of torch's
+  # Karras (exponential, beta) timesteps are interpolated in log of the training sigmas, so the last bit of torch's
   # sqrt reaches them too; parity_errors asserts them equal under correctly rounded sqrt.
-  assert parity.plain_timesteps_equal or overrides.get("use_karras_sigmas")
+  assert parity.plain_timesteps_equal or any(
+    overrides.get(f"use_{kind}_sigmas") for kind in ("karras", "exponential", "beta"))
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="bit-exactness is checked on CPU")
@@ -122,8 +125,6 @@ def test_from_config_resolves_like_diffusers():
 @pytest.mark.parametrize(
   "option",
   [
-    {"use_exponential_sigmas": True},
-    {"use_beta_sigmas": True},
     {"prediction_type": "flow"},
     {"timestep_spacing": "karras"},
     {"beta_schedule": "sigmoid"},

@@ -60,8 +60,12 @@ def test_trajectory_matches_diffusers(options, steps):
     ({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
       "prediction_type": "v_prediction"}, 10),
     ({"solver_type": "midpoint"}, 6),  # diffusers reads it as bh2
+    ({"use_exponential_sigmas": True}, 10),
+    ({"use_exponential_sigmas": True, "final_sigmas_type": "sigma_min"}, 10),
+    ({"use_beta_sigmas": True, "solver_order": 3}, 12),
 ], ids=["order1", "order3", "order3-v-karras", "no-lower-final", "bh1", "bh1-order3",
-        "disable_corrector", "karras-sigma_min", "zero_snr-v", "midpoint-as-bh2"])
+        "disable_corrector", "karras-sigma_min", "zero_snr-v", "midpoint-as-bh2", "exponential",
+        "exponential-sigma_min", "beta-order3"])
 def test_options_match_diffusers(options, steps):
   _compare(options, steps)
 

@@ -27,6 +27,12 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
                      {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}),
     "dpmpp_2m_sde_karras": ("dpmpp", "DPMSolverMultistepScheduler",
                             {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "dpmpp_3m_sde": ("dpmpp", "DPMSolverMultistepScheduler",
+                     {"algorithm_type": "sde-dpmsolver++", "solver_order": 3,
+                      "use_karras_sigmas": False}),
+    "dpmpp_3m_sde_karras": ("dpmpp", "DPMSolverMultistepScheduler",
+                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3,
+                             "use_karras_sigmas": True}),
     "unipc": ("unipc", "UniPCMultistepScheduler", {}),
     "lcm": ("lcm", "LCMScheduler", {}),
     "tcd": ("tcd", "TCDScheduler", {}),
@@ -60,8 +66,8 @@ def default_scheduler_name(scheduler_config: dict[str, Any]) -> str:
     )
   name = _FROM_DIFFUSERS_CLASS[class_name]
   if name == "dpmpp_2m" and scheduler_config.get("algorithm_type") == "sde-dpmsolver++":
-    name = "dpmpp_2m_sde"
-  if name.startswith("dpmpp_2m") and scheduler_config.get("use_karras_sigmas"):
+    name = "dpmpp_3m_sde" if scheduler_config.get("solver_order") == 3 else "dpmpp_2m_sde"
+  if name.startswith("dpmpp_") and scheduler_config.get("use_karras_sigmas"):
     name += "_karras"
   return name
 

@@ -234,6 +234,39 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) 
   return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+# diffusers' sigma spacings beside the schedule's own (options use_<kind>_sigmas; at most one).
+SIGMA_SPACINGS = ("karras", "exponential", "beta")
+
+
+def sigma_spacing(scheduler_name: str, config: dict[str, Any]) -> str | None:
+  """Which of diffusers' `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas` the
+  config sets (None: the schedule's own sigmas); more than one is an error, as in diffusers."""
+  chosen = [kind for kind in SIGMA_SPACINGS if config.get(f"use_{kind}_sigmas")]
+  if len(chosen) > 1:
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r}: only one of "
+      f"{', '.join(f'use_{kind}_sigmas' for kind in chosen)} can be set (as in diffusers)")
+  return chosen[0] if chosen else None
+
+
+def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float,
+                  num_inference_steps: int) -> np.ndarray:
+  """float64 descending noise levels from sigma_max to sigma_min, as diffusers'
+  `_convert_to_karras` (rho 7), `_convert_to_exponential` (even in log sigma) and
+  `_convert_to_beta` (the quantiles of Beta(0.6, 0.6) at evenly spaced levels; "Beta Sampling is
+  All You Need", Lee et al. 2024) place them."""
+  if kind == "karras":
+    return karras_sigmas(sigma_min, sigma_max, num_inference_steps)
+  if kind == "exponential":
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
+  if kind == "beta":
+    from scipy import stats  # noqa: PLC0415  (a dependency of jax; only this option needs it)
+
+    ppf = stats.beta.ppf(1 - np.linspace(0, 1, num_inference_steps), 0.6, 0.6)
+    return sigma_min + ppf * (sigma_max - sigma_min)
+  raise ValueError(f"unknown sigma spacing {kind!r}")
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
   """Fractional training timesteps of `sigmas`, interpolating in log-sigma (float64).
 

@@ -2,8 +2,8 @@
 
 Implemented: algorithm_type "dpmsolver++" (and "deis", which diffusers maps onto it) and its
 stochastic form "sde-dpmsolver++" (A1111's "DPM++ 2M SDE": fresh noise every step), solver
-orders 1, 2 and 3, solver_type "midpoint" / "heun", lower_order_final, euler_at_final, Karras
-sigmas, final_sigmas_type "zero" / "sigma_min", lambda_min_clipped, zero-terminal-SNR betas.
+orders 1, 2 and 3, solver_type "midpoint" / "heun", lower_order_final, euler_at_final, Karras,
+exponential or beta sigmas, final_sigmas_type "zero" / "sigma_min", lambda_min_clipped, zero-terminal-SNR betas.
 
 Every coefficient of the update depends only on the position in the schedule, so the host
 computes them in float32 in diffusers' order of operations; the device only combines arrays. The
@@ -25,11 +25,12 @@ from sdjax.schedulers.common import (
   SchedulerConfigError,
   exp_f32,
   hashable_config,
-  karras_sigmas,
   log_f32,
   resolve_config,
   rounded,
+  sigma_spacing,
   sigma_to_t,
+  spaced_sigmas,
   true_divide,
   vp_alpha_sigma,
 )
@@ -176,8 +177,6 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
   }
   _UNSUPPORTED = {
     "thresholding": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
     "use_lu_lambdas": False,
     "use_flow_sigmas": False,
     "variance_type": None,
@@ -222,11 +221,12 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     timesteps = multistep_timesteps(config, num_inference_steps, n_train - clipped_idx)
     sigmas = train_sigmas(alphas_cumprod)
     log_sigmas = np.log(sigmas)
-    if config["use_karras_sigmas"]:
+    kind = sigma_spacing(self.name, config)
+    if kind:
       # Unlike Euler's, these span the whole training range, whatever the spacing.
-      sigmas = karras_sigmas(sigmas[0].item(), sigmas[-1].item(), num_inference_steps)
+      sigmas = spaced_sigmas(kind, sigmas[0].item(), sigmas[-1].item(), num_inference_steps)
       timesteps = sigma_to_t(sigmas, log_sigmas)
-      if config["beta_schedule"] != "squaredcos_cap_v2":
+      if kind == "karras" and config["beta_schedule"] != "squaredcos_cap_v2":
         timesteps = timesteps.round()
     else:
       sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)

@@ -18,12 +18,13 @@ from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
   hashable_config,
-  karras_sigmas,
   make_alphas_cumprod,
   make_betas,
   resolve_config,
   rounded,
+  sigma_spacing,
   sigma_to_t,
+  spaced_sigmas,
   true_divide,
 )
 
@@ -43,6 +44,7 @@ def check_common(scheduler_name: str, config: dict[str, Any], prediction_types: 
   """Validates what every sigma scheduler shares: prediction type, spacing, beta schedule."""
   check_choice(scheduler_name, "prediction_type", config["prediction_type"], prediction_types)
   check_choice(scheduler_name, "timestep_spacing", config["timestep_spacing"], _SPACINGS)
+  sigma_spacing(scheduler_name, config)
   make_betas(config)  # an unsupported beta_schedule raises here rather than at set_timesteps
 
 
@@ -84,19 +86,20 @@ def sigma_schedule(
   """(timesteps float64/float32, sigmas float64) before the final sigma is appended.
 
   Mirrors diffusers: sigmas are linearly interpolated (in t) from the float32 training sigmas,
-  in float64; Karras sigmas are then placed between the first and last of those (or the config's
-  `sigma_min` / `sigma_max`) and mapped back to fractional timesteps.
+  in float64; Karras, exponential or beta sigmas are then placed between the first and last of
+  those (or the config's `sigma_min` / `sigma_max`) and mapped back to fractional timesteps.
   """
   timesteps = spaced_timesteps(config, num_inference_steps)
   sigmas_train = train_sigmas(alphas_cumprod)
   log_sigmas = np.log(sigmas_train)
   sigmas = np.interp(timesteps, np.arange(0, len(sigmas_train)), sigmas_train)
-  if config.get("use_karras_sigmas"):
+  kind = sigma_spacing("", config)
+  if kind:
     sigma_min = config.get("sigma_min")
     sigma_max = config.get("sigma_max")
     sigma_min = sigma_min if sigma_min is not None else sigmas[-1].item()
     sigma_max = sigma_max if sigma_max is not None else sigmas[0].item()
-    sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
+    sigmas = spaced_sigmas(kind, sigma_min, sigma_max, num_inference_steps)
     timesteps = sigma_to_t(sigmas, log_sigmas)
   return timesteps, sigmas
 
@@ -270,11 +273,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
     "rescale_betas_zero_snr": False,
     "final_sigmas_type": "zero",
   }
-  _UNSUPPORTED = {
-    "interpolation_type": "linear",
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
-  }
+  _UNSUPPORTED = {"interpolation_type": "linear"}
   _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
 
   @classmethod

@@ -80,7 +80,6 @@ class HeunDiscreteScheduler(SigmaScheduler):
     "timestep_spacing": "linspace",
     "steps_offset": 0,
   }
-  _UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
   _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):

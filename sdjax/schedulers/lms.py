@@ -16,7 +16,7 @@ without scipy at run time.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -161,7 +161,7 @@ class LMSDiscreteScheduler(Scheduler):
     "timestep_spacing": "linspace",
     "steps_offset": 0,
   }
-  _UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
+  _UNSUPPORTED: ClassVar[dict[str, Any]] = {}
 
   @classmethod
   def from_config(cls, scheduler_config: dict[str, Any], **overrides):

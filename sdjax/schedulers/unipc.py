@@ -23,11 +23,12 @@ from flax import struct
 from sdjax.schedulers.common import (
   Scheduler,
   hashable_config,
-  karras_sigmas,
   log_f32,
   resolve_config,
   rounded,
+  sigma_spacing,
   sigma_to_t,
+  spaced_sigmas,
   true_divide,
   vp_alpha_sigma,
 )
@@ -163,8 +164,6 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     "thresholding": False,
     "predict_x0": True,
     "solver_p": None,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
     "use_flow_sigmas": False,
     "use_dynamic_shifting": False,
     "sigma_min": None,
@@ -195,10 +194,13 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     timesteps = multistep_timesteps(config, num_inference_steps,
                                     int(config["num_train_timesteps"]))
     sigmas = train_sigmas(alphas_cumprod)
-    if config["use_karras_sigmas"]:
+    kind = sigma_spacing(self.name, config)
+    if kind:
       log_sigmas = np.log(sigmas)
-      sigmas = karras_sigmas(sigmas[0].item(), sigmas[-1].item(), num_inference_steps)
-      timesteps = sigma_to_t(sigmas, log_sigmas).round()
+      sigmas = spaced_sigmas(kind, sigmas[0].item(), sigmas[-1].item(), num_inference_steps)
+      timesteps = sigma_to_t(sigmas, log_sigmas)
+      if kind == "karras":  # diffusers rounds these only
+        timesteps = timesteps.round()
       sigma_last = sigmas[-1] if config["final_sigmas_type"] == "sigma_min" else 0
     else:
       sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
