@@ -83,7 +83,9 @@ flags.DEFINE_float("guidance_rescale", 0.0, "rescale the guided prediction's spr
                    "v-prediction models trained with zero terminal SNR; 0: off)")
 flags.DEFINE_string("scheduler", None, "ddim, pndm, lms, euler, euler_ancestral, heun, dpmpp_2m, "
                     "dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, dpmpp_3m_sde, "
-                    "dpmpp_3m_sde_karras, unipc, ddpm, lcm, tcd (default: the checkpoint's own)")
+                    "dpmpp_3m_sde_karras, kdpm2, kdpm2_karras, kdpm2_ancestral, "
+                    "kdpm2_ancestral_karras, unipc, ddpm, lcm, tcd (default: the checkpoint's "
+                    "own)")
 flags.DEFINE_string("scheduler_options", None, "a JSON object of scheduler config options to "
                     "override, as diffusers' from_config(config, **options), e.g. "
                     "'{\"timestep_spacing\": \"trailing\"}' (SDXL Lightning / Turbo) or "

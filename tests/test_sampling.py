@@ -25,6 +25,7 @@ DIFFUSERS_SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "kdpm2": ("KDPM2DiscreteScheduler", {}),  # two UNet calls a step, as heun
 }
 
 

@@ -33,6 +33,11 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "dpmpp_3m_sde_karras": ("dpmpp", "DPMSolverMultistepScheduler",
                             {"algorithm_type": "sde-dpmsolver++", "solver_order": 3,
                              "use_karras_sigmas": True}),
+    "kdpm2": ("kdpm2", "KDPM2DiscreteScheduler", {"use_karras_sigmas": False}),
+    "kdpm2_karras": ("kdpm2", "KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "kdpm2_ancestral": ("kdpm2", "KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": False}),
+    "kdpm2_ancestral_karras": ("kdpm2", "KDPM2AncestralDiscreteScheduler",
+                               {"use_karras_sigmas": True}),
     "unipc": ("unipc", "UniPCMultistepScheduler", {}),
     "lcm": ("lcm", "LCMScheduler", {}),
     "tcd": ("tcd", "TCDScheduler", {}),
@@ -48,6 +53,8 @@ _FROM_DIFFUSERS_CLASS = {
     "EulerAncestralDiscreteScheduler": "euler_ancestral",
     "HeunDiscreteScheduler": "heun",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "KDPM2DiscreteScheduler": "kdpm2",
+    "KDPM2AncestralDiscreteScheduler": "kdpm2_ancestral",
     "UniPCMultistepScheduler": "unipc",
     "LCMScheduler": "lcm",
     "TCDScheduler": "tcd",
@@ -67,7 +74,7 @@ def default_scheduler_name(scheduler_config: dict[str, Any]) -> str:
   name = _FROM_DIFFUSERS_CLASS[class_name]
   if name == "dpmpp_2m" and scheduler_config.get("algorithm_type") == "sde-dpmsolver++":
     name = "dpmpp_3m_sde" if scheduler_config.get("solver_order") == 3 else "dpmpp_2m_sde"
-  if name.startswith("dpmpp_") and scheduler_config.get("use_karras_sigmas"):
+  if name.startswith(("dpmpp_", "kdpm2")) and scheduler_config.get("use_karras_sigmas"):
     name += "_karras"
   return name
 
