@@ -15,7 +15,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax import run, sampling
+from sdjax import run, sampling, schedulers
 from sdjax.conditioning import MicroConditioning
 
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
@@ -81,11 +81,8 @@ flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
 flags.DEFINE_float("guidance_rescale", 0.0, "rescale the guided prediction's spread towards the "
                    "conditional one's (diffusers' guidance_rescale, arXiv:2305.08891; 0.7 for "
                    "v-prediction models trained with zero terminal SNR; 0: off)")
-flags.DEFINE_string("scheduler", None, "ddim, pndm, lms, euler, euler_ancestral, heun, dpmpp_2m, "
-                    "dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, dpmpp_3m_sde, "
-                    "dpmpp_3m_sde_karras, kdpm2, kdpm2_karras, kdpm2_ancestral, "
-                    "kdpm2_ancestral_karras, unipc, ddpm, lcm, tcd (default: the checkpoint's "
-                    "own)")
+flags.DEFINE_string("scheduler", None, f"one of {', '.join(schedulers.SCHEDULERS)} (default: the "
+                    "checkpoint's own)")
 flags.DEFINE_string("scheduler_options", None, "a JSON object of scheduler config options to "
                     "override, as diffusers' from_config(config, **options), e.g. "
                     "'{\"timestep_spacing\": \"trailing\"}' (SDXL Lightning / Turbo) or "

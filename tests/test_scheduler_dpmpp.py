@@ -176,15 +176,22 @@ def test_config_resolves_as_diffusers():
   assert default_scheduler_name(dict(sde_cfg, solver_order=3, use_karras_sigmas=False)) == (
     "dpmpp_3m_sde")
   assert default_scheduler_name(dict(karras_cfg, solver_order=3)) == "dpmpp_2m_karras"
+  assert default_scheduler_name(dict(sde_cfg, solver_type="heun")) == "dpmpp_2m_sde_heun_karras"
 
 
-@pytest.mark.parametrize("name,karras", [("dpmpp_3m_sde", False), ("dpmpp_3m_sde_karras", True)])
-def test_3m_sde_matches_diffusers(name, karras):
-  """A1111's "DPM++ 3M SDE (Karras)": diffusers' third-order sde-dpmsolver++, by name."""
-  ref = RefDPM.from_config(SD15, algorithm_type="sde-dpmsolver++", solver_order=3,
-                           use_karras_sigmas=karras)
-  ours = get_scheduler(name, dict(SD15, solver_order=2))  # the name sets the order
-  assert ours.cfg["solver_order"] == 3 and ours.needs_noise
+@pytest.mark.parametrize("name,options", [
+    ("dpmpp_3m_sde", {"solver_order": 3}),
+    ("dpmpp_3m_sde_karras", {"solver_order": 3, "use_karras_sigmas": True}),
+    ("dpmpp_2m_sde_heun", {"solver_type": "heun"}),
+    ("dpmpp_2m_sde_heun_karras", {"solver_type": "heun", "use_karras_sigmas": True}),
+])
+def test_named_sde_forms_match_diffusers(name, options):
+  """A1111's "DPM++ 3M SDE (Karras)" and "DPM++ 2M SDE Heun (Karras)": diffusers'
+  sde-dpmsolver++ at third order, or with its heun solver type, by name."""
+  ref = RefDPM.from_config(SD15, algorithm_type="sde-dpmsolver++", **options)
+  # the name sets the order and the solver type over the checkpoint's
+  ours = get_scheduler(name, dict(SD15, solver_order=2, solver_type="midpoint"))
+  assert all(ours.cfg[k] == v for k, v in options.items()) and ours.needs_noise
   init_noise, step_noises = make_noises(20)
   err = max_rel_error(sdjax_trajectory(ours, 20, init_noise, step_noises),
                       diffusers_trajectory(ref, 20, init_noise, step_noises))

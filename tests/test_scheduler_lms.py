@@ -10,7 +10,7 @@ import pytest
 from scheduler_harness import SHAPE, correctly_rounded_sqrt, make_noises, parity_errors
 
 from sdjax import testing
-from sdjax.schedulers import SchedulerConfigError, get_scheduler
+from sdjax.schedulers import SchedulerConfigError, default_scheduler_name, get_scheduler
 from sdjax.schedulers.lms import LMSDiscreteScheduler, gauss_kronrod_21, lms_coefficients
 
 TOL = 1e-6
@@ -58,7 +58,7 @@ CASES = (
 def test_matches_diffusers(overrides, steps, strength, mkl_sensitive):
   config = {**SD15, **overrides}
   parity = parity_errors(
-    get_scheduler("lms", config),
+    get_scheduler("lms_karras" if overrides.get("use_karras_sigmas") else "lms", config),
     lambda: diffusers.LMSDiscreteScheduler.from_config(config),
     steps,
     strength=strength,
@@ -109,6 +109,14 @@ def test_gauss_kronrod_is_exact_for_polynomials():
   exact -= np.polynomial.polynomial.polyval(a, np.polynomial.polynomial.polyint(coeffs))
   got = gauss_kronrod_21(lambda t: np.polynomial.polynomial.polyval(t, coeffs), a, b)
   assert abs(got - exact) <= 1e-12 * abs(exact)
+
+
+def test_karras_name():
+  """A1111's "LMS Karras": lms with Karras sigmas, by name or from a checkpoint's config."""
+  assert get_scheduler("lms_karras", SD15).cfg["use_karras_sigmas"] is True
+  assert get_scheduler("lms", {**SD15, "use_karras_sigmas": True}).cfg["use_karras_sigmas"] is False
+  config = {**SD15, "_class_name": "LMSDiscreteScheduler", "use_karras_sigmas": True}
+  assert default_scheduler_name(config) == "lms_karras"
 
 
 def test_from_config_resolves_like_diffusers():

@@ -17,7 +17,8 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "ddim": ("ddim", "DDIMScheduler", {}),
     "pndm": ("pndm", "PNDMScheduler", {}),
     "ddpm": ("ddpm", "DDPMScheduler", {}),
-    "lms": ("lms", "LMSDiscreteScheduler", {}),
+    "lms": ("lms", "LMSDiscreteScheduler", {"use_karras_sigmas": False}),
+    "lms_karras": ("lms", "LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler": ("euler", "EulerDiscreteScheduler", {}),
     "euler_ancestral": ("euler", "EulerAncestralDiscreteScheduler", {}),
     "heun": ("heun", "HeunDiscreteScheduler", {}),
@@ -27,6 +28,12 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
                      {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}),
     "dpmpp_2m_sde_karras": ("dpmpp", "DPMSolverMultistepScheduler",
                             {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "dpmpp_2m_sde_heun": ("dpmpp", "DPMSolverMultistepScheduler",
+                          {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun",
+                           "use_karras_sigmas": False}),
+    "dpmpp_2m_sde_heun_karras": ("dpmpp", "DPMSolverMultistepScheduler",
+                                 {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun",
+                                  "use_karras_sigmas": True}),
     "dpmpp_3m_sde": ("dpmpp", "DPMSolverMultistepScheduler",
                      {"algorithm_type": "sde-dpmsolver++", "solver_order": 3,
                       "use_karras_sigmas": False}),
@@ -73,8 +80,13 @@ def default_scheduler_name(scheduler_config: dict[str, Any]) -> str:
     )
   name = _FROM_DIFFUSERS_CLASS[class_name]
   if name == "dpmpp_2m" and scheduler_config.get("algorithm_type") == "sde-dpmsolver++":
-    name = "dpmpp_3m_sde" if scheduler_config.get("solver_order") == 3 else "dpmpp_2m_sde"
-  if name.startswith(("dpmpp_", "kdpm2")) and scheduler_config.get("use_karras_sigmas"):
+    if scheduler_config.get("solver_order") == 3:
+      name = "dpmpp_3m_sde"
+    elif scheduler_config.get("solver_type") == "heun":
+      name = "dpmpp_2m_sde_heun"
+    else:
+      name = "dpmpp_2m_sde"
+  if name.startswith(("dpmpp_", "kdpm2", "lms")) and scheduler_config.get("use_karras_sigmas"):
     name += "_karras"
   return name
 
