@@ -63,6 +63,8 @@ A1111_SAMPLER_NAMES = {
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_sde_karras": "DPM++ SDE Karras",
     "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
     "dpmpp_2m_sde_heun_karras": "DPM++ 2M SDE Heun Karras",
     "dpmpp_3m_sde": "DPM++ 3M SDE",
