@@ -26,6 +26,8 @@ DIFFUSERS_SCHEDULERS = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "kdpm2": ("KDPM2DiscreteScheduler", {}),  # two UNet calls a step, as heun
+    # EDM: preconditioned input, timesteps 0.25 * log(sigma) (Playground v2.5's)
+    "edm_dpmpp_2m": ("EDMDPMSolverMultistepScheduler", {}),
 }
 
 

@@ -264,3 +264,54 @@ def test_bfloat16_sample_keeps_dtype_and_float32_math():
     state, x = new_state, prev
   assert int(state.lower_order_nums) == 2
   assert sched.add_noise(state, x, out, 1).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("options,steps,strength", [
+    ({}, 10, None),
+    ({}, 1, None),
+    ({"prediction_type": "v_prediction"}, 12, None),
+    ({"sigma_schedule": "exponential"}, 10, None),
+    ({"solver_order": 3, "final_sigmas_type": "sigma_min"}, 20, None),
+    ({"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, 10, None),
+    ({"sigma_data": 1.0, "sigma_max": 120.0, "sigma_min": 0.01, "rho": 5.0}, 8, None),
+    ({}, 10, 0.6),
+    ({"prediction_type": "v_prediction", "algorithm_type": "sde-dpmsolver++"}, 8, 0.4),
+], ids=["10steps", "1step", "v", "exponential", "order3-sigma_min", "sde-heun", "other-range",
+        "img2img", "img2img-v-sde"])
+def test_edm_matches_diffusers(options, steps, strength):
+  """EDMDPMSolverMultistepScheduler (Playground v2.5's): EDM preconditioning around the same
+  solver, under correctly rounded square roots."""
+  from diffusers import EDMDPMSolverMultistepScheduler  # noqa: PLC0415
+  from scheduler_harness import correctly_rounded_sqrt  # noqa: PLC0415
+
+  ours = get_scheduler("edm_dpmpp_2m", dict(SD15, **options))  # the SD betas are ignored
+  state = ours.set_timesteps(steps, sample_shape=SHAPE)
+  init_noise, step_noises = make_noises(steps)
+  kwargs = {}
+  if strength is not None:
+    init_sample = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    kwargs = {"begin": ours.begin_index(steps, strength), "init_sample": init_sample}
+  got = sdjax_trajectory(ours, steps, init_noise, step_noises, **kwargs)
+  with correctly_rounded_sqrt():
+    ref = EDMDPMSolverMultistepScheduler.from_config(dict(SD15, **options))
+    want = diffusers_trajectory(ref, steps, init_noise, step_noises, **kwargs)
+  np.testing.assert_allclose(np.asarray(state.timesteps), ref.timesteps.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.sigmas), ref.sigmas.numpy(), rtol=1e-6)
+  assert float(ours.init_noise_sigma(state)) == np.float32(ref.init_noise_sigma)
+  err = max_rel_error(got, want)
+  print(f"maxrel edm_dpmpp_2m {options} {err:.3g}")
+  assert err <= TOL, err
+
+
+def test_edm_config():
+  cfg = {"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_max": 80.0, "sigma_min": 0.002,
+         "sigma_data": 0.5, "prediction_type": "epsilon"}
+  assert default_scheduler_name(cfg) == "edm_dpmpp_2m"
+  ours = get_scheduler(None, cfg)
+  assert ours.cfg["sigma_schedule"] == "karras" and not ours.needs_noise
+  assert get_scheduler(None, dict(cfg, algorithm_type="sde-dpmsolver++")).needs_noise
+  for bad, key in [({"prediction_type": "sample"}, "prediction_type"),
+                   ({"sigma_schedule": "linear"}, "sigma_schedule"),
+                   ({"thresholding": True}, "thresholding")]:
+    with pytest.raises(SchedulerConfigError, match=key):
+      get_scheduler(None, dict(cfg, **bad))

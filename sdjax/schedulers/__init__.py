@@ -48,6 +48,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "kdpm2_ancestral_karras": ("kdpm2", "KDPM2AncestralDiscreteScheduler",
                                {"use_karras_sigmas": True}),
     "unipc": ("unipc", "UniPCMultistepScheduler", {}),
+    "edm_dpmpp_2m": ("dpmpp", "EDMDPMSolverMultistepScheduler", {}),
     "lcm": ("lcm", "LCMScheduler", {}),
     "tcd": ("tcd", "TCDScheduler", {}),
 }
@@ -66,6 +67,7 @@ _FROM_DIFFUSERS_CLASS = {
     "KDPM2DiscreteScheduler": "kdpm2",
     "KDPM2AncestralDiscreteScheduler": "kdpm2_ancestral",
     "UniPCMultistepScheduler": "unipc",
+    "EDMDPMSolverMultistepScheduler": "edm_dpmpp_2m",
     "LCMScheduler": "lcm",
     "TCDScheduler": "tcd",
 }

@@ -1,4 +1,5 @@
-"""DPM-Solver++ multistep (Lu et al. 2022), as diffusers' `DPMSolverMultistepScheduler`.
+"""DPM-Solver++ multistep (Lu et al. 2022), as diffusers' `DPMSolverMultistepScheduler`, and in
+the EDM formulation as its `EDMDPMSolverMultistepScheduler` (see that class).
 
 Implemented: algorithm_type "dpmsolver++" (and "deis", which diffusers maps onto it) and its
 stochastic form "sde-dpmsolver++" (A1111's "DPM++ 2M SDE": fresh noise every step), solver
@@ -14,6 +15,7 @@ state counts, so img2img starting at a later position starts at first order as i
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -31,6 +33,7 @@ from sdjax.schedulers.common import (
   sigma_spacing,
   sigma_to_t,
   spaced_sigmas,
+  torch_linspace_f32,
   true_divide,
   vp_alpha_sigma,
 )
@@ -109,6 +112,8 @@ class DPMSolverState:
     c_noise: SDE: sigma_t[i+1] * sqrt(1 - exp(-2h)), the weight on the step's fresh noise.
     model_outputs: [solver_order - 1, *sample_shape] float32, earlier x0 predictions, newest last.
     lower_order_nums: [] int32, steps taken in this run, capped at solver_order.
+    precondition: EDM only: [3, n] float32 c_in, c_skip, c_out per position (the model sees
+      c_in * x; its x0 is c_skip * x + c_out * output).
   """
 
   timesteps: jnp.ndarray
@@ -127,6 +132,7 @@ class DPMSolverState:
   c_noise: jnp.ndarray
   model_outputs: jnp.ndarray
   lower_order_nums: jnp.ndarray
+  precondition: jnp.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,18 +246,11 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
         f"dpmpp with solver_order={solver_order} keeps earlier model outputs: pass "
         "set_timesteps(num_inference_steps, sample_shape=latents.shape)"
       )
-    alphas_cumprod = train_alphas_cumprod(config)
-    timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps, alphas_cumprod)
-    if config["final_sigmas_type"] == "sigma_min":
-      sigma_last = np.sqrt((1 - alphas_cumprod[0]) / alphas_cumprod[0])
-    else:
-      sigma_last = 0
-    sigmas = np.concatenate([sigmas, [sigma_last]]).astype(_F32)
-    timesteps = timesteps.astype(np.int64).astype(_F32)
+    timesteps, sigmas = self._schedule(num_inference_steps)
     n = len(timesteps)
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-      alpha_t, sigma_t = vp_alpha_sigma(sigmas)
+      alpha_t, sigma_t = self._alpha_sigma(sigmas)
       lambdas = log_f32(alpha_t) - log_f32(sigma_t)  # +inf at a zero final sigma, as in diffusers
       # h[i]: the log-SNR step from position i to i + 1; h[i - 1], h[i - 2] the earlier ones.
       h = lambdas[1:] - lambdas[:-1]
@@ -303,7 +302,26 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
       c_noise=jnp.asarray(c_noise, jnp.float32),
       model_outputs=jnp.zeros(history, jnp.float32),
       lower_order_nums=jnp.zeros((), jnp.int32),
+      precondition=self._precondition(sigmas[:-1]),
     )
+
+  def _schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 timesteps [n], float32 sigmas [n + 1] with the final one) as diffusers'."""
+    config = self.cfg
+    alphas_cumprod = train_alphas_cumprod(config)
+    timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps, alphas_cumprod)
+    if config["final_sigmas_type"] == "sigma_min":
+      sigma_last = np.sqrt((1 - alphas_cumprod[0]) / alphas_cumprod[0])
+    else:
+      sigma_last = 0
+    sigmas = np.concatenate([sigmas, [sigma_last]]).astype(_F32)
+    return timesteps.astype(np.int64).astype(_F32), sigmas
+
+  def _alpha_sigma(self, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return vp_alpha_sigma(sigmas)
+
+  def _precondition(self, sigmas: np.ndarray):
+    del sigmas  # EDM's input and output scalings; the VP form has none
 
   def step(self, state, model_output, i, sample, noise=None):
     config = self.cfg
@@ -355,3 +373,94 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
       lower_order_nums=jnp.minimum(count + 1, solver_order).astype(jnp.int32),
     )
     return prev_sample.astype(sample.dtype), new_state
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
+  """diffusers' `EDMDPMSolverMultistepScheduler` (Playground v2.5's): DPM-Solver++ in Karras et
+  al.'s EDM formulation. Noise levels run from sigma_max to sigma_min (Karras, rho 7, or
+  exponential), the UNet sees c_in * x at timestep 0.25 * log(sigma), and its output becomes x0
+  through c_skip and c_out with `sigma_data`; the solver steps are DPM-Solver++'s with alpha = 1
+  (variance exploding). No training betas: its config has none."""
+
+  name = "edm_dpmpp_2m"
+
+  _DEFAULTS = {
+    "sigma_min": 0.002,
+    "sigma_max": 80.0,
+    "sigma_data": 0.5,
+    "sigma_schedule": "karras",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "rho": 7.0,
+    "solver_order": 2,
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+    "algorithm_type": "dpmsolver++",
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+  }
+  _UNSUPPORTED = {"thresholding": False}
+
+  @classmethod
+  def from_config(cls, scheduler_config: dict[str, Any], **overrides):
+    config = resolve_config(cls.name, cls._DEFAULTS, scheduler_config,
+                            unsupported=cls._UNSUPPORTED, overrides=overrides)
+    check_choice(cls.name, "prediction_type", config["prediction_type"],
+                 ("epsilon", "v_prediction"))
+    check_choice(cls.name, "sigma_schedule", config["sigma_schedule"], ("karras", "exponential"))
+    if config["algorithm_type"] == "deis":
+      config["algorithm_type"] = "dpmsolver++"  # diffusers' own substitution
+    check_choice(cls.name, "algorithm_type", config["algorithm_type"],
+                 ("dpmsolver++", "sde-dpmsolver++"))
+    if config["solver_type"] in ("logrho", "bh1", "bh2"):
+      config["solver_type"] = "midpoint"
+    check_choice(cls.name, "solver_type", config["solver_type"], ("midpoint", "heun"))
+    check_choice(cls.name, "solver_order", config["solver_order"], (1, 2, 3))
+    check_choice(cls.name, "final_sigmas_type", config["final_sigmas_type"], ("zero", "sigma_min"))
+    return cls(config=hashable_config(config))
+
+  def _schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    config = self.cfg
+    sigma_min, sigma_max = float(config["sigma_min"]), float(config["sigma_max"])
+    ramp = torch_linspace_f32(0.0, 1.0, num_inference_steps)
+    if config["sigma_schedule"] == "karras":  # in float32, as diffusers' torch arithmetic
+      rho = float(config["rho"])
+      min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+      base = _F32(max_inv_rho) + ramp * _F32(min_inv_rho - max_inv_rho)
+      sigmas = (base.astype(np.float64) ** rho).astype(_F32)
+    else:
+      sigmas = exp_f32(torch_linspace_f32(math.log(sigma_min), math.log(sigma_max),
+                                          num_inference_steps))[::-1]
+    timesteps = _F32(0.25) * log_f32(sigmas)
+    sigma_last = sigma_min if config["final_sigmas_type"] == "sigma_min" else 0.0
+    return timesteps, np.concatenate([sigmas, [sigma_last]]).astype(_F32)
+
+  def _alpha_sigma(self, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.ones_like(sigmas), sigmas  # the UNet's input is preconditioned: alpha = 1
+
+  def _precondition(self, sigmas: np.ndarray):
+    data = float(self.cfg["sigma_data"])
+    var = sigmas**2 + _F32(data**2)
+    root = np.sqrt(var)
+    sign = _F32(1.0 if self.prediction_type == "epsilon" else -1.0)
+    c_out = (sign * sigmas) * _F32(data) / root
+    return jnp.asarray(np.stack([_F32(1.0) / root, _F32(data**2) / var, c_out]))
+
+  def init_noise_sigma(self, state):
+    del state
+    return jnp.float32((float(self.cfg["sigma_max"]) ** 2 + 1) ** 0.5)
+
+  def scale_model_input(self, state, sample, i):
+    return (as_f32(sample) * state.precondition[0, i]).astype(sample.dtype)
+
+  def add_noise(self, state, original_samples, noise, i):
+    noisy = as_f32(original_samples) + rounded(as_f32(noise) * state.sigmas[i])
+    return noisy.astype(original_samples.dtype)
+
+  def _x0(self, state, model_output, sample, i):
+    return (rounded(state.precondition[1, i] * sample)
+            + rounded(state.precondition[2, i] * model_output))
