@@ -24,7 +24,7 @@ from scheduler_harness import (
 )
 
 from sdjax import testing
-from sdjax.schedulers import SchedulerConfigError, get_scheduler
+from sdjax.schedulers import SchedulerConfigError, default_scheduler_name, get_scheduler
 
 SD15 = dict(testing.SCHEDULER_SD15)  # Stable Diffusion 1.5's scheduler_config.json
 TOL = 1e-6
@@ -208,3 +208,39 @@ def test_bfloat16_sample_keeps_dtype_and_float32_math():
     assert sched.scale_model_input(state, x, 1).dtype == jnp.bfloat16
     assert sched.add_noise(state, x, noise, 1).dtype == jnp.bfloat16
     assert jax.tree.map(lambda a: a.dtype, new_state) == jax.tree.map(lambda a: a.dtype, state)
+
+
+@pytest.mark.parametrize("options,steps,strength", [
+    ({}, 10, None),
+    ({}, 1, None),
+    ({"prediction_type": "v_prediction", "sigma_max": 120.0, "sigma_data": 1.0}, 12, None),
+    ({"sigma_schedule": "exponential", "final_sigmas_type": "sigma_min"}, 10, None),
+    ({"rho": 5.0, "sigma_min": 0.01}, 7, None),
+    ({"prediction_type": "v_prediction"}, 10, 0.6),
+], ids=["10steps", "1step", "v-range", "exponential-sigma_min", "rho", "img2img-v"])
+def test_edm_euler_matches_diffusers(options, steps, strength):
+  """EDMEulerScheduler (CosXL's): Euler on EDM's noise levels with its preconditioning."""
+  from diffusers import EDMEulerScheduler  # noqa: PLC0415
+  from scheduler_harness import correctly_rounded_sqrt, diffusers_trajectory  # noqa: PLC0415
+
+  ours = get_scheduler("edm_euler", dict(SD15, **options))
+  state = ours.set_timesteps(steps)
+  init_noise, step_noises = make_noises(steps)
+  kwargs = {}
+  if strength is not None:
+    init_sample = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    kwargs = {"begin": ours.begin_index(steps, strength), "init_sample": init_sample}
+  got = sdjax_trajectory(ours, steps, init_noise, step_noises, **kwargs)
+  with correctly_rounded_sqrt():
+    ref = EDMEulerScheduler.from_config(dict(SD15, **options))
+    want = diffusers_trajectory(ref, steps, init_noise, step_noises, **kwargs)
+  np.testing.assert_allclose(np.asarray(state.timesteps), ref.timesteps.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.sigmas), ref.sigmas.numpy(), rtol=1e-6)
+  assert float(ours.init_noise_sigma(state)) == np.float32(ref.init_noise_sigma)
+  err = max_rel_error(got, want)
+  print(f"maxrel edm_euler {options} {err:.3g}")
+  assert err <= TOL, err
+  cfg = {"_class_name": "EDMEulerScheduler", "prediction_type": "v_prediction"}
+  assert default_scheduler_name(cfg) == "edm_euler"
+  with pytest.raises(SchedulerConfigError, match="sigma_schedule"):
+    get_scheduler("edm_euler", {"sigma_schedule": "linear"})

@@ -49,6 +49,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
                                {"use_karras_sigmas": True}),
     "unipc": ("unipc", "UniPCMultistepScheduler", {}),
     "edm_dpmpp_2m": ("dpmpp", "EDMDPMSolverMultistepScheduler", {}),
+    "edm_euler": ("euler", "EDMEulerScheduler", {}),
     "lcm": ("lcm", "LCMScheduler", {}),
     "tcd": ("tcd", "TCDScheduler", {}),
 }
@@ -68,6 +69,7 @@ _FROM_DIFFUSERS_CLASS = {
     "KDPM2AncestralDiscreteScheduler": "kdpm2_ancestral",
     "UniPCMultistepScheduler": "unipc",
     "EDMDPMSolverMultistepScheduler": "edm_dpmpp_2m",
+    "EDMEulerScheduler": "edm_euler",
     "LCMScheduler": "lcm",
     "TCDScheduler": "tcd",
 }

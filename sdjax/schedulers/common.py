@@ -282,6 +282,17 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
   return (1 - w) * low_idx + w * high_idx
 
 
+def edm_precondition(sigmas: np.ndarray, sigma_data: float, prediction_type: str) -> np.ndarray:
+  """[3, n] float32 (c_in, c_skip, c_out) of Karras et al.'s EDM formulation at float32 `sigmas`,
+  in diffusers' order of operations: the model sees c_in * x, and x0 = c_skip * x + c_out *
+  output (c_out negated for v-prediction)."""
+  var = sigmas**2 + np.float32(sigma_data**2)
+  root = np.sqrt(var)
+  sign = np.float32(1.0 if prediction_type == "epsilon" else -1.0)
+  c_out = (sign * sigmas) * np.float32(sigma_data) / root
+  return np.stack([np.float32(1.0) / root, np.float32(sigma_data**2) / var, c_out])
+
+
 def log_f32(x: np.ndarray) -> np.ndarray:
   """float32 natural log, correctly rounded (via float64) so it is the same on every host."""
   with np.errstate(divide="ignore"):

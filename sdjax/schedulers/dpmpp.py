@@ -25,6 +25,7 @@ from flax import struct
 from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
+  edm_precondition,
   exp_f32,
   hashable_config,
   log_f32,
@@ -443,12 +444,8 @@ class EDMDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
     return np.ones_like(sigmas), sigmas  # the UNet's input is preconditioned: alpha = 1
 
   def _precondition(self, sigmas: np.ndarray):
-    data = float(self.cfg["sigma_data"])
-    var = sigmas**2 + _F32(data**2)
-    root = np.sqrt(var)
-    sign = _F32(1.0 if self.prediction_type == "epsilon" else -1.0)
-    c_out = (sign * sigmas) * _F32(data) / root
-    return jnp.asarray(np.stack([_F32(1.0) / root, _F32(data**2) / var, c_out]))
+    return jnp.asarray(edm_precondition(sigmas, float(self.cfg["sigma_data"]),
+                                        self.prediction_type))
 
   def init_noise_sigma(self, state):
     del state

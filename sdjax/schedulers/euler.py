@@ -2,12 +2,14 @@
 
 Both walk a descending sigma schedule in the variance-exploding parametrisation x = x0 + sigma*eps
 and share its construction, the input scaling and `add_noise`. The schedule and validation
-helpers here are also used by Heun (`heun.py`) and DPM-Solver++ (`dpmpp.py`).
+helpers here are also used by Heun (`heun.py`) and DPM-Solver++ (`dpmpp.py`). EDM Euler (CosXL's
+scheduler) walks EDM's own noise levels with its preconditioned model input and output.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
@@ -17,7 +19,10 @@ from flax import struct
 from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
+  edm_precondition,
+  exp_f32,
   hashable_config,
+  log_f32,
   make_alphas_cumprod,
   make_betas,
   resolve_config,
@@ -25,6 +30,7 @@ from sdjax.schedulers.common import (
   sigma_spacing,
   sigma_to_t,
   spaced_sigmas,
+  torch_linspace_f32,
   true_divide,
 )
 
@@ -330,4 +336,94 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
       raise ValueError("euler_ancestral needs `noise` (unit Gaussian, sample shape) at every step")
     prev_sample = self._euler_step(state, as_f32(model_output), i, as_f32(sample))
     prev_sample = prev_sample + rounded(as_f32(noise) * state.sigma_up[i])
+    return prev_sample.astype(sample.dtype), state
+
+
+@struct.dataclass
+class EDMEulerState:
+  """An EDM Euler run.
+
+  Attributes:
+    timesteps: [n] float32, 0.25 * log(sigma_i), the UNet's timestep.
+    sigmas: [n + 1] float32 noise levels, the last one after the last step.
+    precondition: [3, n] float32 c_in, c_skip, c_out (`common.edm_precondition`).
+    dt: [n] sigma_{i+1} - sigma_i.
+  """
+
+  timesteps: jnp.ndarray
+  sigmas: jnp.ndarray
+  precondition: jnp.ndarray
+  dt: jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMEulerScheduler(Scheduler):
+  """diffusers' `EDMEulerScheduler` (CosXL's; deterministic: s_churn = 0): Euler steps in sigma
+  between EDM's Karras (or exponential) noise levels, the UNet's input and output
+  preconditioned as EDM's (`sigma_data`)."""
+
+  name = "edm_euler"
+  order = 1
+  needs_noise = False
+
+  _DEFAULTS: ClassVar[dict[str, Any]] = {
+    "sigma_min": 0.002,
+    "sigma_max": 80.0,
+    "sigma_data": 0.5,
+    "sigma_schedule": "karras",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "rho": 7.0,
+    "final_sigmas_type": "zero",
+  }
+
+  @classmethod
+  def from_config(cls, scheduler_config: dict[str, Any], **overrides):
+    config = resolve_config(cls.name, cls._DEFAULTS, scheduler_config, overrides=overrides)
+    check_choice(cls.name, "prediction_type", config["prediction_type"],
+                 ("epsilon", "v_prediction"))
+    check_choice(cls.name, "sigma_schedule", config["sigma_schedule"], ("karras", "exponential"))
+    check_choice(cls.name, "final_sigmas_type", config["final_sigmas_type"], ("zero", "sigma_min"))
+    return cls(config=hashable_config(config))
+
+  def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
+    del sample_shape  # no history
+    config = self.cfg
+    sigma_min, sigma_max = float(config["sigma_min"]), float(config["sigma_max"])
+    if config["sigma_schedule"] == "karras":  # in float64, then float32, as diffusers
+      rho = float(config["rho"])
+      ramp = np.linspace(0, 1, num_inference_steps)
+      min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+      sigmas = ((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho).astype(np.float32)
+    else:  # torch's default float32 linspace
+      sigmas = exp_f32(torch_linspace_f32(math.log(sigma_min), math.log(sigma_max),
+                                          num_inference_steps))[::-1]
+    last = sigmas[-1] if config["final_sigmas_type"] == "sigma_min" else 0.0
+    all_sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+    return EDMEulerState(
+      timesteps=jnp.asarray(np.float32(0.25) * log_f32(sigmas)),
+      sigmas=jnp.asarray(all_sigmas),
+      precondition=jnp.asarray(edm_precondition(sigmas, float(config["sigma_data"]),
+                                                self.prediction_type)),
+      dt=jnp.asarray(all_sigmas[1:] - sigmas),
+    )
+
+  def init_noise_sigma(self, state):
+    del state
+    return jnp.float32((float(self.cfg["sigma_max"]) ** 2 + 1) ** 0.5)
+
+  def scale_model_input(self, state, sample, i):
+    return (as_f32(sample) * state.precondition[0, i]).astype(sample.dtype)
+
+  def add_noise(self, state, original_samples, noise, i):
+    noisy = as_f32(original_samples) + rounded(as_f32(noise) * state.sigmas[i])
+    return noisy.astype(original_samples.dtype)
+
+  def step(self, state, model_output, i, sample, noise=None):
+    del noise
+    sample32 = as_f32(sample)
+    x0 = (rounded(state.precondition[1, i] * sample32)
+          + rounded(state.precondition[2, i] * as_f32(model_output)))
+    derivative = true_divide(sample32 - x0, state.sigmas[i])
+    prev_sample = sample32 + rounded(derivative * state.dt[i])
     return prev_sample.astype(sample.dtype), state
