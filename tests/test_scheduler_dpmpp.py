@@ -310,6 +310,9 @@ def test_edm_config():
   ours = get_scheduler(None, cfg)
   assert ours.cfg["sigma_schedule"] == "karras" and not ours.needs_noise
   assert get_scheduler(None, dict(cfg, algorithm_type="sde-dpmsolver++")).needs_noise
+  # Euler's config carries sigma_min / sigma_max: None; picked by name, EDM takes its defaults
+  euler = get_scheduler("edm_dpmpp_2m", {"sigma_min": None, "sigma_max": None})
+  assert (euler.cfg["sigma_min"], euler.cfg["sigma_max"]) == (0.002, 80.0)
   for bad, key in [({"prediction_type": "sample"}, "prediction_type"),
                    ({"sigma_schedule": "linear"}, "sigma_schedule"),
                    ({"thresholding": True}, "thresholding")]:

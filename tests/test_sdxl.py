@@ -34,6 +34,8 @@ DIFFUSERS_SCHEDULERS = {
     "heun": ("HeunDiscreteScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    # Playground v2.5's: EDM preconditioning, with this VAE's latents_mean / latents_std
+    "edm_dpmpp_2m": ("EDMDPMSolverMultistepScheduler", {}),
 }
 
 
@@ -48,6 +50,8 @@ def pipes(tmp_path_factory):
 
 def _set_scheduler(ref, name, config):
   cls, overrides = DIFFUSERS_SCHEDULERS[name]
+  if cls.startswith("EDM"):  # diffusers' EDM fails on Euler's sigma_min: None (sdjax: default)
+    config = {k: v for k, v in config.items() if v is not None}
   ref.scheduler = getattr(diffusers, cls).from_config(config, **overrides)
 
 
@@ -105,7 +109,7 @@ def test_predict_noise_matches_diffusers(pipes):
     pipe.predict_noise(x, t, ctx)
 
 
-@pytest.mark.parametrize("name", ["euler", "dpmpp_2m_karras", "ddim"])
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m_karras", "ddim", "edm_dpmpp_2m"])
 def test_generate_matches_diffusers(pipes, name):
   ref, _, pipe, _, _ = pipes
   _set_scheduler(ref, name, pipe.scheduler_config)

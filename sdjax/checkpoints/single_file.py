@@ -67,7 +67,9 @@ _IGNORED = re.compile(
 # Marker keys (empty tensors) that v-prediction fine-tunes carry, as ComfyUI and A1111 read them:
 # `v_pred` = the model predicts v; `ztsnr` (with `v_pred`) = trained on zero-terminal-SNR betas.
 V_PRED_MARKER, ZERO_SNR_MARKER = "v_pred", "ztsnr"
-# EDM models (Playground v2.5, CosXL) mark themselves too; sdjax has no EDM schedulers.
+# EDM models (Playground v2.5, CosXL) mark themselves too. Their single files do not say which
+# EDM scheduler, noise range and latent statistics they were trained with; their diffusers
+# folders do (edm_dpmpp_2m / edm_euler), so the single file is refused with that advice.
 _EDM_MARKERS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
 
 
@@ -128,8 +130,9 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
     raise SingleFileError(f"{name} is a Stable unCLIP checkpoint, which sdjax does not support")
   edm = [k for k in _EDM_MARKERS if k in state]
   if edm:
-    raise SingleFileError(f"{name} is an EDM model ({edm[0]}: Playground v2.5, CosXL), whose "
-                          "EDM schedulers sdjax does not have")
+    raise SingleFileError(f"{name} is an EDM model ({edm[0]}: Playground v2.5, CosXL), which "
+                          "sdjax loads from its diffusers folder (its EDM scheduler config), "
+                          "not from a single file")
   channels = conv_in.shape[1]
   if channels not in (4, INPAINTING_CHANNELS):
     variant = {8: "an instruct-pix2pix", 5: "a depth-to-image",

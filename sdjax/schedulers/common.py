@@ -282,6 +282,14 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
   return (1 - w) * low_idx + w * high_idx
 
 
+def edm_noise_range(config: dict[str, Any], defaults: dict[str, Any]) -> None:
+  """EDM schedulers: a `sigma_min` / `sigma_max` / `sigma_data` of None (as other schedulers'
+  configs carry them: Euler's) takes the class default, in place. (diffusers fails on it.)"""
+  for key in ("sigma_min", "sigma_max", "sigma_data"):
+    if config[key] is None:
+      config[key] = defaults[key]
+
+
 def edm_precondition(sigmas: np.ndarray, sigma_data: float, prediction_type: str) -> np.ndarray:
   """[3, n] float32 (c_in, c_skip, c_out) of Karras et al.'s EDM formulation at float32 `sigmas`,
   in diffusers' order of operations: the model sees c_in * x, and x0 = c_skip * x + c_out *

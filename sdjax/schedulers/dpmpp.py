@@ -25,6 +25,7 @@ from flax import struct
 from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
+  edm_noise_range,
   edm_precondition,
   exp_f32,
   hashable_config,
@@ -410,6 +411,7 @@ class EDMDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
   def from_config(cls, scheduler_config: dict[str, Any], **overrides):
     config = resolve_config(cls.name, cls._DEFAULTS, scheduler_config,
                             unsupported=cls._UNSUPPORTED, overrides=overrides)
+    edm_noise_range(config, cls._DEFAULTS)
     check_choice(cls.name, "prediction_type", config["prediction_type"],
                  ("epsilon", "v_prediction"))
     check_choice(cls.name, "sigma_schedule", config["sigma_schedule"], ("karras", "exponential"))
