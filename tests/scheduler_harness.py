@@ -187,3 +187,28 @@ def parity_errors(scheduler, make_reference, num_steps, *, strength=None, seed=0
     results.append((max_rel_error(got, want), timesteps_equal))
   (plain, plain_timesteps_equal), (exact, _) = results
   return Parity(plain=plain, exact_sqrt=exact, plain_timesteps_equal=plain_timesteps_equal)
+
+
+def edm_parity(name: str, ref_cls, config: dict, steps: int, strength=None) -> float:
+  """An EDM scheduler against its diffusers class (under `correctly_rounded_sqrt`): asserts the
+  timesteps, sigmas and initial noise scale agree; returns the trajectories' max relative
+  error (text-to-image, or img2img at `strength`)."""
+  from sdjax.schedulers import get_scheduler  # noqa: PLC0415
+
+  ours = get_scheduler(name, config)
+  state = ours.set_timesteps(steps, sample_shape=SHAPE)
+  init_noise, step_noises = make_noises(steps)
+  kwargs = {}
+  if strength is not None:
+    init_sample = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    kwargs = {"begin": ours.begin_index(steps, strength), "init_sample": init_sample}
+  got = sdjax_trajectory(ours, steps, init_noise, step_noises, **kwargs)
+  with correctly_rounded_sqrt():
+    ref = ref_cls.from_config(config)
+    want = diffusers_trajectory(ref, steps, init_noise, step_noises, **kwargs)
+  np.testing.assert_allclose(np.asarray(state.timesteps), ref.timesteps.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.sigmas), ref.sigmas.numpy(), rtol=1e-6)
+  assert float(ours.init_noise_sigma(state)) == np.float32(ref.init_noise_sigma)
+  err = max_rel_error(got, want)
+  print(f"maxrel {name} {steps} steps: {err:.3g}")
+  return err

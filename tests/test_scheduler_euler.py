@@ -221,24 +221,9 @@ def test_bfloat16_sample_keeps_dtype_and_float32_math():
 def test_edm_euler_matches_diffusers(options, steps, strength):
   """EDMEulerScheduler (CosXL's): Euler on EDM's noise levels with its preconditioning."""
   from diffusers import EDMEulerScheduler  # noqa: PLC0415
-  from scheduler_harness import correctly_rounded_sqrt, diffusers_trajectory  # noqa: PLC0415
+  from scheduler_harness import edm_parity  # noqa: PLC0415
 
-  ours = get_scheduler("edm_euler", dict(SD15, **options))
-  state = ours.set_timesteps(steps)
-  init_noise, step_noises = make_noises(steps)
-  kwargs = {}
-  if strength is not None:
-    init_sample = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
-    kwargs = {"begin": ours.begin_index(steps, strength), "init_sample": init_sample}
-  got = sdjax_trajectory(ours, steps, init_noise, step_noises, **kwargs)
-  with correctly_rounded_sqrt():
-    ref = EDMEulerScheduler.from_config(dict(SD15, **options))
-    want = diffusers_trajectory(ref, steps, init_noise, step_noises, **kwargs)
-  np.testing.assert_allclose(np.asarray(state.timesteps), ref.timesteps.numpy(), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(state.sigmas), ref.sigmas.numpy(), rtol=1e-6)
-  assert float(ours.init_noise_sigma(state)) == np.float32(ref.init_noise_sigma)
-  err = max_rel_error(got, want)
-  print(f"maxrel edm_euler {options} {err:.3g}")
+  err = edm_parity("edm_euler", EDMEulerScheduler, dict(SD15, **options), steps, strength)
   assert err <= TOL, err
   cfg = {"_class_name": "EDMEulerScheduler", "prediction_type": "v_prediction"}
   assert default_scheduler_name(cfg) == "edm_euler"

@@ -40,6 +40,7 @@ from sdjax.schedulers.common import (
   vp_alpha_sigma,
 )
 from sdjax.schedulers.euler import (
+  EDMPreconditioned,
   as_f32,
   check_choice,
   check_common,
@@ -378,7 +379,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
 
 
 @dataclasses.dataclass(frozen=True)
-class EDMDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
+class EDMDPMSolverMultistepScheduler(EDMPreconditioned, DPMSolverMultistepScheduler):
   """diffusers' `EDMDPMSolverMultistepScheduler` (Playground v2.5's): DPM-Solver++ in Karras et
   al.'s EDM formulation. Noise levels run from sigma_max to sigma_min (Karras, rho 7, or
   exponential), the UNet sees c_in * x at timestep 0.25 * log(sigma), and its output becomes x0
@@ -449,17 +450,3 @@ class EDMDPMSolverMultistepScheduler(DPMSolverMultistepScheduler):
     return jnp.asarray(edm_precondition(sigmas, float(self.cfg["sigma_data"]),
                                         self.prediction_type))
 
-  def init_noise_sigma(self, state):
-    del state
-    return jnp.float32((float(self.cfg["sigma_max"]) ** 2 + 1) ** 0.5)
-
-  def scale_model_input(self, state, sample, i):
-    return (as_f32(sample) * state.precondition[0, i]).astype(sample.dtype)
-
-  def add_noise(self, state, original_samples, noise, i):
-    noisy = as_f32(original_samples) + rounded(as_f32(noise) * state.sigmas[i])
-    return noisy.astype(original_samples.dtype)
-
-  def _x0(self, state, model_output, sample, i):
-    return (rounded(state.precondition[1, i] * sample)
-            + rounded(state.precondition[2, i] * model_output))

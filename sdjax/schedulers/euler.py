@@ -340,6 +340,27 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     return prev_sample.astype(sample.dtype), state
 
 
+class EDMPreconditioned:
+  """What the EDM schedulers share: pure noise at sqrt(sigma_max^2 + 1), the model input scaled
+  by c_in, img2img noise added at sigma, x0 from c_skip and c_out (their states hold `sigmas`
+  and `precondition`, `common.edm_precondition`)."""
+
+  def init_noise_sigma(self, state):
+    del state
+    return jnp.float32((float(self.cfg["sigma_max"]) ** 2 + 1) ** 0.5)
+
+  def scale_model_input(self, state, sample, i):
+    return (as_f32(sample) * state.precondition[0, i]).astype(sample.dtype)
+
+  def add_noise(self, state, original_samples, noise, i):
+    noisy = as_f32(original_samples) + rounded(as_f32(noise) * state.sigmas[i])
+    return noisy.astype(original_samples.dtype)
+
+  def _x0(self, state, model_output, sample, i):
+    return (rounded(state.precondition[1, i] * sample)
+            + rounded(state.precondition[2, i] * model_output))
+
+
 @struct.dataclass
 class EDMEulerState:
   """An EDM Euler run.
@@ -358,7 +379,7 @@ class EDMEulerState:
 
 
 @dataclasses.dataclass(frozen=True)
-class EDMEulerScheduler(Scheduler):
+class EDMEulerScheduler(EDMPreconditioned, Scheduler):
   """diffusers' `EDMEulerScheduler` (CosXL's; deterministic: s_churn = 0): Euler steps in sigma
   between EDM's Karras (or exponential) noise levels, the UNet's input and output
   preconditioned as EDM's (`sigma_data`)."""
@@ -410,22 +431,10 @@ class EDMEulerScheduler(Scheduler):
       dt=jnp.asarray(all_sigmas[1:] - sigmas),
     )
 
-  def init_noise_sigma(self, state):
-    del state
-    return jnp.float32((float(self.cfg["sigma_max"]) ** 2 + 1) ** 0.5)
-
-  def scale_model_input(self, state, sample, i):
-    return (as_f32(sample) * state.precondition[0, i]).astype(sample.dtype)
-
-  def add_noise(self, state, original_samples, noise, i):
-    noisy = as_f32(original_samples) + rounded(as_f32(noise) * state.sigmas[i])
-    return noisy.astype(original_samples.dtype)
-
   def step(self, state, model_output, i, sample, noise=None):
     del noise
     sample32 = as_f32(sample)
-    x0 = (rounded(state.precondition[1, i] * sample32)
-          + rounded(state.precondition[2, i] * as_f32(model_output)))
+    x0 = self._x0(state, as_f32(model_output), sample32, i)
     derivative = true_divide(sample32 - x0, state.sigmas[i])
     prev_sample = sample32 + rounded(derivative * state.dt[i])
     return prev_sample.astype(sample.dtype), state
