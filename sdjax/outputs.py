@@ -78,6 +78,10 @@ A1111_SAMPLER_NAMES = {
     "lcm": "LCM",
 }
 
+# diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).
+A1111_SCHEDULE_TYPES = {"use_karras_sigmas": "Karras", "use_exponential_sigmas": "Exponential",
+                        "use_beta_sigmas": "Beta"}
+
 _NEGATIVE_PREFIX = "Negative prompt:"
 # One `Key: value` item of A1111's last line; a value is either JSON-quoted or runs to the comma.
 _PARAM_RE = re.compile(r'\s*(\w[\w /-]*):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)')
@@ -104,6 +108,13 @@ def _a1111_quote(value: Any) -> str:
   if any(c in text for c in ",:\n") or text.startswith('"'):
     return json.dumps(text, ensure_ascii=False)
   return text
+
+
+def a1111_schedule_type(scheduler_options) -> str | None:
+  """A1111's `Schedule type` for scheduler options (pairs or a dict) that set one of diffusers'
+  sigma spacings; None otherwise (a name's own Karras is in its A1111 sampler name)."""
+  options = dict(scheduler_options or {})
+  return next((label for key, label in A1111_SCHEDULE_TYPES.items() if options.get(key)), None)
 
 
 def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str,

@@ -488,3 +488,12 @@ def test_resizes_match_diffusers(source, out):
 def test_resize_mode_is_checked():
   with pytest.raises(ValueError, match="resize mode must be one of just, crop, fill"):
     outputs.resize(Image.new("RGB", (4, 4)), 8, 8, "stretch")
+
+
+def test_schedule_type():
+  """A1111's `Schedule type` from diffusers' sigma-spacing options; none for other options."""
+  assert outputs.a1111_schedule_type((("use_karras_sigmas", True),)) == "Karras"
+  assert outputs.a1111_schedule_type({"use_beta_sigmas": True, "timestep_spacing": "x"}) == "Beta"
+  assert outputs.a1111_schedule_type({"use_exponential_sigmas": True}) == "Exponential"
+  assert outputs.a1111_schedule_type({"use_karras_sigmas": False}) is None
+  assert outputs.a1111_schedule_type(()) is None

@@ -420,23 +420,25 @@ def test_per_line_schedule(model, cache, tmp_path):
 
 def test_scheduler_options(model, cache, tmp_path):
   """--scheduler_options: every image is generate()'s with those options; records and PNGs say
-  them, and the settings check tells the run from one without."""
+  them (a sigma spacing also as A1111's `Schedule type`), and the settings check tells the run
+  from one without."""
   import sdjax  # noqa: PLC0415
 
   out = str(tmp_path / "out")
-  options = (("timestep_spacing", "trailing"),)
+  options = (("timestep_spacing", "trailing"), ("use_exponential_sigmas", True))
   config = dataclasses.replace(_config(model, out, cache), prompts=PROMPTS[:2],
-                               scheduler_options=options)
+                               scheduler="euler", scheduler_options=options)
   assert run.generate_run(config).images == len(config.prompts)
   records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
   pipe = sdjax.load_pipeline(model)
   for record in records:
-    assert record["scheduler_options"] == {"timestep_spacing": "trailing"}
+    assert record["scheduler_options"] == dict(options)
     png = Image.open(os.path.join(out, record["file"]))
     params = outputs.parse_a1111_parameters(png.text["parameters"])
-    assert params["Scheduler options"] == "timestep_spacing=trailing"
+    assert params["Scheduler options"] == "timestep_spacing=trailing; use_exponential_sigmas=True"
+    assert params["Sampler"] == "Euler" and params["Schedule type"] == "Exponential"
     kw = dict(seed=record["seed"], steps=2, height=16, width=16, guidance_scale=3.0,
-              scheduler="euler_ancestral")
+              scheduler="euler")
     alone = pipe.generate(record["prompt"], scheduler_options=dict(options), **kw)
     assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
     assert np.abs(pipe.generate(record["prompt"], **kw)[0] - alone[0]).max() > 0.05
