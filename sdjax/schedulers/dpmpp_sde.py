@@ -15,7 +15,8 @@ builds the same joint law: the first stage uses z_first, the second
 (sqrt(sigma_i - sigma_mid) z_first + sqrt(sigma_mid - sigma_{i+1}) z_second) / sqrt(sigma_i -
 sigma_{i+1}). Steps use disjoint intervals, so their noises are independent, as W's. The
 pixels differ from diffusers' (another random source), the distribution does not; the
-arithmetic is checked against diffusers given the same noise.
+arithmetic is checked against diffusers given the same noise. diffusers' `noise_sampler_seed`
+(one tree for the whole batch) is accepted and has no effect: each image's seed decides.
 """
 
 from __future__ import annotations
