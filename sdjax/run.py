@@ -1624,8 +1624,8 @@ class _Metadata:
         version=f"sdjax {sdjax.__version__}",
         extra={**({"Scheduler options": "; ".join(f"{k}={v}" for k, v in cfg.scheduler_options)}
                   if cfg.scheduler_options else {}),
-               **({"Schedule type": outputs.a1111_schedule_type(cfg.scheduler_options)}
-                  if outputs.a1111_schedule_type(cfg.scheduler_options) else {}),
+               **({"Schedule type": kind}
+                  if (kind := outputs.a1111_schedule_type(cfg.scheduler_options)) else {}),
                **({"Denoising strength": strength} if job.init_image else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._controlnet_extra(),
