@@ -212,3 +212,14 @@ def edm_parity(name: str, ref_cls, config: dict, steps: int, strength=None) -> f
   err = max_rel_error(got, want)
   print(f"maxrel {name} {steps} steps: {err:.3g}")
   return err
+
+
+def exponential_placing(ref_cls, config: dict, sigmas):
+  """diffusers scheduler `ref_cls` whose exponential spacing places `sigmas` (n + 1 of them,
+  ending at 0) instead: diffusers maps them to timesteps and runs its steps as for its own
+  spacings, which is what sdjax's `sigmas` option does."""
+  ref = ref_cls.from_config(config, use_exponential_sigmas=True)
+  ref._convert_to_exponential = lambda *a, **k: np.asarray(sigmas[:-1], np.float32).astype(
+      np.float64)
+  assert sigmas[-1] == 0
+  return ref

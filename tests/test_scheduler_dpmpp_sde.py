@@ -20,6 +20,7 @@ from scheduler_harness import (
   SHAPE,
   correctly_rounded_sqrt,
   diffusers_trajectory,
+  exponential_placing,
   make_noises,
   max_rel_error,
   sdjax_trajectory,
@@ -56,10 +57,12 @@ def _our_noise(state, noises, begin):
     yield
 
 
-def _compare(options, steps, strength=None):
+def _compare(options, steps, strength=None, sigmas=None):
+  """With `sigmas`, sdjax's custom schedule against diffusers' exponential spacing made to
+  place those sigmas instead (the custom list's only route into this class)."""
   cfg = dict(SD15, **options)
   ours = get_scheduler("dpmpp_sde_karras" if options.get("use_karras_sigmas") else "dpmpp_sde",
-                       cfg)
+                       cfg, options=None if sigmas is None else {"sigmas": sigmas})
   state = ours.set_timesteps(steps, sample_shape=SHAPE)
   n = len(state.timesteps)
   assert n == 2 * steps - 1
@@ -70,7 +73,10 @@ def _compare(options, steps, strength=None):
     init_sample = make_noises(1, seed=1)[0]
   got = sdjax_trajectory(ours, steps, init, noises, begin=begin, init_sample=init_sample)
   with correctly_rounded_sqrt(), _our_noise(state, noises, begin):
-    ref = diffusers.DPMSolverSDEScheduler.from_config(cfg)
+    if sigmas is None:
+      ref = diffusers.DPMSolverSDEScheduler.from_config(cfg)
+    else:
+      ref = exponential_placing(diffusers.DPMSolverSDEScheduler, cfg, sigmas)
     want = diffusers_trajectory(ref, steps, init, noises, begin=begin, init_sample=init_sample)
   np.testing.assert_allclose(np.asarray(state.timesteps), ref.timesteps.numpy(), rtol=1e-6,
                              atol=1e-5)
@@ -101,6 +107,12 @@ def test_trajectory_matches_diffusers(options, steps):
 ])
 def test_img2img_matches_diffusers(options, steps, strength):
   _compare(options, steps, strength)
+
+
+@pytest.mark.parametrize("options,strength", [({}, None), ({"prediction_type": "v_prediction"},
+                                                             0.5)])
+def test_custom_sigmas_match_diffusers(options, strength):
+  _compare(options, 6, strength, sigmas=[14.6, 5.0, 2.1, 0.9, 0.35, 0.05, 0.0])
 
 
 def test_noise_has_the_brownian_trees_law():

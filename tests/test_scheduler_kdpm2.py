@@ -18,6 +18,7 @@ from scheduler_harness import (
   SHAPE,
   correctly_rounded_sqrt,
   diffusers_trajectory,
+  exponential_placing,
   make_noises,
   max_rel_error,
   sdjax_trajectory,
@@ -33,9 +34,12 @@ REF = {"kdpm2": diffusers.KDPM2DiscreteScheduler,
        "kdpm2_ancestral": diffusers.KDPM2AncestralDiscreteScheduler}
 
 
-def _compare(name, options, steps, strength=None):
+def _compare(name, options, steps, strength=None, sigmas=None):
+  """With `sigmas`, sdjax's custom schedule against diffusers' exponential spacing made to
+  place those sigmas instead."""
   cfg = dict(SD15, **options)
-  ours = get_scheduler(name + "_karras" * bool(options.get("use_karras_sigmas")), cfg)
+  ours = get_scheduler(name + "_karras" * bool(options.get("use_karras_sigmas")), cfg,
+                       options=None if sigmas is None else {"sigmas": sigmas})
   state = ours.set_timesteps(steps, sample_shape=SHAPE)
   n = len(state.timesteps)
   assert n == 2 * steps - 1
@@ -50,7 +54,8 @@ def _compare(name, options, steps, strength=None):
     [noises[:begin], noises[begin + 1::2]])
   got = sdjax_trajectory(ours, steps, init, noises, begin=begin, init_sample=init_sample)
   with correctly_rounded_sqrt():
-    ref = REF[name].from_config(cfg)
+    ref = REF[name].from_config(cfg) if sigmas is None else exponential_placing(REF[name], cfg,
+                                                                                sigmas)
     want = diffusers_trajectory(ref, steps, init, ref_noises, begin=begin,
                                 init_sample=init_sample)
   np.testing.assert_allclose(np.asarray(state.timesteps), ref.timesteps.numpy(), rtol=1e-6,
@@ -107,3 +112,11 @@ def test_names_and_config():
     sched = get_scheduler("kdpm2_ancestral", SD15)
     state = sched.set_timesteps(3, sample_shape=SHAPE)
     sched.step(state, np.zeros(SHAPE, np.float32), 1, np.zeros(SHAPE, np.float32))
+
+
+@pytest.mark.parametrize("name,options,strength", [
+    ("kdpm2", {}, 0.6),
+    ("kdpm2_ancestral", {"prediction_type": "v_prediction"}, None),
+])
+def test_custom_sigmas_match_diffusers(name, options, strength):
+  _compare(name, options, 7, strength, sigmas=[14.6, 7.5, 3.9, 1.8, 0.8, 0.3, 0.07, 0.0])

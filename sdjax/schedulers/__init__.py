@@ -98,6 +98,11 @@ def default_scheduler_name(scheduler_config: dict[str, Any]) -> str:
   return name
 
 
+def _class(name: str) -> type[Scheduler]:
+  module_name, class_name, _ = _REGISTRY[name]
+  return getattr(importlib.import_module(f"sdjax.schedulers.{module_name}"), class_name)
+
+
 # Schedulers that take DDIM's eta (diffusers passes `eta` to the steps of those whose `step` has it;
 # TCD's is its gamma).
 ETA_SCHEDULERS = ("ddim", "tcd")
@@ -125,13 +130,19 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
       raise SchedulerConfigError(
           f"eta is an option of {', '.join(ETA_SCHEDULERS)} only, not of scheduler {name!r}")
     overrides = {**overrides, "eta": eta}
-  module = importlib.import_module(f"sdjax.schedulers.{module_name}")
-  cls = getattr(module, class_name)
-  unknown = sorted(set(options or {}) - set(cls._DEFAULTS))
+  cls = _class(name)
+  known = set(cls._DEFAULTS) | set(cls.schedule_options)
+  unknown = sorted(set(options or {}) - known)
+  if set(unknown) & {"sigmas", "schedule_type"}:
+    takers = [n for n in SCHEDULERS
+              if _class(n).schedule_options and not _REGISTRY[n][2].get("use_karras_sigmas")]
+    raise SchedulerConfigError(
+        f"scheduler {name!r} places its own noise levels: sigmas and schedule_type are options "
+        f"of {', '.join(takers)}")
   if unknown:
     raise SchedulerConfigError(
         f"scheduler {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
-        f"{', '.join(sorted(cls._DEFAULTS))}")
+        f"{', '.join(sorted(known))}")
   return cls.from_config(scheduler_config, **{**overrides, **(options or {})})
 
 

@@ -165,6 +165,8 @@ class Scheduler:
   name: ClassVar[str] = ""
   order: ClassVar[int] = 1  # model calls per inference step (2 for Heun)
   needs_noise: ClassVar[bool] = False  # whether `step` consumes fresh noise
+  # sdjax options beside diffusers' config that place the noise levels (`sigma_schedules`).
+  schedule_options: ClassVar[tuple[str, ...]] = ()
 
   @property
   def cfg(self) -> dict[str, Any]:
@@ -202,10 +204,15 @@ class Scheduler:
   def program(self) -> Scheduler:
     """The scheduler as the compiled sampling program sees it (its jit-static part).
 
-    Options whose value lives only in the state `set_timesteps` returns (DDIM's eta) are
-    normalised here, so that changing them does not compile a new program.
+    Options whose value lives only in the state `set_timesteps` returns (DDIM's eta, the noise
+    levels of `schedule_options`) are normalised here, so that changing them does not compile a
+    new program.
     """
-    return self
+    config = self.cfg
+    if not any(key in config for key in self.schedule_options):
+      return self
+    config = {k: v for k, v in config.items() if k not in self.schedule_options}
+    return dataclasses.replace(self, config=hashable_config(config))
 
   def begin_index(self, num_inference_steps: int, strength: float) -> int:
     """First position of an img2img run, as diffusers' img2img `get_timesteps`."""

@@ -47,6 +47,7 @@ from sdjax.schedulers.euler import (
   train_alphas_cumprod,
   train_sigmas,
 )
+from sdjax.schedulers.sigma_schedules import SCHEDULE_OPTIONS, custom_final, custom_sigmas
 
 _F32 = np.float32
 
@@ -144,6 +145,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
   "sde-dpmsolver++"."""
 
   name = "dpmpp_2m"
+  schedule_options = SCHEDULE_OPTIONS
   order = 1  # model calls per step; the solver's order is config["solver_order"]
 
   @property
@@ -213,6 +215,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
           "final_sigmas_type='sigma_min' (as in diffusers)"
         )
       config["algorithm_type"] = "dpmsolver++"
+    custom_final(config)
     if config["solver_type"] in ("logrho", "bh1", "bh2"):
       config["solver_type"] = "midpoint"  # diffusers' own substitution
     check_choice(cls.name, "solver_type", config["solver_type"], ("midpoint", "heun"))
@@ -230,6 +233,9 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     timesteps = multistep_timesteps(config, num_inference_steps, n_train - clipped_idx)
     sigmas = train_sigmas(alphas_cumprod)
     log_sigmas = np.log(sigmas)
+    custom = custom_sigmas(self.name, config, num_inference_steps, sigmas)
+    if custom is not None:  # ending at 0, as final_sigmas_type "zero" (`custom_final`)
+      return sigma_to_t(custom[:-1], log_sigmas), custom[:-1]
     kind = sigma_spacing(self.name, config)
     if kind:
       # Unlike Euler's, these span the whole training range, whatever the spacing.
@@ -387,6 +393,7 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioned, DPMSolverMultistepSchedu
   (variance exploding). No training betas: its config has none."""
 
   name = "edm_dpmpp_2m"
+  schedule_options = ()  # EDM's noise levels are its own
 
   _DEFAULTS = {
     "sigma_min": 0.002,

@@ -122,12 +122,12 @@ class DPMSolverSDEScheduler(SigmaScheduler):
     config = self.cfg
     n = num_inference_steps
     alphas_cumprod = train_alphas_cumprod(config)
-    timesteps, sigmas64 = sigma_schedule(config, n, alphas_cumprod)
+    timesteps, sigmas64 = sigma_schedule(config, n, alphas_cumprod, name=self.name)
     # The midpoints' timesteps, from the float64 sigmas as diffusers' `_second_order_timesteps`.
     with np.errstate(divide="ignore"):
-      lt = -np.log(sigmas64)
+      lt = -np.log(sigmas64[:-1])
     mid_t = sigma_to_t(np.exp(-(lt[:-1] + np.diff(lt) * 0.5)), np.log(train_sigmas(alphas_cumprod)))
-    sigmas = np.concatenate([sigmas64, [0.0]]).astype(_F32)
+    sigmas = sigmas64.astype(_F32)
     s, s_next = sigmas[:n - 1], sigmas[1:n]  # the two-stage steps (all but the last)
     with np.errstate(divide="ignore", invalid="ignore"):
       t, t_next = -log_f32(s), -log_f32(s_next)

@@ -34,6 +34,8 @@ from sdjax.schedulers.common import (
   torch_linspace_f32,
   true_divide,
 )
+from sdjax.schedulers.sigma_schedules import SCHEDULE_OPTIONS, custom_sigmas
+from sdjax.schedulers.sigma_schedules import check_options as check_schedule_options
 
 _SPACINGS = ("linspace", "leading", "trailing")
 
@@ -52,6 +54,7 @@ def check_common(scheduler_name: str, config: dict[str, Any], prediction_types: 
   check_choice(scheduler_name, "prediction_type", config["prediction_type"], prediction_types)
   check_choice(scheduler_name, "timestep_spacing", config["timestep_spacing"], _SPACINGS)
   sigma_spacing(scheduler_name, config)
+  check_schedule_options(scheduler_name, config)
   make_betas(config)  # an unsupported beta_schedule raises here rather than at set_timesteps
 
 
@@ -88,17 +91,23 @@ def spaced_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.nda
 
 
 def sigma_schedule(
-  config: dict[str, Any], num_inference_steps: int, alphas_cumprod: np.ndarray
+  config: dict[str, Any], num_inference_steps: int, alphas_cumprod: np.ndarray, final=0.0, *,
+  name: str = "", any_final: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-  """(timesteps float64/float32, sigmas float64) before the final sigma is appended.
+  """(timesteps float64/float32 [n], sigmas float64 [n + 1] ending in `final`).
 
   Mirrors diffusers: sigmas are linearly interpolated (in t) from the float32 training sigmas,
   in float64; Karras, exponential or beta sigmas are then placed between the first and last of
-  those (or the config's `sigma_min` / `sigma_max`) and mapped back to fractional timesteps.
+  those (or the config's `sigma_min` / `sigma_max`) and mapped back to fractional timesteps. The
+  `sigmas` / `schedule_type` options give all n + 1 sigmas themselves (`sigma_schedules`; a
+  last one above 0 only where `any_final`).
   """
-  timesteps = spaced_timesteps(config, num_inference_steps)
   sigmas_train = train_sigmas(alphas_cumprod)
   log_sigmas = np.log(sigmas_train)
+  custom = custom_sigmas(name, config, num_inference_steps, sigmas_train, any_final=any_final)
+  if custom is not None:
+    return sigma_to_t(custom[:-1], log_sigmas), custom
+  timesteps = spaced_timesteps(config, num_inference_steps)
   sigmas = np.interp(timesteps, np.arange(0, len(sigmas_train)), sigmas_train)
   kind = sigma_spacing("", config)
   if kind:
@@ -108,7 +117,7 @@ def sigma_schedule(
     sigma_max = sigma_max if sigma_max is not None else sigmas[0].item()
     sigmas = spaced_sigmas(kind, sigma_min, sigma_max, num_inference_steps)
     timesteps = sigma_to_t(sigmas, log_sigmas)
-  return timesteps, sigmas
+  return timesteps, np.append(sigmas, np.float64(final))
 
 
 def final_sigma(config: dict[str, Any], alphas_cumprod: np.ndarray):
@@ -190,6 +199,7 @@ class SigmaScheduler(Scheduler):
   _DEFAULTS: ClassVar[dict[str, Any]] = {}
   _UNSUPPORTED: ClassVar[dict[str, Any]] = {}
   _PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ()
+  schedule_options = SCHEDULE_OPTIONS
 
   @classmethod
   def from_config(cls, scheduler_config: dict[str, Any], **overrides):
@@ -211,8 +221,11 @@ class SigmaScheduler(Scheduler):
     del sample_shape  # no history
     config = self.cfg
     alphas_cumprod = train_alphas_cumprod(config)
-    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod)
-    sigmas = np.concatenate([sigmas, [final_sigma(config, alphas_cumprod)]]).astype(np.float32)
+    # Each step depends only on its two sigmas, so a custom schedule may end anywhere.
+    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod,
+                                       final_sigma(config, alphas_cumprod), name=self.name,
+                                       any_final=True)
+    sigmas = sigmas.astype(np.float32)
     sigma, sigma_next = sigmas[:-1], sigmas[1:]
     scale = input_scales(sigma)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -90,8 +90,9 @@ class HeunDiscreteScheduler(SigmaScheduler):
       )
     config = self.cfg
     alphas_cumprod = train_alphas_cumprod(config)
-    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod)
-    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod,
+                                       name=self.name)
+    sigmas = sigmas.astype(np.float32)
     sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
     timesteps = timesteps.astype(np.float32)
     timesteps = np.concatenate([timesteps[:1], np.repeat(timesteps[1:], 2)])

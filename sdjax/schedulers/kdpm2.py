@@ -114,11 +114,11 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
     """(float timesteps [n], float32 sigmas [n + 1] ending in 0, float32 log training sigmas)."""
     config = self.cfg
     alphas_cumprod = train_alphas_cumprod(config)
-    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod)
+    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod,
+                                       name=self.name)
     if sigma_spacing(self.name, config) == "karras":
       timesteps = timesteps.round()  # unlike Euler's, these Karras timesteps are rounded
-    sigmas = np.concatenate([sigmas, [0.0]]).astype(_F32)
-    return timesteps, sigmas, np.log(train_sigmas(alphas_cumprod))
+    return timesteps, sigmas.astype(_F32), np.log(train_sigmas(alphas_cumprod))
 
   def _stages(self, sigmas: np.ndarray):
     """Per step i (float32 [n + 1] each): (midpoint, second stage's target, sigma_up)."""

@@ -30,6 +30,7 @@ from sdjax.schedulers.euler import (
   sigma_schedule,
   train_alphas_cumprod,
 )
+from sdjax.schedulers.sigma_schedules import SCHEDULE_OPTIONS
 
 _MAX_ORDER = 4
 
@@ -146,6 +147,7 @@ class LMSDiscreteScheduler(Scheduler):
   """diffusers' `LMSDiscreteScheduler` (order 4, as its pipelines call it)."""
 
   name = "lms"
+  schedule_options = SCHEDULE_OPTIONS
   order = 1
 
   _DEFAULTS = {
@@ -175,8 +177,9 @@ class LMSDiscreteScheduler(Scheduler):
     if sample_shape is None:
       raise ValueError("lms keeps a history of derivatives: set_timesteps needs sample_shape")
     config = self.cfg
-    timesteps, sigmas = sigma_schedule(config, num_inference_steps, train_alphas_cumprod(config))
-    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    timesteps, sigmas = sigma_schedule(config, num_inference_steps, train_alphas_cumprod(config),
+                                       name=self.name)
+    sigmas = sigmas.astype(np.float32)
     scale = input_scales(sigmas[:-1])
     return LMSState(
       timesteps=jnp.asarray(timesteps.astype(np.float32)),

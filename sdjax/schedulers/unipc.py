@@ -40,6 +40,7 @@ from sdjax.schedulers.euler import (
   train_alphas_cumprod,
   train_sigmas,
 )
+from sdjax.schedulers.sigma_schedules import SCHEDULE_OPTIONS, custom_final, custom_sigmas
 
 _F32 = np.float32
 
@@ -126,6 +127,7 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
   """diffusers' `UniPCMultistepScheduler` (predict_x0, B(h) solvers)."""
 
   name = "unipc"
+  schedule_options = SCHEDULE_OPTIONS
   order = 1  # model calls per step; the solver's order is config["solver_order"]
   needs_noise = False
 
@@ -185,6 +187,7 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     check_choice(cls.name, "solver_type", config["solver_type"], ("bh1", "bh2"))
     check_choice(cls.name, "solver_order", config["solver_order"], (1, 2, 3))
     check_choice(cls.name, "final_sigmas_type", config["final_sigmas_type"], ("zero", "sigma_min"))
+    custom_final(config)
     config["disable_corrector"] = [int(x) for x in config["disable_corrector"] or []]
     return cls(config=hashable_config(config))
 
@@ -194,6 +197,9 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     timesteps = multistep_timesteps(config, num_inference_steps,
                                     int(config["num_train_timesteps"]))
     sigmas = train_sigmas(alphas_cumprod)
+    custom = custom_sigmas(self.name, config, num_inference_steps, sigmas)
+    if custom is not None:  # ending at 0, as final_sigmas_type "zero" (`custom_final`)
+      return sigma_to_t(custom[:-1], np.log(sigmas)).astype(np.int64), custom.astype(_F32)
     kind = sigma_spacing(self.name, config)
     if kind:
       log_sigmas = np.log(sigmas)

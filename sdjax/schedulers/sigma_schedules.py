@@ -1,0 +1,142 @@
+"""Noise-level schedules a user picks beside the scheduler: a list of sigmas, or A1111's named ones.
+
+diffusers' sigma schedulers place their noise levels by `timestep_spacing` or one of the
+`use_karras/exponential/beta_sigmas` spacings (`common.spaced_sigmas`). Two sdjax options of those
+schedulers replace that placement:
+
+- `sigmas`: the n + 1 descending noise levels of an n-step run, the last one where the final step
+  lands (0 to end on a clean image), as diffusers' `pipe(sigmas=...)` takes them for Euler.
+- `schedule_type`: one of AUTOMATIC1111's schedule types that diffusers does not have
+  (`SCHEDULE_TYPES`), computed for the run's step count from the model's training noise levels.
+  Align Your Steps (Sabour et al. 2024) interpolates NVIDIA's optimised 10-step levels in log sigma
+  (SD1.5's, or SDXL's for `align_your_steps_sdxl`); SGM Uniform, Normal and Uniform space timesteps
+  evenly and read their sigmas off the training schedule interpolated in log sigma; Simple takes
+  every (N/n)-th training sigma; KL Optimal is even in arctan sigma and ends at the smallest
+  training sigma rather than at 0.
+
+Both only feed `set_timesteps`: the compiled sampling program does not depend on them (see
+`Scheduler.program`). Each timestep is the training timestep of its sigma (`common.sigma_to_t`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from sdjax.schedulers.common import SchedulerConfigError, sigma_spacing
+
+# Options of the sigma schedulers that place the noise levels themselves (not diffusers config).
+SCHEDULE_OPTIONS = ("sigmas", "schedule_type")
+
+# NVIDIA's Align Your Steps noise levels (research.nvidia.com/labs/toronto-ai/AlignYourSteps),
+# as AUTOMATIC1111 ends them: at 0.029, then 0.
+_AYS_SIGMAS = {
+  "align_your_steps": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152,
+                       0.029),
+  "align_your_steps_sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234,
+                            0.113, 0.029),
+}
+
+SCHEDULE_TYPES = (*_AYS_SIGMAS, "sgm_uniform", "normal", "uniform", "simple", "kl_optimal")
+
+
+def check_options(scheduler_name: str, config: dict[str, Any]) -> None:
+  """Validates the `sigmas` / `schedule_type` options of a resolved config (None: unset)."""
+  sigmas, kind = config.get("sigmas"), config.get("schedule_type")
+  if sigmas is not None and kind is not None:
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r}: set sigmas or schedule_type, not both")
+  if kind is not None and kind not in SCHEDULE_TYPES:
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r}: unknown schedule_type {kind!r}; pick one of "
+      f"{', '.join(SCHEDULE_TYPES)}")
+  if (sigmas is not None or kind is not None) and sigma_spacing(scheduler_name, config):
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r}: sigmas and schedule_type replace the Karras, exponential "
+      "or beta spacing; pick the scheduler without it (e.g. dpmpp_2m, not dpmpp_2m_karras)")
+  if sigmas is None:
+    return
+  try:
+    values = np.asarray(sigmas, dtype=np.float64)
+  except (TypeError, ValueError):
+    values = None
+  if values is None or values.ndim != 1 or len(values) < 2 or not np.all(np.isfinite(values)):
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r}: sigmas must be a list of at least two finite numbers, got "
+      f"{sigmas!r}")
+  if values[-1] < 0 or np.any(np.diff(values) >= 0):
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r}: sigmas must decrease strictly and end at 0 or above, got "
+      f"{list(sigmas)}")
+
+
+def custom_final(config: dict[str, Any]) -> None:
+  """Multistep schedulers: a custom schedule ends at 0 (`custom_sigmas`), so their config's
+  final_sigmas_type, which decides the order of the last step, becomes "zero" (in place)."""
+  if any(config.get(key) is not None for key in SCHEDULE_OPTIONS):
+    config["final_sigmas_type"] = "zero"
+
+
+def custom_sigmas(scheduler_name: str, config: dict[str, Any], num_inference_steps: int,
+                  train_sigmas: np.ndarray, *, any_final: bool = False) -> np.ndarray | None:
+  """float64 [n + 1] noise levels the `sigmas` or `schedule_type` option sets (each exactly a
+  float32), or None when neither is set. `train_sigmas`: float32, ascending in t.
+
+  Schedulers whose last step is built for a final sigma of 0 (its first-order or Euler form, as
+  in diffusers) refuse another unless `any_final`.
+  """
+  n = num_inference_steps
+  kind = config.get("schedule_type")
+  if config.get("sigmas") is not None:
+    sigmas = np.asarray(config["sigmas"], dtype=np.float32)
+    if len(sigmas) != n + 1:
+      raise SchedulerConfigError(
+        f"{len(sigmas)} sigmas make {len(sigmas) - 1} steps, not {n}: give one more sigma than "
+        "steps (the last is where the final step lands, usually 0)")
+  elif kind is not None:
+    sigmas = schedule_sigmas(kind, n, train_sigmas).astype(np.float32)
+  else:
+    return None
+  if sigmas[-1] != 0 and not any_final:
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r} needs sigmas that end at 0 (its last step lands on a clean "
+      f"sample), not at {sigmas[-1]:g}" + (f" as schedule_type {kind} does; euler and "
+                                            "euler_ancestral take it" if kind else ""))
+  return sigmas.astype(np.float64)
+
+
+def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray) -> np.ndarray:
+  """float64 [n + 1] noise levels of A1111 schedule type `kind` for n steps, between the training
+  schedule's extremes (`train_sigmas`, ascending in t)."""
+  log_sigmas = np.log(np.asarray(train_sigmas, dtype=np.float64))
+  n_train = len(log_sigmas)
+  if kind in _AYS_SIGMAS:
+    levels = np.asarray(_AYS_SIGMAS[kind])
+    if n != len(levels):  # evenly spaced positions, linear in log sigma
+      positions = np.linspace(0, 1, len(levels))
+      levels = np.exp(np.interp(np.linspace(0, 1, n), positions, np.log(levels[::-1])))[::-1]
+    return np.append(levels, 0.0)
+  if kind in ("sgm_uniform", "normal", "uniform"):
+    # From the largest training timestep to 0; SGM Uniform drops the last of n + 1 points.
+    t = np.linspace(n_train - 1, 0, n + 1)[:-1] if kind == "sgm_uniform" else np.linspace(
+      n_train - 1, 0, n)
+    return np.append(_t_to_sigma(t, log_sigmas), 0.0)
+  if kind == "simple":
+    stride = n_train / n
+    return np.append(np.exp(log_sigmas[[-(1 + int(x * stride)) for x in range(n)]]), 0.0)
+  if kind == "kl_optimal":
+    low, high = math.atan(math.exp(log_sigmas[0])), math.atan(math.exp(log_sigmas[-1]))
+    fraction = np.arange(n + 1) / n
+    return np.tan(fraction * low + (1 - fraction) * high)
+  raise SchedulerConfigError(f"unknown schedule_type {kind!r}")
+
+
+def _t_to_sigma(t: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+  """The noise level at fractional training timesteps, interpolating linearly in log sigma
+  (k-diffusion's discrete schedule; the inverse of `common.sigma_to_t`)."""
+  low = np.floor(t).astype(np.int64)
+  high = np.ceil(t).astype(np.int64)
+  w = t - low
+  return np.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high])

@@ -1,0 +1,222 @@
+"""Custom noise levels (the `sigmas` option) and A1111's schedule types (`schedule_type`).
+
+Parity: diffusers takes custom sigmas directly only in Euler (`set_timesteps(sigmas=...)`); for
+the other sigma schedulers its exponential spacing is made to place the same sigmas
+(`exponential_placing`), after which diffusers maps them to timesteps and steps as it does for
+its own spacings. Euler ancestral, which has no spacing options in diffusers, runs diffusers'
+steps over the sigmas and timesteps Euler builds from the list. DPM++ SDE's and DPM2's cases
+are in their own files (they need those files' noise injection).
+The named schedule types have no oracle here (A1111 cannot be installed): their tests check
+the definitions' landmarks (published levels, endpoints, training sigmas hit exactly).
+"""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from scheduler_harness import (
+  SHAPE,
+  correctly_rounded_sqrt,
+  diffusers_trajectory,
+  exponential_placing,
+  make_noises,
+  max_rel_error,
+  sdjax_trajectory,
+)
+
+from sdjax import testing
+from sdjax.schedulers import SchedulerConfigError, get_scheduler
+from sdjax.schedulers.euler import train_alphas_cumprod, train_sigmas
+from sdjax.schedulers.sigma_schedules import SCHEDULE_TYPES, schedule_sigmas
+
+torch.set_num_threads(1)
+SD15 = dict(testing.SCHEDULER_SD15)
+TOL = 1e-6
+TRAIN_SIGMAS = train_sigmas(train_alphas_cumprod(SD15)).astype(np.float64)
+# A hand-made 7-step list, and Align Your Steps' SD1.5 levels interpolated to 8 steps.
+HAND = [14.6, 7.5, 3.9, 1.8, 0.8, 0.3, 0.07, 0.0]
+AYS8 = schedule_sigmas("align_your_steps", 8, TRAIN_SIGMAS).tolist()
+
+
+def _run(ours, ref, steps, strength=None):
+  """Max relative error of the trajectories (diffusers under correctly rounded square roots);
+  asserts that the UNet's timesteps and the sigmas agree."""
+  state = ours.set_timesteps(steps, sample_shape=SHAPE)
+  init, noises = make_noises(len(state.timesteps))
+  begin, init_sample = 0, None
+  if strength is not None:
+    begin = ours.begin_index(steps, strength)
+    init_sample = make_noises(1, seed=1)[0]
+  got = sdjax_trajectory(ours, steps, init, noises, begin=begin, init_sample=init_sample)
+  with correctly_rounded_sqrt():
+    want = diffusers_trajectory(ref, steps, init, noises, begin=begin, init_sample=init_sample)
+  np.testing.assert_allclose(np.asarray(state.timesteps), ref.timesteps.numpy(), rtol=1e-6,
+                             atol=1e-5)
+  if hasattr(state, "sigmas"):
+    np.testing.assert_allclose(np.asarray(state.sigmas), ref.sigmas.numpy(), rtol=1e-6, atol=0)
+  else:  # UniPC keeps the noise levels as their variance-preserving coefficients
+    np.testing.assert_allclose(np.asarray(state.sigma_t) / np.asarray(state.alpha_t),
+                               ref.sigmas.numpy(), rtol=1e-6, atol=0)
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(ref.init_noise_sigma),
+                             rtol=1e-6)
+  return max_rel_error(got, want)
+
+
+@pytest.mark.parametrize("name,ref_cls,options,sigmas,strength", [
+  ("heun", diffusers.HeunDiscreteScheduler, {}, HAND, None),
+  ("lms", diffusers.LMSDiscreteScheduler, {"prediction_type": "v_prediction"}, AYS8, None),
+  ("dpmpp_2m", diffusers.DPMSolverMultistepScheduler, {}, AYS8, None),
+  ("dpmpp_2m", diffusers.DPMSolverMultistepScheduler,
+   {"final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"}, HAND, 0.5),
+  ("dpmpp_3m_sde", diffusers.DPMSolverMultistepScheduler,
+   {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, AYS8, None),
+  ("unipc", diffusers.UniPCMultistepScheduler, {}, AYS8, None),
+  ("unipc", diffusers.UniPCMultistepScheduler, {"prediction_type": "v_prediction"}, HAND, 0.7),
+], ids=["heun", "lms-v", "dpmpp_2m", "dpmpp_2m-sigma_min-v-img2img",
+        "dpmpp_3m_sde", "unipc", "unipc-v-img2img"])
+def test_custom_sigmas_match_diffusers(name, ref_cls, options, sigmas, strength):
+  cfg = dict(SD15, **options)
+  ours = get_scheduler(name, cfg, options={"sigmas": sigmas})
+  # A custom schedule ends at 0, so the multistep solvers' last step is diffusers' for "zero".
+  ref_cfg = dict(cfg, final_sigmas_type="zero") if "final_sigmas_type" in options else cfg
+  err = _run(ours, exponential_placing(ref_cls, ref_cfg, sigmas), len(sigmas) - 1, strength)
+  print(f"maxrel {name} {options} custom sigmas: {err:.3g}")
+  assert err <= TOL, err
+
+
+@pytest.mark.parametrize("options,sigmas,strength", [
+  ({}, AYS8, None),
+  ({"prediction_type": "v_prediction", "timestep_spacing": "leading"}, HAND, None),
+  ({}, HAND, 0.5),
+], ids=["ays", "v-leading", "img2img"])
+def test_euler_takes_sigmas_as_diffusers(options, sigmas, strength):
+  cfg = dict(SD15, **options)
+  ref = diffusers.EulerDiscreteScheduler.from_config(cfg)
+  set_timesteps = ref.set_timesteps
+  ref.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=sigmas, device=device)
+  err = _run(get_scheduler("euler", cfg, options={"sigmas": sigmas}), ref, len(sigmas) - 1,
+             strength)
+  print(f"maxrel euler {options} custom sigmas: {err:.3g}")
+  assert err <= TOL, err
+
+
+def test_euler_schedules_may_end_above_zero():
+  """KL Optimal ends at the smallest training sigma; Euler (and Euler a) step to it, as
+  diffusers' Euler does with such a list."""
+  ours = get_scheduler("euler", SD15, options={"schedule_type": "kl_optimal"})
+  sigmas = [float(x) for x in np.asarray(ours.set_timesteps(5).sigmas)]
+  assert sigmas[-1] == pytest.approx(TRAIN_SIGMAS[0], rel=1e-6)
+  ref = diffusers.EulerDiscreteScheduler.from_config(SD15)
+  set_timesteps = ref.set_timesteps
+  ref.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=sigmas, device=device)
+  assert _run(ours, ref, 5) <= TOL
+  state = get_scheduler("euler_ancestral", SD15,
+                        options={"schedule_type": "kl_optimal"}).set_timesteps(5)
+  assert float(state.sigmas[-1]) == sigmas[-1] and np.all(np.isfinite(np.asarray(state.dt)))
+
+
+@pytest.mark.parametrize("strength", [None, 0.6])
+def test_euler_ancestral_steps_over_custom_sigmas_as_diffusers(strength):
+  """diffusers' Euler a has no custom sigmas: its steps run over the sigmas and timesteps its
+  Euler builds from the list (the same mapping)."""
+  euler = diffusers.EulerDiscreteScheduler.from_config(SD15)
+  euler.set_timesteps(sigmas=AYS8)
+  ref = diffusers.EulerAncestralDiscreteScheduler.from_config(SD15)
+  set_timesteps = ref.set_timesteps
+
+  def custom(steps, device=None):
+    set_timesteps(steps, device=device)
+    ref.timesteps, ref.sigmas = euler.timesteps.clone(), euler.sigmas.clone()
+
+  ref.set_timesteps = custom
+  ours = get_scheduler("euler_ancestral", SD15, options={"sigmas": AYS8})
+  err = _run(ours, ref, len(AYS8) - 1, strength)
+  print(f"maxrel euler_ancestral custom sigmas: {err:.3g}")
+  assert err <= TOL, err
+
+
+def test_one_program_for_every_schedule():
+  """The noise levels live in the state: any list or type of the same length compiles once."""
+  base = get_scheduler("dpmpp_2m", SD15)
+  for options in ({"sigmas": HAND}, {"schedule_type": "align_your_steps"},
+                  {"schedule_type": "sgm_uniform"}):
+    assert get_scheduler("dpmpp_2m", SD15, options=options).program() == base.program()
+  assert get_scheduler("euler", SD15, options={"sigmas": HAND}).program() == get_scheduler(
+    "euler", SD15).program()
+
+
+def test_align_your_steps_levels():
+  """NVIDIA's levels as A1111 uses them: taken as they are for 11 steps, else interpolated in
+  log sigma over evenly spaced positions; 0 after them."""
+  sd15 = schedule_sigmas("align_your_steps", 11, TRAIN_SIGMAS)
+  assert sd15.tolist() == [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399,
+                           0.152, 0.029, 0.0]
+  sdxl = schedule_sigmas("align_your_steps_sdxl", 11, TRAIN_SIGMAS)
+  assert sdxl[3] == 2.181 and sdxl[-2] == 0.029
+  for n in (4, 10, 21):
+    levels = schedule_sigmas("align_your_steps", n, TRAIN_SIGMAS)
+    assert len(levels) == n + 1 and levels[-1] == 0
+    np.testing.assert_allclose(levels[[0, -2]], [14.615, 0.029], rtol=1e-12)
+    assert np.all(np.diff(levels) < 0)
+  # 21 points over 11 levels: every other point is one of the levels themselves.
+  np.testing.assert_allclose(schedule_sigmas("align_your_steps", 21, TRAIN_SIGMAS)[:-1:2],
+                             sd15[:-1], rtol=1e-12)
+  # between two levels, the geometric mean
+  np.testing.assert_allclose(schedule_sigmas("align_your_steps", 21, TRAIN_SIGMAS)[1],
+                             np.sqrt(14.615 * 6.475), rtol=1e-12)
+
+
+def test_timestep_spaced_types():
+  n, top = 4, TRAIN_SIGMAS[-1]
+  sgm = schedule_sigmas("sgm_uniform", n, TRAIN_SIGMAS)
+  # timesteps 999, 749.25, 499.5, 249.75: log sigma interpolated between training timesteps
+  t = 749.25
+  want = np.exp(0.75 * np.log(TRAIN_SIGMAS[749]) + 0.25 * np.log(TRAIN_SIGMAS[750]))
+  np.testing.assert_allclose(sgm, [top, want, sgm[2], sgm[3], 0.0], rtol=1e-12)
+  assert t == np.linspace(999, 0, n + 1)[1]
+  normal = schedule_sigmas("normal", n, TRAIN_SIGMAS)  # timesteps 999, 666, 333, 0
+  np.testing.assert_allclose(normal, [top, TRAIN_SIGMAS[666], TRAIN_SIGMAS[333],
+                                      TRAIN_SIGMAS[0], 0.0], rtol=1e-12)
+  assert schedule_sigmas("uniform", n, TRAIN_SIGMAS).tolist() == normal.tolist()
+  simple = schedule_sigmas("simple", n, TRAIN_SIGMAS)  # every 250th training sigma from the top
+  np.testing.assert_allclose(simple, [top, TRAIN_SIGMAS[749], TRAIN_SIGMAS[499],
+                                      TRAIN_SIGMAS[249], 0.0], rtol=1e-12)
+
+
+def test_kl_optimal_is_even_in_arctan():
+  levels = schedule_sigmas("kl_optimal", 6, TRAIN_SIGMAS)
+  angles = np.arctan(levels)
+  np.testing.assert_allclose(np.diff(angles), np.diff(angles)[0], rtol=1e-9)
+  np.testing.assert_allclose(levels[[0, -1]], TRAIN_SIGMAS[[-1, 0]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", SCHEDULE_TYPES)
+def test_every_type_makes_a_sane_schedule(kind):
+  for name in ("euler", "dpmpp_2m") if kind != "kl_optimal" else ("euler",):
+    state = get_scheduler(name, SD15, options={"schedule_type": kind}).set_timesteps(
+      7, sample_shape=SHAPE)
+    sigmas = np.asarray(state.sigmas)
+    assert len(state.timesteps) == 7 and np.all(np.diff(sigmas) < 0), (kind, sigmas)
+    assert np.all((np.asarray(state.timesteps) >= 0) & (np.asarray(state.timesteps) <= 999))
+
+
+@pytest.mark.parametrize("name,options,match", [
+  ("dpmpp_2m", {"sigmas": HAND}, "make 7 steps, not 5"),
+  ("euler", {"sigmas": [3.0, 5.0, 0.0]}, "decrease strictly"),
+  ("euler", {"sigmas": [3.0]}, "at least two"),
+  ("euler", {"sigmas": "14,0"}, "at least two"),
+  ("euler", {"sigmas": [3.0, float("nan"), 0.0]}, "finite"),
+  ("euler", {"sigmas": [3.0, 1.0, -1.0]}, "end at 0 or above"),
+  ("euler", {"sigmas": HAND, "schedule_type": "simple"}, "not both"),
+  ("euler", {"schedule_type": "align"}, "unknown schedule_type 'align'"),
+  ("dpmpp_2m_karras", {"schedule_type": "simple"}, "not dpmpp_2m_karras"),
+  ("dpmpp_2m", {"schedule_type": "kl_optimal"}, "end at 0.*euler_ancestral take it"),
+  ("heun", {"sigmas": [3.0, 1.0, 0.7, 0.5, 0.2, 0.1]}, "end at 0"),
+  ("ddim", {"sigmas": HAND}, "places its own noise levels.*options of lms, euler, "),
+  ("edm_euler", {"schedule_type": "simple"}, "options of .*unipc$"),
+])
+def test_bad_schedules_are_refused(name, options, match):
+  with pytest.raises(SchedulerConfigError, match=match):
+    get_scheduler(name, SD15, options=options).set_timesteps(5, sample_shape=SHAPE)
