@@ -15,7 +15,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax import run, sampling, schedulers
+from sdjax import outputs, run, sampling, schedulers
 from sdjax.conditioning import MicroConditioning
 
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
@@ -87,6 +87,14 @@ flags.DEFINE_string("scheduler_options", None, "a JSON object of scheduler confi
                     "override, as diffusers' from_config(config, **options), e.g. "
                     "'{\"timestep_spacing\": \"trailing\"}' (SDXL Lightning / Turbo) or "
                     "'{\"use_karras_sigmas\": true}'")
+flags.DEFINE_string("schedule_type", None, "where the steps' noise levels lie, as A1111's "
+                    "Schedule type: 'Align Your Steps' (SD1.5's or SDXL's by the model), 'SGM "
+                    "Uniform', 'Normal', 'Uniform', 'Simple', 'KL Optimal' (euler only), "
+                    "'Karras', 'Exponential', 'Beta' (or align_your_steps, sgm_uniform, ...); "
+                    "for the sigma schedulers (euler, heun, lms, kdpm2, dpmpp_*, unipc)")
+flags.DEFINE_list("sigmas", None, "the steps' noise levels themselves, as diffusers' "
+                  "pipe(sigmas=...): n + 1 descending numbers for n steps (--steps may be left "
+                  "out), the last where the final step lands, e.g. 14.6,4.1,1.3,0.3,0")
 flags.DEFINE_float("eta", None, "DDIM's eta: 0 deterministic (default), 1 DDPM-like; step noise "
                    "from each image's seed (--scheduler ddim; tcd: its gamma, in [0, 1])")
 flags.DEFINE_integer("height", None, "image height in pixels (default: the model's native size)")
@@ -230,6 +238,9 @@ def _run_config() -> run.RunConfig:
   if preset is not None:
     values.update({k: v for k, v in preset.items() if k in _OVERRIDABLE})
   values.update({k: FLAGS[k].value for k in _OVERRIDABLE if FLAGS[k].present})
+  options = _scheduler_options()
+  if FLAGS.sigmas is not None and not FLAGS["steps"].present:
+    values["steps"] = len(dict(options)["sigmas"]) - 1
   return run.RunConfig(
       prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
       negative_prompt=FLAGS.negative_prompt, prompt_syntax=FLAGS.prompt_syntax,
@@ -276,21 +287,37 @@ def _run_config() -> run.RunConfig:
       embeddings=tuple(run.parse_path_arg(s, str, None, "--embedding", "token")
                        for s in FLAGS.embedding)
       + (run.embeddings_in_dir(FLAGS.embeddings_dir) if FLAGS.embeddings_dir else ()),
-      micro=_micro_conditioning(), scheduler_options=_scheduler_options(), **values)
+      micro=_micro_conditioning(), scheduler_options=options, **values)
 
 
 def _scheduler_options() -> tuple[tuple[str, Any], ...]:
-  if FLAGS.scheduler_options is None:
-    return ()
-  try:
-    options = json.loads(FLAGS.scheduler_options)
-  except json.JSONDecodeError as e:
-    raise run.RunError(f"--scheduler_options is not JSON ({e}): "
-                       f"{FLAGS.scheduler_options}") from None
-  if not isinstance(options, dict):
-    raise run.RunError(f"--scheduler_options must be a JSON object {{\"option\": value}}, got "
-                       f"{FLAGS.scheduler_options}")
-  return tuple(sorted(options.items()))
+  """--scheduler_options, with what --schedule_type and --sigmas set."""
+  options = {}
+  if FLAGS.scheduler_options is not None:
+    try:
+      options = json.loads(FLAGS.scheduler_options)
+    except json.JSONDecodeError as e:
+      raise run.RunError(f"--scheduler_options is not JSON ({e}): "
+                         f"{FLAGS.scheduler_options}") from None
+    if not isinstance(options, dict):
+      raise run.RunError(f"--scheduler_options must be a JSON object {{\"option\": value}}, "
+                         f"got {FLAGS.scheduler_options}")
+  extra = {}
+  if FLAGS.schedule_type is not None:
+    try:
+      extra = outputs.schedule_type_options(FLAGS.schedule_type)
+    except ValueError as e:
+      raise run.RunError(f"--schedule_type: {e}") from None
+  if FLAGS.sigmas is not None:
+    try:
+      extra["sigmas"] = [float(x) for x in FLAGS.sigmas]
+    except ValueError:
+      raise run.RunError(f"--sigmas must be numbers separated by commas, got "
+                         f"{','.join(FLAGS.sigmas)}") from None
+  if clash := sorted(set(extra) & set(options)):
+    raise run.RunError(f"--scheduler_options sets {', '.join(clash)}, which --schedule_type or "
+                       "--sigmas sets too: give it once")
+  return tuple(sorted({**options, **extra}.items()))
 
 
 def _pair(name: str):

@@ -81,6 +81,11 @@ A1111_SAMPLER_NAMES = {
 # diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).
 A1111_SCHEDULE_TYPES = {"use_karras_sigmas": "Karras", "use_exponential_sigmas": "Exponential",
                         "use_beta_sigmas": "Beta"}
+# sdjax's `schedule_type` option (`schedulers.sigma_schedules`) -> A1111's Schedule type.
+A1111_SCHEDULE_TYPE_NAMES = {"align_your_steps": "Align Your Steps",
+                             "align_your_steps_sdxl": "Align Your Steps",
+                             "sgm_uniform": "SGM Uniform", "normal": "Normal",
+                             "uniform": "Uniform", "simple": "Simple", "kl_optimal": "KL Optimal"}
 
 _NEGATIVE_PREFIX = "Negative prompt:"
 # One `Key: value` item of A1111's last line; a value is either JSON-quoted or runs to the comma.
@@ -112,9 +117,30 @@ def _a1111_quote(value: Any) -> str:
 
 def a1111_schedule_type(scheduler_options) -> str | None:
   """A1111's `Schedule type` for scheduler options (pairs or a dict) that set one of diffusers'
-  sigma spacings; None otherwise (a name's own Karras is in its A1111 sampler name)."""
+  sigma spacings or an A1111 `schedule_type`; None otherwise (a name's own Karras is in its A1111
+  sampler name; A1111 has no word for a list of sigmas)."""
   options = dict(scheduler_options or {})
+  if options.get("schedule_type") in A1111_SCHEDULE_TYPE_NAMES:
+    return A1111_SCHEDULE_TYPE_NAMES[options["schedule_type"]]
   return next((label for key, label in A1111_SCHEDULE_TYPES.items() if options.get(key)), None)
+
+
+def schedule_type_options(value: str) -> dict[str, Any]:
+  """The scheduler options of a schedule type named by sdjax (`align_your_steps`, `karras`) or
+  as A1111 writes it (`Align Your Steps`, `Karras`; `Automatic`: none). ValueError if unknown."""
+  spacing = {label.lower(): key for key, label in A1111_SCHEDULE_TYPES.items()}
+  ours = {**{label.lower(): name for name, label in A1111_SCHEDULE_TYPE_NAMES.items()
+             if not name.endswith("_sdxl")}, **{name: name for name in A1111_SCHEDULE_TYPE_NAMES}}
+  key = value.strip().lower()
+  if key == "automatic":
+    return {}
+  if key in spacing:
+    return {spacing[key]: True}
+  if key in ours:
+    return {"schedule_type": ours[key]}
+  names = sorted({*A1111_SCHEDULE_TYPES.values(), *A1111_SCHEDULE_TYPE_NAMES.values()})
+  raise ValueError(f"unknown schedule type {value!r}; pick one of Automatic, {', '.join(names)} "
+                   "(or sdjax's names: align_your_steps, sgm_uniform, ...)")
 
 
 def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: str,

@@ -340,7 +340,8 @@ class Pipeline:
   # -- sampling ----------------------------------------------------------------------------------
   def generate(self, prompts, *, negative_prompts=None, steps: int | None = None,
                guidance_scale: float | None = None, scheduler: str | None = None,
-               scheduler_options: dict | None = None, height: int | None = None,
+               scheduler_options: dict | None = None, sigmas=None,
+               schedule_type: str | None = None, height: int | None = None,
                width: int | None = None, seed: int = 0,
                latents=None, init_images=None, mask_images=None,
                strength: float | None = None, mask_blur: float = 0.0,
@@ -390,6 +391,15 @@ class Pipeline:
         `Scheduler.from_config(config, **options)`: e.g. `{"timestep_spacing": "trailing"}`
         (SDXL Lightning, Turbo), `{"use_karras_sigmas": True}` (euler); an option the scheduler
         does not have is an error.
+      sigmas: the noise levels to step through, as diffusers' `pipe(sigmas=...)`: n + 1
+        descending values for n steps (`steps` may be left out), the last where the final step
+        lands (0; Euler and Euler a take any); replaces the scheduler's own placement. For the
+        sigma schedulers (euler, euler_ancestral, heun, lms, kdpm2*, dpmpp_*, unipc).
+      schedule_type: one of A1111's schedule types that diffusers lacks, for the same
+        schedulers (`sdjax.schedulers.sigma_schedules.SCHEDULE_TYPES`): "align_your_steps"
+        (NVIDIA's levels for SD1.5, or SDXL's for an SDXL model), "sgm_uniform", "normal",
+        "uniform", "simple", "kl_optimal" (Euler only: it ends above 0). A1111's Karras,
+        Exponential and Beta are the scheduler options `use_karras_sigmas` etc.
       height, width: image size in pixels (default: the model's native size).
       seed: image i uses seed `seed + i` for all of its randomness.
       latents: NHWC unit Gaussian initial noise [N, h, w, 4] (as diffusers' `latents`, before
@@ -563,6 +573,14 @@ class Pipeline:
         original_size, tuple(crops_coords_top_left), target_size, negative_original_size,
         tuple(negative_crops_coords_top_left), negative_target_size, aesthetic_score,
         negative_aesthetic_score)
+    if schedule_type is not None:
+      scheduler_options = {**(scheduler_options or {}), "schedule_type": schedule_type}
+    if sigmas is not None:
+      if not isinstance(sigmas, str):  # any array-like, kept as a (hashable) list of floats
+        sigmas = np.asarray(sigmas).tolist()
+      scheduler_options = {**(scheduler_options or {}), "sigmas": sigmas}
+      if steps is None and isinstance(sigmas, list):
+        steps = len(sigmas) - 1
     images = sampling.generate(
         pipe, prompts, negative_prompts=negative_prompts, steps=steps,
         guidance_scale=guidance_scale, scheduler=scheduler, scheduler_options=scheduler_options,

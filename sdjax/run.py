@@ -701,11 +701,15 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   sampling.check_size(pipe, height, width)
   scheduler = cfg.scheduler or sampling.schedulers.default_scheduler_name(pipe.scheduler_config)
   if cfg.scheduler_options:
-    try:
-      sampling.schedulers.get_scheduler(scheduler, pipe.scheduler_config,
-                                        options=dict(cfg.scheduler_options))
+    options = dict(cfg.scheduler_options)
+    flag = ("--sigmas" if "sigmas" in options else "--schedule_type"
+            if "schedule_type" in options else "--scheduler_options")
+    try:  # at the run's steps: a list of sigmas must have one more than that
+      sampling.schedulers.get_scheduler(
+        scheduler, pipe.scheduler_config, options=sampling.model_schedule(pipe, options)
+      ).set_timesteps(cfg.steps, sample_shape=(1, 1, 1, 1))
     except ValueError as e:
-      raise RunError(f"--scheduler_options: {e}") from None
+      raise RunError(f"{flag}: {e}") from None
 
   if jax.process_index() == 0:  # the prompts given on the command line
     sampling.warn_unknown_words(pipe, [line.prompt for line in cfg.prompts])

@@ -881,7 +881,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
-                                   options=scheduler_options)
+                                   options=model_schedule(pipe, scheduler_options))
   state = sched.set_timesteps(int(steps), sample_shape=(batch, *latent_hw, latent_channels(pipe)))
   begin, end = 0, None
   if denoising_start is not None:
@@ -906,6 +906,14 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     ("latent noise", "latent nothing") else "original", control=control,
                     control_guess=control and control_guess)
   return spec, state
+
+
+def model_schedule(pipe, scheduler_options: dict[str, Any] | None) -> dict[str, Any] | None:
+  """Scheduler options with Align Your Steps' levels picked for the model, as A1111 picks them:
+  SDXL's for an SDXL UNet (schedule_type "align_your_steps" names SD1.5's otherwise)."""
+  if (scheduler_options or {}).get("schedule_type") == "align_your_steps" and pipe.is_sdxl:
+    return {**scheduler_options, "schedule_type": "align_your_steps_sdxl"}
+  return scheduler_options
 
 
 def uses_guidance(pipe, guidance_scale: float) -> bool:

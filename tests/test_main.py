@@ -373,6 +373,14 @@ BAD_INPUT = [
      "--scheduler_options: scheduler 'euler' has no option 'spacing'; its options: "),
     (["--scheduler", "euler", "--scheduler_options", '{"timestep_spacing": "middle"}'],
      "--scheduler_options: scheduler 'euler': option timestep_spacing='middle' is not "),
+    (["--scheduler", "euler", "--sigmas", "14,3,1,0", "--steps", "5"],
+     "--sigmas: 4 sigmas make 3 steps, not 5"),
+    (["--sigmas", "1,x"], "--sigmas must be numbers separated by commas, got 1,x"),
+    (["--schedule_type", "fast"], "--schedule_type: unknown schedule type 'fast'; pick one of "),
+    (["--scheduler", "ddim", "--schedule_type", "SGM Uniform"],
+     "--schedule_type: scheduler 'ddim' places its own noise levels: sigmas and schedule_type"),
+    (["--sigmas", "1,0", "--scheduler_options", '{"sigmas": [1, 0]}'],
+     "--scheduler_options sets sigmas, which --schedule_type or --sigmas sets too"),
     (["--height", "12"], "--height must be a multiple of 8"),
     (["--width", "100000"], "--width must be a multiple of 8"),
     (["--scheduler", "magic"], "unknown scheduler 'magic'"),
@@ -519,6 +527,25 @@ def test_ddim_eta(model, cache, tmp_path):
   assert outputs.parse_a1111_parameters(text)["Eta"] == "0.5"
   want = sdjax.load_pipeline(model).generate(["a cat", "a dog"], steps=2, height=16, width=16,
                                              guidance_scale=3.0, scheduler="ddim", eta=0.5, seed=5)
+  got = np.stack(list(_pixels(out).values())).astype(np.float32) / 255
+  assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+
+def test_sigmas_flag(model, cache, tmp_path):
+  """--sigmas: the steps follow the list; the PNG parameters and the manifest say it; the
+  pixels are generate()'s."""
+  out = str(tmp_path / "out")
+  sigmas = [14.6, 2.5, 0.4, 0.0]
+  main_py(["--model", model, "--prompt", "a cat", "--height", "16", "--width", "16",
+           "--guidance_scale", "3", "--scheduler", "dpmpp_2m", "--sigmas",
+           ",".join(map(str, sigmas)), "--output_dir", out, "--compilation_cache", cache])
+  assert [r["scheduler_options"] for r in _manifest(out)] == [{"sigmas": sigmas}]
+  params = outputs.parse_a1111_parameters(
+    Image.open(os.path.join(out, "00000", "000000.png")).text["parameters"])
+  assert params["Steps"] == "3" and params["Scheduler options"] == f"sigmas={sigmas}"
+  assert "Schedule type" not in params  # A1111 has no word for a list
+  want = sdjax.load_pipeline(model).generate(["a cat"], sigmas=sigmas, height=16, width=16,
+                                             guidance_scale=3.0, scheduler="dpmpp_2m")
   got = np.stack(list(_pixels(out).values())).astype(np.float32) / 255
   assert np.abs(got - want).max() <= 1 / 255 + 1e-6
 

@@ -497,3 +497,22 @@ def test_schedule_type():
   assert outputs.a1111_schedule_type({"use_exponential_sigmas": True}) == "Exponential"
   assert outputs.a1111_schedule_type({"use_karras_sigmas": False}) is None
   assert outputs.a1111_schedule_type(()) is None
+  assert outputs.a1111_schedule_type({"schedule_type": "align_your_steps_sdxl"}) == (
+    "Align Your Steps")
+  assert outputs.a1111_schedule_type({"schedule_type": "sgm_uniform"}) == "SGM Uniform"
+  assert outputs.a1111_schedule_type({"sigmas": [1.0, 0.0]}) is None
+
+
+def test_schedule_type_options():
+  """--schedule_type takes A1111's words (as its PNGs write them) or sdjax's names."""
+  assert outputs.schedule_type_options("Align Your Steps") == {"schedule_type": "align_your_steps"}
+  assert outputs.schedule_type_options("sgm uniform") == {"schedule_type": "sgm_uniform"}
+  assert outputs.schedule_type_options("kl_optimal") == {"schedule_type": "kl_optimal"}
+  assert outputs.schedule_type_options("Karras") == {"use_karras_sigmas": True}
+  assert outputs.schedule_type_options("Exponential") == {"use_exponential_sigmas": True}
+  assert outputs.schedule_type_options("Automatic") == {}
+  for name, label in outputs.A1111_SCHEDULE_TYPE_NAMES.items():  # round trip through a PNG
+    options = outputs.schedule_type_options(label)
+    assert outputs.a1111_schedule_type(options) == label, name
+  with pytest.raises(ValueError, match="unknown schedule type 'Fast'; pick one of Automatic, "):
+    outputs.schedule_type_options("Fast")

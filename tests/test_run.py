@@ -444,6 +444,19 @@ def test_scheduler_options(model, cache, tmp_path):
     assert np.abs(pipe.generate(record["prompt"], **kw)[0] - alone[0]).max() > 0.05
   with pytest.raises(run.RunError, match="scheduler_options"):  # another run's folder
     run.generate_run(dataclasses.replace(config, scheduler_options=()))
+  # A1111's schedule types: in the PNG as A1111 writes them.
+  out = str(tmp_path / "ays")
+  options = (("schedule_type", "align_your_steps"),)
+  config = dataclasses.replace(config, output_dir=out, prompts=PROMPTS[:1],
+                               scheduler_options=options)
+  assert run.generate_run(config).images == 1
+  record = json.loads(open(os.path.join(out, outputs.MANIFEST_NAME)).readline())
+  png = Image.open(os.path.join(out, record["file"]))
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert params["Schedule type"] == "Align Your Steps" and params["Sampler"] == "Euler"
+  alone = pipe.generate(record["prompt"], schedule_type="align_your_steps",
+                        **dict(kw, seed=record["seed"]))
+  assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
 
 
 def test_per_line_guidance(model, cache, tmp_path):
