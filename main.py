@@ -95,6 +95,10 @@ flags.DEFINE_string("schedule_type", None, "where the steps' noise levels lie, a
 flags.DEFINE_list("sigmas", None, "the steps' noise levels themselves, as diffusers' "
                   "pipe(sigmas=...): n + 1 descending numbers for n steps (--steps may be left "
                   "out), the last where the final step lands, e.g. 14.6,4.1,1.3,0.3,0")
+flags.DEFINE_list("timesteps", None, "the steps' training timesteps themselves, as diffusers' "
+                  "pipe(timesteps=...): n descending numbers for n steps (--steps may be left "
+                  "out), e.g. diffusers' Align Your Steps 999,850,736,645,545,455,343,233,124,24; "
+                  "for euler, euler_ancestral, heun, dpmpp_*")
 flags.DEFINE_float("eta", None, "DDIM's eta: 0 deterministic (default), 1 DDPM-like; step noise "
                    "from each image's seed (--scheduler ddim; tcd: its gamma, in [0, 1])")
 flags.DEFINE_integer("height", None, "image height in pixels (default: the model's native size)")
@@ -239,8 +243,10 @@ def _run_config() -> run.RunConfig:
     values.update({k: v for k, v in preset.items() if k in _OVERRIDABLE})
   values.update({k: FLAGS[k].value for k in _OVERRIDABLE if FLAGS[k].present})
   options = _scheduler_options()
-  if FLAGS.sigmas is not None and not FLAGS["steps"].present:
-    values["steps"] = len(dict(options)["sigmas"]) - 1
+  if not FLAGS["steps"].present:  # a list of sigmas or timesteps says how many steps
+    for key, extra in (("sigmas", 1), ("timesteps", 0)):
+      if FLAGS[key].value is not None:
+        values["steps"] = len(dict(options)[key]) - extra
   return run.RunConfig(
       prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
       negative_prompt=FLAGS.negative_prompt, prompt_syntax=FLAGS.prompt_syntax,
@@ -291,7 +297,7 @@ def _run_config() -> run.RunConfig:
 
 
 def _scheduler_options() -> tuple[tuple[str, Any], ...]:
-  """--scheduler_options, with what --schedule_type and --sigmas set."""
+  """--scheduler_options, with what --schedule_type, --sigmas and --timesteps set."""
   options = {}
   if FLAGS.scheduler_options is not None:
     try:
@@ -308,15 +314,16 @@ def _scheduler_options() -> tuple[tuple[str, Any], ...]:
       extra = outputs.schedule_type_options(FLAGS.schedule_type)
     except ValueError as e:
       raise run.RunError(f"--schedule_type: {e}") from None
-  if FLAGS.sigmas is not None:
-    try:
-      extra["sigmas"] = [float(x) for x in FLAGS.sigmas]
-    except ValueError:
-      raise run.RunError(f"--sigmas must be numbers separated by commas, got "
-                         f"{','.join(FLAGS.sigmas)}") from None
+  for key in ("sigmas", "timesteps"):
+    if FLAGS[key].value is not None:
+      try:
+        extra[key] = [float(x) for x in FLAGS[key].value]
+      except ValueError:
+        raise run.RunError(f"--{key} must be numbers separated by commas, got "
+                           f"{','.join(FLAGS[key].value)}") from None
   if clash := sorted(set(extra) & set(options)):
-    raise run.RunError(f"--scheduler_options sets {', '.join(clash)}, which --schedule_type or "
-                       "--sigmas sets too: give it once")
+    raise run.RunError(f"--scheduler_options sets {', '.join(clash)}, which --schedule_type, "
+                       "--sigmas or --timesteps sets too: give it once")
   return tuple(sorted({**options, **extra}.items()))
 
 

@@ -340,7 +340,7 @@ class Pipeline:
   # -- sampling ----------------------------------------------------------------------------------
   def generate(self, prompts, *, negative_prompts=None, steps: int | None = None,
                guidance_scale: float | None = None, scheduler: str | None = None,
-               scheduler_options: dict | None = None, sigmas=None,
+               scheduler_options: dict | None = None, sigmas=None, timesteps=None,
                schedule_type: str | None = None, height: int | None = None,
                width: int | None = None, seed: int = 0,
                latents=None, init_images=None, mask_images=None,
@@ -395,6 +395,11 @@ class Pipeline:
         descending values for n steps (`steps` may be left out), the last where the final step
         lands (0; Euler and Euler a take any); replaces the scheduler's own placement. For the
         sigma schedulers (euler, euler_ancestral, heun, lms, kdpm2*, dpmpp_*, unipc).
+      timesteps: the training timesteps to step through, as diffusers' `pipe(timesteps=...)`:
+        n descending values for n steps (`steps` may be left out), their noise levels read off
+        the training schedule, the final one the scheduler's own (diffusers' Align Your Steps
+        recipe: `timesteps=AysSchedules["StableDiffusionTimesteps"]` with dpmpp_2m_sde). For
+        euler, euler_ancestral, heun and dpmpp_* (which take them as integers, as diffusers).
       schedule_type: one of A1111's schedule types that diffusers lacks, for the same
         schedulers (`sdjax.schedulers.sigma_schedules.SCHEDULE_TYPES`): "align_your_steps"
         (NVIDIA's levels for SD1.5, or SDXL's for an SDXL model), "sgm_uniform", "normal",
@@ -575,12 +580,14 @@ class Pipeline:
         negative_aesthetic_score)
     if schedule_type is not None:
       scheduler_options = {**(scheduler_options or {}), "schedule_type": schedule_type}
-    if sigmas is not None:
-      if not isinstance(sigmas, str):  # any array-like, kept as a (hashable) list of floats
-        sigmas = np.asarray(sigmas).tolist()
-      scheduler_options = {**(scheduler_options or {}), "sigmas": sigmas}
-      if steps is None and isinstance(sigmas, list):
-        steps = len(sigmas) - 1
+    for key, values, extra in (("sigmas", sigmas, 1), ("timesteps", timesteps, 0)):
+      if values is None:
+        continue
+      if not isinstance(values, str):  # any array-like, kept as a (hashable) list of floats
+        values = np.asarray(values).tolist()
+      scheduler_options = {**(scheduler_options or {}), key: values}
+      if steps is None and isinstance(values, list):
+        steps = len(values) - extra
     images = sampling.generate(
         pipe, prompts, negative_prompts=negative_prompts, steps=steps,
         guidance_scale=guidance_scale, scheduler=scheduler, scheduler_options=scheduler_options,

@@ -702,8 +702,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   scheduler = cfg.scheduler or sampling.schedulers.default_scheduler_name(pipe.scheduler_config)
   if cfg.scheduler_options:
     options = dict(cfg.scheduler_options)
-    flag = ("--sigmas" if "sigmas" in options else "--schedule_type"
-            if "schedule_type" in options else "--scheduler_options")
+    flag = next((f"--{key}" for key in ("sigmas", "timesteps", "schedule_type") if key in options),
+                "--scheduler_options")
     try:  # at the run's steps: a list of sigmas must have one more than that
       sampling.schedulers.get_scheduler(
         scheduler, pipe.scheduler_config, options=sampling.model_schedule(pipe, options)

@@ -84,7 +84,8 @@ def test_generate_matches_diffusers(pipes, name):
 
 def test_custom_sigmas_match_diffusers(pipes):
   """generate(sigmas=...) as diffusers' pipe(sigmas=...) (Euler); a schedule type gives the
-  pixels of its own sigmas passed as a list, from the same compiled program."""
+  pixels of its own sigmas passed as a list, from the same compiled program; timesteps=... as
+  diffusers' pipe(timesteps=...) (DPM-Solver++)."""
   _sd1_only(pipes)
   ref, pipe, _ = pipes
   ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
@@ -108,6 +109,18 @@ def test_custom_sigmas_match_diffusers(pipes):
   assert sampling.trace_count == before
   np.testing.assert_array_equal(by_type, by_list)
   assert rel(by_type, ours) > 1e-3  # the schedule matters (parity above: ~1e-7)
+  # diffusers' Align Your Steps recipe: NVIDIA's timesteps with DPM-Solver++
+  timesteps = diffusers.schedulers.AysSchedules["StableDiffusionTimesteps"]
+  ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler_config)
+  expected = ref(PROMPTS, negative_prompt=NEGATIVES, timesteps=timesteps,
+                 guidance_scale=GUIDANCE, height=16, width=16, latents=nchw(latents),
+                 output_type="np").images
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, timesteps=timesteps,
+                       scheduler="dpmpp_2m", guidance_scale=GUIDANCE, height=16, width=16,
+                       latents=latents)
+  err = rel(ours, expected)
+  print(f"dpmpp_2m custom timesteps: {err:.2e}")
+  assert err <= 1e-4
 
 
 def test_align_your_steps_follows_the_model():

@@ -1,4 +1,5 @@
-"""Custom noise levels (the `sigmas` option) and A1111's schedule types (`schedule_type`).
+"""Custom noise levels (the `sigmas` option), custom timesteps (`timesteps`) and A1111's schedule
+types (`schedule_type`).
 
 Parity: diffusers takes custom sigmas directly only in Euler (`set_timesteps(sigmas=...)`); for
 the other sigma schedulers its exponential spacing is made to place the same sigmas
@@ -16,6 +17,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from diffusers.schedulers import AysSchedules
 from scheduler_harness import (
   SHAPE,
   correctly_rounded_sqrt,
@@ -137,11 +139,61 @@ def test_euler_ancestral_steps_over_custom_sigmas_as_diffusers(strength):
   assert err <= TOL, err
 
 
+AYS_TIMESTEPS = AysSchedules["StableDiffusionTimesteps"]  # diffusers' Align Your Steps recipe
+
+
+def _with_timesteps(ref, timesteps):
+  """`ref`, its set_timesteps(n) taking `timesteps` instead, as diffusers' pipelines pass them."""
+  set_timesteps = ref.set_timesteps
+  ref.set_timesteps = lambda steps, device=None: set_timesteps(timesteps=timesteps,
+                                                               device=device)
+  return ref
+
+
+@pytest.mark.parametrize("name,ref_cls,options,timesteps,strength", [
+  ("euler", diffusers.EulerDiscreteScheduler, {}, AYS_TIMESTEPS, None),
+  ("euler", diffusers.EulerDiscreteScheduler, {"prediction_type": "v_prediction"},
+   [900.5, 700.25, 420.0, 99.0, 3.0], 0.6),
+  ("heun", diffusers.HeunDiscreteScheduler, {}, [999, 700, 400, 150, 10], None),
+  ("dpmpp_2m", diffusers.DPMSolverMultistepScheduler, {}, AYS_TIMESTEPS, None),
+  ("dpmpp_2m_sde", diffusers.DPMSolverMultistepScheduler,
+   {"algorithm_type": "sde-dpmsolver++", "final_sigmas_type": "sigma_min"}, AYS_TIMESTEPS, 0.5),
+  ("dpmpp_3m_sde", diffusers.DPMSolverMultistepScheduler,
+   {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "prediction_type": "v_prediction"},
+   [998.7, 800, 620, 400, 250, 120, 40], None),
+], ids=["euler-ays", "euler-v-fractional-img2img", "heun", "dpmpp_2m-ays",
+        "dpmpp_2m_sde-sigma_min-img2img", "dpmpp_3m_sde-v-fractional"])
+def test_custom_timesteps_match_diffusers(name, ref_cls, options, timesteps, strength):
+  """diffusers' `timesteps=` (DPM-Solver takes them as integers, Euler and Heun as they are);
+  the final sigma stays the scheduler's own."""
+  cfg = dict(SD15, **options)
+  ours = get_scheduler(name, cfg, options={"timesteps": timesteps})
+  err = _run(ours, _with_timesteps(ref_cls.from_config(cfg), timesteps), len(timesteps),
+             strength)
+  print(f"maxrel {name} {options} custom timesteps: {err:.3g}")
+  assert err <= TOL, err
+
+
+def test_euler_ancestral_takes_custom_timesteps():
+  euler = _with_timesteps(diffusers.EulerDiscreteScheduler.from_config(SD15), AYS_TIMESTEPS)
+  euler.set_timesteps(10)
+  ref = diffusers.EulerAncestralDiscreteScheduler.from_config(SD15)
+  set_timesteps = ref.set_timesteps
+
+  def custom(steps, device=None):
+    set_timesteps(steps, device=device)
+    ref.timesteps, ref.sigmas = euler.timesteps.clone(), euler.sigmas.clone()
+
+  ref.set_timesteps = custom
+  ours = get_scheduler("euler_ancestral", SD15, options={"timesteps": AYS_TIMESTEPS})
+  assert _run(ours, ref, 10) <= TOL
+
+
 def test_one_program_for_every_schedule():
   """The noise levels live in the state: any list or type of the same length compiles once."""
   base = get_scheduler("dpmpp_2m", SD15)
   for options in ({"sigmas": HAND}, {"schedule_type": "align_your_steps"},
-                  {"schedule_type": "sgm_uniform"}):
+                  {"schedule_type": "sgm_uniform"}, {"timesteps": AYS_TIMESTEPS}):
     assert get_scheduler("dpmpp_2m", SD15, options=options).program() == base.program()
   assert get_scheduler("euler", SD15, options={"sigmas": HAND}).program() == get_scheduler(
     "euler", SD15).program()
@@ -205,17 +257,23 @@ def test_every_type_makes_a_sane_schedule(kind):
 @pytest.mark.parametrize("name,options,match", [
   ("dpmpp_2m", {"sigmas": HAND}, "make 7 steps, not 5"),
   ("euler", {"sigmas": [3.0, 5.0, 0.0]}, "decrease strictly"),
-  ("euler", {"sigmas": [3.0]}, "at least two"),
-  ("euler", {"sigmas": "14,0"}, "at least two"),
+  ("euler", {"sigmas": [3.0]}, "at least 2 finite numbers"),
+  ("euler", {"sigmas": "14,0"}, "at least 2 finite numbers"),
   ("euler", {"sigmas": [3.0, float("nan"), 0.0]}, "finite"),
   ("euler", {"sigmas": [3.0, 1.0, -1.0]}, "end at 0 or above"),
-  ("euler", {"sigmas": HAND, "schedule_type": "simple"}, "not both"),
+  ("euler", {"sigmas": HAND, "schedule_type": "simple"}, "set one of sigmas, schedule_type, not 2"),
   ("euler", {"schedule_type": "align"}, "unknown schedule_type 'align'"),
   ("dpmpp_2m_karras", {"schedule_type": "simple"}, "not dpmpp_2m_karras"),
   ("dpmpp_2m", {"schedule_type": "kl_optimal"}, "end at 0.*euler_ancestral take it"),
   ("heun", {"sigmas": [3.0, 1.0, 0.7, 0.5, 0.2, 0.1]}, "end at 0"),
-  ("ddim", {"sigmas": HAND}, "places its own noise levels.*options of lms, euler, "),
-  ("edm_euler", {"schedule_type": "simple"}, "options of .*unipc$"),
+  ("euler", {"timesteps": [999, 500, 500]}, "timesteps must decrease strictly and lie in "),
+  ("euler", {"timesteps": [1000, 500]}, r"lie in \[0, 999\]"),
+  ("euler", {"timesteps": []}, "at least 1 finite number, got"),
+  ("dpmpp_2m", {"timesteps": [999, 500]}, "2 timesteps make 2 steps, not 5"),
+  ("euler", {"timesteps": AYS_TIMESTEPS, "use_karras_sigmas": True}, "timesteps replaces the "),
+  ("lms", {"timesteps": AYS_TIMESTEPS}, "timesteps is an option of euler, euler_ancestral, heun, "),
+  ("ddim", {"sigmas": HAND}, "places its own noise levels: sigmas is an option of lms, euler, "),
+  ("edm_euler", {"schedule_type": "simple"}, "schedule_type is an option of .*unipc$"),
 ])
 def test_bad_schedules_are_refused(name, options, match):
   with pytest.raises(SchedulerConfigError, match=match):

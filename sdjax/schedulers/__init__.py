@@ -133,12 +133,12 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
   cls = _class(name)
   known = set(cls._DEFAULTS) | set(cls.schedule_options)
   unknown = sorted(set(options or {}) - known)
-  if set(unknown) & {"sigmas", "schedule_type"}:
-    takers = [n for n in SCHEDULERS
-              if _class(n).schedule_options and not _REGISTRY[n][2].get("use_karras_sigmas")]
+  for option in set(unknown) & {"sigmas", "schedule_type", "timesteps"}:
+    takers = [n for n in SCHEDULERS if option in _class(n).schedule_options
+              and not _REGISTRY[n][2].get("use_karras_sigmas")]
     raise SchedulerConfigError(
-        f"scheduler {name!r} places its own noise levels: sigmas and schedule_type are options "
-        f"of {', '.join(takers)}")
+        f"scheduler {name!r} places its own noise levels: {option} is an option of "
+        f"{', '.join(takers)}")
   if unknown:
     raise SchedulerConfigError(
         f"scheduler {name!r} has no option {', '.join(map(repr, unknown))}; its options: "

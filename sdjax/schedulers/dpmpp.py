@@ -47,7 +47,12 @@ from sdjax.schedulers.euler import (
   train_alphas_cumprod,
   train_sigmas,
 )
-from sdjax.schedulers.sigma_schedules import SCHEDULE_OPTIONS, custom_final, custom_sigmas
+from sdjax.schedulers.sigma_schedules import (
+  TIMESTEPS_OPTIONS,
+  custom_final,
+  custom_sigmas,
+  custom_timesteps,
+)
 
 _F32 = np.float32
 
@@ -145,7 +150,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
   "sde-dpmsolver++"."""
 
   name = "dpmpp_2m"
-  schedule_options = SCHEDULE_OPTIONS
+  schedule_options = TIMESTEPS_OPTIONS  # diffusers' pipe(timesteps=...) too
   order = 1  # model calls per step; the solver's order is config["solver_order"]
 
   @property
@@ -230,7 +235,11 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     # from the noisy end; the default -inf clips nothing.
     lambda_t = log_f32(np.sqrt(alphas_cumprod)) - log_f32(np.sqrt(1 - alphas_cumprod))
     clipped_idx = int(np.searchsorted(lambda_t[::-1], config["lambda_min_clipped"], side="left"))
-    timesteps = multistep_timesteps(config, num_inference_steps, n_train - clipped_idx)
+    timesteps = custom_timesteps(config, num_inference_steps)
+    if timesteps is None:
+      timesteps = multistep_timesteps(config, num_inference_steps, n_train - clipped_idx)
+    else:  # taken as integers, as diffusers does
+      timesteps = timesteps.astype(np.int64)
     sigmas = train_sigmas(alphas_cumprod)
     log_sigmas = np.log(sigmas)
     custom = custom_sigmas(self.name, config, num_inference_steps, sigmas)

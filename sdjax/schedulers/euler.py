@@ -34,7 +34,12 @@ from sdjax.schedulers.common import (
   torch_linspace_f32,
   true_divide,
 )
-from sdjax.schedulers.sigma_schedules import SCHEDULE_OPTIONS, custom_sigmas
+from sdjax.schedulers.sigma_schedules import (
+  SCHEDULE_OPTIONS,
+  TIMESTEPS_OPTIONS,
+  custom_sigmas,
+  custom_timesteps,
+)
 from sdjax.schedulers.sigma_schedules import check_options as check_schedule_options
 
 _SPACINGS = ("linspace", "leading", "trailing")
@@ -100,14 +105,16 @@ def sigma_schedule(
   in float64; Karras, exponential or beta sigmas are then placed between the first and last of
   those (or the config's `sigma_min` / `sigma_max`) and mapped back to fractional timesteps. The
   `sigmas` / `schedule_type` options give all n + 1 sigmas themselves (`sigma_schedules`; a
-  last one above 0 only where `any_final`).
+  last one above 0 only where `any_final`); the `timesteps` option, the timesteps.
   """
   sigmas_train = train_sigmas(alphas_cumprod)
   log_sigmas = np.log(sigmas_train)
   custom = custom_sigmas(name, config, num_inference_steps, sigmas_train, any_final=any_final)
   if custom is not None:
     return sigma_to_t(custom[:-1], log_sigmas), custom
-  timesteps = spaced_timesteps(config, num_inference_steps)
+  timesteps = custom_timesteps(config, num_inference_steps)
+  if timesteps is None:
+    timesteps = spaced_timesteps(config, num_inference_steps)
   sigmas = np.interp(timesteps, np.arange(0, len(sigmas_train)), sigmas_train)
   kind = sigma_spacing("", config)
   if kind:
@@ -271,6 +278,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
   """diffusers' `EulerDiscreteScheduler` (deterministic: s_churn = 0)."""
 
   name = "euler"
+  schedule_options = TIMESTEPS_OPTIONS  # diffusers' pipe(timesteps=...) too
   order = 1
   needs_noise = False
 
@@ -323,6 +331,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
   """diffusers' `EulerAncestralDiscreteScheduler`: an Euler step to sigma_down, then fresh noise."""
 
   name = "euler_ancestral"
+  schedule_options = TIMESTEPS_OPTIONS  # diffusers' pipe(timesteps=...) too
   order = 1
   needs_noise = True
 

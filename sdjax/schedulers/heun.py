@@ -24,6 +24,7 @@ from sdjax.schedulers.euler import (
   sigma_schedule,
   train_alphas_cumprod,
 )
+from sdjax.schedulers.sigma_schedules import TIMESTEPS_OPTIONS
 
 
 @struct.dataclass
@@ -62,6 +63,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
   """diffusers' `HeunDiscreteScheduler`. Scaling, add_noise and init sigma are Euler's."""
 
   name = "heun"
+  schedule_options = TIMESTEPS_OPTIONS  # diffusers' pipe(timesteps=...) too
   order = 2
   needs_noise = False
 

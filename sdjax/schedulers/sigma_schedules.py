@@ -6,6 +6,10 @@ schedulers replace that placement:
 
 - `sigmas`: the n + 1 descending noise levels of an n-step run, the last one where the final step
   lands (0 to end on a clean image), as diffusers' `pipe(sigmas=...)` takes them for Euler.
+- `timesteps` (euler, euler_ancestral, heun and the dpmpp family, as diffusers' `pipe(timesteps=
+  ...)` for the first three and DPM-Solver): the n training timesteps of an n-step run, their
+  sigmas read off the training schedule and the final one the scheduler's own (diffusers' Align
+  Your Steps recipe passes NVIDIA's timesteps this way).
 - `schedule_type`: one of AUTOMATIC1111's schedule types that diffusers does not have
   (`SCHEDULE_TYPES`), computed for the run's step count from the model's training noise levels.
   Align Your Steps (Sabour et al. 2024) interpolates NVIDIA's optimised 10-step levels in log sigma
@@ -27,8 +31,10 @@ import numpy as np
 
 from sdjax.schedulers.common import SchedulerConfigError, sigma_spacing
 
-# Options of the sigma schedulers that place the noise levels themselves (not diffusers config).
+# Options of the sigma schedulers that place the noise levels themselves (not diffusers config);
+# those diffusers also takes custom timesteps in add TIMESTEPS_OPTIONS.
 SCHEDULE_OPTIONS = ("sigmas", "schedule_type")
+TIMESTEPS_OPTIONS = (*SCHEDULE_OPTIONS, "timesteps")
 
 # NVIDIA's Align Your Steps noise levels (research.nvidia.com/labs/toronto-ai/AlignYourSteps),
 # as AUTOMATIC1111 ends them: at 0.029, then 0.
@@ -43,39 +49,58 @@ SCHEDULE_TYPES = (*_AYS_SIGMAS, "sgm_uniform", "normal", "uniform", "simple", "k
 
 
 def check_options(scheduler_name: str, config: dict[str, Any]) -> None:
-  """Validates the `sigmas` / `schedule_type` options of a resolved config (None: unset)."""
-  sigmas, kind = config.get("sigmas"), config.get("schedule_type")
-  if sigmas is not None and kind is not None:
+  """Validates the `sigmas` / `schedule_type` / `timesteps` options of a resolved config (None:
+  unset)."""
+  given = [key for key in TIMESTEPS_OPTIONS if config.get(key) is not None]
+  if len(given) > 1:
     raise SchedulerConfigError(
-      f"scheduler {scheduler_name!r}: set sigmas or schedule_type, not both")
-  if kind is not None and kind not in SCHEDULE_TYPES:
-    raise SchedulerConfigError(
-      f"scheduler {scheduler_name!r}: unknown schedule_type {kind!r}; pick one of "
-      f"{', '.join(SCHEDULE_TYPES)}")
-  if (sigmas is not None or kind is not None) and sigma_spacing(scheduler_name, config):
-    raise SchedulerConfigError(
-      f"scheduler {scheduler_name!r}: sigmas and schedule_type replace the Karras, exponential "
-      "or beta spacing; pick the scheduler without it (e.g. dpmpp_2m, not dpmpp_2m_karras)")
-  if sigmas is None:
+      f"scheduler {scheduler_name!r}: set one of {', '.join(given)}, not {len(given)}")
+  if not given:
     return
+  if sigma_spacing(scheduler_name, config):
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r}: {given[0]} replaces the Karras, exponential or beta "
+      "spacing; pick the scheduler without it (e.g. dpmpp_2m, not dpmpp_2m_karras)")
+  kind, value = given[0], config[given[0]]
+  if kind == "schedule_type":
+    if value not in SCHEDULE_TYPES:
+      raise SchedulerConfigError(
+        f"scheduler {scheduler_name!r}: unknown schedule_type {value!r}; pick one of "
+        f"{', '.join(SCHEDULE_TYPES)}")
+    return
+  least = 2 if kind == "sigmas" else 1
   try:
-    values = np.asarray(sigmas, dtype=np.float64)
+    values = np.asarray(value, dtype=np.float64)
   except (TypeError, ValueError):
     values = None
-  if values is None or values.ndim != 1 or len(values) < 2 or not np.all(np.isfinite(values)):
+  if (values is None or values.ndim != 1 or len(values) < least
+      or not np.all(np.isfinite(values))):
     raise SchedulerConfigError(
-      f"scheduler {scheduler_name!r}: sigmas must be a list of at least two finite numbers, got "
-      f"{sigmas!r}")
-  if values[-1] < 0 or np.any(np.diff(values) >= 0):
+      f"scheduler {scheduler_name!r}: {kind} must be a list of at least {least} finite "
+      f"number{'s' * (least > 1)}, got {value!r}")
+  low, high = (0, math.inf) if kind == "sigmas" else (0, int(config["num_train_timesteps"]) - 1)
+  if values[-1] < low or values[0] > high or np.any(np.diff(values) >= 0):
+    where = "end at 0 or above" if kind == "sigmas" else f"lie in [0, {high}]"
     raise SchedulerConfigError(
-      f"scheduler {scheduler_name!r}: sigmas must decrease strictly and end at 0 or above, got "
-      f"{list(sigmas)}")
+      f"scheduler {scheduler_name!r}: {kind} must decrease strictly and {where}, got "
+      f"{list(value)}")
+
+
+def custom_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.ndarray | None:
+  """float32 [n] training timesteps the `timesteps` option sets, or None."""
+  if config.get("timesteps") is None:
+    return None
+  timesteps = np.asarray(config["timesteps"], dtype=np.float32)
+  if len(timesteps) != num_inference_steps:
+    raise SchedulerConfigError(
+      f"{len(timesteps)} timesteps make {len(timesteps)} steps, not {num_inference_steps}")
+  return timesteps
 
 
 def custom_final(config: dict[str, Any]) -> None:
   """Multistep schedulers: a custom schedule ends at 0 (`custom_sigmas`), so their config's
   final_sigmas_type, which decides the order of the last step, becomes "zero" (in place)."""
-  if any(config.get(key) is not None for key in SCHEDULE_OPTIONS):
+  if any(config.get(key) is not None for key in SCHEDULE_OPTIONS):  # not for `timesteps`
     config["final_sigmas_type"] = "zero"
 
 
