@@ -4,9 +4,10 @@ types (`schedule_type`).
 Parity: diffusers takes custom sigmas directly only in Euler (`set_timesteps(sigmas=...)`); for
 the other sigma schedulers its exponential spacing is made to place the same sigmas
 (`exponential_placing`), after which diffusers maps them to timesteps and steps as it does for
-its own spacings. Euler ancestral, which has no spacing options in diffusers, runs diffusers'
-steps over the sigmas and timesteps Euler builds from the list. DPM++ SDE's and DPM2's cases
-are in their own files (they need those files' noise injection).
+its own spacings. Custom timesteps go in as diffusers' `set_timesteps(timesteps=...)` (Euler,
+Heun, DPM-Solver). Euler ancestral, which takes neither in diffusers, runs diffusers' steps over
+the sigmas and timesteps Euler builds from the list. DPM++ SDE's and DPM2's sigma cases are in
+their own files (they need those files' noise injection).
 The named schedule types have no oracle here (A1111 cannot be installed): their tests check
 the definitions' landmarks (published levels, endpoints, training sigmas hit exactly).
 """
@@ -119,26 +120,6 @@ def test_euler_schedules_may_end_above_zero():
   assert float(state.sigmas[-1]) == sigmas[-1] and np.all(np.isfinite(np.asarray(state.dt)))
 
 
-@pytest.mark.parametrize("strength", [None, 0.6])
-def test_euler_ancestral_steps_over_custom_sigmas_as_diffusers(strength):
-  """diffusers' Euler a has no custom sigmas: its steps run over the sigmas and timesteps its
-  Euler builds from the list (the same mapping)."""
-  euler = diffusers.EulerDiscreteScheduler.from_config(SD15)
-  euler.set_timesteps(sigmas=AYS8)
-  ref = diffusers.EulerAncestralDiscreteScheduler.from_config(SD15)
-  set_timesteps = ref.set_timesteps
-
-  def custom(steps, device=None):
-    set_timesteps(steps, device=device)
-    ref.timesteps, ref.sigmas = euler.timesteps.clone(), euler.sigmas.clone()
-
-  ref.set_timesteps = custom
-  ours = get_scheduler("euler_ancestral", SD15, options={"sigmas": AYS8})
-  err = _run(ours, ref, len(AYS8) - 1, strength)
-  print(f"maxrel euler_ancestral custom sigmas: {err:.3g}")
-  assert err <= TOL, err
-
-
 AYS_TIMESTEPS = AysSchedules["StableDiffusionTimesteps"]  # diffusers' Align Your Steps recipe
 
 
@@ -174,9 +155,14 @@ def test_custom_timesteps_match_diffusers(name, ref_cls, options, timesteps, str
   assert err <= TOL, err
 
 
-def test_euler_ancestral_takes_custom_timesteps():
-  euler = _with_timesteps(diffusers.EulerDiscreteScheduler.from_config(SD15), AYS_TIMESTEPS)
-  euler.set_timesteps(10)
+@pytest.mark.parametrize("option,strength", [("sigmas", None), ("sigmas", 0.6),
+                                             ("timesteps", None)])
+def test_euler_ancestral_follows_eulers_mapping(option, strength):
+  """diffusers' Euler a takes no custom schedule: its steps run over the sigmas and timesteps
+  its Euler builds from the list (the same mapping)."""
+  values = AYS8 if option == "sigmas" else AYS_TIMESTEPS
+  euler = diffusers.EulerDiscreteScheduler.from_config(SD15)
+  euler.set_timesteps(**{option: values})
   ref = diffusers.EulerAncestralDiscreteScheduler.from_config(SD15)
   set_timesteps = ref.set_timesteps
 
@@ -185,8 +171,10 @@ def test_euler_ancestral_takes_custom_timesteps():
     ref.timesteps, ref.sigmas = euler.timesteps.clone(), euler.sigmas.clone()
 
   ref.set_timesteps = custom
-  ours = get_scheduler("euler_ancestral", SD15, options={"timesteps": AYS_TIMESTEPS})
-  assert _run(ours, ref, 10) <= TOL
+  ours = get_scheduler("euler_ancestral", SD15, options={option: values})
+  err = _run(ours, ref, len(euler.timesteps), strength)
+  print(f"maxrel euler_ancestral custom {option}: {err:.3g}")
+  assert err <= TOL, err
 
 
 def test_one_program_for_every_schedule():
