@@ -26,7 +26,8 @@ from sdjax.dynamic_prompts import SYNTAX, DynamicPrompts, TemplateError, is_temp
 
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
                  "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
-                 "control_image", "ip_adapter_image", "hires_prompt", "hires_negative_prompt")
+                 "control_image", "ip_adapter_image", "hires_prompt", "hires_negative_prompt",
+                 "schedule_type")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -55,6 +56,8 @@ class PromptLine:
   # The hires fix's second pass (A1111's Hires prompt; None: the run's, else the line's own).
   hires_prompt: str | None = None
   hires_negative_prompt: str | None = None
+  # A1111's Schedule type for this line ("Karras", "Align Your Steps", ...; None: the run's).
+  schedule_type: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,7 @@ class ImageJob:
   # were templates.
   template: str | None = None
   negative_template: str | None = None
+  schedule_type: str | None = None  # None: the run's
 
   @property
   def kind(self) -> str | None:
@@ -150,11 +154,15 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
   scheduler = obj.get("scheduler")
   if scheduler is not None:
     scheduler = _scheduler(scheduler, where)
+  schedule_type = obj.get("schedule_type")
+  if schedule_type is not None:
+    schedule_type = _schedule_type(schedule_type, where)
   return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"),
                     obj.get("width"), obj.get("height"), init,
                     None if guidance is None else float(guidance), mask, obj.get("steps"),
                     scheduler, None if strength is None else float(strength), control,
-                    ip_image, obj.get("hires_prompt"), obj.get("hires_negative_prompt"))
+                    ip_image, obj.get("hires_prompt"), obj.get("hires_negative_prompt"),
+                    schedule_type)
 
 
 def _image_paths(path: str, where: str, obj: dict, key: str):
@@ -177,6 +185,19 @@ def _scheduler(name, where: str) -> str:
     return ours.get(name, name)
   raise RunError(f'{where}: "scheduler" must be one of {", ".join(schedulers.SCHEDULERS)}, or '
                  f'A1111\'s name of one ({", ".join(ours)})')
+
+
+def _schedule_type(name, where: str) -> str:
+  """A line's schedule type, in A1111's words ("Karras", "Align Your Steps") or sdjax's."""
+  from sdjax import outputs  # noqa: PLC0415
+
+  try:
+    if not isinstance(name, str):
+      raise ValueError(f"a string, got {name!r}")
+    outputs.schedule_type_options(name)
+  except ValueError as e:
+    raise RunError(f'{where}: "schedule_type": {e}') from None
+  return name
 
 
 def _is_number(value) -> bool:
@@ -244,7 +265,8 @@ def _key(line: PromptLine) -> list:
     if value is not None:
       extra.append({field: list(value) if isinstance(value, tuple) else value})
   schedule = {k: v for k, v in (("steps", line.steps), ("scheduler", line.scheduler),
-                                ("strength", line.strength)) if v is not None}
+                                ("strength", line.strength),
+                                ("schedule_type", line.schedule_type)) if v is not None}
   if schedule:
     extra.append(schedule)
   hires = {k: v for k, v in (("hires_prompt", line.hires_prompt),
@@ -397,7 +419,7 @@ class Plan:
     return ImageJob(index, prompt, negative, seed, size, line.init_image, line.guidance_scale,
                     line.mask_image, line.steps, line.scheduler, line.strength,
                     line.control_image, line.ip_adapter_image, line.hires_prompt,
-                    line.hires_negative_prompt, *templates)
+                    line.hires_negative_prompt, *templates, schedule_type=line.schedule_type)
 
 
 _SYNTAX_BYTES = (*(s.encode() for s in SYNTAX), b"\\")  # and any JSON escape

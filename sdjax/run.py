@@ -477,6 +477,21 @@ def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
                            masked_content=cfg.inpainting_fill)
 
 
+# Scheduler options that place the noise levels: a prompt line's schedule type replaces them.
+_PLACEMENT = ("sigmas", "timesteps", "schedule_type", "use_karras_sigmas",
+              "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def scheduler_options(cfg: RunConfig, schedule_type: str | None = None) -> dict[str, Any]:
+  """The run's --scheduler_options (with --schedule_type, --sigmas), or with a prompt line's
+  `schedule_type` in place of whatever placed the noise levels."""
+  options = dict(cfg.scheduler_options)
+  if schedule_type is None:
+    return options
+  kept = {k: v for k, v in options.items() if k not in _PLACEMENT}
+  return dict(sorted({**kept, **outputs.schedule_type_options(schedule_type)}.items()))
+
+
 def _hires(cfg: RunConfig) -> sampling.Hires | None:
   """The run's hires fix: on with --hires_scale or --hires_resize_* (which then win)."""
   resize = (cfg.hires_resize_width, cfg.hires_resize_height)
@@ -937,7 +952,7 @@ def _write(writer, metadata, batch, images, finish, progress) -> int:
       try:
         image = outputs.to_uint8(image)
       except ValueError:  # NaN or inf: say for which image, under what settings
-        steps, scheduler, _ = metadata.schedule(job)
+        steps, scheduler, *_ = metadata.schedule(job)
         raise RunError(f"image {job.index} ({job.prompt!r}): NaN or inf pixels, the sampler "
                        f"diverged ({steps} {scheduler} steps, guidance "
                        f"{metadata.guidance(job):g}, {metadata.cfg.dtype})") from None
@@ -996,16 +1011,16 @@ class _Sampler:
     return params if second is None else (params, second.params)
 
   def program(self, size: tuple[int, int], kind: str | None, guidance: float,
-              schedule: tuple[int, str, float | None] | None = None) -> _Program:
+              schedule: tuple[int, str, float | None, str | None] | None = None) -> _Program:
     """The sampler of images of `size` (height, width) and `kind` (`ImageJob.kind`) under
     `schedule` (`_Metadata.schedule`; default the run's), made when first needed; one program
     serves every guidance scale > 1 (the scale is an input), another those <= 1 (no
     guidance)."""
     img2img = kind is not None
     schedule = schedule or (self.cfg.steps, self.scheduler,
-                            self.cfg.strength if img2img else None)
+                            self.cfg.strength if img2img else None, None)
     key = (size, kind, guidance > 1.0, schedule)
-    steps, scheduler, strength = schedule
+    steps, scheduler, strength, schedule_type = schedule
     if key not in self.programs:
       cfg, pipe = self.cfg, self.pipe
       refiner, hires = self.refiner_pipe, _hires(cfg)
@@ -1028,7 +1043,7 @@ class _Sampler:
       common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, guidance_rescale=cfg.guidance_rescale,
                     eta=cfg.eta, cfg_split=cfg.cfg_parallel,
-                    scheduler_options=dict(cfg.scheduler_options) or None)
+                    scheduler_options=scheduler_options(cfg, schedule_type) or None)
       extra = dict(img2img=True, strength=strength) if img2img else {}
       if pipe.controlnet is not None:
         extra["control"] = True
@@ -1512,14 +1527,14 @@ class _Metadata:
     """A job's guidance scale: its prompt line's, else the run's."""
     return self.cfg.guidance_scale if job.guidance_scale is None else job.guidance_scale
 
-  def schedule(self, job: ImageJob) -> tuple[int, str, float | None]:
-    """(steps, scheduler, strength) of a job: its prompt line's, else the run's (strength None
-    for text-to-image)."""
+  def schedule(self, job: ImageJob) -> tuple[int, str, float | None, str | None]:
+    """(steps, scheduler, strength, schedule type) of a job: its prompt line's, else the run's
+    (strength None for text-to-image; schedule type None: the run's scheduler options)."""
     cfg = self.cfg
     strength = None
     if job.init_image is not None:
       strength = cfg.strength if job.strength is None else job.strength
-    return job.steps or cfg.steps, job.scheduler or self.scheduler, strength
+    return job.steps or cfg.steps, job.scheduler or self.scheduler, strength, job.schedule_type
 
   def size(self, job: ImageJob) -> tuple[int, int]:
     """(height, width) of a job's image: its prompt line's, else the run's."""
@@ -1535,7 +1550,8 @@ class _Metadata:
     second pass's; `hires` says the first pass's)."""
     cfg = self.cfg
     height, width = self.size(job)
-    steps, scheduler, strength = self.schedule(job)
+    steps, scheduler, strength, schedule_type = self.schedule(job)
+    options = scheduler_options(cfg, schedule_type)
     hires = _hires_record(cfg)
     if hires:
       hires["hires"].update(first_height=height, first_width=width,
@@ -1549,7 +1565,7 @@ class _Metadata:
     return {
         "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
         "seed": job.seed, "steps": steps, "scheduler": scheduler,
-        **({"scheduler_options": dict(cfg.scheduler_options)} if cfg.scheduler_options else {}),
+        **({"scheduler_options": options} if options else {}),
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
@@ -1620,16 +1636,17 @@ class _Metadata:
   def _parameters(self, job: ImageJob) -> str:
     cfg = self.cfg
     height, width = self.size(job)
-    steps, scheduler, strength = self.schedule(job)
+    steps, scheduler, strength, schedule_type = self.schedule(job)
+    options = scheduler_options(cfg, schedule_type)
     return outputs.a1111_parameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=steps,
         sampler=scheduler, cfg_scale=self.guidance(job), seed=job.seed, width=width,
         height=height, model=self.model_name, model_hash=self.model_hash, eta=cfg.eta,
         version=f"sdjax {sdjax.__version__}",
-        extra={**({"Scheduler options": "; ".join(f"{k}={v}" for k, v in cfg.scheduler_options)}
-                  if cfg.scheduler_options else {}),
+        extra={**({"Scheduler options": "; ".join(f"{k}={v}" for k, v in options.items())}
+                  if options else {}),
                **({"Schedule type": kind}
-                  if (kind := outputs.a1111_schedule_type(cfg.scheduler_options)) else {}),
+                  if (kind := outputs.a1111_schedule_type(options)) else {}),
                **({"Denoising strength": strength} if job.init_image else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._controlnet_extra(),

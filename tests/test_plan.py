@@ -121,8 +121,8 @@ def test_control_images_per_line():
 
 
 def test_per_line_schedule(tmp_path):
-  """jsonl steps, scheduler and strength (img2img lines) reach the jobs and the digest; bad
-  values are named."""
+  """jsonl steps, scheduler, schedule type and strength (img2img lines) reach the jobs and the
+  digest; bad values are named."""
   from sdjax.plan import parse_line
 
   line = parse_line("p.jsonl", 1, b'{"prompt": "a", "steps": 12, "scheduler": "ddim", '
@@ -141,11 +141,18 @@ def test_per_line_schedule(tmp_path):
              shard_size=4)
   assert Plan([PromptLine("a", steps=3)], None, num_images_per_prompt=1, seed=0,
               negative_prompt="", shard_size=4).digest != cli.digest
+  line = parse_line("p.jsonl", 1, b'{"prompt": "a", "schedule_type": "Align Your Steps"}')
+  assert line.schedule_type == "Align Your Steps"
+  typed = Plan([line], None, num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=4)
+  assert [j.schedule_type for j in _all_jobs(typed)] == ["Align Your Steps"]
+  assert typed.digest != cli.digest
   for text, error in (('"steps": 0', '"steps" must be a positive integer'),
                       ('"scheduler": "k_euler"', '"scheduler" must be one of ddim, .* or A1111'),
                       ('"init_image": "a.png", "strength": 1.5', r'"strength" must be a number '
                        r"in \(0, 1\]"),
-                      ('"strength": 0.5', '"strength" is how much of an "init_image"')):
+                      ('"strength": 0.5', '"strength" is how much of an "init_image"'),
+                      ('"schedule_type": "fast"', '"schedule_type": unknown schedule type '),
+                      ('"schedule_type": 3', '"schedule_type": a string, got 3')):
     with pytest.raises(RunError, match=f"p.jsonl line 3: {error}"):
       parse_line("p.jsonl", 3, ('{"prompt": "a", ' + text + "}").encode())
 

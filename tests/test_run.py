@@ -382,24 +382,28 @@ def test_init_image_lines(model, cache, tmp_path):
 
 
 def test_per_line_schedule(model, cache, tmp_path):
-  """jsonl steps, scheduler and strength: each line's images under its own (a program each),
-  batched with the lines that share them; records and PNGs say them (A1111's sampler names)."""
+  """jsonl steps, scheduler, strength and schedule type: each line's images under its own (a
+  program each, a schedule type sharing its scheduler's), batched with the lines that share
+  them; records and PNGs say them (A1111's sampler and schedule type names)."""
   import sdjax  # noqa: PLC0415
 
   Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), np.uint8)).save(
       tmp_path / "a.png")
   lines = [{"prompt": "a cat", "steps": 3, "scheduler": "ddim"}, {"prompt": "a dog"},
            {"prompt": "a bird", "init_image": "a.png", "strength": 0.5},
-           {"prompt": "a cow", "steps": 3, "scheduler": "ddim"}]
+           {"prompt": "a cow", "steps": 3, "scheduler": "ddim"},
+           {"prompt": "a fox", "schedule_type": "SGM Uniform"}]
   path = tmp_path / "schedule.jsonl"
   path.write_text("".join(json.dumps(line) + "\n" for line in lines))
   out = str(tmp_path / "out")
   config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path))
-  assert run.generate_run(config).images == 4
+  assert run.generate_run(config).images == 5
   records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
   assert [(r["steps"], r["scheduler"], r.get("strength")) for r in records] == [
       (3, "ddim", None), (2, "euler_ancestral", None), (2, "euler_ancestral", 0.5),
-      (3, "ddim", None)]
+      (3, "ddim", None), (2, "euler_ancestral", None)]
+  assert records[-1]["scheduler_options"] == {"schedule_type": "sgm_uniform"}
+  assert all("scheduler_options" not in r for r in records[:-1])
   pipe = sdjax.load_pipeline(model)
   for record in records:
     png = Image.open(os.path.join(out, record["file"]))
@@ -408,6 +412,12 @@ def test_per_line_schedule(model, cache, tmp_path):
     assert params["Sampler"] == {"ddim": "DDIM", "euler_ancestral": "Euler a"}[
         record["scheduler"]]
     init = {}
+    if "scheduler_options" in record:
+      assert params["Schedule type"] == "SGM Uniform"
+      init = dict(schedule_type="sgm_uniform")
+      plain = pipe.generate(record["prompt"], seed=record["seed"], steps=2, height=16, width=16,
+                          guidance_scale=3.0, scheduler="euler_ancestral")
+      assert np.abs(plain[0] * 255 - np.asarray(png, np.float32)).max() > 10  # it matters
     if "strength" in record:
       assert params["Denoising strength"] == "0.5"
       init = dict(init_images=outputs.read_image(str(tmp_path / "a.png"), (16, 16))[None],
