@@ -393,8 +393,9 @@ class Pipeline:
         does not have is an error.
       sigmas: the noise levels to step through, as diffusers' `pipe(sigmas=...)`: n + 1
         descending values for n steps (`steps` may be left out), the last where the final step
-        lands (0; Euler and Euler a take any); replaces the scheduler's own placement. For the
-        sigma schedulers (euler, euler_ancestral, heun, lms, kdpm2*, dpmpp_*, unipc).
+        lands (0; Euler and Euler a take any); replaces the scheduler's own placement (of the
+        first pass: a hires pass keeps its scheduler's). For the sigma schedulers (euler,
+        euler_ancestral, heun, lms, kdpm2*, dpmpp_*, unipc).
       timesteps: the training timesteps to step through, as diffusers' `pipe(timesteps=...)`:
         n descending values for n steps (`steps` may be left out), their noise levels read off
         the training schedule, the final one the scheduler's own (diffusers' Align Your Steps

@@ -1090,8 +1090,12 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps. `control`,
   `control_guess`: as `prepare`'s (a ControlNet steers the second pass too). `hires.scheduler`
   replaces `scheduler` (`eta` then applies where that scheduler takes it); `hires.guidance_scale`
-  the guidance, compiled into the spec (`SampleSpec.fixed_guidance`)."""
+  the guidance, compiled into the spec (`SampleSpec.fixed_guidance`). A list of `sigmas` or
+  `timesteps` in `scheduler_options` is the first pass's: the hires pass, of another length,
+  places its noise levels as its scheduler does (a schedule type applies to both)."""
   hires.check()
+  scheduler_options = {k: v for k, v in (scheduler_options or {}).items()
+                       if k not in ("sigmas", "timesteps")} or None
   if hires.guidance_scale is not None:
     guidance_scale = hires.guidance_scale
   if hires.scheduler is not None and hires.scheduler != scheduler:

@@ -186,6 +186,26 @@ def test_hires_resize_layout_is_a1111s():
     sampling.Hires(resize=(-8, 0)).check()
 
 
+def test_hires_pass_places_its_own_levels(pipes):
+  """A list of sigmas (or timesteps) is the first pass's: the hires pass, of another length,
+  keeps its scheduler's placement; a schedule type applies to both passes."""
+  _sd1_only(pipes)
+  _, pipe, _ = pipes
+  common = dict(steps=4, scheduler="euler", height=16, width=16, guidance_scale=GUIDANCE)
+  hires = sampling.Hires(2.0, 3, 0.5)
+
+  def hires_sigmas(options):
+    return np.asarray(sampling.prepare_hires(pipe, 1, hires, scheduler_options=options,
+                                             **common)[1].sigmas)
+
+  plain = hires_sigmas(None)
+  assert len(plain) == 7  # 3 hires steps of a 6-step schedule
+  for options in ({"sigmas": [14.6, 3.0, 1.0, 0.3, 0.0]}, {"timesteps": [999, 600, 300, 50]}):
+    np.testing.assert_array_equal(hires_sigmas(options), plain)
+  typed = hires_sigmas({"schedule_type": "sgm_uniform"})
+  assert typed.shape == plain.shape and not np.allclose(typed, plain)
+
+
 def test_hires_model_must_take_the_latents():
   """A hires model continues the first pass's latents: the same channels and VAE scale, and a
   text-to-image UNet (an inpainting one would want a mask)."""
