@@ -813,6 +813,11 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   raw, tokenizers = _single_file_configs(
       family, config, prediction_type or markers.get("prediction_type"), revision, path,
       in_channels == single_file.INPAINTING_CHANNELS)
+  playground = single_file.playground_configs(state, path)
+  if playground is not None and config is None:  # a config folder's own win, as in diffusers
+    logging.info("%s: Playground v2.5 (EDM, latent statistics in the file)", path)
+    raw = {**raw, "scheduler": playground["scheduler"],
+           "vae": {**raw["vae"], **playground["vae"]}}
   text_cfgs = {name: CLIPTextConfig.from_dict(raw[name])
                for name in ("text_encoder", "text_encoder_2") if name in raw}
   config_family = single_file.config_family(text_cfgs)
@@ -1402,7 +1407,8 @@ def save_single_file(pipe: Pipeline, path: str, dtype: str = "float32") -> None:
                if getattr(pipe, n) is not None}
   family = single_file.config_family(text_cfgs)
   state = single_file.to_original(family, pipe.unet.config, pipe.vae.config, states)
-  write_safetensors(path, {**state, **single_file.markers_for(pipe.scheduler_config, dtype)})
+  write_safetensors(path, {**state, **single_file.markers_for(pipe.scheduler_config, dtype,
+                                                              pipe.vae.config)})
 
 
 # -- IP-Adapters -----------------------------------------------------------------------------------

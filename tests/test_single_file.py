@@ -379,6 +379,89 @@ def test_family_detection_picks_standard_config():
     single_file.detect_family({"encoder.conv_in.weight": np.zeros(1)})
 
 
+def _playground_folder(base: str, folder: str) -> dict:
+  """A copy of an SDXL folder configured as Playground v2.5 is: its EDM scheduler, VAE scaling
+  0.5 and latent statistics; returns the VAE's config."""
+  import json  # noqa: PLC0415
+
+  shutil.copytree(base, folder)
+  with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(single_file.PLAYGROUND_SCHEDULER, f)
+  index_path = os.path.join(folder, "model_index.json")
+  with open(index_path) as f:
+    index = json.load(f)
+  index["scheduler"] = ["diffusers", "EDMDPMSolverMultistepScheduler"]
+  with open(index_path, "w") as f:
+    json.dump(index, f)
+  vae_path = os.path.join(folder, "vae", "config.json")
+  with open(vae_path) as f:
+    vae = json.load(f)
+  vae.update(scaling_factor=0.5, latents_mean=[-0.3, 0.2, 0.4, -0.1],
+             latents_std=[1.7, 0.6, 1.2, 0.9])
+  with open(vae_path, "w") as f:
+    json.dump(vae, f)
+  return vae
+
+
+def test_playground_single_file(tmp_path, monkeypatch):
+  """A Playground v2.5 file (SDXL layout with `edm_mean` / `edm_std`) loads without a config
+  folder with Playground's EDM DPM-Solver++ scheduler, VAE scaling 0.5 and the file's latent
+  statistics (diffusers' single-file constants), and generates diffusers' images of it (read
+  with a folder of those configs); a config folder's own configs win, as in diffusers."""
+  import diffusers  # noqa: PLC0415
+  from diffusers.loaders import single_file_utils  # noqa: PLC0415
+
+  from sdjax import pipeline  # noqa: PLC0415
+
+  torch.set_num_threads(1)
+  assert single_file.PLAYGROUND_VAE_SCALING == single_file_utils.PLAYGROUND_VAE_SCALING_FACTOR
+  testing.write_torch_sdxl(str(tmp_path / "sdxl"))
+  base = str(tmp_path / "sdxl" / "base")
+  folder = str(tmp_path / "playground")
+  vae = _playground_folder(base, folder)
+  ref = sdjax.load_pipeline(folder)
+  path = str(tmp_path / "playground.safetensors")
+  ref.save_single_file(path)  # exported with the statistics, as Playground's file has them
+  state = load_file(path)
+  np.testing.assert_array_equal(state["edm_mean"].ravel(), np.float32(vae["latents_mean"]))
+  np.testing.assert_array_equal(state["edm_std"].ravel(), np.float32(vae["latents_std"]))
+  # No config folder: the family's standard configs (here the tiny SDXL's own, which has Euler
+  # and other latent statistics), then Playground's settings from the file.
+  configs = pipeline._single_file_configs
+  monkeypatch.setattr(pipeline, "_single_file_configs",
+                      lambda family, config, *a: configs(family, config or base, *a))
+  pipe = sdjax.load_pipeline(path)
+  assert pipe.scheduler_config == single_file.PLAYGROUND_SCHEDULER
+  assert (pipe.vae.config.scaling_factor, pipe.vae.config.latents_mean,
+          pipe.vae.config.latents_std) == (0.5, tuple(np.float32(vae["latents_mean"]).tolist()),
+                                           tuple(np.float32(vae["latents_std"]).tolist()))
+  _assert_params_equal(pipe.params, ref.params)
+  torch_pipe = diffusers.StableDiffusionXLPipeline.from_single_file(
+    path, config=folder, local_files_only=True)
+  assert type(torch_pipe.scheduler).__name__ == "EDMDPMSolverMultistepScheduler"
+  latents = np.random.default_rng(0).standard_normal(
+    (2, 32 // pipe.vae_scale, 24 // pipe.vae_scale, 4)).astype(np.float32)
+  want = torch_pipe(["a red circle", "a cat"], num_inference_steps=5, height=32, width=24,
+                    guidance_scale=3.0, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)),
+                    output_type="np").images
+  ours = pipe.generate(["a red circle", "a cat"], steps=5, height=32, width=24,
+                       guidance_scale=3.0, latents=latents)
+  err = float(np.linalg.norm(ours - want) / np.linalg.norm(want))
+  print(f"playground single file vs diffusers: {err:.2e}")
+  assert err <= 1e-4
+  with_config = sdjax.load_pipeline(path, config=base)  # the folder says Euler: as diffusers
+  assert with_config.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
+  cosxl = str(tmp_path / "cosxl.safetensors")
+  save_file({**{k: v for k, v in state.items() if not k.startswith("edm_")},
+             "edm_vpred.sigma_max": np.float32([120.0])}, cosxl)
+  with pytest.raises(SingleFileError, match=r"EDM v-prediction model \(edm_vpred.sigma_max: "):
+    sdjax.load_pipeline(cosxl, config=base)
+  half = str(tmp_path / "half.safetensors")
+  save_file({**{k: v for k, v in state.items() if k != "edm_std"}}, half)
+  with pytest.raises(SingleFileError, match="has one of edm_mean / edm_std"):
+    sdjax.load_pipeline(half)
+
+
 def test_marker_keys(family_files, tmp_path, monkeypatch):
   """`v_pred` (and `ztsnr`) marker keys set the scheduler (an explicit prediction_type wins);
   an EDM model's markers are a one-line refusal."""
@@ -418,7 +501,8 @@ def test_marker_keys(family_files, tmp_path, monkeypatch):
   edm = str(tmp_path / "edm.safetensors")
   save_file({**state, "edm_mean": np.zeros((1, 4, 1, 1), np.float32),
              "edm_std": np.ones((1, 4, 1, 1), np.float32)}, edm)
-  with pytest.raises(SingleFileError, match=r"is an EDM model \(edm_mean: Playground v2.5, CosXL\)"):
+  with pytest.raises(SingleFileError, match=r"Playground's EDM latent statistics \(edm_mean\) "
+                     "but is not an SDXL-layout model"):
     sdjax.load_pipeline(edm, config=folder)
 
 

@@ -62,15 +62,27 @@ _IGNORED = re.compile(
     r"|^model_ema\.|^(first_stage_model\.)?loss\."
     r"|(^|\.)(position_ids|logit_scale|text_projection|attn_mask)$"
     r"|^(v_pred|ztsnr)$"  # markers, read by `scheduler_markers`
+    r"|^edm_(mean|std)$"  # Playground's latent statistics, read by `playground_configs`
 )
 
 # Marker keys (empty tensors) that v-prediction fine-tunes carry, as ComfyUI and A1111 read them:
 # `v_pred` = the model predicts v; `ztsnr` (with `v_pred`) = trained on zero-terminal-SNR betas.
 V_PRED_MARKER, ZERO_SNR_MARKER = "v_pred", "ztsnr"
-# EDM models (Playground v2.5, CosXL) mark themselves too. Their single files do not say which
-# EDM scheduler, noise range and latent statistics they were trained with; their diffusers
-# folders do (edm_dpmpp_2m / edm_euler), so the single file is refused with that advice.
-_EDM_MARKERS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
+# EDM models mark themselves too. Playground v2.5's files carry their latents' per-channel mean
+# and std (`edm_mean`, `edm_std`), which diffusers' single-file loader reads with Playground's
+# fixed EDM scheduler and VAE scaling (`playground_configs`). CosXL's (`edm_vpred.*`) say their
+# noise range but not the rest of their scheduler: refused, pointing to the diffusers folder.
+PLAYGROUND_MARKERS = ("edm_mean", "edm_std")
+_COSXL_MARKERS = ("edm_vpred.sigma_max", "edm_vpred.sigma_min")
+# Playground v2.5's scheduler and VAE scaling, as diffusers' single-file loader sets them.
+PLAYGROUND_SCHEDULER = {
+    "_class_name": "EDMDPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
+    "dynamic_thresholding_ratio": 0.995, "euler_at_final": False, "final_sigmas_type": "zero",
+    "lower_order_final": True, "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "rho": 7.0, "sample_max_value": 1.0, "sigma_data": 0.5, "sigma_max": 80.0,
+    "sigma_min": 0.002, "solver_order": 2, "solver_type": "midpoint", "thresholding": False,
+}
+PLAYGROUND_VAE_SCALING = 0.5
 
 
 def is_single_file(source: str) -> bool:
@@ -128,11 +140,14 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
     raise SingleFileError(f"{name} is not a Stable Diffusion single file: {_guess_kind(state)}")
   if _has_prefix(state, "embedder.") or _has_prefix(state, "noise_augmentor."):
     raise SingleFileError(f"{name} is a Stable unCLIP checkpoint, which sdjax does not support")
-  edm = [k for k in _EDM_MARKERS if k in state]
+  edm = [k for k in _COSXL_MARKERS if k in state]
   if edm:
-    raise SingleFileError(f"{name} is an EDM model ({edm[0]}: Playground v2.5, CosXL), which "
-                          "sdjax loads from its diffusers folder (its EDM scheduler config), "
-                          "not from a single file")
+    raise SingleFileError(f"{name} is an EDM v-prediction model ({edm[0]}: CosXL), which sdjax "
+                          "loads from its diffusers folder (its EDM scheduler config), not from "
+                          "a single file")
+  if any(k in state for k in PLAYGROUND_MARKERS) and not _has_prefix(state, SDXL_OPENCLIP_PREFIX):
+    raise SingleFileError(f"{name} carries Playground's EDM latent statistics (edm_mean) but is "
+                          "not an SDXL-layout model, which Playground v2.5 is")
   channels = conv_in.shape[1]
   if channels not in (4, INPAINTING_CHANNELS):
     variant = {8: "an instruct-pix2pix", 5: "a depth-to-image",
@@ -194,8 +209,37 @@ def scheduler_markers(state: Mapping[str, object],
   return {}
 
 
-def markers_for(scheduler_config: Mapping[str, Any], dtype=np.float32) -> dict[str, np.ndarray]:
-  """The marker keys an exported file carries for a scheduler config (see `scheduler_markers`)."""
+def playground_configs(state: Mapping[str, np.ndarray],
+                       name: str = "checkpoint") -> dict[str, dict[str, Any]] | None:
+  """{"scheduler": config, "vae": overrides} of a Playground v2.5 file (its `edm_mean` /
+  `edm_std` keys), as diffusers' single-file loader builds them: Playground's EDM DPM-Solver++
+  scheduler, VAE scaling 0.5 and the file's latent statistics; None for other files."""
+  if not any(k in state for k in PLAYGROUND_MARKERS):
+    return None
+  if not all(k in state for k in PLAYGROUND_MARKERS):
+    raise SingleFileError(f"{name} has one of edm_mean / edm_std (Playground's latent "
+                          "statistics) but not the other")
+  stats = {k: np.asarray(state[k], np.float64).ravel() for k in PLAYGROUND_MARKERS}
+  if any(len(v) != 4 or not np.all(np.isfinite(v)) for v in stats.values()):
+    raise SingleFileError(f"{name}: edm_mean / edm_std must hold 4 finite numbers each (one per "
+                          "latent channel)")
+  return {"scheduler": dict(PLAYGROUND_SCHEDULER),
+          "vae": {"scaling_factor": PLAYGROUND_VAE_SCALING,
+                  "latents_mean": stats["edm_mean"].tolist(),
+                  "latents_std": stats["edm_std"].tolist()}}
+
+
+def markers_for(scheduler_config: Mapping[str, Any], dtype=np.float32,
+                vae_config=None) -> dict[str, np.ndarray]:
+  """The marker keys an exported file carries for a scheduler config (see `scheduler_markers`)
+  and, for a Playground-style model (EDM DPM-Solver++, latent statistics), its `edm_mean` /
+  `edm_std` (see `playground_configs`)."""
+  mean = getattr(vae_config, "latents_mean", None)
+  std = getattr(vae_config, "latents_std", None)
+  if (scheduler_config.get("_class_name") == PLAYGROUND_SCHEDULER["_class_name"]
+      and mean is not None and std is not None):
+    return {"edm_mean": np.asarray(mean, dtype).reshape(1, -1, 1, 1),
+            "edm_std": np.asarray(std, dtype).reshape(1, -1, 1, 1)}
   if scheduler_config.get("prediction_type") != "v_prediction":
     return {}
   keys = [V_PRED_MARKER] + ([ZERO_SNR_MARKER] if scheduler_config.get("rescale_betas_zero_snr")
