@@ -805,6 +805,11 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   """A single original-layout file, with configs from `config` or the family's standard ones."""
   state = single_file.read_single_file(path)
   family = single_file.detect_family(state, path)
+  if config is None and (marker := single_file.cosxl_marker(state)):
+    raise single_file.SingleFileError(
+      f"{path} is an EDM v-prediction model ({marker}: CosXL), whose file does not say its "
+      "scheduler: pass config= (--model_config) a diffusers folder of it with its "
+      "EDMEulerScheduler config")
   # Marker keys or ModelSpec metadata; an explicit prediction_type still wins (see load()).
   markers = single_file.scheduler_markers(state, single_file.read_metadata(path))
   if markers:

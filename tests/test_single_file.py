@@ -454,8 +454,10 @@ def test_playground_single_file(tmp_path, monkeypatch):
   cosxl = str(tmp_path / "cosxl.safetensors")
   save_file({**{k: v for k, v in state.items() if not k.startswith("edm_")},
              "edm_vpred.sigma_max": np.float32([120.0])}, cosxl)
-  with pytest.raises(SingleFileError, match=r"EDM v-prediction model \(edm_vpred.sigma_max: "):
-    sdjax.load_pipeline(cosxl, config=base)
+  with pytest.raises(SingleFileError, match=r"EDM v-prediction model \(edm_vpred.sigma_max: "
+                     r"CosXL\), whose file does not say its scheduler: pass config="):
+    sdjax.load_pipeline(cosxl)
+  _assert_params_equal(sdjax.load_pipeline(cosxl, config=folder).params, ref.params)
   half = str(tmp_path / "half.safetensors")
   save_file({**{k: v for k, v in state.items() if k != "edm_std"}}, half)
   with pytest.raises(SingleFileError, match="has one of edm_mean / edm_std"):

@@ -63,6 +63,7 @@ _IGNORED = re.compile(
     r"|(^|\.)(position_ids|logit_scale|text_projection|attn_mask)$"
     r"|^(v_pred|ztsnr)$"  # markers, read by `scheduler_markers`
     r"|^edm_(mean|std)$"  # Playground's latent statistics, read by `playground_configs`
+    r"|^edm_vpred\.sigma_(max|min)$"  # CosXL's noise range (`cosxl_marker`)
 )
 
 # Marker keys (empty tensors) that v-prediction fine-tunes carry, as ComfyUI and A1111 read them:
@@ -71,7 +72,7 @@ V_PRED_MARKER, ZERO_SNR_MARKER = "v_pred", "ztsnr"
 # EDM models mark themselves too. Playground v2.5's files carry their latents' per-channel mean
 # and std (`edm_mean`, `edm_std`), which diffusers' single-file loader reads with Playground's
 # fixed EDM scheduler and VAE scaling (`playground_configs`). CosXL's (`edm_vpred.*`) say their
-# noise range but not the rest of their scheduler: refused, pointing to the diffusers folder.
+# noise range but not the rest of their scheduler: they load with a config folder only.
 PLAYGROUND_MARKERS = ("edm_mean", "edm_std")
 _COSXL_MARKERS = ("edm_vpred.sigma_max", "edm_vpred.sigma_min")
 # Playground v2.5's scheduler and VAE scaling, as diffusers' single-file loader sets them.
@@ -140,11 +141,6 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
     raise SingleFileError(f"{name} is not a Stable Diffusion single file: {_guess_kind(state)}")
   if _has_prefix(state, "embedder.") or _has_prefix(state, "noise_augmentor."):
     raise SingleFileError(f"{name} is a Stable unCLIP checkpoint, which sdjax does not support")
-  edm = [k for k in _COSXL_MARKERS if k in state]
-  if edm:
-    raise SingleFileError(f"{name} is an EDM v-prediction model ({edm[0]}: CosXL), which sdjax "
-                          "loads from its diffusers folder (its EDM scheduler config), not from "
-                          "a single file")
   if any(k in state for k in PLAYGROUND_MARKERS) and not _has_prefix(state, SDXL_OPENCLIP_PREFIX):
     raise SingleFileError(f"{name} carries Playground's EDM latent statistics (edm_mean) but is "
                           "not an SDXL-layout model, which Playground v2.5 is")
@@ -207,6 +203,11 @@ def scheduler_markers(state: Mapping[str, object],
   if spec in _MODELSPEC_PREDICTION:
     return {"prediction_type": _MODELSPEC_PREDICTION[spec]}
   return {}
+
+
+def cosxl_marker(state: Mapping[str, object]) -> str | None:
+  """The first of CosXL's EDM v-prediction keys a file carries, or None."""
+  return next((k for k in _COSXL_MARKERS if k in state), None)
 
 
 def playground_configs(state: Mapping[str, np.ndarray],
