@@ -98,7 +98,7 @@ flags.DEFINE_list("sigmas", None, "the steps' noise levels themselves, as diffus
 flags.DEFINE_list("timesteps", None, "the steps' training timesteps themselves, as diffusers' "
                   "pipe(timesteps=...): n descending numbers for n steps (--steps may be left "
                   "out), e.g. diffusers' Align Your Steps 999,850,736,645,545,455,343,233,124,24; "
-                  "for euler, euler_ancestral, heun, dpmpp_*")
+                  "for euler, euler_ancestral, heun, dpmpp_*, ddpm, lcm, tcd")
 flags.DEFINE_float("eta", None, "DDIM's eta: 0 deterministic (default), 1 DDPM-like; step noise "
                    "from each image's seed (--scheduler ddim; tcd: its gamma, in [0, 1])")
 flags.DEFINE_integer("height", None, "image height in pixels (default: the model's native size)")

@@ -400,7 +400,8 @@ class Pipeline:
         n descending values for n steps (`steps` may be left out), their noise levels read off
         the training schedule, the final one the scheduler's own (diffusers' Align Your Steps
         recipe: `timesteps=AysSchedules["StableDiffusionTimesteps"]` with dpmpp_2m_sde). For
-        euler, euler_ancestral, heun and dpmpp_* (which take them as integers, as diffusers).
+        euler, euler_ancestral, heun, dpmpp_*, ddpm, lcm and tcd (all but the first three take
+        them as integers, as diffusers).
       schedule_type: one of A1111's schedule types that diffusers lacks, for the same
         schedulers (`sdjax.schedulers.sigma_schedules.SCHEDULE_TYPES`): "align_your_steps"
         (NVIDIA's levels for SD1.5, or SDXL's for an SDXL model), "sgm_uniform", "normal",

@@ -49,6 +49,24 @@ CASES = (
 )
 
 
+def test_custom_timesteps_match_diffusers():
+  """diffusers' `set_timesteps(timesteps=...)` (the `timesteps` option; one compiled program
+  for any list of a length)."""
+  timesteps = [999, 759, 499, 259]
+
+  def reference():
+    ref = _reference(SD15, 0.3)
+    set_timesteps = ref.set_timesteps
+    ref.set_timesteps = lambda steps, device=None: set_timesteps(timesteps=timesteps,
+                                                                 device=device)
+    return ref
+
+  ours = get_scheduler("tcd", SD15, eta=0.3, options={"timesteps": timesteps})
+  parity = parity_errors(ours, reference, len(timesteps))
+  assert parity.exact_sqrt <= TOL and parity.plain <= TOL
+  assert ours.program() == get_scheduler("tcd", SD15, eta=0.5).program()
+
+
 @pytest.mark.parametrize("overrides,steps,gamma,strength", CASES)
 def test_matches_diffusers(overrides, steps, gamma, strength):
   config = {**SD15, **overrides}

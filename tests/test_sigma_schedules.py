@@ -59,7 +59,7 @@ def _run(ours, ref, steps, strength=None):
                              atol=1e-5)
   if hasattr(state, "sigmas"):
     np.testing.assert_allclose(np.asarray(state.sigmas), ref.sigmas.numpy(), rtol=1e-6, atol=0)
-  else:  # UniPC keeps the noise levels as their variance-preserving coefficients
+  elif hasattr(state, "sigma_t"):  # UniPC keeps the noise levels as VP coefficients
     np.testing.assert_allclose(np.asarray(state.sigma_t) / np.asarray(state.alpha_t),
                                ref.sigmas.numpy(), rtol=1e-6, atol=0)
   np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(ref.init_noise_sigma),
@@ -147,6 +147,24 @@ def _with_timesteps(ref, timesteps):
 def test_custom_timesteps_match_diffusers(name, ref_cls, options, timesteps, strength):
   """diffusers' `timesteps=` (DPM-Solver takes them as integers, Euler and Heun as they are);
   the final sigma stays the scheduler's own."""
+  cfg = dict(SD15, **options)
+  ours = get_scheduler(name, cfg, options={"timesteps": timesteps})
+  err = _run(ours, _with_timesteps(ref_cls.from_config(cfg), timesteps), len(timesteps),
+             strength)
+  print(f"maxrel {name} {options} custom timesteps: {err:.3g}")
+  assert err <= TOL, err
+
+
+@pytest.mark.parametrize("name,ref_cls,options,timesteps,strength", [
+  ("lcm", diffusers.LCMScheduler, {}, [999, 759, 499, 259], None),
+  ("lcm", diffusers.LCMScheduler, {"prediction_type": "v_prediction"}, [999, 700, 380, 90, 12],
+   0.5),
+  ("ddpm", diffusers.DDPMScheduler, {}, [980, 800, 500, 300, 120, 30], None),
+  ("ddpm", diffusers.DDPMScheduler, {"variance_type": "fixed_large"}, [999, 600, 250, 0], 0.5),
+], ids=["lcm", "lcm-v-img2img", "ddpm", "ddpm-fixed_large-img2img"])
+def test_timestep_schedulers_take_custom_timesteps(name, ref_cls, options, timesteps, strength):
+  """LCM and DDPM as diffusers' `set_timesteps(timesteps=...)` (TCD's case is in its own
+  file); the step noise reaches both from the harness."""
   cfg = dict(SD15, **options)
   ours = get_scheduler(name, cfg, options={"timesteps": timesteps})
   err = _run(ours, _with_timesteps(ref_cls.from_config(cfg), timesteps), len(timesteps),
@@ -259,7 +277,9 @@ def test_every_type_makes_a_sane_schedule(kind):
   ("euler", {"timesteps": []}, "at least 1 finite number, got"),
   ("dpmpp_2m", {"timesteps": [999, 500]}, "2 timesteps make 2 steps, not 5"),
   ("euler", {"timesteps": AYS_TIMESTEPS, "use_karras_sigmas": True}, "timesteps replaces the "),
-  ("lms", {"timesteps": AYS_TIMESTEPS}, "timesteps is an option of euler, euler_ancestral, heun, "),
+  ("lms", {"timesteps": AYS_TIMESTEPS}, "timesteps is an option of ddpm, euler, euler_ancestral, "),
+  ("lcm", {"sigmas": HAND}, "sigmas is an option of lms, euler, "),
+  ("ddpm", {"timesteps": [999, 999]}, "timesteps must decrease strictly"),
   ("ddim", {"sigmas": HAND}, "places its own noise levels: sigmas is an option of lms, euler, "),
   ("edm_euler", {"schedule_type": "simple"}, "schedule_type is an option of .*unipc$"),
 ])

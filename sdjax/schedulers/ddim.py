@@ -134,7 +134,8 @@ class EtaInState:
     return self.cfg["eta"] > 0
 
   def program(self):
-    config = {**self.cfg, "eta": 1.0 if self.needs_noise else 0.0}
+    base = super().program()  # without what only the state holds (custom timesteps)
+    config = {**base.cfg, "eta": 1.0 if self.needs_noise else 0.0}
     return dataclasses.replace(self, config=hashable_config(config))
 
 

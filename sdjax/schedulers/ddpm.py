@@ -30,6 +30,8 @@ from sdjax.schedulers.ddim import (
   predict_original_and_noise,
 )
 from sdjax.schedulers.euler import check_choice
+from sdjax.schedulers.sigma_schedules import check_options as check_schedule_options
+from sdjax.schedulers.sigma_schedules import custom_timesteps
 
 _VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
@@ -59,6 +61,7 @@ class DDPMScheduler(Scheduler):
   """diffusers' `DDPMScheduler` with its fixed variance types (no learned variance)."""
 
   name = "ddpm"
+  schedule_options = ("timesteps",)  # diffusers' pipe(timesteps=...)
   order = 1
   needs_noise = True
 
@@ -90,12 +93,17 @@ class DDPMScheduler(Scheduler):
     # fixed_large_log would take the square root of a log (NaN in diffusers); the learned types
     # need a UNet that predicts its variance.
     check_choice(cls.name, "variance_type", config["variance_type"], _VARIANCE_TYPES)
+    check_schedule_options(cls.name, config)
     return cls(config=hashable_config(config))
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     del sample_shape  # no history
     config = self.cfg
-    timesteps = discrete_timesteps(config, num_inference_steps)
+    timesteps = custom_timesteps(config, num_inference_steps)
+    if timesteps is None:
+      timesteps = discrete_timesteps(config, num_inference_steps)
+    else:  # as integers, as diffusers takes them
+      timesteps = timesteps.astype(np.int64)
     alphas_cumprod = make_alphas_cumprod(config)
     # The previous timestep is the next entry of the schedule, then "-1" (alpha_prod = 1).
     prev_timesteps = np.concatenate([timesteps[1:], [-1]])

@@ -29,6 +29,8 @@ from sdjax.schedulers.common import (
 )
 from sdjax.schedulers.ddim import add_noise_vp, f32, predict_original_and_noise
 from sdjax.schedulers.euler import check_choice
+from sdjax.schedulers.sigma_schedules import check_options as check_schedule_options
+from sdjax.schedulers.sigma_schedules import custom_timesteps
 
 _SIGMA_DATA = np.float32(0.5)
 
@@ -57,7 +59,11 @@ class LCMState:
 def lcm_timesteps(config: dict[str, Any], num_inference_steps: int,
                   name: str = "lcm") -> np.ndarray:
   """Descending int64 timesteps: `num_inference_steps` evenly spaced indices into the
-  distillation schedule (k - 1, 2k - 1, ..., with k = num_train // original_inference_steps)."""
+  distillation schedule (k - 1, 2k - 1, ..., with k = num_train // original_inference_steps), or
+  the `timesteps` option's (as diffusers' custom timesteps, taken as integers)."""
+  custom = custom_timesteps(config, num_inference_steps)
+  if custom is not None:
+    return custom.astype(np.int64)
   n_train, original = int(config["num_train_timesteps"]), int(config["original_inference_steps"])
   if original > n_train:
     raise ValueError(f"original_inference_steps={original} cannot exceed "
@@ -83,14 +89,16 @@ def resolve_lcm_config(cls, scheduler_config: dict[str, Any],
   if int(config["original_inference_steps"]) < 1:
     raise SchedulerConfigError(f"scheduler {cls.name!r}: original_inference_steps must be "
                                f">= 1, got {config['original_inference_steps']}")
+  check_schedule_options(cls.name, config)
   return config
 
 
 @dataclasses.dataclass(frozen=True)
 class LCMScheduler(Scheduler):
-  """diffusers' `LCMScheduler` (without thresholding or custom timesteps)."""
+  """diffusers' `LCMScheduler` (without thresholding)."""
 
   name = "lcm"
+  schedule_options = ("timesteps",)  # diffusers' pipe(timesteps=...)
   order = 1
   needs_noise = True
 

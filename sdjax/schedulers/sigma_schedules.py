@@ -9,7 +9,8 @@ schedulers replace that placement:
 - `timesteps` (euler, euler_ancestral, heun and the dpmpp family, as diffusers' `pipe(timesteps=
   ...)` for the first three and DPM-Solver): the n training timesteps of an n-step run, their
   sigmas read off the training schedule and the final one the scheduler's own (diffusers' Align
-  Your Steps recipe passes NVIDIA's timesteps this way).
+  Your Steps recipe passes NVIDIA's timesteps this way). DDPM, LCM and TCD, which step between
+  timesteps rather than sigmas, take the option too (as integers, as diffusers).
 - `schedule_type`: one of AUTOMATIC1111's schedule types that diffusers does not have
   (`SCHEDULE_TYPES`), computed for the run's step count from the model's training noise levels.
   Align Your Steps (Sabour et al. 2024) interpolates NVIDIA's optimised 10-step levels in log sigma

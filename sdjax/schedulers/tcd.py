@@ -51,9 +51,10 @@ class TCDState:
 
 @dataclasses.dataclass(frozen=True)
 class TCDScheduler(EtaInState, Scheduler):
-  """diffusers' `TCDScheduler` (without thresholding or custom timesteps); `eta` is its gamma."""
+  """diffusers' `TCDScheduler` (without thresholding); `eta` is its gamma."""
 
   name = "tcd"
+  schedule_options = ("timesteps",)  # diffusers' pipe(timesteps=...)
   order = 1
 
   _DEFAULTS = LCMScheduler._DEFAULTS  # the same config as LCM's
