@@ -67,6 +67,14 @@ def _run(ours, ref, steps, strength=None):
   return max_rel_error(got, want)
 
 
+def _custom(ref, **schedule):
+  """`ref`, its set_timesteps(n) taking `sigmas=` or `timesteps=` instead, as diffusers'
+  pipelines pass them."""
+  set_timesteps = ref.set_timesteps
+  ref.set_timesteps = lambda steps, device=None: set_timesteps(device=device, **schedule)
+  return ref
+
+
 @pytest.mark.parametrize("name,ref_cls,options,sigmas,strength", [
   ("heun", diffusers.HeunDiscreteScheduler, {}, HAND, None),
   ("lms", diffusers.LMSDiscreteScheduler, {"prediction_type": "v_prediction"}, AYS8, None),
@@ -96,9 +104,7 @@ def test_custom_sigmas_match_diffusers(name, ref_cls, options, sigmas, strength)
 ], ids=["ays", "v-leading", "img2img"])
 def test_euler_takes_sigmas_as_diffusers(options, sigmas, strength):
   cfg = dict(SD15, **options)
-  ref = diffusers.EulerDiscreteScheduler.from_config(cfg)
-  set_timesteps = ref.set_timesteps
-  ref.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=sigmas, device=device)
+  ref = _custom(diffusers.EulerDiscreteScheduler.from_config(cfg), sigmas=sigmas)
   err = _run(get_scheduler("euler", cfg, options={"sigmas": sigmas}), ref, len(sigmas) - 1,
              strength)
   print(f"maxrel euler {options} custom sigmas: {err:.3g}")
@@ -111,9 +117,7 @@ def test_euler_schedules_may_end_above_zero():
   ours = get_scheduler("euler", SD15, options={"schedule_type": "kl_optimal"})
   sigmas = [float(x) for x in np.asarray(ours.set_timesteps(5).sigmas)]
   assert sigmas[-1] == pytest.approx(TRAIN_SIGMAS[0], rel=1e-6)
-  ref = diffusers.EulerDiscreteScheduler.from_config(SD15)
-  set_timesteps = ref.set_timesteps
-  ref.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=sigmas, device=device)
+  ref = _custom(diffusers.EulerDiscreteScheduler.from_config(SD15), sigmas=sigmas)
   assert _run(ours, ref, 5) <= TOL
   state = get_scheduler("euler_ancestral", SD15,
                         options={"schedule_type": "kl_optimal"}).set_timesteps(5)
@@ -123,12 +127,6 @@ def test_euler_schedules_may_end_above_zero():
 AYS_TIMESTEPS = AysSchedules["StableDiffusionTimesteps"]  # diffusers' Align Your Steps recipe
 
 
-def _with_timesteps(ref, timesteps):
-  """`ref`, its set_timesteps(n) taking `timesteps` instead, as diffusers' pipelines pass them."""
-  set_timesteps = ref.set_timesteps
-  ref.set_timesteps = lambda steps, device=None: set_timesteps(timesteps=timesteps,
-                                                               device=device)
-  return ref
 
 
 @pytest.mark.parametrize("name,ref_cls,options,timesteps,strength", [
@@ -142,32 +140,20 @@ def _with_timesteps(ref, timesteps):
   ("dpmpp_3m_sde", diffusers.DPMSolverMultistepScheduler,
    {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "prediction_type": "v_prediction"},
    [998.7, 800, 620, 400, 250, 120, 40], None),
-], ids=["euler-ays", "euler-v-fractional-img2img", "heun", "dpmpp_2m-ays",
-        "dpmpp_2m_sde-sigma_min-img2img", "dpmpp_3m_sde-v-fractional"])
-def test_custom_timesteps_match_diffusers(name, ref_cls, options, timesteps, strength):
-  """diffusers' `timesteps=` (DPM-Solver takes them as integers, Euler and Heun as they are);
-  the final sigma stays the scheduler's own."""
-  cfg = dict(SD15, **options)
-  ours = get_scheduler(name, cfg, options={"timesteps": timesteps})
-  err = _run(ours, _with_timesteps(ref_cls.from_config(cfg), timesteps), len(timesteps),
-             strength)
-  print(f"maxrel {name} {options} custom timesteps: {err:.3g}")
-  assert err <= TOL, err
-
-
-@pytest.mark.parametrize("name,ref_cls,options,timesteps,strength", [
   ("lcm", diffusers.LCMScheduler, {}, [999, 759, 499, 259], None),
   ("lcm", diffusers.LCMScheduler, {"prediction_type": "v_prediction"}, [999, 700, 380, 90, 12],
    0.5),
   ("ddpm", diffusers.DDPMScheduler, {}, [980, 800, 500, 300, 120, 30], None),
   ("ddpm", diffusers.DDPMScheduler, {"variance_type": "fixed_large"}, [999, 600, 250, 0], 0.5),
-], ids=["lcm", "lcm-v-img2img", "ddpm", "ddpm-fixed_large-img2img"])
-def test_timestep_schedulers_take_custom_timesteps(name, ref_cls, options, timesteps, strength):
-  """LCM and DDPM as diffusers' `set_timesteps(timesteps=...)` (TCD's case is in its own
-  file); the step noise reaches both from the harness."""
+], ids=["euler-ays", "euler-v-fractional-img2img", "heun", "dpmpp_2m-ays",
+        "dpmpp_2m_sde-sigma_min-img2img", "dpmpp_3m_sde-v-fractional", "lcm", "lcm-v-img2img",
+        "ddpm", "ddpm-fixed_large-img2img"])
+def test_custom_timesteps_match_diffusers(name, ref_cls, options, timesteps, strength):
+  """diffusers' `timesteps=` (DPM-Solver, DDPM and LCM take them as integers, Euler and Heun as
+  they are; TCD's case is in its own file); the final sigma stays the scheduler's own."""
   cfg = dict(SD15, **options)
   ours = get_scheduler(name, cfg, options={"timesteps": timesteps})
-  err = _run(ours, _with_timesteps(ref_cls.from_config(cfg), timesteps), len(timesteps),
+  err = _run(ours, _custom(ref_cls.from_config(cfg), timesteps=timesteps), len(timesteps),
              strength)
   print(f"maxrel {name} {options} custom timesteps: {err:.3g}")
   assert err <= TOL, err
