@@ -18,7 +18,7 @@ import torch
 from parity import assert_close, img2img_draws, nchw, nhwc, randn, rel_err
 
 import sdjax
-from sdjax import sampling, testing
+from sdjax import sampling, schedulers, testing
 from sdjax.conditioning import MicroConditioning
 
 torch.set_num_threads(1)
@@ -136,6 +136,19 @@ def test_generate_matches_diffusers(pipes, name):
   err = rel_err(ours, expected)
   print(f"\ngenerate {name}: {err:.2e}")
   assert err <= GENERATE_TOL
+  if name == "euler":  # Align Your Steps takes SDXL's levels here (the same compiled program)
+    sigmas = schedulers.get_scheduler("euler", pipe.scheduler_config, options={
+      "schedule_type": "align_your_steps_sdxl"}).set_timesteps(5).sigmas
+    with torch.no_grad():
+      expected = ref(prompts, prompt_2=prompts_2, negative_prompt=negatives, height=H, width=W,
+                     sigmas=np.asarray(sigmas).tolist(), guidance_scale=GUIDANCE,
+                     latents=nchw(latents), output_type="np", **MICRO).images
+    ours = pipe.generate(prompts, prompts_2=prompts_2, negative_prompts=negatives, height=H,
+                         width=W, steps=5, guidance_scale=GUIDANCE, scheduler=name,
+                         schedule_type="align_your_steps", latents=latents, **MICRO)
+    err = rel_err(ours, expected)
+    print(f"generate {name} Align Your Steps: {err:.2e}")
+    assert err <= GENERATE_TOL
 
 
 def test_refiner_img2img_matches_diffusers(pipes):
