@@ -188,16 +188,20 @@ def _scheduler(name, where: str) -> str:
 
 
 def _schedule_type(name, where: str) -> str:
-  """A line's schedule type, in A1111's words ("Karras", "Align Your Steps") or sdjax's."""
+  """A line's schedule type, given in A1111's words ("Karras", "Align Your Steps") or sdjax's,
+  as sdjax names it ("karras", "align_your_steps"; "automatic": the scheduler's own), so that
+  lines that say the same in other words share a program."""
   from sdjax import outputs  # noqa: PLC0415
 
   try:
     if not isinstance(name, str):
       raise ValueError(f"a string, got {name!r}")
-    outputs.schedule_type_options(name)
+    options = outputs.schedule_type_options(name)
   except ValueError as e:
     raise RunError(f'{where}: "schedule_type": {e}') from None
-  return name
+  if "schedule_type" in options:
+    return options["schedule_type"]
+  return next((key[len("use_"):-len("_sigmas")] for key in options), "automatic")
 
 
 def _is_number(value) -> bool:

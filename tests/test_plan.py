@@ -142,9 +142,13 @@ def test_per_line_schedule(tmp_path):
   assert Plan([PromptLine("a", steps=3)], None, num_images_per_prompt=1, seed=0,
               negative_prompt="", shard_size=4).digest != cli.digest
   line = parse_line("p.jsonl", 1, b'{"prompt": "a", "schedule_type": "Align Your Steps"}')
-  assert line.schedule_type == "Align Your Steps"
+  assert line.schedule_type == "align_your_steps"  # A1111's words or ours: one name
+  for words, name in (("Karras", "karras"), ("sgm_uniform", "sgm_uniform"),
+                      ("Automatic", "automatic")):
+    assert parse_line("p.jsonl", 1, json.dumps({"prompt": "a", "schedule_type": words}).encode()
+                      ).schedule_type == name
   typed = Plan([line], None, num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=4)
-  assert [j.schedule_type for j in _all_jobs(typed)] == ["Align Your Steps"]
+  assert [j.schedule_type for j in _all_jobs(typed)] == ["align_your_steps"]
   assert typed.digest != cli.digest
   for text, error in (('"steps": 0', '"steps" must be a positive integer'),
                       ('"scheduler": "k_euler"', '"scheduler" must be one of ddim, .* or A1111'),
