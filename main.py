@@ -81,8 +81,8 @@ flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
 flags.DEFINE_float("guidance_rescale", 0.0, "rescale the guided prediction's spread towards the "
                    "conditional one's (diffusers' guidance_rescale, arXiv:2305.08891; 0.7 for "
                    "v-prediction models trained with zero terminal SNR; 0: off)")
-flags.DEFINE_string("scheduler", None, f"one of {', '.join(schedulers.SCHEDULERS)} (default: the "
-                    "checkpoint's own)")
+flags.DEFINE_string("scheduler", None, f"one of {', '.join(schedulers.SCHEDULERS)}, or A1111's "
+                    "sampler name of one ('DPM++ 2M', 'Euler a'; default: the checkpoint's own)")
 flags.DEFINE_string("scheduler_options", None, "a JSON object of scheduler config options to "
                     "override, as diffusers' from_config(config, **options), e.g. "
                     "'{\"timestep_spacing\": \"trailing\"}' (SDXL Lightning / Turbo) or "
@@ -243,6 +243,7 @@ def _run_config() -> run.RunConfig:
     values.update({k: v for k, v in preset.items() if k in _OVERRIDABLE})
   values.update({k: FLAGS[k].value for k in _OVERRIDABLE if FLAGS[k].present})
   options = _scheduler_options()
+  values["scheduler"] = _scheduler_name(values.get("scheduler"), "--scheduler")
   if not FLAGS["steps"].present:  # a list of sigmas or timesteps says how many steps
     for key, extra in (("sigmas", 1), ("timesteps", 0)):
       if FLAGS[key].value is not None:
@@ -277,7 +278,7 @@ def _run_config() -> run.RunConfig:
       hires_scale=FLAGS.hires_scale, hires_steps=FLAGS.hires_steps,
       hires_strength=FLAGS.hires_strength, hires_upscaler=FLAGS.hires_upscaler,
       hires_resize_width=FLAGS.hires_resize_width,
-      hires_resize_height=FLAGS.hires_resize_height, hires_scheduler=FLAGS.hires_scheduler,
+      hires_resize_height=FLAGS.hires_resize_height, hires_scheduler=_scheduler_name(FLAGS.hires_scheduler, "--hires_scheduler"),
       hires_prompt=FLAGS.hires_prompt, hires_negative_prompt=FLAGS.hires_negative_prompt,
       hires_guidance_scale=FLAGS.hires_guidance_scale,
       hires_model=FLAGS.hires_model,
@@ -294,6 +295,16 @@ def _run_config() -> run.RunConfig:
                        for s in FLAGS.embedding)
       + (run.embeddings_in_dir(FLAGS.embeddings_dir) if FLAGS.embeddings_dir else ()),
       micro=_micro_conditioning(), scheduler_options=options, **values)
+
+
+def _scheduler_name(name: str | None, flag: str) -> str | None:
+  """sdjax's name for a scheduler flag's value, which may be A1111's ("DPM++ 2M Karras")."""
+  if name is None:
+    return None
+  try:
+    return outputs.scheduler_name(name)
+  except ValueError as e:
+    raise run.RunError(f"{flag} {name!r} {e}") from None
 
 
 def _scheduler_options() -> tuple[tuple[str, Any], ...]:

@@ -125,6 +125,18 @@ def a1111_schedule_type(scheduler_options) -> str | None:
   return next((label for key, label in A1111_SCHEDULE_TYPES.items() if options.get(key)), None)
 
 
+def scheduler_name(name: str) -> str:
+  """sdjax's scheduler name for one of its own or for the sampler name A1111 writes for it
+  ("Euler a", "DPM++ 2M Karras"); ValueError naming both lists otherwise."""
+  from sdjax import schedulers  # noqa: PLC0415
+
+  ours = {a1111: key for key, a1111 in A1111_SAMPLER_NAMES.items()}
+  if isinstance(name, str) and (name in schedulers.SCHEDULERS or name in ours):
+    return ours.get(name, name)
+  raise ValueError(f"must be one of {', '.join(schedulers.SCHEDULERS)}, or A1111's name of one "
+                   f"({', '.join(ours)})")
+
+
 def schedule_type_options(value: str) -> dict[str, Any]:
   """The scheduler options of a schedule type named by sdjax (`align_your_steps`, `karras`) or
   as A1111 writes it (`Align Your Steps`, `Karras`; `Automatic`: none). ValueError if unknown."""

@@ -178,13 +178,12 @@ def _image_paths(path: str, where: str, obj: dict, key: str):
 def _scheduler(name, where: str) -> str:
   """A line's scheduler: one of sdjax's names, or the sampler name A1111 writes for it ("Euler a",
   "DPM++ 2M Karras"; as its PNG parameters and prompts-from-file say)."""
-  from sdjax import outputs, schedulers  # noqa: PLC0415
+  from sdjax import outputs  # noqa: PLC0415
 
-  ours = {a1111: name for name, a1111 in outputs.A1111_SAMPLER_NAMES.items()}
-  if name in schedulers.SCHEDULERS or name in ours:
-    return ours.get(name, name)
-  raise RunError(f'{where}: "scheduler" must be one of {", ".join(schedulers.SCHEDULERS)}, or '
-                 f'A1111\'s name of one ({", ".join(ours)})')
+  try:
+    return outputs.scheduler_name(name)
+  except ValueError as e:
+    raise RunError(f'{where}: "scheduler" {e}') from None
 
 
 def _schedule_type(name, where: str) -> str:

@@ -385,7 +385,8 @@ BAD_INPUT = [
      "--timesteps: scheduler 'heun': timesteps must decrease strictly and lie in [0, 999]"),
     (["--height", "12"], "--height must be a multiple of 8"),
     (["--width", "100000"], "--width must be a multiple of 8"),
-    (["--scheduler", "magic"], "unknown scheduler 'magic'"),
+    (["--scheduler", "magic"], "--scheduler 'magic' must be one of ddim, pndm, "),
+    (["--hires_scheduler", "DPM++ 9M"], "--hires_scheduler 'DPM++ 9M' must be one of ddim, "),
     (["--scheduler", "euler", "--eta", "0.5"], "eta is an option of ddim, tcd only"),
     (["--scheduler", "ddim", "--eta=-1"], "--eta must be >= 0"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt does"),
@@ -535,13 +536,14 @@ def test_ddim_eta(model, cache, tmp_path):
 
 def test_sigmas_flag(model, cache, tmp_path):
   """--sigmas: the steps follow the list; the PNG parameters and the manifest say it; the
-  pixels are generate()'s."""
+  pixels are generate()'s. --scheduler takes A1111's sampler names too."""
   out = str(tmp_path / "out")
   sigmas = [14.6, 2.5, 0.4, 0.0]
   main_py(["--model", model, "--prompt", "a cat", "--height", "16", "--width", "16",
-           "--guidance_scale", "3", "--scheduler", "dpmpp_2m", "--sigmas",
+           "--guidance_scale", "3", "--scheduler", "DPM++ 2M", "--sigmas",
            ",".join(map(str, sigmas)), "--output_dir", out, "--compilation_cache", cache])
-  assert [r["scheduler_options"] for r in _manifest(out)] == [{"sigmas": sigmas}]
+  assert [(r["scheduler"], r["scheduler_options"]) for r in _manifest(out)] == [
+    ("dpmpp_2m", {"sigmas": sigmas})]
   params = outputs.parse_a1111_parameters(
     Image.open(os.path.join(out, "00000", "000000.png")).text["parameters"])
   assert params["Steps"] == "3" and params["Scheduler options"] == f"sigmas={sigmas}"
