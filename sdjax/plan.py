@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
+import re
+import shlex
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from sdjax.dynamic_prompts import SYNTAX, DynamicPrompts, TemplateError, is_template
 
@@ -108,18 +112,30 @@ def _blank(path: str, raw: bytes, comments: bool) -> bool:
 
 
 def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> PromptLine | None:
-  """One line of a prompts file (`.jsonl`: a JSON object; else the prompt); None when blank
-  (with `comments`, A1111 syntax's `#`, a `.txt` line that is only a comment too)."""
+  """One line of a prompts file (`.jsonl`: a JSON object; else the prompt, or A1111's "Prompts
+  from file" options `--prompt "..." --steps 20 ...`); None when blank (with `comments`, A1111
+  syntax's `#`, a `.txt` line that is only a comment too)."""
   if _blank(path, raw, comments):
     return None
   line = _decode(path, number, raw)
-  if not path.endswith(".jsonl"):
-    return PromptLine(line.strip())
   where = f"{path} line {number}"
-  try:
-    obj = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise RunError(f"{where}: not valid JSON ({e.msg})") from None
+  if not path.endswith(".jsonl"):
+    if not _is_a1111_options(line):
+      return PromptLine(line.strip())
+    try:
+      return _prompt_line(path, where, a1111_options(line, where))
+    except RunError as e:  # in the words the line used
+      raise RunError(re.sub(r'"(\w+)"', lambda m: _A1111_NAMES.get(m[1], m[0]), str(e))) from None
+  else:
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise RunError(f"{where}: not valid JSON ({e.msg})") from None
+  return _prompt_line(path, where, obj)
+
+
+def _prompt_line(path: str, where: str, obj) -> PromptLine:
+  """A prompts-file line from its jsonl fields, checked."""
   if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
     raise RunError(f"{where}: needs an object with a string \"prompt\"")
   unknown = set(obj) - set(_JSONL_FIELDS)
@@ -163,6 +179,85 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
                     scheduler, None if strength is None else float(strength), control,
                     ip_image, obj.get("hires_prompt"), obj.get("hires_negative_prompt"),
                     schedule_type)
+
+
+# A1111's "Prompts from file or textbox" script: a line of `--tag value` options. The tags that
+# decide an image, as sdjax's jsonl fields (with how to read the value); the output-location
+# ones, which sdjax's own layout replaces, are read and ignored; any other is refused.
+_A1111_TAGS = {"prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str),
+               "seed": ("seed", int), "steps": ("steps", int),
+               "cfg_scale": ("guidance_scale", float), "width": ("width", int),
+               "height": ("height", int), "sampler_name": ("scheduler", str),
+               "n_iter": ("n_iter", int), "batch_size": ("batch_size", int)}
+_A1111_IGNORED = ("outpath_samples", "outpath_grids", "prompt_for_display", "do_not_save_samples",
+                  "do_not_save_grid")
+# jsonl field -> the option an A1111 line gave it by (for errors).
+_A1111_NAMES = {**{key: f"--{tag}" for tag, (key, _) in _A1111_TAGS.items()},
+                "num_images": "--n_iter x --batch_size"}
+
+
+@functools.cache
+def _A1111_SAMPLERS() -> dict[str, str]:  # noqa: N802  (a constant, built on first use)
+  """A1111's sampler names by their lower case."""
+  from sdjax import outputs  # noqa: PLC0415
+
+  return {name.lower(): name for name in outputs.A1111_SAMPLER_NAMES.values()}
+
+
+def _is_a1111_options(line: str) -> bool:
+  """Whether a prompts-file line is A1111 script options: it starts with `--` and one of its
+  tags (a prompt that merely starts with dashes stays a prompt)."""
+  head = line.lstrip()
+  if not head.startswith("--"):
+    return False
+  tag = head[2:].split(maxsplit=1)[0] if len(head) > 2 else ""
+  return tag in _A1111_TAGS or tag in _A1111_IGNORED
+
+
+def a1111_options(line: str, where: str) -> dict[str, Any]:
+  """A line of A1111's "Prompts from file or textbox" (`--prompt "a cat" --steps 20
+  --sampler_name "Euler a" ...`, read as its script does: shell quoting, a prompt running to the
+  next `--`) as sdjax's jsonl fields; `--n_iter` times `--batch_size` is the line's image count."""
+  try:
+    args = shlex.split(line)
+  except ValueError as e:
+    raise RunError(f"{where}: cannot read A1111 prompt options ({e})") from None
+  out: dict[str, Any] = {}
+  pos = 0
+  while pos < len(args):
+    arg = args[pos]
+    tag = arg[2:] if arg.startswith("--") else None
+    if tag not in _A1111_TAGS and tag not in _A1111_IGNORED:
+      what = f"unknown option {arg!r}" if tag else f"{arg!r} is not an option (--tag value)"
+      raise RunError(f"{where}: {what}; sdjax reads A1111's "
+                     f"{', '.join('--' + t for t in _A1111_TAGS)}")
+    if pos + 1 >= len(args):
+      raise RunError(f"{where}: {arg} needs a value")
+    if tag in ("prompt", "negative_prompt"):  # words up to the next option, as A1111
+      end = pos + 1
+      while end < len(args) and (end == pos + 1 or not args[end].startswith("--")):
+        end += 1
+      out[tag] = " ".join(args[pos + 1:end])
+      pos = end
+      continue
+    value = args[pos + 1]
+    pos += 2
+    if tag in _A1111_IGNORED:
+      continue
+    key, kind = _A1111_TAGS[tag]
+    if tag == "sampler_name":  # A1111 looks its samplers up in lower case
+      value = _A1111_SAMPLERS().get(value.lower(), value)
+    try:
+      out[key] = kind(value)
+    except ValueError:
+      raise RunError(f"{where}: {arg} must be {'an integer' if kind is int else 'a number'}, "
+                     f"got {value!r}") from None
+  if "prompt" not in out:
+    raise RunError(f"{where}: A1111 prompt options need --prompt")
+  n_iter, batch = out.pop("n_iter", None), out.pop("batch_size", None)
+  if n_iter is not None or batch is not None:
+    out["num_images"] = (1 if n_iter is None else n_iter) * (1 if batch is None else batch)
+  return out
 
 
 def _image_paths(path: str, where: str, obj: dict, key: str):
@@ -338,7 +433,8 @@ class Plan:
                                   f"{path} line {number}")
           elif self._combinatorial:
             images *= self._negatives
-          elif jsonl and b"num_images" in raw:
+          elif (b"num_images" in raw if jsonl else
+                raw.lstrip().startswith(b"--") and (b"--n_iter" in raw or b"--batch_size" in raw)):
             images = parse_line(path, number, raw).num_images or images
           self._count(entry, offset, images)
         entry += 1

@@ -161,6 +161,39 @@ def test_per_line_schedule(tmp_path):
       parse_line("p.jsonl", 3, ('{"prompt": "a", ' + text + "}").encode())
 
 
+def test_a1111_prompt_options(tmp_path):
+  """A .txt line of A1111's "Prompts from file or textbox" options sets that line's prompt,
+  negative, seed, steps, CFG, sampler (A1111's names in any case), size and image count (n_iter
+  x batch_size); output-location options are ignored; a prompt that merely starts with dashes
+  stays a prompt; a bad line is a one-line error in the line's own words."""
+  from sdjax.plan import parse_line  # noqa: PLC0415
+
+  line = parse_line("p.txt", 1, b'--prompt "a red cat" on a mat --negative_prompt blurry '
+                    b'--steps 12 --cfg_scale 5.5 --sampler_name "dpm++ 2m karras" --seed 7 '
+                    b'--width 64 --height 48 --n_iter 2 --batch_size 3 --outpath_samples out')
+  assert line == PromptLine("a red cat on a mat", "blurry", seed=7, num_images=6, width=64,
+                            height=48, guidance_scale=5.5, steps=12,
+                            scheduler="dpmpp_2m_karras")
+  for text in ("a cat --ar 16:9", "--- a cat", "-- a cat"):
+    assert parse_line("p.txt", 1, text.encode()) == PromptLine(text)
+  path = tmp_path / "p.txt"
+  path.write_text('--prompt "a cat" --seed 5 --n_iter 3\na dog\n--prompt a bird --batch_size 2\n')
+  plan = Plan([], str(path), num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=4)
+  assert [(j.prompt, j.seed) for j in _all_jobs(plan)] == [
+      ("a cat", 5), ("a cat", 6), ("a cat", 7), ("a dog", 3), ("a bird", 4), ("a bird", 5)]
+  for text, error in (("--prompt x --tiling true", "unknown option '--tiling'; sdjax reads "),
+                      ("--steps 5", "A1111 prompt options need --prompt"),
+                      ("--prompt x --steps", "--steps needs a value"),
+                      ("--prompt x --steps five", "--steps must be an integer, got 'five'"),
+                      ('--prompt "x', r"cannot read A1111 prompt options \(No closing"),
+                      ("--prompt x --sampler_name k_euler", "--sampler_name must be one of ddim"),
+                      ("--prompt x --seed -1", "--seed must be a non-negative integer"),
+                      ("--prompt x --n_iter 0", "--n_iter x --batch_size must be a positive"),
+                      ("--prompt x --width 13", "--width must be a multiple of 8")):
+    with pytest.raises(RunError, match=f"p.txt line 2: {error}"):
+      parse_line("p.txt", 2, text.encode())
+
+
 def test_per_line_hires_prompts(tmp_path):
   """jsonl hires_prompt / hires_negative_prompt reach the jobs and the digest (only when set:
   older runs' digests stay); a non-string is named."""

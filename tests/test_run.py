@@ -428,6 +428,33 @@ def test_per_line_schedule(model, cache, tmp_path):
     assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
 
 
+def test_a1111_prompt_options_file(model, cache, tmp_path):
+  """A .txt prompts file in A1111's "Prompts from file" form: each options line's images take
+  its negative prompt, seed, CFG scale and count (its steps and sampler as jsonl's do,
+  test_per_line_schedule); records and PNGs say them; a plain line keeps the run's."""
+  import sdjax  # noqa: PLC0415
+
+  path = tmp_path / "prompts.txt"
+  path.write_text('--prompt "a cat" --negative_prompt red --seed 11 --cfg_scale 5 --n_iter 2 '
+                  '--sampler_name "Euler a" --steps 2\na dog\n')
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path))
+  assert run.generate_run(config).images == 3
+  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  assert [(r["prompt"], r["negative_prompt"], r["seed"], r["guidance_scale"]) for r in records] == [
+      ("a cat", "red", 11, 5.0), ("a cat", "red", 12, 5.0), ("a dog", "", 102, 3.0)]
+  pipe = sdjax.load_pipeline(model)
+  for record in records:
+    png = Image.open(os.path.join(out, record["file"]))
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    assert (float(params["CFG scale"]), int(params["Seed"])) == (record["guidance_scale"],
+                                                                record["seed"])
+    alone = pipe.generate(record["prompt"], negative_prompts=record["negative_prompt"],
+                          seed=record["seed"], steps=2, height=16, width=16,
+                          guidance_scale=record["guidance_scale"], scheduler="euler_ancestral")
+    assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+
+
 def test_scheduler_options(model, cache, tmp_path):
   """--scheduler_options: every image is generate()'s with those options; records and PNGs say
   them (a sigma spacing also as A1111's `Schedule type`), and the settings check tells the run
