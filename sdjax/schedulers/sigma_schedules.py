@@ -1,8 +1,8 @@
 """Noise-level schedules a user picks beside the scheduler: a list of sigmas, or A1111's named ones.
 
 diffusers' sigma schedulers place their noise levels by `timestep_spacing` or one of the
-`use_karras/exponential/beta_sigmas` spacings (`common.spaced_sigmas`). Two sdjax options of those
-schedulers replace that placement:
+`use_karras/exponential/beta_sigmas` spacings (`common.spaced_sigmas`). Three sdjax options of
+those schedulers replace that placement (one at a time; not with a spacing):
 
 - `sigmas`: the n + 1 descending noise levels of an n-step run, the last one where the final step
   lands (0 to end on a clean image), as diffusers' `pipe(sigmas=...)` takes them for Euler.
@@ -19,8 +19,9 @@ schedulers replace that placement:
   every (N/n)-th training sigma; KL Optimal is even in arctan sigma and ends at the smallest
   training sigma rather than at 0.
 
-Both only feed `set_timesteps`: the compiled sampling program does not depend on them (see
-`Scheduler.program`). Each timestep is the training timestep of its sigma (`common.sigma_to_t`).
+They only feed `set_timesteps`: the compiled sampling program does not depend on them (see
+`Scheduler.program`). With sigmas, each timestep is the training timestep of its sigma
+(`common.sigma_to_t`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 from sdjax.schedulers.common import SchedulerConfigError, sigma_spacing
 
 # Options of the sigma schedulers that place the noise levels themselves (not diffusers config);
-# those diffusers also takes custom timesteps in add TIMESTEPS_OPTIONS.
+# those that diffusers also gives custom timesteps take TIMESTEPS_OPTIONS.
 SCHEDULE_OPTIONS = ("sigmas", "schedule_type")
 TIMESTEPS_OPTIONS = (*SCHEDULE_OPTIONS, "timesteps")
 
