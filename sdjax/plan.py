@@ -303,7 +303,8 @@ def _is_number(value) -> bool:
 
 
 def _image_path(path: str, where: str, obj: dict, key: str) -> str | None:
-  """A line's image path (a local path is relative to the prompts file), or None."""
+  """A line's image path (a local path is relative to the prompts file, which may be an fsspec
+  URL), or None."""
   value = obj.get(key)
   if value is None:
     return None
@@ -311,6 +312,8 @@ def _image_path(path: str, where: str, obj: dict, key: str) -> str | None:
     raise RunError(f'{where}: "{key}" must be a path')
   if "://" in value:
     return value
+  if "://" in path:
+    return f"{path.rsplit('/', 1)[0]}/{value}"
   return os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(value))
 
 
@@ -333,12 +336,19 @@ def read_prompts_file(path: str, comments: bool = False) -> list[PromptLine]:
 
 
 def _open(path: str):
+  """The prompts file, binary: a local path or any fsspec URL (gs://, s3://, memory://; the
+  store's package installed)."""
   try:
+    if "://" in path:
+      import fsspec  # noqa: PLC0415
+
+      return fsspec.open(path, "rb").open()
     return open(path, "rb")
   except FileNotFoundError:
     raise RunError(f"prompts file {path} does not exist") from None
-  except OSError as e:
-    raise RunError(f"cannot read prompts file {path}: {e.strerror or e}") from None
+  except (OSError, ImportError, ValueError) as e:
+    raise RunError(f"cannot read prompts file {path}: {getattr(e, 'strerror', None) or e}"
+                   ) from None
 
 
 @dataclasses.dataclass(frozen=True)

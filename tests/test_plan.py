@@ -1,5 +1,6 @@
 """The streamed plan: the same images as an eager reading, any shard on its own, bounded memory."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -192,6 +193,30 @@ def test_a1111_prompt_options(tmp_path):
                       ("--prompt x --width 13", "--width must be a multiple of 8")):
     with pytest.raises(RunError, match=f"p.txt line 2: {error}"):
       parse_line("p.txt", 2, text.encode())
+
+
+def test_prompts_file_on_an_fsspec_store(tmp_path):
+  """A prompts file at an fsspec URL plans as the same file on disk; a line's relative image
+  path is relative to the URL; a missing file or an unknown store is a one-line error."""
+  import fsspec  # noqa: PLC0415
+
+  text = b'{"prompt": "a cat", "num_images": 2, "init_image": "imgs/a.png"}\n{"prompt": "b"}\n'
+  url = f"memory://plan-{os.getpid()}/runs/p.jsonl"
+  with fsspec.open(url, "wb") as f:
+    f.write(text)
+  (tmp_path / "p.jsonl").write_bytes(text)
+  plans = [Plan([], source, num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=1)
+           for source in (url, str(tmp_path / "p.jsonl"))]
+  assert plans[0].digest == plans[1].digest and plans[0].total == 3
+  jobs = [_all_jobs(plan) for plan in plans]
+  assert [j.init_image for j in jobs[0]] == [f"memory://plan-{os.getpid()}/runs/imgs/a.png"] * 2 + [
+      None]
+  assert [dataclasses.replace(j, init_image=None) for j in jobs[0]] == [
+      dataclasses.replace(j, init_image=None) for j in jobs[1]]
+  for source, error in ((f"memory://plan-{os.getpid()}/none.txt", "does not exist"),
+                        ("nope://x.txt", "cannot read prompts file nope://x.txt: Protocol")):
+    with pytest.raises(RunError, match=error):
+      Plan([], source, num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=1)
 
 
 def test_per_line_hires_prompts(tmp_path):

@@ -36,13 +36,24 @@ def _pixels(store):
 
 
 def test_jobs_on_a_memory_store_make_the_single_run(model, cache, single_run):
-  """Two jobs (--num_shards 2) writing to memory:// make the pixels of one local run."""
+  """Two jobs (--num_shards 2) reading their prompts from and writing to memory:// make the
+  pixels of one local run."""
+  import fsspec  # noqa: PLC0415
+
   url = f"memory://test-run-{os.getpid()}/out"
-  first = run.generate_run(_config(model, url, cache, num_shards=2, shard_index=1))
+  prompts = f"memory://test-run-{os.getpid()}/prompts.txt"
+  with fsspec.open(prompts, "w") as f:
+    f.write("".join(f"{line.prompt}\n" for line in PROMPTS))
+
+  def config(**kwargs):  # the prompts from the store
+    return dataclasses.replace(_config(model, url, cache, **kwargs), prompts=(),
+                               prompts_file=prompts)
+
+  first = run.generate_run(config(num_shards=2, shard_index=1))
   assert (first.images, first.merged) == (2, False)  # shard 1; shards 0 and 2 belong to job 0
   store = sinks.Store(url)
   assert sinks.finished_shards(store) == {1} and not store.exists(outputs.MANIFEST_NAME)
-  second = run.generate_run(_config(model, url, cache, num_shards=2, shard_index=0))
+  second = run.generate_run(config(num_shards=2, shard_index=0))
   assert (second.images, second.skipped, second.merged) == (3, 2, True)
 
   ref = _pixels(sinks.Store(single_run))
@@ -52,7 +63,7 @@ def test_jobs_on_a_memory_store_make_the_single_run(model, cache, single_run):
     np.testing.assert_array_equal(got[k], ref[k])
   lines = store.read(outputs.MANIFEST_NAME).decode().splitlines()
   assert len(lines) == 5 and store.exists(outputs.GRID_NAME)
-  again = run.generate_run(_config(model, url, cache, num_shards=2, shard_index=0))
+  again = run.generate_run(config(num_shards=2, shard_index=0))
   assert (again.images, again.skipped) == (0, 5)
 
 
