@@ -73,6 +73,11 @@ flags.DEFINE_integer("inpaint_full_res_padding", 32, "inpainting with --inpaint_
                      "pixels of context around the mask")
 flags.DEFINE_string("embeddings_dir", None, "load every textual-inversion file in this folder "
                     "(.pt, .safetensors, .bin), its trigger word the file's name")
+flags.DEFINE_string("styles_file", None, "A1111's styles.csv (name, prompt, negative_prompt): "
+                    "the styles --style and a jsonl line's \"styles\" name")
+flags.DEFINE_multi_string("style", [], "apply this saved style (of --styles_file) to every "
+                          "prompt, as A1111's Styles: in place of its {prompt}, else after it; "
+                          "repeatable, in order")
 flags.DEFINE_string("lora_dir", None, "a1111: folder where <lora:name:w> tags in prompts find "
                     "name.safetensors (or .ckpt/.pt/.bin); each LoRA set is merged once")
 flags.DEFINE_integer("num_images_per_prompt", 1, "images per prompt")
@@ -252,6 +257,7 @@ def _run_config() -> run.RunConfig:
       prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
       negative_prompt=FLAGS.negative_prompt, prompt_syntax=FLAGS.prompt_syntax,
       dynamic_prompts=FLAGS.dynamic_prompts, wildcards_dir=FLAGS.wildcards_dir,
+      styles_file=FLAGS.styles_file, styles=tuple(FLAGS.style),
       max_generations=FLAGS.max_generations,
       lora_dir=FLAGS.lora_dir, emphasis=FLAGS.emphasis, strength=FLAGS.strength,
       resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur, inpaint_full_res=FLAGS.inpaint_full_res,

@@ -31,7 +31,7 @@ from sdjax.dynamic_prompts import SYNTAX, DynamicPrompts, TemplateError, is_temp
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
                  "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
                  "control_image", "ip_adapter_image", "hires_prompt", "hires_negative_prompt",
-                 "schedule_type")
+                 "schedule_type", "styles")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -62,6 +62,8 @@ class PromptLine:
   hires_negative_prompt: str | None = None
   # A1111's Schedule type for this line ("Karras", "Align Your Steps", ...; None: the run's).
   schedule_type: str | None = None
+  # A1111 saved styles applied to this line's prompts (None: the run's --style names).
+  styles: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +175,18 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
   schedule_type = obj.get("schedule_type")
   if schedule_type is not None:
     schedule_type = _schedule_type(schedule_type, where)
+  styles = obj.get("styles")
+  if isinstance(styles, str):
+    styles = [styles]
+  if styles is not None and not (isinstance(styles, list)
+                                 and all(isinstance(s, str) for s in styles)):
+    raise RunError(f'{where}: "styles" must be a style name or a list of them')
   return PromptLine(obj["prompt"], negative, obj.get("seed"), obj.get("num_images"),
                     obj.get("width"), obj.get("height"), init,
                     None if guidance is None else float(guidance), mask, obj.get("steps"),
                     scheduler, None if strength is None else float(strength), control,
                     ip_image, obj.get("hires_prompt"), obj.get("hires_negative_prompt"),
-                    schedule_type)
+                    schedule_type, None if styles is None else tuple(styles))
 
 
 # A1111's "Prompts from file or textbox" script: a line of `--tag value` options. The tags that
@@ -374,7 +382,9 @@ def _key(line: PromptLine) -> list:
       extra.append({field: list(value) if isinstance(value, tuple) else value})
   schedule = {k: v for k, v in (("steps", line.steps), ("scheduler", line.scheduler),
                                 ("strength", line.strength),
-                                ("schedule_type", line.schedule_type)) if v is not None}
+                                ("schedule_type", line.schedule_type),
+                                ("styles", None if line.styles is None else list(line.styles)))
+              if v is not None}
   if schedule:
     extra.append(schedule)
   hires = {k: v for k, v in (("hires_prompt", line.hires_prompt),
@@ -390,8 +400,10 @@ class Plan:
 
   def __init__(self, prompts: Sequence[PromptLine], prompts_file: str | None, *,
                num_images_per_prompt: int, seed: int, negative_prompt: str, shard_size: int,
-               comments: bool = False, dynamic: DynamicPrompts | None = None):
+               comments: bool = False, dynamic: DynamicPrompts | None = None, styles=None):
     self.prompts, self.prompts_file, self.comments = tuple(prompts), prompts_file, comments
+    # A1111's saved styles (`prompts.Styles`): applied to each image's texts; None: none.
+    self.styles = styles
     self.num_images_per_prompt, self.seed = num_images_per_prompt, seed
     self.negative_prompt, self.shard_size = negative_prompt, shard_size
     # Dynamic prompts: each image's text sampled from its line's template (random), or every
@@ -512,23 +524,34 @@ class Plan:
         for j, prompt, negative in self._texts(line):
           if index >= wanted.start:
             seed = self.seed + index if line.seed is None else line.seed + j
-            yield self._job(line, index, prompt, negative, seed, size)
+            yield self._job(line, index, prompt, negative, seed, size, where)
           index += 1
           if index >= wanted.stop:
             return  # before reading the next line, which belongs to the next shard
 
   def _job(self, line: PromptLine, index: int, prompt: str, negative: str, seed: int,
-           size) -> ImageJob:
+           size, where: str) -> ImageJob:
     templates = (None, None)
     if self.dynamic is not None:  # random: the image's own pick, by its seed
       templates = tuple(t if is_template(t) else None
                         for t in (line.prompt, self._negative(line)))
       if self.dynamic.mode == "random":
         prompt, negative = (self.dynamic.sample(t, seed) for t in (prompt, negative))
+    hires = (line.hires_prompt, line.hires_negative_prompt)
+    if line.styles is not None and self.styles is None:
+      raise RunError(f'{where}: "styles" are names in a styles file: give --styles_file')
+    if self.styles is not None:  # on the final texts, as A1111 styles the prompts it encodes
+      try:
+        prompt, negative = self.styles.apply(prompt, negative, line.styles)
+        if any(text is not None for text in hires):
+          hires = tuple(None if text is None else self.styles.apply(text, text, line.styles)[k]
+                        for k, text in enumerate(hires))
+      except ValueError as e:
+        raise RunError(f"{where}: {e}") from None
     return ImageJob(index, prompt, negative, seed, size, line.init_image, line.guidance_scale,
                     line.mask_image, line.steps, line.scheduler, line.strength,
-                    line.control_image, line.ip_adapter_image, line.hires_prompt,
-                    line.hires_negative_prompt, *templates, schedule_type=line.schedule_type)
+                    line.control_image, line.ip_adapter_image, *hires, *templates,
+                    schedule_type=line.schedule_type)
 
 
 _SYNTAX_BYTES = (*(s.encode() for s in SYNTAX), b"\\")  # and any JSON escape

@@ -747,3 +747,63 @@ def select_variant(contexts: jax.Array, batch: PromptBatch, call) -> jax.Array:
   """The conditioning [B, K*L, D] in force at denoiser call `call` (traced)."""
   index = batch.schedule[:, call]  # B
   return jnp.take_along_axis(contexts, index[:, None, None, None], axis=1)[:, 0]
+
+
+# -- saved styles (A1111's styles.csv) ------------------------------------------------------------
+def merge_style(style_prompt: str, prompt: str) -> str:
+  """A style's text applied to a prompt as A1111 applies it: in place of the style's `{prompt}`,
+  else after the prompt, joined by ", " (an empty side adds nothing)."""
+  if "{prompt}" in style_prompt:
+    return style_prompt.replace("{prompt}", prompt)
+  return ", ".join(part for part in (prompt.strip(), style_prompt.strip()) if part)
+
+
+@dataclasses.dataclass(frozen=True)
+class Styles:
+  """A1111's saved styles: {name: (prompt, negative prompt)} from a styles.csv, and the names a
+  run applies to every prompt without styles of its own (`default`)."""
+
+  table: Mapping[str, tuple[str, str]]
+  default: tuple[str, ...] = ()
+  sha256: str = ""  # of the file, for a run's settings
+
+  def apply(self, prompt: str, negative: str,
+            names: Sequence[str] | None = None) -> tuple[str, str]:
+    """(prompt, negative) with styles `names` (default: `default`) applied in order, as A1111's
+    `apply_styles_to_prompt` does to each."""
+    for name in self.default if names is None else names:
+      if name not in self.table:
+        known = ", ".join(sorted(self.table)) or "none"
+        raise ValueError(f"unknown style {name!r} (the styles file has: {known})")
+      style, style_negative = self.table[name]
+      prompt, negative = merge_style(style, prompt), merge_style(style_negative, negative)
+    return prompt, negative
+
+
+def read_styles(path: str, default: Sequence[str] = ()) -> Styles:
+  """A1111's styles.csv (columns `name`, `prompt` (older files: `text`), `negative_prompt`; UTF-8,
+  a BOM allowed), read as A1111 reads it; ValueError in one line for a file it cannot be."""
+  import csv  # noqa: PLC0415
+  import hashlib  # noqa: PLC0415
+  import io  # noqa: PLC0415
+
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise ValueError(f"cannot read styles file {path}: {e.strerror or e}") from None
+  try:
+    reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""),
+                            skipinitialspace=True)
+    rows = list(reader)
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise ValueError(f"styles file {path} is not a UTF-8 CSV file ({e})") from None
+  columns = reader.fieldnames or []
+  if "name" not in columns or not ({"prompt", "text"} & set(columns)):
+    raise ValueError(f"styles file {path} needs the columns name, prompt (and negative_prompt), "
+                     f"as A1111's styles.csv; it has {', '.join(columns) or 'none'}")
+  table = {row["name"]: (row.get("prompt", row.get("text")) or "",
+                         row.get("negative_prompt") or "") for row in rows if row.get("name")}
+  styles = Styles(table, tuple(default), hashlib.sha256(data).hexdigest())
+  styles.apply("", "")  # the default names exist
+  return styles

@@ -155,6 +155,10 @@ class RunConfig:
   dynamic_prompts: str = "off"
   wildcards_dir: str | None = None
   max_generations: int = 0
+  # A1111's saved styles: a styles.csv, and the names applied to every prompt (a jsonl line's
+  # `styles` replace them).
+  styles_file: str | None = None
+  styles: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +178,22 @@ class RunSummary:
 def make_plan(cfg: RunConfig) -> Plan:
   return Plan(cfg.prompts, cfg.prompts_file, num_images_per_prompt=cfg.num_images_per_prompt,
               seed=cfg.seed, negative_prompt=cfg.negative_prompt, shard_size=cfg.shard_size,
-              comments=cfg.prompt_syntax == "a1111", dynamic=_dynamic(cfg))
+              comments=cfg.prompt_syntax == "a1111", dynamic=_dynamic(cfg),
+              styles=_styles(cfg))
+
+
+def _styles(cfg: RunConfig):
+  """The run's A1111 styles (`prompts.Styles`), or None without --styles_file."""
+  if cfg.styles_file is None:
+    if cfg.styles:
+      raise RunError("--style names a style of a styles file: give --styles_file")
+    return None
+  from sdjax import prompts  # noqa: PLC0415
+
+  try:
+    return prompts.read_styles(cfg.styles_file, cfg.styles)
+  except ValueError as e:
+    raise RunError(f"--styles_file: {e}") from None
 
 
 def _dynamic(cfg: RunConfig) -> dynamic_prompts.DynamicPrompts | None:
@@ -406,6 +425,9 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["embeddings"] = [list(x) for x in cfg.embeddings]
   if plan.dynamic is not None:
     settings["dynamic_prompts"] = plan.dynamic.settings()
+  if plan.styles is not None:  # absent without: older folders still match
+    settings["styles"] = {"names": list(plan.styles.default),
+                          "styles_sha256": plan.styles.sha256}
   axes = sampling.tiling_axes(cfg.tiling)
   if axes:  # absent when off: older folders still match
     settings["tiling"] = True if axes == "xy" else axes

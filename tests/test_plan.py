@@ -219,6 +219,43 @@ def test_prompts_file_on_an_fsspec_store(tmp_path):
       Plan([], source, num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=1)
 
 
+def test_styles(tmp_path):
+  """A1111 saved styles: the run's apply to every image's final texts (hires prompts too); a
+  jsonl line's `styles` replace them and enter the digest; unknown names and styles without a
+  file are errors naming the line."""
+  from sdjax import prompts  # noqa: PLC0415
+
+  styles_csv = tmp_path / "styles.csv"
+  styles_csv.write_text("name,prompt,negative_prompt\nA,style a,neg a\nB,{prompt} in b,\n")
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "styles": "B", '
+                  '"hires_prompt": "a dog, detailed"}\n{"prompt": "a cow", "styles": []}\n')
+
+  def plan(names, source=path):
+    return Plan([], str(source), num_images_per_prompt=1, seed=0, negative_prompt="bad",
+                shard_size=4, styles=prompts.read_styles(str(styles_csv), names))
+
+  jobs = _all_jobs(plan(["A"]))
+  assert [(j.prompt, j.negative_prompt, j.hires_prompt) for j in jobs] == [
+      ("a cat, style a", "bad, neg a", None), ("a dog in b", "bad", "a dog, detailed in b"),
+      ("a cow", "bad", None)]
+  bare = Plan([], str(path), num_images_per_prompt=1, seed=0, negative_prompt="bad",
+              shard_size=4)
+  with pytest.raises(RunError, match=r'p.jsonl line 2: "styles" are names in a styles file'):
+    _all_jobs(bare)
+  other = tmp_path / "q.jsonl"
+  other.write_text('{"prompt": "a dog", "styles": ["B", "Z"]}\n')
+  with pytest.raises(RunError, match=r"q.jsonl line 1: unknown style 'Z'"):
+    _all_jobs(plan([], other))
+  other.write_text('{"prompt": "a dog", "styles": "A"}\n')
+  digest = plan([], other).digest
+  other.write_text('{"prompt": "a dog", "styles": "B"}\n')
+  assert plan([], other).digest != digest
+  other.write_text('{"prompt": "a dog", "styles": 3}\n')
+  with pytest.raises(RunError, match='"styles" must be a style name or a list of them'):
+    _all_jobs(plan([], other))
+
+
 def test_per_line_hires_prompts(tmp_path):
   """jsonl hires_prompt / hires_negative_prompt reach the jobs and the digest (only when set:
   older runs' digests stay); a non-string is named."""

@@ -41,6 +41,36 @@ def test_attention_edge_cases(text, expected):
   assert parse_prompt_attention(text) == expected
 
 
+def test_saved_styles(tmp_path):
+  """A1111's styles.csv: a style's text replaces its {prompt}, else follows the prompt after
+  ", " (nothing added for an empty side); styles apply in order; the file's BOM and older "text"
+  column are read as A1111 reads them; bad files and unknown names are one-line errors."""
+  assert prompts.merge_style("photo of {prompt}, 8k", "a cat") == "photo of a cat, 8k"
+  assert prompts.merge_style("film grain", "a cat ") == "a cat, film grain"
+  assert prompts.merge_style("", "a cat") == "a cat"
+  assert prompts.merge_style("blurry", "") == "blurry"
+  path = tmp_path / "styles.csv"
+  path.write_text('name,prompt,negative_prompt\nCinematic,"cinematic still of {prompt}, '
+                  'grain",blurry\nSharp, sharp focus,"lowres, bad"\n', encoding="utf-8-sig")
+  styles = prompts.read_styles(str(path), ["Cinematic", "Sharp"])
+  assert styles.apply("a cat", "") == ("cinematic still of a cat, grain, sharp focus",
+                                       "blurry, lowres, bad")
+  assert styles.apply("a cat", "ugly", ["Sharp"]) == ("a cat, sharp focus", "ugly, lowres, bad")
+  assert styles.apply("a cat", "ugly", []) == ("a cat", "ugly")
+  old = tmp_path / "old.csv"
+  old.write_text("name,text\nOld,old style\n")
+  assert prompts.read_styles(str(old)).apply("x", "y", ["Old"]) == ("x, old style", "y")
+  with pytest.raises(ValueError, match=r"unknown style 'Noir' \(the styles file has: "
+                     r"Cinematic, Sharp\)"):
+    prompts.read_styles(str(path), ["Noir"])
+  bad = tmp_path / "bad.csv"
+  bad.write_text("title,body\nA,b\n")
+  with pytest.raises(ValueError, match="needs the columns name, prompt .* it has title, body"):
+    prompts.read_styles(str(bad))
+  with pytest.raises(ValueError, match="cannot read styles file"):
+    prompts.read_styles(str(tmp_path / "none.csv"))
+
+
 def test_attention_bad_weight():
   with pytest.raises(prompts.PromptError, match="bad attention weight '1.2.3'"):
     parse_prompt_attention("(a:1.2.3)")

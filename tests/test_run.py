@@ -466,6 +466,39 @@ def test_a1111_prompt_options_file(model, cache, tmp_path):
     assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
 
 
+def test_styles(model, cache, tmp_path):
+  """--styles_file with --style: every image is generate()'s of its styled texts, which records
+  and PNGs say; another style list (or an edited file) is another run's folder; a missing style
+  is a one-line error."""
+  import sdjax  # noqa: PLC0415
+
+  styles = tmp_path / "styles.csv"
+  styles.write_text("name,prompt,negative_prompt\nNoir,{prompt} in black and white,color\n")
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(_config(model, out, cache), prompts=PROMPTS[:1],
+                               styles_file=str(styles), styles=("Noir",))
+  assert run.generate_run(config).images == 1
+  record = json.loads(open(os.path.join(out, outputs.MANIFEST_NAME)).readline())
+  assert (record["prompt"], record["negative_prompt"]) == (
+      "a photo of a cat 0 in black and white", "color")
+  png = Image.open(os.path.join(out, record["file"]))
+  assert outputs.parse_a1111_parameters(png.text["parameters"])["prompt"] == record["prompt"]
+  alone = sdjax.load_pipeline(model).generate(
+      record["prompt"], negative_prompts="color", seed=record["seed"], steps=2, height=16,
+      width=16, guidance_scale=3.0, scheduler="euler_ancestral")
+  assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  with pytest.raises(run.RunError, match="other settings"):
+    run.generate_run(dataclasses.replace(config, styles=()))
+  styles.write_text("name,prompt,negative_prompt\nNoir,{prompt} in sepia,color\n")
+  with pytest.raises(run.RunError, match="other settings"):
+    run.generate_run(config)
+  with pytest.raises(run.RunError, match=r"--styles_file: unknown style 'Pop' \(the styles "):
+    run.generate_run(dataclasses.replace(config, styles=("Pop",), output_dir=str(tmp_path / "x")))
+  with pytest.raises(run.RunError, match="--style names a style of a styles file"):
+    run.generate_run(dataclasses.replace(config, styles_file=None,
+                                         output_dir=str(tmp_path / "y")))
+
+
 def test_scheduler_options(model, cache, tmp_path):
   """--scheduler_options: every image is generate()'s with those options; records and PNGs say
   them (a sigma spacing also as A1111's `Schedule type`), and the settings check tells the run
