@@ -86,6 +86,9 @@ flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
 flags.DEFINE_float("guidance_rescale", 0.0, "rescale the guided prediction's spread towards the "
                    "conditional one's (diffusers' guidance_rescale, arXiv:2305.08891; 0.7 for "
                    "v-prediction models trained with zero terminal SNR; 0: off)")
+flags.DEFINE_integer("clip_skip", 1, "A1111's Clip skip (SD1/SD2): condition on the text "
+                     "encoder's layer this far from the end: 1 the last (default), 2 the "
+                     "penultimate, as NovelAI-descended anime models want")
 flags.DEFINE_string("scheduler", None, f"one of {', '.join(schedulers.SCHEDULERS)}, or A1111's "
                     "sampler name of one ('DPM++ 2M', 'Euler a'; default: the checkpoint's own)")
 flags.DEFINE_string("scheduler_options", None, "a JSON object of scheduler config options to "
@@ -257,7 +260,7 @@ def _run_config() -> run.RunConfig:
       prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
       negative_prompt=FLAGS.negative_prompt, prompt_syntax=FLAGS.prompt_syntax,
       dynamic_prompts=FLAGS.dynamic_prompts, wildcards_dir=FLAGS.wildcards_dir,
-      styles_file=FLAGS.styles_file, styles=tuple(FLAGS.style),
+      styles_file=FLAGS.styles_file, styles=tuple(FLAGS.style), clip_skip=FLAGS.clip_skip,
       max_generations=FLAGS.max_generations,
       lora_dir=FLAGS.lora_dir, emphasis=FLAGS.emphasis, strength=FLAGS.strength,
       resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur, inpaint_full_res=FLAGS.inpaint_full_res,

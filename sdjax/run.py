@@ -48,6 +48,10 @@ class RunConfig:
   steps: int | None = None
   guidance_scale: float | None = None
   guidance_rescale: float = 0.0  # diffusers' guidance_rescale (run-wide; 0: off)
+  # A1111's "Clip skip" (SD1/SD2): condition on the text encoder's layer this far from the end
+  # (1: the last, as trained; 2: the penultimate, for NovelAI-descended models); diffusers'
+  # clip_skip is one less.
+  clip_skip: int = 1
   scheduler: str | None = None
   # The scheduler's config options to override ((key, value) pairs), e.g. timestep_spacing.
   scheduler_options: tuple[tuple[str, Any], ...] = ()
@@ -433,6 +437,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["tiling"] = True if axes == "xy" else axes
   if cfg.guidance_rescale:  # absent when off: older folders still match
     settings["guidance_rescale"] = cfg.guidance_rescale
+  if cfg.clip_skip != 1:  # absent when off: older folders still match
+    settings["clip_skip"] = cfg.clip_skip
   if cfg.freeu is not None:  # absent when off: older folders still match
     settings["freeu"] = list(cfg.freeu)
   if cfg.pag_scale:  # absent when off: older folders still match
@@ -512,6 +518,25 @@ def scheduler_options(cfg: RunConfig, schedule_type: str | None = None) -> dict[
     return options
   kept = {k: v for k, v in options.items() if k not in _PLACEMENT}
   return dict(sorted({**kept, **outputs.schedule_type_options(schedule_type)}.items()))
+
+
+def _check_clip_skip(cfg: RunConfig, pipe) -> None:
+  """A1111's Clip skip: an integer from 1 to the text encoder's depth; SD1/SD2 only (A1111
+  leaves SDXL's encoders at their penultimate layer whatever it says)."""
+  if cfg.clip_skip == 1:
+    return
+  if pipe.is_sdxl:
+    raise RunError("--clip_skip is A1111's Clip skip for SD1/SD2 models; A1111 leaves SDXL's "
+                   "text encoders at their penultimate layer (generate(clip_skip=) has "
+                   "diffusers' SDXL clip skip)")
+  try:
+    if not isinstance(cfg.clip_skip, int) or cfg.clip_skip < 1:
+      raise ValueError(f"got {cfg.clip_skip!r}")
+    conditioning.check_clip_skip(pipe.networks, cfg.clip_skip - 1)
+  except ValueError:
+    layers = pipe.text_encoder.config.num_hidden_layers
+    raise RunError(f"--clip_skip must be an integer from 1 (the last layer) to {layers}, got "
+                   f"{cfg.clip_skip!r}") from None
 
 
 def _hires(cfg: RunConfig) -> sampling.Hires | None:
@@ -737,6 +762,7 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)
   scheduler = cfg.scheduler or sampling.schedulers.default_scheduler_name(pipe.scheduler_config)
+  _check_clip_skip(cfg, pipe)
   if cfg.scheduler_options:
     options = dict(cfg.scheduler_options)
     flag = next((f"--{key}" for key in ("sigmas", "timesteps", "schedule_type") if key in options),
@@ -1065,6 +1091,7 @@ class _Sampler:
       common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, guidance_rescale=cfg.guidance_rescale,
                     eta=cfg.eta, cfg_split=cfg.cfg_parallel,
+                    clip_skip=cfg.clip_skip - 1 or None,  # diffusers' count
                     scheduler_options=scheduler_options(cfg, schedule_type) or None)
       extra = dict(img2img=True, strength=strength) if img2img else {}
       if pipe.controlnet is not None:
@@ -1589,6 +1616,7 @@ class _Metadata:
         "seed": job.seed, "steps": steps, "scheduler": scheduler,
         **({"scheduler_options": options} if options else {}),
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
+        **({"clip_skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image, "strength": strength} if job.init_image else {}),
@@ -1673,6 +1701,7 @@ class _Metadata:
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler), **self._hires_prompts(job),
+               **({"Clip skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job), **self._pag_extra(),
                **({"Guidance rescale": cfg.guidance_rescale} if cfg.guidance_rescale else {}),

@@ -466,6 +466,35 @@ def test_a1111_prompt_options_file(model, cache, tmp_path):
     assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
 
 
+def test_clip_skip(model, cache, tmp_path):
+  """--clip_skip N (A1111's Clip skip): every image is generate()'s with diffusers' clip_skip
+  N - 1; records, PNGs (`Clip skip: 2`) and the settings say it; bad values are one-line
+  errors."""
+  import sdjax  # noqa: PLC0415
+
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(_config(model, out, cache), prompts=PROMPTS[:1], clip_skip=2)
+  assert run.generate_run(config).images == 1
+  record = json.loads(open(os.path.join(out, outputs.MANIFEST_NAME)).readline())
+  assert record["clip_skip"] == 2
+  png = Image.open(os.path.join(out, record["file"]))
+  assert outputs.parse_a1111_parameters(png.text["parameters"])["Clip skip"] == "2"
+  pipe = sdjax.load_pipeline(model)
+  kw = dict(seed=record["seed"], steps=2, height=16, width=16, guidance_scale=3.0,
+            scheduler="euler_ancestral")
+  alone = pipe.generate(record["prompt"], clip_skip=1, **kw)
+  assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  assert np.abs(pipe.generate(record["prompt"], **kw)[0] - alone[0]).max() * 255 > 2.0
+  with pytest.raises(run.RunError, match="other settings"):
+    run.generate_run(dataclasses.replace(config, clip_skip=1))
+  layers = pipe.text_encoder.config.num_hidden_layers
+  for bad in (0, layers + 1):
+    with pytest.raises(run.RunError, match=f"--clip_skip must be an integer from 1 .* to "
+                       f"{layers}, got {bad}"):
+      run.generate_run(dataclasses.replace(config, clip_skip=bad,
+                                           output_dir=str(tmp_path / "bad")))
+
+
 def test_styles(model, cache, tmp_path):
   """--styles_file with --style: every image is generate()'s of its styled texts, which records
   and PNGs say; another style list (or an edited file) is another run's folder; a missing style

@@ -5,6 +5,7 @@ narrower than the encoder, non-uniform transformer depth, a refiner conditioned 
 encoder only with an aesthetic score, a VAE with latent statistics; sizes are non-square.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -319,6 +320,9 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
                            **HANDOFF)
   written = np.asarray(png, np.float32) / 255
   assert np.abs(written - expected[1]).max() <= 1 / 255 + 1e-6
+  # A1111's Clip skip leaves SDXL's encoders alone: refused rather than silently dropped.
+  with pytest.raises(run.RunError, match="--clip_skip is A1111's Clip skip for SD1/SD2 models"):
+    run.generate_run(dataclasses.replace(cfg, clip_skip=2, output_dir=str(tmp_path / "cs")))
 
 
 def test_hires_fix_run_conditions_each_pass_at_its_size(pipes):
