@@ -29,6 +29,11 @@ def _config(model, output_dir, cache, **kwargs):
                        shard_size=2, **kwargs)
 
 
+def _records(out):
+  """A local run's manifest records, in index order."""
+  return [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+
+
 def _pixels(store):
   records = [r for s in range(3) for r in sinks.read_manifest(
       store, f"{sinks.MANIFESTS}/{sinks.shard_name(s)}.jsonl")]
@@ -329,7 +334,7 @@ def test_per_line_image_sizes(model, cache, tmp_path):
   config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path))
   summary = run.generate_run(config)
   assert (summary.images, summary.merged) == (5, True)
-  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  records = _records(out)
   sizes = [(r["height"], r["width"]) for r in records]
   assert sizes == [(16, 16), (16, 24), (16, 24), (24, 16), (16, 16)]
   pipe = sdjax.load_pipeline(model)
@@ -368,7 +373,7 @@ def test_init_image_lines(model, cache, tmp_path):
   config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path),
                                strength=0.6, resize_mode="crop")
   assert run.generate_run(config).images == 3
-  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  records = _records(out)
   pipe = sdjax.load_pipeline(model)
   kw = dict(steps=2, guidance_scale=3.0, scheduler="euler_ancestral")
   for record, init in zip(records, ["a.png", None, "sub/b.png"], strict=True):
@@ -409,7 +414,7 @@ def test_per_line_schedule(model, cache, tmp_path):
   out = str(tmp_path / "out")
   config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path))
   assert run.generate_run(config).images == 5
-  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  records = _records(out)
   assert [(r["steps"], r["scheduler"], r.get("strength")) for r in records] == [
       (3, "ddim", None), (2, "euler_ancestral", None), (2, "euler_ancestral", 0.5),
       (3, "ddim", None), (2, "euler_ancestral", None)]
@@ -451,7 +456,7 @@ def test_a1111_prompt_options_file(model, cache, tmp_path):
   out = str(tmp_path / "out")
   config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path))
   assert run.generate_run(config).images == 3
-  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  records = _records(out)
   assert [(r["prompt"], r["negative_prompt"], r["seed"], r["guidance_scale"]) for r in records] == [
       ("a cat", "red", 11, 5.0), ("a cat", "red", 12, 5.0), ("a dog", "", 102, 3.0)]
   pipe = sdjax.load_pipeline(model)
@@ -539,7 +544,7 @@ def test_scheduler_options(model, cache, tmp_path):
   config = dataclasses.replace(_config(model, out, cache), prompts=PROMPTS[:2],
                                scheduler="euler", scheduler_options=options)
   assert run.generate_run(config).images == len(config.prompts)
-  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  records = _records(out)
   pipe = sdjax.load_pipeline(model)
   for record in records:
     assert record["scheduler_options"] == dict(options)
@@ -580,7 +585,7 @@ def test_per_line_guidance(model, cache, tmp_path):
   out = str(tmp_path / "out")
   config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path))
   assert run.generate_run(config).images == 3
-  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  records = _records(out)
   assert [r["guidance_scale"] for r in records] == [7.5, 3.0, 1.0]
   pipe = sdjax.load_pipeline(model)
   for record in records:
@@ -609,7 +614,7 @@ def test_guidance_rescale(model, cache, tmp_path):
                                guidance_rescale=0.7)
   assert run.generate_run(config).images == 2
   assert json.load(open(os.path.join(out, "run.json")))["guidance_rescale"] == 0.7
-  records = [json.loads(x) for x in open(os.path.join(out, outputs.MANIFEST_NAME))]
+  records = _records(out)
   pipe = sdjax.load_pipeline(model)
   for record in records:
     png = Image.open(os.path.join(out, record["file"]))
