@@ -85,7 +85,8 @@ A1111_SCHEDULE_TYPES = {"use_karras_sigmas": "Karras", "use_exponential_sigmas":
 A1111_SCHEDULE_TYPE_NAMES = {"align_your_steps": "Align Your Steps",
                              "align_your_steps_sdxl": "Align Your Steps",
                              "sgm_uniform": "SGM Uniform", "normal": "Normal",
-                             "uniform": "Uniform", "simple": "Simple", "kl_optimal": "KL Optimal"}
+                             "uniform": "Uniform", "simple": "Simple", "kl_optimal": "KL Optimal",
+                             "karras": "Karras", "exponential": "Exponential", "beta": "Beta"}
 
 _NEGATIVE_PREFIX = "Negative prompt:"
 # One `Key: value` item of A1111's last line; a value is either JSON-quoted or runs to the comma.
@@ -139,18 +140,17 @@ def scheduler_name(name: str) -> str:
 
 def schedule_type_options(value: str) -> dict[str, Any]:
   """The scheduler options of a schedule type named by sdjax (`align_your_steps`, `karras`) or
-  as A1111 writes it (`Align Your Steps`, `Karras`; `Automatic`: none). ValueError if unknown."""
-  spacing = {label.lower(): key for key, label in A1111_SCHEDULE_TYPES.items()}
+  as A1111 writes it (`Align Your Steps`, `Karras`; `Automatic`: none): {"schedule_type": name}
+  (`schedulers.get_scheduler` turns Karras, Exponential and Beta into diffusers' spacing
+  options). ValueError if unknown."""
   ours = {**{label.lower(): name for name, label in A1111_SCHEDULE_TYPE_NAMES.items()
              if not name.endswith("_sdxl")}, **{name: name for name in A1111_SCHEDULE_TYPE_NAMES}}
   key = value.strip().lower()
   if key == "automatic":
     return {}
-  if key in spacing:
-    return {spacing[key]: True}
   if key in ours:
     return {"schedule_type": ours[key]}
-  names = sorted({*A1111_SCHEDULE_TYPES.values(), *A1111_SCHEDULE_TYPE_NAMES.values()})
+  names = sorted(set(A1111_SCHEDULE_TYPE_NAMES.values()))
   raise ValueError(f"unknown schedule type {value!r}; pick one of Automatic, {', '.join(names)} "
                    "(or sdjax's names: align_your_steps, sgm_uniform, ...)")
 

@@ -405,8 +405,9 @@ class Pipeline:
       schedule_type: one of A1111's schedule types that diffusers lacks, for the same
         schedulers (`sdjax.schedulers.sigma_schedules.SCHEDULE_TYPES`): "align_your_steps"
         (NVIDIA's levels for SD1.5, or SDXL's for an SDXL model), "sgm_uniform", "normal",
-        "uniform", "simple", "kl_optimal" (Euler only: it ends above 0). A1111's Karras,
-        Exponential and Beta are the scheduler options `use_karras_sigmas` etc.
+        "uniform", "simple", "kl_optimal" (Euler only: it ends above 0); and "karras",
+        "exponential", "beta" (A1111's Karras, Exponential, Beta): diffusers' spacing options
+        `use_karras_sigmas` etc., for the schedulers that have them.
       height, width: image size in pixels (default: the model's native size).
       seed: image i uses seed `seed + i` for all of its randomness.
       latents: NHWC unit Gaussian initial noise [N, h, w, 4] (as diffusers' `latents`, before

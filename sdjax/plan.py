@@ -301,9 +301,7 @@ def _schedule_type(name, where: str) -> str:
     options = outputs.schedule_type_options(name)
   except ValueError as e:
     raise RunError(f'{where}: "schedule_type": {e}') from None
-  if "schedule_type" in options:
-    return options["schedule_type"]
-  return next((key[len("use_"):-len("_sigmas")] for key in options), "automatic")
+  return options.get("schedule_type", "automatic")
 
 
 def _is_number(value) -> bool:

@@ -379,6 +379,8 @@ BAD_INPUT = [
     (["--schedule_type", "fast"], "--schedule_type: unknown schedule type 'fast'; pick one of "),
     (["--scheduler", "ddim", "--schedule_type", "SGM Uniform"],
      "--schedule_type: scheduler 'ddim' places its own noise levels: schedule_type is an "),
+    (["--scheduler", "ddim", "--schedule_type", "Karras"],
+     "--schedule_type: scheduler 'ddim' places its own noise levels: schedule_type is an "),
     (["--sigmas", "1,0", "--scheduler_options", '{"sigmas": [1, 0]}'],
      "--scheduler_options sets sigmas, which --schedule_type, --sigmas or --timesteps sets "),
     (["--scheduler", "heun", "--timesteps", "999,500,500"],

@@ -508,8 +508,8 @@ def test_schedule_type_options():
   assert outputs.schedule_type_options("Align Your Steps") == {"schedule_type": "align_your_steps"}
   assert outputs.schedule_type_options("sgm uniform") == {"schedule_type": "sgm_uniform"}
   assert outputs.schedule_type_options("kl_optimal") == {"schedule_type": "kl_optimal"}
-  assert outputs.schedule_type_options("Karras") == {"use_karras_sigmas": True}
-  assert outputs.schedule_type_options("Exponential") == {"use_exponential_sigmas": True}
+  assert outputs.schedule_type_options("Karras") == {"schedule_type": "karras"}
+  assert outputs.schedule_type_options("Exponential") == {"schedule_type": "exponential"}
   assert outputs.schedule_type_options("Automatic") == {}
   for name, label in outputs.A1111_SCHEDULE_TYPE_NAMES.items():  # round trip through a PNG
     options = outputs.schedule_type_options(label)

@@ -181,6 +181,18 @@ def test_euler_ancestral_follows_eulers_mapping(option, strength):
   assert err <= TOL, err
 
 
+@pytest.mark.parametrize("kind", ["karras", "exponential", "beta"])
+def test_spacing_types_are_diffusers_spacings(kind):
+  """A1111's Karras, Exponential and Beta as `schedule_type` are diffusers' spacing options,
+  for the schedulers that have them; the others say they do not."""
+  for name in ("euler", "dpmpp_2m", "unipc"):
+    typed = get_scheduler(name, SD15, options={"schedule_type": kind})
+    spaced = get_scheduler(name, SD15, options={f"use_{kind}_sigmas": True})
+    assert typed == spaced, name
+  with pytest.raises(SchedulerConfigError, match=f"'euler_ancestral' has no {kind} spacing "):
+    get_scheduler("euler_ancestral", SD15, options={"schedule_type": kind})
+
+
 def test_one_program_for_every_schedule():
   """The noise levels live in the state: any list or type of the same length compiles once."""
   base = get_scheduler("dpmpp_2m", SD15)

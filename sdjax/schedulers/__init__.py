@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from sdjax.schedulers import sigma_schedules
 from sdjax.schedulers.common import Scheduler, SchedulerConfigError
 
 # name -> (module, class, overrides passed as diffusers' from_config(**overrides) would).
@@ -124,13 +125,15 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
     raise SchedulerConfigError(
         f"unknown scheduler {name!r}; pick one of {', '.join(SCHEDULERS)}"
     )
-  module_name, class_name, overrides = _REGISTRY[name]
+  overrides = _REGISTRY[name][2]
   if eta:
     if name not in ETA_SCHEDULERS:
       raise SchedulerConfigError(
           f"eta is an option of {', '.join(ETA_SCHEDULERS)} only, not of scheduler {name!r}")
     overrides = {**overrides, "eta": eta}
   cls = _class(name)
+  if options:
+    options = sigma_schedules.spacing_options(options, cls._DEFAULTS)
   known = set(cls._DEFAULTS) | set(cls.schedule_options)
   unknown = sorted(set(options or {}) - known)
   for option in set(unknown) & {"sigmas", "schedule_type", "timesteps"}:

@@ -12,7 +12,9 @@ those schedulers replace that placement (one at a time; not with a spacing):
   Your Steps recipe passes NVIDIA's timesteps this way). DDPM, LCM and TCD, which step between
   timesteps rather than sigmas, take the option too (as integers, as diffusers).
 - `schedule_type`: one of AUTOMATIC1111's schedule types that diffusers does not have
-  (`SCHEDULE_TYPES`), computed for the run's step count from the model's training noise levels.
+  (`SCHEDULE_TYPES`), computed for the run's step count from the model's training noise levels;
+  A1111's Karras, Exponential and Beta are diffusers' spacings, which `schedule_type` also names
+  (`SPACING_TYPES`, turned into `use_<kind>_sigmas` by `get_scheduler`).
   Align Your Steps (Sabour et al. 2024) interpolates NVIDIA's optimised 10-step levels in log sigma
   (SD1.5's, or SDXL's for `align_your_steps_sdxl`); SGM Uniform, Normal and Uniform space timesteps
   evenly and read their sigmas off the training schedule interpolated in log sigma; Simple takes
@@ -48,6 +50,20 @@ _AYS_SIGMAS = {
 }
 
 SCHEDULE_TYPES = (*_AYS_SIGMAS, "sgm_uniform", "normal", "uniform", "simple", "kl_optimal")
+# A1111's schedule types that are diffusers' spacings: `schedule_type` names them too, and
+# `spacing_options` turns them into the `use_<kind>_sigmas` option of schedulers that have it.
+SPACING_TYPES = ("karras", "exponential", "beta")
+
+
+def spacing_options(options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+  """`options` with a `schedule_type` that is one of diffusers' spacings ("karras", ...) as that
+  spacing's option, where the scheduler's config (`defaults`) has it; else unchanged (the
+  scheduler's checks then say why not)."""
+  kind = options.get("schedule_type")
+  if kind not in SPACING_TYPES or f"use_{kind}_sigmas" not in defaults:
+    return options
+  rest = {k: v for k, v in options.items() if k != "schedule_type"}
+  return {**rest, f"use_{kind}_sigmas": True}
 
 
 def check_options(scheduler_name: str, config: dict[str, Any]) -> None:
@@ -65,10 +81,13 @@ def check_options(scheduler_name: str, config: dict[str, Any]) -> None:
       "spacing; pick the scheduler without it (e.g. dpmpp_2m, not dpmpp_2m_karras)")
   kind, value = given[0], config[given[0]]
   if kind == "schedule_type":
+    if value in SPACING_TYPES:  # left by `spacing_options`: this scheduler lacks the spacing
+      raise SchedulerConfigError(
+        f"scheduler {scheduler_name!r} has no {value} spacing (diffusers' use_{value}_sigmas)")
     if value not in SCHEDULE_TYPES:
       raise SchedulerConfigError(
         f"scheduler {scheduler_name!r}: unknown schedule_type {value!r}; pick one of "
-        f"{', '.join(SCHEDULE_TYPES)}")
+        f"{', '.join(SCHEDULE_TYPES + SPACING_TYPES)}")
     return
   least = 2 if kind == "sigmas" else 1
   try:
