@@ -1092,7 +1092,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   replaces `scheduler` (`eta` then applies where that scheduler takes it); `hires.guidance_scale`
   the guidance, compiled into the spec (`SampleSpec.fixed_guidance`). A list of `sigmas` or
   `timesteps` in `scheduler_options` is the first pass's: the hires pass, of another length,
-  places its noise levels as its scheduler does (a schedule type applies to both)."""
+  places its noise levels as its scheduler does (a schedule type applies to both, unless the
+  hires scheduler has no such type: as A1111's "Use same scheduler", it then uses its own)."""
   hires.check()
   scheduler_options = {k: v for k, v in (scheduler_options or {}).items()
                        if k not in ("sigmas", "timesteps")} or None
@@ -1101,6 +1102,13 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   if hires.scheduler is not None and hires.scheduler != scheduler:
     scheduler = hires.scheduler
     eta = eta if scheduler in schedulers.ETA_SCHEDULERS else 0.0
+    if "schedule_type" in (scheduler_options or {}):
+      try:
+        schedulers.get_scheduler(scheduler, pipe.scheduler_config,
+                                 options=model_schedule(pipe, scheduler_options))
+      except schedulers.SchedulerConfigError:  # another option's error stays for `prepare`
+        scheduler_options = {k: v for k, v in scheduler_options.items()
+                             if k != "schedule_type"} or None
   n = hires.steps or steps
   total = int(n / min(hires.strength, 0.999))
   (h, w), crop = hires.layout(pipe, height, width)

@@ -204,6 +204,12 @@ def test_hires_pass_places_its_own_levels(pipes):
     np.testing.assert_array_equal(hires_sigmas(options), plain)
   typed = hires_sigmas({"schedule_type": "sgm_uniform"})
   assert typed.shape == plain.shape and not np.allclose(typed, plain)
+  # A hires sampler without schedule types uses its own, as A1111's "Use same scheduler".
+  ddim = sampling.Hires(2.0, 3, 0.5, scheduler="ddim")
+  for options in ({"schedule_type": "karras"}, {"schedule_type": "align_your_steps"}):
+    state = sampling.prepare_hires(pipe, 1, ddim, scheduler_options=options, **common)[1]
+    want = sampling.prepare_hires(pipe, 1, ddim, **common)[1]
+    np.testing.assert_array_equal(np.asarray(state.timesteps), np.asarray(want.timesteps))
 
 
 def test_hires_model_must_take_the_latents():
