@@ -520,6 +520,17 @@ def scheduler_options(cfg: RunConfig, schedule_type: str | None = None) -> dict[
   return dict(sorted({**kept, **outputs.schedule_type_options(schedule_type)}.items()))
 
 
+def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None
+                 ) -> dict[str, Any]:
+  """The scheduler options of images under `scheduler` and a prompt line's `schedule_type`
+  (None: the run's): the run's schedule type is dropped for a line's scheduler that has no such
+  type (it places its own noise levels, as in A1111); a line's own type is kept (and checked)."""
+  options = scheduler_options(cfg, schedule_type)
+  if schedule_type is None:
+    options = sampling.schedule_type_for(pipe, scheduler, options) or {}
+  return options
+
+
 def _check_clip_skip(cfg: RunConfig, pipe) -> None:
   """A1111's Clip skip: an integer from 1 to the text encoder's depth; SD1/SD2 only (A1111
   leaves SDXL's encoders at their penultimate layer whatever it says)."""
@@ -1092,7 +1103,7 @@ class _Sampler:
                     guidance_scale=guidance, guidance_rescale=cfg.guidance_rescale,
                     eta=cfg.eta, cfg_split=cfg.cfg_parallel,
                     clip_skip=cfg.clip_skip - 1 or None,  # diffusers' count
-                    scheduler_options=scheduler_options(cfg, schedule_type) or None)
+                    scheduler_options=line_options(cfg, pipe, scheduler, schedule_type) or None)
       extra = dict(img2img=True, strength=strength) if img2img else {}
       if pipe.controlnet is not None:
         extra["control"] = True
@@ -1600,7 +1611,7 @@ class _Metadata:
     cfg = self.cfg
     height, width = self.size(job)
     steps, scheduler, strength, schedule_type = self.schedule(job)
-    options = scheduler_options(cfg, schedule_type)
+    options = line_options(cfg, self.pipe, scheduler, schedule_type)
     hires = _hires_record(cfg)
     if hires:
       hires["hires"].update(first_height=height, first_width=width,
@@ -1687,7 +1698,7 @@ class _Metadata:
     cfg = self.cfg
     height, width = self.size(job)
     steps, scheduler, strength, schedule_type = self.schedule(job)
-    options = scheduler_options(cfg, schedule_type)
+    options = line_options(cfg, self.pipe, scheduler, schedule_type)
     return outputs.a1111_parameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=steps,
         sampler=scheduler, cfg_scale=self.guidance(job), seed=job.seed, width=width,

@@ -916,6 +916,22 @@ def model_schedule(pipe, scheduler_options: dict[str, Any] | None) -> dict[str, 
   return scheduler_options
 
 
+def schedule_type_for(pipe, scheduler: str | None,
+                      scheduler_options: dict[str, Any] | None) -> dict[str, Any] | None:
+  """Scheduler options for another scheduler than the one they were given with (a hires sampler,
+  a prompt line's): without a `schedule_type` that scheduler has not, which then places its
+  noise levels itself, as A1111 runs a sampler without schedule types. Other options stay (and
+  fail in `prepare` where the scheduler lacks them)."""
+  if "schedule_type" not in (scheduler_options or {}):
+    return scheduler_options
+  try:
+    schedulers.get_scheduler(scheduler, pipe.scheduler_config,
+                             options=model_schedule(pipe, scheduler_options))
+  except schedulers.SchedulerConfigError:
+    return {k: v for k, v in scheduler_options.items() if k != "schedule_type"} or None
+  return scheduler_options
+
+
 def uses_guidance(pipe, guidance_scale: float) -> bool:
   """Whether sampling runs classifier-free guidance (an uncond pass): a scale > 1, and a UNet
   that does not take the scale as an input instead (LCM-distilled, as diffusers runs them)."""
@@ -1102,13 +1118,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   if hires.scheduler is not None and hires.scheduler != scheduler:
     scheduler = hires.scheduler
     eta = eta if scheduler in schedulers.ETA_SCHEDULERS else 0.0
-    if "schedule_type" in (scheduler_options or {}):
-      try:
-        schedulers.get_scheduler(scheduler, pipe.scheduler_config,
-                                 options=model_schedule(pipe, scheduler_options))
-      except schedulers.SchedulerConfigError:  # another option's error stays for `prepare`
-        scheduler_options = {k: v for k, v in scheduler_options.items()
-                             if k != "schedule_type"} or None
+    scheduler_options = schedule_type_for(pipe, scheduler, scheduler_options)
   n = hires.steps or steps
   total = int(n / min(hires.strength, 0.999))
   (h, w), crop = hires.layout(pipe, height, width)

@@ -444,6 +444,32 @@ def test_per_line_schedule(model, cache, tmp_path):
     assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
 
 
+def test_run_schedule_type_and_a_lines_own_scheduler(model, cache, tmp_path):
+  """The run's schedule type applies to lines under schedulers that have it; a line's scheduler
+  without it (DDIM) places its own noise levels, as A1111 runs such a sampler, and its record
+  and PNG say no schedule type."""
+  import sdjax  # noqa: PLC0415
+
+  path = tmp_path / "lines.jsonl"
+  path.write_text('{"prompt": "a cat", "steps": 3, "scheduler": "ddim"}\n{"prompt": "a dog"}\n')
+  out = str(tmp_path / "out")
+  options = (("schedule_type", "sgm_uniform"),)
+  config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path),
+                               scheduler_options=options)
+  assert run.generate_run(config).images == 2
+  records = _records(out)
+  assert [r.get("scheduler_options") for r in records] == [None, dict(options)]
+  pipe = sdjax.load_pipeline(model)
+  for record in records:
+    png = Image.open(os.path.join(out, record["file"]))
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    assert params.get("Schedule type") == (None if record["scheduler"] == "ddim" else "SGM Uniform")
+    alone = pipe.generate(record["prompt"], seed=record["seed"], steps=record["steps"],
+                          height=16, width=16, guidance_scale=3.0, scheduler=record["scheduler"],
+                          scheduler_options=record.get("scheduler_options"))
+    assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+
+
 def test_a1111_prompt_options_file(model, cache, tmp_path):
   """A .txt prompts file in A1111's "Prompts from file" form: each options line's images take
   its negative prompt, seed, CFG scale and count (its steps and sampler as jsonl's do,
