@@ -510,25 +510,18 @@ _PLACEMENT = ("sigmas", "timesteps", "schedule_type", "use_karras_sigmas",
               "use_exponential_sigmas", "use_beta_sigmas")
 
 
-def scheduler_options(cfg: RunConfig, schedule_type: str | None = None) -> dict[str, Any]:
-  """The run's --scheduler_options (with --schedule_type, --sigmas), or with a prompt line's
-  `schedule_type` in place of whatever placed the noise levels."""
-  options = dict(cfg.scheduler_options)
-  if schedule_type is None:
-    return options
-  kept = {k: v for k, v in options.items() if k not in _PLACEMENT}
-  return dict(sorted({**kept, **outputs.schedule_type_options(schedule_type)}.items()))
-
-
 def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None
                  ) -> dict[str, Any]:
-  """The scheduler options of images under `scheduler` and a prompt line's `schedule_type`
-  (None: the run's): the run's schedule type is dropped for a line's scheduler that has no such
-  type (it places its own noise levels, as in A1111); a line's own type is kept (and checked)."""
-  options = scheduler_options(cfg, schedule_type)
+  """The scheduler options of images under `scheduler` and a prompt line's `schedule_type`:
+  the run's --scheduler_options (with --schedule_type, --sigmas, --timesteps), a line's type in
+  place of whatever placed the noise levels (and checked); without one, the run's schedule type
+  is dropped for a line's scheduler that has no such type (it places its own noise levels, as
+  in A1111)."""
+  options = dict(cfg.scheduler_options)
   if schedule_type is None:
-    options = sampling.schedule_type_for(pipe, scheduler, options) or {}
-  return options
+    return sampling.schedule_type_for(pipe, scheduler, options) or {}
+  kept = {k: v for k, v in options.items() if k not in _PLACEMENT}
+  return dict(sorted({**kept, **outputs.schedule_type_options(schedule_type)}.items()))
 
 
 def _check_clip_skip(cfg: RunConfig, pipe) -> None:
@@ -1566,6 +1559,8 @@ class _Metadata:
     self.controlnets = [_named_with_hash(path) for path in cfg.controlnet]
     self.ip_adapters = [_named_with_hash(path) for path in cfg.ip_adapter]
     self._hashes: dict[tuple[str, str], str] = {}
+    # (scheduler, line's schedule type) -> `line_options`: once per kind, not per image.
+    self._options: dict[tuple[str, str | None], dict[str, Any]] = {}
     # A1111's `Lora hashes` / `TI hashes`: every --lora; the <lora:...> tags and the embeddings'
     # trigger words an image's prompts use.
     self.lora_dir = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
@@ -1582,6 +1577,12 @@ class _Metadata:
       self._hashes[path, kind] = outputs.short_hash(path, cache_file=_hash_cache_file(),
                                                     kind=kind)
     return self._hashes[path, kind]
+
+  def _line_options(self, scheduler: str, schedule_type: str | None) -> dict[str, Any]:
+    key = (scheduler, schedule_type)
+    if key not in self._options:
+      self._options[key] = line_options(self.cfg, self.pipe, scheduler, schedule_type)
+    return self._options[key]
 
   def guidance(self, job: ImageJob) -> float:
     """A job's guidance scale: its prompt line's, else the run's."""
@@ -1611,7 +1612,7 @@ class _Metadata:
     cfg = self.cfg
     height, width = self.size(job)
     steps, scheduler, strength, schedule_type = self.schedule(job)
-    options = line_options(cfg, self.pipe, scheduler, schedule_type)
+    options = self._line_options(scheduler, schedule_type)
     hires = _hires_record(cfg)
     if hires:
       hires["hires"].update(first_height=height, first_width=width,
@@ -1698,7 +1699,7 @@ class _Metadata:
     cfg = self.cfg
     height, width = self.size(job)
     steps, scheduler, strength, schedule_type = self.schedule(job)
-    options = line_options(cfg, self.pipe, scheduler, schedule_type)
+    options = self._line_options(scheduler, schedule_type)
     return outputs.a1111_parameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=steps,
         sampler=scheduler, cfg_scale=self.guidance(job), seed=job.seed, width=width,
