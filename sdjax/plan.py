@@ -205,7 +205,7 @@ _A1111_NAMES = {**{key: f"--{tag}" for tag, (key, _) in _A1111_TAGS.items()},
 
 
 @functools.cache
-def _A1111_SAMPLERS() -> dict[str, str]:  # noqa: N802  (a constant, built on first use)
+def _a1111_samplers() -> dict[str, str]:
   """A1111's sampler names by their lower case."""
   from sdjax import outputs  # noqa: PLC0415
 
@@ -254,7 +254,7 @@ def a1111_options(line: str, where: str) -> dict[str, Any]:
       continue
     key, kind = _A1111_TAGS[tag]
     if tag == "sampler_name":  # A1111 looks its samplers up in lower case
-      value = _A1111_SAMPLERS().get(value.lower(), value)
+      value = _a1111_samplers().get(value.lower(), value)
     try:
       out[key] = kind(value)
     except ValueError:
