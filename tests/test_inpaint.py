@@ -276,6 +276,27 @@ def test_sdxl_matches_diffusers(sdxl, model, name):
   assert err <= 1e-4
 
 
+@pytest.mark.parametrize("model,strength", [("inpainting", 1.0), ("plain", 0.6)])
+def test_torch_generators_match_diffusers(request, model, strength):
+  """rng="torch_cpu": diffusers' inpainting with per-image CPU generators of the same seeds,
+  nothing patched: the image encoded (if it is), the noise, the masked image encoded (for any
+  model), then each step's noise (Euler a), all drawn in turn from each image's generator."""
+  ref, pipe, _ = request.getfixturevalue(model)
+  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  images, masks, _ = _inputs(5)
+  generators = [torch.Generator().manual_seed(21 + i) for i in range(2)]
+  expected = ref(PROMPTS, negative_prompt=NEGATIVES, image=nchw(images),
+                 mask_image=torch.from_numpy(masks[:, None]), height=H, width=W,
+                 strength=strength, num_inference_steps=4, guidance_scale=GUIDANCE,
+                 generator=generators, output_type="np").images
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images,
+                       mask_images=masks, strength=strength, steps=4, seed=21,
+                       guidance_scale=GUIDANCE, scheduler="euler_ancestral", rng="torch_cpu")
+  err = rel_err(ours, expected)
+  print(f"\n{model} model with torch generators, strength {strength}: {err:.2e}")
+  assert err <= 1e-5
+
+
 @pytest.mark.parametrize("with_image", [False, True])
 def test_inpainting_model_without_mask_matches_diffusers(inpainting, with_image):
   """An inpainting model without a mask repaints everything, as A1111 runs one: diffusers'

@@ -388,6 +388,54 @@ def test_hires_pass_prompt_edits_count_on(pipes):
   assert rel(edited, red) > 1e-5
 
 
+# Samplers that draw from the generator at each step, as diffusers configures them.
+GENERATOR_SCHEDULERS = {
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, {}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+    "kdpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}, {}),  # one draw per two calls
+    "tcd": ("TCDScheduler", {}, {"eta": 0.3}),  # no draw on the last step
+}
+
+
+def _generators(seed: int, n: int) -> list[torch.Generator]:
+  return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", list(GENERATOR_SCHEDULERS))
+def test_torch_generators_match_diffusers(pipes, name):
+  """rng="torch_cpu": diffusers' images for per-image CPU generators of the same seeds (the
+  initial noise and every step's), with no noise passed in; img2img draws its posterior sample
+  first. The default rng's images differ."""
+  _sd1_only(pipes)
+  ref, pipe, folder = pipes
+  cls, config, extra = GENERATOR_SCHEDULERS[name]
+  ref.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler_config, **config)
+  common = dict(guidance_scale=GUIDANCE, height=16, width=16, **extra)
+  expected = ref(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=5,
+                 generator=_generators(40, 2), output_type="np", **common).images
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=5, scheduler=name, seed=40,
+                       rng="torch_cpu", **common)
+  err = rel(ours, expected)
+  print(f"\n{name} with torch generators: {err:.2e}")
+  assert err <= 1e-5
+  jax_rng = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=5, scheduler=name,
+                          seed=40, **common)
+  assert rel(jax_rng, expected) > 1e-2
+  if name != "kdpm2_ancestral":
+    return
+  img_pipe = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+  img_pipe.set_progress_bar_config(disable=True)
+  images = np.random.default_rng(3).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  expected = img_pipe(PROMPTS, image=images, strength=0.6, num_inference_steps=5,
+                      guidance_scale=GUIDANCE, generator=_generators(7, 2),
+                      output_type="np").images
+  ours = pipe.generate(PROMPTS, init_images=images, strength=0.6, steps=5, seed=7,
+                       guidance_scale=GUIDANCE, scheduler=name, rng="torch_cpu")
+  err = rel(ours, expected)
+  print(f"img2img {name} with torch generators: {err:.2e}")
+  assert err <= 1e-5
+
+
 def test_ddim_eta_matches_diffusers_and_compiles_once(pipes):
   """eta > 0: diffusers' DDIM step given our per-step noise (`variance_noise`, drawn from each
   image's seed) lands on the same images; another eta reuses the compiled program."""
@@ -558,18 +606,21 @@ def test_compiles_once_per_shape(pipes):
   assert not np.allclose(a, b)
 
 
-@pytest.mark.parametrize("scheduler", ["euler_ancestral", "dpmpp_sde_karras"])
-def test_each_image_depends_on_its_seed_alone(pipes, scheduler):
+@pytest.mark.parametrize("scheduler,rng", [("euler_ancestral", "jax"),
+                                           ("dpmpp_sde_karras", "jax"),
+                                           ("dpmpp_sde_karras", "torch_cpu")])
+def test_each_image_depends_on_its_seed_alone(pipes, scheduler, rng):
   """Stochastic samplers draw each step's noise from the image's own seed (dpmpp_sde: two
   stages a step, the second's noise built from the first's; the same noise path serves every
-  stochastic scheduler)."""
+  stochastic scheduler), with either rng (dpmpp_sde's Brownian noise stays JAX's: diffusers
+  does not take it from the generator)."""
   _sd1_only(pipes)
   _, pipe, _ = pipes
   prompts = ["a red circle", "a cat", "a dog"]
-  batch = pipe.generate(prompts, steps=3, scheduler=scheduler, seed=40)
-  alone = pipe.generate(prompts[1], steps=3, scheduler=scheduler, seed=41)
+  batch = pipe.generate(prompts, steps=3, scheduler=scheduler, seed=40, rng=rng)
+  alone = pipe.generate(prompts[1], steps=3, scheduler=scheduler, seed=41, rng=rng)
   np.testing.assert_allclose(batch[1], alone[0], atol=1e-5)
-  again = pipe.generate(prompts, steps=3, scheduler=scheduler, seed=40)
+  again = pipe.generate(prompts, steps=3, scheduler=scheduler, seed=40, rng=rng)
   np.testing.assert_array_equal(batch, again)
   assert not np.allclose(batch[0], batch[1])
 
@@ -595,6 +646,8 @@ def test_default_size_and_bfloat16(pipes):
     ({"eta": 0.5, "scheduler": "euler"}, "eta is an option of ddim, tcd only"),
     ({"eta": -1.0, "scheduler": "ddim"}, "eta must be a number >= 0"),
     ({"hires_prompts": "a cat"}, "hires_prompts and hires_negative_prompts are the hires pass"),
+    ({"rng": "cuda"}, "unknown rng 'cuda'; use one of jax, torch_cpu"),
+    ({"rng": "torch_cpu", "latents": np.zeros((2, 8, 8, 4))}, "give seed, not latents"),
     ({"hires_scale": 2.0, "hires_negative_prompts": ["a"] * 3},
      "hires_negative_prompts: got 3 entries"),
 ])

@@ -195,6 +195,29 @@ def test_base_to_refiner_handoff_matches_diffusers(pipes, name):
   assert err <= GENERATE_TOL
 
 
+def test_torch_generators_through_the_refiner_match_diffusers(pipes):
+  """rng="torch_cpu": diffusers' base and refiner given the same per-image CPU generators: the
+  refiner's step noise follows the base's draws (KDPM2 a: a draw every other UNet call, the
+  base stopping mid-step). Nothing is passed in but the seeds."""
+  ref_base, ref_refiner, base, refiner, _ = pipes
+  for ref, pipe in ((ref_base, base), (ref_refiner, refiner)):
+    ref.scheduler = diffusers.KDPM2AncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  generators = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+  common = dict(negative_prompt=NEGATIVES, generator=generators, num_inference_steps=6,
+                guidance_scale=GUIDANCE)
+  with torch.no_grad():
+    handed = ref_base(PROMPTS, height=H, width=W, denoising_end=0.8, output_type="latent",
+                      **common).images
+    expected = ref_refiner(PROMPTS, image=handed, denoising_start=0.8, output_type="np",
+                           **common).images
+  ours = base.generate(PROMPTS, negative_prompts=NEGATIVES, steps=6, guidance_scale=GUIDANCE,
+                       height=H, width=W, scheduler="kdpm2_ancestral", seed=3, rng="torch_cpu",
+                       refiner=refiner, refiner_start=0.8)
+  err = rel_err(ours, expected)
+  print(f"\nhandoff with torch generators: {err:.2e}")
+  assert err <= 1e-5
+
+
 def test_hires_fix_matches_diffusers(pipes):
   """hires_scale on SDXL: diffusers' text-to-image to latents, torch's interpolate, then its
   img2img pipeline (the base's components) on those latents for the steps A1111 runs, with our

@@ -165,6 +165,9 @@ class Scheduler:
   name: ClassVar[str] = ""
   order: ClassVar[int] = 1  # model calls per inference step (2 for Heun)
   needs_noise: ClassVar[bool] = False  # whether `step` consumes fresh noise
+  # Whether diffusers draws that noise from the pipeline's generator (not a noise source of its
+  # own): what a run of torch's generator (`sampling.RNGS`) reproduces.
+  generator_noise: ClassVar[bool] = True
   # sdjax options beside diffusers' config that place the noise levels (`sigma_schedules`).
   schedule_options: ClassVar[tuple[str, ...]] = ()
 
@@ -196,6 +199,11 @@ class Scheduler:
   def step(self, state, model_output, i, sample, noise=None):
     """One update at position `i`; returns (prev_sample, new_state)."""
     raise NotImplementedError
+
+  def noise_draw(self, i):
+    """How many fresh-noise draws a run's steps take before position `i` (the index of the one
+    `step` takes there), as diffusers' scheduler draws them from the pipeline's generator."""
+    return i
 
   def add_noise(self, state, original_samples, noise, i):
     """Noises a clean sample to the level of position `i` (img2img's starting latent)."""

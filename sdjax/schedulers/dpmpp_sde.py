@@ -96,6 +96,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
   name = "dpmpp_sde"
   order = 2
   needs_noise = True
+  generator_noise = False  # diffusers' Brownian tree takes `noise_sampler_seed`, or a random one
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,

@@ -198,3 +198,6 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
     mid = _log_midpoint(sigmas, down)
     mid[-2:] = 0.0
     return mid, down, up
+
+  def noise_draw(self, i):
+    return i // 2  # one draw per step, after its second stage (odd positions)
