@@ -59,6 +59,9 @@ class RunConfig:
   height: int | None = None
   width: int | None = None
   seed: int = 0
+  # Where each image's noise comes from (sampling.RNGS): "jax", or "torch_cpu": its seed's torch
+  # CPU generator, as diffusers' pipelines with per-image generators and A1111's "RNG: CPU".
+  rng: str = "jax"
   batch_size: int = 1  # per device
   dtype: str = "float32"
   output_dir: str = "outputs"  # a folder or any fsspec URL
@@ -265,6 +268,8 @@ def validate(cfg: RunConfig) -> None:
 
   if not cfg.eta >= 0:
     raise RunError(f"--eta must be >= 0, got {cfg.eta}")
+  if cfg.rng not in sampling.RNGS:
+    raise RunError(f"--rng must be one of {', '.join(sampling.RNGS)}, got {cfg.rng!r}")
   if not 0.0 < cfg.strength <= 1.0:
     raise RunError(f"--strength must be in (0, 1], got {cfg.strength}")
   if cfg.resize_mode not in outputs.RESIZE_MODES:
@@ -407,6 +412,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
   settings.update(_image_format(cfg).settings())
   if cfg.eta:  # absent when 0: older folders still match
     settings["eta"] = cfg.eta
+  if cfg.rng != RunConfig.rng:
+    settings["rng"] = cfg.rng
   if cfg.prompt_syntax != "plain":
     settings["prompt_syntax"] = cfg.prompt_syntax
   if cfg.lora_dir is not None:
@@ -1094,7 +1101,7 @@ class _Sampler:
                        f"guidance_scale {guidance:g} (<= 1) does not use")
       common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, guidance_rescale=cfg.guidance_rescale,
-                    eta=cfg.eta, cfg_split=cfg.cfg_parallel,
+                    eta=cfg.eta, cfg_split=cfg.cfg_parallel, rng=cfg.rng,
                     clip_skip=cfg.clip_skip - 1 or None,  # diffusers' count
                     scheduler_options=line_options(cfg, pipe, scheduler, schedule_type) or None)
       extra = dict(img2img=True, strength=strength) if img2img else {}
@@ -1126,7 +1133,8 @@ class _Sampler:
       if refiner is not None:  # the second stage runs in the same program
         stage_spec, stage_state = sampling.prepare(refiner, cfg.batch_size, **common,
                                                    denoising_start=cfg.refiner_start)
-        refiner = (dataclasses.replace(stage_spec, tiling=spec.tiling), stage_state, refiner)
+        refiner = (dataclasses.replace(stage_spec, tiling=spec.tiling, rng_offset=(
+            sampling.stream_draws(spec, len(state.timesteps)))), stage_state, refiner)
         state, stage = (state, refiner[1]), refiner[::2]
       if hires is not None:  # so does the hires pass
         try:
@@ -1628,6 +1636,7 @@ class _Metadata:
         "seed": job.seed, "steps": steps, "scheduler": scheduler,
         **({"scheduler_options": options} if options else {}),
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
+        **({"rng": cfg.rng} if cfg.rng != RunConfig.rng else {}),
         **({"clip_skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
@@ -1714,6 +1723,7 @@ class _Metadata:
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler), **self._hires_prompts(job),
                **({"Clip skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
+               **({"RNG": "CPU"} if cfg.rng == "torch_cpu" else {}),  # A1111's word
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job), **self._pag_extra(),
                **({"Guidance rescale": cfg.guidance_rescale} if cfg.guidance_rescale else {}),

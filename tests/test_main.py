@@ -536,6 +536,30 @@ def test_ddim_eta(model, cache, tmp_path):
   assert np.abs(got - want).max() <= 1 / 255 + 1e-6
 
 
+def test_torch_rng_run_on_two_devices_matches_diffusers(model, cache, tmp_path):
+  """--rng torch_cpu: each image is diffusers' for a CPU generator of its seed, on 2 devices with
+  a padded last batch; the PNG parameters say "RNG: CPU" as A1111's do, the manifest the rng."""
+  import diffusers  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+
+  torch.set_num_threads(1)
+  out, prompts = str(tmp_path / "out"), PROMPTS[:3]
+  main_py(["--model", model, *_prompt_args(prompts), *COMMON, "--seed", "60", "--rng",
+           "torch_cpu", "--cpu_devices", "2", "--output_dir", out, "--compilation_cache", cache])
+  records = _manifest(out)
+  assert [r["rng"] for r in records] == ["torch_cpu"] * 3
+  text = Image.open(os.path.join(out, records[2]["file"])).text["parameters"]
+  assert outputs.parse_a1111_parameters(text)["RNG"] == "CPU"
+  ref = diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
+  ref.set_progress_bar_config(disable=True)
+  want = ref(prompts, num_inference_steps=2, height=16, width=16, guidance_scale=3.0,
+             generator=[torch.Generator().manual_seed(60 + k) for k in range(3)],
+             output_type="np").images
+  got = np.stack([_pixels(out)[r["file"]] for r in records]).astype(np.float32) / 255
+  assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+
 def test_sigmas_flag(model, cache, tmp_path):
   """--sigmas: the steps follow the list; the PNG parameters and the manifest say it; the
   pixels are generate()'s. --scheduler takes A1111's sampler names too."""
