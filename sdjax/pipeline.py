@@ -375,7 +375,8 @@ class Pipeline:
                ip_adapter_images=None, ip_adapter_scale=1.0,
                ip_adapter_masks=None, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0,
                pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
-               tiling: bool | str = False, rng: str = "jax") -> np.ndarray:
+               tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
+               subseed_strength: float = 0.0) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -416,6 +417,9 @@ class Pipeline:
         refiner after the base's draws), so diffusers' seeds make the same images here; also
         AUTOMATIC1111's "RNG source: CPU" (its hires pass starts the seed's generator again).
         dpmpp_sde's Brownian noise, an upscaler's encoding and what diffusers lacks stay JAX's.
+      subseed, subseed_strength: A1111's variation seeds ("Variation seed", "Variation
+        strength"): image i's initial noise (and hires noise) is moved towards that of seed
+        `subseed + i` along A1111's slerp, by the strength in [0, 1] (0: off).
       latents: NHWC unit Gaussian initial noise [N, h, w, 4] (as diffusers' `latents`, before
         scaling by the scheduler's initial sigma); default: drawn from the seeds.
       init_images: float [N, H, W, 3] in [0, 1] to start from (img2img).
@@ -618,7 +622,7 @@ class Pipeline:
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
         guess_mode=guess_mode, control_mode=control_mode, ip=ip, pag_scale=pag_scale,
         pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers,
-        freeu=freeu, tiling=tiling, rng=rng)
+        freeu=freeu, tiling=tiling, rng=rng, subseed=subseed, subseed_strength=subseed_strength)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

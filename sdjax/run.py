@@ -62,6 +62,9 @@ class RunConfig:
   # Where each image's noise comes from (sampling.RNGS): "jax", or "torch_cpu": its seed's torch
   # CPU generator, as diffusers' pipelines with per-image generators and A1111's "RNG: CPU".
   rng: str = "jax"
+  # A1111's variation seeds: image k's noise moved towards seed `subseed + k`'s by this strength.
+  subseed: int | None = None
+  subseed_strength: float = 0.0
   batch_size: int = 1  # per device
   dtype: str = "float32"
   output_dir: str = "outputs"  # a folder or any fsspec URL
@@ -270,6 +273,13 @@ def validate(cfg: RunConfig) -> None:
     raise RunError(f"--eta must be >= 0, got {cfg.eta}")
   if cfg.rng not in sampling.RNGS:
     raise RunError(f"--rng must be one of {', '.join(sampling.RNGS)}, got {cfg.rng!r}")
+  if not 0.0 <= cfg.subseed_strength <= 1.0:
+    raise RunError(f"--subseed_strength must be in [0, 1], got {cfg.subseed_strength}")
+  if cfg.subseed_strength and cfg.subseed is None:
+    raise RunError("--subseed_strength moves each image's noise towards its variation seed's: "
+                   "give --subseed")
+  if cfg.subseed is not None and not 0 <= cfg.subseed < 2**32:
+    raise RunError(f"--subseed must be in [0, 2**32), got {cfg.subseed}")
   if not 0.0 < cfg.strength <= 1.0:
     raise RunError(f"--strength must be in (0, 1], got {cfg.strength}")
   if cfg.resize_mode not in outputs.RESIZE_MODES:
@@ -414,6 +424,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["eta"] = cfg.eta
   if cfg.rng != RunConfig.rng:
     settings["rng"] = cfg.rng
+  if cfg.subseed_strength:
+    settings.update(subseed=cfg.subseed, subseed_strength=cfg.subseed_strength)
   if cfg.prompt_syntax != "plain":
     settings["prompt_syntax"] = cfg.prompt_syntax
   if cfg.lora_dir is not None:
@@ -1345,6 +1357,16 @@ class _Sampler:
       self.params, self.loras = parallel.replicate(params, self.mesh), loras
       logging.info("LoRA set %s merged", loras)
 
+  def _seeds(self, jobs):
+    """The program's seeds for `jobs`: uint32, with A1111's variation seeds when the run has
+    them (`sampling.split_seeds`)."""
+    seeds = np.asarray([j.seed for j in jobs], np.uint32)
+    if not self.cfg.subseed_strength:
+      return seeds
+    return seeds, sampling.Variation(
+        np.asarray([subseed(self.cfg, j) for j in jobs], np.uint32),
+        np.full(len(jobs), self.cfg.subseed_strength, np.float32))
+
   def __call__(self, batch, size, kind, guidance, loras, schedule):
     """Dispatches `batch` ((shard, job) rows) of images of `size` (height, width) and `kind`
     (`ImageJob.kind`: from their init images, and masks), at guidance scale `guidance`, under
@@ -1360,8 +1382,7 @@ class _Sampler:
     jobs = [job for _, job in batch]
     cond = self._conditioning(program, jobs, size, self._ip_images(batch, size))
     args = (self.params, parallel.shard_tree(self.mesh, cond, self.global_batch),
-            parallel.shard_batch(self.mesh, np.asarray([j.seed for j in jobs], np.uint32),
-                                 self.global_batch),
+            parallel.shard_tree(self.mesh, self._seeds(jobs), self.global_batch),
             *self.scalars[guidance], program.state)
     finish = None
     if program.spec.img2img:
@@ -1394,6 +1415,11 @@ class _Sampler:
             f"the batch does not fit in device memory: lower --batch_size (now "
             f"{self.cfg.batch_size}) or --height/--width") from None
       raise
+
+
+def subseed(cfg: RunConfig, job: ImageJob) -> int:
+  """Image k's variation seed (with --subseed_strength): --subseed + k, as A1111 counts them."""
+  return (cfg.subseed + job.index) % 2**32
 
 
 def control_paths(cfg: RunConfig, job: ImageJob) -> list[str | None]:
@@ -1637,6 +1663,8 @@ class _Metadata:
         **({"scheduler_options": options} if options else {}),
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
         **({"rng": cfg.rng} if cfg.rng != RunConfig.rng else {}),
+        **({"subseed": subseed(cfg, job), "subseed_strength": cfg.subseed_strength}
+           if cfg.subseed_strength else {}),
         **({"clip_skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
@@ -1724,6 +1752,9 @@ class _Metadata:
                **self._hires_extra(height, width, scheduler), **self._hires_prompts(job),
                **({"Clip skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
                **({"RNG": "CPU"} if cfg.rng == "torch_cpu" else {}),  # A1111's word
+               **({"Variation seed": subseed(cfg, job),
+                   "Variation seed strength": cfg.subseed_strength}
+                  if cfg.subseed_strength else {}),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job), **self._pag_extra(),
                **({"Guidance rescale": cfg.guidance_rescale} if cfg.guidance_rescale else {}),

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import traverse_util
+from flax import struct, traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -168,13 +168,47 @@ def takes_composable(spec: SampleSpec) -> bool:
   return spec.guidance and not (spec.cfg_split or spec.guidance_rescale or spec.pag is not None)
 
 
+@struct.dataclass
+class Variation:
+  """A1111's variation seeds: each image's initial noise moved towards its subseed's noise by
+  its strength (0: the seed's alone; 1: the subseed's), along A1111's `slerp`."""
+
+  subseeds: jax.Array  # uint32 [B]
+  strengths: jax.Array  # float32 [B]
+
+
+def split_seeds(seeds) -> tuple[jax.Array, Variation | None]:
+  """A program's `seeds`: uint32 [B], or (with `SampleSpec.variation`) (seeds, `Variation`)."""
+  if isinstance(seeds, tuple):
+    return seeds
+  return seeds, None
+
+
+def variation_slerp(strengths, low, high) -> jax.Array:
+  """A1111's `slerp(strength, noise, subnoise)` on each image's noise [B, h, w, C]: unit vectors
+  along the height (its dim 1 of [C, h, w]) per column and channel; nearly parallel noises
+  (mean cosine > 0.9995) mixed linearly, as A1111 does (weights the other way round). Strength
+  0 is the noise itself."""
+  val = strengths.astype(jnp.float32)[:, None, None, None]  # B, 1, 1, 1
+  low_unit = low / jnp.linalg.norm(low, axis=1, keepdims=True)
+  high_unit = high / jnp.linalg.norm(high, axis=1, keepdims=True)
+  dot = jnp.sum(low_unit * high_unit, axis=1, keepdims=True)  # B, 1, w, C
+  omega = jnp.arccos(dot)
+  sin_omega = jnp.sin(omega)
+  arc = jnp.sin((1.0 - val) * omega) / sin_omega * low + jnp.sin(val * omega) / sin_omega * high
+  linear = jnp.mean(dot, axis=(1, 2, 3), keepdims=True) > 0.9995
+  mixed = jnp.where(linear, low * val + high * (1 - val), arc)
+  return jnp.where(val > 0, mixed, low)
+
+
 def image_keys(seeds: jax.Array) -> jax.Array:
   """One PRNG key per image, from its seed (uint32 [B])."""
   return jax.vmap(jax.random.key)(seeds)
 
 
 def initial_noise(seeds, latent_shape) -> jax.Array:
-  """Unit Gaussian starting noise [B, h, w, C] for each image's seed."""
+  """Unit Gaussian starting noise [B, h, w, C] for each image's seed (`split_seeds`'s first)."""
+  seeds, _ = split_seeds(seeds)
   return jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(image_keys(seeds))
 
 
@@ -223,17 +257,42 @@ def stream_draws(spec: SampleSpec, positions: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class _NoiseSource:
   """A stage's unit noise: from each image's keyed streams, or (`drawn`, rng "torch_cpu") its
-  generator's draws [B, draws, h, w, C]: those of `tags` first, then one per step."""
+  generator's draws [B, draws, h, w, C]: those of `tags` first, then one per step. With
+  `variation` the noise a stage starts from is varied as A1111's variation seeds do."""
 
+  rng: str
   keys: jax.Array
   drawn: jax.Array | None = None
   tags: tuple[int, ...] = ()
+  variation: Variation | None = None
+
+  def initial(self, noise) -> jax.Array:
+    """The initial noise: the caller's `noise` (rng "jax"), or the generator's draw."""
+    if _INITIAL in self.tags:
+      noise = self.drawn[:, self.tags.index(_INITIAL)]
+    return self._varied(_INITIAL, noise)
 
   def sample(self, stream: int, shape) -> jax.Array:
-    """[B, *shape]: the initial noise (_INITIAL), a posterior sample, hires noise."""
+    """[B, *shape]: a posterior sample, the hires pass's noise (varied)."""
     if stream in self.tags:
-      return self.drawn[:, self.tags.index(stream)]
-    return _keyed_noise(self.keys, stream, shape)
+      noise = self.drawn[:, self.tags.index(stream)]
+    else:
+      noise = _keyed_noise(self.keys, stream, shape)
+    return self._varied(stream, noise) if stream == _HIRES_NOISE else noise
+
+  def _varied(self, stream: int, noise) -> jax.Array:
+    """`noise` moved towards the subseeds' of the same kind: the first draw of their generators
+    (A1111's), or their keys' initial or hires noise."""
+    if self.variation is None:
+      return noise
+    subseeds, shape = self.variation.subseeds, noise.shape[1:]
+    if self.rng == "torch_cpu":
+      sub = torch_rng.randn_nchw(subseeds, 1, shape)[:, 0]
+    elif stream == _INITIAL:
+      sub = initial_noise(subseeds, shape)
+    else:
+      sub = _keyed_noise(image_keys(subseeds), stream, shape)
+    return variation_slerp(self.variation.strengths, noise, sub)
 
   def step(self, spec: SampleSpec, stream: int, shape, i) -> jax.Array:
     """[B, *shape]: the fresh noise of the step at position `i` (traced)."""
@@ -245,15 +304,15 @@ class _NoiseSource:
 
 
 def _noise_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSource:
-  """Where a stage's noise of latent `shape` [h, w, C] comes from (`spec.rng`)."""
+  """Where a stage's noise of latent `shape` [h, w, C] comes from (`spec.rng`), for `seeds`
+  (`split_seeds`)."""
+  seeds, variation = split_seeds(seeds)
   keys = image_keys(seeds)
-  if spec.rng == "jax":
-    return _NoiseSource(keys)
   draws = stream_draws(spec, positions)
-  if draws == spec.rng_offset:  # a stage without draws (a refiner with a deterministic sampler)
-    return _NoiseSource(keys)
+  if spec.rng == "jax" or draws == spec.rng_offset:  # torch_cpu: a stage drawing nothing
+    return _NoiseSource(spec.rng, keys, variation=variation)
   drawn = torch_rng.randn_nchw(seeds, draws, shape)[:, spec.rng_offset:]
-  return _NoiseSource(keys, drawn, _torch_draw_order(spec))
+  return _NoiseSource(spec.rng, keys, drawn, _torch_draw_order(spec), variation)
 
 
 def guide(eps_uncond, eps_cond, scale, rescale=None, extra=None):
@@ -312,7 +371,7 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     nets: the pipeline's modules (static).
     cond: token ids of prompts and negative prompts (A1111 syntax: `prompts.PromptBatch`es),
       SDXL's micro-conditioning ([B, ...] leaves).
-    seeds: uint32 [B] per-image seeds.
+    seeds: uint32 [B] per-image seeds, or (those, `Variation`) for A1111's variation seeds.
     noise: float32 [B, h, w, C] unit Gaussian initial noise.
     guidance_scale, guidance_rescale: float32 scalars (traced: changing them does not recompile).
     init: img2img: float32 images [B, H, W, 3] in [0, 1]; inpainting (`spec.inpaint`): those
@@ -336,8 +395,7 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     guidance_scale = jnp.float32(spec.fixed_guidance)
   source = _noise_source(spec, seeds, (*spec.latent_hw, nets.vae.config.latent_channels),
                          len(state.timesteps))
-  if _INITIAL in source.tags:
-    noise = source.sample(_INITIAL, noise.shape[1:])
+  noise = source.initial(noise)
   negative, positive = conditioning.encode(nets, params, cond, spec.clip_skip, spec.clip_skip,
                                            spec.guidance)
   scheduled = positive.schedule is not None  # A1111 syntax: the variants in force per call
@@ -662,7 +720,7 @@ def _sample(spec: SampleSpec, nets: Networks, params, cond, seeds, noise, scalar
   against 11 s). One device running the split program decodes in the same separate program,
   so the pixels do not depend on the device count.
   """
-  args = (_device(cond), jnp.asarray(seeds), noise, *scalars, init, state)
+  args = (_device(cond), _device(seeds), noise, *scalars, init, state)
   if not spec.cfg_split:
     return _jitted_sample(spec, nets, params, *args, None, control)
   latent_spec = dataclasses.replace(spec, output_latents=True)
@@ -907,10 +965,21 @@ def check_size(pipe, height: int, width: int) -> tuple[int, int]:
   return height // pipe.vae_scale, width // pipe.vae_scale
 
 
-def make_seeds(seed: int, n: int) -> np.ndarray:
-  if not (0 <= seed and seed + n <= 2**32):
-    raise ValueError(f"seed must be in [0, 2**32 - {n}], got {seed}")
+def make_seeds(seed: int, n: int, name: str = "seed") -> np.ndarray:
+  if not (isinstance(seed, int | np.integer) and 0 <= seed and seed + n <= 2**32):
+    raise ValueError(f"{name} must be in [0, 2**32 - {n}], got {seed}")
   return np.arange(seed, seed + n, dtype=np.uint32)
+
+
+def make_variation(subseed: int | None, strength: float, n: int) -> Variation | None:
+  """A1111's variation seeds for n images (image i: subseed + i), or None at strength 0."""
+  if not (isinstance(strength, int | float | np.floating) and 0.0 <= strength <= 1.0):
+    raise ValueError(f"subseed_strength must be in [0, 1], got {strength!r}")
+  if not strength:
+    return None
+  if subseed is None:
+    raise ValueError("subseed_strength > 0 needs a subseed")
+  return Variation(make_seeds(subseed, n, "subseed"), np.full(n, strength, np.float32))
 
 
 def _cutoff(sched, fraction: float) -> int:
@@ -1289,6 +1358,8 @@ def generate(
     freeu: Any = None,
     tiling: bool | str = False,
     rng: str = "jax",
+    subseed: int | None = None,
+    subseed_strength: float = 0.0,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1375,6 +1446,9 @@ def generate(
   if latents is not None and rng != "jax":
     raise ValueError(f"rng={rng!r} draws the initial noise from the seeds: give seed, not "
                      "latents")
+  variation = make_variation(subseed, subseed_strength, n)
+  if latents is not None and variation is not None:
+    raise ValueError("subseed varies the seeds' noise: give seed, not latents")
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
                         denoising_end=refiner_start if refiner is not None else None,
                         inpaint=mask_images is not None, masked_content=masked_content,
@@ -1402,9 +1476,11 @@ def generate(
                    hires_stage[1])
     spec = dataclasses.replace(spec, output_latents=hires.in_latents)
   seeds = make_seeds(seed, n)
+  if variation is not None:
+    seeds = (seeds, variation)
   latent_shape = (n, *spec.latent_hw, latent_channels(pipe))
   if latents is None:
-    noise = initial_noise(jnp.asarray(seeds), latent_shape[1:])
+    noise = initial_noise(_device(seeds), latent_shape[1:])
   else:
     noise = jnp.asarray(latents, jnp.float32)
     if noise.shape != latent_shape:

@@ -350,6 +350,7 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
 
 BAD_INPUT = [
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--subseed_strength", "0.5"], "--subseed_strength moves each image's noise towards its "),
     (["--wildcards_dir", "."], "--wildcards_dir and --max_generations are options of"),
     (["--dynamic_prompts", "random", "--wildcards_dir", "nowhere"], "nowhere is not a folder"),
     (["--dynamic_prompts", "combinatorial", "--prompt", "50% off"],
@@ -556,6 +557,25 @@ def test_torch_rng_run_on_two_devices_matches_diffusers(model, cache, tmp_path):
   want = ref(prompts, num_inference_steps=2, height=16, width=16, guidance_scale=3.0,
              generator=[torch.Generator().manual_seed(60 + k) for k in range(3)],
              output_type="np").images
+  got = np.stack([_pixels(out)[r["file"]] for r in records]).astype(np.float32) / 255
+  assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+
+def test_variation_seed_flags(model, cache, tmp_path):
+  """--subseed / --subseed_strength: image k varied towards subseed + k, as generate() does; the
+  PNG parameters say "Variation seed" and its strength as A1111's, the manifest too."""
+  out = str(tmp_path / "out")
+  main_py(["--model", model, "--prompt", "a cat", "--prompt", "a dog", *COMMON, "--seed", "5",
+           "--subseed", "77", "--subseed_strength", "0.25", "--batch_size", "2",
+           "--output_dir", out, "--compilation_cache", cache])
+  records = _manifest(out)
+  assert [(r["subseed"], r["subseed_strength"]) for r in records] == [(77, 0.25), (78, 0.25)]
+  params = outputs.parse_a1111_parameters(
+    Image.open(os.path.join(out, records[1]["file"])).text["parameters"])
+  assert params["Variation seed"] == "78" and params["Variation seed strength"] == "0.25"
+  want = sdjax.load_pipeline(model).generate(["a cat", "a dog"], steps=2, height=16, width=16,
+                                             guidance_scale=3.0, scheduler="euler_ancestral",
+                                             seed=5, subseed=77, subseed_strength=0.25)
   got = np.stack([_pixels(out)[r["file"]] for r in records]).astype(np.float32) / 255
   assert np.abs(got - want).max() <= 1 / 255 + 1e-6
 

@@ -436,6 +436,58 @@ def test_torch_generators_match_diffusers(pipes, name):
   assert err <= 1e-5
 
 
+def _a1111_slerp(val, low, high):
+  """A1111's `slerp` of two [C, h, w] noises (modules/rng.py), written out in torch."""
+  low_norm = low / torch.norm(low, dim=1, keepdim=True)
+  high_norm = high / torch.norm(high, dim=1, keepdim=True)
+  dot = (low_norm * high_norm).sum(1)
+  if dot.mean() > 0.9995:
+    return low * val + high * (1 - val)
+  omega = torch.acos(dot)
+  so = torch.sin(omega)
+  return ((torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low
+          + (torch.sin(val * omega) / so).unsqueeze(1) * high)
+
+
+def test_variation_seeds(pipes):
+  """A1111's variation seeds with rng="torch_cpu": each image's initial noise is A1111's slerp of
+  its generator's first draw towards its subseed's (a fresh generator's first draw), and the
+  step noise goes on from its own generator: diffusers given those latents and generators that
+  drew them. Strength 0 is no variation, bit for bit; 1 is the subseed's noise; any strength
+  runs the same program."""
+  _sd1_only(pipes)
+  ref, pipe, _ = pipes
+  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  seed, subseed, strength = 40, 900, 0.3
+  generators, latents = _generators(seed, 2), []
+  for i, gen in enumerate(generators):
+    noise = torch.randn((4, 8, 8), generator=gen)
+    subnoise = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(subseed + i))
+    latents.append(_a1111_slerp(strength, noise, subnoise))
+  common = dict(guidance_scale=GUIDANCE, height=16, width=16)
+  expected = ref(PROMPTS, num_inference_steps=4, generator=generators,
+                 latents=torch.stack(latents), output_type="np", **common).images
+  ours = pipe.generate(PROMPTS, steps=4, scheduler="euler_ancestral", seed=seed,
+                       rng="torch_cpu", subseed=subseed, subseed_strength=strength, **common)
+  err = rel(ours, expected)
+  print(f"\nvariation seeds with torch generators: {err:.2e}")
+  assert err <= 1e-5
+  common.update(steps=3, scheduler="ddim")
+  plain = pipe.generate(PROMPTS, seed=seed, **common)
+  np.testing.assert_array_equal(
+      pipe.generate(PROMPTS, seed=seed, subseed=subseed, subseed_strength=0.0, **common), plain)
+  np.testing.assert_allclose(
+      pipe.generate(PROMPTS, seed=seed, subseed=subseed, subseed_strength=1.0, **common),
+      pipe.generate(PROMPTS, seed=subseed, **common), atol=1e-6)
+  before = sampling.trace_count
+  half = pipe.generate(PROMPTS, seed=seed, subseed=subseed, subseed_strength=0.5, **common)
+  assert sampling.trace_count == before and rel(half, plain) > 0.05
+  with pytest.raises(ValueError, match="needs a subseed"):
+    pipe.generate(PROMPTS, subseed_strength=0.5, **common)
+  with pytest.raises(ValueError, match=r"subseed_strength must be in \[0, 1\]"):
+    pipe.generate(PROMPTS, subseed=1, subseed_strength=1.5, **common)
+
+
 def test_ddim_eta_matches_diffusers_and_compiles_once(pipes):
   """eta > 0: diffusers' DDIM step given our per-step noise (`variance_noise`, drawn from each
   image's seed) lands on the same images; another eta reuses the compiled program."""
