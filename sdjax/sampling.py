@@ -178,7 +178,7 @@ class Variation:
 
 
 def split_seeds(seeds) -> tuple[jax.Array, Variation | None]:
-  """A program's `seeds`: uint32 [B], or (with `SampleSpec.variation`) (seeds, `Variation`)."""
+  """A program's `seeds`: uint32 [B], or (with variation seeds) (seeds, `Variation`)."""
   if isinstance(seeds, tuple):
     return seeds
   return seeds, None

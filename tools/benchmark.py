@@ -83,8 +83,11 @@ _HEIGHT = flags.DEFINE_integer("height", None, "image height (default: the arch'
 _WIDTH = flags.DEFINE_integer("width", None, "image width (default: the arch's native)")
 _STEPS = flags.DEFINE_integer("steps", 50, "generate: denoising steps")
 _SCHEDULER = flags.DEFINE_enum("scheduler", "dpmpp_2m",
-                               ["dpmpp_2m", "euler", "unipc", "dpmpp_2m_sde_karras", "lcm"],
+                               ["dpmpp_2m", "euler", "unipc", "dpmpp_2m_sde_karras", "lcm",
+                                "euler_ancestral"],
                                "generate: scheduler (both backends)")
+_RNG = flags.DEFINE_enum("rng", "jax", ["jax", "torch_cpu"], "generate: where the noise comes "
+                         "from (torch_cpu: torch's CPU generator run on device)")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", 7.5, "generate: guidance scale (<= 1: no CFG "
                                "pass, as LCM-LoRA runs; both backends)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype")
@@ -321,14 +324,15 @@ def bench_jax():
   else:
     spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler=_SCHEDULER.value,
                                    height=h, width=w, guidance_scale=_GUIDANCE.value,
-                                   cfg_split=_CFG_PARALLEL.value)
+                                   cfg_split=_CFG_PARALLEL.value, rng=_RNG.value)
     seeds = jnp.arange(b, dtype=jnp.uint32)
     args = (spec, pipe.networks, pipe.params, _conditioning(pipe, b, h, w), seeds,
             sampling.initial_noise(seeds, lat[1:]), jnp.float32(_GUIDANCE.value),
             jnp.float32(0.0), None, state)
     fn = jax.jit(sampling.sample_fn, static_argnums=(0, 1))
     one_device = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler=_SCHEDULER.value,
-                                  height=h, width=w, guidance_scale=_GUIDANCE.value)[0]
+                                  height=h, width=w, guidance_scale=_GUIDANCE.value,
+                                  rng=_RNG.value)[0]
     counted = (functools.partial(sampling.sample_fn, one_device, pipe.networks), args[2:])
     if _CFG_PARALLEL.value:  # generate(cfg_parallel=True): the pair's program, then the decode
       cond, seeds, noise, scale, rescale, init, state = args[3:]
@@ -679,6 +683,7 @@ def bench_torch():
         "dpmpp_2m_sde_karras": (diffusers.DPMSolverMultistepScheduler,
                                 {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
         "lcm": (diffusers.LCMScheduler, {}),
+        "euler_ancestral": (diffusers.EulerAncestralDiscreteScheduler, {}),
     }[_SCHEDULER.value]
     sched = cls.from_config({**testing.SCHEDULER_SD15, "prediction_type": prediction}, **options)
     tokenizer = testing.torch_tokenizer(tok_dir)
