@@ -31,7 +31,7 @@ from sdjax.dynamic_prompts import SYNTAX, DynamicPrompts, TemplateError, is_temp
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
                  "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
                  "control_image", "ip_adapter_image", "hires_prompt", "hires_negative_prompt",
-                 "schedule_type", "styles")
+                 "schedule_type", "styles", "subseed", "subseed_strength")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -64,6 +64,10 @@ class PromptLine:
   schedule_type: str | None = None
   # A1111 saved styles applied to this line's prompts (None: the run's --style names).
   styles: tuple[str, ...] | None = None
+  # A1111's variation seed of the line's first image (the j-th: subseed + j) and strength (None:
+  # the run's --subseed, counted by image, and --subseed_strength).
+  subseed: int | None = None
+  subseed_strength: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +94,8 @@ class ImageJob:
   template: str | None = None
   negative_template: str | None = None
   schedule_type: str | None = None  # None: the run's
+  subseed: int | None = None  # None: the run's (see `run.variation`)
+  subseed_strength: float | None = None
 
   @property
   def kind(self) -> str | None:
@@ -147,7 +153,7 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
     if obj.get(key) is not None and not isinstance(obj[key], str):
       raise RunError(f"{where}: \"{key}\" must be a string")
   negative = obj.get("negative_prompt")
-  for key, least in (("seed", 0), ("num_images", 1), ("steps", 1)):
+  for key, least in (("seed", 0), ("num_images", 1), ("steps", 1), ("subseed", 0)):
     value = obj.get(key)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                               or value < least):
@@ -169,6 +175,13 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
       raise RunError(f'{where}: "strength" must be a number in (0, 1]')
     if init is None:
       raise RunError(f'{where}: "strength" is how much of an "init_image" to repaint: give one')
+  subseed_strength = obj.get("subseed_strength")
+  if subseed_strength is not None:
+    if not (_is_number(subseed_strength) and 0 <= subseed_strength <= 1):
+      raise RunError(f'{where}: "subseed_strength" must be a number in [0, 1]')
+    if obj.get("subseed") is None:
+      raise RunError(f'{where}: "subseed_strength" moves the noise towards a variation seed\'s: '
+                     f'give "subseed" too')
   scheduler = obj.get("scheduler")
   if scheduler is not None:
     scheduler = _scheduler(scheduler, where)
@@ -186,7 +199,9 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
                     None if guidance is None else float(guidance), mask, obj.get("steps"),
                     scheduler, None if strength is None else float(strength), control,
                     ip_image, obj.get("hires_prompt"), obj.get("hires_negative_prompt"),
-                    schedule_type, None if styles is None else tuple(styles))
+                    schedule_type, None if styles is None else tuple(styles),
+                    obj.get("subseed"),
+                    None if subseed_strength is None else float(subseed_strength))
 
 
 # A1111's "Prompts from file or textbox" script: a line of `--tag value` options. The tags that
@@ -196,7 +211,8 @@ _A1111_TAGS = {"prompt": ("prompt", str), "negative_prompt": ("negative_prompt",
                "seed": ("seed", int), "steps": ("steps", int),
                "cfg_scale": ("guidance_scale", float), "width": ("width", int),
                "height": ("height", int), "sampler_name": ("scheduler", str),
-               "n_iter": ("n_iter", int), "batch_size": ("batch_size", int)}
+               "n_iter": ("n_iter", int), "batch_size": ("batch_size", int),
+               "subseed": ("subseed", int), "subseed_strength": ("subseed_strength", float)}
 _A1111_IGNORED = ("outpath_samples", "outpath_grids", "prompt_for_display", "do_not_save_samples",
                   "do_not_save_grid")
 # jsonl field -> the option an A1111 line gave it by (for errors).
@@ -381,7 +397,9 @@ def _key(line: PromptLine) -> list:
   schedule = {k: v for k, v in (("steps", line.steps), ("scheduler", line.scheduler),
                                 ("strength", line.strength),
                                 ("schedule_type", line.schedule_type),
-                                ("styles", None if line.styles is None else list(line.styles)))
+                                ("styles", None if line.styles is None else list(line.styles)),
+                                ("subseed", line.subseed),
+                                ("subseed_strength", line.subseed_strength))
               if v is not None}
   if schedule:
     extra.append(schedule)
@@ -522,13 +540,14 @@ class Plan:
         for j, prompt, negative in self._texts(line):
           if index >= wanted.start:
             seed = self.seed + index if line.seed is None else line.seed + j
-            yield self._job(line, index, prompt, negative, seed, size, where)
+            yield self._job(line, index, j, prompt, negative, seed, size, where)
           index += 1
           if index >= wanted.stop:
             return  # before reading the next line, which belongs to the next shard
 
-  def _job(self, line: PromptLine, index: int, prompt: str, negative: str, seed: int,
+  def _job(self, line: PromptLine, index: int, j: int, prompt: str, negative: str, seed: int,
            size, where: str) -> ImageJob:
+    """Image `index` of the run, the line's `j`-th."""
     templates = (None, None)
     if self.dynamic is not None:  # random: the image's own pick, by its seed
       templates = tuple(t if is_template(t) else None
@@ -549,7 +568,9 @@ class Plan:
     return ImageJob(index, prompt, negative, seed, size, line.init_image, line.guidance_scale,
                     line.mask_image, line.steps, line.scheduler, line.strength,
                     line.control_image, line.ip_adapter_image, *hires, *templates,
-                    schedule_type=line.schedule_type)
+                    schedule_type=line.schedule_type,
+                    subseed=None if line.subseed is None else line.subseed + j,
+                    subseed_strength=line.subseed_strength)
 
 
 _SYNTAX_BYTES = (*(s.encode() for s in SYNTAX), b"\\")  # and any JSON escape

@@ -1358,14 +1358,14 @@ class _Sampler:
       logging.info("LoRA set %s merged", loras)
 
   def _seeds(self, jobs):
-    """The program's seeds for `jobs`: uint32, with A1111's variation seeds when the run has
-    them (`sampling.split_seeds`)."""
+    """The program's seeds for `jobs`: uint32, with A1111's variation seeds when one of them
+    has some (`sampling.split_seeds`; strength 0 for the others, which leaves them as they are)."""
     seeds = np.asarray([j.seed for j in jobs], np.uint32)
-    if not self.cfg.subseed_strength:
+    varied = [variation(self.cfg, j) or (0, 0.0) for j in jobs]
+    if not any(strength for _, strength in varied):
       return seeds
-    return seeds, sampling.Variation(
-        np.asarray([subseed(self.cfg, j) for j in jobs], np.uint32),
-        np.full(len(jobs), self.cfg.subseed_strength, np.float32))
+    return seeds, sampling.Variation(np.asarray([v[0] for v in varied], np.uint32),
+                                     np.asarray([v[1] for v in varied], np.float32))
 
   def __call__(self, batch, size, kind, guidance, loras, schedule):
     """Dispatches `batch` ((shard, job) rows) of images of `size` (height, width) and `kind`
@@ -1381,8 +1381,9 @@ class _Sampler:
                                                   self.mesh)
     jobs = [job for _, job in batch]
     cond = self._conditioning(program, jobs, size, self._ip_images(batch, size))
+    seeds = self._seeds(jobs)
     args = (self.params, parallel.shard_tree(self.mesh, cond, self.global_batch),
-            parallel.shard_tree(self.mesh, self._seeds(jobs), self.global_batch),
+            parallel.shard_tree(self.mesh, seeds, self.global_batch),
             *self.scalars[guidance], program.state)
     finish = None
     if program.spec.img2img:
@@ -1394,7 +1395,7 @@ class _Sampler:
         images.append(self._control_images(batch, _hires(self.cfg).size(self.pipe, *size)))
       images = [parallel.shard_tree(self.mesh, x, self.global_batch) for x in images]
       args += (images[0], *program.control[:2], *images[1:], *program.control[2:])
-    key = str(jax.tree.map(np.shape, cond))
+    key = str(jax.tree.map(np.shape, (cond, seeds)))  # variation seeds: a program of their own
     if key not in program.compiled:
       t0 = time.perf_counter()
       program.compiled[key] = aot.load_or_compile(program.sampler, args, program.statics)
@@ -1417,9 +1418,15 @@ class _Sampler:
       raise
 
 
-def subseed(cfg: RunConfig, job: ImageJob) -> int:
-  """Image k's variation seed (with --subseed_strength): --subseed + k, as A1111 counts them."""
-  return (cfg.subseed + job.index) % 2**32
+def variation(cfg: RunConfig, job: ImageJob) -> tuple[int, float] | None:
+  """An image's A1111 variation seed and strength: its line's (subseed + j for the line's j-th
+  image), else --subseed + k for image k of the run, as A1111 counts them, at its line's
+  strength, else --subseed_strength; None without variation."""
+  strength = cfg.subseed_strength if job.subseed_strength is None else job.subseed_strength
+  if not strength:
+    return None
+  subseed = job.subseed if job.subseed is not None else cfg.subseed + job.index
+  return subseed % 2**32, strength
 
 
 def control_paths(cfg: RunConfig, job: ImageJob) -> list[str | None]:
@@ -1663,8 +1670,8 @@ class _Metadata:
         **({"scheduler_options": options} if options else {}),
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
         **({"rng": cfg.rng} if cfg.rng != RunConfig.rng else {}),
-        **({"subseed": subseed(cfg, job), "subseed_strength": cfg.subseed_strength}
-           if cfg.subseed_strength else {}),
+        **({"subseed": varied[0], "subseed_strength": varied[1]}
+           if (varied := variation(cfg, job)) else {}),
         **({"clip_skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
@@ -1752,9 +1759,8 @@ class _Metadata:
                **self._hires_extra(height, width, scheduler), **self._hires_prompts(job),
                **({"Clip skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
                **({"RNG": "CPU"} if cfg.rng == "torch_cpu" else {}),  # A1111's word
-               **({"Variation seed": subseed(cfg, job),
-                   "Variation seed strength": cfg.subseed_strength}
-                  if cfg.subseed_strength else {}),
+               **({"Variation seed": varied[0], "Variation seed strength": varied[1]}
+                  if (varied := variation(cfg, job)) else {}),
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job), **self._pag_extra(),
                **({"Guidance rescale": cfg.guidance_rescale} if cfg.guidance_rescale else {}),

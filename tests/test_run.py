@@ -497,6 +497,40 @@ def test_a1111_prompt_options_file(model, cache, tmp_path):
     assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
 
 
+def test_per_line_variation_seeds(model, cache, tmp_path):
+  """A1111's variation seeds per line (its "Prompts from file" options, jsonl's fields): a line's
+  j-th image varied towards subseed + j, in a batch beside an image without variation, which
+  stays as it is; each image is generate()'s; records and PNGs say them."""
+  import sdjax  # noqa: PLC0415
+
+  path = tmp_path / "prompts.txt"
+  path.write_text('--prompt "a cat" --seed 11 --subseed 50 --subseed_strength 0.4\na dog\n'
+                  '--prompt "a bird" --subseed 70 --subseed_strength 0.6 --n_iter 2\n')
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path))
+  assert run.generate_run(config).images == 4
+  records = _records(out)
+  assert [(r["seed"], r.get("subseed"), r.get("subseed_strength")) for r in records] == [
+      (11, 50, 0.4), (101, None, None), (102, 70, 0.6), (103, 71, 0.6)]
+  pipe = sdjax.load_pipeline(model)
+  for record in records:
+    png = Image.open(os.path.join(out, record["file"]))
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    assert params.get("Variation seed") == (None if "subseed" not in record
+                                            else str(record["subseed"]))
+    alone = pipe.generate(record["prompt"], seed=record["seed"], steps=2, height=16, width=16,
+                          guidance_scale=3.0, scheduler="euler_ancestral",
+                          subseed=record.get("subseed"),
+                          subseed_strength=record.get("subseed_strength", 0.0))
+    assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a cat", "subseed_strength": 0.5}\n')
+  with pytest.raises(run.RunError, match=r'bad.jsonl line 1: "subseed_strength" moves the noise '
+                                         r'towards a variation seed\'s: give "subseed" too'):
+    run.generate_run(dataclasses.replace(config, prompts_file=str(bad),
+                                         output_dir=str(tmp_path / "bad")))
+
+
 def test_clip_skip(model, cache, tmp_path):
   """--clip_skip N (A1111's Clip skip): every image is generate()'s with diffusers' clip_skip
   N - 1; records, PNGs (`Clip skip: 2`) and the settings say it; bad values are one-line
