@@ -38,7 +38,9 @@ reports the seconds until its first PNG exists and the process's peak resident m
 `--what image_encoder --encoder vit-h` times an IP-Adapter's CLIP image encoder (`--batch`
 images at its 224x224) in sdjax and in transformers, calls interleaved in one process: what an
 IP-Adapter adds per image (its penultimate hidden states or image embeds; once per image, not
-per step).
+per step). `--what rng --steps 30` times making `--batch` images' noise at the arch's latent size
+for an ancestral sampler (the initial draw and one per step) with torch's CPU generator on device
+(`--rng torch_cpu`'s) and with JAX's keys, in one process.
 
 `sdxl` is SDXL base 1.0's architecture (2.6B-parameter UNet, CLIP-L + OpenCLIP-bigG encoders,
 1024x1024). `sdxl_small` keeps SDXL's layout (no attention at the first level, linear
@@ -64,7 +66,7 @@ _ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "sdxl", 
                           "architecture (random weights)")
 _WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate", "run",
                                                "first_image", "lora_merge", "encode",
-                                               "image_encoder", "dynamic_prompts"],
+                                               "image_encoder", "dynamic_prompts", "rng"],
                           "what to time")
 _ENCODER = flags.DEFINE_enum("encoder", "vit-h", ["vit-bigg", "vit-h", "vit-l"],
                              "image_encoder: which (testing.CLIP_VISION_SIZES)")
@@ -466,6 +468,32 @@ def bench_encode():
   return result
 
 
+def bench_rng():
+  """Seconds to draw --batch images' initial and --steps steps' noise at the arch's latent size:
+  torch's CPU generator on device (sdjax.torch_rng) against jax.random, and the former's compile."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import torch_rng  # noqa: PLC0415
+
+  h, w = _size()
+  shape, draws = (h // 8, w // 8, 4), _STEPS.value + 1
+  seeds = jnp.arange(_BATCH.value, dtype=jnp.uint32)
+  torch_cpu = jax.jit(lambda s: torch_rng.randn_nchw(s, draws, shape))
+  keyed = jax.jit(lambda s: jax.vmap(lambda k: jax.random.normal(k, (draws, *shape)))(
+      jax.vmap(jax.random.key)(s)))
+  start = time.perf_counter()
+  torch_cpu = torch_cpu.lower(seeds).compile()
+  compile_s = time.perf_counter() - start
+  repeats = max(_REPEATS.value, 1)
+  result = {"flops": None, "draws": draws, "compile_s": compile_s,
+            "torch_cpu_s": _timed(lambda: jax.block_until_ready(torch_cpu(seeds)), repeats),
+            "jax_s": _timed(lambda: jax.block_until_ready(keyed(seeds)), repeats),
+            "device": str(jax.devices()[0].device_kind)}
+  result["median_s"] = result["torch_cpu_s"]
+  return result
+
+
 def bench_dynamic_prompts():
   """Host time of dynamic prompts (`sdjax.dynamic_prompts`) in a run's plan: --prompts lines of
   distinct templates, for random runs with variants and a wildcard of 1,000 lines, for
@@ -861,6 +889,8 @@ def main(argv):
     result = bench_encode()
   elif _WHAT.value == "dynamic_prompts":
     result = bench_dynamic_prompts()
+  elif _WHAT.value == "rng":
+    result = bench_rng()
   else:
     result = bench_jax() if _BACKEND.value == "jax" else bench_torch()
   h, w = _size()
