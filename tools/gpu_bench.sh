@@ -6,7 +6,8 @@
 # sampler on SD1.5-sized networks, ~5 min), sd15 (issue 17: SD1.5 MFU, ~6 min), compile (issue
 # 17: diffusers fp16 with a max-autotune torch.compile'd channels_last UNet, SD1.5 batch 16; its
 # compile alone may take minutes, so run it as its own command), lcm (4-step LCM sampling
-# without CFG, LCM-LoRA's way, SD1.5 batch 16 vs diffusers fp16, ~2 min). A device command may
+# without CFG, LCM-LoRA's way, SD1.5 batch 16 vs diffusers fp16, ~2 min), rng (--rng
+# torch_cpu's noise for 8 SDXL images x 31 draws against jax.random, ~20 s). A device command may
 # run 10 minutes and a session has about 15 in all: pick the parts that fit, in this order.
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the image lacks them.
 set -u
@@ -71,6 +72,9 @@ if part lcm; then  # few-step sampling: 4 LCM steps, no CFG pass (LCM-LoRA's set
       --guidance_scale 1 --dtype float16 --batch 16 --repeats 3 \
       --flops "$(python3 -c "print(16 * $LCM_FLOPS)")"
 fi
+if part rng; then  # --rng torch_cpu's noise: torch's MT19937 scanned on device vs jax.random
+  T=90 bench "rng_sdxl_b8" --what rng --arch sdxl --batch 8 --steps 30 --repeats 5
+fi
 if part compile; then  # the strongest PyTorch baseline the issue names
   T=580 bench "torch_compiled_gen_b16" --backend torch --arch sd15 --what generate --steps 50 \
       --dtype float16 --batch 16 --repeats 2 --torch_compile max-autotune --flops "$(flops 16)"
@@ -81,6 +85,6 @@ for line in open(sys.argv[1]):
   r = json.loads(line)
   print(f"{r['label']:>22} {r['median_s']:8.3f}s {r.get('images_per_s', 0):7.2f} img/s "
         f"{r.get('tflops_per_s', 0):7.1f} TFLOP/s mfu {r.get('mfu', 0):.3f} "
-        f"compile {r['compile_s']:.1f}s peak {r['peak_bytes'] / 2**30:.1f} GiB"
+        f"compile {r['compile_s']:.1f}s peak {r.get('peak_bytes', 0) / 2**30:.1f} GiB"
         + (f" main.py/bare {r['run_vs_bare']:.3f}" if "run_vs_bare" in r else ""))
 PY
