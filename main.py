@@ -137,6 +137,9 @@ flags.DEFINE_integer("hires_resize_height", 0, "hires fix: enlarge to this heigh
                      "--hires_scale (both given at another aspect: cover, then cut)")
 flags.DEFINE_string("hires_scheduler", None, "hires fix: the second pass's scheduler, one of "
                     "--scheduler's (A1111's Hires sampler; default: each image's)")
+flags.DEFINE_string("hires_schedule_type", None, "hires fix: the second pass's schedule type, "
+                    "as --schedule_type's, or 'Automatic' (the scheduler's own placement; A1111's "
+                    "Hires schedule type; default: the first pass's)")
 flags.DEFINE_float("hires_guidance_scale", 0.0, "hires fix: the second pass's guidance scale "
                    "(Forge's Hires CFG Scale; 0: each image's)")
 flags.DEFINE_string("hires_prompt", "", "hires fix: the second pass's prompt (A1111's Hires "
@@ -299,6 +302,7 @@ def _run_config() -> run.RunConfig:
       hires_scheduler=_scheduler_name(FLAGS.hires_scheduler, "--hires_scheduler"),
       hires_prompt=FLAGS.hires_prompt, hires_negative_prompt=FLAGS.hires_negative_prompt,
       hires_guidance_scale=FLAGS.hires_guidance_scale,
+      hires_schedule_type=_hires_schedule_type(),
       hires_model=FLAGS.hires_model,
       shard_size=FLAGS.shard_size,
       num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index,
@@ -313,6 +317,16 @@ def _run_config() -> run.RunConfig:
                        for s in FLAGS.embedding)
       + (run.embeddings_in_dir(FLAGS.embeddings_dir) if FLAGS.embeddings_dir else ()),
       micro=_micro_conditioning(), scheduler_options=options, **values)
+
+
+def _hires_schedule_type() -> str | None:
+  """--hires_schedule_type as sdjax's name ("": A1111's Automatic, the scheduler's own)."""
+  if FLAGS.hires_schedule_type is None:
+    return None
+  try:
+    return outputs.schedule_type_options(FLAGS.hires_schedule_type).get("schedule_type", "")
+  except ValueError as e:
+    raise run.RunError(f"--hires_schedule_type: {e}") from None
 
 
 def _scheduler_name(name: str | None, flag: str) -> str | None:

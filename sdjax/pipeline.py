@@ -364,6 +364,7 @@ class Pipeline:
                hires_upscaler: str = "latent", hires_prompts=None, hires_negative_prompts=None,
                hires_resize: tuple[int, int] | None = None, hires_scheduler: str | None = None,
                hires_guidance_scale: float | None = None, hires_model: Pipeline | None = None,
+               hires_schedule_type: str | None = None,
                controlnet: ControlNet | Sequence[ControlNet] | None = None,
                control_images=None, hires_control_images=None,
                controlnet_conditioning_scale: float | Sequence[float] = 1.0,
@@ -481,7 +482,9 @@ class Pipeline:
         `hires_resize=(width, height)` instead enlarges to that size (A1111's "Resize width to",
         "Resize height to"; 0 keeps the aspect; both: the latents enlarged to cover it, the
         excess cut from both ends). `hires_scheduler` (A1111's Hires sampler) runs the second
-        pass (default: `scheduler`), at `hires_guidance_scale` (Forge's Hires CFG Scale;
+        pass (default: `scheduler`), its noise levels placed by `hires_schedule_type` (A1111's
+        Hires schedule type, as `schedule_type`, or "automatic": the scheduler's own; default:
+        the first pass's), at `hires_guidance_scale` (Forge's Hires CFG Scale;
         default: `guidance_scale`), with the same prompts unless
         `hires_prompts` / `hires_negative_prompts` (A1111's "Hires prompt", per prompt or one
         for all; with SDXL, both encoders') are given; both passes stay on device. SDXL's
@@ -593,6 +596,11 @@ class Pipeline:
         negative_aesthetic_score)
     if schedule_type is not None:
       scheduler_options = {**(scheduler_options or {}), "schedule_type": schedule_type}
+    if hires_schedule_type is not None:
+      if hires_scale is None and hires_resize is None:
+        raise ValueError("hires_schedule_type is the hires pass's: give hires_scale too")
+      hires_schedule_type = outputs.schedule_type_options(hires_schedule_type).get(
+          "schedule_type", "")
     for key, values, extra in (("sigmas", sigmas, 1), ("timesteps", timesteps, 0)):
       if values is None:
         continue
@@ -614,7 +622,7 @@ class Pipeline:
         hires=None if hires_scale is None and hires_resize is None else sampling.Hires(
             2.0 if hires_scale is None else hires_scale, hires_steps, hires_strength,
             hires_upscaler, tuple(hires_resize or (0, 0)), hires_scheduler,
-            hires_guidance_scale),
+            hires_guidance_scale, hires_schedule_type),
         hires_prompts=hires_prompts, hires_negative_prompts=hires_negative_prompts,
         hires_model=hires_model, controlnet=controlnet, control_images=control_images,
         hires_control_images=hires_control_images,

@@ -151,6 +151,9 @@ class RunConfig:
   hires_resize_height: int = 0
   hires_scheduler: str | None = None  # A1111's Hires sampler; None: each image's scheduler
   hires_guidance_scale: float = 0.0  # Forge's Hires CFG Scale; 0: each image's guidance
+  # A1111's Hires schedule type (sdjax's name; "": the scheduler's own, A1111's Automatic);
+  # None: each image's.
+  hires_schedule_type: str | None = None
   # The second pass's prompts (A1111's Hires prompt; "" = each image's own), unless a prompt
   # line gives its own.
   hires_prompt: str = ""
@@ -380,9 +383,9 @@ def validate(cfg: RunConfig) -> None:
       raise RunError(f"--hires_*: {e}") from None
     if cfg.refiner is not None:
       raise RunError("--hires_scale and --refiner do not go together")
-  elif cfg.hires_guidance_scale:
-    raise RunError("--hires_guidance_scale is the hires pass's: give --hires_scale or "
-                   "--hires_resize_* too")
+  elif cfg.hires_guidance_scale or cfg.hires_schedule_type is not None:
+    raise RunError("--hires_guidance_scale and --hires_schedule_type are the hires pass's: give "
+                   "--hires_scale or --hires_resize_* too")
   elif cfg.hires_prompt or cfg.hires_negative_prompt:
     raise RunError("--hires_prompt and --hires_negative_prompt are the hires pass's: give "
                    "--hires_scale or --hires_resize_* too")
@@ -524,11 +527,6 @@ def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
                            masked_content=cfg.inpainting_fill)
 
 
-# Scheduler options that place the noise levels: a prompt line's schedule type replaces them.
-_PLACEMENT = ("sigmas", "timesteps", "schedule_type", "use_karras_sigmas",
-              "use_exponential_sigmas", "use_beta_sigmas")
-
-
 def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None
                  ) -> dict[str, Any]:
   """The scheduler options of images under `scheduler` and a prompt line's `schedule_type`:
@@ -539,7 +537,7 @@ def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None
   options = dict(cfg.scheduler_options)
   if schedule_type is None:
     return sampling.schedule_type_for(pipe, scheduler, options) or {}
-  kept = {k: v for k, v in options.items() if k not in _PLACEMENT}
+  kept = {k: v for k, v in options.items() if k not in sampling.PLACEMENT_OPTIONS}
   return dict(sorted({**kept, **outputs.schedule_type_options(schedule_type)}.items()))
 
 
@@ -569,7 +567,7 @@ def _hires(cfg: RunConfig) -> sampling.Hires | None:
     return None
   return sampling.Hires(cfg.hires_scale or 2.0, cfg.hires_steps or None, cfg.hires_strength,
                         cfg.hires_upscaler, resize, cfg.hires_scheduler,
-                        cfg.hires_guidance_scale or None)
+                        cfg.hires_guidance_scale or None, cfg.hires_schedule_type)
 
 
 def _hires_record(cfg: RunConfig) -> dict[str, Any]:
@@ -586,6 +584,8 @@ def _hires_record(cfg: RunConfig) -> dict[str, Any]:
     record["scheduler"] = hires.scheduler
   if hires.guidance_scale is not None:  # only when set: older folders still match
     record["guidance_scale"] = hires.guidance_scale
+  if hires.schedule_type is not None:
+    record["schedule_type"] = hires.schedule_type
   for key in ("prompt", "negative_prompt", "model"):  # only when set: older folders match
     if getattr(cfg, f"hires_{key}"):
       record[key] = getattr(cfg, f"hires_{key}")
@@ -1699,8 +1699,10 @@ class _Metadata:
       record["inpainting_fill"] = cfg.inpainting_fill
     return record
 
-  def _hires_extra(self, height: int, width: int, scheduler: str) -> dict[str, Any]:
-    """A1111's hires fields (its `Size` stays the first pass's)."""
+  def _hires_extra(self, height: int, width: int, scheduler: str,
+                   schedule_type: str | None) -> dict[str, Any]:
+    """A1111's hires fields (its `Size` stays the first pass's, whose `Schedule type` is
+    `schedule_type`)."""
     cfg, hires = self.cfg, _hires(self.cfg)
     if hires is None:
       return {}
@@ -1722,6 +1724,10 @@ class _Metadata:
       extra["Hires CFG Scale"] = hires.guidance_scale
     if hires.scheduler is not None and hires.scheduler != scheduler:
       extra["Hires sampler"] = outputs.A1111_SAMPLER_NAMES.get(hires.scheduler, hires.scheduler)
+    if hires.schedule_type is not None:  # A1111 writes it where it differs from the first's
+      label = outputs.a1111_schedule_type({"schedule_type": hires.schedule_type}) or "Automatic"
+      if label != (schedule_type or "Automatic"):
+        extra["Hires schedule type"] = label
     return extra
 
   def _hires_prompts(self, job: ImageJob) -> dict[str, str]:
@@ -1756,7 +1762,8 @@ class _Metadata:
                **({"Denoising strength": strength} if job.init_image else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._controlnet_extra(),
-               **self._hires_extra(height, width, scheduler), **self._hires_prompts(job),
+               **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(
+                   options)), **self._hires_prompts(job),
                **({"Clip skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
                **({"RNG": "CPU"} if cfg.rng == "torch_cpu" else {}),  # A1111's word
                **({"Variation seed": varied[0], "Variation seed strength": varied[1]}

@@ -1067,6 +1067,11 @@ def check_rng(rng: str) -> None:
     raise ValueError(f"unknown rng {rng!r}; use one of {', '.join(RNGS)}")
 
 
+# Scheduler options that place the noise levels (what a schedule type replaces).
+PLACEMENT_OPTIONS = ("sigmas", "timesteps", "schedule_type", "use_karras_sigmas",
+                     "use_exponential_sigmas", "use_beta_sigmas")
+
+
 def model_schedule(pipe, scheduler_options: dict[str, Any] | None) -> dict[str, Any] | None:
   """Scheduler options with Align Your Steps' levels picked for the model, as A1111 picks them:
   SDXL's for an SDXL UNet (schedule_type "align_your_steps" names SD1.5's otherwise)."""
@@ -1191,7 +1196,8 @@ class Hires:
   "Resize height to": (width, height), 0 = keep the aspect; both: enlarged to cover, then cut
   to it), and denoised again as img2img at `strength` for `steps` steps (None: the first
   pass's), with the same guidance unless `guidance_scale` (Forge's Hires CFG Scale) and the
-  same scheduler unless `scheduler`."""
+  same scheduler unless `scheduler`, placing its noise levels as the first pass does unless
+  `schedule_type`."""
 
   scale: float = 2.0
   steps: int | None = None
@@ -1200,6 +1206,9 @@ class Hires:
   resize: tuple[int, int] = (0, 0)  # (width, height); any nonzero: instead of `scale`
   scheduler: str | None = None  # A1111's Hires sampler; None: the first pass's
   guidance_scale: float | None = None  # Forge's Hires CFG Scale; None: the first pass's
+  # A1111's Hires schedule type (sdjax's name, "karras", "align_your_steps", ...; "": the
+  # scheduler's own placement, A1111's Automatic); None: the first pass's.
+  schedule_type: str | None = None
 
   @property
   def in_latents(self) -> bool:
@@ -1268,7 +1277,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   the guidance, compiled into the spec (`SampleSpec.fixed_guidance`). A list of `sigmas` or
   `timesteps` in `scheduler_options` is the first pass's: the hires pass, of another length,
   places its noise levels as its scheduler does (a schedule type applies to both, unless the
-  hires scheduler has no such type: as A1111's "Use same scheduler", it then uses its own)."""
+  hires scheduler has no such type: as A1111's "Use same scheduler", it then uses its own);
+  `hires.schedule_type` replaces whatever placed the first pass's."""
   hires.check()
   scheduler_options = {k: v for k, v in (scheduler_options or {}).items()
                        if k not in ("sigmas", "timesteps")} or None
@@ -1278,6 +1288,12 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
     scheduler = hires.scheduler
     eta = eta if scheduler in schedulers.ETA_SCHEDULERS else 0.0
     scheduler_options = schedule_type_for(pipe, scheduler, scheduler_options)
+  if hires.schedule_type is not None:
+    scheduler_options = {k: v for k, v in (scheduler_options or {}).items()
+                         if k not in PLACEMENT_OPTIONS}
+    if hires.schedule_type:
+      scheduler_options["schedule_type"] = hires.schedule_type
+    scheduler_options = scheduler_options or None
   n = hires.steps or steps
   total = int(n / min(hires.strength, 0.999))
   (h, w), crop = hires.layout(pipe, height, width)

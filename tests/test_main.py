@@ -351,6 +351,7 @@ def test_other_settings_refused_unless_overwrite(reference_run, model, cache, tm
 BAD_INPUT = [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--subseed_strength", "0.5"], "--subseed_strength moves each image's noise towards its "),
+    (["--hires_schedule_type", "Fancy"], "--hires_schedule_type: unknown schedule type 'Fancy'"),
     (["--wildcards_dir", "."], "--wildcards_dir and --max_generations are options of"),
     (["--dynamic_prompts", "random", "--wildcards_dir", "nowhere"], "nowhere is not a folder"),
     (["--dynamic_prompts", "combinatorial", "--prompt", "50% off"],

@@ -133,6 +133,31 @@ def test_hires_fix_run(model, cache, tmp_path):
     run.generate_run(dataclasses.replace(config, refiner="x"))
 
 
+def test_hires_schedule_type_run(model, cache, tmp_path):
+  """--hires_schedule_type (A1111's Hires schedule type): the hires pass places its noise levels
+  by it, as generate(hires_schedule_type=...); PNGs say it where it differs from the first
+  pass's, records and run.json keep it."""
+  import sdjax  # noqa: PLC0415
+
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(_config(model, out, cache, hires_scale=1.5, hires_steps=3,
+                                       hires_schedule_type="sgm_uniform"), prompts=PROMPTS[:1])
+  assert run.generate_run(config).images == 1
+  (r,) = _records(out)
+  assert r["hires"]["schedule_type"] == "sgm_uniform"
+  png = Image.open(os.path.join(out, r["file"]))
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert params["Hires schedule type"] == "SGM Uniform" and "Schedule type" not in params
+  common = dict(seed=r["seed"], steps=2, guidance_scale=3.0, scheduler="euler_ancestral",
+                height=16, width=16, hires_scale=1.5, hires_steps=3)
+  pipe = sdjax.load_pipeline(model)
+  alone = pipe.generate(r["prompt"], hires_schedule_type="SGM Uniform", **common)
+  assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  assert np.abs(pipe.generate(r["prompt"], **common) - alone).max() > 0.01  # it matters
+  with pytest.raises(run.RunError, match="--hires_schedule_type are the hires pass's"):
+    run.generate_run(dataclasses.replace(config, hires_scale=0.0))
+
+
 def test_hires_resize_run(model, cache, tmp_path):
   """--hires_resize_width/height: A1111's Resize to (16x16 -> cover 32x32 -> cut to 32x24), with
   its pixel upscaler Lanczos (the first pass's images enlarged) and --hires_scheduler (A1111's

@@ -1,5 +1,6 @@
 """generate() end to end against diffusers' pipelines, plus exact fake-model and compile checks."""
 
+import dataclasses
 from unittest import mock
 
 import diffusers
@@ -204,6 +205,14 @@ def test_hires_pass_places_its_own_levels(pipes):
     np.testing.assert_array_equal(hires_sigmas(options), plain)
   typed = hires_sigmas({"schedule_type": "sgm_uniform"})
   assert typed.shape == plain.shape and not np.allclose(typed, plain)
+  # A1111's Hires schedule type replaces the first pass's; "" (Automatic): the scheduler's own.
+  for own, want in (("karras", hires_sigmas({"schedule_type": "karras"})), ("", plain)):
+    state = sampling.prepare_hires(pipe, 1, dataclasses.replace(hires, schedule_type=own),
+                                   scheduler_options={"schedule_type": "sgm_uniform"}, **common)
+    np.testing.assert_array_equal(np.asarray(state[1].sigmas), want)
+  assert not np.allclose(hires_sigmas({"schedule_type": "karras"}), plain)
+  with pytest.raises(ValueError, match="hires_schedule_type is the hires pass's"):
+    pipe.generate(PROMPTS, hires_schedule_type="Karras", **common)
   # A hires sampler without schedule types uses its own, as A1111's "Use same scheduler".
   ddim = sampling.Hires(2.0, 3, 0.5, scheduler="ddim")
   for options in ({"schedule_type": "karras"}, {"schedule_type": "align_your_steps"}):
