@@ -377,7 +377,7 @@ class Pipeline:
                ip_adapter_masks=None, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0,
                pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
                tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
-               subseed_strength: float = 0.0) -> np.ndarray:
+               subseed_strength: float = 0.0, ensd: int = 0) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -421,6 +421,8 @@ class Pipeline:
       subseed, subseed_strength: A1111's variation seeds ("Variation seed", "Variation
         strength"): image i's initial noise (and hires noise) is moved towards that of seed
         `subseed + i` along A1111's slerp, by the strength in [0, 1] (0: off).
+      ensd: A1111's Eta noise seed delta ("ENSD", e.g. 31337): the steps' fresh noise (ancestral
+        and SDE samplers') comes from seed + ensd's generator (or key) instead of the seed's.
       latents: NHWC unit Gaussian initial noise [N, h, w, 4] (as diffusers' `latents`, before
         scaling by the scheduler's initial sigma); default: drawn from the seeds.
       init_images: float [N, H, W, 3] in [0, 1] to start from (img2img).
@@ -630,7 +632,8 @@ class Pipeline:
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
         guess_mode=guess_mode, control_mode=control_mode, ip=ip, pag_scale=pag_scale,
         pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers,
-        freeu=freeu, tiling=tiling, rng=rng, subseed=subseed, subseed_strength=subseed_strength)
+        freeu=freeu, tiling=tiling, rng=rng, subseed=subseed, subseed_strength=subseed_strength,
+        ensd=ensd)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

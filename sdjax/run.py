@@ -65,6 +65,7 @@ class RunConfig:
   # A1111's variation seeds: image k's noise moved towards seed `subseed + k`'s by this strength.
   subseed: int | None = None
   subseed_strength: float = 0.0
+  ensd: int = 0  # A1111's Eta noise seed delta: step noise from seed + ensd (0: off)
   batch_size: int = 1  # per device
   dtype: str = "float32"
   output_dir: str = "outputs"  # a folder or any fsspec URL
@@ -283,6 +284,8 @@ def validate(cfg: RunConfig) -> None:
                    "give --subseed")
   if cfg.subseed is not None and not 0 <= cfg.subseed < 2**32:
     raise RunError(f"--subseed must be in [0, 2**32), got {cfg.subseed}")
+  if not 0 <= cfg.ensd < 2**32:
+    raise RunError(f"--ensd must be in [0, 2**32), got {cfg.ensd}")
   if not 0.0 < cfg.strength <= 1.0:
     raise RunError(f"--strength must be in (0, 1], got {cfg.strength}")
   if cfg.resize_mode not in outputs.RESIZE_MODES:
@@ -429,6 +432,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["rng"] = cfg.rng
   if cfg.subseed_strength:
     settings.update(subseed=cfg.subseed, subseed_strength=cfg.subseed_strength)
+  if cfg.ensd:
+    settings["ensd"] = cfg.ensd
   if cfg.prompt_syntax != "plain":
     settings["prompt_syntax"] = cfg.prompt_syntax
   if cfg.lora_dir is not None:
@@ -1113,7 +1118,7 @@ class _Sampler:
                        f"guidance_scale {guidance:g} (<= 1) does not use")
       common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, guidance_rescale=cfg.guidance_rescale,
-                    eta=cfg.eta, cfg_split=cfg.cfg_parallel, rng=cfg.rng,
+                    eta=cfg.eta, cfg_split=cfg.cfg_parallel, rng=cfg.rng, ensd=cfg.ensd,
                     clip_skip=cfg.clip_skip - 1 or None,  # diffusers' count
                     scheduler_options=line_options(cfg, pipe, scheduler, schedule_type) or None)
       extra = dict(img2img=True, strength=strength) if img2img else {}
@@ -1670,6 +1675,7 @@ class _Metadata:
         **({"scheduler_options": options} if options else {}),
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
         **({"rng": cfg.rng} if cfg.rng != RunConfig.rng else {}),
+        **({"ensd": cfg.ensd} if cfg.ensd else {}),
         **({"subseed": varied[0], "subseed_strength": varied[1]}
            if (varied := variation(cfg, job)) else {}),
         **({"clip_skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
@@ -1766,6 +1772,7 @@ class _Metadata:
                    options)), **self._hires_prompts(job),
                **({"Clip skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
                **({"RNG": "CPU"} if cfg.rng == "torch_cpu" else {}),  # A1111's word
+               **({"ENSD": cfg.ensd} if cfg.ensd else {}),
                **({"Variation seed": varied[0], "Variation seed strength": varied[1]}
                   if (varied := variation(cfg, job)) else {}),
                **self._sdxl_extra(height, width), **self._network_hashes(job),

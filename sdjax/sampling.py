@@ -109,6 +109,9 @@ class SampleSpec:
   rng: str = "jax"  # RNGS
   # "torch_cpu": the generator draws an earlier stage took (a refiner's base's, `stream_draws`).
   rng_offset: int = 0
+  # A1111's Eta noise seed delta (ENSD): the steps' fresh noise comes from seed + ensd's
+  # generator (or key) instead of the seed's; 0: off.
+  ensd: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,22 +251,27 @@ def _step_draws(spec: SampleSpec, positions: int) -> int:
 
 
 def stream_draws(spec: SampleSpec, positions: int) -> int:
-  """With rng "torch_cpu", the draws each image's generator has made by the end of a stage
-  (of a schedule of `positions`): where a stage continuing its latents starts (a refiner's
-  `rng_offset`, as diffusers' refiner given the base's generators)."""
-  return spec.rng_offset + len(_torch_draw_order(spec)) + _step_draws(spec, positions)
+  """With rng "torch_cpu", the draws each image's generator that makes the steps' noise has
+  made by the end of a stage (of a schedule of `positions`): where a stage continuing its
+  latents starts (a refiner's `rng_offset`, as diffusers' refiner given the base's generators).
+  With `ensd` that generator is seed + ensd's, which only the steps draw from."""
+  own = 0 if spec.ensd else len(_torch_draw_order(spec))
+  return spec.rng_offset + own + _step_draws(spec, positions)
 
 
 @dataclasses.dataclass(frozen=True)
 class _NoiseSource:
-  """A stage's unit noise: from each image's keyed streams, or (`drawn`, rng "torch_cpu") its
-  generator's draws [B, draws, h, w, C]: those of `tags` first, then one per step. With
-  `variation` the noise a stage starts from is varied as A1111's variation seeds do."""
+  """A stage's unit noise: from each image's keyed streams (`step_keys`: the steps'), or (rng
+  "torch_cpu") its generator's draws [B, draws, h, w, C]: `drawn` those of `tags`, `step_drawn`
+  one per step. With `variation` the noise a stage starts from is varied as A1111's variation
+  seeds do."""
 
   rng: str
   keys: jax.Array
+  step_keys: jax.Array
   drawn: jax.Array | None = None
   tags: tuple[int, ...] = ()
+  step_drawn: jax.Array | None = None
   variation: Variation | None = None
 
   def initial(self, noise) -> jax.Array:
@@ -297,10 +305,10 @@ class _NoiseSource:
   def step(self, spec: SampleSpec, stream: int, shape, i) -> jax.Array:
     """[B, *shape]: the fresh noise of the step at position `i` (traced)."""
     sched = spec.scheduler
-    if self.drawn is None or not sched.generator_noise:
-      return _keyed_noise(self.keys, stream, shape, i)
-    k = len(self.tags) + sched.noise_draw(i) - sched.noise_draw(spec.begin)
-    return jax.lax.dynamic_index_in_dim(self.drawn, k, axis=1, keepdims=False)
+    if self.step_drawn is None or not sched.generator_noise:
+      return _keyed_noise(self.step_keys, stream, shape, i)
+    k = sched.noise_draw(i) - sched.noise_draw(spec.begin)
+    return jax.lax.dynamic_index_in_dim(self.step_drawn, k, axis=1, keepdims=False)
 
 
 def _noise_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSource:
@@ -308,11 +316,21 @@ def _noise_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSourc
   (`split_seeds`)."""
   seeds, variation = split_seeds(seeds)
   keys = image_keys(seeds)
-  draws = stream_draws(spec, positions)
-  if spec.rng == "jax" or draws == spec.rng_offset:  # torch_cpu: a stage drawing nothing
-    return _NoiseSource(spec.rng, keys, variation=variation)
-  drawn = torch_rng.randn_nchw(seeds, draws, shape)[:, spec.rng_offset:]
-  return _NoiseSource(spec.rng, keys, drawn, _torch_draw_order(spec), variation)
+  step_seeds = seeds + jnp.uint32(spec.ensd) if spec.ensd else seeds  # uint32: wraps
+  step_keys = image_keys(step_seeds) if spec.ensd else keys
+  if spec.rng == "jax":
+    return _NoiseSource(spec.rng, keys, step_keys, variation=variation)
+  tags, steps = _torch_draw_order(spec), _step_draws(spec, positions)
+  start = spec.rng_offset
+  if spec.ensd:  # the steps from seed + ensd's generator; the stage's own draws from the seed's
+    drawn = torch_rng.randn_nchw(seeds, len(tags), shape) if tags else None
+    step_drawn = (torch_rng.randn_nchw(step_seeds, start + steps, shape)[:, start:] if steps
+                  else None)
+  else:
+    total = start + len(tags) + steps
+    drawn = torch_rng.randn_nchw(seeds, total, shape)[:, start:] if total > start else None
+    step_drawn = None if drawn is None or not steps else drawn[:, len(tags):]
+  return _NoiseSource(spec.rng, keys, step_keys, drawn, tags, step_drawn, variation)
 
 
 def guide(eps_uncond, eps_cond, scale, rescale=None, extra=None):
@@ -1009,7 +1027,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             denoising_end: float | None = None, denoising_start: float | None = None,
             cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original",
             scheduler_options: dict[str, Any] | None = None, control: bool = False,
-            control_guess: bool = False, rng: str = "jax"):
+            control_guess: bool = False, rng: str = "jax", ensd: int = 0):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -1018,7 +1036,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   used as the model takes them (`inpaint_mode`), their masked area starting from
   `masked_content` (`masks.MASKED_CONTENT`: the latent ones here; at strength 1, where the start
   is pure noise, none matters). `scheduler_options` override the scheduler's config
-  (`schedulers.get_scheduler`). `rng`: where the noise comes from (RNGS).
+  (`schedulers.get_scheduler`). `rng`: where the noise comes from (RNGS); `ensd`: A1111's
+  Eta noise seed delta (`SampleSpec.ensd`).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
@@ -1030,6 +1049,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   conditioning.check_clip_skip(pipe.networks, clip_skip)
   masks.check_masked_content(masked_content)
   check_rng(rng)
+  if not (isinstance(ensd, int | np.integer) and 0 <= ensd < 2**32):
+    raise ValueError(f"ensd (eta noise seed delta) must be an integer in [0, 2**32), got "
+                     f"{ensd!r}")
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
@@ -1056,7 +1078,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     cfg_split=cfg_split and guidance, inpaint=mode,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
                     ("latent noise", "latent nothing") else "original", control=control,
-                    control_guess=control and control_guess, rng=rng)
+                    control_guess=control and control_guess, rng=rng, ensd=int(ensd))
   if rng == "torch_cpu":
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
   return spec, state
@@ -1268,7 +1290,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                   height: int, width: int, guidance_scale: float, guidance_rescale: float = 0.0,
                   clip_skip: int | None = None, eta: float = 0.0, cfg_split: bool = False,
                   scheduler_options: dict[str, Any] | None = None, control: bool = False,
-                  control_guess: bool = False, rng: str = "jax"):
+                  control_guess: bool = False, rng: str = "jax", ensd: int = 0):
   """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps. `control`,
@@ -1301,7 +1323,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                         clip_skip=clip_skip, eta=eta, cfg_split=cfg_split,
                         scheduler_options=scheduler_options, control=control,
-                        control_guess=control_guess, rng=rng)
+                        control_guess=control_guess, rng=rng, ensd=ensd)
   return dataclasses.replace(spec, begin=(total - n) * spec.scheduler.order,
                              upscale=hires.upscaler, upscale_crop=crop,
                              fixed_guidance=None if hires.guidance_scale is None else float(
@@ -1376,6 +1398,7 @@ def generate(
     rng: str = "jax",
     subseed: int | None = None,
     subseed_strength: float = 0.0,
+    ensd: int = 0,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1458,7 +1481,7 @@ def generate(
   common = dict(steps=steps, scheduler=scheduler, height=height, width=width,
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                 clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel,
-                scheduler_options=scheduler_options, rng=rng)
+                scheduler_options=scheduler_options, rng=rng, ensd=ensd)
   if latents is not None and rng != "jax":
     raise ValueError(f"rng={rng!r} draws the initial noise from the seeds: give seed, not "
                      "latents")

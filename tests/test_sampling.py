@@ -497,6 +497,38 @@ def test_variation_seeds(pipes):
     pipe.generate(PROMPTS, subseed=1, subseed_strength=1.5, **common)
 
 
+def test_eta_noise_seed_delta(pipes):
+  """A1111's ENSD with rng="torch_cpu": the initial noise is the seed generator's first draw, the
+  steps' noise comes from a generator seeded seed + ensd: diffusers given those latents and
+  those generators. Deterministic samplers do not see it; a refiner's steps go on from the
+  base's in that stream."""
+  _sd1_only(pipes)
+  ref, pipe, _ = pipes
+  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  seed, ensd = 40, 31337
+  latents = torch.stack([torch.randn((4, 8, 8), generator=g) for g in _generators(seed, 2)])
+  common = dict(guidance_scale=GUIDANCE, height=16, width=16)
+  expected = ref(PROMPTS, num_inference_steps=4, generator=_generators(seed + ensd, 2),
+                 latents=latents, output_type="np", **common).images
+  ours = pipe.generate(PROMPTS, steps=4, scheduler="euler_ancestral", seed=seed,
+                       rng="torch_cpu", ensd=ensd, **common)
+  err = rel(ours, expected)
+  print(f"\nENSD with torch generators: {err:.2e}")
+  assert err <= 1e-5
+  ddim = dict(steps=3, scheduler="ddim", seed=seed, **common)
+  np.testing.assert_array_equal(pipe.generate(PROMPTS, ensd=ensd, **ddim),
+                                pipe.generate(PROMPTS, **ddim))
+  base, state = sampling.prepare(pipe, 2, steps=6, scheduler="euler_ancestral", height=16,
+                                 width=16, guidance_scale=GUIDANCE, denoising_end=0.5,
+                                 rng="torch_cpu", ensd=ensd)
+  assert 0 < base.end < 6
+  assert sampling.stream_draws(base, len(state.timesteps)) == base.end  # the steps' draws only
+  base = dataclasses.replace(base, ensd=0)
+  assert sampling.stream_draws(base, len(state.timesteps)) == base.end + 1  # the noise first
+  with pytest.raises(ValueError, match=r"ensd \(eta noise seed delta\) must be an integer"):
+    pipe.generate(PROMPTS, ensd=-1, **ddim)
+
+
 def test_ddim_eta_matches_diffusers_and_compiles_once(pipes):
   """eta > 0: diffusers' DDIM step given our per-step noise (`variance_noise`, drawn from each
   image's seed) lands on the same images; another eta reuses the compiled program."""
