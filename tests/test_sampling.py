@@ -458,6 +458,33 @@ def _a1111_slerp(val, low, high):
           + (torch.sin(val * omega) / so).unsqueeze(1) * high)
 
 
+def test_torch_generators_through_the_hires_fix(pipes):
+  """rng="torch_cpu" with the hires fix, as A1111's "RNG: CPU" runs it: each pass starts its
+  images' generators again from their seeds, the second drawing its noise at its size first,
+  then its steps'. diffusers' text-to-image, torch's interpolate and its img2img pipeline on the
+  latents (which draws no posterior sample), each given fresh generators: nothing patched."""
+  _sd1_only(pipes)
+  ref, pipe, _ = pipes
+  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  img_pipe = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+  img_pipe.set_progress_bar_config(disable=True)
+  seed, hires_steps, strength = 12, 3, 0.6
+  total = int(hires_steps / strength)
+  with torch.no_grad():
+    first = ref(PROMPTS, num_inference_steps=4, guidance_scale=GUIDANCE, height=16, width=16,
+                generator=_generators(seed, 2), output_type="latent").images
+    enlarged = torch.nn.functional.interpolate(first, size=(12, 12), mode="bilinear")
+    expected = img_pipe(PROMPTS, image=enlarged, strength=(hires_steps + 0.5) / total,
+                        num_inference_steps=total, guidance_scale=GUIDANCE,
+                        generator=_generators(seed, 2), output_type="np").images
+  ours = pipe.generate(PROMPTS, steps=4, guidance_scale=GUIDANCE, scheduler="euler_ancestral",
+                       height=16, width=16, seed=seed, rng="torch_cpu", hires_scale=1.5,
+                       hires_steps=hires_steps, hires_strength=strength)
+  err = rel(ours, expected)
+  print(f"\nhires fix with torch generators: {err:.2e}")
+  assert err <= 1e-5
+
+
 def test_variation_seeds(pipes):
   """A1111's variation seeds with rng="torch_cpu": each image's initial noise is A1111's slerp of
   its generator's first draw towards its subseed's (a fresh generator's first draw), and the
