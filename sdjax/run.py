@@ -386,9 +386,12 @@ def validate(cfg: RunConfig) -> None:
       raise RunError(f"--hires_*: {e}") from None
     if cfg.refiner is not None:
       raise RunError("--hires_scale and --refiner do not go together")
-  elif cfg.hires_guidance_scale or cfg.hires_schedule_type is not None:
-    raise RunError("--hires_guidance_scale and --hires_schedule_type are the hires pass's: give "
-                   "--hires_scale or --hires_resize_* too")
+  elif cfg.hires_guidance_scale:
+    raise RunError("--hires_guidance_scale is the hires pass's: give --hires_scale or "
+                   "--hires_resize_* too")
+  elif cfg.hires_schedule_type is not None:
+    raise RunError("--hires_schedule_type is the hires pass's: give --hires_scale or "
+                   "--hires_resize_* too")
   elif cfg.hires_prompt or cfg.hires_negative_prompt:
     raise RunError("--hires_prompt and --hires_negative_prompt are the hires pass's: give "
                    "--hires_scale or --hires_resize_* too")

@@ -154,7 +154,7 @@ def test_hires_schedule_type_run(model, cache, tmp_path):
   alone = pipe.generate(r["prompt"], hires_schedule_type="SGM Uniform", **common)
   assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
   assert np.abs(pipe.generate(r["prompt"], **common) - alone).max() > 0.01  # it matters
-  with pytest.raises(run.RunError, match="--hires_schedule_type are the hires pass's"):
+  with pytest.raises(run.RunError, match="--hires_schedule_type is the hires pass's"):
     run.generate_run(dataclasses.replace(config, hires_scale=0.0))
 
 
