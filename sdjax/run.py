@@ -1366,11 +1366,12 @@ class _Sampler:
       logging.info("LoRA set %s merged", loras)
 
   def _seeds(self, jobs):
-    """The program's seeds for `jobs`: uint32, with A1111's variation seeds when one of them
-    has some (`sampling.split_seeds`; strength 0 for the others, which leaves them as they are)."""
+    """The program's seeds for this process's `jobs`: uint32, with A1111's variation seeds when
+    an image of the global batch has some (`sampling.split_seeds`; strength 0 for the others,
+    which leaves them as they are; every process must pass the program the same form)."""
     seeds = np.asarray([j.seed for j in jobs], np.uint32)
     varied = [variation(self.cfg, j) or (0, 0.0) for j in jobs]
-    if not any(strength for _, strength in varied):
+    if not parallel.max_over_processes(int(any(strength for _, strength in varied))):
       return seeds
     return seeds, sampling.Variation(np.asarray([v[0] for v in varied], np.uint32),
                                      np.asarray([v[1] for v in varied], np.float32))

@@ -244,12 +244,14 @@ def _free_port():
 
 def test_two_processes_mixed_sizes(model, cache, tmp_path):
   """Two processes write their own shards (0 and 2; 1) into one folder, with per-line image
-  sizes: each step the processes agree on one size (one pads); the images are the single
-  process's, every one exactly once, the manifest in order."""
+  sizes: each step the processes agree on one size (one pads), and on the variation seeds'
+  program when one has a varied image; the images are the single process's, every one exactly
+  once, the manifest in order."""
   path = tmp_path / "sizes.jsonl"
   path.write_text("".join(json.dumps(line) + "\n" for line in [
       {"prompt": "a cat"}, {"prompt": "a dog", "width": 24}, {"prompt": "a bird", "width": 24},
-      {"prompt": "a fish", "width": 24, "num_images": 2}, {"prompt": "a frog"}]))
+      {"prompt": "a fish", "width": 24, "num_images": 2},
+      {"prompt": "a frog", "subseed": 5, "subseed_strength": 0.5}]))
   args = ["--model", model, "--prompts_file", str(path), *COMMON, "--batch_size", "2",
           "--seed", "9", "--shard_size", "2", "--compilation_cache", cache]
   single = str(tmp_path / "single")
