@@ -244,9 +244,10 @@ def _free_port():
 
 def test_two_processes_mixed_sizes(model, cache, tmp_path):
   """Two processes write their own shards (0 and 2; 1) into one folder, with per-line image
-  sizes: each step the processes agree on one size (one pads), and on the variation seeds'
-  program when one has a varied image; the images are the single process's, every one exactly
-  once, the manifest in order."""
+  sizes: each step the processes agree on one size (one pads); a line of variation seeds among
+  them. The images are the single process's, every one exactly once, the manifest in order.
+  (A process passing the plain seeds beside another's variation form still ran here: these CPU
+  programs have no collectives; run.py agrees on the form anyway, as a global program needs.)"""
   path = tmp_path / "sizes.jsonl"
   path.write_text("".join(json.dumps(line) + "\n" for line in [
       {"prompt": "a cat"}, {"prompt": "a dog", "width": 24}, {"prompt": "a bird", "width": 24},
