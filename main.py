@@ -115,6 +115,9 @@ flags.DEFINE_integer("seed", 0, "image k of the run gets seed + k")
 flags.DEFINE_integer("subseed", None, "A1111's variation seed: image k's noise is moved towards "
                      "seed subseed + k's by --subseed_strength")
 flags.DEFINE_float("subseed_strength", 0.0, "A1111's variation strength, in [0, 1] (0: off)")
+flags.DEFINE_integer("seed_resize_from_w", 0, "A1111's Resize seed from: width in pixels whose "
+                     "noise is pasted at the centre (with --seed_resize_from_h; 0: off)")
+flags.DEFINE_integer("seed_resize_from_h", 0, "A1111's Resize seed from: height in pixels")
 flags.DEFINE_integer("ensd", 0, "A1111's Eta noise seed delta (ENSD, e.g. 31337): ancestral and "
                      "SDE samplers' step noise from seed + ensd (0: off)")
 flags.DEFINE_enum("rng", "jax", ["jax", "torch_cpu"], "where each image's noise comes from: "
@@ -294,6 +297,7 @@ def _run_config() -> run.RunConfig:
       ip_adapter_scale=tuple(FLAGS.ip_adapter_scale),
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed, rng=FLAGS.rng,
       subseed=FLAGS.subseed, subseed_strength=FLAGS.subseed_strength, ensd=FLAGS.ensd,
+      seed_resize_from_w=FLAGS.seed_resize_from_w, seed_resize_from_h=FLAGS.seed_resize_from_h,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,
       image_quality=FLAGS.image_quality, webp_lossless=FLAGS.webp_lossless,

@@ -377,7 +377,8 @@ class Pipeline:
                ip_adapter_masks=None, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0,
                pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
                tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
-               subseed_strength: float = 0.0, ensd: int = 0) -> np.ndarray:
+               subseed_strength: float = 0.0, ensd: int = 0,
+               seed_resize_from: tuple[int, int] | None = None) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -423,6 +424,9 @@ class Pipeline:
         `subseed + i` along A1111's slerp, by the strength in [0, 1] (0: off).
       ensd: A1111's Eta noise seed delta ("ENSD", e.g. 31337): the steps' fresh noise (ancestral
         and SDE samplers') comes from seed + ensd's generator (or key) instead of the seed's.
+      seed_resize_from: A1111's "Resize seed from" (width, height): the initial (and hires)
+        noise is that of each seed at that size, pasted at the centre of its own (the rest its
+        own), so a seed keeps its composition at another size.
       latents: NHWC unit Gaussian initial noise [N, h, w, 4] (as diffusers' `latents`, before
         scaling by the scheduler's initial sigma); default: drawn from the seeds.
       init_images: float [N, H, W, 3] in [0, 1] to start from (img2img).
@@ -633,7 +637,7 @@ class Pipeline:
         guess_mode=guess_mode, control_mode=control_mode, ip=ip, pag_scale=pag_scale,
         pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers,
         freeu=freeu, tiling=tiling, rng=rng, subseed=subseed, subseed_strength=subseed_strength,
-        ensd=ensd)
+        ensd=ensd, seed_resize_from=seed_resize_from)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

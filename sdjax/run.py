@@ -66,6 +66,9 @@ class RunConfig:
   subseed: int | None = None
   subseed_strength: float = 0.0
   ensd: int = 0  # A1111's Eta noise seed delta: step noise from seed + ensd (0: off)
+  # A1111's "Resize seed from" width and height in pixels (either 0: off).
+  seed_resize_from_w: int = 0
+  seed_resize_from_h: int = 0
   batch_size: int = 1  # per device
   dtype: str = "float32"
   output_dir: str = "outputs"  # a folder or any fsspec URL
@@ -437,6 +440,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings.update(subseed=cfg.subseed, subseed_strength=cfg.subseed_strength)
   if cfg.ensd:
     settings["ensd"] = cfg.ensd
+  if _seed_resize(cfg):
+    settings["seed_resize_from"] = list(_seed_resize(cfg))
   if cfg.prompt_syntax != "plain":
     settings["prompt_syntax"] = cfg.prompt_syntax
   if cfg.lora_dir is not None:
@@ -1122,6 +1127,7 @@ class _Sampler:
       common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, guidance_rescale=cfg.guidance_rescale,
                     eta=cfg.eta, cfg_split=cfg.cfg_parallel, rng=cfg.rng, ensd=cfg.ensd,
+                    seed_resize_from=_seed_resize(cfg),
                     clip_skip=cfg.clip_skip - 1 or None,  # diffusers' count
                     scheduler_options=line_options(cfg, pipe, scheduler, schedule_type) or None)
       extra = dict(img2img=True, strength=strength) if img2img else {}
@@ -1427,6 +1433,12 @@ class _Sampler:
       raise
 
 
+def _seed_resize(cfg: RunConfig) -> tuple[int, int] | None:
+  """A1111's "Resize seed from" (width, height), None when off (a side <= 0, as A1111)."""
+  size = (cfg.seed_resize_from_w, cfg.seed_resize_from_h)
+  return None if min(size) <= 0 else size
+
+
 def variation(cfg: RunConfig, job: ImageJob) -> tuple[int, float] | None:
   """An image's A1111 variation seed and strength: its line's (subseed + j for the line's j-th
   image), else --subseed + k for image k of the run, as A1111 counts them, at its line's
@@ -1680,6 +1692,7 @@ class _Metadata:
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
         **({"rng": cfg.rng} if cfg.rng != RunConfig.rng else {}),
         **({"ensd": cfg.ensd} if cfg.ensd else {}),
+        **({"seed_resize_from": list(_seed_resize(cfg))} if _seed_resize(cfg) else {}),
         **({"subseed": varied[0], "subseed_strength": varied[1]}
            if (varied := variation(cfg, job)) else {}),
         **({"clip_skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
@@ -1777,6 +1790,8 @@ class _Metadata:
                **({"Clip skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
                **({"RNG": "CPU"} if cfg.rng == "torch_cpu" else {}),  # A1111's word
                **({"ENSD": cfg.ensd} if cfg.ensd else {}),
+               **({"Seed resize from": "x".join(map(str, _seed_resize(cfg)))}
+                  if _seed_resize(cfg) else {}),
                **({"Variation seed": varied[0], "Variation seed strength": varied[1]}
                   if (varied := variation(cfg, job)) else {}),
                **self._sdxl_extra(height, width), **self._network_hashes(job),

@@ -112,6 +112,9 @@ class SampleSpec:
   # A1111's Eta noise seed delta (ENSD): the steps' fresh noise comes from seed + ensd's
   # generator (or key) instead of the seed's; 0: off.
   ensd: int = 0
+  # A1111's "Resize seed from": the (h, w) latents whose noise (a pass's first, its seed's at
+  # that size) is pasted at the centre of the pass's own; None: off.
+  seed_resize: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,40 +270,49 @@ class _NoiseSource:
   seeds do."""
 
   rng: str
+  seeds: jax.Array
   keys: jax.Array
   step_keys: jax.Array
   drawn: jax.Array | None = None
   tags: tuple[int, ...] = ()
   step_drawn: jax.Array | None = None
   variation: Variation | None = None
+  resize_from: tuple[int, int] | None = None  # SampleSpec.seed_resize
 
   def initial(self, noise) -> jax.Array:
     """The initial noise: the caller's `noise` (rng "jax"), or the generator's draw."""
     if _INITIAL in self.tags:
       noise = self.drawn[:, self.tags.index(_INITIAL)]
-    return self._varied(_INITIAL, noise)
+    return self._start(_INITIAL, noise)
 
   def sample(self, stream: int, shape) -> jax.Array:
-    """[B, *shape]: a posterior sample, the hires pass's noise (varied)."""
+    """[B, *shape]: a posterior sample, the hires pass's noise (as `initial`'s)."""
     if stream in self.tags:
       noise = self.drawn[:, self.tags.index(stream)]
     else:
       noise = _keyed_noise(self.keys, stream, shape)
-    return self._varied(stream, noise) if stream == _HIRES_NOISE else noise
+    return self._start(stream, noise) if stream == _HIRES_NOISE else noise
 
-  def _varied(self, stream: int, noise) -> jax.Array:
-    """`noise` moved towards the subseeds' of the same kind: the first draw of their generators
-    (A1111's), or their keys' initial or hires noise."""
-    if self.variation is None:
-      return noise
-    subseeds, shape = self.variation.subseeds, noise.shape[1:]
+  def _first(self, seeds, stream: int, shape) -> jax.Array:
+    """The first noise of kind `stream` that `seeds` make at latent `shape` [h, w, C]: a fresh
+    generator's first draw (A1111's), or their keys' initial or hires noise."""
     if self.rng == "torch_cpu":
-      sub = torch_rng.randn_nchw(subseeds, 1, shape)[:, 0]
-    elif stream == _INITIAL:
-      sub = initial_noise(subseeds, shape)
-    else:
-      sub = _keyed_noise(image_keys(subseeds), stream, shape)
-    return variation_slerp(self.variation.strengths, noise, sub)
+      return torch_rng.randn_nchw(seeds, 1, shape)[:, 0]
+    if stream == _INITIAL:
+      return initial_noise(seeds, shape)
+    return _keyed_noise(image_keys(seeds), stream, shape)
+
+  def _start(self, stream: int, noise) -> jax.Array:
+    """The noise a pass starts from, as A1111's `ImageRNG.first`: with `resize_from`, the seeds'
+    noise at that size, pasted at the centre of `noise`; moved towards the subseeds' (at that
+    size) by the variation's strength."""
+    start = noise
+    if self.resize_from is not None:
+      start = self._first(self.seeds, stream, (*self.resize_from, noise.shape[-1]))
+    if self.variation is not None:
+      start = variation_slerp(self.variation.strengths, start,
+                              self._first(self.variation.subseeds, stream, start.shape[1:]))
+    return start if self.resize_from is None else _paste_centred(noise, start)
 
   def step(self, spec: SampleSpec, stream: int, shape, i) -> jax.Array:
     """[B, *shape]: the fresh noise of the step at position `i` (traced)."""
@@ -311,6 +323,16 @@ class _NoiseSource:
     return jax.lax.dynamic_index_in_dim(self.step_drawn, k, axis=1, keepdims=False)
 
 
+def _paste_centred(noise, small) -> jax.Array:
+  """`small` [B, h0, w0, C] pasted at the centre of `noise` [B, h, w, C] (cut to fit where it is
+  larger), with A1111's arithmetic for seed resizing (floor halves)."""
+  (h, w), (h0, w0) = noise.shape[1:3], small.shape[1:3]
+  dy, dx = (h - h0) // 2, (w - w0) // 2
+  rows, cols = (h0 if dy >= 0 else h0 + 2 * dy), (w0 if dx >= 0 else w0 + 2 * dx)
+  ty, tx, sy, sx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+  return noise.at[:, ty:ty + rows, tx:tx + cols].set(small[:, sy:sy + rows, sx:sx + cols])
+
+
 def _noise_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSource:
   """Where a stage's noise of latent `shape` [h, w, C] comes from (`spec.rng`), for `seeds`
   (`split_seeds`)."""
@@ -319,7 +341,8 @@ def _noise_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSourc
   step_seeds = seeds + jnp.uint32(spec.ensd) if spec.ensd else seeds  # uint32: wraps
   step_keys = image_keys(step_seeds) if spec.ensd else keys
   if spec.rng == "jax":
-    return _NoiseSource(spec.rng, keys, step_keys, variation=variation)
+    return _NoiseSource(spec.rng, seeds, keys, step_keys, variation=variation,
+                        resize_from=spec.seed_resize)
   tags, steps = _torch_draw_order(spec), _step_draws(spec, positions)
   start = spec.rng_offset
   if spec.ensd:  # the steps from seed + ensd's generator; the stage's own draws from the seed's
@@ -330,7 +353,8 @@ def _noise_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSourc
     total = start + len(tags) + steps
     drawn = torch_rng.randn_nchw(seeds, total, shape)[:, start:] if total > start else None
     step_drawn = None if drawn is None or not steps else drawn[:, len(tags):]
-  return _NoiseSource(spec.rng, keys, step_keys, drawn, tags, step_drawn, variation)
+  return _NoiseSource(spec.rng, seeds, keys, step_keys, drawn, tags, step_drawn, variation,
+                      spec.seed_resize)
 
 
 def guide(eps_uncond, eps_cond, scale, rescale=None, extra=None):
@@ -1027,7 +1051,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             denoising_end: float | None = None, denoising_start: float | None = None,
             cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original",
             scheduler_options: dict[str, Any] | None = None, control: bool = False,
-            control_guess: bool = False, rng: str = "jax", ensd: int = 0):
+            control_guess: bool = False, rng: str = "jax", ensd: int = 0,
+            seed_resize_from: tuple[int, int] | None = None):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -1037,7 +1062,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   `masked_content` (`masks.MASKED_CONTENT`: the latent ones here; at strength 1, where the start
   is pure noise, none matters). `scheduler_options` override the scheduler's config
   (`schedulers.get_scheduler`). `rng`: where the noise comes from (RNGS); `ensd`: A1111's
-  Eta noise seed delta (`SampleSpec.ensd`).
+  Eta noise seed delta (`SampleSpec.ensd`); `seed_resize_from`: A1111's "Resize seed from"
+  (width, height) in pixels (`SampleSpec.seed_resize`; None or a 0 side: off).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
@@ -1078,10 +1104,23 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     cfg_split=cfg_split and guidance, inpaint=mode,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
                     ("latent noise", "latent nothing") else "original", control=control,
-                    control_guess=control and control_guess, rng=rng, ensd=int(ensd))
+                    control_guess=control and control_guess, rng=rng, ensd=int(ensd),
+                    seed_resize=seed_resize_latents(pipe, seed_resize_from))
   if rng == "torch_cpu":
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
   return spec, state
+
+
+def seed_resize_latents(pipe, size: tuple[int, int] | None) -> tuple[int, int] | None:
+  """A1111's "Resize seed from" (width, height) in pixels as the model's (h, w) latents; None
+  when off (None, or a side <= 0, as A1111)."""
+  if size is None or min(size) <= 0:
+    return None
+  width, height = size
+  if height < pipe.vae_scale or width < pipe.vae_scale:
+    raise ValueError(f"seed_resize_from must be at least {pipe.vae_scale} pixels a side, got "
+                     f"{width}x{height}")
+  return int(height) // pipe.vae_scale, int(width) // pipe.vae_scale
 
 
 def check_rng(rng: str) -> None:
@@ -1290,7 +1329,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                   height: int, width: int, guidance_scale: float, guidance_rescale: float = 0.0,
                   clip_skip: int | None = None, eta: float = 0.0, cfg_split: bool = False,
                   scheduler_options: dict[str, Any] | None = None, control: bool = False,
-                  control_guess: bool = False, rng: str = "jax", ensd: int = 0):
+                  control_guess: bool = False, rng: str = "jax", ensd: int = 0,
+                  seed_resize_from: tuple[int, int] | None = None):
   """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps. `control`,
@@ -1323,7 +1363,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                         clip_skip=clip_skip, eta=eta, cfg_split=cfg_split,
                         scheduler_options=scheduler_options, control=control,
-                        control_guess=control_guess, rng=rng, ensd=ensd)
+                        control_guess=control_guess, rng=rng, ensd=ensd,
+                        seed_resize_from=seed_resize_from)
   return dataclasses.replace(spec, begin=(total - n) * spec.scheduler.order,
                              upscale=hires.upscaler, upscale_crop=crop,
                              fixed_guidance=None if hires.guidance_scale is None else float(
@@ -1399,6 +1440,7 @@ def generate(
     subseed: int | None = None,
     subseed_strength: float = 0.0,
     ensd: int = 0,
+    seed_resize_from: tuple[int, int] | None = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1481,13 +1523,16 @@ def generate(
   common = dict(steps=steps, scheduler=scheduler, height=height, width=width,
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                 clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel,
-                scheduler_options=scheduler_options, rng=rng, ensd=ensd)
+                scheduler_options=scheduler_options, rng=rng, ensd=ensd,
+                seed_resize_from=seed_resize_from)
   if latents is not None and rng != "jax":
     raise ValueError(f"rng={rng!r} draws the initial noise from the seeds: give seed, not "
                      "latents")
   variation = make_variation(subseed, subseed_strength, n)
-  if latents is not None and variation is not None:
-    raise ValueError("subseed varies the seeds' noise: give seed, not latents")
+  if latents is not None and (variation is not None
+                              or seed_resize_from is not None and min(seed_resize_from) > 0):
+    raise ValueError("subseed and seed_resize_from remake the seeds' noise: give seed, not "
+                     "latents")
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
                         denoising_end=refiner_start if refiner is not None else None,
                         inpaint=mask_images is not None, masked_content=masked_content,

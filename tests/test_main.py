@@ -566,12 +566,13 @@ def test_torch_rng_run_on_two_devices_matches_diffusers(model, cache, tmp_path):
 
 
 def test_variation_seed_flags(model, cache, tmp_path):
-  """--subseed / --subseed_strength: image k varied towards subseed + k, and --ensd (A1111's
-  Eta noise seed delta), as generate() does; the PNG parameters say "Variation seed", its
-  strength and "ENSD" as A1111's, the manifest too."""
+  """--subseed / --subseed_strength: image k varied towards subseed + k, --ensd (A1111's Eta
+  noise seed delta) and --seed_resize_from_w/_h, as generate() does; the PNG parameters say
+  "Variation seed", its strength, "ENSD" and "Seed resize from" as A1111's, the manifest too."""
   out = str(tmp_path / "out")
   main_py(["--model", model, "--prompt", "a cat", "--prompt", "a dog", *COMMON, "--seed", "5",
-           "--subseed", "77", "--subseed_strength", "0.25", "--ensd", "31337", "--batch_size", "2",
+           "--subseed", "77", "--subseed_strength", "0.25", "--ensd", "31337",
+           "--seed_resize_from_w", "24", "--seed_resize_from_h", "8", "--batch_size", "2",
            "--output_dir", out, "--compilation_cache", cache])
   records = _manifest(out)
   assert [(r["subseed"], r["subseed_strength"]) for r in records] == [(77, 0.25), (78, 0.25)]
@@ -579,10 +580,11 @@ def test_variation_seed_flags(model, cache, tmp_path):
     Image.open(os.path.join(out, records[1]["file"])).text["parameters"])
   assert params["Variation seed"] == "78" and params["Variation seed strength"] == "0.25"
   assert params["ENSD"] == "31337" and records[0]["ensd"] == 31337
+  assert params["Seed resize from"] == "24x8" and records[0]["seed_resize_from"] == [24, 8]
   want = sdjax.load_pipeline(model).generate(["a cat", "a dog"], steps=2, height=16, width=16,
                                              guidance_scale=3.0, scheduler="euler_ancestral",
                                              seed=5, subseed=77, subseed_strength=0.25,
-                                             ensd=31337)
+                                             ensd=31337, seed_resize_from=(24, 8))
   got = np.stack([_pixels(out)[r["file"]] for r in records]).astype(np.float32) / 255
   assert np.abs(got - want).max() <= 1 / 255 + 1e-6
 

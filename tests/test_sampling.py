@@ -556,6 +556,38 @@ def test_eta_noise_seed_delta(pipes):
     pipe.generate(PROMPTS, ensd=-1, **ddim)
 
 
+def test_seed_resize_from(pipes):
+  """A1111's "Resize seed from" with rng="torch_cpu" (and a variation seed, applied at that
+  size): each seed's noise at 24x8 pixels (latents 4 x 12), varied towards its subseed's there,
+  pasted at the centre of its generator's own first draw at 16x16 (8 x 8: two rows of its own
+  above and below, two columns of the pasted cut from each side), as A1111's ImageRNG builds
+  it; the steps' noise then goes on from the image's generator. diffusers given those latents
+  and generators that drew once."""
+  _sd1_only(pipes)
+  ref, pipe, _ = pipes
+  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  seed, subseed, strength = 40, 7, 0.3
+  generators, latents = _generators(seed, 2), []
+  for i, gen in enumerate(generators):
+    own = torch.randn((4, 8, 8), generator=gen)
+    small = torch.randn((4, 4, 12), generator=torch.Generator().manual_seed(seed + i))
+    sub = torch.randn((4, 4, 12), generator=torch.Generator().manual_seed(subseed + i))
+    own[:, 2:6, 0:8] = _a1111_slerp(strength, small, sub)[:, 0:4, 2:10]
+    latents.append(own)
+  common = dict(guidance_scale=GUIDANCE, height=16, width=16)
+  expected = ref(PROMPTS, num_inference_steps=4, generator=generators,
+                 latents=torch.stack(latents), output_type="np", **common).images
+  ours = pipe.generate(PROMPTS, steps=4, scheduler="euler_ancestral", seed=seed,
+                       rng="torch_cpu", subseed=subseed, subseed_strength=strength,
+                       seed_resize_from=(24, 8), **common)
+  err = rel(ours, expected)
+  print(f"\nseed resize with torch generators: {err:.2e}")
+  assert err <= 1e-5
+  ddim = dict(steps=3, scheduler="ddim", seed=seed, **common)
+  np.testing.assert_array_equal(pipe.generate(PROMPTS, seed_resize_from=(0, 8), **ddim),
+                                pipe.generate(PROMPTS, **ddim))  # a 0 side: off, as A1111
+
+
 def test_ddim_eta_matches_diffusers_and_compiles_once(pipes):
   """eta > 0: diffusers' DDIM step given our per-step noise (`variance_noise`, drawn from each
   image's seed) lands on the same images; another eta reuses the compiled program."""
