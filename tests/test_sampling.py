@@ -485,6 +485,22 @@ def test_torch_generators_through_the_hires_fix(pipes):
   assert err <= 1e-5
 
 
+def _matches_a1111_noise(pipes, what, latents, generators, **ours):
+  """Euler a, 4 steps at 16x16, rng="torch_cpu" with `ours` (the seed among them): diffusers'
+  images given `latents` [B, 4, 8, 8] (built as A1111 builds its first noise) and `generators`
+  for the steps' noise."""
+  ref, pipe, _ = pipes
+  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  common = dict(guidance_scale=GUIDANCE, height=16, width=16)
+  expected = ref(PROMPTS, num_inference_steps=4, generator=generators,
+                 latents=torch.stack(latents), output_type="np", **common).images
+  got = pipe.generate(PROMPTS, steps=4, scheduler="euler_ancestral", rng="torch_cpu", **ours,
+                      **common)
+  err = rel(got, expected)
+  print(f"\n{what} with torch generators: {err:.2e}")
+  assert err <= 1e-5
+
+
 def test_variation_seeds(pipes):
   """A1111's variation seeds with rng="torch_cpu": each image's initial noise is A1111's slerp of
   its generator's first draw towards its subseed's (a fresh generator's first draw), and the
@@ -492,23 +508,16 @@ def test_variation_seeds(pipes):
   drew them. Strength 0 is no variation, bit for bit; 1 is the subseed's noise; any strength
   runs the same program."""
   _sd1_only(pipes)
-  ref, pipe, _ = pipes
-  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  _, pipe, _ = pipes
   seed, subseed, strength = 40, 900, 0.3
   generators, latents = _generators(seed, 2), []
   for i, gen in enumerate(generators):
     noise = torch.randn((4, 8, 8), generator=gen)
     subnoise = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(subseed + i))
     latents.append(_a1111_slerp(strength, noise, subnoise))
-  common = dict(guidance_scale=GUIDANCE, height=16, width=16)
-  expected = ref(PROMPTS, num_inference_steps=4, generator=generators,
-                 latents=torch.stack(latents), output_type="np", **common).images
-  ours = pipe.generate(PROMPTS, steps=4, scheduler="euler_ancestral", seed=seed,
-                       rng="torch_cpu", subseed=subseed, subseed_strength=strength, **common)
-  err = rel(ours, expected)
-  print(f"\nvariation seeds with torch generators: {err:.2e}")
-  assert err <= 1e-5
-  common.update(steps=3, scheduler="ddim")
+  _matches_a1111_noise(pipes, "variation seeds", latents, generators, seed=seed,
+                       subseed=subseed, subseed_strength=strength)
+  common = dict(guidance_scale=GUIDANCE, height=16, width=16, steps=3, scheduler="ddim")
   plain = pipe.generate(PROMPTS, seed=seed, **common)
   np.testing.assert_array_equal(
       pipe.generate(PROMPTS, seed=seed, subseed=subseed, subseed_strength=0.0, **common), plain)
@@ -530,19 +539,11 @@ def test_eta_noise_seed_delta(pipes):
   those generators. Deterministic samplers do not see it; a refiner's steps go on from the
   base's in that stream."""
   _sd1_only(pipes)
-  ref, pipe, _ = pipes
-  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  _, pipe, _ = pipes
   seed, ensd = 40, 31337
-  latents = torch.stack([torch.randn((4, 8, 8), generator=g) for g in _generators(seed, 2)])
-  common = dict(guidance_scale=GUIDANCE, height=16, width=16)
-  expected = ref(PROMPTS, num_inference_steps=4, generator=_generators(seed + ensd, 2),
-                 latents=latents, output_type="np", **common).images
-  ours = pipe.generate(PROMPTS, steps=4, scheduler="euler_ancestral", seed=seed,
-                       rng="torch_cpu", ensd=ensd, **common)
-  err = rel(ours, expected)
-  print(f"\nENSD with torch generators: {err:.2e}")
-  assert err <= 1e-5
-  ddim = dict(steps=3, scheduler="ddim", seed=seed, **common)
+  latents = [torch.randn((4, 8, 8), generator=g) for g in _generators(seed, 2)]
+  _matches_a1111_noise(pipes, "ENSD", latents, _generators(seed + ensd, 2), seed=seed, ensd=ensd)
+  ddim = dict(steps=3, scheduler="ddim", seed=seed, guidance_scale=GUIDANCE, height=16, width=16)
   np.testing.assert_array_equal(pipe.generate(PROMPTS, ensd=ensd, **ddim),
                                 pipe.generate(PROMPTS, **ddim))
   base, state = sampling.prepare(pipe, 2, steps=6, scheduler="euler_ancestral", height=16,
@@ -564,8 +565,7 @@ def test_seed_resize_from(pipes):
   it; the steps' noise then goes on from the image's generator. diffusers given those latents
   and generators that drew once."""
   _sd1_only(pipes)
-  ref, pipe, _ = pipes
-  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  _, pipe, _ = pipes
   seed, subseed, strength = 40, 7, 0.3
   generators, latents = _generators(seed, 2), []
   for i, gen in enumerate(generators):
@@ -574,16 +574,9 @@ def test_seed_resize_from(pipes):
     sub = torch.randn((4, 4, 12), generator=torch.Generator().manual_seed(subseed + i))
     own[:, 2:6, 0:8] = _a1111_slerp(strength, small, sub)[:, 0:4, 2:10]
     latents.append(own)
-  common = dict(guidance_scale=GUIDANCE, height=16, width=16)
-  expected = ref(PROMPTS, num_inference_steps=4, generator=generators,
-                 latents=torch.stack(latents), output_type="np", **common).images
-  ours = pipe.generate(PROMPTS, steps=4, scheduler="euler_ancestral", seed=seed,
-                       rng="torch_cpu", subseed=subseed, subseed_strength=strength,
-                       seed_resize_from=(24, 8), **common)
-  err = rel(ours, expected)
-  print(f"\nseed resize with torch generators: {err:.2e}")
-  assert err <= 1e-5
-  ddim = dict(steps=3, scheduler="ddim", seed=seed, **common)
+  _matches_a1111_noise(pipes, "seed resize", latents, generators, seed=seed, subseed=subseed,
+                       subseed_strength=strength, seed_resize_from=(24, 8))
+  ddim = dict(steps=3, scheduler="ddim", seed=seed, guidance_scale=GUIDANCE, height=16, width=16)
   np.testing.assert_array_equal(pipe.generate(PROMPTS, seed_resize_from=(0, 8), **ddim),
                                 pipe.generate(PROMPTS, **ddim))  # a 0 side: off, as A1111
 
