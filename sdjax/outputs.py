@@ -172,8 +172,9 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
   text is stripped (a prompt's leading whitespace is lost). `sampler` is one of our scheduler
   names, written under its A1111 name (`A1111_SAMPLER_NAMES`); other names pass through. An
   empty `model`, `model_hash` (A1111's short hash, see `short_hash`) or `version` is left out,
-  and so is a zero `eta` (DDIM's); A1111 writes `Model hash` before `Model`, `Eta` after it and
-  `Version` last. `extra` fields (e.g. `Refiner`) come before `Version`, in order.
+  and so is a zero `eta` (written `Eta DDIM` for DDIM, as A1111 does; `Eta` for TCD, whose
+  stochasticity A1111 has no name for); A1111 writes `Model hash` before `Model`, the eta after
+  it and `Version` last. `extra` fields (e.g. `Refiner`) come before `Version`, in order.
   """
   params = {
       "Steps": int(steps),
@@ -183,7 +184,7 @@ def a1111_parameters(*, prompt: str, negative_prompt: str, steps: int, sampler: 
       "Size": f"{int(width)}x{int(height)}",
       "Model hash": model_hash or None,
       "Model": model or None,
-      "Eta": float(eta) if eta else None,
+      "Eta DDIM" if sampler == "ddim" else "Eta": float(eta) if eta else None,
       **(extra or {}),
       "Version": version or None,
   }

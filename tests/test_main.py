@@ -534,7 +534,7 @@ def test_ddim_eta(model, cache, tmp_path):
            "--compilation_cache", cache])
   assert [r["eta"] for r in _manifest(out)] == [0.5, 0.5]
   text = Image.open(os.path.join(out, "00000", "000001.png")).text["parameters"]
-  assert outputs.parse_a1111_parameters(text)["Eta"] == "0.5"
+  assert outputs.parse_a1111_parameters(text)["Eta DDIM"] == "0.5"  # A1111's key
   want = sdjax.load_pipeline(model).generate(["a cat", "a dog"], steps=2, height=16, width=16,
                                              guidance_scale=3.0, scheduler="ddim", eta=0.5, seed=5)
   got = np.stack(list(_pixels(out).values())).astype(np.float32) / 255

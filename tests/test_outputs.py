@@ -61,8 +61,10 @@ def test_a1111_text_without_negative_prompt():
 def test_a1111_text_with_eta():
   text = a1111_parameters(**{**PARAMS, "sampler": "ddim", "eta": 0.5})
   assert text.endswith("Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x768, "
-                       "Model: sd-v1-5, Eta: 0.5")
-  assert parse_a1111_parameters(text)["Eta"] == "0.5"
+                       "Model: sd-v1-5, Eta DDIM: 0.5")
+  assert parse_a1111_parameters(text)["Eta DDIM"] == "0.5"
+  text = a1111_parameters(**{**PARAMS, "sampler": "tcd", "eta": 0.3})
+  assert parse_a1111_parameters(text)["Eta"] == "0.3"
 
 
 @pytest.mark.parametrize("ours,theirs", sorted(outputs.A1111_SAMPLER_NAMES.items()) +
