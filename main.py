@@ -4,18 +4,24 @@
   python main.py --config configs/sd15.py --model path/to/sd15 --prompts_file prompts.jsonl \
       --batch_size 4 --output_dir outputs/run1
 
-Flags override the `--config` preset, which overrides the defaults (the built-in model's preset
-when --model is not given). See README.md for multi-device and multi-host runs.
+Flags override what `--parameters_file` reads from an image, which overrides the `--config`
+preset, which overrides the defaults (the built-in model's preset when --model is not given).
+See README.md for multi-device and multi-host runs.
+
+  python main.py --parameters_file image.png --model path/to/its/model   # make it again
 """
 
+import dataclasses
 import json
+import os
+import shlex
 import sys
 from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax import outputs, run, sampling, schedulers
+from sdjax import infotext, outputs, run, sampling, schedulers
 from sdjax.conditioning import MicroConditioning
 
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
@@ -32,6 +38,9 @@ flags.DEFINE_enum("prediction_type", None, ["epsilon", "v_prediction"],
 flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
 flags.DEFINE_string("prompts_file", None, ".txt (one prompt per line) or .jsonl (objects with "
                     "prompt and optional negative_prompt, seed, num_images)")
+flags.DEFINE_string("parameters_file", None, "make an image again: an image with A1111 "
+                    "parameters (A1111's PNG Info: a PNG, JPEG or WebP from A1111 or sdjax) or a "
+                    "text file holding them gives the prompts and every setting no flag gives")
 flags.DEFINE_string("negative_prompt", "", "negative prompt for every image")
 flags.DEFINE_enum("prompt_syntax", "a1111", ["a1111", "plain"], "a1111: AUTOMATIC1111's (x:1.2) "
                   "weights, long prompts, BREAK, [from:to:when] and [a|b]; plain: diffusers' "
@@ -325,6 +334,76 @@ def _run_config() -> run.RunConfig:
       micro=_micro_conditioning(), scheduler_options=options, **values)
 
 
+def _apply_parameters_file() -> infotext.Reproduction | None:
+  """Sets the flags not given on the command line as --parameters_file's text asks; says on
+  stderr what they cannot reproduce. The prompts (and the hires fix's) are the file's only when
+  neither --prompt nor --prompts_file is given; its model only when neither --model nor the
+  --config preset names one."""
+  path = FLAGS.parameters_file
+  if path is None:
+    return None
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise run.RunError(f"--parameters_file: cannot read {path} ({e.strerror})") from None
+  text = _parameters_text(path, data)
+  try:
+    found = infotext.reproduce(text)
+  except ValueError as e:
+    raise run.RunError(f"--parameters_file {path}: {e}") from None
+  given = {name for name in found.flags if FLAGS[name].present}
+  if FLAGS["prompt"].present or FLAGS["prompts_file"].present:
+    given |= {"prompt", "negative_prompt", "hires_prompt", "hires_negative_prompt"}
+  if _CONFIG.value is not None and _CONFIG.value.get("model") is not None:
+    given.add("model")
+  applied = {name: value for name, value in found.flags.items() if name not in given}
+  for name, value in applied.items():
+    try:
+      FLAGS[name].parse(value)
+    except flags.Error as e:
+      raise run.RunError(f"--parameters_file {path}: --{name}: {e}") from None
+  logging.info("--parameters_file %s: %s", path, shlex.join(
+      f"--{name}={v}" for name, value in applied.items()
+      for v in (value if isinstance(value, list) else [value])))
+  for flag, note in found.notes:
+    if flag is None or flag not in given and not FLAGS[flag].present:
+      print(f"warning: {path}: {note}", file=sys.stderr)
+  return dataclasses.replace(found, flags=applied)
+
+
+def _parameters_text(path: str, data: bytes) -> str:
+  """The A1111 parameters an image carries, or a text file's text."""
+  try:
+    text = outputs.read_parameters(data)
+  except (OSError, ValueError, SyntaxError):  # not an image PIL knows
+    try:
+      text = data.decode("utf-8")
+    except UnicodeDecodeError:
+      text = None
+    if text is not None and not text.strip():
+      text = None
+  if text is None:
+    raise run.RunError(f"--parameters_file {path} holds no A1111 parameters (A1111 and sdjax "
+                       "write them into PNG, JPEG and WebP images)")
+  return text
+
+
+def _check_reproduction(cfg: run.RunConfig, found: infotext.Reproduction) -> run.RunConfig:
+  """Warns when the model's short hash is not the image's; a Clip skip from the file is read
+  as A1111 reads it (an SDXL model ignores it)."""
+  # A model given as a path (not one the file names, nor the built-in one a note says it is not;
+  # a hub id's weights are only found once it is loaded).
+  if found.model_hash and cfg.model is not None and os.path.exists(os.path.expanduser(cfg.model)):
+    name, short = run.model_identity(cfg.model)
+    if short is not None and short != found.model_hash:
+      print(f"warning: {FLAGS.parameters_file}: made with a model whose hash is "
+            f"{found.model_hash}; {name}'s is {short}: expect other pixels", file=sys.stderr)
+  if "clip_skip" in found.flags:
+    cfg = dataclasses.replace(cfg, sdxl_ignores_clip_skip=True)
+  return cfg
+
+
 def _hires_schedule_type() -> str | None:
   """--hires_schedule_type as sdjax's name ("": A1111's Automatic, the scheduler's own)."""
   if FLAGS.hires_schedule_type is None:
@@ -410,7 +489,11 @@ def main(argv):
     # Warnings and errors only: no backend probing noise, one progress bar. -v 0 for info lines.
     logging.set_verbosity(logging.WARNING)
   try:
-    summary = run.generate_run(_run_config())
+    from_file = _apply_parameters_file()
+    cfg = _run_config()
+    if from_file:
+      cfg = _check_reproduction(cfg, from_file)
+    summary = run.generate_run(cfg)
   except (ValueError, OSError) as e:  # every bad-input error sdjax raises is a ValueError
     logging.flush()
     print(f"error: {e}", file=sys.stderr)

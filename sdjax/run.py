@@ -52,6 +52,9 @@ class RunConfig:
   # (1: the last, as trained; 2: the penultimate, for NovelAI-descended models); diffusers'
   # clip_skip is one less.
   clip_skip: int = 1
+  # As A1111 reads an image's Clip skip (main.py --parameters_file): an SDXL model keeps its
+  # encoders' penultimate layers whatever clip_skip says (else that is an error).
+  sdxl_ignores_clip_skip: bool = False
   scheduler: str | None = None
   # The scheduler's config options to override ((key, value) pairs), e.g. timestep_spacing.
   scheduler_options: tuple[tuple[str, Any], ...] = ()
@@ -782,6 +785,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
       pipe = pipe.with_ip_adapter(adapters, _ip_layer_scales(cfg))
     except ValueError as e:  # a misfit, or per-layer scales naming no layer: the text says
       raise RunError(f"--ip_adapter: {e}") from None
+  if pipe.is_sdxl and cfg.sdxl_ignores_clip_skip:
+    cfg = dataclasses.replace(cfg, clip_skip=1)
   refiner, hires_model = _load_refiner(cfg, pipe), _load_hires_model(cfg, pipe, controlnets,
                                                                      adapters)
   for model in (pipe, hires_model):  # what it does not combine with, layers it cannot find

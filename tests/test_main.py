@@ -419,6 +419,9 @@ BAD_INPUT = [
     # finite, their decode grey: its GroupNorms divide by an infinite variance.)
     (["--guidance_scale", "3e38", "--steps", "2"],
      "image 0 ('a cat'): NaN or inf pixels, the sampler diverged (2 "),
+    (["--parameters_file", "no/such.png"], "--parameters_file: cannot read no/such.png"),
+    (["--parameters_file", "pyproject.toml"], "--parameters_file pyproject.toml: no A1111 "
+                                              "parameters line"),
     # Last: its own process (a process sets its CPU devices once, before JAX starts).
     (["--cfg_parallel", "--cpu_devices", "3"], "--cfg_parallel: CFG parallelism pairs devices"),
 ]
@@ -587,6 +590,42 @@ def test_variation_seed_flags(model, cache, tmp_path):
                                              ensd=31337, seed_resize_from=(24, 8))
   got = np.stack([_pixels(out)[r["file"]] for r in records]).astype(np.float32) / 255
   assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+
+def test_parameters_file_makes_the_image_again(model, cache, tmp_path):
+  """--parameters_file: an image's A1111 parameters make its pixels and parameters again with
+  no flag but the model (the built-in one needs none); flags given win over the file's, and
+  what the file asks for that sdjax cannot give is a warning."""
+  first, again, other = (str(tmp_path / name) for name in ("first", "again", "other"))
+  main_py(["--model", model, "--prompt", "a (cat:1.2)", "--negative_prompt", "a dog", "--steps",
+           "3", "--height", "16", "--width", "24", "--guidance_scale", "3.5", "--scheduler",
+           "DPM++ 2M SDE", "--schedule_type", "Karras", "--seed", "11", "--rng", "torch_cpu",
+           "--ensd", "31337", "--subseed", "4", "--subseed_strength", "0.2", "--clip_skip", "2",
+           "--guidance_rescale", "0.5", "--tiling", "--freeu", "0.9,0.2,1.5,1.6",
+           "--hires_scale", "1.5", "--hires_steps", "1", "--hires_upscaler", "latent-nearest",
+           "--output_dir", first, "--compilation_cache", cache])
+  image = os.path.join(first, "00000", "000000.png")
+  proc = main_py(["--model", model, "--parameters_file", image, "--output_dir", again,
+                  "--compilation_cache", cache])
+  assert "warning" not in proc.stderr.lower()
+  (name, want), = _pixels(first).items()
+  np.testing.assert_array_equal(_pixels(again)[name], want)
+  text = Image.open(image).text["parameters"]
+  assert Image.open(os.path.join(again, name)).text["parameters"] == text
+
+  # A text file, as an A1111 image's: the flags given win (no warning for the sampler they
+  # replace); a field of an extension is one warning line.
+  params = tmp_path / "params.txt"
+  params.write_text(text.replace("DPM++ 2M SDE", "Restart") + ", ADetailer model: face.pt")
+  proc = main_py(["--model", model, "--parameters_file", str(params), "--scheduler",
+                  "DPM++ 2M SDE", "--seed", "12", "--output_dir", other, "--compilation_cache",
+                  cache])
+  assert [line for line in proc.stderr.splitlines() if "warning" in line.lower()] == [
+      f"warning: {params}: not reproduced: ADetailer model: face.pt"]
+  record, = _manifest(other)
+  assert (record["seed"], record["steps"], record["prompt"]) == (12, 3, "a (cat:1.2)")
+  assert record["scheduler"] == "dpmpp_2m_sde" and record["negative_prompt"] == "a dog"
+  assert not np.array_equal(_pixels(other)[name], want)
 
 
 def test_sigmas_flag(model, cache, tmp_path):

@@ -346,6 +346,12 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   # A1111's Clip skip leaves SDXL's encoders alone: refused rather than silently dropped.
   with pytest.raises(run.RunError, match="--clip_skip is A1111's Clip skip for SD1/SD2 models"):
     run.generate_run(dataclasses.replace(cfg, clip_skip=2, output_dir=str(tmp_path / "cs")))
+  # ... unless it was read from an image's parameters, as A1111 reads it: then ignored.
+  run.generate_run(dataclasses.replace(cfg, clip_skip=2, sdxl_ignores_clip_skip=True,
+                                       output_dir=str(tmp_path / "read")))
+  again = Image.open(tmp_path / "read" / records[1]["file"])
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(png))
+  assert "Clip skip" not in outputs.parse_a1111_parameters(again.text["parameters"])
 
 
 def test_hires_fix_run_conditions_each_pass_at_its_size(pipes):

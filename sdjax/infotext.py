@@ -1,0 +1,304 @@
+"""Making an image again from its A1111 `parameters` text (A1111's "PNG Info"): main.py flags.
+
+A1111 and sdjax write how an image was made into the image (`outputs.a1111_parameters`);
+`reproduce(text)` turns that text back into the main.py flags that make it again: the prompts,
+steps, sampler and schedule type, CFG scale, seed, size, Clip skip, RNG, ENSD, variation seed,
+seed resize, eta, the hires fix, tiling, FreeU, PAG, SDXL's micro-conditioning and refiner
+switch. What the text asks for that a flag cannot give (a model known only by name, A1111's
+GPU noise, an img2img image's init image, extensions' fields) comes back as notes, one per
+thing, so that the caller can say what will differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+from sdjax import outputs
+
+# A1111's schedule type "Automatic" since 1.9: the sampler's own choice (its
+# sd_samplers_kdiffusion table), where that is not the model's plain sigmas. An image without
+# a Schedule type comes from an older A1111, whose samplers used the plain sigmas.
+_AUTOMATIC_SCHEDULE_TYPES = {"dpmpp_2m": "Karras", "dpmpp_sde": "Karras",
+                             "dpmpp_2m_sde": "Exponential", "dpmpp_2m_sde_heun": "Exponential",
+                             "dpmpp_3m_sde": "Exponential"}
+# Fields that say which files made the image, not how: nothing to set.
+_RECORD_ONLY = ("Model hash", "Lora hashes", "TI hashes", "Version", "template",
+                "negative_template", "PerturbedAttentionGuidance_enabled")
+# Fields that are one flag each, their values as the flag reads them.
+_ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
+               "Clip skip": "clip_skip", "ENSD": "ensd", "Variation seed": "subseed",
+               "Variation seed strength": "subseed_strength", "Emphasis": "emphasis",
+               "Guidance rescale": "guidance_rescale", "Refiner switch at": "refiner_start",
+               "Aesthetic score": "aesthetic_score",
+               "Negative aesthetic score": "negative_aesthetic_score",
+               "PerturbedAttentionGuidance_scale": "pag_scale",
+               "PerturbedAttentionGuidance_adaptive_scale": "pag_adaptive_scale"}
+_HIRES_ONE_TO_ONE = {"Hires steps": "hires_steps", "Hires CFG Scale": "hires_guidance_scale",
+                     "Hires prompt": "hires_prompt",
+                     "Hires negative prompt": "hires_negative_prompt"}
+_SIZE = re.compile(r"^(-?\d+)x(-?\d+)$")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reproduction:
+  """The main.py flags that make an image again, and what they cannot give.
+
+  `flags`: flag name -> value as written on a command line (a list for repeatable and list
+  flags). `notes`: (flag, text) for each thing the image's text asks for that sdjax will not
+  reproduce as asked; `flag` is the flag whose own value settles it (None: none does).
+  `model_hash`: the image's `Model hash`, to compare with the model's.
+  """
+
+  flags: dict[str, str | list[str]]
+  notes: tuple[tuple[str | None, str], ...]
+  model_hash: str | None
+
+
+def reproduce(text: str) -> Reproduction:
+  """The main.py flags that make again the image whose A1111 `parameters` text is `text`.
+
+  ValueError when the text has no parameters line, or a field the flags need is malformed (a
+  Size that is not WxH, ...).
+  """
+  fields = dict(outputs.parse_a1111_parameters(text))
+  if set(fields) <= {"prompt", "negative_prompt", "template", "negative_template"}:
+    raise ValueError("no A1111 parameters line (Steps: ..., Sampler: ..., Seed: ...) after the "
+                     "prompt")
+  flags: dict[str, str | list[str]] = {"prompt": [fields.pop("prompt")],
+                                       "negative_prompt": fields.pop("negative_prompt")}
+  notes: list[tuple[str | None, str]] = []
+  made_by_sdjax = fields.get("Version", "").startswith("sdjax")
+  model_hash = fields.get("Model hash") or None
+  _model(fields, flags, notes, model_hash)
+  scheduler = _sampler(fields, flags, notes)
+  _eta(fields, flags, notes, scheduler)
+  _noise(fields, flags, notes, made_by_sdjax)
+  if "Size" in fields:
+    width, height = _size("Size", fields.pop("Size"))
+    flags["width"], flags["height"] = str(width), str(height)
+  _hires(fields, flags, notes)
+  _looks(fields, flags)
+  _sdxl(fields, flags, notes)
+  for key, flag in _ONE_TO_ONE.items():
+    if key in fields:
+      flags[flag] = fields.pop(key)
+  for key in _RECORD_ONLY:
+    fields.pop(key, None)
+  if fields:  # extensions' and img2img's fields: say what is left out, once
+    notes.append((None, "not reproduced: " + ", ".join(f"{k}: {v}" for k, v in fields.items())))
+  return Reproduction(flags, tuple(notes), model_hash)
+
+
+def _size(key: str, value: str) -> tuple[int, int]:
+  """(width, height) of a `WxH` field."""
+  match = _SIZE.match(value.strip())
+  if match is None:
+    raise ValueError(f"{key}: {value!r} is not WIDTHxHEIGHT")
+  return int(match[1]), int(match[2])
+
+
+def _model(fields, flags, notes, model_hash) -> None:
+  """A hub id (as sdjax writes it) is the model itself; a name needs --model."""
+  name = fields.pop("Model", None)
+  if name == "sdjax-shapes":  # the built-in model, main.py's default
+    return
+  if name and _HUB_ID.match(name):
+    flags["model"] = name
+  elif name:
+    known = f" [{model_hash}]" if model_hash else ""
+    notes.append(("model", f"made with the model {name}{known}: give it with --model"))
+
+
+def _sampler(fields, flags, notes) -> str | None:
+  """Sampler and schedule type (or sdjax's scheduler options, which it writes as it was
+  given them, the Schedule type only restating them); sdjax's scheduler name."""
+  sampler, label = fields.pop("Sampler", None), fields.pop("Schedule type", None)
+  options = fields.pop("Scheduler options", None)
+  scheduler = None
+  if sampler is not None and _named("Sampler", sampler, "scheduler", outputs.scheduler_name,
+                                    "the model's own is used", flags, notes):
+    scheduler = outputs.scheduler_name(sampler)
+  if options is not None:
+    _scheduler_options(options, flags)
+    return scheduler
+  if label == "Automatic":
+    label = _AUTOMATIC_SCHEDULE_TYPES.get(scheduler)
+  if label is not None:
+    _named("Schedule type", label, "schedule_type", outputs.schedule_type_options,
+           "the sampler's own is used", flags, notes)
+  return scheduler
+
+
+def _named(key, value, flag, check, instead, flags, notes) -> bool:
+  """A field naming a sampler or a schedule type: the flag when `check` knows the name, else a
+  note saying what is used `instead`."""
+  try:
+    check(value)
+  except ValueError:
+    notes.append((flag, f"{key}: {value} is not one sdjax has: {instead} (or give --{flag})"))
+    return False
+  flags[flag] = value
+  return True
+
+
+def _scheduler_options(text: str, flags) -> None:
+  """sdjax's `Scheduler options: key=value; ...` (Python's str of each value) as the flags
+  that set them."""
+  options = {}
+  for item in text.split("; "):
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"Scheduler options: {item!r} is not key=value")
+    options[key] = _option_value(value)
+  for key in ("sigmas", "timesteps"):
+    if key in options:
+      values = options.pop(key)
+      if not isinstance(values, list):
+        raise ValueError(f"Scheduler options: {key} must be a list, got {values!r}")
+      flags[key] = [str(v) for v in values]
+  if "schedule_type" in options:
+    flags["schedule_type"] = str(options.pop("schedule_type"))
+  if options:
+    flags["scheduler_options"] = json.dumps(options)
+
+
+def _option_value(text: str) -> Any:
+  python = {"True": True, "False": False, "None": None}
+  if text in python:
+    return python[text]
+  try:
+    return json.loads(text)
+  except ValueError:
+    return text  # a string option, written unquoted
+
+
+def _eta(fields, flags, notes, scheduler) -> None:
+  """`Eta DDIM` (A1111's and sdjax's DDIM eta) and `Eta` (sdjax's TCD eta; A1111's ancestral
+  samplers' share of fresh noise, which sdjax's keep at 1)."""
+  if "Eta DDIM" in fields:
+    flags["eta"] = fields.pop("Eta DDIM")
+  if "Eta" not in fields:
+    return
+  value = fields.pop("Eta")
+  if scheduler in ("ddim", "tcd"):  # older sdjax wrote DDIM's as Eta too
+    flags["eta"] = value
+  elif _number("Eta", value) != 1.0:
+    notes.append((None, f"Eta: {value}: sdjax's ancestral and SDE samplers add all the fresh "
+                        "noise (eta 1)"))
+
+
+def _number(key: str, value: str) -> float:
+  try:
+    number = float(value)
+  except ValueError:
+    raise ValueError(f"{key}: {value!r} is not a number") from None
+  if not math.isfinite(number):
+    raise ValueError(f"{key}: {value!r} is not a number")
+  return number
+
+
+def _noise(fields, flags, notes, made_by_sdjax) -> None:
+  """RNG (A1111's absent one is its GPU's; sdjax's, jax's) and Resize seed from."""
+  rng = fields.pop("RNG", None)
+  if rng == "CPU":
+    flags["rng"] = "torch_cpu"
+  elif rng is None and made_by_sdjax:
+    flags["rng"] = "jax"
+  else:
+    notes.append(("rng", f"RNG: {rng or 'GPU (A1111 writes none for it)'}: sdjax cannot draw "
+                         "that noise (it draws jax's, or with --rng torch_cpu torch's CPU "
+                         "generator's, A1111's RNG: CPU); the image's noise will differ"))
+  if "Seed resize from" in fields:
+    width, height = _size("Seed resize from", fields.pop("Seed resize from"))
+    if width > 0 and height > 0:
+      flags["seed_resize_from_w"], flags["seed_resize_from_h"] = str(width), str(height)
+
+
+def _hires(fields, flags, notes) -> None:
+  """The hires fix, on when the text has `Hires upscale` or `Hires resize`; a `Denoising
+  strength` without them is img2img's, whose init image is not in the text."""
+  strength = fields.pop("Denoising strength", None)
+  scale, resize = fields.pop("Hires upscale", None), fields.pop("Hires resize", None)
+  if scale is None and resize is None:
+    if strength is not None:
+      notes.append((None, f"Denoising strength: {strength}: an img2img or inpainting image, "
+                          "whose init image is not in the file (give it in a .jsonl prompts "
+                          "line)"))
+    return
+  if scale is not None:  # sdjax adds the resize where rounding moved the size: derived
+    flags["hires_scale"] = scale
+  else:
+    width, height = _size("Hires resize", resize)
+    flags["hires_resize_width"], flags["hires_resize_height"] = str(width), str(height)
+  if strength is not None:
+    flags["hires_strength"] = strength
+  upscaler = fields.pop("Hires upscaler", None)
+  if upscaler is not None:
+    ours = {label: name for name, label in _hires_upscalers().items()}
+    if upscaler in ours:
+      flags["hires_upscaler"] = ours[upscaler]
+    else:
+      notes.append(("hires_upscaler", f"Hires upscaler: {upscaler} is not one sdjax has: "
+                                      "Latent is used (or give --hires_upscaler)"))
+  for key, flag in _HIRES_ONE_TO_ONE.items():
+    if key in fields:
+      flags[flag] = fields.pop(key)
+  for key, flag, check in (("Hires sampler", "hires_scheduler", outputs.scheduler_name),
+                           ("Hires schedule type", "hires_schedule_type",
+                            outputs.schedule_type_options)):
+    if key in fields:
+      _named(key, fields.pop(key), flag, check, "the first pass's is used", flags, notes)
+  if "Hires checkpoint" in fields:
+    notes.append(("hires_model", f"Hires checkpoint: {fields.pop('Hires checkpoint')}: give "
+                                 "it with --hires_model"))
+
+
+def _hires_upscalers() -> dict[str, str]:
+  from sdjax import sampling  # noqa: PLC0415  (jax; the rest of this module needs none)
+
+  return sampling.HIRES_UPSCALER_NAMES
+
+
+def _looks(fields, flags) -> None:
+  """Tiling, FreeU and perturbed-attention guidance's layers."""
+  if fields.pop("Tiling", None) == "True":
+    flags["tiling"] = "true"
+  if "Tiling axis" in fields:
+    flags["tiling"], flags["tiling_axes"] = "true", fields.pop("Tiling axis")
+  if "FreeU" in fields:
+    text = fields.pop("FreeU")
+    factors = dict(item.strip().partition("=")[::2] for item in text.split(","))
+    names = ("s1", "s2", "b1", "b2")
+    if sorted(factors) != sorted(names):
+      raise ValueError(f"FreeU: {text!r} is not s1=..., s2=..., b1=..., b2=...")
+    flags["freeu"] = [str(_number("FreeU", factors[name])) for name in names]
+  if "PerturbedAttentionGuidance_layers" in fields:
+    text = fields.pop("PerturbedAttentionGuidance_layers")
+    try:
+      layers = json.loads(text)
+    except ValueError:
+      layers = None
+    if not (isinstance(layers, list) and layers and all(isinstance(x, str) for x in layers)):
+      raise ValueError(f"PerturbedAttentionGuidance_layers: {text!r} is not a list of names")
+    flags["pag_applied_layers"] = layers
+
+
+def _sdxl(fields, flags, notes) -> None:
+  """SDXL's micro-conditioning (WxH, as sdjax writes it; Crop: LEFTxTOP) and refiner."""
+  for key, flag in (("Original size", "original_size"), ("Target size", "target_size"),
+                    ("Crop", "crops_coords_top_left")):
+    if key in fields:
+      across, down = _size(key, fields.pop(key))
+      flags[flag] = [str(down), str(across)]  # HEIGHT,WIDTH; TOP,LEFT
+  if "Refiner" in fields:
+    refiner = fields.pop("Refiner")
+    name = re.sub(r" \[\w+\]$", "", refiner)  # A1111's `name [short hash]`
+    if _HUB_ID.match(name):
+      flags["refiner"] = name
+    else:
+      notes.append(("refiner", f"Refiner: {refiner}: give it with --refiner"))

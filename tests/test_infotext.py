@@ -1,0 +1,159 @@
+"""Reading an image's A1111 parameters back into main.py flags (A1111's PNG Info)."""
+
+import re
+
+import pytest
+
+from sdjax import outputs
+from sdjax.infotext import reproduce
+
+# As A1111 1.10 writes it: sampler and schedule type apart, GPU noise (no RNG field), the
+# hires fix with an upscaler sdjax lacks, an extension's field.
+A1111_110 = """masterpiece, (a cat:1.2), <lora:foo:0.8>
+Negative prompt: blurry, lowres
+Steps: 28, Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 6.5, Seed: 123456, \
+Size: 832x1216, Model hash: 67ab2fd8ec, Model: ponyDiffusionV6XL, Denoising strength: 0.4, \
+Clip skip: 2, ENSD: 31337, Hires upscale: 1.5, Hires steps: 10, Hires upscaler: 4x-UltraSharp, \
+Lora hashes: "foo: 1234567890ab", ADetailer model: face_yolov8n.pt, Version: v1.10.1"""
+
+
+def _flags(text):
+  return reproduce(text).flags
+
+
+def _notes(text):
+  return dict(reproduce(text).notes)
+
+
+def test_a1111_image():
+  found = reproduce(A1111_110)
+  assert found.flags == {
+      "prompt": ["masterpiece, (a cat:1.2), <lora:foo:0.8>"], "negative_prompt": "blurry, lowres",
+      "scheduler": "DPM++ 2M", "schedule_type": "Karras", "width": "832", "height": "1216",
+      "steps": "28", "guidance_scale": "6.5", "seed": "123456", "clip_skip": "2",
+      "ensd": "31337", "hires_scale": "1.5", "hires_strength": "0.4", "hires_steps": "10"}
+  notes = dict(found.notes)
+  assert set(notes) == {"model", "rng", "hires_upscaler", None}
+  assert "ponyDiffusionV6XL [67ab2fd8ec]" in notes["model"] and "--model" in notes["model"]
+  assert notes["rng"].startswith("RNG: GPU")
+  assert "4x-UltraSharp" in notes["hires_upscaler"]
+  assert notes[None] == "not reproduced: ADetailer model: face_yolov8n.pt"  # not the hashes
+  assert found.model_hash == "67ab2fd8ec"
+
+
+@pytest.mark.parametrize("sampler,label,want", [
+    ("DPM++ 2M", "Automatic", "Karras"),  # A1111 >= 1.9: the sampler's own choice
+    ("DPM++ 2M SDE", "Automatic", "Exponential"),
+    ("Euler a", "Automatic", None),  # the model's sigmas
+    ("DPM++ 2M", None, None),  # older A1111: no schedule types, the model's sigmas
+    ("DPM++ 2M Karras", None, None),  # ... where the name says Karras
+    ("Euler", "Align Your Steps", "Align Your Steps"),
+])
+def test_schedule_type(sampler, label, want):
+  typed = f", Schedule type: {label}" if label else ""
+  flags = _flags(f"a cat\nSteps: 20, Sampler: {sampler}{typed}, CFG scale: 7, Seed: 1")
+  assert flags["scheduler"] == sampler and flags.get("schedule_type") == want
+
+
+def test_what_sdjax_lacks_is_a_note_not_a_flag():
+  text = ("a cat\nSteps: 20, Sampler: Restart, Schedule type: Polyexponential, CFG scale: 7, "
+          "Seed: 1, RNG: NV, Eta: 0.67, Denoising strength: 0.5, Mask blur: 4")
+  found = reproduce(text)
+  assert set(found.flags) == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed"}
+  notes = dict(found.notes)
+  assert set(notes) == {"scheduler", "schedule_type", "rng", None}
+  assert [t for f, t in found.notes if f is None] == [
+      "Eta: 0.67: sdjax's ancestral and SDE samplers add all the fresh noise (eta 1)",
+      "Denoising strength: 0.5: an img2img or inpainting image, whose init image is not in the "
+      "file (give it in a .jsonl prompts line)",
+      "not reproduced: Mask blur: 4"]
+
+
+def test_cpu_noise_and_variations():
+  flags = _flags("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, RNG: CPU, "
+                 "Variation seed: 9, Variation seed strength: 0.25, Seed resize from: 512x768, "
+                 "Eta: 1.0")
+  assert flags["rng"] == "torch_cpu" and flags["subseed"] == "9"
+  assert flags["subseed_strength"] == "0.25"
+  assert (flags["seed_resize_from_w"], flags["seed_resize_from_h"]) == ("512", "768")
+  assert "eta" not in flags
+
+
+def test_sdjax_image_round_trip():
+  """What sdjax writes comes back as the flags that wrote it: its own noise, DDIM's eta."""
+  text = outputs.a1111_parameters(
+      prompt="a red circle, (big:1.1)", negative_prompt="blue", steps=12, sampler="ddim",
+      cfg_scale=4.5, seed=3, width=96, height=64, model="org/model", model_hash="0123456789",
+      eta=0.3, version="sdjax 0.1.0",
+      extra={"Scheduler options": "timestep_spacing=trailing; rescale_betas_zero_snr=True; "
+                                  "sigmas=[14.6, 1.5, 0.0]; schedule_type=karras",
+             "Schedule type": "Karras", "Emphasis": "No norm", "Guidance rescale": 0.7,
+             "Tiling axis": "x", "FreeU": "s1=0.9, s2=0.2, b1=1.5, b2=1.6",
+             "PerturbedAttentionGuidance_enabled": True, "PerturbedAttentionGuidance_scale": 3.0,
+             "PerturbedAttentionGuidance_layers": '["mid", "up_blocks.0"]'})
+  found = reproduce(text)
+  assert found.notes == ()
+  assert found.flags == {
+      "prompt": ["a red circle, (big:1.1)"], "negative_prompt": "blue", "model": "org/model",
+      "scheduler": "DDIM", "sigmas": ["14.6", "1.5", "0.0"], "schedule_type": "karras",
+      "scheduler_options": '{"timestep_spacing": "trailing", "rescale_betas_zero_snr": true}',
+      "eta": "0.3", "rng": "jax", "width": "96", "height": "64", "tiling": "true",
+      "tiling_axes": "x", "freeu": ["0.9", "0.2", "1.5", "1.6"],
+      "pag_applied_layers": ["mid", "up_blocks.0"], "steps": "12", "guidance_scale": "4.5",
+      "seed": "3", "emphasis": "No norm", "guidance_rescale": "0.7", "pag_scale": "3.0"}
+
+
+def test_hires_fix():
+  base = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, "
+  flags = _flags(base + "Denoising strength: 0.55, Hires resize: 1024x768, Hires upscaler: "
+                 "Latent (nearest-exact), Hires sampler: DPM++ 2M, Hires schedule type: Karras, "
+                 'Hires CFG Scale: 5, Hires prompt: "a big cat, sharp", '
+                 "Hires negative prompt: ugly")
+  assert {k: v for k, v in flags.items() if k.startswith("hires")} == {
+      "hires_resize_width": "1024", "hires_resize_height": "768", "hires_strength": "0.55",
+      "hires_upscaler": "latent-nearest-exact", "hires_scheduler": "DPM++ 2M",
+      "hires_schedule_type": "Karras", "hires_guidance_scale": "5",
+      "hires_prompt": "a big cat, sharp", "hires_negative_prompt": "ugly"}
+  # sdjax writes the size it rounded to beside the scale: the scale makes it again.
+  flags = _flags(base + "Denoising strength: 0.7, Hires upscale: 1.3, Hires resize: 664x664, "
+                 "Hires upscaler: Latent")
+  assert flags["hires_scale"] == "1.3" and "hires_resize_width" not in flags
+  notes = _notes(base + "Denoising strength: 0.7, Hires upscale: 2, Hires sampler: Restart, "
+                 "Hires checkpoint: other [abcdef1234]")
+  assert set(notes) == {"rng", "hires_scheduler", "hires_model"}
+
+
+def test_sdxl_fields():
+  flags = _flags("a cat\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 1024x768, "
+                 "Original size: 2048x1536, Crop: 16x32, Target size: 1024x768, "
+                 "Refiner: stabilityai/stable-diffusion-xl-refiner-1.0 [7440042bbd], "
+                 "Refiner switch at: 0.8, Aesthetic score: 6.0, Negative aesthetic score: 2.5")
+  assert flags["original_size"] == ["1536", "2048"]  # HEIGHT,WIDTH
+  assert flags["crops_coords_top_left"] == ["32", "16"]  # TOP,LEFT from LEFTxTOP
+  assert flags["target_size"] == ["768", "1024"]
+  assert flags["refiner"] == "stabilityai/stable-diffusion-xl-refiner-1.0"
+  assert (flags["refiner_start"], flags["aesthetic_score"]) == ("0.8", "6.0")
+  notes = _notes("a cat\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 1, "
+                 "Refiner: sd_xl_refiner_1.0 [7440042bbd]")
+  assert "--refiner" in notes["refiner"]
+
+
+def test_builtin_model_needs_no_flag():
+  flags = _flags("a red circle\nSteps: 8, Sampler: Euler, CFG scale: 4, Seed: 1, "
+                 "Model: sdjax-shapes, Version: sdjax 0.1.0")
+  assert "model" not in flags and flags["rng"] == "jax"
+
+
+@pytest.mark.parametrize("field,error", [
+    ("", "no A1111 parameters line (Steps: ..., Sampler: ..., Seed: ...) after the prompt"),
+    ("Size: 512", "Size: '512' is not WIDTHxHEIGHT"),
+    ('FreeU: "s1=0.9, s2=0.2"', "FreeU: 's1=0.9, s2=0.2' is not s1=..., s2=..., b1=..., b2=..."),
+    ("Eta: lots", "Eta: 'lots' is not a number"),
+    ("Scheduler options: karras", "Scheduler options: 'karras' is not key=value"),
+    ("PerturbedAttentionGuidance_layers: mid", "PerturbedAttentionGuidance_layers: 'mid' is not "
+                                               "a list of names"),
+])
+def test_malformed_fields(field, error):
+  with pytest.raises(ValueError, match=f"^{re.escape(error)}$"):
+    reproduce(f"a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, {field}" if field else
+              "a cat\nNegative prompt: a dog, Steps: 20")
