@@ -108,7 +108,8 @@ flags.DEFINE_string("schedule_type", None, "where the steps' noise levels lie, a
                     "Schedule type: 'Align Your Steps' (SD1.5's or SDXL's by the model), 'SGM "
                     "Uniform', 'Normal', 'Uniform', 'Simple', 'KL Optimal' (euler only), "
                     "'Karras', 'Exponential', 'Beta' (or align_your_steps, sgm_uniform, ...); "
-                    "for the sigma schedulers (euler, heun, lms, kdpm2, dpmpp_*, unipc)")
+                    "for the sigma schedulers (euler, euler_ancestral, heun, lms, kdpm2, "
+                    "dpmpp_*, unipc)")
 flags.DEFINE_list("sigmas", None, "the steps' noise levels themselves, as diffusers' "
                   "pipe(sigmas=...): n + 1 descending numbers for n steps (--steps may be left "
                   "out), the last where the final step lands, e.g. 14.6,4.1,1.3,0.3,0")

@@ -183,14 +183,33 @@ def test_euler_ancestral_follows_eulers_mapping(option, strength):
 
 @pytest.mark.parametrize("kind", ["karras", "exponential", "beta"])
 def test_spacing_types_are_diffusers_spacings(kind):
-  """A1111's Karras, Exponential and Beta as `schedule_type` are diffusers' spacing options,
-  for the schedulers that have them; the others say they do not."""
-  for name in ("euler", "dpmpp_2m", "unipc"):
+  """A1111's Karras, Exponential and Beta as `schedule_type` are diffusers' spacing options
+  (sdjax gives Euler a Euler's, which diffusers' Euler a lacks)."""
+  for name in ("euler", "euler_ancestral", "dpmpp_2m", "unipc"):
     typed = get_scheduler(name, SD15, options={"schedule_type": kind})
     spaced = get_scheduler(name, SD15, options={f"use_{kind}_sigmas": True})
     assert typed == spaced, name
-  with pytest.raises(SchedulerConfigError, match=f"'euler_ancestral' has no {kind} spacing "):
-    get_scheduler("euler_ancestral", SD15, options={"schedule_type": kind})
+
+
+@pytest.mark.parametrize("kind,strength", [("karras", None), ("karras", 0.6),
+                                           ("exponential", None), ("beta", None)])
+def test_euler_ancestral_spacings_follow_eulers(kind, strength):
+  """A1111's "Euler a" with Schedule type Karras (Exponential, Beta): Euler a's steps over the
+  sigmas and timesteps diffusers' Euler places with that spacing."""
+  euler = diffusers.EulerDiscreteScheduler.from_config(SD15, **{f"use_{kind}_sigmas": True})
+  euler.set_timesteps(12)
+  ref = diffusers.EulerAncestralDiscreteScheduler.from_config(SD15)
+  set_timesteps = ref.set_timesteps
+
+  def spaced(steps, device=None):
+    set_timesteps(steps, device=device)
+    ref.timesteps, ref.sigmas = euler.timesteps.clone(), euler.sigmas.clone()
+
+  ref.set_timesteps = spaced
+  ours = get_scheduler("euler_ancestral", SD15, options={"schedule_type": kind})
+  err = _run(ours, ref, 12, strength)
+  print(f"maxrel euler_ancestral {kind} spacing: {err:.3g}")
+  assert err <= TOL, err
 
 
 def test_one_program_for_every_schedule():

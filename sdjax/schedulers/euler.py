@@ -342,6 +342,11 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     "beta_schedule": "linear",
     "trained_betas": None,
     "prediction_type": "epsilon",
+    # Not diffusers' options for Euler a: sdjax takes Euler's spacings, placed as Euler places
+    # them, so that A1111's "Euler a" runs with its Karras, Exponential and Beta schedule types.
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
     "timestep_spacing": "linspace",
     "steps_offset": 0,
     "rescale_betas_zero_snr": False,
