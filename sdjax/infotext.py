@@ -23,6 +23,7 @@ from sdjax import outputs
 # sd_samplers_kdiffusion table), where that is not the model's plain sigmas. An image without
 # a Schedule type comes from an older A1111, whose samplers used the plain sigmas.
 _AUTOMATIC_SCHEDULE_TYPES = {"dpmpp_2m": "Karras", "dpmpp_sde": "Karras",
+                             "dpmpp_2s_ancestral": "Karras",
                              "dpmpp_2m_sde": "Exponential", "dpmpp_2m_sde_heun": "Exponential",
                              "dpmpp_3m_sde": "Exponential"}
 # Fields that say which files made the image, not how: nothing to set.

@@ -73,6 +73,8 @@ A1111_SAMPLER_NAMES = {
     "kdpm2_karras": "DPM2 Karras",
     "kdpm2_ancestral": "DPM2 a",
     "kdpm2_ancestral_karras": "DPM2 a Karras",
+    "dpmpp_2s_ancestral": "DPM++ 2S a",
+    "dpmpp_2s_ancestral_karras": "DPM++ 2S a Karras",
     "unipc": "UniPC",
     "ddpm": "DDPM",
     "lcm": "LCM",

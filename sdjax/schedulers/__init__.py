@@ -48,6 +48,11 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "kdpm2_ancestral": ("kdpm2", "KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": False}),
     "kdpm2_ancestral_karras": ("kdpm2", "KDPM2AncestralDiscreteScheduler",
                                {"use_karras_sigmas": True}),
+    # Not in diffusers: k-diffusion's DPM++ 2S a (A1111's), on DPM2-ancestral's positions.
+    "dpmpp_2s_ancestral": ("dpmpp_2s", "DPMSolver2SAncestralScheduler",
+                           {"use_karras_sigmas": False}),
+    "dpmpp_2s_ancestral_karras": ("dpmpp_2s", "DPMSolver2SAncestralScheduler",
+                                  {"use_karras_sigmas": True}),
     "unipc": ("unipc", "UniPCMultistepScheduler", {}),
     "edm_dpmpp_2m": ("dpmpp", "EDMDPMSolverMultistepScheduler", {}),
     "edm_euler": ("euler", "EDMEulerScheduler", {}),

@@ -93,6 +93,7 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
   order = 2
   needs_noise = False
   ancestral = False
+  round_karras_timesteps = True  # a diffusers quirk (k-diffusion's timesteps are fractional)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -116,7 +117,7 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
     alphas_cumprod = train_alphas_cumprod(config)
     timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod,
                                        name=self.name)
-    if sigma_spacing(self.name, config) == "karras":
+    if self.round_karras_timesteps and sigma_spacing(self.name, config) == "karras":
       timesteps = timesteps.round()  # unlike Euler's, these Karras timesteps are rounded
     return timesteps, sigmas.astype(_F32), np.log(train_sigmas(alphas_cumprod))
 
