@@ -17,7 +17,7 @@ import math
 import re
 from typing import Any
 
-from sdjax import outputs
+from sdjax import outputs, schedulers
 
 # A1111's schedule type "Automatic" since 1.9: the sampler's own choice (its
 # sd_samplers_kdiffusion table), where that is not the model's plain sigmas. An image without
@@ -26,6 +26,9 @@ _AUTOMATIC_SCHEDULE_TYPES = {"dpmpp_2m": "Karras", "dpmpp_sde": "Karras",
                              "dpmpp_2s_ancestral": "Karras",
                              "dpmpp_2m_sde": "Exponential", "dpmpp_2m_sde_heun": "Exponential",
                              "dpmpp_3m_sde": "Exponential"}
+# A1111's samplers that step over training timesteps (its sd_samplers_timesteps), which its
+# Schedule type does not move.
+_TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc")
 # Fields that say which files made the image, not how: nothing to set.
 _RECORD_ONLY = ("Model hash", "Lora hashes", "TI hashes", "Version", "template",
                 "negative_template", "PerturbedAttentionGuidance_enabled")
@@ -129,7 +132,12 @@ def _sampler(fields, flags, notes) -> str | None:
     return scheduler
   if label == "Automatic":
     label = _AUTOMATIC_SCHEDULE_TYPES.get(scheduler)
-  if label is not None:
+  if label is None or scheduler in _TIMESTEP_SAMPLERS:
+    return scheduler
+  if scheduler is not None and not schedulers.takes_schedule_type(scheduler):
+    notes.append(("schedule_type", f"Schedule type: {label}: sdjax's {scheduler} places its own "
+                                   "noise levels"))
+  else:
     _named("Schedule type", label, "schedule_type", outputs.schedule_type_options,
            "the sampler's own is used", flags, notes)
   return scheduler

@@ -48,6 +48,10 @@ def test_a1111_image():
     ("DPM++ 2M", None, None),  # older A1111: no schedule types, the model's sigmas
     ("DPM++ 2M Karras", None, None),  # ... where the name says Karras
     ("Euler", "Align Your Steps", "Align Your Steps"),
+    ("Euler a", "Karras", "Karras"),
+    ("DPM++ 2S a", "Automatic", "Karras"),
+    ("DDIM", "Karras", None),  # A1111 steps its timestep samplers over their own timesteps
+    ("UniPC", "Exponential", None),
 ])
 def test_schedule_type(sampler, label, want):
   typed = f", Schedule type: {label}" if label else ""
@@ -67,6 +71,11 @@ def test_what_sdjax_lacks_is_a_note_not_a_flag():
       "Denoising strength: 0.5: an img2img or inpainting image, whose init image is not in the "
       "file (give it in a .jsonl prompts line)",
       "not reproduced: Mask blur: 4"]
+
+
+def test_schedule_type_of_a_scheduler_without_them():
+  notes = _notes("a cat\nSteps: 6, Sampler: LCM, Schedule type: Karras, CFG scale: 1, Seed: 1")
+  assert notes["schedule_type"] == "Schedule type: Karras: sdjax's lcm places its own noise levels"
 
 
 def test_cpu_noise_and_variations():

@@ -114,6 +114,11 @@ def _class(name: str) -> type[Scheduler]:
 ETA_SCHEDULERS = ("ddim", "tcd")
 
 
+def takes_schedule_type(name: str) -> bool:
+  """Whether scheduler `name` takes the `schedule_type` option (A1111's schedule types)."""
+  return "schedule_type" in _class(name).schedule_options
+
+
 def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
                   eta: float = 0.0, options: dict[str, Any] | None = None) -> Scheduler:
   """Builds scheduler `name` (or the checkpoint's own when None) from a scheduler config.
@@ -161,4 +166,5 @@ __all__ = [
     "SchedulerConfigError",
     "default_scheduler_name",
     "get_scheduler",
+    "takes_schedule_type",
 ]
