@@ -352,6 +352,20 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   again = Image.open(tmp_path / "read" / records[1]["file"])
   np.testing.assert_array_equal(np.asarray(again), np.asarray(png))
   assert "Clip skip" not in outputs.parse_a1111_parameters(again.text["parameters"])
+  # main.py --parameters_file makes the image again from its PNG (micro-conditioning, refiner
+  # switch and aesthetic scores from the file; the refiner, a local folder, from its flag).
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  made = tmp_path / "made"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(root, "main.py"), "--model", cfg.model, "--refiner",
+       cfg.refiner, "--parameters_file", str(tmp_path / "out" / records[1]["file"]),
+       "--output_dir", str(made), "--compilation_cache="],
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and "warning" not in proc.stderr.lower(), proc.stderr[-2000:]
+  remade = Image.open(made / "00000" / "000000.png")
+  assert remade.text["parameters"] == png.text["parameters"]
+  # One image, not the run's batch of two: the same pixels, to a rounding step.
+  assert np.abs(np.asarray(remade, np.int16) - np.asarray(png, np.int16)).max() <= 1
 
 
 def test_hires_fix_run_conditions_each_pass_at_its_size(pipes):
