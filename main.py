@@ -348,7 +348,10 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
       data = f.read()
   except OSError as e:
     raise run.RunError(f"--parameters_file: cannot read {path} ({e.strerror})") from None
-  text = _parameters_text(path, data)
+  text = infotext.parameters_text(data)
+  if text is None:
+    raise run.RunError(f"--parameters_file {path} holds no A1111 parameters (A1111 and sdjax "
+                       "write them into PNG, JPEG and WebP images)")
   try:
     found = infotext.reproduce(text)
   except ValueError as e:
@@ -371,23 +374,6 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
     if flag is None or flag not in given and not FLAGS[flag].present:
       print(f"warning: {path}: {note}", file=sys.stderr)
   return dataclasses.replace(found, flags=applied)
-
-
-def _parameters_text(path: str, data: bytes) -> str:
-  """The A1111 parameters an image carries, or a text file's text."""
-  try:
-    text = outputs.read_parameters(data)
-  except (OSError, ValueError, SyntaxError):  # not an image PIL knows
-    try:
-      text = data.decode("utf-8")
-    except UnicodeDecodeError:
-      text = None
-    if text is not None and not text.strip():
-      text = None
-  if text is None:
-    raise run.RunError(f"--parameters_file {path} holds no A1111 parameters (A1111 and sdjax "
-                       "write them into PNG, JPEG and WebP images)")
-  return text
 
 
 def _check_reproduction(cfg: run.RunConfig, found: infotext.Reproduction) -> run.RunConfig:

@@ -98,6 +98,19 @@ def reproduce(text: str) -> Reproduction:
   return Reproduction(flags, tuple(notes), model_hash)
 
 
+def parameters_text(data: bytes) -> str | None:
+  """The A1111 parameters an image file's bytes carry (PNG, JPEG, WebP), or a text file's text;
+  None when there is none."""
+  try:
+    return outputs.read_parameters(data)
+  except (OSError, ValueError, SyntaxError):  # not an image PIL knows: text?
+    try:
+      text = data.decode("utf-8")
+    except UnicodeDecodeError:
+      return None
+    return text if text.strip() else None
+
+
 def _size(key: str, value: str) -> tuple[int, int]:
   """(width, height) of a `WxH` field."""
   match = _SIZE.match(value.strip())

@@ -6,10 +6,12 @@ own `seed` s; a jsonl line's `width` / `height` and `guidance_scale` replace the
 images, and its `init_image` (a path, relative to the prompts file's folder) makes them img2img
 (inpainting with a `mask_image` too); its `control_image` is the ControlNet's (`--controlnet`;
 with several, a list of one per ControlNet), its `ip_adapter_image` the IP-Adapter's
-(`--ip_adapter`, likewise). `Plan` reads the prompts file once up front, without parsing it: it counts the images, hashes
-the file and notes where every shard (`shard_size` consecutive images) starts, so that
-`jobs(shard)` can seek straight to any shard. Lines are parsed, and bad ones reported with
-their line number, when their shard is generated.
+(`--ip_adapter`, likewise); its `parameters` (an image with A1111 parameters, or a text file
+of them) gives the line's prompts, seed, steps, sampler, schedule type, size, CFG scale,
+variation seed and hires prompts where the line does not. `Plan` reads the prompts file once
+up front, without parsing it: it counts the images, hashes the file and notes where every shard
+(`shard_size` consecutive images) starts, so that `jobs(shard)` can seek straight to any shard.
+Lines are parsed, and bad ones reported with their line number, when their shard is generated.
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> Pr
 
 def _prompt_line(path: str, where: str, obj) -> PromptLine:
   """A prompts-file line from its jsonl fields, checked."""
+  if isinstance(obj, dict) and "parameters" in obj:
+    obj = _with_parameters(path, where, obj)
   if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
     raise RunError(f"{where}: needs an object with a string \"prompt\"")
   unknown = set(obj) - set(_JSONL_FIELDS)
@@ -202,6 +206,44 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
                     schedule_type, None if styles is None else tuple(styles),
                     obj.get("subseed"),
                     None if subseed_strength is None else float(subseed_strength))
+
+
+# The jsonl fields a line takes from an image's A1111 parameters (its "parameters" field): the
+# main.py flags of the same names that `infotext.reproduce` reads, as a line's values.
+_PARAMETERS_FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int,
+                      "scheduler": str, "schedule_type": str, "width": int, "height": int,
+                      "guidance_scale": float, "subseed": int, "subseed_strength": float,
+                      "hires_prompt": str, "hires_negative_prompt": str}
+
+
+def _with_parameters(path: str, where: str, obj: dict) -> dict:
+  """A jsonl line with `"parameters": "image.png"` (A1111's, or sdjax's, or a text file of
+  them): the image's prompts and per-image settings, under the line's own fields."""
+  from sdjax import infotext  # noqa: PLC0415
+
+  file = _image_path(path, where, obj, "parameters")
+  try:
+    if "://" in file:
+      import fsspec  # noqa: PLC0415
+
+      with fsspec.open(file, "rb") as f:
+        data = f.read()
+    else:
+      with open(file, "rb") as f:
+        data = f.read()
+  except (OSError, ImportError, ValueError) as e:
+    raise RunError(f'{where}: cannot read "parameters" {file} '
+                   f"({getattr(e, 'strerror', None) or e})") from None
+  text = infotext.parameters_text(data)
+  try:
+    if text is None:
+      raise ValueError("no A1111 parameters in it")
+    flags = infotext.reproduce(text).flags
+    fields = {key: kind(flags[key][0] if key == "prompt" else flags[key])
+              for key, kind in _PARAMETERS_FIELDS.items() if key in flags}
+  except ValueError as e:
+    raise RunError(f'{where}: "parameters" {file}: {e}') from None
+  return {**fields, **{k: v for k, v in obj.items() if k != "parameters"}}
 
 
 # A1111's "Prompts from file or textbox" script: a line of `--tag value` options. The tags that

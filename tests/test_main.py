@@ -628,6 +628,23 @@ def test_parameters_file_makes_the_image_again(model, cache, tmp_path):
   assert not np.array_equal(_pixels(other)[name], want)
 
 
+def test_prompts_file_lines_from_images(reference_run, model, cache, tmp_path):
+  """jsonl lines of `{"parameters": image}`: each image of a run made again from its PNG alone
+  (prompt, seed, steps, sampler, size and CFG scale from the file)."""
+  records = _manifest(reference_run)
+  prompts = tmp_path / "again.jsonl"
+  prompts.write_text("".join(json.dumps({"parameters": os.path.join(reference_run, r["file"])})
+                             + "\n" for r in records))
+  out = str(tmp_path / "out")
+  main_py(["--model", model, "--prompts_file", str(prompts), "--batch_size", "2",
+           "--output_dir", out, "--compilation_cache", cache])
+  want, got = _pixels(reference_run), _pixels(out)
+  for ref, record in zip(records, _manifest(out), strict=True):
+    keys = ("prompt", "seed", "steps", "scheduler", "height", "width", "guidance_scale")
+    assert [record[k] for k in keys] == [ref[k] for k in keys]
+    np.testing.assert_array_equal(got[record["file"]], want[ref["file"]])
+
+
 def test_sigmas_flag(model, cache, tmp_path):
   """--sigmas: the steps follow the list; the PNG parameters and the manifest say it; the
   pixels are generate()'s. --scheduler takes A1111's sampler names too."""

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sdjax.plan import ImageJob, Plan, PromptLine, RunError, read_prompts_file
@@ -160,6 +161,40 @@ def test_per_line_schedule(tmp_path):
                       ('"schedule_type": 3', '"schedule_type": a string, got 3')):
     with pytest.raises(RunError, match=f"p.jsonl line 3: {error}"):
       parse_line("p.jsonl", 3, ('{"prompt": "a", ' + text + "}").encode())
+
+
+def test_lines_from_images_parameters(tmp_path):
+  """A jsonl line's "parameters" (an image's A1111 parameters, or a text file of them): the
+  image's prompts and per-image settings, the line's own fields winning; bad files named."""
+  from sdjax import outputs
+  from sdjax.plan import parse_line
+
+  text = outputs.a1111_parameters(
+      prompt="a red circle", negative_prompt="blue", steps=12, sampler="dpmpp_2m", cfg_scale=4.5,
+      seed=3, width=96, height=64, model="m", version="v1.10.1",
+      extra={"Schedule type": "Automatic", "Variation seed": 8, "Variation seed strength": 0.25,
+             "Hires upscale": 2, "Denoising strength": 0.5, "Hires prompt": "a big red circle",
+             "Clip skip": 2})
+  pixels = np.zeros((8, 8, 3), np.uint8)
+  (tmp_path / "a.png").write_bytes(outputs.image_bytes(pixels, text))
+  (tmp_path / "a.jpg").write_bytes(outputs.image_bytes(pixels, text, "jpg"))
+  (tmp_path / "b.txt").write_text(text)
+  prompts = tmp_path / "p.jsonl"
+  for name in ("a.png", "a.jpg", "b.txt"):
+    line = parse_line(str(prompts), 1, json.dumps({"parameters": name}).encode())
+    assert line == PromptLine("a red circle", "blue", seed=3, width=96, height=64,
+                              guidance_scale=4.5, steps=12, scheduler="dpmpp_2m",
+                              hires_prompt="a big red circle", schedule_type="karras",
+                              subseed=8, subseed_strength=0.25)  # A1111 1.9's Automatic
+  line = parse_line(str(prompts), 1, json.dumps({"parameters": "a.png", "seed": 9,
+                                                 "prompt": "a cat", "num_images": 2}).encode())
+  assert (line.prompt, line.negative_prompt, line.seed, line.num_images) == (
+      "a cat", "blue", 9, 2)
+  (tmp_path / "c.txt").write_text("a cat, no parameters")
+  for name, error in (("nothing.png", 'cannot read "parameters" .*nothing.png'),
+                      ("c.txt", '"parameters" .*c.txt: no A1111 parameters line')):
+    with pytest.raises(RunError, match=f"p.jsonl line 4: {error}"):
+      parse_line(str(prompts), 4, json.dumps({"parameters": name}).encode())
 
 
 def test_a1111_prompt_options(tmp_path):
