@@ -350,8 +350,9 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
     raise run.RunError(f"--parameters_file: cannot read {path} ({e.strerror})") from None
   text = infotext.parameters_text(data)
   if text is None:
-    raise run.RunError(f"--parameters_file {path} holds no A1111 parameters (A1111 and sdjax "
-                       "write them into PNG, JPEG and WebP images)")
+    raise run.RunError(f"--parameters_file {path} holds no A1111 parameters (A1111, Forge and "
+                       "sdjax write them into PNG, JPEG and WebP images; ComfyUI writes its "
+                       "workflow instead)")
   try:
     found = infotext.reproduce(text)
   except ValueError as e:

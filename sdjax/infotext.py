@@ -30,7 +30,7 @@ _AUTOMATIC_SCHEDULE_TYPES = {"dpmpp_2m": "Karras", "dpmpp_sde": "Karras",
 # Schedule type does not move.
 _TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc")
 # Fields that say which files made the image, not how: nothing to set.
-_RECORD_ONLY = ("Model hash", "Lora hashes", "TI hashes", "Version", "template",
+_RECORD_ONLY = ("Model hash", "VAE hash", "Lora hashes", "TI hashes", "Version", "template",
                 "negative_template", "PerturbedAttentionGuidance_enabled")
 # Fields that are one flag each, their values as the flag reads them.
 _ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
@@ -120,7 +120,9 @@ def _size(key: str, value: str) -> tuple[int, int]:
 
 
 def _model(fields, flags, notes, model_hash) -> None:
-  """A hub id (as sdjax writes it) is the model itself; a name needs --model."""
+  """A hub id (as sdjax writes it) is the model itself; a name needs --model (a VAE's, --vae)."""
+  if "VAE" in fields:  # A1111's VAE swap, by file name
+    notes.append(("vae", f"made with the VAE {fields.pop('VAE')}: give it with --vae"))
   name = fields.pop("Model", None)
   if name == "sdjax-shapes":  # the built-in model, main.py's default
     return

@@ -14,7 +14,8 @@ Negative prompt: blurry, lowres
 Steps: 28, Sampler: DPM++ 2M, Schedule type: Automatic, CFG scale: 6.5, Seed: 123456, \
 Size: 832x1216, Model hash: 67ab2fd8ec, Model: ponyDiffusionV6XL, Denoising strength: 0.4, \
 Clip skip: 2, ENSD: 31337, Hires upscale: 1.5, Hires steps: 10, Hires upscaler: 4x-UltraSharp, \
-Lora hashes: "foo: 1234567890ab", ADetailer model: face_yolov8n.pt, Version: v1.10.1"""
+VAE hash: 735e4c3a44, VAE: sdxl_vae.safetensors, Lora hashes: "foo: 1234567890ab", \
+ADetailer model: face_yolov8n.pt, Version: v1.10.1"""
 
 
 def _flags(text):
@@ -33,7 +34,8 @@ def test_a1111_image():
       "steps": "28", "guidance_scale": "6.5", "seed": "123456", "clip_skip": "2",
       "ensd": "31337", "hires_scale": "1.5", "hires_strength": "0.4", "hires_steps": "10"}
   notes = dict(found.notes)
-  assert set(notes) == {"model", "rng", "hires_upscaler", None}
+  assert set(notes) == {"model", "vae", "rng", "hires_upscaler", None}
+  assert notes["vae"] == "made with the VAE sdxl_vae.safetensors: give it with --vae"
   assert "ponyDiffusionV6XL [67ab2fd8ec]" in notes["model"] and "--model" in notes["model"]
   assert notes["rng"].startswith("RNG: GPU")
   assert "4x-UltraSharp" in notes["hires_upscaler"]
