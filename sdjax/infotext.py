@@ -121,8 +121,12 @@ def _size(key: str, value: str) -> tuple[int, int]:
 
 def _model(fields, flags, notes, model_hash) -> None:
   """A hub id (as sdjax writes it) is the model itself; a name needs --model (a VAE's, --vae)."""
-  if "VAE" in fields:  # A1111's VAE swap, by file name
-    notes.append(("vae", f"made with the VAE {fields.pop('VAE')}: give it with --vae"))
+  if "VAE" in fields:  # A1111's VAE swap, by file name (sdjax's: or a hub id)
+    vae = fields.pop("VAE")
+    if _HUB_ID.match(vae):
+      flags["vae"] = vae
+    else:
+      notes.append(("vae", f"made with the VAE {vae}: give it with --vae"))
   name = fields.pop("Model", None)
   if name == "sdjax-shapes":  # the built-in model, main.py's default
     return

@@ -1598,6 +1598,29 @@ def model_identity(source: str | None) -> tuple[str, str | None]:
   return name, outputs.short_hash(file, cache_file=_hash_cache_file())
 
 
+def vae_identity(source: str) -> tuple[str, str | None]:
+  """(name, A1111 short hash) of a replacement VAE (--vae), as A1111 writes `VAE` and `VAE hash`:
+  a file's name with its extension (a hub file's too), else the hub id or the folder's name; the
+  hash of the file, or of the folder's weights file. None when there is no such file."""
+  from sdjax.checkpoints import hub, single_file, weights  # noqa: PLC0415
+
+  local = os.path.expanduser(source)
+  try:
+    if single_file.is_single_file(source):
+      file = hub.resolve_file(source, "VAE") if hub.is_hub_file(source) else local
+      return os.path.basename(source.split("?", 1)[0]), outputs.short_hash(
+          file, cache_file=_hash_cache_file())
+    folder = local if os.path.isdir(local) else hub.resolve_source(source, component="vae")
+  except (ValueError, OSError):  # loaded already: a cache lookup that can only miss oddly
+    return source, None
+  name = os.path.basename(os.path.normpath(local)) if os.path.isdir(local) else source
+  if os.path.isdir(os.path.join(folder, "vae")):
+    folder = os.path.join(folder, "vae")
+  file = next((os.path.join(folder, n) for n in weights.weight_candidates(
+      weights.WEIGHT_STEMS["vae"], None) if os.path.isfile(os.path.join(folder, n))), None)
+  return name, None if file is None else outputs.short_hash(file, cache_file=_hash_cache_file())
+
+
 def _named_with_hash(source: str) -> str:
   """A1111's dropdown name of a model, `name [short hash]` (the name alone without a file)."""
   name, short = model_identity(source)
@@ -1621,6 +1644,7 @@ class _Metadata:
     self.cfg, self.pipe = cfg, pipe
     self.height, self.width, self.scheduler = height, width, scheduler
     self.model_name, self.model_hash = model_identity(cfg.model)
+    self.vae = vae_identity(cfg.vae) if cfg.vae is not None else None
     self.refiner = model_identity(cfg.refiner) if cfg.refiner is not None else None
     self.hires_model = model_identity(cfg.hires_model) if cfg.hires_model is not None else None
     self.controlnets = [_named_with_hash(path) for path in cfg.controlnet]
@@ -1792,6 +1816,7 @@ class _Metadata:
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(
                    options)), **self._hires_prompts(job),
+               **self._vae_extra(),
                **({"Clip skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
                **({"RNG": "CPU"} if cfg.rng == "torch_cpu" else {}),  # A1111's word
                **({"ENSD": cfg.ensd} if cfg.ensd else {}),
@@ -1805,6 +1830,13 @@ class _Metadata:
                **self._tiling_extra(),
                **({"FreeU": ", ".join(f"{k}={v:g}" for k, v in zip(
                    sampling.FREEU_NAMES, cfg.freeu, strict=True))} if cfg.freeu else {})})
+
+  def _vae_extra(self) -> dict[str, str]:
+    """A1111's `VAE hash` and `VAE` (its file's name, no local path) of a --vae."""
+    if self.vae is None:
+      return {}
+    name, short = self.vae
+    return {**({"VAE hash": short} if short else {}), "VAE": name}
 
   def _tiling_extra(self) -> dict[str, Any]:
     """A1111's `Tiling: True` for both axes; one axis: `Tiling axis: x` (or y)."""

@@ -628,6 +628,26 @@ def test_parameters_file_makes_the_image_again(model, cache, tmp_path):
   assert not np.array_equal(_pixels(other)[name], want)
 
 
+def test_vae_recorded_and_read_back(model, cache, tmp_path):
+  """--vae: PNGs say A1111's `VAE hash` and `VAE` (the file's or folder's name, no path);
+  --parameters_file on such an image asks for --vae, and with it makes the same pixels."""
+  vae, outs = os.path.join(model, "vae"), [str(tmp_path / name) for name in "abc"]
+  image = os.path.join(outs[0], "00000", "000000.png")
+  common = ["--model", model, "--compilation_cache", cache]
+  runs = _in_one_process([
+      [*common, "--vae", vae, "--prompt", "a cat", *COMMON, "--output_dir", outs[0]],
+      [*common, "--parameters_file", image, "--output_dir", outs[1]],
+      [*common, "--parameters_file", image, "--vae", vae, "--output_dir", outs[2]]])
+  assert [code for code, _ in runs] == [0, 0, 0], runs
+  params = outputs.parse_a1111_parameters(Image.open(image).text["parameters"])
+  assert params["VAE"] == "vae" and params["VAE hash"] == outputs.short_hash(
+      os.path.join(vae, "diffusion_pytorch_model.safetensors"))
+  assert f"warning: {image}: made with the VAE vae: give it with --vae" in runs[1][1]
+  assert "warning" not in runs[2][1]
+  (name, want), = _pixels(outs[0]).items()
+  np.testing.assert_array_equal(_pixels(outs[2])[name], want)
+
+
 def test_prompts_file_lines_from_images(reference_run, model, cache, tmp_path):
   """jsonl lines of `{"parameters": image}`: each image of a run made again from its PNG alone
   (prompt, seed, steps, sampler, size and CFG scale from the file)."""
