@@ -79,7 +79,7 @@ def reproduce(text: str) -> Reproduction:
   made_by_sdjax = fields.get("Version", "").startswith("sdjax")
   model_hash = fields.get("Model hash") or None
   _model(fields, flags, notes, model_hash)
-  scheduler = _sampler(fields, flags, notes)
+  scheduler = _sampler(fields, flags, notes, made_by_sdjax)
   _eta(fields, flags, notes, scheduler)
   _noise(fields, flags, notes, made_by_sdjax)
   if "Size" in fields:
@@ -137,9 +137,16 @@ def _model(fields, flags, notes, model_hash) -> None:
     notes.append(("model", f"made with the model {name}{known}: give it with --model"))
 
 
-def _sampler(fields, flags, notes) -> str | None:
+def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
   """Sampler and schedule type (or sdjax's scheduler options, which it writes as it was
-  given them, the Schedule type only restating them); sdjax's scheduler name."""
+  given them, the Schedule type only restating them); sdjax's scheduler name.
+
+  An A1111 image's k-diffusion sampler ran over k-diffusion's noise levels: its Automatic (or,
+  before A1111 1.9, no schedule type) is A1111's Uniform where the sampler has no choice of its
+  own, and `timestep_spacing: linspace` places Karras, Exponential and Beta between the training
+  sigmas' extremes and starts from noise of the first level, as k-diffusion does (diffusers'
+  "leading" configs start below it, at sqrt(sigma^2 + 1)).
+  """
   sampler, label = fields.pop("Sampler", None), fields.pop("Schedule type", None)
   options = fields.pop("Scheduler options", None)
   scheduler = None
@@ -150,8 +157,14 @@ def _sampler(fields, flags, notes) -> str | None:
     _scheduler_options(options, flags)
     return scheduler
   if label == "Automatic":
-    label = _AUTOMATIC_SCHEDULE_TYPES.get(scheduler)
-  if label is None or scheduler in _TIMESTEP_SAMPLERS:
+    label = _AUTOMATIC_SCHEDULE_TYPES.get(scheduler, "Automatic")
+  if scheduler in _TIMESTEP_SAMPLERS:
+    return scheduler
+  if scheduler is not None and not made_by_sdjax and schedulers.takes_schedule_type(scheduler):
+    flags["scheduler_options"] = json.dumps({"timestep_spacing": "linspace"})
+    if label in (None, "Automatic") and not scheduler.endswith("_karras"):
+      label = "Uniform"
+  if label in (None, "Automatic"):
     return scheduler
   if scheduler is not None and not schedulers.takes_schedule_type(scheduler):
     notes.append(("schedule_type", f"Schedule type: {label}: sdjax's {scheduler} places its own "

@@ -32,7 +32,8 @@ def test_a1111_image():
       "prompt": ["masterpiece, (a cat:1.2), <lora:foo:0.8>"], "negative_prompt": "blurry, lowres",
       "scheduler": "DPM++ 2M", "schedule_type": "Karras", "width": "832", "height": "1216",
       "steps": "28", "guidance_scale": "6.5", "seed": "123456", "clip_skip": "2",
-      "ensd": "31337", "hires_scale": "1.5", "hires_strength": "0.4", "hires_steps": "10"}
+      "ensd": "31337", "hires_scale": "1.5", "hires_strength": "0.4", "hires_steps": "10",
+      "scheduler_options": '{"timestep_spacing": "linspace"}'}  # k-diffusion's placement
   notes = dict(found.notes)
   assert set(notes) == {"model", "vae", "rng", "hires_upscaler", None}
   assert notes["vae"] == "made with the VAE sdxl_vae.safetensors: give it with --vae"
@@ -46,9 +47,9 @@ def test_a1111_image():
 @pytest.mark.parametrize("sampler,label,want", [
     ("DPM++ 2M", "Automatic", "Karras"),  # A1111 >= 1.9: the sampler's own choice
     ("DPM++ 2M SDE", "Automatic", "Exponential"),
-    ("Euler a", "Automatic", None),  # the model's sigmas
-    ("DPM++ 2M", None, None),  # older A1111: no schedule types, the model's sigmas
-    ("DPM++ 2M Karras", None, None),  # ... where the name says Karras
+    ("Euler a", "Automatic", "Uniform"),  # else k-diffusion's get_sigmas: A1111's Uniform
+    ("DPM++ 2M", None, "Uniform"),  # older A1111: no schedule types, get_sigmas too
+    ("DPM++ 2M Karras", None, None),  # ... but where the name says Karras
     ("Euler", "Align Your Steps", "Align Your Steps"),
     ("Euler a", "Karras", "Karras"),
     ("DPM++ 2S a", "Automatic", "Karras"),
@@ -59,6 +60,12 @@ def test_schedule_type(sampler, label, want):
   typed = f", Schedule type: {label}" if label else ""
   flags = _flags(f"a cat\nSteps: 20, Sampler: {sampler}{typed}, CFG scale: 7, Seed: 1")
   assert flags["scheduler"] == sampler and flags.get("schedule_type") == want
+  k_diffusion = sampler not in ("DDIM", "UniPC")  # A1111 runs the others in k-diffusion
+  assert (flags.get("scheduler_options") == '{"timestep_spacing": "linspace"}') == k_diffusion
+  # sdjax's own images name their schedule type when they have one: nothing to infer.
+  flags = _flags(f"a cat\nSteps: 20, Sampler: {sampler}{typed}, CFG scale: 7, Seed: 1, "
+                 "Version: sdjax 0.1.0")
+  assert "scheduler_options" not in flags
 
 
 def test_what_sdjax_lacks_is_a_note_not_a_flag():

@@ -1,0 +1,140 @@
+"""k-diffusion's samplers (which AUTOMATIC1111 runs) written out in torch float32, as references.
+
+k-diffusion is not a dependency (nor installable as one here): its loops are short, and are
+written here in its own arithmetic over a fake UNet (`scheduler_harness.fake_model`) wrapped as
+its CompVisDenoiser / CompVisVDenoiser wrap a UNet: the model sees x / sqrt(sigma^2 + 1) at the
+timestep read off the training sigmas in log space (unrounded). Each loop returns the sample
+after every model call, as `scheduler_harness.sdjax_trajectory` does.
+"""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import torch
+from scheduler_harness import fake_model
+
+
+def train_log_sigmas(config) -> torch.Tensor:
+  ref = diffusers.EulerDiscreteScheduler.from_config(config)
+  alphas = ref.alphas_cumprod.numpy()
+  return torch.from_numpy(np.log(((1 - alphas) / alphas) ** 0.5))
+
+
+def denoiser(config, timesteps=None):
+  """x0 from (x, sigma), as k-diffusion's CompVis(V)Denoiser around the fake UNet; with
+  `timesteps`, the UNet sees those, one per call in order, instead of each sigma's own."""
+  log_sigmas = train_log_sigmas(config)
+  given = None if timesteps is None else iter(timesteps)
+
+  def sigma_to_t(sigma):
+    log_sigma = sigma.log()
+    dists = log_sigma - log_sigmas[:, None]
+    low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
+    w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1])).clamp(0, 1)
+    return ((1 - w) * low + w * (low + 1)).view(sigma.shape)
+
+  def denoise(x, sigma):
+    c_in = 1 / (sigma**2 + 1) ** 0.5
+    t = float(sigma_to_t(sigma.reshape(1))) if given is None else float(next(given))
+    out = torch.from_numpy(fake_model((x * c_in).numpy(), t))
+    if config.get("prediction_type") == "v_prediction":
+      return x / (sigma**2 + 1) + out * (-sigma * c_in)
+    return x + out * -sigma
+
+  return denoise
+
+
+def get_sigmas(config, n: int) -> torch.Tensor:
+  """k-diffusion's `DiscreteSchedule.get_sigmas(n)` (A1111's Automatic / Uniform): n timesteps
+  evenly from the last to 0, their sigmas interpolated in log sigma, then 0."""
+  log_sigmas = train_log_sigmas(config).float()
+  t = torch.linspace(len(log_sigmas) - 1, 0, n)
+  low, high = t.floor().long(), t.ceil().long()
+  w = t.frac()
+  sigmas = ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+  return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+def get_sigmas_karras(config, n: int, rho: float = 7.0) -> torch.Tensor:
+  """k-diffusion's Karras levels between the training sigmas' extremes, as A1111 calls it."""
+  sigmas = train_log_sigmas(config).float().exp()
+  sigma_min, sigma_max = sigmas[0].item(), sigmas[-1].item()
+  ramp = torch.linspace(0, 1, n)
+  min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+  levels = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+  return torch.cat([levels, levels.new_zeros([1])])
+
+
+def _to_d(x, sigma, denoised):
+  return (x - denoised) / sigma
+
+
+def _ancestral_step(sigma, sigma_next):
+  sigma_up = torch.minimum(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2)
+                                        / sigma**2) ** 0.5)
+  return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+def sample_euler(config, sigmas, x, noises):
+  del noises
+  denoise, out = denoiser(config), []
+  for i in range(len(sigmas) - 1):
+    x = x + _to_d(x, sigmas[i], denoise(x, sigmas[i])) * (sigmas[i + 1] - sigmas[i])
+    out.append(x)
+  return np.stack([y.numpy() for y in out])
+
+
+def sample_euler_ancestral(config, sigmas, x, noises):
+  """noises[i]: the draw after step i."""
+  denoise, out = denoiser(config), []
+  for i in range(len(sigmas) - 1):
+    denoised = denoise(x, sigmas[i])
+    sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1])
+    x = x + _to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+    if sigmas[i + 1] > 0:
+      x = x + noises[i] * sigma_up
+    out.append(x)
+  return np.stack([y.numpy() for y in out])
+
+
+def sample_dpmpp_2m(config, sigmas, x, noises, timesteps=None):
+  del noises
+  denoise, out, old_denoised = denoiser(config, timesteps), [], None
+  for i in range(len(sigmas) - 1):
+    denoised = denoise(x, sigmas[i])
+    t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+    h = t_next - t
+    if old_denoised is None or sigmas[i + 1] == 0:
+      x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised
+    else:
+      r = (t - (-sigmas[i - 1].log())) / h
+      x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * (
+          (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised)
+    old_denoised = denoised
+    out.append(x)
+  return np.stack([y.numpy() for y in out])
+
+
+def sample_dpmpp_2s_ancestral(config, sigmas, x, noises):
+  """noises[2i + 1]: the draw after step i (its second model call's position)."""
+  denoise, out = denoiser(config), []
+  for i in range(len(sigmas) - 1):
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    denoised = denoise(x, sigma)
+    sigma_down, sigma_up = _ancestral_step(sigma, sigma_next)
+    if sigma_down == 0:  # Euler to the denoised image
+      x = x + _to_d(x, sigma, denoised) * (sigma_down - sigma)
+      out.append(x)
+      continue
+    t, t_next = -sigma.log(), -sigma_down.log()
+    h = t_next - t
+    s = t + h * 0.5
+    x_2 = (s.neg().exp() / t.neg().exp()) * x - (-h * 0.5).expm1() * denoised
+    out.append(x_2)
+    denoised_2 = denoise(x_2, s.neg().exp())
+    x = (t_next.neg().exp() / t.neg().exp()) * x - (-h).expm1() * denoised_2
+    if sigma_next > 0:
+      x = x + noises[2 * i + 1] * sigma_up
+    out.append(x)
+  return np.stack([y.numpy() for y in out])

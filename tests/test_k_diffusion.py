@@ -1,0 +1,82 @@
+"""A1111 images' samplers as A1111 ran them: k-diffusion's loops over its noise levels.
+
+`infotext.reproduce` sets an A1111 image's k-diffusion sampler to `timestep_spacing: linspace`
+and its Automatic schedule type to Uniform (`k_diffusion_reference`: k-diffusion's get_sigmas and
+Karras levels, its loops written out in torch). With those options sdjax's schedulers step as
+k-diffusion's, from noise of the first level, on SD1.5's "leading" config, where diffusers' own
+placement differs. DPM++ 2M keeps two of diffusers' DPM-Solver's ways: its variance-preserving
+form starts from unit noise, sqrt(1 + 1 / sigma_max^2) more than k-diffusion's start (0.23% for
+SD1.5), and its UNet sees integer timesteps; with those two, its steps are k-diffusion's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import k_diffusion_reference as kd
+import numpy as np
+import pytest
+import torch
+from scheduler_harness import (
+  SHAPE,
+  correctly_rounded_sqrt,
+  make_noises,
+  max_rel_error,
+  sdjax_trajectory,
+)
+
+from sdjax import infotext, outputs, testing
+from sdjax.schedulers import get_scheduler
+
+torch.set_num_threads(1)
+SD15 = dict(testing.SCHEDULER_SD15)
+TOL = 1e-6
+SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
+            "DPM++ 2S a": kd.sample_dpmpp_2s_ancestral, "DPM++ 2M": kd.sample_dpmpp_2m}
+
+
+def _as_a1111_ran_it(sampler, label, steps):
+  """sdjax's scheduler with the options `reproduce` reads from an A1111 image, its state and
+  its trajectory on the fake model; the image's noise levels and noises."""
+  typed = f", Schedule type: {label}" if label else ""
+  flags = infotext.reproduce(f"a cat\nSteps: {steps}, Sampler: {sampler}{typed}, CFG scale: 7, "
+                             "Seed: 1, Version: v1.10.1").flags
+  options = {**json.loads(flags["scheduler_options"]),
+             **outputs.schedule_type_options(flags["schedule_type"])}
+  ours = get_scheduler(outputs.scheduler_name(flags["scheduler"]), SD15, options=options)
+  state = ours.set_timesteps(steps, sample_shape=SHAPE)
+  init, noises = make_noises(len(state.timesteps))
+  got = sdjax_trajectory(ours, steps, init, noises)
+  # Automatic: A1111's Uniform (get_sigmas), or Karras where that is the sampler's own choice.
+  kind = flags["schedule_type"].lower()
+  sigmas = kd.get_sigmas(SD15, steps) if kind == "uniform" else kd.get_sigmas_karras(SD15, steps)
+  return ours, state, got, sigmas, init, noises
+
+
+@pytest.mark.parametrize("label", ["Automatic", "Karras"])
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2S a"])
+def test_steps_as_k_diffusion(sampler, label):
+  ours, state, got, sigmas, init, noises = _as_a1111_ran_it(sampler, label, 10)
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(sigmas[0]), rtol=1e-6)
+  with correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * sigmas[0],
+                             [torch.from_numpy(n) for n in noises])
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} {label} vs k-diffusion: {err:.3g}")
+  assert err <= TOL, err
+
+
+@pytest.mark.parametrize("label", [None, "Karras"])
+def test_dpmpp_2m_differs_in_its_start_and_timesteps(label):
+  """diffusers' DPM-Solver++ works on x / sqrt(sigma^2 + 1) from unit noise, its UNet at integer
+  timesteps: k-diffusion's loop from that start (in k-diffusion's x), its UNet at those
+  timesteps, makes the same samples."""
+  _, state, got, sigmas, init, _ = _as_a1111_ran_it("DPM++ 2M", label, 10)
+  assert np.array_equal(state.timesteps, np.round(state.timesteps))
+  start = torch.from_numpy(init) * (sigmas[0]**2 + 1) ** 0.5
+  with correctly_rounded_sqrt():
+    want = kd.sample_dpmpp_2m(SD15, sigmas, start, None, timesteps=np.asarray(state.timesteps))
+  want = want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[:, None, None, None, None]
+  err = max_rel_error(got, want.astype(np.float32))
+  print(f"maxrel DPM++ 2M {label} vs k-diffusion from unit noise: {err:.3g}")
+  assert err <= TOL, err
