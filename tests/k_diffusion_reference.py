@@ -138,3 +138,52 @@ def sample_dpmpp_2s_ancestral(config, sigmas, x, noises):
       x = x + noises[2 * i + 1] * sigma_up
     out.append(x)
   return np.stack([y.numpy() for y in out])
+
+
+def sample_heun(config, sigmas, x, noises):
+  """Heun's method (churn 0): the Euler guess after a step's first call, the step after its
+  second; the last step, to 0, is Euler's."""
+  del noises
+  denoise, out = denoiser(config), []
+  for i in range(len(sigmas) - 1):
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    d = _to_d(x, sigma, denoise(x, sigma))
+    dt = sigma_next - sigma
+    if sigma_next == 0:
+      x = x + d * dt
+      out.append(x)
+      continue
+    x_2 = x + d * dt
+    out.append(x_2)
+    d_2 = _to_d(x_2, sigma_next, denoise(x_2, sigma_next))
+    x = x + (d + d_2) / 2 * dt
+    out.append(x)
+  return np.stack([y.numpy() for y in out])
+
+
+def sample_lms(config, sigmas, x, noises, order: int = 4):
+  """Linear multistep: each step's coefficients integrate the Lagrange basis over sigma."""
+  from scipy import integrate  # noqa: PLC0415
+
+  del noises
+  levels = sigmas.numpy()
+
+  def coeff(cur_order, i, j):
+    def basis(tau):
+      prod = 1.0
+      for k in range(cur_order):
+        if k != j:
+          prod *= (tau - levels[i - k]) / (levels[i - j] - levels[i - k])
+      return prod
+    return integrate.quad(basis, levels[i], levels[i + 1], epsrel=1e-4)[0]
+
+  denoise, out, ds = denoiser(config), [], []
+  for i in range(len(sigmas) - 1):
+    ds.append(_to_d(x, sigmas[i], denoise(x, sigmas[i])))
+    if len(ds) > order:
+      ds.pop(0)
+    cur_order = min(i + 1, order)
+    coeffs = [coeff(cur_order, i, j) for j in range(cur_order)]
+    x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
+    out.append(x)
+  return np.stack([y.numpy() for y in out])

@@ -32,6 +32,7 @@ torch.set_num_threads(1)
 SD15 = dict(testing.SCHEDULER_SD15)
 TOL = 1e-6
 SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
+            "Heun": kd.sample_heun, "LMS": kd.sample_lms,
             "DPM++ 2S a": kd.sample_dpmpp_2s_ancestral, "DPM++ 2M": kd.sample_dpmpp_2m}
 
 
@@ -54,7 +55,7 @@ def _as_a1111_ran_it(sampler, label, steps):
 
 
 @pytest.mark.parametrize("label", ["Automatic", "Karras"])
-@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2S a"])
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2S a"])
 def test_steps_as_k_diffusion(sampler, label):
   ours, state, got, sigmas, init, noises = _as_a1111_ran_it(sampler, label, 10)
   np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(sigmas[0]), rtol=1e-6)
