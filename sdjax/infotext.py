@@ -4,9 +4,10 @@ A1111 and sdjax write how an image was made into the image (`outputs.a1111_param
 `reproduce(text)` turns that text back into the main.py flags that make it again: the prompts,
 steps, sampler and schedule type, CFG scale, seed, size, Clip skip, RNG, ENSD, variation seed,
 seed resize, eta, the hires fix, tiling, FreeU, PAG, SDXL's micro-conditioning and refiner
-switch. What the text asks for that a flag cannot give (a model known only by name, A1111's
-GPU noise, an img2img image's init image, extensions' fields) comes back as notes, one per
-thing, so that the caller can say what will differ.
+switch, and A1111's k-diffusion placement of the noise levels for its own images. What the
+text asks for that a flag cannot give (a model or VAE known only by name, A1111's GPU noise, an
+img2img image's init image, extensions' fields) comes back as notes, one per thing, so that the
+caller can say what will differ.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any
 from sdjax import outputs, schedulers
 
 # A1111's schedule type "Automatic" since 1.9: the sampler's own choice (its
-# sd_samplers_kdiffusion table), where that is not the model's plain sigmas. An image without
-# a Schedule type comes from an older A1111, whose samplers used the plain sigmas.
+# sd_samplers_kdiffusion table) where it has one, else k-diffusion's own levels (A1111's
+# Uniform), which is also what an image without a Schedule type (an older A1111) used.
 _AUTOMATIC_SCHEDULE_TYPES = {"dpmpp_2m": "Karras", "dpmpp_sde": "Karras",
                              "dpmpp_2s_ancestral": "Karras",
                              "dpmpp_2m_sde": "Exponential", "dpmpp_2m_sde_heun": "Exponential",
