@@ -40,7 +40,8 @@ flags.DEFINE_string("prompts_file", None, ".txt (one prompt per line) or .jsonl 
                     "prompt and optional negative_prompt, seed, num_images)")
 flags.DEFINE_string("parameters_file", None, "make an image again: an image with A1111 "
                     "parameters (A1111's PNG Info: a PNG, JPEG or WebP from A1111 or sdjax) or a "
-                    "text file holding them gives the prompts and every setting no flag gives")
+                    "text file holding them (a path or fsspec URL) gives the prompts and every "
+                    "setting no flag gives")
 flags.DEFINE_string("negative_prompt", "", "negative prompt for every image")
 flags.DEFINE_enum("prompt_syntax", "a1111", ["a1111", "plain"], "a1111: AUTOMATIC1111's (x:1.2) "
                   "weights, long prompts, BREAK, [from:to:when] and [a|b]; plain: diffusers' "
@@ -344,11 +345,10 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
   if path is None:
     return None
   try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise run.RunError(f"--parameters_file: cannot read {path} ({e.strerror})") from None
-  text = infotext.parameters_text(data)
+    text = infotext.read_parameters_file(path)
+  except (OSError, ImportError, ValueError) as e:
+    raise run.RunError(f"--parameters_file: cannot read {path} "
+                       f"({getattr(e, 'strerror', None) or e})") from None
   if text is None:
     raise run.RunError(f"--parameters_file {path} holds no A1111 parameters (A1111, Forge and "
                        "sdjax write them into PNG, JPEG and WebP images; ComfyUI writes its "

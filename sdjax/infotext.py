@@ -99,6 +99,19 @@ def reproduce(text: str) -> Reproduction:
   return Reproduction(flags, tuple(notes), model_hash)
 
 
+def read_parameters_file(path: str) -> str | None:
+  """The A1111 parameters in the file at `path` (a local path or any fsspec URL): an image's, or
+  a text file's text; None when there is none. OSError (ImportError for a URL whose store's
+  package is not installed) when it cannot be read."""
+  if "://" in path:
+    import fsspec  # noqa: PLC0415
+
+    with fsspec.open(path, "rb") as f:
+      return parameters_text(f.read())
+  with open(path, "rb") as f:
+    return parameters_text(f.read())
+
+
 def parameters_text(data: bytes) -> str | None:
   """The A1111 parameters an image file's bytes carry (PNG, JPEG, WebP), or a text file's text;
   None when there is none."""

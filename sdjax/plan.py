@@ -223,18 +223,10 @@ def _with_parameters(path: str, where: str, obj: dict) -> dict:
 
   file = _image_path(path, where, obj, "parameters")
   try:
-    if "://" in file:
-      import fsspec  # noqa: PLC0415
-
-      with fsspec.open(file, "rb") as f:
-        data = f.read()
-    else:
-      with open(file, "rb") as f:
-        data = f.read()
+    text = infotext.read_parameters_file(file)
   except (OSError, ImportError, ValueError) as e:
     raise RunError(f'{where}: cannot read "parameters" {file} '
                    f"({getattr(e, 'strerror', None) or e})") from None
-  text = infotext.parameters_text(data)
   try:
     if text is None:
       raise ValueError("no A1111 parameters in it")

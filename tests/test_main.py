@@ -637,7 +637,8 @@ def test_vae_recorded_and_read_back(model, cache, tmp_path):
   runs = _in_one_process([
       [*common, "--vae", vae, "--prompt", "a cat", *COMMON, "--output_dir", outs[0]],
       [*common, "--parameters_file", image, "--output_dir", outs[1]],
-      [*common, "--parameters_file", image, "--vae", vae, "--output_dir", outs[2]]])
+      [*common, "--parameters_file", f"file://{image}", "--vae", vae, "--output_dir",
+       outs[2]]])  # a URL: read through fsspec
   assert [code for code, _ in runs] == [0, 0, 0], runs
   params = outputs.parse_a1111_parameters(Image.open(image).text["parameters"])
   assert params["VAE"] == "vae" and params["VAE hash"] == outputs.short_hash(
