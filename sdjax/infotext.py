@@ -309,8 +309,7 @@ def _hires(fields, flags, notes) -> None:
     if key in fields:
       _named(key, fields.pop(key), flag, check, "the first pass's is used", flags, notes)
   if "Hires checkpoint" in fields:
-    notes.append(("hires_model", f"Hires checkpoint: {fields.pop('Hires checkpoint')}: give "
-                                 "it with --hires_model"))
+    _named_model(fields.pop("Hires checkpoint"), "hires_model", "Hires checkpoint", flags, notes)
 
 
 def _hires_upscalers() -> dict[str, str]:
@@ -351,9 +350,14 @@ def _sdxl(fields, flags, notes) -> None:
       across, down = _size(key, fields.pop(key))
       flags[flag] = [str(down), str(across)]  # HEIGHT,WIDTH; TOP,LEFT
   if "Refiner" in fields:
-    refiner = fields.pop("Refiner")
-    name = re.sub(r" \[\w+\]$", "", refiner)  # A1111's `name [short hash]`
-    if _HUB_ID.match(name):
-      flags["refiner"] = name
-    else:
-      notes.append(("refiner", f"Refiner: {refiner}: give it with --refiner"))
+    _named_model(fields.pop("Refiner"), "refiner", "Refiner", flags, notes)
+
+
+def _named_model(title: str, flag: str, key: str, flags, notes) -> None:
+  """A model named as A1111's dropdown does (`name [short hash]`): a hub id is the flag itself
+  (sdjax writes them), a file's name a note asking for it."""
+  name = re.sub(r" \[\w+\]$", "", title)
+  if _HUB_ID.match(name):
+    flags[flag] = name
+  else:
+    notes.append((flag, f"{key}: {title}: give it with --{flag}"))

@@ -139,6 +139,9 @@ def test_hires_fix():
   notes = _notes(base + "Denoising strength: 0.7, Hires upscale: 2, Hires sampler: Restart, "
                  "Hires checkpoint: other [abcdef1234]")
   assert set(notes) == {"rng", "hires_scheduler", "hires_model"}
+  flags = _flags(base + "Denoising strength: 0.7, Hires upscale: 2, Hires checkpoint: "
+                 "org/detailer [abcdef1234]")
+  assert flags["hires_model"] == "org/detailer"  # a hub id, as sdjax writes it
 
 
 def test_sdxl_fields():
