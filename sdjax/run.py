@@ -1605,15 +1605,17 @@ def vae_identity(source: str) -> tuple[str, str | None]:
   from sdjax.checkpoints import hub, single_file, weights  # noqa: PLC0415
 
   local = os.path.expanduser(source)
+  if single_file.is_single_file(source):
+    name = os.path.basename(source.split("?", 1)[0])
+  else:
+    name = os.path.basename(os.path.normpath(local)) if os.path.isdir(local) else source
   try:
     if single_file.is_single_file(source):
       file = hub.resolve_file(source, "VAE") if hub.is_hub_file(source) else local
-      return os.path.basename(source.split("?", 1)[0]), outputs.short_hash(
-          file, cache_file=_hash_cache_file())
+      return name, outputs.short_hash(file, cache_file=_hash_cache_file())
     folder = local if os.path.isdir(local) else hub.resolve_source(source, component="vae")
   except (ValueError, OSError):  # loaded already: a cache lookup that can only miss oddly
-    return source, None
-  name = os.path.basename(os.path.normpath(local)) if os.path.isdir(local) else source
+    return name, None
   if os.path.isdir(os.path.join(folder, "vae")):
     folder = os.path.join(folder, "vae")
   file = next((os.path.join(folder, n) for n in weights.weight_candidates(

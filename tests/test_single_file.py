@@ -244,6 +244,9 @@ def test_hub_single_file(family_files, loaded, monkeypatch, tmp_path):
     assert run.model_identity(source) == ("model", outputs.short_hash(real))
   pipe = sdjax.load_pipeline(real, config=folder, vae="someone/models/vae.safetensors")
   _assert_params_equal(pipe.params["vae"], want_vae.params["vae"])
+  # PNGs name a --vae file by its file name (no path) and its A1111 hash, as A1111 does.
+  for source in ("someone/models/vae.safetensors", vae):
+    assert run.vae_identity(source) == ("vae.safetensors", outputs.short_hash(vae))
   for source in ("someone/models/other.safetensors",
                  "https://huggingface.co/someone/models/blob/v2/sd/model.safetensors"):
     with pytest.raises(ValueError, match="is no local file and cannot be downloaded") as e:
