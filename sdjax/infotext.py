@@ -27,6 +27,9 @@ _AUTOMATIC_SCHEDULE_TYPES = {"dpmpp_2m": "Karras", "dpmpp_sde": "Karras",
                              "dpmpp_2s_ancestral": "Karras",
                              "dpmpp_2m_sde": "Exponential", "dpmpp_2m_sde_heun": "Exponential",
                              "dpmpp_3m_sde": "Exponential"}
+# sdjax's schedulers in diffusers' DPM-Solver++ form, whose `k_diffusion` option takes
+# k-diffusion's start and timesteps (A1111's DPM++ 2M, 2M SDE, 3M SDE).
+_DPM_SOLVER = ("dpmpp_2m", "dpmpp_3m")
 # A1111's samplers that step over training timesteps (its sd_samplers_timesteps), which its
 # Schedule type does not move.
 _TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc")
@@ -159,7 +162,8 @@ def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
   before A1111 1.9, no schedule type) is A1111's Uniform where the sampler has no choice of its
   own, and `timestep_spacing: linspace` places Karras, Exponential and Beta between the training
   sigmas' extremes and starts from noise of the first level, as k-diffusion does (diffusers'
-  "leading" configs start below it, at sqrt(sigma^2 + 1)).
+  "leading" configs start below it, at sqrt(sigma^2 + 1)); DPM-Solver++ takes `k_diffusion`
+  (its start and fractional timesteps).
   """
   sampler, label = fields.pop("Sampler", None), fields.pop("Schedule type", None)
   options = fields.pop("Scheduler options", None)
@@ -175,7 +179,10 @@ def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
   if scheduler in _TIMESTEP_SAMPLERS:
     return scheduler
   if scheduler is not None and not made_by_sdjax and schedulers.takes_schedule_type(scheduler):
-    flags["scheduler_options"] = json.dumps({"timestep_spacing": "linspace"})
+    options = {"timestep_spacing": "linspace"}
+    if scheduler.startswith(_DPM_SOLVER):  # diffusers' DPM-Solver++ form: k-diffusion's ways
+      options["k_diffusion"] = True
+    flags["scheduler_options"] = json.dumps(options)
     if label in (None, "Automatic") and not scheduler.endswith("_karras"):
       label = "Uniform"
   if label in (None, "Automatic"):

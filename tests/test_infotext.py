@@ -1,5 +1,6 @@
 """Reading an image's A1111 parameters back into main.py flags (A1111's PNG Info)."""
 
+import json
 import re
 
 import pytest
@@ -33,7 +34,8 @@ def test_a1111_image():
       "scheduler": "DPM++ 2M", "schedule_type": "Karras", "width": "832", "height": "1216",
       "steps": "28", "guidance_scale": "6.5", "seed": "123456", "clip_skip": "2",
       "ensd": "31337", "hires_scale": "1.5", "hires_strength": "0.4", "hires_steps": "10",
-      "scheduler_options": '{"timestep_spacing": "linspace"}'}  # k-diffusion's placement
+      # k-diffusion's placement, and its start and timesteps in diffusers' DPM-Solver++
+      "scheduler_options": '{"timestep_spacing": "linspace", "k_diffusion": true}'}
   notes = dict(found.notes)
   assert set(notes) == {"model", "vae", "rng", "hires_upscaler", None}
   assert notes["vae"] == "made with the VAE sdxl_vae.safetensors: give it with --vae"
@@ -60,8 +62,12 @@ def test_schedule_type(sampler, label, want):
   typed = f", Schedule type: {label}" if label else ""
   flags = _flags(f"a cat\nSteps: 20, Sampler: {sampler}{typed}, CFG scale: 7, Seed: 1")
   assert flags["scheduler"] == sampler and flags.get("schedule_type") == want
-  k_diffusion = sampler not in ("DDIM", "UniPC")  # A1111 runs the others in k-diffusion
-  assert (flags.get("scheduler_options") == '{"timestep_spacing": "linspace"}') == k_diffusion
+  options = json.loads(flags.get("scheduler_options", "{}"))
+  if sampler in ("DDIM", "UniPC"):  # A1111 runs the others in k-diffusion
+    assert options == {}
+  else:
+    assert options == {"timestep_spacing": "linspace",
+                       **({"k_diffusion": True} if sampler.startswith("DPM++ 2M") else {})}
   # sdjax's own images name their schedule type when they have one: nothing to infer.
   flags = _flags(f"a cat\nSteps: 20, Sampler: {sampler}{typed}, CFG scale: 7, Seed: 1, "
                  "Version: sdjax 0.1.0")

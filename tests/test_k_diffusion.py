@@ -4,9 +4,10 @@
 and its Automatic schedule type to Uniform (`k_diffusion_reference`: k-diffusion's get_sigmas and
 Karras levels, its loops written out in torch). With those options sdjax's schedulers step as
 k-diffusion's, from noise of the first level, on SD1.5's "leading" config, where diffusers' own
-placement differs. DPM++ 2M keeps two of diffusers' DPM-Solver's ways: its variance-preserving
-form starts from unit noise, sqrt(1 + 1 / sigma_max^2) more than k-diffusion's start (0.23% for
-SD1.5), and its UNet sees integer timesteps; with those two, its steps are k-diffusion's.
+placement differs. DPM++ 2M (diffusers' DPM-Solver++ form) also takes sdjax's `k_diffusion`
+option: without it, it starts from unit noise, sqrt(1 + 1 / sigma_max^2) more than k-diffusion's
+start (0.23% for SD1.5), and its UNet sees integer timesteps; with those two, its steps are
+k-diffusion's.
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "DPM++ 2S a": kd.sample_dpmpp_2s_ancestral, "DPM++ 2M": kd.sample_dpmpp_2m}
 
 
-def _as_a1111_ran_it(sampler, label, steps):
-  """sdjax's scheduler with the options `reproduce` reads from an A1111 image, its state and
-  its trajectory on the fake model; the image's noise levels and noises."""
+def _as_a1111_ran_it(sampler, label, steps, k_diffusion=True):
+  """sdjax's scheduler with the options `reproduce` reads from an A1111 image (less DPM-Solver's
+  `k_diffusion`, when not `k_diffusion`), its state and its trajectory on the fake model; the
+  image's noise levels and noises."""
   typed = f", Schedule type: {label}" if label else ""
   flags = infotext.reproduce(f"a cat\nSteps: {steps}, Sampler: {sampler}{typed}, CFG scale: 7, "
                              "Seed: 1, Version: v1.10.1").flags
   options = {**json.loads(flags["scheduler_options"]),
              **outputs.schedule_type_options(flags["schedule_type"])}
+  if not k_diffusion:
+    options.pop("k_diffusion")
   ours = get_scheduler(outputs.scheduler_name(flags["scheduler"]), SD15, options=options)
   state = ours.set_timesteps(steps, sample_shape=SHAPE)
   init, noises = make_noises(len(state.timesteps))
@@ -54,14 +58,21 @@ def _as_a1111_ran_it(sampler, label, steps):
   return ours, state, got, sigmas, init, noises
 
 
-@pytest.mark.parametrize("label", ["Automatic", "Karras"])
-@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2S a"])
+@pytest.mark.parametrize("label", [None, "Automatic", "Karras"])
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2S a",
+                                     "DPM++ 2M"])
 def test_steps_as_k_diffusion(sampler, label):
   ours, state, got, sigmas, init, noises = _as_a1111_ran_it(sampler, label, 10)
-  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(sigmas[0]), rtol=1e-6)
+  start = float(sigmas[0]) / (1 + float(sigmas[0]) ** 2) ** 0.5 if sampler == "DPM++ 2M" else (
+      float(sigmas[0]))  # k-diffusion's first level, in the scheduler's own form
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), start, rtol=1e-6)
   with correctly_rounded_sqrt():
     want = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * sigmas[0],
                              [torch.from_numpy(n) for n in noises])
+  if sampler == "DPM++ 2M":  # diffusers' form: x / sqrt(sigma^2 + 1)
+    want = want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[:, None, None, None,
+                                                                           None]
+    want = want.astype(np.float32)
   err = max_rel_error(got, want)
   print(f"maxrel {sampler} {label} vs k-diffusion: {err:.3g}")
   assert err <= TOL, err
@@ -69,10 +80,10 @@ def test_steps_as_k_diffusion(sampler, label):
 
 @pytest.mark.parametrize("label", [None, "Karras"])
 def test_dpmpp_2m_differs_in_its_start_and_timesteps(label):
-  """diffusers' DPM-Solver++ works on x / sqrt(sigma^2 + 1) from unit noise, its UNet at integer
-  timesteps: k-diffusion's loop from that start (in k-diffusion's x), its UNet at those
-  timesteps, makes the same samples."""
-  _, state, got, sigmas, init, _ = _as_a1111_ran_it("DPM++ 2M", label, 10)
+  """Without `k_diffusion`, diffusers' DPM-Solver++ works on x / sqrt(sigma^2 + 1) from unit
+  noise, its UNet at integer timesteps: k-diffusion's loop from that start (in k-diffusion's x),
+  its UNet at those timesteps, makes the same samples."""
+  _, state, got, sigmas, init, _ = _as_a1111_ran_it("DPM++ 2M", label, 10, k_diffusion=False)
   assert np.array_equal(state.timesteps, np.round(state.timesteps))
   start = torch.from_numpy(init) * (sigmas[0]**2 + 1) ** 0.5
   with correctly_rounded_sqrt():

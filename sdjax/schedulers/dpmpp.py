@@ -190,6 +190,10 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     "rescale_betas_zero_snr": False,
     "use_dynamic_shifting": False,
     "time_shift_type": "exponential",
+    # Not diffusers': step as k-diffusion's DPM-Solver++ (A1111's), the UNet at each level's
+    # fractional timestep (diffusers' are integers), from noise of the first level (diffusers'
+    # start, unit noise in this variance-preserving form, is sqrt(1 + 1 / sigma_max^2) more).
+    "k_diffusion": False,
   }
   _UNSUPPORTED = {
     "thresholding": False,
@@ -333,7 +337,15 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     else:
       sigma_last = 0
     sigmas = np.concatenate([sigmas, [sigma_last]]).astype(_F32)
+    if config["k_diffusion"]:  # each level's own timestep, as k-diffusion's denoiser reads it
+      log_sigmas = np.log(train_sigmas(alphas_cumprod))
+      return sigma_to_t(sigmas[:-1], log_sigmas).astype(_F32), sigmas
     return timesteps.astype(np.int64).astype(_F32), sigmas
+
+  def init_noise_sigma(self, state):
+    if self.cfg["k_diffusion"]:  # sigma_max x unit noise, here x / sqrt(sigma^2 + 1)
+      return state.sigma_t[0]
+    return super().init_noise_sigma(state)
 
   def _alpha_sigma(self, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return vp_alpha_sigma(sigmas)
