@@ -27,9 +27,6 @@ _AUTOMATIC_SCHEDULE_TYPES = {"dpmpp_2m": "Karras", "dpmpp_sde": "Karras",
                              "dpmpp_2s_ancestral": "Karras",
                              "dpmpp_2m_sde": "Exponential", "dpmpp_2m_sde_heun": "Exponential",
                              "dpmpp_3m_sde": "Exponential"}
-# sdjax's schedulers in diffusers' DPM-Solver++ form, whose `k_diffusion` option takes
-# k-diffusion's start and timesteps (A1111's DPM++ 2M, 2M SDE, 3M SDE).
-_DPM_SOLVER = ("dpmpp_2m", "dpmpp_3m")
 # A1111's samplers that step over training timesteps (its sd_samplers_timesteps), which its
 # Schedule type does not move.
 _TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc")
@@ -178,16 +175,17 @@ def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
     label = _AUTOMATIC_SCHEDULE_TYPES.get(scheduler, "Automatic")
   if scheduler in _TIMESTEP_SAMPLERS:
     return scheduler
-  if scheduler is not None and not made_by_sdjax and schedulers.takes_schedule_type(scheduler):
+  if (scheduler is not None and not made_by_sdjax
+      and schedulers.takes_option(scheduler, "schedule_type")):
     options = {"timestep_spacing": "linspace"}
-    if scheduler.startswith(_DPM_SOLVER):  # diffusers' DPM-Solver++ form: k-diffusion's ways
+    if schedulers.takes_option(scheduler, "k_diffusion"):  # diffusers' DPM-Solver++ form
       options["k_diffusion"] = True
     flags["scheduler_options"] = json.dumps(options)
     if label in (None, "Automatic") and not scheduler.endswith("_karras"):
       label = "Uniform"
   if label in (None, "Automatic"):
     return scheduler
-  if scheduler is not None and not schedulers.takes_schedule_type(scheduler):
+  if scheduler is not None and not schedulers.takes_option(scheduler, "schedule_type"):
     notes.append(("schedule_type", f"Schedule type: {label}: sdjax's {scheduler} places its own "
                                    "noise levels"))
   else:

@@ -114,9 +114,11 @@ def _class(name: str) -> type[Scheduler]:
 ETA_SCHEDULERS = ("ddim", "tcd")
 
 
-def takes_schedule_type(name: str) -> bool:
-  """Whether scheduler `name` takes the `schedule_type` option (A1111's schedule types)."""
-  return "schedule_type" in _class(name).schedule_options
+def takes_option(name: str, option: str) -> bool:
+  """Whether scheduler `name` takes `option` (`get_scheduler(options=...)`): a config option,
+  or one of the schedule options (`schedule_type`: A1111's schedule types)."""
+  cls = _class(name)
+  return option in cls._DEFAULTS or option in cls.schedule_options
 
 
 def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
@@ -166,5 +168,5 @@ __all__ = [
     "SchedulerConfigError",
     "default_scheduler_name",
     "get_scheduler",
-    "takes_schedule_type",
+    "takes_option",
 ]
