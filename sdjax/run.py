@@ -1569,7 +1569,7 @@ def model_identity(source: str | None) -> tuple[str, str | None]:
   sharded weights, their index file). None when there is no such file.
   """
   from sdjax import BUILTIN_MODEL  # noqa: PLC0415
-  from sdjax.checkpoints import hub, weights  # noqa: PLC0415
+  from sdjax.checkpoints import hub  # noqa: PLC0415
 
   source = source or BUILTIN_MODEL
   if os.path.exists(os.path.expanduser(source)):
@@ -1587,10 +1587,7 @@ def model_identity(source: str | None) -> tuple[str, str | None]:
   if os.path.isfile(folder):
     name, file = os.path.splitext(name)[0], folder
   else:
-    unet = os.path.join(folder, "unet")
-    stem = weights.WEIGHT_STEMS["unet"]
-    file = next((os.path.join(unet, n) for n in weights.weight_candidates(stem, None)
-                 if os.path.isfile(os.path.join(unet, n))), None)
+    file = _weights_file(os.path.join(folder, "unet"), "unet")
   if source == BUILTIN_MODEL:
     name = "sdjax-shapes"
   if file is None:
@@ -1602,7 +1599,7 @@ def vae_identity(source: str) -> tuple[str, str | None]:
   """(name, A1111 short hash) of a replacement VAE (--vae), as A1111 writes `VAE` and `VAE hash`:
   a file's name with its extension (a hub file's too), else the hub id or the folder's name; the
   hash of the file, or of the folder's weights file. None when there is no such file."""
-  from sdjax.checkpoints import hub, single_file, weights  # noqa: PLC0415
+  from sdjax.checkpoints import hub, single_file  # noqa: PLC0415
 
   local = os.path.expanduser(source)
   if single_file.is_single_file(source):
@@ -1618,9 +1615,17 @@ def vae_identity(source: str) -> tuple[str, str | None]:
     return name, None
   if os.path.isdir(os.path.join(folder, "vae")):
     folder = os.path.join(folder, "vae")
-  file = next((os.path.join(folder, n) for n in weights.weight_candidates(
-      weights.WEIGHT_STEMS["vae"], None) if os.path.isfile(os.path.join(folder, n))), None)
+  file = _weights_file(folder, "vae")
   return name, None if file is None else outputs.short_hash(file, cache_file=_hash_cache_file())
+
+
+def _weights_file(folder: str, component: str) -> str | None:
+  """The weights file of a diffusers component folder that A1111-style hashes are taken of: the
+  variant-less safetensors, else the first that exists (a sharded one's index); None if none."""
+  from sdjax.checkpoints import weights  # noqa: PLC0415
+
+  return next((os.path.join(folder, n) for n in weights.weight_candidates(
+      weights.WEIGHT_STEMS[component], None) if os.path.isfile(os.path.join(folder, n))), None)
 
 
 def _named_with_hash(source: str) -> str:
