@@ -131,7 +131,7 @@ flags.DEFINE_integer("seed_resize_from_w", 0, "A1111's Resize seed from: width i
 flags.DEFINE_integer("seed_resize_from_h", 0, "A1111's Resize seed from: height in pixels")
 flags.DEFINE_integer("ensd", 0, "A1111's Eta noise seed delta (ENSD, e.g. 31337): ancestral and "
                      "SDE samplers' step noise from seed + ensd (0: off)")
-flags.DEFINE_enum("rng", "jax", ["jax", "torch_cpu"], "where each image's noise comes from: "
+flags.DEFINE_enum("rng", "jax", list(sampling.RNGS), "where each image's noise comes from: "
                   "jax (its seed's JAX key), or torch_cpu (its seed's torch CPU generator: the "
                   "images diffusers makes with generator=torch.Generator().manual_seed(seed), "
                   "and A1111's 'RNG: CPU' noise)")
