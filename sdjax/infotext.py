@@ -26,7 +26,15 @@ from sdjax import outputs, schedulers
 _AUTOMATIC_SCHEDULE_TYPES = {"dpmpp_2m": "Karras", "dpmpp_sde": "Karras",
                              "dpmpp_2s_ancestral": "Karras",
                              "dpmpp_2m_sde": "Exponential", "dpmpp_2m_sde_heun": "Exponential",
-                             "dpmpp_3m_sde": "Exponential"}
+                             "dpmpp_3m_sde": "Exponential", "kdpm2": "Karras",
+                             "kdpm2_ancestral": "Karras"}
+# A1111's samplers that always drop the penultimate level (its discard_next_to_last_sigma), as
+# sdjax's do with `k_diffusion`; A1111 writes `Discard penultimate sigma` for others when a setting
+# makes them drop it too.
+_DISCARDING = ("kdpm2", "kdpm2_ancestral", "dpmpp_3m_sde")
+# A1111's samplers whose fresh noise comes from a Brownian tree seeded by the image's seed
+# (torchsde's), not from its RNG.
+_BROWNIAN = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
 # A1111's samplers that step over training timesteps (its sd_samplers_timesteps), which its
 # Schedule type does not move.
 _TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc")
@@ -159,8 +167,9 @@ def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
   before A1111 1.9, no schedule type) is A1111's Uniform where the sampler has no choice of its
   own, and `timestep_spacing: linspace` places Karras, Exponential and Beta between the training
   sigmas' extremes and starts from noise of the first level, as k-diffusion does (diffusers'
-  "leading" configs start below it, at sqrt(sigma^2 + 1)); DPM-Solver++ takes `k_diffusion`
-  (its start and fractional timesteps).
+  "leading" configs start below it, at sqrt(sigma^2 + 1)); `k_diffusion` makes the rest
+  k-diffusion's and A1111's (DPM-Solver++'s start, fractional timesteps, DPM2's dropped
+  penultimate level).
   """
   sampler, label = fields.pop("Sampler", None), fields.pop("Schedule type", None)
   options = fields.pop("Scheduler options", None)
@@ -168,6 +177,8 @@ def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
   if sampler is not None and _named("Sampler", sampler, "scheduler", outputs.scheduler_name,
                                     "the model's own is used", flags, notes):
     scheduler = outputs.scheduler_name(sampler)
+  if not made_by_sdjax:
+    _a1111_sampling(fields, notes, sampler, scheduler)
   if options is not None:
     _scheduler_options(options, flags)
     return scheduler
@@ -178,7 +189,7 @@ def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
   if (scheduler is not None and not made_by_sdjax
       and schedulers.takes_option(scheduler, "schedule_type")):
     options = {"timestep_spacing": "linspace"}
-    if schedulers.takes_option(scheduler, "k_diffusion"):  # diffusers' DPM-Solver++ form
+    if schedulers.takes_option(scheduler, "k_diffusion"):
       options["k_diffusion"] = True
     flags["scheduler_options"] = json.dumps(options)
     if label in (None, "Automatic") and not scheduler.endswith("_karras"):
@@ -192,6 +203,19 @@ def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
     _named("Schedule type", label, "schedule_type", outputs.schedule_type_options,
            "the sampler's own is used", flags, notes)
   return scheduler
+
+
+def _a1111_sampling(fields, notes, sampler, scheduler) -> None:
+  """What an A1111 image's sampler did that sdjax's does not: noise from a Brownian tree, a
+  penultimate level dropped by A1111's "Always discard next-to-last sigma" setting."""
+  family = (scheduler or "").removesuffix("_karras")
+  if family in _BROWNIAN:
+    notes.append(("scheduler", f"Sampler: {sampler}: A1111 draws its fresh noise from a Brownian "
+                               "tree (torchsde's) seeded by the image's seed, sdjax from its RNG: "
+                               "the image will differ"))
+  if fields.pop("Discard penultimate sigma", None) == "True" and family not in _DISCARDING:
+    notes.append((None, f"Discard penultimate sigma: True: sdjax's {scheduler or 'sampler'} keeps "
+                        "every noise level"))
 
 
 def _named(key, value, flag, check, instead, flags, notes) -> bool:

@@ -554,6 +554,7 @@ def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None
   if schedule_type is None:
     return sampling.schedule_type_for(pipe, scheduler, options) or {}
   kept = {k: v for k, v in options.items() if k not in sampling.PLACEMENT_OPTIONS}
+  kept = sampling.k_diffusion_for(scheduler, kept) or {}
   return dict(sorted({**kept, **outputs.schedule_type_options(schedule_type)}.items()))
 
 

@@ -1141,12 +1141,25 @@ def model_schedule(pipe, scheduler_options: dict[str, Any] | None) -> dict[str, 
   return scheduler_options
 
 
+def k_diffusion_for(scheduler: str | None,
+                    scheduler_options: dict[str, Any] | None) -> dict[str, Any] | None:
+  """Scheduler options for another scheduler than the one they were given with, less the
+  `k_diffusion` option (step as A1111 runs each sampler) where that scheduler has no A1111 form
+  (A1111 ran it without k-diffusion, or sdjax's cannot step as it did)."""
+  if (scheduler is None or "k_diffusion" not in (scheduler_options or {})
+      or schedulers.takes_option(scheduler, "k_diffusion")):
+    return scheduler_options
+  return {k: v for k, v in scheduler_options.items() if k != "k_diffusion"} or None
+
+
 def schedule_type_for(pipe, scheduler: str | None,
                       scheduler_options: dict[str, Any] | None) -> dict[str, Any] | None:
   """Scheduler options for another scheduler than the one they were given with (a hires sampler,
   a prompt line's): without a `schedule_type` that scheduler has not, which then places its
-  noise levels itself, as A1111 runs a sampler without schedule types. Other options stay (and
-  fail in `prepare` where the scheduler lacks them)."""
+  noise levels itself, as A1111 runs a sampler without schedule types; `k_diffusion` stays
+  where it takes it (`k_diffusion_for`). Other options stay (and fail in `prepare` where the
+  scheduler lacks them)."""
+  scheduler_options = k_diffusion_for(scheduler, scheduler_options)
   if "schedule_type" not in (scheduler_options or {}):
     return scheduler_options
   try:

@@ -66,6 +66,13 @@ def get_sigmas_karras(config, n: int, rho: float = 7.0) -> torch.Tensor:
   return torch.cat([levels, levels.new_zeros([1])])
 
 
+def get_sigmas_exponential(config, n: int) -> torch.Tensor:
+  """k-diffusion's levels evenly spaced in log sigma between the training sigmas' extremes."""
+  sigmas = train_log_sigmas(config).float().exp()
+  levels = torch.linspace(sigmas[-1].log().item(), sigmas[0].log().item(), n).exp()
+  return torch.cat([levels, levels.new_zeros([1])])
+
+
 def _to_d(x, sigma, denoised):
   return (x - denoised) / sigma
 
@@ -187,3 +194,40 @@ def sample_lms(config, sigmas, x, noises, order: int = 4):
     x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
     out.append(x)
   return np.stack([y.numpy() for y in out])
+
+
+def discard_penultimate(sigmas: torch.Tensor) -> torch.Tensor:
+  """A1111's DPM2 levels: those of one step more (`sigmas`), less the last above 0."""
+  return torch.cat([sigmas[:-2], sigmas[-1:]])
+
+
+def sample_dpm_2(config, sigmas, x, noises, ancestral: bool = False):
+  """DPM-Solver-2 (churn 0): the Euler move to the log-midpoint after a step's first call, the
+  whole step with the midpoint's slope after its second; the last step, to 0, is Euler's. The
+  ancestral form aims at sigma_down and then adds noises[2i + 1] (the draw after step i, at its
+  second model call's position) at scale sigma_up."""
+  denoise, out = denoiser(config), []
+  for i in range(len(sigmas) - 1):
+    sigma = sigmas[i]
+    d = _to_d(x, sigma, denoise(x, sigma))
+    if ancestral:
+      target, sigma_up = _ancestral_step(sigma, sigmas[i + 1])
+    else:
+      target, sigma_up = sigmas[i + 1], None
+    if target == 0:
+      x = x + d * (target - sigma)
+      out.append(x)
+      continue
+    sigma_mid = sigma.log().lerp(target.log(), 0.5).exp()
+    x_2 = x + d * (sigma_mid - sigma)
+    out.append(x_2)
+    d_2 = _to_d(x_2, sigma_mid, denoise(x_2, sigma_mid))
+    x = x + d_2 * (target - sigma)
+    if ancestral:
+      x = x + noises[2 * i + 1] * sigma_up
+    out.append(x)
+  return np.stack([y.numpy() for y in out])
+
+
+def sample_dpm_2_ancestral(config, sigmas, x, noises):
+  return sample_dpm_2(config, sigmas, x, noises, ancestral=True)

@@ -55,6 +55,9 @@ def test_a1111_image():
     ("Euler", "Align Your Steps", "Align Your Steps"),
     ("Euler a", "Karras", "Karras"),
     ("DPM++ 2S a", "Automatic", "Karras"),
+    ("DPM2", "Automatic", "Karras"),
+    ("DPM2 a", None, "Uniform"),
+    ("DPM++ SDE", "Automatic", "Karras"),
     ("DDIM", "Karras", None),  # A1111 steps its timestep samplers over their own timesteps
     ("UniPC", "Exponential", None),
 ])
@@ -65,9 +68,9 @@ def test_schedule_type(sampler, label, want):
   options = json.loads(flags.get("scheduler_options", "{}"))
   if sampler in ("DDIM", "UniPC"):  # A1111 runs the others in k-diffusion
     assert options == {}
-  else:
+  else:  # as A1111 steps (k_diffusion), but DPM++ SDE, whose steps sdjax does not claim
     assert options == {"timestep_spacing": "linspace",
-                       **({"k_diffusion": True} if sampler.startswith("DPM++ 2M") else {})}
+                       **({} if sampler == "DPM++ SDE" else {"k_diffusion": True})}
   # sdjax's own images name their schedule type when they have one: nothing to infer.
   flags = _flags(f"a cat\nSteps: 20, Sampler: {sampler}{typed}, CFG scale: 7, Seed: 1, "
                  "Version: sdjax 0.1.0")
@@ -86,6 +89,21 @@ def test_what_sdjax_lacks_is_a_note_not_a_flag():
       "Denoising strength: 0.5: an img2img or inpainting image, whose init image is not in the "
       "file (give it in a .jsonl prompts line)",
       "not reproduced: Mask blur: 4"]
+
+
+def test_a1111_sampling_sdjax_does_not_do():
+  """A1111's SDE samplers draw from a Brownian tree; its "Always discard next-to-last sigma"
+  setting drops a level for any sampler (it writes the field only where the sampler would not)."""
+  notes = _notes("a cat\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: Karras, CFG scale: 7, "
+                 "Seed: 1, RNG: CPU")
+  assert set(notes) == {"scheduler"} and "Brownian" in notes["scheduler"]
+  found = reproduce("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, RNG: CPU, "
+                    "Discard penultimate sigma: True")
+  assert found.notes == ((None, "Discard penultimate sigma: True: sdjax's euler keeps every "
+                                "noise level"),)
+  # An sdjax image's SDE sampler drew its own noise: nothing to say.
+  assert _notes("a cat\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1, "
+                "Version: sdjax 0.1.0") == {}
 
 
 def test_schedule_type_of_a_scheduler_without_them():

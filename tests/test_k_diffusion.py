@@ -26,15 +26,18 @@ from scheduler_harness import (
   sdjax_trajectory,
 )
 
-from sdjax import infotext, outputs, testing
-from sdjax.schedulers import get_scheduler
+from sdjax import infotext, outputs, sampling, testing
+from sdjax.schedulers import SCHEDULERS, get_scheduler, takes_option
 
 torch.set_num_threads(1)
 SD15 = dict(testing.SCHEDULER_SD15)
 TOL = 1e-6
 SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "Heun": kd.sample_heun, "LMS": kd.sample_lms,
-            "DPM++ 2S a": kd.sample_dpmpp_2s_ancestral, "DPM++ 2M": kd.sample_dpmpp_2m}
+            "DPM++ 2S a": kd.sample_dpmpp_2s_ancestral, "DPM++ 2M": kd.sample_dpmpp_2m,
+            "DPM2": kd.sample_dpm_2, "DPM2 a": kd.sample_dpm_2_ancestral}
+# A1111's samplers that place the levels of one step more and drop the penultimate one.
+DISCARDING = ("DPM2", "DPM2 a")
 
 
 def _as_a1111_ran_it(sampler, label, steps, k_diffusion=True):
@@ -54,13 +57,17 @@ def _as_a1111_ran_it(sampler, label, steps, k_diffusion=True):
   got = sdjax_trajectory(ours, steps, init, noises)
   # Automatic: A1111's Uniform (get_sigmas), or Karras where that is the sampler's own choice.
   kind = flags["schedule_type"].lower()
-  sigmas = kd.get_sigmas(SD15, steps) if kind == "uniform" else kd.get_sigmas_karras(SD15, steps)
+  placed = kd.get_sigmas if kind == "uniform" else kd.get_sigmas_karras
+  if sampler in DISCARDING:
+    sigmas = kd.discard_penultimate(placed(SD15, steps + 1))
+  else:
+    sigmas = placed(SD15, steps)
   return ours, state, got, sigmas, init, noises
 
 
 @pytest.mark.parametrize("label", [None, "Automatic", "Karras"])
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2S a",
-                                     "DPM++ 2M"])
+                                     "DPM++ 2M", "DPM2", "DPM2 a"])
 def test_steps_as_k_diffusion(sampler, label):
   ours, state, got, sigmas, init, noises = _as_a1111_ran_it(sampler, label, 10)
   start = float(sigmas[0]) / (1 + float(sigmas[0]) ** 2) ** 0.5 if sampler == "DPM++ 2M" else (
@@ -92,3 +99,37 @@ def test_dpmpp_2m_differs_in_its_start_and_timesteps(label):
   err = max_rel_error(got, want.astype(np.float32))
   print(f"maxrel DPM++ 2M {label} vs k-diffusion from unit noise: {err:.3g}")
   assert err <= TOL, err
+
+
+@pytest.mark.parametrize("k_diffusion", [False, True])
+def test_dpmpp_3m_sde_drops_the_penultimate_level(k_diffusion):
+  """A1111 places DPM++ 3M SDE's levels (Exponential, its Automatic) for one step more and drops
+  the last above 0; with `k_diffusion` sdjax's do too (its Brownian noise stays A1111's own)."""
+  flags = infotext.reproduce("a cat\nSteps: 10, Sampler: DPM++ 3M SDE, Schedule type: Automatic, "
+                             "CFG scale: 7, Seed: 1").flags
+  options = {**json.loads(flags["scheduler_options"]),
+             **outputs.schedule_type_options(flags["schedule_type"])}
+  assert options.pop("k_diffusion") is True
+  ours = get_scheduler("dpmpp_3m_sde", SD15, options={**options, "k_diffusion": k_diffusion})
+  state = ours.set_timesteps(10, sample_shape=SHAPE)
+  if k_diffusion:
+    want = kd.discard_penultimate(kd.get_sigmas_exponential(SD15, 11))
+  else:  # diffusers' own: the levels of a 10-step run
+    want = kd.get_sigmas_exponential(SD15, 10)
+  np.testing.assert_allclose(np.asarray(state.sigmas), want.numpy(), rtol=1e-6)
+  assert len(state.timesteps) == 10
+
+
+def test_k_diffusion_stays_only_where_a_sampler_takes_it():
+  """The option follows the run to a hires or prompt line's scheduler only where that scheduler
+  has an A1111 form; every scheduler that takes it builds with it."""
+  options = {"timestep_spacing": "linspace", "k_diffusion": True}
+  takers = [name for name in SCHEDULERS if takes_option(name, "k_diffusion")]
+  assert {"euler", "euler_ancestral", "heun", "lms", "kdpm2_ancestral_karras",
+          "dpmpp_2s_ancestral", "dpmpp_2m", "dpmpp_3m_sde_karras"} <= set(takers)
+  for name in takers:
+    get_scheduler(name, SD15, options=options).set_timesteps(4, sample_shape=SHAPE)
+    assert sampling.k_diffusion_for(name, options) == options
+  assert sampling.k_diffusion_for("dpmpp_sde", options) == {"timestep_spacing": "linspace"}
+  assert sampling.k_diffusion_for("ddim", {"k_diffusion": True}) is None
+  assert sampling.schedule_type_for(None, "unipc", options) == {"timestep_spacing": "linspace"}

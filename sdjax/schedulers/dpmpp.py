@@ -192,7 +192,8 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     "time_shift_type": "exponential",
     # Not diffusers': step as k-diffusion's DPM-Solver++ (A1111's), the UNet at each level's
     # fractional timestep (diffusers' are integers), from noise of the first level (diffusers'
-    # start, unit noise in this variance-preserving form, is sqrt(1 + 1 / sigma_max^2) more).
+    # start, unit noise in this variance-preserving form, is sqrt(1 + 1 / sigma_max^2) more);
+    # 3M SDE over the levels of one step more less the penultimate, as A1111 places them.
     "k_diffusion": False,
   }
   _UNSUPPORTED = {
@@ -331,7 +332,12 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     """(float32 timesteps [n], float32 sigmas [n + 1] with the final one) as diffusers'."""
     config = self.cfg
     alphas_cumprod = train_alphas_cumprod(config)
-    timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps, alphas_cumprod)
+    # A1111's DPM++ 3M SDE places the levels of one step more and drops the last above 0.
+    discard = (config["k_diffusion"] and self.sde and int(config["solver_order"]) == 3
+               and all(config.get(key) is None for key in ("sigmas", "timesteps")))
+    timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps + discard, alphas_cumprod)
+    if discard:
+      timesteps, sigmas = timesteps[:-1], sigmas[:-1]
     if config["final_sigmas_type"] == "sigma_min":
       sigma_last = np.sqrt((1 - alphas_cumprod[0]) / alphas_cumprod[0])
     else:

@@ -30,6 +30,7 @@ class DPMSolver2SAncestralScheduler(KDPM2AncestralDiscreteScheduler):
 
   name = "dpmpp_2s_ancestral"
   round_karras_timesteps = False
+  a1111_discards = False  # A1111's DPM++ 2S a keeps every level: k_diffusion changes nothing
 
   def step(self, state, model_output, i, sample, noise=None):
     if noise is None:

@@ -35,6 +35,7 @@ from sdjax.schedulers.common import (
   true_divide,
 )
 from sdjax.schedulers.sigma_schedules import (
+  K_DIFFUSION,
   SCHEDULE_OPTIONS,
   TIMESTEPS_OPTIONS,
   custom_sigmas,
@@ -278,7 +279,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
   """diffusers' `EulerDiscreteScheduler` (deterministic: s_churn = 0)."""
 
   name = "euler"
-  schedule_options = TIMESTEPS_OPTIONS  # diffusers' pipe(timesteps=...) too
+  # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION)
   order = 1
   needs_noise = False
 
@@ -331,7 +333,8 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
   """diffusers' `EulerAncestralDiscreteScheduler`: an Euler step to sigma_down, then fresh noise."""
 
   name = "euler_ancestral"
-  schedule_options = TIMESTEPS_OPTIONS  # diffusers' pipe(timesteps=...) too
+  # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION)
   order = 1
   needs_noise = True
 

@@ -24,7 +24,7 @@ from sdjax.schedulers.euler import (
   sigma_schedule,
   train_alphas_cumprod,
 )
-from sdjax.schedulers.sigma_schedules import TIMESTEPS_OPTIONS
+from sdjax.schedulers.sigma_schedules import K_DIFFUSION, TIMESTEPS_OPTIONS
 
 
 @struct.dataclass
@@ -63,7 +63,8 @@ class HeunDiscreteScheduler(SigmaScheduler):
   """diffusers' `HeunDiscreteScheduler`. Scaling, add_noise and init sigma are Euler's."""
 
   name = "heun"
-  schedule_options = TIMESTEPS_OPTIONS  # diffusers' pipe(timesteps=...) too
+  # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION)
   order = 2
   needs_noise = False
 

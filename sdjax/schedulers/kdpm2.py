@@ -11,6 +11,11 @@ even positions are first stages (img2img starts at one).
 
 Every per-position scalar is computed on the host in float32, in diffusers' order of operations
 (its log-midpoint is torch's `lerp` at weight 0.5: end - (end - start) * 0.5).
+
+sdjax's `k_diffusion` option makes them A1111's DPM2 and DPM2 a, which run k-diffusion's loops:
+the UNet sees fractional Karras timesteps (diffusers rounds them), and the levels are those of
+one step more less the last above 0 (A1111's `discard_next_to_last_sigma`, always on for these
+two), unless the `sigmas` option gives them.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from sdjax.schedulers.euler import (
   train_alphas_cumprod,
   train_sigmas,
 )
+from sdjax.schedulers.sigma_schedules import K_DIFFUSION, SCHEDULE_OPTIONS
 
 _F32 = np.float32
 
@@ -94,6 +100,8 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
   needs_noise = False
   ancestral = False
   round_karras_timesteps = True  # a diffusers quirk (k-diffusion's timesteps are fractional)
+  a1111_discards = True  # with k_diffusion: A1111 drops the penultimate level
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -115,9 +123,13 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
     """(float timesteps [n], float32 sigmas [n + 1] ending in 0, float32 log training sigmas)."""
     config = self.cfg
     alphas_cumprod = train_alphas_cumprod(config)
-    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod,
+    a1111 = bool(config.get(K_DIFFUSION))
+    discard = a1111 and self.a1111_discards and config.get("sigmas") is None
+    timesteps, sigmas = sigma_schedule(config, num_inference_steps + discard, alphas_cumprod,
                                        name=self.name)
-    if self.round_karras_timesteps and sigma_spacing(self.name, config) == "karras":
+    if discard:  # the timestep of the dropped level goes with it
+      timesteps, sigmas = timesteps[:-1], np.delete(sigmas, -2)
+    if self.round_karras_timesteps and not a1111 and sigma_spacing(self.name, config) == "karras":
       timesteps = timesteps.round()  # unlike Euler's, these Karras timesteps are rounded
     return timesteps, sigmas.astype(_F32), np.log(train_sigmas(alphas_cumprod))
 

@@ -39,6 +39,12 @@ from sdjax.schedulers.common import SchedulerConfigError, sigma_spacing
 # those that diffusers also gives custom timesteps take TIMESTEPS_OPTIONS.
 SCHEDULE_OPTIONS = ("sigmas", "schedule_type")
 TIMESTEPS_OPTIONS = (*SCHEDULE_OPTIONS, "timesteps")
+# sdjax's option to step as AUTOMATIC1111 runs the sampler through k-diffusion (`infotext` sets it
+# for A1111's images): DPM2 and DPM2 a then feed the UNet fractional Karras timesteps and drop
+# the penultimate level (`kdpm2`), DPM-Solver++ starts and steps as k-diffusion's (`dpmpp`, where
+# it is a config option: it changes the compiled program); Euler, Euler a, Heun, LMS and DPM++ 2S
+# a take it and change nothing, since they step as k-diffusion's already (tests/test_k_diffusion).
+K_DIFFUSION = "k_diffusion"
 
 # NVIDIA's Align Your Steps noise levels (research.nvidia.com/labs/toronto-ai/AlignYourSteps),
 # as AUTOMATIC1111 ends them: at 0.029, then 0.
