@@ -248,10 +248,30 @@ def embeddings_in_dir(folder: str) -> tuple[tuple[str, None], ...]:
 
 
 # -- validation ------------------------------------------------------------------------------------
+def _check_finite(cfg: RunConfig) -> None:
+  """Every number a flag gives is finite (a NaN scale would run, then fail to be recorded)."""
+
+  def numbers(value):
+    if isinstance(value, tuple):
+      return [x for item in value for x in numbers(item)]
+    return [value] if isinstance(value, float) else []
+
+  flag_names = {"loras": "lora"}
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    if field.name == "micro":  # its own flags
+      for name, part in dataclasses.asdict(value).items():
+        if not all(math.isfinite(x) for x in numbers(part)):
+          raise RunError(f"--{name} must be finite, got {part}")
+    elif not all(math.isfinite(x) for x in numbers(value)):
+      raise RunError(f"--{flag_names.get(field.name, field.name)} must be finite, got {value}")
+
+
 def validate(cfg: RunConfig) -> None:
   """Checks what needs no model, so that bad input fails before anything slow."""
   if not cfg.prompts and not cfg.prompts_file:
     raise RunError("no prompts: give --prompt or --prompts_file")
+  _check_finite(cfg)
   if cfg.steps is not None and cfg.steps < 1:  # None: the model's default
     raise RunError(f"--steps must be at least 1, got {cfg.steps}")
   for name in ("batch_size", "num_images_per_prompt", "shard_size",
