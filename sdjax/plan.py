@@ -33,7 +33,7 @@ from sdjax.dynamic_prompts import SYNTAX, DynamicPrompts, TemplateError, is_temp
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
                  "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
                  "control_image", "ip_adapter_image", "hires_prompt", "hires_negative_prompt",
-                 "schedule_type", "styles", "subseed", "subseed_strength")
+                 "schedule_type", "styles", "subseed", "subseed_strength", "scheduler_options")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -70,6 +70,9 @@ class PromptLine:
   # the run's --subseed, counted by image, and --subseed_strength).
   subseed: int | None = None
   subseed_strength: float | None = None
+  # The line's scheduler options over the run's --scheduler_options (`freeze_options`; None:
+  # the run's): e.g. an A1111 image's k-diffusion placement, from its "parameters".
+  scheduler_options: tuple[tuple[str, Any], ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,7 @@ class ImageJob:
   schedule_type: str | None = None  # None: the run's
   subseed: int | None = None  # None: the run's (see `run.variation`)
   subseed_strength: float | None = None
+  scheduler_options: tuple[tuple[str, Any], ...] | None = None  # the line's (`freeze_options`)
 
   @property
   def kind(self) -> str | None:
@@ -192,6 +196,9 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
   schedule_type = obj.get("schedule_type")
   if schedule_type is not None:
     schedule_type = _schedule_type(schedule_type, where)
+  options = obj.get("scheduler_options")
+  if options is not None:
+    _check_options(options, where)
   styles = obj.get("styles")
   if isinstance(styles, str):
     styles = [styles]
@@ -205,7 +212,33 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
                     ip_image, obj.get("hires_prompt"), obj.get("hires_negative_prompt"),
                     schedule_type, None if styles is None else tuple(styles),
                     obj.get("subseed"),
-                    None if subseed_strength is None else float(subseed_strength))
+                    None if subseed_strength is None else float(subseed_strength),
+                    freeze_options(options) if options else None)
+
+
+def _check_options(options, where: str) -> None:
+  """A line's scheduler options: an object of finite numbers, strings, true / false, null or
+  lists of numbers (what schedulers take; each scheduler then checks its own)."""
+  if not isinstance(options, dict):
+    raise RunError(f'{where}: "scheduler_options" must be an object {{"option": value}}')
+  for key, value in options.items():
+    values = value if isinstance(value, list) else [value]
+    scalars = (str, bool, type(None)) if not isinstance(value, list) else ()
+    if not all(isinstance(v, scalars) or _is_number(v) for v in values):
+      raise RunError(f'{where}: "scheduler_options": {key} must be a finite number, a string, '
+                     f"true, false, null or a list of numbers, got {json.dumps(value)}")
+
+
+def freeze_options(options: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+  """Scheduler options as a line holds them (hashable: sorted pairs, lists as tuples);
+  `thaw_options` gives the dict back."""
+  return tuple(sorted((key, tuple(value) if isinstance(value, list) else value)
+                      for key, value in options.items()))
+
+
+def thaw_options(options: tuple[tuple[str, Any], ...] | None) -> dict[str, Any]:
+  return {key: list(value) if isinstance(value, tuple) else value
+          for key, value in options or ()}
 
 
 # The jsonl fields a line takes from an image's A1111 parameters (its "parameters" field): the
@@ -213,7 +246,8 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
 _PARAMETERS_FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int,
                       "scheduler": str, "schedule_type": str, "width": int, "height": int,
                       "guidance_scale": float, "subseed": int, "subseed_strength": float,
-                      "hires_prompt": str, "hires_negative_prompt": str}
+                      "hires_prompt": str, "hires_negative_prompt": str,
+                      "scheduler_options": json.loads}
 
 
 def _with_parameters(path: str, where: str, obj: dict) -> dict:
@@ -233,9 +267,16 @@ def _with_parameters(path: str, where: str, obj: dict) -> dict:
     flags = infotext.reproduce(text).flags
     fields = {key: kind(flags[key][0] if key == "prompt" else flags[key])
               for key, kind in _PARAMETERS_FIELDS.items() if key in flags}
+    for key in ("sigmas", "timesteps"):  # flags of their own on the command line
+      if key in flags:
+        fields["scheduler_options"] = {**fields.get("scheduler_options", {}),
+                                       key: [float(v) for v in flags[key]]}
   except ValueError as e:
     raise RunError(f'{where}: "parameters" {file}: {e}') from None
-  return {**fields, **{k: v for k, v in obj.items() if k != "parameters"}}
+  line = {**fields, **{k: v for k, v in obj.items() if k != "parameters"}}
+  if isinstance(obj.get("scheduler_options"), dict) and "scheduler_options" in fields:
+    line["scheduler_options"] = {**fields["scheduler_options"], **obj["scheduler_options"]}
+  return line
 
 
 # A1111's "Prompts from file or textbox" script: a line of `--tag value` options. The tags that
@@ -433,7 +474,9 @@ def _key(line: PromptLine) -> list:
                                 ("schedule_type", line.schedule_type),
                                 ("styles", None if line.styles is None else list(line.styles)),
                                 ("subseed", line.subseed),
-                                ("subseed_strength", line.subseed_strength))
+                                ("subseed_strength", line.subseed_strength),
+                                ("scheduler_options", line.scheduler_options and thaw_options(
+                                    line.scheduler_options)))
               if v is not None}
   if schedule:
     extra.append(schedule)
@@ -604,7 +647,8 @@ class Plan:
                     line.control_image, line.ip_adapter_image, *hires, *templates,
                     schedule_type=line.schedule_type,
                     subseed=None if line.subseed is None else line.subseed + j,
-                    subseed_strength=line.subseed_strength)
+                    subseed_strength=line.subseed_strength,
+                    scheduler_options=line.scheduler_options)
 
 
 _SYNTAX_BYTES = (*(s.encode() for s in SYNTAX), b"\\")  # and any JSON escape

@@ -30,7 +30,15 @@ from absl import logging
 import sdjax
 from sdjax import aot, conditioning, dynamic_prompts, masks, outputs, parallel, sampling, sinks
 from sdjax.conditioning import MicroConditioning
-from sdjax.plan import ImageJob, Plan, PromptLine, RunError, check_size, read_prompts_file
+from sdjax.plan import (
+  ImageJob,
+  Plan,
+  PromptLine,
+  RunError,
+  check_size,
+  read_prompts_file,
+  thaw_options,
+)
 
 __all__ = ["ImageJob", "PromptLine", "RunConfig", "RunError", "RunSummary", "generate_run",
            "read_prompts_file"]
@@ -563,19 +571,23 @@ def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
                            masked_content=cfg.inpainting_fill)
 
 
-def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None
-                 ) -> dict[str, Any]:
-  """The scheduler options of images under `scheduler` and a prompt line's `schedule_type`:
-  the run's --scheduler_options (with --schedule_type, --sigmas, --timesteps), a line's type in
-  place of whatever placed the noise levels (and checked); without one, the run's schedule type
-  is dropped for a line's scheduler that has no such type (it places its own noise levels, as
-  in A1111)."""
+def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None,
+                 own: tuple[tuple[str, Any], ...] | None = None) -> dict[str, Any]:
+  """The scheduler options of images under `scheduler` and a prompt line's `schedule_type` and
+  scheduler options (`own`, frozen): the run's --scheduler_options (with --schedule_type,
+  --sigmas, --timesteps), a line's type or own placement (sigmas, a spacing, ...) in place of
+  whatever placed the noise levels, then the line's own options over the rest; without either,
+  the run's schedule type is dropped for a line's scheduler that has no such type (it places its
+  own noise levels, as in A1111); so is `k_diffusion` (`sampling.k_diffusion_for`)."""
   options = dict(cfg.scheduler_options)
-  if schedule_type is None:
-    return sampling.schedule_type_for(pipe, scheduler, options) or {}
-  kept = {k: v for k, v in options.items() if k not in sampling.PLACEMENT_OPTIONS}
-  kept = sampling.k_diffusion_for(scheduler, kept) or {}
-  return dict(sorted({**kept, **outputs.schedule_type_options(schedule_type)}.items()))
+  own = thaw_options(own)
+  if schedule_type is None and not set(own) & set(sampling.PLACEMENT_OPTIONS):
+    options = sampling.schedule_type_for(pipe, scheduler, options) or {}
+  else:
+    options = {k: v for k, v in options.items() if k not in sampling.PLACEMENT_OPTIONS}
+    if schedule_type is not None:
+      options.update(outputs.schedule_type_options(schedule_type))
+  return dict(sorted((sampling.k_diffusion_for(scheduler, {**options, **own}) or {}).items()))
 
 
 def _check_clip_skip(cfg: RunConfig, pipe) -> None:
@@ -1128,9 +1140,9 @@ class _Sampler:
     guidance)."""
     img2img = kind is not None
     schedule = schedule or (self.cfg.steps, self.scheduler,
-                            self.cfg.strength if img2img else None, None)
+                            self.cfg.strength if img2img else None, None, None)
     key = (size, kind, guidance > 1.0, schedule)
-    steps, scheduler, strength, schedule_type = schedule
+    steps, scheduler, strength, schedule_type, own_options = schedule
     if key not in self.programs:
       cfg, pipe = self.cfg, self.pipe
       refiner, hires = self.refiner_pipe, _hires(cfg)
@@ -1155,7 +1167,8 @@ class _Sampler:
                     eta=cfg.eta, cfg_split=cfg.cfg_parallel, rng=cfg.rng, ensd=cfg.ensd,
                     seed_resize_from=_seed_resize(cfg),
                     clip_skip=cfg.clip_skip - 1 or None,  # diffusers' count
-                    scheduler_options=line_options(cfg, pipe, scheduler, schedule_type) or None)
+                    scheduler_options=line_options(cfg, pipe, scheduler, schedule_type,
+                                                   own_options) or None)
       extra = dict(img2img=True, strength=strength) if img2img else {}
       if pipe.controlnet is not None:
         extra["control"] = True
@@ -1697,24 +1710,28 @@ class _Metadata:
                                                     kind=kind)
     return self._hashes[path, kind]
 
-  def _line_options(self, scheduler: str, schedule_type: str | None) -> dict[str, Any]:
-    key = (scheduler, schedule_type)
+  def _line_options(self, scheduler: str, schedule_type: str | None,
+                    own: tuple[tuple[str, Any], ...] | None) -> dict[str, Any]:
+    key = (scheduler, schedule_type, own)
     if key not in self._options:
-      self._options[key] = line_options(self.cfg, self.pipe, scheduler, schedule_type)
+      self._options[key] = line_options(self.cfg, self.pipe, scheduler, schedule_type, own)
     return self._options[key]
 
   def guidance(self, job: ImageJob) -> float:
     """A job's guidance scale: its prompt line's, else the run's."""
     return self.cfg.guidance_scale if job.guidance_scale is None else job.guidance_scale
 
-  def schedule(self, job: ImageJob) -> tuple[int, str, float | None, str | None]:
-    """(steps, scheduler, strength, schedule type) of a job: its prompt line's, else the run's
-    (strength None for text-to-image; schedule type None: the run's scheduler options)."""
+  def schedule(self, job: ImageJob) -> tuple[int, str, float | None, str | None,
+                                             tuple[tuple[str, Any], ...] | None]:
+    """(steps, scheduler, strength, schedule type, scheduler options) of a job: its prompt
+    line's, else the run's (strength None for text-to-image; schedule type and options None:
+    the run's scheduler options)."""
     cfg = self.cfg
     strength = None
     if job.init_image is not None:
       strength = cfg.strength if job.strength is None else job.strength
-    return job.steps or cfg.steps, job.scheduler or self.scheduler, strength, job.schedule_type
+    return (job.steps or cfg.steps, job.scheduler or self.scheduler, strength, job.schedule_type,
+            job.scheduler_options)
 
   def size(self, job: ImageJob) -> tuple[int, int]:
     """(height, width) of a job's image: its prompt line's, else the run's."""
@@ -1730,8 +1747,8 @@ class _Metadata:
     second pass's; `hires` says the first pass's)."""
     cfg = self.cfg
     height, width = self.size(job)
-    steps, scheduler, strength, schedule_type = self.schedule(job)
-    options = self._line_options(scheduler, schedule_type)
+    steps, scheduler, strength, schedule_type, own = self.schedule(job)
+    options = self._line_options(scheduler, schedule_type, own)
     hires = _hires_record(cfg)
     if hires:
       hires["hires"].update(first_height=height, first_width=width,
@@ -1828,8 +1845,8 @@ class _Metadata:
   def _parameters(self, job: ImageJob) -> str:
     cfg = self.cfg
     height, width = self.size(job)
-    steps, scheduler, strength, schedule_type = self.schedule(job)
-    options = self._line_options(scheduler, schedule_type)
+    steps, scheduler, strength, schedule_type, own = self.schedule(job)
+    options = self._line_options(scheduler, schedule_type, own)
     return outputs.a1111_parameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=steps,
         sampler=scheduler, cfg_scale=self.guidance(job), seed=job.seed, width=width,

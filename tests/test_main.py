@@ -673,6 +673,28 @@ def test_prompts_file_lines_from_images(reference_run, model, cache, tmp_path):
     np.testing.assert_array_equal(got[record["file"]], want[ref["file"]])
 
 
+def test_a1111_image_by_flag_and_by_line(model, cache, tmp_path):
+  """An A1111 image's parameters make the same pixels by --parameters_file and by a jsonl line:
+  the line carries what the flags would set beside its fields, A1111's placement of the noise
+  levels and its DPM2's form (scheduler options)."""
+  params = tmp_path / "a1111.txt"
+  params.write_text("a (cat:1.2)\nNegative prompt: a dog\nSteps: 3, Sampler: DPM2 a, Schedule type: "
+                    "Automatic, CFG scale: 3.5, Seed: 11, Size: 24x16, RNG: CPU, Version: v1.10.1")
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text(json.dumps({"parameters": str(params)}) + "\n")
+  by_flag, by_line = str(tmp_path / "flag"), str(tmp_path / "line")
+  main_py(["--model", model, "--parameters_file", str(params), "--output_dir", by_flag,
+           "--compilation_cache", cache])
+  main_py(["--model", model, "--prompts_file", str(prompts), "--rng", "torch_cpu",
+           "--output_dir", by_line, "--compilation_cache", cache])
+  (flag, line) = (_manifest(out)[0] for out in (by_flag, by_line))
+  assert flag["scheduler"] == line["scheduler"] == "kdpm2_ancestral"
+  assert flag["scheduler_options"] == line["scheduler_options"]
+  assert flag["scheduler_options"]["k_diffusion"] is True
+  (name, want), = _pixels(by_flag).items()
+  np.testing.assert_array_equal(_pixels(by_line)[line["file"]], want)
+
+
 def test_sigmas_flag(model, cache, tmp_path):
   """--sigmas: the steps follow the list; the PNG parameters and the manifest say it; the
   pixels are generate()'s. --scheduler takes A1111's sampler names too."""

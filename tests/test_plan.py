@@ -158,7 +158,13 @@ def test_per_line_schedule(tmp_path):
                        r"in \(0, 1\]"),
                       ('"strength": 0.5', '"strength" is how much of an "init_image"'),
                       ('"schedule_type": "fast"', '"schedule_type": unknown schedule type '),
-                      ('"schedule_type": 3', '"schedule_type": a string, got 3')):
+                      ('"schedule_type": 3', '"schedule_type": a string, got 3'),
+                      ('"scheduler_options": [1]', '"scheduler_options" must be an object'),
+                      ('"scheduler_options": {"x": {"y": 1}}',
+                       '"scheduler_options": x must be a finite number, a string, true, false, '
+                       'null or a list of numbers, got {"y": 1}'),
+                      ('"scheduler_options": {"sigmas": [1, NaN]}',
+                       '"scheduler_options": sigmas must be .* got \\[1, NaN\\]')):
     with pytest.raises(RunError, match=f"p.jsonl line 3: {error}"):
       parse_line("p.jsonl", 3, ('{"prompt": "a", ' + text + "}").encode())
 
@@ -185,11 +191,24 @@ def test_lines_from_images_parameters(tmp_path):
     assert line == PromptLine("a red circle", "blue", seed=3, width=96, height=64,
                               guidance_scale=4.5, steps=12, scheduler="dpmpp_2m",
                               hires_prompt="a big red circle", schedule_type="karras",
-                              subseed=8, subseed_strength=0.25)  # A1111 1.9's Automatic
-  line = parse_line(str(prompts), 1, json.dumps({"parameters": "a.png", "seed": 9,
-                                                 "prompt": "a cat", "num_images": 2}).encode())
+                              subseed=8, subseed_strength=0.25,  # A1111 1.9's Automatic
+                              # as A1111 placed its levels and stepped its sampler
+                              scheduler_options=(("k_diffusion", True),
+                                                 ("timestep_spacing", "linspace")))
+  line = parse_line(str(prompts), 1, json.dumps({
+      "parameters": "a.png", "seed": 9, "prompt": "a cat", "num_images": 2,
+      "scheduler_options": {"k_diffusion": False, "sigmas": [9, 1, 0]}}).encode())
   assert (line.prompt, line.negative_prompt, line.seed, line.num_images) == (
       "a cat", "blue", 9, 2)
+  assert line.scheduler_options == (("k_diffusion", False), ("sigmas", (9, 1, 0)),
+                                    ("timestep_spacing", "linspace"))  # merged, the line's win
+  # An sdjax image's own list of sigmas (a flag of its own) comes back as the line's option.
+  (tmp_path / "d.txt").write_text(outputs.a1111_parameters(
+      prompt="a cat", negative_prompt="", steps=2, sampler="euler", cfg_scale=4.5, seed=3,
+      width=96, height=64, model="m", version="sdjax 0.1.0",
+      extra={"Scheduler options": "sigmas=[9.0, 1.0, 0.0]"}))
+  line = parse_line(str(prompts), 1, json.dumps({"parameters": "d.txt"}).encode())
+  assert line.scheduler_options == (("sigmas", (9.0, 1.0, 0.0)),)
   (tmp_path / "c.txt").write_text("a cat, no parameters")
   for name, error in (("nothing.png", 'cannot read "parameters" .*nothing.png'),
                       ("c.txt", '"parameters" .*c.txt: no A1111 parameters line')):

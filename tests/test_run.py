@@ -718,3 +718,26 @@ def test_guidance_rescale(model, cache, tmp_path):
   with pytest.raises(run.RunError, match="--guidance_rescale must be a number >= 0"):
     run.generate_run(dataclasses.replace(config, guidance_rescale=-1.0,
                                          output_dir=str(tmp_path / "bad")))
+
+
+def test_line_options_over_the_runs():
+  """A prompt line's own scheduler options win over the run's; its placement (a list of sigmas,
+  a spacing) replaces the run's; k_diffusion stays only where the line's scheduler takes it."""
+  import types
+
+  from sdjax import testing
+  from sdjax.plan import freeze_options
+
+  pipe = types.SimpleNamespace(scheduler_config=testing.SCHEDULER_SD15, is_sdxl=False)
+  cfg = run.RunConfig(prompts=PROMPTS, scheduler_options=(("k_diffusion", True),
+                                                          ("schedule_type", "karras"),
+                                                          ("timestep_spacing", "trailing")))
+  assert run.line_options(cfg, pipe, "euler", None) == dict(cfg.scheduler_options)
+  assert run.line_options(cfg, pipe, "ddim", None) == {"timestep_spacing": "trailing"}
+  own = freeze_options({"timestep_spacing": "linspace", "sigmas": [9, 1, 0]})
+  assert run.line_options(cfg, None, "euler", None, own) == {
+      "k_diffusion": True, "sigmas": [9, 1, 0], "timestep_spacing": "linspace"}
+  assert run.line_options(cfg, None, "kdpm2", "exponential", freeze_options({"x": 1})) == {
+      "k_diffusion": True, "schedule_type": "exponential", "timestep_spacing": "trailing", "x": 1}
+  assert run.line_options(cfg, None, "dpmpp_sde", "automatic", own) == {
+      "sigmas": [9, 1, 0], "timestep_spacing": "linspace"}
