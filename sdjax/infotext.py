@@ -262,18 +262,23 @@ def _option_value(text: str) -> Any:
 
 
 def _eta(fields, flags, notes, scheduler) -> None:
-  """`Eta DDIM` (A1111's and sdjax's DDIM eta) and `Eta` (sdjax's TCD eta; A1111's ancestral
-  samplers' share of fresh noise, which sdjax's keep at 1)."""
+  """`Eta DDIM` (A1111's and sdjax's DDIM eta) and `Eta` (sdjax's TCD eta; the ancestral
+  samplers' share of fresh noise, their `eta` scheduler option; A1111's SDE samplers', which
+  sdjax's keep at 1)."""
   if "Eta DDIM" in fields:
     flags["eta"] = fields.pop("Eta DDIM")
   if "Eta" not in fields:
     return
   value = fields.pop("Eta")
-  if scheduler in ("ddim", "tcd"):  # older sdjax wrote DDIM's as Eta too
+  if scheduler in schedulers.ETA_SCHEDULERS:  # older sdjax wrote DDIM's as Eta too
     flags["eta"] = value
+  elif scheduler is not None and schedulers.takes_option(scheduler, "eta"):
+    if _number("Eta", value) != 1.0:  # 1: the default
+      options = json.loads(flags.get("scheduler_options", "{}"))
+      options.setdefault("eta", _number("Eta", value))  # sdjax's options say it too
+      flags["scheduler_options"] = json.dumps(options)
   elif _number("Eta", value) != 1.0:
-    notes.append((None, f"Eta: {value}: sdjax's ancestral and SDE samplers add all the fresh "
-                        "noise (eta 1)"))
+    notes.append((None, f"Eta: {value}: sdjax's SDE samplers add all the fresh noise (eta 1)"))
 
 
 def _number(key: str, value: str) -> float:

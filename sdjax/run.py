@@ -1856,6 +1856,9 @@ class _Metadata:
                   if options else {}),
                **({"Schedule type": kind}
                   if (kind := outputs.a1111_schedule_type(options)) else {}),
+               # an ancestral sampler's eta, where A1111 writes it (not 1)
+               **({"Eta": options["eta"]} if options.get("eta", 1) != 1
+                  and scheduler not in sampling.schedulers.ETA_SCHEDULERS else {}),
                **({"Denoising strength": strength} if job.init_image else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._controlnet_extra(),

@@ -77,9 +77,11 @@ def _to_d(x, sigma, denoised):
   return (x - denoised) / sigma
 
 
-def _ancestral_step(sigma, sigma_next):
-  sigma_up = torch.minimum(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2)
-                                        / sigma**2) ** 0.5)
+def _ancestral_step(sigma, sigma_next, eta=1.0):
+  if not eta:
+    return sigma_next, torch.zeros_like(sigma_next)
+  sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2)
+                                              / sigma**2) ** 0.5)
   return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
@@ -92,12 +94,12 @@ def sample_euler(config, sigmas, x, noises):
   return np.stack([y.numpy() for y in out])
 
 
-def sample_euler_ancestral(config, sigmas, x, noises):
+def sample_euler_ancestral(config, sigmas, x, noises, eta=1.0):
   """noises[i]: the draw after step i."""
   denoise, out = denoiser(config), []
   for i in range(len(sigmas) - 1):
     denoised = denoise(x, sigmas[i])
-    sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1])
+    sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
     x = x + _to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
     if sigmas[i + 1] > 0:
       x = x + noises[i] * sigma_up
@@ -123,13 +125,13 @@ def sample_dpmpp_2m(config, sigmas, x, noises, timesteps=None):
   return np.stack([y.numpy() for y in out])
 
 
-def sample_dpmpp_2s_ancestral(config, sigmas, x, noises):
+def sample_dpmpp_2s_ancestral(config, sigmas, x, noises, eta=1.0):
   """noises[2i + 1]: the draw after step i (its second model call's position)."""
   denoise, out = denoiser(config), []
   for i in range(len(sigmas) - 1):
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     denoised = denoise(x, sigma)
-    sigma_down, sigma_up = _ancestral_step(sigma, sigma_next)
+    sigma_down, sigma_up = _ancestral_step(sigma, sigma_next, eta)
     if sigma_down == 0:  # Euler to the denoised image
       x = x + _to_d(x, sigma, denoised) * (sigma_down - sigma)
       out.append(x)
@@ -201,7 +203,7 @@ def discard_penultimate(sigmas: torch.Tensor) -> torch.Tensor:
   return torch.cat([sigmas[:-2], sigmas[-1:]])
 
 
-def sample_dpm_2(config, sigmas, x, noises, ancestral: bool = False):
+def sample_dpm_2(config, sigmas, x, noises, ancestral: bool = False, eta=1.0):
   """DPM-Solver-2 (churn 0): the Euler move to the log-midpoint after a step's first call, the
   whole step with the midpoint's slope after its second; the last step, to 0, is Euler's. The
   ancestral form aims at sigma_down and then adds noises[2i + 1] (the draw after step i, at its
@@ -211,7 +213,7 @@ def sample_dpm_2(config, sigmas, x, noises, ancestral: bool = False):
     sigma = sigmas[i]
     d = _to_d(x, sigma, denoise(x, sigma))
     if ancestral:
-      target, sigma_up = _ancestral_step(sigma, sigmas[i + 1])
+      target, sigma_up = _ancestral_step(sigma, sigmas[i + 1], eta)
     else:
       target, sigma_up = sigmas[i + 1], None
     if target == 0:
@@ -229,5 +231,5 @@ def sample_dpm_2(config, sigmas, x, noises, ancestral: bool = False):
   return np.stack([y.numpy() for y in out])
 
 
-def sample_dpm_2_ancestral(config, sigmas, x, noises):
-  return sample_dpm_2(config, sigmas, x, noises, ancestral=True)
+def sample_dpm_2_ancestral(config, sigmas, x, noises, eta=1.0):
+  return sample_dpm_2(config, sigmas, x, noises, ancestral=True, eta=eta)

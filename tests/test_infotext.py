@@ -85,10 +85,23 @@ def test_what_sdjax_lacks_is_a_note_not_a_flag():
   notes = dict(found.notes)
   assert set(notes) == {"scheduler", "schedule_type", "rng", None}
   assert [t for f, t in found.notes if f is None] == [
-      "Eta: 0.67: sdjax's ancestral and SDE samplers add all the fresh noise (eta 1)",
+      "Eta: 0.67: sdjax's SDE samplers add all the fresh noise (eta 1)",
       "Denoising strength: 0.5: an img2img or inpainting image, whose init image is not in the "
       "file (give it in a .jsonl prompts line)",
       "not reproduced: Mask blur: 4"]
+
+
+def test_ancestral_eta():
+  """A1111's Eta of an ancestral sampler is its `eta` option (1, the default, sets nothing); an
+  sdjax image says it twice (its Scheduler options and A1111's Eta): one option."""
+  flags = _flags("a cat\nSteps: 20, Sampler: DPM2 a, CFG scale: 7, Seed: 1, Eta: 0.4")
+  assert json.loads(flags["scheduler_options"]) == {"timestep_spacing": "linspace",
+                                                    "k_diffusion": True, "eta": 0.4}
+  flags = _flags("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Eta: 1.0")
+  assert "eta" not in json.loads(flags["scheduler_options"])
+  found = reproduce("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Eta: 0.0, "
+                    "Scheduler options: eta=0.0, Version: sdjax 0.1.0")
+  assert json.loads(found.flags["scheduler_options"]) == {"eta": 0.0} and not found.notes
 
 
 def test_a1111_sampling_sdjax_does_not_do():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import k_diffusion_reference as kd
 import numpy as np
 import pytest
@@ -40,13 +41,13 @@ SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
 DISCARDING = ("DPM2", "DPM2 a")
 
 
-def _as_a1111_ran_it(sampler, label, steps, k_diffusion=True):
+def _as_a1111_ran_it(sampler, label, steps, k_diffusion=True, extra=""):
   """sdjax's scheduler with the options `reproduce` reads from an A1111 image (less DPM-Solver's
-  `k_diffusion`, when not `k_diffusion`), its state and its trajectory on the fake model; the
-  image's noise levels and noises."""
+  `k_diffusion`, when not `k_diffusion`; `extra`: more of its fields), its state and its
+  trajectory on the fake model; the image's noise levels and noises."""
   typed = f", Schedule type: {label}" if label else ""
   flags = infotext.reproduce(f"a cat\nSteps: {steps}, Sampler: {sampler}{typed}, CFG scale: 7, "
-                             "Seed: 1, Version: v1.10.1").flags
+                             f"Seed: 1, {extra}Version: v1.10.1").flags
   options = {**json.loads(flags["scheduler_options"]),
              **outputs.schedule_type_options(flags["schedule_type"])}
   if not k_diffusion:
@@ -133,3 +134,36 @@ def test_k_diffusion_stays_only_where_a_sampler_takes_it():
   assert sampling.k_diffusion_for("dpmpp_sde", options) == {"timestep_spacing": "linspace"}
   assert sampling.k_diffusion_for("ddim", {"k_diffusion": True}) is None
   assert sampling.schedule_type_for(None, "unipc", options) == {"timestep_spacing": "linspace"}
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.4])
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM2 a", "DPM++ 2S a"])
+def test_ancestral_eta(sampler, eta):
+  """A1111's `Eta` of its ancestral samplers (k-diffusion's eta: the share of each step's noise
+  that is fresh; 0: none) is their `eta` option."""
+  ours, state, got, sigmas, init, noises = _as_a1111_ran_it(sampler, "Karras", 6,
+                                                            extra=f"Eta: {eta}, ")
+  assert ours.cfg["eta"] == eta
+  with correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * sigmas[0],
+                             [torch.from_numpy(n) for n in noises], eta=eta)
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} eta {eta} vs k-diffusion: {err:.3g}")
+  assert err <= TOL, err
+
+
+def test_ancestral_eta_option():
+  """eta is A1111's range, [0, 1]; at 1 the steps are diffusers' own; it lives in the state (one
+  program for every eta)."""
+  plain = get_scheduler("euler_ancestral", SD15)
+  for name in ("euler_ancestral", "kdpm2_ancestral_karras", "dpmpp_2s_ancestral"):
+    for bad in (1.5, -0.1, "x", True):
+      with pytest.raises(ValueError, match=f"scheduler '{name.removesuffix('_karras')}': eta "):
+        get_scheduler(name, SD15, options={"eta": bad})
+    ours = get_scheduler(name, SD15, options={"eta": 0.3})
+    assert ours.program() == get_scheduler(name, SD15).program()
+  one = get_scheduler("euler_ancestral", SD15, options={"eta": 1.0})
+  for a, b in zip(*(jax.tree.leaves(s.set_timesteps(7)) for s in (one, plain)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="an ancestral sampler's .* is its scheduler option eta"):
+    get_scheduler("euler_ancestral", SD15, eta=0.5)

@@ -678,8 +678,9 @@ def test_a1111_image_by_flag_and_by_line(model, cache, tmp_path):
   the line carries what the flags would set beside its fields, A1111's placement of the noise
   levels and its DPM2's form (scheduler options)."""
   params = tmp_path / "a1111.txt"
-  params.write_text("a (cat:1.2)\nNegative prompt: a dog\nSteps: 3, Sampler: DPM2 a, Schedule type: "
-                    "Automatic, CFG scale: 3.5, Seed: 11, Size: 24x16, RNG: CPU, Version: v1.10.1")
+  params.write_text("a (cat:1.2)\nNegative prompt: a dog\nSteps: 3, Sampler: DPM2 a, "
+                    "Schedule type: Automatic, CFG scale: 3.5, Seed: 11, Size: 24x16, RNG: CPU, "
+                    "Eta: 0.5, Version: v1.10.1")
   prompts = tmp_path / "p.jsonl"
   prompts.write_text(json.dumps({"parameters": str(params)}) + "\n")
   by_flag, by_line = str(tmp_path / "flag"), str(tmp_path / "line")
@@ -691,8 +692,12 @@ def test_a1111_image_by_flag_and_by_line(model, cache, tmp_path):
   assert flag["scheduler"] == line["scheduler"] == "kdpm2_ancestral"
   assert flag["scheduler_options"] == line["scheduler_options"]
   assert flag["scheduler_options"]["k_diffusion"] is True
+  assert flag["scheduler_options"]["eta"] == 0.5  # A1111's Eta of its ancestral samplers
   (name, want), = _pixels(by_flag).items()
   np.testing.assert_array_equal(_pixels(by_line)[line["file"]], want)
+  written = outputs.parse_a1111_parameters(
+      Image.open(os.path.join(by_flag, name)).text["parameters"])
+  assert written["Eta"] == "0.5" and written["Schedule type"] == "Karras"
 
 
 def test_sigmas_flag(model, cache, tmp_path):

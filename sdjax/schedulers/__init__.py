@@ -140,8 +140,11 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
   overrides = _REGISTRY[name][2]
   if eta:
     if name not in ETA_SCHEDULERS:
+      ancestral = ("; an ancestral sampler's (A1111's Eta) is its scheduler option eta"
+                   if takes_option(name, "eta") else "")
       raise SchedulerConfigError(
-          f"eta is an option of {', '.join(ETA_SCHEDULERS)} only, not of scheduler {name!r}")
+          f"eta is an option of {', '.join(ETA_SCHEDULERS)} only, not of scheduler {name!r}"
+          f"{ancestral}")
     overrides = {**overrides, "eta": eta}
   cls = _class(name)
   if options:

@@ -160,6 +160,35 @@ def as_f32(x: jnp.ndarray) -> jnp.ndarray:
   return rounded(x.astype(jnp.float32))
 
 
+# sdjax's option of the ancestral samplers (euler_ancestral, kdpm2_ancestral, dpmpp_2s_ancestral):
+# A1111's "Eta" (its eta_ancestral setting, k-diffusion's `eta`), the share of each step's noise
+# that is fresh: 1 (diffusers', the default) to 0 (no fresh noise: the step lands at sigma_next).
+# Above 1 (A1111's setting stops at 1) k-diffusion's steps would land at 0 midway, with fewer
+# model calls than sdjax's fixed positions.
+ANCESTRAL_ETA = "eta"
+
+
+def check_ancestral_eta(scheduler_name: str, config: dict[str, Any]) -> None:
+  eta = config.get(ANCESTRAL_ETA, 1.0)
+  if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r}: eta must be a number in [0, 1] (1: all of each step's "
+      f"noise fresh, as in diffusers), got {eta!r}")
+
+
+def ancestral_step(sigma: np.ndarray, sigma_next: np.ndarray, eta: float = 1.0):
+  """float32 (sigma_down, sigma_up): a step from sigma aims at sigma_down, then adds fresh noise
+  of scale sigma_up, sigma_down^2 + sigma_up^2 = sigma_next^2. diffusers' arithmetic at eta 1;
+  else k-diffusion's `get_ancestral_step` (sigma_up at most sigma_next; at eta 0, none)."""
+  with np.errstate(divide="ignore", invalid="ignore"):
+    sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+    if eta == 0:
+      return sigma_next.copy(), np.zeros_like(sigma_next)
+    if eta != 1:
+      sigma_up = np.minimum(sigma_next, np.float32(eta) * sigma_up)
+    return np.sqrt(sigma_next**2 - sigma_up**2), sigma_up
+
+
 def predict_original(prediction_type: str, model_output, sample, sigma, v_out, v_den):
   """x0 from the model output as the sigma schedulers compute it (float32 operands).
 
@@ -334,7 +363,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
 
   name = "euler_ancestral"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
-  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, ANCESTRAL_ETA)
   order = 1
   needs_noise = True
 
@@ -357,9 +386,13 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
   # diffusers raises NotImplementedError for "sample" at the first step.
   _PREDICTION_TYPES = ("epsilon", "v_prediction")
 
+  @classmethod
+  def _validate(cls, config: dict[str, Any]) -> None:
+    super()._validate(config)
+    check_ancestral_eta(cls.name, config)
+
   def _step_sizes(self, sigma, sigma_next):
-    sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
-    sigma_down = np.sqrt(sigma_next**2 - sigma_up**2)
+    sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.cfg.get(ANCESTRAL_ETA, 1.0))
     return sigma_down - sigma, sigma_up
 
   def step(self, state, model_output, i, sample, noise=None):

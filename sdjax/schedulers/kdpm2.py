@@ -21,6 +21,7 @@ two), unless the `sigmas` option gives them.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,8 +36,11 @@ from sdjax.schedulers.common import (
   true_divide,
 )
 from sdjax.schedulers.euler import (
+  ANCESTRAL_ETA,
   SigmaScheduler,
+  ancestral_step,
   as_f32,
+  check_ancestral_eta,
   init_sigma,
   input_scales,
   predict_original,
@@ -201,12 +205,17 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
   needs_noise = True
   ancestral = True
 
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, ANCESTRAL_ETA)
+
+  @classmethod
+  def _validate(cls, config: dict[str, Any]) -> None:
+    super()._validate(config)
+    check_ancestral_eta(cls.name, config)
+
   def _stages(self, sigmas: np.ndarray):
     nxt = np.roll(sigmas, -1)
     nxt[-1] = 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-      up = np.sqrt(nxt**2 * (sigmas**2 - nxt**2) / sigmas**2)
-      down = np.sqrt(nxt**2 - up**2)
+    down, up = ancestral_step(sigmas, nxt, self.cfg.get(ANCESTRAL_ETA, 1.0))
     down[-1] = 0.0
     mid = _log_midpoint(sigmas, down)
     mid[-2:] = 0.0
