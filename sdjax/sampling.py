@@ -1070,8 +1070,11 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   n_train = int(pipe.scheduler_config.get("num_train_timesteps", 1000))
   if steps > n_train:  # diffusers: an error for some schedulers, NaN or repeated steps for others
     raise ValueError(f"steps ({steps}) cannot exceed the model's {n_train} training timesteps")
-  if not (isinstance(eta, (int, float, np.floating)) and eta >= 0):
+  if not (isinstance(eta, (int, float, np.floating)) and 0 <= eta < math.inf):
     raise ValueError(f"eta must be a number >= 0, got {eta}")
+  for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
+    if not (isinstance(value, (int, float, np.number)) and math.isfinite(value)):
+      raise ValueError(f"{name} must be a finite number, got {value!r}")
   conditioning.check_clip_skip(pipe.networks, clip_skip)
   masks.check_masked_content(masked_content)
   check_rng(rng)
