@@ -33,7 +33,8 @@ from sdjax.dynamic_prompts import SYNTAX, DynamicPrompts, TemplateError, is_temp
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
                  "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
                  "control_image", "ip_adapter_image", "hires_prompt", "hires_negative_prompt",
-                 "schedule_type", "styles", "subseed", "subseed_strength", "scheduler_options")
+                 "schedule_type", "styles", "subseed", "subseed_strength", "scheduler_options",
+                 "clip_skip")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 
 
@@ -73,6 +74,7 @@ class PromptLine:
   # The line's scheduler options over the run's --scheduler_options (`freeze_options`; None:
   # the run's): e.g. an A1111 image's k-diffusion placement, from its "parameters".
   scheduler_options: tuple[tuple[str, Any], ...] | None = None
+  clip_skip: int | None = None  # A1111's Clip skip (1: the last layer; None: the run's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +104,7 @@ class ImageJob:
   subseed: int | None = None  # None: the run's (see `run.variation`)
   subseed_strength: float | None = None
   scheduler_options: tuple[tuple[str, Any], ...] | None = None  # the line's (`freeze_options`)
+  clip_skip: int | None = None  # None: the run's
 
   @property
   def kind(self) -> str | None:
@@ -161,7 +164,8 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
     if obj.get(key) is not None and not isinstance(obj[key], str):
       raise RunError(f"{where}: \"{key}\" must be a string")
   negative = obj.get("negative_prompt")
-  for key, least in (("seed", 0), ("num_images", 1), ("steps", 1), ("subseed", 0)):
+  for key, least in (("seed", 0), ("num_images", 1), ("steps", 1), ("subseed", 0),
+                     ("clip_skip", 1)):
     value = obj.get(key)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                               or value < least):
@@ -213,7 +217,7 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
                     schedule_type, None if styles is None else tuple(styles),
                     obj.get("subseed"),
                     None if subseed_strength is None else float(subseed_strength),
-                    freeze_options(options) if options else None)
+                    freeze_options(options) if options else None, obj.get("clip_skip"))
 
 
 def _check_options(options, where: str) -> None:
@@ -247,7 +251,7 @@ _PARAMETERS_FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "steps
                       "scheduler": str, "schedule_type": str, "width": int, "height": int,
                       "guidance_scale": float, "subseed": int, "subseed_strength": float,
                       "hires_prompt": str, "hires_negative_prompt": str,
-                      "scheduler_options": json.loads}
+                      "scheduler_options": json.loads, "clip_skip": int}
 
 
 def _with_parameters(path: str, where: str, obj: dict) -> dict:
@@ -476,7 +480,8 @@ def _key(line: PromptLine) -> list:
                                 ("subseed", line.subseed),
                                 ("subseed_strength", line.subseed_strength),
                                 ("scheduler_options", line.scheduler_options and thaw_options(
-                                    line.scheduler_options)))
+                                    line.scheduler_options)),
+                                ("clip_skip", line.clip_skip))
               if v is not None}
   if schedule:
     extra.append(schedule)
@@ -648,7 +653,7 @@ class Plan:
                     schedule_type=line.schedule_type,
                     subseed=None if line.subseed is None else line.subseed + j,
                     subseed_strength=line.subseed_strength,
-                    scheduler_options=line.scheduler_options)
+                    scheduler_options=line.scheduler_options, clip_skip=line.clip_skip)
 
 
 _SYNTAX_BYTES = (*(s.encode() for s in SYNTAX), b"\\")  # and any JSON escape

@@ -21,7 +21,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -590,23 +590,23 @@ def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None
   return dict(sorted((sampling.k_diffusion_for(scheduler, {**options, **own}) or {}).items()))
 
 
-def _check_clip_skip(cfg: RunConfig, pipe) -> None:
+def _check_clip_skip(clip_skip: int, pipe, what: str = "--clip_skip") -> None:
   """A1111's Clip skip: an integer from 1 to the text encoder's depth; SD1/SD2 only (A1111
   leaves SDXL's encoders at their penultimate layer whatever it says)."""
-  if cfg.clip_skip == 1:
+  if clip_skip == 1:
     return
   if pipe.is_sdxl:
-    raise RunError("--clip_skip is A1111's Clip skip for SD1/SD2 models; A1111 leaves SDXL's "
+    raise RunError(f"{what} is A1111's Clip skip for SD1/SD2 models; A1111 leaves SDXL's "
                    "text encoders at their penultimate layer (generate(clip_skip=) has "
                    "diffusers' SDXL clip skip)")
   try:
-    if not isinstance(cfg.clip_skip, int) or cfg.clip_skip < 1:
-      raise ValueError(f"got {cfg.clip_skip!r}")
-    conditioning.check_clip_skip(pipe.networks, cfg.clip_skip - 1)
+    if not isinstance(clip_skip, int) or clip_skip < 1:
+      raise ValueError(f"got {clip_skip!r}")
+    conditioning.check_clip_skip(pipe.networks, clip_skip - 1)
   except ValueError:
     layers = pipe.text_encoder.config.num_hidden_layers
-    raise RunError(f"--clip_skip must be an integer from 1 (the last layer) to {layers}, got "
-                   f"{cfg.clip_skip!r}") from None
+    raise RunError(f"{what} must be an integer from 1 (the last layer) to {layers}, got "
+                   f"{clip_skip!r}") from None
 
 
 def _hires(cfg: RunConfig) -> sampling.Hires | None:
@@ -836,7 +836,7 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   width = cfg.width or pipe.native_size
   sampling.check_size(pipe, height, width)
   scheduler = cfg.scheduler or sampling.schedulers.default_scheduler_name(pipe.scheduler_config)
-  _check_clip_skip(cfg, pipe)
+  _check_clip_skip(cfg.clip_skip, pipe)
   if cfg.scheduler_options:
     options = dict(cfg.scheduler_options)
     flag = next((f"--{key}" for key in ("sigmas", "timesteps", "schedule_type") if key in options),
@@ -1090,6 +1090,18 @@ def _write(writer, metadata, batch, images, finish, progress) -> int:
   return made
 
 
+class Schedule(NamedTuple):
+  """What of an image's sampling its prompt line may set, the run's where it does not
+  (`_Metadata.schedule`): one compiled program per distinct value (with size and kind)."""
+
+  steps: int
+  scheduler: str
+  strength: float | None  # None: text-to-image
+  schedule_type: str | None  # the line's (None: the run's scheduler options)
+  scheduler_options: tuple[tuple[str, Any], ...] | None  # the line's own (`line_options`)
+  clip_skip: int  # A1111's count (1: the last layer)
+
+
 @dataclasses.dataclass
 class _Program:
   """The sampler of one image size and kind (text-to-image, img2img or inpainting, guided or
@@ -1133,19 +1145,21 @@ class _Sampler:
     return params if second is None else (params, second.params)
 
   def program(self, size: tuple[int, int], kind: str | None, guidance: float,
-              schedule: tuple[int, str, float | None, str | None] | None = None) -> _Program:
+              schedule: Schedule | None = None) -> _Program:
     """The sampler of images of `size` (height, width) and `kind` (`ImageJob.kind`) under
     `schedule` (`_Metadata.schedule`; default the run's), made when first needed; one program
     serves every guidance scale > 1 (the scale is an input), another those <= 1 (no
     guidance)."""
     img2img = kind is not None
-    schedule = schedule or (self.cfg.steps, self.scheduler,
-                            self.cfg.strength if img2img else None, None, None)
+    schedule = Schedule(*schedule) if schedule else Schedule(  # a tuple from other processes
+        self.cfg.steps, self.scheduler, self.cfg.strength if img2img else None, None, None,
+        self.cfg.clip_skip)
     key = (size, kind, guidance > 1.0, schedule)
-    steps, scheduler, strength, schedule_type, own_options = schedule
+    steps, scheduler, strength = schedule.steps, schedule.scheduler, schedule.strength
     if key not in self.programs:
       cfg, pipe = self.cfg, self.pipe
       refiner, hires = self.refiner_pipe, _hires(cfg)
+      _check_clip_skip(schedule.clip_skip, pipe, 'a prompt line\'s "clip_skip"')
       try:
         sampling.check_size(pipe, *size)
         if pipe.controlnet is not None:  # T2I-Adapters: their feature maps at this size
@@ -1166,9 +1180,9 @@ class _Sampler:
                     guidance_scale=guidance, guidance_rescale=cfg.guidance_rescale,
                     eta=cfg.eta, cfg_split=cfg.cfg_parallel, rng=cfg.rng, ensd=cfg.ensd,
                     seed_resize_from=_seed_resize(cfg),
-                    clip_skip=cfg.clip_skip - 1 or None,  # diffusers' count
-                    scheduler_options=line_options(cfg, pipe, scheduler, schedule_type,
-                                                   own_options) or None)
+                    clip_skip=schedule.clip_skip - 1 or None,  # diffusers' count
+                    scheduler_options=line_options(cfg, pipe, scheduler, schedule.schedule_type,
+                                                   schedule.scheduler_options) or None)
       extra = dict(img2img=True, strength=strength) if img2img else {}
       if pipe.controlnet is not None:
         extra["control"] = True
@@ -1691,8 +1705,8 @@ class _Metadata:
     self.controlnets = [_named_with_hash(path) for path in cfg.controlnet]
     self.ip_adapters = [_named_with_hash(path) for path in cfg.ip_adapter]
     self._hashes: dict[tuple[str, str], str] = {}
-    # (scheduler, line's schedule type) -> `line_options`: once per kind, not per image.
-    self._options: dict[tuple[str, str | None], dict[str, Any]] = {}
+    # (scheduler, line's schedule type and options) -> `line_options`: once per kind.
+    self._options: dict[tuple, dict[str, Any]] = {}
     # A1111's `Lora hashes` / `TI hashes`: every --lora; the <lora:...> tags and the embeddings'
     # trigger words an image's prompts use.
     self.lora_dir = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
@@ -1721,17 +1735,16 @@ class _Metadata:
     """A job's guidance scale: its prompt line's, else the run's."""
     return self.cfg.guidance_scale if job.guidance_scale is None else job.guidance_scale
 
-  def schedule(self, job: ImageJob) -> tuple[int, str, float | None, str | None,
-                                             tuple[tuple[str, Any], ...] | None]:
-    """(steps, scheduler, strength, schedule type, scheduler options) of a job: its prompt
-    line's, else the run's (strength None for text-to-image; schedule type and options None:
-    the run's scheduler options)."""
+  def schedule(self, job: ImageJob) -> Schedule:
+    """A job's schedule: its prompt line's, else the run's. An SDXL model's text encoders stay
+    at their penultimate layer whatever a line's Clip skip says, as in A1111."""
     cfg = self.cfg
     strength = None
     if job.init_image is not None:
       strength = cfg.strength if job.strength is None else job.strength
-    return (job.steps or cfg.steps, job.scheduler or self.scheduler, strength, job.schedule_type,
-            job.scheduler_options)
+    clip_skip = cfg.clip_skip if job.clip_skip is None or self.pipe.is_sdxl else job.clip_skip
+    return Schedule(job.steps or cfg.steps, job.scheduler or self.scheduler, strength,
+                    job.schedule_type, job.scheduler_options, clip_skip)
 
   def size(self, job: ImageJob) -> tuple[int, int]:
     """(height, width) of a job's image: its prompt line's, else the run's."""
@@ -1747,8 +1760,9 @@ class _Metadata:
     second pass's; `hires` says the first pass's)."""
     cfg = self.cfg
     height, width = self.size(job)
-    steps, scheduler, strength, schedule_type, own = self.schedule(job)
-    options = self._line_options(scheduler, schedule_type, own)
+    schedule = self.schedule(job)
+    steps, scheduler, strength, schedule_type = schedule[:4]
+    options = self._line_options(scheduler, schedule_type, schedule.scheduler_options)
     hires = _hires_record(cfg)
     if hires:
       hires["hires"].update(first_height=height, first_width=width,
@@ -1769,7 +1783,7 @@ class _Metadata:
         **({"seed_resize_from": list(_seed_resize(cfg))} if _seed_resize(cfg) else {}),
         **({"subseed": varied[0], "subseed_strength": varied[1]}
            if (varied := variation(cfg, job)) else {}),
-        **({"clip_skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
+        **({"clip_skip": schedule.clip_skip} if schedule.clip_skip != 1 else {}),
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image, "strength": strength} if job.init_image else {}),
@@ -1845,8 +1859,9 @@ class _Metadata:
   def _parameters(self, job: ImageJob) -> str:
     cfg = self.cfg
     height, width = self.size(job)
-    steps, scheduler, strength, schedule_type, own = self.schedule(job)
-    options = self._line_options(scheduler, schedule_type, own)
+    schedule = self.schedule(job)
+    steps, scheduler, strength, schedule_type = schedule[:4]
+    options = self._line_options(scheduler, schedule_type, schedule.scheduler_options)
     return outputs.a1111_parameters(
         prompt=job.prompt, negative_prompt=job.negative_prompt, steps=steps,
         sampler=scheduler, cfg_scale=self.guidance(job), seed=job.seed, width=width,
@@ -1865,7 +1880,7 @@ class _Metadata:
                **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(
                    options)), **self._hires_prompts(job),
                **self._vae_extra(),
-               **({"Clip skip": cfg.clip_skip} if cfg.clip_skip != 1 else {}),
+               **({"Clip skip": schedule.clip_skip} if schedule.clip_skip != 1 else {}),
                **({"RNG": "CPU"} if cfg.rng == "torch_cpu" else {}),  # A1111's word
                **({"ENSD": cfg.ensd} if cfg.ensd else {}),
                **({"Seed resize from": "x".join(map(str, _seed_resize(cfg)))}
@@ -1941,7 +1956,7 @@ class _Metadata:
 
     for text in (job.prompt, job.negative_prompt or ""):
       texts = [t for _, t in prompts.prompt_schedule(prompts.lora_tags(text)[0],
-                                                     self.schedule(job)[0])]
+                                                     self.schedule(job).steps)]
       if any("(" in t or "[" in t for t in texts):
         return {"Emphasis": self.cfg.emphasis}
     return {}

@@ -245,14 +245,16 @@ def _free_port():
 def test_two_processes_mixed_sizes(model, cache, tmp_path):
   """Two processes write their own shards (0 and 2; 1) into one folder, with per-line image
   sizes: each step the processes agree on one size (one pads); a line of variation seeds among
-  them. The images are the single process's, every one exactly once, the manifest in order.
+  them, with its own Clip skip and scheduler options (its own program, agreed on as a tuple). The
+  images are the single process's, every one exactly once, the manifest in order.
   (A process passing the plain seeds beside another's variation form still ran here: these CPU
   programs have no collectives; run.py agrees on the form anyway, as a global program needs.)"""
   path = tmp_path / "sizes.jsonl"
   path.write_text("".join(json.dumps(line) + "\n" for line in [
       {"prompt": "a cat"}, {"prompt": "a dog", "width": 24}, {"prompt": "a bird", "width": 24},
       {"prompt": "a fish", "width": 24, "num_images": 2},
-      {"prompt": "a frog", "subseed": 5, "subseed_strength": 0.5}]))
+      {"prompt": "a frog", "subseed": 5, "subseed_strength": 0.5, "clip_skip": 2,
+       "scheduler_options": {"timestep_spacing": "trailing"}}]))
   args = ["--model", model, "--prompts_file", str(path), *COMMON, "--batch_size", "2",
           "--seed", "9", "--shard_size", "2", "--compilation_cache", cache]
   single = str(tmp_path / "single")
@@ -273,6 +275,8 @@ def test_two_processes_mixed_sizes(model, cache, tmp_path):
     np.testing.assert_array_equal(got[name], ref[name])
   assert [(r["height"], r["width"]) for r in _manifest(out)] == [
       (16, 16), (16, 24), (16, 24), (16, 24), (16, 24), (16, 16)]
+  frog = _manifest(out)[-1]
+  assert frog["clip_skip"] == 2 and frog["scheduler_options"]["timestep_spacing"] == "trailing"
   assert [r["index"] for r in _manifest(out)] == list(range(6))
   assert sorted(os.listdir(os.path.join(out, "manifests"))) == [
       f"00000{s}.jsonl" for s in range(3)]
@@ -680,7 +684,7 @@ def test_a1111_image_by_flag_and_by_line(model, cache, tmp_path):
   params = tmp_path / "a1111.txt"
   params.write_text("a (cat:1.2)\nNegative prompt: a dog\nSteps: 3, Sampler: DPM2 a, "
                     "Schedule type: Automatic, CFG scale: 3.5, Seed: 11, Size: 24x16, RNG: CPU, "
-                    "Eta: 0.5, Version: v1.10.1")
+                    "Eta: 0.5, Clip skip: 2, Version: v1.10.1")
   prompts = tmp_path / "p.jsonl"
   prompts.write_text(json.dumps({"parameters": str(params)}) + "\n")
   by_flag, by_line = str(tmp_path / "flag"), str(tmp_path / "line")
@@ -693,11 +697,19 @@ def test_a1111_image_by_flag_and_by_line(model, cache, tmp_path):
   assert flag["scheduler_options"] == line["scheduler_options"]
   assert flag["scheduler_options"]["k_diffusion"] is True
   assert flag["scheduler_options"]["eta"] == 0.5  # A1111's Eta of its ancestral samplers
+  assert flag["clip_skip"] == line["clip_skip"] == 2
   (name, want), = _pixels(by_flag).items()
   np.testing.assert_array_equal(_pixels(by_line)[line["file"]], want)
   written = outputs.parse_a1111_parameters(
       Image.open(os.path.join(by_flag, name)).text["parameters"])
   assert written["Eta"] == "0.5" and written["Schedule type"] == "Karras"
+  assert written["Clip skip"] == "2"
+  # A line's Clip skip the model lacks: one line when the run reaches it.
+  prompts.write_text(json.dumps({"prompt": "a cat", "clip_skip": 9}) + "\n")
+  proc = main_py(["--model", model, "--prompts_file", str(prompts), "--output_dir",
+                  str(tmp_path / "bad"), "--compilation_cache", cache], check=False)
+  assert proc.returncode == 2 and _error_lines(proc.stderr) == [
+      "error: a prompt line's \"clip_skip\" must be an integer from 1 (the last layer) to 3, got 9"]
 
 
 def test_sigmas_flag(model, cache, tmp_path):

@@ -160,6 +160,7 @@ def test_per_line_schedule(tmp_path):
                       ('"schedule_type": "fast"', '"schedule_type": unknown schedule type '),
                       ('"schedule_type": 3', '"schedule_type": a string, got 3'),
                       ('"scheduler_options": [1]', '"scheduler_options" must be an object'),
+                      ('"clip_skip": 0', '"clip_skip" must be a positive integer'),
                       ('"scheduler_options": {"x": {"y": 1}}',
                        '"scheduler_options": x must be a finite number, a string, true, false, '
                        'null or a list of numbers, got {"y": 1}'),
@@ -194,7 +195,8 @@ def test_lines_from_images_parameters(tmp_path):
                               subseed=8, subseed_strength=0.25,  # A1111 1.9's Automatic
                               # as A1111 placed its levels and stepped its sampler
                               scheduler_options=(("k_diffusion", True),
-                                                 ("timestep_spacing", "linspace")))
+                                                 ("timestep_spacing", "linspace")),
+                              clip_skip=2)
   line = parse_line(str(prompts), 1, json.dumps({
       "parameters": "a.png", "seed": 9, "prompt": "a cat", "num_images": 2,
       "scheduler_options": {"k_diffusion": False, "sigmas": [9, 1, 0]}}).encode())
