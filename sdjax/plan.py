@@ -28,6 +28,8 @@ import shlex
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from absl import logging
+
 from sdjax.dynamic_prompts import SYNTAX, DynamicPrompts, TemplateError, is_template
 
 _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "height",
@@ -254,9 +256,24 @@ _PARAMETERS_FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "steps
                       "scheduler_options": json.loads, "clip_skip": int}
 
 
+# What lines' "parameters" asked for that a line cannot set or sdjax cannot give, said once per
+# process (a gallery's lines mostly ask the same); not the run's model and VAE, which are the
+# lines' by design, nor a list of sigmas or timesteps, which the line takes as options.
+_WARNED: set[str] = set()
+_RUN_DECIDES = ("model", "vae", "sigmas", "timesteps")
+
+
+def _warn_once(key: str, text: str) -> None:
+  if key not in _WARNED:
+    _WARNED.add(key)
+    logging.warning("%s", text)
+
+
 def _with_parameters(path: str, where: str, obj: dict) -> dict:
   """A jsonl line with `"parameters": "image.png"` (A1111's, or sdjax's, or a text file of
-  them): the image's prompts and per-image settings, under the line's own fields."""
+  them): the image's prompts and per-image settings, under the line's own fields. What else the
+  image asks for (run-wide settings: the flags decide; what sdjax cannot give) is a warning, once
+  per kind."""
   from sdjax import infotext  # noqa: PLC0415
 
   file = _image_path(path, where, obj, "parameters")
@@ -268,7 +285,8 @@ def _with_parameters(path: str, where: str, obj: dict) -> dict:
   try:
     if text is None:
       raise ValueError("no A1111 parameters in it")
-    flags = infotext.reproduce(text).flags
+    found = infotext.reproduce(text)
+    flags = found.flags
     fields = {key: kind(flags[key][0] if key == "prompt" else flags[key])
               for key, kind in _PARAMETERS_FIELDS.items() if key in flags}
     for key in ("sigmas", "timesteps"):  # flags of their own on the command line
@@ -277,6 +295,17 @@ def _with_parameters(path: str, where: str, obj: dict) -> dict:
                                        key: [float(v) for v in flags[key]]}
   except ValueError as e:
     raise RunError(f'{where}: "parameters" {file}: {e}') from None
+  # The run's model and VAE are the lines' (README: a gallery made again with the run's model).
+  run_wide = sorted(f"--{key}={','.join(value) if isinstance(value, list) else value}"
+                    for key, value in flags.items()
+                    if key not in _PARAMETERS_FIELDS and key not in _RUN_DECIDES
+                    and (key, value) != ("rng", "jax"))  # sdjax's own noise: the default
+  if run_wide:
+    _warn_once(" ".join(run_wide), f'{where}: "parameters" {file} (and any line like it) asks '
+               f"for run-wide settings, which the run's flags decide: {' '.join(run_wide)}")
+  for flag, note in found.notes:
+    if flag not in _RUN_DECIDES:
+      _warn_once(note, f'{where}: "parameters" {file}: {note}')
   line = {**fields, **{k: v for k, v in obj.items() if k != "parameters"}}
   if isinstance(obj.get("scheduler_options"), dict) and "scheduler_options" in fields:
     line["scheduler_options"] = {**fields["scheduler_options"], **obj["scheduler_options"]}

@@ -365,3 +365,24 @@ def test_memory_does_not_grow_with_the_file(tmp_path):
   assert (total, last) == (200_000, 199_999)
   assert prompt.startswith("a red circle number 199999")
   assert peak < 2 * 2**20, peak
+
+
+def test_parameters_lines_say_what_they_leave_to_the_run(tmp_path, caplog):
+  """What a line's image asks for that a line cannot set (run-wide flags) or sdjax cannot give
+  is one warning per kind in a process, not one per line."""
+  from sdjax import plan
+  from sdjax.plan import parse_line
+
+  (tmp_path / "a.txt").write_text("a cat\nSteps: 20, Sampler: Restart, CFG scale: 7, Seed: 1, "
+                                  "Size: 64x64, RNG: CPU, ENSD: 31337, Hires upscale: 2, "
+                                  "Model: foo, Version: v1.10.1")
+  plan._WARNED.clear()
+  for n in range(3):
+    parse_line(str(tmp_path / "p.jsonl"), n + 1, b'{"parameters": "a.txt", "seed": %d}' % n)
+  said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert [s.split(": ", 1)[1] for s in said] == [  # not the model: the run's is the lines'
+      '"parameters" ' + str(tmp_path / "a.txt") + " (and any line like it) asks for run-wide "
+      "settings, which the run's flags decide: --ensd=31337 --hires_scale=2 --rng=torch_cpu",
+      '"parameters" ' + str(tmp_path / "a.txt") + ": Sampler: Restart is not one sdjax has: "
+      "the model's own is used (or give --scheduler)"]
+  assert said[0].startswith(str(tmp_path / "p.jsonl") + " line 1:")
