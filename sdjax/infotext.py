@@ -27,7 +27,7 @@ _AUTOMATIC_SCHEDULE_TYPES = {"dpmpp_2m": "Karras", "dpmpp_sde": "Karras",
                              "dpmpp_2s_ancestral": "Karras",
                              "dpmpp_2m_sde": "Exponential", "dpmpp_2m_sde_heun": "Exponential",
                              "dpmpp_3m_sde": "Exponential", "kdpm2": "Karras",
-                             "kdpm2_ancestral": "Karras"}
+                             "kdpm2_ancestral": "Karras", "restart": "Karras"}
 # A1111's samplers that always drop the penultimate level (its discard_next_to_last_sigma), as
 # sdjax's do with `k_diffusion`; A1111 writes `Discard penultimate sigma` for others when a setting
 # makes them drop it too.
@@ -192,7 +192,9 @@ def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
     if schedulers.takes_option(scheduler, "k_diffusion"):
       options["k_diffusion"] = True
     flags["scheduler_options"] = json.dumps(options)
-    if label in (None, "Automatic") and not scheduler.endswith("_karras"):
+    if label is None and scheduler == "restart":  # A1111 1.6-1.8's Restart: Karras
+      label = "Karras"
+    elif label in (None, "Automatic") and not scheduler.endswith("_karras"):
       label = "Uniform"
   if label in (None, "Automatic"):
     return scheduler
@@ -206,13 +208,18 @@ def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
 
 
 def _a1111_sampling(fields, notes, sampler, scheduler) -> None:
-  """What an A1111 image's sampler did that sdjax's does not: noise from a Brownian tree, a
-  penultimate level dropped by A1111's "Always discard next-to-last sigma" setting."""
+  """What an A1111 image's sampler did that sdjax's does not: noise from a Brownian tree or
+  torch's global generator, a penultimate level dropped by A1111's "Always discard
+  next-to-last sigma" setting."""
   family = (scheduler or "").removesuffix("_karras")
   if family in _BROWNIAN:
     notes.append(("scheduler", f"Sampler: {sampler}: A1111 draws its fresh noise from a Brownian "
                                "tree (torchsde's) seeded by the image's seed, sdjax from its RNG: "
                                "the image will differ"))
+  if family == "restart" and _number("Steps", fields.get("Steps", "0")) >= 20:
+    notes.append(("scheduler", "Sampler: Restart: from 20 steps A1111 draws its restarts' noise "
+                               "from torch's global generator, not from the image's seed: the "
+                               "image will differ"))
   if fields.pop("Discard penultimate sigma", None) == "True" and family not in _DISCARDING:
     notes.append((None, f"Discard penultimate sigma: True: sdjax's {scheduler or 'sampler'} keeps "
                         "every noise level"))

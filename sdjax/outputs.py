@@ -75,6 +75,7 @@ A1111_SAMPLER_NAMES = {
     "kdpm2_ancestral_karras": "DPM2 a Karras",
     "dpmpp_2s_ancestral": "DPM++ 2S a",
     "dpmpp_2s_ancestral_karras": "DPM++ 2S a Karras",
+    "restart": "Restart",
     "unipc": "UniPC",
     "ddpm": "DDPM",
     "lcm": "LCM",

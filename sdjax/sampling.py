@@ -1086,6 +1086,10 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
                                    options=model_schedule(pipe, scheduler_options))
   state = sched.set_timesteps(int(steps), sample_shape=(batch, *latent_hw, latent_channels(pipe)))
+  if sched.text_to_image_only and (img2img or denoising_start is not None
+                                   or denoising_end is not None):
+    raise ValueError(f"scheduler {sched.name!r} makes text-to-image runs only (no img2img, "
+                     "refiner handoff or hires pass): pick another for those")
   begin, end = 0, None
   if denoising_start is not None:
     begin = denoising_start_index(sched, state, denoising_start)
@@ -1372,6 +1376,9 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
     if hires.schedule_type:
       scheduler_options["schedule_type"] = hires.schedule_type
     scheduler_options = scheduler_options or None
+  if schedulers.get_scheduler(scheduler, pipe.scheduler_config).text_to_image_only:
+    raise ValueError(f"scheduler {scheduler!r} makes text-to-image runs only: give the hires "
+                     "pass another (A1111's Hires sampler: hires_scheduler)")
   n = hires.steps or steps
   total = int(n / min(hires.strength, 0.999))
   (h, w), crop = hires.layout(pipe, height, width)

@@ -233,3 +233,49 @@ def sample_dpm_2(config, sigmas, x, noises, ancestral: bool = False, eta=1.0):
 
 def sample_dpm_2_ancestral(config, sigmas, x, noises, eta=1.0):
   return sample_dpm_2(config, sigmas, x, noises, ancestral=True, eta=eta)
+
+
+def _karras(n, sigma_min, sigma_max, rho=7.0):
+  """k-diffusion's `get_sigmas_karras` as it computes it (float32), then 0."""
+  ramp = torch.linspace(0, 1, n)
+  min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+  levels = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+  return torch.cat([levels, levels.new_zeros([1])])
+
+
+def sample_restart(config, sigmas, x, noises):
+  """A1111's Restart sampler (its automatic plan: from 20 steps, Karras levels for fewer steps
+  and restarts near sigma 0.1 back up to near 2), Heun steps with churn 0. noises[j]: the draw
+  at model call j; a restart takes the one of the call before it."""
+  denoise, out = denoiser(config), []
+  steps = len(sigmas) - 1
+  pairs = [(sigmas[i], sigmas[i + 1]) for i in range(steps)]
+  if steps >= 20:
+    back, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+    sigmas = _karras(steps - back * times, sigmas[-2].item(), sigmas[0].item())
+    low = int(torch.argmin((sigmas - 0.1).abs()))
+    high = int(torch.argmin((sigmas - 2).abs()))
+    pairs = []
+    for i in range(len(sigmas) - 1):
+      pairs.append((sigmas[i], sigmas[i + 1]))
+      if i + 1 == low and high < low:
+        climb = _karras(back + 1, sigmas[low].item(), sigmas[high].item())[:-1]
+        for _ in range(times):
+          pairs += list(zip(climb[:-1], climb[1:], strict=True))
+  last = None
+  for old, new in pairs:
+    if last is not None and last < old:
+      x = x + noises[len(out) - 1] * (old**2 - last**2) ** 0.5
+      out[-1] = x
+    d = _to_d(x, old, denoise(x, old))
+    dt = new - old
+    if new == 0:
+      x = x + d * dt
+    else:
+      x_2 = x + d * dt
+      out.append(x_2)
+      d_2 = _to_d(x_2, new, denoise(x_2, new))
+      x = x + (d + d_2) / 2 * dt
+    out.append(x)
+    last = new
+  return np.stack([y.numpy() for y in out])

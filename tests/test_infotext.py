@@ -58,6 +58,8 @@ def test_a1111_image():
     ("DPM2", "Automatic", "Karras"),
     ("DPM2 a", None, "Uniform"),
     ("DPM++ SDE", "Automatic", "Karras"),
+    ("Restart", "Automatic", "Karras"),
+    ("Restart", None, "Karras"),  # A1111 1.6-1.8 ran it on Karras levels
     ("DDIM", "Karras", None),  # A1111 steps its timestep samplers over their own timesteps
     ("UniPC", "Exponential", None),
 ])
@@ -68,9 +70,10 @@ def test_schedule_type(sampler, label, want):
   options = json.loads(flags.get("scheduler_options", "{}"))
   if sampler in ("DDIM", "UniPC"):  # A1111 runs the others in k-diffusion
     assert options == {}
-  else:  # as A1111 steps (k_diffusion), but DPM++ SDE, whose steps sdjax does not claim
+  else:  # as A1111 steps (k_diffusion), but DPM++ SDE, whose steps sdjax does not claim, and
+    # Restart, A1111's own loop
     assert options == {"timestep_spacing": "linspace",
-                       **({} if sampler == "DPM++ SDE" else {"k_diffusion": True})}
+                       **({} if sampler in ("DPM++ SDE", "Restart") else {"k_diffusion": True})}
   # sdjax's own images name their schedule type when they have one: nothing to infer.
   flags = _flags(f"a cat\nSteps: 20, Sampler: {sampler}{typed}, CFG scale: 7, Seed: 1, "
                  "Version: sdjax 0.1.0")
@@ -78,7 +81,7 @@ def test_schedule_type(sampler, label, want):
 
 
 def test_what_sdjax_lacks_is_a_note_not_a_flag():
-  text = ("a cat\nSteps: 20, Sampler: Restart, Schedule type: Polyexponential, CFG scale: 7, "
+  text = ("a cat\nSteps: 20, Sampler: DPM adaptive, Schedule type: Polyexponential, CFG scale: 7, "
           "Seed: 1, RNG: NV, Eta: 0.67, Denoising strength: 0.5, Mask blur: 4")
   found = reproduce(text)
   assert set(found.flags) == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed"}
@@ -110,6 +113,9 @@ def test_a1111_sampling_sdjax_does_not_do():
   notes = _notes("a cat\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: Karras, CFG scale: 7, "
                  "Seed: 1, RNG: CPU")
   assert set(notes) == {"scheduler"} and "Brownian" in notes["scheduler"]
+  for steps, said in ((19, {}), (20, {"scheduler"})):  # Restart's restarts from 20 steps
+    notes = _notes(f"a cat\nSteps: {steps}, Sampler: Restart, CFG scale: 7, Seed: 1, RNG: CPU")
+    assert set(notes) == set(said)
   found = reproduce("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, RNG: CPU, "
                     "Discard penultimate sigma: True")
   assert found.notes == ((None, "Discard penultimate sigma: True: sdjax's euler keeps every "
@@ -173,7 +179,7 @@ def test_hires_fix():
   flags = _flags(base + "Denoising strength: 0.7, Hires upscale: 1.3, Hires resize: 664x664, "
                  "Hires upscaler: Latent")
   assert flags["hires_scale"] == "1.3" and "hires_resize_width" not in flags
-  notes = _notes(base + "Denoising strength: 0.7, Hires upscale: 2, Hires sampler: Restart, "
+  notes = _notes(base + "Denoising strength: 0.7, Hires upscale: 2, Hires sampler: DPM fast, "
                  "Hires checkpoint: other [abcdef1234]")
   assert set(notes) == {"rng", "hires_scheduler", "hires_model"}
   flags = _flags(base + "Denoising strength: 0.7, Hires upscale: 2, Hires checkpoint: "

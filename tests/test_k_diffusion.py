@@ -167,3 +167,20 @@ def test_ancestral_eta_option():
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="an ancestral sampler's .* is its scheduler option eta"):
     get_scheduler("euler_ancestral", SD15, eta=0.5)
+
+
+@pytest.mark.parametrize("steps", [6, 20, 37])
+@pytest.mark.parametrize("label", [None, "Uniform"])
+def test_restart(steps, label):
+  """A1111's Restart (Automatic, or an image older than schedule types: Karras; from 20 steps
+  its restarts, with fresh noise) steps as its loop, written out in torch; more model calls than
+  Heun's 2n - 1 from 20 steps."""
+  ours, state, got, sigmas, init, noises = _as_a1111_ran_it("Restart", label, steps)
+  with correctly_rounded_sqrt():
+    want = kd.sample_restart(SD15, sigmas, torch.from_numpy(init) * sigmas[0],
+                             [torch.from_numpy(n) for n in noises])
+  calls = {6: 11, 20: 39, 37: 73}[steps]  # 37: 18 steps down, 2 x 9 restart steps, 2 calls each
+  assert len(state.timesteps) == len(want) == calls
+  err = max_rel_error(got, want)
+  print(f"maxrel Restart {label} {steps} steps vs its loop: {err:.3g}")
+  assert err <= TOL, err

@@ -779,6 +779,19 @@ def test_default_size_and_bfloat16(pipes):
   assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
 
+def test_restart_below_20_steps_is_heun_over_karras(pipes):
+  """A1111's Restart plans no restart below 20 steps: generate() then makes Heun's image over
+  the same Karras levels (from 20 steps its walk is checked against its loop in
+  test_k_diffusion)."""
+  _sd1_only(pipes)
+  _, pipe, _ = pipes
+  common = dict(steps=5, guidance_scale=GUIDANCE, seed=7, height=64, width=64)
+  got = pipe.generate(PROMPTS, scheduler="restart", **common)
+  want = pipe.generate(PROMPTS, scheduler="heun", scheduler_options={
+      "use_karras_sigmas": True, "timestep_spacing": "linspace"}, **common)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"scheduler": "fancy"}, "unknown scheduler 'fancy'"),
     ({"steps": 0}, "steps must be a positive integer"),
@@ -792,6 +805,9 @@ def test_default_size_and_bfloat16(pipes):
     ({"eta": -1.0, "scheduler": "ddim"}, "eta must be a number >= 0"),
     ({"eta": float("inf"), "scheduler": "ddim"}, "eta must be a number >= 0"),
     ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number, got nan"),
+    ({"scheduler": "restart", "hires_scale": 2.0}, "'restart' makes text-to-image runs only"),
+    ({"scheduler": "restart", "init_images": np.zeros((2, 64, 64, 3), np.float32)},
+     "'restart' makes text-to-image runs only"),
     ({"guidance_rescale": float("inf")}, "guidance_rescale must be a finite number, got inf"),
     ({"hires_prompts": "a cat"}, "hires_prompts and hires_negative_prompts are the hires pass"),
     ({"rng": "cuda"}, "unknown rng 'cuda'; use one of jax, torch_cpu"),

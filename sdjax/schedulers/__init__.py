@@ -53,6 +53,9 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
                            {"use_karras_sigmas": False}),
     "dpmpp_2s_ancestral_karras": ("dpmpp_2s", "DPMSolver2SAncestralScheduler",
                                   {"use_karras_sigmas": True}),
+    # Not in diffusers: A1111's Restart (Heun steps with restarts), its levels placed as A1111
+    # places them (k-diffusion's: between the training sigmas' extremes) whatever the config's.
+    "restart": ("restart", "RestartScheduler", {"timestep_spacing": "linspace"}),
     "unipc": ("unipc", "UniPCMultistepScheduler", {}),
     "edm_dpmpp_2m": ("dpmpp", "EDMDPMSolverMultistepScheduler", {}),
     "edm_euler": ("euler", "EDMEulerScheduler", {}),

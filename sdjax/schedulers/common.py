@@ -168,6 +168,8 @@ class Scheduler:
   # Whether diffusers draws that noise from the pipeline's generator (not a noise source of its
   # own): what a run of torch's generator (`sampling.RNGS`) reproduces.
   generator_noise: ClassVar[bool] = True
+  # Whether the scheduler makes text-to-image runs only (no img2img, refiner handoff or hires).
+  text_to_image_only: ClassVar[bool] = False
   # sdjax options beside diffusers' config whose values live only in the state `set_timesteps`
   # returns: the noise levels' placement (`sigma_schedules`), an ancestral sampler's eta.
   schedule_options: ClassVar[tuple[str, ...]] = ()
