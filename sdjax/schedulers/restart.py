@@ -137,11 +137,12 @@ class RestartScheduler(SigmaScheduler):
     sigma_in, dt, stage, noise_after = [], [], [], []
     for k, (old, new) in enumerate(walk):
       if new == 0:  # Euler's step alone
-        sigma_in.append(old), dt.append(new - old), stage.append(_EULER)
+        sigma_in += [old]
+        stage += [_EULER]
       else:
         sigma_in += [old, new]
-        dt += [new - old] * 2
         stage += [_PREDICT, _CORRECT]
+      dt += [new - old] * (len(sigma_in) - len(dt))
       after = _F32(0)
       if k + 1 < len(walk) and walk[k + 1][0] > new:  # a restart: noise back up to that level
         after = np.sqrt(walk[k + 1][0] ** 2 - new**2)
