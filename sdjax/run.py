@@ -578,7 +578,7 @@ def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None
   --sigmas, --timesteps), a line's type or own placement (sigmas, a spacing, ...) in place of
   whatever placed the noise levels, then the line's own options over the rest; without either,
   the run's schedule type is dropped for a line's scheduler that has no such type (it places its
-  own noise levels, as in A1111); so is `k_diffusion` (`sampling.k_diffusion_for`)."""
+  own noise levels, as in A1111); so are A1111's forms it has not (`sampling.a1111_form_for`)."""
   options = dict(cfg.scheduler_options)
   own = thaw_options(own)
   if schedule_type is None and not set(own) & set(sampling.PLACEMENT_OPTIONS):
@@ -587,7 +587,7 @@ def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None
     options = {k: v for k, v in options.items() if k not in sampling.PLACEMENT_OPTIONS}
     if schedule_type is not None:
       options.update(outputs.schedule_type_options(schedule_type))
-  return dict(sorted((sampling.k_diffusion_for(scheduler, {**options, **own}) or {}).items()))
+  return dict(sorted((sampling.a1111_form_for(scheduler, {**options, **own}) or {}).items()))
 
 
 def _check_clip_skip(clip_skip: int, pipe, what: str = "--clip_skip") -> None:

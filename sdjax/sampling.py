@@ -1148,25 +1148,30 @@ def model_schedule(pipe, scheduler_options: dict[str, Any] | None) -> dict[str, 
   return scheduler_options
 
 
-def k_diffusion_for(scheduler: str | None,
-                    scheduler_options: dict[str, Any] | None) -> dict[str, Any] | None:
-  """Scheduler options for another scheduler than the one they were given with, less the
-  `k_diffusion` option (step as A1111 runs each sampler) where that scheduler has no A1111 form
-  (A1111 ran it without k-diffusion, or sdjax's cannot step as it did)."""
-  if (scheduler is None or "k_diffusion" not in (scheduler_options or {})
-      or schedulers.takes_option(scheduler, "k_diffusion")):
+def a1111_form_for(scheduler: str | None,
+                   scheduler_options: dict[str, Any] | None) -> dict[str, Any] | None:
+  """Scheduler options for another scheduler than the one they were given with, less those that
+  say how A1111 runs a sampler where that scheduler has no such form, as A1111's settings apply
+  to each sampler that has them: `k_diffusion` (A1111 ran it without k-diffusion, or sdjax's
+  cannot step as it did) and an ancestral sampler's `eta` (A1111's Eta, not DDIM's or TCD's)."""
+  if scheduler is None or not scheduler_options:
     return scheduler_options
-  return {k: v for k, v in scheduler_options.items() if k != "k_diffusion"} or None
+  dropped = set()
+  if not schedulers.takes_option(scheduler, "k_diffusion"):
+    dropped.add("k_diffusion")
+  if not schedulers.takes_option(scheduler, "eta") or scheduler in schedulers.ETA_SCHEDULERS:
+    dropped.add("eta")
+  return {k: v for k, v in scheduler_options.items() if k not in dropped} or None
 
 
 def schedule_type_for(pipe, scheduler: str | None,
                       scheduler_options: dict[str, Any] | None) -> dict[str, Any] | None:
   """Scheduler options for another scheduler than the one they were given with (a hires sampler,
   a prompt line's): without a `schedule_type` that scheduler has not, which then places its
-  noise levels itself, as A1111 runs a sampler without schedule types; `k_diffusion` stays
-  where it takes it (`k_diffusion_for`). Other options stay (and fail in `prepare` where the
-  scheduler lacks them)."""
-  scheduler_options = k_diffusion_for(scheduler, scheduler_options)
+  noise levels itself, as A1111 runs a sampler without schedule types; A1111's sampler forms
+  stay where it has them (`a1111_form_for`). Other options stay (and fail in `prepare` where
+  the scheduler lacks them)."""
+  scheduler_options = a1111_form_for(scheduler, scheduler_options)
   if "schedule_type" not in (scheduler_options or {}):
     return scheduler_options
   try:

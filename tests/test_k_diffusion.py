@@ -122,17 +122,23 @@ def test_dpmpp_3m_sde_drops_the_penultimate_level(k_diffusion):
 
 
 def test_k_diffusion_stays_only_where_a_sampler_takes_it():
-  """The option follows the run to a hires or prompt line's scheduler only where that scheduler
-  has an A1111 form; every scheduler that takes it builds with it."""
+  """The option (and an ancestral sampler's eta) follows the run to a hires or prompt line's
+  scheduler only where that scheduler has that A1111 form; every scheduler that takes it builds
+  with it."""
   options = {"timestep_spacing": "linspace", "k_diffusion": True}
   takers = [name for name in SCHEDULERS if takes_option(name, "k_diffusion")]
   assert {"euler", "euler_ancestral", "heun", "lms", "kdpm2_ancestral_karras",
           "dpmpp_2s_ancestral", "dpmpp_2m", "dpmpp_3m_sde_karras"} <= set(takers)
   for name in takers:
     get_scheduler(name, SD15, options=options).set_timesteps(4, sample_shape=SHAPE)
-    assert sampling.k_diffusion_for(name, options) == options
-  assert sampling.k_diffusion_for("dpmpp_sde", options) == {"timestep_spacing": "linspace"}
-  assert sampling.k_diffusion_for("ddim", {"k_diffusion": True}) is None
+    assert sampling.a1111_form_for(name, options) == options
+  assert sampling.a1111_form_for("dpmpp_sde", options) == {"timestep_spacing": "linspace"}
+  assert sampling.a1111_form_for("ddim", {"k_diffusion": True}) is None
+  # An ancestral sampler's eta (A1111's Eta) follows only to another ancestral sampler.
+  eta = {**options, "eta": 0.5}
+  assert sampling.a1111_form_for("kdpm2_ancestral", eta) == eta
+  for name in ("dpmpp_2m", "ddim", "tcd"):
+    assert "eta" not in sampling.a1111_form_for(name, eta)
   assert sampling.schedule_type_for(None, "unipc", options) == {"timestep_spacing": "linspace"}
 
 

@@ -792,6 +792,19 @@ def test_restart_below_20_steps_is_heun_over_karras(pipes):
   np.testing.assert_allclose(got, want, atol=2e-6)
 
 
+def test_a1111_forms_follow_only_where_the_hires_sampler_has_them(pipes):
+  """An A1111 image's Euler a with Eta and k-diffusion's form, its hires pass DPM++ SDE (which
+  takes neither): the hires pass runs without them, as A1111's, rather than failing."""
+  _sd1_only(pipes)
+  _, pipe, _ = pipes
+  common = dict(steps=2, guidance_scale=GUIDANCE, seed=7, height=64, width=64, hires_scale=1.5,
+                hires_steps=1)
+  options = {"timestep_spacing": "linspace", "k_diffusion": True}
+  got = pipe.generate(PROMPTS[:1], scheduler="euler_ancestral", hires_scheduler="dpmpp_sde",
+                      scheduler_options={**options, "eta": 0.5}, **common)
+  assert got.shape == (1, 96, 96, 3) and np.isfinite(got).all()
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"scheduler": "fancy"}, "unknown scheduler 'fancy'"),
     ({"steps": 0}, "steps must be a positive integer"),
