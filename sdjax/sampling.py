@@ -1381,9 +1381,6 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
     if hires.schedule_type:
       scheduler_options["schedule_type"] = hires.schedule_type
     scheduler_options = scheduler_options or None
-  if schedulers.get_scheduler(scheduler, pipe.scheduler_config).text_to_image_only:
-    raise ValueError(f"scheduler {scheduler!r} makes text-to-image runs only: give the hires "
-                     "pass another (A1111's Hires sampler: hires_scheduler)")
   n = hires.steps or steps
   total = int(n / min(hires.strength, 0.999))
   (h, w), crop = hires.layout(pipe, height, width)
@@ -1393,6 +1390,9 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                         scheduler_options=scheduler_options, control=control,
                         control_guess=control_guess, rng=rng, ensd=ensd,
                         seed_resize_from=seed_resize_from)
+  if spec.scheduler.text_to_image_only:  # the pass starts partway (its begin, set here)
+    raise ValueError(f"scheduler {spec.scheduler.name!r} makes text-to-image runs only: give the "
+                     "hires pass another (A1111's Hires sampler: hires_scheduler)")
   return dataclasses.replace(spec, begin=(total - n) * spec.scheduler.order,
                              upscale=hires.upscaler, upscale_crop=crop,
                              fixed_guidance=None if hires.guidance_scale is None else float(

@@ -180,10 +180,10 @@ def ancestral_step(sigma: np.ndarray, sigma_next: np.ndarray, eta: float = 1.0):
   """float32 (sigma_down, sigma_up): a step from sigma aims at sigma_down, then adds fresh noise
   of scale sigma_up, sigma_down^2 + sigma_up^2 = sigma_next^2. diffusers' arithmetic at eta 1;
   else k-diffusion's `get_ancestral_step` (sigma_up at most sigma_next; at eta 0, none)."""
+  if eta == 0:
+    return sigma_next.copy(), np.zeros_like(sigma_next)
   with np.errstate(divide="ignore", invalid="ignore"):
     sigma_up = np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
-    if eta == 0:
-      return sigma_next.copy(), np.zeros_like(sigma_next)
     if eta != 1:
       sigma_up = np.minimum(sigma_next, np.float32(eta) * sigma_up)
     return np.sqrt(sigma_next**2 - sigma_up**2), sigma_up
