@@ -50,21 +50,25 @@ def select_files(repo_files: list[str], *, variant: str | None = None,
   safetensors are preferred over pickles, and `variant` files (e.g. fp16) over plain ones; a
   sharded checkpoint brings its index and every shard file. `configs_only`: configs and
   tokenizer (a single file's `config=`). `component="vae"`: only a VAE, from a pipeline repo's
-  `vae/` or a VAE repo's root.
+  `vae/` or a VAE repo's root (likewise `"safety_checker"`, with its image processor's
+  preprocessor_config.json).
   """
   files = set(repo_files)
   if component is not None:
     folder = f"{component}/" if f"{component}/config.json" in files else ""
     if f"{folder}config.json" not in files:
       return []
-    return [f"{folder}config.json"] + _weight_files(files, folder, WEIGHT_STEMS[component],
-                                                    variant)
+    wanted = [f"{folder}config.json"]
+    if component == "safety_checker":  # its image processor: a pipeline's, or its own
+      wanted += [f for f in ("feature_extractor/preprocessor_config.json",
+                             f"{folder}preprocessor_config.json") if f in files]
+    return wanted + _weight_files(files, folder, WEIGHT_STEMS[component], variant)
   wanted = [f for f in _CONFIG_FILES if f in files]
   for folder in ("tokenizer", "tokenizer_2"):  # tokenizer_2: SDXL
     wanted += [f"{folder}/{f}" for f in _TOKENIZER_FILES if f"{folder}/{f}" in files]
   if not configs_only:
     for comp, stem in WEIGHT_STEMS.items():
-      if comp != "image_encoder":  # an IP-Adapter's, loaded by load_ip_adapter
+      if comp not in ("image_encoder", "safety_checker"):  # loaded by their own loaders
         wanted += _weight_files(files, f"{comp}/", stem, variant)
   return wanted
 

@@ -169,6 +169,7 @@ WEIGHT_STEMS = {
     "text_encoder": "model",
     "text_encoder_2": "model",
     "image_encoder": "model",  # an IP-Adapter's (transformers' CLIPVisionModelWithProjection)
+    "safety_checker": "model",  # SD1.x's (diffusers' StableDiffusionSafetyChecker)
 }
 _PICKLE_STEMS = {"diffusion_pytorch_model": "diffusion_pytorch_model", "model": "pytorch_model"}
 
