@@ -179,6 +179,12 @@ flags.DEFINE_integer("num_shards", 1, "split the run into this many independent 
 flags.DEFINE_integer("shard_index", 0, "which of the --num_shards jobs this is: it makes the "
                      "shards s with s % num_shards == shard_index")
 flags.DEFINE_integer("writer_threads", 8, "threads that encode and write images")
+flags.DEFINE_string("safety_checker", None, "diffusers' safety checker: an SD1.x folder or hub "
+                    "id with safety_checker/ (e.g. the --model's own), or a checker's folder or "
+                    "hub id (CompVis/stable-diffusion-safety-checker); each record says nsfw")
+flags.DEFINE_enum("nsfw_action", "black", ["black", "keep"], "what becomes of an image the "
+                  "--safety_checker flags: black (written black, as diffusers returns it) or "
+                  "keep (written as made; only its record says nsfw)")
 flags.DEFINE_bool("overwrite", False, "replace a previous run with other settings in output_dir")
 flags.DEFINE_bool("allow_pickle", True, "ignored (pickles are read without running code)")
 flags.DEFINE_multi_string("controlnet", [], "a ControlNet or T2I-Adapter (diffusers folder or "
@@ -324,6 +330,7 @@ def _run_config() -> run.RunConfig:
       shard_size=FLAGS.shard_size,
       num_shards=FLAGS.num_shards, shard_index=FLAGS.shard_index,
       writer_threads=FLAGS.writer_threads, overwrite=FLAGS.overwrite,
+      safety_checker=FLAGS.safety_checker, nsfw_action=FLAGS.nsfw_action,
       model_config=FLAGS.model_config, vae=FLAGS.vae, prediction_type=FLAGS.prediction_type,
       compilation_cache=FLAGS.compilation_cache,
       coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,

@@ -28,7 +28,17 @@ import numpy as np
 from absl import logging
 
 import sdjax
-from sdjax import aot, conditioning, dynamic_prompts, masks, outputs, parallel, sampling, sinks
+from sdjax import (
+  aot,
+  conditioning,
+  dynamic_prompts,
+  masks,
+  outputs,
+  parallel,
+  safety,
+  sampling,
+  sinks,
+)
 from sdjax.conditioning import MicroConditioning
 from sdjax.plan import (
   ImageJob,
@@ -187,6 +197,11 @@ class RunConfig:
   # `styles` replace them).
   styles_file: str | None = None
   styles: tuple[str, ...] = ()
+  # diffusers' safety checker (`sdjax.safety`; a folder or hub id, None: off) and what becomes
+  # of an image it flags: "black" (written black, as diffusers returns it) or "keep"; either
+  # way its record says `nsfw`.
+  safety_checker: str | None = None
+  nsfw_action: str = "black"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,6 +460,11 @@ def validate(cfg: RunConfig) -> None:
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
     raise RunError(f"unknown scheduler {cfg.scheduler!r}; pick one of "
                    f"{', '.join(schedulers.SCHEDULERS)}")
+  if cfg.nsfw_action not in safety.NSFW_ACTIONS:
+    raise RunError(f"--nsfw_action must be one of {', '.join(safety.NSFW_ACTIONS)}, got "
+                   f"{cfg.nsfw_action!r}")
+  if cfg.nsfw_action != RunConfig.nsfw_action and not cfg.safety_checker:
+    raise RunError("--nsfw_action is for a run with --safety_checker")
 
 
 def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
@@ -510,6 +530,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
   if cfg.pag_scale:  # absent when off: older folders still match
     settings["pag"] = {"scale": cfg.pag_scale, "adaptive_scale": cfg.pag_adaptive_scale,
                        "applied_layers": list(cfg.pag_applied_layers)}
+  if cfg.safety_checker:  # absent when off: older folders still match
+    settings["safety_checker"] = {"source": cfg.safety_checker, "nsfw_action": cfg.nsfw_action}
   return {**settings, **_hires_record(cfg), **_sdxl_record(cfg, pipe)}
 
 
@@ -795,6 +817,12 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   store = sinks.Store(cfg.output_dir)
   store.check()
   plan = make_plan(cfg)
+  checker = None
+  if cfg.safety_checker:  # first: a bad one fails before the model loads
+    try:
+      checker = safety.load_safety_checker(cfg.safety_checker)
+    except safety.SafetyCheckerError as e:
+      raise RunError(f"--safety_checker: {e}") from None
   pipe = sdjax.load_pipeline(cfg.model, cfg.dtype, config=cfg.model_config, vae=cfg.vae,
                              prediction_type=cfg.prediction_type, loras=cfg.loras,
                              embeddings=cfg.embeddings)
@@ -860,7 +888,7 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   parallel.barrier("planned")  # every process has listed the shards before anyone writes
 
   made, seconds, compile_s, interrupted = _generate(
-      cfg, pipe, plan, work, sink, _Metadata(cfg, pipe, height, width, scheduler),
+      cfg, pipe, plan, work, sink, _Metadata(cfg, pipe, height, width, scheduler, checker),
       refiner, hires_model)
   parallel.barrier("generated")
   merged = False
@@ -1066,8 +1094,9 @@ def _agree_on_group(wanted, step: int = 0):
 
 def _write(writer, metadata, batch, images, finish, progress) -> int:
   """Fetches a finished batch, finishes inpainted images (`masks.Prepared.finish`, where `finish`
-  has one for the row) and hands the real ones to the writer threads."""
-  made = 0
+  has one for the row), runs the safety checker over them and hands the real ones to the writer
+  threads."""
+  ready = []
   for row, image in enumerate(parallel.local_rows_numpy(images)):
     shard, job = batch[row]
     if shard is not None:
@@ -1084,10 +1113,26 @@ def _write(writer, metadata, batch, images, finish, progress) -> int:
         if finish[row].crop is not None:  # "Only masked": the original's size
           record.update(height=image.shape[0], width=image.shape[1],
                         inpaint_region=list(finish[row].crop))
-      writer.submit(shard, record, image, metadata.parameters(job))
-      made += 1
-  progress.update(made)
-  return made
+      ready.append((shard, job, record, image))
+  if metadata.checker is not None and ready:
+    ready = _check_safety(metadata.checker, metadata.cfg.nsfw_action, ready, len(batch))
+  for shard, job, record, image in ready:
+    writer.submit(shard, record, image, metadata.parameters(job))
+  progress.update(len(ready))
+  return len(ready)
+
+
+def _check_safety(checker, action: str, ready: list, batch: int) -> list:
+  """A batch's (shard, job, record, image) with the safety checker's verdict in each record
+  (`nsfw`; `nsfw_score`, its highest concept score: flagged above 0) and, for action "black",
+  the flagged images black."""
+  result = checker.check([image for *_, image in ready], batch=batch)
+  images = [image for *_, image in ready]
+  if action == "black":
+    images = checker.censor(images, result)
+  for i, (_, _, record, _) in enumerate(ready):
+    record.update(nsfw=bool(result.nsfw[i]), nsfw_score=round(float(result.scores[i]), 3))
+  return [(*item[:3], image) for item, image in zip(ready, images, strict=True)]
 
 
 class Schedule(NamedTuple):
@@ -1693,10 +1738,11 @@ _A1111_NAME_SYMBOLS = str.maketrans("", "", ":,")  # A1111 drops these from hash
 class _Metadata:
   """Each image's manifest record and A1111 `parameters` text (extend both here)."""
 
-  def __init__(self, cfg: RunConfig, pipe, height: int, width: int, scheduler: str):
+  def __init__(self, cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
+               checker=None):
     from sdjax.checkpoints import embeddings, lora  # noqa: PLC0415
 
-    self.cfg, self.pipe = cfg, pipe
+    self.cfg, self.pipe, self.checker = cfg, pipe, checker
     self.height, self.width, self.scheduler = height, width, scheduler
     self.model_name, self.model_hash = model_identity(cfg.model)
     self.vae = vae_identity(cfg.vae) if cfg.vae is not None else None

@@ -431,6 +431,9 @@ BAD_INPUT = [
     (["--guidance_scale", "3e38", "--steps", "2"],
      "image 0 ('a cat'): NaN or inf pixels, the sampler diverged (2 "),
     (["--parameters_file", "no/such.png"], "--parameters_file: cannot read no/such.png"),
+    (["--safety_checker", "/nonexistent/checker"],
+     "--safety_checker: cannot load safety checker /nonexistent/checker: model folder "),
+    (["--nsfw_action", "keep"], "--nsfw_action is for a run with --safety_checker"),
     (["--parameters_file", "pyproject.toml"], "--parameters_file pyproject.toml: no A1111 "
                                               "parameters line"),
     # Last: its own process (a process sets its CPU devices once, before JAX starts).

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.stable_diffusion import safety_checker as diffusers_checker
-from parity import nchw
+from parity import nchw, one_image_run
 from transformers import CLIPConfig, CLIPImageProcessor
 
 import sdjax
-from sdjax import outputs, safety, testing
+from sdjax import outputs, run, safety, testing
 from sdjax.checkpoints import hub
 
 torch.set_num_threads(1)
@@ -228,3 +228,22 @@ def test_hub_files_of_a_checker():
   assert hub.select_files(own_repo, component="safety_checker") == [
       "config.json", "preprocessor_config.json", "pytorch_model.bin"]
   assert not any("safety_checker" in f for f in hub.select_files(pipeline_repo))
+
+
+@pytest.mark.parametrize("action", ["black", "keep"])
+def test_runs_record_and_black_out(model, tmp_path, action):
+  pipe = sdjax.load_pipeline(model)
+  flag_all, flag_none = str(tmp_path / "all"), str(tmp_path / "none")
+  torch_checker(concept_thresholds=-2.0).save_pretrained(flag_all)  # every cosine is above -2
+  torch_checker(concept_thresholds=2.0, special_thresholds=2.0).save_pretrained(flag_none)
+  _, record, png, settings = one_image_run(pipe, tmp_path / "flagged", safety_checker=flag_all,
+                                           nsfw_action=action)
+  made = outputs.to_uint8(np.asarray(pipe.generate(["a cat"], **settings))[0])
+  assert record["nsfw"] is True and record["nsfw_score"] > 1
+  np.testing.assert_array_equal(np.asarray(png), made * (action == "keep"))
+  _, record, png, _ = one_image_run(pipe, tmp_path / "clean", safety_checker=flag_none,
+                                    nsfw_action=action)
+  assert record["nsfw"] is False and record["nsfw_score"] < -1
+  np.testing.assert_array_equal(np.asarray(png), made)
+  with pytest.raises(run.RunError, match="--safety_checker: cannot load safety checker"):
+    one_image_run(pipe, tmp_path / "bad", safety_checker=str(tmp_path / "nowhere"))

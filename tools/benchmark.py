@@ -40,7 +40,11 @@ images at its 224x224) in sdjax and in transformers, calls interleaved in one pr
 IP-Adapter adds per image (its penultimate hidden states or image embeds; once per image, not
 per step). `--what rng --steps 30` times making `--batch` images' noise at the arch's latent size
 for an ancestral sampler (the initial draw and one per step) with torch's CPU generator on device
-(`--rng torch_cpu`'s) and with JAX's keys, in one process.
+(`--rng torch_cpu`'s) and with JAX's keys, in one process. `--what safety_checker` times the
+safety checker (the released one's ViT-L/14 shape, random weights) on `--batch` 8-bit images of
+the arch's size in sdjax (`SafetyChecker.check`: CLIP's image processor on the host, the encoder
+on device, the decision) and as diffusers' pipelines run it (the same processor, then its
+StableDiffusionSafetyChecker), calls interleaved; the host preprocessing apart.
 
 `sdxl` is SDXL base 1.0's architecture (2.6B-parameter UNet, CLIP-L + OpenCLIP-bigG encoders,
 1024x1024). `sdxl_small` keeps SDXL's layout (no attention at the first level, linear
@@ -66,7 +70,8 @@ _ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "sdxl", 
                           "architecture (random weights)")
 _WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate", "run",
                                                "first_image", "lora_merge", "encode",
-                                               "image_encoder", "dynamic_prompts", "rng"],
+                                               "image_encoder", "dynamic_prompts", "rng",
+                                               "safety_checker"],
                           "what to time")
 _ENCODER = flags.DEFINE_enum("encoder", "vit-h", ["vit-bigg", "vit-h", "vit-l"],
                              "image_encoder: which (testing.CLIP_VISION_SIZES)")
@@ -867,10 +872,67 @@ def bench_image_encoder():
           "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
+def bench_safety_checker():
+  """The safety checker (ViT-L/14, random weights) on `--batch` uint8 images in sdjax and as
+  diffusers runs it, float32, calls interleaved; best and median wall seconds of each."""
+  import tempfile  # noqa: PLC0415
+
+  import numpy as np  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+  import transformers  # noqa: PLC0415
+  from diffusers.pipelines.stable_diffusion.safety_checker import (  # noqa: PLC0415
+    StableDiffusionSafetyChecker,
+  )
+  from PIL import Image  # noqa: PLC0415
+
+  from sdjax import safety, testing  # noqa: PLC0415
+
+  vision = {k: v for k, v in testing.CLIP_VISION_SIZES["vit-l"].items() if k != "projection_dim"}
+  config = transformers.CLIPConfig(vision_config=dict(vision, image_size=224), projection_dim=768)
+  ref = StableDiffusionSafetyChecker(config).eval()
+  processor = transformers.CLIPImageProcessor(size={"shortest_edge": 224},
+                                              crop_size={"height": 224, "width": 224})
+  with tempfile.TemporaryDirectory() as folder:
+    ref.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    ours = safety.load_safety_checker(folder)
+  h, w = _size()
+  b = _BATCH.value
+  images = np.random.default_rng(0).integers(0, 256, (b, h, w, 3), dtype=np.uint8)
+  start = time.perf_counter()
+  ours.check(images)  # compiles
+  compile_s = time.perf_counter() - start
+
+  def diffusers_run():
+    pixels = processor([Image.fromarray(x) for x in images], return_tensors="pt").pixel_values
+    return ref(clip_input=pixels, images=images.copy())
+
+  programs = {"sdjax": lambda: ours.check(images), "diffusers": diffusers_run,
+              "preprocess": lambda: ours.pixels(images)}
+  wall = {name: [] for name in programs}
+  with torch.no_grad():
+    for fn in programs.values():
+      fn()
+    for _ in range(_REPEATS.value):
+      for name, fn in programs.items():
+        t0 = time.perf_counter()
+        fn()
+        wall[name].append(time.perf_counter() - t0)
+  return {"what": "safety_checker", "batch": b, "height": h, "width": w, "compile_s": compile_s,
+          **{f"{name}_best_s": min(t) for name, t in wall.items()},
+          **{f"{name}_median_s": statistics.median(t) for name, t in wall.items()},
+          "ratio_best": min(wall["sdjax"]) / min(wall["diffusers"]),
+          "params": sum(p.numel() for p in ref.parameters()), "torch_threads": torch_threads(),
+          "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
 def main(argv):
   del argv
   if _WHAT.value == "image_encoder":
     print(json.dumps(bench_image_encoder()))
+    return
+  if _WHAT.value == "safety_checker":
+    print(json.dumps(bench_safety_checker()))
     return
   if _BACKEND.value == "both":
     h, w = _size()
