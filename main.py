@@ -36,8 +36,9 @@ flags.DEFINE_enum("prediction_type", None, ["epsilon", "v_prediction"],
                   "override the scheduler's prediction type (SD2 single files: 512-base is "
                   "epsilon, 768-v is v_prediction, the default)")
 flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)")
-flags.DEFINE_string("prompts_file", None, ".txt (one prompt per line) or .jsonl (objects with "
-                    "prompt and optional negative_prompt, seed, num_images)")
+flags.DEFINE_string("prompts_file", None, ".txt (one prompt per line), .jsonl (objects with "
+                    "prompt and optional negative_prompt, seed, num_images, ...) or .csv / .tsv "
+                    "(a header row naming a prompt column and optional jsonl-named ones)")
 flags.DEFINE_string("parameters_file", None, "make an image again: an image with A1111 "
                     "parameters (A1111's PNG Info: a PNG, JPEG or WebP from A1111 or sdjax) or a "
                     "text file holding them (a path or fsspec URL) gives the prompts and every "

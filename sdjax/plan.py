@@ -17,6 +17,7 @@ Lines are parsed, and bad ones reported with their line number, when their shard
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import functools
 import hashlib
@@ -38,6 +39,15 @@ _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "he
                  "schedule_type", "styles", "subseed", "subseed_strength", "scheduler_options",
                  "clip_skip")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
+# Tables of prompts (`.csv`, `.tsv`): a header row names the columns; the prompt column is the
+# first named one of these (PartiPrompts' "Prompt", DrawBench's "Prompts", captions' "caption"),
+# other columns named as jsonl fields are those fields, and the rest (a benchmark's "Category",
+# ...) are left out.
+TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+_PROMPT_COLUMNS = ("prompt", "prompts", "caption", "text")
+_TABLE_INTS = ("seed", "num_images", "width", "height", "steps", "subseed", "clip_skip")
+_TABLE_FLOATS = ("guidance_scale", "strength", "subseed_strength")
+_TABLE_JSON = ("scheduler_options", "control_image", "ip_adapter_image", "styles")
 
 
 class RunError(ValueError):
@@ -123,21 +133,33 @@ def check_size(value, what: str) -> None:
     raise RunError(f"{what} must be a multiple of 8 between 8 and {MAX_SIZE}, got {value!r}")
 
 
-def _blank(path: str, raw: bytes, comments: bool) -> bool:
-  """A line that is no prompt: ASCII whitespace only, or (`comments`, a `.txt` file) a `#`
-  comment line. Decided on the bytes, as `Plan` counts lines."""
+def _blank(path: str, raw: bytes, comments: bool, number: int = 0) -> bool:
+  """A line that is no prompt: ASCII whitespace only, a table's header (line 1), or
+  (`comments`, a `.txt` file) a `#` comment line. Decided on the bytes, as `Plan` counts
+  lines."""
   line = raw.strip()
-  return not line or (comments and line.startswith(b"#") and not path.endswith(".jsonl"))
+  if number == 1 and _table(path):
+    return True
+  return not line or (comments and line.startswith(b"#") and not path.endswith(".jsonl")
+                      and not _table(path))
+
+
+def _table(path: str) -> str | None:
+  """The column delimiter of a `.csv` / `.tsv` prompts file; None for other files."""
+  return TABLE_DELIMITERS.get(os.path.splitext(path.lower())[1])
 
 
 def parse_line(path: str, number: int, raw: bytes, comments: bool = False) -> PromptLine | None:
-  """One line of a prompts file (`.jsonl`: a JSON object; else the prompt, or A1111's "Prompts
-  from file" options `--prompt "..." --steps 20 ...`); None when blank (with `comments`, A1111
-  syntax's `#`, a `.txt` line that is only a comment too)."""
-  if _blank(path, raw, comments):
+  """One line of a prompts file (`.jsonl`: a JSON object; `.csv` / `.tsv`: a row of the table
+  its header names (`table_columns`); else the prompt, or A1111's "Prompts from file" options
+  `--prompt "..." --steps 20 ...`); None when blank (with `comments`, A1111 syntax's `#`, a
+  `.txt` line that is only a comment too)."""
+  if _blank(path, raw, comments, number):
     return None
   line = _decode(path, number, raw)
   where = f"{path} line {number}"
+  if _table(path):
+    return _prompt_line(path, where, _table_row(path, where, line))
   if not path.endswith(".jsonl"):
     if not _is_a1111_options(line):
       return PromptLine(line.strip())
@@ -267,6 +289,67 @@ def _warn_once(key: str, text: str) -> None:
   if key not in _WARNED:
     _WARNED.add(key)
     logging.warning("%s", text)
+
+
+@functools.lru_cache(maxsize=16)
+def table_columns(path: str) -> tuple[str | None, ...]:
+  """The jsonl field of each column of a `.csv` / `.tsv` prompts file (None: a column left
+  out), from its header row; the columns left out are named in a warning, once."""
+  with _open(path) as f:
+    raw = f.readline()
+  header = _decode(path, 1, raw).lstrip("\ufeff")  # a spreadsheet's byte-order mark
+  try:
+    names = next(csv.reader([header], delimiter=_table(path), strict=True), [])
+  except csv.Error as e:
+    raise RunError(f"prompts file {path}: its header row is not one line of a table ({e})"
+                   ) from None
+  names = [name.strip().lower() for name in names]
+  prompt = next((name for name in _PROMPT_COLUMNS if name in names), None)
+  if prompt is None:
+    raise RunError(f"prompts file {path}: its header row names no prompt column (one of "
+                   f"{', '.join(_PROMPT_COLUMNS)}; got {', '.join(names) or 'nothing'})")
+  fields = {*_JSONL_FIELDS, "parameters"} - {"prompt"}
+  columns = tuple("prompt" if name == prompt else name if name in fields else None
+                  for name in names)
+  for name in set(names):
+    if names.count(name) > 1 and name in {prompt, *fields}:
+      raise RunError(f"prompts file {path}: its header row names column {name!r} twice")
+  left_out = [name for name, field in zip(names, columns, strict=True) if field is None]
+  if left_out:
+    logging.warning("prompts file %s: columns %s are not prompt settings; left out", path,
+                    ", ".join(repr(n) for n in left_out))
+  return columns
+
+
+def _table_row(path: str, where: str, line: str) -> dict[str, Any]:
+  """A `.csv` / `.tsv` row as the jsonl object its header's columns make (empty cells left
+  out; numbers and JSON cells read)."""
+  columns = table_columns(path)
+  try:
+    cells = next(csv.reader([line.rstrip("\r\n")], delimiter=_table(path), strict=True), [])
+  except csv.Error as e:
+    raise RunError(f"{where}: not one row of a table ({e}; a row must sit on one line)"
+                   ) from None
+  if len(cells) > len(columns):
+    raise RunError(f"{where}: {len(cells)} cells, the header names {len(columns)} columns")
+  obj: dict[str, Any] = {}
+  for field, cell in zip(columns, cells, strict=False):
+    if field is None or (field != "prompt" and not cell.strip()):
+      continue
+    try:
+      if field in _TABLE_INTS:
+        obj[field] = int(cell)
+      elif field in _TABLE_FLOATS:
+        obj[field] = float(cell)
+      elif field in _TABLE_JSON and cell.lstrip().startswith(("[", "{")):
+        obj[field] = json.loads(cell)
+      else:
+        obj[field] = cell
+    except ValueError:
+      kind = "an integer" if field in _TABLE_INTS else "a number" if field in _TABLE_FLOATS \
+        else "JSON"
+      raise RunError(f"{where}: column {field!r} must be {kind}, got {cell!r}") from None
+  return obj
 
 
 def _with_parameters(path: str, where: str, obj: dict) -> dict:
@@ -457,6 +540,7 @@ def _decode(path: str, number: int, raw: bytes) -> str:
 
 def read_prompts_file(path: str, comments: bool = False) -> list[PromptLine]:
   """Every prompt of a (small) prompts file, parsed; runs stream the file with `Plan` instead."""
+  table_columns.cache_clear()
   with _open(path) as f:
     lines = [parse_line(path, n, raw, comments) for n, raw in enumerate(f, 1)]
   prompts = [p for p in lines if p is not None]
@@ -571,19 +655,23 @@ class Plan:
   def _scan_file(self, digest) -> None:
     # Only lines that may name `num_images` are parsed: a plain line has the run's count.
     path, jsonl = self.prompts_file, self.prompts_file.endswith(".jsonl")
+    # A table's rows say their image count only in a num_images column, when it has one.
+    table_columns.cache_clear()  # the header as it is now, for this run
+    counted = _table(path) is not None and "num_images" in table_columns(path)
     entry, offset, total_before = len(self.prompts), 0, self.total
     with _open(path) as f:
       for number, raw in enumerate(f, 1):
         digest.update(raw)
-        if not _blank(path, raw, self.comments):
+        if not _blank(path, raw, self.comments, number):
           images = self.num_images_per_prompt
           if self._combinatorial and _may_be_template(raw):
             images = self._images(parse_line(path, number, raw, self.comments),
                                   f"{path} line {number}")
           elif self._combinatorial:
             images *= self._negatives
-          elif (b"num_images" in raw if jsonl else
-                raw.lstrip().startswith(b"--") and (b"--n_iter" in raw or b"--batch_size" in raw)):
+          elif counted or (b"num_images" in raw if jsonl else not _table(path) and
+                           raw.lstrip().startswith(b"--") and (b"--n_iter" in raw or
+                                                               b"--batch_size" in raw)):
             images = parse_line(path, number, raw).num_images or images
           self._count(entry, offset, images)
         entry += 1

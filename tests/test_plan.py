@@ -386,3 +386,62 @@ def test_parameters_lines_say_what_they_leave_to_the_run(tmp_path, caplog):
       '"parameters" ' + str(tmp_path / "a.txt") + ": Sampler: DPM adaptive is not one sdjax has: "
       "the model's own is used (or give --scheduler)"]
   assert said[0].startswith(str(tmp_path / "p.jsonl") + " line 1:")
+
+
+@pytest.mark.parametrize("shard_size", [1, 3, 100])
+def test_tables_make_the_jsonl_plan(tmp_path, shard_size, caplog):
+  """A .csv / .tsv (PartiPrompts', DrawBench's layouts) plans as the jsonl of its rows: the
+  header's prompt column and jsonl-named columns, empty cells left out, other columns ignored
+  with one warning; quoted cells keep commas and quotes."""
+  csv_path = tmp_path / "prompts.csv"
+  csv_path.write_text(
+      "\ufeffPrompts,Category,Seed,num_images,guidance_scale,negative_prompt\r\n"
+      '"a cat, sitting",Animals,7,2,,\r\n'
+      'a dog,Animals,,,5.5,"blurry, ""low"" quality"\r\n'
+      "\r\n"
+      "# not a comment here,Other,,,,\r\n"
+      "last,,,3,,")  # no final newline
+  jsonl = tmp_path / "same.jsonl"
+  jsonl.write_text("\n".join(json.dumps(o) for o in [
+      {"prompt": "a cat, sitting", "seed": 7, "num_images": 2},
+      {"prompt": "a dog", "guidance_scale": 5.5, "negative_prompt": 'blurry, "low" quality'},
+      {"prompt": "# not a comment here"}, {"prompt": "last", "num_images": 3}]))
+  kw = dict(num_images_per_prompt=2, seed=100, negative_prompt="neg", shard_size=shard_size)
+  want = _all_jobs(Plan([], str(jsonl), **kw))
+  with caplog.at_level("WARNING"):
+    plan = Plan([], str(csv_path), comments=True, **kw)
+  assert _all_jobs(plan) == want  # the same images; the blank line shifts nothing
+  assert plan.total == 2 + 2 + 2 + 3
+  assert [r.getMessage() for r in caplog.records
+          if "not prompt settings" in r.getMessage()] == [
+      f"prompts file {csv_path}: columns 'category' are not prompt settings; left out"]
+  for s in reversed(range(plan.num_shards)):  # any shard alone
+    assert list(plan.jobs(s)) == _all_jobs(plan)[s * shard_size:(s + 1) * shard_size]
+  tsv = tmp_path / "PartiPrompts.tsv"
+  tsv.write_text("Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\t\n"
+                 "a \"quoted\" word, and commas\tWorld\tBasic\tnote\n")
+  assert [p.prompt for p in read_prompts_file(str(tsv))] == [
+      "bond", 'a "quoted" word, and commas']
+
+
+def test_bad_tables(tmp_path):
+  kw = dict(num_images_per_prompt=1, seed=0, negative_prompt="", shard_size=10)
+  path = tmp_path / "p.csv"
+  for text, message in [
+      ("title,category\na cat,x\n", r"p.csv: its header row names no prompt column \(one of "
+                                    r"prompt, prompts, caption, text; got title, category\)"),
+      ("prompt,seed,Seed\na,1,2\n", "names column 'seed' twice"),
+      ('prompt\n"a cat\nsat"\n', r"p.csv line 2: not one row of a table"),
+      ("prompt,seed\na cat,1.5\n", r"p.csv line 2: column 'seed' must be an integer, got '1.5'"),
+      ("prompt,seed\na cat,1,2\n", "p.csv line 2: 3 cells, the header names 2 columns"),
+      ("prompt,guidance_scale\na,x\n", "column 'guidance_scale' must be a number, got 'x'"),
+      ("prompt,width\na,12\n", r'p.csv line 2: "width" must be a multiple of 8'),
+      ("prompt\n", "holds no prompts")]:
+    path.write_text(text)
+    with pytest.raises(RunError, match=message):
+      _all_jobs(Plan([], str(path), **kw))
+  path.write_text("caption,styles,scheduler_options\n"
+                  'a cat,"[""one"", ""two""]","{""use_karras_sigmas"": true}"\na dog,one,\n')
+  lines = read_prompts_file(str(path))
+  assert [(p.prompt, p.styles) for p in lines] == [("a cat", ("one", "two")), ("a dog", ("one",))]
+  assert lines[0].scheduler_options is not None and lines[1].scheduler_options is None
