@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import sys
 from typing import Any
 
@@ -503,9 +504,10 @@ def main(argv):
   if not summary.merged and not summary.interrupted and FLAGS.num_shards > 1:
     print("other jobs' shards are not finished yet: the last job to finish writes "
           "manifest.jsonl, index.html and grid.png", file=sys.stderr)
-  if summary.interrupted:
-    print("interrupted: rerun the same command to finish", file=sys.stderr)
-    sys.exit(130)
+  if summary.interrupted:  # 128 + the signal, as a shell reports it (another process's: 130)
+    why = "" if summary.stop_signal else " (on another process of the run)"
+    print(f"interrupted{why}: rerun the same command to finish", file=sys.stderr)
+    sys.exit(128 + (summary.stop_signal or signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -210,7 +210,8 @@ class RunSummary:
   skipped: int  # already finished before it started (whole run)
   seconds: float  # generating, compile excluded
   compile_seconds: float
-  interrupted: bool = False
+  interrupted: bool = False  # stopped early (here, or on another process of the run)
+  stop_signal: int | None = None  # the signal that stopped this process, if one did
   merged: bool = False  # manifest.jsonl / index.html / grid.png written: the run is complete
 
   @property
@@ -734,28 +735,35 @@ def _check_settings(store: sinks.Store, settings: dict[str, Any], overwrite: boo
 
 # -- the run ---------------------------------------------------------------------------------------
 class _StopFlag:
-  """First Ctrl-C: finish writing what was dispatched, then stop. Second: stop at once."""
+  """First Ctrl-C or SIGTERM (a pod's eviction, a preempted VM, a batch scheduler's time limit):
+  finish writing what was dispatched, then stop; `signum` says which came. Second: stop at
+  once."""
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signum: int | None = None
+    self._previous = {}
 
   def __enter__(self):
     def handler(signum, frame):
       if self.requested:
         raise KeyboardInterrupt
-      self.requested = True
-      logging.warning("interrupted: stopping after the current batch (Ctrl-C again to abort)")
+      self.requested, self.signum = True, signum
+      logging.warning("interrupted (%s): stopping after the current batch (again to abort)",
+                      signal.Signals(signum).name)
 
     try:
-      self._previous = signal.signal(signal.SIGINT, handler)
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
+      self._previous = {}
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -887,14 +895,15 @@ def generate_run(cfg: RunConfig) -> RunSummary:
   work, skipped = _find_work(cfg, plan, sink)
   parallel.barrier("planned")  # every process has listed the shards before anyone writes
 
-  made, seconds, compile_s, interrupted = _generate(
+  made, seconds, compile_s, interrupted, stop_signal = _generate(
       cfg, pipe, plan, work, sink, _Metadata(cfg, pipe, height, width, scheduler, checker),
       refiner, hires_model)
   parallel.barrier("generated")
   merged = False
   if jax.process_index() == 0 and not interrupted:
     merged = sinks.merge(store, plan.num_shards, plan.total)
-  summary = RunSummary(made, skipped, seconds, compile_s, interrupted, merged)
+  summary = RunSummary(made, skipped, seconds, compile_s, interrupted, merged=merged,
+                       stop_signal=stop_signal)
   logging.info("%d images in %.1f s (%.2f images/s; compile %.1f s); %d were already done",
                summary.images, summary.seconds, summary.images_per_second, compile_s,
                summary.skipped)
@@ -902,7 +911,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
 
 
 def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None, hires_model=None):
-  """Runs the compiled sampler over this process's work; (images, seconds, compile s, stop)."""
+  """Runs the compiled sampler over this process's work; (images, seconds, compile s, whether
+  it stopped early, the signal that stopped it here)."""
   try:
     mesh = parallel.make_mesh(cfg.cfg_parallel)
   except ValueError as e:
@@ -910,7 +920,7 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None, hires_model=N
   local_batch = cfg.batch_size * parallel.local_data_size(mesh)
   steps = parallel.max_over_processes(math.ceil(work.images / local_batch))
   if not steps:
-    return 0, 0.0, 0.0, False
+    return 0, 0.0, 0.0, False, None
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
   run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set, hires_model)
   run_batch.program((metadata.height, metadata.width), None,
@@ -923,10 +933,11 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None, hires_model=N
             lora_set(job.prompt) if lora_set is not None else None, metadata.schedule(job))
 
   batches = _Batches(work.jobs(plan), local_batch, group, lookahead=max(1024, 16 * local_batch))
-  made, start, pending, interrupted, progress = 0, None, None, False, None
+  made, start, pending, interrupted, progress, stop = 0, None, None, False, None, None
   try:
     with _StopFlag() as stop:
-      for batch, group in batches:  # until no process has work left
+      batches.stop = stop  # several processes stop together, at the step they agree on
+      for batch, group in batches:  # until no process has work left (or one asked to stop)
         # Dispatched: the devices work while the host writes the last batch.
         images, finish = run_batch(batch, *group)
         if progress is None:  # compiled: from here on the bar's rate and ETA mean something
@@ -935,11 +946,12 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None, hires_model=N
           done, pending = pending, None
           made += _write(writer, metadata, *done, progress)
         pending = batch, images, finish
-        if stop.requested:
-          interrupted = True
+        if stop.requested and jax.process_count() == 1:
           break
+      interrupted = stop.requested or batches.stopped
       done, pending = pending, None
-      made += _write(writer, metadata, *done, progress)
+      if done is not None:
+        made += _write(writer, metadata, *done, progress)
   except Exception:
     # A later prompt line failed (the file is streamed): keep the batch the devices were making,
     # and leave no device work in flight behind the error.
@@ -950,7 +962,8 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None, hires_model=N
     writer.close()
     if progress is not None:
       progress.close()
-  return made, time.perf_counter() - start, run_batch.compile_seconds, interrupted
+  return (made, time.perf_counter() - start if start is not None else 0.0,
+          run_batch.compile_seconds, interrupted, stop.signum if stop is not None else None)
 
 
 class _LoraSets:
@@ -1004,6 +1017,8 @@ class _Batches:
     self.queues: dict[Any, collections.deque] = {}  # group -> (read order, (shard, job))
     self.read = self.waiting = self.step = 0
     self.ended = False
+    self.stop = None  # a `_StopFlag`: processes end together once one asks to stop
+    self.stopped = False  # ended because a process asked to
 
   def __iter__(self):
     return self
@@ -1045,8 +1060,9 @@ class _Batches:
     return oldest
 
   def __next__(self):
-    group = _agree_on_group(self._proposal(), self.step)
-    if group is None:
+    asked = self.stop is not None and self.stop.requested
+    group, self.stopped = _agree_on_group(None if asked else self._proposal(), self.step, asked)
+    if group is None or self.stopped:
       raise StopIteration
     return self._take(group), group
 
@@ -1071,25 +1087,28 @@ def _frozen(value):
   return tuple(_frozen(x) for x in value) if isinstance(value, list) else value
 
 
-def _agree_on_group(wanted, step: int = 0):
-  """The group (JSON-able, nested tuples) that process `step` mod the process count wants, or
-  if it has no work the next one's after it, ...; None when no process has work. `wanted`: this
-  process's proposal, or None."""
+def _agree_on_group(wanted, step: int = 0, stop: bool = False):
+  """(The group (JSON-able, nested tuples) that process `step` mod the process count wants, or
+  if it has no work the next one's after it, ...; None when no process has work, whether some
+  process asks to stop). `wanted`: this process's proposal, or None; `stop`: this process asks
+  to stop (a signal), and then every process stops at this step."""
   if jax.process_count() == 1:
-    return wanted
+    return wanted, stop
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
-  data = np.frombuffer(json.dumps(wanted).encode(), np.uint8)
+  data = np.frombuffer(json.dumps([wanted, stop]).encode(), np.uint8)
   longest = parallel.max_over_processes(len(data))
   padded = np.zeros(longest, np.uint8)
   padded[:len(data)] = data
   every = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, longest)
-  first = step % len(every)
-  for row in (*every[first:], *every[:first]):  # in turn, from process `first`
-    value = json.loads(bytes(row).rstrip(b"\0").decode())
+  rows = [json.loads(bytes(row).rstrip(b"\0").decode()) for row in every]
+  if any(asked for _, asked in rows):
+    return None, True
+  first = step % len(rows)
+  for value, _ in (*rows[first:], *rows[:first]):  # in turn, from process `first`
     if value is not None:
-      return _frozen(value)
-  return None
+      return _frozen(value), False
+  return None, False
 
 
 def _write(writer, metadata, batch, images, finish, progress) -> int:

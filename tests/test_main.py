@@ -282,6 +282,43 @@ def test_two_processes_mixed_sizes(model, cache, tmp_path):
       f"00000{s}.jsonl" for s in range(3)]
 
 
+def test_two_processes_stop_together(model, cache, tmp_path):
+  """SIGTERM to one of two processes mid-run (one host of a pod evicted): both stop at the same
+  step after writing what they dispatched (before, the other waited forever in the next step's
+  collective), exit non-zero, and a rerun completes the run with the single process's pixels."""
+  prompts = [f"a photo of a cat {i}" for i in range(40)]
+  args = ["--model", model, *_prompt_args(prompts), *COMMON, "--batch_size", "1",
+          "--shard_size", "2", "--compilation_cache", cache]
+  single = str(tmp_path / "single")
+  main_py([*args, "--output_dir", single])
+  out = str(tmp_path / "out")
+
+  def both():
+    address = f"127.0.0.1:{_free_port()}"
+    return [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args, "--output_dir", out,
+         "--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
+        cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+
+  procs = both()
+  manifests = os.path.join(out, "manifests")
+  _wait_for(lambda: os.path.isdir(manifests) and len(os.listdir(manifests)) >= 2, procs[1])
+  procs[1].send_signal(signal.SIGTERM)
+  errs = [p.communicate(timeout=120)[1] for p in procs]
+  assert [p.returncode for p in procs] == [130, 143], errs[0][-2000:] + errs[1][-2000:]
+  assert "on another process of the run" in errs[0] and "interrupted (SIGTERM)" in errs[1]
+  assert not any("Traceback" in e for e in errs)
+  assert not os.path.exists(os.path.join(out, "manifest.jsonl"))  # stopped early
+  for p in both():
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  ref, got = _pixels(single), _pixels(out)
+  assert sorted(got) == sorted(ref) and len(ref) == 40
+  for name in ref:
+    np.testing.assert_array_equal(got[name], ref[name])
+
+
 def _tar_pixels(folder):
   """{png file the key would have: pixels} of every sample in the folder's WebDataset shards."""
   import webdataset as wds
@@ -304,9 +341,11 @@ def _wait_for(predicate, proc, seconds=240):
     time.sleep(0.05)
 
 
-@pytest.mark.parametrize("output_format", ["png", "webdataset"])
-def test_interrupt_then_resume(output_format, model, cache, tmp_path_factory):
-  """Ctrl-C mid-run, rerun: every image exactly once, the pixels of an uninterrupted run."""
+@pytest.mark.parametrize(("output_format", "signum"), [("png", signal.SIGINT),
+                                                        ("webdataset", signal.SIGTERM)])
+def test_interrupt_then_resume(output_format, signum, model, cache, tmp_path_factory):
+  """Ctrl-C (or SIGTERM: an eviction) mid-run, rerun: every image exactly once, the pixels of
+  an uninterrupted run."""
   prompts = [f"a photo of a cat {i}" for i in range(10)]
   ref_out = str(tmp_path_factory.getbasetemp() / "resume_ref")
   out = str(tmp_path_factory.mktemp(output_format) / "out")
@@ -320,10 +359,10 @@ def test_interrupt_then_resume(output_format, model, cache, tmp_path_factory):
                           stderr=subprocess.PIPE, text=True)
   manifests = os.path.join(out, "manifests")
   _wait_for(lambda: os.path.isdir(manifests) and os.listdir(manifests), proc)
-  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signum)
   _, err = proc.communicate(timeout=240)
-  assert proc.returncode == 130, err[-3000:]
-  assert "Traceback" not in err
+  assert proc.returncode == 128 + signum, err[-3000:]
+  assert "Traceback" not in err and f"interrupted ({signal.Signals(signum).name})" in err
   finished = sorted(f for f in os.listdir(manifests) if f.endswith(".jsonl")
                     and ".part" not in f)
   assert 1 <= len(finished) < 4 and not os.path.exists(os.path.join(out, "manifest.jsonl"))
