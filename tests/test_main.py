@@ -242,6 +242,27 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _two_processes(args, out):
+  """main.py `args` as a run of two processes on this machine, into `out` (started)."""
+  address = f"127.0.0.1:{_free_port()}"
+  return [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "main.py"), *args, "--output_dir", out,
+       "--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
+      cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+
+
+def _two_processes_make(args, out, single, images):
+  """Two processes run `args` into `out` to the end: the `images` of run folder `single`."""
+  for p in _two_processes(args, out):
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  ref, got = _pixels(single), _pixels(out)
+  assert sorted(got) == sorted(ref) and len(ref) == images
+  for name in ref:
+    np.testing.assert_array_equal(got[name], ref[name])
+
+
 def test_two_processes_mixed_sizes(model, cache, tmp_path):
   """Two processes write their own shards (0 and 2; 1) into one folder, with per-line image
   sizes: each step the processes agree on one size (one pads); a line of variation seeds among
@@ -260,19 +281,7 @@ def test_two_processes_mixed_sizes(model, cache, tmp_path):
   single = str(tmp_path / "single")
   main_py([*args, "--output_dir", single])
   out = str(tmp_path / "out")
-  address = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, "main.py"), *args, "--output_dir", out,
-       "--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
-      cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-  ref, got = _pixels(single), _pixels(out)
-  assert sorted(got) == sorted(ref) and len(ref) == 6
-  for name in ref:
-    np.testing.assert_array_equal(got[name], ref[name])
+  _two_processes_make(args, out, single, 6)
   assert [(r["height"], r["width"]) for r in _manifest(out)] == [
       (16, 16), (16, 24), (16, 24), (16, 24), (16, 24), (16, 16)]
   frog = _manifest(out)[-1]
@@ -292,16 +301,7 @@ def test_two_processes_stop_together(model, cache, tmp_path):
   single = str(tmp_path / "single")
   main_py([*args, "--output_dir", single])
   out = str(tmp_path / "out")
-
-  def both():
-    address = f"127.0.0.1:{_free_port()}"
-    return [subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "main.py"), *args, "--output_dir", out,
-         "--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
-        cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-
-  procs = both()
+  procs = _two_processes(args, out)
   manifests = os.path.join(out, "manifests")
   _wait_for(lambda: os.path.isdir(manifests) and len(os.listdir(manifests)) >= 2, procs[1])
   procs[1].send_signal(signal.SIGTERM)
@@ -310,13 +310,7 @@ def test_two_processes_stop_together(model, cache, tmp_path):
   assert "on another process of the run" in errs[0] and "interrupted (SIGTERM)" in errs[1]
   assert not any("Traceback" in e for e in errs)
   assert not os.path.exists(os.path.join(out, "manifest.jsonl"))  # stopped early
-  for p in both():
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-  ref, got = _pixels(single), _pixels(out)
-  assert sorted(got) == sorted(ref) and len(ref) == 40
-  for name in ref:
-    np.testing.assert_array_equal(got[name], ref[name])
+  _two_processes_make(args, out, single, 40)
 
 
 def _tar_pixels(folder):
