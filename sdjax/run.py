@@ -938,20 +938,27 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None, hires_model=N
     with _StopFlag() as stop:
       batches.stop = stop  # several processes stop together, at the step they agree on
       for batch, group in batches:  # until no process has work left (or one asked to stop)
-        # Dispatched: the devices work while the host writes the last batch.
-        images, finish = run_batch(batch, *group)
-        if progress is None:  # compiled: from here on the bar's rate and ETA mean something
-          start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
-        if pending is not None:
-          done, pending = pending, None
-          made += _write(writer, metadata, *done, progress)
-        pending = batch, images, finish
+        try:
+          # Dispatched: the devices work while the host writes the last batch.
+          images, finish = run_batch(batch, *group)
+          if progress is None:  # compiled: from here on the bar's rate and ETA mean something
+            start, progress = time.perf_counter(), _progress(work.images, cfg.show_progress)
+          if pending is not None:
+            done, pending = pending, None
+            made += _write(writer, metadata, *done, progress)
+          pending = batch, images, finish
+        except Exception as e:  # of several processes: all stop at the next step
+          batches.fail(e)
         if stop.requested and jax.process_count() == 1:
           break
       interrupted = stop.requested or batches.stopped
       done, pending = pending, None
       if done is not None:
         made += _write(writer, metadata, *done, progress)
+      if batches.failed is not None:  # this process's error, or another's
+        if batches.failure is not None:
+          raise batches.failure
+        raise RunError("process {} stopped the run: {}".format(*batches.failed))
   except Exception:
     # A later prompt line failed (the file is streamed): keep the batch the devices were making,
     # and leave no device work in flight behind the error.
@@ -1019,6 +1026,9 @@ class _Batches:
     self.ended = False
     self.stop = None  # a `_StopFlag`: processes end together once one asks to stop
     self.stopped = False  # ended because a process asked to
+    # An error of this process (`fail`); the (process, message) of the one that ended the run.
+    self.failure: Exception | None = None
+    self.failed: tuple[int, str] | None = None
 
   def __iter__(self):
     return self
@@ -1061,10 +1071,28 @@ class _Batches:
 
   def __next__(self):
     asked = self.stop is not None and self.stop.requested
-    group, self.stopped = _agree_on_group(None if asked else self._proposal(), self.step, asked)
-    if group is None or self.stopped:
+    wanted = None
+    if not asked and self.failure is None:
+      try:
+        wanted = self._proposal()
+      except Exception as e:  # a bad prompt line: the other processes stop with this one
+        self.fail(e)
+    group, self.stopped, self.failed = _agree_on_group(
+        wanted, self.step, asked, None if self.failure is None else _one_line(self.failure))
+    if group is None or self.stopped or self.failed is not None:
       raise StopIteration
-    return self._take(group), group
+    try:
+      return self._take(group), group
+    except Exception as e:
+      self.fail(e)
+      return [(None, ImageJob(0, "", "", 0))] * self.size, group  # nothing of its own
+
+  def fail(self, error: Exception) -> None:
+    """Keeps this process's `error` to tell the others at the next step, where every process
+    stops (`failed`); alone, raises it at once."""
+    if jax.process_count() == 1:
+      raise error
+    self.failure = error
 
   def _take(self, group) -> list[tuple[int | None, ImageJob]]:
     """A batch of `group`'s oldest jobs (reading ahead for more while allowed), padded."""
@@ -1087,28 +1115,43 @@ def _frozen(value):
   return tuple(_frozen(x) for x in value) if isinstance(value, list) else value
 
 
-def _agree_on_group(wanted, step: int = 0, stop: bool = False):
-  """(The group (JSON-able, nested tuples) that process `step` mod the process count wants, or
-  if it has no work the next one's after it, ...; None when no process has work, whether some
-  process asks to stop). `wanted`: this process's proposal, or None; `stop`: this process asks
-  to stop (a signal), and then every process stops at this step."""
+def _one_line(error: Exception) -> str:
+  """An error as another process's log says it."""
+  text = str(error).splitlines()[0] if str(error) else ""
+  return text if isinstance(error, RunError) else f"{type(error).__name__}: {text}"
+
+
+class _Agreement(NamedTuple):
+  group: Any  # None: no process has work left (or the run stops)
+  stop: bool  # a process asked to stop (a signal)
+  failed: tuple[int, str] | None  # (process, its one-line error): every process stops
+
+
+def _agree_on_group(wanted, step: int = 0, stop: bool = False,
+                    error: str | None = None) -> _Agreement:
+  """The group (JSON-able, nested tuples) that process `step` mod the process count wants, or
+  if it has no work the next one's after it, ...; whether some process asks to stop; the first
+  process's error, if one has one. `wanted`: this process's proposal, or None; `stop`: this
+  process asks to stop (a signal), `error`: it failed (its one-line message); either way every
+  process stops at this step."""
   if jax.process_count() == 1:
-    return wanted, stop
+    return _Agreement(wanted, stop, None if error is None else (0, error))
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
-  data = np.frombuffer(json.dumps([wanted, stop]).encode(), np.uint8)
+  data = np.frombuffer(json.dumps([wanted, stop, error]).encode(), np.uint8)
   longest = parallel.max_over_processes(len(data))
   padded = np.zeros(longest, np.uint8)
   padded[:len(data)] = data
   every = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, longest)
   rows = [json.loads(bytes(row).rstrip(b"\0").decode()) for row in every]
-  if any(asked for _, asked in rows):
-    return None, True
+  failed = next(((p, row[2]) for p, row in enumerate(rows) if row[2] is not None), None)
+  if failed is not None or any(row[1] for row in rows):
+    return _Agreement(None, any(row[1] for row in rows), failed)
   first = step % len(rows)
-  for value, _ in (*rows[first:], *rows[:first]):  # in turn, from process `first`
+  for value, _, _ in (*rows[first:], *rows[:first]):  # in turn, from process `first`
     if value is not None:
-      return _frozen(value), False
-  return None, False
+      return _Agreement(_frozen(value), False, None)
+  return _Agreement(None, False, None)
 
 
 def _write(writer, metadata, batch, images, finish, progress) -> int:
