@@ -41,9 +41,9 @@ flags.DEFINE_string("prompts_file", None, ".txt (one prompt per line), .jsonl (o
                     "prompt and optional negative_prompt, seed, num_images, ...) or .csv / .tsv "
                     "(a header row naming a prompt column and optional jsonl-named ones)")
 flags.DEFINE_string("parameters_file", None, "make an image again: an image with A1111 "
-                    "parameters (A1111's PNG Info: a PNG, JPEG or WebP from A1111 or sdjax) or a "
-                    "text file holding them (a path or fsspec URL) gives the prompts and every "
-                    "setting no flag gives")
+                    "parameters (A1111's PNG Info: a PNG, JPEG or WebP from A1111 or sdjax), a "
+                    "ComfyUI PNG (its workflow) or a text file holding them (a path or fsspec "
+                    "URL) gives the prompts and every setting no flag gives")
 flags.DEFINE_string("negative_prompt", "", "negative prompt for every image")
 flags.DEFINE_enum("prompt_syntax", "a1111", ["a1111", "plain"], "a1111: AUTOMATIC1111's (x:1.2) "
                   "weights, long prompts, BREAK, [from:to:when] and [a|b]; plain: diffusers' "
@@ -297,7 +297,8 @@ def _run_config() -> run.RunConfig:
       styles_file=FLAGS.styles_file, styles=tuple(FLAGS.style), clip_skip=FLAGS.clip_skip,
       max_generations=FLAGS.max_generations,
       lora_dir=FLAGS.lora_dir, emphasis=FLAGS.emphasis, strength=FLAGS.strength,
-      resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur, inpaint_full_res=FLAGS.inpaint_full_res,
+      resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur,
+      inpaint_full_res=FLAGS.inpaint_full_res,
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
@@ -359,9 +360,9 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
     raise run.RunError(f"--parameters_file: cannot read {path} "
                        f"({getattr(e, 'strerror', None) or e})") from None
   if text is None:
-    raise run.RunError(f"--parameters_file {path} holds no A1111 parameters (A1111, Forge and "
-                       "sdjax write them into PNG, JPEG and WebP images; ComfyUI writes its "
-                       "workflow instead)")
+    raise run.RunError(f"--parameters_file {path} holds no A1111 parameters and no ComfyUI "
+                       "workflow (A1111, Forge and sdjax write them into PNG, JPEG and WebP "
+                       "images, ComfyUI into its PNGs)")
   try:
     found = infotext.reproduce(text)
   except ValueError as e:

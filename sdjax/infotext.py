@@ -78,17 +78,29 @@ def reproduce(text: str) -> Reproduction:
   ValueError when the text has no parameters line, or a field the flags need is malformed (a
   Size that is not WxH, ...).
   """
+  from sdjax import comfyui  # noqa: PLC0415
+
+  graph = comfyui.parse_graph(text)
+  if graph is not None:  # a ComfyUI image's workflow
+    return comfyui.reproduce(graph)
   fields = dict(outputs.parse_a1111_parameters(text))
   if set(fields) <= {"prompt", "negative_prompt", "template", "negative_template"}:
     raise ValueError("no A1111 parameters line (Steps: ..., Sampler: ..., Seed: ...) after the "
                      "prompt")
+  return from_fields(fields)
+
+
+def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
+  """`reproduce` of an image's A1111 fields (`outputs.parse_a1111_parameters`'s, with "prompt"
+  and "negative_prompt"); `made_in` names the program in notes."""
+  fields = dict(fields)
   flags: dict[str, str | list[str]] = {"prompt": [fields.pop("prompt")],
                                        "negative_prompt": fields.pop("negative_prompt")}
   notes: list[tuple[str | None, str]] = []
   made_by_sdjax = fields.get("Version", "").startswith("sdjax")
   model_hash = fields.get("Model hash") or None
   _model(fields, flags, notes, model_hash)
-  scheduler = _sampler(fields, flags, notes, made_by_sdjax)
+  scheduler = _sampler(fields, flags, notes, made_by_sdjax, made_in)
   _eta(fields, flags, notes, scheduler)
   _noise(fields, flags, notes, made_by_sdjax)
   if "Size" in fields:
@@ -121,10 +133,13 @@ def read_parameters_file(path: str) -> str | None:
 
 
 def parameters_text(data: bytes) -> str | None:
-  """The A1111 parameters an image file's bytes carry (PNG, JPEG, WebP), or a text file's text;
-  None when there is none."""
+  """The A1111 parameters an image file's bytes carry (PNG, JPEG, WebP), else a ComfyUI PNG's
+  workflow (its API graph, JSON: `reproduce` reads both), or a text file's text; None when there
+  is none."""
+  from sdjax import comfyui  # noqa: PLC0415
+
   try:
-    return outputs.read_parameters(data)
+    return outputs.read_parameters(data) or comfyui.read_graph_text(data)
   except (OSError, ValueError, SyntaxError):  # not an image PIL knows: text?
     try:
       text = data.decode("utf-8")
@@ -159,7 +174,7 @@ def _model(fields, flags, notes, model_hash) -> None:
     notes.append(("model", f"made with the model {name}{known}: give it with --model"))
 
 
-def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
+def _sampler(fields, flags, notes, made_by_sdjax, made_in="A1111") -> str | None:
   """Sampler and schedule type (or sdjax's scheduler options, which it writes as it was
   given them, the Schedule type only restating them); sdjax's scheduler name.
 
@@ -178,7 +193,7 @@ def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
                                     "the model's own is used", flags, notes):
     scheduler = outputs.scheduler_name(sampler)
   if not made_by_sdjax:
-    _a1111_sampling(fields, notes, sampler, scheduler)
+    _a1111_sampling(fields, notes, sampler, scheduler, made_in)
   if options is not None:
     _scheduler_options(options, flags)
     return scheduler
@@ -207,15 +222,15 @@ def _sampler(fields, flags, notes, made_by_sdjax) -> str | None:
   return scheduler
 
 
-def _a1111_sampling(fields, notes, sampler, scheduler) -> None:
+def _a1111_sampling(fields, notes, sampler, scheduler, made_in="A1111") -> None:
   """What an A1111 image's sampler did that sdjax's does not: noise from a Brownian tree or
   torch's global generator, a penultimate level dropped by A1111's "Always discard
   next-to-last sigma" setting."""
   family = (scheduler or "").removesuffix("_karras")
   if family in _BROWNIAN:
-    notes.append(("scheduler", f"Sampler: {sampler}: A1111 draws its fresh noise from a Brownian "
-                               "tree (torchsde's) seeded by the image's seed, sdjax from its RNG: "
-                               "the image will differ"))
+    notes.append(("scheduler", f"Sampler: {sampler}: {made_in} draws its fresh noise from a "
+                               "Brownian tree (torchsde's) seeded by the image's seed, sdjax from "
+                               "its RNG: the image will differ"))
   if family == "restart" and _number("Steps", fields.get("Steps", "0")) >= 20:
     notes.append(("scheduler", "Sampler: Restart: from 20 steps A1111 draws its restarts' noise "
                                "from torch's global generator, not from the image's seed: the "

@@ -1,0 +1,273 @@
+"""A ComfyUI image's settings back to main.py flags: the workflow ComfyUI saves in its PNGs.
+
+ComfyUI writes no A1111 `parameters` text; its SaveImage node stores the graph it ran (the
+"prompt" text chunk: node id -> {"class_type", "inputs"}, an input linking to another node's
+output as ["node id", output index]). `reproduce(graph)` finds the text-to-image sampler
+(KSampler or KSamplerAdvanced) and follows its links: the prompts (CLIPTextEncode), the size
+(EmptyLatentImage), the checkpoint and LoRAs, Clip skip (CLIPSetLastLayer) and the VAE; it maps
+ComfyUI's sampler and scheduler names to sdjax's (its "normal", "karras", ... are A1111's
+schedule types of the same names, over k-diffusion's noise levels) and its CPU noise to
+`--rng torch_cpu`. The result goes through `infotext.from_fields`, as an A1111 image's fields.
+
+The settings come back; the pixels do not quite: ComfyUI starts from its noise times
+sqrt(1 + sigma_max^2) (A1111 and sdjax's k-diffusion form: sigma_max), feeds the UNet the
+nearest whole timestep, weights `(word:1.2)` towards the empty prompt's encoding, and draws an
+ancestral sampler's noise on the GPU; the notes say which of these apply.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from PIL import Image
+
+from sdjax import infotext, outputs
+
+# ComfyUI's sampler names -> sdjax's. Its "ddim" is Euler (DDIM with eta 0, over its scheduler's
+# levels); the _gpu variants differ only in where their Brownian tree lives.
+SAMPLERS = {
+    "euler": "euler", "euler_ancestral": "euler_ancestral", "heun": "heun", "dpm_2": "kdpm2",
+    "dpm_2_ancestral": "kdpm2_ancestral", "lms": "lms", "dpmpp_2s_ancestral": "dpmpp_2s_ancestral",
+    "dpmpp_sde": "dpmpp_sde", "dpmpp_sde_gpu": "dpmpp_sde", "dpmpp_2m": "dpmpp_2m",
+    "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+    "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
+    "dpmpp_3m_sde": "dpmpp_3m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde", "ddim": "euler",
+    "uni_pc": "unipc", "uni_pc_bh2": "unipc", "lcm": "lcm", "ddpm": "ddpm",
+}
+# ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
+SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal")
+# Samplers drawing fresh noise each step from a generator on ComfyUI's device (its GPU's).
+_DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm")
+_SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
+_CHECKPOINT_NODES = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
+                     "unCLIPCheckpointLoader": "ckpt_name", "UNETLoader": "unet_name"}
+_LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
+_TEXT_NODES = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXL": "text_g",
+               "CLIPTextEncodeSDXLRefiner": "text"}
+
+
+def read_graph_text(data: bytes) -> str | None:
+  """The workflow a ComfyUI PNG carries (its "prompt" text chunk, JSON), or None."""
+  with Image.open(io.BytesIO(data)) as image:
+    text = image.info.get("prompt")
+  return text if isinstance(text, str) and parse_graph(text) is not None else None
+
+
+def parse_graph(text: str) -> dict[str, dict[str, Any]] | None:
+  """ComfyUI's API graph in `text` (node id -> {"class_type", "inputs"}), or None when the text
+  is not one."""
+  if not text.lstrip().startswith("{"):
+    return None
+  try:
+    graph = json.loads(text)
+  except json.JSONDecodeError:
+    return None
+  if not isinstance(graph, dict) or not graph or not all(
+      isinstance(node, dict) and isinstance(node.get("class_type"), str)
+      and isinstance(node.get("inputs", {}), dict) for node in graph.values()):
+    return None
+  return graph
+
+
+def _linked(graph, value) -> tuple[str, dict[str, Any]] | None:
+  """(id, node) an input links to, or None for a literal."""
+  if (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+      and value[0] in graph):
+    return value[0], graph[value[0]]
+  return None
+
+
+def _inputs(node) -> dict[str, Any]:
+  return node.get("inputs", {})
+
+
+class _Reader:
+  """Follows one sampler's links through the graph, gathering A1111 fields and notes."""
+
+  def __init__(self, graph):
+    self.graph = graph
+    self.fields: dict[str, str] = {}  # A1111's names (`infotext.from_fields`)
+    self.notes: list[tuple[str | None, str]] = []
+    self._noted: set[str] = set()
+
+  def note(self, flag: str | None, text: str) -> None:
+    if text not in self._noted:
+      self._noted.add(text)
+      self.notes.append((flag, text))
+
+  def follow(self, value, through: tuple[str, ...], what: str):
+    """The node `value` links to, passing nodes that only modify what flows (their input named
+    one of `through`; noted as not reproduced) until one of another kind."""
+    seen = set()
+    while (link := _linked(self.graph, value)) is not None and link[0] not in seen:
+      seen.add(link[0])
+      node_id, node = link
+      kind = node["class_type"]
+      passes = next((name for name in through if name in _inputs(node)), None)
+      if kind in _TEXT_NODES or kind in _CHECKPOINT_NODES or kind in _LORA_NODES or (
+          passes is None):
+        return node_id, node
+      if kind != "CLIPSetLastLayer":
+        self.note(None, f"node {node_id} ({kind}) changes the {what}: not reproduced")
+      value = _inputs(node)[passes]
+    return None
+
+  def text(self, value, which: str) -> str:
+    """The text of a conditioning input (`which`: positive / negative)."""
+    found = self.follow(value, ("conditioning", "conditioning_to", which, "conditioning_1"),
+                        f"{which} conditioning")
+    if found is None or found[1]["class_type"] not in _TEXT_NODES:
+      kind = "nothing" if found is None else found[1]["class_type"]
+      raise ValueError(f"ComfyUI workflow: the sampler's {which} conditioning comes from {kind}, "
+                       "not from a text encoder sdjax can read")
+    node_id, node = found
+    text = _inputs(node).get(_TEXT_NODES[node["class_type"]], "")
+    while (link := _linked(self.graph, text)) is not None:  # a string node's output
+      text = next((v for v in _inputs(link[1]).values() if isinstance(v, str)), None)
+      if text is None:
+        raise ValueError(f"ComfyUI workflow: node {link[0]} ({link[1]['class_type']}) gives "
+                         f"the {which} text: not a plain string")
+    if node["class_type"] == "CLIPTextEncodeSDXL" and _inputs(node).get("text_l") not in (
+        None, text):
+      self.note(None, f"node {node_id}: SDXL's text_l differs from its text_g; sdjax gives both "
+                      "encoders text_g")
+    if node["class_type"] == "CLIPTextEncode":
+      self._clip(_inputs(node).get("clip"))
+    return text if isinstance(text, str) else str(text)
+
+  def _clip(self, value) -> None:
+    """Clip skip from a CLIPSetLastLayer on the text encoder's way (-2: the penultimate)."""
+    while (link := _linked(self.graph, value)) is not None:
+      node = link[1]
+      if node["class_type"] == "CLIPSetLastLayer":
+        layer = _inputs(node).get("stop_at_clip_layer", -1)
+        if isinstance(layer, int) and layer < -1:
+          self.fields.setdefault("Clip skip", str(-layer))
+        return
+      value = _inputs(node).get("clip")
+
+  def model(self, value) -> None:
+    """The checkpoint (its file name) and the LoRAs on the model's way."""
+    while (found := self.follow(value, ("model",), "model")) is not None:
+      node_id, node = found
+      kind, inputs = node["class_type"], _inputs(node)
+      if kind in _CHECKPOINT_NODES:
+        # A name relative to ComfyUI's models folder ("SDXL/x.safetensors" is no hub id).
+        self.note("model", f"made with the checkpoint {inputs.get(_CHECKPOINT_NODES[kind])}: "
+                           "give it with --model")
+        return
+      if kind not in _LORA_NODES:
+        self.note("model", f"the model comes from node {node_id} ({kind}): give it with --model")
+        return
+      strength = inputs.get("strength_model", 1.0)
+      clip = inputs.get("strength_clip", strength) if kind == "LoraLoader" else 0.0
+      self.note("lora", f"LoRA {inputs.get('lora_name')} (model strength {strength}, text "
+                        f"encoder {clip}): give it with --lora FILE:{strength}"
+                        + ("" if clip == strength else " (sdjax applies one strength to both)"))
+      value = inputs.get("model")
+
+  def latent(self, value, denoise) -> None:
+    """The size (an empty latent's), or what an img2img latent came from."""
+    found = self.follow(value, ("samples",), "latent")
+    if found is not None and "width" in _inputs(found[1]) and "height" in _inputs(found[1]):
+      inputs = _inputs(found[1])
+      self.fields["Size"] = f"{inputs['width']}x{inputs['height']}"
+      batch = inputs.get("batch_size", 1)
+      if isinstance(batch, int) and batch > 1:
+        self.note(None, f"made in a batch of {batch}: ComfyUI draws a batch's noise from its seed "
+                        "at once (image k: the k-th slice), sdjax one image per seed; this makes "
+                        "the batch's first")
+      if denoise not in (None, 1, 1.0):
+        self.note(None, f"denoise {denoise} of an empty latent: sdjax denoises fully")
+      return
+    kind = "nothing" if found is None else f"node {found[0]} ({found[1]['class_type']})"
+    self.note(None, f"the latent comes from {kind} (img2img, or a hires or refiner pass), not "
+                    f"an empty latent: give its image as a jsonl line's init_image"
+                    + (f" with strength {denoise}" if denoise not in (None, 1, 1.0) else ""))
+
+  def vae(self, sampler_id: str) -> None:
+    """A VAELoader on the way from the sampler to the decode."""
+    for node in self.graph.values():
+      inputs = _inputs(node)
+      source = _linked(self.graph, inputs.get("samples"))
+      if node["class_type"] == "VAEDecode" and source is not None and source[0] == sampler_id:
+        vae = _linked(self.graph, inputs.get("vae"))
+        if vae is not None and vae[1]["class_type"] == "VAELoader":
+          self.note("vae", f"made with the VAE {_inputs(vae[1]).get('vae_name')}: give it with "
+                           "--vae")
+
+
+def _sampler_node(graph) -> tuple[str, dict[str, Any], list[str]]:
+  """(id, node) of the text-to-image sampler, and the other samplers' ids."""
+  samplers = [(i, n) for i, n in graph.items() if n["class_type"] in _SAMPLER_NODES]
+  if not samplers:
+    raise ValueError("ComfyUI workflow without a KSampler or KSamplerAdvanced node")
+
+  def from_empty(item):
+    latent = _linked(graph, _inputs(item[1]).get("latent_image"))
+    return latent is not None and "width" in _inputs(latent[1])
+
+  first = next((s for s in samplers if from_empty(s)), samplers[0])
+  return first[0], first[1], [i for i, _ in samplers if i != first[0]]
+
+
+def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
+  """The main.py flags that make a ComfyUI workflow's text-to-image pass again, with notes on
+  what they cannot give. ValueError for a graph without a sampler or readable prompts."""
+  sampler_id, node, others = _sampler_node(graph)
+  inputs = _inputs(node)
+  reader = _Reader(graph)
+  advanced = node["class_type"] == "KSamplerAdvanced"
+  fields = reader.fields
+  fields["prompt"] = reader.text(inputs.get("positive"), "positive")
+  fields["negative_prompt"] = reader.text(inputs.get("negative"), "negative")
+  for key, name in (("Steps", "steps"), ("CFG scale", "cfg"),
+                    ("Seed", "noise_seed" if advanced else "seed")):
+    value = inputs.get(name)
+    if _linked(graph, value) is not None:
+      raise ValueError(f"ComfyUI workflow: the sampler's {name} comes from another node")
+    if value is not None:
+      fields[key] = str(value)
+  seed = inputs.get("noise_seed" if advanced else "seed")
+  if isinstance(seed, int) and seed >= 2**32:  # ComfyUI's are 64-bit
+    fields["Seed"] = str(seed % 2**32)
+    reader.note(None, f"seed {seed}: torch's CPU generator keeps its low 32 bits, so seed "
+                      f"{seed % 2**32} draws the same noise")
+  sampler, scheduler = inputs.get("sampler_name"), inputs.get("scheduler")
+  if sampler in SAMPLERS:
+    fields["Sampler"] = outputs.A1111_SAMPLER_NAMES[SAMPLERS[sampler]]
+  else:
+    reader.note("scheduler", f"sampler {sampler} is not one sdjax has: give --scheduler")
+  if scheduler in SCHEDULERS and SAMPLERS.get(sampler) not in ("unipc", "lcm", "ddpm"):
+    fields["Schedule type"] = outputs.A1111_SCHEDULE_TYPE_NAMES[scheduler]
+  elif scheduler is not None:
+    reader.note("schedule_type", f"scheduler {scheduler} (with sampler {sampler}): sdjax places "
+                                 "the noise levels its own way")
+  fields["RNG"] = "CPU"  # ComfyUI's initial noise: torch's CPU generator, seeded by the seed
+  if sampler == "uni_pc":
+    reader.note("scheduler", "sampler uni_pc: ComfyUI's runs UniPC's bh1 variant, sdjax's unipc "
+                             "bh2")
+  if sampler in _DEVICE_NOISE or sampler in ("ddpm",):
+    reader.note("rng", f"sampler {sampler}: ComfyUI draws each step's fresh noise from a "
+                       "generator on its GPU; sdjax from torch's CPU generator: the image will "
+                       "differ")
+  if advanced and (inputs.get("add_noise") == "disable" or inputs.get("start_at_step", 0) > 0
+                   or inputs.get("end_at_step", 10000) < inputs.get("steps", 0)):
+    reader.note(None, f"node {sampler_id} runs steps {inputs.get('start_at_step')} to "
+                      f"{inputs.get('end_at_step')} only: sdjax runs them all")
+  reader.latent(inputs.get("latent_image"), None if advanced else inputs.get("denoise"))
+  reader.model(inputs.get("model"))
+  reader.vae(sampler_id)
+  if others:
+    reader.note(None, f"{len(others)} more sampler pass(es) (nodes {', '.join(others)}: a hires "
+                      "fix or refiner workflow) are not reproduced")
+  found = infotext.from_fields(fields, made_in="ComfyUI")
+  comfy = (None, "ComfyUI starts from its noise times sqrt(1 + sigma_max^2), feeds the UNet "
+                 "whole timesteps and weights (word:1.2) towards the empty prompt's encoding "
+                 "(main.py reads A1111's syntax): close to the image, not the same pixels")
+  return infotext.Reproduction(found.flags, (*found.notes, *reader.notes, comfy), None)
+
+
+__all__ = ["SAMPLERS", "SCHEDULERS", "parse_graph", "read_graph_text", "reproduce"]

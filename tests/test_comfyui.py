@@ -1,0 +1,194 @@
+"""ComfyUI images' workflows back to main.py flags: the API graph SaveImage stores in its PNGs
+(the default text-to-image workflow, and with a LoRA, Clip skip, a VAE, KSamplerAdvanced, a
+hires pass), read from a PNG by --parameters_file and by a jsonl line's "parameters"."""
+
+import io
+import json
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from sdjax import comfyui, infotext, plan
+
+
+def default_graph(**sampler):
+  """ComfyUI's default workflow as its API graph (node ids as its frontend numbers them)."""
+  return {
+      "3": {"class_type": "KSampler", "inputs": {
+          "seed": 156680208700286, "steps": 20, "cfg": 8.0, "sampler_name": "euler",
+          "scheduler": "normal", "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0],
+          "negative": ["7", 0], "latent_image": ["5", 0], **sampler}},
+      "4": {"class_type": "CheckpointLoaderSimple",
+            "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+      "5": {"class_type": "EmptyLatentImage",
+            "inputs": {"width": 512, "height": 768, "batch_size": 1}},
+      "6": {"class_type": "CLIPTextEncode", "inputs": {
+          "text": "beautiful scenery nature glass bottle landscape, (purple galaxy:1.2) bottle,",
+          "clip": ["4", 1]}},
+      "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark",
+                                                       "clip": ["4", 1]}},
+      "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+      "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI",
+                                                  "images": ["8", 0]}},
+  }
+
+
+def comfy_png(graph) -> bytes:
+  """A PNG as ComfyUI's SaveImage writes it: "prompt" (the API graph), then "workflow"."""
+  info = PngImagePlugin.PngInfo()
+  info.add_text("prompt", json.dumps(graph))
+  info.add_text("workflow", json.dumps({"nodes": [], "links": [], "version": 0.4}))
+  out = io.BytesIO()
+  Image.new("RGB", (8, 8)).save(out, format="PNG", pnginfo=info)
+  return out.getvalue()
+
+
+def _notes(found):
+  return " | ".join(text for _, text in found.notes)
+
+
+def test_default_workflow():
+  text = infotext.parameters_text(comfy_png(default_graph()))
+  found = infotext.reproduce(text)
+  assert found.flags == {
+      "prompt": ["beautiful scenery nature glass bottle landscape, (purple galaxy:1.2) bottle,"],
+      "negative_prompt": "text, watermark", "scheduler": "Euler",
+      "scheduler_options": '{"timestep_spacing": "linspace", "k_diffusion": true}',
+      "schedule_type": "Normal", "rng": "torch_cpu", "width": "512", "height": "768",
+      "steps": "20", "guidance_scale": "8.0", "seed": str(156680208700286 % 2**32)}
+  notes = _notes(found)
+  assert "checkpoint v1-5-pruned-emaonly.safetensors: give it with --model" in notes
+  assert "sqrt(1 + sigma_max^2)" in notes and "GPU" not in notes
+  assert "seed 156680208700286: torch's CPU generator keeps its low 32 bits" in notes
+
+
+def test_a_64_bit_seed_draws_its_low_32_bits_noise():
+  """ComfyUI's seeds go past 2**32 (sdjax's stop there); its noise, torch's CPU generator's,
+  depends on the low 32 bits only, as the flags assume."""
+  import torch  # noqa: PLC0415
+
+  seed = 156680208700286
+  draws = [torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s))
+           for s in (seed, seed % 2**32, seed % 2**32 + 1)]
+  assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+@pytest.mark.parametrize(("sampler", "scheduler", "want", "label"), [
+    ("dpmpp_2m", "karras", "DPM++ 2M", "Karras"),  # flags as A1111 names them
+    ("dpm_2_ancestral", "exponential", "DPM2 a", "Exponential"),
+    ("ddim", "sgm_uniform", "Euler", "SGM Uniform"),  # ComfyUI's ddim is Euler
+    ("dpmpp_2m_sde_gpu", "simple", "DPM++ 2M SDE", "Simple"),
+    ("uni_pc", "karras", "UniPC", None),
+])
+def test_samplers_and_schedulers(sampler, scheduler, want, label):
+  found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
+  assert found.flags["scheduler"] == want
+  assert found.flags.get("schedule_type") == label
+  notes = _notes(found)
+  assert ("GPU" in notes) == (sampler == "dpm_2_ancestral")
+  assert ("Brownian tree" in notes and "ComfyUI draws" in notes) == (sampler.endswith("sde_gpu"))
+
+
+def test_unknown_sampler_and_scheduler_are_notes():
+  found = comfyui.reproduce(default_graph(sampler_name="res_multistep", scheduler="ddim_uniform"))
+  assert "scheduler" not in found.flags and "schedule_type" not in found.flags
+  notes = _notes(found)
+  assert "sampler res_multistep is not one sdjax has" in notes
+  assert "scheduler ddim_uniform" in notes
+
+
+def test_loras_clip_skip_vae_and_a_second_pass():
+  graph = default_graph()
+  graph["10"] = {"class_type": "LoraLoader", "inputs": {
+      "lora_name": "style.safetensors", "strength_model": 0.8, "strength_clip": 0.5,
+      "model": ["4", 0], "clip": ["4", 1]}}
+  graph["11"] = {"class_type": "CLIPSetLastLayer", "inputs": {"stop_at_clip_layer": -2,
+                                                              "clip": ["10", 1]}}
+  graph["12"] = {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-mse.safetensors"}}
+  graph["13"] = {"class_type": "FreeU_V2", "inputs": {"model": ["10", 0], "b1": 1.3}}
+  graph["3"]["inputs"]["model"] = ["13", 0]
+  for node in ("6", "7"):
+    graph[node]["inputs"]["clip"] = ["11", 0]
+  graph["8"]["inputs"]["vae"] = ["12", 0]
+  # A hires pass: upscale the latent, sample again, decode that.
+  graph["14"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0],
+                                                             "scale_by": 1.5}}
+  graph["15"] = {"class_type": "KSampler", "inputs": {**graph["3"]["inputs"], "denoise": 0.5,
+                                                      "latent_image": ["14", 0]}}
+  graph["5"]["inputs"]["batch_size"] = 4
+  found = comfyui.reproduce(graph)
+  assert found.flags["clip_skip"] == "2" and found.flags["seed"] == "4096709502"
+  notes = _notes(found)
+  assert "LoRA style.safetensors (model strength 0.8, text encoder 0.5): give it with --lora " \
+         "FILE:0.8 (sdjax applies one strength to both)" in notes
+  assert "node 13 (FreeU_V2) changes the model: not reproduced" in notes
+  assert "made with the VAE vae-ft-mse.safetensors: give it with --vae" in notes
+  assert "1 more sampler pass(es) (nodes 15" in notes
+  assert "made in a batch of 4" in notes
+
+
+def test_advanced_sampler_and_img2img():
+  graph = default_graph()
+  graph["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
+      "add_noise": "enable", "noise_seed": 7, "steps": 30, "cfg": 6.5,
+      "sampler_name": "euler_ancestral", "scheduler": "karras", "start_at_step": 0,
+      "end_at_step": 24, "return_with_leftover_noise": "enable", "model": ["4", 0],
+      "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}}
+  found = comfyui.reproduce(graph)
+  assert (found.flags["seed"], found.flags["steps"], found.flags["guidance_scale"]) == (
+      "7", "30", "6.5")
+  assert "runs steps 0 to 24 only" in _notes(found)
+  graph = default_graph(denoise=0.6)
+  graph["5"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["16", 0], "vae": ["4", 2]}}
+  graph["16"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+  found = comfyui.reproduce(graph)
+  assert "width" not in found.flags
+  assert "the latent comes from node 5 (VAEEncode)" in _notes(found)
+  assert "with strength 0.6" in _notes(found)
+
+
+def test_not_a_workflow():
+  assert comfyui.parse_graph("a cat\nSteps: 20, Sampler: Euler") is None
+  assert comfyui.parse_graph('{"prompt": "a cat"}') is None
+  graph = default_graph()
+  del graph["3"]
+  with pytest.raises(ValueError, match="without a KSampler"):
+    comfyui.reproduce(graph)
+  graph = default_graph()
+  graph["3"]["inputs"]["positive"] = ["9", 0]  # not a text encoder
+  with pytest.raises(ValueError, match="positive conditioning comes from SaveImage"):
+    comfyui.reproduce(graph)
+  out = io.BytesIO()
+  Image.new("RGB", (8, 8)).save(out, format="PNG")
+  assert infotext.parameters_text(out.getvalue()) is None
+
+
+def test_a_jsonl_line_of_a_comfyui_image(tmp_path):
+  (tmp_path / "comfy.png").write_bytes(comfy_png(default_graph(sampler_name="dpmpp_2m",
+                                                               scheduler="karras")))
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"parameters": "comfy.png", "seed": 3}\n')
+  (line,) = plan.read_prompts_file(str(path))
+  assert line.prompt.startswith("beautiful scenery") and line.negative_prompt == "text, watermark"
+  assert (line.seed, line.steps, line.scheduler, line.guidance_scale) == (3, 20, "dpmpp_2m", 8.0)
+  assert (line.width, line.height, line.schedule_type) == (512, 768, "karras")
+
+
+def test_main_py_makes_a_comfyui_image_again(model, cache, tmp_path):
+  """main.py --parameters_file on a ComfyUI PNG: its prompts and settings (flags given win),
+  each thing it cannot reproduce one warning."""
+  from test_main import _manifest, main_py  # noqa: PLC0415
+
+  image = tmp_path / "ComfyUI_00001_.png"
+  image.write_bytes(comfy_png(default_graph(sampler_name="dpmpp_2m", scheduler="karras",
+                                            steps=3)))
+  out = str(tmp_path / "out")
+  proc = main_py(["--model", model, "--parameters_file", str(image), "--height", "16",
+                  "--width", "16", "--output_dir", out, "--compilation_cache", cache])
+  (record,) = _manifest(out)
+  assert record["prompt"].startswith("beautiful scenery") and record["steps"] == 3
+  assert (record["scheduler"], record["seed"], record["rng"]) == (
+      "dpmpp_2m", 156680208700286 % 2**32, "torch_cpu")
+  assert record["scheduler_options"]["schedule_type"] == "karras"
+  warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+  assert len(warnings) == 2 and "sqrt(1 + sigma_max^2)" in warnings[-1]  # the model is given
