@@ -919,6 +919,7 @@ def bench_safety_checker():
         fn()
         wall[name].append(time.perf_counter() - t0)
   return {"what": "safety_checker", "batch": b, "height": h, "width": w, "compile_s": compile_s,
+          "median_s": statistics.median(wall["sdjax"]),
           **{f"{name}_best_s": min(t) for name, t in wall.items()},
           **{f"{name}_median_s": statistics.median(t) for name, t in wall.items()},
           "ratio_best": min(wall["sdjax"]) / min(wall["diffusers"]),

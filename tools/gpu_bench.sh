@@ -7,7 +7,8 @@
 # 17: diffusers fp16 with a max-autotune torch.compile'd channels_last UNet, SD1.5 batch 16; its
 # compile alone may take minutes, so run it as its own command), lcm (4-step LCM sampling
 # without CFG, LCM-LoRA's way, SD1.5 batch 16 vs diffusers fp16, ~2 min), rng (--rng
-# torch_cpu's noise for 8 SDXL images x 31 draws against jax.random, ~20 s). A device command may
+# torch_cpu's noise for 8 SDXL images x 31 draws against jax.random, ~20 s), safety (the safety
+# checker, ViT-L/14, on 8 512x512 images vs diffusers', ~1 min). A device command may
 # run 10 minutes and a session has about 15 in all: pick the parts that fit, in this order.
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the image lacks them.
 set -u
@@ -74,6 +75,9 @@ if part lcm; then  # few-step sampling: 4 LCM steps, no CFG pass (LCM-LoRA's set
 fi
 if part rng; then  # --rng torch_cpu's noise: torch's MT19937 scanned on device vs jax.random
   T=90 bench "rng_sdxl_b8" --what rng --arch sdxl --batch 8 --steps 30 --repeats 5
+fi
+if part safety; then  # --safety_checker's cost per batch: sdjax vs diffusers on the same GPU
+  T=150 bench "safety_b8" --what safety_checker --arch sd15 --batch 8 --repeats 5
 fi
 if part compile; then  # the strongest PyTorch baseline the issue names
   T=580 bench "torch_compiled_gen_b16" --backend torch --arch sd15 --what generate --steps 50 \
