@@ -48,10 +48,11 @@ flags.DEFINE_string("negative_prompt", "", "negative prompt for every image")
 flags.DEFINE_enum("prompt_syntax", "a1111", ["a1111", "plain"], "a1111: AUTOMATIC1111's (x:1.2) "
                   "weights, long prompts, BREAK, [from:to:when] and [a|b]; plain: diffusers' "
                   "(truncated at the text encoder's length, 77 tokens)")
-flags.DEFINE_enum("emphasis", "Original", ["Original", "No norm", "Ignore", "None"],
+flags.DEFINE_enum("emphasis", "Original", ["Original", "No norm", "Ignore", "None", "ComfyUI"],
                   "a1111: A1111's emphasis mode: Original (weights, then each chunk's mean "
                   "restored), No norm (weights only), Ignore (weights not applied), None "
-                  "(brackets and BREAK read as plain text)", case_sensitive=False)
+                  "(brackets and BREAK read as plain text); or ComfyUI's weighting (a weighted "
+                  "token's output moved away from the empty prompt's)", case_sensitive=False)
 flags.DEFINE_enum("dynamic_prompts", "off", ["off", "random", "combinatorial"],
                   "read prompts as templates of A1111's sd-dynamic-prompts extension ({a|b}, "
                   "{2$$a|b|c}, __wildcard__; needs the dynamicprompts package): random picks "

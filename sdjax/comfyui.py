@@ -6,13 +6,14 @@ output as ["node id", output index]). `reproduce(graph)` finds the text-to-image
 (KSampler or KSamplerAdvanced) and follows its links: the prompts (CLIPTextEncode), the size
 (EmptyLatentImage), the checkpoint and LoRAs, Clip skip (CLIPSetLastLayer) and the VAE; it maps
 ComfyUI's sampler and scheduler names to sdjax's (its "normal", "karras", ... are A1111's
-schedule types of the same names, over k-diffusion's noise levels) and its CPU noise to
-`--rng torch_cpu`. The result goes through `infotext.from_fields`, as an A1111 image's fields.
+schedule types of the same names, over k-diffusion's noise levels), its CPU noise to
+`--rng torch_cpu` and its prompt weighting to `--emphasis ComfyUI`. The result goes through
+`infotext.from_fields`, as an A1111 image's fields.
 
 The settings come back; the pixels do not quite: ComfyUI starts from its noise times
 sqrt(1 + sigma_max^2) (A1111 and sdjax's k-diffusion form: sigma_max), feeds the UNet the
-nearest whole timestep, weights `(word:1.2)` towards the empty prompt's encoding, and draws an
-ancestral sampler's noise on the GPU; the notes say which of these apply.
+nearest whole timestep, splits long prompts its own way, and draws an ancestral sampler's noise
+on the GPU; the notes say which of these apply.
 """
 
 from __future__ import annotations
@@ -246,6 +247,10 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     reader.note("schedule_type", f"scheduler {scheduler} (with sampler {sampler}): sdjax places "
                                  "the noise levels its own way")
   fields["RNG"] = "CPU"  # ComfyUI's initial noise: torch's CPU generator, seeded by the seed
+  fields["Emphasis"] = "ComfyUI"  # its weighting: towards the empty prompt's encoding
+  if any("[" in fields[key] for key in ("prompt", "negative_prompt")):
+    reader.note("emphasis", "[...] is plain text to ComfyUI; main.py's A1111 syntax weakens it "
+                            "(write \\[ \\] for ComfyUI's reading)")
   if sampler == "uni_pc":
     reader.note("scheduler", "sampler uni_pc: ComfyUI's runs UniPC's bh1 variant, sdjax's unipc "
                              "bh2")
@@ -265,8 +270,8 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
                       "fix or refiner workflow) are not reproduced")
   found = infotext.from_fields(fields, made_in="ComfyUI")
   comfy = (None, "ComfyUI starts from its noise times sqrt(1 + sigma_max^2), feeds the UNet "
-                 "whole timesteps and weights (word:1.2) towards the empty prompt's encoding "
-                 "(main.py reads A1111's syntax): close to the image, not the same pixels")
+                 "whole timesteps, and splits a prompt past 75 tokens without A1111's comma "
+                 "rule: close to the image, not the same pixels")
   return infotext.Reproduction(found.flags, (*found.notes, *reader.notes, comfy), None)
 
 

@@ -13,7 +13,8 @@ Encoding (`tokenize_chunks`, `PromptBatch`, `encode_weighted`): 75-token chunks 
 BOS...EOS, BREAK and the comma backtrack rule, textual-inversion vectors at their positions,
 per-token weights on the encoder output rescaled to the unweighted mean (A1111's emphasis
 modes, `EMPHASIS_MODES`: "Original" rescales, "No norm" does not, "Ignore" drops the weights,
-"None" reads brackets and BREAK as plain text).
+"None" reads brackets and BREAK as plain text; and ComfyUI's way, "ComfyUI": a weighted token's
+output moved away from the empty prompt's at its position, `(z - z_empty) * w + z_empty`).
 
 The behaviour follows A1111's `modules/prompt_parser.py`, `sd_hijack_clip.py`, `sd_emphasis.py`
 and `extra_networks.py`; the code is sdjax's own (a small recursive-descent parser instead of
@@ -32,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # A1111's names; Original its default
+# A1111's names (Original its default), and ComfyUI's weighting.
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None", "ComfyUI")
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 BREAK = ("BREAK", -1.0)  # the run A1111 emits for the BREAK keyword
@@ -556,6 +558,9 @@ class PromptBatch:
   attend_chunks: Any = None
   # Emphasis restores each chunk's unweighted mean (A1111's "Original"; "No norm": False).
   normalize: bool = struct.field(pytree_node=False, default=True)
+  # "ComfyUI" emphasis: the empty prompt's token ids (one chunk), whose encoding the weights
+  # pull away from; static, so a sharded batch leaves it whole.
+  empty_ids: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
   @property
   def context_length(self) -> int:
@@ -659,7 +664,8 @@ def pack_prompts(prompts: Sequence[str] | Sequence[_Prompt], tokenizer, *, steps
       chunks=np.asarray([p.chunks for p in parsed], np.int32),
       schedule=np.asarray([p.schedule for p in parsed], np.int32).reshape(b, calls),
       token_embeds=None if not uses_triggers else (vectors, where),
-      normalize=check_emphasis(emphasis) != "No norm")
+      normalize=check_emphasis(emphasis) not in ("No norm", "ComfyUI"),
+      empty_ids=tuple(int(i) for i in empty.ids[0]) if emphasis == "ComfyUI" else None)
 
 
 def bucket(n: int) -> int:
@@ -716,14 +722,27 @@ def encode_weighted(encode: Encoder, batch: PromptBatch):
   text encoders are two calls, each with its tokenizer's batch; their contexts concatenate on D.
   """
   b, v, k, length = batch.ids.shape
+  n = b * v * k
+  ids = batch.ids.reshape(n, length)
   token_embeds = None
   if batch.token_embeds is not None:
     vectors, where = batch.token_embeds
-    token_embeds = (vectors.reshape(b * v * k, length, -1), where.reshape(b * v * k, length))
-  out = encode(batch.ids.reshape(b * v * k, length), token_embeds)
+    token_embeds = (vectors.reshape(n, length, -1), where.reshape(n, length))
+  if batch.empty_ids is not None:  # ComfyUI's: the empty prompt encoded in the same batch
+    ids = jnp.concatenate([ids, jnp.asarray(batch.empty_ids, ids.dtype)[None]])
+    if token_embeds is not None:
+      token_embeds = tuple(jnp.concatenate([x, jnp.zeros_like(x[:1])]) for x in token_embeds)
+  out = encode(ids, token_embeds)
   z, pooled = out if isinstance(out, tuple) else (out, None)
-  z = emphasize(z.astype(jnp.float32).reshape(b, v, k, length, -1), batch.weights, batch.counts,
-                batch.chunks, batch.normalize)
+  z = z.astype(jnp.float32)
+  if batch.empty_ids is not None:
+    z, empty = z[:n], z[n:]
+    pooled = None if pooled is None else pooled[:n]
+    weights = batch.weights.reshape(n, length)[..., None]
+    z = jnp.where(weights != 1.0, (z - empty) * weights + empty, z).reshape(b, v, k, length, -1)
+  else:
+    z = emphasize(z.reshape(b, v, k, length, -1), batch.weights, batch.counts, batch.chunks,
+                  batch.normalize)
   z = z.reshape(b, v, k * length, -1)  # B, V, K*L, D
   if batch.attend_chunks is not None:  # a part shorter than its prompt's longest: repeat the end
     last = jnp.minimum(jnp.arange(k * length)[None, :], (batch.chunks * length - 1)[:, None])

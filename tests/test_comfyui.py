@@ -55,7 +55,8 @@ def test_default_workflow():
       "negative_prompt": "text, watermark", "scheduler": "Euler",
       "scheduler_options": '{"timestep_spacing": "linspace", "k_diffusion": true}',
       "schedule_type": "Normal", "rng": "torch_cpu", "width": "512", "height": "768",
-      "steps": "20", "guidance_scale": "8.0", "seed": str(156680208700286 % 2**32)}
+      "steps": "20", "guidance_scale": "8.0", "seed": str(156680208700286 % 2**32),
+      "emphasis": "ComfyUI"}
   notes = _notes(found)
   assert "checkpoint v1-5-pruned-emaonly.safetensors: give it with --model" in notes
   assert "sqrt(1 + sigma_max^2)" in notes and "GPU" not in notes
@@ -116,6 +117,7 @@ def test_loras_clip_skip_vae_and_a_second_pass():
   graph["15"] = {"class_type": "KSampler", "inputs": {**graph["3"]["inputs"], "denoise": 0.5,
                                                       "latent_image": ["14", 0]}}
   graph["5"]["inputs"]["batch_size"] = 4
+  graph["7"]["inputs"]["text"] = "[text], watermark"
   found = comfyui.reproduce(graph)
   assert found.flags["clip_skip"] == "2" and found.flags["seed"] == "4096709502"
   notes = _notes(found)
@@ -125,6 +127,7 @@ def test_loras_clip_skip_vae_and_a_second_pass():
   assert "made with the VAE vae-ft-mse.safetensors: give it with --vae" in notes
   assert "1 more sampler pass(es) (nodes 15" in notes
   assert "made in a batch of 4" in notes
+  assert "[...] is plain text to ComfyUI" in notes
 
 
 def test_advanced_sampler_and_img2img():
@@ -190,5 +193,6 @@ def test_main_py_makes_a_comfyui_image_again(model, cache, tmp_path):
   assert (record["scheduler"], record["seed"], record["rng"]) == (
       "dpmpp_2m", 156680208700286 % 2**32, "torch_cpu")
   assert record["scheduler_options"]["schedule_type"] == "karras"
+  assert "Emphasis: ComfyUI" in Image.open(f"{out}/{record['file']}").info["parameters"]
   warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
   assert len(warnings) == 2 and "sqrt(1 + sigma_max^2)" in warnings[-1]  # the model is given

@@ -286,6 +286,32 @@ def test_weights_and_break(clip):
       _expected_chunk(tok, [("dog", 1.0, 1), (",", 1.0, 1), ("house", 1.0, 1)])]])
 
 
+def test_comfyui_emphasis(clip):
+  """ComfyUI's weighting (comfy/sd1_clip.py's encode_token_weights): the empty prompt encoded
+  beside the chunks; a token of weight w != 1 becomes (z - z_empty) * w + z_empty at its
+  position, every other token its plain output; chunks concatenated, no mean restored."""
+  import torch
+
+  tok, tm, encode = clip
+  prompt = "a (red:1.5) [cat] BREAK dog"  # parsed as A1111's syntax reads it
+  chunks = [_expected_chunk(tok, [("a", 1.0, 1), ("red", 1.5, 1), ("cat", 1 / 1.1, 1)]),
+            _expected_chunk(tok, [("dog", 1.0, 1)])]
+  empty = _expected_chunk(tok, [])[0]
+  batch = prompts.pack_prompts([prompt], tok, steps=10, calls=10, chunks=2, variants=2,
+                               emphasis="ComfyUI")
+  assert batch.empty_ids == tuple(empty)
+  ours = prompts.encode_weighted(encode, jax.tree.map(jnp.asarray, batch))[0, 0]
+  with torch.no_grad():
+    z = tm(torch.tensor([ids for ids, _ in chunks] + [empty])).last_hidden_state.double()
+  weights = torch.tensor([w for _, w in chunks], dtype=torch.float64)[..., None]
+  want = torch.where(weights != 1, (z[:2] - z[2:]) * weights + z[2:], z[:2])
+  err = assert_close(ours, want.reshape(1, 2 * 77, -1)[0].numpy())
+  original = prompts.encode_weighted(encode, jax.tree.map(jnp.asarray, prompts.pack_prompts(
+      [prompt], tok, steps=10, calls=10, chunks=2, variants=2)))[0, 0]
+  assert rel_err(original, ours) > 1e-3  # a weighting of its own
+  print(f"\nComfyUI emphasis rel err {err:.2e}")
+
+
 def test_emphasis_modes(clip):
   """A1111's emphasis modes: "No norm" weights without restoring the mean, "Ignore" parses
   (BREAK still splits) but leaves the weights out, "None" reads brackets and BREAK as text."""
