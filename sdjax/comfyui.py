@@ -224,14 +224,20 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   fields = reader.fields
   fields["prompt"] = reader.text(inputs.get("positive"), "positive")
   fields["negative_prompt"] = reader.text(inputs.get("negative"), "negative")
-  for key, name in (("Steps", "steps"), ("CFG scale", "cfg"),
-                    ("Seed", "noise_seed" if advanced else "seed")):
+  for key, name, flag in (("Steps", "steps", "steps"), ("CFG scale", "cfg", "guidance_scale"),
+                          ("Seed", "noise_seed" if advanced else "seed", "seed")):
     value = inputs.get(name)
-    if _linked(graph, value) is not None:
-      raise ValueError(f"ComfyUI workflow: the sampler's {name} comes from another node")
+    link = _linked(graph, value)
+    if link is not None:  # a seed or number node's value: its one number
+      numbers = [v for v in _inputs(link[1]).values()
+                 if isinstance(v, int | float) and not isinstance(v, bool)]
+      value = numbers[0] if len(numbers) == 1 else None
+      if value is None:
+        reader.note(flag, f"the sampler's {name} comes from node {link[0]} "
+                          f"({link[1]['class_type']}): give --{flag}")
     if value is not None:
       fields[key] = str(value)
-  seed = inputs.get("noise_seed" if advanced else "seed")
+  seed = int(fields["Seed"]) if fields.get("Seed", "").isdigit() else None
   if isinstance(seed, int) and seed >= 2**32:  # ComfyUI's are 64-bit
     fields["Seed"] = str(seed % 2**32)
     reader.note(None, f"seed {seed}: torch's CPU generator keeps its low 32 bits, so seed "

@@ -137,9 +137,13 @@ def test_advanced_sampler_and_img2img():
       "sampler_name": "euler_ancestral", "scheduler": "karras", "start_at_step": 0,
       "end_at_step": 24, "return_with_leftover_noise": "enable", "model": ["4", 0],
       "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}}
+  graph["17"] = {"class_type": "Seed (rgthree)", "inputs": {"seed": 7}}  # a seed node
+  graph["18"] = {"class_type": "CFGNode", "inputs": {"low": 1.0, "high": 9.0}}
+  graph["3"]["inputs"].update(noise_seed=["17", 0], cfg=["18", 0])
   found = comfyui.reproduce(graph)
-  assert (found.flags["seed"], found.flags["steps"], found.flags["guidance_scale"]) == (
-      "7", "30", "6.5")
+  assert (found.flags["seed"], found.flags["steps"]) == ("7", "30")
+  assert "guidance_scale" not in found.flags
+  assert "the sampler's cfg comes from node 18 (CFGNode): give --guidance_scale" in _notes(found)
   assert "runs steps 0 to 24 only" in _notes(found)
   graph = default_graph(denoise=0.6)
   graph["5"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["16", 0], "vae": ["4", 2]}}
