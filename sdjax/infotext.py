@@ -7,7 +7,8 @@ seed resize, eta, the hires fix, tiling, FreeU, PAG, SDXL's micro-conditioning a
 switch, and A1111's k-diffusion placement of the noise levels for its own images. What the
 text asks for that a flag cannot give (a model or VAE known only by name, A1111's GPU noise, an
 img2img image's init image, extensions' fields) comes back as notes, one per thing, so that the
-caller can say what will differ.
+caller can say what will differ. A ComfyUI PNG carries its workflow instead (`parameters_text`
+returns it): `reproduce` hands that to `sdjax.comfyui`, which reads it into the same fields.
 """
 
 from __future__ import annotations
