@@ -313,22 +313,28 @@ def test_two_processes_stop_together(model, cache, tmp_path):
   _two_processes_make(args, out, single, 40)
 
 
-def test_two_processes_fail_together(model, cache, tmp_path):
-  """A bad prompt line in one process's shard: both processes stop at the next step, each with
-  a one-line error naming the line (before, the one that found it printed its error and both
-  then waited forever in collectives)."""
+@pytest.mark.parametrize("bad", ["line", "image"])
+def test_two_processes_fail_together(bad, model, cache, tmp_path):
+  """A bad prompt line in one process's shard (found reading it), or a missing init image
+  (found making its batch): both processes stop at the next step, each with a one-line error
+  (before, the one that found it printed its error and both then waited forever in
+  collectives)."""
   path = tmp_path / "p.jsonl"
   lines = [{"prompt": f"a cat {i}"} for i in range(12)]
-  lines[9] = {"prompt": "a dog", "seed": -1}  # shard 4 of 2-image shards: process 0's
+  # Shard 4 of 2-image shards: process 0's.
+  lines[9] = ({"prompt": "a dog", "seed": -1} if bad == "line" else
+              {"prompt": "a dog", "init_image": "missing.png"})
   path.write_text("".join(json.dumps(line) + "\n" for line in lines))
   args = ["--model", model, "--prompts_file", str(path), *COMMON, "--shard_size", "2",
           "--compilation_cache", cache]
   procs = _two_processes(args, str(tmp_path / "out"))
   errs = [p.communicate(timeout=120)[1] for p in procs]
   assert [p.returncode for p in procs] == [2, 2], errs[0][-2000:] + errs[1][-2000:]
-  line = f'{path} line 10: "seed" must be a non-negative integer'
-  assert _error_lines(errs[0]) == [f"error: {line}"]
-  assert _error_lines(errs[1]) == [f"error: process 0 stopped the run: {line}"]
+  error = (f'{path} line 10: "seed" must be a non-negative integer' if bad == "line" else
+           f"image 9 ('a dog'): cannot read image {tmp_path}/missing.png: [Errno 2] No such "
+           f"file or directory: '{tmp_path}/missing.png'")
+  assert _error_lines(errs[0]) == [f"error: {error}"]
+  assert _error_lines(errs[1]) == [f"error: process 0 stopped the run: {error}"]
 
 
 def _tar_pixels(folder):
