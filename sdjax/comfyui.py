@@ -4,7 +4,8 @@ ComfyUI writes no A1111 `parameters` text; its SaveImage node stores the graph i
 "prompt" text chunk: node id -> {"class_type", "inputs"}, an input linking to another node's
 output as ["node id", output index]). `reproduce(graph)` finds the text-to-image sampler
 (KSampler or KSamplerAdvanced) and follows its links: the prompts (CLIPTextEncode), the size
-(EmptyLatentImage), the checkpoint and LoRAs, Clip skip (CLIPSetLastLayer) and the VAE; it maps
+(EmptyLatentImage), the checkpoint, Clip skip (CLIPSetLastLayer) and the VAE, and the LoRAs
+(LoraLoader) as A1111's `<lora:name:te:unet>` tags on the prompt, for --lora_dir; it maps
 ComfyUI's sampler and scheduler names to sdjax's (its "normal", "karras", ... are A1111's
 schedule types of the same names, over k-diffusion's noise levels), its CPU noise to
 `--rng torch_cpu` and its prompt weighting to `--emphasis ComfyUI`. The result goes through
@@ -45,6 +46,7 @@ _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 _CHECKPOINT_NODES = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
                      "unCLIPCheckpointLoader": "ckpt_name", "UNETLoader": "unet_name"}
 _LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
+_LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
 _TEXT_NODES = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXL": "text_g",
                "CLIPTextEncodeSDXLRefiner": "text"}
 
@@ -90,6 +92,7 @@ class _Reader:
   def __init__(self, graph):
     self.graph = graph
     self.fields: dict[str, str] = {}  # A1111's names (`infotext.from_fields`)
+    self.loras: list[str] = []  # A1111's <lora:name:te:unet> tags, the checkpoint's first
     self.notes: list[tuple[str | None, str]] = []
     self._noted: set[str] = set()
 
@@ -162,11 +165,11 @@ class _Reader:
       if kind not in _LORA_NODES:
         self.note("model", f"the model comes from node {node_id} ({kind}): give it with --model")
         return
-      strength = inputs.get("strength_model", 1.0)
-      clip = inputs.get("strength_clip", strength) if kind == "LoraLoader" else 0.0
-      self.note("lora", f"LoRA {inputs.get('lora_name')} (model strength {strength}, text "
-                        f"encoder {clip}): give it with --lora FILE:{strength}"
-                        + ("" if clip == strength else " (sdjax applies one strength to both)"))
+      name, strength = inputs.get("lora_name"), inputs.get("strength_model", 1.0)
+      clip = inputs.get("strength_clip", strength) if kind == "LoraLoader" else 0
+      if isinstance(name, str) and all(isinstance(s, int | float) for s in (strength, clip)):
+        stem = name.rsplit(".", 1)[0] if name.endswith(_LORA_EXTENSIONS) else name
+        self.loras.insert(0, f"<lora:{stem}:{clip:g}:{strength:g}>")  # text encoder, UNet
       value = inputs.get("model")
 
   def latent(self, value, denoise) -> None:
@@ -270,6 +273,10 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
                       f"{inputs.get('end_at_step')} only: sdjax runs them all")
   reader.latent(inputs.get("latent_image"), None if advanced else inputs.get("denoise"))
   reader.model(inputs.get("model"))
+  if reader.loras:  # as an A1111 prompt carries them: main.py applies them from --lora_dir
+    fields["prompt"] = " ".join([fields["prompt"], *reader.loras])
+    reader.note("lora_dir", f"LoRAs {', '.join(reader.loras)} added to the prompt as A1111 "
+                            "tags: give --lora_dir (the folder of ComfyUI's loras)")
   reader.vae(sampler_id)
   if others:
     reader.note(None, f"{len(others)} more sampler pass(es) (nodes {', '.join(others)}: a hires "

@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image, PngImagePlugin
 
-from sdjax import comfyui, infotext, plan
+from sdjax import comfyui, infotext, plan, prompts
 
 
 def default_graph(**sampler):
@@ -101,12 +101,14 @@ def test_unknown_sampler_and_scheduler_are_notes():
 def test_loras_clip_skip_vae_and_a_second_pass():
   graph = default_graph()
   graph["10"] = {"class_type": "LoraLoader", "inputs": {
-      "lora_name": "style.safetensors", "strength_model": 0.8, "strength_clip": 0.5,
+      "lora_name": "sub/style.safetensors", "strength_model": 0.8, "strength_clip": 0.5,
       "model": ["4", 0], "clip": ["4", 1]}}
+  graph["19"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+      "lora_name": "only.pt", "strength_model": 1.2, "model": ["10", 0]}}
   graph["11"] = {"class_type": "CLIPSetLastLayer", "inputs": {"stop_at_clip_layer": -2,
                                                               "clip": ["10", 1]}}
   graph["12"] = {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-mse.safetensors"}}
-  graph["13"] = {"class_type": "FreeU_V2", "inputs": {"model": ["10", 0], "b1": 1.3}}
+  graph["13"] = {"class_type": "FreeU_V2", "inputs": {"model": ["19", 0], "b1": 1.3}}
   graph["3"]["inputs"]["model"] = ["13", 0]
   for node in ("6", "7"):
     graph[node]["inputs"]["clip"] = ["11", 0]
@@ -121,8 +123,12 @@ def test_loras_clip_skip_vae_and_a_second_pass():
   found = comfyui.reproduce(graph)
   assert found.flags["clip_skip"] == "2" and found.flags["seed"] == "4096709502"
   notes = _notes(found)
-  assert "LoRA style.safetensors (model strength 0.8, text encoder 0.5): give it with --lora " \
-         "FILE:0.8 (sdjax applies one strength to both)" in notes
+  # As an A1111 prompt carries LoRAs: <lora:name:text encoder:UNet>, applied from --lora_dir.
+  assert found.flags["prompt"][0].endswith("bottle, <lora:sub/style:0.5:0.8> <lora:only:0:1.2>")
+  _, tags = prompts.lora_tags(found.flags["prompt"][0])
+  assert [(t.name, t.te_scale, t.unet_scale) for t in tags] == [("sub/style", 0.5, 0.8),
+                                                                  ("only", 0.0, 1.2)]
+  assert "added to the prompt as A1111 tags: give --lora_dir" in notes
   assert "node 13 (FreeU_V2) changes the model: not reproduced" in notes
   assert "made with the VAE vae-ft-mse.safetensors: give it with --vae" in notes
   assert "1 more sampler pass(es) (nodes 15" in notes
