@@ -263,7 +263,7 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   if sampler == "uni_pc":
     reader.note("scheduler", "sampler uni_pc: ComfyUI's runs UniPC's bh1 variant, sdjax's unipc "
                              "bh2")
-  if sampler in _DEVICE_NOISE or sampler in ("ddpm",):
+  if sampler in _DEVICE_NOISE:
     reader.note("rng", f"sampler {sampler}: ComfyUI draws each step's fresh noise from a "
                        "generator on its GPU; sdjax from torch's CPU generator: the image will "
                        "differ")

@@ -1188,8 +1188,8 @@ def _check_safety(checker, action: str, ready: list, batch: int) -> list:
   """A batch's (shard, job, record, image) with the safety checker's verdict in each record
   (`nsfw`; `nsfw_score`, its highest concept score: flagged above 0) and, for action "black",
   the flagged images black."""
-  result = checker.check([image for *_, image in ready], batch=batch)
   images = [image for *_, image in ready]
+  result = checker.check(images, batch=batch)
   if action == "black":
     images = checker.censor(images, result)
   for i, (_, _, record, _) in enumerate(ready):

@@ -827,6 +827,23 @@ def bench_both():
   return results
 
 
+def _interleaved(programs) -> dict[str, list[float]]:
+  """Wall seconds of each of `programs` ({name: call}) per round, after one warm-up call each,
+  the calls interleaved round by round (so drifting machine load hits them alike)."""
+  import torch  # noqa: PLC0415
+
+  wall = {name: [] for name in programs}
+  with torch.no_grad():
+    for fn in programs.values():
+      fn()
+    for _ in range(_REPEATS.value):
+      for name, fn in programs.items():
+        t0 = time.perf_counter()
+        fn()
+        wall[name].append(time.perf_counter() - t0)
+  return wall
+
+
 def bench_image_encoder():
   """An IP-Adapter image encoder (random weights) in sdjax and transformers, float32, calls
   interleaved; best and median wall seconds of each, and their ratio."""
@@ -855,15 +872,7 @@ def bench_image_encoder():
   x = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
   programs = {"sdjax": lambda: jax.block_until_ready(compiled(params, pixels)),
               "transformers": lambda: model(x, output_hidden_states=True).hidden_states[-2]}
-  wall = {name: [] for name in programs}
-  with torch.no_grad():
-    for fn in programs.values():
-      fn()
-    for _ in range(_REPEATS.value):
-      for name, fn in programs.items():
-        t0 = time.perf_counter()
-        fn()
-        wall[name].append(time.perf_counter() - t0)
+  wall = _interleaved(programs)
   return {"encoder": _ENCODER.value, "batch": b, "compile_s": compile_s,
           **{f"{name}_best_s": min(w) for name, w in wall.items()},
           **{f"{name}_median_s": statistics.median(w) for name, w in wall.items()},
@@ -912,15 +921,7 @@ def bench_safety_checker():
 
   programs = {"sdjax": lambda: ours.check(images), "diffusers": diffusers_run,
               "preprocess": lambda: ours.pixels(images)}
-  wall = {name: [] for name in programs}
-  with torch.no_grad():
-    for fn in programs.values():
-      fn()
-    for _ in range(_REPEATS.value):
-      for name, fn in programs.items():
-        t0 = time.perf_counter()
-        fn()
-        wall[name].append(time.perf_counter() - t0)
+  wall = _interleaved(programs)
   return {"what": "safety_checker", "batch": b, "height": h, "width": w, "compile_s": compile_s,
           "median_s": statistics.median(wall["sdjax"]),
           **{f"{name}_best_s": min(t) for name, t in wall.items()},
