@@ -19,7 +19,8 @@ from sdjax.pipeline import (  # noqa: E402
     load_ip_adapter,
     load_pipeline,
 )
+from sdjax.upscaling import Upscaler, load_upscaler  # noqa: E402
 
 __all__ = ["BUILTIN_MODEL", "Adapter", "ControlNet", "IPAdapter", "Pipeline", "PipelineError",
            "__version__", "build_pipeline", "load_adapter", "load_controlnet", "load_ip_adapter",
-           "load_pipeline"]
+           "load_pipeline", "load_upscaler", "Upscaler"]

@@ -24,7 +24,7 @@ from absl import logging
 from flax import traverse_util
 from PIL import Image
 
-from sdjax import aot, conditioning, masks, outputs, sampling
+from sdjax import aot, conditioning, masks, outputs, sampling, upscaling
 from sdjax.checkpoints import embeddings as textual_inversion
 from sdjax.checkpoints import hub, lora, single_file, standard
 from sdjax.checkpoints import ip_adapter as ip_files
@@ -361,7 +361,7 @@ class Pipeline:
                embeddings=None, cfg_parallel: bool = False,
                emphasis: str = "Original", hires_scale: float | None = None,
                hires_steps: int | None = None, hires_strength: float = 0.7,
-               hires_upscaler: str = "latent", hires_prompts=None, hires_negative_prompts=None,
+               hires_upscaler: str | upscaling.Upscaler = "latent", hires_prompts=None, hires_negative_prompts=None,
                hires_resize: tuple[int, int] | None = None, hires_scheduler: str | None = None,
                hires_guidance_scale: float | None = None, hires_model: Pipeline | None = None,
                hires_schedule_type: str | None = None,
@@ -481,8 +481,9 @@ class Pipeline:
         makes them: "latent" (bilinear), "latent-antialiased", "latent-bicubic",
         "latent-bicubic-antialiased", "latent-nearest", "latent-nearest-exact"; or its pixel
         upscalers "lanczos", "nearest" and "none": the decoded images as 8-bit levels resized as
-        A1111's Pillow resizes them, then encoded; each side rounded down to a size the model
-        takes) and denoised again at that size as img2img at
+        A1111's Pillow resizes them, then encoded; or a model upscaler, `sdjax.load_upscaler`'s
+        (ESRGAN, Real-ESRGAN files: A1111's tiled passes and Lanczos, `sdjax.upscaling`); each
+        side rounded down to a size the model takes) and denoised again at that size as img2img at
         `hires_strength` for `hires_steps` steps (default: `steps`), which run as A1111 runs
         them: the last `hires_steps` of a schedule of int(hires_steps / hires_strength) steps.
         `hires_resize=(width, height)` instead enlarges to that size (A1111's "Resize width to",

@@ -28,7 +28,7 @@ from flax import struct, traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdjax import conditioning, interpolate, masks, schedulers, torch_rng
+from sdjax import conditioning, interpolate, masks, schedulers, torch_rng, upscaling
 from sdjax import prompts as prompt_lib
 from sdjax.checkpoints.weights import torch_key
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
@@ -73,7 +73,7 @@ class SampleSpec:
   output_latents: bool = False  # return the diffusion latents undecoded (output_type="latent")
   init_latents: bool = False  # start from given diffusion latents as they are (denoising_start)
   # Hires fix: start from another stage's denoised latents, resized to `latent_hw` by this
-  # `LATENT_UPSCALERS` method, noised at `begin` (img2img from latents); or (`PIXEL_UPSCALERS`)
+  # `LATENT_UPSCALERS` method, noised at `begin` (img2img from latents); or (`upscaling.PIXEL_UPSCALERS`)
   # from its images, resized as A1111 resizes them and encoded.
   upscale: str | None = None
   # ... to (h, w) latent pixels first, then cut at (top, left) to `latent_hw` (A1111's Hires
@@ -652,7 +652,7 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, source, noise
     return init.astype(jnp.float32)
   if spec.upscale is not None:
     h, w, top, left = spec.upscale_crop or (*spec.latent_hw, 0, 0)
-    if spec.upscale in PIXEL_UPSCALERS:
+    if is_pixel_upscaler(spec.upscale):
       latents = _pixel_upscaled(spec.upscale, vae, params, init, (h, w), source)
     else:
       latents = interpolate.resize(init, (h, w), *LATENT_UPSCALERS[spec.upscale])
@@ -665,15 +665,19 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, source, noise
                          spec.begin)
 
 
-def _pixel_upscaled(upscaler: str, vae: AutoencoderKL, params, images, latent_hw, source):
+def _pixel_upscaled(upscaler, vae: AutoencoderKL, params, images, latent_hw, source):
   """A1111's hires fix with a pixel upscaler: the first pass's images [B, H, W, 3] in [0, 1] as
-  8-bit levels (truncated, as A1111 converts them), resized by PIL's arithmetic
-  (`pixel_upscale_steps`) to `latent_hw` latent pixels, and encoded (a posterior sample)."""
+  8-bit levels (truncated, as A1111 converts them), resized by PIL's arithmetic and a model
+  upscaler's passes (`upscaling.resize_steps`; its weights params["upscaler"]) to `latent_hw`
+  latent pixels, and encoded (a posterior sample)."""
   s = vae.config.downscale
   levels = jnp.floor(images.astype(jnp.float32) * jnp.float32(255.0)).astype(jnp.int32)
-  for size, resample in pixel_upscale_steps(upscaler, images.shape[1:3],
-                                            (latent_hw[0] * s, latent_hw[1] * s)):
-    levels = interpolate.pil_resize(levels, size, resample)
+  for size, resample in upscaling.resize_steps(upscaler, images.shape[1:3],
+                                              (latent_hw[0] * s, latent_hw[1] * s)):
+    if resample == "model":
+      levels = upscaling.model_pass(upscaler, params["upscaler"], levels)
+    else:
+      levels = interpolate.pil_resize(levels, size, resample)
   return _encode_sample(vae, params, levels.astype(jnp.float32) / jnp.float32(255.0), source,
                         _POSTERIOR)
 
@@ -1240,7 +1244,6 @@ LATENT_UPSCALERS = {"latent": ("bilinear", False), "latent-antialiased": ("bilin
                     "latent-bicubic-antialiased": ("bicubic", True),
                     "latent-nearest": ("nearest", False),
                     "latent-nearest-exact": ("nearest-exact", False)}
-PIXEL_UPSCALERS = {"lanczos": "lanczos", "nearest": "nearest", "none": None}
 HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-antialiased": "Latent (antialiased)",
                         "latent-bicubic": "Latent (bicubic)",
                         "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
@@ -1249,30 +1252,9 @@ HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-antialiased": "Latent (antia
                         "lanczos": "Lanczos", "nearest": "Nearest", "none": "None"}
 
 
-def pixel_upscale_steps(upscaler: str, size: tuple[int, int],
-                        target: tuple[int, int]) -> tuple[tuple[tuple[int, int], str], ...]:
-  """The PIL resizes ((height, width), filter), in order, that A1111's `resize_image` ("Just
-  resize") makes of an image of `size` (height, width) to `target` with its Lanczos or Nearest
-  upscaler: when enlarging, the upscaler's own resize by the larger side's factor, then Lanczos
-  to that size rounded down to 8 and to the target where they differ; with "None", Lanczos
-  straight to the target."""
-  (h, w), (th, tw) = size, target
-  steps, current = [], (h, w)
-  scale = max(tw / w, th / h)
-  if scale > 1.0 and PIXEL_UPSCALERS[upscaler] is not None:
-    # A1111's Upscaler.upscale: up to 3 rounds of the upscaler; these filters finish in one
-    dest = (int((h * scale) // 8 * 8), int((w * scale) // 8 * 8))
-    if current[1] < dest[1] or current[0] < dest[0]:
-      enlarged = (int(h * scale), int(w * scale))
-      if enlarged != current:
-        steps.append((enlarged, PIXEL_UPSCALERS[upscaler]))
-        current = enlarged
-    if current != dest:
-      steps.append((dest, "lanczos"))
-      current = dest
-  if current != (th, tw):
-    steps.append(((th, tw), "lanczos"))
-  return tuple(steps)
+def is_pixel_upscaler(upscaler) -> bool:
+  """Whether a hires upscaler works on the first pass's images (else on its latents)."""
+  return upscaler in upscaling.PIXEL_UPSCALERS or isinstance(upscaler, upscaling.ModelUpscaler)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1300,6 +1282,17 @@ class Hires:
   def in_latents(self) -> bool:
     """Whether the first pass hands over latents (a latent upscaler), else its images."""
     return self.upscaler in LATENT_UPSCALERS
+
+  @property
+  def upscale(self):
+    """`SampleSpec.upscale`: the upscaler's name, or a model upscaler's static part."""
+    return self.upscaler.spec if isinstance(self.upscaler, upscaling.Upscaler) else self.upscaler
+
+  def params(self, params):
+    """The hires pass's params: `params` (a pipeline's), with a model upscaler's weights."""
+    if isinstance(self.upscaler, upscaling.Upscaler):
+      return {**params, "upscaler": self.upscaler.params}
+    return params
 
   def size(self, pipe, height: int, width: int) -> tuple[int, int]:
     """The second pass's (height, width): A1111's `int(side * scale)`, rounded down to a size
@@ -1338,7 +1331,8 @@ class Hires:
       raise ValueError(f"hires steps must be a positive integer, got {self.steps!r}")
     if not 0.0 < self.strength <= 1.0:
       raise ValueError(f"hires strength must be in (0, 1], got {self.strength}")
-    if self.upscaler not in HIRES_UPSCALER_NAMES:
+    if self.upscaler not in HIRES_UPSCALER_NAMES and not isinstance(
+        self.upscaler, upscaling.Upscaler):
       raise ValueError(f"unknown hires upscaler {self.upscaler!r}; pick one of "
                        f"{', '.join(HIRES_UPSCALER_NAMES)}")
     if self.scheduler is not None and self.scheduler not in schedulers.SCHEDULERS:
@@ -1394,7 +1388,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
     raise ValueError(f"scheduler {spec.scheduler.name!r} makes text-to-image runs only: give the "
                      "hires pass another (A1111's Hires sampler: hires_scheduler)")
   return dataclasses.replace(spec, begin=(total - n) * spec.scheduler.order,
-                             upscale=hires.upscaler, upscale_crop=crop,
+                             upscale=hires.upscale, upscale_crop=crop,
                              fixed_guidance=None if hires.guidance_scale is None else float(
                                  hires.guidance_scale)), state
 
@@ -1634,7 +1628,8 @@ def generate(
           second, hires_prompts, hires_negatives, prompts_2=None if own[0] else prompts_2,
           negative_prompts_2=None if own[1] else negative_prompts_2, micro=micro,
           size=hires.size(pipe, height, width), a1111=a1111), ip)
-    out = _sample(hires_spec, second.networks, second.params, cond, seeds, noise, scalars, out,
+    out = _sample(hires_spec, second.networks, hires.params(second.params), cond, seeds, noise,
+                  scalars, out,
                   hires_state, None if controlled is None else control_input(
                       hires_control_images, hires_spec, hires_state))
   if refiner is None:

@@ -8,7 +8,7 @@ import torch
 from parity import nchw
 from PIL import Image
 
-from sdjax import interpolate, sampling
+from sdjax import interpolate, sampling, upscaling
 
 
 @pytest.mark.parametrize("upscaler", list(sampling.LATENT_UPSCALERS))
@@ -69,7 +69,7 @@ def test_pil_resize_is_pils(resample):
 def test_pixel_upscale_steps_are_a1111s():
   """A1111's resize_image("Just resize") with its Lanczos / Nearest upscaler: the upscaler by
   the larger side's factor, then Lanczos to that size rounded down to 8, then to the target."""
-  steps = sampling.pixel_upscale_steps
+  steps = upscaling.resize_steps
   assert steps("lanczos", (512, 512), (1024, 1024)) == (((1024, 1024), "lanczos"),)
   assert steps("nearest", (512, 768), (768, 1152)) == (((768, 1152), "nearest"),)
   assert steps("nearest", (100, 100), (150, 150)) == (

@@ -12,7 +12,7 @@ import torch
 from parity import img2img_draws, nchw
 
 import sdjax
-from sdjax import sampling, schedulers, testing
+from sdjax import sampling, schedulers, testing, upscaling
 
 PROMPTS = ["a red circle in the center", "a photo of a cat"]
 NEGATIVES = ["blue", ""]  # the second image has no negative prompt: diffusers' empty default
@@ -298,34 +298,25 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts, resiz
   assert err <= 1e-4  # seen 7.0e-7, 4.0e-7; the first pass's prompts in the second: 1.3e-3
 
 
-@pytest.mark.parametrize("upscaler", ["lanczos", "nearest"])  # "none": Lanczos, by its steps
-def test_pixel_hires_upscaler_matches_diffusers(pipes, upscaler):
-  """A1111's pixel upscalers (Lanczos, Nearest): diffusers' text-to-image images as A1111 turns
-  them into 8-bit levels (truncated), resized by PIL as A1111's resize_image does (here one
-  resize, 16x32 -> 24x48), then diffusers' img2img pipeline on them for the steps A1111 runs,
-  with our draws of the posterior sample and the second pass's noise."""
-  from PIL import Image  # noqa: PLC0415
-
-  ref, pipe, folder = pipes
-  if _v_prediction(pipe) != (upscaler == "nearest"):
-    pytest.skip("lanczos is checked on the epsilon family, nearest on the v-prediction one")
+def _pixel_hires_err(pipes, enlarge, upscaler, *, noise_seed, seed, hires_steps, strength):
+  """rel(ours, diffusers') of a hires fix with a pixel upscaler: diffusers' text-to-image
+  images (16x32, 3 euler steps) as A1111 turns them into 8-bit levels (truncated), enlarged to
+  24x48 by `enlarge` (uint8 [16, 32, 3] -> [24, 48, 3], A1111's resize_image written with
+  PIL), then diffusers' img2img pipeline on them for the steps A1111 runs, with our draws of
+  the posterior sample and the second pass's noise; ours `generate(hires_upscaler=upscaler)`."""
+  ref, pipe, _ = pipes
   ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
   img_pipe = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
   img_pipe.set_progress_bar_config(disable=True)
-  noise, seed, steps, hires_steps, strength = _unit_noise((2, 8, 16, 4), seed=8), 5, 3, 3, 0.6
+  noise, steps = _unit_noise((2, 8, 16, 4), seed=noise_seed), 3
   total = int(hires_steps / strength)
   keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
   second = np.asarray(sampling._keyed_noise(keys, sampling._HIRES_NOISE, (12, 24, 4)))  # noqa: SLF001
-  assert sampling.pixel_upscale_steps(upscaler, (16, 32), (24, 48)) == (
-      ((24, 48), upscaler),)
-  filt = {"lanczos": Image.LANCZOS, "nearest": Image.NEAREST}[upscaler]
   first = ref(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps,
               guidance_scale=GUIDANCE, height=16, width=32, latents=nchw(noise),
               output_type="np").images
   levels = np.floor(first * np.float32(255.0)).astype(np.uint8)  # A1111's astype(np.uint8)
-  enlarged = np.stack([np.asarray(Image.fromarray(x).resize((48, 16), filt).resize((48, 24), filt))
-                       if upscaler == "lanczos" else  # PIL 9.5's two passes, horizontal first
-                       np.asarray(Image.fromarray(x).resize((48, 24), filt)) for x in levels])
+  enlarged = np.stack([enlarge(x) for x in levels])
   module = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"
   with img2img_draws(module, seed, (12, 24, 4), second):
     expected = img_pipe(PROMPTS, negative_prompt=NEGATIVES,
@@ -337,8 +328,54 @@ def test_pixel_hires_upscaler_matches_diffusers(pipes, upscaler):
                        hires_scale=1.5, hires_steps=hires_steps, hires_strength=strength,
                        hires_upscaler=upscaler)
   assert ours.shape == (2, 24, 48, 3)
-  err = rel(ours, expected)
+  return rel(ours, expected)
+
+
+@pytest.mark.parametrize("upscaler", ["lanczos", "nearest"])  # "none": Lanczos, by its steps
+def test_pixel_hires_upscaler_matches_diffusers(pipes, upscaler):
+  """A1111's pixel upscalers (Lanczos, Nearest): here one PIL resize, 16x32 -> 24x48."""
+  from PIL import Image  # noqa: PLC0415
+
+  if _v_prediction(pipes[1]) != (upscaler == "nearest"):
+    pytest.skip("lanczos is checked on the epsilon family, nearest on the v-prediction one")
+  assert upscaling.resize_steps(upscaler, (16, 32), (24, 48)) == (
+      ((24, 48), upscaler),)
+  filt = {"lanczos": Image.LANCZOS, "nearest": Image.NEAREST}[upscaler]
+
+  def enlarge(x):
+    if upscaler == "lanczos":  # PIL 9.5's two passes, horizontal first
+      return np.asarray(Image.fromarray(x).resize((48, 16), filt).resize((48, 24), filt))
+    return np.asarray(Image.fromarray(x).resize((48, 24), filt))
+
+  err = _pixel_hires_err(pipes, enlarge, upscaler, noise_seed=8, seed=5, hires_steps=3,
+                         strength=0.6)
   print(f"\nhires {upscaler} (pixel): {err:.2e}")
+  assert err <= 1e-4
+
+
+@pytest.mark.parametrize("tile", [0, 24])
+def test_model_hires_upscaler_matches_diffusers(pipes, tmp_path, tile):
+  """A model upscaler (an ESRGAN file): one 4x pass, whole or in tiles of 24 overlapping by 4,
+  then Lanczos from 64x128 to 24x48 (the steps written with PIL in esrgan_reference; the
+  network our converted one, whose parity test_upscaling checks)."""
+  import esrgan_reference  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+
+  _sd1_only(pipes)
+  net = esrgan_reference.random_rrdbnet(seed=4, blocks=1, feat=8, grow=8)
+  path = str(tmp_path / "4x-Tiny.pth")
+  torch.save(net.state_dict(), path)
+  upscaler = sdjax.load_upscaler(path, tile=tile, overlap=4)
+  apply = jax.jit(lambda x: upscaling.RRDBNet(upscaler.spec.config).apply(
+      {"params": upscaler.params}, x))
+
+  def enlarge(x):
+    return np.asarray(esrgan_reference.a1111_resize_with_model(
+        lambda x: np.asarray(apply(x)), Image.fromarray(x), 48, 24, tile, 4))
+
+  err = _pixel_hires_err(pipes, enlarge, upscaler, noise_seed=9, seed=6, hires_steps=2,
+                         strength=0.5)
+  print(f"\nhires {upscaler.name} tile {tile}: {err:.2e}")
   assert err <= 1e-4
 
 
