@@ -22,7 +22,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax import infotext, outputs, run, sampling, schedulers
+from sdjax import infotext, outputs, run, sampling, schedulers, upscaling
 from sdjax.conditioning import MicroConditioning
 
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
@@ -146,10 +146,18 @@ flags.DEFINE_float("hires_scale", 0.0, "A1111's hires fix: enlarge the latents t
                    "and denoise again (0: off)")
 flags.DEFINE_integer("hires_steps", 0, "hires fix: steps of the second pass (0: --steps)")
 flags.DEFINE_float("hires_strength", 0.7, "hires fix: the second pass's denoising strength")
-flags.DEFINE_enum("hires_upscaler", "latent", list(sampling.HIRES_UPSCALER_NAMES),
-                  "hires fix: A1111's latent upscalers (latent = Latent, bilinear; "
-                  "latent-bicubic-antialiased = Latent (bicubic antialiased), ...) or its "
-                  "pixel ones lanczos, nearest and none (the decoded images resized as PIL does)")
+flags.DEFINE_string("hires_upscaler", "latent",
+                    "hires fix: A1111's latent upscalers (latent = Latent, bilinear; "
+                    "latent-bicubic-antialiased = Latent (bicubic antialiased), ...), its pixel "
+                    "ones lanczos, nearest and none (the decoded images resized as PIL does), or "
+                    "an ESRGAN / Real-ESRGAN model: a .pth / .safetensors file, or its name in "
+                    "--upscaler_dir ('R-ESRGAN 4x+', '4x-UltraSharp': A1111's names)")
+flags.DEFINE_string("upscaler_dir", None, "folder of ESRGAN / Real-ESRGAN upscaler files "
+                    "(A1111's models/ESRGAN, models/RealESRGAN) for --hires_upscaler names")
+flags.DEFINE_integer("upscaler_tile", upscaling.DEFAULT_TILE, "model upscalers run in tiles of "
+                     "this many pixels (A1111's 'Tile size for ESRGAN upscalers'; 0: whole)")
+flags.DEFINE_integer("upscaler_tile_overlap", upscaling.DEFAULT_OVERLAP, "... overlapping by at "
+                     "least this many (A1111's 'Tile overlap for ESRGAN upscalers')")
 flags.DEFINE_integer("hires_resize_width", 0, "hires fix: enlarge to this width instead of "
                      "--hires_scale (A1111's Resize width to; 0: from the aspect)")
 flags.DEFINE_integer("hires_resize_height", 0, "hires fix: enlarge to this height instead of "
@@ -324,6 +332,8 @@ def _run_config() -> run.RunConfig:
       image_quality=FLAGS.image_quality, webp_lossless=FLAGS.webp_lossless,
       hires_scale=FLAGS.hires_scale, hires_steps=FLAGS.hires_steps,
       hires_strength=FLAGS.hires_strength, hires_upscaler=FLAGS.hires_upscaler,
+      upscaler_dir=FLAGS.upscaler_dir, upscaler_tile=FLAGS.upscaler_tile,
+      upscaler_tile_overlap=FLAGS.upscaler_tile_overlap,
       hires_resize_width=FLAGS.hires_resize_width,
       hires_resize_height=FLAGS.hires_resize_height,
       hires_scheduler=_scheduler_name(FLAGS.hires_scheduler, "--hires_scheduler"),
@@ -385,6 +395,14 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
   for flag, note in found.notes:
     if flag is None or flag not in given and not FLAGS[flag].present:
       print(f"warning: {path}: {note}", file=sys.stderr)
+  upscaler = applied.get("hires_upscaler")
+  if upscaler is not None and upscaler not in sampling.HIRES_UPSCALER_NAMES and (
+      upscaling.find_upscaler_file(upscaler, FLAGS.upscaler_dir) is None):
+    FLAGS["hires_upscaler"].parse("latent")
+    where = f"in --upscaler_dir {FLAGS.upscaler_dir}" if FLAGS.upscaler_dir else (
+        "(give --upscaler_dir, the folder of its file)")
+    print(f"warning: {path}: Hires upscaler: {upscaler} is an upscaler model, not found "
+          f"{where}: Latent is used", file=sys.stderr)
   return dataclasses.replace(found, flags=applied)
 
 

@@ -354,9 +354,13 @@ def _hires(fields, flags, notes) -> None:
     ours = {label: name for name, label in _hires_upscalers().items()}
     if upscaler in ours:
       flags["hires_upscaler"] = ours[upscaler]
-    else:
-      notes.append(("hires_upscaler", f"Hires upscaler: {upscaler} is not one sdjax has: "
-                                      "Latent is used (or give --hires_upscaler)"))
+    elif upscaler.startswith(OTHER_UPSCALERS):
+      notes.append(("hires_upscaler", f"Hires upscaler: {upscaler} is not one sdjax has (it "
+                                      "runs A1111's latent ones, Lanczos, Nearest and ESRGAN / "
+                                      "Real-ESRGAN files): Latent is used (or give "
+                                      "--hires_upscaler)"))
+    else:  # A1111's R-ESRGAN 4x+ (Anime6B), ESRGAN_4x, or a file in its models/ESRGAN
+      flags["hires_upscaler"] = upscaler
   for key, flag in _HIRES_ONE_TO_ONE.items():
     if key in fields:
       flags[flag] = fields.pop(key)
@@ -367,6 +371,11 @@ def _hires(fields, flags, notes) -> None:
       _named(key, fields.pop(key), flag, check, "the first pass's is used", flags, notes)
   if "Hires checkpoint" in fields:
     _named_model(fields.pop("Hires checkpoint"), "hires_model", "Hires checkpoint", flags, notes)
+
+
+# A1111's upscalers of other architectures than ESRGAN's (what sdjax cannot run), by name prefix:
+# its SRVGGNet Real-ESRGAN models, LDSR, ScuNET, SwinIR and DAT.
+OTHER_UPSCALERS = ("R-ESRGAN General", "R-ESRGAN AnimeVideo", "LDSR", "ScuNET", "SwinIR", "DAT ")
 
 
 def _hires_upscalers() -> dict[str, str]:

@@ -38,6 +38,7 @@ from sdjax import (
   safety,
   sampling,
   sinks,
+  upscaling,
 )
 from sdjax.conditioning import MicroConditioning
 from sdjax.plan import (
@@ -170,7 +171,13 @@ class RunConfig:
   hires_scale: float = 0.0
   hires_steps: int = 0
   hires_strength: float = 0.7
+  # One of sampling.HIRES_UPSCALER_NAMES, or a model upscaler (ESRGAN / Real-ESRGAN): a file,
+  # or its name in upscaler_dir (A1111's: "R-ESRGAN 4x+", a file's stem), run as A1111 runs it
+  # with its tiling settings ESRGAN_tile / ESRGAN_tile_overlap (`sdjax.upscaling`).
   hires_upscaler: str = "latent"
+  upscaler_dir: str | None = None
+  upscaler_tile: int = upscaling.DEFAULT_TILE
+  upscaler_tile_overlap: int = upscaling.DEFAULT_OVERLAP
   # Instead of hires_scale: A1111's "Resize width to" / "Resize height to" (0: from the aspect).
   hires_resize_width: int = 0
   hires_resize_height: int = 0
@@ -638,8 +645,40 @@ def _hires(cfg: RunConfig) -> sampling.Hires | None:
   if not cfg.hires_scale and not any(resize):
     return None
   return sampling.Hires(cfg.hires_scale or 2.0, cfg.hires_steps or None, cfg.hires_strength,
-                        cfg.hires_upscaler, resize, cfg.hires_scheduler,
+                        _hires_upscaler(cfg), resize, cfg.hires_scheduler,
                         cfg.hires_guidance_scale or None, cfg.hires_schedule_type)
+
+
+def _hires_upscaler(cfg: RunConfig) -> str | upscaling.Upscaler:
+  """--hires_upscaler: one of sdjax's names, else a model upscaler's file, loaded (once)."""
+  name = cfg.hires_upscaler
+  if name in sampling.HIRES_UPSCALER_NAMES:
+    return name
+  path = upscaling.find_upscaler_file(name, cfg.upscaler_dir)
+  if path is None:
+    where = (f"in --upscaler_dir {cfg.upscaler_dir}" if cfg.upscaler_dir else
+             "(give --upscaler_dir, the folder of your ESRGAN / Real-ESRGAN files)")
+    raise RunError(f"--hires_upscaler {name!r} is neither one of sdjax's "
+                   f"({', '.join(sampling.HIRES_UPSCALER_NAMES)}) nor an upscaler file {where}")
+  path = os.path.abspath(path)
+  try:
+    return _load_upscaler(path, cfg.upscaler_tile, cfg.upscaler_tile_overlap,
+                          os.stat(path).st_mtime_ns)
+  except ValueError as e:
+    raise RunError(f"--hires_upscaler: {e}") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _load_upscaler(path: str, tile: int, overlap: int, stamp: int) -> upscaling.Upscaler:
+  del stamp  # a rewritten file is read again
+  return upscaling.load_upscaler(path, tile, overlap)
+
+
+def _hires_upscaler_name(cfg: RunConfig) -> str:
+  """The hires upscaler as A1111 names it in an image's parameters."""
+  upscaler = _hires_upscaler(cfg)
+  return upscaler.name if isinstance(upscaler, upscaling.Upscaler) else (
+      sampling.HIRES_UPSCALER_NAMES[upscaler])
 
 
 def _hires_record(cfg: RunConfig) -> dict[str, Any]:
@@ -648,7 +687,10 @@ def _hires_record(cfg: RunConfig) -> dict[str, Any]:
   if hires is None:
     return {}
   record = {"scale": hires.scale, "steps": hires.steps or cfg.steps,
-            "strength": hires.strength, "upscaler": hires.upscaler}
+            "strength": hires.strength, "upscaler": cfg.hires_upscaler}
+  if isinstance(hires.upscaler, upscaling.Upscaler):  # only then: older folders still match
+    record.update(upscaler_name=hires.upscaler.name, upscaler_tile=hires.upscaler.spec.tile,
+                  upscaler_tile_overlap=hires.upscaler.spec.overlap)
   if any(hires.resize):  # only when set: older folders still match
     record.update(resize_width=hires.resize[0], resize_height=hires.resize[1])
     del record["scale"]
@@ -1248,8 +1290,17 @@ class _Sampler:
   def _params(self, params):
     """The program's params given the base's: with a second model (the refiner, the hires
     model), the pair."""
-    second = self.refiner_pipe or self.hires_pipe
-    return params if second is None else (params, second.params)
+    return self._with_second(params, None if self.hires_pipe is None else self.hires_pipe.params)
+
+  def _with_second(self, params, hires_params):
+    """The program's params from the base's and the hires model's (None: no hires model): the
+    pair when there is a second model; a model upscaler's weights in the hires pass's."""
+    if self.refiner_pipe is not None:
+      return params, self.refiner_pipe.params
+    hires = _hires(self.cfg)
+    if hires_params is not None:
+      return params, hires.params(hires_params)
+    return params if hires is None else hires.params(params)
 
   def program(self, size: tuple[int, int], kind: str | None, guidance: float,
               schedule: Schedule | None = None) -> _Program:
@@ -1523,11 +1574,11 @@ class _Sampler:
       from sdjax.checkpoints import lora  # noqa: PLC0415
 
       params = lora.apply_loras(self.pipe, list(loras)) if loras else self.pipe.params
-      if self.refiner_pipe is not None:
-        params = (params, self.refiner_pipe.params)
+      hires_params = None
       if self.hires_pipe is not None:  # A1111 applies an image's LoRAs to its hires model too
-        params = (params, lora.apply_loras(self.hires_pipe, list(loras)) if loras
-                  else self.hires_pipe.params)
+        hires_params = (lora.apply_loras(self.hires_pipe, list(loras)) if loras
+                        else self.hires_pipe.params)
+      params = self._with_second(params, hires_params)
       self.params, self.loras = parallel.replicate(params, self.mesh), loras
       logging.info("LoRA set %s merged", loras)
 
@@ -1935,7 +1986,7 @@ class _Metadata:
         extra["Hires resize"] = f"{final[1]}x{final[0]}"  # rounded to a size the model takes
     if cfg.hires_steps:
       extra["Hires steps"] = cfg.hires_steps
-    extra["Hires upscaler"] = sampling.HIRES_UPSCALER_NAMES[cfg.hires_upscaler]
+    extra["Hires upscaler"] = _hires_upscaler_name(cfg)
     if self.hires_model is not None:  # A1111's checkpoint short title: name [short hash]
       name, short = self.hires_model
       extra["Hires checkpoint"] = f"{name} [{short}]" if short else name

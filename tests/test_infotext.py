@@ -27,6 +27,25 @@ def _notes(text):
   return dict(reproduce(text).notes)
 
 
+@pytest.mark.parametrize(("label", "flag"), [
+    ("R-ESRGAN 4x+", "R-ESRGAN 4x+"), ("ESRGAN_4x", "ESRGAN_4x"), ("4x_NMKD-Siax_200k", None),
+    ("Latent (bicubic antialiased)", "latent-bicubic-antialiased"), ("Lanczos", "lanczos"),
+    ("SwinIR 4x", ""), ("R-ESRGAN General 4xV3", ""), ("LDSR", ""), ("ScuNET GAN", ""),
+    ("DAT x4", "")])
+def test_hires_upscaler_names(label, flag):
+  """A1111's Hires upscaler: its latent and PIL ones by our names; ESRGAN-family models (its
+  R-ESRGAN RRDB ones, ESRGAN_4x, any file's stem) by their name, for --upscaler_dir; other
+  architectures (SRVGGNet R-ESRGANs, SwinIR, LDSR, ScuNET, DAT): a note, Latent."""
+  found = reproduce(f"a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, "
+                    f"Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: {label}")
+  if flag == "":
+    assert "hires_upscaler" not in found.flags
+    assert label in dict(found.notes)["hires_upscaler"]
+  else:
+    assert found.flags["hires_upscaler"] == (flag or label)
+    assert "hires_upscaler" not in dict(found.notes)
+
+
 def test_a1111_image():
   found = reproduce(A1111_110)
   assert found.flags == {
@@ -34,14 +53,14 @@ def test_a1111_image():
       "scheduler": "DPM++ 2M", "schedule_type": "Karras", "width": "832", "height": "1216",
       "steps": "28", "guidance_scale": "6.5", "seed": "123456", "clip_skip": "2",
       "ensd": "31337", "hires_scale": "1.5", "hires_strength": "0.4", "hires_steps": "10",
+      "hires_upscaler": "4x-UltraSharp",  # an ESRGAN file, found in --upscaler_dir by main.py
       # k-diffusion's placement, and its start and timesteps in diffusers' DPM-Solver++
       "scheduler_options": '{"timestep_spacing": "linspace", "k_diffusion": true}'}
   notes = dict(found.notes)
-  assert set(notes) == {"model", "vae", "rng", "hires_upscaler", None}
+  assert set(notes) == {"model", "vae", "rng", None}
   assert notes["vae"] == "made with the VAE sdxl_vae.safetensors: give it with --vae"
   assert "ponyDiffusionV6XL [67ab2fd8ec]" in notes["model"] and "--model" in notes["model"]
   assert notes["rng"].startswith("RNG: GPU")
-  assert "4x-UltraSharp" in notes["hires_upscaler"]
   assert notes[None] == "not reproduced: ADetailer model: face_yolov8n.pt"  # not the hashes
   assert found.model_hash == "67ab2fd8ec"
 

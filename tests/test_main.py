@@ -473,6 +473,10 @@ BAD_INPUT = [
     (["--strength", "0"], "--strength must be in (0, 1], got 0.0"),
     (["--hires_negative_prompt", "blurry"], "--hires_prompt and --hires_negative_prompt are"),
     (["--hires_model", "/nonexistent"], "--hires_model is the hires pass's model: give"),
+    (["--hires_scale", "2", "--hires_upscaler", "R-ESRGAN 4x+"],
+     "--hires_upscaler 'R-ESRGAN 4x+' is neither one of sdjax's (latent, "),
+    (["--hires_scale", "2", "--hires_upscaler", "README.md"],
+     "README.md: expected one of .pth, .pt, .safetensors"),
     (["--hires_scale", "2", "--hires_model", "/nonexistent"],
      "--hires_model /nonexistent: model folder '/nonexistent' does not exist"),
     (["--mask_blur", "-2"], "--mask_blur and --inpaint_full_res_padding must be >= 0"),
@@ -697,6 +701,50 @@ def test_parameters_file_makes_the_image_again(model, cache, tmp_path):
   assert (record["seed"], record["steps"], record["prompt"]) == (12, 3, "a (cat:1.2)")
   assert record["scheduler"] == "dpmpp_2m_sde" and record["negative_prompt"] == "a dog"
   assert not np.array_equal(_pixels(other)[name], want)
+
+
+def test_model_hires_upscaler(model, cache, tmp_path):
+  """--hires_upscaler with an ESRGAN file found in --upscaler_dir by A1111's name: the pixels of
+  generate() with that upscaler and tiling, A1111's name in the PNG; --parameters_file finds it
+  again with --upscaler_dir (the same pixels), and without warns and uses Latent."""
+  import esrgan_reference  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+
+  folder = tmp_path / "upscalers" / "RealESRGAN"
+  folder.mkdir(parents=True)
+  net = esrgan_reference.random_rrdbnet(seed=2, blocks=1, feat=8, grow=8)
+  torch.save({"params_ema": net.state_dict()}, str(folder / "RealESRGAN_x4plus.pth"))
+  outs = [str(tmp_path / name) for name in "abc"]
+  image = os.path.join(outs[0], "00000", "000000.png")
+  common = ["--model", model, "--compilation_cache", cache]
+  hires = ["--hires_scale", "1.5", "--hires_steps", "1", "--hires_strength", "0.5"]
+  runs = _in_one_process([
+      [*common, "--prompt", "a cat", *COMMON, *hires, "--hires_upscaler", "R-ESRGAN 4x+",
+       "--upscaler_dir", str(tmp_path / "upscalers"), "--upscaler_tile", "8",
+       "--upscaler_tile_overlap", "2", "--output_dir", outs[0]],
+      [*common, "--parameters_file", image, "--upscaler_dir", str(tmp_path / "upscalers"),
+       "--upscaler_tile", "8", "--upscaler_tile_overlap", "2", "--output_dir", outs[1]],
+      [*common, "--parameters_file", image, "--output_dir", outs[2]]])
+  assert [code for code, _ in runs] == [0, 0, 0], runs
+  params = outputs.parse_a1111_parameters(Image.open(image).text["parameters"])
+  assert params["Hires upscaler"] == "R-ESRGAN 4x+"
+  hires_record = json.load(open(os.path.join(outs[0], "run.json")))["hires"]
+  assert (hires_record["upscaler_name"], hires_record["upscaler_tile"]) == ("R-ESRGAN 4x+", 8)
+  upscaler = sdjax.load_upscaler(str(folder / "RealESRGAN_x4plus.pth"), tile=8, overlap=2)
+  want = sdjax.load_pipeline(model).generate(
+      ["a cat"], steps=2, height=16, width=16, guidance_scale=3.0, scheduler="euler_ancestral",
+      seed=0, hires_scale=1.5, hires_steps=1, hires_strength=0.5, hires_upscaler=upscaler)
+  (name, got), = _pixels(outs[0]).items()
+  assert np.abs(got.astype(np.float32) / 255 - want[0]).max() <= 1 / 255 + 1e-6
+  lanczos = sdjax.load_pipeline(model).generate(
+      ["a cat"], steps=2, height=16, width=16, guidance_scale=3.0, scheduler="euler_ancestral",
+      seed=0, hires_scale=1.5, hires_steps=1, hires_strength=0.5, hires_upscaler="lanczos")
+  assert np.abs(lanczos - want).max() > 0.05  # the model made a difference
+  assert "warning" not in runs[1][1]
+  np.testing.assert_array_equal(_pixels(outs[1])[name], got)
+  assert "Hires upscaler: R-ESRGAN 4x+ is an upscaler model, not found" in runs[2][1]
+  assert Image.open(os.path.join(outs[2], name)).text["parameters"].count(
+      "Hires upscaler: Latent") == 1
 
 
 def test_vae_recorded_and_read_back(model, cache, tmp_path):
