@@ -45,6 +45,11 @@ safety checker (the released one's ViT-L/14 shape, random weights) on `--batch` 
 the arch's size in sdjax (`SafetyChecker.check`: CLIP's image processor on the host, the encoder
 on device, the decision) and as diffusers' pipelines run it (the same processor, then its
 StableDiffusionSafetyChecker), calls interleaved; the host preprocessing apart.
+`--what upscaler` times one A1111 model-upscaler pass (R-ESRGAN 4x+'s RRDBNet shape, random
+weights) of `--batch` 8-bit images of `--height` x `--width` (default 64) in tiles of
+`--upscaler_tile` overlapping by 8: sdjax's compiled pass (`Upscaler.upscale`) against A1111's
+loop (each tile through the torch network in turn, PIL blends; tests/esrgan_reference.py, the
+network BasicSR's), calls interleaved.
 
 `sdxl` is SDXL base 1.0's architecture (2.6B-parameter UNet, CLIP-L + OpenCLIP-bigG encoders,
 1024x1024). `sdxl_small` keeps SDXL's layout (no attention at the first level, linear
@@ -71,7 +76,7 @@ _ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "sdxl", 
 _WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate", "run",
                                                "first_image", "lora_merge", "encode",
                                                "image_encoder", "dynamic_prompts", "rng",
-                                               "safety_checker"],
+                                               "safety_checker", "upscaler"],
                           "what to time")
 _ENCODER = flags.DEFINE_enum("encoder", "vit-h", ["vit-bigg", "vit-h", "vit-l"],
                              "image_encoder: which (testing.CLIP_VISION_SIZES)")
@@ -116,6 +121,7 @@ _CFG_PARALLEL = flags.DEFINE_bool("cfg_parallel", False, "jax unet_step with --c
 _TORCH_COMPILE = flags.DEFINE_string("torch_compile", "", "torch: torch.compile the UNet with this "
                                       "mode (default, max-autotune, ...), channels_last; empty: "
                                       "eager. compile_s: the first call's extra time")
+_UPSCALER_TILE = flags.DEFINE_integer("upscaler_tile", 32, "upscaler: tile size (A1111: 192)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls after one warm-up call (0: compile "
                                 "only)")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "jax: persistent compilation cache folder "
@@ -931,8 +937,58 @@ def bench_safety_checker():
           "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
+def bench_upscaler():
+  """One model-upscaler pass in sdjax and as A1111 runs it in torch, float32, calls interleaved;
+  best and median wall seconds of each."""
+  import tempfile  # noqa: PLC0415
+
+  import numpy as np  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+
+  from sdjax import upscaling  # noqa: PLC0415
+
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
+  import esrgan_reference  # noqa: PLC0415
+
+  net = esrgan_reference.random_rrdbnet(blocks=23, feat=64, grow=32)  # R-ESRGAN 4x+
+  tile, overlap = _UPSCALER_TILE.value, upscaling.DEFAULT_OVERLAP
+  with tempfile.TemporaryDirectory() as folder:
+    path = os.path.join(folder, "RealESRGAN_x4plus.pth")
+    torch.save({"params_ema": net.state_dict()}, path)
+    ours = upscaling.load_upscaler(path, tile, overlap)
+  h, w, b = _HEIGHT.value or 64, _WIDTH.value or 64, _BATCH.value
+  images = np.random.default_rng(0).integers(0, 256, (b, h, w, 3), dtype=np.uint8)
+  start = time.perf_counter()
+  ours.upscale(images)  # compiles
+  compile_s = time.perf_counter() - start
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"  # torch's on the same device
+  net.to(device)
+
+  def network(x):
+    y = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device))
+    return y.cpu().numpy().transpose(0, 2, 3, 1)
+
+  def a1111():
+    return [esrgan_reference.a1111_upscale_pass(network, Image.fromarray(x), tile, overlap)
+            for x in images]
+
+  wall = _interleaved({"sdjax": lambda: ours.upscale(images), "a1111_torch": a1111})
+  return {"what": "upscaler", "batch": b, "height": h, "width": w, "tile": tile,
+          "overlap": overlap, "compile_s": compile_s, "median_s": statistics.median(wall["sdjax"]),
+          **{f"{name}_best_s": min(t) for name, t in wall.items()},
+          **{f"{name}_median_s": statistics.median(t) for name, t in wall.items()},
+          "ratio_best": min(wall["sdjax"]) / min(wall["a1111_torch"]),
+          "params": sum(p.numel() for p in net.parameters()), "torch_threads": torch_threads(),
+          "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
 def main(argv):
   del argv
+  if _WHAT.value == "upscaler":
+    print(json.dumps(bench_upscaler()))
+    return
   if _WHAT.value == "image_encoder":
     print(json.dumps(bench_image_encoder()))
     return

@@ -8,8 +8,10 @@
 # compile alone may take minutes, so run it as its own command), lcm (4-step LCM sampling
 # without CFG, LCM-LoRA's way, SD1.5 batch 16 vs diffusers fp16, ~2 min), rng (--rng
 # torch_cpu's noise for 8 SDXL images x 31 draws against jax.random, ~20 s), safety (the safety
-# checker, ViT-L/14, on 8 512x512 images vs diffusers', ~1 min). A device command may
-# run 10 minutes and a session has about 15 in all: pick the parts that fit, in this order.
+# checker, ViT-L/14, on 8 512x512 images vs diffusers', ~1 min), upscaler (an R-ESRGAN 4x+
+# pass of a 512x512 image in A1111's 192-pixel tiles vs A1111's torch loop, float32, ~2 min). A
+# device command may run 10 minutes and a session has about 15 in all: pick the parts that fit,
+# in this order.
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the image lacks them.
 set -u
 OUTDIR=${1:-/tmp/gpu_bench}  # results.jsonl, gpu.txt and errors.log land here
@@ -78,6 +80,10 @@ if part rng; then  # --rng torch_cpu's noise: torch's MT19937 scanned on device 
 fi
 if part safety; then  # --safety_checker's cost per batch: sdjax vs diffusers on the same GPU
   T=150 bench "safety_b8" --what safety_checker --arch sd15 --batch 8 --repeats 5
+fi
+if part upscaler; then  # a hires fix's R-ESRGAN 4x+ pass (512 -> 2048): sdjax vs A1111's loop
+  T=200 bench "upscaler_512" --what upscaler --batch 1 --height 512 --width 512 \
+      --upscaler_tile 192 --repeats 3
 fi
 if part compile; then  # the strongest PyTorch baseline the issue names
   T=580 bench "torch_compiled_gen_b16" --backend torch --arch sd15 --what generate --steps 50 \
