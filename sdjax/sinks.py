@@ -10,8 +10,9 @@ needed, on NFS or object stores alike. The output location holds
   manifests/000012.part.jsonl   png only: the images of an interrupted shard already written
   00000/000000.png ...          png: images in folders of `images_per_folder` (.jpg / .webp with
                                 that image format)
-  shards/000012.tar             webdataset: `<key>.png` (.jpg, .webp) + `<key>.json` (the
-                                manifest record)
+  shards/000012.tar             webdataset: `<key>.png` (.jpg, .webp), `<key>.txt` (the
+                                prompt, img2dataset's caption), `<key>.json` (the manifest
+                                record)
   manifest.jsonl index.html grid.png   merged when every shard is finished
 
 Every object is written whole (a temporary name renamed on local disks; one upload on object
@@ -330,7 +331,11 @@ class TarSink(Sink):
       self._open[shard] = staged, tarfile.open(staged, "w", format=tarfile.USTAR_FORMAT)
     tar = self._open[shard][1]
     meta = json.dumps(record, ensure_ascii=False, allow_nan=False).encode()
-    for name, payload in ((f"{record['key']}.{self.ext}", data), (f"{record['key']}.json", meta)):
+    # The prompt as a caption file too, as img2dataset writes them (what training loaders read).
+    caption = () if record.get("prompt") is None else (
+        (f"{record['key']}.txt", str(record["prompt"]).encode()),)
+    for name, payload in ((f"{record['key']}.{self.ext}", data), *caption,
+                          (f"{record['key']}.json", meta)):
       info = tarfile.TarInfo(name)
       info.size, info.mode, info.mtime = len(payload), 0o644, 0  # same bytes on every run
       tar.addfile(info, io.BytesIO(payload))
@@ -360,7 +365,7 @@ def _sample_key(member: tarfile.TarInfo) -> str:
 
 def _sort_tar(path: str) -> None:
   """Rewrites the tar at `path` with its samples in key order (each sample's files as they
-  were: `<key>.png`, `<key>.json`), so a shard's bytes do not depend on the order its images
+  were: `<key>.png`, `<key>.txt`, `<key>.json`), so a shard's bytes do not depend on the order its images
   were made in."""
   folder, name = os.path.split(path)
   ordered = os.path.join(folder, outputs._temp_name(name))  # noqa: SLF001

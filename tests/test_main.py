@@ -347,6 +347,7 @@ def _tar_pixels(folder):
   for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
     record = json.loads(sample["json"])
     assert record["key"] == sample["__key__"] and record["index"] == int(sample["__key__"])
+    assert sample["txt"].decode() == record["prompt"]  # img2dataset's caption
     key = f"00000/{sample['__key__']}.png"
     assert key not in got  # every image in exactly one shard
     got[key] = np.asarray(Image.open(io.BytesIO(sample["png"])))

@@ -106,6 +106,7 @@ def test_webdataset_shards(store):
   for s in samples:
     record = json.loads(s["json"])
     assert record["index"] == int(s["__key__"]) and record["file"].endswith(".tar")
+    assert s["txt"].decode() == record["prompt"] == f"p{record['index']}"
     with Image.open(io.BytesIO(s["png"])) as png:
       np.testing.assert_array_equal(np.asarray(png), _image(record["index"]))
 
@@ -169,7 +170,7 @@ def test_tar_bytes_do_not_depend_on_the_run(tmp_path):
     digests.append(store.read("shards/000000.tar"))
   assert digests[0] == digests[1]
   with tarfile.open(fileobj=io.BytesIO(digests[0])) as tar:
-    assert tar.getnames() == [f"00000{k}.{e}" for k in range(3) for e in ("png", "json")]
+    assert tar.getnames() == [f"00000{k}.{e}" for k in range(3) for e in ("png", "txt", "json")]
 
 
 @pytest.mark.parametrize("output_format", ["png", "webdataset"])
