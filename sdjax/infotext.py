@@ -373,9 +373,9 @@ def _hires(fields, flags, notes) -> None:
     _named_model(fields.pop("Hires checkpoint"), "hires_model", "Hires checkpoint", flags, notes)
 
 
-# A1111's upscalers of other architectures than ESRGAN's (what sdjax cannot run), by name prefix:
-# its SRVGGNet Real-ESRGAN models, LDSR, ScuNET, SwinIR and DAT.
-OTHER_UPSCALERS = ("R-ESRGAN General", "R-ESRGAN AnimeVideo", "LDSR", "ScuNET", "SwinIR", "DAT ")
+# A1111's upscalers of other architectures than ESRGAN's and Real-ESRGAN's (what sdjax cannot
+# run), by name prefix: LDSR, ScuNET, SwinIR and DAT.
+OTHER_UPSCALERS = ("LDSR", "ScuNET", "SwinIR", "DAT ")
 
 
 def _hires_upscalers() -> dict[str, str]:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.checkpoints import upscalers as upscaler_files
-from sdjax.models.esrgan import RRDBNet, RRDBNetConfig
+from sdjax.models import esrgan
 
 # A1111's settings "Tile size for ESRGAN upscalers" / "Tile overlap for ESRGAN upscalers".
 DEFAULT_TILE = 192
@@ -45,6 +45,9 @@ A1111_MODEL_FILES = {
     "R-ESRGAN 4x+": "RealESRGAN_x4plus.pth",
     "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B.pth",
     "R-ESRGAN 2x+": "RealESRGAN_x2plus.pth",
+    "R-ESRGAN General 4xV3": "realesr-general-x4v3.pth",  # these three: the compact network
+    "R-ESRGAN General WDN 4xV3": "realesr-general-wdn-x4v3.pth",
+    "R-ESRGAN AnimeVideo": "realesr-animevideov3.pth",
     "ESRGAN_4x": "ESRGAN_4x.pth",
 }
 
@@ -55,7 +58,7 @@ class ModelUpscaler:
   as params["upscaler"])."""
 
   name: str  # A1111's name for it ("R-ESRGAN 4x+", or the file's stem)
-  config: RRDBNetConfig
+  config: esrgan.RRDBNetConfig | esrgan.SRVGGNetConfig
   tile: int = DEFAULT_TILE
   overlap: int = DEFAULT_OVERLAP
 
@@ -96,7 +99,7 @@ def load_upscaler(path: str, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OV
   """An ESRGAN-family upscaler file (`checkpoints.upscalers`), with A1111's tiling settings.
   `name`: how images name it (default: A1111's: its Real-ESRGAN label, else the file's stem)."""
   check_tiling(tile, overlap)
-  config, params = upscaler_files.load_rrdbnet(path)
+  config, params = upscaler_files.load_network(path)
   return Upscaler(ModelUpscaler(name or a1111_name(path), config, tile, overlap), params, path)
 
 
@@ -212,10 +215,10 @@ def model_pass(spec: ModelUpscaler, params, levels: jax.Array) -> jax.Array:
   return out
 
 
-def _network(config: RRDBNetConfig, params, levels: jax.Array) -> jax.Array:
+def _network(config, params, levels: jax.Array) -> jax.Array:
   """The network on 8-bit RGB levels, as A1111 feeds it: BGR in [0, 1] in, 8-bit RGB out."""
   x = levels[..., ::-1].astype(jnp.float32) / jnp.float32(255)
-  y = RRDBNet(config).apply({"params": params}, x)
+  y = esrgan.network(config).apply({"params": params}, x)
   y = jnp.round(jnp.clip(y.astype(jnp.float32), 0.0, 1.0) * jnp.float32(255))
   return y.astype(jnp.int32)[..., ::-1]
 

@@ -68,6 +68,41 @@ class RRDBNet(nn.Module):
     return out[:, :, :h * scale, :w * scale]
 
 
+class SRVGGNetCompact(nn.Module):
+  """Real-ESRGAN's compact network (BasicSR's SRVGGNetCompact, PReLU): `body` alternates 3x3
+  convs and per-channel PReLUs, its last conv makes scale**2 values per output channel, pixel-
+  shuffled, and the result is added to the input's nearest enlargement."""
+
+  def __init__(self, feat=16, convs=3, scale=4, channels=3):
+    super().__init__()
+    layers = [nn.Conv2d(channels, feat, 3, 1, 1), nn.PReLU(feat)]
+    for _ in range(convs):
+      layers += [nn.Conv2d(feat, feat, 3, 1, 1), nn.PReLU(feat)]
+    layers.append(nn.Conv2d(feat, channels * scale * scale, 3, 1, 1))
+    self.body = nn.ModuleList(layers)
+    self.scale = scale
+
+  def forward(self, x):
+    out = x
+    for layer in self.body:
+      out = layer(out)
+    return F.pixel_shuffle(out, self.scale) + F.interpolate(x, scale_factor=self.scale,
+                                                             mode="nearest")
+
+
+def random_compact(seed=0, **kwargs) -> SRVGGNetCompact:
+  """A float32 SRVGGNetCompact with random weights and slopes."""
+  torch.manual_seed(seed)
+  net = SRVGGNetCompact(**kwargs).eval()
+  with torch.no_grad():
+    for p in net.parameters():
+      if p.ndim > 1:
+        p.normal_(0.0, 0.1)
+      else:  # biases and the PReLU slopes
+        p.uniform_(0.0, 0.5)
+  return net
+
+
 def random_rrdbnet(seed=0, **kwargs) -> RRDBNet:
   """A float32 RRDBNet with weights large enough that every layer matters, its output spread
   over [0, 1] (mostly inside it, as an upscaler's) so that 8-bit rounding and clipping see

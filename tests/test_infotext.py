@@ -30,12 +30,12 @@ def _notes(text):
 @pytest.mark.parametrize(("label", "flag"), [
     ("R-ESRGAN 4x+", "R-ESRGAN 4x+"), ("ESRGAN_4x", "ESRGAN_4x"), ("4x_NMKD-Siax_200k", None),
     ("Latent (bicubic antialiased)", "latent-bicubic-antialiased"), ("Lanczos", "lanczos"),
-    ("SwinIR 4x", ""), ("R-ESRGAN General 4xV3", ""), ("LDSR", ""), ("ScuNET GAN", ""),
+    ("R-ESRGAN General 4xV3", None), ("SwinIR 4x", ""), ("LDSR", ""), ("ScuNET GAN", ""),
     ("DAT x4", "")])
 def test_hires_upscaler_names(label, flag):
   """A1111's Hires upscaler: its latent and PIL ones by our names; ESRGAN-family models (its
-  R-ESRGAN RRDB ones, ESRGAN_4x, any file's stem) by their name, for --upscaler_dir; other
-  architectures (SRVGGNet R-ESRGANs, SwinIR, LDSR, ScuNET, DAT): a note, Latent."""
+  R-ESRGANs, ESRGAN_4x, any file's stem) by their name, for --upscaler_dir; other
+  architectures (SwinIR, LDSR, ScuNET, DAT): a note, Latent."""
   found = reproduce(f"a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, "
                     f"Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: {label}")
   if flag == "":

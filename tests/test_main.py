@@ -737,15 +737,13 @@ def test_model_hires_upscaler(model, cache, tmp_path):
       seed=0, hires_scale=1.5, hires_steps=1, hires_strength=0.5, hires_upscaler=upscaler)
   (name, got), = _pixels(outs[0]).items()
   assert np.abs(got.astype(np.float32) / 255 - want[0]).max() <= 1 / 255 + 1e-6
-  lanczos = sdjax.load_pipeline(model).generate(
-      ["a cat"], steps=2, height=16, width=16, guidance_scale=3.0, scheduler="euler_ancestral",
-      seed=0, hires_scale=1.5, hires_steps=1, hires_strength=0.5, hires_upscaler="lanczos")
-  assert np.abs(lanczos - want).max() > 0.05  # the model made a difference
   assert "warning" not in runs[1][1]
   np.testing.assert_array_equal(_pixels(outs[1])[name], got)
   assert "Hires upscaler: R-ESRGAN 4x+ is an upscaler model, not found" in runs[2][1]
   assert Image.open(os.path.join(outs[2], name)).text["parameters"].count(
       "Hires upscaler: Latent") == 1
+  latent = _pixels(outs[2])[name].astype(np.int32)
+  assert np.abs(latent - got).max() > 10  # the model made a difference
 
 
 def test_vae_recorded_and_read_back(model, cache, tmp_path):

@@ -366,7 +366,7 @@ def test_model_hires_upscaler_matches_diffusers(pipes, tmp_path, tile):
   path = str(tmp_path / "4x-Tiny.pth")
   torch.save(net.state_dict(), path)
   upscaler = sdjax.load_upscaler(path, tile=tile, overlap=4)
-  apply = jax.jit(lambda x: upscaling.RRDBNet(upscaler.spec.config).apply(
+  apply = jax.jit(lambda x: upscaling.esrgan.network(upscaler.spec.config).apply(
       {"params": upscaler.params}, x))
 
   def enlarge(x):

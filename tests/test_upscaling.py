@@ -17,7 +17,7 @@ from PIL import Image
 
 from sdjax import upscaling
 from sdjax.checkpoints import upscalers as files
-from sdjax.models.esrgan import RRDBNet
+from sdjax.models.esrgan import network
 
 torch.set_num_threads(1)
 
@@ -73,18 +73,39 @@ def test_network_matches_torch(tmp_path, monkeypatch, layout, kwargs, size):
   monkeypatch.setenv("SDJAX_ESRGAN_DENSE", kwargs.pop("dense", "incremental"))
   net = ref.random_rrdbnet(seed=len(kwargs), **kwargs)
   path = _write(tmp_path, net, layout)
-  config, params = files.load_rrdbnet(path)
+  config, params = files.load_network(path)
   assert (config.num_blocks, config.num_feat, config.unshuffle) == (
       kwargs.get("blocks", 2), kwargs.get("feat", 16), kwargs.get("unshuffle", 1))
   assert config.scale == 2 ** kwargs.get("ups", 2) // kwargs.get("unshuffle", 1)
   x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1))
   with torch.no_grad():
     expected = net(x).numpy().transpose(0, 2, 3, 1)
-  ours = RRDBNet(config).apply({"params": params}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+  ours = network(config).apply({"params": params}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
   assert ours.shape == expected.shape == (2, size[0] * config.scale, size[1] * config.scale, 3)
   err = rel(ours, expected)
   print(f"\n{layout} {kwargs}: {err:.1e}")
   assert err <= 1e-5  # seen 2e-7 .. 6e-7
+
+
+@pytest.mark.parametrize(("kwargs", "size"), [({}, (13, 10)), ({"scale": 2, "convs": 2}, (7, 9))])
+def test_compact_network_matches_torch(tmp_path, kwargs, size):
+  """Real-ESRGAN's compact network (General 4xV3, AnimeVideo): depth, width and factor read
+  from the weights; its PReLU slopes per channel."""
+  net = ref.random_compact(seed=len(kwargs), **kwargs)
+  path = str(tmp_path / "realesr-general-x4v3.pth")
+  torch.save({"params": net.state_dict()}, path)
+  config, params = files.load_network(path)
+  assert (config.num_feat, config.num_conv, config.scale) == (
+      16, kwargs.get("convs", 3), kwargs.get("scale", 4))
+  x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(2))
+  with torch.no_grad():
+    expected = net(x).numpy().transpose(0, 2, 3, 1)
+  ours = network(config).apply({"params": params}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+  assert ours.shape == expected.shape
+  err = rel(ours, expected)
+  print(f"\ncompact {kwargs}: {err:.1e}")
+  assert err <= 1e-5
+  assert upscaling.load_upscaler(path).name == "R-ESRGAN General 4xV3"
 
 
 def test_upscaler_names(tmp_path):
@@ -126,7 +147,7 @@ def test_loader_errors(tmp_path):
     elif obj is not None:
       torch.save(obj, str(path))
     with pytest.raises(files.UpscalerError) as e:
-      files.load_rrdbnet(str(path))
+      files.load_network(str(path))
     assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
     return str(e.value)
 
@@ -159,7 +180,7 @@ def tiny():
 def _loaded(tmp_path, net, tile, overlap):
   path = _write(tmp_path, net, "basicsr")
   up = upscaling.load_upscaler(path, tile=tile, overlap=overlap)
-  apply = jax.jit(lambda x: RRDBNet(up.spec.config).apply({"params": up.params}, x))
+  apply = jax.jit(lambda x: network(up.spec.config).apply({"params": up.params}, x))
   return up, lambda x: np.asarray(apply(jnp.asarray(x)))
 
 
@@ -176,7 +197,7 @@ def _fake_network(x, xp=np):
   return ((k + 7 * i + 3 * j + 50 * c) % 256).astype(xp.float32) / xp.float32(255)
 
 
-class _FakeRRDBNet:
+class _FakeNetwork:
   def __init__(self, config):
     assert config.scale == 4
 
@@ -196,7 +217,7 @@ def test_model_pass_matches_a1111(tmp_path, tiny, monkeypatch, size, tile, overl
   """One A1111 upscaler pass (tiles, BGR in and out, 8-bit rounding, PIL's blends) with an
   exactly predictable network on both sides: the same levels."""
   up, _ = _loaded(tmp_path, tiny, tile, overlap)
-  monkeypatch.setattr(upscaling, "RRDBNet", _FakeRRDBNet)
+  monkeypatch.setattr(upscaling.esrgan, "network", _FakeNetwork)
   rng = np.random.default_rng(sum(size) + tile)
   levels = rng.integers(0, 256, (2, *size, 3), dtype=np.uint8)
   if min(size) <= overlap:

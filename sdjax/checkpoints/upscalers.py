@@ -1,5 +1,6 @@
 """ESRGAN-family upscaler files (`.pth`, `.pt`, `.safetensors`): the RRDBNet weights A1111 keeps
-in `models/ESRGAN` and `models/RealESRGAN`, in any of the three layouts they were published in:
+in `models/ESRGAN` and `models/RealESRGAN`, in any of the three layouts they were published in,
+and Real-ESRGAN's compact SRVGGNet (`body.N`: realesr-general-x4v3.pth, realesr-animevideov3.pth):
 
   BasicSR / Real-ESRGAN  conv_first, body.N.rdbK.convJ, conv_body, conv_upI, conv_hr, conv_last
                          (often inside `params_ema` or `params`): RealESRGAN_x4plus.pth, ...
@@ -10,12 +11,13 @@ in `models/ESRGAN` and `models/RealESRGAN`, in any of the three layouts they wer
                          4x-UltraSharp.pth, 4x_foolhardy_Remacri.pth, ...
 
 Pickles are read by the allowlisting unpickler; nothing in a file runs. The architecture's sizes
-(blocks, widths, upsamplings, Real-ESRGAN's pixel-unshuffle for its 2x and 1x models) are read
-from the weights' shapes, so a file needs no config.
+(blocks, widths, upsamplings, Real-ESRGAN's pixel-unshuffle for its 2x and 1x models; the compact
+net's depth and pixel shuffle) are read from the weights' shapes, so a file needs no config.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from sdjax.checkpoints import safe_pickle
 from sdjax.checkpoints.weights import WeightsError, read_safetensors, torch_to_flax
-from sdjax.models.esrgan import RRDBNet, RRDBNetConfig
+from sdjax.models.esrgan import RRDBNetConfig, SRVGGNetConfig, network
 
 UPSCALER_EXTENSIONS = (".pth", ".pt", ".safetensors")
 # Where trainers nest the weights (BasicSR: params_ema, params; others a state_dict).
@@ -78,6 +80,8 @@ def _rename(state: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
     return out
   if "model.0.weight" in state and "model.1.sub.0.RDB1.conv1.0.weight" in state:
     return _rename_original(state, path)
+  if _is_compact(state):
+    return dict(state)
   if any(".conv1x1." in k for k in state):
     raise UpscalerError(f"{path}: an ESRGAN+ model (its dense blocks' 1x1 convs): not supported")
   raise UpscalerError(f"{path} is not an ESRGAN / Real-ESRGAN (RRDBNet) upscaler; sdjax runs "
@@ -109,6 +113,26 @@ def _rename_original(state: dict[str, np.ndarray], path: str) -> dict[str, np.nd
   return out
 
 
+def _is_compact(state) -> bool:
+  """SRVGGNetCompact's `body.N` chain: convs at even indices, PReLU slopes (1-D) at odd ones."""
+  return ("body.0.weight" in state and "body.1.weight" in state
+          and np.ndim(state["body.1.weight"]) == 1 and "conv_first.weight" not in state)
+
+
+def compact_config(state: dict[str, np.ndarray], path: str) -> SRVGGNetConfig:
+  """The compact network BasicSR-named weights describe (the last conv's channels are the
+  output's times the pixel shuffle's factor squared)."""
+  last = max(int(m.group(1)) for k in state if (m := re.match(r"body\.(\d+)\.", k)))
+  first, shuffle = state["body.0.weight"], state[f"body.{last}.weight"].shape[0]
+  channels = first.shape[1]
+  scale = int(round(math.sqrt(shuffle / channels)))
+  if last % 2 or last < 2 or scale * scale * channels != shuffle:
+    raise UpscalerError(f"{path}: a compact (SRVGGNet) layout sdjax does not know (last layer "
+                        f"body.{last}, {shuffle} channels)")
+  return SRVGGNetConfig(num_feat=first.shape[0], num_conv=(last - 2) // 2, upscale=scale,
+                        in_channels=channels, out_channels=channels)
+
+
 def rrdbnet_config(state: dict[str, np.ndarray], path: str) -> RRDBNetConfig:
   """The architecture BasicSR-named weights describe."""
   try:
@@ -128,15 +152,16 @@ def rrdbnet_config(state: dict[str, np.ndarray], path: str) -> RRDBNetConfig:
                        out_channels=out_channels)
 
 
-def load_rrdbnet(path: str, dtype=jnp.float32) -> tuple[RRDBNetConfig, dict]:
-  """(config, Flax params) of an upscaler file. Raises UpscalerError (one line)."""
+def load_network(path: str, dtype=jnp.float32) -> tuple[RRDBNetConfig | SRVGGNetConfig, dict]:
+  """(config, Flax params) of an upscaler file: an RRDBNet or a compact SRVGGNet. Raises
+  UpscalerError (one line)."""
   state = _rename(read_upscaler_state(path), path)
-  config = rrdbnet_config(state, path)
+  config = compact_config(state, path) if _is_compact(state) else rrdbnet_config(state, path)
   if config.out_channels != 3 or config.in_channels != 3:
-    raise UpscalerError(f"{path}: an RRDBNet of {config.in_channels} -> {config.out_channels} "
+    raise UpscalerError(f"{path}: a network of {config.in_channels} -> {config.out_channels} "
                         "channels; an upscaler maps RGB to RGB")
   x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
-  expected = jax.eval_shape(lambda x: RRDBNet(config).init(jax.random.key(0), x), x)["params"]
+  expected = jax.eval_shape(lambda x: network(config).init(jax.random.key(0), x), x)["params"]
   try:
     params = torch_to_flax(state, expected, "upscaler", dtype=np.dtype(dtype))
   except WeightsError as e:

@@ -1,8 +1,11 @@
-"""ESRGAN's RRDBNet (Wang et al. 2018), the super-resolution network of the upscalers A1111 users
-run most ("R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B", and the community's `models/ESRGAN/*.pth`,
-e.g. 4x-UltraSharp), named as BasicSR's (Real-ESRGAN's) state dict: `conv_first`,
-`body.N.rdbK.convJ`, `conv_body`, `conv_upI`, `conv_hr`, `conv_last`. Older ESRGAN files are
-renamed to these by `checkpoints.upscalers`.
+"""The ESRGAN family's super-resolution networks, named as BasicSR's (Real-ESRGAN's) state dicts.
+
+RRDBNet (ESRGAN, Wang et al. 2018): the network of the upscalers A1111 users run most ("R-ESRGAN
+4x+", "R-ESRGAN 4x+ Anime6B", and the community's `models/ESRGAN/*.pth`, e.g. 4x-UltraSharp):
+`conv_first`, `body.N.rdbK.convJ`, `conv_body`, `conv_upI`, `conv_hr`, `conv_last`; older ESRGAN
+files are renamed to these by `checkpoints.upscalers`. SRVGGNetCompact (Real-ESRGAN's small
+one: "R-ESRGAN General 4xV3", "R-ESRGAN General WDN 4xV3", "R-ESRGAN AnimeVideo"): `body.N`, a
+chain of 3x3 convs and PReLUs ending in a pixel shuffle, added to the nearest enlargement.
 
 The input is an RGB image [B, H, W, C] in [0, 1]; the output is `scale` times larger. Real-ESRGAN's
 2x and 1x models run their 4x network on a pixel-unshuffled input (each s x s patch as s*s
@@ -178,6 +181,60 @@ class RRDBNet(nn.Module):
     return out[:, :h * cfg.scale, :w * cfg.scale]
 
 
+@dataclasses.dataclass(frozen=True)
+class SRVGGNetConfig:
+  num_feat: int = 64
+  num_conv: int = 32  # 3x3 convs between the first and the last (General 4xV3: 32; AnimeVideo: 16)
+  upscale: int = 4
+  in_channels: int = 3
+  out_channels: int = 3
+
+  @property
+  def scale(self) -> int:
+    return self.upscale
+
+
+class _PReLU(LoadedParams, nn.Module):
+  """torch's PReLU with a slope per channel (`weight`)."""
+
+  features: int
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    slope = self.param("weight", nn.initializers.constant(0.25), (self.features,),
+                       self.param_dtype).astype(x.dtype)
+    return jnp.where(x >= 0, x, slope * x)
+
+
+class SRVGGNetCompact(nn.Module):
+  config: SRVGGNetConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    """images [B, H, W, C] in [0, 1] -> [B, H * scale, W * scale, C] (not clipped)."""
+    cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+    x = images.astype(dt)
+    out = x
+    for i in range(cfg.num_conv + 1):  # body.0, 2, ...: convs; body.1, 3, ...: their PReLUs
+      out = conv(cfg.num_feat, 3, dt, pdt, f"body_{2 * i}")(out)
+      out = _PReLU(cfg.num_feat, pdt, name=f"body_{2 * i + 1}")(out)
+    s = cfg.upscale
+    out = conv(cfg.out_channels * s * s, 3, dt, pdt, f"body_{2 * cfg.num_conv + 2}")(out)
+    b, h, w, _ = out.shape
+    # torch's pixel_shuffle: channel c * s * s + i * s + j is pixel (i, j) of channel c's block.
+    out = out.reshape(b, h, w, cfg.out_channels, s, s).transpose(0, 1, 4, 2, 5, 3)  # B,h,i,w,j,C
+    out = out.reshape(b, h * s, w * s, cfg.out_channels)
+    return out + jnp.repeat(jnp.repeat(x, s, axis=1), s, axis=2)  # + the nearest enlargement
+
+
+def network(config):
+  """The module of a config: RRDBNet or SRVGGNetCompact."""
+  return SRVGGNetCompact(config) if isinstance(config, SRVGGNetConfig) else RRDBNet(config)
+
+
 def _pixel_unshuffle(x, s: int):
   """[B, H, W, C] -> [B, ceil(H/s), ceil(W/s), C*s*s] in torch's pixel_unshuffle channel order
   (c, i, j), reflect-padded at the bottom and right to a multiple of s first."""
@@ -193,7 +250,7 @@ def _pixel_unshuffle(x, s: int):
   return x.reshape(b, h // s, w // s, c * s * s)
 
 
-def init_params(config: RRDBNetConfig, seed: int = 0, size: int = 16):
-  """Random parameters (tests and benchmarks)."""
+def init_params(config, seed: int = 0, size: int = 16):
+  """Random parameters of either network (tests and benchmarks)."""
   x = jnp.zeros((1, size, size, config.in_channels), jnp.float32)
-  return RRDBNet(config).init(jax.random.key(seed), x)["params"]
+  return network(config).init(jax.random.key(seed), x)["params"]
