@@ -80,9 +80,10 @@ class Upscaler:
     return self.spec.name
 
   def upscale(self, images, size: tuple[int, int] | None = None) -> np.ndarray:
-    """8-bit images [B, H, W, 3] enlarged as A1111's Extras tab enlarges them to `size`
-    (height, width; default: the network's own factor): passes of the network until the
-    size rounded down to 8 is reached, then Lanczos to it and to `size`. uint8 [B, *size, 3]."""
+    """8-bit images [B, H, W, 3] enlarged to `size` (height, width; default: by the network's
+    own factor) as A1111's `resize_image` enlarges them with this upscaler (its hires fix's
+    step; its Extras tab stops at the size rounded down to 8): passes of the network until
+    that size is covered, then Lanczos to it and to `size`. uint8 [B, *size, 3]."""
     levels = np.asarray(images)
     if levels.ndim != 4 or levels.shape[-1] != 3 or levels.dtype != np.uint8:
       raise ValueError(f"upscale takes uint8 images [B, H, W, 3], got {levels.dtype} "

@@ -211,6 +211,7 @@ class _FakeNetwork:
     ((20, 12), 192, 8),  # A1111's default tile: one tile, black past the top-left corner
     ((12, 20), 0, 8),  # tile 0: the whole image at once
     ((30, 17), 12, 11),  # overlap one short of the tile
+    ((40, 30), 16, 0),  # no overlap: tiles pasted whole (A1111 allows 0)
     ((6, 9), 16, 8),  # no larger than the overlap: no tile (A1111 fails), the whole image
 ])
 def test_model_pass_matches_a1111(tmp_path, tiny, monkeypatch, size, tile, overlap):
