@@ -1291,7 +1291,7 @@ class Hires:
   def params(self, params):
     """The hires pass's params: `params` (a pipeline's), with a model upscaler's weights."""
     if isinstance(self.upscaler, upscaling.Upscaler):
-      return {**params, "upscaler": self.upscaler.params}
+      return self.upscaler.with_params(params)
     return params
 
   def size(self, pipe, height: int, width: int) -> tuple[int, int]:

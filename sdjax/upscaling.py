@@ -74,10 +74,22 @@ class Upscaler:
   spec: ModelUpscaler
   params: Any
   path: str
+  # id(pipeline params) -> (those params, them with ours): the same dict for the same params, so
+  # what is kept per params dict (cfg_split's replicated weights) is kept across calls.
+  _merged: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
   def name(self) -> str:
     return self.spec.name
+
+  def with_params(self, params: dict) -> dict:
+    """A pipeline's `params` with this upscaler's weights as params["upscaler"]."""
+    entry = self._merged.get(id(params))
+    if entry is None or entry[0] is not params:
+      if len(self._merged) >= 2:
+        self._merged.pop(next(iter(self._merged)))
+      entry = self._merged[id(params)] = (params, {**params, "upscaler": self.params})
+    return entry[1]
 
   def upscale(self, images, size: tuple[int, int] | None = None) -> np.ndarray:
     """8-bit images [B, H, W, 3] enlarged to `size` (height, width; default: by the network's

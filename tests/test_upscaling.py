@@ -128,6 +128,10 @@ def test_upscaler_names(tmp_path):
   assert find("4x-UltraSharp", None) is None
   up = upscaling.load_upscaler(path, tile=64, overlap=4)
   assert (up.name, up.spec.scale, up.spec.tile, up.spec.overlap) == ("R-ESRGAN 4x+", 4, 64, 4)
+  base, other = {"unet": 1}, {"unet": 2}
+  merged = up.with_params(base)
+  assert merged == {"unet": 1, "upscaler": up.params} and up.with_params(base) is merged
+  assert up.with_params(other)["unet"] == 2 and up.with_params(base) is merged
   assert upscaling.load_upscaler(path, name="mine").name == "mine"
 
 
