@@ -11,6 +11,13 @@ schedule types of the same names, over k-diffusion's noise levels), its CPU nois
 `--rng torch_cpu` and its prompt weighting to `--emphasis ComfyUI`. The result goes through
 `infotext.from_fields`, as an A1111 image's fields.
 
+A hires fix (a second KSampler denoising the first's latents enlarged by LatentUpscale or
+LatentUpscaleBy, then decoded) comes back as A1111's hires fields: the size (ComfyUI rounds the
+latents' size where A1111 floors the pixels': a `Hires resize` then), the upscale method
+(nearest-exact, bilinear, bicubic: A1111's latent upscalers of those modes), the second
+sampler's steps and denoise (ComfyUI runs the last `steps` of int(steps / denoise), as A1111's
+hires pass), and its own sampler, scheduler, CFG and prompts where they differ.
+
 The settings come back; the pixels do not quite: ComfyUI starts from its noise times
 sqrt(1 + sigma_max^2) (A1111 and sdjax's k-diffusion form: sigma_max), feeds the UNet the
 nearest whole timestep, splits long prompts its own way, and draws an ancestral sampler's noise
@@ -49,6 +56,10 @@ _LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
 _LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
 _TEXT_NODES = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXL": "text_g",
                "CLIPTextEncodeSDXLRefiner": "text"}
+# ComfyUI's latent upscale methods that are A1111's latent upscalers (both torch's interpolate).
+_LATENT_UPSCALE_METHODS = {"nearest-exact": "Latent (nearest-exact)", "bilinear": "Latent",
+                           "bicubic": "Latent (bicubic)"}
+_LATENT_UPSCALE_NODES = ("LatentUpscale", "LatentUpscaleBy")
 
 
 def read_graph_text(data: bytes) -> str | None:
@@ -203,6 +214,84 @@ class _Reader:
                            "--vae")
 
 
+def _decoded(graph, sampler_id: str) -> bool:
+  """Whether a VAEDecode decodes the sampler's latents."""
+  return any(node["class_type"] == "VAEDecode"
+             and (_linked(graph, _inputs(node).get("samples")) or ("",))[0] == sampler_id
+             for node in graph.values())
+
+
+def _hires_pass(graph, first_id: str, others: list[str]):
+  """(sampler id, sampler node, upscale node) of a KSampler denoising the first pass's latents
+  enlarged by a LatentUpscale(By) node, whose latents are decoded (ComfyUI's hires fix), or
+  None."""
+  for sampler_id in others:
+    node = graph[sampler_id]
+    upscale = _linked(graph, _inputs(node).get("latent_image"))
+    if (node["class_type"] == "KSampler" and upscale is not None
+        and upscale[1]["class_type"] in _LATENT_UPSCALE_NODES and _decoded(graph, sampler_id)):
+      source = _linked(graph, _inputs(upscale[1]).get("samples"))
+      if source is not None and source[0] == first_id:
+        return sampler_id, node, upscale
+  return None
+
+
+def _hires(reader: _Reader, first: dict[str, Any], hires) -> None:
+  """A1111's hires fields of ComfyUI's hires fix: the latent upscale's size and method, the
+  second KSampler's steps and denoise, and whatever it does otherwise (sampler, scheduler, CFG,
+  prompts: A1111's Hires sampler, ... fields; its seed and model: notes)."""
+  sampler_id, node, (upscale_id, upscale) = hires
+  inputs, up = _inputs(node), _inputs(upscale)
+  fields = reader.fields
+  if "Size" not in fields:  # not from an empty latent: noted by `latent`
+    reader.note(None, f"node {sampler_id} (a hires pass) is not reproduced")
+    return
+  width, height = (int(v) for v in fields["Size"].split("x"))
+  lw, lh = width // 8, height // 8  # ComfyUI's latents, in latent pixels
+  if upscale["class_type"] == "LatentUpscaleBy":
+    scale = up.get("scale_by", 1.5)
+    size = (round(lw * scale), round(lh * scale))  # ComfyUI's rounding; A1111 floors pixels
+    if size == (int(width * scale) // 8, int(height * scale) // 8):
+      fields["Hires upscale"] = str(scale)
+    else:
+      fields["Hires resize"] = f"{size[0] * 8}x{size[1] * 8}"
+  else:
+    w, h = up.get("width", 0), up.get("height", 0)  # pixels; one 0: from the latents' aspect
+    if not w and not h:  # ComfyUI passes the latents on as they are
+      w, h = width, height
+    w, h = (max(64, w or round(lw * h / lh)), max(64, h or round(lh * w / lw)))
+    fields["Hires resize"] = f"{w // 8 * 8}x{h // 8 * 8}"
+    if up.get("crop", "disabled") != "disabled" or w * height != h * width:
+      reader.note(None, f"node {upscale_id} ({upscale['class_type']}) enlarges to {w}x{h} "
+                        f"(crop {up.get('crop')}) at another aspect: sdjax enlarges to cover it "
+                        "and cuts the excess (A1111's way)")
+  method = up.get("upscale_method")
+  if method in _LATENT_UPSCALE_METHODS:
+    fields["Hires upscaler"] = _LATENT_UPSCALE_METHODS[method]
+  else:
+    reader.note("hires_upscaler", f"node {upscale_id}: ComfyUI's {method} latent upscale is not "
+                                  "one sdjax has: Latent (bilinear) is used")
+  fields["Hires steps"] = str(inputs.get("steps"))
+  fields["Denoising strength"] = str(inputs.get("denoise", 1.0))
+  if inputs.get("sampler_name") != first.get("sampler_name") and (
+      inputs.get("sampler_name") in SAMPLERS):
+    fields["Hires sampler"] = outputs.A1111_SAMPLER_NAMES[SAMPLERS[inputs["sampler_name"]]]
+  if inputs.get("scheduler") != first.get("scheduler") and inputs.get("scheduler") in SCHEDULERS:
+    fields["Hires schedule type"] = outputs.A1111_SCHEDULE_TYPE_NAMES[inputs["scheduler"]]
+  if inputs.get("cfg") != first.get("cfg"):
+    fields["Hires CFG Scale"] = str(inputs.get("cfg"))
+  for which, key in (("positive", "Hires prompt"), ("negative", "Hires negative prompt")):
+    text = reader.text(inputs.get(which), which)
+    if text != fields["prompt" if which == "positive" else "negative_prompt"]:
+      fields[key] = text
+  if inputs.get("seed") != first.get("seed"):
+    reader.note(None, f"node {sampler_id} (the hires pass) has its own seed {inputs.get('seed')}: "
+                      "sdjax's hires pass draws its noise from the image's seed")
+  if inputs.get("model") != first.get("model"):
+    reader.note(None, f"node {sampler_id} (the hires pass) takes another model: not reproduced "
+                      "(give --hires_model)")
+
+
 def _sampler_node(graph) -> tuple[str, dict[str, Any], list[str]]:
   """(id, node) of the text-to-image sampler, and the other samplers' ids."""
   samplers = [(i, n) for i, n in graph.items() if n["class_type"] in _SAMPLER_NODES]
@@ -272,12 +361,18 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     reader.note(None, f"node {sampler_id} runs steps {inputs.get('start_at_step')} to "
                       f"{inputs.get('end_at_step')} only: sdjax runs them all")
   reader.latent(inputs.get("latent_image"), None if advanced else inputs.get("denoise"))
+  hires = _hires_pass(graph, sampler_id, others)
+  if hires is not None:
+    _hires(reader, inputs, hires)
+    others = [i for i in others if i != hires[0]]
   reader.model(inputs.get("model"))
   if reader.loras:  # as an A1111 prompt carries them: main.py applies them from --lora_dir
-    fields["prompt"] = " ".join([fields["prompt"], *reader.loras])
+    for key in ("prompt", "Hires prompt"):  # A1111's hires pass reads its own prompt's tags
+      if key in fields:
+        fields[key] = " ".join([fields[key], *reader.loras])
     reader.note("lora_dir", f"LoRAs {', '.join(reader.loras)} added to the prompt as A1111 "
                             "tags: give --lora_dir (the folder of ComfyUI's loras)")
-  reader.vae(sampler_id)
+  reader.vae(sampler_id if hires is None else hires[0])  # the decode follows the last pass
   if others:
     reader.note(None, f"{len(others)} more sampler pass(es) (nodes {', '.join(others)}: a hires "
                       "fix or refiner workflow) are not reproduced")

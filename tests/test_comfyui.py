@@ -114,14 +114,15 @@ def test_loras_clip_skip_vae_and_a_second_pass():
     graph[node]["inputs"]["clip"] = ["11", 0]
   graph["8"]["inputs"]["vae"] = ["12", 0]
   # A hires pass: upscale the latent, sample again, decode that.
-  graph["14"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0],
-                                                             "scale_by": 1.5}}
+  graph["14"] = {"class_type": "LatentUpscaleBy", "inputs": {
+      "samples": ["3", 0], "scale_by": 1.5, "upscale_method": "nearest-exact"}}
   graph["15"] = {"class_type": "KSampler", "inputs": {**graph["3"]["inputs"], "denoise": 0.5,
                                                       "latent_image": ["14", 0]}}
   graph["5"]["inputs"]["batch_size"] = 4
   graph["7"]["inputs"]["text"] = "[text], watermark"
   found = comfyui.reproduce(graph)
   assert found.flags["clip_skip"] == "2" and found.flags["seed"] == "4096709502"
+  assert not [k for k in found.flags if k.startswith("hires")]  # the first pass is decoded
   notes = _notes(found)
   # As an A1111 prompt carries LoRAs: <lora:name:text encoder:UNet>, applied from --lora_dir.
   assert found.flags["prompt"][0].endswith("bottle, <lora:sub/style:0.5:0.8> <lora:only:0:1.2>")
@@ -134,6 +135,68 @@ def test_loras_clip_skip_vae_and_a_second_pass():
   assert "1 more sampler pass(es) (nodes 15" in notes
   assert "made in a batch of 4" in notes
   assert "[...] is plain text to ComfyUI" in notes
+
+
+def _hires_graph(upscale, **second):
+  """The default workflow with ComfyUI's hires fix: `upscale` (a latent upscale node's class and
+  inputs) on the first sampler's latents, a second KSampler (`second` over the first's inputs,
+  denoise 0.5) on them, and the decode of that."""
+  graph = default_graph()
+  graph["10"] = {"class_type": upscale[0], "inputs": {"samples": ["3", 0], **upscale[1]}}
+  graph["11"] = {"class_type": "KSampler", "inputs": {
+      **graph["3"]["inputs"], "denoise": 0.5, "latent_image": ["10", 0], **second}}
+  graph["8"]["inputs"]["samples"] = ["11", 0]
+  return graph
+
+
+@pytest.mark.parametrize(("upscale", "want"), [
+    (("LatentUpscaleBy", {"upscale_method": "bilinear", "scale_by": 2.0}),
+     {"hires_scale": "2.0", "hires_upscaler": "latent"}),
+    # ComfyUI rounds the latents' size (64 x 1.33 = 85.1 -> 85, 96 x 1.33 = 127.7 -> 128), A1111
+    # floors the pixels' (680, 1021 -> 1016): the size as a resize.
+    (("LatentUpscaleBy", {"upscale_method": "bicubic", "scale_by": 1.33}),
+     {"hires_resize_width": "680", "hires_resize_height": "1024",
+      "hires_upscaler": "latent-bicubic"}),
+    (("LatentUpscale", {"upscale_method": "nearest-exact", "width": 768, "height": 0,
+                        "crop": "disabled"}),  # the height from the aspect: 1152
+     {"hires_resize_width": "768", "hires_resize_height": "1152",
+      "hires_upscaler": "latent-nearest-exact"}),
+])
+def test_hires_fix(upscale, want):
+  """ComfyUI's hires fix as A1111's: size, upscale method, the second pass's steps and denoise
+  (the first pass's prompts, sampler and CFG carry over: no fields for them)."""
+  found = comfyui.reproduce(_hires_graph(upscale, steps=12))
+  assert {k: v for k, v in found.flags.items() if k.startswith("hires")} == {
+      **want, "hires_steps": "12", "hires_strength": "0.5"}
+  assert (found.flags["width"], found.flags["height"], found.flags["steps"]) == (
+      "512", "768", "20")
+  notes = _notes(found)
+  assert "sampler pass" not in notes and "hires pass" not in notes, notes
+
+
+def test_hires_fix_with_its_own_settings():
+  """A second pass with its own sampler, scheduler, CFG, prompts and seed: A1111's Hires
+  sampler / schedule type / CFG Scale / prompts; its seed a note (sdjax's hires noise comes from
+  the image's seed); an upscale method A1111 has not, or another aspect: notes."""
+  graph = _hires_graph(("LatentUpscale", {"upscale_method": "area", "width": 1024,
+                                          "height": 1024, "crop": "disabled"}),
+                       sampler_name="dpmpp_2m", scheduler="karras", cfg=5.5, seed=7,
+                       positive=["12", 0])
+  graph["12"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "sharp details",
+                                                            "clip": ["4", 1]}}
+  graph["13"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+      "lora_name": "style.safetensors", "strength_model": 0.7, "model": ["4", 0]}}
+  graph["3"]["inputs"]["model"] = graph["11"]["inputs"]["model"] = ["13", 0]
+  found = comfyui.reproduce(graph)
+  hires = {k: v for k, v in found.flags.items() if k.startswith("hires")}
+  assert hires == {"hires_resize_width": "1024", "hires_resize_height": "1024",
+                   "hires_steps": "20", "hires_strength": "0.5", "hires_scheduler": "DPM++ 2M",
+                   "hires_schedule_type": "Karras", "hires_guidance_scale": "5.5",
+                   "hires_prompt": "sharp details <lora:style:0:0.7>"}  # A1111 reads both
+  notes = _notes(found)
+  assert "ComfyUI's area latent upscale is not one sdjax has" in notes
+  assert "enlarges to 1024x1024 (crop disabled) at another aspect" in notes
+  assert "has its own seed 7" in notes
 
 
 def test_advanced_sampler_and_img2img():
@@ -188,13 +251,15 @@ def test_a_jsonl_line_of_a_comfyui_image(tmp_path):
 
 
 def test_main_py_makes_a_comfyui_image_again(model, cache, tmp_path):
-  """main.py --parameters_file on a ComfyUI PNG: its prompts and settings (flags given win),
-  each thing it cannot reproduce one warning."""
+  """main.py --parameters_file on a ComfyUI PNG of a hires fix workflow: its prompts and
+  settings (flags given win), the hires pass, each thing it cannot reproduce one warning."""
   from test_main import _manifest, main_py  # noqa: PLC0415
 
   image = tmp_path / "ComfyUI_00001_.png"
-  image.write_bytes(comfy_png(default_graph(sampler_name="dpmpp_2m", scheduler="karras",
-                                            steps=3)))
+  graph = _hires_graph(("LatentUpscaleBy", {"upscale_method": "bilinear", "scale_by": 1.5}),
+                       steps=2)
+  graph["3"]["inputs"].update(sampler_name="dpmpp_2m", scheduler="karras", steps=3)
+  image.write_bytes(comfy_png(graph))
   out = str(tmp_path / "out")
   proc = main_py(["--model", model, "--parameters_file", str(image), "--height", "16",
                   "--width", "16", "--output_dir", out, "--compilation_cache", cache])
@@ -203,6 +268,8 @@ def test_main_py_makes_a_comfyui_image_again(model, cache, tmp_path):
   assert (record["scheduler"], record["seed"], record["rng"]) == (
       "dpmpp_2m", 156680208700286 % 2**32, "torch_cpu")
   assert record["scheduler_options"]["schedule_type"] == "karras"
+  assert (record["width"], record["height"]) == (24, 24)  # the hires pass's, 1.5x
+  assert record["hires"]["steps"] == 2 and record["hires"]["strength"] == 0.5
   assert "Emphasis: ComfyUI" in Image.open(f"{out}/{record['file']}").info["parameters"]
   warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
   assert len(warnings) == 2 and "sqrt(1 + sigma_max^2)" in warnings[-1]  # the model is given
