@@ -654,18 +654,27 @@ def _hires_upscaler(cfg: RunConfig) -> str | upscaling.Upscaler:
   name = cfg.hires_upscaler
   if name in sampling.HIRES_UPSCALER_NAMES:
     return name
-  path = upscaling.find_upscaler_file(name, cfg.upscaler_dir)
-  if path is None:
-    where = (f"in --upscaler_dir {cfg.upscaler_dir}" if cfg.upscaler_dir else
-             "(give --upscaler_dir, the folder of your ESRGAN / Real-ESRGAN files)")
-    raise RunError(f"--hires_upscaler {name!r} is neither one of sdjax's "
-                   f"({', '.join(sampling.HIRES_UPSCALER_NAMES)}) nor an upscaler file {where}")
-  path = os.path.abspath(path)
+  path = _upscaler_file(name, cfg.upscaler_dir)
+  if not os.path.isfile(path):  # gone since it was found (a process running several runs)
+    _upscaler_file.cache_clear()
+    path = _upscaler_file(name, cfg.upscaler_dir)
   try:
     return _load_upscaler(path, cfg.upscaler_tile, cfg.upscaler_tile_overlap,
                           os.stat(path).st_mtime_ns)
   except ValueError as e:
     raise RunError(f"--hires_upscaler: {e}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _upscaler_file(name: str, folder: str | None) -> str:
+  """The file of --hires_upscaler `name` (looked up once: a run asks for it per batch)."""
+  path = upscaling.find_upscaler_file(name, folder)
+  if path is None:
+    where = (f"in --upscaler_dir {folder}" if folder else
+             "(give --upscaler_dir, the folder of your ESRGAN / Real-ESRGAN files)")
+    raise RunError(f"--hires_upscaler {name!r} is neither one of sdjax's "
+                   f"({', '.join(sampling.HIRES_UPSCALER_NAMES)}) nor an upscaler file {where}")
+  return os.path.abspath(path)
 
 
 @functools.lru_cache(maxsize=2)
