@@ -204,21 +204,17 @@ class _Reader:
 
   def vae(self, sampler_id: str) -> None:
     """A VAELoader on the way from the sampler to the decode."""
-    for node in self.graph.values():
-      inputs = _inputs(node)
-      source = _linked(self.graph, inputs.get("samples"))
-      if node["class_type"] == "VAEDecode" and source is not None and source[0] == sampler_id:
-        vae = _linked(self.graph, inputs.get("vae"))
-        if vae is not None and vae[1]["class_type"] == "VAELoader":
-          self.note("vae", f"made with the VAE {_inputs(vae[1]).get('vae_name')}: give it with "
-                           "--vae")
+    for node in _decodes(self.graph, sampler_id):
+      vae = _linked(self.graph, _inputs(node).get("vae"))
+      if vae is not None and vae[1]["class_type"] == "VAELoader":
+        self.note("vae", f"made with the VAE {_inputs(vae[1]).get('vae_name')}: give it with "
+                         "--vae")
 
 
-def _decoded(graph, sampler_id: str) -> bool:
-  """Whether a VAEDecode decodes the sampler's latents."""
-  return any(node["class_type"] == "VAEDecode"
-             and (_linked(graph, _inputs(node).get("samples")) or ("",))[0] == sampler_id
-             for node in graph.values())
+def _decodes(graph, sampler_id: str) -> list[dict[str, Any]]:
+  """The VAEDecode nodes decoding the sampler's latents."""
+  return [node for node in graph.values() if node["class_type"] == "VAEDecode"
+          and (_linked(graph, _inputs(node).get("samples")) or ("",))[0] == sampler_id]
 
 
 def _hires_pass(graph, first_id: str, others: list[str]):
@@ -229,7 +225,7 @@ def _hires_pass(graph, first_id: str, others: list[str]):
     node = graph[sampler_id]
     upscale = _linked(graph, _inputs(node).get("latent_image"))
     if (node["class_type"] == "KSampler" and upscale is not None
-        and upscale[1]["class_type"] in _LATENT_UPSCALE_NODES and _decoded(graph, sampler_id)):
+        and upscale[1]["class_type"] in _LATENT_UPSCALE_NODES and _decodes(graph, sampler_id)):
       source = _linked(graph, _inputs(upscale[1]).get("samples"))
       if source is not None and source[0] == first_id:
         return sampler_id, node, upscale

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import interpolate
 from sdjax.checkpoints import upscalers as upscaler_files
 from sdjax.models import esrgan
 
@@ -285,8 +286,6 @@ def _div255(a):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _upscale_levels(spec: ModelUpscaler, steps, params, levels):
-  from sdjax import interpolate  # noqa: PLC0415
-
   levels = levels.astype(jnp.int32)
   for size, resample in steps:
     levels = model_pass(spec, params, levels) if resample == "model" else (

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.models.layers import LoadedParams, conv, conv2d
+from sdjax.models.layers import LoadedParams, conv, conv2d, matmul_conv3x3
 
 _SLOPE = 0.2  # LeakyReLU's negative slope, everywhere in the network
 _RESIDUAL = 0.2  # each dense block's and each RRDB's residual scale
@@ -115,29 +115,13 @@ class ResidualDenseBlock(nn.Module):
     for j, width in enumerate(widths):
       # this feature's slices of the kernels of conv j+1 .. conv5, side by side: O = their outs
       kernel = jnp.concatenate([k[:, :, start:start + width] for k, _ in weights[j:]], -1)
-      parts = jnp.split(_conv3x3_matmul(feature, kernel), np.cumsum(outs[j:-1]), -1)
+      parts = jnp.split(matmul_conv3x3(feature, kernel, _MATMUL_ROWS_PIXELS),
+                        np.cumsum(outs[j:-1]), -1)
       pending[j:] = [p + part for p, part in zip(pending[j:], parts, strict=True)]
       start += width
       if j < 4:
         feature = _lrelu(pending[j])
     return pending[4] * _RESIDUAL + x
-
-
-def _conv3x3_matmul(x, kernel):
-  """A stride-1, zero-padded 3x3 convolution as [B*H'*W, 9C] x [9C, O] matmuls, H' rows at a
-  time."""
-  b, h, w, c = x.shape
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  step = max(1, _MATMUL_ROWS_PIXELS // (b * w))
-  out = []
-  for top in range(0, h, step):
-    n = min(step, h - top)
-    # The 9 shifted copies in the kernel's (row, column, channel) order: B, n, W, 9C.
-    cols = jnp.concatenate([padded[:, top + i:top + i + n, j:j + w]
-                            for i in range(3) for j in range(3)], -1)
-    out.append(jnp.dot(cols.reshape(b * n * w, 9 * c), kernel.reshape(9 * c, -1)).reshape(
-        b, n, w, -1))
-  return jnp.concatenate(out, 1)
 
 
 class RRDB(nn.Module):

@@ -161,21 +161,29 @@ def conv2d(x, kernel, stride: int, padding, form: str | None = None):
   right)). `form`: one of CONV_FORMS (default: `choose_conv_form`'s choice)."""
   form = form or choose_conv_form(x, kernel, stride, padding)
   if form == "matmul":
-    return _matmul_conv3x3(x, kernel)
+    return matmul_conv3x3(x, kernel)
   if form != "xla":
     raise ValueError(f"unknown convolution form {form!r} ({', '.join(CONV_FORMS)})")
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _matmul_conv3x3(x, kernel):
-  """A stride-1, pad-1 3x3 convolution as one [B*H*W, 9C] x [9C, O] matmul."""
+def matmul_conv3x3(x, kernel, block_pixels: int | None = None):
+  """A stride-1, pad-1 3x3 convolution as one [B*H*W, 9C] x [9C, O] matmul, or with
+  `block_pixels` one per block of rows of about that many pixels (whose 9 shifted copies stay
+  in cache)."""
   b, h, w, c = x.shape
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  # The 9 shifted copies in the kernel's (row, column, channel) order.
-  cols = jnp.concatenate([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)
-  out = jnp.dot(cols.reshape(b * h * w, 9 * c), kernel.reshape(9 * c, -1))
-  return out.reshape(b, h, w, -1)
+  step = h if block_pixels is None else max(1, block_pixels // (b * w))
+  out = []
+  for top in range(0, h, step):
+    n = min(step, h - top)
+    # The 9 shifted copies in the kernel's (row, column, channel) order: B, n, W, 9C.
+    cols = jnp.concatenate([padded[:, top + i:top + i + n, j:j + w]
+                            for i in range(3) for j in range(3)], -1)
+    out.append(jnp.dot(cols.reshape(b * n * w, 9 * c), kernel.reshape(9 * c, -1)).reshape(
+        b, n, w, -1))
+  return out[0] if len(out) == 1 else jnp.concatenate(out, 1)
 
 
 def dense(features: int, dtype, param_dtype, name: str, use_bias: bool = True):
