@@ -73,9 +73,10 @@ class SampleSpec:
   output_latents: bool = False  # return the diffusion latents undecoded (output_type="latent")
   init_latents: bool = False  # start from given diffusion latents as they are (denoising_start)
   # Hires fix: start from another stage's denoised latents, resized to `latent_hw` by this
-  # `LATENT_UPSCALERS` method, noised at `begin` (img2img from latents); or (`upscaling.PIXEL_UPSCALERS`)
-  # from its images, resized as A1111 resizes them and encoded.
-  upscale: str | None = None
+  # `LATENT_UPSCALERS` method, noised at `begin` (img2img from latents); or (one of
+  # `upscaling.PIXEL_UPSCALERS`, or a `upscaling.ModelUpscaler`) from its images, resized as
+  # A1111 resizes them and encoded.
+  upscale: str | upscaling.ModelUpscaler | None = None
   # ... to (h, w) latent pixels first, then cut at (top, left) to `latent_hw` (A1111's Hires
   # resize to another aspect); None: straight to `latent_hw`.
   upscale_crop: tuple[int, int, int, int] | None = None

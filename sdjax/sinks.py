@@ -365,8 +365,8 @@ def _sample_key(member: tarfile.TarInfo) -> str:
 
 def _sort_tar(path: str) -> None:
   """Rewrites the tar at `path` with its samples in key order (each sample's files as they
-  were: `<key>.png`, `<key>.txt`, `<key>.json`), so a shard's bytes do not depend on the order its images
-  were made in."""
+  were: `<key>.png`, `<key>.txt`, `<key>.json`), so a shard's bytes do not depend on the order
+  its images were made in."""
   folder, name = os.path.split(path)
   ordered = os.path.join(folder, outputs._temp_name(name))  # noqa: SLF001
   with tarfile.open(path, "r") as src, \
