@@ -379,7 +379,9 @@ class Pipeline:
                pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
                tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
                subseed_strength: float = 0.0, ensd: int = 0,
-               seed_resize_from: tuple[int, int] | None = None) -> np.ndarray:
+               seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
+               s_min_uncond_all: bool = False, skip_early_cond: float = 0.0,
+               pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -428,6 +430,18 @@ class Pipeline:
       seed_resize_from: A1111's "Resize seed from" (width, height): the initial (and hires)
         noise is that of each seed at that size, pasted at the centre of its own (the rest its
         own), so a seed keeps its composition at another size.
+      s_min_uncond, s_min_uncond_all, skip_early_cond: A1111's settings that leave the
+        negative prompt out of some UNet calls, running the prompt's rows alone there (faster;
+        the image follows the prompt unguided at those calls): "Negative Guidance minimum sigma"
+        (NGMS, 0: off) at every other call (every call with `s_min_uncond_all`) whose noise
+        level is below it (DDIM, PLMS, UniPC: whose timestep is); "Ignore negative prompt during
+        early sampling" (Skip Early CFG) at the calls of the first fraction of the run (0: off).
+        See `sampling.CfgSkip`.
+      pad_cond_uncond: A1111's "Pad prompt/negative prompt" (Pad conds), with
+        prompt_syntax="a1111": where an image's prompt and negative prompt have different
+        chunk counts, the shorter goes on with empty-prompt chunks (else the shorter attends to
+        its own length only, A1111's default). `pad_cond_uncond_v0` ("Pad conds v0", before 1.6)
+        instead fits the negative prompt to the prompt: its last vector repeated, or cut.
       latents: NHWC unit Gaussian initial noise [N, h, w, 4] (as diffusers' `latents`, before
         scaling by the scheduler's initial sigma); default: drawn from the seeds.
       init_images: float [N, H, W, 3] in [0, 1] to start from (img2img).
@@ -639,7 +653,9 @@ class Pipeline:
         guess_mode=guess_mode, control_mode=control_mode, ip=ip, pag_scale=pag_scale,
         pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers,
         freeu=freeu, tiling=tiling, rng=rng, subseed=subseed, subseed_strength=subseed_strength,
-        ensd=ensd, seed_resize_from=seed_resize_from)
+        ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,
+        s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,
+        pad_cond_uncond=pad_cond_uncond, pad_cond_uncond_v0=pad_cond_uncond_v0)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

@@ -553,9 +553,12 @@ class PromptBatch:
   chunks: Any  # int32 [B] chunks in use
   schedule: Any  # int32 [B, T] the variant in force at each denoiser call
   token_embeds: Any = None  # (float32 [B, V, K, L, D], bool [B, V, K, L]) trigger vectors
-  # Composable prompts (a row per part): int32 [B] chunks attended to, the longest part's of the
-  # row's prompt; past its own `chunks` a part repeats its last vector, as A1111 pads the parts.
+  # int32 [B] chunks attended to, when not `chunks`: composable prompts' (a row per part) the
+  # longest part's of the row's prompt; A1111's Pad conds' (`pad_conds`) the other side's.
   attend_chunks: Any = None
+  # int32 [B]: past its own `chunks` and up to these a row repeats its last vector (as A1111 pads
+  # composable parts, and Pad conds v0 a shorter negative prompt); None: no row does.
+  repeat_chunks: Any = None
   # Emphasis restores each chunk's unweighted mean (A1111's "Original"; "No norm": False).
   normalize: bool = struct.field(pytree_node=False, default=True)
   # "ComfyUI" emphasis: the empty prompt's token ids (one chunk), whose encoding the weights
@@ -744,12 +747,30 @@ def encode_weighted(encode: Encoder, batch: PromptBatch):
     z = emphasize(z.reshape(b, v, k, length, -1), batch.weights, batch.counts, batch.chunks,
                   batch.normalize)
   z = z.reshape(b, v, k * length, -1)  # B, V, K*L, D
-  if batch.attend_chunks is not None:  # a part shorter than its prompt's longest: repeat the end
-    last = jnp.minimum(jnp.arange(k * length)[None, :], (batch.chunks * length - 1)[:, None])
+  if batch.repeat_chunks is not None:  # a part shorter than its prompt's longest: repeat the end
+    at = jnp.arange(k * length)[None, :]
+    last = jnp.where(at < (batch.repeat_chunks * length)[:, None],
+                     jnp.minimum(at, (batch.chunks * length - 1)[:, None]), at)
     z = jnp.take_along_axis(z, last[:, None, :, None], axis=2)
   if pooled is None:
     return z
   return z, pooled.reshape(b, v, k, -1)[:, :, 0]  # B, V, P
+
+
+def pad_conds(prompt: PromptBatch, negative: PromptBatch, v0: bool = False,
+              parts: int = 1) -> tuple[PromptBatch, PromptBatch]:
+  """A1111's "Pad prompt/negative prompt" (Pad conds) for a prompt and negative prompt of
+  different lengths, per image: the shorter side goes on with empty-prompt chunks (the padding
+  chunks, encoded and attended to) to the longer's length. With `v0` ("Pad conds v0", its padding
+  before 1.6): the negative prompt takes the prompt's length, a shorter one repeating its last
+  vector, a longer one cut. `parts`: the prompt's rows per image (composable prompts)."""
+  own = prompt.chunks if prompt.attend_chunks is None else prompt.attend_chunks
+  cond = np.asarray(own).reshape(-1, parts)[:, 0]  # B
+  if v0:
+    return prompt, negative.replace(attend_chunks=cond, repeat_chunks=cond)
+  length = np.maximum(cond, np.asarray(negative.chunks)).astype(np.int32)
+  return (prompt.replace(attend_chunks=np.repeat(length, parts)),
+          negative.replace(attend_chunks=length))
 
 
 def context_bias(batch: PromptBatch) -> jax.Array | None:

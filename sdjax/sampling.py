@@ -116,6 +116,9 @@ class SampleSpec:
   # A1111's "Resize seed from": the (h, w) latents whose noise (a pass's first, its seed's at
   # that size) is pasted at the centre of the pass's own; None: off.
   seed_resize: tuple[int, int] | None = None
+  # A1111's NGMS and Skip Early CFG (`CfgSkip`): whether guidance skips the unconditional rows
+  # at each of the program's UNet calls (`with_cfg_skip`); None: at none.
+  uncond_skips: tuple[bool, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +376,72 @@ def guide(eps_uncond, eps_cond, scale, rescale=None, extra=None):
   return rescale * (eps * (std_cond / std_cfg)) + (1 - rescale) * eps
 
 
+@dataclasses.dataclass(frozen=True)
+class CfgSkip:
+  """A1111's settings that leave the negative prompt out of some UNet calls (its CFGDenoiser,
+  1.10): the call then runs the prompt's rows alone and the image follows them (guidance scale
+  1). Its counter counts the denoiser's calls from the pass's start (a refiner's continue the
+  base's); a pass's total is its sampler steps times the calls a step makes (2 for
+  second-order samplers).
+
+  s_min_uncond: "Negative Guidance minimum sigma" (NGMS): skip at odd calls whose noise level
+    (`Scheduler.a1111_levels`: DDIM, PLMS and UniPC compare the timestep) is below it; 0: off.
+  s_min_uncond_all: NGMS skips at every such call, not every other.
+  skip_early_cond: "Ignore negative prompt during early sampling" (Skip Early CFG): skip at
+    calls whose counter over the total is at most this fraction; 0: off.
+  """
+
+  s_min_uncond: float = 0.0
+  s_min_uncond_all: bool = False
+  skip_early_cond: float = 0.0
+
+  def check(self) -> None:
+    if not (isinstance(self.s_min_uncond, (int, float, np.number))
+            and 0 <= self.s_min_uncond < math.inf):
+      raise ValueError(f"s_min_uncond (NGMS) must be a number >= 0, got {self.s_min_uncond!r}")
+    if not (isinstance(self.skip_early_cond, (int, float, np.number))
+            and 0 <= self.skip_early_cond <= 1):
+      raise ValueError(f"skip_early_cond must be in [0, 1], got {self.skip_early_cond!r}")
+
+  def calls(self, levels: np.ndarray, first: int, total: int) -> tuple[bool, ...]:
+    """Whether A1111 skips the unconditional rows at each call of a pass whose calls see
+    `levels` (float32), counted from `first`, of `total`."""
+    s_min = np.float32(self.s_min_uncond)  # torch compares a float32 sigma in float32
+    skips = []
+    for c, level in enumerate(np.asarray(levels, np.float32)):
+      k = first + c
+      early = self.skip_early_cond != 0 and k / total <= self.skip_early_cond
+      ngms = (k % 2 or self.s_min_uncond_all) and self.s_min_uncond > 0 and level < s_min
+      skips.append(bool(early or ngms))
+    return tuple(skips)
+
+
+def with_cfg_skip(spec: SampleSpec, state, skip: CfgSkip | None, steps: int) -> SampleSpec:
+  """`spec` with the calls at which `skip` leaves the unconditional rows out
+  (`SampleSpec.uncond_skips`). `steps`: the run's sampler steps, the total of a text-to-image
+  pass and of a base and its refiner (whose counter goes on from the base's); an img2img or
+  hires pass's total is the steps it runs (A1111's launch count)."""
+  if skip is None or not spec.guidance:
+    return spec
+  skip.check()
+  if skip == CfgSkip():
+    return dataclasses.replace(spec, uncond_skips=None)
+  if spec.pag is not None:
+    raise ValueError("A1111's NGMS and Skip Early CFG leave out the negative prompt's UNet rows; "
+                     "perturbed-attention guidance (pag_scale) does not take them")
+  order = spec.scheduler.order
+  end = len(state.timesteps) if spec.end is None else spec.end
+  calls = end - spec.begin
+  first, total = 0, steps * order
+  if spec.init_latents:  # a refiner: A1111's counter runs on from the base's calls
+    first = spec.begin
+  elif spec.begin:
+    total = order * -(-calls // order)
+  levels = spec.scheduler.a1111_levels(state)[spec.begin:end]
+  skips = skip.calls(levels, first, total)
+  return dataclasses.replace(spec, uncond_skips=skips if any(skips) else None)
+
+
 def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None):
   """Runs the scheduler from position `spec.begin` to the end; x is float32 [B, h, w, C].
   `after_step(x, state, i)` (if given) replaces x after the step at position i."""
@@ -468,6 +537,8 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
   def guess(uncond_rows: int) -> int | None:
     return uncond_rows if spec.control_guess else None
 
+  skips = None if spec.uncond_skips is None else jnp.asarray(spec.uncond_skips)
+
   def predict(x, t, call):
     if spec.pag is not None:  # the control images in all rows, guidance's conditional ones
       k, b = (3 if spec.guidance else 2), len(x)
@@ -482,6 +553,20 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
                                   else conditioning.guidance_embedding(guidance_scale, len(x),
                                                                        cond_dim),
                                   controls(call), guess(0))
+    if skips is None or spec.cfg_split:
+      return guided(x, t, call)
+    return jax.lax.cond(skips[call], prompt_only, guided, x, t, call)
+
+  def prompt_only(x, t, call):
+    """A call without the unconditional rows (`SampleSpec.uncond_skips`): the prompt's alone,
+    at guidance scale 1."""
+    if parts is not None:
+      return _composable_guidance(nets, params, x, t, positive.at(call), parts, jnp.float32(1.0),
+                                  controls(call), guess(0), skip_uncond=True)
+    return conditioning.predict(nets, params, x, t, positive.at(call), control=controls(
+        call, cond_rows=jnp.ones(len(x))), guess=guess(0)).astype(jnp.float32)
+
+  def guided(x, t, call):
     if parts is not None:
       return _composable_guidance(nets, params, x, t, both if not scheduled else
                                   conditioning.Embeddings.concat(negative.at(call),
@@ -491,8 +576,10 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
       eps_uncond, eps_cond = _split_guidance_pair(nets, params, x, t, negative.at(call),
                                                   positive.at(call), cfg_axis, controls(call),
                                                   spec.control_guess)
-      return guide(eps_uncond, eps_cond, guidance_scale,
-                   guidance_rescale if spec.guidance_rescale else None)
+      eps = guide(eps_uncond, eps_cond, guidance_scale,
+                  guidance_rescale if spec.guidance_rescale else None)
+      # Both devices make their side at every call; a skipped call keeps the prompt's.
+      return eps if skips is None else jnp.where(skips[call], eps_cond, eps)
     emb = (conditioning.Embeddings.concat(negative.at(call), positive.at(call)) if scheduled
            else both)
     halves = jnp.concatenate([jnp.zeros(len(x)), jnp.ones(len(x))])
@@ -574,18 +661,27 @@ def encode_images(vae: AutoencoderKL, vae_params, images):
       images, per)
 
 
-def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None, guess=None):
+def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None, guess=None,
+                         skip_uncond: bool = False):
   """A1111's composable diffusion: one UNet call on [uncond (B), parts (B*S)], then
-  uncond + sum over parts of (part - uncond) * (weight * scale), in A1111's order."""
+  uncond + sum over parts of (part - uncond) * (weight * scale), in A1111's order. With
+  `skip_uncond` (`emb` the parts' alone) the call runs the parts' rows only and each image's
+  first part stands in for its uncond, as A1111's `fake_uncond`."""
   b, s = weights.shape
+  uncond = 0 if skip_uncond else b
+
+  def rows(a):
+    parts = jnp.repeat(a, s, axis=0)
+    return parts if skip_uncond else jnp.concatenate([a, parts])
+
   if control is not None:  # the control images (an adapter's feature maps) in the same rows
     control = conditioning.ControlInput(*control)._replace(
-        images=tuple(jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a, s, axis=0)]),
-                                  images) for images in control[0]),
-        cond_rows=jnp.concatenate([jnp.zeros(b), jnp.ones(b * s)]))
-  out = conditioning.predict(nets, params, jnp.concatenate([x, jnp.repeat(x, s, axis=0)]), t,
-                             emb, control=control, guess=guess).astype(jnp.float32)
-  eps_uncond, eps_parts = out[:b], out[b:].reshape(b, s, *out.shape[1:])
+        images=tuple(jax.tree.map(rows, images) for images in control[0]),
+        cond_rows=jnp.concatenate([jnp.zeros(uncond), jnp.ones(b * s)]))
+  out = conditioning.predict(nets, params, rows(x), t, emb, control=control,
+                             guess=guess).astype(jnp.float32)
+  eps_parts = out[uncond:].reshape(b, s, *out.shape[1:])
+  eps_uncond = eps_parts[:, 0] if skip_uncond else out[:b]
   eps = eps_uncond
   for k in range(s):
     factor = (weights[:, k] * scale).reshape((b,) + (1,) * (x.ndim - 1))
@@ -841,6 +937,9 @@ class A1111:
   embeddings: Any = None  # {trigger: [n, D]} for text_encoder; default: pipe.embeddings
   emphasis: str = "Original"  # one of `prompts.EMPHASIS_MODES`
   base_steps: int | None = None  # a hires pass: the first pass's `steps` (A1111's offsets)
+  # A1111's Pad conds (and its v0 form): `prompts.pad_conds`.
+  pad_cond_uncond: bool = False
+  pad_cond_uncond_v0: bool = False
 
 
 def a1111_options(spec: SampleSpec, state, steps: int, **kwargs) -> A1111:
@@ -933,7 +1032,11 @@ def _a1111_ids(pipe, sides, sides_2, opts: A1111):
     own = np.max([[p.chunks for p in parsed[name][0]] for name, _, _ in encoders], axis=0)
     attend = np.repeat(own.reshape(-1, n_parts).max(axis=1), n_parts).astype(np.int32)
     for name in ids:
-      ids[name][0] = ids[name][0].replace(attend_chunks=attend)
+      ids[name][0] = ids[name][0].replace(attend_chunks=attend, repeat_chunks=attend)
+  if opts.pad_cond_uncond or opts.pad_cond_uncond_v0:
+    for name in ids:
+      ids[name] = list(prompt_lib.pad_conds(*ids[name], v0=opts.pad_cond_uncond_v0,
+                                            parts=1 if composable is None else n_parts))
   prompt, negative = (PromptIds(ids.get("text_encoder", [None, None])[k],
                                 ids.get("text_encoder_2", [None, None])[k]) for k in (0, 1))
   return prompt, negative, part_weights
@@ -1464,6 +1567,11 @@ def generate(
     subseed_strength: float = 0.0,
     ensd: int = 0,
     seed_resize_from: tuple[int, int] | None = None,
+    s_min_uncond: float = 0.0,
+    s_min_uncond_all: bool = False,
+    skip_early_cond: float = 0.0,
+    pad_cond_uncond: bool = False,
+    pad_cond_uncond_v0: bool = False,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1476,6 +1584,11 @@ def generate(
   prompt_lib.check_emphasis(emphasis)
   if emphasis != "Original" and prompt_syntax != "a1111":
     raise ValueError(f"emphasis {emphasis!r} is a mode of prompt_syntax='a1111'")
+  if (pad_cond_uncond or pad_cond_uncond_v0) and prompt_syntax != "a1111":
+    raise ValueError("pad_cond_uncond pads A1111-syntax prompts of different lengths: use "
+                     "prompt_syntax='a1111' (plain prompts are one chunk each)")
+  cfg_skip = CfgSkip(s_min_uncond, bool(s_min_uncond_all), skip_early_cond)
+  cfg_skip.check()
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   if not prompts:
     raise ValueError("no prompts given")
@@ -1570,7 +1683,8 @@ def generate(
                            guess_mode=spec.control_guess, cfg_parallel=cfg_parallel)
   freeu = freeu_factors(freeu)
   tiling = tiling_axes(tiling)
-  spec = dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=tiling)
+  spec = with_cfg_skip(dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=tiling), state,
+                       cfg_skip, steps)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(second, n, hires, control=spec.control,
                                 control_guess=spec.control_guess, **{
@@ -1578,9 +1692,9 @@ def generate(
                                     schedulers.default_scheduler_name(pipe.scheduler_config)})
     hires_pag = pag if pag is None or hires_model is None else perturbed_guidance(
         hires_model, pag_scale, pag_adaptive_scale, pag_applied_layers)
-    hires_stage = (dataclasses.replace(hires_stage[0], control_modes=spec.control_modes,
-                                       pag=hires_pag, freeu=freeu, tiling=spec.tiling),
-                   hires_stage[1])
+    hires_stage = (with_cfg_skip(dataclasses.replace(
+        hires_stage[0], control_modes=spec.control_modes, pag=hires_pag, freeu=freeu,
+        tiling=spec.tiling), hires_stage[1], cfg_skip, hires.steps or steps), hires_stage[1])
     spec = dataclasses.replace(spec, output_latents=hires.in_latents)
   seeds = make_seeds(seed, n)
   if variation is not None:
@@ -1594,7 +1708,9 @@ def generate(
       raise ValueError(f"latents must have shape {latent_shape}, got {noise.shape}")
   a1111 = None
   if prompt_syntax == "a1111":
-    a1111 = a1111_options(spec, state, steps, embeddings=embeddings, emphasis=emphasis)
+    a1111 = a1111_options(spec, state, steps, embeddings=embeddings, emphasis=emphasis,
+                          pad_cond_uncond=bool(pad_cond_uncond),
+                          pad_cond_uncond_v0=bool(pad_cond_uncond_v0))
   cond = with_ip_images(make_conditioning(
       pipe, prompts, negatives, prompts_2=prompts_2, negative_prompts_2=negative_prompts_2,
       micro=micro, size=(height, width), img2img=init_images is not None, a1111=a1111), ip)
@@ -1621,7 +1737,9 @@ def generate(
     if a1111 is not None:  # the second pass's schedules count on from the first's, as A1111
       a1111 = a1111_options(hires_spec, hires_state, hires.steps or steps,
                             embeddings=embeddings, emphasis=emphasis,
-                            base_steps=steps * spec.scheduler.order)
+                            base_steps=steps * spec.scheduler.order,
+                            pad_cond_uncond=a1111.pad_cond_uncond,
+                            pad_cond_uncond_v0=a1111.pad_cond_uncond_v0)
     # SDXL's default sizes are the second pass's; A1111's hires prompts are both encoders'.
     own = hires_prompts is not prompts, hires_negatives is not negatives
     if a1111 is not None or pipe.is_sdxl or any(own) or hires_model is not None:
@@ -1638,7 +1756,7 @@ def generate(
   return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
                             {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
                                 pipe.scheduler_config)}, refiner_start, a1111, spec.tiling,
-                            stream_draws(spec, len(state.timesteps))))
+                            stream_draws(spec, len(state.timesteps)), cfg_skip))
 
 
 FREEU_NAMES = ("s1", "s2", "b1", "b2")
@@ -1841,17 +1959,21 @@ def _init_input(init_images, mask_images):
 
 
 def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, common,
-            refiner_start, a1111=None, tiling: str = "", rng_offset: int = 0):
+            refiner_start, a1111=None, tiling: str = "", rng_offset: int = 0,
+            cfg_skip: CfgSkip | None = None):
   """The ensemble-of-experts second stage: the refiner continues the base's latents on device
   (and its images' generators, after the base's `rng_offset` draws)."""
   if latent_channels(refiner) != latents.shape[-1]:
     raise ValueError("the refiner's latents do not match the base model's")
   spec, state = prepare(refiner, len(prompts), denoising_start=refiner_start, **common)
-  spec = dataclasses.replace(spec, tiling=tiling, rng_offset=rng_offset)
+  spec = with_cfg_skip(dataclasses.replace(spec, tiling=tiling, rng_offset=rng_offset), state,
+                       cfg_skip, common["steps"])
   size = (common["height"], common["width"])
   if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
     a1111 = a1111_options(spec, state, common["steps"], first_call=a1111.calls,
-                          embeddings=a1111.embeddings, emphasis=a1111.emphasis)
+                          embeddings=a1111.embeddings, emphasis=a1111.emphasis,
+                          pad_cond_uncond=a1111.pad_cond_uncond,
+                          pad_cond_uncond_v0=a1111.pad_cond_uncond_v0)
   cond = make_conditioning(refiner, prompts, negatives, micro=micro, size=size, img2img=True,
                            a1111=a1111)
   return _sample(spec, refiner.networks, refiner.params, cond, seeds, noise, scalars, latents,

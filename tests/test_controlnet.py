@@ -156,6 +156,27 @@ def test_generate_matches_diffusers(sd1_controlnet, scale, start, end):
   assert err <= 1e-4 and change > 100 * err
 
 
+@pytest.mark.parametrize("guess", [False, True])
+def test_negative_prompt_skipped_throughout_is_no_guidance(sd1_controlnet, guess):
+  """A1111's Skip Early CFG over the whole run (skip_early_cond=1) leaves the negative prompt out
+  of every call: diffusers' ControlNet pipeline at guidance scale 1 (no CFG pass), the ControlNet
+  on the prompt's rows (scaled as guess mode scales them, in guess mode)."""
+  ref, pipe, controlnet = sd1_controlnet
+  control = np.random.default_rng(8).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  latents = randn(2, 8, 8, 4, seed=9)
+  with torch.no_grad():
+    expected = ref(PROMPTS, image=nchw(control), latents=nchw(latents), output_type="np",
+                   num_inference_steps=3, guidance_scale=1.0, height=16, width=16,
+                   guess_mode=guess, controlnet_conditioning_scale=1.2).images
+  ours = pipe.generate(PROMPTS, negative_prompts="blue", steps=3, guidance_scale=3.0, height=16,
+                       width=16, scheduler="euler", latents=latents, controlnet=controlnet,
+                       control_images=control, guess_mode=guess, controlnet_conditioning_scale=1.2,
+                       skip_early_cond=1.0)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\ncontrolnet, negative prompt skipped throughout (guess mode {guess}): {err:.2e}")
+  assert err <= 1e-4
+
+
 def test_two_controlnets_and_guess_mode_match_diffusers(sd1_controlnet, tmp_path):
   """Two ControlNets (diffusers' MultiControlNetModel: residuals summed in order), each with
   its own images (one image serving both prompts for the second), scale and share of the steps,

@@ -500,6 +500,76 @@ def test_composable_prompt_image_matches_torch_loop(sd):
     pipe.generate(prompt, guidance_rescale=0.5, **kw)
 
 
+def test_pad_conds_match_torch_loop(sd):
+  """A1111's Pad conds: where the prompt and negative prompt have different chunk counts, the
+  shorter goes on with the empty prompt's encoding (cond_stage_model_empty_prompt), attended to;
+  Pad conds v0: the negative prompt takes the prompt's length, its last vector repeated, or cut.
+  (Without either the shorter attends to its own chunks: another image.) With composable parts
+  the padding follows each part's own (its last vector repeated to the longest part's length)."""
+  import torch
+
+  ref, pipe = sd
+  tok = ref.tokenizer
+
+  def cond(*chunks):
+    return torch.from_numpy(_torch_conditioning(
+        ref.text_encoder, [[_expected_chunk(tok, [(w, 1.0, 1) for w in c]) for c in chunks]]))
+
+  def repeat_last(c, n=1):
+    return torch.cat([c, c[:, -1:].repeat(1, 77 * n, 1)], dim=1)
+
+  long, short, empty = cond(["a", "red", "circle"], ["a", "cat"]), cond(["blue"]), cond([])
+  latents = np.random.default_rng(12).standard_normal((1, 8, 8, 4)).astype(np.float32)
+
+  def loop(c, u):
+    return _torch_loop(ref, lambda call: c, u, latents, 7.0, "EulerDiscreteScheduler", 3)
+
+  kw = dict(steps=3, scheduler="euler", guidance_scale=7.0, height=16, width=16, latents=latents,
+            prompt_syntax="a1111")
+  text = "a red circle BREAK a cat"
+  cases = [(dict(pad_cond_uncond=True), loop(long, torch.cat([short, empty], 1)),
+            loop(torch.cat([short, empty], 1), long)),
+           (dict(pad_cond_uncond_v0=True), loop(long, repeat_last(short)),
+            loop(short, long[:, :77]))]
+  errs = []
+  for options, negative_shorter, negative_longer in cases:
+    errs.append(assert_close(pipe.generate(text, negative_prompts="blue", **options, **kw),
+                             negative_shorter, 1e-4))
+    errs.append(assert_close(pipe.generate("blue", negative_prompts=text, **options, **kw),
+                             negative_longer, 1e-4))
+  unpadded = (pipe.generate(text, negative_prompts="blue", **kw),
+              pipe.generate("blue", negative_prompts=text, **kw))
+  print(f"\npad conds rel errs {', '.join(f'{e:.1e}' for e in errs)}")
+  for _, negative_shorter, negative_longer in cases:
+    assert rel_err(unpadded[0], negative_shorter) > 100 * max(errs)
+    assert rel_err(unpadded[1], negative_longer) > 100 * max(errs)
+
+  # Composable: parts of 1 and 2 chunks under a negative prompt of 3.
+  red, cat = repeat_last(cond(["a", "red", "circle"])), cond(["a", "dog"], ["a", "cat"])
+  negative = cond(["blue"], ["green"], ["a", "cat"])
+  parts = [torch.cat([red, empty], 1), torch.cat([cat, empty], 1)]
+  import diffusers
+
+  sched = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
+  sched.set_timesteps(3)
+  x = nchw(latents) * sched.init_noise_sigma
+  with torch.no_grad():
+    for t in sched.timesteps:
+      x_in = sched.scale_model_input(x, t)
+      eps_u = ref.unet(x_in, t, encoder_hidden_states=negative.float()).sample
+      eps = eps_u.clone()
+      for c, w in zip(parts, (1.0, 0.5), strict=True):
+        eps += (ref.unet(x_in, t, encoder_hidden_states=c.float()).sample - eps_u) * (w * 7.0)
+      x = sched.step(eps, t, x).prev_sample
+    expected = nhwc((ref.vae.decode(x / ref.vae.config.scaling_factor).sample / 2 + 0.5)
+                    .clamp(0, 1))
+  ours = pipe.generate("a red circle AND a dog BREAK a cat :0.5",
+                       negative_prompts="blue BREAK green BREAK a cat", pad_cond_uncond=True,
+                       **kw)
+  err = assert_close(ours, expected, 1e-4)
+  print(f"composable pad conds rel err {err:.1e}")
+
+
 def test_emphasis_reaches_generate(sd):
   """generate(emphasis=...): "Ignore" is the prompt without its weights, "None" reads the
   brackets as words, "No norm" is neither; the mode needs prompt_syntax="a1111". Comments."""

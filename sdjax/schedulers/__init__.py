@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 from sdjax.schedulers import sigma_schedules
-from sdjax.schedulers.common import Scheduler, SchedulerConfigError
+from sdjax.schedulers.common import A1111_TIMESTEP_SAMPLERS, Scheduler, SchedulerConfigError
 
 # name -> (module, class, overrides passed as diffusers' from_config(**overrides) would).
 _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -173,6 +173,7 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
 
 
 __all__ = [
+    "A1111_TIMESTEP_SAMPLERS",
     "ETA_SCHEDULERS",
     "SCHEDULERS",
     "Scheduler",

@@ -151,6 +151,10 @@ def make_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
   return _cumprod_f32(1.0 - make_betas(config))
 
 
+# The schedulers A1111 runs over training timesteps (its sd_samplers_timesteps), by sdjax name.
+A1111_TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc")
+
+
 @dataclasses.dataclass(frozen=True)
 class Scheduler:
   """Base of every scheduler. Subclasses are frozen dataclasses (hashable, jit-static).
@@ -202,6 +206,20 @@ class Scheduler:
   def step(self, state, model_output, i, sample, noise=None):
     """One update at position `i`; returns (prev_sample, new_state)."""
     raise NotImplementedError
+
+  def a1111_levels(self, state) -> np.ndarray:
+    """float32 [positions]: what A1111's CFG denoiser sees as `sigma` at each model call (and
+    compares with its Negative Guidance minimum sigma): the timestep for the samplers it runs over
+    training timesteps (DDIM, PLMS, UniPC: `A1111_TIMESTEP_SAMPLERS`), else the noise level
+    (k-diffusion's sigma) of the model's input."""
+    timesteps = np.asarray(state.timesteps, np.float32)
+    if self.name in A1111_TIMESTEP_SAMPLERS:
+      return timesteps
+    for name in ("sigma_in", "sigmas"):  # per model call; `sigmas` may end in one more
+      if hasattr(state, name):
+        return np.asarray(getattr(state, name), np.float32)[:len(timesteps)]
+    alphas = make_alphas_cumprod(self.cfg)[np.rint(timesteps).astype(np.int64)]
+    return np.sqrt((1 - alphas) / alphas).astype(np.float32)
 
   def noise_draw(self, i):
     """How many fresh-noise draws a run's steps take before position `i` (the index of the one
