@@ -134,6 +134,21 @@ flags.DEFINE_integer("seed_resize_from_w", 0, "A1111's Resize seed from: width i
 flags.DEFINE_integer("seed_resize_from_h", 0, "A1111's Resize seed from: height in pixels")
 flags.DEFINE_integer("ensd", 0, "A1111's Eta noise seed delta (ENSD, e.g. 31337): ancestral and "
                      "SDE samplers' step noise from seed + ensd (0: off)")
+flags.DEFINE_float("s_min_uncond", 0.0, "A1111's Negative Guidance minimum sigma (NGMS): at every "
+                   "other UNet call whose noise level is below this (DDIM, PLMS, UniPC: whose "
+                   "timestep), the negative prompt's rows are skipped: faster, guidance scale 1 "
+                   "there (0: off)")
+flags.DEFINE_bool("s_min_uncond_all", False, "NGMS skips the negative prompt at every call below "
+                  "--s_min_uncond, not every other")
+flags.DEFINE_float("skip_early_cond", 0.0, "A1111's Ignore negative prompt during early sampling "
+                   "(Skip Early CFG): the fraction of the run's first UNet calls without the "
+                   "negative prompt, in [0, 1] (0: off)")
+flags.DEFINE_bool("pad_cond_uncond", False, "A1111's Pad prompt/negative prompt (Pad conds; with "
+                  "--prompt_syntax a1111): a prompt and negative prompt of different lengths, the "
+                  "shorter goes on with empty-prompt chunks (else it attends to its own length)")
+flags.DEFINE_bool("pad_cond_uncond_v0", False, "A1111's Pad conds v0 (its padding before 1.6): "
+                  "the negative prompt fitted to the prompt's length, its last vector repeated, or "
+                  "cut")
 flags.DEFINE_enum("rng", "jax", list(sampling.RNGS), "where each image's noise comes from: "
                   "jax (its seed's JAX key), or torch_cpu (its seed's torch CPU generator: the "
                   "images diffusers makes with generator=torch.Generator().manual_seed(seed), "
@@ -326,6 +341,9 @@ def _run_config() -> run.RunConfig:
       ip_adapter_scale=tuple(FLAGS.ip_adapter_scale),
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed, rng=FLAGS.rng,
       subseed=FLAGS.subseed, subseed_strength=FLAGS.subseed_strength, ensd=FLAGS.ensd,
+      s_min_uncond=FLAGS.s_min_uncond, s_min_uncond_all=FLAGS.s_min_uncond_all,
+      skip_early_cond=FLAGS.skip_early_cond, pad_cond_uncond=FLAGS.pad_cond_uncond,
+      pad_cond_uncond_v0=FLAGS.pad_cond_uncond_v0,
       seed_resize_from_w=FLAGS.seed_resize_from_w, seed_resize_from_h=FLAGS.seed_resize_from_h,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,

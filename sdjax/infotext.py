@@ -3,8 +3,8 @@
 A1111 and sdjax write how an image was made into the image (`outputs.a1111_parameters`);
 `reproduce(text)` turns that text back into the main.py flags that make it again: the prompts,
 steps, sampler and schedule type, CFG scale, seed, size, Clip skip, RNG, ENSD, variation seed,
-seed resize, eta, the hires fix, tiling, FreeU, PAG, SDXL's micro-conditioning and refiner
-switch, and A1111's k-diffusion placement of the noise levels for its own images. What the
+seed resize, eta, the hires fix, tiling, FreeU, PAG, NGMS, Skip Early CFG, Pad conds, SDXL's
+micro-conditioning and refiner switch, and A1111's k-diffusion placement of the noise levels for its own images. What the
 text asks for that a flag cannot give (a model or VAE known only by name, A1111's GPU noise, an
 img2img image's init image, extensions' fields) comes back as notes, one per thing, so that the
 caller can say what will differ. A ComfyUI PNG carries its workflow instead (`parameters_text`
@@ -38,7 +38,7 @@ _DISCARDING = ("kdpm2", "kdpm2_ancestral", "dpmpp_3m_sde")
 _BROWNIAN = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
 # A1111's samplers that step over training timesteps (its sd_samplers_timesteps), which its
 # Schedule type does not move.
-_TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc")
+_TIMESTEP_SAMPLERS = schedulers.A1111_TIMESTEP_SAMPLERS
 # Fields that say which files made the image, not how: nothing to set.
 _RECORD_ONLY = ("Model hash", "VAE hash", "Lora hashes", "TI hashes", "Version", "template",
                 "negative_template", "PerturbedAttentionGuidance_enabled")
@@ -49,8 +49,12 @@ _ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
                "Guidance rescale": "guidance_rescale", "Refiner switch at": "refiner_start",
                "Aesthetic score": "aesthetic_score",
                "Negative aesthetic score": "negative_aesthetic_score",
+               "NGMS": "s_min_uncond", "Skip Early CFG": "skip_early_cond",
                "PerturbedAttentionGuidance_scale": "pag_scale",
                "PerturbedAttentionGuidance_adaptive_scale": "pag_adaptive_scale"}
+# A1111's settings written as "True" when on: flag name.
+_SWITCHES = {"NGMS all steps": "s_min_uncond_all", "Pad conds": "pad_cond_uncond",
+             "Pad conds v0": "pad_cond_uncond_v0"}
 _HIRES_ONE_TO_ONE = {"Hires steps": "hires_steps", "Hires CFG Scale": "hires_guidance_scale",
                      "Hires prompt": "hires_prompt",
                      "Hires negative prompt": "hires_negative_prompt"}
@@ -113,6 +117,9 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   for key, flag in _ONE_TO_ONE.items():
     if key in fields:
       flags[flag] = fields.pop(key)
+  for key, flag in _SWITCHES.items():
+    if fields.get(key) in ("True", "False"):
+      flags[flag] = fields.pop(key).lower()
   for key in _RECORD_ONLY:
     fields.pop(key, None)
   if fields:  # extensions' and img2img's fields: say what is left out, once

@@ -88,6 +88,16 @@ class RunConfig:
   subseed: int | None = None
   subseed_strength: float = 0.0
   ensd: int = 0  # A1111's Eta noise seed delta: step noise from seed + ensd (0: off)
+  # A1111's settings that leave the negative prompt out of some UNet calls (`sampling.CfgSkip`):
+  # Negative Guidance minimum sigma (NGMS, 0: off), at every call below it rather than every
+  # other, and Skip Early CFG (the fraction of the run without it, 0: off).
+  s_min_uncond: float = 0.0
+  s_min_uncond_all: bool = False
+  skip_early_cond: float = 0.0
+  # A1111's Pad conds (and v0): a prompt and negative prompt of different lengths padded to one
+  # (`prompts.pad_conds`; --prompt_syntax a1111).
+  pad_cond_uncond: bool = False
+  pad_cond_uncond_v0: bool = False
   # A1111's "Resize seed from" width and height in pixels (either 0: off).
   seed_resize_from_w: int = 0
   seed_resize_from_h: int = 0
@@ -343,6 +353,13 @@ def validate(cfg: RunConfig) -> None:
     raise RunError(f"--subseed must be in [0, 2**32), got {cfg.subseed}")
   if not 0 <= cfg.ensd < 2**32:
     raise RunError(f"--ensd must be in [0, 2**32), got {cfg.ensd}")
+  try:
+    _cfg_skip(cfg).check()
+  except ValueError as e:
+    raise RunError(f"--{e}") from None
+  if (cfg.pad_cond_uncond or cfg.pad_cond_uncond_v0) and cfg.prompt_syntax != "a1111":
+    raise RunError("--pad_cond_uncond pads A1111-syntax prompts of different lengths: add "
+                   "--prompt_syntax a1111")
   if not 0.0 < cfg.strength <= 1.0:
     raise RunError(f"--strength must be in (0, 1], got {cfg.strength}")
   if cfg.resize_mode not in outputs.RESIZE_MODES:
@@ -499,6 +516,7 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings.update(subseed=cfg.subseed, subseed_strength=cfg.subseed_strength)
   if cfg.ensd:
     settings["ensd"] = cfg.ensd
+  settings.update(_cfg_options(cfg))  # absent when off: older folders still match
   if _seed_resize(cfg):
     settings["seed_resize_from"] = list(_seed_resize(cfg))
   if cfg.prompt_syntax != "plain":
@@ -1375,21 +1393,28 @@ class _Sampler:
       spec = dataclasses.replace(spec, pag=_pag(cfg, pipe),
                                  freeu=sampling.freeu_factors(cfg.freeu),
                                  tiling=sampling.tiling_axes(cfg.tiling))
+      try:
+        spec = sampling.with_cfg_skip(spec, state, _cfg_skip(cfg), steps)
+      except ValueError as e:
+        raise RunError(f"--s_min_uncond / --skip_early_cond: {e}") from None
       host_state, stage = state, None
       if refiner is not None:  # the second stage runs in the same program
         stage_spec, stage_state = sampling.prepare(refiner, cfg.batch_size, **common,
                                                    denoising_start=cfg.refiner_start)
-        refiner = (dataclasses.replace(stage_spec, tiling=spec.tiling, rng_offset=(
-            sampling.stream_draws(spec, len(state.timesteps)))), stage_state, refiner)
+        refiner = (sampling.with_cfg_skip(dataclasses.replace(
+            stage_spec, tiling=spec.tiling, rng_offset=sampling.stream_draws(
+                spec, len(state.timesteps))), stage_state, _cfg_skip(cfg), steps),
+            stage_state, refiner)
         state, stage = (state, refiner[1]), refiner[::2]
       if hires is not None:  # so does the hires pass
         try:
           hires = sampling.prepare_hires(self.hires_pipe or pipe, cfg.batch_size, hires,
                                          control=spec.control,
                                          control_guess=spec.control_guess, **common)
-          hires = (dataclasses.replace(hires[0], control_modes=spec.control_modes,
-                                       pag=_pag(cfg, self.hires_pipe or pipe),
-                                       freeu=spec.freeu, tiling=spec.tiling), hires[1])
+          hires = (sampling.with_cfg_skip(dataclasses.replace(
+              hires[0], control_modes=spec.control_modes, pag=_pag(cfg, self.hires_pipe or pipe),
+              freeu=spec.freeu, tiling=spec.tiling), hires[1], _cfg_skip(cfg),
+              cfg.hires_steps or steps), hires[1])
         except ValueError as e:
           raise RunError(f"--hires_scale: {e}") from None
         spec = dataclasses.replace(spec, output_latents=_hires(cfg).in_latents)
@@ -1416,7 +1441,9 @@ class _Sampler:
       return None
     return sampling.a1111_options(program.spec, program.host_state, program.steps, sizes=sizes,
                                   bucket_variants=True, allow_lora=self.lora_set is not None,
-                                  emphasis=self.cfg.emphasis)
+                                  emphasis=self.cfg.emphasis,
+                                  pad_cond_uncond=self.cfg.pad_cond_uncond,
+                                  pad_cond_uncond_v0=self.cfg.pad_cond_uncond_v0)
 
   def _conditioning(self, program, jobs, size, ip=None):
     """The batch's conditioning ((base, refiner) with a refiner, (first, hires pass) with the
@@ -1458,7 +1485,9 @@ class _Sampler:
         a1111 = sampling.a1111_options(spec, state, self.cfg.hires_steps or program.steps,
                                        sizes=a1111.sizes, bucket_variants=True,
                                        allow_lora=a1111.allow_lora, emphasis=a1111.emphasis,
-                                       base_steps=a1111.steps)
+                                       base_steps=a1111.steps,
+                                       pad_cond_uncond=a1111.pad_cond_uncond,
+                                       pad_cond_uncond_v0=a1111.pad_cond_uncond_v0)
       return cond, sampling.with_ip_images(sampling.make_conditioning(
           self.hires_pipe or self.pipe, *second, micro=self.cfg.micro,
           size=_hires(self.cfg).size(self.pipe, *size), a1111=a1111), ip)
@@ -1468,7 +1497,9 @@ class _Sampler:
     if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
       a1111 = sampling.a1111_options(spec, state, program.steps, first_call=a1111.calls,
                                      bucket_variants=True, allow_lora=a1111.allow_lora,
-                                     emphasis=a1111.emphasis)
+                                     emphasis=a1111.emphasis,
+                                     pad_cond_uncond=a1111.pad_cond_uncond,
+                                     pad_cond_uncond_v0=a1111.pad_cond_uncond_v0)
     return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
                                             size=size, img2img=True, a1111=a1111)
 
@@ -1651,6 +1682,24 @@ class _Sampler:
             f"the batch does not fit in device memory: lower --batch_size (now "
             f"{self.cfg.batch_size}) or --height/--width") from None
       raise
+
+
+def _cfg_skip(cfg: RunConfig) -> sampling.CfgSkip:
+  return sampling.CfgSkip(cfg.s_min_uncond, cfg.s_min_uncond_all, cfg.skip_early_cond)
+
+
+# The run's A1111 guidance settings by their manifest names, and the fields A1111 writes them as.
+_A1111_CFG_FIELDS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps",
+                     "skip_early_cond": "Skip Early CFG", "pad_cond_uncond": "Pad conds",
+                     "pad_cond_uncond_v0": "Pad conds v0"}
+
+
+def _cfg_options(cfg: RunConfig) -> dict[str, Any]:
+  """The A1111 guidance settings that are on (NGMS all steps only with NGMS)."""
+  on = {name: getattr(cfg, name) for name in _A1111_CFG_FIELDS if getattr(cfg, name)}
+  if not cfg.s_min_uncond:
+    on.pop("s_min_uncond_all", None)
+  return on
 
 
 def _seed_resize(cfg: RunConfig) -> tuple[int, int] | None:
@@ -1947,7 +1996,7 @@ class _Metadata:
         **({"scheduler_options": options} if options else {}),
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
         **({"rng": cfg.rng} if cfg.rng != RunConfig.rng else {}),
-        **({"ensd": cfg.ensd} if cfg.ensd else {}),
+        **({"ensd": cfg.ensd} if cfg.ensd else {}), **_cfg_options(cfg),
         **({"seed_resize_from": list(_seed_resize(cfg))} if _seed_resize(cfg) else {}),
         **({"subseed": varied[0], "subseed_strength": varied[1]}
            if (varied := variation(cfg, job)) else {}),
@@ -2051,6 +2100,7 @@ class _Metadata:
                **({"Clip skip": schedule.clip_skip} if schedule.clip_skip != 1 else {}),
                **({"RNG": "CPU"} if cfg.rng == "torch_cpu" else {}),  # A1111's word
                **({"ENSD": cfg.ensd} if cfg.ensd else {}),
+               **{_A1111_CFG_FIELDS[k]: v for k, v in _cfg_options(cfg).items()},
                **({"Seed resize from": "x".join(map(str, _seed_resize(cfg)))}
                   if _seed_resize(cfg) else {}),
                **({"Variation seed": varied[0], "Variation seed strength": varied[1]}

@@ -25,7 +25,9 @@ a loop body once) with model-FLOPs utilisation against `--peak_tflops`, and peak
 XLA's buffer assignment: `xla_argument_bytes`, `xla_temp_bytes`, `xla_output_bytes`, known from
 the compile alone, so `--repeats 0` gives them for shapes too slow to run here).
 `--what generate --cfg_parallel` times `generate(cfg_parallel=True)`'s two programs (the pair's
-latents, one device's decode); its compile time is the first call's. Run each backend in its own process so
+latents, one device's decode); its compile time is the first call's. `--what generate
+--s_min_uncond S` times A1111's NGMS (the negative prompt's rows left out of every other call
+below noise level S: a second, half-batch UNet program inside the loop). Run each backend in its own process so
 peak memory is its own.
 
 `--what run` times main.py's whole job (`run.generate_run`: prompts, sampler, PNG encoding and
@@ -102,6 +104,9 @@ _RNG = flags.DEFINE_enum("rng", "jax", ["jax", "torch_cpu"], "generate: where th
                          "from (torch_cpu: torch's CPU generator run on device)")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", 7.5, "generate: guidance scale (<= 1: no CFG "
                                "pass, as LCM-LoRA runs; both backends)")
+_S_MIN_UNCOND = flags.DEFINE_float("s_min_uncond", 0.0, "generate: A1111's NGMS (every other call "
+                                   "below this noise level without the negative prompt's rows; "
+                                   "sampling.CfgSkip)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype")
 _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch", "both"], "sdjax or diffusers; "
                               "both: unet_step of each in one process, calls interleaved")
@@ -338,6 +343,8 @@ def bench_jax():
     spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler=_SCHEDULER.value,
                                    height=h, width=w, guidance_scale=_GUIDANCE.value,
                                    cfg_split=_CFG_PARALLEL.value, rng=_RNG.value)
+    spec = sampling.with_cfg_skip(spec, state, sampling.CfgSkip(_S_MIN_UNCOND.value),
+                                  _STEPS.value)
     seeds = jnp.arange(b, dtype=jnp.uint32)
     args = (spec, pipe.networks, pipe.params, _conditioning(pipe, b, h, w), seeds,
             sampling.initial_noise(seeds, lat[1:]), jnp.float32(_GUIDANCE.value),
