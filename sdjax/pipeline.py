@@ -420,8 +420,11 @@ class Pipeline:
         streams), or "torch_cpu": each seed's torch CPU generator, drawn in turn as diffusers'
         pipelines draw from `generator=[torch.Generator().manual_seed(s) for s in seeds]` (a
         refiner after the base's draws), so diffusers' seeds make the same images here; also
-        AUTOMATIC1111's "RNG source: CPU" (its hires pass starts the seed's generator again).
-        dpmpp_sde's Brownian noise, an upscaler's encoding and what diffusers lacks stay JAX's.
+        AUTOMATIC1111's "RNG source: CPU" (its hires pass starts the seed's generator again);
+        or "nv": each seed's A1111 NV generator, drawn in turn as A1111 draws: its "RNG source:
+        NV", which is torch's CUDA generator, A1111's default "GPU" source on NVIDIA GPUs (to a
+        few float32 ulps), so A1111's seeds make its images here. dpmpp_sde's Brownian noise,
+        an upscaler's encoding and what diffusers lacks stay JAX's.
       subseed, subseed_strength: A1111's variation seeds ("Variation seed", "Variation
         strength"): image i's initial noise (and hires noise) is moved towards that of seed
         `subseed + i` along A1111's slerp, by the strength in [0, 1] (0: off).

@@ -860,7 +860,7 @@ def test_a1111_forms_follow_only_where_the_hires_sampler_has_them(pipes):
      "'restart' makes text-to-image runs only"),
     ({"guidance_rescale": float("inf")}, "guidance_rescale must be a finite number, got inf"),
     ({"hires_prompts": "a cat"}, "hires_prompts and hires_negative_prompts are the hires pass"),
-    ({"rng": "cuda"}, "unknown rng 'cuda'; use one of jax, torch_cpu"),
+    ({"rng": "cuda"}, "unknown rng 'cuda'; use one of jax, torch_cpu, nv"),
     ({"rng": "torch_cpu", "latents": np.zeros((2, 8, 8, 4))}, "give seed, not latents"),
     ({"hires_scale": 2.0, "hires_negative_prompts": ["a"] * 3},
      "hires_negative_prompts: got 3 entries"),

@@ -1,0 +1,119 @@
+"""A1111's NV random source (`sdjax.nv_rng`, rng="nv"): Philox4x32-10 against Random123's
+known-answer vectors; the normals against A1111's arithmetic (modules/rng_philox.py: counter
+(draw, 0, index, 0), key = the seed's words, Box-Muller in float64) restated in numpy here; and
+generate() against diffusers' Euler a given that noise."""
+
+from unittest import mock
+
+import diffusers
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from parity import reference_pipelines
+
+from sdjax import nv_rng
+
+_M = (0xD2511F53, 0xCD9E8D57)
+_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def a1111_nv(seed: int, draws: int, n: int) -> np.ndarray:
+  """float32 [draws, n]: A1111's NV generator seeded `seed` (a Python int, up to 64 bits), its
+  first `draws` randn calls of n values, in numpy uint64 / float64 as A1111 computes them."""
+  mask = np.uint64(0xFFFFFFFF)
+  out = []
+  for k in range(draws):
+    c = [np.full(n, k, np.uint64), np.zeros(n, np.uint64), np.arange(n, dtype=np.uint64),
+         np.zeros(n, np.uint64)]
+    key = [np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)]
+    for r in range(10):
+      if r:
+        key = [(key[0] + np.uint64(_W[0])) & mask, (key[1] + np.uint64(_W[1])) & mask]
+      p0, p1 = c[0] * np.uint64(_M[0]), c[2] * np.uint64(_M[1])
+      c = [(p1 >> np.uint64(32)) ^ c[1] ^ key[0], p1 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ key[1],
+           p0 & mask]
+    two32 = float(np.float32(2.3283064e-10))  # 2^-32
+    two32_2pi = float(np.float32(2.3283064e-10 * 6.2831855))
+    u = c[0].astype(np.float64) * two32 + two32 / 2
+    v = c[1].astype(np.float64) * two32_2pi + two32_2pi / 2
+    out.append((np.sqrt(-2.0 * np.log(u)) * np.sin(v)).astype(np.float32))
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("counter,key,expected", [  # Random123's kat_vectors, philox4x32 10
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_known_answers(counter, key, expected):
+  out = nv_rng.philox4x32([np.uint32(c) for c in counter], [np.uint32(k) for k in key])
+  assert tuple(int(o) for o in out) == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1, 31337, 2**31 + 5, 2**32 - 1, 2**32 + 7])
+def test_normals_match_a1111(seed):
+  """Within 4 float32 ulps of A1111's float64 arithmetic rounded (seen: at most 3, over half
+  bit for bit): XLA's float32 log, log1p, sin and cos against float64's; the integer part is
+  exact. Seeds past 32 bits (A1111 adds ENSD as Python ints) key the high word."""
+  ours = np.asarray(nv_rng.randn(jnp.uint32(seed & 0xFFFFFFFF), jnp.uint32(seed >> 32), 3, 8192))
+  ref = a1111_nv(seed, 3, 8192)
+  ulps = np.abs(ours - ref) / np.spacing(np.abs(ref))
+  print(f"\nseed {seed}: max {ulps.max():.0f} ulps, {np.mean(ours == ref):.0%} exact")
+  assert ulps.max() <= 4 and np.mean(ours == ref) > 0.3
+  assert abs(float(ref.std()) - 1) < 0.02  # normals, and not one draw repeated
+  assert not np.allclose(ref[0], ref[1], atol=0.1)
+
+
+def test_a1111_documented_output():
+  """modules/rng_philox.py's docstring: Generator(seed=0).randn((3, 4)), printed from float64
+  (each within 3e-7 of the float64 arithmetic: a few float32 ulps)."""
+  documented = [[-0.92466259, -0.42534415, -2.6438457, 0.14518388],
+                [-0.12086647, -0.57972564, -0.62285122, -0.32838709],
+                [-1.07454231, -0.36314407, -1.67105067, 2.26550497]]
+  ours = np.asarray(nv_rng.randn(jnp.uint32(0), jnp.uint32(0), 1, 12)).reshape(3, 4)
+  np.testing.assert_allclose(ours, documented, atol=3e-7, rtol=0)
+  layout = nv_rng.randn_nchw(jnp.asarray([0], jnp.uint32), 1, (3, 2, 2))  # h, w, C
+  np.testing.assert_array_equal(np.asarray(layout)[0, 0].transpose(2, 0, 1).reshape(-1),
+                                ours.reshape(-1))
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+  torch.set_num_threads(1)
+  ref, pipe, _ = reference_pipelines(tmp_path_factory, "sd1", seed=6)
+  return ref, pipe
+
+
+@pytest.mark.parametrize("seed,ensd", [(40, 0), (2**32 - 10, 31337)])
+def test_generate_draws_a1111s_nv_noise(sd, seed, ensd):
+  """rng="nv", Euler a: each image's initial noise is its NV generator's first draw, each step's
+  the next (with ENSD from a generator seeded seed + ensd, from its first draw; past 2^32 its
+  high word is 1): diffusers' Euler a given that noise."""
+  ref, pipe = sd
+  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  seeds, steps = [seed, seed + 1], 3
+  draws = {s: a1111_nv(s, steps + 1, 4 * 8 * 8).reshape(-1, 4, 8, 8) for s in seeds}
+  step_draws = {s: a1111_nv(s + ensd, steps, 4 * 8 * 8).reshape(-1, 4, 8, 8) for s in seeds}
+  latents = torch.from_numpy(np.stack([draws[s][0] for s in seeds]))
+  calls = iter(range(steps))
+
+  def step_noise(shape, generator=None, device=None, dtype=None, layout=None):
+    k = next(calls)
+    return torch.from_numpy(np.stack([step_draws[s][k] if ensd else draws[s][k + 1]
+                                      for s in seeds]))
+
+  module = "diffusers.schedulers.scheduling_euler_ancestral_discrete"
+  with mock.patch(f"{module}.randn_tensor", step_noise), torch.no_grad():
+    expected = ref(["a red circle", "a cat"], num_inference_steps=steps, guidance_scale=3.0,
+                   height=16, width=16, latents=latents, output_type="np").images
+  ours = pipe.generate(["a red circle", "a cat"], steps=steps, scheduler="euler_ancestral",
+                       guidance_scale=3.0, height=16, width=16, seed=seed, rng="nv", ensd=ensd)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\nNV noise, seed {seed}, ensd {ensd}: rel err {err:.2e}")
+  assert err <= 1e-5
+  other = pipe.generate(["a red circle", "a cat"], steps=steps, scheduler="euler_ancestral",
+                        guidance_scale=3.0, height=16, width=16, seed=seed, rng="torch_cpu",
+                        ensd=ensd)
+  assert float(np.linalg.norm(other - expected) / np.linalg.norm(expected)) > 1e-2
