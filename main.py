@@ -150,9 +150,10 @@ flags.DEFINE_bool("pad_cond_uncond_v0", False, "A1111's Pad conds v0 (its paddin
                   "the negative prompt fitted to the prompt's length, its last vector repeated, or "
                   "cut")
 flags.DEFINE_enum("rng", "jax", list(sampling.RNGS), "where each image's noise comes from: "
-                  "jax (its seed's JAX key), or torch_cpu (its seed's torch CPU generator: the "
+                  "jax (its seed's JAX key), torch_cpu (its seed's torch CPU generator: the "
                   "images diffusers makes with generator=torch.Generator().manual_seed(seed), "
-                  "and A1111's 'RNG: CPU' noise)")
+                  "and A1111's 'RNG: CPU' noise) or nv (A1111's 'RNG: NV' noise, which is "
+                  "torch's CUDA generator's: A1111's default on NVIDIA GPUs)")
 flags.DEFINE_integer("batch_size", None, "images per device per step")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
 flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go: a "
@@ -402,6 +403,7 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
   if _CONFIG.value is not None and _CONFIG.value.get("model") is not None:
     given.add("model")
   applied = {name: value for name, value in found.flags.items() if name not in given}
+  settled = {flag for flag, _ in found.notes if flag is not None and FLAGS[flag].present}
   for name, value in applied.items():
     try:
       FLAGS[name].parse(value)
@@ -410,8 +412,8 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
   logging.info("--parameters_file %s: %s", path, shlex.join(
       f"--{name}={v}" for name, value in applied.items()
       for v in (value if isinstance(value, list) else [value])))
-  for flag, note in found.notes:
-    if flag is None or flag not in given and not FLAGS[flag].present:
+  for flag, note in found.notes:  # the user's own flag settles what its note is about
+    if flag not in settled:
       print(f"warning: {path}: {note}", file=sys.stderr)
   upscaler = applied.get("hires_upscaler")
   if upscaler is not None and upscaler not in sampling.HIRES_UPSCALER_NAMES and (

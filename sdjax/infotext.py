@@ -52,6 +52,8 @@ _ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
                "NGMS": "s_min_uncond", "Skip Early CFG": "skip_early_cond",
                "PerturbedAttentionGuidance_scale": "pag_scale",
                "PerturbedAttentionGuidance_adaptive_scale": "pag_adaptive_scale"}
+# A1111's RNG sources: --rng.
+_RNGS = {"CPU": "torch_cpu", "NV": "nv"}
 # A1111's settings written as "True" when on: flag name.
 _SWITCHES = {"NGMS all steps": "s_min_uncond_all", "Pad conds": "pad_cond_uncond",
              "Pad conds v0": "pad_cond_uncond_v0"}
@@ -107,7 +109,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   _model(fields, flags, notes, model_hash)
   scheduler = _sampler(fields, flags, notes, made_by_sdjax, made_in)
   _eta(fields, flags, notes, scheduler)
-  _noise(fields, flags, notes, made_by_sdjax)
+  _noise(fields, flags, notes, made_by_sdjax, made_in)
   if "Size" in fields:
     width, height = _size("Size", fields.pop("Size"))
     flags["width"], flags["height"] = str(width), str(height)
@@ -321,17 +323,22 @@ def _number(key: str, value: str) -> float:
   return number
 
 
-def _noise(fields, flags, notes, made_by_sdjax) -> None:
+def _noise(fields, flags, notes, made_by_sdjax, made_in: str = "A1111") -> None:
   """RNG (A1111's absent one is its GPU's; sdjax's, jax's) and Resize seed from."""
   rng = fields.pop("RNG", None)
-  if rng == "CPU":
-    flags["rng"] = "torch_cpu"
+  if rng in _RNGS:
+    flags["rng"] = _RNGS[rng]
   elif rng is None and made_by_sdjax:
     flags["rng"] = "jax"
+  elif rng is None and made_in == "A1111":  # its default, the GPU's: on NVIDIA, NV's noise
+    flags["rng"] = "nv"
+    notes.append(("rng", "RNG: GPU (A1111 writes none for it): sdjax draws A1111's NV noise, "
+                         "which is an NVIDIA GPU's (to a few float32 ulps); an AMD, Intel or "
+                         "Apple GPU's noise differs"))
   else:
-    notes.append(("rng", f"RNG: {rng or 'GPU (A1111 writes none for it)'}: sdjax cannot draw "
-                         "that noise (it draws jax's, or with --rng torch_cpu torch's CPU "
-                         "generator's, A1111's RNG: CPU); the image's noise will differ"))
+    notes.append(("rng", f"RNG: {rng or 'GPU'}: sdjax cannot draw that noise (it draws "
+                         "jax's, or A1111's RNG: CPU with --rng torch_cpu and RNG: NV with --rng "
+                         "nv); the image's noise will differ"))
   if "Seed resize from" in fields:
     width, height = _size("Seed resize from", fields.pop("Seed resize from"))
     if width > 0 and height > 0:

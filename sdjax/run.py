@@ -82,7 +82,8 @@ class RunConfig:
   width: int | None = None
   seed: int = 0
   # Where each image's noise comes from (sampling.RNGS): "jax", or "torch_cpu": its seed's torch
-  # CPU generator, as diffusers' pipelines with per-image generators and A1111's "RNG: CPU".
+  # CPU generator, as diffusers' pipelines with per-image generators and A1111's "RNG: CPU"; or
+  # "nv": its seed's A1111 NV generator (A1111's "RNG: NV", and its GPU default on NVIDIA).
   rng: str = "jax"
   # A1111's variation seeds: image k's noise moved towards seed `subseed + k`'s by this strength.
   subseed: int | None = None
@@ -2098,7 +2099,8 @@ class _Metadata:
                    options)), **self._hires_prompts(job),
                **self._vae_extra(),
                **({"Clip skip": schedule.clip_skip} if schedule.clip_skip != 1 else {}),
-               **({"RNG": "CPU"} if cfg.rng == "torch_cpu" else {}),  # A1111's word
+               **({"RNG": {"torch_cpu": "CPU", "nv": "NV"}[cfg.rng]}  # A1111's words
+                  if cfg.rng != "jax" else {}),
                **({"ENSD": cfg.ensd} if cfg.ensd else {}),
                **{_A1111_CFG_FIELDS[k]: v for k, v in _cfg_options(cfg).items()},
                **({"Seed resize from": "x".join(map(str, _seed_resize(cfg)))}

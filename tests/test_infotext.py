@@ -54,13 +54,14 @@ def test_a1111_image():
       "steps": "28", "guidance_scale": "6.5", "seed": "123456", "clip_skip": "2",
       "ensd": "31337", "hires_scale": "1.5", "hires_strength": "0.4", "hires_steps": "10",
       "hires_upscaler": "4x-UltraSharp",  # an ESRGAN file, found in --upscaler_dir by main.py
+      "rng": "nv",  # no RNG: A1111's GPU source, an NVIDIA GPU's noise
       # k-diffusion's placement, and its start and timesteps in diffusers' DPM-Solver++
       "scheduler_options": '{"timestep_spacing": "linspace", "k_diffusion": true}'}
   notes = dict(found.notes)
   assert set(notes) == {"model", "vae", "rng", None}
   assert notes["vae"] == "made with the VAE sdxl_vae.safetensors: give it with --vae"
   assert "ponyDiffusionV6XL [67ab2fd8ec]" in notes["model"] and "--model" in notes["model"]
-  assert notes["rng"].startswith("RNG: GPU")
+  assert notes["rng"].startswith("RNG: GPU") and "NV" in notes["rng"]
   assert notes[None] == "not reproduced: ADetailer model: face_yolov8n.pt"  # not the hashes
   assert found.model_hash == "67ab2fd8ec"
 
@@ -99,13 +100,24 @@ def test_schedule_type(sampler, label, want):
   assert "scheduler_options" not in flags
 
 
+@pytest.mark.parametrize("field,rng,note", [
+    ("RNG: CPU, ", "torch_cpu", False), ("RNG: NV, ", "nv", False),
+    ("", "nv", True),  # A1111's GPU default: NVIDIA's noise is NV's; others' are not
+    ("Version: sdjax 0.1.0, ", "jax", False), ("RNG: Quantum, ", None, True)])
+def test_rng_sources(field, rng, note):
+  found = reproduce(f"a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, {field}"
+                    "Size: 64x64")
+  assert found.flags.get("rng") == rng and ("rng" in dict(found.notes)) == note
+
+
 def test_what_sdjax_lacks_is_a_note_not_a_flag():
   text = ("a cat\nSteps: 20, Sampler: DPM adaptive, Schedule type: Polyexponential, CFG scale: 7, "
           "Seed: 1, RNG: NV, Eta: 0.67, Denoising strength: 0.5, Mask blur: 4")
   found = reproduce(text)
-  assert set(found.flags) == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed"}
+  assert set(found.flags) == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed",
+                              "rng"}
   notes = dict(found.notes)
-  assert set(notes) == {"scheduler", "schedule_type", "rng", None}
+  assert set(notes) == {"scheduler", "schedule_type", None}
   assert [t for f, t in found.notes if f is None] == [
       "Eta: 0.67: sdjax's SDE samplers add all the fresh noise (eta 1)",
       "Denoising strength: 0.5: an img2img or inpainting image, whose init image is not in the "

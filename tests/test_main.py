@@ -819,6 +819,26 @@ def test_a1111_image_by_flag_and_by_line(model, cache, tmp_path):
       "error: a prompt line's \"clip_skip\" must be an integer from 1 (the last layer) to 3, got 9"]
 
 
+def test_a1111_gpu_noise_is_nvs(model, cache, tmp_path):
+  """An A1111 image without an RNG field was made with its GPU source: --parameters_file draws
+  A1111's NV noise (an NVIDIA GPU's) and says so once; the PNG says RNG: NV."""
+  params = tmp_path / "a1111.txt"
+  params.write_text("a cat\nSteps: 2, Sampler: Euler a, CFG scale: 3, Seed: 5, Size: 16x16, "
+                    "Version: v1.10.1")
+  out = str(tmp_path / "out")
+  proc = main_py(["--model", model, "--parameters_file", str(params), "--output_dir", out,
+                  "--compilation_cache", cache])
+  assert [line for line in proc.stderr.splitlines() if "warning" in line.lower()] == [
+      f"warning: {params}: RNG: GPU (A1111 writes none for it): sdjax draws A1111's NV noise, "
+      "which is an NVIDIA GPU's (to a few float32 ulps); an AMD, Intel or Apple GPU's noise "
+      "differs"]
+  record, = _manifest(out)
+  assert record["rng"] == "nv"
+  written = outputs.parse_a1111_parameters(
+      Image.open(os.path.join(out, record["file"])).text["parameters"])
+  assert written["RNG"] == "NV"
+
+
 def test_sigmas_flag(model, cache, tmp_path):
   """--sigmas: the steps follow the list; the PNG parameters and the manifest say it; the
   pixels are generate()'s. --scheduler takes A1111's sampler names too."""
