@@ -488,24 +488,31 @@ def bench_encode():
 
 def bench_rng():
   """Seconds to draw --batch images' initial and --steps steps' noise at the arch's latent size:
-  torch's CPU generator on device (sdjax.torch_rng) against jax.random, and the former's compile."""
+  torch's CPU generator on device (sdjax.torch_rng) and A1111's NV generator (sdjax.nv_rng)
+  against jax.random, and the former's compile."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from sdjax import torch_rng  # noqa: PLC0415
+  from sdjax import nv_rng, torch_rng  # noqa: PLC0415
 
   h, w = _size()
   shape, draws = (h // 8, w // 8, 4), _STEPS.value + 1
   seeds = jnp.arange(_BATCH.value, dtype=jnp.uint32)
   torch_cpu = jax.jit(lambda s: torch_rng.randn_nchw(s, draws, shape))
+  nv = jax.jit(lambda s: nv_rng.randn_nchw(s, draws, shape))
   keyed = jax.jit(lambda s: jax.vmap(lambda k: jax.random.normal(k, (draws, *shape)))(
       jax.vmap(jax.random.key)(s)))
   start = time.perf_counter()
   torch_cpu = torch_cpu.lower(seeds).compile()
   compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  nv = nv.lower(seeds).compile()
+  nv_compile_s = time.perf_counter() - start
   repeats = max(_REPEATS.value, 1)
   result = {"flops": None, "draws": draws, "compile_s": compile_s,
             "torch_cpu_s": _timed(lambda: jax.block_until_ready(torch_cpu(seeds)), repeats),
+            "nv_s": _timed(lambda: jax.block_until_ready(nv(seeds)), repeats),
+            "nv_compile_s": nv_compile_s,
             "jax_s": _timed(lambda: jax.block_until_ready(keyed(seeds)), repeats),
             "device": str(jax.devices()[0].device_kind)}
   result["median_s"] = result["torch_cpu_s"]
