@@ -86,6 +86,61 @@ def test_steps_as_k_diffusion(sampler, label):
   assert err <= TOL, err
 
 
+def _comfyui_denoiser(config, timesteps=None):
+  """x0 as ComfyUI's KSampler makes it around the fake UNet: the input scaled by the call's
+  sigma, the UNet at the training timestep nearest that sigma in float32 log sigma
+  (`ModelSamplingDiscrete.timestep`: a whole number)."""
+  del timesteps
+  log_sigmas = kd.train_log_sigmas(config).float()
+
+  def denoise(x, sigma):
+    c_in = 1 / (sigma**2 + 1) ** 0.5
+    t = float((sigma.float().log() - log_sigmas).abs().argmin())
+    return x + torch.from_numpy(kd.fake_model((x * c_in).numpy(), t)) * -sigma
+
+  return denoise
+
+
+@pytest.mark.parametrize("label", ["Uniform", "Karras"])
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M"])
+def test_steps_as_comfyui(sampler, label, monkeypatch):
+  """The `comfyui` option: k-diffusion's loop as ComfyUI's KSampler runs it, from its noise
+  times sqrt(1 + sigma_max^2), the UNet at whole timesteps. Where a run starts below the largest
+  training sigma (a second pass), its noise times the first level."""
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+             **outputs.schedule_type_options(label)}
+  ours = get_scheduler(outputs.scheduler_name(sampler), SD15, options=options)
+  state = ours.set_timesteps(10, sample_shape=SHAPE)
+  assert np.array_equal(state.timesteps, np.round(state.timesteps))
+  init, noises = make_noises(len(state.timesteps))
+  got = sdjax_trajectory(ours, 10, init, noises)
+  sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(SD15, 10)
+  start = float(torch.sqrt(1.0 + sigmas[0] ** 2.0))  # ComfyUI's, in float32
+  form = 1 / (1 + float(sigmas[0]) ** 2) ** 0.5 if sampler == "DPM++ 2M" else 1.0
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), start * form, rtol=1e-6)
+  monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
+  with correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * start,
+                             [torch.from_numpy(n) for n in noises])
+  if sampler == "DPM++ 2M":  # diffusers' form: x / sqrt(sigma^2 + 1)
+    want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[
+        :, None, None, None, None]).astype(np.float32)
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} {label} vs ComfyUI's loop: {err:.3g}")
+  assert err <= TOL, err
+  # Fractional timesteps (A1111's) or sigma_max's start: another trajectory.
+  a1111 = sdjax_trajectory(get_scheduler(outputs.scheduler_name(sampler), SD15, options={
+      k: v for k, v in options.items() if k != "comfyui"}), 10, init, noises)
+  assert max_rel_error(a1111, want) > 100 * max(err, 1e-7)
+  # A pass starting lower (custom levels below sigma_max): noise times its first level.
+  lower = get_scheduler(outputs.scheduler_name(sampler), SD15, options={
+      "timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+      "sigmas": [5.0, 2.0, 0.5, 0.0]})
+  state = lower.set_timesteps(3, sample_shape=SHAPE)
+  np.testing.assert_allclose(float(lower.init_noise_sigma(state)),
+                             5.0 / (26.0**0.5 if sampler == "DPM++ 2M" else 1.0), rtol=1e-6)
+
+
 @pytest.mark.parametrize("label", [None, "Karras"])
 def test_dpmpp_2m_differs_in_its_start_and_timesteps(label):
   """Without `k_diffusion`, diffusers' DPM-Solver++ works on x / sqrt(sigma^2 + 1) from unit

@@ -165,7 +165,7 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
         f"scheduler {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
         f"{', '.join(sorted(known))}")
   for key, value in (options or {}).items():  # diffusers would take "no" as true
-    if (isinstance(cls._DEFAULTS.get(key), bool) or key == "k_diffusion") and not isinstance(
+    if (isinstance(cls._DEFAULTS.get(key), bool) or key in ("k_diffusion", "comfyui")) and not isinstance(
         value, bool):
       raise SchedulerConfigError(
           f"scheduler {name!r}: option {key} is true or false, got {value!r}")

@@ -318,6 +318,27 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
   return (1 - w) * low_idx + w * high_idx
 
 
+def nearest_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+  """float32 whole training timesteps nearest to `sigmas` in float32 log sigma (the first of
+  equals): ComfyUI's `ModelSamplingDiscrete.timestep`, what its UNet sees."""
+  with np.errstate(divide="ignore"):
+    log_sigma = np.log(np.asarray(sigmas, np.float32))
+  dists = np.abs(log_sigma[np.newaxis, :] - np.asarray(log_sigmas, np.float32)[:, np.newaxis])
+  return dists.argmin(axis=0).astype(np.float32)
+
+
+def comfyui_init_sigma(config: dict[str, Any], sigmas: np.ndarray) -> np.float32:
+  """ComfyUI's scale of unit noise into a run's first latent (`EPS.noise_scaling`):
+  sqrt(1 + sigma_0^2) where the run starts at the largest training sigma (or above), else
+  sigma_0; float32, as there."""
+  alphas_cumprod = make_alphas_cumprod(config)
+  sigma_max = np.float32(np.sqrt((1 - alphas_cumprod[-1]) / alphas_cumprod[-1]))
+  first = np.float32(sigmas[0])
+  if math.isclose(float(sigma_max), float(first), rel_tol=1e-5) or first > sigma_max:
+    return np.sqrt(np.float32(1.0) + first * first)
+  return first
+
+
 def edm_noise_range(config: dict[str, Any], defaults: dict[str, Any]) -> None:
   """EDM schedulers: a `sigma_min` / `sigma_max` / `sigma_data` of None (as other schedulers'
   configs carry them: Euler's) takes the class default, in place. (diffusers fails on it.)"""

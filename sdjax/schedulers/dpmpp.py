@@ -25,11 +25,13 @@ from flax import struct
 from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
+  comfyui_init_sigma,
   edm_noise_range,
   edm_precondition,
   exp_f32,
   hashable_config,
   log_f32,
+  nearest_t,
   resolve_config,
   rounded,
   sigma_spacing,
@@ -48,6 +50,7 @@ from sdjax.schedulers.euler import (
   train_sigmas,
 )
 from sdjax.schedulers.sigma_schedules import (
+  COMFYUI,
   TIMESTEPS_OPTIONS,
   custom_final,
   custom_sigmas,
@@ -142,6 +145,9 @@ class DPMSolverState:
   model_outputs: jnp.ndarray
   lower_order_nums: jnp.ndarray
   precondition: jnp.ndarray | None = None
+  # The `comfyui` option's scale of unit noise into the first latent ([] float32); None: the
+  # form's own (`init_noise_sigma`).
+  init_scale: jnp.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +156,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
   "sde-dpmsolver++"."""
 
   name = "dpmpp_2m"
-  schedule_options = TIMESTEPS_OPTIONS  # diffusers' pipe(timesteps=...) too
+  schedule_options = (*TIMESTEPS_OPTIONS, COMFYUI)  # diffusers' pipe(timesteps=...) too
   order = 1  # model calls per step; the solver's order is config["solver_order"]
 
   @property
@@ -326,6 +332,9 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
       model_outputs=jnp.zeros(history, jnp.float32),
       lower_order_nums=jnp.zeros((), jnp.int32),
       precondition=self._precondition(sigmas[:-1]),
+      # ComfyUI's noise scale in k-diffusion's x, here x / sqrt(sigma^2 + 1)
+      init_scale=(jnp.asarray(comfyui_init_sigma(config, sigmas) * alpha_t[0])
+                  if config.get(COMFYUI) else None),
     )
 
   def _schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -343,12 +352,18 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     else:
       sigma_last = 0
     sigmas = np.concatenate([sigmas, [sigma_last]]).astype(_F32)
+    if config.get(COMFYUI) and not config["k_diffusion"]:
+      raise SchedulerConfigError(f"scheduler {self.name!r}: option comfyui steps as ComfyUI's "
+                                 "k-diffusion loop: set k_diffusion too")
     if config["k_diffusion"]:  # each level's own timestep, as k-diffusion's denoiser reads it
       log_sigmas = np.log(train_sigmas(alphas_cumprod))
-      return sigma_to_t(sigmas[:-1], log_sigmas).astype(_F32), sigmas
+      to_t = nearest_t if config.get(COMFYUI) else sigma_to_t  # ComfyUI's are whole
+      return to_t(sigmas[:-1], log_sigmas).astype(_F32), sigmas
     return timesteps.astype(np.int64).astype(_F32), sigmas
 
   def init_noise_sigma(self, state):
+    if state.init_scale is not None:
+      return state.init_scale
     if self.cfg["k_diffusion"]:  # sigma_max x unit noise, here x / sqrt(sigma^2 + 1)
       return state.sigma_t[0]
     return super().init_noise_sigma(state)

@@ -19,6 +19,7 @@ from flax import struct
 from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
+  comfyui_init_sigma,
   edm_noise_range,
   edm_precondition,
   exp_f32,
@@ -26,6 +27,7 @@ from sdjax.schedulers.common import (
   log_f32,
   make_alphas_cumprod,
   make_betas,
+  nearest_t,
   resolve_config,
   rounded,
   sigma_spacing,
@@ -35,6 +37,7 @@ from sdjax.schedulers.common import (
   true_divide,
 )
 from sdjax.schedulers.sigma_schedules import (
+  COMFYUI,
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
   TIMESTEPS_OPTIONS,
@@ -111,6 +114,10 @@ def sigma_schedule(
   sigmas_train = train_sigmas(alphas_cumprod)
   log_sigmas = np.log(sigmas_train)
   custom = custom_sigmas(name, config, num_inference_steps, sigmas_train, any_final=any_final)
+  if config.get(COMFYUI):  # ComfyUI's whole timesteps
+    timesteps, sigmas = sigma_schedule({**config, COMFYUI: False}, num_inference_steps,
+                                       alphas_cumprod, final, name=name, any_final=any_final)
+    return nearest_t(sigmas[:-1], log_sigmas), sigmas
   if custom is not None:
     return sigma_to_t(custom[:-1], log_sigmas), custom
   timesteps = custom_timesteps(config, num_inference_steps)
@@ -139,7 +146,10 @@ def final_sigma(config: dict[str, Any], alphas_cumprod: np.ndarray):
 
 
 def init_sigma(config: dict[str, Any], sigmas: np.ndarray) -> np.float32:
-  """diffusers' `init_noise_sigma` for the sigma schedulers (depends on the spacing)."""
+  """diffusers' `init_noise_sigma` for the sigma schedulers (depends on the spacing); with the
+  `comfyui` option, ComfyUI's."""
+  if config.get(COMFYUI):
+    return comfyui_init_sigma(config, sigmas)
   max_sigma = sigmas.max()
   if config["timestep_spacing"] in ("linspace", "trailing"):
     return max_sigma
@@ -309,7 +319,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
   name = "euler"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
-  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI)
   order = 1
   needs_noise = False
 
@@ -363,7 +373,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
 
   name = "euler_ancestral"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
-  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, ANCESTRAL_ETA)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, ANCESTRAL_ETA)
   order = 1
   needs_noise = True
 

@@ -24,7 +24,7 @@ from sdjax.schedulers.euler import (
   sigma_schedule,
   train_alphas_cumprod,
 )
-from sdjax.schedulers.sigma_schedules import K_DIFFUSION, TIMESTEPS_OPTIONS
+from sdjax.schedulers.sigma_schedules import COMFYUI, K_DIFFUSION, TIMESTEPS_OPTIONS
 
 
 @struct.dataclass
@@ -64,7 +64,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
   name = "heun"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
-  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI)
   order = 2
   needs_noise = False
 

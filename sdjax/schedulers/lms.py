@@ -30,7 +30,7 @@ from sdjax.schedulers.euler import (
   sigma_schedule,
   train_alphas_cumprod,
 )
-from sdjax.schedulers.sigma_schedules import K_DIFFUSION, SCHEDULE_OPTIONS
+from sdjax.schedulers.sigma_schedules import COMFYUI, K_DIFFUSION, SCHEDULE_OPTIONS
 
 _MAX_ORDER = 4
 
@@ -147,7 +147,7 @@ class LMSDiscreteScheduler(Scheduler):
   """diffusers' `LMSDiscreteScheduler` (order 4, as its pipelines call it)."""
 
   name = "lms"
-  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION)  # k_diffusion changes nothing
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI)  # k_diffusion changes nothing
   order = 1
 
   _DEFAULTS = {

@@ -45,6 +45,12 @@ TIMESTEPS_OPTIONS = (*SCHEDULE_OPTIONS, "timesteps")
 # it is a config option: it changes the compiled program); Euler, Euler a, Heun, LMS and DPM++ 2S
 # a take it and change nothing, since they step as k-diffusion's already (tests/test_k_diffusion).
 K_DIFFUSION = "k_diffusion"
+# sdjax's option to step as ComfyUI's KSampler runs these k-diffusion samplers (`comfyui` sets it
+# for its workflows): the UNet sees the whole training timestep nearest each level in log sigma
+# (`common.nearest_t`), and a run from the largest training sigma starts from its noise times
+# sqrt(1 + sigma^2) rather than sigma (`common.comfyui_init_sigma`). Euler, Euler a, Heun, LMS
+# and the DPM++ multistep family (with k_diffusion) take it.
+COMFYUI = "comfyui"
 
 # NVIDIA's Align Your Steps noise levels (research.nvidia.com/labs/toronto-ai/AlignYourSteps),
 # as AUTOMATIC1111 ends them: at 0.029, then 0.
