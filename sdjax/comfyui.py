@@ -18,10 +18,11 @@ latents' size where A1111 floors the pixels': a `Hires resize` then), the upscal
 sampler's steps and denoise (ComfyUI runs the last `steps` of int(steps / denoise), as A1111's
 hires pass), and its own sampler, scheduler, CFG and prompts where they differ.
 
-The settings come back; the pixels do not quite: ComfyUI starts from its noise times
-sqrt(1 + sigma_max^2) (A1111 and sdjax's k-diffusion form: sigma_max), feeds the UNet the
-nearest whole timestep, splits long prompts its own way, and draws an ancestral sampler's noise
-on the GPU; the notes say which of these apply.
+The settings come back, and where sdjax's scheduler takes the `comfyui` option (Euler, Euler a,
+Heun, LMS, the DPM++ multistep family) it steps as ComfyUI's KSampler: from its noise times
+sqrt(1 + sigma_max^2) (A1111: sigma_max), the UNet at the nearest whole timestep. ComfyUI
+splits long prompts its own way and draws an ancestral sampler's noise on the GPU; the notes say
+which of these apply.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from sdjax import infotext, outputs
+from sdjax import infotext, outputs, schedulers
 
 # ComfyUI's sampler names -> sdjax's. Its "ddim" is Euler (DDIM with eta 0, over its scheduler's
 # levels); the _gpu variants differ only in where their Brownian tree lives.
@@ -373,10 +374,18 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     reader.note(None, f"{len(others)} more sampler pass(es) (nodes {', '.join(others)}: a hires "
                       "fix or refiner workflow) are not reproduced")
   found = infotext.from_fields(fields, made_in="ComfyUI")
-  comfy = (None, "ComfyUI starts from its noise times sqrt(1 + sigma_max^2), feeds the UNet "
-                 "whole timesteps, and splits a prompt past 75 tokens without A1111's comma "
-                 "rule: close to the image, not the same pixels")
-  return infotext.Reproduction(found.flags, (*found.notes, *reader.notes, comfy), None)
+  flags = dict(found.flags)
+  options = json.loads(flags.get("scheduler_options", "{}"))
+  name = flags.get("scheduler") and outputs.scheduler_name(flags["scheduler"])
+  if name and options.get("k_diffusion") and schedulers.takes_option(name, "comfyui"):
+    flags["scheduler_options"] = json.dumps({**options, "comfyui": True})  # its start, timesteps
+  else:
+    reader.note(None, f"sampler {sampler}: ComfyUI starts from its noise times sqrt(1 + "
+                      "sigma_max^2) and feeds the UNet whole timesteps, sdjax's "
+                      f"{name or 'sampler'} does not")
+  comfy = (None, "ComfyUI splits a prompt past 75 tokens without A1111's comma rule (a longer "
+                 "prompt's chunks may differ)")
+  return infotext.Reproduction(flags, (*found.notes, *reader.notes, comfy), None)
 
 
 __all__ = ["SAMPLERS", "SCHEDULERS", "parse_graph", "read_graph_text", "reproduce"]

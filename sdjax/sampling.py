@@ -1275,12 +1275,14 @@ def a1111_form_for(scheduler: str | None,
   """Scheduler options for another scheduler than the one they were given with, less those that
   say how A1111 runs a sampler where that scheduler has no such form, as A1111's settings apply
   to each sampler that has them: `k_diffusion` (A1111 ran it without k-diffusion, or sdjax's
-  cannot step as it did) and an ancestral sampler's `eta` (A1111's Eta, not DDIM's or TCD's)."""
+  cannot step as it did), `comfyui` likewise (ComfyUI's KSampler), and an ancestral sampler's
+  `eta` (A1111's Eta, not DDIM's or TCD's)."""
   if scheduler is None or not scheduler_options:
     return scheduler_options
   dropped = set()
-  if not schedulers.takes_option(scheduler, "k_diffusion"):
-    dropped.add("k_diffusion")
+  for option in ("k_diffusion", "comfyui"):
+    if not schedulers.takes_option(scheduler, option):
+      dropped.add(option)
   if not schedulers.takes_option(scheduler, "eta") or scheduler in schedulers.ETA_SCHEDULERS:
     dropped.add("eta")
   return {k: v for k, v in scheduler_options.items() if k not in dropped} or None

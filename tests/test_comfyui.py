@@ -53,13 +53,15 @@ def test_default_workflow():
   assert found.flags == {
       "prompt": ["beautiful scenery nature glass bottle landscape, (purple galaxy:1.2) bottle,"],
       "negative_prompt": "text, watermark", "scheduler": "Euler",
-      "scheduler_options": '{"timestep_spacing": "linspace", "k_diffusion": true}',
+      # k-diffusion's Euler as ComfyUI's KSampler runs it: its noise scale, whole timesteps
+      "scheduler_options": '{"timestep_spacing": "linspace", "k_diffusion": true, '
+                           '"comfyui": true}',
       "schedule_type": "Normal", "rng": "torch_cpu", "width": "512", "height": "768",
       "steps": "20", "guidance_scale": "8.0", "seed": str(156680208700286 % 2**32),
       "emphasis": "ComfyUI"}
   notes = _notes(found)
   assert "checkpoint v1-5-pruned-emaonly.safetensors: give it with --model" in notes
-  assert "sqrt(1 + sigma_max^2)" in notes and "GPU" not in notes
+  assert "sqrt(1 + sigma_max^2)" not in notes and "GPU" not in notes
   assert "seed 156680208700286: torch's CPU generator keeps its low 32 bits" in notes
 
 
@@ -88,6 +90,11 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   notes = _notes(found)
   assert ("GPU" in notes) == (sampler == "dpm_2_ancestral")
   assert ("Brownian tree" in notes and "ComfyUI draws" in notes) == (sampler.endswith("sde_gpu"))
+  # Where sdjax's scheduler steps as ComfyUI's KSampler (its noise scale, whole timesteps) the
+  # option says so; elsewhere a note.
+  stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
+  assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE"))
+  assert ("sqrt(1 + sigma_max^2)" in notes) == (not stepped)
 
 
 def test_unknown_sampler_and_scheduler_are_notes():
@@ -272,4 +279,5 @@ def test_main_py_makes_a_comfyui_image_again(model, cache, tmp_path):
   assert record["hires"]["steps"] == 2 and record["hires"]["strength"] == 0.5
   assert "Emphasis: ComfyUI" in Image.open(f"{out}/{record['file']}").info["parameters"]
   warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
-  assert len(warnings) == 2 and "sqrt(1 + sigma_max^2)" in warnings[-1]  # the model is given
+  assert record["scheduler_options"]["comfyui"] is True  # ComfyUI's start, whole timesteps
+  assert len(warnings) == 2 and "75 tokens" in warnings[-1]  # the model is given
