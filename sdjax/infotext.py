@@ -108,6 +108,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   model_hash = fields.get("Model hash") or None
   _model(fields, flags, notes, model_hash)
   scheduler = _sampler(fields, flags, notes, made_by_sdjax, made_in)
+  _sgm(fields, flags, notes, scheduler)
   _eta(fields, flags, notes, scheduler)
   _noise(fields, flags, notes, made_by_sdjax, made_in)
   if "Size" in fields:
@@ -230,6 +231,20 @@ def _sampler(fields, flags, notes, made_by_sdjax, made_in="A1111") -> str | None
     _named("Schedule type", label, "schedule_type", outputs.schedule_type_options,
            "the sampler's own is used", flags, notes)
   return scheduler
+
+
+def _sgm(fields, flags, notes, scheduler) -> None:
+  """A1111's SGM noise multiplier: the sampler's `sgm_noise_multiplier` option, where it has one
+  (in its k-diffusion form)."""
+  if fields.pop("SGM noise multiplier", None) != "True":
+    return
+  options = json.loads(flags.get("scheduler_options", "{}"))
+  if (scheduler is not None and options.get("k_diffusion")
+      and schedulers.takes_option(scheduler, "sgm_noise_multiplier")):
+    flags["scheduler_options"] = json.dumps({**options, "sgm_noise_multiplier": True})
+  else:
+    notes.append(("scheduler", f"SGM noise multiplier: True: sdjax's {scheduler or 'sampler'} "
+                               "starts from its noise times sigma_0, not sqrt(1 + sigma_0^2)"))
 
 
 def _a1111_sampling(fields, notes, sampler, scheduler, made_in="A1111") -> None:

@@ -1280,7 +1280,7 @@ def a1111_form_for(scheduler: str | None,
   if scheduler is None or not scheduler_options:
     return scheduler_options
   dropped = set()
-  for option in ("k_diffusion", "comfyui"):
+  for option in ("k_diffusion", "comfyui", "sgm_noise_multiplier"):
     if not schedulers.takes_option(scheduler, option):
       dropped.add(option)
   if not schedulers.takes_option(scheduler, "eta") or scheduler in schedulers.ETA_SCHEDULERS:

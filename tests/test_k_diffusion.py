@@ -141,6 +141,32 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
                              5.0 / (26.0**0.5 if sampler == "DPM++ 2M" else 1.0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "DPM2"])
+def test_sgm_noise_multiplier(sampler):
+  """A1111's SGM noise multiplier (an image's `SGM noise multiplier: True`): k-diffusion's loop
+  from its noise times sqrt(1 + sigma_0^2); a sampler without the option gets a note."""
+  ours, state, got, sigmas, init, noises = _as_a1111_ran_it(
+      sampler, "Karras", 10, extra="SGM noise multiplier: True, ")
+  if sampler == "DPM2":
+    assert "sgm_noise_multiplier" not in ours.cfg
+    found = infotext.reproduce("a cat\nSteps: 10, Sampler: DPM2, CFG scale: 7, Seed: 1, "
+                               "SGM noise multiplier: True")
+    assert "SGM noise multiplier" in dict(found.notes)["scheduler"]
+    return
+  start = float(torch.sqrt(1.0 + sigmas[0] ** 2.0))
+  form = 1 / (1 + float(sigmas[0]) ** 2) ** 0.5 if sampler == "DPM++ 2M" else 1.0
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), start * form, rtol=1e-6)
+  with correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * start,
+                             [torch.from_numpy(n) for n in noises])
+  if sampler == "DPM++ 2M":
+    want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[
+        :, None, None, None, None]).astype(np.float32)
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} with the SGM noise multiplier: {err:.3g}")
+  assert err <= TOL, err
+
+
 @pytest.mark.parametrize("label", [None, "Karras"])
 def test_dpmpp_2m_differs_in_its_start_and_timesteps(label):
   """Without `k_diffusion`, diffusers' DPM-Solver++ works on x / sqrt(sigma^2 + 1) from unit

@@ -327,13 +327,18 @@ def nearest_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
   return dists.argmin(axis=0).astype(np.float32)
 
 
-def comfyui_init_sigma(config: dict[str, Any], sigmas: np.ndarray) -> np.float32:
-  """ComfyUI's scale of unit noise into a run's first latent (`EPS.noise_scaling`):
-  sqrt(1 + sigma_0^2) where the run starts at the largest training sigma (or above), else
-  sigma_0; float32, as there."""
+def first_noise_scale(config: dict[str, Any], sigmas: np.ndarray) -> np.float32 | None:
+  """The scale of unit noise into a run's first latent that the `comfyui` or
+  `sgm_noise_multiplier` option sets (float32, as torch), else None. ComfyUI's
+  (`EPS.noise_scaling`): sqrt(1 + sigma_0^2) where the run starts at the largest training sigma
+  (or above), else sigma_0; A1111's SGM noise multiplier: sqrt(1 + sigma_0^2)."""
+  first = np.float32(sigmas[0])
+  if config.get("sgm_noise_multiplier"):
+    return np.sqrt(np.float32(1.0) + first * first)
+  if not config.get("comfyui"):
+    return None
   alphas_cumprod = make_alphas_cumprod(config)
   sigma_max = np.float32(np.sqrt((1 - alphas_cumprod[-1]) / alphas_cumprod[-1]))
-  first = np.float32(sigmas[0])
   if math.isclose(float(sigma_max), float(first), rel_tol=1e-5) or first > sigma_max:
     return np.sqrt(np.float32(1.0) + first * first)
   return first

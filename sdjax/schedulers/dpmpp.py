@@ -25,10 +25,10 @@ from flax import struct
 from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
-  comfyui_init_sigma,
   edm_noise_range,
   edm_precondition,
   exp_f32,
+  first_noise_scale,
   hashable_config,
   log_f32,
   nearest_t,
@@ -51,6 +51,7 @@ from sdjax.schedulers.euler import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  SGM_NOISE_MULTIPLIER,
   TIMESTEPS_OPTIONS,
   custom_final,
   custom_sigmas,
@@ -145,8 +146,8 @@ class DPMSolverState:
   model_outputs: jnp.ndarray
   lower_order_nums: jnp.ndarray
   precondition: jnp.ndarray | None = None
-  # The `comfyui` option's scale of unit noise into the first latent ([] float32); None: the
-  # form's own (`init_noise_sigma`).
+  # The `comfyui` or `sgm_noise_multiplier` option's scale of unit noise into the first latent
+  # ([] float32); None: the form's own (`init_noise_sigma`).
   init_scale: jnp.ndarray | None = None
 
 
@@ -156,7 +157,8 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
   "sde-dpmsolver++"."""
 
   name = "dpmpp_2m"
-  schedule_options = (*TIMESTEPS_OPTIONS, COMFYUI)  # diffusers' pipe(timesteps=...) too
+  # diffusers' pipe(timesteps=...) too
+  schedule_options = (*TIMESTEPS_OPTIONS, COMFYUI, SGM_NOISE_MULTIPLIER)
   order = 1  # model calls per step; the solver's order is config["solver_order"]
 
   @property
@@ -332,9 +334,9 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
       model_outputs=jnp.zeros(history, jnp.float32),
       lower_order_nums=jnp.zeros((), jnp.int32),
       precondition=self._precondition(sigmas[:-1]),
-      # ComfyUI's noise scale in k-diffusion's x, here x / sqrt(sigma^2 + 1)
-      init_scale=(jnp.asarray(comfyui_init_sigma(config, sigmas) * alpha_t[0])
-                  if config.get(COMFYUI) else None),
+      # ComfyUI's or A1111's SGM noise scale in k-diffusion's x, here x / sqrt(sigma^2 + 1)
+      init_scale=(None if (scale := first_noise_scale(config, sigmas)) is None
+                  else jnp.asarray(scale * alpha_t[0])),
     )
 
   def _schedule(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -352,9 +354,10 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     else:
       sigma_last = 0
     sigmas = np.concatenate([sigmas, [sigma_last]]).astype(_F32)
-    if config.get(COMFYUI) and not config["k_diffusion"]:
-      raise SchedulerConfigError(f"scheduler {self.name!r}: option comfyui steps as ComfyUI's "
-                                 "k-diffusion loop: set k_diffusion too")
+    for option in (COMFYUI, SGM_NOISE_MULTIPLIER):
+      if config.get(option) and not config["k_diffusion"]:
+        raise SchedulerConfigError(f"scheduler {self.name!r}: option {option} is k-diffusion's "
+                                   "start: set k_diffusion too")
     if config["k_diffusion"]:  # each level's own timestep, as k-diffusion's denoiser reads it
       log_sigmas = np.log(train_sigmas(alphas_cumprod))
       to_t = nearest_t if config.get(COMFYUI) else sigma_to_t  # ComfyUI's are whole

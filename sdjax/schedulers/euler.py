@@ -19,10 +19,10 @@ from flax import struct
 from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
-  comfyui_init_sigma,
   edm_noise_range,
   edm_precondition,
   exp_f32,
+  first_noise_scale,
   hashable_config,
   log_f32,
   make_alphas_cumprod,
@@ -40,6 +40,7 @@ from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
+  SGM_NOISE_MULTIPLIER,
   TIMESTEPS_OPTIONS,
   custom_sigmas,
   custom_timesteps,
@@ -147,9 +148,10 @@ def final_sigma(config: dict[str, Any], alphas_cumprod: np.ndarray):
 
 def init_sigma(config: dict[str, Any], sigmas: np.ndarray) -> np.float32:
   """diffusers' `init_noise_sigma` for the sigma schedulers (depends on the spacing); with the
-  `comfyui` option, ComfyUI's."""
-  if config.get(COMFYUI):
-    return comfyui_init_sigma(config, sigmas)
+  `comfyui` or `sgm_noise_multiplier` option, theirs."""
+  scale = first_noise_scale(config, sigmas)
+  if scale is not None:
+    return scale
   max_sigma = sigmas.max()
   if config["timestep_spacing"] in ("linspace", "trailing"):
     return max_sigma
@@ -319,7 +321,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
   name = "euler"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
-  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER)
   order = 1
   needs_noise = False
 
@@ -373,7 +375,8 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
 
   name = "euler_ancestral"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
-  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, ANCESTRAL_ETA)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
+                      ANCESTRAL_ETA)
   order = 1
   needs_noise = True
 

@@ -24,7 +24,12 @@ from sdjax.schedulers.euler import (
   sigma_schedule,
   train_alphas_cumprod,
 )
-from sdjax.schedulers.sigma_schedules import COMFYUI, K_DIFFUSION, TIMESTEPS_OPTIONS
+from sdjax.schedulers.sigma_schedules import (
+  COMFYUI,
+  K_DIFFUSION,
+  SGM_NOISE_MULTIPLIER,
+  TIMESTEPS_OPTIONS,
+)
 
 
 @struct.dataclass
@@ -64,7 +69,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
   name = "heun"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
-  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER)
   order = 2
   needs_noise = False
 

@@ -30,7 +30,12 @@ from sdjax.schedulers.euler import (
   sigma_schedule,
   train_alphas_cumprod,
 )
-from sdjax.schedulers.sigma_schedules import COMFYUI, K_DIFFUSION, SCHEDULE_OPTIONS
+from sdjax.schedulers.sigma_schedules import (
+  COMFYUI,
+  K_DIFFUSION,
+  SCHEDULE_OPTIONS,
+  SGM_NOISE_MULTIPLIER,
+)
 
 _MAX_ORDER = 4
 
@@ -147,7 +152,8 @@ class LMSDiscreteScheduler(Scheduler):
   """diffusers' `LMSDiscreteScheduler` (order 4, as its pipelines call it)."""
 
   name = "lms"
-  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI)  # k_diffusion changes nothing
+  # k_diffusion changes nothing
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER)
   order = 1
 
   _DEFAULTS = {

@@ -51,6 +51,10 @@ K_DIFFUSION = "k_diffusion"
 # sqrt(1 + sigma^2) rather than sigma (`common.comfyui_init_sigma`). Euler, Euler a, Heun, LMS
 # and the DPM++ multistep family (with k_diffusion) take it.
 COMFYUI = "comfyui"
+# A1111's "SGM noise multiplier" setting (for SDXL, as Stability's sgm code): a text-to-image run of
+# these samplers starts from its noise times sqrt(1 + sigma_0^2) rather than sigma_0
+# (`common.first_noise_scale`); the same schedulers take it.
+SGM_NOISE_MULTIPLIER = "sgm_noise_multiplier"
 
 # NVIDIA's Align Your Steps noise levels (research.nvidia.com/labs/toronto-ai/AlignYourSteps),
 # as AUTOMATIC1111 ends them: at 0.029, then 0.
