@@ -45,11 +45,13 @@ SAMPLERS = {
     "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
     "dpmpp_3m_sde": "dpmpp_3m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde", "ddim": "euler",
     "uni_pc": "unipc", "uni_pc_bh2": "unipc", "lcm": "lcm", "ddpm": "ddpm",
+    "euler_cfg_pp": "euler_cfg_pp", "euler_ancestral_cfg_pp": "euler_ancestral_cfg_pp",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal")
 # Samplers drawing fresh noise each step from a generator on ComfyUI's device (its GPU's).
-_DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm")
+_DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm",
+                 "euler_ancestral_cfg_pp")
 _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 _CHECKPOINT_NODES = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
                      "unCLIPCheckpointLoader": "ckpt_name", "UNETLoader": "unet_name"}

@@ -79,6 +79,8 @@ A1111_SAMPLER_NAMES = {
     "unipc": "UniPC",
     "ddpm": "DDPM",
     "lcm": "LCM",
+    "euler_cfg_pp": "Euler CFG++",  # Forge's names (ComfyUI's euler_cfg_pp, ...)
+    "euler_ancestral_cfg_pp": "Euler a CFG++",
 }
 
 # diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).

@@ -178,7 +178,8 @@ def pag_blocks(unet_params, layers: str | Sequence[str]) -> tuple[tuple[str, ...
 def takes_composable(spec: SampleSpec) -> bool:
   """Whether a program of `spec` runs composable prompts (A1111's AND / :weight): guidance as
   one UNet call on [uncond, parts] rows, so not split, rescaled or perturbed."""
-  return spec.guidance and not (spec.cfg_split or spec.guidance_rescale or spec.pag is not None)
+  return spec.guidance and not (spec.cfg_split or spec.guidance_rescale or spec.pag is not None
+                                or spec.scheduler.takes_uncond)
 
 
 @struct.dataclass
@@ -435,11 +436,18 @@ def with_cfg_skip(spec: SampleSpec, state, skip: CfgSkip | None, steps: int) -> 
   (`SampleSpec.uncond_skips`). `steps`: the run's sampler steps, the total of a text-to-image
   pass and of a base and its refiner (whose counter goes on from the base's); an img2img or
   hires pass's total is the steps it runs (A1111's launch count)."""
+  cfg_pp = spec.scheduler.takes_uncond
+  if cfg_pp and spec.pag is not None:
+    raise ValueError(f"scheduler {spec.scheduler.name!r} (CFG++) takes plain classifier-free "
+                     "guidance: not perturbed-attention guidance (pag_scale)")
   if skip is None or not spec.guidance:
     return spec
   skip.check()
   if skip == CfgSkip():
     return dataclasses.replace(spec, uncond_skips=None)
+  if cfg_pp:
+    raise ValueError(f"scheduler {spec.scheduler.name!r} (CFG++) needs the negative prompt's "
+                     "prediction at every call: not NGMS or Skip Early CFG")
   if spec.pag is not None:
     raise ValueError("A1111's NGMS and Skip Early CFG leave out the negative prompt's UNet rows; "
                      "perturbed-attention guidance (pag_scale) does not take them")
@@ -466,9 +474,14 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None):
   def body(carry, i):
     x, state = carry
     x_in = sched.scale_model_input(state, x, i)
-    eps = predict(x_in, state.timesteps[i], i - spec.begin).astype(jnp.float32)
+    eps = predict(x_in, state.timesteps[i], i - spec.begin)
+    extra = {}
+    if sched.takes_uncond:  # CFG++: (guided, unconditional) outputs
+      eps, uncond = eps
+      extra["uncond"] = uncond.astype(jnp.float32)
+    eps = eps.astype(jnp.float32)
     noise = source.step(spec, stream, x.shape[1:], i) if sched.needs_noise else None
-    x, state = sched.step(state, eps, i, x, noise)
+    x, state = sched.step(state, eps, i, x, noise, **extra)
     if after_step is not None:
       x = after_step(x, state, i)
     return (x, state), None
@@ -601,8 +614,9 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
                                control=controls(call, lambda i: jnp.concatenate([i, i]), halves),
                                guess=guess(len(x)))
     eps_uncond, eps_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
-    return guide(eps_uncond, eps_cond, guidance_scale,
-                 guidance_rescale if spec.guidance_rescale else None)
+    eps = guide(eps_uncond, eps_cond, guidance_scale,
+                guidance_rescale if spec.guidance_rescale else None)
+    return (eps, eps_uncond) if spec.scheduler.takes_uncond else eps
 
   after_step = None
   if spec.inpaint is not None:
@@ -1225,6 +1239,14 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
     raise ValueError(f"strength {strength} (or refiner_start) with {steps} steps leaves no "
                      "denoising step")
   guidance = uses_guidance(pipe, guidance_scale)
+  if sched.takes_uncond:  # CFG++: the uncond pass at any scale, as ComfyUI runs it
+    if pipe.unet.config.time_cond_proj_dim is not None:
+      raise ValueError(f"scheduler {sched.name!r} renoises along the unconditional prediction, "
+                       "which a guidance-distilled (LCM) UNet does not make")
+    if cfg_split:
+      raise ValueError(f"scheduler {sched.name!r} takes plain classifier-free guidance: not "
+                       "cfg_parallel")
+    guidance = True
   spec = SampleSpec(sched.program(), begin, latent_hw, guidance,
                     guidance_rescale > 0.0,
                     img2img and denoising_start is None, clip_skip, end=end,

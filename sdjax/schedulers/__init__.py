@@ -22,6 +22,9 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "lms_karras": ("lms", "LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler": ("euler", "EulerDiscreteScheduler", {}),
     "euler_ancestral": ("euler", "EulerAncestralDiscreteScheduler", {}),
+    # Not in diffusers: ComfyUI's CFG++ forms of Euler and Euler a (Forge's "Euler (a) CFG++").
+    "euler_cfg_pp": ("euler", "EulerCFGPPScheduler", {}),
+    "euler_ancestral_cfg_pp": ("euler", "EulerAncestralCFGPPScheduler", {}),
     "heun": ("heun", "HeunDiscreteScheduler", {}),
     "dpmpp_2m": ("dpmpp", "DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
     "dpmpp_2m_karras": ("dpmpp", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),

@@ -174,6 +174,9 @@ class Scheduler:
   generator_noise: ClassVar[bool] = True
   # Whether the scheduler makes text-to-image runs only (no img2img, refiner handoff or hires).
   text_to_image_only: ClassVar[bool] = False
+  # Whether `step` also takes the unconditional model output (`uncond=`): CFG++ samplers, which
+  # renoise along it (classifier-free guidance is then always on).
+  takes_uncond: ClassVar[bool] = False
   # sdjax options beside diffusers' config whose values live only in the state `set_timesteps`
   # returns: the noise levels' placement (`sigma_schedules`), an ancestral sampler's eta.
   schedule_options: ClassVar[tuple[str, ...]] = ()

@@ -416,6 +416,51 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     return prev_sample.astype(sample.dtype), state
 
 
+def _cfg_pp_step(self, state, model_output, i, sample, uncond, sigma_to):
+  """CFG++ (Chung et al. 2024) as ComfyUI's k-diffusion loops: the guided x0, then the
+  unconditional prediction's direction (x - x0_uncond) / sigma times `sigma_to`."""
+  if uncond is None:
+    raise ValueError(f"{self.name} renoises along the unconditional prediction: pass `uncond`")
+  sigma = state.sigmas[i]
+  sample = as_f32(sample)
+  x0 = predict_original(self.prediction_type, as_f32(model_output), sample, sigma, state.v_out[i],
+                        state.v_den[i])
+  x0_uncond = predict_original(self.prediction_type, as_f32(uncond), sample, sigma,
+                               state.v_out[i], state.v_den[i])
+  return x0 + rounded(true_divide(sample - x0_uncond, sigma) * sigma_to)
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerCFGPPScheduler(EulerDiscreteScheduler):
+  """ComfyUI's `euler_cfg_pp` (Forge's "Euler CFG++"): x0 of the guided prediction plus the
+  unconditional one's direction at the next level, x0 + d_uncond * sigma_next."""
+
+  name = "euler_cfg_pp"
+  takes_uncond = True
+
+  def step(self, state, model_output, i, sample, noise=None, uncond=None):
+    del noise
+    prev_sample = _cfg_pp_step(self, state, model_output, i, sample, uncond, state.sigmas[i + 1])
+    return prev_sample.astype(sample.dtype), state
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerAncestralCFGPPScheduler(EulerAncestralDiscreteScheduler):
+  """ComfyUI's `euler_ancestral_cfg_pp` (Forge's "Euler a CFG++"): x0 + d_uncond * sigma_down,
+  then fresh noise of scale sigma_up."""
+
+  name = "euler_ancestral_cfg_pp"
+  takes_uncond = True
+
+  def step(self, state, model_output, i, sample, noise=None, uncond=None):
+    if noise is None:
+      raise ValueError(f"{self.name} needs `noise` (unit Gaussian, sample shape) at every step")
+    sigma_down = state.sigmas[i] + state.dt[i]
+    prev_sample = _cfg_pp_step(self, state, model_output, i, sample, uncond, sigma_down)
+    prev_sample = prev_sample + rounded(as_f32(noise) * state.sigma_up[i])
+    return prev_sample.astype(sample.dtype), state
+
+
 class EDMPreconditioned:
   """What the EDM schedulers share: pure noise at sqrt(sigma_max^2 + 1), the model input scaled
   by c_in, img2img noise added at sigma, x0 from c_skip and c_out (their states hold `sigmas`

@@ -1,0 +1,98 @@
+"""CFG++ samplers (ComfyUI's euler_cfg_pp and euler_ancestral_cfg_pp, Forge's "Euler (a) CFG++"):
+against diffusers' UNet and scheduler levels in a loop written as ComfyUI's k-diffusion loops
+step (the guided x0, then the unconditional prediction's direction)."""
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from parity import assert_close, nchw, nhwc, reference_pipelines, rel_err
+
+from sdjax import outputs
+
+PROMPTS = ["a red circle", "a cat"]
+NEGATIVES = ["blue", ""]
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+  torch.set_num_threads(1)
+  ref, pipe, _ = reference_pipelines(tmp_path_factory, "sd1", seed=7)
+  return ref, pipe
+
+
+def _encode(ref, texts):
+  ids = ref.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+  with torch.no_grad():
+    return ref.text_encoder(ids)[0]
+
+
+def _loop(ref, pipe, latents, guidance, steps, ancestral=False, generators=None):
+  """diffusers' Euler levels, x0 = x - sigma * eps (guided); d = the unconditional eps; Euler
+  CFG++: x0 + d * sigma_next; Euler a CFG++: x0 + d * sigma_down + noise * sigma_up."""
+  sched = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
+  sched.set_timesteps(steps)
+  sigmas = sched.sigmas
+  cond, uncond = _encode(ref, PROMPTS), _encode(ref, NEGATIVES)
+  x = latents * sched.init_noise_sigma
+  with torch.no_grad():
+    for i, t in enumerate(sched.timesteps):
+      sigma, sigma_next = sigmas[i], sigmas[i + 1]
+      x_in = x / (sigma**2 + 1) ** 0.5
+      eps_u, eps_c = ref.unet(torch.cat([x_in, x_in]), t,
+                              encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+      eps = eps_u + guidance * (eps_c - eps_u)
+      x0, d = x - sigma * eps, eps_u
+      if not ancestral:
+        x = x0 + d * sigma_next
+        continue
+      sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+      sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+      noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
+      x = x0 + d * sigma_down + noise * sigma_up
+    images = ref.vae.decode(x / ref.vae.config.scaling_factor).sample
+  return nhwc((images / 2 + 0.5).clamp(0, 1))
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_euler_cfg_pp(sd, guidance):
+  """At guidance 1 too: the unconditional pass runs at any scale (ComfyUI turns its cfg-1 skip
+  off for CFG++)."""
+  ref, pipe = sd
+  latents = np.random.default_rng(5).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  kw = dict(negative_prompts=NEGATIVES, steps=4, guidance_scale=guidance, height=16, width=16,
+            latents=latents)
+  ours = pipe.generate(PROMPTS, scheduler="euler_cfg_pp", **kw)
+  expected = _loop(ref, pipe, torch.from_numpy(nchw(latents).numpy()), guidance, 4)
+  err = assert_close(ours, expected, 1e-4)
+  euler = pipe.generate(PROMPTS, scheduler="euler", **kw)
+  print(f"\neuler_cfg_pp at {guidance}: rel err {err:.2e} (euler: {rel_err(euler, expected):.2e})")
+  assert rel_err(euler, expected) > 100 * err
+
+
+def test_euler_ancestral_cfg_pp(sd):
+  """With torch's CPU generators (rng="torch_cpu"): the initial noise, then a draw per step."""
+  ref, pipe = sd
+  generators = [torch.Generator().manual_seed(30 + i) for i in range(2)]
+  latents = torch.stack([torch.randn((4, 8, 8), generator=g) for g in generators])
+  expected = _loop(ref, pipe, latents, 2.0, 4, ancestral=True, generators=generators)
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=4, guidance_scale=2.0,
+                       height=16, width=16, seed=30, rng="torch_cpu",
+                       scheduler="euler_ancestral_cfg_pp")
+  err = assert_close(ours, expected, 1e-4)
+  print(f"\neuler_ancestral_cfg_pp: rel err {err:.2e}")
+  assert outputs.A1111_SAMPLER_NAMES["euler_ancestral_cfg_pp"] == "Euler a CFG++"
+  assert outputs.scheduler_name("Euler a CFG++") == "euler_ancestral_cfg_pp"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(pag_scale=2.0), "not perturbed-attention guidance"),
+    (dict(s_min_uncond=100.0), "not NGMS or Skip Early CFG"),
+    (dict(cfg_parallel=True), "not cfg_parallel"),
+    (dict(prompt_syntax="a1111", prompts=["a cat AND a dog"]), "composable prompts"),
+])
+def test_what_cfg_pp_does_not_take(sd, kwargs, match):
+  prompts = kwargs.pop("prompts", ["a cat"])
+  with pytest.raises(ValueError, match=match):
+    sd[1].generate(prompts, scheduler="euler_cfg_pp", guidance_scale=2.0, steps=2, height=16,
+                   width=16, **kwargs)
