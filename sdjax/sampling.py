@@ -1219,6 +1219,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                      f"{ensd!r}")
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
+  if img2img and scheduler_options and scheduler_options.get("a1111"):
+    # A1111's DDIM form is its text-to-image one (its img2img starts an entry off): diffusers'
+    scheduler_options = {k: v for k, v in scheduler_options.items() if k != "a1111"} or None
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
                                    options=model_schedule(pipe, scheduler_options))
   state = sched.set_timesteps(int(steps), sample_shape=(batch, *latent_hw, latent_channels(pipe)))
@@ -1302,7 +1305,7 @@ def a1111_form_for(scheduler: str | None,
   if scheduler is None or not scheduler_options:
     return scheduler_options
   dropped = set()
-  for option in ("k_diffusion", "comfyui", "sgm_noise_multiplier"):
+  for option in ("k_diffusion", "comfyui", "sgm_noise_multiplier", "a1111"):
     if not schedulers.takes_option(scheduler, option):
       dropped.add(option)
   if not schedulers.takes_option(scheduler, "eta") or scheduler in schedulers.ETA_SCHEDULERS:
@@ -1503,8 +1506,9 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   hires scheduler has no such type: as A1111's "Use same scheduler", it then uses its own);
   `hires.schedule_type` replaces whatever placed the first pass's."""
   hires.check()
+  # Listed levels are the first pass's; A1111's DDIM form is its text-to-image one.
   scheduler_options = {k: v for k, v in (scheduler_options or {}).items()
-                       if k not in ("sigmas", "timesteps")} or None
+                       if k not in ("sigmas", "timesteps", "a1111")} or None
   if hires.guidance_scale is not None:
     guidance_scale = hires.guidance_scale
   if hires.scheduler is not None and hires.scheduler != scheduler:

@@ -88,8 +88,8 @@ def test_schedule_type(sampler, label, want):
   flags = _flags(f"a cat\nSteps: 20, Sampler: {sampler}{typed}, CFG scale: 7, Seed: 1")
   assert flags["scheduler"] == sampler and flags.get("schedule_type") == want
   options = json.loads(flags.get("scheduler_options", "{}"))
-  if sampler in ("DDIM", "UniPC"):  # A1111 runs the others in k-diffusion
-    assert options == {}
+  if sampler in ("DDIM", "UniPC"):  # A1111 runs the others in k-diffusion; DDIM in its own loop
+    assert options == ({"a1111": True} if sampler == "DDIM" else {})
   else:  # as A1111 steps (k_diffusion), but DPM++ SDE, whose steps sdjax does not claim, and
     # Restart, A1111's own loop
     assert options == {"timestep_spacing": "linspace",

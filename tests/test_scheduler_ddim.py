@@ -173,3 +173,52 @@ def test_bfloat16_sample_keeps_its_dtype_with_float32_math():
   want, _ = sched.step(state, out.astype(jnp.float32), 3, x.astype(jnp.float32))
   assert got.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(jnp.bfloat16)))
+
+
+def _a1111_ddim(config, steps, init, noises, eta=0.0):
+  """A1111's own DDIM loop (modules/sd_samplers_timesteps_impl.ddim, 1.6+) over the fake
+  model, restated in torch float32: timesteps range(0, 1000, 1000 // steps) + 1, a call at each
+  from the last down to the second, each stepping to the timestep before it."""
+  import torch  # noqa: PLC0415
+  from scheduler_harness import fake_model  # noqa: PLC0415
+
+  alphas_cumprod = torch.from_numpy(make_alphas_cumprod(config))
+  timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+  alphas = alphas_cumprod[timesteps]
+  alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))]
+  sigmas = eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)) ** 0.5
+  x, out = torch.from_numpy(init), []
+  for i in range(len(timesteps) - 1):
+    index = len(timesteps) - 1 - i
+    e_t = torch.from_numpy(fake_model(x.numpy(), float(timesteps[index])))
+    a_t, a_prev, sigma_t = alphas[index], alphas_prev[index], sigmas[index]
+    pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+    x = a_prev.sqrt() * pred_x0 + (1.0 - a_prev - sigma_t**2).sqrt() * e_t + sigma_t * (
+        torch.from_numpy(noises[i]))
+    out.append(x.numpy())
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("steps,calls,eta", [(20, 19, 0.0), (30, 30, 0.0), (6, 6, 0.5)])
+def test_a1111_form(steps, calls, eta):
+  """The `a1111` option: A1111's own DDIM loop (one UNet call fewer than its timesteps, 19 for
+  20 steps but 30 for 30, ending at timestep 1's level); A1111's DDIM images read as it."""
+  from scheduler_harness import max_rel_error, sdjax_trajectory  # noqa: PLC0415
+
+  from sdjax import infotext  # noqa: PLC0415
+
+  ours = get_scheduler("ddim", SD15, eta=eta, options={"a1111": True})
+  state = ours.set_timesteps(steps)
+  assert len(state.timesteps) == calls and int(state.timesteps[-1]) == 1 + 1000 // steps
+  init, noises = make_noises(max(steps, calls))  # the diffusers form's run too
+  got = sdjax_trajectory(ours, steps, init, noises)
+  want = _a1111_ddim(SD15, steps, init, noises, eta)
+  err = max_rel_error(got, want)
+  print(f"\nA1111 DDIM, {steps} steps, eta {eta}: {err:.2e}")
+  assert err <= TOL
+  diffusers_form = sdjax_trajectory(get_scheduler("ddim", SD15, eta=eta), steps, init, noises)
+  # diffusers' own (20 steps: the same calls and one more, from timestep 1 to the end)
+  apart = np.linalg.norm(diffusers_form[-1] - want[-1]) / np.linalg.norm(want[-1])
+  assert apart > 100 * max(err, 1e-7), apart
+  flags = infotext.reproduce(f"a cat\nSteps: {steps}, Sampler: DDIM, CFG scale: 7, Seed: 1").flags
+  assert flags["scheduler_options"] == '{"a1111": true}'

@@ -167,7 +167,8 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
     raise SchedulerConfigError(
         f"scheduler {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
         f"{', '.join(sorted(known))}")
-  switches = ("k_diffusion", "comfyui", "sgm_noise_multiplier")  # sdjax's true-or-false options
+  # sdjax's true-or-false options
+  switches = ("k_diffusion", "comfyui", "sgm_noise_multiplier", "a1111")
   for key, value in (options or {}).items():  # diffusers would take "no" as true
     if (isinstance(cls._DEFAULTS.get(key), bool) or key in switches) and not isinstance(
         value, bool):

@@ -32,6 +32,12 @@ from sdjax.schedulers.common import (
 from sdjax.schedulers.euler import check_choice
 
 SPACINGS = ("leading", "trailing", "linspace")
+# sdjax's option to step as AUTOMATIC1111 (1.6+) runs DDIM in text-to-image
+# (modules/sd_samplers_timesteps_impl.ddim): over the timesteps range(0, 1000, 1000 // steps) + 1,
+# from the last down to the second, each step to the one before it: one UNet call fewer than
+# the timesteps (19 for 20 steps; 30 for 30, whose spacing 33 makes 31), ending at timestep 1's
+# level rather than at alphas_cumprod[0]. `infotext` sets it for A1111's DDIM images.
+A1111 = "a1111"
 
 
 def check_discrete(
@@ -70,6 +76,19 @@ def discrete_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.n
       f"(steps_offset={config['steps_offset']} with {num_inference_steps} leading steps)"
     )
   return timesteps
+
+
+def a1111_timesteps(config: dict[str, Any], num_inference_steps: int):
+  """A1111's DDIM positions: (int64 timesteps of its UNet calls, each step's previous timestep),
+  descending."""
+  n_train = int(config["num_train_timesteps"])
+  if not 1 <= num_inference_steps <= n_train:
+    raise ValueError(f"num_inference_steps must be in [1, {n_train}], got {num_inference_steps}")
+  grid = np.clip(np.arange(0, n_train, n_train // num_inference_steps) + 1, 0, n_train - 1)
+  if len(grid) < 2:
+    raise ValueError("A1111's DDIM makes one UNet call fewer than its timesteps: give at least "
+                     "2 steps")
+  return grid[1:][::-1].astype(np.int64), grid[:-1][::-1].astype(np.int64)
 
 
 def alpha_prod_at(alphas_cumprod: np.ndarray, timesteps: np.ndarray, final: np.float32):
@@ -149,6 +168,7 @@ class DDIMScheduler(EtaInState, Scheduler):
 
   name = "ddim"
   order = 1
+  schedule_options = (A1111,)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -185,11 +205,14 @@ class DDIMScheduler(EtaInState, Scheduler):
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     del sample_shape  # no history
     config = self.cfg
-    timesteps = discrete_timesteps(config, num_inference_steps)
     alphas_cumprod = make_alphas_cumprod(config)
     final = np.float32(1.0) if config["set_alpha_to_one"] else alphas_cumprod[0]
-    # diffusers steps back by the leading ratio whatever the spacing.
-    prev_timesteps = timesteps - int(config["num_train_timesteps"]) // num_inference_steps
+    if config.get(A1111):
+      timesteps, prev_timesteps = a1111_timesteps(config, num_inference_steps)
+    else:
+      timesteps = discrete_timesteps(config, num_inference_steps)
+      # diffusers steps back by the leading ratio whatever the spacing.
+      prev_timesteps = timesteps - int(config["num_train_timesteps"]) // num_inference_steps
     alpha = alphas_cumprod[timesteps]
     alpha_prev = alpha_prod_at(alphas_cumprod, prev_timesteps, final)
     beta, beta_prev = 1 - alpha, 1 - alpha_prev
