@@ -211,7 +211,7 @@ def _sampler(fields, flags, notes, made_by_sdjax, made_in="A1111") -> str | None
   if label == "Automatic":
     label = _AUTOMATIC_SCHEDULE_TYPES.get(scheduler, "Automatic")
   if scheduler in _TIMESTEP_SAMPLERS:
-    if scheduler == "ddim" and not made_by_sdjax:  # A1111's own DDIM loop
+    if scheduler in ("ddim", "pndm") and not made_by_sdjax:  # A1111's own DDIM / PLMS loops
       flags["scheduler_options"] = json.dumps({"a1111": True})
     return scheduler
   if (scheduler is not None and not made_by_sdjax

@@ -138,3 +138,70 @@ def test_bfloat16_sample_keeps_its_dtype_with_float32_math():
     want, state = sched.step(state, out.astype(jnp.float32), i, x.astype(jnp.float32))
     assert got.dtype == jnp.bfloat16 and state_bf16.ets.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(jnp.bfloat16)))
+
+
+def _a1111_plms(config, steps, init):
+  """A1111's own PLMS loop (modules/sd_samplers_timesteps_impl.plms, 1.6+) over the fake model,
+  restated in torch float32: its DDIM timesteps, a call at each from the last down to the second
+  (the first step calling again at the next timestep, a pseudo improved Euler), the update
+  sqrt(a_prev) x0 + sqrt(1 - a_prev) eps. The sample after every call."""
+  import torch  # noqa: PLC0415
+  from scheduler_harness import fake_model  # noqa: PLC0415
+
+  from sdjax.schedulers.common import make_alphas_cumprod  # noqa: PLC0415
+
+  alphas_cumprod = torch.from_numpy(make_alphas_cumprod(config))
+  timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+  alphas = alphas_cumprod[timesteps]
+  alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))]
+  x, out, old_eps = torch.from_numpy(init), [], []
+
+  def model(x, t):
+    return torch.from_numpy(fake_model(x.numpy(), float(t)))
+
+  def x_prev(x, e_t, index):
+    a_t, a_prev = alphas[index], alphas_prev[index]
+    pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+    return a_prev.sqrt() * pred_x0 + (1.0 - a_prev).sqrt() * e_t
+
+  for i in range(len(timesteps) - 1):
+    index = len(timesteps) - 1 - i
+    e_t = model(x, timesteps[index])
+    if not old_eps:
+      guess = x_prev(x, e_t, index)
+      out.append(guess.numpy())
+      e_prime = (e_t + model(guess, timesteps[max(index - 1, 0)])) / 2
+    elif len(old_eps) == 1:
+      e_prime = (3 * e_t - old_eps[-1]) / 2
+    elif len(old_eps) == 2:
+      e_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+    else:
+      e_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+    x = x_prev(x, e_prime, index)
+    old_eps = (old_eps + [e_t])[-3:]
+    out.append(x.numpy())
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("steps", [20, 30])
+def test_a1111_form(steps):
+  """The `a1111` option: A1111's own PLMS loop (one call more than its DDIM's: 20 for 20 steps,
+  31 for 30), on a config without skip_prk_steps too; A1111's PLMS images read as it."""
+  from scheduler_harness import max_rel_error, sdjax_trajectory  # noqa: PLC0415
+
+  from sdjax import infotext  # noqa: PLC0415
+
+  init, noises = make_noises(steps + 2)
+  want = _a1111_plms(SD15, steps, init)
+  for config in (SD15, {**SD15, "skip_prk_steps": False}):
+    ours = get_scheduler("pndm", config, options={"a1111": True})
+    got = sdjax_trajectory(ours, steps, init, noises)
+    assert len(got) == len(want) == (20 if steps == 20 else 31)
+    err = max_rel_error(got, want)
+    print(f"\nA1111 PLMS, {steps} steps: {err:.2e}")
+    assert err <= TOL
+  diffusers_form = sdjax_trajectory(get_scheduler("pndm", SD15), steps, init, noises)
+  apart = np.linalg.norm(diffusers_form[-1] - want[-1]) / np.linalg.norm(want[-1])
+  assert apart > 100 * max(err, 1e-7), apart
+  flags = infotext.reproduce(f"a cat\nSteps: {steps}, Sampler: PLMS, CFG scale: 7, Seed: 1").flags
+  assert flags["scheduler_options"] == '{"a1111": true}'

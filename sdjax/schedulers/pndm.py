@@ -30,7 +30,14 @@ from sdjax.schedulers.common import (
   rounded,
   true_divide,
 )
-from sdjax.schedulers.ddim import alpha_prod_at, check_discrete, discrete_timesteps, f32
+from sdjax.schedulers.ddim import (
+  A1111,
+  a1111_timesteps,
+  alpha_prod_at,
+  check_discrete,
+  discrete_timesteps,
+  f32,
+)
 
 _PRK_CALLS = 12  # 3 pseudo Runge-Kutta steps of 4 model calls
 
@@ -72,6 +79,10 @@ class PNDMScheduler(Scheduler):
 
   name = "pndm"
   order = 1
+  # A1111's PLMS (modules/sd_samplers_timesteps_impl.plms): the PLMS path over A1111's DDIM
+  # timesteps (`ddim.A1111`), its first step's second call at the next one, its last step to
+  # timestep 1's level: one call more than those timesteps less one.
+  schedule_options = (A1111,)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -88,6 +99,8 @@ class PNDMScheduler(Scheduler):
 
   @classmethod
   def from_config(cls, scheduler_config: dict[str, Any], **overrides):
+    if overrides.get(A1111):  # A1111's PLMS never warms up by Runge-Kutta
+      overrides = {**overrides, "skip_prk_steps": True}
     config = resolve_config(cls.name, cls._DEFAULTS, scheduler_config, overrides=overrides)
     check_discrete(cls.name, config, ("epsilon", "v_prediction"))
     return cls(config=hashable_config(config))
@@ -99,7 +112,10 @@ class PNDMScheduler(Scheduler):
   def _schedule(self, num_inference_steps: int):
     """(timesteps [n], prk_timesteps [12 or 0]) as diffusers' set_timesteps, int64."""
     config = self.cfg
-    ascending = discrete_timesteps(config, num_inference_steps)[::-1]
+    if config.get(A1111):
+      ascending = a1111_timesteps(config, num_inference_steps)[0][::-1]
+    else:
+      ascending = discrete_timesteps(config, num_inference_steps)[::-1]
     if self._skip_prk:
       # The second-to-last training-order timestep twice: PLMS's extra warm-up call.
       plms = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
