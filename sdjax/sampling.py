@@ -111,7 +111,8 @@ class SampleSpec:
   # along these axes (`layers.TILING_AXES`); "": off.
   tiling: str = ""
   rng: str = "jax"  # RNGS
-  # A generator's rng ("torch_cpu", "nv"): the draws an earlier stage took (a refiner's base's, `stream_draws`).
+  # A generator's rng ("torch_cpu", "nv"): the draws an earlier stage took (a refiner's base's,
+  # `stream_draws`).
   rng_offset: int = 0
   # A1111's Eta noise seed delta (ENSD): the steps' fresh noise comes from seed + ensd's
   # generator (or key) instead of the seed's; 0: off.
@@ -262,10 +263,10 @@ def _step_draws(spec: SampleSpec, positions: int) -> int:
 
 
 def stream_draws(spec: SampleSpec, positions: int) -> int:
-  """With a generator's rng ("torch_cpu", "nv"), the draws each image's generator that makes the steps' noise has
-  made by the end of a stage (of a schedule of `positions`): where a stage continuing its
-  latents starts (a refiner's `rng_offset`, as diffusers' refiner given the base's generators).
-  With `ensd` that generator is seed + ensd's, which only the steps draw from."""
+  """With a generator's rng ("torch_cpu", "nv"), the draws each image's generator that makes the
+  steps' noise has made by the end of a stage (of a schedule of `positions`): where a stage
+  continuing its latents starts (a refiner's `rng_offset`, as diffusers' refiner given the base's
+  generators). With `ensd` that generator is seed + ensd's, which only the steps draw from."""
   own = 0 if spec.ensd else len(_torch_draw_order(spec))
   return spec.rng_offset + own + _step_draws(spec, positions)
 
@@ -274,8 +275,8 @@ def stream_draws(spec: SampleSpec, positions: int) -> int:
 class _NoiseSource:
   """A stage's unit noise: from each image's keyed streams (`step_keys`: the steps'), or (rng
   "torch_cpu", "nv") its generator's draws [B, draws, h, w, C]: `drawn` those of `tags`,
-  `step_drawn` one per step. With `variation` the noise a stage starts from is varied as A1111's variation
-  seeds do."""
+  `step_drawn` one per step. With `variation` the noise a stage starts from is varied as A1111's
+  variation seeds do."""
 
   rng: str
   seeds: jax.Array
@@ -1299,13 +1300,13 @@ def a1111_form_for(scheduler: str | None,
                    scheduler_options: dict[str, Any] | None) -> dict[str, Any] | None:
   """Scheduler options for another scheduler than the one they were given with, less those that
   say how A1111 runs a sampler where that scheduler has no such form, as A1111's settings apply
-  to each sampler that has them: `k_diffusion` (A1111 ran it without k-diffusion, or sdjax's
-  cannot step as it did), `comfyui` likewise (ComfyUI's KSampler), and an ancestral sampler's
-  `eta` (A1111's Eta, not DDIM's or TCD's)."""
+  to each sampler that has them: `schedulers.FORM_OPTIONS` (A1111 or ComfyUI ran it otherwise,
+  or sdjax's cannot step as it did) and an ancestral sampler's `eta` (A1111's Eta, not DDIM's or
+  TCD's)."""
   if scheduler is None or not scheduler_options:
     return scheduler_options
   dropped = set()
-  for option in ("k_diffusion", "comfyui", "sgm_noise_multiplier", "a1111"):
+  for option in schedulers.FORM_OPTIONS:
     if not schedulers.takes_option(scheduler, option):
       dropped.add(option)
   if not schedulers.takes_option(scheduler, "eta") or scheduler in schedulers.ETA_SCHEDULERS:

@@ -87,6 +87,10 @@ _FROM_DIFFUSERS_CLASS = {
 }
 
 SCHEDULERS = tuple(_REGISTRY)
+# sdjax's true-or-false options that make a sampler step as A1111 or ComfyUI ran it (k-diffusion's
+# loops, ComfyUI's KSampler, A1111's SGM noise multiplier, A1111's own DDIM / PLMS loops): each
+# scheduler that has the form takes its option.
+FORM_OPTIONS = ("k_diffusion", "comfyui", "sgm_noise_multiplier", "a1111")
 
 
 def default_scheduler_name(scheduler_config: dict[str, Any]) -> str:
@@ -167,10 +171,8 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
     raise SchedulerConfigError(
         f"scheduler {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
         f"{', '.join(sorted(known))}")
-  # sdjax's true-or-false options
-  switches = ("k_diffusion", "comfyui", "sgm_noise_multiplier", "a1111")
   for key, value in (options or {}).items():  # diffusers would take "no" as true
-    if (isinstance(cls._DEFAULTS.get(key), bool) or key in switches) and not isinstance(
+    if (isinstance(cls._DEFAULTS.get(key), bool) or key in FORM_OPTIONS) and not isinstance(
         value, bool):
       raise SchedulerConfigError(
           f"scheduler {name!r}: option {key} is true or false, got {value!r}")
@@ -180,6 +182,7 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
 __all__ = [
     "A1111_TIMESTEP_SAMPLERS",
     "ETA_SCHEDULERS",
+    "FORM_OPTIONS",
     "SCHEDULERS",
     "Scheduler",
     "SchedulerConfigError",
