@@ -381,7 +381,8 @@ class Pipeline:
                subseed_strength: float = 0.0, ensd: int = 0,
                seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
                s_min_uncond_all: bool = False, skip_early_cond: float = 0.0,
-               pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False) -> np.ndarray:
+               pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False,
+               brownian: str | None = None) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -423,8 +424,16 @@ class Pipeline:
         AUTOMATIC1111's "RNG source: CPU" (its hires pass starts the seed's generator again);
         or "nv": each seed's A1111 NV generator, drawn in turn as A1111 draws: its "RNG source:
         NV", which is torch's CUDA generator, A1111's default "GPU" source on NVIDIA GPUs (to a
-        few float32 ulps), so A1111's seeds make its images here. dpmpp_sde's Brownian noise,
-        an upscaler's encoding and what diffusers lacks stay JAX's.
+        few float32 ulps), so A1111's seeds make its images here. An upscaler's encoding and
+        what diffusers lacks stay JAX's.
+      brownian: where an SDE sampler's (dpmpp_sde, dpmpp_2m_sde, dpmpp_2m_sde_heun,
+        dpmpp_3m_sde) step noise comes from: None, fresh draws from `rng` (dpmpp_sde: its own
+        Brownian-consistent construction); or k-diffusion's Brownian tree (torchsde's),
+        one per image seeded by its seed, as A1111, ComfyUI and diffusers' DPMSolverSDEScheduler
+        make it, on the tree's device: "nv" (a CUDA generator: A1111 and diffusers on an NVIDIA
+        GPU, ComfyUI's *_gpu samplers) or "torch_cpu" (ComfyUI's other SDE samplers, diffusers
+        on CPU). Independent of `rng`, which makes the initial noise. Each schedule compiles
+        its own program (the tree's shape follows the noise levels).
       subseed, subseed_strength: A1111's variation seeds ("Variation seed", "Variation
         strength"): image i's initial noise (and hires noise) is moved towards that of seed
         `subseed + i` along A1111's slerp, by the strength in [0, 1] (0: off).
@@ -658,7 +667,8 @@ class Pipeline:
         freeu=freeu, tiling=tiling, rng=rng, subseed=subseed, subseed_strength=subseed_strength,
         ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,
-        pad_cond_uncond=pad_cond_uncond, pad_cond_uncond_v0=pad_cond_uncond_v0)
+        pad_cond_uncond=pad_cond_uncond, pad_cond_uncond_v0=pad_cond_uncond_v0,
+        brownian=brownian)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

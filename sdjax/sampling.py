@@ -29,7 +29,16 @@ from flax import struct, traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sdjax import conditioning, interpolate, masks, nv_rng, schedulers, torch_rng, upscaling
+from sdjax import (
+  brownian_tree,
+  conditioning,
+  interpolate,
+  masks,
+  nv_rng,
+  schedulers,
+  torch_rng,
+  upscaling,
+)
 from sdjax import prompts as prompt_lib
 from sdjax.checkpoints.weights import torch_key
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
@@ -123,6 +132,49 @@ class SampleSpec:
   # A1111's NGMS and Skip Early CFG (`CfgSkip`): whether guidance skips the unconditional rows
   # at each of the program's UNet calls (`with_cfg_skip`); None: at none.
   uncond_skips: tuple[bool, ...] | None = None
+  # The steps' noise from k-diffusion's Brownian tree seeded by each image's seed
+  # (`BrownianNoise`); None: fresh draws (`rng`).
+  brownian: BrownianNoise | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BrownianNoise:
+  """The steps' noise as k-diffusion's `BrownianTreeNoiseSampler` makes it for an SDE sampler
+  (A1111's and ComfyUI's DPM++ SDE / 2M SDE / 3M SDE, diffusers' `DPMSolverSDEScheduler`): one
+  torchsde tree per image, seeded by its seed, over the run's noise levels (`brownian_tree`).
+
+  generator: the tree's device (`brownian_tree.GENERATORS`: "nv" for a GPU's, A1111's on an
+    NVIDIA card; "torch_cpu" for ComfyUI's CPU tree or diffusers on CPU).
+  tree: the program making the run's queries' answers.
+  query_at: each position's query in `tree` (from position 0; -1: the step adds no noise).
+  """
+
+  generator: str
+  tree: brownian_tree.TreePlan
+  query_at: tuple[int, ...]
+
+
+def brownian_noise(sched: schedulers.Scheduler, state, generator: str, begin: int,
+                   end: int | None) -> BrownianNoise:
+  """The Brownian noise of a run of positions [begin, end) of `state`'s schedule: its tree spans
+  the whole schedule's noise levels (A1111 builds it from the full schedule in img2img and hires
+  passes too, as diffusers' scheduler does) and answers the run's calls, in order."""
+  if generator not in brownian_tree.GENERATORS:
+    raise ValueError(f"unknown Brownian tree generator {generator!r}; use one of "
+                     f"{', '.join(brownian_tree.GENERATORS)}")
+  queries = sched.brownian_queries(state)
+  if queries is None:
+    raise ValueError(f"scheduler {sched.name!r} adds no Brownian noise: the Brownian tree is for "
+                     "the SDE samplers (dpmpp_sde, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde)")
+  stop = len(queries) if end is None else end
+  calls, query_at = [], []
+  for i, query in enumerate(queries):
+    query_at.append(len(calls) if begin <= i < stop and query is not None else -1)
+    if query_at[-1] >= 0:
+      calls.append(query)
+  sigmas = np.asarray(state.sigmas, np.float32)
+  tree = brownian_tree.plan(sigmas[sigmas > 0].min(), sigmas.max(), calls)
+  return BrownianNoise(generator, tree, tuple(query_at))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +308,7 @@ def _torch_draw_order(spec: SampleSpec) -> tuple[int, ...]:
 def _step_draws(spec: SampleSpec, positions: int) -> int:
   """Generator draws of a stage's steps (of a schedule of `positions`)."""
   sched = spec.scheduler
-  if not (sched.needs_noise and sched.generator_noise):
+  if not (sched.needs_noise and sched.generator_noise) or spec.brownian is not None:
     return 0
   end = positions if spec.end is None else spec.end
   return sched.noise_draw(end) - sched.noise_draw(spec.begin)
@@ -287,6 +339,7 @@ class _NoiseSource:
   step_drawn: jax.Array | None = None
   variation: Variation | None = None
   resize_from: tuple[int, int] | None = None  # SampleSpec.seed_resize
+  tree_drawn: jax.Array | None = None  # the Brownian tree's answers [B, queries, h, w, C]
 
   def initial(self, noise) -> jax.Array:
     """The initial noise: the caller's `noise` (rng "jax"), or the generator's draw."""
@@ -326,6 +379,11 @@ class _NoiseSource:
   def step(self, spec: SampleSpec, stream: int, shape, i) -> jax.Array:
     """[B, *shape]: the fresh noise of the step at position `i` (traced)."""
     sched = spec.scheduler
+    if spec.brownian is not None:
+      k = jnp.asarray(spec.brownian.query_at, jnp.int32)[i]
+      noise = jax.lax.dynamic_index_in_dim(self.tree_drawn, jnp.maximum(k, 0), axis=1,
+                                           keepdims=False)
+      return jnp.where(k >= 0, noise, 0.0)
     if self.step_drawn is None or not sched.generator_noise:
       return _keyed_noise(self.step_keys, stream, shape, i)
     k = sched.noise_draw(i) - sched.noise_draw(spec.begin)
@@ -352,8 +410,17 @@ def _paste_centred(noise, small) -> jax.Array:
 
 
 def _noise_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSource:
-  """Where a stage's noise of latent `shape` [h, w, C] comes from (`spec.rng`), for `seeds`
-  (`split_seeds`)."""
+  """Where a stage's noise of latent `shape` [h, w, C] comes from (`spec.rng`, and
+  `spec.brownian` for the steps'), for `seeds` (`split_seeds`)."""
+  source = _generator_source(spec, seeds, shape, positions)
+  if spec.brownian is None:
+    return source
+  tree = spec.brownian
+  return dataclasses.replace(source, tree_drawn=brownian_tree.increments(
+      tree.tree, tree.generator, source.seeds, shape))
+
+
+def _generator_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSource:
   seeds, variation = split_seeds(seeds)
   keys = image_keys(seeds)
   step_seeds = seeds + jnp.uint32(spec.ensd) if spec.ensd else seeds  # uint32: wraps
@@ -1189,7 +1256,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original",
             scheduler_options: dict[str, Any] | None = None, control: bool = False,
             control_guess: bool = False, rng: str = "jax", ensd: int = 0,
-            seed_resize_from: tuple[int, int] | None = None):
+            seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -1200,7 +1267,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   is pure noise, none matters). `scheduler_options` override the scheduler's config
   (`schedulers.get_scheduler`). `rng`: where the noise comes from (RNGS); `ensd`: A1111's
   Eta noise seed delta (`SampleSpec.ensd`); `seed_resize_from`: A1111's "Resize seed from"
-  (width, height) in pixels (`SampleSpec.seed_resize`; None or a 0 side: off).
+  (width, height) in pixels (`SampleSpec.seed_resize`; None or a 0 side: off); `brownian`: the
+  device of the Brownian tree an SDE sampler's noise comes from (`BrownianNoise`), or None.
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
@@ -1261,8 +1329,11 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     ("latent noise", "latent nothing") else "original", control=control,
                     control_guess=control and control_guess, rng=rng, ensd=int(ensd),
                     seed_resize=seed_resize_latents(pipe, seed_resize_from))
-  if rng == "torch_cpu":
+  if rng == "torch_cpu" or brownian == "torch_cpu":
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
+  if brownian is not None:
+    spec = dataclasses.replace(spec, brownian=brownian_noise(sched, state, brownian, begin, end))
+    state = sched.brownian_state(state)
   return spec, state
 
 
@@ -1495,7 +1566,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                   clip_skip: int | None = None, eta: float = 0.0, cfg_split: bool = False,
                   scheduler_options: dict[str, Any] | None = None, control: bool = False,
                   control_guess: bool = False, rng: str = "jax", ensd: int = 0,
-                  seed_resize_from: tuple[int, int] | None = None):
+                  seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None):
   """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps. `control`,
@@ -1534,7 +1605,13 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   if spec.scheduler.text_to_image_only:  # the pass starts partway (its begin, set here)
     raise ValueError(f"scheduler {spec.scheduler.name!r} makes text-to-image runs only: give the "
                      "hires pass another (A1111's Hires sampler: hires_scheduler)")
-  return dataclasses.replace(spec, begin=(total - n) * spec.scheduler.order,
+  begin = (total - n) * spec.scheduler.order
+  # the first pass's tree device, where the hires sampler (maybe another) draws from a tree
+  if brownian is not None and spec.scheduler.brownian_queries(state) is not None:
+    spec = dataclasses.replace(spec, brownian=brownian_noise(spec.scheduler, state, brownian,
+                                                             begin, None))
+    state = spec.scheduler.brownian_state(state)
+  return dataclasses.replace(spec, begin=begin,
                              upscale=hires.upscale, upscale_crop=crop,
                              fixed_guidance=None if hires.guidance_scale is None else float(
                                  hires.guidance_scale)), state
@@ -1615,6 +1692,7 @@ def generate(
     skip_early_cond: float = 0.0,
     pad_cond_uncond: bool = False,
     pad_cond_uncond_v0: bool = False,
+    brownian: str | None = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1703,7 +1781,7 @@ def generate(
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                 clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel,
                 scheduler_options=scheduler_options, rng=rng, ensd=ensd,
-                seed_resize_from=seed_resize_from)
+                seed_resize_from=seed_resize_from, brownian=brownian)
   if latents is not None and rng != "jax":
     raise ValueError(f"rng={rng!r} draws the initial noise from the seeds: give seed, not "
                      "latents")

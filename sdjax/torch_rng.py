@@ -61,14 +61,21 @@ def _temper(y: jax.Array) -> jax.Array:
   return y ^ (y >> 18)
 
 
-def mt19937(seed, count: int) -> jax.Array:
-  """The first `count` outputs (uint32) of MT19937 seeded with `seed` (a uint32 scalar)."""
+def seeded_state(seed) -> jax.Array:
+  """MT19937's state (uint32 [624]) seeded with `seed` (a uint32 scalar; vmap it for many)."""
+  return _seeded_state(seed)
+
+
+def mt19937(seed, count: int, state=None) -> jax.Array:
+  """The first `count` outputs (uint32) of MT19937 seeded with `seed` (a uint32 scalar), or
+  from its `seeded_state` when given."""
 
   def block(mt, _):
     mt = _twist(mt)
     return mt, _temper(mt)
 
-  _, out = jax.lax.scan(block, _seeded_state(seed), None, length=-(-count // _N))
+  state = _seeded_state(seed) if state is None else state
+  _, out = jax.lax.scan(block, state, None, length=-(-count // _N))
   return out.reshape(-1)[:count]  # blocks * 624
 
 
@@ -87,11 +94,11 @@ def _box_muller(u: jax.Array) -> jax.Array:
   return jnp.concatenate([radius * jnp.cos(theta), radius * jnp.sin(theta)], axis=-1)
 
 
-def randn(seed, draws: int, n: int) -> jax.Array:
+def randn(seed, draws: int, n: int, state=None) -> jax.Array:
   """float32 [draws, n]: `draws` successive `torch.randn(n)` of a CPU generator seeded with
-  `seed` (a uint32 scalar; vmap it for a batch)."""
+  `seed` (a uint32 scalar; vmap it for a batch), or from its `seeded_state` when given."""
   size = draw_size(n)
-  raw = mt19937(seed, draws * size).reshape(draws, size)
+  raw = mt19937(seed, draws * size, state).reshape(draws, size)
   u = (raw & jnp.uint32(0xFFFFFF)).astype(jnp.float32) * jnp.float32(2.0**-24)  # draws, size
   full = n // 16 * 16
   out = _box_muller(u[:, :full].reshape(draws, -1, 16)).reshape(draws, full)

@@ -224,6 +224,17 @@ class Scheduler:
     alphas = make_alphas_cumprod(self.cfg)[np.rint(timesteps).astype(np.int64)]
     return np.sqrt((1 - alphas) / alphas).astype(np.float32)
 
+  def brownian_queries(self, state) -> list[tuple[np.float32, np.float32] | None] | None:
+    """k-diffusion's Brownian-tree noise sampler calls (`brownian_tree`), one per position:
+    (sigma, sigma_next) float32 as its loop passes them, or None where the step adds no noise;
+    None for a scheduler whose noise is not a Brownian increment."""
+    del state
+    return None
+
+  def brownian_state(self, state):
+    """`state` for a run whose step noise is the Brownian tree's answers."""
+    return state
+
   def noise_draw(self, i):
     """How many fresh-noise draws a run's steps take before position `i` (the index of the one
     `step` takes there), as diffusers' scheduler draws them from the pipeline's generator."""

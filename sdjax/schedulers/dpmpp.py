@@ -364,6 +364,13 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
       return to_t(sigmas[:-1], log_sigmas).astype(_F32), sigmas
     return timesteps.astype(np.int64).astype(_F32), sigmas
 
+  def brownian_queries(self, state):
+    if not self.sde:
+      return None
+    sigmas = np.asarray(state.sigmas, _F32)  # k-diffusion's loop asks for (sigma_i, sigma_i+1)
+    return [(sigmas[i], sigmas[i + 1]) if sigmas[i + 1] > 0 else None
+            for i in range(len(sigmas) - 1)]
+
   def init_noise_sigma(self, state):
     if state.init_scale is not None:
       return state.init_scale

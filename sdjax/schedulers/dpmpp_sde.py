@@ -88,6 +88,15 @@ def _ancestral(t: np.ndarray, t_to: np.ndarray):
   return c_sample, c_x0, up
 
 
+def _tree_points(s: np.ndarray, s_next: np.ndarray):
+  """float32 (sigma, sigma_next, sigma_mid) of each two-stage step from s to s_next as
+  k-diffusion's and diffusers' loops call the noise sampler with them: exp(-t) of log-times."""
+  with np.errstate(divide="ignore", invalid="ignore"):
+    t, t_next = -log_f32(s), -log_f32(s_next)
+    t_mid = t + (t_next - t) * _F32(0.5)
+    return exp_f32(-t), exp_f32(-t_next), exp_f32(-t_mid)
+
+
 @dataclasses.dataclass(frozen=True)
 class DPMSolverSDEScheduler(SigmaScheduler):
   """diffusers' `DPMSolverSDEScheduler` (A1111's "DPM++ SDE"), with a Brownian-consistent noise
@@ -137,7 +146,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
       first = _ancestral(t, t_mid)
       second = _ancestral(t, t_next)
       # the Brownian increments, over the sigmas diffusers' noise sampler is called with
-      hi, lo, md = (exp_f32(-x).astype(np.float64) for x in (t, t_next, t_mid))
+      hi, lo, md = (x.astype(np.float64) for x in _tree_points(s, s_next))
       w_first = np.sqrt((hi - md) / (hi - lo)).astype(_F32)
       w_second = np.sqrt((md - lo) / (hi - lo)).astype(_F32)
     p = 2 * n - 1
@@ -167,6 +176,20 @@ class DPMSolverSDEScheduler(SigmaScheduler):
       prev_sample=jnp.zeros(sample_shape, jnp.float32),
       prev_noise=jnp.zeros(sample_shape, jnp.float32),
     )
+
+  def brownian_queries(self, state):
+    sigmas = np.asarray(state.sigmas, _F32)  # s0, s1, s1, ..., s_{n-1}, s_{n-1}, 0
+    levels = np.concatenate([sigmas[:1], sigmas[1:-1:2]])  # s0 .. s_{n-1}
+    hi, lo, md = _tree_points(levels[:-1], levels[1:])
+    queries = []
+    for k in range(len(levels) - 1):  # a step's stages: to its midpoint, then to its end
+      queries += [(hi[k], md[k]), (hi[k], lo[k])]
+    return queries + [None]  # the last step (to 0) adds none
+
+  def brownian_state(self, state):
+    # each stage takes its own query's answer, not a mix of the first stage's and its own
+    return state.replace(noise_first=jnp.zeros_like(state.noise_first),
+                         noise_second=jnp.ones_like(state.noise_second))
 
   def step(self, state, model_output, i, sample, noise=None):
     if noise is None:
