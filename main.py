@@ -154,6 +154,13 @@ flags.DEFINE_enum("rng", "jax", list(sampling.RNGS), "where each image's noise c
                   "images diffusers makes with generator=torch.Generator().manual_seed(seed), "
                   "and A1111's 'RNG: CPU' noise) or nv (A1111's 'RNG: NV' noise, which is "
                   "torch's CUDA generator's: A1111's default on NVIDIA GPUs)")
+flags.DEFINE_enum("brownian", "off", ["off", "nv", "torch_cpu"], "the SDE samplers' (dpmpp_sde, "
+                  "dpmpp_2m_sde, dpmpp_3m_sde...) step noise from k-diffusion's Brownian tree "
+                  "seeded by each image's seed, as A1111, ComfyUI and diffusers make it, grown "
+                  "with nv (a CUDA generator: A1111's on NVIDIA GPUs, ComfyUI's *_gpu samplers) or "
+                  "torch_cpu (ComfyUI's other SDE samplers); off: fresh draws from --rng")
+flags.DEFINE_integer("brownian_seed_high", 0, "the high 32 bits of the Brownian trees' seeds "
+                     "(--seed gives the low ones): ComfyUI's 64-bit seeds")
 flags.DEFINE_integer("batch_size", None, "images per device per step")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
 flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go: a "
@@ -341,6 +348,8 @@ def _run_config() -> run.RunConfig:
       ip_adapter_mask=tuple(FLAGS.ip_adapter_mask),
       ip_adapter_scale=tuple(FLAGS.ip_adapter_scale),
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed, rng=FLAGS.rng,
+      brownian=None if FLAGS.brownian == "off" else FLAGS.brownian,
+      brownian_seed_high=FLAGS.brownian_seed_high,
       subseed=FLAGS.subseed, subseed_strength=FLAGS.subseed_strength, ensd=FLAGS.ensd,
       s_min_uncond=FLAGS.s_min_uncond, s_min_uncond_all=FLAGS.s_min_uncond_all,
       skip_early_cond=FLAGS.skip_early_cond, pad_cond_uncond=FLAGS.pad_cond_uncond,

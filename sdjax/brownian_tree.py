@@ -170,9 +170,11 @@ class _Node:
         ta, node = node.midway, node.right
 
 
-# Program ops (`TreePlan.ops` rows: kind, a, b, d1, d2, k): split node in slot a (draw k) into
-# slots d1, d2; add slots a and b into d1; emit slot a, scaled, as query k.
-SPLIT, ADD, EMIT = 0, 1, 2
+# Program ops (`TreePlan.ops` rows: kind, a, b, d, k), each writing one slot d: the left child
+# of the node in slot a (with draw k); the right child (slot a less the left child in slot b);
+# slots a + b; slot a scaled as query k's answer (d: its row after the slots). One write an op
+# keeps XLA's updates of the slots in place.
+LEFT, RIGHT, ADD, EMIT = 0, 1, 2, 3
 # A slot never written (zeros), one written but never read, and the root's.
 _ZERO, _TRASH, _ROOT = 0, 1, 2
 
@@ -183,7 +185,7 @@ class TreePlan:
 
   t0, t1: the tree's range as torch has it (unrounded), root_scale: float32 sqrt(t1 - t0).
   spawn: (key, depth) of the node each split draws for, in draw order.
-  ops: (kind, a, b, d1, d2, k) rows; coefficients: (c1, c2, c3) float32 per op (split: l, 1 / h,
+  ops: (kind, a, b, d, k) rows; coefficients: (c1, c2, c3) float32 per op (left child: l, 1 / h,
     sqrt(l r / h); emit: the sign and the float32 sqrt(|sigma_next - sigma|) dividing it).
   slots: how many value slots the program needs; queries: how many answers it emits.
   """
@@ -192,7 +194,7 @@ class TreePlan:
   t1: float
   root_scale: float
   spawn: tuple[tuple[int, int], ...]
-  ops: tuple[tuple[int, int, int, int, int, int], ...]
+  ops: tuple[tuple[int, int, int, int, int], ...]
   coefficients: tuple[tuple[float, float, float], ...]
   slots: int
   queries: int
@@ -264,12 +266,12 @@ def _program(root: _Node, pieces: list[list[_Node]], emits, t0: float, t1: float
     acc = slot_of[id(out[0])] if out else _ZERO
     for i, node in enumerate(out[1:]):
       total = take()
-      ops.append((ADD, acc, slot_of[id(node)], total, _TRASH, 0))
+      ops.append((ADD, acc, slot_of[id(node)], total, 0))
       coefficients.append((0.0, 0.0, 0.0))
       if i:
         heapq.heappush(free, acc)
       acc = total
-    ops.append((EMIT, acc, 0, 0, 0, q))
+    ops.append((EMIT, acc, 0, -1, q))
     coefficients.append((sign, scale, 0.0))
     if len(out) > 1:
       heapq.heappush(free, acc)
@@ -296,8 +298,11 @@ def _program(root: _Node, pieces: list[list[_Node]], emits, t0: float, t1: float
     left, right = (take() if id(c) in needed else _TRASH for c in (node.left, node.right))
     length, l_len, r_len = node.end - node.start, node.midway - node.start, node.end - node.midway
     h_reciprocal = 1 / length
-    ops.append((SPLIT, slot_of[id(node)], 0, left, right, len(spawn)))
+    ops.append((LEFT, slot_of[id(node)], 0, left, len(spawn)))
     coefficients.append((l_len, h_reciprocal, math.sqrt(l_len * r_len * h_reciprocal)))
+    if right != _TRASH:  # the next op: before anything else writes the left child's slot
+      ops.append((RIGHT, slot_of[id(node)], left, right, 0))
+      coefficients.append((0.0, 0.0, 0.0))
     spawn.append((node.key, node.depth))
     read(node)
     for child, slot in ((node.left, left), (node.right, right)):
@@ -326,48 +331,75 @@ def _draws(generator: str, n: int):
                    f"{', '.join(GENERATORS)}")
 
 
+def _chunked(tree: TreePlan, chunk: int) -> tuple[np.ndarray, ...]:
+  """The ops as [chunks, length] arrays, chunk c holding the ops from left child c * `chunk` up
+  to the next chunk's first (padded with ops that write only the trash): (kind, a, b, d, draw
+  within the chunk, coefficients [..., 3]); an emit's d is its answer's row after the slots."""
+  ops = np.asarray(tree.ops, np.int32).reshape(-1, 5)
+  coefficients = np.asarray(tree.coefficients, np.float32).reshape(-1, 3)
+  kind = ops[:, 0]
+  # an op goes with the last left child's draw (a right child right after it, in one chunk)
+  owner = np.maximum(np.cumsum(kind == LEFT) - 1, 0) // chunk
+  chunks = max(-(-len(tree.spawn) // chunk), 1)
+  columns = (kind, ops[:, 1], ops[:, 2], np.where(kind == EMIT, tree.slots + ops[:, 4], ops[:, 3]),
+             ops[:, 4] % chunk, coefficients)
+  pads = (ADD, _ZERO, _ZERO, _TRASH, 0, 0.0)
+  length = max(np.bincount(owner, minlength=chunks).max(), 1)
+  out = []
+  for column, pad in zip(columns, pads, strict=True):
+    table = np.full((chunks, length, *column.shape[1:]), pad, column.dtype)
+    for c in range(chunks):
+      mine = column[owner == c]
+      table[c, :len(mine)] = mine
+    out.append(table)
+  return tuple(out)
+
+
 def increments(tree: TreePlan, generator: str, seeds, shape: tuple[int, int, int],
-               seeds_hi=None) -> jax.Array:
+               seeds_hi=None, chunk: int = 32) -> jax.Array:
   """float32 [B, queries, h, w, C]: the noise sampler's answers to `tree`'s queries, one tree
   per image of latent `shape` [h, w, C] (drawn in torch's C, h, w order) seeded by `seeds` (their
-  low uint32 words; `seeds_hi` their high ones, default 0). `generator`: `GENERATORS`."""
-  h, w, c = shape
-  n = c * h * w
+  low uint32 words; `seeds_hi` their high ones, default 0). `generator`: `GENERATORS`.
+
+  The ops run in chunks of `chunk` splits: each chunk's draws are made at once (the Mersenne
+  Twister's sequential twists then run over many generators together), then its ops in turn.
+  """
+  h, w, channels = shape
+  n = channels * h * w
   lo = _u32(seeds)
   hi = jnp.zeros_like(lo) if seeds_hi is None else _u32(seeds_hi)
   batch = lo.shape[0]
   draw = _draws(generator, n)
-  root_seed = seed_sequence_words(lo, hi)[:, 0]  # B
-  spawn = np.asarray(tree.spawn or [(0, 0)], np.uint32)  # splits, 2
+  kind, a, b, d, k, coefficients = _chunked(tree, chunk)
+  splits = kind.shape[0] * chunk
+  spawn = np.zeros((splits, 2), np.uint32)  # the last chunk padded with (0, 0)'s draws
+  spawn[:len(tree.spawn)] = np.asarray(tree.spawn, np.uint32).reshape(-1, 2)
   split_seeds = seed_sequence_words(lo[None, :], hi[None, :], spawn[:, None, :])[..., 0]
-  if generator == "torch_cpu":  # seed every draw's generator at once, outside the loop
-    split_seeds = jax.vmap(jax.vmap(torch_rng.seeded_state))(split_seeds)  # splits, B, 624
-    root_seed = jax.vmap(torch_rng.seeded_state)(root_seed)  # B, 624
+  split_seeds = split_seeds.reshape(-1, chunk * batch)  # chunks, chunk * B
+  root_seed = seed_sequence_words(lo, hi)[:, 0]  # B
+  if generator == "torch_cpu":  # the generators' states, seeded at once
+    split_seeds = jax.vmap(jax.vmap(torch_rng.seeded_state))(split_seeds)  # ..., 624
+    root_seed = jax.vmap(torch_rng.seeded_state)(root_seed)
   root = rounded(draw(root_seed) * jnp.float32(tree.root_scale))  # B, n
-  slots = jnp.zeros((tree.slots, batch, n), jnp.float32).at[_ROOT].set(root)
-  answers = jnp.zeros((tree.queries + 1, batch, n), jnp.float32)  # the last: a trash row
-  ops = np.asarray(tree.ops, np.int32).reshape(-1, 6)
-  coefficients = np.asarray(tree.coefficients, np.float32).reshape(-1, 3)
-  # Every op writes two slots and one answer row (unused ones to the trash), so that the
-  # updates stay in place; only the draw is conditional.
-  kind = ops[:, 0]
-  d1 = np.where(kind == EMIT, _TRASH, ops[:, 3])
-  d2 = np.where(kind == SPLIT, ops[:, 4], _TRASH)
-  row = np.where(kind == EMIT, ops[:, 5], tree.queries)
-  xs = (kind, ops[:, 1], ops[:, 2], d1, d2, ops[:, 5], row, coefficients)
+  # the work slots, then one row per answer
+  values = jnp.zeros((tree.slots + tree.queries, batch, n), jnp.float32).at[_ROOT].set(root)
 
-  def body(carry, x):
-    slots, answers = carry
-    kind, a, b, d1, d2, k, row, c = x
-    parent, other = slots[a], slots[b]
-    z = jax.lax.cond(kind == SPLIT, lambda: draw(split_seeds[k]),
-                     lambda: jnp.zeros((batch, n), jnp.float32))
-    left = rounded(rounded(parent * c[0]) * c[1]) + rounded(c[2] * z)
-    first = jnp.where(kind == SPLIT, left, parent + other)
-    slots = slots.at[d1].set(first).at[d2].set(parent - left)
-    answer = true_divide(rounded(parent * c[0]), c[1])
-    return (slots, answers.at[row].set(answer)), None
+  def op(carry, x):
+    values, draws = carry
+    kind, a, b, d, k, c = x
+    node, other = values[a], values[b]
+    left = rounded(rounded(node * c[0]) * c[1]) + rounded(c[2] * draws[k])
+    answer = true_divide(rounded(node * c[0]), c[1])
+    value = jnp.select([kind == LEFT, kind == RIGHT, kind == ADD],
+                       [left, node - other, node + other], answer)
+    return (values.at[d].set(value), draws), None
 
-  (_, answers), _ = jax.lax.scan(body, (slots, answers), xs)
-  out = answers[:tree.queries].reshape(tree.queries, batch, c, h, w)
+  def run_chunk(values, x):
+    seeds, ops = x[0], x[1:]
+    draws = draw(seeds).reshape(chunk, batch, n)
+    (values, _), _ = jax.lax.scan(op, (values, draws), ops)
+    return values, None
+
+  values, _ = jax.lax.scan(run_chunk, values, (split_seeds, kind, a, b, d, k, coefficients))
+  out = values[tree.slots:].reshape(tree.queries, batch, channels, h, w)
   return jnp.transpose(out, (1, 0, 3, 4, 2))  # B, queries, h, w, C

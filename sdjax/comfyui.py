@@ -36,7 +36,7 @@ from PIL import Image
 from sdjax import infotext, outputs, schedulers
 
 # ComfyUI's sampler names -> sdjax's. Its "ddim" is Euler (DDIM with eta 0, over its scheduler's
-# levels); the _gpu variants differ only in where their Brownian tree lives.
+# levels); the _gpu variants differ only in where their Brownian tree lives (--brownian).
 SAMPLERS = {
     "euler": "euler", "euler_ancestral": "euler_ancestral", "heun": "heun", "dpm_2": "kdpm2",
     "dpm_2_ancestral": "kdpm2_ancestral", "lms": "lms", "dpmpp_2s_ancestral": "dpmpp_2s_ancestral",
@@ -329,11 +329,14 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     if value is not None:
       fields[key] = str(value)
   seed = int(fields["Seed"]) if fields.get("Seed", "").isdigit() else None
+  sampler, scheduler = inputs.get("sampler_name"), inputs.get("scheduler")
+  brownian = schedulers.takes_brownian(SAMPLERS.get(sampler))
   if isinstance(seed, int) and seed >= 2**32:  # ComfyUI's are 64-bit
     fields["Seed"] = str(seed % 2**32)
     reader.note(None, f"seed {seed}: torch's CPU generator keeps its low 32 bits, so seed "
                       f"{seed % 2**32} draws the same noise")
-  sampler, scheduler = inputs.get("sampler_name"), inputs.get("scheduler")
+    if brownian:  # the tree's SeedSequence takes all 64
+      fields["Brownian seed high"] = str(seed >> 32)
   if sampler in SAMPLERS:
     fields["Sampler"] = outputs.A1111_SAMPLER_NAMES[SAMPLERS[sampler]]
   else:
@@ -344,6 +347,12 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     reader.note("schedule_type", f"scheduler {scheduler} (with sampler {sampler}): sdjax places "
                                  "the noise levels its own way")
   fields["RNG"] = "CPU"  # ComfyUI's initial noise: torch's CPU generator, seeded by the seed
+  if brownian:  # the SDE samplers' tree: on the CPU, or the GPU for the _gpu variants
+    fields["Brownian noise"] = "NV" if sampler.endswith("_gpu") else "CPU"
+    if sampler.endswith("_gpu"):
+      reader.note("brownian", f"sampler {sampler}: ComfyUI grows its Brownian tree on its GPU: "
+                              "sdjax with CUDA's generator, an NVIDIA GPU's (another GPU's tree "
+                              "differs)")
   fields["Emphasis"] = "ComfyUI"  # its weighting: towards the empty prompt's encoding
   if any("[" in fields[key] for key in ("prompt", "negative_prompt")):
     reader.note("emphasis", "[...] is plain text to ComfyUI; main.py's A1111 syntax weakens it "

@@ -2,8 +2,8 @@
 
 A1111 and sdjax write how an image was made into the image (`outputs.a1111_parameters`);
 `reproduce(text)` turns that text back into the main.py flags that make it again: the prompts,
-steps, sampler and schedule type, CFG scale, seed, size, Clip skip, RNG, ENSD, variation seed,
-seed resize, eta, the hires fix, tiling, FreeU, PAG, NGMS, Skip Early CFG, Pad conds, SGM noise
+steps, sampler and schedule type, CFG scale, seed, size, Clip skip, RNG (and the SDE samplers'
+Brownian tree), ENSD, variation seed, seed resize, eta, the hires fix, tiling, FreeU, PAG, NGMS, Skip Early CFG, Pad conds, SGM noise
 multiplier, SDXL's micro-conditioning and refiner switch, and A1111's k-diffusion placement of the
 noise levels (its own DDIM and PLMS loops) for its own images. What the text asks for that a flag
 cannot give (a model or VAE known only by name, another GPU's noise than NVIDIA's, an img2img
@@ -34,9 +34,6 @@ _AUTOMATIC_SCHEDULE_TYPES = {"dpmpp_2m": "Karras", "dpmpp_sde": "Karras",
 # sdjax's do with `k_diffusion`; A1111 writes `Discard penultimate sigma` for others when a setting
 # makes them drop it too.
 _DISCARDING = ("kdpm2", "kdpm2_ancestral", "dpmpp_3m_sde")
-# A1111's samplers whose fresh noise comes from a Brownian tree seeded by the image's seed
-# (torchsde's), not from its RNG.
-_BROWNIAN = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
 # A1111's samplers that step over training timesteps (its sd_samplers_timesteps), which its
 # Schedule type does not move.
 _TIMESTEP_SAMPLERS = schedulers.A1111_TIMESTEP_SAMPLERS
@@ -52,7 +49,8 @@ _ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
                "Negative aesthetic score": "negative_aesthetic_score",
                "NGMS": "s_min_uncond", "Skip Early CFG": "skip_early_cond",
                "PerturbedAttentionGuidance_scale": "pag_scale",
-               "PerturbedAttentionGuidance_adaptive_scale": "pag_adaptive_scale"}
+               "PerturbedAttentionGuidance_adaptive_scale": "pag_adaptive_scale",
+               "Brownian seed high": "brownian_seed_high"}
 # A1111's RNG sources: --rng.
 _RNGS = {"CPU": "torch_cpu", "NV": "nv"}
 # A1111's settings written as "True" when on: flag name.
@@ -112,6 +110,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   _sgm(fields, flags, notes, scheduler)
   _eta(fields, flags, notes, scheduler)
   _noise(fields, flags, notes, made_by_sdjax, made_in)
+  _brownian(fields, flags, notes, scheduler, made_by_sdjax, made_in)
   if "Size" in fields:
     width, height = _size("Size", fields.pop("Size"))
     flags["width"], flags["height"] = str(width), str(height)
@@ -205,7 +204,7 @@ def _sampler(fields, flags, notes, made_by_sdjax, made_in="A1111") -> str | None
                                     "the model's own is used", flags, notes):
     scheduler = outputs.scheduler_name(sampler)
   if not made_by_sdjax:
-    _a1111_sampling(fields, notes, sampler, scheduler, made_in)
+    _a1111_sampling(fields, notes, sampler, scheduler)
   if options is not None:
     _scheduler_options(options, flags)
     return scheduler
@@ -250,15 +249,11 @@ def _sgm(fields, flags, notes, scheduler) -> None:
                                "starts from its noise times sigma_0, not sqrt(1 + sigma_0^2)"))
 
 
-def _a1111_sampling(fields, notes, sampler, scheduler, made_in="A1111") -> None:
-  """What an A1111 image's sampler did that sdjax's does not: noise from a Brownian tree or
-  torch's global generator, a penultimate level dropped by A1111's "Always discard
-  next-to-last sigma" setting."""
+def _a1111_sampling(fields, notes, sampler, scheduler) -> None:
+  """What an A1111 image's sampler did that sdjax's does not: noise from torch's global
+  generator, a penultimate level dropped by A1111's "Always discard next-to-last sigma"
+  setting."""
   family = (scheduler or "").removesuffix("_karras")
-  if family in _BROWNIAN:
-    notes.append(("scheduler", f"Sampler: {sampler}: {made_in} draws its fresh noise from a "
-                               "Brownian tree (torchsde's) seeded by the image's seed, sdjax from "
-                               "its RNG: the image will differ"))
   if family == "restart" and _number("Steps", fields.get("Steps", "0")) >= 20:
     notes.append(("scheduler", "Sampler: Restart: from 20 steps A1111 draws its restarts' noise "
                                "from torch's global generator, not from the image's seed: the "
@@ -329,6 +324,34 @@ def _eta(fields, flags, notes, scheduler) -> None:
       flags["scheduler_options"] = json.dumps(options)
   elif _number("Eta", value) != 1.0:
     notes.append((None, f"Eta: {value}: sdjax's SDE samplers add all the fresh noise (eta 1)"))
+
+
+def _brownian(fields, flags, notes, scheduler, made_by_sdjax, made_in) -> None:
+  """Brownian noise (sdjax's field, and ComfyUI's reader's): the device of the tree an SDE
+  sampler's noise came from (--brownian). A1111's SDE samplers (of either pass) grow theirs on
+  its GPU, seeded by the image's seed: on NVIDIA, CUDA's generator."""
+  value = fields.pop("Brownian noise", None)
+  if value is not None:
+    if value in _RNGS:
+      flags["brownian"] = _RNGS[value]
+    else:
+      notes.append(("brownian", f"Brownian noise: {value}: sdjax grows the tree with a CPU or "
+                                "CUDA generator only (CPU, NV): the image's noise will differ"))
+    return
+  hires = fields.get("Hires sampler")
+  try:
+    hires = outputs.scheduler_name(hires) if hires else None
+  except ValueError:
+    hires = None
+  if made_by_sdjax or not (schedulers.takes_brownian(scheduler)
+                           or schedulers.takes_brownian(hires)):
+    return
+  flags["brownian"] = "nv"
+  notes.append(("brownian", f"{made_in}'s SDE samplers draw their fresh noise from a Brownian "
+                            "tree (torchsde's) on its GPU, seeded by the image's seed: sdjax "
+                            "grows it with CUDA's generator, an NVIDIA GPU's (--brownian nv); an "
+                            "AMD, Intel or Apple GPU's tree differs (a CPU's: --brownian "
+                            "torch_cpu)"))
 
 
 def _number(key: str, value: str) -> float:

@@ -382,7 +382,7 @@ class Pipeline:
                seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
                s_min_uncond_all: bool = False, skip_early_cond: float = 0.0,
                pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False,
-               brownian: str | None = None) -> np.ndarray:
+               brownian: str | None = None, brownian_seed_high: int = 0) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -434,6 +434,8 @@ class Pipeline:
         GPU, ComfyUI's *_gpu samplers) or "torch_cpu" (ComfyUI's other SDE samplers, diffusers
         on CPU). Independent of `rng`, which makes the initial noise. Each schedule compiles
         its own program (the tree's shape follows the noise levels).
+      brownian_seed_high: the high 32 bits of the trees' seeds (`seed` gives the low ones):
+        ComfyUI's seeds are 64-bit, and its tree takes them whole.
       subseed, subseed_strength: A1111's variation seeds ("Variation seed", "Variation
         strength"): image i's initial noise (and hires noise) is moved towards that of seed
         `subseed + i` along A1111's slerp, by the strength in [0, 1] (0: off).
@@ -668,7 +670,7 @@ class Pipeline:
         ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,
         pad_cond_uncond=pad_cond_uncond, pad_cond_uncond_v0=pad_cond_uncond_v0,
-        brownian=brownian)
+        brownian=brownian, brownian_seed_high=brownian_seed_high)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

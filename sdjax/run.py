@@ -85,6 +85,11 @@ class RunConfig:
   # CPU generator, as diffusers' pipelines with per-image generators and A1111's "RNG: CPU"; or
   # "nv": its seed's A1111 NV generator (A1111's "RNG: NV", and its GPU default on NVIDIA).
   rng: str = "jax"
+  # The device of the Brownian tree the SDE samplers' step noise comes from, as A1111's, ComfyUI's
+  # and diffusers' (`sampling.BrownianNoise`: "nv", a CUDA generator's; "torch_cpu"); None: fresh
+  # draws from `rng`. Lines whose sampler is not an SDE one ignore it.
+  brownian: str | None = None
+  brownian_seed_high: int = 0  # the trees' seeds' high 32 bits (ComfyUI's 64-bit seeds)
   # A1111's variation seeds: image k's noise moved towards seed `subseed + k`'s by this strength.
   subseed: int | None = None
   subseed_strength: float = 0.0
@@ -355,6 +360,12 @@ def validate(cfg: RunConfig) -> None:
   if not 0 <= cfg.ensd < 2**32:
     raise RunError(f"--ensd must be in [0, 2**32), got {cfg.ensd}")
   try:
+    sampling.check_brownian(cfg.brownian, *(
+        (cfg.scheduler, cfg.hires_scheduler) if cfg.scheduler is not None else ()),
+        seed_high=cfg.brownian_seed_high)
+  except ValueError as e:
+    raise RunError(f"--brownian: {e}") from None
+  try:
     _cfg_skip(cfg).check()
   except ValueError as e:
     raise RunError(f"--{e}") from None
@@ -513,6 +524,10 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["eta"] = cfg.eta
   if cfg.rng != RunConfig.rng:
     settings["rng"] = cfg.rng
+  if cfg.brownian is not None:
+    settings["brownian"] = cfg.brownian
+    if cfg.brownian_seed_high:
+      settings["brownian_seed_high"] = cfg.brownian_seed_high
   if cfg.subseed_strength:
     settings.update(subseed=cfg.subseed, subseed_strength=cfg.subseed_strength)
   if cfg.ensd:
@@ -1365,7 +1380,8 @@ class _Sampler:
       common = dict(steps=steps, scheduler=scheduler, height=size[0], width=size[1],
                     guidance_scale=guidance, guidance_rescale=cfg.guidance_rescale,
                     eta=cfg.eta, cfg_split=cfg.cfg_parallel, rng=cfg.rng, ensd=cfg.ensd,
-                    seed_resize_from=_seed_resize(cfg),
+                    seed_resize_from=_seed_resize(cfg), brownian=cfg.brownian,
+                    brownian_seed_high=cfg.brownian_seed_high,
                     clip_skip=schedule.clip_skip - 1 or None,  # diffusers' count
                     scheduler_options=line_options(cfg, pipe, scheduler, schedule.schedule_type,
                                                    schedule.scheduler_options) or None)
@@ -1690,6 +1706,7 @@ def _cfg_skip(cfg: RunConfig) -> sampling.CfgSkip:
 
 
 # The run's A1111 guidance settings by their manifest names, and the fields A1111 writes them as.
+_A1111_RNG_NAMES = {"torch_cpu": "CPU", "nv": "NV"}  # A1111's words for sdjax's generators
 _A1111_CFG_FIELDS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps",
                      "skip_early_cond": "Skip Early CFG", "pad_cond_uncond": "Pad conds",
                      "pad_cond_uncond_v0": "Pad conds v0"}
@@ -1997,6 +2014,9 @@ class _Metadata:
         **({"scheduler_options": options} if options else {}),
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
         **({"rng": cfg.rng} if cfg.rng != RunConfig.rng else {}),
+        **({"brownian": brownian} if (brownian := self._brownian(scheduler)) else {}),
+        **({"brownian_seed_high": cfg.brownian_seed_high}
+           if brownian and cfg.brownian_seed_high else {}),
         **({"ensd": cfg.ensd} if cfg.ensd else {}), **_cfg_options(cfg),
         **({"seed_resize_from": list(_seed_resize(cfg))} if _seed_resize(cfg) else {}),
         **({"subseed": varied[0], "subseed_strength": varied[1]}
@@ -2027,6 +2047,14 @@ class _Metadata:
     if cfg.inpainting_fill != "original":
       record["inpainting_fill"] = cfg.inpainting_fill
     return record
+
+  def _brownian(self, scheduler: str) -> str | None:
+    """--brownian where an image's sampler (or its hires pass's) takes it."""
+    hires = self.cfg.hires_scheduler if _hires(self.cfg) is not None else None
+    takes = sampling.schedulers.takes_brownian
+    if self.cfg.brownian is not None and (takes(scheduler) or takes(hires)):
+      return self.cfg.brownian
+    return None
 
   def _hires_extra(self, height: int, width: int, scheduler: str,
                    schedule_type: str | None) -> dict[str, Any]:
@@ -2099,8 +2127,11 @@ class _Metadata:
                    options)), **self._hires_prompts(job),
                **self._vae_extra(),
                **({"Clip skip": schedule.clip_skip} if schedule.clip_skip != 1 else {}),
-               **({"RNG": {"torch_cpu": "CPU", "nv": "NV"}[cfg.rng]}  # A1111's words
-                  if cfg.rng != "jax" else {}),
+               **({"RNG": _A1111_RNG_NAMES[cfg.rng]} if cfg.rng != "jax" else {}),
+               **({"Brownian noise": _A1111_RNG_NAMES[brownian]}  # sdjax's fields
+                  if (brownian := self._brownian(scheduler)) else {}),
+               **({"Brownian seed high": cfg.brownian_seed_high}
+                  if brownian and cfg.brownian_seed_high else {}),
                **({"ENSD": cfg.ensd} if cfg.ensd else {}),
                **{_A1111_CFG_FIELDS[k]: v for k, v in _cfg_options(cfg).items()},
                **({"Seed resize from": "x".join(map(str, _seed_resize(cfg)))}

@@ -147,21 +147,22 @@ class BrownianNoise:
     NVIDIA card; "torch_cpu" for ComfyUI's CPU tree or diffusers on CPU).
   tree: the program making the run's queries' answers.
   query_at: each position's query in `tree` (from position 0; -1: the step adds no noise).
+  seed_high: the high 32 bits of the trees' seeds (ComfyUI's are 64-bit; the seeds are their
+    low words).
   """
 
   generator: str
   tree: brownian_tree.TreePlan
   query_at: tuple[int, ...]
+  seed_high: int = 0
 
 
 def brownian_noise(sched: schedulers.Scheduler, state, generator: str, begin: int,
-                   end: int | None) -> BrownianNoise:
+                   end: int | None, seed_high: int = 0) -> BrownianNoise:
   """The Brownian noise of a run of positions [begin, end) of `state`'s schedule: its tree spans
   the whole schedule's noise levels (A1111 builds it from the full schedule in img2img and hires
   passes too, as diffusers' scheduler does) and answers the run's calls, in order."""
-  if generator not in brownian_tree.GENERATORS:
-    raise ValueError(f"unknown Brownian tree generator {generator!r}; use one of "
-                     f"{', '.join(brownian_tree.GENERATORS)}")
+  check_brownian(generator)
   queries = sched.brownian_queries(state)
   if queries is None:
     raise ValueError(f"scheduler {sched.name!r} adds no Brownian noise: the Brownian tree is for "
@@ -174,7 +175,7 @@ def brownian_noise(sched: schedulers.Scheduler, state, generator: str, begin: in
       calls.append(query)
   sigmas = np.asarray(state.sigmas, np.float32)
   tree = brownian_tree.plan(sigmas[sigmas > 0].min(), sigmas.max(), calls)
-  return BrownianNoise(generator, tree, tuple(query_at))
+  return BrownianNoise(generator, tree, tuple(query_at), int(seed_high))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,8 +417,9 @@ def _noise_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSourc
   if spec.brownian is None:
     return source
   tree = spec.brownian
+  high = jnp.full_like(source.seeds, tree.seed_high)
   return dataclasses.replace(source, tree_drawn=brownian_tree.increments(
-      tree.tree, tree.generator, source.seeds, shape))
+      tree.tree, tree.generator, source.seeds, shape, high))
 
 
 def _generator_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSource:
@@ -1256,7 +1258,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original",
             scheduler_options: dict[str, Any] | None = None, control: bool = False,
             control_guess: bool = False, rng: str = "jax", ensd: int = 0,
-            seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None):
+            seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
+            brownian_seed_high: int = 0):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -1268,7 +1271,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   (`schedulers.get_scheduler`). `rng`: where the noise comes from (RNGS); `ensd`: A1111's
   Eta noise seed delta (`SampleSpec.ensd`); `seed_resize_from`: A1111's "Resize seed from"
   (width, height) in pixels (`SampleSpec.seed_resize`; None or a 0 side: off); `brownian`: the
-  device of the Brownian tree an SDE sampler's noise comes from (`BrownianNoise`), or None.
+  device of the Brownian tree an SDE sampler's noise comes from (`BrownianNoise`; other
+  schedulers ignore it), or None; `brownian_seed_high`: its seeds' high 32 bits
+  (`BrownianNoise.seed_high`).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
@@ -1331,10 +1336,28 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     seed_resize=seed_resize_latents(pipe, seed_resize_from))
   if rng == "torch_cpu" or brownian == "torch_cpu":
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
-  if brownian is not None:
-    spec = dataclasses.replace(spec, brownian=brownian_noise(sched, state, brownian, begin, end))
+  check_brownian(brownian, seed_high=brownian_seed_high)
+  if brownian is not None and sched.brownian_queries(state) is not None:
+    spec = dataclasses.replace(spec, brownian=brownian_noise(sched, state, brownian, begin, end,
+                                                             brownian_seed_high))
     state = sched.brownian_state(state)
   return spec, state
+
+
+def check_brownian(brownian: str | None, *scheduler_names: str | None,
+                   seed_high: int = 0) -> None:
+  """`brownian` names a tree device (`BrownianNoise`) and, where `scheduler_names` are given (a
+  run's passes'), one of them adds Brownian noise; `seed_high` fits 32 bits."""
+  if not (isinstance(seed_high, int | np.integer) and 0 <= seed_high < 2**32):
+    raise ValueError(f"brownian_seed_high must be an integer in [0, 2**32), got {seed_high!r}")
+  if brownian is None:
+    return
+  if brownian not in brownian_tree.GENERATORS:
+    raise ValueError(f"unknown Brownian tree generator {brownian!r}; use one of "
+                     f"{', '.join(brownian_tree.GENERATORS)}")
+  if scheduler_names and not any(map(schedulers.takes_brownian, scheduler_names)):
+    raise ValueError(f"scheduler {scheduler_names[0]!r} adds no Brownian noise: the Brownian tree "
+                     f"is the SDE samplers' ({', '.join(schedulers.BROWNIAN_FAMILIES)})")
 
 
 def seed_resize_latents(pipe, size: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -1566,7 +1589,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                   clip_skip: int | None = None, eta: float = 0.0, cfg_split: bool = False,
                   scheduler_options: dict[str, Any] | None = None, control: bool = False,
                   control_guess: bool = False, rng: str = "jax", ensd: int = 0,
-                  seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None):
+                  seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
+                  brownian_seed_high: int = 0):
   """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps. `control`,
@@ -1608,8 +1632,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   begin = (total - n) * spec.scheduler.order
   # the first pass's tree device, where the hires sampler (maybe another) draws from a tree
   if brownian is not None and spec.scheduler.brownian_queries(state) is not None:
-    spec = dataclasses.replace(spec, brownian=brownian_noise(spec.scheduler, state, brownian,
-                                                             begin, None))
+    spec = dataclasses.replace(spec, brownian=brownian_noise(
+        spec.scheduler, state, brownian, begin, None, brownian_seed_high))
     state = spec.scheduler.brownian_state(state)
   return dataclasses.replace(spec, begin=begin,
                              upscale=hires.upscale, upscale_crop=crop,
@@ -1693,6 +1717,7 @@ def generate(
     pad_cond_uncond: bool = False,
     pad_cond_uncond_v0: bool = False,
     brownian: str | None = None,
+    brownian_seed_high: int = 0,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1781,10 +1806,14 @@ def generate(
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                 clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel,
                 scheduler_options=scheduler_options, rng=rng, ensd=ensd,
-                seed_resize_from=seed_resize_from, brownian=brownian)
+                seed_resize_from=seed_resize_from, brownian=brownian,
+                brownian_seed_high=brownian_seed_high)
   if latents is not None and rng != "jax":
     raise ValueError(f"rng={rng!r} draws the initial noise from the seeds: give seed, not "
                      "latents")
+  check_brownian(brownian, scheduler or schedulers.default_scheduler_name(pipe.scheduler_config),
+                 *([hires.scheduler] if hires is not None and hires.scheduler else []),
+                 seed_high=brownian_seed_high)
   variation = make_variation(subseed, subseed_strength, n)
   if latents is not None and (variation is not None
                               or seed_resize_from is not None and min(seed_resize_from) > 0):

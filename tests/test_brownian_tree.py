@@ -83,15 +83,16 @@ def _nv_randn(size, dtype, device, seed):
 @pytest.mark.parametrize("pattern", list(QUERIES))
 @pytest.mark.parametrize("generator", brownian_tree.GENERATORS)
 def test_answers_are_torchsdes(pattern, generator):
-  """Two images' trees (seeds 7 and 2**32 - 3) answer as torchsde's, to float32 rounding
-  (torch's and XLA's log / sin / cos differ by an ulp at most)."""
+  """Three images' trees (seeds 7, 2**32 - 3 and a 64-bit one, as ComfyUI's) answer as
+  torchsde's, to float32 rounding (torch's and XLA's log / sin / cos differ by an ulp at most)."""
   sigmas = _karras(8)
   queries = QUERIES[pattern](sigmas)
   tree = brownian_tree.plan(sigmas.min(), sigmas.max(), queries)
-  seeds = [7, 2**32 - 3]
-  got = np.asarray(brownian_tree.increments(tree, generator, np.asarray(seeds, np.uint32),
-                                            SHAPE))
-  assert got.shape == (2, len(queries), *SHAPE)
+  seeds = [7, 2**32 - 3, (5 << 32) + 9]
+  low, high = (np.asarray([s & 0xFFFFFFFF for s in seeds], np.uint32),
+               np.asarray([s >> 32 for s in seeds], np.uint32))
+  got = np.asarray(brownian_tree.increments(tree, generator, low, SHAPE, high))
+  assert got.shape == (3, len(queries), *SHAPE)
   for image, seed in enumerate(seeds):
     want = _torchsde_answers(sigmas, queries, seed, _nv_randn if generator == "nv" else None)
     np.testing.assert_allclose(got[image], want, rtol=0, atol=2e-6)
@@ -128,7 +129,7 @@ def test_dpmpp_sde_is_diffusers_with_its_tree(sd):
   """dpmpp_sde with brownian="torch_cpu" (and rng="torch_cpu" for the initial noise): diffusers'
   DPMSolverSDEScheduler whose noise sampler is seeded by the images' seeds (a list: one tree
   each, as A1111 seeds them), text-to-image and img2img (whose tree spans the whole schedule and
-  answers from the first step run); sdjax's own noise differs."""
+  answers from the first step run), also for seeds past 32 bits; sdjax's own noise differs."""
   ref, pipe = sd
   seeds = [40, 41]
   ref.scheduler = diffusers.DPMSolverSDEScheduler.from_config(
@@ -154,6 +155,14 @@ def test_dpmpp_sde_is_diffusers_with_its_tree(sd):
   err = rel(got, expected)
   print(f"img2img dpmpp_sde, Brownian tree: rel err {err:.2e}")
   assert err <= 1e-5
+  # ComfyUI's 64-bit seeds: the generators take the low words, the trees the whole seeds
+  ref.scheduler = diffusers.DPMSolverSDEScheduler.from_config(
+      pipe.scheduler_config, use_karras_sigmas=True,
+      noise_sampler_seed=[(3 << 32) + s for s in seeds])
+  expected = ref(PROMPTS, num_inference_steps=4, generator=_generators(seeds),
+                 output_type="np", **common).images
+  got = pipe.generate(PROMPTS, brownian="torch_cpu", brownian_seed_high=3, **ours)
+  assert rel(got, expected) <= 1e-5
 
 
 def test_dpmpp_2m_sde_takes_the_trees_answers(sd):
@@ -213,3 +222,28 @@ def test_torchsde_is_the_reference():
   interval = sampler.tree.trees[0]
   assert isinstance(interval, torchsde.BrownianInterval) and interval.halfway_tree
   assert (interval.tol, interval.pool_size) == (brownian_tree.TOL, brownian_tree.POOL_SIZE)
+
+
+def test_run_with_brownian(sd, tmp_path):
+  """main.py --brownian: generate()'s image; run.json, the manifest and the PNG (sdjax's
+  `Brownian noise` field, in A1111's RNG words) name it and the PNG's text gives it back; a
+  --scheduler without Brownian noise is a one-line error."""
+  import dataclasses  # noqa: PLC0415
+  import json  # noqa: PLC0415
+
+  from parity import one_image_run  # noqa: PLC0415
+
+  from sdjax import infotext, outputs, run  # noqa: PLC0415
+
+  _, pipe = sd
+  cfg, record, png, kw = one_image_run(pipe, tmp_path / "out", scheduler="dpmpp_2m_sde_karras",
+                                       height=32, width=32, brownian="nv")
+  expected = pipe.generate("a cat", brownian="nv", **kw)
+  assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
+  assert record["brownian"] == "nv"
+  assert json.load(open(tmp_path / "out" / "run.json"))["brownian"] == "nv"
+  assert outputs.parse_a1111_parameters(png.text["parameters"])["Brownian noise"] == "NV"
+  assert infotext.reproduce(png.text["parameters"]).flags["brownian"] == "nv"
+  with pytest.raises(run.RunError, match="--brownian: scheduler 'euler' adds no Brownian"):
+    run.generate_run(dataclasses.replace(cfg, scheduler="euler",
+                                         output_dir=str(tmp_path / "bad")))

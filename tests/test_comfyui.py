@@ -81,6 +81,7 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("dpm_2_ancestral", "exponential", "DPM2 a", "Exponential"),
     ("ddim", "sgm_uniform", "Euler", "SGM Uniform"),  # ComfyUI's ddim is Euler
     ("dpmpp_2m_sde_gpu", "simple", "DPM++ 2M SDE", "Simple"),
+    ("dpmpp_sde", "karras", "DPM++ SDE", "Karras"),
     ("uni_pc", "karras", "UniPC", None),
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
@@ -88,8 +89,13 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   assert found.flags["scheduler"] == want
   assert found.flags.get("schedule_type") == label
   notes = _notes(found)
-  assert ("GPU" in notes) == (sampler == "dpm_2_ancestral")
-  assert ("Brownian tree" in notes and "ComfyUI draws" in notes) == (sampler.endswith("sde_gpu"))
+  assert ("fresh noise from a generator on its GPU" in notes) == (sampler == "dpm_2_ancestral")
+  # the SDE samplers' Brownian tree: on the CPU, or on the GPU (CUDA's generator) for _gpu
+  assert found.flags.get("brownian") == {"dpmpp_2m_sde_gpu": "nv", "dpmpp_sde": "torch_cpu"}.get(
+      sampler)
+  if "brownian" in found.flags:  # the tree's SeedSequence takes the 64-bit seed whole
+    assert int(found.flags["brownian_seed_high"]) == 156680208700286 >> 32
+  assert ("Brownian tree on its GPU" in notes) == sampler.endswith("sde_gpu")
   # Where sdjax's scheduler steps as ComfyUI's KSampler (its noise scale, whole timesteps) the
   # option says so; elsewhere a note.
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")

@@ -139,11 +139,9 @@ def test_ancestral_eta():
 
 
 def test_a1111_sampling_sdjax_does_not_do():
-  """A1111's SDE samplers draw from a Brownian tree; its "Always discard next-to-last sigma"
-  setting drops a level for any sampler (it writes the field only where the sampler would not)."""
-  notes = _notes("a cat\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: Karras, CFG scale: 7, "
-                 "Seed: 1, RNG: CPU")
-  assert set(notes) == {"scheduler"} and "Brownian" in notes["scheduler"]
+  """A1111's "Always discard next-to-last sigma" setting drops a level for any sampler (it
+  writes the field only where the sampler would not); Restart's restarts draw from torch's global
+  generator."""
   for steps, said in ((19, {}), (20, {"scheduler"})):  # Restart's restarts from 20 steps
     notes = _notes(f"a cat\nSteps: {steps}, Sampler: Restart, CFG scale: 7, Seed: 1, RNG: CPU")
     assert set(notes) == set(said)
@@ -151,9 +149,29 @@ def test_a1111_sampling_sdjax_does_not_do():
                     "Discard penultimate sigma: True")
   assert found.notes == ((None, "Discard penultimate sigma: True: sdjax's euler keeps every "
                                 "noise level"),)
-  # An sdjax image's SDE sampler drew its own noise: nothing to say.
-  assert _notes("a cat\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1, "
-                "Version: sdjax 0.1.0") == {}
+
+
+
+def test_brownian_noise():
+  """A1111's SDE samplers (of either pass) draw from a Brownian tree grown on its GPU: --brownian
+  nv, with a note; sdjax writes its own field (in A1111's RNG words), read back as it was, and
+  an sdjax image without it drew its own noise."""
+  for sampler, hires in (("DPM++ 2M SDE", ""), ("Euler a", ", Hires upscale: 2, Hires sampler: "
+                                                          "DPM++ SDE")):
+    found = reproduce(f"a cat\nSteps: 20, Sampler: {sampler}, Schedule type: Karras, CFG scale: "
+                      f"7, Seed: 1, RNG: CPU{hires}")
+    assert found.flags["brownian"] == "nv"
+    assert [flag for flag, _ in found.notes] == ["brownian"]
+    assert "NVIDIA" in found.notes[0][1]
+  found = reproduce("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, RNG: CPU")
+  assert "brownian" not in found.flags and not found.notes
+  for value, want in (("CPU", "torch_cpu"), ("NV", "nv")):
+    found = reproduce(f"a cat\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1, Brownian "
+                      f"noise: {value}, Version: sdjax 0.1.0")
+    assert found.flags["brownian"] == want and not found.notes
+  found = reproduce("a cat\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1, Version: sdjax "
+                    "0.1.0")
+  assert "brownian" not in found.flags and not found.notes
 
 
 def test_schedule_type_of_a_scheduler_without_them():

@@ -52,6 +52,11 @@ weights) of `--batch` 8-bit images of `--height` x `--width` (default 64) in til
 `--upscaler_tile` overlapping by 8: sdjax's compiled pass (`Upscaler.upscale`) against A1111's
 loop (each tile through the torch network in turn, PIL blends; tests/esrgan_reference.py, the
 network BasicSR's), calls interleaved.
+`--what brownian --steps 20` times k-diffusion's Brownian-tree noise of a DPM++ SDE Karras run
+of `--steps` (two queries a step, SD1.5's noise levels) for `--batch` images at the arch's latent
+size: sdjax's program (`brownian_tree.increments`, torch's CPU generator and CUDA's) after its
+compile, against diffusers' `BrownianTreeNoiseSampler` (torchsde's tree, one per image) making
+the same answers on the CPU, calls interleaved; and the host plan's time.
 
 `sdxl` is SDXL base 1.0's architecture (2.6B-parameter UNet, CLIP-L + OpenCLIP-bigG encoders,
 1024x1024). `sdxl_small` keeps SDXL's layout (no attention at the first level, linear
@@ -78,7 +83,7 @@ _ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "sdxl", 
 _WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate", "run",
                                                "first_image", "lora_merge", "encode",
                                                "image_encoder", "dynamic_prompts", "rng",
-                                               "safety_checker", "upscaler"],
+                                               "safety_checker", "upscaler", "brownian"],
                           "what to time")
 _ENCODER = flags.DEFINE_enum("encoder", "vit-h", ["vit-bigg", "vit-h", "vit-l"],
                              "image_encoder: which (testing.CLIP_VISION_SIZES)")
@@ -515,6 +520,58 @@ def bench_rng():
             "nv_compile_s": nv_compile_s,
             "jax_s": _timed(lambda: jax.block_until_ready(keyed(seeds)), repeats),
             "device": str(jax.devices()[0].device_kind)}
+  result["median_s"] = result["torch_cpu_s"]
+  return result
+
+
+def bench_brownian():
+  """Seconds to make --batch images' Brownian answers for a DPM++ SDE Karras run of --steps:
+  sdjax's program with each generator (and its compile) against torchsde's trees, interleaved."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+  from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler  # noqa: PLC0415
+
+  from sdjax import brownian_tree, schedulers, testing  # noqa: PLC0415
+
+  torch.set_num_threads(1)
+  h, w = _size()
+  shape = (h // 8, w // 8, 4)
+  sched = schedulers.get_scheduler("dpmpp_sde_karras", dict(testing.SCHEDULER_SD15))
+  state = sched.set_timesteps(_STEPS.value, sample_shape=(1, *shape))
+  queries = [q for q in sched.brownian_queries(state) if q is not None]
+  sigmas = np.asarray(state.sigmas)
+  start = time.perf_counter()
+  tree = brownian_tree.plan(sigmas[sigmas > 0].min(), sigmas.max(), queries)
+  result = {"flops": None, "queries": len(queries), "ops": len(tree.ops),
+            "draws": len(tree.spawn) + 1, "slots": tree.slots,
+            "plan_s": time.perf_counter() - start, "device": str(jax.devices()[0].device_kind)}
+  seeds = jnp.arange(_BATCH.value, dtype=jnp.uint32)
+  programs = {}
+  for generator in brownian_tree.GENERATORS:
+    start = time.perf_counter()
+    programs[generator] = jax.jit(
+        lambda s, g=generator: brownian_tree.increments(tree, g, s, shape)).lower(seeds).compile()
+    result[f"{generator}_compile_s"] = time.perf_counter() - start
+  x = torch.zeros(_BATCH.value, 4, h // 8, w // 8)
+
+  def reference():
+    sampler = BrownianTreeNoiseSampler(x, float(sigmas[sigmas > 0].min()), float(sigmas.max()),
+                                       seed=list(range(_BATCH.value)))
+    return [sampler(torch.tensor(a), torch.tensor(b)) for a, b in queries]
+
+  times = {name: [] for name in (*programs, "torchsde")}
+  for _ in range(max(_REPEATS.value, 1) + 1):  # the first round warms up
+    for name, program in programs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(program(seeds))
+      times[name].append(time.perf_counter() - start)
+    start = time.perf_counter()
+    reference()
+    times["torchsde"].append(time.perf_counter() - start)
+  for name, values in times.items():
+    result[f"{name}_s"] = statistics.median(values[1:])
   result["median_s"] = result["torch_cpu_s"]
   return result
 
@@ -1028,12 +1085,14 @@ def main(argv):
     result = bench_dynamic_prompts()
   elif _WHAT.value == "rng":
     result = bench_rng()
+  elif _WHAT.value == "brownian":
+    result = bench_brownian()
   else:
     result = bench_jax() if _BACKEND.value == "jax" else bench_torch()
   h, w = _size()
   result.update(arch=_ARCH.value, what=_WHAT.value, batch=_BATCH.value, height=h, width=w,
                 dtype=_DTYPE.value, backend=_BACKEND.value,
-                steps=_STEPS.value if _WHAT.value == "generate" else None)
+                steps=_STEPS.value if _WHAT.value in ("generate", "brownian") else None)
   if _DEVICES.value is not None:
     result["cpu_devices"] = _DEVICES.value
   if _CFG_PARALLEL.value:

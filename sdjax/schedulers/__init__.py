@@ -124,6 +124,16 @@ def _class(name: str) -> type[Scheduler]:
 ETA_SCHEDULERS = ("ddim", "tcd")
 
 
+# The SDE samplers, whose step noise k-diffusion (A1111, ComfyUI) and diffusers' DPMSolverSDE
+# draw from a Brownian tree seeded by the image's seed (generate's `brownian`), by family.
+BROWNIAN_FAMILIES = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
+
+
+def takes_brownian(name: str | None) -> bool:
+  """Whether scheduler `name`'s step noise can come from a Brownian tree (`BROWNIAN_FAMILIES`)."""
+  return name is not None and name.removesuffix("_karras") in BROWNIAN_FAMILIES
+
+
 def takes_option(name: str, option: str) -> bool:
   """Whether scheduler `name` takes `option` (`get_scheduler(options=...)`): a config option,
   or one of the schedule options (`schedule_type`: A1111's schedule types)."""
@@ -181,6 +191,7 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
 
 __all__ = [
     "A1111_TIMESTEP_SAMPLERS",
+    "BROWNIAN_FAMILIES",
     "ETA_SCHEDULERS",
     "FORM_OPTIONS",
     "SCHEDULERS",
@@ -188,5 +199,6 @@ __all__ = [
     "SchedulerConfigError",
     "default_scheduler_name",
     "get_scheduler",
+    "takes_brownian",
     "takes_option",
 ]
