@@ -8,8 +8,10 @@
 # compile alone may take minutes, so run it as its own command), lcm (4-step LCM sampling
 # without CFG, LCM-LoRA's way, SD1.5 batch 16 vs diffusers fp16, ~2 min), rng (--rng
 # torch_cpu's noise for 8 SDXL images x 31 draws against jax.random, ~20 s), safety (the safety
-# checker, ViT-L/14, on 8 512x512 images vs diffusers', ~1 min), upscaler (an R-ESRGAN 4x+
-# pass of a 512x512 image in A1111's 192-pixel tiles vs A1111's torch loop, float32, ~2 min). A
+# checker, ViT-L/14, on 8 512x512 images vs diffusers', ~1 min), brownian (--brownian's tree
+# for 8 SDXL images' 30 DPM++ SDE steps vs torchsde's on the GPU, ~1 min), upscaler (an
+# R-ESRGAN 4x+ pass of a 512x512 image in A1111's 192-pixel tiles vs A1111's torch loop,
+# float32, ~2 min). A
 # device command may run 10 minutes and a session has about 15 in all: pick the parts that fit,
 # in this order.
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the image lacks them.
@@ -77,6 +79,9 @@ if part lcm; then  # few-step sampling: 4 LCM steps, no CFG pass (LCM-LoRA's set
 fi
 if part rng; then  # --rng torch_cpu's noise: torch's MT19937 scanned on device vs jax.random
   T=90 bench "rng_sdxl_b8" --what rng --arch sdxl --batch 8 --steps 30 --repeats 5
+fi
+if part brownian; then  # --brownian's tree for 8 SDXL images, 30 DPM++ SDE steps, vs torchsde
+  T=120 bench "brownian_sdxl_b8" --what brownian --arch sdxl --batch 8 --steps 30 --repeats 3
 fi
 if part safety; then  # --safety_checker's cost per batch: sdjax vs diffusers on the same GPU
   T=150 bench "safety_b8" --what safety_checker --arch sd15 --batch 8 --repeats 5
