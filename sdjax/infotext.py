@@ -3,9 +3,10 @@
 A1111 and sdjax write how an image was made into the image (`outputs.a1111_parameters`);
 `reproduce(text)` turns that text back into the main.py flags that make it again: the prompts,
 steps, sampler and schedule type, CFG scale, seed, size, Clip skip, RNG (and the SDE samplers'
-Brownian tree), ENSD, variation seed, seed resize, eta, the hires fix, tiling, FreeU, PAG, NGMS, Skip Early CFG, Pad conds, SGM noise
-multiplier, SDXL's micro-conditioning and refiner switch, and A1111's k-diffusion placement of the
-noise levels (its own DDIM and PLMS loops) for its own images. What the text asks for that a flag
+Brownian tree), ENSD, variation seed, seed resize, eta, the hires fix, tiling, FreeU, PAG, NGMS,
+Skip Early CFG, Pad conds, SGM noise multiplier, SDXL's micro-conditioning and refiner switch,
+and A1111's k-diffusion placement of the noise levels (its own DDIM and PLMS loops) for its own
+images. What the text asks for that a flag
 cannot give (a model or VAE known only by name, another GPU's noise than NVIDIA's, an img2img
 image's init image, extensions' fields) comes back as notes, one per thing, so that the
 caller can say what will differ. A ComfyUI PNG carries its workflow instead (`parameters_text`
