@@ -159,8 +159,13 @@ flags.DEFINE_enum("brownian", "off", ["off", "nv", "torch_cpu"], "the SDE sample
                   "seeded by each image's seed, as A1111, ComfyUI and diffusers make it, grown "
                   "with nv (a CUDA generator: A1111's on NVIDIA GPUs, ComfyUI's *_gpu samplers) or "
                   "torch_cpu (ComfyUI's other SDE samplers); off: fresh draws from --rng")
-flags.DEFINE_integer("brownian_seed_high", 0, "the high 32 bits of the Brownian trees' seeds "
-                     "(--seed gives the low ones): ComfyUI's 64-bit seeds")
+flags.DEFINE_enum("step_rng", "rng", ["rng", "nv", "torch_cpu"], "where the steps' fresh noise "
+                  "(ancestral and SDE samplers') comes from: rng (--rng's), or a generator of its "
+                  "own seeded by the image's seed, drawn from its first draw: nv (CUDA's, as "
+                  "ComfyUI's ancestral samplers draw on an NVIDIA GPU) or torch_cpu")
+flags.DEFINE_integer("seed_high", 0, "the high 32 bits of the seeds (--seed gives the low ones; "
+                     "ComfyUI's are 64-bit), for what takes a seed whole: the Brownian tree, "
+                     "CUDA's generator (nv)")
 flags.DEFINE_integer("batch_size", None, "images per device per step")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "network dtype")
 flags.DEFINE_string("output_dir", "outputs", "where images, manifest.jsonl and grid.png go: a "
@@ -349,7 +354,7 @@ def _run_config() -> run.RunConfig:
       ip_adapter_scale=tuple(FLAGS.ip_adapter_scale),
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed, rng=FLAGS.rng,
       brownian=None if FLAGS.brownian == "off" else FLAGS.brownian,
-      brownian_seed_high=FLAGS.brownian_seed_high,
+      step_rng=None if FLAGS.step_rng == "rng" else FLAGS.step_rng, seed_high=FLAGS.seed_high,
       subseed=FLAGS.subseed, subseed_strength=FLAGS.subseed_strength, ensd=FLAGS.ensd,
       s_min_uncond=FLAGS.s_min_uncond, s_min_uncond_all=FLAGS.s_min_uncond_all,
       skip_early_cond=FLAGS.skip_early_cond, pad_cond_uncond=FLAGS.pad_cond_uncond,

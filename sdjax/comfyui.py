@@ -20,9 +20,10 @@ hires pass), and its own sampler, scheduler, CFG and prompts where they differ.
 
 The settings come back, and where sdjax's scheduler takes the `comfyui` option (Euler, Euler a,
 Heun, LMS, the DPM++ multistep family) it steps as ComfyUI's KSampler: from its noise times
-sqrt(1 + sigma_max^2) (A1111: sigma_max), the UNet at the nearest whole timestep. ComfyUI
-splits long prompts its own way and draws an ancestral sampler's noise on the GPU; the notes say
-which of these apply.
+sqrt(1 + sigma_max^2) (A1111: sigma_max), the UNet at the nearest whole timestep. Its ancestral
+samplers draw their step noise from a CUDA generator seeded by the whole 64-bit seed
+(--step_rng nv, --seed_high), its SDE samplers from a Brownian tree (--brownian). ComfyUI splits
+long prompts its own way; the notes say what differs.
 """
 
 from __future__ import annotations
@@ -333,10 +334,10 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   brownian = schedulers.takes_brownian(SAMPLERS.get(sampler))
   if isinstance(seed, int) and seed >= 2**32:  # ComfyUI's are 64-bit
     fields["Seed"] = str(seed % 2**32)
+    fields["Seed high"] = str(seed >> 32)  # for what takes it whole (the tree, CUDA's generator)
     reader.note(None, f"seed {seed}: torch's CPU generator keeps its low 32 bits, so seed "
-                      f"{seed % 2**32} draws the same noise")
-    if brownian:  # the tree's SeedSequence takes all 64
-      fields["Brownian seed high"] = str(seed >> 32)
+                      f"{seed % 2**32} draws the same initial noise (--seed_high gives the "
+                      "others)")
   if sampler in SAMPLERS:
     fields["Sampler"] = outputs.A1111_SAMPLER_NAMES[SAMPLERS[sampler]]
   else:
@@ -360,10 +361,11 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   if sampler == "uni_pc":
     reader.note("scheduler", "sampler uni_pc: ComfyUI's runs UniPC's bh1 variant, sdjax's unipc "
                              "bh2")
-  if sampler in _DEVICE_NOISE:
-    reader.note("rng", f"sampler {sampler}: ComfyUI draws each step's fresh noise from a "
-                       "generator on its GPU; sdjax from torch's CPU generator: the image will "
-                       "differ")
+  if sampler in _DEVICE_NOISE:  # from a generator on its GPU seeded by the seed
+    fields["Step RNG"] = "NV"
+    reader.note("step_rng", f"sampler {sampler}: ComfyUI draws each step's fresh noise from a "
+                            "generator on its GPU seeded by the seed: sdjax draws CUDA's, an "
+                            "NVIDIA GPU's (--step_rng nv); another GPU's differs")
   if advanced and (inputs.get("add_noise") == "disable" or inputs.get("start_at_step", 0) > 0
                    or inputs.get("end_at_step", 10000) < inputs.get("steps", 0)):
     reader.note(None, f"node {sampler_id} runs steps {inputs.get('start_at_step')} to "

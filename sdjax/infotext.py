@@ -51,7 +51,8 @@ _ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
                "NGMS": "s_min_uncond", "Skip Early CFG": "skip_early_cond",
                "PerturbedAttentionGuidance_scale": "pag_scale",
                "PerturbedAttentionGuidance_adaptive_scale": "pag_adaptive_scale",
-               "Brownian seed high": "brownian_seed_high"}
+               "Seed high": "seed_high"}
+
 # A1111's RNG sources: --rng.
 _RNGS = {"CPU": "torch_cpu", "NV": "nv"}
 # A1111's settings written as "True" when on: flag name.
@@ -366,7 +367,13 @@ def _number(key: str, value: str) -> float:
 
 
 def _noise(fields, flags, notes, made_by_sdjax, made_in: str = "A1111") -> None:
-  """RNG (A1111's absent one is its GPU's; sdjax's, jax's) and Resize seed from."""
+  """RNG (A1111's absent one is its GPU's; sdjax's, jax's), Step RNG (sdjax's field, as ComfyUI's
+  reader writes it) and Resize seed from."""
+  step_rng = fields.pop("Step RNG", None)
+  if step_rng in _RNGS:
+    flags["step_rng"] = _RNGS[step_rng]
+  elif step_rng is not None:
+    notes.append(("step_rng", f"Step RNG: {step_rng}: sdjax cannot draw that noise (CPU, NV)"))
   rng = fields.pop("RNG", None)
   if rng in _RNGS:
     flags["rng"] = _RNGS[rng]

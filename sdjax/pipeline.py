@@ -382,7 +382,8 @@ class Pipeline:
                seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
                s_min_uncond_all: bool = False, skip_early_cond: float = 0.0,
                pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False,
-               brownian: str | None = None, brownian_seed_high: int = 0) -> np.ndarray:
+               brownian: str | None = None, step_rng: str | None = None,
+               seed_high: int = 0) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -434,8 +435,13 @@ class Pipeline:
         GPU, ComfyUI's *_gpu samplers) or "torch_cpu" (ComfyUI's other SDE samplers, diffusers
         on CPU). Independent of `rng`, which makes the initial noise. Each schedule compiles
         its own program (the tree's shape follows the noise levels).
-      brownian_seed_high: the high 32 bits of the trees' seeds (`seed` gives the low ones):
-        ComfyUI's seeds are 64-bit, and its tree takes them whole.
+      step_rng: a generator of its own for the steps' fresh noise (ancestral and SDE samplers'),
+        seeded by each image's seed and drawn from its first draw: "nv" (CUDA's: ComfyUI's
+        ancestral samplers on an NVIDIA GPU, with its CPU initial noise: rng="torch_cpu") or
+        "torch_cpu"; None: `rng`'s (after the initial noise).
+      seed_high: the high 32 bits of the seeds (`seed` gives the low ones): ComfyUI's seeds are
+        64-bit, and what takes a seed whole uses them (the Brownian tree's SeedSequence, CUDA's
+        generator key); torch's CPU generator and JAX's keys take the low 32 bits.
       subseed, subseed_strength: A1111's variation seeds ("Variation seed", "Variation
         strength"): image i's initial noise (and hires noise) is moved towards that of seed
         `subseed + i` along A1111's slerp, by the strength in [0, 1] (0: off).
@@ -670,7 +676,7 @@ class Pipeline:
         ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,
         pad_cond_uncond=pad_cond_uncond, pad_cond_uncond_v0=pad_cond_uncond_v0,
-        brownian=brownian, brownian_seed_high=brownian_seed_high)
+        brownian=brownian, step_rng=step_rng, seed_high=seed_high)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

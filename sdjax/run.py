@@ -89,7 +89,12 @@ class RunConfig:
   # and diffusers' (`sampling.BrownianNoise`: "nv", a CUDA generator's; "torch_cpu"); None: fresh
   # draws from `rng`. Lines whose sampler is not an SDE one ignore it.
   brownian: str | None = None
-  brownian_seed_high: int = 0  # the trees' seeds' high 32 bits (ComfyUI's 64-bit seeds)
+  # A generator of its own for the steps' fresh noise (`sampling.SampleSpec.step_rng`: "nv" for
+  # ComfyUI's ancestral samplers, drawn on its GPU); None: `rng`'s.
+  step_rng: str | None = None
+  # The seeds' high 32 bits (ComfyUI's are 64-bit), for what takes a seed whole: the Brownian
+  # tree, CUDA's generator (NV).
+  seed_high: int = 0
   # A1111's variation seeds: image k's noise moved towards seed `subseed + k`'s by this strength.
   subseed: int | None = None
   subseed_strength: float = 0.0
@@ -359,10 +364,14 @@ def validate(cfg: RunConfig) -> None:
     raise RunError(f"--subseed must be in [0, 2**32), got {cfg.subseed}")
   if not 0 <= cfg.ensd < 2**32:
     raise RunError(f"--ensd must be in [0, 2**32), got {cfg.ensd}")
+  if not 0 <= cfg.seed_high < 2**32:
+    raise RunError(f"--seed_high must be in [0, 2**32), got {cfg.seed_high}")
+  if cfg.step_rng is not None and cfg.step_rng not in sampling.RNGS[1:]:
+    raise RunError(f"--step_rng must be one of {', '.join(sampling.RNGS[1:])}, got "
+                   f"{cfg.step_rng!r}")
   try:
     sampling.check_brownian(cfg.brownian, *(
-        (cfg.scheduler, cfg.hires_scheduler) if cfg.scheduler is not None else ()),
-        seed_high=cfg.brownian_seed_high)
+        (cfg.scheduler, cfg.hires_scheduler) if cfg.scheduler is not None else ()))
   except ValueError as e:
     raise RunError(f"--brownian: {e}") from None
   try:
@@ -526,8 +535,10 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["rng"] = cfg.rng
   if cfg.brownian is not None:
     settings["brownian"] = cfg.brownian
-    if cfg.brownian_seed_high:
-      settings["brownian_seed_high"] = cfg.brownian_seed_high
+  if cfg.step_rng is not None:
+    settings["step_rng"] = cfg.step_rng
+  if cfg.seed_high:
+    settings["seed_high"] = cfg.seed_high
   if cfg.subseed_strength:
     settings.update(subseed=cfg.subseed, subseed_strength=cfg.subseed_strength)
   if cfg.ensd:
@@ -1381,7 +1392,7 @@ class _Sampler:
                     guidance_scale=guidance, guidance_rescale=cfg.guidance_rescale,
                     eta=cfg.eta, cfg_split=cfg.cfg_parallel, rng=cfg.rng, ensd=cfg.ensd,
                     seed_resize_from=_seed_resize(cfg), brownian=cfg.brownian,
-                    brownian_seed_high=cfg.brownian_seed_high,
+                    step_rng=cfg.step_rng, seed_high=cfg.seed_high,
                     clip_skip=schedule.clip_skip - 1 or None,  # diffusers' count
                     scheduler_options=line_options(cfg, pipe, scheduler, schedule.schedule_type,
                                                    schedule.scheduler_options) or None)
@@ -2015,8 +2026,8 @@ class _Metadata:
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
         **({"rng": cfg.rng} if cfg.rng != RunConfig.rng else {}),
         **({"brownian": brownian} if (brownian := self._brownian(scheduler)) else {}),
-        **({"brownian_seed_high": cfg.brownian_seed_high}
-           if brownian and cfg.brownian_seed_high else {}),
+        **({"step_rng": cfg.step_rng} if cfg.step_rng else {}),
+        **({"seed_high": cfg.seed_high} if cfg.seed_high else {}),
         **({"ensd": cfg.ensd} if cfg.ensd else {}), **_cfg_options(cfg),
         **({"seed_resize_from": list(_seed_resize(cfg))} if _seed_resize(cfg) else {}),
         **({"subseed": varied[0], "subseed_strength": varied[1]}
@@ -2130,8 +2141,8 @@ class _Metadata:
                **({"RNG": _A1111_RNG_NAMES[cfg.rng]} if cfg.rng != "jax" else {}),
                **({"Brownian noise": _A1111_RNG_NAMES[brownian]}  # sdjax's fields
                   if (brownian := self._brownian(scheduler)) else {}),
-               **({"Brownian seed high": cfg.brownian_seed_high}
-                  if brownian and cfg.brownian_seed_high else {}),
+               **({"Step RNG": _A1111_RNG_NAMES[cfg.step_rng]} if cfg.step_rng else {}),
+               **({"Seed high": cfg.seed_high} if cfg.seed_high else {}),
                **({"ENSD": cfg.ensd} if cfg.ensd else {}),
                **{_A1111_CFG_FIELDS[k]: v for k, v in _cfg_options(cfg).items()},
                **({"Seed resize from": "x".join(map(str, _seed_resize(cfg)))}

@@ -135,6 +135,13 @@ class SampleSpec:
   # The steps' noise from k-diffusion's Brownian tree seeded by each image's seed
   # (`BrownianNoise`); None: fresh draws (`rng`).
   brownian: BrownianNoise | None = None
+  # A generator of its own for the steps' fresh noise ("torch_cpu", "nv"), seeded by each
+  # image's seed and drawn from its first draw (ComfyUI's ancestral samplers: a CUDA generator
+  # seeded by the 64-bit seed); None: `rng`'s (after the stage's own draws, or from seed + ensd).
+  step_rng: str | None = None
+  # The high 32 bits of every image's seed (ComfyUI's are 64-bit; the seeds are their low words),
+  # for what takes a seed whole: the Brownian tree's SeedSequence, CUDA's generator key (NV).
+  seed_high: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,18 +154,15 @@ class BrownianNoise:
     NVIDIA card; "torch_cpu" for ComfyUI's CPU tree or diffusers on CPU).
   tree: the program making the run's queries' answers.
   query_at: each position's query in `tree` (from position 0; -1: the step adds no noise).
-  seed_high: the high 32 bits of the trees' seeds (ComfyUI's are 64-bit; the seeds are their
-    low words).
   """
 
   generator: str
   tree: brownian_tree.TreePlan
   query_at: tuple[int, ...]
-  seed_high: int = 0
 
 
 def brownian_noise(sched: schedulers.Scheduler, state, generator: str, begin: int,
-                   end: int | None, seed_high: int = 0) -> BrownianNoise:
+                   end: int | None) -> BrownianNoise:
   """The Brownian noise of a run of positions [begin, end) of `state`'s schedule: its tree spans
   the whole schedule's noise levels (A1111 builds it from the full schedule in img2img and hires
   passes too, as diffusers' scheduler does) and answers the run's calls, in order."""
@@ -175,7 +179,7 @@ def brownian_noise(sched: schedulers.Scheduler, state, generator: str, begin: in
       calls.append(query)
   sigmas = np.asarray(state.sigmas, np.float32)
   tree = brownian_tree.plan(sigmas[sigmas > 0].min(), sigmas.max(), calls)
-  return BrownianNoise(generator, tree, tuple(query_at), int(seed_high))
+  return BrownianNoise(generator, tree, tuple(query_at))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,8 +323,9 @@ def stream_draws(spec: SampleSpec, positions: int) -> int:
   """With a generator's rng ("torch_cpu", "nv"), the draws each image's generator that makes the
   steps' noise has made by the end of a stage (of a schedule of `positions`): where a stage
   continuing its latents starts (a refiner's `rng_offset`, as diffusers' refiner given the base's
-  generators). With `ensd` that generator is seed + ensd's, which only the steps draw from."""
-  own = 0 if spec.ensd else len(_torch_draw_order(spec))
+  generators). With `ensd` that generator is seed + ensd's, and with `step_rng` the steps' own:
+  only the steps draw from it."""
+  own = 0 if spec.ensd or spec.step_rng else len(_torch_draw_order(spec))
   return spec.rng_offset + own + _step_draws(spec, positions)
 
 
@@ -417,7 +422,7 @@ def _noise_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSourc
   if spec.brownian is None:
     return source
   tree = spec.brownian
-  high = jnp.full_like(source.seeds, tree.seed_high)
+  high = jnp.full_like(source.seeds, spec.seed_high)
   return dataclasses.replace(source, tree_drawn=brownian_tree.increments(
       tree.tree, tree.generator, source.seeds, shape, high))
 
@@ -427,16 +432,18 @@ def _generator_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseS
   keys = image_keys(seeds)
   step_seeds = seeds + jnp.uint32(spec.ensd) if spec.ensd else seeds  # uint32: wraps
   step_keys = image_keys(step_seeds) if spec.ensd else keys
-  if spec.rng == "jax":
+  if spec.rng == "jax" and spec.step_rng is None:
     return _NoiseSource(spec.rng, seeds, keys, step_keys, variation=variation,
                         resize_from=spec.seed_resize)
-  tags, steps = _torch_draw_order(spec), _step_draws(spec, positions)
-  start = spec.rng_offset
-  if spec.ensd:  # the steps from seed + ensd's generator; the stage's own draws from the seed's
+  tags = _torch_draw_order(spec) if spec.rng != "jax" else ()
+  steps, start = _step_draws(spec, positions), spec.rng_offset
+  if spec.ensd or spec.step_rng:  # the steps from a generator of their own (seed + ensd's, or
+    # `step_rng`'s); the stage's own draws from the seed's
     drawn = generator_draws(spec.rng, seeds, len(tags), shape) if tags else None
     carry = (step_seeds < seeds).astype(jnp.uint32)  # A1111 adds Python ints: no wrap
-    step_drawn = (generator_draws(spec.rng, step_seeds, start + steps, shape, carry)[:, start:]
-                  if steps else None)
+    high = carry + jnp.uint32(spec.seed_high)
+    step_drawn = (generator_draws(spec.step_rng or spec.rng, step_seeds, start + steps, shape,
+                                  high)[:, start:] if steps else None)
   else:
     total = start + len(tags) + steps
     drawn = (generator_draws(spec.rng, seeds, total, shape)[:, start:] if total > start
@@ -1259,7 +1266,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             scheduler_options: dict[str, Any] | None = None, control: bool = False,
             control_guess: bool = False, rng: str = "jax", ensd: int = 0,
             seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
-            brownian_seed_high: int = 0):
+            step_rng: str | None = None, seed_high: int = 0):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -1272,8 +1279,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   Eta noise seed delta (`SampleSpec.ensd`); `seed_resize_from`: A1111's "Resize seed from"
   (width, height) in pixels (`SampleSpec.seed_resize`; None or a 0 side: off); `brownian`: the
   device of the Brownian tree an SDE sampler's noise comes from (`BrownianNoise`; other
-  schedulers ignore it), or None; `brownian_seed_high`: its seeds' high 32 bits
-  (`BrownianNoise.seed_high`).
+  schedulers ignore it), or None; `step_rng`: a generator of its own for the steps' fresh noise
+  (`SampleSpec.step_rng`); `seed_high`: the seeds' high 32 bits (`SampleSpec.seed_high`).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
@@ -1288,9 +1295,14 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   conditioning.check_clip_skip(pipe.networks, clip_skip)
   masks.check_masked_content(masked_content)
   check_rng(rng)
+  if step_rng is not None and step_rng not in RNGS[1:]:
+    raise ValueError(f"unknown step_rng {step_rng!r}; use one of {', '.join(RNGS[1:])} (None: "
+                     "rng's)")
   if not (isinstance(ensd, int | np.integer) and 0 <= ensd < 2**32):
     raise ValueError(f"ensd (eta noise seed delta) must be an integer in [0, 2**32), got "
                      f"{ensd!r}")
+  if not (isinstance(seed_high, int | np.integer) and 0 <= seed_high < 2**32):
+    raise ValueError(f"seed_high must be an integer in [0, 2**32), got {seed_high!r}")
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
   if img2img and scheduler_options and scheduler_options.get("a1111"):
@@ -1333,23 +1345,20 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
                     ("latent noise", "latent nothing") else "original", control=control,
                     control_guess=control and control_guess, rng=rng, ensd=int(ensd),
-                    seed_resize=seed_resize_latents(pipe, seed_resize_from))
-  if rng == "torch_cpu" or brownian == "torch_cpu":
+                    seed_resize=seed_resize_latents(pipe, seed_resize_from), step_rng=step_rng,
+                    seed_high=int(seed_high))
+  if "torch_cpu" in (rng, brownian, step_rng):
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
-  check_brownian(brownian, seed_high=brownian_seed_high)
+  check_brownian(brownian)
   if brownian is not None and sched.brownian_queries(state) is not None:
-    spec = dataclasses.replace(spec, brownian=brownian_noise(sched, state, brownian, begin, end,
-                                                             brownian_seed_high))
+    spec = dataclasses.replace(spec, brownian=brownian_noise(sched, state, brownian, begin, end))
     state = sched.brownian_state(state)
   return spec, state
 
 
-def check_brownian(brownian: str | None, *scheduler_names: str | None,
-                   seed_high: int = 0) -> None:
+def check_brownian(brownian: str | None, *scheduler_names: str | None) -> None:
   """`brownian` names a tree device (`BrownianNoise`) and, where `scheduler_names` are given (a
-  run's passes'), one of them adds Brownian noise; `seed_high` fits 32 bits."""
-  if not (isinstance(seed_high, int | np.integer) and 0 <= seed_high < 2**32):
-    raise ValueError(f"brownian_seed_high must be an integer in [0, 2**32), got {seed_high!r}")
+  run's passes'), one of them adds Brownian noise."""
   if brownian is None:
     return
   if brownian not in brownian_tree.GENERATORS:
@@ -1590,7 +1599,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                   scheduler_options: dict[str, Any] | None = None, control: bool = False,
                   control_guess: bool = False, rng: str = "jax", ensd: int = 0,
                   seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
-                  brownian_seed_high: int = 0):
+                  step_rng: str | None = None, seed_high: int = 0):
   """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps. `control`,
@@ -1625,7 +1634,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                         clip_skip=clip_skip, eta=eta, cfg_split=cfg_split,
                         scheduler_options=scheduler_options, control=control,
                         control_guess=control_guess, rng=rng, ensd=ensd,
-                        seed_resize_from=seed_resize_from)
+                        seed_resize_from=seed_resize_from, step_rng=step_rng,
+                        seed_high=seed_high)
   if spec.scheduler.text_to_image_only:  # the pass starts partway (its begin, set here)
     raise ValueError(f"scheduler {spec.scheduler.name!r} makes text-to-image runs only: give the "
                      "hires pass another (A1111's Hires sampler: hires_scheduler)")
@@ -1633,7 +1643,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   # the first pass's tree device, where the hires sampler (maybe another) draws from a tree
   if brownian is not None and spec.scheduler.brownian_queries(state) is not None:
     spec = dataclasses.replace(spec, brownian=brownian_noise(
-        spec.scheduler, state, brownian, begin, None, brownian_seed_high))
+        spec.scheduler, state, brownian, begin, None))
     state = spec.scheduler.brownian_state(state)
   return dataclasses.replace(spec, begin=begin,
                              upscale=hires.upscale, upscale_crop=crop,
@@ -1717,7 +1727,8 @@ def generate(
     pad_cond_uncond: bool = False,
     pad_cond_uncond_v0: bool = False,
     brownian: str | None = None,
-    brownian_seed_high: int = 0,
+    step_rng: str | None = None,
+    seed_high: int = 0,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1806,14 +1817,13 @@ def generate(
                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                 clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel,
                 scheduler_options=scheduler_options, rng=rng, ensd=ensd,
-                seed_resize_from=seed_resize_from, brownian=brownian,
-                brownian_seed_high=brownian_seed_high)
+                seed_resize_from=seed_resize_from, brownian=brownian, step_rng=step_rng,
+                seed_high=seed_high)
   if latents is not None and rng != "jax":
     raise ValueError(f"rng={rng!r} draws the initial noise from the seeds: give seed, not "
                      "latents")
   check_brownian(brownian, scheduler or schedulers.default_scheduler_name(pipe.scheduler_config),
-                 *([hires.scheduler] if hires is not None and hires.scheduler else []),
-                 seed_high=brownian_seed_high)
+                 *([hires.scheduler] if hires is not None and hires.scheduler else []))
   variation = make_variation(subseed, subseed_strength, n)
   if latents is not None and (variation is not None
                               or seed_resize_from is not None and min(seed_resize_from) > 0):

@@ -161,7 +161,7 @@ def test_dpmpp_sde_is_diffusers_with_its_tree(sd):
       noise_sampler_seed=[(3 << 32) + s for s in seeds])
   expected = ref(PROMPTS, num_inference_steps=4, generator=_generators(seeds),
                  output_type="np", **common).images
-  got = pipe.generate(PROMPTS, brownian="torch_cpu", brownian_seed_high=3, **ours)
+  got = pipe.generate(PROMPTS, brownian="torch_cpu", seed_high=3, **ours)
   assert rel(got, expected) <= 1e-5
 
 

@@ -58,7 +58,7 @@ def test_default_workflow():
                            '"comfyui": true}',
       "schedule_type": "Normal", "rng": "torch_cpu", "width": "512", "height": "768",
       "steps": "20", "guidance_scale": "8.0", "seed": str(156680208700286 % 2**32),
-      "emphasis": "ComfyUI"}
+      "seed_high": str(156680208700286 >> 32), "emphasis": "ComfyUI"}
   notes = _notes(found)
   assert "checkpoint v1-5-pruned-emaonly.safetensors: give it with --model" in notes
   assert "sqrt(1 + sigma_max^2)" not in notes and "GPU" not in notes
@@ -93,8 +93,9 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   # the SDE samplers' Brownian tree: on the CPU, or on the GPU (CUDA's generator) for _gpu
   assert found.flags.get("brownian") == {"dpmpp_2m_sde_gpu": "nv", "dpmpp_sde": "torch_cpu"}.get(
       sampler)
-  if "brownian" in found.flags:  # the tree's SeedSequence takes the 64-bit seed whole
-    assert int(found.flags["brownian_seed_high"]) == 156680208700286 >> 32
+  # the 64-bit seed's high word, for the tree's SeedSequence and CUDA's generator
+  assert int(found.flags["seed_high"]) == 156680208700286 >> 32
+  assert found.flags.get("step_rng") == ("nv" if sampler == "dpm_2_ancestral" else None)
   assert ("Brownian tree on its GPU" in notes) == sampler.endswith("sde_gpu")
   # Where sdjax's scheduler steps as ComfyUI's KSampler (its noise scale, whole timesteps) the
   # option says so; elsewhere a note.

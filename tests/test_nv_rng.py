@@ -117,3 +117,50 @@ def test_generate_draws_a1111s_nv_noise(sd, seed, ensd):
                         guidance_scale=3.0, height=16, width=16, seed=seed, rng="torch_cpu",
                         ensd=ensd)
   assert float(np.linalg.norm(other - expected) / np.linalg.norm(expected)) > 1e-2
+
+
+def test_comfyui_ancestral_noise(sd):
+  """rng="torch_cpu", step_rng="nv", seed_high: ComfyUI's Euler a on an NVIDIA GPU with a
+  64-bit seed: the initial noise from torch's CPU generator (the seed's low 32 bits), each step's
+  from a CUDA generator seeded by the whole seed, from its first draw; diffusers' Euler a given
+  that noise."""
+  ref, pipe = sd
+  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  seed, high, steps = 40, 36479, 3
+  latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+  draws = a1111_nv((high << 32) + seed, steps, 4 * 8 * 8).reshape(-1, 1, 4, 8, 8)
+  calls = iter(range(steps))
+  module = "diffusers.schedulers.scheduling_euler_ancestral_discrete"
+  with mock.patch(f"{module}.randn_tensor", lambda *a, **k: torch.from_numpy(draws[next(calls)])):
+    with torch.no_grad():
+      expected = ref(["a cat"], num_inference_steps=steps, guidance_scale=3.0, height=16,
+                     width=16, latents=latents, output_type="np").images
+  common = dict(steps=steps, scheduler="euler_ancestral", guidance_scale=3.0, height=16,
+                width=16, seed=seed, rng="torch_cpu")
+  ours = pipe.generate(["a cat"], step_rng="nv", seed_high=high, **common)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\nComfyUI's ancestral noise (CPU initial, CUDA steps): rel err {err:.2e}")
+  assert err <= 1e-5
+  for other in (dict(step_rng="nv"), dict(seed_high=high)):  # the high word, the steps' source
+    got = pipe.generate(["a cat"], **other, **common)
+    assert float(np.linalg.norm(got - expected) / np.linalg.norm(expected)) > 1e-2
+
+
+def test_run_with_step_rng(sd, tmp_path):
+  """main.py --step_rng / --seed_high: generate()'s image; the manifest and the PNG (sdjax's
+  `Step RNG`, `Seed high` fields) name them and the PNG's text gives them back."""
+  from parity import one_image_run  # noqa: PLC0415
+
+  from sdjax import infotext, outputs  # noqa: PLC0415
+
+  _, pipe = sd
+  options = dict(rng="torch_cpu", step_rng="nv", seed_high=5)
+  _, record, png, kw = one_image_run(pipe, tmp_path / "out", scheduler="euler_ancestral",
+                                     **options)
+  expected = pipe.generate("a cat", **options, **kw)
+  assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
+  assert (record["step_rng"], record["seed_high"]) == ("nv", 5)
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert (params["Step RNG"], params["Seed high"]) == ("NV", "5")
+  flags = infotext.reproduce(png.text["parameters"]).flags
+  assert (flags["rng"], flags["step_rng"], flags["seed_high"]) == ("torch_cpu", "nv", "5")
