@@ -149,6 +149,94 @@ def sample_dpmpp_2s_ancestral(config, sigmas, x, noises, eta=1.0):
   return np.stack([y.numpy() for y in out])
 
 
+def sample_dpmpp_sde(config, sigmas, x, noises, eta=1.0):
+  """k-diffusion's DPM++ SDE (r = 1/2); its noise sampler's answers given: noises[2i] for step
+  i's first stage (to the log-midpoint), noises[2i + 1] for its second. The last step (to 0):
+  Euler."""
+  denoise, out = denoiser(config), []
+  for i in range(len(sigmas) - 1):
+    denoised = denoise(x, sigmas[i])
+    if sigmas[i + 1] == 0:
+      x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+      out.append(x)
+      continue
+    t, t_next = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
+    h = t_next - t
+    s = t + h * 0.5
+    sd, su = _ancestral_step(t.neg().exp(), s.neg().exp(), eta)
+    s_ = sd.log().neg()
+    x_2 = (s_.neg().exp() / t.neg().exp()) * x - (t - s_).expm1() * denoised
+    x_2 = x_2 + noises[2 * i] * su
+    out.append(x_2)
+    denoised_2 = denoise(x_2, s.neg().exp())
+    sd, su = _ancestral_step(t.neg().exp(), t_next.neg().exp(), eta)
+    t_next_ = sd.log().neg()
+    x = (t_next_.neg().exp() / t.neg().exp()) * x - (t - t_next_).expm1() * denoised_2
+    x = x + noises[2 * i + 1] * su
+    out.append(x)
+  return np.stack([y.numpy() for y in out])
+
+
+def sample_dpmpp_2m_sde(config, sigmas, x, noises, eta=1.0, solver_type="midpoint"):
+  """k-diffusion's DPM++ 2M SDE; its noise sampler's answer for step i given: noises[i]. The
+  last step (to 0): the denoised image."""
+  denoise, out, old_denoised, h_last, h = denoiser(config), [], None, None, None
+  for i in range(len(sigmas) - 1):
+    denoised = denoise(x, sigmas[i])
+    if sigmas[i + 1] == 0:
+      x = denoised
+    else:
+      t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+      h = s - t
+      eta_h = eta * h
+      x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+      if old_denoised is not None:
+        r = h_last / h
+        if solver_type == "heun":
+          x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (
+              denoised - old_denoised)
+        else:
+          x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+      x = x + noises[i] * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt()
+    out.append(x)
+    old_denoised, h_last = denoised, h
+  return np.stack([y.numpy() for y in out])
+
+
+def sample_dpmpp_3m_sde(config, sigmas, x, noises, eta=1.0):
+  """k-diffusion's DPM++ 3M SDE; its noise sampler's answer for step i given: noises[i]. The
+  last step (to 0): the denoised image."""
+  denoise, out = denoiser(config), []
+  denoised_1 = denoised_2 = h = h_1 = h_2 = None
+  for i in range(len(sigmas) - 1):
+    denoised = denoise(x, sigmas[i])
+    if sigmas[i + 1] == 0:
+      x = denoised
+    else:
+      t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+      h = s - t
+      h_eta = h * (eta + 1)
+      x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+      if h_2 is not None:
+        r0, r1 = h_1 / h, h_2 / h
+        d1_0 = (denoised - denoised_1) / r0
+        d1_1 = (denoised_1 - denoised_2) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        phi_2 = h_eta.neg().expm1() / h_eta + 1
+        phi_3 = phi_2 / h_eta - 0.5
+        x = x + phi_2 * d1 - phi_3 * d2
+      elif h_1 is not None:
+        r = h_1 / h
+        phi_2 = h_eta.neg().expm1() / h_eta + 1
+        x = x + phi_2 * ((denoised - denoised_1) / r)
+      x = x + noises[i] * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt()
+    out.append(x)
+    denoised_1, denoised_2 = denoised, denoised_1
+    h_1, h_2 = h, h_1
+  return np.stack([y.numpy() for y in out])
+
+
 def sample_heun(config, sigmas, x, noises):
   """Heun's method (churn 0): the Euler guess after a step's first call, the step after its
   second; the last step, to 0, is Euler's."""

@@ -36,7 +36,8 @@ TOL = 1e-6
 SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "Heun": kd.sample_heun, "LMS": kd.sample_lms,
             "DPM++ 2S a": kd.sample_dpmpp_2s_ancestral, "DPM++ 2M": kd.sample_dpmpp_2m,
-            "DPM2": kd.sample_dpm_2, "DPM2 a": kd.sample_dpm_2_ancestral}
+            "DPM2": kd.sample_dpm_2, "DPM2 a": kd.sample_dpm_2_ancestral,
+            "DPM++ 2M SDE": kd.sample_dpmpp_2m_sde, "DPM++ 3M SDE": kd.sample_dpmpp_3m_sde}
 # A1111's samplers that place the levels of one step more and drop the penultimate one.
 DISCARDING = ("DPM2", "DPM2 a")
 
@@ -102,11 +103,13 @@ def _comfyui_denoiser(config, timesteps=None):
 
 
 @pytest.mark.parametrize("label", ["Uniform", "Karras"])
-@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M"])
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M",
+                                     "DPM++ 2M SDE"])
 def test_steps_as_comfyui(sampler, label, monkeypatch):
   """The `comfyui` option: k-diffusion's loop as ComfyUI's KSampler runs it, from its noise
   times sqrt(1 + sigma_max^2), the UNet at whole timesteps. Where a run starts below the largest
   training sigma (a second pass), its noise times the first level."""
+  vp = sampler.startswith("DPM++")  # DPM-Solver's variance-preserving form: x / sqrt(s^2 + 1)
   options = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
              **outputs.schedule_type_options(label)}
   ours = get_scheduler(outputs.scheduler_name(sampler), SD15, options=options)
@@ -116,13 +119,13 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
   got = sdjax_trajectory(ours, 10, init, noises)
   sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(SD15, 10)
   start = float(torch.sqrt(1.0 + sigmas[0] ** 2.0))  # ComfyUI's, in float32
-  form = 1 / (1 + float(sigmas[0]) ** 2) ** 0.5 if sampler == "DPM++ 2M" else 1.0
+  form = 1 / (1 + float(sigmas[0]) ** 2) ** 0.5 if vp else 1.0
   np.testing.assert_allclose(float(ours.init_noise_sigma(state)), start * form, rtol=1e-6)
   monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
   with correctly_rounded_sqrt():
     want = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * start,
                              [torch.from_numpy(n) for n in noises])
-  if sampler == "DPM++ 2M":  # diffusers' form: x / sqrt(sigma^2 + 1)
+  if vp:
     want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[
         :, None, None, None, None]).astype(np.float32)
   err = max_rel_error(got, want)
@@ -138,7 +141,7 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
       "sigmas": [5.0, 2.0, 0.5, 0.0]})
   state = lower.set_timesteps(3, sample_shape=SHAPE)
   np.testing.assert_allclose(float(lower.init_noise_sigma(state)),
-                             5.0 / (26.0**0.5 if sampler == "DPM++ 2M" else 1.0), rtol=1e-6)
+                             5.0 / (26.0**0.5 if vp else 1.0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "DPM2"])
@@ -186,7 +189,7 @@ def test_dpmpp_2m_differs_in_its_start_and_timesteps(label):
 @pytest.mark.parametrize("k_diffusion", [False, True])
 def test_dpmpp_3m_sde_drops_the_penultimate_level(k_diffusion):
   """A1111 places DPM++ 3M SDE's levels (Exponential, its Automatic) for one step more and drops
-  the last above 0; with `k_diffusion` sdjax's do too (its Brownian noise stays A1111's own)."""
+  the last above 0; with `k_diffusion` sdjax's do too."""
   flags = infotext.reproduce("a cat\nSteps: 10, Sampler: DPM++ 3M SDE, Schedule type: Automatic, "
                              "CFG scale: 7, Seed: 1").flags
   options = {**json.loads(flags["scheduler_options"]),
@@ -271,3 +274,101 @@ def test_restart(steps, label):
   err = max_rel_error(got, want)
   print(f"maxrel Restart {label} {steps} steps vs its loop: {err:.3g}")
   assert err <= TOL, err
+
+
+@pytest.mark.parametrize("label", ["Automatic", "Exponential"])
+def test_dpmpp_sde_as_k_diffusion(label):
+  """A1111's DPM++ SDE (its Automatic: Karras) as `reproduce` sets it: k-diffusion's loop, each
+  stage given its own noise as the Brownian tree answers (`brownian_state`: main.py's --brownian,
+  which the file also sets)."""
+  flags = infotext.reproduce(f"a cat\nSteps: 6, Sampler: DPM++ SDE, Schedule type: {label}, "
+                             "CFG scale: 7, Seed: 1, Version: v1.10.1").flags
+  assert flags["brownian"] == "nv"
+  options = {**json.loads(flags["scheduler_options"]),
+             **outputs.schedule_type_options(flags["schedule_type"])}
+  plain = get_scheduler(outputs.scheduler_name(flags["scheduler"]), SD15, options=options)
+
+  class Brownian(type(plain)):  # noqa: D101  the state a --brownian run steps with
+    def set_timesteps(self, n, sample_shape=None):
+      return self.brownian_state(super().set_timesteps(n, sample_shape))
+
+  ours = Brownian(config=plain.config)
+  state = ours.set_timesteps(6, sample_shape=SHAPE)
+  init, noises = make_noises(len(state.timesteps))
+  got = sdjax_trajectory(ours, 6, init, noises)
+  placed = kd.get_sigmas_karras if label == "Automatic" else kd.get_sigmas_exponential
+  sigmas = placed(SD15, 6)
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(sigmas[0]), rtol=1e-6)
+  with correctly_rounded_sqrt():
+    want = kd.sample_dpmpp_sde(SD15, sigmas, torch.from_numpy(init) * sigmas[0],
+                               [torch.from_numpy(n) for n in noises])
+  err = max_rel_error(got, want)
+  print(f"maxrel DPM++ SDE {label} vs k-diffusion: {err:.3g}")
+  assert err <= TOL, err
+
+
+@pytest.mark.parametrize("steps", [6, 20])
+@pytest.mark.parametrize("sampler", ["DPM++ 2M SDE", "DPM++ 2M SDE Heun"])
+def test_dpmpp_2m_sde_as_k_diffusion(sampler, steps):
+  """A1111's DPM++ 2M SDE (Heun) with its Automatic schedule (Exponential) as `reproduce` sets
+  it: k-diffusion's loop given each step's noise (the Brownian tree's answer under --brownian),
+  in DPM-Solver's variance-preserving form."""
+  ours, state, got, _, init, noises = _as_a1111_ran_it(sampler, "Automatic", steps)
+  sigmas = kd.get_sigmas_exponential(SD15, steps)
+  with correctly_rounded_sqrt():
+    want = kd.sample_dpmpp_2m_sde(SD15, sigmas, torch.from_numpy(init) * sigmas[0],
+                                  [torch.from_numpy(n) for n in noises],
+                                  solver_type="heun" if sampler.endswith("Heun") else "midpoint")
+  want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[:, None, None, None,
+                                                                          None]).astype(np.float32)
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} {steps} steps vs k-diffusion: {err:.3g}")
+  assert err <= TOL, err
+
+
+@pytest.mark.parametrize("steps", [6, 20])
+def test_dpmpp_3m_sde_as_k_diffusion(steps):
+  """A1111's DPM++ 3M SDE (Automatic: Exponential levels of one step more, the penultimate
+  dropped) as `reproduce` sets it: k-diffusion's loop given each step's noise."""
+  ours, state, got, _, init, noises = _as_a1111_ran_it("DPM++ 3M SDE", "Automatic", steps)
+  sigmas = kd.discard_penultimate(kd.get_sigmas_exponential(SD15, steps + 1))
+  with correctly_rounded_sqrt():
+    want = kd.sample_dpmpp_3m_sde(SD15, sigmas, torch.from_numpy(init) * sigmas[0],
+                                  [torch.from_numpy(n) for n in noises])
+  want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[:, None, None, None,
+                                                                          None]).astype(np.float32)
+  err = max_rel_error(got, want)
+  print(f"maxrel DPM++ 3M SDE {steps} steps vs k-diffusion: {err:.3g}")
+  assert err <= TOL, err
+
+
+@pytest.mark.parametrize("label", ["Uniform", "Karras"])
+def test_dpmpp_3m_sde_as_comfyui(label, monkeypatch):
+  """ComfyUI's DPM++ 3M SDE (the `comfyui` option): k-diffusion's loop over its levels as they
+  are (A1111 drops the penultimate, ComfyUI does not). Its third-order step divides differences
+  of x0 predictions by step ratios (0.2 at the last step of these 10), which brings any float32
+  rounding back ~10x in both loops; so both are held to k-diffusion's loop in float64 (around
+  the float32 model): sdjax's error within 3x k-diffusion's own float32 error."""
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+             **outputs.schedule_type_options(label)}
+  ours = get_scheduler("dpmpp_3m_sde", SD15, options=options)
+  state = ours.set_timesteps(10, sample_shape=SHAPE)
+  sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(SD15, 10)
+  np.testing.assert_allclose(np.asarray(state.sigmas), sigmas.numpy(), rtol=1e-6)
+  init, noises = make_noises(len(state.timesteps))
+  got = sdjax_trajectory(ours, 10, init, noises)
+  monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
+  start = torch.sqrt(1.0 + sigmas[0] ** 2.0)
+  scale = np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[:, None, None, None, None]
+
+  def loop(dtype):
+    return kd.sample_dpmpp_3m_sde(SD15, sigmas.to(dtype), torch.from_numpy(init).to(dtype) * (
+        start.to(dtype)), [torch.from_numpy(n).to(dtype) for n in noises]) / scale
+
+  with correctly_rounded_sqrt():
+    single = loop(torch.float32)
+  exact = loop(torch.float64)
+  err, own = max_rel_error(got, exact), max_rel_error(single, exact)
+  print(f"maxrel DPM++ 3M SDE {label} vs ComfyUI's loop in float64: {err:.3g} (its float32 "
+        f"loop: {own:.3g})")
+  assert err <= 3 * own, (err, own)

@@ -6,6 +6,11 @@ stochastic form "sde-dpmsolver++" (A1111's "DPM++ 2M SDE": fresh noise every ste
 orders 1, 2 and 3, solver_type "midpoint" / "heun", lower_order_final, euler_at_final, Karras,
 exponential or beta sigmas, final_sigmas_type "zero" / "sigma_min", lambda_min_clipped, zero-terminal-SNR betas.
 
+With the `k_diffusion` option the 3M SDE form is k-diffusion's (A1111's, ComfyUI's): its
+second-order step weighs D1 by phi_2 whatever the solver type, its third-order step weighs D2
+by -phi_3 (diffusers' sign of the 0.5 in that weight is the other), and it keeps the third order
+to the step before the last.
+
 Every coefficient of the update depends only on the position in the schedule, so the host
 computes them in float32 in diffusers' order of operations; the device only combines arrays. The
 solver order a step uses depends on how many steps this run has taken (its history), which the
@@ -116,6 +121,7 @@ class DPMSolverState:
     c_d0: alpha_t[i+1] * (exp(-h) - 1), every order's weight on the current x0 prediction (SDE:
       alpha_t[i+1] * (1 - exp(-2h)), added).
     inv_r0: 1 / r0 with r0 = h_{i-1} / h_i (second and third order).
+    r0, r1: h_{i-1} / h_i and h_{i-2} / h_i themselves (k-diffusion's 3M SDE divides by them).
     c2_d1: the second-order update's weight on D1 (midpoint or heun form).
     inv_r1: 1 / r1 with r1 = h_{i-2} / h_i (third order).
     r0_frac: r0 / (r0 + r1) (third order).
@@ -136,6 +142,8 @@ class DPMSolverState:
   c_sample: jnp.ndarray
   c_d0: jnp.ndarray
   inv_r0: jnp.ndarray
+  r0: jnp.ndarray
+  r1: jnp.ndarray
   c2_d1: jnp.ndarray
   inv_r1: jnp.ndarray
   r0_frac: jnp.ndarray
@@ -201,7 +209,8 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     # Not diffusers': step as k-diffusion's DPM-Solver++ (A1111's), the UNet at each level's
     # fractional timestep (diffusers' are integers), from noise of the first level (diffusers'
     # start, unit noise in this variance-preserving form, is sqrt(1 + 1 / sigma_max^2) more);
-    # 3M SDE over the levels of one step more less the penultimate, as A1111 places them.
+    # 3M SDE over the levels of one step more less the penultimate, as A1111 places them, with
+    # k-diffusion's updates (`_k_diffusion_3m`).
     "k_diffusion": False,
   }
   _UNSUPPORTED = {
@@ -299,6 +308,20 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
         c2_d1 = _F32(0.5) * c_d0 if config["solver_type"] == "midpoint" else heun
         c3_d1 = heun
         c3_d2 = a_next * ((decay - _F32(2.0) * h) / (_F32(2.0) * h) ** 2 - _F32(0.5))
+        if self._k_diffusion_3m:
+          # k-diffusion's, in its float32 operations (phi_3 cancels to O(h): its rounding
+          # shows): the 2M step's weight is phi_2 whatever the solver type, and D2's is -phi_3
+          # = (1 - e^-2h - 2h) / (2h)^2 + 0.5 (diffusers' has - 0.5)
+          t_k = -log_f32(sigmas)  # k-diffusion's log-time, -log sigma, in float32
+          h_k = t_k[1:] - t_k[:-1]
+          r0 = np.concatenate([[np.nan], h_k[:-1]]).astype(_F32) / h_k
+          r1 = np.concatenate([[np.nan, np.nan], h_k[:-2]]).astype(_F32)[:n] / h_k
+          h_eta = h_k * _F32(2.0)
+          phi_2 = np.expm1(-h_eta) / h_eta + _F32(1.0)
+          phi_3 = phi_2 / h_eta - _F32(0.5)
+          c_d0 = a_next * -np.expm1(-h_eta)
+          c2_d1 = c3_d1 = a_next * phi_2
+          c3_d2 = -(a_next * phi_3)
         c_noise = sigma_t[1:] * np.sqrt(decay)
       else:
         expm1 = exp_f32(-h) - _F32(1.0)
@@ -324,6 +347,8 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
       c_sample=jnp.asarray(c_sample),
       c_d0=jnp.asarray(c_d0),
       inv_r0=jnp.asarray(inv_r0),
+      r0=jnp.asarray(r0),
+      r1=jnp.asarray(r1),
       c2_d1=jnp.asarray(c2_d1),
       inv_r1=jnp.asarray(inv_r1),
       r0_frac=jnp.asarray(r0_frac),
@@ -343,8 +368,9 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     """(float32 timesteps [n], float32 sigmas [n + 1] with the final one) as diffusers'."""
     config = self.cfg
     alphas_cumprod = train_alphas_cumprod(config)
-    # A1111's DPM++ 3M SDE places the levels of one step more and drops the last above 0.
-    discard = (config["k_diffusion"] and self.sde and int(config["solver_order"]) == 3
+    # A1111's DPM++ 3M SDE places the levels of one step more and drops the last above 0
+    # (ComfyUI's does not).
+    discard = (self._k_diffusion_3m and not config.get(COMFYUI)
                and all(config.get(key) is None for key in ("sigmas", "timesteps")))
     timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps + discard, alphas_cumprod)
     if discard:
@@ -363,6 +389,13 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
       to_t = nearest_t if config.get(COMFYUI) else sigma_to_t  # ComfyUI's are whole
       return to_t(sigmas[:-1], log_sigmas).astype(_F32), sigmas
     return timesteps.astype(np.int64).astype(_F32), sigmas
+
+  @property
+  def _k_diffusion_3m(self) -> bool:
+    """Whether this is k-diffusion's DPM++ 3M SDE (A1111's, ComfyUI's), whose updates differ
+    from diffusers' third-order SDE ones."""
+    config = self.cfg
+    return bool(config.get("k_diffusion")) and self.sde and int(config["solver_order"]) == 3
 
   def brownian_queries(self, state):
     if not self.sde:
@@ -398,7 +431,8 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     # diffusers' lower_order_final / lower_order_second; which ones apply is static per run.
     final_first = config["euler_at_final"] or (config["lower_order_final"] and n < 15)
     final_first = final_first or config["final_sigmas_type"] == "zero"
-    second_last_second = config["lower_order_final"] and n < 15
+    # k-diffusion's 3M SDE keeps the third order to the step before the last
+    second_last_second = config["lower_order_final"] and n < 15 and not self._k_diffusion_3m
     use_first = (count < 1) | ((i == n - 1) & final_first)
     use_second = (count < 2) | ((i == n - 2) & second_last_second)
 
@@ -408,18 +442,26 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
       return a + b if sde else a - b
 
     prev_sample = plus(rounded(state.c_sample[i] * sample32), rounded(state.c_d0[i] * m0))
+    kd3m = self._k_diffusion_3m  # k-diffusion's divisions, in its order
     if solver_order >= 2:
       m1 = state.model_outputs[-1]
-      d1_0 = rounded(state.inv_r0[i] * (m0 - m1))
+      d1_0 = (true_divide(m0 - m1, state.r0[i]) if kd3m
+              else rounded(state.inv_r0[i] * (m0 - m1)))
       if config["solver_type"] == "midpoint":
         second = plus(prev_sample, rounded(state.c2_d1[i] * d1_0))
       else:
         second = prev_sample + rounded(state.c2_d1[i] * d1_0)
       if solver_order >= 3:
         m2 = state.model_outputs[-2]
-        d1_1 = rounded(state.inv_r1[i] * (m1 - m2))
-        d1 = d1_0 + rounded(state.r0_frac[i] * (d1_0 - d1_1))
-        d2 = state.inv_r01[i] * (d1_0 - d1_1)
+        if kd3m:
+          r01 = state.r0[i] + state.r1[i]
+          d1_1 = true_divide(m1 - m2, state.r1[i])
+          d1 = d1_0 + true_divide(rounded((d1_0 - d1_1) * state.r0[i]), r01)
+          d2 = true_divide(d1_0 - d1_1, r01)
+        else:
+          d1_1 = rounded(state.inv_r1[i] * (m1 - m2))
+          d1 = d1_0 + rounded(state.r0_frac[i] * (d1_0 - d1_1))
+          d2 = state.inv_r01[i] * (d1_0 - d1_1)
         third = plus(prev_sample + rounded(state.c3_d1[i] * d1), rounded(state.c3_d2[i] * d2))
         second = jnp.where(use_second, second, third)
       prev_sample = jnp.where(use_first, prev_sample, second)
