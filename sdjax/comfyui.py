@@ -19,7 +19,7 @@ sampler's steps and denoise (ComfyUI runs the last `steps` of int(steps / denois
 hires pass), and its own sampler, scheduler, CFG and prompts where they differ.
 
 The settings come back, and where sdjax's scheduler takes the `comfyui` option (Euler, Euler a,
-Heun, LMS, the DPM++ multistep family) it steps as ComfyUI's KSampler: from its noise times
+Heun, LMS, DPM++ SDE, the DPM++ multistep family) it steps as ComfyUI's KSampler: from its noise times
 sqrt(1 + sigma_max^2) (A1111: sigma_max), the UNet at the nearest whole timestep. Its ancestral
 samplers draw their step noise from a CUDA generator seeded by the whole 64-bit seed
 (--step_rng nv, --seed_high), its SDE samplers from a Brownian tree (--brownian). ComfyUI splits

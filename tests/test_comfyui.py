@@ -100,7 +100,7 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   # Where sdjax's scheduler steps as ComfyUI's KSampler (its noise scale, whole timesteps) the
   # option says so; elsewhere a note.
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
-  assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE"))
+  assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE"))
   assert ("sqrt(1 + sigma_max^2)" in notes) == (not stepped)
 
 

@@ -90,10 +90,9 @@ def test_schedule_type(sampler, label, want):
   options = json.loads(flags.get("scheduler_options", "{}"))
   if sampler in ("DDIM", "UniPC"):  # A1111 runs the others in k-diffusion; DDIM in its own loop
     assert options == ({"a1111": True} if sampler == "DDIM" else {})
-  else:  # as A1111 steps (k_diffusion), but DPM++ SDE, whose steps sdjax does not claim, and
-    # Restart, A1111's own loop
+  else:  # as A1111 steps (k_diffusion), but Restart, A1111's own loop
     assert options == {"timestep_spacing": "linspace",
-                       **({} if sampler in ("DPM++ SDE", "Restart") else {"k_diffusion": True})}
+                       **({} if sampler == "Restart" else {"k_diffusion": True})}
   # sdjax's own images name their schedule type when they have one: nothing to infer.
   flags = _flags(f"a cat\nSteps: 20, Sampler: {sampler}{typed}, CFG scale: 7, Seed: 1, "
                  "Version: sdjax 0.1.0")

@@ -216,7 +216,7 @@ def test_k_diffusion_stays_only_where_a_sampler_takes_it():
   for name in takers:
     get_scheduler(name, SD15, options=options).set_timesteps(4, sample_shape=SHAPE)
     assert sampling.a1111_form_for(name, options) == options
-  assert sampling.a1111_form_for("dpmpp_sde", options) == {"timestep_spacing": "linspace"}
+  assert sampling.a1111_form_for("restart", options) == {"timestep_spacing": "linspace"}
   assert sampling.a1111_form_for("ddim", {"k_diffusion": True}) is None
   # An ancestral sampler's eta (A1111's Eta) follows only to another ancestral sampler.
   eta = {**options, "eta": 0.5}
@@ -372,3 +372,33 @@ def test_dpmpp_3m_sde_as_comfyui(label, monkeypatch):
   print(f"maxrel DPM++ 3M SDE {label} vs ComfyUI's loop in float64: {err:.3g} (its float32 "
         f"loop: {own:.3g})")
   assert err <= 3 * own, (err, own)
+
+
+@pytest.mark.parametrize("label", ["Uniform", "Karras"])
+def test_dpmpp_sde_as_comfyui(label, monkeypatch):
+  """ComfyUI's dpmpp_sde (the `comfyui` option): k-diffusion's loop from its noise times
+  sqrt(1 + sigma_max^2), the UNet at the whole timestep nearest each call's sigma (the
+  midpoints' too), each stage given its own noise (the Brownian state)."""
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+             **outputs.schedule_type_options(label)}
+  plain = get_scheduler("dpmpp_sde", SD15, options=options)
+
+  class Brownian(type(plain)):  # noqa: D101  the state a --brownian run steps with
+    def set_timesteps(self, n, sample_shape=None):
+      return self.brownian_state(super().set_timesteps(n, sample_shape))
+
+  ours = Brownian(config=plain.config)
+  state = ours.set_timesteps(6, sample_shape=SHAPE)
+  assert np.array_equal(state.timesteps, np.round(state.timesteps))
+  init, noises = make_noises(len(state.timesteps))
+  got = sdjax_trajectory(ours, 6, init, noises)
+  sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(SD15, 6)
+  start = float(torch.sqrt(1.0 + sigmas[0] ** 2.0))
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), start, rtol=1e-6)
+  monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
+  with correctly_rounded_sqrt():
+    want = kd.sample_dpmpp_sde(SD15, sigmas, torch.from_numpy(init) * start,
+                               [torch.from_numpy(n) for n in noises])
+  err = max_rel_error(got, want)
+  print(f"maxrel DPM++ SDE {label} vs ComfyUI's loop: {err:.3g}")
+  assert err <= TOL, err

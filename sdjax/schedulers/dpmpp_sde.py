@@ -16,7 +16,13 @@ builds the same joint law: the first stage uses z_first, the second
 sigma_{i+1}). Steps use disjoint intervals, so their noises are independent, as W's. The
 pixels differ from diffusers' (another random source), the distribution does not; the
 arithmetic is checked against diffusers given the same noise. diffusers' `noise_sampler_seed`
-(one tree for the whole batch) is accepted and has no effect: each image's seed decides.
+(one tree for the whole batch) is accepted and has no effect: each image's seed decides. With
+generate's `brownian` the noise is that tree itself (`sdjax.brownian_tree`, one per image), each
+stage taking its own query's answer (`brownian_state`).
+
+diffusers' loop is k-diffusion's `sample_dpmpp_sde` (A1111's): `k_diffusion` changes nothing;
+`comfyui` starts from ComfyUI's noise scale and feeds the UNet whole timesteps, the midpoints'
+too (tests/test_k_diffusion.py).
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sdjax.schedulers.common import exp_f32, log_f32, rounded, sigma_to_t, true_divide
+from sdjax.schedulers.common import (
+  exp_f32,
+  log_f32,
+  nearest_t,
+  rounded,
+  sigma_to_t,
+  true_divide,
+)
 from sdjax.schedulers.euler import (
   SigmaScheduler,
   as_f32,
@@ -37,6 +50,12 @@ from sdjax.schedulers.euler import (
   sigma_schedule,
   train_alphas_cumprod,
   train_sigmas,
+)
+from sdjax.schedulers.sigma_schedules import (
+  COMFYUI,
+  K_DIFFUSION,
+  SCHEDULE_OPTIONS,
+  SGM_NOISE_MULTIPLIER,
 )
 
 _F32 = np.float32
@@ -106,6 +125,9 @@ class DPMSolverSDEScheduler(SigmaScheduler):
   order = 2
   needs_noise = True
   generator_noise = False  # diffusers' Brownian tree takes `noise_sampler_seed`, or a random one
+  # k_diffusion changes nothing (diffusers' loop is k-diffusion's, tests/test_k_diffusion.py);
+  # comfyui: ComfyUI's start and whole timesteps, the midpoints' too
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -136,7 +158,8 @@ class DPMSolverSDEScheduler(SigmaScheduler):
     # The midpoints' timesteps, from the float64 sigmas as diffusers' `_second_order_timesteps`.
     with np.errstate(divide="ignore"):
       lt = -np.log(sigmas64[:-1])
-    mid_t = sigma_to_t(np.exp(-(lt[:-1] + np.diff(lt) * 0.5)), np.log(train_sigmas(alphas_cumprod)))
+    log_sigmas = np.log(train_sigmas(alphas_cumprod))
+    mid_t = sigma_to_t(np.exp(-(lt[:-1] + np.diff(lt) * 0.5)), log_sigmas)
     sigmas = sigmas64.astype(_F32)
     s, s_next = sigmas[:n - 1], sigmas[1:n]  # the two-stage steps (all but the last)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -158,6 +181,8 @@ class DPMSolverSDEScheduler(SigmaScheduler):
 
     sigma_in = positions(s, mid, sigmas[n - 1])
     scale = input_scales(sigma_in)
+    if config.get(COMFYUI):  # the whole timestep nearest the sigma ComfyUI calls the model at
+      mid_t = nearest_t(mid, log_sigmas)
     t_all = np.empty(p, np.float64)
     t_all[0::2], t_all[1::2] = timesteps, mid_t
     return DPMSolverSDEState(
