@@ -739,5 +739,7 @@ def test_line_options_over_the_runs():
       "k_diffusion": True, "sigmas": [9, 1, 0], "timestep_spacing": "linspace"}
   assert run.line_options(cfg, None, "kdpm2", "exponential", freeze_options({"x": 1})) == {
       "k_diffusion": True, "schedule_type": "exponential", "timestep_spacing": "trailing", "x": 1}
-  assert run.line_options(cfg, None, "dpmpp_sde", "automatic", own) == {
+  assert run.line_options(cfg, None, "unipc", "automatic", own) == {
       "sigmas": [9, 1, 0], "timestep_spacing": "linspace"}
+  assert run.line_options(cfg, None, "dpmpp_sde", "automatic", own) == {
+      "k_diffusion": True, "sigmas": [9, 1, 0], "timestep_spacing": "linspace"}
