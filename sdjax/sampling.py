@@ -169,8 +169,8 @@ def brownian_noise(sched: schedulers.Scheduler, state, generator: str, begin: in
   check_brownian(generator)
   queries = sched.brownian_queries(state)
   if queries is None:
-    raise ValueError(f"scheduler {sched.name!r} adds no Brownian noise: the Brownian tree is for "
-                     "the SDE samplers (dpmpp_sde, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde)")
+    raise ValueError(f"scheduler {sched.name!r} adds no Brownian noise: the Brownian tree is the "
+                     f"SDE samplers' ({', '.join(schedulers.BROWNIAN_FAMILIES)})")
   stop = len(queries) if end is None else end
   calls, query_at = [], []
   for i, query in enumerate(queries):
@@ -180,6 +180,16 @@ def brownian_noise(sched: schedulers.Scheduler, state, generator: str, begin: in
   sigmas = np.asarray(state.sigmas, np.float32)
   tree = brownian_tree.plan(sigmas[sigmas > 0].min(), sigmas.max(), calls)
   return BrownianNoise(generator, tree, tuple(query_at))
+
+
+def _with_brownian(spec: SampleSpec, state, brownian: str | None, begin: int, end: int | None):
+  """(spec, state) with the Brownian tree's noise where `brownian` asks for it and the spec's
+  scheduler adds such noise (else as they are)."""
+  sched = spec.scheduler
+  if brownian is None or sched.brownian_queries(state) is None:
+    return spec, state
+  spec = dataclasses.replace(spec, brownian=brownian_noise(sched, state, brownian, begin, end))
+  return spec, sched.brownian_state(state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1350,10 +1360,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   if "torch_cpu" in (rng, brownian, step_rng):
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
   check_brownian(brownian)
-  if brownian is not None and sched.brownian_queries(state) is not None:
-    spec = dataclasses.replace(spec, brownian=brownian_noise(sched, state, brownian, begin, end))
-    state = sched.brownian_state(state)
-  return spec, state
+  return _with_brownian(spec, state, brownian, begin, end)
 
 
 def check_brownian(brownian: str | None, *scheduler_names: str | None) -> None:
@@ -1641,10 +1648,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                      "hires pass another (A1111's Hires sampler: hires_scheduler)")
   begin = (total - n) * spec.scheduler.order
   # the first pass's tree device, where the hires sampler (maybe another) draws from a tree
-  if brownian is not None and spec.scheduler.brownian_queries(state) is not None:
-    spec = dataclasses.replace(spec, brownian=brownian_noise(
-        spec.scheduler, state, brownian, begin, None))
-    state = spec.scheduler.brownian_state(state)
+  spec, state = _with_brownian(spec, state, brownian, begin, None)
   return dataclasses.replace(spec, begin=begin,
                              upscale=hires.upscale, upscale_crop=crop,
                              fixed_guidance=None if hires.guidance_scale is None else float(
