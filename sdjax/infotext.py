@@ -106,10 +106,13 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
                                        "negative_prompt": fields.pop("negative_prompt")}
   notes: list[tuple[str | None, str]] = []
   made_by_sdjax = fields.get("Version", "").startswith("sdjax")
+  if not made_by_sdjax:
+    _backcompat(fields, flags["prompt"][0])
   model_hash = fields.get("Model hash") or None
   _model(fields, flags, notes, model_hash)
   scheduler = _sampler(fields, flags, notes, made_by_sdjax, made_in)
   _sgm(fields, flags, notes, scheduler)
+  _downcast(fields, flags, notes, scheduler)
   _eta(fields, flags, notes, scheduler)
   _noise(fields, flags, notes, made_by_sdjax, made_in)
   _brownian(fields, flags, notes, scheduler, made_by_sdjax, made_in)
@@ -249,6 +252,52 @@ def _sgm(fields, flags, notes, scheduler) -> None:
   else:
     notes.append(("scheduler", f"SGM noise multiplier: True: sdjax's {scheduler or 'sampler'} "
                                "starts from its noise times sigma_0, not sqrt(1 + sigma_0^2)"))
+
+
+def a1111_version(text: str | None) -> tuple[int, int, int, int] | None:
+  """An A1111 `Version` (`v1.6.0`, `v1.7.0-225-g1f2e3d4`, `1.8.0-RC`) as (major, minor, patch,
+  commits after the tag; -1 for a release candidate), ordered as A1111 orders them
+  (modules/infotext_versions.py: the tag and the commit count only); None for another program's
+  (Forge's `f0.0.17v1.8.0rc-...`, sdjax's)."""
+  if text is None:
+    return None
+  found = re.match(r"([^-]+-[^-]+)-.*", text)
+  if found:
+    text = found.group(1)
+  found = re.fullmatch(r"v?(\d+)\.(\d+)\.(\d+)(?:-(\d+)|-?(rc\d*))?", text, re.IGNORECASE)
+  if found is None:
+    return None
+  after = int(found.group(4)) if found.group(4) else -1 if found.group(5) else 0
+  return int(found.group(1)), int(found.group(2)), int(found.group(3)), after
+
+
+def _backcompat(fields, prompt: str) -> None:
+  """The settings an older A1111 ran with and did not write, as A1111 reads them back from its
+  `Version` (its infotext_versions.backcompat): before 1.6.0 DDIM and PLMS padded the shorter
+  prompt as `Pad conds v0` does; before 1.7.0-225 a float16 model's alphas_cumprod was float16
+  (`Downcast alphas_cumprod`); before 1.6.0 prompt editing counted steps in the old way."""
+  version = a1111_version(fields.get("Version"))
+  if version is None:
+    return
+  if version < (1, 6, 0, 0) and "[" in prompt:
+    fields["Old prompt editing timelines"] = "True"
+  if version < (1, 6, 0, 0) and fields.get("Sampler") in ("DDIM", "PLMS"):
+    fields["Pad conds v0"] = "True"
+  if version < (1, 7, 0, 225):
+    fields["Downcast alphas_cumprod"] = "True"
+
+
+def _downcast(fields, flags, notes, scheduler) -> None:
+  """A1111's float16 training schedule (`Downcast alphas_cumprod`, written by A1111 1.8+, or
+  implied by an older `Version`): the sampler's `downcast_alphas_cumprod` option."""
+  if fields.pop("Downcast alphas_cumprod", None) != "True":
+    return
+  if scheduler is not None and schedulers.takes_option(scheduler, "downcast_alphas_cumprod"):
+    options = json.loads(flags.get("scheduler_options", "{}"))
+    flags["scheduler_options"] = json.dumps({**options, "downcast_alphas_cumprod": True})
+  else:
+    notes.append(("scheduler", f"Downcast alphas_cumprod: True: sdjax's {scheduler or 'sampler'} "
+                               "reads its noise levels off the float32 training schedule"))
 
 
 def _a1111_sampling(fields, notes, sampler, scheduler) -> None:

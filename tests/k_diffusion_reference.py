@@ -15,10 +15,21 @@ import torch
 from scheduler_harness import fake_model
 
 
+def train_sigmas(config) -> torch.Tensor:
+  """k-diffusion's `DiscreteSchedule.sigmas` of the model's alphas_cumprod: float32, or float16
+  where A1111 downcast them (`downcast_alphas_cumprod` in `config`), computed in float16 as the
+  model's half() buffer made them."""
+  config = dict(config)
+  half = config.pop("downcast_alphas_cumprod", False)
+  alphas = diffusers.EulerDiscreteScheduler.from_config(config).alphas_cumprod
+  if half:
+    alphas = alphas.half()
+  return ((1 - alphas) / alphas) ** 0.5
+
+
 def train_log_sigmas(config) -> torch.Tensor:
-  ref = diffusers.EulerDiscreteScheduler.from_config(config)
-  alphas = ref.alphas_cumprod.numpy()
-  return torch.from_numpy(np.log(((1 - alphas) / alphas) ** 0.5))
+  """k-diffusion's `DiscreteSchedule.log_sigmas`: `train_sigmas(config).log()`, in its dtype."""
+  return train_sigmas(config).log()
 
 
 def denoiser(config, timesteps=None):
@@ -58,7 +69,7 @@ def get_sigmas(config, n: int) -> torch.Tensor:
 
 def get_sigmas_karras(config, n: int, rho: float = 7.0) -> torch.Tensor:
   """k-diffusion's Karras levels between the training sigmas' extremes, as A1111 calls it."""
-  sigmas = train_log_sigmas(config).float().exp()
+  sigmas = train_sigmas(config)
   sigma_min, sigma_max = sigmas[0].item(), sigmas[-1].item()
   ramp = torch.linspace(0, 1, n)
   min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -68,7 +79,7 @@ def get_sigmas_karras(config, n: int, rho: float = 7.0) -> torch.Tensor:
 
 def get_sigmas_exponential(config, n: int) -> torch.Tensor:
   """k-diffusion's levels evenly spaced in log sigma between the training sigmas' extremes."""
-  sigmas = train_log_sigmas(config).float().exp()
+  sigmas = train_sigmas(config).float()
   levels = torch.linspace(sigmas[-1].log().item(), sigmas[0].log().item(), n).exp()
   return torch.cat([levels, levels.new_zeros([1])])
 

@@ -66,6 +66,39 @@ def test_a1111_image():
   assert found.model_hash == "67ab2fd8ec"
 
 
+@pytest.mark.parametrize("version,want", [
+    ("v1.6.0", (1, 6, 0, 0)), ("v1.7.0-224-g1a2b3c4d", (1, 7, 0, 224)),
+    ("v1.7.0-225-g1a2b3c4d", (1, 7, 0, 225)), ("1.8.0-RC", (1, 8, 0, -1)),
+    ("v1.7.0-RC-5-gf92d6149", (1, 7, 0, -1)), ("v1.10.1", (1, 10, 1, 0)),
+    ("f0.0.17v1.8.0rc-latest-276-g29be1da7", None), ("sdjax 0.3.0", None), (None, None)])
+def test_a1111_versions(version, want):
+  """`Version` ordered as A1111 orders it (a tag, commits after it, a release candidate before
+  it); Forge's and other programs' versions are none of A1111's."""
+  from sdjax.infotext import a1111_version  # noqa: PLC0415
+
+  assert a1111_version(version) == want
+
+
+@pytest.mark.parametrize("version,downcast,pad_v0", [
+    ("v1.5.2", True, True), ("v1.6.0", True, False), ("v1.7.0-224-gabc", True, False),
+    ("v1.7.0-225-gabc", False, False), ("v1.10.1", False, False), (None, False, False)])
+def test_what_an_older_a1111_did(version, downcast, pad_v0):
+  """A1111's backcompat from the image's Version: before 1.7.0-225 a float16 model's
+  alphas_cumprod was float16; before 1.6.0 DDIM padded conds as `Pad conds v0` and prompt
+  editing counted steps in the old way (which sdjax does not: a note)."""
+  text = "a [cat:dog:0.5]\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1" + (
+      f", Version: {version}" if version else "")
+  found = reproduce(text)
+  options = json.loads(found.flags["scheduler_options"])
+  assert options.get("downcast_alphas_cumprod", False) == downcast
+  assert found.flags.get("pad_cond_uncond_v0") == ("true" if pad_v0 else None)
+  assert ("Old prompt editing timelines: True" in dict(found.notes).get(None, "")) == pad_v0
+  written = reproduce(text.replace("Seed: 1", "Seed: 1, Downcast alphas_cumprod: True"))
+  assert json.loads(written.flags["scheduler_options"])["downcast_alphas_cumprod"]
+  unipc = reproduce(text.replace("DDIM", "UniPC"))  # a sampler without the form: a note
+  assert ("float32 training schedule" in dict(unipc.notes).get("scheduler", "")) == downcast
+
+
 @pytest.mark.parametrize("sampler,label,want", [
     ("DPM++ 2M", "Automatic", "Karras"),  # A1111 >= 1.9: the sampler's own choice
     ("DPM++ 2M SDE", "Automatic", "Exponential"),

@@ -42,13 +42,15 @@ SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
 DISCARDING = ("DPM2", "DPM2 a")
 
 
-def _as_a1111_ran_it(sampler, label, steps, k_diffusion=True, extra=""):
+def _as_a1111_ran_it(sampler, label, steps, k_diffusion=True, extra="", config=SD15,
+                     version="v1.10.1"):
   """sdjax's scheduler with the options `reproduce` reads from an A1111 image (less DPM-Solver's
   `k_diffusion`, when not `k_diffusion`; `extra`: more of its fields), its state and its
-  trajectory on the fake model; the image's noise levels and noises."""
+  trajectory on the fake model; the image's noise levels (k-diffusion's, of `config`) and
+  noises."""
   typed = f", Schedule type: {label}" if label else ""
   flags = infotext.reproduce(f"a cat\nSteps: {steps}, Sampler: {sampler}{typed}, CFG scale: 7, "
-                             f"Seed: 1, {extra}Version: v1.10.1").flags
+                             f"Seed: 1, {extra}Version: {version}").flags
   options = {**json.loads(flags["scheduler_options"]),
              **outputs.schedule_type_options(flags["schedule_type"])}
   if not k_diffusion:
@@ -61,9 +63,9 @@ def _as_a1111_ran_it(sampler, label, steps, k_diffusion=True, extra=""):
   kind = flags["schedule_type"].lower()
   placed = kd.get_sigmas if kind == "uniform" else kd.get_sigmas_karras
   if sampler in DISCARDING:
-    sigmas = kd.discard_penultimate(placed(SD15, steps + 1))
+    sigmas = kd.discard_penultimate(placed(config, steps + 1))
   else:
-    sigmas = placed(SD15, steps)
+    sigmas = placed(config, steps)
   return ours, state, got, sigmas, init, noises
 
 
@@ -142,6 +144,37 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
   state = lower.set_timesteps(3, sample_shape=SHAPE)
   np.testing.assert_allclose(float(lower.init_noise_sigma(state)),
                              5.0 / (26.0**0.5 if vp else 1.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("sampler", "label", "version"), [
+    ("Euler a", None, "v1.6.0"), ("DPM++ 2M", "Karras", "v1.7.0-224-g1a2b3c4"),
+    ("DPM2", "Automatic", "v1.5.1"), ("Heun", "Karras", "v1.10.1")])
+def test_downcast_alphas_cumprod(sampler, label, version):
+  """An A1111 image made before 1.7.0-225 (or with its Downcast alphas_cumprod setting since):
+  the float16 model's alphas_cumprod were float16, and so were k-diffusion's table of noise
+  levels and their logs. sdjax's `downcast_alphas_cumprod` steps on that table as k-diffusion
+  did; the float32 table's run is far off."""
+  extra = "Downcast alphas_cumprod: True, " if version == "v1.10.1" else ""
+  half = {**SD15, "downcast_alphas_cumprod": True}
+  ours, state, got, sigmas, init, noises = _as_a1111_ran_it(sampler, label, 10, extra=extra,
+                                                            config=half, version=version)
+  assert ours.cfg["downcast_alphas_cumprod"]
+  assert kd.train_sigmas(half).dtype == torch.float16
+  start = float(sigmas[0]) / (1 + float(sigmas[0]) ** 2) ** 0.5 if sampler == "DPM++ 2M" else (
+      float(sigmas[0]))
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), start, rtol=1e-6)
+  with correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](half, sigmas, torch.from_numpy(init) * sigmas[0],
+                             [torch.from_numpy(n) for n in noises])
+  if sampler == "DPM++ 2M":
+    want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[
+        :, None, None, None, None]).astype(np.float32)
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} {label} on the float16 table: {err:.3g}")
+  assert err <= TOL, err
+  _, _, float32_run, float32_sigmas, _, _ = _as_a1111_ran_it(sampler, label, 10)
+  assert not np.allclose(sigmas.numpy(), float32_sigmas.numpy(), rtol=1e-3)
+  assert max_rel_error(got, float32_run) > 100 * TOL
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "DPM2"])

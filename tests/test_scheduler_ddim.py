@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -183,16 +185,20 @@ def _a1111_ddim(config, steps, init, noises, eta=0.0):
   from scheduler_harness import fake_model  # noqa: PLC0415
 
   alphas_cumprod = torch.from_numpy(make_alphas_cumprod(config))
+  if config.get("downcast_alphas_cumprod"):  # the float16 model's buffer (A1111 < 1.7.0-225)
+    alphas_cumprod = alphas_cumprod.half()
   timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
   alphas = alphas_cumprod[timesteps]
-  alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))]
+  sqrt_one_minus_alphas = (1 - alphas).sqrt().float()  # in the buffer's dtype
+  alphas = alphas.float()  # the rest in float32 (`.item() * s_x`)
+  alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].float()
   sigmas = eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)) ** 0.5
   x, out = torch.from_numpy(init), []
   for i in range(len(timesteps) - 1):
     index = len(timesteps) - 1 - i
     e_t = torch.from_numpy(fake_model(x.numpy(), float(timesteps[index])))
     a_t, a_prev, sigma_t = alphas[index], alphas_prev[index], sigmas[index]
-    pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+    pred_x0 = (x - sqrt_one_minus_alphas[index] * e_t) / a_t.sqrt()
     x = a_prev.sqrt() * pred_x0 + (1.0 - a_prev - sigma_t**2).sqrt() * e_t + sigma_t * (
         torch.from_numpy(noises[i]))
     out.append(x.numpy())
@@ -222,3 +228,26 @@ def test_a1111_form(steps, calls, eta):
   assert apart > 100 * max(err, 1e-7), apart
   flags = infotext.reproduce(f"a cat\nSteps: {steps}, Sampler: DDIM, CFG scale: 7, Seed: 1").flags
   assert flags["scheduler_options"] == '{"a1111": true}'
+
+
+def test_a1111_form_with_float16_alphas():
+  """A1111's DDIM on a float16 model before 1.7.0-225 (or with its Downcast alphas_cumprod
+  setting): alphas_cumprod in float16, sqrt(1 - alpha) computed in float16, the rest in float32
+  from those values (`downcast_alphas_cumprod`); an image whose Version is that old reads so."""
+  from scheduler_harness import max_rel_error, sdjax_trajectory  # noqa: PLC0415
+
+  from sdjax import infotext  # noqa: PLC0415
+
+  options = {"a1111": True, "downcast_alphas_cumprod": True}
+  ours = get_scheduler("ddim", SD15, options=options)
+  init, noises = make_noises(20)
+  got = sdjax_trajectory(ours, 20, init, noises)
+  want = _a1111_ddim({**SD15, "downcast_alphas_cumprod": True}, 20, init, noises)
+  err = max_rel_error(got, want)
+  print(f"\nA1111 DDIM on float16 alphas: {err:.2e}")
+  assert err <= TOL
+  assert max_rel_error(got, _a1111_ddim(SD15, 20, init, noises)) > 100 * TOL
+  old = infotext.reproduce("a cat\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, "
+                           "Version: v1.5.2").flags
+  assert json.loads(old["scheduler_options"]) == options
+  assert old["pad_cond_uncond_v0"] == "true"  # what A1111 before 1.6.0 did too

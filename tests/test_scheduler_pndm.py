@@ -151,9 +151,13 @@ def _a1111_plms(config, steps, init):
   from sdjax.schedulers.common import make_alphas_cumprod  # noqa: PLC0415
 
   alphas_cumprod = torch.from_numpy(make_alphas_cumprod(config))
+  if config.get("downcast_alphas_cumprod"):  # the float16 model's buffer (A1111 < 1.7.0-225)
+    alphas_cumprod = alphas_cumprod.half()
   timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
   alphas = alphas_cumprod[timesteps]
-  alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))]
+  sqrt_one_minus_alphas = (1 - alphas).sqrt().float()  # in the buffer's dtype
+  alphas = alphas.float()  # the rest in float32 (`.item() * s_x`)
+  alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].float()
   x, out, old_eps = torch.from_numpy(init), [], []
 
   def model(x, t):
@@ -161,7 +165,7 @@ def _a1111_plms(config, steps, init):
 
   def x_prev(x, e_t, index):
     a_t, a_prev = alphas[index], alphas_prev[index]
-    pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+    pred_x0 = (x - sqrt_one_minus_alphas[index] * e_t) / a_t.sqrt()
     return a_prev.sqrt() * pred_x0 + (1.0 - a_prev).sqrt() * e_t
 
   for i in range(len(timesteps) - 1):
@@ -205,3 +209,19 @@ def test_a1111_form(steps):
   assert apart > 100 * max(err, 1e-7), apart
   flags = infotext.reproduce(f"a cat\nSteps: {steps}, Sampler: PLMS, CFG scale: 7, Seed: 1").flags
   assert flags["scheduler_options"] == '{"a1111": true}'
+
+
+def test_a1111_form_with_float16_alphas():
+  """A1111's PLMS on a float16 model before 1.7.0-225 (or with its Downcast alphas_cumprod
+  setting): alphas_cumprod in float16 and sqrt(1 - alpha) computed in float16, in A1111's
+  update (`downcast_alphas_cumprod`)."""
+  from scheduler_harness import max_rel_error, sdjax_trajectory  # noqa: PLC0415
+
+  init, noises = make_noises(22)
+  want = _a1111_plms({**SD15, "downcast_alphas_cumprod": True}, 20, init)
+  ours = get_scheduler("pndm", SD15, options={"a1111": True, "downcast_alphas_cumprod": True})
+  got = sdjax_trajectory(ours, 20, init, noises)
+  err = max_rel_error(got, want)
+  print(f"\nA1111 PLMS on float16 alphas: {err:.2e}")
+  assert err <= TOL
+  assert max_rel_error(got, _a1111_plms(SD15, 20, init)) > 100 * TOL

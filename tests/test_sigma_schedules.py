@@ -267,6 +267,59 @@ def test_kl_optimal_is_even_in_arctan():
   np.testing.assert_allclose(levels[[0, -1]], TRAIN_SIGMAS[[-1, 0]], rtol=1e-12)
 
 
+def _a1111_levels(kind: str, n: int, sigmas: torch.Tensor) -> torch.Tensor:
+  """A1111's schedule type `kind` (modules/sd_schedulers.py) over k-diffusion's table of
+  training `sigmas` (float32, or float16 where A1111 downcast alphas_cumprod), in torch as
+  there: its interpolation reads the table's logs, in the table's dtype."""
+  log_sigmas = sigmas.log()
+
+  def sigma_to_t(sigma):
+    dists = sigma.log() - log_sigmas[:, None]
+    low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=len(log_sigmas) - 2)
+    w = ((log_sigmas[low] - sigma.log()) / (log_sigmas[low] - log_sigmas[low + 1])).clamp(0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+  def t_to_sigma(t):
+    t = t.float()
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+  sigma_min, sigma_max = sigmas[0].item(), sigmas[-1].item()
+  if kind == "uniform":  # k-diffusion's get_sigmas
+    levels = t_to_sigma(torch.linspace(len(sigmas) - 1, 0, n))
+  elif kind in ("sgm_uniform", "normal"):
+    start = sigma_to_t(torch.tensor([sigma_max]))[0]
+    end = sigma_to_t(torch.tensor([sigma_min]))[0]
+    ts = torch.linspace(start, end, n + 1)[:-1] if kind == "sgm_uniform" else torch.linspace(
+      start, end, n)
+    levels = torch.stack([t_to_sigma(t) for t in ts])
+  elif kind == "simple":
+    stride = len(sigmas) / n
+    levels = torch.tensor([float(sigmas[-(1 + int(x * stride))]) for x in range(n)])
+  else:  # KL Optimal, which ends at the smallest level
+    low, high = torch.arctan(torch.tensor(sigma_min)), torch.arctan(torch.tensor(sigma_max))
+    step = torch.arange(n + 1)
+    return torch.tan(step / n * low + (1.0 - step / n) * high)
+  return torch.cat([levels.float(), torch.zeros(1)])
+
+
+@pytest.mark.parametrize("downcast", [False, True])
+@pytest.mark.parametrize("kind", ["uniform", "sgm_uniform", "normal", "simple", "kl_optimal"])
+def test_table_types_as_a1111(kind, downcast):
+  """The types A1111 reads off k-diffusion's table, on its float32 table and on the float16 one
+  of a downcast alphas_cumprod (`downcast_alphas_cumprod`), whose logs it interpolates."""
+  config = {**SD15, "downcast_alphas_cumprod": downcast}
+  table = train_sigmas(train_alphas_cumprod(config))
+  assert table.dtype == (np.float16 if downcast else np.float32)
+  alphas = torch.from_numpy(train_alphas_cumprod(SD15))
+  alphas = alphas.half() if downcast else alphas
+  want = _a1111_levels(kind, 9, ((1 - alphas) / alphas) ** 0.5).numpy()
+  got = schedule_sigmas(kind, 9, table)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  if downcast:  # the float32 table's levels are off by float16's rounding, or far more
+    assert not np.allclose(schedule_sigmas(kind, 9, TRAIN_SIGMAS), want, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", SCHEDULE_TYPES)
 def test_every_type_makes_a_sane_schedule(kind):
   for name in ("euler", "dpmpp_2m") if kind != "kl_optimal" else ("euler",):

@@ -30,6 +30,7 @@ from sdjax.schedulers.common import (
   true_divide,
 )
 from sdjax.schedulers.euler import check_choice
+from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD
 
 SPACINGS = ("leading", "trailing", "linspace")
 # sdjax's option to step as AUTOMATIC1111 (1.6+) runs DDIM in text-to-image
@@ -38,6 +39,23 @@ SPACINGS = ("leading", "trailing", "linspace")
 # the timesteps (19 for 20 steps; 30 for 30, whose spacing 33 makes 31), ending at timestep 1's
 # level rather than at alphas_cumprod[0]. `infotext` sets it for A1111's DDIM images.
 A1111 = "a1111"
+
+
+def downcast_alphas(config: dict[str, Any], alphas_cumprod: np.ndarray) -> np.ndarray:
+  """float32 `alphas_cumprod`, rounded to float16 with the `downcast_alphas_cumprod` option (A1111's
+  float16 schedule, `sigma_schedules.DOWNCAST_ALPHAS_CUMPROD`)."""
+  if config.get(DOWNCAST_ALPHAS_CUMPROD):
+    return alphas_cumprod.astype(np.float16).astype(np.float32)
+  return alphas_cumprod
+
+
+def sqrt_one_minus(config: dict[str, Any], alpha: np.ndarray) -> np.ndarray:
+  """sqrt(1 - alpha): A1111's `sqrt_one_minus_alphas`, in float16 arithmetic where its
+  alphas_cumprod is float16 (`downcast_alphas`); the other coefficients take float16 alphas'
+  values into float32 (or float64) arithmetic, as A1111's loops do."""
+  if config.get(DOWNCAST_ALPHAS_CUMPROD):
+    return np.sqrt(1 - alpha.astype(np.float16)).astype(np.float32)
+  return np.sqrt(1 - alpha)
 
 
 def check_discrete(
@@ -168,7 +186,7 @@ class DDIMScheduler(EtaInState, Scheduler):
 
   name = "ddim"
   order = 1
-  schedule_options = (A1111,)
+  schedule_options = (A1111, DOWNCAST_ALPHAS_CUMPROD)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -205,7 +223,7 @@ class DDIMScheduler(EtaInState, Scheduler):
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     del sample_shape  # no history
     config = self.cfg
-    alphas_cumprod = make_alphas_cumprod(config)
+    alphas_cumprod = downcast_alphas(config, make_alphas_cumprod(config))
     final = np.float32(1.0) if config["set_alpha_to_one"] else alphas_cumprod[0]
     if config.get(A1111):
       timesteps, prev_timesteps = a1111_timesteps(config, num_inference_steps)
@@ -221,7 +239,7 @@ class DDIMScheduler(EtaInState, Scheduler):
     return DDIMState(
       timesteps=jnp.asarray(timesteps.astype(np.int32)),
       sqrt_alpha=f32(np.sqrt(alpha)),
-      sqrt_one_minus_alpha=f32(np.sqrt(beta)),
+      sqrt_one_minus_alpha=f32(sqrt_one_minus(config, alpha)),
       sqrt_alpha_prev=f32(np.sqrt(alpha_prev)),
       direction_coeff=f32(np.sqrt(1 - alpha_prev - std * std)),
       noise_std=f32(std),

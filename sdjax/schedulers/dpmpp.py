@@ -4,7 +4,8 @@ the EDM formulation as its `EDMDPMSolverMultistepScheduler` (see that class).
 Implemented: algorithm_type "dpmsolver++" (and "deis", which diffusers maps onto it) and its
 stochastic form "sde-dpmsolver++" (A1111's "DPM++ 2M SDE": fresh noise every step), solver
 orders 1, 2 and 3, solver_type "midpoint" / "heun", lower_order_final, euler_at_final, Karras,
-exponential or beta sigmas, final_sigmas_type "zero" / "sigma_min", lambda_min_clipped, zero-terminal-SNR betas.
+exponential or beta sigmas, final_sigmas_type "zero" / "sigma_min", lambda_min_clipped,
+zero-terminal-SNR betas.
 
 With the `k_diffusion` option the 3M SDE form is k-diffusion's (A1111's, ComfyUI's): its
 second-order step weighs D1 by phi_2 whatever the solver type, its third-order step weighs D2
@@ -56,6 +57,7 @@ from sdjax.schedulers.euler import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DOWNCAST_ALPHAS_CUMPROD,
   SGM_NOISE_MULTIPLIER,
   TIMESTEPS_OPTIONS,
   custom_final,
@@ -166,7 +168,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
 
   name = "dpmpp_2m"
   # diffusers' pipe(timesteps=...) too
-  schedule_options = (*TIMESTEPS_OPTIONS, COMFYUI, SGM_NOISE_MULTIPLIER)
+  schedule_options = (*TIMESTEPS_OPTIONS, COMFYUI, SGM_NOISE_MULTIPLIER, DOWNCAST_ALPHAS_CUMPROD)
   order = 1  # model calls per step; the solver's order is config["solver_order"]
 
   @property

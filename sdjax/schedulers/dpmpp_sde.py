@@ -53,6 +53,7 @@ from sdjax.schedulers.euler import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
   SGM_NOISE_MULTIPLIER,
@@ -127,7 +128,8 @@ class DPMSolverSDEScheduler(SigmaScheduler):
   generator_noise = False  # diffusers' Brownian tree takes `noise_sampler_seed`, or a random one
   # k_diffusion changes nothing (diffusers' loop is k-diffusion's, tests/test_k_diffusion.py);
   # comfyui: ComfyUI's start and whole timesteps, the midpoints' too
-  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER)
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
+                      DOWNCAST_ALPHAS_CUMPROD)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,

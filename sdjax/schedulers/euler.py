@@ -38,6 +38,7 @@ from sdjax.schedulers.common import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
   SGM_NOISE_MULTIPLIER,
@@ -69,17 +70,22 @@ def check_common(scheduler_name: str, config: dict[str, Any], prediction_types: 
 
 
 def train_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
-  """float32 alphas_cumprod as the sigma schedulers hold it."""
+  """float32 alphas_cumprod as the sigma schedulers hold it; float16 with the
+  `downcast_alphas_cumprod` option (what follows from it is then float16 too, as in torch)."""
   alphas_cumprod = make_alphas_cumprod(config)
   if config.get("rescale_betas_zero_snr"):
     # Zero terminal SNR would make the first sigma infinite; diffusers substitutes the smallest
     # float16 subnormal.
     alphas_cumprod[-1] = 2.0**-24
+  if config.get(DOWNCAST_ALPHAS_CUMPROD):
+    return alphas_cumprod.astype(np.float16)
   return alphas_cumprod
 
 
 def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
-  """float32 sigmas of the training timesteps, ascending in t."""
+  """sigmas of the training timesteps, ascending in t, in the dtype of `alphas_cumprod`: each
+  operation rounded to float16 for a float16 schedule, as torch's half arithmetic rounds it
+  (numpy's float16 ufuncs compute in float32 and round once, as torch's)."""
   return np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
 
 
@@ -248,7 +254,7 @@ class SigmaScheduler(Scheduler):
   _DEFAULTS: ClassVar[dict[str, Any]] = {}
   _UNSUPPORTED: ClassVar[dict[str, Any]] = {}
   _PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ()
-  schedule_options = SCHEDULE_OPTIONS
+  schedule_options = (*SCHEDULE_OPTIONS, DOWNCAST_ALPHAS_CUMPROD)
 
   @classmethod
   def from_config(cls, scheduler_config: dict[str, Any], **overrides):
@@ -321,7 +327,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
   name = "euler"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
-  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
+                      DOWNCAST_ALPHAS_CUMPROD)
   order = 1
   needs_noise = False
 
@@ -376,7 +383,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
   name = "euler_ancestral"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
   schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
-                      ANCESTRAL_ETA)
+                      ANCESTRAL_ETA, DOWNCAST_ALPHAS_CUMPROD)
   order = 1
   needs_noise = True
 

@@ -26,6 +26,7 @@ from sdjax.schedulers.euler import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SGM_NOISE_MULTIPLIER,
   TIMESTEPS_OPTIONS,
@@ -69,7 +70,8 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
   name = "heun"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
-  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER)
+  schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
+                      DOWNCAST_ALPHAS_CUMPROD)
   order = 2
   needs_noise = False
 

@@ -48,7 +48,11 @@ from sdjax.schedulers.euler import (
   train_alphas_cumprod,
   train_sigmas,
 )
-from sdjax.schedulers.sigma_schedules import K_DIFFUSION, SCHEDULE_OPTIONS
+from sdjax.schedulers.sigma_schedules import (
+  DOWNCAST_ALPHAS_CUMPROD,
+  K_DIFFUSION,
+  SCHEDULE_OPTIONS,
+)
 
 _F32 = np.float32
 
@@ -105,7 +109,7 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
   ancestral = False
   round_karras_timesteps = True  # a diffusers quirk (k-diffusion's timesteps are fractional)
   a1111_discards = True  # with k_diffusion: A1111 drops the penultimate level
-  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION)
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, DOWNCAST_ALPHAS_CUMPROD)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -205,7 +209,7 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
   needs_noise = True
   ancestral = True
 
-  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, ANCESTRAL_ETA)
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, ANCESTRAL_ETA, DOWNCAST_ALPHAS_CUMPROD)
 
   @classmethod
   def _validate(cls, config: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from sdjax.schedulers.euler import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
   SGM_NOISE_MULTIPLIER,
@@ -153,7 +154,8 @@ class LMSDiscreteScheduler(Scheduler):
 
   name = "lms"
   # k_diffusion changes nothing
-  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER)
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
+                      DOWNCAST_ALPHAS_CUMPROD)
   order = 1
 
   _DEFAULTS = {

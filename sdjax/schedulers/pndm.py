@@ -36,8 +36,11 @@ from sdjax.schedulers.ddim import (
   alpha_prod_at,
   check_discrete,
   discrete_timesteps,
+  downcast_alphas,
   f32,
+  sqrt_one_minus,
 )
+from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD
 
 _PRK_CALLS = 12  # 3 pseudo Runge-Kutta steps of 4 model calls
 
@@ -82,7 +85,7 @@ class PNDMScheduler(Scheduler):
   # A1111's PLMS (modules/sd_samplers_timesteps_impl.plms): the PLMS path over A1111's DDIM
   # timesteps (`ddim.A1111`), its first step's second call at the next one, its last step to
   # timestep 1's level: one call more than those timesteps less one.
-  schedule_options = (A1111,)
+  schedule_options = (A1111, DOWNCAST_ALPHAS_CUMPROD)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -152,24 +155,31 @@ class PNDMScheduler(Scheduler):
       prev_rows.append(timesteps - ratio)
     t_table, prev_table = np.stack(t_rows), np.stack(prev_rows)
 
-    alphas_cumprod = make_alphas_cumprod(config)
+    alphas_cumprod = downcast_alphas(config, make_alphas_cumprod(config))
     final = np.float32(1.0) if config["set_alpha_to_one"] else alphas_cumprod[0]
     # Phases a run never reaches at some position may index past the table; diffusers would
     # never compute them, so they are clamped rather than raised.
     alpha = alphas_cumprod[np.clip(t_table, 0, len(alphas_cumprod) - 1)]
     alpha_prev = alpha_prod_at(alphas_cumprod, prev_table, final)
     beta, beta_prev = 1 - alpha, 1 - alpha_prev
+    alpha_diff = alpha_prev - alpha
     denominator = alpha * np.sqrt(beta_prev) + np.sqrt(alpha * beta * alpha_prev)
+    if config.get(DOWNCAST_ALPHAS_CUMPROD):
+      # A1111's update sqrt(a_prev) (x - s eps) / sqrt(a) + sqrt(1 - a_prev) eps with its float16
+      # s = sqrt(1 - a) differs from diffusers' form: eps's coefficient, over a denominator of 1.
+      a, a_prev = alpha.astype(np.float64), alpha_prev.astype(np.float64)
+      alpha_diff = np.sqrt(a_prev / a) * sqrt_one_minus(config, alpha) - np.sqrt(1 - a_prev)
+      denominator = np.ones_like(alpha)
     alpha_at_t = alphas_cumprod[timesteps]
 
     buffer = np.zeros(tuple(sample_shape), np.float32)
     return PNDMState(
       timesteps=jnp.asarray(timesteps.astype(np.int32)),
       sample_coeff=f32(np.sqrt(alpha_prev / alpha)),
-      alpha_diff=f32(alpha_prev - alpha),
+      alpha_diff=f32(alpha_diff),
       denominator=f32(denominator),
       sqrt_alpha=f32(np.sqrt(alpha)),
-      sqrt_one_minus_alpha=f32(np.sqrt(beta)),
+      sqrt_one_minus_alpha=f32(sqrt_one_minus(config, alpha)),
       add_noise_alpha=f32(np.sqrt(alpha_at_t)),
       add_noise_sigma=f32(np.sqrt(1 - alpha_at_t)),
       ets=jnp.zeros((4,) + tuple(sample_shape), jnp.float32),

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from sdjax.schedulers.common import SchedulerConfigError, sigma_spacing
+from sdjax.schedulers.common import SchedulerConfigError, sigma_spacing, sigma_to_t
 
 # Options of the sigma schedulers that place the noise levels themselves (not diffusers config);
 # those that diffusers also gives custom timesteps take TIMESTEPS_OPTIONS.
@@ -55,6 +55,13 @@ COMFYUI = "comfyui"
 # these samplers starts from its noise times sqrt(1 + sigma_0^2) rather than sigma_0
 # (`common.first_noise_scale`); the same schedulers take it.
 SGM_NOISE_MULTIPLIER = "sgm_noise_multiplier"
+# A1111's "Downcast alphas_cumprod" (before A1111 1.7.0-225 always so for a float16 model, whose
+# half() took the alphas_cumprod buffer along; a setting since): the model's training schedule
+# held in float16, and k-diffusion's table of its noise levels and their logs computed from it in
+# float16, op by op (`euler.train_alphas_cumprod`). The smallest level moves by 7% (0.0292 ->
+# 0.0313 for SD1.5), so every level a schedule places between the extremes moves too. The sigma
+# schedulers and A1111's own DDIM / PLMS loops (`a1111`) take it.
+DOWNCAST_ALPHAS_CUMPROD = "downcast_alphas_cumprod"
 
 # NVIDIA's Align Your Steps noise levels (research.nvidia.com/labs/toronto-ai/AlignYourSteps),
 # as AUTOMATIC1111 ends them: at 0.029, then 0.
@@ -171,8 +178,12 @@ def custom_sigmas(scheduler_name: str, config: dict[str, Any], num_inference_ste
 
 def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray) -> np.ndarray:
   """float64 [n + 1] noise levels of A1111 schedule type `kind` for n steps, between the training
-  schedule's extremes (`train_sigmas`, ascending in t)."""
-  log_sigmas = np.log(np.asarray(train_sigmas, dtype=np.float64))
+  schedule's extremes (`train_sigmas`, ascending in t; a float16 table, `DOWNCAST_ALPHAS_CUMPROD`,
+  interpolates its own float16 logs, as k-diffusion's)."""
+  train_sigmas = np.asarray(train_sigmas)
+  table = np.log(train_sigmas if train_sigmas.dtype == np.float16 else
+                 train_sigmas.astype(np.float64))
+  log_sigmas = table.astype(np.float64)
   n_train = len(log_sigmas)
   if kind in _AYS_SIGMAS:
     levels = np.asarray(_AYS_SIGMAS[kind])
@@ -181,15 +192,21 @@ def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray) -> np.ndarray:
       levels = np.exp(np.interp(np.linspace(0, 1, n), positions, np.log(levels[::-1])))[::-1]
     return np.append(levels, 0.0)
   if kind in ("sgm_uniform", "normal", "uniform"):
-    # From the largest training timestep to 0; SGM Uniform drops the last of n + 1 points.
-    t = np.linspace(n_train - 1, 0, n + 1)[:-1] if kind == "sgm_uniform" else np.linspace(
-      n_train - 1, 0, n)
+    # Uniform: from the largest training timestep to 0; SGM Uniform and Normal from the
+    # timesteps of the largest and smallest levels (the same, but for a float16 table's logs),
+    # SGM Uniform dropping the last of n + 1 points.
+    start, end = float(n_train - 1), 0.0
+    if kind != "uniform":
+      ends = np.asarray([train_sigmas[-1], train_sigmas[0]], np.float64)
+      start, end = sigma_to_t(ends, table)
+    t = np.linspace(start, end, n + 1)[:-1] if kind == "sgm_uniform" else np.linspace(
+      start, end, n)
     return np.append(_t_to_sigma(t, log_sigmas), 0.0)
-  if kind == "simple":
+  if kind == "simple":  # the table's own levels
     stride = n_train / n
-    return np.append(np.exp(log_sigmas[[-(1 + int(x * stride)) for x in range(n)]]), 0.0)
+    return np.append(train_sigmas[[-(1 + int(x * stride)) for x in range(n)]], 0.0)
   if kind == "kl_optimal":
-    low, high = math.atan(math.exp(log_sigmas[0])), math.atan(math.exp(log_sigmas[-1]))
+    low, high = math.atan(float(train_sigmas[0])), math.atan(float(train_sigmas[-1]))
     fraction = np.arange(n + 1) / n
     return np.tan(fraction * low + (1 - fraction) * high)
   raise SchedulerConfigError(f"unknown schedule_type {kind!r}")
