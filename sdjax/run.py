@@ -1510,12 +1510,9 @@ class _Sampler:
         return cond, cond
       if a1111 is not None:
         spec, state = program.hires
-        a1111 = sampling.a1111_options(spec, state, self.cfg.hires_steps or program.steps,
-                                       sizes=a1111.sizes, bucket_variants=True,
-                                       allow_lora=a1111.allow_lora, emphasis=a1111.emphasis,
-                                       base_steps=a1111.steps,
-                                       pad_cond_uncond=a1111.pad_cond_uncond,
-                                       pad_cond_uncond_v0=a1111.pad_cond_uncond_v0)
+        a1111 = sampling.a1111_continued(a1111, spec, state,
+                                         self.cfg.hires_steps or program.steps,
+                                         base_steps=a1111.steps)
       return cond, sampling.with_ip_images(sampling.make_conditioning(
           self.hires_pipe or self.pipe, *second, micro=self.cfg.micro,
           size=_hires(self.cfg).size(self.pipe, *size), a1111=a1111), ip)
@@ -1523,11 +1520,8 @@ class _Sampler:
       return cond
     spec, state, refiner = program.refiner
     if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
-      a1111 = sampling.a1111_options(spec, state, program.steps, first_call=a1111.calls,
-                                     bucket_variants=True, allow_lora=a1111.allow_lora,
-                                     emphasis=a1111.emphasis,
-                                     pad_cond_uncond=a1111.pad_cond_uncond,
-                                     pad_cond_uncond_v0=a1111.pad_cond_uncond_v0)
+      a1111 = sampling.a1111_continued(a1111, spec, state, program.steps,
+                                       first_call=a1111.calls, sizes=None)
     return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
                                             size=size, img2img=True, a1111=a1111)
 

@@ -1063,6 +1063,13 @@ def a1111_options(spec: SampleSpec, state, steps: int, **kwargs) -> A1111:
   return A1111(steps * spec.scheduler.order, end - spec.begin, **kwargs)
 
 
+def a1111_continued(a1111: A1111, spec: SampleSpec, state, steps: int, **changes) -> A1111:
+  """`a1111`'s settings for the run's next program of `spec` (the hires pass, the refiner): its
+  own calls and steps, the other settings the same but for `changes`."""
+  own = a1111_options(spec, state, steps)
+  return dataclasses.replace(a1111, steps=own.steps, calls=own.calls, **changes)
+
+
 def strip_extra_networks(prompt: str, allow_lora: bool = False) -> str:
   """The prompt without `#` comments and `<lora:...>`-style tags (A1111 removes both before
   encoding)."""
@@ -1899,11 +1906,8 @@ def generate(
   if hires is not None:
     hires_spec, hires_state = hires_stage
     if a1111 is not None:  # the second pass's schedules count on from the first's, as A1111
-      a1111 = a1111_options(hires_spec, hires_state, hires.steps or steps,
-                            embeddings=embeddings, emphasis=emphasis,
-                            base_steps=steps * spec.scheduler.order,
-                            pad_cond_uncond=a1111.pad_cond_uncond,
-                            pad_cond_uncond_v0=a1111.pad_cond_uncond_v0)
+      a1111 = a1111_continued(a1111, hires_spec, hires_state, hires.steps or steps,
+                              base_steps=a1111.steps)
     # SDXL's default sizes are the second pass's; A1111's hires prompts are both encoders'.
     own = hires_prompts is not prompts, hires_negatives is not negatives
     if a1111 is not None or pipe.is_sdxl or any(own) or hires_model is not None:
@@ -2134,10 +2138,8 @@ def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, 
                        cfg_skip, common["steps"])
   size = (common["height"], common["width"])
   if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
-    a1111 = a1111_options(spec, state, common["steps"], first_call=a1111.calls,
-                          embeddings=a1111.embeddings, emphasis=a1111.emphasis,
-                          pad_cond_uncond=a1111.pad_cond_uncond,
-                          pad_cond_uncond_v0=a1111.pad_cond_uncond_v0)
+    a1111 = a1111_continued(a1111, spec, state, common["steps"], first_call=a1111.calls,
+                            sizes=None)
   cond = make_conditioning(refiner, prompts, negatives, micro=micro, size=size, img2img=True,
                            a1111=a1111)
   return _sample(spec, refiner.networks, refiner.params, cond, seeds, noise, scalars, latents,
