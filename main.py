@@ -149,6 +149,10 @@ flags.DEFINE_bool("pad_cond_uncond", False, "A1111's Pad prompt/negative prompt 
 flags.DEFINE_bool("pad_cond_uncond_v0", False, "A1111's Pad conds v0 (its padding before 1.6): "
                   "the negative prompt fitted to the prompt's length, its last vector repeated, or "
                   "cut")
+flags.DEFINE_bool("old_prompt_editing_timelines", False, "A1111's Old prompt editing timelines "
+                  "(its counting before 1.6; --prompt_syntax a1111): in [a:b:when] a number below "
+                  "1 is a fraction of the steps, any other a step; the hires pass schedules as "
+                  "the first")
 flags.DEFINE_enum("rng", "jax", list(sampling.RNGS), "where each image's noise comes from: "
                   "jax (its seed's JAX key), torch_cpu (its seed's torch CPU generator: the "
                   "images diffusers makes with generator=torch.Generator().manual_seed(seed), "
@@ -359,6 +363,7 @@ def _run_config() -> run.RunConfig:
       s_min_uncond=FLAGS.s_min_uncond, s_min_uncond_all=FLAGS.s_min_uncond_all,
       skip_early_cond=FLAGS.skip_early_cond, pad_cond_uncond=FLAGS.pad_cond_uncond,
       pad_cond_uncond_v0=FLAGS.pad_cond_uncond_v0,
+      old_prompt_editing_timelines=FLAGS.old_prompt_editing_timelines,
       seed_resize_from_w=FLAGS.seed_resize_from_w, seed_resize_from_h=FLAGS.seed_resize_from_h,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,

@@ -4,9 +4,10 @@ A1111 and sdjax write how an image was made into the image (`outputs.a1111_param
 `reproduce(text)` turns that text back into the main.py flags that make it again: the prompts,
 steps, sampler and schedule type, CFG scale, seed, size, Clip skip, RNG (and the SDE samplers'
 Brownian tree), ENSD, variation seed, seed resize, eta, the hires fix, tiling, FreeU, PAG, NGMS,
-Skip Early CFG, Pad conds, SGM noise multiplier, SDXL's micro-conditioning and refiner switch,
-and A1111's k-diffusion placement of the noise levels (its own DDIM and PLMS loops) for its own
-images. What the text asks for that a flag
+Skip Early CFG, Pad conds, SGM noise multiplier, Downcast alphas_cumprod, Old prompt editing
+timelines (both also implied by an older A1111's `Version`, as A1111 reads them), SDXL's
+micro-conditioning and refiner switch, and A1111's k-diffusion placement of the noise levels (its
+own DDIM and PLMS loops) for its own images. What the text asks for that a flag
 cannot give (a model or VAE known only by name, another GPU's noise than NVIDIA's, an img2img
 image's init image, extensions' fields) comes back as notes, one per thing, so that the
 caller can say what will differ. A ComfyUI PNG carries its workflow instead (`parameters_text`
@@ -57,7 +58,8 @@ _ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
 _RNGS = {"CPU": "torch_cpu", "NV": "nv"}
 # A1111's settings written as "True" when on: flag name.
 _SWITCHES = {"NGMS all steps": "s_min_uncond_all", "Pad conds": "pad_cond_uncond",
-             "Pad conds v0": "pad_cond_uncond_v0"}
+             "Pad conds v0": "pad_cond_uncond_v0",
+             "Old prompt editing timelines": "old_prompt_editing_timelines"}
 _HIRES_ONE_TO_ONE = {"Hires steps": "hires_steps", "Hires CFG Scale": "hires_guidance_scale",
                      "Hires prompt": "hires_prompt",
                      "Hires negative prompt": "hires_negative_prompt"}

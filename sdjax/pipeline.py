@@ -382,6 +382,7 @@ class Pipeline:
                seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
                s_min_uncond_all: bool = False, skip_early_cond: float = 0.0,
                pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False,
+               old_prompt_editing_timelines: bool = False,
                brownian: str | None = None, step_rng: str | None = None,
                seed_high: int = 0) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
@@ -462,6 +463,9 @@ class Pipeline:
         chunk counts, the shorter goes on with empty-prompt chunks (else the shorter attends to
         its own length only, A1111's default). `pad_cond_uncond_v0` ("Pad conds v0", before 1.6)
         instead fits the negative prompt to the prompt: its last vector repeated, or cut.
+      old_prompt_editing_timelines: A1111's "Old prompt editing timelines" (its counting before
+        1.6; prompt_syntax="a1111"): in `[a:b:when]` a number below 1 is a fraction of the steps
+        and any other a step (`1.0`: step 1), and the hires pass schedules as the first.
       latents: NHWC unit Gaussian initial noise [N, h, w, 4] (as diffusers' `latents`, before
         scaling by the scheduler's initial sigma); default: drawn from the seeds.
       init_images: float [N, H, W, 3] in [0, 1] to start from (img2img).
@@ -676,6 +680,7 @@ class Pipeline:
         ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,
         pad_cond_uncond=pad_cond_uncond, pad_cond_uncond_v0=pad_cond_uncond_v0,
+        old_prompt_editing_timelines=old_prompt_editing_timelines,
         brownian=brownian, step_rng=step_rng, seed_high=seed_high)
     if prepared is None:
       return images

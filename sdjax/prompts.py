@@ -228,61 +228,78 @@ class _ScheduleParser:
     return [_Alternate(options)], j + 1
 
 
-def _resolve_step(number: str, steps: int, base_steps: int | None = None) -> int:
-  """The last step of a `[...:when]`: a fraction of `steps` if written with a dot, else a step.
-  In a hires pass (`base_steps`: the first pass's) A1111 counts on from the first pass: a
-  fraction f is (f - 1) of the pass's steps, a step s is s - base_steps (<= 0: in force from
-  the start)."""
-  value = float(number)
-  if "." in number:
-    value = (value - (base_steps is not None)) * steps
-  elif base_steps is not None:
-    value -= base_steps
-  return steps if value >= steps else int(value)
+@dataclasses.dataclass(frozen=True)
+class _Timeline:
+  """How a schedule counts: `steps` steps, after a first pass of `base` (a hires pass), in
+  A1111's `old` way or not."""
+
+  steps: int
+  base: int | None = None
+  old: bool = False
+
+  def last_step(self, number: str) -> int:
+    """The last step of a `[...:when]`: a fraction of `steps` if written with a dot, else a
+    step. In a hires pass A1111 counts on from the first pass: a fraction f is (f - 1) of the
+    pass's steps, a step s is s - base (<= 0: in force from the start). A1111's old timelines
+    (before 1.6) read a number below 1 as a fraction and any other as a step, dot or not."""
+    value, steps = float(number), self.steps
+    if self.old:
+      value = value * steps if value < 1 else value
+    elif "." in number:
+      value = (value - (self.base is not None)) * steps
+    elif self.base is not None:
+      value -= self.base
+    return steps if value >= steps else int(value)
 
 
-def _collect_steps(nodes: list, steps: int, out: set[int], base: int | None) -> None:
+def _collect_steps(nodes: list, timeline: _Timeline, out: set[int]) -> None:
   for node in nodes:
     if isinstance(node, _Scheduled):
-      when = _resolve_step(node.number, steps, base)
+      when = timeline.last_step(node.number)
       if when >= 1:
         out.add(when)
-      _collect_steps(node.before or [], steps, out, base)
-      _collect_steps(node.after, steps, out, base)
+      _collect_steps(node.before or [], timeline, out)
+      _collect_steps(node.after, timeline, out)
     elif isinstance(node, _Alternate):
-      out.update(range(1, steps + 1))
+      out.update(range(1, timeline.steps + 1))
       for option in node.options:
-        _collect_steps(option, steps, out, base)
+        _collect_steps(option, timeline, out)
 
 
-def _text_at(nodes: list, step: int, steps: int, base: int | None) -> str:
+def _text_at(nodes: list, step: int, timeline: _Timeline) -> str:
   parts = []
   for node in nodes:
     if isinstance(node, str):
       parts.append(node)
     elif isinstance(node, _Scheduled):
-      early = step <= _resolve_step(node.number, steps, base)
-      parts.append(_text_at((node.before or []) if early else node.after, step, steps, base))
+      early = step <= timeline.last_step(node.number)
+      parts.append(_text_at((node.before or []) if early else node.after, step, timeline))
     else:
-      parts.append(_text_at(node.options[(step - 1) % len(node.options)], step, steps, base))
+      parts.append(_text_at(node.options[(step - 1) % len(node.options)], step, timeline))
   return "".join(parts)
 
 
-def prompt_schedule(prompt: str, steps: int, base_steps: int | None = None
-                    ) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, base_steps: int | None = None,
+                    old_timelines: bool = False) -> list[tuple[int, str]]:
   """[(last step, text)] for a prompt with editing/alternation, as A1111's schedules.
 
   `prompt_schedule("a [b:3]", 10) == [(3, "a "), (10, "a b")]`: the text is "a " while the
   step counter is at most 3. With `base_steps` the schedule is a hires pass's of `steps` steps
   after a first pass of `base_steps`, as A1111 counts it: `prompt_schedule("a [b:1.5]", 10, 10)
   == [(5, "a "), (10, "a b")]`, and an edit the first pass finished stays finished.
+  `old_timelines`: A1111's "Old prompt editing timelines" (its counting before 1.6): a number
+  below 1 is a fraction, any other a step (`[b:1.0]`: step 1), and a hires pass schedules as
+  the first pass did, over `base_steps` (its calls past them take the first entry).
   """
   nodes = _ScheduleParser(prompt).top()
+  if old_timelines and base_steps is not None:
+    steps, base_steps = base_steps, None
   if nodes is None:
     return [(steps, prompt)]
+  timeline = _Timeline(steps, base_steps, old_timelines)
   ends = {steps}
-  _collect_steps(nodes, steps, ends, base_steps)
-  return [(end, _text_at(nodes, end, steps, base_steps)) for end in sorted(ends)]
+  _collect_steps(nodes, timeline, ends)
+  return [(end, _text_at(nodes, end, timeline)) for end in sorted(ends)]
 
 
 def schedule_index(ends: Sequence[int], step: int) -> int:
@@ -583,8 +600,8 @@ class _Prompt:
 
 def _prompt(text: str, tokenizer, steps: int, calls: int, triggers, comma_backtrack,
             chunk_length: int, first_call: int = 0, emphasis: str = "Original",
-            base_steps: int | None = None) -> _Prompt:
-  schedule = prompt_schedule(text, steps, base_steps)
+            base_steps: int | None = None, old_timelines: bool = False) -> _Prompt:
+  schedule = prompt_schedule(text, steps, base_steps, old_timelines)
   texts = list(dict.fromkeys(t for _, t in schedule))
   counts = [sum(t == u for _, u in schedule) for t in texts]
   ends = [end for end, _ in schedule]
@@ -599,7 +616,7 @@ def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
                   embeddings: Mapping[str, Any] | None = None,
                   comma_backtrack: int = COMMA_BACKTRACK, first_call: int = 0,
                   chunk_length: int = CHUNK_LENGTH, emphasis: str = "Original",
-                  base_steps: int | None = None) -> list[_Prompt]:
+                  base_steps: int | None = None, old_timelines: bool = False) -> list[_Prompt]:
   """Schedules and tokenizes prompts (A1111 syntax, extra-network tags already removed).
 
   Args:
@@ -613,10 +630,11 @@ def parse_prompts(prompts: Sequence[str], tokenizer, *, steps: int, calls: int,
     chunk_length: prompt tokens per chunk: the text encoder's max_position_embeddings - 2.
     emphasis: one of `EMPHASIS_MODES` (pack with the same).
     base_steps: a hires pass: the first pass's `steps` (A1111's offsets, see `prompt_schedule`).
+    old_timelines: A1111's "Old prompt editing timelines" (`prompt_schedule`).
   """
   triggers = TriggerTable(tokenizer, embeddings, chunk_length) if embeddings else None
   return [_prompt(p, tokenizer, steps, calls, triggers, comma_backtrack, chunk_length, first_call,
-                  emphasis, base_steps) for p in prompts]
+                  emphasis, base_steps, old_timelines) for p in prompts]
 
 
 def pack_prompts(prompts: Sequence[str] | Sequence[_Prompt], tokenizer, *, steps: int = 1,

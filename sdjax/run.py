@@ -109,6 +109,8 @@ class RunConfig:
   # (`prompts.pad_conds`; --prompt_syntax a1111).
   pad_cond_uncond: bool = False
   pad_cond_uncond_v0: bool = False
+  # A1111's Old prompt editing timelines (its counting before 1.6; --prompt_syntax a1111).
+  old_prompt_editing_timelines: bool = False
   # A1111's "Resize seed from" width and height in pixels (either 0: off).
   seed_resize_from_w: int = 0
   seed_resize_from_h: int = 0
@@ -380,6 +382,9 @@ def validate(cfg: RunConfig) -> None:
     raise RunError(f"--{e}") from None
   if (cfg.pad_cond_uncond or cfg.pad_cond_uncond_v0) and cfg.prompt_syntax != "a1111":
     raise RunError("--pad_cond_uncond pads A1111-syntax prompts of different lengths: add "
+                   "--prompt_syntax a1111")
+  if cfg.old_prompt_editing_timelines and cfg.prompt_syntax != "a1111":
+    raise RunError("--old_prompt_editing_timelines counts A1111 prompt editing's steps: add "
                    "--prompt_syntax a1111")
   if not 0.0 < cfg.strength <= 1.0:
     raise RunError(f"--strength must be in (0, 1], got {cfg.strength}")
@@ -1471,7 +1476,8 @@ class _Sampler:
                                   bucket_variants=True, allow_lora=self.lora_set is not None,
                                   emphasis=self.cfg.emphasis,
                                   pad_cond_uncond=self.cfg.pad_cond_uncond,
-                                  pad_cond_uncond_v0=self.cfg.pad_cond_uncond_v0)
+                                  pad_cond_uncond_v0=self.cfg.pad_cond_uncond_v0,
+                                  old_timelines=self.cfg.old_prompt_editing_timelines)
 
   def _conditioning(self, program, jobs, size, ip=None):
     """The batch's conditioning ((base, refiner) with a refiner, (first, hires pass) with the
@@ -1710,15 +1716,17 @@ def _cfg_skip(cfg: RunConfig) -> sampling.CfgSkip:
   return sampling.CfgSkip(cfg.s_min_uncond, cfg.s_min_uncond_all, cfg.skip_early_cond)
 
 
-# The run's A1111 guidance settings by their manifest names, and the fields A1111 writes them as.
+# The run's A1111 guidance and prompt settings by their manifest names, and the fields A1111
+# writes them as.
 _A1111_RNG_NAMES = {"torch_cpu": "CPU", "nv": "NV"}  # A1111's words for sdjax's generators
 _A1111_CFG_FIELDS = {"s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps",
                      "skip_early_cond": "Skip Early CFG", "pad_cond_uncond": "Pad conds",
-                     "pad_cond_uncond_v0": "Pad conds v0"}
+                     "pad_cond_uncond_v0": "Pad conds v0",
+                     "old_prompt_editing_timelines": "Old prompt editing timelines"}
 
 
 def _cfg_options(cfg: RunConfig) -> dict[str, Any]:
-  """The A1111 guidance settings that are on (NGMS all steps only with NGMS)."""
+  """The A1111 guidance and prompt settings that are on (NGMS all steps only with NGMS)."""
   on = {name: getattr(cfg, name) for name in _A1111_CFG_FIELDS if getattr(cfg, name)}
   if not cfg.s_min_uncond:
     on.pop("s_min_uncond_all", None)

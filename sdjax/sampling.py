@@ -1052,6 +1052,7 @@ class A1111:
   embeddings: Any = None  # {trigger: [n, D]} for text_encoder; default: pipe.embeddings
   emphasis: str = "Original"  # one of `prompts.EMPHASIS_MODES`
   base_steps: int | None = None  # a hires pass: the first pass's `steps` (A1111's offsets)
+  old_timelines: bool = False  # A1111's Old prompt editing timelines (`prompts.prompt_schedule`)
   # A1111's Pad conds (and its v0 form): `prompts.pad_conds`.
   pad_cond_uncond: bool = False
   pad_cond_uncond_v0: bool = False
@@ -1136,7 +1137,8 @@ def _a1111_ids(pipe, sides, sides_2, opts: A1111):
     parsed[name] = [prompt_lib.parse_prompts(
         [strip_extra_networks(p, opts.allow_lora) for p in side], tok, steps=opts.steps,
         calls=opts.calls, embeddings=vectors, first_call=opts.first_call,
-        chunk_length=chunk_length, emphasis=opts.emphasis, base_steps=opts.base_steps)
+        chunk_length=chunk_length, emphasis=opts.emphasis, base_steps=opts.base_steps,
+        old_timelines=opts.old_timelines)
         for side in texts]
   sizes = opts.sizes
   if sizes is None:
@@ -1737,6 +1739,7 @@ def generate(
     skip_early_cond: float = 0.0,
     pad_cond_uncond: bool = False,
     pad_cond_uncond_v0: bool = False,
+    old_prompt_editing_timelines: bool = False,
     brownian: str | None = None,
     step_rng: str | None = None,
     seed_high: int = 0,
@@ -1755,6 +1758,9 @@ def generate(
   if (pad_cond_uncond or pad_cond_uncond_v0) and prompt_syntax != "a1111":
     raise ValueError("pad_cond_uncond pads A1111-syntax prompts of different lengths: use "
                      "prompt_syntax='a1111' (plain prompts are one chunk each)")
+  if old_prompt_editing_timelines and prompt_syntax != "a1111":
+    raise ValueError("old_prompt_editing_timelines counts A1111 prompt editing's steps: use "
+                     "prompt_syntax='a1111'")
   cfg_skip = CfgSkip(s_min_uncond, bool(s_min_uncond_all), skip_early_cond)
   cfg_skip.check()
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -1881,7 +1887,8 @@ def generate(
   if prompt_syntax == "a1111":
     a1111 = a1111_options(spec, state, steps, embeddings=embeddings, emphasis=emphasis,
                           pad_cond_uncond=bool(pad_cond_uncond),
-                          pad_cond_uncond_v0=bool(pad_cond_uncond_v0))
+                          pad_cond_uncond_v0=bool(pad_cond_uncond_v0),
+                          old_timelines=bool(old_prompt_editing_timelines))
   cond = with_ip_images(make_conditioning(
       pipe, prompts, negatives, prompts_2=prompts_2, negative_prompts_2=negative_prompts_2,
       micro=micro, size=(height, width), img2img=init_images is not None, a1111=a1111), ip)

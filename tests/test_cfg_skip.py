@@ -197,13 +197,18 @@ def test_run_with_pad_conds(sd, tmp_path):
   _, pipe = sd
   cfg, record, png, kw = one_image_run(pipe, tmp_path / "out", prompt_syntax="a1111",
                                        negative_prompt="blue BREAK green",
-                                       pad_cond_uncond_v0=True)
+                                       pad_cond_uncond_v0=True,
+                                       old_prompt_editing_timelines=True)
   expected = pipe.generate("a cat", negative_prompts="blue BREAK green", prompt_syntax="a1111",
                            pad_cond_uncond_v0=True, **kw)
   assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
   assert record["pad_cond_uncond_v0"] is True
   assert outputs.parse_a1111_parameters(png.text["parameters"])["Pad conds v0"] == "True"
   assert infotext.reproduce(png.text["parameters"]).flags["pad_cond_uncond_v0"] == "true"
+  # and A1111's Old prompt editing timelines, a setting of the same kind
+  assert record["old_prompt_editing_timelines"] is True
+  assert infotext.reproduce(png.text["parameters"]).flags["old_prompt_editing_timelines"] == (
+      "true")
   with pytest.raises(run.RunError, match="--pad_cond_uncond pads A1111-syntax prompts"):
     run.generate_run(dataclasses.replace(cfg, prompt_syntax="plain",
                                          output_dir=str(tmp_path / "bad")))

@@ -85,14 +85,14 @@ def test_a1111_versions(version, want):
 def test_what_an_older_a1111_did(version, downcast, pad_v0):
   """A1111's backcompat from the image's Version: before 1.7.0-225 a float16 model's
   alphas_cumprod was float16; before 1.6.0 DDIM padded conds as `Pad conds v0` and prompt
-  editing counted steps in the old way (which sdjax does not: a note)."""
+  editing counted steps in the old way (`Old prompt editing timelines`)."""
   text = "a [cat:dog:0.5]\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1" + (
       f", Version: {version}" if version else "")
   found = reproduce(text)
   options = json.loads(found.flags["scheduler_options"])
   assert options.get("downcast_alphas_cumprod", False) == downcast
   assert found.flags.get("pad_cond_uncond_v0") == ("true" if pad_v0 else None)
-  assert ("Old prompt editing timelines: True" in dict(found.notes).get(None, "")) == pad_v0
+  assert found.flags.get("old_prompt_editing_timelines") == ("true" if pad_v0 else None)
   written = reproduce(text.replace("Seed: 1", "Seed: 1, Downcast alphas_cumprod: True"))
   assert json.loads(written.flags["scheduler_options"])["downcast_alphas_cumprod"]
   unipc = reproduce(text.replace("DDIM", "UniPC"))  # a sampler without the form: a note

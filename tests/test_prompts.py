@@ -116,6 +116,22 @@ def test_schedule_of_a_hires_pass(prompt, expected):
   assert prompt_schedule(prompt, 10, 10) == expected
 
 
+@pytest.mark.parametrize("prompt,base,expected,new", [
+    # below 1 a fraction, any other a step: "1.0" is step 1, not the whole run
+    ("a [b:1.0] c", None, [(1, "a  c"), (10, "a b c")], [(10, "a  c")]),
+    ("a [b:0.5] c", None, [(5, "a  c"), (10, "a b c")], [(5, "a  c"), (10, "a b c")]),
+    ("a [b:3] c", None, [(3, "a  c"), (10, "a b c")], [(3, "a  c"), (10, "a b c")]),
+    ("a [b:c:2.5] d", None, [(2, "a b d"), (10, "a c d")], [(10, "a b d")]),
+    # a hires pass (10 steps after 20) schedules as the first pass: over its 20 steps
+    ("a [b:15] c", 20, [(15, "a  c"), (20, "a b c")], [(10, "a b c")]),
+    ("a [b:0.5] c", 20, [(10, "a  c"), (20, "a b c")], [(10, "a b c")]),
+])
+def test_old_prompt_editing_timelines(prompt, base, expected, new):
+  """A1111's Old prompt editing timelines (`use_old_scheduling`, its counting before 1.6)."""
+  assert prompt_schedule(prompt, 10, base, old_timelines=True) == expected
+  assert prompt_schedule(prompt, 10, base) == new
+
+
 def test_schedule_stale_docstring_example():
   # The docstring says [[5, 'a  c'], [10, 'a {b|d{ c']] ("not handling this right now"), but with
   # A1111's grammar (lark 1.1.2, its pinned version, and later ones) `|` outside an alternation is
@@ -568,6 +584,19 @@ def test_pad_conds_match_torch_loop(sd):
                        **kw)
   err = assert_close(ours, expected, 1e-4)
   print(f"composable pad conds rel err {err:.1e}")
+
+
+def test_old_prompt_editing_timelines_reach_generate(sd):
+  """generate(old_prompt_editing_timelines=True): `[a:b:1.0]` switches after step 1, as `[a:b:1]`
+  does in today's counting (where 1.0 is the whole run: no switch); it needs the A1111 syntax."""
+  _, pipe = sd
+  kw = dict(steps=3, scheduler="euler", guidance_scale=7.5, height=16, width=16, seed=3,
+            prompt_syntax="a1111")
+  old = pipe.generate("a [red circle:dog:1.0]", old_prompt_editing_timelines=True, **kw)
+  np.testing.assert_array_equal(old, pipe.generate("a [red circle:dog:1]", **kw))
+  assert np.abs(old - pipe.generate("a [red circle:dog:1.0]", **kw)).max() > 1e-4
+  with pytest.raises(ValueError, match="prompt_syntax='a1111'"):
+    pipe.generate("a cat", old_prompt_editing_timelines=True, **{**kw, "prompt_syntax": "plain"})
 
 
 def test_emphasis_reaches_generate(sd):
