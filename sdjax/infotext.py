@@ -360,9 +360,8 @@ def _option_value(text: str) -> Any:
 
 
 def _eta(fields, flags, notes, scheduler) -> None:
-  """`Eta DDIM` (A1111's and sdjax's DDIM eta) and `Eta` (sdjax's TCD eta; the ancestral
-  samplers' share of fresh noise, their `eta` scheduler option; A1111's SDE samplers', which
-  sdjax's keep at 1)."""
+  """`Eta DDIM` (A1111's and sdjax's DDIM eta) and `Eta` (sdjax's TCD eta; the ancestral and
+  SDE samplers' share of fresh noise, their `eta` scheduler option)."""
   if "Eta DDIM" in fields:
     flags["eta"] = fields.pop("Eta DDIM")
   if "Eta" not in fields:
@@ -376,7 +375,7 @@ def _eta(fields, flags, notes, scheduler) -> None:
       options.setdefault("eta", _number("Eta", value))  # sdjax's options say it too
       flags["scheduler_options"] = json.dumps(options)
   elif _number("Eta", value) != 1.0:
-    notes.append((None, f"Eta: {value}: sdjax's SDE samplers add all the fresh noise (eta 1)"))
+    notes.append((None, f"Eta: {value}: sdjax's {scheduler or 'sampler'} takes no eta"))
 
 
 def _brownian(fields, flags, notes, scheduler, made_by_sdjax, made_in) -> None:

@@ -151,7 +151,7 @@ def test_what_sdjax_lacks_is_a_note_not_a_flag():
   notes = dict(found.notes)
   assert set(notes) == {"scheduler", "schedule_type", None}
   assert [t for f, t in found.notes if f is None] == [
-      "Eta: 0.67: sdjax's SDE samplers add all the fresh noise (eta 1)",
+      "Eta: 0.67: sdjax's sampler takes no eta",
       "Denoising strength: 0.5: an img2img or inpainting image, whose init image is not in the "
       "file (give it in a .jsonl prompts line)",
       "not reproduced: Mask blur: 4"]

@@ -28,7 +28,7 @@ from scheduler_harness import (
 )
 
 from sdjax import infotext, outputs, sampling, testing
-from sdjax.schedulers import SCHEDULERS, get_scheduler, takes_option
+from sdjax.schedulers import SCHEDULERS, SchedulerConfigError, get_scheduler, takes_option
 
 torch.set_num_threads(1)
 SD15 = dict(testing.SCHEDULER_SD15)
@@ -309,13 +309,15 @@ def test_restart(steps, label):
   assert err <= TOL, err
 
 
-@pytest.mark.parametrize("label", ["Automatic", "Exponential"])
-def test_dpmpp_sde_as_k_diffusion(label):
+@pytest.mark.parametrize(("label", "eta"), [("Automatic", 1.0), ("Exponential", 1.0),
+                                           ("Automatic", 0.6), ("Automatic", 0.0)])
+def test_dpmpp_sde_as_k_diffusion(label, eta):
   """A1111's DPM++ SDE (its Automatic: Karras) as `reproduce` sets it: k-diffusion's loop, each
   stage given its own noise as the Brownian tree answers (`brownian_state`: main.py's --brownian,
-  which the file also sets)."""
+  which the file also sets); A1111's Eta its share of fresh noise (its `eta` option)."""
+  written = f"Eta: {eta}, " if eta != 1 else ""
   flags = infotext.reproduce(f"a cat\nSteps: 6, Sampler: DPM++ SDE, Schedule type: {label}, "
-                             "CFG scale: 7, Seed: 1, Version: v1.10.1").flags
+                             f"CFG scale: 7, Seed: 1, {written}Version: v1.10.1").flags
   assert flags["brownian"] == "nv"
   options = {**json.loads(flags["scheduler_options"]),
              **outputs.schedule_type_options(flags["schedule_type"])}
@@ -334,45 +336,52 @@ def test_dpmpp_sde_as_k_diffusion(label):
   np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(sigmas[0]), rtol=1e-6)
   with correctly_rounded_sqrt():
     want = kd.sample_dpmpp_sde(SD15, sigmas, torch.from_numpy(init) * sigmas[0],
-                               [torch.from_numpy(n) for n in noises])
+                               [torch.from_numpy(n) for n in noises], eta=eta)
   err = max_rel_error(got, want)
-  print(f"maxrel DPM++ SDE {label} vs k-diffusion: {err:.3g}")
+  print(f"maxrel DPM++ SDE {label} eta {eta} vs k-diffusion: {err:.3g}")
   assert err <= TOL, err
+  assert ours.cfg.get("eta", 1.0) == eta
 
 
-@pytest.mark.parametrize("steps", [6, 20])
+@pytest.mark.parametrize(("steps", "eta"), [(6, 1.0), (20, 1.0), (6, 0.4), (20, 0.0)])
 @pytest.mark.parametrize("sampler", ["DPM++ 2M SDE", "DPM++ 2M SDE Heun"])
-def test_dpmpp_2m_sde_as_k_diffusion(sampler, steps):
+def test_dpmpp_2m_sde_as_k_diffusion(sampler, steps, eta):
   """A1111's DPM++ 2M SDE (Heun) with its Automatic schedule (Exponential) as `reproduce` sets
   it: k-diffusion's loop given each step's noise (the Brownian tree's answer under --brownian),
-  in DPM-Solver's variance-preserving form."""
-  ours, state, got, _, init, noises = _as_a1111_ran_it(sampler, "Automatic", steps)
+  in DPM-Solver's variance-preserving form; A1111's Eta the share of fresh noise."""
+  ours, state, got, _, init, noises = _as_a1111_ran_it(
+      sampler, "Automatic", steps, extra=f"Eta: {eta}, " if eta != 1 else "")
   sigmas = kd.get_sigmas_exponential(SD15, steps)
   with correctly_rounded_sqrt():
     want = kd.sample_dpmpp_2m_sde(SD15, sigmas, torch.from_numpy(init) * sigmas[0],
-                                  [torch.from_numpy(n) for n in noises],
+                                  [torch.from_numpy(n) for n in noises], eta=eta,
                                   solver_type="heun" if sampler.endswith("Heun") else "midpoint")
   want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[:, None, None, None,
                                                                           None]).astype(np.float32)
   err = max_rel_error(got, want)
-  print(f"maxrel {sampler} {steps} steps vs k-diffusion: {err:.3g}")
+  print(f"maxrel {sampler} {steps} steps eta {eta} vs k-diffusion: {err:.3g}")
   assert err <= TOL, err
 
 
-@pytest.mark.parametrize("steps", [6, 20])
-def test_dpmpp_3m_sde_as_k_diffusion(steps):
+@pytest.mark.parametrize(("steps", "eta"), [(6, 1.0), (20, 1.0), (20, 0.5)])
+def test_dpmpp_3m_sde_as_k_diffusion(steps, eta):
   """A1111's DPM++ 3M SDE (Automatic: Exponential levels of one step more, the penultimate
-  dropped) as `reproduce` sets it: k-diffusion's loop given each step's noise."""
-  ours, state, got, _, init, noises = _as_a1111_ran_it("DPM++ 3M SDE", "Automatic", steps)
+  dropped) as `reproduce` sets it: k-diffusion's loop given each step's noise; Eta its share of
+  fresh noise (k-diffusion's form only: diffusers' 3M SDE has none)."""
+  ours, state, got, _, init, noises = _as_a1111_ran_it(
+      "DPM++ 3M SDE", "Automatic", steps, extra=f"Eta: {eta}, " if eta != 1 else "")
   sigmas = kd.discard_penultimate(kd.get_sigmas_exponential(SD15, steps + 1))
   with correctly_rounded_sqrt():
     want = kd.sample_dpmpp_3m_sde(SD15, sigmas, torch.from_numpy(init) * sigmas[0],
-                                  [torch.from_numpy(n) for n in noises])
+                                  [torch.from_numpy(n) for n in noises], eta=eta)
   want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[:, None, None, None,
                                                                           None]).astype(np.float32)
   err = max_rel_error(got, want)
-  print(f"maxrel DPM++ 3M SDE {steps} steps vs k-diffusion: {err:.3g}")
+  print(f"maxrel DPM++ 3M SDE {steps} steps eta {eta} vs k-diffusion: {err:.3g}")
   assert err <= TOL, err
+  if eta != 1:
+    with pytest.raises(SchedulerConfigError, match="set k_diffusion too"):
+      get_scheduler("dpmpp_3m_sde", SD15, options={"eta": eta})
 
 
 @pytest.mark.parametrize("label", ["Uniform", "Karras"])

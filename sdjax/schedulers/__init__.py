@@ -138,8 +138,7 @@ def takes_brownian(name: str | None) -> bool:
 def takes_option(name: str, option: str) -> bool:
   """Whether scheduler `name` takes `option` (`get_scheduler(options=...)`): a config option,
   or one of the schedule options (`schedule_type`: A1111's schedule types)."""
-  cls = _class(name)
-  return option in cls._DEFAULTS or option in cls.schedule_options
+  return option in _class(name).option_names(_REGISTRY[name][2])
 
 
 def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
@@ -170,7 +169,7 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
   cls = _class(name)
   if options:
     options = sigma_schedules.spacing_options(options, cls._DEFAULTS)
-  known = set(cls._DEFAULTS) | set(cls.schedule_options)
+  known = cls.option_names({**scheduler_config, **overrides, **(options or {})})
   unknown = sorted(set(options or {}) - known)
   for option in set(unknown) & {"sigmas", "schedule_type", "timesteps"}:
     takers = [n for n in SCHEDULERS if option in _class(n).schedule_options

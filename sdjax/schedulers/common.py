@@ -210,6 +210,13 @@ class Scheduler:
     """One update at position `i`; returns (prev_sample, new_state)."""
     raise NotImplementedError
 
+  @classmethod
+  def option_names(cls, overrides: dict[str, Any]) -> set[str]:
+    """The options a scheduler of this class takes under `overrides` (its registry name's and
+    the caller's): its config's and its schedule options."""
+    del overrides
+    return set(cls._DEFAULTS) | set(cls.schedule_options)
+
   def a1111_levels(self, state) -> np.ndarray:
     """float32 [positions]: what A1111's CFG denoiser sees as `sigma` at each model call (and
     compares with its Negative Guidance minimum sigma): the timestep for the samplers it runs over

@@ -48,8 +48,10 @@ from sdjax.schedulers.common import (
   vp_alpha_sigma,
 )
 from sdjax.schedulers.euler import (
+  ANCESTRAL_ETA,
   EDMPreconditioned,
   as_f32,
+  check_ancestral_eta,
   check_choice,
   check_common,
   train_alphas_cumprod,
@@ -161,6 +163,11 @@ class DPMSolverState:
   init_scale: jnp.ndarray | None = None
 
 
+def _expm1_f32(x: np.ndarray) -> np.ndarray:
+  """float32 exp(x) - 1, correctly rounded (via float64)."""
+  return np.expm1(np.asarray(x, np.float64)).astype(_F32)
+
+
 @dataclasses.dataclass(frozen=True)
 class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
   """diffusers' `DPMSolverMultistepScheduler` with algorithm_type "dpmsolver++" or
@@ -168,7 +175,16 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
 
   name = "dpmpp_2m"
   # diffusers' pipe(timesteps=...) too
-  schedule_options = (*TIMESTEPS_OPTIONS, COMFYUI, SGM_NOISE_MULTIPLIER, DOWNCAST_ALPHAS_CUMPROD)
+  schedule_options = (*TIMESTEPS_OPTIONS, COMFYUI, SGM_NOISE_MULTIPLIER, DOWNCAST_ALPHAS_CUMPROD,
+                      ANCESTRAL_ETA)
+
+  @classmethod
+  def option_names(cls, overrides: dict[str, Any]) -> set[str]:
+    """eta is the SDE form's only (`sde-dpmsolver++`)."""
+    names = super().option_names(overrides)
+    if overrides.get("algorithm_type") != "sde-dpmsolver++":
+      names.discard(ANCESTRAL_ETA)
+    return names
   order = 1  # model calls per step; the solver's order is config["solver_order"]
 
   @property
@@ -249,6 +265,14 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
       config["solver_type"] = "midpoint"  # diffusers' own substitution
     check_choice(cls.name, "solver_type", config["solver_type"], ("midpoint", "heun"))
     check_choice(cls.name, "solver_order", config["solver_order"], (1, 2, 3))
+    if config.get(ANCESTRAL_ETA, 1.0) != 1.0:
+      check_ancestral_eta(cls.name, config)
+      if config["algorithm_type"] != "sde-dpmsolver++":
+        raise SchedulerConfigError(f"scheduler {cls.name!r}: eta is the SDE form's (its share of "
+                                   "fresh noise): pick dpmpp_2m_sde or dpmpp_3m_sde")
+      if int(config["solver_order"]) == 3 and not config["k_diffusion"]:
+        raise SchedulerConfigError(f"scheduler {cls.name!r}: eta in the 3M SDE form is "
+                                   "k-diffusion's: set k_diffusion too")
     return cls(config=hashable_config(config))
 
   def _timesteps_and_sigmas(self, num_inference_steps: int, alphas_cumprod: np.ndarray):
@@ -303,13 +327,19 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
       r1 = h_1 / h
       c_noise = np.zeros_like(h)
       if self.sde:  # diffusers' sde-dpmsolver++ updates, their operations in their order
-        decay = _F32(1.0) - exp_f32(_F32(-2.0) * h)  # 1 - exp(-2h)
-        c_sample = sigma_t[1:] / sigma_t[:-1] * exp_f32(-h)
+        # k-diffusion's eta (A1111's Eta; diffusers' is 1): the step keeps exp(-eta h) of its
+        # noise and adds sqrt(1 - exp(-2 eta h)) fresh; h + eta h is 2h at eta 1, exactly.
+        eta = float(config.get(ANCESTRAL_ETA, 1.0))
+        eta_h = h * _F32(eta)
+        h_total = h + eta_h
+        decay = (_F32(1.0) - exp_f32(_F32(-2.0) * h) if eta == 1  # 1 - exp(-2h)
+                 else _expm1_f32(-h_total) * _F32(-1.0))
+        c_sample = sigma_t[1:] / sigma_t[:-1] * exp_f32(-eta_h)
         c_d0 = a_next * decay
-        heun = a_next * (decay / (_F32(-2.0) * h) + _F32(1.0))
+        heun = a_next * (decay / -h_total + _F32(1.0))
         c2_d1 = _F32(0.5) * c_d0 if config["solver_type"] == "midpoint" else heun
         c3_d1 = heun
-        c3_d2 = a_next * ((decay - _F32(2.0) * h) / (_F32(2.0) * h) ** 2 - _F32(0.5))
+        c3_d2 = a_next * ((decay - h_total) / h_total ** 2 - _F32(0.5))
         if self._k_diffusion_3m:
           # k-diffusion's, in its float32 operations (phi_3 cancels to O(h): its rounding
           # shows): the 2M step's weight is phi_2 whatever the solver type, and D2's is -phi_3
@@ -318,13 +348,14 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
           h_k = t_k[1:] - t_k[:-1]
           r0 = np.concatenate([[np.nan], h_k[:-1]]).astype(_F32) / h_k
           r1 = np.concatenate([[np.nan, np.nan], h_k[:-2]]).astype(_F32)[:n] / h_k
-          h_eta = h_k * _F32(2.0)
+          h_eta = h_k * _F32(eta + 1.0)
           phi_2 = np.expm1(-h_eta) / h_eta + _F32(1.0)
           phi_3 = phi_2 / h_eta - _F32(0.5)
           c_d0 = a_next * -np.expm1(-h_eta)
           c2_d1 = c3_d1 = a_next * phi_2
           c3_d2 = -(a_next * phi_3)
-        c_noise = sigma_t[1:] * np.sqrt(decay)
+        c_noise = sigma_t[1:] * np.sqrt(decay if eta == 1 else _expm1_f32(_F32(-2.0) * eta_h)
+                                        * _F32(-1.0))
       else:
         expm1 = exp_f32(-h) - _F32(1.0)
         c_sample = sigma_t[1:] / sigma_t[:-1]

@@ -28,6 +28,7 @@ too (tests/test_k_diffusion.py).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,8 +43,10 @@ from sdjax.schedulers.common import (
   true_divide,
 )
 from sdjax.schedulers.euler import (
+  ANCESTRAL_ETA,
   SigmaScheduler,
   as_f32,
+  check_ancestral_eta,
   init_sigma,
   input_scales,
   predict_original,
@@ -96,12 +99,14 @@ class DPMSolverSDEState:
   prev_noise: jnp.ndarray
 
 
-def _ancestral(t: np.ndarray, t_to: np.ndarray):
+def _ancestral(t: np.ndarray, t_to: np.ndarray, eta: float = 1.0):
   """diffusers' step from log-time t to t_to (float32, its order of operations): (c_sample,
-  c_x0, sigma_up), with x' = c_sample * x - c_x0 * x0 + sigma_up * noise."""
+  c_x0, sigma_up), with x' = c_sample * x - c_x0 * x0 + sigma_up * noise; the fresh noise's
+  share `eta` as k-diffusion's `get_ancestral_step` takes it (0: none)."""
   sigma_from, sigma_to = exp_f32(-t), exp_f32(-t_to)
-  up = np.minimum(sigma_to, np.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
-  down = np.sqrt(sigma_to**2 - up**2)
+  up = np.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2)
+  up = np.minimum(sigma_to, up if eta == 1 else _F32(eta) * up)
+  down = sigma_to if eta == 0 else np.sqrt(sigma_to**2 - up**2)
   ancestral_t = -log_f32(down)
   c_sample = exp_f32(-ancestral_t) / sigma_from
   c_x0 = np.expm1((t - ancestral_t).astype(np.float64)).astype(_F32)
@@ -129,7 +134,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
   # k_diffusion changes nothing (diffusers' loop is k-diffusion's, tests/test_k_diffusion.py);
   # comfyui: ComfyUI's start and whole timesteps, the midpoints' too
   schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
-                      DOWNCAST_ALPHAS_CUMPROD)
+                      DOWNCAST_ALPHAS_CUMPROD, ANCESTRAL_ETA)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -147,6 +152,11 @@ class DPMSolverSDEScheduler(SigmaScheduler):
   }
   # diffusers raises NotImplementedError for "sample".
   _PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+  @classmethod
+  def _validate(cls, config: dict[str, Any]) -> None:
+    super()._validate(config)
+    check_ancestral_eta(cls.name, config)
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     if sample_shape is None:
@@ -168,8 +178,9 @@ class DPMSolverSDEScheduler(SigmaScheduler):
       t, t_next = -log_f32(s), -log_f32(s_next)
       t_mid = t + (t_next - t) * _F32(0.5)
       mid = exp_f32(-t_mid)
-      first = _ancestral(t, t_mid)
-      second = _ancestral(t, t_next)
+      eta = config.get(ANCESTRAL_ETA, 1.0)
+      first = _ancestral(t, t_mid, eta)
+      second = _ancestral(t, t_next, eta)
       # the Brownian increments, over the sigmas diffusers' noise sampler is called with
       hi, lo, md = (x.astype(np.float64) for x in _tree_points(s, s_next))
       w_first = np.sqrt((hi - md) / (hi - lo)).astype(_F32)
