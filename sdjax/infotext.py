@@ -276,8 +276,9 @@ def a1111_version(text: str | None) -> tuple[int, int, int, int] | None:
 def _backcompat(fields, prompt: str) -> None:
   """The settings an older A1111 ran with and did not write, as A1111 reads them back from its
   `Version` (its infotext_versions.backcompat): before 1.6.0 DDIM and PLMS padded the shorter
-  prompt as `Pad conds v0` does; before 1.7.0-225 a float16 model's alphas_cumprod was float16
-  (`Downcast alphas_cumprod`); before 1.6.0 prompt editing counted steps in the old way."""
+  prompt as `Pad conds v0` does; before 1.7.0-225 a float16 SD1/SD2 model's alphas_cumprod was
+  float16 (`Downcast alphas_cumprod`; A1111 reads it so for SDXL too, whose alphas_cumprod it
+  had kept in float32: sdjax does not); before 1.6.0 prompt editing counted steps the old way."""
   version = a1111_version(fields.get("Version"))
   if version is None:
     return
@@ -285,21 +286,26 @@ def _backcompat(fields, prompt: str) -> None:
     fields["Old prompt editing timelines"] = "True"
   if version < (1, 6, 0, 0) and fields.get("Sampler") in ("DDIM", "PLMS"):
     fields["Pad conds v0"] = "True"
-  if version < (1, 7, 0, 225):
-    fields["Downcast alphas_cumprod"] = "True"
+  if version < (1, 7, 0, 225):  # for SD1/SD2 models: A1111 kept SDXL's apart, in float32
+    fields["Downcast alphas_cumprod"] = schedulers.DOWNCAST_SD1_SD2
 
 
 def _downcast(fields, flags, notes, scheduler) -> None:
   """A1111's float16 training schedule (`Downcast alphas_cumprod`, written by A1111 1.8+, or
-  implied by an older `Version`): the sampler's `downcast_alphas_cumprod` option."""
-  if fields.pop("Downcast alphas_cumprod", None) != "True":
+  implied by an older `Version`: for SD1/SD2 models only): the sampler's
+  `downcast_alphas_cumprod` option."""
+  value = fields.pop("Downcast alphas_cumprod", None)
+  if value not in ("True", schedulers.DOWNCAST_SD1_SD2):
     return
   if scheduler is not None and schedulers.takes_option(scheduler, "downcast_alphas_cumprod"):
     options = json.loads(flags.get("scheduler_options", "{}"))
-    flags["scheduler_options"] = json.dumps({**options, "downcast_alphas_cumprod": True})
+    flags["scheduler_options"] = json.dumps(
+        {**options, "downcast_alphas_cumprod": True if value == "True" else value})
   else:
     notes.append(("scheduler", f"Downcast alphas_cumprod: True: sdjax's {scheduler or 'sampler'} "
-                               "reads its noise levels off the float32 training schedule"))
+                               "reads its noise levels off the float32 training schedule"
+                               + (" (an SD1/SD2 model's: this A1111 downcast them)"
+                                  if value != "True" else "")))
 
 
 def _a1111_sampling(fields, notes, sampler, scheduler) -> None:

@@ -80,11 +80,12 @@ def test_a1111_versions(version, want):
 
 
 @pytest.mark.parametrize("version,downcast,pad_v0", [
-    ("v1.5.2", True, True), ("v1.6.0", True, False), ("v1.7.0-224-gabc", True, False),
+    ("v1.5.2", "sd1_sd2", True), ("v1.6.0", "sd1_sd2", False),
+    ("v1.7.0-224-gabc", "sd1_sd2", False),
     ("v1.7.0-225-gabc", False, False), ("v1.10.1", False, False), (None, False, False)])
 def test_what_an_older_a1111_did(version, downcast, pad_v0):
-  """A1111's backcompat from the image's Version: before 1.7.0-225 a float16 model's
-  alphas_cumprod was float16; before 1.6.0 DDIM padded conds as `Pad conds v0` and prompt
+  """A1111's backcompat from the image's Version: before 1.7.0-225 a float16 SD1/SD2 model's
+  alphas_cumprod was float16 (an SDXL model's float32: "sd1_sd2"); before 1.6.0 DDIM padded conds as `Pad conds v0` and prompt
   editing counted steps in the old way (`Old prompt editing timelines`)."""
   text = "a [cat:dog:0.5]\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1" + (
       f", Version: {version}" if version else "")
@@ -96,7 +97,7 @@ def test_what_an_older_a1111_did(version, downcast, pad_v0):
   written = reproduce(text.replace("Seed: 1", "Seed: 1, Downcast alphas_cumprod: True"))
   assert json.loads(written.flags["scheduler_options"])["downcast_alphas_cumprod"]
   unipc = reproduce(text.replace("DDIM", "UniPC"))  # a sampler without the form: a note
-  assert ("float32 training schedule" in dict(unipc.notes).get("scheduler", "")) == downcast
+  assert ("float32 training schedule" in dict(unipc.notes).get("scheduler", "")) == bool(downcast)
 
 
 @pytest.mark.parametrize("sampler,label,want", [

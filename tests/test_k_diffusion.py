@@ -13,6 +13,7 @@ k-diffusion's.
 from __future__ import annotations
 
 import json
+import types
 
 import jax
 import k_diffusion_reference as kd
@@ -33,6 +34,7 @@ from sdjax.schedulers import SCHEDULERS, SchedulerConfigError, get_scheduler, ta
 torch.set_num_threads(1)
 SD15 = dict(testing.SCHEDULER_SD15)
 TOL = 1e-6
+SD1_UNET, SDXL_UNET = (types.SimpleNamespace(is_sdxl=sdxl) for sdxl in (False, True))
 SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "Heun": kd.sample_heun, "LMS": kd.sample_lms,
             "DPM++ 2S a": kd.sample_dpmpp_2s_ancestral, "DPM++ 2M": kd.sample_dpmpp_2m,
@@ -53,6 +55,7 @@ def _as_a1111_ran_it(sampler, label, steps, k_diffusion=True, extra="", config=S
                              f"Seed: 1, {extra}Version: {version}").flags
   options = {**json.loads(flags["scheduler_options"]),
              **outputs.schedule_type_options(flags["schedule_type"])}
+  options = sampling.model_schedule(SD1_UNET, options)  # an older A1111's downcast, for SD1
   if not k_diffusion:
     options.pop("k_diffusion")
   ours = get_scheduler(outputs.scheduler_name(flags["scheduler"]), SD15, options=options)
@@ -158,7 +161,12 @@ def test_downcast_alphas_cumprod(sampler, label, version):
   half = {**SD15, "downcast_alphas_cumprod": True}
   ours, state, got, sigmas, init, noises = _as_a1111_ran_it(sampler, label, 10, extra=extra,
                                                             config=half, version=version)
-  assert ours.cfg["downcast_alphas_cumprod"]
+  assert ours.cfg["downcast_alphas_cumprod"] is True
+  # an older A1111 held an SDXL model's alphas_cumprod apart from half(), in float32
+  implied = json.loads(infotext.reproduce(f"a cat\nSteps: 10, Sampler: {sampler}, {extra}"
+                                          f"Version: {version}").flags["scheduler_options"])
+  assert sampling.model_schedule(SDXL_UNET, implied)["downcast_alphas_cumprod"] is (
+      version == "v1.10.1")
   assert kd.train_sigmas(half).dtype == torch.float16
   start = float(sigmas[0]) / (1 + float(sigmas[0]) ** 2) ** 0.5 if sampler == "DPM++ 2M" else (
       float(sigmas[0]))

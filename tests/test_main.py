@@ -839,6 +839,32 @@ def test_a1111_gpu_noise_is_nvs(model, cache, tmp_path):
   assert written["RNG"] == "NV"
 
 
+def test_an_older_a1111_image(model, cache, tmp_path):
+  """An image of an A1111 before 1.6.0: its Version says how it scheduled prompt editing and
+  held the model's alphas_cumprod (float16, for an SD1/SD2 model: the built-in's is SD1), and
+  the run says both again in its manifest and PNG."""
+  params = tmp_path / "a1111.txt"
+  params.write_text("a [cat:dog:1.0]\nSteps: 2, Sampler: Euler a, CFG scale: 3, Seed: 5, "
+                    "Size: 16x16, RNG: CPU, Version: v1.5.2")
+  out = str(tmp_path / "out")
+  main_py(["--model", model, "--parameters_file", str(params), "--output_dir", out,
+           "--compilation_cache", cache])
+  record, = _manifest(out)
+  assert record["scheduler_options"]["downcast_alphas_cumprod"] == "sd1_sd2"
+  assert record["old_prompt_editing_timelines"] is True
+  written = outputs.parse_a1111_parameters(
+      Image.open(os.path.join(out, record["file"])).text["parameters"])
+  assert written["Old prompt editing timelines"] == "True"
+  assert "downcast_alphas_cumprod=sd1_sd2" in written["Scheduler options"]
+  want = sdjax.load_pipeline(model).generate(
+      ["a [cat:dog:1]"], steps=2, scheduler="euler_ancestral", guidance_scale=3.0, seed=5,
+      height=16, width=16, rng="torch_cpu", prompt_syntax="a1111",
+      scheduler_options={"timestep_spacing": "linspace", "k_diffusion": True,
+                         "schedule_type": "uniform", "downcast_alphas_cumprod": True})
+  got = np.stack(list(_pixels(out).values())).astype(np.float32) / 255
+  assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+
 def test_sigmas_flag(model, cache, tmp_path):
   """--sigmas: the steps follow the list; the PNG parameters and the manifest say it; the
   pixels are generate()'s. --scheduler takes A1111's sampler names too."""

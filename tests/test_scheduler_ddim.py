@@ -249,5 +249,5 @@ def test_a1111_form_with_float16_alphas():
   assert max_rel_error(got, _a1111_ddim(SD15, 20, init, noises)) > 100 * TOL
   old = infotext.reproduce("a cat\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, "
                            "Version: v1.5.2").flags
-  assert json.loads(old["scheduler_options"]) == options
+  assert json.loads(old["scheduler_options"]) == {**options, "downcast_alphas_cumprod": "sd1_sd2"}
   assert old["pad_cond_uncond_v0"] == "true"  # what A1111 before 1.6.0 did too

@@ -12,6 +12,7 @@ from typing import Any
 
 from sdjax.schedulers import sigma_schedules
 from sdjax.schedulers.common import A1111_TIMESTEP_SAMPLERS, Scheduler, SchedulerConfigError
+from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD, DOWNCAST_SD1_SD2
 
 # name -> (module, class, overrides passed as diffusers' from_config(**overrides) would).
 _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -184,14 +185,18 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
   for key, value in (options or {}).items():  # diffusers would take "no" as true
     if (isinstance(cls._DEFAULTS.get(key), bool) or key in FORM_OPTIONS) and not isinstance(
         value, bool):
+      resolved = (f" ({DOWNCAST_SD1_SD2!r} is resolved for a model by sampling.model_schedule)"
+                  if value == DOWNCAST_SD1_SD2 else "")
       raise SchedulerConfigError(
-          f"scheduler {name!r}: option {key} is true or false, got {value!r}")
+          f"scheduler {name!r}: option {key} is true or false, got {value!r}{resolved}")
   return cls.from_config(scheduler_config, **{**overrides, **(options or {})})
 
 
 __all__ = [
     "A1111_TIMESTEP_SAMPLERS",
     "BROWNIAN_FAMILIES",
+    "DOWNCAST_ALPHAS_CUMPROD",
+    "DOWNCAST_SD1_SD2",
     "ETA_SCHEDULERS",
     "FORM_OPTIONS",
     "SCHEDULERS",

@@ -60,8 +60,11 @@ SGM_NOISE_MULTIPLIER = "sgm_noise_multiplier"
 # held in float16, and k-diffusion's table of its noise levels and their logs computed from it in
 # float16, op by op (`euler.train_alphas_cumprod`). The smallest level moves by 7% (0.0292 ->
 # 0.0313 for SD1.5), so every level a schedule places between the extremes moves too. The sigma
-# schedulers and A1111's own DDIM / PLMS loops (`a1111`) take it.
+# schedulers and A1111's own DDIM / PLMS loops (`a1111`) take it. Its value DOWNCAST_SD1_SD2
+# (what an older A1111's Version implies) is true for SD1/SD2 models only: A1111 held an SDXL
+# model's alphas_cumprod apart from half(), in float32 (`sampling.model_schedule` resolves it).
 DOWNCAST_ALPHAS_CUMPROD = "downcast_alphas_cumprod"
+DOWNCAST_SD1_SD2 = "sd1_sd2"
 
 # NVIDIA's Align Your Steps noise levels (research.nvidia.com/labs/toronto-ai/AlignYourSteps),
 # as AUTOMATIC1111 ends them: at 0.029, then 0.
