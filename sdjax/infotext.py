@@ -115,6 +115,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   scheduler = _sampler(fields, flags, notes, made_by_sdjax, made_in)
   _sgm(fields, flags, notes, scheduler)
   _downcast(fields, flags, notes, scheduler)
+  _zero_snr(fields, flags, notes, scheduler)
   _eta(fields, flags, notes, scheduler)
   _noise(fields, flags, notes, made_by_sdjax, made_in)
   _brownian(fields, flags, notes, scheduler, made_by_sdjax, made_in)
@@ -306,6 +307,21 @@ def _downcast(fields, flags, notes, scheduler) -> None:
                                "reads its noise levels off the float32 training schedule"
                                + (" (an SD1/SD2 model's: this A1111 downcast them)"
                                   if value != "True" else "")))
+
+
+def _zero_snr(fields, flags, notes, scheduler) -> None:
+  """A1111's Noise Schedule (written only when it rescaled the schedule to zero terminal SNR:
+  "Zero Terminal SNR", or a fork's "Default" for a checkpoint marked ztsnr): the sampler's
+  `rescale_betas_zero_snr`, in its A1111 form A1111's rescale (its largest level 4518.8)."""
+  value = fields.pop("Noise Schedule", None)
+  if value is None:
+    return
+  if scheduler is not None and schedulers.takes_option(scheduler, "rescale_betas_zero_snr"):
+    options = json.loads(flags.get("scheduler_options", "{}"))
+    flags["scheduler_options"] = json.dumps({**options, "rescale_betas_zero_snr": True})
+  else:
+    notes.append(("scheduler", f"Noise Schedule: {value}: sdjax's {scheduler or 'sampler'} has no "
+                               "zero-terminal-SNR schedule"))
 
 
 def _a1111_sampling(fields, notes, sampler, scheduler) -> None:

@@ -18,12 +18,26 @@ from scheduler_harness import fake_model
 def train_sigmas(config) -> torch.Tensor:
   """k-diffusion's `DiscreteSchedule.sigmas` of the model's alphas_cumprod: float32, or float16
   where A1111 downcast them (`downcast_alphas_cumprod` in `config`), computed in float16 as the
-  model's half() buffer made them."""
+  model's half() buffer made them; rescaled to zero terminal SNR as A1111 rescales them
+  (`rescale_betas_zero_snr`: its Noise Schedule)."""
   config = dict(config)
   half = config.pop("downcast_alphas_cumprod", False)
+  zero_snr = config.pop("rescale_betas_zero_snr", False)
   alphas = diffusers.EulerDiscreteScheduler.from_config(config).alphas_cumprod
+  if zero_snr:  # what the rescale starts from: ldm's float64 schedule, in the model's float32
+    assert config["beta_schedule"] == "scaled_linear"
+    betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5,
+                           config["num_train_timesteps"], dtype=torch.float64) ** 2
+    alphas = torch.from_numpy(np.cumprod(1.0 - betas.numpy()).astype(np.float32))
   if half:
     alphas = alphas.half()
+  if zero_snr:  # modules/sd_models.py: rescale_zero_terminal_snr_abar
+    root = alphas.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root -= last
+    root *= first / (first - last)
+    alphas = root**2
+    alphas[-1] = 4.8973451890853435e-08
   return ((1 - alphas) / alphas) ** 0.5
 
 

@@ -30,6 +30,7 @@ from scheduler_harness import (
 
 from sdjax import infotext, outputs, sampling, testing
 from sdjax.schedulers import SCHEDULERS, SchedulerConfigError, get_scheduler, takes_option
+from sdjax.schedulers.euler import train_alphas_cumprod, train_sigmas
 
 torch.set_num_threads(1)
 SD15 = dict(testing.SCHEDULER_SD15)
@@ -183,6 +184,51 @@ def test_downcast_alphas_cumprod(sampler, label, version):
   _, _, float32_run, float32_sigmas, _, _ = _as_a1111_ran_it(sampler, label, 10)
   assert not np.allclose(sigmas.numpy(), float32_sigmas.numpy(), rtol=1e-3)
   assert max_rel_error(got, float32_run) > 100 * TOL
+
+
+@pytest.mark.parametrize(("sampler", "label"), [("Euler a", "Automatic"), ("DPM++ 2M", "Karras"),
+                                               ("Euler", "Karras")])
+def test_zero_terminal_snr(sampler, label):
+  """A1111's Noise Schedule "Zero Terminal SNR" (a v-prediction model's): alphas_cumprod
+  rescaled as A1111 rescales them, ending at 4.9e-8 (largest level 4518.8; diffusers' sigma
+  schedulers end at 2^-24: 4096), the samplers' `rescale_betas_zero_snr` in their A1111 form.
+  The table is A1111's to the bit and the levels placed on it to an ulp (k-diffusion's float32
+  operations); a step from 4518.8 down to ~12 is so ill-conditioned (an ancestral step's
+  sigma_down cancels to ~0.03) that an ulp of a level moves the image by 1e-5, so the loop is
+  compared on sdjax's levels."""
+  vpred = {**SD15, "prediction_type": "v_prediction"}
+  zero_snr = {**vpred, "rescale_betas_zero_snr": True}
+  flags = infotext.reproduce(f"a cat\nSteps: 8, Sampler: {sampler}, Schedule type: {label}, "
+                             "CFG scale: 7, Seed: 1, Noise Schedule: Zero Terminal SNR, "
+                             "Version: v1.10.1").flags
+  options = {**json.loads(flags["scheduler_options"]),
+             **outputs.schedule_type_options(flags["schedule_type"])}
+  assert options["rescale_betas_zero_snr"] is True
+  ours = get_scheduler(outputs.scheduler_name(flags["scheduler"]), vpred, options=options)
+  state = ours.set_timesteps(8, sample_shape=SHAPE)
+  init, noises = make_noises(len(state.timesteps))
+  got = sdjax_trajectory(ours, 8, init, noises)
+  with correctly_rounded_sqrt():  # as CUDA's: the rescale's cancellations show torch CPU's
+    np.testing.assert_array_equal(kd.train_sigmas(zero_snr).numpy(),
+                                  train_sigmas(train_alphas_cumprod(ours.cfg)))
+    placed = (kd.get_sigmas if label == "Automatic" else kd.get_sigmas_karras)(zero_snr, 8)
+    sigmas = torch.from_numpy(np.asarray(state.sigmas)[:9])
+    # k-diffusion's levels in its float32 operations (its pow and exp against numpy's: an ulp)
+    np.testing.assert_allclose(sigmas.numpy(), placed.numpy(), rtol=2.4e-7)
+    want = SAMPLERS[sampler](zero_snr, sigmas, torch.from_numpy(init) * sigmas[0],
+                             [torch.from_numpy(n) for n in noises])
+  if sampler == "DPM++ 2M":
+    want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[
+        :, None, None, None, None]).astype(np.float32)
+  np.testing.assert_allclose(float(sigmas[0]), 4518.8, rtol=1e-4)
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} {label} zero terminal SNR vs k-diffusion: {err:.3g}")
+  assert err <= TOL, err
+  diffusers_form = get_scheduler(outputs.scheduler_name(flags["scheduler"]), zero_snr,
+                                 options={k: v for k, v in options.items() if k != "k_diffusion"}
+                                 if sampler != "DPM++ 2M" else options | {"k_diffusion": False})
+  assert float(np.max(diffusers_form.set_timesteps(8, sample_shape=SHAPE).sigmas)) == (
+      pytest.approx(4096.0, rel=1e-4))
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "DPM2"])

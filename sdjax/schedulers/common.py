@@ -101,7 +101,8 @@ def _cumprod_f32(x: np.ndarray) -> np.ndarray:
   return np.cumprod(np.asarray(x, dtype=np.float64)).astype(np.float32)
 
 
-def _betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+def _betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999,
+                         dtype=np.float32) -> np.ndarray:
   """The squaredcos_cap_v2 schedule, in float64 Python math then float32, as diffusers."""
 
   def alpha_bar(t):
@@ -112,7 +113,7 @@ def _betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> n
     t1 = i / num_train_timesteps
     t2 = (i + 1) / num_train_timesteps
     betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
-  return np.asarray(betas, dtype=np.float32)
+  return np.asarray(betas, dtype=dtype)
 
 
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -149,6 +150,44 @@ def make_betas(config: dict[str, Any]) -> np.ndarray:
 def make_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
   """float32 cumulative product of (1 - beta), [num_train_timesteps]."""
   return _cumprod_f32(1.0 - make_betas(config))
+
+
+def ldm_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
+  """float64 alphas_cumprod as Stable Diffusion's own code (ldm, which A1111 runs) and ComfyUI
+  compute it: float64 betas and products (diffusers': float32 betas); A1111 holds it in float32.
+  Not rescaled to zero terminal SNR."""
+  n = int(config["num_train_timesteps"])
+  schedule = config["beta_schedule"]
+  if config.get("trained_betas") is not None:
+    betas = np.asarray(config["trained_betas"], dtype=np.float64)
+  elif schedule == "linear":
+    betas = np.linspace(config["beta_start"], config["beta_end"], n, dtype=np.float64)
+  elif schedule == "scaled_linear":  # ldm's "linear"
+    betas = np.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n,
+                        dtype=np.float64) ** 2
+  elif schedule == "squaredcos_cap_v2":
+    betas = _betas_for_alpha_bar(n, dtype=np.float64)
+  else:
+    raise SchedulerConfigError(f"beta_schedule {schedule!r} is not supported by sdjax")
+  return np.cumprod(1.0 - betas)
+
+
+# The last alphas_cumprod of A1111's and ComfyUI's zero-terminal-SNR schedule (A1111's Noise
+# Schedule "Zero Terminal SNR", ComfyUI's zsnr): its largest noise level is 4518.8, where diffusers'
+# sigma schedulers (2^-24) reach 4096 and its DDIM (0) infinity.
+ZERO_SNR_LAST = 4.8973451890853435e-08
+
+
+def zero_snr_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
+  """A1111's `rescale_zero_terminal_snr_abar` (ComfyUI's, through sigmas) in the array's dtype:
+  sqrt(alphas_cumprod) shifted to end at 0 and scaled to keep its start, squared, the last one
+  ZERO_SNR_LAST. (diffusers rescales the betas instead.)"""
+  root = np.sqrt(alphas_cumprod)
+  first, last = root[0], root[-1]
+  root = (root - last) * (first / (first - last))
+  out = root**2
+  out[-1] = ZERO_SNR_LAST
+  return out
 
 
 # The schedulers A1111 runs over training timesteps (its sd_samplers_timesteps), by sdjax name.
@@ -307,11 +346,23 @@ def sigma_spacing(scheduler_name: str, config: dict[str, Any]) -> str | None:
 
 
 def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float,
-                  num_inference_steps: int) -> np.ndarray:
+                  num_inference_steps: int, k_diffusion: bool = False) -> np.ndarray:
   """float64 descending noise levels from sigma_max to sigma_min, as diffusers'
   `_convert_to_karras` (rho 7), `_convert_to_exponential` (even in log sigma) and
   `_convert_to_beta` (the quantiles of Beta(0.6, 0.6) at evenly spaced levels; "Beta Sampling is
-  All You Need", Lee et al. 2024) place them."""
+  All You Need", Lee et al. 2024) place them. `k_diffusion`: Karras and Exponential levels as
+  k-diffusion's get_sigmas_karras / get_sigmas_exponential (A1111's, ComfyUI's) compute them, in
+  float32: its (...) ** 7 lands up to ~30 ulps off the float64 levels, which a zero-terminal-SNR
+  run's first step (from 4518.8) shows."""
+  n = num_inference_steps
+  if k_diffusion and kind == "karras":
+    ramp = torch_linspace_f32(0.0, 1.0, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / 7), sigma_max ** (1 / 7)
+    levels = np.float32(max_inv_rho) + ramp * np.float32(min_inv_rho - max_inv_rho)
+    return (levels ** np.float32(7.0)).astype(np.float64)
+  if k_diffusion and kind == "exponential":
+    return exp_f32(torch_linspace_f32(math.log(sigma_max), math.log(sigma_min), n)).astype(
+      np.float64)
   if kind == "karras":
     return karras_sigmas(sigma_min, sigma_max, num_inference_steps)
   if kind == "exponential":
@@ -358,7 +409,9 @@ def first_noise_scale(config: dict[str, Any], sigmas: np.ndarray) -> np.float32 
     return np.sqrt(np.float32(1.0) + first * first)
   if not config.get("comfyui"):
     return None
-  alphas_cumprod = make_alphas_cumprod(config)
+  from sdjax.schedulers.euler import train_alphas_cumprod  # noqa: PLC0415  (euler imports us)
+
+  alphas_cumprod = train_alphas_cumprod(config).astype(np.float32)
   sigma_max = np.float32(np.sqrt((1 - alphas_cumprod[-1]) / alphas_cumprod[-1]))
   if math.isclose(float(sigma_max), float(first), rel_tol=1e-5) or first > sigma_max:
     return np.sqrt(np.float32(1.0) + first * first)

@@ -23,14 +23,13 @@ from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
   hashable_config,
-  make_alphas_cumprod,
   make_betas,
   resolve_config,
   rounded,
   true_divide,
 )
 from sdjax.schedulers.euler import check_choice
-from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD
+from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD, form_alphas_cumprod
 
 SPACINGS = ("leading", "trailing", "linspace")
 # sdjax's option to step as AUTOMATIC1111 (1.6+) runs DDIM in text-to-image
@@ -41,12 +40,10 @@ SPACINGS = ("leading", "trailing", "linspace")
 A1111 = "a1111"
 
 
-def downcast_alphas(config: dict[str, Any], alphas_cumprod: np.ndarray) -> np.ndarray:
-  """float32 `alphas_cumprod`, rounded to float16 with the `downcast_alphas_cumprod` option (A1111's
-  float16 schedule, `sigma_schedules.DOWNCAST_ALPHAS_CUMPROD`)."""
-  if config.get(DOWNCAST_ALPHAS_CUMPROD):
-    return alphas_cumprod.astype(np.float16).astype(np.float32)
-  return alphas_cumprod
+def schedule_alphas(config: dict[str, Any]) -> np.ndarray:
+  """float32 alphas_cumprod of DDIM and PNDM: diffusers', or with the `a1111` form A1111's
+  (`sigma_schedules.form_alphas_cumprod`: its float16 and zero-terminal-SNR schedules)."""
+  return form_alphas_cumprod(config, "a1111" if config.get(A1111) else None).astype(np.float32)
 
 
 def sqrt_one_minus(config: dict[str, Any], alpha: np.ndarray) -> np.ndarray:
@@ -223,7 +220,7 @@ class DDIMScheduler(EtaInState, Scheduler):
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     del sample_shape  # no history
     config = self.cfg
-    alphas_cumprod = downcast_alphas(config, make_alphas_cumprod(config))
+    alphas_cumprod = schedule_alphas(config)
     final = np.float32(1.0) if config["set_alpha_to_one"] else alphas_cumprod[0]
     if config.get(A1111):
       timesteps, prev_timesteps = a1111_timesteps(config, num_inference_steps)

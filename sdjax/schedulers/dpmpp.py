@@ -296,7 +296,8 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     kind = sigma_spacing(self.name, config)
     if kind:
       # Unlike Euler's, these span the whole training range, whatever the spacing.
-      sigmas = spaced_sigmas(kind, sigmas[0].item(), sigmas[-1].item(), num_inference_steps)
+      sigmas = spaced_sigmas(kind, sigmas[0].item(), sigmas[-1].item(), num_inference_steps,
+                             k_diffusion=bool(config["k_diffusion"]))
       timesteps = sigma_to_t(sigmas, log_sigmas)
       if kind == "karras" and config["beta_schedule"] != "squaredcos_cap_v2":
         timesteps = timesteps.round()

@@ -25,7 +25,6 @@ from sdjax.schedulers.common import (
   first_noise_scale,
   hashable_config,
   log_f32,
-  make_alphas_cumprod,
   make_betas,
   nearest_t,
   resolve_config,
@@ -45,6 +44,7 @@ from sdjax.schedulers.sigma_schedules import (
   TIMESTEPS_OPTIONS,
   custom_sigmas,
   custom_timesteps,
+  form_alphas_cumprod,
 )
 from sdjax.schedulers.sigma_schedules import check_options as check_schedule_options
 
@@ -71,14 +71,14 @@ def check_common(scheduler_name: str, config: dict[str, Any], prediction_types: 
 
 def train_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
   """float32 alphas_cumprod as the sigma schedulers hold it; float16 with the
-  `downcast_alphas_cumprod` option (what follows from it is then float16 too, as in torch)."""
-  alphas_cumprod = make_alphas_cumprod(config)
-  if config.get("rescale_betas_zero_snr"):
+  `downcast_alphas_cumprod` option (what follows from it is then float16 too, as in torch). Zero
+  terminal SNR: A1111's and ComfyUI's in their forms (`k_diffusion`, `comfyui`), else diffusers'."""
+  form = "comfyui" if config.get(COMFYUI) else "a1111" if config.get(K_DIFFUSION) else None
+  alphas_cumprod = form_alphas_cumprod(config, form)
+  if config.get("rescale_betas_zero_snr") and form is None:
     # Zero terminal SNR would make the first sigma infinite; diffusers substitutes the smallest
     # float16 subnormal.
     alphas_cumprod[-1] = 2.0**-24
-  if config.get(DOWNCAST_ALPHAS_CUMPROD):
-    return alphas_cumprod.astype(np.float16)
   return alphas_cumprod
 
 
@@ -137,7 +137,8 @@ def sigma_schedule(
     sigma_max = config.get("sigma_max")
     sigma_min = sigma_min if sigma_min is not None else sigmas[-1].item()
     sigma_max = sigma_max if sigma_max is not None else sigmas[0].item()
-    sigmas = spaced_sigmas(kind, sigma_min, sigma_max, num_inference_steps)
+    sigmas = spaced_sigmas(kind, sigma_min, sigma_max, num_inference_steps,
+                           k_diffusion=bool(config.get(K_DIFFUSION) or config.get(COMFYUI)))
     timesteps = sigma_to_t(sigmas, log_sigmas)
   return timesteps, np.append(sigmas, np.float64(final))
 

@@ -25,7 +25,6 @@ from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
   hashable_config,
-  make_alphas_cumprod,
   resolve_config,
   rounded,
   true_divide,
@@ -36,8 +35,8 @@ from sdjax.schedulers.ddim import (
   alpha_prod_at,
   check_discrete,
   discrete_timesteps,
-  downcast_alphas,
   f32,
+  schedule_alphas,
   sqrt_one_minus,
 )
 from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD
@@ -155,7 +154,7 @@ class PNDMScheduler(Scheduler):
       prev_rows.append(timesteps - ratio)
     t_table, prev_table = np.stack(t_rows), np.stack(prev_rows)
 
-    alphas_cumprod = downcast_alphas(config, make_alphas_cumprod(config))
+    alphas_cumprod = schedule_alphas(config)
     final = np.float32(1.0) if config["set_alpha_to_one"] else alphas_cumprod[0]
     # Phases a run never reaches at some position may index past the table; diffusers would
     # never compute them, so they are clamped rather than raised.

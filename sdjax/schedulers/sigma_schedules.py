@@ -33,7 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from sdjax.schedulers.common import SchedulerConfigError, sigma_spacing, sigma_to_t
+from sdjax.schedulers.common import (
+  SchedulerConfigError,
+  ldm_alphas_cumprod,
+  make_alphas_cumprod,
+  sigma_spacing,
+  sigma_to_t,
+  zero_snr_alphas_cumprod,
+)
 
 # Options of the sigma schedulers that place the noise levels themselves (not diffusers config);
 # those that diffusers also gives custom timesteps take TIMESTEPS_OPTIONS.
@@ -65,6 +72,25 @@ SGM_NOISE_MULTIPLIER = "sgm_noise_multiplier"
 # model's alphas_cumprod apart from half(), in float32 (`sampling.model_schedule` resolves it).
 DOWNCAST_ALPHAS_CUMPROD = "downcast_alphas_cumprod"
 DOWNCAST_SD1_SD2 = "sd1_sd2"
+
+
+def form_alphas_cumprod(config: dict[str, Any], form: str | None) -> np.ndarray:
+  """The training schedule's alphas_cumprod as a run of `config` reads it: float32, float16 with
+  `downcast_alphas_cumprod`. A zero-terminal-SNR config's (`rescale_betas_zero_snr`) is rescaled
+  as diffusers rescales its betas, or in A1111's and ComfyUI's own forms (`form` "a1111" or
+  "comfyui") as they rescale alphas_cumprod itself (`common.zero_snr_alphas_cumprod`), from
+  their float64 schedule: A1111 in its model's float32 (float16 where downcast: after it), where
+  the shift to zero cancels (1e-5 apart near the end), ComfyUI in float64."""
+  if not (config.get("rescale_betas_zero_snr") and form in ("a1111", "comfyui")):
+    alphas_cumprod = make_alphas_cumprod(config)
+    if config.get(DOWNCAST_ALPHAS_CUMPROD):
+      alphas_cumprod = alphas_cumprod.astype(np.float16)
+    return alphas_cumprod
+  base = ldm_alphas_cumprod(config)
+  if form == "comfyui":
+    return zero_snr_alphas_cumprod(base).astype(np.float32)
+  dtype = np.float16 if config.get(DOWNCAST_ALPHAS_CUMPROD) else np.float32
+  return zero_snr_alphas_cumprod(base.astype(np.float32).astype(dtype))
 
 # NVIDIA's Align Your Steps noise levels (research.nvidia.com/labs/toronto-ai/AlignYourSteps),
 # as AUTOMATIC1111 ends them: at 0.029, then 0.
