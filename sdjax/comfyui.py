@@ -57,6 +57,8 @@ _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 _CHECKPOINT_NODES = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
                      "unCLIPCheckpointLoader": "ckpt_name", "UNETLoader": "unet_name"}
 _LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
+# Its node that sets the model's prediction type and zero-terminal-SNR schedule (zsnr).
+_MODEL_SAMPLING = "ModelSamplingDiscrete"
 _LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
 _TEXT_NODES = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXL": "text_g",
                "CLIPTextEncodeSDXLRefiner": "text"}
@@ -126,7 +128,7 @@ class _Reader:
       kind = node["class_type"]
       passes = next((name for name in through if name in _inputs(node)), None)
       if kind in _TEXT_NODES or kind in _CHECKPOINT_NODES or kind in _LORA_NODES or (
-          passes is None):
+          kind == _MODEL_SAMPLING or passes is None):
         return node_id, node
       if kind != "CLIPSetLastLayer":
         self.note(None, f"node {node_id} ({kind}) changes the {what}: not reproduced")
@@ -168,10 +170,18 @@ class _Reader:
       value = _inputs(node).get("clip")
 
   def model(self, value) -> None:
-    """The checkpoint (its file name) and the LoRAs on the model's way."""
+    """The checkpoint (its file name), the LoRAs on the model's way and its sampling settings
+    (ModelSamplingDiscrete: the one nearest the sampler, the last ComfyUI applied)."""
+    sampling_seen = False
     while (found := self.follow(value, ("model",), "model")) is not None:
       node_id, node = found
       kind, inputs = node["class_type"], _inputs(node)
+      if kind == _MODEL_SAMPLING:
+        if not sampling_seen:
+          self.model_sampling(node_id, inputs)
+        sampling_seen = True
+        value = inputs.get("model")
+        continue
       if kind in _CHECKPOINT_NODES:
         # A name relative to ComfyUI's models folder ("SDXL/x.safetensors" is no hub id).
         self.note("model", f"made with the checkpoint {inputs.get(_CHECKPOINT_NODES[kind])}: "
@@ -186,6 +196,22 @@ class _Reader:
         stem = name.rsplit(".", 1)[0] if name.endswith(_LORA_EXTENSIONS) else name
         self.loras.insert(0, f"<lora:{stem}:{clip:g}:{strength:g}>")  # text encoder, UNet
       value = inputs.get("model")
+
+  def model_sampling(self, node_id: str, inputs: dict[str, Any]) -> None:
+    """ModelSamplingDiscrete: zsnr is A1111's Noise Schedule (ComfyUI's rescale, in the comfyui
+    form); the prediction type is the model's in sdjax (its v_pred key or scheduler config)."""
+    sampling, zsnr = inputs.get("sampling", "eps"), inputs.get("zsnr", False)
+    if zsnr is True:
+      self.fields["Noise Schedule"] = "Zero Terminal SNR"
+    if sampling == "v_prediction":
+      self.note("scheduler_options",
+                f"node {node_id} ({_MODEL_SAMPLING}) makes the model a v-prediction one"
+                + (", without zero terminal SNR" if zsnr is not True else "") + ": sdjax reads "
+                "that off the model (its v_pred / ztsnr keys, its scheduler config); for a model "
+                "without them give --scheduler_options '{\"prediction_type\": \"v_prediction\"}'")
+    elif sampling != "eps":
+      self.note(None, f"node {node_id} ({_MODEL_SAMPLING}) samples the model as {sampling}: not "
+                      "reproduced")
 
   def latent(self, value, denoise) -> None:
     """The size (an empty latent's), or what an img2img latent came from."""

@@ -9,40 +9,59 @@ after every model call, as `scheduler_harness.sdjax_trajectory` does.
 
 from __future__ import annotations
 
-import diffusers
 import numpy as np
 import torch
 from scheduler_harness import fake_model
 
 
+def ldm_alphas_cumprod(config) -> torch.Tensor:
+  """float64 alphas_cumprod as ldm's DDPM.register_schedule (A1111's model) and ComfyUI's
+  ModelSamplingDiscrete compute it: float64 betas ("linear" there: diffusers' scaled_linear)."""
+  assert config["beta_schedule"] == "scaled_linear" and not config.get("trained_betas")
+  betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5,
+                         config["num_train_timesteps"], dtype=torch.float64) ** 2
+  return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _zero_snr(alphas: torch.Tensor) -> torch.Tensor:
+  """A1111's rescale_zero_terminal_snr_abar (ComfyUI's rescale_zero_terminal_snr_sigmas does
+  it through sigmas), in the tensor's dtype."""
+  root = alphas.sqrt()
+  first, last = root[0].clone(), root[-1].clone()
+  root -= last
+  root *= first / (first - last)
+  alphas = root**2
+  alphas[-1] = 4.8973451890853435e-08
+  return alphas
+
+
 def train_sigmas(config) -> torch.Tensor:
-  """k-diffusion's `DiscreteSchedule.sigmas` of the model's alphas_cumprod: float32, or float16
-  where A1111 downcast them (`downcast_alphas_cumprod` in `config`), computed in float16 as the
-  model's half() buffer made them; rescaled to zero terminal SNR as A1111 rescales them
-  (`rescale_betas_zero_snr`: its Noise Schedule)."""
-  config = dict(config)
-  half = config.pop("downcast_alphas_cumprod", False)
-  zero_snr = config.pop("rescale_betas_zero_snr", False)
-  alphas = diffusers.EulerDiscreteScheduler.from_config(config).alphas_cumprod
-  if zero_snr:  # what the rescale starts from: ldm's float64 schedule, in the model's float32
-    assert config["beta_schedule"] == "scaled_linear"
-    betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5,
-                           config["num_train_timesteps"], dtype=torch.float64) ** 2
-    alphas = torch.from_numpy(np.cumprod(1.0 - betas.numpy()).astype(np.float32))
-  if half:
+  """k-diffusion's `DiscreteSchedule.sigmas` as A1111 builds it from its model's float32
+  alphas_cumprod: float16 where A1111 downcast them (`downcast_alphas_cumprod` in `config`),
+  computed in float16 as the model's half() buffer made them; rescaled to zero terminal SNR as
+  A1111 rescales them (`rescale_betas_zero_snr`: its Noise Schedule). With `comfyui` in
+  `config`, ComfyUI's: computed in float64, stored in float32."""
+  alphas = ldm_alphas_cumprod(config)
+  if config.get("comfyui"):
+    if config.get("rescale_betas_zero_snr"):
+      alphas = _zero_snr(alphas)
+    return (((1 - alphas) / alphas) ** 0.5).float()
+  alphas = alphas.float()
+  if config.get("downcast_alphas_cumprod"):
     alphas = alphas.half()
-  if zero_snr:  # modules/sd_models.py: rescale_zero_terminal_snr_abar
-    root = alphas.sqrt()
-    first, last = root[0].clone(), root[-1].clone()
-    root -= last
-    root *= first / (first - last)
-    alphas = root**2
-    alphas[-1] = 4.8973451890853435e-08
+  if config.get("rescale_betas_zero_snr"):
+    alphas = _zero_snr(alphas)
   return ((1 - alphas) / alphas) ** 0.5
 
 
 def train_log_sigmas(config) -> torch.Tensor:
-  """k-diffusion's `DiscreteSchedule.log_sigmas`: `train_sigmas(config).log()`, in its dtype."""
+  """k-diffusion's `DiscreteSchedule.log_sigmas`: `train_sigmas(config).log()`, in its dtype;
+  ComfyUI's: the float64 levels' logs, stored in float32."""
+  if config.get("comfyui"):
+    alphas = ldm_alphas_cumprod(config)
+    if config.get("rescale_betas_zero_snr"):
+      alphas = _zero_snr(alphas)
+    return (((1 - alphas) / alphas) ** 0.5).log().float()
   return train_sigmas(config).log()
 
 

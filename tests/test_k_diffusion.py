@@ -34,6 +34,7 @@ from sdjax.schedulers.euler import train_alphas_cumprod, train_sigmas
 
 torch.set_num_threads(1)
 SD15 = dict(testing.SCHEDULER_SD15)
+COMFY15 = {**SD15, "comfyui": True}  # the references' ComfyUI schedule (computed in float64)
 TOL = 1e-6
 SD1_UNET, SDXL_UNET = (types.SimpleNamespace(is_sdxl=sdxl) for sdxl in (False, True))
 SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
@@ -93,6 +94,18 @@ def test_steps_as_k_diffusion(sampler, label):
   assert err <= TOL, err
 
 
+def test_the_noise_level_tables_are_a1111s_and_comfyuis():
+  """The k_diffusion form's table is A1111's (its model's float32 alphas_cumprod of Stable
+  Diffusion's float64 schedule), the comfyui form's ComfyUI's (float64 levels stored in float32),
+  bit for bit; diffusers' float32 betas put the smallest levels up to 1e-5 from either."""
+  for options, config in (({"k_diffusion": True}, SD15),
+                          ({"k_diffusion": True, "comfyui": True}, COMFY15)):
+    with correctly_rounded_sqrt():
+      want = kd.train_sigmas(config).numpy()
+    np.testing.assert_array_equal(train_sigmas(train_alphas_cumprod({**SD15, **options})), want)
+    assert max_rel_error(train_sigmas(train_alphas_cumprod(SD15)), want) > 5e-6
+
+
 def _comfyui_denoiser(config, timesteps=None):
   """x0 as ComfyUI's KSampler makes it around the fake UNet: the input scaled by the call's
   sigma, the UNet at the training timestep nearest that sigma in float32 log sigma
@@ -123,13 +136,13 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
   assert np.array_equal(state.timesteps, np.round(state.timesteps))
   init, noises = make_noises(len(state.timesteps))
   got = sdjax_trajectory(ours, 10, init, noises)
-  sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(SD15, 10)
+  sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(COMFY15, 10)
   start = float(torch.sqrt(1.0 + sigmas[0] ** 2.0))  # ComfyUI's, in float32
   form = 1 / (1 + float(sigmas[0]) ** 2) ** 0.5 if vp else 1.0
   np.testing.assert_allclose(float(ours.init_noise_sigma(state)), start * form, rtol=1e-6)
   monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
   with correctly_rounded_sqrt():
-    want = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * start,
+    want = SAMPLERS[sampler](COMFY15, sigmas, torch.from_numpy(init) * start,
                              [torch.from_numpy(n) for n in noises])
   if vp:
     want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[
@@ -229,6 +242,41 @@ def test_zero_terminal_snr(sampler, label):
                                  if sampler != "DPM++ 2M" else options | {"k_diffusion": False})
   assert float(np.max(diffusers_form.set_timesteps(8, sample_shape=SHAPE).sigmas)) == (
       pytest.approx(4096.0, rel=1e-4))
+
+
+def test_zero_terminal_snr_as_comfyui():
+  """ComfyUI's zsnr (a ModelSamplingDiscrete node's, or a checkpoint's ztsnr key): its table,
+  rescaled in float64 through sigmas (comfy/model_sampling.py), to float32 rounding (sdjax keeps
+  float32 alphas_cumprod); its KSampler's start at sigma_max, sqrt(1 + 4518.8^2) times noise."""
+  graph = {"3": {"class_type": "KSampler", "inputs": {
+               "seed": 1, "steps": 8, "cfg": 7.0, "sampler_name": "euler", "scheduler": "karras",
+               "denoise": 1.0, "model": ["10", 0], "positive": ["6", 0], "negative": ["6", 0],
+               "latent_image": ["5", 0]}},
+           "10": {"class_type": "ModelSamplingDiscrete",
+                  "inputs": {"model": ["4", 0], "sampling": "v_prediction", "zsnr": True}},
+           "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "noob.ckpt"}},
+           "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64}},
+           "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["4", 1]}}}
+  flags = infotext.reproduce(json.dumps(graph)).flags
+  options = {**json.loads(flags["scheduler_options"]),
+             **outputs.schedule_type_options(flags["schedule_type"])}
+  assert options["comfyui"] is True and options["rescale_betas_zero_snr"] is True
+  vpred = {**SD15, "prediction_type": "v_prediction"}
+  ours = get_scheduler("euler", vpred, options=options)
+  betas = torch.linspace(SD15["beta_start"] ** 0.5, SD15["beta_end"] ** 0.5, 1000,
+                         dtype=torch.float64) ** 2
+  alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+  sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+  root = (1 / (sigmas * sigmas + 1)).sqrt()  # rescale_zero_terminal_snr_sigmas
+  first, last = root[0].clone(), root[-1].clone()
+  root = (root - last) * (first / (first - last))
+  alphas_bar = root**2
+  alphas_bar[-1] = 4.8973451890853435e-08
+  want = (((1 - alphas_bar) / alphas_bar) ** 0.5).float().numpy()
+  np.testing.assert_allclose(train_sigmas(train_alphas_cumprod(ours.cfg)), want, rtol=2.4e-7)
+  state = ours.set_timesteps(8, sample_shape=SHAPE)
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), (1 + 4518.8**2) ** 0.5,
+                             rtol=1e-4)
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "DPM2"])
@@ -449,7 +497,7 @@ def test_dpmpp_3m_sde_as_comfyui(label, monkeypatch):
              **outputs.schedule_type_options(label)}
   ours = get_scheduler("dpmpp_3m_sde", SD15, options=options)
   state = ours.set_timesteps(10, sample_shape=SHAPE)
-  sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(SD15, 10)
+  sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(COMFY15, 10)
   np.testing.assert_allclose(np.asarray(state.sigmas), sigmas.numpy(), rtol=1e-6)
   init, noises = make_noises(len(state.timesteps))
   got = sdjax_trajectory(ours, 10, init, noises)
@@ -458,7 +506,7 @@ def test_dpmpp_3m_sde_as_comfyui(label, monkeypatch):
   scale = np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[:, None, None, None, None]
 
   def loop(dtype):
-    return kd.sample_dpmpp_3m_sde(SD15, sigmas.to(dtype), torch.from_numpy(init).to(dtype) * (
+    return kd.sample_dpmpp_3m_sde(COMFY15, sigmas.to(dtype), torch.from_numpy(init).to(dtype) * (
         start.to(dtype)), [torch.from_numpy(n).to(dtype) for n in noises]) / scale
 
   with correctly_rounded_sqrt():
@@ -488,12 +536,12 @@ def test_dpmpp_sde_as_comfyui(label, monkeypatch):
   assert np.array_equal(state.timesteps, np.round(state.timesteps))
   init, noises = make_noises(len(state.timesteps))
   got = sdjax_trajectory(ours, 6, init, noises)
-  sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(SD15, 6)
+  sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(COMFY15, 6)
   start = float(torch.sqrt(1.0 + sigmas[0] ** 2.0))
   np.testing.assert_allclose(float(ours.init_noise_sigma(state)), start, rtol=1e-6)
   monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
   with correctly_rounded_sqrt():
-    want = kd.sample_dpmpp_sde(SD15, sigmas, torch.from_numpy(init) * start,
+    want = kd.sample_dpmpp_sde(COMFY15, sigmas, torch.from_numpy(init) * start,
                                [torch.from_numpy(n) for n in noises])
   err = max_rel_error(got, want)
   print(f"maxrel DPM++ SDE {label} vs ComfyUI's loop: {err:.3g}")

@@ -182,9 +182,10 @@ def _a1111_ddim(config, steps, init, noises, eta=0.0):
   model, restated in torch float32: timesteps range(0, 1000, 1000 // steps) + 1, a call at each
   from the last down to the second, each stepping to the timestep before it."""
   import torch  # noqa: PLC0415
+  from k_diffusion_reference import ldm_alphas_cumprod  # noqa: PLC0415
   from scheduler_harness import fake_model  # noqa: PLC0415
 
-  alphas_cumprod = torch.from_numpy(make_alphas_cumprod(config))
+  alphas_cumprod = ldm_alphas_cumprod(config).float()  # its model's buffer
   if config.get("downcast_alphas_cumprod"):  # the float16 model's buffer (A1111 < 1.7.0-225)
     alphas_cumprod = alphas_cumprod.half()
   timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)

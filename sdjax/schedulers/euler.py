@@ -85,8 +85,10 @@ def train_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
 def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
   """sigmas of the training timesteps, ascending in t, in the dtype of `alphas_cumprod`: each
   operation rounded to float16 for a float16 schedule, as torch's half arithmetic rounds it
-  (numpy's float16 ufuncs compute in float32 and round once, as torch's)."""
-  return np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+  (numpy's float16 ufuncs compute in float32 and round once, as torch's); ComfyUI's float64
+  schedule's computed in float64 and stored in float32, as its table."""
+  sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+  return sigmas.astype(np.float32) if sigmas.dtype == np.float64 else sigmas
 
 
 def spaced_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.ndarray:

@@ -50,7 +50,9 @@ TIMESTEPS_OPTIONS = (*SCHEDULE_OPTIONS, "timesteps")
 # for A1111's images): DPM2 and DPM2 a then feed the UNet fractional Karras timesteps and drop
 # the penultimate level (`kdpm2`), DPM-Solver++ starts and steps as k-diffusion's (`dpmpp`, where
 # it is a config option: it changes the compiled program); Euler, Euler a, Heun, LMS and DPM++ 2S
-# a take it and change nothing, since they step as k-diffusion's already (tests/test_k_diffusion).
+# a step as k-diffusion's already (tests/test_k_diffusion). Every form reads its levels off
+# A1111's own table (`form_alphas_cumprod`) and places Karras / Exponential ones in k-diffusion's
+# float32 operations (`common.spaced_sigmas`).
 K_DIFFUSION = "k_diffusion"
 # sdjax's option to step as ComfyUI's KSampler runs these k-diffusion samplers (`comfyui` sets it
 # for its workflows): the UNet sees the whole training timestep nearest each level in log sigma
@@ -75,22 +77,28 @@ DOWNCAST_SD1_SD2 = "sd1_sd2"
 
 
 def form_alphas_cumprod(config: dict[str, Any], form: str | None) -> np.ndarray:
-  """The training schedule's alphas_cumprod as a run of `config` reads it: float32, float16 with
-  `downcast_alphas_cumprod`. A zero-terminal-SNR config's (`rescale_betas_zero_snr`) is rescaled
-  as diffusers rescales its betas, or in A1111's and ComfyUI's own forms (`form` "a1111" or
-  "comfyui") as they rescale alphas_cumprod itself (`common.zero_snr_alphas_cumprod`), from
-  their float64 schedule: A1111 in its model's float32 (float16 where downcast: after it), where
-  the shift to zero cancels (1e-5 apart near the end), ComfyUI in float64."""
-  if not (config.get("rescale_betas_zero_snr") and form in ("a1111", "comfyui")):
+  """The training schedule's alphas_cumprod as a run of `config` reads it.
+
+  diffusers' (`form` None): float32 from float32 betas. A1111's (`form` "a1111", its k-diffusion
+  samplers and its DDIM / PLMS) and ComfyUI's ("comfyui") start from Stable Diffusion's own
+  float64 schedule (`common.ldm_alphas_cumprod`): A1111's model holds it in float32, ComfyUI
+  computes its noise levels in float64 (returned in float64: `euler.train_sigmas` stores them in
+  float32, as ComfyUI). Near t = 0, where 1 - alphas_cumprod is small, the two float32 schedules
+  put the levels 1e-5 apart. `downcast_alphas_cumprod` rounds the schedule to float16 (A1111's
+  does not exist in ComfyUI). Zero terminal SNR (`rescale_betas_zero_snr`) rescales diffusers'
+  betas, or in A1111's and ComfyUI's forms alphas_cumprod itself (`common.
+  zero_snr_alphas_cumprod`), after any downcast, in the schedule's dtype."""
+  zero_snr = bool(config.get("rescale_betas_zero_snr"))
+  if form not in ("a1111", "comfyui"):
     alphas_cumprod = make_alphas_cumprod(config)
     if config.get(DOWNCAST_ALPHAS_CUMPROD):
       alphas_cumprod = alphas_cumprod.astype(np.float16)
     return alphas_cumprod
-  base = ldm_alphas_cumprod(config)
-  if form == "comfyui":
-    return zero_snr_alphas_cumprod(base).astype(np.float32)
-  dtype = np.float16 if config.get(DOWNCAST_ALPHAS_CUMPROD) else np.float32
-  return zero_snr_alphas_cumprod(base.astype(np.float32).astype(dtype))
+  alphas_cumprod = ldm_alphas_cumprod(config)
+  if form == "a1111":
+    alphas_cumprod = alphas_cumprod.astype(
+      np.float16 if config.get(DOWNCAST_ALPHAS_CUMPROD) else np.float32)
+  return zero_snr_alphas_cumprod(alphas_cumprod) if zero_snr else alphas_cumprod
 
 # NVIDIA's Align Your Steps noise levels (research.nvidia.com/labs/toronto-ai/AlignYourSteps),
 # as AUTOMATIC1111 ends them: at 0.029, then 0.
