@@ -112,6 +112,27 @@ def test_unknown_sampler_and_scheduler_are_notes():
   assert "scheduler ddim_uniform" in notes
 
 
+@pytest.mark.parametrize(("sampling", "zsnr"), [("v_prediction", True), ("v_prediction", False),
+                                               ("eps", True), ("lcm", False)])
+def test_model_sampling_discrete(sampling, zsnr):
+  """ModelSamplingDiscrete between the checkpoint and the sampler: zsnr is ComfyUI's
+  zero-terminal-SNR rescale (the sampler's rescale_betas_zero_snr, in the comfyui form);
+  v_prediction, which sdjax reads off the model, a note saying how to give it; the checkpoint
+  is still found behind it."""
+  graph = default_graph(model=["10", 0])
+  graph["10"] = {"class_type": "ModelSamplingDiscrete",
+                 "inputs": {"model": ["4", 0], "sampling": sampling, "zsnr": zsnr}}
+  found = comfyui.reproduce(graph)
+  options = json.loads(found.flags["scheduler_options"])
+  assert options.get("rescale_betas_zero_snr", False) is zsnr and options["comfyui"] is True
+  notes = dict(found.notes)
+  assert "v1-5-pruned-emaonly.safetensors" in notes["model"]
+  assert ('"prediction_type": "v_prediction"' in notes.get("scheduler_options", "")) == (
+      sampling == "v_prediction")
+  assert ("samples the model as lcm" in _notes(found)) == (sampling == "lcm")
+  assert "changes the model" not in _notes(found)
+
+
 def test_loras_clip_skip_vae_and_a_second_pass():
   graph = default_graph()
   graph["10"] = {"class_type": "LoraLoader", "inputs": {
