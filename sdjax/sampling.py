@@ -1329,18 +1329,19 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
     scheduler_options = {k: v for k, v in scheduler_options.items() if k != "a1111"} or None
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
                                    options=model_schedule(pipe, scheduler_options))
-  state = sched.set_timesteps(int(steps), sample_shape=(batch, *latent_hw, latent_channels(pipe)))
   if sched.text_to_image_only and (img2img or denoising_start is not None
                                    or denoising_end is not None):
     raise ValueError(f"scheduler {sched.name!r} makes text-to-image runs only (no img2img, "
                      "refiner handoff or hires pass): pick another for those")
-  begin, end = 0, None
-  if denoising_start is not None:
-    begin = denoising_start_index(sched, state, denoising_start)
-  elif img2img:
+  placed, first_step = int(steps), 0
+  if img2img and denoising_start is None:  # the schedule and its first step, as the form's
     if not 0.0 < strength <= 1.0:
       raise ValueError(f"strength must be in (0, 1], got {strength}")
-    begin = sched.begin_index(int(steps), strength)
+    placed, first_step = sched.img2img_steps(int(steps), strength)
+  state = sched.set_timesteps(placed, sample_shape=(batch, *latent_hw, latent_channels(pipe)))
+  begin, end = first_step * sched.order, None
+  if denoising_start is not None:
+    begin = denoising_start_index(sched, state, denoising_start)
   if denoising_end is not None:
     end = denoising_end_index(sched, state, denoising_end)
   if begin >= (len(state.timesteps) if end is None else end):

@@ -169,6 +169,32 @@ def test_img2img_matches_diffusers(pipes, name):
   assert rel(ours, expected) <= 1e-3
 
 
+@pytest.mark.parametrize(("form", "placed", "first"), [
+    ({"k_diffusion": True}, 10, 4),  # A1111: the last int(0.5 * 10) + 1 of 10 steps
+    ({"k_diffusion": True, "comfyui": True}, 20, 10)])  # ComfyUI: the last 10 of int(10 / 0.5)
+def test_img2img_steps_as_a1111_and_comfyui(pipes, form, placed, first):
+  """An img2img run in A1111's and ComfyUI's forms runs their steps: the same image as a
+  strength-1 run over those levels; diffusers' (the last 5 of 10) is another."""
+  _, pipe, _ = pipes
+  if _v_prediction(pipe):
+    pytest.skip("the epsilon family shows it")
+  options = {"timestep_spacing": "linspace", "use_karras_sigmas": True, **form}
+  sched = schedulers.get_scheduler("euler", pipe.scheduler_config, options=options)
+  assert sched.img2img_steps(10, 0.5) == (placed, first)
+  levels = np.asarray(sched.set_timesteps(placed).sigmas)[first:]
+  images = np.random.default_rng(3).uniform(size=(1, 16, 16, 3)).astype(np.float32)
+  kw = dict(init_images=images, seed=5, guidance_scale=GUIDANCE, scheduler="euler")
+  ours = pipe.generate(PROMPTS[:1], strength=0.5, steps=10, scheduler_options=options, **kw)
+  over = {k: v for k, v in options.items() if k != "use_karras_sigmas"}
+  want = pipe.generate(PROMPTS[:1], strength=1.0, steps=len(levels) - 1,
+                       scheduler_options={**over, "sigmas": levels.tolist()}, **kw)
+  np.testing.assert_allclose(ours, want, rtol=0, atol=1e-6)  # one program's rounding vs another's
+  diffusers_form = {k: v for k, v in options.items() if k not in form}
+  other = pipe.generate(PROMPTS[:1], strength=0.5, steps=10, scheduler_options=diffusers_form,
+                        **kw)
+  assert np.abs(other - ours).max() > 1e-4
+
+
 def test_hires_resize_layout_is_a1111s():
   """A1111's calculate_target_resolution on a 512x768 (w x h) image of an SD1.5-like pipeline:
   one side keeps the aspect; both cover, then cut the excess (top, left offsets in latents)."""

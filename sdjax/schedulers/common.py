@@ -303,6 +303,21 @@ class Scheduler:
     config = {k: v for k, v in config.items() if k not in self.schedule_options}
     return dataclasses.replace(self, config=hashable_config(config))
 
+  def img2img_steps(self, num_inference_steps: int, strength: float) -> tuple[int, int]:
+    """(steps the schedule is placed for, the first of them run) of an img2img run of n steps at
+    `strength`: diffusers' (the last int(n * strength) of n: its img2img `get_timesteps`); in
+    the `k_diffusion` form A1111's, one more (the last int(min(strength, 0.999) * n) + 1 of n:
+    its sd_samplers_common.setup_img2img_steps); in the `comfyui` form ComfyUI's (the last n of
+    int(n / strength): its KSampler.set_steps). A list of sigmas or timesteps: diffusers'."""
+    n, config = num_inference_steps, self.cfg
+    if all(config.get(key) is None for key in ("sigmas", "timesteps")):
+      if config.get("comfyui"):
+        total = int(n / strength) if strength <= 0.9999 else n
+        return total, total - n
+      if config.get("k_diffusion"):
+        return n, n - int(min(strength, 0.999) * n) - 1
+    return n, self.begin_index(n, strength) // self.order
+
   def begin_index(self, num_inference_steps: int, strength: float) -> int:
     """First position of an img2img run, as diffusers' img2img `get_timesteps`."""
     init_timestep = min(int(num_inference_steps * strength), num_inference_steps)

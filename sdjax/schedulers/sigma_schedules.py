@@ -52,13 +52,15 @@ TIMESTEPS_OPTIONS = (*SCHEDULE_OPTIONS, "timesteps")
 # it is a config option: it changes the compiled program); Euler, Euler a, Heun, LMS and DPM++ 2S
 # a step as k-diffusion's already (tests/test_k_diffusion). Every form reads its levels off
 # A1111's own table (`form_alphas_cumprod`) and places Karras / Exponential ones in k-diffusion's
-# float32 operations (`common.spaced_sigmas`).
+# float32 operations (`common.spaced_sigmas`); an img2img run takes A1111's steps, one more than
+# diffusers' (`Scheduler.img2img_steps`).
 K_DIFFUSION = "k_diffusion"
 # sdjax's option to step as ComfyUI's KSampler runs these k-diffusion samplers (`comfyui` sets it
 # for its workflows): the UNet sees the whole training timestep nearest each level in log sigma
 # (`common.nearest_t`), and a run from the largest training sigma starts from its noise times
-# sqrt(1 + sigma^2) rather than sigma (`common.comfyui_init_sigma`). Euler, Euler a, Heun, LMS
-# and the DPM++ multistep family (with k_diffusion) take it.
+# sqrt(1 + sigma^2) rather than sigma (`common.first_noise_scale`), and an img2img run (a
+# denoise below 1) the last n steps of int(n / denoise) (`Scheduler.img2img_steps`). Euler,
+# Euler a, Heun, LMS and the DPM++ multistep family (with k_diffusion) take it.
 COMFYUI = "comfyui"
 # A1111's "SGM noise multiplier" setting (for SDXL, as Stability's sgm code): a text-to-image run of
 # these samplers starts from its noise times sqrt(1 + sigma_0^2) rather than sigma_0
