@@ -1431,7 +1431,7 @@ def a1111_form_for(scheduler: str | None,
   if scheduler is None or not scheduler_options:
     return scheduler_options
   dropped = set()
-  for option in schedulers.FORM_OPTIONS:
+  for option in (*schedulers.FORM_OPTIONS, "rescale_betas_zero_snr"):
     if not schedulers.takes_option(scheduler, option):
       dropped.add(option)
   if not schedulers.takes_option(scheduler, "eta") or scheduler in schedulers.ETA_SCHEDULERS:

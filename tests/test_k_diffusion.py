@@ -200,7 +200,7 @@ def test_downcast_alphas_cumprod(sampler, label, version):
 
 
 @pytest.mark.parametrize(("sampler", "label"), [("Euler a", "Automatic"), ("DPM++ 2M", "Karras"),
-                                               ("Euler", "Karras")])
+                                               ("Euler", "Karras"), ("Heun", "Karras")])
 def test_zero_terminal_snr(sampler, label):
   """A1111's Noise Schedule "Zero Terminal SNR" (a v-prediction model's): alphas_cumprod
   rescaled as A1111 rescales them, ending at 4.9e-8 (largest level 4518.8; diffusers' sigma
@@ -225,7 +225,7 @@ def test_zero_terminal_snr(sampler, label):
     np.testing.assert_array_equal(kd.train_sigmas(zero_snr).numpy(),
                                   train_sigmas(train_alphas_cumprod(ours.cfg)))
     placed = (kd.get_sigmas if label == "Automatic" else kd.get_sigmas_karras)(zero_snr, 8)
-    sigmas = torch.from_numpy(np.asarray(state.sigmas)[:9])
+    sigmas = torch.from_numpy(np.unique(np.asarray(state.sigmas))[::-1].copy())  # the levels
     # k-diffusion's levels in its float32 operations (its pow and exp against numpy's: an ulp)
     np.testing.assert_allclose(sigmas.numpy(), placed.numpy(), rtol=2.4e-7)
     want = SAMPLERS[sampler](zero_snr, sigmas, torch.from_numpy(init) * sigmas[0],
@@ -237,7 +237,13 @@ def test_zero_terminal_snr(sampler, label):
   err = max_rel_error(got, want)
   print(f"maxrel {sampler} {label} zero terminal SNR vs k-diffusion: {err:.3g}")
   assert err <= TOL, err
-  diffusers_form = get_scheduler(outputs.scheduler_name(flags["scheduler"]), zero_snr,
+  name = outputs.scheduler_name(flags["scheduler"])
+  if sampler == "Heun":  # diffusers' Heun ignores a model's zero-SNR config; A1111's form reads it
+    assert "rescale_betas_zero_snr" not in get_scheduler(name, zero_snr).cfg
+    form = {k: v for k, v in options.items() if k != "rescale_betas_zero_snr"}
+    assert get_scheduler(name, zero_snr, options=form).cfg["rescale_betas_zero_snr"] is True
+    return
+  diffusers_form = get_scheduler(name, zero_snr,
                                  options={k: v for k, v in options.items() if k != "k_diffusion"}
                                  if sampler != "DPM++ 2M" else options | {"k_diffusion": False})
   assert float(np.max(diffusers_form.set_timesteps(8, sample_shape=SHAPE).sigmas)) == (
@@ -358,6 +364,12 @@ def test_k_diffusion_stays_only_where_a_sampler_takes_it():
   assert sampling.a1111_form_for("kdpm2_ancestral", eta) == eta
   for name in ("dpmpp_2m", "ddim", "tcd"):
     assert "eta" not in sampling.a1111_form_for(name, eta)
+  assert sampling.a1111_form_for("dpmpp_2m_sde", eta) == eta  # an SDE sampler's too
+  # A1111's zero-terminal-SNR schedule follows to any sampler but EDM's (its own levels).
+  zero_snr = {**options, "rescale_betas_zero_snr": True}
+  for name in ("heun", "lms", "kdpm2", "dpmpp_sde", "restart", "pndm", "unipc"):
+    assert sampling.a1111_form_for(name, zero_snr).get("rescale_betas_zero_snr") is True
+  assert "rescale_betas_zero_snr" not in (sampling.a1111_form_for("edm_euler", zero_snr) or {})
   assert sampling.schedule_type_for(None, "unipc", options) == {"timestep_spacing": "linspace"}
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from sdjax.schedulers import sigma_schedules
 from sdjax.schedulers.common import A1111_TIMESTEP_SAMPLERS, Scheduler, SchedulerConfigError
-from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD, DOWNCAST_SD1_SD2
+from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD, DOWNCAST_SD1_SD2, ZERO_SNR
 
 # name -> (module, class, overrides passed as diffusers' from_config(**overrides) would).
 _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -189,7 +189,11 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
                   if value == DOWNCAST_SD1_SD2 else "")
       raise SchedulerConfigError(
           f"scheduler {name!r}: option {key} is true or false, got {value!r}{resolved}")
-  return cls.from_config(scheduler_config, **{**overrides, **(options or {})})
+  merged = {**overrides, **(options or {})}
+  if (any(merged.get(form) for form in ("k_diffusion", "comfyui", "a1111"))
+      and scheduler_config.get(ZERO_SNR) and ZERO_SNR not in merged and ZERO_SNR in known):
+    merged[ZERO_SNR] = True  # A1111 and ComfyUI rescale the model's schedule for any sampler
+  return cls.from_config(scheduler_config, **merged)
 
 
 __all__ = [

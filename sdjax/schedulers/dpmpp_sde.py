@@ -60,6 +60,7 @@ from sdjax.schedulers.sigma_schedules import (
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
   SGM_NOISE_MULTIPLIER,
+  ZERO_SNR,
 )
 
 _F32 = np.float32
@@ -134,7 +135,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
   # k_diffusion changes nothing (diffusers' loop is k-diffusion's, tests/test_k_diffusion.py);
   # comfyui: ComfyUI's start and whole timesteps, the midpoints' too
   schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
-                      DOWNCAST_ALPHAS_CUMPROD, ANCESTRAL_ETA)
+                      DOWNCAST_ALPHAS_CUMPROD, ANCESTRAL_ETA, ZERO_SNR)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,

@@ -42,6 +42,7 @@ from sdjax.schedulers.sigma_schedules import (
   SCHEDULE_OPTIONS,
   SGM_NOISE_MULTIPLIER,
   TIMESTEPS_OPTIONS,
+  ZERO_SNR,
   custom_sigmas,
   custom_timesteps,
   form_alphas_cumprod,
@@ -257,7 +258,7 @@ class SigmaScheduler(Scheduler):
   _DEFAULTS: ClassVar[dict[str, Any]] = {}
   _UNSUPPORTED: ClassVar[dict[str, Any]] = {}
   _PREDICTION_TYPES: ClassVar[tuple[str, ...]] = ()
-  schedule_options = (*SCHEDULE_OPTIONS, DOWNCAST_ALPHAS_CUMPROD)
+  schedule_options = (*SCHEDULE_OPTIONS, DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR)
 
   @classmethod
   def from_config(cls, scheduler_config: dict[str, Any], **overrides):

@@ -30,6 +30,7 @@ from sdjax.schedulers.sigma_schedules import (
   K_DIFFUSION,
   SGM_NOISE_MULTIPLIER,
   TIMESTEPS_OPTIONS,
+  ZERO_SNR,
 )
 
 
@@ -71,7 +72,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
   name = "heun"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
   schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
-                      DOWNCAST_ALPHAS_CUMPROD)
+                      DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR)
   order = 2
   needs_noise = False
 

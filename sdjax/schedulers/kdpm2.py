@@ -52,6 +52,7 @@ from sdjax.schedulers.sigma_schedules import (
   DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
+  ZERO_SNR,
 )
 
 _F32 = np.float32
@@ -109,7 +110,7 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
   ancestral = False
   round_karras_timesteps = True  # a diffusers quirk (k-diffusion's timesteps are fractional)
   a1111_discards = True  # with k_diffusion: A1111 drops the penultimate level
-  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, DOWNCAST_ALPHAS_CUMPROD)
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -209,7 +210,8 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
   needs_noise = True
   ancestral = True
 
-  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, ANCESTRAL_ETA, DOWNCAST_ALPHAS_CUMPROD)
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, ANCESTRAL_ETA, DOWNCAST_ALPHAS_CUMPROD,
+                      ZERO_SNR)
 
   @classmethod
   def _validate(cls, config: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from sdjax.schedulers.sigma_schedules import (
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
   SGM_NOISE_MULTIPLIER,
+  ZERO_SNR,
 )
 
 _MAX_ORDER = 4
@@ -155,7 +156,7 @@ class LMSDiscreteScheduler(Scheduler):
   name = "lms"
   # k_diffusion changes nothing
   schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
-                      DOWNCAST_ALPHAS_CUMPROD)
+                      DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR)
   order = 1
 
   _DEFAULTS = {

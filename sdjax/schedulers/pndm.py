@@ -39,7 +39,7 @@ from sdjax.schedulers.ddim import (
   schedule_alphas,
   sqrt_one_minus,
 )
-from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD
+from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR
 
 _PRK_CALLS = 12  # 3 pseudo Runge-Kutta steps of 4 model calls
 
@@ -84,7 +84,7 @@ class PNDMScheduler(Scheduler):
   # A1111's PLMS (modules/sd_samplers_timesteps_impl.plms): the PLMS path over A1111's DDIM
   # timesteps (`ddim.A1111`), its first step's second call at the next one, its last step to
   # timestep 1's level: one call more than those timesteps less one.
-  schedule_options = (A1111, DOWNCAST_ALPHAS_CUMPROD)
+  schedule_options = (A1111, DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,

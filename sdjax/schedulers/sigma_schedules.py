@@ -76,6 +76,11 @@ SGM_NOISE_MULTIPLIER = "sgm_noise_multiplier"
 # model's alphas_cumprod apart from half(), in float32 (`sampling.model_schedule` resolves it).
 DOWNCAST_ALPHAS_CUMPROD = "downcast_alphas_cumprod"
 DOWNCAST_SD1_SD2 = "sd1_sd2"
+# diffusers' zero-terminal-SNR option, which sdjax's sigma schedulers and PNDM take even where
+# diffusers' have none (Heun, LMS, KDPM2, DPMSolverSDE, PNDM): A1111 and ComfyUI rescale the
+# model's schedule whatever the sampler (`form_alphas_cumprod`), and their forms read a model's
+# (its scheduler config's) into any sampler (`schedulers.get_scheduler`).
+ZERO_SNR = "rescale_betas_zero_snr"
 
 
 def form_alphas_cumprod(config: dict[str, Any], form: str | None) -> np.ndarray:
