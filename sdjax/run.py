@@ -2133,6 +2133,7 @@ class _Metadata:
                # an ancestral sampler's eta, where A1111 writes it (not 1)
                **({"Eta": options["eta"]} if options.get("eta", 1) != 1
                   and scheduler not in sampling.schedulers.ETA_SCHEDULERS else {}),
+               **self._a1111_schedule(options),
                **({"Denoising strength": strength} if job.init_image else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._controlnet_extra(),
@@ -2210,6 +2211,16 @@ class _Metadata:
     names = {1280: "ip-adapter_clip_h", 1664: "ip-adapter_clip_g"}
     return [names.get(encoder.config.hidden_size, "ip-adapter_clip")
             for encoder, _ in self.pipe.ip_adapter or ()]
+
+  def _a1111_schedule(self, options: dict[str, Any]) -> dict[str, Any]:
+    """A1111's fields of its schedules where the run steps on them as A1111 does (its k-diffusion
+    form): Downcast alphas_cumprod (where the model's is downcast) and Noise Schedule."""
+    applied = sampling.model_schedule(self.pipe, options) or {}
+    a1111 = bool(options.get("k_diffusion") or options.get("a1111"))
+    return {**({"Downcast alphas_cumprod": True}
+               if applied.get("downcast_alphas_cumprod") is True else {}),
+            **({"Noise Schedule": "Zero Terminal SNR"}
+               if a1111 and options.get("rescale_betas_zero_snr") else {})}
 
   def _emphasis(self, job: ImageJob) -> dict[str, str]:
     """A1111's `Emphasis` field: the mode, when not "Original" and a prompt text (after its

@@ -856,6 +856,7 @@ def test_an_older_a1111_image(model, cache, tmp_path):
       Image.open(os.path.join(out, record["file"])).text["parameters"])
   assert written["Old prompt editing timelines"] == "True"
   assert "downcast_alphas_cumprod=sd1_sd2" in written["Scheduler options"]
+  assert written["Downcast alphas_cumprod"] == "True"  # A1111's word: it was, for this model
   want = sdjax.load_pipeline(model).generate(
       ["a [cat:dog:1]"], steps=2, scheduler="euler_ancestral", guidance_scale=3.0, seed=5,
       height=16, width=16, rng="torch_cpu", prompt_syntax="a1111",
