@@ -212,3 +212,6 @@ def test_run_with_pad_conds(sd, tmp_path):
   with pytest.raises(run.RunError, match="--pad_cond_uncond pads A1111-syntax prompts"):
     run.generate_run(dataclasses.replace(cfg, prompt_syntax="plain",
                                          output_dir=str(tmp_path / "bad")))
+  with pytest.raises(run.RunError, match="--old_prompt_editing_timelines counts A1111 prompt"):
+    run.generate_run(dataclasses.replace(cfg, prompt_syntax="plain", pad_cond_uncond_v0=False,
+                                         output_dir=str(tmp_path / "bad")))
