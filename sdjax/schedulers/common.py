@@ -103,7 +103,8 @@ def _cumprod_f32(x: np.ndarray) -> np.ndarray:
 
 def _betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999,
                          dtype=np.float32) -> np.ndarray:
-  """The squaredcos_cap_v2 schedule, in float64 Python math then float32, as diffusers."""
+  """The squaredcos_cap_v2 schedule, in float64 Python math then float32 as diffusers (or
+  `dtype`)."""
 
   def alpha_bar(t):
     return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
