@@ -298,15 +298,11 @@ def _downcast(fields, flags, notes, scheduler) -> None:
   value = fields.pop("Downcast alphas_cumprod", None)
   if value not in ("True", schedulers.DOWNCAST_SD1_SD2):
     return
-  if scheduler is not None and schedulers.takes_option(scheduler, "downcast_alphas_cumprod"):
-    options = json.loads(flags.get("scheduler_options", "{}"))
-    flags["scheduler_options"] = json.dumps(
-        {**options, "downcast_alphas_cumprod": True if value == "True" else value})
-  else:
-    notes.append(("scheduler", f"Downcast alphas_cumprod: True: sdjax's {scheduler or 'sampler'} "
-                               "reads its noise levels off the float32 training schedule"
-                               + (" (an SD1/SD2 model's: this A1111 downcast them)"
-                                  if value != "True" else "")))
+  _option_or_note(flags, notes, scheduler, schedulers.DOWNCAST_ALPHAS_CUMPROD,
+                  True if value == "True" else value,
+                  f"Downcast alphas_cumprod: True: sdjax's {scheduler or 'sampler'} reads its "
+                  "noise levels off the float32 training schedule"
+                  + (" (an SD1/SD2 model's: this A1111 downcast them)" if value != "True" else ""))
 
 
 def _zero_snr(fields, flags, notes, scheduler) -> None:
@@ -314,14 +310,19 @@ def _zero_snr(fields, flags, notes, scheduler) -> None:
   "Zero Terminal SNR", or a fork's "Default" for a checkpoint marked ztsnr): the sampler's
   `rescale_betas_zero_snr`, in its A1111 form A1111's rescale (its largest level 4518.8)."""
   value = fields.pop("Noise Schedule", None)
-  if value is None:
-    return
-  if scheduler is not None and schedulers.takes_option(scheduler, "rescale_betas_zero_snr"):
+  if value is not None:
+    _option_or_note(flags, notes, scheduler, schedulers.ZERO_SNR, True,
+                    f"Noise Schedule: {value}: sdjax's {scheduler or 'sampler'} has no "
+                    "zero-terminal-SNR schedule")
+
+
+def _option_or_note(flags, notes, scheduler, option: str, value, note: str) -> None:
+  """Scheduler option `option` set to `value` where the sampler takes it, else `note`."""
+  if scheduler is not None and schedulers.takes_option(scheduler, option):
     options = json.loads(flags.get("scheduler_options", "{}"))
-    flags["scheduler_options"] = json.dumps({**options, "rescale_betas_zero_snr": True})
+    flags["scheduler_options"] = json.dumps({**options, option: value})
   else:
-    notes.append(("scheduler", f"Noise Schedule: {value}: sdjax's {scheduler or 'sampler'} has no "
-                               "zero-terminal-SNR schedule"))
+    notes.append(("scheduler", note))
 
 
 def _a1111_sampling(fields, notes, sampler, scheduler) -> None:

@@ -1413,12 +1413,14 @@ def model_schedule(pipe, scheduler_options: dict[str, Any] | None) -> dict[str, 
   Your Steps' levels, SDXL's for an SDXL UNet (schedule_type "align_your_steps" names SD1.5's
   otherwise); `downcast_alphas_cumprod` "sd1_sd2" (an A1111 before 1.7.0-225), true but for an
   SDXL UNet (whose alphas_cumprod A1111 held apart, in float32)."""
-  options = dict(scheduler_options or {})
+  if not scheduler_options:
+    return scheduler_options
+  options = dict(scheduler_options)
   if options.get("schedule_type") == "align_your_steps" and pipe.is_sdxl:
     options["schedule_type"] = "align_your_steps_sdxl"
   if options.get(schedulers.DOWNCAST_ALPHAS_CUMPROD) == schedulers.DOWNCAST_SD1_SD2:
     options[schedulers.DOWNCAST_ALPHAS_CUMPROD] = not pipe.is_sdxl
-  return options if options != (scheduler_options or {}) else scheduler_options
+  return options
 
 
 def a1111_form_for(scheduler: str | None,
@@ -1431,7 +1433,7 @@ def a1111_form_for(scheduler: str | None,
   if scheduler is None or not scheduler_options:
     return scheduler_options
   dropped = set()
-  for option in (*schedulers.FORM_OPTIONS, "rescale_betas_zero_snr"):
+  for option in (*schedulers.FORM_OPTIONS, schedulers.ZERO_SNR):
     if not schedulers.takes_option(scheduler, option):
       dropped.add(option)
   if not schedulers.takes_option(scheduler, "eta") or scheduler in schedulers.ETA_SCHEDULERS:

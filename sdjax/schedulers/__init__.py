@@ -206,6 +206,7 @@ __all__ = [
     "SCHEDULERS",
     "Scheduler",
     "SchedulerConfigError",
+    "ZERO_SNR",
     "default_scheduler_name",
     "get_scheduler",
     "takes_brownian",

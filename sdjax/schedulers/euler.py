@@ -76,7 +76,7 @@ def train_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
   terminal SNR: A1111's and ComfyUI's in their forms (`k_diffusion`, `comfyui`), else diffusers'."""
   form = "comfyui" if config.get(COMFYUI) else "a1111" if config.get(K_DIFFUSION) else None
   alphas_cumprod = form_alphas_cumprod(config, form)
-  if config.get("rescale_betas_zero_snr") and form is None:
+  if config.get(ZERO_SNR) and form is None:
     # Zero terminal SNR would make the first sigma infinite; diffusers substitutes the smallest
     # float16 subnormal.
     alphas_cumprod[-1] = 2.0**-24

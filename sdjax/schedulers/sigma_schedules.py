@@ -95,7 +95,7 @@ def form_alphas_cumprod(config: dict[str, Any], form: str | None) -> np.ndarray:
   does not exist in ComfyUI). Zero terminal SNR (`rescale_betas_zero_snr`) rescales diffusers'
   betas, or in A1111's and ComfyUI's forms alphas_cumprod itself (`common.
   zero_snr_alphas_cumprod`), after any downcast, in the schedule's dtype."""
-  zero_snr = bool(config.get("rescale_betas_zero_snr"))
+  zero_snr = bool(config.get(ZERO_SNR))
   if form not in ("a1111", "comfyui"):
     alphas_cumprod = make_alphas_cumprod(config)
     if config.get(DOWNCAST_ALPHAS_CUMPROD):
