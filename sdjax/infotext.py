@@ -219,8 +219,11 @@ def _sampler(fields, flags, notes, made_by_sdjax, made_in="A1111") -> str | None
   if label == "Automatic":
     label = _AUTOMATIC_SCHEDULE_TYPES.get(scheduler, "Automatic")
   if scheduler in _TIMESTEP_SAMPLERS:
-    if scheduler in ("ddim", "pndm") and not made_by_sdjax:  # A1111's own DDIM / PLMS loops
-      flags["scheduler_options"] = json.dumps({"a1111": True})
+    if not made_by_sdjax:  # A1111's own DDIM / PLMS / UniPC loops
+      options = {"a1111": True}
+      if scheduler == "unipc":
+        options.update(_a1111_unipc(fields, notes))
+      flags["scheduler_options"] = json.dumps(options)
     return scheduler
   if (scheduler is not None and not made_by_sdjax
       and schedulers.takes_option(scheduler, "schedule_type")):
@@ -241,6 +244,32 @@ def _sampler(fields, flags, notes, made_by_sdjax, made_in="A1111") -> str | None
     _named("Schedule type", label, "schedule_type", outputs.schedule_type_options,
            "the sampler's own is used", flags, notes)
   return scheduler
+
+
+def _a1111_unipc(fields, notes) -> dict[str, Any]:
+  """A1111's UniPC settings (written when changed; its defaults bh1, time_uniform, order 3,
+  lower order final) as UniPC's options, beside its `a1111` form."""
+  variant = fields.pop("UniPC variant", "bh1")
+  if variant not in ("bh1", "bh2"):
+    notes.append(("scheduler", f"UniPC variant: {variant}: sdjax's UniPC has bh1 and bh2 (bh1 "
+                               "is used)"))
+    variant = "bh1"
+  options = {"solver_type": variant,
+             "solver_order": int(_number("UniPC order", fields.pop("UniPC order", "3")))}
+  skip_type = fields.pop("UniPC skip type", None)
+  if skip_type is not None:
+    if skip_type in schedulers.UNIPC_SKIP_TYPES:
+      options["skip_type"] = skip_type
+    else:
+      notes.append(("scheduler", f"UniPC skip type: {skip_type} is not one A1111 has"))
+  if fields.pop("UniPC lower order final", "True") == "False":
+    options["lower_order_final"] = False
+  version = a1111_version(fields.get("Version"))
+  if version is not None and version < (1, 6, 0, 0):
+    notes.append(("scheduler", "Sampler: UniPC: A1111 before 1.6.0 ran it through another "
+                               "wrapper (its own step count, a v model's eps at the interpolated "
+                               "level): sdjax runs 1.6's; the image may differ"))
+  return options
 
 
 def _sgm(fields, flags, notes, scheduler) -> None:

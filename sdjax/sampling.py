@@ -1325,7 +1325,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
   if img2img and scheduler_options and scheduler_options.get("a1111"):
-    # A1111's DDIM / PLMS form is its text-to-image one (its img2img starts an entry off)
+    # A1111's DDIM / PLMS / UniPC forms are its text-to-image ones (its img2img starts them
+    # off by an entry)
     scheduler_options = {k: v for k, v in scheduler_options.items() if k != "a1111"} or None
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
                                    options=model_schedule(pipe, scheduler_options))

@@ -96,8 +96,10 @@ def test_what_an_older_a1111_did(version, downcast, pad_v0):
   assert found.flags.get("old_prompt_editing_timelines") == ("true" if pad_v0 else None)
   written = reproduce(text.replace("Seed: 1", "Seed: 1, Downcast alphas_cumprod: True"))
   assert json.loads(written.flags["scheduler_options"])["downcast_alphas_cumprod"]
-  unipc = reproduce(text.replace("DDIM", "UniPC"))  # a sampler without the form: a note
-  assert ("float32 training schedule" in dict(unipc.notes).get("scheduler", "")) == bool(downcast)
+  lcm = reproduce(text.replace("DDIM", "LCM"))  # a sampler without the option: a note
+  assert ("float32 training schedule" in dict(lcm.notes).get("scheduler", "")) == bool(downcast)
+  unipc = json.loads(reproduce(text.replace("DDIM", "UniPC")).flags["scheduler_options"])
+  assert unipc.get("downcast_alphas_cumprod", False) == downcast
 
 
 @pytest.mark.parametrize("sampler,label,want", [
@@ -122,8 +124,9 @@ def test_schedule_type(sampler, label, want):
   flags = _flags(f"a cat\nSteps: 20, Sampler: {sampler}{typed}, CFG scale: 7, Seed: 1")
   assert flags["scheduler"] == sampler and flags.get("schedule_type") == want
   options = json.loads(flags.get("scheduler_options", "{}"))
-  if sampler in ("DDIM", "UniPC"):  # A1111 runs the others in k-diffusion; DDIM in its own loop
-    assert options == ({"a1111": True} if sampler == "DDIM" else {})
+  if sampler in ("DDIM", "UniPC"):  # A1111 runs the others in k-diffusion; these in its loops
+    assert options == {"a1111": True, **({} if sampler == "DDIM" else {
+      "solver_type": "bh1", "solver_order": 3})}  # A1111's UniPC settings
   else:  # as A1111 steps (k_diffusion), but Restart, A1111's own loop
     assert options == {"timestep_spacing": "linspace",
                        **({} if sampler == "Restart" else {"k_diffusion": True})}

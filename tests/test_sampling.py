@@ -932,3 +932,20 @@ def test_decode_in_chunks(monkeypatch):
   assert chunked_post.mean.shape == (6, 4, 6, 4)
   np.testing.assert_allclose(chunked_post.mean, whole_post.mean, atol=2e-6)
   np.testing.assert_allclose(chunked_post.std, whole_post.std, atol=2e-6)
+
+
+def test_a1111_unipc_in_a_run(pipes):
+  """A1111's UniPC (`a1111`; bh1, order 3) runs text-to-image at its fractional timesteps, for
+  epsilon and v models, another image than diffusers' form with the same settings; an img2img
+  run steps as diffusers' form (A1111's img2img restarts its positions: not reproduced)."""
+  _, pipe, _ = pipes
+  solver = {"solver_type": "bh1", "solver_order": 3}
+  kw = dict(seed=5, guidance_scale=GUIDANCE, scheduler="unipc", steps=8, height=16, width=16)
+  ours = pipe.generate(PROMPTS[:1], scheduler_options={"a1111": True, **solver}, **kw)
+  diffusers_form = pipe.generate(PROMPTS[:1], scheduler_options=solver, **kw)
+  assert np.isfinite(ours).all() and np.abs(ours - diffusers_form).max() > 1e-4
+  images = np.random.default_rng(3).uniform(size=(1, 16, 16, 3)).astype(np.float32)
+  kw.update(init_images=images, strength=0.5)
+  np.testing.assert_array_equal(
+      pipe.generate(PROMPTS[:1], scheduler_options={"a1111": True, **solver}, **kw),
+      pipe.generate(PROMPTS[:1], scheduler_options=solver, **kw))

@@ -83,6 +83,8 @@ def test_config_resolves_as_diffusers():
   ours = get_scheduler("unipc", SD15)
   ref = RefUniPC.from_config(SD15)
   for key, value in ours.cfg.items():
+    if key in ("a1111", "skip_type"):  # sdjax's: A1111's form, off
+      continue
     assert ref.config[key] == value or (key == "disable_corrector" and not value), key
   cfg = dict(SD15, _class_name="UniPCMultistepScheduler")
   assert default_scheduler_name(cfg) == "unipc"
@@ -108,3 +110,151 @@ def test_needs_sample_shape():
     get_scheduler("unipc", SD15).set_timesteps(10)
   state = get_scheduler("unipc", SD15).set_timesteps(10, sample_shape=SHAPE)
   assert state.model_outputs.shape == (2, *SHAPE) and np.asarray(state.corrector)[0] == 0
+
+
+def _a1111_unipc(config, steps, init, order=3, variant="bh1", skip_type="time_uniform",
+                 lower_order_final=True):
+  """A1111's UniPC (modules/sd_samplers_timesteps_impl.unipc over its uni_pc.UniPC, the UniPC
+  authors' continuous-time code), restated in torch float32 over the fake model: the model's
+  input at every position after the first, then the result (as `sdjax_trajectory` records)."""
+  import torch  # noqa: PLC0415
+  from k_diffusion_reference import _zero_snr, ldm_alphas_cumprod  # noqa: PLC0415
+  from scheduler_harness import fake_model  # noqa: PLC0415
+
+  alphas_cumprod = ldm_alphas_cumprod(config)
+  buffer = alphas_cumprod.float()  # its model's alphas_cumprod
+  if config.get("downcast_alphas_cumprod"):
+    buffer = buffer.half()
+  if config.get("rescale_betas_zero_snr"):  # that buffer only: not ldm's sqrt buffers (v)
+    buffer = _zero_snr(buffer)
+  sqrt_a, sqrt_1ma = alphas_cumprod.sqrt().float(), (1 - alphas_cumprod).sqrt().float()
+  log_alphas = (0.5 * torch.log(buffer)).reshape(1, -1)
+  total = len(buffer)
+  t_array = torch.linspace(0.0, 1.0, total + 1)[1:].reshape(1, -1)
+
+  def interpolate(x, xp, yp):  # piecewise linear through (xp, yp), the ends extended
+    k = xp.shape[1]
+    everything = torch.cat([x.unsqueeze(2), xp.unsqueeze(0).repeat((x.shape[0], 1, 1))], dim=2)
+    ordered, where = torch.sort(everything, dim=2)
+    idx = torch.argmin(where, dim=2)  # where x landed among the keypoints
+    start = torch.where(idx == 0, 1, torch.where(idx == k, k - 2, idx - 1))
+    end = torch.where(start == idx - 1, start + 2, start + 1)
+    x0, x1 = (torch.gather(ordered, 2, i.unsqueeze(2)).squeeze(2) for i in (start, end))
+    start_y = torch.where(idx == 0, 0, torch.where(idx == k, k - 2, idx - 1))
+    ys = yp.unsqueeze(0).expand(x.shape[0], -1, -1)
+    y0, y1 = (torch.gather(ys, 2, i.unsqueeze(2)).squeeze(2) for i in (start_y, start_y + 1))
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+  def log_alpha(t):
+    return interpolate(t.reshape(-1, 1), t_array, log_alphas).reshape(-1)
+
+  def std(t):
+    return torch.sqrt(1.0 - torch.exp(2.0 * log_alpha(t)))
+
+  def lam(t):
+    la = log_alpha(t)
+    return la - 0.5 * torch.log(1.0 - torch.exp(2.0 * la))
+
+  n = len(range(0, 1000, 1000 // steps))
+  t_T, t_0 = 1.0, 1.0 / total
+  if skip_type == "time_uniform":
+    times = torch.linspace(t_T, t_0, n + 1)
+  elif skip_type == "time_quadratic":
+    times = torch.linspace(t_T ** 0.5, t_0 ** 0.5, n + 1).pow(2)
+  else:  # logSNR, through inverse_lambda
+    ends = [lam(torch.tensor(v)).item() for v in (t_T, t_0)]
+    la = -0.5 * torch.logaddexp(torch.zeros((1,)), -2.0 * torch.linspace(*ends, n + 1))
+    times = interpolate(la.reshape(-1, 1), torch.flip(log_alphas, [1]).float(),
+                        torch.flip(t_array, [1])).reshape(-1)
+  inputs = []
+
+  def data(x, t):
+    t_in = ((t - 1.0 / total) * 1000.0).reshape(1)
+    out = torch.from_numpy(fake_model(x.numpy(), float(t_in[0])))
+    if config.get("prediction_type") == "v_prediction":  # CompVisTimestepsVDenoiser
+      i = t_in.to(torch.int)
+      out = sqrt_a[i] * out + sqrt_1ma[i] * x
+    return (x - std(t) * out) / torch.exp(log_alpha(t))
+
+  def update(x, models, ts, t, k, use_corrector):  # multistep_uni_pc_bh_update, predict_x0
+    lam_prev, lam_t = lam(ts[-1]), lam(t)
+    h = lam_t - lam_prev
+    rks, d1s = [], []
+    for i in range(1, k):
+      rk = ((lam(ts[-(i + 1)]) - lam_prev) / h)[0]
+      rks.append(rk)
+      d1s.append((models[-(i + 1)] - models[-1]) / rk)
+    rks = torch.tensor([*rks, 1.0])
+    hh = -h[0]
+    h_phi_1 = torch.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if variant == "bh1" else torch.expm1(hh)
+    rows, b, factorial = [], [], 1
+    for i in range(1, k + 1):
+      rows.append(torch.pow(rks, i - 1))
+      b.append(h_phi_k * factorial / b_h)
+      factorial *= i + 1
+      h_phi_k = h_phi_k / hh - 1 / factorial
+    r, b = torch.stack(rows), torch.tensor(b)
+    alpha_t = torch.exp(log_alpha(t))
+    x_t_ = (std(t) / std(ts[-1])) * x - (alpha_t * h_phi_1) * models[-1]
+    x_t = x_t_
+    if d1s:
+      d1s = torch.stack(d1s, dim=1)
+      rhos_p = torch.tensor([0.5]) if k == 2 else torch.linalg.solve(r[:-1, :-1], b[:-1])
+      x_t = x_t_ - (alpha_t * b_h) * torch.einsum("k,bkhwc->bhwc", rhos_p, d1s)
+    if not use_corrector:
+      return x_t, None
+    inputs.append(x_t.numpy())
+    model_t = data(x_t, t)
+    rhos_c = torch.tensor([0.5]) if k == 1 else torch.linalg.solve(r, b)
+    corr = torch.einsum("k,bkhwc->bhwc", rhos_c[:-1], d1s) if len(rows) > 1 else 0
+    return x_t_ - (alpha_t * b_h) * (corr + rhos_c[-1] * (model_t - models[-1])), model_t
+
+  x = torch.from_numpy(init)
+  models, ts = [data(x, times[0])], [times[0]]
+  for step in range(1, n + 1):
+    k = min(order, n + 1 - step) if lower_order_final and step >= order else min(step, order)
+    x, model_x = update(x, models, ts, times[step], k, use_corrector=step < n)
+    models, ts = [*models, model_x][-order:], [*ts, times[step]][-order:]
+  return np.stack([*inputs, x.numpy()])
+
+
+@pytest.mark.parametrize("steps,options", [
+    (20, {}),
+    (30, {}),  # A1111's grid: 31 positions
+    (8, {"solver_type": "bh2"}),
+    (12, {"solver_order": 2}),
+    (10, {"solver_order": 1}),
+    (8, {"lower_order_final": False}),  # order 3 to the end: its last step amplifies ulps
+    (15, {"skip_type": "time_quadratic"}),
+    (10, {"skip_type": "logSNR"}),
+    (20, {"prediction_type": "v_prediction"}),
+    (12, {"downcast_alphas_cumprod": True}),
+    (10, {"rescale_betas_zero_snr": True}),
+], ids=["20", "30", "bh2", "order2", "order1", "no-lower-final", "time_quadratic", "logSNR",
+        "v", "float16", "zero_snr"])
+def test_a1111_form(steps, options):
+  """The `a1111` option: A1111's UniPC (bh1, order 3 by its settings), its positions in
+  continuous time, fractional timesteps and an end at timestep 0's noise; vs its loop restated."""
+  from scheduler_harness import make_noises, max_rel_error, sdjax_trajectory  # noqa: PLC0415
+
+  a1111 = {"solver_type": "bh1", "solver_order": 3, **options}
+  config = {k: v for k, v in {**SD15, **a1111}.items() if k != "downcast_alphas_cumprod"}
+  ours = get_scheduler("unipc", config, options={"a1111": True, **(
+      {"downcast_alphas_cumprod": True} if options.get("downcast_alphas_cumprod") else {})})
+  init, noises = make_noises(40)
+  got = sdjax_trajectory(ours, steps, init, noises)
+  want = _a1111_unipc({**SD15, **options}, steps, init, order=a1111["solver_order"],
+                      variant=a1111["solver_type"], skip_type=a1111.get("skip_type",
+                                                                        "time_uniform"),
+                      lower_order_final=a1111.get("lower_order_final", True))
+  assert got.shape == want.shape
+  err = max_rel_error(got, want)
+  print(f"\nA1111 UniPC {steps} steps {options}: {err:.2e}")
+  assert err <= TOL
+  final = "zero" if config.get("lower_order_final", True) else "sigma_min"  # diffusers': NaNs
+  diffusers_form = sdjax_trajectory(get_scheduler("unipc", {**config, "final_sigmas_type": final}),
+                                    steps, init, noises)
+  apart = np.linalg.norm(diffusers_form[-1] - want[-1]) / np.linalg.norm(want[-1])
+  assert apart > 100 * max(err, 1e-7), apart

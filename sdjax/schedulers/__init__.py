@@ -11,7 +11,12 @@ import importlib
 from typing import Any
 
 from sdjax.schedulers import sigma_schedules
-from sdjax.schedulers.common import A1111_TIMESTEP_SAMPLERS, Scheduler, SchedulerConfigError
+from sdjax.schedulers.common import (
+  A1111_TIMESTEP_SAMPLERS,
+  UNIPC_SKIP_TYPES,
+  Scheduler,
+  SchedulerConfigError,
+)
 from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD, DOWNCAST_SD1_SD2, ZERO_SNR
 
 # name -> (module, class, overrides passed as diffusers' from_config(**overrides) would).
@@ -89,8 +94,8 @@ _FROM_DIFFUSERS_CLASS = {
 
 SCHEDULERS = tuple(_REGISTRY)
 # sdjax's true-or-false options that make a sampler step as A1111 or ComfyUI ran it (k-diffusion's
-# loops, ComfyUI's KSampler, A1111's SGM noise multiplier, A1111's own DDIM / PLMS loops, A1111's
-# float16 training schedule): each scheduler that has the form takes its option.
+# loops, ComfyUI's KSampler, A1111's SGM noise multiplier, A1111's own DDIM / PLMS / UniPC loops,
+# A1111's float16 training schedule): each scheduler that has the form takes its option.
 FORM_OPTIONS = ("k_diffusion", "comfyui", "sgm_noise_multiplier", "a1111",
                 "downcast_alphas_cumprod")
 
@@ -206,6 +211,7 @@ __all__ = [
     "SCHEDULERS",
     "Scheduler",
     "SchedulerConfigError",
+    "UNIPC_SKIP_TYPES",
     "ZERO_SNR",
     "default_scheduler_name",
     "get_scheduler",

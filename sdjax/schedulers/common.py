@@ -193,6 +193,9 @@ def zero_snr_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
 
 # The schedulers A1111 runs over training timesteps (its sd_samplers_timesteps), by sdjax name.
 A1111_TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc")
+# A1111's UniPC skip types (its "UniPC skip type" setting, UniPC's `skip_type` option in its
+# `a1111` form): its positions uniform in t, in sqrt(t) or in logSNR.
+UNIPC_SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")
 
 
 @dataclasses.dataclass(frozen=True)

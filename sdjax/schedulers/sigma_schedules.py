@@ -71,7 +71,7 @@ SGM_NOISE_MULTIPLIER = "sgm_noise_multiplier"
 # held in float16, and k-diffusion's table of its noise levels and their logs computed from it in
 # float16, op by op (`euler.train_alphas_cumprod`). The smallest level moves by 7% (0.0292 ->
 # 0.0313 for SD1.5), so every level a schedule places between the extremes moves too. The sigma
-# schedulers and A1111's own DDIM / PLMS loops (`a1111`) take it. Its value DOWNCAST_SD1_SD2
+# schedulers and A1111's own DDIM / PLMS / UniPC loops (`a1111`) take it. Its value DOWNCAST_SD1_SD2
 # (what an older A1111's Version implies) is true for SD1/SD2 models only: A1111 held an SDXL
 # model's alphas_cumprod apart from half(), in float32 (`sampling.model_schedule` resolves it).
 DOWNCAST_ALPHAS_CUMPROD = "downcast_alphas_cumprod"
@@ -87,7 +87,7 @@ def form_alphas_cumprod(config: dict[str, Any], form: str | None) -> np.ndarray:
   """The training schedule's alphas_cumprod as a run of `config` reads it.
 
   diffusers' (`form` None): float32 from float32 betas. A1111's (`form` "a1111", its k-diffusion
-  samplers and its DDIM / PLMS) and ComfyUI's ("comfyui") start from Stable Diffusion's own
+  samplers and its DDIM / PLMS / UniPC) and ComfyUI's ("comfyui") start from Stable Diffusion's own
   float64 schedule (`common.ldm_alphas_cumprod`): A1111's model holds it in float32, ComfyUI
   computes its noise levels in float64 (returned in float64: `euler.train_sigmas` stores them in
   float32, as ComfyUI). Near t = 0, where 1 - alphas_cumprod is small, the two float32 schedules

@@ -9,6 +9,16 @@ small linear solves for order 3), and the device only combines arrays.
 Implemented: the data-prediction form (predict_x0, diffusers' default), solver orders 1-3,
 solver_type "bh1" / "bh2", lower_order_final, disable_corrector, Karras sigmas, final sigma
 "zero" / "sigma_min", epsilon / v / sample prediction, zero-terminal-SNR betas, img2img.
+
+The `a1111` option steps as AUTOMATIC1111's UniPC (its modules/models/diffusion/uni_pc, the UniPC
+authors' continuous-time code), which shares the updates but not the positions: continuous
+times t from 1 down to 1/1000 (`skip_type`: uniform in t, its default, uniform in sqrt(t), or in
+logSNR), log alpha_t interpolated linearly between the training timesteps' (t_k = (k + 1) / 1000)
+and the UNet fed the fractional timestep (t - 1/1000) * 1000; one position per timestep of A1111's
+timestep grid (range(0, 1000, 1000 // steps): 31 for 30 steps); the run ends at t = 1/1000, the
+noise of timestep 0 left in (no final step to zero), and a v-prediction model's eps is taken
+from the training timestep its fractional timestep truncates to. A1111's settings are solver_type
+bh1 and solver_order 3 (`infotext` writes them as options).
 """
 
 from __future__ import annotations
@@ -21,17 +31,23 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  UNIPC_SKIP_TYPES,
   Scheduler,
+  SchedulerConfigError,
+  exp_f32,
   hashable_config,
+  ldm_alphas_cumprod,
   log_f32,
   resolve_config,
   rounded,
   sigma_spacing,
   sigma_to_t,
   spaced_sigmas,
+  torch_linspace_f32,
   true_divide,
   vp_alpha_sigma,
 )
+from sdjax.schedulers.ddim import A1111
 from sdjax.schedulers.dpmpp import VPDataPrediction, multistep_timesteps
 from sdjax.schedulers.euler import (
   as_f32,
@@ -40,7 +56,13 @@ from sdjax.schedulers.euler import (
   train_alphas_cumprod,
   train_sigmas,
 )
-from sdjax.schedulers.sigma_schedules import SCHEDULE_OPTIONS, custom_final, custom_sigmas
+from sdjax.schedulers.sigma_schedules import (
+  DOWNCAST_ALPHAS_CUMPROD,
+  SCHEDULE_OPTIONS,
+  custom_final,
+  custom_sigmas,
+  form_alphas_cumprod,
+)
 
 _F32 = np.float32
 
@@ -50,7 +72,8 @@ class UniPCState:
   """A UniPC run. Positions i = 0..n-1; P = solver_order.
 
   Attributes:
-    timesteps: [n] int32, the t fed to the UNet at each position.
+    timesteps: [n] int32, the t fed to the UNet at each position (float32 in the `a1111`
+      form: fractional).
     alpha_t, sigma_t: [n + 1] the variance-preserving coefficients of the noise levels.
     p_sample, p_m0, p_res: [n] the predictor's weights (position i to i + 1) on the sample, on
       the newest data prediction and on the weighted differences.
@@ -64,6 +87,9 @@ class UniPCState:
     last_sample: [*sample_shape] the sample the last prediction started from.
     lower_order_nums: [] int32, steps taken in this run, capped at P.
     last_order: [] int32, the order of the last prediction (the next correction's).
+    v_eps: [2, n] or None: in the `a1111` form for a v-prediction model, the weights of v and of
+      the sample in eps (sqrt(alphas_cumprod) and sqrt(1 - alphas_cumprod) at the truncated
+      timestep, float32 of ldm's float64 buffers).
   """
 
   timesteps: jnp.ndarray
@@ -85,6 +111,7 @@ class UniPCState:
   last_sample: jnp.ndarray
   lower_order_nums: jnp.ndarray
   last_order: jnp.ndarray
+  v_eps: jnp.ndarray | None = None
 
 
 def _rhos(rks: np.ndarray, hh: np.float32, b_h: np.float32, order: int, corrector: bool):
@@ -122,12 +149,57 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.full(b.shape, np.nan, _F32)
 
 
+def _interpolate(x: np.ndarray, xp: np.ndarray, yp: np.ndarray) -> np.ndarray:
+  """uni_pc's `interpolate_fn`: y at x on the polyline through (xp, yp) (xp ascending), its end
+  segments extended; float32 in its order of operations (yp may be float16, as a downcast
+  schedule's logs: their differences then round to float16 first, as in torch)."""
+  x = np.asarray(x, _F32)
+  j = np.clip(np.searchsorted(xp, x, side="left"), 1, len(xp) - 1)
+  x0, x1, y0, y1 = xp[j - 1], xp[j], yp[j - 1], yp[j]
+  return (y0 + (x - x0) * (y1 - y0) / (x1 - x0)).astype(_F32)
+
+
+class _A1111Times:
+  """A1111's NoiseScheduleVP('discrete'): log alpha_t on continuous t in (0, 1], interpolated
+  between the training timesteps' t_k = (k + 1) / N; float32 as its torch code."""
+
+  def __init__(self, alphas_cumprod: np.ndarray):
+    self.n = len(alphas_cumprod)
+    log_alphas = np.log(alphas_cumprod.astype(np.float64)).astype(alphas_cumprod.dtype)
+    self.log_alphas = (log_alphas * alphas_cumprod.dtype.type(0.5)).astype(alphas_cumprod.dtype)
+    self.t = torch_linspace_f32(0.0, 1.0, self.n + 1)[1:]
+
+  def log_alpha(self, t):
+    return _interpolate(t, self.t, self.log_alphas)
+
+  def alpha_sigma_lambda(self, t):
+    """(alpha_t, sigma_t, lambda_t) float32: marginal_alpha / _std / _lambda."""
+    log_alpha = self.log_alpha(t)
+    one_minus = _F32(1.0) - exp_f32(_F32(2.0) * log_alpha)
+    return (exp_f32(log_alpha), np.sqrt(one_minus).astype(_F32),
+            (log_alpha - _F32(0.5) * log_f32(one_minus)).astype(_F32))
+
+  def inverse_lambda(self, lambdas):
+    log_alpha = (_F32(-0.5) * np.logaddexp(_F32(0.0), _F32(-2.0) * lambdas)).astype(_F32)
+    return _interpolate(log_alpha, self.log_alphas[::-1].astype(_F32), self.t[::-1])
+
+  def times(self, skip_type: str, steps: int, t_start: float = 1.0) -> np.ndarray:
+    """The steps + 1 positions from t_start to 1 / N (`UniPC.get_time_steps`)."""
+    t_end = 1.0 / self.n
+    if skip_type == "time_uniform":
+      return torch_linspace_f32(t_start, t_end, steps + 1)
+    if skip_type == "time_quadratic":
+      return np.square(torch_linspace_f32(t_start ** 0.5, t_end ** 0.5, steps + 1))
+    ends = self.alpha_sigma_lambda(np.asarray([t_start, t_end], _F32))[2]
+    return self.inverse_lambda(torch_linspace_f32(float(ends[0]), float(ends[1]), steps + 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
   """diffusers' `UniPCMultistepScheduler` (predict_x0, B(h) solvers)."""
 
   name = "unipc"
-  schedule_options = SCHEDULE_OPTIONS
+  schedule_options = (*SCHEDULE_OPTIONS, DOWNCAST_ALPHAS_CUMPROD)
   order = 1  # model calls per step; the solver's order is config["solver_order"]
   needs_noise = False
 
@@ -161,6 +233,9 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     "sigma_min": None,
     "sigma_max": None,
     "shift_terminal": None,
+    # sdjax's: A1111's form (its positions; a config option, as it changes a v model's step)
+    A1111: False,
+    "skip_type": UNIPC_SKIP_TYPES[0],
   }
   _UNSUPPORTED = {
     "thresholding": False,
@@ -189,7 +264,37 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     check_choice(cls.name, "final_sigmas_type", config["final_sigmas_type"], ("zero", "sigma_min"))
     custom_final(config)
     config["disable_corrector"] = [int(x) for x in config["disable_corrector"] or []]
+    check_choice(cls.name, "skip_type", config["skip_type"], UNIPC_SKIP_TYPES)
+    if config[A1111]:
+      check_choice(cls.name, "prediction_type (a1111)", config["prediction_type"],
+                   ("epsilon", "v_prediction"))
+      for key in ("sigmas", "schedule_type", "use_karras_sigmas", "use_exponential_sigmas",
+                  "use_beta_sigmas"):
+        if config.get(key):
+          raise SchedulerConfigError(f"scheduler {cls.name!r}: A1111's UniPC (a1111) places its "
+                                     f"own positions: drop {key}")
     return cls(config=hashable_config(config))
+
+  def _a1111_positions(self, num_inference_steps: int):
+    """A1111's (float32 UNet timesteps [n], alpha_t, sigma_t, lambda_t [n + 1], v_eps or None)."""
+    config = self.cfg
+    n_train = int(config["num_train_timesteps"])
+    if not 1 <= num_inference_steps <= n_train:
+      raise ValueError(f"num_inference_steps must be in [1, {n_train}], got {num_inference_steps}")
+    steps = len(range(0, n_train, n_train // num_inference_steps))  # A1111's timestep grid
+    if steps < int(config["solver_order"]):
+      raise ValueError(f"A1111's UniPC of order {config['solver_order']} needs at least as "
+                       f"many steps, got {num_inference_steps}")
+    vp = _A1111Times(form_alphas_cumprod(config, "a1111"))
+    t = vp.times(config["skip_type"], steps)
+    alpha_t, sigma_t, lambdas = vp.alpha_sigma_lambda(t)
+    timesteps = (t[:-1] - _F32(1.0 / vp.n)) * _F32(1000.0)
+    v_eps = None
+    if config["prediction_type"] == "v_prediction":  # ldm's float32 sqrt buffers, at int(t)
+      alphas = ldm_alphas_cumprod(config)
+      index = np.clip(timesteps.astype(np.int64), 0, n_train - 1)  # truncated, as .to(int)
+      v_eps = np.stack([np.sqrt(alphas), np.sqrt(1.0 - alphas)]).astype(_F32)[:, index]
+    return timesteps.astype(_F32), alpha_t, sigma_t, lambdas, v_eps
 
   def _timesteps_and_sigmas(self, num_inference_steps: int, alphas_cumprod: np.ndarray):
     """(int timesteps, float32 sigmas with the final one) as diffusers' set_timesteps."""
@@ -221,13 +326,17 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     if sample_shape is None:
       raise ValueError("unipc keeps earlier model outputs: pass "
                        "set_timesteps(num_inference_steps, sample_shape=latents.shape)")
-    timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps,
-                                                   train_alphas_cumprod(config))
+    v_eps = None
+    if config[A1111]:
+      timesteps, alpha_t, sigma_t, lambdas, v_eps = self._a1111_positions(num_inference_steps)
+    else:
+      timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps,
+                                                     train_alphas_cumprod(config))
+      with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        alpha_t, sigma_t = vp_alpha_sigma(sigmas)
+        lambdas = log_f32(alpha_t) - log_f32(sigma_t)  # +inf at a zero final sigma (diffusers)
     n = len(timesteps)
     bh1 = config["solver_type"] == "bh1"
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-      alpha_t, sigma_t = vp_alpha_sigma(sigmas)
-      lambdas = log_f32(alpha_t) - log_f32(sigma_t)  # +inf at a zero final sigma, as in diffusers
 
     def weights(to: int, frm: int):
       """(sample, m0 and residual weights, r_k [P - 1], h_phi_1-based hh, B_h) of the step
@@ -264,7 +373,7 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     cap = [min(order, n - i) if config["lower_order_final"] else order for i in range(n)]
     shape = tuple(sample_shape)
     return UniPCState(
-      timesteps=jnp.asarray(timesteps.astype(np.int32)),
+      timesteps=jnp.asarray(timesteps.astype(_F32 if config[A1111] else np.int32)),
       alpha_t=jnp.asarray(alpha_t),
       sigma_t=jnp.asarray(sigma_t),
       p_sample=jnp.asarray(p_sample), p_m0=jnp.asarray(p_m0), p_res=jnp.asarray(p_res),
@@ -276,7 +385,15 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
       last_sample=jnp.zeros(shape, jnp.float32),
       lower_order_nums=jnp.zeros((), jnp.int32),
       last_order=jnp.zeros((), jnp.int32),
+      v_eps=None if v_eps is None else jnp.asarray(v_eps),
     )
+
+  def _x0(self, state, model_output, sample, i):
+    if state.v_eps is None:
+      return super()._x0(state, model_output, sample, i)
+    # A1111's v model: eps at the truncated timestep first, then the data prediction
+    eps = rounded(state.v_eps[0, i] * model_output) + rounded(state.v_eps[1, i] * sample)
+    return true_divide(sample - rounded(state.sigma_t[i] * eps), state.alpha_t[i])
 
   @staticmethod
   def _weighted(rho, diffs):
