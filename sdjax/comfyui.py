@@ -368,7 +368,7 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     fields["Sampler"] = outputs.A1111_SAMPLER_NAMES[SAMPLERS[sampler]]
   else:
     reader.note("scheduler", f"sampler {sampler} is not one sdjax has: give --scheduler")
-  if scheduler in SCHEDULERS and SAMPLERS.get(sampler) not in ("unipc", "lcm", "ddpm"):
+  if scheduler in SCHEDULERS and SAMPLERS.get(sampler) not in ("lcm", "ddpm"):
     fields["Schedule type"] = outputs.A1111_SCHEDULE_TYPE_NAMES[scheduler]
   elif scheduler is not None:
     reader.note("schedule_type", f"scheduler {scheduler} (with sampler {sampler}): sdjax places "
@@ -384,9 +384,6 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   if any("[" in fields[key] for key in ("prompt", "negative_prompt")):
     reader.note("emphasis", "[...] is plain text to ComfyUI; main.py's A1111 syntax weakens it "
                             "(write \\[ \\] for ComfyUI's reading)")
-  if sampler == "uni_pc":
-    reader.note("scheduler", "sampler uni_pc: ComfyUI's runs UniPC's bh1 variant, sdjax's unipc "
-                             "bh2")
   if sampler in _DEVICE_NOISE:  # from a generator on its GPU seeded by the seed
     fields["Step RNG"] = "NV"
     reader.note("step_rng", f"sampler {sampler}: ComfyUI draws each step's fresh noise from a "
@@ -418,6 +415,10 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   name = flags.get("scheduler") and outputs.scheduler_name(flags["scheduler"])
   if name and options.get("k_diffusion") and schedulers.takes_option(name, "comfyui"):
     flags["scheduler_options"] = json.dumps({**options, "comfyui": True})  # its start, timesteps
+  elif name == "unipc":  # its uni_pc code (the UniPC authors'), its order and variant
+    flags["scheduler_options"] = json.dumps({
+      **options, "comfyui": True, "solver_type": "bh2" if sampler == "uni_pc_bh2" else "bh1",
+      "solver_order": 3})
   else:
     reader.note(None, f"sampler {sampler}: ComfyUI starts from its noise times sqrt(1 + "
                       "sigma_max^2) and feeds the UNet whole timesteps, sdjax's "

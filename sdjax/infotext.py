@@ -218,7 +218,7 @@ def _sampler(fields, flags, notes, made_by_sdjax, made_in="A1111") -> str | None
     return scheduler
   if label == "Automatic":
     label = _AUTOMATIC_SCHEDULE_TYPES.get(scheduler, "Automatic")
-  if scheduler in _TIMESTEP_SAMPLERS:
+  if scheduler in _TIMESTEP_SAMPLERS and (made_by_sdjax or made_in == "A1111"):
     if not made_by_sdjax:  # A1111's own DDIM / PLMS / UniPC loops
       options = {"a1111": True}
       if scheduler == "unipc":

@@ -82,7 +82,8 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("ddim", "sgm_uniform", "Euler", "SGM Uniform"),  # ComfyUI's ddim is Euler
     ("dpmpp_2m_sde_gpu", "simple", "DPM++ 2M SDE", "Simple"),
     ("dpmpp_sde", "karras", "DPM++ SDE", "Karras"),
-    ("uni_pc", "karras", "UniPC", None),
+    ("uni_pc", "karras", "UniPC", "Karras"),  # its uni_pc code, as the comfyui form runs
+    ("uni_pc_bh2", "normal", "UniPC", "Normal"),
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
   found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
@@ -100,8 +101,12 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   # Where sdjax's scheduler steps as ComfyUI's KSampler (its noise scale, whole timesteps) the
   # option says so; elsewhere a note.
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
-  assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE"))
+  assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC"))
   assert ("sqrt(1 + sigma_max^2)" in notes) == (not stepped)
+  if want == "UniPC":  # its variant and order 3; not A1111's UniPC
+    options = json.loads(found.flags["scheduler_options"])
+    assert options["solver_type"] == sampler.removeprefix("uni_pc").lstrip("_") or "bh1"
+    assert options["solver_order"] == 3 and "a1111" not in options
 
 
 def test_unknown_sampler_and_scheduler_are_notes():

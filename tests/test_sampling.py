@@ -934,16 +934,18 @@ def test_decode_in_chunks(monkeypatch):
   np.testing.assert_allclose(chunked_post.std, whole_post.std, atol=2e-6)
 
 
-def test_a1111_unipc_in_a_run(pipes):
+def test_a1111_and_comfyui_unipc_in_a_run(pipes):
   """A1111's UniPC (`a1111`; bh1, order 3) runs text-to-image at its fractional timesteps, for
-  epsilon and v models, another image than diffusers' form with the same settings; an img2img
-  run steps as diffusers' form (A1111's img2img restarts its positions: not reproduced)."""
+  epsilon and v models, another image than diffusers' form with the same settings, as does
+  ComfyUI's (`comfyui`); an img2img run of A1111's steps as diffusers' form (A1111's img2img
+  restarts its positions: not reproduced)."""
   _, pipe, _ = pipes
   solver = {"solver_type": "bh1", "solver_order": 3}
   kw = dict(seed=5, guidance_scale=GUIDANCE, scheduler="unipc", steps=8, height=16, width=16)
-  ours = pipe.generate(PROMPTS[:1], scheduler_options={"a1111": True, **solver}, **kw)
   diffusers_form = pipe.generate(PROMPTS[:1], scheduler_options=solver, **kw)
-  assert np.isfinite(ours).all() and np.abs(ours - diffusers_form).max() > 1e-4
+  for form in ({"a1111": True}, {"comfyui": True, "schedule_type": "karras"}):
+    ours = pipe.generate(PROMPTS[:1], scheduler_options={**form, **solver}, **kw)
+    assert np.isfinite(ours).all() and np.abs(ours - diffusers_form).max() > 1e-4, form
   images = np.random.default_rng(3).uniform(size=(1, 16, 16, 3)).astype(np.float32)
   kw.update(init_images=images, strength=0.5)
   np.testing.assert_array_equal(

@@ -83,7 +83,7 @@ def test_config_resolves_as_diffusers():
   ours = get_scheduler("unipc", SD15)
   ref = RefUniPC.from_config(SD15)
   for key, value in ours.cfg.items():
-    if key in ("a1111", "skip_type"):  # sdjax's: A1111's form, off
+    if key in ("a1111", "comfyui", "skip_type"):  # sdjax's: A1111's and ComfyUI's forms, off
       continue
     assert ref.config[key] == value or (key == "disable_corrector" and not value), key
   cfg = dict(SD15, _class_name="UniPCMultistepScheduler")
@@ -110,6 +110,65 @@ def test_needs_sample_shape():
     get_scheduler("unipc", SD15).set_timesteps(10)
   state = get_scheduler("unipc", SD15).set_timesteps(10, sample_shape=SHAPE)
   assert state.model_outputs.shape == (2, *SHAPE) and np.asarray(state.corrector)[0] == 0
+
+
+def _uni_pc(x, times, data, log_alpha, order, variant, lower_order_final=True):
+  """uni_pc's `UniPC.sample` multistep loop (predict_x0, B(h) variants) in torch float32, as
+  A1111 and ComfyUI run it: `data(x, t)` the data prediction, `log_alpha(t)` log alpha_t at
+  positions `times`. (the model's input at each position after the first, the result)."""
+  import torch  # noqa: PLC0415
+
+  def std(t):
+    return torch.sqrt(1.0 - torch.exp(2.0 * log_alpha(t)))
+
+  def lam(t):
+    la = log_alpha(t)
+    return la - 0.5 * torch.log(1.0 - torch.exp(2.0 * la))
+
+  inputs = []
+
+  def update(x, models, ts, t, k, use_corrector):  # multistep_uni_pc_bh_update
+    lam_prev, lam_t = lam(ts[-1]), lam(t)
+    h = lam_t - lam_prev
+    rks, d1s = [], []
+    for i in range(1, k):
+      rk = ((lam(ts[-(i + 1)]) - lam_prev) / h)[0]
+      rks.append(rk)
+      d1s.append((models[-(i + 1)] - models[-1]) / rk)
+    rks = torch.tensor([*rks, 1.0])
+    hh = -h[0]
+    h_phi_1 = torch.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if variant == "bh1" else torch.expm1(hh)
+    rows, b, factorial = [], [], 1
+    for i in range(1, k + 1):
+      rows.append(torch.pow(rks, i - 1))
+      b.append(h_phi_k * factorial / b_h)
+      factorial *= i + 1
+      h_phi_k = h_phi_k / hh - 1 / factorial
+    r, b = torch.stack(rows), torch.tensor(b)
+    alpha_t = torch.exp(log_alpha(t))
+    x_t_ = (std(t) / std(ts[-1])) * x - (alpha_t * h_phi_1) * models[-1]
+    x_t = x_t_
+    if d1s:
+      d1s = torch.stack(d1s, dim=1)
+      rhos_p = torch.tensor([0.5]) if k == 2 else torch.linalg.solve(r[:-1, :-1], b[:-1])
+      x_t = x_t_ - (alpha_t * b_h) * torch.einsum("k,bkhwc->bhwc", rhos_p, d1s)
+    if not use_corrector:
+      return x_t, None
+    inputs.append(x_t.numpy())
+    model_t = data(x_t, t)
+    rhos_c = torch.tensor([0.5]) if k == 1 else torch.linalg.solve(r, b)
+    corr = torch.einsum("k,bkhwc->bhwc", rhos_c[:-1], d1s) if len(rows) > 1 else 0
+    return x_t_ - (alpha_t * b_h) * (corr + rhos_c[-1] * (model_t - models[-1])), model_t
+
+  n = len(times) - 1
+  models, ts = [data(x, times[0:1])], [times[0:1]]
+  for step in range(1, n + 1):
+    k = min(order, n + 1 - step) if lower_order_final and step >= order else min(step, order)
+    x, model_x = update(x, models, ts, times[step:step + 1], k, use_corrector=step < n)
+    models, ts = [*models, model_x][-order:], [*ts, times[step:step + 1]][-order:]
+  return inputs, x
 
 
 def _a1111_unipc(config, steps, init, order=3, variant="bh1", skip_type="time_uniform",
@@ -148,9 +207,6 @@ def _a1111_unipc(config, steps, init, order=3, variant="bh1", skip_type="time_un
   def log_alpha(t):
     return interpolate(t.reshape(-1, 1), t_array, log_alphas).reshape(-1)
 
-  def std(t):
-    return torch.sqrt(1.0 - torch.exp(2.0 * log_alpha(t)))
-
   def lam(t):
     la = log_alpha(t)
     return la - 0.5 * torch.log(1.0 - torch.exp(2.0 * la))
@@ -166,57 +222,17 @@ def _a1111_unipc(config, steps, init, order=3, variant="bh1", skip_type="time_un
     la = -0.5 * torch.logaddexp(torch.zeros((1,)), -2.0 * torch.linspace(*ends, n + 1))
     times = interpolate(la.reshape(-1, 1), torch.flip(log_alphas, [1]).float(),
                         torch.flip(t_array, [1])).reshape(-1)
-  inputs = []
 
   def data(x, t):
-    t_in = ((t - 1.0 / total) * 1000.0).reshape(1)
+    t_in = (t - 1.0 / total) * 1000.0
     out = torch.from_numpy(fake_model(x.numpy(), float(t_in[0])))
     if config.get("prediction_type") == "v_prediction":  # CompVisTimestepsVDenoiser
       i = t_in.to(torch.int)
       out = sqrt_a[i] * out + sqrt_1ma[i] * x
-    return (x - std(t) * out) / torch.exp(log_alpha(t))
+    return (x - torch.sqrt(1.0 - torch.exp(2.0 * log_alpha(t))) * out) / torch.exp(log_alpha(t))
 
-  def update(x, models, ts, t, k, use_corrector):  # multistep_uni_pc_bh_update, predict_x0
-    lam_prev, lam_t = lam(ts[-1]), lam(t)
-    h = lam_t - lam_prev
-    rks, d1s = [], []
-    for i in range(1, k):
-      rk = ((lam(ts[-(i + 1)]) - lam_prev) / h)[0]
-      rks.append(rk)
-      d1s.append((models[-(i + 1)] - models[-1]) / rk)
-    rks = torch.tensor([*rks, 1.0])
-    hh = -h[0]
-    h_phi_1 = torch.expm1(hh)
-    h_phi_k = h_phi_1 / hh - 1
-    b_h = hh if variant == "bh1" else torch.expm1(hh)
-    rows, b, factorial = [], [], 1
-    for i in range(1, k + 1):
-      rows.append(torch.pow(rks, i - 1))
-      b.append(h_phi_k * factorial / b_h)
-      factorial *= i + 1
-      h_phi_k = h_phi_k / hh - 1 / factorial
-    r, b = torch.stack(rows), torch.tensor(b)
-    alpha_t = torch.exp(log_alpha(t))
-    x_t_ = (std(t) / std(ts[-1])) * x - (alpha_t * h_phi_1) * models[-1]
-    x_t = x_t_
-    if d1s:
-      d1s = torch.stack(d1s, dim=1)
-      rhos_p = torch.tensor([0.5]) if k == 2 else torch.linalg.solve(r[:-1, :-1], b[:-1])
-      x_t = x_t_ - (alpha_t * b_h) * torch.einsum("k,bkhwc->bhwc", rhos_p, d1s)
-    if not use_corrector:
-      return x_t, None
-    inputs.append(x_t.numpy())
-    model_t = data(x_t, t)
-    rhos_c = torch.tensor([0.5]) if k == 1 else torch.linalg.solve(r, b)
-    corr = torch.einsum("k,bkhwc->bhwc", rhos_c[:-1], d1s) if len(rows) > 1 else 0
-    return x_t_ - (alpha_t * b_h) * (corr + rhos_c[-1] * (model_t - models[-1])), model_t
-
-  x = torch.from_numpy(init)
-  models, ts = [data(x, times[0])], [times[0]]
-  for step in range(1, n + 1):
-    k = min(order, n + 1 - step) if lower_order_final and step >= order else min(step, order)
-    x, model_x = update(x, models, ts, times[step], k, use_corrector=step < n)
-    models, ts = [*models, model_x][-order:], [*ts, times[step]][-order:]
+  inputs, x = _uni_pc(torch.from_numpy(init), times, data, log_alpha, order, variant,
+                      lower_order_final)
   return np.stack([*inputs, x.numpy()])
 
 
@@ -258,3 +274,98 @@ def test_a1111_form(steps, options):
                                     steps, init, noises)
   apart = np.linalg.norm(diffusers_form[-1] - want[-1]) / np.linalg.norm(want[-1])
   assert apart > 100 * max(err, 1e-7), apart
+
+
+def _comfyui_unipc(config, sigmas, noise, variant):
+  """ComfyUI's uni_pc / uni_pc_bh2 (comfy/extra_samplers/uni_pc.sample_unipc) restated in torch
+  float32 over the fake model, from its KSampler's start (unit noise times sqrt(1 + sigma_0^2))
+  and as its model wraps the UNet (the input scaled by sigma, whole timesteps)."""
+  import torch  # noqa: PLC0415
+  from k_diffusion_reference import train_log_sigmas  # noqa: PLC0415
+  from scheduler_harness import fake_model  # noqa: PLC0415
+
+  log_sigmas = train_log_sigmas({**config, "comfyui": True}).float()
+
+  def denoise(x, sigma):
+    c_in = 1 / (sigma**2 + 1) ** 0.5
+    out = torch.from_numpy(fake_model((x * c_in).numpy(),
+                                      float((sigma.log() - log_sigmas).abs().argmin())))
+    if config.get("prediction_type") == "v_prediction":
+      return x / (sigma**2 + 1) + out * (-sigma * c_in)
+    return x + out * -sigma
+
+  def log_alpha(s):
+    return 0.5 * torch.log(1 / ((s * s) + 1))
+
+  def data(x, s):  # predict_eps_sigma, then the data prediction
+    model_in = x * ((s**2 + 1.0) ** 0.5)
+    eps = (model_in - denoise(model_in, s)) / s
+    return (x - torch.sqrt(1.0 - torch.exp(2.0 * log_alpha(s))) * eps) / torch.exp(log_alpha(s))
+
+  times = sigmas.clone()
+  if times[-1] == 0:
+    times[-1] = 0.001
+  x = torch.from_numpy(noise) * torch.sqrt(1.0 + sigmas[0] ** 2.0)  # its KSampler's start
+  x = x / torch.sqrt(1.0 + times[0] ** 2.0)
+  inputs, x = _uni_pc(x, times, data, log_alpha, min(3, len(times) - 2), variant)
+  return np.stack([*inputs, (x / torch.exp(log_alpha(times[-1:]))).numpy()])
+
+
+@pytest.mark.parametrize("variant,label,steps,prediction", [
+    ("bh1", "Uniform", 10, "epsilon"), ("bh2", "Karras", 12, "epsilon"),
+    ("bh1", "Karras", 8, "v_prediction"), ("bh1", "Uniform", 3, "epsilon")])
+def test_comfyui_form(variant, label, steps, prediction):
+  """The `comfyui` option: ComfyUI's uni_pc (bh1) and uni_pc_bh2 over its levels, a final 0
+  moved to 0.001, order 3 (2 at 3 steps), the result scaled back by that level's alpha."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+  from scheduler_harness import make_noises, max_rel_error, sdjax_trajectory  # noqa: PLC0415
+
+  from sdjax import outputs  # noqa: PLC0415
+
+  config = {**SD15, "prediction_type": prediction}
+  options = {"comfyui": True, "solver_type": variant, "solver_order": 3,
+             "timestep_spacing": "linspace", **outputs.schedule_type_options(label)}
+  ours = get_scheduler("unipc", config, options=options)
+  init, noises = make_noises(steps)
+  got = sdjax_trajectory(ours, steps, init, noises)
+  comfy = {**config, "comfyui": True}
+  sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(comfy, steps)
+  want = _comfyui_unipc(config, sigmas, init, variant)
+  err = max_rel_error(got, want)
+  print(f"\nComfyUI uni_pc {variant} {label} {steps} steps {prediction}: {err:.2e}")
+  assert err <= TOL
+  others = {k: v for k, v in options.items() if k != "comfyui"}
+  diffusers_form = sdjax_trajectory(get_scheduler("unipc", config, options=others), steps, init,
+                                    noises)
+  assert max_rel_error(diffusers_form, want) > 100 * max(err, 1e-7)
+  with pytest.raises(ValueError, match="at least 2"):
+    ours.set_timesteps(1, sample_shape=SHAPE)
+  # A pass starting lower (levels below sigma_max): noise times its first level (VP: / sqrt(26)).
+  lower = get_scheduler("unipc", config, options={"comfyui": True, "sigmas": [5.0, 2.0, 0.5, 0]})
+  state = lower.set_timesteps(3, sample_shape=SHAPE)
+  np.testing.assert_allclose(float(lower.init_noise_sigma(state)), 5.0 / 26.0**0.5, rtol=1e-6)
+
+
+def test_a1111_unipc_settings_read_from_an_image():
+  """An A1111 UniPC image: its form and settings (written when changed: variant, skip type,
+  order, lower order final) as UniPC's options; what sdjax lacks, or an older A1111 ran, a note."""
+  import json  # noqa: PLC0415
+
+  from sdjax import infotext  # noqa: PLC0415
+
+  text = "a cat\nSteps: 20, Sampler: UniPC, CFG scale: 7, Seed: 1"
+  found = infotext.reproduce(text)
+  assert json.loads(found.flags["scheduler_options"]) == {
+    "a1111": True, "solver_type": "bh1", "solver_order": 3}
+  assert "scheduler" not in dict(found.notes)
+  changed = infotext.reproduce(text + ", UniPC variant: bh2, UniPC skip type: time_quadratic, "
+                               "UniPC order: 2, UniPC lower order final: False")
+  options = json.loads(changed.flags["scheduler_options"])
+  assert options == {"a1111": True, "solver_type": "bh2", "solver_order": 2,
+                     "skip_type": "time_quadratic", "lower_order_final": False}
+  get_scheduler("unipc", SD15, options=options).set_timesteps(20, sample_shape=SHAPE)
+  assert "not reproduced" not in dict(changed.notes).get(None, "")
+  vary = infotext.reproduce(text + ", UniPC variant: vary_coeff")
+  assert "bh1 and bh2" in dict(vary.notes)["scheduler"]
+  old = infotext.reproduce(text + ", Version: v1.5.2")
+  assert "before 1.6.0" in dict(old.notes)["scheduler"]

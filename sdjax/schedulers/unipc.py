@@ -19,6 +19,12 @@ timestep grid (range(0, 1000, 1000 // steps): 31 for 30 steps); the run ends at 
 noise of timestep 0 left in (no final step to zero), and a v-prediction model's eps is taken
 from the training timestep its fractional timestep truncates to. A1111's settings are solver_type
 bh1 and solver_order 3 (`infotext` writes them as options).
+
+The `comfyui` option steps as ComfyUI's uni_pc / uni_pc_bh2 samplers (its comfy/extra_samplers/
+uni_pc, the same code on noise levels): the positions are its scheduler's levels (a final 0 moved
+to 0.001), alpha_t = 1 / sqrt(sigma^2 + 1), the UNet at its whole timesteps, order 3 (its
+min(3, steps - 1) is what lower_order_final gives), and the result divided by the last alpha_t
+(back to its latents' scale).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
   exp_f32,
+  first_noise_scale,
   hashable_config,
   ldm_alphas_cumprod,
   log_f32,
@@ -53,10 +60,12 @@ from sdjax.schedulers.euler import (
   as_f32,
   check_choice,
   check_common,
+  sigma_schedule,
   train_alphas_cumprod,
   train_sigmas,
 )
 from sdjax.schedulers.sigma_schedules import (
+  COMFYUI,
   DOWNCAST_ALPHAS_CUMPROD,
   SCHEDULE_OPTIONS,
   custom_final,
@@ -90,6 +99,8 @@ class UniPCState:
     v_eps: [2, n] or None: in the `a1111` form for a v-prediction model, the weights of v and of
       the sample in eps (sqrt(alphas_cumprod) and sqrt(1 - alphas_cumprod) at the truncated
       timestep, float32 of ldm's float64 buffers).
+    init_scale, final_alpha: [] or None: in the `comfyui` form, the scale of unit noise into the
+      first latent and the alpha_t the result is divided by.
   """
 
   timesteps: jnp.ndarray
@@ -112,6 +123,8 @@ class UniPCState:
   lower_order_nums: jnp.ndarray
   last_order: jnp.ndarray
   v_eps: jnp.ndarray | None = None
+  init_scale: jnp.ndarray | None = None
+  final_alpha: jnp.ndarray | None = None
 
 
 def _rhos(rks: np.ndarray, hh: np.float32, b_h: np.float32, order: int, corrector: bool):
@@ -159,6 +172,14 @@ def _interpolate(x: np.ndarray, xp: np.ndarray, yp: np.ndarray) -> np.ndarray:
   return (y0 + (x - x0) * (y1 - y0) / (x1 - x0)).astype(_F32)
 
 
+def _marginals(log_alpha: np.ndarray):
+  """uni_pc's (alpha_t, sigma_t, lambda_t) of log alpha_t: marginal_alpha / _std / _lambda,
+  float32."""
+  one_minus = _F32(1.0) - exp_f32(_F32(2.0) * log_alpha)
+  return (exp_f32(log_alpha), np.sqrt(one_minus).astype(_F32),
+          (log_alpha - _F32(0.5) * log_f32(one_minus)).astype(_F32))
+
+
 class _A1111Times:
   """A1111's NoiseScheduleVP('discrete'): log alpha_t on continuous t in (0, 1], interpolated
   between the training timesteps' t_k = (k + 1) / N; float32 as its torch code."""
@@ -173,11 +194,7 @@ class _A1111Times:
     return _interpolate(t, self.t, self.log_alphas)
 
   def alpha_sigma_lambda(self, t):
-    """(alpha_t, sigma_t, lambda_t) float32: marginal_alpha / _std / _lambda."""
-    log_alpha = self.log_alpha(t)
-    one_minus = _F32(1.0) - exp_f32(_F32(2.0) * log_alpha)
-    return (exp_f32(log_alpha), np.sqrt(one_minus).astype(_F32),
-            (log_alpha - _F32(0.5) * log_f32(one_minus)).astype(_F32))
+    return _marginals(self.log_alpha(t))
 
   def inverse_lambda(self, lambdas):
     log_alpha = (_F32(-0.5) * np.logaddexp(_F32(0.0), _F32(-2.0) * lambdas)).astype(_F32)
@@ -233,8 +250,9 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     "sigma_min": None,
     "sigma_max": None,
     "shift_terminal": None,
-    # sdjax's: A1111's form (its positions; a config option, as it changes a v model's step)
+    # sdjax's: A1111's and ComfyUI's forms (config options, as they change the step)
     A1111: False,
+    COMFYUI: False,
     "skip_type": UNIPC_SKIP_TYPES[0],
   }
   _UNSUPPORTED = {
@@ -265,6 +283,9 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     custom_final(config)
     config["disable_corrector"] = [int(x) for x in config["disable_corrector"] or []]
     check_choice(cls.name, "skip_type", config["skip_type"], UNIPC_SKIP_TYPES)
+    if config[A1111] and config[COMFYUI]:
+      raise SchedulerConfigError(f"scheduler {cls.name!r}: a1111 and comfyui are two forms: "
+                                 "pick one")
     if config[A1111]:
       check_choice(cls.name, "prediction_type (a1111)", config["prediction_type"],
                    ("epsilon", "v_prediction"))
@@ -296,6 +317,24 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
       v_eps = np.stack([np.sqrt(alphas), np.sqrt(1.0 - alphas)]).astype(_F32)[:, index]
     return timesteps.astype(_F32), alpha_t, sigma_t, lambdas, v_eps
 
+  def _comfyui_positions(self, num_inference_steps: int):
+    """ComfyUI's (whole UNet timesteps [n], alpha_t, sigma_t, lambda_t [n + 1], the scale of
+    unit noise into the first latent, the last alpha_t)."""
+    config = self.cfg
+    alphas_cumprod = train_alphas_cumprod(config)
+    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod, 0.0,
+                                       name=self.name)
+    sigmas = sigmas.astype(_F32)
+    if len(sigmas) < 3:
+      raise ValueError("ComfyUI's uni_pc runs no step at 1 step: give at least 2")
+    levels = sigmas.copy()
+    if levels[-1] == 0:
+      levels[-1] = _F32(0.001)
+    log_alpha = _F32(0.5) * log_f32(_F32(1.0) / (levels * levels + _F32(1.0)))
+    alpha_t, sigma_t, lambdas = _marginals(log_alpha.astype(_F32))
+    init = first_noise_scale(config, sigmas) / np.sqrt(_F32(1.0) + sigmas[0] * sigmas[0])
+    return timesteps.astype(_F32), alpha_t, sigma_t, lambdas, _F32(init), alpha_t[-1]
+
   def _timesteps_and_sigmas(self, num_inference_steps: int, alphas_cumprod: np.ndarray):
     """(int timesteps, float32 sigmas with the final one) as diffusers' set_timesteps."""
     config = self.cfg
@@ -326,9 +365,12 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     if sample_shape is None:
       raise ValueError("unipc keeps earlier model outputs: pass "
                        "set_timesteps(num_inference_steps, sample_shape=latents.shape)")
-    v_eps = None
+    v_eps = init_scale = final_alpha = None
     if config[A1111]:
       timesteps, alpha_t, sigma_t, lambdas, v_eps = self._a1111_positions(num_inference_steps)
+    elif config[COMFYUI]:
+      timesteps, alpha_t, sigma_t, lambdas, init_scale, final_alpha = self._comfyui_positions(
+          num_inference_steps)
     else:
       timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps,
                                                      train_alphas_cumprod(config))
@@ -373,7 +415,8 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     cap = [min(order, n - i) if config["lower_order_final"] else order for i in range(n)]
     shape = tuple(sample_shape)
     return UniPCState(
-      timesteps=jnp.asarray(timesteps.astype(_F32 if config[A1111] else np.int32)),
+      timesteps=jnp.asarray(timesteps.astype(_F32 if config[A1111] or config[COMFYUI]
+                                             else np.int32)),
       alpha_t=jnp.asarray(alpha_t),
       sigma_t=jnp.asarray(sigma_t),
       p_sample=jnp.asarray(p_sample), p_m0=jnp.asarray(p_m0), p_res=jnp.asarray(p_res),
@@ -386,7 +429,14 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
       lower_order_nums=jnp.zeros((), jnp.int32),
       last_order=jnp.zeros((), jnp.int32),
       v_eps=None if v_eps is None else jnp.asarray(v_eps),
+      init_scale=None if init_scale is None else jnp.asarray(init_scale),
+      final_alpha=None if final_alpha is None else jnp.asarray(final_alpha),
     )
+
+  def init_noise_sigma(self, state):
+    if state.init_scale is not None:
+      return state.init_scale
+    return super().init_noise_sigma(state)
 
   def _x0(self, state, model_output, sample, i):
     if state.v_eps is None:
@@ -446,6 +496,9 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
       res = self._weighted(state.p_rho[p - 1, i], diffs[:p - 1])
       predicted.append(base - rounded(state.p_res[i] * res))
     prev_sample = self._by_order(this_order, predicted)
+    if state.final_alpha is not None:  # ComfyUI's result: back to its latents' scale
+      last = i == state.timesteps.shape[0] - 1
+      prev_sample = jnp.where(last, true_divide(prev_sample, state.final_alpha), prev_sample)
 
     new_state = state.replace(
       model_outputs=history,
