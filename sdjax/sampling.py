@@ -859,7 +859,7 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, source, noise
   if spec.inpaint is not None:
     if spec.begin == 0:
       return noise * sched.init_noise_sigma(state)
-    return sched.add_noise(state, init, noise, spec.begin)
+    return sched.img2img_noise(state, init, noise, spec.begin)
   if spec.init_latents:
     return init.astype(jnp.float32)
   if spec.upscale is not None:
@@ -869,12 +869,12 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, source, noise
     else:
       latents = interpolate.resize(init, (h, w), *LATENT_UPSCALERS[spec.upscale])
     latents = latents[:, top:top + spec.latent_hw[0], left:left + spec.latent_hw[1]]
-    return sched.add_noise(state, latents, source.sample(_HIRES_NOISE, latents.shape[1:]),
-                           spec.begin)
+    return sched.img2img_noise(state, latents,
+                               source.sample(_HIRES_NOISE, latents.shape[1:]), spec.begin)
   if not spec.img2img:
     return noise * sched.init_noise_sigma(state)
-  return sched.add_noise(state, _encode_sample(vae, params, init, source, _POSTERIOR), noise,
-                         spec.begin)
+  return sched.img2img_noise(state, _encode_sample(vae, params, init, source, _POSTERIOR), noise,
+                             spec.begin)
 
 
 def _pixel_upscaled(upscaler, vae: AutoencoderKL, params, images, latent_hw, source):
@@ -1325,9 +1325,11 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
   if img2img and scheduler_options and scheduler_options.get("a1111"):
-    # A1111's DDIM / PLMS / UniPC forms are its text-to-image ones (its img2img starts them
-    # off by an entry)
-    scheduler_options = {k: v for k, v in scheduler_options.items() if k != "a1111"} or None
+    if mode is not None or denoising_start is not None:  # inpainting, a handoff: diffusers'
+      scheduler_options = {k: v for k, v in scheduler_options.items() if k != "a1111"} or None
+    elif 0.0 < strength <= 1.0:  # A1111's DDIM / PLMS / UniPC img2img: its own t_enc
+      scheduler_options = {**scheduler_options,
+                           schedulers.A1111_IMG2IMG: int(min(strength, 0.999) * int(steps))}
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
                                    options=model_schedule(pipe, scheduler_options))
   if sched.text_to_image_only and (img2img or denoising_start is not None
@@ -1636,9 +1638,9 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   hires scheduler has no such type: as A1111's "Use same scheduler", it then uses its own);
   `hires.schedule_type` replaces whatever placed the first pass's."""
   hires.check()
-  # Listed levels are the first pass's; A1111's DDIM form is its text-to-image one.
+  # Listed levels are the first pass's.
   scheduler_options = {k: v for k, v in (scheduler_options or {}).items()
-                       if k not in ("sigmas", "timesteps", "a1111")} or None
+                       if k not in ("sigmas", "timesteps")} or None
   if hires.guidance_scale is not None:
     guidance_scale = hires.guidance_scale
   if hires.scheduler is not None and hires.scheduler != scheduler:
@@ -1653,6 +1655,11 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
     scheduler_options = scheduler_options or None
   n = hires.steps or steps
   total = int(n / min(hires.strength, 0.999))
+  # A1111's own DDIM / PLMS / UniPC (the `a1111` form, where the hires sampler has it): their
+  # img2img of t_enc = n - 1 (its sample_img2img with given steps), placed by the scheduler.
+  a1111 = bool((scheduler_options or {}).get("a1111"))
+  if a1111:
+    scheduler_options = {**scheduler_options, schedulers.A1111_IMG2IMG: n - 1}
   (h, w), crop = hires.layout(pipe, height, width)
   spec, state = prepare(pipe, batch, steps=total, scheduler=scheduler, height=h, width=w,
                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
@@ -1664,7 +1671,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   if spec.scheduler.text_to_image_only:  # the pass starts partway (its begin, set here)
     raise ValueError(f"scheduler {spec.scheduler.name!r} makes text-to-image runs only: give the "
                      "hires pass another (A1111's Hires sampler: hires_scheduler)")
-  begin = (total - n) * spec.scheduler.order
+  begin = 0 if a1111 else (total - n) * spec.scheduler.order
   # the first pass's tree device, where the hires sampler (maybe another) draws from a tree
   spec, state = _with_brownian(spec, state, brownian, begin, None)
   return dataclasses.replace(spec, begin=begin,

@@ -91,7 +91,7 @@ def sdjax_trajectory(scheduler, num_steps, init_noise, step_noises, *, begin=0, 
   @jax.jit
   def run(state, init_noise, step_noises):
     if init_sample is not None:
-      x = scheduler.add_noise(state, jnp.asarray(init_sample), init_noise, begin)
+      x = scheduler.img2img_noise(state, jnp.asarray(init_sample), init_noise, begin)
     else:
       x = init_noise * scheduler.init_noise_sigma(state)
 

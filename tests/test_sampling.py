@@ -247,6 +247,33 @@ def test_hires_pass_places_its_own_levels(pipes):
     np.testing.assert_array_equal(np.asarray(state.timesteps), np.asarray(want.timesteps))
 
 
+@pytest.mark.parametrize("name", ["ddim", "pndm", "unipc"])
+def test_hires_pass_of_a1111s_own_loops(pipes, name):
+  """A1111's DDIM / PLMS / UniPC in a hires pass (the `a1111` form): its sample_img2img with the
+  pass's n steps given, t_enc = n - 1 of a grid of int(n / strength) steps (the placement is
+  tests/test_scheduler_*'s img2img); with another hires sampler, that one's own form."""
+  _sd1_only(pipes)
+  _, pipe, _ = pipes
+  common = dict(steps=4, height=16, width=16, guidance_scale=GUIDANCE)
+  hires = sampling.Hires(2.0, 5, 0.5)
+  options = {"a1111": True}
+  spec, state = sampling.prepare_hires(pipe, 1, hires, scheduler=name, scheduler_options=options,
+                                       **common)
+  want_sched = schedulers.get_scheduler(name, pipe.scheduler_config,
+                                        options={**options, "a1111_img2img": 4})
+  want = want_sched.set_timesteps(10, sample_shape=(1, 4, 4, 4))  # 5 / 0.5 = 10 steps' grid
+  assert spec.begin == 0
+  np.testing.assert_array_equal(np.asarray(state.timesteps), np.asarray(want.timesteps))
+  assert state.start is not None
+  other = sampling.Hires(2.0, 5, 0.5, scheduler="euler")
+  spec, _ = sampling.prepare_hires(pipe, 1, other, scheduler=name, scheduler_options=options,
+                                   **common)
+  assert spec.begin == 5 and spec.scheduler.name == "euler"
+  image = pipe.generate(PROMPTS[:1], scheduler=name, scheduler_options=options, hires_scale=2.0,
+                        hires_steps=5, hires_strength=0.5, **common)
+  assert np.isfinite(image).all() and image.shape == (1, 32, 32, 3)
+
+
 def test_hires_model_must_take_the_latents():
   """A hires model continues the first pass's latents: the same channels and VAE scale, and a
   text-to-image UNet (an inpainting one would want a mask)."""
@@ -937,8 +964,8 @@ def test_decode_in_chunks(monkeypatch):
 def test_a1111_and_comfyui_unipc_in_a_run(pipes):
   """A1111's UniPC (`a1111`; bh1, order 3) runs text-to-image at its fractional timesteps, for
   epsilon and v models, another image than diffusers' form with the same settings, as does
-  ComfyUI's (`comfyui`); an img2img run of A1111's steps as diffusers' form (A1111's img2img
-  restarts its positions: not reproduced)."""
+  ComfyUI's (`comfyui`); an img2img run of A1111's, its img2img (`a1111_img2img`, set from the
+  strength: tests/test_scheduler_unipc.py), another than diffusers' form's too."""
   _, pipe, _ = pipes
   solver = {"solver_type": "bh1", "solver_order": 3}
   kw = dict(seed=5, guidance_scale=GUIDANCE, scheduler="unipc", steps=8, height=16, width=16)
@@ -948,6 +975,13 @@ def test_a1111_and_comfyui_unipc_in_a_run(pipes):
     assert np.isfinite(ours).all() and np.abs(ours - diffusers_form).max() > 1e-4, form
   images = np.random.default_rng(3).uniform(size=(1, 16, 16, 3)).astype(np.float32)
   kw.update(init_images=images, strength=0.5)
-  np.testing.assert_array_equal(
-      pipe.generate(PROMPTS[:1], scheduler_options={"a1111": True, **solver}, **kw),
-      pipe.generate(PROMPTS[:1], scheduler_options=solver, **kw))
+  ours = pipe.generate(PROMPTS[:1], scheduler_options={"a1111": True, **solver}, **kw)
+  diffusers_form = pipe.generate(PROMPTS[:1], scheduler_options=solver, **kw)
+  assert np.isfinite(ours).all() and np.abs(ours - diffusers_form).max() > 1e-4
+  spec, _ = sampling.prepare(pipe, 1, steps=8, scheduler="unipc", height=16, width=16,
+                             guidance_scale=GUIDANCE, img2img=True, strength=0.5,
+                             scheduler_options={"a1111": True, **solver})
+  assert spec.begin == 0 and spec.scheduler.name == "unipc"
+  with pytest.raises(ValueError, match="higher strength"):
+    pipe.generate(PROMPTS[:1], scheduler_options={"a1111": True, **solver},
+                  **{**kw, "strength": 0.3})

@@ -177,10 +177,11 @@ def test_bfloat16_sample_keeps_its_dtype_with_float32_math():
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(jnp.bfloat16)))
 
 
-def _a1111_ddim(config, steps, init, noises, eta=0.0):
+def _a1111_ddim(config, steps, init, noises, eta=0.0, image=None, t_enc=None):
   """A1111's own DDIM loop (modules/sd_samplers_timesteps_impl.ddim, 1.6+) over the fake
   model, restated in torch float32: timesteps range(0, 1000, 1000 // steps) + 1, a call at each
-  from the last down to the second, each stepping to the timestep before it."""
+  from the last down to the second, each stepping to the timestep before it. With `image` its
+  img2img (sample_img2img): the first t_enc timesteps, `image` noised to the next one's level."""
   import torch  # noqa: PLC0415
   from k_diffusion_reference import ldm_alphas_cumprod  # noqa: PLC0415
   from scheduler_harness import fake_model  # noqa: PLC0415
@@ -189,12 +190,16 @@ def _a1111_ddim(config, steps, init, noises, eta=0.0):
   if config.get("downcast_alphas_cumprod"):  # the float16 model's buffer (A1111 < 1.7.0-225)
     alphas_cumprod = alphas_cumprod.half()
   timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+  x, out = torch.from_numpy(init), []
+  if image is not None:
+    level = alphas_cumprod[timesteps[t_enc]]
+    x = torch.from_numpy(image) * torch.sqrt(level) + x * torch.sqrt(1 - level)
+    timesteps = timesteps[:t_enc]
   alphas = alphas_cumprod[timesteps]
   sqrt_one_minus_alphas = (1 - alphas).sqrt().float()  # in the buffer's dtype
   alphas = alphas.float()  # the rest in float32 (`.item() * s_x`)
   alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].float()
   sigmas = eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)) ** 0.5
-  x, out = torch.from_numpy(init), []
   for i in range(len(timesteps) - 1):
     index = len(timesteps) - 1 - i
     e_t = torch.from_numpy(fake_model(x.numpy(), float(timesteps[index])))
@@ -252,3 +257,30 @@ def test_a1111_form_with_float16_alphas():
                            "Version: v1.5.2").flags
   assert json.loads(old["scheduler_options"]) == {**options, "downcast_alphas_cumprod": "sd1_sd2"}
   assert old["pad_cond_uncond_v0"] == "true"  # what A1111 before 1.6.0 did too
+
+
+@pytest.mark.parametrize("steps,strength,options", [
+    (20, 0.6, {}), (30, 0.75, {"eta": 0.5}), (20, 0.5, {"downcast_alphas_cumprod": True})])
+def test_a1111_img2img(steps, strength, options):
+  """The `a1111` form's img2img (`a1111_img2img`: A1111's t_enc = int(strength * steps)): its
+  DDIM over the first t_enc timesteps (t_enc - 1 calls), the image noised to the level of the
+  timestep above the first call's, as its sample_img2img."""
+  from scheduler_harness import max_rel_error, sdjax_trajectory  # noqa: PLC0415
+
+  t_enc = int(strength * steps)
+  eta = options.get("eta", 0.0)
+  forms = {"a1111": True, "a1111_img2img": t_enc,
+           **{k: v for k, v in options.items() if k != "eta"}}
+  ours = get_scheduler("ddim", SD15, eta=eta, options=forms)
+  init, noises = make_noises(steps)
+  image = np.random.default_rng(7).standard_normal(init.shape).astype(np.float32)
+  got = sdjax_trajectory(ours, steps, init, noises, init_sample=image)
+  assert len(got) == t_enc - 1
+  want = _a1111_ddim({**SD15, **options}, steps, init, noises, eta, image=image, t_enc=t_enc)
+  err = max_rel_error(got, want)
+  print(f"\nA1111 DDIM img2img, {steps} steps at {strength}: {err:.2e}")
+  assert err <= TOL
+  # not at the first call's own level (where diffusers' img2img starts)
+  state = ours.set_timesteps(steps)
+  assert not np.allclose(np.asarray(ours.img2img_noise(state, image, init, 0)),
+                         np.asarray(ours.add_noise(state, image, init, 0)), rtol=1e-3)

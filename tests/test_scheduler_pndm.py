@@ -140,11 +140,12 @@ def test_bfloat16_sample_keeps_its_dtype_with_float32_math():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(jnp.bfloat16)))
 
 
-def _a1111_plms(config, steps, init):
+def _a1111_plms(config, steps, init, image=None, t_enc=None):
   """A1111's own PLMS loop (modules/sd_samplers_timesteps_impl.plms, 1.6+) over the fake model,
   restated in torch float32: its DDIM timesteps, a call at each from the last down to the second
   (the first step calling again at the next timestep, a pseudo improved Euler), the update
-  sqrt(a_prev) x0 + sqrt(1 - a_prev) eps. The sample after every call."""
+  sqrt(a_prev) x0 + sqrt(1 - a_prev) eps. The sample after every call. With `image` its
+  img2img (sample_img2img): the first t_enc timesteps, `image` noised to the next one's level."""
   import torch  # noqa: PLC0415
   from k_diffusion_reference import ldm_alphas_cumprod  # noqa: PLC0415
   from scheduler_harness import fake_model  # noqa: PLC0415
@@ -154,11 +155,15 @@ def _a1111_plms(config, steps, init):
   if config.get("downcast_alphas_cumprod"):  # the float16 model's buffer (A1111 < 1.7.0-225)
     alphas_cumprod = alphas_cumprod.half()
   timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+  x, out, old_eps = torch.from_numpy(init), [], []
+  if image is not None:
+    level = alphas_cumprod[timesteps[t_enc]]
+    x = torch.from_numpy(image) * torch.sqrt(level) + x * torch.sqrt(1 - level)
+    timesteps = timesteps[:t_enc]
   alphas = alphas_cumprod[timesteps]
   sqrt_one_minus_alphas = (1 - alphas).sqrt().float()  # in the buffer's dtype
   alphas = alphas.float()  # the rest in float32 (`.item() * s_x`)
   alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].float()
-  x, out, old_eps = torch.from_numpy(init), [], []
 
   def model(x, t):
     return torch.from_numpy(fake_model(x.numpy(), float(t)))
@@ -225,3 +230,22 @@ def test_a1111_form_with_float16_alphas():
   print(f"\nA1111 PLMS on float16 alphas: {err:.2e}")
   assert err <= TOL
   assert max_rel_error(got, _a1111_plms(SD15, 20, init)) > 100 * TOL
+
+
+@pytest.mark.parametrize("steps,strength,options", [
+    (20, 0.6, {}), (30, 0.4, {}), (20, 0.75, {"downcast_alphas_cumprod": True})])
+def test_a1111_img2img(steps, strength, options):
+  """The `a1111` form's img2img (`a1111_img2img`: A1111's t_enc): its PLMS over the first t_enc
+  timesteps, its first step calling twice, the image noised to the level above the first call's."""
+  from scheduler_harness import max_rel_error, sdjax_trajectory  # noqa: PLC0415
+
+  t_enc = int(strength * steps)
+  ours = get_scheduler("pndm", SD15, options={"a1111": True, "a1111_img2img": t_enc, **options})
+  init, noises = make_noises(steps + 2)
+  image = np.random.default_rng(7).standard_normal(init.shape).astype(np.float32)
+  got = sdjax_trajectory(ours, steps, init, noises, init_sample=image)
+  want = _a1111_plms({**SD15, **options}, steps, init, image=image, t_enc=t_enc)
+  assert len(got) == len(want) == t_enc
+  err = max_rel_error(got, want)
+  print(f"\nA1111 PLMS img2img, {steps} steps at {strength}: {err:.2e}")
+  assert err <= TOL

@@ -172,10 +172,12 @@ def _uni_pc(x, times, data, log_alpha, order, variant, lower_order_final=True):
 
 
 def _a1111_unipc(config, steps, init, order=3, variant="bh1", skip_type="time_uniform",
-                 lower_order_final=True):
+                 lower_order_final=True, image=None, t_enc=None):
   """A1111's UniPC (modules/sd_samplers_timesteps_impl.unipc over its uni_pc.UniPC, the UniPC
   authors' continuous-time code), restated in torch float32 over the fake model: the model's
-  input at every position after the first, then the result (as `sdjax_trajectory` records)."""
+  input at every position after the first, then the result (as `sdjax_trajectory` records).
+  With `image` its img2img (sample_img2img): t_enc steps from the last kept timestep's time,
+  `image` noised to the next timestep's level."""
   import torch  # noqa: PLC0415
   from k_diffusion_reference import _zero_snr, ldm_alphas_cumprod  # noqa: PLC0415
   from scheduler_harness import fake_model  # noqa: PLC0415
@@ -213,12 +215,18 @@ def _a1111_unipc(config, steps, init, order=3, variant="bh1", skip_type="time_un
 
   n = len(range(0, 1000, 1000 // steps))
   t_T, t_0 = 1.0, 1.0 / total
+  x = torch.from_numpy(init)
+  if image is not None:
+    grid = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+    level = buffer[grid[t_enc]]
+    x = torch.from_numpy(image) * torch.sqrt(level) + x * torch.sqrt(1 - level)
+    n, t_T = t_enc, grid[:t_enc][-1] / 1000 + 1 / 1000
   if skip_type == "time_uniform":
     times = torch.linspace(t_T, t_0, n + 1)
   elif skip_type == "time_quadratic":
     times = torch.linspace(t_T ** 0.5, t_0 ** 0.5, n + 1).pow(2)
   else:  # logSNR, through inverse_lambda
-    ends = [lam(torch.tensor(v)).item() for v in (t_T, t_0)]
+    ends = [lam(torch.tensor(v).reshape(1)).item() for v in (t_T, t_0)]
     la = -0.5 * torch.logaddexp(torch.zeros((1,)), -2.0 * torch.linspace(*ends, n + 1))
     times = interpolate(la.reshape(-1, 1), torch.flip(log_alphas, [1]).float(),
                         torch.flip(t_array, [1])).reshape(-1)
@@ -231,8 +239,7 @@ def _a1111_unipc(config, steps, init, order=3, variant="bh1", skip_type="time_un
       out = sqrt_a[i] * out + sqrt_1ma[i] * x
     return (x - torch.sqrt(1.0 - torch.exp(2.0 * log_alpha(t))) * out) / torch.exp(log_alpha(t))
 
-  inputs, x = _uni_pc(torch.from_numpy(init), times, data, log_alpha, order, variant,
-                      lower_order_final)
+  inputs, x = _uni_pc(x, times, data, log_alpha, order, variant, lower_order_final)
   return np.stack([*inputs, x.numpy()])
 
 
@@ -369,3 +376,32 @@ def test_a1111_unipc_settings_read_from_an_image():
   assert "bh1 and bh2" in dict(vary.notes)["scheduler"]
   old = infotext.reproduce(text + ", Version: v1.5.2")
   assert "before 1.6.0" in dict(old.notes)["scheduler"]
+
+
+@pytest.mark.parametrize("steps,strength,options", [
+    (20, 0.6, {}), (30, 0.5, {"prediction_type": "v_prediction"}),
+    (20, 0.75, {"skip_type": "logSNR", "downcast_alphas_cumprod": True})])
+def test_a1111_img2img(steps, strength, options):
+  """The `a1111` form's img2img (`a1111_img2img`: A1111's t_enc): t_enc steps from the time of the
+  last timestep it keeps, grid[t_enc - 1] / 1000 + 1 / 1000, the image noised to grid[t_enc]'s
+  level, as its sample_img2img."""
+  from scheduler_harness import make_noises, max_rel_error, sdjax_trajectory  # noqa: PLC0415
+
+  t_enc = int(strength * steps)
+  solver = {"solver_type": "bh1", "solver_order": 3}
+  config = {**SD15, **solver, **{k: v for k, v in options.items() if k != "downcast_alphas_cumprod"}}
+  forms = {"a1111": True, "a1111_img2img": t_enc,
+           **{k: v for k, v in options.items() if k == "downcast_alphas_cumprod"}}
+  ours = get_scheduler("unipc", config, options=forms)
+  init, noises = make_noises(steps)
+  image = np.random.default_rng(7).standard_normal(init.shape).astype(np.float32)
+  got = sdjax_trajectory(ours, steps, init, noises, init_sample=image)
+  want = _a1111_unipc({**SD15, **options}, steps, init, skip_type=options.get(
+      "skip_type", "time_uniform"), image=image, t_enc=t_enc)
+  assert len(got) == len(want) == t_enc
+  err = max_rel_error(got, want)
+  print(f"\nA1111 UniPC img2img, {steps} steps at {strength} {options}: {err:.2e}")
+  assert err <= TOL
+  with pytest.raises(ValueError, match="higher strength"):
+    get_scheduler("unipc", config, options={**forms, "a1111_img2img": 2}).set_timesteps(
+        steps, sample_shape=SHAPE)

@@ -12,6 +12,7 @@ from typing import Any
 
 from sdjax.schedulers import sigma_schedules
 from sdjax.schedulers.common import (
+  A1111_IMG2IMG,
   A1111_TIMESTEP_SAMPLERS,
   UNIPC_SKIP_TYPES,
   Scheduler,
@@ -202,6 +203,7 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
 
 
 __all__ = [
+    "A1111_IMG2IMG",
     "A1111_TIMESTEP_SAMPLERS",
     "BROWNIAN_FAMILIES",
     "DOWNCAST_ALPHAS_CUMPROD",

@@ -193,6 +193,11 @@ def zero_snr_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
 
 # The schedulers A1111 runs over training timesteps (its sd_samplers_timesteps), by sdjax name.
 A1111_TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc")
+# Their `a1111` form's state-only option for an img2img or hires run (`sampling` sets it): A1111's
+# t_enc. Its sample_img2img runs them over the first t_enc timesteps of the text-to-image grid,
+# the image noised to the level of the timestep after those (grid[t_enc]), one above the first
+# UNet call's.
+A1111_IMG2IMG = "a1111_img2img"
 # A1111's UniPC skip types (its "UniPC skip type" setting, UniPC's `skip_type` option in its
 # `a1111` form): its positions uniform in t, in sqrt(t) or in logSNR.
 UNIPC_SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")
@@ -294,6 +299,12 @@ class Scheduler:
     """Noises a clean sample to the level of position `i` (img2img's starting latent)."""
     raise NotImplementedError
 
+  def img2img_noise(self, state, original_samples, noise, i):
+    """The starting latent of an img2img or hires run whose first position is `i`: the clean
+    sample noised to that position's level (`add_noise`), or A1111's own level in its `a1111`
+    form (its DDIM, PLMS and UniPC noise to the timestep above their first call's)."""
+    return self.add_noise(state, original_samples, noise, i)
+
   def program(self) -> Scheduler:
     """The scheduler as the compiled sampling program sees it (its jit-static part).
 
@@ -314,6 +325,8 @@ class Scheduler:
     its sd_samplers_common.setup_img2img_steps); in the `comfyui` form ComfyUI's (the last n of
     int(n / strength): its KSampler.set_steps). A list of sigmas or timesteps: diffusers'."""
     n, config = num_inference_steps, self.cfg
+    if config.get(A1111_IMG2IMG) is not None:  # A1111's own loops: its img2img positions only
+      return n, 0
     if all(config.get(key) is None for key in ("sigmas", "timesteps")):
       if config.get("comfyui"):
         total = int(n / strength) if strength <= 0.9999 else n

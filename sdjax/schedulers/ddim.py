@@ -20,6 +20,7 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  A1111_IMG2IMG,
   Scheduler,
   SchedulerConfigError,
   hashable_config,
@@ -32,11 +33,12 @@ from sdjax.schedulers.euler import check_choice
 from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD, form_alphas_cumprod
 
 SPACINGS = ("leading", "trailing", "linspace")
-# sdjax's option to step as AUTOMATIC1111 (1.6+) runs DDIM in text-to-image
+# sdjax's option to step as AUTOMATIC1111 (1.6+) runs DDIM
 # (modules/sd_samplers_timesteps_impl.ddim): over the timesteps range(0, 1000, 1000 // steps) + 1,
 # from the last down to the second, each step to the one before it: one UNet call fewer than
 # the timesteps (19 for 20 steps; 30 for 30, whose spacing 33 makes 31), ending at timestep 1's
-# level rather than at alphas_cumprod[0]. `infotext` sets it for A1111's DDIM images.
+# level rather than at alphas_cumprod[0]; in img2img over the first t_enc of them
+# (`A1111_IMG2IMG`). `infotext` sets it for A1111's DDIM images.
 A1111 = "a1111"
 
 
@@ -93,17 +95,59 @@ def discrete_timesteps(config: dict[str, Any], num_inference_steps: int) -> np.n
   return timesteps
 
 
-def a1111_timesteps(config: dict[str, Any], num_inference_steps: int):
-  """A1111's DDIM positions: (int64 timesteps of its UNet calls, each step's previous timestep),
-  descending."""
+def a1111_grid(config: dict[str, Any], num_inference_steps: int):
+  """A1111's timesteps for its timestep samplers, ascending (int64; its get_timesteps:
+  range(0, 1000, 1000 // steps) + 1), and the timestep its img2img noises to (None in
+  text-to-image); with `A1111_IMG2IMG` in `config`, the first t_enc of them only."""
   n_train = int(config["num_train_timesteps"])
   if not 1 <= num_inference_steps <= n_train:
     raise ValueError(f"num_inference_steps must be in [1, {n_train}], got {num_inference_steps}")
   grid = np.clip(np.arange(0, n_train, n_train // num_inference_steps) + 1, 0, n_train - 1)
+  t_enc = config.get(A1111_IMG2IMG)
+  if t_enc is None:
+    return grid.astype(np.int64), None
+  if not 0 < t_enc < len(grid):
+    raise ValueError(f"A1111's img2img of {num_inference_steps} steps keeps t_enc = {t_enc} "
+                     f"timesteps (1 to {len(grid) - 1}): give a higher strength or more steps")
+  return grid[:t_enc].astype(np.int64), int(grid[t_enc])
+
+
+def a1111_timesteps(config: dict[str, Any], num_inference_steps: int):
+  """A1111's DDIM positions: (int64 timesteps of its UNet calls, each step's previous timestep),
+  descending."""
+  grid, _ = a1111_grid(config, num_inference_steps)
   if len(grid) < 2:
-    raise ValueError("A1111's DDIM makes one UNet call fewer than its timesteps: give at least "
-                     "2 steps")
+    raise ValueError("A1111's DDIM and PLMS make one UNet call fewer than their timesteps: give "
+                     "at least 2 steps" + (" (of img2img: a higher strength)"
+                                           if config.get(A1111_IMG2IMG) is not None else ""))
   return grid[1:][::-1].astype(np.int64), grid[:-1][::-1].astype(np.int64)
+
+
+def a1111_start(config: dict[str, Any], alphas_cumprod: np.ndarray, num_inference_steps: int):
+  """float32 (sqrt(alpha), sqrt(1 - alpha)) of A1111's img2img noising (`A1111_IMG2IMG`), its
+  torch.sqrt of its model's alphas_cumprod (float16 where `downcast_alphas_cumprod`), or None."""
+  _, t = a1111_grid(config, num_inference_steps)
+  if t is None:
+    return None
+  alpha = alphas_cumprod[t:t + 1]
+  if config.get(DOWNCAST_ALPHAS_CUMPROD):
+    root = np.sqrt(alpha.astype(np.float16)).astype(np.float32)
+  else:
+    root = np.sqrt(alpha)
+  return f32(root[0]), f32(sqrt_one_minus(config, alpha)[0])
+
+
+class A1111Start:
+  """For the schedulers of A1111's own loops (DDIM, PLMS, UniPC), whose state's `start` is None or
+  A1111's img2img noising (`a1111_start`): the image noised to that level."""
+
+  def img2img_noise(self, state, original_samples, noise, i):
+    if state.start is None:
+      return super().img2img_noise(state, original_samples, noise, i)
+    original = original_samples.astype(jnp.float32)
+    noise = noise.astype(jnp.float32)
+    noisy = rounded(state.start[0] * original) + rounded(state.start[1] * noise)
+    return noisy.astype(original_samples.dtype)
 
 
 def alpha_prod_at(alphas_cumprod: np.ndarray, timesteps: np.ndarray, final: np.float32):
@@ -149,6 +193,7 @@ class DDIMState:
     sqrt_alpha_prev: [n] sqrt(alpha_prod_{t_prev}).
     direction_coeff: [n] sqrt(1 - alpha_prod_{t_prev} - std^2), the weight of the predicted noise.
     noise_std: [n] eta * sigma_t, the weight of fresh noise (0 when eta = 0).
+    start: None, or A1111's img2img noising (`a1111_start`).
   """
 
   timesteps: jnp.ndarray
@@ -157,6 +202,7 @@ class DDIMState:
   sqrt_alpha_prev: jnp.ndarray
   direction_coeff: jnp.ndarray
   noise_std: jnp.ndarray
+  start: tuple[jnp.ndarray, jnp.ndarray] | None = None
 
 
 class EtaInState:
@@ -174,7 +220,7 @@ class EtaInState:
 
 
 @dataclasses.dataclass(frozen=True)
-class DDIMScheduler(EtaInState, Scheduler):
+class DDIMScheduler(A1111Start, EtaInState, Scheduler):
   """diffusers' `DDIMScheduler`, with diffusers' `step(eta=...)` as the sdjax option `eta`.
 
   `from_config(config, eta=0.3)` makes it stochastic (it then needs noise at every step), as
@@ -183,7 +229,7 @@ class DDIMScheduler(EtaInState, Scheduler):
 
   name = "ddim"
   order = 1
-  schedule_options = (A1111, DOWNCAST_ALPHAS_CUMPROD)
+  schedule_options = (A1111, A1111_IMG2IMG, DOWNCAST_ALPHAS_CUMPROD)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -240,6 +286,8 @@ class DDIMScheduler(EtaInState, Scheduler):
       sqrt_alpha_prev=f32(np.sqrt(alpha_prev)),
       direction_coeff=f32(np.sqrt(1 - alpha_prev - std * std)),
       noise_std=f32(std),
+      start=a1111_start(config, alphas_cumprod, num_inference_steps) if config.get(A1111)
+      else None,
     )
 
   def init_noise_sigma(self, state):

@@ -22,6 +22,7 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  A1111_IMG2IMG,
   Scheduler,
   SchedulerConfigError,
   hashable_config,
@@ -31,6 +32,8 @@ from sdjax.schedulers.common import (
 )
 from sdjax.schedulers.ddim import (
   A1111,
+  A1111Start,
+  a1111_start,
   a1111_timesteps,
   alpha_prod_at,
   check_discrete,
@@ -59,6 +62,7 @@ class PNDMState:
     cur_sample: the sample the current multi-call step started from.
     cur_model_output: the running Runge-Kutta sum (PRK only).
     counter: int32 model calls made so far.
+    start: None, or A1111's img2img noising (`ddim.a1111_start`).
   """
 
   timesteps: jnp.ndarray
@@ -73,10 +77,11 @@ class PNDMState:
   cur_sample: jnp.ndarray
   cur_model_output: jnp.ndarray
   counter: jnp.ndarray
+  start: tuple[jnp.ndarray, jnp.ndarray] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
-class PNDMScheduler(Scheduler):
+class PNDMScheduler(A1111Start, Scheduler):
   """diffusers' `PNDMScheduler` (both the PRK warm-up and the `skip_prk_steps` PLMS path)."""
 
   name = "pndm"
@@ -84,7 +89,7 @@ class PNDMScheduler(Scheduler):
   # A1111's PLMS (modules/sd_samplers_timesteps_impl.plms): the PLMS path over A1111's DDIM
   # timesteps (`ddim.A1111`), its first step's second call at the next one, its last step to
   # timestep 1's level: one call more than those timesteps less one.
-  schedule_options = (A1111, DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR)
+  schedule_options = (A1111, A1111_IMG2IMG, DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -185,6 +190,8 @@ class PNDMScheduler(Scheduler):
       cur_sample=jnp.asarray(buffer),
       cur_model_output=jnp.asarray(buffer),
       counter=jnp.zeros([], jnp.int32),
+      start=a1111_start(config, alphas_cumprod, num_inference_steps) if config.get(A1111)
+      else None,
     )
 
   def init_noise_sigma(self, state):

@@ -37,6 +37,7 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  A1111_IMG2IMG,
   UNIPC_SKIP_TYPES,
   Scheduler,
   SchedulerConfigError,
@@ -54,7 +55,12 @@ from sdjax.schedulers.common import (
   true_divide,
   vp_alpha_sigma,
 )
-from sdjax.schedulers.ddim import A1111
+from sdjax.schedulers.ddim import (
+  A1111,
+  A1111Start,
+  a1111_grid,
+  a1111_start,
+)
 from sdjax.schedulers.dpmpp import VPDataPrediction, multistep_timesteps
 from sdjax.schedulers.euler import (
   as_f32,
@@ -101,6 +107,7 @@ class UniPCState:
       timestep, float32 of ldm's float64 buffers).
     init_scale, final_alpha: [] or None: in the `comfyui` form, the scale of unit noise into the
       first latent and the alpha_t the result is divided by.
+    start: None, or in the `a1111` form's img2img A1111's noising (`ddim.a1111_start`).
   """
 
   timesteps: jnp.ndarray
@@ -125,6 +132,7 @@ class UniPCState:
   v_eps: jnp.ndarray | None = None
   init_scale: jnp.ndarray | None = None
   final_alpha: jnp.ndarray | None = None
+  start: tuple[jnp.ndarray, jnp.ndarray] | None = None
 
 
 def _rhos(rks: np.ndarray, hh: np.float32, b_h: np.float32, order: int, corrector: bool):
@@ -212,11 +220,11 @@ class _A1111Times:
 
 
 @dataclasses.dataclass(frozen=True)
-class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
+class UniPCMultistepScheduler(A1111Start, VPDataPrediction, Scheduler):
   """diffusers' `UniPCMultistepScheduler` (predict_x0, B(h) solvers)."""
 
   name = "unipc"
-  schedule_options = (*SCHEDULE_OPTIONS, DOWNCAST_ALPHAS_CUMPROD)
+  schedule_options = (*SCHEDULE_OPTIONS, A1111_IMG2IMG, DOWNCAST_ALPHAS_CUMPROD)
   order = 1  # model calls per step; the solver's order is config["solver_order"]
   needs_noise = False
 
@@ -297,25 +305,31 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     return cls(config=hashable_config(config))
 
   def _a1111_positions(self, num_inference_steps: int):
-    """A1111's (float32 UNet timesteps [n], alpha_t, sigma_t, lambda_t [n + 1], v_eps or None)."""
+    """A1111's (float32 UNet timesteps [n], alpha_t, sigma_t, lambda_t [n + 1], v_eps or None,
+    its img2img noising or None). Its img2img (`A1111_IMG2IMG`: t_enc) runs t_enc steps from
+    the continuous time of the last timestep it keeps, grid[t_enc - 1] / 1000 + 1 / 1000, the
+    image noised to grid[t_enc]'s level."""
     config = self.cfg
-    n_train = int(config["num_train_timesteps"])
-    if not 1 <= num_inference_steps <= n_train:
-      raise ValueError(f"num_inference_steps must be in [1, {n_train}], got {num_inference_steps}")
-    steps = len(range(0, n_train, n_train // num_inference_steps))  # A1111's timestep grid
+    grid, noise_t = a1111_grid(config, num_inference_steps)  # A1111's timestep grid
+    steps = len(grid)
     if steps < int(config["solver_order"]):
-      raise ValueError(f"A1111's UniPC of order {config['solver_order']} needs at least as "
-                       f"many steps, got {num_inference_steps}")
-    vp = _A1111Times(form_alphas_cumprod(config, "a1111"))
-    t = vp.times(config["skip_type"], steps)
+      raise ValueError(f"A1111's UniPC of order {config['solver_order']} needs at least as many "
+                       f"steps, got {steps}" + (" (of img2img: give a higher strength)"
+                                                if noise_t is not None else ""))
+    alphas_cumprod = form_alphas_cumprod(config, "a1111")
+    vp = _A1111Times(alphas_cumprod)
+    t_start = 1.0 if noise_t is None else float(
+        np.float32(np.float32(grid[-1]) / _F32(1000.0)) + _F32(1.0 / 1000))
+    t = vp.times(config["skip_type"], steps, t_start)
     alpha_t, sigma_t, lambdas = vp.alpha_sigma_lambda(t)
     timesteps = (t[:-1] - _F32(1.0 / vp.n)) * _F32(1000.0)
     v_eps = None
     if config["prediction_type"] == "v_prediction":  # ldm's float32 sqrt buffers, at int(t)
       alphas = ldm_alphas_cumprod(config)
-      index = np.clip(timesteps.astype(np.int64), 0, n_train - 1)  # truncated, as .to(int)
+      index = np.clip(timesteps.astype(np.int64), 0, len(alphas) - 1)  # truncated, as .to(int)
       v_eps = np.stack([np.sqrt(alphas), np.sqrt(1.0 - alphas)]).astype(_F32)[:, index]
-    return timesteps.astype(_F32), alpha_t, sigma_t, lambdas, v_eps
+    start = a1111_start(config, alphas_cumprod.astype(_F32), num_inference_steps)
+    return timesteps.astype(_F32), alpha_t, sigma_t, lambdas, v_eps, start
 
   def _comfyui_positions(self, num_inference_steps: int):
     """ComfyUI's (whole UNet timesteps [n], alpha_t, sigma_t, lambda_t [n + 1], the scale of
@@ -365,9 +379,10 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
     if sample_shape is None:
       raise ValueError("unipc keeps earlier model outputs: pass "
                        "set_timesteps(num_inference_steps, sample_shape=latents.shape)")
-    v_eps = init_scale = final_alpha = None
+    v_eps = init_scale = final_alpha = start = None
     if config[A1111]:
-      timesteps, alpha_t, sigma_t, lambdas, v_eps = self._a1111_positions(num_inference_steps)
+      timesteps, alpha_t, sigma_t, lambdas, v_eps, start = self._a1111_positions(
+          num_inference_steps)
     elif config[COMFYUI]:
       timesteps, alpha_t, sigma_t, lambdas, init_scale, final_alpha = self._comfyui_positions(
           num_inference_steps)
@@ -431,6 +446,7 @@ class UniPCMultistepScheduler(VPDataPrediction, Scheduler):
       v_eps=None if v_eps is None else jnp.asarray(v_eps),
       init_scale=None if init_scale is None else jnp.asarray(init_scale),
       final_alpha=None if final_alpha is None else jnp.asarray(final_alpha),
+      start=start,
     )
 
   def init_noise_sigma(self, state):
