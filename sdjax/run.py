@@ -146,6 +146,7 @@ class RunConfig:
   lora_dir: str | None = None  # a1111: where <lora:name:w> tags find name.safetensors
   emphasis: str = "Original"  # a1111: A1111's emphasis mode (`prompts.EMPHASIS_MODES`)
   strength: float = 0.75  # img2img lines (jsonl init_image): A1111's denoising strength
+  noise_multiplier: float = 1.0  # img2img lines: A1111's Noise multiplier of the initial noise
   # Inpainting lines (jsonl mask_image), as A1111: the mask's blur radius; "Only masked" (the
   # masked box, padded, generated at the run's size and pasted back) or the whole picture. The
   # original's pixels are pasted back outside the mask either way (`sdjax.masks`).
@@ -388,6 +389,8 @@ def validate(cfg: RunConfig) -> None:
                    "--prompt_syntax a1111")
   if not 0.0 < cfg.strength <= 1.0:
     raise RunError(f"--strength must be in (0, 1], got {cfg.strength}")
+  if not 0.0 <= cfg.noise_multiplier < math.inf:
+    raise RunError(f"--noise_multiplier must be a number >= 0, got {cfg.noise_multiplier}")
   if cfg.resize_mode not in outputs.RESIZE_MODES:
     raise RunError(f"--resize_mode must be one of {', '.join(outputs.RESIZE_MODES)}, "
                    f"got {cfg.resize_mode!r}")
@@ -559,6 +562,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["emphasis"] = cfg.emphasis
   if cfg.strength != RunConfig.strength:  # img2img lines' pixels depend on it
     settings["strength"] = cfg.strength
+  if cfg.noise_multiplier != 1.0:
+    settings["noise_multiplier"] = cfg.noise_multiplier
   if cfg.resize_mode != RunConfig.resize_mode:
     settings["resize_mode"] = cfg.resize_mode
   if _mask_options(cfg) != _mask_options(RunConfig()):  # inpainting lines' pixels depend on it
@@ -1401,7 +1406,8 @@ class _Sampler:
                     clip_skip=schedule.clip_skip - 1 or None,  # diffusers' count
                     scheduler_options=line_options(cfg, pipe, scheduler, schedule.schedule_type,
                                                    schedule.scheduler_options) or None)
-      extra = dict(img2img=True, strength=strength) if img2img else {}
+      extra = dict(img2img=True, strength=strength,
+                   noise_multiplier=cfg.noise_multiplier) if img2img else {}
       if pipe.controlnet is not None:
         extra["control"] = True
         extra["control_guess"] = sampling.uses_guess_mode(pipe.controlnet,
@@ -1410,7 +1416,8 @@ class _Sampler:
       if inpaint:
         extra["masked_content"] = cfg.inpainting_fill
       if sampling.repaints_everything(pipe, inpaint, hires, refiner):  # lines without masks
-        extra, inpaint = dict(img2img=True, strength=strength if img2img else 1.0), True
+        extra, inpaint = dict(img2img=True, strength=strength if img2img else 1.0,
+                              noise_multiplier=cfg.noise_multiplier if img2img else 1.0), True
       try:
         spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
                                        denoising_end=cfg.refiner_start if refiner else None)
@@ -2038,6 +2045,8 @@ class _Metadata:
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image, "strength": strength} if job.init_image else {}),
+        **({"noise_multiplier": cfg.noise_multiplier}
+           if job.init_image and cfg.noise_multiplier != 1.0 else {}),
         **({"resize_mode": cfg.resize_mode} if job.init_image and cfg.resize_mode != "just"
            else {}),
         **({"mask_image": job.mask_image, **self._mask_record()} if job.mask_image else {}),
@@ -2135,6 +2144,8 @@ class _Metadata:
                   and scheduler not in sampling.schedulers.ETA_SCHEDULERS else {}),
                **self._a1111_schedule(options),
                **({"Denoising strength": strength} if job.init_image else {}),
+               **({"Noise multiplier": cfg.noise_multiplier}
+                  if job.init_image and cfg.noise_multiplier != 1.0 else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(

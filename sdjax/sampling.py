@@ -103,6 +103,9 @@ class SampleSpec:
   # the initial noise ("latent noise") or zeros ("latent nothing"), A1111's "Masked content";
   # else "original" (`masks.MASKED_CONTENT`; "fill" is host work).
   masked_content: str = "original"
+  # A1111's Noise multiplier for img2img (its initial_noise_multiplier): an img2img or inpainting
+  # run's initial noise times this before it noises the image (not a hires pass's); 1: off.
+  noise_multiplier: float = 1.0
   # A ControlNet steers the UNet (`nets.controlnet`; sample_fn's `control`); `control_guess`:
   # diffusers' guess mode (the ControlNets skip the unconditional rows, residuals scaled 0.1-1).
   control: bool = False
@@ -856,6 +859,8 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, source, noise
   """Pure noise, a noised encoding of init images (img2img), or given latents (handoff; the
   image latents of an inpainting run, pure noise at strength 1)."""
   sched = spec.scheduler
+  if spec.noise_multiplier != 1.0 and spec.upscale is None and not spec.init_latents:
+    noise = noise * jnp.float32(spec.noise_multiplier)  # A1111's Noise multiplier (img2img)
   if spec.inpaint is not None:
     if spec.begin == 0:
       return noise * sched.init_noise_sigma(state)
@@ -1285,7 +1290,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             scheduler_options: dict[str, Any] | None = None, control: bool = False,
             control_guess: bool = False, rng: str = "jax", ensd: int = 0,
             seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
-            step_rng: str | None = None, seed_high: int = 0):
+            step_rng: str | None = None, seed_high: int = 0, noise_multiplier: float = 1.0):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -1296,7 +1301,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   is pure noise, none matters). `scheduler_options` override the scheduler's config
   (`schedulers.get_scheduler`). `rng`: where the noise comes from (RNGS); `ensd`: A1111's
   Eta noise seed delta (`SampleSpec.ensd`); `seed_resize_from`: A1111's "Resize seed from"
-  (width, height) in pixels (`SampleSpec.seed_resize`; None or a 0 side: off); `brownian`: the
+  (width, height) in pixels (`SampleSpec.seed_resize`; None or a 0 side: off);
+  `noise_multiplier`: A1111's Noise multiplier of an img2img run (`SampleSpec.noise_multiplier`);
+  `brownian`: the
   device of the Brownian tree an SDE sampler's noise comes from (`BrownianNoise`; other
   schedulers ignore it), or None; `step_rng`: a generator of its own for the steps' fresh noise
   (`SampleSpec.step_rng`); `seed_high`: the seeds' high 32 bits (`SampleSpec.seed_high`).
@@ -1322,6 +1329,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                      f"{ensd!r}")
   if not (isinstance(seed_high, int | np.integer) and 0 <= seed_high < 2**32):
     raise ValueError(f"seed_high must be an integer in [0, 2**32), got {seed_high!r}")
+  if not (isinstance(noise_multiplier, int | float | np.floating)
+          and 0 <= noise_multiplier < math.inf):
+    raise ValueError(f"noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
   if img2img and scheduler_options and scheduler_options.get("a1111"):
@@ -1369,7 +1379,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     ("latent noise", "latent nothing") else "original", control=control,
                     control_guess=control and control_guess, rng=rng, ensd=int(ensd),
                     seed_resize=seed_resize_latents(pipe, seed_resize_from), step_rng=step_rng,
-                    seed_high=int(seed_high))
+                    seed_high=int(seed_high),
+                    noise_multiplier=float(noise_multiplier) if img2img else 1.0)
   if "torch_cpu" in (rng, brownian, step_rng):
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
   check_brownian(brownian)
@@ -1759,6 +1770,7 @@ def generate(
     brownian: str | None = None,
     step_rng: str | None = None,
     seed_high: int = 0,
+    noise_multiplier: float = 1.0,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1862,7 +1874,11 @@ def generate(
                               or seed_resize_from is not None and min(seed_resize_from) > 0):
     raise ValueError("subseed and seed_resize_from remake the seeds' noise: give seed, not "
                      "latents")
+  if noise_multiplier != 1.0 and init_images is None:
+    raise ValueError("noise_multiplier is img2img's (A1111's Noise multiplier): give "
+                     "init_images too")
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
+                        noise_multiplier=noise_multiplier,
                         denoising_end=refiner_start if refiner is not None else None,
                         inpaint=mask_images is not None, masked_content=masked_content,
                         control=controlnet is not None,

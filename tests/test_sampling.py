@@ -274,6 +274,28 @@ def test_hires_pass_of_a1111s_own_loops(pipes, name):
   assert np.isfinite(image).all() and image.shape == (1, 32, 32, 3)
 
 
+def test_noise_multiplier(pipes):
+  """A1111's Noise multiplier for img2img: the initial noise times it before it noises the
+  image (not a hires pass's); only img2img takes it; an image's field reads back as the flag."""
+  _sd1_only(pipes)
+  _, pipe, _ = pipes
+  from sdjax import infotext  # noqa: PLC0415
+
+  images = np.random.default_rng(3).uniform(size=(1, 16, 16, 3)).astype(np.float32)
+  noise = np.random.default_rng(4).standard_normal((1, 8, 8, 4)).astype(np.float32)
+  kw = dict(guidance_scale=GUIDANCE, scheduler="euler", steps=4, init_images=images,
+            strength=0.75)
+  scaled = pipe.generate(PROMPTS[:1], latents=noise, noise_multiplier=0.7, **kw)
+  np.testing.assert_array_equal(scaled, pipe.generate(PROMPTS[:1], latents=noise * np.float32(
+      0.7), **kw))
+  assert np.abs(scaled - pipe.generate(PROMPTS[:1], latents=noise, **kw)).max() > 1e-3
+  with pytest.raises(ValueError, match="noise_multiplier is img2img's"):
+    pipe.generate(PROMPTS[:1], noise_multiplier=0.7, steps=2, height=16, width=16)
+  flags = infotext.reproduce("a cat\nSteps: 20, Sampler: Euler, Seed: 1, Denoising strength: "
+                             "0.5, Noise multiplier: 0.8").flags
+  assert flags["noise_multiplier"] == "0.8"
+
+
 def test_hires_model_must_take_the_latents():
   """A hires model continues the first pass's latents: the same channels and VAE scale, and a
   text-to-image UNet (an inpainting one would want a mask)."""
