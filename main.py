@@ -67,6 +67,8 @@ flags.DEFINE_float("strength", 0.75, "img2img and inpainting (jsonl lines with a
                    "the image)")
 flags.DEFINE_float("noise_multiplier", 1.0, "img2img and inpainting: the initial noise times "
                    "this before it noises the init image, A1111's Noise multiplier for img2img")
+flags.DEFINE_float("extra_noise", 0.0, "img2img and the hires fix: their start's noise again, "
+                   "times this, A1111's Extra noise multiplier for img2img and hires fix (0: off)")
 flags.DEFINE_enum("resize_mode", "just", ["just", "crop", "fill"], "img2img and inpainting: "
                   "how an init_image of another aspect meets the image size, A1111's Just "
                   "resize (stretched), Crop and resize (covered, the excess cut) or Resize and "
@@ -340,7 +342,7 @@ def _run_config() -> run.RunConfig:
       styles_file=FLAGS.styles_file, styles=tuple(FLAGS.style), clip_skip=FLAGS.clip_skip,
       max_generations=FLAGS.max_generations,
       lora_dir=FLAGS.lora_dir, emphasis=FLAGS.emphasis, strength=FLAGS.strength,
-      noise_multiplier=FLAGS.noise_multiplier,
+      noise_multiplier=FLAGS.noise_multiplier, extra_noise=FLAGS.extra_noise,
       resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur,
       inpaint_full_res=FLAGS.inpaint_full_res,
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,

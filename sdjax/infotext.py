@@ -52,7 +52,8 @@ _ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
                "NGMS": "s_min_uncond", "Skip Early CFG": "skip_early_cond",
                "PerturbedAttentionGuidance_scale": "pag_scale",
                "PerturbedAttentionGuidance_adaptive_scale": "pag_adaptive_scale",
-               "Seed high": "seed_high", "Noise multiplier": "noise_multiplier"}
+               "Seed high": "seed_high", "Noise multiplier": "noise_multiplier",
+               "Extra noise": "extra_noise"}
 
 # A1111's RNG sources: --rng.
 _RNGS = {"CPU": "torch_cpu", "NV": "nv"}

@@ -384,7 +384,8 @@ class Pipeline:
                pad_cond_uncond: bool = False, pad_cond_uncond_v0: bool = False,
                old_prompt_editing_timelines: bool = False,
                brownian: str | None = None, step_rng: str | None = None,
-               seed_high: int = 0, noise_multiplier: float = 1.0) -> np.ndarray:
+               seed_high: int = 0, noise_multiplier: float = 1.0,
+               extra_noise: float = 0.0) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -442,6 +443,8 @@ class Pipeline:
         "torch_cpu"; None: `rng`'s (after the initial noise).
       noise_multiplier: A1111's "Noise multiplier for img2img": an img2img or inpainting run's
         initial noise times this before it noises the init images (1: off).
+      extra_noise: A1111's "Extra noise multiplier for img2img and hires fix": such a pass's
+        start gets its noise again, times this, in k-diffusion's x (0: off).
       seed_high: the high 32 bits of the seeds (`seed` gives the low ones): ComfyUI's seeds are
         64-bit, and what takes a seed whole uses them (the Brownian tree's SeedSequence, CUDA's
         generator key); torch's CPU generator and JAX's keys take the low 32 bits.
@@ -684,7 +687,7 @@ class Pipeline:
         pad_cond_uncond=pad_cond_uncond, pad_cond_uncond_v0=pad_cond_uncond_v0,
         old_prompt_editing_timelines=old_prompt_editing_timelines,
         brownian=brownian, step_rng=step_rng, seed_high=seed_high,
-        noise_multiplier=noise_multiplier)
+        noise_multiplier=noise_multiplier, extra_noise=extra_noise)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

@@ -147,6 +147,7 @@ class RunConfig:
   emphasis: str = "Original"  # a1111: A1111's emphasis mode (`prompts.EMPHASIS_MODES`)
   strength: float = 0.75  # img2img lines (jsonl init_image): A1111's denoising strength
   noise_multiplier: float = 1.0  # img2img lines: A1111's Noise multiplier of the initial noise
+  extra_noise: float = 0.0  # img2img lines and hires passes: A1111's Extra noise
   # Inpainting lines (jsonl mask_image), as A1111: the mask's blur radius; "Only masked" (the
   # masked box, padded, generated at the run's size and pasted back) or the whole picture. The
   # original's pixels are pasted back outside the mask either way (`sdjax.masks`).
@@ -389,8 +390,9 @@ def validate(cfg: RunConfig) -> None:
                    "--prompt_syntax a1111")
   if not 0.0 < cfg.strength <= 1.0:
     raise RunError(f"--strength must be in (0, 1], got {cfg.strength}")
-  if not 0.0 <= cfg.noise_multiplier < math.inf:
-    raise RunError(f"--noise_multiplier must be a number >= 0, got {cfg.noise_multiplier}")
+  for name in ("noise_multiplier", "extra_noise"):
+    if not 0.0 <= getattr(cfg, name) < math.inf:
+      raise RunError(f"--{name} must be a number >= 0, got {getattr(cfg, name)}")
   if cfg.resize_mode not in outputs.RESIZE_MODES:
     raise RunError(f"--resize_mode must be one of {', '.join(outputs.RESIZE_MODES)}, "
                    f"got {cfg.resize_mode!r}")
@@ -564,6 +566,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["strength"] = cfg.strength
   if cfg.noise_multiplier != 1.0:
     settings["noise_multiplier"] = cfg.noise_multiplier
+  if cfg.extra_noise:
+    settings["extra_noise"] = cfg.extra_noise
   if cfg.resize_mode != RunConfig.resize_mode:
     settings["resize_mode"] = cfg.resize_mode
   if _mask_options(cfg) != _mask_options(RunConfig()):  # inpainting lines' pixels depend on it
@@ -1406,8 +1410,8 @@ class _Sampler:
                     clip_skip=schedule.clip_skip - 1 or None,  # diffusers' count
                     scheduler_options=line_options(cfg, pipe, scheduler, schedule.schedule_type,
                                                    schedule.scheduler_options) or None)
-      extra = dict(img2img=True, strength=strength,
-                   noise_multiplier=cfg.noise_multiplier) if img2img else {}
+      extra = dict(img2img=True, strength=strength, noise_multiplier=cfg.noise_multiplier,
+                   extra_noise=cfg.extra_noise) if img2img else {}
       if pipe.controlnet is not None:
         extra["control"] = True
         extra["control_guess"] = sampling.uses_guess_mode(pipe.controlnet,
@@ -1417,7 +1421,8 @@ class _Sampler:
         extra["masked_content"] = cfg.inpainting_fill
       if sampling.repaints_everything(pipe, inpaint, hires, refiner):  # lines without masks
         extra, inpaint = dict(img2img=True, strength=strength if img2img else 1.0,
-                              noise_multiplier=cfg.noise_multiplier if img2img else 1.0), True
+                              noise_multiplier=cfg.noise_multiplier if img2img else 1.0,
+                              extra_noise=cfg.extra_noise if img2img else 0.0), True
       try:
         spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
                                        denoising_end=cfg.refiner_start if refiner else None)
@@ -1449,7 +1454,7 @@ class _Sampler:
       if hires is not None:  # so does the hires pass
         try:
           hires = sampling.prepare_hires(self.hires_pipe or pipe, cfg.batch_size, hires,
-                                         control=spec.control,
+                                         control=spec.control, extra_noise=cfg.extra_noise,
                                          control_guess=spec.control_guess, **common)
           hires = (sampling.with_cfg_skip(dataclasses.replace(
               hires[0], control_modes=spec.control_modes, pag=_pag(cfg, self.hires_pipe or pipe),
@@ -2047,6 +2052,8 @@ class _Metadata:
         **({"init_image": job.init_image, "strength": strength} if job.init_image else {}),
         **({"noise_multiplier": cfg.noise_multiplier}
            if job.init_image and cfg.noise_multiplier != 1.0 else {}),
+        **({"extra_noise": cfg.extra_noise}
+           if cfg.extra_noise and (job.init_image or _hires(cfg)) else {}),
         **({"resize_mode": cfg.resize_mode} if job.init_image and cfg.resize_mode != "just"
            else {}),
         **({"mask_image": job.mask_image, **self._mask_record()} if job.mask_image else {}),
@@ -2146,6 +2153,8 @@ class _Metadata:
                **({"Denoising strength": strength} if job.init_image else {}),
                **({"Noise multiplier": cfg.noise_multiplier}
                   if job.init_image and cfg.noise_multiplier != 1.0 else {}),
+               **({"Extra noise": cfg.extra_noise}
+                  if cfg.extra_noise and (job.init_image or _hires(cfg)) else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(

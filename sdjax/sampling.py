@@ -46,6 +46,7 @@ from sdjax.models import layers
 from sdjax.models.adapter import T2IAdapter
 from sdjax.models.layers import PerturbedLayers
 from sdjax.models.vae import AutoencoderKL
+from sdjax.schedulers.common import rounded
 
 # Fold-in tags that split one image's key into independent streams: step noise (SDE /
 # ancestral samplers), the VAE posterior sample, the hires pass's initial noise and step noise,
@@ -106,6 +107,9 @@ class SampleSpec:
   # A1111's Noise multiplier for img2img (its initial_noise_multiplier): an img2img or inpainting
   # run's initial noise times this before it noises the image (not a hires pass's); 1: off.
   noise_multiplier: float = 1.0
+  # A1111's Extra noise (its img2img_extra_noise): an img2img or hires pass's start gets its
+  # noise again times this, in k-diffusion's x (`_extra_noise`); 0: off.
+  extra_noise: float = 0.0
   # A ControlNet steers the UNet (`nets.controlnet`; sample_fn's `control`); `control_guess`:
   # diffusers' guess mode (the ControlNets skip the unconditional rows, residuals scaled 0.1-1).
   control: bool = False
@@ -863,8 +867,8 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, source, noise
     noise = noise * jnp.float32(spec.noise_multiplier)  # A1111's Noise multiplier (img2img)
   if spec.inpaint is not None:
     if spec.begin == 0:
-      return noise * sched.init_noise_sigma(state)
-    return sched.img2img_noise(state, init, noise, spec.begin)
+      return _extra_noise(spec, state, noise * sched.init_noise_sigma(state), noise)
+    return _started(spec, state, init, noise)
   if spec.init_latents:
     return init.astype(jnp.float32)
   if spec.upscale is not None:
@@ -874,12 +878,28 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, source, noise
     else:
       latents = interpolate.resize(init, (h, w), *LATENT_UPSCALERS[spec.upscale])
     latents = latents[:, top:top + spec.latent_hw[0], left:left + spec.latent_hw[1]]
-    return sched.img2img_noise(state, latents,
-                               source.sample(_HIRES_NOISE, latents.shape[1:]), spec.begin)
+    return _started(spec, state, latents, source.sample(_HIRES_NOISE, latents.shape[1:]))
   if not spec.img2img:
     return noise * sched.init_noise_sigma(state)
-  return sched.img2img_noise(state, _encode_sample(vae, params, init, source, _POSTERIOR), noise,
-                             spec.begin)
+  return _started(spec, state, _encode_sample(vae, params, init, source, _POSTERIOR), noise)
+
+
+def _started(spec: SampleSpec, state, latents, noise):
+  """An img2img or hires pass's first latent: `latents` noised to its start (and A1111's Extra
+  noise)."""
+  start = spec.scheduler.img2img_noise(state, latents, noise, spec.begin)
+  return _extra_noise(spec, state, start, noise)
+
+
+def _extra_noise(spec: SampleSpec, state, start, noise):
+  """A1111's Extra noise (its img2img_extra_noise, of img2img and hires passes): the start's noise
+  again, times it, in k-diffusion's x (times the start's weight on the image: its timestep
+  samplers' sqrt(alphas_cumprod), a variance-preserving form's alpha_t)."""
+  if spec.extra_noise <= 0:
+    return start
+  one = jnp.ones((1,), jnp.float32)
+  signal = spec.scheduler.img2img_noise(state, one, jnp.zeros_like(one), spec.begin)
+  return start + rounded(rounded(noise * jnp.float32(spec.extra_noise)) * signal)
 
 
 def _pixel_upscaled(upscaler, vae: AutoencoderKL, params, images, latent_hw, source):
@@ -1290,7 +1310,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             scheduler_options: dict[str, Any] | None = None, control: bool = False,
             control_guess: bool = False, rng: str = "jax", ensd: int = 0,
             seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
-            step_rng: str | None = None, seed_high: int = 0, noise_multiplier: float = 1.0):
+            step_rng: str | None = None, seed_high: int = 0, noise_multiplier: float = 1.0,
+            extra_noise: float = 0.0):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -1302,7 +1323,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   (`schedulers.get_scheduler`). `rng`: where the noise comes from (RNGS); `ensd`: A1111's
   Eta noise seed delta (`SampleSpec.ensd`); `seed_resize_from`: A1111's "Resize seed from"
   (width, height) in pixels (`SampleSpec.seed_resize`; None or a 0 side: off);
-  `noise_multiplier`: A1111's Noise multiplier of an img2img run (`SampleSpec.noise_multiplier`);
+  `noise_multiplier`, `extra_noise`: A1111's Noise multiplier and Extra noise of an img2img run
+  (`SampleSpec.noise_multiplier`, `.extra_noise`);
   `brownian`: the
   device of the Brownian tree an SDE sampler's noise comes from (`BrownianNoise`; other
   schedulers ignore it), or None; `step_rng`: a generator of its own for the steps' fresh noise
@@ -1329,9 +1351,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                      f"{ensd!r}")
   if not (isinstance(seed_high, int | np.integer) and 0 <= seed_high < 2**32):
     raise ValueError(f"seed_high must be an integer in [0, 2**32), got {seed_high!r}")
-  if not (isinstance(noise_multiplier, int | float | np.floating)
-          and 0 <= noise_multiplier < math.inf):
-    raise ValueError(f"noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
+  for name, value in (("noise_multiplier", noise_multiplier), ("extra_noise", extra_noise)):
+    if not (isinstance(value, int | float | np.floating) and 0 <= value < math.inf):
+      raise ValueError(f"{name} must be a number >= 0, got {value!r}")
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
   if img2img and scheduler_options and scheduler_options.get("a1111"):
@@ -1380,7 +1402,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     control_guess=control and control_guess, rng=rng, ensd=int(ensd),
                     seed_resize=seed_resize_latents(pipe, seed_resize_from), step_rng=step_rng,
                     seed_high=int(seed_high),
-                    noise_multiplier=float(noise_multiplier) if img2img else 1.0)
+                    noise_multiplier=float(noise_multiplier) if img2img else 1.0,
+                    extra_noise=float(extra_noise) if img2img else 0.0)
   if "torch_cpu" in (rng, brownian, step_rng):
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
   check_brownian(brownian)
@@ -1637,10 +1660,11 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                   scheduler_options: dict[str, Any] | None = None, control: bool = False,
                   control_guess: bool = False, rng: str = "jax", ensd: int = 0,
                   seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
-                  step_rng: str | None = None, seed_high: int = 0):
+                  step_rng: str | None = None, seed_high: int = 0, extra_noise: float = 0.0):
   """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
-  steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps. `control`,
+  steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps, its start with
+  A1111's `extra_noise` (`SampleSpec.extra_noise`). `control`,
   `control_guess`: as `prepare`'s (a ControlNet steers the second pass too). `hires.scheduler`
   replaces `scheduler` (`eta` then applies where that scheduler takes it); `hires.guidance_scale`
   the guidance, compiled into the spec (`SampleSpec.fixed_guidance`). A list of `sigmas` or
@@ -1685,7 +1709,9 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   begin = 0 if a1111 else (total - n) * spec.scheduler.order
   # the first pass's tree device, where the hires sampler (maybe another) draws from a tree
   spec, state = _with_brownian(spec, state, brownian, begin, None)
-  return dataclasses.replace(spec, begin=begin,
+  if not (isinstance(extra_noise, int | float | np.floating) and 0 <= extra_noise < math.inf):
+    raise ValueError(f"extra_noise must be a number >= 0, got {extra_noise!r}")
+  return dataclasses.replace(spec, begin=begin, extra_noise=float(extra_noise),
                              upscale=hires.upscale, upscale_crop=crop,
                              fixed_guidance=None if hires.guidance_scale is None else float(
                                  hires.guidance_scale)), state
@@ -1771,6 +1797,7 @@ def generate(
     step_rng: str | None = None,
     seed_high: int = 0,
     noise_multiplier: float = 1.0,
+    extra_noise: float = 0.0,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1877,8 +1904,11 @@ def generate(
   if noise_multiplier != 1.0 and init_images is None:
     raise ValueError("noise_multiplier is img2img's (A1111's Noise multiplier): give "
                      "init_images too")
+  if extra_noise and init_images is None and hires is None:
+    raise ValueError("extra_noise is img2img's and the hires fix's (A1111's Extra noise): give "
+                     "init_images or hires_scale too")
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
-                        noise_multiplier=noise_multiplier,
+                        noise_multiplier=noise_multiplier, extra_noise=extra_noise,
                         denoising_end=refiner_start if refiner is not None else None,
                         inpaint=mask_images is not None, masked_content=masked_content,
                         control=controlnet is not None,
@@ -1896,7 +1926,7 @@ def generate(
                        cfg_skip, steps)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(second, n, hires, control=spec.control,
-                                control_guess=spec.control_guess, **{
+                                control_guess=spec.control_guess, extra_noise=extra_noise, **{
                                     **common, "scheduler": scheduler or
                                     schedulers.default_scheduler_name(pipe.scheduler_config)})
     hires_pag = pag if pag is None or hires_model is None else perturbed_guidance(

@@ -383,8 +383,8 @@ def test_bad_line_size(model, cache, tmp_path):
 
 def test_init_image_lines(model, cache, tmp_path):
   """jsonl lines with an init_image run img2img at the run's --strength (here A1111's "Crop
-  and resize" of the image to the image size, and its Noise multiplier), beside text-to-image
-  lines; records and PNGs say so."""
+  and resize" of the image to the image size, its Noise multiplier and Extra noise), beside
+  text-to-image lines; records and PNGs say so."""
   import sdjax  # noqa: PLC0415
 
   rng = np.random.default_rng(0)
@@ -396,7 +396,8 @@ def test_init_image_lines(model, cache, tmp_path):
                   '{"prompt": "a bird", "init_image": "sub/b.png"}\n')
   out = str(tmp_path / "out")
   config = dataclasses.replace(_config(model, out, cache), prompts=(), prompts_file=str(path),
-                               strength=0.6, resize_mode="crop", noise_multiplier=0.8)
+                               strength=0.6, resize_mode="crop", noise_multiplier=0.8,
+                               extra_noise=0.3)
   assert run.generate_run(config).images == 3
   records = _records(out)
   pipe = sdjax.load_pipeline(model)
@@ -408,14 +409,16 @@ def test_init_image_lines(model, cache, tmp_path):
     if init is None:
       assert "init_image" not in record and "Denoising strength" not in params
       assert "noise_multiplier" not in record and "Noise multiplier" not in params
+      assert "extra_noise" not in record and "Extra noise" not in params
       alone = pipe.generate(record["prompt"], seed=record["seed"], height=16, width=16, **kw)
     else:
       assert record["init_image"] == str(tmp_path / init) and record["strength"] == 0.6
       assert params["Denoising strength"] == "0.6" and record["resize_mode"] == "crop"
       assert params["Noise multiplier"] == "0.8" and record["noise_multiplier"] == 0.8
+      assert params["Extra noise"] == "0.3" and record["extra_noise"] == 0.3
       image = np.asarray(outputs.resize_cover(Image.open(tmp_path / init), *size)) / 255
       alone = pipe.generate(record["prompt"], seed=record["seed"], init_images=image[None],
-                            strength=0.6, noise_multiplier=0.8, **kw)
+                            strength=0.6, noise_multiplier=0.8, extra_noise=0.3, **kw)
     assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "a cat", "init_image": "missing.png"}\n')

@@ -296,6 +296,48 @@ def test_noise_multiplier(pipes):
   assert flags["noise_multiplier"] == "0.8"
 
 
+@pytest.mark.parametrize("name,options", [
+    ("euler", {"timestep_spacing": "linspace", "k_diffusion": True}),
+    ("ddim", {"a1111": True}),
+    ("dpmpp_2m", {"timestep_spacing": "linspace", "k_diffusion": True})])
+def test_extra_noise_as_a1111(pipes, name, options):
+  """A1111's Extra noise: an img2img (or hires) start gets its noise again times it, in
+  k-diffusion's x (its sample_img2img: `xi += noise * extra`; its timestep samplers times
+  sqrt(alphas_cumprod)); a variance-preserving form holds that x times alpha_t."""
+  _sd1_only(pipes)
+  _, pipe, _ = pipes
+  from sdjax import infotext  # noqa: PLC0415
+
+  spec, state = sampling.prepare(pipe, 1, steps=10, scheduler=name, height=16, width=16,
+                                 guidance_scale=GUIDANCE, img2img=True, strength=0.5,
+                                 scheduler_options=options, extra_noise=0.4)
+  assert spec.extra_noise == 0.4
+  rng = np.random.default_rng(5)
+  latents, noise = (jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32) for _ in "ab")
+  got = np.asarray(sampling._started(spec, state, latents, noise))
+  plain = np.asarray(spec.scheduler.img2img_noise(state, latents, noise, spec.begin))
+  extra = np.asarray(noise) * np.float32(0.4)
+  if name == "euler":  # k-diffusion's x: noise * sigma, then the extra
+    np.testing.assert_array_equal(got, plain + extra)
+  elif name == "ddim":  # A1111's DDIM: times sqrt(alphas_cumprod) of its start
+    np.testing.assert_array_equal(got, plain + extra * np.asarray(state.start[0]))
+  else:  # x / sqrt(sigma^2 + 1)
+    sigma = float(np.asarray(state.sigmas)[spec.begin])
+    np.testing.assert_allclose(got, plain + extra / np.sqrt(sigma**2 + 1), rtol=1e-6, atol=1e-6)
+  off = sampling.prepare(pipe, 1, steps=10, scheduler=name, height=16, width=16,
+                         guidance_scale=GUIDANCE, img2img=True, strength=0.5,
+                         scheduler_options=options)[0]
+  np.testing.assert_array_equal(np.asarray(sampling._started(off, state, latents, noise)), plain)
+  hires = sampling.prepare_hires(pipe, 1, sampling.Hires(2.0, 3, 0.5), steps=4, scheduler=name,
+                                 height=16, width=16, guidance_scale=GUIDANCE,
+                                 scheduler_options=options, extra_noise=0.4)[0]
+  assert hires.extra_noise == 0.4
+  with pytest.raises(ValueError, match="extra_noise is img2img's"):
+    pipe.generate(PROMPTS[:1], extra_noise=0.4, steps=2, height=16, width=16)
+  assert infotext.reproduce("a cat\nSteps: 20, Sampler: Euler, Seed: 1, Denoising strength: "
+                            "0.5, Extra noise: 0.2").flags["extra_noise"] == "0.2"
+
+
 def test_hires_model_must_take_the_latents():
   """A hires model continues the first pass's latents: the same channels and VAE scale, and a
   text-to-image UNet (an inpainting one would want a mask)."""
