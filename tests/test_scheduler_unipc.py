@@ -283,10 +283,11 @@ def test_a1111_form(steps, options):
   assert apart > 100 * max(err, 1e-7), apart
 
 
-def _comfyui_unipc(config, sigmas, noise, variant):
+def _comfyui_unipc(config, sigmas, noise, variant, image=None):
   """ComfyUI's uni_pc / uni_pc_bh2 (comfy/extra_samplers/uni_pc.sample_unipc) restated in torch
-  float32 over the fake model, from its KSampler's start (unit noise times sqrt(1 + sigma_0^2))
-  and as its model wraps the UNet (the input scaled by sigma, whole timesteps)."""
+  float32 over the fake model, from its KSampler's start (unit noise times sqrt(1 + sigma_0^2);
+  with `image`, img2img's: the image plus noise times sigma_0) and as its model wraps the UNet
+  (the input scaled by sigma, whole timesteps)."""
   import torch  # noqa: PLC0415
   from k_diffusion_reference import train_log_sigmas  # noqa: PLC0415
   from scheduler_harness import fake_model  # noqa: PLC0415
@@ -312,7 +313,10 @@ def _comfyui_unipc(config, sigmas, noise, variant):
   times = sigmas.clone()
   if times[-1] == 0:
     times[-1] = 0.001
-  x = torch.from_numpy(noise) * torch.sqrt(1.0 + sigmas[0] ** 2.0)  # its KSampler's start
+  if image is None:
+    x = torch.from_numpy(noise) * torch.sqrt(1.0 + sigmas[0] ** 2.0)  # its KSampler's start
+  else:
+    x = torch.from_numpy(noise) * sigmas[0] + torch.from_numpy(image)
   x = x / torch.sqrt(1.0 + times[0] ** 2.0)
   inputs, x = _uni_pc(x, times, data, log_alpha, min(3, len(times) - 2), variant)
   return np.stack([*inputs, (x / torch.exp(log_alpha(times[-1:]))).numpy()])
@@ -405,3 +409,26 @@ def test_a1111_img2img(steps, strength, options):
   with pytest.raises(ValueError, match="higher strength"):
     get_scheduler("unipc", config, options={**forms, "a1111_img2img": 2}).set_timesteps(
         steps, sample_shape=SHAPE)
+
+
+@pytest.mark.parametrize("steps,denoise", [(6, 0.5), (3, 0.6)])
+def test_comfyui_img2img(steps, denoise):
+  """ComfyUI's uni_pc at denoise < 1 (its KSampler: the last `steps` levels of int(steps /
+  denoise)): the image plus noise times the first of them, its order min(3, steps - 1)."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+  from scheduler_harness import make_noises, max_rel_error, sdjax_trajectory  # noqa: PLC0415
+
+  options = {"comfyui": True, "solver_type": "bh1", "solver_order": 3,
+             "timestep_spacing": "linspace", "schedule_type": "karras"}
+  ours = get_scheduler("unipc", SD15, options=options)
+  total, first = ours.img2img_steps(steps, denoise)
+  assert (total, first) == (int(steps / denoise), int(steps / denoise) - steps)
+  init, noises = make_noises(total)
+  image = np.random.default_rng(7).standard_normal(init.shape).astype(np.float32)
+  got = sdjax_trajectory(ours, total, init, noises, begin=first, init_sample=image)
+  sigmas = kd.get_sigmas_karras({**SD15, "comfyui": True}, total)[first:]
+  want = _comfyui_unipc(SD15, sigmas, init, "bh1", image=image)
+  assert len(got) == len(want) == steps
+  err = max_rel_error(got, want)
+  print(f"\nComfyUI uni_pc img2img {steps} of {total}: {err:.2e}")
+  assert err <= TOL
