@@ -91,7 +91,8 @@ A1111_SCHEDULE_TYPE_NAMES = {"align_your_steps": "Align Your Steps",
                              "align_your_steps_sdxl": "Align Your Steps",
                              "sgm_uniform": "SGM Uniform", "normal": "Normal",
                              "uniform": "Uniform", "simple": "Simple", "kl_optimal": "KL Optimal",
-                             "karras": "Karras", "exponential": "Exponential", "beta": "Beta"}
+                             "karras": "Karras", "exponential": "Exponential", "beta": "Beta",
+                             "polyexponential": "Polyexponential"}
 
 _NEGATIVE_PREFIX = "Negative prompt:"
 # One `Key: value` item of A1111's last line; a value is either JSON-quoted or runs to the comma.

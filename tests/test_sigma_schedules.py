@@ -14,6 +14,8 @@ the definitions' landmarks (published levels, endpoints, training sigmas hit exa
 
 from __future__ import annotations
 
+import math
+
 import diffusers
 import numpy as np
 import pytest
@@ -296,6 +298,9 @@ def _a1111_levels(kind: str, n: int, sigmas: torch.Tensor) -> torch.Tensor:
   elif kind == "simple":
     stride = len(sigmas) / n
     levels = torch.tensor([float(sigmas[-(1 + int(x * stride))]) for x in range(n)])
+  elif kind == "polyexponential":  # k-diffusion's get_sigmas_polyexponential at A1111's rho 1
+    ramp = torch.linspace(1, 0, n) ** 1.0
+    levels = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
   else:  # KL Optimal, which ends at the smallest level
     low, high = torch.arctan(torch.tensor(sigma_min)), torch.arctan(torch.tensor(sigma_max))
     step = torch.arange(n + 1)
@@ -304,7 +309,8 @@ def _a1111_levels(kind: str, n: int, sigmas: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("downcast", [False, True])
-@pytest.mark.parametrize("kind", ["uniform", "sgm_uniform", "normal", "simple", "kl_optimal"])
+@pytest.mark.parametrize("kind", ["uniform", "sgm_uniform", "normal", "simple", "kl_optimal",
+                                  "polyexponential"])
 def test_table_types_as_a1111(kind, downcast):
   """The types A1111 reads off k-diffusion's table, on its float32 table and on the float16 one
   of a downcast alphas_cumprod (`downcast_alphas_cumprod`), whose logs it interpolates."""

@@ -35,10 +35,12 @@ import numpy as np
 
 from sdjax.schedulers.common import (
   SchedulerConfigError,
+  exp_f32,
   ldm_alphas_cumprod,
   make_alphas_cumprod,
   sigma_spacing,
   sigma_to_t,
+  torch_linspace_f32,
   zero_snr_alphas_cumprod,
 )
 
@@ -116,7 +118,8 @@ _AYS_SIGMAS = {
                             0.113, 0.029),
 }
 
-SCHEDULE_TYPES = (*_AYS_SIGMAS, "sgm_uniform", "normal", "uniform", "simple", "kl_optimal")
+SCHEDULE_TYPES = (*_AYS_SIGMAS, "sgm_uniform", "normal", "uniform", "simple", "kl_optimal",
+                  "polyexponential")
 # A1111's schedule types that are diffusers' spacings: `schedule_type` names them too, and
 # `spacing_options` turns them into the `use_<kind>_sigmas` option of schedulers that have it.
 SPACING_TYPES = ("karras", "exponential", "beta")
@@ -253,6 +256,10 @@ def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray) -> np.ndarray:
     low, high = math.atan(float(train_sigmas[0])), math.atan(float(train_sigmas[-1]))
     fraction = np.arange(n + 1) / n
     return np.tan(fraction * low + (1 - fraction) * high)
+  if kind == "polyexponential":  # k-diffusion's get_sigmas_polyexponential, rho 1 (A1111's)
+    low, high = math.log(float(train_sigmas[0])), math.log(float(train_sigmas[-1]))
+    ramp = torch_linspace_f32(1.0, 0.0, n)  # ** rho
+    return np.append(exp_f32(ramp * np.float32(high - low) + np.float32(low)), 0.0)
   raise SchedulerConfigError(f"unknown schedule_type {kind!r}")
 
 
