@@ -385,7 +385,7 @@ class Pipeline:
                old_prompt_editing_timelines: bool = False,
                brownian: str | None = None, step_rng: str | None = None,
                seed_high: int = 0, noise_multiplier: float = 1.0,
-               extra_noise: float = 0.0) -> np.ndarray:
+               extra_noise: float = 0.0, noise_batch: int = 1) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too).
 
@@ -445,6 +445,10 @@ class Pipeline:
         initial noise times this before it noises the init images (1: off).
       extra_noise: A1111's "Extra noise multiplier for img2img and hires fix": such a pass's
         start gets its noise again, times this, in k-diffusion's x (0: off).
+      noise_batch: ComfyUI's batches (with rng="torch_cpu"): the images come in batches of
+        this many that draw their noise from one seed at once (torch.randn of the batch's
+        latents), image k of a batch its k-th slice; batch j takes seed + j (1: one draw per
+        image, seed + i).
       seed_high: the high 32 bits of the seeds (`seed` gives the low ones): ComfyUI's seeds are
         64-bit, and what takes a seed whole uses them (the Brownian tree's SeedSequence, CUDA's
         generator key); torch's CPU generator and JAX's keys take the low 32 bits.
@@ -687,7 +691,7 @@ class Pipeline:
         pad_cond_uncond=pad_cond_uncond, pad_cond_uncond_v0=pad_cond_uncond_v0,
         old_prompt_editing_timelines=old_prompt_editing_timelines,
         brownian=brownian, step_rng=step_rng, seed_high=seed_high,
-        noise_multiplier=noise_multiplier, extra_noise=extra_noise)
+        noise_multiplier=noise_multiplier, extra_noise=extra_noise, noise_batch=noise_batch)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(

@@ -149,6 +149,10 @@ class SampleSpec:
   # The high 32 bits of every image's seed (ComfyUI's are 64-bit; the seeds are their low words),
   # for what takes a seed whole: the Brownian tree's SeedSequence, CUDA's generator key (NV).
   seed_high: int = 0
+  # ComfyUI's batch noise (rng "torch_cpu"): the images come in batches of this many that draw
+  # their noise from one seed together (`torch.randn` of the whole batch's latents), each image
+  # its slice at its place (`batch_places`); 1: one draw per image.
+  noise_batch: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,10 +271,17 @@ class Variation:
 
 
 def split_seeds(seeds) -> tuple[jax.Array, Variation | None]:
-  """A program's `seeds`: uint32 [B], or (with variation seeds) (seeds, `Variation`)."""
+  """A program's `seeds`: uint32 [B], or (with variation seeds) (seeds, `Variation`), or (with
+  `SampleSpec.noise_batch`) (seeds, `Variation` or None, int32 [B] each image's place in its
+  batch): (seeds, variation)."""
   if isinstance(seeds, tuple):
-    return seeds
+    return seeds[0], seeds[1]
   return seeds, None
+
+
+def batch_places(seeds) -> jax.Array | None:
+  """Each image's place in its seed's batch (`split_seeds`), or None."""
+  return seeds[2] if isinstance(seeds, tuple) and len(seeds) > 2 else None
 
 
 def variation_slerp(strengths, low, high) -> jax.Array:
@@ -413,13 +424,14 @@ class _NoiseSource:
     return jax.lax.dynamic_index_in_dim(self.step_drawn, k, axis=1, keepdims=False)
 
 
-def generator_draws(rng: str, seeds, draws: int, shape, seeds_hi=None) -> jax.Array:
+def generator_draws(rng: str, seeds, draws: int, shape, seeds_hi=None, batch=None) -> jax.Array:
   """float32 [B, draws, h, w, C]: the first `draws` draws at latent `shape` [h, w, C] of each
   uint32 seed's generator of kind `rng` ("torch_cpu": torch's CPU generator, which seeds with the
-  low 32 bits; "nv": A1111's NV generator, `seeds_hi` the seeds' high words, default 0)."""
+  low 32 bits; "nv": A1111's NV generator, `seeds_hi` the seeds' high words, default 0). `batch`
+  (size, places): torch_cpu's draws of a whole batch, each image its slice."""
   if rng == "nv":
     return nv_rng.randn_nchw(seeds, draws, shape, seeds_hi)
-  return torch_rng.randn_nchw(seeds, draws, shape)
+  return torch_rng.randn_nchw(seeds, draws, shape, batch)
 
 
 def _paste_centred(noise, small) -> jax.Array:
@@ -445,6 +457,8 @@ def _noise_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSourc
 
 
 def _generator_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseSource:
+  places = batch_places(seeds)
+  batch = None if spec.noise_batch == 1 else (spec.noise_batch, places)
   seeds, variation = split_seeds(seeds)
   keys = image_keys(seeds)
   step_seeds = seeds + jnp.uint32(spec.ensd) if spec.ensd else seeds  # uint32: wraps
@@ -456,15 +470,15 @@ def _generator_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseS
   steps, start = _step_draws(spec, positions), spec.rng_offset
   if spec.ensd or spec.step_rng:  # the steps from a generator of their own (seed + ensd's, or
     # `step_rng`'s); the stage's own draws from the seed's
-    drawn = generator_draws(spec.rng, seeds, len(tags), shape) if tags else None
+    drawn = generator_draws(spec.rng, seeds, len(tags), shape, batch=batch) if tags else None
     carry = (step_seeds < seeds).astype(jnp.uint32)  # A1111 adds Python ints: no wrap
     high = carry + jnp.uint32(spec.seed_high)
     step_drawn = (generator_draws(spec.step_rng or spec.rng, step_seeds, start + steps, shape,
                                   high)[:, start:] if steps else None)
   else:
     total = start + len(tags) + steps
-    drawn = (generator_draws(spec.rng, seeds, total, shape)[:, start:] if total > start
-             else None)
+    drawn = (generator_draws(spec.rng, seeds, total, shape, batch=batch)[:, start:]
+             if total > start else None)
     step_drawn = None if drawn is None or not steps else drawn[:, len(tags):]
   return _NoiseSource(spec.rng, seeds, keys, step_keys, drawn, tags, step_drawn, variation,
                       spec.seed_resize)
@@ -1264,6 +1278,36 @@ def check_size(pipe, height: int, width: int) -> tuple[int, int]:
   return height // pipe.vae_scale, width // pipe.vae_scale
 
 
+def check_noise_batch(noise_batch, rng: str, brownian: str | None = None,
+                      seed_resize_from: tuple[int, int] | None = None) -> None:
+  """ComfyUI's batch noise (`SampleSpec.noise_batch`): a positive integer, with torch's CPU
+  generator (ComfyUI's initial noise), not with what draws per image (a Brownian tree, seed
+  resizing; variation seeds: `batch_seeds`)."""
+  if not (isinstance(noise_batch, int | np.integer) and noise_batch >= 1):
+    raise ValueError(f"noise_batch must be an integer >= 1, got {noise_batch!r}")
+  if noise_batch == 1:
+    return
+  if rng != "torch_cpu":
+    raise ValueError(f"noise_batch is ComfyUI's batch noise, drawn by torch's CPU generator: "
+                     f"rng='torch_cpu', not {rng!r}")
+  if brownian is not None:
+    raise ValueError("noise_batch: ComfyUI's SDE samplers grow one Brownian tree for the whole "
+                     "batch, which sdjax does not: one image per seed for them")
+  if seed_resize_from is not None and min(seed_resize_from) > 0:
+    raise ValueError("noise_batch and seed_resize_from (A1111's) do not go together")
+
+
+def batch_seeds(seed: int, n: int, noise_batch: int):
+  """The seeds of n images made in batches of `noise_batch` from consecutive seeds (ComfyUI's
+  batches): (uint32 seeds [n], None, int32 places [n]) for `split_seeds`, or uint32 [n] when the
+  batch is 1."""
+  if noise_batch == 1:
+    return make_seeds(seed, n)
+  groups = -(-n // noise_batch)
+  seeds = make_seeds(seed, groups)[np.arange(n) // noise_batch]
+  return seeds, None, (np.arange(n) % noise_batch).astype(np.int32)
+
+
 def make_seeds(seed: int, n: int, name: str = "seed") -> np.ndarray:
   if not (isinstance(seed, int | np.integer) and 0 <= seed and seed + n <= 2**32):
     raise ValueError(f"{name} must be in [0, 2**32 - {n}], got {seed}")
@@ -1311,7 +1355,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             control_guess: bool = False, rng: str = "jax", ensd: int = 0,
             seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
             step_rng: str | None = None, seed_high: int = 0, noise_multiplier: float = 1.0,
-            extra_noise: float = 0.0):
+            extra_noise: float = 0.0, noise_batch: int = 1):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -1324,7 +1368,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   Eta noise seed delta (`SampleSpec.ensd`); `seed_resize_from`: A1111's "Resize seed from"
   (width, height) in pixels (`SampleSpec.seed_resize`; None or a 0 side: off);
   `noise_multiplier`, `extra_noise`: A1111's Noise multiplier and Extra noise of an img2img run
-  (`SampleSpec.noise_multiplier`, `.extra_noise`);
+  (`SampleSpec.noise_multiplier`, `.extra_noise`); `noise_batch`: ComfyUI's batch noise
+  (`SampleSpec.noise_batch`);
   `brownian`: the
   device of the Brownian tree an SDE sampler's noise comes from (`BrownianNoise`; other
   schedulers ignore it), or None; `step_rng`: a generator of its own for the steps' fresh noise
@@ -1354,6 +1399,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   for name, value in (("noise_multiplier", noise_multiplier), ("extra_noise", extra_noise)):
     if not (isinstance(value, int | float | np.floating) and 0 <= value < math.inf):
       raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+  check_noise_batch(noise_batch, rng, brownian, seed_resize_from)
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
   if img2img and scheduler_options and scheduler_options.get("a1111"):
@@ -1403,7 +1449,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     seed_resize=seed_resize_latents(pipe, seed_resize_from), step_rng=step_rng,
                     seed_high=int(seed_high),
                     noise_multiplier=float(noise_multiplier) if img2img else 1.0,
-                    extra_noise=float(extra_noise) if img2img else 0.0)
+                    extra_noise=float(extra_noise) if img2img else 0.0,
+                    noise_batch=int(noise_batch))
   if "torch_cpu" in (rng, brownian, step_rng):
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
   check_brownian(brownian)
@@ -1798,6 +1845,7 @@ def generate(
     seed_high: int = 0,
     noise_multiplier: float = 1.0,
     extra_noise: float = 0.0,
+    noise_batch: int = 1,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1907,8 +1955,11 @@ def generate(
   if extra_noise and init_images is None and hires is None:
     raise ValueError("extra_noise is img2img's and the hires fix's (A1111's Extra noise): give "
                      "init_images or hires_scale too")
+  if noise_batch != 1 and variation is not None:
+    raise ValueError("noise_batch and variation seeds (subseed) do not go together")
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
                         noise_multiplier=noise_multiplier, extra_noise=extra_noise,
+                        noise_batch=noise_batch,
                         denoising_end=refiner_start if refiner is not None else None,
                         inpaint=mask_images is not None, masked_content=masked_content,
                         control=controlnet is not None,
@@ -1935,7 +1986,9 @@ def generate(
         hires_stage[0], control_modes=spec.control_modes, pag=hires_pag, freeu=freeu,
         tiling=spec.tiling), hires_stage[1], cfg_skip, hires.steps or steps), hires_stage[1])
     spec = dataclasses.replace(spec, output_latents=hires.in_latents)
-  seeds = make_seeds(seed, n)
+    hires_stage = (dataclasses.replace(hires_stage[0], noise_batch=spec.noise_batch),
+                   hires_stage[1])
+  seeds = batch_seeds(seed, n, spec.noise_batch)
   if variation is not None:
     seeds = (seeds, variation)
   latent_shape = (n, *spec.latent_hw, latent_channels(pipe))

@@ -97,8 +97,22 @@ def _box_muller(u: jax.Array) -> jax.Array:
 def randn(seed, draws: int, n: int, state=None) -> jax.Array:
   """float32 [draws, n]: `draws` successive `torch.randn(n)` of a CPU generator seeded with
   `seed` (a uint32 scalar; vmap it for a batch), or from its `seeded_state` when given."""
-  size = draw_size(n)
-  raw = mt19937(seed, draws * size, state).reshape(draws, size)
+  return _normals(mt19937(seed, draws * draw_size(n), state).reshape(draws, -1), n)
+
+
+def randn_slice(seed, draws: int, n: int, batch: int, index) -> jax.Array:
+  """float32 [draws, n]: image `index` (traced) of a batch of `batch` drawing together: slice
+  `index` of each of `draws` successive `torch.randn(batch * n)` of the generator seeded with
+  `seed` (ComfyUI's batch noise: one draw of the whole batch's latents from its seed)."""
+  raw = mt19937(seed, draws * draw_size(batch * n)).reshape(draws, -1)
+  whole = _normals(raw, batch * n)
+  return jax.lax.dynamic_slice_in_dim(whole, index * n, n, axis=1)
+
+
+def _normals(raw: jax.Array, n: int) -> jax.Array:
+  """float32 [draws, n]: torch's CPU normal_fill of n values from each row of generator outputs
+  (uint32 [draws, draw_size(n)])."""
+  draws = raw.shape[0]
   u = (raw & jnp.uint32(0xFFFFFF)).astype(jnp.float32) * jnp.float32(2.0**-24)  # draws, size
   full = n // 16 * 16
   out = _box_muller(u[:, :full].reshape(draws, -1, 16)).reshape(draws, full)
@@ -109,10 +123,18 @@ def randn(seed, draws: int, n: int, state=None) -> jax.Array:
   return jnp.concatenate([out[:, :n - 16], _box_muller(u[:, n:])], axis=1)
 
 
-def randn_nchw(seeds, draws: int, shape: tuple[int, int, int]) -> jax.Array:
+def randn_nchw(seeds, draws: int, shape: tuple[int, int, int], batch=None) -> jax.Array:
   """float32 [B, draws, h, w, C] (NHWC): for each uint32 seed, `draws` successive
-  `torch.randn(C, h, w)` of its own CPU generator (diffusers' and A1111's latent layout)."""
+  `torch.randn(C, h, w)` of its own CPU generator (diffusers' and A1111's latent layout). With
+  `batch` (size, int32 [B] indices): each row's slice of its seed's draws of a batch of `size`
+  (`randn_slice`)."""
   h, w, c = shape
-  out = jax.vmap(lambda s: randn(s, draws, c * h * w))(jnp.asarray(seeds, jnp.uint32))
+  seeds = jnp.asarray(seeds, jnp.uint32)
+  if batch is None:
+    out = jax.vmap(lambda s: randn(s, draws, c * h * w))(seeds)
+  else:
+    size, index = batch
+    out = jax.vmap(lambda s, k: randn_slice(s, draws, c * h * w, size, k))(
+        seeds, jnp.asarray(index, jnp.int32))
   return jnp.transpose(out.reshape(-1, draws, c, h, w), (0, 1, 3, 4, 2))  # B, draws, h, w, C
 

@@ -338,6 +338,32 @@ def test_extra_noise_as_a1111(pipes, name, options):
                             "0.5, Extra noise: 0.2").flags["extra_noise"] == "0.2"
 
 
+def test_noise_batch_as_comfyui(pipes):
+  """ComfyUI's batch noise (`noise_batch`): a batch of B draws its latents' noise from its seed
+  at once (torch.randn of [B, C, h, w]), image k the k-th slice: the same images as diffusers given
+  that draw; 5 images in batches of 2 take seeds s, s, s + 1, s + 1, s + 2."""
+  _sd1_only(pipes)
+  _, pipe, _ = pipes
+  kw = dict(guidance_scale=GUIDANCE, scheduler="euler", steps=3, height=16, width=16)
+  prompts = PROMPTS[:1] * 5
+  ours = pipe.generate(prompts, seed=40, rng="torch_cpu", noise_batch=2, **kw)
+  draws = []
+  for seed, size in ((40, 2), (41, 2), (42, 2)):
+    draws.append(torch.randn([size, 4, 8, 8], generator=torch.Generator().manual_seed(seed)))
+  latents = torch.cat(draws)[:5].numpy().transpose(0, 2, 3, 1)
+  want = pipe.generate(prompts, latents=latents, **kw)
+  np.testing.assert_allclose(ours, want, rtol=0, atol=1e-5)
+  alone = pipe.generate(prompts[:1], seed=40, rng="torch_cpu", **kw)
+  np.testing.assert_allclose(ours[:1], alone, atol=1e-5)  # the first: its seed's own draw
+  assert np.abs(ours[1] - pipe.generate(prompts[:1], seed=41, rng="torch_cpu", **kw)[0]).max() > 1e-3
+  for bad, match in ((dict(rng="jax"), "rng='torch_cpu'"),
+                     (dict(rng="torch_cpu", subseed=3, subseed_strength=0.5), "variation seeds"),
+                     (dict(rng="torch_cpu", scheduler="dpmpp_sde", brownian="torch_cpu"),
+                      "Brownian tree")):
+    with pytest.raises(ValueError, match=match):
+      pipe.generate(prompts[:2], seed=40, noise_batch=2, **{**kw, **bad})
+
+
 def test_hires_model_must_take_the_latents():
   """A hires model continues the first pass's latents: the same channels and VAE scale, and a
   text-to-image UNet (an inpainting one would want a mask)."""
