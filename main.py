@@ -171,6 +171,10 @@ flags.DEFINE_enum("step_rng", "rng", ["rng", "nv", "torch_cpu"], "where the step
                   "(ancestral and SDE samplers') comes from: rng (--rng's), or a generator of its "
                   "own seeded by the image's seed, drawn from its first draw: nv (CUDA's, as "
                   "ComfyUI's ancestral samplers draw on an NVIDIA GPU) or torch_cpu")
+flags.DEFINE_integer("noise_batch", 1, "ComfyUI's batches (with --rng torch_cpu): the images "
+                     "in batches of this many from consecutive seeds, image k of a batch the "
+                     "k-th slice of its seed's noise drawn for the whole batch at once, as "
+                     "ComfyUI's batch_size; 1: one seed per image")
 flags.DEFINE_integer("seed_high", 0, "the high 32 bits of the seeds (--seed gives the low ones; "
                      "ComfyUI's are 64-bit), for what takes a seed whole: the Brownian tree, "
                      "CUDA's generator (nv)")
@@ -364,7 +368,7 @@ def _run_config() -> run.RunConfig:
       num_images_per_prompt=FLAGS.num_images_per_prompt, seed=FLAGS.seed, rng=FLAGS.rng,
       brownian=None if FLAGS.brownian == "off" else FLAGS.brownian,
       step_rng=None if FLAGS.step_rng == "rng" else FLAGS.step_rng, seed_high=FLAGS.seed_high,
-      subseed=FLAGS.subseed, subseed_strength=FLAGS.subseed_strength, ensd=FLAGS.ensd,
+      noise_batch=FLAGS.noise_batch, subseed=FLAGS.subseed, subseed_strength=FLAGS.subseed_strength, ensd=FLAGS.ensd,
       s_min_uncond=FLAGS.s_min_uncond, s_min_uncond_all=FLAGS.s_min_uncond_all,
       skip_early_cond=FLAGS.skip_early_cond, pad_cond_uncond=FLAGS.pad_cond_uncond,
       pad_cond_uncond_v0=FLAGS.pad_cond_uncond_v0,

@@ -220,10 +220,16 @@ class _Reader:
       inputs = _inputs(found[1])
       self.fields["Size"] = f"{inputs['width']}x{inputs['height']}"
       batch = inputs.get("batch_size", 1)
-      if isinstance(batch, int) and batch > 1:
-        self.note(None, f"made in a batch of {batch}: ComfyUI draws a batch's noise from its seed "
-                        "at once (image k: the k-th slice), sdjax one image per seed; this makes "
-                        "the batch's first")
+      if isinstance(batch, int) and batch > 1 and "Brownian noise" in self.fields:
+        self.note(None, f"made in a batch of {batch}: ComfyUI's SDE samplers grow one Brownian "
+                        "tree for the whole batch, sdjax one per seed; this makes the batch's "
+                        "first (its initial noise; the steps' differ)")
+      elif isinstance(batch, int) and batch > 1:  # its noise drawn for the batch at once
+        self.fields["Noise batch"] = str(batch)
+        if "Step RNG" in self.fields:
+          self.note("step_rng", f"made in a batch of {batch}: ComfyUI draws the steps' noise on "
+                                "its GPU for the whole batch at once, sdjax each image's alone: "
+                                "the steps' noise differs")
       if denoise not in (None, 1, 1.0):
         self.note(None, f"denoise {denoise} of an empty latent: sdjax denoises fully")
       return

@@ -471,7 +471,8 @@ def _number(key: str, value: str) -> float:
 
 def _noise(fields, flags, notes, made_by_sdjax, made_in: str = "A1111") -> None:
   """RNG (A1111's absent one is its GPU's; sdjax's, jax's), Step RNG (sdjax's field, as ComfyUI's
-  reader writes it) and Resize seed from."""
+  reader writes it), Noise batch (sdjax's, and ComfyUI's reader's: its batch_size) and Resize seed
+  from."""
   step_rng = fields.pop("Step RNG", None)
   if step_rng in _RNGS:
     flags["step_rng"] = _RNGS[step_rng]
@@ -491,6 +492,12 @@ def _noise(fields, flags, notes, made_by_sdjax, made_in: str = "A1111") -> None:
     notes.append(("rng", f"RNG: {rng or 'GPU'}: sdjax cannot draw that noise (it draws "
                          "jax's, or A1111's RNG: CPU with --rng torch_cpu and RNG: NV with --rng "
                          "nv); the image's noise will differ"))
+  if "Noise batch" in fields:  # ComfyUI's batches: the whole batch again, the image at its place
+    size = fields.pop("Noise batch")
+    flags["noise_batch"] = flags["num_images_per_prompt"] = size
+    place = fields.pop("Noise batch place", "0")
+    notes.append((None, f"made in a batch of {size} drawn from its seed at once: this makes the "
+                        f"batch, the image its image {place} (from 0)"))
   if "Seed resize from" in fields:
     width, height = _size("Seed resize from", fields.pop("Seed resize from"))
     if width > 0 and height > 0:

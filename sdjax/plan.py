@@ -117,6 +117,9 @@ class ImageJob:
   subseed_strength: float | None = None
   scheduler_options: tuple[tuple[str, Any], ...] | None = None  # the line's (`freeze_options`)
   clip_skip: int | None = None  # None: the run's
+  # Its place in its seed's batch (ComfyUI's batch noise, --noise_batch: image k of a batch draws
+  # the k-th slice of the batch's noise); 0 without.
+  batch_place: int = 0
 
   @property
   def kind(self) -> str | None:
@@ -611,8 +614,12 @@ class Plan:
 
   def __init__(self, prompts: Sequence[PromptLine], prompts_file: str | None, *,
                num_images_per_prompt: int, seed: int, negative_prompt: str, shard_size: int,
-               comments: bool = False, dynamic: DynamicPrompts | None = None, styles=None):
+               comments: bool = False, dynamic: DynamicPrompts | None = None, styles=None,
+               noise_batch: int = 1):
     self.prompts, self.prompts_file, self.comments = tuple(prompts), prompts_file, comments
+    # ComfyUI's batches (--noise_batch): image i of the run (or j of a line with its own seed)
+    # takes seed + i // noise_batch, at place i % noise_batch of that seed's batch.
+    self.noise_batch = noise_batch
     # A1111's saved styles (`prompts.Styles`): applied to each image's texts; None: none.
     self.styles = styles
     self.num_images_per_prompt, self.seed = num_images_per_prompt, seed
@@ -738,8 +745,11 @@ class Plan:
       with _templates(where):
         for j, prompt, negative in self._texts(line):
           if index >= wanted.start:
-            seed = self.seed + index if line.seed is None else line.seed + j
-            yield self._job(line, index, j, prompt, negative, seed, size, where)
+            k = index if line.seed is None else j
+            seed = (self.seed if line.seed is None else line.seed) + k // self.noise_batch
+            job = self._job(line, index, j, prompt, negative, seed, size, where)
+            yield job if self.noise_batch == 1 else dataclasses.replace(
+                job, batch_place=k % self.noise_batch)
           index += 1
           if index >= wanted.stop:
             return  # before reading the next line, which belongs to the next shard

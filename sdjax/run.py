@@ -95,6 +95,10 @@ class RunConfig:
   # The seeds' high 32 bits (ComfyUI's are 64-bit), for what takes a seed whole: the Brownian
   # tree, CUDA's generator (NV).
   seed_high: int = 0
+  # ComfyUI's batches (`sampling.SampleSpec.noise_batch`): the images in batches of this many,
+  # image k of a batch the k-th slice of its seed's noise drawn for the whole batch at once, the
+  # batches from consecutive seeds; 1: one seed per image. With rng torch_cpu.
+  noise_batch: int = 1
   # A1111's variation seeds: image k's noise moved towards seed `subseed + k`'s by this strength.
   subseed: int | None = None
   subseed_strength: float = 0.0
@@ -255,7 +259,7 @@ def make_plan(cfg: RunConfig) -> Plan:
   return Plan(cfg.prompts, cfg.prompts_file, num_images_per_prompt=cfg.num_images_per_prompt,
               seed=cfg.seed, negative_prompt=cfg.negative_prompt, shard_size=cfg.shard_size,
               comments=cfg.prompt_syntax == "a1111", dynamic=_dynamic(cfg),
-              styles=_styles(cfg))
+              styles=_styles(cfg), noise_batch=cfg.noise_batch)
 
 
 def _styles(cfg: RunConfig):
@@ -373,6 +377,13 @@ def validate(cfg: RunConfig) -> None:
   if cfg.step_rng is not None and cfg.step_rng not in sampling.RNGS[1:]:
     raise RunError(f"--step_rng must be one of {', '.join(sampling.RNGS[1:])}, got "
                    f"{cfg.step_rng!r}")
+  if cfg.noise_batch != 1 and cfg.subseed_strength:
+    raise RunError("--noise_batch and --subseed_strength (A1111's variation seeds) do not go "
+                   "together")
+  try:
+    sampling.check_noise_batch(cfg.noise_batch, cfg.rng, cfg.brownian, _seed_resize(cfg))
+  except ValueError as e:
+    raise RunError(f"--{e}") from None
   try:
     sampling.check_brownian(cfg.brownian, *(
         (cfg.scheduler, cfg.hires_scheduler) if cfg.scheduler is not None else ()))
@@ -549,6 +560,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["step_rng"] = cfg.step_rng
   if cfg.seed_high:
     settings["seed_high"] = cfg.seed_high
+  if cfg.noise_batch != 1:
+    settings["noise_batch"] = cfg.noise_batch
   if cfg.subseed_strength:
     settings.update(subseed=cfg.subseed, subseed_strength=cfg.subseed_strength)
   if cfg.ensd:
@@ -1425,7 +1438,8 @@ class _Sampler:
                               extra_noise=cfg.extra_noise if img2img else 0.0), True
       try:
         spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
-                                       denoising_end=cfg.refiner_start if refiner else None)
+                                       denoising_end=cfg.refiner_start if refiner else None,
+                                       noise_batch=cfg.noise_batch)
       except ValueError as e:
         what = {None: "text-to-image", "img2img": "img2img", "inpaint": "inpainting"}[kind]
         raise RunError(f"{what} lines: {e}") from None
@@ -1463,6 +1477,8 @@ class _Sampler:
         except ValueError as e:
           raise RunError(f"--hires_scale: {e}") from None
         spec = dataclasses.replace(spec, output_latents=_hires(cfg).in_latents)
+        # as generate: the second pass's noise from the batch's draws too
+        hires = (dataclasses.replace(hires[0], noise_batch=spec.noise_batch), hires[1])
         state = (state, hires[1])
       self.programs[key] = _Program(
           spec, host_state, parallel.replicate(state, self.mesh),
@@ -1668,6 +1684,12 @@ class _Sampler:
     which leaves them as they are; every process must pass the program the same form)."""
     seeds = np.asarray([j.seed for j in jobs], np.uint32)
     varied = [variation(self.cfg, j) or (0, 0.0) for j in jobs]
+    if self.cfg.noise_batch != 1:  # the same form in every process, which share the run's flags
+      if any(strength for _, strength in varied):
+        job = next(j for j, v in zip(jobs, varied, strict=True) if v[1])
+        raise RunError(f"image {job.index}: its line's variation seeds (subseed_strength) and "
+                       "--noise_batch do not go together")
+      return seeds, None, np.asarray([j.batch_place for j in jobs], np.int32)
     if not parallel.max_over_processes(int(any(strength for _, strength in varied))):
       return seeds
     return seeds, sampling.Variation(np.asarray([v[0] for v in varied], np.uint32),
@@ -2042,6 +2064,8 @@ class _Metadata:
         **({"brownian": brownian} if (brownian := self._brownian(scheduler)) else {}),
         **({"step_rng": cfg.step_rng} if cfg.step_rng else {}),
         **({"seed_high": cfg.seed_high} if cfg.seed_high else {}),
+        **({"noise_batch": cfg.noise_batch, "batch_place": job.batch_place}
+           if cfg.noise_batch != 1 else {}),
         **({"ensd": cfg.ensd} if cfg.ensd else {}), **_cfg_options(cfg),
         **({"seed_resize_from": list(_seed_resize(cfg))} if _seed_resize(cfg) else {}),
         **({"subseed": varied[0], "subseed_strength": varied[1]}
@@ -2166,6 +2190,8 @@ class _Metadata:
                   if (brownian := self._brownian(scheduler)) else {}),
                **({"Step RNG": _A1111_RNG_NAMES[cfg.step_rng]} if cfg.step_rng else {}),
                **({"Seed high": cfg.seed_high} if cfg.seed_high else {}),
+               **({"Noise batch": cfg.noise_batch, "Noise batch place": job.batch_place}
+                  if cfg.noise_batch != 1 else {}),
                **({"ENSD": cfg.ensd} if cfg.ensd else {}),
                **{_A1111_CFG_FIELDS[k]: v for k, v in _cfg_options(cfg).items()},
                **({"Seed resize from": "x".join(map(str, _seed_resize(cfg)))}

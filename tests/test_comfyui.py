@@ -173,8 +173,28 @@ def test_loras_clip_skip_vae_and_a_second_pass():
   assert "node 13 (FreeU_V2) changes the model: not reproduced" in notes
   assert "made with the VAE vae-ft-mse.safetensors: give it with --vae" in notes
   assert "1 more sampler pass(es) (nodes 15" in notes
-  assert "made in a batch of 4" in notes
+  assert "made in a batch of 4 drawn from its seed at once" in notes
+  assert (found.flags["noise_batch"], found.flags["num_images_per_prompt"]) == ("4", "4")
   assert "[...] is plain text to ComfyUI" in notes
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_sde"])
+def test_batch_size(sampler):
+  """An empty latent's batch_size B: ComfyUI's noise for the batch drawn at once, B images
+  (--noise_batch B); the GPU's step noise of ancestral samplers and the SDE samplers' one tree
+  for the batch are said."""
+  graph = default_graph(sampler_name=sampler)
+  graph["5"]["inputs"]["batch_size"] = 3
+  found = comfyui.reproduce(graph)
+  notes = _notes(found)
+  if sampler == "dpmpp_sde":
+    assert "noise_batch" not in found.flags and "one Brownian tree for the whole batch" in notes
+  else:
+    assert (found.flags["noise_batch"], found.flags["num_images_per_prompt"]) == ("3", "3")
+    assert found.flags["rng"] == "torch_cpu"
+  assert ("the steps' noise differs" in notes) == (sampler == "euler_ancestral")
+  graph["5"]["inputs"]["batch_size"] = 1
+  assert "noise_batch" not in comfyui.reproduce(graph).flags
 
 
 def _hires_graph(upscale, **second):

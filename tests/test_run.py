@@ -561,6 +561,64 @@ def test_per_line_variation_seeds(model, cache, tmp_path):
                                          output_dir=str(tmp_path / "bad")))
 
 
+def test_noise_batch_run(model, cache, tmp_path):
+  """--noise_batch 2 (ComfyUI's batches): the run's images take seeds 100, 100, 101..., a line
+  with its own seed s: s, s, s + 1; image k of a batch is generate()'s k-th of that batch, in the
+  run's own batches beside any other line's; records and PNGs say the batch and the place, from
+  which the infotext reader makes the batch again."""
+  import sdjax  # noqa: PLC0415
+  from sdjax import infotext  # noqa: PLC0415
+
+  path = tmp_path / "prompts.txt"
+  path.write_text('--prompt "a cat" --seed 11 --n_iter 3\na dog\na bird\n')
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(_config(model, out, cache, rng="torch_cpu", noise_batch=2),
+                               prompts=(), prompts_file=str(path))
+  assert run.generate_run(config).images == 5
+  records = _records(out)
+  assert [(r["seed"], r["batch_place"], r["noise_batch"]) for r in records] == [
+      (11, 0, 2), (11, 1, 2), (12, 0, 2), (101, 1, 2), (102, 0, 2)]
+  pipe = sdjax.load_pipeline(model)
+  for record in records:
+    png = Image.open(os.path.join(out, record["file"]))
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    assert (params["Noise batch"], params["Noise batch place"]) == (
+        "2", str(record["batch_place"]))
+    place = record["batch_place"]
+    batch = pipe.generate([record["prompt"]] * (place + 1), seed=record["seed"], steps=2,
+                          height=16, width=16, guidance_scale=3.0, scheduler="euler_ancestral",
+                          rng="torch_cpu", noise_batch=2)
+    assert np.abs(batch[place] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  alone = pipe.generate("a cat", seed=11, steps=2, height=16, width=16, guidance_scale=3.0,
+                        scheduler="euler_ancestral", rng="torch_cpu")
+  second = np.asarray(Image.open(os.path.join(out, records[1]["file"])), np.float32)
+  assert np.abs(alone[0] * 255 - second).max() > 8  # not its seed's own noise
+  found = infotext.reproduce(png.text["parameters"])
+  assert (found.flags["noise_batch"], found.flags["num_images_per_prompt"]) == ("2", "2")
+  assert any("its image 0 (from 0)" in text for _, text in found.notes)
+  # The hires fix: its second pass's noise from the batch's draws too, as generate()'s.
+  path.write_text('--prompt "a cat" --seed 11 --n_iter 2\n')
+  hires = dataclasses.replace(config, hires_scale=1.5, hires_steps=2, output_dir=out + "-hires")
+  assert run.generate_run(hires).images == 2
+  batch = pipe.generate(["a cat"] * 2, seed=11, steps=2, height=16, width=16, guidance_scale=3.0,
+                        scheduler="euler_ancestral", rng="torch_cpu", noise_batch=2,
+                        hires_scale=1.5, hires_steps=2)
+  for record in _records(out + "-hires"):
+    png = np.asarray(Image.open(os.path.join(out + "-hires", record["file"])), np.float32)
+    assert np.abs(batch[record["batch_place"]] * 255 - png).max() <= 1.0
+  for bad, match in ((dict(rng="jax"), "--noise_batch is ComfyUI's batch noise"),
+                     (dict(noise_batch=0), "--noise_batch must be an integer >= 1"),
+                     (dict(subseed=3, subseed_strength=0.5), "--noise_batch and "
+                                                             "--subseed_strength")):
+    with pytest.raises(run.RunError, match=match):
+      run.generate_run(dataclasses.replace(config, **bad))
+  varied = tmp_path / "varied.txt"
+  varied.write_text('a dog\n--prompt "a cat" --subseed 50 --subseed_strength 0.4\n')
+  with pytest.raises(run.RunError, match="image 1: its line's variation seeds"):
+    run.generate_run(dataclasses.replace(config, prompts_file=str(varied),
+                                         output_dir=str(tmp_path / "varied")))
+
+
 def test_clip_skip(model, cache, tmp_path):
   """--clip_skip N (A1111's Clip skip): every image is generate()'s with diffusers' clip_skip
   N - 1; records, PNGs (`Clip skip: 2`) and the settings say it; bad values are one-line
