@@ -419,6 +419,9 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   flags = dict(found.flags)
   options = json.loads(flags.get("scheduler_options", "{}"))
   name = flags.get("scheduler") and outputs.scheduler_name(flags["scheduler"])
+  if name == "lcm":  # A1111's LCM sampler is not ComfyUI's (its levels, its denoised x0)
+    options, _ = {}, flags.pop("schedule_type", None)
+    flags.pop("scheduler_options", None)
   if name and options.get("k_diffusion") and schedulers.takes_option(name, "comfyui"):
     flags["scheduler_options"] = json.dumps({**options, "comfyui": True})  # its start, timesteps
   elif name == "unipc":  # its uni_pc code (the UniPC authors'), its order and variant

@@ -411,3 +411,72 @@ def sample_restart(config, sigmas, x, noises):
     out.append(x)
     last = new
   return np.stack([y.numpy() for y in out])
+
+
+def lcm_sigmas(config, original: int = 50) -> torch.Tensor:
+  """A1111's LCM sampler's table (its LCMCompVisDenoiser): the model's alphas_cumprod at the
+  distillation timesteps only (skip - 1, 2 skip - 1, ..., the last), copied into float32, and
+  their levels, as k-diffusion's DiscreteEpsDDPMDenoiser computes them."""
+  n_train = config["num_train_timesteps"]
+  skip = n_train // original
+  alphas = ldm_alphas_cumprod(config).float()
+  if config.get("downcast_alphas_cumprod"):
+    alphas = alphas.half()
+  valid = torch.zeros(original, dtype=torch.float32)
+  for x in range(original):
+    valid[original - 1 - x] = alphas[n_train - 1 - x * skip]
+  return ((1 - valid) / valid) ** 0.5
+
+
+def lcm_log_table(config, original: int = 50) -> torch.Tensor:
+  return lcm_sigmas(config, original).log()
+
+
+def lcm_denoiser(config, original: int = 50):
+  """x0 from (x, sigma) as A1111's LCMCompVisDenoiser wraps the fake UNet: the UNet sees the
+  distillation timestep nearest sigma in log sigma; its noise-predicted x0 and x mixed by LCM's
+  boundary condition at 10 times that timestep."""
+  log_sigmas = lcm_log_table(config, original)
+  skip = config["num_train_timesteps"] // original
+
+  def sigma_to_t(sigma):
+    dists = sigma.log() - log_sigmas[:, None]
+    return dists.abs().argmin(dim=0).view(sigma.shape) * skip + (skip - 1)
+
+  def denoise(x, sigma):
+    c_in = 1 / (sigma**2 + 1.0**2) ** 0.5
+    t = sigma_to_t(sigma.reshape(1))
+    eps = torch.from_numpy(fake_model((x * c_in).numpy(), float(t)))
+    x0 = x + eps * -sigma
+    scaled = t * 10.0
+    c_skip = 0.5**2 / (scaled**2 + 0.5**2)
+    c_out = scaled / (scaled**2 + 0.5**2) ** 0.5
+    return c_out * x0 + c_skip * x
+
+  return denoise
+
+
+def get_sigmas_lcm(config, n: int, original: int = 50) -> torch.Tensor:
+  """A1111's LCM sampler's Automatic levels (LCMCompVisDenoiser.get_sigmas): n timesteps evenly
+  from the last distillation timestep to the first, each read as a fractional index of the table
+  and interpolated in log sigma, then 0."""
+  log_sigmas = lcm_log_table(config, original)
+  skip = config["num_train_timesteps"] // original
+  start, end = torch.tensor((original - 1) * skip + skip - 1), torch.tensor(skip - 1)
+  t = torch.linspace(start, end, n)
+  t = torch.clamp(((t - (skip - 1)) / skip).float(), min=0, max=original - 1)
+  low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+  sigmas = ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+  return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+def sample_lcm(config, sigmas, x, noises):
+  """A1111's sample_lcm: x becomes the denoised sample, noised to the next level with a fresh
+  draw (noises[i]) where that level is above 0."""
+  denoise, out = lcm_denoiser(config), []
+  for i in range(len(sigmas) - 1):
+    x = denoise(x, sigmas[i])
+    if sigmas[i + 1] > 0:
+      x = x + sigmas[i + 1] * noises[i]
+    out.append(x)
+  return np.stack([y.numpy() for y in out])

@@ -178,6 +178,15 @@ def test_loras_clip_skip_vae_and_a_second_pass():
   assert "[...] is plain text to ComfyUI" in notes
 
 
+def test_lcm_is_not_a1111s():
+  """ComfyUI's lcm sampler is not A1111's LCM (its levels, its x0): sdjax's lcm with a note,
+  not that form."""
+  found = comfyui.reproduce(default_graph(sampler_name="lcm"))
+  assert found.flags["scheduler"] == "LCM" and "scheduler_options" not in found.flags
+  assert "schedule_type" not in found.flags
+  assert "sampler lcm: ComfyUI starts from its noise times" in _notes(found)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_sde"])
 def test_batch_size(sampler):
   """An empty latent's batch_size B: ComfyUI's noise for the batch drawn at once, B images

@@ -96,8 +96,8 @@ def test_what_an_older_a1111_did(version, downcast, pad_v0):
   assert found.flags.get("old_prompt_editing_timelines") == ("true" if pad_v0 else None)
   written = reproduce(text.replace("Seed: 1", "Seed: 1, Downcast alphas_cumprod: True"))
   assert json.loads(written.flags["scheduler_options"])["downcast_alphas_cumprod"]
-  lcm = reproduce(text.replace("DDIM", "LCM"))  # a sampler without the option: a note
-  assert ("float32 training schedule" in dict(lcm.notes).get("scheduler", "")) == bool(downcast)
+  ddpm = reproduce(text.replace("DDIM", "DDPM"))  # a sampler without the option: a note
+  assert ("float32 training schedule" in dict(ddpm.notes).get("scheduler", "")) == bool(downcast)
   unipc = json.loads(reproduce(text.replace("DDIM", "UniPC")).flags["scheduler_options"])
   assert unipc.get("downcast_alphas_cumprod", False) == downcast
 
@@ -211,8 +211,19 @@ def test_brownian_noise():
 
 
 def test_schedule_type_of_a_scheduler_without_them():
-  notes = _notes("a cat\nSteps: 6, Sampler: LCM, Schedule type: Karras, CFG scale: 1, Seed: 1")
-  assert notes["schedule_type"] == "Schedule type: Karras: sdjax's lcm places its own noise levels"
+  notes = _notes("a cat\nSteps: 6, Sampler: DDPM, Schedule type: Karras, CFG scale: 1, Seed: 1")
+  assert notes["schedule_type"] == "Schedule type: Karras: sdjax's ddpm places its own noise levels"
+
+
+def test_a1111_lcm():
+  """A1111's LCM sampler: lcm in its k_diffusion form (`test_k_diffusion.test_lcm_as_a1111`),
+  Automatic its Uniform, other schedule types its own; sdjax's lcm image stays diffusers'."""
+  flags = _flags("a cat\nSteps: 6, Sampler: LCM, Schedule type: Karras, CFG scale: 1, Seed: 1")
+  assert json.loads(flags["scheduler_options"])["k_diffusion"] and flags["schedule_type"] == "Karras"
+  flags = _flags("a cat\nSteps: 6, Sampler: LCM, CFG scale: 1, Seed: 1, Version: v1.10.1")
+  assert (flags["scheduler"], flags["schedule_type"]) == ("LCM", "Uniform")
+  flags = _flags("a cat\nSteps: 6, Sampler: LCM, CFG scale: 1, Seed: 1, Version: sdjax 0.1.0")
+  assert "scheduler_options" not in flags and "schedule_type" not in flags
 
 
 def test_cpu_noise_and_variations():

@@ -13,6 +13,7 @@ k-diffusion's.
 from __future__ import annotations
 
 import json
+import math
 import types
 
 import jax
@@ -558,3 +559,83 @@ def test_dpmpp_sde_as_comfyui(label, monkeypatch):
   err = max_rel_error(got, want)
   print(f"maxrel DPM++ SDE {label} vs ComfyUI's loop: {err:.3g}")
   assert err <= TOL, err
+
+
+@pytest.mark.parametrize("label,steps,extra", [
+    (None, 4, ""), ("Automatic", 1, ""), ("Automatic", 2, ""), ("Uniform", 8, ""),
+    ("Automatic", 60, ""), ("Karras", 6, ""), ("Exponential", 5, ""), ("Simple", 7, ""),
+    ("Automatic", 4, "SGM noise multiplier: True, "),
+    ("Automatic", 5, "v1.6.0")])
+def test_lcm_as_a1111(label, steps, extra):
+  """A1111's LCM sampler (an image's "Sampler: LCM"): lcm in its k_diffusion form runs A1111's
+  sample_lcm over its LCMCompVisDenoiser (`k_diffusion_reference.sample_lcm`): the levels of the
+  50 distillation timesteps alone, placed by the schedule type (Automatic: evenly in that table,
+  timesteps 999 -> 19 for any step count; Karras, Exponential between its extremes; Simple its
+  own levels), the UNet at the nearest
+  distillation timestep; from an A1111 before 1.7, its float16 alphas_cumprod's table. (Normal
+  and SGM Uniform place in the table's index, which A1111 reaches through its timesteps.)"""
+  version = extra if extra.startswith("v") else "v1.10.1"
+  extra = "" if extra.startswith("v") else extra
+  ours, state, got, _, init, noises = _as_a1111_ran_it("LCM", label, steps, extra=extra,
+                                                       version=version)
+  assert ours.cfg["k_diffusion"] and ours.name == "lcm"
+  config = {**SD15, "downcast_alphas_cumprod": version == "v1.6.0"}
+  assert bool(ours.cfg.get("downcast_alphas_cumprod")) == config["downcast_alphas_cumprod"]
+  table = kd.lcm_sigmas(config)
+  if label == "Karras":
+    sigmas = kd._karras(steps, table[0].item(), table[-1].item())
+  elif label == "Exponential":
+    levels = torch.linspace(math.log(table[-1].item()), math.log(table[0].item()), steps).exp()
+    sigmas = torch.cat([levels, levels.new_zeros([1])])
+  elif label == "Simple":  # the table's own levels, every len / n-th from the top
+    sigmas = torch.tensor([table[-(1 + int(x * len(table) / steps))].item()
+                           for x in range(steps)] + [0.0])
+  else:
+    sigmas = kd.get_sigmas_lcm(config, steps)
+  start = torch.sqrt(1.0 + sigmas[0] ** 2.0) if extra else sigmas[0]
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(start), rtol=1e-6)
+  with correctly_rounded_sqrt():
+    want = kd.sample_lcm(config, sigmas, torch.from_numpy(init) * start,
+                         [torch.from_numpy(n) for n in noises])
+  err = max_rel_error(got, want)
+  print(f"maxrel A1111 LCM {label} {steps} {extra}{version} vs its loop: {err:.3g}")
+  assert err <= TOL, err
+  if steps == 4 and not extra:  # its timesteps: distillation ones, not diffusers' LCM's
+    assert list(np.asarray(state.timesteps)) == [999, 679, 339, 19]
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.3])
+def test_lcm_img2img_as_a1111(strength):
+  """A1111's LCM img2img: k-diffusion's img2img steps (the last int(min(strength, 0.999) * n)
+  + 1 of n), the image noised to the first of them by a plain sigma times the noise."""
+  steps = 8
+  ours = get_scheduler("lcm", SD15, options={"k_diffusion": True})
+  total, begin = ours.img2img_steps(steps, strength)
+  assert (total, begin) == (steps, steps - int(strength * steps) - 1)
+  init, noises = make_noises(steps)
+  image = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
+  got = sdjax_trajectory(ours, steps, init, noises, begin=begin, init_sample=image)
+  sigmas = kd.get_sigmas_lcm(SD15, steps)[begin:]
+  with correctly_rounded_sqrt():
+    want = kd.sample_lcm(SD15, sigmas, torch.from_numpy(image) + torch.from_numpy(init) * sigmas[0],
+                         [torch.from_numpy(n) for n in noises[begin:]])
+  err = max_rel_error(got, want)
+  print(f"maxrel A1111 LCM img2img {strength}: {err:.3g}")
+  assert err <= TOL, err
+
+
+def test_lcm_k_diffusion_options():
+  """What only A1111's LCM form takes is refused without it; its form takes epsilon models only
+  (it reads the output as noise) and places its own levels."""
+  for options, match in (({"schedule_type": "simple"}, "set k_diffusion too"),
+                         ({"schedule_type": "karras"}, "has no karras spacing"),
+                         ({"sgm_noise_multiplier": True}, "set k_diffusion too"),
+                         ({"k_diffusion": True, "timesteps": [999, 499]}, "not timesteps"),
+                         ({"k_diffusion": True, "prediction_type": "v_prediction"},
+                          "an epsilon model only")):
+    with pytest.raises(SchedulerConfigError, match=match):
+      get_scheduler("lcm", SD15, options=options)
+  diffusers_form = get_scheduler("lcm", SD15).set_timesteps(4)
+  assert list(np.asarray(diffusers_form.timesteps)) == [999, 759, 499, 259]
+  assert float(diffusers_form.init_sigma) == 1.0
+  np.testing.assert_array_equal(np.asarray(diffusers_form.input_scale), 1.0)

@@ -7,6 +7,16 @@ Its timesteps are spread over the `original_inference_steps` timesteps the model
 (every `num_train_timesteps // original_inference_steps`-th), whatever the checkpoint's
 `timestep_spacing` says. As in `ddim.py`, the per-position scalars are computed on the host in
 float32 numpy, in diffusers' order of operations.
+
+sdjax's `k_diffusion` option makes it AUTOMATIC1111's "LCM" sampler (its sd_samplers_lcm, which
+`infotext` reads an A1111 image's "Sampler: LCM" as): k-diffusion's loop over the noise levels of
+the distillation timesteps alone (a table of `original_inference_steps` levels from A1111's own
+schedule, `sigma_schedules.form_alphas_cumprod`), placed by its schedule type (Automatic and
+Uniform: evenly in that table's index, interpolated in log sigma); the UNet sees the distillation
+timestep nearest each level and x / sqrt(sigma^2 + 1); the step takes the same boundary condition
+of the noise-predicted x0 and of x, here in k-diffusion's scale (x0 + sigma * noise), and adds
+sigma_next times fresh noise. It is the same step as diffusers' with the coefficients of that
+scale (sqrt(alpha) 1, sqrt(1 - alpha) sigma), so only the state differs.
 """
 
 from __future__ import annotations
@@ -21,16 +31,30 @@ from flax import struct
 from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
+  exp_f32,
+  first_noise_scale,
   hashable_config,
+  log_f32,
   make_alphas_cumprod,
   make_betas,
+  nearest_t,
   resolve_config,
   rounded,
+  spaced_sigmas,
+  torch_linspace_f32,
 )
 from sdjax.schedulers.ddim import add_noise_vp, f32, predict_original_and_noise
 from sdjax.schedulers.euler import check_choice
+from sdjax.schedulers.sigma_schedules import (
+  DOWNCAST_ALPHAS_CUMPROD,
+  K_DIFFUSION,
+  SGM_NOISE_MULTIPLIER,
+  SPACING_TYPES,
+  custom_timesteps,
+  form_alphas_cumprod,
+  schedule_sigmas,
+)
 from sdjax.schedulers.sigma_schedules import check_options as check_schedule_options
-from sdjax.schedulers.sigma_schedules import custom_timesteps
 
 _SIGMA_DATA = np.float32(0.5)
 
@@ -45,6 +69,12 @@ class LCMState:
     c_skip, c_out: [n] the boundary condition's weights of x_t and of the predicted x0.
     sqrt_alpha_prev, noise_std: [n] roots of alpha_prod and 1 - alpha_prod of the next timestep,
       the weights of the denoised sample and of fresh noise (1 and 0 at the last position).
+    input_scale: [n] what the UNet's input is multiplied by (1; the `k_diffusion` form's
+      1 / sqrt(sigma^2 + 1)).
+    sigma_in: [n] the noise level of each call's input (`Scheduler.a1111_levels`).
+    init_sigma: the scale of unit noise into the first latent.
+  In the `k_diffusion` form sqrt_alpha, sqrt_alpha_prev are 1 and sqrt_one_minus_alpha,
+  noise_std the level and the next one (0 after the last).
   """
 
   timesteps: jnp.ndarray
@@ -54,6 +84,9 @@ class LCMState:
   c_out: jnp.ndarray
   sqrt_alpha_prev: jnp.ndarray
   noise_std: jnp.ndarray
+  input_scale: jnp.ndarray
+  sigma_in: jnp.ndarray
+  init_sigma: jnp.ndarray
 
 
 def lcm_timesteps(config: dict[str, Any], num_inference_steps: int,
@@ -89,8 +122,55 @@ def resolve_lcm_config(cls, scheduler_config: dict[str, Any],
   if int(config["original_inference_steps"]) < 1:
     raise SchedulerConfigError(f"scheduler {cls.name!r}: original_inference_steps must be "
                                f">= 1, got {config['original_inference_steps']}")
-  check_schedule_options(cls.name, config)
+  k_form = config.get(K_DIFFUSION)
+  # Karras, Exponential and Beta are schedule types of A1111's LCM form (there is no diffusers
+  # spacing option to carry them)
+  spaced = k_form and config.get("schedule_type") in SPACING_TYPES
+  check_schedule_options(cls.name, {**config, "schedule_type": None} if spaced else config)
+  for option in ("schedule_type", SGM_NOISE_MULTIPLIER, DOWNCAST_ALPHAS_CUMPROD):
+    if config.get(option) and not k_form:
+      raise SchedulerConfigError(f"scheduler {cls.name!r}: {option} is A1111's LCM sampler's: "
+                                 "set k_diffusion too")
+  if k_form and config.get("timesteps") is not None:
+    raise SchedulerConfigError(f"scheduler {cls.name!r}: A1111's LCM sampler (k_diffusion) "
+                               "places its own levels: give schedule_type, not timesteps")
+  if k_form and config["prediction_type"] != "epsilon":
+    raise SchedulerConfigError(f"scheduler {cls.name!r}: A1111's LCM sampler (k_diffusion) "
+                               "reads the model's output as noise: an epsilon model only, not "
+                               f"{config['prediction_type']}")
   return config
+
+
+def _a1111_levels(config: dict[str, Any], num_inference_steps: int):
+  """A1111's LCM sampler (`k_diffusion`): (float32 levels [n + 1] ending in 0, int64 distillation
+  timesteps [n] the UNet sees), as its LCMCompVisDenoiser places and reads them."""
+  n_train, original = int(config["num_train_timesteps"]), int(config["original_inference_steps"])
+  if original > n_train:
+    raise ValueError(f"original_inference_steps={original} cannot exceed "
+                     f"num_train_timesteps={n_train}")
+  skip = n_train // original
+  # Its table: the model's alphas_cumprod (float16 where A1111 downcast it) at the distillation
+  # timesteps, held in float32, ascending in t; their levels and logs in float32.
+  alphas = form_alphas_cumprod(config, "a1111").astype(np.float32)[
+    n_train - 1 - skip * np.arange(original)[::-1]]
+  table = np.sqrt((np.float32(1) - alphas) / alphas).astype(np.float32)
+  log_table = log_f32(table)
+  kind = config.get("schedule_type")
+  if kind in (None, "uniform"):  # get_sigmas: timesteps evenly from the table's last to its first
+    last, first = (original - 1) * skip + skip - 1, skip - 1
+    t = torch_linspace_f32(last, first, num_inference_steps)
+    t = np.clip((t - np.float32(skip - 1)) / np.float32(skip), 0, original - 1).astype(np.float32)
+    low, high = np.floor(t).astype(np.int64), np.ceil(t).astype(np.int64)
+    w = (t - np.floor(t)).astype(np.float32)
+    levels = exp_f32((np.float32(1) - w) * log_table[low] + w * log_table[high])
+    levels = np.append(levels, np.float32(0))
+  elif kind in SPACING_TYPES:  # between the table's extremes, as A1111's Karras ... call them
+    levels = np.append(spaced_sigmas(kind, float(table[0]), float(table[-1]), num_inference_steps,
+                                     k_diffusion=True).astype(np.float32), np.float32(0))
+  else:  # the other schedule types between the table's extremes, or over its levels
+    levels = schedule_sigmas(kind, num_inference_steps, table).astype(np.float32)
+  timesteps = nearest_t(levels[:-1], log_table).astype(np.int64) * skip + (skip - 1)
+  return levels, timesteps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +178,9 @@ class LCMScheduler(Scheduler):
   """diffusers' `LCMScheduler` (without thresholding)."""
 
   name = "lcm"
-  schedule_options = ("timesteps",)  # diffusers' pipe(timesteps=...)
+  # diffusers' pipe(timesteps=...); A1111's LCM sampler (`k_diffusion`) and its settings
+  schedule_options = ("timesteps", K_DIFFUSION, "schedule_type", SGM_NOISE_MULTIPLIER,
+                      DOWNCAST_ALPHAS_CUMPROD)
   order = 1
   needs_noise = True
 
@@ -130,6 +212,8 @@ class LCMScheduler(Scheduler):
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     del sample_shape  # no history
     config = self.cfg
+    if config.get(K_DIFFUSION):
+      return self._a1111_state(num_inference_steps)
     timesteps = lcm_timesteps(config, num_inference_steps)
     alphas_cumprod = make_alphas_cumprod(config)
     alpha = alphas_cumprod[timesteps]
@@ -146,11 +230,38 @@ class LCMScheduler(Scheduler):
       c_out=f32(scaled / np.sqrt(denominator)),
       sqrt_alpha_prev=f32(np.where(last, 1, np.sqrt(alpha_prev))),
       noise_std=f32(np.where(last, 0, np.sqrt(1 - alpha_prev))),
+      input_scale=f32(np.ones(len(timesteps))),
+      sigma_in=f32(np.sqrt((1 - alpha) / alpha)),
+      init_sigma=jnp.float32(1.0),
+    )
+
+  def _a1111_state(self, num_inference_steps: int) -> LCMState:
+    """A1111's LCM sampler (`k_diffusion`): k-diffusion's scale, its levels and timesteps."""
+    config = self.cfg
+    levels, timesteps = _a1111_levels(config, num_inference_steps)
+    sigma, sigma_next = levels[:-1], levels[1:]
+    scaled = timesteps.astype(np.float32) * np.float32(config["timestep_scaling"])
+    denominator = scaled * scaled + _SIGMA_DATA * _SIGMA_DATA
+    one = np.ones(len(sigma), np.float32)
+    init = first_noise_scale(config, levels)
+    return LCMState(
+      timesteps=jnp.asarray(timesteps.astype(np.int32)),
+      sqrt_alpha=f32(one),
+      sqrt_one_minus_alpha=f32(sigma),
+      c_skip=f32(_SIGMA_DATA * _SIGMA_DATA / denominator),
+      c_out=f32(scaled / np.sqrt(denominator)),
+      sqrt_alpha_prev=f32(one),
+      noise_std=f32(sigma_next),
+      input_scale=f32(one / np.sqrt(sigma * sigma + one)),
+      sigma_in=f32(sigma),
+      init_sigma=jnp.float32(sigma[0] if init is None else init),
     )
 
   def init_noise_sigma(self, state):
-    del state
-    return 1.0
+    return state.init_sigma
+
+  def scale_model_input(self, state, sample, i):
+    return (sample.astype(jnp.float32) * state.input_scale[i]).astype(sample.dtype)
 
   def step(self, state, model_output, i, sample, noise=None):
     if noise is None:
@@ -160,7 +271,7 @@ class LCMScheduler(Scheduler):
     out = model_output.astype(jnp.float32)
     pred_original, _ = predict_original_and_noise(
       config["prediction_type"], x, out, state.sqrt_alpha[i], state.sqrt_one_minus_alpha[i])
-    if config["clip_sample"]:
+    if config["clip_sample"] and not config.get(K_DIFFUSION):  # A1111's does not clip
       limit = config["clip_sample_range"]
       pred_original = jnp.clip(pred_original, -limit, limit)
     denoised = rounded(state.c_out[i] * pred_original) + rounded(state.c_skip[i] * x)
