@@ -110,6 +110,7 @@ class _Reader:
     self.graph = graph
     self.fields: dict[str, str] = {}  # A1111's names (`infotext.from_fields`)
     self.loras: list[str] = []  # A1111's <lora:name:te:unet> tags, the checkpoint's first
+    self.lcm_node: str | None = None  # a ModelSamplingDiscrete "lcm" node's id
     self.notes: list[tuple[str | None, str]] = []
     self._noted: set[str] = set()
 
@@ -209,6 +210,8 @@ class _Reader:
                 + (", without zero terminal SNR" if zsnr is not True else "") + ": sdjax reads "
                 "that off the model (its v_pred / ztsnr keys, its scheduler config); for a model "
                 "without them give --scheduler_options '{\"prediction_type\": \"v_prediction\"}'")
+    elif sampling == "lcm":  # ComfyUI's lcm sampler over it is lcm's comfyui form (`reproduce`)
+      self.lcm_node = node_id
     elif sampling != "eps":
       self.note(None, f"node {node_id} ({_MODEL_SAMPLING}) samples the model as {sampling}: not "
                       "reproduced")
@@ -374,7 +377,7 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     fields["Sampler"] = outputs.A1111_SAMPLER_NAMES[SAMPLERS[sampler]]
   else:
     reader.note("scheduler", f"sampler {sampler} is not one sdjax has: give --scheduler")
-  if scheduler in SCHEDULERS and SAMPLERS.get(sampler) not in ("lcm", "ddpm"):
+  if scheduler in SCHEDULERS and SAMPLERS.get(sampler) != "ddpm":
     fields["Schedule type"] = outputs.A1111_SCHEDULE_TYPE_NAMES[scheduler]
   elif scheduler is not None:
     reader.note("schedule_type", f"scheduler {scheduler} (with sampler {sampler}): sdjax places "
@@ -419,9 +422,16 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   flags = dict(found.flags)
   options = json.loads(flags.get("scheduler_options", "{}"))
   name = flags.get("scheduler") and outputs.scheduler_name(flags["scheduler"])
-  if name == "lcm":  # A1111's LCM sampler is not ComfyUI's (its levels, its denoised x0)
-    options, _ = {}, flags.pop("schedule_type", None)
+  if reader.lcm_node is not None and name != "lcm":
+    reader.note(None, f"node {reader.lcm_node} ({_MODEL_SAMPLING}) samples the model as lcm: "
+                      f"reproduced with the lcm sampler only, not {sampler}")
+  if name == "lcm" and reader.lcm_node is None:  # the plain model's x0, its levels: not lcm's
+    options = {}
     flags.pop("scheduler_options", None)
+    if flags.pop("schedule_type", None) is not None:
+      reader.note("schedule_type", f"scheduler {scheduler} (with sampler lcm on a model without "
+                                   f"{_MODEL_SAMPLING} lcm): sdjax places the noise levels its "
+                                   "own way")
   if name and options.get("k_diffusion") and schedulers.takes_option(name, "comfyui"):
     flags["scheduler_options"] = json.dumps({**options, "comfyui": True})  # its start, timesteps
   elif name == "unipc":  # its uni_pc code (the UniPC authors'), its order and variant

@@ -416,9 +416,13 @@ def sample_restart(config, sigmas, x, noises):
 def lcm_sigmas(config, original: int = 50) -> torch.Tensor:
   """A1111's LCM sampler's table (its LCMCompVisDenoiser): the model's alphas_cumprod at the
   distillation timesteps only (skip - 1, 2 skip - 1, ..., the last), copied into float32, and
-  their levels, as k-diffusion's DiscreteEpsDDPMDenoiser computes them."""
+  their levels, as k-diffusion's DiscreteEpsDDPMDenoiser computes them. With `comfyui` in
+  `config`, ComfyUI's ModelSamplingDiscreteDistilled's: its float32 table's levels there."""
   n_train = config["num_train_timesteps"]
   skip = n_train // original
+  if config.get("comfyui"):
+    table = train_sigmas(config)
+    return torch.stack([table[n_train - 1 - x * skip] for x in range(original)][::-1])
   alphas = ldm_alphas_cumprod(config).float()
   if config.get("downcast_alphas_cumprod"):
     alphas = alphas.half()
@@ -435,7 +439,8 @@ def lcm_log_table(config, original: int = 50) -> torch.Tensor:
 def lcm_denoiser(config, original: int = 50):
   """x0 from (x, sigma) as A1111's LCMCompVisDenoiser wraps the fake UNet: the UNet sees the
   distillation timestep nearest sigma in log sigma; its noise-predicted x0 and x mixed by LCM's
-  boundary condition at 10 times that timestep."""
+  boundary condition at 10 times that timestep (ComfyUI's LCM model sampling: the same, its input
+  divided by sqrt(sigma^2 + 1) rather than multiplied by the inverse)."""
   log_sigmas = lcm_log_table(config, original)
   skip = config["num_train_timesteps"] // original
 
@@ -446,7 +451,8 @@ def lcm_denoiser(config, original: int = 50):
   def denoise(x, sigma):
     c_in = 1 / (sigma**2 + 1.0**2) ** 0.5
     t = sigma_to_t(sigma.reshape(1))
-    eps = torch.from_numpy(fake_model((x * c_in).numpy(), float(t)))
+    seen = x / (sigma**2 + 1.0**2) ** 0.5 if config.get("comfyui") else x * c_in
+    eps = torch.from_numpy(fake_model(seen.numpy(), float(t)))
     x0 = x + eps * -sigma
     scaled = t * 10.0
     c_skip = 0.5**2 / (scaled**2 + 0.5**2)

@@ -178,13 +178,24 @@ def test_loras_clip_skip_vae_and_a_second_pass():
   assert "[...] is plain text to ComfyUI" in notes
 
 
-def test_lcm_is_not_a1111s():
-  """ComfyUI's lcm sampler is not A1111's LCM (its levels, its x0): sdjax's lcm with a note,
-  not that form."""
+def test_lcm():
+  """ComfyUI's lcm sampler over a ModelSamplingDiscrete "lcm" model: lcm's comfyui form
+  (`test_k_diffusion.test_lcm_as_comfyui`), its scheduler a schedule type; over the plain model
+  (its levels, its plain x0) sdjax's lcm with a note, not that form."""
+  graph = default_graph(sampler_name="lcm", scheduler="sgm_uniform", model=["10", 0])
+  graph["10"] = {"class_type": "ModelSamplingDiscrete",
+                 "inputs": {"model": ["4", 0], "sampling": "lcm", "zsnr": False}}
+  found = comfyui.reproduce(graph)
+  options = json.loads(found.flags["scheduler_options"])
+  assert options["k_diffusion"] and options["comfyui"] and found.flags["scheduler"] == "LCM"
+  assert found.flags["schedule_type"] == "SGM Uniform"
+  assert "samples the model as lcm" not in _notes(found)
   found = comfyui.reproduce(default_graph(sampler_name="lcm"))
   assert found.flags["scheduler"] == "LCM" and "scheduler_options" not in found.flags
   assert "schedule_type" not in found.flags
-  assert "sampler lcm: ComfyUI starts from its noise times" in _notes(found)
+  notes = _notes(found)
+  assert "sampler lcm: ComfyUI starts from its noise times" in notes
+  assert "scheduler normal (with sampler lcm on a model without" in notes
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_sde"])

@@ -604,6 +604,41 @@ def test_lcm_as_a1111(label, steps, extra):
     assert list(np.asarray(state.timesteps)) == [999, 679, 339, 19]
 
 
+@pytest.mark.parametrize("scheduler,steps", [("normal", 4), ("sgm_uniform", 6), ("karras", 5),
+                                             ("simple", 3)])
+def test_lcm_as_comfyui(scheduler, steps):
+  """ComfyUI's lcm sampler over a ModelSamplingDiscrete "lcm" model (`comfyui.reproduce` sets lcm's
+  comfyui form): A1111's loop over ComfyUI's table of the distillation levels (float64 levels in
+  float32), its schedulers there (normal: the timesteps 999 -> 19 evenly), from its noise times
+  sqrt(1 + sigma_max^2)."""
+  ours = get_scheduler("lcm", SD15, options={"k_diffusion": True, "comfyui": True,
+                                             "schedule_type": scheduler})
+  state = ours.set_timesteps(steps)
+  init, noises = make_noises(steps)
+  got = sdjax_trajectory(ours, steps, init, noises)
+  table = kd.lcm_sigmas(COMFY15)
+  if scheduler in ("normal", "sgm_uniform"):
+    levels = kd.get_sigmas_lcm(COMFY15, steps + (scheduler == "sgm_uniform"))[:steps]
+    sigmas = torch.cat([levels, levels.new_zeros([1])])
+  elif scheduler == "karras":
+    sigmas = kd._karras(steps, table[0].item(), table[-1].item())
+  else:
+    sigmas = torch.tensor([table[-(1 + int(x * len(table) / steps))].item()
+                           for x in range(steps)] + [0.0])
+  # a run from the largest level (to ComfyUI's rel_tol): its max_denoise start
+  assert math.isclose(sigmas[0].item(), table[-1].item(), rel_tol=1e-5)
+  start = torch.sqrt(1.0 + sigmas[0] ** 2.0)
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(start), rtol=1e-6)
+  with correctly_rounded_sqrt():
+    want = kd.sample_lcm(COMFY15, sigmas, torch.from_numpy(init) * start,
+                         [torch.from_numpy(n) for n in noises])
+  err = max_rel_error(got, want)
+  print(f"maxrel ComfyUI lcm {scheduler} {steps} vs its loop: {err:.3g}")
+  assert err <= TOL, err
+  a1111 = get_scheduler("lcm", SD15, options={"k_diffusion": True}).set_timesteps(steps)
+  assert np.abs(np.asarray(a1111.sigma_in) - np.asarray(state.sigma_in)).max() > 0
+
+
 @pytest.mark.parametrize("strength", [0.5, 0.3])
 def test_lcm_img2img_as_a1111(strength):
   """A1111's LCM img2img: k-diffusion's img2img steps (the last int(min(strength, 0.999) * n)

@@ -16,7 +16,11 @@ Uniform: evenly in that table's index, interpolated in log sigma); the UNet sees
 timestep nearest each level and x / sqrt(sigma^2 + 1); the step takes the same boundary condition
 of the noise-predicted x0 and of x, here in k-diffusion's scale (x0 + sigma * noise), and adds
 sigma_next times fresh noise. It is the same step as diffusers' with the coefficients of that
-scale (sqrt(alpha) 1, sqrt(1 - alpha) sigma), so only the state differs.
+scale (sqrt(alpha) 1, sqrt(1 - alpha) sigma), so only the state differs. With `comfyui` too it
+is ComfyUI's lcm sampler over a model a ModelSamplingDiscrete node samples as "lcm" (its
+ModelSamplingDiscreteDistilled): the same loop over ComfyUI's table (its float64 levels at the
+distillation timesteps, in float32), by its schedulers, from its noise times sqrt(1 + sigma^2) at
+the largest level (ComfyUI divides the UNet's input by that root: an ulp from our product).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from sdjax.schedulers.common import (
 from sdjax.schedulers.ddim import add_noise_vp, f32, predict_original_and_noise
 from sdjax.schedulers.euler import check_choice
 from sdjax.schedulers.sigma_schedules import (
+  COMFYUI,
   DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SGM_NOISE_MULTIPLIER,
@@ -127,7 +132,7 @@ def resolve_lcm_config(cls, scheduler_config: dict[str, Any],
   # spacing option to carry them)
   spaced = k_form and config.get("schedule_type") in SPACING_TYPES
   check_schedule_options(cls.name, {**config, "schedule_type": None} if spaced else config)
-  for option in ("schedule_type", SGM_NOISE_MULTIPLIER, DOWNCAST_ALPHAS_CUMPROD):
+  for option in ("schedule_type", COMFYUI, SGM_NOISE_MULTIPLIER, DOWNCAST_ALPHAS_CUMPROD):
     if config.get(option) and not k_form:
       raise SchedulerConfigError(f"scheduler {cls.name!r}: {option} is A1111's LCM sampler's: "
                                  "set k_diffusion too")
@@ -143,22 +148,31 @@ def resolve_lcm_config(cls, scheduler_config: dict[str, Any],
 
 def _a1111_levels(config: dict[str, Any], num_inference_steps: int):
   """A1111's LCM sampler (`k_diffusion`): (float32 levels [n + 1] ending in 0, int64 distillation
-  timesteps [n] the UNet sees), as its LCMCompVisDenoiser places and reads them."""
+  timesteps [n] the UNet sees), as its LCMCompVisDenoiser places and reads them; with `comfyui`,
+  as ComfyUI's ModelSamplingDiscreteDistilled (a ModelSamplingDiscrete node's "lcm")."""
   n_train, original = int(config["num_train_timesteps"]), int(config["original_inference_steps"])
   if original > n_train:
     raise ValueError(f"original_inference_steps={original} cannot exceed "
                      f"num_train_timesteps={n_train}")
   skip = n_train // original
-  # Its table: the model's alphas_cumprod (float16 where A1111 downcast it) at the distillation
-  # timesteps, held in float32, ascending in t; their levels and logs in float32.
-  alphas = form_alphas_cumprod(config, "a1111").astype(np.float32)[
-    n_train - 1 - skip * np.arange(original)[::-1]]
-  table = np.sqrt((np.float32(1) - alphas) / alphas).astype(np.float32)
+  # Its table, ascending in t: the model's alphas_cumprod (float16 where A1111 downcast it) at the
+  # distillation timesteps, held in float32, their levels and logs in float32; ComfyUI's: its
+  # float64 levels there, stored in float32, their logs in float32.
+  valid = n_train - 1 - skip * np.arange(original)[::-1]
+  if config.get(COMFYUI):
+    alphas = form_alphas_cumprod(config, "comfyui")
+    table = np.sqrt((1 - alphas) / alphas).astype(np.float32)[valid]
+  else:
+    alphas = form_alphas_cumprod(config, "a1111").astype(np.float32)[valid]
+    table = np.sqrt((np.float32(1) - alphas) / alphas).astype(np.float32)
   log_table = log_f32(table)
   kind = config.get("schedule_type")
-  if kind in (None, "uniform"):  # get_sigmas: timesteps evenly from the table's last to its first
+  if kind in (None, "uniform", "normal", "sgm_uniform"):
+    # get_sigmas (Automatic, Uniform; Normal too, which reads the extremes' timesteps, these
+    # same): timesteps evenly from the table's last to its first (SGM Uniform: n of n + 1)
     last, first = (original - 1) * skip + skip - 1, skip - 1
-    t = torch_linspace_f32(last, first, num_inference_steps)
+    extra = kind == "sgm_uniform"
+    t = torch_linspace_f32(last, first, num_inference_steps + extra)[:num_inference_steps]
     t = np.clip((t - np.float32(skip - 1)) / np.float32(skip), 0, original - 1).astype(np.float32)
     low, high = np.floor(t).astype(np.int64), np.ceil(t).astype(np.int64)
     w = (t - np.floor(t)).astype(np.float32)
@@ -179,7 +193,8 @@ class LCMScheduler(Scheduler):
 
   name = "lcm"
   # diffusers' pipe(timesteps=...); A1111's LCM sampler (`k_diffusion`) and its settings
-  schedule_options = ("timesteps", K_DIFFUSION, "schedule_type", SGM_NOISE_MULTIPLIER,
+  # (`comfyui`: ComfyUI's lcm sampler over a ModelSamplingDiscrete "lcm" model)
+  schedule_options = ("timesteps", K_DIFFUSION, COMFYUI, "schedule_type", SGM_NOISE_MULTIPLIER,
                       DOWNCAST_ALPHAS_CUMPROD)
   order = 1
   needs_noise = True
