@@ -122,12 +122,44 @@ def _comfyui_denoiser(config, timesteps=None):
   return denoise
 
 
-@pytest.mark.parametrize("label", ["Uniform", "Karras"])
+def _comfyui_beta(n: int) -> torch.Tensor:
+  """ComfyUI's beta_scheduler (alpha = beta = 0.6) over its table, written from its loop: the
+  levels at the rounded Beta quantiles of the timesteps, a repeat dropped, then 0."""
+  from scipy import stats  # noqa: PLC0415
+
+  table = kd.train_sigmas(COMFY15)
+  ts = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, n, endpoint=False), 0.6, 0.6)
+               * (len(table) - 1))
+  levels, last = [], -1
+  for t in ts:
+    if t != last:
+      levels.append(float(table[int(t)]))
+    last = t
+  return torch.FloatTensor([*levels, 0.0])
+
+
+def _comfyui_kl_optimal(n: int) -> torch.Tensor:
+  """ComfyUI's kl_optimal_scheduler: n levels even in arctan sigma, in float32 torch, then 0."""
+  table = kd.train_sigmas(COMFY15)
+  steps = torch.arange(n, dtype=torch.float).div_(n - 1)
+  levels = steps.new_zeros(n + 1)
+  levels[:-1] = (steps * math.atan(float(table[0])) + (1 - steps) * math.atan(
+      float(table[-1]))).tan_()
+  return levels
+
+
+_COMFYUI_SCHEDULES = {"Uniform": lambda n: kd.get_sigmas(COMFY15, n),
+                      "Karras": lambda n: kd.get_sigmas_karras(COMFY15, n),
+                      "Beta": _comfyui_beta, "KL Optimal": _comfyui_kl_optimal}
+
+
+@pytest.mark.parametrize("label", ["Uniform", "Karras", "Beta", "KL Optimal"])
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M",
                                      "DPM++ 2M SDE"])
 def test_steps_as_comfyui(sampler, label, monkeypatch):
   """The `comfyui` option: k-diffusion's loop as ComfyUI's KSampler runs it, from its noise
-  times sqrt(1 + sigma_max^2), the UNet at whole timesteps. Where a run starts below the largest
+  times sqrt(1 + sigma_max^2), the UNet at whole timesteps, over its scheduler's levels (its beta
+  and kl_optimal, not A1111's Beta and KL Optimal). Where a run starts below the largest
   training sigma (a second pass), its noise times the first level."""
   vp = sampler.startswith("DPM++")  # DPM-Solver's variance-preserving form: x / sqrt(s^2 + 1)
   options = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
@@ -137,7 +169,7 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
   assert np.array_equal(state.timesteps, np.round(state.timesteps))
   init, noises = make_noises(len(state.timesteps))
   got = sdjax_trajectory(ours, 10, init, noises)
-  sigmas = (kd.get_sigmas if label == "Uniform" else kd.get_sigmas_karras)(COMFY15, 10)
+  sigmas = _COMFYUI_SCHEDULES[label](10)
   start = float(torch.sqrt(1.0 + sigmas[0] ** 2.0))  # ComfyUI's, in float32
   form = 1 / (1 + float(sigmas[0]) ** 2) ** 0.5 if vp else 1.0
   np.testing.assert_allclose(float(ours.init_noise_sigma(state)), start * form, rtol=1e-6)
@@ -151,10 +183,12 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
   err = max_rel_error(got, want)
   print(f"maxrel {sampler} {label} vs ComfyUI's loop: {err:.3g}")
   assert err <= TOL, err
-  # Fractional timesteps (A1111's) or sigma_max's start: another trajectory.
-  a1111 = sdjax_trajectory(get_scheduler(outputs.scheduler_name(sampler), SD15, options={
-      k: v for k, v in options.items() if k != "comfyui"}), 10, init, noises)
-  assert max_rel_error(a1111, want) > 100 * max(err, 1e-7)
+  # Fractional timesteps (A1111's) or sigma_max's start: another trajectory. (A1111's KL Optimal
+  # ends at the smallest level, which only its Euler samplers take.)
+  if label != "KL Optimal" or sampler in ("Euler", "Euler a"):
+    a1111 = sdjax_trajectory(get_scheduler(outputs.scheduler_name(sampler), SD15, options={
+        k: v for k, v in options.items() if k != "comfyui"}), 10, init, noises)
+    assert max_rel_error(a1111, want) > 100 * max(err, 1e-7)
   # A pass starting lower (custom levels below sigma_max): noise times its first level.
   lower = get_scheduler(outputs.scheduler_name(sampler), SD15, options={
       "timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
@@ -162,6 +196,23 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
   state = lower.set_timesteps(3, sample_shape=SHAPE)
   np.testing.assert_allclose(float(lower.init_noise_sigma(state)),
                              5.0 / (26.0**0.5 if vp else 1.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [2, 9, 30])
+def test_comfyui_beta_and_kl_optimal_levels(steps):
+  """The comfyui form's beta and kl_optimal are ComfyUI's schedulers bit for bit (A1111's Beta
+  and KL Optimal, of the same names, place other levels); a step count at which ComfyUI's beta
+  repeats a timestep (and runs fewer steps) is refused."""
+  for kind, reference in (("beta", _comfyui_beta), ("kl_optimal", _comfyui_kl_optimal)):
+    options = {"timestep_spacing": "linspace", "k_diffusion": True, "schedule_type": kind}
+    ours = get_scheduler("euler", SD15, options={**options, "comfyui": True})
+    levels = np.asarray(ours.set_timesteps(steps).sigmas)
+    np.testing.assert_array_equal(levels, reference(steps).numpy())
+    a1111 = np.asarray(get_scheduler("euler", SD15, options=options).set_timesteps(steps).sigmas)
+    assert np.abs(a1111[:steps] - levels[:steps]).max() > 0.1
+  with pytest.raises(SchedulerConfigError, match="repeats a timestep at 139 steps"):
+    get_scheduler("euler", SD15, options={**options, "comfyui": True,
+                                          "schedule_type": "beta"}).set_timesteps(139)
 
 
 @pytest.mark.parametrize(("sampler", "label", "version"), [

@@ -124,6 +124,8 @@ def sigma_schedule(
   sigmas_train = train_sigmas(alphas_cumprod)
   log_sigmas = np.log(sigmas_train)
   custom = custom_sigmas(name, config, num_inference_steps, sigmas_train, any_final=any_final)
+  if config.get(COMFYUI) and custom is not None:  # its schedulers' levels, at whole timesteps
+    return nearest_t(custom[:-1], log_sigmas), custom
   if config.get(COMFYUI):  # ComfyUI's whole timesteps
     timesteps, sigmas = sigma_schedule({**config, COMFYUI: False}, num_inference_steps,
                                        alphas_cumprod, final, name=name, any_final=any_final)

@@ -19,7 +19,10 @@ those schedulers replace that placement (one at a time; not with a spacing):
   (SD1.5's, or SDXL's for `align_your_steps_sdxl`); SGM Uniform, Normal and Uniform space timesteps
   evenly and read their sigmas off the training schedule interpolated in log sigma; Simple takes
   every (N/n)-th training sigma; KL Optimal is even in arctan sigma and ends at the smallest
-  training sigma rather than at 0.
+  training sigma rather than at 0. In the `comfyui` form Beta and KL Optimal are ComfyUI's
+  schedulers of those names, not A1111's: its beta takes the training levels at the Beta(0.6, 0.6)
+  quantile timesteps (rounded), its kl_optimal n levels even in arctan sigma from the largest
+  training sigma to the smallest, then 0.
 
 They only feed `set_timesteps`: the compiled sampling program does not depend on them (see
 `Scheduler.program`). With sigmas, each timestep is the training timestep of its sigma
@@ -132,6 +135,8 @@ def spacing_options(options: dict[str, Any], defaults: dict[str, Any]) -> dict[s
   kind = options.get("schedule_type")
   if kind not in SPACING_TYPES or f"use_{kind}_sigmas" not in defaults:
     return options
+  if kind == "beta" and options.get(COMFYUI):  # ComfyUI's beta: not diffusers' (A1111's) spacing
+    return options
   rest = {k: v for k, v in options.items() if k != "schedule_type"}
   return {**rest, f"use_{kind}_sigmas": True}
 
@@ -151,10 +156,11 @@ def check_options(scheduler_name: str, config: dict[str, Any]) -> None:
       "spacing; pick the scheduler without it (e.g. dpmpp_2m, not dpmpp_2m_karras)")
   kind, value = given[0], config[given[0]]
   if kind == "schedule_type":
-    if value in SPACING_TYPES:  # left by `spacing_options`: this scheduler lacks the spacing
+    comfyui_beta = value == "beta" and config.get(COMFYUI)  # ComfyUI's beta scheduler
+    if value in SPACING_TYPES and not comfyui_beta:  # left by `spacing_options`: this scheduler lacks the spacing
       raise SchedulerConfigError(
         f"scheduler {scheduler_name!r} has no {value} spacing (diffusers' use_{value}_sigmas)")
-    if value not in SCHEDULE_TYPES:
+    if value not in SCHEDULE_TYPES and not comfyui_beta:
       raise SchedulerConfigError(
         f"scheduler {scheduler_name!r}: unknown schedule_type {value!r}; pick one of "
         f"{', '.join(SCHEDULE_TYPES + SPACING_TYPES)}")
@@ -212,7 +218,8 @@ def custom_sigmas(scheduler_name: str, config: dict[str, Any], num_inference_ste
         f"{len(sigmas)} sigmas make {len(sigmas) - 1} steps, not {n}: give one more sigma than "
         "steps (the last is where the final step lands, usually 0)")
   elif kind is not None:
-    sigmas = schedule_sigmas(kind, n, train_sigmas).astype(np.float32)
+    sigmas = schedule_sigmas(kind, n, train_sigmas, comfyui=bool(config.get(COMFYUI))).astype(
+      np.float32)
   else:
     return None
   if sigmas[-1] != 0 and not any_final:
@@ -223,11 +230,15 @@ def custom_sigmas(scheduler_name: str, config: dict[str, Any], num_inference_ste
   return sigmas.astype(np.float64)
 
 
-def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray) -> np.ndarray:
+def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray, comfyui: bool = False
+                    ) -> np.ndarray:
   """float64 [n + 1] noise levels of A1111 schedule type `kind` for n steps, between the training
   schedule's extremes (`train_sigmas`, ascending in t; a float16 table, `DOWNCAST_ALPHAS_CUMPROD`,
-  interpolates its own float16 logs, as k-diffusion's)."""
+  interpolates its own float16 logs, as k-diffusion's); `comfyui`: Beta and KL Optimal as
+  ComfyUI's schedulers of those names."""
   train_sigmas = np.asarray(train_sigmas)
+  if comfyui and kind in ("beta", "kl_optimal"):
+    return _comfyui_schedule(kind, n, train_sigmas)
   table = np.log(train_sigmas if train_sigmas.dtype == np.float16 else
                  train_sigmas.astype(np.float64))
   log_sigmas = table.astype(np.float64)
@@ -261,6 +272,27 @@ def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray) -> np.ndarray:
     ramp = torch_linspace_f32(1.0, 0.0, n)  # ** rho
     return np.append(exp_f32(ramp * np.float32(high - low) + np.float32(low)), 0.0)
   raise SchedulerConfigError(f"unknown schedule_type {kind!r}")
+
+
+def _comfyui_schedule(kind: str, n: int, train_sigmas: np.ndarray) -> np.ndarray:
+  """ComfyUI's beta_scheduler and kl_optimal_scheduler (its defaults) over its float32 table."""
+  if kind == "beta":  # the table's levels at Beta(0.6, 0.6) quantiles of the timesteps, rounded
+    from scipy import stats  # noqa: PLC0415  (a dependency of jax; only this option needs it)
+
+    t = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, n, endpoint=False), 0.6, 0.6)
+                * (len(train_sigmas) - 1)).astype(np.int64)
+    if np.any(t[1:] == t[:-1]):  # ComfyUI drops the repeats and runs fewer steps
+      raise SchedulerConfigError(
+        f"ComfyUI's beta scheduler repeats a timestep at {n} steps (it would run "
+        f"{len(set(t.tolist()))}): give that many steps")
+    return np.append(np.asarray(train_sigmas, np.float32)[t], 0.0).astype(np.float64)
+  if n < 2:  # its 0 / 0
+    raise SchedulerConfigError("ComfyUI's kl_optimal scheduler needs 2 steps or more")
+  low = np.float32(math.atan(float(train_sigmas[0])))
+  high = np.float32(math.atan(float(train_sigmas[-1])))
+  fraction = np.arange(n, dtype=np.float32) / np.float32(n - 1)  # float32, as its torch
+  angles = fraction * low + (np.float32(1) - fraction) * high
+  return np.append(np.tan(angles.astype(np.float64)).astype(np.float32), 0.0).astype(np.float64)
 
 
 def _t_to_sigma(t: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
