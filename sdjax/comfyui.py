@@ -47,6 +47,8 @@ SAMPLERS = {
     "dpmpp_3m_sde": "dpmpp_3m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde", "ddim": "euler",
     "uni_pc": "unipc", "uni_pc_bh2": "unipc", "lcm": "lcm", "ddpm": "ddpm",
     "euler_cfg_pp": "euler_cfg_pp", "euler_ancestral_cfg_pp": "euler_ancestral_cfg_pp",
+    "ipndm": "ipndm", "ipndm_v": "ipndm_v", "res_multistep": "res_multistep",
+    "gradient_estimation": "gradient_estimation",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal")

@@ -81,6 +81,10 @@ A1111_SAMPLER_NAMES = {
     "lcm": "LCM",
     "euler_cfg_pp": "Euler CFG++",  # Forge's names (ComfyUI's euler_cfg_pp, ...)
     "euler_ancestral_cfg_pp": "Euler a CFG++",
+    "ipndm": "iPNDM",  # ComfyUI's own samplers (as Forge-derived UIs name them)
+    "ipndm_v": "iPNDM_v",
+    "res_multistep": "Res Multistep",
+    "gradient_estimation": "Gradient Estimation",
 }
 
 # diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).

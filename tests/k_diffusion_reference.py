@@ -486,3 +486,103 @@ def sample_lcm(config, sigmas, x, noises):
       x = x + sigmas[i + 1] * noises[i]
     out.append(x)
   return np.stack([y.numpy() for y in out])
+
+
+def sample_ipndm(config, sigmas, x, noises, variable=False):
+  """ComfyUI's sample_ipndm (fixed Adams-Bashforth weights on d, order up to 4) or, with
+  `variable`, sample_ipndm_v (the weights of the levels' spacing), written out; the last step
+  lands on x0."""
+  del noises
+  denoise, out, history = denoiser(config), [], []
+  for i in range(len(sigmas) - 1):
+    s, s_next = sigmas[i], sigmas[i + 1]
+    x0 = denoise(x, s)
+    d = (x - x0) / s
+    order = min(4, i + 1)
+    if s_next == 0:
+      x = x0
+    elif order == 1:
+      x = x + (s_next - s) * d
+    elif not variable:
+      weights, divisor = {2: ((3, -1), 2), 3: ((23, -16, 5), 12),
+                          4: ((55, -59, 37, -9), 24)}[order]
+      acc = weights[0] * d
+      for w, b in zip(weights[1:], history[::-1], strict=False):
+        acc = acc + w * b
+      x = x + (s_next - s) * acc / divisor
+    else:
+      acc = None
+      for w, v in zip(_ipndm_v_weights(sigmas, i, order), [d, *history[::-1]], strict=False):
+        acc = w * v if acc is None else acc + w * v
+      x = x + (s_next - s) * acc
+    history = [*history, d][-3:]
+    out.append(x)
+  return np.stack([y.numpy() for y in out])
+
+
+def _ipndm_v_weights(t, i, order):
+  """iPNDM-v's weights at step i of the given order (torch float32 scalars), from its paper's
+  variable-step Adams-Bashforth formulas as ComfyUI evaluates them."""
+  h0 = t[i + 1] - t[i]
+  h1 = t[i] - t[i - 1]
+  if order == 2:
+    return [(2 + h0 / h1) / 2, -(h0 / h1) / 2]
+  h2 = t[i - 1] - t[i - 2]
+  a = (1 - h0 / (3 * (h0 + h1)) * (h0 * (h0 + h1)) / (h1 * (h1 + h2))) / 2
+  if order == 3:
+    return [(2 + h0 / h1) / 2 + a, -(h0 / h1) / 2 - (1 + h1 / h2) * a, a * h1 / h2]
+  h3 = t[i - 2] - t[i - 3]
+  b = (((1 - h0 / (3 * (h0 + h1))) / 2 + (1 - h0 / (2 * (h0 + h1))) * h0 / (6 * (h0 + h1 + h2)))
+       * (h0 * (h0 + h1) * (h0 + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3)))
+  r = h1 * (h1 + h2) / (h2 * (h2 + h3))
+  return [(2 + h0 / h1) / 2 + a + b, -(h0 / h1) / 2 - (1 + h1 / h2) * a - (1 + h1 / h2 + r) * b,
+          a * h1 / h2 + (h1 / h2 + r * (1 + h2 / h3)) * b, -b * r * h1 / h2]
+
+
+def sample_ipndm_v(config, sigmas, x, noises):
+  return sample_ipndm(config, sigmas, x, noises, variable=True)
+
+
+def sample_res_multistep(config, sigmas, x, noises):
+  """ComfyUI's sample_res_multistep (eta 0): Euler first and to 0, else RES's second-order
+  exponential multistep in t = -log sigma."""
+  del noises
+  denoise, out, old = denoiser(config), [], None
+  for i in range(len(sigmas) - 1):
+    s, s_next = sigmas[i], sigmas[i + 1]
+    x0 = denoise(x, s)
+    if s_next == 0 or old is None:
+      x = x + (x - x0) / s * (s_next - s)
+    else:
+      t, t_next, t_prev = -s.log(), -s_next.log(), -sigmas[i - 1].log()
+      h = t_next - t
+      c2 = (t_prev - t) / h
+      phi1 = torch.expm1(-h) / -h
+      phi2 = (phi1 - 1.0) / -h
+      b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
+      b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
+      x = (-h).exp() * x + h * (b1 * x0 + b2 * old)
+    old = x0
+    out.append(x)
+  return np.stack([y.numpy() for y in out])
+
+
+def sample_gradient_estimation(config, sigmas, x, noises, gamma=2.0):
+  """ComfyUI's sample_gradient_estimation: Euler plus (gamma - 1) times d's change since the last
+  call, times the step; the last step lands on x0."""
+  del noises
+  denoise, out, old_d = denoiser(config), [], None
+  for i in range(len(sigmas) - 1):
+    s, s_next = sigmas[i], sigmas[i + 1]
+    x0 = denoise(x, s)
+    d = (x - x0) / s
+    dt = s_next - s
+    if s_next == 0:
+      x = x0
+    else:
+      x = x + d * dt
+      if i >= 1:
+        x = x + (gamma - 1) * (d - old_d) * dt
+    old_d = d
+    out.append(x)
+  return np.stack([y.numpy() for y in out])

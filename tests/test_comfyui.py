@@ -84,6 +84,8 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("dpmpp_sde", "karras", "DPM++ SDE", "Karras"),
     ("uni_pc", "karras", "UniPC", "Karras"),  # its uni_pc code, as the comfyui form runs
     ("uni_pc_bh2", "normal", "UniPC", "Normal"),
+    ("ipndm", "beta", "iPNDM", "Beta"),  # its own samplers, in their comfyui form
+    ("res_multistep", "kl_optimal", "Res Multistep", "KL Optimal"),
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
   found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
@@ -101,7 +103,8 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   # Where sdjax's scheduler steps as ComfyUI's KSampler (its noise scale, whole timesteps) the
   # option says so; elsewhere a note.
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
-  assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC"))
+  assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "iPNDM",
+                              "Res Multistep"))
   assert ("sqrt(1 + sigma_max^2)" in notes) == (not stepped)
   if want == "UniPC":  # its variant and order 3; not A1111's UniPC
     options = json.loads(found.flags["scheduler_options"])
@@ -110,10 +113,10 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
 
 
 def test_unknown_sampler_and_scheduler_are_notes():
-  found = comfyui.reproduce(default_graph(sampler_name="res_multistep", scheduler="ddim_uniform"))
+  found = comfyui.reproduce(default_graph(sampler_name="er_sde", scheduler="ddim_uniform"))
   assert "scheduler" not in found.flags and "schedule_type" not in found.flags
   notes = _notes(found)
-  assert "sampler res_multistep is not one sdjax has" in notes
+  assert "sampler er_sde is not one sdjax has" in notes
   assert "scheduler ddim_uniform" in notes
 
 

@@ -42,7 +42,10 @@ SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "Heun": kd.sample_heun, "LMS": kd.sample_lms,
             "DPM++ 2S a": kd.sample_dpmpp_2s_ancestral, "DPM++ 2M": kd.sample_dpmpp_2m,
             "DPM2": kd.sample_dpm_2, "DPM2 a": kd.sample_dpm_2_ancestral,
-            "DPM++ 2M SDE": kd.sample_dpmpp_2m_sde, "DPM++ 3M SDE": kd.sample_dpmpp_3m_sde}
+            "DPM++ 2M SDE": kd.sample_dpmpp_2m_sde, "DPM++ 3M SDE": kd.sample_dpmpp_3m_sde,
+            "iPNDM": kd.sample_ipndm, "iPNDM_v": kd.sample_ipndm_v,
+            "Res Multistep": kd.sample_res_multistep,
+            "Gradient Estimation": kd.sample_gradient_estimation}
 # A1111's samplers that place the levels of one step more and drop the penultimate one.
 DISCARDING = ("DPM2", "DPM2 a")
 
@@ -155,7 +158,8 @@ _COMFYUI_SCHEDULES = {"Uniform": lambda n: kd.get_sigmas(COMFY15, n),
 
 @pytest.mark.parametrize("label", ["Uniform", "Karras", "Beta", "KL Optimal"])
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M",
-                                     "DPM++ 2M SDE"])
+                                     "DPM++ 2M SDE", "iPNDM", "iPNDM_v", "Res Multistep",
+                                     "Gradient Estimation"])
 def test_steps_as_comfyui(sampler, label, monkeypatch):
   """The `comfyui` option: k-diffusion's loop as ComfyUI's KSampler runs it, from its noise
   times sqrt(1 + sigma_max^2), the UNet at whole timesteps, over its scheduler's levels (its beta
@@ -196,6 +200,29 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
   state = lower.set_timesteps(3, sample_shape=SHAPE)
   np.testing.assert_allclose(float(lower.init_noise_sigma(state)),
                              5.0 / (26.0**0.5 if vp else 1.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["iPNDM", "iPNDM_v", "Res Multistep", "Gradient Estimation"])
+def test_comfyui_multistep_img2img(sampler, monkeypatch):
+  """ComfyUI's own multistep samplers at denoise 0.6: its loop over the kept levels, whose
+  history starts there (the first step Euler's, iPNDM's orders counted from it)."""
+  steps, denoise = 5, 0.6
+  ours = get_scheduler(outputs.scheduler_name(sampler), SD15, options={
+      "timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+      "schedule_type": "karras"})
+  total, begin = ours.img2img_steps(steps, denoise)
+  assert (total, begin) == (int(steps / denoise), int(steps / denoise) - steps)
+  init, noises = make_noises(total)
+  image = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
+  got = sdjax_trajectory(ours, total, init, noises, begin=begin, init_sample=image)
+  sigmas = kd.get_sigmas_karras(COMFY15, total)[begin:]
+  monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
+  with correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](COMFY15, sigmas, torch.from_numpy(image) + torch.from_numpy(init)
+                             * sigmas[0], [])
+  err = max_rel_error(got, want)
+  print(f"maxrel ComfyUI {sampler} img2img: {err:.3g}")
+  assert err <= TOL, err
 
 
 @pytest.mark.parametrize("steps", [2, 9, 30])

@@ -71,6 +71,11 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "edm_euler": ("euler", "EDMEulerScheduler", {}),
     "lcm": ("lcm", "LCMScheduler", {}),
     "tcd": ("tcd", "TCDScheduler", {}),
+    # Not in diffusers or A1111: ComfyUI's own multistep samplers, on Euler's config.
+    "ipndm": ("comfyui_samplers", "IPNDMScheduler", {}),
+    "ipndm_v": ("comfyui_samplers", "IPNDMVScheduler", {}),
+    "res_multistep": ("comfyui_samplers", "ResMultistepScheduler", {}),
+    "gradient_estimation": ("comfyui_samplers", "GradientEstimationScheduler", {}),
 }
 
 # diffusers class name of a checkpoint's scheduler -> our name.

@@ -1,0 +1,242 @@
+"""ComfyUI's own k-diffusion samplers, which neither diffusers nor A1111 has.
+
+Deterministic multistep loops over a descending sigma schedule in k-diffusion's scale (x = x0 +
+sigma * eps), each step from the model's x0 (`euler.predict_original`) and the derivative
+d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the state:
+
+- `ipndm`: iPNDM (Zhang and Chen 2023): Adams-Bashforth of order min(4, calls so far) on d, with
+  its fixed weights (1; 3, -1 over 2; 23, -16, 5 over 12; 55, -59, 37, -9 over 24); the last
+  step (to sigma 0) lands on x0.
+- `ipndm_v`: the same with the variable-step weights of the levels' spacing (computed on the
+  host for each position and each order, in float32 as ComfyUI's torch scalars).
+- `res_multistep`: RES's second-order exponential multistep (arXiv:2308.02157, at eta 0): the
+  first step and the last (to 0) Euler's, the others exp(-h) x + h (b1 x0 + b2 x0_prev).
+- `gradient_estimation`: an Euler step plus (gamma - 1) times the change of d since the last
+  call (gamma 2, ComfyUI's), times the step; the last step lands on x0.
+
+They take Euler's config and options (spacings, schedule types, `sigmas`; `k_diffusion`;
+`comfyui`, the form `sdjax.comfyui` sets: ComfyUI's levels, whole timesteps, start). A run that
+starts part-way (img2img, a hires pass) starts its history there, as ComfyUI's loop over the
+kept levels does. Parity: tests/test_k_diffusion.py against torch transcriptions of ComfyUI's
+loops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from sdjax.schedulers.common import log_f32, rounded, true_divide
+from sdjax.schedulers.euler import (
+  EulerDiscreteScheduler,
+  SigmaState,
+  as_f32,
+  predict_original,
+)
+
+_HISTORY = 3  # earlier derivatives iPNDM keeps (its order 4)
+
+
+@struct.dataclass
+class HistoryState(SigmaState):
+  """`SigmaState` and what the multistep samplers carry between calls.
+
+  Attributes:
+    weights: [n, 4, 4] float32 (ipndm_v): at each position, for each order 1-4, the weights of d
+      and of the 3 earlier derivatives; (res_multistep) [n, 4]: exp(-h), h, b1, b2.
+    history: [3, ...] float32, the latest earlier derivatives (or x0s) first.
+    count: [] int32, the calls of this run so far.
+  """
+
+  weights: jnp.ndarray
+  history: jnp.ndarray
+  count: jnp.ndarray
+
+
+def _ipndm_v_weights(sigmas: np.ndarray) -> np.ndarray:
+  """float32 [n, 4, 4]: iPNDM-v's weights at each position for each order, from the float32
+  level gaps, each scalar op rounded to float32 as ComfyUI's 0-dim torch tensors (Python
+  evaluates these expressions in the same order)."""
+  f = np.float32
+  n = len(sigmas) - 1
+  out = np.zeros((n, 4, 4), np.float32)
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    for i in range(n):
+      out[i, 0, 0] = 1
+      t = [f(x) for x in sigmas]
+      h0 = t[i + 1] - t[i]
+      if i >= 1:
+        h1 = t[i] - t[i - 1]
+        out[i, 1, :2] = ((2 + (h0 / h1)) / 2, -(h0 / h1) / 2)
+      if i >= 2:
+        h2 = t[i - 1] - t[i - 2]
+        a = (1 - h0 / (3 * (h0 + h1)) * (h0 * (h0 + h1)) / (h1 * (h1 + h2))) / 2
+        out[i, 2, :3] = ((2 + (h0 / h1)) / 2 + a, -(h0 / h1) / 2 - (1 + h1 / h2) * a,
+                         a * h1 / h2)
+      if i >= 3:
+        h3 = t[i - 2] - t[i - 3]
+        a = (1 - h0 / (3 * (h0 + h1)) * (h0 * (h0 + h1)) / (h1 * (h1 + h2))) / 2
+        b = (((1 - h0 / (3 * (h0 + h1))) / 2 + (1 - h0 / (2 * (h0 + h1))) * h0
+              / (6 * (h0 + h1 + h2)))
+             * (h0 * (h0 + h1) * (h0 + h1 + h2)) / (h1 * (h1 + h2) * (h1 + h2 + h3)))
+        r = h1 * (h1 + h2) / (h2 * (h2 + h3))
+        out[i, 3] = ((2 + (h0 / h1)) / 2 + a + b,
+                     -(h0 / h1) / 2 - (1 + h1 / h2) * a - (1 + (h1 / h2) + r) * b,
+                     a * h1 / h2 + ((h1 / h2) + r * (1 + h2 / h3)) * b,
+                     -b * r * h1 / h2)
+  return out
+
+
+def _res_weights(sigmas: np.ndarray) -> np.ndarray:
+  """float32 [n, 4]: RES multistep's exp(-h), h, b1, b2 at each position (h in -log sigma from
+  this level to the next; c2 the previous interval over h), in float32 as ComfyUI's scalars; 0
+  where the step is Euler's (the first of a run is, whatever the weights say)."""
+  f = np.float32
+  n = len(sigmas) - 1
+  out = np.zeros((n, 4), np.float32)
+  t = -log_f32(np.asarray(sigmas, np.float32))
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    for i in range(1, n):
+      if sigmas[i + 1] == 0:
+        continue
+      h = f(t[i + 1] - t[i])
+      c2 = f(f(t[i - 1] - t[i]) / h)
+      phi1 = f(np.expm1(np.float64(-h))) / -h  # expm1(-h) / -h, each rounded to float32
+      phi2 = (phi1 - f(1)) / -h
+      b1, b2 = f(phi1 - phi2 / c2), f(phi2 / c2)
+      out[i] = (np.exp(np.float64(-h)).astype(np.float32), h, np.nan_to_num(b1, nan=0.0),
+                np.nan_to_num(b2, nan=0.0))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _MultistepScheduler(EulerDiscreteScheduler):
+  """Euler's config, options and placement; a history in the state."""
+
+  def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
+    if sample_shape is None:
+      raise ValueError(f"{self.name} keeps a history of earlier calls: set_timesteps needs "
+                       "sample_shape")
+    base = super().set_timesteps(num_inference_steps)
+    sigmas = np.asarray(base.sigmas, np.float32)
+    return HistoryState(**{k: getattr(base, k) for k in base.__dataclass_fields__},
+                        weights=jnp.asarray(self._weights(sigmas)),
+                        history=jnp.zeros((_HISTORY, *sample_shape), jnp.float32),
+                        count=jnp.zeros([], jnp.int32))
+
+  def _weights(self, sigmas: np.ndarray) -> np.ndarray:
+    return np.zeros((len(sigmas) - 1, 1), np.float32)
+
+  def _x0_and_d(self, state, model_output, i, x):
+    sigma = state.sigmas[i]
+    x0 = predict_original(self.prediction_type, as_f32(model_output), x, sigma, state.v_out[i],
+                          state.v_den[i])
+    return x0, true_divide(x - x0, sigma)
+
+  def _by_order(self, state, i, x, x0, orders):
+    """x plus the step of the order the run's calls so far allow (`orders[k]`: order k + 1, at
+    most 4); the last step (to 0) lands on x0."""
+    order = jnp.minimum(state.count, 3)
+    step = orders[0]
+    for k in range(1, 4):
+      step = jnp.where(order == k, orders[k], step)
+    return jnp.where(state.sigmas[i + 1] == 0, x0, x + step)
+
+  def _remember(self, state, value):
+    history = jnp.concatenate([value[None], state.history[:-1]])
+    return state.replace(history=history, count=state.count + 1)
+
+
+def _weighted(terms):
+  """sum of weight * value, each product rounded, summed left to right (as torch)."""
+  total = rounded(terms[0][0] * terms[0][1])
+  for weight, value in terms[1:]:
+    total = rounded(total + rounded(weight * value))
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class IPNDMScheduler(_MultistepScheduler):
+  """ComfyUI's `ipndm`: Adams-Bashforth on d with iPNDM's fixed weights, order up to 4."""
+
+  name = "ipndm"
+
+  def step(self, state, model_output, i, sample, noise=None):
+    del noise
+    x = as_f32(sample)
+    x0, d = self._x0_and_d(state, model_output, i, x)
+    b1, b2, b3 = state.history[0], state.history[1], state.history[2]
+    dt = state.dt[i]
+    # ComfyUI's (integer weights * d ...) * dt / divisor, one candidate per order
+    orders = [
+      rounded(dt * d),
+      true_divide(rounded(dt * rounded(rounded(3 * d) - b1)), 2.0),
+      true_divide(rounded(dt * _weighted([(23, d), (-16, b1), (5, b2)])), 12.0),
+      true_divide(rounded(dt * _weighted([(55, d), (-59, b1), (37, b2), (-9, b3)])), 24.0),
+    ]
+    return self._by_order(state, i, x, x0, orders).astype(sample.dtype), self._remember(state, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class IPNDMVScheduler(_MultistepScheduler):
+  """ComfyUI's `ipndm_v`: iPNDM with the variable-step weights of the levels' spacing."""
+
+  name = "ipndm_v"
+
+  def _weights(self, sigmas: np.ndarray) -> np.ndarray:
+    return _ipndm_v_weights(sigmas)
+
+  def step(self, state, model_output, i, sample, noise=None):
+    del noise
+    x = as_f32(sample)
+    x0, d = self._x0_and_d(state, model_output, i, x)
+    w = state.weights[i][jnp.minimum(state.count, 3)]
+    values = [d, state.history[0], state.history[1], state.history[2]]
+    orders = [rounded(state.dt[i] * _weighted(list(zip(w[:k + 1], values[:k + 1],
+                                                      strict=True))))
+              for k in range(4)]
+    return self._by_order(state, i, x, x0, orders).astype(sample.dtype), self._remember(state, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResMultistepScheduler(_MultistepScheduler):
+  """ComfyUI's `res_multistep` (its eta 0 form): RES's second-order exponential multistep,
+  Euler at the run's first step and at the last."""
+
+  name = "res_multistep"
+
+  def _weights(self, sigmas: np.ndarray) -> np.ndarray:
+    return _res_weights(sigmas)
+
+  def step(self, state, model_output, i, sample, noise=None):
+    del noise
+    x = as_f32(sample)
+    x0, d = self._x0_and_d(state, model_output, i, x)
+    decay, h, b1, b2 = (state.weights[i][k] for k in range(4))
+    multistep = rounded(decay * x) + rounded(h * _weighted([(b1, x0), (b2, state.history[0])]))
+    euler = x + rounded(d * state.dt[i])
+    euler_step = (state.count == 0) | (state.sigmas[i + 1] == 0)
+    prev = jnp.where(euler_step, euler, multistep)
+    return prev.astype(sample.dtype), self._remember(state, x0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientEstimationScheduler(_MultistepScheduler):
+  """ComfyUI's `gradient_estimation` (gamma 2): Euler plus the change of d since the last call,
+  times the step; the last step lands on x0."""
+
+  name = "gradient_estimation"
+
+  def step(self, state, model_output, i, sample, noise=None):
+    del noise
+    x = as_f32(sample)
+    x0, d = self._x0_and_d(state, model_output, i, x)
+    dt = state.dt[i]
+    x = x + rounded(d * dt)
+    corrected = x + rounded(rounded(d - state.history[0]) * dt)  # (gamma - 1) = 1: exact
+    prev = jnp.where(state.count >= 1, corrected, x)
+    prev = jnp.where(state.sigmas[i + 1] == 0, x0, prev)
+    return prev.astype(sample.dtype), self._remember(state, d)
