@@ -48,7 +48,9 @@ SAMPLERS = {
     "uni_pc": "unipc", "uni_pc_bh2": "unipc", "lcm": "lcm", "ddpm": "ddpm",
     "euler_cfg_pp": "euler_cfg_pp", "euler_ancestral_cfg_pp": "euler_ancestral_cfg_pp",
     "ipndm": "ipndm", "ipndm_v": "ipndm_v", "res_multistep": "res_multistep",
-    "gradient_estimation": "gradient_estimation",
+    "gradient_estimation": "gradient_estimation", "dpmpp_2m_cfg_pp": "dpmpp_2m_cfg_pp",
+    "res_multistep_cfg_pp": "res_multistep_cfg_pp",
+    "gradient_estimation_cfg_pp": "gradient_estimation_cfg_pp",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal")

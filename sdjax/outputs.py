@@ -85,6 +85,9 @@ A1111_SAMPLER_NAMES = {
     "ipndm_v": "iPNDM_v",
     "res_multistep": "Res Multistep",
     "gradient_estimation": "Gradient Estimation",
+    "dpmpp_2m_cfg_pp": "DPM++ 2M CFG++",
+    "res_multistep_cfg_pp": "Res Multistep CFG++",
+    "gradient_estimation_cfg_pp": "Gradient Estimation CFG++",
 }
 
 # diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).

@@ -27,20 +27,30 @@ def _encode(ref, texts):
     return ref.text_encoder(ids)[0]
 
 
+def _euler_levels(pipe, steps):
+  sched = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
+  sched.set_timesteps(steps)
+  return sched
+
+
+def _unet(ref, x, sigma, t, cond, uncond):
+  """(unconditional eps, conditional eps) of one batched UNet call at level sigma."""
+  x_in = x / (sigma**2 + 1) ** 0.5
+  return ref.unet(torch.cat([x_in, x_in]), t,
+                  encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+
+
 def _loop(ref, pipe, latents, guidance, steps, ancestral=False, generators=None):
   """diffusers' Euler levels, x0 = x - sigma * eps (guided); d = the unconditional eps; Euler
   CFG++: x0 + d * sigma_next; Euler a CFG++: x0 + d * sigma_down + noise * sigma_up."""
-  sched = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
-  sched.set_timesteps(steps)
+  sched = _euler_levels(pipe, steps)
   sigmas = sched.sigmas
   cond, uncond = _encode(ref, PROMPTS), _encode(ref, NEGATIVES)
   x = latents * sched.init_noise_sigma
   with torch.no_grad():
     for i, t in enumerate(sched.timesteps):
       sigma, sigma_next = sigmas[i], sigmas[i + 1]
-      x_in = x / (sigma**2 + 1) ** 0.5
-      eps_u, eps_c = ref.unet(torch.cat([x_in, x_in]), t,
-                              encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+      eps_u, eps_c = _unet(ref, x, sigma, t, cond, uncond)
       eps = eps_u + guidance * (eps_c - eps_u)
       x0, d = x - sigma * eps, eps_u
       if not ancestral:
@@ -96,3 +106,65 @@ def test_what_cfg_pp_does_not_take(sd, kwargs, match):
   with pytest.raises(ValueError, match=match):
     sd[1].generate(prompts, scheduler="euler_cfg_pp", guidance_scale=2.0, steps=2, height=16,
                    width=16, **kwargs)
+
+
+def _comfyui_loop(ref, pipe, latents, guidance, steps, name):
+  """ComfyUI's own CFG++ multistep loops, written out over diffusers' Euler levels and UNet (x0
+  guided, x0u the unconditional one): dpmpp_2m_cfg_pp, res_multistep_cfg_pp (eta 0) and
+  gradient_estimation_cfg_pp (gamma 2)."""
+  sched = _euler_levels(pipe, steps)
+  sigmas = sched.sigmas
+  cond, uncond = _encode(ref, PROMPTS), _encode(ref, NEGATIVES)
+  x, old = latents * sched.init_noise_sigma, None
+  with torch.no_grad():
+    for i, t in enumerate(sched.timesteps):
+      sigma, sigma_next = sigmas[i], sigmas[i + 1]
+      eps_u, eps_c = _unet(ref, x, sigma, t, cond, uncond)
+      x0 = x - sigma * (eps_u + guidance * (eps_c - eps_u))
+      x0u = x - sigma * eps_u
+      lam, lam_next = -sigma.log(), -sigma_next.log()
+      h = lam_next - lam
+      if name == "dpmpp_2m_cfg_pp":
+        mix = -torch.exp(-h) * x0u
+        if old is not None and sigma_next != 0:
+          r = (lam - -sigmas[i - 1].log()) / h
+          mix = mix - torch.expm1(-h) * (1 / (2 * r)) * (x0 - old)
+        x, old = x0 + mix + torch.exp(-h) * x, x0u
+      elif name == "res_multistep_cfg_pp":
+        if old is None or sigma_next == 0:
+          x = x0 + (x - x0u) / sigma * sigma_next
+        else:
+          c2 = (-sigmas[i - 1].log() - lam) / h
+          phi1 = torch.expm1(-h) / -h
+          phi2 = (phi1 - 1.0) / -h
+          b1, b2 = phi1 - phi2 / c2, phi2 / c2
+          x = torch.exp(-h) * (x + (x0 - x0u)) + h * (b1 * x0u + b2 * old)
+        old = x0u
+      else:  # gradient_estimation_cfg_pp
+        d = (x - x0u) / sigma
+        if sigma_next == 0:
+          x = x0
+        else:
+          x = x0 + d * sigma_next
+          if old is not None:
+            x = x + (d - old) * (sigma_next - sigma)
+        old = d
+    images = ref.vae.decode(x / ref.vae.config.scaling_factor).sample
+  return nhwc((images / 2 + 0.5).clamp(0, 1))
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_cfg_pp", "res_multistep_cfg_pp",
+                                  "gradient_estimation_cfg_pp"])
+def test_comfyui_multistep_cfg_pp(sd, name):
+  """ComfyUI's CFG++ forms of DPM++ 2M, RES multistep and gradient estimation: their loops over
+  diffusers' UNet (at guidance 1.5, the unconditional pass run as for any CFG++)."""
+  ref, pipe = sd
+  latents = np.random.default_rng(6).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  kw = dict(negative_prompts=NEGATIVES, steps=5, guidance_scale=1.5, height=16, width=16,
+            latents=latents)
+  ours = pipe.generate(PROMPTS, scheduler=name, **kw)
+  expected = _comfyui_loop(ref, pipe, torch.from_numpy(nchw(latents).numpy()), 1.5, 5, name)
+  err = assert_close(ours, expected, 1e-4)
+  plain = pipe.generate(PROMPTS, scheduler=name.removesuffix("_cfg_pp"), **kw)
+  print(f"\n{name}: rel err {err:.2e} (without CFG++: {rel_err(plain, expected):.2e})")
+  assert rel_err(plain, expected) > 100 * err

@@ -86,6 +86,7 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("uni_pc_bh2", "normal", "UniPC", "Normal"),
     ("ipndm", "beta", "iPNDM", "Beta"),  # its own samplers, in their comfyui form
     ("res_multistep", "kl_optimal", "Res Multistep", "KL Optimal"),
+    ("dpmpp_2m_cfg_pp", "karras", "DPM++ 2M CFG++", "Karras"),
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
   found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
@@ -104,7 +105,7 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   # option says so; elsewhere a note.
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
   assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "iPNDM",
-                              "Res Multistep"))
+                              "Res Multistep", "DPM++ 2M CFG++"))
   assert ("sqrt(1 + sigma_max^2)" in notes) == (not stepped)
   if want == "UniPC":  # its variant and order 3; not A1111's UniPC
     options = json.loads(found.flags["scheduler_options"])

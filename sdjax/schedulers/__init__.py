@@ -76,6 +76,9 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "ipndm_v": ("comfyui_samplers", "IPNDMVScheduler", {}),
     "res_multistep": ("comfyui_samplers", "ResMultistepScheduler", {}),
     "gradient_estimation": ("comfyui_samplers", "GradientEstimationScheduler", {}),
+    "dpmpp_2m_cfg_pp": ("comfyui_samplers", "DPMSolverMultistepCFGPPScheduler", {}),
+    "res_multistep_cfg_pp": ("comfyui_samplers", "ResMultistepCFGPPScheduler", {}),
+    "gradient_estimation_cfg_pp": ("comfyui_samplers", "GradientEstimationCFGPPScheduler", {}),
 }
 
 # diffusers class name of a checkpoint's scheduler -> our name.

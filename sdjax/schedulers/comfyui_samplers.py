@@ -240,3 +240,97 @@ class GradientEstimationScheduler(_MultistepScheduler):
     prev = jnp.where(state.count >= 1, corrected, x)
     prev = jnp.where(state.sigmas[i + 1] == 0, x0, prev)
     return prev.astype(sample.dtype), self._remember(state, d)
+
+
+# -- Their CFG++ forms (Chung et al. 2024, `takes_uncond`): the guided x0 steps, renoised along
+# the unconditional prediction, whose x0 is also what the history keeps.
+
+
+def _x0s(self, state, i, sample, model_output, uncond):
+  """(x, the guided x0, the unconditional x0) in float32."""
+  if uncond is None:
+    raise ValueError(f"{self.name} renoises along the unconditional prediction: pass `uncond`")
+  x = as_f32(sample)
+  x0, _ = self._x0_and_d(state, model_output, i, x)
+  return x, x0, predict_original(self.prediction_type, as_f32(uncond), x, state.sigmas[i],
+                                 state.v_out[i], state.v_den[i])
+
+
+def _dpmpp_2m_weights(sigmas: np.ndarray) -> np.ndarray:
+  """float32 [n, 4]: DPM++ 2M CFG++'s exp(-h), the history's weight expm1(-h) / (2 r) (r the
+  previous interval over h, in t = -log sigma), 0, 0; float32 as ComfyUI's scalars."""
+  f = np.float32
+  n = len(sigmas) - 1
+  out = np.zeros((n, 4), np.float32)
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    t = -log_f32(np.asarray(sigmas, np.float32))
+    for i in range(n):
+      h = f(t[i + 1] - t[i])
+      out[i, 0] = np.exp(np.float64(-h)).astype(np.float32)
+      if i >= 1 and sigmas[i + 1] != 0:
+        r = f(t[i] - t[i - 1]) / h
+        out[i, 1] = f(np.expm1(np.float64(-h))) * (f(1) / (f(2) * r))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverMultistepCFGPPScheduler(_MultistepScheduler):
+  """ComfyUI's `dpmpp_2m_cfg_pp`: DPM-Solver++(2M) whose first-order part follows the
+  unconditional x0, x0 + e^-h x - e^-h x0_uncond (- expm1(-h) / (2 r) (x0 - x0_uncond_prev))."""
+
+  name = "dpmpp_2m_cfg_pp"
+  takes_uncond = True
+
+  def _weights(self, sigmas: np.ndarray) -> np.ndarray:
+    return _dpmpp_2m_weights(sigmas)
+
+  def step(self, state, model_output, i, sample, noise=None, uncond=None):
+    del noise
+    x, x0, x0u = _x0s(self, state, i, sample, model_output, uncond)
+    decay, weight = state.weights[i][0], state.weights[i][1]
+    first = rounded(-decay * x0u)
+    later = first - rounded(weight * rounded(x0 - state.history[0]))
+    multistep = (state.count > 0) & (state.sigmas[i + 1] != 0)
+    mix = jnp.where(multistep, later, first)
+    prev = rounded(x0 + mix) + rounded(decay * x)
+    return prev.astype(sample.dtype), self._remember(state, x0u)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResMultistepCFGPPScheduler(ResMultistepScheduler):
+  """ComfyUI's `res_multistep_cfg_pp`: RES multistep on the unconditional x0s after a shift by
+  the guidance (x0 - x0_uncond); its Euler steps x0 + d_uncond * sigma_next."""
+
+  name = "res_multistep_cfg_pp"
+  takes_uncond = True
+
+  def step(self, state, model_output, i, sample, noise=None, uncond=None):
+    del noise
+    x, x0, x0u = _x0s(self, state, i, sample, model_output, uncond)
+    decay, h, b1, b2 = (state.weights[i][k] for k in range(4))
+    shifted = x + rounded(x0 - x0u)
+    multistep = rounded(decay * shifted) + rounded(
+      h * _weighted([(b1, x0u), (b2, state.history[0])]))
+    euler = x0 + rounded(true_divide(x - x0u, state.sigmas[i]) * state.sigmas[i + 1])
+    euler_step = (state.count == 0) | (state.sigmas[i + 1] == 0)
+    prev = jnp.where(euler_step, euler, multistep)
+    return prev.astype(sample.dtype), self._remember(state, x0u)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientEstimationCFGPPScheduler(_MultistepScheduler):
+  """ComfyUI's `gradient_estimation_cfg_pp`: x0 + d_uncond * sigma_next, plus the change of
+  d_uncond since the last call times the step; the last step lands on x0."""
+
+  name = "gradient_estimation_cfg_pp"
+  takes_uncond = True
+
+  def step(self, state, model_output, i, sample, noise=None, uncond=None):
+    del noise
+    x, x0, x0u = _x0s(self, state, i, sample, model_output, uncond)
+    d = true_divide(x - x0u, state.sigmas[i])
+    x = x0 + rounded(d * state.sigmas[i + 1])
+    corrected = x + rounded(rounded(d - state.history[0]) * state.dt[i])
+    prev = jnp.where(state.count >= 1, corrected, x)
+    prev = jnp.where(state.sigmas[i + 1] == 0, x0, prev)
+    return prev.astype(sample.dtype), self._remember(state, d)
