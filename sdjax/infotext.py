@@ -115,6 +115,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   _model(fields, flags, notes, model_hash)
   scheduler = _sampler(fields, flags, notes, made_by_sdjax, made_in)
   _sgm(fields, flags, notes, scheduler)
+  _schedule_settings(fields, flags, notes, scheduler, made_by_sdjax)
   _downcast(fields, flags, notes, scheduler)
   _zero_snr(fields, flags, notes, scheduler)
   _eta(fields, flags, notes, scheduler)
@@ -271,6 +272,34 @@ def _a1111_unipc(fields, notes) -> dict[str, Any]:
                                "wrapper (its own step count, a v model's eps at the interpolated "
                                "level): sdjax runs 1.6's; the image may differ"))
   return options
+
+
+# A1111's settings of its schedule types (written where they differ from its defaults; Beta's
+# always): the scheduler options of the same meaning (`schedulers.SCHEDULE_SETTINGS`).
+SCHEDULE_SETTING_FIELDS = {"Schedule min sigma": "schedule_sigma_min",
+                           "Schedule max sigma": "schedule_sigma_max",
+                           "Schedule rho": "schedule_rho",
+                           "Beta schedule alpha": "schedule_beta_alpha",
+                           "Beta schedule beta": "schedule_beta_beta"}
+
+
+def _schedule_settings(fields, flags, notes, scheduler, made_by_sdjax) -> None:
+  """A1111's schedule settings: the k-diffusion samplers' options (sdjax's images carry them in
+  their Scheduler options already); Beta's default shape (0.6, 0.6), sdjax's too, sets none."""
+  given = {key: fields.pop(key) for key in list(fields) if key in SCHEDULE_SETTING_FIELDS}
+  if not given or made_by_sdjax:
+    return
+  values = {SCHEDULE_SETTING_FIELDS[key]: _number(key, text) for key, text in given.items()}
+  values = {k: v for k, v in values.items() if not (k.startswith("schedule_beta") and v == 0.6)}
+  options = json.loads(flags.get("scheduler_options", "{}"))
+  if not values:
+    return
+  if (scheduler is not None and options.get("k_diffusion")
+      and schedulers.takes_option(scheduler, "schedule_sigma_min")):
+    flags["scheduler_options"] = json.dumps({**options, **values})
+  else:
+    notes.append(("scheduler", ", ".join(f"{k}: {v}" for k, v in given.items())
+                  + f": sdjax's {scheduler or 'sampler'} places its noise levels without them"))
 
 
 def _sgm(fields, flags, notes, scheduler) -> None:

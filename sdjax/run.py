@@ -2260,13 +2260,18 @@ class _Metadata:
 
   def _a1111_schedule(self, options: dict[str, Any]) -> dict[str, Any]:
     """A1111's fields of its schedules where the run steps on them as A1111 does (its k-diffusion
-    form): Downcast alphas_cumprod (where the model's is downcast) and Noise Schedule."""
+    form): Downcast alphas_cumprod (where the model's is downcast), Noise Schedule and its
+    schedule settings (Schedule rho, ...)."""
     applied = sampling.model_schedule(self.pipe, options) or {}
     a1111 = bool(options.get("k_diffusion") or options.get("a1111"))
+    from sdjax import infotext  # noqa: PLC0415
+
     return {**({"Downcast alphas_cumprod": True}
                if applied.get("downcast_alphas_cumprod") is True else {}),
             **({"Noise Schedule": "Zero Terminal SNR"}
-               if a1111 and options.get("rescale_betas_zero_snr") else {})}
+               if a1111 and options.get("rescale_betas_zero_snr") else {}),
+            **{field: options[key] for field, key in infotext.SCHEDULE_SETTING_FIELDS.items()
+               if options.get("k_diffusion") and options.get(key) is not None}}
 
   def _emphasis(self, job: ImageJob) -> dict[str, str]:
     """A1111's `Emphasis` field: the mode, when not "Original" and a prompt text (after its

@@ -1512,12 +1512,12 @@ def a1111_form_for(scheduler: str | None,
   """Scheduler options for another scheduler than the one they were given with, less those that
   say how A1111 runs a sampler where that scheduler has no such form, as A1111's settings apply
   to each sampler that has them: `schedulers.FORM_OPTIONS` (A1111 or ComfyUI ran it otherwise,
-  or sdjax's cannot step as it did) and an ancestral sampler's `eta` (A1111's Eta, not DDIM's or
-  TCD's)."""
+  or sdjax's cannot step as it did), its schedule settings (`schedulers.SCHEDULE_SETTINGS`) and
+  an ancestral sampler's `eta` (A1111's Eta, not DDIM's or TCD's)."""
   if scheduler is None or not scheduler_options:
     return scheduler_options
   dropped = set()
-  for option in (*schedulers.FORM_OPTIONS, schedulers.ZERO_SNR):
+  for option in (*schedulers.FORM_OPTIONS, schedulers.ZERO_SNR, *schedulers.SCHEDULE_SETTINGS):
     if not schedulers.takes_option(scheduler, option):
       dropped.add(option)
   if not schedulers.takes_option(scheduler, "eta") or scheduler in schedulers.ETA_SCHEDULERS:

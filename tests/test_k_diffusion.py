@@ -752,3 +752,71 @@ def test_lcm_k_diffusion_options():
   assert list(np.asarray(diffusers_form.timesteps)) == [999, 759, 499, 259]
   assert float(diffusers_form.init_sigma) == 1.0
   np.testing.assert_array_equal(np.asarray(diffusers_form.input_scale), 1.0)
+
+
+def _beta_levels(n, low, high, alpha, beta):
+  """A1111's beta_scheduler: levels at Beta(alpha, beta) quantiles between low and high, then 0."""
+  from scipy import stats  # noqa: PLC0415
+
+  levels = [low + x * (high - low) for x in stats.beta.ppf(1 - np.linspace(0, 1, n), alpha, beta)]
+  return torch.FloatTensor([*levels, 0.0])
+
+
+@pytest.mark.parametrize(("label", "extra"), [
+    ("Karras", "Schedule min sigma: 0.1, Schedule max sigma: 10.0, Schedule rho: 5.0, "),
+    ("Polyexponential", "Schedule max sigma: 8.0, Schedule rho: 2.0, "),
+    ("Exponential", "Schedule min sigma: 0.05, "),
+    ("Beta", "Beta schedule alpha: 0.5, Beta schedule beta: 0.7, Schedule max sigma: 12.0, "),
+    ("SGM Uniform", "Schedule min sigma: 0.1, Schedule max sigma: 10.0, "),
+])
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_a1111_schedule_settings(sampler, label, extra):
+  """A1111's schedule settings (its sigma min / max, rho, Beta's alpha and beta; the image's
+  Schedule min sigma, ...): the schedule options of the same meaning, which place the levels as
+  k-diffusion's and A1111's schedule functions do with them."""
+  flags = infotext.reproduce(f"a cat\nSteps: 8, Sampler: {sampler}, Schedule type: {label}, "
+                             f"CFG scale: 7, Seed: 1, {extra}Version: v1.10.1").flags
+  options = {**json.loads(flags["scheduler_options"]),
+             **outputs.schedule_type_options(flags["schedule_type"])}
+  ours = get_scheduler(outputs.scheduler_name(sampler), SD15, options=options)
+  levels = ours.a1111_levels(ours.set_timesteps(8, sample_shape=SHAPE))
+  table = kd.train_sigmas(SD15)
+  low, high = options.get("schedule_sigma_min", table[0].item()), options.get(
+      "schedule_sigma_max", table[-1].item())
+  rho = options.get("schedule_rho")
+  if label == "Karras":
+    want = kd._karras(8, low, high, rho)
+  elif label == "Polyexponential":
+    ramp = torch.linspace(1, 0, 8) ** rho
+    want = torch.exp(ramp * (math.log(high) - math.log(low)) + math.log(low))
+  elif label == "Exponential":
+    want = torch.linspace(math.log(high), math.log(low), 8).exp()
+  elif label == "Beta":
+    want = _beta_levels(8, low, high, 0.5, 0.7)
+  else:  # its first level at max sigma, read back off the table's timesteps
+    assert math.isclose(levels[0], high, rel_tol=1e-5) and levels[-1] > low
+    return
+  np.testing.assert_allclose(levels, want.numpy()[:8], rtol=1e-6)
+  default = get_scheduler(outputs.scheduler_name(sampler), SD15, options={
+      k: v for k, v in options.items() if not k.startswith("schedule_") or k == "schedule_type"})
+  assert np.abs(default.a1111_levels(default.set_timesteps(8, sample_shape=SHAPE))
+                - levels).max() > 1e-3
+
+
+def test_a1111_schedule_settings_notes_and_checks():
+  """Beta's default shape (A1111 writes it always) sets nothing; a sampler without schedule types
+  (DDIM) gets a note; bad values are refused."""
+  found = infotext.reproduce("a cat\nSteps: 8, Sampler: Euler, Schedule type: Beta, CFG scale: 7, "
+                             "Seed: 1, Beta schedule alpha: 0.6, Beta schedule beta: 0.6")
+  assert not [k for k in json.loads(found.flags["scheduler_options"]) if k.startswith("schedule_")]
+  assert not [t for _, t in found.notes if "Beta schedule" in t]
+  found = infotext.reproduce("a cat\nSteps: 8, Sampler: DDIM, CFG scale: 7, Seed: 1, Schedule rho: "
+                             "5.0")
+  assert "Schedule rho: 5.0: sdjax's ddim places its noise levels without them" in dict(
+      found.notes)["scheduler"]
+  for bad, match in (({"schedule_rho": 0}, "schedule_rho must be a number > 0"),
+                     ({"schedule_sigma_min": 5.0, "schedule_sigma_max": 1.0}, "must be below")):
+    with pytest.raises(SchedulerConfigError, match=match):
+      get_scheduler("euler", SD15, options={"schedule_type": "karras", **bad})
+  with pytest.raises(SchedulerConfigError, match="no option 'schedule_rho'"):
+    get_scheduler("ddim", SD15, options={"schedule_rho": 5.0})

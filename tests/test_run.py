@@ -720,6 +720,23 @@ def test_scheduler_options(model, cache, tmp_path):
   alone = pipe.generate(record["prompt"], schedule_type="align_your_steps",
                         **dict(kw, seed=record["seed"]))
   assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
+  # A1111's schedule settings (k-diffusion form): its fields too, and read back as given.
+  from sdjax import infotext  # noqa: PLC0415
+
+  out = str(tmp_path / "rho")
+  options = (("k_diffusion", True), ("schedule_type", "karras"), ("schedule_rho", 5.0))
+  config = dataclasses.replace(config, output_dir=out, scheduler_options=options)
+  assert run.generate_run(config).images == 1
+  record = json.loads(open(os.path.join(out, outputs.MANIFEST_NAME)).readline())
+  png = Image.open(os.path.join(out, record["file"]))
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert params["Schedule rho"] == "5.0" and params["Schedule type"] == "Karras"
+  found = infotext.reproduce(png.text["parameters"])
+  assert json.loads(found.flags["scheduler_options"])["schedule_rho"] == 5.0
+  assert [flag for flag, _ in found.notes] == ["model"]  # no "not reproduced: Schedule rho"
+  alone = pipe.generate(record["prompt"], scheduler_options=dict(options),
+                        **dict(kw, seed=record["seed"]))
+  assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
 
 
 def test_per_line_guidance(model, cache, tmp_path):

@@ -14,6 +14,7 @@ from sdjax.schedulers import sigma_schedules
 from sdjax.schedulers.common import (
   A1111_IMG2IMG,
   A1111_TIMESTEP_SAMPLERS,
+  SCHEDULE_SETTINGS,
   UNIPC_SKIP_TYPES,
   Scheduler,
   SchedulerConfigError,
@@ -219,6 +220,7 @@ __all__ = [
     "ETA_SCHEDULERS",
     "FORM_OPTIONS",
     "SCHEDULERS",
+    "SCHEDULE_SETTINGS",
     "Scheduler",
     "SchedulerConfigError",
     "UNIPC_SKIP_TYPES",

@@ -201,6 +201,14 @@ A1111_IMG2IMG = "a1111_img2img"
 # A1111's UniPC skip types (its "UniPC skip type" setting, UniPC's `skip_type` option in its
 # `a1111` form): its positions uniform in t, in sqrt(t) or in logSNR.
 UNIPC_SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")
+# A1111's settings of its schedule types (its "sigma min", "sigma max" and "rho" options and Beta's
+# alpha and beta, which it writes as "Schedule min sigma", ..., "Beta schedule alpha"): options of
+# every scheduler that takes `schedule_type`, read where A1111's schedule functions read them
+# (`sigma_schedules`): the range of Karras, Exponential, Polyexponential, KL Optimal, Beta, SGM
+# Uniform and Normal levels (default: the training sigmas' extremes), Karras' and
+# Polyexponential's rho (7, 1), Beta's shape (0.6, 0.6). Only the state depends on them.
+SCHEDULE_SETTINGS = ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
+                     "schedule_beta_alpha", "schedule_beta_beta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +271,14 @@ class Scheduler:
     """The options a scheduler of this class takes under `overrides` (its registry name's and
     the caller's): its config's and its schedule options."""
     del overrides
-    return set(cls._DEFAULTS) | set(cls.schedule_options)
+    return set(cls._DEFAULTS) | set(cls.state_options())
+
+  @classmethod
+  def state_options(cls) -> tuple[str, ...]:
+    """`schedule_options`, with A1111's schedule settings (`SCHEDULE_SETTINGS`) where the
+    scheduler takes schedule types."""
+    return (*cls.schedule_options,
+            *(SCHEDULE_SETTINGS if "schedule_type" in cls.schedule_options else ()))
 
   def a1111_levels(self, state) -> np.ndarray:
     """float32 [positions]: what A1111's CFG denoiser sees as `sigma` at each model call (and
@@ -312,10 +327,10 @@ class Scheduler:
     levels of `schedule_options`) are normalised here, so that changing them does not compile a
     new program.
     """
-    config = self.cfg
-    if not any(key in config for key in self.schedule_options):
+    config, options = self.cfg, self.state_options()
+    if not any(key in config for key in options):
       return self
-    config = {k: v for k, v in config.items() if k not in self.schedule_options}
+    config = {k: v for k, v in config.items() if k not in options}
     return dataclasses.replace(self, config=hashable_config(config))
 
   def img2img_steps(self, num_inference_steps: int, strength: float) -> tuple[int, int]:
@@ -353,9 +368,10 @@ def hashable_config(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
   return tuple(sorted((k, freeze(v)) for k, v in config.items() if k not in _META_KEYS))
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
-  """Karras et al. (2022) noise levels, rho = 7, float64 as diffusers' `_convert_to_karras`."""
-  rho = 7.0
+def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int,
+                  rho: float = 7.0) -> np.ndarray:
+  """Karras et al. (2022) noise levels (rho 7 by default), float64 as diffusers'
+  `_convert_to_karras`."""
   ramp = np.linspace(0, 1, num_inference_steps)
   min_inv_rho = sigma_min ** (1 / rho)
   max_inv_rho = sigma_max ** (1 / rho)
@@ -378,31 +394,34 @@ def sigma_spacing(scheduler_name: str, config: dict[str, Any]) -> str | None:
 
 
 def spaced_sigmas(kind: str, sigma_min: float, sigma_max: float,
-                  num_inference_steps: int, k_diffusion: bool = False) -> np.ndarray:
+                  num_inference_steps: int, k_diffusion: bool = False, rho: float | None = None,
+                  beta: tuple[float, float] | None = None) -> np.ndarray:
   """float64 descending noise levels from sigma_max to sigma_min, as diffusers'
   `_convert_to_karras` (rho 7), `_convert_to_exponential` (even in log sigma) and
   `_convert_to_beta` (the quantiles of Beta(0.6, 0.6) at evenly spaced levels; "Beta Sampling is
   All You Need", Lee et al. 2024) place them. `k_diffusion`: Karras and Exponential levels as
   k-diffusion's get_sigmas_karras / get_sigmas_exponential (A1111's, ComfyUI's) compute them, in
   float32: its (...) ** 7 lands up to ~30 ulps off the float64 levels, which a zero-terminal-SNR
-  run's first step (from 4518.8) shows."""
+  run's first step (from 4518.8) shows. `rho` (Karras', default 7) and `beta` (Beta's alpha and
+  beta, default 0.6 each): A1111's settings (`common.SCHEDULE_SETTINGS`)."""
   n = num_inference_steps
+  rho = 7.0 if rho is None else float(rho)
   if k_diffusion and kind == "karras":
     ramp = torch_linspace_f32(0.0, 1.0, n)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / 7), sigma_max ** (1 / 7)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     levels = np.float32(max_inv_rho) + ramp * np.float32(min_inv_rho - max_inv_rho)
-    return (levels ** np.float32(7.0)).astype(np.float64)
+    return (levels ** np.float32(rho)).astype(np.float64)
   if k_diffusion and kind == "exponential":
     return exp_f32(torch_linspace_f32(math.log(sigma_max), math.log(sigma_min), n)).astype(
       np.float64)
   if kind == "karras":
-    return karras_sigmas(sigma_min, sigma_max, num_inference_steps)
+    return karras_sigmas(sigma_min, sigma_max, num_inference_steps, rho)
   if kind == "exponential":
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
   if kind == "beta":
     from scipy import stats  # noqa: PLC0415  (a dependency of jax; only this option needs it)
 
-    ppf = stats.beta.ppf(1 - np.linspace(0, 1, num_inference_steps), 0.6, 0.6)
+    ppf = stats.beta.ppf(1 - np.linspace(0, 1, num_inference_steps), *(beta or (0.6, 0.6)))
     return sigma_min + ppf * (sigma_max - sigma_min)
   raise ValueError(f"unknown sigma spacing {kind!r}")
 

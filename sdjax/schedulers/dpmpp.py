@@ -65,6 +65,8 @@ from sdjax.schedulers.sigma_schedules import (
   custom_final,
   custom_sigmas,
   custom_timesteps,
+  schedule_range,
+  spacing_shape,
 )
 
 _F32 = np.float32
@@ -296,8 +298,9 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     kind = sigma_spacing(self.name, config)
     if kind:
       # Unlike Euler's, these span the whole training range, whatever the spacing.
-      sigmas = spaced_sigmas(kind, sigmas[0].item(), sigmas[-1].item(), num_inference_steps,
-                             k_diffusion=bool(config["k_diffusion"]))
+      sigmas = spaced_sigmas(kind, *schedule_range(config, sigmas[0].item(), sigmas[-1].item()),
+                             num_inference_steps, k_diffusion=bool(config["k_diffusion"]),
+                             **spacing_shape(config))
       timesteps = sigma_to_t(sigmas, log_sigmas)
       if kind == "karras" and config["beta_schedule"] != "squaredcos_cap_v2":
         timesteps = timesteps.round()

@@ -46,6 +46,8 @@ from sdjax.schedulers.sigma_schedules import (
   custom_sigmas,
   custom_timesteps,
   form_alphas_cumprod,
+  schedule_range,
+  spacing_shape,
 )
 from sdjax.schedulers.sigma_schedules import check_options as check_schedule_options
 
@@ -142,8 +144,10 @@ def sigma_schedule(
     sigma_max = config.get("sigma_max")
     sigma_min = sigma_min if sigma_min is not None else sigmas[-1].item()
     sigma_max = sigma_max if sigma_max is not None else sigmas[0].item()
-    sigmas = spaced_sigmas(kind, sigma_min, sigma_max, num_inference_steps,
-                           k_diffusion=bool(config.get(K_DIFFUSION) or config.get(COMFYUI)))
+    sigmas = spaced_sigmas(kind, *schedule_range(config, sigma_min, sigma_max),
+                           num_inference_steps,
+                           k_diffusion=bool(config.get(K_DIFFUSION) or config.get(COMFYUI)),
+                           **spacing_shape(config))
     timesteps = sigma_to_t(sigmas, log_sigmas)
   return timesteps, np.append(sigmas, np.float64(final))
 

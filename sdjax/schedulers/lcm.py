@@ -57,7 +57,9 @@ from sdjax.schedulers.sigma_schedules import (
   SPACING_TYPES,
   custom_timesteps,
   form_alphas_cumprod,
+  schedule_range,
   schedule_sigmas,
+  spacing_shape,
 )
 from sdjax.schedulers.sigma_schedules import check_options as check_schedule_options
 
@@ -180,11 +182,13 @@ def _a1111_levels(config: dict[str, Any], num_inference_steps: int):
     levels = np.append(levels, np.float32(0))
   elif kind in SPACING_TYPES and not (kind == "beta" and config.get(COMFYUI)):
     # between the table's extremes, as A1111's Karras ... call them
-    levels = np.append(spaced_sigmas(kind, float(table[0]), float(table[-1]), num_inference_steps,
-                                     k_diffusion=True).astype(np.float32), np.float32(0))
+    levels = np.append(spaced_sigmas(kind, *schedule_range(config, float(table[0]),
+                                                           float(table[-1])),
+                                     num_inference_steps, k_diffusion=True,
+                                     **spacing_shape(config)).astype(np.float32), np.float32(0))
   else:  # the other schedule types between the table's extremes, or over its levels
-    levels = schedule_sigmas(kind, num_inference_steps, table,
-                             comfyui=bool(config.get(COMFYUI))).astype(np.float32)
+    levels = schedule_sigmas(kind, num_inference_steps, table, comfyui=bool(config.get(COMFYUI)),
+                             settings=config).astype(np.float32)
   timesteps = nearest_t(levels[:-1], log_table).astype(np.int64) * skip + (skip - 1)
   return levels, timesteps
 

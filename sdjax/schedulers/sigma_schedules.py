@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from sdjax.schedulers.common import (
+  SCHEDULE_SETTINGS,
   SchedulerConfigError,
   exp_f32,
   ldm_alphas_cumprod,
@@ -141,9 +142,39 @@ def spacing_options(options: dict[str, Any], defaults: dict[str, Any]) -> dict[s
   return {**rest, f"use_{kind}_sigmas": True}
 
 
+def schedule_range(config: dict[str, Any], sigma_min: float, sigma_max: float
+                   ) -> tuple[float, float]:
+  """(sigma_min, sigma_max) of a spacing or schedule type: A1111's settings where given
+  (`common.SCHEDULE_SETTINGS`), else these (the training sigmas' extremes)."""
+  low, high = config.get("schedule_sigma_min"), config.get("schedule_sigma_max")
+  return (sigma_min if low is None else float(low)), (sigma_max if high is None else float(high))
+
+
+def spacing_shape(config: dict[str, Any]) -> dict[str, Any]:
+  """`common.spaced_sigmas`' rho and beta from A1111's settings (None: their defaults)."""
+  alpha, beta = config.get("schedule_beta_alpha"), config.get("schedule_beta_beta")
+  return {"rho": config.get("schedule_rho"),
+          "beta": None if alpha is None and beta is None else
+          (0.6 if alpha is None else float(alpha), 0.6 if beta is None else float(beta))}
+
+
+def _check_settings(scheduler_name: str, config: dict[str, Any]) -> None:
+  for key in SCHEDULE_SETTINGS:
+    value = config.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not 0 < value < math.inf):
+      raise SchedulerConfigError(f"scheduler {scheduler_name!r}: {key} must be a number > 0, "
+                                 f"got {value!r}")
+  low, high = config.get("schedule_sigma_min"), config.get("schedule_sigma_max")
+  if low is not None and high is not None and not low < high:
+    raise SchedulerConfigError(f"scheduler {scheduler_name!r}: schedule_sigma_min ({low}) must "
+                               f"be below schedule_sigma_max ({high})")
+
+
 def check_options(scheduler_name: str, config: dict[str, Any]) -> None:
   """Validates the `sigmas` / `schedule_type` / `timesteps` options of a resolved config (None:
-  unset)."""
+  unset), and A1111's schedule settings."""
+  _check_settings(scheduler_name, config)
   given = [key for key in TIMESTEPS_OPTIONS if config.get(key) is not None]
   if len(given) > 1:
     raise SchedulerConfigError(
@@ -218,8 +249,8 @@ def custom_sigmas(scheduler_name: str, config: dict[str, Any], num_inference_ste
         f"{len(sigmas)} sigmas make {len(sigmas) - 1} steps, not {n}: give one more sigma than "
         "steps (the last is where the final step lands, usually 0)")
   elif kind is not None:
-    sigmas = schedule_sigmas(kind, n, train_sigmas, comfyui=bool(config.get(COMFYUI))).astype(
-      np.float32)
+    sigmas = schedule_sigmas(kind, n, train_sigmas, comfyui=bool(config.get(COMFYUI)),
+                             settings=config).astype(np.float32)
   else:
     return None
   if sigmas[-1] != 0 and not any_final:
@@ -230,13 +261,16 @@ def custom_sigmas(scheduler_name: str, config: dict[str, Any], num_inference_ste
   return sigmas.astype(np.float64)
 
 
-def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray, comfyui: bool = False
-                    ) -> np.ndarray:
+def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray, comfyui: bool = False,
+                    settings: dict[str, Any] | None = None) -> np.ndarray:
   """float64 [n + 1] noise levels of A1111 schedule type `kind` for n steps, between the training
   schedule's extremes (`train_sigmas`, ascending in t; a float16 table, `DOWNCAST_ALPHAS_CUMPROD`,
-  interpolates its own float16 logs, as k-diffusion's); `comfyui`: Beta and KL Optimal as
-  ComfyUI's schedulers of those names."""
+  interpolates its own float16 logs, as k-diffusion's) or A1111's settings' (in `settings`, a
+  config: `common.SCHEDULE_SETTINGS`); `comfyui`: Beta and KL Optimal as ComfyUI's schedulers of
+  those names."""
   train_sigmas = np.asarray(train_sigmas)
+  settings = settings or {}
+  low, high = schedule_range(settings, float(train_sigmas[0]), float(train_sigmas[-1]))
   if comfyui and kind in ("beta", "kl_optimal"):
     return _comfyui_schedule(kind, n, train_sigmas)
   table = np.log(train_sigmas if train_sigmas.dtype == np.float16 else
@@ -256,6 +290,9 @@ def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray, comfyui: bool =
     start, end = float(n_train - 1), 0.0
     if kind != "uniform":
       ends = np.asarray([train_sigmas[-1], train_sigmas[0]], np.float64)
+      if settings.get("schedule_sigma_max") is not None or settings.get(
+          "schedule_sigma_min") is not None:
+        ends = np.asarray([high, low], np.float32).astype(np.float64)
       start, end = sigma_to_t(ends, table)
     t = np.linspace(start, end, n + 1)[:-1] if kind == "sgm_uniform" else np.linspace(
       start, end, n)
@@ -264,13 +301,13 @@ def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray, comfyui: bool =
     stride = n_train / n
     return np.append(train_sigmas[[-(1 + int(x * stride)) for x in range(n)]], 0.0)
   if kind == "kl_optimal":
-    low, high = math.atan(float(train_sigmas[0])), math.atan(float(train_sigmas[-1]))
     fraction = np.arange(n + 1) / n
-    return np.tan(fraction * low + (1 - fraction) * high)
-  if kind == "polyexponential":  # k-diffusion's get_sigmas_polyexponential, rho 1 (A1111's)
-    low, high = math.log(float(train_sigmas[0])), math.log(float(train_sigmas[-1]))
-    ramp = torch_linspace_f32(1.0, 0.0, n)  # ** rho
-    return np.append(exp_f32(ramp * np.float32(high - low) + np.float32(low)), 0.0)
+    return np.tan(fraction * math.atan(low) + (1 - fraction) * math.atan(high))
+  if kind == "polyexponential":  # k-diffusion's get_sigmas_polyexponential (A1111's rho 1)
+    rho = np.float32(settings.get("schedule_rho") or 1.0)
+    ramp = torch_linspace_f32(1.0, 0.0, n) ** rho
+    return np.append(exp_f32(ramp * np.float32(math.log(high) - math.log(low))
+                             + np.float32(math.log(low))), 0.0)
   raise SchedulerConfigError(f"unknown schedule_type {kind!r}")
 
 

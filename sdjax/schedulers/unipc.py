@@ -77,6 +77,8 @@ from sdjax.schedulers.sigma_schedules import (
   custom_final,
   custom_sigmas,
   form_alphas_cumprod,
+  schedule_range,
+  spacing_shape,
 )
 
 _F32 = np.float32
@@ -361,7 +363,8 @@ class UniPCMultistepScheduler(A1111Start, VPDataPrediction, Scheduler):
     kind = sigma_spacing(self.name, config)
     if kind:
       log_sigmas = np.log(sigmas)
-      sigmas = spaced_sigmas(kind, sigmas[0].item(), sigmas[-1].item(), num_inference_steps)
+      sigmas = spaced_sigmas(kind, *schedule_range(config, sigmas[0].item(), sigmas[-1].item()),
+                             num_inference_steps, **spacing_shape(config))
       timesteps = sigma_to_t(sigmas, log_sigmas)
       if kind == "karras":  # diffusers rounds these only
         timesteps = timesteps.round()
