@@ -51,12 +51,15 @@ SAMPLERS = {
     "gradient_estimation": "gradient_estimation", "dpmpp_2m_cfg_pp": "dpmpp_2m_cfg_pp",
     "res_multistep_cfg_pp": "res_multistep_cfg_pp",
     "gradient_estimation_cfg_pp": "gradient_estimation_cfg_pp",
+    "res_multistep_ancestral": "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal")
 # Samplers drawing fresh noise each step from a generator on ComfyUI's device (its GPU's).
 _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm",
-                 "euler_ancestral_cfg_pp")
+                 "euler_ancestral_cfg_pp", "res_multistep_ancestral",
+                 "res_multistep_ancestral_cfg_pp")
 _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 _CHECKPOINT_NODES = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
                      "unCLIPCheckpointLoader": "ckpt_name", "UNETLoader": "unet_name"}

@@ -88,6 +88,8 @@ A1111_SAMPLER_NAMES = {
     "dpmpp_2m_cfg_pp": "DPM++ 2M CFG++",
     "res_multistep_cfg_pp": "Res Multistep CFG++",
     "gradient_estimation_cfg_pp": "Gradient Estimation CFG++",
+    "res_multistep_ancestral": "Res Multistep a",
+    "res_multistep_ancestral_cfg_pp": "Res Multistep a CFG++",
 }
 
 # diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).

@@ -543,26 +543,29 @@ def sample_ipndm_v(config, sigmas, x, noises):
   return sample_ipndm(config, sigmas, x, noises, variable=True)
 
 
-def sample_res_multistep(config, sigmas, x, noises):
-  """ComfyUI's sample_res_multistep (eta 0): Euler first and to 0, else RES's second-order
-  exponential multistep in t = -log sigma."""
-  del noises
-  denoise, out, old = denoiser(config), [], None
+def sample_res_multistep(config, sigmas, x, noises, eta=0.0):
+  """ComfyUI's res_multistep loop: Euler first and to 0, else RES's second-order exponential
+  multistep in t = -log sigma, each step to sigma_down (with `eta`, its ancestral form: then
+  noises[i] times sigma_up)."""
+  denoise, out, old, old_down = denoiser(config), [], None, None
   for i in range(len(sigmas) - 1):
     s, s_next = sigmas[i], sigmas[i + 1]
     x0 = denoise(x, s)
-    if s_next == 0 or old is None:
-      x = x + (x - x0) / s * (s_next - s)
+    down, up = _ancestral_step(s, s_next, eta) if eta else (s_next, 0.0)
+    if down == 0 or old is None:
+      x = x + (x - x0) / s * (down - s)
     else:
-      t, t_next, t_prev = -s.log(), -s_next.log(), -sigmas[i - 1].log()
+      t, t_next, t_prev = -s.log(), -down.log(), -sigmas[i - 1].log()
       h = t_next - t
-      c2 = (t_prev - t) / h
+      c2 = (t_prev - -old_down.log()) / h
       phi1 = torch.expm1(-h) / -h
       phi2 = (phi1 - 1.0) / -h
       b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
       b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
       x = (-h).exp() * x + h * (b1 * x0 + b2 * old)
-    old = x0
+    if eta and s_next > 0:
+      x = x + noises[i] * 1.0 * up
+    old, old_down = x0, down
     out.append(x)
   return np.stack([y.numpy() for y in out])
 

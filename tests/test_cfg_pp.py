@@ -108,14 +108,15 @@ def test_what_cfg_pp_does_not_take(sd, kwargs, match):
                    width=16, **kwargs)
 
 
-def _comfyui_loop(ref, pipe, latents, guidance, steps, name):
+def _comfyui_loop(ref, pipe, latents, guidance, steps, name, generators=None):
   """ComfyUI's own CFG++ multistep loops, written out over diffusers' Euler levels and UNet (x0
-  guided, x0u the unconditional one): dpmpp_2m_cfg_pp, res_multistep_cfg_pp (eta 0) and
+  guided, x0u the unconditional one): dpmpp_2m_cfg_pp, res_multistep_cfg_pp (eta 0; its
+  ancestral form at eta 1 with a draw per step from `generators`) and
   gradient_estimation_cfg_pp (gamma 2)."""
   sched = _euler_levels(pipe, steps)
   sigmas = sched.sigmas
   cond, uncond = _encode(ref, PROMPTS), _encode(ref, NEGATIVES)
-  x, old = latents * sched.init_noise_sigma, None
+  x, old, old_down = latents * sched.init_noise_sigma, None, None
   with torch.no_grad():
     for i, t in enumerate(sched.timesteps):
       sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -130,16 +131,24 @@ def _comfyui_loop(ref, pipe, latents, guidance, steps, name):
           r = (lam - -sigmas[i - 1].log()) / h
           mix = mix - torch.expm1(-h) * (1 / (2 * r)) * (x0 - old)
         x, old = x0 + mix + torch.exp(-h) * x, x0u
-      elif name == "res_multistep_cfg_pp":
+      elif name.startswith("res_multistep"):
+        up = torch.tensor(0.0)
+        if generators:  # k-diffusion's ancestral step at eta 1
+          up = torch.minimum(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2)
+                                          / sigma**2) ** 0.5)
+        down = (sigma_next**2 - up**2) ** 0.5
+        h = -down.log() - lam
         if old is None or sigma_next == 0:
-          x = x0 + (x - x0u) / sigma * sigma_next
+          x = x0 + (x - x0u) / sigma * down
         else:
-          c2 = (-sigmas[i - 1].log() - lam) / h
+          c2 = (-sigmas[i - 1].log() - -old_down.log()) / h
           phi1 = torch.expm1(-h) / -h
           phi2 = (phi1 - 1.0) / -h
           b1, b2 = phi1 - phi2 / c2, phi2 / c2
           x = torch.exp(-h) * (x + (x0 - x0u)) + h * (b1 * x0u + b2 * old)
-        old = x0u
+        if generators and sigma_next > 0:
+          x = x + torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]) * up
+        old, old_down = x0u, down
       else:  # gradient_estimation_cfg_pp
         d = (x - x0u) / sigma
         if sigma_next == 0:
@@ -168,3 +177,18 @@ def test_comfyui_multistep_cfg_pp(sd, name):
   plain = pipe.generate(PROMPTS, scheduler=name.removesuffix("_cfg_pp"), **kw)
   print(f"\n{name}: rel err {err:.2e} (without CFG++: {rel_err(plain, expected):.2e})")
   assert rel_err(plain, expected) > 100 * err
+
+
+def test_res_multistep_ancestral_cfg_pp(sd):
+  """Its ancestral form: each step to sigma_down, then a fresh draw (torch's CPU generators,
+  rng="torch_cpu") times sigma_up."""
+  ref, pipe = sd
+  generators = [torch.Generator().manual_seed(40 + i) for i in range(2)]
+  latents = torch.stack([torch.randn((4, 8, 8), generator=g) for g in generators])
+  expected = _comfyui_loop(ref, pipe, latents, 1.5, 5, "res_multistep_ancestral_cfg_pp",
+                           generators)
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=5, guidance_scale=1.5,
+                       height=16, width=16, seed=40, rng="torch_cpu",
+                       scheduler="res_multistep_ancestral_cfg_pp")
+  err = assert_close(ours, expected, 1e-4)
+  print(f"\nres_multistep_ancestral_cfg_pp: rel err {err:.2e}")

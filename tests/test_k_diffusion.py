@@ -45,6 +45,7 @@ SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "DPM++ 2M SDE": kd.sample_dpmpp_2m_sde, "DPM++ 3M SDE": kd.sample_dpmpp_3m_sde,
             "iPNDM": kd.sample_ipndm, "iPNDM_v": kd.sample_ipndm_v,
             "Res Multistep": kd.sample_res_multistep,
+            "Res Multistep a": lambda *a: kd.sample_res_multistep(*a, eta=1.0),
             "Gradient Estimation": kd.sample_gradient_estimation}
 # A1111's samplers that place the levels of one step more and drop the penultimate one.
 DISCARDING = ("DPM2", "DPM2 a")
@@ -159,7 +160,7 @@ _COMFYUI_SCHEDULES = {"Uniform": lambda n: kd.get_sigmas(COMFY15, n),
 @pytest.mark.parametrize("label", ["Uniform", "Karras", "Beta", "KL Optimal"])
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M",
                                      "DPM++ 2M SDE", "iPNDM", "iPNDM_v", "Res Multistep",
-                                     "Gradient Estimation"])
+                                     "Res Multistep a", "Gradient Estimation"])
 def test_steps_as_comfyui(sampler, label, monkeypatch):
   """The `comfyui` option: k-diffusion's loop as ComfyUI's KSampler runs it, from its noise
   times sqrt(1 + sigma_max^2), the UNet at whole timesteps, over its scheduler's levels (its beta
@@ -202,7 +203,8 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
                              5.0 / (26.0**0.5 if vp else 1.0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("sampler", ["iPNDM", "iPNDM_v", "Res Multistep", "Gradient Estimation"])
+@pytest.mark.parametrize("sampler", ["iPNDM", "iPNDM_v", "Res Multistep", "Res Multistep a",
+                                     "Gradient Estimation"])
 def test_comfyui_multistep_img2img(sampler, monkeypatch):
   """ComfyUI's own multistep samplers at denoise 0.6: its loop over the kept levels, whose
   history starts there (the first step Euler's, iPNDM's orders counted from it)."""
@@ -219,7 +221,7 @@ def test_comfyui_multistep_img2img(sampler, monkeypatch):
   monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
   with correctly_rounded_sqrt():
     want = SAMPLERS[sampler](COMFY15, sigmas, torch.from_numpy(image) + torch.from_numpy(init)
-                             * sigmas[0], [])
+                             * sigmas[0], [torch.from_numpy(n) for n in noises[begin:]])
   err = max_rel_error(got, want)
   print(f"maxrel ComfyUI {sampler} img2img: {err:.3g}")
   assert err <= TOL, err

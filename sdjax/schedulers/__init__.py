@@ -80,6 +80,9 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "dpmpp_2m_cfg_pp": ("comfyui_samplers", "DPMSolverMultistepCFGPPScheduler", {}),
     "res_multistep_cfg_pp": ("comfyui_samplers", "ResMultistepCFGPPScheduler", {}),
     "gradient_estimation_cfg_pp": ("comfyui_samplers", "GradientEstimationCFGPPScheduler", {}),
+    "res_multistep_ancestral": ("comfyui_samplers", "ResMultistepAncestralScheduler", {}),
+    "res_multistep_ancestral_cfg_pp": ("comfyui_samplers", "ResMultistepAncestralCFGPPScheduler",
+                                       {}),
 }
 
 # diffusers class name of a checkpoint's scheduler -> our name.

@@ -31,9 +31,12 @@ from flax import struct
 
 from sdjax.schedulers.common import log_f32, rounded, true_divide
 from sdjax.schedulers.euler import (
+  ANCESTRAL_ETA,
   EulerDiscreteScheduler,
   SigmaState,
+  ancestral_step,
   as_f32,
+  check_ancestral_eta,
   predict_original,
 )
 
@@ -90,25 +93,29 @@ def _ipndm_v_weights(sigmas: np.ndarray) -> np.ndarray:
   return out
 
 
-def _res_weights(sigmas: np.ndarray) -> np.ndarray:
-  """float32 [n, 4]: RES multistep's exp(-h), h, b1, b2 at each position (h in -log sigma from
-  this level to the next; c2 the previous interval over h), in float32 as ComfyUI's scalars; 0
+def _res_weights(sigmas: np.ndarray, downs: np.ndarray) -> np.ndarray:
+  """float32 [n, 5]: RES multistep's exp(-h), h, b1, b2 and the step's target at each position
+  (h in t = -log sigma
+  from this level to the step's target `downs[i]`, the next level at eta 0; c2 the interval from
+  the previous level to the previous step's target, over h), in float32 as ComfyUI's scalars; 0
   where the step is Euler's (the first of a run is, whatever the weights say)."""
   f = np.float32
   n = len(sigmas) - 1
-  out = np.zeros((n, 4), np.float32)
+  out = np.zeros((n, 5), np.float32)
+  out[:, 4] = downs
   t = -log_f32(np.asarray(sigmas, np.float32))
   with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    t_down = -log_f32(np.asarray(downs, np.float32))
     for i in range(1, n):
-      if sigmas[i + 1] == 0:
+      if downs[i] == 0:
         continue
-      h = f(t[i + 1] - t[i])
-      c2 = f(f(t[i - 1] - t[i]) / h)
+      h = f(t_down[i] - t[i])
+      c2 = f(f(t[i - 1] - t_down[i - 1]) / h)
       phi1 = f(np.expm1(np.float64(-h))) / -h  # expm1(-h) / -h, each rounded to float32
       phi2 = (phi1 - f(1)) / -h
       b1, b2 = f(phi1 - phi2 / c2), f(phi2 / c2)
-      out[i] = (np.exp(np.float64(-h)).astype(np.float32), h, np.nan_to_num(b1, nan=0.0),
-                np.nan_to_num(b2, nan=0.0))
+      out[i, :4] = (np.exp(np.float64(-h)).astype(np.float32), h, np.nan_to_num(b1, nan=0.0),
+                    np.nan_to_num(b2, nan=0.0))
   return out
 
 
@@ -209,18 +216,31 @@ class ResMultistepScheduler(_MultistepScheduler):
   name = "res_multistep"
 
   def _weights(self, sigmas: np.ndarray) -> np.ndarray:
-    return _res_weights(sigmas)
+    sigma, sigma_next = sigmas[:-1], sigmas[1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+      downs = (ancestral_step(sigma, sigma_next, self.cfg.get(ANCESTRAL_ETA, 1.0))[0]
+               if self.needs_noise else sigma_next)
+    return _res_weights(sigmas, downs)
 
   def step(self, state, model_output, i, sample, noise=None):
-    del noise
     x = as_f32(sample)
     x0, d = self._x0_and_d(state, model_output, i, x)
     decay, h, b1, b2 = (state.weights[i][k] for k in range(4))
     multistep = rounded(decay * x) + rounded(h * _weighted([(b1, x0), (b2, state.history[0])]))
     euler = x + rounded(d * state.dt[i])
+    return self._finish(state, i, euler, multistep, noise).astype(sample.dtype), self._remember(
+      state, x0)
+
+  def _finish(self, state, i, euler, multistep, noise):
+    """Euler's step at the run's first call and the last, else the multistep; then (ancestral)
+    fresh noise of scale sigma_up (0 at the last)."""
     euler_step = (state.count == 0) | (state.sigmas[i + 1] == 0)
     prev = jnp.where(euler_step, euler, multistep)
-    return prev.astype(sample.dtype), self._remember(state, x0)
+    if not self.needs_noise:
+      return prev
+    if noise is None:
+      raise ValueError(f"{self.name} needs `noise` (unit Gaussian, sample shape) at every step")
+    return prev + rounded(as_f32(noise) * state.sigma_up[i])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,16 +325,14 @@ class ResMultistepCFGPPScheduler(ResMultistepScheduler):
   takes_uncond = True
 
   def step(self, state, model_output, i, sample, noise=None, uncond=None):
-    del noise
     x, x0, x0u = _x0s(self, state, i, sample, model_output, uncond)
-    decay, h, b1, b2 = (state.weights[i][k] for k in range(4))
+    decay, h, b1, b2, down = (state.weights[i][k] for k in range(5))
     shifted = x + rounded(x0 - x0u)
     multistep = rounded(decay * shifted) + rounded(
       h * _weighted([(b1, x0u), (b2, state.history[0])]))
-    euler = x0 + rounded(true_divide(x - x0u, state.sigmas[i]) * state.sigmas[i + 1])
-    euler_step = (state.count == 0) | (state.sigmas[i + 1] == 0)
-    prev = jnp.where(euler_step, euler, multistep)
-    return prev.astype(sample.dtype), self._remember(state, x0u)
+    euler = x0 + rounded(true_divide(x - x0u, state.sigmas[i]) * down)
+    return self._finish(state, i, euler, multistep, noise).astype(sample.dtype), self._remember(
+      state, x0u)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,3 +352,36 @@ class GradientEstimationCFGPPScheduler(_MultistepScheduler):
     prev = jnp.where(state.count >= 1, corrected, x)
     prev = jnp.where(state.sigmas[i + 1] == 0, x0, prev)
     return prev.astype(sample.dtype), self._remember(state, d)
+
+
+# -- Their ancestral forms (ComfyUI's eta 1 by default, sdjax's `eta` option as A1111's Eta): each
+# step aims at sigma_down, then adds fresh noise of scale sigma_up.
+
+
+class _Ancestral:
+  needs_noise = True
+
+  @classmethod
+  def _validate(cls, config) -> None:
+    super()._validate(config)
+    check_ancestral_eta(cls.name, config)
+
+  def _step_sizes(self, sigma, sigma_next):
+    sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.cfg.get(ANCESTRAL_ETA, 1.0))
+    return sigma_down - sigma, sigma_up
+
+
+@dataclasses.dataclass(frozen=True)
+class ResMultistepAncestralScheduler(_Ancestral, ResMultistepScheduler):
+  """ComfyUI's `res_multistep_ancestral`: RES multistep to sigma_down, then fresh noise."""
+
+  name = "res_multistep_ancestral"
+  schedule_options = (*ResMultistepScheduler.schedule_options, ANCESTRAL_ETA)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResMultistepAncestralCFGPPScheduler(_Ancestral, ResMultistepCFGPPScheduler):
+  """ComfyUI's `res_multistep_ancestral_cfg_pp`: its CFG++ form to sigma_down, then noise."""
+
+  name = "res_multistep_ancestral_cfg_pp"
+  schedule_options = (*ResMultistepScheduler.schedule_options, ANCESTRAL_ETA)
