@@ -1,6 +1,6 @@
 """ComfyUI's own k-diffusion samplers, which neither diffusers nor A1111 has.
 
-Deterministic multistep loops over a descending sigma schedule in k-diffusion's scale (x = x0 +
+Multistep loops over a descending sigma schedule in k-diffusion's scale (x = x0 +
 sigma * eps), each step from the model's x0 (`euler.predict_original`) and the derivative
 d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the state:
 
@@ -11,14 +11,19 @@ d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the s
   host for each position and each order, in float32 as ComfyUI's torch scalars).
 - `res_multistep`: RES's second-order exponential multistep (arXiv:2308.02157, at eta 0): the
   first step and the last (to 0) Euler's, the others exp(-h) x + h (b1 x0 + b2 x0_prev).
+- `res_multistep_ancestral`: the same to sigma_down, then fresh noise of scale sigma_up (eta 1,
+  or the `eta` option, as Euler a's).
 - `gradient_estimation`: an Euler step plus (gamma - 1) times the change of d since the last
   call (gamma 2, ComfyUI's), times the step; the last step lands on x0.
+- CFG++ forms (`takes_uncond`: the guided x0 steps along the unconditional prediction):
+  `dpmpp_2m_cfg_pp`, `res_multistep_cfg_pp`, `res_multistep_ancestral_cfg_pp`,
+  `gradient_estimation_cfg_pp`.
 
 They take Euler's config and options (spacings, schedule types, `sigmas`; `k_diffusion`;
 `comfyui`, the form `sdjax.comfyui` sets: ComfyUI's levels, whole timesteps, start). A run that
 starts part-way (img2img, a hires pass) starts its history there, as ComfyUI's loop over the
-kept levels does. Parity: tests/test_k_diffusion.py against torch transcriptions of ComfyUI's
-loops.
+kept levels does. Parity: tests/test_k_diffusion.py and tests/test_cfg_pp.py against torch
+transcriptions of ComfyUI's loops.
 """
 
 from __future__ import annotations
