@@ -51,7 +51,7 @@ SAMPLERS = {
     "gradient_estimation": "gradient_estimation", "dpmpp_2m_cfg_pp": "dpmpp_2m_cfg_pp",
     "res_multistep_cfg_pp": "res_multistep_cfg_pp",
     "gradient_estimation_cfg_pp": "gradient_estimation_cfg_pp",
-    "res_multistep_ancestral": "res_multistep_ancestral",
+    "res_multistep_ancestral": "res_multistep_ancestral", "er_sde": "er_sde",
     "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
@@ -59,7 +59,7 @@ SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta"
 # Samplers drawing fresh noise each step from a generator on ComfyUI's device (its GPU's).
 _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm",
                  "euler_ancestral_cfg_pp", "res_multistep_ancestral",
-                 "res_multistep_ancestral_cfg_pp")
+                 "res_multistep_ancestral_cfg_pp", "er_sde")
 _SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 _CHECKPOINT_NODES = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
                      "unCLIPCheckpointLoader": "ckpt_name", "UNETLoader": "unet_name"}

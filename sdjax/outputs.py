@@ -89,6 +89,7 @@ A1111_SAMPLER_NAMES = {
     "res_multistep_cfg_pp": "Res Multistep CFG++",
     "gradient_estimation_cfg_pp": "Gradient Estimation CFG++",
     "res_multistep_ancestral": "Res Multistep a",
+    "er_sde": "ER SDE",
     "res_multistep_ancestral_cfg_pp": "Res Multistep a CFG++",
 }
 

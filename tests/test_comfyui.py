@@ -114,10 +114,10 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
 
 
 def test_unknown_sampler_and_scheduler_are_notes():
-  found = comfyui.reproduce(default_graph(sampler_name="er_sde", scheduler="ddim_uniform"))
+  found = comfyui.reproduce(default_graph(sampler_name="sa_solver", scheduler="ddim_uniform"))
   assert "scheduler" not in found.flags and "schedule_type" not in found.flags
   notes = _notes(found)
-  assert "sampler er_sde is not one sdjax has" in notes
+  assert "sampler sa_solver is not one sdjax has" in notes
   assert "scheduler ddim_uniform" in notes
 
 

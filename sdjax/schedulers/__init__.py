@@ -81,6 +81,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "res_multistep_cfg_pp": ("comfyui_samplers", "ResMultistepCFGPPScheduler", {}),
     "gradient_estimation_cfg_pp": ("comfyui_samplers", "GradientEstimationCFGPPScheduler", {}),
     "res_multistep_ancestral": ("comfyui_samplers", "ResMultistepAncestralScheduler", {}),
+    "er_sde": ("comfyui_samplers", "ERSDEScheduler", {}),
     "res_multistep_ancestral_cfg_pp": ("comfyui_samplers", "ResMultistepAncestralCFGPPScheduler",
                                        {}),
 }
