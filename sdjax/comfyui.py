@@ -55,12 +55,28 @@ SAMPLERS = {
     "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
-SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal")
+SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal",
+              "polyexponential")  # the last: its PolyexponentialScheduler node's
 # Samplers drawing fresh noise each step from a generator on ComfyUI's device (its GPU's).
 _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm",
                  "euler_ancestral_cfg_pp", "res_multistep_ancestral",
                  "res_multistep_ancestral_cfg_pp", "er_sde")
-_SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
+# Its custom-sampling nodes: the sampler, its levels, noise and guidance from nodes of their own
+# (`_ksampler_inputs` reads them as a KSampler's inputs).
+_CUSTOM_SAMPLER_NODES = ("SamplerCustom", "SamplerCustomAdvanced")
+_SAMPLER_NODES = ("KSampler", "KSamplerAdvanced", *_CUSTOM_SAMPLER_NODES)
+# Its sigma nodes of fixed ranges: ComfyUI's scheduler name, A1111's settings fields of inputs.
+_SIGMA_NODES = {
+    "KarrasScheduler": ("karras", {"sigma_min": "Schedule min sigma",
+                                   "sigma_max": "Schedule max sigma", "rho": "Schedule rho"}),
+    "ExponentialScheduler": ("exponential", {"sigma_min": "Schedule min sigma",
+                                             "sigma_max": "Schedule max sigma"}),
+    "PolyexponentialScheduler": ("polyexponential", {
+        "sigma_min": "Schedule min sigma", "sigma_max": "Schedule max sigma",
+        "rho": "Schedule rho"}),
+    "BetaSamplingScheduler": ("beta", {"alpha": "Beta schedule alpha",
+                                       "beta": "Beta schedule beta"}),
+}
 _CHECKPOINT_NODES = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
                      "unCLIPCheckpointLoader": "ckpt_name", "UNETLoader": "unet_name"}
 _LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
@@ -334,11 +350,60 @@ def _hires(reader: _Reader, first: dict[str, Any], hires) -> None:
                       "(give --hires_model)")
 
 
+def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> dict[str, Any]:
+  """A sampler node's inputs as a KSampler's (seed, steps, cfg, sampler_name, scheduler, denoise,
+  model, positive, negative, latent_image): a SamplerCustom's or SamplerCustomAdvanced's read
+  off the nodes it takes them from (RandomNoise, CFGGuider / BasicGuider, KSamplerSelect,
+  BasicScheduler or a sigma node of fixed range, whose settings go into A1111's fields)."""
+  inputs = _inputs(node)
+  if node["class_type"] not in _CUSTOM_SAMPLER_NODES:
+    return inputs
+  graph = reader.graph
+  out = {"latent_image": inputs.get("latent_image")}
+
+  def source(name: str, kinds: tuple[str, ...]) -> dict[str, Any] | None:
+    link = _linked(graph, inputs.get(name))
+    if link is None or link[1]["class_type"] not in kinds:
+      kind = "nothing" if link is None else f"node {link[0]} ({link[1]['class_type']})"
+      reader.note(None, f"node {sampler_id} ({node['class_type']}) takes its {name} from {kind}: "
+                        "not reproduced")
+      return None
+    return _inputs(link[1]) | {"class_type": link[1]["class_type"]}
+
+  if node["class_type"] == "SamplerCustom":
+    out.update({k: inputs.get(k) for k in ("model", "cfg", "positive", "negative")},
+               seed=inputs.get("noise_seed"))
+    if inputs.get("add_noise") is False:
+      reader.note(None, f"node {sampler_id} adds no noise to its latent: sdjax starts from noise")
+  else:
+    noise = source("noise", ("RandomNoise",))
+    out["seed"] = None if noise is None else noise.get("noise_seed")
+    guider = source("guider", ("CFGGuider", "BasicGuider"))
+    if guider is not None and guider["class_type"] == "CFGGuider":
+      out.update({k: guider.get(k) for k in ("model", "cfg", "positive", "negative")})
+    elif guider is not None:  # one conditioning, no guidance
+      out.update(model=guider.get("model"), positive=guider.get("conditioning"), cfg=1.0)
+  select = source("sampler", ("KSamplerSelect",))
+  out["sampler_name"] = None if select is None else select.get("sampler_name")
+  sigmas = source("sigmas", ("BasicScheduler", *_SIGMA_NODES))
+  if sigmas is not None:
+    out["steps"] = sigmas.get("steps")
+    if sigmas["class_type"] == "BasicScheduler":
+      out.update(scheduler=sigmas.get("scheduler"), denoise=sigmas.get("denoise", 1.0))
+    else:
+      out["scheduler"], settings = _SIGMA_NODES[sigmas["class_type"]]
+      for key, field in settings.items():
+        if isinstance(sigmas.get(key), int | float):
+          reader.fields[field] = str(sigmas[key])
+  return out
+
+
 def _sampler_node(graph) -> tuple[str, dict[str, Any], list[str]]:
   """(id, node) of the text-to-image sampler, and the other samplers' ids."""
   samplers = [(i, n) for i, n in graph.items() if n["class_type"] in _SAMPLER_NODES]
   if not samplers:
-    raise ValueError("ComfyUI workflow without a KSampler or KSamplerAdvanced node")
+    raise ValueError("ComfyUI workflow without a sampler node (KSampler, KSamplerAdvanced, "
+                     "SamplerCustom, SamplerCustomAdvanced)")
 
   def from_empty(item):
     latent = _linked(graph, _inputs(item[1]).get("latent_image"))
@@ -352,12 +417,14 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   """The main.py flags that make a ComfyUI workflow's text-to-image pass again, with notes on
   what they cannot give. ValueError for a graph without a sampler or readable prompts."""
   sampler_id, node, others = _sampler_node(graph)
-  inputs = _inputs(node)
   reader = _Reader(graph)
+  inputs = _ksampler_inputs(reader, sampler_id, node)
   advanced = node["class_type"] == "KSamplerAdvanced"
   fields = reader.fields
   fields["prompt"] = reader.text(inputs.get("positive"), "positive")
-  fields["negative_prompt"] = reader.text(inputs.get("negative"), "negative")
+  negative = inputs.get("negative")  # none with a BasicGuider: one conditioning
+  fields["negative_prompt"] = ("" if negative is None and node["class_type"] in
+                               _CUSTOM_SAMPLER_NODES else reader.text(negative, "negative"))
   for key, name, flag in (("Steps", "steps", "steps"), ("CFG scale", "cfg", "guidance_scale"),
                           ("Seed", "noise_seed" if advanced else "seed", "seed")):
     value = inputs.get(name)

@@ -312,7 +312,7 @@ def test_not_a_workflow():
   assert comfyui.parse_graph('{"prompt": "a cat"}') is None
   graph = default_graph()
   del graph["3"]
-  with pytest.raises(ValueError, match="without a KSampler"):
+  with pytest.raises(ValueError, match="without a sampler node"):
     comfyui.reproduce(graph)
   graph = default_graph()
   graph["3"]["inputs"]["positive"] = ["9", 0]  # not a text encoder
@@ -358,3 +358,57 @@ def test_main_py_makes_a_comfyui_image_again(model, cache, tmp_path):
   warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
   assert record["scheduler_options"]["comfyui"] is True  # ComfyUI's start, whole timesteps
   assert len(warnings) == 2 and "75 tokens" in warnings[-1]  # the model is given
+
+
+def _custom_graph(advanced=True, sigmas=("BasicScheduler", {"scheduler": "karras", "steps": 20,
+                                                             "denoise": 1.0}), guider="CFGGuider"):
+  """The default workflow with its KSampler replaced by ComfyUI's custom sampling nodes:
+  SamplerCustomAdvanced (RandomNoise, CFGGuider or BasicGuider, KSamplerSelect, a sigma node) or
+  SamplerCustom (its seed, cfg and prompts its own)."""
+  graph = default_graph(sampler_name="dpmpp_2m", scheduler="karras")
+  first = graph.pop("3")["inputs"]
+  graph["20"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m"}}
+  graph["21"] = {"class_type": sigmas[0], "inputs": {"model": ["4", 0], **sigmas[1]}}
+  if advanced:
+    graph["22"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": first["seed"]}}
+    graph["23"] = ({"class_type": "CFGGuider", "inputs": {
+        "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "cfg": first["cfg"]}}
+        if guider == "CFGGuider" else
+        {"class_type": "BasicGuider", "inputs": {"model": ["4", 0], "conditioning": ["6", 0]}})
+    graph["3"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["22", 0], "guider": ["23", 0], "sampler": ["20", 0], "sigmas": ["21", 0],
+        "latent_image": ["5", 0]}}
+  else:
+    graph["3"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["4", 0], "add_noise": True, "noise_seed": first["seed"], "cfg": first["cfg"],
+        "positive": ["6", 0], "negative": ["7", 0], "sampler": ["20", 0], "sigmas": ["21", 0],
+        "latent_image": ["5", 0]}}
+  return graph
+
+
+@pytest.mark.parametrize("advanced", [True, False])
+def test_custom_sampler_nodes(advanced):
+  """SamplerCustom(Advanced) with a BasicScheduler: the same flags as the KSampler it stands for;
+  a KarrasScheduler's range and rho and a BetaSamplingScheduler's shape become the schedule
+  settings; a BasicGuider's one conditioning runs without guidance."""
+  want = comfyui.reproduce(default_graph(sampler_name="dpmpp_2m", scheduler="karras"))
+  found = comfyui.reproduce(_custom_graph(advanced))
+  assert found.flags == want.flags and _notes(found) == _notes(want)
+  found = comfyui.reproduce(_custom_graph(advanced, sigmas=("KarrasScheduler", {
+      "steps": 12, "sigma_max": 10.0, "sigma_min": 0.05, "rho": 5.0})))
+  options = json.loads(found.flags["scheduler_options"])
+  assert (found.flags["steps"], found.flags["schedule_type"]) == ("12", "Karras")
+  assert (options["schedule_sigma_max"], options["schedule_sigma_min"], options["schedule_rho"],
+          options["comfyui"]) == (10.0, 0.05, 5.0, True)
+  found = comfyui.reproduce(_custom_graph(advanced, sigmas=("BetaSamplingScheduler", {
+      "steps": 9, "alpha": 0.5, "beta": 0.7})))
+  options = json.loads(found.flags["scheduler_options"])
+  assert found.flags["schedule_type"] == "Beta"
+  assert (options["schedule_beta_alpha"], options["schedule_beta_beta"]) == (0.5, 0.7)
+  if advanced:
+    found = comfyui.reproduce(_custom_graph(guider="BasicGuider"))
+    assert (found.flags["guidance_scale"], found.flags["negative_prompt"]) == ("1.0", "")
+    graph = _custom_graph()
+    graph["21"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["4", 0], "step": 5}}
+    assert "takes its sigmas from node 21 (SplitSigmas): not reproduced" in _notes(
+        comfyui.reproduce(graph))

@@ -127,13 +127,13 @@ def _comfyui_denoiser(config, timesteps=None):
   return denoise
 
 
-def _comfyui_beta(n: int) -> torch.Tensor:
-  """ComfyUI's beta_scheduler (alpha = beta = 0.6) over its table, written from its loop: the
-  levels at the rounded Beta quantiles of the timesteps, a repeat dropped, then 0."""
+def _comfyui_beta(n: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+  """ComfyUI's beta_scheduler (its KSampler's alpha = beta = 0.6) over its table, written from its
+  loop: the levels at the rounded Beta quantiles of the timesteps, a repeat dropped, then 0."""
   from scipy import stats  # noqa: PLC0415
 
   table = kd.train_sigmas(COMFY15)
-  ts = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, n, endpoint=False), 0.6, 0.6)
+  ts = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, n, endpoint=False), alpha, beta)
                * (len(table) - 1))
   levels, last = [], -1
   for t in ts:
@@ -240,6 +240,10 @@ def test_comfyui_beta_and_kl_optimal_levels(steps):
     np.testing.assert_array_equal(levels, reference(steps).numpy())
     a1111 = np.asarray(get_scheduler("euler", SD15, options=options).set_timesteps(steps).sigmas)
     assert np.abs(a1111[:steps] - levels[:steps]).max() > 0.1
+  shaped = get_scheduler("euler", SD15, options={  # its BetaSamplingScheduler node's shape
+      **options, "comfyui": True, "schedule_type": "beta", "schedule_beta_alpha": 0.5,
+      "schedule_beta_beta": 0.7}).set_timesteps(steps).sigmas
+  np.testing.assert_array_equal(np.asarray(shaped), _comfyui_beta(steps, 0.5, 0.7).numpy())
   with pytest.raises(SchedulerConfigError, match="repeats a timestep at 139 steps"):
     get_scheduler("euler", SD15, options={**options, "comfyui": True,
                                           "schedule_type": "beta"}).set_timesteps(139)

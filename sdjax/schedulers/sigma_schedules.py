@@ -272,7 +272,7 @@ def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray, comfyui: bool =
   settings = settings or {}
   low, high = schedule_range(settings, float(train_sigmas[0]), float(train_sigmas[-1]))
   if comfyui and kind in ("beta", "kl_optimal"):
-    return _comfyui_schedule(kind, n, train_sigmas)
+    return _comfyui_schedule(kind, n, train_sigmas, settings)
   table = np.log(train_sigmas if train_sigmas.dtype == np.float16 else
                  train_sigmas.astype(np.float64))
   log_sigmas = table.astype(np.float64)
@@ -311,12 +311,15 @@ def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray, comfyui: bool =
   raise SchedulerConfigError(f"unknown schedule_type {kind!r}")
 
 
-def _comfyui_schedule(kind: str, n: int, train_sigmas: np.ndarray) -> np.ndarray:
-  """ComfyUI's beta_scheduler and kl_optimal_scheduler (its defaults) over its float32 table."""
-  if kind == "beta":  # the table's levels at Beta(0.6, 0.6) quantiles of the timesteps, rounded
+def _comfyui_schedule(kind: str, n: int, train_sigmas: np.ndarray,
+                      settings: dict[str, Any]) -> np.ndarray:
+  """ComfyUI's beta_scheduler (its BetaSamplingScheduler node's alpha and beta: the settings',
+  default 0.6 each) and kl_optimal_scheduler over its float32 table."""
+  if kind == "beta":  # the table's levels at Beta(alpha, beta) quantiles of the timesteps, rounded
     from scipy import stats  # noqa: PLC0415  (a dependency of jax; only this option needs it)
 
-    t = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, n, endpoint=False), 0.6, 0.6)
+    shape = spacing_shape(settings)["beta"] or (0.6, 0.6)
+    t = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, n, endpoint=False), *shape)
                 * (len(train_sigmas) - 1)).astype(np.int64)
     if np.any(t[1:] == t[:-1]):  # ComfyUI drops the repeats and runs fewer steps
       raise SchedulerConfigError(
