@@ -32,6 +32,7 @@ import io
 import json
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from sdjax import infotext, outputs, schedulers
@@ -77,6 +78,31 @@ _SIGMA_NODES = {
     "BetaSamplingScheduler": ("beta", {"alpha": "Beta schedule alpha",
                                        "beta": "Beta schedule beta"}),
 }
+# Its AlignYourStepsScheduler's levels (NVIDIA's, to more digits than A1111's table), for SD1.5
+# and SDXL: that node's sigmas become the run's own (--sigmas).
+_AYS_LEVELS = {
+    "SD1": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177,
+            1.3943805092, 0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "SDXL": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945,
+             0.8620721141, 0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
+}
+
+
+def _ays_sigmas(model_type: str, steps: int, denoise: float) -> list[float] | None:
+  """ComfyUI's AlignYourStepsScheduler: its levels (interpolated in log sigma to steps + 1 where
+  they are not as many), the last round(steps * denoise) + 1 of them, the final one 0, in
+  float32; None for a model type sdjax has no levels of."""
+  if model_type not in _AYS_LEVELS or not isinstance(steps, int) or steps < 1:
+    return None
+  levels = np.asarray(_AYS_LEVELS[model_type], np.float64)
+  if steps + 1 != len(levels):  # log-linear, on the ascending levels
+    ys = np.interp(np.linspace(0, 1, steps + 1), np.linspace(0, 1, len(levels)),
+                   np.log(levels[::-1]))
+    levels = np.exp(ys)[::-1]
+  total = steps if denoise >= 1.0 else round(steps * denoise)
+  levels = np.array(levels[-(total + 1):], np.float64)
+  levels[-1] = 0
+  return [float(v) for v in levels.astype(np.float32)]
 _CHECKPOINT_NODES = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": "ckpt_name",
                      "unCLIPCheckpointLoader": "ckpt_name", "UNETLoader": "unet_name"}
 _LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
@@ -385,8 +411,16 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
       out.update(model=guider.get("model"), positive=guider.get("conditioning"), cfg=1.0)
   select = source("sampler", ("KSamplerSelect",))
   out["sampler_name"] = None if select is None else select.get("sampler_name")
-  sigmas = source("sigmas", ("BasicScheduler", *_SIGMA_NODES))
-  if sigmas is not None:
+  sigmas = source("sigmas", ("BasicScheduler", "AlignYourStepsScheduler", *_SIGMA_NODES))
+  if sigmas is not None and sigmas["class_type"] == "AlignYourStepsScheduler":
+    levels = _ays_sigmas(sigmas.get("model_type"), sigmas.get("steps"),
+                         sigmas.get("denoise", 1.0))
+    if levels is None:
+      reader.note(None, f"node {sampler_id}'s AlignYourStepsScheduler ({sigmas.get('model_type')}) "
+                        "is not one sdjax has the levels of: not reproduced")
+    else:
+      out.update(steps=len(levels) - 1, sigmas=levels)
+  elif sigmas is not None:
     out["steps"] = sigmas.get("steps")
     if sigmas["class_type"] == "BasicScheduler":
       out.update(scheduler=sigmas.get("scheduler"), denoise=sigmas.get("denoise", 1.0))
@@ -494,6 +528,9 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
                       "fix or refiner workflow) are not reproduced")
   found = infotext.from_fields(fields, made_in="ComfyUI")
   flags = dict(found.flags)
+  if inputs.get("sigmas") is not None:  # an AlignYourStepsScheduler's levels: the run's own
+    flags["sigmas"] = [str(v) for v in inputs["sigmas"]]
+    flags.pop("schedule_type", None)
   options = json.loads(flags.get("scheduler_options", "{}"))
   name = flags.get("scheduler") and outputs.scheduler_name(flags["scheduler"])
   if reader.lcm_node is not None and name != "lcm":

@@ -412,3 +412,41 @@ def test_custom_sampler_nodes(advanced):
     graph["21"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["4", 0], "step": 5}}
     assert "takes its sigmas from node 21 (SplitSigmas): not reproduced" in _notes(
         comfyui.reproduce(graph))
+
+
+def _ays_reference(levels, steps, denoise):
+  """NVIDIA's log-linear interpolation of its levels (as its how-to and ComfyUI's node), the last
+  round(steps * denoise) + 1, the final 0, as torch.FloatTensor keeps them."""
+  import numpy as np  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+
+  if len(levels) != steps + 1:
+    xs, new = np.linspace(0, 1, len(levels)), np.linspace(0, 1, steps + 1)
+    levels = np.exp(np.interp(new, xs, np.log(levels[::-1])))[::-1].copy()
+  total = steps if denoise >= 1 else round(steps * denoise)
+  levels = list(levels[-(total + 1):])
+  levels[-1] = 0
+  return torch.FloatTensor(levels).tolist()
+
+
+@pytest.mark.parametrize(("model_type", "steps", "denoise"), [("SD1", 10, 1.0), ("SDXL", 14, 1.0),
+                                                             ("SD1", 8, 0.6)])
+def test_align_your_steps_node(model_type, steps, denoise):
+  """An AlignYourStepsScheduler's levels (ComfyUI's table, more digits than A1111's Align Your
+  Steps) become the run's --sigmas, steps as many as they make; an SVD one is a note."""
+  levels = {"SD1": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177,
+                    1.3943805092, 0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662,
+                    0.0291671582],
+            "SDXL": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945,
+                     0.8620721141, 0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177,
+                     0.0291671582]}[model_type]
+  graph = _custom_graph(sigmas=("AlignYourStepsScheduler", {
+      "model_type": model_type, "steps": steps, "denoise": denoise}))
+  found = comfyui.reproduce(graph)
+  want = _ays_reference(levels, steps, denoise)
+  assert [float(v) for v in found.flags["sigmas"]] == want
+  assert found.flags["steps"] == str(len(want) - 1) and "schedule_type" not in found.flags
+  assert json.loads(found.flags["scheduler_options"])["comfyui"] is True
+  graph["21"]["inputs"]["model_type"] = "SVD"
+  found = comfyui.reproduce(graph)
+  assert "sigmas" not in found.flags and "AlignYourStepsScheduler (SVD)" in _notes(found)
