@@ -1369,10 +1369,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   (width, height) in pixels (`SampleSpec.seed_resize`; None or a 0 side: off);
   `noise_multiplier`, `extra_noise`: A1111's Noise multiplier and Extra noise of an img2img run
   (`SampleSpec.noise_multiplier`, `.extra_noise`); `noise_batch`: ComfyUI's batch noise
-  (`SampleSpec.noise_batch`);
-  `brownian`: the
-  device of the Brownian tree an SDE sampler's noise comes from (`BrownianNoise`; other
-  schedulers ignore it), or None; `step_rng`: a generator of its own for the steps' fresh noise
+  (`SampleSpec.noise_batch`); `brownian`: the device of the Brownian tree an SDE sampler's noise
+  comes from (`BrownianNoise`; other schedulers ignore it), or None; `step_rng`: a generator of its own for the steps' fresh noise
   (`SampleSpec.step_rng`); `seed_high`: the seeds' high 32 bits (`SampleSpec.seed_high`).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:

@@ -219,7 +219,8 @@ def test_a1111_lcm():
   """A1111's LCM sampler: lcm in its k_diffusion form (`test_k_diffusion.test_lcm_as_a1111`),
   Automatic its Uniform, other schedule types its own; sdjax's lcm image stays diffusers'."""
   flags = _flags("a cat\nSteps: 6, Sampler: LCM, Schedule type: Karras, CFG scale: 1, Seed: 1")
-  assert json.loads(flags["scheduler_options"])["k_diffusion"] and flags["schedule_type"] == "Karras"
+  assert json.loads(flags["scheduler_options"])["k_diffusion"]
+  assert flags["schedule_type"] == "Karras"
   flags = _flags("a cat\nSteps: 6, Sampler: LCM, CFG scale: 1, Seed: 1, Version: v1.10.1")
   assert (flags["scheduler"], flags["schedule_type"]) == ("LCM", "Uniform")
   flags = _flags("a cat\nSteps: 6, Sampler: LCM, CFG scale: 1, Seed: 1, Version: sdjax 0.1.0")

@@ -646,6 +646,23 @@ def test_dpmpp_sde_as_comfyui(label, monkeypatch):
   assert err <= TOL, err
 
 
+def _simple_levels(table, n):
+  """The Simple schedule over a table: its own levels, every len / n-th from the top, then 0."""
+  return torch.tensor([table[-(1 + int(x * len(table) / n))].item() for x in range(n)] + [0.0])
+
+
+def _against_lcm_loop(ours, state, config, sigmas, start, init, noises, got) -> float:
+  """Checks the start's scale and returns (asserting it within TOL) our trajectory's error
+  against the LCM loop over `sigmas` from the noise times `start`."""
+  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(start), rtol=1e-6)
+  with correctly_rounded_sqrt():
+    want = kd.sample_lcm(config, sigmas, torch.from_numpy(init) * start,
+                         [torch.from_numpy(n) for n in noises])
+  err = max_rel_error(got, want)
+  assert err <= TOL, err
+  return err
+
+
 @pytest.mark.parametrize("label,steps,extra", [
     (None, 4, ""), ("Automatic", 1, ""), ("Automatic", 2, ""), ("Uniform", 8, ""),
     ("Automatic", 60, ""), ("Karras", 6, ""), ("Exponential", 5, ""), ("Simple", 7, ""),
@@ -672,19 +689,13 @@ def test_lcm_as_a1111(label, steps, extra):
   elif label == "Exponential":
     levels = torch.linspace(math.log(table[-1].item()), math.log(table[0].item()), steps).exp()
     sigmas = torch.cat([levels, levels.new_zeros([1])])
-  elif label == "Simple":  # the table's own levels, every len / n-th from the top
-    sigmas = torch.tensor([table[-(1 + int(x * len(table) / steps))].item()
-                           for x in range(steps)] + [0.0])
+  elif label == "Simple":
+    sigmas = _simple_levels(table, steps)
   else:
     sigmas = kd.get_sigmas_lcm(config, steps)
   start = torch.sqrt(1.0 + sigmas[0] ** 2.0) if extra else sigmas[0]
-  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(start), rtol=1e-6)
-  with correctly_rounded_sqrt():
-    want = kd.sample_lcm(config, sigmas, torch.from_numpy(init) * start,
-                         [torch.from_numpy(n) for n in noises])
-  err = max_rel_error(got, want)
+  err = _against_lcm_loop(ours, state, config, sigmas, start, init, noises, got)
   print(f"maxrel A1111 LCM {label} {steps} {extra}{version} vs its loop: {err:.3g}")
-  assert err <= TOL, err
   if steps == 4 and not extra:  # its timesteps: distillation ones, not diffusers' LCM's
     assert list(np.asarray(state.timesteps)) == [999, 679, 339, 19]
 
@@ -708,18 +719,12 @@ def test_lcm_as_comfyui(scheduler, steps):
   elif scheduler == "karras":
     sigmas = kd._karras(steps, table[0].item(), table[-1].item())
   else:
-    sigmas = torch.tensor([table[-(1 + int(x * len(table) / steps))].item()
-                           for x in range(steps)] + [0.0])
+    sigmas = _simple_levels(table, steps)
   # a run from the largest level (to ComfyUI's rel_tol): its max_denoise start
   assert math.isclose(sigmas[0].item(), table[-1].item(), rel_tol=1e-5)
   start = torch.sqrt(1.0 + sigmas[0] ** 2.0)
-  np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(start), rtol=1e-6)
-  with correctly_rounded_sqrt():
-    want = kd.sample_lcm(COMFY15, sigmas, torch.from_numpy(init) * start,
-                         [torch.from_numpy(n) for n in noises])
-  err = max_rel_error(got, want)
+  err = _against_lcm_loop(ours, state, COMFY15, sigmas, start, init, noises, got)
   print(f"maxrel ComfyUI lcm {scheduler} {steps} vs its loop: {err:.3g}")
-  assert err <= TOL, err
   a1111 = get_scheduler("lcm", SD15, options={"k_diffusion": True}).set_timesteps(steps)
   assert np.abs(np.asarray(a1111.sigma_in) - np.asarray(state.sigma_in)).max() > 0
 

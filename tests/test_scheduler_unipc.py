@@ -393,7 +393,8 @@ def test_a1111_img2img(steps, strength, options):
 
   t_enc = int(strength * steps)
   solver = {"solver_type": "bh1", "solver_order": 3}
-  config = {**SD15, **solver, **{k: v for k, v in options.items() if k != "downcast_alphas_cumprod"}}
+  config = {**SD15, **solver,
+            **{k: v for k, v in options.items() if k != "downcast_alphas_cumprod"}}
   forms = {"a1111": True, "a1111_img2img": t_enc,
            **{k: v for k, v in options.items() if k == "downcast_alphas_cumprod"}}
   ours = get_scheduler("unipc", config, options=forms)

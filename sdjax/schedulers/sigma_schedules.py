@@ -188,7 +188,8 @@ def check_options(scheduler_name: str, config: dict[str, Any]) -> None:
   kind, value = given[0], config[given[0]]
   if kind == "schedule_type":
     comfyui_beta = value == "beta" and config.get(COMFYUI)  # ComfyUI's beta scheduler
-    if value in SPACING_TYPES and not comfyui_beta:  # left by `spacing_options`: this scheduler lacks the spacing
+    # left by `spacing_options`: this scheduler lacks the spacing
+    if value in SPACING_TYPES and not comfyui_beta:
       raise SchedulerConfigError(
         f"scheduler {scheduler_name!r} has no {value} spacing (diffusers' use_{value}_sigmas)")
     if value not in SCHEDULE_TYPES and not comfyui_beta:
