@@ -189,6 +189,29 @@ def parity_errors(scheduler, make_reference, num_steps, *, strength=None, seed=0
   return Parity(plain=plain, exact_sqrt=exact, plain_timesteps_equal=plain_timesteps_equal)
 
 
+def integer_timestep_parity(scheduler, make_reference, num_steps, *, strength=None):
+  """Compares an sdjax `scheduler` with its diffusers twin whose timesteps are integers (DEIS,
+  singlestep DPM-Solver), as is and under `correctly_rounded_sqrt`: returns the two max relative
+  errors and the last reference (set for `num_steps`), after asserting its timesteps and sigmas
+  are ours exactly. With `strength`, an img2img run as `parity_errors`'."""
+  init_noise, step_noises = make_noises(num_steps)
+  kwargs = {}
+  if strength is not None:
+    kwargs = {"begin": scheduler.begin_index(num_steps, strength),
+              "init_sample": make_noises(1, 1)[0]}
+  got = sdjax_trajectory(scheduler, num_steps, init_noise, step_noises, **kwargs)
+  errors = []
+  for exact_sqrt in (False, True):
+    with correctly_rounded_sqrt() if exact_sqrt else contextlib.nullcontext():
+      ref = make_reference()
+      errors.append(max_rel_error(
+        got, diffusers_trajectory(ref, num_steps, init_noise, step_noises, **kwargs)))
+  state = scheduler.set_timesteps(num_steps, sample_shape=SHAPE)
+  np.testing.assert_array_equal(np.asarray(state.timesteps), ref.timesteps.numpy())
+  np.testing.assert_array_equal(np.asarray(state.sigmas), ref.sigmas.numpy())
+  return errors, ref
+
+
 def edm_parity(name: str, ref_cls, config: dict, steps: int, strength=None) -> float:
   """An EDM scheduler against its diffusers class (under `correctly_rounded_sqrt`): asserts the
   timesteps, sigmas and initial noise scale agree; returns the trajectories' max relative

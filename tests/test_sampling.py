@@ -29,6 +29,9 @@ DIFFUSERS_SCHEDULERS = {
     "kdpm2": ("KDPM2DiscreteScheduler", {}),  # two UNet calls a step, as heun
     # EDM: preconditioned input, timesteps 0.25 * log(sigma) (Playground v2.5's)
     "edm_dpmpp_2m": ("EDMDPMSolverMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    # singlestep: each second step starts from the sample of the step before
+    "dpmpp_2s": ("DPMSolverSinglestepScheduler", {}),
 }
 
 
@@ -591,6 +594,7 @@ GENERATOR_SCHEDULERS = {
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
     "kdpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}, {}),  # one draw per two calls
     "tcd": ("TCDScheduler", {}, {"eta": 0.3}),  # no draw on the last step
+    "dpmpp_2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
 }
 
 
@@ -611,12 +615,12 @@ def test_torch_generators_match_diffusers(pipes, name):
   expected = ref(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=5,
                  generator=_generators(40, 2), output_type="np", **common).images
   ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=5, scheduler=name, seed=40,
-                       rng="torch_cpu", **common)
+                       rng="torch_cpu", scheduler_options=config or None, **common)
   err = rel(ours, expected)
   print(f"\n{name} with torch generators: {err:.2e}")
   assert err <= 1e-5
   jax_rng = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=5, scheduler=name,
-                          seed=40, **common)
+                          seed=40, scheduler_options=config or None, **common)
   assert rel(jax_rng, expected) > 1e-2
   if name != "kdpm2_ancestral":
     return

@@ -91,6 +91,24 @@ def multistep_timesteps(config: dict[str, Any], num_inference_steps: int,
   raise SchedulerConfigError(f"timestep_spacing {spacing!r} is not supported by sdjax")
 
 
+def multistep_sigmas(scheduler_name: str, config: dict[str, Any], timesteps: np.ndarray,
+                     train: np.ndarray, num_inference_steps: int, *, round_karras: bool
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """(timesteps, float64 sigmas [n]) of diffusers' multistep and singlestep solvers: with one of
+  its spacings (`use_karras_sigmas`, ...) the spaced levels over the whole training range and
+  their fractional timesteps (Karras' rounded where `round_karras`), else the float32 training
+  sigmas `train` interpolated at `timesteps`."""
+  kind = sigma_spacing(scheduler_name, config)
+  if not kind:
+    return timesteps, np.interp(timesteps, np.arange(0, len(train)), train)
+  # Unlike Euler's, these span the whole training range, whatever the spacing.
+  sigmas = spaced_sigmas(kind, *schedule_range(config, train[0].item(), train[-1].item()),
+                         num_inference_steps, k_diffusion=bool(config.get("k_diffusion")),
+                         **spacing_shape(config))
+  timesteps = sigma_to_t(sigmas, np.log(train))
+  return (timesteps.round() if kind == "karras" and round_karras else timesteps), sigmas
+
+
 class VPDataPrediction:
   """What the multistep solvers on the variance-preserving alpha_t / sigma_t of their state
   share (DPM-Solver++, UniPC): unit initial noise, img2img noising and the data prediction."""
@@ -295,18 +313,8 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     custom = custom_sigmas(self.name, config, num_inference_steps, sigmas)
     if custom is not None:  # ending at 0, as final_sigmas_type "zero" (`custom_final`)
       return sigma_to_t(custom[:-1], log_sigmas), custom[:-1]
-    kind = sigma_spacing(self.name, config)
-    if kind:
-      # Unlike Euler's, these span the whole training range, whatever the spacing.
-      sigmas = spaced_sigmas(kind, *schedule_range(config, sigmas[0].item(), sigmas[-1].item()),
-                             num_inference_steps, k_diffusion=bool(config["k_diffusion"]),
-                             **spacing_shape(config))
-      timesteps = sigma_to_t(sigmas, log_sigmas)
-      if kind == "karras" and config["beta_schedule"] != "squaredcos_cap_v2":
-        timesteps = timesteps.round()
-    else:
-      sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-    return timesteps, sigmas
+    return multistep_sigmas(self.name, config, timesteps, sigmas, num_inference_steps,
+                            round_karras=config["beta_schedule"] != "squaredcos_cap_v2")
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     config = self.cfg
