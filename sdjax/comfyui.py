@@ -53,7 +53,7 @@ SAMPLERS = {
     "res_multistep_cfg_pp": "res_multistep_cfg_pp",
     "gradient_estimation_cfg_pp": "gradient_estimation_cfg_pp",
     "res_multistep_ancestral": "res_multistep_ancestral", "er_sde": "er_sde",
-    "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp",
+    "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp", "deis": "deis_tab",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal",

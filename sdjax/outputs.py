@@ -91,6 +91,7 @@ A1111_SAMPLER_NAMES = {
     "res_multistep_ancestral": "Res Multistep a",
     "er_sde": "ER SDE",
     "res_multistep_ancestral_cfg_pp": "Res Multistep a CFG++",
+    "deis_tab": "DEIS",
 }
 
 # diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).

@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image, PngImagePlugin
 
-from sdjax import comfyui, infotext, plan, prompts
+from sdjax import comfyui, infotext, outputs, plan, prompts
 
 
 def default_graph(**sampler):
@@ -87,6 +87,7 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("ipndm", "beta", "iPNDM", "Beta"),  # its own samplers, in their comfyui form
     ("res_multistep", "kl_optimal", "Res Multistep", "KL Optimal"),
     ("dpmpp_2m_cfg_pp", "karras", "DPM++ 2M CFG++", "Karras"),
+    ("deis", "exponential", "DEIS", "Exponential"),  # tAB-DEIS, not diffusers' (log-rho) deis
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
   found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
@@ -105,8 +106,10 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   # option says so; elsewhere a note.
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
   assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "iPNDM",
-                              "Res Multistep", "DPM++ 2M CFG++"))
+                              "Res Multistep", "DPM++ 2M CFG++", "DEIS"))
   assert ("sqrt(1 + sigma_max^2)" in notes) == (not stepped)
+  if want == "DEIS":  # Forge's name of tAB-DEIS
+    assert outputs.scheduler_name(want) == "deis_tab"
   if want == "UniPC":  # its variant and order 3; not A1111's UniPC
     options = json.loads(found.flags["scheduler_options"])
     assert options["solver_type"] == sampler.removeprefix("uni_pc").lstrip("_") or "bh1"

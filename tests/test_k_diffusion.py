@@ -47,7 +47,7 @@ SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "Res Multistep": kd.sample_res_multistep,
             "Res Multistep a": lambda *a: kd.sample_res_multistep(*a, eta=1.0),
             "ER SDE": kd.sample_er_sde,
-            "Gradient Estimation": kd.sample_gradient_estimation}
+            "Gradient Estimation": kd.sample_gradient_estimation, "DEIS": kd.sample_deis}
 # A1111's samplers that place the levels of one step more and drop the penultimate one.
 DISCARDING = ("DPM2", "DPM2 a")
 
@@ -161,7 +161,8 @@ _COMFYUI_SCHEDULES = {"Uniform": lambda n: kd.get_sigmas(COMFY15, n),
 @pytest.mark.parametrize("label", ["Uniform", "Karras", "Beta", "KL Optimal"])
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M",
                                      "DPM++ 2M SDE", "iPNDM", "iPNDM_v", "Res Multistep",
-                                     "Res Multistep a", "Gradient Estimation", "ER SDE"])
+                                     "Res Multistep a", "Gradient Estimation", "ER SDE",
+                                     "DEIS"])
 def test_steps_as_comfyui(sampler, label, monkeypatch):
   """The `comfyui` option: k-diffusion's loop as ComfyUI's KSampler runs it, from its noise
   times sqrt(1 + sigma_max^2), the UNet at whole timesteps, over its scheduler's levels (its beta
@@ -205,7 +206,7 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
 
 
 @pytest.mark.parametrize("sampler", ["iPNDM", "iPNDM_v", "Res Multistep", "Res Multistep a",
-                                     "Gradient Estimation", "ER SDE"])
+                                     "Gradient Estimation", "ER SDE", "DEIS"])
 def test_comfyui_multistep_img2img(sampler, monkeypatch):
   """ComfyUI's own multistep samplers at denoise 0.6: its loop over the kept levels, whose
   history starts there (the first step Euler's, iPNDM's orders counted from it)."""

@@ -88,6 +88,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "er_sde": ("comfyui_samplers", "ERSDEScheduler", {}),
     "res_multistep_ancestral_cfg_pp": ("comfyui_samplers", "ResMultistepAncestralCFGPPScheduler",
                                        {}),
+    "deis_tab": ("comfyui_samplers", "DEISTabScheduler", {}),  # Forge's "DEIS"
 }
 
 # diffusers class name of a checkpoint's scheduler -> our name.

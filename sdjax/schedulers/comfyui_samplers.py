@@ -17,6 +17,12 @@ d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the s
   call (gamma 2, ComfyUI's), times the step; the last step lands on x0.
 - `er_sde`: ER-SDE-Solver-3 (Cui et al. 2023): the ER-SDE's linear part in lambda = sigma /
   alpha plus the first and second divided differences of x0 (as calls allow), then fresh noise.
+- `deis_tab`: ComfyUI's deis (tAB-DEIS, Zhang and Chen 2023, its 'tab' mode, order up to 3):
+  Adams-Bashforth on d in the time of a VP process fitted to EDM's range (0.002 to 80), its
+  weights the integrals of the Lagrange polynomials of the earlier times against the exponential
+  integrand, each a 10000-point sum (here in float64, rounded once: ComfyUI's float32 torch sum
+  lands within an ulp or so); the last step (to 0) Euler's. Forge-derived UIs call it "DEIS";
+  diffusers' `deis` is the other DEIS form (log-rho).
 - CFG++ forms (`takes_uncond`: the guided x0 steps along the unconditional prediction):
   `dpmpp_2m_cfg_pp`, `res_multistep_cfg_pp`, `res_multistep_ancestral_cfg_pp`,
   `gradient_estimation_cfg_pp`.
@@ -36,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sdjax.schedulers.common import log_f32, rounded, true_divide
+from sdjax.schedulers.common import exp_f32, log_f32, rounded, torch_linspace_f32, true_divide
 from sdjax.schedulers.euler import (
   ANCESTRAL_ETA,
   EulerDiscreteScheduler,
@@ -266,6 +272,75 @@ class GradientEstimationScheduler(_MultistepScheduler):
     corrected = x + rounded(rounded(d - state.history[0]) * dt)  # (gamma - 1) = 1: exact
     prev = jnp.where(state.count >= 1, corrected, x)
     prev = jnp.where(state.sigmas[i + 1] == 0, x0, prev)
+    return prev.astype(sample.dtype), self._remember(state, d)
+
+
+def _deis_times(sigmas: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32]:
+  """ComfyUI's deis `edm2t`: the VP times of the float32 levels, and that process's beta_0 and
+  beta_1, in float32 as its torch scalars (numpy's float32 log, as its np.log of them)."""
+  f = np.float32
+  low, high = f(f(0.002) * f(0.002)) + f(1), f(f(80.0) * f(80.0)) + f(1)
+  log_low, log_high = np.log(np.asarray(low)), np.log(np.asarray(high))
+  beta_d = f(2) * (log_low / f(1e-3) - log_high) / f(1e-3 - 1)
+  beta_min = log_high - f(0.5) * beta_d
+  sig = np.asarray(sigmas, f)
+  with np.errstate(invalid="ignore"):
+    root = np.sqrt(beta_min * beta_min + f(2) * beta_d * log_f32(sig * sig + f(1)))
+  return (root - beta_min) / beta_d, beta_min, beta_d + beta_min
+
+
+def _deis_weights(sigmas: np.ndarray, points: int = 10000) -> np.ndarray:
+  """float32 [n, 3, 3]: at each position, tAB-DEIS's weights of d and the earlier derivatives for
+  orders 2 and 3 (rows 1 and 2; row 0, Euler's, unused), each op of the integrand in float32 as
+  ComfyUI's torch (its autograd's d log alpha / dt included)."""
+  f = np.float32
+  t, beta_0, beta_1 = _deis_times(sigmas)
+  slope = beta_1 - beta_0
+  n = len(sigmas) - 1
+  out = np.zeros((n, 3, 3), f)
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    for i in range(1, n):
+      taus = torch_linspace_f32(t[i], t[i + 1], points)
+      dtau = (t[i + 1] - t[i]) / f(points)
+      alpha = exp_f32((f(-0.5) * (taus * taus)) * slope - taus * beta_0)
+      grad = (f(1) / alpha) * alpha  # log's then exp's backward
+      d_log_alpha = (-grad) * beta_0 + ((grad * slope) * f(-0.5)) * (f(2) * taus)
+      integrand = (f(-0.5) * d_log_alpha) / np.sqrt(alpha * (f(1) - alpha))
+      for order in (2, 3):
+        if i < order - 1:
+          continue
+        times = t[[i - k for k in range(order)]]
+        for j in range(order):
+          poly = np.ones_like(taus)
+          for k in range(order):
+            if k != j:
+              poly = poly * ((taus - times[k]) / (times[j] - times[k]))
+          total = f(np.sum((integrand * poly).astype(np.float64)))
+          out[i, order - 1, j] = total * dtau
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DEISTabScheduler(_MultistepScheduler):
+  """ComfyUI's `deis` (tAB-DEIS, order up to 3): Adams-Bashforth on d with the weights of
+  `_deis_weights`; the last step Euler's."""
+
+  name = "deis_tab"
+
+  def _weights(self, sigmas: np.ndarray) -> np.ndarray:
+    return _deis_weights(sigmas)
+
+  def step(self, state, model_output, i, sample, noise=None):
+    del noise
+    x = as_f32(sample)
+    _, d = self._x0_and_d(state, model_output, i, x)
+    w = state.weights[i]
+    euler = x + rounded(state.dt[i] * d)
+    second = x + rounded(w[1, 0] * d) + rounded(w[1, 1] * state.history[0])
+    third = (x + rounded(w[2, 0] * d) + rounded(w[2, 1] * state.history[0])
+             + rounded(w[2, 2] * state.history[1]))
+    order = jnp.where(state.sigmas[i + 1] == 0, 0, jnp.minimum(state.count, 2))
+    prev = jnp.where(order == 2, third, jnp.where(order == 1, second, euler))
     return prev.astype(sample.dtype), self._remember(state, d)
 
 
