@@ -58,6 +58,11 @@ SAMPLERS = {
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal",
               "polyexponential")  # the last: its PolyexponentialScheduler node's
+# Its schedulers whose levels sdjax's schedule types do not place (ddim_uniform's count may not
+# be the steps'): computed from its table of Stable Diffusion's schedule, the run's --sigmas.
+_TABLE_SCHEDULERS = ("ddim_uniform", "linear_quadratic")
+_SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear"}  # SD1, SD2 and SDXL's (its ModelSamplingDiscrete)
 # Samplers drawing fresh noise each step from a generator on ComfyUI's device (its GPU's).
 _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm",
                  "euler_ancestral_cfg_pp", "res_multistep_ancestral",
@@ -432,6 +437,32 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
   return out
 
 
+def _table_levels(scheduler: str, steps, zsnr: bool) -> list[float] | None:
+  """ComfyUI's ddim_uniform or linear_quadratic levels for `steps` over its float32 table of SD's
+  schedule (zero-terminal-SNR rescaled with `zsnr`), each a float32; None for a bad step count.
+  ddim_uniform takes every (1000 // steps)-th level from the second up, then 0: more levels than
+  steps + 1 where steps does not divide 1000 (30 steps make 31)."""
+  from sdjax.schedulers import euler, sigma_schedules  # noqa: PLC0415
+
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    return None
+  config = dict(_SD_SCHEDULE, rescale_betas_zero_snr=zsnr)
+  table = euler.train_sigmas(sigma_schedules.form_alphas_cumprod(config, "comfyui"))
+  if scheduler == "ddim_uniform":
+    levels = [*table[1::max(len(table) // steps, 1)][::-1].tolist(), 0.0]
+  else:  # linear then quadratic in 1 - sigma / sigma_max, Python floats, then float32
+    linear = steps // 2
+    ramp = [1.0, 0.0]
+    if steps > 1:
+      diff = linear - 0.025 * steps
+      quad, rest = diff / (linear * (steps - linear) ** 2), steps - linear
+      slope = 0.025 / linear - 2 * diff / rest**2
+      ramp = [1.0 - v for v in [i * 0.025 / linear for i in range(linear)]
+              + [quad * i**2 + slope * i + quad * linear**2 for i in range(linear, steps)] + [1.0]]
+    levels = (np.asarray(ramp, np.float32) * table[-1]).tolist()
+  return [float(np.float32(v)) for v in levels]
+
+
 def _sampler_node(graph) -> tuple[str, dict[str, Any], list[str]]:
   """(id, node) of the text-to-image sampler, and the other samplers' ids."""
   samplers = [(i, n) for i, n in graph.items() if n["class_type"] in _SAMPLER_NODES]
@@ -485,9 +516,11 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     fields["Sampler"] = outputs.A1111_SAMPLER_NAMES[SAMPLERS[sampler]]
   else:
     reader.note("scheduler", f"sampler {sampler} is not one sdjax has: give --scheduler")
+  table = (scheduler in _TABLE_SCHEDULERS and sampler in SAMPLERS
+           and schedulers.takes_option(SAMPLERS[sampler], "sigmas"))  # levels as --sigmas
   if scheduler in SCHEDULERS and SAMPLERS.get(sampler) != "ddpm":
     fields["Schedule type"] = outputs.A1111_SCHEDULE_TYPE_NAMES[scheduler]
-  elif scheduler is not None:
+  elif scheduler is not None and not table:
     reader.note("schedule_type", f"scheduler {scheduler} (with sampler {sampler}): sdjax places "
                                  "the noise levels its own way")
   fields["RNG"] = "CPU"  # ComfyUI's initial noise: torch's CPU generator, seeded by the seed
@@ -516,6 +549,11 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     _hires(reader, inputs, hires)
     others = [i for i in others if i != hires[0]]
   reader.model(inputs.get("model"))
+  if table and inputs.get("sigmas") is None:  # the levels of its table
+    zsnr = fields.get("Noise Schedule") == "Zero Terminal SNR"
+    inputs["sigmas"] = _table_levels(scheduler, inputs.get("steps"), zsnr)
+    if inputs["sigmas"] is not None:
+      fields["Steps"] = str(len(inputs["sigmas"]) - 1)
   if reader.loras:  # as an A1111 prompt carries them: main.py applies them from --lora_dir
     for key in ("prompt", "Hires prompt"):  # A1111's hires pass reads its own prompt's tags
       if key in fields:
@@ -528,7 +566,7 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
                       "fix or refiner workflow) are not reproduced")
   found = infotext.from_fields(fields, made_in="ComfyUI")
   flags = dict(found.flags)
-  if inputs.get("sigmas") is not None:  # an AlignYourStepsScheduler's levels: the run's own
+  if inputs.get("sigmas") is not None:  # an AlignYourStepsScheduler's or ddim_uniform's levels
     flags["sigmas"] = [str(v) for v in inputs["sigmas"]]
     flags.pop("schedule_type", None)
   options = json.loads(flags.get("scheduler_options", "{}"))

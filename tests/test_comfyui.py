@@ -5,6 +5,7 @@ hires pass), read from a PNG by --parameters_file and by a jsonl line's "paramet
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
@@ -453,3 +454,59 @@ def test_align_your_steps_node(model_type, steps, denoise):
   graph["21"]["inputs"]["model_type"] = "SVD"
   found = comfyui.reproduce(graph)
   assert "sigmas" not in found.flags and "AlignYourStepsScheduler (SVD)" in _notes(found)
+
+
+def _comfyui_table(zsnr: bool):
+  """ComfyUI's float32 table of SD's noise levels (its ModelSamplingDiscrete: float64 betas and
+  products; zsnr rescaled to zero terminal SNR in sqrt(alphas_cumprod)), written in torch."""
+  import torch  # noqa: PLC0415
+
+  betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+  cumprod = torch.cumprod(1.0 - betas, dim=0)
+  sigmas = ((1 - cumprod) / cumprod) ** 0.5
+  if zsnr:  # from the sigmas, in float64
+    root = (1 / (sigmas * sigmas + 1)).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    cumprod = root**2
+    cumprod[-1] = 4.8973451890853435e-08  # ComfyUI's stand-in for the zero it leaves
+    sigmas = ((1 - cumprod) / cumprod) ** 0.5
+  return sigmas.float()
+
+
+@pytest.mark.parametrize(("scheduler", "steps", "zsnr"), [
+    ("ddim_uniform", 20, False), ("ddim_uniform", 30, False), ("ddim_uniform", 1, False),
+    ("ddim_uniform", 7, True), ("linear_quadratic", 20, False), ("linear_quadratic", 9, True),
+    ("linear_quadratic", 1, False)])
+def test_table_schedulers_become_sigmas(scheduler, steps, zsnr):
+  """ddim_uniform and linear_quadratic, which no schedule type places: their levels over
+  ComfyUI's table become the run's --sigmas (ddim_uniform's every (1000 // steps)-th level from
+  the second, as many steps as that makes: 31 for 30), from a KSampler or a BasicScheduler."""
+  table = _comfyui_table(zsnr).tolist()
+  if scheduler == "ddim_uniform":
+    want = [table[x] for x in range(1, 1000, 1000 // steps)][::-1] + [0.0]
+  else:
+    half = steps // 2
+    if steps == 1:
+      ramp = [0.0, 1.0]
+    else:
+      excess = half - 0.025 * steps
+      a = excess / (half * (steps - half) ** 2)
+      b = 0.025 / half - 2 * excess / (steps - half) ** 2
+      ramp = [i * 0.025 / half for i in range(half)] + [
+          a * i * i + b * i + a * half * half for i in range(half, steps)] + [1.0]
+    want = [float(np.float32(1.0 - r) * np.float32(table[-1])) for r in ramp]
+  graph = default_graph(sampler_name="euler", scheduler=scheduler, steps=steps)
+  if zsnr:
+    graph["30"] = {"class_type": "ModelSamplingDiscrete",
+                   "inputs": {"model": ["4", 0], "sampling": "eps", "zsnr": True}}
+    graph["3"]["inputs"]["model"] = ["30", 0]
+  custom = _custom_graph(sigmas=("BasicScheduler", {"scheduler": scheduler, "steps": steps,
+                                                     "denoise": 1.0}))
+  for found in [comfyui.reproduce(graph)] + [comfyui.reproduce(custom)] * (not zsnr):
+    assert json.loads(found.flags["scheduler_options"]).get("rescale_betas_zero_snr", False) is (
+      zsnr)
+    assert [float(v) for v in found.flags["sigmas"]] == want
+    assert found.flags["steps"] == str(len(want) - 1) and "schedule_type" not in found.flags
+    assert json.loads(found.flags["scheduler_options"])["comfyui"] is True
+    assert f"scheduler {scheduler}" not in _notes(found)
