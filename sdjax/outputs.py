@@ -92,6 +92,8 @@ A1111_SAMPLER_NAMES = {
     "er_sde": "ER SDE",
     "res_multistep_ancestral_cfg_pp": "Res Multistep a CFG++",
     "deis_tab": "DEIS",
+    "seeds_2": "SEEDS 2",
+    "seeds_3": "SEEDS 3",
 }
 
 # diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).

@@ -1338,10 +1338,11 @@ def denoising_end_index(sched, state, fraction: float) -> int:
 
 def denoising_start_index(sched, state, fraction: float) -> int:
   """First position of a `denoising_start=fraction` run (StableDiffusionXLImg2ImgPipeline):
-  second-order schedulers never start between the two stages of a step."""
+  schedulers of several calls a step never start between a step's calls (the remaining
+  positions: whole steps and the last step's lone call)."""
   timesteps = np.asarray(state.timesteps)
   count = int(np.sum(timesteps < _cutoff(sched, fraction)))
-  if sched.order == 2 and count % 2 == 0:
+  while sched.order > 1 and count % sched.order != 1 and count < len(timesteps):
     count += 1
   return len(timesteps) - count
 

@@ -673,3 +673,63 @@ def sample_deis(config, sigmas, x, noises):
     history = [*history, d][-2:]
     out.append(x)
   return np.stack([y.numpy() for y in out])
+
+
+def sample_seeds(config, sigmas, x, noises, stages=2):
+  """ComfyUI's sample_seeds_2 / sample_seeds_3 (eta 1, s_noise 1, r 1/2 or r_1 1/3, r_2 2/3),
+  written out: each step's calls at the log-interpolated levels (the model at each), its
+  noise carried from stage to stage, decayed, plus a fresh draw (noises, one per call but the
+  last step's); the last step lands on x0."""
+  denoise, out, draws = denoiser(config), [], iter(noises)
+
+  def phi_2(v):
+    return (torch.expm1(v) - v) / v
+
+  for i in range(len(sigmas) - 1):
+    s, s_next = sigmas[i], sigmas[i + 1]
+    x0 = denoise(x, s)
+    if s_next == 0:
+      x = x0
+      out.append(x)
+      continue
+    lam_s, lam_t = s.log().neg(), s_next.log().neg()
+    h = lam_t - lam_s
+    h_eta = h * 2.0
+    alpha_t = s_next * lam_t.exp()
+    if stages == 2:
+      lam_1 = torch.lerp(lam_s, lam_t, 0.5)
+      s_1 = lam_1.neg().exp()
+      x_2 = s_1 / s * (-0.5 * h).exp() * x - s_1 * lam_1.exp() * torch.expm1(-0.5 * h_eta) * x0
+      noise = (-1.0 * h).expm1().neg().sqrt() * next(draws)
+      x_2 = x_2 + noise * s_1 * 1.0
+      out.append(x_2)
+      x0_2 = denoise(x_2, s_1)
+      x = s_next / s * (-h).exp() * x - alpha_t * torch.expm1(-h_eta) * torch.lerp(x0, x0_2, 1.0)
+      factor = -0.5 * h
+      noise = noise * factor.exp() + (factor * 2).expm1().neg().sqrt() * next(draws)
+    else:
+      r_1, r_2 = 1.0 / 3, 2.0 / 3
+      lam_1, lam_2 = torch.lerp(lam_s, lam_t, r_1), torch.lerp(lam_s, lam_t, r_2)
+      s_1, s_2 = lam_1.neg().exp(), lam_2.neg().exp()
+      x_2 = (s_1 / s * (-r_1 * h).exp() * x
+             - s_1 * lam_1.exp() * torch.expm1(-r_1 * h_eta) * x0)
+      noise = (-2 * r_1 * h).expm1().neg().sqrt() * next(draws)
+      x_2 = x_2 + noise * s_1 * 1.0
+      out.append(x_2)
+      x0_2 = denoise(x_2, s_1)
+      a_2 = r_2 / r_1 * phi_2(-r_2 * h_eta)
+      a_1 = torch.expm1(-r_2 * h_eta) - a_2
+      x_3 = s_2 / s * (-r_2 * h).exp() * x - s_2 * lam_2.exp() * (a_1 * x0 + a_2 * x0_2)
+      factor = (r_1 - r_2) * h
+      noise = noise * factor.exp() + (factor * 2).expm1().neg().sqrt() * next(draws)
+      x_3 = x_3 + noise * s_2 * 1.0
+      out.append(x_3)
+      x0_3 = denoise(x_3, s_2)
+      b_3 = phi_2(-h_eta) / r_2
+      b_1 = torch.expm1(-h_eta) - b_3
+      x = s_next / s * (-h).exp() * x - alpha_t * (b_1 * x0 + b_3 * x0_3)
+      factor = (r_2 - 1) * h
+      noise = noise * factor.exp() + (factor * 2).expm1().neg().sqrt() * next(draws)
+    x = x + noise * s_next * 1.0
+    out.append(x)
+  return np.stack([y.numpy() for y in out])

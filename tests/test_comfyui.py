@@ -89,25 +89,27 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("res_multistep", "kl_optimal", "Res Multistep", "KL Optimal"),
     ("dpmpp_2m_cfg_pp", "karras", "DPM++ 2M CFG++", "Karras"),
     ("deis", "exponential", "DEIS", "Exponential"),  # tAB-DEIS, not diffusers' (log-rho) deis
+    ("seeds_3", "sgm_uniform", "SEEDS 3", "SGM Uniform"),  # three calls a step, noise each
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
   found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
   assert found.flags["scheduler"] == want
   assert found.flags.get("schedule_type") == label
   notes = _notes(found)
-  assert ("fresh noise from a generator on its GPU" in notes) == (sampler == "dpm_2_ancestral")
+  device_noise = sampler in ("dpm_2_ancestral", "seeds_3")
+  assert ("fresh noise from a generator on its GPU" in notes) == device_noise
   # the SDE samplers' Brownian tree: on the CPU, or on the GPU (CUDA's generator) for _gpu
   assert found.flags.get("brownian") == {"dpmpp_2m_sde_gpu": "nv", "dpmpp_sde": "torch_cpu"}.get(
       sampler)
   # the 64-bit seed's high word, for the tree's SeedSequence and CUDA's generator
   assert int(found.flags["seed_high"]) == 156680208700286 >> 32
-  assert found.flags.get("step_rng") == ("nv" if sampler == "dpm_2_ancestral" else None)
+  assert found.flags.get("step_rng") == ("nv" if device_noise else None)
   assert ("Brownian tree on its GPU" in notes) == sampler.endswith("sde_gpu")
   # Where sdjax's scheduler steps as ComfyUI's KSampler (its noise scale, whole timesteps) the
   # option says so; elsewhere a note.
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
   assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "iPNDM",
-                              "Res Multistep", "DPM++ 2M CFG++", "DEIS"))
+                              "Res Multistep", "DPM++ 2M CFG++", "DEIS", "SEEDS 3"))
   assert ("sqrt(1 + sigma_max^2)" in notes) == (not stepped)
   if want == "DEIS":  # Forge's name of tAB-DEIS
     assert outputs.scheduler_name(want) == "deis_tab"

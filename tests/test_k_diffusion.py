@@ -47,7 +47,8 @@ SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "Res Multistep": kd.sample_res_multistep,
             "Res Multistep a": lambda *a: kd.sample_res_multistep(*a, eta=1.0),
             "ER SDE": kd.sample_er_sde,
-            "Gradient Estimation": kd.sample_gradient_estimation, "DEIS": kd.sample_deis}
+            "Gradient Estimation": kd.sample_gradient_estimation, "DEIS": kd.sample_deis,
+            "SEEDS 2": kd.sample_seeds, "SEEDS 3": lambda *a: kd.sample_seeds(*a, stages=3)}
 # A1111's samplers that place the levels of one step more and drop the penultimate one.
 DISCARDING = ("DPM2", "DPM2 a")
 
@@ -162,7 +163,7 @@ _COMFYUI_SCHEDULES = {"Uniform": lambda n: kd.get_sigmas(COMFY15, n),
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M",
                                      "DPM++ 2M SDE", "iPNDM", "iPNDM_v", "Res Multistep",
                                      "Res Multistep a", "Gradient Estimation", "ER SDE",
-                                     "DEIS"])
+                                     "DEIS", "SEEDS 2", "SEEDS 3"])
 def test_steps_as_comfyui(sampler, label, monkeypatch):
   """The `comfyui` option: k-diffusion's loop as ComfyUI's KSampler runs it, from its noise
   times sqrt(1 + sigma_max^2), the UNet at whole timesteps, over its scheduler's levels (its beta
@@ -206,7 +207,8 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
 
 
 @pytest.mark.parametrize("sampler", ["iPNDM", "iPNDM_v", "Res Multistep", "Res Multistep a",
-                                     "Gradient Estimation", "ER SDE", "DEIS"])
+                                     "Gradient Estimation", "ER SDE", "DEIS", "SEEDS 2",
+                                     "SEEDS 3"])
 def test_comfyui_multistep_img2img(sampler, monkeypatch):
   """ComfyUI's own multistep samplers at denoise 0.6: its loop over the kept levels, whose
   history starts there (the first step Euler's, iPNDM's orders counted from it)."""
@@ -216,14 +218,15 @@ def test_comfyui_multistep_img2img(sampler, monkeypatch):
       "schedule_type": "karras"})
   total, begin = ours.img2img_steps(steps, denoise)
   assert (total, begin) == (int(steps / denoise), int(steps / denoise) - steps)
-  init, noises = make_noises(total)
+  first = begin * ours.order  # a step's first call (SEEDS: `order` calls a step)
+  init, noises = make_noises(len(ours.set_timesteps(total, sample_shape=SHAPE).timesteps))
   image = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
-  got = sdjax_trajectory(ours, total, init, noises, begin=begin, init_sample=image)
+  got = sdjax_trajectory(ours, total, init, noises, begin=first, init_sample=image)
   sigmas = kd.get_sigmas_karras(COMFY15, total)[begin:]
   monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
   with correctly_rounded_sqrt():
     want = SAMPLERS[sampler](COMFY15, sigmas, torch.from_numpy(image) + torch.from_numpy(init)
-                             * sigmas[0], [torch.from_numpy(n) for n in noises[begin:]])
+                             * sigmas[0], [torch.from_numpy(n) for n in noises[first:]])
   err = max_rel_error(got, want)
   print(f"maxrel ComfyUI {sampler} img2img: {err:.3g}")
   assert err <= TOL, err

@@ -89,6 +89,8 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "res_multistep_ancestral_cfg_pp": ("comfyui_samplers", "ResMultistepAncestralCFGPPScheduler",
                                        {}),
     "deis_tab": ("comfyui_samplers", "DEISTabScheduler", {}),  # Forge's "DEIS"
+    "seeds_2": ("comfyui_samplers", "SEEDSScheduler", {}),
+    "seeds_3": ("comfyui_samplers", "SEEDS3Scheduler", {}),
 }
 
 # diffusers class name of a checkpoint's scheduler -> our name.

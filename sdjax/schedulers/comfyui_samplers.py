@@ -23,6 +23,11 @@ d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the s
   integrand, each a 10000-point sum (here in float64, rounded once: ComfyUI's float32 torch sum
   lands within an ulp or so); the last step (to 0) Euler's. Forge-derived UIs call it "DEIS";
   diffusers' `deis` is the other DEIS form (log-rho).
+- `seeds_2`, `seeds_3`: SEEDS-2 / SEEDS-3 (Gonzalez et al. 2023, arXiv:2305.14267, ComfyUI's
+  eta 1, r 1/2 and 1/3, 2/3): stochastic exponential integrators in -log sigma with 2 or 3 model
+  calls a step (the later ones at log-interpolated levels, `order` positions a step; the last
+  step, to 0, one call landing on x0), each stage's noise carried into the next, decayed, plus a
+  fresh draw.
 - CFG++ forms (`takes_uncond`: the guided x0 steps along the unconditional prediction):
   `dpmpp_2m_cfg_pp`, `res_multistep_cfg_pp`, `res_multistep_ancestral_cfg_pp`,
   `gradient_estimation_cfg_pp`.
@@ -42,7 +47,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sdjax.schedulers.common import exp_f32, log_f32, rounded, torch_linspace_f32, true_divide
+from sdjax.schedulers.common import (
+  exp_f32,
+  log_f32,
+  nearest_t,
+  rounded,
+  sigma_to_t,
+  torch_linspace_f32,
+  true_divide,
+)
 from sdjax.schedulers.euler import (
   ANCESTRAL_ETA,
   EulerDiscreteScheduler,
@@ -50,7 +63,12 @@ from sdjax.schedulers.euler import (
   ancestral_step,
   as_f32,
   check_ancestral_eta,
+  init_sigma,
+  input_scales,
   predict_original,
+  sigma_schedule,
+  train_alphas_cumprod,
+  train_sigmas,
 )
 
 _HISTORY = 3  # earlier derivatives iPNDM keeps (its order 4)
@@ -342,6 +360,159 @@ class DEISTabScheduler(_MultistepScheduler):
     order = jnp.where(state.sigmas[i + 1] == 0, 0, jnp.minimum(state.count, 2))
     prev = jnp.where(order == 2, third, jnp.where(order == 1, second, euler))
     return prev.astype(sample.dtype), self._remember(state, d)
+
+
+# -- SEEDS (ComfyUI's seeds_2, seeds_3): `order` model calls a step at fixed positions.
+
+
+@struct.dataclass
+class SeedsState(SigmaState):
+  """`SigmaState` over the model calls (its per-position arrays [P], `sigmas` [P + 1]: each
+  call's level, then the last), and what a step carries between its calls.
+
+  Attributes:
+    stage: [P] int32, the call's place in its step (0 first; -1 the last step's lone call).
+    coefficients: [P, 7] float32: the weight of the step's start sample, of the mix of x0s, the
+      mix's weights on the step's first x0 and on this call's, the carried noise's decay, the
+      fresh draw's weight, and the level the stage lands on (the noise's scale).
+    start: the step's start sample; first_x0: its first call's x0; carried: its noise so far.
+  """
+
+  stage: jnp.ndarray
+  coefficients: jnp.ndarray
+  start: jnp.ndarray
+  first_x0: jnp.ndarray
+  carried: jnp.ndarray
+
+
+def _expm1_f32(x):
+  return np.expm1(np.float64(x)).astype(np.float32)
+
+
+def _lerp_f32(start, end, weight):
+  """torch.lerp of float32 scalars at a Python weight (float32 in its kernel)."""
+  f = np.float32
+  w = f(weight)
+  return f(start + w * f(end - start)) if w < 0.5 else f(end - f(end - start) * f(f(1) - w))
+
+
+def _seeds_stages(sigma, sigma_next, stages: int):
+  """Per stage of one SEEDS step from sigma to sigma_next: (level, coefficients [7]), float32
+  as ComfyUI's torch scalars (eta 1: h_eta = 2h)."""
+  f = np.float32
+  lam_s, lam_t = -log_f32(sigma), -log_f32(sigma_next)
+  h = f(lam_t - lam_s)
+  h_eta = f(h * f(2))
+  fractions = (0.5,) if stages == 2 else (1 / 3, 2 / 3)
+  lams = [_lerp_f32(lam_s, lam_t, r) for r in fractions]
+  levels = [exp_f32(-lam) for lam in lams]
+  alphas = [f(level * exp_f32(lam)) for level, lam in zip(levels, lams, strict=True)]
+  alpha_t = f(sigma_next * exp_f32(lam_t))
+  rows = []
+  r_first = fractions[0]
+  # first stage: from x along the first x0 to the first interpolated level
+  rows.append((levels[0], f(levels[0] / sigma) * exp_f32(f(f(-r_first) * h)),
+               f(alphas[0] * _expm1_f32(f(-r_first) * h_eta)), 1, 0, 0,
+               np.sqrt(-_expm1_f32(f(f(-2 * r_first) * h)))))
+  ends = [*levels[1:], sigma_next]
+  for k, target in enumerate(ends, start=1):
+    r = fractions[k] if k < len(fractions) else 1.0
+    phi_1 = _expm1_f32(f(-r) * h_eta)
+    if stages == 2:  # x0s mixed by lerp at 1 / (2r) = 1: the second's alone
+      mix, weights = f(alpha_t * _expm1_f32(-h_eta)), (0, 1)
+    elif k == 1:
+      neg = f(f(-r) * h_eta)
+      second = f(f(r / fractions[0]) * f((_expm1_f32(neg) - neg) / neg))
+      mix, weights = alphas[1], (f(phi_1 - second), second)
+    else:
+      third = f(f((_expm1_f32(-h_eta) + h_eta) / -h_eta) / f(fractions[1]))
+      mix, weights = alpha_t, (f(_expm1_f32(-h_eta) - third), third)
+    decay = f(f(f(fractions[k - 1] - r) * h))
+    scale = f(target / sigma) * exp_f32(f(-r) * h if r != 1.0 else -h)
+    rows.append((target, scale, mix, *weights, exp_f32(decay),
+                 np.sqrt(-_expm1_f32(f(decay * f(2))))))
+  return [(row[0], np.asarray([*row[1:], row[0]], np.float32)) for row in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class SEEDSScheduler(EulerDiscreteScheduler):
+  """ComfyUI's `seeds_2` (and, with 3 stages, `seeds_3`): see the module docstring."""
+
+  name = "seeds_2"
+  order = 2  # model calls a step (the last step: one)
+  needs_noise = True
+  stages = 2
+
+  def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
+    if sample_shape is None:
+      raise ValueError(f"{self.name} carries a step's sample between its calls: set_timesteps "
+                       "needs sample_shape")
+    config = self.cfg
+    alphas_cumprod = train_alphas_cumprod(config)
+    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod,
+                                       name=self.name)
+    sigmas = sigmas.astype(np.float32)
+    log_sigmas = np.log(train_sigmas(alphas_cumprod))
+    to_t = nearest_t if config.get("comfyui") else sigma_to_t
+    levels, times, stage, rows = [], [], [], []
+    for k in range(len(sigmas) - 1):
+      levels.append(sigmas[k])
+      times.append(np.float32(timesteps[k]))
+      if sigmas[k + 1] == 0:  # the last step: its x0
+        stage.append(-1)
+        rows.append(np.zeros(7, np.float32))
+        continue
+      for j, (target, row) in enumerate(_seeds_stages(sigmas[k], sigmas[k + 1], self.stages)):
+        stage.append(j)
+        rows.append(row)
+        if j + 1 < self.stages:  # the next call, at the level this stage lands on
+          levels.append(target)
+          times.append(np.float32(to_t(np.asarray([target]), log_sigmas)[0]))
+    sigma_in = np.asarray(levels, np.float32)
+    scale = input_scales(sigma_in)
+    zeros = jnp.zeros(sample_shape, jnp.float32)
+    all_sigmas = np.append(sigma_in, sigmas[-1]).astype(np.float32)
+    return SeedsState(
+      timesteps=jnp.asarray(np.asarray(times, np.float32)),
+      sigmas=jnp.asarray(all_sigmas),
+      init_sigma=jnp.asarray(init_sigma(config, sigmas)),
+      input_scale=jnp.asarray(scale),
+      v_out=jnp.asarray(-sigma_in / scale),
+      v_den=jnp.asarray(sigma_in**2 + 1),
+      dt=jnp.zeros(len(sigma_in), jnp.float32),
+      sigma_up=jnp.zeros(len(sigma_in), jnp.float32),
+      stage=jnp.asarray(np.asarray(stage, np.int32)),
+      coefficients=jnp.asarray(np.stack(rows)),
+      start=zeros, first_x0=zeros, carried=zeros)
+
+  def step(self, state, model_output, i, sample, noise=None):
+    if noise is None:
+      raise ValueError(f"{self.name} adds fresh noise at every call: pass noise=")
+    x = as_f32(sample)
+    x0 = predict_original(self.prediction_type, as_f32(model_output), x, state.sigmas[i],
+                          state.v_out[i], state.v_den[i])
+    stage = state.stage[i]
+    scale, mix, w_first, w_own, decay, fresh, target = (state.coefficients[i][k]
+                                                        for k in range(7))
+    first = stage <= 0
+    start = jnp.where(first, x, state.start)
+    first_x0 = jnp.where(first, x0, state.first_x0)
+    mixed = jnp.where(stage == 0, x0, rounded(w_first * first_x0) + rounded(w_own * x0))
+    carried = jnp.where(stage == 0, 0.0, rounded(state.carried * decay)) + rounded(
+      fresh * as_f32(noise))
+    prev = rounded(scale * start) - rounded(mix * mixed) + rounded(carried * target)
+    prev = jnp.where(stage < 0, x0, prev)
+    return prev.astype(sample.dtype), state.replace(start=start, first_x0=first_x0,
+                                                    carried=carried)
+
+
+@dataclasses.dataclass(frozen=True)
+class SEEDS3Scheduler(SEEDSScheduler):
+  """ComfyUI's `seeds_3`: three calls a step."""
+
+  name = "seeds_3"
+  order = 3
+  stages = 3
 
 
 # -- Their CFG++ forms (Chung et al. 2024, `takes_uncond`): the guided x0 steps, renoised along
