@@ -59,6 +59,9 @@ SAMPLERS = {
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal",
               "polyexponential")  # the last: its PolyexponentialScheduler node's
+# Samplers whose levels its KSampler (not its custom sampling nodes) places for one step more and
+# drops the next-to-last of (its DISCARD_PENULTIMATE_SIGMA_SAMPLERS).
+_DISCARDING = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")
 # Its schedulers whose levels sdjax's schedule types do not place (ddim_uniform's count may not
 # be the steps'): computed from its table of Stable Diffusion's schedule, the run's --sigmas.
 _TABLE_SCHEDULERS = ("ddim_uniform", "linear_quadratic")
@@ -438,11 +441,16 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
   return out
 
 
-def _table_levels(scheduler: str, steps, zsnr: bool) -> list[float] | None:
+def _table_levels(scheduler: str, steps, zsnr: bool, discard: bool = False
+                  ) -> list[float] | None:
   """ComfyUI's ddim_uniform or linear_quadratic levels for `steps` over its float32 table of SD's
   schedule (zero-terminal-SNR rescaled with `zsnr`), each a float32; None for a bad step count.
   ddim_uniform takes every (1000 // steps)-th level from the second up, then 0: more levels than
-  steps + 1 where steps does not divide 1000 (30 steps make 31)."""
+  steps + 1 where steps does not divide 1000 (30 steps make 31). `discard`: those of steps + 1
+  less the next-to-last (its KSampler's for `_DISCARDING` samplers)."""
+  if discard:
+    levels = _table_levels(scheduler, steps + 1 if isinstance(steps, int) else steps, zsnr)
+    return None if levels is None else levels[:-2] + levels[-1:]
   from sdjax.schedulers import euler, sigma_schedules  # noqa: PLC0415
 
   if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -550,9 +558,10 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     _hires(reader, inputs, hires)
     others = [i for i in others if i != hires[0]]
   reader.model(inputs.get("model"))
+  discard = node["class_type"] not in _CUSTOM_SAMPLER_NODES and sampler in _DISCARDING
   if table and inputs.get("sigmas") is None:  # the levels of its table
     zsnr = fields.get("Noise Schedule") == "Zero Terminal SNR"
-    inputs["sigmas"] = _table_levels(scheduler, inputs.get("steps"), zsnr)
+    inputs["sigmas"] = _table_levels(scheduler, inputs.get("steps"), zsnr, discard)
     if inputs["sigmas"] is not None:
       fields["Steps"] = str(len(inputs["sigmas"]) - 1)
   if reader.loras:  # as an A1111 prompt carries them: main.py applies them from --lora_dir
@@ -582,6 +591,8 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
       reader.note("schedule_type", f"scheduler {scheduler} (with sampler lcm on a model without "
                                    f"{_MODEL_SAMPLING} lcm): sdjax places the noise levels its "
                                    "own way")
+  if discard and inputs.get("sigmas") is None:  # its KSampler's levels of one step more
+    options["discard_penultimate_sigma"] = True
   if name and options.get("k_diffusion") and schedulers.takes_option(name, "comfyui"):
     flags["scheduler_options"] = json.dumps({**options, "comfyui": True})  # its start, timesteps
   elif name == "unipc":  # its uni_pc code (the UniPC authors'), its order and variant

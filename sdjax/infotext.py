@@ -213,8 +213,7 @@ def _sampler(fields, flags, notes, made_by_sdjax, made_in="A1111") -> str | None
   if sampler is not None and _named("Sampler", sampler, "scheduler", outputs.scheduler_name,
                                     "the model's own is used", flags, notes):
     scheduler = outputs.scheduler_name(sampler)
-  if not made_by_sdjax:
-    _a1111_sampling(fields, notes, sampler, scheduler)
+  discard = False if made_by_sdjax else _a1111_sampling(fields, notes, sampler, scheduler)
   if options is not None:
     _scheduler_options(options, flags)
     return scheduler
@@ -232,6 +231,8 @@ def _sampler(fields, flags, notes, made_by_sdjax, made_in="A1111") -> str | None
     options = {"timestep_spacing": "linspace"}
     if schedulers.takes_option(scheduler, "k_diffusion"):
       options["k_diffusion"] = True
+    if discard:
+      options[schedulers.DISCARD_PENULTIMATE] = True
     flags["scheduler_options"] = json.dumps(options)
     if label is None and scheduler == "restart":  # A1111 1.6-1.8's Restart: Karras
       label = "Karras"
@@ -384,18 +385,24 @@ def _option_or_note(flags, notes, scheduler, option: str, value, note: str) -> N
     notes.append(("scheduler", note))
 
 
-def _a1111_sampling(fields, notes, sampler, scheduler) -> None:
-  """What an A1111 image's sampler did that sdjax's does not: noise from torch's global
-  generator, a penultimate level dropped by A1111's "Always discard next-to-last sigma"
-  setting."""
+def _a1111_sampling(fields, notes, sampler, scheduler) -> bool:
+  """Whether an A1111 image's sampler dropped its penultimate level by A1111's "Always discard
+  next-to-last sigma" setting (`discard_penultimate_sigma`, where sdjax's sampler takes it);
+  notes on what it did that sdjax's does not: noise from torch's global generator, that level's
+  drop where the sampler does not take it."""
   family = (scheduler or "").removesuffix("_karras")
   if family == "restart" and _number("Steps", fields.get("Steps", "0")) >= 20:
     notes.append(("scheduler", "Sampler: Restart: from 20 steps A1111 draws its restarts' noise "
                                "from torch's global generator, not from the image's seed: the "
                                "image will differ"))
-  if fields.pop("Discard penultimate sigma", None) == "True" and family not in _DISCARDING:
-    notes.append((None, f"Discard penultimate sigma: True: sdjax's {scheduler or 'sampler'} keeps "
-                        "every noise level"))
+  if fields.pop("Discard penultimate sigma", None) != "True" or family in _DISCARDING:
+    return False
+  if (scheduler is not None and scheduler not in _TIMESTEP_SAMPLERS  # k-diffusion's only
+      and schedulers.takes_option(scheduler, schedulers.DISCARD_PENULTIMATE)):
+    return True
+  notes.append((None, f"Discard penultimate sigma: True: sdjax's {scheduler or 'sampler'} keeps "
+                      "every noise level"))
+  return False
 
 
 def _named(key, value, flag, check, instead, flags, notes) -> bool:

@@ -109,7 +109,10 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   # option says so; elsewhere a note.
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
   assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "iPNDM",
-                              "Res Multistep", "DPM++ 2M CFG++", "DEIS", "SEEDS 3"))
+                              "Res Multistep", "DPM++ 2M CFG++", "DEIS", "SEEDS 3", "DPM2 a"))
+  # its KSampler's levels of one step more less the next-to-last, for these samplers only
+  discards = '"discard_penultimate_sigma": true' in found.flags.get("scheduler_options", "")
+  assert discards == (sampler in ("dpm_2_ancestral", "uni_pc", "uni_pc_bh2"))
   assert ("sqrt(1 + sigma_max^2)" in notes) == (not stepped)
   if want == "DEIS":  # Forge's name of tAB-DEIS
     assert outputs.scheduler_name(want) == "deis_tab"
@@ -512,3 +515,12 @@ def test_table_schedulers_become_sigmas(scheduler, steps, zsnr):
     assert found.flags["steps"] == str(len(want) - 1) and "schedule_type" not in found.flags
     assert json.loads(found.flags["scheduler_options"])["comfyui"] is True
     assert f"scheduler {scheduler}" not in _notes(found)
+
+
+def test_custom_sampling_keeps_every_level():
+  """Its custom sampling nodes run uni_pc over the scheduler's own levels (only its KSampler
+  drops the next-to-last): no discard_penultimate_sigma."""
+  graph = _custom_graph()
+  graph["20"]["inputs"]["sampler_name"] = "uni_pc"
+  options = json.loads(comfyui.reproduce(graph).flags["scheduler_options"])
+  assert options["comfyui"] is True and "discard_penultimate_sigma" not in options

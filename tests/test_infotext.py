@@ -175,16 +175,22 @@ def test_ancestral_eta():
 
 
 def test_a1111_sampling_sdjax_does_not_do():
-  """A1111's "Always discard next-to-last sigma" setting drops a level for any sampler (it
-  writes the field only where the sampler would not); Restart's restarts draw from torch's global
+  """A1111's "Always discard next-to-last sigma" setting drops a level for any k-diffusion
+  sampler (it writes the field only where the sampler would not): sdjax's discard_penultimate_sigma
+  where the sampler takes it, else a note; Restart's restarts draw from torch's global
   generator."""
   for steps, said in ((19, {}), (20, {"scheduler"})):  # Restart's restarts from 20 steps
     notes = _notes(f"a cat\nSteps: {steps}, Sampler: Restart, CFG scale: 7, Seed: 1, RNG: CPU")
     assert set(notes) == set(said)
   found = reproduce("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, RNG: CPU, "
                     "Discard penultimate sigma: True")
-  assert found.notes == ((None, "Discard penultimate sigma: True: sdjax's euler keeps every "
-                                "noise level"),)
+  assert not found.notes  # sdjax's k-diffusion samplers take it
+  assert json.loads(found.flags["scheduler_options"])["discard_penultimate_sigma"] is True
+  for sampler in ("Restart", "UniPC"):  # not Restart's plan, nor A1111's own UniPC loop
+    found = reproduce(f"a cat\nSteps: 10, Sampler: {sampler}, CFG scale: 7, Seed: 1, "
+                      "Discard penultimate sigma: True")
+    assert "discard_penultimate_sigma" not in found.flags["scheduler_options"]
+    assert "keeps every noise level" in str(found.notes)
 
 
 

@@ -163,13 +163,15 @@ _COMFYUI_SCHEDULES = {"Uniform": lambda n: kd.get_sigmas(COMFY15, n),
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M",
                                      "DPM++ 2M SDE", "iPNDM", "iPNDM_v", "Res Multistep",
                                      "Res Multistep a", "Gradient Estimation", "ER SDE",
-                                     "DEIS", "SEEDS 2", "SEEDS 3"])
+                                     "DEIS", "SEEDS 2", "SEEDS 3", "DPM2", "DPM2 a",
+                                     "DPM++ 2S a"])
 def test_steps_as_comfyui(sampler, label, monkeypatch):
   """The `comfyui` option: k-diffusion's loop as ComfyUI's KSampler runs it, from its noise
   times sqrt(1 + sigma_max^2), the UNet at whole timesteps, over its scheduler's levels (its beta
   and kl_optimal, not A1111's Beta and KL Optimal). Where a run starts below the largest
   training sigma (a second pass), its noise times the first level."""
-  vp = sampler.startswith("DPM++")  # DPM-Solver's variance-preserving form: x / sqrt(s^2 + 1)
+  # DPM-Solver's variance-preserving form: x / sqrt(s^2 + 1)
+  vp = outputs.scheduler_name(sampler).startswith(("dpmpp_2m", "dpmpp_3m"))
   options = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
              **outputs.schedule_type_options(label)}
   ours = get_scheduler(outputs.scheduler_name(sampler), SD15, options=options)
@@ -230,6 +232,32 @@ def test_comfyui_multistep_img2img(sampler, monkeypatch):
   err = max_rel_error(got, want)
   print(f"maxrel ComfyUI {sampler} img2img: {err:.3g}")
   assert err <= TOL, err
+
+
+@pytest.mark.parametrize(("sampler", "label"), [("DPM2", "Karras"), ("DPM2 a", "Uniform"),
+                                              ("Euler a", "Beta")])
+def test_discard_penultimate_sigma(sampler, label, monkeypatch):
+  """discard_penultimate_sigma (ComfyUI's KSampler for dpm_2 / dpm_2_ancestral, A1111's Always
+  discard next-to-last sigma for any sampler): the levels of one step more less the next-to-last,
+  its loop over them within float rounding."""
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+             "discard_penultimate_sigma": True, **outputs.schedule_type_options(label)}
+  ours = get_scheduler(outputs.scheduler_name(sampler), SD15, options=options)
+  state = ours.set_timesteps(8, sample_shape=SHAPE)
+  init, noises = make_noises(len(state.timesteps))
+  got = sdjax_trajectory(ours, 8, init, noises)
+  placed = _COMFYUI_SCHEDULES[label](9)
+  sigmas = torch.cat([placed[:-2], placed[-1:]])
+  monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
+  with correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](COMFY15, sigmas, torch.from_numpy(init) * torch.sqrt(
+        1.0 + sigmas[0] ** 2.0), [torch.from_numpy(n) for n in noises])
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} {label} discarding: {err:.3g}")
+  assert err <= TOL, err
+  kept = sdjax_trajectory(get_scheduler(outputs.scheduler_name(sampler), SD15, options={
+      **options, "discard_penultimate_sigma": False}), 8, init, noises)
+  assert max_rel_error(kept, want) > 100 * max(err, 1e-7)
 
 
 @pytest.mark.parametrize("steps", [2, 9, 30])

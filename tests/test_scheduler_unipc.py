@@ -412,6 +412,30 @@ def test_a1111_img2img(steps, strength, options):
         steps, sample_shape=SHAPE)
 
 
+
+def test_comfyui_ksampler_discards_penultimate():
+  """ComfyUI's KSampler runs uni_pc over the levels of one step more less the next-to-last (its
+  custom sampling nodes over the scheduler's own): discard_penultimate_sigma, the comfyui form's
+  only."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+  from scheduler_harness import make_noises, max_rel_error, sdjax_trajectory  # noqa: PLC0415
+
+  options = {"comfyui": True, "solver_type": "bh2", "solver_order": 3,
+             "timestep_spacing": "linspace", "schedule_type": "karras",
+             "discard_penultimate_sigma": True}
+  ours = get_scheduler("unipc", SD15, options=options)
+  init, noises = make_noises(8)
+  got = sdjax_trajectory(ours, 8, init, noises)
+  placed = kd.get_sigmas_karras({**SD15, "comfyui": True}, 9)
+  want = _comfyui_unipc(SD15, torch.cat([placed[:-2], placed[-1:]]), init, "bh2")
+  err = max_rel_error(got, want)
+  print(f"\nComfyUI KSampler uni_pc_bh2: {err:.2e}")
+  assert err <= TOL
+  with pytest.raises(SchedulerConfigError, match="comfyui"):
+    get_scheduler("unipc", SD15, options={"discard_penultimate_sigma": True})
+
+
 @pytest.mark.parametrize("steps,denoise", [(6, 0.5), (3, 0.6)])
 def test_comfyui_img2img(steps, denoise):
   """ComfyUI's uni_pc at denoise < 1 (its KSampler: the last `steps` levels of int(steps /

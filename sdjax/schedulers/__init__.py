@@ -19,7 +19,12 @@ from sdjax.schedulers.common import (
   Scheduler,
   SchedulerConfigError,
 )
-from sdjax.schedulers.sigma_schedules import DOWNCAST_ALPHAS_CUMPROD, DOWNCAST_SD1_SD2, ZERO_SNR
+from sdjax.schedulers.sigma_schedules import (
+  DISCARD_PENULTIMATE,
+  DOWNCAST_ALPHAS_CUMPROD,
+  DOWNCAST_SD1_SD2,
+  ZERO_SNR,
+)
 
 # name -> (module, class, overrides passed as diffusers' from_config(**overrides) would).
 _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -228,6 +233,7 @@ __all__ = [
     "A1111_IMG2IMG",
     "A1111_TIMESTEP_SAMPLERS",
     "BROWNIAN_FAMILIES",
+    "DISCARD_PENULTIMATE",
     "DOWNCAST_ALPHAS_CUMPROD",
     "DOWNCAST_SD1_SD2",
     "ETA_SCHEDULERS",

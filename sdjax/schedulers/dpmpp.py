@@ -59,6 +59,7 @@ from sdjax.schedulers.euler import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DISCARD_PENULTIMATE,
   DOWNCAST_ALPHAS_CUMPROD,
   SGM_NOISE_MULTIPLIER,
   TIMESTEPS_OPTIONS,
@@ -196,7 +197,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
   name = "dpmpp_2m"
   # diffusers' pipe(timesteps=...) too
   schedule_options = (*TIMESTEPS_OPTIONS, COMFYUI, SGM_NOISE_MULTIPLIER, DOWNCAST_ALPHAS_CUMPROD,
-                      ANCESTRAL_ETA)
+                      ANCESTRAL_ETA, DISCARD_PENULTIMATE)
 
   @classmethod
   def option_names(cls, overrides: dict[str, Any]) -> set[str]:
@@ -414,8 +415,9 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     config = self.cfg
     alphas_cumprod = train_alphas_cumprod(config)
     # A1111's DPM++ 3M SDE places the levels of one step more and drops the last above 0
-    # (ComfyUI's does not).
-    discard = (self._k_diffusion_3m and not config.get(COMFYUI)
+    # (ComfyUI's does not), as its "Always discard next-to-last sigma" does for any sampler.
+    discard = ((self._k_diffusion_3m and not config.get(COMFYUI)
+                or bool(config.get(DISCARD_PENULTIMATE)))
                and all(config.get(key) is None for key in ("sigmas", "timesteps")))
     timesteps, sigmas = self._timesteps_and_sigmas(num_inference_steps + discard, alphas_cumprod)
     if discard:

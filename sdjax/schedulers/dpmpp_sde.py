@@ -56,6 +56,7 @@ from sdjax.schedulers.euler import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DISCARD_PENULTIMATE,
   DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
@@ -135,7 +136,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
   # k_diffusion changes nothing (diffusers' loop is k-diffusion's, tests/test_k_diffusion.py);
   # comfyui: ComfyUI's start and whole timesteps, the midpoints' too
   schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
-                      DOWNCAST_ALPHAS_CUMPROD, ANCESTRAL_ETA, ZERO_SNR)
+                      DOWNCAST_ALPHAS_CUMPROD, ANCESTRAL_ETA, ZERO_SNR, DISCARD_PENULTIMATE)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,

@@ -37,6 +37,7 @@ from sdjax.schedulers.common import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DISCARD_PENULTIMATE,
   DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
@@ -121,8 +122,15 @@ def sigma_schedule(
   in float64; Karras, exponential or beta sigmas are then placed between the first and last of
   those (or the config's `sigma_min` / `sigma_max`) and mapped back to fractional timesteps. The
   `sigmas` / `schedule_type` options give all n + 1 sigmas themselves (`sigma_schedules`; a
-  last one above 0 only where `any_final`); the `timesteps` option, the timesteps.
+  last one above 0 only where `any_final`); the `timesteps` option, the timesteps. With
+  `discard_penultimate_sigma` the levels of n + 1 steps less the next-to-last (and its timestep).
   """
+  if config.get(DISCARD_PENULTIMATE) and all(config.get(key) is None
+                                             for key in ("sigmas", "timesteps")):
+    timesteps, sigmas = sigma_schedule({**config, DISCARD_PENULTIMATE: False},
+                                       num_inference_steps + 1, alphas_cumprod, final, name=name,
+                                       any_final=any_final)
+    return timesteps[:-1], np.delete(sigmas, -2)
   sigmas_train = train_sigmas(alphas_cumprod)
   log_sigmas = np.log(sigmas_train)
   custom = custom_sigmas(name, config, num_inference_steps, sigmas_train, any_final=any_final)
@@ -338,7 +346,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
   name = "euler"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
   schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
-                      DOWNCAST_ALPHAS_CUMPROD)
+                      DOWNCAST_ALPHAS_CUMPROD, DISCARD_PENULTIMATE)
   order = 1
   needs_noise = False
 
@@ -393,7 +401,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
   name = "euler_ancestral"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
   schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
-                      ANCESTRAL_ETA, DOWNCAST_ALPHAS_CUMPROD)
+                      ANCESTRAL_ETA, DOWNCAST_ALPHAS_CUMPROD, DISCARD_PENULTIMATE)
   order = 1
   needs_noise = True
 

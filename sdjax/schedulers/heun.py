@@ -26,6 +26,7 @@ from sdjax.schedulers.euler import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DISCARD_PENULTIMATE,
   DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SGM_NOISE_MULTIPLIER,
@@ -72,7 +73,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
   name = "heun"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
   schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
-                      DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR)
+                      DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR, DISCARD_PENULTIMATE)
   order = 2
   needs_noise = False
 

@@ -15,7 +15,9 @@ Every per-position scalar is computed on the host in float32, in diffusers' orde
 sdjax's `k_diffusion` option makes them A1111's DPM2 and DPM2 a, which run k-diffusion's loops:
 the UNet sees fractional Karras timesteps (diffusers rounds them), and the levels are those of
 one step more less the last above 0 (A1111's `discard_next_to_last_sigma`, always on for these
-two), unless the `sigmas` option gives them.
+two), unless the `sigmas` option gives them. The `comfyui` option makes them ComfyUI's dpm_2,
+dpm_2_ancestral (and dpmpp_2s_ancestral's): its levels, start and whole timesteps, the midpoints'
+too, the penultimate level dropped only with `discard_penultimate_sigma` (its KSampler's).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from flax import struct
 from sdjax.schedulers.common import (
   exp_f32,
   log_f32,
+  nearest_t,
   rounded,
   sigma_spacing,
   sigma_to_t,
@@ -49,6 +52,8 @@ from sdjax.schedulers.euler import (
   train_sigmas,
 )
 from sdjax.schedulers.sigma_schedules import (
+  COMFYUI,
+  DISCARD_PENULTIMATE,
   DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
@@ -110,7 +115,8 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
   ancestral = False
   round_karras_timesteps = True  # a diffusers quirk (k-diffusion's timesteps are fractional)
   a1111_discards = True  # with k_diffusion: A1111 drops the penultimate level
-  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR)
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR,
+                      DISCARD_PENULTIMATE)
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -133,11 +139,13 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
     config = self.cfg
     alphas_cumprod = train_alphas_cumprod(config)
     a1111 = bool(config.get(K_DIFFUSION))
-    discard = a1111 and self.a1111_discards and config.get("sigmas") is None
-    timesteps, sigmas = sigma_schedule(config, num_inference_steps + discard, alphas_cumprod,
+    # A1111's always drops the penultimate level; ComfyUI's only under its KSampler (the option)
+    discard = (a1111 and not config.get(COMFYUI) and self.a1111_discards
+               and config.get("sigmas") is None)
+    if discard:
+      config = {**config, DISCARD_PENULTIMATE: True}
+    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod,
                                        name=self.name)
-    if discard:  # the timestep of the dropped level goes with it
-      timesteps, sigmas = timesteps[:-1], np.delete(sigmas, -2)
     if self.round_karras_timesteps and not a1111 and sigma_spacing(self.name, config) == "karras":
       timesteps = timesteps.round()  # unlike Euler's, these Karras timesteps are rounded
     return timesteps, sigmas.astype(_F32), np.log(train_sigmas(alphas_cumprod))
@@ -154,7 +162,8 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
     timesteps, sigmas, log_sigmas = self._schedule(num_inference_steps)
     n = num_inference_steps
     mid, target, up = self._stages(sigmas)
-    mid_t = sigma_to_t(mid, log_sigmas)
+    with np.errstate(divide="ignore"):  # ComfyUI's UNet: the whole timestep nearest the level
+      mid_t = (nearest_t if self.cfg.get(COMFYUI) else sigma_to_t)(mid, log_sigmas)
     # Positions 2k (k = 0..n-1): first stages at sigma_k; 2k + 1 (k < n - 1): second stages at
     # the midpoint of step k. diffusers indexes its midpoints one step later in the
     # non-ancestral form (midpoint k + 1 lies between sigma_k and sigma_{k+1}).
@@ -210,8 +219,8 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
   needs_noise = True
   ancestral = True
 
-  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, ANCESTRAL_ETA, DOWNCAST_ALPHAS_CUMPROD,
-                      ZERO_SNR)
+  schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, ANCESTRAL_ETA,
+                      DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR, DISCARD_PENULTIMATE)
 
   @classmethod
   def _validate(cls, config: dict[str, Any]) -> None:

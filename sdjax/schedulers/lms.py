@@ -32,6 +32,7 @@ from sdjax.schedulers.euler import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DISCARD_PENULTIMATE,
   DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SCHEDULE_OPTIONS,
@@ -156,7 +157,7 @@ class LMSDiscreteScheduler(Scheduler):
   name = "lms"
   # k_diffusion changes nothing
   schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
-                      DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR)
+                      DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR, DISCARD_PENULTIMATE)
   order = 1
 
   _DEFAULTS = {

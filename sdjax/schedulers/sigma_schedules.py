@@ -66,7 +66,8 @@ K_DIFFUSION = "k_diffusion"
 # (`common.nearest_t`), and a run from the largest training sigma starts from its noise times
 # sqrt(1 + sigma^2) rather than sigma (`common.first_noise_scale`), and an img2img run (a
 # denoise below 1) the last n steps of int(n / denoise) (`Scheduler.img2img_steps`). Euler,
-# Euler a, Heun, LMS and the DPM++ multistep family (with k_diffusion) take it.
+# Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE, ComfyUI's own samplers and the DPM++
+# multistep family (with k_diffusion) take it.
 COMFYUI = "comfyui"
 # A1111's "SGM noise multiplier" setting (for SDXL, as Stability's sgm code): a text-to-image run of
 # these samplers starts from its noise times sqrt(1 + sigma_0^2) rather than sigma_0
@@ -82,6 +83,12 @@ SGM_NOISE_MULTIPLIER = "sgm_noise_multiplier"
 # model's alphas_cumprod apart from half(), in float32 (`sampling.model_schedule` resolves it).
 DOWNCAST_ALPHAS_CUMPROD = "downcast_alphas_cumprod"
 DOWNCAST_SD1_SD2 = "sd1_sd2"
+# A1111's "Always discard next-to-last sigma" setting (its images say "Discard penultimate sigma:
+# True"; always so for its DPM2, DPM2 a and DPM++ 3M SDE, which sdjax's `k_diffusion` forms do
+# themselves) and ComfyUI's KSampler for dpm_2, dpm_2_ancestral, uni_pc and uni_pc_bh2 (not its
+# custom sampling nodes): the levels placed for one step more, the next-to-last dropped
+# (`euler.sigma_schedule`; not a list of the run's own `sigmas` or `timesteps`).
+DISCARD_PENULTIMATE = "discard_penultimate_sigma"
 # diffusers' zero-terminal-SNR option, which sdjax's sigma schedulers and PNDM take even where
 # diffusers' have none (Heun, LMS, KDPM2, DPMSolverSDE, PNDM): A1111 and ComfyUI rescale the
 # model's schedule whatever the sampler (`form_alphas_cumprod`), and their forms read a model's

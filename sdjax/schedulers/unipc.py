@@ -72,6 +72,7 @@ from sdjax.schedulers.euler import (
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DISCARD_PENULTIMATE,
   DOWNCAST_ALPHAS_CUMPROD,
   SCHEDULE_OPTIONS,
   custom_final,
@@ -226,7 +227,9 @@ class UniPCMultistepScheduler(A1111Start, VPDataPrediction, Scheduler):
   """diffusers' `UniPCMultistepScheduler` (predict_x0, B(h) solvers)."""
 
   name = "unipc"
-  schedule_options = (*SCHEDULE_OPTIONS, A1111_IMG2IMG, DOWNCAST_ALPHAS_CUMPROD)
+  # discard_penultimate_sigma: the comfyui form's (ComfyUI's KSampler drops it for uni_pc)
+  schedule_options = (*SCHEDULE_OPTIONS, A1111_IMG2IMG, DOWNCAST_ALPHAS_CUMPROD,
+                      DISCARD_PENULTIMATE)
   order = 1  # model calls per step; the solver's order is config["solver_order"]
   needs_noise = False
 
@@ -296,6 +299,9 @@ class UniPCMultistepScheduler(A1111Start, VPDataPrediction, Scheduler):
     if config[A1111] and config[COMFYUI]:
       raise SchedulerConfigError(f"scheduler {cls.name!r}: a1111 and comfyui are two forms: "
                                  "pick one")
+    if config.get(DISCARD_PENULTIMATE) and not config[COMFYUI]:
+      raise SchedulerConfigError(f"scheduler {cls.name!r}: {DISCARD_PENULTIMATE} is the comfyui "
+                                 "form's (ComfyUI's KSampler drops that level for uni_pc)")
     if config[A1111]:
       check_choice(cls.name, "prediction_type (a1111)", config["prediction_type"],
                    ("epsilon", "v_prediction"))
