@@ -1519,6 +1519,8 @@ def a1111_form_for(scheduler: str | None,
   for option in (*schedulers.FORM_OPTIONS, schedulers.ZERO_SNR, *schedulers.SCHEDULE_SETTINGS):
     if not schedulers.takes_option(scheduler, option):
       dropped.add(option)
+  if scheduler in schedulers.A1111_TIMESTEP_SAMPLERS and not scheduler_options.get("comfyui"):
+    dropped.add(schedulers.DISCARD_PENULTIMATE)  # A1111's setting: its k-diffusion samplers
   if not schedulers.takes_option(scheduler, "eta") or scheduler in schedulers.ETA_SCHEDULERS:
     dropped.add("eta")
   return {k: v for k, v in scheduler_options.items() if k not in dropped} or None

@@ -260,6 +260,20 @@ def test_discard_penultimate_sigma(sampler, label, monkeypatch):
   assert max_rel_error(kept, want) > 100 * max(err, 1e-7)
 
 
+def test_lcm_discards_penultimate_sigma():
+  """A1111's LCM sampler (k_diffusion) under its "Always discard next-to-last sigma": the levels
+  (and distillation timesteps) of one step more less the next-to-last."""
+  options = {"k_diffusion": True, "schedule_type": "karras"}
+  dropped = get_scheduler("lcm", SD15, options={**options, "discard_penultimate_sigma": True}
+                          ).set_timesteps(6)
+  more = get_scheduler("lcm", SD15, options=options).set_timesteps(7)
+  np.testing.assert_array_equal(np.asarray(dropped.timesteps), np.asarray(more.timesteps)[:-1])
+  np.testing.assert_array_equal(np.asarray(dropped.sigma_in), np.asarray(more.sigma_in)[:-1])
+  assert np.asarray(dropped.noise_std)[-1] == 0  # the last step lands on x0, as the full run's
+  with pytest.raises(SchedulerConfigError, match="k_diffusion"):
+    get_scheduler("lcm", SD15, options={"discard_penultimate_sigma": True})
+
+
 @pytest.mark.parametrize("steps", [2, 9, 30])
 def test_comfyui_beta_and_kl_optimal_levels(steps):
   """The comfyui form's beta and kl_optimal are ComfyUI's schedulers bit for bit (A1111's Beta
@@ -488,6 +502,15 @@ def test_k_diffusion_stays_only_where_a_sampler_takes_it():
   for name in ("heun", "lms", "kdpm2", "dpmpp_sde", "restart", "pndm", "unipc"):
     assert sampling.a1111_form_for(name, zero_snr).get("rescale_betas_zero_snr") is True
   assert "rescale_betas_zero_snr" not in (sampling.a1111_form_for("edm_euler", zero_snr) or {})
+  # A1111's "Always discard next-to-last sigma" follows to its k-diffusion samplers (and a
+  # ComfyUI run's uni_pc), not to its own DDIM / PLMS / UniPC loops; every taker builds with it.
+  discard = {**options, "discard_penultimate_sigma": True}
+  for name in takers:
+    get_scheduler(name, SD15, options=discard).set_timesteps(4, sample_shape=SHAPE)
+    assert sampling.a1111_form_for(name, discard) == discard
+  for name in ("ddim", "pndm", "unipc", "restart"):
+    assert "discard_penultimate_sigma" not in (sampling.a1111_form_for(name, discard) or {})
+  assert sampling.a1111_form_for("unipc", {"comfyui": True, "discard_penultimate_sigma": True})
   assert sampling.schedule_type_for(None, "unipc", options) == {"timestep_spacing": "linspace"}
 
 

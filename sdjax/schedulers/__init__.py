@@ -123,9 +123,10 @@ _FROM_DIFFUSERS_CLASS = {
 SCHEDULERS = tuple(_REGISTRY)
 # sdjax's true-or-false options that make a sampler step as A1111 or ComfyUI ran it (k-diffusion's
 # loops, ComfyUI's KSampler, A1111's SGM noise multiplier, A1111's own DDIM / PLMS / UniPC loops,
-# A1111's float16 training schedule): each scheduler that has the form takes its option.
+# A1111's float16 training schedule, the next-to-last level A1111's setting and ComfyUI's KSampler
+# drop): each scheduler that has the form takes its option.
 FORM_OPTIONS = ("k_diffusion", "comfyui", "sgm_noise_multiplier", "a1111",
-                "downcast_alphas_cumprod")
+                "downcast_alphas_cumprod", DISCARD_PENULTIMATE)
 
 
 def default_scheduler_name(scheduler_config: dict[str, Any]) -> str:

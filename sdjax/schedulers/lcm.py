@@ -51,6 +51,7 @@ from sdjax.schedulers.ddim import add_noise_vp, f32, predict_original_and_noise
 from sdjax.schedulers.euler import check_choice
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
+  DISCARD_PENULTIMATE,
   DOWNCAST_ALPHAS_CUMPROD,
   K_DIFFUSION,
   SGM_NOISE_MULTIPLIER,
@@ -134,7 +135,8 @@ def resolve_lcm_config(cls, scheduler_config: dict[str, Any],
   # spacing option to carry them)
   spaced = k_form and config.get("schedule_type") in SPACING_TYPES
   check_schedule_options(cls.name, {**config, "schedule_type": None} if spaced else config)
-  for option in ("schedule_type", COMFYUI, SGM_NOISE_MULTIPLIER, DOWNCAST_ALPHAS_CUMPROD):
+  for option in ("schedule_type", COMFYUI, SGM_NOISE_MULTIPLIER, DOWNCAST_ALPHAS_CUMPROD,
+                 DISCARD_PENULTIMATE):
     if config.get(option) and not k_form:
       raise SchedulerConfigError(f"scheduler {cls.name!r}: {option} is A1111's LCM sampler's: "
                                  "set k_diffusion too")
@@ -151,7 +153,12 @@ def resolve_lcm_config(cls, scheduler_config: dict[str, Any],
 def _a1111_levels(config: dict[str, Any], num_inference_steps: int):
   """A1111's LCM sampler (`k_diffusion`): (float32 levels [n + 1] ending in 0, int64 distillation
   timesteps [n] the UNet sees), as its LCMCompVisDenoiser places and reads them; with `comfyui`,
-  as ComfyUI's ModelSamplingDiscreteDistilled (a ModelSamplingDiscrete node's "lcm")."""
+  as ComfyUI's ModelSamplingDiscreteDistilled (a ModelSamplingDiscrete node's "lcm"); with
+  `discard_penultimate_sigma` those of n + 1 steps less the next-to-last."""
+  if config.get(DISCARD_PENULTIMATE):
+    levels, timesteps = _a1111_levels({**config, DISCARD_PENULTIMATE: False},
+                                      num_inference_steps + 1)
+    return np.delete(levels, -2), timesteps[:-1]
   n_train, original = int(config["num_train_timesteps"]), int(config["original_inference_steps"])
   if original > n_train:
     raise ValueError(f"original_inference_steps={original} cannot exceed "
@@ -201,7 +208,7 @@ class LCMScheduler(Scheduler):
   # diffusers' pipe(timesteps=...); A1111's LCM sampler (`k_diffusion`) and its settings
   # (`comfyui`: ComfyUI's lcm sampler over a ModelSamplingDiscrete "lcm" model)
   schedule_options = ("timesteps", K_DIFFUSION, COMFYUI, "schedule_type", SGM_NOISE_MULTIPLIER,
-                      DOWNCAST_ALPHAS_CUMPROD)
+                      DOWNCAST_ALPHAS_CUMPROD, DISCARD_PENULTIMATE)
   order = 1
   needs_noise = True
 
