@@ -213,7 +213,9 @@ def _sampler(fields, flags, notes, made_by_sdjax, made_in="A1111") -> str | None
   if sampler is not None and _named("Sampler", sampler, "scheduler", outputs.scheduler_name,
                                     "the model's own is used", flags, notes):
     scheduler = outputs.scheduler_name(sampler)
-  discard = False if made_by_sdjax else _a1111_sampling(fields, notes, sampler, scheduler)
+  if made_by_sdjax:  # its Scheduler options say so
+    fields.pop("Discard penultimate sigma", None)
+  discard = not made_by_sdjax and _a1111_sampling(fields, notes, sampler, scheduler)
   if options is not None:
     _scheduler_options(options, flags)
     return scheduler

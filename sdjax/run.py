@@ -2260,8 +2260,8 @@ class _Metadata:
 
   def _a1111_schedule(self, options: dict[str, Any]) -> dict[str, Any]:
     """A1111's fields of its schedules where the run steps on them as A1111 does (its k-diffusion
-    form): Downcast alphas_cumprod (where the model's is downcast), Noise Schedule and its
-    schedule settings (Schedule rho, ...)."""
+    form): Downcast alphas_cumprod (where the model's is downcast), Noise Schedule, its
+    schedule settings (Schedule rho, ...) and its Always discard next-to-last sigma."""
     applied = sampling.model_schedule(self.pipe, options) or {}
     a1111 = bool(options.get("k_diffusion") or options.get("a1111"))
     from sdjax import infotext  # noqa: PLC0415
@@ -2271,7 +2271,9 @@ class _Metadata:
             **({"Noise Schedule": "Zero Terminal SNR"}
                if a1111 and options.get("rescale_betas_zero_snr") else {}),
             **{field: options[key] for field, key in infotext.SCHEDULE_SETTING_FIELDS.items()
-               if options.get("k_diffusion") and options.get(key) is not None}}
+               if options.get("k_diffusion") and options.get(key) is not None},
+            **({"Discard penultimate sigma": True} if options.get("k_diffusion") and not
+               options.get("comfyui") and options.get("discard_penultimate_sigma") else {})}
 
   def _emphasis(self, job: ImageJob) -> dict[str, str]:
     """A1111's `Emphasis` field: the mode, when not "Original" and a prompt text (after its

@@ -724,15 +724,21 @@ def test_scheduler_options(model, cache, tmp_path):
   from sdjax import infotext  # noqa: PLC0415
 
   out = str(tmp_path / "rho")
-  options = (("k_diffusion", True), ("schedule_type", "karras"), ("schedule_rho", 5.0))
+  options = (("k_diffusion", True), ("schedule_type", "karras"), ("schedule_rho", 5.0),
+             ("discard_penultimate_sigma", True))
   config = dataclasses.replace(config, output_dir=out, scheduler_options=options)
   assert run.generate_run(config).images == 1
   record = json.loads(open(os.path.join(out, outputs.MANIFEST_NAME)).readline())
   png = Image.open(os.path.join(out, record["file"]))
   params = outputs.parse_a1111_parameters(png.text["parameters"])
   assert params["Schedule rho"] == "5.0" and params["Schedule type"] == "Karras"
+  assert params["Discard penultimate sigma"] == "True"  # A1111's setting's field
   found = infotext.reproduce(png.text["parameters"])
   assert json.loads(found.flags["scheduler_options"])["schedule_rho"] == 5.0
+  assert json.loads(found.flags["scheduler_options"])["discard_penultimate_sigma"] is True
+  a1111_fields = {k: v for k, v in params.items() if k not in ("Scheduler options", "Version")}
+  as_a1111 = infotext.from_fields(a1111_fields)  # as A1111 reads them
+  assert json.loads(as_a1111.flags["scheduler_options"])["discard_penultimate_sigma"] is True
   assert [flag for flag, _ in found.notes] == ["model"]  # no "not reproduced: Schedule rho"
   alone = pipe.generate(record["prompt"], scheduler_options=dict(options),
                         **dict(kw, seed=record["seed"]))
