@@ -54,7 +54,7 @@ SAMPLERS = {
     "gradient_estimation_cfg_pp": "gradient_estimation_cfg_pp",
     "res_multistep_ancestral": "res_multistep_ancestral", "er_sde": "er_sde",
     "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp", "deis": "deis_tab",
-    "seeds_2": "seeds_2", "seeds_3": "seeds_3",
+    "seeds_2": "seeds_2", "seeds_3": "seeds_3", "heunpp2": "heunpp2",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal",

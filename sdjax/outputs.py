@@ -94,6 +94,7 @@ A1111_SAMPLER_NAMES = {
     "deis_tab": "DEIS",
     "seeds_2": "SEEDS 2",
     "seeds_3": "SEEDS 3",
+    "heunpp2": "HeunPP2",
 }
 
 # diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).

@@ -1341,10 +1341,10 @@ def denoising_start_index(sched, state, fraction: float) -> int:
   schedulers of several calls a step never start between a step's calls (the remaining
   positions: whole steps and the last step's lone call)."""
   timesteps = np.asarray(state.timesteps)
-  count = int(np.sum(timesteps < _cutoff(sched, fraction)))
-  while sched.order > 1 and count % sched.order != 1 and count < len(timesteps):
-    count += 1
-  return len(timesteps) - count
+  start = len(timesteps) - int(np.sum(timesteps < _cutoff(sched, fraction)))
+  while start > 0 and not sched.starts_step(state, start):
+    start -= 1
+  return start
 
 
 def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int, width: int,
@@ -1419,7 +1419,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
       raise ValueError(f"strength must be in (0, 1], got {strength}")
     placed, first_step = sched.img2img_steps(int(steps), strength)
   state = sched.set_timesteps(placed, sample_shape=(batch, *latent_hw, latent_channels(pipe)))
-  begin, end = first_step * sched.order, None
+  begin, end = sched.step_position(state, first_step), None
   if denoising_start is not None:
     begin = denoising_start_index(sched, state, denoising_start)
   if denoising_end is not None:
@@ -1754,7 +1754,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   if spec.scheduler.text_to_image_only:  # the pass starts partway (its begin, set here)
     raise ValueError(f"scheduler {spec.scheduler.name!r} makes text-to-image runs only: give the "
                      "hires pass another (A1111's Hires sampler: hires_scheduler)")
-  begin = 0 if a1111 else (total - n) * spec.scheduler.order
+  begin = 0 if a1111 else spec.scheduler.step_position(state, total - n)
   # the first pass's tree device, where the hires sampler (maybe another) draws from a tree
   spec, state = _with_brownian(spec, state, brownian, begin, None)
   if not (isinstance(extra_noise, int | float | np.floating) and 0 <= extra_noise < math.inf):

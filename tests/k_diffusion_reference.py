@@ -733,3 +733,32 @@ def sample_seeds(config, sigmas, x, noises, stages=2):
     x = x + noise * s_next * 1.0
     out.append(x)
   return np.stack([y.numpy() for y in out])
+
+
+def sample_heunpp2(config, sigmas, x, noises):
+  """ComfyUI's sample_heunpp2 (churn 0), written out: Euler to the last level; Heun's step
+  before it, its slopes weighed by the levels over 2 sigma_0; else three calls, the slopes
+  weighed over 3 sigma_0. One entry per model call (the intermediate samples too)."""
+  del noises
+  denoise, out, end = denoiser(config), [], sigmas[-1]
+  for i in range(len(sigmas) - 1):
+    d = (x - denoise(x, sigmas[i])) / sigmas[i]
+    dt = sigmas[i + 1] - sigmas[i]
+    if sigmas[i + 1] == end:
+      x = x + d * dt
+      out.append(x)
+      continue
+    x_2 = x + d * dt
+    out.append(x_2)
+    d_2 = (x_2 - denoise(x_2, sigmas[i + 1])) / sigmas[i + 1]
+    if sigmas[i + 2] == end:
+      w_2 = sigmas[i + 1] / (2 * sigmas[0])
+      x = x + (d * (1 - w_2) + d_2 * w_2) * dt
+    else:
+      x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+      out.append(x_3)
+      d_3 = (x_3 - denoise(x_3, sigmas[i + 2])) / sigmas[i + 2]
+      w_2, w_3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+      x = x + ((1 - w_2 - w_3) * d + w_2 * d_2 + w_3 * d_3) * dt
+    out.append(x)
+  return np.stack([y.numpy() for y in out])

@@ -90,6 +90,7 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("dpmpp_2m_cfg_pp", "karras", "DPM++ 2M CFG++", "Karras"),
     ("deis", "exponential", "DEIS", "Exponential"),  # tAB-DEIS, not diffusers' (log-rho) deis
     ("seeds_3", "sgm_uniform", "SEEDS 3", "SGM Uniform"),  # three calls a step, noise each
+    ("heunpp2", "simple", "HeunPP2", "Simple"),  # 3, 2, then 1 calls a step
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
   found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
@@ -109,7 +110,8 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   # option says so; elsewhere a note.
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
   assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "iPNDM",
-                              "Res Multistep", "DPM++ 2M CFG++", "DEIS", "SEEDS 3", "DPM2 a"))
+                              "Res Multistep", "DPM++ 2M CFG++", "DEIS", "SEEDS 3", "DPM2 a",
+                              "HeunPP2"))
   # its KSampler's levels of one step more less the next-to-last, for these samplers only
   discards = '"discard_penultimate_sigma": true' in found.flags.get("scheduler_options", "")
   assert discards == (sampler in ("dpm_2_ancestral", "uni_pc", "uni_pc_bh2"))

@@ -48,7 +48,8 @@ SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "Res Multistep a": lambda *a: kd.sample_res_multistep(*a, eta=1.0),
             "ER SDE": kd.sample_er_sde,
             "Gradient Estimation": kd.sample_gradient_estimation, "DEIS": kd.sample_deis,
-            "SEEDS 2": kd.sample_seeds, "SEEDS 3": lambda *a: kd.sample_seeds(*a, stages=3)}
+            "SEEDS 2": kd.sample_seeds, "SEEDS 3": lambda *a: kd.sample_seeds(*a, stages=3),
+            "HeunPP2": kd.sample_heunpp2}
 # A1111's samplers that place the levels of one step more and drop the penultimate one.
 DISCARDING = ("DPM2", "DPM2 a")
 
@@ -164,7 +165,7 @@ _COMFYUI_SCHEDULES = {"Uniform": lambda n: kd.get_sigmas(COMFY15, n),
                                      "DPM++ 2M SDE", "iPNDM", "iPNDM_v", "Res Multistep",
                                      "Res Multistep a", "Gradient Estimation", "ER SDE",
                                      "DEIS", "SEEDS 2", "SEEDS 3", "DPM2", "DPM2 a",
-                                     "DPM++ 2S a"])
+                                     "DPM++ 2S a", "HeunPP2"])
 def test_steps_as_comfyui(sampler, label, monkeypatch):
   """The `comfyui` option: k-diffusion's loop as ComfyUI's KSampler runs it, from its noise
   times sqrt(1 + sigma_max^2), the UNet at whole timesteps, over its scheduler's levels (its beta
@@ -210,7 +211,7 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
 
 @pytest.mark.parametrize("sampler", ["iPNDM", "iPNDM_v", "Res Multistep", "Res Multistep a",
                                      "Gradient Estimation", "ER SDE", "DEIS", "SEEDS 2",
-                                     "SEEDS 3"])
+                                     "SEEDS 3", "HeunPP2"])
 def test_comfyui_multistep_img2img(sampler, monkeypatch):
   """ComfyUI's own multistep samplers at denoise 0.6: its loop over the kept levels, whose
   history starts there (the first step Euler's, iPNDM's orders counted from it)."""
@@ -220,8 +221,9 @@ def test_comfyui_multistep_img2img(sampler, monkeypatch):
       "schedule_type": "karras"})
   total, begin = ours.img2img_steps(steps, denoise)
   assert (total, begin) == (int(steps / denoise), int(steps / denoise) - steps)
-  first = begin * ours.order  # a step's first call (SEEDS: `order` calls a step)
-  init, noises = make_noises(len(ours.set_timesteps(total, sample_shape=SHAPE).timesteps))
+  state = ours.set_timesteps(total, sample_shape=SHAPE)
+  first = ours.step_position(state, begin)  # a step's first call (SEEDS, Heun++: several)
+  init, noises = make_noises(len(state.timesteps))
   image = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
   got = sdjax_trajectory(ours, total, init, noises, begin=first, init_sample=image)
   sigmas = kd.get_sigmas_karras(COMFY15, total)[begin:]
@@ -258,6 +260,19 @@ def test_discard_penultimate_sigma(sampler, label, monkeypatch):
   kept = sdjax_trajectory(get_scheduler(outputs.scheduler_name(sampler), SD15, options={
       **options, "discard_penultimate_sigma": False}), 8, init, noises)
   assert max_rel_error(kept, want) > 100 * max(err, 1e-7)
+
+
+def test_runs_start_at_a_step():
+  """img2img, hires and refiner runs start at a step's first call: Heun's every second call,
+  SEEDS 3's every third, Heun++'s every third until its last two steps (two calls, then one)."""
+  for name, starts in (("heun", [0, 2, 4, 6, 8]), ("seeds_3", [0, 3, 6, 9, 12]),
+                       ("heunpp2", [0, 3, 6, 9, 11]), ("euler", [0, 1, 2, 3, 4])):
+    ours = get_scheduler(name, SD15, options={"k_diffusion": True})
+    state = ours.set_timesteps(5, sample_shape=SHAPE)
+    assert [ours.step_position(state, k) for k in range(5)] == starts
+    assert [p for p in range(len(state.timesteps)) if ours.starts_step(state, p)] == starts
+    for fraction in (0.2, 0.5, 0.75, 0.9):
+      assert sampling.denoising_start_index(ours, state, fraction) in starts
 
 
 def test_lcm_discards_penultimate_sigma():

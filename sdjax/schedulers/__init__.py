@@ -96,6 +96,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "deis_tab": ("comfyui_samplers", "DEISTabScheduler", {}),  # Forge's "DEIS"
     "seeds_2": ("comfyui_samplers", "SEEDSScheduler", {}),
     "seeds_3": ("comfyui_samplers", "SEEDS3Scheduler", {}),
+    "heunpp2": ("comfyui_samplers", "HeunPP2Scheduler", {}),  # Forge's "HeunPP2"
 }
 
 # diffusers class name of a checkpoint's scheduler -> our name.

@@ -28,6 +28,9 @@ d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the s
   calls a step (the later ones at log-interpolated levels, `order` positions a step; the last
   step, to 0, one call landing on x0), each stage's noise carried into the next, decayed, plus a
   fresh draw.
+- `heunpp2`: Heun++ (Forge's "HeunPP2"): three model calls a step (the Euler predictor's and a
+  second Euler step's), the slopes weighed by the levels over 3 sigma_0 of the run; the
+  second-to-last step Heun's with weights over 2 sigma_0, the last Euler's.
 - CFG++ forms (`takes_uncond`: the guided x0 steps along the unconditional prediction):
   `dpmpp_2m_cfg_pp`, `res_multistep_cfg_pp`, `res_multistep_ancestral_cfg_pp`,
   `gradient_estimation_cfg_pp`.
@@ -385,6 +388,19 @@ class SeedsState(SigmaState):
   carried: jnp.ndarray
 
 
+def _per_call(config, levels, times, sigmas) -> dict:
+  """`SigmaState`'s fields of a run whose model calls are at float32 `levels` with UNet
+  `times` (several a step), the schedule's own levels `sigmas` (its last after the last call)."""
+  sigma_in = np.asarray(levels, np.float32)
+  scale = input_scales(sigma_in)
+  return dict(timesteps=jnp.asarray(np.asarray(times, np.float32)),
+              sigmas=jnp.asarray(np.append(sigma_in, sigmas[-1]).astype(np.float32)),
+              init_sigma=jnp.asarray(init_sigma(config, sigmas)),
+              input_scale=jnp.asarray(scale), v_out=jnp.asarray(-sigma_in / scale),
+              v_den=jnp.asarray(sigma_in**2 + 1), dt=jnp.zeros(len(sigma_in), jnp.float32),
+              sigma_up=jnp.zeros(len(sigma_in), jnp.float32))
+
+
 def _expm1_f32(x):
   return np.expm1(np.float64(x)).astype(np.float32)
 
@@ -468,19 +484,9 @@ class SEEDSScheduler(EulerDiscreteScheduler):
         if j + 1 < self.stages:  # the next call, at the level this stage lands on
           levels.append(target)
           times.append(np.float32(to_t(np.asarray([target]), log_sigmas)[0]))
-    sigma_in = np.asarray(levels, np.float32)
-    scale = input_scales(sigma_in)
     zeros = jnp.zeros(sample_shape, jnp.float32)
-    all_sigmas = np.append(sigma_in, sigmas[-1]).astype(np.float32)
     return SeedsState(
-      timesteps=jnp.asarray(np.asarray(times, np.float32)),
-      sigmas=jnp.asarray(all_sigmas),
-      init_sigma=jnp.asarray(init_sigma(config, sigmas)),
-      input_scale=jnp.asarray(scale),
-      v_out=jnp.asarray(-sigma_in / scale),
-      v_den=jnp.asarray(sigma_in**2 + 1),
-      dt=jnp.zeros(len(sigma_in), jnp.float32),
-      sigma_up=jnp.zeros(len(sigma_in), jnp.float32),
+      **_per_call(config, levels, times, sigmas),
       stage=jnp.asarray(np.asarray(stage, np.int32)),
       coefficients=jnp.asarray(np.stack(rows)),
       start=zeros, first_x0=zeros, carried=zeros)
@@ -513,6 +519,109 @@ class SEEDS3Scheduler(SEEDSScheduler):
   name = "seeds_3"
   order = 3
   stages = 3
+
+
+# -- Heun++ (ComfyUI's heunpp2): 3, 2 then 1 model calls a step, the calls at the schedule's levels.
+
+_PP, _PP2, _PP3, _HEUN, _HEUN2, _EULER = range(6)  # a call's role in its step
+_STEP_STARTS = (_PP, _HEUN, _EULER)
+
+
+@struct.dataclass
+class HeunPPState(SigmaState):
+  """`SigmaState` over the model calls ([P] per position, `sigmas` [P + 1]), and what a step
+  carries between its calls.
+
+  Attributes:
+    role: [P] int32, the call's role (`_PP` ... `_EULER`).
+    coefficients: [P, 4] float32: the step's whole dt, this stage's dt, sigma_{i+1}, sigma_{i+2}.
+    start: the step's start sample; slopes: [2, ...] its first two calls' derivatives.
+    sigma_first: [] the run's first level (ComfyUI's sigmas[0] of the levels it runs over).
+    count: [] int32, the calls of this run so far.
+  """
+
+  role: jnp.ndarray
+  coefficients: jnp.ndarray
+  start: jnp.ndarray
+  slopes: jnp.ndarray
+  sigma_first: jnp.ndarray
+  count: jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class HeunPP2Scheduler(EulerDiscreteScheduler):
+  """ComfyUI's `heunpp2` (see the module docstring)."""
+
+  name = "heunpp2"
+  order = 3  # model calls a step but the last two's (`step_position`)
+  needs_noise = False
+
+  def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
+    if sample_shape is None:
+      raise ValueError(f"{self.name} carries a step's sample between its calls: set_timesteps "
+                       "needs sample_shape")
+    config = self.cfg
+    timesteps, sigmas = sigma_schedule(config, num_inference_steps, train_alphas_cumprod(config),
+                                       name=self.name)
+    sigmas = sigmas.astype(np.float32)
+    end, n = sigmas[-1], len(sigmas) - 1
+    levels, times, roles, rows = [], [], [], []
+    for i in range(n):
+      dt = sigmas[i + 1] - sigmas[i]
+      nxt = sigmas[i + 2] if i + 2 <= n else end
+      if sigmas[i + 1] == end:
+        calls = [(i, _EULER, dt)]
+      elif nxt == end:
+        calls = [(i, _HEUN, dt), (i + 1, _HEUN2, 0)]
+      else:
+        calls = [(i, _PP, dt), (i + 1, _PP2, nxt - sigmas[i + 1]), (i + 2, _PP3, 0)]
+      for k, role, stage_dt in calls:
+        levels.append(sigmas[k])
+        times.append(timesteps[k])
+        roles.append(role)
+        rows.append((dt, stage_dt, sigmas[i + 1], nxt))
+    zeros = jnp.zeros(sample_shape, jnp.float32)
+    return HeunPPState(
+      **_per_call(config, levels, times, sigmas),
+      role=jnp.asarray(np.asarray(roles, np.int32)),
+      coefficients=jnp.asarray(np.asarray(rows, np.float32)),
+      start=zeros, slopes=jnp.zeros((2, *sample_shape), jnp.float32),
+      sigma_first=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.int32))
+
+  def _starts(self, state) -> np.ndarray:
+    return np.flatnonzero(np.isin(np.asarray(state.role), _STEP_STARTS))
+
+  def step_position(self, state, step: int) -> int:
+    starts = self._starts(state)
+    return int(starts[step]) if step < len(starts) else len(np.asarray(state.role))
+
+  def starts_step(self, state, position: int) -> bool:
+    return position in set(self._starts(state).tolist())
+
+  def step(self, state, model_output, i, sample, noise=None):
+    del noise
+    x = as_f32(sample)
+    sigma = state.sigmas[i]
+    x0 = predict_original(self.prediction_type, as_f32(model_output), x, sigma, state.v_out[i],
+                          state.v_den[i])
+    d = true_divide(x - x0, sigma)
+    role = state.role[i]
+    dt, stage_dt, sigma_1, sigma_2 = (state.coefficients[i][k] for k in range(4))
+    first = jnp.where(state.count == 0, sigma, state.sigma_first)
+    starting = (role == _PP) | (role == _HEUN) | (role == _EULER)
+    start = jnp.where(starting, x, state.start)
+    slope_0 = jnp.where(starting, d, state.slopes[0])
+    slope_1 = jnp.where(role == _PP2, d, state.slopes[1])
+    stage = x + rounded(d * jnp.where(role == _PP2, stage_dt, dt))  # x_2, x_3; Euler's step
+    w = true_divide(sigma_1, first * 2.0)  # Heun's weight of the second slope
+    heun = rounded(slope_0 * (1.0 - w)) + rounded(d * w)
+    w2, w3 = true_divide(sigma_1, first * 3.0), true_divide(sigma_2, first * 3.0)
+    plus = (rounded((1.0 - w2 - w3) * slope_0) + rounded(w2 * slope_1)) + rounded(w3 * d)
+    whole = start + rounded(jnp.where(role == _PP3, plus, heun) * dt)
+    prev = jnp.where((role == _PP3) | (role == _HEUN2), whole, stage)
+    return prev.astype(sample.dtype), state.replace(
+      start=start, slopes=jnp.stack([slope_0, slope_1]), sigma_first=first,
+      count=state.count + 1)
 
 
 # -- Their CFG++ forms (Chung et al. 2024, `takes_uncond`): the guided x0 steps, renoised along

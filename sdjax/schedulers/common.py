@@ -350,6 +350,18 @@ class Scheduler:
         return n, n - int(min(strength, 0.999) * n) - 1
     return n, self.begin_index(n, strength) // self.order
 
+  def step_position(self, state, step: int) -> int:
+    """The position (model call) where step `step` of `state`'s schedule starts: `order` calls a
+    step, the last step's one call after them."""
+    del state
+    return step * self.order
+
+  def starts_step(self, state, position: int) -> bool:
+    """Whether a run may start at `position`: the first call of a step, not between a step's
+    calls."""
+    del state
+    return position % self.order == 0
+
   def begin_index(self, num_inference_steps: int, strength: float) -> int:
     """First position of an img2img run, as diffusers' img2img `get_timesteps`."""
     init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
