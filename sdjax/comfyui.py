@@ -55,6 +55,7 @@ SAMPLERS = {
     "res_multistep_ancestral": "res_multistep_ancestral", "er_sde": "er_sde",
     "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp", "deis": "deis_tab",
     "seeds_2": "seeds_2", "seeds_3": "seeds_3", "heunpp2": "heunpp2",
+    "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_ancestral_cfg_pp",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal",
@@ -70,7 +71,8 @@ _SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 
 # Samplers drawing fresh noise each step from a generator on ComfyUI's device (its GPU's).
 _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm",
                  "euler_ancestral_cfg_pp", "res_multistep_ancestral",
-                 "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3")
+                 "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3",
+                 "dpmpp_2s_ancestral_cfg_pp")
 # Its custom-sampling nodes: the sampler, its levels, noise and guidance from nodes of their own
 # (`_ksampler_inputs` reads them as a KSampler's inputs).
 _CUSTOM_SAMPLER_NODES = ("SamplerCustom", "SamplerCustomAdvanced")

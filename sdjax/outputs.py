@@ -95,6 +95,7 @@ A1111_SAMPLER_NAMES = {
     "seeds_2": "SEEDS 2",
     "seeds_3": "SEEDS 3",
     "heunpp2": "HeunPP2",
+    "dpmpp_2s_ancestral_cfg_pp": "DPM++ 2S a CFG++",
 }
 
 # diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).

@@ -192,3 +192,59 @@ def test_res_multistep_ancestral_cfg_pp(sd):
                        scheduler="res_multistep_ancestral_cfg_pp")
   err = assert_close(ours, expected, 1e-4)
   print(f"\nres_multistep_ancestral_cfg_pp: rel err {err:.2e}")
+
+
+def _two_stage_loop(ref, pipe, latents, guidance, steps, generators):
+  """ComfyUI's sample_dpmpp_2s_ancestral_cfg_pp, written out over diffusers' Euler levels and
+  UNet (the midpoint's timestep interpolated in log sigma): each stage moves x shifted by the
+  guided minus the unconditional x0 (the second stage: the first call's guided, the second's
+  unconditional), then a draw per step times sigma_up."""
+  sched = _euler_levels(pipe, steps)
+  sigmas = sched.sigmas
+  alphas = sched.alphas_cumprod.numpy()
+  log_sigmas = np.log(((1 - alphas) / alphas) ** 0.5)
+  cond, uncond = _encode(ref, PROMPTS), _encode(ref, NEGATIVES)
+  x = latents * sched.init_noise_sigma
+
+  def x0s(x, sigma, t):
+    eps_u, eps_c = _unet(ref, x, sigma, t, cond, uncond)
+    return x - sigma * (eps_u + guidance * (eps_c - eps_u)), x - sigma * eps_u
+
+  with torch.no_grad():
+    for i, t in enumerate(sched.timesteps):
+      sigma, sigma_next = sigmas[i], sigmas[i + 1]
+      x0, x0u = x0s(x, sigma, t)
+      up = torch.minimum(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2)
+                                      / sigma**2) ** 0.5)
+      down = (sigma_next**2 - up**2) ** 0.5
+      if down == 0:
+        x = x0 + (x - x0u) / sigma * down
+      else:
+        lam, lam_down = sigma.log().neg(), down.log().neg()
+        h = lam_down - lam
+        mid = lam + 0.5 * h
+        x_2 = (mid.neg().exp() / lam.neg().exp()) * (x + (x0 - x0u)) - (-h * 0.5).expm1() * x0
+        t_mid = float(sched._sigma_to_t(mid.neg().exp().numpy(), log_sigmas))
+        x0_2, x0u_2 = x0s(x_2, mid.neg().exp(), torch.tensor(t_mid))
+        x = (lam_down.neg().exp() / lam.neg().exp()) * (x + (x0 - x0u_2)) - (-h).expm1() * x0_2
+      if sigma_next > 0:
+        x = x + torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]) * up
+    images = ref.vae.decode(x / ref.vae.config.scaling_factor).sample
+  return nhwc((images / 2 + 0.5).clamp(0, 1))
+
+
+def test_dpmpp_2s_ancestral_cfg_pp(sd):
+  """ComfyUI's DPM++ 2S a CFG++: its two calls a step over diffusers' UNet, a fresh draw per step
+  from torch's CPU generators (rng="torch_cpu")."""
+  ref, pipe = sd
+  generators = [torch.Generator().manual_seed(40 + i) for i in range(2)]
+  latents = torch.stack([torch.randn((4, 8, 8), generator=g) for g in generators])
+  expected = _two_stage_loop(ref, pipe, latents, 1.5, 4, generators)
+  kw = dict(negative_prompts=NEGATIVES, steps=4, guidance_scale=1.5, height=16, width=16,
+            seed=40, rng="torch_cpu")
+  ours = pipe.generate(PROMPTS, scheduler="dpmpp_2s_ancestral_cfg_pp", **kw)
+  err = assert_close(ours, expected, 1e-4)
+  plain = pipe.generate(PROMPTS, scheduler="dpmpp_2s_ancestral", **kw)
+  print(f"\ndpmpp_2s_ancestral_cfg_pp: rel err {err:.2e} (without CFG++: "
+        f"{rel_err(plain, expected):.2e})")
+  assert rel_err(plain, expected) > 100 * err
