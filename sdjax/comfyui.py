@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from sdjax import infotext, outputs, schedulers
+from sdjax.schedulers import sigma_schedules
 
 # ComfyUI's sampler names -> sdjax's. Its "ddim" is Euler (DDIM with eta 0, over its scheduler's
 # levels); the _gpu variants differ only in where their Brownian tree lives (--brownian).
@@ -65,9 +66,7 @@ SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta"
 _DISCARDING = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")
 # Its schedulers whose levels sdjax's schedule types do not place (ddim_uniform's count may not
 # be the steps'): computed from its table of Stable Diffusion's schedule, the run's --sigmas.
-_TABLE_SCHEDULERS = ("ddim_uniform", "linear_quadratic")
-_SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                "beta_schedule": "scaled_linear"}  # SD1, SD2 and SDXL's (its ModelSamplingDiscrete)
+_TABLE_SCHEDULERS = {"ddim_uniform": "ddim", "linear_quadratic": "linear_quadratic"}
 # Samplers drawing fresh noise each step from a generator on ComfyUI's device (its GPU's).
 _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm",
                  "euler_ancestral_cfg_pp", "res_multistep_ancestral",
@@ -443,37 +442,6 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
   return out
 
 
-def _table_levels(scheduler: str, steps, zsnr: bool, discard: bool = False
-                  ) -> list[float] | None:
-  """ComfyUI's ddim_uniform or linear_quadratic levels for `steps` over its float32 table of SD's
-  schedule (zero-terminal-SNR rescaled with `zsnr`), each a float32; None for a bad step count.
-  ddim_uniform takes every (1000 // steps)-th level from the second up, then 0: more levels than
-  steps + 1 where steps does not divide 1000 (30 steps make 31). `discard`: those of steps + 1
-  less the next-to-last (its KSampler's for `_DISCARDING` samplers)."""
-  if discard:
-    levels = _table_levels(scheduler, steps + 1 if isinstance(steps, int) else steps, zsnr)
-    return None if levels is None else levels[:-2] + levels[-1:]
-  from sdjax.schedulers import euler, sigma_schedules  # noqa: PLC0415
-
-  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-    return None
-  config = dict(_SD_SCHEDULE, rescale_betas_zero_snr=zsnr)
-  table = euler.train_sigmas(sigma_schedules.form_alphas_cumprod(config, "comfyui"))
-  if scheduler == "ddim_uniform":
-    levels = [*table[1::max(len(table) // steps, 1)][::-1].tolist(), 0.0]
-  else:  # linear then quadratic in 1 - sigma / sigma_max, Python floats, then float32
-    linear = steps // 2
-    ramp = [1.0, 0.0]
-    if steps > 1:
-      diff = linear - 0.025 * steps
-      quad, rest = diff / (linear * (steps - linear) ** 2), steps - linear
-      slope = 0.025 / linear - 2 * diff / rest**2
-      ramp = [1.0 - v for v in [i * 0.025 / linear for i in range(linear)]
-              + [quad * i**2 + slope * i + quad * linear**2 for i in range(linear, steps)] + [1.0]]
-    levels = (np.asarray(ramp, np.float32) * table[-1]).tolist()
-  return [float(np.float32(v)) for v in levels]
-
-
 def _sampler_node(graph) -> tuple[str, dict[str, Any], list[str]]:
   """(id, node) of the text-to-image sampler, and the other samplers' ids."""
   samplers = [(i, n) for i, n in graph.items() if n["class_type"] in _SAMPLER_NODES]
@@ -563,7 +531,9 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   discard = node["class_type"] not in _CUSTOM_SAMPLER_NODES and sampler in _DISCARDING
   if table and inputs.get("sigmas") is None:  # the levels of its table
     zsnr = fields.get("Noise Schedule") == "Zero Terminal SNR"
-    inputs["sigmas"] = _table_levels(scheduler, inputs.get("steps"), zsnr, discard)
+    inputs["sigmas"] = sigma_schedules.table_levels(
+      _TABLE_SCHEDULERS[scheduler], inputs.get("steps"), "comfyui", zero_snr=zsnr,
+      discard=discard)
     if inputs["sigmas"] is not None:
       fields["Steps"] = str(len(inputs["sigmas"]) - 1)
   if reader.loras:  # as an A1111 prompt carries them: main.py applies them from --lora_dir

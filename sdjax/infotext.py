@@ -23,6 +23,7 @@ import re
 from typing import Any
 
 from sdjax import outputs, schedulers
+from sdjax.schedulers import sigma_schedules
 
 # A1111's schedule type "Automatic" since 1.9: the sampler's own choice (its
 # sd_samplers_kdiffusion table) where it has one, else k-diffusion's own levels (A1111's
@@ -242,6 +243,9 @@ def _sampler(fields, flags, notes, made_by_sdjax, made_in="A1111") -> str | None
       label = "Uniform"
   if label in (None, "Automatic"):
     return scheduler
+  if label == "DDIM" and not made_by_sdjax and _ddim_levels(fields, flags, notes, scheduler,
+                                                            discard):
+    return scheduler
   if scheduler is not None and not schedulers.takes_option(scheduler, "schedule_type"):
     notes.append(("schedule_type", f"Schedule type: {label}: sdjax's {scheduler} places its own "
                                    "noise levels"))
@@ -385,6 +389,32 @@ def _option_or_note(flags, notes, scheduler, option: str, value, note: str) -> N
     flags["scheduler_options"] = json.dumps({**options, option: value})
   else:
     notes.append(("scheduler", note))
+
+
+def _ddim_levels(fields, flags, notes, scheduler, discard: bool) -> bool:
+  """A1111's DDIM schedule type (every (1000 // steps)-th level of its table from the second,
+  then 0: not steps + 1 of them where steps does not divide 1000) as the run's --sigmas, read
+  off its table of Stable Diffusion's schedule (zero-terminal-SNR or float16 as its fields say),
+  steps as many as they make; False where the sampler takes no list of levels."""
+  if scheduler is None or not schedulers.takes_option(scheduler, "sigmas"):
+    return False
+  steps = _number("Steps", fields.get("Steps", "0"))
+  levels = sigma_schedules.table_levels(
+    "ddim", int(steps) if steps == int(steps) else None, "a1111",
+    zero_snr=fields.get("Noise Schedule") == "Zero Terminal SNR",
+    downcast=fields.get("Downcast alphas_cumprod") == "True",
+    discard=discard or scheduler.removesuffix("_karras") in _DISCARDING)
+  if levels is None:
+    return False
+  fields.pop("Steps")
+  flags["steps"], flags["sigmas"] = str(len(levels) - 1), [str(v) for v in levels]
+  options = json.loads(flags.get("scheduler_options", "{}"))
+  options.pop(schedulers.DISCARD_PENULTIMATE, None)  # in the levels already
+  flags["scheduler_options"] = json.dumps(options)
+  if "Hires upscale" in fields or "Hires resize" in fields:
+    notes.append(("hires_schedule_type", "Schedule type: DDIM: A1111's hires pass places DDIM's "
+                                         "levels too, sdjax's its sampler's own"))
+  return True
 
 
 def _a1111_sampling(fields, notes, sampler, scheduler) -> bool:

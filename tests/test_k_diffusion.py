@@ -262,6 +262,35 @@ def test_discard_penultimate_sigma(sampler, label, monkeypatch):
   assert max_rel_error(kept, want) > 100 * max(err, 1e-7)
 
 
+@pytest.mark.parametrize(("sampler", "steps", "extra", "options"), [
+    ("Euler", 30, "", {}),  # 31 levels above 0: 30 does not divide 1000
+    ("DPM2", 30, "", {"discard": True}),  # A1111's DPM2 drops the next-to-last of 31 steps'
+    ("Euler a", 20, "Noise Schedule: Zero Terminal SNR, ", {"zero_snr": True}),
+    ("DPM++ 2M", 25, "Downcast alphas_cumprod: True, ", {"downcast": True}),
+    ("Heun", 40, "Discard penultimate sigma: True, ", {"discard": True})])
+def test_a1111_ddim_schedule_type(sampler, steps, extra, options):
+  """A1111's DDIM schedule type: every (1000 // steps)-th level of k-diffusion's table from the
+  second, then 0, becomes the run's --sigmas, steps as many as they make."""
+  found = infotext.reproduce(f"a cat\nSteps: {steps}, Sampler: {sampler}, Schedule type: DDIM, "
+                             f"CFG scale: 7, Seed: 1, {extra}Version: v1.10.1")
+  config = {**SD15, "rescale_betas_zero_snr": options.get("zero_snr", False),
+            "downcast_alphas_cumprod": options.get("downcast", False)}
+  n = steps + options.get("discard", False)
+  with correctly_rounded_sqrt():
+    table = kd.train_sigmas(config).float()
+  want = [*table[1::1000 // n].flip(0).tolist(), 0.0]
+  if options.get("discard"):
+    want = want[:-2] + want[-1:]
+  assert [float(v) for v in found.flags["sigmas"]] == want
+  assert found.flags["steps"] == str(len(want) - 1) and "schedule_type" not in found.flags
+  options = json.loads(found.flags["scheduler_options"])
+  assert options["k_diffusion"] and "discard_penultimate_sigma" not in options  # in the levels
+  state = get_scheduler(outputs.scheduler_name(found.flags["scheduler"]), SD15, options={
+      **options, "sigmas": found.flags["sigmas"]}).set_timesteps(len(want) - 1,
+                                                                 sample_shape=SHAPE)
+  assert len(state.timesteps) >= len(want) - 1
+
+
 def test_runs_start_at_a_step():
   """img2img, hires and refiner runs start at a step's first call: Heun's every second call,
   SEEDS 3's every third, Heun++'s every third until its last two steps (two calls, then one)."""

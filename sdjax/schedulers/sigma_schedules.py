@@ -350,3 +350,45 @@ def _t_to_sigma(t: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
   high = np.ceil(t).astype(np.int64)
   w = t - low
   return np.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high])
+
+
+# SD1 / SD2 / SDXL's training schedule: where a UI's levels are read off it without the model at
+# hand (`table_levels`).
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear"}
+
+
+def table_levels(kind: str, steps, form: str, *, zero_snr: bool = False, downcast: bool = False,
+                 discard: bool = False) -> list[float] | None:
+  """The float32 levels (ending in 0) that A1111's (`form` "a1111") or ComfyUI's ("comfyui")
+  table of Stable Diffusion's schedule makes for `steps` by `kind`, where no schedule type
+  places them (their count is not always steps + 1): "ddim" (A1111's DDIM, ComfyUI's
+  ddim_uniform: every (1000 // steps)-th level from the second up, then 0; 30 steps make 31) or
+  "linear_quadratic" (ComfyUI's: linear then quadratic in 1 - sigma / sigma_max, in Python
+  floats, times its float32 largest level). The table zero-terminal-SNR rescaled or in float16
+  as the options say; `discard`: the levels of steps + 1 less the next-to-last. None for a step
+  count below 1."""
+  from sdjax.schedulers.euler import train_sigmas  # noqa: PLC0415  (euler imports us)
+
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    return None
+  if discard:
+    levels = table_levels(kind, steps + 1, form, zero_snr=zero_snr, downcast=downcast)
+    return levels[:-2] + levels[-1:]
+  config = {**SD_SCHEDULE, ZERO_SNR: zero_snr, DOWNCAST_ALPHAS_CUMPROD: downcast}
+  table = np.asarray(train_sigmas(form_alphas_cumprod(config, form)), np.float32)
+  if kind == "ddim":
+    levels = [*table[1::max(len(table) // steps, 1)][::-1].tolist(), 0.0]
+  elif kind == "linear_quadratic":
+    ramp = [1.0, 0.0]
+    if steps > 1:
+      linear = steps // 2
+      diff = linear - 0.025 * steps
+      quad, rest = diff / (linear * (steps - linear) ** 2), steps - linear
+      slope = 0.025 / linear - 2 * diff / rest**2
+      ramp = [1.0 - v for v in [i * 0.025 / linear for i in range(linear)]
+              + [quad * i**2 + slope * i + quad * linear**2 for i in range(linear, steps)] + [1.0]]
+    levels = (np.asarray(ramp, np.float32) * table[-1]).tolist()
+  else:
+    raise SchedulerConfigError(f"unknown table schedule {kind!r}")
+  return [float(np.float32(v)) for v in levels]
