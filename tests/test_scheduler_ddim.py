@@ -284,3 +284,12 @@ def test_a1111_img2img(steps, strength, options):
   state = ours.set_timesteps(steps)
   assert not np.allclose(np.asarray(ours.img2img_noise(state, image, init, 0)),
                          np.asarray(ours.add_noise(state, image, init, 0)), rtol=1e-3)
+
+
+def test_parallel_class_is_the_same_scheduler():
+  """A checkpoint shipping diffusers' DDIMParallelScheduler (its config, its step) gets
+  ddim."""
+  config = {**SD15, "_class_name": "DDIMParallelScheduler", "prediction_type": "v_prediction"}
+  parity = parity_errors(get_scheduler(None, config),
+                         lambda: diffusers.DDIMParallelScheduler.from_config(config), 10)
+  assert parity.exact_sqrt == 0.0 and parity.plain <= TOL, parity

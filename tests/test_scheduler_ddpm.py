@@ -147,3 +147,12 @@ def test_bfloat16_sample_keeps_its_dtype_with_float32_math():
   want, _ = sched.step(state, out.astype(f32), 3, x.astype(f32), noise.astype(f32))
   assert got.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(jnp.bfloat16)))
+
+
+def test_parallel_class_is_the_same_scheduler():
+  """A checkpoint shipping diffusers' DDPMParallelScheduler (its config, its step) gets
+  ddpm."""
+  config = {**SD15, "_class_name": "DDPMParallelScheduler", "prediction_type": "v_prediction"}
+  parity = parity_errors(get_scheduler(None, config),
+                         lambda: diffusers.DDPMParallelScheduler.from_config(config), 10)
+  assert parity.exact_sqrt == 0.0 and parity.plain <= TOL, parity

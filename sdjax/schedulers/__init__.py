@@ -104,8 +104,10 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
 # diffusers class name of a checkpoint's scheduler -> our name.
 _FROM_DIFFUSERS_CLASS = {
     "DDIMScheduler": "ddim",
+    "DDIMParallelScheduler": "ddim",  # DDIM's config and steps (its batched step aside)
     "PNDMScheduler": "pndm",
     "DDPMScheduler": "ddpm",
+    "DDPMParallelScheduler": "ddpm",
     "LMSDiscreteScheduler": "lms",
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_ancestral",
