@@ -98,6 +98,15 @@ def test_trajectory_matches_diffusers(pred, spacing, karras, steps, offset):
      20),
     ({"use_beta_sigmas": True, "final_sigmas_type": "sigma_min"}, 12),
     ({"use_beta_sigmas": True, "prediction_type": "v_prediction"}, 10),
+    # the eps forms (diffusers allows them with a sigma_min final level only)
+    ({"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, 10),
+    ({"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3,
+      "prediction_type": "sample"}, 16),
+    ({"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_type": "heun",
+      "prediction_type": "v_prediction"}, 12),
+    ({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"}, 10),
+    ({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min",
+      "solver_type": "heun", "prediction_type": "v_prediction"}, 14),
   ],
   ids=[
     "order1",
@@ -121,6 +130,11 @@ def test_trajectory_matches_diffusers(pred, spacing, karras, steps, offset):
     "exponential-sde-order3",
     "beta-sigma_min",
     "beta-v",
+    "eps",
+    "eps-order3-sample",
+    "eps-heun-v",
+    "sde-eps",
+    "sde-eps-heun-v",
   ],
 )
 def test_options_match_diffusers(options, steps):
@@ -205,8 +219,10 @@ def test_named_sde_forms_match_diffusers(name, options):
 @pytest.mark.parametrize(
   "options,option",
   [
-    ({"algorithm_type": "sde-dpmsolver"}, "algorithm_type"),
+    ({"algorithm_type": "sde-dpmsolver"}, "algorithm_type"),  # eps forms: not to sigma 0
     ({"algorithm_type": "dpmsolver"}, "algorithm_type"),
+    ({"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3},
+     "third order"),
     ({"algorithm_type": "deis"}, "algorithm_type"),  # diffusers refuses it with a zero sigma
     ({"thresholding": True}, "thresholding"),
     ({"solver_order": 4}, "solver_order"),

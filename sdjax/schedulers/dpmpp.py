@@ -2,7 +2,9 @@
 the EDM formulation as its `EDMDPMSolverMultistepScheduler` (see that class).
 
 Implemented: algorithm_type "dpmsolver++" (and "deis", which diffusers maps onto it) and its
-stochastic form "sde-dpmsolver++" (A1111's "DPM++ 2M SDE": fresh noise every step), solver
+stochastic form "sde-dpmsolver++" (A1111's "DPM++ 2M SDE": fresh noise every step), the
+noise-prediction forms "dpmsolver" and "sde-dpmsolver" (orders 1-2; diffusers has no third
+order for it) over eps, which diffusers allows with final_sigmas_type "sigma_min" only, solver
 orders 1, 2 and 3, solver_type "midpoint" / "heun", lower_order_final, euler_at_final, Karras,
 exponential or beta sigmas, final_sigmas_type "zero" / "sigma_min", lambda_min_clipped,
 zero-terminal-SNR betas.
@@ -132,6 +134,15 @@ class VPDataPrediction:
       return rounded(state.alpha_t[i] * sample) - rounded(state.sigma_t[i] * model_output)
     return model_output  # "sample"
 
+  def _eps(self, state, model_output, sample, i):
+    """The noise prediction (the eps forms integrate it)."""
+    prediction_type = self.prediction_type
+    if prediction_type == "epsilon":
+      return model_output
+    if prediction_type == "v_prediction":
+      return rounded(state.alpha_t[i] * model_output) + rounded(state.sigma_t[i] * sample)
+    return true_divide(sample - rounded(state.alpha_t[i] * model_output), state.sigma_t[i])
+
 
 @struct.dataclass
 class DPMSolverState:
@@ -210,7 +221,13 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
 
   @property
   def sde(self) -> bool:
-    return self.cfg["algorithm_type"] == "sde-dpmsolver++"
+    """Whether the steps take fresh noise (either SDE form)."""
+    return self.cfg["algorithm_type"] in ("sde-dpmsolver++", "sde-dpmsolver")
+
+  @property
+  def eps_form(self) -> bool:
+    """Whether the solver integrates the noise prediction (dpmsolver, sde-dpmsolver)."""
+    return self.cfg["algorithm_type"] in ("dpmsolver", "sde-dpmsolver")
 
   @property
   def needs_noise(self) -> bool:  # type: ignore[override]
@@ -271,8 +288,20 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     )
     check_common(cls.name, config, ("epsilon", "v_prediction", "sample"))
     check_choice(cls.name, "algorithm_type", config["algorithm_type"],
-                 ("dpmsolver++", "sde-dpmsolver++", "deis"))
+                 ("dpmsolver++", "sde-dpmsolver++", "deis", "dpmsolver", "sde-dpmsolver"))
     check_choice(cls.name, "final_sigmas_type", config["final_sigmas_type"], ("zero", "sigma_min"))
+    if config["algorithm_type"] in ("dpmsolver", "sde-dpmsolver"):
+      custom_final(config)
+      if config["final_sigmas_type"] == "zero":
+        raise SchedulerConfigError(
+          f"scheduler {cls.name!r}: algorithm_type {config['algorithm_type']!r} needs "
+          "final_sigmas_type='sigma_min' (as in diffusers; its eps is undefined at sigma 0)")
+      if config["algorithm_type"] == "sde-dpmsolver" and int(config["solver_order"]) == 3:
+        raise SchedulerConfigError(f"scheduler {cls.name!r}: sde-dpmsolver has no third order in "
+                                   "diffusers: solver_order 1 or 2")
+      if config.get("k_diffusion"):
+        raise SchedulerConfigError(f"scheduler {cls.name!r}: k_diffusion steps DPM-Solver++ "
+                                   f"(the x0 forms), not {config['algorithm_type']}")
     if config["algorithm_type"] == "deis":
       # diffusers rewrites deis to dpmsolver++, but only after refusing a zero final sigma.
       if config["final_sigmas_type"] == "zero":
@@ -339,7 +368,21 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
       r0 = h_0 / h
       r1 = h_1 / h
       c_noise = np.zeros_like(h)
-      if self.sde:  # diffusers' sde-dpmsolver++ updates, their operations in their order
+      if self.eps_form:  # diffusers' dpmsolver / sde-dpmsolver updates, over eps (subtracted)
+        expm1 = exp_f32(h) - _F32(1.0)
+        c_sample = alpha_t[1:] / alpha_t[:-1]
+        scale = _F32(2.0) if self.sde else _F32(1.0)  # the SDE form: twice the eps weights
+        c_d0 = scale * (sigma_t[1:] * expm1)
+        heun = -(scale * (sigma_t[1:] * (expm1 / h - _F32(1.0))))  # added: the weight negated
+        if config["solver_type"] == "midpoint":
+          c2_d1 = sigma_t[1:] * expm1 if self.sde else _F32(0.5) * (sigma_t[1:] * expm1)
+        else:
+          c2_d1 = heun
+        c3_d1 = heun
+        c3_d2 = sigma_t[1:] * ((expm1 - h) / (h * h) - _F32(0.5))
+        if self.sde:
+          c_noise = sigma_t[1:] * np.sqrt(exp_f32(_F32(2.0) * h) - _F32(1.0))
+      elif self.sde:  # diffusers' sde-dpmsolver++ updates, their operations in their order
         # k-diffusion's eta (A1111's Eta; diffusers' is 1): the step keeps exp(-eta h) of its
         # noise and adds sqrt(1 - exp(-2 eta h)) fresh; h + eta h is 2h at eta 1, exactly.
         eta = float(config.get(ANCESTRAL_ETA, 1.0))
@@ -445,7 +488,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     return bool(config.get("k_diffusion")) and self.sde and int(config["solver_order"]) == 3
 
   def brownian_queries(self, state):
-    if not self.sde:
+    if self.cfg["algorithm_type"] != "sde-dpmsolver++":  # k-diffusion's SDE samplers only
       return None
     sigmas = np.asarray(state.sigmas, _F32)  # k-diffusion's loop asks for (sigma_i, sigma_i+1)
     return [(sigmas[i], sigmas[i + 1]) if sigmas[i + 1] > 0 else None
@@ -472,7 +515,10 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     solver_order = int(config["solver_order"])
     n = state.timesteps.shape[0]  # static
     sample32 = as_f32(sample)
-    m0 = self._x0(state, as_f32(model_output), sample32, i)
+    if self.eps_form:
+      m0 = self._eps(state, as_f32(model_output), sample32, i)
+    else:
+      m0 = self._x0(state, as_f32(model_output), sample32, i)
     count = state.lower_order_nums
 
     # diffusers' lower_order_final / lower_order_second; which ones apply is static per run.
@@ -483,10 +529,11 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     use_first = (count < 1) | ((i == n - 1) & final_first)
     use_second = (count < 2) | ((i == n - 2) & second_last_second)
 
-    # Every product is rounded before it is summed, as torch does (see `rounded`). The ODE
-    # subtracts the terms the SDE adds (its coefficients carry the other sign).
+    # Every product is rounded before it is summed, as torch does (see `rounded`). The ODE and
+    # the eps forms subtract the terms sde-dpmsolver++ adds (its coefficients carry the other
+    # sign).
     def plus(a, b):
-      return a + b if sde else a - b
+      return a + b if config["algorithm_type"] == "sde-dpmsolver++" else a - b
 
     prev_sample = plus(rounded(state.c_sample[i] * sample32), rounded(state.c_d0[i] * m0))
     kd3m = self._k_diffusion_3m  # k-diffusion's divisions, in its order
