@@ -370,6 +370,10 @@ def _hires(reader: _Reader, first: dict[str, Any], hires) -> None:
   if inputs.get("sampler_name") != first.get("sampler_name") and (
       inputs.get("sampler_name") in SAMPLERS):
     fields["Hires sampler"] = outputs.A1111_SAMPLER_NAMES[SAMPLERS[inputs["sampler_name"]]]
+  if (inputs.get("sampler_name") in _DISCARDING) != (first.get("sampler_name") in _DISCARDING):
+    reader.note(None, f"node {sampler_id} (the hires pass): ComfyUI's KSampler drops the "
+                      "next-to-last level for dpm_2 / uni_pc and not for others; sdjax's hires "
+                      "pass does as its first pass does")
   if inputs.get("scheduler") != first.get("scheduler") and inputs.get("scheduler") in SCHEDULERS:
     fields["Hires schedule type"] = outputs.A1111_SCHEDULE_TYPE_NAMES[inputs["scheduler"]]
   if inputs.get("cfg") != first.get("cfg"):

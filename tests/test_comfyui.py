@@ -293,6 +293,9 @@ def test_hires_fix_with_its_own_settings():
   assert "ComfyUI's area latent upscale is not one sdjax has" in notes
   assert "enlarges to 1024x1024 (crop disabled) at another aspect" in notes
   assert "has its own seed 7" in notes
+  assert "drops the next-to-last level" not in notes  # neither pass drops it
+  graph["11"]["inputs"]["sampler_name"] = "uni_pc"  # its KSampler drops it for the hires pass
+  assert "drops the next-to-last level" in _notes(comfyui.reproduce(graph))
 
 
 def test_advanced_sampler_and_img2img():
