@@ -56,7 +56,7 @@ SAMPLERS = {
     "res_multistep_ancestral": "res_multistep_ancestral", "er_sde": "er_sde",
     "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp", "deis": "deis_tab",
     "seeds_2": "seeds_2", "seeds_3": "seeds_3", "heunpp2": "heunpp2",
-    "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_ancestral_cfg_pp", "dpm_fast": "dpm_fast",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal",
@@ -369,7 +369,8 @@ def _hires(reader: _Reader, first: dict[str, Any], hires) -> None:
   fields["Denoising strength"] = str(inputs.get("denoise", 1.0))
   if inputs.get("sampler_name") != first.get("sampler_name") and (
       inputs.get("sampler_name") in SAMPLERS):
-    fields["Hires sampler"] = outputs.A1111_SAMPLER_NAMES[SAMPLERS[inputs["sampler_name"]]]
+    name = SAMPLERS[inputs["sampler_name"]]
+    fields["Hires sampler"] = outputs.A1111_SAMPLER_NAMES.get(name, name)
   if (inputs.get("sampler_name") in _DISCARDING) != (first.get("sampler_name") in _DISCARDING):
     reader.note(None, f"node {sampler_id} (the hires pass): ComfyUI's KSampler drops the "
                       "next-to-last level for dpm_2 / uni_pc and not for others; sdjax's hires "
@@ -496,7 +497,7 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
                       f"{seed % 2**32} draws the same initial noise (--seed_high gives the "
                       "others)")
   if sampler in SAMPLERS:
-    fields["Sampler"] = outputs.A1111_SAMPLER_NAMES[SAMPLERS[sampler]]
+    fields["Sampler"] = outputs.A1111_SAMPLER_NAMES.get(SAMPLERS[sampler], SAMPLERS[sampler])
   else:
     reader.note("scheduler", f"sampler {sampler} is not one sdjax has: give --scheduler")
   table = (scheduler in _TABLE_SCHEDULERS and sampler in SAMPLERS

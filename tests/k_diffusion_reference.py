@@ -762,3 +762,48 @@ def sample_heunpp2(config, sigmas, x, noises):
       x = x + ((1 - w_2 - w_3) * d + w_2 * d_2 + w_3 * d_3) * dt
     out.append(x)
   return np.stack([y.numpy() for y in out])
+
+
+def sample_dpm_fast(config, sigmas, x, noises):
+  """ComfyUI's dpm_fast (k-diffusion's DPMSolver.dpm_solver_fast at eta 0), written out: its
+  calls spent on DPM-Solver-3 steps (2 and 1 at the end) even in t = -log sigma from the first
+  level to the smallest above 0, where it ends. One entry per model call."""
+  del noises
+  denoise, out = denoiser(config), []
+  low = sigmas[-2] if sigmas[-1] == 0 else sigmas[-1]
+  calls = len(sigmas) - 1
+  t_start, t_end = torch.tensor(float(sigmas[0])).log().neg(), torch.tensor(float(low)).log().neg()
+  m = calls // 3 + 1
+  ts = torch.linspace(t_start, t_end, m + 1)
+  orders = [3] * (m - 2) + [2, 1] if calls % 3 == 0 else [3] * (m - 1) + [calls % 3]
+
+  def eps_at(x, t):
+    level = t.neg().exp()
+    return (x - denoise(x, level)) / level
+
+  for i, order in enumerate(orders):
+    t, t_next = ts[i], ts[i + 1]
+    h, end = t_next - t, t_next.neg().exp()
+    eps = eps_at(x, t)
+    if order == 1:
+      x = x - end * h.expm1() * eps
+      out.append(x)
+      continue
+    r1 = 1 / 2 if order == 2 else 1 / 3
+    s1 = t + r1 * h
+    u1 = x - s1.neg().exp() * (r1 * h).expm1() * eps
+    out.append(u1)
+    eps_1 = eps_at(u1, s1)
+    if order == 2:
+      x = x - end * h.expm1() * eps - end / (2 * r1) * h.expm1() * (eps_1 - eps)
+      out.append(x)
+      continue
+    r2 = 2 / 3
+    s2 = t + r2 * h
+    u2 = (x - s2.neg().exp() * (r2 * h).expm1() * eps
+          - s2.neg().exp() * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_1 - eps))
+    out.append(u2)
+    eps_2 = eps_at(u2, s2)
+    x = x - end * h.expm1() * eps - end / r2 * (h.expm1() / h - 1) * (eps_2 - eps)
+    out.append(x)
+  return np.stack([y.numpy() for y in out])

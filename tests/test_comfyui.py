@@ -92,6 +92,7 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("seeds_3", "sgm_uniform", "SEEDS 3", "SGM Uniform"),  # three calls a step, noise each
     ("heunpp2", "simple", "HeunPP2", "Simple"),  # 3, 2, then 1 calls a step
     ("dpmpp_2s_ancestral_cfg_pp", "karras", "DPM++ 2S a CFG++", "Karras"),
+    ("dpm_fast", "normal", "dpm_fast", "Normal"),  # no A1111 name: sdjax's own
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
   found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
@@ -112,7 +113,7 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
   assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "iPNDM",
                               "Res Multistep", "DPM++ 2M CFG++", "DEIS", "SEEDS 3", "DPM2 a",
-                              "HeunPP2", "DPM++ 2S a CFG++"))
+                              "HeunPP2", "DPM++ 2S a CFG++", "dpm_fast"))
   # its KSampler's levels of one step more less the next-to-last, for these samplers only
   discards = '"discard_penultimate_sigma": true' in found.flags.get("scheduler_options", "")
   assert discards == (sampler in ("dpm_2_ancestral", "uni_pc", "uni_pc_bh2"))

@@ -97,6 +97,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "seeds_2": ("comfyui_samplers", "SEEDSScheduler", {}),
     "seeds_3": ("comfyui_samplers", "SEEDS3Scheduler", {}),
     "heunpp2": ("comfyui_samplers", "HeunPP2Scheduler", {}),  # Forge's "HeunPP2"
+    "dpm_fast": ("comfyui_samplers", "DPMFastScheduler", {}),
     "dpmpp_2s_ancestral_cfg_pp": ("dpmpp_2s", "DPMSolver2SAncestralCFGPPScheduler",
                                   {"use_karras_sigmas": False}),
 }

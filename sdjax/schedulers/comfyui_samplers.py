@@ -31,6 +31,11 @@ d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the s
 - `heunpp2`: Heun++ (Forge's "HeunPP2"): three model calls a step (the Euler predictor's and a
   second Euler step's), the slopes weighed by the levels over 3 sigma_0 of the run; the
   second-to-last step Heun's with weights over 2 sigma_0, the last Euler's.
+- `dpm_fast`: k-diffusion's DPM-Solver-Fast (Lu et al. 2022) as ComfyUI's KSampler runs it: the
+  steps' UNet calls spent on DPM-Solver-3 steps (1 and 2 at the end) evenly spaced in -log sigma
+  from the first level to the smallest above 0, whatever lies between; it ends there, at that
+  level's noise (no step to 0). Its plan depends on both ends, so text-to-image only. (A1111's
+  "DPM fast" runs the same loop between the training extremes at its ancestral eta: not this.)
 - CFG++ forms (`takes_uncond`: the guided x0 steps along the unconditional prediction):
   `dpmpp_2m_cfg_pp`, `res_multistep_cfg_pp`, `res_multistep_ancestral_cfg_pp`,
   `gradient_estimation_cfg_pp`.
@@ -622,6 +627,110 @@ class HeunPP2Scheduler(EulerDiscreteScheduler):
     return prev.astype(sample.dtype), state.replace(
       start=start, slopes=jnp.stack([slope_0, slope_1]), sigma_first=first,
       count=state.count + 1)
+
+
+# -- DPM-Solver-Fast (ComfyUI's dpm_fast): DPM-Solver-1/2/3 steps even in t = -log sigma.
+
+
+@struct.dataclass
+class DPMFastState(SigmaState):
+  """`SigmaState` over the model calls ([P], `sigmas` [P + 1]: each call's level, then the last
+  one's), and what a step carries.
+
+  Attributes:
+    coefficients: [P, 3] float32: the weight of eps at the step's first call, of the change of
+      eps since it, and 1 at a step's first call.
+    start: the step's start sample; first_eps: its first call's eps.
+  """
+
+  coefficients: jnp.ndarray
+  start: jnp.ndarray
+  first_eps: jnp.ndarray
+
+
+def _dpm_fast_plan(sigma_max, sigma_min, calls: int):
+  """k-diffusion's dpm_solver_fast plan in float32 as its torch scalars: per call (the level it
+  runs at, the eps weight, the eps-change weight, whether it starts a step), and the end level."""
+  f = np.float32
+  t_start, t_end = -log_f32(f(sigma_max)), -log_f32(f(sigma_min))
+  m = calls // 3 + 1
+  ts = torch_linspace_f32(t_start, t_end, m + 1)
+  orders = [3] * (m - 2) + [2, 1] if calls % 3 == 0 else [3] * (m - 1) + [calls % 3]
+  rows = []
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    for i, order in enumerate(orders):
+      t, t_next = ts[i], ts[i + 1]
+      h = f(t_next - t)
+      level, end = exp_f32(-t), exp_f32(-t_next)
+      whole = f(end * _expm1_f32(h))
+      if order == 1:
+        rows.append((level, whole, 0, 1))
+        continue
+      r1 = f(1 / 2) if order == 2 else f(1 / 3)
+      s1 = f(t + r1 * h)
+      rows.append((level, f(exp_f32(-s1) * _expm1_f32(f(r1 * h))), 0, 1))
+      if order == 2:
+        rows.append((exp_f32(-s1), whole, f(f(end / f(2 * (1 / 2))) * _expm1_f32(h)), 0))
+        continue
+      r2 = f(2 / 3)
+      s2, r2h = f(t + r2 * h), f(r2 * h)
+      rows.append((exp_f32(-s1), f(exp_f32(-s2) * _expm1_f32(r2h)),
+                   f(f(exp_f32(-s2) * f(2.0)) * f(_expm1_f32(r2h) / r2h - f(1))), 0))
+      rows.append((exp_f32(-s2), whole, f(f(end / r2) * f(_expm1_f32(h) / h - f(1))), 0))
+  return rows, exp_f32(-ts[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMFastScheduler(EulerDiscreteScheduler):
+  """ComfyUI's `dpm_fast` (see the module docstring)."""
+
+  name = "dpm_fast"
+  order = 3  # model calls a step, but for its last one or two
+  needs_noise = False
+  text_to_image_only = True  # its plan is placed between the run's own ends
+
+  def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
+    if sample_shape is None:
+      raise ValueError(f"{self.name} carries a step's sample between its calls: set_timesteps "
+                       "needs sample_shape")
+    config = self.cfg
+    alphas_cumprod = train_alphas_cumprod(config)
+    _, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod, name=self.name)
+    sigmas = sigmas.astype(np.float32)
+    low = sigmas[-2] if sigmas[-1] == 0 and len(sigmas) > 2 else sigmas[-1]
+    if not (sigmas[0] > 0 and low > 0):
+      raise ValueError(f"{self.name} runs between two levels above 0: give it more steps")
+    rows, end = _dpm_fast_plan(sigmas[0], low, len(sigmas) - 1)
+    levels = np.asarray([row[0] for row in rows], np.float32)
+    log_sigmas = np.log(train_sigmas(alphas_cumprod))
+    times = (nearest_t if config.get("comfyui") else sigma_to_t)(levels, log_sigmas)
+    zeros = jnp.zeros(sample_shape, jnp.float32)
+    return DPMFastState(
+      **_per_call(config, levels, times, np.asarray([sigmas[0], end], np.float32)),
+      coefficients=jnp.asarray(np.asarray([row[1:] for row in rows], np.float32)),
+      start=zeros, first_eps=zeros)
+
+  def starts_step(self, state, position: int) -> bool:
+    return bool(np.asarray(state.coefficients)[position, 2] > 0)
+
+  def step_position(self, state, step: int) -> int:
+    firsts = np.asarray(state.coefficients)[:, 2] > 0
+    starts = np.flatnonzero(firsts)
+    return int(starts[step]) if step < len(starts) else len(firsts)
+
+  def step(self, state, model_output, i, sample, noise=None):
+    del noise
+    x = as_f32(sample)
+    sigma = state.sigmas[i]
+    x0 = predict_original(self.prediction_type, as_f32(model_output), x, sigma, state.v_out[i],
+                          state.v_den[i])
+    eps = true_divide(x - x0, sigma)
+    on_eps, on_change, first = (state.coefficients[i][k] for k in range(3))
+    starting = first > 0
+    start = jnp.where(starting, x, state.start)
+    first_eps = jnp.where(starting, eps, state.first_eps)
+    prev = (start - rounded(on_eps * first_eps)) - rounded(on_change * rounded(eps - first_eps))
+    return prev.astype(sample.dtype), state.replace(start=start, first_eps=first_eps)
 
 
 # -- Their CFG++ forms (Chung et al. 2024, `takes_uncond`): the guided x0 steps, renoised along
