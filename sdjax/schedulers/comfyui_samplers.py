@@ -158,6 +158,27 @@ def _res_weights(sigmas: np.ndarray, downs: np.ndarray) -> np.ndarray:
   return out
 
 
+def _x0_and_slope(scheduler, state, model_output, i, x):
+  """(x0, (x - x0) / sigma) of the call at position `i`, at its level `state.sigmas[i]`."""
+  sigma = state.sigmas[i]
+  x0 = predict_original(scheduler.prediction_type, as_f32(model_output), x, sigma,
+                        state.v_out[i], state.v_den[i])
+  return x0, true_divide(x - x0, sigma)
+
+
+class _StepStarts:
+  """Where a step starts for samplers whose steps take varying numbers of calls
+  (`_firsts(state)`: bool [P], the calls that start one)."""
+
+  def step_position(self, state, step: int) -> int:
+    firsts = self._firsts(state)
+    starts = np.flatnonzero(firsts)
+    return int(starts[step]) if step < len(starts) else len(firsts)
+
+  def starts_step(self, state, position: int) -> bool:
+    return bool(self._firsts(state)[position])
+
+
 @dataclasses.dataclass(frozen=True)
 class _MultistepScheduler(EulerDiscreteScheduler):
   """Euler's config, options and placement; a history in the state."""
@@ -177,10 +198,7 @@ class _MultistepScheduler(EulerDiscreteScheduler):
     return np.zeros((len(sigmas) - 1, 1), np.float32)
 
   def _x0_and_d(self, state, model_output, i, x):
-    sigma = state.sigmas[i]
-    x0 = predict_original(self.prediction_type, as_f32(model_output), x, sigma, state.v_out[i],
-                          state.v_den[i])
-    return x0, true_divide(x - x0, sigma)
+    return _x0_and_slope(self, state, model_output, i, x)
 
   def _by_order(self, state, i, x, x0, orders):
     """x plus the step of the order the run's calls so far allow (`orders[k]`: order k + 1, at
@@ -554,7 +572,7 @@ class HeunPPState(SigmaState):
 
 
 @dataclasses.dataclass(frozen=True)
-class HeunPP2Scheduler(EulerDiscreteScheduler):
+class HeunPP2Scheduler(_StepStarts, EulerDiscreteScheduler):
   """ComfyUI's `heunpp2` (see the module docstring)."""
 
   name = "heunpp2"
@@ -593,23 +611,14 @@ class HeunPP2Scheduler(EulerDiscreteScheduler):
       start=zeros, slopes=jnp.zeros((2, *sample_shape), jnp.float32),
       sigma_first=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.int32))
 
-  def _starts(self, state) -> np.ndarray:
-    return np.flatnonzero(np.isin(np.asarray(state.role), _STEP_STARTS))
-
-  def step_position(self, state, step: int) -> int:
-    starts = self._starts(state)
-    return int(starts[step]) if step < len(starts) else len(np.asarray(state.role))
-
-  def starts_step(self, state, position: int) -> bool:
-    return position in set(self._starts(state).tolist())
+  def _firsts(self, state) -> np.ndarray:
+    return np.isin(np.asarray(state.role), _STEP_STARTS)
 
   def step(self, state, model_output, i, sample, noise=None):
     del noise
     x = as_f32(sample)
     sigma = state.sigmas[i]
-    x0 = predict_original(self.prediction_type, as_f32(model_output), x, sigma, state.v_out[i],
-                          state.v_den[i])
-    d = true_divide(x - x0, sigma)
+    _, d = _x0_and_slope(self, state, model_output, i, x)
     role = state.role[i]
     dt, stage_dt, sigma_1, sigma_2 = (state.coefficients[i][k] for k in range(4))
     first = jnp.where(state.count == 0, sigma, state.sigma_first)
@@ -681,7 +690,7 @@ def _dpm_fast_plan(sigma_max, sigma_min, calls: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMFastScheduler(EulerDiscreteScheduler):
+class DPMFastScheduler(_StepStarts, EulerDiscreteScheduler):
   """ComfyUI's `dpm_fast` (see the module docstring)."""
 
   name = "dpm_fast"
@@ -710,21 +719,13 @@ class DPMFastScheduler(EulerDiscreteScheduler):
       coefficients=jnp.asarray(np.asarray([row[1:] for row in rows], np.float32)),
       start=zeros, first_eps=zeros)
 
-  def starts_step(self, state, position: int) -> bool:
-    return bool(np.asarray(state.coefficients)[position, 2] > 0)
-
-  def step_position(self, state, step: int) -> int:
-    firsts = np.asarray(state.coefficients)[:, 2] > 0
-    starts = np.flatnonzero(firsts)
-    return int(starts[step]) if step < len(starts) else len(firsts)
+  def _firsts(self, state) -> np.ndarray:
+    return np.asarray(state.coefficients)[:, 2] > 0
 
   def step(self, state, model_output, i, sample, noise=None):
     del noise
     x = as_f32(sample)
-    sigma = state.sigmas[i]
-    x0 = predict_original(self.prediction_type, as_f32(model_output), x, sigma, state.v_out[i],
-                          state.v_den[i])
-    eps = true_divide(x - x0, sigma)
+    _, eps = _x0_and_slope(self, state, model_output, i, x)
     on_eps, on_change, first = (state.coefficients[i][k] for k in range(3))
     starting = first > 0
     start = jnp.where(starting, x, state.start)
