@@ -873,12 +873,33 @@ def _beta_levels(n, low, high, alpha, beta):
   return torch.FloatTensor([*levels, 0.0])
 
 
+def _timestep_levels(n, low, high, sgm):
+  """A1111's SGM Uniform (`sgm`) or Normal between `low` and `high`, written out: k-diffusion's
+  sigma_to_t of each end and t_to_sigma of n (SGM: the first n of n + 1) timesteps evenly
+  between, in float32, then 0."""
+  log_sigmas = kd.train_log_sigmas(SD15).float()
+
+  def to_t(sigma):
+    log_sigma = torch.tensor(sigma, dtype=torch.float32).log()
+    below = (log_sigma - log_sigmas[:, None]).ge(0).cumsum(dim=0).argmax(dim=0)
+    low_idx = below.clamp(max=log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low_idx], log_sigmas[low_idx + 1]
+    w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+    return ((1 - w) * low_idx + w * (low_idx + 1)).reshape(())
+
+  t = torch.linspace(to_t(high), to_t(low), n + sgm)[:n]
+  w = t.frac()
+  levels = ((1 - w) * log_sigmas[t.floor().long()] + w * log_sigmas[t.ceil().long()]).exp()
+  return torch.cat([levels, torch.zeros(1)])
+
+
 @pytest.mark.parametrize(("label", "extra"), [
     ("Karras", "Schedule min sigma: 0.1, Schedule max sigma: 10.0, Schedule rho: 5.0, "),
     ("Polyexponential", "Schedule max sigma: 8.0, Schedule rho: 2.0, "),
     ("Exponential", "Schedule min sigma: 0.05, "),
     ("Beta", "Beta schedule alpha: 0.5, Beta schedule beta: 0.7, Schedule max sigma: 12.0, "),
     ("SGM Uniform", "Schedule min sigma: 0.1, Schedule max sigma: 10.0, "),
+    ("Normal", "Schedule min sigma: 0.2, Schedule max sigma: 8.0, "),
 ])
 @pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
 def test_a1111_schedule_settings(sampler, label, extra):
@@ -904,9 +925,8 @@ def test_a1111_schedule_settings(sampler, label, extra):
     want = torch.linspace(math.log(high), math.log(low), 8).exp()
   elif label == "Beta":
     want = _beta_levels(8, low, high, 0.5, 0.7)
-  else:  # its first level at max sigma, read back off the table's timesteps
-    assert math.isclose(levels[0], high, rel_tol=1e-5) and levels[-1] > low
-    return
+  else:  # the ends' timesteps off the table, evenly between, their levels
+    want = _timestep_levels(8, low, high, label == "SGM Uniform")
   np.testing.assert_allclose(levels, want.numpy()[:8], rtol=1e-6)
   default = get_scheduler(outputs.scheduler_name(sampler), SD15, options={
       k: v for k, v in options.items() if not k.startswith("schedule_") or k == "schedule_type"})
