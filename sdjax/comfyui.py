@@ -121,6 +121,8 @@ _MODEL_SAMPLING = "ModelSamplingDiscrete"
 _LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
 _TEXT_NODES = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXL": "text_g",
                "CLIPTextEncodeSDXLRefiner": "text"}
+# CLIPTextEncodeSDXL's micro-conditioning inputs (its adm: original, crop, target size).
+_MICRO_INPUTS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
 # ComfyUI's latent upscale methods that are A1111's latent upscalers (both torch's interpolate).
 _LATENT_UPSCALE_METHODS = {"nearest-exact": "Latent (nearest-exact)", "bilinear": "Latent",
                            "bicubic": "Latent (bicubic)"}
@@ -170,6 +172,8 @@ class _Reader:
     self.fields: dict[str, str] = {}  # A1111's names (`infotext.from_fields`)
     self.loras: list[str] = []  # A1111's <lora:name:te:unet> tags, the checkpoint's first
     self.lcm_node: str | None = None  # a ModelSamplingDiscrete "lcm" node's id
+    # SDXL micro-conditioning of the CLIPTextEncodeSDXL nodes, by which conditioning it is
+    self.micro: dict[str, tuple] = {}
     self.notes: list[tuple[str | None, str]] = []
     self._noted: set[str] = set()
 
@@ -214,9 +218,24 @@ class _Reader:
         None, text):
       self.note(None, f"node {node_id}: SDXL's text_l differs from its text_g; sdjax gives both "
                       "encoders text_g")
+    if node["class_type"] == "CLIPTextEncodeSDXL":  # its size, crop and target size inputs
+      self.micro[which] = tuple(_inputs(node).get(key) for key in _MICRO_INPUTS)
     if node["class_type"] == "CLIPTextEncode":
       self._clip(_inputs(node).get("clip"))
     return text if isinstance(text, str) else str(text)
+
+  def micro_conditioning(self) -> None:
+    """SDXL's Original size, Crop and Target size fields from the positive CLIPTextEncodeSDXL
+    (the negative's the same, as sdjax conditions both on them; else a note)."""
+    sizes = self.micro.get("positive")
+    if sizes is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+      return
+    width, height, crop_w, crop_h, target_width, target_height = sizes
+    self.fields.update({"Original size": f"{width}x{height}", "Crop": f"{crop_w}x{crop_h}",
+                        "Target size": f"{target_width}x{target_height}"})
+    if self.micro.get("negative", sizes) != sizes:
+      self.note(None, "the negative CLIPTextEncodeSDXL's size, crop or target size differs from "
+                      "the positive's: sdjax conditions both on the positive's")
 
   def _clip(self, value) -> None:
     """Clip skip from a CLIPSetLastLayer on the text encoder's way (-2: the penultimate)."""
@@ -474,6 +493,7 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   negative = inputs.get("negative")  # none with a BasicGuider: one conditioning
   fields["negative_prompt"] = ("" if negative is None and node["class_type"] in
                                _CUSTOM_SAMPLER_NODES else reader.text(negative, "negative"))
+  reader.micro_conditioning()
   for key, name, flag in (("Steps", "steps", "steps"), ("CFG scale", "cfg", "guidance_scale"),
                           ("Seed", "noise_seed" if advanced else "seed", "seed")):
     value = inputs.get(name)

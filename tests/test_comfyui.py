@@ -531,3 +531,20 @@ def test_custom_sampling_keeps_every_level():
   graph["20"]["inputs"]["sampler_name"] = "uni_pc"
   options = json.loads(comfyui.reproduce(graph).flags["scheduler_options"])
   assert options["comfyui"] is True and "discard_penultimate_sigma" not in options
+
+
+def test_sdxl_text_encoder_micro_conditioning():
+  """CLIPTextEncodeSDXL's width / height, crop and target size: SDXL's original size, crop
+  (top, left) and target size; a negative node with other sizes is a note (sdjax conditions
+  both on the positive's)."""
+  graph = default_graph()
+  for node, text in (("6", "a cat"), ("7", "blurry")):
+    graph[node] = {"class_type": "CLIPTextEncodeSDXL", "inputs": {
+        "width": 4096, "height": 2048, "crop_w": 8, "crop_h": 16, "target_width": 1024,
+        "target_height": 768, "text_g": text, "text_l": text, "clip": ["4", 1]}}
+  found = comfyui.reproduce(graph)
+  assert (found.flags["original_size"], found.flags["crops_coords_top_left"],
+          found.flags["target_size"]) == (["2048", "4096"], ["16", "8"], ["768", "1024"])
+  assert "differs from the positive's" not in _notes(found)
+  graph["7"]["inputs"]["target_width"] = 2048
+  assert "differs from the positive's" in _notes(comfyui.reproduce(graph))
