@@ -315,6 +315,13 @@ flags.DEFINE_list("original_size", None, "SDXL micro-conditioning: HEIGHT,WIDTH 
 flags.DEFINE_list("crops_coords_top_left", ["0", "0"], "SDXL micro-conditioning: TOP,LEFT")
 flags.DEFINE_list("target_size", None, "SDXL micro-conditioning: HEIGHT,WIDTH "
                   "(default: the output size)")
+flags.DEFINE_list("negative_original_size", None, "SDXL micro-conditioning of the negative "
+                  "prompt: HEIGHT,WIDTH (text-to-image: with --negative_target_size; default: "
+                  "the positive's)")
+flags.DEFINE_list("negative_crops_coords_top_left", ["0", "0"],
+                  "SDXL micro-conditioning of the negative prompt: TOP,LEFT")
+flags.DEFINE_list("negative_target_size", None, "SDXL micro-conditioning of the negative prompt: "
+                  "HEIGHT,WIDTH")
 flags.DEFINE_float("aesthetic_score", 6.0, "SDXL refiner: aesthetic score conditioning")
 flags.DEFINE_float("negative_aesthetic_score", 2.5, "SDXL refiner: negative aesthetic score")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a preset from configs/")
@@ -544,7 +551,9 @@ def _freeu():
 def _micro_conditioning() -> MicroConditioning:
   return MicroConditioning(
       original_size=_pair("original_size"), crops_coords_top_left=_pair("crops_coords_top_left"),
-      target_size=_pair("target_size"), aesthetic_score=FLAGS.aesthetic_score,
+      target_size=_pair("target_size"), negative_original_size=_pair("negative_original_size"),
+      negative_crops_coords_top_left=_pair("negative_crops_coords_top_left"),
+      negative_target_size=_pair("negative_target_size"), aesthetic_score=FLAGS.aesthetic_score,
       negative_aesthetic_score=FLAGS.negative_aesthetic_score)
 
 

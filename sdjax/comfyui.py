@@ -225,17 +225,27 @@ class _Reader:
     return text if isinstance(text, str) else str(text)
 
   def micro_conditioning(self) -> None:
-    """SDXL's Original size, Crop and Target size fields from the positive CLIPTextEncodeSDXL
-    (the negative's the same, as sdjax conditions both on them; else a note)."""
-    sizes = self.micro.get("positive")
-    if sizes is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+    """SDXL's Original size, Crop and Target size fields of a CLIPTextEncodeSDXL's inputs (a
+    plain text encoder's: ComfyUI's defaults, the image size, no crop), and the negative ones
+    where its sizes differ from the positive's (sdjax's negative conditioning takes the
+    positive's unless given)."""
+    if not self.micro or "Size" not in self.fields:
       return
-    width, height, crop_w, crop_h, target_width, target_height = sizes
-    self.fields.update({"Original size": f"{width}x{height}", "Crop": f"{crop_w}x{crop_h}",
-                        "Target size": f"{target_width}x{target_height}"})
-    if self.micro.get("negative", sizes) != sizes:
-      self.note(None, "the negative CLIPTextEncodeSDXL's size, crop or target size differs from "
-                      "the positive's: sdjax conditions both on the positive's")
+    width, height = (int(v) for v in self.fields["Size"].split("x"))
+    default = (width, height, 0, 0, width, height)
+    sizes = {which: self.micro.get(which, default) for which in ("positive", "negative")}
+    if not all(isinstance(v, int) and not isinstance(v, bool)
+               for values in sizes.values() for v in values):
+      self.note(None, "a CLIPTextEncodeSDXL's size inputs come from other nodes: not reproduced")
+      return
+    for which, keys in (("positive", ("Original size", "Crop", "Target size")),
+                        ("negative", ("Negative original size", "Negative crop",
+                                      "Negative target size"))):
+      if which == "negative" and sizes["negative"] == sizes["positive"]:
+        break
+      w, h, crop_w, crop_h, target_w, target_h = sizes[which]
+      self.fields.update(zip(keys, (f"{w}x{h}", f"{crop_w}x{crop_h}", f"{target_w}x{target_h}"),
+                             strict=True))
 
   def _clip(self, value) -> None:
     """Clip skip from a CLIPSetLastLayer on the text encoder's way (-2: the penultimate)."""
@@ -493,7 +503,6 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   negative = inputs.get("negative")  # none with a BasicGuider: one conditioning
   fields["negative_prompt"] = ("" if negative is None and node["class_type"] in
                                _CUSTOM_SAMPLER_NODES else reader.text(negative, "negative"))
-  reader.micro_conditioning()
   for key, name, flag in (("Steps", "steps", "steps"), ("CFG scale", "cfg", "guidance_scale"),
                           ("Seed", "noise_seed" if advanced else "seed", "seed")):
     value = inputs.get(name)
@@ -548,6 +557,7 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     reader.note(None, f"node {sampler_id} runs steps {inputs.get('start_at_step')} to "
                       f"{inputs.get('end_at_step')} only: sdjax runs them all")
   reader.latent(inputs.get("latent_image"), None if advanced else inputs.get("denoise"))
+  reader.micro_conditioning()  # SDXL's, by the size
   hires = _hires_pass(graph, sampler_id, others)
   if hires is not None:
     _hires(reader, inputs, hires)

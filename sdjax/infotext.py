@@ -652,7 +652,10 @@ def _looks(fields, flags) -> None:
 def _sdxl(fields, flags, notes) -> None:
   """SDXL's micro-conditioning (WxH, as sdjax writes it; Crop: LEFTxTOP) and refiner."""
   for key, flag in (("Original size", "original_size"), ("Target size", "target_size"),
-                    ("Crop", "crops_coords_top_left")):
+                    ("Crop", "crops_coords_top_left"),
+                    ("Negative original size", "negative_original_size"),
+                    ("Negative target size", "negative_target_size"),
+                    ("Negative crop", "negative_crops_coords_top_left")):
     if key in fields:
       across, down = _size(key, fields.pop(key))
       flags[flag] = [str(down), str(across)]  # HEIGHT,WIDTH; TOP,LEFT

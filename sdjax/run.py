@@ -2299,6 +2299,11 @@ class _Metadata:
     extra = {"Original size": _size_text(m.original_size or (height, width)),
              "Crop": _size_text(m.crops_coords_top_left),
              "Target size": _size_text(m.target_size or (height, width))}
+    if m.negative_original_size is not None or m.negative_target_size is not None:
+      extra.update({key: _size_text(value) for key, value in (
+          ("Negative original size", m.negative_original_size),
+          ("Negative crop", m.negative_crops_coords_top_left),
+          ("Negative target size", m.negative_target_size)) if value is not None})
     if self.refiner is not None:
       name, short = self.refiner
       extra.update({"Refiner": f"{name} [{short}]" if short else name,

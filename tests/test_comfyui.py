@@ -535,8 +535,8 @@ def test_custom_sampling_keeps_every_level():
 
 def test_sdxl_text_encoder_micro_conditioning():
   """CLIPTextEncodeSDXL's width / height, crop and target size: SDXL's original size, crop
-  (top, left) and target size; a negative node with other sizes is a note (sdjax conditions
-  both on the positive's)."""
+  (top, left) and target size; the negative conditioning's where the negative's differ (a
+  plain CLIPTextEncode's: ComfyUI's defaults)."""
   graph = default_graph()
   for node, text in (("6", "a cat"), ("7", "blurry")):
     graph[node] = {"class_type": "CLIPTextEncodeSDXL", "inputs": {
@@ -545,6 +545,13 @@ def test_sdxl_text_encoder_micro_conditioning():
   found = comfyui.reproduce(graph)
   assert (found.flags["original_size"], found.flags["crops_coords_top_left"],
           found.flags["target_size"]) == (["2048", "4096"], ["16", "8"], ["768", "1024"])
-  assert "differs from the positive's" not in _notes(found)
-  graph["7"]["inputs"]["target_width"] = 2048
-  assert "differs from the positive's" in _notes(comfyui.reproduce(graph))
+  assert "negative_original_size" not in found.flags  # the positive's: as given
+  graph["7"]["inputs"]["target_width"] = 2048  # its own: the negative conditioning's
+  flags = comfyui.reproduce(graph).flags
+  assert (flags["negative_original_size"], flags["negative_crops_coords_top_left"],
+          flags["negative_target_size"]) == (["2048", "4096"], ["16", "8"], ["768", "2048"])
+  # a plain text encoder's: ComfyUI's defaults, the image's size (512x768), no crop
+  graph["7"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}}
+  flags = comfyui.reproduce(graph).flags
+  assert (flags["negative_original_size"], flags["negative_crops_coords_top_left"],
+          flags["negative_target_size"]) == (["768", "512"], ["0", "0"], ["768", "512"])

@@ -294,8 +294,12 @@ def test_sdxl_fields():
   flags = _flags("a cat\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 1024x768, "
                  "Original size: 2048x1536, Crop: 16x32, Target size: 1024x768, "
                  "Refiner: stabilityai/stable-diffusion-xl-refiner-1.0 [7440042bbd], "
-                 "Refiner switch at: 0.8, Aesthetic score: 6.0, Negative aesthetic score: 2.5")
+                 "Refiner switch at: 0.8, Aesthetic score: 6.0, Negative aesthetic score: 2.5, "
+                 "Negative original size: 512x256, Negative crop: 0x8, Negative target size: "
+                 "1024x1024")
   assert flags["original_size"] == ["1536", "2048"]  # HEIGHT,WIDTH
+  assert (flags["negative_original_size"], flags["negative_crops_coords_top_left"],
+          flags["negative_target_size"]) == (["256", "512"], ["8", "0"], ["1024", "1024"])
   assert flags["crops_coords_top_left"] == ["32", "16"]  # TOP,LEFT from LEFTxTOP
   assert flags["target_size"] == ["768", "1024"]
   assert flags["refiner"] == "stabilityai/stable-diffusion-xl-refiner-1.0"

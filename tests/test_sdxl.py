@@ -320,7 +320,8 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   from sdjax import outputs, run
 
   _, _, base, refiner, folder = pipes
-  micro = MicroConditioning(original_size=(32, 48), aesthetic_score=7.0)
+  micro = MicroConditioning(original_size=(32, 48), aesthetic_score=7.0,
+                            negative_original_size=(24, 24), negative_target_size=(16, 24))
   cfg = run.RunConfig(
       prompts=(run.PromptLine("a cat"), run.PromptLine("a dog", negative_prompt="red")),
       model=os.path.join(folder, "base"), refiner=os.path.join(folder, "refiner"),
@@ -334,12 +335,15 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   png = Image.open(tmp_path / "out" / records[1]["file"])
   params = outputs.parse_a1111_parameters(png.text["parameters"])
   assert params["Refiner switch at"] == "0.8" and params["Original size"] == "48x32"
+  assert (params["Negative original size"], params["Negative crop"],
+          params["Negative target size"]) == ("24x24", "0x0", "24x16")
   # A1111's `name [short hash]`, no local path (the manifest keeps the path).
   assert params["Refiner"] == f"refiner [{run.model_identity(cfg.refiner)[1]}]"
   assert run.model_identity(cfg.refiner)[1] == outputs.short_hash(
       os.path.join(folder, "refiner", "unet", "diffusion_pytorch_model.safetensors"))
   expected = base.generate(["a cat", "a dog"], negative_prompts=[None, "red"], seed=5,
                            refiner=refiner, original_size=(32, 48), aesthetic_score=7.0,
+                           negative_original_size=(24, 24), negative_target_size=(16, 24),
                            **HANDOFF)
   written = np.asarray(png, np.float32) / 255
   assert np.abs(written - expected[1]).max() <= 1 / 255 + 1e-6
