@@ -455,8 +455,16 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
       out.update(model=guider.get("model"), positive=guider.get("conditioning"), cfg=1.0)
   select = source("sampler", ("KSamplerSelect",))
   out["sampler_name"] = None if select is None else select.get("sampler_name")
-  sigmas = source("sigmas", ("BasicScheduler", "AlignYourStepsScheduler", *_SIGMA_NODES))
-  if sigmas is not None and sigmas["class_type"] == "AlignYourStepsScheduler":
+  sigmas = source("sigmas", ("BasicScheduler", "AlignYourStepsScheduler", "SDTurboScheduler",
+                             *_SIGMA_NODES))
+  if sigmas is not None and sigmas["class_type"] == "SDTurboScheduler":
+    levels = _turbo_sigmas(sigmas.get("steps", 1), sigmas.get("denoise", 1.0))
+    if levels is None:
+      reader.note(None, f"node {sampler_id}'s SDTurboScheduler has no steps to run: not "
+                        "reproduced")
+    else:
+      out.update(steps=len(levels) - 1, sigmas=levels)
+  elif sigmas is not None and sigmas["class_type"] == "AlignYourStepsScheduler":
     levels = _ays_sigmas(sigmas.get("model_type"), sigmas.get("steps"),
                          sigmas.get("denoise", 1.0))
     if levels is None:
@@ -474,6 +482,23 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
         if isinstance(sigmas.get(key), int | float):
           reader.fields[field] = str(sigmas[key])
   return out
+
+
+def _turbo_sigmas(steps, denoise) -> list[float] | None:
+  """ComfyUI's SDTurboScheduler: the levels of timesteps 999, 899, ..., 99 (from the
+  10 - int(10 * denoise)-th, `steps` of them) as its ModelSamplingDiscrete reads them (its
+  float64 levels' logs in float32, exp in float32), then 0; None where that leaves none."""
+  from sdjax.schedulers.common import exp_f32  # noqa: PLC0415
+
+  if not (isinstance(steps, int) and isinstance(denoise, int | float)) or isinstance(steps, bool):
+    return None
+  start = 10 - int(10 * denoise)
+  timesteps = list(range(999, 0, -100))[start:start + steps]
+  if not timesteps:
+    return None
+  alphas = sigma_schedules.form_alphas_cumprod(dict(sigma_schedules.SD_SCHEDULE), "comfyui")
+  log_sigmas = np.log(np.sqrt((1 - alphas) / alphas)).astype(np.float32)
+  return [float(v) for v in exp_f32(log_sigmas[timesteps])] + [0.0]
 
 
 def _sampler_node(graph) -> tuple[str, dict[str, Any], list[str]]:

@@ -555,3 +555,26 @@ def test_sdxl_text_encoder_micro_conditioning():
   flags = comfyui.reproduce(graph).flags
   assert (flags["negative_original_size"], flags["negative_crops_coords_top_left"],
           flags["negative_target_size"]) == (["768", "512"], ["0", "0"], ["768", "512"])
+
+
+@pytest.mark.parametrize(("steps", "denoise"), [(1, 1.0), (4, 0.5), (3, 0.95)])
+def test_sd_turbo_scheduler(steps, denoise):
+  """SDTurboScheduler (SD-Turbo / SDXL-Turbo workflows): the levels of timesteps 999, 899, ...
+  from the 10 - int(10 * denoise)-th, as its ModelSamplingDiscrete reads them (the float64
+  levels' logs in float32, then exp), become --sigmas (to an ulp: torch's exp's)."""
+  import torch  # noqa: PLC0415
+
+  betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+  cumprod = torch.cumprod(1.0 - betas, dim=0)
+  log_sigmas = (((1 - cumprod) / cumprod) ** 0.5).log().float()
+  start = 10 - int(10 * denoise)
+  timesteps = torch.flip(torch.arange(1, 11) * 100 - 1, (0,))[start:start + steps]
+  want = [*log_sigmas[timesteps].exp().tolist(), 0.0]
+  graph = _custom_graph(sigmas=("SDTurboScheduler", {"steps": steps, "denoise": denoise}))
+  found = comfyui.reproduce(graph)
+  # sdjax's float32 exp is correctly rounded; torch's vector exp may be an ulp off it
+  np.testing.assert_array_max_ulp(np.asarray(found.flags["sigmas"], np.float32),
+                                  np.asarray(want, np.float32), maxulp=1)
+  assert found.flags["steps"] == str(len(want) - 1)
+  assert json.loads(found.flags["scheduler_options"])["comfyui"] is True
+  assert "SDTurboScheduler" not in _notes(found)
