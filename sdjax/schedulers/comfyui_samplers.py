@@ -57,6 +57,7 @@ from flax import struct
 
 from sdjax.schedulers.common import (
   exp_f32,
+  expm1_f32,
   log_f32,
   nearest_t,
   rounded,
@@ -150,7 +151,7 @@ def _res_weights(sigmas: np.ndarray, downs: np.ndarray) -> np.ndarray:
         continue
       h = f(t_down[i] - t[i])
       c2 = f(f(t[i - 1] - t_down[i - 1]) / h)
-      phi1 = f(np.expm1(np.float64(-h))) / -h  # expm1(-h) / -h, each rounded to float32
+      phi1 = expm1_f32(-h) / -h  # expm1(-h) / -h, each rounded to float32
       phi2 = (phi1 - f(1)) / -h
       b1, b2 = f(phi1 - phi2 / c2), f(phi2 / c2)
       out[i, :4] = (np.exp(np.float64(-h)).astype(np.float32), h, np.nan_to_num(b1, nan=0.0),
@@ -424,10 +425,6 @@ def _per_call(config, levels, times, sigmas) -> dict:
               sigma_up=jnp.zeros(len(sigma_in), jnp.float32))
 
 
-def _expm1_f32(x):
-  return np.expm1(np.float64(x)).astype(np.float32)
-
-
 def _lerp_f32(start, end, weight):
   """torch.lerp of float32 scalars at a Python weight (float32 in its kernel)."""
   f = np.float32
@@ -451,25 +448,25 @@ def _seeds_stages(sigma, sigma_next, stages: int):
   r_first = fractions[0]
   # first stage: from x along the first x0 to the first interpolated level
   rows.append((levels[0], f(levels[0] / sigma) * exp_f32(f(f(-r_first) * h)),
-               f(alphas[0] * _expm1_f32(f(-r_first) * h_eta)), 1, 0, 0,
-               np.sqrt(-_expm1_f32(f(f(-2 * r_first) * h)))))
+               f(alphas[0] * expm1_f32(f(-r_first) * h_eta)), 1, 0, 0,
+               np.sqrt(-expm1_f32(f(f(-2 * r_first) * h)))))
   ends = [*levels[1:], sigma_next]
   for k, target in enumerate(ends, start=1):
     r = fractions[k] if k < len(fractions) else 1.0
-    phi_1 = _expm1_f32(f(-r) * h_eta)
+    phi_1 = expm1_f32(f(-r) * h_eta)
     if stages == 2:  # x0s mixed by lerp at 1 / (2r) = 1: the second's alone
-      mix, weights = f(alpha_t * _expm1_f32(-h_eta)), (0, 1)
+      mix, weights = f(alpha_t * expm1_f32(-h_eta)), (0, 1)
     elif k == 1:
       neg = f(f(-r) * h_eta)
-      second = f(f(r / fractions[0]) * f((_expm1_f32(neg) - neg) / neg))
+      second = f(f(r / fractions[0]) * f((expm1_f32(neg) - neg) / neg))
       mix, weights = alphas[1], (f(phi_1 - second), second)
     else:
-      third = f(f((_expm1_f32(-h_eta) + h_eta) / -h_eta) / f(fractions[1]))
-      mix, weights = alpha_t, (f(_expm1_f32(-h_eta) - third), third)
+      third = f(f((expm1_f32(-h_eta) + h_eta) / -h_eta) / f(fractions[1]))
+      mix, weights = alpha_t, (f(expm1_f32(-h_eta) - third), third)
     decay = f(f(f(fractions[k - 1] - r) * h))
     scale = f(target / sigma) * exp_f32(f(-r) * h if r != 1.0 else -h)
     rows.append((target, scale, mix, *weights, exp_f32(decay),
-                 np.sqrt(-_expm1_f32(f(decay * f(2))))))
+                 np.sqrt(-expm1_f32(f(decay * f(2))))))
   return [(row[0], np.asarray([*row[1:], row[0]], np.float32)) for row in rows]
 
 
@@ -671,21 +668,21 @@ def _dpm_fast_plan(sigma_max, sigma_min, calls: int):
       t, t_next = ts[i], ts[i + 1]
       h = f(t_next - t)
       level, end = exp_f32(-t), exp_f32(-t_next)
-      whole = f(end * _expm1_f32(h))
+      whole = f(end * expm1_f32(h))
       if order == 1:
         rows.append((level, whole, 0, 1))
         continue
       r1 = f(1 / 2) if order == 2 else f(1 / 3)
       s1 = f(t + r1 * h)
-      rows.append((level, f(exp_f32(-s1) * _expm1_f32(f(r1 * h))), 0, 1))
+      rows.append((level, f(exp_f32(-s1) * expm1_f32(f(r1 * h))), 0, 1))
       if order == 2:
-        rows.append((exp_f32(-s1), whole, f(f(end / f(2 * (1 / 2))) * _expm1_f32(h)), 0))
+        rows.append((exp_f32(-s1), whole, f(f(end / f(2 * (1 / 2))) * expm1_f32(h)), 0))
         continue
       r2 = f(2 / 3)
       s2, r2h = f(t + r2 * h), f(r2 * h)
-      rows.append((exp_f32(-s1), f(exp_f32(-s2) * _expm1_f32(r2h)),
-                   f(f(exp_f32(-s2) * f(2.0)) * f(_expm1_f32(r2h) / r2h - f(1))), 0))
-      rows.append((exp_f32(-s2), whole, f(f(end / r2) * f(_expm1_f32(h) / h - f(1))), 0))
+      rows.append((exp_f32(-s1), f(exp_f32(-s2) * expm1_f32(r2h)),
+                   f(f(exp_f32(-s2) * f(2.0)) * f(expm1_f32(r2h) / r2h - f(1))), 0))
+      rows.append((exp_f32(-s2), whole, f(f(end / r2) * f(expm1_f32(h) / h - f(1))), 0))
   return rows, exp_f32(-ts[-1])
 
 
@@ -761,7 +758,7 @@ def _dpmpp_2m_weights(sigmas: np.ndarray) -> np.ndarray:
       out[i, 0] = np.exp(np.float64(-h)).astype(np.float32)
       if i >= 1 and sigmas[i + 1] != 0:
         r = f(t[i] - t[i - 1]) / h
-        out[i, 1] = f(np.expm1(np.float64(-h))) * (f(1) / (f(2) * r))
+        out[i, 1] = expm1_f32(-h) * (f(1) / (f(2) * r))
   return out
 
 

@@ -511,6 +511,11 @@ def exp_f32(x: np.ndarray) -> np.ndarray:
   return np.exp(np.asarray(x, np.float64)).astype(np.float32)
 
 
+def expm1_f32(x: np.ndarray) -> np.ndarray:
+  """float32 exp(x) - 1, correctly rounded (via float64)."""
+  return np.expm1(np.asarray(x, np.float64)).astype(np.float32)
+
+
 def vp_alpha_sigma(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(alpha_t, sigma_t) of the variance-preserving process at VE noise levels `sigmas`."""
   alpha_t = 1 / np.sqrt(sigmas**2 + 1)

@@ -36,6 +36,7 @@ from sdjax.schedulers.common import (
   edm_noise_range,
   edm_precondition,
   exp_f32,
+  expm1_f32,
   first_noise_scale,
   hashable_config,
   log_f32,
@@ -193,11 +194,6 @@ class DPMSolverState:
   # The `comfyui` or `sgm_noise_multiplier` option's scale of unit noise into the first latent
   # ([] float32); None: the form's own (`init_noise_sigma`).
   init_scale: jnp.ndarray | None = None
-
-
-def _expm1_f32(x: np.ndarray) -> np.ndarray:
-  """float32 exp(x) - 1, correctly rounded (via float64)."""
-  return np.expm1(np.asarray(x, np.float64)).astype(_F32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +385,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
         eta_h = h * _F32(eta)
         h_total = h + eta_h
         decay = (_F32(1.0) - exp_f32(_F32(-2.0) * h) if eta == 1  # 1 - exp(-2h)
-                 else _expm1_f32(-h_total) * _F32(-1.0))
+                 else expm1_f32(-h_total) * _F32(-1.0))
         c_sample = sigma_t[1:] / sigma_t[:-1] * exp_f32(-eta_h)
         c_d0 = a_next * decay
         heun = a_next * (decay / -h_total + _F32(1.0))
@@ -410,7 +406,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
           c_d0 = a_next * -np.expm1(-h_eta)
           c2_d1 = c3_d1 = a_next * phi_2
           c3_d2 = -(a_next * phi_3)
-        c_noise = sigma_t[1:] * np.sqrt(decay if eta == 1 else _expm1_f32(_F32(-2.0) * eta_h)
+        c_noise = sigma_t[1:] * np.sqrt(decay if eta == 1 else expm1_f32(_F32(-2.0) * eta_h)
                                         * _F32(-1.0))
       else:
         expm1 = exp_f32(-h) - _F32(1.0)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sdjax.schedulers.common import exp_f32, log_f32, rounded, true_divide
+from sdjax.schedulers.common import exp_f32, expm1_f32, log_f32, rounded, true_divide
 from sdjax.schedulers.euler import as_f32, predict_original
 from sdjax.schedulers.kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2State
 
@@ -66,10 +66,6 @@ class CFGPP2SState(KDPM2State):
   first_x0: jnp.ndarray
 
 
-def _expm1_f32(x):
-  return np.expm1(np.asarray(x, np.float64)).astype(np.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class DPMSolver2SAncestralCFGPPScheduler(DPMSolver2SAncestralScheduler):
   """ComfyUI's `dpmpp_2s_ancestral_cfg_pp` (see the module docstring)."""
@@ -105,8 +101,8 @@ class DPMSolver2SAncestralCFGPPScheduler(DPMSolver2SAncestralScheduler):
         if down[k] == 0:  # its Euler step to 0: x0
           weights[2 * k] = (0, 0, 1)
           continue
-        weights[2 * k] = (exp_f32(-s[k]) / start[k], _expm1_f32(-h[k] * np.float32(0.5)), 0)
-        weights[2 * k + 1] = (exp_f32(-t_next[k]) / start[k], _expm1_f32(-h[k]), 0)
+        weights[2 * k] = (exp_f32(-s[k]) / start[k], expm1_f32(-h[k] * np.float32(0.5)), 0)
+        weights[2 * k + 1] = (exp_f32(-t_next[k]) / start[k], expm1_f32(-h[k]), 0)
     return CFGPP2SState(**{k: getattr(base, k) for k in base.__dataclass_fields__},
                         weights=jnp.asarray(weights),
                         first_x0=jnp.zeros(sample_shape, jnp.float32))
