@@ -786,7 +786,8 @@ def pad_conds(prompt: PromptBatch, negative: PromptBatch, v0: bool = False,
   cond = np.asarray(own).reshape(-1, parts)[:, 0]  # B
   if v0:
     return prompt, negative.replace(attend_chunks=cond, repeat_chunks=cond)
-  length = np.maximum(cond, np.asarray(negative.chunks)).astype(np.int32)
+  theirs = negative.chunks if negative.attend_chunks is None else negative.attend_chunks
+  length = np.maximum(cond, np.asarray(theirs)).astype(np.int32)
   return (prompt.replace(attend_chunks=np.repeat(length, parts)),
           negative.replace(attend_chunks=length))
 

@@ -1138,7 +1138,7 @@ def _composable(prompts, prompts_2, opts: A1111):
     return None
   if prompts_2 is not None and list(prompts_2) != list(prompts):
     raise prompt_lib.PromptError("composable prompts (AND, :weight) take one prompt for both "
-                                 "text encoders, as A1111: leave prompts_2 out")
+                                 "text encoders, as A1111: give no second prompt (prompt_2)")
   parts = [prompt_lib.composable_parts(t) for t in texts]
   s = max(len(p) for p in parts)
   s = forced or (prompt_lib.bucket(s) if opts.bucket_variants else s)
@@ -1191,6 +1191,12 @@ def _a1111_ids(pipe, sides, sides_2, opts: A1111):
                                         embeddings=_trigger_vectors(pipe, name, opts.embeddings),
                                         emphasis=opts.emphasis)
                 for k in (0, 1)] for name, tok, _ in encoders}
+  if len(ids) == 2:  # a text per encoder (prompts_2): the shorter goes on with empty chunks,
+    for k in (0, 1):  # attended to (as ComfyUI pads text_l / text_g to one length)
+      chunks = [ids[name][k].chunks for name in ids]
+      if not np.array_equal(*chunks):
+        for name in ids:
+          ids[name][k] = ids[name][k].replace(attend_chunks=np.maximum(*chunks))
   if composable is not None:  # each part attends over its prompt's longest part
     own = np.max([[p.chunks for p in parsed[name][0]] for name, _, _ in encoders], axis=0)
     attend = np.repeat(own.reshape(-1, n_parts).max(axis=1), n_parts).astype(np.int32)

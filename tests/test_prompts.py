@@ -8,7 +8,7 @@ from conftest import run_default_codegen
 from parity import assert_close, nchw, nhwc, rel_err, transfer
 
 import sdjax
-from sdjax import prompts, testing
+from sdjax import conditioning, prompts, sampling, testing
 from sdjax.prompts import parse_prompt_attention, prompt_schedule
 
 
@@ -716,3 +716,36 @@ def test_sdxl_base_and_refiner(tmp_path):
                            negative_prompts=negatives, **kw, prompt_syntax="a1111")
   assert np.isfinite(weighted).all() and not np.allclose(weighted[0], plain[0], atol=1e-3)
   np.testing.assert_allclose(weighted[1], plain[1], atol=2e-6)  # its batch mate is masked
+  seconds = dict(prompts_2=["a dog", "green tree"], negative_prompts_2=["sky", "blue"])
+  plain = base.generate(prompts_, negative_prompts=negatives, **seconds, **kw)
+  ours = base.generate(prompts_, negative_prompts=negatives, **seconds, **kw,
+                       prompt_syntax="a1111")
+  np.testing.assert_allclose(ours, plain, atol=2e-6)
+
+
+def test_sdxl_prompts_2_of_other_lengths(tmp_path):
+  """A prompt and a prompts_2 of different chunk counts: the shorter encoder's text goes on with
+  empty chunks and the image attends to every chunk (as ComfyUI pads its text_l / text_g to one
+  length): each encoder's context is its text's as alone, padded as a shorter batch mate's."""
+  folder = str(tmp_path / "sdxl")
+  testing.write_torch_sdxl(folder, seed=5)
+  base = sdjax.load_pipeline(f"{folder}/base")
+  long, short = "a red circle, " * 20, "a cat"
+  opts = sampling.A1111(steps=1, calls=1)
+
+  def encoded(texts, texts_2=None):
+    cond = sampling.make_conditioning(base, texts, [None, None], prompts_2=texts_2,
+                                      size=(16, 24), a1111=opts)
+    assert cond.prompt.ids.ids.shape[2] == 2  # two chunks
+    return conditioning.encode(base.networks, base.params, jax.tree.map(jnp.asarray, cond))[1]
+
+  ours, alone = encoded([long, short], [short, long]), encoded([long, short])
+  width = base.text_encoder.config.hidden_size
+  for row, mate in ((0, 1), (1, 0)):
+    np.testing.assert_allclose(ours.context[row, ..., :width], alone.context[row, ..., :width],
+                               atol=1e-6)
+    np.testing.assert_allclose(ours.context[row, ..., width:], alone.context[mate, ..., width:],
+                               atol=1e-6)
+    np.testing.assert_allclose(ours.text_embeds[row], alone.text_embeds[mate], atol=1e-6)
+  assert not np.asarray(ours.context_bias).any()  # both rows attend both chunks
+  assert np.asarray(alone.context_bias)[1].min() < 0  # alone, the short one hides its padding
