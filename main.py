@@ -45,6 +45,11 @@ flags.DEFINE_string("parameters_file", None, "make an image again: an image with
                     "ComfyUI PNG (its workflow) or a text file holding them (a path or fsspec "
                     "URL) gives the prompts and every setting no flag gives")
 flags.DEFINE_string("negative_prompt", "", "negative prompt for every image")
+flags.DEFINE_string("prompt_2", "", "SDXL: the second text encoder's prompt for every image "
+                    "(diffusers' prompt_2; empty: each image's prompt; a jsonl line's prompt_2 "
+                    "wins)")
+flags.DEFINE_string("negative_prompt_2", "", "SDXL: the second text encoder's negative prompt "
+                    "(empty: each image's negative prompt; a jsonl line's negative_prompt_2 wins)")
 flags.DEFINE_enum("prompt_syntax", "a1111", ["a1111", "plain"], "a1111: AUTOMATIC1111's (x:1.2) "
                   "weights, long prompts, BREAK, [from:to:when] and [a|b]; plain: diffusers' "
                   "(truncated at the text encoder's length, 77 tokens)")
@@ -349,6 +354,7 @@ def _run_config() -> run.RunConfig:
   return run.RunConfig(
       prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
       negative_prompt=FLAGS.negative_prompt, prompt_syntax=FLAGS.prompt_syntax,
+      prompt_2=FLAGS.prompt_2, negative_prompt_2=FLAGS.negative_prompt_2,
       dynamic_prompts=FLAGS.dynamic_prompts, wildcards_dir=FLAGS.wildcards_dir,
       styles_file=FLAGS.styles_file, styles=tuple(FLAGS.style), clip_skip=FLAGS.clip_skip,
       max_generations=FLAGS.max_generations,
@@ -435,7 +441,8 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
     raise run.RunError(f"--parameters_file {path}: {e}") from None
   given = {name for name in found.flags if FLAGS[name].present}
   if FLAGS["prompt"].present or FLAGS["prompts_file"].present:
-    given |= {"prompt", "negative_prompt", "hires_prompt", "hires_negative_prompt"}
+    given |= {"prompt", "negative_prompt", "hires_prompt", "hires_negative_prompt", "prompt_2",
+              "negative_prompt_2"}
   if _CONFIG.value is not None and _CONFIG.value.get("model") is not None:
     given.add("model")
   applied = {name: value for name, value in found.flags.items() if name not in given}

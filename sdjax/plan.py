@@ -37,7 +37,7 @@ _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "he
                  "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
                  "control_image", "ip_adapter_image", "hires_prompt", "hires_negative_prompt",
                  "schedule_type", "styles", "subseed", "subseed_strength", "scheduler_options",
-                 "clip_skip")
+                 "clip_skip", "prompt_2", "negative_prompt_2")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 # Tables of prompts (`.csv`, `.tsv`): a header row names the columns; the prompt column is the
 # first named one of these (PartiPrompts' "Prompt", DrawBench's "Prompts", captions' "caption"),
@@ -87,6 +87,10 @@ class PromptLine:
   # the run's): e.g. an A1111 image's k-diffusion placement, from its "parameters".
   scheduler_options: tuple[tuple[str, Any], ...] | None = None
   clip_skip: int | None = None  # A1111's Clip skip (1: the last layer; None: the run's)
+  # SDXL's second text encoder's prompts (diffusers' prompt_2; None: the run's, else the line's
+  # prompt / negative prompt).
+  prompt_2: str | None = None
+  negative_prompt_2: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +124,8 @@ class ImageJob:
   # Its place in its seed's batch (ComfyUI's batch noise, --noise_batch: image k of a batch draws
   # the k-th slice of the batch's noise); 0 without.
   batch_place: int = 0
+  prompt_2: str | None = None  # None: the run's --prompt_2, else the prompt
+  negative_prompt_2: str | None = None
 
   @property
   def kind(self) -> str | None:
@@ -187,7 +193,8 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
   unknown = set(obj) - set(_JSONL_FIELDS)
   if unknown:
     raise RunError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-  for key in ("negative_prompt", "hires_prompt", "hires_negative_prompt"):
+  for key in ("negative_prompt", "hires_prompt", "hires_negative_prompt", "prompt_2",
+              "negative_prompt_2"):
     if obj.get(key) is not None and not isinstance(obj[key], str):
       raise RunError(f"{where}: \"{key}\" must be a string")
   negative = obj.get("negative_prompt")
@@ -244,7 +251,8 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
                     schedule_type, None if styles is None else tuple(styles),
                     obj.get("subseed"),
                     None if subseed_strength is None else float(subseed_strength),
-                    freeze_options(options) if options else None, obj.get("clip_skip"))
+                    freeze_options(options) if options else None, obj.get("clip_skip"),
+                    obj.get("prompt_2"), obj.get("negative_prompt_2"))
 
 
 def _check_options(options, where: str) -> None:
@@ -278,7 +286,8 @@ _PARAMETERS_FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "steps
                       "scheduler": str, "schedule_type": str, "width": int, "height": int,
                       "guidance_scale": float, "subseed": int, "subseed_strength": float,
                       "hires_prompt": str, "hires_negative_prompt": str,
-                      "scheduler_options": json.loads, "clip_skip": int}
+                      "scheduler_options": json.loads, "clip_skip": int, "prompt_2": str,
+                      "negative_prompt_2": str}
 
 
 # What lines' "parameters" asked for that a line cannot set or sdjax cannot give, said once per
@@ -606,6 +615,10 @@ def _key(line: PromptLine) -> list:
            if v is not None}
   if hires:
     extra.append(hires)
+  second = {k: v for k, v in (("prompt_2", line.prompt_2),
+                              ("negative_prompt_2", line.negative_prompt_2)) if v is not None}
+  if second:
+    extra.append(second)
   return key + extra if any(x is not None for x in extra) else key
 
 
@@ -764,14 +777,15 @@ class Plan:
       if self.dynamic.mode == "random":
         prompt, negative = (self.dynamic.sample(t, seed) for t in (prompt, negative))
     hires = (line.hires_prompt, line.hires_negative_prompt)
+    second = (line.prompt_2, line.negative_prompt_2)
     if line.styles is not None and self.styles is None:
       raise RunError(f'{where}: "styles" are names in a styles file: give --styles_file')
     if self.styles is not None:  # on the final texts, as A1111 styles the prompts it encodes
       try:
         prompt, negative = self.styles.apply(prompt, negative, line.styles)
-        if any(text is not None for text in hires):
-          hires = tuple(None if text is None else self.styles.apply(text, text, line.styles)[k]
-                        for k, text in enumerate(hires))
+        hires, second = (tuple(None if text is None else self.styles.apply(
+            text, text, line.styles)[k] for k, text in enumerate(texts))
+            for texts in (hires, second))
       except ValueError as e:
         raise RunError(f"{where}: {e}") from None
     return ImageJob(index, prompt, negative, seed, size, line.init_image, line.guidance_scale,
@@ -780,7 +794,8 @@ class Plan:
                     schedule_type=line.schedule_type,
                     subseed=None if line.subseed is None else line.subseed + j,
                     subseed_strength=line.subseed_strength,
-                    scheduler_options=line.scheduler_options, clip_skip=line.clip_skip)
+                    scheduler_options=line.scheduler_options, clip_skip=line.clip_skip,
+                    prompt_2=second[0], negative_prompt_2=second[1])
 
 
 _SYNTAX_BYTES = (*(s.encode() for s in SYNTAX), b"\\")  # and any JSON escape

@@ -219,6 +219,10 @@ class RunConfig:
   # line gives its own.
   hires_prompt: str = ""
   hires_negative_prompt: str = ""
+  # SDXL's second text encoder's prompts (diffusers' prompt_2 / negative_prompt_2; "" = each
+  # image's prompt / negative prompt), unless a prompt line gives its own.
+  prompt_2: str = ""
+  negative_prompt_2: str = ""
   # A1111's Hires checkpoint: another model (of the same latents) for the second pass; the
   # run's --vae, --lora and --embedding, ControlNets and IP-Adapters apply to it too.
   hires_model: str | None = None
@@ -483,7 +487,9 @@ def validate(cfg: RunConfig) -> None:
     for line in cfg.prompts:
       for text in (line.prompt, line.negative_prompt or cfg.negative_prompt,
                    line.hires_prompt or cfg.hires_prompt,
-                   line.hires_negative_prompt or cfg.hires_negative_prompt):
+                   line.hires_negative_prompt or cfg.hires_negative_prompt,
+                   line.prompt_2 or cfg.prompt_2,
+                   line.negative_prompt_2 or cfg.negative_prompt_2):
         text = sampling.strip_extra_networks(text, lora_set is not None)
         if cfg.emphasis != "None":  # "None" reads brackets as text: nothing to get wrong
           prompts.parse_prompt_attention(text)
@@ -612,6 +618,9 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
                        "applied_layers": list(cfg.pag_applied_layers)}
   if cfg.safety_checker:  # absent when off: older folders still match
     settings["safety_checker"] = {"source": cfg.safety_checker, "nsfw_action": cfg.nsfw_action}
+  for key in ("prompt_2", "negative_prompt_2"):  # only when set: older folders still match
+    if getattr(cfg, key):
+      settings[key] = getattr(cfg, key)
   return {**settings, **_hires_record(cfg), **_sdxl_record(cfg, pipe)}
 
 
@@ -785,6 +794,32 @@ def _hires_record(cfg: RunConfig) -> dict[str, Any]:
     if getattr(cfg, f"hires_{key}"):
       record[key] = getattr(cfg, f"hires_{key}")
   return {"hires": record}
+
+
+def second_prompts(cfg: RunConfig, job: ImageJob) -> tuple[str | None, str | None]:
+  """SDXL's second text encoder's (prompt, negative prompt) of an image: its line's, else the
+  run's; None: the image's prompt / negative prompt, as diffusers' prompt_2 defaults."""
+  return (job.prompt_2 or cfg.prompt_2 or None,
+          job.negative_prompt_2 or cfg.negative_prompt_2 or None)
+
+
+def _check_two_encoders(pipe) -> None:
+  if not pipe.is_sdxl or pipe.text_encoder is None:
+    raise RunError("prompt_2 and negative_prompt_2 are the prompts of SDXL's second text "
+                   f"encoder: {pipe.name} has one text encoder")
+
+
+def _second_encoder(prompts, negatives, seconds):
+  """(negative prompts, prompts_2, negative_prompts_2) of `sampling.make_conditioning` for
+  images whose `second_prompts` are `seconds` (None when no image has its own). An empty
+  negative prompt with a negative_prompt_2 is the empty text, not SDXL base's zeros (which
+  would drop the negative_prompt_2)."""
+  prompts_2 = [s or p for (s, _), p in zip(seconds, prompts, strict=True)]
+  negatives_2 = [s or n or "" for (_, s), n in zip(seconds, negatives, strict=True)]
+  negatives = ["" if n is None and s is not None else n
+               for (_, s), n in zip(seconds, negatives, strict=True)]
+  return (negatives, None if all(s is None for s, _ in seconds) else prompts_2,
+          None if all(s is None for _, s in seconds) else negatives_2)
 
 
 def hires_prompts(cfg: RunConfig, job: ImageJob) -> tuple[str, str]:
@@ -979,6 +1014,8 @@ def generate_run(cfg: RunConfig) -> RunSummary:
       raise RunError(f"--ip_adapter: {e}") from None
   if pipe.is_sdxl and cfg.sdxl_ignores_clip_skip:
     cfg = dataclasses.replace(cfg, clip_skip=1)
+  if cfg.prompt_2 or cfg.negative_prompt_2:  # a line's: when its batch is made
+    _check_two_encoders(pipe)
   refiner, hires_model = _load_refiner(cfg, pipe), _load_hires_model(cfg, pipe, controlnets,
                                                                      adapters)
   for model in (pipe, hires_model):  # what it does not combine with, layers it cannot find
@@ -1524,9 +1561,13 @@ class _Sampler:
   def _make_conditioning(self, program, jobs, size, a1111, ip=None):
     """`ip`: the IP-Adapters' input (`_ip_images`), which the refiner does not take."""
     prompts, negatives = [j.prompt for j in jobs], [j.negative_prompt or None for j in jobs]
+    seconds = [second_prompts(self.cfg, j) for j in jobs]
+    if any(x is not None for pair in seconds for x in pair):
+      _check_two_encoders(self.pipe)
+    negatives, prompts_2, negatives_2 = _second_encoder(prompts, negatives, seconds)
     cond = sampling.with_ip_images(sampling.make_conditioning(
-        self.pipe, prompts, negatives, micro=self.cfg.micro, size=size,
-        img2img=program.spec.img2img, a1111=a1111), ip)
+        self.pipe, prompts, negatives, prompts_2=prompts_2, negative_prompts_2=negatives_2,
+        micro=self.cfg.micro, size=size, img2img=program.spec.img2img, a1111=a1111), ip)
     if cond.part_weights is not None and not sampling.takes_composable(program.spec):
       raise RunError("prompt lines with composable prompts (AND, :weight) need guidance "
                      "(guidance_scale > 1), without --guidance_rescale, --cfg_parallel or "
@@ -1535,9 +1576,13 @@ class _Sampler:
       raise RunError("prompt lines with a hires_prompt or hires_negative_prompt need "
                      "--hires_scale or --hires_resize_*")
     if program.hires is not None:  # the hires pass's schedules count on from the first's
-      second = [hires_prompts(self.cfg, j) for j in jobs]
-      second = [p for p, _ in second], [n or None for _, n in second]
-      own = second != (prompts, negatives)
+      texts = [hires_prompts(self.cfg, j) for j in jobs]
+      own = any(t != (j.prompt, j.negative_prompt) for t, j in zip(texts, jobs, strict=True))
+      # A hires prompt of its own is both encoders' (as A1111's); else the first pass's pair.
+      seconds = [(s if p == j.prompt else None, sn if n == j.negative_prompt else None)
+                 for (p, n), (s, sn), j in zip(texts, seconds, jobs, strict=True)]
+      second = [p for p, _ in texts], [n or None for _, n in texts]
+      second = (second[0], *_second_encoder(*second, seconds))
       if own and self.lora_set is not None:
         self._check_hires_loras(jobs, second[0])
       if a1111 is None and not self.pipe.is_sdxl and not own and self.hires_pipe is None:
@@ -1548,7 +1593,8 @@ class _Sampler:
                                          self.cfg.hires_steps or program.steps,
                                          base_steps=a1111.steps)
       return cond, sampling.with_ip_images(sampling.make_conditioning(
-          self.hires_pipe or self.pipe, *second, micro=self.cfg.micro,
+          self.hires_pipe or self.pipe, second[0], second[1], prompts_2=second[2],
+          negative_prompts_2=second[3], micro=self.cfg.micro,
           size=_hires(self.cfg).size(self.pipe, *size), a1111=a1111), ip)
     if program.refiner is None:
       return cond
@@ -2057,6 +2103,8 @@ class _Metadata:
       height, width = self._hires_size(height, width)
     return {
         "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
+        **{key: text for key, text in zip(("prompt_2", "negative_prompt_2"),
+                                          second_prompts(cfg, job), strict=True) if text},
         "seed": job.seed, "steps": steps, "scheduler": scheduler,
         **({"scheduler_options": options} if options else {}),
         "guidance_scale": self.guidance(job), "eta": cfg.eta, "height": height, "width": width,
@@ -2184,6 +2232,8 @@ class _Metadata:
                **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(
                    options)), **self._hires_prompts(job),
                **self._vae_extra(),
+               **{key: text for key, text in zip(("Prompt 2", "Negative prompt 2"),  # sdjax's
+                                                 second_prompts(cfg, job), strict=True) if text},
                **({"Clip skip": schedule.clip_skip} if schedule.clip_skip != 1 else {}),
                **({"RNG": _A1111_RNG_NAMES[cfg.rng]} if cfg.rng != "jax" else {}),
                **({"Brownian noise": _A1111_RNG_NAMES[brownian]}  # sdjax's fields

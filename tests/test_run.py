@@ -379,6 +379,18 @@ def test_bad_line_size(model, cache, tmp_path):
                                prompts_file=str(path))
   with pytest.raises(run.RunError, match=r'bad.jsonl line 1: "width" must be a multiple of 8'):
     run.generate_run(config)
+  path.write_text('{"prompt": "a cat", "prompt_2": 3}\n')
+  config = dataclasses.replace(config, overwrite=True)
+  with pytest.raises(run.RunError, match=r'bad.jsonl line 1: "prompt_2" must be a string'):
+    run.generate_run(config)
+  # SDXL's second encoder's prompts: refused on a model of one encoder, the run's at once, a
+  # line's when its batch is made
+  match = "prompt_2 and negative_prompt_2 are the prompts of SDXL's second text encoder: "
+  with pytest.raises(run.RunError, match=match):
+    run.generate_run(dataclasses.replace(config, negative_prompt_2="blurry"))
+  path.write_text('{"prompt": "a cat", "prompt_2": "a dog"}\n')
+  with pytest.raises(run.RunError, match=match):
+    run.generate_run(config)
 
 
 def test_init_image_lines(model, cache, tmp_path):

@@ -372,6 +372,59 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   assert np.abs(np.asarray(remade, np.int16) - np.asarray(png, np.int16)).max() <= 1
 
 
+def test_run_second_prompts(pipes, tmp_path):
+  """main.py's prompt_2 / negative_prompt_2 (diffusers' second encoder's prompts): a jsonl
+  line's own, else the run's, else the prompt; recorded in manifest and PNG (sdjax's fields
+  "Prompt 2" / "Negative prompt 2", read back). An empty negative prompt with a
+  negative_prompt_2 is the empty text (not SDXL base's zeros, which would drop it). Images of a
+  batch take their own pairs: each as generate() makes it alone."""
+  import json
+
+  from PIL import Image
+
+  from sdjax import infotext, outputs, run
+
+  _, _, base, _, folder = pipes
+  lines = [{"prompt": "a cat", "prompt_2": "a dog", "negative_prompt_2": "blue"},
+           {"prompt": "a red circle", "negative_prompt": "green"},
+           {"prompt": "a photo of a cat", "negative_prompt": "(red:1.3)",
+            "negative_prompt_2": "sky", "prompt_2": "a (red:0.8) circle"}]
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  kw = dict(steps=3, scheduler="euler", guidance_scale=GUIDANCE, height=H, width=W)
+  cfg = run.RunConfig(prompts_file=str(path), model=os.path.join(folder, "base"),
+                      prompt_2="a tree", prompt_syntax="a1111", seed=5, batch_size=2,
+                      output_dir=str(tmp_path / "out"), compilation_cache="",
+                      show_progress=False, **kw)
+  assert run.generate_run(cfg).images == 3
+  records = [json.loads(line) for line in open(tmp_path / "out" / "manifest.jsonl")]
+  assert [(r.get("prompt_2"), r.get("negative_prompt_2")) for r in records] == [
+      ("a dog", "blue"), ("a tree", None), ("a (red:0.8) circle", "sky")]
+  want = [("a cat", "a dog", "", "blue"), ("a red circle", "a tree", "green", "green"),
+          ("a photo of a cat", "a (red:0.8) circle", "(red:1.3)", "sky")]
+  for record, (prompt, prompt_2, negative, negative_2) in zip(records, want, strict=True):
+    expected = base.generate([prompt], prompts_2=[prompt_2], negative_prompts=[negative],
+                             negative_prompts_2=[negative_2], seed=5 + record["index"],
+                             prompt_syntax="a1111", **kw)
+    png = Image.open(tmp_path / "out" / record["file"])
+    written = np.asarray(png, np.float32) / 255
+    assert np.abs(written - expected[0]).max() <= 1 / 255 + 1e-6, record
+    flags = infotext.reproduce(png.text["parameters"]).flags
+    assert (flags.get("prompt_2"), flags.get("negative_prompt_2")) == (
+        record.get("prompt_2"), record.get("negative_prompt_2"))
+  # The zeros an empty negative prompt alone gets would have dropped line 1's "blue".
+  zeros = base.generate(["a cat"], prompts_2=["a dog"], seed=5, prompt_syntax="a1111", **kw)
+  assert np.abs(np.asarray(Image.open(tmp_path / "out" / records[0]["file"]), np.float32) / 255
+                - zeros[0]).max() > 2 / 255
+  params = outputs.parse_a1111_parameters(
+      Image.open(tmp_path / "out" / records[2]["file"]).text["parameters"])
+  assert (params["Prompt 2"], params["Negative prompt 2"]) == ("a (red:0.8) circle", "sky")
+  # Composable prompts are one text for both encoders (A1111's); SD1 / SD2: one encoder.
+  path.write_text(json.dumps({"prompt": "a cat AND a dog", "prompt_2": "sky"}) + "\n")
+  with pytest.raises(ValueError, match="give no second prompt"):
+    run.generate_run(dataclasses.replace(cfg, prompt_2="", output_dir=str(tmp_path / "c")))
+
+
 def test_hires_fix_run_conditions_each_pass_at_its_size(pipes):
   """main.py's run with the hires fix on SDXL: the second pass's default time ids are its own
   size, as generate()'s (the sharded two-pass program itself is checked on SD1, test_run).
