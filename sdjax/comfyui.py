@@ -174,6 +174,8 @@ class _Reader:
     self.lcm_node: str | None = None  # a ModelSamplingDiscrete "lcm" node's id
     # SDXL micro-conditioning of the CLIPTextEncodeSDXL nodes, by which conditioning it is
     self.micro: dict[str, tuple] = {}
+    self.text_l: str | None = None  # of the last `text` read, where it differs from text_g
+    self.texts_l: dict[str, str | None] = {}  # the first pass's, by "prompt" / "negative_prompt"
     self.notes: list[tuple[str | None, str]] = []
     self._noted: set[str] = set()
 
@@ -208,20 +210,26 @@ class _Reader:
       raise ValueError(f"ComfyUI workflow: the sampler's {which} conditioning comes from {kind}, "
                        "not from a text encoder sdjax can read")
     node_id, node = found
-    text = _inputs(node).get(_TEXT_NODES[node["class_type"]], "")
-    while (link := _linked(self.graph, text)) is not None:  # a string node's output
-      text = next((v for v in _inputs(link[1]).values() if isinstance(v, str)), None)
-      if text is None:
-        raise ValueError(f"ComfyUI workflow: node {link[0]} ({link[1]['class_type']}) gives "
-                         f"the {which} text: not a plain string")
-    if node["class_type"] == "CLIPTextEncodeSDXL" and _inputs(node).get("text_l") not in (
-        None, text):
-      self.note(None, f"node {node_id}: SDXL's text_l differs from its text_g; sdjax gives both "
-                      "encoders text_g")
+    text = self._string(_inputs(node).get(_TEXT_NODES[node["class_type"]], ""), which)
+    # SDXL's CLIP-L text where it is not its text_g (CLIP-G's): sdjax's prompt, with prompt_2
+    # text_g (diffusers' pairing: prompt to text_encoder, prompt_2 to text_encoder_2).
+    self.text_l = None
+    if node["class_type"] == "CLIPTextEncodeSDXL":
+      text_l = self._string(_inputs(node).get("text_l", text), which)
+      self.text_l = None if text_l == text else text_l
     if node["class_type"] == "CLIPTextEncodeSDXL":  # its size, crop and target size inputs
       self.micro[which] = tuple(_inputs(node).get(key) for key in _MICRO_INPUTS)
     if node["class_type"] == "CLIPTextEncode":
       self._clip(_inputs(node).get("clip"))
+    return text
+
+  def _string(self, text, which: str) -> str:
+    """A text input's string: its own, or a string node's output."""
+    while (link := _linked(self.graph, text)) is not None:
+      text = next((v for v in _inputs(link[1]).values() if isinstance(v, str)), None)
+      if text is None:
+        raise ValueError(f"ComfyUI workflow: node {link[0]} ({link[1]['class_type']}) gives "
+                         f"the {which} text: not a plain string")
     return text if isinstance(text, str) else str(text)
 
   def micro_conditioning(self) -> None:
@@ -410,8 +418,13 @@ def _hires(reader: _Reader, first: dict[str, Any], hires) -> None:
     fields["Hires CFG Scale"] = str(inputs.get("cfg"))
   for which, key in (("positive", "Hires prompt"), ("negative", "Hires negative prompt")):
     text = reader.text(inputs.get(which), which)
-    if text != fields["prompt" if which == "positive" else "negative_prompt"]:
+    field = "prompt" if which == "positive" else "negative_prompt"
+    if text != fields[field]:
       fields[key] = text
+    if (reader.text_l, text) != (reader.texts_l.get(field), fields[field]) and (
+        reader.text_l is not None):  # a hires prompt is both encoders' text
+      reader.note(None, f"the hires pass's {which} CLIPTextEncodeSDXL has a text_l of its own: "
+                        "sdjax's hires pass gives both encoders its text_g")
   if inputs.get("seed") != first.get("seed"):
     reader.note(None, f"node {sampler_id} (the hires pass) has its own seed {inputs.get('seed')}: "
                       "sdjax's hires pass draws its noise from the image's seed")
@@ -525,9 +538,12 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   advanced = node["class_type"] == "KSamplerAdvanced"
   fields = reader.fields
   fields["prompt"] = reader.text(inputs.get("positive"), "positive")
+  texts_l = reader.texts_l = {"prompt": reader.text_l}
   negative = inputs.get("negative")  # none with a BasicGuider: one conditioning
+  reader.text_l = None
   fields["negative_prompt"] = ("" if negative is None and node["class_type"] in
                                _CUSTOM_SAMPLER_NODES else reader.text(negative, "negative"))
+  texts_l["negative_prompt"] = reader.text_l
   for key, name, flag in (("Steps", "steps", "steps"), ("CFG scale", "cfg", "guidance_scale"),
                           ("Seed", "noise_seed" if advanced else "seed", "seed")):
     value = inputs.get(name)
@@ -569,7 +585,8 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
                               "sdjax with CUDA's generator, an NVIDIA GPU's (another GPU's tree "
                               "differs)")
   fields["Emphasis"] = "ComfyUI"  # its weighting: towards the empty prompt's encoding
-  if any("[" in fields[key] for key in ("prompt", "negative_prompt")):
+  if any("[" in text for text in (fields["prompt"], fields["negative_prompt"],
+                                   *filter(None, texts_l.values()))):
     reader.note("emphasis", "[...] is plain text to ComfyUI; main.py's A1111 syntax weakens it "
                             "(write \\[ \\] for ComfyUI's reading)")
   if sampler in _DEVICE_NOISE:  # from a generator on its GPU seeded by the seed
@@ -588,6 +605,9 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     _hires(reader, inputs, hires)
     others = [i for i in others if i != hires[0]]
   reader.model(inputs.get("model"))
+  for key, label in (("prompt", "Prompt 2"), ("negative_prompt", "Negative prompt 2")):
+    if texts_l[key] is not None:  # text_l to the first encoder, text_g to the second
+      fields[label], fields[key] = fields[key], texts_l[key]
   discard = node["class_type"] not in _CUSTOM_SAMPLER_NODES and sampler in _DISCARDING
   if table and inputs.get("sigmas") is None:  # the levels of its table
     zsnr = fields.get("Noise Schedule") == "Zero Terminal SNR"

@@ -578,3 +578,37 @@ def test_sd_turbo_scheduler(steps, denoise):
   assert found.flags["steps"] == str(len(want) - 1)
   assert json.loads(found.flags["scheduler_options"])["comfyui"] is True
   assert "SDTurboScheduler" not in _notes(found)
+
+
+def test_sdxl_text_l_is_the_first_encoders_prompt(tmp_path):
+  """CLIPTextEncodeSDXL's text_l (CLIP-L's) where it differs from text_g (CLIP-G's): the prompt
+  (diffusers' `prompt`, to text_encoder) with text_g its prompt_2; a string node's text too. A
+  hires pass on the same conditioning takes the first pass's pair (no note); one with a text_l
+  of its own is a note (sdjax's hires prompt is both encoders')."""
+  graph = default_graph()
+  for node, (text_g, text_l) in (("6", ("a cat, photo", ["20", 0])), ("7", ("blurry", "lowres"))):
+    graph[node] = {"class_type": "CLIPTextEncodeSDXL", "inputs": {
+        "width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024,
+        "target_height": 1024, "text_g": text_g, "text_l": text_l, "clip": ["4", 1]}}
+  graph["20"] = {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "a cat"}}
+  found = comfyui.reproduce(graph)
+  assert (found.flags["prompt"], found.flags["prompt_2"]) == (["a cat"], "a cat, photo")
+  assert (found.flags["negative_prompt"], found.flags["negative_prompt_2"]) == (
+      "lowres", "blurry")
+  assert "text_l" not in _notes(found)
+  (tmp_path / "comfy.png").write_bytes(comfy_png(graph))  # a jsonl line's "parameters"
+  (tmp_path / "p.jsonl").write_text('{"parameters": "comfy.png"}\n')
+  (line,) = plan.read_prompts_file(str(tmp_path / "p.jsonl"))
+  assert (line.prompt, line.prompt_2, line.negative_prompt, line.negative_prompt_2) == (
+      "a cat", "a cat, photo", "lowres", "blurry")
+  graph["7"]["inputs"]["text_l"] = "blurry"  # the same text: one prompt for both
+  found = comfyui.reproduce(graph)
+  assert found.flags["negative_prompt"] == "blurry" and "negative_prompt_2" not in found.flags
+  hires = _hires_graph(("LatentUpscaleBy", {"upscale_method": "bilinear", "scale_by": 2.0}))
+  hires.update({k: graph[k] for k in ("6", "7", "20")})
+  found = comfyui.reproduce(hires)
+  assert "hires_prompt" not in found.flags and "text_l" not in _notes(found)
+  assert found.flags["prompt_2"] == "a cat, photo"
+  hires["12"] = {**graph["6"], "inputs": {**graph["6"]["inputs"], "text_l": "a dog"}}
+  hires["11"]["inputs"]["positive"] = ["12", 0]
+  assert "has a text_l of its own" in _notes(comfyui.reproduce(hires))
