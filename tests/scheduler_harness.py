@@ -78,10 +78,13 @@ def diffusers_trajectory(ref_scheduler, num_steps, init_noise, step_noises, *, b
   return np.stack(out)
 
 
-def sdjax_trajectory(scheduler, num_steps, init_noise, step_noises, *, begin=0, init_sample=None):
-  """The same loop for an sdjax scheduler, as one jit-compiled `lax.scan`."""
+def sdjax_trajectory(scheduler, num_steps, init_noise, step_noises, *, begin=0, init_sample=None,
+                     end=None, init_latents=None):
+  """The same loop for an sdjax scheduler, as one jit-compiled `lax.scan`: positions `begin` to
+  `end` (None: the last), from pure noise, an img2img start of `init_sample`, or `init_latents`
+  as they are (a handoff's second stage)."""
   state = scheduler.set_timesteps(num_steps, sample_shape=init_noise.shape)
-  n = len(state.timesteps)
+  n = len(state.timesteps) if end is None else end
 
   def model(x, t):
     return jax.pure_callback(
@@ -90,7 +93,9 @@ def sdjax_trajectory(scheduler, num_steps, init_noise, step_noises, *, begin=0, 
 
   @jax.jit
   def run(state, init_noise, step_noises):
-    if init_sample is not None:
+    if init_latents is not None:
+      x = jnp.asarray(init_latents)
+    elif init_sample is not None:
       x = scheduler.img2img_noise(state, jnp.asarray(init_sample), init_noise, begin)
     else:
       x = init_noise * scheduler.init_noise_sigma(state)

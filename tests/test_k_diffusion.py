@@ -211,7 +211,7 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
 
 @pytest.mark.parametrize("sampler", ["iPNDM", "iPNDM_v", "Res Multistep", "Res Multistep a",
                                      "Gradient Estimation", "ER SDE", "DEIS", "SEEDS 2",
-                                     "SEEDS 3", "HeunPP2"])
+                                     "SEEDS 3", "HeunPP2", "LMS"])
 def test_comfyui_multistep_img2img(sampler, monkeypatch):
   """ComfyUI's own multistep samplers at denoise 0.6: its loop over the kept levels, whose
   history starts there (the first step Euler's, iPNDM's orders counted from it)."""
@@ -951,3 +951,38 @@ def test_a1111_schedule_settings_notes_and_checks():
       get_scheduler("euler", SD15, options={"schedule_type": "karras", **bad})
   with pytest.raises(SchedulerConfigError, match="no option 'schedule_rho'"):
     get_scheduler("ddim", SD15, options={"schedule_rho": 5.0})
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM2",
+                                     "DPM++ 2S a", "DPM++ 2M SDE", "DPM++ 3M SDE", "iPNDM",
+                                     "iPNDM_v", "Res Multistep", "DEIS", "SEEDS 2", "ER SDE",
+                                     "Gradient Estimation"])
+def test_comfyui_handoff_at_a_step(sampler, monkeypatch):
+  """A run handed on after step k (an SDXL base to its refiner, `refiner_start=k`): ComfyUI's
+  pair of KSamplerAdvanced, the first over levels 0..k (its end_at_step, leftover noise kept),
+  the second over levels k.. from those latents as they are (start_at_step, add_noise off), each
+  loop's history its own (LMS's order counted from its start). Not Heun++ (its steps depend on
+  where its run ends) nor UniPC (its lower orders too): `comfyui.reproduce` says so."""
+  steps, k = 10, 6
+  vp = outputs.scheduler_name(sampler).startswith(("dpmpp_2m", "dpmpp_3m"))
+  ours = get_scheduler(outputs.scheduler_name(sampler), SD15, options={
+      "timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+      "schedule_type": "karras"})
+  state = ours.set_timesteps(steps, sample_shape=SHAPE)
+  switch = ours.step_position(state, k)
+  init, noises = make_noises(len(state.timesteps))
+  first = sdjax_trajectory(ours, steps, init, noises, end=switch)
+  got = sdjax_trajectory(ours, steps, init, noises, begin=switch, init_latents=first[-1])
+  sigmas = kd.get_sigmas_karras(COMFY15, steps)
+  monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
+  noises = [torch.from_numpy(n) for n in noises]
+  with correctly_rounded_sqrt():
+    base = SAMPLERS[sampler](COMFY15, sigmas[:k + 1], torch.from_numpy(init) * torch.sqrt(
+        1.0 + sigmas[0] ** 2.0), noises[:switch])
+    want = SAMPLERS[sampler](COMFY15, sigmas[k:], torch.from_numpy(base[-1]), noises[switch:])
+  if vp:
+    want = (want / np.sqrt(sigmas[k + 1:].numpy().astype(np.float64) ** 2 + 1)[
+        :, None, None, None, None]).astype(np.float32)
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} handed on at step {k}: {err:.3g}")
+  assert err <= TOL, err

@@ -102,24 +102,33 @@ def lms_coefficients(sigmas: np.ndarray) -> np.ndarray:
   (as in diffusers, where an img2img run starting at p > 0 uses the first of them only).
   `sigmas` is the float32 schedule including the final 0.
   """
+  table = lms_coefficient_table(sigmas)
+  return np.stack([table[p, min(p, _MAX_ORDER - 1)] for p in range(len(table))])
+
+
+def lms_coefficient_table(sigmas: np.ndarray) -> np.ndarray:
+  """[n, 4, 4] float32: row [p, o - 1] the coefficients of order o at position p (zeros where
+  o > p + 1), for a run whose order counts from its own start (k-diffusion's `sample_lms` over a
+  suffix of the levels: img2img, a hires pass, a handoff)."""
   sigmas = np.asarray(sigmas, dtype=np.float32)
   n = len(sigmas) - 1
-  coeffs = np.zeros((n, _MAX_ORDER), np.float64)
+  coeffs = np.zeros((n, _MAX_ORDER, _MAX_ORDER), np.float64)
   for p in range(n):
-    order = min(p + 1, _MAX_ORDER)
-    for current in range(order):
+    for order in range(1, min(p + 1, _MAX_ORDER) + 1):
+      for current in range(order):
 
-      def basis(tau, p=p, order=order, current=current):
-        # diffusers evaluates the Lagrange basis with float32 tensors: tau is rounded to float32
-        # and every factor is a float32 division, multiplied up in order.
-        tau32 = tau.astype(np.float32)
-        prod = np.ones_like(tau32)
-        for k in range(order):
-          if k != current:
-            prod = prod * ((tau32 - sigmas[p - k]) / (sigmas[p - current] - sigmas[p - k]))
-        return prod.astype(np.float64)
+        def basis(tau, p=p, order=order, current=current):
+          # diffusers evaluates the Lagrange basis with float32 tensors: tau is rounded to
+          # float32 and every factor is a float32 division, multiplied up in order.
+          tau32 = tau.astype(np.float32)
+          prod = np.ones_like(tau32)
+          for k in range(order):
+            if k != current:
+              prod = prod * ((tau32 - sigmas[p - k]) / (sigmas[p - current] - sigmas[p - k]))
+          return prod.astype(np.float64)
 
-      coeffs[p, current] = gauss_kronrod_21(basis, float(sigmas[p]), float(sigmas[p + 1]))
+        coeffs[p, order - 1, current] = gauss_kronrod_21(basis, float(sigmas[p]),
+                                                         float(sigmas[p + 1]))
   return coeffs.astype(np.float32)
 
 
@@ -134,7 +143,8 @@ class LMSState:
     input_scale: [n] float32 sqrt(sigma^2 + 1); the UNet sees sample / input_scale.
     v_out: [n] float32 -sigma / sqrt(sigma^2 + 1), v-prediction's weight on the model output.
     v_den: [n] float32 sigma^2 + 1, v-prediction's divisor of the sample.
-    lms_coeffs: [n, 4] float32 weights of the stored derivatives, newest first.
+    lms_coeffs: [n, 4, 4] float32 weights of the stored derivatives, newest first, by
+      position and order (`lms_coefficient_table`).
     derivatives: [4, *sample_shape] float32 past ODE derivatives, newest first.
     counter: int32 steps taken so far.
   """
@@ -155,7 +165,8 @@ class LMSDiscreteScheduler(Scheduler):
   """diffusers' `LMSDiscreteScheduler` (order 4, as its pipelines call it)."""
 
   name = "lms"
-  # k_diffusion changes nothing
+  # k_diffusion: a run started past the first level (img2img, hires, handoff) counts its order
+  # from its start, as k-diffusion's sample_lms over those levels
   schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
                       DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR, DISCARD_PENULTIMATE)
   order = 1
@@ -198,7 +209,7 @@ class LMSDiscreteScheduler(Scheduler):
       input_scale=jnp.asarray(scale),
       v_out=jnp.asarray(-sigmas[:-1] / scale),
       v_den=jnp.asarray(sigmas[:-1] ** 2 + 1),
-      lms_coeffs=jnp.asarray(lms_coefficients(sigmas)),
+      lms_coeffs=jnp.asarray(lms_coefficient_table(sigmas)),
       derivatives=jnp.zeros((_MAX_ORDER,) + tuple(sample_shape), jnp.float32),
       counter=jnp.zeros([], jnp.int32),
     )
@@ -223,9 +234,11 @@ class LMSDiscreteScheduler(Scheduler):
       pred_original = out
     derivative = true_divide(x - pred_original, sigma)
     derivatives = jnp.concatenate([derivative[None], state.derivatives[:-1]])
-    # Only the derivatives stored so far take part; a zero weight adds an exact 0.
+    # diffusers: the order of the position, only the derivatives stored so far taking part (a
+    # zero weight adds an exact 0); k-diffusion: the order of the run's own step count.
     stored = jnp.minimum(state.counter + 1, _MAX_ORDER)
-    coeffs = jnp.where(jnp.arange(_MAX_ORDER) < stored, state.lms_coeffs[i], 0.0)
+    order = stored if self.cfg.get(K_DIFFUSION) else jnp.minimum(i + 1, _MAX_ORDER)
+    coeffs = jnp.where(jnp.arange(_MAX_ORDER) < stored, state.lms_coeffs[i, order - 1], 0.0)
     update = rounded(coeffs[0] * derivatives[0])
     for k in range(1, _MAX_ORDER):
       update = update + rounded(coeffs[k] * derivatives[k])
