@@ -314,7 +314,8 @@ flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 flags.DEFINE_string("refiner", None, "SDXL: refiner folder or hub id to finish each image")
 flags.DEFINE_float("refiner_start", None, "SDXL: fraction of the schedule after which the "
-                   "refiner takes over (default 0.8)")
+                   "refiner takes over (default 0.8; diffusers' denoising_end), or a whole number "
+                   "of steps (20: after the base's 20th step, as ComfyUI's KSamplerAdvanced pair)")
 flags.DEFINE_list("original_size", None, "SDXL micro-conditioning: HEIGHT,WIDTH "
                   "(default: the output size)")
 flags.DEFINE_list("crops_coords_top_left", ["0", "0"], "SDXL micro-conditioning: TOP,LEFT")
@@ -345,6 +346,8 @@ def _run_config() -> run.RunConfig:
   if preset is not None:
     values.update({k: v for k, v in preset.items() if k in _OVERRIDABLE})
   values.update({k: FLAGS[k].value for k in _OVERRIDABLE if FLAGS[k].present})
+  if values["refiner_start"] >= 1 and float(values["refiner_start"]).is_integer():
+    values["refiner_start"] = int(values["refiner_start"])  # a number of steps
   options = _scheduler_options()
   values["scheduler"] = _scheduler_name(values.get("scheduler"), "--scheduler")
   if not FLAGS["steps"].present:  # a list of sigmas or timesteps says how many steps

@@ -356,7 +356,7 @@ class Pipeline:
                negative_crops_coords_top_left: tuple[int, int] = (0, 0),
                negative_target_size: tuple[int, int] | None = None,
                aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
-               refiner: Pipeline | None = None, refiner_start: float = 0.8,
+               refiner: Pipeline | None = None, refiner_start: float | int = 0.8,
                eta: float = 0.0, prompt_syntax: str = "plain",
                embeddings=None, cfg_parallel: bool = False,
                emphasis: str = "Original", hires_scale: float | None = None,
@@ -507,8 +507,9 @@ class Pipeline:
         (height, width) / (top, left), as diffusers' arguments of the same names.
       aesthetic_score, negative_aesthetic_score: the refiner's aesthetic conditioning.
       refiner: an SDXL refiner pipeline: the base denoises until `refiner_start` of the schedule
-        (diffusers' `denoising_end`) and the refiner finishes from its latents
-        (`denoising_start`), with the same steps, scheduler and guidance.
+        (a fraction: diffusers' `denoising_end`; an int: after that many steps, as ComfyUI's
+        KSamplerAdvanced pair's end_at_step / start_at_step) and the refiner finishes from its
+        latents (`denoising_start`), with the same steps, scheduler and guidance.
       eta: DDIM's stochasticity (diffusers' `eta`; 0 is deterministic DDIM, 1 DDPM-like); its
         step noise comes from each image's seed. `tcd` takes it as its gamma (in [0, 1]; its
         authors suggest 0.3); no other scheduler does.

@@ -192,9 +192,10 @@ class RunConfig:
   # Per adapter a mask image ("": none) keeping its image to a region (diffusers'
   # ip_adapter_masks), resized to each image's size.
   ip_adapter_mask: tuple[str, ...] = ()
-  # SDXL: an optional refiner taking over at `refiner_start` of the schedule; micro-conditioning.
+  # SDXL: an optional refiner taking over at `refiner_start` of the schedule (an int: after that
+  # many steps); micro-conditioning.
   refiner: str | None = None
-  refiner_start: float = 0.8
+  refiner_start: float | int = 0.8
   # A1111's hires fix: 0 = off; else the latents are enlarged this many times and
   # denoised again (img2img at hires_strength) for hires_steps steps (0: --steps).
   hires_scale: float = 0.0
@@ -495,8 +496,10 @@ def validate(cfg: RunConfig) -> None:
           prompts.parse_prompt_attention(text)
         if lora_set is not None:
           lora_set(text)  # every tag names a file in --lora_dir
-  if cfg.refiner is not None and not 0.0 < cfg.refiner_start < 1.0:
-    raise RunError(f"--refiner_start must be in (0, 1), got {cfg.refiner_start}")
+  if cfg.refiner is not None and not (0.0 < cfg.refiner_start < 1.0 or (
+      sampling.is_step_count(cfg.refiner_start) and cfg.refiner_start >= 1)):
+    raise RunError(f"--refiner_start must be a fraction in (0, 1) or a whole number of steps, "
+                   f"got {cfg.refiner_start}")
   if min(cfg.hires_scale, cfg.hires_steps, cfg.hires_resize_width,
          cfg.hires_resize_height) < 0:
     raise RunError("--hires_scale, --hires_steps and --hires_resize_* must be >= 0 (0: off / "
@@ -2357,7 +2360,9 @@ class _Metadata:
     if self.refiner is not None:
       name, short = self.refiner
       extra.update({"Refiner": f"{name} [{short}]" if short else name,
-                    "Refiner switch at": cfg.refiner_start,
+                    # a number of steps: sdjax's field (A1111's is a fraction)
+                    ("Refiner switch step" if sampling.is_step_count(cfg.refiner_start)
+                     else "Refiner switch at"): cfg.refiner_start,
                     "Aesthetic score": m.aesthetic_score,
                     "Negative aesthetic score": m.negative_aesthetic_score})
     return extra

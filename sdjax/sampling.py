@@ -1337,15 +1337,34 @@ def _cutoff(sched, fraction: float) -> int:
   return int(round(n_train - fraction * n_train))
 
 
-def denoising_end_index(sched, state, fraction: float) -> int:
-  """Positions the base runs with `denoising_end=fraction` (StableDiffusionXLPipeline)."""
+def is_step_count(at) -> bool:
+  """Whether a handoff point (`refiner_start`, `denoising_end` / `_start`) is a number of steps
+  (an int: ComfyUI's KSamplerAdvanced end_at_step / start_at_step), not a fraction."""
+  return isinstance(at, int | np.integer) and not isinstance(at, bool)
+
+
+def check_handoff(at, steps: int, name: str = "refiner_start") -> None:
+  if not is_step_count(at):
+    _check_fraction(at, name)
+  elif not 1 <= at < steps:
+    raise ValueError(f"{name} as a number of steps must be in [1, steps), got {at} with {steps} "
+                     "steps")
+
+
+def denoising_end_index(sched, state, fraction: float | int) -> int:
+  """Positions the base runs with `denoising_end=fraction` (StableDiffusionXLPipeline's timestep
+  cutoff), or with an int, that many steps."""
+  if is_step_count(fraction):
+    return sched.step_position(state, int(fraction))
   return int(np.sum(np.asarray(state.timesteps) >= _cutoff(sched, fraction)))
 
 
-def denoising_start_index(sched, state, fraction: float) -> int:
-  """First position of a `denoising_start=fraction` run (StableDiffusionXLImg2ImgPipeline):
-  schedulers of several calls a step never start between a step's calls (the remaining
-  positions: whole steps and the last step's lone call)."""
+def denoising_start_index(sched, state, fraction: float | int) -> int:
+  """First position of a `denoising_start=fraction` run (StableDiffusionXLImg2ImgPipeline), or
+  with an int, of that step: schedulers of several calls a step never start between a step's
+  calls (the remaining positions: whole steps and the last step's lone call)."""
+  if is_step_count(fraction):
+    return sched.step_position(state, int(fraction))
   timesteps = np.asarray(state.timesteps)
   start = len(timesteps) - int(np.sum(timesteps < _cutoff(sched, fraction)))
   while start > 0 and not sched.starts_step(state, start):
@@ -1809,7 +1828,7 @@ def generate(
     negative_prompts_2: str | Sequence[str | None] | None = None,
     micro: MicroConditioning | None = None,
     refiner=None,
-    refiner_start: float = 0.8,
+    refiner_start: float | int = 0.8,
     eta: float = 0.0,
     prompt_syntax: str = "plain",
     embeddings: Any = None,
@@ -1903,7 +1922,7 @@ def generate(
   if strength is None:  # diffusers' defaults: its img2img and inpainting pipelines'
     strength = 1.0 if mask_images is not None else 0.8
   if refiner is not None:
-    _check_fraction(refiner_start, "refiner_start")
+    check_handoff(refiner_start, steps)
     if init_images is not None:
       raise ValueError("refiner= hands off a text-to-image run; it does not take init_images")
   hires_prompts = prompts if hires_prompts is None else _as_list(hires_prompts, n,

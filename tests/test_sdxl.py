@@ -193,6 +193,21 @@ def test_base_to_refiner_handoff_matches_diffusers(pipes, name):
   err = rel_err(ours, expected)
   print(f"\nhandoff {name}: {err:.2e}")
   assert err <= GENERATE_TOL
+  # refiner_start as a number of steps (ComfyUI's KSamplerAdvanced pair): the steps diffusers'
+  # cutoff leaves the base make the same handoff (Heun's base stops between a step's two calls
+  # there: no number of steps does); one step more, another
+  spec, state = sampling.prepare(base, 2, steps=6, scheduler=name, height=H, width=W,
+                                 guidance_scale=GUIDANCE, denoising_end=0.8)
+  k = [k for k in range(1, 6) if spec.scheduler.step_position(state, k) == spec.end]
+  assert len(k) == (name != "heun")
+  kw = dict(negative_prompts=NEGATIVES, steps=6, guidance_scale=GUIDANCE, height=H, width=W,
+            scheduler=name, latents=latents, refiner=refiner)
+  if k:
+    np.testing.assert_array_equal(base.generate(PROMPTS, refiner_start=k[0], **kw), ours)
+  later = base.generate(PROMPTS, refiner_start=5, **kw)
+  assert rel_err(later, ours) > 10 * GENERATE_TOL
+  with pytest.raises(ValueError, match=r"refiner_start as a number of steps must be in \[1, "):
+    base.generate(PROMPTS, refiner_start=6, **kw)
 
 
 def test_torch_generators_through_the_refiner_match_diffusers(pipes):
@@ -356,13 +371,24 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   again = Image.open(tmp_path / "read" / records[1]["file"])
   np.testing.assert_array_equal(np.asarray(again), np.asarray(png))
   assert "Clip skip" not in outputs.parse_a1111_parameters(again.text["parameters"])
+  # A switch after a number of steps (ComfyUI's KSamplerAdvanced pair): sdjax's field.
+  run.generate_run(dataclasses.replace(cfg, refiner_start=4, output_dir=str(tmp_path / "step")))
+  png = Image.open(tmp_path / "step" / records[1]["file"])
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert params["Refiner switch step"] == "4" and "Refiner switch at" not in params
+  expected = base.generate(["a cat", "a dog"], negative_prompts=[None, "red"], seed=5,
+                           refiner=refiner, original_size=(32, 48), aesthetic_score=7.0,
+                           negative_original_size=(24, 24), negative_target_size=(16, 24),
+                           **{**HANDOFF, "refiner_start": 4})
+  written = np.asarray(png, np.float32) / 255
+  assert np.abs(written - expected[1]).max() <= 1 / 255 + 1e-6
   # main.py --parameters_file makes the image again from its PNG (micro-conditioning, refiner
-  # switch and aesthetic scores from the file; the refiner, a local folder, from its flag).
+  # switch step and aesthetic scores from the file; the refiner, a local folder, from its flag).
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   made = tmp_path / "made"
   proc = subprocess.run(
       [sys.executable, os.path.join(root, "main.py"), "--model", cfg.model, "--refiner",
-       cfg.refiner, "--parameters_file", str(tmp_path / "out" / records[1]["file"]),
+       cfg.refiner, "--parameters_file", str(tmp_path / "step" / records[1]["file"]),
        "--output_dir", str(made), "--compilation_cache="],
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and "warning" not in proc.stderr.lower(), proc.stderr[-2000:]
