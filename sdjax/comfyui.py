@@ -367,6 +367,83 @@ def _hires_pass(graph, first_id: str, others: list[str]):
   return None
 
 
+def _refiner_pass(graph, first_id: str, others: list[str]):
+  """(sampler id, node) of a KSamplerAdvanced continuing the first pass's latents as they are
+  (SDXL's refiner), whose latents are decoded, or None."""
+  for sampler_id in others:
+    node = graph[sampler_id]
+    source = _linked(graph, _inputs(node).get("latent_image"))
+    if (node["class_type"] == "KSamplerAdvanced" and source is not None
+        and source[0] == first_id and _decodes(graph, sampler_id)):
+      return sampler_id, node
+  return None
+
+
+def _hands_off(reader: _Reader, first: dict[str, Any], sampler_id: str, node) -> bool:
+  """Whether a base KSamplerAdvanced and the one after it are a handoff at a step sdjax makes
+  (`refiner_start` a number of steps): the base stops at step k < steps keeping its leftover
+  noise, the second starts at k of the same steps without adding noise; else a note."""
+  inputs = _inputs(node)
+  steps, end, start = first.get("steps"), first.get("end_at_step"), inputs.get("start_at_step")
+  if not (isinstance(steps, int) and isinstance(end, int) and 1 <= end < steps and start == end
+          and inputs.get("steps") == steps and first.get("start_at_step", 0) == 0
+          and first.get("add_noise", "enable") == "enable"):
+    reader.note(None, f"node {sampler_id} (a second KSamplerAdvanced) runs steps {start} to "
+                      f"{inputs.get('end_at_step')} of {inputs.get('steps')} after the first's "
+                      f"{first.get('start_at_step')} to {end} of {steps}: not reproduced")
+    return False
+  if inputs.get("add_noise") != "disable" or first.get("return_with_leftover_noise") != "enable":
+    reader.note(None, f"node {sampler_id} (a refiner pass) adds noise, or the first pass returns "
+                      "its latents denoised: sdjax's refiner continues the base's noisy latents "
+                      "(not reproduced)")
+    return False
+  return True
+
+
+def _refiner(reader: _Reader, first: dict[str, Any], sampler_id: str, node) -> None:
+  """The refiner fields of ComfyUI's SDXL base + refiner pair: the step it takes over at
+  (`Refiner switch step`), its checkpoint (a note: give --refiner), its aesthetic scores
+  (CLIPTextEncodeSDXLRefiner's ascore, else ComfyUI's 6 and 2.5), and whatever it does other
+  than sdjax's refiner, which runs the base's sampler, schedule and CFG on the image's prompts:
+  notes."""
+  inputs, fields = _inputs(node), reader.fields
+  fields["Refiner switch step"] = str(first["end_at_step"])
+  found = reader.follow(inputs.get("model"), ("model",), "refiner's model")
+  if found is not None and found[1]["class_type"] in _CHECKPOINT_NODES:
+    fields["Refiner"] = str(_inputs(found[1]).get(_CHECKPOINT_NODES[found[1]["class_type"]]))
+  else:
+    reader.note("refiner", f"node {sampler_id} (the refiner) takes a model sdjax cannot name: "
+                           "give it with --refiner")
+  for key in ("sampler_name", "scheduler", "cfg"):
+    if inputs.get(key) != first.get(key):
+      reader.note(None, f"node {sampler_id} (the refiner) runs {key} {inputs.get(key)}, the base "
+                        f"{first.get(key)}: sdjax's refiner runs the base's")
+  sampler = inputs.get("sampler_name")
+  if sampler in _DEVICE_NOISE or schedulers.takes_brownian(SAMPLERS.get(sampler)):
+    reader.note(None, f"node {sampler_id} (the refiner) draws its steps' noise afresh from its "
+                      "noise_seed; sdjax's refiner draws on from the base's")
+  if sampler in ("heunpp2", "uni_pc", "uni_pc_bh2"):
+    reader.note(None, f"sampler {sampler} steps by where its run ends: the base's last steps "
+                      "before the refiner differ")
+  size = fields.get("Original size", fields.get("Size"))
+  for which, label, default in (("positive", "Aesthetic score", 6.0),
+                                ("negative", "Negative aesthetic score", 2.5)):
+    text = reader.text(inputs.get(which), which)
+    key = "prompt" if which == "positive" else "negative_prompt"
+    if text != (reader.texts_l.get(key) or fields[key]):
+      reader.note(None, f"node {sampler_id} (the refiner) has a {which} text of its own: "
+                        f"sdjax's refiner encodes the image's {which} prompt")
+    found = reader.follow(inputs.get(which), ("conditioning", "conditioning_to", which),
+                          f"refiner's {which} conditioning")
+    own = _inputs(found[1]) if found and found[1]["class_type"] == "CLIPTextEncodeSDXLRefiner" \
+        else {}
+    fields[label] = str(own.get("ascore", default))
+    if own and size is not None and f"{own.get('width')}x{own.get('height')}" != size:
+      reader.note(None, f"node {sampler_id} (the refiner) is conditioned on size "
+                        f"{own.get('width')}x{own.get('height')}; sdjax's refiner on the base's "
+                        f"original size {size}")
+
+
 def _hires(reader: _Reader, first: dict[str, Any], hires) -> None:
   """A1111's hires fields of ComfyUI's hires fix: the latent upscale's size and method, the
   second KSampler's steps and denoise, and whatever it does otherwise (sampler, scheduler, CFG,
@@ -594,12 +671,20 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     reader.note("step_rng", f"sampler {sampler}: ComfyUI draws each step's fresh noise from a "
                             "generator on its GPU seeded by the seed: sdjax draws CUDA's, an "
                             "NVIDIA GPU's (--step_rng nv); another GPU's differs")
-  if advanced and (inputs.get("add_noise") == "disable" or inputs.get("start_at_step", 0) > 0
-                   or inputs.get("end_at_step", 10000) < inputs.get("steps", 0)):
+  refiner = _refiner_pass(graph, sampler_id, others) if advanced else None
+  if refiner is not None:
+    others = [i for i in others if i != refiner[0]]
+    if not _hands_off(reader, inputs, *refiner):
+      refiner = None
+  if advanced and refiner is None and (
+      inputs.get("add_noise") == "disable" or inputs.get("start_at_step", 0) > 0
+      or inputs.get("end_at_step", 10000) < inputs.get("steps", 0)):
     reader.note(None, f"node {sampler_id} runs steps {inputs.get('start_at_step')} to "
                       f"{inputs.get('end_at_step')} only: sdjax runs them all")
   reader.latent(inputs.get("latent_image"), None if advanced else inputs.get("denoise"))
   reader.micro_conditioning()  # SDXL's, by the size
+  if refiner is not None:
+    _refiner(reader, inputs, *refiner)
   hires = _hires_pass(graph, sampler_id, others)
   if hires is not None:
     _hires(reader, inputs, hires)
@@ -622,7 +707,8 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
         fields[key] = " ".join([fields[key], *reader.loras])
     reader.note("lora_dir", f"LoRAs {', '.join(reader.loras)} added to the prompt as A1111 "
                             "tags: give --lora_dir (the folder of ComfyUI's loras)")
-  reader.vae(sampler_id if hires is None else hires[0])  # the decode follows the last pass
+  # the decode follows the last pass
+  reader.vae(hires[0] if hires is not None else refiner[0] if refiner is not None else sampler_id)
   if others:
     reader.note(None, f"{len(others)} more sampler pass(es) (nodes {', '.join(others)}: a hires "
                       "fix or refiner workflow) are not reproduced")

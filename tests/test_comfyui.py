@@ -612,3 +612,61 @@ def test_sdxl_text_l_is_the_first_encoders_prompt(tmp_path):
   hires["12"] = {**graph["6"], "inputs": {**graph["6"]["inputs"], "text_l": "a dog"}}
   hires["11"]["inputs"]["positive"] = ["12", 0]
   assert "has a text_l of its own" in _notes(comfyui.reproduce(hires))
+
+
+def _refiner_graph(**refiner):
+  """ComfyUI's SDXL base + refiner example: a base KSamplerAdvanced over steps 0-20 of 25 keeping
+  its leftover noise, the refiner's (its own checkpoint and text encoders) over 20-25 without
+  adding noise, and the decode of that."""
+  graph = default_graph()
+  base = graph["3"]["inputs"]
+  graph["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
+      "add_noise": "enable", "noise_seed": 721897303308196, "steps": 25, "cfg": 8.0,
+      "sampler_name": "euler", "scheduler": "normal", "start_at_step": 0, "end_at_step": 20,
+      "return_with_leftover_noise": "enable", **{k: base[k] for k in (
+          "model", "positive", "negative", "latent_image")}}}
+  graph["4"]["inputs"]["ckpt_name"] = "sd_xl_base_1.0.safetensors"
+  graph["5"]["inputs"].update(width=1024, height=1024)
+  graph["12"] = {"class_type": "CheckpointLoaderSimple",
+                 "inputs": {"ckpt_name": "sd_xl_refiner_1.0.safetensors"}}
+  for node, source in (("15", "6"), ("16", "7")):
+    graph[node] = {"class_type": "CLIPTextEncode", "inputs": {
+        "text": graph[source]["inputs"]["text"], "clip": ["12", 1]}}
+  graph["11"] = {"class_type": "KSamplerAdvanced", "inputs": {
+      **graph["3"]["inputs"], "add_noise": "disable", "noise_seed": 0, "start_at_step": 20,
+      "end_at_step": 10000, "return_with_leftover_noise": "disable", "model": ["12", 0],
+      "positive": ["15", 0], "negative": ["16", 0], "latent_image": ["3", 0], **refiner}}
+  graph["8"]["inputs"].update(samples=["11", 0], vae=["12", 2])
+  return graph
+
+
+def test_sdxl_base_and_refiner_pair():
+  """The base + refiner pair of KSamplerAdvanced: the refiner after step 20 (--refiner_start 20,
+  a number of steps), the refiner checkpoint a note settled by --refiner, ComfyUI's default
+  aesthetic scores (a plain text encoder's) or a CLIPTextEncodeSDXLRefiner's ascore; what
+  sdjax's refiner does not do (its own CFG, text, fresh step noise; a size of its own) notes."""
+  graph = _refiner_graph()
+  found = comfyui.reproduce(graph)
+  flags, notes = found.flags, _notes(found)
+  assert (flags["refiner_start"], flags["steps"], flags["aesthetic_score"],
+          flags["negative_aesthetic_score"]) == ("20", "25", "6.0", "2.5")
+  assert "sd_xl_refiner_1.0.safetensors: give it with --refiner" in notes
+  assert ("refiner", "Refiner: sd_xl_refiner_1.0.safetensors: give it with --refiner") in (
+      found.notes)
+  for text in ("runs steps", "more sampler pass", "the refiner"):
+    assert text not in notes, notes
+  graph["15"] = {"class_type": "CLIPTextEncodeSDXLRefiner", "inputs": {
+      "ascore": 7.5, "width": 2048, "height": 2048, "text": "a castle", "clip": ["12", 1]}}
+  graph["11"]["inputs"].update(cfg=5.0, sampler_name="euler_ancestral")
+  found = comfyui.reproduce(graph)
+  notes = _notes(found)
+  assert found.flags["aesthetic_score"] == "7.5"
+  for text in ("runs cfg 5.0, the base 8.0", "runs sampler_name euler_ancestral",
+               "draws its steps' noise afresh", "has a positive text of its own",
+               "conditioned on size 2048x2048"):
+    assert text in notes, (text, notes)
+  assert "negative text of its own" not in notes
+  # not a handoff sdjax makes: the second pass adds noise, or starts elsewhere
+  for change in ({"add_noise": "enable"}, {"start_at_step": 18}):
+    found = comfyui.reproduce(_refiner_graph(**change))
+    assert "refiner_start" not in found.flags and "not reproduced" in _notes(found)
