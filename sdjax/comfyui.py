@@ -47,7 +47,7 @@ SAMPLERS = {
     "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
     "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
     "dpmpp_3m_sde": "dpmpp_3m_sde", "dpmpp_3m_sde_gpu": "dpmpp_3m_sde", "ddim": "euler",
-    "uni_pc": "unipc", "uni_pc_bh2": "unipc", "lcm": "lcm", "ddpm": "ddpm",
+    "uni_pc": "unipc", "uni_pc_bh2": "unipc", "lcm": "lcm", "ddpm": "k_ddpm",
     "euler_cfg_pp": "euler_cfg_pp", "euler_ancestral_cfg_pp": "euler_ancestral_cfg_pp",
     "ipndm": "ipndm", "ipndm_v": "ipndm_v", "res_multistep": "res_multistep",
     "gradient_estimation": "gradient_estimation", "dpmpp_2m_cfg_pp": "dpmpp_2m_cfg_pp",
@@ -649,7 +649,7 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     reader.note("scheduler", f"sampler {sampler} is not one sdjax has: give --scheduler")
   table = (scheduler in _TABLE_SCHEDULERS and sampler in SAMPLERS
            and schedulers.takes_option(SAMPLERS[sampler], "sigmas"))  # levels as --sigmas
-  if scheduler in SCHEDULERS and SAMPLERS.get(sampler) != "ddpm":
+  if scheduler in SCHEDULERS:
     fields["Schedule type"] = outputs.A1111_SCHEDULE_TYPE_NAMES[scheduler]
   elif scheduler is not None and not table:
     reader.note("schedule_type", f"scheduler {scheduler} (with sampler {sampler}): sdjax places "

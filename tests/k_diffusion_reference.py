@@ -807,3 +807,22 @@ def sample_dpm_fast(config, sigmas, x, noises):
     x = x - end * h.expm1() * eps - end / r2 * (h.expm1() / h - 1) * (eps_2 - eps)
     out.append(x)
   return np.stack([y.numpy() for y in out])
+
+
+def sample_ddpm(config, sigmas, x, noises):
+  """k-diffusion's sample_ddpm (ComfyUI's ddpm), written out: DDPM's posterior mean between the
+  levels' alpha_cumprods in the variance-preserving scale, fresh noise but on the last step."""
+  denoise, out = denoiser(config), []
+  for i in range(len(sigmas) - 1):
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    d = (x - denoise(x, sigma)) / sigma
+    x = x / torch.sqrt(1.0 + sigma * sigma)
+    alphas = 1 / ((sigma * sigma) + 1)
+    alphas_next = 1 / ((sigma_next * sigma_next) + 1)
+    alpha = alphas / alphas_next
+    x = (1.0 / alpha).sqrt() * (x - (1 - alpha) * d / (1 - alphas).sqrt())
+    if sigma_next > 0:
+      x = x + ((1 - alpha) * (1.0 - alphas_next) / (1.0 - alphas)).sqrt() * noises[i]
+      x = x * torch.sqrt(1.0 + sigma_next * sigma_next)
+    out.append(x.numpy())
+  return np.stack(out)

@@ -93,13 +93,14 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("heunpp2", "simple", "HeunPP2", "Simple"),  # 3, 2, then 1 calls a step
     ("dpmpp_2s_ancestral_cfg_pp", "karras", "DPM++ 2S a CFG++", "Karras"),
     ("dpm_fast", "normal", "dpm_fast", "Normal"),  # no A1111 name: sdjax's own
+    ("ddpm", "karras", "k_ddpm", "Karras"),  # k-diffusion's, over its levels (not diffusers')
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
   found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
   assert found.flags["scheduler"] == want
   assert found.flags.get("schedule_type") == label
   notes = _notes(found)
-  device_noise = sampler in ("dpm_2_ancestral", "seeds_3", "dpmpp_2s_ancestral_cfg_pp")
+  device_noise = sampler in ("dpm_2_ancestral", "seeds_3", "dpmpp_2s_ancestral_cfg_pp", "ddpm")
   assert ("fresh noise from a generator on its GPU" in notes) == device_noise
   # the SDE samplers' Brownian tree: on the CPU, or on the GPU (CUDA's generator) for _gpu
   assert found.flags.get("brownian") == {"dpmpp_2m_sde_gpu": "nv", "dpmpp_sde": "torch_cpu"}.get(
@@ -113,7 +114,7 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
   assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "iPNDM",
                               "Res Multistep", "DPM++ 2M CFG++", "DEIS", "SEEDS 3", "DPM2 a",
-                              "HeunPP2", "DPM++ 2S a CFG++", "dpm_fast"))
+                              "HeunPP2", "DPM++ 2S a CFG++", "dpm_fast", "k_ddpm"))
   # its KSampler's levels of one step more less the next-to-last, for these samplers only
   discards = '"discard_penultimate_sigma": true' in found.flags.get("scheduler_options", "")
   assert discards == (sampler in ("dpm_2_ancestral", "uni_pc", "uni_pc_bh2"))

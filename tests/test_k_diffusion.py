@@ -49,7 +49,8 @@ SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "ER SDE": kd.sample_er_sde,
             "Gradient Estimation": kd.sample_gradient_estimation, "DEIS": kd.sample_deis,
             "SEEDS 2": kd.sample_seeds, "SEEDS 3": lambda *a: kd.sample_seeds(*a, stages=3),
-            "HeunPP2": kd.sample_heunpp2, "dpm_fast": kd.sample_dpm_fast}
+            "HeunPP2": kd.sample_heunpp2, "dpm_fast": kd.sample_dpm_fast,
+            "k_ddpm": kd.sample_ddpm}
 # A1111's samplers that place the levels of one step more and drop the penultimate one.
 DISCARDING = ("DPM2", "DPM2 a")
 
@@ -165,7 +166,7 @@ _COMFYUI_SCHEDULES = {"Uniform": lambda n: kd.get_sigmas(COMFY15, n),
                                      "DPM++ 2M SDE", "iPNDM", "iPNDM_v", "Res Multistep",
                                      "Res Multistep a", "Gradient Estimation", "ER SDE",
                                      "DEIS", "SEEDS 2", "SEEDS 3", "DPM2", "DPM2 a",
-                                     "DPM++ 2S a", "HeunPP2", "dpm_fast"])
+                                     "DPM++ 2S a", "HeunPP2", "dpm_fast", "k_ddpm"])
 def test_steps_as_comfyui(sampler, label, monkeypatch):
   """The `comfyui` option: k-diffusion's loop as ComfyUI's KSampler runs it, from its noise
   times sqrt(1 + sigma_max^2), the UNet at whole timesteps, over its scheduler's levels (its beta
@@ -956,7 +957,7 @@ def test_a1111_schedule_settings_notes_and_checks():
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM2",
                                      "DPM++ 2S a", "DPM++ 2M SDE", "DPM++ 3M SDE", "iPNDM",
                                      "iPNDM_v", "Res Multistep", "DEIS", "SEEDS 2", "ER SDE",
-                                     "Gradient Estimation"])
+                                     "Gradient Estimation", "k_ddpm"])
 def test_comfyui_handoff_at_a_step(sampler, monkeypatch):
   """A run handed on after step k (an SDXL base to its refiner, `refiner_start=k`): ComfyUI's
   pair of KSamplerAdvanced, the first over levels 0..k (its end_at_step, leftover noise kept),

@@ -98,6 +98,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "seeds_3": ("comfyui_samplers", "SEEDS3Scheduler", {}),
     "heunpp2": ("comfyui_samplers", "HeunPP2Scheduler", {}),  # Forge's "HeunPP2"
     "dpm_fast": ("comfyui_samplers", "DPMFastScheduler", {}),
+    "k_ddpm": ("comfyui_samplers", "KDDPMScheduler", {}),  # ComfyUI's "ddpm"
     "dpmpp_2s_ancestral_cfg_pp": ("dpmpp_2s", "DPMSolver2SAncestralCFGPPScheduler",
                                   {"use_karras_sigmas": False}),
 }

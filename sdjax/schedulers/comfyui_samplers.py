@@ -36,6 +36,10 @@ d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the s
   from the first level to the smallest above 0, whatever lies between; it ends there, at that
   level's noise (no step to 0). Its plan depends on both ends, so text-to-image only. (A1111's
   "DPM fast" runs the same loop between the training extremes at its ancestral eta: not this.)
+- `k_ddpm`: k-diffusion's sample_ddpm (ComfyUI's `ddpm`): each step DDPM's posterior mean from
+  the level's alpha_cumprod 1 / (sigma^2 + 1) to the next's, in the variance-preserving scale
+  (x / sqrt(sigma^2 + 1)), plus fresh noise of the posterior's deviation (none on the last step,
+  to 0). diffusers' `ddpm` steps over training timesteps instead.
 - CFG++ forms (`takes_uncond`: the guided x0 steps along the unconditional prediction):
   `dpmpp_2m_cfg_pp`, `res_multistep_cfg_pp`, `res_multistep_ancestral_cfg_pp`,
   `gradient_estimation_cfg_pp`.
@@ -931,3 +935,59 @@ class ERSDEScheduler(_MultistepScheduler):
     history = jnp.stack([x0, jnp.where(state.count >= 1, first_diff, old_first),
                          state.history[2]])
     return prev.astype(sample.dtype), state.replace(history=history, count=state.count + 1)
+
+
+# -- DDPM over noise levels (k-diffusion's sample_ddpm, ComfyUI's ddpm).
+
+
+@struct.dataclass
+class KDDPMState(SigmaState):
+  """`SigmaState` and DDPM's per-position scalars.
+
+  Attributes:
+    coefficients: [n, 6] float32, as ComfyUI's torch scalars: 1 - alpha, sqrt(1 -
+      alpha_cumprod), sqrt(1 / alpha) (alpha: alpha_cumprod over the next level's), the fresh
+      noise's scale (0 on the last step), sqrt(1 + sigma^2) and sqrt(1 + sigma_next^2) (1 at 0).
+  """
+
+  coefficients: jnp.ndarray
+
+
+def _ddpm_coefficients(sigmas: np.ndarray) -> np.ndarray:
+  f, one = np.float32, np.float32(1)
+  rows = []
+  for sigma, sigma_next in zip(sigmas[:-1].astype(f), sigmas[1:].astype(f), strict=True):
+    alphas = one / (sigma * sigma + one)
+    alphas_next = one / (sigma_next * sigma_next + one)
+    alpha = alphas / alphas_next
+    spread = np.sqrt((one - alpha) * (one - alphas_next) / (one - alphas)) if sigma_next > 0 \
+        else f(0)
+    rows.append((one - alpha, np.sqrt(one - alphas), np.sqrt(one / alpha), spread,
+                 np.sqrt(one + sigma * sigma),
+                 np.sqrt(one + sigma_next * sigma_next) if sigma_next != 0 else one))
+  return np.asarray(rows, np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class KDDPMScheduler(EulerDiscreteScheduler):
+  """k-diffusion's `sample_ddpm` (ComfyUI's `ddpm`): see the module docstring."""
+
+  name = "k_ddpm"
+  needs_noise = True
+
+  def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
+    base = super().set_timesteps(num_inference_steps, sample_shape)
+    return KDDPMState(**{k: getattr(base, k) for k in base.__dataclass_fields__},
+                      coefficients=jnp.asarray(_ddpm_coefficients(np.asarray(base.sigmas))))
+
+  def step(self, state, model_output, i, sample, noise=None):
+    if noise is None:
+      raise ValueError(f"{self.name} needs `noise` (unit Gaussian, sample shape) at every step")
+    x = as_f32(sample)
+    _, d = _x0_and_slope(self, state, model_output, i, x)
+    keep, deviation, scale, spread, scale_in, scale_out = (
+      state.coefficients[i][k] for k in range(6))
+    mean = rounded(scale * rounded(true_divide(x, scale_in)
+                                   - true_divide(rounded(keep * d), deviation)))
+    prev = rounded((mean + rounded(spread * as_f32(noise))) * scale_out)
+    return prev.astype(sample.dtype), state
