@@ -546,8 +546,15 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
   select = source("sampler", ("KSamplerSelect",))
   out["sampler_name"] = None if select is None else select.get("sampler_name")
   sigmas = source("sigmas", ("BasicScheduler", "AlignYourStepsScheduler", "SDTurboScheduler",
-                             *_SIGMA_NODES))
-  if sigmas is not None and sigmas["class_type"] == "SDTurboScheduler":
+                             *_SIGMA_NODES, *_FORMULA_NODES))
+  if sigmas is not None and sigmas["class_type"] in _FORMULA_NODES:
+    levels = _FORMULA_NODES[sigmas["class_type"]](sigmas)
+    if levels is None:
+      reader.note(None, f"node {sampler_id}'s {sigmas['class_type']} has inputs from other nodes "
+                        "or no steps: not reproduced")
+    else:
+      out.update(steps=len(levels) - 1, sigmas=levels)
+  elif sigmas is not None and sigmas["class_type"] == "SDTurboScheduler":
     levels = _turbo_sigmas(sigmas.get("steps", 1), sigmas.get("denoise", 1.0))
     if levels is None:
       reader.note(None, f"node {sampler_id}'s SDTurboScheduler has no steps to run: not "
@@ -589,6 +596,64 @@ def _turbo_sigmas(steps, denoise) -> list[float] | None:
   alphas = sigma_schedules.form_alphas_cumprod(dict(sigma_schedules.SD_SCHEDULE), "comfyui")
   log_sigmas = np.log(np.sqrt((1 - alphas) / alphas)).astype(np.float32)
   return [float(v) for v in exp_f32(log_sigmas[timesteps])] + [0.0]
+
+
+def _numbers(inputs: dict[str, Any], defaults: dict[str, float]) -> list[float] | None:
+  """A sigma node's number inputs (its defaults where absent), or None where one is not a
+  number (a link to another node)."""
+  values = [inputs.get(key, default) for key, default in defaults.items()]
+  if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+    return None
+  return values
+
+
+def _vp_sigmas(inputs: dict[str, Any]) -> list[float] | None:
+  """ComfyUI's VPScheduler (k-diffusion's get_sigmas_vp): sqrt(expm1(beta_d t^2 / 2 + beta_min
+  t)) at `steps` times t even from 1 to eps_s, then 0; in float32 as its torch ops."""
+  from sdjax.schedulers.common import expm1_f32, torch_linspace_f32  # noqa: PLC0415
+
+  values = _numbers(inputs, {"steps": 20, "beta_d": 19.9, "beta_min": 0.1, "eps_s": 0.001})
+  if values is None or values[0] < 1:
+    return None
+  steps, beta_d, beta_min, eps_s = values
+  f = np.float32
+  t = torch_linspace_f32(1.0, eps_s, int(steps))
+  exponent = f(beta_d) * (t * t) / f(2) + f(beta_min) * t
+  return [float(v) for v in np.sqrt(expm1_f32(exponent))] + [0.0]
+
+
+def _laplace_sigmas(inputs: dict[str, Any]) -> list[float] | None:
+  """ComfyUI's LaplaceScheduler (k-diffusion's get_sigmas_laplace, Tiankai et al. 2024): exp of
+  mu - beta sign(1/2 - x) log(1 - 2 |1/2 - x| + 1e-5) at `steps` points x even in [0, 1],
+  clamped to [sigma_min, sigma_max], in float32 as its torch ops; no 0 after (its run ends at
+  the last level)."""
+  from sdjax.schedulers.common import exp_f32, log_f32, torch_linspace_f32  # noqa: PLC0415
+
+  values = _numbers(inputs, {"steps": 20, "sigma_max": 14.614642, "sigma_min": 0.0291675,
+                             "mu": 0.0, "beta": 0.5})
+  if values is None or values[0] < 2:
+    return None
+  steps, sigma_max, sigma_min, mu, beta = values
+  f = np.float32
+  x = torch_linspace_f32(0.0, 1.0, int(steps))
+  offset = f(0.5) - x
+  lmb = f(mu) - f(beta) * np.sign(offset) * log_f32(f(1) - f(2) * np.abs(offset) + f(1e-5))
+  return [float(v) for v in np.clip(exp_f32(lmb), f(sigma_min), f(sigma_max))]
+
+
+def _runs_over(name: str, levels: list[float]) -> bool:
+  """Whether sdjax's scheduler `name` takes these levels (a LaplaceScheduler's end above 0,
+  where ComfyUI's sampler stops; most of sdjax's step to 0 only)."""
+  try:
+    schedulers.get_scheduler(name, dict(sigma_schedules.SD_SCHEDULE), options={
+        "sigmas": levels}).set_timesteps(len(levels) - 1, sample_shape=(1, 8, 8, 4))
+  except ValueError:
+    return False
+  return True
+
+
+# Its sigma nodes of formulas sdjax's schedule types do not have: their levels as --sigmas.
+_FORMULA_NODES = {"VPScheduler": _vp_sigmas, "LaplaceScheduler": _laplace_sigmas}
 
 
 def _sampler_node(graph) -> tuple[str, dict[str, Any], list[str]]:
@@ -719,6 +784,10 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     flags.pop("schedule_type", None)
   options = json.loads(flags.get("scheduler_options", "{}"))
   name = flags.get("scheduler") and outputs.scheduler_name(flags["scheduler"])
+  if name and inputs.get("sigmas") is not None and not _runs_over(name, inputs["sigmas"]):
+    reader.note(None, f"the levels end at {inputs['sigmas'][-1]:.6g}, not 0 (ComfyUI's sampler "
+                      f"stops there): sdjax's {name} runs only to 0 (Euler, Euler a and others "
+                      "stop anywhere)")
   if reader.lcm_node is not None and name != "lcm":
     reader.note(None, f"node {reader.lcm_node} ({_MODEL_SAMPLING}) samples the model as lcm: "
                       f"reproduced with the lcm sampler only, not {sampler}")

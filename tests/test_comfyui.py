@@ -671,3 +671,41 @@ def test_sdxl_base_and_refiner_pair():
   for change in ({"add_noise": "enable"}, {"start_at_step": 18}):
     found = comfyui.reproduce(_refiner_graph(**change))
     assert "refiner_start" not in found.flags and "not reproduced" in _notes(found)
+
+
+@pytest.mark.parametrize(("node", "inputs"), [
+    ("VPScheduler", {"steps": 12, "beta_d": 19.9, "beta_min": 0.1, "eps_s": 0.001}),
+    ("VPScheduler", {"steps": 7, "beta_d": 10.0, "beta_min": 0.3, "eps_s": 0.01}),
+    ("LaplaceScheduler", {"steps": 12, "sigma_max": 14.614642, "sigma_min": 0.0291675,
+                          "mu": 0.0, "beta": 0.5}),
+    ("LaplaceScheduler", {"steps": 9, "sigma_max": 10.0, "sigma_min": 0.05, "mu": -0.3,
+                          "beta": 1.2}),  # an odd count: the middle point's sign 0
+])
+def test_vp_and_laplace_scheduler_nodes(node, inputs):
+  """ComfyUI's VPScheduler (sqrt(expm1(beta_d t^2 / 2 + beta_min t)), t from 1 to eps_s, then 0)
+  and LaplaceScheduler (exp(mu - beta sign(1/2 - x) log(1 - 2|1/2 - x| + 1e-5)), clamped, no 0
+  after) become --sigmas: their float32 torch formulas within an ulp (torch's vector exp, log
+  and expm1). Levels ending above 0 run on Euler; a sampler that steps to 0 only: a note."""
+  import torch  # noqa: PLC0415
+
+  x = torch.linspace(*((1.0, inputs["eps_s"]) if node == "VPScheduler" else (0.0, 1.0)),
+                     inputs["steps"])
+  if node == "VPScheduler":
+    want = torch.cat([torch.sqrt(torch.special.expm1(
+        inputs["beta_d"] * x ** 2 / 2 + inputs["beta_min"] * x)), torch.zeros(1)])
+  else:
+    lmb = inputs["mu"] - inputs["beta"] * torch.sign(0.5 - x) * torch.log(
+        1 - 2 * torch.abs(0.5 - x) + 1e-5)
+    want = torch.clamp(torch.exp(lmb), min=inputs["sigma_min"], max=inputs["sigma_max"])
+  graph = _custom_graph(sigmas=(node, inputs))
+  graph["20"]["inputs"]["sampler_name"] = "euler"
+  found = comfyui.reproduce(graph)
+  np.testing.assert_array_max_ulp(np.asarray(found.flags["sigmas"], np.float32), want.numpy(),
+                                  maxulp=1)
+  assert found.flags["steps"] == str(len(want) - 1) and "schedule_type" not in found.flags
+  assert "not 0" not in _notes(found) and node not in _notes(found)
+  graph["20"]["inputs"]["sampler_name"] = "dpmpp_2m"
+  assert ("sdjax's dpmpp_2m runs only to 0" in _notes(comfyui.reproduce(graph))) == (
+      node == "LaplaceScheduler")
+  graph["21"]["inputs"]["steps"] = ["30", 0]  # from another node: a note
+  assert f"{node} has inputs from other nodes" in _notes(comfyui.reproduce(graph))
