@@ -545,28 +545,13 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
       out.update(model=guider.get("model"), positive=guider.get("conditioning"), cfg=1.0)
   select = source("sampler", ("KSamplerSelect",))
   out["sampler_name"] = None if select is None else select.get("sampler_name")
-  sigmas = source("sigmas", ("BasicScheduler", "AlignYourStepsScheduler", "SDTurboScheduler",
-                             *_SIGMA_NODES, *_FORMULA_NODES))
-  if sigmas is not None and sigmas["class_type"] in _FORMULA_NODES:
-    levels = _FORMULA_NODES[sigmas["class_type"]](sigmas)
+  sigmas = source("sigmas", ("BasicScheduler", *_SIGMA_NODES, *_LEVEL_NODES))
+  if sigmas is not None and sigmas["class_type"] in _LEVEL_NODES:
+    levels_of, why = _LEVEL_NODES[sigmas["class_type"]]
+    levels = levels_of(sigmas)
     if levels is None:
-      reader.note(None, f"node {sampler_id}'s {sigmas['class_type']} has inputs from other nodes "
-                        "or no steps: not reproduced")
-    else:
-      out.update(steps=len(levels) - 1, sigmas=levels)
-  elif sigmas is not None and sigmas["class_type"] == "SDTurboScheduler":
-    levels = _turbo_sigmas(sigmas.get("steps", 1), sigmas.get("denoise", 1.0))
-    if levels is None:
-      reader.note(None, f"node {sampler_id}'s SDTurboScheduler has no steps to run: not "
-                        "reproduced")
-    else:
-      out.update(steps=len(levels) - 1, sigmas=levels)
-  elif sigmas is not None and sigmas["class_type"] == "AlignYourStepsScheduler":
-    levels = _ays_sigmas(sigmas.get("model_type"), sigmas.get("steps"),
-                         sigmas.get("denoise", 1.0))
-    if levels is None:
-      reader.note(None, f"node {sampler_id}'s AlignYourStepsScheduler ({sigmas.get('model_type')}) "
-                        "is not one sdjax has the levels of: not reproduced")
+      reader.note(None, f"node {sampler_id}'s {sigmas['class_type']} "
+                        f"{why.format(model_type=sigmas.get('model_type'))}: not reproduced")
     else:
       out.update(steps=len(levels) - 1, sigmas=levels)
   elif sigmas is not None:
@@ -652,8 +637,18 @@ def _runs_over(name: str, levels: list[float]) -> bool:
   return True
 
 
-# Its sigma nodes of formulas sdjax's schedule types do not have: their levels as --sigmas.
-_FORMULA_NODES = {"VPScheduler": _vp_sigmas, "LaplaceScheduler": _laplace_sigmas}
+# Its sigma nodes whose levels sdjax's schedule types do not place: their levels (the run's
+# --sigmas) from the node's inputs, or None, and why not.
+_LEVEL_NODES = {
+    "VPScheduler": (_vp_sigmas, "has inputs from other nodes or no steps"),
+    "LaplaceScheduler": (_laplace_sigmas, "has inputs from other nodes or no steps"),
+    "SDTurboScheduler": (lambda inputs: _turbo_sigmas(inputs.get("steps", 1),
+                                                      inputs.get("denoise", 1.0)),
+                         "has no steps to run"),
+    "AlignYourStepsScheduler": (lambda inputs: _ays_sigmas(
+        inputs.get("model_type"), inputs.get("steps"), inputs.get("denoise", 1.0)),
+                                "({model_type}) is not one sdjax has the levels of"),
+}
 
 
 def _sampler_node(graph) -> tuple[str, dict[str, Any], list[str]]:
