@@ -40,6 +40,13 @@ _DISCARDING = ("kdpm2", "kdpm2_ancestral", "dpmpp_3m_sde")
 # A1111's samplers that step over training timesteps (its sd_samplers_timesteps), which its
 # Schedule type does not move.
 _TIMESTEP_SAMPLERS = schedulers.A1111_TIMESTEP_SAMPLERS
+# A1111's samplers (sdjax's names) whose steps depend on earlier calls or a Brownian tree over
+# the whole run: a refiner taking over within the loop keeps them, sdjax's refiner stage not.
+_CARRYING_SAMPLERS = ("lms", "lms_karras", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde",
+                      "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
+                      "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde",
+                      "dpmpp_3m_sde_karras", "unipc", "pndm", "deis_tab", "ipndm", "ipndm_v",
+                      "res_multistep", "er_sde", "gradient_estimation")
 # Fields that say which files made the image, not how: nothing to set.
 _RECORD_ONLY = ("Model hash", "VAE hash", "Lora hashes", "TI hashes", "Version", "template",
                 "negative_template", "PerturbedAttentionGuidance_enabled")
@@ -129,7 +136,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
     flags["width"], flags["height"] = str(width), str(height)
   _hires(fields, flags, notes)
   _looks(fields, flags)
-  _sdxl(fields, flags, notes)
+  _sdxl(fields, flags, notes, scheduler if not made_by_sdjax else None)
   for key, flag in _ONE_TO_ONE.items():
     if key in fields:
       flags[flag] = fields.pop(key)
@@ -651,8 +658,15 @@ def _looks(fields, flags) -> None:
     flags["pag_applied_layers"] = layers
 
 
-def _sdxl(fields, flags, notes) -> None:
-  """SDXL's micro-conditioning (WxH, as sdjax writes it; Crop: LEFTxTOP) and refiner."""
+def _sdxl(fields, flags, notes, a1111_scheduler: str | None = None) -> None:
+  """SDXL's micro-conditioning (WxH, as sdjax writes it; Crop: LEFTxTOP) and refiner; an A1111
+  image's refiner switch with a sampler that carries a history or a Brownian tree (sdjax's name
+  `a1111_scheduler`): a note."""
+  if "Refiner switch at" in fields and a1111_scheduler in _CARRYING_SAMPLERS:
+    notes.append(("refiner_start", f"A1111 switches to the refiner inside its {a1111_scheduler} "
+                                   "loop (its history and Brownian tree run on); sdjax's refiner "
+                                   "starts the sampler afresh at the switch, as diffusers: the "
+                                   "steps after it differ"))
   for key, flag in (("Original size", "original_size"), ("Target size", "target_size"),
                     ("Crop", "crops_coords_top_left"),
                     ("Negative original size", "negative_original_size"),

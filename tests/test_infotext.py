@@ -307,6 +307,18 @@ def test_sdxl_fields():
   notes = _notes("a cat\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 1, "
                  "Refiner: sd_xl_refiner_1.0 [7440042bbd]")
   assert "--refiner" in notes["refiner"]
+  # A1111 switches models inside its sampler loop: a sampler with a history or a Brownian tree
+  # runs on through the switch, which sdjax's refiner stage (diffusers') starts afresh
+  for sampler, carries in (("Euler", False), ("DPM++ 2M", True), ("DPM++ SDE", True),
+                           ("Euler a", False)):
+    notes = _notes(f"a cat\nSteps: 30, Sampler: {sampler}, Schedule type: Karras, CFG scale: 5, "
+                   "Seed: 1, Refiner: stabilityai/stable-diffusion-xl-refiner-1.0 [7440042bbd], "
+                   "Refiner switch at: 0.8")
+    assert ("loop (its history and Brownian tree run on)" in notes.get("refiner_start", "")) == (
+        carries), (sampler, notes)
+  assert "refiner_start" not in _notes(  # sdjax's own images: its refiner made them
+      "a cat\nSteps: 30, Sampler: DPM++ 2M, CFG scale: 5, Seed: 1, Refiner: org/r [1], "
+      "Refiner switch at: 0.8, Version: sdjax 0.1.0")
 
 
 def test_builtin_model_needs_no_flag():
