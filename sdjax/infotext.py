@@ -662,6 +662,23 @@ def _sdxl(fields, flags, notes, a1111_scheduler: str | None = None) -> None:
   """SDXL's micro-conditioning (WxH, as sdjax writes it; Crop: LEFTxTOP) and refiner; an A1111
   image's refiner switch with a sampler that carries a history or a Brownian tree (sdjax's name
   `a1111_scheduler`): a note."""
+  by_steps = fields.pop("Refiner switch by sampling steps", None) == "True"
+  if by_steps and "Refiner switch at" in fields:  # at the share of its calls, not a timestep
+    at, steps = _number("Refiner switch at", fields["Refiner switch at"]), fields.get("Steps")
+    if a1111_scheduler in schedulers.SCHEDULERS and (
+        schedulers.calls_per_step(a1111_scheduler) == 1) and str(steps).isdigit():
+      # its denoiser's call i (of `Steps`) is the refiner's from the first i / Steps >= at on
+      switch = next((i for i in range(1, int(steps)) if i / int(steps) >= at), None)
+      if switch is None:
+        del fields["Refiner switch at"]
+        notes.append(("refiner_start", f"Refiner switch at {at} by sampling steps: after the "
+                                       f"last of {steps} steps, so no refiner step"))
+      else:
+        fields["Refiner switch at"] = str(switch)  # a number of steps
+    else:
+      notes.append(("refiner_start", f"Refiner switch by sampling steps: A1111 switches at "
+                                     f"{at} of its {a1111_scheduler} calls; sdjax at the "
+                                     "timestep cutoff"))
   if "Refiner switch at" in fields and a1111_scheduler in _CARRYING_SAMPLERS:
     notes.append(("refiner_start", f"A1111 switches to the refiner inside its {a1111_scheduler} "
                                    "loop (its history and Brownian tree run on); sdjax's refiner "

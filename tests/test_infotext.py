@@ -316,6 +316,17 @@ def test_sdxl_fields():
                    "Refiner switch at: 0.8")
     assert ("loop (its history and Brownian tree run on)" in notes.get("refiner_start", "")) == (
         carries), (sampler, notes)
+  # "Refiner switch by sampling steps": A1111's denoiser call i of Steps switches from the first
+  # i / Steps >= the fraction on: a number of steps for one-call samplers, else a note
+  for steps, at, want in ((30, "0.8", "24"), (25, "0.8", "20"), (7, "0.3", "3"),
+                          (10, "0.95", None)):
+    text = (f"a cat\nSteps: {steps}, Sampler: Euler, CFG scale: 5, Seed: 1, Refiner: org/r [1], "
+            f"Refiner switch by sampling steps: True, Refiner switch at: {at}")
+    assert _flags(text).get("refiner_start") == want
+    assert ("so no refiner step" in _notes(text).get("refiner_start", "")) == (want is None)
+  notes = _notes("a cat\nSteps: 30, Sampler: Heun, CFG scale: 5, Seed: 1, Refiner: org/r [1], "
+                 "Refiner switch by sampling steps: True, Refiner switch at: 0.8")
+  assert "switches at 0.8 of its heun calls" in notes["refiner_start"]
   assert "refiner_start" not in _notes(  # sdjax's own images: its refiner made them
       "a cat\nSteps: 30, Sampler: DPM++ 2M, CFG scale: 5, Seed: 1, Refiner: org/r [1], "
       "Refiner switch at: 0.8, Version: sdjax 0.1.0")

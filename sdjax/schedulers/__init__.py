@@ -172,6 +172,12 @@ ETA_SCHEDULERS = ("ddim", "tcd")
 BROWNIAN_FAMILIES = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
 
 
+def calls_per_step(name: str) -> int:
+  """Model calls a step of scheduler `name` takes (its `order`: Heun 2; the last step may take
+  fewer)."""
+  return _class(name).order
+
+
 def takes_brownian(name: str | None) -> bool:
   """Whether scheduler `name`'s step noise can come from a Brownian tree (`BROWNIAN_FAMILIES`)."""
   return name is not None and name.removesuffix("_karras") in BROWNIAN_FAMILIES
