@@ -316,6 +316,11 @@ flags.DEFINE_string("refiner", None, "SDXL: refiner folder or hub id to finish e
 flags.DEFINE_float("refiner_start", None, "SDXL: fraction of the schedule after which the "
                    "refiner takes over (default 0.8; diffusers' denoising_end), or a whole number "
                    "of steps (20: after the base's 20th step, as ComfyUI's KSamplerAdvanced pair)")
+flags.DEFINE_enum("refiner_switch", "diffusers", ["diffusers", "a1111"], "SDXL: diffusers: the "
+                  "base stops at --refiner_start's timestep cutoff and the refiner's sampler "
+                  "starts afresh; a1111: AUTOMATIC1111's switch inside its sampler loop (from the "
+                  "first call past the cutoff, the sampler's history and Brownian tree running "
+                  "on)")
 flags.DEFINE_list("original_size", None, "SDXL micro-conditioning: HEIGHT,WIDTH "
                   "(default: the output size)")
 flags.DEFINE_list("crops_coords_top_left", ["0", "0"], "SDXL micro-conditioning: TOP,LEFT")
@@ -418,7 +423,8 @@ def _run_config() -> run.RunConfig:
       embeddings=tuple(run.parse_path_arg(s, str, None, "--embedding", "token")
                        for s in FLAGS.embedding)
       + (run.embeddings_in_dir(FLAGS.embeddings_dir) if FLAGS.embeddings_dir else ()),
-      micro=_micro_conditioning(), scheduler_options=options, **values)
+      micro=_micro_conditioning(), scheduler_options=options,
+      refiner_switch=FLAGS.refiner_switch, **values)
 
 
 def _apply_parameters_file() -> infotext.Reproduction | None:

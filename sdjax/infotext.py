@@ -40,13 +40,6 @@ _DISCARDING = ("kdpm2", "kdpm2_ancestral", "dpmpp_3m_sde")
 # A1111's samplers that step over training timesteps (its sd_samplers_timesteps), which its
 # Schedule type does not move.
 _TIMESTEP_SAMPLERS = schedulers.A1111_TIMESTEP_SAMPLERS
-# A1111's samplers (sdjax's names) whose steps depend on earlier calls or a Brownian tree over
-# the whole run: a refiner taking over within the loop keeps them, sdjax's refiner stage not.
-_CARRYING_SAMPLERS = ("lms", "lms_karras", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde",
-                      "dpmpp_sde_karras", "dpmpp_2m_sde", "dpmpp_2m_sde_karras",
-                      "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_karras", "dpmpp_3m_sde",
-                      "dpmpp_3m_sde_karras", "unipc", "pndm", "deis_tab", "ipndm", "ipndm_v",
-                      "res_multistep", "er_sde", "gradient_estimation")
 # Fields that say which files made the image, not how: nothing to set.
 _RECORD_ONLY = ("Model hash", "VAE hash", "Lora hashes", "TI hashes", "Version", "template",
                 "negative_template", "PerturbedAttentionGuidance_enabled")
@@ -136,7 +129,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
     flags["width"], flags["height"] = str(width), str(height)
   _hires(fields, flags, notes)
   _looks(fields, flags)
-  _sdxl(fields, flags, notes, scheduler if not made_by_sdjax else None)
+  _sdxl(fields, flags, notes, scheduler, made_by_sdjax)
   for key, flag in _ONE_TO_ONE.items():
     if key in fields:
       flags[flag] = fields.pop(key)
@@ -658,32 +651,31 @@ def _looks(fields, flags) -> None:
     flags["pag_applied_layers"] = layers
 
 
-def _sdxl(fields, flags, notes, a1111_scheduler: str | None = None) -> None:
-  """SDXL's micro-conditioning (WxH, as sdjax writes it; Crop: LEFTxTOP) and refiner; an A1111
-  image's refiner switch with a sampler that carries a history or a Brownian tree (sdjax's name
-  `a1111_scheduler`): a note."""
+def _sdxl(fields, flags, notes, scheduler: str | None = None, made_by_sdjax: bool = False) -> None:
+  """SDXL's micro-conditioning (WxH, as sdjax writes it; Crop: LEFTxTOP) and refiner: an A1111
+  image's switches inside its sampler loop (--refiner_switch a1111), an sdjax image's as its
+  `Refiner switch` says (none: diffusers')."""
+  if fields.pop("Refiner switch", None) == "A1111" or (
+      "Refiner switch at" in fields and not made_by_sdjax):
+    flags["refiner_switch"] = "a1111"
+  a1111_scheduler = None if made_by_sdjax else scheduler
   by_steps = fields.pop("Refiner switch by sampling steps", None) == "True"
   if by_steps and "Refiner switch at" in fields:  # at the share of its calls, not a timestep
     at, steps = _number("Refiner switch at", fields["Refiner switch at"]), fields.get("Steps")
     if a1111_scheduler in schedulers.SCHEDULERS and (
         schedulers.calls_per_step(a1111_scheduler) == 1) and str(steps).isdigit():
       # its denoiser's call i (of `Steps`) is the refiner's from the first i / Steps >= at on
-      switch = next((i for i in range(1, int(steps)) if i / int(steps) >= at), None)
-      if switch is None:
+      call = next((i for i in range(1, int(steps)) if i / int(steps) >= at), None)
+      if call is None:
         del fields["Refiner switch at"]
         notes.append(("refiner_start", f"Refiner switch at {at} by sampling steps: after the "
                                        f"last of {steps} steps, so no refiner step"))
       else:
-        fields["Refiner switch at"] = str(switch)  # a number of steps
+        fields["Refiner switch at"] = str(call)  # a number of steps
     else:
       notes.append(("refiner_start", f"Refiner switch by sampling steps: A1111 switches at "
-                                     f"{at} of its {a1111_scheduler} calls; sdjax at the "
-                                     "timestep cutoff"))
-  if "Refiner switch at" in fields and a1111_scheduler in _CARRYING_SAMPLERS:
-    notes.append(("refiner_start", f"A1111 switches to the refiner inside its {a1111_scheduler} "
-                                   "loop (its history and Brownian tree run on); sdjax's refiner "
-                                   "starts the sampler afresh at the switch, as diffusers: the "
-                                   "steps after it differ"))
+                                     f"{at} of its {a1111_scheduler} calls; sdjax at that "
+                                     "timestep"))
   for key, flag in (("Original size", "original_size"), ("Target size", "target_size"),
                     ("Crop", "crops_coords_top_left"),
                     ("Negative original size", "negative_original_size"),

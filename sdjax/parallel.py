@@ -155,8 +155,11 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
                                 guidance_rescale, init, state, cfg_axis, control)
     latents = sampling.sample_fn(spec, nets, params[0], cond[0], seeds, noise, guidance_scale,
                                  guidance_rescale, init, state[0], cfg_axis, control)
+    carried = state[1]
+    if spec.output_state:  # A1111's switch: the sampler runs on into the refiner
+      latents, carried = latents
     return sampling.sample_fn(refiner[0], refiner[1].networks, params[1], cond[1], seeds, noise,
-                              guidance_scale, guidance_rescale, latents, state[1], cfg_axis)
+                              guidance_scale, guidance_rescale, latents, carried, cfg_axis)
 
   batch = P(DATA)  # and replicated over the cfg axis, if any
   in_specs = (P(), batch, batch, P(), P(), P()) + ((batch,) if spec.img2img else ()) + (

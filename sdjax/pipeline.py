@@ -357,6 +357,7 @@ class Pipeline:
                negative_target_size: tuple[int, int] | None = None,
                aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
                refiner: Pipeline | None = None, refiner_start: float | int = 0.8,
+               refiner_switch: str = "diffusers",
                eta: float = 0.0, prompt_syntax: str = "plain",
                embeddings=None, cfg_parallel: bool = False,
                emphasis: str = "Original", hires_scale: float | None = None,
@@ -510,6 +511,10 @@ class Pipeline:
         (a fraction: diffusers' `denoising_end`; an int: after that many steps, as ComfyUI's
         KSamplerAdvanced pair's end_at_step / start_at_step) and the refiner finishes from its
         latents (`denoising_start`), with the same steps, scheduler and guidance.
+      refiner_switch: "diffusers" (the refiner's sampler starts afresh where the base stopped)
+        or "a1111" (AUTOMATIC1111's switch inside its sampler loop: the refiner takes over from
+        the first model call whose level's nearest training timestep t has (999 - t) / 1000 >=
+        refiner_start, the sampler's history and Brownian tree running on).
       eta: DDIM's stochasticity (diffusers' `eta`; 0 is deterministic DDIM, 1 DDPM-like); its
         step noise comes from each image's seed. `tcd` takes it as its gamma (in [0, 1]; its
         authors suggest 0.3); no other scheduler does.
@@ -673,7 +678,8 @@ class Pipeline:
         strength=strength, masked_content=masked_content,
         guidance_rescale=guidance_rescale, clip_skip=clip_skip, prompts_2=prompts_2,
         negative_prompts_2=negative_prompts_2, micro=micro, refiner=refiner,
-        refiner_start=refiner_start, eta=eta, prompt_syntax=prompt_syntax,
+        refiner_start=refiner_start, refiner_switch=refiner_switch, eta=eta,
+        prompt_syntax=prompt_syntax,
         embeddings=embeddings, cfg_parallel=cfg_parallel, emphasis=emphasis,
         hires=None if hires_scale is None and hires_resize is None else sampling.Hires(
             2.0 if hires_scale is None else hires_scale, hires_steps, hires_strength,

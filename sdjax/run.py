@@ -196,6 +196,9 @@ class RunConfig:
   # many steps); micro-conditioning.
   refiner: str | None = None
   refiner_start: float | int = 0.8
+  # "diffusers": the refiner's sampler starts afresh; "a1111": A1111's switch inside its loop
+  # (`sampling.REFINER_SWITCHES`)
+  refiner_switch: str = "diffusers"
   # A1111's hires fix: 0 = off; else the latents are enlarged this many times and
   # denoised again (img2img at hires_strength) for hires_steps steps (0: --steps).
   hires_scale: float = 0.0
@@ -843,6 +846,8 @@ def _sdxl_record(cfg: RunConfig, pipe) -> dict[str, Any]:
   record = {"micro_conditioning": cfg.micro.to_dict()}
   if cfg.refiner is not None:
     record.update(refiner=cfg.refiner, refiner_start=cfg.refiner_start)
+    if cfg.refiner_switch != RunConfig.refiner_switch:  # only when set: older folders match
+      record["refiner_switch"] = cfg.refiner_switch
   return record
 
 
@@ -1479,6 +1484,7 @@ class _Sampler:
       try:
         spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
                                        denoising_end=cfg.refiner_start if refiner else None,
+                                       handoff=cfg.refiner_switch if refiner else "diffusers",
                                        noise_batch=cfg.noise_batch)
       except ValueError as e:
         what = {None: "text-to-image", "img2img": "img2img", "inpaint": "inpainting"}[kind]
@@ -1499,7 +1505,8 @@ class _Sampler:
       host_state, stage = state, None
       if refiner is not None:  # the second stage runs in the same program
         stage_spec, stage_state = sampling.prepare(refiner, cfg.batch_size, **common,
-                                                   denoising_start=cfg.refiner_start)
+                                                   denoising_start=cfg.refiner_start,
+                                                   handoff=cfg.refiner_switch)
         refiner = (sampling.with_cfg_skip(dataclasses.replace(
             stage_spec, tiling=spec.tiling, rng_offset=sampling.stream_draws(
                 spec, len(state.timesteps))), stage_state, _cfg_skip(cfg), steps),
@@ -2363,6 +2370,8 @@ class _Metadata:
                     # a number of steps: sdjax's field (A1111's is a fraction)
                     ("Refiner switch step" if sampling.is_step_count(cfg.refiner_start)
                      else "Refiner switch at"): cfg.refiner_start,
+                    # sdjax's field (A1111's images switch so without it)
+                    **({"Refiner switch": "A1111"} if cfg.refiner_switch == "a1111" else {}),
                     "Aesthetic score": m.aesthetic_score,
                     "Negative aesthetic score": m.negative_aesthetic_score})
     return extra

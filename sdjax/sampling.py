@@ -46,6 +46,7 @@ from sdjax.models import layers
 from sdjax.models.adapter import T2IAdapter
 from sdjax.models.layers import PerturbedLayers
 from sdjax.models.vae import AutoencoderKL
+from sdjax.schedulers import euler, sigma_schedules
 from sdjax.schedulers.common import rounded
 
 # Fold-in tags that split one image's key into independent streams: step noise (SDE /
@@ -84,6 +85,9 @@ class SampleSpec:
   clip_skip: int | None = None
   end: int | None = None  # stop before this position (diffusers' denoising_end); None: the end
   output_latents: bool = False  # return the diffusion latents undecoded (output_type="latent")
+  # ... with the scheduler's state at `end` (A1111's refiner switch: the next stage's sampler
+  # runs on from it), as (latents, state)
+  output_state: bool = False
   init_latents: bool = False  # start from given diffusion latents as they are (denoising_start)
   # Hires fix: start from another stage's denoised latents, resized to `latent_hw` by this
   # `LATENT_UPSCALERS` method, noised at `begin` (img2img from latents); or (one of
@@ -193,14 +197,21 @@ def brownian_noise(sched: schedulers.Scheduler, state, generator: str, begin: in
   return BrownianNoise(generator, tree, tuple(query_at))
 
 
-def _with_brownian(spec: SampleSpec, state, brownian: str | None, begin: int, end: int | None):
+def _with_brownian(spec: SampleSpec, state, brownian: str | None, begin: int, end: int | None,
+                   within: tuple[int, int | None] | None = None):
   """(spec, state) with the Brownian tree's noise where `brownian` asks for it and the spec's
-  scheduler adds such noise (else as they are)."""
+  scheduler adds such noise (else as they are). `within` (begin, end): the stage's positions of
+  a tree that answers the calls of positions [begin, end) (an A1111 refiner switch: both stages
+  query the whole run's tree)."""
   sched = spec.scheduler
   if brownian is None or sched.brownian_queries(state) is None:
     return spec, state
-  spec = dataclasses.replace(spec, brownian=brownian_noise(sched, state, brownian, begin, end))
-  return spec, sched.brownian_state(state)
+  noise = brownian_noise(sched, state, brownian, begin, end)
+  if within is not None:
+    stop = len(noise.query_at) if within[1] is None else within[1]
+    noise = dataclasses.replace(noise, query_at=tuple(
+        k if within[0] <= i < stop else -1 for i, k in enumerate(noise.query_at)))
+  return dataclasses.replace(spec, brownian=noise), sched.brownian_state(state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -595,8 +606,8 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None):
     return (x, state), None
 
   end = n if spec.end is None else spec.end
-  (x, _), _ = jax.lax.scan(body, (x, state), jnp.arange(spec.begin, end, dtype=jnp.int32))
-  return x
+  (x, state), _ = jax.lax.scan(body, (x, state), jnp.arange(spec.begin, end, dtype=jnp.int32))
+  return x, state
 
 
 def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seeds, noise,
@@ -740,9 +751,9 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     x = _initial_latents(spec, nets.vae, params, source, noise, image_latents, state)
   else:
     x = _initial_latents(spec, nets.vae, params, source, noise, init, state)
-  x = _denoise(spec, predict, state, x, source, after_step)
+  x, state = _denoise(spec, predict, state, x, source, after_step)
   if spec.output_latents:
-    return x
+    return (x, state) if spec.output_state else x
   return decode_images(nets.vae, params["vae"], x)
 
 
@@ -1018,6 +1029,9 @@ def _sample(spec: SampleSpec, nets: Networks, params, cond, seeds, noise, scalar
   so the pixels do not depend on the device count.
   """
   args = (_device(cond), _device(seeds), noise, *scalars, init, state)
+  if spec.output_state and spec.cfg_split:
+    raise ValueError("A1111's refiner switch (the sampler running on into the refiner) is not "
+                     "made with cfg_parallel")
   if not spec.cfg_split:
     return _jitted_sample(spec, nets, params, *args, None, control)
   latent_spec = dataclasses.replace(spec, output_latents=True)
@@ -1359,6 +1373,30 @@ def denoising_end_index(sched, state, fraction: float | int) -> int:
   return int(np.sum(np.asarray(state.timesteps) >= _cutoff(sched, fraction)))
 
 
+# How a base hands its run to a refiner (`prepare`'s `handoff`, generate's `refiner_switch`):
+# diffusers' (the base stops at its timestep cutoff, the refiner's sampler starts afresh) or
+# A1111's (its model switch inside the sampler loop: the sampler's history and Brownian tree run
+# on, from the first call A1111's `apply_refiner` switches at).
+REFINER_SWITCHES = ("diffusers", "a1111")
+
+
+def a1111_switch_position(sched, state, at: float | int) -> int:
+  """The first position (model call) A1111's refiner takes: where the nearest training timestep
+  t of the call's level (A1111's model sigmas; a timestep sampler's own timestep, truncated) has
+  (999 - t) / 1000 >= `at` in float32; an int `at`: the first call of that step."""
+  if is_step_count(at):
+    return sched.step_position(state, int(at))
+  levels = sched.a1111_levels(state)
+  if sched.name in schedulers.A1111_TIMESTEP_SAMPLERS:
+    timesteps = levels.astype(np.int64)
+  else:
+    table = euler.train_sigmas(sigma_schedules.form_alphas_cumprod(sched.cfg, "a1111"))
+    timesteps = np.abs(table[None, :] - levels[:, None]).argmin(axis=1)
+  done = (np.float32(999) - timesteps.astype(np.float32)) / np.float32(1000)
+  switched = np.flatnonzero(done >= np.float32(at))
+  return int(switched[0]) if len(switched) else len(levels)
+
+
 def denoising_start_index(sched, state, fraction: float | int) -> int:
   """First position of a `denoising_start=fraction` run (StableDiffusionXLImg2ImgPipeline), or
   with an int, of that step: schedulers of several calls a step never start between a step's
@@ -1381,7 +1419,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             control_guess: bool = False, rng: str = "jax", ensd: int = 0,
             seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
             step_rng: str | None = None, seed_high: int = 0, noise_multiplier: float = 1.0,
-            extra_noise: float = 0.0, noise_batch: int = 1):
+            extra_noise: float = 0.0, noise_batch: int = 1, handoff: str = "diffusers"):
   """The static spec and the scheduler state for one kind of call.
 
   DDIM's `eta` enters only the state, so every eta > 0 shares one compiled program.
@@ -1397,7 +1435,11 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   (`SampleSpec.noise_multiplier`, `.extra_noise`); `noise_batch`: ComfyUI's batch noise
   (`SampleSpec.noise_batch`); `brownian`: the device of the Brownian tree an SDE sampler's noise
   comes from (`BrownianNoise`; other schedulers ignore it), or None; `step_rng`: a generator of its own for the steps' fresh noise
-  (`SampleSpec.step_rng`); `seed_high`: the seeds' high 32 bits (`SampleSpec.seed_high`).
+  (`SampleSpec.step_rng`); `seed_high`: the seeds' high 32 bits (`SampleSpec.seed_high`);
+  `handoff` (REFINER_SWITCHES): how `denoising_end` / `denoising_start` hand the run over,
+  "diffusers" (its cutoff; the second stage's sampler starts afresh) or "a1111" (its switch; the
+  base returns its scheduler state with its latents, and the second stage's sampler runs on
+  from it, its Brownian tree the whole run's).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
@@ -1445,10 +1487,15 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
     placed, first_step = sched.img2img_steps(int(steps), strength)
   state = sched.set_timesteps(placed, sample_shape=(batch, *latent_hw, latent_channels(pipe)))
   begin, end = sched.step_position(state, first_step), None
+  if handoff not in REFINER_SWITCHES:
+    raise ValueError(f"unknown refiner switch {handoff!r}; use one of "
+                     f"{', '.join(REFINER_SWITCHES)}")
+  a1111 = handoff == "a1111"
   if denoising_start is not None:
-    begin = denoising_start_index(sched, state, denoising_start)
+    begin = (a1111_switch_position if a1111 else denoising_start_index)(sched, state,
+                                                                         denoising_start)
   if denoising_end is not None:
-    end = denoising_end_index(sched, state, denoising_end)
+    end = (a1111_switch_position if a1111 else denoising_end_index)(sched, state, denoising_end)
   if begin >= (len(state.timesteps) if end is None else end):
     raise ValueError(f"strength {strength} (or refiner_start) with {steps} steps leaves no "
                      "denoising step")
@@ -1465,6 +1512,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     guidance_rescale > 0.0,
                     img2img and denoising_start is None, clip_skip, end=end,
                     output_latents=denoising_end is not None,
+                    output_state=denoising_end is not None and a1111,
                     init_latents=denoising_start is not None,
                     cfg_split=cfg_split and guidance, inpaint=mode,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
@@ -1478,6 +1526,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   if "torch_cpu" in (rng, brownian, step_rng):
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
   check_brownian(brownian)
+  if a1111 and (denoising_start is not None or denoising_end is not None):
+    return _with_brownian(spec, state, brownian, 0, None, within=(begin, end))
   return _with_brownian(spec, state, brownian, begin, end)
 
 
@@ -1829,6 +1879,7 @@ def generate(
     micro: MicroConditioning | None = None,
     refiner=None,
     refiner_start: float | int = 0.8,
+    refiner_switch: str = "diffusers",
     eta: float = 0.0,
     prompt_syntax: str = "plain",
     embeddings: Any = None,
@@ -1987,6 +2038,7 @@ def generate(
                         noise_multiplier=noise_multiplier, extra_noise=extra_noise,
                         noise_batch=noise_batch,
                         denoising_end=refiner_start if refiner is not None else None,
+                        handoff=refiner_switch if refiner is not None else "diffusers",
                         inpaint=mask_images is not None, masked_content=masked_content,
                         control=controlnet is not None,
                         control_guess=controlled is not None and uses_guess_mode(
@@ -2069,10 +2121,12 @@ def generate(
                       hires_control_images, hires_spec, hires_state))
   if refiner is None:
     return np.asarray(out)
+  out, carried = out if spec.output_state else (out, None)
   return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
                             {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
-                                pipe.scheduler_config)}, refiner_start, a1111, spec.tiling,
-                            stream_draws(spec, len(state.timesteps)), cfg_skip))
+                                pipe.scheduler_config), "handoff": refiner_switch},
+                            refiner_start, a1111, spec.tiling,
+                            stream_draws(spec, len(state.timesteps)), cfg_skip, carried))
 
 
 FREEU_NAMES = ("s1", "s2", "b1", "b2")
@@ -2276,9 +2330,10 @@ def _init_input(init_images, mask_images):
 
 def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, common,
             refiner_start, a1111=None, tiling: str = "", rng_offset: int = 0,
-            cfg_skip: CfgSkip | None = None):
+            cfg_skip: CfgSkip | None = None, carried=None):
   """The ensemble-of-experts second stage: the refiner continues the base's latents on device
-  (and its images' generators, after the base's `rng_offset` draws)."""
+  (and its images' generators, after the base's `rng_offset` draws; with `carried`, the base's
+  scheduler state at the switch, A1111's, its sampler)."""
   if latent_channels(refiner) != latents.shape[-1]:
     raise ValueError("the refiner's latents do not match the base model's")
   spec, state = prepare(refiner, len(prompts), denoising_start=refiner_start, **common)
@@ -2291,7 +2346,7 @@ def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, 
   cond = make_conditioning(refiner, prompts, negatives, micro=micro, size=size, img2img=True,
                            a1111=a1111)
   return _sample(spec, refiner.networks, refiner.params, cond, seeds, noise, scalars, latents,
-                 state)
+                 state if carried is None else carried)
 
 
 def _device(tree):

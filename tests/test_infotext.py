@@ -307,15 +307,15 @@ def test_sdxl_fields():
   notes = _notes("a cat\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 1, "
                  "Refiner: sd_xl_refiner_1.0 [7440042bbd]")
   assert "--refiner" in notes["refiner"]
-  # A1111 switches models inside its sampler loop: a sampler with a history or a Brownian tree
-  # runs on through the switch, which sdjax's refiner stage (diffusers') starts afresh
-  for sampler, carries in (("Euler", False), ("DPM++ 2M", True), ("DPM++ SDE", True),
-                           ("Euler a", False)):
-    notes = _notes(f"a cat\nSteps: 30, Sampler: {sampler}, Schedule type: Karras, CFG scale: 5, "
-                   "Seed: 1, Refiner: stabilityai/stable-diffusion-xl-refiner-1.0 [7440042bbd], "
-                   "Refiner switch at: 0.8")
-    assert ("loop (its history and Brownian tree run on)" in notes.get("refiner_start", "")) == (
-        carries), (sampler, notes)
+  # A1111 switches models inside its sampler loop (--refiner_switch a1111); sdjax's images as
+  # their "Refiner switch" says (none: diffusers')
+  assert flags["refiner_switch"] == "a1111"
+  sdjax = ("a cat\nSteps: 30, Sampler: DPM++ 2M, CFG scale: 5, Seed: 1, Refiner: org/r [1], "
+           "Refiner switch at: 0.8, Version: sdjax 0.1.0")
+  assert "refiner_switch" not in _flags(sdjax)
+  assert _flags(sdjax + ", Refiner switch: A1111")["refiner_switch"] == "a1111"
+  assert _flags(sdjax.replace("switch at: 0.8", "switch step: 20") + ", Refiner switch: A1111")[
+      "refiner_switch"] == "a1111"
   # "Refiner switch by sampling steps": A1111's denoiser call i of Steps switches from the first
   # i / Steps >= the fraction on: a number of steps for one-call samplers, else a note
   for steps, at, want in ((30, "0.8", "24"), (25, "0.8", "20"), (7, "0.3", "3"),
@@ -326,10 +326,7 @@ def test_sdxl_fields():
     assert ("so no refiner step" in _notes(text).get("refiner_start", "")) == (want is None)
   notes = _notes("a cat\nSteps: 30, Sampler: Heun, CFG scale: 5, Seed: 1, Refiner: org/r [1], "
                  "Refiner switch by sampling steps: True, Refiner switch at: 0.8")
-  assert "switches at 0.8 of its heun calls" in notes["refiner_start"]
-  assert "refiner_start" not in _notes(  # sdjax's own images: its refiner made them
-      "a cat\nSteps: 30, Sampler: DPM++ 2M, CFG scale: 5, Seed: 1, Refiner: org/r [1], "
-      "Refiner switch at: 0.8, Version: sdjax 0.1.0")
+  assert "switches at 0.8 of its heun calls; sdjax at that timestep" in notes["refiner_start"]
 
 
 def test_builtin_model_needs_no_flag():

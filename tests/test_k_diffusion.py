@@ -987,3 +987,23 @@ def test_comfyui_handoff_at_a_step(sampler, monkeypatch):
   err = max_rel_error(got, want)
   print(f"maxrel {sampler} handed on at step {k}: {err:.3g}")
   assert err <= TOL, err
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "Heun"])
+@pytest.mark.parametrize("at", [0.8, 0.35, 0.97])
+def test_a1111_refiner_switch_position(sampler, at):
+  """A1111's refiner switch (its apply_refiner, without "by sampling steps"): the first
+  denoiser call whose sigma's nearest entry t in its model's sigmas has (999 - t) / 1000 >= the
+  switch in float32 (Heun's second call at the next level can switch mid-step)."""
+  steps = 12
+  ours, state, _, sigmas, _, _ = _as_a1111_ran_it(sampler, "Karras", steps)
+  calls = []  # the sigma of each denoiser call, as k-diffusion's loops make them
+  for i in range(steps):
+    calls.append(sigmas[i])
+    if sampler == "Heun" and sigmas[i + 1] > 0:
+      calls.append(sigmas[i + 1])
+  table = kd.train_sigmas(SD15)
+  done = [(999 - torch.argmin((table - s).abs())) / 1000 for s in calls]
+  want = next(i for i, d in enumerate(done) if not bool(d < at))
+  assert sampling.a1111_switch_position(ours, state, at) == want
+  assert sampling.a1111_switch_position(ours, state, 5) == ours.step_position(state, 5)

@@ -210,6 +210,27 @@ def test_base_to_refiner_handoff_matches_diffusers(pipes, name):
     base.generate(PROMPTS, refiner_start=6, **kw)
 
 
+@pytest.mark.parametrize(("name", "extra"), [("heun", {}),
+                                             ("dpmpp_2m_sde_karras", {"brownian": "torch_cpu"})])
+def test_a1111_refiner_switch_runs_the_sampler_on(pipes, name, extra):
+  """refiner_switch="a1111": A1111 switches models inside its sampler loop, so a "refiner" that
+  is the base model itself makes the base's own image (to the rounding of two programs): a
+  step's calls (Heun, switching between its two), the sampler's history and the Brownian tree
+  (2M SDE) run on. diffusers' switch restarts the sampler: another image."""
+  _, _, base, _, _ = pipes
+  kw = dict(negative_prompts=NEGATIVES[:1], steps=6, guidance_scale=GUIDANCE, height=H, width=W,
+            scheduler=name, seed=3, **extra)
+  plain = base.generate(PROMPTS[:1], **kw)
+  ours = base.generate(PROMPTS[:1], refiner=base, refiner_start=0.8, refiner_switch="a1111",
+                       **kw)
+  np.testing.assert_allclose(ours, plain, atol=1e-6)
+  if extra:
+    restarted = base.generate(PROMPTS[:1], refiner=base, refiner_start=0.8, **kw)
+    assert np.abs(restarted - plain).max() > 1e-3
+  with pytest.raises(ValueError, match="unknown refiner switch 'comfyui'"):
+    base.generate(PROMPTS[:1], refiner=base, refiner_switch="comfyui", **kw)
+
+
 def test_torch_generators_through_the_refiner_match_diffusers(pipes):
   """rng="torch_cpu": diffusers' base and refiner given the same per-image CPU generators: the
   refiner's step noise follows the base's draws (KDPM2 a: a draw every other UNet call, the
@@ -371,15 +392,21 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   again = Image.open(tmp_path / "read" / records[1]["file"])
   np.testing.assert_array_equal(np.asarray(again), np.asarray(png))
   assert "Clip skip" not in outputs.parse_a1111_parameters(again.text["parameters"])
-  # A switch after a number of steps (ComfyUI's KSamplerAdvanced pair): sdjax's field.
-  run.generate_run(dataclasses.replace(cfg, refiner_start=4, output_dir=str(tmp_path / "step")))
+  # A switch after a number of steps (ComfyUI's KSamplerAdvanced pair), A1111's way (the
+  # sampler running on into the refiner): sdjax's fields.
+  run.generate_run(dataclasses.replace(cfg, refiner_start=4, refiner_switch="a1111",
+                                       scheduler="dpmpp_2m", output_dir=str(tmp_path / "step")))
   png = Image.open(tmp_path / "step" / records[1]["file"])
   params = outputs.parse_a1111_parameters(png.text["parameters"])
   assert params["Refiner switch step"] == "4" and "Refiner switch at" not in params
+  assert params["Refiner switch"] == "A1111"
+  step_records = [json.loads(line) for line in open(tmp_path / "step" / "manifest.jsonl")]
+  assert step_records[0]["refiner_switch"] == "a1111" and "refiner_switch" not in records[0]
   expected = base.generate(["a cat", "a dog"], negative_prompts=[None, "red"], seed=5,
                            refiner=refiner, original_size=(32, 48), aesthetic_score=7.0,
                            negative_original_size=(24, 24), negative_target_size=(16, 24),
-                           **{**HANDOFF, "refiner_start": 4})
+                           **{**HANDOFF, "refiner_start": 4, "refiner_switch": "a1111",
+                              "scheduler": "dpmpp_2m"})
   written = np.asarray(png, np.float32) / 255
   assert np.abs(written - expected[1]).max() <= 1 / 255 + 1e-6
   # main.py --parameters_file makes the image again from its PNG (micro-conditioning, refiner
