@@ -197,21 +197,14 @@ def brownian_noise(sched: schedulers.Scheduler, state, generator: str, begin: in
   return BrownianNoise(generator, tree, tuple(query_at))
 
 
-def _with_brownian(spec: SampleSpec, state, brownian: str | None, begin: int, end: int | None,
-                   within: tuple[int, int | None] | None = None):
+def _with_brownian(spec: SampleSpec, state, brownian: str | None, begin: int, end: int | None):
   """(spec, state) with the Brownian tree's noise where `brownian` asks for it and the spec's
-  scheduler adds such noise (else as they are). `within` (begin, end): the stage's positions of
-  a tree that answers the calls of positions [begin, end) (an A1111 refiner switch: both stages
-  query the whole run's tree)."""
+  scheduler adds such noise (else as they are)."""
   sched = spec.scheduler
   if brownian is None or sched.brownian_queries(state) is None:
     return spec, state
-  noise = brownian_noise(sched, state, brownian, begin, end)
-  if within is not None:
-    stop = len(noise.query_at) if within[1] is None else within[1]
-    noise = dataclasses.replace(noise, query_at=tuple(
-        k if within[0] <= i < stop else -1 for i, k in enumerate(noise.query_at)))
-  return dataclasses.replace(spec, brownian=noise), sched.brownian_state(state)
+  spec = dataclasses.replace(spec, brownian=brownian_noise(sched, state, brownian, begin, end))
+  return spec, sched.brownian_state(state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1439,7 +1432,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   `handoff` (REFINER_SWITCHES): how `denoising_end` / `denoising_start` hand the run over,
   "diffusers" (its cutoff; the second stage's sampler starts afresh) or "a1111" (its switch; the
   base returns its scheduler state with its latents, and the second stage's sampler runs on
-  from it, its Brownian tree the whole run's).
+  from it; a Brownian tree is the whole run's either way: its halfway splits answer a query
+  whatever was asked before).
   """
   if not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"steps must be a positive integer, got {steps}")
@@ -1526,8 +1520,6 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   if "torch_cpu" in (rng, brownian, step_rng):
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
   check_brownian(brownian)
-  if a1111 and (denoising_start is not None or denoising_end is not None):
-    return _with_brownian(spec, state, brownian, 0, None, within=(begin, end))
   return _with_brownian(spec, state, brownian, begin, end)
 
 

@@ -210,23 +210,24 @@ def test_base_to_refiner_handoff_matches_diffusers(pipes, name):
     base.generate(PROMPTS, refiner_start=6, **kw)
 
 
-@pytest.mark.parametrize(("name", "extra"), [("heun", {}),
-                                             ("dpmpp_2m_sde_karras", {"brownian": "torch_cpu"})])
-def test_a1111_refiner_switch_runs_the_sampler_on(pipes, name, extra):
+def test_a1111_refiner_switch_runs_the_sampler_on(pipes):
   """refiner_switch="a1111": A1111 switches models inside its sampler loop, so a "refiner" that
-  is the base model itself makes the base's own image (to the rounding of two programs): a
-  step's calls (Heun, switching between its two), the sampler's history and the Brownian tree
-  (2M SDE) run on. diffusers' switch restarts the sampler: another image."""
+  is the base model itself makes the base's own image (to the rounding of two programs): DPM++
+  SDE's state between a step's two calls (the switch falls between them here) and its Brownian
+  tree run on. diffusers' switch restarts the sampler: another image."""
   _, _, base, _, _ = pipes
   kw = dict(negative_prompts=NEGATIVES[:1], steps=6, guidance_scale=GUIDANCE, height=H, width=W,
-            scheduler=name, seed=3, **extra)
+            scheduler="dpmpp_sde_karras", seed=3, brownian="torch_cpu")
+  spec, state = sampling.prepare(base, 1, steps=6, scheduler="dpmpp_sde_karras", height=H,
+                                 width=W, guidance_scale=GUIDANCE, denoising_end=0.7,
+                                 handoff="a1111")
+  assert not spec.scheduler.starts_step(state, spec.end)  # between a step's calls
   plain = base.generate(PROMPTS[:1], **kw)
-  ours = base.generate(PROMPTS[:1], refiner=base, refiner_start=0.8, refiner_switch="a1111",
+  ours = base.generate(PROMPTS[:1], refiner=base, refiner_start=0.7, refiner_switch="a1111",
                        **kw)
   np.testing.assert_allclose(ours, plain, atol=1e-6)
-  if extra:
-    restarted = base.generate(PROMPTS[:1], refiner=base, refiner_start=0.8, **kw)
-    assert np.abs(restarted - plain).max() > 1e-3
+  restarted = base.generate(PROMPTS[:1], refiner=base, refiner_start=0.7, **kw)
+  assert np.abs(restarted - plain).max() > 1e-3
   with pytest.raises(ValueError, match="unknown refiner switch 'comfyui'"):
     base.generate(PROMPTS[:1], refiner=base, refiner_switch="comfyui", **kw)
 
