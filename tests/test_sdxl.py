@@ -499,6 +499,35 @@ def test_hires_fix_run_conditions_each_pass_at_its_size(pipes):
   np.testing.assert_array_equal(second.negative_time_ids, second.time_ids)
 
 
+def test_hires_pass_takes_each_images_second_prompts(pipes):
+  """main.py's hires pass on SDXL: an image without a hires prompt of its own keeps its pair
+  (prompt_2 to the second encoder); one with its own hires prompt gives that to both encoders
+  (A1111's hires prompt), each image by its own texts whatever its batch mates'; an empty
+  negative prompt with a negative_prompt_2 is the empty text in both passes, not zeros."""
+  from sdjax import parallel, run
+  from sdjax.plan import ImageJob
+
+  _, _, base, _, folder = pipes
+  cfg = run.RunConfig(model=os.path.join(folder, "base"), steps=3, scheduler="euler",
+                      hires_scale=1.5, hires_steps=2, hires_strength=0.5)
+  sampler = run._Sampler(cfg, base, parallel.make_mesh(), "euler")  # noqa: SLF001
+  program = sampler.program((H, W), None, GUIDANCE)
+  jobs = [ImageJob(0, "a cat", "", 1, prompt_2="a dog", negative_prompt_2="blue"),
+          ImageJob(1, "a cat", "red", 2, prompt_2="a dog", hires_prompt="a tiger"),
+          ImageJob(2, "a bird", "red", 3)]
+  first, second = sampler._conditioning(program, jobs, (H, W))  # noqa: SLF001
+  for cond, texts, texts_2, negatives, negatives_2 in (
+      (first, ["a cat", "a cat", "a bird"], ["a dog", "a dog", "a bird"], ["", "red", "red"],
+       ["blue", "red", "red"]),
+      (second, ["a cat", "a tiger", "a bird"], ["a dog", "a tiger", "a bird"],
+       ["", "red", "red"], ["blue", "red", "red"])):
+    np.testing.assert_array_equal(cond.prompt.ids, base.tokenize(texts))
+    np.testing.assert_array_equal(cond.prompt.ids_2, base.tokenize_2(texts_2))
+    np.testing.assert_array_equal(cond.negative.ids, base.tokenize(negatives))
+    np.testing.assert_array_equal(cond.negative.ids_2, base.tokenize_2(negatives_2))
+    assert not np.asarray(cond.zero_negative).any()
+
+
 def test_export_round_trip(pipes, tmp_path):
   """SDXL base and refiner folders written by sdjax load in diffusers with the same weights."""
   ref_base, ref_refiner, base, refiner, _ = pipes
