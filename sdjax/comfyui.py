@@ -368,31 +368,38 @@ def _hires_pass(graph, first_id: str, others: list[str]):
 
 
 def _refiner_pass(graph, first_id: str, others: list[str]):
-  """(sampler id, node) of a KSamplerAdvanced continuing the first pass's latents as they are
-  (SDXL's refiner), whose latents are decoded, or None."""
+  """(sampler id, node) of a KSamplerAdvanced (or custom sampler) continuing the first pass's
+  latents as they are (its first output: SDXL's refiner), whose latents are decoded, or None."""
   for sampler_id in others:
     node = graph[sampler_id]
-    source = _linked(graph, _inputs(node).get("latent_image"))
-    if (node["class_type"] == "KSamplerAdvanced" and source is not None
-        and source[0] == first_id and _decodes(graph, sampler_id)):
+    latent = _inputs(node).get("latent_image")
+    source = _linked(graph, latent)
+    if (node["class_type"] in ("KSamplerAdvanced", *_CUSTOM_SAMPLER_NODES)
+        and source is not None and source[0] == first_id and latent[1] == 0
+        and graph[first_id]["class_type"] in ("KSamplerAdvanced", *_CUSTOM_SAMPLER_NODES)
+        and _decodes(graph, sampler_id)):
       return sampler_id, node
   return None
 
 
-def _hands_off(reader: _Reader, first: dict[str, Any], sampler_id: str, node) -> bool:
-  """Whether a base KSamplerAdvanced and the one after it are a handoff at a step sdjax makes
+def _hands_off(reader: _Reader, first: dict[str, Any], sampler_id: str,
+               inputs: dict[str, Any]) -> bool:
+  """Whether a base KSamplerAdvanced and the one after it (`_ksampler_inputs`: custom samplers
+  too, over a SplitSigmas node's high and low levels) are a handoff at a step sdjax makes
   (`refiner_start` a number of steps): the base stops at step k < steps keeping its leftover
   noise, the second starts at k of the same steps without adding noise; else a note."""
-  inputs = _inputs(node)
   steps, end, start = first.get("steps"), first.get("end_at_step"), inputs.get("start_at_step")
   if not (isinstance(steps, int) and isinstance(end, int) and 1 <= end < steps and start == end
           and inputs.get("steps") == steps and first.get("start_at_step", 0) == 0
-          and first.get("add_noise", "enable") == "enable"):
-    reader.note(None, f"node {sampler_id} (a second KSamplerAdvanced) runs steps {start} to "
-                      f"{inputs.get('end_at_step')} of {inputs.get('steps')} after the first's "
-                      f"{first.get('start_at_step')} to {end} of {steps}: not reproduced")
+          and first.get("add_noise", "enable") == "enable"
+          and first.get("split") == inputs.get("split")):
+    reader.note(None, f"node {sampler_id} (a second sampler on its latents) runs steps "
+                      f"{start or 0} to {inputs.get('end_at_step', inputs.get('steps'))} of "
+                      f"{inputs.get('steps')} after the first's {first.get('start_at_step', 0)} "
+                      f"to {end} of {steps}: not reproduced")
     return False
-  if inputs.get("add_noise") != "disable" or first.get("return_with_leftover_noise") != "enable":
+  if inputs.get("add_noise") != "disable" or first.get("return_with_leftover_noise",
+                                                       "enable") != "enable":
     reader.note(None, f"node {sampler_id} (a refiner pass) adds noise, or the first pass returns "
                       "its latents denoised: sdjax's refiner continues the base's noisy latents "
                       "(not reproduced)")
@@ -400,13 +407,14 @@ def _hands_off(reader: _Reader, first: dict[str, Any], sampler_id: str, node) ->
   return True
 
 
-def _refiner(reader: _Reader, first: dict[str, Any], sampler_id: str, node) -> None:
+def _refiner(reader: _Reader, first: dict[str, Any], sampler_id: str,
+             inputs: dict[str, Any]) -> None:
   """The refiner fields of ComfyUI's SDXL base + refiner pair: the step it takes over at
   (`Refiner switch step`), its checkpoint (a note: give --refiner), its aesthetic scores
   (CLIPTextEncodeSDXLRefiner's ascore, else ComfyUI's 6 and 2.5), and whatever it does other
   than sdjax's refiner, which runs the base's sampler, schedule and CFG on the image's prompts:
   notes."""
-  inputs, fields = _inputs(node), reader.fields
+  fields = reader.fields
   fields["Refiner switch step"] = str(first["end_at_step"])
   found = reader.follow(inputs.get("model"), ("model",), "refiner's model")
   if found is not None and found[1]["class_type"] in _CHECKPOINT_NODES:
@@ -519,10 +527,10 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
   if node["class_type"] not in _CUSTOM_SAMPLER_NODES:
     return inputs
   graph = reader.graph
-  out = {"latent_image": inputs.get("latent_image")}
+  out = {"latent_image": inputs.get("latent_image"), "add_noise": "enable"}
 
-  def source(name: str, kinds: tuple[str, ...]) -> dict[str, Any] | None:
-    link = _linked(graph, inputs.get(name))
+  def source(name: str, kinds: tuple[str, ...], value=None) -> dict[str, Any] | None:
+    link = _linked(graph, inputs.get(name) if value is None else value)
     if link is None or link[1]["class_type"] not in kinds:
       kind = "nothing" if link is None else f"node {link[0]} ({link[1]['class_type']})"
       reader.note(None, f"node {sampler_id} ({node['class_type']}) takes its {name} from {kind}: "
@@ -534,10 +542,12 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
     out.update({k: inputs.get(k) for k in ("model", "cfg", "positive", "negative")},
                seed=inputs.get("noise_seed"))
     if inputs.get("add_noise") is False:
-      reader.note(None, f"node {sampler_id} adds no noise to its latent: sdjax starts from noise")
+      out["add_noise"] = "disable"
   else:
-    noise = source("noise", ("RandomNoise",))
+    noise = source("noise", ("RandomNoise", "DisableNoise"))
     out["seed"] = None if noise is None else noise.get("noise_seed")
+    if noise is not None and noise["class_type"] == "DisableNoise":
+      out["add_noise"] = "disable"
     guider = source("guider", ("CFGGuider", "BasicGuider"))
     if guider is not None and guider["class_type"] == "CFGGuider":
       out.update({k: guider.get(k) for k in ("model", "cfg", "positive", "negative")})
@@ -545,7 +555,12 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
       out.update(model=guider.get("model"), positive=guider.get("conditioning"), cfg=1.0)
   select = source("sampler", ("KSamplerSelect",))
   out["sampler_name"] = None if select is None else select.get("sampler_name")
-  sigmas = source("sigmas", ("BasicScheduler", *_SIGMA_NODES, *_LEVEL_NODES))
+  sigmas = source("sigmas", ("BasicScheduler", *_SIGMA_NODES, *_LEVEL_NODES, "SplitSigmas"))
+  if sigmas is not None and sigmas["class_type"] == "SplitSigmas":  # its high or low levels
+    key = "end_at_step" if inputs["sigmas"][1] == 0 else "start_at_step"
+    out.update({key: sigmas.get("step"), "split": inputs["sigmas"][0]})
+    sigmas = source("sigmas", ("BasicScheduler", *_SIGMA_NODES, *_LEVEL_NODES),
+                    sigmas.get("sigmas"))
   if sigmas is not None and sigmas["class_type"] in _LEVEL_NODES:
     levels_of, why = _LEVEL_NODES[sigmas["class_type"]]
     levels = levels_of(sigmas)
@@ -731,16 +746,19 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
     reader.note("step_rng", f"sampler {sampler}: ComfyUI draws each step's fresh noise from a "
                             "generator on its GPU seeded by the seed: sdjax draws CUDA's, an "
                             "NVIDIA GPU's (--step_rng nv); another GPU's differs")
-  refiner = _refiner_pass(graph, sampler_id, others) if advanced else None
+  refiner = _refiner_pass(graph, sampler_id, others)
   if refiner is not None:
     others = [i for i in others if i != refiner[0]]
+    refiner = (refiner[0], _ksampler_inputs(reader, *refiner))
     if not _hands_off(reader, inputs, *refiner):
       refiner = None
-  if advanced and refiner is None and (
-      inputs.get("add_noise") == "disable" or inputs.get("start_at_step", 0) > 0
-      or inputs.get("end_at_step", 10000) < inputs.get("steps", 0)):
-    reader.note(None, f"node {sampler_id} runs steps {inputs.get('start_at_step')} to "
-                      f"{inputs.get('end_at_step')} only: sdjax runs them all")
+  if refiner is None and inputs.get("add_noise") == "disable":
+    reader.note(None, f"node {sampler_id} adds no noise to its latent: sdjax starts from noise")
+  if refiner is None and (inputs.get("start_at_step", 0) > 0
+                          or inputs.get("end_at_step", 10000) < inputs.get("steps", 0)):
+    reader.note(None, f"node {sampler_id} runs steps {inputs.get('start_at_step', 0)} to "
+                      f"{inputs.get('end_at_step', inputs.get('steps'))} only: sdjax runs them "
+                      "all")
   reader.latent(inputs.get("latent_image"), None if advanced else inputs.get("denoise"))
   reader.micro_conditioning()  # SDXL's, by the size
   if refiner is not None:

@@ -426,9 +426,10 @@ def test_custom_sampler_nodes(advanced):
     found = comfyui.reproduce(_custom_graph(guider="BasicGuider"))
     assert (found.flags["guidance_scale"], found.flags["negative_prompt"]) == ("1.0", "")
     graph = _custom_graph()
-    graph["21"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["4", 0], "step": 5}}
-    assert "takes its sigmas from node 21 (SplitSigmas): not reproduced" in _notes(
-        comfyui.reproduce(graph))
+    graph["24"] = graph["21"]  # a SplitSigmas' high levels alone: the first 5 steps only
+    graph["21"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["24", 0], "step": 5}}
+    found = comfyui.reproduce(graph)
+    assert "node 3 runs steps 0 to 5 only" in _notes(found) and found.flags["steps"] == "20"
 
 
 def _ays_reference(levels, steps, denoise):
@@ -709,3 +710,36 @@ def test_vp_and_laplace_scheduler_nodes(node, inputs):
       node == "LaplaceScheduler")
   graph["21"]["inputs"]["steps"] = ["30", 0]  # from another node: a note
   assert f"{node} has inputs from other nodes" in _notes(comfyui.reproduce(graph))
+
+
+def test_sdxl_refiner_pair_of_custom_samplers():
+  """The custom-sampling form of the base + refiner pair: SamplerCustomAdvanced over a
+  SplitSigmas' high levels, a second one (DisableNoise, the refiner's guider) over its low ones
+  from the first's output: --refiner_start at the split's step; its denoised_output, or another
+  SplitSigmas, is no handoff."""
+  graph = _custom_graph()
+  graph["24"] = graph["21"]
+  graph["21"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["24", 0], "step": 15}}
+  graph["12"] = {"class_type": "CheckpointLoaderSimple",
+                 "inputs": {"ckpt_name": "sd_xl_refiner_1.0.safetensors"}}
+  graph["25"] = {"class_type": "DisableNoise", "inputs": {}}
+  graph["26"] = {"class_type": "CFGGuider", "inputs": {**graph["23"]["inputs"],
+                                                       "model": ["12", 0]}}
+  graph["11"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+      "noise": ["25", 0], "guider": ["26", 0], "sampler": ["20", 0], "sigmas": ["21", 1],
+      "latent_image": ["3", 0]}}
+  graph["8"]["inputs"]["samples"] = ["11", 0]
+  found = comfyui.reproduce(graph)
+  notes = _notes(found)
+  assert (found.flags["refiner_start"], found.flags["steps"]) == ("15", "20")
+  assert "give it with --refiner" in notes
+  for text in ("runs steps", "more sampler pass", "not reproduced", "adds no noise"):
+    assert text not in notes, notes
+  graph["11"]["inputs"]["latent_image"] = ["3", 1]  # the denoised output: not the handoff
+  found = comfyui.reproduce(graph)
+  assert "refiner_start" not in found.flags and "runs steps 0 to 15 only" in _notes(found)
+  graph["11"]["inputs"]["latent_image"] = ["3", 0]
+  graph["27"] = {**graph["21"]}  # low levels of another split
+  graph["11"]["inputs"]["sigmas"] = ["27", 1]
+  found = comfyui.reproduce(graph)
+  assert "refiner_start" not in found.flags and "not reproduced" in _notes(found)
