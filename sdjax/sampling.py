@@ -576,9 +576,11 @@ def with_cfg_skip(spec: SampleSpec, state, skip: CfgSkip | None, steps: int) -> 
   return dataclasses.replace(spec, uncond_skips=skips if any(skips) else None)
 
 
-def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None):
+def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
+             with_state: bool = False):
   """Runs the scheduler from position `spec.begin` to the end; x is float32 [B, h, w, C].
-  `after_step(x, state, i)` (if given) replaces x after the step at position i."""
+  `after_step(x, state, i)` (if given) replaces x after the step at position i. Returns x, or
+  with `with_state` (x, the scheduler's state at the end)."""
   sched = spec.scheduler
   n = len(state.timesteps)
   stream = _STEP_NOISE if spec.upscale is None else _HIRES_STEP_NOISE
@@ -600,7 +602,7 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None):
 
   end = n if spec.end is None else spec.end
   (x, state), _ = jax.lax.scan(body, (x, state), jnp.arange(spec.begin, end, dtype=jnp.int32))
-  return x, state
+  return (x, state) if with_state else x
 
 
 def sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, seeds, noise,
@@ -744,9 +746,9 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     x = _initial_latents(spec, nets.vae, params, source, noise, image_latents, state)
   else:
     x = _initial_latents(spec, nets.vae, params, source, noise, init, state)
-  x, state = _denoise(spec, predict, state, x, source, after_step)
+  x = _denoise(spec, predict, state, x, source, after_step, with_state=spec.output_state)
   if spec.output_latents:
-    return (x, state) if spec.output_state else x
+    return x  # with `spec.output_state`: (x, state)
   return decode_images(nets.vae, params["vae"], x)
 
 
