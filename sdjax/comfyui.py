@@ -555,10 +555,11 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
       out.update(model=guider.get("model"), positive=guider.get("conditioning"), cfg=1.0)
   select = source("sampler", ("KSamplerSelect",))
   out["sampler_name"] = None if select is None else select.get("sampler_name")
-  sigmas = source("sigmas", ("BasicScheduler", *_SIGMA_NODES, *_LEVEL_NODES, "SplitSigmas"))
-  if sigmas is not None and sigmas["class_type"] == "SplitSigmas":  # its high or low levels
-    key = "end_at_step" if inputs["sigmas"][1] == 0 else "start_at_step"
-    out.update({key: sigmas.get("step"), "split": inputs["sigmas"][0]})
+  sigmas = source("sigmas", ("BasicScheduler", *_SIGMA_NODES, *_LEVEL_NODES, *_SPLIT_NODES))
+  split = None
+  if sigmas is not None and sigmas["class_type"] in _SPLIT_NODES:  # its high or low levels
+    split = sigmas, "end_at_step" if inputs["sigmas"][1] == 0 else "start_at_step"
+    out["split"] = inputs["sigmas"][0]
     sigmas = source("sigmas", ("BasicScheduler", *_SIGMA_NODES, *_LEVEL_NODES),
                     sigmas.get("sigmas"))
   if sigmas is not None and sigmas["class_type"] in _LEVEL_NODES:
@@ -578,6 +579,13 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
       for key, field in settings.items():
         if isinstance(sigmas.get(key), int | float):
           reader.fields[field] = str(sigmas[key])
+  if split is not None:  # the step it splits at: its own, or the last round(steps * denoise)'s
+    node, key = split
+    step, steps, denoise = node.get("step"), out.get("steps"), node.get("denoise", 1.0)
+    if node["class_type"] == "SplitSigmasDenoise" and isinstance(steps, int) and isinstance(
+        denoise, int | float):
+      step = steps - round(steps * denoise)
+    out[key] = step
   return out
 
 
@@ -652,6 +660,8 @@ def _runs_over(name: str, levels: list[float]) -> bool:
   return True
 
 
+# Its nodes splitting a schedule's levels into the first steps' (high) and the rest's (low).
+_SPLIT_NODES = ("SplitSigmas", "SplitSigmasDenoise")
 # Its sigma nodes whose levels sdjax's schedule types do not place: their levels (the run's
 # --sigmas) from the node's inputs, or None, and why not.
 _LEVEL_NODES = {

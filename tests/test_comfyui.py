@@ -715,8 +715,9 @@ def test_vp_and_laplace_scheduler_nodes(node, inputs):
 def test_sdxl_refiner_pair_of_custom_samplers():
   """The custom-sampling form of the base + refiner pair: SamplerCustomAdvanced over a
   SplitSigmas' high levels, a second one (DisableNoise, the refiner's guider) over its low ones
-  from the first's output: --refiner_start at the split's step; its denoised_output, or another
-  SplitSigmas, is no handoff."""
+  from the first's output: --refiner_start at the split's step (a SplitSigmasDenoise's: before
+  the last round(steps * denoise)); its denoised_output, or another SplitSigmas, is no
+  handoff."""
   graph = _custom_graph()
   graph["24"] = graph["21"]
   graph["21"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["24", 0], "step": 15}}
@@ -735,6 +736,13 @@ def test_sdxl_refiner_pair_of_custom_samplers():
   assert "give it with --refiner" in notes
   for text in ("runs steps", "more sampler pass", "not reproduced", "adds no noise"):
     assert text not in notes, notes
+  graph["21"] = {"class_type": "SplitSigmasDenoise", "inputs": {"sigmas": ["24", 0],
+                                                              "denoise": 0.3}}
+  found = comfyui.reproduce(graph)  # the last round(20 * 0.3) = 6 steps the refiner's
+  assert (found.flags["refiner_start"], found.flags["steps"]) == ("14", "20")
+  graph["21"]["inputs"]["denoise"] = 0.0  # nothing left to the refiner: not a handoff
+  assert "refiner_start" not in comfyui.reproduce(graph).flags
+  graph["21"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["24", 0], "step": 15}}
   graph["11"]["inputs"]["latent_image"] = ["3", 1]  # the denoised output: not the handoff
   found = comfyui.reproduce(graph)
   assert "refiner_start" not in found.flags and "runs steps 0 to 15 only" in _notes(found)
