@@ -436,6 +436,10 @@ def _refiner(reader: _Reader, first: dict[str, Any], sampler_id: str,
   size = fields.get("Original size", fields.get("Size"))
   for which, label, default in (("positive", "Aesthetic score", 6.0),
                                 ("negative", "Negative aesthetic score", 2.5)):
+    if inputs.get(which) is None:  # a BasicGuider's one conditioning: no guidance
+      reader.note(None, f"node {sampler_id} (the refiner) runs without guidance: sdjax's refiner "
+                        "with the base's")
+      continue
     text = reader.text(inputs.get(which), which)
     key = "prompt" if which == "positive" else "negative_prompt"
     if text != (reader.texts_l.get(key) or fields[key]):

@@ -736,6 +736,11 @@ def test_sdxl_refiner_pair_of_custom_samplers():
   assert "give it with --refiner" in notes
   for text in ("runs steps", "more sampler pass", "not reproduced", "adds no noise"):
     assert text not in notes, notes
+  graph["26"] = {"class_type": "BasicGuider", "inputs": {"model": ["12", 0],
+                                                         "conditioning": ["6", 0]}}
+  assert "the refiner) runs without guidance" in _notes(comfyui.reproduce(graph))
+  graph["26"] = {"class_type": "CFGGuider", "inputs": {**graph["23"]["inputs"],
+                                                       "model": ["12", 0]}}
   graph["21"] = {"class_type": "SplitSigmasDenoise", "inputs": {"sigmas": ["24", 0],
                                                               "denoise": 0.3}}
   found = comfyui.reproduce(graph)  # the last round(20 * 0.3) = 6 steps the refiner's
