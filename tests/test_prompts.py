@@ -700,12 +700,18 @@ def test_sdxl_composable_prompt_matches_torch_loop(tmp_path):
   print(f"\nSDXL composable prompt image rel err {err:.2e}")
 
 
-def test_sdxl_base_and_refiner(tmp_path):
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+  """A tiny random SDXL base and refiner folder, and the base loaded."""
+  folder = str(tmp_path_factory.mktemp("sdxl"))
+  testing.write_torch_sdxl(folder, seed=5)
+  return folder, sdjax.load_pipeline(f"{folder}/base")
+
+
+def test_sdxl_base_and_refiner(sdxl):
   """SDXL: both encoders chunked and weighted, pooled embeds of the first chunk; within 75
   tokens A1111 syntax gives plain's pixels, through the refiner handoff too."""
-  folder = str(tmp_path / "sdxl")
-  testing.write_torch_sdxl(folder, seed=5)
-  base = sdjax.load_pipeline(f"{folder}/base")
+  folder, base = sdxl
   kw = dict(steps=3, scheduler="euler", height=16, width=24, guidance_scale=5.0, seed=1,
             refiner=sdjax.load_pipeline(f"{folder}/refiner"))
   prompts_, negatives = ["a red circle", "a photo of a cat"], ["blue", None]
@@ -723,13 +729,11 @@ def test_sdxl_base_and_refiner(tmp_path):
   np.testing.assert_allclose(ours, plain, atol=2e-6)
 
 
-def test_sdxl_prompts_2_of_other_lengths(tmp_path):
+def test_sdxl_prompts_2_of_other_lengths(sdxl):
   """A prompt and a prompts_2 of different chunk counts: the shorter encoder's text goes on with
   empty chunks and the image attends to every chunk (as ComfyUI pads its text_l / text_g to one
   length): each encoder's context is its text's as alone, padded as a shorter batch mate's."""
-  folder = str(tmp_path / "sdxl")
-  testing.write_torch_sdxl(folder, seed=5)
-  base = sdjax.load_pipeline(f"{folder}/base")
+  _, base = sdxl
   long, short = "a red circle, " * 20, "a cat"
   opts = sampling.A1111(steps=1, calls=1)
 
