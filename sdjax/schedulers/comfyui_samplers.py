@@ -163,6 +163,18 @@ def _res_weights(sigmas: np.ndarray, downs: np.ndarray) -> np.ndarray:
   return out
 
 
+def _placed_levels(scheduler, num_inference_steps: int, sample_shape):
+  """(alphas_cumprod, timesteps, float32 sigmas) of a run of a scheduler whose steps carry a
+  sample between their calls (so `set_timesteps` needs the sample's shape)."""
+  if sample_shape is None:
+    raise ValueError(f"{scheduler.name} carries a step's sample between its calls: "
+                     "set_timesteps needs sample_shape")
+  alphas_cumprod = train_alphas_cumprod(scheduler.cfg)
+  timesteps, sigmas = sigma_schedule(scheduler.cfg, num_inference_steps, alphas_cumprod,
+                                     name=scheduler.name)
+  return alphas_cumprod, timesteps, sigmas.astype(np.float32)
+
+
 def _x0_and_slope(scheduler, state, model_output, i, x):
   """(x0, (x - x0) / sigma) of the call at position `i`, at its level `state.sigmas[i]`."""
   sigma = state.sigmas[i]
@@ -484,14 +496,8 @@ class SEEDSScheduler(EulerDiscreteScheduler):
   stages = 2
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
-    if sample_shape is None:
-      raise ValueError(f"{self.name} carries a step's sample between its calls: set_timesteps "
-                       "needs sample_shape")
     config = self.cfg
-    alphas_cumprod = train_alphas_cumprod(config)
-    timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod,
-                                       name=self.name)
-    sigmas = sigmas.astype(np.float32)
+    alphas_cumprod, timesteps, sigmas = _placed_levels(self, num_inference_steps, sample_shape)
     log_sigmas = np.log(train_sigmas(alphas_cumprod))
     to_t = nearest_t if config.get("comfyui") else sigma_to_t
     levels, times, stage, rows = [], [], [], []
@@ -581,13 +587,8 @@ class HeunPP2Scheduler(_StepStarts, EulerDiscreteScheduler):
   needs_noise = False
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
-    if sample_shape is None:
-      raise ValueError(f"{self.name} carries a step's sample between its calls: set_timesteps "
-                       "needs sample_shape")
     config = self.cfg
-    timesteps, sigmas = sigma_schedule(config, num_inference_steps, train_alphas_cumprod(config),
-                                       name=self.name)
-    sigmas = sigmas.astype(np.float32)
+    _, timesteps, sigmas = _placed_levels(self, num_inference_steps, sample_shape)
     end, n = sigmas[-1], len(sigmas) - 1
     levels, times, roles, rows = [], [], [], []
     for i in range(n):
@@ -700,13 +701,8 @@ class DPMFastScheduler(_StepStarts, EulerDiscreteScheduler):
   text_to_image_only = True  # its plan is placed between the run's own ends
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
-    if sample_shape is None:
-      raise ValueError(f"{self.name} carries a step's sample between its calls: set_timesteps "
-                       "needs sample_shape")
     config = self.cfg
-    alphas_cumprod = train_alphas_cumprod(config)
-    _, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod, name=self.name)
-    sigmas = sigmas.astype(np.float32)
+    alphas_cumprod, _, sigmas = _placed_levels(self, num_inference_steps, sample_shape)
     low = sigmas[-2] if sigmas[-1] == 0 and len(sigmas) > 2 else sigmas[-1]
     if not (sigmas[0] > 0 and low > 0):
       raise ValueError(f"{self.name} runs between two levels above 0: give it more steps")
