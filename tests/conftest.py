@@ -93,18 +93,18 @@ def cache():
   return _run_cache()
 
 
-# The longest files first (worker seconds on 2 cores, a clean run on 2026-12-03 at 11 min: main
-# 235, controlnet 146, train 124, sampling 117, prompts 98, inpaint 83, builtin 81, sdxl 77, run
-# 65, adapter 41, unet 28, aot 22; the rest under 20 each): xdist hands whole files to workers in
-# collection order, and a long file collected late (test_train, then test_run) left one worker
-# idle for minutes at the end.
-# Added 2026-12-04 (worker seconds, -n 0): pag 75, controlnet_union 57, freeu 37,
-# dynamic_prompts 25, tiling 25.
-_LONGEST_FIRST = ("test_main.py", "test_controlnet.py", "test_ip_adapter.py", "test_train.py",
-                  "test_sampling.py", "test_prompts.py", "test_inpaint.py", "test_builtin.py",
-                  "test_pag.py", "test_sdxl.py", "test_run.py", "test_controlnet_union.py",
-                  "test_adapter.py", "test_freeu.py", "test_unet.py", "test_dynamic_prompts.py",
-                  "test_tiling.py", "test_aot.py")
+# The longest files first (worker seconds, setup included, of a 2-worker run on this 2-core
+# machine on 2026-12-06, 18.4 min: main 334, sampling 293, controlnet 175, sdxl 134, run 130,
+# ip_adapter 114, train 102, prompts 87, inpaint 71, builtin 64, controlnet_union 53, adapter 49,
+# cfg_skip 45, brownian_tree 44, pag 42, unet 42, tiling 41, cfg_pp 34, nv_rng 31; the rest under
+# 25 each): xdist hands whole files to workers in collection order, and a long file collected
+# late (test_train, then test_run) left one worker idle for minutes at the end.
+_LONGEST_FIRST = ("test_main.py", "test_sampling.py", "test_controlnet.py", "test_sdxl.py",
+                  "test_run.py", "test_ip_adapter.py", "test_train.py", "test_prompts.py",
+                  "test_inpaint.py", "test_builtin.py", "test_controlnet_union.py",
+                  "test_adapter.py", "test_cfg_skip.py", "test_brownian_tree.py", "test_pag.py",
+                  "test_unet.py", "test_tiling.py", "test_cfg_pp.py", "test_nv_rng.py",
+                  "test_k_diffusion.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
