@@ -348,7 +348,7 @@ def _step_draws(spec: SampleSpec, positions: int) -> int:
   if not (sched.needs_noise and sched.generator_noise) or spec.brownian is not None:
     return 0
   end = positions if spec.end is None else spec.end
-  return sched.noise_draw(end) - sched.noise_draw(spec.begin)
+  return sched.noise_draw(end, positions) - sched.noise_draw(spec.begin, positions)
 
 
 def stream_draws(spec: SampleSpec, positions: int) -> int:
@@ -414,8 +414,9 @@ class _NoiseSource:
                               self._first(self.variation.subseeds, stream, start.shape[1:]))
     return start if self.resize_from is None else _paste_centred(noise, start)
 
-  def step(self, spec: SampleSpec, stream: int, shape, i) -> jax.Array:
-    """[B, *shape]: the fresh noise of the step at position `i` (traced)."""
+  def step(self, spec: SampleSpec, stream: int, shape, i, positions: int) -> jax.Array:
+    """[B, *shape]: the fresh noise of the step at position `i` (traced) of a schedule of
+    `positions`."""
     sched = spec.scheduler
     if spec.brownian is not None:
       k = jnp.asarray(spec.brownian.query_at, jnp.int32)[i]
@@ -424,7 +425,7 @@ class _NoiseSource:
       return jnp.where(k >= 0, noise, 0.0)
     if self.step_drawn is None or not sched.generator_noise:
       return _keyed_noise(self.step_keys, stream, shape, i)
-    k = sched.noise_draw(i) - sched.noise_draw(spec.begin)
+    k = sched.noise_draw(i, positions) - sched.noise_draw(spec.begin, positions)
     return jax.lax.dynamic_index_in_dim(self.step_drawn, k, axis=1, keepdims=False)
 
 
@@ -594,7 +595,7 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
       eps, uncond = eps
       extra["uncond"] = uncond.astype(jnp.float32)
     eps = eps.astype(jnp.float32)
-    noise = source.step(spec, stream, x.shape[1:], i) if sched.needs_noise else None
+    noise = source.step(spec, stream, x.shape[1:], i, n) if sched.needs_noise else None
     x, state = sched.step(state, eps, i, x, noise, **extra)
     if after_step is not None:
       x = after_step(x, state, i)

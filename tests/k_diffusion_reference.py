@@ -9,6 +9,8 @@ after every model call, as `scheduler_harness.sdjax_trajectory` does.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scheduler_harness import fake_model
@@ -826,3 +828,80 @@ def sample_ddpm(config, sigmas, x, noises):
       x = x * torch.sqrt(1.0 + sigma_next * sigma_next)
     out.append(x.numpy())
   return np.stack(out)
+
+
+def _sa_weights(sigma_next, lambdas, lambda_s, lambda_t, tau, exact):
+  """SA-Solver's weights of the x0s at `lambdas` (oldest first), as ComfyUI's sa_solver module
+  makes them: the integrals of x^p against (1 + tau^2) e^((1 + tau^2)(x - lambda_t)) (a
+  triangular matrix of signed factorial ratios times the end terms), solved against the
+  transposed Vandermonde matrix, times sigma_next e^lambda_t. In float32 torch as ComfyUI; with
+  `exact`, the same in float64 from the float32 levels, rounded once."""
+  dtype = torch.float64 if exact else torch.float32
+  lambdas, s, t, sigma_next = (v.to(dtype) for v in (lambdas, lambda_s, lambda_t, sigma_next))
+  order, mul = len(lambdas), 1 + tau**2
+  p = torch.arange(order, dtype=dtype)
+  ends = t**p - s**p * (-mul * (t - s)).exp()
+  depth = p[:, None] - p[None, :]
+  log_fact = (p + 1).lgamma()
+  ratios = log_fact[:, None] - log_fact[None, :]
+  if tau > 0:
+    ratios = ratios - depth * math.log(mul)
+  signs = torch.where(depth % 2 == 0, 1.0, -1.0).to(dtype)
+  integrals = (ratios.exp() * signs).tril() @ ends
+  basis = torch.linalg.solve(torch.vander(lambdas, order, increasing=True).T, integrals)
+  return (sigma_next * t.exp() * basis).float()
+
+
+def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None):
+  """ComfyUI's sample_sa_solver at its KSampler's settings (predictor order 3, corrector 4, no
+  PECE, tau = eta between percent_to_sigma(0.2) and (0.8)), written out; its noise at step i
+  `noises[i]`, or with `draws` (an iterator) the next one, drawn only where it draws. One entry
+  per call: the predicted sample the next call sees (the last: what the loop returns)."""
+  denoise, out = denoiser(config), []
+  log_sigmas = train_log_sigmas(config)
+
+  def percent_to_sigma(percent):
+    t = torch.tensor((1.0 - percent) * 999.0)
+    w = t.frac()
+    low, high = int(t.floor()), int(t.ceil())
+    return float(((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp())
+
+  high, low = percent_to_sigma(0.2), percent_to_sigma(0.8)
+
+  def tau_at(sigma):
+    return eta if eta > 0 and high >= float(sigma) >= low else 0.0
+
+  lam = sigmas.log().neg()
+  to_zero = float(sigmas[-1]) == 0
+  x_pred, h, tau, noise, x0s = x, 0.0, 0.0, 0.0, []
+  n = len(sigmas) - 1
+  for i in range(n):
+    x0 = denoise(x_pred, sigmas[i])
+    x0s = [*x0s, x0][-4:]
+    p_order = min(3, len(x0s))
+    c_order = 0 if i == 0 or float(sigmas[i + 1]) == 0 else min(4, len(x0s))
+    if to_zero:
+      p_order, c_order = min(p_order, n - 1 - i), min(c_order, n - i)
+    if c_order == 0:
+      x = x_pred
+    else:
+      b = _sa_weights(sigmas[i], lam[i - c_order + 1:i + 1], lam[i - 1], lam[i], tau, exact)
+      mixed = torch.tensordot(torch.stack(x0s[-c_order:], dim=1), b, dims=([1], [0]))
+      x = sigmas[i] / sigmas[i - 1] * (-(tau**2) * h).exp() * x + mixed
+      if tau > 0:
+        x = x + noise
+    if float(sigmas[i + 1]) == 0:
+      x = x0
+      out.append(x)
+      continue
+    tau = tau_at(sigmas[i + 1])
+    b = _sa_weights(sigmas[i + 1], lam[i - p_order + 1:i + 1], lam[i], lam[i + 1], tau, exact)
+    mixed = torch.tensordot(torch.stack(x0s[-p_order:], dim=1), b, dims=([1], [0]))
+    h = lam[i + 1] - lam[i]
+    x_pred = sigmas[i + 1] / sigmas[i] * (-(tau**2) * h).exp() * x + mixed
+    if tau > 0:
+      fresh = noises[i] if draws is None else next(draws)
+      noise = fresh * sigmas[i + 1] * (-2 * tau**2 * h).expm1().neg().sqrt()
+      x_pred = x_pred + noise
+    out.append(x_pred if i < n - 1 else x)
+  return np.stack([y.numpy() for y in out])

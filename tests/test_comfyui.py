@@ -94,13 +94,15 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("dpmpp_2s_ancestral_cfg_pp", "karras", "DPM++ 2S a CFG++", "Karras"),
     ("dpm_fast", "normal", "dpm_fast", "Normal"),  # no A1111 name: sdjax's own
     ("ddpm", "karras", "k_ddpm", "Karras"),  # k-diffusion's, over its levels (not diffusers')
+    ("sa_solver", "beta", "sa_solver", "Beta"),  # noise only where tau > 0: its draws counted
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
   found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
   assert found.flags["scheduler"] == want
   assert found.flags.get("schedule_type") == label
   notes = _notes(found)
-  device_noise = sampler in ("dpm_2_ancestral", "seeds_3", "dpmpp_2s_ancestral_cfg_pp", "ddpm")
+  device_noise = sampler in ("dpm_2_ancestral", "seeds_3", "dpmpp_2s_ancestral_cfg_pp", "ddpm",
+                             "sa_solver")
   assert ("fresh noise from a generator on its GPU" in notes) == device_noise
   # the SDE samplers' Brownian tree: on the CPU, or on the GPU (CUDA's generator) for _gpu
   assert found.flags.get("brownian") == {"dpmpp_2m_sde_gpu": "nv", "dpmpp_sde": "torch_cpu"}.get(
@@ -114,7 +116,8 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   stepped = '"comfyui": true' in found.flags.get("scheduler_options", "")
   assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "iPNDM",
                               "Res Multistep", "DPM++ 2M CFG++", "DEIS", "SEEDS 3", "DPM2 a",
-                              "HeunPP2", "DPM++ 2S a CFG++", "dpm_fast", "k_ddpm"))
+                              "HeunPP2", "DPM++ 2S a CFG++", "dpm_fast", "k_ddpm",
+                              "sa_solver"))
   # its KSampler's levels of one step more less the next-to-last, for these samplers only
   discards = '"discard_penultimate_sigma": true' in found.flags.get("scheduler_options", "")
   assert discards == (sampler in ("dpm_2_ancestral", "uni_pc", "uni_pc_bh2"))
@@ -128,10 +131,10 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
 
 
 def test_unknown_sampler_and_scheduler_are_notes():
-  found = comfyui.reproduce(default_graph(sampler_name="sa_solver", scheduler="ddim_uniform"))
+  found = comfyui.reproduce(default_graph(sampler_name="sa_solver_pece", scheduler="ddim_uniform"))
   assert "scheduler" not in found.flags and "schedule_type" not in found.flags
   notes = _notes(found)
-  assert "sampler sa_solver is not one sdjax has" in notes
+  assert "sampler sa_solver_pece is not one sdjax has" in notes
   assert "scheduler ddim_uniform" in notes
 
 

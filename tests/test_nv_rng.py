@@ -146,6 +146,50 @@ def test_comfyui_ancestral_noise(sd):
     assert float(np.linalg.norm(got - expected) / np.linalg.norm(expected)) > 1e-2
 
 
+def test_comfyui_sa_solver_draws(sd, monkeypatch):
+  """ComfyUI's sa_solver on an NVIDIA GPU draws CUDA's noise only for its steps to a level
+  where tau > 0, the k-th draw at the k-th such step: generate() (its comfyui form, step_rng
+  "nv") as that loop (k_diffusion_reference's) over diffusers' UNet with guidance."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+
+  ref, pipe = sd
+  seed, steps, scale = 40, 8, 3.0
+  config = {**pipe.scheduler_config, "comfyui": True}
+  log_sigmas = kd.train_log_sigmas(config).float()
+  ids = ref.tokenizer(["", "a cat"], padding="max_length", max_length=77,
+                      return_tensors="pt").input_ids
+  with torch.no_grad():
+    context = ref.text_encoder(ids)[0]
+
+  def denoiser(config):
+    def denoise(x, sigma):
+      t = float((sigma.float().log() - log_sigmas).abs().argmin())
+      x_in = x / (sigma**2 + 1) ** 0.5
+      with torch.no_grad():
+        eps_u, eps_c = ref.unet(torch.cat([x_in, x_in]), t,
+                                encoder_hidden_states=context).sample.chunk(2)
+      return x - sigma * (eps_u + scale * (eps_c - eps_u))
+    return denoise
+
+  monkeypatch.setattr(kd, "denoiser", denoiser)
+  sigmas = kd.get_sigmas_karras(config, steps)
+  latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+  draws = iter(torch.from_numpy(a1111_nv(seed, steps, 4 * 8 * 8).reshape(-1, 1, 4, 8, 8)))
+  x = kd.sample_sa_solver(config, sigmas, latents * torch.sqrt(1.0 + sigmas[0] ** 2.0), None,
+                          draws=draws)[-1]
+  assert 0 < len(list(draws)) < steps - 1  # the loop drew at some steps, not all
+  with torch.no_grad():
+    images = ref.vae.decode(torch.from_numpy(x) / ref.vae.config.scaling_factor).sample
+  expected = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+  ours = pipe.generate(["a cat"], steps=steps, scheduler="sa_solver", guidance_scale=scale,
+                       height=16, width=16, seed=seed, rng="torch_cpu", step_rng="nv",
+                       scheduler_options={"timestep_spacing": "linspace", "k_diffusion": True,
+                                          "comfyui": True}, schedule_type="karras")
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\nComfyUI's sa_solver, CUDA's draws where it draws: rel err {err:.2e}")
+  assert err <= 1e-5
+
+
 def test_run_with_step_rng(sd, tmp_path):
   """main.py --step_rng / --seed_high: generate()'s image; the manifest and the PNG (sdjax's
   `Step RNG`, `Seed high` fields) name them and the PNG's text gives them back."""

@@ -99,6 +99,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "heunpp2": ("comfyui_samplers", "HeunPP2Scheduler", {}),  # Forge's "HeunPP2"
     "dpm_fast": ("comfyui_samplers", "DPMFastScheduler", {}),
     "k_ddpm": ("comfyui_samplers", "KDDPMScheduler", {}),  # ComfyUI's "ddpm"
+    "sa_solver": ("comfyui_samplers", "SASolverScheduler", {}),
     "dpmpp_2s_ancestral_cfg_pp": ("dpmpp_2s", "DPMSolver2SAncestralCFGPPScheduler",
                                   {"use_karras_sigmas": False}),
 }

@@ -40,6 +40,13 @@ d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the s
   the level's alpha_cumprod 1 / (sigma^2 + 1) to the next's, in the variance-preserving scale
   (x / sqrt(sigma^2 + 1)), plus fresh noise of the posterior's deviation (none on the last step,
   to 0). diffusers' `ddpm` steps over training timesteps instead.
+- `sa_solver`: SA-Solver (Xue et al. 2023, arXiv:2309.05019) as ComfyUI's KSampler runs it:
+  each call corrects the sample it was given (an Adams corrector of order up to 4 over the x0s
+  in lambda = -log sigma; not at a run's first call nor its last to 0), then predicts the next
+  level's (order up to 3, both lowered over the last steps of a run to 0), with fresh noise of
+  tau = eta (1) where the next level lies between the training levels at 20% and 80% of its
+  steps (ComfyUI draws only there: `noise_draw` counts those draws); the weights solved in
+  float64 (ComfyUI's float32 solve drifts from them as the levels crowd).
 - CFG++ forms (`takes_uncond`: the guided x0 steps along the unconditional prediction):
   `dpmpp_2m_cfg_pp`, `res_multistep_cfg_pp`, `res_multistep_ancestral_cfg_pp`,
   `gradient_estimation_cfg_pp`.
@@ -55,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -76,6 +84,7 @@ from sdjax.schedulers.euler import (
   ancestral_step,
   as_f32,
   check_ancestral_eta,
+  final_sigma,
   init_sigma,
   input_scales,
   predict_original,
@@ -987,3 +996,173 @@ class KDDPMScheduler(EulerDiscreteScheduler):
                                    - true_divide(rounded(keep * d), deviation)))
     prev = rounded((mean + rounded(spread * as_f32(noise))) * scale_out)
     return prev.astype(sample.dtype), state
+
+
+# -- SA-Solver (Xue et al. 2023, arXiv:2309.05019), ComfyUI's sa_solver: a stochastic Adams
+# predictor-corrector over the run's x0s in lambda = -log sigma; an SDE (tau = eta) where the
+# next level lies between the training schedule's levels at 20% and 80% of its steps, an ODE
+# (tau = 0) elsewhere.
+
+_SA_ORDERS = (3, 4)  # ComfyUI's predictor and corrector orders (its KSampler's)
+
+
+def percent_sigma(config, percent: float) -> np.float32:
+  """ComfyUI's `ModelSamplingDiscrete.percent_to_sigma`: the level at training time
+  (1 - percent) * 999, interpolated in float32 log sigma between its two nearest."""
+  alphas_cumprod = train_alphas_cumprod(config)
+  log_sigmas = log_f32(np.sqrt((1 - alphas_cumprod) / alphas_cumprod))
+  f = np.float32
+  t = np.clip(f((1.0 - percent) * 999.0), 0, len(log_sigmas) - 1)
+  low, high = int(np.floor(t)), int(np.ceil(t))
+  w = f(t - f(low))
+  return exp_f32(f(f(f(1) - w) * log_sigmas[low]) + f(w * log_sigmas[high]))
+
+
+def _sa_coefficients(sigma_next, lambdas, lambda_s, lambda_t, tau: float) -> np.ndarray:
+  """The stochastic Adams weights of the x0s at `lambdas` (oldest first) in a step from lambda_s
+  to lambda_t (eqs. 15 and 18): sigma_next e^lambda_t times the integrals of their Lagrange basis
+  polynomials against (1 + tau^2) e^((1 + tau^2)(x - lambda_t)), those of x^p by parts from
+  x^(p-1)'s. In float64 from the float32 levels, rounded once: ComfyUI's float32 solve of the
+  Vandermonde system loses up to 3e-3 of them at 40 steps (and differs by device)."""
+  lambdas = np.asarray(lambdas, np.float64)
+  order, s, t = len(lambdas), float(lambda_s), float(lambda_t)
+  mul = 1.0 + tau * tau
+  integrals = np.zeros(order)
+  for p in range(order):
+    integrals[p] = t**p - s**p * np.exp(-mul * (t - s)) - (p / mul * integrals[p - 1] if p else 0)
+  basis = np.linalg.solve(np.vander(lambdas, order, increasing=True).T, integrals)
+  return (float(sigma_next) * np.exp(t) * basis).astype(np.float32)
+
+
+def _sa_solver_table(sigmas: np.ndarray, taus: np.ndarray):
+  """float32 (predictor [n, 3, 3], corrector [n, 4, 4], scalars [n, 4]) at each position: the
+  weights of each order's x0s (latest first, 0 beyond the order), and the predictor's decay
+  sigma_next / sigma e^(-tau^2 h), its noise's scale sqrt(1 - e^(-2 tau^2 h)) (before sigma_next)
+  and the highest orders the run's end allows (ComfyUI lowers them over the last steps of a run
+  to 0), as its torch scalars."""
+  f = np.float32
+  n = len(sigmas) - 1
+  lam = -log_f32(np.asarray(sigmas, np.float32))
+  predictor = np.zeros((n, _SA_ORDERS[0], _SA_ORDERS[0]), np.float32)
+  corrector = np.zeros((n, _SA_ORDERS[1], _SA_ORDERS[1]), np.float32)
+  scalars = np.zeros((n, 4), np.float32)
+  to_zero = sigmas[-1] == 0
+  for i in range(n):
+    caps = (min(_SA_ORDERS[0], n - 1 - i), min(_SA_ORDERS[1], n - i)) if to_zero else _SA_ORDERS
+    scalars[i, 2:] = caps
+    if sigmas[i + 1] != 0:
+      tau = float(taus[i + 1])
+      h = f(lam[i + 1] - lam[i])
+      scalars[i, 0] = f(f(sigmas[i + 1]) / f(sigmas[i])) * exp_f32(f(-(tau * tau)) * h)
+      scalars[i, 1] = np.sqrt(-expm1_f32(f(f(-2 * tau * tau) * h)))
+      for k in range(1, min(_SA_ORDERS[0], i + 1) + 1):
+        weights = _sa_coefficients(sigmas[i + 1], lam[i - k + 1:i + 1], lam[i], lam[i + 1], tau)
+        predictor[i, k - 1, :k] = weights[::-1]
+    if i >= 1:
+      for k in range(1, min(_SA_ORDERS[1], i + 1) + 1):
+        weights = _sa_coefficients(sigmas[i], lam[i - k + 1:i + 1], lam[i - 1], lam[i],
+                                   float(taus[i]))
+        corrector[i, k - 1, :k] = weights[::-1]
+  return predictor, corrector, scalars
+
+
+@struct.dataclass
+class SASolverState(SigmaState):
+  """`SigmaState` and what SA-Solver carries between calls.
+
+  Attributes:
+    predictor, corrector, scalars: `_sa_solver_table`'s.
+    corrected: the last call's corrected sample; noise: the last predictor's scaled noise.
+    history: [3, ...] float32, the earlier x0s, latest first; count: [] int32, the calls of this
+      run so far.
+  """
+
+  predictor: jnp.ndarray
+  corrector: jnp.ndarray
+  scalars: jnp.ndarray
+  corrected: jnp.ndarray
+  noise: jnp.ndarray
+  history: jnp.ndarray
+  count: jnp.ndarray
+
+
+def _adams(weights, x0s):
+  """sum of weight * x0 over the x0s (latest first), oldest first, each product rounded."""
+  total = rounded(weights[-1] * x0s[-1])
+  for k in range(len(x0s) - 2, -1, -1):
+    total = rounded(total + rounded(weights[k] * x0s[k]))
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class SASolverScheduler(_MultistepScheduler):
+  """ComfyUI's `sa_solver` (predictor order 3, corrector 4, tau = eta, 1 by default, where the
+  next level lies between the training levels at 20% and 80%): each call corrects the sample it
+  was given with its x0 (not at a run's first call, nor at the last to 0), then predicts the next
+  level's from the corrected one, plus fresh noise where tau > 0; the last step (to 0) lands on
+  x0. A run ending above 0 ends, as ComfyUI's, on its last corrected sample."""
+
+  name = "sa_solver"
+  needs_noise = True
+  schedule_options = (*_MultistepScheduler.schedule_options, ANCESTRAL_ETA)
+
+  @classmethod
+  def _validate(cls, config) -> None:
+    super()._validate(config)
+    check_ancestral_eta(cls.name, config)
+
+  def _taus(self, sigmas: np.ndarray) -> np.ndarray:
+    """tau at each level: eta between the levels at 20% and 80% of training time, else 0."""
+    eta = float(self.cfg.get(ANCESTRAL_ETA, 1.0))
+    high, low = percent_sigma(self.cfg, 0.2), percent_sigma(self.cfg, 0.8)
+    sigmas = np.asarray(sigmas, np.float32)
+    return np.where((sigmas <= high) & (sigmas >= low), eta, 0.0) if eta > 0 else 0 * sigmas
+
+  def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
+    base = super().set_timesteps(num_inference_steps, sample_shape)
+    sigmas = np.asarray(base.sigmas, np.float32)
+    predictor, corrector, scalars = _sa_solver_table(sigmas, self._taus(sigmas))
+    zeros = jnp.zeros(sample_shape, jnp.float32)
+    return SASolverState(**{k: getattr(base, k) for k in SigmaState.__dataclass_fields__},
+                         predictor=jnp.asarray(predictor), corrector=jnp.asarray(corrector),
+                         scalars=jnp.asarray(scalars), corrected=zeros, noise=zeros,
+                         history=base.history, count=base.count)
+
+  def noise_draw(self, i, positions: int):
+    """ComfyUI draws only for the steps with tau > 0 (to a level above 0)."""
+    alphas_cumprod = train_alphas_cumprod(self.cfg)  # set_timesteps' levels (on the host)
+    _, sigmas = sigma_schedule(self.cfg, positions, alphas_cumprod,
+                               final_sigma(self.cfg, alphas_cumprod), name=self.name,
+                               any_final=True)
+    sigmas = sigmas.astype(np.float32)
+    drawing = (self._taus(sigmas[1:]) > 0) & (sigmas[1:] > 0)
+    before = np.concatenate([[0], np.cumsum(drawing)]).astype(np.int32)
+    return int(before[i]) if isinstance(i, (int, np.integer)) else jnp.asarray(before)[i]
+
+  def step(self, state, model_output, i, sample, noise=None):
+    if noise is None:
+      raise ValueError(f"{self.name} needs `noise` (unit Gaussian, sample shape) at every step")
+    x = as_f32(sample)
+    x0, _ = _x0_and_slope(self, state, model_output, i, x)
+    x0s = [x0, *(state.history[k] for k in range(_HISTORY))]
+    sigma_next = state.sigmas[i + 1]
+    decay, spread, max_predictor, max_corrector = (state.scalars[i][k] for k in range(4))
+    known = jnp.minimum(state.count + 1, len(x0s)).astype(jnp.float32)
+    # corrector: at the run's later calls but the last to 0, from the corrected sample before
+    order = jnp.minimum(known, max_corrector).astype(jnp.int32)
+    weights = jax.lax.dynamic_index_in_dim(state.corrector[i], jnp.maximum(order - 1, 0),
+                                           keepdims=False)
+    back = state.scalars[jnp.maximum(i - 1, 0), 0]
+    corrected = (rounded(back * state.corrected) + _adams(weights, x0s)) + state.noise
+    x = jnp.where((state.count == 0) | (sigma_next == 0), x, corrected)
+    # predictor: the next level's sample, plus fresh noise where tau > 0
+    order = jnp.minimum(known, max_predictor).astype(jnp.int32)
+    weights = jax.lax.dynamic_index_in_dim(state.predictor[i], jnp.maximum(order - 1, 0),
+                                           keepdims=False)
+    fresh = rounded(rounded(as_f32(noise) * sigma_next) * spread)
+    predicted = (rounded(decay * x) + _adams(weights, x0s[:_SA_ORDERS[0]])) + fresh
+    last = i == len(state.timesteps) - 1
+    prev = jnp.where(sigma_next == 0, x0, jnp.where(last, x, predicted))
+    history = jnp.concatenate([x0[None], state.history[:-1]])
+    return prev.astype(sample.dtype), state.replace(
+      corrected=x, noise=fresh, history=history, count=state.count + 1)

@@ -305,9 +305,11 @@ class Scheduler:
     """`state` for a run whose step noise is the Brownian tree's answers."""
     return state
 
-  def noise_draw(self, i):
+  def noise_draw(self, i, positions: int):
     """How many fresh-noise draws a run's steps take before position `i` (the index of the one
-    `step` takes there), as diffusers' scheduler draws them from the pipeline's generator."""
+    `step` takes there) in a schedule of `positions`, as diffusers' scheduler draws them from
+    the pipeline's generator (`i` may be traced)."""
+    del positions
     return i
 
   def add_noise(self, state, original_samples, noise, i):

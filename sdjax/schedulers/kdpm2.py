@@ -236,5 +236,6 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
     mid[-2:] = 0.0
     return mid, down, up
 
-  def noise_draw(self, i):
+  def noise_draw(self, i, positions: int):
+    del positions
     return i // 2  # one draw per step, after its second stage (odd positions)
