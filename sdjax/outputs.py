@@ -96,6 +96,7 @@ A1111_SAMPLER_NAMES = {
     "seeds_3": "SEEDS 3",
     "heunpp2": "HeunPP2",
     "dpmpp_2s_ancestral_cfg_pp": "DPM++ 2S a CFG++",
+    "dpm_fast_ancestral": "DPM fast",  # A1111's (ComfyUI's dpm_fast: sdjax's dpm_fast)
 }
 
 # diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).

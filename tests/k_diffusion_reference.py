@@ -766,15 +766,21 @@ def sample_heunpp2(config, sigmas, x, noises):
   return np.stack([y.numpy() for y in out])
 
 
-def sample_dpm_fast(config, sigmas, x, noises):
+def sample_dpm_fast(config, sigmas, x, noises, eta=0.0, extremes=False):
   """ComfyUI's dpm_fast (k-diffusion's DPMSolver.dpm_solver_fast at eta 0), written out: its
   calls spent on DPM-Solver-3 steps (2 and 1 at the end) even in t = -log sigma from the first
-  level to the smallest above 0, where it ends. One entry per model call."""
-  del noises
+  level to the smallest above 0, where it ends. One entry per model call. A1111's "DPM fast"
+  (`extremes`, `eta`): from the training schedule's largest level to its smallest, each step to
+  its ancestral sigma_down (not past the end), then noise of the rest of the next level's
+  variance (`noises` at the step's last call)."""
   denoise, out = denoiser(config), []
   low = sigmas[-2] if sigmas[-1] == 0 else sigmas[-1]
+  high = sigmas[0]
   calls = len(sigmas) - 1
-  t_start, t_end = torch.tensor(float(sigmas[0])).log().neg(), torch.tensor(float(low)).log().neg()
+  if extremes:
+    table = train_sigmas(config)
+    high, low = table[-1], table[0]
+  t_start, t_end = torch.tensor(float(high)).log().neg(), torch.tensor(float(low)).log().neg()
   m = calls // 3 + 1
   ts = torch.linspace(t_start, t_end, m + 1)
   orders = [3] * (m - 2) + [2, 1] if calls % 3 == 0 else [3] * (m - 1) + [calls % 3]
@@ -785,11 +791,18 @@ def sample_dpm_fast(config, sigmas, x, noises):
 
   for i, order in enumerate(orders):
     t, t_next = ts[i], ts[i + 1]
+    spread = 0.0
+    if eta:
+      down, _ = _ancestral_step(t.neg().exp(), t_next.neg().exp(), eta)
+      aim = torch.minimum(t_end, down.log().neg())
+      spread = (t_next.neg().exp() ** 2 - aim.neg().exp() ** 2) ** 0.5
+      t_next = aim
     h, end = t_next - t, t_next.neg().exp()
     eps = eps_at(x, t)
     if order == 1:
       x = x - end * h.expm1() * eps
-      out.append(x)
+      out.append(x + spread * noises[len(out)] if eta else x)
+      x = out[-1]
       continue
     r1 = 1 / 2 if order == 2 else 1 / 3
     s1 = t + r1 * h
@@ -798,7 +811,8 @@ def sample_dpm_fast(config, sigmas, x, noises):
     eps_1 = eps_at(u1, s1)
     if order == 2:
       x = x - end * h.expm1() * eps - end / (2 * r1) * h.expm1() * (eps_1 - eps)
-      out.append(x)
+      out.append(x + spread * noises[len(out)] if eta else x)
+      x = out[-1]
       continue
     r2 = 2 / 3
     s2 = t + r2 * h
@@ -807,7 +821,8 @@ def sample_dpm_fast(config, sigmas, x, noises):
     out.append(u2)
     eps_2 = eps_at(u2, s2)
     x = x - end * h.expm1() * eps - end / r2 * (h.expm1() / h - 1) * (eps_2 - eps)
-    out.append(x)
+    out.append(x + spread * noises[len(out)] if eta else x)
+    x = out[-1]
   return np.stack([y.numpy() for y in out])
 
 

@@ -285,6 +285,10 @@ def test_hires_fix():
   notes = _notes(base + "Denoising strength: 0.7, Hires upscale: 2, Hires sampler: DPM fast, "
                  "Hires checkpoint: other [abcdef1234]")
   assert set(notes) == {"rng", "hires_scheduler", "hires_model"}
+  assert "dpm_fast_ancestral makes text-to-image runs only" in notes["hires_scheduler"]
+  notes = _notes(base.replace("Sampler: Euler", "Sampler: DPM fast")
+                 + "Denoising strength: 0.7, Hires upscale: 2")  # its hires pass: DPM fast's
+  assert "give --hires_scheduler" in notes["hires_scheduler"]
   flags = _flags(base + "Denoising strength: 0.7, Hires upscale: 2, Hires checkpoint: "
                  "org/detailer [abcdef1234]")
   assert flags["hires_model"] == "org/detailer"  # a hub id, as sdjax writes it

@@ -50,7 +50,8 @@ SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "Gradient Estimation": kd.sample_gradient_estimation, "DEIS": kd.sample_deis,
             "SEEDS 2": kd.sample_seeds, "SEEDS 3": lambda *a: kd.sample_seeds(*a, stages=3),
             "HeunPP2": kd.sample_heunpp2, "dpm_fast": kd.sample_dpm_fast,
-            "k_ddpm": kd.sample_ddpm, "sa_solver": kd.sample_sa_solver}
+            "k_ddpm": kd.sample_ddpm, "sa_solver": kd.sample_sa_solver,
+            "DPM fast": lambda *a: kd.sample_dpm_fast(*a, eta=1.0, extremes=True)}
 # A1111's samplers that place the levels of one step more and drop the penultimate one.
 DISCARDING = ("DPM2", "DPM2 a")
 
@@ -85,7 +86,7 @@ def _as_a1111_ran_it(sampler, label, steps, k_diffusion=True, extra="", config=S
 
 @pytest.mark.parametrize("label", [None, "Automatic", "Karras"])
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ 2S a",
-                                     "DPM++ 2M", "DPM2", "DPM2 a"])
+                                     "DPM++ 2M", "DPM2", "DPM2 a", "DPM fast"])
 def test_steps_as_k_diffusion(sampler, label):
   ours, state, got, sigmas, init, noises = _as_a1111_ran_it(sampler, label, 10)
   start = float(sigmas[0]) / (1 + float(sigmas[0]) ** 2) ** 0.5 if sampler == "DPM++ 2M" else (
@@ -1068,3 +1069,32 @@ def test_sa_solver_weights_and_comfyuis_float32_solve(monkeypatch):
       errs.append(max_rel_error(got, want))
     print(f"maxrel sa_solver {steps} steps: exact weights {errs[0]:.3g}, float32 {errs[1]:.3g}")
     assert errs[0] <= TOL and errs[1] <= bound, errs
+
+
+@pytest.mark.parametrize(("steps", "eta", "label"), [(9, 0.5, "SGM Uniform"), (12, 0.0, "Karras"),
+                                                   (7, 1.0, "Automatic")])
+def test_a1111_dpm_fast(steps, eta, label):
+  """A1111's "DPM fast" at its Eta (text-to-image): k-diffusion's dpm_solver_fast from the
+  training schedule's largest level to its smallest, whatever the schedule type (which sets the
+  starting noise only), each step to its ancestral sigma_down, then fresh noise: one draw a step
+  (`noise_draw`: the k-th after step k's last call). At Eta 0, ComfyUI's dpm_fast between the
+  same levels."""
+  extra = f"Eta: {eta}, " if eta != 1.0 else ""
+  ours, state, got, sigmas, init, noises = _as_a1111_ran_it("DPM fast", label, steps,
+                                                             extra=extra)
+  with correctly_rounded_sqrt():
+    want = kd.sample_dpm_fast(SD15, sigmas, torch.from_numpy(init) * sigmas[0],
+                              [torch.from_numpy(n) for n in noises], eta=eta, extremes=True)
+  err = max_rel_error(got, want)
+  print(f"maxrel DPM fast {steps} steps eta {eta}: {err:.3g}")
+  assert err <= TOL, err
+  firsts = [ours.starts_step(state, i) for i in range(len(state.timesteps))]
+  ends = [i for i in range(len(firsts)) if i + 1 == len(firsts) or firsts[i + 1]]
+  assert [ours.noise_draw(i, steps) for i in ends] == list(range(len(ends)))
+  assert ours.noise_draw(steps, steps) == len(ends) and len(ends) == steps // 3 + 1
+  if eta == 0.0:  # ComfyUI's dpm_fast over levels of those ends
+    table = train_sigmas(train_alphas_cumprod({**SD15, "k_diffusion": True}))
+    comfy = get_scheduler("dpm_fast", SD15, options={
+        "timestep_spacing": "linspace", "k_diffusion": True,
+        "sigmas": [*np.geomspace(float(table[-1]), float(table[0]), steps).tolist(), 0.0]})
+    assert max_rel_error(sdjax_trajectory(comfy, steps, init, noises), got) <= TOL

@@ -190,6 +190,46 @@ def test_comfyui_sa_solver_draws(sd, monkeypatch):
   assert err <= 1e-5
 
 
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_a1111_dpm_fast_draws(sd, monkeypatch, eta):
+  """A1111's "DPM fast" with its NV noise: the initial noise the generator's first draw, then one
+  draw a DPM-Solver step (after its last call; the last step's unused, at sigma_up 0), from the
+  training schedule's largest level to its smallest at its Eta: generate() as k-diffusion's
+  dpm_solver_fast (k_diffusion_reference's) over diffusers' UNet with guidance."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+
+  ref, pipe = sd
+  seed, steps, scale = 40, 8, 3.0  # DPM-Solver-3, -3 and -2 steps: 3 draws
+  config = {**pipe.scheduler_config, "k_diffusion": True}
+  ids = ref.tokenizer(["", "a cat"], padding="max_length", max_length=77,
+                      return_tensors="pt").input_ids
+  with torch.no_grad():
+    context = ref.text_encoder(ids)[0]
+
+  def unet(x, t):
+    with torch.no_grad():
+      eps_u, eps_c = ref.unet(torch.from_numpy(np.concatenate([x, x])), t,
+                              encoder_hidden_states=context).sample.chunk(2)
+    return (eps_u + scale * (eps_c - eps_u)).numpy()
+
+  monkeypatch.setattr(kd, "fake_model", unet)
+  sigmas = kd.get_sigmas(config, steps)
+  draws = torch.from_numpy(a1111_nv(seed, 4, 4 * 8 * 8).reshape(-1, 1, 4, 8, 8))
+  noises = [draws[1]] * 2 + [draws[1], draws[2], draws[2], draws[2], draws[2], draws[3]]
+  x = kd.sample_dpm_fast(config, sigmas, draws[0] * sigmas[0], noises, eta=eta,
+                         extremes=True)[-1]
+  with torch.no_grad():
+    images = ref.vae.decode(torch.from_numpy(x) / ref.vae.config.scaling_factor).sample
+  expected = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+  ours = pipe.generate(["a cat"], steps=steps, scheduler="dpm_fast_ancestral",
+                       guidance_scale=scale, height=16, width=16, seed=seed, rng="nv",
+                       scheduler_options={"timestep_spacing": "linspace", "k_diffusion": True,
+                                          "eta": eta})
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\nA1111's DPM fast at eta {eta}, NV draws: rel err {err:.2e}")
+  assert err <= 1e-5
+
+
 def test_run_with_step_rng(sd, tmp_path):
   """main.py --step_rng / --seed_high: generate()'s image; the manifest and the PNG (sdjax's
   `Step RNG`, `Seed high` fields) name them and the PNG's text gives them back."""

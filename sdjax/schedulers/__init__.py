@@ -98,6 +98,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "seeds_3": ("comfyui_samplers", "SEEDS3Scheduler", {}),
     "heunpp2": ("comfyui_samplers", "HeunPP2Scheduler", {}),  # Forge's "HeunPP2"
     "dpm_fast": ("comfyui_samplers", "DPMFastScheduler", {}),
+    "dpm_fast_ancestral": ("comfyui_samplers", "DPMFastAncestralScheduler", {}),  # A1111's
     "k_ddpm": ("comfyui_samplers", "KDDPMScheduler", {}),  # ComfyUI's "ddpm"
     "sa_solver": ("comfyui_samplers", "SASolverScheduler", {}),
     "dpmpp_2s_ancestral_cfg_pp": ("dpmpp_2s", "DPMSolver2SAncestralCFGPPScheduler",
@@ -177,6 +178,11 @@ def calls_per_step(name: str) -> int:
   """Model calls a step of scheduler `name` takes (its `order`: Heun 2; the last step may take
   fewer)."""
   return _class(name).order
+
+
+def text_to_image_only(name: str) -> bool:
+  """Whether scheduler `name` makes text-to-image runs only (no img2img, handoff or hires)."""
+  return _class(name).text_to_image_only
 
 
 def takes_brownian(name: str | None) -> bool:
@@ -263,4 +269,5 @@ __all__ = [
     "get_scheduler",
     "takes_brownian",
     "takes_option",
+    "text_to_image_only",
 ]

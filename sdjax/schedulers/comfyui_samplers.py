@@ -34,8 +34,9 @@ d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the s
 - `dpm_fast`: k-diffusion's DPM-Solver-Fast (Lu et al. 2022) as ComfyUI's KSampler runs it: the
   steps' UNet calls spent on DPM-Solver-3 steps (1 and 2 at the end) evenly spaced in -log sigma
   from the first level to the smallest above 0, whatever lies between; it ends there, at that
-  level's noise (no step to 0). Its plan depends on both ends, so text-to-image only. (A1111's
-  "DPM fast" runs the same loop between the training extremes at its ancestral eta: not this.)
+  level's noise (no step to 0). Its plan depends on both ends, so text-to-image only.
+  `dpm_fast_ancestral`: A1111's "DPM fast", the same loop between the training schedule's
+  extremes at its ancestral eta (1 by default), one fresh draw a step.
 - `k_ddpm`: k-diffusion's sample_ddpm (ComfyUI's `ddpm`): each step DDPM's posterior mean from
   the level's alpha_cumprod 1 / (sigma^2 + 1) to the next's, in the variance-preserving scale
   (x / sqrt(sigma^2 + 1)), plus fresh noise of the posterior's deviation (none on the last step,
@@ -190,6 +191,18 @@ def _x0_and_slope(scheduler, state, model_output, i, x):
   x0 = predict_original(scheduler.prediction_type, as_f32(model_output), x, sigma,
                         state.v_out[i], state.v_den[i])
   return x0, true_divide(x - x0, sigma)
+
+
+class _Eta:
+  """sdjax's `eta` option (A1111's Eta, ComfyUI's eta): how much of a step's noise is fresh, 1 by
+  default (its class lists ANCESTRAL_ETA among its schedule options)."""
+
+  needs_noise = True
+
+  @classmethod
+  def _validate(cls, config) -> None:
+    super()._validate(config)
+    check_ancestral_eta(cls.name, config)
 
 
 class _StepStarts:
@@ -658,8 +671,9 @@ class DPMFastState(SigmaState):
   one's), and what a step carries.
 
   Attributes:
-    coefficients: [P, 3] float32: the weight of eps at the step's first call, of the change of
-      eps since it, and 1 at a step's first call.
+    coefficients: [P, 4] float32: the weight of eps at the step's first call, of the change of
+      eps since it, 1 at a step's first call, and the fresh noise's scale at a step's last
+      (ancestral: 0 elsewhere).
     start: the step's start sample; first_eps: its first call's eps.
   """
 
@@ -668,35 +682,49 @@ class DPMFastState(SigmaState):
   first_eps: jnp.ndarray
 
 
-def _dpm_fast_plan(sigma_max, sigma_min, calls: int):
+def _dpm_fast_orders(calls: int) -> list[int]:
+  """The orders of dpm_solver_fast's steps for `calls` model calls: 3 but for the last (or the
+  last two: 2 and 1)."""
+  m = calls // 3 + 1
+  return [3] * (m - 2) + [2, 1] if calls % 3 == 0 else [3] * (m - 1) + [calls % 3]
+
+
+def _dpm_fast_plan(sigma_max, sigma_min, calls: int, eta: float = 0.0):
   """k-diffusion's dpm_solver_fast plan in float32 as its torch scalars: per call (the level it
-  runs at, the eps weight, the eps-change weight, whether it starts a step), and the end level."""
+  runs at, the eps weight, the eps-change weight, whether it starts a step, the fresh noise's
+  scale after it), and the end level. With `eta` each step aims at its ancestral sigma_down
+  (not below the end), then adds noise of the rest of the next level's variance."""
   f = np.float32
   t_start, t_end = -log_f32(f(sigma_max)), -log_f32(f(sigma_min))
-  m = calls // 3 + 1
-  ts = torch_linspace_f32(t_start, t_end, m + 1)
-  orders = [3] * (m - 2) + [2, 1] if calls % 3 == 0 else [3] * (m - 1) + [calls % 3]
+  orders = _dpm_fast_orders(calls)
+  ts = torch_linspace_f32(t_start, t_end, len(orders) + 1)
   rows = []
   with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
     for i, order in enumerate(orders):
-      t, t_next = ts[i], ts[i + 1]
+      t, t_next, spread = ts[i], ts[i + 1], f(0)
+      if eta:
+        down, _ = ancestral_step(np.asarray([exp_f32(-t)]), np.asarray([exp_f32(-t_next)]), eta)
+        aim = min(t_end, -log_f32(down[0]))
+        spread = np.sqrt(f(exp_f32(-t_next) ** 2) - f(exp_f32(-aim) ** 2))
+        t_next = aim
       h = f(t_next - t)
       level, end = exp_f32(-t), exp_f32(-t_next)
       whole = f(end * expm1_f32(h))
       if order == 1:
-        rows.append((level, whole, 0, 1))
+        rows.append((level, whole, 0, 1, spread))
         continue
       r1 = f(1 / 2) if order == 2 else f(1 / 3)
       s1 = f(t + r1 * h)
-      rows.append((level, f(exp_f32(-s1) * expm1_f32(f(r1 * h))), 0, 1))
+      rows.append((level, f(exp_f32(-s1) * expm1_f32(f(r1 * h))), 0, 1, 0))
       if order == 2:
-        rows.append((exp_f32(-s1), whole, f(f(end / f(2 * (1 / 2))) * expm1_f32(h)), 0))
+        rows.append((exp_f32(-s1), whole, f(f(end / f(2 * (1 / 2))) * expm1_f32(h)), 0, spread))
         continue
       r2 = f(2 / 3)
       s2, r2h = f(t + r2 * h), f(r2 * h)
       rows.append((exp_f32(-s1), f(exp_f32(-s2) * expm1_f32(r2h)),
-                   f(f(exp_f32(-s2) * f(2.0)) * f(expm1_f32(r2h) / r2h - f(1))), 0))
-      rows.append((exp_f32(-s2), whole, f(f(end / r2) * f(expm1_f32(h) / h - f(1))), 0))
+                   f(f(exp_f32(-s2) * f(2.0)) * f(expm1_f32(r2h) / r2h - f(1))), 0, 0))
+      rows.append((exp_f32(-s2), whole, f(f(end / r2) * f(expm1_f32(h) / h - f(1))), 0,
+                   spread))
   return rows, exp_f32(-ts[-1])
 
 
@@ -709,13 +737,20 @@ class DPMFastScheduler(_StepStarts, EulerDiscreteScheduler):
   needs_noise = False
   text_to_image_only = True  # its plan is placed between the run's own ends
 
+  def _range(self, alphas_cumprod, sigmas: np.ndarray) -> tuple[np.float32, np.float32]:
+    """The levels its plan runs from and to: the first and the smallest above 0."""
+    del alphas_cumprod
+    low = sigmas[-2] if sigmas[-1] == 0 and len(sigmas) > 2 else sigmas[-1]
+    return sigmas[0], low
+
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     config = self.cfg
     alphas_cumprod, _, sigmas = _placed_levels(self, num_inference_steps, sample_shape)
-    low = sigmas[-2] if sigmas[-1] == 0 and len(sigmas) > 2 else sigmas[-1]
-    if not (sigmas[0] > 0 and low > 0):
+    high, low = self._range(alphas_cumprod, sigmas)
+    if not (high > 0 and low > 0):
       raise ValueError(f"{self.name} runs between two levels above 0: give it more steps")
-    rows, end = _dpm_fast_plan(sigmas[0], low, len(sigmas) - 1)
+    rows, end = _dpm_fast_plan(high, low, len(sigmas) - 1,
+                               self.cfg.get(ANCESTRAL_ETA, 1.0) if self.needs_noise else 0.0)
     levels = np.asarray([row[0] for row in rows], np.float32)
     log_sigmas = np.log(train_sigmas(alphas_cumprod))
     times = (nearest_t if config.get("comfyui") else sigma_to_t)(levels, log_sigmas)
@@ -729,15 +764,39 @@ class DPMFastScheduler(_StepStarts, EulerDiscreteScheduler):
     return np.asarray(state.coefficients)[:, 2] > 0
 
   def step(self, state, model_output, i, sample, noise=None):
-    del noise
     x = as_f32(sample)
     _, eps = _x0_and_slope(self, state, model_output, i, x)
-    on_eps, on_change, first = (state.coefficients[i][k] for k in range(3))
+    on_eps, on_change, first, spread = (state.coefficients[i][k] for k in range(4))
     starting = first > 0
     start = jnp.where(starting, x, state.start)
     first_eps = jnp.where(starting, eps, state.first_eps)
     prev = (start - rounded(on_eps * first_eps)) - rounded(on_change * rounded(eps - first_eps))
+    if self.needs_noise:
+      if noise is None:
+        raise ValueError(f"{self.name} needs `noise` (unit Gaussian, sample shape) at every step")
+      prev = prev + rounded(spread * as_f32(noise))
     return prev.astype(sample.dtype), state.replace(start=start, first_eps=first_eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMFastAncestralScheduler(_Eta, DPMFastScheduler):
+  """A1111's "DPM fast" (k-diffusion's sample_dpm_fast as its text-to-image runs it): the same
+  plan between the training schedule's extremes whatever the levels (which set only the starting
+  noise), each step to its ancestral sigma_down at eta (its Eta, 1 by default), then fresh noise
+  (one draw a step, after its last call)."""
+
+  name = "dpm_fast_ancestral"
+  schedule_options = (*DPMFastScheduler.schedule_options, ANCESTRAL_ETA)
+
+  def _range(self, alphas_cumprod, sigmas: np.ndarray) -> tuple[np.float32, np.float32]:
+    table = train_sigmas(alphas_cumprod).astype(np.float32)
+    return table[-1], table[0]
+
+  def noise_draw(self, i, positions: int):
+    """One draw a step, after its last call."""
+    ends = np.cumsum(_dpm_fast_orders(positions)) - 1
+    before = np.searchsorted(ends, np.arange(positions + 1)).astype(np.int32)
+    return int(before[i]) if isinstance(i, (int, np.integer)) else jnp.asarray(before)[i]
 
 
 # -- Their CFG++ forms (Chung et al. 2024, `takes_uncond`): the guided x0 steps, renoised along
@@ -836,14 +895,7 @@ class GradientEstimationCFGPPScheduler(_MultistepScheduler):
 # step aims at sigma_down, then adds fresh noise of scale sigma_up.
 
 
-class _Ancestral:
-  needs_noise = True
-
-  @classmethod
-  def _validate(cls, config) -> None:
-    super()._validate(config)
-    check_ancestral_eta(cls.name, config)
-
+class _Ancestral(_Eta):
   def _step_sizes(self, sigma, sigma_next):
     sigma_down, sigma_up = ancestral_step(sigma, sigma_next, self.cfg.get(ANCESTRAL_ETA, 1.0))
     return sigma_down - sigma, sigma_up
@@ -1095,7 +1147,7 @@ def _adams(weights, x0s):
 
 
 @dataclasses.dataclass(frozen=True)
-class SASolverScheduler(_MultistepScheduler):
+class SASolverScheduler(_Eta, _MultistepScheduler):
   """ComfyUI's `sa_solver` (predictor order 3, corrector 4, tau = eta, 1 by default, where the
   next level lies between the training levels at 20% and 80%): each call corrects the sample it
   was given with its x0 (not at a run's first call, nor at the last to 0), then predicts the next
@@ -1103,13 +1155,7 @@ class SASolverScheduler(_MultistepScheduler):
   x0. A run ending above 0 ends, as ComfyUI's, on its last corrected sample."""
 
   name = "sa_solver"
-  needs_noise = True
   schedule_options = (*_MultistepScheduler.schedule_options, ANCESTRAL_ETA)
-
-  @classmethod
-  def _validate(cls, config) -> None:
-    super()._validate(config)
-    check_ancestral_eta(cls.name, config)
 
   def _taus(self, sigmas: np.ndarray) -> np.ndarray:
     """tau at each level: eta between the levels at 20% and 80% of training time, else 0."""
