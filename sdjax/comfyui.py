@@ -73,6 +73,22 @@ _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lc
                  "euler_ancestral_cfg_pp", "res_multistep_ancestral",
                  "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3",
                  "dpmpp_2s_ancestral_cfg_pp", "sa_solver")
+# Its sampler nodes with settings (for its custom-sampling nodes) -> the KSampler sampler they
+# make: by noise_device (_gpu), solver_type or use_pece; their defaults (of settings sdjax has
+# not: others are a note; eta becomes A1111's Eta, which sdjax's takes from 0 to 1).
+_SAMPLER_SETTINGS_NODES = {
+  "SamplerEulerAncestral": ("euler_ancestral", {"s_noise": 1.0}),
+  "SamplerEulerAncestralCFGPP": ("euler_ancestral_cfg_pp", {"s_noise": 1.0}),
+  "SamplerDPMPP_2S_Ancestral": ("dpmpp_2s_ancestral", {"s_noise": 1.0}),
+  "SamplerDPMPP_SDE": ("dpmpp_sde", {"s_noise": 1.0, "r": 0.5}),
+  "SamplerDPMPP_2M_SDE": ("dpmpp_2m_sde", {"s_noise": 1.0}),
+  "SamplerDPMPP_3M_SDE": ("dpmpp_3m_sde", {"s_noise": 1.0}),
+  "SamplerLMS": ("lms", {"order": 4}),
+  "SamplerER_SDE": ("er_sde", {"s_noise": 1.0, "max_stage": 3, "solver_type": "ER-SDE"}),
+  "SamplerSASolver": ("sa_solver", {
+    "s_noise": 1.0, "sde_start_percent": 0.2, "sde_end_percent": 0.8, "predictor_order": 3,
+    "corrector_order": 4, "simple_order_2": False}),
+}
 # Its custom-sampling nodes: the sampler, its levels, noise and guidance from nodes of their own
 # (`_ksampler_inputs` reads them as a KSampler's inputs).
 _CUSTOM_SAMPLER_NODES = ("SamplerCustom", "SamplerCustomAdvanced")
@@ -558,8 +574,9 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
       out.update({k: guider.get(k) for k in ("model", "cfg", "positive", "negative")})
     elif guider is not None:  # one conditioning, no guidance
       out.update(model=guider.get("model"), positive=guider.get("conditioning"), cfg=1.0)
-  select = source("sampler", ("KSamplerSelect",))
-  out["sampler_name"] = None if select is None else select.get("sampler_name")
+  select = source("sampler", ("KSamplerSelect", *_SAMPLER_SETTINGS_NODES))
+  if select is not None:
+    out["sampler_name"], out["eta"] = _sampler_name(reader, select)
   sigmas = source("sigmas", ("BasicScheduler", *_SIGMA_NODES, *_LEVEL_NODES, *_SPLIT_NODES))
   split = None
   if sigmas is not None and sigmas["class_type"] in _SPLIT_NODES:  # its high or low levels
@@ -592,6 +609,32 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
       step = steps - round(steps * denoise)
     out[key] = step
   return out
+
+
+def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, float | None]:
+  """The KSampler sampler a sampler node makes (KSamplerSelect's, or one of
+  `_SAMPLER_SETTINGS_NODES` with its settings: notes where they are not the defaults), and its
+  eta where it is not 1 and sdjax's takes it (A1111's Eta)."""
+  kind = select["class_type"]
+  if kind == "KSamplerSelect":
+    return select.get("sampler_name"), None
+  name, defaults = _SAMPLER_SETTINGS_NODES[kind]
+  if kind == "SamplerDPMPP_2M_SDE" and select.get("solver_type") == "heun":
+    name = "dpmpp_2m_sde_heun"
+  if kind == "SamplerSASolver" and select.get("use_pece"):
+    name = "sa_solver_pece"
+  if select.get("noise_device") == "gpu":
+    name += "_gpu"
+  for key, default in defaults.items():
+    if key in select and select[key] != default:
+      reader.note(None, f"{kind} {key} {select[key]}: sdjax's {name} runs its {default}")
+  eta = select.get("eta", 1.0)
+  if eta == 1.0 or kind == "SamplerER_SDE":  # ER-SDE's eta: the other solver types'
+    return name, None
+  if isinstance(eta, int | float) and 0 <= eta <= 1:
+    return name, eta
+  reader.note(None, f"{kind} eta {eta}: sdjax's {name} takes an eta from 0 to 1")
+  return name, None
 
 
 def _turbo_sigmas(steps, denoise) -> list[float] | None:
@@ -724,6 +767,8 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
                           f"({link[1]['class_type']}): give --{flag}")
     if value is not None:
       fields[key] = str(value)
+  if inputs.get("eta") is not None:  # a sampler node's eta, as A1111's Eta
+    fields["Eta"] = str(inputs["eta"])
   seed = int(fields["Seed"]) if fields.get("Seed", "").isdigit() else None
   sampler, scheduler = inputs.get("sampler_name"), inputs.get("scheduler")
   brownian = schedulers.takes_brownian(SAMPLERS.get(sampler))

@@ -435,6 +435,40 @@ def test_custom_sampler_nodes(advanced):
     assert "node 3 runs steps 0 to 5 only" in _notes(found) and found.flags["steps"] == "20"
 
 
+@pytest.mark.parametrize(("node", "settings", "want", "eta", "noted"), [
+    ("SamplerEulerAncestral", {"eta": 0.6, "s_noise": 1.0}, "Euler a", 0.6, None),
+    ("SamplerDPMPP_2M_SDE", {"solver_type": "heun", "eta": 1.0, "s_noise": 1.0,
+                             "noise_device": "gpu"}, "DPM++ 2M SDE Heun", None, None),
+    ("SamplerDPMPP_SDE", {"eta": 1.0, "s_noise": 1.0, "r": 0.4, "noise_device": "cpu"},
+     "DPM++ SDE", None, "r 0.4"),
+    ("SamplerDPMPP_3M_SDE", {"eta": 2.0, "s_noise": 1.2, "noise_device": "cpu"},
+     "DPM++ 3M SDE", None, "s_noise 1.2"),
+    ("SamplerSASolver", {"eta": 0.5, "sde_start_percent": 0.2, "sde_end_percent": 0.8,
+                         "s_noise": 1.0, "predictor_order": 3, "corrector_order": 4,
+                         "use_pece": False, "simple_order_2": False}, "sa_solver", 0.5, None),
+    ("SamplerSASolver", {"eta": 1.0, "use_pece": True}, None, None, "sa_solver_pece"),
+    ("SamplerLMS", {"order": 3}, "LMS", None, "order 3"),
+])
+def test_sampler_nodes_with_settings(node, settings, want, eta, noted):
+  """Custom sampling's sampler nodes with settings: the KSampler sampler each makes (by its
+  noise_device, solver_type, use_pece), its eta as A1111's Eta (sdjax's from 0 to 1), a note
+  for settings sdjax runs at their defaults."""
+  graph = _custom_graph()
+  graph["20"] = {"class_type": node, "inputs": {**({"model": ["4", 0]} if node ==
+                                                   "SamplerSASolver" else {}), **settings}}
+  found = comfyui.reproduce(graph)
+  assert found.flags.get("scheduler") == want
+  options = json.loads(found.flags.get("scheduler_options", "{}"))
+  assert options.get("eta") == eta
+  notes = _notes(found)
+  if noted is not None:
+    assert noted in notes
+  if settings.get("eta", 1.0) > 1:
+    assert f"eta {settings['eta']}" in notes
+  assert found.flags.get("brownian") == ("nv" if settings.get("noise_device") == "gpu" else
+                                         "torch_cpu" if "noise_device" in settings else None)
+
+
 def _ays_reference(levels, steps, denoise):
   """NVIDIA's log-linear interpolation of its levels (as its how-to and ComfyUI's node), the last
   round(steps * denoise) + 1, the final 0, as torch.FloatTensor keeps them."""
