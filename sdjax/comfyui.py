@@ -57,7 +57,7 @@ SAMPLERS = {
     "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp", "deis": "deis_tab",
     "seeds_2": "seeds_2", "seeds_3": "seeds_3", "heunpp2": "heunpp2",
     "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_ancestral_cfg_pp", "dpm_fast": "dpm_fast",
-    "sa_solver": "sa_solver",
+    "sa_solver": "sa_solver", "sa_solver_pece": "sa_solver_pece",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal",
@@ -72,7 +72,7 @@ _TABLE_SCHEDULERS = {"ddim_uniform": "ddim", "linear_quadratic": "linear_quadrat
 _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm",
                  "euler_ancestral_cfg_pp", "res_multistep_ancestral",
                  "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3",
-                 "dpmpp_2s_ancestral_cfg_pp", "sa_solver")
+                 "dpmpp_2s_ancestral_cfg_pp", "sa_solver", "sa_solver_pece")
 # Its sampler nodes with settings (for its custom-sampling nodes) -> the KSampler sampler they
 # make: by noise_device (_gpu), solver_type or use_pece; their defaults (of settings sdjax has
 # not: others are a note; eta becomes A1111's Eta, which sdjax's takes from 0 to 1).
@@ -447,7 +447,7 @@ def _refiner(reader: _Reader, first: dict[str, Any], sampler_id: str,
   if sampler in _DEVICE_NOISE or schedulers.takes_brownian(SAMPLERS.get(sampler)):
     reader.note(None, f"node {sampler_id} (the refiner) draws its steps' noise afresh from its "
                       "noise_seed; sdjax's refiner draws on from the base's")
-  if sampler in ("heunpp2", "uni_pc", "uni_pc_bh2", "sa_solver"):
+  if sampler in ("heunpp2", "uni_pc", "uni_pc_bh2", "sa_solver", "sa_solver_pece"):
     reader.note(None, f"sampler {sampler} steps by where its run ends: the base's last steps "
                       "before the refiner differ")
   size = fields.get("Original size", fields.get("Size"))

@@ -867,11 +867,12 @@ def _sa_weights(sigma_next, lambdas, lambda_s, lambda_t, tau, exact):
   return (sigma_next * t.exp() * basis).float()
 
 
-def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None):
-  """ComfyUI's sample_sa_solver at its KSampler's settings (predictor order 3, corrector 4, no
-  PECE, tau = eta between percent_to_sigma(0.2) and (0.8)), written out; its noise at step i
-  `noises[i]`, or with `draws` (an iterator) the next one, drawn only where it draws. One entry
-  per call: the predicted sample the next call sees (the last: what the loop returns)."""
+def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None, pece=False):
+  """ComfyUI's sample_sa_solver at its KSampler's settings (predictor order 3, corrector 4, tau =
+  eta between percent_to_sigma(0.2) and (0.8); `pece`: its sa_solver_pece), written out; the
+  noise of its predictor at call k `noises[k]`, or with `draws` (an iterator) the next one, drawn
+  only where it draws. One entry per call: the sample the next call sees (PECE's first call of a
+  step: the corrected one; the last: what the loop returns)."""
   denoise, out = denoiser(config), []
   log_sigmas = train_log_sigmas(config)
 
@@ -894,7 +895,7 @@ def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None)
     x0 = denoise(x_pred, sigmas[i])
     x0s = [*x0s, x0][-4:]
     p_order = min(3, len(x0s))
-    c_order = 0 if i == 0 or float(sigmas[i + 1]) == 0 else min(4, len(x0s))
+    c_order = 0 if i == 0 or (float(sigmas[i + 1]) == 0 and not pece) else min(4, len(x0s))
     if to_zero:
       p_order, c_order = min(p_order, n - 1 - i), min(c_order, n - i)
     if c_order == 0:
@@ -905,6 +906,10 @@ def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None)
       x = sigmas[i] / sigmas[i - 1] * (-(tau**2) * h).exp() * x + mixed
       if tau > 0:
         x = x + noise
+      if pece:  # evaluated again: its x0 the step's
+        out.append(x)
+        x0 = denoise(x, sigmas[i])
+        x0s[-1] = x0
     if float(sigmas[i + 1]) == 0:
       x = x0
       out.append(x)
@@ -915,7 +920,7 @@ def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None)
     h = lam[i + 1] - lam[i]
     x_pred = sigmas[i + 1] / sigmas[i] * (-(tau**2) * h).exp() * x + mixed
     if tau > 0:
-      fresh = noises[i] if draws is None else next(draws)
+      fresh = noises[len(out)] if draws is None else next(draws)
       noise = fresh * sigmas[i + 1] * (-2 * tau**2 * h).expm1().neg().sqrt()
       x_pred = x_pred + noise
     out.append(x_pred if i < n - 1 else x)

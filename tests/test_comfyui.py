@@ -95,6 +95,7 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("dpm_fast", "normal", "dpm_fast", "Normal"),  # no A1111 name: sdjax's own
     ("ddpm", "karras", "k_ddpm", "Karras"),  # k-diffusion's, over its levels (not diffusers')
     ("sa_solver", "beta", "sa_solver", "Beta"),  # noise only where tau > 0: its draws counted
+    ("sa_solver_pece", "karras", "sa_solver_pece", "Karras"),  # two calls a step
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
   found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
@@ -102,7 +103,7 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   assert found.flags.get("schedule_type") == label
   notes = _notes(found)
   device_noise = sampler in ("dpm_2_ancestral", "seeds_3", "dpmpp_2s_ancestral_cfg_pp", "ddpm",
-                             "sa_solver")
+                             "sa_solver", "sa_solver_pece")
   assert ("fresh noise from a generator on its GPU" in notes) == device_noise
   # the SDE samplers' Brownian tree: on the CPU, or on the GPU (CUDA's generator) for _gpu
   assert found.flags.get("brownian") == {"dpmpp_2m_sde_gpu": "nv", "dpmpp_sde": "torch_cpu"}.get(
@@ -117,7 +118,7 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "iPNDM",
                               "Res Multistep", "DPM++ 2M CFG++", "DEIS", "SEEDS 3", "DPM2 a",
                               "HeunPP2", "DPM++ 2S a CFG++", "dpm_fast", "k_ddpm",
-                              "sa_solver"))
+                              "sa_solver", "sa_solver_pece"))
   # its KSampler's levels of one step more less the next-to-last, for these samplers only
   discards = '"discard_penultimate_sigma": true' in found.flags.get("scheduler_options", "")
   assert discards == (sampler in ("dpm_2_ancestral", "uni_pc", "uni_pc_bh2"))
@@ -131,10 +132,10 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
 
 
 def test_unknown_sampler_and_scheduler_are_notes():
-  found = comfyui.reproduce(default_graph(sampler_name="sa_solver_pece", scheduler="ddim_uniform"))
+  found = comfyui.reproduce(default_graph(sampler_name="dpm_adaptive", scheduler="ddim_uniform"))
   assert "scheduler" not in found.flags and "schedule_type" not in found.flags
   notes = _notes(found)
-  assert "sampler sa_solver_pece is not one sdjax has" in notes
+  assert "sampler dpm_adaptive is not one sdjax has" in notes
   assert "scheduler ddim_uniform" in notes
 
 
@@ -446,7 +447,8 @@ def test_custom_sampler_nodes(advanced):
     ("SamplerSASolver", {"eta": 0.5, "sde_start_percent": 0.2, "sde_end_percent": 0.8,
                          "s_noise": 1.0, "predictor_order": 3, "corrector_order": 4,
                          "use_pece": False, "simple_order_2": False}, "sa_solver", 0.5, None),
-    ("SamplerSASolver", {"eta": 1.0, "use_pece": True}, None, None, "sa_solver_pece"),
+    ("SamplerSASolver", {"eta": 1.0, "use_pece": True, "predictor_order": 2}, "sa_solver_pece",
+     None, "predictor_order 2"),
     ("SamplerLMS", {"order": 3}, "LMS", None, "order 3"),
 ])
 def test_sampler_nodes_with_settings(node, settings, want, eta, noted):

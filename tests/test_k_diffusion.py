@@ -51,6 +51,7 @@ SAMPLERS = {"Euler": kd.sample_euler, "Euler a": kd.sample_euler_ancestral,
             "SEEDS 2": kd.sample_seeds, "SEEDS 3": lambda *a: kd.sample_seeds(*a, stages=3),
             "HeunPP2": kd.sample_heunpp2, "dpm_fast": kd.sample_dpm_fast,
             "k_ddpm": kd.sample_ddpm, "sa_solver": kd.sample_sa_solver,
+            "sa_solver_pece": lambda *a: kd.sample_sa_solver(*a, pece=True),
             "DPM fast": lambda *a: kd.sample_dpm_fast(*a, eta=1.0, extremes=True)}
 # A1111's samplers that place the levels of one step more and drop the penultimate one.
 DISCARDING = ("DPM2", "DPM2 a")
@@ -168,7 +169,7 @@ _COMFYUI_SCHEDULES = {"Uniform": lambda n: kd.get_sigmas(COMFY15, n),
                                      "Res Multistep a", "Gradient Estimation", "ER SDE",
                                      "DEIS", "SEEDS 2", "SEEDS 3", "DPM2", "DPM2 a",
                                      "DPM++ 2S a", "HeunPP2", "dpm_fast", "k_ddpm",
-                                     "sa_solver"])
+                                     "sa_solver", "sa_solver_pece"])
 def test_steps_as_comfyui(sampler, label, monkeypatch):
   """The `comfyui` option: k-diffusion's loop as ComfyUI's KSampler runs it, from its noise
   times sqrt(1 + sigma_max^2), the UNet at whole timesteps, over its scheduler's levels (its beta
@@ -214,7 +215,8 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
 
 @pytest.mark.parametrize("sampler", ["iPNDM", "iPNDM_v", "Res Multistep", "Res Multistep a",
                                      "Gradient Estimation", "ER SDE", "DEIS", "SEEDS 2",
-                                     "SEEDS 3", "HeunPP2", "LMS", "sa_solver"])
+                                     "SEEDS 3", "HeunPP2", "LMS", "sa_solver",
+                                     "sa_solver_pece"])
 def test_comfyui_multistep_img2img(sampler, monkeypatch):
   """ComfyUI's own multistep samplers at denoise 0.6: its loop over the kept levels, whose
   history starts there (the first step Euler's, iPNDM's orders counted from it)."""
@@ -1011,39 +1013,40 @@ def test_a1111_refiner_switch_position(sampler, at):
   assert sampling.a1111_switch_position(ours, state, 5) == ours.step_position(state, 5)
 
 
-@pytest.mark.parametrize("eta", [1.0, 0.0])
-def test_sa_solver_draws_where_comfyui_does(eta, monkeypatch):
+@pytest.mark.parametrize(("sampler", "eta"), [("sa_solver", 1.0), ("sa_solver", 0.0),
+                                           ("sa_solver_pece", 0.7)])
+def test_sa_solver_draws_where_comfyui_does(sampler, eta, monkeypatch):
   """ComfyUI's sa_solver draws step noise only for the steps to a level between the training
   levels at 20% and 80% (tau = eta > 0 there): `noise_draw` counts those draws, so a generator's
-  k-th draw is the one its loop adds at its k-th such step (eta 0: an ODE, no draws). Levels that
-  end above 0 (a --sigmas list): no lower orders at the end, and the run ends, as its loop, on
-  the last call's corrected sample."""
-  ours = get_scheduler("sa_solver", SD15, options={
-      "timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
-      "schedule_type": "karras", "eta": eta})
+  k-th draw is the one its loop adds at its k-th such step (eta 0: an ODE, no draws; PECE: at a
+  step's second call). Levels that end above 0 (a --sigmas list): no lower orders at the end,
+  and the run ends, as its loop, on the last corrected sample."""
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True, "eta": eta}
+  pece = sampler == "sa_solver_pece"
+  ours = get_scheduler(sampler, SD15, options={**options, "schedule_type": "karras"})
   steps = 12
-  init, draws = make_noises(steps)
-  draw = [int(ours.noise_draw(i, steps)) for i in range(steps + 1)]
+  calls = len(ours.set_timesteps(steps, sample_shape=SHAPE).timesteps)
+  init, draws = make_noises(calls)
+  draw = [int(ours.noise_draw(i, calls)) for i in range(calls + 1)]
   assert (draw[-1] == 0) if eta == 0 else (0 < draw[-1] < steps - 1)  # some steps draw
-  got = sdjax_trajectory(ours, steps, init, np.stack([draws[min(k, steps - 1)] for k in draw[:-1]]))
+  got = sdjax_trajectory(ours, steps, init, np.stack([draws[min(k, calls - 1)]
+                                                      for k in draw[:-1]]))
   sigmas = kd.get_sigmas_karras(COMFY15, steps)
   monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
   drawn = iter([torch.from_numpy(n) for n in draws])
   with correctly_rounded_sqrt():
     want = kd.sample_sa_solver(COMFY15, sigmas, torch.from_numpy(init) * torch.sqrt(
-        1.0 + sigmas[0] ** 2.0), None, eta=eta, draws=drawn)
-  assert len(list(drawn)) == steps - draw[-1]  # its loop drew as many
+        1.0 + sigmas[0] ** 2.0), None, eta=eta, draws=drawn, pece=pece)
+  assert len(list(drawn)) == calls - draw[-1]  # its loop drew as many
   err = max_rel_error(got, want)
-  print(f"maxrel sa_solver eta {eta}: {err:.3g}")
+  print(f"maxrel {sampler} eta {eta}: {err:.3g}")
   assert err <= TOL, err
   levels = [8.0, 3.0, 1.5, 0.7, 0.3, 0.1]  # ending above 0
-  above = get_scheduler("sa_solver", SD15, options={
-      "timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True, "sigmas": levels,
-      "eta": eta})
+  above = get_scheduler(sampler, SD15, options={**options, "sigmas": levels})
   got = sdjax_trajectory(above, 5, init, draws)
   with correctly_rounded_sqrt():
     want = kd.sample_sa_solver(COMFY15, torch.tensor(levels), torch.from_numpy(init) * 8.0,
-                               [torch.from_numpy(n) for n in draws], eta=eta)
+                               [torch.from_numpy(n) for n in draws], eta=eta, pece=pece)
   err = max_rel_error(got, want)
   assert err <= TOL, err
 

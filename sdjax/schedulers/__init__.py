@@ -101,6 +101,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "dpm_fast_ancestral": ("comfyui_samplers", "DPMFastAncestralScheduler", {}),  # A1111's
     "k_ddpm": ("comfyui_samplers", "KDDPMScheduler", {}),  # ComfyUI's "ddpm"
     "sa_solver": ("comfyui_samplers", "SASolverScheduler", {}),
+    "sa_solver_pece": ("comfyui_samplers", "SASolverPECEScheduler", {}),
     "dpmpp_2s_ancestral_cfg_pp": ("dpmpp_2s", "DPMSolver2SAncestralCFGPPScheduler",
                                   {"use_karras_sigmas": False}),
 }

@@ -47,7 +47,9 @@ d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the s
   level's (order up to 3, both lowered over the last steps of a run to 0), with fresh noise of
   tau = eta (1) where the next level lies between the training levels at 20% and 80% of its
   steps (ComfyUI draws only there: `noise_draw` counts those draws); the weights solved in
-  float64 (ComfyUI's float32 solve drifts from them as the levels crowd).
+  float64 (ComfyUI's float32 solve drifts from them as the levels crowd). `sa_solver_pece`: a
+  second call a step at the corrected sample (predict, evaluate, correct, evaluate), whose x0
+  the predictor and the later steps take.
 - CFG++ forms (`takes_uncond`: the guided x0 steps along the unconditional prediction):
   `dpmpp_2m_cfg_pp`, `res_multistep_cfg_pp`, `res_multistep_ancestral_cfg_pp`,
   `gradient_estimation_cfg_pp`.
@@ -62,6 +64,7 @@ transcriptions of ComfyUI's loops.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -1120,18 +1123,24 @@ def _sa_solver_table(sigmas: np.ndarray, taus: np.ndarray):
 
 @struct.dataclass
 class SASolverState(SigmaState):
-  """`SigmaState` and what SA-Solver carries between calls.
+  """`SigmaState` (over the model calls) and what SA-Solver carries between them.
 
   Attributes:
-    predictor, corrector, scalars: `_sa_solver_table`'s.
-    corrected: the last call's corrected sample; noise: the last predictor's scaled noise.
-    history: [3, ...] float32, the earlier x0s, latest first; count: [] int32, the calls of this
-      run so far.
+    predictor, corrector, scalars: `_sa_solver_table`'s, at each step of ComfyUI's loop.
+    levels: [n + 1] float32, the levels of its loop's steps.
+    loop: [P] int32, the step of its loop each call belongs to; correcting: [P] bool, PECE's
+      first call of a step (evaluate, correct; the second evaluates the corrected sample).
+    corrected: the last corrected sample; noise: the last predictor's scaled noise.
+    history: [4, ...] float32, the earlier x0s, latest first; count: [] int32, the x0s this
+      run has kept (one a step).
   """
 
   predictor: jnp.ndarray
   corrector: jnp.ndarray
   scalars: jnp.ndarray
+  levels: jnp.ndarray
+  loop: jnp.ndarray
+  correcting: jnp.ndarray
   corrected: jnp.ndarray
   noise: jnp.ndarray
   history: jnp.ndarray
@@ -1146,6 +1155,12 @@ def _adams(weights, x0s):
   return total
 
 
+def _sa_order(table, j, known, highest):
+  """The weights of `table[j]` of the order the x0s known and the run's end allow."""
+  order = jnp.minimum(known, highest).astype(jnp.int32)
+  return jax.lax.dynamic_index_in_dim(table[j], jnp.maximum(order - 1, 0), keepdims=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class SASolverScheduler(_Eta, _MultistepScheduler):
   """ComfyUI's `sa_solver` (predictor order 3, corrector 4, tau = eta, 1 by default, where the
@@ -1156,6 +1171,7 @@ class SASolverScheduler(_Eta, _MultistepScheduler):
 
   name = "sa_solver"
   schedule_options = (*_MultistepScheduler.schedule_options, ANCESTRAL_ETA)
+  pece: ClassVar[bool] = False  # a second call a step, at the corrected sample
 
   def _taus(self, sigmas: np.ndarray) -> np.ndarray:
     """tau at each level: eta between the levels at 20% and 80% of training time, else 0."""
@@ -1164,25 +1180,41 @@ class SASolverScheduler(_Eta, _MultistepScheduler):
     sigmas = np.asarray(sigmas, np.float32)
     return np.where((sigmas <= high) & (sigmas >= low), eta, 0.0) if eta > 0 else 0 * sigmas
 
+  def _levels(self, steps: int) -> np.ndarray:
+    """float32 [steps + 1]: the levels of ComfyUI's loop (Euler's placement), on the host."""
+    alphas_cumprod = train_alphas_cumprod(self.cfg)
+    _, sigmas = sigma_schedule(self.cfg, steps, alphas_cumprod,
+                               final_sigma(self.cfg, alphas_cumprod), name=self.name,
+                               any_final=True)
+    return sigmas.astype(np.float32)
+
+  def _calls(self, steps: int) -> np.ndarray:
+    """int [P]: the step of ComfyUI's loop of each model call (PECE: 1, then 2 a step)."""
+    return np.arange(steps) if not self.pece else (np.arange(2 * steps - 1) + 1) // 2
+
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     base = super().set_timesteps(num_inference_steps, sample_shape)
     sigmas = np.asarray(base.sigmas, np.float32)
     predictor, corrector, scalars = _sa_solver_table(sigmas, self._taus(sigmas))
+    loop = self._calls(len(sigmas) - 1)
+    correcting = (np.arange(len(loop)) % 2 == 1) if self.pece else np.zeros(len(loop), bool)
+    fields = {k: getattr(base, k) for k in SigmaState.__dataclass_fields__}
+    if self.pece:  # the levels of its calls, at the UNet's timesteps of those levels
+      fields = _per_call(self.cfg, sigmas[loop], np.asarray(base.timesteps)[loop], sigmas)
     zeros = jnp.zeros(sample_shape, jnp.float32)
-    return SASolverState(**{k: getattr(base, k) for k in SigmaState.__dataclass_fields__},
-                         predictor=jnp.asarray(predictor), corrector=jnp.asarray(corrector),
-                         scalars=jnp.asarray(scalars), corrected=zeros, noise=zeros,
-                         history=base.history, count=base.count)
+    return SASolverState(**fields, predictor=jnp.asarray(predictor),
+                         corrector=jnp.asarray(corrector), scalars=jnp.asarray(scalars),
+                         levels=jnp.asarray(sigmas), loop=jnp.asarray(loop, jnp.int32),
+                         correcting=jnp.asarray(correcting), corrected=zeros, noise=zeros,
+                         history=jnp.zeros((4, *sample_shape), jnp.float32), count=base.count)
 
   def noise_draw(self, i, positions: int):
-    """ComfyUI draws only for the steps with tau > 0 (to a level above 0)."""
-    alphas_cumprod = train_alphas_cumprod(self.cfg)  # set_timesteps' levels (on the host)
-    _, sigmas = sigma_schedule(self.cfg, positions, alphas_cumprod,
-                               final_sigma(self.cfg, alphas_cumprod), name=self.name,
-                               any_final=True)
-    sigmas = sigmas.astype(np.float32)
+    """ComfyUI draws only for the steps with tau > 0 (to a level above 0), at their predictor."""
+    sigmas = self._levels(positions if not self.pece else (positions + 1) // 2)
     drawing = (self._taus(sigmas[1:]) > 0) & (sigmas[1:] > 0)
     before = np.concatenate([[0], np.cumsum(drawing)]).astype(np.int32)
+    at = (np.arange(positions + 1) + 1) // 2 if self.pece else np.arange(positions + 1)
+    before = before[np.minimum(at, len(before) - 1)]
     return int(before[i]) if isinstance(i, (int, np.integer)) else jnp.asarray(before)[i]
 
   def step(self, state, model_output, i, sample, noise=None):
@@ -1190,25 +1222,45 @@ class SASolverScheduler(_Eta, _MultistepScheduler):
       raise ValueError(f"{self.name} needs `noise` (unit Gaussian, sample shape) at every step")
     x = as_f32(sample)
     x0, _ = _x0_and_slope(self, state, model_output, i, x)
-    x0s = [x0, *(state.history[k] for k in range(_HISTORY))]
-    sigma_next = state.sigmas[i + 1]
-    decay, spread, max_predictor, max_corrector = (state.scalars[i][k] for k in range(4))
-    known = jnp.minimum(state.count + 1, len(x0s)).astype(jnp.float32)
-    # corrector: at the run's later calls but the last to 0, from the corrected sample before
-    order = jnp.minimum(known, max_corrector).astype(jnp.int32)
-    weights = jax.lax.dynamic_index_in_dim(state.corrector[i], jnp.maximum(order - 1, 0),
-                                           keepdims=False)
-    back = state.scalars[jnp.maximum(i - 1, 0), 0]
+    j, correcting = state.loop[i], state.correcting[i]
+    sigma_next = state.levels[j + 1]
+    decay, spread, max_predictor, max_corrector = (state.scalars[j][k] for k in range(4))
+    # PECE's second call of a step: its x0 takes the place of the step's first's
+    revisit = (~correcting) & (state.count > 0) if self.pece else jnp.bool_(False)
+    kept = [state.history[k] for k in range(4)]
+    x0s = [x0, *(jnp.where(revisit, kept[k + 1], kept[k]) for k in range(3))]
+    known = jnp.minimum(state.count + jnp.where(revisit, 0, 1), 4).astype(jnp.float32)
+    # corrector: from the corrected sample before (PECE: at a step's first call; else at the
+    # run's later calls but the last to 0)
+    weights = _sa_order(state.corrector, j, known, max_corrector)
+    back = state.scalars[jnp.maximum(j - 1, 0), 0]
     corrected = (rounded(back * state.corrected) + _adams(weights, x0s)) + state.noise
-    x = jnp.where((state.count == 0) | (sigma_next == 0), x, corrected)
+    fixing = correcting if self.pece else (state.count > 0) & (sigma_next != 0)
+    x = jnp.where(fixing, corrected, x)
     # predictor: the next level's sample, plus fresh noise where tau > 0
-    order = jnp.minimum(known, max_predictor).astype(jnp.int32)
-    weights = jax.lax.dynamic_index_in_dim(state.predictor[i], jnp.maximum(order - 1, 0),
-                                           keepdims=False)
+    weights = _sa_order(state.predictor, j, known, max_predictor)
     fresh = rounded(rounded(as_f32(noise) * sigma_next) * spread)
     predicted = (rounded(decay * x) + _adams(weights, x0s[:_SA_ORDERS[0]])) + fresh
     last = i == len(state.timesteps) - 1
     prev = jnp.where(sigma_next == 0, x0, jnp.where(last, x, predicted))
-    history = jnp.concatenate([x0[None], state.history[:-1]])
+    prev = jnp.where(correcting, x, prev)
+    history = jnp.stack([x0, *kept[:3]])
+    if self.pece:
+      history = jnp.where(revisit, jnp.stack([x0, *kept[1:]]), history)
     return prev.astype(sample.dtype), state.replace(
-      corrected=x, noise=fresh, history=history, count=state.count + 1)
+      corrected=x, noise=jnp.where(correcting, state.noise, fresh), history=history,
+      count=state.count + jnp.where(revisit, 0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class SASolverPECEScheduler(_StepStarts, SASolverScheduler):
+  """ComfyUI's `sa_solver_pece`: SA-Solver predict-evaluate-correct-evaluate, two UNet calls a
+  step but the run's first (the second at the corrected sample, whose x0 the predictor takes);
+  it corrects the last step too."""
+
+  name = "sa_solver_pece"
+  order = 2
+  pece = True
+
+  def _firsts(self, state) -> np.ndarray:
+    return ~np.asarray(state.correcting)
