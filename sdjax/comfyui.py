@@ -75,7 +75,8 @@ _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lc
                  "dpmpp_2s_ancestral_cfg_pp", "sa_solver", "sa_solver_pece")
 # Its sampler nodes with settings (for its custom-sampling nodes) -> the KSampler sampler they
 # make: by noise_device (_gpu), solver_type or use_pece; their defaults (of settings sdjax has
-# not: others are a note; eta becomes A1111's Eta, which sdjax's takes from 0 to 1).
+# not: others are a note; eta becomes A1111's Eta, which sdjax's takes from 0 to 1, ER-SDE's
+# solver type and stages er_sde's options).
 _SAMPLER_SETTINGS_NODES = {
   "SamplerEulerAncestral": ("euler_ancestral", {"s_noise": 1.0}),
   "SamplerEulerAncestralCFGPP": ("euler_ancestral_cfg_pp", {"s_noise": 1.0}),
@@ -84,7 +85,7 @@ _SAMPLER_SETTINGS_NODES = {
   "SamplerDPMPP_2M_SDE": ("dpmpp_2m_sde", {"s_noise": 1.0}),
   "SamplerDPMPP_3M_SDE": ("dpmpp_3m_sde", {"s_noise": 1.0}),
   "SamplerLMS": ("lms", {"order": 4}),
-  "SamplerER_SDE": ("er_sde", {"s_noise": 1.0, "max_stage": 3, "solver_type": "ER-SDE"}),
+  "SamplerER_SDE": ("er_sde", {"s_noise": 1.0}),
   "SamplerSASolver": ("sa_solver", {
     "s_noise": 1.0, "sde_start_percent": 0.2, "sde_end_percent": 0.8, "predictor_order": 3,
     "corrector_order": 4, "simple_order_2": False}),
@@ -576,7 +577,7 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
       out.update(model=guider.get("model"), positive=guider.get("conditioning"), cfg=1.0)
   select = source("sampler", ("KSamplerSelect", *_SAMPLER_SETTINGS_NODES))
   if select is not None:
-    out["sampler_name"], out["eta"] = _sampler_name(reader, select)
+    out["sampler_name"], out["sampler_options"] = _sampler_name(reader, select)
   sigmas = source("sigmas", ("BasicScheduler", *_SIGMA_NODES, *_LEVEL_NODES, *_SPLIT_NODES))
   split = None
   if sigmas is not None and sigmas["class_type"] in _SPLIT_NODES:  # its high or low levels
@@ -611,13 +612,14 @@ def _ksampler_inputs(reader: _Reader, sampler_id: str, node: dict[str, Any]) -> 
   return out
 
 
-def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, float | None]:
+def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
   """The KSampler sampler a sampler node makes (KSamplerSelect's, or one of
-  `_SAMPLER_SETTINGS_NODES` with its settings: notes where they are not the defaults), and its
-  eta where it is not 1 and sdjax's takes it (A1111's Eta)."""
+  `_SAMPLER_SETTINGS_NODES` with its settings: notes where they are not the defaults), and the
+  scheduler options of its settings: its eta where it is not 1 and sdjax's takes it (A1111's
+  Eta), ER-SDE's solver type and stages."""
   kind = select["class_type"]
   if kind == "KSamplerSelect":
-    return select.get("sampler_name"), None
+    return select.get("sampler_name"), {}
   name, defaults = _SAMPLER_SETTINGS_NODES[kind]
   if kind == "SamplerDPMPP_2M_SDE" and select.get("solver_type") == "heun":
     name = "dpmpp_2m_sde_heun"
@@ -628,13 +630,20 @@ def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, 
   for key, default in defaults.items():
     if key in select and select[key] != default:
       reader.note(None, f"{kind} {key} {select[key]}: sdjax's {name} runs its {default}")
-  eta = select.get("eta", 1.0)
-  if eta == 1.0 or kind == "SamplerER_SDE":  # ER-SDE's eta: the other solver types'
-    return name, None
-  if isinstance(eta, int | float) and 0 <= eta <= 1:
-    return name, eta
-  reader.note(None, f"{kind} eta {eta}: sdjax's {name} takes an eta from 0 to 1")
-  return name, None
+  options, eta, highest = {}, select.get("eta", 1.0), 1
+  if kind == "SamplerER_SDE":
+    solver = {"Reverse-time SDE": "reverse_time_sde", "ODE": "ode"}.get(select.get("solver_type"))
+    options = {k: v for k, v in (("er_sde_type", solver), ("max_stage", select.get("max_stage")))
+               if v not in (None, 3)}
+    if solver != "reverse_time_sde":  # eta: its reverse-time SDE's only
+      return name, options
+    highest = 100
+  if eta == 1.0:
+    return name, options
+  if isinstance(eta, int | float) and 0 <= eta <= highest:
+    return name, {**options, "eta": eta}
+  reader.note(None, f"{kind} eta {eta}: sdjax's {name} takes an eta from 0 to {highest}")
+  return name, options
 
 
 def _turbo_sigmas(steps, denoise) -> list[float] | None:
@@ -767,8 +776,9 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
                           f"({link[1]['class_type']}): give --{flag}")
     if value is not None:
       fields[key] = str(value)
-  if inputs.get("eta") is not None:  # a sampler node's eta, as A1111's Eta
-    fields["Eta"] = str(inputs["eta"])
+  sampler_options = dict(inputs.get("sampler_options") or {})  # a sampler node's settings
+  if "eta" in sampler_options:  # as A1111's Eta
+    fields["Eta"] = str(sampler_options.pop("eta"))
   seed = int(fields["Seed"]) if fields.get("Seed", "").isdigit() else None
   sampler, scheduler = inputs.get("sampler_name"), inputs.get("scheduler")
   brownian = schedulers.takes_brownian(SAMPLERS.get(sampler))
@@ -873,6 +883,7 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
                                    "own way")
   if discard and inputs.get("sigmas") is None:  # its KSampler's levels of one step more
     options["discard_penultimate_sigma"] = True
+  options.update(sampler_options)
   if name and options.get("k_diffusion") and schedulers.takes_option(name, "comfyui"):
     flags["scheduler_options"] = json.dumps({**options, "comfyui": True})  # its start, timesteps
   elif name == "unipc":  # its uni_pc code (the UniPC authors'), its order and variant

@@ -593,13 +593,21 @@ def sample_gradient_estimation(config, sigmas, x, noises, gamma=2.0):
   return np.stack([y.numpy() for y in out])
 
 
-def sample_er_sde(config, sigmas, x, noises):
-  """ComfyUI's sample_er_sde (3 stages, its default noise scaler), written out: lambda = sigma /
-  alpha (exp(log sigma) for these models), the ER-SDE's linear part, then the first and second
-  divided differences of x0 in lambda with its 200-point sums, then fresh noise."""
+def sample_er_sde(config, sigmas, x, noises, solver_type="ER-SDE", max_stage=3, eta=1.0):
+  """ComfyUI's sample_er_sde (up to 3 stages, its default noise scaler), written out: lambda =
+  sigma / alpha (exp(log sigma) for these models), the ER-SDE's linear part, then the first and
+  second divided differences of x0 in lambda with its 200-point sums, then fresh noise. Its
+  SamplerER_SDE's other solver types: "Reverse-time SDE" (scaler lambda^(eta + 1)), "ODE"
+  (lambda, and like eta 0, no noise)."""
   denoise, out = denoiser(config), []
+  if solver_type == "ODE" or (solver_type == "Reverse-time SDE" and eta == 0):
+    eta, noisy = 0.0, False
+  else:
+    noisy = True
 
   def scaler(v):
+    if solver_type != "ER-SDE":
+      return v ** (eta + 1)
     return v * ((v**0.3).exp() + 10.0)
 
   lam = sigmas.log().neg().neg().exp()
@@ -614,19 +622,21 @@ def sample_er_sde(config, sigmas, x, noises):
       alpha_s, alpha_t = sigmas[i] / lam_s, sigmas[i + 1] / lam_t
       r = scaler(lam_t) / scaler(lam_s)
       x = alpha_t / alpha_s * r * x + alpha_t * (1 - r) * x0
-      if i >= 1:
+      if min(max_stage, i + 1) >= 2:
         dt = lam_t - lam_s
         step = -dt / 200.0
         pos = lam_t + points * step
         scaled = scaler(pos)
         d = (x0 - old) / (lam_s - lam[i - 1])
         x = x + alpha_t * (dt + torch.sum(1 / scaled) * step * scaler(lam_t)) * d
-        if i >= 2:
+        if min(max_stage, i + 1) >= 3:
           u = (d - old_d) / ((lam_s - lam[i - 2]) / 2)
           s_u = torch.sum((pos - lam_s) / scaled) * step
           x = x + alpha_t * ((dt**2) / 2 + s_u * scaler(lam_t)) * u
         old_d = d
-      x = x + alpha_t * noises[i] * 1.0 * (lam_t**2 - lam_s**2 * r**2).sqrt().nan_to_num(nan=0.0)
+      if noisy:
+        x = x + alpha_t * noises[i] * 1.0 * (lam_t**2 - lam_s**2 * r**2).sqrt().nan_to_num(
+            nan=0.0)
     old = x0
     out.append(x)
   return np.stack([y.numpy() for y in out])

@@ -450,11 +450,16 @@ def test_custom_sampler_nodes(advanced):
     ("SamplerSASolver", {"eta": 1.0, "use_pece": True, "predictor_order": 2}, "sa_solver_pece",
      None, "predictor_order 2"),
     ("SamplerLMS", {"order": 3}, "LMS", None, "order 3"),
+    ("SamplerER_SDE", {"solver_type": "Reverse-time SDE", "max_stage": 2, "eta": 2.5,
+                       "s_noise": 1.0}, "ER SDE", 2.5, None),  # its eta up to 100
+    ("SamplerER_SDE", {"solver_type": "ODE", "max_stage": 3, "eta": 0.5, "s_noise": 1.0},
+     "ER SDE", None, None),
 ])
 def test_sampler_nodes_with_settings(node, settings, want, eta, noted):
   """Custom sampling's sampler nodes with settings: the KSampler sampler each makes (by its
   noise_device, solver_type, use_pece), its eta as A1111's Eta (sdjax's from 0 to 1), a note
-  for settings sdjax runs at their defaults."""
+  for settings sdjax runs at their defaults; SamplerER_SDE's solver type and stages as
+  er_sde's options."""
   graph = _custom_graph()
   graph["20"] = {"class_type": node, "inputs": {**({"model": ["4", 0]} if node ==
                                                    "SamplerSASolver" else {}), **settings}}
@@ -465,8 +470,11 @@ def test_sampler_nodes_with_settings(node, settings, want, eta, noted):
   notes = _notes(found)
   if noted is not None:
     assert noted in notes
-  if settings.get("eta", 1.0) > 1:
+  if settings.get("eta", 1.0) > 1 and node != "SamplerER_SDE":
     assert f"eta {settings['eta']}" in notes
+  if node == "SamplerER_SDE":
+    kind = {"ODE": "ode", "Reverse-time SDE": "reverse_time_sde"}[settings["solver_type"]]
+    assert options["er_sde_type"] == kind and options.get("max_stage", 3) == settings["max_stage"]
   assert found.flags.get("brownian") == ("nv" if settings.get("noise_device") == "gpu" else
                                          "torch_cpu" if "noise_device" in settings else None)
 

@@ -1101,3 +1101,33 @@ def test_a1111_dpm_fast(steps, eta, label):
         "timestep_spacing": "linspace", "k_diffusion": True,
         "sigmas": [*np.geomspace(float(table[-1]), float(table[0]), steps).tolist(), 0.0]})
     assert max_rel_error(sdjax_trajectory(comfy, steps, init, noises), got) <= TOL
+
+
+@pytest.mark.parametrize(("kind", "stages", "eta"), [("reverse_time_sde", 3, 1.0),
+                                                     ("reverse_time_sde", 2, 0.5),
+                                                     ("ode", 3, 1.0), ("er_sde", 1, 1.0),
+                                                     ("reverse_time_sde", 3, 0.0)])
+def test_er_sde_solver_types(kind, stages, eta, monkeypatch):
+  """ComfyUI's SamplerER_SDE settings as er_sde's options: its reverse-time SDE (noise scaler
+  lambda^(eta + 1)), its ODE (lambda, no noise: none drawn, as at eta 0), fewer stages."""
+  ours = get_scheduler("er_sde", SD15, options={
+      "timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+      "schedule_type": "karras", "er_sde_type": kind, "max_stage": stages, "eta": eta})
+  assert ours.needs_noise == (kind == "er_sde" or (kind == "reverse_time_sde" and eta > 0))
+  steps = 8
+  init, noises = make_noises(steps)
+  got = sdjax_trajectory(ours, steps, init, noises)
+  sigmas = kd.get_sigmas_karras(COMFY15, steps)
+  monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
+  label = {"reverse_time_sde": "Reverse-time SDE", "ode": "ODE", "er_sde": "ER-SDE"}[kind]
+  with correctly_rounded_sqrt():
+    want = kd.sample_er_sde(COMFY15, sigmas, torch.from_numpy(init) * torch.sqrt(
+        1.0 + sigmas[0] ** 2.0), [torch.from_numpy(n) for n in noises], solver_type=label,
+        max_stage=stages, eta=eta)
+  err = max_rel_error(got, want)
+  print(f"maxrel er_sde {kind} stages {stages} eta {eta}: {err:.3g}")
+  assert err <= TOL, err
+  with pytest.raises(SchedulerConfigError, match="er_sde_type"):
+    get_scheduler("er_sde", SD15, options={"er_sde_type": "sde"})
+  with pytest.raises(SchedulerConfigError, match="max_stage"):
+    get_scheduler("er_sde", SD15, options={"max_stage": 4})

@@ -16,7 +16,8 @@ d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the s
 - `gradient_estimation`: an Euler step plus (gamma - 1) times the change of d since the last
   call (gamma 2, ComfyUI's), times the step; the last step lands on x0.
 - `er_sde`: ER-SDE-Solver-3 (Cui et al. 2023): the ER-SDE's linear part in lambda = sigma /
-  alpha plus the first and second divided differences of x0 (as calls allow), then fresh noise.
+  alpha plus the first and second divided differences of x0 (as calls allow), then fresh noise;
+  options `er_sde_type` (its reverse-time SDE's noise scaler, or its ODE) and `max_stage`.
 - `deis_tab`: ComfyUI's deis (tAB-DEIS, Zhang and Chen 2023, its 'tab' mode, order up to 3):
   Adams-Bashforth on d in the time of a VP process fitted to EDM's range (0.002 to 80), its
   weights the integrals of the Lagrange polynomials of the earlier times against the exponential
@@ -72,6 +73,7 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  SchedulerConfigError,
   exp_f32,
   expm1_f32,
   log_f32,
@@ -932,10 +934,18 @@ def _er_scaler(x: np.ndarray) -> np.ndarray:
   return (f(x) * (np.exp(power.astype(np.float64)).astype(np.float32) + f(10))).astype(f)
 
 
-def _er_sde_weights(sigmas: np.ndarray) -> np.ndarray:
+def _power_scaler(power: float):
+  """ComfyUI's reverse-time SDE noise scaler x^(eta + 1) (its ODE: x), rounded to float32."""
+  def scale(x: np.ndarray) -> np.ndarray:
+    return np.power(np.asarray(x, np.float64), power).astype(np.float32)
+  return scale
+
+
+def _er_sde_weights(sigmas: np.ndarray, scaler=_er_scaler) -> np.ndarray:
   """float32 [n, 8] per position: the weights of x and x0 (stage 1), of the first and second
   divided differences of x0 (stages 2, 3) and their divisors, alpha_t and the fresh noise's
-  scale, from ComfyUI's float32 scalars (its 200-point sums in float64, rounded once)."""
+  scale, from ComfyUI's float32 scalars (its 200-point sums in float64, rounded once), for the
+  noise scaler `scaler` (its default's)."""
   f = np.float32
   n = len(sigmas) - 1
   out = np.zeros((n, 8), np.float32)
@@ -948,36 +958,68 @@ def _er_sde_weights(sigmas: np.ndarray) -> np.ndarray:
         continue
       lam_s, lam_t = lam[i], lam[i + 1]
       alpha_s, alpha_t = sig[i] / lam_s, sig[i + 1] / lam_t
-      r = _er_scaler(lam_t) / _er_scaler(lam_s)
+      r = scaler(lam_t) / scaler(lam_s)
       dt = lam_t - lam_s
       step = -dt / f(200)
       pos = lam_t + points * step
-      scaled = _er_scaler(pos)
+      scaled = scaler(pos)
       s = f(np.sum((f(1) / scaled).astype(np.float64))) * step
       s_u = f(np.sum(((pos - lam_s) / scaled).astype(np.float64))) * step
       out[i] = (alpha_t / alpha_s * r, alpha_t * (1 - r),
-                alpha_t * (dt + s * _er_scaler(lam_t)),
+                alpha_t * (dt + s * scaler(lam_t)),
                 lam_s - lam[i - 1] if i >= 1 else 1,
-                alpha_t * (dt**2 / 2 + s_u * _er_scaler(lam_t)),
+                alpha_t * (dt**2 / 2 + s_u * scaler(lam_t)),
                 (lam_s - lam[i - 2]) / 2 if i >= 2 else 1,
                 alpha_t, np.nan_to_num(np.sqrt(lam_t**2 - lam_s**2 * r**2), nan=0.0))
   return out
+
+
+ER_SDE_TYPE, ER_SDE_STAGES = "er_sde_type", "max_stage"  # its SamplerER_SDE's settings
+ER_SDE_TYPES = ("er_sde", "reverse_time_sde", "ode")
 
 
 @dataclasses.dataclass(frozen=True)
 class ERSDEScheduler(_MultistepScheduler):
   """ComfyUI's `er_sde` (3 stages): each step x0-weighted from the ER-SDE's exact linear part,
   corrected by the first and second divided differences of x0 in lambda (as calls allow), plus
-  fresh noise; the last step lands on x0."""
+  fresh noise; the last step lands on x0. Its SamplerER_SDE's settings as options:
+  `er_sde_type` ("er_sde": its default noise scaler; "reverse_time_sde": lambda^(eta + 1),
+  `eta` 1 by default, no noise at eta 0; "ode": lambda, no noise) and `max_stage` (1 to 3)."""
 
   name = "er_sde"
-  needs_noise = True
+  schedule_options = (*_MultistepScheduler.schedule_options, ER_SDE_TYPE, ER_SDE_STAGES,
+                      ANCESTRAL_ETA)
+
+  @classmethod
+  def _validate(cls, config) -> None:
+    super()._validate(config)
+    kind, stages = config.get(ER_SDE_TYPE, "er_sde"), config.get(ER_SDE_STAGES, 3)
+    eta = config.get(ANCESTRAL_ETA, 1.0)
+    if kind not in ER_SDE_TYPES:
+      raise SchedulerConfigError(f"scheduler {cls.name!r}: {ER_SDE_TYPE} must be one of "
+                                 f"{', '.join(ER_SDE_TYPES)}, got {kind!r}")
+    if isinstance(stages, bool) or stages not in (1, 2, 3):
+      raise SchedulerConfigError(f"scheduler {cls.name!r}: {ER_SDE_STAGES} must be 1, 2 or 3, "
+                                 f"got {stages!r}")
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 100:
+      raise SchedulerConfigError(f"scheduler {cls.name!r}: eta (the reverse-time SDE's) must be "
+                                 f"a number in [0, 100], got {eta!r}")
+
+  @property
+  def needs_noise(self) -> bool:  # type: ignore[override]
+    kind = self.cfg.get(ER_SDE_TYPE, "er_sde")
+    return kind == "er_sde" or (kind == "reverse_time_sde"
+                                and self.cfg.get(ANCESTRAL_ETA, 1.0) > 0)
 
   def _weights(self, sigmas: np.ndarray) -> np.ndarray:
-    return _er_sde_weights(sigmas)
+    kind = self.cfg.get(ER_SDE_TYPE, "er_sde")
+    if kind == "er_sde":
+      return _er_sde_weights(sigmas)
+    power = 1.0 + (self.cfg.get(ANCESTRAL_ETA, 1.0) if kind == "reverse_time_sde" else 0.0)
+    return _er_sde_weights(sigmas, _power_scaler(power))
 
   def step(self, state, model_output, i, sample, noise=None):
-    if noise is None:
+    if self.needs_noise and noise is None:
       raise ValueError(f"{self.name} needs `noise` (unit Gaussian, sample shape) at every step")
     x = as_f32(sample)
     x0, _ = self._x0_and_d(state, model_output, i, x)
@@ -989,8 +1031,11 @@ class ERSDEScheduler(_MultistepScheduler):
     stage2 = stage1 + rounded(first * first_diff)
     second_diff = true_divide(rounded(first_diff - old_first), second_div)
     stage3 = stage2 + rounded(second * second_diff)
-    prev = jnp.where(state.count >= 2, stage3, jnp.where(state.count >= 1, stage2, stage1))
-    prev = prev + rounded(rounded(alpha_t * as_f32(noise)) * spread)
+    stages = min(int(self.cfg.get(ER_SDE_STAGES, 3)), 3)
+    prev = jnp.where(state.count >= 1, stage2, stage1) if stages >= 2 else stage1
+    prev = jnp.where(state.count >= 2, stage3, prev) if stages == 3 else prev
+    if self.needs_noise:
+      prev = prev + rounded(rounded(alpha_t * as_f32(noise)) * spread)
     prev = jnp.where(state.sigmas[i + 1] == 0, x0, prev)
     history = jnp.stack([x0, jnp.where(state.count >= 1, first_diff, old_first),
                          state.history[2]])
