@@ -619,7 +619,7 @@ def _hires(fields, flags, notes) -> None:
     if key in fields:
       _named(key, fields.pop(key), flag, check, "the first pass's is used", flags, notes)
   hires = flags.get("hires_scheduler") and outputs.scheduler_name(flags["hires_scheduler"])
-  if hires and schedulers.text_to_image_only(hires):  # A1111's DPM fast (its img2img form)
+  if hires and schedulers.text_to_image_only(hires):  # A1111's Restart (its img2img form)
     notes.append(("hires_scheduler", f"Hires sampler: {flags.pop('hires_scheduler')}: sdjax's "
                                      f"{hires} makes text-to-image runs only: the first pass's "
                                      "is used"))

@@ -1477,11 +1477,15 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                                    or denoising_end is not None):
     raise ValueError(f"scheduler {sched.name!r} makes text-to-image runs only (no img2img, "
                      "refiner handoff or hires pass): pick another for those")
+  if sched.plans_its_run and (denoising_start is not None or denoising_end is not None):
+    raise ValueError(f"scheduler {sched.name!r} plans its steps between its run's ends: no "
+                     "refiner handoff (pick another for it)")
   placed, first_step = int(steps), 0
   if img2img and denoising_start is None:  # the schedule and its first step, as the form's
     if not 0.0 < strength <= 1.0:
       raise ValueError(f"strength must be in (0, 1], got {strength}")
     placed, first_step = sched.img2img_steps(int(steps), strength)
+    sched, first_step = sched.planned_from(first_step)
   state = sched.set_timesteps(placed, sample_shape=(batch, *latent_hw, latent_channels(pipe)))
   begin, end = sched.step_position(state, first_step), None
   if handoff not in REFINER_SWITCHES:
@@ -1813,6 +1817,10 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   a1111 = bool((scheduler_options or {}).get("a1111"))
   if a1111:
     scheduler_options = {**scheduler_options, schedulers.A1111_IMG2IMG: n - 1}
+  planned = schedulers.plans_its_run(scheduler or schedulers.default_scheduler_name(
+    pipe.scheduler_config))
+  if planned:  # DPM-Solver-Fast: its plan over the pass's levels
+    scheduler_options = {**(scheduler_options or {}), schedulers.PLAN_START: total - n}
   (h, w), crop = hires.layout(pipe, height, width)
   spec, state = prepare(pipe, batch, steps=total, scheduler=scheduler, height=h, width=w,
                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
@@ -1824,7 +1832,7 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   if spec.scheduler.text_to_image_only:  # the pass starts partway (its begin, set here)
     raise ValueError(f"scheduler {spec.scheduler.name!r} makes text-to-image runs only: give the "
                      "hires pass another (A1111's Hires sampler: hires_scheduler)")
-  begin = 0 if a1111 else spec.scheduler.step_position(state, total - n)
+  begin = 0 if a1111 or planned else spec.scheduler.step_position(state, total - n)
   # the first pass's tree device, where the hires sampler (maybe another) draws from a tree
   spec, state = _with_brownian(spec, state, brownian, begin, None)
   if not (isinstance(extra_noise, int | float | np.floating) and 0 <= extra_noise < math.inf):

@@ -282,13 +282,15 @@ def test_hires_fix():
   flags = _flags(base + "Denoising strength: 0.7, Hires upscale: 1.3, Hires resize: 664x664, "
                  "Hires upscaler: Latent")
   assert flags["hires_scale"] == "1.3" and "hires_resize_width" not in flags
-  notes = _notes(base + "Denoising strength: 0.7, Hires upscale: 2, Hires sampler: DPM fast, "
+  notes = _notes(base + "Denoising strength: 0.7, Hires upscale: 2, Hires sampler: Restart, "
                  "Hires checkpoint: other [abcdef1234]")
   assert set(notes) == {"rng", "hires_scheduler", "hires_model"}
-  assert "dpm_fast_ancestral makes text-to-image runs only" in notes["hires_scheduler"]
-  notes = _notes(base.replace("Sampler: Euler", "Sampler: DPM fast")
-                 + "Denoising strength: 0.7, Hires upscale: 2")  # its hires pass: DPM fast's
+  assert "restart makes text-to-image runs only" in notes["hires_scheduler"]
+  notes = _notes(base.replace("Sampler: Euler", "Sampler: Restart")
+                 + "Denoising strength: 0.7, Hires upscale: 2")  # its hires pass: Restart's
   assert "give --hires_scheduler" in notes["hires_scheduler"]
+  flags = _flags(base + "Denoising strength: 0.7, Hires upscale: 2, Hires sampler: DPM fast")
+  assert flags["hires_scheduler"] == "DPM fast"  # planned over the pass's own levels
   flags = _flags(base + "Denoising strength: 0.7, Hires upscale: 2, Hires checkpoint: "
                  "org/detailer [abcdef1234]")
   assert flags["hires_model"] == "org/detailer"  # a hub id, as sdjax writes it

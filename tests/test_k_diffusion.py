@@ -216,18 +216,20 @@ def test_steps_as_comfyui(sampler, label, monkeypatch):
 @pytest.mark.parametrize("sampler", ["iPNDM", "iPNDM_v", "Res Multistep", "Res Multistep a",
                                      "Gradient Estimation", "ER SDE", "DEIS", "SEEDS 2",
                                      "SEEDS 3", "HeunPP2", "LMS", "sa_solver",
-                                     "sa_solver_pece"])
+                                     "sa_solver_pece", "dpm_fast"])
 def test_comfyui_multistep_img2img(sampler, monkeypatch):
   """ComfyUI's own multistep samplers at denoise 0.6: its loop over the kept levels, whose
-  history starts there (the first step Euler's, iPNDM's orders counted from it)."""
+  history starts there (the first step Euler's, iPNDM's orders counted from it; dpm_fast's plan
+  between the kept levels' ends)."""
   steps, denoise = 5, 0.6
   ours = get_scheduler(outputs.scheduler_name(sampler), SD15, options={
       "timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
       "schedule_type": "karras"})
   total, begin = ours.img2img_steps(steps, denoise)
   assert (total, begin) == (int(steps / denoise), int(steps / denoise) - steps)
+  ours, start = ours.planned_from(begin)  # dpm_fast: its plan from there, from its first step
   state = ours.set_timesteps(total, sample_shape=SHAPE)
-  first = ours.step_position(state, begin)  # a step's first call (SEEDS, Heun++: several)
+  first = ours.step_position(state, start)  # a step's first call (SEEDS, Heun++: several)
   init, noises = make_noises(len(state.timesteps))
   image = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
   got = sdjax_trajectory(ours, total, init, noises, begin=first, init_sample=image)
@@ -1131,3 +1133,34 @@ def test_er_sde_solver_types(kind, stages, eta, monkeypatch):
     get_scheduler("er_sde", SD15, options={"er_sde_type": "sde"})
   with pytest.raises(SchedulerConfigError, match="max_stage"):
     get_scheduler("er_sde", SD15, options={"max_stage": 4})
+
+
+@pytest.mark.parametrize(("strength", "eta", "label"), [(0.6, 1.0, "Karras"), (1.0, 0.5, None)])
+def test_a1111_dpm_fast_img2img(strength, eta, label):
+  """A1111's "DPM fast" img2img (and hires pass): its sample_img2img's plan between the levels
+  it keeps (the last t_enc + 2 of the schedule, t_enc = int(min(strength, 0.999) * steps)),
+  from the image noised to the first of them: not the training extremes of its text-to-image,
+  even at strength 1 (`planned_from`)."""
+  steps = 10
+  typed = f", Schedule type: {label}" if label else ""
+  flags = infotext.reproduce(f"a cat\nSteps: {steps}, Sampler: DPM fast{typed}, CFG scale: 7, "
+                             f"Seed: 1, Eta: {eta}, Version: v1.10.1").flags
+  options = {**json.loads(flags["scheduler_options"]),
+             **outputs.schedule_type_options(flags["schedule_type"])}
+  ours = get_scheduler(outputs.scheduler_name(flags["scheduler"]), SD15, options=options)
+  total, first = ours.img2img_steps(steps, strength)
+  planned, begin = ours.planned_from(first)
+  assert begin == 0 and total == steps
+  state = planned.set_timesteps(total, sample_shape=SHAPE)
+  init, noises = make_noises(len(state.timesteps))
+  image = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
+  got = sdjax_trajectory(planned, total, init, noises, init_sample=image)
+  t_enc = int(min(strength, 0.999) * steps)
+  placed = kd.get_sigmas if label is None else kd.get_sigmas_karras
+  kept = placed(SD15, steps)[steps - t_enc - 1:]
+  with correctly_rounded_sqrt():
+    want = kd.sample_dpm_fast(SD15, kept, torch.from_numpy(image) + torch.from_numpy(init)
+                              * kept[0], [torch.from_numpy(n) for n in noises], eta=eta)
+  err = max_rel_error(got, want)
+  print(f"maxrel A1111 DPM fast img2img {strength} eta {eta}: {err:.3g}")
+  assert err <= TOL, err

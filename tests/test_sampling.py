@@ -250,6 +250,24 @@ def test_hires_pass_places_its_own_levels(pipes):
     np.testing.assert_array_equal(np.asarray(state.timesteps), np.asarray(want.timesteps))
 
 
+def test_hires_pass_plans_dpm_fast_over_its_levels(pipes):
+  """DPM fast's hires pass (A1111's sample_img2img, ComfyUI's second KSampler) plans its calls
+  between the first and last levels it keeps (the last n of int(n / strength)), from its first
+  call: not the text-to-image plan's tail."""
+  _sd1_only(pipes)
+  _, pipe, _ = pipes
+  options = {"timestep_spacing": "linspace", "k_diffusion": True}
+  common = dict(steps=4, scheduler="dpm_fast_ancestral", height=16, width=16,
+                guidance_scale=GUIDANCE, scheduler_options=options)
+  spec, state = sampling.prepare_hires(pipe, 1, sampling.Hires(2.0, 3, 0.5), **common)
+  ours = schedulers.get_scheduler("dpm_fast_ancestral", pipe.scheduler_config, options=options)
+  want = ours.planned_from(3)[0].set_timesteps(6, sample_shape=(1, 4, 4, 4))
+  np.testing.assert_array_equal(np.asarray(state.sigmas), np.asarray(want.sigmas))
+  assert spec.begin == 0 and len(state.timesteps) == 3
+  levels = np.asarray(sampling.prepare(pipe, 1, **{**common, "steps": 6})[1].sigmas)
+  assert not np.allclose(np.asarray(state.sigmas), levels[-4:])  # its own plan
+
+
 @pytest.mark.parametrize("name", ["ddim", "pndm", "unipc"])
 def test_hires_pass_of_a1111s_own_loops(pipes, name):
   """A1111's DDIM / PLMS / UniPC in a hires pass (the `a1111` form): its sample_img2img with the

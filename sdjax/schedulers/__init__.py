@@ -14,6 +14,7 @@ from sdjax.schedulers import sigma_schedules
 from sdjax.schedulers.common import (
   A1111_IMG2IMG,
   A1111_TIMESTEP_SAMPLERS,
+  PLAN_START,
   SCHEDULE_SETTINGS,
   UNIPC_SKIP_TYPES,
   Scheduler,
@@ -181,6 +182,12 @@ def calls_per_step(name: str) -> int:
   return _class(name).order
 
 
+def plans_its_run(name: str) -> bool:
+  """Whether scheduler `name` plans its steps between its run's ends (img2img and hires runs
+  over the levels they keep: `PLAN_START`)."""
+  return _class(name).plans_its_run
+
+
 def text_to_image_only(name: str) -> bool:
   """Whether scheduler `name` makes text-to-image runs only (no img2img, handoff or hires)."""
   return _class(name).text_to_image_only
@@ -260,6 +267,7 @@ __all__ = [
     "DOWNCAST_SD1_SD2",
     "ETA_SCHEDULERS",
     "FORM_OPTIONS",
+    "PLAN_START",
     "SCHEDULERS",
     "SCHEDULE_SETTINGS",
     "Scheduler",
@@ -269,6 +277,7 @@ __all__ = [
     "default_scheduler_name",
     "get_scheduler",
     "takes_brownian",
+    "plans_its_run",
     "takes_option",
     "text_to_image_only",
 ]

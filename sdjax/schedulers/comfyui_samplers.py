@@ -35,7 +35,8 @@ d = (x - x0) / sigma, with a history of earlier derivatives or x0s kept in the s
 - `dpm_fast`: k-diffusion's DPM-Solver-Fast (Lu et al. 2022) as ComfyUI's KSampler runs it: the
   steps' UNet calls spent on DPM-Solver-3 steps (1 and 2 at the end) evenly spaced in -log sigma
   from the first level to the smallest above 0, whatever lies between; it ends there, at that
-  level's noise (no step to 0). Its plan depends on both ends, so text-to-image only.
+  level's noise (no step to 0). Its plan depends on both ends: an img2img or hires run plans
+  over the levels it keeps (`PLAN_START`, `Scheduler.planned_from`); no refiner handoff.
   `dpm_fast_ancestral`: A1111's "DPM fast", the same loop between the training schedule's
   extremes at its ancestral eta (1 by default), one fresh draw a step.
 - `k_ddpm`: k-diffusion's sample_ddpm (ComfyUI's `ddpm`): each step DDPM's posterior mean from
@@ -73,6 +74,7 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  PLAN_START,
   SchedulerConfigError,
   exp_f32,
   expm1_f32,
@@ -735,12 +737,14 @@ def _dpm_fast_plan(sigma_max, sigma_min, calls: int, eta: float = 0.0):
 
 @dataclasses.dataclass(frozen=True)
 class DPMFastScheduler(_StepStarts, EulerDiscreteScheduler):
-  """ComfyUI's `dpm_fast` (see the module docstring)."""
+  """ComfyUI's `dpm_fast` (see the module docstring). An img2img or hires run plans over the
+  levels it keeps (`PLAN_START`), as ComfyUI's and A1111's run it over theirs."""
 
   name = "dpm_fast"
   order = 3  # model calls a step, but for its last one or two
   needs_noise = False
-  text_to_image_only = True  # its plan is placed between the run's own ends
+  plans_its_run = True  # its plan is placed between the run's own ends
+  schedule_options = (*EulerDiscreteScheduler.schedule_options, PLAN_START)
 
   def _range(self, alphas_cumprod, sigmas: np.ndarray) -> tuple[np.float32, np.float32]:
     """The levels its plan runs from and to: the first and the smallest above 0."""
@@ -751,6 +755,7 @@ class DPMFastScheduler(_StepStarts, EulerDiscreteScheduler):
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     config = self.cfg
     alphas_cumprod, _, sigmas = _placed_levels(self, num_inference_steps, sample_shape)
+    sigmas = sigmas[config.get(PLAN_START, 0):]
     high, low = self._range(alphas_cumprod, sigmas)
     if not (high > 0 and low > 0):
       raise ValueError(f"{self.name} runs between two levels above 0: give it more steps")
@@ -794,6 +799,8 @@ class DPMFastAncestralScheduler(_Eta, DPMFastScheduler):
   schedule_options = (*DPMFastScheduler.schedule_options, ANCESTRAL_ETA)
 
   def _range(self, alphas_cumprod, sigmas: np.ndarray) -> tuple[np.float32, np.float32]:
+    if PLAN_START in self.cfg:  # img2img and hires: A1111's between the levels they keep
+      return super()._range(alphas_cumprod, sigmas)
     table = train_sigmas(alphas_cumprod).astype(np.float32)
     return table[-1], table[0]
 

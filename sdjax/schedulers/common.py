@@ -198,6 +198,9 @@ A1111_TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc")
 # the image noised to the level of the timestep after those (grid[t_enc]), one above the first
 # UNet call's.
 A1111_IMG2IMG = "a1111_img2img"
+# The first step of its placed schedule a run of a scheduler that plans its run between its own
+# ends (`plans_its_run`: DPM-Solver-Fast) starts from: its img2img and hires passes.
+PLAN_START = "plan_start"
 # A1111's UniPC skip types (its "UniPC skip type" setting, UniPC's `skip_type` option in its
 # `a1111` form): its positions uniform in t, in sqrt(t) or in logSNR.
 UNIPC_SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")
@@ -230,6 +233,9 @@ class Scheduler:
   generator_noise: ClassVar[bool] = True
   # Whether the scheduler makes text-to-image runs only (no img2img, refiner handoff or hires).
   text_to_image_only: ClassVar[bool] = False
+  # Whether it plans its calls between the ends of the levels it runs over: img2img and hires
+  # passes plan over the levels they keep (`planned_from`), no refiner handoff.
+  plans_its_run: ClassVar[bool] = False
   # Whether `step` also takes the unconditional model output (`uncond=`): CFG++ samplers, which
   # renoise along it (classifier-free guidance is then always on).
   takes_uncond: ClassVar[bool] = False
@@ -351,6 +357,15 @@ class Scheduler:
       if config.get("k_diffusion"):
         return n, n - int(min(strength, 0.999) * n) - 1
     return n, self.begin_index(n, strength) // self.order
+
+  def planned_from(self, first_step: int) -> tuple[Scheduler, int]:
+    """(the scheduler, its first step) of an img2img or hires run from step `first_step` of its
+    placed schedule: itself, or one that plans its run over the levels from there
+    (`plans_its_run`), from its first step."""
+    if not self.plans_its_run:
+      return self, first_step
+    return dataclasses.replace(self, config=hashable_config(
+      {**self.cfg, PLAN_START: int(first_step)})), 0
 
   def step_position(self, state, step: int) -> int:
     """The position (model call) where step `step` of `state`'s schedule starts: `order` calls a
