@@ -422,6 +422,12 @@ def _hands_off(reader: _Reader, first: dict[str, Any], sampler_id: str,
                       "its latents denoised: sdjax's refiner continues the base's noisy latents "
                       "(not reproduced)")
     return False
+  sampler = SAMPLERS.get(first.get("sampler_name"))
+  if sampler is not None and schedulers.plans_its_run(sampler):
+    reader.note(None, f"node {sampler_id} (a refiner pass) follows sampler {sampler}, which plans "
+                      "its steps between its run's ends: sdjax hands none of its runs over (not "
+                      "reproduced)")
+    return False
   return True
 
 

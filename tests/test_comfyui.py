@@ -719,6 +719,10 @@ def test_sdxl_base_and_refiner_pair():
   for change in ({"add_noise": "enable"}, {"start_at_step": 18}):
     found = comfyui.reproduce(_refiner_graph(**change))
     assert "refiner_start" not in found.flags and "not reproduced" in _notes(found)
+  graph = _refiner_graph(sampler_name="dpm_fast")  # a plan between its run's ends: no handoff
+  graph["3"]["inputs"]["sampler_name"] = "dpm_fast"
+  found = comfyui.reproduce(graph)
+  assert "refiner_start" not in found.flags and "plans its steps" in _notes(found)
 
 
 @pytest.mark.parametrize(("node", "inputs"), [
