@@ -790,10 +790,11 @@ class DPMFastScheduler(_StepStarts, EulerDiscreteScheduler):
 
 @dataclasses.dataclass(frozen=True)
 class DPMFastAncestralScheduler(_Eta, DPMFastScheduler):
-  """A1111's "DPM fast" (k-diffusion's sample_dpm_fast as its text-to-image runs it): the same
-  plan between the training schedule's extremes whatever the levels (which set only the starting
-  noise), each step to its ancestral sigma_down at eta (its Eta, 1 by default), then fresh noise
-  (one draw a step, after its last call)."""
+  """A1111's "DPM fast" (k-diffusion's sample_dpm_fast as A1111 runs it): the same plan, in
+  text-to-image between the training schedule's extremes whatever the levels (which set only the
+  starting noise), in img2img and hires passes between the levels they keep; each step to its
+  ancestral sigma_down at eta (its Eta, 1 by default), then fresh noise (one draw a step, after
+  its last call)."""
 
   name = "dpm_fast_ancestral"
   schedule_options = (*DPMFastScheduler.schedule_options, ANCESTRAL_ETA)
@@ -1113,7 +1114,7 @@ class KDDPMScheduler(EulerDiscreteScheduler):
 _SA_ORDERS = (3, 4)  # ComfyUI's predictor and corrector orders (its KSampler's)
 
 
-def percent_sigma(config, percent: float) -> np.float32:
+def _percent_sigma(config, percent: float) -> np.float32:
   """ComfyUI's `ModelSamplingDiscrete.percent_to_sigma`: the level at training time
   (1 - percent) * 999, interpolated in float32 log sigma between its two nearest."""
   alphas_cumprod = train_alphas_cumprod(config)
@@ -1228,7 +1229,7 @@ class SASolverScheduler(_Eta, _MultistepScheduler):
   def _taus(self, sigmas: np.ndarray) -> np.ndarray:
     """tau at each level: eta between the levels at 20% and 80% of training time, else 0."""
     eta = float(self.cfg.get(ANCESTRAL_ETA, 1.0))
-    high, low = percent_sigma(self.cfg, 0.2), percent_sigma(self.cfg, 0.8)
+    high, low = _percent_sigma(self.cfg, 0.2), _percent_sigma(self.cfg, 0.8)
     sigmas = np.asarray(sigmas, np.float32)
     return np.where((sigmas <= high) & (sigmas >= low), eta, 0.0) if eta > 0 else 0 * sigmas
 
