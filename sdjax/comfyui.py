@@ -37,6 +37,7 @@ from PIL import Image
 
 from sdjax import infotext, outputs, schedulers
 from sdjax.schedulers import sigma_schedules
+from sdjax.schedulers.comfyui_samplers import SA_SETTINGS
 
 # ComfyUI's sampler names -> sdjax's. Its "ddim" is Euler (DDIM with eta 0, over its scheduler's
 # levels); the _gpu variants differ only in where their Brownian tree lives (--brownian).
@@ -76,7 +77,7 @@ _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lc
 # Its sampler nodes with settings (for its custom-sampling nodes) -> the KSampler sampler they
 # make: by noise_device (_gpu), solver_type or use_pece; their defaults (of settings sdjax has
 # not: others are a note; eta becomes A1111's Eta, which sdjax's takes from 0 to 1, ER-SDE's
-# solver type and stages er_sde's options).
+# solver type and stages er_sde's options, SA-Solver's orders and SDE interval sa_solver's).
 _SAMPLER_SETTINGS_NODES = {
   "SamplerEulerAncestral": ("euler_ancestral", {"s_noise": 1.0}),
   "SamplerEulerAncestralCFGPP": ("euler_ancestral_cfg_pp", {"s_noise": 1.0}),
@@ -86,9 +87,7 @@ _SAMPLER_SETTINGS_NODES = {
   "SamplerDPMPP_3M_SDE": ("dpmpp_3m_sde", {"s_noise": 1.0}),
   "SamplerLMS": ("lms", {"order": 4}),
   "SamplerER_SDE": ("er_sde", {"s_noise": 1.0}),
-  "SamplerSASolver": ("sa_solver", {
-    "s_noise": 1.0, "sde_start_percent": 0.2, "sde_end_percent": 0.8, "predictor_order": 3,
-    "corrector_order": 4, "simple_order_2": False}),
+  "SamplerSASolver": ("sa_solver", {"s_noise": 1.0}),
 }
 # Its custom-sampling nodes: the sampler, its levels, noise and guidance from nodes of their own
 # (`_ksampler_inputs` reads them as a KSampler's inputs).
@@ -629,14 +628,17 @@ def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, 
   name, defaults = _SAMPLER_SETTINGS_NODES[kind]
   if kind == "SamplerDPMPP_2M_SDE" and select.get("solver_type") == "heun":
     name = "dpmpp_2m_sde_heun"
-  if kind == "SamplerSASolver" and select.get("use_pece"):
-    name = "sa_solver_pece"
+  options = {}
+  if kind == "SamplerSASolver":  # PECE without a corrector: SA-Solver's plain loop
+    options = {k: select[k] for k, v in SA_SETTINGS.items() if k in select and select[k] != v}
+    if select.get("use_pece") and select.get("corrector_order", 4) != 0:
+      name = "sa_solver_pece"
   if select.get("noise_device") == "gpu":
     name += "_gpu"
   for key, default in defaults.items():
     if key in select and select[key] != default:
       reader.note(None, f"{kind} {key} {select[key]}: sdjax's {name} runs its {default}")
-  options, eta, highest = {}, select.get("eta", 1.0), 1
+  eta, highest = select.get("eta", 1.0), 1
   if kind == "SamplerER_SDE":
     solver = {"Reverse-time SDE": "reverse_time_sde", "ODE": "ode"}.get(select.get("solver_type"))
     options = {k: v for k, v in (("er_sde_type", solver), ("max_stage", select.get("max_stage")))

@@ -855,6 +855,18 @@ def sample_ddpm(config, sigmas, x, noises):
   return np.stack(out)
 
 
+def _sa_simple_weights(sigma_next, lambdas, lambda_s, lambda_t, tau, correcting):
+  """SA-Solver's simple order-2 weights (its appendix D), oldest first, as ComfyUI's module."""
+  mul, h = 1 + tau**2, lambda_t - lambda_s
+  alpha_t = sigma_next * lambda_t.exp()
+  whole = alpha_t * (-h * mul).expm1().neg()
+  if correcting:
+    newer = alpha_t * (0.5 * mul * h)
+    return torch.stack([whole - newer, newer])
+  older = alpha_t * (0.5 * mul * h**2) / (lambdas[-2] - lambda_s)
+  return torch.stack([older, whole - older])
+
+
 def _sa_weights(sigma_next, lambdas, lambda_s, lambda_t, tau, exact):
   """SA-Solver's weights of the x0s at `lambdas` (oldest first), as ComfyUI's sa_solver module
   makes them: the integrals of x^p against (1 + tau^2) e^((1 + tau^2)(x - lambda_t)) (a
@@ -877,22 +889,33 @@ def _sa_weights(sigma_next, lambdas, lambda_s, lambda_t, tau, exact):
   return (sigma_next * t.exp() * basis).float()
 
 
-def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None, pece=False):
+def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None, pece=False,
+                     predictor_order=3, corrector_order=4, simple_order_2=False, start=0.2,
+                     end=0.8):
   """ComfyUI's sample_sa_solver at its KSampler's settings (predictor order 3, corrector 4, tau =
   eta between percent_to_sigma(0.2) and (0.8); `pece`: its sa_solver_pece), written out; the
   noise of its predictor at call k `noises[k]`, or with `draws` (an iterator) the next one, drawn
   only where it draws. One entry per call: the sample the next call sees (PECE's first call of a
-  step: the corrected one; the last: what the loop returns)."""
+  step: the corrected one; the last: what the loop returns). Its SamplerSASolver's settings:
+  the orders, simple_order_2, the SDE's start and end percents."""
   denoise, out = denoiser(config), []
   log_sigmas = train_log_sigmas(config)
 
   def percent_to_sigma(percent):
+    if percent <= 0 or percent >= 1:
+      return 999999999.9 if percent <= 0 else 0.0
     t = torch.tensor((1.0 - percent) * 999.0)
     w = t.frac()
     low, high = int(t.floor()), int(t.ceil())
     return float(((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp())
 
-  high, low = percent_to_sigma(0.2), percent_to_sigma(0.8)
+  high, low = percent_to_sigma(start), percent_to_sigma(end)
+
+  def weights(sigma_next, levels, lambda_s, lambda_t, tau, correcting):
+    if simple_order_2 and len(levels) == 2:
+      return _sa_simple_weights(sigma_next, levels, lambda_s, lambda_t, tau, correcting)
+    return _sa_weights(sigma_next, levels, lambda_s, lambda_t, tau, exact)
+
 
   def tau_at(sigma):
     return eta if eta > 0 and high >= float(sigma) >= low else 0.0
@@ -903,15 +926,16 @@ def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None,
   n = len(sigmas) - 1
   for i in range(n):
     x0 = denoise(x_pred, sigmas[i])
-    x0s = [*x0s, x0][-4:]
-    p_order = min(3, len(x0s))
-    c_order = 0 if i == 0 or (float(sigmas[i + 1]) == 0 and not pece) else min(4, len(x0s))
+    x0s = [*x0s, x0][-max(predictor_order, corrector_order):]
+    p_order = min(predictor_order, len(x0s))
+    c_order = (0 if i == 0 or (float(sigmas[i + 1]) == 0 and not pece)
+               else min(corrector_order, len(x0s)))
     if to_zero:
       p_order, c_order = min(p_order, n - 1 - i), min(c_order, n - i)
     if c_order == 0:
       x = x_pred
     else:
-      b = _sa_weights(sigmas[i], lam[i - c_order + 1:i + 1], lam[i - 1], lam[i], tau, exact)
+      b = weights(sigmas[i], lam[i - c_order + 1:i + 1], lam[i - 1], lam[i], tau, True)
       mixed = torch.tensordot(torch.stack(x0s[-c_order:], dim=1), b, dims=([1], [0]))
       x = sigmas[i] / sigmas[i - 1] * (-(tau**2) * h).exp() * x + mixed
       if tau > 0:
@@ -925,7 +949,7 @@ def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None,
       out.append(x)
       continue
     tau = tau_at(sigmas[i + 1])
-    b = _sa_weights(sigmas[i + 1], lam[i - p_order + 1:i + 1], lam[i], lam[i + 1], tau, exact)
+    b = weights(sigmas[i + 1], lam[i - p_order + 1:i + 1], lam[i], lam[i + 1], tau, False)
     mixed = torch.tensordot(torch.stack(x0s[-p_order:], dim=1), b, dims=([1], [0]))
     h = lam[i + 1] - lam[i]
     x_pred = sigmas[i + 1] / sigmas[i] * (-(tau**2) * h).exp() * x + mixed

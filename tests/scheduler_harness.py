@@ -85,6 +85,7 @@ def sdjax_trajectory(scheduler, num_steps, init_noise, step_noises, *, begin=0, 
   as they are (a handoff's second stage)."""
   state = scheduler.set_timesteps(num_steps, sample_shape=init_noise.shape)
   n = len(state.timesteps) if end is None else end
+  scheduler = scheduler.program()  # what the compiled sampler steps with (`sampling.prepare`)
 
   def model(x, t):
     return jax.pure_callback(

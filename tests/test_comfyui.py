@@ -447,8 +447,8 @@ def test_custom_sampler_nodes(advanced):
     ("SamplerSASolver", {"eta": 0.5, "sde_start_percent": 0.2, "sde_end_percent": 0.8,
                          "s_noise": 1.0, "predictor_order": 3, "corrector_order": 4,
                          "use_pece": False, "simple_order_2": False}, "sa_solver", 0.5, None),
-    ("SamplerSASolver", {"eta": 1.0, "use_pece": True, "predictor_order": 2}, "sa_solver_pece",
-     None, "predictor_order 2"),
+    ("SamplerSASolver", {"eta": 1.0, "use_pece": True, "predictor_order": 2,
+                         "sde_end_percent": 0.7}, "sa_solver_pece", None, None),
     ("SamplerLMS", {"order": 3}, "LMS", None, "order 3"),
     ("SamplerER_SDE", {"solver_type": "Reverse-time SDE", "max_stage": 2, "eta": 2.5,
                        "s_noise": 1.0}, "ER SDE", 2.5, None),  # its eta up to 100
@@ -472,6 +472,9 @@ def test_sampler_nodes_with_settings(node, settings, want, eta, noted):
     assert noted in notes
   if settings.get("eta", 1.0) > 1 and node != "SamplerER_SDE":
     assert f"eta {settings['eta']}" in notes
+  if node == "SamplerSASolver":  # its settings: sa_solver's options
+    for key, default in (("predictor_order", 3), ("sde_end_percent", 0.8)):
+      assert options.get(key, default) == settings.get(key, default)
   if node == "SamplerER_SDE":
     kind = {"ODE": "ode", "Reverse-time SDE": "reverse_time_sde"}[settings["solver_type"]]
     assert options["er_sde_type"] == kind and options.get("max_stage", 3) == settings["max_stage"]

@@ -1164,3 +1164,34 @@ def test_a1111_dpm_fast_img2img(strength, eta, label):
   err = max_rel_error(got, want)
   print(f"maxrel A1111 DPM fast img2img {strength} eta {eta}: {err:.3g}")
   assert err <= TOL, err
+
+
+@pytest.mark.parametrize(("sampler", "settings"), [
+    ("sa_solver", {"predictor_order": 2, "corrector_order": 2, "simple_order_2": True}),
+    ("sa_solver", {"predictor_order": 5, "corrector_order": 0, "sde_start_percent": 0.1,
+                   "sde_end_percent": 0.5}),
+    ("sa_solver_pece", {"predictor_order": 1, "corrector_order": 6}),
+])
+def test_sa_solver_settings(sampler, settings, monkeypatch):
+  """ComfyUI's SamplerSASolver settings as sa_solver's options (its orders, simple order-2
+  weights, the SDE's interval in percents of training time), config that shapes the program."""
+  ours = get_scheduler(sampler, SD15, options={
+      "timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+      "schedule_type": "karras", **settings})
+  assert ours.program().cfg["predictor_order"] == settings["predictor_order"]
+  steps = 10
+  calls = len(ours.set_timesteps(steps, sample_shape=SHAPE).timesteps)
+  init, noises = make_noises(calls)
+  got = sdjax_trajectory(ours, steps, init, noises)
+  sigmas = kd.get_sigmas_karras(COMFY15, steps)
+  monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
+  names = {"sde_start_percent": "start", "sde_end_percent": "end"}
+  with correctly_rounded_sqrt():
+    want = kd.sample_sa_solver(COMFY15, sigmas, torch.from_numpy(init) * torch.sqrt(
+        1.0 + sigmas[0] ** 2.0), [torch.from_numpy(n) for n in noises],
+        pece=sampler == "sa_solver_pece", **{names.get(k, k): v for k, v in settings.items()})
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} {settings}: {err:.3g}")
+  assert err <= TOL, err
+  with pytest.raises(SchedulerConfigError, match="corrector_order"):
+    get_scheduler("sa_solver_pece", SD15, options={"corrector_order": 0})

@@ -995,8 +995,15 @@ class ERSDEScheduler(_MultistepScheduler):
   `eta` 1 by default, no noise at eta 0; "ode": lambda, no noise) and `max_stage` (1 to 3)."""
 
   name = "er_sde"
-  schedule_options = (*_MultistepScheduler.schedule_options, ER_SDE_TYPE, ER_SDE_STAGES,
-                      ANCESTRAL_ETA)
+  schedule_options = (*_MultistepScheduler.schedule_options, ANCESTRAL_ETA)
+  # config, not state options: they shape the program (its stages, whether it draws)
+  _DEFAULTS = {**_MultistepScheduler._DEFAULTS, ER_SDE_TYPE: "er_sde", ER_SDE_STAGES: 3}
+
+  @classmethod
+  def from_config(cls, scheduler_config, **overrides):
+    if overrides.get(ER_SDE_TYPE) == "reverse_time_sde" and overrides.get(ANCESTRAL_ETA) == 0:
+      overrides = {**overrides, ER_SDE_TYPE: "ode"}  # ComfyUI's reverse-time SDE at eta 0
+    return super().from_config(scheduler_config, **overrides)
 
   @classmethod
   def _validate(cls, config) -> None:
@@ -1015,9 +1022,7 @@ class ERSDEScheduler(_MultistepScheduler):
 
   @property
   def needs_noise(self) -> bool:  # type: ignore[override]
-    kind = self.cfg.get(ER_SDE_TYPE, "er_sde")
-    return kind == "er_sde" or (kind == "reverse_time_sde"
-                                and self.cfg.get(ANCESTRAL_ETA, 1.0) > 0)
+    return self.cfg.get(ER_SDE_TYPE, "er_sde") != "ode"
 
   def _weights(self, sigmas: np.ndarray) -> np.ndarray:
     kind = self.cfg.get(ER_SDE_TYPE, "er_sde")
@@ -1111,12 +1116,16 @@ class KDDPMScheduler(EulerDiscreteScheduler):
 # next level lies between the training schedule's levels at 20% and 80% of its steps, an ODE
 # (tau = 0) elsewhere.
 
-_SA_ORDERS = (3, 4)  # ComfyUI's predictor and corrector orders (its KSampler's)
+# Its SamplerSASolver's settings, sdjax's options of sa_solver (its KSampler's: the defaults).
+SA_SETTINGS = {"predictor_order": 3, "corrector_order": 4, "sde_start_percent": 0.2,
+               "sde_end_percent": 0.8, "simple_order_2": False}
 
 
 def _percent_sigma(config, percent: float) -> np.float32:
   """ComfyUI's `ModelSamplingDiscrete.percent_to_sigma`: the level at training time
   (1 - percent) * 999, interpolated in float32 log sigma between its two nearest."""
+  if percent <= 0 or percent >= 1:
+    return np.float32(999999999.9 if percent <= 0 else 0.0)
   alphas_cumprod = train_alphas_cumprod(config)
   log_sigmas = log_f32(np.sqrt((1 - alphas_cumprod) / alphas_cumprod))
   f = np.float32
@@ -1124,6 +1133,21 @@ def _percent_sigma(config, percent: float) -> np.float32:
   low, high = int(np.floor(t)), int(np.ceil(t))
   w = f(t - f(low))
   return exp_f32(f(f(f(1) - w) * log_sigmas[low]) + f(w * log_sigmas[high]))
+
+
+def _sa_simple_coefficients(sigma_next, lambdas, lambda_s, lambda_t, tau: float,
+                            correcting: bool) -> np.ndarray:
+  """SA-Solver's simple order-2 weights (its paper's appendix D, ComfyUI's simple_order_2) of the
+  two x0s at `lambdas`, in float32 as ComfyUI's torch scalars."""
+  f = np.float32
+  mul, h = f(1.0 + tau * tau), f(f(lambda_t) - f(lambda_s))
+  alpha_t = f(f(sigma_next) * exp_f32(f(lambda_t)))
+  whole = f(alpha_t * -expm1_f32(f(-h * mul)))
+  if correcting:
+    newer = f(alpha_t * f(f(0.5 * mul) * h))
+    return np.asarray([f(whole - newer), newer], np.float32)
+  older = f(f(alpha_t * f(f(0.5 * mul) * f(h * h))) / f(f(lambdas[-2]) - f(lambda_s)))
+  return np.asarray([older, f(whole - older)], np.float32)
 
 
 def _sa_coefficients(sigma_next, lambdas, lambda_s, lambda_t, tau: float) -> np.ndarray:
@@ -1142,35 +1166,41 @@ def _sa_coefficients(sigma_next, lambdas, lambda_s, lambda_t, tau: float) -> np.
   return (float(sigma_next) * np.exp(t) * basis).astype(np.float32)
 
 
-def _sa_solver_table(sigmas: np.ndarray, taus: np.ndarray):
-  """float32 (predictor [n, 3, 3], corrector [n, 4, 4], scalars [n, 4]) at each position: the
-  weights of each order's x0s (latest first, 0 beyond the order), and the predictor's decay
-  sigma_next / sigma e^(-tau^2 h), its noise's scale sqrt(1 - e^(-2 tau^2 h)) (before sigma_next)
-  and the highest orders the run's end allows (ComfyUI lowers them over the last steps of a run
-  to 0), as its torch scalars."""
+def _sa_solver_table(sigmas: np.ndarray, taus: np.ndarray, orders=(3, 4), simple=False):
+  """float32 (predictor [n, P, P], corrector [n, C, C], scalars [n, 4]) at each position, for
+  `orders` (P, C): the weights of each order's x0s (latest first, 0 beyond the order; with
+  `simple` SA-Solver's simple ones at order 2), and the predictor's decay sigma_next / sigma
+  e^(-tau^2 h), its noise's scale sqrt(1 - e^(-2 tau^2 h)) (before sigma_next) and the highest
+  orders the run's end allows (ComfyUI lowers them over the last steps of a run to 0), as its
+  torch scalars."""
   f = np.float32
   n = len(sigmas) - 1
   lam = -log_f32(np.asarray(sigmas, np.float32))
-  predictor = np.zeros((n, _SA_ORDERS[0], _SA_ORDERS[0]), np.float32)
-  corrector = np.zeros((n, _SA_ORDERS[1], _SA_ORDERS[1]), np.float32)
+  predictor = np.zeros((n, orders[0], orders[0]), np.float32)
+  corrector = np.zeros((n, max(orders[1], 1), max(orders[1], 1)), np.float32)
   scalars = np.zeros((n, 4), np.float32)
   to_zero = sigmas[-1] == 0
+
+  def weights(sigma_next, levels, start, end, tau, correcting):
+    if simple and len(levels) == 2:
+      return _sa_simple_coefficients(sigma_next, levels, start, end, tau, correcting)
+    return _sa_coefficients(sigma_next, levels, start, end, tau)
+
   for i in range(n):
-    caps = (min(_SA_ORDERS[0], n - 1 - i), min(_SA_ORDERS[1], n - i)) if to_zero else _SA_ORDERS
+    caps = (min(orders[0], n - 1 - i), min(orders[1], n - i)) if to_zero else orders
     scalars[i, 2:] = caps
     if sigmas[i + 1] != 0:
       tau = float(taus[i + 1])
       h = f(lam[i + 1] - lam[i])
       scalars[i, 0] = f(f(sigmas[i + 1]) / f(sigmas[i])) * exp_f32(f(-(tau * tau)) * h)
       scalars[i, 1] = np.sqrt(-expm1_f32(f(f(-2 * tau * tau) * h)))
-      for k in range(1, min(_SA_ORDERS[0], i + 1) + 1):
-        weights = _sa_coefficients(sigmas[i + 1], lam[i - k + 1:i + 1], lam[i], lam[i + 1], tau)
-        predictor[i, k - 1, :k] = weights[::-1]
+      for k in range(1, min(orders[0], i + 1) + 1):
+        predictor[i, k - 1, :k] = weights(sigmas[i + 1], lam[i - k + 1:i + 1], lam[i],
+                                          lam[i + 1], tau, False)[::-1]
     if i >= 1:
-      for k in range(1, min(_SA_ORDERS[1], i + 1) + 1):
-        weights = _sa_coefficients(sigmas[i], lam[i - k + 1:i + 1], lam[i - 1], lam[i],
-                                   float(taus[i]))
-        corrector[i, k - 1, :k] = weights[::-1]
+      for k in range(1, min(orders[1], i + 1) + 1):
+        corrector[i, k - 1, :k] = weights(sigmas[i], lam[i - k + 1:i + 1], lam[i - 1], lam[i],
+                                          float(taus[i]), True)[::-1]
   return predictor, corrector, scalars
 
 
@@ -1220,16 +1250,40 @@ class SASolverScheduler(_Eta, _MultistepScheduler):
   next level lies between the training levels at 20% and 80%): each call corrects the sample it
   was given with its x0 (not at a run's first call, nor at the last to 0), then predicts the next
   level's from the corrected one, plus fresh noise where tau > 0; the last step (to 0) lands on
-  x0. A run ending above 0 ends, as ComfyUI's, on its last corrected sample."""
+  x0. A run ending above 0 ends, as ComfyUI's, on its last corrected sample. Its
+  SamplerSASolver's settings are options (`SA_SETTINGS`; config, not state: they shape the
+  program), eta too (it decides where ComfyUI draws)."""
 
   name = "sa_solver"
-  schedule_options = (*_MultistepScheduler.schedule_options, ANCESTRAL_ETA)
   pece: ClassVar[bool] = False  # a second call a step, at the corrected sample
+  _DEFAULTS = {**_MultistepScheduler._DEFAULTS, ANCESTRAL_ETA: 1.0, **SA_SETTINGS}
+
+  @classmethod
+  def _validate(cls, config) -> None:
+    super()._validate(config)
+    for key in ("predictor_order", "corrector_order"):
+      low = 1 if key == "predictor_order" or cls.pece else 0
+      if isinstance(config[key], bool) or config[key] not in range(low, 7):
+        raise SchedulerConfigError(f"scheduler {cls.name!r}: {key} must be an integer from "
+                                   f"{low} to 6, got {config[key]!r}")
+    for key in ("sde_start_percent", "sde_end_percent"):
+      if isinstance(config[key], bool) or not (isinstance(config[key], int | float)
+                                               and 0 <= config[key] <= 1):
+        raise SchedulerConfigError(f"scheduler {cls.name!r}: {key} must be a number in [0, 1], "
+                                   f"got {config[key]!r}")
+    if not isinstance(config["simple_order_2"], bool):
+      raise SchedulerConfigError(f"scheduler {cls.name!r}: simple_order_2 must be true or false")
+
+  @property
+  def _orders(self) -> tuple[int, int]:
+    return int(self.cfg["predictor_order"]), int(self.cfg["corrector_order"])
 
   def _taus(self, sigmas: np.ndarray) -> np.ndarray:
-    """tau at each level: eta between the levels at 20% and 80% of training time, else 0."""
+    """tau at each level: eta between the levels at the start and end percents of training time
+    (20% and 80%), else 0."""
     eta = float(self.cfg.get(ANCESTRAL_ETA, 1.0))
-    high, low = _percent_sigma(self.cfg, 0.2), _percent_sigma(self.cfg, 0.8)
+    high = _percent_sigma(self.cfg, self.cfg["sde_start_percent"])
+    low = _percent_sigma(self.cfg, self.cfg["sde_end_percent"])
     sigmas = np.asarray(sigmas, np.float32)
     return np.where((sigmas <= high) & (sigmas >= low), eta, 0.0) if eta > 0 else 0 * sigmas
 
@@ -1248,7 +1302,8 @@ class SASolverScheduler(_Eta, _MultistepScheduler):
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     base = super().set_timesteps(num_inference_steps, sample_shape)
     sigmas = np.asarray(base.sigmas, np.float32)
-    predictor, corrector, scalars = _sa_solver_table(sigmas, self._taus(sigmas))
+    predictor, corrector, scalars = _sa_solver_table(sigmas, self._taus(sigmas), self._orders,
+                                                     self.cfg["simple_order_2"])
     loop = self._calls(len(sigmas) - 1)
     correcting = (np.arange(len(loop)) % 2 == 1) if self.pece else np.zeros(len(loop), bool)
     fields = {k: getattr(base, k) for k in SigmaState.__dataclass_fields__}
@@ -1259,7 +1314,8 @@ class SASolverScheduler(_Eta, _MultistepScheduler):
                          corrector=jnp.asarray(corrector), scalars=jnp.asarray(scalars),
                          levels=jnp.asarray(sigmas), loop=jnp.asarray(loop, jnp.int32),
                          correcting=jnp.asarray(correcting), corrected=zeros, noise=zeros,
-                         history=jnp.zeros((4, *sample_shape), jnp.float32), count=base.count)
+                         history=jnp.zeros((max(self._orders), *sample_shape), jnp.float32),
+                         count=base.count)
 
   def noise_draw(self, i, positions: int):
     """ComfyUI draws only for the steps with tau > 0 (to a level above 0), at their predictor."""
@@ -1280,24 +1336,28 @@ class SASolverScheduler(_Eta, _MultistepScheduler):
     decay, spread, max_predictor, max_corrector = (state.scalars[j][k] for k in range(4))
     # PECE's second call of a step: its x0 takes the place of the step's first's
     revisit = (~correcting) & (state.count > 0) if self.pece else jnp.bool_(False)
-    kept = [state.history[k] for k in range(4)]
-    x0s = [x0, *(jnp.where(revisit, kept[k + 1], kept[k]) for k in range(3))]
-    known = jnp.minimum(state.count + jnp.where(revisit, 0, 1), 4).astype(jnp.float32)
+    predictor_order, corrector_order = self._orders
+    most = max(predictor_order, corrector_order)  # the x0s ComfyUI keeps
+    kept = [state.history[k] for k in range(most)]
+    x0s = [x0, *(jnp.where(revisit, kept[k + 1], kept[k]) for k in range(most - 1))]
+    known = jnp.minimum(state.count + jnp.where(revisit, 0, 1), most).astype(jnp.float32)
     # corrector: from the corrected sample before (PECE: at a step's first call; else at the
     # run's later calls but the last to 0)
     weights = _sa_order(state.corrector, j, known, max_corrector)
     back = state.scalars[jnp.maximum(j - 1, 0), 0]
-    corrected = (rounded(back * state.corrected) + _adams(weights, x0s)) + state.noise
+    corrected = (rounded(back * state.corrected)
+                 + _adams(weights, x0s[:max(corrector_order, 1)])) + state.noise
     fixing = correcting if self.pece else (state.count > 0) & (sigma_next != 0)
+    fixing = fixing & (corrector_order > 0)
     x = jnp.where(fixing, corrected, x)
     # predictor: the next level's sample, plus fresh noise where tau > 0
     weights = _sa_order(state.predictor, j, known, max_predictor)
     fresh = rounded(rounded(as_f32(noise) * sigma_next) * spread)
-    predicted = (rounded(decay * x) + _adams(weights, x0s[:_SA_ORDERS[0]])) + fresh
+    predicted = (rounded(decay * x) + _adams(weights, x0s[:predictor_order])) + fresh
     last = i == len(state.timesteps) - 1
     prev = jnp.where(sigma_next == 0, x0, jnp.where(last, x, predicted))
     prev = jnp.where(correcting, x, prev)
-    history = jnp.stack([x0, *kept[:3]])
+    history = jnp.stack([x0, *kept[:most - 1]])
     if self.pece:
       history = jnp.where(revisit, jnp.stack([x0, *kept[1:]]), history)
     return prev.astype(sample.dtype), state.replace(

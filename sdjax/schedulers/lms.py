@@ -147,6 +147,8 @@ class LMSState:
       position and order (`lms_coefficient_table`).
     derivatives: [4, *sample_shape] float32 past ODE derivatives, newest first.
     counter: int32 steps taken so far.
+    run_order: [] bool, whether a run's order counts from its own start (the `k_diffusion`
+      form; in the state, as the compiled program's scheduler has no form options).
   """
 
   timesteps: jnp.ndarray
@@ -158,6 +160,7 @@ class LMSState:
   lms_coeffs: jnp.ndarray
   derivatives: jnp.ndarray
   counter: jnp.ndarray
+  run_order: jnp.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +215,7 @@ class LMSDiscreteScheduler(Scheduler):
       lms_coeffs=jnp.asarray(lms_coefficient_table(sigmas)),
       derivatives=jnp.zeros((_MAX_ORDER,) + tuple(sample_shape), jnp.float32),
       counter=jnp.zeros([], jnp.int32),
+      run_order=jnp.asarray(bool(config.get(K_DIFFUSION))),
     )
 
   def init_noise_sigma(self, state):
@@ -237,7 +241,7 @@ class LMSDiscreteScheduler(Scheduler):
     # diffusers: the order of the position, only the derivatives stored so far taking part (a
     # zero weight adds an exact 0); k-diffusion: the order of the run's own step count.
     stored = jnp.minimum(state.counter + 1, _MAX_ORDER)
-    order = stored if self.cfg.get(K_DIFFUSION) else jnp.minimum(i + 1, _MAX_ORDER)
+    order = jnp.where(state.run_order, stored, jnp.minimum(i + 1, _MAX_ORDER))
     coeffs = jnp.where(jnp.arange(_MAX_ORDER) < stored, state.lms_coeffs[i, order - 1], 0.0)
     update = rounded(coeffs[0] * derivatives[0])
     for k in range(1, _MAX_ORDER):
