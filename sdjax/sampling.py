@@ -1817,8 +1817,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   a1111 = bool((scheduler_options or {}).get("a1111"))
   if a1111:
     scheduler_options = {**scheduler_options, schedulers.A1111_IMG2IMG: n - 1}
-  planned = schedulers.plans_its_run(scheduler or schedulers.default_scheduler_name(
-    pipe.scheduler_config))
+  name = scheduler or schedulers.default_scheduler_name(pipe.scheduler_config)
+  planned = name in schedulers.SCHEDULERS and schedulers.plans_its_run(name)  # else prepare's error
   if planned:  # DPM-Solver-Fast: its plan over the pass's levels
     scheduler_options = {**(scheduler_options or {}), schedulers.PLAN_START: total - n}
   (h, w), crop = hires.layout(pipe, height, width)
