@@ -212,6 +212,12 @@ class _Eta:
     check_ancestral_eta(cls.name, config)
 
 
+def _drawn_before(before: np.ndarray, i):
+  """`noise_draw`'s answer from its table of draws before each position: a Python int for a
+  host position (a stage's draw count), a traced index for a step's."""
+  return int(before[i]) if isinstance(i, int | np.integer) else jnp.asarray(before)[i]
+
+
 class _StepStarts:
   """Where a step starts for samplers whose steps take varying numbers of calls
   (`_firsts(state)`: bool [P], the calls that start one)."""
@@ -809,7 +815,7 @@ class DPMFastAncestralScheduler(_Eta, DPMFastScheduler):
     """One draw a step, after its last call."""
     ends = np.cumsum(_dpm_fast_orders(positions)) - 1
     before = np.searchsorted(ends, np.arange(positions + 1)).astype(np.int32)
-    return int(before[i]) if isinstance(i, (int, np.integer)) else jnp.asarray(before)[i]
+    return _drawn_before(before, i)
 
 
 # -- Their CFG++ forms (Chung et al. 2024, `takes_uncond`): the guided x0 steps, renoised along
@@ -1324,7 +1330,7 @@ class SASolverScheduler(_Eta, _MultistepScheduler):
     before = np.concatenate([[0], np.cumsum(drawing)]).astype(np.int32)
     at = (np.arange(positions + 1) + 1) // 2 if self.pece else np.arange(positions + 1)
     before = before[np.minimum(at, len(before) - 1)]
-    return int(before[i]) if isinstance(i, (int, np.integer)) else jnp.asarray(before)[i]
+    return _drawn_before(before, i)
 
   def step(self, state, model_output, i, sample, noise=None):
     if noise is None:
