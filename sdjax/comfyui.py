@@ -38,6 +38,7 @@ from PIL import Image
 from sdjax import infotext, outputs, schedulers
 from sdjax.schedulers import sigma_schedules
 from sdjax.schedulers.comfyui_samplers import SA_SETTINGS
+from sdjax.schedulers.common import S_NOISE
 
 # ComfyUI's sampler names -> sdjax's. Its "ddim" is Euler (DDIM with eta 0, over its scheduler's
 # levels); the _gpu variants differ only in where their Brownian tree lives (--brownian).
@@ -76,18 +77,19 @@ _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lc
                  "dpmpp_2s_ancestral_cfg_pp", "sa_solver", "sa_solver_pece")
 # Its sampler nodes with settings (for its custom-sampling nodes) -> the KSampler sampler they
 # make: by noise_device (_gpu), solver_type or use_pece; their defaults (of settings sdjax has
-# not: others are a note; eta becomes A1111's Eta, which sdjax's takes from 0 to 1, ER-SDE's
-# solver type and stages er_sde's options, SA-Solver's orders and SDE interval sa_solver's).
+# not: others are a note; eta becomes A1111's Eta, which sdjax's takes from 0 to 1, s_noise the
+# s_noise option, ER-SDE's solver type and stages er_sde's options, SA-Solver's orders and SDE
+# interval sa_solver's).
 _SAMPLER_SETTINGS_NODES = {
-  "SamplerEulerAncestral": ("euler_ancestral", {"s_noise": 1.0}),
-  "SamplerEulerAncestralCFGPP": ("euler_ancestral_cfg_pp", {"s_noise": 1.0}),
-  "SamplerDPMPP_2S_Ancestral": ("dpmpp_2s_ancestral", {"s_noise": 1.0}),
-  "SamplerDPMPP_SDE": ("dpmpp_sde", {"s_noise": 1.0, "r": 0.5}),
-  "SamplerDPMPP_2M_SDE": ("dpmpp_2m_sde", {"s_noise": 1.0}),
-  "SamplerDPMPP_3M_SDE": ("dpmpp_3m_sde", {"s_noise": 1.0}),
+  "SamplerEulerAncestral": ("euler_ancestral", {}),
+  "SamplerEulerAncestralCFGPP": ("euler_ancestral_cfg_pp", {}),
+  "SamplerDPMPP_2S_Ancestral": ("dpmpp_2s_ancestral", {}),
+  "SamplerDPMPP_SDE": ("dpmpp_sde", {"r": 0.5}),
+  "SamplerDPMPP_2M_SDE": ("dpmpp_2m_sde", {}),
+  "SamplerDPMPP_3M_SDE": ("dpmpp_3m_sde", {}),
   "SamplerLMS": ("lms", {"order": 4}),
-  "SamplerER_SDE": ("er_sde", {"s_noise": 1.0}),
-  "SamplerSASolver": ("sa_solver", {"s_noise": 1.0}),
+  "SamplerER_SDE": ("er_sde", {}),
+  "SamplerSASolver": ("sa_solver", {}),
 }
 # Its custom-sampling nodes: the sampler, its levels, noise and guidance from nodes of their own
 # (`_ksampler_inputs` reads them as a KSampler's inputs).
@@ -643,6 +645,13 @@ def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, 
     solver = {"Reverse-time SDE": "reverse_time_sde", "ODE": "ode"}.get(select.get("solver_type"))
     options = {k: v for k, v in (("er_sde_type", solver), ("max_stage", select.get("max_stage")))
                if v not in (None, 3)}
+  s_noise = select.get("s_noise", 1.0)
+  if kind != "SamplerLMS" and s_noise != 1.0:
+    if isinstance(s_noise, int | float) and not isinstance(s_noise, bool) and s_noise >= 0:
+      options[S_NOISE] = s_noise
+    else:
+      reader.note(None, f"{kind} s_noise {s_noise!r}: sdjax's {name} takes a number >= 0")
+  if kind == "SamplerER_SDE":
     if solver != "reverse_time_sde":  # eta: its reverse-time SDE's only
       return name, options
     highest = 100

@@ -122,6 +122,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   _downcast(fields, flags, notes, scheduler)
   _zero_snr(fields, flags, notes, scheduler)
   _eta(fields, flags, notes, scheduler)
+  _sigma_noise(fields, flags, notes, scheduler)
   _noise(fields, flags, notes, made_by_sdjax, made_in)
   _brownian(fields, flags, notes, scheduler, made_by_sdjax, made_in)
   if "Size" in fields:
@@ -505,6 +506,30 @@ def _eta(fields, flags, notes, scheduler) -> None:
       flags["scheduler_options"] = json.dumps(options)
   elif _number("Eta", value) != 1.0:
     notes.append((None, f"Eta: {value}: sdjax's {scheduler or 'sampler'} takes no eta"))
+
+
+# A1111's samplers whose k-diffusion function takes s_noise but uses it only with its Sigma churn
+# (Euler, Heun, DPM2; sdjax has no churn): without churn their Sigma noise leaves the image alone.
+_CHURN_ONLY_S_NOISE = ("euler", "heun", "kdpm2")
+
+
+def _sigma_noise(fields, flags, notes, scheduler) -> None:
+  """A1111's `Sigma noise` (its s_noise setting, k-diffusion's `s_noise`, written where the
+  sampler took it): the `s_noise` option of the samplers that have it."""
+  if "Sigma noise" not in fields:
+    return
+  text = fields.pop("Sigma noise")
+  value = _number("Sigma noise", text)
+  if value == 1.0:
+    return
+  if scheduler is not None and schedulers.takes_option(scheduler, schedulers.S_NOISE):
+    options = json.loads(flags.get("scheduler_options", "{}"))
+    options.setdefault(schedulers.S_NOISE, value)  # sdjax's options say it too
+    flags["scheduler_options"] = json.dumps(options)
+  elif (scheduler or "").removesuffix("_karras") not in _CHURN_ONLY_S_NOISE or (
+      "Sigma churn" in fields):
+    notes.append((None, f"Sigma noise: {text}: sdjax's {scheduler or 'sampler'} takes no "
+                        "s_noise"))
 
 
 def _brownian(fields, flags, notes, scheduler, made_by_sdjax, made_in) -> None:

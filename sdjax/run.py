@@ -2231,6 +2231,8 @@ class _Metadata:
                # an ancestral sampler's eta, where A1111 writes it (not 1)
                **({"Eta": options["eta"]} if options.get("eta", 1) != 1
                   and scheduler not in sampling.schedulers.ETA_SCHEDULERS else {}),
+               **({"Sigma noise": options["s_noise"]} if options.get("s_noise", 1) != 1
+                  else {}),  # k-diffusion's s_noise, as A1111 writes it
                **self._a1111_schedule(options),
                **({"Denoising strength": strength} if job.init_image else {}),
                **({"Noise multiplier": cfg.noise_multiplier}

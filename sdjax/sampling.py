@@ -595,7 +595,8 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
       eps, uncond = eps
       extra["uncond"] = uncond.astype(jnp.float32)
     eps = eps.astype(jnp.float32)
-    noise = source.step(spec, stream, x.shape[1:], i, n) if sched.needs_noise else None
+    noise = (sched.step_noise(source.step(spec, stream, x.shape[1:], i, n))
+             if sched.needs_noise else None)
     x, state = sched.step(state, eps, i, x, noise, **extra)
     if after_step is not None:
       x = after_step(x, state, i)

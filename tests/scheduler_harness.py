@@ -106,7 +106,8 @@ def sdjax_trajectory(scheduler, num_steps, init_noise, step_noises, *, begin=0, 
       i, noise = inputs
       x_in = scheduler.scale_model_input(state, x, i)
       eps = model(x_in, state.timesteps[i])
-      x, state = scheduler.step(state, eps, i, x, noise if scheduler.needs_noise else None)
+      x, state = scheduler.step(state, eps, i, x,
+                                scheduler.step_noise(noise) if scheduler.needs_noise else None)
       return (x, state), x
 
     idx = jnp.arange(begin, n, dtype=jnp.int32)

@@ -443,7 +443,7 @@ def test_custom_sampler_nodes(advanced):
     ("SamplerDPMPP_SDE", {"eta": 1.0, "s_noise": 1.0, "r": 0.4, "noise_device": "cpu"},
      "DPM++ SDE", None, "r 0.4"),
     ("SamplerDPMPP_3M_SDE", {"eta": 2.0, "s_noise": 1.2, "noise_device": "cpu"},
-     "DPM++ 3M SDE", None, "s_noise 1.2"),
+     "DPM++ 3M SDE", None, None),
     ("SamplerSASolver", {"eta": 0.5, "sde_start_percent": 0.2, "sde_end_percent": 0.8,
                          "s_noise": 1.0, "predictor_order": 3, "corrector_order": 4,
                          "use_pece": False, "simple_order_2": False}, "sa_solver", 0.5, None),
@@ -452,14 +452,14 @@ def test_custom_sampler_nodes(advanced):
     ("SamplerLMS", {"order": 3}, "LMS", None, "order 3"),
     ("SamplerER_SDE", {"solver_type": "Reverse-time SDE", "max_stage": 2, "eta": 2.5,
                        "s_noise": 1.0}, "ER SDE", 2.5, None),  # its eta up to 100
-    ("SamplerER_SDE", {"solver_type": "ODE", "max_stage": 3, "eta": 0.5, "s_noise": 1.0},
+    ("SamplerER_SDE", {"solver_type": "ODE", "max_stage": 3, "eta": 0.5, "s_noise": 0.5},
      "ER SDE", None, None),
 ])
 def test_sampler_nodes_with_settings(node, settings, want, eta, noted):
   """Custom sampling's sampler nodes with settings: the KSampler sampler each makes (by its
-  noise_device, solver_type, use_pece), its eta as A1111's Eta (sdjax's from 0 to 1), a note
-  for settings sdjax runs at their defaults; SamplerER_SDE's solver type and stages as
-  er_sde's options."""
+  noise_device, solver_type, use_pece), its eta as A1111's Eta (sdjax's from 0 to 1), its
+  s_noise as the `s_noise` option, a note for settings sdjax runs at their defaults;
+  SamplerER_SDE's solver type and stages as er_sde's options."""
   graph = _custom_graph()
   graph["20"] = {"class_type": node, "inputs": {**({"model": ["4", 0]} if node ==
                                                    "SamplerSASolver" else {}), **settings}}
@@ -467,6 +467,7 @@ def test_sampler_nodes_with_settings(node, settings, want, eta, noted):
   assert found.flags.get("scheduler") == want
   options = json.loads(found.flags.get("scheduler_options", "{}"))
   assert options.get("eta") == eta
+  assert options.get("s_noise", 1.0) == settings.get("s_noise", 1.0)
   notes = _notes(found)
   if noted is not None:
     assert noted in notes

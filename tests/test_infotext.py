@@ -174,6 +174,26 @@ def test_ancestral_eta():
   assert json.loads(found.flags["scheduler_options"]) == {"eta": 0.0} and not found.notes
 
 
+def test_sigma_noise():
+  """A1111's Sigma noise (its s_noise setting) is the `s_noise` option of the samplers that take
+  it; an sdjax image says it twice: one option. Euler, Heun and DPM2 use it only with A1111's
+  Sigma churn: without churn nothing to reproduce, with it a note (as for other samplers)."""
+  flags = _flags("a cat\nSteps: 20, Sampler: DPM++ 2M SDE, CFG scale: 7, Seed: 1, "
+                 "Sigma noise: 0.9")
+  assert json.loads(flags["scheduler_options"])["s_noise"] == 0.9
+  found = reproduce("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Sigma noise: 0.5, "
+                    "Scheduler options: s_noise=0.5, Version: sdjax 0.1.0")
+  assert json.loads(found.flags["scheduler_options"]) == {"s_noise": 0.5} and not found.notes
+  assert "Sigma noise" not in str(reproduce("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, "
+                                            "Seed: 1, Sigma noise: 0.9").notes)
+  for text in ("Sampler: Euler, Sigma churn: 0.3, Sigma noise: 0.9", "Sampler: DPM++ 2M, Sigma "
+               "noise: 0.9"):
+    assert "Sigma noise: 0.9: sdjax's" in str(reproduce(f"a cat\nSteps: 20, {text}, Seed: 1").notes)
+  for scheduler_field in ("DPM2 a", "DPM++ SDE"):
+    flags = _flags(f"a cat\nSteps: 20, Sampler: {scheduler_field}, Seed: 1, Sigma noise: 1.0")
+    assert "s_noise" not in flags.get("scheduler_options", "{}")
+
+
 def test_a1111_sampling_sdjax_does_not_do():
   """A1111's "Always discard next-to-last sigma" setting drops a level for any k-diffusion
   sampler (it writes the field only where the sampler would not): sdjax's discard_penultimate_sigma

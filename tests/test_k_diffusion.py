@@ -581,6 +581,79 @@ def test_ancestral_eta(sampler, eta):
   assert err <= TOL, err
 
 
+@pytest.mark.parametrize("sampler", ["DPM2 a", "DPM++ 2S a", "DPM++ 2M SDE", "DPM++ 3M SDE",
+                                     "DPM fast"])
+def test_sigma_noise(sampler):
+  """A1111's `Sigma noise` (its s_noise setting, written for the samplers whose k-diffusion
+  function takes it) is their `s_noise` option: each fresh draw times it, as k-diffusion's
+  `noise_sampler(...) * s_noise * ...` multiplies first (the references take the draws so)."""
+  ours, state, got, sigmas, init, noises = _as_a1111_ran_it(sampler, "Karras", 6,
+                                                            extra="Sigma noise: 0.7, ")
+  assert ours.cfg["s_noise"] == 0.7
+  if sampler == "DPM++ 3M SDE":  # A1111's drops the penultimate level of one step more
+    sigmas = kd.discard_penultimate(kd.get_sigmas_karras(SD15, 7))
+  with correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * sigmas[0],
+                             [torch.from_numpy(n) * 0.7 for n in noises])
+  if sampler in ("DPM++ 2M SDE", "DPM++ 3M SDE"):  # diffusers' form: x / sqrt(s^2 + 1)
+    want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[
+        :, None, None, None, None]).astype(np.float32)
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} Sigma noise 0.7 vs k-diffusion: {err:.3g}")
+  assert err <= TOL, err
+  plain = sdjax_trajectory(get_scheduler(ours.name, SD15, options={
+      k: v for k, v in json.loads(infotext.reproduce(
+          f"a cat\nSteps: 6, Sampler: {sampler}, Schedule type: Karras, CFG scale: 7, Seed: 1, "
+          "Version: v1.10.1").flags["scheduler_options"]).items()}), 6, init, noises)
+  assert max_rel_error(plain, want) > 100 * max(err, 1e-7)
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "Res Multistep a", "ER SDE", "sa_solver",
+                                     "DPM++ 2S a"])
+def test_s_noise_as_comfyui(sampler, monkeypatch):
+  """ComfyUI's sampler nodes' s_noise (SamplerEulerAncestral, ...): the `s_noise` option, its
+  loop's draws times it. It changes what the compiled steps do (a config option, not the
+  state's), and only the samplers with fresh noise take it."""
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+             "schedule_type": "karras", "s_noise": 0.6}
+  ours = get_scheduler(outputs.scheduler_name(sampler), SD15, options=options)
+  assert ours.program() != get_scheduler(outputs.scheduler_name(sampler), SD15, options={
+      **options, "s_noise": 1.0}).program()
+  state = ours.set_timesteps(7, sample_shape=SHAPE)
+  init, noises = make_noises(len(state.timesteps))
+  got = sdjax_trajectory(ours, 7, init, noises)
+  sigmas = kd.get_sigmas_karras(COMFY15, 7)
+  monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
+  with correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](COMFY15, sigmas, torch.from_numpy(init) * float(
+        torch.sqrt(1.0 + sigmas[0] ** 2.0)), [torch.from_numpy(n) * 0.6 for n in noises])
+  err = max_rel_error(got, want)
+  print(f"maxrel ComfyUI {sampler} s_noise 0.6: {err:.3g}")
+  assert err <= TOL, err
+
+
+def test_s_noise_option():
+  """s_noise is a number >= 0, of the samplers whose steps draw fresh noise (the SDE forms of
+  DPM-Solver++ only); at 1 the steps are the plain ones."""
+  for bad in (-0.1, "x", True):
+    with pytest.raises(ValueError, match="scheduler 'euler_ancestral': s_noise must be a number"):
+      get_scheduler("euler_ancestral", SD15, options={"s_noise": bad})
+  for name in ("euler", "dpmpp_2m", "ddim", "lms", "dpm_fast"):
+    assert not takes_option(name, "s_noise"), name
+    with pytest.raises(ValueError, match="has no option 's_noise'"):
+      get_scheduler(name, SD15, options={"s_noise": 0.5})
+  assert takes_option("dpmpp_2m_sde_karras", "s_noise")
+  ours = get_scheduler("euler_ancestral", SD15, options={"s_noise": 1.0})
+  state = ours.set_timesteps(5, sample_shape=SHAPE)
+  init, noises = make_noises(len(state.timesteps))
+  np.testing.assert_array_equal(sdjax_trajectory(ours, 5, init, noises), sdjax_trajectory(
+      get_scheduler("euler_ancestral", SD15), 5, init, noises))
+  # Zero: no fresh noise at all, as ComfyUI's loops skip it.
+  zero = get_scheduler("euler_ancestral", SD15, options={"s_noise": 0})
+  np.testing.assert_array_equal(sdjax_trajectory(zero, 5, init, noises),
+                                sdjax_trajectory(zero, 5, init, noises * 0 + 3.0))
+
+
 def test_ancestral_eta_option():
   """eta is A1111's range, [0, 1]; at 1 the steps are diffusers' own; it lives in the state (one
   program for every eta)."""

@@ -791,7 +791,7 @@ def test_a1111_image_by_flag_and_by_line(model, cache, tmp_path):
   params = tmp_path / "a1111.txt"
   params.write_text("a (cat:1.2)\nNegative prompt: a dog\nSteps: 3, Sampler: DPM2 a, "
                     "Schedule type: Automatic, CFG scale: 3.5, Seed: 11, Size: 24x16, RNG: CPU, "
-                    "Eta: 0.5, Clip skip: 2, Version: v1.10.1")
+                    "Eta: 0.5, Sigma noise: 0.8, Clip skip: 2, Version: v1.10.1")
   prompts = tmp_path / "p.jsonl"
   prompts.write_text(json.dumps({"parameters": str(params)}) + "\n")
   by_flag, by_line = str(tmp_path / "flag"), str(tmp_path / "line")
@@ -804,12 +804,14 @@ def test_a1111_image_by_flag_and_by_line(model, cache, tmp_path):
   assert flag["scheduler_options"] == line["scheduler_options"]
   assert flag["scheduler_options"]["k_diffusion"] is True
   assert flag["scheduler_options"]["eta"] == 0.5  # A1111's Eta of its ancestral samplers
+  assert flag["scheduler_options"]["s_noise"] == 0.8  # and its Sigma noise
   assert flag["clip_skip"] == line["clip_skip"] == 2
   (name, want), = _pixels(by_flag).items()
   np.testing.assert_array_equal(_pixels(by_line)[line["file"]], want)
   written = outputs.parse_a1111_parameters(
       Image.open(os.path.join(by_flag, name)).text["parameters"])
   assert written["Eta"] == "0.5" and written["Schedule type"] == "Karras"
+  assert written["Sigma noise"] == "0.8"
   assert written["Clip skip"] == "2"
   # A line's Clip skip the model lacks: one line when the run reaches it.
   prompts.write_text(json.dumps({"prompt": "a cat", "clip_skip": 9}) + "\n")

@@ -146,6 +146,32 @@ def test_comfyui_ancestral_noise(sd):
     assert float(np.linalg.norm(got - expected) / np.linalg.norm(expected)) > 1e-2
 
 
+def test_comfyui_ancestral_s_noise(sd):
+  """ComfyUI's SamplerEulerAncestral at s_noise 0.6 (scheduler option `s_noise`): each step's
+  CUDA draw times 0.6 before its sigma_up, through generate()'s compiled loop; diffusers' Euler a
+  given those scaled draws."""
+  ref, pipe = sd
+  ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config)
+  seed, steps = 40, 3
+  latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+  draws = a1111_nv(seed, steps, 4 * 8 * 8).reshape(-1, 1, 4, 8, 8)
+  calls = iter(range(steps))
+  module = "diffusers.schedulers.scheduling_euler_ancestral_discrete"
+  with mock.patch(f"{module}.randn_tensor",
+                  lambda *a, **k: torch.from_numpy(draws[next(calls)]) * 0.6):
+    with torch.no_grad():
+      expected = ref(["a cat"], num_inference_steps=steps, guidance_scale=3.0, height=16,
+                     width=16, latents=latents, output_type="np").images
+  common = dict(steps=steps, scheduler="euler_ancestral", guidance_scale=3.0, height=16,
+                width=16, seed=seed, rng="torch_cpu", step_rng="nv")
+  ours = pipe.generate(["a cat"], scheduler_options={"s_noise": 0.6}, **common)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\nComfyUI's Euler a at s_noise 0.6: rel err {err:.2e}")
+  assert err <= 1e-5
+  plain = pipe.generate(["a cat"], **common)
+  assert float(np.linalg.norm(plain - expected) / np.linalg.norm(expected)) > 100 * err
+
+
 def test_comfyui_sa_solver_draws(sd, monkeypatch):
   """ComfyUI's sa_solver on an NVIDIA GPU draws CUDA's noise only for its steps to a level
   where tau > 0, the k-th draw at the k-th such step: generate() (its comfyui form, step_rng

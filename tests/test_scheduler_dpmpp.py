@@ -173,6 +173,8 @@ def test_config_resolves_as_diffusers():
   for key, value in ours.cfg.items():
     if key == "k_diffusion":  # sdjax's own option (k-diffusion's conventions): off
       assert key not in ref.config and value is False
+    elif key == "s_noise":  # k-diffusion's, of the SDE forms: each draw as it is
+      assert key not in ref.config and value == 1.0
     else:
       assert ref.config[key] == value, key
   assert "skip_prk_steps" not in ours.cfg

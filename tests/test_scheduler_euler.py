@@ -139,6 +139,8 @@ def test_config_resolves_as_diffusers(name):
   for key, value in ours.cfg.items():
     if key in own:
       assert key not in ref.config and value is False, key
+    elif key == "s_noise":  # k-diffusion's, of Euler a: each draw as it is
+      assert name == "euler_ancestral" and key not in ref.config and value == 1.0
     else:
       assert ref.config[key] == value, key
   assert "skip_prk_steps" not in ours.cfg  # PNDM-only keys are ignored

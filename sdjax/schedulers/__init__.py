@@ -15,10 +15,12 @@ from sdjax.schedulers.common import (
   A1111_IMG2IMG,
   A1111_TIMESTEP_SAMPLERS,
   PLAN_START,
+  S_NOISE,
   SCHEDULE_SETTINGS,
   UNIPC_SKIP_TYPES,
   Scheduler,
   SchedulerConfigError,
+  check_s_noise,
 )
 from sdjax.schedulers.sigma_schedules import (
   DISCARD_PENULTIMATE,
@@ -251,6 +253,8 @@ def get_scheduler(name: str | None, scheduler_config: dict[str, Any],
                   if value == DOWNCAST_SD1_SD2 else "")
       raise SchedulerConfigError(
           f"scheduler {name!r}: option {key} is true or false, got {value!r}{resolved}")
+  if S_NOISE in (options or {}):
+    check_s_noise(name, options[S_NOISE])
   merged = {**overrides, **(options or {})}
   if (any(merged.get(form) for form in ("k_diffusion", "comfyui", "a1111"))
       and scheduler_config.get(ZERO_SNR) and ZERO_SNR not in merged and ZERO_SNR in known):
@@ -270,6 +274,7 @@ __all__ = [
     "PLAN_START",
     "SCHEDULERS",
     "SCHEDULE_SETTINGS",
+    "S_NOISE",
     "Scheduler",
     "SchedulerConfigError",
     "UNIPC_SKIP_TYPES",

@@ -75,6 +75,7 @@ from flax import struct
 
 from sdjax.schedulers.common import (
   PLAN_START,
+  S_NOISE,
   SchedulerConfigError,
   exp_f32,
   expm1_f32,
@@ -804,6 +805,7 @@ class DPMFastAncestralScheduler(_Eta, DPMFastScheduler):
 
   name = "dpm_fast_ancestral"
   schedule_options = (*DPMFastScheduler.schedule_options, ANCESTRAL_ETA)
+  _DEFAULTS = {**DPMFastScheduler._DEFAULTS, S_NOISE: 1.0}
 
   def _range(self, alphas_cumprod, sigmas: np.ndarray) -> tuple[np.float32, np.float32]:
     if PLAN_START in self.cfg:  # img2img and hires: A1111's between the levels they keep
@@ -926,6 +928,7 @@ class ResMultistepAncestralScheduler(_Ancestral, ResMultistepScheduler):
 
   name = "res_multistep_ancestral"
   schedule_options = (*ResMultistepScheduler.schedule_options, ANCESTRAL_ETA)
+  _DEFAULTS = {**ResMultistepScheduler._DEFAULTS, S_NOISE: 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -934,6 +937,7 @@ class ResMultistepAncestralCFGPPScheduler(_Ancestral, ResMultistepCFGPPScheduler
 
   name = "res_multistep_ancestral_cfg_pp"
   schedule_options = (*ResMultistepScheduler.schedule_options, ANCESTRAL_ETA)
+  _DEFAULTS = {**ResMultistepCFGPPScheduler._DEFAULTS, S_NOISE: 1.0}
 
 
 # -- ER-SDE (Cui et al. 2023, arXiv:2309.06169), ComfyUI's er_sde: its VP ER-SDE-Solver-3 with
@@ -1003,7 +1007,8 @@ class ERSDEScheduler(_MultistepScheduler):
   name = "er_sde"
   schedule_options = (*_MultistepScheduler.schedule_options, ANCESTRAL_ETA)
   # config, not state options: they shape the program (its stages, whether it draws)
-  _DEFAULTS = {**_MultistepScheduler._DEFAULTS, ER_SDE_TYPE: "er_sde", ER_SDE_STAGES: 3}
+  _DEFAULTS = {**_MultistepScheduler._DEFAULTS, ER_SDE_TYPE: "er_sde", ER_SDE_STAGES: 3,
+               S_NOISE: 1.0}
 
   @classmethod
   def from_config(cls, scheduler_config, **overrides):
@@ -1262,7 +1267,7 @@ class SASolverScheduler(_Eta, _MultistepScheduler):
 
   name = "sa_solver"
   pece: ClassVar[bool] = False  # a second call a step, at the corrected sample
-  _DEFAULTS = {**_MultistepScheduler._DEFAULTS, ANCESTRAL_ETA: 1.0, **SA_SETTINGS}
+  _DEFAULTS = {**_MultistepScheduler._DEFAULTS, ANCESTRAL_ETA: 1.0, **SA_SETTINGS, S_NOISE: 1.0}
 
   @classmethod
   def _validate(cls, config) -> None:

@@ -214,6 +214,19 @@ SCHEDULE_SETTINGS = ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
                      "schedule_beta_alpha", "schedule_beta_beta")
 
 
+# k-diffusion's `s_noise` (A1111's "Sigma noise" setting, ComfyUI's sampler nodes' s_noise): the
+# factor on each fresh draw of its stochastic samplers, 1 by default. A config option (it changes
+# what the compiled steps do) of the schedulers whose class lists it in `_DEFAULTS`.
+S_NOISE = "s_noise"
+
+
+def check_s_noise(scheduler_name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r}: {S_NOISE} must be a number >= 0 (the factor on each fresh "
+      f"noise draw; 1: as drawn), got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Scheduler:
   """Base of every scheduler. Subclasses are frozen dataclasses (hashable, jit-static).
@@ -271,6 +284,15 @@ class Scheduler:
   def step(self, state, model_output, i, sample, noise=None):
     """One update at position `i`; returns (prev_sample, new_state)."""
     raise NotImplementedError
+
+  def step_noise(self, noise):
+    """A step's fresh draw as `step` takes it: times k-diffusion's `s_noise` (the `S_NOISE`
+    option of the samplers that have it), each draw multiplied first, as k-diffusion's
+    `noise_sampler(...) * s_noise * ...` rounds; at 1 (or without the option), as drawn."""
+    scale = float(self.cfg.get(S_NOISE, 1.0))
+    if noise is None or scale == 1.0:
+      return noise
+    return rounded(rounded(noise.astype(jnp.float32)) * np.float32(scale))
 
   @classmethod
   def option_names(cls, overrides: dict[str, Any]) -> set[str]:

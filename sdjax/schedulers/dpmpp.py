@@ -31,6 +31,7 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  S_NOISE,
   Scheduler,
   SchedulerConfigError,
   edm_noise_range,
@@ -208,10 +209,10 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
 
   @classmethod
   def option_names(cls, overrides: dict[str, Any]) -> set[str]:
-    """eta is the SDE form's only (`sde-dpmsolver++`)."""
+    """eta and s_noise are the SDE form's only (`sde-dpmsolver++`)."""
     names = super().option_names(overrides)
     if overrides.get("algorithm_type") != "sde-dpmsolver++":
-      names.discard(ANCESTRAL_ETA)
+      names -= {ANCESTRAL_ETA, S_NOISE}
     return names
   order = 1  # model calls per step; the solver's order is config["solver_order"]
 
@@ -230,6 +231,7 @@ class DPMSolverMultistepScheduler(VPDataPrediction, Scheduler):
     return self.sde
 
   _DEFAULTS = {
+    S_NOISE: 1.0,  # the SDE forms': k-diffusion's (`common.S_NOISE`), not diffusers'
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
     "beta_end": 0.02,

@@ -35,6 +35,7 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  S_NOISE,
   exp_f32,
   log_f32,
   nearest_t,
@@ -139,6 +140,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
                       DOWNCAST_ALPHAS_CUMPROD, ANCESTRAL_ETA, ZERO_SNR, DISCARD_PENULTIMATE)
 
   _DEFAULTS = {
+    S_NOISE: 1.0,  # k-diffusion's (`common.S_NOISE`), not diffusers'
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,

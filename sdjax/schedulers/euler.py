@@ -17,6 +17,7 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  S_NOISE,
   Scheduler,
   SchedulerConfigError,
   edm_noise_range,
@@ -406,6 +407,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
   needs_noise = True
 
   _DEFAULTS = {
+    S_NOISE: 1.0,  # k-diffusion's (`common.S_NOISE`), not diffusers'
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
     "beta_end": 0.02,

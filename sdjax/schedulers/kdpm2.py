@@ -30,6 +30,7 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  S_NOISE,
   exp_f32,
   log_f32,
   nearest_t,
@@ -218,6 +219,7 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
   name = "kdpm2_ancestral"
   needs_noise = True
   ancestral = True
+  _DEFAULTS = {**KDPM2DiscreteScheduler._DEFAULTS, S_NOISE: 1.0}  # k-diffusion's, not diffusers'
 
   schedule_options = (*SCHEDULE_OPTIONS, K_DIFFUSION, COMFYUI, ANCESTRAL_ETA,
                       DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR, DISCARD_PENULTIMATE)
