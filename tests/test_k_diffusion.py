@@ -688,13 +688,16 @@ def test_restart(steps, label):
   assert err <= TOL, err
 
 
-@pytest.mark.parametrize(("label", "eta"), [("Automatic", 1.0), ("Exponential", 1.0),
-                                           ("Automatic", 0.6), ("Automatic", 0.0)])
-def test_dpmpp_sde_as_k_diffusion(label, eta):
+@pytest.mark.parametrize(("label", "eta", "s_noise"), [
+    ("Automatic", 1.0, 1.0), ("Exponential", 1.0, 1.0), ("Automatic", 0.6, 1.0),
+    ("Automatic", 0.0, 1.0), ("Automatic", 1.0, 0.7)])
+def test_dpmpp_sde_as_k_diffusion(label, eta, s_noise):
   """A1111's DPM++ SDE (its Automatic: Karras) as `reproduce` sets it: k-diffusion's loop, each
   stage given its own noise as the Brownian tree answers (`brownian_state`: main.py's --brownian,
-  which the file also sets); A1111's Eta its share of fresh noise (its `eta` option)."""
-  written = f"Eta: {eta}, " if eta != 1 else ""
+  which the file also sets); A1111's Eta its share of fresh noise (its `eta` option), its Sigma
+  noise the factor on each (`s_noise`)."""
+  written = (f"Eta: {eta}, " if eta != 1 else "") + (
+      f"Sigma noise: {s_noise}, " if s_noise != 1 else "")
   flags = infotext.reproduce(f"a cat\nSteps: 6, Sampler: DPM++ SDE, Schedule type: {label}, "
                              f"CFG scale: 7, Seed: 1, {written}Version: v1.10.1").flags
   assert flags["brownian"] == "nv"
@@ -715,11 +718,11 @@ def test_dpmpp_sde_as_k_diffusion(label, eta):
   np.testing.assert_allclose(float(ours.init_noise_sigma(state)), float(sigmas[0]), rtol=1e-6)
   with correctly_rounded_sqrt():
     want = kd.sample_dpmpp_sde(SD15, sigmas, torch.from_numpy(init) * sigmas[0],
-                               [torch.from_numpy(n) for n in noises], eta=eta)
+                               [torch.from_numpy(n) * s_noise for n in noises], eta=eta)
   err = max_rel_error(got, want)
-  print(f"maxrel DPM++ SDE {label} eta {eta} vs k-diffusion: {err:.3g}")
+  print(f"maxrel DPM++ SDE {label} eta {eta} s_noise {s_noise} vs k-diffusion: {err:.3g}")
   assert err <= TOL, err
-  assert ours.cfg.get("eta", 1.0) == eta
+  assert ours.cfg.get("eta", 1.0) == eta and ours.cfg["s_noise"] == s_noise
 
 
 @pytest.mark.parametrize(("steps", "eta"), [(6, 1.0), (20, 1.0), (6, 0.4), (20, 0.0)])
