@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,6 @@ from PIL import Image
 from sdjax import infotext, outputs, schedulers
 from sdjax.schedulers import sigma_schedules
 from sdjax.schedulers.comfyui_samplers import SA_SETTINGS
-from sdjax.schedulers.common import S_NOISE
 
 # ComfyUI's sampler names -> sdjax's. Its "ddim" is Euler (DDIM with eta 0, over its scheduler's
 # levels); the _gpu variants differ only in where their Brownian tree lives (--brownian).
@@ -647,8 +647,8 @@ def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, 
                if v not in (None, 3)}
   s_noise = select.get("s_noise", 1.0)
   if kind != "SamplerLMS" and s_noise != 1.0:
-    if isinstance(s_noise, int | float) and not isinstance(s_noise, bool) and s_noise >= 0:
-      options[S_NOISE] = s_noise
+    if isinstance(s_noise, int | float) and not isinstance(s_noise, bool) and 0 <= s_noise < math.inf:
+      options[schedulers.S_NOISE] = s_noise
     else:
       reader.note(None, f"{kind} s_noise {s_noise!r}: sdjax's {name} takes a number >= 0")
   if kind == "SamplerER_SDE":

@@ -635,7 +635,7 @@ def test_s_noise_as_comfyui(sampler, monkeypatch):
 def test_s_noise_option():
   """s_noise is a number >= 0, of the samplers whose steps draw fresh noise (the SDE forms of
   DPM-Solver++ only); at 1 the steps are the plain ones."""
-  for bad in (-0.1, "x", True):
+  for bad in (-0.1, "x", True, float("inf"), float("nan")):
     with pytest.raises(ValueError, match="scheduler 'euler_ancestral': s_noise must be a number"):
       get_scheduler("euler_ancestral", SD15, options={"s_noise": bad})
   for name in ("euler", "dpmpp_2m", "ddim", "lms", "dpm_fast"):

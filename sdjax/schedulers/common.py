@@ -221,7 +221,8 @@ S_NOISE = "s_noise"
 
 
 def check_s_noise(scheduler_name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+      or value < 0):
     raise SchedulerConfigError(
       f"scheduler {scheduler_name!r}: {S_NOISE} must be a number >= 0 (the factor on each fresh "
       f"noise draw; 1: as drawn), got {value!r}")
