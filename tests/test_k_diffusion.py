@@ -609,7 +609,7 @@ def test_sigma_noise(sampler):
 
 
 @pytest.mark.parametrize("sampler", ["Euler a", "Res Multistep a", "ER SDE", "sa_solver",
-                                     "DPM++ 2S a"])
+                                     "DPM++ 2S a", "SEEDS 2", "SEEDS 3"])
 def test_s_noise_as_comfyui(sampler, monkeypatch):
   """ComfyUI's sampler nodes' s_noise (SamplerEulerAncestral, ...): the `s_noise` option, its
   loop's draws times it. It changes what the compiled steps do (a config option, not the

@@ -530,6 +530,7 @@ class SEEDSScheduler(EulerDiscreteScheduler):
   order = 2  # model calls a step (the last step: one)
   needs_noise = True
   stages = 2
+  _DEFAULTS = {**EulerDiscreteScheduler._DEFAULTS, S_NOISE: 1.0}
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     config = self.cfg
