@@ -39,6 +39,7 @@ from PIL import Image
 from sdjax import infotext, outputs, schedulers
 from sdjax.schedulers import sigma_schedules
 from sdjax.schedulers.comfyui_samplers import SA_SETTINGS
+from sdjax.schedulers.lms import LMS_ORDER, LMS_ORDERS
 
 # ComfyUI's sampler names -> sdjax's. Its "ddim" is Euler (DDIM with eta 0, over its scheduler's
 # levels); the _gpu variants differ only in where their Brownian tree lives (--brownian).
@@ -78,8 +79,8 @@ _DEVICE_NOISE = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lc
 # Its sampler nodes with settings (for its custom-sampling nodes) -> the KSampler sampler they
 # make: by noise_device (_gpu), solver_type or use_pece; their defaults (of settings sdjax has
 # not: others are a note; eta becomes A1111's Eta, which sdjax's takes from 0 to 1, s_noise the
-# s_noise option, ER-SDE's solver type and stages er_sde's options, SA-Solver's orders and SDE
-# interval sa_solver's).
+# s_noise option, LMS's order lms's lms_order, ER-SDE's solver type and stages er_sde's options,
+# SA-Solver's orders and SDE interval sa_solver's).
 _SAMPLER_SETTINGS_NODES = {
   "SamplerEulerAncestral": ("euler_ancestral", {}),
   "SamplerEulerAncestralCFGPP": ("euler_ancestral_cfg_pp", {}),
@@ -87,7 +88,7 @@ _SAMPLER_SETTINGS_NODES = {
   "SamplerDPMPP_SDE": ("dpmpp_sde", {"r": 0.5}),
   "SamplerDPMPP_2M_SDE": ("dpmpp_2m_sde", {}),
   "SamplerDPMPP_3M_SDE": ("dpmpp_3m_sde", {}),
-  "SamplerLMS": ("lms", {"order": 4}),
+  "SamplerLMS": ("lms", {}),
   "SamplerER_SDE": ("er_sde", {}),
   "SamplerSASolver": ("sa_solver", {}),
 }
@@ -645,6 +646,14 @@ def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, 
     solver = {"Reverse-time SDE": "reverse_time_sde", "ODE": "ode"}.get(select.get("solver_type"))
     options = {k: v for k, v in (("er_sde_type", solver), ("max_stage", select.get("max_stage")))
                if v not in (None, 3)}
+  if kind == "SamplerLMS":
+    order = select.get("order", 4)
+    if order != 4:
+      if isinstance(order, int) and not isinstance(order, bool) and order in LMS_ORDERS:
+        options[LMS_ORDER] = order
+      else:
+        reader.note(None, f"{kind} order {order!r}: sdjax's lms takes an order from "
+                          f"{LMS_ORDERS[0]} to {LMS_ORDERS[-1]}")
   s_noise = select.get("s_noise", 1.0)
   if kind != "SamplerLMS" and s_noise != 1.0:
     if isinstance(s_noise, int | float) and not isinstance(s_noise, bool) and 0 <= s_noise < math.inf:

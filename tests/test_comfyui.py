@@ -449,7 +449,8 @@ def test_custom_sampler_nodes(advanced):
                          "use_pece": False, "simple_order_2": False}, "sa_solver", 0.5, None),
     ("SamplerSASolver", {"eta": 1.0, "use_pece": True, "predictor_order": 2,
                          "sde_end_percent": 0.7}, "sa_solver_pece", None, None),
-    ("SamplerLMS", {"order": 3}, "LMS", None, "order 3"),
+    ("SamplerLMS", {"order": 3}, "LMS", None, None),
+    ("SamplerLMS", {"order": 40}, "LMS", None, "order 40"),
     ("SamplerER_SDE", {"solver_type": "Reverse-time SDE", "max_stage": 2, "eta": 2.5,
                        "s_noise": 1.0}, "ER SDE", 2.5, None),  # its eta up to 100
     ("SamplerER_SDE", {"solver_type": "ODE", "max_stage": 3, "eta": 0.5, "s_noise": 0.5},
@@ -468,6 +469,8 @@ def test_sampler_nodes_with_settings(node, settings, want, eta, noted):
   options = json.loads(found.flags.get("scheduler_options", "{}"))
   assert options.get("eta") == eta
   assert options.get("s_noise", 1.0) == settings.get("s_noise", 1.0)
+  if node == "SamplerLMS":  # its order: lms's lms_order (1 to 10)
+    assert options.get("lms_order", 4) == (settings["order"] if noted is None else 4)
   notes = _notes(found)
   if noted is not None:
     assert noted in notes

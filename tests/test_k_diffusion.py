@@ -12,6 +12,7 @@ k-diffusion's.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import types
@@ -608,28 +609,63 @@ def test_sigma_noise(sampler):
   assert max_rel_error(plain, want) > 100 * max(err, 1e-7)
 
 
+_COMFYUI_KARRAS = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+                   "schedule_type": "karras"}
+
+
+def _as_comfyui_ran_it(name, options, steps, loop, monkeypatch, draws=1.0):
+  """sdjax's scheduler `name` with `options` over ComfyUI's Karras levels, its trajectory on the
+  fake model, and ComfyUI's `loop` over those levels given the same noise (each draw times
+  `draws`): (scheduler, ours, theirs, init, noises, levels)."""
+  ours = get_scheduler(name, SD15, options={**_COMFYUI_KARRAS, **options})
+  state = ours.set_timesteps(steps, sample_shape=SHAPE)
+  init, noises = make_noises(len(state.timesteps))
+  got = sdjax_trajectory(ours, steps, init, noises)
+  sigmas = kd.get_sigmas_karras(COMFY15, steps)
+  monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
+  with correctly_rounded_sqrt():
+    want = loop(COMFY15, sigmas, torch.from_numpy(init) * float(torch.sqrt(1.0 + sigmas[0] ** 2.0)),
+                [torch.from_numpy(n) * draws for n in noises])
+  return ours, got, want, init, noises, sigmas
+
+
 @pytest.mark.parametrize("sampler", ["Euler a", "Res Multistep a", "ER SDE", "sa_solver",
                                      "DPM++ 2S a", "SEEDS 2", "SEEDS 3"])
 def test_s_noise_as_comfyui(sampler, monkeypatch):
   """ComfyUI's sampler nodes' s_noise (SamplerEulerAncestral, ...): the `s_noise` option, its
   loop's draws times it. It changes what the compiled steps do (a config option, not the
   state's), and only the samplers with fresh noise take it."""
-  options = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
-             "schedule_type": "karras", "s_noise": 0.6}
-  ours = get_scheduler(outputs.scheduler_name(sampler), SD15, options=options)
-  assert ours.program() != get_scheduler(outputs.scheduler_name(sampler), SD15, options={
-      **options, "s_noise": 1.0}).program()
-  state = ours.set_timesteps(7, sample_shape=SHAPE)
-  init, noises = make_noises(len(state.timesteps))
-  got = sdjax_trajectory(ours, 7, init, noises)
-  sigmas = kd.get_sigmas_karras(COMFY15, 7)
-  monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
-  with correctly_rounded_sqrt():
-    want = SAMPLERS[sampler](COMFY15, sigmas, torch.from_numpy(init) * float(
-        torch.sqrt(1.0 + sigmas[0] ** 2.0)), [torch.from_numpy(n) * 0.6 for n in noises])
+  name = outputs.scheduler_name(sampler)
+  ours, got, want, *_ = _as_comfyui_ran_it(name, {"s_noise": 0.6}, 7, SAMPLERS[sampler],
+                                           monkeypatch, draws=0.6)
+  assert ours.program() != get_scheduler(name, SD15, options={
+      **_COMFYUI_KARRAS, "s_noise": 1.0}).program()
   err = max_rel_error(got, want)
   print(f"maxrel ComfyUI {sampler} s_noise 0.6: {err:.3g}")
   assert err <= TOL, err
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 6])
+def test_lms_order(order, monkeypatch):
+  """ComfyUI's SamplerLMS order (k-diffusion's `order`) is lms's `lms_order` option: each step
+  integrates at most that many derivatives; a run from a lower level counts its own steps."""
+  ours, got, want, init, noises, sigmas = _as_comfyui_ran_it(
+      "lms", {"lms_order": order}, 9, functools.partial(kd.sample_lms, order=order), monkeypatch)
+  err = max_rel_error(got, want)
+  image = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
+  lower = sdjax_trajectory(ours, 9, init, noises, begin=3, init_sample=image)
+  with correctly_rounded_sqrt():
+    want_lower = kd.sample_lms(COMFY15, sigmas[3:], torch.from_numpy(image) + torch.from_numpy(
+        init) * sigmas[3], None, order=order)
+  err = max(err, max_rel_error(lower, want_lower))
+  print(f"maxrel ComfyUI LMS order {order}: {err:.3g}")
+  assert err <= TOL, err
+  four = sdjax_trajectory(get_scheduler("lms", SD15, options={**_COMFYUI_KARRAS, "lms_order": 4}),
+                          9, init, noises)
+  assert max_rel_error(four, want) > 100 * max(err, 1e-7)
+  for bad in (0, 11, 2.5, True):
+    with pytest.raises(ValueError, match="scheduler 'lms': lms_order must be an integer from 1"):
+      get_scheduler("lms", SD15, options={"lms_order": bad})
 
 
 def test_s_noise_option():

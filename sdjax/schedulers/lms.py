@@ -1,6 +1,7 @@
 """Linear multistep (k-diffusion's LMS sampler), as diffusers' `LMSDiscreteScheduler`.
 
-Each step integrates the Lagrange polynomial through the last (up to 4) ODE derivatives over the
+Each step integrates the Lagrange polynomial through the last (up to 4, or the `lms_order` option:
+k-diffusion's and ComfyUI's `order`) ODE derivatives over the
 next sigma interval. The timesteps are static, so all those integrals are computed on the host
 when the schedule is set, one row of coefficients per position.
 
@@ -22,7 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sdjax.schedulers.common import Scheduler, hashable_config, resolve_config, rounded, true_divide
+from sdjax.schedulers.common import (
+  Scheduler,
+  SchedulerConfigError,
+  hashable_config,
+  resolve_config,
+  rounded,
+  true_divide,
+)
 from sdjax.schedulers.euler import (
   check_common,
   init_sigma,
@@ -40,7 +48,12 @@ from sdjax.schedulers.sigma_schedules import (
   ZERO_SNR,
 )
 
-_MAX_ORDER = 4
+_MAX_ORDER = 4  # diffusers' pipelines', k-diffusion's and ComfyUI's default
+# sdjax's option: how many derivatives a step integrates at most (k-diffusion's `order`, ComfyUI's
+# SamplerLMS order; diffusers' `step(order=...)`, which its pipelines leave at 4). A config
+# option: it sizes the history the compiled steps keep.
+LMS_ORDER = "lms_order"
+LMS_ORDERS = range(1, 11)
 
 # QUADPACK dqk21: abscissae of the 21-point Kronrod rule on [-1, 1] (the positive half, ending with
 # the centre; odd 1-based entries are the Kronrod-only nodes, even ones the 10-point Gauss nodes),
@@ -94,27 +107,27 @@ def gauss_kronrod_21(f, a: float, b: float) -> float:
   return total * half
 
 
-def lms_coefficients(sigmas: np.ndarray) -> np.ndarray:
-  """[n, 4] float32 LMS coefficients of each position (newest derivative first).
+def lms_coefficients(sigmas: np.ndarray, max_order: int = _MAX_ORDER) -> np.ndarray:
+  """[n, max_order] float32 LMS coefficients of each position (newest derivative first).
 
-  Row p holds diffusers' `get_lms_coefficient(min(p + 1, 4), p, k)` for k < min(p + 1, 4) and
-  zeros after. The order depends on the position, not on how many derivatives a run has stored
+  Row p holds diffusers' `get_lms_coefficient(min(p + 1, max_order), p, k)` for
+  k < min(p + 1, max_order) and zeros after. The order depends on the position, not on how many derivatives a run has stored
   (as in diffusers, where an img2img run starting at p > 0 uses the first of them only).
   `sigmas` is the float32 schedule including the final 0.
   """
-  table = lms_coefficient_table(sigmas)
-  return np.stack([table[p, min(p, _MAX_ORDER - 1)] for p in range(len(table))])
+  table = lms_coefficient_table(sigmas, max_order)
+  return np.stack([table[p, min(p, max_order - 1)] for p in range(len(table))])
 
 
-def lms_coefficient_table(sigmas: np.ndarray) -> np.ndarray:
-  """[n, 4, 4] float32: row [p, o - 1] the coefficients of order o at position p (zeros where
-  o > p + 1), for a run whose order counts from its own start (k-diffusion's `sample_lms` over a
-  suffix of the levels: img2img, a hires pass, a handoff)."""
+def lms_coefficient_table(sigmas: np.ndarray, max_order: int = _MAX_ORDER) -> np.ndarray:
+  """[n, max_order, max_order] float32: row [p, o - 1] the coefficients of order o at position p
+  (zeros where o > p + 1), for a run whose order counts from its own start (k-diffusion's
+  `sample_lms` over a suffix of the levels: img2img, a hires pass, a handoff)."""
   sigmas = np.asarray(sigmas, dtype=np.float32)
   n = len(sigmas) - 1
-  coeffs = np.zeros((n, _MAX_ORDER, _MAX_ORDER), np.float64)
+  coeffs = np.zeros((n, max_order, max_order), np.float64)
   for p in range(n):
-    for order in range(1, min(p + 1, _MAX_ORDER) + 1):
+    for order in range(1, min(p + 1, max_order) + 1):
       for current in range(order):
 
         def basis(tau, p=p, order=order, current=current):
@@ -143,9 +156,9 @@ class LMSState:
     input_scale: [n] float32 sqrt(sigma^2 + 1); the UNet sees sample / input_scale.
     v_out: [n] float32 -sigma / sqrt(sigma^2 + 1), v-prediction's weight on the model output.
     v_den: [n] float32 sigma^2 + 1, v-prediction's divisor of the sample.
-    lms_coeffs: [n, 4, 4] float32 weights of the stored derivatives, newest first, by
-      position and order (`lms_coefficient_table`).
-    derivatives: [4, *sample_shape] float32 past ODE derivatives, newest first.
+    lms_coeffs: [n, k, k] float32 weights of the stored derivatives, newest first, by
+      position and order (`lms_coefficient_table`; k: the largest order, 4 or `lms_order`).
+    derivatives: [k, *sample_shape] float32 past ODE derivatives, newest first.
     counter: int32 steps taken so far.
     run_order: [] bool, whether a run's order counts from its own start (the `k_diffusion`
       form; in the state, as the compiled program's scheduler has no form options).
@@ -186,6 +199,7 @@ class LMSDiscreteScheduler(Scheduler):
     "prediction_type": "epsilon",
     "timestep_spacing": "linspace",
     "steps_offset": 0,
+    LMS_ORDER: _MAX_ORDER,  # sdjax's (k-diffusion's `order`), not diffusers' config
   }
   _UNSUPPORTED: ClassVar[dict[str, Any]] = {}
 
@@ -195,7 +209,16 @@ class LMSDiscreteScheduler(Scheduler):
       cls.name, cls._DEFAULTS, scheduler_config, unsupported=cls._UNSUPPORTED, overrides=overrides
     )
     check_common(cls.name, config, ("epsilon", "v_prediction", "sample"))
+    order = config[LMS_ORDER]
+    if isinstance(order, bool) or order not in LMS_ORDERS:
+      raise SchedulerConfigError(
+        f"scheduler {cls.name!r}: {LMS_ORDER} must be an integer from {LMS_ORDERS[0]} to "
+        f"{LMS_ORDERS[-1]} (the most derivatives a step integrates), got {order!r}")
     return cls(config=hashable_config(config))
+
+  @property
+  def max_order(self) -> int:
+    return int(self.cfg[LMS_ORDER])
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     if sample_shape is None:
@@ -212,8 +235,8 @@ class LMSDiscreteScheduler(Scheduler):
       input_scale=jnp.asarray(scale),
       v_out=jnp.asarray(-sigmas[:-1] / scale),
       v_den=jnp.asarray(sigmas[:-1] ** 2 + 1),
-      lms_coeffs=jnp.asarray(lms_coefficient_table(sigmas)),
-      derivatives=jnp.zeros((_MAX_ORDER,) + tuple(sample_shape), jnp.float32),
+      lms_coeffs=jnp.asarray(lms_coefficient_table(sigmas, self.max_order)),
+      derivatives=jnp.zeros((self.max_order,) + tuple(sample_shape), jnp.float32),
       counter=jnp.zeros([], jnp.int32),
       run_order=jnp.asarray(bool(config.get(K_DIFFUSION))),
     )
@@ -240,11 +263,12 @@ class LMSDiscreteScheduler(Scheduler):
     derivatives = jnp.concatenate([derivative[None], state.derivatives[:-1]])
     # diffusers: the order of the position, only the derivatives stored so far taking part (a
     # zero weight adds an exact 0); k-diffusion: the order of the run's own step count.
-    stored = jnp.minimum(state.counter + 1, _MAX_ORDER)
-    order = jnp.where(state.run_order, stored, jnp.minimum(i + 1, _MAX_ORDER))
-    coeffs = jnp.where(jnp.arange(_MAX_ORDER) < stored, state.lms_coeffs[i, order - 1], 0.0)
+    top = self.max_order
+    stored = jnp.minimum(state.counter + 1, top)
+    order = jnp.where(state.run_order, stored, jnp.minimum(i + 1, top))
+    coeffs = jnp.where(jnp.arange(top) < stored, state.lms_coeffs[i, order - 1], 0.0)
     update = rounded(coeffs[0] * derivatives[0])
-    for k in range(1, _MAX_ORDER):
+    for k in range(1, top):
       update = update + rounded(coeffs[k] * derivatives[k])
     prev = x + update
     new_state = state.replace(derivatives=derivatives, counter=state.counter + 1)
