@@ -656,7 +656,8 @@ def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, 
                           f"{LMS_ORDERS[0]} to {LMS_ORDERS[-1]}")
   s_noise = select.get("s_noise", 1.0)
   if kind != "SamplerLMS" and s_noise != 1.0:
-    if isinstance(s_noise, int | float) and not isinstance(s_noise, bool) and 0 <= s_noise < math.inf:
+    if (isinstance(s_noise, int | float) and not isinstance(s_noise, bool)
+        and 0 <= s_noise < math.inf):
       options[schedulers.S_NOISE] = s_noise
     else:
       reader.note(None, f"{kind} s_noise {s_noise!r}: sdjax's {name} takes a number >= 0")

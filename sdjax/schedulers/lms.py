@@ -1,13 +1,13 @@
 """Linear multistep (k-diffusion's LMS sampler), as diffusers' `LMSDiscreteScheduler`.
 
-Each step integrates the Lagrange polynomial through the last (up to 4, or the `lms_order` option:
-k-diffusion's and ComfyUI's `order`) ODE derivatives over the
-next sigma interval. The timesteps are static, so all those integrals are computed on the host
-when the schedule is set, one row of coefficients per position.
+Each step integrates the Lagrange polynomial through the last (up to 4, or the `lms_order`
+option: k-diffusion's and ComfyUI's `order`) ODE derivatives over the next sigma interval. The
+timesteps are static, so all those integrals are computed on the host when the schedule is set,
+one row of coefficients per position and order.
 
 diffusers computes each coefficient with `scipy.integrate.quad` of an integrand evaluated in
-float32 torch arithmetic. That integrand is a polynomial of degree < 4 in sigma, but its float32
-rounding noise makes the exact integral differ from diffusers' coefficients by up to ~4e-7
+float32 torch arithmetic. That integrand is a polynomial of degree < order in sigma, but its
+float32 rounding noise makes the exact integral differ from diffusers' coefficients by up to ~4e-7
 relative, which changes about half of them after the cast to float32. quad's first pass (QUADPACK's
 21-point Gauss-Kronrod rule) already meets its tolerance on such an integrand, so replaying that
 rule on the same float32 integrand values reproduces quad's result to the last float64 bit,
@@ -111,8 +111,9 @@ def lms_coefficients(sigmas: np.ndarray, max_order: int = _MAX_ORDER) -> np.ndar
   """[n, max_order] float32 LMS coefficients of each position (newest derivative first).
 
   Row p holds diffusers' `get_lms_coefficient(min(p + 1, max_order), p, k)` for
-  k < min(p + 1, max_order) and zeros after. The order depends on the position, not on how many derivatives a run has stored
-  (as in diffusers, where an img2img run starting at p > 0 uses the first of them only).
+  k < min(p + 1, max_order) and zeros after. The order depends on the position, not on how many
+  derivatives a run has stored (as in diffusers, where an img2img run starting at p > 0 uses the
+  first of them only).
   `sigmas` is the float32 schedule including the final 0.
   """
   table = lms_coefficient_table(sigmas, max_order)
