@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,8 @@ from PIL import Image
 from sdjax import infotext, outputs, schedulers
 from sdjax.schedulers import sigma_schedules
 from sdjax.schedulers.comfyui_samplers import SA_SETTINGS
-from sdjax.schedulers.lms import LMS_ORDER, LMS_ORDERS
+from sdjax.schedulers.common import check_s_noise
+from sdjax.schedulers.lms import LMS_ORDER, check_lms_order
 
 # ComfyUI's sampler names -> sdjax's. Its "ddim" is Euler (DDIM with eta 0, over its scheduler's
 # levels); the _gpu variants differ only in where their Brownian tree lives (--brownian).
@@ -646,21 +646,15 @@ def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, 
     solver = {"Reverse-time SDE": "reverse_time_sde", "ODE": "ode"}.get(select.get("solver_type"))
     options = {k: v for k, v in (("er_sde_type", solver), ("max_stage", select.get("max_stage")))
                if v not in (None, 3)}
-  if kind == "SamplerLMS":
-    order = select.get("order", 4)
-    if order != 4:
-      if isinstance(order, int) and not isinstance(order, bool) and order in LMS_ORDERS:
-        options[LMS_ORDER] = order
-      else:
-        reader.note(None, f"{kind} order {order!r}: sdjax's lms takes an order from "
-                          f"{LMS_ORDERS[0]} to {LMS_ORDERS[-1]}")
-  s_noise = select.get("s_noise", 1.0)
-  if kind != "SamplerLMS" and s_noise != 1.0:
-    if (isinstance(s_noise, int | float) and not isinstance(s_noise, bool)
-        and 0 <= s_noise < math.inf):
-      options[schedulers.S_NOISE] = s_noise
-    else:
-      reader.note(None, f"{kind} s_noise {s_noise!r}: sdjax's {name} takes a number >= 0")
+  # LMS's order and the others' s_noise: options where sdjax's checks take them, else a note
+  for key, option, default, check in (("order", LMS_ORDER, 4, check_lms_order),
+                                      ("s_noise", schedulers.S_NOISE, 1.0, check_s_noise)):
+    if select.get(key, default) != default:
+      try:
+        check(name, select[key])
+        options[option] = select[key]
+      except schedulers.SchedulerConfigError as e:
+        reader.note(None, f"{kind} {key} {select[key]!r}: {e}")
   if kind == "SamplerER_SDE":
     if solver != "reverse_time_sde":  # eta: its reverse-time SDE's only
       return name, options

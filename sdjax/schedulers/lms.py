@@ -55,6 +55,13 @@ _MAX_ORDER = 4  # diffusers' pipelines', k-diffusion's and ComfyUI's default
 LMS_ORDER = "lms_order"
 LMS_ORDERS = range(1, 11)
 
+
+def check_lms_order(scheduler_name: str, order) -> None:
+  if isinstance(order, bool) or not isinstance(order, int) or order not in LMS_ORDERS:
+    raise SchedulerConfigError(
+      f"scheduler {scheduler_name!r}: {LMS_ORDER} must be an integer from {LMS_ORDERS[0]} to "
+      f"{LMS_ORDERS[-1]} (the most derivatives a step integrates), got {order!r}")
+
 # QUADPACK dqk21: abscissae of the 21-point Kronrod rule on [-1, 1] (the positive half, ending with
 # the centre; odd 1-based entries are the Kronrod-only nodes, even ones the 10-point Gauss nodes),
 # and their Kronrod weights.
@@ -210,11 +217,7 @@ class LMSDiscreteScheduler(Scheduler):
       cls.name, cls._DEFAULTS, scheduler_config, unsupported=cls._UNSUPPORTED, overrides=overrides
     )
     check_common(cls.name, config, ("epsilon", "v_prediction", "sample"))
-    order = config[LMS_ORDER]
-    if isinstance(order, bool) or order not in LMS_ORDERS:
-      raise SchedulerConfigError(
-        f"scheduler {cls.name!r}: {LMS_ORDER} must be an integer from {LMS_ORDERS[0]} to "
-        f"{LMS_ORDERS[-1]} (the most derivatives a step integrates), got {order!r}")
+    check_lms_order(cls.name, config[LMS_ORDER])
     return cls(config=hashable_config(config))
 
   @property
