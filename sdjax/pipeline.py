@@ -386,9 +386,10 @@ class Pipeline:
                old_prompt_editing_timelines: bool = False,
                brownian: str | None = None, step_rng: str | None = None,
                seed_high: int = 0, noise_multiplier: float = 1.0,
-               extra_noise: float = 0.0, noise_batch: int = 1) -> np.ndarray:
+               extra_noise: float = 0.0, noise_batch: int = 1,
+               image_guidance_scale: float | None = None) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
-    `mask_images` too).
+    `mask_images` too; an instruct-pix2pix model edits them as its prompts say).
 
     Args:
       prompts: a prompt or a list of them; one image each.
@@ -485,8 +486,17 @@ class Pipeline:
         mask and the masked image; another model keeps the latents outside the mask to the
         image's, noised to each step. An inpainting model given no mask repaints everything,
         as A1111 runs it (no init_images either: text-to-image from pure noise).
+        An instruct-pix2pix model (8-channel UNet: timbrooks/instruct-pix2pix) edits
+        `init_images` as each prompt says ("make it snowy"), as diffusers'
+        StableDiffusionInstructPix2PixPipeline: every UNet call sees the images' latents too.
+      image_guidance_scale: an instruct-pix2pix model's image guidance (A1111's "Image CFG
+        Scale"; default 1.5): how closely the edit keeps to the image. With guidance_scale > 1
+        each call runs the prompt with the image, the negative prompt with the image and
+        without, as uncond + guidance_scale * (text - image) + image_guidance_scale *
+        (image - uncond).
       strength: img2img: how much of the schedule to run (1.0 ignores the image; default 0.8,
-        1.0 when inpainting, as diffusers' pipelines).
+        1.0 when inpainting or editing, as diffusers' pipelines; an instruct-pix2pix edit at
+        strength 1 starts from pure noise, below it from the image noised, as A1111's img2img).
       mask_blur, padding_mask_crop, mask_overlay: inpainting as A1111 (see `sdjax.masks`): the
         masks' Gaussian blur radius in pixels ("Mask blur"; diffusers' `mask_processor.blur`);
         "Only masked" with this padding (diffusers' `padding_mask_crop`): the masked box of
@@ -698,7 +708,8 @@ class Pipeline:
         pad_cond_uncond=pad_cond_uncond, pad_cond_uncond_v0=pad_cond_uncond_v0,
         old_prompt_editing_timelines=old_prompt_editing_timelines,
         brownian=brownian, step_rng=step_rng, seed_high=seed_high,
-        noise_multiplier=noise_multiplier, extra_noise=extra_noise, noise_batch=noise_batch)
+        noise_multiplier=noise_multiplier, extra_noise=extra_noise, noise_batch=noise_batch,
+        image_guidance_scale=image_guidance_scale)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(
@@ -902,7 +913,7 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   markers = single_file.scheduler_markers(state, single_file.read_metadata(path))
   if markers:
     logging.info("%s: marked as %s", path, ", ".join(f"{k}={v}" for k, v in markers.items()))
-  in_channels = single_file.unet_in_channels(state)  # the weights say (inpainting: 9)
+  in_channels = single_file.unet_in_channels(state)  # the weights say (inpainting 9, pix2pix 8)
   raw, tokenizers = _single_file_configs(
       family, config, prediction_type or markers.get("prediction_type"), revision, path,
       in_channels == single_file.INPAINTING_CHANNELS)
@@ -1432,7 +1443,8 @@ def _model_index(pipe: Pipeline, scheduler_class: str) -> dict[str, Any]:
   index.update(text_encoder=clip, tokenizer=tokenizer)
   if not pipe.is_sdxl:
     return {**index, "_class_name": "StableDiffusionInpaintPipeline"
-            if sampling.is_inpainting_model(pipe) else "StableDiffusionPipeline",
+            if sampling.is_inpainting_model(pipe) else "StableDiffusionInstructPix2PixPipeline"
+            if sampling.is_edit_model(pipe) else "StableDiffusionPipeline",
             "safety_checker": [None, None],
             "requires_safety_checker": False}
   refiner = pipe.text_encoder is None

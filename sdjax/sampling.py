@@ -104,6 +104,11 @@ class SampleSpec:
   # Inpainting (`img2img` with masks, INPAINT_MODES): `init` is (images, masks); strength 1
   # (`begin` 0) starts from pure noise, as diffusers' inpainting pipeline.
   inpaint: str | None = None
+  # An instruct-pix2pix model (`is_edit_model`, with `img2img`): `init` is (images, image
+  # guidance scales [B]); every UNet call also sees the images' latents (`_edit_guidance`); at
+  # strength 1 (`begin` 0) the run starts from pure noise, as diffusers' pipeline, else from the
+  # image noised to `begin` (A1111's img2img with such a model).
+  edit: bool = False
   # Inpainting at strength < 1: the image latents the masked area starts from are replaced by
   # the initial noise ("latent noise") or zeros ("latent nothing"), A1111's "Masked content";
   # else "original" (`masks.MASKED_CONTENT`; "fill" is host work).
@@ -262,7 +267,7 @@ def takes_composable(spec: SampleSpec) -> bool:
   """Whether a program of `spec` runs composable prompts (A1111's AND / :weight): guidance as
   one UNet call on [uncond, parts] rows, so not split, rescaled or perturbed."""
   return spec.guidance and not (spec.cfg_split or spec.guidance_rescale or spec.pag is not None
-                                or spec.scheduler.takes_uncond)
+                                or spec.scheduler.takes_uncond or spec.edit)
 
 
 @struct.dataclass
@@ -658,7 +663,9 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
   if parts is not None and not takes_composable(spec):
     raise ValueError("composable prompts (AND, :weight) need classifier-free guidance "
                      "(guidance_scale > 1), without guidance_rescale, cfg_parallel or "
-                     "pag_scale")
+                     "pag_scale, and a model that is not instruct-pix2pix")
+  if spec.edit:
+    check_edit(spec)
   if spec.guidance and not scheduled and not spec.cfg_split:
     both = conditioning.Embeddings.concat(negative, positive)  # [uncond, cond] rows
 
@@ -735,7 +742,13 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     return (eps, eps_uncond) if spec.scheduler.takes_uncond else eps
 
   after_step = None
-  if spec.inpaint is not None:
+  if spec.edit:
+    images, image_scales = init
+    predict = functools.partial(_edit_guidance, spec, nets, params, negative, positive,
+                                edit_latents(nets.vae, params["vae"], images), guidance_scale,
+                                image_scales)
+    x = _initial_latents(spec, nets.vae, params, source, noise, images, state)
+  elif spec.inpaint is not None:
     mask, image_latents, masked_latents = _inpaint_inputs(spec, nets.vae, params, source, noise,
                                                           init)
     if spec.inpaint == "concat":
@@ -803,6 +816,49 @@ def encode_images(vae: AutoencoderKL, vae_params, images):
   return _in_chunks(
       lambda x: vae.apply({"params": vae_params}, 2.0 * x - 1.0, method=AutoencoderKL.encode),
       images, per)
+
+
+def edit_latents(vae: AutoencoderKL, vae_params, images) -> jax.Array:
+  """What an instruct-pix2pix UNet sees of images [B, H, W, 3] in [0, 1]: the VAE posterior's
+  mode (its mean), not scaled to diffusion latents (diffusers' `prepare_image_latents`, A1111's
+  `edit_image_conditioning`: the model was trained on them so)."""
+  return encode_images(vae, vae_params, images).mean.astype(jnp.float32)
+
+
+def _edit_guidance(spec: SampleSpec, nets, params, negative, positive, image_latents, scale,
+                   image_scales, x, t, call):
+  """An instruct-pix2pix model's prediction (diffusers' StableDiffusionInstructPix2PixPipeline):
+  the UNet sees the latents and the image's, and with guidance one call on rows [prompt and
+  image, negative and image, negative and no image (zeros)] combines them as
+  uncond + scale * (text - image) + image_scale * (image - uncond)."""
+  pos = positive.at(call)
+  if not spec.guidance:
+    return conditioning.predict(nets, params, jnp.concatenate([x, image_latents], axis=-1), t,
+                                pos).astype(jnp.float32)
+  neg = negative.at(call)
+  emb = conditioning.Embeddings.concat(conditioning.Embeddings.concat(pos, neg), neg)
+  with_image = jnp.concatenate([x, image_latents], axis=-1)
+  rows = jnp.concatenate([with_image, with_image,
+                          jnp.concatenate([x, jnp.zeros_like(image_latents)], axis=-1)])
+  out = conditioning.predict(nets, params, rows, t, emb).astype(jnp.float32)
+  eps_text, eps_image, eps_uncond = jnp.split(out, 3)
+  image_scale = image_scales.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+  return (eps_uncond + scale * (eps_text - eps_image)
+          + image_scale * (eps_image - eps_uncond))
+
+
+def check_edit(spec: SampleSpec) -> None:
+  """A clear error for what an instruct-pix2pix model's run (`spec.edit`) does not take."""
+  taken = [name for name, on in (
+      ("a ControlNet or T2I-Adapter", spec.control), ("perturbed-attention guidance (pag_scale)",
+                                                      spec.pag is not None),
+      ("cfg_parallel", spec.cfg_split), ("guidance_rescale", spec.guidance_rescale),
+      ("NGMS or Skip Early CFG", spec.uncond_skips is not None),
+      ("a refiner handoff", spec.init_latents or spec.end is not None),
+      ("the hires fix", spec.upscale is not None),
+      (f"scheduler {spec.scheduler.name!r} (CFG++)", spec.scheduler.takes_uncond)) if on]
+  if taken:
+    raise ValueError(f"an instruct-pix2pix model's edit does not take {', '.join(taken)}")
 
 
 def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None, guess=None,
@@ -883,13 +939,14 @@ def _split_guidance_pair(nets, params, x, t, negative, positive, cfg_axis, contr
 
 def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, source, noise, init, state):
   """Pure noise, a noised encoding of init images (img2img), or given latents (handoff; the
-  image latents of an inpainting run, pure noise at strength 1)."""
+  image latents of an inpainting run); an inpainting or instruct-pix2pix run at strength 1
+  starts from pure noise."""
   sched = spec.scheduler
   if spec.noise_multiplier != 1.0 and spec.upscale is None and not spec.init_latents:
     noise = noise * jnp.float32(spec.noise_multiplier)  # A1111's Noise multiplier (img2img)
+  if (spec.inpaint is not None or spec.edit) and spec.begin == 0:
+    return _extra_noise(spec, state, noise * sched.init_noise_sigma(state), noise)
   if spec.inpaint is not None:
-    if spec.begin == 0:
-      return _extra_noise(spec, state, noise * sched.init_noise_sigma(state), noise)
     return _started(spec, state, init, noise)
   if spec.init_latents:
     return init.astype(jnp.float32)
@@ -1466,6 +1523,13 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   check_noise_batch(noise_batch, rng, brownian, seed_resize_from)
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
+  edit = is_edit_model(pipe)
+  if edit and pipe.is_sdxl:  # its pipeline differs (time ids, CosXL Edit's scaled latents)
+    raise ValueError("SDXL instruct-pix2pix models (8-channel UNet) are not supported yet; "
+                     "SD1 and SD2 ones are")
+  if edit and not img2img:
+    raise ValueError("an instruct-pix2pix model edits images: give init_images (prompt lines: "
+                     "init_image)")
   if img2img and scheduler_options and scheduler_options.get("a1111"):
     if mode is not None or denoising_start is not None:  # inpainting, a handoff: diffusers'
       scheduler_options = {k: v for k, v in scheduler_options.items() if k != "a1111"} or None
@@ -1524,7 +1588,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     seed_high=int(seed_high),
                     noise_multiplier=float(noise_multiplier) if img2img else 1.0,
                     extra_noise=float(extra_noise) if img2img else 0.0,
-                    noise_batch=int(noise_batch))
+                    noise_batch=int(noise_batch), edit=edit)
+  if edit:
+    check_edit(spec)
   if "torch_cpu" in (rng, brownian, step_rng):
     torch_rng.draw_size(latent_hw[0] * latent_hw[1] * latent_channels(pipe))
   check_brownian(brownian)
@@ -1635,6 +1701,11 @@ def is_inpainting_model(pipe) -> bool:
   return pipe.unet.config.in_channels == 2 * latent_channels(pipe) + 1
 
 
+def is_edit_model(pipe) -> bool:
+  """Whether the UNet also takes an image's latents (instruct-pix2pix: 8 input channels)."""
+  return pipe.unet.config.in_channels == 2 * latent_channels(pipe)
+
+
 def repaints_everything(pipe, masks: bool, hires=None, refiner=None) -> bool:
   """Whether `pipe` is an inpainting model given no masks in a pass that takes them, which A1111
   runs as a repaint of everything (`unmasked_inpainting`); the hires pass and a refiner stage
@@ -1655,17 +1726,21 @@ def unmasked_inpainting(init_images: np.ndarray | None, n: int, height: int,
 def inpaint_mode(pipe, masks: bool) -> str | None:
   """How `pipe` inpaints (INPAINT_MODES) when given masks, None without; a clear error for an
   inpainting model without masks (generate() and runs give it full masks: only the hires
-  pass and the refiner stage come here without) or a UNet of other inputs (instruct-pix2pix,
-  depth)."""
+  pass and the refiner stage come here without) or a UNet of other inputs (depth); an
+  instruct-pix2pix model takes none (its image is no mask: `SampleSpec.edit`)."""
   extra = pipe.unet.config.in_channels - latent_channels(pipe)
   if is_inpainting_model(pipe):
     if not masks:
       raise ValueError("an inpainting model (9-channel UNet) takes no hires fix or refiner")
     return "concat"
+  if is_edit_model(pipe):
+    if masks:
+      raise ValueError("an instruct-pix2pix model edits the whole image: it takes no masks")
+    return None
   if extra:
     raise ValueError(f"the UNet takes {pipe.unet.config.in_channels} input channels, which "
-                     "sdjax does not know how to fill (only text-to-image and inpainting "
-                     "models)")
+                     "sdjax does not know how to fill (only text-to-image, inpainting and "
+                     "instruct-pix2pix models)")
   return "blend" if masks else None
 
 
@@ -1927,6 +2002,7 @@ def generate(
     noise_multiplier: float = 1.0,
     extra_noise: float = 0.0,
     noise_batch: int = 1,
+    image_guidance_scale: float | None = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -1974,8 +2050,13 @@ def generate(
     if mask_images.shape != (*init_images.shape[:3], 1):
       raise ValueError(f"mask_images must be [{n}, {height}, {width}] (or with a last axis of "
                        f"1), as init_images, got {mask_images.shape}")
-  if strength is None:  # diffusers' defaults: its img2img and inpainting pipelines'
-    strength = 1.0 if mask_images is not None else 0.8
+  edit = is_edit_model(pipe)
+  image_scales = edit_scales(pipe, image_guidance_scale, n)
+  if edit and (controlnet is not None or ip is not None or pag_scale):
+    raise ValueError("an instruct-pix2pix model's edit does not take ControlNets, IP-Adapters "
+                     "or perturbed-attention guidance (pag_scale)")
+  if strength is None:  # diffusers' defaults: its img2img, inpainting and pix2pix pipelines'
+    strength = 1.0 if mask_images is not None or edit else 0.8
   if refiner is not None:
     check_handoff(refiner_start, steps)
     if init_images is not None:
@@ -2105,8 +2186,10 @@ def generate(
                                     for a, b in zip(starts, ends, strict=True)])))
 
     control = control_input(control_images, spec, state)
-  out = _sample(spec, nets, params, cond, seeds, noise, scalars,
-                _init_input(init_images, mask_images), state, control)
+  init = _init_input(init_images, mask_images)
+  if edit:
+    init = (init, image_scales)
+  out = _sample(spec, nets, params, cond, seeds, noise, scalars, init, state, control)
   if hires is not None:
     hires_spec, hires_state = hires_stage
     if a1111 is not None:  # the second pass's schedules count on from the first's, as A1111
@@ -2131,6 +2214,28 @@ def generate(
                                 pipe.scheduler_config), "handoff": refiner_switch},
                             refiner_start, a1111, spec.tiling,
                             stream_draws(spec, len(state.timesteps)), cfg_skip, carried))
+
+
+# diffusers' StableDiffusionInstructPix2PixPipeline's default image guidance scale (A1111's
+# "Image CFG Scale").
+IMAGE_GUIDANCE_SCALE = 1.5
+
+
+def edit_scales(pipe, image_guidance_scale: float | None, n: int) -> jax.Array | None:
+  """An instruct-pix2pix model's image guidance scale for each of n images (float32 [n]; None:
+  IMAGE_GUIDANCE_SCALE); None for other models, which take none."""
+  if not is_edit_model(pipe):
+    if image_guidance_scale is not None:
+      raise ValueError("image_guidance_scale is an instruct-pix2pix model's (its UNet takes the "
+                       "image's latents too)")
+    return None
+  if image_guidance_scale is None:
+    image_guidance_scale = IMAGE_GUIDANCE_SCALE
+  if not (isinstance(image_guidance_scale, int | float | np.number)
+          and 0 <= image_guidance_scale < math.inf):
+    raise ValueError(f"image_guidance_scale must be a number >= 0, got "
+                     f"{image_guidance_scale!r}")
+  return jnp.full((n,), image_guidance_scale, jnp.float32)
 
 
 FREEU_NAMES = ("s1", "s2", "b1", "b2")

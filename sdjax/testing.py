@@ -373,15 +373,18 @@ FAMILIES = {
 
 
 def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0,
-                   inpainting: bool = False):
+                   inpainting: bool = False, pix2pix: bool = False):
   """A randomly initialised diffusers `StableDiffusionPipeline` of a tiny family config (with
   `inpainting`, a `StableDiffusionInpaintPipeline` whose UNet also takes the mask and the masked
-  image's latents: 9 input channels)."""
+  image's latents: 9 input channels; with `pix2pix`, a `StableDiffusionInstructPix2PixPipeline`
+  whose UNet also takes the image's latents: 8)."""
   import diffusers  # noqa: PLC0415
 
   unet_config, act, sched_overrides = FAMILIES[family]
   if inpainting:
     unet_config = {**unet_config, "in_channels": 2 * VAE["latent_channels"] + 1}
+  if pix2pix:
+    unet_config = {**unet_config, "in_channels": 2 * VAE["latent_channels"]}
   scheduler_config = {**SCHEDULER_SD15, **sched_overrides}
   scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
   tok_folder = os.path.join(tmp_folder, "_tokenizer_src")
@@ -390,6 +393,8 @@ def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0,
   cls = diffusers.StableDiffusionPipeline
   if inpainting:
     cls = diffusers.StableDiffusionInpaintPipeline
+  if pix2pix:
+    cls = diffusers.StableDiffusionInstructPix2PixPipeline
   return cls(
       vae=torch_vae(VAE, seed + 1),
       text_encoder=torch_clip(clip, seed + 2),
@@ -403,9 +408,9 @@ def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0,
 
 
 def write_torch_pipeline(folder: str, family: str = "sd1", seed: int = 0,
-                         inpainting: bool = False):
+                         inpainting: bool = False, pix2pix: bool = False):
   """Saves a random tiny diffusers pipeline as a diffusers-format folder; returns the pipeline."""
-  pipe = torch_pipeline(folder + "_src", family, seed, inpainting)
+  pipe = torch_pipeline(folder + "_src", family, seed, inpainting, pix2pix)
   pipe.save_pretrained(folder, safe_serialization=True)
   return pipe
 

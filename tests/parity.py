@@ -82,6 +82,33 @@ def reference_pipelines(tmp_path_factory, name: str, seed: int, family: str = "s
   return ref, sdjax.load_pipeline(folder), folder
 
 
+def single_file_round_trip(ref, pipe, folder: str, config: str, tmp_path) -> None:
+  """`pipe` (diffusers' `ref` of the same weights, saved in `folder`) written as one
+  original-layout file loads with a text-to-image model's `config` (the weights say the UNet's
+  input channels) with the same weights, as diffusers' `from_single_file` reads the file with
+  the pipeline's own config; a folder sdjax writes loads as `ref`'s pipeline class."""
+  import diffusers  # noqa: PLC0415
+  from safetensors.numpy import load_file  # noqa: PLC0415
+
+  import sdjax  # noqa: PLC0415
+
+  channels, cls = ref.unet.config.in_channels, type(ref)
+  path = str(tmp_path / "model.safetensors")
+  pipe.save_single_file(path)
+  assert load_file(path)["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == channels
+  loaded = sdjax.load_pipeline(path, config=config)
+  assert loaded.unet.config.in_channels == channels
+  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(pipe.params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  theirs = cls.from_single_file(path, config=folder, local_files_only=True, safety_checker=None)
+  for name, tensor in ref.unet.state_dict().items():
+    assert torch.equal(theirs.unet.state_dict()[name], tensor), name
+  out = str(tmp_path / "folder")
+  pipe.save_pretrained(out)
+  assert cls.from_pretrained(out).unet.config.in_channels == channels
+  assert type(diffusers.DiffusionPipeline.from_pretrained(out)) is cls
+
+
 def one_image_run(pipe, out, **options):
   """A run of one prompt, "a cat" (3 euler steps at guidance 3, 16x16, seed 2, unless
   `options` say otherwise), into folder `out`: (its RunConfig, its manifest record, its PNG,

@@ -8,12 +8,11 @@ import dataclasses
 from unittest import mock
 
 import diffusers
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from parity import nchw, rel_err
+from parity import nchw, rel_err, single_file_round_trip
 
 import sdjax
 from sdjax import sampling, testing
@@ -396,26 +395,8 @@ def test_single_file_and_export_round_trip(inpainting, plain, tmp_path):
   """An inpainting model's single file loads with a text-to-image model's config (the weights
   say 9 input channels, as sd-v1-5-inpainting.ckpt beside a v1-5 config), as diffusers reads
   the same file; a folder sdjax writes is diffusers' inpainting pipeline."""
-  from safetensors.numpy import load_file
-
   ref, pipe, folder = inpainting
-  path = str(tmp_path / "inpainting.safetensors")
-  pipe.save_single_file(path)
-  assert load_file(path)["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == 9
-  loaded = sdjax.load_pipeline(path, config=plain[2])
-  assert loaded.unet.config.in_channels == 9
-  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(pipe.params), strict=True):
-    np.testing.assert_array_equal(a, b)
-  theirs = diffusers.StableDiffusionInpaintPipeline.from_single_file(
-      path, config=folder, local_files_only=True, safety_checker=None)
-  for name, tensor in ref.unet.state_dict().items():
-    assert torch.equal(theirs.unet.state_dict()[name], tensor), name
-  out = str(tmp_path / "folder")
-  pipe.save_pretrained(out)
-  back = diffusers.StableDiffusionInpaintPipeline.from_pretrained(out)
-  assert back.unet.config.in_channels == 9
-  assert type(diffusers.DiffusionPipeline.from_pretrained(out)).__name__ == (
-      "StableDiffusionInpaintPipeline")
+  single_file_round_trip(ref, pipe, folder, plain[2], tmp_path)
 
 
 def test_run_with_mask_lines(inpainting, tmp_path):

@@ -41,6 +41,8 @@ class SingleFileError(WeightsError):
 UNET_PREFIX = "model.diffusion_model."
 # An inpainting UNet's input: latents (4), the mask (1), the masked image's latents (4).
 INPAINTING_CHANNELS = 9
+# An instruct-pix2pix UNet's: latents (4), the edited image's latents (4).
+EDIT_CHANNELS = 8
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1: OpenAI CLIP-L
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP ViT-H text tower
@@ -145,11 +147,11 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
     raise SingleFileError(f"{name} carries Playground's EDM latent statistics (edm_mean) but is "
                           "not an SDXL-layout model, which Playground v2.5 is")
   channels = conv_in.shape[1]
-  if channels not in (4, INPAINTING_CHANNELS):
-    variant = {8: "an instruct-pix2pix", 5: "a depth-to-image",
-               7: "an upscaler"}.get(channels, "an unsupported")
+  if channels not in (4, INPAINTING_CHANNELS, EDIT_CHANNELS):
+    variant = {5: "a depth-to-image", 7: "an upscaler"}.get(channels, "an unsupported")
     raise SingleFileError(f"{name} is {variant} model ({channels} UNet input channels); sdjax "
-                          "supports text-to-image (4 channels) and inpainting (9) models")
+                          "supports text-to-image (4 channels), inpainting (9) and "
+                          "instruct-pix2pix (8) models")
   if _has_prefix(state, SDXL_OPENCLIP_PREFIX):
     return "sdxl"
   if _has_prefix(state, SDXL_REFINER_OPENCLIP_PREFIX):
@@ -162,7 +164,8 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
 
 
 def unet_in_channels(state: Mapping[str, np.ndarray]) -> int:
-  """The UNet's input channels: 4, or INPAINTING_CHANNELS for an inpainting model."""
+  """The UNet's input channels: 4, INPAINTING_CHANNELS for an inpainting model, EDIT_CHANNELS
+  for an instruct-pix2pix one."""
   return int(state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1])
 
 

@@ -1,0 +1,167 @@
+"""InstructPix2Pix (8-channel UNet: the latents and the edited image's) end to end against
+diffusers' StableDiffusionInstructPix2PixPipeline, with our initial noise; at strength < 1
+(A1111's img2img with such a model) against the same pipeline started from diffusers' img2img
+latents, made from our posterior draw."""
+
+import diffusers
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from parity import nchw, nhwc, rel_err, single_file_round_trip
+
+import sdjax
+from sdjax import sampling, testing
+
+torch.set_num_threads(1)
+
+PROMPTS = ["make it a red circle", "turn it into a cat"]
+NEGATIVES = ["blue", ""]
+H, W = 16, 24  # latents 8 x 12
+SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def pix2pix(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("pix2pix") / "pipe")
+  testing.write_torch_pipeline(folder, "sd1", seed=23, pix2pix=True)
+  ref = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(folder,
+                                                                         safety_checker=None)
+  ref.set_progress_bar_config(disable=True)
+  return ref, sdjax.load_pipeline(folder), folder
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(size=(2, H, W, 3)).astype(np.float32)
+  noise = rng.standard_normal((2, H // 2, W // 2, 4)).astype(np.float32)
+  return images, noise
+
+
+def _reference(ref, pipe, images, noise, name, steps, guidance, image_guidance, start=None,
+               skip=0):
+  """diffusers' edit of `images`, from `noise` (scaled by the scheduler's initial sigma, as the
+  pipeline scales given latents), or from `start` (diffusion latents, NCHW) at the schedule's
+  position `skip` (its img2img pipelines' `timesteps[t_start * order:]` and `set_begin_index`)."""
+  cls, overrides = SCHEDULERS[name]
+  ref.scheduler = sched = getattr(diffusers, cls).from_config(pipe.scheduler_config, **overrides)
+  latents = nchw(noise)
+  if start is not None:
+    set_timesteps = sched.set_timesteps
+
+    def truncated(*args, **kwargs):
+      set_timesteps(*args, **kwargs)
+      sched.timesteps = sched.timesteps[skip * sched.order:]
+      sched.set_begin_index(skip * sched.order)
+
+    sched.set_timesteps = truncated
+    set_timesteps(steps)  # the pipeline multiplies `latents` by its schedule's initial sigma
+    latents = start / sched.init_noise_sigma
+  with torch.no_grad():
+    return ref(PROMPTS, image=nchw(images), negative_prompt=NEGATIVES, num_inference_steps=steps,
+               guidance_scale=guidance, image_guidance_scale=image_guidance, latents=latents,
+               output_type="np").images
+
+
+@pytest.mark.parametrize("name,guidance,image_guidance", [
+    ("euler", 3.0, 1.7), ("dpmpp_2m_karras", 5.0, 1.2), ("ddim", 3.0, 1.0), ("heun", 1.0, 1.5)])
+def test_edit_matches_diffusers(pix2pix, name, guidance, image_guidance):
+  ref, pipe, _ = pix2pix
+  images, noise = _inputs(1)
+  steps = 5
+  expected = _reference(ref, pipe, images, noise, name, steps, guidance, image_guidance)
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images, steps=steps,
+                       guidance_scale=guidance, image_guidance_scale=image_guidance,
+                       scheduler=name, latents=noise)
+  assert ours.shape == (2, H, W, 3)
+  err = rel_err(ours, expected)
+  print(f"\npix2pix, {name}, guidance {guidance}, image guidance {image_guidance}: {err:.2e}")
+  assert err <= 1e-4
+  if guidance > 1:  # the image guidance scale is used
+    other = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images, steps=steps,
+                          guidance_scale=guidance, image_guidance_scale=image_guidance + 1.0,
+                          scheduler=name, latents=noise)
+    assert rel_err(other, expected) > 1e-3
+
+
+def test_edit_from_noised_image_matches_diffusers(pix2pix):
+  """strength < 1: the run starts from the image's posterior sample noised to the schedule's
+  position, as diffusers' img2img pipeline starts (and A1111's img2img with an edit model)."""
+  ref, pipe, _ = pix2pix
+  images, noise = _inputs(2)
+  seed, steps, strength = 5, 6, 0.5
+  skip = steps - int(steps * strength)
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
+  eps = nchw(np.asarray(sampling._keyed_noise(keys, sampling._POSTERIOR,  # noqa: SLF001
+                                              noise.shape[1:])))
+  sched = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
+  sched.set_timesteps(steps)
+  with torch.no_grad():
+    dist = ref.vae.encode(nchw(2 * images - 1)).latent_dist
+    sample = (dist.mean + dist.std * eps) * ref.vae.config.scaling_factor
+    start = sched.add_noise(sample, nchw(noise), sched.timesteps[skip:skip + 1])
+  expected = _reference(ref, pipe, images, noise, "euler", steps, 4.0, 1.5, start, skip)
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images, steps=steps,
+                       guidance_scale=4.0, scheduler="euler", seed=seed, latents=noise,
+                       strength=strength)
+  err = rel_err(ours, expected)
+  print(f"\npix2pix from the noised image, strength {strength}: {err:.2e}")
+  assert err <= 1e-4
+  full = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images, steps=steps,
+                       guidance_scale=4.0, scheduler="euler", seed=seed, latents=noise)
+  assert rel_err(full, expected) > 1e-2
+
+
+def test_edit_latents_are_the_posterior_mode(pix2pix):
+  ref, pipe, _ = pix2pix
+  images, _ = _inputs(3)
+  ours = sampling.edit_latents(pipe.vae, pipe.params["vae"], jnp.asarray(images))
+  with torch.no_grad():
+    theirs = ref.vae.encode(nchw(2 * images - 1)).latent_dist.mode()
+  assert rel_err(ours, nhwc(theirs)) <= 1e-5
+
+
+def test_bad_edit_arguments(pix2pix):
+  _, pipe, _ = pix2pix
+  images, _ = _inputs()
+  kw = dict(steps=2, guidance_scale=3.0)
+  with pytest.raises(ValueError, match="edits images: give init_images"):
+    pipe.generate(PROMPTS, height=H, width=W, **kw)
+  with pytest.raises(ValueError, match="takes no masks"):
+    pipe.generate(PROMPTS, init_images=images, mask_images=np.ones((2, H, W)), **kw)
+  with pytest.raises(ValueError, match="image_guidance_scale must be a number >= 0"):
+    pipe.generate(PROMPTS, init_images=images, image_guidance_scale=-1.0, **kw)
+  with pytest.raises(ValueError, match="edit does not take guidance_rescale"):
+    pipe.generate(PROMPTS, init_images=images, guidance_rescale=0.7, **kw)
+  with pytest.raises(ValueError, match="edit does not take cfg_parallel"):
+    pipe.generate(PROMPTS, init_images=images, cfg_parallel=True, **kw)
+  with pytest.raises(ValueError, match="edit does not take scheduler 'euler_cfg_pp'"):
+    pipe.generate(PROMPTS, init_images=images, scheduler="euler_cfg_pp", **kw)
+  with pytest.raises(ValueError, match="edit does not take NGMS or Skip Early CFG"):
+    pipe.generate(PROMPTS, init_images=images, skip_early_cond=0.5, **kw)
+  with pytest.raises(ValueError, match="or perturbed-attention guidance"):
+    pipe.generate(PROMPTS, init_images=images, pag_scale=3.0, **kw)
+  with pytest.raises(ValueError, match="composable prompts .* not instruct-pix2pix"):
+    pipe.generate(["a cat AND a dog"] * 2, init_images=images, prompt_syntax="a1111", **kw)
+
+
+def test_image_guidance_scale_needs_an_edit_model(model):
+  plain = sdjax.load_pipeline(model)
+  with pytest.raises(ValueError, match="image_guidance_scale is an instruct-pix2pix model's"):
+    plain.generate(PROMPTS, steps=2, height=H, width=W, image_guidance_scale=1.5)
+
+
+def test_single_file_and_export_round_trip(pix2pix, model, tmp_path):
+  """An instruct-pix2pix single file (8 input channels) loads with a text-to-image model's
+  config, as diffusers' `from_single_file` reads it with the pipeline's own; a folder sdjax
+  writes is diffusers' instruct-pix2pix pipeline."""
+  ref, pipe, folder = pix2pix
+  single_file_round_trip(ref, pipe, folder, model, tmp_path)
+  assert sampling.is_edit_model(sdjax.load_pipeline(str(tmp_path / "model.safetensors"),
+                                                    config=model))
+  assert sampling.is_edit_model(sdjax.load_pipeline(str(tmp_path / "folder")))
