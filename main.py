@@ -74,6 +74,9 @@ flags.DEFINE_float("noise_multiplier", 1.0, "img2img and inpainting: the initial
                    "this before it noises the init image, A1111's Noise multiplier for img2img")
 flags.DEFINE_float("extra_noise", 0.0, "img2img and the hires fix: their start's noise again, "
                    "times this, A1111's Extra noise multiplier for img2img and hires fix (0: off)")
+flags.DEFINE_float("image_guidance_scale", None, "an instruct-pix2pix model (its jsonl lines' "
+                   "init_image is the image each prompt edits): how closely the edit keeps to "
+                   "the image, A1111's Image CFG Scale (default 1.5)")
 flags.DEFINE_enum("resize_mode", "just", ["just", "crop", "fill"], "img2img and inpainting: "
                   "how an init_image of another aspect meets the image size, A1111's Just "
                   "resize (stretched), Crop and resize (covered, the excess cut) or Resize and "
@@ -368,7 +371,7 @@ def _run_config() -> run.RunConfig:
       max_generations=FLAGS.max_generations,
       lora_dir=FLAGS.lora_dir, emphasis=FLAGS.emphasis, strength=FLAGS.strength,
       noise_multiplier=FLAGS.noise_multiplier, extra_noise=FLAGS.extra_noise,
-      resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur,
+      image_guidance_scale=FLAGS.image_guidance_scale, resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur,
       inpaint_full_res=FLAGS.inpaint_full_res,
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,

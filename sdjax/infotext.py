@@ -55,7 +55,8 @@ _ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
                "PerturbedAttentionGuidance_scale": "pag_scale",
                "PerturbedAttentionGuidance_adaptive_scale": "pag_adaptive_scale",
                "Seed high": "seed_high", "Noise multiplier": "noise_multiplier",
-               "Extra noise": "extra_noise", "Prompt 2": "prompt_2",
+               "Extra noise": "extra_noise", "Image CFG scale": "image_guidance_scale",
+               "Prompt 2": "prompt_2",
                "Negative prompt 2": "negative_prompt_2"}
 
 # A1111's RNG sources: --rng.

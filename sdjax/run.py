@@ -152,6 +152,9 @@ class RunConfig:
   strength: float = 0.75  # img2img lines (jsonl init_image): A1111's denoising strength
   noise_multiplier: float = 1.0  # img2img lines: A1111's Noise multiplier of the initial noise
   extra_noise: float = 0.0  # img2img lines and hires passes: A1111's Extra noise
+  # An instruct-pix2pix model's lines (each edits its init_image): A1111's Image CFG scale
+  # (None: sampling.IMAGE_GUIDANCE_SCALE).
+  image_guidance_scale: float | None = None
   # Inpainting lines (jsonl mask_image), as A1111: the mask's blur radius; "Only masked" (the
   # masked box, padded, generated at the run's size and pasted back) or the whole picture. The
   # original's pixels are pasted back outside the mask either way (`sdjax.masks`).
@@ -409,9 +412,10 @@ def validate(cfg: RunConfig) -> None:
                    "--prompt_syntax a1111")
   if not 0.0 < cfg.strength <= 1.0:
     raise RunError(f"--strength must be in (0, 1], got {cfg.strength}")
-  for name in ("noise_multiplier", "extra_noise"):
-    if not 0.0 <= getattr(cfg, name) < math.inf:
-      raise RunError(f"--{name} must be a number >= 0, got {getattr(cfg, name)}")
+  for name in ("noise_multiplier", "extra_noise", "image_guidance_scale"):
+    value = getattr(cfg, name)
+    if value is not None and not 0.0 <= value < math.inf:
+      raise RunError(f"--{name} must be a number >= 0, got {value}")
   if cfg.resize_mode not in outputs.RESIZE_MODES:
     raise RunError(f"--resize_mode must be one of {', '.join(outputs.RESIZE_MODES)}, "
                    f"got {cfg.resize_mode!r}")
@@ -593,6 +597,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["noise_multiplier"] = cfg.noise_multiplier
   if cfg.extra_noise:
     settings["extra_noise"] = cfg.extra_noise
+  if cfg.image_guidance_scale is not None:
+    settings["image_guidance_scale"] = cfg.image_guidance_scale
   if cfg.resize_mode != RunConfig.resize_mode:
     settings["resize_mode"] = cfg.resize_mode
   if _mask_options(cfg) != _mask_options(RunConfig()):  # inpainting lines' pixels depend on it
@@ -1024,6 +1030,10 @@ def generate_run(cfg: RunConfig) -> RunSummary:
     cfg = dataclasses.replace(cfg, clip_skip=1)
   if cfg.prompt_2 or cfg.negative_prompt_2:  # a line's: when its batch is made
     _check_two_encoders(pipe)
+  try:
+    sampling.edit_scales(pipe, cfg.image_guidance_scale, 1)
+  except ValueError as e:
+    raise RunError(f"--{e}") from None
   refiner, hires_model = _load_refiner(cfg, pipe), _load_hires_model(cfg, pipe, controlnets,
                                                                      adapters)
   for model in (pipe, hires_model):  # what it does not combine with, layers it cannot find
@@ -1091,8 +1101,9 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None, hires_model=N
     return 0, 0.0, 0.0, False, None
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
   run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set, hires_model)
-  run_batch.program((metadata.height, metadata.width), None,
-                    cfg.guidance_scale)  # the run's size: checked first
+  # The run's size: checked first (an instruct-pix2pix model's lines edit their init images).
+  run_batch.program((metadata.height, metadata.width),
+                    "img2img" if sampling.is_edit_model(pipe) else None, cfg.guidance_scale)
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
 
@@ -1772,6 +1783,9 @@ class _Sampler:
     finish = None
     if program.spec.img2img:
       init, finish = self._init_images(jobs, size, program.spec.inpaint is not None)
+      if program.spec.edit:  # and each row's image guidance scale
+        init = (init, np.asarray(sampling.edit_scales(self.pipe, self.cfg.image_guidance_scale,
+                                                      len(jobs))))
       args += (parallel.shard_tree(self.mesh, init, self.global_batch),)
     if program.spec.control:  # with the hires fix the second pass's too, read at its size
       images = [self._control_images(batch, size, finish)]
@@ -2132,6 +2146,8 @@ class _Metadata:
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image, "strength": strength} if job.init_image else {}),
+        **({"image_guidance_scale": self._image_guidance_scale()}
+           if sampling.is_edit_model(self.pipe) else {}),
         **({"noise_multiplier": cfg.noise_multiplier}
            if job.init_image and cfg.noise_multiplier != 1.0 else {}),
         **({"extra_noise": cfg.extra_noise}
@@ -2235,6 +2251,8 @@ class _Metadata:
                   else {}),  # k-diffusion's s_noise, as A1111 writes it
                **self._a1111_schedule(options),
                **({"Denoising strength": strength} if job.init_image else {}),
+               **({"Image CFG scale": self._image_guidance_scale()}
+                  if sampling.is_edit_model(self.pipe) else {}),
                **({"Noise multiplier": cfg.noise_multiplier}
                   if job.init_image and cfg.noise_multiplier != 1.0 else {}),
                **({"Extra noise": cfg.extra_noise}
@@ -2319,6 +2337,11 @@ class _Metadata:
     names = {1280: "ip-adapter_clip_h", 1664: "ip-adapter_clip_g"}
     return [names.get(encoder.config.hidden_size, "ip-adapter_clip")
             for encoder, _ in self.pipe.ip_adapter or ()]
+
+  def _image_guidance_scale(self) -> float:
+    """An instruct-pix2pix model's image guidance scale (A1111's Image CFG scale)."""
+    scale = self.cfg.image_guidance_scale
+    return sampling.IMAGE_GUIDANCE_SCALE if scale is None else scale
 
   def _a1111_schedule(self, options: dict[str, Any]) -> dict[str, Any]:
     """A1111's fields of its schedules where the run steps on them as A1111 does (its k-diffusion

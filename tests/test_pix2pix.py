@@ -3,6 +3,8 @@ diffusers' StableDiffusionInstructPix2PixPipeline, with our initial noise; at st
 (A1111's img2img with such a model) against the same pipeline started from diffusers' img2img
 latents, made from our posterior draw."""
 
+import dataclasses
+
 import diffusers
 import jax.numpy as jnp
 import numpy as np
@@ -165,3 +167,49 @@ def test_single_file_and_export_round_trip(pix2pix, model, tmp_path):
   assert sampling.is_edit_model(sdjax.load_pipeline(str(tmp_path / "model.safetensors"),
                                                     config=model))
   assert sampling.is_edit_model(sdjax.load_pipeline(str(tmp_path / "folder")))
+
+
+def test_run_with_init_image_lines(pix2pix, model, tmp_path):
+  """main.py's run on an edit model: each jsonl line's init_image is edited as generate() edits
+  it (the run's strength, A1111's img2img; --image_guidance_scale); the records and the PNG's
+  A1111 parameters ("Image CFG scale", which --parameters_file reads back) keep the scale. A
+  line without an image, or the flag on another model, is a clear error."""
+  import json
+
+  from PIL import Image
+
+  from sdjax import infotext, outputs, run
+
+  _, pipe, folder = pix2pix
+  rng = np.random.default_rng(5)
+  Image.fromarray(rng.integers(0, 255, (20, 28, 3), np.uint8)).save(tmp_path / "a.png")
+  path = tmp_path / "edit.jsonl"
+  path.write_text(json.dumps({"prompt": "make it snowy", "init_image": "a.png"}) + "\n"
+                  + json.dumps({"prompt": "make it red", "init_image": "a.png", "seed": 3})
+                  + "\n")
+  kw = dict(steps=4, guidance_scale=3.0, scheduler="euler")
+  cfg = run.RunConfig(model=folder, prompts_file=str(path), height=H, width=W, seed=1,
+                      batch_size=2, image_guidance_scale=2.0, output_dir=str(tmp_path / "out"),
+                      compilation_cache="", show_progress=False, **kw)
+  assert run.generate_run(cfg).images == 2
+  records = [json.loads(x) for x in open(tmp_path / "out" / outputs.MANIFEST_NAME)]
+  image = outputs.read_image(str(tmp_path / "a.png"), (H, W))
+  for record in records:
+    assert record["image_guidance_scale"] == 2.0 and record["strength"] == 0.75
+    expected = pipe.generate(record["prompt"], init_images=image[None], strength=0.75,
+                             image_guidance_scale=2.0, seed=record["seed"], **kw)
+    written = Image.open(tmp_path / "out" / record["file"])
+    assert np.abs(np.asarray(written, np.float32) / 255 - expected[0]).max() <= 1 / 255 + 1e-6
+    parameters = written.text["parameters"]
+    assert "Denoising strength: 0.75, Image CFG scale: 2.0" in parameters
+    assert infotext.reproduce(parameters).flags["image_guidance_scale"] == "2.0"
+  text = tmp_path / "text.jsonl"
+  text.write_text('{"prompt": "a cat"}\n')
+  with pytest.raises(run.RunError, match="edits images: give init_images"):
+    run.generate_run(dataclasses.replace(cfg, prompts_file=str(text), batch_size=1,
+                                         output_dir=str(tmp_path / "text")))
+  with pytest.raises(run.RunError, match="--image_guidance_scale is an instruct-pix2pix"):
+    run.generate_run(dataclasses.replace(cfg, model=model, output_dir=str(tmp_path / "plain")))
+  with pytest.raises(run.RunError, match="--image_guidance_scale must be a number >= 0"):
+    run.generate_run(dataclasses.replace(cfg, image_guidance_scale=-1.0,
+                                         output_dir=str(tmp_path / "bad")))
