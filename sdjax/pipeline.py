@@ -1450,6 +1450,7 @@ def _model_index(pipe: Pipeline, scheduler_class: str) -> dict[str, Any]:
   refiner = pipe.text_encoder is None
   return {**index,
           "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner
+          else "StableDiffusionXLInstructPix2PixPipeline" if sampling.is_edit_model(pipe)
           else "StableDiffusionXLPipeline",
           "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
           "tokenizer_2": ["transformers", "CLIPTokenizer"],

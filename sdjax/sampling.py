@@ -1524,9 +1524,6 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
   edit = is_edit_model(pipe)
-  if edit and pipe.is_sdxl:  # its pipeline differs (time ids, CosXL Edit's scaled latents)
-    raise ValueError("SDXL instruct-pix2pix models (8-channel UNet) are not supported yet; "
-                     "SD1 and SD2 ones are")
   if edit and not img2img:
     raise ValueError("an instruct-pix2pix model edits images: give init_images (prompt lines: "
                      "init_image)")
