@@ -67,6 +67,11 @@ flags.DEFINE_string("wildcards_dir", None, "--dynamic_prompts: the folder where 
                     "name.txt (one option per line; __dir/*__ any file under dir/)")
 flags.DEFINE_integer("max_generations", 0, "--dynamic_prompts combinatorial: at most this many "
                      "prompts per template (0: all)")
+flags.DEFINE_string("init_image", None, "--prompt's image to start from (img2img; with an "
+                    "instruct-pix2pix model the image each prompt edits): a path or fsspec URL; "
+                    "a prompts file's lines give their own (jsonl init_image)")
+flags.DEFINE_string("mask_image", None, "with --init_image, what --prompt repaints (inpainting: "
+                    "white repaints)")
 flags.DEFINE_float("strength", 0.75, "img2img and inpainting (jsonl lines with an init_image): "
                    "how much of the schedule to run, A1111's denoising strength (1.0 ignores "
                    "the image)")
@@ -363,7 +368,7 @@ def _run_config() -> run.RunConfig:
       if FLAGS[key].value is not None:
         values["steps"] = len(dict(options)[key]) - extra
   return run.RunConfig(
-      prompts=tuple(run.PromptLine(p) for p in FLAGS.prompt), prompts_file=FLAGS.prompts_file,
+      prompts=_prompt_lines(), prompts_file=FLAGS.prompts_file,
       negative_prompt=FLAGS.negative_prompt, prompt_syntax=FLAGS.prompt_syntax,
       prompt_2=FLAGS.prompt_2, negative_prompt_2=FLAGS.negative_prompt_2,
       dynamic_prompts=FLAGS.dynamic_prompts, wildcards_dir=FLAGS.wildcards_dir,
@@ -428,6 +433,19 @@ def _run_config() -> run.RunConfig:
       + (run.embeddings_in_dir(FLAGS.embeddings_dir) if FLAGS.embeddings_dir else ()),
       micro=_micro_conditioning(), scheduler_options=options,
       refiner_switch=FLAGS.refiner_switch, **values)
+
+
+def _prompt_lines() -> tuple[run.PromptLine, ...]:
+  """--prompt's lines, with --init_image and --mask_image (a local path made absolute)."""
+  init, mask = (None if path is None else path if "://" in path else
+                os.path.abspath(os.path.expanduser(path))
+                for path in (FLAGS.init_image, FLAGS.mask_image))
+  if mask is not None and init is None:
+    raise run.RunError("--mask_image marks what to repaint in --init_image: give both")
+  if init is not None and not FLAGS.prompt:
+    raise run.RunError("--init_image and --mask_image are --prompt's: a prompts file's lines "
+                       "give their own (jsonl init_image, mask_image)")
+  return tuple(run.PromptLine(p, init_image=init, mask_image=mask) for p in FLAGS.prompt)
 
 
 def _apply_parameters_file() -> infotext.Reproduction | None:

@@ -496,6 +496,8 @@ BAD_INPUT = [
     (["--safety_checker", "/nonexistent/checker"],
      "--safety_checker: cannot load safety checker /nonexistent/checker: model folder "),
     (["--nsfw_action", "keep"], "--nsfw_action is for a run with --safety_checker"),
+    (["--image_guidance_scale", "1.5"], "--image_guidance_scale is an instruct-pix2pix model's"),
+    (["--mask_image", "m.png"], "--mask_image marks what to repaint in --init_image: give both"),
     (["--parameters_file", "pyproject.toml"], "--parameters_file pyproject.toml: no A1111 "
                                               "parameters line"),
     # Last: its own process (a process sets its CPU devices once, before JAX starts).

@@ -4,6 +4,7 @@ diffusers' StableDiffusionInstructPix2PixPipeline, with our initial noise; at st
 latents, made from our posterior draw."""
 
 import dataclasses
+import os
 
 import diffusers
 import jax.numpy as jnp
@@ -251,3 +252,37 @@ def test_sdxl_edit_matches_diffusers(sdxl, name, guidance, negatives):
 def test_sdxl_single_file_and_export_round_trip(sdxl, tmp_path):
   ref, pipe, folder = sdxl
   single_file_round_trip(ref, pipe, folder, folder, tmp_path)
+
+
+def test_main_init_image_flags(pix2pix, tmp_path, monkeypatch):
+  """main.py's --init_image / --mask_image give --prompt's lines their images (a local path
+  made absolute), as a jsonl line's init_image / mask_image."""
+  from absl import flags
+
+  import main
+  from sdjax import run
+
+  _, _, folder = pix2pix
+  monkeypatch.chdir(tmp_path)
+
+  def config(*args):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["main.py", "--model", folder, *args])
+    try:
+      return main._run_config()  # noqa: SLF001
+    finally:
+      flags.FLAGS.unparse_flags()
+
+  cfg = config("--prompt", "make it snowy", "--prompt", "make it red", "--init_image", "a.png",
+               "--image_guidance_scale", "1.25")
+  assert cfg.prompts == tuple(run.PromptLine(p, init_image=str(tmp_path / "a.png"))
+                              for p in ("make it snowy", "make it red"))
+  assert cfg.image_guidance_scale == 1.25
+  cfg = config("--prompt", "a", "--init_image", "gs://b/a.png", "--mask_image", "~/m.png")
+  assert cfg.prompts[0].init_image == "gs://b/a.png"
+  assert cfg.prompts[0].mask_image == os.path.expanduser("~/m.png")
+  with pytest.raises(run.RunError, match="--mask_image marks what to repaint in --init_image"):
+    config("--prompt", "a", "--mask_image", "m.png")
+  (tmp_path / "p.txt").write_text("a cat\n")
+  with pytest.raises(run.RunError, match="--init_image and --mask_image are --prompt's"):
+    config("--prompts_file", "p.txt", "--init_image", "a.png")
