@@ -387,7 +387,7 @@ class Pipeline:
                brownian: str | None = None, step_rng: str | None = None,
                seed_high: int = 0, noise_multiplier: float = 1.0,
                extra_noise: float = 0.0, noise_batch: int = 1,
-               image_guidance_scale: float | None = None) -> np.ndarray:
+               image_guidance_scale: float | None = None, depth_maps=None) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too; an instruct-pix2pix model edits them as its prompts say).
 
@@ -494,6 +494,11 @@ class Pipeline:
         each call runs the prompt with the image, the negative prompt with the image and
         without, as uncond + guidance_scale * (text - image) + image_guidance_scale *
         (image - uncond).
+      depth_maps: a depth-to-image model's (5-channel UNet: stable-diffusion-2-depth) depth of
+        each of `init_images`, float [N, h, w] of any size, larger nearer (a depth estimator's
+        output, e.g. DPT-Hybrid's; sdjax has none), as diffusers'
+        StableDiffusionDepth2ImgPipeline's `depth_map`: resized to the latents and brought to
+        [-1, 1], every UNet call sees it.
       strength: img2img: how much of the schedule to run (1.0 ignores the image; default 0.8,
         1.0 when inpainting or editing, as diffusers' pipelines; an instruct-pix2pix edit at
         strength 1 starts from pure noise, below it from the image noised, as A1111's img2img).
@@ -709,7 +714,7 @@ class Pipeline:
         old_prompt_editing_timelines=old_prompt_editing_timelines,
         brownian=brownian, step_rng=step_rng, seed_high=seed_high,
         noise_multiplier=noise_multiplier, extra_noise=extra_noise, noise_batch=noise_batch,
-        image_guidance_scale=image_guidance_scale)
+        image_guidance_scale=image_guidance_scale, depth_maps=depth_maps)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(
@@ -913,10 +918,11 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   markers = single_file.scheduler_markers(state, single_file.read_metadata(path))
   if markers:
     logging.info("%s: marked as %s", path, ", ".join(f"{k}={v}" for k, v in markers.items()))
-  in_channels = single_file.unet_in_channels(state)  # the weights say (inpainting 9, pix2pix 8)
+  # The weights say (inpainting 9, pix2pix 8, depth 5; SD2's first and last are 512-base).
+  in_channels = single_file.unet_in_channels(state)
   raw, tokenizers = _single_file_configs(
       family, config, prediction_type or markers.get("prediction_type"), revision, path,
-      in_channels == single_file.INPAINTING_CHANNELS)
+      in_channels in (single_file.INPAINTING_CHANNELS, single_file.DEPTH_CHANNELS))
   playground = single_file.playground_configs(state, path)
   if playground is not None and config is None:  # a config folder's own win, as in diffusers
     logging.info("%s: Playground v2.5 (EDM, latent statistics in the file)", path)
@@ -1441,6 +1447,9 @@ def _model_index(pipe: Pipeline, scheduler_class: str) -> dict[str, Any]:
   clip = ["transformers", "CLIPTextModel"] if pipe.text_encoder else [None, None]
   tokenizer = ["transformers", "CLIPTokenizer"] if pipe.tokenizer else [None, None]
   index.update(text_encoder=clip, tokenizer=tokenizer)
+  if not pipe.is_sdxl and sampling.is_depth_model(pipe):  # no depth estimator: pass None
+    return {**{k: v for k, v in index.items() if k != "image_encoder"},
+            "_class_name": "StableDiffusionDepth2ImgPipeline", "depth_estimator": [None, None]}
   if not pipe.is_sdxl:
     return {**index, "_class_name": "StableDiffusionInpaintPipeline"
             if sampling.is_inpainting_model(pipe) else "StableDiffusionInstructPix2PixPipeline"

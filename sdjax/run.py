@@ -1034,6 +1034,9 @@ def generate_run(cfg: RunConfig) -> RunSummary:
     sampling.edit_scales(pipe, cfg.image_guidance_scale, 1)
   except ValueError as e:
     raise RunError(f"--{e}") from None
+  if sampling.is_depth_model(pipe):
+    raise RunError(f"{cfg.model} is a depth-to-image model, which main.py does not run yet (it "
+                   "needs each image's depth map): use Pipeline.generate(..., depth_maps=...)")
   refiner, hires_model = _load_refiner(cfg, pipe), _load_hires_model(cfg, pipe, controlnets,
                                                                      adapters)
   for model in (pipe, hires_model):  # what it does not combine with, layers it cannot find

@@ -109,6 +109,10 @@ class SampleSpec:
   # strength 1 (`begin` 0) the run starts from pure noise, as diffusers' pipeline, else from the
   # image noised to `begin` (A1111's img2img with such a model).
   edit: bool = False
+  # A depth-to-image model (`is_depth_model`, with `img2img`): `init` is (images, depth maps
+  # [B, h', w'] of any size); every UNet call also sees the depth, brought to the latents' size
+  # and to [-1, 1] (`depth_condition`).
+  depth: bool = False
   # Inpainting at strength < 1: the image latents the masked area starts from are replaced by
   # the initial noise ("latent noise") or zeros ("latent nothing"), A1111's "Masked content";
   # else "original" (`masks.MASKED_CONTENT`; "fill" is host work).
@@ -742,7 +746,16 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     return (eps, eps_uncond) if spec.scheduler.takes_uncond else eps
 
   after_step = None
-  if spec.edit:
+  if spec.depth:
+    images, depth_maps = init
+    depth = depth_condition(depth_maps, spec.latent_hw)
+    unet_predict = predict
+
+    def predict(x, t, call):
+      return unet_predict(jnp.concatenate([x, depth], axis=-1), t, call)
+
+    x = _initial_latents(spec, nets.vae, params, source, noise, images, state)
+  elif spec.edit:
     images, image_scales = init
     predict = functools.partial(_edit_guidance, spec, nets, params, negative, positive,
                                 edit_latents(nets.vae, params["vae"], images), guidance_scale,
@@ -823,6 +836,17 @@ def edit_latents(vae: AutoencoderKL, vae_params, images) -> jax.Array:
   mode (its mean), not scaled to diffusion latents (diffusers' `prepare_image_latents`, A1111's
   `edit_image_conditioning`: the model was trained on them so)."""
   return encode_images(vae, vae_params, images).mean.astype(jnp.float32)
+
+
+def depth_condition(depth_maps, latent_hw: tuple[int, int]) -> jax.Array:
+  """A depth-to-image UNet's extra input from depth maps [B, h', w'] (a depth estimator's, larger
+  nearer): resized to the latents' size by torch's bicubic interpolation (align_corners=False)
+  and each brought to [-1, 1] by its own minimum and maximum, as diffusers'
+  `StableDiffusionDepth2ImgPipeline.prepare_depth_map` (A1111's depth conditioning)."""
+  depth = interpolate.resize(depth_maps.astype(jnp.float32)[..., None], latent_hw, "bicubic")
+  low = depth.min(axis=(1, 2, 3), keepdims=True)
+  high = depth.max(axis=(1, 2, 3), keepdims=True)
+  return 2.0 * (depth - low) / (high - low) - 1.0
 
 
 def _edit_guidance(spec: SampleSpec, nets, params, negative, positive, image_latents, scale,
@@ -1527,6 +1551,10 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   if edit and not img2img:
     raise ValueError("an instruct-pix2pix model edits images: give init_images (prompt lines: "
                      "init_image)")
+  depth = is_depth_model(pipe)
+  if depth and (not img2img or denoising_start is not None or denoising_end is not None):
+    raise ValueError("a depth-to-image model makes img2img runs: give init_images and their "
+                     "depth_maps")
   if img2img and scheduler_options and scheduler_options.get("a1111"):
     if mode is not None or denoising_start is not None:  # inpainting, a handoff: diffusers'
       scheduler_options = {k: v for k, v in scheduler_options.items() if k != "a1111"} or None
@@ -1585,7 +1613,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     seed_high=int(seed_high),
                     noise_multiplier=float(noise_multiplier) if img2img else 1.0,
                     extra_noise=float(extra_noise) if img2img else 0.0,
-                    noise_batch=int(noise_batch), edit=edit)
+                    noise_batch=int(noise_batch), edit=edit, depth=depth)
   if edit:
     check_edit(spec)
   if "torch_cpu" in (rng, brownian, step_rng):
@@ -1698,6 +1726,11 @@ def is_inpainting_model(pipe) -> bool:
   return pipe.unet.config.in_channels == 2 * latent_channels(pipe) + 1
 
 
+def is_depth_model(pipe) -> bool:
+  """Whether the UNet also takes a depth map (depth-to-image: 5 input channels)."""
+  return pipe.unet.config.in_channels == latent_channels(pipe) + 1
+
+
 def is_edit_model(pipe) -> bool:
   """Whether the UNet also takes an image's latents (instruct-pix2pix: 8 input channels)."""
   return pipe.unet.config.in_channels == 2 * latent_channels(pipe)
@@ -1723,8 +1756,8 @@ def unmasked_inpainting(init_images: np.ndarray | None, n: int, height: int,
 def inpaint_mode(pipe, masks: bool) -> str | None:
   """How `pipe` inpaints (INPAINT_MODES) when given masks, None without; a clear error for an
   inpainting model without masks (generate() and runs give it full masks: only the hires
-  pass and the refiner stage come here without) or a UNet of other inputs (depth); an
-  instruct-pix2pix model takes none (its image is no mask: `SampleSpec.edit`)."""
+  pass and the refiner stage come here without) or a UNet of other inputs; instruct-pix2pix
+  and depth-to-image models take none (`SampleSpec.edit`, `.depth`)."""
   extra = pipe.unet.config.in_channels - latent_channels(pipe)
   if is_inpainting_model(pipe):
     if not masks:
@@ -1734,10 +1767,14 @@ def inpaint_mode(pipe, masks: bool) -> str | None:
     if masks:
       raise ValueError("an instruct-pix2pix model edits the whole image: it takes no masks")
     return None
+  if is_depth_model(pipe):
+    if masks:
+      raise ValueError("a depth-to-image model takes no masks")
+    return None
   if extra:
     raise ValueError(f"the UNet takes {pipe.unet.config.in_channels} input channels, which "
-                     "sdjax does not know how to fill (only text-to-image, inpainting and "
-                     "instruct-pix2pix models)")
+                     "sdjax does not know how to fill (only text-to-image, inpainting, "
+                     "instruct-pix2pix and depth-to-image models)")
   return "blend" if masks else None
 
 
@@ -2000,6 +2037,7 @@ def generate(
     extra_noise: float = 0.0,
     noise_batch: int = 1,
     image_guidance_scale: float | None = None,
+    depth_maps: Any = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -2052,6 +2090,7 @@ def generate(
   if edit and (controlnet is not None or ip is not None or pag_scale):
     raise ValueError("an instruct-pix2pix model's edit does not take ControlNets, IP-Adapters "
                      "or perturbed-attention guidance (pag_scale)")
+  depth_maps = check_depth_maps(pipe, depth_maps, n)
   if strength is None:  # diffusers' defaults: its img2img, inpainting and pix2pix pipelines'
     strength = 1.0 if mask_images is not None or edit else 0.8
   if refiner is not None:
@@ -2186,6 +2225,8 @@ def generate(
   init = _init_input(init_images, mask_images)
   if edit:
     init = (init, image_scales)
+  if depth_maps is not None:
+    init = (init, jnp.asarray(depth_maps))
   out = _sample(spec, nets, params, cond, seeds, noise, scalars, init, state, control)
   if hires is not None:
     hires_spec, hires_state = hires_stage
@@ -2211,6 +2252,31 @@ def generate(
                                 pipe.scheduler_config), "handoff": refiner_switch},
                             refiner_start, a1111, spec.tiling,
                             stream_draws(spec, len(state.timesteps)), cfg_skip, carried))
+
+
+def check_depth_maps(pipe, depth_maps, n: int) -> np.ndarray | None:
+  """A depth-to-image model's depth maps as float32 [n, h, w] (any size); a clear error for
+  other models given some, or such a model given none."""
+  if not is_depth_model(pipe):
+    if depth_maps is not None:
+      raise ValueError("depth_maps are a depth-to-image model's (its UNet takes a depth map "
+                       "too)")
+    return None
+  if depth_maps is None:
+    raise ValueError("a depth-to-image model needs depth_maps: [N, h, w], each image's depth "
+                     "as a depth estimator makes it (larger nearer; e.g. DPT-Hybrid's, as "
+                     "diffusers' pipeline runs Intel/dpt-hybrid-midas); sdjax has no estimator")
+  depth_maps = np.asarray(depth_maps, np.float32)
+  if depth_maps.ndim == 4 and depth_maps.shape[-1] == 1:
+    depth_maps = depth_maps[..., 0]
+  if depth_maps.ndim != 3 or depth_maps.shape[0] != n or min(depth_maps.shape[1:]) < 1:
+    raise ValueError(f"depth_maps must be [{n}, h, w], got {depth_maps.shape}")
+  if not np.isfinite(depth_maps).all():
+    raise ValueError("depth_maps must be finite")
+  flat = depth_maps.reshape(n, -1)
+  if (flat.max(axis=1) == flat.min(axis=1)).any():
+    raise ValueError("a depth map is constant: it says nothing of the depth")
+  return depth_maps
 
 
 # diffusers' StableDiffusionInstructPix2PixPipeline's default image guidance scale (A1111's

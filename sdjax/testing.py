@@ -373,11 +373,13 @@ FAMILIES = {
 
 
 def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0,
-                   inpainting: bool = False, pix2pix: bool = False):
+                   inpainting: bool = False, pix2pix: bool = False, depth: bool = False):
   """A randomly initialised diffusers `StableDiffusionPipeline` of a tiny family config (with
   `inpainting`, a `StableDiffusionInpaintPipeline` whose UNet also takes the mask and the masked
   image's latents: 9 input channels; with `pix2pix`, a `StableDiffusionInstructPix2PixPipeline`
-  whose UNet also takes the image's latents: 8)."""
+  whose UNet also takes the image's latents: 8; with `depth`, a
+  `StableDiffusionDepth2ImgPipeline` (no depth estimator: give it depth maps) whose UNet also
+  takes a depth map: 5)."""
   import diffusers  # noqa: PLC0415
 
   unet_config, act, sched_overrides = FAMILIES[family]
@@ -385,6 +387,8 @@ def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0,
     unet_config = {**unet_config, "in_channels": 2 * VAE["latent_channels"] + 1}
   if pix2pix:
     unet_config = {**unet_config, "in_channels": 2 * VAE["latent_channels"]}
+  if depth:
+    unet_config = {**unet_config, "in_channels": VAE["latent_channels"] + 1}
   scheduler_config = {**SCHEDULER_SD15, **sched_overrides}
   scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
   tok_folder = os.path.join(tmp_folder, "_tokenizer_src")
@@ -395,6 +399,12 @@ def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0,
     cls = diffusers.StableDiffusionInpaintPipeline
   if pix2pix:
     cls = diffusers.StableDiffusionInstructPix2PixPipeline
+  if depth:
+    return diffusers.StableDiffusionDepth2ImgPipeline(
+        vae=torch_vae(VAE, seed + 1), text_encoder=torch_clip(clip, seed + 2),
+        tokenizer=torch_tokenizer(tok_folder), unet=torch_unet(unet_config, seed + 3),
+        scheduler=scheduler_cls.from_config(scheduler_config), depth_estimator=None,
+        feature_extractor=None)
   return cls(
       vae=torch_vae(VAE, seed + 1),
       text_encoder=torch_clip(clip, seed + 2),
@@ -408,9 +418,9 @@ def torch_pipeline(tmp_folder: str, family: str = "sd1", seed: int = 0,
 
 
 def write_torch_pipeline(folder: str, family: str = "sd1", seed: int = 0,
-                         inpainting: bool = False, pix2pix: bool = False):
+                         inpainting: bool = False, pix2pix: bool = False, depth: bool = False):
   """Saves a random tiny diffusers pipeline as a diffusers-format folder; returns the pipeline."""
-  pipe = torch_pipeline(folder + "_src", family, seed, inpainting, pix2pix)
+  pipe = torch_pipeline(folder + "_src", family, seed, inpainting, pix2pix, depth)
   pipe.save_pretrained(folder, safe_serialization=True)
   return pipe
 

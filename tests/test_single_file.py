@@ -286,11 +286,12 @@ def test_bad_files(family_files, tmp_path):
   del missing["model.diffusion_model.middle_block.1.proj_out.weight"]
   with pytest.raises(SingleFileError, match="missing key 'model.diffusion_model.middle_block.1"):
     sdjax.load_pipeline(_write(tmp_path / "missing.safetensors", missing), config=folder)
-  depth = dict(state)  # (inpainting files, 9 channels, load: test_inpaint; pix2pix, 8: test_pix2pix)
-  w = depth["model.diffusion_model.input_blocks.0.0.weight"]
-  depth["model.diffusion_model.input_blocks.0.0.weight"] = np.concatenate([w, w[:, :1]], 1)
-  with pytest.raises(SingleFileError, match="depth-to-image model \\(5 UNet input channels\\)"):
-    sdjax.load_pipeline(_write(tmp_path / "depth.safetensors", depth), config=folder)
+  # (inpainting files, 9 channels, load: test_inpaint; pix2pix, 8, and depth, 5: their tests)
+  upscaler = dict(state)
+  w = upscaler["model.diffusion_model.input_blocks.0.0.weight"]
+  upscaler["model.diffusion_model.input_blocks.0.0.weight"] = np.concatenate([w, w[:, :3]], 1)
+  with pytest.raises(SingleFileError, match="an upscaler model \\(7 UNet input channels\\)"):
+    sdjax.load_pipeline(_write(tmp_path / "upscaler.safetensors", upscaler), config=folder)
   data = open(real, "rb").read()
   truncated = tmp_path / "truncated.safetensors"
   truncated.write_bytes(data[: len(data) // 2])

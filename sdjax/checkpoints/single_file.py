@@ -43,6 +43,8 @@ UNET_PREFIX = "model.diffusion_model."
 INPAINTING_CHANNELS = 9
 # An instruct-pix2pix UNet's: latents (4), the edited image's latents (4).
 EDIT_CHANNELS = 8
+# A depth-to-image UNet's: latents (4), the depth map (1).
+DEPTH_CHANNELS = 5
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1: OpenAI CLIP-L
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP ViT-H text tower
@@ -147,11 +149,11 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
     raise SingleFileError(f"{name} carries Playground's EDM latent statistics (edm_mean) but is "
                           "not an SDXL-layout model, which Playground v2.5 is")
   channels = conv_in.shape[1]
-  if channels not in (4, INPAINTING_CHANNELS, EDIT_CHANNELS):
-    variant = {5: "a depth-to-image", 7: "an upscaler"}.get(channels, "an unsupported")
+  if channels not in (4, INPAINTING_CHANNELS, EDIT_CHANNELS, DEPTH_CHANNELS):
+    variant = {7: "an upscaler"}.get(channels, "an unsupported")
     raise SingleFileError(f"{name} is {variant} model ({channels} UNet input channels); sdjax "
-                          "supports text-to-image (4 channels), inpainting (9) and "
-                          "instruct-pix2pix (8) models")
+                          "supports text-to-image (4 channels), inpainting (9), "
+                          "instruct-pix2pix (8) and depth-to-image (5) models")
   if _has_prefix(state, SDXL_OPENCLIP_PREFIX):
     return "sdxl"
   if _has_prefix(state, SDXL_REFINER_OPENCLIP_PREFIX):
@@ -165,7 +167,7 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
 
 def unet_in_channels(state: Mapping[str, np.ndarray]) -> int:
   """The UNet's input channels: 4, INPAINTING_CHANNELS for an inpainting model, EDIT_CHANNELS
-  for an instruct-pix2pix one."""
+  for an instruct-pix2pix one, DEPTH_CHANNELS for a depth-to-image one."""
   return int(state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1])
 
 
@@ -254,7 +256,8 @@ def markers_for(scheduler_config: Mapping[str, Any], dtype=np.float32,
 def standard_config_name(family: str, prediction_type: str | None,
                          inpainting: bool = False) -> str:
   """The built-in config for a family; SD2's 768-v and 512-base differ only in prediction type
-  (an SD2 inpainting file, as stable-diffusion-2-inpainting, defaults to 512-base)."""
+  (an SD2 inpainting or depth file, as stable-diffusion-2-inpainting and 512-depth-ema, defaults
+  to 512-base: `inpainting`)."""
   if family.startswith("sdxl"):
     return family
   if family == "sd1":  # v-prediction SD1 fine-tunes: the same config, another prediction type
