@@ -72,6 +72,8 @@ flags.DEFINE_string("init_image", None, "--prompt's image to start from (img2img
                     "a prompts file's lines give their own (jsonl init_image)")
 flags.DEFINE_string("mask_image", None, "with --init_image, what --prompt repaints (inpainting: "
                     "white repaints)")
+flags.DEFINE_string("depth_image", None, "with --init_image and a depth-to-image model, its depth "
+                    "map (grey levels, 8 or 16 bits, larger nearer)")
 flags.DEFINE_float("strength", 0.75, "img2img and inpainting (jsonl lines with an init_image): "
                    "how much of the schedule to run, A1111's denoising strength (1.0 ignores "
                    "the image)")
@@ -436,16 +438,20 @@ def _run_config() -> run.RunConfig:
 
 
 def _prompt_lines() -> tuple[run.PromptLine, ...]:
-  """--prompt's lines, with --init_image and --mask_image (a local path made absolute)."""
-  init, mask = (None if path is None else path if "://" in path else
-                os.path.abspath(os.path.expanduser(path))
-                for path in (FLAGS.init_image, FLAGS.mask_image))
+  """--prompt's lines, with --init_image, --mask_image and --depth_image (a local path made
+  absolute)."""
+  init, mask, depth = (None if path is None else path if "://" in path else
+                       os.path.abspath(os.path.expanduser(path))
+                       for path in (FLAGS.init_image, FLAGS.mask_image, FLAGS.depth_image))
   if mask is not None and init is None:
     raise run.RunError("--mask_image marks what to repaint in --init_image: give both")
+  if depth is not None and init is None:
+    raise run.RunError("--depth_image is the depth map of --init_image: give both")
   if init is not None and not FLAGS.prompt:
-    raise run.RunError("--init_image and --mask_image are --prompt's: a prompts file's lines "
-                       "give their own (jsonl init_image, mask_image)")
-  return tuple(run.PromptLine(p, init_image=init, mask_image=mask) for p in FLAGS.prompt)
+    raise run.RunError("--init_image, --mask_image and --depth_image are --prompt's: a prompts "
+                       "file's lines give their own (jsonl init_image, mask_image, depth_image)")
+  return tuple(run.PromptLine(p, init_image=init, mask_image=mask, depth_image=depth)
+               for p in FLAGS.prompt)
 
 
 def _apply_parameters_file() -> infotext.Reproduction | None:

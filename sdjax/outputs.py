@@ -451,9 +451,9 @@ def to_uint8(image: Any) -> np.ndarray:
   return np.clip(np.round(array * 255), 0, 255).astype(np.uint8)
 
 
-def open_image(path: str, mode: str = "RGB") -> Image.Image:
-  """An image file (local path or fsspec URL) in `mode`, at its own size; ValueError if
-  unreadable."""
+def open_image(path: str, mode: str | None = "RGB") -> Image.Image:
+  """An image file (local path or fsspec URL) in `mode` (None: its own), at its own size;
+  ValueError if unreadable."""
   import fsspec  # noqa: PLC0415
 
   try:
@@ -462,7 +462,20 @@ def open_image(path: str, mode: str = "RGB") -> Image.Image:
       image.load()
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from None
-  return image.convert(mode)
+  return image if mode is None else image.convert(mode)
+
+
+def read_depth(path: str) -> np.ndarray:
+  """A depth map's image file (local path or fsspec URL; grey levels of 8 or 16 bits, or colours
+  taken as their luminance; larger nearer, as depth estimators draw them) as float32 [h, w] at
+  its own size; ValueError if unreadable or constant."""
+  image = open_image(path, None)
+  if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+    image = image.convert("L")
+  depth = np.asarray(image, np.float32)
+  if depth.max() == depth.min():
+    raise ValueError(f"depth map {path} is constant: it says nothing of the depth")
+  return depth
 
 
 def read_image(path: str, size: tuple[int, int], mode: str = "RGB",

@@ -37,7 +37,7 @@ _JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "width", "he
                  "init_image", "guidance_scale", "mask_image", "steps", "scheduler", "strength",
                  "control_image", "ip_adapter_image", "hires_prompt", "hires_negative_prompt",
                  "schedule_type", "styles", "subseed", "subseed_strength", "scheduler_options",
-                 "clip_skip", "prompt_2", "negative_prompt_2")
+                 "clip_skip", "prompt_2", "negative_prompt_2", "depth_image")
 MAX_SIZE = 4096  # pixels per side; larger is almost surely a typo
 # Tables of prompts (`.csv`, `.tsv`): a header row names the columns; the prompt column is the
 # first named one of these (PartiPrompts' "Prompt", DrawBench's "Prompts", captions' "caption"),
@@ -91,6 +91,8 @@ class PromptLine:
   # prompt / negative prompt).
   prompt_2: str | None = None
   negative_prompt_2: str | None = None
+  # A depth-to-image model's depth map of init_image (an image file, larger nearer).
+  depth_image: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +128,7 @@ class ImageJob:
   batch_place: int = 0
   prompt_2: str | None = None  # None: the run's --prompt_2, else the prompt
   negative_prompt_2: str | None = None
+  depth_image: str | None = None  # a depth-to-image model's depth map of init_image
 
   @property
   def kind(self) -> str | None:
@@ -213,6 +216,9 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
                        for key in ("control_image", "ip_adapter_image"))
   if mask is not None and init is None:
     raise RunError(f'{where}: "mask_image" marks what to repaint in an "init_image": give both')
+  depth = _image_path(path, where, obj, "depth_image")
+  if depth is not None and init is None:
+    raise RunError(f'{where}: "depth_image" is the depth map of an "init_image": give both')
   guidance, strength = obj.get("guidance_scale"), obj.get("strength")
   if guidance is not None and not (_is_number(guidance) and guidance >= 0):
     raise RunError(f'{where}: "guidance_scale" must be a number >= 0')
@@ -252,7 +258,7 @@ def _prompt_line(path: str, where: str, obj) -> PromptLine:
                     obj.get("subseed"),
                     None if subseed_strength is None else float(subseed_strength),
                     freeze_options(options) if options else None, obj.get("clip_skip"),
-                    obj.get("prompt_2"), obj.get("negative_prompt_2"))
+                    obj.get("prompt_2"), obj.get("negative_prompt_2"), depth)
 
 
 def _check_options(options, where: str) -> None:
@@ -594,6 +600,8 @@ def _key(line: PromptLine) -> list:
   extra = [line.width, line.height, line.init_image, line.guidance_scale]
   if line.mask_image is not None:
     extra.append(line.mask_image)
+  if line.depth_image is not None:
+    extra.append({"depth_image": line.depth_image})
   for field in ("control_image", "ip_adapter_image"):
     value = getattr(line, field)
     if value is not None:
@@ -795,7 +803,8 @@ class Plan:
                     subseed=None if line.subseed is None else line.subseed + j,
                     subseed_strength=line.subseed_strength,
                     scheduler_options=line.scheduler_options, clip_skip=line.clip_skip,
-                    prompt_2=second[0], negative_prompt_2=second[1])
+                    prompt_2=second[0], negative_prompt_2=second[1],
+                    depth_image=line.depth_image)
 
 
 _SYNTAX_BYTES = (*(s.encode() for s in SYNTAX), b"\\")  # and any JSON escape

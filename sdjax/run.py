@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -32,6 +33,7 @@ from sdjax import (
   aot,
   conditioning,
   dynamic_prompts,
+  interpolate,
   masks,
   outputs,
   parallel,
@@ -1034,9 +1036,6 @@ def generate_run(cfg: RunConfig) -> RunSummary:
     sampling.edit_scales(pipe, cfg.image_guidance_scale, 1)
   except ValueError as e:
     raise RunError(f"--{e}") from None
-  if sampling.is_depth_model(pipe):
-    raise RunError(f"{cfg.model} is a depth-to-image model, which main.py does not run yet (it "
-                   "needs each image's depth map): use Pipeline.generate(..., depth_maps=...)")
   refiner, hires_model = _load_refiner(cfg, pipe), _load_hires_model(cfg, pipe, controlnets,
                                                                      adapters)
   for model in (pipe, hires_model):  # what it does not combine with, layers it cannot find
@@ -1105,12 +1104,14 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None, hires_model=N
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
   run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set, hires_model)
   # The run's size: checked first (an instruct-pix2pix model's lines edit their init images).
-  run_batch.program((metadata.height, metadata.width),
-                    "img2img" if sampling.is_edit_model(pipe) else None, cfg.guidance_scale)
+  images_in = sampling.is_edit_model(pipe) or sampling.is_depth_model(pipe)
+  run_batch.program((metadata.height, metadata.width), "img2img" if images_in else None,
+                    cfg.guidance_scale)
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
                              max_pending=4 * local_batch)
 
   def group(job):  # a batch holds one size, kind (ImageJob.kind), guidance, LoRA set, schedule
+    _check_depth_image(pipe, job)
     return (metadata.size(job), job.kind, metadata.guidance(job),
             lora_set(job.prompt) if lora_set is not None else None, metadata.schedule(job))
 
@@ -1705,6 +1706,19 @@ class _Sampler:
     return ((np.stack([p.image for p in prepared]), np.stack([p.mask for p in prepared])),
             [p if p.original is not None else None for p in prepared])
 
+  def _depth_maps(self, jobs, size) -> np.ndarray:
+    """The batch's depth maps (a depth-to-image model's), float32 [B, h, w] at the latents' size:
+    each file's map resized there by torch's bicubic interpolation, as `generate(depth_maps=)`
+    resizes a map of any size (which then leaves these as they are)."""
+    latent_hw = (size[0] // self.pipe.vae_scale, size[1] // self.pipe.vae_scale)
+
+    def read(path):
+      depth = jnp.asarray(outputs.read_depth(path))[None, ..., None]
+      return np.asarray(interpolate.resize(depth, latent_hw, "bicubic"))[0, ..., 0]
+
+    filler = np.broadcast_to(np.arange(latent_hw[1], dtype=np.float32), latent_hw)  # not flat
+    return _read_each(jobs, "depth_image", read, filler)
+
   def _control_images(self, batch, size, prepared=None) -> tuple[np.ndarray, ...]:
     """Per ControlNet, the batch's images [B, H, W, c]: each line's `control_image`, else the
     run's, resized to `size` by --resize_mode (grey levels for a model taking one channel, as
@@ -1789,6 +1803,8 @@ class _Sampler:
       if program.spec.edit:  # and each row's image guidance scale
         init = (init, np.asarray(sampling.edit_scales(self.pipe, self.cfg.image_guidance_scale,
                                                       len(jobs))))
+      if program.spec.depth:  # and each row's depth map
+        init = (init, self._depth_maps(jobs, size))
       args += (parallel.shard_tree(self.mesh, init, self.global_batch),)
     if program.spec.control:  # with the hires fix the second pass's too, read at its size
       images = [self._control_images(batch, size, finish)]
@@ -1939,6 +1955,17 @@ def _weight(scale: float | dict) -> str:
 
 def _one_or_list(values: list):
   return values[0] if len(values) == 1 else values
+
+
+def _check_depth_image(pipe, job: ImageJob) -> None:
+  """A depth-to-image model's lines give a depth_image, other models' none."""
+  if sampling.is_depth_model(pipe) and job.depth_image is None:
+    raise RunError(f"image {job.index} ({job.prompt!r}): a depth-to-image model's lines need an "
+                   "init_image and its depth_image (a depth map, larger nearer; sdjax has no "
+                   "estimator)")
+  if job.depth_image is not None and not sampling.is_depth_model(pipe):
+    raise RunError(f"image {job.index} ({job.prompt!r}): a depth_image steers a depth-to-image "
+                   "model, which the run's model is not")
 
 
 def _read_each(jobs, field: str, read, blank: np.ndarray) -> np.ndarray:
@@ -2149,6 +2176,7 @@ class _Metadata:
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image, "strength": strength} if job.init_image else {}),
+        **({"depth_image": job.depth_image} if job.depth_image else {}),
         **({"image_guidance_scale": self._image_guidance_scale()}
            if sampling.is_edit_model(self.pipe) else {}),
         **({"noise_multiplier": cfg.noise_multiplier}

@@ -99,11 +99,51 @@ def test_single_file_and_export_round_trip(depth, tmp_path):
                          feature_extractor=None)
 
 
-def test_run_refuses_a_depth_model(depth, tmp_path):
-  from sdjax import run
+def test_run_with_depth_image_lines(depth, model, tmp_path):
+  """main.py's run on a depth model: each jsonl line's init_image and depth_image (a 16-bit
+  grey PNG; an 8-bit one) make generate()'s image given that map as floats; records keep the
+  depth image. A line without one, or one on another model, is a clear error."""
+  import dataclasses
+  import json
 
-  cfg = run.RunConfig(model=depth[2], prompts=(run.PromptLine("a cat"),), height=H, width=W,
-                      steps=2, output_dir=str(tmp_path / "out"), compilation_cache="",
-                      show_progress=False)
-  with pytest.raises(run.RunError, match="is a depth-to-image model, which main.py does not"):
-    run.generate_run(cfg)
+  from PIL import Image
+
+  from sdjax import outputs, run
+
+  _, pipe, folder = depth
+  rng = np.random.default_rng(5)
+  Image.fromarray(rng.integers(0, 255, (20, 28, 3), np.uint8)).save(tmp_path / "a.png")
+  deep = rng.integers(0, 65535, (30, 44)).astype(np.uint16)
+  Image.fromarray(deep).save(tmp_path / "d16.png")
+  assert Image.open(tmp_path / "d16.png").mode.startswith("I")
+  shallow = rng.integers(0, 255, (10, 14), np.uint8)
+  Image.fromarray(shallow).save(tmp_path / "d8.png")
+  path = tmp_path / "depth.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p, "init_image": "a.png", "depth_image": d})
+                          + "\n" for p, d in (("a cat", "d16.png"), ("a dog", "d8.png"))))
+  kw = dict(steps=3, guidance_scale=3.0, scheduler="euler")
+  cfg = run.RunConfig(model=folder, prompts_file=str(path), height=H, width=W, seed=1,
+                      batch_size=2, strength=0.7, output_dir=str(tmp_path / "out"),
+                      compilation_cache="", show_progress=False, **kw)
+  assert run.generate_run(cfg).images == 2
+  records = [json.loads(x) for x in open(tmp_path / "out" / outputs.MANIFEST_NAME)]
+  image = outputs.read_image(str(tmp_path / "a.png"), (H, W))
+  for record, raw in zip(records, (deep, shallow), strict=True):
+    assert record["depth_image"].endswith(("d16.png", "d8.png"))
+    expected = pipe.generate(record["prompt"], init_images=image[None], strength=0.7,
+                             depth_maps=raw[None].astype(np.float32), seed=record["seed"], **kw)
+    written = np.asarray(Image.open(tmp_path / "out" / record["file"]), np.float32) / 255
+    assert np.abs(written - expected[0]).max() <= 1 / 255 + 1e-6
+  lone = tmp_path / "lone.jsonl"
+  lone.write_text('{"prompt": "a cat", "init_image": "a.png"}\n')
+  with pytest.raises(run.RunError, match="a depth-to-image model's lines need an init_image"):
+    run.generate_run(dataclasses.replace(cfg, prompts_file=str(lone),
+                                         output_dir=str(tmp_path / "lone")))
+  with pytest.raises(run.RunError, match="a depth_image steers a depth-to-image model"):
+    run.generate_run(dataclasses.replace(cfg, model=model, output_dir=str(tmp_path / "plain")))
+  flat = tmp_path / "flat.jsonl"
+  Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "flat.png")
+  flat.write_text('{"prompt": "a cat", "init_image": "a.png", "depth_image": "flat.png"}\n')
+  with pytest.raises(run.RunError, match="flat.png is constant"):
+    run.generate_run(dataclasses.replace(cfg, prompts_file=str(flat), batch_size=1,
+                                         output_dir=str(tmp_path / "flat")))

@@ -281,8 +281,12 @@ def test_main_init_image_flags(pix2pix, tmp_path, monkeypatch):
   cfg = config("--prompt", "a", "--init_image", "gs://b/a.png", "--mask_image", "~/m.png")
   assert cfg.prompts[0].init_image == "gs://b/a.png"
   assert cfg.prompts[0].mask_image == os.path.expanduser("~/m.png")
+  assert config("--prompt", "a", "--init_image", "a.png", "--depth_image",
+                "d.png").prompts[0].depth_image == str(tmp_path / "d.png")
   with pytest.raises(run.RunError, match="--mask_image marks what to repaint in --init_image"):
     config("--prompt", "a", "--mask_image", "m.png")
+  with pytest.raises(run.RunError, match="--depth_image is the depth map of --init_image"):
+    config("--prompt", "a", "--depth_image", "d.png")
   (tmp_path / "p.txt").write_text("a cat\n")
-  with pytest.raises(run.RunError, match="--init_image and --mask_image are --prompt's"):
+  with pytest.raises(run.RunError, match="--init_image, --mask_image and --depth_image are"):
     config("--prompts_file", "p.txt", "--init_image", "a.png")
