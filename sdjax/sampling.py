@@ -339,8 +339,9 @@ def _torch_draw_order(spec: SampleSpec) -> tuple[int, ...]:
   """The stream tags of a stage's draws from torch's generator before its steps', in the order
   diffusers' pipelines make them: img2img and inpainting encode the image before drawing the
   noise, inpainting the masked image after (for any model: one draw unused by a model that
-  does not take it); a continued run (denoising_start) draws none; a hires pass starts its
-  seed's generator again, its noise first, as A1111's does."""
+  does not take it); an instruct-pix2pix edit from pure noise only that (its image's latents
+  are the posterior's mode); a continued run (denoising_start) draws none; a hires pass starts
+  its seed's generator again, its noise first, as A1111's does."""
   if spec.init_latents:
     return ()
   if spec.upscale is not None:
@@ -348,6 +349,8 @@ def _torch_draw_order(spec: SampleSpec) -> tuple[int, ...]:
   if spec.inpaint is not None:
     encoded = spec.inpaint == "blend" or spec.begin > 0
     return (_POSTERIOR,) * encoded + (_INITIAL, _MASKED_POSTERIOR)
+  if spec.edit and spec.begin == 0:
+    return (_INITIAL,)
   return (_POSTERIOR, _INITIAL) if spec.img2img else (_INITIAL,)
 
 

@@ -290,3 +290,18 @@ def test_main_init_image_flags(pix2pix, tmp_path, monkeypatch):
   (tmp_path / "p.txt").write_text("a cat\n")
   with pytest.raises(run.RunError, match="--init_image, --mask_image and --depth_image are"):
     config("--prompts_file", "p.txt", "--init_image", "a.png")
+
+
+def test_torch_generators_match_diffusers(pix2pix):
+  """rng="torch_cpu": diffusers' edit with per-image CPU generators of the same seeds (which
+  draw the initial noise alone: the image's latents are the posterior's mode)."""
+  ref, pipe, _ = pix2pix
+  images, _ = _inputs(5)
+  ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
+  with torch.no_grad():
+    expected = ref(PROMPTS, image=nchw(images), negative_prompt=NEGATIVES, num_inference_steps=3,
+                   guidance_scale=3.0, image_guidance_scale=1.5, output_type="np",
+                   generator=[torch.Generator().manual_seed(s) for s in (8, 9)]).images
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images, steps=3,
+                       guidance_scale=3.0, scheduler="euler", seed=8, rng="torch_cpu")
+  assert rel_err(ours, expected) <= 1e-4
