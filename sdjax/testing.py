@@ -42,6 +42,19 @@ UNET_SD2 = {  # linear projection, per-block head counts, upcast attention, 3 le
     "transformer_layers_per_block": [1, 2, 1],
 }
 
+# The x4 upscaler's layout (stable-diffusion-x4-upscaler): the latents and the noised low-res
+# image in (7 channels), its noise level as a class label, no attention in the first level and
+# cross-attention only (attn1 attends to the text too) in the others but the last.
+UNET_X4 = {
+    **UNET_SD2,
+    "in_channels": 7,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "only_cross_attention": [True, True, False],
+    "num_class_embeds": 1000,
+    "transformer_layers_per_block": 1,
+}
+
 # SDXL layout: no attention in the first level, linear projection, per-block heads, transformer
 # depth growing with depth (the mid block takes the last), text_time added conditioning. The two
 # text encoders are 24 and 40 wide (context 64), the second projects its pooled state to 20.

@@ -39,10 +39,11 @@ def state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
   return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
 
-def transfer(torch_module, flax_module, *example_inputs, method=None):
+def transfer(torch_module, flax_module, *example_inputs, method=None, **example_kwargs):
   """Converts a PyTorch module's weights into params for `flax_module` (strictly)."""
   expected = jax.eval_shape(
-      lambda: flax_module.init(jax.random.key(0), *example_inputs, method=method)
+      lambda: flax_module.init(jax.random.key(0), *example_inputs, method=method,
+                               **example_kwargs)
   )["params"]
   return torch_to_flax(state_dict(torch_module), expected, type(flax_module).__name__)
 

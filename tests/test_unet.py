@@ -30,6 +30,25 @@ def test_unet_matches_diffusers(family, conv, monkeypatch):
   assert_close(ours, nhwc(ref))
 
 
+def test_class_labels_match_diffusers():
+  """The x4 upscaler's layout: class labels (its noise level) embedded into the time vector,
+  cross-attention-only blocks, 7 input channels."""
+  tm = testing.torch_unet(testing.UNET_X4, seed=6)
+  fm = UNet2DConditionModel(UNetConfig.from_dict(dict(tm.config)))
+  x, ctx = randn(2, 8, 12, 7), randn(2, 9, testing.UNET_X4["cross_attention_dim"], seed=1)
+  t, labels = np.array([3.0, 801.0], np.float32), np.array([20, 350], np.int32)
+  params = transfer(tm, fm, x, t, ctx, class_labels=labels)
+  ours = fm.apply({"params": params}, x, t, ctx, class_labels=labels)
+  with torch.no_grad():
+    ref = tm(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx),
+             class_labels=torch.from_numpy(labels).long()).sample
+  assert_close(ours, nhwc(ref))
+  other = fm.apply({"params": params}, x, t, ctx, class_labels=labels[::-1])
+  assert not np.allclose(other, ours, atol=1e-3)
+  with pytest.raises(ValueError, match="needs class_labels"):
+    fm.apply({"params": params}, x, t, ctx)
+
+
 SDXL_CONFIGS = {"base": testing.UNET_SDXL, "refiner": testing.UNET_SDXL_REFINER,
                 "distilled": testing.UNET_SDXL_DISTILLED}
 

@@ -23,6 +23,7 @@ import numpy as np
 from sdjax.models import config_utils
 from sdjax.models.layers import (
     Downsample2D,
+    Embed,
     ResnetBlock2D,
     Transformer2DModel,
     Upsample2D,
@@ -78,6 +79,9 @@ class UNetConfig:
   # LCM-distilled UNets: the width of a guidance-scale embedding added to the time embedding's
   # input (diffusers' `timestep_cond`; their pipelines then run without CFG).
   time_cond_proj_dim: int | None = None
+  # A learned embedding of `class_labels` added to the time embedding (diffusers'
+  # `class_embedding`, class_embed_type None): the x4 upscaler's noise level, 0..999.
+  num_class_embeds: int | None = None
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -175,7 +179,6 @@ _FIXED_OPTIONS = {
     "num_attention_heads": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
@@ -361,8 +364,9 @@ class UNet2DConditionModel(nn.Module):
   @nn.compact
   def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
                context_bias=None, timestep_cond=None, down_residuals=None, mid_residual=None,
-               intrablock_residuals=None, ip=None, pag=None):
+               intrablock_residuals=None, ip=None, pag=None, class_labels=None):
     """`text_embeds` [B, P] and `time_ids` [B, K] are diffusers' `added_cond_kwargs` (SDXL),
+    `class_labels` [B] integers its argument of that name (`num_class_embeds`),
     `timestep_cond` [B, time_cond_proj_dim] its argument of that name (LCM-distilled UNets),
     `down_residuals` (one per skip) and `mid_residual` a ControlNet's outputs (diffusers'
     `down_block_additional_residuals`, `mid_block_additional_residual`),
@@ -375,7 +379,16 @@ class UNet2DConditionModel(nn.Module):
     `PerturbedLayers` (static): perturbed-attention guidance's identity self-attention for the
     last rows in the blocks it names."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
-    temb = self._time_embedding(sample, timesteps, text_embeds, time_ids, timestep_cond)
+    class_emb = None
+    if cfg.num_class_embeds is not None:
+      if class_labels is None and self.is_initializing():  # shape inference: any label
+        class_labels = jnp.zeros(sample.shape[:1], jnp.int32)
+      if class_labels is None:
+        raise ValueError("this UNet (num_class_embeds) needs class_labels")
+      class_emb = Embed(cfg.num_class_embeds, cfg.block_out_channels[0] * 4, dtype=d,
+                        param_dtype=pd, name="class_embedding")(jnp.asarray(class_labels))
+    temb = self._time_embedding(sample, timesteps, text_embeds, time_ids, timestep_cond,
+                                class_emb)
     x = self._conv_in(sample)
     x, skips = self._down_and_mid(x, temb, context.astype(d), context_bias,
                                   list(intrablock_residuals or ()), ip, pag)
