@@ -96,6 +96,8 @@ class Embeddings:
   image_tokens: tuple | None = None
   image_scales: jax.Array | None = None
   image_masks: tuple | None = None
+  # The UNet's class labels [B] (`num_class_embeds`: the x4 upscaler's noise level).
+  class_labels: jax.Array | None = None
 
   def at(self, call) -> Embeddings:
     """The embeddings in force at denoiser call `call` (traced); themselves without schedule."""
@@ -335,6 +337,8 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
                                                                    strict=True)))
   if pag is not None:
     residuals["pag"] = pag
+  if emb.class_labels is not None:
+    residuals["class_labels"] = emb.class_labels
   return nets.unet.apply({"params": unet_params}, x, t, emb.context, emb.text_embeds,
                          emb.time_ids, emb.context_bias, timestep_cond, **residuals)
 

@@ -162,6 +162,10 @@ class Pipeline:
   tokenizer_2: Any = None
   force_zeros_for_empty_prompt: bool = False
   requires_aesthetics_score: bool = False
+  # The x4 upscaler (StableDiffusionUpscalePipeline): the DDPM config that noises its low-res
+  # images, and the highest noise level it takes.
+  low_res_scheduler_config: dict[str, Any] | None = None
+  max_noise_level: int = 350
   # Textual-inversion embeddings by token (`checkpoints.embeddings.Embedding`: vectors per
   # text encoder); their tokens are already in the tokenizer and the embedding table.
   embeddings: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -387,7 +391,8 @@ class Pipeline:
                brownian: str | None = None, step_rng: str | None = None,
                seed_high: int = 0, noise_multiplier: float = 1.0,
                extra_noise: float = 0.0, noise_batch: int = 1,
-               image_guidance_scale: float | None = None, depth_maps=None) -> np.ndarray:
+               image_guidance_scale: float | None = None, depth_maps=None,
+               noise_level: int | None = None) -> np.ndarray:
     """Text-to-image generation, or image-to-image with `init_images` (inpainting with
     `mask_images` too; an instruct-pix2pix model edits them as its prompts say).
 
@@ -499,6 +504,10 @@ class Pipeline:
         output, e.g. DPT-Hybrid's; sdjax has none), as diffusers'
         StableDiffusionDepth2ImgPipeline's `depth_map`: resized to the latents and brought to
         [-1, 1], every UNet call sees it.
+      noise_level: an x4 upscaler's (stable-diffusion-x4-upscaler: its UNet takes the low-res
+        image too) noise level for `init_images`, the low-res images (the output is the VAE's
+        scale, 4 times, larger): 0 to the model's max_noise_level (350), default 20, as
+        diffusers' StableDiffusionUpscalePipeline; more lets the model invent more detail.
       strength: img2img: how much of the schedule to run (1.0 ignores the image; default 0.8,
         1.0 when inpainting or editing, as diffusers' pipelines; an instruct-pix2pix edit at
         strength 1 starts from pure noise, below it from the image noised, as A1111's img2img).
@@ -714,7 +723,8 @@ class Pipeline:
         old_prompt_editing_timelines=old_prompt_editing_timelines,
         brownian=brownian, step_rng=step_rng, seed_high=seed_high,
         noise_multiplier=noise_multiplier, extra_noise=extra_noise, noise_batch=noise_batch,
-        image_guidance_scale=image_guidance_scale, depth_maps=depth_maps)
+        image_guidance_scale=image_guidance_scale, depth_maps=depth_maps,
+        noise_level=noise_level)
     if prepared is None:
       return images
     return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(
@@ -823,7 +833,8 @@ def load_tokenizer(folder: str):
 
 
 def _read_component_config(folder: str, name: str) -> dict[str, Any]:
-  path = os.path.join(folder, name, "scheduler_config.json" if name == "scheduler" else "config.json")
+  path = os.path.join(folder, name, "scheduler_config.json" if name.endswith("scheduler")
+                      else "config.json")
   return config_utils.read_json(path)
 
 
@@ -872,8 +883,17 @@ def _folder_source(folder: str, variant: str | None) -> _Source:
           "sampling_defaults": _read_sampling_defaults(folder),
           "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", sdxl)),
           "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
+          **_upscaler_options(folder, index),
       },
   )
+
+
+def _upscaler_options(folder: str, index: dict[str, Any]) -> dict[str, Any]:
+  """An x4 upscaler folder's low-res scheduler config and max_noise_level (Pipeline fields)."""
+  if not _listed(index, "low_res_scheduler"):
+    return {}
+  return {"low_res_scheduler_config": _read_component_config(folder, "low_res_scheduler"),
+          "max_noise_level": int(index.get("max_noise_level", 350))}
 
 
 def _single_file_configs(family: str, config: str | None, prediction_type: str | None,
@@ -1447,6 +1467,11 @@ def _model_index(pipe: Pipeline, scheduler_class: str) -> dict[str, Any]:
   clip = ["transformers", "CLIPTextModel"] if pipe.text_encoder else [None, None]
   tokenizer = ["transformers", "CLIPTokenizer"] if pipe.tokenizer else [None, None]
   index.update(text_encoder=clip, tokenizer=tokenizer)
+  if pipe.low_res_scheduler_config is not None:
+    return {**{k: v for k, v in index.items() if k != "image_encoder"},
+            "_class_name": "StableDiffusionUpscalePipeline", "safety_checker": [None, None],
+            "watermarker": [None, None], "low_res_scheduler": ["diffusers", "DDPMScheduler"],
+            "max_noise_level": pipe.max_noise_level}
   if not pipe.is_sdxl and sampling.is_depth_model(pipe):  # no depth estimator: pass None
     return {**{k: v for k, v in index.items() if k != "image_encoder"},
             "_class_name": "StableDiffusionDepth2ImgPipeline", "depth_estimator": [None, None]}
@@ -1489,6 +1514,9 @@ def save_pretrained(pipe: Pipeline, folder: str) -> None:
   _write_json(os.path.join(folder, "vae", "config.json"), {**pipe.vae.config.to_dict(), **version})
   _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"),
               {**pipe.scheduler_config, "_class_name": scheduler_class, **version})
+  if pipe.low_res_scheduler_config is not None:
+    _write_json(os.path.join(folder, "low_res_scheduler", "scheduler_config.json"),
+                {**pipe.low_res_scheduler_config, "_class_name": "DDPMScheduler", **version})
 
   def f32(tree):
     return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)

@@ -1036,6 +1036,9 @@ def generate_run(cfg: RunConfig) -> RunSummary:
     sampling.edit_scales(pipe, cfg.image_guidance_scale, 1)
   except ValueError as e:
     raise RunError(f"--{e}") from None
+  if sampling.is_upscaler_model(pipe):
+    raise RunError(f"{cfg.model} is an x4 upscaler model, which main.py does not run yet: use "
+                   "Pipeline.generate(prompts, init_images=low_res_images, noise_level=20)")
   refiner, hires_model = _load_refiner(cfg, pipe), _load_hires_model(cfg, pipe, controlnets,
                                                                      adapters)
   for model in (pipe, hires_model):  # what it does not combine with, layers it cannot find

@@ -54,6 +54,7 @@ from sdjax.schedulers.common import rounded
 # the posterior sample of an inpainting model's masked image (and _INITIAL names the initial
 # noise, which the key itself makes).
 _STEP_NOISE, _POSTERIOR, _HIRES_NOISE, _HIRES_STEP_NOISE, _MASKED_POSTERIOR = 1, 2, 3, 4, 5
+_LOW_RES_NOISE = 6  # the x4 upscaler's noise on its low-res images
 _INITIAL = 0
 # Where an image's random draws come from (SampleSpec.rng): "jax", its seed's key split into
 # those streams; "torch_cpu", its seed's torch CPU generator, drawn in turn as diffusers'
@@ -113,6 +114,11 @@ class SampleSpec:
   # [B, h', w'] of any size); every UNet call also sees the depth, brought to the latents' size
   # and to [-1, 1] (`depth_condition`).
   depth: bool = False
+  # An x4 upscaler (`is_upscaler_model`, with `img2img`): `init` is (low-res images [B, h, w, 3]
+  # at the latents' size, noise levels [B] int32, their DDPM signal and noise weights [B]); the
+  # UNet sees the images noised to their level beside the latents, the level as its class label,
+  # and the run starts from pure noise.
+  low_res: bool = False
   # Inpainting at strength < 1: the image latents the masked area starts from are replaced by
   # the initial noise ("latent noise") or zeros ("latent nothing"), A1111's "Masked content";
   # else "original" (`masks.MASKED_CONTENT`; "fill" is host work).
@@ -271,7 +277,7 @@ def takes_composable(spec: SampleSpec) -> bool:
   """Whether a program of `spec` runs composable prompts (A1111's AND / :weight): guidance as
   one UNet call on [uncond, parts] rows, so not split, rescaled or perturbed."""
   return spec.guidance and not (spec.cfg_split or spec.guidance_rescale or spec.pag is not None
-                                or spec.scheduler.takes_uncond or spec.edit)
+                                or spec.scheduler.takes_uncond or spec.edit or spec.low_res)
 
 
 @struct.dataclass
@@ -665,6 +671,10 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
   noise = source.initial(noise)
   negative, positive = conditioning.encode(nets, params, cond, spec.clip_skip, spec.clip_skip,
                                            spec.guidance)
+  if spec.low_res:  # the noise level as the UNet's class label, in every row
+    labels = init[1].astype(jnp.int32)
+    positive = positive.replace(class_labels=labels)
+    negative = None if negative is None else negative.replace(class_labels=labels)
   scheduled = positive.schedule is not None  # A1111 syntax: the variants in force per call
   parts = cond.part_weights
   if parts is not None and not takes_composable(spec):
@@ -749,13 +759,14 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     return (eps, eps_uncond) if spec.scheduler.takes_uncond else eps
 
   after_step = None
-  if spec.depth:
-    images, depth_maps = init
-    depth = depth_condition(depth_maps, spec.latent_hw)
+  if spec.depth or spec.low_res:  # more input channels, the same in every row
+    images, *more = init
+    extra = (depth_condition(more[0], spec.latent_hw) if spec.depth
+             else _low_res_input(source, images, *more[1:]))
     unet_predict = predict
 
     def predict(x, t, call):
-      return unet_predict(jnp.concatenate([x, depth], axis=-1), t, call)
+      return unet_predict(jnp.concatenate([x, extra], axis=-1), t, call)
 
     x = _initial_latents(spec, nets.vae, params, source, noise, images, state)
   elif spec.edit:
@@ -850,6 +861,17 @@ def depth_condition(depth_maps, latent_hw: tuple[int, int]) -> jax.Array:
   low = depth.min(axis=(1, 2, 3), keepdims=True)
   high = depth.max(axis=(1, 2, 3), keepdims=True)
   return 2.0 * (depth - low) / (high - low) - 1.0
+
+
+def _low_res_input(source, images, signal, sigma) -> jax.Array:
+  """The x4 upscaler's image input: low-res images [B, h, w, 3] in [0, 1] taken to [-1, 1] and
+  noised by its low-res DDPM scheduler (`add_noise` at each image's noise level, whose weights
+  `signal`, `sigma` [B] are given), the noise its own stream's (diffusers' pipeline draws it
+  before the latents)."""
+  eps = source.sample(_LOW_RES_NOISE, images.shape[1:])
+  shape = (-1,) + (1,) * (images.ndim - 1)
+  return (signal.astype(jnp.float32).reshape(shape) * (2.0 * images.astype(jnp.float32) - 1.0)
+          + sigma.astype(jnp.float32).reshape(shape) * eps)
 
 
 def _edit_guidance(spec: SampleSpec, nets, params, negative, positive, image_latents, scale,
@@ -971,7 +993,7 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, source, noise
   sched = spec.scheduler
   if spec.noise_multiplier != 1.0 and spec.upscale is None and not spec.init_latents:
     noise = noise * jnp.float32(spec.noise_multiplier)  # A1111's Noise multiplier (img2img)
-  if (spec.inpaint is not None or spec.edit) and spec.begin == 0:
+  if (spec.inpaint is not None or spec.edit) and spec.begin == 0 or spec.low_res:
     return _extra_noise(spec, state, noise * sched.init_noise_sigma(state), noise)
   if spec.inpaint is not None:
     return _started(spec, state, init, noise)
@@ -1558,6 +1580,19 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   if depth and (not img2img or denoising_start is not None or denoising_end is not None):
     raise ValueError("a depth-to-image model makes img2img runs: give init_images and their "
                      "depth_maps")
+  low_res = is_upscaler_model(pipe)
+  if low_res and (not img2img or denoising_start is not None or denoising_end is not None):
+    raise ValueError("an x4 upscaler model enlarges images: give init_images (the low-res "
+                     "images)")
+  if low_res and pipe.low_res_scheduler_config is None:
+    raise ValueError("this x4 upscaler model has no low_res_scheduler config (its folder's "
+                     "low_res_scheduler/): sdjax cannot noise its images")
+  if low_res and strength != 1.0:
+    raise ValueError("an x4 upscaler model starts from pure noise: no strength")
+  if low_res and "torch_cpu" in (rng, step_rng) or low_res and "nv" in (rng, step_rng):
+    # a generator's draws are latent-sized; the low-res noise has 3 channels, not 4
+    raise ValueError("an x4 upscaler model draws its noise from the seeds' keys (rng='jax') "
+                     "only, not yet from torch's or A1111's generators")
   if img2img and scheduler_options and scheduler_options.get("a1111"):
     if mode is not None or denoising_start is not None:  # inpainting, a handoff: diffusers'
       scheduler_options = {k: v for k, v in scheduler_options.items() if k != "a1111"} or None
@@ -1616,7 +1651,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     seed_high=int(seed_high),
                     noise_multiplier=float(noise_multiplier) if img2img else 1.0,
                     extra_noise=float(extra_noise) if img2img else 0.0,
-                    noise_batch=int(noise_batch), edit=edit, depth=depth)
+                    noise_batch=int(noise_batch), edit=edit, depth=depth, low_res=low_res)
   if edit:
     check_edit(spec)
   if "torch_cpu" in (rng, brownian, step_rng):
@@ -1729,6 +1764,11 @@ def is_inpainting_model(pipe) -> bool:
   return pipe.unet.config.in_channels == 2 * latent_channels(pipe) + 1
 
 
+def is_upscaler_model(pipe) -> bool:
+  """Whether the UNet also takes a low-res image (the x4 upscaler: 7 input channels)."""
+  return pipe.unet.config.in_channels == latent_channels(pipe) + 3
+
+
 def is_depth_model(pipe) -> bool:
   """Whether the UNet also takes a depth map (depth-to-image: 5 input channels)."""
   return pipe.unet.config.in_channels == latent_channels(pipe) + 1
@@ -1774,10 +1814,14 @@ def inpaint_mode(pipe, masks: bool) -> str | None:
     if masks:
       raise ValueError("a depth-to-image model takes no masks")
     return None
+  if is_upscaler_model(pipe):
+    if masks:
+      raise ValueError("an x4 upscaler model takes no masks")
+    return None
   if extra:
     raise ValueError(f"the UNet takes {pipe.unet.config.in_channels} input channels, which "
                      "sdjax does not know how to fill (only text-to-image, inpainting, "
-                     "instruct-pix2pix and depth-to-image models)")
+                     "instruct-pix2pix, depth-to-image and x4 upscaler models)")
   return "blend" if masks else None
 
 
@@ -2041,6 +2085,7 @@ def generate(
     noise_batch: int = 1,
     image_guidance_scale: float | None = None,
     depth_maps: Any = None,
+    noise_level: int | None = None,
 ) -> np.ndarray:
   """Generates images; see `Pipeline.generate` (`masked_content`: its latent modes; the caller
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
@@ -2073,6 +2118,8 @@ def generate(
     if init_images.ndim != 4 or init_images.shape[0] != n or init_images.shape[-1] != 3:
       raise ValueError(f"init_images must be [{n}, H, W, 3], got {init_images.shape}")
     height, width = init_images.shape[1:3]
+    if is_upscaler_model(pipe):  # the images are the latents' size; the output the VAE's more
+      height, width = height * pipe.vae_scale, width * pipe.vae_scale
   if repaints_everything(pipe, mask_images is not None, hires, refiner):
     masked_content = "original"  # A1111: there is no masked area
     strength = 1.0 if init_images is None else strength
@@ -2094,6 +2141,11 @@ def generate(
     raise ValueError("an instruct-pix2pix model's edit does not take ControlNets, IP-Adapters "
                      "or perturbed-attention guidance (pag_scale)")
   depth_maps = check_depth_maps(pipe, depth_maps, n)
+  low_res = low_res_inputs(pipe, noise_level, n)
+  if low_res is not None and controlnet is not None:
+    raise ValueError("an x4 upscaler model takes no ControlNets")
+  if low_res is not None and strength is None:
+    strength = 1.0
   if strength is None:  # diffusers' defaults: its img2img, inpainting and pix2pix pipelines'
     strength = 1.0 if mask_images is not None or edit else 0.8
   if refiner is not None:
@@ -2230,6 +2282,8 @@ def generate(
     init = (init, image_scales)
   if depth_maps is not None:
     init = (init, jnp.asarray(depth_maps))
+  if low_res is not None:
+    init = (init, *low_res)
   out = _sample(spec, nets, params, cond, seeds, noise, scalars, init, state, control)
   if hires is not None:
     hires_spec, hires_state = hires_stage
@@ -2255,6 +2309,33 @@ def generate(
                                 pipe.scheduler_config), "handoff": refiner_switch},
                             refiner_start, a1111, spec.tiling,
                             stream_draws(spec, len(state.timesteps)), cfg_skip, carried))
+
+
+# diffusers' StableDiffusionUpscalePipeline's default noise level.
+NOISE_LEVEL = 20
+
+
+def low_res_inputs(pipe, noise_level: int | None, n: int) -> tuple | None:
+  """An x4 upscaler's (noise levels int32 [n], their signal and noise weights float32 [n]) for
+  `noise_level` (None: NOISE_LEVEL), as its low-res DDPM scheduler's `add_noise` weighs them
+  (float32 alphas_cumprod, ** 0.5); None for other models, which take no noise level."""
+  if not is_upscaler_model(pipe):
+    if noise_level is not None:
+      raise ValueError("noise_level is an x4 upscaler model's (its UNet takes the low-res "
+                       "image and that level)")
+    return None
+  if noise_level is None:
+    noise_level = NOISE_LEVEL
+  if not (isinstance(noise_level, int | np.integer) and not isinstance(noise_level, bool)
+          and 0 <= noise_level <= pipe.max_noise_level):
+    raise ValueError(f"noise_level must be an integer in [0, {pipe.max_noise_level}] (the "
+                     f"model's max_noise_level), got {noise_level!r}")
+  config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
+            "beta_end": 0.02, **(pipe.low_res_scheduler_config or {})}
+  alpha = schedulers.common.make_alphas_cumprod(config)[int(noise_level)]
+  weights = (np.float32(alpha) ** np.float32(0.5), np.float32(1.0 - alpha) ** np.float32(0.5))
+  return (jnp.full((n,), int(noise_level), jnp.int32),
+          *(jnp.full((n,), w, jnp.float32) for w in weights))
 
 
 def check_depth_maps(pipe, depth_maps, n: int) -> np.ndarray | None:

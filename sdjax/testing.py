@@ -438,6 +438,32 @@ def write_torch_pipeline(folder: str, family: str = "sd1", seed: int = 0,
   return pipe
 
 
+# The x4 upscaler's VAE: three levels (1/4 of the image), its small scaling factor.
+VAE_X4 = {**VAE, "down_block_types": ["DownEncoderBlock2D"] * 3,
+          "up_block_types": ["UpDecoderBlock2D"] * 3, "block_out_channels": [16, 32, 32],
+          "scaling_factor": 0.08333}
+
+
+def torch_upscaler_pipeline(tmp_folder: str, seed: int = 0):
+  """A random tiny diffusers `StableDiffusionUpscalePipeline` (stable-diffusion-x4-upscaler's
+  layout: UNET_X4, VAE_X4, an SD2 text encoder, v-prediction DDIM, a DDPM low-res scheduler)."""
+  import diffusers  # noqa: PLC0415
+
+  tok_folder = os.path.join(tmp_folder, "_tokenizer_src")
+  write_tokenizer(tok_folder, pad_token="!")
+  clip = clip_config("gelu", hidden_size=UNET_X4["cross_attention_dim"])
+  scheduler = diffusers.DDIMScheduler.from_config({**SCHEDULER_SD15, **FAMILIES["sd2"][2],
+                                                   "beta_start": 0.0001, "beta_end": 0.02})
+  pipe = diffusers.StableDiffusionUpscalePipeline(
+      vae=torch_vae(VAE_X4, seed + 1), text_encoder=torch_clip(clip, seed + 2),
+      tokenizer=torch_tokenizer(tok_folder), unet=torch_unet(UNET_X4, seed + 3),
+      low_res_scheduler=diffusers.DDPMScheduler(beta_schedule="scaled_linear",
+                                                beta_start=0.0001, beta_end=0.02),
+      scheduler=scheduler, max_noise_level=350)
+  pipe.set_progress_bar_config(disable=True)
+  return pipe
+
+
 def torch_sdxl_pipelines(tmp_folder: str, seed: int = 0):
   """Random tiny diffusers `StableDiffusionXLPipeline` and its refiner
   (`StableDiffusionXLImg2ImgPipeline`: second encoder only, aesthetic score), sharing the VAE,
