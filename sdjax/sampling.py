@@ -355,7 +355,7 @@ def _torch_draw_order(spec: SampleSpec) -> tuple[int, ...]:
   if spec.inpaint is not None:
     encoded = spec.inpaint == "blend" or spec.begin > 0
     return (_POSTERIOR,) * encoded + (_INITIAL, _MASKED_POSTERIOR)
-  if spec.edit and spec.begin == 0:
+  if spec.edit and spec.begin == 0 or spec.low_res:  # (the x4's low-res noise: a lead draw)
     return (_INITIAL,)
   return (_POSTERIOR, _INITIAL) if spec.img2img else (_INITIAL,)
 
@@ -396,6 +396,9 @@ class _NoiseSource:
   variation: Variation | None = None
   resize_from: tuple[int, int] | None = None  # SampleSpec.seed_resize
   tree_drawn: jax.Array | None = None  # the Brownian tree's answers [B, queries, h, w, C]
+  # A generator's draw made before the stage's others (the x4 upscaler's low-res noise), of
+  # stream `_LOW_RES_NOISE`.
+  lead_drawn: jax.Array | None = None
 
   def initial(self, noise) -> jax.Array:
     """The initial noise: the caller's `noise` (rng "jax"), or the generator's draw."""
@@ -407,6 +410,8 @@ class _NoiseSource:
     """[B, *shape]: a posterior sample, the hires pass's noise (as `initial`'s)."""
     if stream in self.tags:
       noise = self.drawn[:, self.tags.index(stream)]
+    elif stream == _LOW_RES_NOISE and self.lead_drawn is not None:
+      noise = self.lead_drawn
     else:
       noise = _keyed_noise(self.keys, stream, shape)
     return self._start(stream, noise) if stream == _HIRES_NOISE else noise
@@ -491,6 +496,11 @@ def _generator_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseS
                         resize_from=spec.seed_resize)
   tags = _torch_draw_order(spec) if spec.rng != "jax" else ()
   steps, start = _step_draws(spec, positions), spec.rng_offset
+  if spec.low_res:  # torch_cpu (`prepare`): the low-res noise first, then the stage's draws
+    lead, drawn = torch_rng.randn_nchw_after(seeds, (*shape[:2], 3), len(tags) + steps, shape)
+    return _NoiseSource(spec.rng, seeds, keys, step_keys, drawn, tags,
+                        drawn[:, len(tags):] if steps else None, variation, spec.seed_resize,
+                        lead_drawn=lead)
   if spec.ensd or spec.step_rng:  # the steps from a generator of their own (seed + ensd's, or
     # `step_rng`'s); the stage's own draws from the seed's
     drawn = generator_draws(spec.rng, seeds, len(tags), shape, batch=batch) if tags else None
@@ -1589,10 +1599,11 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                      "low_res_scheduler/): sdjax cannot noise its images")
   if low_res and strength != 1.0:
     raise ValueError("an x4 upscaler model starts from pure noise: no strength")
-  if low_res and "torch_cpu" in (rng, step_rng) or low_res and "nv" in (rng, step_rng):
-    # a generator's draws are latent-sized; the low-res noise has 3 channels, not 4
-    raise ValueError("an x4 upscaler model draws its noise from the seeds' keys (rng='jax') "
-                     "only, not yet from torch's or A1111's generators")
+  if low_res and ("nv" in (rng, step_rng) or rng == "torch_cpu" and (
+      ensd or step_rng or noise_batch != 1 or brownian)):
+    raise ValueError("an x4 upscaler model draws its noise from the seeds' keys (rng='jax') or "
+                     "their torch CPU generators (rng='torch_cpu', as diffusers' pipeline; "
+                     "without ensd, step_rng, noise_batch or brownian)")
   if img2img and scheduler_options and scheduler_options.get("a1111"):
     if mode is not None or denoising_start is not None:  # inpainting, a handoff: diffusers'
       scheduler_options = {k: v for k, v in scheduler_options.items() if k != "a1111"} or None

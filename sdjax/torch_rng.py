@@ -123,6 +123,24 @@ def _normals(raw: jax.Array, n: int) -> jax.Array:
   return jnp.concatenate([out[:, :n - 16], _box_muller(u[:, n:])], axis=1)
 
 
+def randn_nchw_after(seeds, lead: tuple[int, int, int], draws: int,
+                     shape: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
+  """`randn_nchw` of `draws` at `shape` after one `torch.randn(C', h', w')` of `lead` (h', w',
+  C') from each seed's generator: (that first draw [B, h', w', C'], the others [B, draws, h, w,
+  C]), as a pipeline drawing something else first (the x4 upscaler's low-res noise) makes them."""
+  (h0, w0, c0), (h, w, c) = lead, shape
+  first, n = c0 * h0 * w0, c * h * w
+
+  def one(seed):
+    raw = mt19937(seed, draw_size(first) + draws * draw_size(n))
+    return (_normals(raw[None, :draw_size(first)], first)[0],
+            _normals(raw[draw_size(first):].reshape(draws, -1), n))
+
+  lead_out, out = jax.vmap(one)(jnp.asarray(seeds, jnp.uint32))
+  return (jnp.transpose(lead_out.reshape(-1, c0, h0, w0), (0, 2, 3, 1)),
+          jnp.transpose(out.reshape(-1, draws, c, h, w), (0, 1, 3, 4, 2)))
+
+
 def randn_nchw(seeds, draws: int, shape: tuple[int, int, int], batch=None) -> jax.Array:
   """float32 [B, draws, h, w, C] (NHWC): for each uint32 seed, `draws` successive
   `torch.randn(C, h, w)` of its own CPU generator (diffusers' and A1111's latent layout). With

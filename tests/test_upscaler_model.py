@@ -1,7 +1,7 @@
 """The x4 upscaler (stable-diffusion-x4-upscaler's layout: the UNet takes the latents and the
 noised low-res image, its noise level as a class label; a VAE of 1/4) against diffusers'
-StableDiffusionUpscalePipeline given our draws (the low-res image's noise, the initial noise;
-rng="jax" only, not yet torch's generators)."""
+StableDiffusionUpscalePipeline given our draws (the low-res image's noise, the initial noise),
+and with per-image CPU generators."""
 
 from unittest import mock
 
@@ -67,6 +67,23 @@ def test_upscale_matches_diffusers(upscaler, name, guidance, noise_level):
   assert rel_err(other, expected) > 1e-3  # the level is the UNet's label and the noise's
 
 
+def test_torch_generators_match_diffusers(upscaler):
+  """rng="torch_cpu": diffusers' pipeline with per-image CPU generators of the same seeds, which
+  draw the low-res images' noise (3 channels) before the latents'."""
+  ref, pipe, _ = upscaler
+  images, _ = _inputs(2)
+  ref.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler_config)
+  with torch.no_grad():
+    expected = ref(PROMPTS, image=nchw(images), negative_prompt=NEGATIVES, num_inference_steps=3,
+                   guidance_scale=3.0, output_type="np", eta=1.0,
+                   generator=[torch.Generator().manual_seed(s) for s in (4, 5)]).images
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images, steps=3,
+                       guidance_scale=3.0, scheduler="ddim", eta=1.0, seed=4, rng="torch_cpu")
+  err = rel_err(ours, expected)
+  print(f"\nx4 upscaler, torch generators: {err:.2e}")
+  assert err <= 1e-4
+
+
 def test_bad_upscaler_arguments(upscaler, model):
   _, pipe, _ = upscaler
   images, _ = _inputs()
@@ -77,8 +94,8 @@ def test_bad_upscaler_arguments(upscaler, model):
     pipe.generate(PROMPTS, init_images=images, noise_level=351, **kw)
   with pytest.raises(ValueError, match="starts from pure noise: no strength"):
     pipe.generate(PROMPTS, init_images=images, strength=0.5, **kw)
-  with pytest.raises(ValueError, match="from the seeds' keys .rng='jax'. only"):
-    pipe.generate(PROMPTS, init_images=images, rng="torch_cpu", **kw)
+  with pytest.raises(ValueError, match="from the seeds' keys .rng='jax'. or their torch CPU"):
+    pipe.generate(PROMPTS, init_images=images, rng="nv", **kw)
   with pytest.raises(ValueError, match="noise_level is an x4 upscaler model's"):
     sdjax.load_pipeline(model).generate(PROMPTS, height=16, width=16, noise_level=20, **kw)
 
