@@ -84,6 +84,9 @@ flags.DEFINE_float("extra_noise", 0.0, "img2img and the hires fix: their start's
 flags.DEFINE_float("image_guidance_scale", None, "an instruct-pix2pix model (its jsonl lines' "
                    "init_image is the image each prompt edits): how closely the edit keeps to "
                    "the image, A1111's Image CFG Scale (default 1.5)")
+flags.DEFINE_integer("noise_level", None, "an x4 upscaler model (its lines' init_image is "
+                     "enlarged 4 times, read at a quarter of the image size): the noise level of "
+                     "the low-res image, 0 to the model's max_noise_level (default 20)")
 flags.DEFINE_enum("resize_mode", "just", ["just", "crop", "fill"], "img2img and inpainting: "
                   "how an init_image of another aspect meets the image size, A1111's Just "
                   "resize (stretched), Crop and resize (covered, the excess cut) or Resize and "
@@ -378,7 +381,8 @@ def _run_config() -> run.RunConfig:
       max_generations=FLAGS.max_generations,
       lora_dir=FLAGS.lora_dir, emphasis=FLAGS.emphasis, strength=FLAGS.strength,
       noise_multiplier=FLAGS.noise_multiplier, extra_noise=FLAGS.extra_noise,
-      image_guidance_scale=FLAGS.image_guidance_scale, resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur,
+      image_guidance_scale=FLAGS.image_guidance_scale, noise_level=FLAGS.noise_level,
+      resize_mode=FLAGS.resize_mode, mask_blur=FLAGS.mask_blur,
       inpaint_full_res=FLAGS.inpaint_full_res,
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,

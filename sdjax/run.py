@@ -157,6 +157,9 @@ class RunConfig:
   # An instruct-pix2pix model's lines (each edits its init_image): A1111's Image CFG scale
   # (None: sampling.IMAGE_GUIDANCE_SCALE).
   image_guidance_scale: float | None = None
+  # An x4 upscaler's lines (each enlarges its init_image, read at a quarter of the image size):
+  # the low-res image's noise level (None: sampling.NOISE_LEVEL).
+  noise_level: int | None = None
   # Inpainting lines (jsonl mask_image), as A1111: the mask's blur radius; "Only masked" (the
   # masked box, padded, generated at the run's size and pasted back) or the whole picture. The
   # original's pixels are pasted back outside the mask either way (`sdjax.masks`).
@@ -601,6 +604,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["extra_noise"] = cfg.extra_noise
   if cfg.image_guidance_scale is not None:
     settings["image_guidance_scale"] = cfg.image_guidance_scale
+  if cfg.noise_level is not None:
+    settings["noise_level"] = cfg.noise_level
   if cfg.resize_mode != RunConfig.resize_mode:
     settings["resize_mode"] = cfg.resize_mode
   if _mask_options(cfg) != _mask_options(RunConfig()):  # inpainting lines' pixels depend on it
@@ -1036,9 +1041,10 @@ def generate_run(cfg: RunConfig) -> RunSummary:
     sampling.edit_scales(pipe, cfg.image_guidance_scale, 1)
   except ValueError as e:
     raise RunError(f"--{e}") from None
-  if sampling.is_upscaler_model(pipe):
-    raise RunError(f"{cfg.model} is an x4 upscaler model, which main.py does not run yet: use "
-                   "Pipeline.generate(prompts, init_images=low_res_images, noise_level=20)")
+  try:
+    sampling.low_res_inputs(pipe, cfg.noise_level, 1)
+  except ValueError as e:
+    raise RunError(f"--{e}") from None
   refiner, hires_model = _load_refiner(cfg, pipe), _load_hires_model(cfg, pipe, controlnets,
                                                                      adapters)
   for model in (pipe, hires_model):  # what it does not combine with, layers it cannot find
@@ -1107,7 +1113,8 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None, hires_model=N
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
   run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set, hires_model)
   # The run's size: checked first (an instruct-pix2pix model's lines edit their init images).
-  images_in = sampling.is_edit_model(pipe) or sampling.is_depth_model(pipe)
+  images_in = (sampling.is_edit_model(pipe) or sampling.is_depth_model(pipe)
+               or sampling.is_upscaler_model(pipe))
   run_batch.program((metadata.height, metadata.width), "img2img" if images_in else None,
                     cfg.guidance_scale)
   writer = sinks.ShardWriter(sink, work.remaining(plan), workers=cfg.writer_threads,
@@ -1488,6 +1495,8 @@ class _Sampler:
                                                    schedule.scheduler_options) or None)
       extra = dict(img2img=True, strength=strength, noise_multiplier=cfg.noise_multiplier,
                    extra_noise=cfg.extra_noise) if img2img else {}
+      if img2img and sampling.is_upscaler_model(pipe):  # from pure noise, its image beside
+        extra["strength"] = 1.0
       if pipe.controlnet is not None:
         extra["control"] = True
         extra["control_guess"] = sampling.uses_guess_mode(pipe.controlnet,
@@ -1685,6 +1694,8 @@ class _Sampler:
     inpainting their masks [B, H, W, 1] too, each row's `masks.Prepared` (or None: nothing to
     finish). An inpainting model's line without an image or mask has a grey one and a full one
     (everything repainted)."""
+    if sampling.is_upscaler_model(self.pipe):  # its low-res images: the latents' size
+      size = (size[0] // self.pipe.vae_scale, size[1] // self.pipe.vae_scale)
     if not inpaint:
       return _read_each(jobs, "init_image", lambda path: outputs.read_image(
           path, size, resize_mode=self.cfg.resize_mode), np.zeros((*size, 3), np.float32)), None
@@ -1808,6 +1819,9 @@ class _Sampler:
                                                       len(jobs))))
       if program.spec.depth:  # and each row's depth map
         init = (init, self._depth_maps(jobs, size))
+      if program.spec.low_res:  # and each row's noise level, its weights
+        init = (init, *(np.asarray(x) for x in sampling.low_res_inputs(
+            self.pipe, self.cfg.noise_level, len(jobs))))
       args += (parallel.shard_tree(self.mesh, init, self.global_batch),)
     if program.spec.control:  # with the hires fix the second pass's too, read at its size
       images = [self._control_images(batch, size, finish)]
@@ -2178,8 +2192,12 @@ class _Metadata:
         **({"clip_skip": schedule.clip_skip} if schedule.clip_skip != 1 else {}),
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
-        **({"init_image": job.init_image, "strength": strength} if job.init_image else {}),
+        **({"init_image": job.init_image} if job.init_image else {}),
+        **({"strength": strength} if job.init_image
+           and not sampling.is_upscaler_model(self.pipe) else {}),
         **({"depth_image": job.depth_image} if job.depth_image else {}),
+        **({"noise_level": self.cfg.noise_level or sampling.NOISE_LEVEL}
+           if sampling.is_upscaler_model(self.pipe) else {}),
         **({"image_guidance_scale": self._image_guidance_scale()}
            if sampling.is_edit_model(self.pipe) else {}),
         **({"noise_multiplier": cfg.noise_multiplier}
@@ -2284,7 +2302,8 @@ class _Metadata:
                **({"Sigma noise": options["s_noise"]} if options.get("s_noise", 1) != 1
                   else {}),  # k-diffusion's s_noise, as A1111 writes it
                **self._a1111_schedule(options),
-               **({"Denoising strength": strength} if job.init_image else {}),
+               **({"Denoising strength": strength} if job.init_image
+                  and not sampling.is_upscaler_model(self.pipe) else {}),
                **({"Image CFG scale": self._image_guidance_scale()}
                   if sampling.is_edit_model(self.pipe) else {}),
                **({"Noise multiplier": cfg.noise_multiplier}

@@ -117,11 +117,43 @@ def test_export_round_trip(upscaler, tmp_path):
   assert again.max_noise_level == pipe.max_noise_level == 350
 
 
-def test_run_refuses_an_upscaler_model(upscaler, tmp_path):
-  from sdjax import run
+def test_run_with_init_image_lines(upscaler, model, tmp_path):
+  """main.py's run on an x4 upscaler: each line's init_image, read at a quarter of the run's
+  image size, is enlarged as generate() enlarges it (--noise_level, recorded); a line without
+  one, or the flag on another model, is a clear error."""
+  import dataclasses
+  import json
 
-  cfg = run.RunConfig(model=upscaler[2], prompts=(run.PromptLine("a cat"),), steps=2,
-                      output_dir=str(tmp_path / "out"), compilation_cache="",
-                      show_progress=False)
-  with pytest.raises(run.RunError, match="is an x4 upscaler model, which main.py does not run"):
-    run.generate_run(cfg)
+  from PIL import Image
+
+  from sdjax import outputs, run
+
+  _, pipe, folder = upscaler
+  rng = np.random.default_rng(7)
+  Image.fromarray(rng.integers(0, 255, (10, 14, 3), np.uint8)).save(tmp_path / "small.png")
+  path = tmp_path / "x4.jsonl"
+  path.write_text(json.dumps({"prompt": "a cat", "init_image": "small.png"}) + "\n")
+  kw = dict(steps=3, guidance_scale=3.0, scheduler="ddim")
+  cfg = run.RunConfig(model=folder, prompts_file=str(path), height=4 * h, width=4 * w, seed=2,
+                      batch_size=1, noise_level=40, output_dir=str(tmp_path / "out"),
+                      compilation_cache="", show_progress=False, **kw)
+  assert run.generate_run(cfg).images == 1
+  record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
+  assert record["noise_level"] == 40 and (record["height"], record["width"]) == (4 * h, 4 * w)
+  small = outputs.read_image(str(tmp_path / "small.png"), (h, w))
+  expected = pipe.generate("a cat", init_images=small[None], noise_level=40,
+                           seed=record["seed"], **kw)
+  written = np.asarray(Image.open(tmp_path / "out" / record["file"]), np.float32) / 255
+  assert np.abs(written - expected[0]).max() <= 1 / 255 + 1e-6
+  assert "strength" not in record  # it starts from pure noise
+  assert "Denoising strength" not in Image.open(tmp_path / "out" / record["file"]).text[
+      "parameters"]
+  text = tmp_path / "text.jsonl"
+  text.write_text('{"prompt": "a cat"}\n')
+  with pytest.raises(run.RunError, match="enlarges images: give init_images"):
+    run.generate_run(dataclasses.replace(cfg, prompts_file=str(text),
+                                         output_dir=str(tmp_path / "text")))
+  with pytest.raises(run.RunError, match="--noise_level is an x4 upscaler model's"):
+    run.generate_run(dataclasses.replace(cfg, model=model, output_dir=str(tmp_path / "plain")))
+  with pytest.raises(run.RunError, match=r"--noise_level must be an integer in \[0, 350\]"):
+    run.generate_run(dataclasses.replace(cfg, noise_level=400, output_dir=str(tmp_path / "bad")))
