@@ -68,8 +68,9 @@ flags.DEFINE_string("wildcards_dir", None, "--dynamic_prompts: the folder where 
 flags.DEFINE_integer("max_generations", 0, "--dynamic_prompts combinatorial: at most this many "
                      "prompts per template (0: all)")
 flags.DEFINE_string("init_image", None, "--prompt's image to start from (img2img; with an "
-                    "instruct-pix2pix model the image each prompt edits): a path or fsspec URL; "
-                    "a prompts file's lines give their own (jsonl init_image)")
+                    "instruct-pix2pix model the image each prompt edits, with the x4 upscaler "
+                    "the low-res image it enlarges): a path or fsspec URL; a prompts file's "
+                    "lines give their own (jsonl init_image)")
 flags.DEFINE_string("mask_image", None, "with --init_image, what --prompt repaints (inpainting: "
                     "white repaints)")
 flags.DEFINE_string("depth_image", None, "with --init_image and a depth-to-image model, its depth "

@@ -1112,7 +1112,8 @@ def _generate(cfg, pipe, plan, work, sink, metadata, refiner=None, hires_model=N
     return 0, 0.0, 0.0, False, None
   lora_set = _LoraSets(cfg.lora_dir) if cfg.lora_dir is not None else None
   run_batch = _Sampler(cfg, pipe, mesh, metadata.scheduler, refiner, lora_set, hires_model)
-  # The run's size: checked first (an instruct-pix2pix model's lines edit their init images).
+  # The run's size: checked first (instruct-pix2pix, depth and x4 upscaler models' lines all
+  # start from init images).
   images_in = (sampling.is_edit_model(pipe) or sampling.is_depth_model(pipe)
                or sampling.is_upscaler_model(pipe))
   run_batch.program((metadata.height, metadata.width), "img2img" if images_in else None,

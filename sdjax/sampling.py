@@ -998,8 +998,8 @@ def _split_guidance_pair(nets, params, x, t, negative, positive, cfg_axis, contr
 
 def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, source, noise, init, state):
   """Pure noise, a noised encoding of init images (img2img), or given latents (handoff; the
-  image latents of an inpainting run); an inpainting or instruct-pix2pix run at strength 1
-  starts from pure noise."""
+  image latents of an inpainting run); an inpainting or instruct-pix2pix run at strength 1,
+  and an x4 upscaler's always, start from pure noise."""
   sched = spec.scheduler
   if spec.noise_multiplier != 1.0 and spec.upscale is None and not spec.init_latents:
     noise = noise * jnp.float32(spec.noise_multiplier)  # A1111's Noise multiplier (img2img)
