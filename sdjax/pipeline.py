@@ -1543,6 +1543,9 @@ def save_single_file(pipe: Pipeline, path: str, dtype: str = "float32") -> None:
     raise PipelineError(f"save_single_file dtype {dtype!r}: use float32 or float16")
   if not path.endswith(".safetensors"):
     raise PipelineError(f"save_single_file writes .safetensors, not {path}")
+  if pipe.unet.config.num_class_embeds is not None:  # the x4 upscaler: no A1111 file of it
+    raise PipelineError("an x4 upscaler model has no single-file layout sdjax writes: use "
+                        "save_pretrained")
   names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in pipe.params]
   states = {name: flax_to_torch(jax.tree.map(lambda x: np.asarray(x, dtype), pipe.params[name]))
             for name in names}

@@ -690,7 +690,7 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
   if parts is not None and not takes_composable(spec):
     raise ValueError("composable prompts (AND, :weight) need classifier-free guidance "
                      "(guidance_scale > 1), without guidance_rescale, cfg_parallel or "
-                     "pag_scale, and a model that is not instruct-pix2pix")
+                     "pag_scale, and a model that is not instruct-pix2pix or an x4 upscaler")
   if spec.edit:
     check_edit(spec)
   if spec.guidance and not scheduled and not spec.cfg_split:

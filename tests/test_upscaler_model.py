@@ -115,6 +115,8 @@ def test_export_round_trip(upscaler, tmp_path):
   again = sdjax.load_pipeline(str(tmp_path / "out"))
   assert own(again.low_res_scheduler_config) == own(pipe.low_res_scheduler_config)
   assert again.max_noise_level == pipe.max_noise_level == 350
+  with pytest.raises(sdjax.PipelineError, match="no single-file layout"):
+    pipe.save_single_file(str(tmp_path / "x4.safetensors"))
 
 
 def test_run_with_init_image_lines(upscaler, model, tmp_path):
