@@ -2148,9 +2148,9 @@ def generate(
                        f"1), as init_images, got {mask_images.shape}")
   edit = is_edit_model(pipe)
   image_scales = edit_scales(pipe, image_guidance_scale, n)
-  if edit and (controlnet is not None or ip is not None or pag_scale):
-    raise ValueError("an instruct-pix2pix model's edit does not take ControlNets, IP-Adapters "
-                     "or perturbed-attention guidance (pag_scale)")
+  if edit and (controlnet is not None or pag_scale):
+    raise ValueError("an instruct-pix2pix model's edit does not take ControlNets or "
+                     "perturbed-attention guidance (pag_scale)")
   depth_maps = check_depth_maps(pipe, depth_maps, n)
   low_res = low_res_inputs(pipe, noise_level, n)
   if low_res is not None and controlnet is not None:

@@ -305,3 +305,47 @@ def test_torch_generators_match_diffusers(pix2pix):
   ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images, steps=3,
                        guidance_scale=3.0, scheduler="euler", seed=8, rng="torch_cpu")
   assert rel_err(ours, expected) <= 1e-4
+
+
+def test_ip_adapter_matches_diffusers(pix2pix, tmp_path):
+  """An IP-Adapter on the edit model: diffusers' pipeline after load_ip_adapter orders the image
+  embeds [image, negative, negative], as the three rows' embeddings are here (one prompt per
+  diffusers call: its adapter images serve a whole call)."""
+  from test_ip_adapter import ip_state, reference_images, write_ip_file
+  from transformers import CLIPImageProcessor
+
+  ref, pipe, _ = pix2pix
+  encoder = testing.torch_clip_vision(seed=12)
+  encoder.save_pretrained(str(tmp_path / "image_encoder"), safe_serialization=True)
+  write_ip_file(str(tmp_path / "ip.bin"), ip_state("plus", ref.unet, 4))
+  withip = diffusers.StableDiffusionInstructPix2PixPipeline(
+      **{**ref.components, "image_encoder": encoder,
+         "feature_extractor": CLIPImageProcessor(size=32, crop_size=32)})
+  withip.set_progress_bar_config(disable=True)
+  withip.load_ip_adapter(str(tmp_path), subfolder="", weight_name="ip.bin",
+                         image_encoder_folder=None)
+  withip.set_ip_adapter_scale(0.7)
+  withip.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler_config)
+  images, noise = _inputs(6)
+  adapter_images = reference_images(8)
+  expected = []
+  with torch.no_grad():
+    for i in range(2):
+      expected.append(withip(PROMPTS[i], image=nchw(images[i:i + 1]),
+                             negative_prompt=NEGATIVES[i], num_inference_steps=3,
+                             guidance_scale=3.0, image_guidance_scale=1.4,
+                             latents=nchw(noise[i:i + 1]), ip_adapter_image=adapter_images[i],
+                             output_type="np").images[0])
+  adapter = sdjax.load_ip_adapter(str(tmp_path / "ip.bin"))
+  ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images, steps=3,
+                       guidance_scale=3.0, image_guidance_scale=1.4, scheduler="euler",
+                       latents=noise, ip_adapter=adapter, ip_adapter_scale=0.7,
+                       ip_adapter_images=np.stack([np.asarray(a, np.float32) / 255
+                                                   for a in adapter_images]))
+  err = rel_err(ours, np.stack(expected))
+  print(f"\npix2pix with an IP-Adapter: {err:.2e}")
+  assert err <= 1e-4
+  plain = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, init_images=images, steps=3,
+                        guidance_scale=3.0, image_guidance_scale=1.4, scheduler="euler",
+                        latents=noise)
+  assert rel_err(plain, np.stack(expected)) > 1e-3  # the adapter steers it
