@@ -17,8 +17,7 @@ torch.set_num_threads(1)
 PROMPTS = ["a red circle in the center", "a photo of a cat"]
 NEGATIVES = ["blue", ""]
 H, W = 16, 24  # latents 8 x 12
-SCHEDULERS = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler",
-              "heun": "HeunDiscreteScheduler"}
+SCHEDULERS = {"euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler"}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +38,7 @@ def _inputs(seed=0, depth_hw=(12, 20)):
   return images, depth_maps
 
 
-@pytest.mark.parametrize("name,strength,guidance", [("euler", 0.7, 3.0), ("ddim", 1.0, 3.0),
-                                                    ("heun", 0.6, 1.0)])
+@pytest.mark.parametrize("name,strength,guidance", [("euler", 0.7, 3.0), ("heun", 1.0, 1.0)])
 def test_depth_matches_diffusers(depth, name, strength, guidance):
   ref, pipe, _ = depth
   images, depth_maps = _inputs(1)
