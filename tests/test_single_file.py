@@ -377,8 +377,12 @@ def test_family_detection_picks_standard_config():
   assert single_file.detect_family(_fake_state("sdxl_refiner")) == "sdxl_refiner"
   assert single_file.detect_family(_fake_state("sd1", in_channels=9)) == "sd1"  # inpainting
   assert pick("sd2", None, inpainting=True) == "sd2_512_base"  # as stable-diffusion-2-inpainting
-  with pytest.raises(SingleFileError, match="depth-to-image"):
-    single_file.detect_family(_fake_state("sd1", in_channels=5))
+  for channels in (8, 5):  # instruct-pix2pix, depth-to-image
+    assert single_file.detect_family(_fake_state("sd2", in_channels=channels)) == "sd2"
+  with pytest.raises(SingleFileError, match="an upscaler model .7 UNet input channels"):
+    single_file.detect_family(_fake_state("sd2", in_channels=7))
+  with pytest.raises(SingleFileError, match="an unsupported model .6 UNet input channels"):
+    single_file.detect_family(_fake_state("sd1", in_channels=6))
   with pytest.raises(SingleFileError, match="looks like a VAE file"):
     single_file.detect_family({"encoder.conv_in.weight": np.zeros(1)})
 
