@@ -899,8 +899,9 @@ def _upscaler_options(folder: str, index: dict[str, Any]) -> dict[str, Any]:
 def _single_file_configs(family: str, config: str | None, prediction_type: str | None,
                          revision: str | None, path: str,
                          inpainting: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(raw configs by component, plus "model_index" options; tokenizers by name): from a
-  `config` folder / hub id, else sdjax's built-in standard config of the family."""
+  """(raw configs by component, plus "model_index" options and an x4 upscaler's "upscaler"
+  Pipeline fields; tokenizers by name): from a `config` folder / hub id, else sdjax's built-in
+  standard config of the family."""
   if config is None:
     if family == "sd2" and prediction_type is None and not inpainting:
       logging.info("%s: SD2 weights do not say their prediction type; assuming 768-v "
@@ -920,6 +921,7 @@ def _single_file_configs(family: str, config: str | None, prediction_type: str |
   raw = {name: _read_component_config(folder, name) for name in names
          if not name.startswith("tokenizer")}
   raw["model_index"] = index
+  raw["upscaler"] = _upscaler_options(folder, index)  # {} but for an x4 upscaler's
   return raw, {name: load_tokenizer(os.path.join(folder, name)) for name in names
                if name.startswith("tokenizer")}
 
@@ -940,6 +942,12 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
     logging.info("%s: marked as %s", path, ", ".join(f"{k}={v}" for k, v in markers.items()))
   # The weights say (inpainting 9, pix2pix 8, depth 5; SD2's first and last are 512-base).
   in_channels = single_file.unet_in_channels(state)
+  upscaler = in_channels == single_file.UPSCALER_CHANNELS
+  if upscaler and config is None:
+    raise single_file.SingleFileError(
+      f"{path} is an x4 upscaler, whose file does not say its low-res noise schedule: pass "
+      "config= (--model_config) a diffusers folder of it (stabilityai/stable-diffusion-x4-"
+      "upscaler's)")
   raw, tokenizers = _single_file_configs(
       family, config, prediction_type or markers.get("prediction_type"), revision, path,
       in_channels in (single_file.INPAINTING_CHANNELS, single_file.DEPTH_CHANNELS))
@@ -954,6 +962,11 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   if config_family != family:
     raise PipelineError(f"{path} is an {_family_name(family)} checkpoint but config {config} is "
                         f"{_family_name(config_family)}")
+  index = raw.get("model_index", {})
+  if upscaler != bool(raw.get("upscaler")):
+    raise PipelineError(f"{path} is {'an' if upscaler else 'not an'} x4 upscaler ({in_channels} "
+                        f"UNet input channels) but config {config} is "
+                        f"{'not one' if upscaler else 'one'}")
   unet_cfg = UNetConfig.from_dict({**raw["unet"], "in_channels": in_channels})
   vae_cfg = VAEConfig.from_dict(raw["vae"])
 
@@ -963,7 +976,6 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
     return single_file.split_state(state, family, unet_cfg, text_cfgs.get("text_encoder"),
                                    vae_cfg, keys, path)
 
-  index = raw.get("model_index", {})
   sdxl = family.startswith("sdxl")
   return _Source(
       unet_cfg, vae_cfg, text_cfgs.get("text_encoder"), {**raw["scheduler"], **markers},
@@ -973,6 +985,7 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
           "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", sdxl)),
           "requires_aesthetics_score": bool(index.get("requires_aesthetics_score",
                                                       family == "sdxl_refiner")),
+          **raw.get("upscaler", {}),
       })
 
 
@@ -1543,9 +1556,6 @@ def save_single_file(pipe: Pipeline, path: str, dtype: str = "float32") -> None:
     raise PipelineError(f"save_single_file dtype {dtype!r}: use float32 or float16")
   if not path.endswith(".safetensors"):
     raise PipelineError(f"save_single_file writes .safetensors, not {path}")
-  if pipe.unet.config.num_class_embeds is not None:  # the x4 upscaler: no A1111 file of it
-    raise PipelineError("an x4 upscaler model has no single-file layout sdjax writes: use "
-                        "save_pretrained")
   names = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in pipe.params]
   states = {name: flax_to_torch(jax.tree.map(lambda x: np.asarray(x, dtype), pipe.params[name]))
             for name in names}

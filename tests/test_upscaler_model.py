@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from parity import nchw, rel_err
+from parity import nchw, rel_err, single_file_round_trip
+from safetensors.numpy import load_file, save_file
 
 import sdjax
 from sdjax import sampling, testing
+from sdjax.checkpoints.single_file import SingleFileError
 
 torch.set_num_threads(1)
 
@@ -101,8 +103,25 @@ def test_bad_upscaler_arguments(upscaler, model):
 
 
 def test_export_round_trip(upscaler, tmp_path):
-  """A folder sdjax writes is diffusers' upscale pipeline, its low-res scheduler kept."""
-  ref, pipe, _ = upscaler
+  """A folder sdjax writes is diffusers' upscale pipeline, its low-res scheduler kept. A single
+  file sdjax writes (the original layout, the noise-level classes as `label_emb`) is diffusers'
+  `from_single_file` weights, and loads with the upscaler's config folder (its low-res schedule
+  and max noise level: the file does not say them), without one a one-line error."""
+  ref, pipe, folder = upscaler
+  single_file_round_trip(ref, pipe, folder, folder, tmp_path, safety_checker=None)
+  path = str(tmp_path / "model.safetensors")
+  loaded = sdjax.load_pipeline(path, config=folder)
+  assert loaded.low_res_scheduler_config == pipe.low_res_scheduler_config
+  assert loaded.max_noise_level == pipe.max_noise_level
+  with pytest.raises(SingleFileError, match="is an x4 upscaler, whose file does not say its "
+                                           "low-res noise schedule: pass config="):
+    sdjax.load_pipeline(path)
+  state = load_file(path)  # a 4-channel UNet with the upscaler's config
+  conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+  save_file({**state, conv_in: state[conv_in][:, :4].copy()}, str(tmp_path / "four.safetensors"))
+  with pytest.raises(sdjax.PipelineError, match="four.safetensors is not an x4 upscaler .4 UNet "
+                                                "input channels. but config .* is one"):
+    sdjax.load_pipeline(str(tmp_path / "four.safetensors"), config=folder)
   pipe.save_pretrained(str(tmp_path / "out"))
   back = diffusers.DiffusionPipeline.from_pretrained(str(tmp_path / "out"))
   assert type(back) is diffusers.StableDiffusionUpscalePipeline
@@ -115,8 +134,6 @@ def test_export_round_trip(upscaler, tmp_path):
   again = sdjax.load_pipeline(str(tmp_path / "out"))
   assert own(again.low_res_scheduler_config) == own(pipe.low_res_scheduler_config)
   assert again.max_noise_level == pipe.max_noise_level == 350
-  with pytest.raises(sdjax.PipelineError, match="no single-file layout"):
-    pipe.save_single_file(str(tmp_path / "x4.safetensors"))
 
 
 def test_run_with_init_image_lines(upscaler, model, tmp_path):

@@ -45,6 +45,8 @@ INPAINTING_CHANNELS = 9
 EDIT_CHANNELS = 8
 # A depth-to-image UNet's: latents (4), the depth map (1).
 DEPTH_CHANNELS = 5
+# The x4 upscaler's: latents (4), the noised low-res image (3); its noise level a class label.
+UPSCALER_CHANNELS = 7
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD1: OpenAI CLIP-L
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP ViT-H text tower
@@ -149,11 +151,10 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
     raise SingleFileError(f"{name} carries Playground's EDM latent statistics (edm_mean) but is "
                           "not an SDXL-layout model, which Playground v2.5 is")
   channels = conv_in.shape[1]
-  if channels not in (4, INPAINTING_CHANNELS, EDIT_CHANNELS, DEPTH_CHANNELS):
-    variant = {7: "an upscaler"}.get(channels, "an unsupported")
-    raise SingleFileError(f"{name} is {variant} model ({channels} UNet input channels); sdjax "
-                          "supports text-to-image (4 channels), inpainting (9), "
-                          "instruct-pix2pix (8) and depth-to-image (5) models")
+  if channels not in (4, INPAINTING_CHANNELS, EDIT_CHANNELS, DEPTH_CHANNELS, UPSCALER_CHANNELS):
+    raise SingleFileError(f"{name} is an unsupported model ({channels} UNet input channels); "
+                          "sdjax supports text-to-image (4 channels), inpainting (9), "
+                          "instruct-pix2pix (8), depth-to-image (5) and x4 upscaler (7) models")
   if _has_prefix(state, SDXL_OPENCLIP_PREFIX):
     return "sdxl"
   if _has_prefix(state, SDXL_REFINER_OPENCLIP_PREFIX):
@@ -167,7 +168,8 @@ def detect_family(state: Mapping[str, np.ndarray], name: str = "checkpoint") -> 
 
 def unet_in_channels(state: Mapping[str, np.ndarray]) -> int:
   """The UNet's input channels: 4, INPAINTING_CHANNELS for an inpainting model, EDIT_CHANNELS
-  for an instruct-pix2pix one, DEPTH_CHANNELS for a depth-to-image one."""
+  for an instruct-pix2pix one, DEPTH_CHANNELS for a depth-to-image one, UPSCALER_CHANNELS for
+  the x4 upscaler."""
   return int(state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1])
 
 
@@ -315,6 +317,7 @@ def _unet_modules(cfg) -> dict[str, tuple[str, dict[str, str]]]:
       "mid_block.attentions.0": ("middle_block.1", {}),
       "mid_block.resnets.1": ("middle_block.2", _UNET_RESNET),
       "add_embedding.linear_1": ("label_emb.0.0", {}),  # SDXL
+      "class_embedding": ("label_emb", {}),  # the x4 upscaler's noise-level classes
       "add_embedding.linear_2": ("label_emb.0.2", {}),
       "conv_norm_out": ("out.0", {}),
       "conv_out": ("out.2", {}),
