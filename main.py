@@ -134,7 +134,8 @@ flags.DEFINE_string("scheduler_options", None, "a JSON object of scheduler confi
 flags.DEFINE_string("schedule_type", None, "where the steps' noise levels lie, as A1111's "
                     "Schedule type: 'Align Your Steps' (SD1.5's or SDXL's by the model), 'SGM "
                     "Uniform', 'Normal', 'Uniform', 'Simple', 'KL Optimal' (euler only), "
-                    "'Karras', 'Exponential', 'Beta' (or align_your_steps, sgm_uniform, ...); "
+                    "'Karras', 'Exponential', 'Beta', Forge's 'Align Your Steps GITS', 'Align "
+                    "Your Steps 32', 'Turbo' (or align_your_steps, sgm_uniform, ...); "
                     "for the sigma schedulers (euler, euler_ancestral, heun, lms, kdpm2, "
                     "dpmpp_*, unipc)")
 flags.DEFINE_list("sigmas", None, "the steps' noise levels themselves, as diffusers' "

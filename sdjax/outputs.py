@@ -108,7 +108,14 @@ A1111_SCHEDULE_TYPE_NAMES = {"align_your_steps": "Align Your Steps",
                              "sgm_uniform": "SGM Uniform", "normal": "Normal",
                              "uniform": "Uniform", "simple": "Simple", "kl_optimal": "KL Optimal",
                              "karras": "Karras", "exponential": "Exponential", "beta": "Beta",
-                             "polyexponential": "Polyexponential"}
+                             "polyexponential": "Polyexponential",
+                             # Forge's
+                             "align_your_steps_gits": "Align Your Steps GITS",
+                             "align_your_steps_gits_sdxl": "Align Your Steps GITS",
+                             "align_your_steps_32": "Align Your Steps 32",
+                             "align_your_steps_32_sdxl": "Align Your Steps 32", "turbo": "Turbo"}
+# Other words for them: Forge's "Align Your Steps 11" is A1111's Align Your Steps levels.
+_SCHEDULE_TYPE_ALIASES = {"align your steps 11": "align_your_steps"}
 
 _NEGATIVE_PREFIX = "Negative prompt:"
 # One `Key: value` item of A1111's last line; a value is either JSON-quoted or runs to the comma.
@@ -166,7 +173,8 @@ def schedule_type_options(value: str) -> dict[str, Any]:
   (`schedulers.get_scheduler` turns Karras, Exponential and Beta into diffusers' spacing
   options). ValueError if unknown."""
   ours = {**{label.lower(): name for name, label in A1111_SCHEDULE_TYPE_NAMES.items()
-             if not name.endswith("_sdxl")}, **{name: name for name in A1111_SCHEDULE_TYPE_NAMES}}
+             if not name.endswith("_sdxl")}, **{name: name for name in A1111_SCHEDULE_TYPE_NAMES},
+          **_SCHEDULE_TYPE_ALIASES}
   key = value.strip().lower()
   if key == "automatic":
     return {}

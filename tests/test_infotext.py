@@ -147,7 +147,7 @@ def test_rng_sources(field, rng, note):
 
 
 def test_what_sdjax_lacks_is_a_note_not_a_flag():
-  text = ("a cat\nSteps: 20, Sampler: DPM adaptive, Schedule type: Align Your Steps GITS, "
+  text = ("a cat\nSteps: 20, Sampler: DPM adaptive, Schedule type: Cosine, "
           "CFG scale: 7, Seed: 1, RNG: NV, Eta: 0.67, Denoising strength: 0.5, Mask blur: 4")
   found = reproduce(text)
   assert set(found.flags) == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed",
@@ -159,6 +159,17 @@ def test_what_sdjax_lacks_is_a_note_not_a_flag():
       "Denoising strength: 0.5: an img2img or inpainting image, whose init image is not in the "
       "file (give it in a .jsonl prompts line)",
       "not reproduced: Mask blur: 4"]
+
+
+def test_forge_schedule_types():
+  """Forge's Align Your Steps GITS / 11 / 32 and Turbo read as the schedule types they are."""
+  for label, name in (("Align Your Steps GITS", "align_your_steps_gits"),
+                      ("Align Your Steps 11", "align_your_steps"),
+                      ("Align Your Steps 32", "align_your_steps_32"), ("Turbo", "turbo")):
+    found = reproduce(f"a cat\nSteps: 8, Sampler: Euler, Schedule type: {label}, CFG scale: 7, "
+                      "Seed: 1, Version: f2.0.1v1.10.1-previous-669-gdfdcbab6")
+    assert outputs.schedule_type_options(found.flags["schedule_type"]) == {"schedule_type": name}
+    assert "schedule_type" not in dict(found.notes)
 
 
 def test_ancestral_eta():

@@ -513,6 +513,12 @@ def test_schedule_type_options():
   assert outputs.schedule_type_options("Karras") == {"schedule_type": "karras"}
   assert outputs.schedule_type_options("Exponential") == {"schedule_type": "exponential"}
   assert outputs.schedule_type_options("Automatic") == {}
+  # Forge's: its "Align Your Steps 11" is Align Your Steps' levels
+  assert outputs.schedule_type_options("Align Your Steps 11") == {
+    "schedule_type": "align_your_steps"}
+  assert outputs.schedule_type_options("Align Your Steps GITS") == {
+    "schedule_type": "align_your_steps_gits"}
+  assert outputs.schedule_type_options("Turbo") == {"schedule_type": "turbo"}
   for name, label in outputs.A1111_SCHEDULE_TYPE_NAMES.items():  # round trip through a PNG
     options = outputs.schedule_type_options(label)
     assert outputs.a1111_schedule_type(options) == label, name

@@ -134,6 +134,11 @@ def test_align_your_steps_follows_the_model():
   assert sampling.model_schedule(sdxl, options)["schedule_type"] == "align_your_steps_sdxl"
   assert sampling.model_schedule(sd1, options) == options
   assert sampling.model_schedule(sdxl, None) is None
+  for kind in ("align_your_steps_gits", "align_your_steps_32"):  # Forge's, alike
+    assert sampling.model_schedule(sdxl, {"schedule_type": kind}) == {"schedule_type":
+                                                                      f"{kind}_sdxl"}
+    assert sampling.model_schedule(sd1, {"schedule_type": kind}) == {"schedule_type": kind}
+  assert sampling.model_schedule(sdxl, {"schedule_type": "turbo"}) == {"schedule_type": "turbo"}
 
 
 def test_no_guidance_and_guidance_rescale(pipes):

@@ -245,6 +245,40 @@ def test_align_your_steps_levels():
                              np.sqrt(14.615 * 6.475), rtol=1e-12)
 
 
+def test_forge_align_your_steps_variants():
+  """Forge's GITS and 32-step tables: taken as they are at their own step counts (11, 32), else
+  interpolated in log sigma as Align Your Steps (at 2k - 1 steps every other point is one of
+  the k levels, the points between their geometric means); 0 after them."""
+  gits = schedule_sigmas("align_your_steps_gits", 11, TRAIN_SIGMAS)
+  assert gits.tolist() == [14.615, 4.617, 2.507, 1.236, 0.702, 0.402, 0.240, 0.156, 0.104,
+                           0.094, 0.029, 0.0]
+  assert schedule_sigmas("align_your_steps_gits_sdxl", 11, TRAIN_SIGMAS)[3] == 1.529
+  for kind, k, last in (("align_your_steps_32", 32, 0.015), ("align_your_steps_32_sdxl", 32,
+                                                             0.015), ("align_your_steps_gits", 11,
+                                                                      0.029)):
+    table = schedule_sigmas(kind, k, TRAIN_SIGMAS)
+    assert len(table) == k + 1 and table[0] == 14.615 and table[-2:].tolist() == [last, 0.0]
+    assert np.all(np.diff(table) < 0)
+    twice = schedule_sigmas(kind, 2 * k - 1, TRAIN_SIGMAS)
+    np.testing.assert_allclose(twice[:-1:2], table[:-1], rtol=1e-12)
+    np.testing.assert_allclose(twice[1:-1:2], np.sqrt(table[:-2] * table[1:-1]), rtol=1e-12)
+  assert schedule_sigmas("align_your_steps_32", 32, TRAIN_SIGMAS)[1] == 11.23951352
+  assert schedule_sigmas("align_your_steps_32_sdxl", 32, TRAIN_SIGMAS)[1] == 11.1491618
+
+
+@pytest.mark.parametrize("n", [3, 4, 16, 30])
+def test_forge_turbo_levels(n):
+  """Forge's Turbo: n timesteps 1000 / n apart ending at 999, in torch's float32 and rounded half
+  to even (16 steps: 61.5 -> 62, 186.5 -> 186), the training levels there, then 0."""
+  t = torch.flip(torch.arange(1, n + 1) * float(1000 / n) - 1, (0,)).round().long().clip(0, 999)
+  got = schedule_sigmas("turbo", n, TRAIN_SIGMAS)
+  np.testing.assert_array_equal(got, np.append(TRAIN_SIGMAS[t.numpy()], 0.0))
+  if n == 16:
+    assert t[-1] == 62 and t[-3] == 186 and t[-5] == 312
+  if n == 3:
+    assert t.tolist() == [999, 666, 332]
+
+
 def test_timestep_spaced_types():
   n, top = 4, TRAIN_SIGMAS[-1]
   sgm = schedule_sigmas("sgm_uniform", n, TRAIN_SIGMAS)

@@ -26,6 +26,7 @@ from sdjax.schedulers.sigma_schedules import (
   DISCARD_PENULTIMATE,
   DOWNCAST_ALPHAS_CUMPROD,
   DOWNCAST_SD1_SD2,
+  MODEL_TABLES,
   ZERO_SNR,
 )
 
@@ -271,6 +272,7 @@ __all__ = [
     "DOWNCAST_SD1_SD2",
     "ETA_SCHEDULERS",
     "FORM_OPTIONS",
+    "MODEL_TABLES",
     "PLAN_START",
     "SCHEDULERS",
     "SCHEDULE_SETTINGS",

@@ -16,7 +16,9 @@ those schedulers replace that placement (one at a time; not with a spacing):
   A1111's Karras, Exponential and Beta are diffusers' spacings, which `schedule_type` also names
   (`SPACING_TYPES`, turned into `use_<kind>_sigmas` by `get_scheduler`).
   Align Your Steps (Sabour et al. 2024) interpolates NVIDIA's optimised 10-step levels in log sigma
-  (SD1.5's, or SDXL's for `align_your_steps_sdxl`); SGM Uniform, Normal and Uniform space timesteps
+  (SD1.5's, or SDXL's for `align_your_steps_sdxl`), as do Forge's GITS and 32-step variants
+  (`align_your_steps_gits`, `align_your_steps_32`, each with its `_sdxl` form); Forge's Turbo
+  takes the training levels at n timesteps evenly strided from the last; SGM Uniform, Normal and Uniform space timesteps
   evenly and read their sigmas off the training schedule interpolated in log sigma; Simple takes
   every (N/n)-th training sigma; KL Optimal is even in arctan sigma and ends at the smallest
   training sigma rather than at 0. In the `comfyui` form Beta and KL Optimal are ComfyUI's
@@ -121,16 +123,36 @@ def form_alphas_cumprod(config: dict[str, Any], form: str | None) -> np.ndarray:
   return zero_snr_alphas_cumprod(alphas_cumprod) if zero_snr else alphas_cumprod
 
 # NVIDIA's Align Your Steps noise levels (research.nvidia.com/labs/toronto-ai/AlignYourSteps),
-# as AUTOMATIC1111 ends them: at 0.029, then 0.
+# as AUTOMATIC1111 ends them: at 0.029, then 0. Forge's schedule types add NVIDIA's GITS levels
+# ("Align Your Steps GITS") and its 32-step levels ("Align Your Steps 32", ending at 0.015),
+# interpolated alike; its "Align Your Steps 11" is the first table again.
 _AYS_SIGMAS = {
   "align_your_steps": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152,
                        0.029),
   "align_your_steps_sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234,
                             0.113, 0.029),
+  "align_your_steps_gits": (14.615, 4.617, 2.507, 1.236, 0.702, 0.402, 0.240, 0.156, 0.104,
+                            0.094, 0.029),
+  "align_your_steps_gits_sdxl": (14.615, 4.734, 2.567, 1.529, 0.987, 0.652, 0.418, 0.268, 0.179,
+                                 0.127, 0.029),
+  "align_your_steps_32": (
+    14.615, 11.23951352, 8.64363081, 6.64729424, 5.57250862, 4.71648546, 3.99196065, 3.5195609,
+    3.13490466, 2.79228788, 2.48773628, 2.21663865, 1.97508351, 1.7793172, 1.61475335,
+    1.46540953, 1.314849, 1.16642497, 1.03475547, 0.91573744, 0.80748169, 0.71202361, 0.621739,
+    0.53065202, 0.4529096, 0.37491455, 0.27461819, 0.2011529, 0.14105873, 0.06682881, 0.03166121,
+    0.015),
+  "align_your_steps_32_sdxl": (
+    14.615, 11.1491618, 8.50522127, 6.48827151, 5.43707402, 4.60398619, 3.89854704, 3.27407457,
+    2.74396527, 2.29968659, 1.95448514, 1.67108715, 1.42878152, 1.23181009, 1.06789649,
+    0.92579443, 0.80290886, 0.69660121, 0.60436903, 0.52852552, 0.46773344, 0.41393379,
+    0.36258186, 0.31008517, 0.26518925, 0.22326461, 0.17653877, 0.13959192, 0.10587381,
+    0.05519369, 0.02877334, 0.015),
 }
+# The tables an SDXL model takes in their `_sdxl` form (`sampling.model_schedule`).
+MODEL_TABLES = tuple(name for name in _AYS_SIGMAS if f"{name}_sdxl" in _AYS_SIGMAS)
 
 SCHEDULE_TYPES = (*_AYS_SIGMAS, "sgm_uniform", "normal", "uniform", "simple", "kl_optimal",
-                  "polyexponential")
+                  "polyexponential", "turbo")
 # A1111's schedule types that are diffusers' spacings: `schedule_type` names them too, and
 # `spacing_options` turns them into the `use_<kind>_sigmas` option of schedulers that have it.
 SPACING_TYPES = ("karras", "exponential", "beta")
@@ -305,6 +327,11 @@ def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray, comfyui: bool =
     t = np.linspace(start, end, n + 1)[:-1] if kind == "sgm_uniform" else np.linspace(
       start, end, n)
     return np.append(_t_to_sigma(t, log_sigmas), 0.0)
+  if kind == "turbo":  # Forge's: n training timesteps a (N/n)-stride apart from the last, in
+    # float32 as its torch, rounded half to even; their training levels
+    t = np.arange(1, n + 1, dtype=np.float32) * np.float32(n_train / n) - np.float32(1)
+    t = np.clip(np.rint(t[::-1]).astype(np.int64), 0, n_train - 1)
+    return np.append(np.asarray(train_sigmas, np.float64)[t], 0.0)
   if kind == "simple":  # the table's own levels
     stride = n_train / n
     return np.append(train_sigmas[[-(1 + int(x * stride)) for x in range(n)]], 0.0)
