@@ -940,7 +940,8 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   markers = single_file.scheduler_markers(state, single_file.read_metadata(path))
   if markers:
     logging.info("%s: marked as %s", path, ", ".join(f"{k}={v}" for k, v in markers.items()))
-  # The weights say (inpainting 9, pix2pix 8, depth 5; SD2's first and last are 512-base).
+  # The weights say (inpainting 9, pix2pix 8, depth 5, x4 upscaler 7; SD2's inpainting and
+  # depth are 512-base).
   in_channels = single_file.unet_in_channels(state)
   upscaler = in_channels == single_file.UPSCALER_CHANNELS
   if upscaler and config is None:
@@ -962,7 +963,6 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   if config_family != family:
     raise PipelineError(f"{path} is an {_family_name(family)} checkpoint but config {config} is "
                         f"{_family_name(config_family)}")
-  index = raw.get("model_index", {})
   if upscaler != bool(raw.get("upscaler")):
     raise PipelineError(f"{path} is {'an' if upscaler else 'not an'} x4 upscaler ({in_channels} "
                         f"UNet input channels) but config {config} is "
@@ -976,6 +976,7 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
     return single_file.split_state(state, family, unet_cfg, text_cfgs.get("text_encoder"),
                                    vae_cfg, keys, path)
 
+  index = raw.get("model_index", {})
   sdxl = family.startswith("sdxl")
   return _Source(
       unet_cfg, vae_cfg, text_cfgs.get("text_encoder"), {**raw["scheduler"], **markers},

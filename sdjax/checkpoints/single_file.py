@@ -317,8 +317,8 @@ def _unet_modules(cfg) -> dict[str, tuple[str, dict[str, str]]]:
       "mid_block.attentions.0": ("middle_block.1", {}),
       "mid_block.resnets.1": ("middle_block.2", _UNET_RESNET),
       "add_embedding.linear_1": ("label_emb.0.0", {}),  # SDXL
-      "class_embedding": ("label_emb", {}),  # the x4 upscaler's noise-level classes
       "add_embedding.linear_2": ("label_emb.0.2", {}),
+      "class_embedding": ("label_emb", {}),  # the x4 upscaler's noise-level classes
       "conv_norm_out": ("out.0", {}),
       "conv_out": ("out.2", {}),
   }
