@@ -328,7 +328,8 @@ def schedule_sigmas(kind: str, n: int, train_sigmas: np.ndarray, comfyui: bool =
       start, end, n)
     return np.append(_t_to_sigma(t, log_sigmas), 0.0)
   if kind == "turbo":  # Forge's: n training timesteps a (N/n)-stride apart from the last, in
-    # float32 as its torch, rounded half to even; their training levels
+    # float32 as its torch, rounded half to even; their training levels (Forge reads them back
+    # through exp(log) in float32: within 1.4e-7 of the table's on SD's schedule)
     t = np.arange(1, n + 1, dtype=np.float32) * np.float32(n_train / n) - np.float32(1)
     t = np.clip(np.rint(t[::-1]).astype(np.int64), 0, n_train - 1)
     return np.append(np.asarray(train_sigmas, np.float64)[t], 0.0)
