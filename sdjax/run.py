@@ -2197,7 +2197,8 @@ class _Metadata:
         **({"strength": strength} if job.init_image
            and not sampling.is_upscaler_model(self.pipe) else {}),
         **({"depth_image": job.depth_image} if job.depth_image else {}),
-        **({"noise_level": self.cfg.noise_level or sampling.NOISE_LEVEL}
+        **({"noise_level": sampling.NOISE_LEVEL if self.cfg.noise_level is None
+            else self.cfg.noise_level}
            if sampling.is_upscaler_model(self.pipe) else {}),
         **({"image_guidance_scale": self._image_guidance_scale()}
            if sampling.is_edit_model(self.pipe) else {}),

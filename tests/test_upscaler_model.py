@@ -165,6 +165,11 @@ def test_run_with_init_image_lines(upscaler, model, tmp_path):
   written = np.asarray(Image.open(tmp_path / "out" / record["file"]), np.float32) / 255
   assert np.abs(written - expected[0]).max() <= 1 / 255 + 1e-6
   assert "strength" not in record  # it starts from pure noise
+  # Level 0 (no noise on the low-res image) is recorded as 0, not as the default.
+  assert run.generate_run(dataclasses.replace(cfg, noise_level=0,
+                                              output_dir=str(tmp_path / "zero"))).images == 1
+  zero = json.loads(open(tmp_path / "zero" / outputs.MANIFEST_NAME).readline())
+  assert zero["noise_level"] == 0
   assert "Denoising strength" not in Image.open(tmp_path / "out" / record["file"]).text[
       "parameters"]
   text = tmp_path / "text.jsonl"
