@@ -1709,8 +1709,9 @@ PLACEMENT_OPTIONS = ("sigmas", "timesteps", "schedule_type", "use_karras_sigmas"
 def model_schedule(pipe, scheduler_options: dict[str, Any] | None) -> dict[str, Any] | None:
   """Scheduler options with what depends on the model picked for it, as A1111 picked it: Align
   Your Steps' levels (and Forge's GITS and 32-step ones), SDXL's for an SDXL UNet (schedule_type
-  "align_your_steps" names SD1.5's otherwise); `downcast_alphas_cumprod` "sd1_sd2" (an A1111 before 1.7.0-225), true but for an
-  SDXL UNet (whose alphas_cumprod A1111 held apart, in float32)."""
+  "align_your_steps" names SD1.5's otherwise); `downcast_alphas_cumprod` "sd1_sd2" (an A1111
+  before 1.7.0-225), true but for an SDXL UNet (whose alphas_cumprod A1111 held apart, in
+  float32)."""
   if not scheduler_options:
     return scheduler_options
   options = dict(scheduler_options)

@@ -18,9 +18,9 @@ those schedulers replace that placement (one at a time; not with a spacing):
   Align Your Steps (Sabour et al. 2024) interpolates NVIDIA's optimised 10-step levels in log sigma
   (SD1.5's, or SDXL's for `align_your_steps_sdxl`), as do Forge's GITS and 32-step variants
   (`align_your_steps_gits`, `align_your_steps_32`, each with its `_sdxl` form); Forge's Turbo
-  takes the training levels at n timesteps evenly strided from the last; SGM Uniform, Normal and Uniform space timesteps
-  evenly and read their sigmas off the training schedule interpolated in log sigma; Simple takes
-  every (N/n)-th training sigma; KL Optimal is even in arctan sigma and ends at the smallest
+  takes the training levels at n timesteps evenly strided from the last; SGM Uniform, Normal
+  and Uniform space timesteps evenly and read their sigmas off the training schedule
+  interpolated in log sigma; Simple takes every (N/n)-th training sigma; KL Optimal is even in arctan sigma and ends at the smallest
   training sigma rather than at 0. In the `comfyui` form Beta and KL Optimal are ComfyUI's
   schedulers of those names, not A1111's: its beta takes the training levels at the Beta(0.6, 0.6)
   quantile timesteps (rounded), its kl_optimal n levels even in arctan sigma from the largest
