@@ -146,6 +146,11 @@ def _example_inputs(unet_cfg: UNetConfig, text_cfg: CLIPTextConfig | None, vae_c
   return out
 
 
+# stable-diffusion-x4-upscaler's latent scale (its VAE's), which diffusers' upscale pipeline
+# imposes on any VAE it is given.
+X4_SCALING_FACTOR = 0.08333
+
+
 @dataclasses.dataclass(eq=False)
 class Pipeline:
   """The networks (Flax modules), their params, the tokenizer and the scheduler config."""
@@ -888,6 +893,18 @@ def _folder_source(folder: str, variant: str | None) -> _Source:
   )
 
 
+def _upscaler_vae(vae_cfg: VAEConfig) -> VAEConfig:
+  """The x4 upscaler's latents are scaled by 0.08333, whatever its VAE config says: diffusers'
+  `StableDiffusionUpscalePipeline` imposes it (a config without scaling_factor, as
+  stable-diffusion-x4-upscaler's vae/config.json was in 2023, would give the 0.18215 default);
+  so does sdjax, with a warning."""
+  if vae_cfg.scaling_factor != X4_SCALING_FACTOR:
+    logging.warning("the x4 upscaler's VAE config says scaling_factor %s; using %s, as diffusers' "
+                    "upscale pipeline does", vae_cfg.scaling_factor, X4_SCALING_FACTOR)
+    vae_cfg = dataclasses.replace(vae_cfg, scaling_factor=X4_SCALING_FACTOR)
+  return vae_cfg
+
+
 def _upscaler_options(folder: str, index: dict[str, Any]) -> dict[str, Any]:
   """An x4 upscaler folder's low-res scheduler config and max_noise_level (Pipeline fields)."""
   if not _listed(index, "low_res_scheduler"):
@@ -897,17 +914,21 @@ def _upscaler_options(folder: str, index: dict[str, Any]) -> dict[str, Any]:
 
 
 def _single_file_configs(family: str, config: str | None, prediction_type: str | None,
-                         revision: str | None, path: str,
-                         inpainting: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+                         revision: str | None, path: str, inpainting: bool = False,
+                         upscaler: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
   """(raw configs by component, plus "model_index" options and an x4 upscaler's "upscaler"
   Pipeline fields; tokenizers by name): from a `config` folder / hub id, else sdjax's built-in
   standard config of the family."""
   if config is None:
-    if family == "sd2" and prediction_type is None and not inpainting:
+    if family == "sd2" and prediction_type is None and not (inpainting or upscaler):
       logging.info("%s: SD2 weights do not say their prediction type; assuming 768-v "
                    "(v_prediction). Pass prediction_type='epsilon' for 512-base models.", path)
-    raw = standard.standard_config(single_file.standard_config_name(family, prediction_type,
-                                                                    inpainting))
+    raw = dict(standard.standard_config(single_file.standard_config_name(
+        family, prediction_type, inpainting, upscaler)))
+    low_res = raw.pop("low_res_scheduler", None)
+    raw["upscaler"] = {} if low_res is None else {
+        "low_res_scheduler_config": low_res,
+        "max_noise_level": int(raw["model_index"]["max_noise_level"])}
     tokenizers = {name: standard.clip_tokenizer(raw[name]["pad_token"])
                   for name in ("tokenizer", "tokenizer_2") if name in raw}
     return raw, tokenizers
@@ -944,14 +965,9 @@ def _single_file_source(path: str, config: str | None, prediction_type: str | No
   # depth are 512-base).
   in_channels = single_file.unet_in_channels(state)
   upscaler = in_channels == single_file.UPSCALER_CHANNELS
-  if upscaler and config is None:
-    raise single_file.SingleFileError(
-      f"{path} is an x4 upscaler, whose file does not say its low-res noise schedule: pass "
-      "config= (--model_config) a diffusers folder of it (stabilityai/stable-diffusion-x4-"
-      "upscaler's)")
   raw, tokenizers = _single_file_configs(
       family, config, prediction_type or markers.get("prediction_type"), revision, path,
-      in_channels in (single_file.INPAINTING_CHANNELS, single_file.DEPTH_CHANNELS))
+      in_channels in (single_file.INPAINTING_CHANNELS, single_file.DEPTH_CHANNELS), upscaler)
   playground = single_file.playground_configs(state, path)
   if playground is not None and config is None:  # a config folder's own win, as in diffusers
     logging.info("%s: Playground v2.5 (EDM, latent statistics in the file)", path)
@@ -1081,6 +1097,8 @@ def load_pipeline(
   vae_cfg, read_vae = src.vae, None
   if vae is not None:
     vae_cfg, read_vae = _vae_source(vae, src.vae, revision)
+  if src.options.get("low_res_scheduler_config") is not None:
+    vae_cfg = _upscaler_vae(vae_cfg)
   scheduler_config = dict(src.scheduler_config)
   if prediction_type is not None:
     scheduler_config["prediction_type"] = prediction_type

@@ -381,6 +381,10 @@ def test_family_detection_picks_standard_config():
   for channels in (8, 5):  # instruct-pix2pix, depth-to-image
     assert single_file.detect_family(_fake_state("sd2", in_channels=channels)) == "sd2"
   assert single_file.detect_family(_fake_state("sd2", in_channels=7)) == "sd2"  # x4 upscaler
+  for prediction in (None, "v_prediction", "epsilon"):  # prediction_type overrides it later
+    assert pick("sd2", prediction, upscaler=True) == "sd2_x4_upscaler"
+  with pytest.raises(SingleFileError, match="no standard config of an sd1 x4 upscaler"):
+    pick("sd1", None, upscaler=True)
   with pytest.raises(SingleFileError, match="an unsupported model .6 UNet input channels"):
     single_file.detect_family(_fake_state("sd1", in_channels=6))
   with pytest.raises(SingleFileError, match="looks like a VAE file"):
@@ -551,10 +555,13 @@ def _zeros(shape):
   return np.broadcast_to(np.zeros((), np.float32), shape)  # zero-strided: no memory
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2_768_v", "sdxl"])
+@pytest.mark.parametrize("name", ["sd1", "sd2_768_v", "sdxl", "sd2_x4_upscaler"])
 def test_standard_configs_match_released_key_names(name):
   """The tables on the full-size configs give the key names and shapes of the released files."""
   keys = _standard_keys(name)
+  if name == "sd2_x4_upscaler":
+    _check_x4_upscaler_keys(keys)
+    return
   unet = "model.diffusion_model."
   want = {
       unet + "input_blocks.0.0.weight": (320, 4, 3, 3),
@@ -613,6 +620,36 @@ def _check_sdxl_keys(keys):
     assert keys.get(key) == shape, key
   assert unet + "input_blocks.1.1.proj_in.weight" not in keys  # no attention at level 0
   assert not any(k.startswith(unet + "input_blocks.9.") for k in keys)
+
+
+def _check_x4_upscaler_keys(keys):
+  """x4-upscaler-ema's layout (Stability's x4-upscaling.yaml): 256 channels times 1, 2, 2, 4,
+  attention from level 1 with self-attention only at the bottom (elsewhere attn1 attends to the
+  text too), noise-level classes, a three-level VAE."""
+  unet = "model.diffusion_model."
+  want = {
+      unet + "input_blocks.0.0.weight": (256, 7, 3, 3),
+      unet + "label_emb.weight": (1000, 1024),
+      unet + "time_embed.0.weight": (1024, 256),
+      unet + "input_blocks.4.0.skip_connection.weight": (512, 256, 1, 1),
+      unet + "input_blocks.4.1.proj_in.weight": (512, 512),
+      unet + "input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight": (512, 1024),
+      unet + "input_blocks.10.0.skip_connection.bias": (1024,),  # diffusers' detection key
+      unet + "input_blocks.10.1.transformer_blocks.0.attn1.to_k.weight": (1024, 1024),
+      unet + "middle_block.1.transformer_blocks.0.attn1.to_k.weight": (1024, 1024),
+      unet + "output_blocks.2.2.conv.weight": (1024, 1024, 3, 3),
+      unet + "output_blocks.7.1.transformer_blocks.0.attn1.to_k.weight": (512, 1024),
+      unet + "output_blocks.11.0.skip_connection.weight": (256, 512, 1, 1),
+      unet + "out.2.weight": (4, 256, 3, 3),
+      single_file.OPENCLIP_PREFIX + "transformer.resblocks.22.attn.in_proj_weight": (3072, 1024),
+      "first_stage_model.encoder.down.1.downsample.conv.weight": (256, 256, 3, 3),
+      "first_stage_model.decoder.up.2.upsample.conv.weight": (512, 512, 3, 3),
+      "first_stage_model.decoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+  }
+  for key, shape in want.items():
+    assert keys.get(key) == shape, key
+  assert unet + "input_blocks.1.1.proj_in.weight" not in keys  # no attention at level 0
+  assert not any(k.startswith("first_stage_model.decoder.up.3.") for k in keys)
 
 
 def test_builtin_configs_and_tokenizer_offline(family_files, monkeypatch):

@@ -3,9 +3,13 @@ noised low-res image, its noise level as a class label; a VAE of 1/4) against di
 StableDiffusionUpscalePipeline given our draws (the low-res image's noise, the initial noise),
 and with per-image CPU generators."""
 
+import json
+import os
+import shutil
 from unittest import mock
 
 import diffusers
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 import sdjax
 from sdjax import sampling, testing
-from sdjax.checkpoints.single_file import SingleFileError
+from sdjax.checkpoints import standard
 
 torch.set_num_threads(1)
 
@@ -86,6 +90,25 @@ def test_torch_generators_match_diffusers(upscaler):
   assert err <= 1e-4
 
 
+def test_latent_scale_is_the_upscalers(upscaler, tmp_path):
+  """diffusers' upscale pipeline scales latents by 0.08333 whatever its VAE's config says (a
+  config without scaling_factor defaults to 0.18215); sdjax does the same, for a replacement
+  VAE too."""
+  _, _, folder = upscaler
+  copy = str(tmp_path / "pipe")
+  shutil.copytree(folder, copy)
+  vae_config = os.path.join(copy, "vae", "config.json")
+  with open(vae_config) as f:
+    config = json.load(f)
+  del config["scaling_factor"]
+  with open(vae_config, "w") as f:
+    json.dump(config, f)
+  ref = diffusers.StableDiffusionUpscalePipeline.from_pretrained(copy)
+  assert ref.vae.config.scaling_factor == 0.08333
+  assert sdjax.load_pipeline(copy).scaling_factor == ref.vae.config.scaling_factor
+  assert sdjax.load_pipeline(folder, vae=os.path.join(copy, "vae")).scaling_factor == 0.08333
+
+
 def test_bad_upscaler_arguments(upscaler, model):
   _, pipe, _ = upscaler
   images, _ = _inputs()
@@ -102,20 +125,36 @@ def test_bad_upscaler_arguments(upscaler, model):
     sdjax.load_pipeline(model).generate(PROMPTS, height=16, width=16, noise_level=20, **kw)
 
 
-def test_export_round_trip(upscaler, tmp_path):
+def test_export_round_trip(upscaler, tmp_path, monkeypatch):
   """A folder sdjax writes is diffusers' upscale pipeline, its low-res scheduler kept. A single
   file sdjax writes (the original layout, the noise-level classes as `label_emb`) is diffusers'
   `from_single_file` weights, and loads with the upscaler's config folder (its low-res schedule
-  and max noise level: the file does not say them), without one a one-line error."""
+  and max noise level: the file does not say them) or, without one, with the built-in standard
+  config of the x4 upscaler (the tiny architecture standing in for the full-size one)."""
   ref, pipe, folder = upscaler
   single_file_round_trip(ref, pipe, folder, folder, tmp_path, safety_checker=None)
   path = str(tmp_path / "model.safetensors")
   loaded = sdjax.load_pipeline(path, config=folder)
   assert loaded.low_res_scheduler_config == pipe.low_res_scheduler_config
   assert loaded.max_noise_level == pipe.max_noise_level
-  with pytest.raises(SingleFileError, match="is an x4 upscaler, whose file does not say its "
-                                           "low-res noise schedule: pass config="):
-    sdjax.load_pipeline(path)
+  built_in = standard.standard_config("sd2_x4_upscaler")
+  tiny = {}
+  for name in ("unet", "vae", "text_encoder", "scheduler", "low_res_scheduler"):
+    file = "config.json" if name in ("unet", "vae", "text_encoder") else "scheduler_config.json"
+    with open(os.path.join(folder, name, file)) as f:
+      tiny[name] = json.load(f)
+  tiny.update(tokenizer=built_in["tokenizer"], model_index={"max_noise_level": 300})
+  asked = []
+  monkeypatch.setattr(standard, "standard_config", lambda name: asked.append(name) or tiny)
+  monkeypatch.setattr(standard, "clip_tokenizer", lambda pad: pipe.tokenizer)
+  own = sdjax.load_pipeline(path)
+  assert asked == ["sd2_x4_upscaler"]
+  jax.tree.map(np.testing.assert_array_equal, own.params, pipe.params)
+  assert {k: v for k, v in own.low_res_scheduler_config.items() if not k.startswith("_")} == {
+      k: v for k, v in ref.low_res_scheduler.config.items() if not k.startswith("_")}
+  assert own.max_noise_level == 300  # the config's, not a default
+  assert own.scheduler_config["prediction_type"] == "v_prediction"
+  monkeypatch.undo()  # the rest with the real standard configs
   state = load_file(path)  # a 4-channel UNet with the upscaler's config
   conv_in = "model.diffusion_model.input_blocks.0.0.weight"
   save_file({**state, conv_in: state[conv_in][:, :4].copy()}, str(tmp_path / "four.safetensors"))

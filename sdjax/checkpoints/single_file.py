@@ -256,10 +256,16 @@ def markers_for(scheduler_config: Mapping[str, Any], dtype=np.float32,
 
 
 def standard_config_name(family: str, prediction_type: str | None,
-                         inpainting: bool = False) -> str:
+                         inpainting: bool = False, upscaler: bool = False) -> str:
   """The built-in config for a family; SD2's 768-v and 512-base differ only in prediction type
   (an SD2 inpainting or depth file, as stable-diffusion-2-inpainting and 512-depth-ema, defaults
-  to 512-base: `inpainting`)."""
+  to 512-base: `inpainting`); an x4 upscaler file (`upscaler`, 7 UNet input channels) is
+  stable-diffusion-x4-upscaler's SD2 layout."""
+  if upscaler:
+    if family != "sd2":
+      raise SingleFileError(f"there is no standard config of an {family} x4 upscaler (the "
+                            "released one is SD2's): pass a config folder of it")
+    return "sd2_x4_upscaler"
   if family.startswith("sdxl"):
     return family
   if family == "sd1":  # v-prediction SD1 fine-tunes: the same config, another prediction type

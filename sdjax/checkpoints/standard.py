@@ -18,12 +18,14 @@ _DIR = os.path.join(os.path.dirname(__file__), "standard_configs")
 _VOCAB = os.path.join(_DIR, "bpe_simple_vocab_16e6.txt.gz")
 _NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48894 merges of the file
 
-STANDARD_CONFIGS = ("sd1", "sd2_768_v", "sd2_512_base", "sdxl", "sdxl_refiner")
+STANDARD_CONFIGS = ("sd1", "sd2_768_v", "sd2_512_base", "sd2_x4_upscaler", "sdxl",
+                    "sdxl_refiner")
 
 
 def standard_config(name: str) -> dict[str, Any]:
   """Config dicts of a family: "unet", "vae", "scheduler", "text_encoder" / "text_encoder_2"
-  and "tokenizer" / "tokenizer_2" (pad token) as it has them, "model_index" options."""
+  and "tokenizer" / "tokenizer_2" (pad token) as it has them, "model_index" options; the x4
+  upscaler's "low_res_scheduler" too."""
   with open(os.path.join(_DIR, f"{name}.json"), encoding="utf-8") as f:
     return json.load(f)
 
