@@ -123,6 +123,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   _downcast(fields, flags, notes, scheduler)
   _zero_snr(fields, flags, notes, scheduler)
   _eta(fields, flags, notes, scheduler)
+  _churn(fields, flags, notes, scheduler)
   _sigma_noise(fields, flags, notes, scheduler)
   _noise(fields, flags, notes, made_by_sdjax, made_in)
   _brownian(fields, flags, notes, scheduler, made_by_sdjax, made_in)
@@ -509,9 +510,27 @@ def _eta(fields, flags, notes, scheduler) -> None:
     notes.append((None, f"Eta: {value}: sdjax's {scheduler or 'sampler'} takes no eta"))
 
 
-# A1111's samplers whose k-diffusion function takes s_noise but uses it only with its Sigma churn
-# (Euler, Heun, DPM2; sdjax has no churn): without churn their Sigma noise leaves the image alone.
-_CHURN_ONLY_S_NOISE = ("euler", "heun", "kdpm2")
+# A1111's churn settings as it writes them (where they differ from its defaults and the sampler
+# takes them: Euler, Heun, DPM2) -> the options of sdjax's samplers (`schedulers.S_CHURN`).
+_CHURN_FIELDS = (("Sigma churn", schedulers.S_CHURN), ("Sigma tmin", schedulers.S_TMIN),
+                 ("Sigma tmax", schedulers.S_TMAX))
+
+
+def _churn(fields, flags, notes, scheduler) -> None:
+  """A1111's `Sigma churn`, `Sigma tmin` and `Sigma tmax` (k-diffusion's churn of its Euler,
+  Heun and DPM2): the options of the samplers that take them, else a note."""
+  for field, option in _CHURN_FIELDS:
+    if field not in fields:
+      continue
+    text = fields.pop(field)
+    value = _number(field, text)
+    if scheduler is not None and schedulers.takes_option(scheduler, option):
+      options = json.loads(flags.get("scheduler_options", "{}"))
+      options.setdefault(option, value)  # sdjax's options say it too
+      flags["scheduler_options"] = json.dumps(options)
+    else:
+      notes.append((None, f"{field}: {text}: sdjax's {scheduler or 'sampler'} takes no "
+                          f"{option} (A1111's Euler, Heun and DPM2 do)"))
 
 
 def _sigma_noise(fields, flags, notes, scheduler) -> None:
@@ -527,8 +546,7 @@ def _sigma_noise(fields, flags, notes, scheduler) -> None:
     options = json.loads(flags.get("scheduler_options", "{}"))
     options.setdefault(schedulers.S_NOISE, value)  # sdjax's options say it too
     flags["scheduler_options"] = json.dumps(options)
-  elif (scheduler or "").removesuffix("_karras") not in _CHURN_ONLY_S_NOISE or (
-      "Sigma churn" in fields):
+  else:
     notes.append((None, f"Sigma noise: {text}: sdjax's {scheduler or 'sampler'} takes no "
                         "s_noise"))
 

@@ -2303,6 +2303,9 @@ class _Metadata:
                   and scheduler not in sampling.schedulers.ETA_SCHEDULERS else {}),
                **({"Sigma noise": options["s_noise"]} if options.get("s_noise", 1) != 1
                   else {}),  # k-diffusion's s_noise, as A1111 writes it
+               **{field: options[key] for field, key in (
+                   ("Sigma churn", "s_churn"), ("Sigma tmin", "s_tmin"), ("Sigma tmax", "s_tmax"))
+                  if options.get(key, 0) != 0},  # k-diffusion's churn, as A1111 writes it
                **self._a1111_schedule(options),
                **({"Denoising strength": strength} if job.init_image
                   and not sampling.is_upscaler_model(self.pipe) else {}),

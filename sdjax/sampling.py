@@ -616,6 +616,10 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
 
   def body(carry, i):
     x, state = carry
+    noise = (sched.step_noise(source.step(spec, stream, x.shape[1:], i, n))
+             if sched.needs_noise else None)
+    if sched.churns:  # k-diffusion's churn: noised up before the model call
+      x = sched.churn(state, x, i, noise)
     x_in = sched.scale_model_input(state, x, i)
     eps = predict(x_in, state.timesteps[i], i - spec.begin)
     extra = {}
@@ -623,8 +627,6 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
       eps, uncond = eps
       extra["uncond"] = uncond.astype(jnp.float32)
     eps = eps.astype(jnp.float32)
-    noise = (sched.step_noise(source.step(spec, stream, x.shape[1:], i, n))
-             if sched.needs_noise else None)
     x, state = sched.step(state, eps, i, x, noise, **extra)
     if after_step is not None:
       x = after_step(x, state, i)

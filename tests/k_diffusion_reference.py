@@ -131,11 +131,26 @@ def _ancestral_step(sigma, sigma_next, eta=1.0):
   return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
-def sample_euler(config, sigmas, x, noises):
-  del noises
+def _churn(x, sigmas, i, noise, churn):
+  """k-diffusion's churn before step i's first call (`churn`: s_churn, s_tmin, s_tmax, s_noise;
+  None: none): (x, sigma_hat). Its loops draw `noise` every step, churned or not."""
+  if churn is None:
+    return x, sigmas[i]
+  s_churn, s_tmin, s_tmax, s_noise = churn
+  gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+  eps = noise * s_noise
+  sigma_hat = sigmas[i] * (gamma + 1)
+  if gamma > 0:
+    x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+  return x, sigma_hat
+
+
+def sample_euler(config, sigmas, x, noises, churn=None):
+  """Euler; with `churn`, noises[i] its churn's draw at step i."""
   denoise, out = denoiser(config), []
   for i in range(len(sigmas) - 1):
-    x = x + _to_d(x, sigmas[i], denoise(x, sigmas[i])) * (sigmas[i + 1] - sigmas[i])
+    x, sigma_hat = _churn(x, sigmas, i, noises[i], churn)
+    x = x + _to_d(x, sigma_hat, denoise(x, sigma_hat)) * (sigmas[i + 1] - sigma_hat)
     out.append(x)
   return np.stack([y.numpy() for y in out])
 
@@ -283,13 +298,14 @@ def sample_dpmpp_3m_sde(config, sigmas, x, noises, eta=1.0):
   return np.stack([y.numpy() for y in out])
 
 
-def sample_heun(config, sigmas, x, noises):
-  """Heun's method (churn 0): the Euler guess after a step's first call, the step after its
-  second; the last step, to 0, is Euler's."""
-  del noises
+def sample_heun(config, sigmas, x, noises, churn=None):
+  """Heun's method: the Euler guess after a step's first call, the step after its second; the
+  last step, to 0, is Euler's. With `churn`, noises[2i] its draw at step i (the position of the
+  step's first call)."""
   denoise, out = denoiser(config), []
   for i in range(len(sigmas) - 1):
-    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    x, sigma = _churn(x, sigmas, i, noises[2 * i], churn)
+    sigma_next = sigmas[i + 1]
     d = _to_d(x, sigma, denoise(x, sigma))
     dt = sigma_next - sigma
     if sigma_next == 0:
@@ -337,14 +353,14 @@ def discard_penultimate(sigmas: torch.Tensor) -> torch.Tensor:
   return torch.cat([sigmas[:-2], sigmas[-1:]])
 
 
-def sample_dpm_2(config, sigmas, x, noises, ancestral: bool = False, eta=1.0):
-  """DPM-Solver-2 (churn 0): the Euler move to the log-midpoint after a step's first call, the
-  whole step with the midpoint's slope after its second; the last step, to 0, is Euler's. The
-  ancestral form aims at sigma_down and then adds noises[2i + 1] (the draw after step i, at its
-  second model call's position) at scale sigma_up."""
+def sample_dpm_2(config, sigmas, x, noises, ancestral: bool = False, eta=1.0, churn=None):
+  """DPM-Solver-2: the Euler move to the log-midpoint after a step's first call, the whole step
+  with the midpoint's slope after its second; the last step, to 0, is Euler's. The ancestral form
+  aims at sigma_down and then adds noises[2i + 1] (the draw after step i, at its second model
+  call's position) at scale sigma_up; the other, with `churn`, churns with noises[2i]."""
   denoise, out = denoiser(config), []
   for i in range(len(sigmas) - 1):
-    sigma = sigmas[i]
+    x, sigma = _churn(x, sigmas, i, noises[2 * i], churn)
     d = _to_d(x, sigma, denoise(x, sigma))
     if ancestral:
       target, sigma_up = _ancestral_step(sigma, sigmas[i + 1], eta)

@@ -104,10 +104,12 @@ def sdjax_trajectory(scheduler, num_steps, init_noise, step_noises, *, begin=0, 
     def body(carry, inputs):
       x, state = carry
       i, noise = inputs
+      noise = scheduler.step_noise(noise) if scheduler.needs_noise else None
+      if scheduler.churns:  # as sampling._denoise: before the model call
+        x = scheduler.churn(state, x, i, noise)
       x_in = scheduler.scale_model_input(state, x, i)
       eps = model(x_in, state.timesteps[i])
-      x, state = scheduler.step(state, eps, i, x,
-                                scheduler.step_noise(noise) if scheduler.needs_noise else None)
+      x, state = scheduler.step(state, eps, i, x, noise)
       return (x, state), x
 
     idx = jnp.arange(begin, n, dtype=jnp.int32)

@@ -187,22 +187,38 @@ def test_ancestral_eta():
 
 def test_sigma_noise():
   """A1111's Sigma noise (its s_noise setting) is the `s_noise` option of the samplers that take
-  it; an sdjax image says it twice: one option. Euler, Heun and DPM2 use it only with A1111's
-  Sigma churn: without churn nothing to reproduce, with it a note (as for other samplers)."""
+  it (Euler, Heun and DPM2 too, for their churn); an sdjax image says it twice: one option;
+  other samplers, a note."""
   flags = _flags("a cat\nSteps: 20, Sampler: DPM++ 2M SDE, CFG scale: 7, Seed: 1, "
                  "Sigma noise: 0.9")
   assert json.loads(flags["scheduler_options"])["s_noise"] == 0.9
   found = reproduce("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Sigma noise: 0.5, "
                     "Scheduler options: s_noise=0.5, Version: sdjax 0.1.0")
   assert json.loads(found.flags["scheduler_options"]) == {"s_noise": 0.5} and not found.notes
-  assert "Sigma noise" not in str(reproduce("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, "
-                                            "Seed: 1, Sigma noise: 0.9").notes)
-  for text in ("Sampler: Euler, Sigma churn: 0.3, Sigma noise: 0.9", "Sampler: DPM++ 2M, Sigma "
-               "noise: 0.9"):
-    assert "Sigma noise: 0.9: sdjax's" in str(reproduce(f"a cat\nSteps: 20, {text}, Seed: 1").notes)
+  found = reproduce("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Sigma churn: 0.3, "
+                    "Sigma noise: 0.9")
+  assert json.loads(found.flags["scheduler_options"]) == {
+      "k_diffusion": True, "timestep_spacing": "linspace", "s_churn": 0.3, "s_noise": 0.9}
+  assert "Sigma" not in str(found.notes)
+  assert "Sigma noise: 0.9: sdjax's" in str(reproduce(
+      "a cat\nSteps: 20, Sampler: DPM++ 2M, Sigma noise: 0.9, Seed: 1").notes)
   for scheduler_field in ("DPM2 a", "DPM++ SDE"):
     flags = _flags(f"a cat\nSteps: 20, Sampler: {scheduler_field}, Seed: 1, Sigma noise: 1.0")
     assert "s_noise" not in flags.get("scheduler_options", "{}")
+
+
+def test_sigma_churn():
+  """A1111's Sigma churn, tmin and tmax (its Euler's, Heun's and DPM2's k-diffusion churn) are
+  their options; for another sampler, which takes no churn, a note each."""
+  flags = _flags("a cat\nSteps: 20, Sampler: Heun, Schedule type: Karras, CFG scale: 7, Seed: 1, "
+                 "Sigma churn: 0.5, Sigma tmin: 0.2, Sigma tmax: 10, Sigma noise: 0.95")
+  options = json.loads(flags["scheduler_options"])
+  assert (options["s_churn"], options["s_tmin"], options["s_tmax"], options["s_noise"]) == (
+      0.5, 0.2, 10.0, 0.95)
+  notes = str(reproduce("a cat\nSteps: 20, Sampler: Euler a, Seed: 1, Sigma churn: 0.5, "
+                        "Sigma tmax: 10").notes)
+  assert "Sigma churn: 0.5: sdjax's euler_ancestral takes no s_churn" in notes
+  assert "Sigma tmax: 10: sdjax's euler_ancestral takes no s_tmax" in notes
 
 
 def test_a1111_sampling_sdjax_does_not_do():

@@ -609,6 +609,53 @@ def test_sigma_noise(sampler):
   assert max_rel_error(plain, want) > 100 * max(err, 1e-7)
 
 
+CHURN = "Sigma churn: 3, Sigma tmin: 0.5, Sigma tmax: 8, Sigma noise: 0.9, "
+
+
+@pytest.mark.parametrize("label", [None, "Karras"])
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DPM2"])
+def test_churn_as_k_diffusion(sampler, label):
+  """A1111's Sigma churn, tmin, tmax and noise (its Euler's, Heun's and DPM2's k-diffusion churn):
+  the steps that start in [tmin, tmax] are noised up to sigma_hat by their draw (every step
+  draws one) before their first call, which sees sigma_hat, as k-diffusion's loops do."""
+  ours, state, got, sigmas, init, noises = _as_a1111_ran_it(sampler, label, 10, extra=CHURN)
+  assert ours.churns and ours.needs_noise
+  churned = np.count_nonzero(np.asarray(state.churn))
+  assert 0 < churned < 10  # [tmin, tmax] leaves steps at both ends alone
+  with correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * sigmas[0],
+                             [torch.from_numpy(n) for n in noises], churn=(3.0, 0.5, 8.0, 0.9))
+    plain = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * sigmas[0],
+                              [torch.from_numpy(n) for n in noises])
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} {label} churn vs k-diffusion: {err:.3g} ({churned} steps churned)")
+  assert err <= TOL, err
+  assert max_rel_error(got, plain) > 100 * max(err, 1e-7)
+
+
+def test_churn_options():
+  """The churn options are Euler's, Heun's and DPM2's only (their `_karras` names' too), numbers
+  >= 0; s_churn 0 is the plain sampler (no draws, the same program); s_tmax 0 no upper bound."""
+  for name in ("euler", "heun", "kdpm2_karras"):
+    for option in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
+      assert takes_option(name, option), (name, option)
+    for bad in (-1, "x", True, float("nan")):
+      with pytest.raises(ValueError, match=f"s_churn must be a number >= 0.*got {bad!r}"):
+        get_scheduler(name, SD15, options={"s_churn": bad})
+    zero = get_scheduler(name, SD15, options={"s_churn": 0.0, "s_tmin": 1.0})
+    assert not zero.churns and not zero.needs_noise
+    assert zero.set_timesteps(6, sample_shape=SHAPE).timesteps.tolist() == get_scheduler(
+        name, SD15).set_timesteps(6, sample_shape=SHAPE).timesteps.tolist()
+  for name in ("euler_ancestral", "kdpm2_ancestral", "lms", "seeds_2", "ipndm", "euler_cfg_pp"):
+    with pytest.raises(ValueError, match="has no option 's_churn'"):
+      get_scheduler(name, SD15, options={"s_churn": 1.0})
+  state = get_scheduler("euler", SD15, options={"s_churn": 1.0}).set_timesteps(5)
+  assert np.all(np.asarray(state.churn) > 0)  # s_tmax 0: every level
+  capped = get_scheduler("euler", SD15, options={"s_churn": 1.0, "s_tmax": 3.0})
+  levels = np.asarray(capped.set_timesteps(5).sigmas)[:-1]
+  np.testing.assert_array_equal(np.asarray(capped.set_timesteps(5).churn) > 0, levels <= 3.0)
+
+
 _COMFYUI_KARRAS = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
                    "schedule_type": "karras"}
 
@@ -674,7 +721,7 @@ def test_s_noise_option():
   for bad in (-0.1, "x", True, float("inf"), float("nan")):
     with pytest.raises(ValueError, match="scheduler 'euler_ancestral': s_noise must be a number"):
       get_scheduler("euler_ancestral", SD15, options={"s_noise": bad})
-  for name in ("euler", "dpmpp_2m", "ddim", "lms", "dpm_fast"):
+  for name in ("dpmpp_2m", "ddim", "lms", "dpm_fast", "euler_cfg_pp"):
     assert not takes_option(name, "s_noise"), name
     with pytest.raises(ValueError, match="has no option 's_noise'"):
       get_scheduler(name, SD15, options={"s_noise": 0.5})

@@ -3,6 +3,7 @@ known-answer vectors; the normals against A1111's arithmetic (modules/rng_philox
 (draw, 0, index, 0), key = the seed's words, Box-Muller in float64) restated in numpy here; and
 generate() against diffusers' Euler a given that noise."""
 
+import json
 from unittest import mock
 
 import diffusers
@@ -204,9 +205,7 @@ def test_comfyui_sa_solver_draws(sd, monkeypatch):
   x = kd.sample_sa_solver(config, sigmas, latents * torch.sqrt(1.0 + sigmas[0] ** 2.0), None,
                           draws=draws)[-1]
   assert 0 < len(list(draws)) < steps - 1  # the loop drew at some steps, not all
-  with torch.no_grad():
-    images = ref.vae.decode(torch.from_numpy(x) / ref.vae.config.scaling_factor).sample
-  expected = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+  expected = _decoded(ref, x)
   ours = pipe.generate(["a cat"], steps=steps, scheduler="sa_solver", guidance_scale=scale,
                        height=16, width=16, seed=seed, rng="torch_cpu", step_rng="nv",
                        scheduler_options={"timestep_spacing": "linspace", "k_diffusion": True,
@@ -214,6 +213,32 @@ def test_comfyui_sa_solver_draws(sd, monkeypatch):
   err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
   print(f"\nComfyUI's sa_solver, CUDA's draws where it draws: rel err {err:.2e}")
   assert err <= 1e-5
+
+
+def _k_diffusion_over(ref, scale, monkeypatch):
+  """Makes k_diffusion_reference's loops run over `ref`'s UNet, guided at `scale` ("a cat", an
+  empty negative prompt)."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+
+  ids = ref.tokenizer(["", "a cat"], padding="max_length", max_length=77,
+                      return_tensors="pt").input_ids
+  with torch.no_grad():
+    context = ref.text_encoder(ids)[0]
+
+  def unet(x, t):
+    with torch.no_grad():
+      eps_u, eps_c = ref.unet(torch.from_numpy(np.concatenate([x, x])), t,
+                              encoder_hidden_states=context).sample.chunk(2)
+    return (eps_u + scale * (eps_c - eps_u)).numpy()
+
+  monkeypatch.setattr(kd, "fake_model", unet)
+
+
+def _decoded(ref, latents) -> np.ndarray:
+  """`ref`'s VAE's images [B, H, W, 3] in [0, 1] of diffusion latents (numpy, NCHW)."""
+  with torch.no_grad():
+    images = ref.vae.decode(torch.from_numpy(latents) / ref.vae.config.scaling_factor).sample
+  return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.5])
@@ -227,26 +252,13 @@ def test_a1111_dpm_fast_draws(sd, monkeypatch, eta):
   ref, pipe = sd
   seed, steps, scale = 40, 8, 3.0  # DPM-Solver-3, -3 and -2 steps: 3 draws
   config = {**pipe.scheduler_config, "k_diffusion": True}
-  ids = ref.tokenizer(["", "a cat"], padding="max_length", max_length=77,
-                      return_tensors="pt").input_ids
-  with torch.no_grad():
-    context = ref.text_encoder(ids)[0]
-
-  def unet(x, t):
-    with torch.no_grad():
-      eps_u, eps_c = ref.unet(torch.from_numpy(np.concatenate([x, x])), t,
-                              encoder_hidden_states=context).sample.chunk(2)
-    return (eps_u + scale * (eps_c - eps_u)).numpy()
-
-  monkeypatch.setattr(kd, "fake_model", unet)
+  _k_diffusion_over(ref, scale, monkeypatch)
   sigmas = kd.get_sigmas(config, steps)
   draws = torch.from_numpy(a1111_nv(seed, 4, 4 * 8 * 8).reshape(-1, 1, 4, 8, 8))
   noises = [draws[1]] * 2 + [draws[1], draws[2], draws[2], draws[2], draws[2], draws[3]]
   x = kd.sample_dpm_fast(config, sigmas, draws[0] * sigmas[0], noises, eta=eta,
                          extremes=True)[-1]
-  with torch.no_grad():
-    images = ref.vae.decode(torch.from_numpy(x) / ref.vae.config.scaling_factor).sample
-  expected = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+  expected = _decoded(ref, x)
   ours = pipe.generate(["a cat"], steps=steps, scheduler="dpm_fast_ancestral",
                        guidance_scale=scale, height=16, width=16, seed=seed, rng="nv",
                        scheduler_options={"timestep_spacing": "linspace", "k_diffusion": True,
@@ -254,6 +266,55 @@ def test_a1111_dpm_fast_draws(sd, monkeypatch, eta):
   err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
   print(f"\nA1111's DPM fast at eta {eta}, NV draws: rel err {err:.2e}")
   assert err <= 1e-5
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "heun"])
+def test_a1111_churn_draws(sd, monkeypatch, tmp_path, scheduler):
+  """A1111's Euler and Heun with Sigma churn and its NV noise: the initial noise the generator's
+  first draw, then one draw a step (before the step's first call, churned or not): generate()
+  as k-diffusion's sample_euler / sample_heun (k_diffusion_reference's) over diffusers' UNet with
+  guidance, the churned calls at sigma_hat. A run's PNG says the churn settings."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+
+  ref, pipe = sd
+  seed, steps, scale, churn = 40, 4, 3.0, (2.0, 0.5, float("inf"), 0.9)
+  config = {**pipe.scheduler_config, "k_diffusion": True}
+  _k_diffusion_over(ref, scale, monkeypatch)
+  sigmas = kd.get_sigmas(config, steps)
+  draws = torch.from_numpy(a1111_nv(seed, steps + 1, 4 * 8 * 8).reshape(-1, 1, 4, 8, 8))
+  per_call = 1 if scheduler == "euler" else 2  # the references take the draws by model call
+  noises = [draws[1 + i // per_call] if i % per_call == 0 else None
+            for i in range(per_call * steps)]
+  loop = kd.sample_euler if scheduler == "euler" else kd.sample_heun
+  x = loop(config, sigmas, draws[0] * sigmas[0], noises, churn=churn)[-1]
+  expected = _decoded(ref, x)
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "s_churn": churn[0],
+             "s_tmin": churn[1], "s_noise": churn[3]}
+  ours = pipe.generate(["a cat"], steps=steps, scheduler=scheduler, guidance_scale=scale,
+                       height=16, width=16, seed=seed, rng="nv", scheduler_options=options)
+  err = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+  print(f"\nA1111's {scheduler} with churn, NV draws: rel err {err:.2e}")
+  assert err <= 1e-5
+  plain = pipe.generate(["a cat"], steps=steps, scheduler=scheduler, guidance_scale=scale,
+                        height=16, width=16, seed=seed, rng="nv",
+                        scheduler_options={**options, "s_churn": 0.0})
+  assert float(np.linalg.norm(plain - expected) / np.linalg.norm(expected)) > 100 * err
+  if scheduler == "heun":
+    return
+  # A run's PNG says them as A1111 writes them, and gives them back.
+  from parity import one_image_run  # noqa: PLC0415
+
+  from sdjax import infotext, outputs  # noqa: PLC0415
+
+  _, record, png, _ = one_image_run(pipe, tmp_path / "out", steps=steps, seed=seed, rng="nv",
+                                    scheduler_options=tuple(options.items()))
+  assert np.abs(np.asarray(png, np.float32) - ours[0] * 255).max() <= 1.0
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert (params["Sigma churn"], params["Sigma tmin"], params["Sigma noise"]) == (
+      "2.0", "0.5", "0.9") and "Sigma tmax" not in params  # 0: no bound, A1111's default
+  back = json.loads(infotext.reproduce(png.text["parameters"]).flags["scheduler_options"])
+  assert {k: back[k] for k in ("s_churn", "s_tmin", "s_noise")} == {
+      "s_churn": 2.0, "s_tmin": 0.5, "s_noise": 0.9}
 
 
 def test_run_with_step_rng(sd, tmp_path):

@@ -25,6 +25,7 @@ from scheduler_harness import (
 
 from sdjax import testing
 from sdjax.schedulers import SchedulerConfigError, default_scheduler_name, get_scheduler
+from sdjax.schedulers.common import CHURN_DEFAULTS
 
 SD15 = dict(testing.SCHEDULER_SD15)  # Stable Diffusion 1.5's scheduler_config.json
 TOL = 1e-6
@@ -139,8 +140,8 @@ def test_config_resolves_as_diffusers(name):
   for key, value in ours.cfg.items():
     if key in own:
       assert key not in ref.config and value is False, key
-    elif key == "s_noise":  # k-diffusion's, of Euler a: each draw as it is
-      assert name == "euler_ancestral" and key not in ref.config and value == 1.0
+    elif key in CHURN_DEFAULTS:  # k-diffusion's (Euler a's s_noise, Euler's churn): off
+      assert key not in ref.config and value == CHURN_DEFAULTS[key], key
     else:
       assert ref.config[key] == value, key
   assert "skip_prk_steps" not in ours.cfg  # PNDM-only keys are ignored

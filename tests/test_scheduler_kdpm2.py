@@ -26,6 +26,7 @@ from scheduler_harness import (
 
 from sdjax import testing
 from sdjax.schedulers import SchedulerConfigError, default_scheduler_name, get_scheduler
+from sdjax.schedulers.common import CHURN_DEFAULTS
 
 torch.set_num_threads(1)
 SD15 = dict(testing.SCHEDULER_SD15)
@@ -98,8 +99,9 @@ def test_names_and_config():
     ours = get_scheduler(name, SD15)
     ref = ref_cls.from_config(SD15)
     for key, value in ours.cfg.items():
-      # s_noise: k-diffusion's (each draw as it is), not diffusers'
-      assert ref.config[key] == value if key != "s_noise" else value == 1.0, key
+      # s_noise and kdpm2's churn: k-diffusion's (off), not diffusers'
+      assert ref.config[key] == value if key not in CHURN_DEFAULTS else (
+          value == CHURN_DEFAULTS[key]), key
     assert ours.order == 2 and ours.needs_noise == (name == "kdpm2_ancestral")
     cfg = dict(SD15, _class_name=ref_cls.__name__)
     assert default_scheduler_name(cfg) == name

@@ -228,6 +228,45 @@ def check_s_noise(scheduler_name: str, value) -> None:
       f"noise draw; 1: as drawn), got {value!r}")
 
 
+# k-diffusion's churn (Karras et al. 2022, algorithm 2; A1111's "Sigma churn", "Sigma tmin" and
+# "Sigma tmax" settings) of its Euler, Heun and DPM2 loops: before a step's first model call at a
+# level sigma in [s_tmin, s_tmax], the sample is noised up to sigma_hat = sigma * (1 + gamma),
+# gamma = min(s_churn / steps, sqrt(2) - 1), by fresh noise times s_noise; the step then runs from
+# sigma_hat. Every step draws that noise, churned or not, as k-diffusion's loops do. s_tmax 0:
+# no upper bound (A1111 reads its setting's 0 so). Config options of those three samplers.
+S_CHURN, S_TMIN, S_TMAX = "s_churn", "s_tmin", "s_tmax"
+CHURN_DEFAULTS = {S_CHURN: 0.0, S_TMIN: 0.0, S_TMAX: 0.0, S_NOISE: 1.0}
+CHURN_SAMPLERS = ("euler", "heun", "kdpm2")
+
+
+def check_churn(scheduler_name: str, config: dict[str, Any]) -> None:
+  for key in (S_CHURN, S_TMIN, S_TMAX):
+    value = config.get(key, 0.0)
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
+        or value < 0):
+      raise SchedulerConfigError(
+        f"scheduler {scheduler_name!r}: {key} must be a number >= 0 (k-diffusion's churn: "
+        f"{S_CHURN} 0 is none; {S_TMAX} 0 is no upper bound), got {value!r}")
+  check_s_noise(scheduler_name, config.get(S_NOISE, 1.0))
+
+
+def churn_levels(config: dict[str, Any], sigmas: np.ndarray,
+                 steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """float32 (sigma_hat, the churn noise's scale sqrt(sigma_hat^2 - sigma^2)) at each of the
+  float32 levels `sigmas` a step starts from, in a loop of `steps` steps, as k-diffusion's loops
+  compute them in torch (gamma a Python float, the rest float32); (sigmas, 0) without churn."""
+  sigmas = np.asarray(sigmas, np.float32)
+  churn = float(config.get(S_CHURN, 0.0))
+  if churn <= 0:
+    return sigmas, np.zeros_like(sigmas)
+  low, high = np.float32(config.get(S_TMIN, 0.0)), float(config.get(S_TMAX, 0.0)) or math.inf
+  gamma = min(churn / steps, 2**0.5 - 1)
+  inside = (low <= sigmas) & (sigmas <= np.float32(high))
+  sigma_hat = np.where(inside, sigmas * np.float32(gamma + 1), sigmas).astype(np.float32)
+  scale = np.sqrt(sigma_hat * sigma_hat - sigmas * sigmas).astype(np.float32)
+  return sigma_hat, np.where(inside, scale, np.float32(0)).astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Scheduler:
   """Base of every scheduler. Subclasses are frozen dataclasses (hashable, jit-static).
@@ -285,6 +324,17 @@ class Scheduler:
   def step(self, state, model_output, i, sample, noise=None):
     """One update at position `i`; returns (prev_sample, new_state)."""
     raise NotImplementedError
+
+  @property
+  def churns(self) -> bool:
+    """Whether the sample is noised before the model call (`churn`: k-diffusion's churn)."""
+    return False
+
+  def churn(self, state, sample, i, noise):
+    """The sample the model sees at position `i`, from the one the last step left: with churn,
+    `noise` (a step's fresh draw, `step_noise`'s) times the position's churn scale added."""
+    del state, i, noise
+    return sample
 
   def step_noise(self, noise):
     """A step's fresh draw as `step` takes it: times k-diffusion's `s_noise` (the `S_NOISE`

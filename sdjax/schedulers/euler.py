@@ -17,9 +17,14 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  CHURN_DEFAULTS,
+  CHURN_SAMPLERS,
+  S_CHURN,
   S_NOISE,
   Scheduler,
   SchedulerConfigError,
+  check_churn,
+  churn_levels,
   edm_noise_range,
   edm_precondition,
   exp_f32,
@@ -267,6 +272,20 @@ class SigmaState:
   sigma_up: jnp.ndarray
 
 
+@struct.dataclass
+class ChurnState(SigmaState):
+  """A run of Euler with k-diffusion's churn (`common.churn_levels`).
+
+  Attributes:
+    sigma_in: [n] the level the model sees and the step starts from: sigma_hat_i (sigma_i where
+      the step is not churned); timesteps, input_scale, v_out, v_den and dt are its.
+    churn: [n] the churn noise's scale (0 where the step is not churned).
+  """
+
+  sigma_in: jnp.ndarray
+  churn: jnp.ndarray
+
+
 class SigmaScheduler(Scheduler):
   """What Euler, Euler-ancestral and Heun share; subclasses define `_DEFAULTS` and `step`."""
 
@@ -279,7 +298,7 @@ class SigmaScheduler(Scheduler):
   def from_config(cls, scheduler_config: dict[str, Any], **overrides):
     config = resolve_config(
       cls.name,
-      cls._DEFAULTS,
+      cls._defaults(),
       scheduler_config,
       unsupported=cls._UNSUPPORTED,
       overrides=overrides,
@@ -288,8 +307,40 @@ class SigmaScheduler(Scheduler):
     return cls(config=hashable_config(config))
 
   @classmethod
+  def _defaults(cls) -> dict[str, Any]:
+    """`_DEFAULTS`, with k-diffusion's churn options for Euler, Heun and DPM2 (not for the
+    samplers built on their classes)."""
+    return {**cls._DEFAULTS, **CHURN_DEFAULTS} if cls.name in CHURN_SAMPLERS else cls._DEFAULTS
+
+  @classmethod
+  def option_names(cls, overrides: dict[str, Any]) -> set[str]:
+    return super().option_names(overrides) | set(cls._defaults())
+
+  @classmethod
   def _validate(cls, config: dict[str, Any]) -> None:
     check_common(cls.name, config, cls._PREDICTION_TYPES)
+    if cls.name in CHURN_SAMPLERS:
+      check_churn(cls.name, config)
+
+  @property
+  def churns(self) -> bool:
+    return self.name in CHURN_SAMPLERS and float(self.cfg.get(S_CHURN, 0.0)) > 0
+
+  def churn(self, state, sample, i, noise):
+    if not self.churns:
+      return sample
+    return (as_f32(sample) + rounded(as_f32(noise) * state.churn[i])).astype(sample.dtype)
+
+  def _churned(self, config, sigma: np.ndarray, steps: int, timesteps: np.ndarray,
+               log_sigmas: np.ndarray):
+    """(sigma_hat, churn scale, the timesteps the model sees) at levels `sigma` of a loop of
+    `steps` steps (`common.churn_levels`): a churned level's timestep is read off the training
+    sigmas as the loop's model wrapper reads it (ComfyUI's: the nearest whole one)."""
+    sigma_hat, scale = churn_levels(config, sigma, steps)
+    if not scale.any():
+      return sigma_hat, scale, timesteps
+    hat_t = (nearest_t if config.get(COMFYUI) else sigma_to_t)(sigma_hat, log_sigmas)
+    return sigma_hat, scale, np.where(scale > 0, hat_t, timesteps)
 
   def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...] | None = None):
     del sample_shape  # no history
@@ -300,11 +351,13 @@ class SigmaScheduler(Scheduler):
                                        final_sigma(config, alphas_cumprod), name=self.name,
                                        any_final=True)
     sigmas = sigmas.astype(np.float32)
-    sigma, sigma_next = sigmas[:-1], sigmas[1:]
+    sigma_next = sigmas[1:]
+    sigma, churn, timesteps = self._churned(config, sigmas[:-1], len(sigmas) - 1, timesteps,
+                                            np.log(train_sigmas(alphas_cumprod)))
     scale = input_scales(sigma)
     with np.errstate(divide="ignore", invalid="ignore"):
       dt, sigma_up = self._step_sizes(sigma, sigma_next)
-    return SigmaState(
+    fields = dict(
       timesteps=jnp.asarray(timesteps.astype(np.float32)),
       sigmas=jnp.asarray(sigmas),
       init_sigma=jnp.asarray(init_sigma(config, sigmas)),
@@ -314,6 +367,9 @@ class SigmaScheduler(Scheduler):
       dt=jnp.asarray(dt),
       sigma_up=jnp.asarray(sigma_up),
     )
+    if not self.churns:
+      return SigmaState(**fields)
+    return ChurnState(**fields, sigma_in=jnp.asarray(sigma), churn=jnp.asarray(churn))
 
   def _step_sizes(self, sigma: np.ndarray, sigma_next: np.ndarray):
     """float32 (dt, sigma_up) per position."""
@@ -331,8 +387,8 @@ class SigmaScheduler(Scheduler):
     return noisy.astype(original_samples.dtype)
 
   def _euler_step(self, state, model_output, i, sample):
-    """sample + (sample - x0) / sigma * dt, in float32."""
-    sigma = state.sigmas[i]
+    """sample + (sample - x0) / sigma * dt, in float32 (sigma: sigma_hat with churn)."""
+    sigma = (state.sigma_in if isinstance(state, ChurnState) else state.sigmas)[i]
     pred_original = predict_original(
       self.prediction_type, model_output, sample, sigma, state.v_out[i], state.v_den[i]
     )
@@ -340,16 +396,33 @@ class SigmaScheduler(Scheduler):
     return sample + rounded(derivative * state.dt[i])
 
 
+class FirstStageChurn:
+  """Heun's and DPM2's churn draws (a mixin before `SigmaScheduler`): one a step, at the step's
+  first stage (even positions), as their k-diffusion loops draw."""
+
+  @property
+  def needs_noise(self) -> bool:
+    return self.churns  # type: ignore[attr-defined]
+
+  def noise_draw(self, i, positions: int):
+    del positions
+    return (i + 1) // 2
+
+
 @dataclasses.dataclass(frozen=True)
 class EulerDiscreteScheduler(SigmaScheduler):
-  """diffusers' `EulerDiscreteScheduler` (deterministic: s_churn = 0)."""
+  """diffusers' `EulerDiscreteScheduler` (as its pipelines run it: s_churn 0); with the s_churn
+  option k-diffusion's `sample_euler` churn (`common.S_CHURN`), which A1111's Euler runs."""
 
   name = "euler"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
   schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
                       DOWNCAST_ALPHAS_CUMPROD, DISCARD_PENULTIMATE)
   order = 1
-  needs_noise = False
+
+  @property
+  def needs_noise(self) -> bool:  # type: ignore[override]
+    return self.churns  # one draw a step, for the churn
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,

@@ -16,6 +16,7 @@ from flax import struct
 
 from sdjax.schedulers.common import rounded, true_divide
 from sdjax.schedulers.euler import (
+  FirstStageChurn,
   SigmaScheduler,
   as_f32,
   init_sigma,
@@ -23,6 +24,7 @@ from sdjax.schedulers.euler import (
   predict_original,
   sigma_schedule,
   train_alphas_cumprod,
+  train_sigmas,
 )
 from sdjax.schedulers.sigma_schedules import (
   COMFYUI,
@@ -47,6 +49,9 @@ class HeunState:
     v_out: [2n - 1] -sigma_i / sqrt(sigma_i^2 + 1).
     v_den: [2n - 1] sigma_i^2 + 1.
     dt: [2n - 1] sigma_{i+1} - sigma_i, the step a first stage at position i takes.
+    sigma_in: [2n - 1] the level the model sees: sigma_i, or with churn a first stage's
+      sigma_hat (`common.churn_levels`), from which its step starts; the arrays above are its.
+    churn: [2n - 1] the churn noise's scale (first stages with churn; else 0).
     first_order: [] bool, whether the next step is a first (predictor) stage.
     prev_derivative: the predictor's derivative, for the corrector (sample shape, float32).
     prev_dt: [] the predictor's step.
@@ -64,18 +69,21 @@ class HeunState:
   prev_derivative: jnp.ndarray
   prev_dt: jnp.ndarray
   prev_sample: jnp.ndarray
+  sigma_in: jnp.ndarray
+  churn: jnp.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
-class HeunDiscreteScheduler(SigmaScheduler):
-  """diffusers' `HeunDiscreteScheduler`. Scaling, add_noise and init sigma are Euler's."""
+class HeunDiscreteScheduler(FirstStageChurn, SigmaScheduler):
+  """diffusers' `HeunDiscreteScheduler`. Scaling, add_noise and init sigma are Euler's. With the
+  s_churn option k-diffusion's `sample_heun` churn (`common.S_CHURN`: A1111's Heun), at each
+  step's first stage."""
 
   name = "heun"
   # diffusers' pipe(timesteps=...) too; k_diffusion changes nothing (`sigma_schedules`)
   schedule_options = (*TIMESTEPS_OPTIONS, K_DIFFUSION, COMFYUI, SGM_NOISE_MULTIPLIER,
                       DOWNCAST_ALPHAS_CUMPROD, ZERO_SNR, DISCARD_PENULTIMATE)
   order = 2
-  needs_noise = False
 
   _DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -105,12 +113,17 @@ class HeunDiscreteScheduler(SigmaScheduler):
     timesteps, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod,
                                        name=self.name)
     sigmas = sigmas.astype(np.float32)
+    hat, churn, hat_t = self._churned(config, sigmas[:-1], len(sigmas) - 1, timesteps,
+                                      np.log(train_sigmas(alphas_cumprod)))
     sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
     timesteps = timesteps.astype(np.float32)
     timesteps = np.concatenate([timesteps[:1], np.repeat(timesteps[1:], 2)])
     # Both stages at position i evaluate x0 at sigma_i: the predictor's sigma_hat is sigmas[i]
-    # and the corrector's sigma_next is sigmas[i] too.
-    sigma = sigmas[:-1]
+    # (with churn its own, first stages only) and the corrector's sigma_next is sigmas[i] too.
+    sigma = sigmas[:-1].copy()
+    sigma[0::2], timesteps[0::2] = hat, hat_t
+    first_churn = np.zeros_like(sigma)
+    first_churn[0::2] = churn
     scale = input_scales(sigma)
     zeros = jnp.zeros(sample_shape, jnp.float32)
     return HeunState(
@@ -125,13 +138,15 @@ class HeunDiscreteScheduler(SigmaScheduler):
       prev_derivative=zeros,
       prev_dt=jnp.zeros((), jnp.float32),
       prev_sample=zeros,
+      sigma_in=jnp.asarray(sigma),
+      churn=jnp.asarray(first_churn),
     )
 
   def step(self, state, model_output, i, sample, noise=None):
     del noise
     config = self.cfg
     sample32 = as_f32(sample)
-    sigma = state.sigmas[i]
+    sigma = state.sigma_in[i]
     pred_original = predict_original(
       config["prediction_type"],
       as_f32(model_output),

@@ -41,6 +41,7 @@ from sdjax.schedulers.common import (
 )
 from sdjax.schedulers.euler import (
   ANCESTRAL_ETA,
+  FirstStageChurn,
   SigmaScheduler,
   ancestral_step,
   as_f32,
@@ -80,6 +81,8 @@ class KDPM2State:
       step, to sigma_{i+1} or sigma_down).
     sigma_up: the fresh noise's scale (a second stage of the ancestral form; else 0).
     prev_sample: the sample the current step's first stage started from (sample shape).
+    churn: the churn noise's scale (first stages with churn, `common.churn_levels`: their
+      sigma_in is sigma_hat, from which the step and its midpoint start; else 0).
   """
 
   timesteps: jnp.ndarray
@@ -92,6 +95,7 @@ class KDPM2State:
   dt: jnp.ndarray
   sigma_up: jnp.ndarray
   prev_sample: jnp.ndarray
+  churn: jnp.ndarray
 
 
 def _log_midpoint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -101,18 +105,25 @@ def _log_midpoint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return exp_f32(end - (end - start) * _F32(0.5))
 
 
+def _interleave_first(x: np.ndarray) -> np.ndarray:
+  """[2n - 1]: per-step values `x` [n] at the steps' first stages (even positions), else 0."""
+  out = np.zeros(2 * len(x) - 1, x.dtype)
+  out[0::2] = x
+  return out
+
+
 def _interleave(x: np.ndarray) -> np.ndarray:
   """diffusers' `cat([x[:1], x[1:].repeat_interleave(2), x[-1:]])`."""
   return np.concatenate([x[:1], np.repeat(x[1:], 2), x[-1:]])
 
 
 @dataclasses.dataclass(frozen=True)
-class KDPM2DiscreteScheduler(SigmaScheduler):
-  """diffusers' `KDPM2DiscreteScheduler` (A1111's "DPM2")."""
+class KDPM2DiscreteScheduler(FirstStageChurn, SigmaScheduler):
+  """diffusers' `KDPM2DiscreteScheduler` (A1111's "DPM2"); with the s_churn option (the
+  non-ancestral form) k-diffusion's `sample_dpm_2` churn (`common.S_CHURN`)."""
 
   name = "kdpm2"
   order = 2
-  needs_noise = False
   ancestral = False
   round_karras_timesteps = True  # a diffusers quirk (k-diffusion's timesteps are fractional)
   a1111_discards = True  # with k_diffusion: A1111 drops the penultimate level
@@ -171,11 +182,21 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
     shift = 0 if self.ancestral else 1
     k = np.arange(n)
     s, m = sigmas[k], mid[k + shift]
+    s, churn, t_first = self._churned(self.cfg, s, n, timesteps, log_sigmas)
+    if churn.any():  # a churned step's midpoint: k-diffusion's, from sigma_hat (0 for the last)
+      churned = churn > 0
+      with np.errstate(invalid="ignore"):
+        m = np.where(churned, np.where(sigmas[k + 1] > 0, _log_midpoint(s, sigmas[k + 1]), 0), m)
+      m = m.astype(_F32)
+      with np.errstate(divide="ignore"):
+        hat_mid_t = (nearest_t if self.cfg.get(COMFYUI) else sigma_to_t)(m, log_sigmas)
+      mid_t = mid_t.copy()
+      mid_t[k + shift] = np.where(churned, hat_mid_t, mid_t[k + shift])
     sigma_in = np.empty(2 * n - 1, _F32)
     dt = np.empty(2 * n - 1, _F32)
     step_up = np.zeros(2 * n - 1, _F32)
     t = np.empty(2 * n - 1, np.float64)
-    sigma_in[0::2], dt[0::2], t[0::2] = s, m - s, timesteps
+    sigma_in[0::2], dt[0::2], t[0::2] = s, m - s, t_first
     sigma_in[1::2], dt[1::2] = m[:-1], target[:n - 1] - s[:-1]
     step_up[1::2] = up[:n - 1]
     # float32 fractional midpoint timesteps (float64 where diffusers' are: rounded Karras ones)
@@ -192,10 +213,11 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
       dt=jnp.asarray(dt),
       sigma_up=jnp.asarray(step_up),
       prev_sample=jnp.zeros(sample_shape, jnp.float32),
+      churn=jnp.asarray(_interleave_first(churn)),
     )
 
   def step(self, state, model_output, i, sample, noise=None):
-    if self.needs_noise and noise is None:
+    if self.ancestral and noise is None:
       raise ValueError(f"{self.name} adds fresh noise every step: pass noise=")
     sample32 = as_f32(sample)
     sigma = state.sigma_in[i]
@@ -205,7 +227,7 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
     first = i % 2 == 0
     start = jnp.where(first, sample32, state.prev_sample)
     prev_sample = start + rounded(derivative * state.dt[i])
-    if self.needs_noise:
+    if self.ancestral:
       prev_sample = prev_sample + rounded(as_f32(noise) * state.sigma_up[i])
     new_state = state.replace(prev_sample=jnp.where(first, sample32, state.prev_sample))
     return prev_sample.astype(sample.dtype), new_state
