@@ -87,6 +87,18 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+  """(diffusers' tiny random SD1 pipeline, sdjax's of the same folder), for parity tests of a
+  feature on both (a module may define its own `sd1`)."""
+  import sdjax  # noqa: PLC0415
+  from sdjax import testing  # noqa: PLC0415
+
+  folder = str(tmp_path_factory.mktemp("sd1") / "pipe")
+  base = testing.write_torch_pipeline(folder, "sd1", seed=11)
+  return base, sdjax.load_pipeline(folder)
+
+
+@pytest.fixture(scope="module")
 def cache():
   """The --compilation_cache folder for runs: the run-wide one (tests that need a cold start
   make their own)."""

@@ -55,15 +55,6 @@ def test_unet_matches_diffusers(name):
   print(f"\nFreeU UNet {name}: {err:.2e}")
 
 
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-  import sdjax  # noqa: PLC0415
-
-  folder = str(tmp_path_factory.mktemp("freeu") / "sd1")
-  base = testing.write_torch_pipeline(folder, "sd1", seed=11)
-  return base, sdjax.load_pipeline(folder)
-
-
 def test_generate_matches_diffusers(sd1):
   """generate(freeu=) against StableDiffusionPipeline after `enable_freeu` (a dict or the
   four numbers in enable_freeu's order give the same images)."""

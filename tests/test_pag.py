@@ -19,16 +19,6 @@ torch.set_num_threads(1)
 PROMPTS = ["a red circle in the center", "a photo of a cat"]
 
 
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-  """(diffusers' tiny SD1 pipeline, sdjax's)."""
-  import sdjax  # noqa: PLC0415
-
-  folder = str(tmp_path_factory.mktemp("pag") / "sd1")
-  base = testing.write_torch_pipeline(folder, "sd1", seed=11)
-  return base, sdjax.load_pipeline(folder)
-
-
 def _reference(base, pipe, cls, layers):
   ref = cls(**{k: v for k, v in base.components.items()
                if k not in ("safety_checker", "feature_extractor", "image_encoder", "scheduler")},
