@@ -296,6 +296,12 @@ flags.DEFINE_bool("tiling", False, "A1111's Tiling: seamless images (the UNet's 
                   "convolutions pad circularly)")
 flags.DEFINE_list("freeu", None, "FreeU as diffusers' enable_freeu: S1,S2,B1,B2 (SD1.5: "
                   "0.9,0.2,1.5,1.6; SDXL: 0.6,0.4,1.1,1.2)")
+flags.DEFINE_float("token_merging_ratio", 0.0, "A1111's Token merging ratio (ToMe SD): the "
+                   "share of the full-resolution blocks' tokens their self-attention merges, "
+                   "faster at large sizes, a slightly different image (0: off; below 1)")
+flags.DEFINE_float("hires_token_merging_ratio", None, "hires fix: the second pass's token "
+                   "merging ratio (A1111's Token merging ratio hr; default: "
+                   "--token_merging_ratio)")
 flags.DEFINE_multi_string("ip_adapter", [], "an IP-Adapter file (.bin/.safetensors, or hub "
                           "file) conditioning each jsonl line on its ip_adapter_image (else "
                           "--ip_adapter_image); repeatable, and a line's ip_adapter_image then "
@@ -393,6 +399,8 @@ def _run_config() -> run.RunConfig:
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,
       pag_applied_layers=tuple(FLAGS.pag_applied_layers), freeu=_freeu(),
+      token_merging_ratio=FLAGS.token_merging_ratio,
+      hires_token_merging_ratio=FLAGS.hires_token_merging_ratio,
       tiling=FLAGS.tiling_axes if FLAGS.tiling else False,
       controlnet_scale=tuple(FLAGS.controlnet_scale), control_mode=tuple(FLAGS.control_mode),
       control_guidance_start=tuple(FLAGS.control_guidance_start),

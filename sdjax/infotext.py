@@ -56,7 +56,7 @@ _ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
                "PerturbedAttentionGuidance_adaptive_scale": "pag_adaptive_scale",
                "Seed high": "seed_high", "Noise multiplier": "noise_multiplier",
                "Extra noise": "extra_noise", "Image CFG scale": "image_guidance_scale",
-               "Prompt 2": "prompt_2",
+               "Prompt 2": "prompt_2", "Token merging ratio": "token_merging_ratio",
                "Negative prompt 2": "negative_prompt_2"}
 
 # A1111's RNG sources: --rng.
@@ -629,6 +629,7 @@ def _hires(fields, flags, notes) -> None:
   strength` without them is img2img's, whose init image is not in the text."""
   strength = fields.pop("Denoising strength", None)
   scale, resize = fields.pop("Hires upscale", None), fields.pop("Hires resize", None)
+  hires_merging = fields.pop("Token merging ratio hr", None)
   if scale is None and resize is None:
     if strength is not None:
       notes.append((None, f"Denoising strength: {strength}: an img2img or inpainting image, "
@@ -657,6 +658,10 @@ def _hires(fields, flags, notes) -> None:
   for key, flag in _HIRES_ONE_TO_ONE.items():
     if key in fields:
       flags[flag] = fields.pop(key)
+  # A1111 writes the hires pass's token merging ratio where not 0 (its own, else the first
+  # pass's): absent beside a first pass's, it was 0.
+  if hires_merging is not None or "Token merging ratio" in fields:
+    flags["hires_token_merging_ratio"] = hires_merging or "0"
   for key, flag, check in (("Hires sampler", "hires_scheduler", outputs.scheduler_name),
                            ("Hires schedule type", "hires_schedule_type",
                             outputs.schedule_type_options)):

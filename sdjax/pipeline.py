@@ -387,6 +387,7 @@ class Pipeline:
                ip_adapter_images=None, ip_adapter_scale=1.0,
                ip_adapter_masks=None, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0,
                pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
+               token_merging_ratio: float = 0.0, hires_token_merging_ratio: float | None = None,
                tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
                subseed_strength: float = 0.0, ensd: int = 0,
                seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
@@ -644,6 +645,12 @@ class Pipeline:
         1.1, 1.2, FreeU's authors' values). In the UNet's first two up blocks, half the
         backbone's channels are scaled by b1 / b2 and the skip features' lowest frequencies by
         s1 / s2. Every pass of this call (not a refiner's stage); None: off.
+      token_merging_ratio: A1111's "Token merging ratio" (ToMe SD, tomesd's patch as A1111
+        applies it, `models.token_merging`): in the UNet's full-resolution transformer blocks
+        the self-attention runs over the tokens left after merging that share of them into
+        their most similar ones (0: off; below 1). Faster at large sizes, a slightly different
+        image. hires_token_merging_ratio: the hires pass's ("Token merging ratio hr"; None:
+        the same).
       tiling: A1111's "Tiling" (seamless images that tile): every convolution of the UNet and
         the VAE pads circularly, as A1111 sets torch's padding_mode="circular" on each; every
         pass and the refiner's stage, not ControlNets or T2I-Adapters.
@@ -721,7 +728,9 @@ class Pipeline:
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
         guess_mode=guess_mode, control_mode=control_mode, ip=ip, pag_scale=pag_scale,
         pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers,
-        freeu=freeu, tiling=tiling, rng=rng, subseed=subseed, subseed_strength=subseed_strength,
+        freeu=freeu, token_merging_ratio=token_merging_ratio,
+        hires_token_merging_ratio=hires_token_merging_ratio, tiling=tiling, rng=rng,
+        subseed=subseed, subseed_strength=subseed_strength,
         ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,
         pad_cond_uncond=pad_cond_uncond, pad_cond_uncond_v0=pad_cond_uncond_v0,

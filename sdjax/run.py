@@ -43,6 +43,7 @@ from sdjax import (
   upscaling,
 )
 from sdjax.conditioning import MicroConditioning
+from sdjax.models import token_merging
 from sdjax.plan import (
   ImageJob,
   Plan,
@@ -187,6 +188,10 @@ class RunConfig:
   pag_adaptive_scale: float = 0.0
   pag_applied_layers: tuple[str, ...] = ("mid",)
   freeu: tuple[float, float, float, float] | None = None  # (s1, s2, b1, b2); see generate()
+  # Token merging's ratio (A1111's "Token merging ratio"; 0: off) and the hires pass's (None:
+  # the same); see generate().
+  token_merging_ratio: float = 0.0
+  hires_token_merging_ratio: float | None = None
   # A1111's Tiling, seamless images: True (both axes), "x" or "y" (one: panoramas, strips).
   tiling: bool | str = False
   # IP-Adapters conditioning lines on their ip_adapter_image (else these, one per adapter); per
@@ -543,6 +548,12 @@ def validate(cfg: RunConfig) -> None:
     sampling.tiling_axes(cfg.tiling)
   except ValueError as e:
     raise RunError(f"--tiling: {e}") from None
+  try:
+    token_merging.check_ratio("--token_merging_ratio", cfg.token_merging_ratio)
+    if cfg.hires_token_merging_ratio is not None:
+      token_merging.check_ratio("--hires_token_merging_ratio", cfg.hires_token_merging_ratio)
+  except ValueError as e:
+    raise RunError(str(e)) from None
   if not (math.isfinite(cfg.guidance_rescale) and cfg.guidance_rescale >= 0):
     raise RunError(f"--guidance_rescale must be a number >= 0, got {cfg.guidance_rescale}")
   if cfg.scheduler is not None and cfg.scheduler not in schedulers.SCHEDULERS:
@@ -632,6 +643,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["clip_skip"] = cfg.clip_skip
   if cfg.freeu is not None:  # absent when off: older folders still match
     settings["freeu"] = list(cfg.freeu)
+  if cfg.token_merging_ratio:  # absent when off: older folders still match
+    settings["token_merging_ratio"] = cfg.token_merging_ratio
   if cfg.pag_scale:  # absent when off: older folders still match
     settings["pag"] = {"scale": cfg.pag_scale, "adaptive_scale": cfg.pag_adaptive_scale,
                        "applied_layers": list(cfg.pag_applied_layers)}
@@ -812,7 +825,16 @@ def _hires_record(cfg: RunConfig) -> dict[str, Any]:
   for key in ("prompt", "negative_prompt", "model"):  # only when set: older folders match
     if getattr(cfg, f"hires_{key}"):
       record[key] = getattr(cfg, f"hires_{key}")
+  if cfg.hires_token_merging_ratio is not None:  # only when set: older folders match
+    record["token_merging_ratio"] = cfg.hires_token_merging_ratio
   return {"hires": record}
+
+
+def _hires_merging(cfg: RunConfig) -> float:
+  """The hires pass's token merging ratio: its own, else the first pass's (as A1111's)."""
+  if cfg.hires_token_merging_ratio is None:
+    return cfg.token_merging_ratio
+  return cfg.hires_token_merging_ratio
 
 
 def second_prompts(cfg: RunConfig, job: ImageJob) -> tuple[str | None, str | None]:
@@ -1525,7 +1547,8 @@ class _Sampler:
           raise RunError(f"--control_mode: {e}") from None
       spec = dataclasses.replace(spec, pag=_pag(cfg, pipe),
                                  freeu=sampling.freeu_factors(cfg.freeu),
-                                 tiling=sampling.tiling_axes(cfg.tiling))
+                                 tiling=sampling.tiling_axes(cfg.tiling),
+                                 token_merging=cfg.token_merging_ratio)
       try:
         spec = sampling.with_cfg_skip(spec, state, _cfg_skip(cfg), steps)
       except ValueError as e:
@@ -1547,7 +1570,8 @@ class _Sampler:
                                          control_guess=spec.control_guess, **common)
           hires = (sampling.with_cfg_skip(dataclasses.replace(
               hires[0], control_modes=spec.control_modes, pag=_pag(cfg, self.hires_pipe or pipe),
-              freeu=spec.freeu, tiling=spec.tiling), hires[1], _cfg_skip(cfg),
+              freeu=spec.freeu, tiling=spec.tiling, token_merging=_hires_merging(cfg)),
+              hires[1], _cfg_skip(cfg),
               cfg.hires_steps or steps), hires[1])
         except ValueError as e:
           raise RunError(f"--hires_scale: {e}") from None
@@ -2191,6 +2215,7 @@ class _Metadata:
         **({"subseed": varied[0], "subseed_strength": varied[1]}
            if (varied := variation(cfg, job)) else {}),
         **({"clip_skip": schedule.clip_skip} if schedule.clip_skip != 1 else {}),
+        **({"token_merging_ratio": cfg.token_merging_ratio} if cfg.token_merging_ratio else {}),
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image} if job.init_image else {}),
@@ -2341,7 +2366,12 @@ class _Metadata:
                **({"Guidance rescale": cfg.guidance_rescale} if cfg.guidance_rescale else {}),
                **self._tiling_extra(),
                **({"FreeU": ", ".join(f"{k}={v:g}" for k, v in zip(
-                   sampling.FREEU_NAMES, cfg.freeu, strict=True))} if cfg.freeu else {})})
+                   sampling.FREEU_NAMES, cfg.freeu, strict=True))} if cfg.freeu else {}),
+               # A1111's, as it writes them: the passes' ratios where not 0
+               **({"Token merging ratio": cfg.token_merging_ratio}
+                  if cfg.token_merging_ratio else {}),
+               **({"Token merging ratio hr": _hires_merging(cfg)}
+                  if _hires(cfg) and _hires_merging(cfg) else {})})
 
   def _vae_extra(self) -> dict[str, str]:
     """A1111's `VAE hash` and `VAE` (its file's name, no local path) of a --vae."""

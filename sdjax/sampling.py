@@ -42,7 +42,7 @@ from sdjax import (
 from sdjax import prompts as prompt_lib
 from sdjax.checkpoints.weights import torch_key
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
-from sdjax.models import layers
+from sdjax.models import layers, token_merging
 from sdjax.models.adapter import T2IAdapter
 from sdjax.models.layers import PerturbedLayers
 from sdjax.models.vae import AutoencoderKL
@@ -142,6 +142,8 @@ class SampleSpec:
   pag: Pag | None = None
   # FreeU's (s1, s2, b1, b2) in the UNet (`UNet2DConditionModel.freeu`); None: off.
   freeu: tuple[float, float, float, float] | None = None
+  # Token merging's ratio in the UNet (`UNet2DConditionModel.token_merging`); 0: off.
+  token_merging: float = 0.0
   # A1111's Tiling: the UNet's and the VAE's convolutions pad circularly (not the ControlNets')
   # along these axes (`layers.TILING_AXES`); "": off.
   tiling: str = ""
@@ -676,6 +678,8 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
   trace_count += 1
   if spec.freeu is not None:
     nets = dataclasses.replace(nets, unet=nets.unet.clone(freeu=spec.freeu))
+  if spec.token_merging:
+    nets = dataclasses.replace(nets, unet=nets.unet.clone(token_merging=spec.token_merging))
   if spec.fixed_guidance is not None:
     guidance_scale = jnp.float32(spec.fixed_guidance)
   source = _noise_source(spec, seeds, (*spec.latent_hw, nets.vae.config.latent_channels),
@@ -2079,6 +2083,8 @@ def generate(
     pag_adaptive_scale: float = 0.0,
     pag_applied_layers: str | Sequence[str] = "mid",
     freeu: Any = None,
+    token_merging_ratio: float = 0.0,
+    hires_token_merging_ratio: float | None = None,
     tiling: bool | str = False,
     rng: str = "jax",
     subseed: int | None = None,
@@ -2241,8 +2247,11 @@ def generate(
                            guess_mode=spec.control_guess, cfg_parallel=cfg_parallel)
   freeu = freeu_factors(freeu)
   tiling = tiling_axes(tiling)
-  spec = with_cfg_skip(dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=tiling), state,
-                       cfg_skip, steps)
+  merging = token_merging.check_ratio("token_merging_ratio", token_merging_ratio)
+  hires_merging = merging if hires_token_merging_ratio is None else token_merging.check_ratio(
+      "hires_token_merging_ratio", hires_token_merging_ratio)
+  spec = with_cfg_skip(dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=tiling,
+                                           token_merging=merging), state, cfg_skip, steps)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(second, n, hires, control=spec.control,
                                 control_guess=spec.control_guess, extra_noise=extra_noise, **{
@@ -2252,7 +2261,8 @@ def generate(
         hires_model, pag_scale, pag_adaptive_scale, pag_applied_layers)
     hires_stage = (with_cfg_skip(dataclasses.replace(
         hires_stage[0], control_modes=spec.control_modes, pag=hires_pag, freeu=freeu,
-        tiling=spec.tiling), hires_stage[1], cfg_skip, hires.steps or steps), hires_stage[1])
+        tiling=spec.tiling, token_merging=hires_merging), hires_stage[1], cfg_skip,
+        hires.steps or steps), hires_stage[1])
     spec = dataclasses.replace(spec, output_latents=hires.in_latents)
     hires_stage = (dataclasses.replace(hires_stage[0], noise_batch=spec.noise_batch),
                    hires_stage[1])

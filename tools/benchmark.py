@@ -1,6 +1,7 @@
 """Times sdjax against diffusers on the same architecture, machine and run.
 
   python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --height 512 --width 512
+  python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --token_merging_ratio 0.5
   python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --backend torch
   python tools/benchmark.py --arch sd15 --what unet_step --batch 4 --cpu_devices 2
   python tools/benchmark.py --arch sd15 --what unet_step --batch 2 --cpu_devices 2 --cfg_parallel
@@ -66,6 +67,7 @@ half the UNet width, depths (1, 2, 4) and small encoders, so that CPU comparison
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -132,6 +134,8 @@ _TORCH_COMPILE = flags.DEFINE_string("torch_compile", "", "torch: torch.compile 
                                       "mode (default, max-autotune, ...), channels_last; empty: "
                                       "eager. compile_s: the first call's extra time")
 _UPSCALER_TILE = flags.DEFINE_integer("upscaler_tile", 32, "upscaler: tile size (A1111: 192)")
+_TOME = flags.DEFINE_float("token_merging_ratio", 0.0, "jax unet_step / generate: ToMe's ratio "
+                           "(A1111's Token merging ratio; 0: off)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls after one warm-up call (0: compile "
                                 "only)")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "jax: persistent compilation cache folder "
@@ -326,7 +330,8 @@ def bench_jax():
   if _WHAT.value == "unet_step":
     args = (pipe.params["unet"], jnp.ones(lat, dtype), jnp.full((b,), 500.0),
             jnp.ones((b, 77, pipe.unet.config.cross_attention_dim), dtype), *_added_cond(pipe, b))
-    unet = lambda p, x, t, c, *added: pipe.unet.apply({"params": p}, x, t, c, *added)  # noqa: E731
+    module = pipe.unet.clone(token_merging=_TOME.value)
+    unet = lambda p, x, t, c, *added: module.apply({"params": p}, x, t, c, *added)  # noqa: E731
     counted = (unet, args)
     if _DEVICES.value is not None and not _CFG_PARALLEL.value:  # each device its share
       mesh = parallel.make_mesh()
@@ -348,8 +353,8 @@ def bench_jax():
     spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler=_SCHEDULER.value,
                                    height=h, width=w, guidance_scale=_GUIDANCE.value,
                                    cfg_split=_CFG_PARALLEL.value, rng=_RNG.value)
-    spec = sampling.with_cfg_skip(spec, state, sampling.CfgSkip(_S_MIN_UNCOND.value),
-                                  _STEPS.value)
+    spec = sampling.with_cfg_skip(dataclasses.replace(spec, token_merging=_TOME.value), state,
+                                  sampling.CfgSkip(_S_MIN_UNCOND.value), _STEPS.value)
     seeds = jnp.arange(b, dtype=jnp.uint32)
     args = (spec, pipe.networks, pipe.params, _conditioning(pipe, b, h, w), seeds,
             sampling.initial_noise(seeds, lat[1:]), jnp.float32(_GUIDANCE.value),

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax import interpolate
-from sdjax.models import attention
+from sdjax.models import attention, token_merging
 
 Dtype = Any
 
@@ -402,10 +402,14 @@ class BasicTransformerBlock(nn.Module):
       )
 
     h = layer_norm(1e-5, d, pd, "norm1")(x)
+    tome = token_merging.merging(x)  # ToMe: the self-attention over fewer tokens
+    if tome is not None:
+      h = tome[0](h)
     if self.only_cross_attention:
-      x = x + attn("attn1")(h, context, context_bias)
+      h = attn("attn1")(h, context, context_bias)
     else:
-      x = x + attn("attn1")(h, perturb=perturb)
+      h = attn("attn1")(h, perturb=perturb)
+    x = x + (h if tome is None else tome[1](h))
     h = layer_norm(1e-5, d, pd, "norm2")(x)
     x = x + attn("attn2")(h, context, context_bias, ip)
     h = layer_norm(1e-5, d, pd, "norm3")(x)

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.models import config_utils
+from sdjax.models import config_utils, token_merging
 from sdjax.models.layers import (
     Downsample2D,
     Embed,
@@ -360,6 +360,9 @@ class UNet2DConditionModel(nn.Module):
   # blocks, before each layer, half the backbone channels times b and the skip's lowest
   # frequencies times s (`freeu`); None: off.
   freeu: tuple[float, float, float, float] | None = None
+  # Token merging (ToMe SD as A1111 applies it, `token_merging`): the share of the tokens of
+  # the full-resolution transformer blocks that their self-attention merges; 0: off.
+  token_merging: float = 0.0
 
   @nn.compact
   def __call__(self, sample, timesteps, context, text_embeds=None, time_ids=None,
@@ -378,36 +381,37 @@ class UNet2DConditionModel(nn.Module):
     (diffusers' `added_cond_kwargs["image_embeds"]` after its `encoder_hid_proj`), `pag` a
     `PerturbedLayers` (static): perturbed-attention guidance's identity self-attention for the
     last rows in the blocks it names."""
-    cfg, d, pd = self.config, self.dtype, self.param_dtype
-    class_emb = None
-    if cfg.num_class_embeds is not None:
-      if class_labels is None and self.is_initializing():  # shape inference: any label
-        class_labels = jnp.zeros(sample.shape[:1], jnp.int32)
-      if class_labels is None:
-        raise ValueError("this UNet (num_class_embeds) needs class_labels")
-      class_emb = Embed(cfg.num_class_embeds, cfg.block_out_channels[0] * 4, dtype=d,
-                        param_dtype=pd, name="class_embedding")(jnp.asarray(class_labels))
-    temb = self._time_embedding(sample, timesteps, text_embeds, time_ids, timestep_cond,
-                                class_emb)
-    x = self._conv_in(sample)
-    x, skips = self._down_and_mid(x, temb, context.astype(d), context_bias,
-                                  list(intrablock_residuals or ()), ip, pag)
-    if down_residuals is not None:
-      skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
-      x = x + mid_residual.astype(x.dtype)
+    with token_merging.applied(self.token_merging, sample.shape[1:3]):
+      cfg, d, pd = self.config, self.dtype, self.param_dtype
+      class_emb = None
+      if cfg.num_class_embeds is not None:
+        if class_labels is None and self.is_initializing():  # shape inference: any label
+          class_labels = jnp.zeros(sample.shape[:1], jnp.int32)
+        if class_labels is None:
+          raise ValueError("this UNet (num_class_embeds) needs class_labels")
+        class_emb = Embed(cfg.num_class_embeds, cfg.block_out_channels[0] * 4, dtype=d,
+                          param_dtype=pd, name="class_embedding")(jnp.asarray(class_labels))
+      temb = self._time_embedding(sample, timesteps, text_embeds, time_ids, timestep_cond,
+                                  class_emb)
+      x = self._conv_in(sample)
+      x, skips = self._down_and_mid(x, temb, context.astype(d), context_bias,
+                                    list(intrablock_residuals or ()), ip, pag)
+      if down_residuals is not None:
+        skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
+        x = x + mid_residual.astype(x.dtype)
 
-    for i, block_type in enumerate(cfg.up_block_types):
-      n = cfg.per_block("layers_per_block")[-1 - i] + 1
-      block_skips, skips = skips[-n:], skips[:-n]
-      freeu = None
-      if self.freeu is not None and i < 2:
-        s1, s2, b1, b2 = self.freeu
-        freeu = (b1, s1) if i == 0 else (b2, s2)
-      x, _ = self._block(i, block_type, up=True)(x, temb, context, block_skips, context_bias,
-                                                 None, ip, pag, freeu)
+      for i, block_type in enumerate(cfg.up_block_types):
+        n = cfg.per_block("layers_per_block")[-1 - i] + 1
+        block_skips, skips = skips[-n:], skips[:-n]
+        freeu = None
+        if self.freeu is not None and i < 2:
+          s1, s2, b1, b2 = self.freeu
+          freeu = (b1, s1) if i == 0 else (b2, s2)
+        x, _ = self._block(i, block_type, up=True)(x, temb, context, block_skips, context_bias,
+                                                   None, ip, pag, freeu)
 
-    x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, d, pd, "conv_norm_out")(x))
-    return conv(cfg.out_channels, 3, d, pd, "conv_out")(x)
+      x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, d, pd, "conv_norm_out")(x))
+      return conv(cfg.out_channels, 3, d, pd, "conv_out")(x)
 
   def _time_embedding(self, sample, timesteps, text_embeds, time_ids, timestep_cond,
                       extra=None):
