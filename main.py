@@ -100,6 +100,9 @@ flags.DEFINE_bool("inpaint_full_res", False, "inpainting: A1111's 'Only masked':
                   "size and pasted back into the original, which keeps its size")
 flags.DEFINE_bool("inpainting_mask_invert", False, "inpainting: repaint what the mask leaves "
                   "black (A1111's Inpaint not masked)")
+flags.DEFINE_float("inpainting_mask_weight", 1.0, "inpainting with an inpainting model: A1111's "
+                   "Conditional mask weight (how much of the masked area its masked image "
+                   "hides; below 1 the original shows through, faded)")
 flags.DEFINE_enum("inpainting_fill", "original", ["original", "fill", "latent_noise",
                                                   "latent_nothing"],
                   "inpainting: what the masked area starts from, A1111's Masked content: the "
@@ -395,6 +398,7 @@ def _run_config() -> run.RunConfig:
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
+      inpainting_mask_weight=FLAGS.inpainting_mask_weight,
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,

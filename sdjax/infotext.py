@@ -124,6 +124,10 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   _zero_snr(fields, flags, notes, scheduler)
   _eta(fields, flags, notes, scheduler)
   _churn(fields, flags, notes, scheduler)
+  # An inpainting model's: A1111 writes it for every image made with one; 1 is the default
+  weight = fields.pop("Conditional mask weight", None)
+  if weight is not None and _number("Conditional mask weight", weight) != 1.0:
+    flags["inpainting_mask_weight"] = weight
   _sigma_noise(fields, flags, notes, scheduler)
   _noise(fields, flags, notes, made_by_sdjax, made_in)
   _brownian(fields, flags, notes, scheduler, made_by_sdjax, made_in)

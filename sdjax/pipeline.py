@@ -388,6 +388,7 @@ class Pipeline:
                ip_adapter_masks=None, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0,
                pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
                token_merging_ratio: float = 0.0, hires_token_merging_ratio: float | None = None,
+               inpainting_mask_weight: float = 1.0,
                tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
                subseed_strength: float = 0.0, ensd: int = 0,
                seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
@@ -651,6 +652,10 @@ class Pipeline:
         their most similar ones (0: off; below 1). Faster at large sizes, a slightly different
         image. hires_token_merging_ratio: the hires pass's ("Token merging ratio hr"; None:
         the same).
+      inpainting_mask_weight: an inpainting model's A1111 "Conditional mask weight" (its
+        "Inpainting conditioning mask strength" setting): the masked image it sees is
+        lerp(image, image * (1 - mask), weight) in [-1, 1], so below 1 the masked area shows
+        through, faded; 1 (the default, diffusers'): hidden.
       tiling: A1111's "Tiling" (seamless images that tile): every convolution of the UNet and
         the VAE pads circularly, as A1111 sets torch's padding_mode="circular" on each; every
         pass and the refiner's stage, not ControlNets or T2I-Adapters.
@@ -729,7 +734,8 @@ class Pipeline:
         guess_mode=guess_mode, control_mode=control_mode, ip=ip, pag_scale=pag_scale,
         pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers,
         freeu=freeu, token_merging_ratio=token_merging_ratio,
-        hires_token_merging_ratio=hires_token_merging_ratio, tiling=tiling, rng=rng,
+        hires_token_merging_ratio=hires_token_merging_ratio,
+        inpainting_mask_weight=inpainting_mask_weight, tiling=tiling, rng=rng,
         subseed=subseed, subseed_strength=subseed_strength,
         ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,

@@ -170,6 +170,8 @@ class RunConfig:
   inpaint_full_res_padding: int = 32
   inpainting_mask_invert: bool = False  # repaint what the mask leaves black
   inpainting_fill: str = "original"  # A1111's "Masked content" (`masks.MASKED_CONTENT`)
+  # An inpainting model's A1111 "Conditional mask weight" (see generate()); 1: the mask hides all.
+  inpainting_mask_weight: float = 1.0
   # ControlNets steering lines by their control_image (else these, one per ControlNet), their
   # residuals summed in order; per ControlNet a single file's diffusers config ("": none). The
   # scale and share of the steps: one for all, or one per ControlNet.
@@ -623,6 +625,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["inpainting"] = dataclasses.asdict(_mask_options(cfg))
     if cfg.inpainting_fill == "original":  # absent for the default: older folders still match
       del settings["inpainting"]["masked_content"]
+  if cfg.inpainting_mask_weight != 1.0:  # absent for the default: older folders still match
+    settings["inpainting_mask_weight"] = cfg.inpainting_mask_weight
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.cfg_parallel:  # its own program: pixels differ by rounding
@@ -1545,10 +1549,14 @@ class _Sampler:
               _control_modes(cfg) or "balanced", len(pipe.controlnet), spec.control_guess))
         except ValueError as e:
           raise RunError(f"--control_mode: {e}") from None
+      try:
+        weight = sampling.check_mask_weight(pipe, cfg.inpainting_mask_weight)
+      except ValueError as e:
+        raise RunError(f"--{e}") from None
       spec = dataclasses.replace(spec, pag=_pag(cfg, pipe),
                                  freeu=sampling.freeu_factors(cfg.freeu),
                                  tiling=sampling.tiling_axes(cfg.tiling),
-                                 token_merging=cfg.token_merging_ratio)
+                                 token_merging=cfg.token_merging_ratio, mask_weight=weight)
       try:
         spec = sampling.with_cfg_skip(spec, state, _cfg_skip(cfg), steps)
       except ValueError as e:
@@ -2252,6 +2260,8 @@ class _Metadata:
       record["inpainting_mask_invert"] = True
     if cfg.inpainting_fill != "original":
       record["inpainting_fill"] = cfg.inpainting_fill
+    if cfg.inpainting_mask_weight != 1.0:
+      record["inpainting_mask_weight"] = cfg.inpainting_mask_weight
     return record
 
   def _brownian(self, scheduler: str) -> str | None:
@@ -2341,6 +2351,8 @@ class _Metadata:
                **({"Extra noise": cfg.extra_noise}
                   if cfg.extra_noise and (job.init_image or _hires(cfg)) else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
+               **({"Conditional mask weight": cfg.inpainting_mask_weight}
+                  if cfg.inpainting_mask_weight != 1.0 and job.init_image else {}),
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(
                    options)), **self._hires_prompts(job),

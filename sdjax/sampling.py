@@ -123,6 +123,10 @@ class SampleSpec:
   # the initial noise ("latent noise") or zeros ("latent nothing"), A1111's "Masked content";
   # else "original" (`masks.MASKED_CONTENT`; "fill" is host work).
   masked_content: str = "original"
+  # A1111's "Conditional mask weight" (its inpainting_mask_weight): how much of the masked area
+  # an inpainting model's masked image hides: lerp(image, image * (1 - mask), weight) in [-1, 1];
+  # 1 (A1111's default, diffusers'): all of it.
+  mask_weight: float = 1.0
   # A1111's Noise multiplier for img2img (its initial_noise_multiplier): an img2img or inpainting
   # run's initial noise times this before it noises the image (not a hires pass's); 1: off.
   noise_multiplier: float = 1.0
@@ -1091,8 +1095,32 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
       image_latents = jnp.where(mask > 0, instead, image_latents)
   if spec.inpaint == "concat":
     masked = jnp.where(repaint, jnp.float32(0.5), images.astype(jnp.float32))
+    if spec.mask_weight != 1.0:  # A1111's lerp in [-1, 1], of the rounded mask
+      signed = 2 * images.astype(jnp.float32) - 1
+      hidden = signed * (1 - repaint.astype(jnp.float32))
+      masked = (_lerp(signed, hidden, spec.mask_weight) + 1) / 2
     masked_latents = _encode_sample(vae, params, masked, source, _MASKED_POSTERIOR)
   return mask, image_latents, masked_latents
+
+
+def _lerp(start, end, weight: float):
+  """torch.lerp with a float32 scalar weight: start + w (end - start) below 0.5, else
+  end - (end - start) (1 - w)."""
+  w = np.float32(weight)
+  if w < 0.5:
+    return start + w * (end - start)
+  return end - (end - start) * (np.float32(1) - w)
+
+
+def check_mask_weight(pipe, weight) -> float:
+  """An inpainting model's Conditional mask weight, a number in [0, 1] (1 for other models,
+  whose UNet takes no masked image)."""
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+    raise ValueError(f"inpainting_mask_weight must be a number from 0 to 1, got {weight!r}")
+  if weight != 1 and not is_inpainting_model(pipe):
+    raise ValueError("inpainting_mask_weight is an inpainting model's (A1111's Conditional "
+                     "mask weight: how much of the masked area its masked image hides)")
+  return float(weight)
 
 
 def _keep_unmasked(spec: SampleSpec, mask, image_latents, noise, x, state, i):
@@ -2069,6 +2097,7 @@ def generate(
     hires_model=None,
     mask_images: Any = None,
     masked_content: str = "original",
+    inpainting_mask_weight: float = 1.0,
     scheduler_options: dict[str, Any] | None = None,
     controlnet=None,
     control_images: Any = None,
@@ -2251,7 +2280,10 @@ def generate(
   hires_merging = merging if hires_token_merging_ratio is None else token_merging.check_ratio(
       "hires_token_merging_ratio", hires_token_merging_ratio)
   spec = with_cfg_skip(dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=tiling,
-                                           token_merging=merging), state, cfg_skip, steps)
+                                           token_merging=merging,
+                                           mask_weight=check_mask_weight(
+                                               pipe, inpainting_mask_weight)),
+                       state, cfg_skip, steps)
   if hires is not None:  # checked before the first pass runs
     hires_stage = prepare_hires(second, n, hires, control=spec.control,
                                 control_guess=spec.control_guess, extra_noise=extra_noise, **{

@@ -207,6 +207,15 @@ def test_sigma_noise():
     assert "s_noise" not in flags.get("scheduler_options", "{}")
 
 
+def test_conditional_mask_weight():
+  """A1111 writes its Conditional mask weight for every image of an inpainting model: 1 (its
+  default, what sdjax does) needs no flag and no note; another is --inpainting_mask_weight."""
+  text = "a cat\nSteps: 20, Sampler: Euler, Seed: 1, Denoising strength: 0.75, "
+  found = reproduce(text + "Conditional mask weight: 1.0")
+  assert "inpainting_mask_weight" not in found.flags and "mask weight" not in str(found.notes)
+  assert _flags(text + "Conditional mask weight: 0.5")["inpainting_mask_weight"] == "0.5"
+
+
 def test_sigma_churn():
   """A1111's Sigma churn, tmin and tmax (its Euler's, Heun's and DPM2's k-diffusion churn) are
   their options; for another sampler, which takes no churn, a note each."""

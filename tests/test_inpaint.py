@@ -106,6 +106,38 @@ def _reference(ref, pipe, images, masks, noise, seed, name, strength, steps, ima
   return out, calls
 
 
+@pytest.mark.parametrize("weight", [0.3, 0.7])
+def test_conditional_mask_weight_as_a1111(inpainting, weight):
+  """A1111's Conditional mask weight: the inpainting model's masked image is torch.lerp(image,
+  image * (1 - mask), weight) in [-1, 1] (of the rounded mask), encoded as usual: diffusers'
+  pipeline given the latents of that image (A1111's formula, in torch) as masked_image_latents,
+  with our posterior draw. Other models take no weight."""
+  ref, pipe, _ = inpainting
+  images, masks, noise = _inputs(1)
+  seed = 7
+  signed = nchw(2 * images - 1)
+  cond = torch.lerp(signed, signed * (1 - torch.from_numpy((masks[:, None] >= 0.5) * 1.0).float()),
+                    weight)
+  keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, len(noise))))
+  eps = nchw(np.asarray(sampling._keyed_noise(  # noqa: SLF001
+      keys, sampling._MASKED_POSTERIOR, noise.shape[1:])))  # noqa: SLF001
+  with torch.no_grad():
+    dist = ref.vae.encode(cond).latent_dist
+  latents = (dist.mean + dist.std * eps) * ref.vae.config.scaling_factor
+  expected, calls = _reference(ref, pipe, images, masks, noise, seed, "euler", 1.0, 4,
+                               masked_image_latents=latents)
+  assert calls == []  # diffusers encoded nothing itself
+  common = dict(negative_prompts=NEGATIVES, init_images=images, mask_images=masks, steps=4,
+                seed=seed, guidance_scale=GUIDANCE, scheduler="euler", latents=noise)
+  ours = pipe.generate(PROMPTS, inpainting_mask_weight=weight, **common)
+  err = rel_err(ours, expected)
+  print(f"\ninpainting model, Conditional mask weight {weight}: {err:.2e}")
+  assert err <= 1e-4
+  assert rel_err(pipe.generate(PROMPTS, **common), expected) > 100 * err
+  with pytest.raises(ValueError, match="inpainting_mask_weight must be a number from 0 to 1"):
+    pipe.generate(PROMPTS, inpainting_mask_weight=1.5, **common)
+
+
 # The second-order path (heun) is checked on the text-to-image model below.
 @pytest.mark.parametrize("name,strength", [("euler", 1.0), ("dpmpp_2m_karras", 0.6)])
 def test_inpainting_model_matches_diffusers(inpainting, name, strength):
@@ -389,6 +421,9 @@ def test_bad_inpainting_arguments(inpainting, plain):
     pipe.generate(PROMPTS, init_images=images, mask_images=masks, masked_content="noise", **kw)
   with pytest.raises(ValueError, match="are inpainting options"):
     plain[1].generate(PROMPTS, init_images=images, masked_content="fill", **kw)
+  with pytest.raises(ValueError, match="inpainting_mask_weight is an inpainting model's"):
+    plain[1].generate(PROMPTS, init_images=images, mask_images=masks,
+                      inpainting_mask_weight=0.5, **kw)
 
 
 def test_single_file_and_export_round_trip(inpainting, plain, tmp_path):
@@ -410,7 +445,7 @@ def test_run_with_mask_lines(inpainting, tmp_path):
 
   from PIL import Image
 
-  from sdjax import masks, outputs, run
+  from sdjax import infotext, masks, outputs, run
 
   _, pipe, folder = inpainting
   rng = np.random.default_rng(5)
@@ -449,21 +484,23 @@ def test_run_with_mask_lines(inpainting, tmp_path):
                               "mask_image": "m_small.png"}) + "\n")
   full = dataclasses.replace(cfg, inpaint_full_res=True, inpaint_full_res_padding=2, mask_blur=1,
                              inpainting_mask_invert=True, inpainting_fill="fill",
-                             batch_size=1, output_dir=str(tmp_path / "full"))
+                             inpainting_mask_weight=0.6, batch_size=1,
+                             output_dir=str(tmp_path / "full"))
   assert run.generate_run(full).images == 1
   record = json.loads(open(tmp_path / "full" / outputs.MANIFEST_NAME).readline())
   assert (record["height"], record["width"], record["inpaint_full_res_padding"]) == (20, 28, 2)
   assert record["inpainting_mask_invert"] and len(record["inpaint_region"]) == 4
-  assert record["inpainting_fill"] == "fill"
+  assert record["inpainting_fill"] == "fill" and record["inpainting_mask_weight"] == 0.6
   expected = pipe.generate(
       "a cat", init_images=np.asarray(Image.open(tmp_path / "a.png"))[None] / 255,
       mask_images=1 - np.asarray(Image.open(tmp_path / "m_small.png"))[None] / 255, mask_blur=1,
-      padding_mask_crop=2, masked_content="fill", height=H, width=W, strength=0.8,
-      seed=record["seed"], **kw)
+      padding_mask_crop=2, masked_content="fill", inpainting_mask_weight=0.6, height=H, width=W,
+      strength=0.8, seed=record["seed"], **kw)
   written = Image.open(tmp_path / "full" / record["file"])
   assert np.abs(np.asarray(written, int) - np.round(expected[0] * 255)).max() <= 1
-  assert ("Inpaint area: Only masked, Masked area padding: 2, Masked content: fill"
-          in written.text["parameters"])
+  assert ("Inpaint area: Only masked, Masked area padding: 2, Masked content: fill, "
+          "Conditional mask weight: 0.6" in written.text["parameters"])
+  assert infotext.reproduce(written.text["parameters"]).flags["inpainting_mask_weight"] == "0.6"
   text = tmp_path / "text.jsonl"  # as A1111: from grey, everything repainted, pure noise
   text.write_text('{"prompt": "a cat"}\n')
   run.generate_run(dataclasses.replace(cfg, prompts_file=str(text), batch_size=1,
