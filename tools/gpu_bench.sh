@@ -11,7 +11,8 @@
 # checker, ViT-L/14, on 8 512x512 images vs diffusers', ~1 min), brownian (--brownian's tree
 # for 8 SDXL images' 30 DPM++ SDE steps vs torchsde's on the GPU, ~1 min), upscaler (an
 # R-ESRGAN 4x+ pass of a 512x512 image in A1111's 192-pixel tiles vs A1111's torch loop,
-# float32, ~2 min). A
+# float32, ~2 min), tome (token merging at ratio 0.5 against none, SD1.5 768x768 bf16 batch
+# 8, ~2 min). A
 # device command may run 10 minutes and a session has about 15 in all: pick the parts that fit,
 # in this order.
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the image lacks them.
@@ -89,6 +90,12 @@ fi
 if part upscaler; then  # a hires fix's R-ESRGAN 4x+ pass (512 -> 2048): sdjax vs A1111's loop
   T=200 bench "upscaler_512" --what upscaler --batch 1 --height 512 --width 512 \
       --upscaler_tile 192 --repeats 3
+fi
+if part tome; then  # --token_merging_ratio 0.5 against 0: SD1.5 bf16 generate at 768x768
+  for r in 0 0.5; do
+    bench "jax_sd15_768_tome$r" --arch sd15 --what generate --steps 30 --dtype bfloat16 \
+        --batch 8 --height 768 --width 768 --token_merging_ratio $r --repeats 2
+  done
 fi
 if part compile; then  # the strongest PyTorch baseline the issue names
   T=580 bench "torch_compiled_gen_b16" --backend torch --arch sd15 --what generate --steps 50 \
