@@ -73,6 +73,21 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ.pop(_CACHE_VAR), ignore_errors=True)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """After each test module, jax forgets the programs it compiled and traced: an xdist worker
+  runs half the suite in one process, and kept every executable of a thousand tests (over 20 GB
+  in two workers, past this 24 GB machine's memory). A later module that needs one again finds
+  it in the run's persistent compilation cache."""
+  yield
+  import gc  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+
+  jax.clear_caches()
+  gc.collect()
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
   """A tiny random SD1 diffusers folder, for tests of main.py and runs."""
