@@ -408,6 +408,13 @@ class FirstStageChurn:
     del positions
     return (i + 1) // 2
 
+  @staticmethod
+  def first_stages(x: np.ndarray) -> np.ndarray:
+    """[2n - 1]: per-step values `x` [n] at the steps' first stages (even positions), else 0."""
+    out = np.zeros(2 * len(x) - 1, x.dtype)
+    out[0::2] = x
+    return out
+
 
 @dataclasses.dataclass(frozen=True)
 class EulerDiscreteScheduler(SigmaScheduler):

@@ -122,8 +122,6 @@ class HeunDiscreteScheduler(FirstStageChurn, SigmaScheduler):
     # (with churn its own, first stages only) and the corrector's sigma_next is sigmas[i] too.
     sigma = sigmas[:-1].copy()
     sigma[0::2], timesteps[0::2] = hat, hat_t
-    first_churn = np.zeros_like(sigma)
-    first_churn[0::2] = churn
     scale = input_scales(sigma)
     zeros = jnp.zeros(sample_shape, jnp.float32)
     return HeunState(
@@ -139,7 +137,7 @@ class HeunDiscreteScheduler(FirstStageChurn, SigmaScheduler):
       prev_dt=jnp.zeros((), jnp.float32),
       prev_sample=zeros,
       sigma_in=jnp.asarray(sigma),
-      churn=jnp.asarray(first_churn),
+      churn=jnp.asarray(self.first_stages(churn)),
     )
 
   def step(self, state, model_output, i, sample, noise=None):

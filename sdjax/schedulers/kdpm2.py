@@ -105,13 +105,6 @@ def _log_midpoint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return exp_f32(end - (end - start) * _F32(0.5))
 
 
-def _interleave_first(x: np.ndarray) -> np.ndarray:
-  """[2n - 1]: per-step values `x` [n] at the steps' first stages (even positions), else 0."""
-  out = np.zeros(2 * len(x) - 1, x.dtype)
-  out[0::2] = x
-  return out
-
-
 def _interleave(x: np.ndarray) -> np.ndarray:
   """diffusers' `cat([x[:1], x[1:].repeat_interleave(2), x[-1:]])`."""
   return np.concatenate([x[:1], np.repeat(x[1:], 2), x[-1:]])
@@ -213,7 +206,7 @@ class KDPM2DiscreteScheduler(FirstStageChurn, SigmaScheduler):
       dt=jnp.asarray(dt),
       sigma_up=jnp.asarray(step_up),
       prev_sample=jnp.zeros(sample_shape, jnp.float32),
-      churn=jnp.asarray(_interleave_first(churn)),
+      churn=jnp.asarray(self.first_stages(churn)),
     )
 
   def step(self, state, model_output, i, sample, noise=None):
