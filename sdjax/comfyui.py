@@ -60,7 +60,7 @@ SAMPLERS = {
     "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral_cfg_pp", "deis": "deis_tab",
     "seeds_2": "seeds_2", "seeds_3": "seeds_3", "heunpp2": "heunpp2",
     "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_ancestral_cfg_pp", "dpm_fast": "dpm_fast",
-    "sa_solver": "sa_solver", "sa_solver_pece": "sa_solver_pece",
+    "sa_solver": "sa_solver", "sa_solver_pece": "sa_solver_pece", "dpm_adaptive": "dpm_adaptive",
 }
 # ComfyUI's schedulers that are sdjax's (A1111's) schedule types of the same name.
 SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "beta", "kl_optimal",

@@ -617,6 +617,12 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
   `after_step(x, state, i)` (if given) replaces x after the step at position i. Returns x, or
   with `with_state` (x, the scheduler's state at the end)."""
   sched = spec.scheduler
+  if sched.adaptive:  # DPM adaptive: its own loop, each row at its own level
+    if after_step is not None:
+      raise ValueError(f"scheduler {sched.name!r} makes its own steps: not with a mask's "
+                       "blending between steps (pick another for it)")
+    x = sched.run(state, x, lambda x_in, t: predict(x_in, t, 0).astype(jnp.float32))
+    return (x, state) if with_state else x
   n = len(state.timesteps)
   stream = _STEP_NOISE if spec.upscale is None else _HIRES_STEP_NOISE
 
@@ -725,6 +731,14 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     return uncond_rows if spec.control_guess else None
 
   skips = None if spec.uncond_skips is None else jnp.asarray(spec.uncond_skips)
+  edits = scheduled and max(side.context.shape[1] for side in (negative, positive)
+                            if side is not None) > 1  # A1111 syntax: variants to switch between
+  if spec.scheduler.adaptive and (edits or spec.control or skips is not None
+                                  or spec.pag is not None or spec.edit or spec.cfg_split):
+    raise ValueError(f"scheduler {spec.scheduler.name!r} makes its own number of model calls: "
+                     "not with features that change from call to call or step to step (prompt "
+                     "editing, ControlNets and adapters, CFG skips, perturbed-attention "
+                     "guidance, instruct-pix2pix, cfg_parallel): pick another for those")
 
   def predict(x, t, call):
     if spec.pag is not None:  # the control images in all rows, guidance's conditional ones
@@ -770,6 +784,8 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     emb = (conditioning.Embeddings.concat(negative.at(call), positive.at(call)) if scheduled
            else both)
     halves = jnp.concatenate([jnp.zeros(len(x)), jnp.ones(len(x))])
+    if jnp.ndim(t):  # per-row timesteps (DPM adaptive): the pair's rows at theirs
+      t = jnp.concatenate([t, t])
     out = conditioning.predict(nets, params, jnp.concatenate([x, x], axis=0), t, emb,
                                control=controls(call, lambda i: jnp.concatenate([i, i]), halves),
                                guess=guess(len(x)))
@@ -947,8 +963,8 @@ def _composable_guidance(nets, params, x, t, emb, weights, scale, control=None, 
     control = conditioning.ControlInput(*control)._replace(
         images=tuple(jax.tree.map(rows, images) for images in control[0]),
         cond_rows=jnp.concatenate([jnp.zeros(uncond), jnp.ones(b * s)]))
-  out = conditioning.predict(nets, params, rows(x), t, emb, control=control,
-                             guess=guess).astype(jnp.float32)
+  out = conditioning.predict(nets, params, rows(x), rows(t) if jnp.ndim(t) else t, emb,
+                             control=control, guess=guess).astype(jnp.float32)
   eps_parts = out[uncond:].reshape(b, s, *out.shape[1:])
   eps_uncond = eps_parts[:, 0] if skip_uncond else out[:b]
   eps = eps_uncond

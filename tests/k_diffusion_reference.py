@@ -975,3 +975,64 @@ def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None,
       x_pred = x_pred + noise
     out.append(x_pred if i < n - 1 else x)
   return np.stack([y.numpy() for y in out])
+
+
+def sample_dpm_adaptive(config, sigmas, x, order=3, rtol=0.05, atol=0.0078, h_init=0.05,
+                        pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81, model=None):
+  """ComfyUI's dpm_adaptive (k-diffusion's DPMSolver.dpm_solver_adaptive at eta 0, its
+  PIDStepSizeController in Python floats), written out, from the first level to the smallest
+  above 0 over the whole of `x` (one image: k-diffusion's error is over the batch). `model(x,
+  sigma)`: x0 (default: `denoiser(config)`). Returns (x, the accepted steps' ends in t, the
+  rejected attempts)."""
+  denoise = denoiser(config) if model is None else model
+  low = sigmas[-2] if sigmas[-1] == 0 else sigmas[-1]
+  t_start = torch.tensor(float(sigmas[0])).log().neg()
+  t_end = torch.tensor(float(low)).log().neg()
+
+  def sigma(t):
+    return t.neg().exp()
+
+  def eps_at(x, t):
+    return (x - denoise(x, sigma(t))) / sigma(t)
+
+  b1, b2, b3 = ((pcoeff + icoeff + dcoeff) / order, -(pcoeff + 2 * dcoeff) / order,
+                dcoeff / order)
+  h, errs = abs(h_init), []
+  s, x_prev, ends, rejected = t_start, x, [], 0
+  atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
+  while s < t_end - 1e-5:
+    t = torch.minimum(t_end, s + h)
+    step = t - s
+    eps = eps_at(x, s)
+    r1 = 1 / 3 if order == 3 else 1 / 2
+    s1 = s + r1 * step
+    u1 = x - sigma(s1) * (r1 * step).expm1() * eps
+    eps_r1 = eps_at(u1, s1)
+    first = x - sigma(t) * step.expm1() * eps
+    two = first - sigma(t) / (2 * r1) * step.expm1() * (eps_r1 - eps)
+    if order == 2:
+      x_low, x_high = first, two
+    else:
+      r2 = 2 / 3
+      s2 = s + r2 * step
+      u2 = (x - sigma(s2) * (r2 * step).expm1() * eps
+            - sigma(s2) * (r2 / r1) * ((r2 * step).expm1() / (r2 * step) - 1) * (eps_r1 - eps))
+      eps_r2 = eps_at(u2, s2)
+      x_low = two
+      x_high = first - sigma(t) / r2 * (step.expm1() / step - 1) * (eps_r2 - eps)
+    delta = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
+    error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+    inv = 1 / (float(error) + 1e-8)
+    if not errs:
+      errs = [inv, inv, inv]
+    errs[0] = inv
+    factor = errs[0] ** b1 * errs[1] ** b2 * errs[2] ** b3
+    factor = 1 + math.atan(factor - 1)
+    if factor >= accept_safety:
+      errs[2], errs[1] = errs[1], errs[0]
+      x_prev, x, s = x_low, x_high, t
+      ends.append(float(t))
+    else:
+      rejected += 1
+    h *= factor
+  return x, ends, rejected

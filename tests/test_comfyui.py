@@ -96,6 +96,7 @@ def test_a_64_bit_seed_draws_its_low_32_bits_noise():
     ("ddpm", "karras", "k_ddpm", "Karras"),  # k-diffusion's, over its levels (not diffusers')
     ("sa_solver", "beta", "sa_solver", "Beta"),  # noise only where tau > 0: its draws counted
     ("sa_solver_pece", "karras", "sa_solver_pece", "Karras"),  # two calls a step
+    ("dpm_adaptive", "exponential", "dpm_adaptive", "Exponential"),  # its own steps
 ])
 def test_samplers_and_schedulers(sampler, scheduler, want, label):
   found = comfyui.reproduce(default_graph(sampler_name=sampler, scheduler=scheduler))
@@ -118,7 +119,7 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
   assert stepped == (want in ("DPM++ 2M", "Euler", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "iPNDM",
                               "Res Multistep", "DPM++ 2M CFG++", "DEIS", "SEEDS 3", "DPM2 a",
                               "HeunPP2", "DPM++ 2S a CFG++", "dpm_fast", "k_ddpm",
-                              "sa_solver", "sa_solver_pece"))
+                              "sa_solver", "sa_solver_pece", "dpm_adaptive"))
   # its KSampler's levels of one step more less the next-to-last, for these samplers only
   discards = '"discard_penultimate_sigma": true' in found.flags.get("scheduler_options", "")
   assert discards == (sampler in ("dpm_2_ancestral", "uni_pc", "uni_pc_bh2"))
@@ -132,10 +133,10 @@ def test_samplers_and_schedulers(sampler, scheduler, want, label):
 
 
 def test_unknown_sampler_and_scheduler_are_notes():
-  found = comfyui.reproduce(default_graph(sampler_name="dpm_adaptive", scheduler="ddim_uniform"))
+  found = comfyui.reproduce(default_graph(sampler_name="res_2s", scheduler="ddim_uniform"))
   assert "scheduler" not in found.flags and "schedule_type" not in found.flags
   notes = _notes(found)
-  assert "sampler dpm_adaptive is not one sdjax has" in notes
+  assert "sampler res_2s is not one sdjax has" in notes
   assert "scheduler ddim_uniform" in notes
 
 

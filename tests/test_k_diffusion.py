@@ -1354,3 +1354,74 @@ def test_sa_solver_settings(sampler, settings, monkeypatch):
   assert err <= TOL, err
   with pytest.raises(SchedulerConfigError, match="corrector_order"):
     get_scheduler("sa_solver_pece", SD15, options={"corrector_order": 0})
+
+
+def _dpm_adaptive(options: dict, steps: int, init: np.ndarray):
+  """sdjax's dpm_adaptive run of `init` (unit noise [B, ...]) under `options`, each row's model
+  calls the fake UNet on that row alone: (the end latents, the state)."""
+  from scheduler_harness import fake_model  # noqa: PLC0415
+
+  ours = get_scheduler("dpm_adaptive", SD15, options=options)
+  state = ours.set_timesteps(steps, sample_shape=init.shape)
+  program = ours.program()
+
+  def rows(x, t):
+    return np.concatenate([fake_model(np.asarray(x[i:i + 1]), float(t[i]))
+                           for i in range(len(x))])
+
+  def model(x, t):
+    return jax.pure_callback(rows, jax.ShapeDtypeStruct(x.shape, np.float32), x, t)
+
+  run = jax.jit(lambda state, x: program.run(state, x * program.init_noise_sigma(state), model))
+  return np.asarray(run(state, init)), state
+
+
+@pytest.mark.parametrize(("form", "order", "label", "extra"), [
+    ("comfyui", 3, "Karras", {}), ("comfyui", 2, "Uniform", {"rtol": 0.1, "h_init": 0.2}),
+    ("a1111", 3, "Uniform", {"pcoeff": 0.3, "dcoeff": 0.1, "accept_safety": 0.9}),
+    ("a1111", 3, "Karras", {"prediction_type": "v_prediction"})])
+def test_dpm_adaptive_as_k_diffusion(form, order, label, extra, monkeypatch):
+  """ComfyUI's dpm_adaptive: k-diffusion's dpm_solver_adaptive (eta 0) from the run's first
+  level to its smallest above 0, each image alone (a batch of two here, each row its own step
+  sizes, equal to k-diffusion's run of that image by itself); ComfyUI's whole timesteps and
+  start, or k-diffusion's interpolated ones; its settings as options."""
+  comfyui = form == "comfyui"
+  config = {**(COMFY15 if comfyui else SD15),
+            **{k: v for k, v in extra.items() if k == "prediction_type"}}
+  settings = {k: v for k, v in extra.items() if k != "prediction_type"}
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "adaptive_order": order,
+             **settings, **outputs.schedule_type_options(label),
+             **({"comfyui": True} if comfyui else {})}
+  steps = 10
+  init, _ = make_noises(1)
+  got, state = _dpm_adaptive({**options, **({"prediction_type": "v_prediction"}
+                                            if "prediction_type" in extra else {})}, steps, init)
+  sigmas = (kd.get_sigmas_karras if label == "Karras" else kd.get_sigmas)(config, steps)
+  start = float(torch.sqrt(1.0 + sigmas[0] ** 2.0)) if comfyui else float(sigmas[0])
+  if comfyui:
+    monkeypatch.setattr(kd, "denoiser", _comfyui_denoiser)
+  worst, attempts = 0.0, []
+  for row in range(len(init)):
+    with correctly_rounded_sqrt():
+      want, ends, rejected = kd.sample_dpm_adaptive(
+          config, sigmas, torch.from_numpy(init[row:row + 1]) * start, order=order, **settings)
+    attempts.append((len(ends), rejected))
+    worst = max(worst, max_rel_error(got[row:row + 1][None], want.numpy()[None]))
+  print(f"maxrel dpm_adaptive {form} order {order} {label}: {worst:.3g}, (steps, rejected) "
+        f"{attempts}")
+  assert worst <= TOL, worst
+  assert min(steps for steps, _ in attempts) >= 5 and any(rejected for _, rejected in attempts)
+
+
+def test_dpm_adaptive_settings_checked():
+  for options, match in (({"adaptive_order": 4}, "adaptive_order must be 2 or 3"),
+                         ({"rtol": 0, "atol": 0}, "not both 0"),
+                         ({"h_init": "big"}, "h_init must be a number"),
+                         ({"icoeff": 0}, "must not be 0")):
+    with pytest.raises(SchedulerConfigError, match=match):
+      get_scheduler("dpm_adaptive", SD15, options=options)
+  with pytest.raises(SchedulerConfigError, match="rtol"):  # another sampler's: unknown there
+    get_scheduler("dpm_fast", SD15, options={"rtol": 0.1})
+  ours = get_scheduler("dpm_adaptive", SD15, options={"schedule_type": "karras"})
+  with pytest.raises(ValueError, match="runs its own loop"):
+    ours.step(ours.set_timesteps(4, sample_shape=SHAPE), None, 0, None)

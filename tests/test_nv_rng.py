@@ -268,6 +268,40 @@ def test_a1111_dpm_fast_draws(sd, monkeypatch, eta):
   assert err <= 1e-5
 
 
+def test_dpm_adaptive_images_alone(sd, monkeypatch):
+  """dpm_adaptive (the A1111 form: k-diffusion's timesteps) in a batch of two: each image is
+  k-diffusion's dpm_solver_adaptive run of that image alone (its NV initial noise, diffusers' UNet
+  with guidance), though their step sizes differ; its refusals of per-call features."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+
+  ref, pipe = sd
+  seed, steps, scale = 40, 6, 3.0
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "schedule_type": "karras"}
+  config = {**pipe.scheduler_config, "k_diffusion": True}
+  _k_diffusion_over(ref, scale, monkeypatch)
+  sigmas = kd.get_sigmas_karras(config, steps)
+  runs = [pipe.generate(["a cat"] * 2, steps=steps, scheduler="dpm_adaptive",
+                        guidance_scale=scale, height=16, width=16, seed=seed, rng="nv",
+                        scheduler_options=options, prompt_syntax=syntax)
+          for syntax in ("plain", "a1111")]  # A1111's: the composable form's UNet call
+  counts = []
+  for i in range(2):
+    draw = torch.from_numpy(a1111_nv(seed + i, 1, 4 * 8 * 8).reshape(1, 4, 8, 8))
+    x, ends, rejected = kd.sample_dpm_adaptive(config, sigmas, draw * sigmas[0])
+    counts.append((len(ends), rejected))
+    expected = _decoded(ref, x.numpy())
+    for ours in runs:
+      err = float(np.linalg.norm(ours[i] - expected[0]) / np.linalg.norm(expected[0]))
+      print(f"\ndpm_adaptive image {i}: rel err {err:.2e}, (steps, rejected) {counts[-1]}")
+      assert err <= 1e-5
+  assert counts[0] != counts[1]  # each image its own steps (11 and 10)
+  for prompt, more in (("[a cat:a dog:2]", {"prompt_syntax": "a1111"}),
+                       ("a cat", {"pag_scale": 1.0})):
+    with pytest.raises(ValueError, match="makes its own number of model calls"):
+      pipe.generate([prompt], steps=steps, scheduler="dpm_adaptive", guidance_scale=scale,
+                    height=16, width=16, scheduler_options=options, **more)
+
+
 @pytest.mark.parametrize("scheduler", ["euler", "heun"])
 def test_a1111_churn_draws(sd, monkeypatch, tmp_path, scheduler):
   """A1111's Euler and Heun with Sigma churn and its NV noise: the initial noise the generator's

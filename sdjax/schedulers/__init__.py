@@ -106,6 +106,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "heunpp2": ("comfyui_samplers", "HeunPP2Scheduler", {}),  # Forge's "HeunPP2"
     "dpm_fast": ("comfyui_samplers", "DPMFastScheduler", {}),
     "dpm_fast_ancestral": ("comfyui_samplers", "DPMFastAncestralScheduler", {}),  # A1111's
+    "dpm_adaptive": ("dpm_adaptive", "DPMAdaptiveScheduler", {}),
     "k_ddpm": ("comfyui_samplers", "KDDPMScheduler", {}),  # ComfyUI's "ddpm"
     "sa_solver": ("comfyui_samplers", "SASolverScheduler", {}),
     "sa_solver_pece": ("comfyui_samplers", "SASolverPECEScheduler", {}),

@@ -289,6 +289,9 @@ class Scheduler:
   # Whether it plans its calls between the ends of the levels it runs over: img2img and hires
   # passes plan over the levels they keep (`planned_from`), no refiner handoff.
   plans_its_run: ClassVar[bool] = False
+  # Whether it runs its own loop of model calls (`run(state, x, model)`), not steps at positions
+  # (DPM adaptive: as many calls as its error control takes).
+  adaptive: ClassVar[bool] = False
   # Whether `step` also takes the unconditional model output (`uncond=`): CFG++ samplers, which
   # renoise along it (classifier-free guidance is then always on).
   takes_uncond: ClassVar[bool] = False
