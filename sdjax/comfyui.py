@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from sdjax import infotext, outputs, schedulers
-from sdjax.schedulers import sigma_schedules
+from sdjax.schedulers import dpm_adaptive, sigma_schedules
 from sdjax.schedulers.comfyui_samplers import SA_SETTINGS
 from sdjax.schedulers.common import check_s_noise
 from sdjax.schedulers.lms import LMS_ORDER, check_lms_order
@@ -91,7 +91,10 @@ _SAMPLER_SETTINGS_NODES = {
   "SamplerLMS": ("lms", {}),
   "SamplerER_SDE": ("er_sde", {}),
   "SamplerSASolver": ("sa_solver", {}),
+  "SamplerDPMAdaptative": ("dpm_adaptive", {}),
 }
+# SamplerDPMAdaptative's settings beside its order (dpm_adaptive's options of the same names).
+_DPM_ADAPTIVE_NODE = {k: v for k, v in dpm_adaptive.SETTINGS.items() if k != dpm_adaptive.ORDER}
 # Its custom-sampling nodes: the sampler, its levels, noise and guidance from nodes of their own
 # (`_ksampler_inputs` reads them as a KSampler's inputs).
 _CUSTOM_SAMPLER_NODES = ("SamplerCustom", "SamplerCustomAdvanced")
@@ -636,6 +639,8 @@ def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, 
     options = {k: select[k] for k, v in SA_SETTINGS.items() if k in select and select[k] != v}
     if select.get("use_pece") and select.get("corrector_order", 4) != 0:
       name = "sa_solver_pece"
+  if kind == "SamplerDPMAdaptative":  # its settings: dpm_adaptive's options; eta 0 only
+    return name, _dpm_adaptive_settings(reader, select)
   if select.get("noise_device") == "gpu":
     name += "_gpu"
   for key, default in defaults.items():
@@ -665,6 +670,23 @@ def _sampler_name(reader: _Reader, select: dict[str, Any]) -> tuple[str | None, 
     return name, {**options, "eta": eta}
   reader.note(None, f"{kind} eta {eta}: sdjax's {name} takes an eta from 0 to {highest}")
   return name, options
+
+
+def _dpm_adaptive_settings(reader: _Reader, select: dict[str, Any]) -> dict[str, Any]:
+  """SamplerDPMAdaptative's settings as dpm_adaptive's options (its order `adaptive_order`), a
+  note where sdjax's check refuses them or its eta is not 0 (sdjax's runs no noise)."""
+  options = {("adaptive_order" if key == "order" else key): select[key]
+             for key, default in (("order", 3), *_DPM_ADAPTIVE_NODE.items())
+             if key in select and select[key] != default}
+  try:
+    schedulers.get_scheduler("dpm_adaptive", {"prediction_type": "epsilon"}, options=options)
+  except schedulers.SchedulerConfigError as e:
+    reader.note(None, f"SamplerDPMAdaptative: {e}: sdjax's dpm_adaptive runs its defaults")
+    options = {}
+  if select.get("eta", 0.0) != 0:
+    reader.note(None, f"SamplerDPMAdaptative eta {select['eta']}: sdjax's dpm_adaptive runs at "
+                "eta 0 (no fresh noise)")
+  return options
 
 
 def _turbo_sigmas(steps, denoise) -> list[float] | None:

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from sdjax import comfyui, infotext, outputs, plan, prompts
+from sdjax.schedulers.dpm_adaptive import SETTINGS
 
 
 def default_graph(**sampler):
@@ -456,6 +457,12 @@ def test_custom_sampler_nodes(advanced):
                        "s_noise": 1.0}, "ER SDE", 2.5, None),  # its eta up to 100
     ("SamplerER_SDE", {"solver_type": "ODE", "max_stage": 3, "eta": 0.5, "s_noise": 0.5},
      "ER SDE", None, None),
+    ("SamplerDPMAdaptative", {"order": 2, "rtol": 0.1, "atol": 0.0078, "h_init": 0.05,
+                              "pcoeff": 0.2, "icoeff": 1.0, "dcoeff": 0.0,
+                              "accept_safety": 0.81, "eta": 0.0, "s_noise": 1.0},
+     "dpm_adaptive", None, None),
+    ("SamplerDPMAdaptative", {"order": 3, "rtol": 0.0, "atol": 0.0, "eta": 0.5},
+     "dpm_adaptive", None, "eta 0.5"),
 ])
 def test_sampler_nodes_with_settings(node, settings, want, eta, noted):
   """Custom sampling's sampler nodes with settings: the KSampler sampler each makes (by its
@@ -480,6 +487,11 @@ def test_sampler_nodes_with_settings(node, settings, want, eta, noted):
   if node == "SamplerSASolver":  # its settings: sa_solver's options
     for key, default in (("predictor_order", 3), ("sde_end_percent", 0.8)):
       assert options.get(key, default) == settings.get(key, default)
+  if node == "SamplerDPMAdaptative":  # its settings: dpm_adaptive's options, or its defaults
+    want = {"adaptive_order": 2, "rtol": 0.1, "pcoeff": 0.2} if noted is None else {}
+    assert {k: v for k, v in options.items() if k in ("adaptive_order", *SETTINGS)} == want
+    if noted is not None:
+      assert "rtol and atol must be >= 0, not both 0" in notes
   if node == "SamplerER_SDE":
     kind = {"ODE": "ode", "Reverse-time SDE": "reverse_time_sde"}[settings["solver_type"]]
     assert options["er_sde_type"] == kind and options.get("max_stage", 3) == settings["max_stage"]
