@@ -112,3 +112,22 @@ def randn_nchw(seeds, draws: int, shape: tuple[int, int, int], seeds_hi=None) ->
   hi = jnp.zeros_like(lo) if seeds_hi is None else jnp.asarray(seeds_hi, jnp.uint32)
   out = jax.vmap(lambda a, b: randn(a, b, draws, c * h * w))(lo, hi)
   return jnp.transpose(out.reshape(-1, draws, c, h, w), (0, 1, 3, 4, 2))  # B, draws, h, w, C
+
+
+def randn_nhwc_at(seeds, seeds_hi, draws, shape: tuple[int, int, int]) -> jax.Array:
+  """float32 [B, h, w, C] (NHWC): for each seed, draw `draws[b]` (traced int32 [B]: its k-th
+  `randn(C, h, w)`, counted from 0) of its own NV generator, computed directly (the generator is
+  counter-based). `seeds`: the low words (uint32 [B]); `seeds_hi`: the high words (or None: 0)."""
+  h, w, c = shape
+  n = c * h * w
+  lo = jnp.asarray(seeds, jnp.uint32)
+  hi = jnp.zeros_like(lo) if seeds_hi is None else jnp.asarray(seeds_hi, jnp.uint32)
+
+  def one(a, b, k):
+    i = jnp.arange(n, dtype=jnp.uint32)
+    zero = jnp.zeros((n,), jnp.uint32)
+    x, y, _, _ = philox4x32((jnp.asarray(k, jnp.uint32) + zero, zero, i, zero), (a, b))
+    return box_muller(x, y)
+
+  out = jax.vmap(one)(lo, hi, jnp.asarray(draws, jnp.int32))
+  return jnp.transpose(out.reshape(-1, c, h, w), (0, 2, 3, 1))

@@ -371,6 +371,8 @@ def _step_draws(spec: SampleSpec, positions: int) -> int:
   sched = spec.scheduler
   if not (sched.needs_noise and sched.generator_noise) or spec.brownian is not None:
     return 0
+  if sched.adaptive:  # as many as its accepted steps: drawn where used (`step_rows`)
+    return 0
   end = positions if spec.end is None else spec.end
   return sched.noise_draw(end, positions) - sched.noise_draw(spec.begin, positions)
 
@@ -405,6 +407,9 @@ class _NoiseSource:
   # A generator's draw made before the stage's others (the x4 upscaler's low-res noise), of
   # stream `_LOW_RES_NOISE`.
   lead_drawn: jax.Array | None = None
+  # The steps' generator where they take a varying number of draws (DPM adaptive): (its kind,
+  # its seeds' low and high words, the draws it made before the steps').
+  step_generator: tuple | None = None
 
   def initial(self, noise) -> jax.Array:
     """The initial noise: the caller's `noise` (rng "jax"), or the generator's draw."""
@@ -442,6 +447,19 @@ class _NoiseSource:
       start = variation_slerp(self.variation.strengths, start,
                               self._first(self.variation.subseeds, stream, start.shape[1:]))
     return start if self.resize_from is None else _paste_centred(noise, start)
+
+  def step_rows(self, stream: int, shape, k) -> jax.Array:
+    """[B, *shape]: each row's k-th step draw (k int32 [B], traced), for a scheduler whose
+    steps take a varying number of draws (`Scheduler.adaptive`)."""
+    if self.step_generator is None:
+      return jax.vmap(lambda key, i: _keyed_noise(key[None], stream, shape, i)[0])(
+          self.step_keys, k)
+    kind, seeds, high, before = self.step_generator
+    if kind != "nv":
+      raise ValueError("a sampler drawing as many times as its steps accept takes its noise from "
+                       "jax's keys or A1111's NV generator (rng 'jax' or 'nv'), not torch's CPU "
+                       "generator, which draws in sequence")
+    return nv_rng.randn_nhwc_at(seeds, high, k + jnp.int32(before), shape)
 
   def step(self, spec: SampleSpec, stream: int, shape, i, positions: int) -> jax.Array:
     """[B, *shape]: the fresh noise of the step at position `i` (traced) of a schedule of
@@ -507,6 +525,7 @@ def _generator_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseS
     return _NoiseSource(spec.rng, seeds, keys, step_keys, drawn, tags,
                         drawn[:, len(tags):] if steps else None, variation, spec.seed_resize,
                         lead_drawn=lead)
+  adaptive = spec.scheduler.adaptive and spec.scheduler.needs_noise
   if spec.ensd or spec.step_rng:  # the steps from a generator of their own (seed + ensd's, or
     # `step_rng`'s); the stage's own draws from the seed's
     drawn = generator_draws(spec.rng, seeds, len(tags), shape, batch=batch) if tags else None
@@ -514,13 +533,15 @@ def _generator_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseS
     high = carry + jnp.uint32(spec.seed_high)
     step_drawn = (generator_draws(spec.step_rng or spec.rng, step_seeds, start + steps, shape,
                                   high)[:, start:] if steps else None)
+    generator = (spec.step_rng or spec.rng, step_seeds, high, start) if adaptive else None
   else:
     total = start + len(tags) + steps
     drawn = (generator_draws(spec.rng, seeds, total, shape, batch=batch)[:, start:]
              if total > start else None)
     step_drawn = None if drawn is None or not steps else drawn[:, len(tags):]
+    generator = (spec.rng, seeds, None, start + len(tags)) if adaptive else None
   return _NoiseSource(spec.rng, seeds, keys, step_keys, drawn, tags, step_drawn, variation,
-                      spec.seed_resize)
+                      spec.seed_resize, step_generator=generator)
 
 
 def guide(eps_uncond, eps_cond, scale, rescale=None, extra=None):
@@ -617,14 +638,16 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
   `after_step(x, state, i)` (if given) replaces x after the step at position i. Returns x, or
   with `with_state` (x, the scheduler's state at the end)."""
   sched = spec.scheduler
+  stream = _STEP_NOISE if spec.upscale is None else _HIRES_STEP_NOISE
   if sched.adaptive:  # DPM adaptive: its own loop, each row at its own level
     if after_step is not None:
       raise ValueError(f"scheduler {sched.name!r} makes its own steps: not with a mask's "
                        "blending between steps (pick another for it)")
-    x = sched.run(state, x, lambda x_in, t: predict(x_in, t, 0).astype(jnp.float32))
+    noise = (functools.partial(source.step_rows, stream, x.shape[1:]) if sched.needs_noise
+             else None)
+    x = sched.run(state, x, lambda x_in, t: predict(x_in, t, 0).astype(jnp.float32), noise)
     return (x, state) if with_state else x
   n = len(state.timesteps)
-  stream = _STEP_NOISE if spec.upscale is None else _HIRES_STEP_NOISE
 
   def body(carry, i):
     x, state = carry

@@ -978,15 +978,22 @@ def sample_sa_solver(config, sigmas, x, noises, eta=1.0, exact=True, draws=None,
 
 
 def sample_dpm_adaptive(config, sigmas, x, order=3, rtol=0.05, atol=0.0078, h_init=0.05,
-                        pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81, model=None):
+                        pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81, model=None,
+                        eta=0.0, s_noise=1.0, noises=None, extremes=False):
   """ComfyUI's dpm_adaptive (k-diffusion's DPMSolver.dpm_solver_adaptive at eta 0, its
   PIDStepSizeController in Python floats), written out, from the first level to the smallest
   above 0 over the whole of `x` (one image: k-diffusion's error is over the batch). `model(x,
-  sigma)`: x0 (default: `denoiser(config)`). Returns (x, the accepted steps' ends in t, the
-  rejected attempts)."""
+  sigma)`: x0 (default: `denoiser(config)`). A1111's "DPM adaptive" (`extremes`, `eta`): from
+  the training schedule's largest level to its smallest, each accepted step to its ancestral
+  sigma_down (not past the end), then `noises[k]` (the k-th accepted step's) times the rest of
+  its level's deviation times `s_noise`; the controller at order 1.5. Returns (x, the accepted
+  steps' ends in t, the rejected attempts)."""
   denoise = denoiser(config) if model is None else model
-  low = sigmas[-2] if sigmas[-1] == 0 else sigmas[-1]
-  t_start = torch.tensor(float(sigmas[0])).log().neg()
+  low, high = (sigmas[-2] if sigmas[-1] == 0 else sigmas[-1]), sigmas[0]
+  if extremes:
+    table = train_sigmas(config)
+    high, low = table[-1], table[0]
+  t_start = torch.tensor(float(high)).log().neg()
   t_end = torch.tensor(float(low)).log().neg()
 
   def sigma(t):
@@ -995,13 +1002,19 @@ def sample_dpm_adaptive(config, sigmas, x, order=3, rtol=0.05, atol=0.0078, h_in
   def eps_at(x, t):
     return (x - denoise(x, sigma(t))) / sigma(t)
 
-  b1, b2, b3 = ((pcoeff + icoeff + dcoeff) / order, -(pcoeff + 2 * dcoeff) / order,
-                dcoeff / order)
+  pid_order = 1.5 if eta else order
+  b1, b2, b3 = ((pcoeff + icoeff + dcoeff) / pid_order, -(pcoeff + 2 * dcoeff) / pid_order,
+                dcoeff / pid_order)
   h, errs = abs(h_init), []
   s, x_prev, ends, rejected = t_start, x, [], 0
   atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
   while s < t_end - 1e-5:
     t = torch.minimum(t_end, s + h)
+    target, up = t, 0.0
+    if eta:
+      down, _ = _ancestral_step(sigma(s), sigma(t), eta)
+      t = torch.minimum(t_end, down.log().neg())
+      up = (sigma(target) ** 2 - sigma(t) ** 2) ** 0.5
     step = t - s
     eps = eps_at(x, s)
     r1 = 1 / 3 if order == 3 else 1 / 2
@@ -1030,8 +1043,8 @@ def sample_dpm_adaptive(config, sigmas, x, order=3, rtol=0.05, atol=0.0078, h_in
     factor = 1 + math.atan(factor - 1)
     if factor >= accept_safety:
       errs[2], errs[1] = errs[1], errs[0]
-      x_prev, x, s = x_low, x_high, t
-      ends.append(float(t))
+      x_prev, x, s = x_low, x_high + up * s_noise * noises[len(ends)] if eta else x_high, target
+      ends.append(float(target))
     else:
       rejected += 1
     h *= factor

@@ -694,7 +694,7 @@ def test_parameters_file_makes_the_image_again(model, cache, tmp_path):
   # A text file, as an A1111 image's: the flags given win (no warning for the sampler they
   # replace); a field of an extension is one warning line.
   params = tmp_path / "params.txt"
-  params.write_text(text.replace("DPM++ 2M SDE", "DPM adaptive") + ", ADetailer model: face.pt")
+  params.write_text(text.replace("DPM++ 2M SDE", "DDIM CFG++") + ", ADetailer model: face.pt")
   proc = main_py(["--model", model, "--parameters_file", str(params), "--scheduler",
                   "DPM++ 2M SDE", "--seed", "12", "--output_dir", other, "--compilation_cache",
                   cache])

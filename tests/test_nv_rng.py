@@ -302,6 +302,43 @@ def test_dpm_adaptive_images_alone(sd, monkeypatch):
                     height=16, width=16, scheduler_options=options, **more)
 
 
+@pytest.mark.parametrize(("eta", "ensd"), [(1.0, 31337), (0.5, 0)])
+def test_a1111_dpm_adaptive_draws(sd, monkeypatch, eta, ensd):
+  """A1111's "DPM adaptive" with its NV noise, a batch of two: each image's initial noise its
+  generator's first draw, then one draw an accepted step (its own count; with ENSD from the
+  generator of seed + ENSD, from its first), from the training
+  schedule's largest level to its smallest at its Eta: generate() as k-diffusion's
+  dpm_solver_adaptive (k_diffusion_reference's) of each image alone over diffusers' UNet with
+  guidance; torch's CPU generator (drawn in sequence) is refused. (At Eta below 1 the levels'
+  device log and exp, an ulp off torch's at times, move the end by up to ~1e-5: 1.1e-5 for
+  seed 41 at Eta 0.5 with ENSD; see test_k_diffusion's test_a1111_dpm_adaptive.)"""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+
+  ref, pipe = sd
+  seed, steps, scale = 40, 6, 3.0
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "eta": eta}
+  config = {**pipe.scheduler_config, "k_diffusion": True}
+  _k_diffusion_over(ref, scale, monkeypatch)
+  sigmas = kd.get_sigmas(config, steps)
+  ours = pipe.generate(["a cat"] * 2, steps=steps, scheduler="dpm_adaptive_ancestral",
+                       guidance_scale=scale, height=16, width=16, seed=seed, rng="nv",
+                       scheduler_options=options, ensd=ensd)
+  for i in range(2):
+    draws = torch.from_numpy(a1111_nv(seed + i, 40, 4 * 8 * 8).reshape(-1, 1, 4, 8, 8))
+    steps_draws = (draws[1:] if not ensd else torch.from_numpy(
+        a1111_nv(seed + i + ensd, 40, 4 * 8 * 8).reshape(-1, 1, 4, 8, 8)))
+    x, ends, rejected = kd.sample_dpm_adaptive(config, sigmas, draws[0] * sigmas[0], eta=eta,
+                                               noises=steps_draws, extremes=True)
+    expected = _decoded(ref, x.numpy())
+    err = float(np.linalg.norm(ours[i] - expected[0]) / np.linalg.norm(expected[0]))
+    print(f"\nA1111's DPM adaptive at eta {eta}, image {i}: rel err {err:.2e}, (steps, "
+          f"rejected) {len(ends), rejected}")
+    assert err <= 1e-5
+  with pytest.raises(ValueError, match="not torch's CPU generator"):
+    pipe.generate(["a cat"], steps=steps, scheduler="dpm_adaptive_ancestral", height=16,
+                  width=16, rng="torch_cpu", scheduler_options=options)
+
+
 @pytest.mark.parametrize("scheduler", ["euler", "heun"])
 def test_a1111_churn_draws(sd, monkeypatch, tmp_path, scheduler):
   """A1111's Euler and Heun with Sigma churn and its NV noise: the initial noise the generator's

@@ -107,6 +107,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "dpm_fast": ("comfyui_samplers", "DPMFastScheduler", {}),
     "dpm_fast_ancestral": ("comfyui_samplers", "DPMFastAncestralScheduler", {}),  # A1111's
     "dpm_adaptive": ("dpm_adaptive", "DPMAdaptiveScheduler", {}),
+    "dpm_adaptive_ancestral": ("dpm_adaptive", "DPMAdaptiveAncestralScheduler", {}),  # A1111's
     "k_ddpm": ("comfyui_samplers", "KDDPMScheduler", {}),  # ComfyUI's "ddpm"
     "sa_solver": ("comfyui_samplers", "SASolverScheduler", {}),
     "sa_solver_pece": ("comfyui_samplers", "SASolverPECEScheduler", {}),

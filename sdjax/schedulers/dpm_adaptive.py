@@ -1,5 +1,6 @@
 """DPM-Solver-12 / -23 with adaptive step size (Lu et al. 2022, arXiv:2206.00927): ComfyUI's
-`dpm_adaptive` sampler, k-diffusion's `DPMSolver.dpm_solver_adaptive` (eta 0).
+`dpm_adaptive` sampler, k-diffusion's `DPMSolver.dpm_solver_adaptive` (eta 0), and A1111's "DPM
+adaptive" (`dpm_adaptive_ancestral`: at its Eta, with fresh noise, `DPMAdaptiveAncestralScheduler`).
 
 Between the run's first level and its smallest above 0 (as `dpm_fast`: its KSampler's ends; an
 img2img or hires pass plans over the levels it keeps) it steps in t = -log sigma: each attempt
@@ -35,9 +36,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from sdjax.schedulers.comfyui_samplers import DPMFastScheduler, _per_call, _placed_levels
-from sdjax.schedulers.common import PLAN_START, SchedulerConfigError, log_f32, rounded, true_divide
-from sdjax.schedulers.euler import SigmaState, predict_original, train_sigmas
+from sdjax.schedulers.comfyui_samplers import (
+  DPMFastAncestralScheduler,
+  DPMFastScheduler,
+  _Eta,
+  _per_call,
+  _placed_levels,
+)
+from sdjax.schedulers.common import (
+  PLAN_START,
+  S_NOISE,
+  SchedulerConfigError,
+  log_f32,
+  rounded,
+  true_divide,
+)
+from sdjax.schedulers.euler import ANCESTRAL_ETA, SigmaState, predict_original, train_sigmas
 
 ORDER, RTOL, ATOL, H_INIT = "adaptive_order", "rtol", "atol", "h_init"
 PCOEFF, ICOEFF, DCOEFF, ACCEPT_SAFETY = "pcoeff", "icoeff", "dcoeff", "accept_safety"
@@ -58,12 +72,14 @@ class DPMAdaptiveState(SigmaState):
     log_sigmas: float32 [T] the training levels' logs, ascending.
     whole_t: bool []: the UNet sees the nearest whole timestep (the `comfyui` form, a state
       option, which the compiled program does not see).
+    eta: float32 []: the ancestral eta (`dpm_adaptive_ancestral`'s; 0 for `dpm_adaptive`).
   """
 
   t_start: jnp.ndarray
   t_end: jnp.ndarray
   log_sigmas: jnp.ndarray
   whole_t: jnp.ndarray
+  eta: jnp.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +126,8 @@ class DPMAdaptiveScheduler(DPMFastScheduler):
     return DPMAdaptiveState(
       **_per_call(config, sigmas[:-1], timesteps[:len(sigmas) - 1], sigmas),
       t_start=jnp.asarray(-log_f32(_F32(high))), t_end=jnp.asarray(-log_f32(_F32(low))),
-      log_sigmas=jnp.asarray(log_sigmas), whole_t=jnp.asarray(comfyui))
+      log_sigmas=jnp.asarray(log_sigmas), whole_t=jnp.asarray(comfyui),
+      eta=jnp.asarray(_F32(config.get(ANCESTRAL_ETA, 1.0) if self.needs_noise else 0.0)))
 
   def _firsts(self, state) -> np.ndarray:
     return np.ones(len(state.timesteps), bool)
@@ -132,15 +149,22 @@ class DPMAdaptiveScheduler(DPMFastScheduler):
                + rounded(w * (low + 1).astype(jnp.float32)))
     return jnp.where(state.whole_t, nearest.astype(jnp.float32), between)
 
-  def run(self, state, x, model):
+  def run(self, state, x, model, noise=None):
     """The whole run from `x` (float32 [B, ...], at the first level's noise) to the smallest
     level's: `model(x_in, t)` is the UNet's output (float32) for inputs x / sqrt(sigma^2 + 1) at
-    timesteps t [B], each row at its own level."""
+    timesteps t [B], each row at its own level; `noise(k)` (`needs_noise`) each row's k-th
+    step draw (unit Gaussian, [B, ...]; k int32 [B])."""
     cfg = {key: self.cfg.get(key, value) for key, value in SETTINGS.items()}
     order = int(cfg[ORDER])
-    b1 = (cfg[PCOEFF] + cfg[ICOEFF] + cfg[DCOEFF]) / order
-    b2 = -(cfg[PCOEFF] + 2 * cfg[DCOEFF]) / order
-    b3 = cfg[DCOEFF] / order
+    ancestral = self.needs_noise
+    if ancestral and noise is None:
+      raise ValueError(f"{self.name} needs `noise` (each row's k-th step draw)")
+    # The PID controller's order: 1.5 with fresh noise (eta > 0), as k-diffusion's.
+    pid_order = jnp.where(state.eta > 0, _F32(1.5), _F32(order))
+    b1 = true_divide(_F32(cfg[PCOEFF] + cfg[ICOEFF] + cfg[DCOEFF]), pid_order)
+    b2 = true_divide(_F32(-(cfg[PCOEFF] + 2 * cfg[DCOEFF])), pid_order)
+    b3 = true_divide(_F32(cfg[DCOEFF]), pid_order)
+    s_noise = _F32(self.cfg.get(S_NOISE, 1.0))
     t_end = state.t_end
     stop = t_end - _F32(1e-5)
     rows = x.shape[0]
@@ -164,9 +188,18 @@ class DPMAdaptiveScheduler(DPMFastScheduler):
       return v.reshape(per_row)
 
     def attempt(carry):
-      x, x_prev, s, h, errs, started, count = carry
+      x, x_prev, s, h, errs, started, count, drawn = carry
       active = (s < stop) & jnp.isfinite(h) & (count < MAX_ATTEMPTS)
       t = jnp.minimum(t_end, s + h)
+      up = jnp.zeros_like(t)
+      if ancestral:  # to sigma_down (not past the end), then noise of the rest of sigma(t)'s
+        down, up = ancestral_levels(sigma(s), sigma(t), state.eta)
+        aim = jnp.minimum(t_end, -jnp.log(down))
+        up = jnp.where(state.eta > 0, jnp.sqrt(rounded(sigma(t) * sigma(t))
+                                               - rounded(sigma(aim) * sigma(aim))), 0.0)
+        t, target = jnp.where(state.eta > 0, aim, t), t
+      else:
+        target = t
       hh = t - s
       r1 = _F32(1 / 3) if order == 3 else _F32(1 / 2)
       s1 = s + rounded(r1 * hh)
@@ -203,23 +236,51 @@ class DPMAdaptiveScheduler(DPMFastScheduler):
       error = true_divide(jnp.sqrt(jnp.sum(scaled * scaled, axis=1)), _F32(numel ** 0.5))
       inv = true_divide(1.0, error + _F32(1e-8))
       errs = jnp.where(started[None], errs, inv[None])
-      factor = (jnp.power(inv, _F32(b1)) * jnp.power(errs[0], _F32(b2))
-                * jnp.power(errs[1], _F32(b3)))
+      factor = jnp.power(inv, b1) * jnp.power(errs[0], b2) * jnp.power(errs[1], b3)
       factor = 1.0 + jnp.arctan(factor - 1.0)
       accept = (factor >= _F32(cfg[ACCEPT_SAFETY])) & active
       errs = jnp.where(accept[None], jnp.stack([inv, errs[0]]), errs)
       keep = col(accept)
-      return (jnp.where(keep, high, x), jnp.where(keep, low, x_prev), jnp.where(accept, t, s),
-              jnp.where(active, h * factor, h), errs, started | active,
-              count + active.astype(jnp.int32))
+      if ancestral:
+        high = high + rounded(col(rounded(up * s_noise)) * noise(drawn))
+      return (jnp.where(keep, high, x), jnp.where(keep, low, x_prev),
+              jnp.where(accept, target, s), jnp.where(active, h * factor, h), errs,
+              started | active, count + active.astype(jnp.int32),
+              drawn + accept.astype(jnp.int32))
 
     def going(carry):
-      _, _, s, h, _, _, count = carry
+      _, _, s, h, _, _, count, _ = carry
       return jnp.any((s < stop) & jnp.isfinite(h) & (count < MAX_ATTEMPTS))
 
     start = (x, x, jnp.full((rows,), state.t_start, jnp.float32),  # forward in t: h > 0
              jnp.full((rows,), _F32(abs(float(cfg[H_INIT]))), jnp.float32),
              jnp.ones((2, rows), jnp.float32), jnp.zeros((rows,), bool),
-             jnp.zeros((rows,), jnp.int32))
+             jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32))
     return jax.lax.while_loop(going, attempt, start)[0]
 
+
+
+def ancestral_levels(sigma, sigma_next, eta):
+  """k-diffusion's get_ancestral_step on device (float32 [B] levels, traced eta > 0):
+  (sigma_down, sigma_up), sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 -
+  sigma_next^2) / sigma^2))."""
+  sq, sq_next = rounded(sigma * sigma), rounded(sigma_next * sigma_next)
+  up = jnp.minimum(sigma_next, rounded(eta * jnp.sqrt(true_divide(rounded(sq_next * (sq - sq_next)),
+                                                                  sq))))
+  return jnp.sqrt(sq_next - rounded(up * up)), up
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMAdaptiveAncestralScheduler(_Eta, DPMAdaptiveScheduler):
+  """A1111's "DPM adaptive" (k-diffusion's sample_dpm_adaptive as A1111 runs it): the same loop
+  at its Eta (1 by default: each accepted step to its ancestral sigma_down, not past the end,
+  then fresh noise of the rest of the step's level, the controller at order 1.5), in
+  text-to-image between the training schedule's extremes whatever the levels (which set only
+  the starting noise), in img2img and hires passes between the levels they keep (as its "DPM
+  fast"); one draw an accepted step, each image its own (the k-th of its generator's step
+  draws): from jax's keys or A1111's NV generator, not torch's CPU one (drawn in sequence)."""
+
+  name = "dpm_adaptive_ancestral"
+  schedule_options = (*DPMAdaptiveScheduler.schedule_options, ANCESTRAL_ETA)
+  _DEFAULTS = {**DPMAdaptiveScheduler._DEFAULTS, S_NOISE: 1.0}
+  _range = DPMFastAncestralScheduler._range
