@@ -98,6 +98,7 @@ A1111_SAMPLER_NAMES = {
     "dpmpp_2s_ancestral_cfg_pp": "DPM++ 2S a CFG++",
     "dpm_fast_ancestral": "DPM fast",  # A1111's (ComfyUI's dpm_fast: sdjax's dpm_fast)
     "dpm_adaptive_ancestral": "DPM adaptive",  # A1111's (ComfyUI's: sdjax's dpm_adaptive)
+    "ddim_cfg_pp": "DDIM CFG++",
 }
 
 # diffusers' sigma-spacing options -> A1111's "Schedule type" (its infotext key since 1.9).

@@ -47,7 +47,7 @@ from sdjax.models.adapter import T2IAdapter
 from sdjax.models.layers import PerturbedLayers
 from sdjax.models.vae import AutoencoderKL
 from sdjax.schedulers import euler, sigma_schedules
-from sdjax.schedulers.common import rounded
+from sdjax.schedulers.common import rounded, true_divide
 
 # Fold-in tags that split one image's key into independent streams: step noise (SDE /
 # ancestral samplers), the VAE posterior sample, the hires pass's initial noise and step noise,
@@ -715,6 +715,9 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     nets = dataclasses.replace(nets, unet=nets.unet.clone(token_merging=spec.token_merging))
   if spec.fixed_guidance is not None:
     guidance_scale = jnp.float32(spec.fixed_guidance)
+  if spec.scheduler.guidance_divisor != 1.0:  # A1111's DDIM CFG++: the scale over 12.5
+    guidance_scale = true_divide(jnp.asarray(guidance_scale, jnp.float32),
+                                 jnp.float32(spec.scheduler.guidance_divisor))
   source = _noise_source(spec, seeds, (*spec.latent_hw, nets.vae.config.latent_channels),
                          len(state.timesteps))
   noise = source.initial(noise)

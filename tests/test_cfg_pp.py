@@ -248,3 +248,44 @@ def test_dpmpp_2s_ancestral_cfg_pp(sd):
   print(f"\ndpmpp_2s_ancestral_cfg_pp: rel err {err:.2e} (without CFG++: "
         f"{rel_err(plain, expected):.2e})")
   assert rel_err(plain, expected) > 100 * err
+
+
+def test_a1111_ddim_cfg_pp(sd):
+  """A1111's "DDIM CFG++" (its `ddim_cfgpp`, in its own DDIM loop: the `a1111` form): the CFG
+  scale over 12.5, x0 from the guided noise prediction, the step's direction the unconditional
+  one's; A1111's images of it read as it."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+
+  from sdjax import infotext  # noqa: PLC0415
+
+  ref, pipe = sd
+  steps, guidance = 5, 7.0
+  latents = np.random.default_rng(6).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  cond, uncond = _encode(ref, PROMPTS), _encode(ref, NEGATIVES)
+  alphas_cumprod = kd.ldm_alphas_cumprod(pipe.scheduler_config).float()
+  timesteps = torch.clip(torch.arange(0, 1000, 1000 // steps) + 1, 0, 999)
+  alphas = alphas_cumprod[timesteps]
+  alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))]
+  x = torch.from_numpy(nchw(latents).numpy())
+  with torch.no_grad():
+    for i in range(len(timesteps) - 1):
+      index = len(timesteps) - 1 - i
+      eps_u, eps_c = ref.unet(torch.cat([x, x]), int(timesteps[index]),
+                              encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+      e_t = eps_u + (eps_c - eps_u) * (guidance * (1 / 12.5))
+      a_t, a_prev = alphas[index], alphas_prev[index]
+      pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+      x = a_prev.sqrt() * pred_x0 + (1.0 - a_prev).sqrt() * eps_u
+    images = ref.vae.decode(x / ref.vae.config.scaling_factor).sample
+  expected = nhwc((images / 2 + 0.5).clamp(0, 1))
+  kw = dict(negative_prompts=NEGATIVES, steps=steps, guidance_scale=guidance, height=16,
+            width=16, latents=latents, scheduler_options={"a1111": True})
+  ours = pipe.generate(PROMPTS, scheduler="ddim_cfg_pp", **kw)
+  err = assert_close(ours, expected, 1e-4)
+  ddim = pipe.generate(PROMPTS, scheduler="ddim", **{**kw, "guidance_scale": guidance / 12.5})
+  print(f"\nA1111's DDIM CFG++: rel err {err:.2e} (DDIM: {rel_err(ddim, expected):.2e})")
+  assert rel_err(ddim, expected) > 100 * err
+  found = infotext.reproduce("a cat\nSteps: 20, Sampler: DDIM CFG++, CFG scale: 7, Seed: 1")
+  assert found.flags["scheduler"] == "DDIM CFG++"
+  assert outputs.scheduler_name("DDIM CFG++") == "ddim_cfg_pp"
+  assert '"a1111": true' in found.flags["scheduler_options"]

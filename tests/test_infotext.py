@@ -147,7 +147,7 @@ def test_rng_sources(field, rng, note):
 
 
 def test_what_sdjax_lacks_is_a_note_not_a_flag():
-  text = ("a cat\nSteps: 20, Sampler: DDIM CFG++, Schedule type: Cosine, "
+  text = ("a cat\nSteps: 20, Sampler: Euler SMEA Dy, Schedule type: Cosine, "
           "CFG scale: 7, Seed: 1, RNG: NV, Eta: 0.67, Denoising strength: 0.5, Mask blur: 4")
   found = reproduce(text)
   assert set(found.flags) == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed",

@@ -463,7 +463,7 @@ BAD_INPUT = [
     (["--width", "100000"], "--width must be a multiple of 8"),
     (["--scheduler", "magic"], "--scheduler 'magic' must be one of ddim, pndm, "),
     (["--hires_scheduler", "DPM++ 9M"], "--hires_scheduler 'DPM++ 9M' must be one of ddim, "),
-    (["--scheduler", "euler", "--eta", "0.5"], "eta is an option of ddim, tcd only"),
+    (["--scheduler", "euler", "--eta", "0.5"], "eta is an option of ddim, tcd, ddim_cfg_pp only"),
     (["--scheduler", "ddim", "--eta=-1"], "--eta must be >= 0"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt does"),
     (["--model", "/nonexistent/model"], "does not exist"),
@@ -694,7 +694,7 @@ def test_parameters_file_makes_the_image_again(model, cache, tmp_path):
   # A text file, as an A1111 image's: the flags given win (no warning for the sampler they
   # replace); a field of an extension is one warning line.
   params = tmp_path / "params.txt"
-  params.write_text(text.replace("DPM++ 2M SDE", "DDIM CFG++") + ", ADetailer model: face.pt")
+  params.write_text(text.replace("DPM++ 2M SDE", "Euler SMEA Dy") + ", ADetailer model: face.pt")
   proc = main_py(["--model", model, "--parameters_file", str(params), "--scheduler",
                   "DPM++ 2M SDE", "--seed", "12", "--output_dir", other, "--compilation_cache",
                   cache])

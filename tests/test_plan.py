@@ -373,7 +373,7 @@ def test_parameters_lines_say_what_they_leave_to_the_run(tmp_path, caplog):
   from sdjax import plan
   from sdjax.plan import parse_line
 
-  (tmp_path / "a.txt").write_text("a cat\nSteps: 20, Sampler: DDIM CFG++, CFG scale: 7, Seed: 1, "
+  (tmp_path / "a.txt").write_text("a cat\nSteps: 20, Sampler: Euler SMEA Dy, CFG scale: 7, Seed: 1, "
                                   "Size: 64x64, RNG: CPU, ENSD: 31337, Hires upscale: 2, "
                                   "Model: foo, Version: v1.10.1")
   plan._WARNED.clear()
@@ -383,7 +383,7 @@ def test_parameters_lines_say_what_they_leave_to_the_run(tmp_path, caplog):
   assert [s.split(": ", 1)[1] for s in said] == [  # not the model: the run's is the lines'
       '"parameters" ' + str(tmp_path / "a.txt") + " (and any line like it) asks for run-wide "
       "settings, which the run's flags decide: --ensd=31337 --hires_scale=2 --rng=torch_cpu",
-      '"parameters" ' + str(tmp_path / "a.txt") + ": Sampler: DDIM CFG++ is not one sdjax has: "
+      '"parameters" ' + str(tmp_path / "a.txt") + ": Sampler: Euler SMEA Dy is not one sdjax has: "
       "the model's own is used (or give --scheduler)"]
   assert said[0].startswith(str(tmp_path / "p.jsonl") + " line 1:")
 

@@ -1029,7 +1029,7 @@ def test_a1111_forms_follow_only_where_the_hires_sampler_has_them(pipes):
     ({"seed": 2**32 - 1}, "seed must be in"),  # the second image's seed would not fit
     ({"latents": np.zeros((1, 4, 4, 4))}, "latents must have shape"),
     ({"negative_prompts": ["a", "b", "c"]}, "negative_prompts: got 3 entries"),
-    ({"eta": 0.5, "scheduler": "euler"}, "eta is an option of ddim, tcd only"),
+    ({"eta": 0.5, "scheduler": "euler"}, "eta is an option of ddim, tcd, ddim_cfg_pp only"),
     ({"eta": -1.0, "scheduler": "ddim"}, "eta must be a number >= 0"),
     ({"eta": float("inf"), "scheduler": "ddim"}, "eta must be a number >= 0"),
     ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number, got nan"),

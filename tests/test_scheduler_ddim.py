@@ -139,7 +139,7 @@ def test_eta_lives_in_the_state():
   x, out, noise = (jnp.asarray(a) for a in (init, steps[0], steps[1]))
   np.testing.assert_array_equal(np.asarray(half.program().step(state, out, 3, x, noise)[0]),
                                 np.asarray(half.step(state, out, 3, x, noise)[0]))
-  with pytest.raises(SchedulerConfigError, match="eta is an option of ddim, tcd only"):
+  with pytest.raises(SchedulerConfigError, match="eta is an option of ddim, tcd, ddim_cfg_pp only"):
     get_scheduler("euler_ancestral", SD15, eta=0.5)
 
 

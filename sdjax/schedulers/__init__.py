@@ -106,6 +106,7 @@ _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
     "heunpp2": ("comfyui_samplers", "HeunPP2Scheduler", {}),  # Forge's "HeunPP2"
     "dpm_fast": ("comfyui_samplers", "DPMFastScheduler", {}),
     "dpm_fast_ancestral": ("comfyui_samplers", "DPMFastAncestralScheduler", {}),  # A1111's
+    "ddim_cfg_pp": ("ddim", "DDIMCFGPPScheduler", {}),  # A1111's "DDIM CFG++"
     "dpm_adaptive": ("dpm_adaptive", "DPMAdaptiveScheduler", {}),
     "dpm_adaptive_ancestral": ("dpm_adaptive", "DPMAdaptiveAncestralScheduler", {}),  # A1111's
     "k_ddpm": ("comfyui_samplers", "KDDPMScheduler", {}),  # ComfyUI's "ddpm"
@@ -176,7 +177,7 @@ def _class(name: str) -> type[Scheduler]:
 
 # Schedulers that take DDIM's eta (diffusers passes `eta` to the steps of those whose `step` has it;
 # TCD's is its gamma).
-ETA_SCHEDULERS = ("ddim", "tcd")
+ETA_SCHEDULERS = ("ddim", "tcd", "ddim_cfg_pp")
 
 
 # The SDE samplers, whose step noise k-diffusion (A1111, ComfyUI) and diffusers' DPMSolverSDE

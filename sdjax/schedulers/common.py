@@ -192,7 +192,7 @@ def zero_snr_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
 
 
 # The schedulers A1111 runs over training timesteps (its sd_samplers_timesteps), by sdjax name.
-A1111_TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc")
+A1111_TIMESTEP_SAMPLERS = ("ddim", "pndm", "unipc", "ddim_cfg_pp")
 # Their `a1111` form's state-only option for an img2img or hires run (`sampling` sets it): A1111's
 # t_enc. Its sample_img2img runs them over the first t_enc timesteps of the text-to-image grid,
 # the image noised to the level of the timestep after those (grid[t_enc]), one above the first
@@ -295,6 +295,9 @@ class Scheduler:
   # Whether `step` also takes the unconditional model output (`uncond=`): CFG++ samplers, which
   # renoise along it (classifier-free guidance is then always on).
   takes_uncond: ClassVar[bool] = False
+  # What the guidance scale is divided by before guidance (A1111's DDIM CFG++: 12.5, mapping its
+  # CFG scale's usual range onto CFG++'s 0 to 1).
+  guidance_divisor: ClassVar[float] = 1.0
   # sdjax options beside diffusers' config whose values live only in the state `set_timesteps`
   # returns: the noise levels' placement (`sigma_schedules`), an ancestral sampler's eta.
   schedule_options: ClassVar[tuple[str, ...]] = ()

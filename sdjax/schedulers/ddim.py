@@ -313,3 +313,37 @@ class DDIMScheduler(A1111Start, EtaInState, Scheduler):
     return prev.astype(sample.dtype), state
 
   add_noise = add_noise_vp
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMCFGPPScheduler(DDIMScheduler):
+  """A1111's "DDIM CFG++" (its sd_samplers_timesteps `ddim_cfgpp`, CFG++: Chung et al. 2024):
+  DDIM whose x0 is the guided prediction's and whose direction to the next timestep is the
+  unconditional noise prediction's, the CFG scale divided by 12.5 (A1111's mapping of its usual
+  range onto CFG++'s 0 to 1); in the `a1111` form its own loop's timesteps, as its DDIM."""
+
+  name = "ddim_cfg_pp"
+  takes_uncond = True
+  guidance_divisor = 12.5
+
+  def step(self, state, model_output, i, sample, noise=None, uncond=None):
+    if uncond is None:
+      raise ValueError(f"{self.name} steps along the unconditional prediction: pass `uncond`")
+    config = self.cfg
+    x = sample.astype(jnp.float32)
+    pred_original, _ = predict_original_and_noise(
+      config["prediction_type"], x, model_output.astype(jnp.float32), state.sqrt_alpha[i],
+      state.sqrt_one_minus_alpha[i])
+    _, uncond_epsilon = predict_original_and_noise(
+      config["prediction_type"], x, uncond.astype(jnp.float32), state.sqrt_alpha[i],
+      state.sqrt_one_minus_alpha[i])
+    if config["clip_sample"]:
+      limit = config["clip_sample_range"]
+      pred_original = jnp.clip(pred_original, -limit, limit)
+    prev = rounded(state.sqrt_alpha_prev[i] * pred_original) + rounded(
+      state.direction_coeff[i] * uncond_epsilon)
+    if self.needs_noise:
+      if noise is None:
+        raise ValueError(f"{self.name} with eta > 0 needs `noise` (unit Gaussian) each step")
+      prev = prev + rounded(state.noise_std[i] * noise.astype(jnp.float32))
+    return prev.astype(sample.dtype), state
