@@ -10,7 +10,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 _CACHE_VAR = "SDJAX_TEST_JAX_CACHE"
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                "--xla_cpu_parallel_codegen_split_count=1")
 CLASSIC_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 
 
@@ -28,9 +29,11 @@ def pytest_configure(config):
   # Compiling is most of the suite's time and the tests' networks are tiny: skip LLVM's
   # expensive optimisations and use XLA:CPU's classic emitters (the programs, and so every
   # parity check, are the same HLO; only the machine code is less tuned: a tiny SD1 sampler
-  # compiles in 2.0 s instead of 3.0, the suite takes 30% less CPU). Inherited by the processes
-  # tests start. The classic emitters round programs of different batch shapes differently
-  # (1e-6): tests that compare such programs bit for bit run them in processes with
+  # compiles in 2.0 s instead of 3.0, the suite takes 30% less CPU), and emit each program as
+  # one LLVM module, not split for parallel codegen (two workers already keep both cores busy:
+  # the split's threads only added work; the suite's compile time -16%). Inherited by the
+  # processes tests start. The classic emitters round programs of different batch shapes
+  # differently (1e-6): tests that compare such programs bit for bit run them in processes with
   # `default_codegen_flags()` (`run_default_codegen`).
   flags = os.environ.get("XLA_FLAGS", "")
   if FAST_COMPILE not in flags:
