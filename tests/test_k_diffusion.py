@@ -1358,13 +1358,17 @@ def test_sa_solver_settings(sampler, settings, monkeypatch):
 
 
 def _dpm_adaptive(options: dict, steps: int, init: np.ndarray, name: str = "dpm_adaptive",
-                  noises=None):
+                  noises=None, strength: float | None = None, image=None):
   """sdjax's dpm_adaptive run of `init` (unit noise [B, ...]) under `options`, each row's model
   calls the fake UNet on that row alone, its k-th step draw `noises[row, k]`: (the end latents,
-  the state)."""
+  the state). With `strength`, an img2img run from `image` (as `sampling` plans one)."""
   from scheduler_harness import fake_model  # noqa: PLC0415
 
   ours = get_scheduler(name, SD15, options=options)
+  if strength is not None:
+    total, first = ours.img2img_steps(steps, strength)
+    ours, begin = ours.planned_from(first)
+    assert begin == 0 and total == steps
   state = ours.set_timesteps(steps, sample_shape=init.shape)
   program = ours.program()
 
@@ -1372,14 +1376,16 @@ def _dpm_adaptive(options: dict, steps: int, init: np.ndarray, name: str = "dpm_
     return np.concatenate([fake_model(np.asarray(x[i:i + 1]), float(t[i]))
                            for i in range(len(x))])
 
-  def model(x, t):
+  def model(x, t, call=None):
+    del call  # the run's call count (prompt editing's), which the fake UNet does not take
     return jax.pure_callback(rows, jax.ShapeDtypeStruct(x.shape, np.float32), x, t)
 
   def noise(k):
     return jax.vmap(lambda table, i: table[i])(jnp.asarray(noises), k)
 
-  run = jax.jit(lambda state, x: program.run(state, x * program.init_noise_sigma(state), model,
-                                             noise if noises is not None else None))
+  start = 0.0 if image is None else image
+  run = jax.jit(lambda state, x: program.run(state, start + x * program.init_noise_sigma(state),
+                                             model, noise if noises is not None else None))
   return np.asarray(run(state, init)), state
 
 
@@ -1466,3 +1472,28 @@ def test_a1111_dpm_adaptive(eta, label, s_noise):
   assert worst <= 5e-6, worst
   assert any(rejected for _, rejected in counts) or eta == 0
   assert outputs.scheduler_name("DPM adaptive") == "dpm_adaptive_ancestral"
+
+
+def test_a1111_dpm_adaptive_img2img():
+  """A1111's "DPM adaptive" img2img (and hires pass) at Eta 1: between the levels it keeps (its
+  sample_img2img's, as DPM fast's), from the image noised to the first of them. (It used to
+  fail here: the method it shares with DPM fast called super() of DPM fast's class.)"""
+  steps, strength = 10, 0.6
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "eta": 1.0,
+             **outputs.schedule_type_options("Karras")}
+  init, _ = make_noises(1)
+  noises = np.random.default_rng(5).standard_normal((len(init), 64, *init.shape[1:]),
+                                                    np.float32)
+  image = np.random.default_rng(6).standard_normal(init.shape).astype(np.float32)
+  got, _ = _dpm_adaptive(options, steps, init, "dpm_adaptive_ancestral", noises, strength, image)
+  t_enc = int(min(strength, 0.999) * steps)
+  kept = kd.get_sigmas_karras(SD15, steps)[steps - t_enc - 1:]
+  worst = 0.0
+  for row in range(len(init)):
+    with correctly_rounded_sqrt():
+      want, ends, _ = kd.sample_dpm_adaptive(
+          SD15, kept, torch.from_numpy(image[row:row + 1] + init[row:row + 1] * float(kept[0])),
+          eta=1.0, noises=[torch.from_numpy(n[None]) for n in noises[row]])
+    worst = max(worst, max_rel_error(got[row:row + 1][None], want.numpy()[None]))
+  print(f"maxrel A1111 DPM adaptive img2img: {worst:.3g}, {len(ends)} steps")
+  assert worst <= 5e-6, worst

@@ -810,7 +810,8 @@ class DPMFastAncestralScheduler(_Eta, DPMFastScheduler):
 
   def _range(self, alphas_cumprod, sigmas: np.ndarray) -> tuple[np.float32, np.float32]:
     if PLAN_START in self.cfg:  # img2img and hires: A1111's between the levels they keep
-      return super()._range(alphas_cumprod, sigmas)
+      # (named, not super(): A1111's DPM adaptive takes this method as its own)
+      return DPMFastScheduler._range(self, alphas_cumprod, sigmas)
     table = train_sigmas(alphas_cumprod).astype(np.float32)
     return table[-1], table[0]
 
