@@ -100,10 +100,11 @@ class Embeddings:
   class_labels: jax.Array | None = None
 
   def at(self, call) -> Embeddings:
-    """The embeddings in force at denoiser call `call` (traced); themselves without schedule."""
+    """The embeddings in force at denoiser call `call` (traced); themselves without schedule.
+    A call past the table takes its last entry (`sampling.a1111_options`)."""
     if self.schedule is None:
       return self
-    index = self.schedule[:, call]  # B
+    index = self.schedule[:, jnp.minimum(call, self.schedule.shape[1] - 1)]  # B
 
     def pick(x):
       return jnp.take_along_axis(x, index.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]

@@ -802,12 +802,6 @@ def context_bias(batch: PromptBatch) -> jax.Array | None:
   return jnp.where(valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
 
 
-def select_variant(contexts: jax.Array, batch: PromptBatch, call) -> jax.Array:
-  """The conditioning [B, K*L, D] in force at denoiser call `call` (traced)."""
-  index = batch.schedule[:, call]  # B
-  return jnp.take_along_axis(contexts, index[:, None, None, None], axis=1)[:, 0]
-
-
 # -- saved styles (A1111's styles.csv) ------------------------------------------------------------
 def merge_style(style_prompt: str, prompt: str) -> str:
   """A style's text applied to a prompt as A1111 applies it: in place of the style's `{prompt}`,

@@ -645,7 +645,8 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
                        "blending between steps (pick another for it)")
     noise = (functools.partial(source.step_rows, stream, x.shape[1:]) if sched.needs_noise
              else None)
-    x = sched.run(state, x, lambda x_in, t: predict(x_in, t, 0).astype(jnp.float32), noise)
+    x = sched.run(state, x, lambda x_in, t, call: predict(x_in, t, call).astype(jnp.float32),
+                  noise)
     return (x, state) if with_state else x
   n = len(state.timesteps)
 
@@ -757,14 +758,12 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     return uncond_rows if spec.control_guess else None
 
   skips = None if spec.uncond_skips is None else jnp.asarray(spec.uncond_skips)
-  edits = scheduled and max(side.context.shape[1] for side in (negative, positive)
-                            if side is not None) > 1  # A1111 syntax: variants to switch between
-  if spec.scheduler.adaptive and (edits or spec.control or skips is not None
-                                  or spec.pag is not None or spec.edit or spec.cfg_split):
+  if spec.scheduler.adaptive and (spec.control or skips is not None or spec.pag is not None
+                                  or spec.edit or spec.cfg_split):
     raise ValueError(f"scheduler {spec.scheduler.name!r} makes its own number of model calls: "
-                     "not with features that change from call to call or step to step (prompt "
-                     "editing, ControlNets and adapters, CFG skips, perturbed-attention "
-                     "guidance, instruct-pix2pix, cfg_parallel): pick another for those")
+                     "not with features planned step by step (ControlNets and adapters, CFG "
+                     "skips, perturbed-attention guidance, instruct-pix2pix, cfg_parallel): "
+                     "pick another for those")
 
   def predict(x, t, call):
     if spec.pag is not None:  # the control images in all rows, guidance's conditional ones
@@ -1301,15 +1300,22 @@ class A1111:
 
 
 def a1111_options(spec: SampleSpec, state, steps: int, **kwargs) -> A1111:
-  """A1111 scheduling for a program of `spec`: its calls, schedules over steps x order."""
+  """A1111 scheduling for a program of `spec`: its calls, schedules over steps x order. A
+  scheduler that makes its own number of calls (DPM adaptive) gets a table through one call
+  past the schedule's last step (schedules end at their steps, the old timelines' hires pass at
+  `base_steps`): its later calls are clamped to that one, which takes the first entry as
+  A1111's does."""
   end = len(state.timesteps) if spec.end is None else spec.end
+  if spec.scheduler.adaptive:
+    last = max(steps * spec.scheduler.order, kwargs.get("base_steps") or 0)
+    return A1111(steps * spec.scheduler.order, last + 2, **kwargs)
   return A1111(steps * spec.scheduler.order, end - spec.begin, **kwargs)
 
 
 def a1111_continued(a1111: A1111, spec: SampleSpec, state, steps: int, **changes) -> A1111:
   """`a1111`'s settings for the run's next program of `spec` (the hires pass, the refiner): its
   own calls and steps, the other settings the same but for `changes`."""
-  own = a1111_options(spec, state, steps)
+  own = a1111_options(spec, state, steps, base_steps=changes.get("base_steps"))
   return dataclasses.replace(a1111, steps=own.steps, calls=own.calls, **changes)
 
 

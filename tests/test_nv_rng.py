@@ -215,23 +215,34 @@ def test_comfyui_sa_solver_draws(sd, monkeypatch):
   assert err <= 1e-5
 
 
-def _k_diffusion_over(ref, scale, monkeypatch):
+def _k_diffusion_over(ref, scale, monkeypatch, prompt_at=None):
   """Makes k_diffusion_reference's loops run over `ref`'s UNet, guided at `scale` ("a cat", an
-  empty negative prompt)."""
+  empty negative prompt). `prompt_at(call)`: the prompt at each call instead (counted from 0;
+  the returned list's first item is the count of calls made, which a caller may reset)."""
   import k_diffusion_reference as kd  # noqa: PLC0415
 
-  ids = ref.tokenizer(["", "a cat"], padding="max_length", max_length=77,
-                      return_tensors="pt").input_ids
-  with torch.no_grad():
-    context = ref.text_encoder(ids)[0]
+  prompt_at = prompt_at or (lambda call: "a cat")
+  made = [0]
+  contexts = {}
+
+  def context(prompt):
+    if prompt not in contexts:
+      ids = ref.tokenizer(["", prompt], padding="max_length", max_length=77,
+                          return_tensors="pt").input_ids
+      with torch.no_grad():
+        contexts[prompt] = ref.text_encoder(ids)[0]
+    return contexts[prompt]
 
   def unet(x, t):
+    prompt = prompt_at(made[0])
+    made[0] += 1
     with torch.no_grad():
       eps_u, eps_c = ref.unet(torch.from_numpy(np.concatenate([x, x])), t,
-                              encoder_hidden_states=context).sample.chunk(2)
+                              encoder_hidden_states=context(prompt)).sample.chunk(2)
     return (eps_u + scale * (eps_c - eps_u)).numpy()
 
   monkeypatch.setattr(kd, "fake_model", unet)
+  return made
 
 
 def _decoded(ref, latents) -> np.ndarray:
@@ -295,11 +306,9 @@ def test_dpm_adaptive_images_alone(sd, monkeypatch):
       print(f"\ndpm_adaptive image {i}: rel err {err:.2e}, (steps, rejected) {counts[-1]}")
       assert err <= 1e-5
   assert counts[0] != counts[1]  # each image its own steps (11 and 10)
-  for prompt, more in (("[a cat:a dog:2]", {"prompt_syntax": "a1111"}),
-                       ("a cat", {"pag_scale": 1.0})):
-    with pytest.raises(ValueError, match="makes its own number of model calls"):
-      pipe.generate([prompt], steps=steps, scheduler="dpm_adaptive", guidance_scale=scale,
-                    height=16, width=16, scheduler_options=options, **more)
+  with pytest.raises(ValueError, match="makes its own number of model calls"):
+    pipe.generate(["a cat"], steps=steps, scheduler="dpm_adaptive", guidance_scale=scale,
+                  height=16, width=16, scheduler_options=options, pag_scale=1.0)
 
 
 @pytest.mark.parametrize(("eta", "ensd"), [(1.0, 31337), (0.5, 0)])
@@ -337,6 +346,44 @@ def test_a1111_dpm_adaptive_draws(sd, monkeypatch, eta, ensd):
   with pytest.raises(ValueError, match="not torch's CPU generator"):
     pipe.generate(["a cat"], steps=steps, scheduler="dpm_adaptive_ancestral", height=16,
                   width=16, rng="torch_cpu", scheduler_options=options)
+
+
+def test_a1111_dpm_adaptive_prompt_editing(sd, monkeypatch):
+  """A1111's "DPM adaptive" with prompt editing and alternation, 6 steps: its denoiser counts
+  calls (3 an attempt, rejected ones too), and a call past step 6 finds no schedule entry
+  left and takes the first again (`reconstruct_cond_batch`'s fallback), so these runs go back
+  to "a cat" after their seventh call. Each image as k-diffusion's dpm_solver_adaptive of it
+  alone over diffusers' UNet with that prompt at each call. (Seed 40's edited image amplifies
+  ulps: its own pixels move by up to 4e-5 between batch sizes, from the UNet's float32
+  rounding in a batch of 1, 2 or 8; seeds 41-47 stay within 7e-6.)"""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+
+  ref, pipe = sd
+  seed, steps, scale = 41, 6, 3.0
+  # [a cat:a dog:3]: "a cat" while the counter is at most 3, then "a dog" through 6.
+  # a [cat|dog]: a new option at each step: "cat" through call 1, then dog at even calls.
+  rules = [lambda call: "a dog" if 3 < call <= 6 else "a cat",
+           lambda call: "a dog" if 2 <= call <= 6 and call % 2 == 0 else "a cat"]
+  options = {"timestep_spacing": "linspace", "k_diffusion": True}
+  config = {**pipe.scheduler_config, "k_diffusion": True}
+  image = [0]
+  made = _k_diffusion_over(ref, scale, monkeypatch, lambda call: rules[image[0]](call))
+  sigmas = kd.get_sigmas(config, steps)
+  ours = pipe.generate(["[a cat:a dog:3]", "a [cat|dog]"], steps=steps,
+                       scheduler="dpm_adaptive_ancestral", guidance_scale=scale, height=16,
+                       width=16, seed=seed, rng="nv", scheduler_options=options,
+                       prompt_syntax="a1111")
+  for i in range(2):
+    image[0], made[0] = i, 0
+    draws = torch.from_numpy(a1111_nv(seed + i, 40, 4 * 8 * 8).reshape(-1, 1, 4, 8, 8))
+    x, ends, rejected = kd.sample_dpm_adaptive(config, sigmas, draws[0] * sigmas[0], eta=1.0,
+                                               noises=draws[1:], extremes=True)
+    assert made[0] > 7  # past the schedule's end
+    expected = _decoded(ref, x.numpy())
+    err = float(np.linalg.norm(ours[i] - expected[0]) / np.linalg.norm(expected[0]))
+    print(f"\nA1111's DPM adaptive, prompt editing, image {i}: rel err {err:.2e}, {made[0]} "
+          f"calls")
+    assert err <= 1e-5
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "heun"])

@@ -18,9 +18,12 @@ arithmetic is float32 (k-diffusion's step size is a Python float): steps land wi
 float32 ulps of its. A run stops an image after `MAX_ATTEMPTS` attempts, or when its error is
 not finite (where k-diffusion would loop forever).
 
-Its calls are not positions of a schedule, so a run takes none of the per-call features
-(`sampling` refuses them): prompt editing, ControlNets and adapters, CFG skips,
-perturbed-attention guidance, cfg_parallel, instruct-pix2pix, a refiner handoff.
+Its calls are not positions of a schedule, so a run takes none of the features planned per
+step (`sampling` refuses them): ControlNets and adapters, CFG skips, perturbed-attention
+guidance, cfg_parallel, instruct-pix2pix, a refiner handoff. A1111's prompt editing and
+alternation do run: its denoiser counts calls, the run's model gets that count (`run`), and
+a call past the schedule's last step takes the schedule's first prompt again, as A1111's
+`reconstruct_cond_batch` picks it (a run of more calls than steps edits back).
 Settings (its SamplerDPMAdaptative node's, k-diffusion's defaults): `adaptive_order` (3 or 2),
 `rtol` (0.05), `atol` (0.0078), `h_init` (0.05), `pcoeff` (0), `icoeff` (1), `dcoeff` (0),
 `accept_safety` (0.81).
@@ -151,9 +154,11 @@ class DPMAdaptiveScheduler(DPMFastScheduler):
 
   def run(self, state, x, model, noise=None):
     """The whole run from `x` (float32 [B, ...], at the first level's noise) to the smallest
-    level's: `model(x_in, t)` is the UNet's output (float32) for inputs x / sqrt(sigma^2 + 1) at
-    timesteps t [B], each row at its own level; `noise(k)` (`needs_noise`) each row's k-th
-    step draw (unit Gaussian, [B, ...]; k int32 [B])."""
+    level's: `model(x_in, t, call)` is the UNet's output (float32) for inputs x / sqrt(sigma^2 +
+    1) at timesteps t [B], each row at its own level, at the run's call `call` (int32 []: the
+    model calls before it, as A1111's denoiser counts them; every row that is not done yet has
+    made them all); `noise(k)` (`needs_noise`) each row's k-th step draw (unit Gaussian,
+    [B, ...]; k int32 [B])."""
     cfg = {key: self.cfg.get(key, value) for key, value in SETTINGS.items()}
     order = int(cfg[ORDER])
     ancestral = self.needs_noise
@@ -174,11 +179,12 @@ class DPMAdaptiveScheduler(DPMFastScheduler):
     def sigma(t):
       return jnp.exp(-t)
 
-    def eps_at(x_, t):
+    def eps_at(x_, t, call):
       """k-diffusion's DPMSolver.eps: (x - the model's x0) / sigma at levels exp(-t) [B]."""
       level = sigma(t)
       scale = jnp.sqrt(rounded(level * level) + 1.0)
-      out = model(true_divide(x_, scale.reshape(per_row)), self.unet_timesteps(state, level))
+      out = model(true_divide(x_, scale.reshape(per_row)), self.unet_timesteps(state, level),
+                  call)
       level, scale = level.reshape(per_row), scale.reshape(per_row)
       x0 = predict_original(self.prediction_type, out.astype(jnp.float32), x_, level,
                             true_divide(-level, scale), rounded(level * level) + 1.0)
@@ -217,7 +223,8 @@ class DPMAdaptiveScheduler(DPMFastScheduler):
             * (eps[1] - eps[0]))
         x_in = jnp.where(k == 0, x, jnp.where(k == 1, u1, u2))
         level = jnp.where(k == 0, s, jnp.where(k == 1, s1, s2))
-        return eps.at[k].set(eps_at(x_in, level))
+        # Every row has made each attempt so far (a row stops attempting only when done).
+        return eps.at[k].set(eps_at(x_in, level, jnp.max(count) * order + k))
 
       eps = jax.lax.fori_loop(0, order, stage, jnp.zeros((order, *x.shape), jnp.float32))
       whole = x - rounded(col(rounded(sig_t * e1h)) * eps[0])
