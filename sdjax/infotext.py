@@ -135,12 +135,6 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
     width, height = _size("Size", fields.pop("Size"))
     flags["width"], flags["height"] = str(width), str(height)
   _hires(fields, flags, notes)
-  if (scheduler is not None and schedulers.text_to_image_only(scheduler)
-      and "hires_scheduler" not in flags and ("hires_scale" in flags
-                                              or "hires_resize_width" in flags)):
-    notes.append(("hires_scheduler", f"Sampler: {flags['scheduler']}: A1111's hires pass runs it "
-                                     f"between that pass's own levels; sdjax's {scheduler} makes "
-                                     "text-to-image runs only: give --hires_scheduler"))
   _looks(fields, flags)
   _sdxl(fields, flags, notes, scheduler, made_by_sdjax)
   for key, flag in _ONE_TO_ONE.items():
@@ -671,11 +665,6 @@ def _hires(fields, flags, notes) -> None:
                             outputs.schedule_type_options)):
     if key in fields:
       _named(key, fields.pop(key), flag, check, "the first pass's is used", flags, notes)
-  hires = flags.get("hires_scheduler") and outputs.scheduler_name(flags["hires_scheduler"])
-  if hires and schedulers.text_to_image_only(hires):  # A1111's Restart (its img2img form)
-    notes.append(("hires_scheduler", f"Hires sampler: {flags.pop('hires_scheduler')}: sdjax's "
-                                     f"{hires} makes text-to-image runs only: the first pass's "
-                                     "is used"))
   if "Hires checkpoint" in fields:
     _named_model(fields.pop("Hires checkpoint"), "hires_model", "Hires checkpoint", flags, notes)
 

@@ -1694,10 +1694,6 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                            schedulers.A1111_IMG2IMG: int(min(strength, 0.999) * int(steps))}
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
                                    options=model_schedule(pipe, scheduler_options))
-  if sched.text_to_image_only and (img2img or denoising_start is not None
-                                   or denoising_end is not None):
-    raise ValueError(f"scheduler {sched.name!r} makes text-to-image runs only (no img2img, "
-                     "refiner handoff or hires pass): pick another for those")
   if sched.plans_its_run and (denoising_start is not None or denoising_end is not None):
     raise ValueError(f"scheduler {sched.name!r} plans its steps between its run's ends: no "
                      "refiner handoff (pick another for it)")
@@ -2080,9 +2076,6 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                         control_guess=control_guess, rng=rng, ensd=ensd,
                         seed_resize_from=seed_resize_from, step_rng=step_rng,
                         seed_high=seed_high)
-  if spec.scheduler.text_to_image_only:  # the pass starts partway (its begin, set here)
-    raise ValueError(f"scheduler {spec.scheduler.name!r} makes text-to-image runs only: give the "
-                     "hires pass another (A1111's Hires sampler: hires_scheduler)")
   begin = 0 if a1111 or planned else spec.scheduler.step_position(state, total - n)
   # the first pass's tree device, where the hires sampler (maybe another) draws from a tree
   spec, state = _with_brownian(spec, state, brownian, begin, None)

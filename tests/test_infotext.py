@@ -338,13 +338,13 @@ def test_hires_fix():
   flags = _flags(base + "Denoising strength: 0.7, Hires upscale: 1.3, Hires resize: 664x664, "
                  "Hires upscaler: Latent")
   assert flags["hires_scale"] == "1.3" and "hires_resize_width" not in flags
-  notes = _notes(base + "Denoising strength: 0.7, Hires upscale: 2, Hires sampler: Restart, "
-                 "Hires checkpoint: other [abcdef1234]")
-  assert set(notes) == {"rng", "hires_scheduler", "hires_model"}
-  assert "restart makes text-to-image runs only" in notes["hires_scheduler"]
-  notes = _notes(base.replace("Sampler: Euler", "Sampler: Restart")
-                 + "Denoising strength: 0.7, Hires upscale: 2")  # its hires pass: Restart's
-  assert "give --hires_scheduler" in notes["hires_scheduler"]
+  text = (base + "Denoising strength: 0.7, Hires upscale: 2, Hires sampler: Restart, "
+          "Hires checkpoint: other [abcdef1234]")
+  assert set(_notes(text)) == {"rng", "hires_model"}  # Restart plans over the pass's levels
+  assert _flags(text)["hires_scheduler"] == "Restart"
+  text = (base.replace("Sampler: Euler", "Sampler: Restart")
+          + "Denoising strength: 0.7, Hires upscale: 2")
+  assert "hires_scheduler" not in _notes(text) and "hires_scheduler" not in _flags(text)
   flags = _flags(base + "Denoising strength: 0.7, Hires upscale: 2, Hires sampler: DPM fast")
   assert flags["hires_scheduler"] == "DPM fast"  # planned over the pass's own levels
   flags = _flags(base + "Denoising strength: 0.7, Hires upscale: 2, Hires checkpoint: "

@@ -772,6 +772,39 @@ def test_restart(steps, label):
   assert err <= TOL, err
 
 
+def _planned_img2img(ours, steps: int, strength: float):
+  """An A1111 img2img run of a scheduler that plans its run over the levels it keeps, on the
+  fake model: (its state, trajectory, noises, steps' noises, image, the first kept level's index:
+  steps - t_enc - 1, t_enc = int(min(strength, 0.999) * steps), as A1111's sample_img2img)."""
+  total, first = ours.img2img_steps(steps, strength)
+  planned, begin = ours.planned_from(first)
+  assert begin == 0 and total == steps
+  assert first == steps - int(min(strength, 0.999) * steps) - 1
+  state = planned.set_timesteps(total, sample_shape=SHAPE)
+  init, noises = make_noises(len(state.timesteps))
+  image = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
+  got = sdjax_trajectory(planned, total, init, noises, init_sample=image)
+  return state, got, init, noises, image, first
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(10, 0.6), (40, 0.6)])
+def test_restart_img2img(steps, strength):
+  """A1111's Restart img2img (and hires pass): its sample_img2img gives the sampler the levels
+  it keeps (the last t_enc + 1 and 0, t_enc = int(min(strength, 0.999) * steps)), over which
+  Restart plans its walk afresh (from 20 of them, Karras levels and restarts: 40 steps keep 25),
+  from the image noised to the first of them."""
+  ours = get_scheduler("restart", SD15, options={"schedule_type": "karras"})
+  state, got, init, noises, image, first = _planned_img2img(ours, steps, strength)
+  kept = kd.get_sigmas_karras(SD15, steps)[first:]
+  with correctly_rounded_sqrt():
+    want = kd.sample_restart(SD15, kept, torch.from_numpy(image) + torch.from_numpy(init)
+                             * kept[0], [torch.from_numpy(n) for n in noises])
+  assert len(want) == len(state.timesteps) == {10: 13, 40: 49}[steps]  # 40: 16 steps down, 9 back
+  err = max_rel_error(got, want)
+  print(f"maxrel Restart img2img {steps} steps at {strength}: {err:.3g}")
+  assert err <= TOL, err
+
+
 @pytest.mark.parametrize(("label", "eta", "s_noise"), [
     ("Automatic", 1.0, 1.0), ("Exponential", 1.0, 1.0), ("Automatic", 0.6, 1.0),
     ("Automatic", 0.0, 1.0), ("Automatic", 1.0, 0.7)])
@@ -1308,16 +1341,9 @@ def test_a1111_dpm_fast_img2img(strength, eta, label):
   options = {**json.loads(flags["scheduler_options"]),
              **outputs.schedule_type_options(flags["schedule_type"])}
   ours = get_scheduler(outputs.scheduler_name(flags["scheduler"]), SD15, options=options)
-  total, first = ours.img2img_steps(steps, strength)
-  planned, begin = ours.planned_from(first)
-  assert begin == 0 and total == steps
-  state = planned.set_timesteps(total, sample_shape=SHAPE)
-  init, noises = make_noises(len(state.timesteps))
-  image = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
-  got = sdjax_trajectory(planned, total, init, noises, init_sample=image)
-  t_enc = int(min(strength, 0.999) * steps)
+  _, got, init, noises, image, first = _planned_img2img(ours, steps, strength)
   placed = kd.get_sigmas if label is None else kd.get_sigmas_karras
-  kept = placed(SD15, steps)[steps - t_enc - 1:]
+  kept = placed(SD15, steps)[first:]
   with correctly_rounded_sqrt():
     want = kd.sample_dpm_fast(SD15, kept, torch.from_numpy(image) + torch.from_numpy(init)
                               * kept[0], [torch.from_numpy(n) for n in noises], eta=eta)

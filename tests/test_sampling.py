@@ -273,6 +273,27 @@ def test_hires_pass_plans_dpm_fast_over_its_levels(pipes):
   assert not np.allclose(np.asarray(state.sigmas), levels[-4:])  # its own plan
 
 
+def test_restart_plans_img2img_and_hires_passes(pipes):
+  """A1111's Restart in img2img and hires passes (as DPM fast): its walk planned afresh over the
+  levels the pass keeps, from its first call (tests/test_k_diffusion.py's test_restart_img2img
+  checks the walk against A1111's loop); no refiner handoff."""
+  _sd1_only(pipes)
+  _, pipe, _ = pipes
+  common = dict(steps=4, scheduler="restart", height=16, width=16, guidance_scale=GUIDANCE)
+  spec, state = sampling.prepare_hires(pipe, 1, sampling.Hires(2.0, 3, 0.5), **common)
+  ours = schedulers.get_scheduler("restart", pipe.scheduler_config)
+  want = ours.planned_from(3)[0].set_timesteps(6, sample_shape=(1, 4, 4, 4))
+  assert spec.begin == 0 and len(state.timesteps) == 5  # 3 levels: 2 Heun steps, 1 Euler
+  np.testing.assert_array_equal(np.asarray(state.sigma_in), np.asarray(want.sigma_in))
+  spec, state = sampling.prepare(pipe, 1, img2img=True, strength=0.5, **common)
+  assert spec.begin == 0 and len(state.timesteps) == 5  # int(0.5 * 4) + 1 of 4 levels
+  with pytest.raises(ValueError, match="'restart' plans its steps between its run's ends"):
+    sampling.prepare(pipe, 1, denoising_end=0.5, **common)
+  image = pipe.generate(PROMPTS[:1], hires_scale=2.0, hires_steps=3, hires_strength=0.5,
+                        **common)
+  assert np.isfinite(image).all() and image.shape == (1, 32, 32, 3)
+
+
 @pytest.mark.parametrize("name", ["ddim", "pndm", "unipc"])
 def test_hires_pass_of_a1111s_own_loops(pipes, name):
   """A1111's DDIM / PLMS / UniPC in a hires pass (the `a1111` form): its sample_img2img with the
@@ -1033,9 +1054,6 @@ def test_a1111_forms_follow_only_where_the_hires_sampler_has_them(pipes):
     ({"eta": -1.0, "scheduler": "ddim"}, "eta must be a number >= 0"),
     ({"eta": float("inf"), "scheduler": "ddim"}, "eta must be a number >= 0"),
     ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number, got nan"),
-    ({"scheduler": "restart", "hires_scale": 2.0}, "'restart' makes text-to-image runs only"),
-    ({"scheduler": "restart", "init_images": np.zeros((2, 64, 64, 3), np.float32)},
-     "'restart' makes text-to-image runs only"),
     ({"guidance_rescale": float("inf")}, "guidance_rescale must be a finite number, got inf"),
     ({"hires_prompts": "a cat"}, "hires_prompts and hires_negative_prompts are the hires pass"),
     ({"rng": "cuda"}, "unknown rng 'cuda'; use one of jax, torch_cpu, nv"),

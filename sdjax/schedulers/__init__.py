@@ -197,11 +197,6 @@ def plans_its_run(name: str) -> bool:
   return _class(name).plans_its_run
 
 
-def text_to_image_only(name: str) -> bool:
-  """Whether scheduler `name` makes text-to-image runs only (no img2img, handoff or hires)."""
-  return _class(name).text_to_image_only
-
-
 def takes_brownian(name: str | None) -> bool:
   """Whether scheduler `name`'s step noise can come from a Brownian tree (`BROWNIAN_FAMILIES`)."""
   return name is not None and name.removesuffix("_karras") in BROWNIAN_FAMILIES
@@ -295,5 +290,4 @@ __all__ = [
     "takes_brownian",
     "plans_its_run",
     "takes_option",
-    "text_to_image_only",
 ]

@@ -284,8 +284,6 @@ class Scheduler:
   # Whether diffusers draws that noise from the pipeline's generator (not a noise source of its
   # own): what a run of torch's generator (`sampling.RNGS`) reproduces.
   generator_noise: ClassVar[bool] = True
-  # Whether the scheduler makes text-to-image runs only (no img2img, refiner handoff or hires).
-  text_to_image_only: ClassVar[bool] = False
   # Whether it plans its calls between the ends of the levels it runs over: img2img and hires
   # passes plan over the levels they keep (`planned_from`), no refiner handoff.
   plans_its_run: ClassVar[bool] = False

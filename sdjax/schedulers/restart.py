@@ -18,8 +18,12 @@ noise added after it (before a restart's first model call): the compiled program
 them. A1111 draws a restart's noise from torch's global generator, not from the image's seed, so
 its Restart images are not reproducible beyond 19 steps (below, there is no restart); sdjax
 draws it from the image's noise stream (a draw per position, as for its other stochastic
-samplers; only a restart's is used). Text-to-image only: the walk climbs, so no suffix of it is
-an img2img run.
+samplers; only a restart's is used).
+
+An img2img run or hires pass is A1111's sample_img2img: no suffix of the text-to-image walk
+(which climbs), but the same automatic plan over the levels the run keeps (`PLAN_START`: the
+last t_enc + 1 of the schedule and 0; from 20 of them, restarts), from the image noised to the
+first of them. No refiner handoff.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 from flax import struct
 
 from sdjax.schedulers.common import (
+  PLAN_START,
   SchedulerConfigError,
   rounded,
   sigma_spacing,
@@ -66,7 +71,8 @@ class RestartState:
     stage: int32, _EULER (the step to 0), _PREDICT or _CORRECT.
     noise_after: float32, the scale of fresh noise added after the position (0 but before a
       restart).
-    init_sigma: [] float32, the first level (k-diffusion's start: noise x sigma_max).
+    init_sigma: [] float32, the schedule's first level (k-diffusion's start: noise x sigma_max;
+      an img2img run's: the first level it keeps), which the walk's Karras replan may round.
     prev_derivative, prev_sample: the predictor's slope and start, for the corrector.
   """
 
@@ -117,7 +123,8 @@ class RestartScheduler(SigmaScheduler):
   name = "restart"
   order = 2  # model calls per step on the way down (A1111 counts it a second-order sampler)
   needs_noise = True
-  text_to_image_only = True
+  plans_its_run = True  # img2img and hires: its plan over the levels they keep
+  schedule_options = (*SigmaScheduler.schedule_options, PLAN_START)
 
   # No diffusers class of its own: the config a sigma scheduler reads, as KDPM2's.
   _DEFAULTS = KDPM2DiscreteScheduler._DEFAULTS
@@ -133,7 +140,8 @@ class RestartScheduler(SigmaScheduler):
       config = {**config, "use_karras_sigmas": True}  # A1111's Automatic for Restart
     alphas_cumprod = train_alphas_cumprod(config)
     _, sigmas = sigma_schedule(config, num_inference_steps, alphas_cumprod, name=self.name)
-    walk = restart_walk(sigmas.astype(_F32))
+    sigmas = sigmas.astype(_F32)[config.get(PLAN_START, 0):]
+    walk = restart_walk(sigmas)
     sigma_in, dt, stage, noise_after = [], [], [], []
     for k, (old, new) in enumerate(walk):
       if new == 0:  # Euler's step alone
@@ -160,7 +168,7 @@ class RestartScheduler(SigmaScheduler):
       dt=jnp.asarray(np.asarray(dt, _F32)),
       stage=jnp.asarray(np.asarray(stage, np.int32)),
       noise_after=jnp.asarray(np.asarray(noise_after, _F32)),
-      init_sigma=jnp.asarray(sigma_in[0]),
+      init_sigma=jnp.asarray(sigmas[0]),
       prev_derivative=zeros,
       prev_sample=zeros,
     )
@@ -182,11 +190,22 @@ class RestartScheduler(SigmaScheduler):
     return prev_sample.astype(sample.dtype), new_state
 
   def add_noise(self, state, original_samples, noise, i):
-    raise SchedulerConfigError("restart makes text-to-image runs only")
+    """The sample noised to position i's level (the level of the sample that enters it); at 0,
+    an img2img run's start (it plans its run, so it starts there): the image plus noise times
+    the first level it keeps, A1111's `x + noise * sigma_sched[0]`."""
+    level = jnp.where(i == 0, state.init_sigma, state.sigma_in[i])
+    noisy = as_f32(original_samples) + rounded(as_f32(noise) * level)
+    return noisy.astype(original_samples.dtype)
 
   def init_noise_sigma(self, state):
     return state.init_sigma
 
+  def img2img_steps(self, num_inference_steps: int, strength: float) -> tuple[int, int]:
+    """A1111's (Restart is its sampler): the last int(min(strength, 0.999) * n) + 1 of n levels
+    above 0, as its setup_img2img_steps; `planned_from` plans the walk over them."""
+    n = num_inference_steps
+    return n, n - int(min(strength, 0.999) * n) - 1
+
   def begin_index(self, num_inference_steps: int, strength: float) -> int:
-    raise SchedulerConfigError("restart climbs back up its noise levels, so it makes "
-                               "text-to-image runs only: pick another scheduler for img2img")
+    raise SchedulerConfigError("restart plans its img2img run over the levels it keeps "
+                               "(`img2img_steps`, `planned_from`), not from a position")
