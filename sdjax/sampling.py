@@ -1575,17 +1575,24 @@ def denoising_end_index(sched, state, fraction: float | int) -> int:
 REFINER_SWITCHES = ("diffusers", "a1111")
 
 
-def a1111_switch_position(sched, state, at: float | int) -> int:
+def a1111_switch_position(sched, state, at: float | int, model_config=None) -> int:
   """The first position (model call) A1111's refiner takes: where the nearest training timestep
   t of the call's level (A1111's model sigmas; a timestep sampler's own timestep, truncated) has
-  (999 - t) / 1000 >= `at` in float32; an int `at`: the first call of that step."""
+  (999 - t) / 1000 >= `at` in float32; an int `at`: the first call of that step. The model's
+  sigmas are the scheduler's training schedule, or where its config has none (the EDM
+  schedulers) `model_config`'s (the checkpoint's scheduler config)."""
   if is_step_count(at):
     return sched.step_position(state, int(at))
   levels = sched.a1111_levels(state)
   if sched.name in schedulers.A1111_TIMESTEP_SAMPLERS:
     timesteps = levels.astype(np.int64)
   else:
-    table = euler.train_sigmas(sigma_schedules.form_alphas_cumprod(sched.cfg, "a1111"))
+    config = next((c for c in (sched.cfg, model_config or {}) if "beta_schedule" in c), None)
+    if config is None:
+      raise ValueError(f"refiner_switch 'a1111' switches at the model's training timesteps, "
+                       f"which scheduler {sched.name!r} and this model's config do not give "
+                       "(no beta schedule): use refiner_switch 'diffusers'")
+    table = euler.train_sigmas(sigma_schedules.form_alphas_cumprod(config, "a1111"))
     timesteps = np.abs(table[None, :] - levels[:, None]).argmin(axis=1)
   done = (np.float32(999) - timesteps.astype(np.float32)) / np.float32(1000)
   switched = np.flatnonzero(done >= np.float32(at))
@@ -1710,10 +1717,11 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                      f"{', '.join(REFINER_SWITCHES)}")
   a1111 = handoff == "a1111"
   if denoising_start is not None:
-    begin = (a1111_switch_position if a1111 else denoising_start_index)(sched, state,
-                                                                         denoising_start)
+    begin = (a1111_switch_position(sched, state, denoising_start, pipe.scheduler_config) if a1111
+             else denoising_start_index(sched, state, denoising_start))
   if denoising_end is not None:
-    end = (a1111_switch_position if a1111 else denoising_end_index)(sched, state, denoising_end)
+    end = (a1111_switch_position(sched, state, denoising_end, pipe.scheduler_config) if a1111
+           else denoising_end_index(sched, state, denoising_end))
   if begin >= (len(state.timesteps) if end is None else end):
     raise ValueError(f"strength {strength} (or refiner_start) with {steps} steps leaves no "
                      "denoising step")

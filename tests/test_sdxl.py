@@ -21,6 +21,7 @@ from parity import assert_close, img2img_draws, nchw, nhwc, randn, rel_err
 import sdjax
 from sdjax import sampling, schedulers, testing
 from sdjax.conditioning import MicroConditioning
+from sdjax.schedulers import euler, sigma_schedules
 
 torch.set_num_threads(1)
 
@@ -228,6 +229,21 @@ def test_a1111_refiner_switch_runs_the_sampler_on(pipes):
   np.testing.assert_allclose(ours, plain, atol=1e-6)
   with pytest.raises(ValueError, match="unknown refiner switch 'comfyui'"):
     base.generate(PROMPTS[:1], refiner=base, refiner_switch="comfyui", **kw)
+  # An EDM scheduler's config has no beta schedule: A1111's model sigmas are the checkpoint's
+  # (it raised a KeyError); a model without one either is refused in a line.
+  common = dict(steps=6, height=H, width=W, guidance_scale=GUIDANCE, denoising_end=0.5,
+                handoff="a1111")
+  edm = sampling.prepare(base, 1, scheduler="edm_euler", **common)[1]
+  model_sigmas = euler.train_sigmas(sigma_schedules.form_alphas_cumprod(
+      base.scheduler_config, "a1111"))
+  nearest = np.abs(model_sigmas[None] - np.asarray(edm.sigmas)[:-1, None]).argmin(axis=1)
+  switched = np.flatnonzero((999 - nearest.astype(np.float32)) / 1000 >= np.float32(0.5))
+  spec = sampling.prepare(base, 1, scheduler="edm_euler", **common)[0]
+  assert spec.end == switched[0] and 0 < spec.end < 6
+  no_betas = dataclasses.replace(base, scheduler_config={
+      k: v for k, v in base.scheduler_config.items() if not k.startswith("beta")})
+  with pytest.raises(ValueError, match="use refiner_switch 'diffusers'"):
+    sampling.prepare(no_betas, 1, scheduler="edm_euler", **common)
 
 
 def test_torch_generators_through_the_refiner_match_diffusers(pipes):
