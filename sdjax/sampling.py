@@ -1723,8 +1723,10 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
     end = (a1111_switch_position(sched, state, denoising_end, pipe.scheduler_config) if a1111
            else denoising_end_index(sched, state, denoising_end))
   if begin >= (len(state.timesteps) if end is None else end):
-    raise ValueError(f"strength {strength} (or refiner_start) with {steps} steps leaves no "
-                     "denoising step")
+    what = (f"strength {strength}" if denoising_start is None and denoising_end is None
+            else f"refiner_start {denoising_start if denoising_end is None else denoising_end}")
+    raise ValueError(f"{what} with {steps} steps of scheduler {sched.name!r} leaves no denoising "
+                     "step")
   guidance = uses_guidance(pipe, guidance_scale)
   if sched.takes_uncond:  # CFG++: the uncond pass at any scale, as ComfyUI runs it
     if pipe.unet.config.time_cond_proj_dim is not None:

@@ -244,6 +244,10 @@ def test_a1111_refiner_switch_runs_the_sampler_on(pipes):
       k: v for k, v in base.scheduler_config.items() if not k.startswith("beta")})
   with pytest.raises(ValueError, match="use refiner_switch 'diffusers'"):
     sampling.prepare(no_betas, 1, scheduler="edm_euler", **common)
+  # diffusers' cutoff over EDM's timesteps (c_noise, not 0..999) keeps no base step: said so.
+  with pytest.raises(ValueError, match="refiner_start 0.5 with 6 steps of scheduler 'edm_euler' "
+                                       "leaves no denoising step"):
+    sampling.prepare(base, 1, scheduler="edm_euler", **{**common, "handoff": "diffusers"})
 
 
 def test_torch_generators_through_the_refiner_match_diffusers(pipes):
