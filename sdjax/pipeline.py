@@ -804,28 +804,28 @@ def _cut_control_images(prepared, images, height: int, width: int) -> np.ndarray
       for image, p in zip(images, prepared, strict=True)])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(aot.bounded_jit, static_argnums=(0, 3))
 def _encode_text(module, params, ids, clip_skip):
   return module.apply({"params": params}, ids, clip_skip)["prompt_embeds"]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(aot.bounded_jit, static_argnums=(0, 3))
 def _encode_prompt(nets, params, cond, clip_skip):
   return conditioning.encode(nets, params, cond, clip_skip, None)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(aot.bounded_jit, static_argnums=0)
 def _predict_noise(module, params, x, t, ctx, text_embeds=None, time_ids=None,
                    timestep_cond=None):
   return module.apply({"params": params}, x, t, ctx, text_embeds, time_ids, None, timestep_cond)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(aot.bounded_jit, static_argnums=0)
 def _vae_decode(module, params, z):
   return module.apply({"params": params}, z, method=AutoencoderKL.decode)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(aot.bounded_jit, static_argnums=0)
 def _vae_encode(module, params, x):
   return module.apply({"params": params}, x, method=AutoencoderKL.encode).mean
 

@@ -57,6 +57,11 @@ from sdjax.plan import (
 __all__ = ["ImageJob", "PromptLine", "RunConfig", "RunError", "RunSummary", "generate_run",
            "read_prompts_file"]
 
+# Samplers (size, kind, schedule) a run keeps compiled: a prompts file with per-line sizes and
+# settings made one program each for the process's life, tens of MB or more each. One dropped
+# and needed again loads from the compiled-program cache (`aot`) instead of compiling.
+MAX_PROGRAMS = 32
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -1462,7 +1467,7 @@ class _Sampler:
     self.global_batch = cfg.batch_size * parallel.data_size(mesh)
     self.params = parallel.replicate(self._params(pipe.params), mesh)
     self.scalars: dict[float, Any] = {}  # per guidance scale, replicated
-    self.programs: dict[tuple, _Program] = {}
+    self.programs: collections.OrderedDict[tuple, _Program] = collections.OrderedDict()
     self.compile_seconds = 0.0
 
   def _params(self, params):
@@ -1492,7 +1497,9 @@ class _Sampler:
         self.cfg.clip_skip)
     key = (size, kind, guidance > 1.0, schedule)
     steps, scheduler, strength = schedule.steps, schedule.scheduler, schedule.strength
-    if key not in self.programs:
+    if key in self.programs:
+      self.programs.move_to_end(key)
+    else:
       cfg, pipe = self.cfg, self.pipe
       refiner, hires = self.refiner_pipe, _hires(cfg)
       _check_clip_skip(schedule.clip_skip, pipe, 'a prompt line\'s "clip_skip"')
@@ -1602,6 +1609,8 @@ class _Sampler:
                       for start, end in zip(starts, ends, strict=True)])
             for s, st in [(spec, host_state)] + ([] if hires is None else [hires]))
         self.programs[key].control = parallel.replicate(control, self.mesh)
+      while len(self.programs) > MAX_PROGRAMS:  # the least recently used, and its executables
+        self.programs.popitem(last=False)
     return self.programs[key]
 
   def _a1111(self, program, sizes=None):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from sdjax import outputs
+from sdjax import aot, outputs
 from sdjax.checkpoints import hub
 from sdjax.checkpoints import ip_adapter as ip_files
 from sdjax.checkpoints.weights import WeightsError, read_state_dict, torch_to_flax
@@ -169,7 +169,7 @@ def _as_pil(image) -> Image.Image:
   return Image.fromarray(array)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(aot.bounded_jit, static_argnums=0)
 def _similarities(model, params, embeds, pixels):
   def unit(x):  # torch's F.normalize: x / max(||x||, 1e-12)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sdjax import (
+  aot,
   brownian_tree,
   conditioning,
   interpolate,
@@ -1173,12 +1174,11 @@ def _keep_unmasked(spec: SampleSpec, mask, image_latents, noise, x, state, i):
   return (1 - mask) * kept + mask * x
 
 
-_jitted_sample = jax.jit(sample_fn, static_argnums=(0, 1))
+_jitted_sample = aot.bounded_jit(sample_fn, static_argnums=(0, 1))
 CFG_AXIS = "cfg"
 
 
-@functools.lru_cache(maxsize=16)
-def _cfg_parallel_sample(spec: SampleSpec, nets: Networks, mesh):
+def _cfg_parallel_fn(spec: SampleSpec, nets: Networks, mesh, *args):
   """`sample_fn` on a mesh of two devices (axis CFG_AXIS), each making one side of every guidance
   pair; every input and the output replicated."""
 
@@ -1187,8 +1187,11 @@ def _cfg_parallel_sample(spec: SampleSpec, nets: Networks, mesh):
     return sample_fn(spec, nets, params, cond, seeds, noise, guidance_scale, guidance_rescale,
                      init, state, CFG_AXIS, control)
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(), out_specs=P(),
-                               check_vma=False))
+  return jax.shard_map(per_device, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)(
+      *args)
+
+
+_cfg_parallel_sample = aot.bounded_jit(_cfg_parallel_fn, static_argnums=(0, 1, 2))
 
 
 _replicated: dict[int, tuple[Any, Any]] = {}  # id(params) -> (params, their copy on a pair)
@@ -1202,7 +1205,7 @@ def _decode_tiled(vae: AutoencoderKL, tiling: str, vae_params, x, decode=decode_
     return decode(vae, vae_params, x)
 
 
-_jitted_decode = jax.jit(_decode_tiled, static_argnums=(0, 1))
+_jitted_decode = aot.bounded_jit(_decode_tiled, static_argnums=(0, 1))
 
 
 def _sample(spec: SampleSpec, nets: Networks, params, cond, seeds, noise, scalars, init, state,
@@ -1233,8 +1236,8 @@ def _sample(spec: SampleSpec, nets: Networks, params, cond, seeds, noise, scalar
       if len(_replicated) >= 2:
         _replicated.pop(next(iter(_replicated)))
       _replicated[id(params)] = (params, jax.device_put(params, sharding))
-    latents = _cfg_parallel_sample(latent_spec, nets, mesh)(
-        _replicated[id(params)][1], *jax.device_put((*args, control), sharding))
+    latents = _cfg_parallel_sample(latent_spec, nets, mesh, _replicated[id(params)][1],
+                                   *jax.device_put((*args, control), sharding))
     latents = next(s.data for s in latents.addressable_shards if s.device == devices[0])
   if spec.output_latents:
     return latents

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import interpolate
+from sdjax import aot, interpolate
 from sdjax.checkpoints import upscalers as upscaler_files
 from sdjax.models import esrgan
 
@@ -284,7 +284,7 @@ def _div255(a):
   return ((a >> 8) + a) >> 8
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(aot.bounded_jit, static_argnums=(0, 1))
 def _upscale_levels(spec: ModelUpscaler, steps, params, levels):
   levels = levels.astype(jnp.int32)
   for size, resample in steps:

@@ -1,5 +1,6 @@
 """The compiled-program cache: a second compile of the same program loads instead of tracing."""
 
+import gc
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -199,3 +201,35 @@ def test_fresh_process_loads_the_sampler(tmp_path):
             for i in range(3)]
   np.testing.assert_array_equal(images[0], images[1])
   np.testing.assert_array_equal(images[0], images[2])
+
+
+def _live_programs(name: str) -> int:
+  """How many compiled executables named after `name` this process still holds."""
+  gc.collect()
+  return sum(1 for o in gc.get_objects() if type(o).__name__ == "MeshExecutable"
+             and o.xla_executable.hlo_modules()[0].name == f"jit_{name}")
+
+
+def _scaled_sum(x, scale, y, *, shift=0.0):
+  return {"out": (x * scale).sum(0) + y + shift}
+
+
+def test_bounded_jit_matches_jit_and_frees_dropped_programs(monkeypatch):
+  monkeypatch.setattr(aot, "MAX_PROGRAMS", 2)
+  bounded = aot.bounded_jit(_scaled_sum, static_argnums=1)
+  reference = jax.jit(lambda x, scale, y, shift: _scaled_sum(x, scale, y, shift=shift),
+                      static_argnums=1)
+  functions = []
+  for rows in (1, 2, 3, 4, 5, 2):  # a static argument in the middle, a keyword, 5 shapes
+    x = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
+    got = bounded(x, 2.0, np.ones(3, np.float32), shift=0.5)
+    np.testing.assert_array_equal(got["out"], reference(x, 2.0, np.ones(3, np.float32),
+                                                        shift=0.5)["out"])
+    functions += [weakref.ref(p) for p in bounded.programs.values()]
+  assert len(bounded.programs) == 2
+  # every dropped program is gone from memory: its function and its executable, not only from
+  # the dict (jax keeps what it compiled for a function as long as the function lives)
+  assert len({id(f()) for f in functions if f() is not None}) == 2
+  assert _live_programs("_scaled_sum") == 2
+  # the shape used last but one was kept, the first compiles again
+  assert [leaves[0][0] for _, _, leaves in bounded.programs] == [(5, 3), (2, 3)]

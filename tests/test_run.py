@@ -346,10 +346,13 @@ def test_batches_of_two_processes_take_turns():
   # may be short); reading ahead for its own proposal only, a process padded more: 18
 
 
-def test_per_line_image_sizes(model, cache, tmp_path):
+def test_per_line_image_sizes(model, cache, tmp_path, monkeypatch):
   """jsonl lines with their own width / height: batches keep one size (a program per size),
-  each image is the one generate() makes at its size, and records and PNGs say the size."""
+  each image is the one generate() makes at its size, and records and PNGs say the size. One
+  program kept at a time: a size's program dropped and made again gives the same images."""
   import sdjax  # noqa: PLC0415
+
+  monkeypatch.setattr(run, "MAX_PROGRAMS", 1)
 
   lines = ['{"prompt": "a cat"}', '{"prompt": "a wide dog", "width": 24, "num_images": 2}',
            '{"prompt": "a tall bird", "height": 24}', '{"prompt": "a fish"}']
