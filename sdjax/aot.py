@@ -25,6 +25,7 @@ import json
 import os
 import pickle
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -89,7 +90,7 @@ class bounded_jit:  # noqa: N801 - used as `jax.jit` is
   """`jax.jit(fn, static_argnums=...)` that keeps at most `MAX_PROGRAMS` compiled programs.
 
   A `jax.jit` function keeps every program it compiled (one per static arguments and argument
-  shapes) for the process's life, and so does jax's tracing and lowering caches under it: a
+  shapes) for the process's life, and so do jax's tracing and lowering caches under it: a
   notebook trying sampler after sampler or size after size grew by 40-50 MB a program for a tiny
   model until the compiler failed to allocate. Here each program is a `jax.jit` of its own, over a
   function made for its static arguments and shapes; dropping the least recently used one drops
@@ -103,6 +104,7 @@ class bounded_jit:  # noqa: N801 - used as `jax.jit` is
     self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(
         sorted(static_argnums))
     self.programs: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()  # callers on several threads share the programs
     functools.update_wrapper(self, fn)
 
   def __call__(self, *args, **kwargs):
@@ -110,10 +112,11 @@ class bounded_jit:  # noqa: N801 - used as `jax.jit` is
     dynamic = tuple(a for i, a in enumerate(args) if i not in self.static_argnums)
     leaves, tree = jax.tree.flatten((dynamic, kwargs))
     key = (statics, tree, tuple(map(_signature, leaves)))
-    program = self.programs.pop(key, None) or self._program(statics)
-    self.programs[key] = program  # the most recently used last
-    while len(self.programs) > MAX_PROGRAMS:
-      self.programs.popitem(last=False)
+    with self._lock:
+      program = self.programs.pop(key, None) or self._program(statics)
+      self.programs[key] = program  # the most recently used last
+      while len(self.programs) > MAX_PROGRAMS:
+        self.programs.popitem(last=False)
     return program(*dynamic, **kwargs)
 
   def _program(self, statics):
