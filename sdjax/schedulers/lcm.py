@@ -250,6 +250,8 @@ class LCMScheduler(Scheduler):
     last = np.arange(len(timesteps)) == len(timesteps) - 1
     scaled = timesteps.astype(np.float32) * np.float32(config["timestep_scaling"])
     denominator = scaled * scaled + _SIGMA_DATA * _SIGMA_DATA
+    with np.errstate(divide="ignore"):  # a zero-SNR schedule's first level is infinite
+      sigma_in = np.sqrt((1 - alpha) / alpha)
     return LCMState(
       timesteps=jnp.asarray(timesteps.astype(np.int32)),
       sqrt_alpha=f32(np.sqrt(alpha)),
@@ -259,7 +261,7 @@ class LCMScheduler(Scheduler):
       sqrt_alpha_prev=f32(np.where(last, 1, np.sqrt(alpha_prev))),
       noise_std=f32(np.where(last, 0, np.sqrt(1 - alpha_prev))),
       input_scale=f32(np.ones(len(timesteps))),
-      sigma_in=f32(np.sqrt((1 - alpha) / alpha)),
+      sigma_in=f32(sigma_in),
       init_sigma=jnp.float32(1.0),
     )
 

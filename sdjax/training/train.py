@@ -78,7 +78,7 @@ def make_train_step(loss_fn: LossFn, optimizer, mesh: Mesh, ema_decay: float, se
     ema = state.ema
     if ema is not None:
       ema = ema_update(ema, params, state.step.astype(jnp.float32), ema_decay)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
     return TrainState(state.step + 1, params, opt_state, ema), metrics
 
   replicated = NamedSharding(mesh, P())
