@@ -541,7 +541,10 @@ class Pipeline:
       refiner: an SDXL refiner pipeline: the base denoises until `refiner_start` of the schedule
         (a fraction: diffusers' `denoising_end`; an int: after that many steps, as ComfyUI's
         KSamplerAdvanced pair's end_at_step / start_at_step) and the refiner finishes from its
-        latents (`denoising_start`), with the same steps, scheduler and guidance.
+        latents (`denoising_start`), with the same steps, scheduler and guidance. With the hires
+        fix the refiner takes over the hires pass at `refiner_start` (a fraction) of its
+        schedule, as A1111's refiner does by default ("Hires refiner: second pass"): the first
+        pass is the base's alone; the refiner gets the hires prompts, size and guidance.
       refiner_switch: "diffusers" (the refiner's sampler starts afresh where the base stopped)
         or "a1111" (AUTOMATIC1111's switch inside its sampler loop: the refiner takes over from
         the first model call whose level's nearest training timestep t has (999 - t) / 1000 >=
@@ -581,7 +584,7 @@ class Pipeline:
         `hires_prompts` / `hires_negative_prompts` (A1111's "Hires prompt", per prompt or one
         for all; with SDXL, both encoders') are given; both passes stay on device. SDXL's
         default original and target sizes are each pass's own (as A1111 conditions its hires pass);
-        not with `refiner`. `hires_model` (A1111's Hires checkpoint): another pipeline of the
+        a `refiner` takes the hires pass over (see `refiner`). `hires_model` (A1111's Hires checkpoint): another pipeline of the
         same latents (an SD1 fine-tune after an SD1 model, say) runs the second pass: its UNet,
         text encoders (the prompts encoded again), schedule and VAE (the decode); the
         ControlNets and IP-Adapters given steer it too, LoRAs merged into it only if its

@@ -96,6 +96,9 @@ class SampleSpec:
   # `upscaling.PIXEL_UPSCALERS`, or a `upscaling.ModelUpscaler`) from its images, resized as
   # A1111 resizes them and encoded.
   upscale: str | upscaling.ModelUpscaler | None = None
+  # A stage of the hires pass other than its first (the refiner's part): its steps draw the hires
+  # pass's step noise, as the pass's first stage does.
+  hires_pass: bool = False
   # ... to (h, w) latent pixels first, then cut at (top, left) to `latent_hw` (A1111's Hires
   # resize to another aspect); None: straight to `latent_hw`.
   upscale_crop: tuple[int, int, int, int] | None = None
@@ -639,7 +642,7 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
   `after_step(x, state, i)` (if given) replaces x after the step at position i. Returns x, or
   with `with_state` (x, the scheduler's state at the end)."""
   sched = spec.scheduler
-  stream = _STEP_NOISE if spec.upscale is None else _HIRES_STEP_NOISE
+  stream = _HIRES_STEP_NOISE if spec.upscale is not None or spec.hires_pass else _STEP_NOISE
   if sched.adaptive:  # DPM adaptive: its own loop, each row at its own level
     if after_step is not None:
       raise ValueError(f"scheduler {sched.name!r} makes its own steps: not with a mask's "
@@ -2042,7 +2045,9 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                   scheduler_options: dict[str, Any] | None = None, control: bool = False,
                   control_guess: bool = False, rng: str = "jax", ensd: int = 0,
                   seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
-                  step_rng: str | None = None, seed_high: int = 0, extra_noise: float = 0.0):
+                  step_rng: str | None = None, seed_high: int = 0, extra_noise: float = 0.0,
+                  denoising_end: float | int | None = None,
+                  denoising_start: float | int | None = None, handoff: str = "diffusers"):
   """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps, its start with
@@ -2053,7 +2058,10 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   `timesteps` in `scheduler_options` is the first pass's: the hires pass, of another length,
   places its noise levels as its scheduler does (a schedule type applies to both, unless the
   hires scheduler has no such type: as A1111's "Use same scheduler", it then uses its own);
-  `hires.schedule_type` replaces whatever placed the first pass's."""
+  `hires.schedule_type` replaces whatever placed the first pass's. `denoising_end` /
+  `denoising_start` (with `handoff`, as `prepare`'s) hand the pass to a refiner at that point of
+  its schedule, as A1111's refiner in its hires pass ("Hires refiner: second pass"): the
+  model's part, or (`pipe` the refiner) the refiner's, which continues the model's latents."""
   hires.check()
   # Listed levels are the first pass's.
   scheduler_options = {k: v for k, v in (scheduler_options or {}).items()
@@ -2075,6 +2083,10 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   # A1111's own DDIM / PLMS / UniPC (the `a1111` form, where the hires sampler has it): their
   # img2img of t_enc = n - 1 (its sample_img2img with given steps), placed by the scheduler.
   a1111 = bool((scheduler_options or {}).get("a1111"))
+  handed = denoising_end is not None or denoising_start is not None
+  if a1111 and handed:
+    raise ValueError(f"A1111's own {scheduler or 'sampler'} plans its hires pass as img2img: no "
+                     "refiner in it (pick another hires sampler)")
   if a1111:
     scheduler_options = {**scheduler_options, schedulers.A1111_IMG2IMG: n - 1}
   name = scheduler or schedulers.default_scheduler_name(pipe.scheduler_config)
@@ -2088,14 +2100,23 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                         scheduler_options=scheduler_options, control=control,
                         control_guess=control_guess, rng=rng, ensd=ensd,
                         seed_resize_from=seed_resize_from, step_rng=step_rng,
-                        seed_high=seed_high)
+                        seed_high=seed_high, denoising_end=denoising_end,
+                        denoising_start=denoising_start, handoff=handoff)
   begin = 0 if a1111 or planned else spec.scheduler.step_position(state, total - n)
+  if spec.end is not None and begin >= spec.end:
+    raise ValueError(f"refiner_start {denoising_end} leaves the model none of the hires pass's "
+                     f"{n} steps (the refiner would make them all): give a later refiner_start "
+                     "or a higher hires strength")
+  if denoising_start is not None:  # the refiner's part: from the handoff, the latents as given
+    begin, extra_noise = max(begin, spec.begin), 0.0
   # the first pass's tree device, where the hires sampler (maybe another) draws from a tree
-  spec, state = _with_brownian(spec, state, brownian, begin, None)
+  spec, state = _with_brownian(spec, state, brownian, begin, spec.end)
   if not (isinstance(extra_noise, int | float | np.floating) and 0 <= extra_noise < math.inf):
     raise ValueError(f"extra_noise must be a number >= 0, got {extra_noise!r}")
   return dataclasses.replace(spec, begin=begin, extra_noise=float(extra_noise),
-                             upscale=hires.upscale, upscale_crop=crop,
+                             upscale=None if denoising_start is not None else hires.upscale,
+                             upscale_crop=None if denoising_start is not None else crop,
+                             hires_pass=denoising_start is not None,
                              fixed_guidance=None if hires.guidance_scale is None else float(
                                  hires.guidance_scale)), state
 
@@ -2262,9 +2283,14 @@ def generate(
   if hires is None and (hires_prompts is not prompts or hires_negatives is not negatives):
     raise ValueError("hires_prompts and hires_negative_prompts are the hires pass's: give "
                      "hires_scale too")
-  if hires is not None and (init_images is not None or refiner is not None):
-    raise ValueError("hires= follows a text-to-image run; it does not take init_images or "
-                     "refiner=")
+  if hires is not None and init_images is not None:
+    raise ValueError("hires= follows a text-to-image run; it does not take init_images")
+  if hires is not None and refiner is not None:  # it takes the hires pass over from the model
+    if hires_model is not None:
+      raise ValueError("refiner= takes the hires pass over from the model: not with hires_model")
+    if is_step_count(refiner_start):
+      raise ValueError("refiner_start as a number of steps is the first pass's: with the hires "
+                       "fix, whose pass the refiner takes over, give a fraction of its schedule")
   if hires_model is not None:
     if hires is None:
       raise ValueError("hires_model is the hires pass's model: give hires_scale too")
@@ -2313,11 +2339,14 @@ def generate(
                      "init_images or hires_scale too")
   if noise_batch != 1 and variation is not None:
     raise ValueError("noise_batch and variation seeds (subseed) do not go together")
+  # A refiner takes over the first pass, or with the hires fix the hires pass (as A1111's does by
+  # default, its "Hires refiner: second pass").
+  first_handoff = refiner is not None and hires is None
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
                         noise_multiplier=noise_multiplier, extra_noise=extra_noise,
                         noise_batch=noise_batch,
-                        denoising_end=refiner_start if refiner is not None else None,
-                        handoff=refiner_switch if refiner is not None else "diffusers",
+                        denoising_end=refiner_start if first_handoff else None,
+                        handoff=refiner_switch if first_handoff else "diffusers",
                         inpaint=mask_images is not None, masked_content=masked_content,
                         control=controlnet is not None,
                         control_guess=controlled is not None and uses_guess_mode(
@@ -2339,10 +2368,15 @@ def generate(
                                                pipe, inpainting_mask_weight)),
                        state, cfg_skip, steps)
   if hires is not None:  # checked before the first pass runs
+    hires_common = {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
+        pipe.scheduler_config)}
+    handed = {} if refiner is None else dict(denoising_end=refiner_start, handoff=refiner_switch)
     hires_stage = prepare_hires(second, n, hires, control=spec.control,
-                                control_guess=spec.control_guess, extra_noise=extra_noise, **{
-                                    **common, "scheduler": scheduler or
-                                    schedulers.default_scheduler_name(pipe.scheduler_config)})
+                                control_guess=spec.control_guess, extra_noise=extra_noise,
+                                **handed, **hires_common)
+    if refiner is not None:
+      refiner_stage = prepare_hires(refiner, n, hires, denoising_start=refiner_start,
+                                    handoff=refiner_switch, **hires_common)
     hires_pag = pag if pag is None or hires_model is None else perturbed_guidance(
         hires_model, pag_scale, pag_adaptive_scale, pag_applied_layers)
     hires_stage = (with_cfg_skip(dataclasses.replace(
@@ -2413,6 +2447,14 @@ def generate(
                       hires_control_images, hires_spec, hires_state))
   if refiner is None:
     return np.asarray(out)
+  if hires is not None:  # the refiner's part of the hires pass, at its size, with its prompts
+    out, carried = out if hires_spec.output_state else (out, None)
+    return np.asarray(_refine(
+        refiner, out, hires_prompts, hires_negatives, seeds, noise, scalars, micro,
+        {"steps": hires.steps or steps, **dict(zip(("height", "width"), hires.size(
+            pipe, height, width), strict=True))}, refiner_start, a1111, spec.tiling,
+        stream_draws(hires_spec, len(hires_state.timesteps)), cfg_skip, carried,
+        (dataclasses.replace(refiner_stage[0], noise_batch=spec.noise_batch), refiner_stage[1])))
   out, carried = out if spec.output_state else (out, None)
   return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
                             {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
@@ -2696,13 +2738,14 @@ def _init_input(init_images, mask_images):
 
 def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, common,
             refiner_start, a1111=None, tiling: str = "", rng_offset: int = 0,
-            cfg_skip: CfgSkip | None = None, carried=None):
+            cfg_skip: CfgSkip | None = None, carried=None, stage=None):
   """The ensemble-of-experts second stage: the refiner continues the base's latents on device
   (and its images' generators, after the base's `rng_offset` draws; with `carried`, the base's
-  scheduler state at the switch, A1111's, its sampler)."""
+  scheduler state at the switch, A1111's, its sampler). `stage`: the refiner's (spec, state)
+  prepared already (its part of the hires pass), `common` then giving its steps and size."""
   if latent_channels(refiner) != latents.shape[-1]:
     raise ValueError("the refiner's latents do not match the base model's")
-  spec, state = prepare(refiner, len(prompts), denoising_start=refiner_start, **common)
+  spec, state = stage or prepare(refiner, len(prompts), denoising_start=refiner_start, **common)
   spec = with_cfg_skip(dataclasses.replace(spec, tiling=tiling, rng_offset=rng_offset), state,
                        cfg_skip, common["steps"])
   size = (common["height"], common["width"])

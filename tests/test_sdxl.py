@@ -273,32 +273,51 @@ def test_torch_generators_through_the_refiner_match_diffusers(pipes):
   assert err <= 1e-5
 
 
-def test_hires_fix_matches_diffusers(pipes):
-  """hires_scale on SDXL: diffusers' text-to-image to latents, torch's interpolate, then its
-  img2img pipeline (the base's components) on those latents for the steps A1111 runs, with our
-  draws of the second pass's noise. The default original / target sizes of the second pass are
-  its own size, as A1111 conditions its hires pass: the reference's default for its image."""
-  ref, _, pipe, _, _ = pipes
+HIRES_COMMON = dict(negative_prompt=NEGATIVES, guidance_scale=GUIDANCE,
+                    crops_coords_top_left=(4, 8))
+
+
+def _diffusers_hires(pipes, noise, seed, hires_steps, strength, refiner_start=None):
+  """diffusers' text-to-image (4 euler steps) to latents, torch's interpolate, then its img2img
+  pipeline of the base on those latents for the steps A1111 runs (the last `hires_steps` of
+  int(hires_steps / strength)), with our draws of the second pass's noise; with
+  `refiner_start`, that pipeline's `denoising_end` and the refiner's img2img pipeline from its
+  latents with `denoising_start`. Returns (images, the hires size)."""
+  ref, ref_refiner, pipe, refiner, _ = pipes
   _set_scheduler(ref, "euler", pipe.scheduler_config)
+  _set_scheduler(ref_refiner, "euler", refiner.scheduler_config)
   img_pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**ref.components)
   img_pipe.set_progress_bar_config(disable=True)
-  noise, seed, hires_steps, strength = randn(2, 8, 12, 4, seed=6), 9, 3, 0.6
   total = int(hires_steps / strength)
-  hires = sampling.Hires(1.5, hires_steps, strength)
-  h, w = hires.size(pipe, H, W)
-  assert (h, w) != (H, W) and h / H != w / W  # rounded to the model's size multiple
+  h, w = sampling.Hires(1.5, hires_steps, strength).size(pipe, H, W)
   latent_hw = (h // pipe.vae_scale, w // pipe.vae_scale)
   keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, 2)))
   second = nchw(np.asarray(sampling._keyed_noise(keys, sampling._HIRES_NOISE, (*latent_hw, 4))))  # noqa: SLF001
   module = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img"
-  common = dict(negative_prompt=NEGATIVES, guidance_scale=GUIDANCE, crops_coords_top_left=(4, 8))
   with torch.no_grad():
     first = ref(PROMPTS, height=H, width=W, num_inference_steps=4, latents=nchw(noise),
-                output_type="latent", **common).images
+                output_type="latent", **HIRES_COMMON).images
     enlarged = torch.nn.functional.interpolate(first, size=latent_hw, mode="bilinear")
+    handed = refiner_start is not None
     with mock.patch(f"{module}.randn_tensor", lambda *a, **k: second):
-      expected = img_pipe(PROMPTS, image=enlarged, strength=(hires_steps + 0.5) / total,
-                          num_inference_steps=total, output_type="np", **common).images
+      images = img_pipe(PROMPTS, image=enlarged, strength=(hires_steps + 0.5) / total,
+                        num_inference_steps=total, denoising_end=refiner_start,
+                        output_type="latent" if handed else "np", **HIRES_COMMON).images
+    if handed:
+      images = ref_refiner(PROMPTS, image=images, num_inference_steps=total,
+                           denoising_start=refiner_start, output_type="np",
+                           **HIRES_COMMON).images
+  return images, (h, w)
+
+
+def test_hires_fix_matches_diffusers(pipes):
+  """hires_scale on SDXL as diffusers' pipelines make it (`_diffusers_hires`). The default
+  original / target sizes of the second pass are its own size, as A1111 conditions its hires
+  pass: the reference's default for its image."""
+  pipe = pipes[2]
+  noise, seed, hires_steps, strength = randn(2, 8, 12, 4, seed=6), 9, 3, 0.6
+  expected, (h, w) = _diffusers_hires(pipes, noise, seed, hires_steps, strength)
+  assert (h, w) != (H, W) and h / H != w / W  # rounded to the model's size multiple
   ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=4, guidance_scale=GUIDANCE,
                        scheduler="euler", height=H, width=W, latents=noise, seed=seed,
                        crops_coords_top_left=(4, 8), hires_scale=1.5, hires_steps=hires_steps,
@@ -307,6 +326,41 @@ def test_hires_fix_matches_diffusers(pipes):
   err = rel_err(ours, expected)
   print(f"\nhires: {err:.2e}")
   assert err <= GENERATE_TOL
+
+
+def test_hires_fix_with_refiner_matches_diffusers(pipes):
+  """refiner= with the hires fix takes the hires pass over, as A1111's refiner does by default
+  ("Hires refiner: second pass"): the first pass the base's alone, then the base's img2img
+  pipeline with denoising_end=0.7 and the refiner's with denoising_start=0.7 on its latents,
+  over the hires pass's schedule (the last 3 of 5 steps; `_diffusers_hires`). A refiner that is
+  the base itself, switched at 0.8 as A1111 switches inside the hires pass's sampler loop
+  (DPM++ SDE: between a step's two calls), makes the base's image (its history and the pass's
+  step noise run on)."""
+  pipe, refiner = pipes[2:4]
+  noise, seed, hires_steps, strength = randn(2, 8, 12, 4, seed=7), 9, 3, 0.6
+  expected, (h, w) = _diffusers_hires(pipes, noise, seed, hires_steps, strength, 0.7)
+  kw = dict(negative_prompts=NEGATIVES, steps=4, guidance_scale=GUIDANCE, height=H, width=W,
+            crops_coords_top_left=(4, 8), hires_scale=1.5, hires_steps=hires_steps,
+            hires_strength=strength)
+  ours = pipe.generate(PROMPTS, scheduler="euler", latents=noise, seed=seed, refiner=refiner,
+                       refiner_start=0.7, **kw)
+  assert ours.shape == (2, h, w, 3)
+  err = rel_err(ours, expected)
+  print(f"\nhires + refiner: {err:.2e}")
+  assert err <= GENERATE_TOL
+  sde = dict(kw, scheduler="dpmpp_sde_karras", seed=seed)
+  spec, state = sampling.prepare_hires(pipe, 2, sampling.Hires(1.5, hires_steps, strength),
+                                       steps=4, scheduler="dpmpp_sde_karras", height=H, width=W,
+                                       guidance_scale=GUIDANCE, denoising_end=0.8,
+                                       handoff="a1111")
+  assert spec.begin < spec.end and not spec.scheduler.starts_step(state, spec.end)
+  np.testing.assert_allclose(
+      pipe.generate(PROMPTS, refiner=pipe, refiner_start=0.8, refiner_switch="a1111", **sde),
+      pipe.generate(PROMPTS, **sde), atol=1e-6)
+  with pytest.raises(ValueError, match="refiner_start as a number of steps is the first pass's"):
+    pipe.generate(PROMPTS, refiner=refiner, refiner_start=2, **sde)
+  with pytest.raises(ValueError, match="leaves the model none of the hires pass's 3 steps"):
+    pipe.generate(PROMPTS, refiner=refiner, refiner_start=0.3, **sde)
 
 
 # The handoff test's shapes: jit's cache is warm when the whole module runs.
