@@ -259,11 +259,12 @@ def _compile_afresh(jitted, args):
     compilation_cache.reset_cache()
 
 
-def sampler_statics(spec, pipe, refiner=None) -> str:
+def sampler_statics(spec, pipe, refiner=None, *more) -> str:
   """What fixes a sampling program beside its arguments: the spec and the networks' configs
-  (and an SDXL refiner stage's: `(spec, pipeline)`)."""
+  (and its later stages': an SDXL refiner's or the hires pass's `(spec, pipeline)`, then the
+  refiner's of that pass)."""
   stage = None if refiner is None else (refiner[0], refiner[1].networks)
-  return repr((spec, pipe.networks, stage))
+  return repr((spec, pipe.networks, stage, *((s, p.networks) for s, p in more)))
 
 
 def _save(path: str, key: str, compiled, args) -> None:

@@ -127,7 +127,9 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
   pixel upscaler) `cond` and `state` are (first pass, hires pass) pairs; a ControlNet steers
   both, `f(..., control_images, scale, weights, hires_control_images, hires_weights)`; with
   `hires_pipe` (another model for the hires pass) `params` are (first pass, hires pass) pairs
-  too.
+  too. With both `hires` and `refiner` the refiner takes the hires pass over (`hires` ending in
+  latents): `cond` and `state` are triples (first pass, hires pass, refiner), `params` the
+  (model, refiner) pair.
   """
   latent_shape = (*spec.latent_hw, sampling.latent_channels(pipe))
   nets = pipe.networks
@@ -144,12 +146,20 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
         hires_control = (extra[-2], control[1], extra[-1])
     noise = sampling.initial_noise(seeds, latent_shape)
     if hires is not None:
-      first, second = (params, params) if hires_pipe is None else params
+      first, second = ((params, params) if hires_pipe is None and refiner is None
+                       else (params[0],) * 2 if hires_pipe is None else params)
       latents = sampling.sample_fn(spec, nets, first, cond[0], seeds, noise, guidance_scale,
                                    guidance_rescale, init, state[0], cfg_axis, control)
-      return sampling.sample_fn(hires, nets if hires_pipe is None else hires_pipe.networks,
-                                second, cond[1], seeds, noise, guidance_scale,
-                                guidance_rescale, latents, state[1], cfg_axis, hires_control)
+      out = sampling.sample_fn(hires, nets if hires_pipe is None else hires_pipe.networks,
+                               second, cond[1], seeds, noise, guidance_scale,
+                               guidance_rescale, latents, state[1], cfg_axis, hires_control)
+      if refiner is None:
+        return out
+      carried = state[2]
+      if hires.output_state:  # A1111's switch: the hires pass's sampler runs on into the refiner
+        out, carried = out
+      return sampling.sample_fn(refiner[0], refiner[1].networks, params[1], cond[2], seeds,
+                                noise, guidance_scale, guidance_rescale, out, carried, cfg_axis)
     if refiner is None:
       return sampling.sample_fn(spec, nets, params, cond, seeds, noise, guidance_scale,
                                 guidance_rescale, init, state, cfg_axis, control)

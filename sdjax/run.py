@@ -533,8 +533,11 @@ def validate(cfg: RunConfig) -> None:
       _hires(cfg).check()
     except ValueError as e:
       raise RunError(f"--hires_*: {e}") from None
-    if cfg.refiner is not None:
-      raise RunError("--hires_scale and --refiner do not go together")
+    if cfg.refiner is not None and cfg.hires_model is not None:
+      raise RunError("--refiner takes the hires pass over from the model: not with --hires_model")
+    if cfg.refiner is not None and sampling.is_step_count(cfg.refiner_start):
+      raise RunError("--refiner_start as a number of steps is the first pass's: with the hires "
+                     "fix, whose pass the refiner takes over, give a fraction of its schedule")
   elif cfg.hires_guidance_scale:
     raise RunError("--hires_guidance_scale is the hires pass's: give --hires_scale or "
                    "--hires_resize_* too")
@@ -1478,9 +1481,9 @@ class _Sampler:
   def _with_second(self, params, hires_params):
     """The program's params from the base's and the hires model's (None: no hires model): the
     pair when there is a second model; a model upscaler's weights in the hires pass's."""
-    if self.refiner_pipe is not None:
-      return params, self.refiner_pipe.params
     hires = _hires(self.cfg)
+    if self.refiner_pipe is not None:
+      return params if hires is None else hires.params(params), self.refiner_pipe.params
     if hires_params is not None:
       return params, hires.params(hires_params)
     return params if hires is None else hires.params(params)
@@ -1543,10 +1546,13 @@ class _Sampler:
                               noise_multiplier=cfg.noise_multiplier if img2img else 1.0,
                               extra_noise=cfg.extra_noise if img2img else 0.0), True
       try:
-        spec, state = sampling.prepare(pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
-                                       denoising_end=cfg.refiner_start if refiner else None,
-                                       handoff=cfg.refiner_switch if refiner else "diffusers",
-                                       noise_batch=cfg.noise_batch)
+        # a refiner takes over the first pass, or the hires pass (A1111's "second pass")
+        first_handoff = refiner is not None and hires is None
+        spec, state = sampling.prepare(
+            pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
+            denoising_end=cfg.refiner_start if first_handoff else None,
+            handoff=cfg.refiner_switch if first_handoff else "diffusers",
+            noise_batch=cfg.noise_batch)
       except ValueError as e:
         what = {None: "text-to-image", "img2img": "img2img", "inpaint": "inpainting"}[kind]
         raise RunError(f"{what} lines: {e}") from None
@@ -1569,7 +1575,7 @@ class _Sampler:
       except ValueError as e:
         raise RunError(f"--s_min_uncond / --skip_early_cond: {e}") from None
       host_state, stage = state, None
-      if refiner is not None:  # the second stage runs in the same program
+      if refiner is not None and hires is None:  # the second stage runs in the same program
         stage_spec, stage_state = sampling.prepare(refiner, cfg.batch_size, **common,
                                                    denoising_start=cfg.refiner_start,
                                                    handoff=cfg.refiner_switch)
@@ -1579,10 +1585,17 @@ class _Sampler:
             stage_state, refiner)
         state, stage = (state, refiner[1]), refiner[::2]
       if hires is not None:  # so does the hires pass
+        handed = {} if refiner is None else dict(denoising_end=cfg.refiner_start,
+                                                 handoff=cfg.refiner_switch)
         try:
+          if refiner is not None:  # the refiner's part of the hires pass
+            stage_spec, stage_state = sampling.prepare_hires(
+                refiner, cfg.batch_size, hires, denoising_start=cfg.refiner_start,
+                handoff=cfg.refiner_switch, **common)
+          hires_settings = hires
           hires = sampling.prepare_hires(self.hires_pipe or pipe, cfg.batch_size, hires,
                                          control=spec.control, extra_noise=cfg.extra_noise,
-                                         control_guess=spec.control_guess, **common)
+                                         control_guess=spec.control_guess, **handed, **common)
           hires = (sampling.with_cfg_skip(dataclasses.replace(
               hires[0], control_modes=spec.control_modes, pag=_pag(cfg, self.hires_pipe or pipe),
               freeu=spec.freeu, tiling=spec.tiling, token_merging=_hires_merging(cfg)),
@@ -1594,13 +1607,19 @@ class _Sampler:
         # as generate: the second pass's noise from the batch's draws too
         hires = (dataclasses.replace(hires[0], noise_batch=spec.noise_batch), hires[1])
         state = (state, hires[1])
+        if refiner is not None:
+          refiner = (sampling.with_cfg_skip(dataclasses.replace(
+              stage_spec, tiling=spec.tiling, noise_batch=spec.noise_batch,
+              rng_offset=sampling.stream_draws(hires[0], len(hires[1].timesteps))),
+              stage_state, _cfg_skip(cfg), hires_settings.steps or steps), stage_state, refiner)
+          state, stage = (*state, stage_state), refiner[::2]
       self.programs[key] = _Program(
           spec, host_state, parallel.replicate(state, self.mesh),
           parallel.sharded_sampler(self.mesh, spec, pipe, stage,
                                    hires=None if hires is None else hires[0],
                                    hires_pipe=self.hires_pipe),
-          aot.sampler_statics(spec, pipe, stage if hires is None else (
-              hires[0], self.hires_pipe or pipe)),
+          aot.sampler_statics(spec, pipe, *([stage] if hires is None else [
+              (hires[0], self.hires_pipe or pipe)] + ([stage] if stage else []))),
           refiner, steps, hires)
       if spec.control:  # (scales, weights per call[, the hires pass's weights])
         scales, starts, ends = _per_controlnet(cfg)
@@ -1629,7 +1648,7 @@ class _Sampler:
     for them (SDXL base). A1111 buckets agree across processes (the hires pass's schedules may
     need more variants than the first pass's: both take the larger)."""
     cond = self._make_conditioning(program, jobs, size, self._a1111(program), ip)
-    each = [sampling.input_sizes(c) for c in (cond if program.hires is not None else
+    each = [sampling.input_sizes(c) for c in (cond[:2] if program.hires is not None else
                                               [cond[0] if program.stages else cond])]
     if each[0] is not None and jax.process_count() > 1:
       agreed = tuple(parallel.max_over_processes(max(n)) for n in zip(*each, strict=True))
@@ -1671,18 +1690,27 @@ class _Sampler:
         a1111 = sampling.a1111_continued(a1111, spec, state,
                                          self.cfg.hires_steps or program.steps,
                                          base_steps=a1111.steps)
-      return cond, sampling.with_ip_images(sampling.make_conditioning(
+      hires_size = _hires(self.cfg).size(self.pipe, *size)
+      hires_cond = sampling.with_ip_images(sampling.make_conditioning(
           self.hires_pipe or self.pipe, second[0], second[1], prompts_2=second[2],
-          negative_prompts_2=second[3], micro=self.cfg.micro,
-          size=_hires(self.cfg).size(self.pipe, *size), a1111=a1111), ip)
+          negative_prompts_2=second[3], micro=self.cfg.micro, size=hires_size, a1111=a1111), ip)
+      if program.refiner is None:
+        return cond, hires_cond
+      return cond, hires_cond, self._refiner_conditioning(
+          program, second[0], second[1], hires_size, a1111, self.cfg.hires_steps or program.steps)
     if program.refiner is None:
       return cond
+    return cond, self._refiner_conditioning(program, prompts, negatives, size, a1111,
+                                            program.steps)
+
+  def _refiner_conditioning(self, program, prompts, negatives, size, a1111, steps):
+    """The refiner stage's conditioning (at `size`; `a1111`: the stage before it's settings)."""
     spec, state, refiner = program.refiner
     if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
-      a1111 = sampling.a1111_continued(a1111, spec, state, program.steps,
-                                       first_call=a1111.calls, sizes=None)
-    return cond, sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
-                                            size=size, img2img=True, a1111=a1111)
+      a1111 = sampling.a1111_continued(a1111, spec, state, steps, first_call=a1111.calls,
+                                       sizes=None)
+    return sampling.make_conditioning(refiner, prompts, negatives, micro=self.cfg.micro,
+                                      size=size, img2img=True, a1111=a1111)
 
   @staticmethod
   def _check_hires_loras(jobs, hires_texts) -> None:

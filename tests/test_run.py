@@ -129,8 +129,13 @@ def test_hires_fix_run(model, cache, tmp_path):
     assert np.abs(alone[0] * 255 - np.asarray(png, np.float32)).max() <= 1.0
   with pytest.raises(run.RunError, match="--hires_prompt and --hires_negative_prompt are the "):
     run.generate_run(dataclasses.replace(config, hires_scale=0.0))
-  with pytest.raises(run.RunError, match="--hires_scale and --refiner do not go together"):
-    run.generate_run(dataclasses.replace(config, refiner="x"))
+  # A refiner takes the hires pass over (tests/test_sdxl.py): not another model's, nor after a
+  # number of the first pass's steps.
+  with pytest.raises(run.RunError, match="--refiner takes the hires pass over from the model: "
+                     "not with --hires_model"):
+    run.generate_run(dataclasses.replace(config, refiner="x", hires_model="y"))
+  with pytest.raises(run.RunError, match="--refiner_start as a number of steps is the first "):
+    run.generate_run(dataclasses.replace(config, refiner="x", refiner_start=2))
 
 
 def test_hires_schedule_type_run(model, cache, tmp_path):

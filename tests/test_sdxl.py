@@ -496,6 +496,38 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   assert np.abs(np.asarray(remade, np.int16) - np.asarray(png, np.int16)).max() <= 1
 
 
+def test_run_with_hires_fix_and_refiner(pipes, tmp_path):
+  """main.py's run with the hires fix and a refiner: the refiner takes the hires pass over in
+  the same sharded program (A1111's switch here, between a DPM++ SDE step's two calls; a line's
+  hires prompt its prompt); each image is generate()'s, and its PNG says both."""
+  import json
+
+  from PIL import Image
+
+  from sdjax import outputs, run
+
+  _, _, base, refiner, folder = pipes
+  cfg = run.RunConfig(
+      prompts=(run.PromptLine("a cat", hires_prompt="a lion"), run.PromptLine("a dog")),
+      model=os.path.join(folder, "base"), refiner=os.path.join(folder, "refiner"),
+      refiner_start=0.6, refiner_switch="a1111", steps=4, guidance_scale=GUIDANCE,
+      scheduler="dpmpp_sde", height=H, width=W, seed=5, batch_size=2,
+      hires_scale=1.5, hires_steps=3, hires_strength=0.6, output_dir=str(tmp_path / "out"),
+      compilation_cache="", show_progress=False)
+  assert run.generate_run(cfg).images == 2
+  records = [json.loads(line) for line in open(tmp_path / "out" / "manifest.jsonl")]
+  expected = base.generate(["a cat", "a dog"], seed=5, refiner=refiner, refiner_start=0.6,
+                           refiner_switch="a1111", steps=4, guidance_scale=GUIDANCE,
+                           scheduler="dpmpp_sde", height=H, width=W, hires_scale=1.5,
+                           hires_steps=3, hires_strength=0.6, hires_prompts=["a lion", "a dog"])
+  for record, image in zip(records, expected, strict=True):
+    png = Image.open(tmp_path / "out" / record["file"])
+    assert np.abs(np.asarray(png, np.float32) / 255 - image).max() <= 1 / 255 + 1e-6
+    params = outputs.parse_a1111_parameters(png.text["parameters"])
+    assert params["Refiner switch at"] == "0.6" and params["Hires upscale"] == "1.5"
+    assert record["refiner"] == cfg.refiner and record["hires"]["steps"] == 3
+
+
 def test_run_second_prompts(pipes, tmp_path):
   """main.py's prompt_2 / negative_prompt_2 (diffusers' second encoder's prompts): a jsonl
   line's own, else the run's, else the prompt; recorded in manifest and PNG (sdjax's fields
