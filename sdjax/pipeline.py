@@ -584,7 +584,8 @@ class Pipeline:
         `hires_prompts` / `hires_negative_prompts` (A1111's "Hires prompt", per prompt or one
         for all; with SDXL, both encoders') are given; both passes stay on device. SDXL's
         default original and target sizes are each pass's own (as A1111 conditions its hires pass);
-        a `refiner` takes the hires pass over (see `refiner`). `hires_model` (A1111's Hires checkpoint): another pipeline of the
+        a `refiner` takes the hires pass over (see `refiner`). `hires_model` (A1111's Hires
+        checkpoint): another pipeline of the
         same latents (an SD1 fine-tune after an SD1 model, say) runs the second pass: its UNet,
         text encoders (the prompts encoded again), schedule and VAE (the decode); the
         ControlNets and IP-Adapters given steer it too, LoRAs merged into it only if its
