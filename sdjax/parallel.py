@@ -146,8 +146,8 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
         hires_control = (extra[-2], control[1], extra[-1])
     noise = sampling.initial_noise(seeds, latent_shape)
     if hires is not None:
-      first, second = ((params, params) if hires_pipe is None and refiner is None
-                       else (params[0],) * 2 if hires_pipe is None else params)
+      model = params if refiner is None else params[0]  # (a refiner: not with hires_pipe)
+      first, second = (model, model) if hires_pipe is None else params
       latents = sampling.sample_fn(spec, nets, first, cond[0], seeds, noise, guidance_scale,
                                    guidance_rescale, init, state[0], cfg_axis, control)
       out = sampling.sample_fn(hires, nets if hires_pipe is None else hires_pipe.networks,

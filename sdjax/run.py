@@ -1592,7 +1592,6 @@ class _Sampler:
             stage_spec, stage_state = sampling.prepare_hires(
                 refiner, cfg.batch_size, hires, denoising_start=cfg.refiner_start,
                 handoff=cfg.refiner_switch, **common)
-          hires_settings = hires
           hires = sampling.prepare_hires(self.hires_pipe or pipe, cfg.batch_size, hires,
                                          control=spec.control, extra_noise=cfg.extra_noise,
                                          control_guess=spec.control_guess, **handed, **common)
@@ -1611,7 +1610,7 @@ class _Sampler:
           refiner = (sampling.with_cfg_skip(dataclasses.replace(
               stage_spec, tiling=spec.tiling, noise_batch=spec.noise_batch,
               rng_offset=sampling.stream_draws(hires[0], len(hires[1].timesteps))),
-              stage_state, _cfg_skip(cfg), hires_settings.steps or steps), stage_state, refiner)
+              stage_state, _cfg_skip(cfg), cfg.hires_steps or steps), stage_state, refiner)
           state, stage = (*state, stage_state), refiner[::2]
       self.programs[key] = _Program(
           spec, host_state, parallel.replicate(state, self.mesh),

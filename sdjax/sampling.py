@@ -2087,6 +2087,9 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   if a1111 and handed:
     raise ValueError(f"A1111's own {scheduler or 'sampler'} plans its hires pass as img2img: no "
                      "refiner in it (pick another hires sampler)")
+  if handed and is_step_count(denoising_start if denoising_end is None else denoising_end):
+    raise ValueError("refiner_start as a number of steps is the first pass's: with the hires "
+                     "fix, whose pass the refiner takes over, give a fraction of its schedule")
   if a1111:
     scheduler_options = {**scheduler_options, schedulers.A1111_IMG2IMG: n - 1}
   name = scheduler or schedulers.default_scheduler_name(pipe.scheduler_config)
@@ -2285,12 +2288,8 @@ def generate(
                      "hires_scale too")
   if hires is not None and init_images is not None:
     raise ValueError("hires= follows a text-to-image run; it does not take init_images")
-  if hires is not None and refiner is not None:  # it takes the hires pass over from the model
-    if hires_model is not None:
-      raise ValueError("refiner= takes the hires pass over from the model: not with hires_model")
-    if is_step_count(refiner_start):
-      raise ValueError("refiner_start as a number of steps is the first pass's: with the hires "
-                       "fix, whose pass the refiner takes over, give a fraction of its schedule")
+  if hires is not None and refiner is not None and hires_model is not None:
+    raise ValueError("refiner= takes the hires pass over from the model: not with hires_model")
   if hires_model is not None:
     if hires is None:
       raise ValueError("hires_model is the hires pass's model: give hires_scale too")
@@ -2449,10 +2448,11 @@ def generate(
     return np.asarray(out)
   if hires is not None:  # the refiner's part of the hires pass, at its size, with its prompts
     out, carried = out if hires_spec.output_state else (out, None)
+    h, w = hires.size(pipe, height, width)
     return np.asarray(_refine(
         refiner, out, hires_prompts, hires_negatives, seeds, noise, scalars, micro,
-        {"steps": hires.steps or steps, **dict(zip(("height", "width"), hires.size(
-            pipe, height, width), strict=True))}, refiner_start, a1111, spec.tiling,
+        {"steps": hires.steps or steps, "height": h, "width": w}, refiner_start, a1111,
+        spec.tiling,
         stream_draws(hires_spec, len(hires_state.timesteps)), cfg_skip, carried,
         (dataclasses.replace(refiner_stage[0], noise_batch=spec.noise_batch), refiner_stage[1])))
   out, carried = out if spec.output_state else (out, None)
