@@ -212,7 +212,8 @@ flags.DEFINE_float("hires_strength", 0.7, "hires fix: the second pass's denoisin
 flags.DEFINE_string("hires_upscaler", "latent",
                     "hires fix: A1111's latent upscalers (latent = Latent, bilinear; "
                     "latent-bicubic-antialiased = Latent (bicubic antialiased), ...), its pixel "
-                    "ones lanczos, nearest and none (the decoded images resized as PIL does), or "
+                    "ones lanczos, nearest and none (the decoded images resized as PIL does; "
+                    "A1111's names, 'Lanczos', 'Latent (bicubic)', are taken too), or "
                     "an ESRGAN / Real-ESRGAN model: a .pth / .safetensors file, or its name in "
                     "--upscaler_dir ('R-ESRGAN 4x+', '4x-UltraSharp': A1111's names)")
 flags.DEFINE_string("upscaler_dir", None, "folder of ESRGAN / Real-ESRGAN upscaler files "
@@ -428,7 +429,8 @@ def _run_config() -> run.RunConfig:
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,
       image_quality=FLAGS.image_quality, webp_lossless=FLAGS.webp_lossless,
       hires_scale=FLAGS.hires_scale, hires_steps=FLAGS.hires_steps,
-      hires_strength=FLAGS.hires_strength, hires_upscaler=FLAGS.hires_upscaler,
+      hires_strength=FLAGS.hires_strength,
+      hires_upscaler=sampling.hires_upscaler_key(FLAGS.hires_upscaler),
       upscaler_dir=FLAGS.upscaler_dir, upscaler_tile=FLAGS.upscaler_tile,
       upscaler_tile_overlap=FLAGS.upscaler_tile_overlap,
       hires_resize_width=FLAGS.hires_resize_width,
@@ -513,7 +515,8 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
     if flag not in settled:
       print(f"warning: {path}: {note}", file=sys.stderr)
   upscaler = applied.get("hires_upscaler")
-  if upscaler is not None and upscaler not in sampling.HIRES_UPSCALER_NAMES and (
+  if upscaler is not None and sampling.hires_upscaler_key(upscaler) not in (
+      sampling.HIRES_UPSCALER_NAMES) and (
       upscaling.find_upscaler_file(upscaler, FLAGS.upscaler_dir) is None):
     FLAGS["hires_upscaler"].parse("latent")
     where = f"in --upscaler_dir {FLAGS.upscaler_dir}" if FLAGS.upscaler_dir else (

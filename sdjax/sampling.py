@@ -1947,6 +1947,15 @@ HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-antialiased": "Latent (antia
                         "lanczos": "Lanczos", "nearest": "Nearest", "none": "None"}
 
 
+def hires_upscaler_key(name: str) -> str:
+  """sdjax's name of a hires upscaler given as sdjax or A1111 names it ("Lanczos", "Latent
+  (bicubic antialiased)"), in any case; any other name as it is (a model upscaler's file)."""
+  for key, label in HIRES_UPSCALER_NAMES.items():
+    if name.lower() in (key, label.lower()):
+      return key
+  return name
+
+
 def is_pixel_upscaler(upscaler) -> bool:
   """Whether a hires upscaler works on the first pass's images (else on its latents)."""
   return upscaler in upscaling.PIXEL_UPSCALERS or isinstance(upscaler, upscaling.ModelUpscaler)
@@ -1972,6 +1981,10 @@ class Hires:
   # A1111's Hires schedule type (sdjax's name, "karras", "align_your_steps", ...; "": the
   # scheduler's own placement, A1111's Automatic); None: the first pass's.
   schedule_type: str | None = None
+
+  def __post_init__(self):
+    if isinstance(self.upscaler, str):  # A1111's names too ("Lanczos")
+      object.__setattr__(self, "upscaler", hires_upscaler_key(self.upscaler))
 
   @property
   def in_latents(self) -> bool:

@@ -727,8 +727,11 @@ def test_model_hires_upscaler(model, cache, tmp_path):
        "--upscaler_tile_overlap", "2", "--output_dir", outs[0]],
       [*common, "--parameters_file", image, "--upscaler_dir", str(tmp_path / "upscalers"),
        "--upscaler_tile", "8", "--upscaler_tile_overlap", "2", "--output_dir", outs[1]],
-      [*common, "--parameters_file", image, "--output_dir", outs[2]]])
-  assert [code for code, _ in runs] == [0, 0, 0], runs
+      [*common, "--parameters_file", image, "--output_dir", outs[2]],
+      # A1111's name of the upscaler run 3 falls back to (its program: compiled already)
+      [*common, "--parameters_file", image, "--hires_upscaler", "Latent", "--output_dir",
+       str(tmp_path / "d")]])
+  assert [code for code, _ in runs] == [0, 0, 0, 0], runs
   params = outputs.parse_a1111_parameters(Image.open(image).text["parameters"])
   assert params["Hires upscaler"] == "R-ESRGAN 4x+"
   hires_record = json.load(open(os.path.join(outs[0], "run.json")))["hires"]
@@ -746,6 +749,8 @@ def test_model_hires_upscaler(model, cache, tmp_path):
       "Hires upscaler: Latent") == 1
   latent = _pixels(outs[2])[name].astype(np.int32)
   assert np.abs(latent - got).max() > 10  # the model made a difference
+  assert "warning" not in runs[3][1]  # the flag settles the file's upscaler
+  np.testing.assert_array_equal(_pixels(str(tmp_path / "d"))[name], latent)
 
 
 def test_vae_recorded_and_read_back(model, cache, tmp_path):

@@ -412,6 +412,20 @@ def test_noise_batch_as_comfyui(pipes):
       pipe.generate(prompts[:2], seed=40, noise_batch=2, **{**kw, **bad})
 
 
+def test_hires_upscaler_by_a1111s_name():
+  """A hires upscaler given as A1111 names it (its infotext, its UI) is sdjax's of that name;
+  any other name is left for a model upscaler's file."""
+  for name, key in (("Lanczos", "lanczos"), ("Latent (bicubic antialiased)",
+                                             "latent-bicubic-antialiased"),
+                    ("latent (Nearest-exact)", "latent-nearest-exact"), ("NONE", "none"),
+                    ("latent-bicubic", "latent-bicubic"), ("R-ESRGAN 4x+", "R-ESRGAN 4x+")):
+    assert sampling.hires_upscaler_key(name) == key
+  assert sampling.Hires(upscaler="Lanczos").upscaler == "lanczos"
+  assert not sampling.Hires(upscaler="Lanczos").in_latents
+  with pytest.raises(ValueError, match="unknown hires upscaler 'Lanczos3'"):
+    sampling.Hires(upscaler="Lanczos3").check()
+
+
 def test_hires_model_must_take_the_latents():
   """A hires model continues the first pass's latents: the same channels and VAE scale, and a
   text-to-image UNet (an inpainting one would want a mask)."""
