@@ -1,12 +1,12 @@
 """DEIS against diffusers' DEISMultistepScheduler, step by step, on a fake model: as is and with
-torch's square roots correctly rounded (`correctly_rounded_sqrt`); both agree bit for bit on this
-machine."""
+torch's square roots correctly rounded (`correctly_rounded_sqrt`); parity is held against
+the latter (the former depends on the CPU: `scheduler_harness.PLAIN_TOL`)."""
 
 from __future__ import annotations
 
 import pytest
 from diffusers import DEISMultistepScheduler as RefDEIS
-from scheduler_harness import integer_timestep_parity
+from scheduler_harness import PLAIN_TOL, integer_timestep_parity
 
 from sdjax import testing
 from sdjax.schedulers import SchedulerConfigError, default_scheduler_name, get_scheduler
@@ -37,7 +37,8 @@ def test_matches_diffusers(options, steps, strength):
   errors, ref = integer_timestep_parity(ours, lambda: RefDEIS.from_config(cfg), steps,
                                         strength=strength)
   print(f"deis {options}: {errors}")
-  assert max(errors) <= TOL, errors
+  plain, exact = errors
+  assert exact <= TOL and plain <= PLAIN_TOL, errors
 
 
 def test_config_resolves_as_diffusers():

@@ -1,13 +1,14 @@
 """DPM-Solver singlestep against diffusers' DPMSolverSinglestepScheduler, step by step, on a fake
 model (its SDE form with the same noise injected into both): as is and with torch's square roots
-correctly rounded (`correctly_rounded_sqrt`); both agree bit for bit on this machine."""
+correctly rounded (`correctly_rounded_sqrt`); parity is held against the
+latter (the former depends on the CPU: `scheduler_harness.PLAIN_TOL`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from diffusers import DPMSolverSinglestepScheduler as RefSinglestep
-from scheduler_harness import SHAPE, integer_timestep_parity
+from scheduler_harness import PLAIN_TOL, SHAPE, integer_timestep_parity
 
 from sdjax import testing
 from sdjax.schedulers import SchedulerConfigError, default_scheduler_name, get_scheduler
@@ -54,7 +55,8 @@ def test_matches_diffusers(options, steps, strength):
   errors, ref = integer_timestep_parity(ours, lambda: RefSinglestep.from_config(cfg), steps,
                                         strength=strength)
   print(f"dpmpp_2s {options}: {errors}")
-  assert max(errors) <= TOL, errors
+  plain, exact = errors
+  assert exact <= TOL and plain <= PLAIN_TOL, errors
   state = ours.set_timesteps(steps, sample_shape=SHAPE)
   assert np.asarray(state.orders).tolist() == ref.order_list
 
