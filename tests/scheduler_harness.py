@@ -165,7 +165,8 @@ def correctly_rounded_sqrt():
 def correctly_rounded(fn: str, x: torch.Tensor) -> torch.Tensor:
   """torch's float32 `fn` ("exp", "log", "tan") of `x`, correctly rounded (through float64, as
   sdjax's `common.exp_f32` / `log_f32` compute it)."""
-  wide = getattr(np, fn)(x.detach().numpy().astype(np.float64))
+  with np.errstate(divide="ignore", invalid="ignore"):  # log(0) = -inf, as torch's, silently
+    wide = getattr(np, fn)(x.detach().numpy().astype(np.float64))
   return torch.from_numpy(np.asarray(wide.astype(np.float32)))
 
 
