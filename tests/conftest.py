@@ -123,20 +123,20 @@ def cache():
   return _run_cache()
 
 
-# The longest files first (worker seconds, setup included, of a 2-worker run on this 2-core
-# machine on 2026-12-06, 18.4 min: main 334, sampling 293, controlnet 175, sdxl 134, run 130,
-# ip_adapter 114, train 102, prompts 87, inpaint 71, builtin 64, controlnet_union 53, adapter 49,
-# cfg_skip 45, brownian_tree 44, pag 42, unet 42, tiling 41, cfg_pp 34, nv_rng 31; the rest under
-# 25 each; session 38's files, timed alone: pix2pix ~150, upscaler_model ~80, depth ~60): xdist
-# hands whole files to workers in collection order, and a long file collected late (test_train,
-# then test_run) left one worker idle for minutes at the end.
-_LONGEST_FIRST = ("test_main.py", "test_sampling.py", "test_controlnet.py", "test_pix2pix.py",
-                  "test_sdxl.py", "test_run.py", "test_ip_adapter.py", "test_train.py",
-                  "test_prompts.py", "test_upscaler_model.py", "test_inpaint.py",
-                  "test_builtin.py", "test_depth.py", "test_controlnet_union.py",
-                  "test_adapter.py", "test_cfg_skip.py", "test_brownian_tree.py", "test_pag.py",
-                  "test_unet.py", "test_tiling.py", "test_cfg_pp.py", "test_nv_rng.py",
-                  "test_k_diffusion.py")
+# The longest files first (worker seconds, setup included, of a 2-worker run on a 2-core AMD
+# EPYC on 2026-12-07, 24.4 min: main 419, sampling 410, sdxl 195, controlnet 183, run 151,
+# prompts 145, ip_adapter 138, train 106, inpaint 86, nv_rng 78, brownian_tree 77, builtin 67,
+# controlnet_union 57, cfg_skip 54, adapter 51, pix2pix 49, tiling 48, pag 48, k_diffusion 40,
+# cfg_pp 40, token_merging 37, unet 33; the rest under 26 each): xdist hands whole files to
+# workers in collection order, and a long file collected late (test_train, then test_run) left
+# one worker idle for minutes at the end.
+_LONGEST_FIRST = ("test_main.py", "test_sampling.py", "test_sdxl.py", "test_controlnet.py",
+                  "test_run.py", "test_prompts.py", "test_ip_adapter.py", "test_train.py",
+                  "test_inpaint.py", "test_nv_rng.py", "test_brownian_tree.py", "test_builtin.py",
+                  "test_controlnet_union.py", "test_cfg_skip.py", "test_adapter.py",
+                  "test_pix2pix.py", "test_tiling.py", "test_pag.py", "test_k_diffusion.py",
+                  "test_cfg_pp.py", "test_token_merging.py", "test_unet.py",
+                  "test_upscaler_model.py", "test_freeu.py", "test_depth.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
