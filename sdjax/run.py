@@ -535,9 +535,11 @@ def validate(cfg: RunConfig) -> None:
       raise RunError(f"--hires_*: {e}") from None
     if cfg.refiner is not None and cfg.hires_model is not None:
       raise RunError("--refiner takes the hires pass over from the model: not with --hires_model")
-    if cfg.refiner is not None and sampling.is_step_count(cfg.refiner_start):
-      raise RunError("--refiner_start as a number of steps is the first pass's: with the hires "
-                     "fix, whose pass the refiner takes over, give a fraction of its schedule")
+    if cfg.refiner is not None:
+      try:
+        sampling.check_hires_handoff(cfg.refiner_start)
+      except ValueError as e:
+        raise RunError(f"--{e}") from None
   elif cfg.hires_guidance_scale:
     raise RunError("--hires_guidance_scale is the hires pass's: give --hires_scale or "
                    "--hires_resize_* too")

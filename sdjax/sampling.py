@@ -1558,6 +1558,13 @@ def is_step_count(at) -> bool:
   return isinstance(at, int | np.integer) and not isinstance(at, bool)
 
 
+def check_hires_handoff(at) -> None:
+  """A refiner taking the hires pass over starts at a fraction of its schedule, not a step."""
+  if is_step_count(at):
+    raise ValueError("refiner_start as a number of steps is the first pass's: with the hires "
+                     "fix, whose pass the refiner takes over, give a fraction of its schedule")
+
+
 def check_handoff(at, steps: int, name: str = "refiner_start") -> None:
   if not is_step_count(at):
     _check_fraction(at, name)
@@ -2100,9 +2107,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   if a1111 and handed:
     raise ValueError(f"A1111's own {scheduler or 'sampler'} plans its hires pass as img2img: no "
                      "refiner in it (pick another hires sampler)")
-  if handed and is_step_count(denoising_start if denoising_end is None else denoising_end):
-    raise ValueError("refiner_start as a number of steps is the first pass's: with the hires "
-                     "fix, whose pass the refiner takes over, give a fraction of its schedule")
+  if handed:
+    check_hires_handoff(denoising_start if denoising_end is None else denoising_end)
   if a1111:
     scheduler_options = {**scheduler_options, schedulers.A1111_IMG2IMG: n - 1}
   name = scheduler or schedulers.default_scheduler_name(pipe.scheduler_config)
