@@ -346,6 +346,10 @@ flags.DEFINE_enum("refiner_switch", "diffusers", ["diffusers", "a1111"], "SDXL: 
                   "starts afresh; a1111: AUTOMATIC1111's switch inside its sampler loop (from the "
                   "first call past the cutoff, the sampler's history and Brownian tree running "
                   "on)")
+flags.DEFINE_string("hires_refiner", "second pass", "SDXL with the hires fix: which pass "
+                    "--refiner finishes, as A1111's Hires refiner: 'second pass' (the hires pass), "
+                    "'first pass' (the first, as without the hires fix; the base runs the hires "
+                    "pass alone) or 'both passes' (or first / second / both)")
 flags.DEFINE_list("original_size", None, "SDXL micro-conditioning: HEIGHT,WIDTH "
                   "(default: the output size)")
 flags.DEFINE_list("crops_coords_top_left", ["0", "0"], "SDXL micro-conditioning: TOP,LEFT")
@@ -454,7 +458,7 @@ def _run_config() -> run.RunConfig:
                        for s in FLAGS.embedding)
       + (run.embeddings_in_dir(FLAGS.embeddings_dir) if FLAGS.embeddings_dir else ()),
       micro=_micro_conditioning(), scheduler_options=options,
-      refiner_switch=FLAGS.refiner_switch, **values)
+      refiner_switch=FLAGS.refiner_switch, hires_refiner=_hires_refiner(), **values)
 
 
 def _prompt_lines() -> tuple[run.PromptLine, ...]:
@@ -549,6 +553,13 @@ def _hires_schedule_type() -> str | None:
     return outputs.schedule_type_options(FLAGS.hires_schedule_type).get("schedule_type", "")
   except ValueError as e:
     raise run.RunError(f"--hires_schedule_type: {e}") from None
+
+
+def _hires_refiner() -> str:
+  try:
+    return sampling.hires_refiner_pass(FLAGS.hires_refiner)
+  except ValueError as e:
+    raise run.RunError(f"--hires_refiner: {e}") from None
 
 
 def _scheduler_name(name: str | None, flag: str) -> str | None:

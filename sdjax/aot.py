@@ -259,12 +259,16 @@ def _compile_afresh(jitted, args):
     compilation_cache.reset_cache()
 
 
-def sampler_statics(spec, pipe, refiner=None, *more) -> str:
+def sampler_statics(spec, pipe, refiner=None, *more, first_refiner=None) -> str:
   """What fixes a sampling program beside its arguments: the spec and the networks' configs
   (and its later stages': an SDXL refiner's or the hires pass's `(spec, pipeline)`, then the
-  refiner's of that pass)."""
+  refiner's of that pass; `first_refiner`: the refiner's finishing the first pass before the
+  hires pass)."""
   stage = None if refiner is None else (refiner[0], refiner[1].networks)
-  return repr((spec, pipe.networks, stage, *((s, p.networks) for s, p in more)))
+  text = repr((spec, pipe.networks, stage, *((s, p.networks) for s, p in more)))
+  if first_refiner is None:  # as before: older entries stay valid
+    return text
+  return text + repr(("first_refiner", first_refiner[0], first_refiner[1].networks))
 
 
 def _save(path: str, key: str, compiled, args) -> None:

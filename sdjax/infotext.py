@@ -713,7 +713,15 @@ def _sdxl(fields, flags, notes, scheduler: str | None = None, made_by_sdjax: boo
     flags["refiner_switch"] = "a1111"
   a1111_scheduler = None if made_by_sdjax else scheduler
   by_steps = fields.pop("Refiner switch by sampling steps", None) == "True"
-  if by_steps and "Refiner switch at" in fields:  # at the share of its calls, not a timestep
+  hires_refiner = fields.pop("Hires refiner", None)  # A1111's, where not its "second pass"
+  if hires_refiner is not None:
+    flags["hires_refiner"] = hires_refiner
+  hires = "hires_scale" in flags or "hires_resize_width" in flags
+  if by_steps and hires and hires_refiner != "first pass" and "Refiner switch at" in fields:
+    notes.append(("refiner_start", f"Refiner switch by sampling steps: A1111 switches at "
+                                   f"{fields['Refiner switch at']} of the hires pass's calls; "
+                                   "sdjax at that timestep"))
+  elif by_steps and "Refiner switch at" in fields:  # at the share of its calls, not a timestep
     at, steps = _number("Refiner switch at", fields["Refiner switch at"]), fields.get("Steps")
     if a1111_scheduler in schedulers.SCHEDULERS and (
         schedulers.calls_per_step(a1111_scheduler) == 1) and str(steps).isdigit():

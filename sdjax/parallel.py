@@ -112,7 +112,7 @@ def shard_batch(mesh: Mesh, local_data: np.ndarray, global_batch: int):
 
 
 def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, hires=None,
-                    hires_pipe=None):
+                    hires_pipe=None, first_refiner=None):
   """The sampling program, run per device on its share of a global batch.
 
   Returns a jitted `f(params, cond, seeds, guidance_scale, guidance_rescale, state) -> images`
@@ -129,7 +129,10 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
   `hires_pipe` (another model for the hires pass) `params` are (first pass, hires pass) pairs
   too. With both `hires` and `refiner` the refiner takes the hires pass over (`hires` ending in
   latents): `cond` and `state` are triples (first pass, hires pass, refiner), `params` the
-  (model, refiner) pair.
+  (model, refiner) pair. With `hires` and `first_refiner=(refiner_spec, refiner_pipe)` the
+  refiner finishes the first pass (`spec` ending in latents) and hands the hires pass its latents
+  or images (A1111's "Hires refiner: first pass", with `refiner` too "both passes"): its
+  conditioning and state come last in `cond` and `state`, `params` the (model, refiner) pair.
   """
   latent_shape = (*spec.latent_hw, sampling.latent_channels(pipe))
   nets = pipe.networks
@@ -146,10 +149,18 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
         hires_control = (extra[-2], control[1], extra[-1])
     noise = sampling.initial_noise(seeds, latent_shape)
     if hires is not None:
-      model = params if refiner is None else params[0]  # (a refiner: not with hires_pipe)
+      refined = refiner is not None or first_refiner is not None
+      model = params[0] if refined else params  # (a refiner: not with hires_pipe)
       first, second = (model, model) if hires_pipe is None else params
       latents = sampling.sample_fn(spec, nets, first, cond[0], seeds, noise, guidance_scale,
                                    guidance_rescale, init, state[0], cfg_axis, control)
+      if first_refiner is not None:
+        carried = state[-1]
+        if spec.output_state:  # A1111's switch: the sampler runs on into the refiner
+          latents, carried = latents
+        latents = sampling.sample_fn(first_refiner[0], first_refiner[1].networks, params[1],
+                                     cond[-1], seeds, noise, guidance_scale, guidance_rescale,
+                                     latents, carried, cfg_axis)
       out = sampling.sample_fn(hires, nets if hires_pipe is None else hires_pipe.networks,
                                second, cond[1], seeds, noise, guidance_scale,
                                guidance_rescale, latents, state[1], cfg_axis, hires_control)

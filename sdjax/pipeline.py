@@ -366,7 +366,7 @@ class Pipeline:
                negative_target_size: tuple[int, int] | None = None,
                aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
                refiner: Pipeline | None = None, refiner_start: float | int = 0.8,
-               refiner_switch: str = "diffusers",
+               refiner_switch: str = "diffusers", hires_refiner: str = "second pass",
                eta: float = 0.0, prompt_syntax: str = "plain",
                embeddings=None, cfg_parallel: bool = False,
                emphasis: str = "Original", hires_scale: float | None = None,
@@ -545,6 +545,11 @@ class Pipeline:
         fix the refiner takes over the hires pass at `refiner_start` (a fraction) of its
         schedule, as A1111's refiner does by default ("Hires refiner: second pass"): the first
         pass is the base's alone; the refiner gets the hires prompts, size and guidance.
+      hires_refiner: with the hires fix, which pass the refiner finishes, as A1111's "Hires
+        refiner" setting: "second pass" (above), "first pass" (the first pass as without the
+        hires fix, `refiner_start` a fraction or a step; the refiner's latents, or its decoded
+        images for a pixel upscaler, go to the hires pass, which the base runs alone) or "both
+        passes".
       refiner_switch: "diffusers" (the refiner's sampler starts afresh where the base stopped)
         or "a1111" (AUTOMATIC1111's switch inside its sampler loop: the refiner takes over from
         the first model call whose level's nearest training timestep t has (999 - t) / 1000 >=
@@ -723,7 +728,8 @@ class Pipeline:
         strength=strength, masked_content=masked_content,
         guidance_rescale=guidance_rescale, clip_skip=clip_skip, prompts_2=prompts_2,
         negative_prompts_2=negative_prompts_2, micro=micro, refiner=refiner,
-        refiner_start=refiner_start, refiner_switch=refiner_switch, eta=eta,
+        refiner_start=refiner_start, refiner_switch=refiner_switch,
+        hires_refiner=hires_refiner, eta=eta,
         prompt_syntax=prompt_syntax,
         embeddings=embeddings, cfg_parallel=cfg_parallel, emphasis=emphasis,
         hires=None if hires_scale is None and hires_resize is None else sampling.Hires(

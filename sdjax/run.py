@@ -219,6 +219,9 @@ class RunConfig:
   # "diffusers": the refiner's sampler starts afresh; "a1111": A1111's switch inside its loop
   # (`sampling.REFINER_SWITCHES`)
   refiner_switch: str = "diffusers"
+  # With the hires fix, the pass the refiner finishes (`sampling.HIRES_REFINER_PASSES`, A1111's
+  # "Hires refiner"): the hires pass; the first (the base then runs the hires pass); both.
+  hires_refiner: str = "second pass"
   # A1111's hires fix: 0 = off; else the latents are enlarged this many times and
   # denoised again (img2img at hires_strength) for hires_steps steps (0: --steps).
   hires_scale: float = 0.0
@@ -528,14 +531,18 @@ def validate(cfg: RunConfig) -> None:
          cfg.hires_resize_height) < 0:
     raise RunError("--hires_scale, --hires_steps and --hires_resize_* must be >= 0 (0: off / "
                    "--steps / from the aspect)")
+  if cfg.hires_refiner != RunConfig.hires_refiner and (cfg.refiner is None or _hires(cfg) is None):
+    raise RunError(f"--hires_refiner {cfg.hires_refiner!r} says which pass of the hires fix "
+                   "--refiner finishes: give --refiner and --hires_scale (or --hires_resize_*) too")
   if _hires(cfg) is not None:
     try:
       _hires(cfg).check()
     except ValueError as e:
       raise RunError(f"--hires_*: {e}") from None
     if cfg.refiner is not None and cfg.hires_model is not None:
-      raise RunError("--refiner takes the hires pass over from the model: not with --hires_model")
-    if cfg.refiner is not None:
+      raise RunError("--refiner with the hires fix takes its passes over from the model: not with "
+                     "--hires_model")
+    if cfg.refiner is not None and cfg.hires_refiner != "first pass":
       try:
         sampling.check_hires_handoff(cfg.refiner_start)
       except ValueError as e:
@@ -897,6 +904,8 @@ def _sdxl_record(cfg: RunConfig, pipe) -> dict[str, Any]:
     record.update(refiner=cfg.refiner, refiner_start=cfg.refiner_start)
     if cfg.refiner_switch != RunConfig.refiner_switch:  # only when set: older folders match
       record["refiner_switch"] = cfg.refiner_switch
+    if cfg.hires_refiner != RunConfig.hires_refiner:
+      record["hires_refiner"] = cfg.hires_refiner
   return record
 
 
@@ -1446,12 +1455,16 @@ class _Program:
 
   spec: Any
   host_state: Any  # the base's scheduler state, on the host (A1111 schedules read it)
-  state: Any  # replicated: the base's, or (base, refiner)
+  # replicated: the base's, or (base, refiner), or (first pass, hires pass[, refiner][, first
+  # pass's refiner])
+  state: Any
   sampler: Any
   statics: str
-  refiner: Any  # (spec, state, pipeline) of the refiner stage, or None
+  refiner: Any  # (spec, state, pipeline) of the refiner stage ending the program, or None
   steps: int
   hires: Any = None  # (spec, state) of the hires pass, or None
+  # (spec, state, pipeline) of the refiner finishing the first pass before the hires pass, or None
+  first_refiner: Any = None
   control: Any = None  # replicated (scale, weight per call[, hires pass's]) of the ControlNet
   compiled: dict = dataclasses.field(default_factory=dict)  # per prompt-input shape
 
@@ -1547,9 +1560,9 @@ class _Sampler:
         extra, inpaint = dict(img2img=True, strength=strength if img2img else 1.0,
                               noise_multiplier=cfg.noise_multiplier if img2img else 1.0,
                               extra_noise=cfg.extra_noise if img2img else 0.0), True
+      # a refiner takes over the first pass, or the hires pass (A1111's "second pass"), or both
+      first_handoff, hires_handoff = sampling.refined_passes(refiner, hires, cfg.hires_refiner)
       try:
-        # a refiner takes over the first pass, or the hires pass (A1111's "second pass")
-        first_handoff = refiner is not None and hires is None
         spec, state = sampling.prepare(
             pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
             denoising_end=cfg.refiner_start if first_handoff else None,
@@ -1576,21 +1589,23 @@ class _Sampler:
         spec = sampling.with_cfg_skip(spec, state, _cfg_skip(cfg), steps)
       except ValueError as e:
         raise RunError(f"--s_min_uncond / --skip_early_cond: {e}") from None
-      host_state, stage = state, None
-      if refiner is not None and hires is None:  # the second stage runs in the same program
+      host_state, stage, first_stage = state, None, None
+      if first_handoff:  # the refiner's part of the first pass runs in the same program
         stage_spec, stage_state = sampling.prepare(refiner, cfg.batch_size, **common,
                                                    denoising_start=cfg.refiner_start,
                                                    handoff=cfg.refiner_switch)
-        refiner = (sampling.with_cfg_skip(dataclasses.replace(
+        first_stage = (sampling.with_cfg_skip(dataclasses.replace(
             stage_spec, tiling=spec.tiling, rng_offset=sampling.stream_draws(
                 spec, len(state.timesteps))), stage_state, _cfg_skip(cfg), steps),
             stage_state, refiner)
-        state, stage = (state, refiner[1]), refiner[::2]
+        if hires is None:  # the program's last stage
+          refiner, first_stage = first_stage, None
+          state, stage = (state, stage_state), refiner[::2]
       if hires is not None:  # so does the hires pass
-        handed = {} if refiner is None else dict(denoising_end=cfg.refiner_start,
-                                                 handoff=cfg.refiner_switch)
+        handed = {} if not hires_handoff else dict(denoising_end=cfg.refiner_start,
+                                                   handoff=cfg.refiner_switch)
         try:
-          if refiner is not None:  # the refiner's part of the hires pass
+          if hires_handoff:  # the refiner's part of the hires pass
             stage_spec, stage_state = sampling.prepare_hires(
                 refiner, cfg.batch_size, hires, denoising_start=cfg.refiner_start,
                 handoff=cfg.refiner_switch, **common)
@@ -1604,24 +1619,35 @@ class _Sampler:
               cfg.hires_steps or steps), hires[1])
         except ValueError as e:
           raise RunError(f"--hires_scale: {e}") from None
-        spec = dataclasses.replace(spec, output_latents=_hires(cfg).in_latents)
+        in_latents = _hires(cfg).in_latents
+        if first_stage is None:
+          spec = dataclasses.replace(spec, output_latents=in_latents)
+        else:  # the refiner hands the hires pass latents, or its images (decoded by its VAE)
+          first_stage = (dataclasses.replace(first_stage[0], output_latents=in_latents),
+                         *first_stage[1:])
         # as generate: the second pass's noise from the batch's draws too
         hires = (dataclasses.replace(hires[0], noise_batch=spec.noise_batch), hires[1])
         state = (state, hires[1])
-        if refiner is not None:
+        if hires_handoff:
           refiner = (sampling.with_cfg_skip(dataclasses.replace(
               stage_spec, tiling=spec.tiling, noise_batch=spec.noise_batch,
               rng_offset=sampling.stream_draws(hires[0], len(hires[1].timesteps))),
               stage_state, _cfg_skip(cfg), cfg.hires_steps or steps), stage_state, refiner)
           state, stage = (*state, stage_state), refiner[::2]
+        else:
+          refiner = None
+        if first_stage is not None:  # its conditioning and state come last
+          state = (*state, first_stage[1])
       self.programs[key] = _Program(
           spec, host_state, parallel.replicate(state, self.mesh),
           parallel.sharded_sampler(self.mesh, spec, pipe, stage,
                                    hires=None if hires is None else hires[0],
-                                   hires_pipe=self.hires_pipe),
+                                   hires_pipe=self.hires_pipe,
+                                   first_refiner=first_stage and first_stage[::2]),
           aot.sampler_statics(spec, pipe, *([stage] if hires is None else [
-              (hires[0], self.hires_pipe or pipe)] + ([stage] if stage else []))),
-          refiner, steps, hires)
+              (hires[0], self.hires_pipe or pipe)] + ([stage] if stage else [])),
+              first_refiner=first_stage and first_stage[::2]),
+          refiner, steps, hires, first_refiner=first_stage)
       if spec.control:  # (scales, weights per call[, the hires pass's weights])
         scales, starts, ends = _per_controlnet(cfg)
         control = (np.float32(scales),) + tuple(
@@ -1675,6 +1701,9 @@ class _Sampler:
       raise RunError("prompt lines with a hires_prompt or hires_negative_prompt need "
                      "--hires_scale or --hires_resize_*")
     if program.hires is not None:  # the hires pass's schedules count on from the first's
+      # the refiner finishing the first pass: its conditioning last
+      last = () if program.first_refiner is None else (self._refiner_conditioning(
+          program.first_refiner, prompts, negatives, size, a1111, program.steps),)
       texts = [hires_prompts(self.cfg, j) for j in jobs]
       own = any(t != (j.prompt, j.negative_prompt) for t, j in zip(texts, jobs, strict=True))
       # A hires prompt of its own is both encoders' (as A1111's); else the first pass's pair.
@@ -1685,7 +1714,7 @@ class _Sampler:
       if own and self.lora_set is not None:
         self._check_hires_loras(jobs, second[0])
       if a1111 is None and not self.pipe.is_sdxl and not own and self.hires_pipe is None:
-        return cond, cond
+        return cond, cond  # (no refiner: it is SDXL's)
       if a1111 is not None:
         spec, state = program.hires
         a1111 = sampling.a1111_continued(a1111, spec, state,
@@ -1696,17 +1725,19 @@ class _Sampler:
           self.hires_pipe or self.pipe, second[0], second[1], prompts_2=second[2],
           negative_prompts_2=second[3], micro=self.cfg.micro, size=hires_size, a1111=a1111), ip)
       if program.refiner is None:
-        return cond, hires_cond
+        return cond, hires_cond, *last
       return cond, hires_cond, self._refiner_conditioning(
-          program, second[0], second[1], hires_size, a1111, self.cfg.hires_steps or program.steps)
+          program.refiner, second[0], second[1], hires_size, a1111,
+          self.cfg.hires_steps or program.steps), *last
     if program.refiner is None:
       return cond
-    return cond, self._refiner_conditioning(program, prompts, negatives, size, a1111,
+    return cond, self._refiner_conditioning(program.refiner, prompts, negatives, size, a1111,
                                             program.steps)
 
-  def _refiner_conditioning(self, program, prompts, negatives, size, a1111, steps):
-    """The refiner stage's conditioning (at `size`; `a1111`: the stage before it's settings)."""
-    spec, state, refiner = program.refiner
+  def _refiner_conditioning(self, stage, prompts, negatives, size, a1111, steps):
+    """The conditioning of a refiner stage, (spec, state, pipeline) (at `size`; `a1111`: the
+    stage before it's settings)."""
+    spec, state, refiner = stage
     if a1111 is not None:  # A1111's call counter runs on through the refiner's calls
       a1111 = sampling.a1111_continued(a1111, spec, state, steps, first_call=a1111.calls,
                                        sizes=None)
@@ -2535,6 +2566,9 @@ class _Metadata:
                      else "Refiner switch at"): cfg.refiner_start,
                     # sdjax's field (A1111's images switch so without it)
                     **({"Refiner switch": "A1111"} if cfg.refiner_switch == "a1111" else {}),
+                    # A1111's, written where not its default
+                    **({"Hires refiner": cfg.hires_refiner}
+                       if cfg.hires_refiner != RunConfig.hires_refiner else {}),
                     "Aesthetic score": m.aesthetic_score,
                     "Negative aesthetic score": m.negative_aesthetic_score})
     return extra

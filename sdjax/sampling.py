@@ -1565,6 +1565,33 @@ def check_hires_handoff(at) -> None:
                      "fix, whose pass the refiner takes over, give a fraction of its schedule")
 
 
+# Which pass of the hires fix an SDXL refiner finishes (A1111's "Hires fix: which pass to enable
+# refiner for", infotext "Hires refiner"; default "second pass"): the first pass's refiner hands
+# the hires pass its images or latents, after which the model (A1111 reloads it) runs the hires
+# pass; "both passes" finishes each.
+HIRES_REFINER_PASSES = ("first pass", "second pass", "both passes")
+
+
+def hires_refiner_pass(value: str) -> str:
+  """A1111's name of a hires refiner pass given as A1111 writes it, in any case, or by its first
+  word ("first", "second", "both")."""
+  text = str(value).strip().lower()
+  for name in HIRES_REFINER_PASSES:
+    if text in (name, name.split()[0]):
+      return name
+  raise ValueError(f"unknown hires refiner pass {value!r}; use one of "
+                   f"{', '.join(HIRES_REFINER_PASSES)}")
+
+
+def refined_passes(refiner, hires, hires_refiner: str = "second pass") -> tuple[bool, bool]:
+  """(whether a refiner finishes the first pass, whether it finishes the hires pass)."""
+  if refiner is None:
+    return False, False
+  if hires is None:
+    return True, False
+  return hires_refiner != "second pass", hires_refiner != "first pass"
+
+
 def check_handoff(at, steps: int, name: str = "refiner_start") -> None:
   if not is_step_count(at):
     _check_fraction(at, name)
@@ -2183,6 +2210,7 @@ def generate(
     refiner=None,
     refiner_start: float | int = 0.8,
     refiner_switch: str = "diffusers",
+    hires_refiner: str = "second pass",
     eta: float = 0.0,
     prompt_syntax: str = "plain",
     embeddings: Any = None,
@@ -2307,8 +2335,15 @@ def generate(
                      "hires_scale too")
   if hires is not None and init_images is not None:
     raise ValueError("hires= follows a text-to-image run; it does not take init_images")
+  hires_refiner = hires_refiner_pass(hires_refiner)
+  if hires_refiner != "second pass" and (refiner is None or hires is None):
+    raise ValueError(f"hires_refiner {hires_refiner!r} says which pass of the hires fix the "
+                     "refiner finishes: give refiner= and hires_scale too")
+  # the refiner finishing the first pass (before the hires pass) and / or the hires pass
+  first_handoff, hires_handoff = refined_passes(refiner, hires, hires_refiner)
   if hires is not None and refiner is not None and hires_model is not None:
-    raise ValueError("refiner= takes the hires pass over from the model: not with hires_model")
+    raise ValueError("refiner= with the hires fix takes its passes over from the model: not with "
+                     "hires_model")
   if hires_model is not None:
     if hires is None:
       raise ValueError("hires_model is the hires pass's model: give hires_scale too")
@@ -2358,8 +2393,7 @@ def generate(
   if noise_batch != 1 and variation is not None:
     raise ValueError("noise_batch and variation seeds (subseed) do not go together")
   # A refiner takes over the first pass, or with the hires fix the hires pass (as A1111's does by
-  # default, its "Hires refiner: second pass").
-  first_handoff = refiner is not None and hires is None
+  # default, its "Hires refiner: second pass"), or both, or the first pass only.
   spec, state = prepare(pipe, n, img2img=init_images is not None, strength=strength,
                         noise_multiplier=noise_multiplier, extra_noise=extra_noise,
                         noise_batch=noise_batch,
@@ -2385,23 +2419,32 @@ def generate(
                                            mask_weight=check_mask_weight(
                                                pipe, inpainting_mask_weight)),
                        state, cfg_skip, steps)
+  named = {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
+      pipe.scheduler_config)}
+  first_stage = None  # the refiner's (spec, state) finishing the first pass
+  if first_handoff:
+    first_stage = prepare(refiner, n, denoising_start=refiner_start, handoff=refiner_switch,
+                          **named)
   if hires is not None:  # checked before the first pass runs
-    hires_common = {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
-        pipe.scheduler_config)}
-    handed = {} if refiner is None else dict(denoising_end=refiner_start, handoff=refiner_switch)
+    handed = {} if not hires_handoff else dict(denoising_end=refiner_start,
+                                               handoff=refiner_switch)
     hires_stage = prepare_hires(second, n, hires, control=spec.control,
                                 control_guess=spec.control_guess, extra_noise=extra_noise,
-                                **handed, **hires_common)
-    if refiner is not None:
+                                **handed, **named)
+    if hires_handoff:
       refiner_stage = prepare_hires(refiner, n, hires, denoising_start=refiner_start,
-                                    handoff=refiner_switch, **hires_common)
+                                    handoff=refiner_switch, **named)
     hires_pag = pag if pag is None or hires_model is None else perturbed_guidance(
         hires_model, pag_scale, pag_adaptive_scale, pag_applied_layers)
     hires_stage = (with_cfg_skip(dataclasses.replace(
         hires_stage[0], control_modes=spec.control_modes, pag=hires_pag, freeu=freeu,
         tiling=spec.tiling, token_merging=hires_merging), hires_stage[1], cfg_skip,
         hires.steps or steps), hires_stage[1])
-    spec = dataclasses.replace(spec, output_latents=hires.in_latents)
+    if first_stage is None:
+      spec = dataclasses.replace(spec, output_latents=hires.in_latents)
+    else:  # the refiner hands the hires pass latents, or its images (decoded by its VAE)
+      first_stage = (dataclasses.replace(first_stage[0], output_latents=hires.in_latents),
+                     first_stage[1])
     hires_stage = (dataclasses.replace(hires_stage[0], noise_batch=spec.noise_batch),
                    hires_stage[1])
   seeds = batch_seeds(seed, n, spec.noise_batch)
@@ -2447,6 +2490,11 @@ def generate(
   if low_res is not None:
     init = (init, *low_res)
   out = _sample(spec, nets, params, cond, seeds, noise, scalars, init, state, control)
+  if first_stage is not None:
+    out, carried = out if spec.output_state else (out, None)
+    out = _refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
+                  {**named, "handoff": refiner_switch}, refiner_start, a1111, spec.tiling,
+                  stream_draws(spec, len(state.timesteps)), cfg_skip, carried, first_stage)
   if hires is not None:
     hires_spec, hires_state = hires_stage
     if a1111 is not None:  # the second pass's schedules count on from the first's, as A1111
@@ -2463,23 +2511,17 @@ def generate(
                   scalars, out,
                   hires_state, None if controlled is None else control_input(
                       hires_control_images, hires_spec, hires_state))
-  if refiner is None:
+  if not hires_handoff:
     return np.asarray(out)
-  if hires is not None:  # the refiner's part of the hires pass, at its size, with its prompts
-    out, carried = out if hires_spec.output_state else (out, None)
-    h, w = hires.size(pipe, height, width)
-    return np.asarray(_refine(
-        refiner, out, hires_prompts, hires_negatives, seeds, noise, scalars, micro,
-        {"steps": hires.steps or steps, "height": h, "width": w}, refiner_start, a1111,
-        spec.tiling,
-        stream_draws(hires_spec, len(hires_state.timesteps)), cfg_skip, carried,
-        (dataclasses.replace(refiner_stage[0], noise_batch=spec.noise_batch), refiner_stage[1])))
-  out, carried = out if spec.output_state else (out, None)
-  return np.asarray(_refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
-                            {**common, "scheduler": scheduler or schedulers.default_scheduler_name(
-                                pipe.scheduler_config), "handoff": refiner_switch},
-                            refiner_start, a1111, spec.tiling,
-                            stream_draws(spec, len(state.timesteps)), cfg_skip, carried))
+  # the refiner's part of the hires pass, at its size, with its prompts
+  out, carried = out if hires_spec.output_state else (out, None)
+  h, w = hires.size(pipe, height, width)
+  return np.asarray(_refine(
+      refiner, out, hires_prompts, hires_negatives, seeds, noise, scalars, micro,
+      {"steps": hires.steps or steps, "height": h, "width": w}, refiner_start, a1111,
+      spec.tiling,
+      stream_draws(hires_spec, len(hires_state.timesteps)), cfg_skip, carried,
+      (dataclasses.replace(refiner_stage[0], noise_batch=spec.noise_batch), refiner_stage[1])))
 
 
 # diffusers' StableDiffusionUpscalePipeline's default noise level.

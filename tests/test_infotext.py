@@ -389,6 +389,16 @@ def test_sdxl_fields():
   notes = _notes("a cat\nSteps: 30, Sampler: Heun, CFG scale: 5, Seed: 1, Refiner: org/r [1], "
                  "Refiner switch by sampling steps: True, Refiner switch at: 0.8")
   assert "switches at 0.8 of its heun calls; sdjax at that timestep" in notes["refiner_start"]
+  # With the hires fix, A1111's "Hires refiner" (written where not "second pass"); a switch by
+  # sampling steps is a number of the first pass's steps only where the refiner finishes it
+  hires = ("a cat\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 1, Refiner: org/r [1], "
+           "Refiner switch by sampling steps: True, Refiner switch at: 0.8, Hires upscale: 2, "
+           "Denoising strength: 0.5")
+  assert "hires_refiner" not in _flags(hires) and _flags(hires)["refiner_start"] == "0.8"
+  assert "0.8 of the hires pass's calls; sdjax at that timestep" in _notes(hires)["refiner_start"]
+  for which, at in (("first pass", "24"), ("both passes", "0.8")):
+    assert _flags(f"{hires}, Hires refiner: {which}")["hires_refiner"] == which
+    assert _flags(f"{hires}, Hires refiner: {which}")["refiner_start"] == at
 
 
 def test_builtin_model_needs_no_flag():

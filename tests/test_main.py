@@ -417,6 +417,10 @@ BAD_INPUT = [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--subseed_strength", "0.5"], "--subseed_strength moves each image's noise towards its "),
     (["--hires_schedule_type", "Fancy"], "--hires_schedule_type: unknown schedule type 'Fancy'"),
+    (["--hires_refiner", "third"], "--hires_refiner: unknown hires refiner pass 'third'; use one "
+                                   "of first pass, second pass, both passes"),
+    (["--hires_refiner", "Both"], "--hires_refiner 'both passes' says which pass of the hires fix "
+                                  "--refiner finishes: give --refiner and --hires_scale"),
     (["--wildcards_dir", "."], "--wildcards_dir and --max_generations are options of"),
     (["--dynamic_prompts", "random", "--wildcards_dir", "nowhere"], "nowhere is not a folder"),
     (["--dynamic_prompts", "combinatorial", "--prompt", "50% off"],

@@ -130,12 +130,16 @@ def test_hires_fix_run(model, cache, tmp_path):
   with pytest.raises(run.RunError, match="--hires_prompt and --hires_negative_prompt are the "):
     run.generate_run(dataclasses.replace(config, hires_scale=0.0))
   # A refiner takes the hires pass over (tests/test_sdxl.py): not another model's, nor after a
-  # number of the first pass's steps.
-  with pytest.raises(run.RunError, match="--refiner takes the hires pass over from the model: "
-                     "not with --hires_model"):
+  # number of the first pass's steps; --hires_refiner only with a refiner and the hires fix.
+  with pytest.raises(run.RunError, match="--refiner with the hires fix takes its passes over "
+                     "from the model: not with --hires_model"):
     run.generate_run(dataclasses.replace(config, refiner="x", hires_model="y"))
   with pytest.raises(run.RunError, match="--refiner_start as a number of steps is the first "):
-    run.generate_run(dataclasses.replace(config, refiner="x", refiner_start=2))
+    run.generate_run(dataclasses.replace(config, refiner="x", refiner_start=2,
+                                         hires_refiner="both passes"))
+  with pytest.raises(run.RunError, match="--hires_refiner 'first pass' says which pass of the "
+                     "hires fix --refiner finishes: give --refiner and --hires_scale"):
+    run.generate_run(dataclasses.replace(config, hires_refiner="first pass"))
 
 
 def test_hires_schedule_type_run(model, cache, tmp_path):

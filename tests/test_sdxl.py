@@ -277,12 +277,14 @@ HIRES_COMMON = dict(negative_prompt=NEGATIVES, guidance_scale=GUIDANCE,
                     crops_coords_top_left=(4, 8))
 
 
-def _diffusers_hires(pipes, noise, seed, hires_steps, strength, refiner_start=None):
+def _diffusers_hires(pipes, noise, seed, hires_steps, strength, refiner_start=None,
+                     first_refiner_start=None):
   """diffusers' text-to-image (4 euler steps) to latents, torch's interpolate, then its img2img
   pipeline of the base on those latents for the steps A1111 runs (the last `hires_steps` of
   int(hires_steps / strength)), with our draws of the second pass's noise; with
   `refiner_start`, that pipeline's `denoising_end` and the refiner's img2img pipeline from its
-  latents with `denoising_start`. Returns (images, the hires size)."""
+  latents with `denoising_start`; with `first_refiner_start`, the same handoff in the first
+  pass, before the interpolation. Returns (images, the hires size)."""
   ref, ref_refiner, pipe, refiner, _ = pipes
   _set_scheduler(ref, "euler", pipe.scheduler_config)
   _set_scheduler(ref_refiner, "euler", refiner.scheduler_config)
@@ -296,7 +298,11 @@ def _diffusers_hires(pipes, noise, seed, hires_steps, strength, refiner_start=No
   module = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img"
   with torch.no_grad():
     first = ref(PROMPTS, height=H, width=W, num_inference_steps=4, latents=nchw(noise),
-                output_type="latent", **HIRES_COMMON).images
+                denoising_end=first_refiner_start, output_type="latent", **HIRES_COMMON).images
+    if first_refiner_start is not None:
+      first = ref_refiner(PROMPTS, image=first, num_inference_steps=4,
+                          denoising_start=first_refiner_start, output_type="latent",
+                          **HIRES_COMMON).images
     enlarged = torch.nn.functional.interpolate(first, size=latent_hw, mode="bilinear")
     handed = refiner_start is not None
     with mock.patch(f"{module}.randn_tensor", lambda *a, **k: second):
@@ -363,6 +369,39 @@ def test_hires_fix_with_refiner_matches_diffusers(pipes):
     pipe.generate(PROMPTS, refiner=refiner, refiner_start=0.3, **sde)
 
 
+@pytest.mark.parametrize("which", ["first pass", "both passes"])
+def test_hires_refiner_passes_match_diffusers(pipes, which):
+  """hires_refiner as A1111's "Hires refiner": "first pass" hands the first pass to the refiner
+  at refiner_start (diffusers' base with denoising_end, its refiner with denoising_start), whose
+  latents the hires pass (the base's alone) enlarges; "both passes" hands over in the hires pass
+  too, at the same refiner_start of its schedule (`_diffusers_hires`). With a pixel upscaler the
+  refiner's decoded images go to the hires pass: a refiner that is the base itself, switched
+  inside the sampler loop (Euler: nothing carried over), makes the base's image."""
+  pipe, refiner = pipes[2:4]
+  noise, seed, hires_steps, strength = randn(2, 8, 12, 4, seed=8), 5, 3, 0.6
+  start = 0.6 if which == "first pass" else 0.7
+  expected, (h, w) = _diffusers_hires(pipes, noise, seed, hires_steps, strength,
+                                      start if which == "both passes" else None,
+                                      first_refiner_start=start)
+  kw = dict(negative_prompts=NEGATIVES, steps=4, guidance_scale=GUIDANCE, height=H, width=W,
+            crops_coords_top_left=(4, 8), hires_scale=1.5, hires_steps=hires_steps,
+            hires_strength=strength, scheduler="euler", latents=noise, seed=seed)
+  ours = pipe.generate(PROMPTS, refiner=refiner, refiner_start=start,
+                       hires_refiner=which.split()[0].title(), **kw)
+  assert ours.shape == (2, h, w, 3)
+  err = rel_err(ours, expected)
+  print(f"\nhires refiner, {which}: {err:.2e}")
+  assert err <= GENERATE_TOL
+  second = pipe.generate(PROMPTS, refiner=refiner, refiner_start=start, **kw)
+  assert rel_err(second, ours) > 1e-3  # the default, "second pass", is another image
+  if which == "first pass":
+    pixels = dict(kw, hires_upscaler="lanczos")
+    np.testing.assert_allclose(
+        pipe.generate(PROMPTS, refiner=pipe, refiner_start=0.6, refiner_switch="a1111",
+                      hires_refiner=which, **pixels),
+        pipe.generate(PROMPTS, **pixels), atol=1e-6)
+
+
 # The handoff test's shapes: jit's cache is warm when the whole module runs.
 HANDOFF = dict(steps=6, scheduler="euler", height=H, width=W, guidance_scale=GUIDANCE,
                refiner_start=0.8)
@@ -384,6 +423,11 @@ def test_bad_sdxl_arguments(pipes):
   _, _, base, refiner, _ = pipes
   with pytest.raises(ValueError, match="refiner_start must be in"):
     base.generate(PROMPTS, steps=3, height=H, width=W, refiner=refiner, refiner_start=1.0)
+  with pytest.raises(ValueError, match="unknown hires refiner pass 'third'; use one of first"):
+    base.generate(PROMPTS, steps=3, height=H, width=W, refiner=refiner, hires_refiner="third")
+  with pytest.raises(ValueError, match="hires_refiner 'both passes' says which pass of the hires "
+                                       "fix the refiner finishes: give refiner= and hires_scale"):
+    base.generate(PROMPTS, steps=3, height=H, width=W, refiner=refiner, hires_refiner="both")
   with pytest.raises(ValueError, match="prompts_2: got 3 entries"):
     base.generate(PROMPTS, prompts_2=["a", "b", "c"], steps=3, height=H, width=W)
   with pytest.raises(ValueError, match="clip_skip must be in"):
@@ -496,36 +540,45 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   assert np.abs(np.asarray(remade, np.int16) - np.asarray(png, np.int16)).max() <= 1
 
 
-def test_run_with_hires_fix_and_refiner(pipes, tmp_path):
-  """main.py's run with the hires fix and a refiner: the refiner takes the hires pass over in
-  the same sharded program (A1111's switch here, between a DPM++ SDE step's two calls; a line's
-  hires prompt its prompt); each image is generate()'s, and its PNG says both."""
+@pytest.mark.parametrize("which", ["second pass", "first pass", "both passes"])
+def test_run_with_hires_fix_and_refiner(pipes, tmp_path, which):
+  """main.py's run with the hires fix and a refiner (--hires_refiner): the refiner takes the
+  hires pass over, or finishes the first pass (for the first, with a pixel upscaler, handing the
+  hires pass its decoded images), or both, in the same sharded program (A1111's switch here,
+  between a DPM++ SDE step's two calls; a line's hires prompt its prompt); each image is
+  generate()'s, and its PNG says both, as its text makes it again."""
   import json
 
   from PIL import Image
 
-  from sdjax import outputs, run
+  from sdjax import infotext, outputs, run
 
   _, _, base, refiner, folder = pipes
+  upscaler = "lanczos" if which == "first pass" else "latent"
   cfg = run.RunConfig(
       prompts=(run.PromptLine("a cat", hires_prompt="a lion"), run.PromptLine("a dog")),
       model=os.path.join(folder, "base"), refiner=os.path.join(folder, "refiner"),
-      refiner_start=0.6, refiner_switch="a1111", steps=4, guidance_scale=GUIDANCE,
-      scheduler="dpmpp_sde", height=H, width=W, seed=5, batch_size=2,
-      hires_scale=1.5, hires_steps=3, hires_strength=0.6, output_dir=str(tmp_path / "out"),
-      compilation_cache="", show_progress=False)
+      refiner_start=0.6, refiner_switch="a1111", hires_refiner=which, steps=4,
+      guidance_scale=GUIDANCE, scheduler="dpmpp_sde", height=H, width=W, seed=5, batch_size=2,
+      hires_scale=1.5, hires_steps=3, hires_strength=0.6, hires_upscaler=upscaler,
+      output_dir=str(tmp_path / "out"), compilation_cache="", show_progress=False)
   assert run.generate_run(cfg).images == 2
   records = [json.loads(line) for line in open(tmp_path / "out" / "manifest.jsonl")]
   expected = base.generate(["a cat", "a dog"], seed=5, refiner=refiner, refiner_start=0.6,
-                           refiner_switch="a1111", steps=4, guidance_scale=GUIDANCE,
-                           scheduler="dpmpp_sde", height=H, width=W, hires_scale=1.5,
-                           hires_steps=3, hires_strength=0.6, hires_prompts=["a lion", "a dog"])
+                           refiner_switch="a1111", hires_refiner=which, steps=4,
+                           guidance_scale=GUIDANCE, scheduler="dpmpp_sde", height=H, width=W,
+                           hires_scale=1.5, hires_steps=3, hires_strength=0.6,
+                           hires_upscaler=upscaler, hires_prompts=["a lion", "a dog"])
   for record, image in zip(records, expected, strict=True):
     png = Image.open(tmp_path / "out" / record["file"])
     assert np.abs(np.asarray(png, np.float32) / 255 - image).max() <= 1 / 255 + 1e-6
     params = outputs.parse_a1111_parameters(png.text["parameters"])
     assert params["Refiner switch at"] == "0.6" and params["Hires upscale"] == "1.5"
     assert record["refiner"] == cfg.refiner and record["hires"]["steps"] == 3
+    assert params.get("Hires refiner", "second pass") == record.get("hires_refiner",
+                                                                    "second pass") == which
+    again = infotext.reproduce(png.text["parameters"]).flags
+    assert again.get("hires_refiner", "second pass") == which
 
 
 def test_run_second_prompts(pipes, tmp_path):
