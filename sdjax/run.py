@@ -2545,14 +2545,16 @@ class _Metadata:
 
   def _sdxl_extra(self, height: int, width: int) -> dict[str, Any]:
     """A1111's names for the refiner (`name [short hash]`, no local path); sdjax's for the
-    micro-conditioning (A1111 has none)."""
+    micro-conditioning (A1111 has none). A default original or target size is each pass's own
+    size: with the hires fix, none is written (the first pass's would be read back as both
+    passes')."""
     cfg = self.cfg
     if not self.pipe.is_sdxl:
       return {}
-    m = cfg.micro
-    extra = {"Original size": _size_text(m.original_size or (height, width)),
-             "Crop": _size_text(m.crops_coords_top_left),
-             "Target size": _size_text(m.target_size or (height, width))}
+    m, hires = cfg.micro, _hires(cfg) is not None
+    extra = {key: _size_text(size or (height, width)) for key, size in (
+        ("Original size", m.original_size), ("Crop", m.crops_coords_top_left),
+        ("Target size", m.target_size)) if size is not None or not hires}
     if m.negative_original_size is not None or m.negative_target_size is not None:
       extra.update({key: _size_text(value) for key, value in (
           ("Negative original size", m.negative_original_size),

@@ -579,6 +579,10 @@ def test_run_with_hires_fix_and_refiner(pipes, tmp_path, which):
                                                                     "second pass") == which
     again = infotext.reproduce(png.text["parameters"]).flags
     assert again.get("hires_refiner", "second pass") == which
+    # Default original and target sizes are each pass's own: not written as the first pass's
+    # (which --parameters_file would then give the hires pass too), the crop is
+    assert "original_size" not in again and "target_size" not in again
+    assert params["Crop"] == "0x0"
 
 
 def test_run_second_prompts(pipes, tmp_path):
