@@ -22,7 +22,7 @@ import math
 import re
 from typing import Any
 
-from sdjax import outputs, schedulers
+from sdjax import masks, outputs, schedulers
 from sdjax.schedulers import sigma_schedules
 
 # A1111's schedule type "Automatic" since 1.9: the sampler's own choice (its
@@ -135,6 +135,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
     width, height = _size("Size", fields.pop("Size"))
     flags["width"], flags["height"] = str(width), str(height)
   _hires(fields, flags, notes)
+  _inpainting(fields, flags, notes)
   _looks(fields, flags)
   _sdxl(fields, flags, notes, scheduler, made_by_sdjax)
   for key, flag in _ONE_TO_ONE.items():
@@ -629,10 +630,11 @@ def _hires(fields, flags, notes) -> None:
   scale, resize = fields.pop("Hires upscale", None), fields.pop("Hires resize", None)
   hires_merging = fields.pop("Token merging ratio hr", None)
   if scale is None and resize is None:
-    if strength is not None:
-      notes.append((None, f"Denoising strength: {strength}: an img2img or inpainting image, "
-                          "whose init image is not in the file (give it in a .jsonl prompts "
-                          "line)"))
+    if strength is not None:  # img2img's, of an init image that a flag or a line must give
+      flags["strength"] = strength
+      notes.append(("init_image", f"Denoising strength: {strength}: an img2img or inpainting "
+                                  "image, whose init image is not in the file (give it with "
+                                  "--init_image or in a .jsonl prompts line)"))
     return
   if scale is not None:  # sdjax adds the resize where rounding moved the size: derived
     flags["hires_scale"] = scale
@@ -672,6 +674,24 @@ def _hires(fields, flags, notes) -> None:
 # A1111's upscalers of other architectures than ESRGAN's and Real-ESRGAN's (what sdjax cannot
 # run), by name prefix: LDSR, ScuNET, SwinIR and DAT.
 OTHER_UPSCALERS = ("LDSR", "ScuNET", "SwinIR", "DAT ")
+
+
+def _inpainting(fields, flags, notes) -> None:
+  """A1111's img2img inpaint settings: Mask blur, "Only masked" with its padding, Masked content
+  (A1111 writes it for fill; sdjax for the latent ones too)."""
+  if "Mask blur" in fields:
+    flags["mask_blur"] = str(_number("Mask blur", fields.pop("Mask blur")))
+  if fields.get("Inpaint area") == "Only masked":
+    del fields["Inpaint area"]
+    flags["inpaint_full_res"] = "true"
+    if "Masked area padding" in fields:
+      flags["inpaint_full_res_padding"] = fields.pop("Masked area padding")
+  content = fields.pop("Masked content", None)
+  if content in masks.MASKED_CONTENT:
+    flags["inpainting_fill"] = content.replace(" ", "_")
+  elif content is not None:
+    notes.append(("inpainting_fill", f"Masked content: {content} is not one sdjax has "
+                                     f"({', '.join(masks.MASKED_CONTENT)})"))
 
 
 def _hires_upscalers() -> dict[str, str]:

@@ -390,6 +390,8 @@ def _with_parameters(path: str, where: str, obj: dict) -> dict:
     flags = found.flags
     fields = {key: kind(flags[key][0] if key == "prompt" else flags[key])
               for key, kind in _PARAMETERS_FIELDS.items() if key in flags}
+    if "strength" in flags and obj.get("init_image"):  # an img2img image's, of the line's image
+      fields["strength"] = float(flags["strength"])
     for key in ("sigmas", "timesteps"):  # flags of their own on the command line
       if key in flags:
         fields["scheduler_options"] = {**fields.get("scheduler_options", {}),
@@ -400,12 +402,13 @@ def _with_parameters(path: str, where: str, obj: dict) -> dict:
   run_wide = sorted(f"--{key}={','.join(value) if isinstance(value, list) else value}"
                     for key, value in flags.items()
                     if key not in _PARAMETERS_FIELDS and key not in _RUN_DECIDES
+                    and key != "strength"  # the line's (with its init image), else noted
                     and (key, value) != ("rng", "jax"))  # sdjax's own noise: the default
   if run_wide:
     _warn_once(" ".join(run_wide), f'{where}: "parameters" {file} (and any line like it) asks '
                f"for run-wide settings, which the run's flags decide: {' '.join(run_wide)}")
   for flag, note in found.notes:
-    if flag not in _RUN_DECIDES:
+    if flag not in _RUN_DECIDES and not (flag == "init_image" and obj.get("init_image")):
       _warn_once(note, f'{where}: "parameters" {file}: {note}')
   line = {**fields, **{k: v for k, v in obj.items() if k != "parameters"}}
   if isinstance(obj.get("scheduler_options"), dict) and "scheduler_options" in fields:

@@ -148,17 +148,33 @@ def test_rng_sources(field, rng, note):
 
 def test_what_sdjax_lacks_is_a_note_not_a_flag():
   text = ("a cat\nSteps: 20, Sampler: Euler SMEA Dy, Schedule type: Cosine, "
-          "CFG scale: 7, Seed: 1, RNG: NV, Eta: 0.67, Denoising strength: 0.5, Mask blur: 4")
+          "CFG scale: 7, Seed: 1, RNG: NV, Eta: 0.67, Denoising strength: 0.5, Mask blur x: 4")
   found = reproduce(text)
   assert set(found.flags) == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed",
-                              "rng"}
+                              "rng", "strength"}
   notes = dict(found.notes)
-  assert set(notes) == {"scheduler", "schedule_type", None}
-  assert [t for f, t in found.notes if f is None] == [
-      "Eta: 0.67: sdjax's sampler takes no eta",
+  assert set(notes) == {"scheduler", "schedule_type", "init_image", None}
+  assert notes["init_image"] == (
       "Denoising strength: 0.5: an img2img or inpainting image, whose init image is not in the "
-      "file (give it in a .jsonl prompts line)",
-      "not reproduced: Mask blur: 4"]
+      "file (give it with --init_image or in a .jsonl prompts line)")
+  assert [t for f, t in found.notes if f is None] == [
+      "Eta: 0.67: sdjax's sampler takes no eta", "not reproduced: Mask blur x: 4"]
+
+
+def test_img2img_and_inpaint_fields():
+  """An img2img or inpainting image's Denoising strength is --strength (its init image a note);
+  A1111's inpaint settings their flags: Mask blur, Inpaint area "Only masked" with its Masked
+  area padding, Masked content (A1111 writes fill; sdjax the latent ones too)."""
+  text = ("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Denoising strength: 0.6, "
+          "Mask blur: 2, Inpaint area: Only masked, Masked area padding: 16, Masked content: ")
+  flags = _flags(text + "fill")
+  assert (flags["strength"], flags["mask_blur"], flags["inpaint_full_res"],
+          flags["inpaint_full_res_padding"], flags["inpainting_fill"]) == (
+      "0.6", "2.0", "true", "16", "fill")
+  assert _flags(text + "latent nothing")["inpainting_fill"] == "latent_nothing"
+  assert "not one sdjax has" in _notes(text + "lama cleaner")["inpainting_fill"]
+  plain = _flags("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1")
+  assert not {"strength", "mask_blur", "inpaint_full_res", "inpainting_fill"} & set(plain)
 
 
 def test_forge_schedule_types():

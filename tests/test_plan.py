@@ -386,6 +386,25 @@ def test_parameters_lines_say_what_they_leave_to_the_run(tmp_path, caplog):
       '"parameters" ' + str(tmp_path / "a.txt") + ": Sampler: Euler SMEA Dy is not one sdjax has: "
       "the model's own is used (or give --scheduler)"]
   assert said[0].startswith(str(tmp_path / "p.jsonl") + " line 1:")
+  # An inpainted image's: its Denoising strength is the line's with the line's own init image
+  # (no note), else a note; its inpaint settings are the run's flags'.
+  (tmp_path / "i.txt").write_text("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, "
+                                  "Denoising strength: 0.6, Mask blur: 2, Masked content: fill, "
+                                  "Version: sdjax 0.1.0")
+  (tmp_path / "i.png").write_bytes(b"")  # parse_line checks that the image exists, not reads it
+  caplog.clear()
+  line = parse_line(str(tmp_path / "p.jsonl"), 1, json.dumps(
+      {"parameters": "i.txt", "init_image": "i.png", "mask_image": "i.png"}).encode())
+  assert line.strength == 0.6
+  said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(said) == 1 and said[0].endswith(
+      "asks for run-wide settings, which the run's flags decide: --inpainting_fill=fill "
+      "--mask_blur=2.0")
+  caplog.clear()
+  line = parse_line(str(tmp_path / "p.jsonl"), 2, b'{"parameters": "i.txt"}')
+  assert line.strength is None
+  said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(said) == 1 and "whose init image is not in the file" in said[0]
 
 
 @pytest.mark.parametrize("shard_size", [1, 3, 100])
