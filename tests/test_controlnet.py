@@ -590,7 +590,8 @@ def test_sdxl_controlnet_with_refiner_matches_diffusers(sdxl_controlnet):
 
 def test_run_with_hires_fix_and_refiner(sd1_controlnet, sdxl_controlnet, tmp_path):
   """main.py's run with a ControlNet and the hires fix (its control image read at each pass's
-  size) or the refiner (the base's steps): each image is generate()'s."""
+  size), and with the refiner finishing both passes of the hires fix too (the ControlNet steers
+  the base's steps of each): each image is generate()'s."""
   from unittest import mock  # noqa: PLC0415
 
   from PIL import Image  # noqa: PLC0415
@@ -629,16 +630,17 @@ def test_run_with_hires_fix_and_refiner(sd1_controlnet, sdxl_controlnet, tmp_pat
   assert np.abs(written - expected[0] * 255).max() <= 1.0
 
   _, _, base, refiner, sdxl_controlnet_ = sdxl_controlnet
-  cfg = run.RunConfig(model=base.name, refiner=refiner.name, refiner_start=0.8,
-                      prompts=(run.PromptLine("a cat"),), height=16, width=24,
-                      output_dir=str(tmp_path / "refiner"),
-                      **{**common, "controlnet": (sdxl_controlnet_.name,), "steps": 6})
+  cfg = run.RunConfig(model=base.name, refiner=refiner.name, refiner_start=0.7,
+                      hires_refiner="both passes", prompts=(run.PromptLine("a cat"),),
+                      height=16, width=24, output_dir=str(tmp_path / "refiner"),
+                      **{**common, "controlnet": (sdxl_controlnet_.name,), "steps": 6}, **hires)
   assert run.generate_run(cfg).images == 1
   expected = base.generate("a cat", steps=6, guidance_scale=3.0, scheduler="euler", seed=2,
-                           height=16, width=24, refiner=refiner, refiner_start=0.8,
-                           controlnet=sdxl_controlnet_,
+                           height=16, width=24, refiner=refiner, refiner_start=0.7,
+                           hires_refiner="both passes", controlnet=sdxl_controlnet_,
                            control_images=outputs.read_image(edges, (16, 24)),
-                           controlnet_conditioning_scale=1.5, control_guidance_end=0.7)
+                           hires_control_images=outputs.read_image(edges, (24, 32)),
+                           controlnet_conditioning_scale=1.5, control_guidance_end=0.7, **hires)
   written = np.asarray(Image.open(tmp_path / "refiner" / "00000" / "000000.png"), np.float32)
   assert np.abs(written - expected[0] * 255).max() <= 1.0
 
