@@ -1530,8 +1530,11 @@ class _Sampler:
             sampling.check_control(self.hires_pipe or pipe, *hires.size(pipe, *size), False)
       except ValueError as e:
         raise RunError(f"image size {size[1]}x{size[0]}: {e}") from None
-      if img2img and refiner is not None:
-        raise RunError("prompt lines with an init_image (img2img) do not take --refiner")
+      if refiner is not None:
+        try:
+          sampling.check_refined(pipe, kind == "inpaint")
+        except ValueError as e:
+          raise RunError(f"--refiner: {e}") from None
       if img2img and hires is not None:
         raise RunError("prompt lines with an init_image (img2img) do not take --hires_scale")
       if cfg.cfg_parallel and guidance <= 1.0:

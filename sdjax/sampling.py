@@ -1919,6 +1919,18 @@ def is_edit_model(pipe) -> bool:
   return pipe.unet.config.in_channels == 2 * latent_channels(pipe)
 
 
+def check_refined(pipe, masks: bool) -> None:
+  """A refiner finishes a text-to-image or img2img run of a plain model (diffusers' img2img
+  pipeline of the base with `denoising_end`, then the refiner's with `denoising_start`)."""
+  if (is_inpainting_model(pipe) or is_edit_model(pipe) or is_depth_model(pipe)
+      or is_upscaler_model(pipe)):
+    raise ValueError("a refiner finishes a text-to-image or img2img model's run: not an "
+                     "inpainting, instruct-pix2pix, depth-to-image or x4 upscaler model's")
+  if masks:
+    raise ValueError("a refiner finishes text-to-image and img2img runs, not inpainting (a "
+                     "mask)")
+
+
 def repaints_everything(pipe, masks: bool, hires=None, refiner=None) -> bool:
   """Whether `pipe` is an inpainting model given no masks in a pass that takes them, which A1111
   runs as a repaint of everything (`unmasked_inpainting`); the hires pass and a refiner stage
@@ -2324,8 +2336,7 @@ def generate(
     strength = 1.0 if mask_images is not None or edit else 0.8
   if refiner is not None:
     check_handoff(refiner_start, steps)
-    if init_images is not None:
-      raise ValueError("refiner= hands off a text-to-image run; it does not take init_images")
+    check_refined(pipe, mask_images is not None)
   hires_prompts = prompts if hires_prompts is None else _as_list(hires_prompts, n,
                                                                    "hires_prompts")
   hires_negatives = negatives if hires_negative_prompts is None else _as_list(

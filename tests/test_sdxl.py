@@ -173,6 +173,39 @@ def test_refiner_img2img_matches_diffusers(pipes):
   assert err <= GENERATE_TOL
 
 
+def test_img2img_handoff_matches_diffusers(pipes):
+  """An img2img run handed to the refiner: diffusers' img2img pipeline of the base (strength,
+  denoising_end) to latents, then the refiner's from them (denoising_start). A refiner that is
+  the base itself (Euler: nothing carried over) makes the base's img2img image; masks are
+  refused."""
+  ref_base, ref_refiner, base, refiner, _ = pipes
+  _set_scheduler(ref_base, "euler", base.scheduler_config)
+  _set_scheduler(ref_refiner, "euler", refiner.scheduler_config)
+  img_pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**ref_base.components)
+  img_pipe.set_progress_bar_config(disable=True)
+  images = np.random.default_rng(9).uniform(size=(2, H, W, 3)).astype(np.float32)
+  noise, seed = randn(2, 8, 12, 4, seed=10), 23
+  common = dict(num_inference_steps=8, guidance_scale=GUIDANCE, negative_prompt=NEGATIVES)
+  module = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img"
+  with img2img_draws(module, seed, (8, 12, 4), noise):
+    handed = img_pipe(PROMPTS, image=images, strength=0.7, denoising_end=0.75,
+                      output_type="latent", **common).images
+    expected = ref_refiner(PROMPTS, image=handed, denoising_start=0.75, output_type="np",
+                           **common).images
+  kw = dict(init_images=images, strength=0.7, steps=8, seed=seed, latents=noise,
+            guidance_scale=GUIDANCE, negative_prompts=NEGATIVES, scheduler="euler")
+  ours = base.generate(PROMPTS, refiner=refiner, refiner_start=0.75, **kw)
+  err = rel_err(ours, expected)
+  print(f"\nimg2img handoff: {err:.2e}")
+  assert err <= GENERATE_TOL
+  alone = base.generate(PROMPTS, **kw)
+  assert rel_err(alone, expected) > 1e-3  # the refiner's steps matter
+  np.testing.assert_allclose(base.generate(PROMPTS, refiner=base, refiner_start=0.75, **kw),
+                             alone, atol=1e-5)
+  with pytest.raises(ValueError, match="not inpainting"):
+    base.generate(PROMPTS, refiner=refiner, mask_images=np.ones((2, H, W), np.float32), **kw)
+
+
 @pytest.mark.parametrize("name", ["euler", "heun"])
 def test_base_to_refiner_handoff_matches_diffusers(pipes, name):
   """base(denoising_end=0.8, output_type="latent") then refiner(denoising_start=0.8)."""
@@ -538,6 +571,36 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
   assert remade.text["parameters"] == png.text["parameters"]
   # One image, not the run's batch of two: the same pixels, to a rounding step.
   assert np.abs(np.asarray(remade, np.int16) - np.asarray(png, np.int16)).max() <= 1
+
+
+def test_run_img2img_lines_with_refiner(pipes, tmp_path):
+  """main.py's img2img lines hand over to --refiner as generate() does (the base's img2img to
+  refiner_start, the refiner's steps from there); a line with a mask is refused in one line."""
+  from PIL import Image
+
+  from sdjax import outputs, run
+
+  _, _, base, refiner, folder = pipes
+  Image.fromarray(np.random.default_rng(5).integers(0, 255, (H, W, 3), np.uint8)).save(
+      tmp_path / "init.png")
+  init = str(tmp_path / "init.png")
+  cfg = run.RunConfig(
+      prompts=(run.PromptLine("a cat", init_image=init),), model=os.path.join(folder, "base"),
+      refiner=os.path.join(folder, "refiner"), refiner_start=0.75, strength=0.7, steps=8,
+      guidance_scale=GUIDANCE, scheduler="euler", height=H, width=W, seed=5,
+      output_dir=str(tmp_path / "out"), compilation_cache="", show_progress=False)
+  assert run.generate_run(cfg).images == 1
+  expected = base.generate("a cat", init_images=outputs.read_image(init, (H, W))[None],
+                           strength=0.7, steps=8, guidance_scale=GUIDANCE, scheduler="euler",
+                           seed=5, refiner=refiner, refiner_start=0.75)
+  png = np.asarray(Image.open(tmp_path / "out" / "00000" / "000000.png"), np.float32) / 255
+  assert np.abs(png - expected[0]).max() <= 1 / 255 + 1e-6
+  masked = dataclasses.replace(cfg, prompts=(run.PromptLine("a cat", init_image=init,
+                                                            mask_image=init),),
+                               output_dir=str(tmp_path / "masked"))
+  with pytest.raises(run.RunError, match="^--refiner: a refiner finishes text-to-image and "
+                                         "img2img runs, not inpainting"):
+    run.generate_run(masked)
 
 
 @pytest.mark.parametrize("which", ["second pass", "first pass", "both passes"])
