@@ -175,8 +175,7 @@ def test_refiner_img2img_matches_diffusers(pipes):
 
 def test_img2img_handoff_matches_diffusers(pipes):
   """An img2img run handed to the refiner: diffusers' img2img pipeline of the base (strength,
-  denoising_end) to latents, then the refiner's from them (denoising_start). A refiner that is
-  the base itself (Euler: nothing carried over) makes the base's img2img image; masks are
+  denoising_end) to latents, then the refiner's from them (denoising_start); masks are
   refused."""
   ref_base, ref_refiner, base, refiner, _ = pipes
   _set_scheduler(ref_base, "euler", base.scheduler_config)
@@ -198,10 +197,7 @@ def test_img2img_handoff_matches_diffusers(pipes):
   err = rel_err(ours, expected)
   print(f"\nimg2img handoff: {err:.2e}")
   assert err <= GENERATE_TOL
-  alone = base.generate(PROMPTS, **kw)
-  assert rel_err(alone, expected) > 1e-3  # the refiner's steps matter
-  np.testing.assert_allclose(base.generate(PROMPTS, refiner=base, refiner_start=0.75, **kw),
-                             alone, atol=1e-5)
+  assert rel_err(base.generate(PROMPTS, **kw), expected) > 1e-3  # the refiner's steps matter
   with pytest.raises(ValueError, match="not inpainting"):
     base.generate(PROMPTS, refiner=refiner, mask_images=np.ones((2, H, W), np.float32), **kw)
 
