@@ -599,13 +599,13 @@ def test_run_img2img_lines_with_refiner(pipes, tmp_path):
     run.generate_run(masked)
 
 
-@pytest.mark.parametrize("which", ["second pass", "first pass", "both passes"])
+@pytest.mark.parametrize("which", ["second pass", "first pass"])
 def test_run_with_hires_fix_and_refiner(pipes, tmp_path, which):
   """main.py's run with the hires fix and a refiner (--hires_refiner): the refiner takes the
-  hires pass over, or finishes the first pass (for the first, with a pixel upscaler, handing the
-  hires pass its decoded images), or both, in the same sharded program (A1111's switch here,
-  between a DPM++ SDE step's two calls; a line's hires prompt its prompt); each image is
-  generate()'s, and its PNG says both, as its text makes it again."""
+  hires pass over, or finishes the first pass (with a pixel upscaler, handing the hires pass
+  its decoded images), in the same sharded program (A1111's switch here, between a DPM++ SDE
+  step's two calls; a line's hires prompt its prompt); each image is generate()'s, and its PNG
+  says both, as its text makes it again. ("both passes" in a run: test_controlnet's SDXL run.)"""
   import json
 
   from PIL import Image
