@@ -527,6 +527,9 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
         "(give --upscaler_dir, the folder of its file)")
     print(f"warning: {path}: Hires upscaler: {upscaler} is an upscaler model, not found "
           f"{where}: Latent is used", file=sys.stderr)
+  if "hires_refiner" in applied and FLAGS.refiner is None:  # its refiner, a note: not given
+    FLAGS["hires_refiner"].parse(run.RunConfig.hires_refiner)
+    del applied["hires_refiner"]
   return dataclasses.replace(found, flags=applied)
 
 

@@ -708,6 +708,14 @@ def test_parameters_file_makes_the_image_again(model, cache, tmp_path):
   assert (record["seed"], record["steps"], record["prompt"]) == (12, 3, "a (cat:1.2)")
   assert record["scheduler"] == "dpmpp_2m_sde" and record["negative_prompt"] == "a dog"
   assert not np.array_equal(_pixels(other)[name], want)
+  # A refiner named only by its file: a warning, and its Hires refiner pass is dropped with it
+  # (not an error for a --hires_refiner without --refiner).
+  params.write_text(text + ", Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8, "
+                           "Hires refiner: first pass")
+  (code, err), = _in_one_process([["--model", model, "--parameters_file", str(params),
+                                   "--output_dir", str(tmp_path / "refined"),
+                                   "--compilation_cache", cache]])
+  assert code == 0 and "Refiner: sd_xl_refiner_1.0 [7440042bbd]: give it with --refiner" in err
 
 
 def test_model_hires_upscaler(model, cache, tmp_path):
