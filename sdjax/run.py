@@ -1559,7 +1559,7 @@ class _Sampler:
       inpaint = kind == "inpaint"
       if inpaint:
         extra["masked_content"] = cfg.inpainting_fill
-      if sampling.repaints_everything(pipe, inpaint, hires, refiner):  # lines without masks
+      if sampling.repaints_everything(pipe, inpaint, hires):  # lines without masks
         extra, inpaint = dict(img2img=True, strength=strength if img2img else 1.0,
                               noise_multiplier=cfg.noise_multiplier if img2img else 1.0,
                               extra_noise=cfg.extra_noise if img2img else 0.0), True

@@ -1931,11 +1931,11 @@ def check_refined(pipe, masks: bool) -> None:
                      "mask)")
 
 
-def repaints_everything(pipe, masks: bool, hires=None, refiner=None) -> bool:
+def repaints_everything(pipe, masks: bool, hires=None) -> bool:
   """Whether `pipe` is an inpainting model given no masks in a pass that takes them, which A1111
-  runs as a repaint of everything (`unmasked_inpainting`); the hires pass and a refiner stage
-  take none."""
-  return is_inpainting_model(pipe) and not masks and hires is None and refiner is None
+  runs as a repaint of everything (`unmasked_inpainting`); the hires pass takes none (nor does a
+  refiner, which `check_refined` refuses after an inpainting model)."""
+  return is_inpainting_model(pipe) and not masks and hires is None
 
 
 def unmasked_inpainting(init_images: np.ndarray | None, n: int, height: int,
@@ -2306,7 +2306,7 @@ def generate(
     height, width = init_images.shape[1:3]
     if is_upscaler_model(pipe):  # the images are the latents' size; the output the VAE's more
       height, width = height * pipe.vae_scale, width * pipe.vae_scale
-  if repaints_everything(pipe, mask_images is not None, hires, refiner):
+  if repaints_everything(pipe, mask_images is not None, hires):
     masked_content = "original"  # A1111: there is no masked area
     strength = 1.0 if init_images is None else strength
     init_images, mask_images = unmasked_inpainting(
