@@ -1594,9 +1594,10 @@ class _Sampler:
         raise RunError(f"--s_min_uncond / --skip_early_cond: {e}") from None
       host_state, stage, first_stage = state, None, None
       if first_handoff:  # the refiner's part of the first pass runs in the same program
-        stage_spec, stage_state = sampling.prepare(refiner, cfg.batch_size, **common,
-                                                   denoising_start=cfg.refiner_start,
-                                                   handoff=cfg.refiner_switch)
+        stage_spec, stage_state = sampling.prepare(
+            refiner, cfg.batch_size, **common, denoising_start=cfg.refiner_start,
+            handoff=cfg.refiner_switch, **({"img2img": True, "strength": strength} if img2img
+                                           else {}))
         first_stage = (sampling.with_cfg_skip(dataclasses.replace(
             stage_spec, tiling=spec.tiling, rng_offset=sampling.stream_draws(
                 spec, len(state.timesteps))), stage_state, _cfg_skip(cfg), steps),

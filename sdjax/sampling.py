@@ -1734,7 +1734,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                      "their torch CPU generators (rng='torch_cpu', as diffusers' pipeline; "
                      "without ensd, step_rng, noise_batch or brownian)")
   if img2img and scheduler_options and scheduler_options.get("a1111"):
-    if mode is not None or denoising_start is not None:  # inpainting, a handoff: diffusers'
+    if mode is not None:  # inpainting: diffusers' form
       scheduler_options = {k: v for k, v in scheduler_options.items() if k != "a1111"} or None
     elif 0.0 < strength <= 1.0:  # A1111's DDIM / PLMS / UniPC img2img: its own t_enc
       scheduler_options = {**scheduler_options,
@@ -1745,7 +1745,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
     raise ValueError(f"scheduler {sched.name!r} plans its steps between its run's ends: no "
                      "refiner handoff (pick another for it)")
   placed, first_step = int(steps), 0
-  if img2img and denoising_start is None:  # the schedule and its first step, as the form's
+  # The schedule and its first step, as the form's: a refiner finishing an img2img run
+  # (`denoising_start` with `img2img`) runs over the base's schedule too.
+  if img2img:
     if not 0.0 < strength <= 1.0:
       raise ValueError(f"strength must be in (0, 1], got {strength}")
     placed, first_step = sched.img2img_steps(int(steps), strength)
@@ -1756,13 +1758,17 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
     raise ValueError(f"unknown refiner switch {handoff!r}; use one of "
                      f"{', '.join(REFINER_SWITCHES)}")
   a1111 = handoff == "a1111"
-  if denoising_start is not None:
-    begin = (a1111_switch_position(sched, state, denoising_start, pipe.scheduler_config) if a1111
-             else denoising_start_index(sched, state, denoising_start))
+  if denoising_start is not None:  # an img2img run's refiner: not before the run's start
+    begin = max(begin, a1111_switch_position(sched, state, denoising_start, pipe.scheduler_config)
+                if a1111 else denoising_start_index(sched, state, denoising_start))
   if denoising_end is not None:
     end = (a1111_switch_position(sched, state, denoising_end, pipe.scheduler_config) if a1111
            else denoising_end_index(sched, state, denoising_end))
-  if begin >= (len(state.timesteps) if end is None else end):
+    if a1111 and end <= begin < len(state.timesteps):
+      # A1111 switches at the first call past the cutoff: an img2img run starting past it is
+      # the refiner's from its first call (the base only encodes the image and noises it).
+      end = begin
+  if begin >= (len(state.timesteps) if end is None else end) and not (end == begin and a1111):
     what = (f"strength {strength}" if denoising_start is None and denoising_end is None
             else f"refiner_start {denoising_start if denoising_end is None else denoising_end}")
     raise ValueError(f"{what} with {steps} steps of scheduler {sched.name!r} leaves no denoising "
@@ -2164,7 +2170,9 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                         seed_high=seed_high, denoising_end=denoising_end,
                         denoising_start=denoising_start, handoff=handoff)
   begin = 0 if a1111 or planned else spec.scheduler.step_position(state, total - n)
-  if spec.end is not None and begin >= spec.end:
+  if spec.end is not None and begin >= spec.end and handoff == "a1111":
+    spec = dataclasses.replace(spec, end=begin)  # A1111: the refiner's from the pass's start
+  elif spec.end is not None and begin >= spec.end:
     raise ValueError(f"refiner_start {denoising_end} leaves the model none of the hires pass's "
                      f"{n} steps (the refiner would make them all): give a later refiner_start "
                      "or a higher hires strength")
@@ -2435,7 +2443,7 @@ def generate(
   first_stage = None  # the refiner's (spec, state) finishing the first pass
   if first_handoff:
     first_stage = prepare(refiner, n, denoising_start=refiner_start, handoff=refiner_switch,
-                          **named)
+                          img2img=init_images is not None, strength=strength, **named)
   if hires is not None:  # checked before the first pass runs
     handed = {} if not hires_handoff else dict(denoising_end=refiner_start,
                                                handoff=refiner_switch)

@@ -202,6 +202,33 @@ def test_img2img_handoff_matches_diffusers(pipes):
     base.generate(PROMPTS, refiner=refiner, mask_images=np.ones((2, H, W), np.float32), **kw)
 
 
+def test_a1111_switch_runs_on_the_runs_own_schedule(pipes):
+  """With A1111's switch the refiner runs on over the run's own schedule: a base that is its own
+  refiner makes the image of the base alone (ComfyUI's img2img form, int(steps / strength) steps
+  placed, and A1111's own DDIM img2img, whose refiner once placed `steps`: another image). An
+  img2img run or hires pass starting past the switch is the refiner's from its first call, as
+  A1111 switches (diffusers' handoff leaves the base no step there: refused)."""
+  _, _, base, refiner, _ = pipes
+  images = np.random.default_rng(3).uniform(size=(1, H, W, 3)).astype(np.float32)
+  kw = dict(steps=6, guidance_scale=GUIDANCE, height=H, width=W, seed=1)
+  switch = dict(refiner=base, refiner_start=0.8, refiner_switch="a1111")
+  for run in (dict(init_images=images, strength=0.5, scheduler="dpmpp_2m",
+                   scheduler_options={"k_diffusion": True, "comfyui": True}),
+              dict(init_images=images, strength=0.5, scheduler="ddim",
+                   scheduler_options={"a1111": True}),
+              dict(hires_scale=1.5, hires_strength=0.15, scheduler="euler")):
+    alone = base.generate(["a cat"], **run, **kw)
+    both = base.generate(["a cat"], **run, **switch, **kw)
+    np.testing.assert_allclose(both, alone, rtol=0, atol=1e-6, err_msg=str(run))
+  # ... and with the refiner (the same VAE here) the refiner's own img2img image.
+  late = dict(init_images=images, strength=0.1, scheduler="dpmpp_2m", **{**kw, "steps": 10})
+  refined = base.generate(["a cat"], **late, **{**switch, "refiner": refiner})
+  np.testing.assert_allclose(refined, refiner.generate(["a cat"], **late), rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match="refiner_start 0.8 with 10 steps of scheduler 'dpmpp_2m' "
+                                       "leaves no denoising step"):
+    base.generate(["a cat"], **late, **{**switch, "refiner_switch": "diffusers"})
+
+
 @pytest.mark.parametrize("name", ["euler", "heun"])
 def test_base_to_refiner_handoff_matches_diffusers(pipes, name):
   """base(denoising_end=0.8, output_type="latent") then refiner(denoising_start=0.8)."""
@@ -571,7 +598,8 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
 
 def test_run_img2img_lines_with_refiner(pipes, tmp_path):
   """main.py's img2img lines hand over to --refiner as generate() does (the base's img2img to
-  refiner_start, the refiner's steps from there); a line with a mask is refused in one line."""
+  refiner_start, the refiner's steps from there; with A1111's switch, a line starting past it
+  the refiner's alone); a line with a mask is refused in one line."""
   from PIL import Image
 
   from sdjax import outputs, run
@@ -590,6 +618,15 @@ def test_run_img2img_lines_with_refiner(pipes, tmp_path):
                            strength=0.7, steps=8, guidance_scale=GUIDANCE, scheduler="euler",
                            seed=5, refiner=refiner, refiner_start=0.75)
   png = np.asarray(Image.open(tmp_path / "out" / "00000" / "000000.png"), np.float32) / 255
+  assert np.abs(png - expected[0]).max() <= 1 / 255 + 1e-6
+  # A1111's switch with a line starting past it: the refiner's from the first call.
+  late = dataclasses.replace(cfg, strength=0.15, refiner_switch="a1111",
+                             output_dir=str(tmp_path / "late"))
+  assert run.generate_run(late).images == 1
+  expected = base.generate("a cat", init_images=outputs.read_image(init, (H, W))[None],
+                           strength=0.15, steps=8, guidance_scale=GUIDANCE, scheduler="euler",
+                           seed=5, refiner=refiner, refiner_start=0.75, refiner_switch="a1111")
+  png = np.asarray(Image.open(tmp_path / "late" / "00000" / "000000.png"), np.float32) / 255
   assert np.abs(png - expected[0]).max() <= 1 / 255 + 1e-6
   masked = dataclasses.replace(cfg, prompts=(run.PromptLine("a cat", init_image=init,
                                                             mask_image=init),),
