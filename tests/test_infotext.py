@@ -164,7 +164,8 @@ def test_what_sdjax_lacks_is_a_note_not_a_flag():
 def test_img2img_and_inpaint_fields():
   """An img2img or inpainting image's Denoising strength is --strength (its init image a note);
   A1111's inpaint settings their flags: Mask blur, Inpaint area "Only masked" with its Masked
-  area padding, Masked content (A1111 writes fill; sdjax the latent ones too)."""
+  area padding, Masked content (A1111 writes fill; sdjax the latent ones too); an A1111 image's
+  a note that its repainted pixels differ (A1111 blends in its loop as sdjax does not)."""
   text = ("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Denoising strength: 0.6, "
           "Mask blur: 2, Inpaint area: Only masked, Masked area padding: 16, Masked content: ")
   flags = _flags(text + "fill")
@@ -173,6 +174,9 @@ def test_img2img_and_inpaint_fields():
       "0.6", "2.0", "true", "16", "fill")
   assert _flags(text + "latent nothing")["inpainting_fill"] == "latent_nothing"
   assert "not one sdjax has" in _notes(text + "lama cleaner")["inpainting_fill"]
+  # A1111's in-loop blend is not sdjax's: its inpainted images' pixels differ (sdjax's own not).
+  assert "the repainted pixels differ" in _notes(text + "fill")["mask_blur"]
+  assert "mask_blur" not in _notes(text + "fill, Version: sdjax 0.1.0")
   plain = _flags("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1")
   assert not {"strength", "mask_blur", "inpaint_full_res", "inpainting_fill"} & set(plain)
 
