@@ -1769,6 +1769,11 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
       # the refiner's from its first call (the base only encodes the image and noises it).
       end = begin
   if begin >= (len(state.timesteps) if end is None else end) and not (end == begin and a1111):
+    if img2img and denoising_end is not None and begin < len(state.timesteps):
+      raise ValueError(f"strength {strength} starts the run past refiner_start "
+                       f"{denoising_end}: the base would make no step of it (give a higher "
+                       "strength or a lower refiner_start, or refiner_switch 'a1111', which "
+                       "hands such a run to the refiner whole)")
     what = (f"strength {strength}" if denoising_start is None and denoising_end is None
             else f"refiner_start {denoising_start if denoising_end is None else denoising_end}")
     raise ValueError(f"{what} with {steps} steps of scheduler {sched.name!r} leaves no denoising "
