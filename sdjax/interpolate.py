@@ -122,22 +122,36 @@ def _pil_lanczos(x: float) -> float:
   return _pil_sinc(x) * _pil_sinc(x / 3.0) if -3.0 <= x < 3.0 else 0.0
 
 
+def _pil_bicubic(x: float) -> float:
+  a = -0.5  # PIL's
+  x = abs(x)
+  if x < 1.0:
+    return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+  if x < 2.0:
+    return (((x - 5) * x + 8) * x - 4) * a
+  return 0.0
+
+
+_PIL_KERNELS = {"lanczos": (_pil_lanczos, 3.0), "bicubic": (_pil_bicubic, 2.0)}
+
+
 @functools.lru_cache(maxsize=64)
-def pil_weights(in_size: int, out_size: int) -> np.ndarray:
-  """int32 [out_size, in_size]: PIL's fixed-point Lanczos weights along one axis (its
-  `precompute_coeffs` and `normalize_coeffs_8bpc`, in the same double arithmetic)."""
+def pil_weights(in_size: int, out_size: int, kernel: str = "lanczos") -> np.ndarray:
+  """int32 [out_size, in_size]: PIL's fixed-point Lanczos (or bicubic) weights along one axis
+  (its `precompute_coeffs` and `normalize_coeffs_8bpc`, in the same double arithmetic)."""
   if min(in_size, out_size) < 1:
     raise ValueError(f"sizes must be positive, got {in_size} -> {out_size}")
+  fn, size = _PIL_KERNELS[kernel]
   scale = in_size / out_size
   filterscale = max(scale, 1.0)
-  support, ss = 3.0 * filterscale, 1.0 / filterscale
+  support, ss = size * filterscale, 1.0 / filterscale
   out = np.zeros((out_size, in_size), np.int32)
   one = float(1 << _PIL_PRECISION_BITS)
   for i in range(out_size):
     center = (i + 0.5) * scale
     lo = max(int(center - support + 0.5), 0)
     hi = min(int(center + support + 0.5), in_size)
-    k = [_pil_lanczos((x - center + 0.5) * ss) for x in range(lo, hi)]  # PIL multiplies
+    k = [fn((x - center + 0.5) * ss) for x in range(lo, hi)]  # PIL multiplies
     total = 0.0
     for v in k:  # in order, as PIL sums
       total += v
@@ -171,15 +185,17 @@ def _pil_pass(x: jax.Array, weights: np.ndarray, axis: str) -> jax.Array:
 
 def pil_resize(x: jax.Array, size: tuple[int, int], resample: str) -> jax.Array:
   """int32 levels [B, H, W, C] in 0..255 -> [B, *size, C], as PIL's
-  `Image.resize((w, h), LANCZOS or NEAREST)` of each 8-bit image."""
-  if resample not in PIL_FILTERS:
+  `Image.resize((w, h), LANCZOS, NEAREST or BICUBIC)` of each 8-bit image (up to Pillow 12:
+  the horizontal pass first). "bicubic" (PIL's default filter) is A1111's resize of inpainting
+  masks to the latents' size, not a pixel upscaler (PIL_FILTERS)."""
+  if resample not in (*PIL_FILTERS, "bicubic"):
     raise ValueError(f"unknown PIL filter {resample!r}; pick one of {', '.join(PIL_FILTERS)}")
   (h0, w0), (h, w) = x.shape[1:3], size
   x = x.astype(jnp.int32)
   if resample == "nearest":
     return x[:, pil_nearest(h0, h)][:, :, pil_nearest(w0, w)]
   if w != w0:  # PIL: the horizontal pass first
-    x = _pil_pass(x, pil_weights(w0, w), "w")
+    x = _pil_pass(x, pil_weights(w0, w, resample), "w")
   if h != h0:
-    x = _pil_pass(x, pil_weights(h0, h), "h")
+    x = _pil_pass(x, pil_weights(h0, h, resample), "h")
   return x
