@@ -103,6 +103,10 @@ flags.DEFINE_bool("inpainting_mask_invert", False, "inpainting: repaint what the
 flags.DEFINE_float("inpainting_mask_weight", 1.0, "inpainting with an inpainting model: A1111's "
                    "Conditional mask weight (how much of the masked area its masked image "
                    "hides; below 1 the original shows through, faded)")
+flags.DEFINE_enum("inpaint_blend", "diffusers", ["diffusers", "a1111"],
+                  "inpainting: how the image outside the mask is kept while sampling: diffusers' "
+                  "way, or A1111's (its latent mask blends the image into each step's denoised "
+                  "prediction; --parameters_file of an A1111 inpainted image sets it)")
 flags.DEFINE_enum("inpainting_fill", "original", ["original", "fill", "latent_noise",
                                                   "latent_nothing"],
                   "inpainting: what the masked area starts from, A1111's Masked content: the "
@@ -403,7 +407,7 @@ def _run_config() -> run.RunConfig:
       inpaint_full_res_padding=FLAGS.inpaint_full_res_padding,
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
-      inpainting_mask_weight=FLAGS.inpainting_mask_weight,
+      inpainting_mask_weight=FLAGS.inpainting_mask_weight, inpaint_blend=FLAGS.inpaint_blend,
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,

@@ -135,7 +135,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
     width, height = _size("Size", fields.pop("Size"))
     flags["width"], flags["height"] = str(width), str(height)
   _hires(fields, flags, notes)
-  _inpainting(fields, flags, notes, made_by_sdjax, made_in)
+  _inpainting(fields, flags, notes, made_by_sdjax, made_in, scheduler)
   _looks(fields, flags)
   _sdxl(fields, flags, notes, scheduler, made_by_sdjax)
   for key, flag in _ONE_TO_ONE.items():
@@ -676,17 +676,21 @@ def _hires(fields, flags, notes) -> None:
 OTHER_UPSCALERS = ("LDSR", "ScuNET", "SwinIR", "DAT ")
 
 
-def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str) -> None:
+def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str,
+                scheduler: str | None) -> None:
   """A1111's img2img inpaint settings: Mask blur, "Only masked" with its padding, Masked content
-  (A1111 writes it for fill; sdjax for the latent ones too). Its sampling differs from sdjax's
-  (diffusers'): a note says so."""
+  (A1111 writes it for fill; sdjax for the latent ones too); its blend (`--inpaint_blend
+  a1111`: an A1111 image's, an sdjax image's where it says `Inpaint blend: A1111`)."""
+  if fields.pop("Inpaint blend", None) == "A1111" and made_by_sdjax:
+    flags["inpaint_blend"] = "a1111"
   if "Mask blur" in fields:  # A1111 writes it for inpainting only
     flags["mask_blur"] = str(_number("Mask blur", fields.pop("Mask blur")))
-    if not made_by_sdjax:
-      notes.append(("mask_blur", f"an inpainted image: {made_in} blends the image's latents into "
-                                 "each step's prediction outside the mask, sdjax keeps them as "
-                                 "diffusers does (an inpainting model: not at all; another: "
-                                 "noised after each step), so the repainted pixels differ"))
+    if not made_by_sdjax and (scheduler is None or schedulers.takes_a1111_blend(scheduler)):
+      flags["inpaint_blend"] = "a1111"
+    elif not made_by_sdjax:
+      notes.append(("inpaint_blend", f"an inpainted image: sdjax's {scheduler} does not blend "
+                                     f"the image into its steps as {made_in} does (diffusers' "
+                                     "way instead): the repainted pixels differ"))
   if fields.get("Inpaint area") == "Only masked":
     del fields["Inpaint area"]
     flags["inpaint_full_res"] = "true"

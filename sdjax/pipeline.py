@@ -388,7 +388,7 @@ class Pipeline:
                ip_adapter_masks=None, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0,
                pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
                token_merging_ratio: float = 0.0, hires_token_merging_ratio: float | None = None,
-               inpainting_mask_weight: float = 1.0,
+               inpainting_mask_weight: float = 1.0, inpaint_blend: str = "diffusers",
                tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
                subseed_strength: float = 0.0, ensd: int = 0,
                seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
@@ -665,6 +665,12 @@ class Pipeline:
         "Inpainting conditioning mask strength" setting): the masked image it sees is
         lerp(image, image * (1 - mask), weight) in [-1, 1], so below 1 the masked area shows
         through, faded; 1 (the default, diffusers'): hidden.
+      inpaint_blend: how inpainting keeps the image outside the mask (`sampling.INPAINT_BLENDS`):
+        "diffusers" (the default: an inpainting model's UNet alone; another model's latents
+        outside the mask reset to the image's, noised, after each step) or "a1111", as A1111
+        inpaints with any model: its latent mask (PIL's bicubic resize of the 8-bit mask,
+        rounded) blends the image's latents into each call's denoised prediction (into its
+        DDIM / PLMS / UniPC model input) and into the final latents.
       tiling: A1111's "Tiling" (seamless images that tile): every convolution of the UNet and
         the VAE pads circularly, as A1111 sets torch's padding_mode="circular" on each; every
         pass and the refiner's stage, not ControlNets or T2I-Adapters.
@@ -745,7 +751,8 @@ class Pipeline:
         pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers,
         freeu=freeu, token_merging_ratio=token_merging_ratio,
         hires_token_merging_ratio=hires_token_merging_ratio,
-        inpainting_mask_weight=inpainting_mask_weight, tiling=tiling, rng=rng,
+        inpainting_mask_weight=inpainting_mask_weight, inpaint_blend=inpaint_blend,
+        tiling=tiling, rng=rng,
         subseed=subseed, subseed_strength=subseed_strength,
         ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,

@@ -177,6 +177,9 @@ class RunConfig:
   inpainting_fill: str = "original"  # A1111's "Masked content" (`masks.MASKED_CONTENT`)
   # An inpainting model's A1111 "Conditional mask weight" (see generate()); 1: the mask hides all.
   inpainting_mask_weight: float = 1.0
+  # How inpainting keeps the image outside the mask (`sampling.INPAINT_BLENDS`): diffusers' or
+  # A1111's blend.
+  inpaint_blend: str = "diffusers"
   # ControlNets steering lines by their control_image (else these, one per ControlNet), their
   # residuals summed in order; per ControlNet a single file's diffusers config ("": none). The
   # scale and share of the steps: one for all, or one per ControlNet.
@@ -644,6 +647,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
       del settings["inpainting"]["masked_content"]
   if cfg.inpainting_mask_weight != 1.0:  # absent for the default: older folders still match
     settings["inpainting_mask_weight"] = cfg.inpainting_mask_weight
+  if cfg.inpaint_blend != "diffusers":  # absent for the default: older folders still match
+    settings["inpaint_blend"] = cfg.inpaint_blend
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.cfg_parallel:  # its own program: pixels differ by rounding
@@ -1568,6 +1573,7 @@ class _Sampler:
       try:
         spec, state = sampling.prepare(
             pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
+            inpaint_blend=cfg.inpaint_blend,
             denoising_end=cfg.refiner_start if first_handoff else None,
             handoff=cfg.refiner_switch if first_handoff else "diffusers",
             noise_batch=cfg.noise_batch)
@@ -2335,6 +2341,8 @@ class _Metadata:
       record["inpainting_fill"] = cfg.inpainting_fill
     if cfg.inpainting_mask_weight != 1.0:
       record["inpainting_mask_weight"] = cfg.inpainting_mask_weight
+    if cfg.inpaint_blend != "diffusers":
+      record["inpaint_blend"] = cfg.inpaint_blend
     return record
 
   def _brownian(self, scheduler: str) -> str | None:
@@ -2426,6 +2434,8 @@ class _Metadata:
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **({"Conditional mask weight": cfg.inpainting_mask_weight}
                   if cfg.inpainting_mask_weight != 1.0 and job.init_image else {}),
+               **({"Inpaint blend": "A1111"}
+                  if cfg.inpaint_blend == "a1111" and job.mask_image else {}),
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(
                    options)), **self._hires_prompts(job),

@@ -69,6 +69,12 @@ RNGS = ("jax", "torch_cpu", "nv")
 # outside the mask are reset to the noised image's after every step), as diffusers'
 # StableDiffusionInpaintPipeline does for each.
 INPAINT_MODES = ("concat", "blend")
+# Where an inpainting run keeps the image outside the mask (SampleSpec.inpaint_blend):
+# "diffusers" as above; "a1111" as AUTOMATIC1111 does for every model (inpainting ones too):
+# its latent mask (the 8-bit mask through PIL's bicubic to the latents' size, rounded), the
+# image's latents blended into each call's denoised prediction outside it (its DDIM / PLMS /
+# UniPC: into the model's input instead), and into the final latents.
+INPAINT_BLENDS = ("diffusers", "a1111")
 
 # How many times the sampling program has been traced (tests assert one trace per shape).
 trace_count = 0
@@ -131,6 +137,8 @@ class SampleSpec:
   # an inpainting model's masked image hides: lerp(image, image * (1 - mask), weight) in [-1, 1];
   # 1 (A1111's default, diffusers'): all of it.
   mask_weight: float = 1.0
+  # How an inpainting run keeps the image outside the mask (INPAINT_BLENDS).
+  inpaint_blend: str = "diffusers"
   # A1111's Noise multiplier for img2img (its initial_noise_multiplier): an img2img or inpainting
   # run's initial noise times this before it noises the image (not a hires pass's); 1: off.
   noise_multiplier: float = 1.0
@@ -637,14 +645,15 @@ def with_cfg_skip(spec: SampleSpec, state, skip: CfgSkip | None, steps: int) -> 
 
 
 def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
-             with_state: bool = False):
+             with_state: bool = False, blend=None):
   """Runs the scheduler from position `spec.begin` to the end; x is float32 [B, h, w, C].
-  `after_step(x, state, i)` (if given) replaces x after the step at position i. Returns x, or
-  with `with_state` (x, the scheduler's state at the end)."""
+  `after_step(x, state, i)` (if given) replaces x after the step at position i; `blend`
+  (`_A1111Blend`) blends the image into each call. Returns x, or with `with_state` (x, the
+  scheduler's state at the end)."""
   sched = spec.scheduler
   stream = _HIRES_STEP_NOISE if spec.upscale is not None or spec.hires_pass else _STEP_NOISE
   if sched.adaptive:  # DPM adaptive: its own loop, each row at its own level
-    if after_step is not None:
+    if after_step is not None or blend is not None:
       raise ValueError(f"scheduler {sched.name!r} makes its own steps: not with a mask's "
                        "blending between steps (pick another for it)")
     noise = (functools.partial(source.step_rows, stream, x.shape[1:]) if sched.needs_noise
@@ -661,12 +670,16 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
     if sched.churns:  # k-diffusion's churn: noised up before the model call
       x = sched.churn(state, x, i, noise)
     x_in = sched.scale_model_input(state, x, i)
+    if blend is not None and blend.into_input:
+      x_in = blend.keep(x_in)
     eps = predict(x_in, state.timesteps[i], i - spec.begin)
     extra = {}
     if sched.takes_uncond:  # CFG++: (guided, unconditional) outputs
       eps, uncond = eps
       extra["uncond"] = uncond.astype(jnp.float32)
     eps = eps.astype(jnp.float32)
+    if blend is not None and not blend.into_input:
+      eps = blend.output(state, x, eps, i)
     x, state = sched.step(state, eps, i, x, noise, **extra)
     if after_step is not None:
       x = after_step(x, state, i)
@@ -823,7 +836,7 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
                 guidance_rescale if spec.guidance_rescale else None)
     return (eps, eps_uncond) if spec.scheduler.takes_uncond else eps
 
-  after_step = None
+  after_step = blend = None
   if spec.depth or spec.low_res:  # more input channels, the same in every row
     images, *more = init
     extra = (depth_condition(more[0], spec.latent_hw) if spec.depth
@@ -848,12 +861,18 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
 
       def predict(x, t, call):
         return unet_predict(jnp.concatenate([x, mask, masked_latents], axis=-1), t, call)
-    else:
+    if spec.inpaint_blend == "a1111":
+      blend = _A1111Blend(spec.scheduler, a1111_latent_mask(init[1], spec.latent_hw),
+                          image_latents)
+    elif spec.inpaint == "blend":
       after_step = functools.partial(_keep_unmasked, spec, mask, image_latents, noise)
     x = _initial_latents(spec, nets.vae, params, source, noise, image_latents, state)
   else:
     x = _initial_latents(spec, nets.vae, params, source, noise, init, state)
-  x = _denoise(spec, predict, state, x, source, after_step, with_state=spec.output_state)
+  x = _denoise(spec, predict, state, x, source, after_step, with_state=spec.output_state,
+               blend=blend)
+  if blend is not None:  # A1111: the image's latents outside the mask, after the loop too
+    x = blend.keep(x)
   if spec.output_latents:
     return x  # with `spec.output_state`: (x, state)
   return decode_images(nets.vae, params["vae"], x)
@@ -1133,7 +1152,7 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
   s = vae.config.downscale
   mask = repaint[:, ::s, ::s].astype(jnp.float32)
   image_latents = masked_latents = None
-  if spec.inpaint == "blend" or spec.begin > 0:
+  if spec.inpaint == "blend" or spec.begin > 0 or spec.inpaint_blend == "a1111":
     image_latents = _encode_sample(vae, params, images, source, _POSTERIOR)
     if spec.masked_content != "original":  # A1111: the latents the masked area starts from
       instead = noise if spec.masked_content == "latent noise" else jnp.zeros_like(noise)
@@ -1166,6 +1185,66 @@ def check_mask_weight(pipe, weight) -> float:
     raise ValueError("inpainting_mask_weight is an inpainting model's (A1111's Conditional "
                      "mask weight: how much of the masked area its masked image hides)")
   return float(weight)
+
+
+def a1111_latent_mask(masks, latent_hw: tuple[int, int]):
+  """A1111's latent mask of float32 masks [B, H, W, 1] in [0, 1] (8-bit levels / 255): each
+  8-bit mask through PIL's bicubic resize to the latents' size, / 255, rounded half to even
+  (its `latmask`): 1 where the latents repaint, [B, h, w, 1] float32."""
+  levels = jnp.round(masks.astype(jnp.float32) * 255).astype(jnp.int32)
+  small = interpolate.pil_resize(levels, latent_hw, "bicubic").astype(jnp.float32)
+  return jnp.round(small / jnp.float32(255))
+
+
+@dataclasses.dataclass(frozen=True)
+class _A1111Blend:
+  """A1111's inpainting blend in a run of `scheduler`: `nmask` [B, h, w, 1] (1: repaint), the
+  image's latents `init`. Its k-diffusion samplers blend each call's denoised prediction
+  (x0 = x - sigma eps in k-diffusion's x, at the call's level), its DDIM / PLMS / UniPC the
+  model's input (`into_input`)."""
+  scheduler: Any
+  nmask: Any
+  init: Any
+
+  @property
+  def into_input(self) -> bool:
+    return self.scheduler.name in schedulers.A1111_TIMESTEP_SAMPLERS
+
+  def keep(self, x):
+    return x * self.nmask + self.init * (1 - self.nmask)
+
+  def output(self, state, x, out, i):
+    """The model output `out` at position i (sample `x`) whose denoised prediction is blended."""
+    sigma = call_sigmas(self.scheduler, state)[i]
+    a = jax.lax.rsqrt(sigma * sigma + 1)
+    k_space = type(self.scheduler).scale_model_input is not schedulers.Scheduler.scale_model_input
+    xk = x if k_space else x / a  # k-diffusion's x (x_t / alpha for a VP sample)
+    kind = self.scheduler.prediction_type
+    if kind == "epsilon":
+      return (xk - self.keep(xk - sigma * out)) / sigma
+    if kind == "v_prediction":  # x0 = alpha x_in - sigma_t v, x_in = a xk, sigma_t = sigma a
+      return (a * a * xk - self.keep(a * a * xk - sigma * a * out)) / (sigma * a)
+    return self.keep(out)  # "sample": the model's output is x0
+
+
+def call_sigmas(sched, state):
+  """Each position's noise level (k-diffusion's sigma) in the program: `a1111_levels` of a
+  traced state."""
+  for name in ("sigma_in", "sigmas"):  # per model call; `sigmas` may end in one more
+    if hasattr(state, name):
+      return getattr(state, name)[:len(state.timesteps)].astype(jnp.float32)
+  alphas = jnp.asarray(schedulers.common.make_alphas_cumprod(sched.cfg), jnp.float32)
+  ab = alphas[jnp.rint(state.timesteps).astype(jnp.int32)]
+  return jnp.sqrt((1 - ab) / ab)
+
+
+def check_inpaint_blend(sched, blend: str) -> None:
+  """`blend` is one of INPAINT_BLENDS, and "a1111" one the scheduler can run."""
+  if blend not in INPAINT_BLENDS:
+    raise ValueError(f"unknown inpaint_blend {blend!r}; use one of {', '.join(INPAINT_BLENDS)}")
+  if blend == "a1111" and not schedulers.takes_a1111_blend(sched.name):
+    raise ValueError(f"inpaint_blend 'a1111' blends A1111's samplers' denoised predictions: "
+                     f"not scheduler {sched.name!r}'s (pick another for it)")
 
 
 def _keep_unmasked(spec: SampleSpec, mask, image_latents, noise, x, state, i):
@@ -1657,6 +1736,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0,
             denoising_end: float | None = None, denoising_start: float | None = None,
             cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original",
+            inpaint_blend: str = "diffusers",
             scheduler_options: dict[str, Any] | None = None, control: bool = False,
             control_guess: bool = False, rng: str = "jax", ensd: int = 0,
             seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
@@ -1741,6 +1821,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                            schedulers.A1111_IMG2IMG: int(min(strength, 0.999) * int(steps))}
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
                                    options=model_schedule(pipe, scheduler_options))
+  if mode is not None:
+    check_inpaint_blend(sched, inpaint_blend)
   if sched.plans_its_run and (denoising_start is not None or denoising_end is not None):
     raise ValueError(f"scheduler {sched.name!r} plans its steps between its run's ends: no "
                      "refiner handoff (pick another for it)")
@@ -1795,7 +1877,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     init_latents=denoising_start is not None,
                     cfg_split=cfg_split and guidance, inpaint=mode,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
-                    ("latent noise", "latent nothing") else "original", control=control,
+                    ("latent noise", "latent nothing") else "original",
+                    inpaint_blend=inpaint_blend if mode else "diffusers", control=control,
                     control_guess=control and control_guess, rng=rng, ensd=int(ensd),
                     seed_resize=seed_resize_latents(pipe, seed_resize_from), step_rng=step_rng,
                     seed_high=int(seed_high),
@@ -2248,6 +2331,7 @@ def generate(
     mask_images: Any = None,
     masked_content: str = "original",
     inpainting_mask_weight: float = 1.0,
+    inpaint_blend: str = "diffusers",
     scheduler_options: dict[str, Any] | None = None,
     controlnet=None,
     control_images: Any = None,
@@ -2424,6 +2508,7 @@ def generate(
                         denoising_end=refiner_start if first_handoff else None,
                         handoff=refiner_switch if first_handoff else "diffusers",
                         inpaint=mask_images is not None, masked_content=masked_content,
+                        inpaint_blend=inpaint_blend,
                         control=controlnet is not None,
                         control_guess=controlled is not None and uses_guess_mode(
                             controlled.controlnet, guess_mode),

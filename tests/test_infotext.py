@@ -165,7 +165,7 @@ def test_img2img_and_inpaint_fields():
   """An img2img or inpainting image's Denoising strength is --strength (its init image a note);
   A1111's inpaint settings their flags: Mask blur, Inpaint area "Only masked" with its Masked
   area padding, Masked content (A1111 writes fill; sdjax the latent ones too); an A1111 image's
-  a note that its repainted pixels differ (A1111 blends in its loop as sdjax does not)."""
+  A1111's blend (`--inpaint_blend a1111`)."""
   text = ("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Denoising strength: 0.6, "
           "Mask blur: 2, Inpaint area: Only masked, Masked area padding: 16, Masked content: ")
   flags = _flags(text + "fill")
@@ -174,11 +174,19 @@ def test_img2img_and_inpaint_fields():
       "0.6", "2.0", "true", "16", "fill")
   assert _flags(text + "latent nothing")["inpainting_fill"] == "latent_nothing"
   assert "not one sdjax has" in _notes(text + "lama cleaner")["inpainting_fill"]
-  # A1111's in-loop blend is not sdjax's: its inpainted images' pixels differ (sdjax's own not).
-  assert "the repainted pixels differ" in _notes(text + "fill")["mask_blur"]
-  assert "mask_blur" not in _notes(text + "fill, Version: sdjax 0.1.0")
+  # A1111's in-loop blend: an A1111 image's (a sampler without it: a note); an sdjax image's
+  # where it says so.
+  assert flags["inpaint_blend"] == "a1111"
+  cfg_pp = text.replace("Euler,", "Euler CFG++,") + "fill"
+  assert "inpaint_blend" not in _flags(cfg_pp)
+  assert "the repainted pixels differ" in _notes(cfg_pp)["inpaint_blend"]
+  sdjax = text + "fill, Version: sdjax 0.1.0"
+  assert "inpaint_blend" not in _flags(sdjax)
+  assert _flags(sdjax.replace("Version", "Inpaint blend: A1111, Version"))["inpaint_blend"] == (
+      "a1111")
   plain = _flags("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1")
-  assert not {"strength", "mask_blur", "inpaint_full_res", "inpainting_fill"} & set(plain)
+  assert not {"strength", "mask_blur", "inpaint_full_res", "inpainting_fill",
+              "inpaint_blend"} & set(plain)
 
 
 def test_forge_schedule_types():

@@ -438,8 +438,9 @@ def test_run_with_mask_lines(inpainting, tmp_path):
   """main.py's run: jsonl lines with an init_image and a mask_image (paths relative to the
   file; the mask resized to the image, blurred (A1111's 4 pixels), both resized to the run's
   size) make generate()'s images with the original pasted back outside the mask; records keep
-  the mask. "Only masked" is generate()'s `padding_mask_crop`, at the original's size. A
-  text-to-image line on an inpainting model is generate()'s too; a mask needs an image."""
+  the mask; --inpaint_blend a1111 is generate()'s too. "Only masked" is generate()'s
+  `padding_mask_crop`, at the original's size. A text-to-image line on an inpainting model is
+  generate()'s too; a mask needs an image."""
   import json
   import os
 
@@ -477,6 +478,24 @@ def test_run_with_mask_lines(inpainting, tmp_path):
     assert np.abs(written - expected).max() <= 1
     parameters = Image.open(tmp_path / "out" / record["file"]).text["parameters"]
     assert "Mask blur: 4, " in parameters and "Inpaint area" not in parameters
+  # --inpaint_blend a1111 (an inpainting model: its UNet's mask and A1111's blend): generate()'s
+  # too, said in the PNG and read back.
+  a1111 = dataclasses.replace(cfg, inpaint_blend="a1111", output_dir=str(tmp_path / "a1111"))
+  assert run.generate_run(a1111).images == 2
+  record = json.loads(open(tmp_path / "a1111" / outputs.MANIFEST_NAME).readline())
+  assert record["inpaint_blend"] == "a1111" and "inpaint_blend" not in records[0]
+  prepared = masks.prepare(Image.open(tmp_path / "a.png"), Image.open(tmp_path / "m.png"), H, W,
+                           masks.MaskOptions(blur=4.0, overlay=True))
+  expected = pipe.generate("a cat", init_images=prepared.image[None],
+                           mask_images=prepared.mask[None], strength=0.8, seed=record["seed"],
+                           inpaint_blend="a1111", **kw)
+  expected = prepared.finish(outputs.to_uint8(expected[0])).astype(int)
+  written = Image.open(tmp_path / "a1111" / record["file"])
+  assert np.abs(np.asarray(written, int) - expected).max() <= 1
+  assert np.abs(np.asarray(written, int) - np.asarray(
+      Image.open(tmp_path / "out" / records[0]["file"]), int)).max() > 1
+  assert "Inpaint blend: A1111" in written.text["parameters"]
+  assert infotext.reproduce(written.text["parameters"]).flags["inpaint_blend"] == "a1111"
   # "Only masked" (of an inverted mask): the file is the original's size, generate()'s pixels
   # with padding_mask_crop and the inverted mask.
   Image.open(tmp_path / "m.png").resize((28, 20)).save(tmp_path / "m_small.png")
@@ -515,3 +534,97 @@ def test_run_with_mask_lines(inpainting, tmp_path):
     run.generate_run(dataclasses.replace(cfg, prompts_file=str(lone),
                                          output_dir=str(tmp_path / "lone")))
   assert not os.path.exists(tmp_path / "lone" / "00000")
+
+
+def _a1111_latent_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+  """A1111's `latmask` of a float [H, W] mask of 8-bit levels: the L image as RGB through PIL's
+  default (bicubic) resize to the latents' size, channel 0, / 255, np.around. (One axis at a
+  time, horizontal first: Pillow up to 12's order, which A1111 pins.)"""
+  from PIL import Image  # noqa: PLC0415
+
+  image = Image.fromarray(np.round(mask * 255).astype(np.uint8)).convert("RGB")
+  image = image.resize((w, image.height), Image.BICUBIC).resize((w, h), Image.BICUBIC)
+  return np.around(np.asarray(image, np.float32)[..., 0] / 255)
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "ddim"])
+def test_a1111_blend_matches_its_loop(plain, name):
+  """inpaint_blend="a1111": A1111's img2img inpaint loop over diffusers' UNet and VAE, written
+  out here: its latent mask (PIL's bicubic resize of the 8-bit mask, rounded), k-diffusion's
+  Euler a from the image's latents noised to the first level with every denoised prediction
+  blended with them outside the mask (DDIM, its timestep sampler: the model's input blended
+  instead), then the final latents blended too; each image's draws from its torch generator in
+  diffusers' order (the image's posterior, the noise, the masked image's posterior, each
+  step's). Another image than the default (diffusers') blend's."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+
+  ref, pipe, _ = plain
+  images, masks, _ = _inputs(7)
+  masks = np.round(masks * 255) / 255  # 8-bit levels, as masks read from files
+  seeds, steps, strength = (31, 32), 8, 0.6
+  options = {"k_diffusion": True} if name != "ddim" else {"a1111": True}
+  kw = dict(negative_prompts=NEGATIVES, init_images=images, mask_images=masks, strength=strength,
+            steps=steps, seed=seeds[0], guidance_scale=GUIDANCE, scheduler=name,
+            scheduler_options=options, rng="torch_cpu")
+  ours = pipe.generate(PROMPTS, inpaint_blend="a1111", **kw)
+
+  spec, state = sampling.prepare(pipe, 2, steps=steps, scheduler=name, height=H, width=W,
+                                 guidance_scale=GUIDANCE, img2img=True, strength=strength,
+                                 inpaint=True, scheduler_options=options)
+  timesteps = np.asarray(state.timesteps)[spec.begin:]
+  gens = [torch.Generator().manual_seed(s) for s in seeds]
+  shape = (1, 4, H // 2, W // 2)
+  sf = ref.vae.config.scaling_factor
+  with torch.no_grad():
+    dist = [ref.vae.encode(nchw(2 * images[i:i + 1] - 1)).latent_dist for i in range(2)]
+    init = torch.cat([(d.mean + d.std * torch.randn(shape, generator=g)) * sf
+                      for d, g in zip(dist, gens, strict=True)])
+    noise = torch.cat([torch.randn(shape, generator=g) for g in gens])
+    for g in gens:  # the masked image's posterior: unused by this model
+      torch.randn(shape, generator=g)
+    context = torch.cat(ref.encode_prompt(PROMPTS, "cpu", 1, True, NEGATIVES)[::-1])
+  nmask = torch.from_numpy(np.stack([_a1111_latent_mask(m, H // 2, W // 2) for m in masks]))[
+      :, None]
+
+  def blend(x):
+    return x * nmask + init * (1 - nmask)
+
+  calls = iter(timesteps)
+
+  def guided(x_in):
+    with torch.no_grad():
+      eps_u, eps_c = ref.unet(torch.cat([x_in, x_in]), float(next(calls)),
+                              encoder_hidden_states=context).sample.chunk(2)
+    return eps_u + GUIDANCE * (eps_c - eps_u)
+
+  if name == "euler_ancestral":
+    sigmas = torch.from_numpy(np.asarray(state.sigmas)[spec.begin:])
+
+    def denoiser(config, timesteps=None):
+      return lambda x, sigma: blend(x - sigma * guided(x / (sigma**2 + 1) ** 0.5))
+
+    step_noises = [torch.cat([torch.randn(shape, generator=g) for g in gens])
+                   for _ in range(len(timesteps))]
+    with mock.patch.object(kd, "denoiser", denoiser):
+      x = torch.from_numpy(kd.sample_euler_ancestral(None, sigmas, init + noise * sigmas[0],
+                                                     step_noises)[-1])
+  else:  # A1111's DDIM: sdjax's `a1111` form's steps (tests/test_scheduler_ddim.py checks them
+    # against A1111's loop), each model input blended with the clean latents outside the mask
+    sched = spec.scheduler
+
+    def nhwc(t):
+      return jnp.asarray(t.permute(0, 2, 3, 1).numpy())
+
+    x = sched.img2img_noise(state, nhwc(init), nhwc(noise), spec.begin)
+    for i in range(spec.begin, len(state.timesteps)):
+      x_in = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)
+      x, state = sched.step(state, nhwc(guided(blend(x_in))), i, x)
+    x = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    expected = (ref.vae.decode(blend(x) / sf).sample / 2 + 0.5).clamp(0, 1)
+  expected = expected.permute(0, 2, 3, 1).numpy()
+  err = rel_err(ours, expected)
+  print(f"\nA1111's inpaint loop, {name}: {err:.2e}")
+  assert err <= 1e-5
+  default = pipe.generate(PROMPTS, **kw)
+  assert rel_err(default, expected) > 100 * max(err, 1e-7)

@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import types
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from scheduler_harness import (
   correctly_rounded,
   correctly_rounded_math,
   correctly_rounded_sqrt,
+  fake_model,
   make_noises,
   max_rel_error,
   sdjax_trajectory,
@@ -1397,7 +1399,6 @@ def _dpm_adaptive(options: dict, steps: int, init: np.ndarray, name: str = "dpm_
   """sdjax's dpm_adaptive run of `init` (unit noise [B, ...]) under `options`, each row's model
   calls the fake UNet on that row alone, its k-th step draw `noises[row, k]`: (the end latents,
   the state). With `strength`, an img2img run from `image` (as `sampling` plans one)."""
-  from scheduler_harness import fake_model  # noqa: PLC0415
 
   ours = get_scheduler(name, SD15, options=options)
   if strength is not None:
@@ -1532,3 +1533,85 @@ def test_a1111_dpm_adaptive_img2img():
     worst = max(worst, max_rel_error(got[row:row + 1][None], want.numpy()[None]))
   print(f"maxrel A1111 DPM adaptive img2img: {worst:.3g}, {len(ends)} steps")
   assert worst <= 5e-6, worst
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a",
+                                     "DPM++ 2S a", "DPM++ 2M", "DPM++ 2M SDE", "iPNDM",
+                                     "Res Multistep", "DEIS", "HeunPP2", "SEEDS 2", "ER SDE",
+                                     "Gradient Estimation", "DPM fast"])
+def test_a1111_inpaint_blend_of_each_family(sampler):
+  """A1111's inpainting blend (`sampling._A1111Blend`: inpaint_blend="a1111"): each call's
+  denoised prediction, in k-diffusion's x at the call's level, blended with the image's latents
+  outside the mask, is k-diffusion's loop with A1111's CFG denoiser blending its output, for the
+  sampler's form in sdjax (k-diffusion's, or diffusers' VP form of DPM-Solver)."""
+  ours, state, plain, sigmas, init, noises = _as_a1111_ran_it(sampler, "Karras", 10)
+  rng = np.random.default_rng(0)
+  image = rng.standard_normal(SHAPE).astype(np.float32)
+  nmask = np.broadcast_to(rng.uniform(size=(*SHAPE[:-1], 1)) > 0.5, SHAPE).astype(np.float32)
+  blend = sampling._A1111Blend(ours.program(), jnp.asarray(nmask), jnp.asarray(image))  # noqa: SLF001
+  sched = ours.program()
+
+  def model(x, t):
+    return jax.pure_callback(lambda xx, tt: fake_model(np.asarray(xx), float(tt)),
+                             jax.ShapeDtypeStruct(x.shape, jnp.float32), x, t)
+
+  @jax.jit
+  def run(state, x, step_noises):
+    def body(carry, inputs):
+      x, state = carry
+      i, noise = inputs
+      noise = sched.step_noise(noise) if sched.needs_noise else None
+      if sched.churns:
+        x = sched.churn(state, x, i, noise)
+      out = model(sched.scale_model_input(state, x, i), state.timesteps[i])
+      x, state = sched.step(state, blend.output(state, x, out, i), i, x, noise)
+      return (x, state), x
+
+    _, xs = jax.lax.scan(body, (x, state), (jnp.arange(len(state.timesteps)), step_noises))
+    return xs
+
+  got = np.asarray(run(state, jnp.asarray(init) * sched.init_noise_sigma(state),
+                       jnp.asarray(noises)))
+  inner = kd.denoiser
+
+  def blending(config, timesteps=None):
+    denoise = inner(config, timesteps)
+    return lambda x, sigma: denoise(x, sigma) * nmask + torch.from_numpy(image) * (1 - nmask)
+
+  with mock.patch.object(kd, "denoiser", blending), correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * sigmas[0],
+                             [torch.from_numpy(n) for n in noises])
+  if sampler in ("DPM++ 2M", "DPM++ 2M SDE"):  # diffusers' form: x / sqrt(sigma^2 + 1)
+    want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[
+        :, None, None, None, None]).astype(np.float32)
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} with A1111's blend vs k-diffusion's: {err:.3g}")
+  assert err <= TOL
+  assert max_rel_error(plain, want) > 1e-2  # the blend matters
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_a1111_inpaint_blend_keeps_the_prediction_type(prediction_type):
+  """The blended model output is the one whose x0, as the scheduler computes it (Euler, in
+  k-diffusion's x; DPM-Solver++, a VP sample), is the output's x0 blended with the image."""
+  from sdjax.schedulers.euler import predict_original  # noqa: PLC0415
+
+  rng = np.random.default_rng(3)
+  x, out, image = (jnp.asarray(rng.standard_normal(SHAPE), jnp.float32) for _ in range(3))
+  nmask = jnp.asarray(np.broadcast_to(rng.uniform(size=(*SHAPE[:-1], 1)) > 0.5, SHAPE),
+                      jnp.float32)
+  config = {**SD15, "prediction_type": prediction_type}
+  for name in ("euler", "dpmpp_2m"):
+    sched = get_scheduler(name, config, options={"k_diffusion": True}).program()
+    state = sched.set_timesteps(6, sample_shape=SHAPE)
+    blend = sampling._A1111Blend(sched, nmask, image)  # noqa: SLF001
+    for i in (0, 3):
+      sigma = float(sampling.call_sigmas(sched, state)[i])
+      xk = x if name == "euler" else x * np.float32((sigma**2 + 1) ** 0.5)
+      v_out, v_den = -sigma / (sigma**2 + 1) ** 0.5, sigma**2 + 1
+
+      def x0(o, xk=xk, sigma=sigma, v_out=v_out, v_den=v_den):
+        return predict_original(prediction_type, o, xk, sigma, v_out, v_den)
+
+      np.testing.assert_allclose(x0(blend.output(state, x, out, i)),
+                                 x0(out) * nmask + image * (1 - nmask), rtol=0, atol=2e-5)

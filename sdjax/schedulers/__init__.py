@@ -197,6 +197,18 @@ def plans_its_run(name: str) -> bool:
   return _class(name).plans_its_run
 
 
+def takes_a1111_blend(name: str) -> bool:
+  """Whether scheduler `name` runs A1111's inpainting blend (`sampling.INPAINT_BLENDS`): its
+  timestep samplers, and the samplers whose calls' denoised predictions A1111's CFG denoiser
+  blends (not those that make their own number of calls or renoise along the unconditional
+  prediction, nor LCM, TCD, DDPM or the EDM forms, whose predictions sdjax has in other terms)."""
+  if name in A1111_TIMESTEP_SAMPLERS:
+    return True
+  cls = _class(name)
+  return not (cls.adaptive or cls.takes_uncond or name in ("lcm", "tcd", "ddpm")
+              or name.startswith("edm"))
+
+
 def takes_brownian(name: str | None) -> bool:
   """Whether scheduler `name`'s step noise can come from a Brownian tree (`BROWNIAN_FAMILIES`)."""
   return name is not None and name.removesuffix("_karras") in BROWNIAN_FAMILIES
