@@ -1243,8 +1243,8 @@ def check_inpaint_blend(sched, blend: str) -> None:
   if blend not in INPAINT_BLENDS:
     raise ValueError(f"unknown inpaint_blend {blend!r}; use one of {', '.join(INPAINT_BLENDS)}")
   if blend == "a1111" and not schedulers.takes_a1111_blend(sched.name):
-    raise ValueError(f"inpaint_blend 'a1111' blends A1111's samplers' denoised predictions: "
-                     f"not scheduler {sched.name!r}'s (pick another for it)")
+    raise ValueError(f"inpaint_blend 'a1111' blends A1111's samplers' denoised predictions, "
+                     f"which scheduler {sched.name!r} does not make so (pick another for it)")
 
 
 def _keep_unmasked(spec: SampleSpec, mask, image_latents, noise, x, state, i):
@@ -1821,7 +1821,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                            schedulers.A1111_IMG2IMG: int(min(strength, 0.999) * int(steps))}
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
                                    options=model_schedule(pipe, scheduler_options))
-  if mode is not None:
+  if mode is not None or inpaint_blend not in INPAINT_BLENDS:
     check_inpaint_blend(sched, inpaint_blend)
   if sched.plans_its_run and (denoising_start is not None or denoising_end is not None):
     raise ValueError(f"scheduler {sched.name!r} plans its steps between its run's ends: no "

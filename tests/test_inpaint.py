@@ -424,6 +424,13 @@ def test_bad_inpainting_arguments(inpainting, plain):
   with pytest.raises(ValueError, match="inpainting_mask_weight is an inpainting model's"):
     plain[1].generate(PROMPTS, init_images=images, mask_images=masks,
                       inpainting_mask_weight=0.5, **kw)
+  with pytest.raises(ValueError, match="^unknown inpaint_blend 'comfyui'; use one of diffusers, "
+                                       "a1111$"):
+    plain[1].generate(PROMPTS, inpaint_blend="comfyui", **kw)
+  with pytest.raises(ValueError, match="^inpaint_blend 'a1111' blends A1111's samplers' denoised "
+                                       "predictions, which scheduler 'lcm' does not make so"):
+    pipe.generate(PROMPTS, init_images=images, mask_images=masks, inpaint_blend="a1111",
+                  scheduler="lcm", **kw)
 
 
 def test_single_file_and_export_round_trip(inpainting, plain, tmp_path):

@@ -1536,15 +1536,20 @@ def test_a1111_dpm_adaptive_img2img():
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a",
-                                     "DPM++ 2S a", "DPM++ 2M", "DPM++ 2M SDE", "iPNDM",
-                                     "Res Multistep", "DEIS", "HeunPP2", "SEEDS 2", "ER SDE",
-                                     "Gradient Estimation", "DPM fast"])
+                                     "DPM++ 2S a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE",
+                                     "Restart", "iPNDM", "Res Multistep", "DEIS", "HeunPP2",
+                                     "SEEDS 2", "ER SDE", "Gradient Estimation", "DPM fast"])
 def test_a1111_inpaint_blend_of_each_family(sampler):
   """A1111's inpainting blend (`sampling._A1111Blend`: inpaint_blend="a1111"): each call's
   denoised prediction, in k-diffusion's x at the call's level, blended with the image's latents
   outside the mask, is k-diffusion's loop with A1111's CFG denoiser blending its output, for the
-  sampler's form in sdjax (k-diffusion's, or diffusers' VP form of DPM-Solver)."""
-  ours, state, plain, sigmas, init, noises = _as_a1111_ran_it(sampler, "Karras", 10)
+  sampler's form in sdjax (k-diffusion's, or diffusers' VP form of DPM-Solver; Restart with its
+  restarts, from 20 steps)."""
+  steps = 20 if sampler == "Restart" else 10
+  ours, state, plain, sigmas, init, noises = _as_a1111_ran_it(
+      sampler, None if sampler == "Restart" else "Karras", steps)
+  if sampler == "DPM++ 3M SDE":  # A1111's drops the penultimate level of one step more
+    sigmas = kd.discard_penultimate(kd.get_sigmas_karras(SD15, steps + 1))
   rng = np.random.default_rng(0)
   image = rng.standard_normal(SHAPE).astype(np.float32)
   nmask = np.broadcast_to(rng.uniform(size=(*SHAPE[:-1], 1)) > 0.5, SHAPE).astype(np.float32)
@@ -1579,9 +1584,9 @@ def test_a1111_inpaint_blend_of_each_family(sampler):
     return lambda x, sigma: denoise(x, sigma) * nmask + torch.from_numpy(image) * (1 - nmask)
 
   with mock.patch.object(kd, "denoiser", blending), correctly_rounded_sqrt():
-    want = SAMPLERS[sampler](SD15, sigmas, torch.from_numpy(init) * sigmas[0],
-                             [torch.from_numpy(n) for n in noises])
-  if sampler in ("DPM++ 2M", "DPM++ 2M SDE"):  # diffusers' form: x / sqrt(sigma^2 + 1)
+    want = SAMPLERS.get(sampler, kd.sample_restart)(
+        SD15, sigmas, torch.from_numpy(init) * sigmas[0], [torch.from_numpy(n) for n in noises])
+  if sampler in ("DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE"):  # diffusers' form: x / sqrt(s^2 + 1)
     want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[
         :, None, None, None, None]).astype(np.float32)
   err = max_rel_error(got, want)
