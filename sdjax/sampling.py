@@ -1215,7 +1215,7 @@ class _A1111Blend:
 
   def output(self, state, x, out, i):
     """The model output `out` at position i (sample `x`) whose denoised prediction is blended."""
-    sigma = call_sigmas(self.scheduler, state)[i]
+    sigma = self.scheduler.call_sigmas(state)[i]
     a = jax.lax.rsqrt(sigma * sigma + 1)
     k_space = type(self.scheduler).scale_model_input is not schedulers.Scheduler.scale_model_input
     xk = x if k_space else x / a  # k-diffusion's x (x_t / alpha for a VP sample)
@@ -1225,17 +1225,6 @@ class _A1111Blend:
     if kind == "v_prediction":  # x0 = alpha x_in - sigma_t v, x_in = a xk, sigma_t = sigma a
       return (a * a * xk - self.keep(a * a * xk - sigma * a * out)) / (sigma * a)
     return self.keep(out)  # "sample": the model's output is x0
-
-
-def call_sigmas(sched, state):
-  """Each position's noise level (k-diffusion's sigma) in the program: `a1111_levels` of a
-  traced state."""
-  for name in ("sigma_in", "sigmas"):  # per model call; `sigmas` may end in one more
-    if hasattr(state, name):
-      return getattr(state, name)[:len(state.timesteps)].astype(jnp.float32)
-  alphas = jnp.asarray(schedulers.common.make_alphas_cumprod(sched.cfg), jnp.float32)
-  ab = alphas[jnp.rint(state.timesteps).astype(jnp.int32)]
-  return jnp.sqrt((1 - ab) / ab)
 
 
 def check_inpaint_blend(sched, blend: str) -> None:

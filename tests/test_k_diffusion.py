@@ -1611,7 +1611,7 @@ def test_a1111_inpaint_blend_keeps_the_prediction_type(prediction_type):
     state = sched.set_timesteps(6, sample_shape=SHAPE)
     blend = sampling._A1111Blend(sched, nmask, image)  # noqa: SLF001
     for i in (0, 3):
-      sigma = float(sampling.call_sigmas(sched, state)[i])
+      sigma = float(sched.call_sigmas(state)[i])
       xk = x if name == "euler" else x * np.float32((sigma**2 + 1) ** 0.5)
       v_out, v_den = -sigma / (sigma**2 + 1) ** 0.5, sigma**2 + 1
 

@@ -366,16 +366,22 @@ class Scheduler:
   def a1111_levels(self, state) -> np.ndarray:
     """float32 [positions]: what A1111's CFG denoiser sees as `sigma` at each model call (and
     compares with its Negative Guidance minimum sigma): the timestep for the samplers it runs over
-    training timesteps (DDIM, PLMS, UniPC: `A1111_TIMESTEP_SAMPLERS`), else the noise level
-    (k-diffusion's sigma) of the model's input."""
-    timesteps = np.asarray(state.timesteps, np.float32)
+    training timesteps (DDIM, PLMS, UniPC: `A1111_TIMESTEP_SAMPLERS`), else `call_sigmas`."""
     if self.name in A1111_TIMESTEP_SAMPLERS:
-      return timesteps
+      return np.asarray(state.timesteps, np.float32)
+    return np.asarray(self.call_sigmas(state))
+
+  def call_sigmas(self, state):
+    """float32 [positions], traceable: the noise level (k-diffusion's sigma) of each model
+    call's input: the state's per-call levels, else sqrt((1 - a) / a) of the training
+    alphas_cumprod at each (rounded) timestep."""
+    n = len(state.timesteps)
     for name in ("sigma_in", "sigmas"):  # per model call; `sigmas` may end in one more
       if hasattr(state, name):
-        return np.asarray(getattr(state, name), np.float32)[:len(timesteps)]
-    alphas = make_alphas_cumprod(self.cfg)[np.rint(timesteps).astype(np.int64)]
-    return np.sqrt((1 - alphas) / alphas).astype(np.float32)
+        return jnp.asarray(getattr(state, name))[:n].astype(jnp.float32)
+    alphas = jnp.asarray(make_alphas_cumprod(self.cfg), jnp.float32)
+    ab = alphas[jnp.rint(jnp.asarray(state.timesteps)).astype(jnp.int32)]
+    return jnp.sqrt((1 - ab) / ab)
 
   def brownian_queries(self, state) -> list[tuple[np.float32, np.float32] | None] | None:
     """k-diffusion's Brownian-tree noise sampler calls (`brownian_tree`), one per position:
