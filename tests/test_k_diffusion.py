@@ -23,12 +23,14 @@ import jax.numpy as jnp
 import k_diffusion_reference as kd
 import numpy as np
 import pytest
+import scheduler_harness
 import torch
 from scheduler_harness import (
   SHAPE,
   correctly_rounded,
   correctly_rounded_math,
   correctly_rounded_sqrt,
+  diffusers_trajectory,
   fake_model,
   make_noises,
   max_rel_error,
@@ -89,6 +91,17 @@ def _as_a1111_ran_it(sampler, label, steps, k_diffusion=True, extra="", config=S
   else:
     sigmas = placed(config, steps)
   return ours, state, got, sigmas, init, noises
+
+
+def _brownian(plain):
+  """`plain` stepping as a --brownian run does: each stage given its own noise, as the Brownian
+  tree answers (`brownian_state`)."""
+
+  class Brownian(type(plain)):  # noqa: D101
+    def set_timesteps(self, n, sample_shape=None):
+      return self.brownian_state(super().set_timesteps(n, sample_shape))
+
+  return Brownian(config=plain.config)
 
 
 @pytest.mark.parametrize("label", [None, "Automatic", "Karras"])
@@ -826,13 +839,8 @@ def test_dpmpp_sde_as_k_diffusion(label, eta, s_noise):
   assert flags["brownian"] == "nv"
   options = {**json.loads(flags["scheduler_options"]),
              **outputs.schedule_type_options(flags["schedule_type"])}
-  plain = get_scheduler(outputs.scheduler_name(flags["scheduler"]), SD15, options=options)
-
-  class Brownian(type(plain)):  # noqa: D101  the state a --brownian run steps with
-    def set_timesteps(self, n, sample_shape=None):
-      return self.brownian_state(super().set_timesteps(n, sample_shape))
-
-  ours = Brownian(config=plain.config)
+  ours = _brownian(get_scheduler(outputs.scheduler_name(flags["scheduler"]), SD15,
+                                 options=options))
   state = ours.set_timesteps(6, sample_shape=SHAPE)
   init, noises = make_noises(len(state.timesteps))
   got = sdjax_trajectory(ours, 6, init, noises)
@@ -1538,16 +1546,22 @@ def test_a1111_dpm_adaptive_img2img():
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a",
                                      "DPM++ 2S a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE",
                                      "Restart", "iPNDM", "Res Multistep", "DEIS", "HeunPP2",
-                                     "SEEDS 2", "ER SDE", "Gradient Estimation", "DPM fast"])
+                                     "SEEDS 2", "ER SDE", "Gradient Estimation", "DPM fast",
+                                     "DPM++ SDE", "iPNDM_v", "Res Multistep a", "SEEDS 3",
+                                     "k_ddpm", "sa_solver", "sa_solver_pece"])
 def test_a1111_inpaint_blend_of_each_family(sampler):
   """A1111's inpainting blend (`sampling._A1111Blend`: inpaint_blend="a1111"): each call's
   denoised prediction, in k-diffusion's x at the call's level, blended with the image's latents
   outside the mask, is k-diffusion's loop with A1111's CFG denoiser blending its output, for the
   sampler's form in sdjax (k-diffusion's, or diffusers' VP form of DPM-Solver; Restart with its
-  restarts, from 20 steps)."""
+  restarts, from 20 steps; DPM++ SDE with the Brownian tree's stage noises)."""
   steps = 20 if sampler == "Restart" else 10
   ours, state, plain, sigmas, init, noises = _as_a1111_ran_it(
       sampler, None if sampler == "Restart" else "Karras", steps)
+  if sampler == "DPM++ SDE":
+    ours = _brownian(ours)
+    state = ours.set_timesteps(steps, sample_shape=SHAPE)
+    plain = sdjax_trajectory(ours, steps, init, noises)
   if sampler == "DPM++ 3M SDE":  # A1111's drops the penultimate level of one step more
     sigmas = kd.discard_penultimate(kd.get_sigmas_karras(SD15, steps + 1))
   rng = np.random.default_rng(0)
@@ -1584,7 +1598,7 @@ def test_a1111_inpaint_blend_of_each_family(sampler):
     return lambda x, sigma: denoise(x, sigma) * nmask + torch.from_numpy(image) * (1 - nmask)
 
   with mock.patch.object(kd, "denoiser", blending), correctly_rounded_sqrt():
-    want = SAMPLERS.get(sampler, kd.sample_restart)(
+    want = {**SAMPLERS, "DPM++ SDE": kd.sample_dpmpp_sde}.get(sampler, kd.sample_restart)(
         SD15, sigmas, torch.from_numpy(init) * sigmas[0], [torch.from_numpy(n) for n in noises])
   if sampler in ("DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE"):  # diffusers' form: x / sqrt(s^2 + 1)
     want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[
@@ -1593,6 +1607,66 @@ def test_a1111_inpaint_blend_of_each_family(sampler):
   print(f"maxrel {sampler} with A1111's blend vs k-diffusion's: {err:.3g}")
   assert err <= TOL
   assert max_rel_error(plain, want) > 1e-2  # the blend matters
+
+
+@pytest.mark.parametrize(("name", "reference"), [
+    ("deis", "DEISMultistepScheduler"), ("dpmpp_2s", "DPMSolverSinglestepScheduler"),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler"), ("unipc", "UniPCMultistepScheduler"),
+    ("ddim", "DDIMScheduler"), ("pndm", "PNDMScheduler")])
+def test_a1111_inpaint_blend_of_diffusers_forms(name, reference):
+  """A1111's blend on diffusers' own schedulers: diffusers' loop whose model output's x0 (a VP
+  sample's, at the timestep's alphas_cumprod) is blended with the image outside the mask; for
+  DDIM, PLMS (pndm) and UniPC, A1111's timestep samplers, the model's input instead."""
+  import diffusers  # noqa: PLC0415
+
+  ref = getattr(diffusers, reference).from_config(SD15)
+  ours = get_scheduler(name, SD15)
+  state = ours.set_timesteps(10, sample_shape=SHAPE)
+  init, noises = make_noises(len(state.timesteps))
+  rng = np.random.default_rng(0)
+  image = rng.standard_normal(SHAPE).astype(np.float32)
+  nmask = np.broadcast_to(rng.uniform(size=(*SHAPE[:-1], 1)) > 0.5, SHAPE).astype(np.float32)
+  sched = ours.program()
+  blend = sampling._A1111Blend(sched, jnp.asarray(nmask), jnp.asarray(image))  # noqa: SLF001
+  assert blend.into_input == (name in ("unipc", "ddim", "pndm"))
+
+  def model(x, t):
+    return jax.pure_callback(lambda xx, tt: fake_model(np.asarray(xx), float(tt)),
+                             jax.ShapeDtypeStruct(x.shape, jnp.float32), x, t)
+
+  @jax.jit
+  def run(state, x):
+    def body(carry, i):
+      x, state = carry
+      x_in = sched.scale_model_input(state, x, i)
+      if blend.into_input:
+        x_in = blend.keep(x_in)
+      out = model(x_in, state.timesteps[i])
+      if not blend.into_input:
+        out = blend.output(state, x, out, i)
+      x, state = sched.step(state, out, i, x, None)
+      return (x, state), x
+
+    return jax.lax.scan(body, (x, state), jnp.arange(len(state.timesteps)))[1]
+
+  got = np.asarray(run(state, jnp.asarray(init) * sched.init_noise_sigma(state)))
+  alphas = ref.alphas_cumprod.numpy().astype(np.float64)
+
+  def blending(x, t):
+    if blend.into_input:
+      return fake_model((x * nmask + image * (1 - nmask)).astype(np.float32), t)
+    a = alphas[round(t)]
+    eps = fake_model(x, t).astype(np.float64)
+    x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+    x0 = x0 * nmask + image * (1 - nmask)
+    return ((x - np.sqrt(a) * x0) / np.sqrt(1 - a)).astype(np.float32)
+
+  with mock.patch.object(scheduler_harness, "fake_model", blending), correctly_rounded_sqrt():
+    want = diffusers_trajectory(ref, 10, init, noises)
+  err = max_rel_error(got, want)
+  print(f"maxrel diffusers' {name} with A1111's blend: {err:.3g}")
+  assert err <= TOL
+  assert max_rel_error(sdjax_trajectory(ours, 10, init, noises), want) > 1e-2
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
