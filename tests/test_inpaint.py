@@ -554,15 +554,17 @@ def _a1111_latent_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
   return np.around(np.asarray(image, np.float32)[..., 0] / 255)
 
 
-@pytest.mark.parametrize("name", ["euler_ancestral", "ddim"])
-def test_a1111_blend_matches_its_loop(plain, name):
+@pytest.mark.parametrize(("name", "prediction_type"), [
+    ("euler_ancestral", "epsilon"), ("ddim", "epsilon"), ("euler_ancestral", "v_prediction")])
+def test_a1111_blend_matches_its_loop(plain, name, prediction_type):
   """inpaint_blend="a1111": A1111's img2img inpaint loop over diffusers' UNet and VAE, written
   out here: its latent mask (PIL's bicubic resize of the 8-bit mask, rounded), k-diffusion's
   Euler a from the image's latents noised to the first level with every denoised prediction
   blended with them outside the mask (DDIM, its timestep sampler: the model's input blended
   instead), then the final latents blended too; each image's draws from its torch generator in
   diffusers' order (the image's posterior, the noise, the masked image's posterior, each
-  step's). Another image than the default (diffusers') blend's."""
+  step's); a v model's (the UNet's output read as v) through k-diffusion's v denoiser. Another
+  image than the default (diffusers') blend's."""
   import k_diffusion_reference as kd  # noqa: PLC0415
 
   ref, pipe, _ = plain
@@ -570,6 +572,7 @@ def test_a1111_blend_matches_its_loop(plain, name):
   masks = np.round(masks * 255) / 255  # 8-bit levels, as masks read from files
   seeds, steps, strength = (31, 32), 8, 0.6
   options = {"k_diffusion": True} if name != "ddim" else {"a1111": True}
+  options["prediction_type"] = prediction_type
   kw = dict(negative_prompts=NEGATIVES, init_images=images, mask_images=masks, strength=strength,
             steps=steps, seed=seeds[0], guidance_scale=GUIDANCE, scheduler=name,
             scheduler_options=options, rng="torch_cpu")
@@ -608,7 +611,11 @@ def test_a1111_blend_matches_its_loop(plain, name):
     sigmas = torch.from_numpy(np.asarray(state.sigmas)[spec.begin:])
 
     def denoiser(config, timesteps=None):
-      return lambda x, sigma: blend(x - sigma * guided(x / (sigma**2 + 1) ** 0.5))
+      if prediction_type == "epsilon":
+        return lambda x, sigma: blend(x - sigma * guided(x / (sigma**2 + 1) ** 0.5))
+      # k-diffusion's v denoiser: c_skip x + c_out v, v the model's at c_in x
+      return lambda x, sigma: blend(x / (sigma**2 + 1) - sigma / (sigma**2 + 1) ** 0.5 * guided(
+          x / (sigma**2 + 1) ** 0.5))
 
     step_noises = [torch.cat([torch.randn(shape, generator=g) for g in gens])
                    for _ in range(len(timesteps))]
@@ -631,7 +638,7 @@ def test_a1111_blend_matches_its_loop(plain, name):
     expected = (ref.vae.decode(blend(x) / sf).sample / 2 + 0.5).clamp(0, 1)
   expected = expected.permute(0, 2, 3, 1).numpy()
   err = rel_err(ours, expected)
-  print(f"\nA1111's inpaint loop, {name}: {err:.2e}")
+  print(f"\nA1111's inpaint loop, {name}, {prediction_type}: {err:.2e}")
   assert err <= 1e-5
   default = pipe.generate(PROMPTS, **kw)
   assert rel_err(default, expected) > 100 * max(err, 1e-7)
