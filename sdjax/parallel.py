@@ -179,6 +179,9 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
     carried = state[1]
     if spec.output_state:  # A1111's switch: the sampler runs on into the refiner
       latents, carried = latents
+      if refiner[0].inpaint is not None:  # and so does A1111's blend: its latents, the masks
+        carried, image_latents = carried
+        latents = (latents, image_latents, init[1])
     return sampling.sample_fn(refiner[0], refiner[1].networks, params[1], cond[1], seeds, noise,
                               guidance_scale, guidance_rescale, latents, carried, cfg_axis)
 

@@ -1537,7 +1537,7 @@ class _Sampler:
         raise RunError(f"image size {size[1]}x{size[0]}: {e}") from None
       if refiner is not None:
         try:
-          sampling.check_refined(pipe, kind == "inpaint")
+          sampling.check_refined(pipe, kind == "inpaint", cfg.refiner_switch, cfg.inpaint_blend)
         except ValueError as e:
           raise RunError(f"--refiner: {e}") from None
       if img2img and hires is not None:
@@ -1602,8 +1602,8 @@ class _Sampler:
       if first_handoff:  # the refiner's part of the first pass runs in the same program
         stage_spec, stage_state = sampling.prepare(
             refiner, cfg.batch_size, **common, denoising_start=cfg.refiner_start,
-            handoff=cfg.refiner_switch, **({"img2img": True, "strength": strength} if img2img
-                                           else {}))
+            handoff=cfg.refiner_switch, inpaint=inpaint, inpaint_blend=cfg.inpaint_blend,
+            **({"img2img": True, "strength": strength} if img2img else {}))
         first_stage = (sampling.with_cfg_skip(dataclasses.replace(
             stage_spec, tiling=spec.tiling, rng_offset=sampling.stream_draws(
                 spec, len(state.timesteps))), stage_state, _cfg_skip(cfg), steps),

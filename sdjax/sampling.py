@@ -853,6 +853,13 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
                                 edit_latents(nets.vae, params["vae"], images), guidance_scale,
                                 image_scales)
     x = _initial_latents(spec, nets.vae, params, source, noise, images, state)
+  elif spec.inpaint is not None and spec.init_latents:
+    # a refiner running on into an A1111 inpainting run (`check_refined`): init is (the base's
+    # latents, the image's latents it blends with, the masks)
+    x, image_latents, masks_ = init
+    blend = _A1111Blend(spec.scheduler, a1111_latent_mask(masks_, spec.latent_hw),
+                        image_latents)
+    x = x.astype(jnp.float32)
   elif spec.inpaint is not None:
     mask, image_latents, masked_latents = _inpaint_inputs(spec, nets.vae, params, source, noise,
                                                           init)
@@ -871,10 +878,13 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     x = _initial_latents(spec, nets.vae, params, source, noise, init, state)
   x = _denoise(spec, predict, state, x, source, after_step, with_state=spec.output_state,
                blend=blend)
-  if blend is not None:  # A1111: the image's latents outside the mask, after the loop too
+  x, carried = x if spec.output_state else (x, None)
+  if blend is not None and spec.end is None:  # A1111: outside the mask, after the loop too
     x = blend.keep(x)
-  if spec.output_latents:
-    return x  # with `spec.output_state`: (x, state)
+  if blend is not None and spec.output_state:  # the refiner blends with the same latents
+    carried = (carried, blend.init)
+  if spec.output_latents:  # with `spec.output_state`: (x, state), or (x, (state, image latents))
+    return x if carried is None else (x, carried)
   return decode_images(nets.vae, params["vae"], x)
 
 
@@ -2002,16 +2012,21 @@ def is_edit_model(pipe) -> bool:
   return pipe.unet.config.in_channels == 2 * latent_channels(pipe)
 
 
-def check_refined(pipe, masks: bool) -> None:
+def check_refined(pipe, masks: bool, handoff: str = "diffusers",
+                  inpaint_blend: str = "diffusers") -> None:
   """A refiner finishes a text-to-image or img2img run of a plain model (diffusers' img2img
-  pipeline of the base with `denoising_end`, then the refiner's with `denoising_start`)."""
+  pipeline of the base with `denoising_end`, then the refiner's with `denoising_start`), or an
+  inpainting run (`masks`) as A1111's does: its switch inside the sampler's loop (`handoff`
+  "a1111") with its blend (`inpaint_blend` "a1111"), the image's latents blended in by the
+  refiner too. (diffusers' inpainting recipe hands its refiner the base's latents as the
+  image: the unmasked area keeps the base's noise at the switch.)"""
   if (is_inpainting_model(pipe) or is_edit_model(pipe) or is_depth_model(pipe)
       or is_upscaler_model(pipe)):
     raise ValueError("a refiner finishes a text-to-image or img2img model's run: not an "
                      "inpainting, instruct-pix2pix, depth-to-image or x4 upscaler model's")
-  if masks:
-    raise ValueError("a refiner finishes text-to-image and img2img runs, not inpainting (a "
-                     "mask)")
+  if masks and (handoff != "a1111" or inpaint_blend != "a1111"):
+    raise ValueError("a refiner finishes an inpainting run (a mask) as A1111's does: with "
+                     "refiner_switch 'a1111' and inpaint_blend 'a1111'")
 
 
 def repaints_everything(pipe, masks: bool, hires=None) -> bool:
@@ -2422,7 +2437,7 @@ def generate(
     strength = 1.0 if mask_images is not None or edit else 0.8
   if refiner is not None:
     check_handoff(refiner_start, steps)
-    check_refined(pipe, mask_images is not None)
+    check_refined(pipe, mask_images is not None, refiner_switch, inpaint_blend)
   hires_prompts = prompts if hires_prompts is None else _as_list(hires_prompts, n,
                                                                    "hires_prompts")
   hires_negatives = negatives if hires_negative_prompts is None else _as_list(
@@ -2522,7 +2537,8 @@ def generate(
   first_stage = None  # the refiner's (spec, state) finishing the first pass
   if first_handoff:
     first_stage = prepare(refiner, n, denoising_start=refiner_start, handoff=refiner_switch,
-                          img2img=init_images is not None, strength=strength, **named)
+                          img2img=init_images is not None, strength=strength,
+                          inpaint=mask_images is not None, inpaint_blend=inpaint_blend, **named)
   if hires is not None:  # checked before the first pass runs
     handed = {} if not hires_handoff else dict(denoising_end=refiner_start,
                                                handoff=refiner_switch)
@@ -2590,6 +2606,9 @@ def generate(
   out = _sample(spec, nets, params, cond, seeds, noise, scalars, init, state, control)
   if first_stage is not None:
     out, carried = out if spec.output_state else (out, None)
+    if mask_images is not None:  # A1111's blend runs on: the image's latents and the masks
+      carried, image_latents = carried
+      out = (out, image_latents, init[1])
     out = _refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
                   {**named, "handoff": refiner_switch}, refiner_start, a1111, spec.tiling,
                   stream_draws(spec, len(state.timesteps)), cfg_skip, carried, first_stage)
@@ -2902,7 +2921,7 @@ def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, 
   (and its images' generators, after the base's `rng_offset` draws; with `carried`, the base's
   scheduler state at the switch, A1111's, its sampler). `stage`: the refiner's (spec, state)
   prepared already (its part of the hires pass), `common` then giving its steps and size."""
-  if latent_channels(refiner) != latents.shape[-1]:
+  if latent_channels(refiner) != (latents[0] if isinstance(latents, tuple) else latents).shape[-1]:
     raise ValueError("the refiner's latents do not match the base model's")
   spec, state = stage or prepare(refiner, len(prompts), denoising_start=refiner_start, **common)
   spec = with_cfg_skip(dataclasses.replace(spec, tiling=tiling, rng_offset=rng_offset), state,

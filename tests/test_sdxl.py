@@ -198,7 +198,8 @@ def test_img2img_handoff_matches_diffusers(pipes):
   print(f"\nimg2img handoff: {err:.2e}")
   assert err <= GENERATE_TOL
   assert rel_err(base.generate(PROMPTS, **kw), expected) > 1e-3  # the refiner's steps matter
-  with pytest.raises(ValueError, match="not inpainting"):
+  with pytest.raises(ValueError, match="^a refiner finishes an inpainting run .a mask. as "
+                                       "A1111.s does"):
     base.generate(PROMPTS, refiner=refiner, mask_images=np.ones((2, H, W), np.float32), **kw)
 
 
@@ -227,6 +228,39 @@ def test_a1111_switch_runs_on_the_runs_own_schedule(pipes):
   with pytest.raises(ValueError, match="^strength 0.1 starts the run past refiner_start 0.8: "
                                        "the base would make no step of it"):
     base.generate(["a cat"], **late, **{**switch, "refiner_switch": "diffusers"})
+
+
+def test_a1111_switch_inpaints_on(pipes):
+  """An inpainting run handed to the refiner as A1111's does (its switch and its blend): the
+  refiner's sampler runs on, blending the image's latents the base encoded into each call, the
+  final blend after its last step only. A base that is its own refiner makes the base's
+  inpainted image (the generators' draws running on: torch's CPU generators here); a run
+  starting past the switch is the refiner's own inpainting run (the same VAE here). Not with
+  diffusers' switch or blend (a one-line error)."""
+  _, _, base, refiner, _ = pipes
+  rng = np.random.default_rng(4)
+  images = rng.uniform(size=(2, H, W, 3)).astype(np.float32)
+  masks = np.round(rng.uniform(size=(2, H, W, 1)) * 255) / 255
+  kw = dict(negative_prompts=NEGATIVES, init_images=images, mask_images=masks, steps=6,
+            guidance_scale=GUIDANCE, height=H, width=W, seed=1, inpaint_blend="a1111",
+            rng="torch_cpu")
+  switch = dict(refiner=base, refiner_start=0.6, refiner_switch="a1111")
+  for run in (dict(strength=0.9, scheduler="euler_ancestral",
+                   scheduler_options={"k_diffusion": True}),
+              dict(strength=0.7, scheduler="ddim", scheduler_options={"a1111": True})):
+    alone = base.generate(PROMPTS, **run, **kw)
+    both = base.generate(PROMPTS, **run, **switch, **kw)
+    np.testing.assert_allclose(both, alone, rtol=0, atol=1e-6, err_msg=str(run))
+    plain = base.generate(PROMPTS, **run, **{**kw, "inpaint_blend": "diffusers"})
+    assert rel_err(alone, plain) > 1e-3  # the blend shows
+  late = dict(strength=0.2, scheduler="dpmpp_2m", **kw)
+  refined = base.generate(PROMPTS, **late, **{**switch, "refiner": refiner})
+  np.testing.assert_allclose(refined, refiner.generate(PROMPTS, **late), rtol=0, atol=1e-5)
+  for wrong in ({"refiner_switch": "diffusers"}, {"inpaint_blend": "diffusers"}):
+    with pytest.raises(ValueError, match="^a refiner finishes an inpainting run .a mask. as "
+                                         "A1111's does: with refiner_switch 'a1111' and "
+                                         "inpaint_blend 'a1111'$"):
+      base.generate(PROMPTS, **{**late, **switch, **wrong})
 
 
 @pytest.mark.parametrize("name", ["euler", "heun"])
@@ -599,10 +633,11 @@ def test_run_with_refiner_records_it(pipes, tmp_path):
 def test_run_img2img_lines_with_refiner(pipes, tmp_path):
   """main.py's img2img lines hand over to --refiner as generate() does (the base's img2img to
   refiner_start, the refiner's steps from there; with A1111's switch, a line starting past it
-  the refiner's alone); a line with a mask is refused in one line."""
+  the refiner's alone); a line with a mask too, with A1111's switch and blend (else refused in
+  one line)."""
   from PIL import Image
 
-  from sdjax import outputs, run
+  from sdjax import infotext, masks, outputs, run
 
   _, _, base, refiner, folder = pipes
   Image.fromarray(np.random.default_rng(5).integers(0, 255, (H, W, 3), np.uint8)).save(
@@ -628,12 +663,32 @@ def test_run_img2img_lines_with_refiner(pipes, tmp_path):
                            seed=5, refiner=refiner, refiner_start=0.75, refiner_switch="a1111")
   png = np.asarray(Image.open(tmp_path / "late" / "00000" / "000000.png"), np.float32) / 255
   assert np.abs(png - expected[0]).max() <= 1 / 255 + 1e-6
+  # A mask line: with A1111's switch and blend the refiner runs on, blending (generate()'s
+  # image, the original pasted back outside the blurred mask); else a one-line error.
+  mask = np.zeros((H, W), np.uint8)
+  mask[4:12, 6:20] = 255
+  Image.fromarray(mask).save(tmp_path / "m.png")
   masked = dataclasses.replace(cfg, prompts=(run.PromptLine("a cat", init_image=init,
-                                                            mask_image=init),),
+                                                            mask_image=str(tmp_path / "m.png")),),
+                               refiner_switch="a1111", inpaint_blend="a1111",
                                output_dir=str(tmp_path / "masked"))
-  with pytest.raises(run.RunError, match="^--refiner: a refiner finishes text-to-image and "
-                                         "img2img runs, not inpainting"):
-    run.generate_run(masked)
+  assert run.generate_run(masked).images == 1
+  prepared = masks.prepare(Image.open(init), Image.open(tmp_path / "m.png"), H, W,
+                           masks.MaskOptions(blur=4.0, overlay=True))
+  expected = base.generate("a cat", init_images=prepared.image[None],
+                           mask_images=prepared.mask[None], strength=0.7, steps=8,
+                           guidance_scale=GUIDANCE, scheduler="euler", seed=5, refiner=refiner,
+                           refiner_start=0.75, refiner_switch="a1111", inpaint_blend="a1111")
+  expected = prepared.finish(outputs.to_uint8(expected[0])).astype(int)
+  written = Image.open(tmp_path / "masked" / "00000" / "000000.png")
+  assert np.abs(np.asarray(written, int) - expected).max() <= 1
+  flags = infotext.reproduce(written.text["parameters"]).flags  # the PNG says both, read back
+  assert flags["refiner_switch"] == "a1111" and flags["inpaint_blend"] == "a1111"
+  for wrong in ({"refiner_switch": "diffusers"}, {"inpaint_blend": "diffusers"}):
+    with pytest.raises(run.RunError, match="^--refiner: a refiner finishes an inpainting run "
+                                           ".a mask. as A1111's does"):
+      run.generate_run(dataclasses.replace(masked, **wrong,
+                                           output_dir=str(tmp_path / "-".join(wrong))))
 
 
 @pytest.mark.parametrize("which", ["second pass", "first pass"])
