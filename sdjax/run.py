@@ -949,9 +949,12 @@ def _check_settings(store: sinks.Store, settings: dict[str, Any], overwrite: boo
     return
   if previous is not None and not overwrite:
     changed = sorted(k for k in settings if previous.get(k) != settings[k])
-    raise RunError(
-        f"{store.url} holds a run with other settings ({', '.join(changed)} differ); "
-        "use another --output_dir, or --overwrite to replace it")
+    # (a run stopped before its first image, e.g. by bad input, leaves its settings alone)
+    made = ("; use another --output_dir, or --overwrite to replace it" if sinks.holds_outputs(
+        store) else ", which made no image yet: --overwrite replaces them (or use another "
+        "--output_dir)")
+    raise RunError(f"{store.url} holds a run with other settings ({', '.join(changed)} "
+                   f"differ){made}")
   if previous is None and not overwrite and sinks.holds_other_outputs(store):
     raise RunError(f"{store.url} is not empty and was not made by this run; use another "
                    "--output_dir, or --overwrite to replace it")

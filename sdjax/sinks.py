@@ -498,6 +498,12 @@ def holds_other_outputs(store: Store) -> bool:
   return False
 
 
+def holds_outputs(store: Store) -> bool:
+  """Whether the location holds anything a run made besides its settings and previews: images,
+  image folders, manifests or shards (a run stopped before its first image left only those)."""
+  return holds_other_outputs(store) or any(_FOLDER_RE.match(n) for n in store.listdir())
+
+
 def clear(store: Store) -> None:
   """Removes what a previous run wrote (run files, manifests, shards, image folders), no more."""
   for name in store.listdir():

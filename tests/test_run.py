@@ -94,6 +94,29 @@ def test_lossless_webp_run_has_the_png_pixels(model, cache, single_run, tmp_path
     run.generate_run(_config(model, out, cache, image_format="jpg", image_quality=0))
 
 
+def test_a_run_that_made_no_image_says_so(model, cache, tmp_path):
+  """A run stopped by bad input before its first image leaves its settings in the folder: a
+  rerun with other settings is told that it made no image yet, so --overwrite loses nothing
+  (once it made some, the plain message)."""
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)).save(
+      tmp_path / "init.png")
+  out = str(tmp_path / "out")
+  config = dataclasses.replace(
+      _config(model, out, cache, strength=0.1),
+      prompts=(run.PromptLine("a cat", init_image=str(tmp_path / "init.png")),))
+  with pytest.raises(run.RunError, match="^img2img lines: strength 0.1 with 2 steps .* leaves "
+                                         "no denoising step$"):
+    run.generate_run(config)
+  assert os.listdir(out) == [sinks.RUN_JSON]
+  with pytest.raises(run.RunError, match=r"holds a run with other settings \(strength differ\), "
+                                         "which made no image yet: --overwrite replaces them"):
+    run.generate_run(dataclasses.replace(config, strength=0.8))
+  assert run.generate_run(dataclasses.replace(config, strength=0.8, overwrite=True)).images == 1
+  with pytest.raises(run.RunError, match=r"\(strength differ\); use another --output_dir, or "
+                                         "--overwrite to replace it$"):
+    run.generate_run(dataclasses.replace(config, strength=0.5))
+
+
 def test_hires_fix_run(model, cache, tmp_path):
   """--hires_scale: both passes in the run's program make generate(hires_scale=...)'s images;
   the records give the file's size and the first pass's, the PNG text A1111's hires fields."""
