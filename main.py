@@ -103,10 +103,12 @@ flags.DEFINE_bool("inpainting_mask_invert", False, "inpainting: repaint what the
 flags.DEFINE_float("inpainting_mask_weight", 1.0, "inpainting with an inpainting model: A1111's "
                    "Conditional mask weight (how much of the masked area its masked image "
                    "hides; below 1 the original shows through, faded)")
-flags.DEFINE_enum("inpaint_blend", "diffusers", ["diffusers", "a1111"],
+flags.DEFINE_enum("inpaint_blend", "diffusers", ["diffusers", "a1111", "comfyui"],
                   "inpainting: how the image outside the mask is kept while sampling: diffusers' "
-                  "way, or A1111's (its latent mask blends the image into each step's denoised "
-                  "prediction; --parameters_file of an A1111 inpainted image sets it)")
+                  "way, A1111's (its latent mask blends the image into each step's denoised "
+                  "prediction; --parameters_file of an A1111 inpainted image sets it), or "
+                  "ComfyUI's (a latent noise mask: the noised image into each model input, the "
+                  "image into each denoised prediction)")
 flags.DEFINE_enum("inpainting_fill", "original", ["original", "fill", "latent_noise",
                                                   "latent_nothing"],
                   "inpainting: what the masked area starts from, A1111's Masked content: the "

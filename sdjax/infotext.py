@@ -680,9 +680,11 @@ def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str,
                 scheduler: str | None) -> None:
   """A1111's img2img inpaint settings: Mask blur, "Only masked" with its padding, Masked content
   (A1111 writes it for fill; sdjax for the latent ones too); its blend (`--inpaint_blend
-  a1111`: an A1111 image's, an sdjax image's where it says `Inpaint blend: A1111`)."""
-  if fields.pop("Inpaint blend", None) == "A1111" and made_by_sdjax:
-    flags["inpaint_blend"] = "a1111"
+  a1111`: an A1111 image's, an sdjax image's where it says `Inpaint blend: A1111`; `ComfyUI`:
+  --inpaint_blend comfyui)."""
+  blend = fields.pop("Inpaint blend", None)
+  if blend in ("A1111", "ComfyUI") and made_by_sdjax:
+    flags["inpaint_blend"] = blend.lower()
   if "Mask blur" in fields:  # A1111 writes it for inpainting only
     flags["mask_blur"] = str(_number("Mask blur", fields.pop("Mask blur")))
     if not made_by_sdjax and (scheduler is None or schedulers.takes_a1111_blend(scheduler)):

@@ -670,7 +670,10 @@ class Pipeline:
         outside the mask reset to the image's, noised, after each step) or "a1111", as A1111
         inpaints with any model: its latent mask (PIL's bicubic resize of the 8-bit mask,
         rounded) blends the image's latents into each call's denoised prediction (into its
-        DDIM / PLMS / UniPC model input) and into the final latents.
+        DDIM / PLMS / UniPC model input) and into the final latents; or "comfyui", as ComfyUI's
+        KSampler samples a latent noise mask with a plain model (the mask's bilinear resize,
+        unrounded; the latents plus sigma times the initial noise into each model input, the
+        latents into each denoised prediction, nothing after the loop).
       tiling: A1111's "Tiling" (seamless images that tile): every convolution of the UNet and
         the VAE pads circularly, as A1111 sets torch's padding_mode="circular" on each; every
         pass and the refiner's stage, not ControlNets or T2I-Adapters.

@@ -943,6 +943,10 @@ def _load_refiner(cfg: RunConfig, pipe):
   return refiner
 
 
+# `Inpaint blend` in sdjax's PNGs (none: diffusers')
+_INPAINT_BLEND_NAMES = {"a1111": "A1111", "comfyui": "ComfyUI"}
+
+
 def _check_settings(store: sinks.Store, settings: dict[str, Any], overwrite: bool) -> None:
   previous = sinks.read_json(store, sinks.RUN_JSON)
   if previous == settings:
@@ -2437,8 +2441,8 @@ class _Metadata:
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **({"Conditional mask weight": cfg.inpainting_mask_weight}
                   if cfg.inpainting_mask_weight != 1.0 and job.init_image else {}),
-               **({"Inpaint blend": "A1111"}
-                  if cfg.inpaint_blend == "a1111" and job.mask_image else {}),
+               **({"Inpaint blend": _INPAINT_BLEND_NAMES[cfg.inpaint_blend]}
+                  if cfg.inpaint_blend != "diffusers" and job.mask_image else {}),
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(
                    options)), **self._hires_prompts(job),

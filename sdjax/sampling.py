@@ -73,8 +73,13 @@ INPAINT_MODES = ("concat", "blend")
 # "diffusers" as above; "a1111" as AUTOMATIC1111 does for every model (inpainting ones too):
 # its latent mask (the 8-bit mask through PIL's bicubic to the latents' size, rounded), the
 # image's latents blended into each call's denoised prediction outside it (its DDIM / PLMS /
-# UniPC: into the model's input instead), and into the final latents.
-INPAINT_BLENDS = ("diffusers", "a1111")
+# UniPC: into the model's input instead), and into the final latents; "comfyui" as ComfyUI's
+# KSampler samples a latent with a noise mask (SetLatentNoiseMask): the mask through torch's
+# bilinear to the latents' size, unrounded, every model call's input outside it the image's
+# latents noised to the call's level with the run's initial noise, its denoised prediction
+# blended as A1111's, no blend after the loop, and a run from pure noise starting at the image's
+# latents plus that noise.
+INPAINT_BLENDS = ("diffusers", "a1111", "comfyui")
 
 # How many times the sampling program has been traced (tests assert one trace per shape).
 trace_count = 0
@@ -670,8 +675,8 @@ def _denoise(spec: SampleSpec, predict, state, x, source, after_step=None,
     if sched.churns:  # k-diffusion's churn: noised up before the model call
       x = sched.churn(state, x, i, noise)
     x_in = sched.scale_model_input(state, x, i)
-    if blend is not None and blend.into_input:
-      x_in = blend.keep(x_in)
+    if blend is not None:
+      x_in = blend.model_input(state, x_in, i)
     eps = predict(x_in, state.timesteps[i], i - spec.begin)
     extra = {}
     if sched.takes_uncond:  # CFG++: (guided, unconditional) outputs
@@ -871,15 +876,21 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     if spec.inpaint_blend == "a1111":
       blend = _A1111Blend(spec.scheduler, a1111_latent_mask(init[1], spec.latent_hw),
                           image_latents)
+    elif spec.inpaint_blend == "comfyui":
+      blend = _ComfyUIBlend(spec.scheduler, interpolate.resize(
+          init[1], spec.latent_hw, "bilinear"), image_latents, noise)
     elif spec.inpaint == "blend":
       after_step = functools.partial(_keep_unmasked, spec, mask, image_latents, noise)
     x = _initial_latents(spec, nets.vae, params, source, noise, image_latents, state)
+    if spec.inpaint_blend == "comfyui" and spec.begin == 0:
+      # ComfyUI starts from the image's latents plus the noise at the first level
+      x = x + image_latents * blend.sample_scale(state, 0)
   else:
     x = _initial_latents(spec, nets.vae, params, source, noise, init, state)
   x = _denoise(spec, predict, state, x, source, after_step, with_state=spec.output_state,
                blend=blend)
   x, carried = x if spec.output_state else (x, None)
-  if blend is not None and spec.end is None:  # A1111: outside the mask, after the loop too
+  if blend is not None and blend.final and spec.end is None:  # A1111: after the loop too
     x = blend.keep(x)
   if blend is not None and spec.output_state:  # the refiner blends with the same latents
     carried = (carried, blend.init)
@@ -1162,7 +1173,7 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
   s = vae.config.downscale
   mask = repaint[:, ::s, ::s].astype(jnp.float32)
   image_latents = masked_latents = None
-  if spec.inpaint == "blend" or spec.begin > 0 or spec.inpaint_blend == "a1111":
+  if spec.inpaint == "blend" or spec.begin > 0 or spec.inpaint_blend != "diffusers":
     image_latents = _encode_sample(vae, params, images, source, _POSTERIOR)
     if spec.masked_content != "original":  # A1111: the latents the masked area starts from
       instead = noise if spec.masked_content == "latent noise" else jnp.zeros_like(noise)
@@ -1216,6 +1227,8 @@ class _A1111Blend:
   nmask: Any
   init: Any
 
+  final = True  # the latents blended after the loop too
+
   @property
   def into_input(self) -> bool:
     return self.scheduler.name in schedulers.A1111_TIMESTEP_SAMPLERS
@@ -1223,27 +1236,91 @@ class _A1111Blend:
   def keep(self, x):
     return x * self.nmask + self.init * (1 - self.nmask)
 
-  def output(self, state, x, out, i):
-    """The model output `out` at position i (sample `x`) whose denoised prediction is blended."""
+  def model_input(self, state, x_in, i):
+    """The model's input at position i given the scheduler's `x_in`."""
+    del state, i
+    return self.keep(x_in) if self.into_input else x_in
+
+  def sample_scale(self, state, i):
+    """The scheduler's sample per unit of k-diffusion's x at position i: 1, or a VP sample's
+    alpha = 1 / sqrt(sigma^2 + 1)."""
+    k_space = type(self.scheduler).scale_model_input is not schedulers.Scheduler.scale_model_input
+    sigma = self.scheduler.call_sigmas(state)[i]
+    return jnp.float32(1) if k_space else jax.lax.rsqrt(sigma * sigma + 1)
+
+  def _levels(self, state, x, i):
+    """(the call's sigma, alpha = 1 / sqrt(sigma^2 + 1), k-diffusion's x of sample `x`: x_t /
+    alpha for a VP sample)."""
     sigma = self.scheduler.call_sigmas(state)[i]
     a = jax.lax.rsqrt(sigma * sigma + 1)
     k_space = type(self.scheduler).scale_model_input is not schedulers.Scheduler.scale_model_input
-    xk = x if k_space else x / a  # k-diffusion's x (x_t / alpha for a VP sample)
+    return sigma, a, x if k_space else x / a
+
+  def _x0(self, xk, out, sigma, a):
+    """The denoised prediction of model output `out` at input xk (k-diffusion's x)."""
     kind = self.scheduler.prediction_type
     if kind == "epsilon":
-      return (xk - self.keep(xk - sigma * out)) / sigma
+      return xk - sigma * out
     if kind == "v_prediction":  # x0 = alpha x_in - sigma_t v, x_in = a xk, sigma_t = sigma a
-      return (a * a * xk - self.keep(a * a * xk - sigma * a * out)) / (sigma * a)
-    return self.keep(out)  # "sample": the model's output is x0
+      return a * a * xk - sigma * a * out
+    return out  # "sample": the model's output is x0
+
+  def _output(self, xk, x0, sigma, a):
+    """The model output whose denoised prediction at xk is x0 (`_x0`'s inverse)."""
+    kind = self.scheduler.prediction_type
+    if kind == "epsilon":
+      return (xk - x0) / sigma
+    if kind == "v_prediction":
+      return (a * a * xk - x0) / (sigma * a)
+    return x0
+
+  def output(self, state, x, out, i):
+    """The model output `out` at position i (sample `x`) whose denoised prediction is blended."""
+    sigma, a, xk = self._levels(state, x, i)
+    return self._output(xk, self.keep(self._x0(xk, out, sigma, a)), sigma, a)
 
 
-def check_inpaint_blend(sched, blend: str) -> None:
-  """`blend` is one of INPAINT_BLENDS, and "a1111" one the scheduler can run."""
+@dataclasses.dataclass(frozen=True)
+class _ComfyUIBlend(_A1111Blend):
+  """ComfyUI's inpainting blend (its KSamplerX0Inpaint, INPAINT_BLENDS "comfyui"): `nmask` the
+  mask through torch's bilinear, unrounded; at each call the model sees, outside it, the image's
+  latents noised to the call's level with the run's initial unit `noise` (init + sigma noise, in
+  k-diffusion's x), and its denoised prediction (of that input) is blended as A1111's; nothing
+  after the loop."""
+  noise: Any = None
+  final = False
+  into_input = False
+
+  def _blended(self, xk, sigma):
+    return xk * self.nmask + (self.init + sigma * self.noise) * (1 - self.nmask)
+
+  def model_input(self, state, x_in, i):
+    sigma = self.scheduler.call_sigmas(state)[i]
+    a = jax.lax.rsqrt(sigma * sigma + 1)
+    return a * self._blended(x_in / a, sigma)  # x_in = a xk in both forms
+
+  def output(self, state, x, out, i):
+    sigma, a, xk = self._levels(state, x, i)
+    x0 = self._x0(self._blended(xk, sigma), out, sigma, a)
+    return self._output(xk, self.keep(x0), sigma, a)
+
+
+def check_inpaint_blend(sched, blend: str, mode: str | None = None) -> None:
+  """`blend` is one of INPAINT_BLENDS, and "a1111" or "comfyui" one the scheduler can run (in
+  an inpainting run of `mode`, INPAINT_MODES: "comfyui" a plain model's)."""
   if blend not in INPAINT_BLENDS:
     raise ValueError(f"unknown inpaint_blend {blend!r}; use one of {', '.join(INPAINT_BLENDS)}")
   if blend == "a1111" and not schedulers.takes_a1111_blend(sched.name):
     raise ValueError(f"inpaint_blend 'a1111' blends A1111's samplers' denoised predictions, "
                      f"which scheduler {sched.name!r} does not make so (pick another for it)")
+  if blend == "comfyui" and (not schedulers.takes_a1111_blend(sched.name)
+                             or sched.name in schedulers.A1111_TIMESTEP_SAMPLERS):
+    raise ValueError(f"inpaint_blend 'comfyui' blends ComfyUI's k-diffusion samplers' inputs and "
+                     f"denoised predictions, which scheduler {sched.name!r} does not make so "
+                     "(pick another for it)")
+  if blend == "comfyui" and mode == "concat":
+    raise ValueError("inpaint_blend 'comfyui' is a plain model's (ComfyUI's SetLatentNoiseMask): "
+                     "not an inpainting model's, whose inputs ComfyUI makes its own way")
 
 
 def _keep_unmasked(spec: SampleSpec, mask, image_latents, noise, x, state, i):
@@ -1821,7 +1898,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
                                    options=model_schedule(pipe, scheduler_options))
   if mode is not None or inpaint_blend not in INPAINT_BLENDS:
-    check_inpaint_blend(sched, inpaint_blend)
+    check_inpaint_blend(sched, inpaint_blend, mode)
   if sched.plans_its_run and (denoising_start is not None or denoising_end is not None):
     raise ValueError(f"scheduler {sched.name!r} plans its steps between its run's ends: no "
                      "refiner handoff (pick another for it)")

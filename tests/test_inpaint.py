@@ -5,6 +5,7 @@ number (initial noise, the VAE posterior samples of the image and of the masked 
 
 import contextlib
 import dataclasses
+import math
 from unittest import mock
 
 import diffusers
@@ -424,9 +425,17 @@ def test_bad_inpainting_arguments(inpainting, plain):
   with pytest.raises(ValueError, match="inpainting_mask_weight is an inpainting model's"):
     plain[1].generate(PROMPTS, init_images=images, mask_images=masks,
                       inpainting_mask_weight=0.5, **kw)
-  with pytest.raises(ValueError, match="^unknown inpaint_blend 'comfyui'; use one of diffusers, "
-                                       "a1111$"):
-    plain[1].generate(PROMPTS, inpaint_blend="comfyui", **kw)
+  with pytest.raises(ValueError, match="^unknown inpaint_blend 'comfy'; use one of diffusers, "
+                                       "a1111, comfyui$"):
+    plain[1].generate(PROMPTS, inpaint_blend="comfy", **kw)
+  with pytest.raises(ValueError, match="^inpaint_blend 'comfyui' is a plain model's"):
+    pipe.generate(PROMPTS, init_images=images, mask_images=masks, inpaint_blend="comfyui",
+                  scheduler="euler", **kw)
+  with pytest.raises(ValueError, match="^inpaint_blend 'comfyui' blends ComfyUI's k-diffusion "
+                                       "samplers' inputs and denoised predictions, which "
+                                       "scheduler 'ddim' does not make so"):
+    plain[1].generate(PROMPTS, init_images=images, mask_images=masks, inpaint_blend="comfyui",
+                      scheduler="ddim", **kw)
   with pytest.raises(ValueError, match="^inpaint_blend 'a1111' blends A1111's samplers' denoised "
                                        "predictions, which scheduler 'lcm' does not make so"):
     pipe.generate(PROMPTS, init_images=images, mask_images=masks, inpaint_blend="a1111",
@@ -554,6 +563,127 @@ def _a1111_latent_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
   return np.around(np.asarray(image, np.float32)[..., 0] / 255)
 
 
+def _torch_inpaint_inputs(ref, images, seeds):
+  """(each image's torch generator, the images' latents, the initial noise, the prompts'
+  [negative, prompt] context) as diffusers' inpainting pipeline draws them from the generators:
+  the image's posterior sample, the noise, the masked image's posterior (unused by a plain
+  model)."""
+  gens = [torch.Generator().manual_seed(s) for s in seeds]
+  shape = (1, 4, H // 2, W // 2)
+  sf = ref.vae.config.scaling_factor
+  with torch.no_grad():
+    dist = [ref.vae.encode(nchw(2 * images[i:i + 1] - 1)).latent_dist for i in range(2)]
+    init = torch.cat([(d.mean + d.std * torch.randn(shape, generator=g)) * sf
+                      for d, g in zip(dist, gens, strict=True)])
+    noise = torch.cat([torch.randn(shape, generator=g) for g in gens])
+    for g in gens:
+      torch.randn(shape, generator=g)
+    context = torch.cat(ref.encode_prompt(PROMPTS, "cpu", 1, True, NEGATIVES)[::-1])
+  return gens, init, noise, context
+
+
+def test_run_with_comfyui_blend(plain, tmp_path):
+  """main.py's --inpaint_blend comfyui: a mask line on a plain model is generate()'s image (the
+  original pasted back outside the blurred mask), its PNG says `Inpaint blend: ComfyUI`, and its
+  text makes the flag again."""
+  import json
+  import os
+
+  from PIL import Image
+
+  from sdjax import infotext, masks, outputs, run
+
+  _, pipe, folder = plain
+  rng = np.random.default_rng(6)
+  Image.fromarray(rng.integers(0, 255, (H, W, 3), np.uint8)).save(tmp_path / "a.png")
+  mask = np.zeros((H, W), np.uint8)
+  mask[4:12, 6:18] = 255
+  Image.fromarray(mask).save(tmp_path / "m.png")
+  kw = dict(steps=3, guidance_scale=GUIDANCE, scheduler="euler_ancestral",
+            scheduler_options={"k_diffusion": True, "comfyui": True})
+  cfg = run.RunConfig(model=folder, prompts=(run.PromptLine(
+      "a cat", init_image=str(tmp_path / "a.png"), mask_image=str(tmp_path / "m.png")),),
+      height=H, width=W, seed=1, strength=1.0, inpaint_blend="comfyui",
+      output_dir=str(tmp_path / "out"), compilation_cache="", show_progress=False, **kw)
+  assert run.generate_run(cfg).images == 1
+  record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
+  assert record["inpaint_blend"] == "comfyui"
+  prepared = masks.prepare(Image.open(tmp_path / "a.png"), Image.open(tmp_path / "m.png"), H, W,
+                           masks.MaskOptions(blur=4.0, overlay=True))
+  expected = pipe.generate("a cat", init_images=prepared.image[None],
+                           mask_images=prepared.mask[None], strength=1.0, seed=1,
+                           inpaint_blend="comfyui", **kw)
+  expected = prepared.finish(outputs.to_uint8(expected[0])).astype(int)
+  written = Image.open(os.path.join(tmp_path / "out", record["file"]))
+  assert np.abs(np.asarray(written, int) - expected).max() <= 1
+  assert "Inpaint blend: ComfyUI" in written.text["parameters"]
+  assert infotext.reproduce(written.text["parameters"]).flags["inpaint_blend"] == "comfyui"
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_comfyui_blend_matches_its_loop(plain, strength):
+  """inpaint_blend="comfyui": ComfyUI's KSampler over a latent with a noise mask, written out
+  over diffusers' UNet and VAE (Euler a in ComfyUI's form: the UNet at whole timesteps): the
+  mask through torch's bilinear to the latents' size (unrounded), the run from the image's
+  latents plus the noise times its first level (sqrt(1 + sigma_max^2) from the training
+  schedule's largest), each
+  call's input outside the mask the latents plus sigma times that noise, each denoised
+  prediction blended with the latents, nothing after the loop. The latents and draws are
+  sdjax's (the posterior sample and torch generators in diffusers' order): the blend is
+  ComfyUI's, not its VAE encode."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+
+  ref, pipe, _ = plain
+  images, masks, _ = _inputs(7)
+  seeds, steps = (31, 32), 8
+  options = {"k_diffusion": True, "comfyui": True, "timestep_spacing": "linspace"}
+  kw = dict(negative_prompts=NEGATIVES, init_images=images, mask_images=masks, strength=strength,
+            steps=steps, seed=seeds[0], guidance_scale=GUIDANCE, scheduler="euler_ancestral",
+            scheduler_options=options, rng="torch_cpu")
+  ours = pipe.generate(PROMPTS, inpaint_blend="comfyui", **kw)
+
+  spec, state = sampling.prepare(pipe, 2, steps=steps, scheduler="euler_ancestral", height=H,
+                                 width=W, guidance_scale=GUIDANCE, img2img=True,
+                                 strength=strength, inpaint=True, scheduler_options=options)
+  timesteps = np.asarray(state.timesteps)[spec.begin:]
+  assert np.array_equal(timesteps, np.round(timesteps))
+  gens, init, noise, context = _torch_inpaint_inputs(ref, images, seeds)
+  shape, sf = init[:1].shape, ref.vae.config.scaling_factor
+  mask = torch.nn.functional.interpolate(nchw(masks[..., None].astype(np.float32)),
+                                         size=shape[2:], mode="bilinear")
+  calls = iter(timesteps)
+
+  def denoiser(config, timesteps=None):
+    def call(x, sigma):
+      x = x * mask + (init + noise * sigma) * (1 - mask)
+      with torch.no_grad():
+        eps_u, eps_c = ref.unet(torch.cat([x, x]) / (sigma**2 + 1) ** 0.5, float(next(calls)),
+                                encoder_hidden_states=context).sample.chunk(2)
+      denoised = x - sigma * (eps_u + GUIDANCE * (eps_c - eps_u))
+      return denoised * mask + init * (1 - mask)
+
+    return call
+
+  sigmas = torch.from_numpy(np.asarray(state.sigmas)[spec.begin:])
+  alphas = ref.scheduler.alphas_cumprod.double()
+  sigma_max = float(((1 - alphas[-1]) / alphas[-1]) ** 0.5)  # ComfyUI's max_denoise test
+  full = math.isclose(float(sigmas[0]), sigma_max, rel_tol=1e-5) or sigmas[0] > sigma_max
+  assert full == (strength == 1.0)
+  first = (1 + sigmas[0] ** 2) ** 0.5 if full else sigmas[0]
+  step_noises = [torch.cat([torch.randn(shape, generator=g) for g in gens])
+                 for _ in range(len(timesteps))]
+  with mock.patch.object(kd, "denoiser", denoiser):
+    x = torch.from_numpy(kd.sample_euler_ancestral(None, sigmas, init + noise * first,
+                                                   step_noises)[-1])
+  with torch.no_grad():
+    expected = (ref.vae.decode(x / sf).sample / 2 + 0.5).clamp(0, 1)
+  expected = expected.permute(0, 2, 3, 1).numpy()
+  err = rel_err(ours, expected)
+  print(f"\nComfyUI's inpaint loop at denoise {strength}: {err:.2e}")
+  assert err <= 1e-5
+  assert rel_err(pipe.generate(PROMPTS, inpaint_blend="a1111", **kw), expected) > 1e-3
+
+
 @pytest.mark.parametrize(("name", "prediction_type"), [
     ("euler_ancestral", "epsilon"), ("ddim", "epsilon"), ("euler_ancestral", "v_prediction")])
 def test_a1111_blend_matches_its_loop(plain, name, prediction_type):
@@ -582,17 +712,8 @@ def test_a1111_blend_matches_its_loop(plain, name, prediction_type):
                                  guidance_scale=GUIDANCE, img2img=True, strength=strength,
                                  inpaint=True, scheduler_options=options)
   timesteps = np.asarray(state.timesteps)[spec.begin:]
-  gens = [torch.Generator().manual_seed(s) for s in seeds]
-  shape = (1, 4, H // 2, W // 2)
-  sf = ref.vae.config.scaling_factor
-  with torch.no_grad():
-    dist = [ref.vae.encode(nchw(2 * images[i:i + 1] - 1)).latent_dist for i in range(2)]
-    init = torch.cat([(d.mean + d.std * torch.randn(shape, generator=g)) * sf
-                      for d, g in zip(dist, gens, strict=True)])
-    noise = torch.cat([torch.randn(shape, generator=g) for g in gens])
-    for g in gens:  # the masked image's posterior: unused by this model
-      torch.randn(shape, generator=g)
-    context = torch.cat(ref.encode_prompt(PROMPTS, "cpu", 1, True, NEGATIVES)[::-1])
+  gens, init, noise, context = _torch_inpaint_inputs(ref, images, seeds)
+  shape, sf = init[:1].shape, ref.vae.config.scaling_factor
   nmask = torch.from_numpy(np.stack([_a1111_latent_mask(m, H // 2, W // 2) for m in masks]))[
       :, None]
 

@@ -1543,6 +1543,36 @@ def test_a1111_dpm_adaptive_img2img():
   assert worst <= 5e-6, worst
 
 
+def _blended_trajectory(sched, blend, state, x, step_noises, first: int = 0) -> np.ndarray:
+  """The program's scheduler `sched` on the fake model from sample x at position `first`, each
+  call's input and output through inpainting `blend` (`sampling._A1111Blend`'s kinds), as
+  sampling._denoise runs them; the samples after each step."""
+
+  def model(x, t):
+    return jax.pure_callback(lambda xx, tt: fake_model(np.asarray(xx), float(tt)),
+                             jax.ShapeDtypeStruct(x.shape, jnp.float32), x, t)
+
+  @jax.jit
+  def run(state, x, step_noises):
+    def body(carry, inputs):
+      x, state = carry
+      i, noise = inputs
+      noise = sched.step_noise(noise) if sched.needs_noise else None
+      if sched.churns:
+        x = sched.churn(state, x, i, noise)
+      out = model(blend.model_input(state, sched.scale_model_input(state, x, i), i),
+                  state.timesteps[i])
+      if not blend.into_input:
+        out = blend.output(state, x, out, i)
+      x, state = sched.step(state, out, i, x, noise)
+      return (x, state), x
+
+    idx = jnp.arange(first, len(state.timesteps))
+    return jax.lax.scan(body, (x, state), (idx, step_noises[first:]))[1]
+
+  return np.asarray(run(state, x, jnp.asarray(step_noises)))
+
+
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM2", "DPM2 a",
                                      "DPM++ 2S a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE",
                                      "Restart", "iPNDM", "Res Multistep", "DEIS", "HeunPP2",
@@ -1567,30 +1597,10 @@ def test_a1111_inpaint_blend_of_each_family(sampler):
   rng = np.random.default_rng(0)
   image = rng.standard_normal(SHAPE).astype(np.float32)
   nmask = np.broadcast_to(rng.uniform(size=(*SHAPE[:-1], 1)) > 0.5, SHAPE).astype(np.float32)
-  blend = sampling._A1111Blend(ours.program(), jnp.asarray(nmask), jnp.asarray(image))  # noqa: SLF001
   sched = ours.program()
-
-  def model(x, t):
-    return jax.pure_callback(lambda xx, tt: fake_model(np.asarray(xx), float(tt)),
-                             jax.ShapeDtypeStruct(x.shape, jnp.float32), x, t)
-
-  @jax.jit
-  def run(state, x, step_noises):
-    def body(carry, inputs):
-      x, state = carry
-      i, noise = inputs
-      noise = sched.step_noise(noise) if sched.needs_noise else None
-      if sched.churns:
-        x = sched.churn(state, x, i, noise)
-      out = model(sched.scale_model_input(state, x, i), state.timesteps[i])
-      x, state = sched.step(state, blend.output(state, x, out, i), i, x, noise)
-      return (x, state), x
-
-    _, xs = jax.lax.scan(body, (x, state), (jnp.arange(len(state.timesteps)), step_noises))
-    return xs
-
-  got = np.asarray(run(state, jnp.asarray(init) * sched.init_noise_sigma(state),
-                       jnp.asarray(noises)))
+  blend = sampling._A1111Blend(sched, jnp.asarray(nmask), jnp.asarray(image))  # noqa: SLF001
+  got = _blended_trajectory(sched, blend, state, jnp.asarray(init) * sched.init_noise_sigma(state),
+                            noises)
   inner = kd.denoiser
 
   def blending(config, timesteps=None):
@@ -1607,6 +1617,59 @@ def test_a1111_inpaint_blend_of_each_family(sampler):
   print(f"maxrel {sampler} with A1111's blend vs k-diffusion's: {err:.3g}")
   assert err <= TOL
   assert max_rel_error(plain, want) > 1e-2  # the blend matters
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "DPM2", "DPM++ 2M",
+                                     "DPM++ 2M SDE", "DPM++ 2S a", "LMS"])
+@pytest.mark.parametrize("denoise", [1.0, 0.6])
+def test_comfyui_inpaint_blend(sampler, denoise):
+  """inpaint_blend="comfyui" (`sampling._ComfyUIBlend`) is ComfyUI's KSampler over a latent with
+  a noise mask, written from its KSamplerX0Inpaint: at each call the input outside the (soft)
+  mask is the image's latents plus the call's sigma times the initial noise, the denoised
+  prediction of that input is blended with the image's latents, nothing after the loop; the run
+  starts at the latents plus the noise times ComfyUI's first level (at denoise 1, sqrt(1 +
+  sigma_max^2)). Its loop over its levels, the fake UNet at whole timesteps (`comfyui`)."""
+  steps = 8
+  options = {"timestep_spacing": "linspace", "k_diffusion": True, "comfyui": True,
+             "schedule_type": "karras"}
+  ours = get_scheduler(outputs.scheduler_name(sampler), SD15, options=options)
+  total, begin = ours.img2img_steps(steps, denoise) if denoise < 1 else (steps, 0)
+  state = ours.set_timesteps(total, sample_shape=SHAPE)
+  first = ours.step_position(state, begin)
+  init, noises = make_noises(len(state.timesteps))
+  rng = np.random.default_rng(0)
+  image = rng.standard_normal(SHAPE).astype(np.float32)
+  m = np.broadcast_to(rng.uniform(size=(*SHAPE[:-1], 1)), SHAPE).astype(np.float32)
+  sched = ours.program()
+  blend = sampling._ComfyUIBlend(sched, jnp.asarray(m), jnp.asarray(image), jnp.asarray(init))  # noqa: SLF001
+  if begin:
+    start = sched.img2img_noise(state, jnp.asarray(image), jnp.asarray(init), first)
+  else:
+    start = (jnp.asarray(init) * sched.init_noise_sigma(state)
+             + jnp.asarray(image) * blend.sample_scale(state, 0))
+  got = _blended_trajectory(sched, blend, state, start, noises, first)
+  sigmas = kd.get_sigmas_karras(COMFY15, total)[begin:]
+  first_level = torch.sqrt(1.0 + sigmas[0] ** 2.0) if begin == 0 else sigmas[0]
+  n, latent, mask = (torch.from_numpy(a) for a in (init, image, m))
+
+  def inpainting(config, timesteps=None):
+    denoise_ = _comfyui_denoiser(config, timesteps)
+
+    def call(x, sigma):
+      x = x * mask + (latent + n * sigma) * (1 - mask)
+      return denoise_(x, sigma) * mask + latent * (1 - mask)
+
+    return call
+
+  with mock.patch.object(kd, "denoiser", inpainting), correctly_rounded_sqrt():
+    want = SAMPLERS[sampler](COMFY15, sigmas, latent + n * first_level,
+                             [torch.from_numpy(x) for x in noises[first:]])
+  if sampler.startswith("DPM++ 2M"):  # diffusers' form: x / sqrt(s^2 + 1)
+    want = (want / np.sqrt(sigmas[1:].numpy().astype(np.float64) ** 2 + 1)[
+        :, None, None, None, None]).astype(np.float32)
+  err = max_rel_error(got, want)
+  print(f"maxrel {sampler} at denoise {denoise} with ComfyUI's inpaint blend: {err:.3g}")
+  assert err <= TOL
 
 
 @pytest.mark.parametrize(("name", "reference"), [
