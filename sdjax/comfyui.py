@@ -336,7 +336,16 @@ class _Reader:
                       "reproduced")
 
   def latent(self, value, denoise) -> None:
-    """The size (an empty latent's), or what an img2img latent came from."""
+    """The size (an empty latent's), or what an img2img latent came from; a noise mask on it
+    (SetLatentNoiseMask) is ComfyUI's inpainting (`Inpaint blend`, no mask blur)."""
+    masked = _linked(self.graph, value)
+    if masked is not None and masked[1]["class_type"] == "SetLatentNoiseMask":
+      self.fields.update({"Inpaint blend": "ComfyUI", "Mask blur": "0"})
+      if isinstance(denoise, int | float):  # the run's strength (sdjax's default is A1111's)
+        self.fields["Denoising strength"] = str(float(denoise))
+      self.note(None, f"node {masked[0]} (SetLatentNoiseMask) inpaints: give its mask too "
+                      "(--mask_image, or a jsonl line's mask_image; white repaints)")
+      value = _inputs(masked[1]).get("samples")
     found = self.follow(value, ("samples",), "latent")
     if found is not None and "width" in _inputs(found[1]) and "height" in _inputs(found[1]):
       inputs = _inputs(found[1])

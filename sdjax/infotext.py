@@ -685,11 +685,21 @@ def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str,
   blend = fields.pop("Inpaint blend", None)
   if blend in ("A1111", "ComfyUI") and made_by_sdjax:
     flags["inpaint_blend"] = blend.lower()
+  elif blend == "ComfyUI" and made_in == "ComfyUI":  # a noise mask (`comfyui.reproduce`)
+    if scheduler is None or (schedulers.takes_a1111_blend(scheduler)
+                             and scheduler not in schedulers.A1111_TIMESTEP_SAMPLERS):
+      flags["inpaint_blend"] = "comfyui"
+    else:
+      notes.append(("inpaint_blend", f"an inpainted image: sdjax's {scheduler} does not blend "
+                                     "the image into its calls as ComfyUI does (diffusers' way "
+                                     "instead): the repainted pixels differ"))
   if "Mask blur" in fields:  # A1111 writes it for inpainting only
     flags["mask_blur"] = str(_number("Mask blur", fields.pop("Mask blur")))
-    if not made_by_sdjax and (scheduler is None or schedulers.takes_a1111_blend(scheduler)):
+    if made_by_sdjax or made_in == "ComfyUI":  # (ComfyUI's: its noise mask's blend, above)
+      pass
+    elif scheduler is None or schedulers.takes_a1111_blend(scheduler):
       flags["inpaint_blend"] = "a1111"
-    elif not made_by_sdjax:
+    else:
       notes.append(("inpaint_blend", f"an inpainted image: sdjax's {scheduler} does not blend "
                                      f"the image into its steps as {made_in} does (diffusers' "
                                      "way instead): the repainted pixels differ"))

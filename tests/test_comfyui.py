@@ -330,6 +330,28 @@ def test_advanced_sampler_and_img2img():
   assert "with strength 0.6" in _notes(found)
 
 
+def test_noise_mask_is_comfyuis_inpainting():
+  """A KSampler over a SetLatentNoiseMask latent (LoadImage's mask) is ComfyUI's inpainting:
+  --inpaint_blend comfyui with no mask blur, a note asking for the mask as for the image; a
+  sampler sdjax cannot blend so (its uni_pc: sdjax's UniPC) a note instead."""
+  graph = default_graph(denoise=0.8)
+  graph["16"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+  graph["15"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["16", 0], "vae": ["4", 2]}}
+  graph["5"] = {"class_type": "SetLatentNoiseMask",
+                "inputs": {"samples": ["15", 0], "mask": ["16", 1]}}
+  found = comfyui.reproduce(graph)
+  assert (found.flags["inpaint_blend"], float(found.flags["mask_blur"])) == ("comfyui", 0)
+  assert float(found.flags["strength"]) == 0.8
+  notes = _notes(found)
+  assert "node 5 (SetLatentNoiseMask) inpaints: give its mask too" in notes
+  assert "the latent comes from node 15 (VAEEncode)" in notes and "strength 0.8" in notes
+  assert "changes the latent" not in notes
+  graph["3"]["inputs"]["sampler_name"] = "uni_pc"
+  found = comfyui.reproduce(graph)
+  assert "inpaint_blend" not in found.flags
+  assert "does not blend the image into its calls as ComfyUI does" in _notes(found)
+
+
 def test_not_a_workflow():
   assert comfyui.parse_graph("a cat\nSteps: 20, Sampler: Euler") is None
   assert comfyui.parse_graph('{"prompt": "a cat"}') is None
