@@ -1241,20 +1241,21 @@ class _A1111Blend:
     del state, i
     return self.keep(x_in) if self.into_input else x_in
 
+  def _sigma(self, state, i):
+    """(the call's sigma at position i, alpha = 1 / sqrt(sigma^2 + 1))."""
+    sigma = self.scheduler.call_sigmas(state)[i]
+    return sigma, jax.lax.rsqrt(sigma * sigma + 1)
+
   def sample_scale(self, state, i):
     """The scheduler's sample per unit of k-diffusion's x at position i: 1, or a VP sample's
-    alpha = 1 / sqrt(sigma^2 + 1)."""
+    alpha."""
     k_space = type(self.scheduler).scale_model_input is not schedulers.Scheduler.scale_model_input
-    sigma = self.scheduler.call_sigmas(state)[i]
-    return jnp.float32(1) if k_space else jax.lax.rsqrt(sigma * sigma + 1)
+    return jnp.float32(1) if k_space else self._sigma(state, i)[1]
 
   def _levels(self, state, x, i):
-    """(the call's sigma, alpha = 1 / sqrt(sigma^2 + 1), k-diffusion's x of sample `x`: x_t /
-    alpha for a VP sample)."""
-    sigma = self.scheduler.call_sigmas(state)[i]
-    a = jax.lax.rsqrt(sigma * sigma + 1)
-    k_space = type(self.scheduler).scale_model_input is not schedulers.Scheduler.scale_model_input
-    return sigma, a, x if k_space else x / a
+    """(the call's sigma, alpha, k-diffusion's x of sample `x`: x_t / alpha for a VP sample)."""
+    sigma, a = self._sigma(state, i)
+    return sigma, a, x / self.sample_scale(state, i)
 
   def _x0(self, xk, out, sigma, a):
     """The denoised prediction of model output `out` at input xk (k-diffusion's x)."""
@@ -1295,8 +1296,7 @@ class _ComfyUIBlend(_A1111Blend):
     return xk * self.nmask + (self.init + sigma * self.noise) * (1 - self.nmask)
 
   def model_input(self, state, x_in, i):
-    sigma = self.scheduler.call_sigmas(state)[i]
-    a = jax.lax.rsqrt(sigma * sigma + 1)
+    sigma, a = self._sigma(state, i)
     return a * self._blended(x_in / a, sigma)  # x_in = a xk in both forms
 
   def output(self, state, x, out, i):
