@@ -686,8 +686,7 @@ def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str,
   if blend in ("A1111", "ComfyUI") and made_by_sdjax:
     flags["inpaint_blend"] = blend.lower()
   elif blend == "ComfyUI" and made_in == "ComfyUI":  # a noise mask (`comfyui.reproduce`)
-    if scheduler is None or (schedulers.takes_a1111_blend(scheduler)
-                             and scheduler not in schedulers.A1111_TIMESTEP_SAMPLERS):
+    if scheduler is None or schedulers.takes_comfyui_blend(scheduler):
       flags["inpaint_blend"] = "comfyui"
     else:
       notes.append(("inpaint_blend", f"an inpainted image: sdjax's {scheduler} does not blend "

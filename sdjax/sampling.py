@@ -1313,8 +1313,7 @@ def check_inpaint_blend(sched, blend: str, mode: str | None = None) -> None:
   if blend == "a1111" and not schedulers.takes_a1111_blend(sched.name):
     raise ValueError(f"inpaint_blend 'a1111' blends A1111's samplers' denoised predictions, "
                      f"which scheduler {sched.name!r} does not make so (pick another for it)")
-  if blend == "comfyui" and (not schedulers.takes_a1111_blend(sched.name)
-                             or sched.name in schedulers.A1111_TIMESTEP_SAMPLERS):
+  if blend == "comfyui" and not schedulers.takes_comfyui_blend(sched.name):
     raise ValueError(f"inpaint_blend 'comfyui' blends ComfyUI's k-diffusion samplers' inputs and "
                      f"denoised predictions, which scheduler {sched.name!r} does not make so "
                      "(pick another for it)")

@@ -209,6 +209,12 @@ def takes_a1111_blend(name: str) -> bool:
               or name.startswith("edm"))
 
 
+def takes_comfyui_blend(name: str) -> bool:
+  """Whether scheduler `name` runs ComfyUI's inpainting blend: A1111's blend's k-diffusion
+  samplers (each call's input and denoised prediction blended), not its timestep samplers."""
+  return takes_a1111_blend(name) and name not in A1111_TIMESTEP_SAMPLERS
+
+
 def takes_brownian(name: str | None) -> bool:
   """Whether scheduler `name`'s step noise can come from a Brownian tree (`BROWNIAN_FAMILIES`)."""
   return name is not None and name.removesuffix("_karras") in BROWNIAN_FAMILIES
