@@ -109,6 +109,11 @@ flags.DEFINE_enum("inpaint_blend", "diffusers", ["diffusers", "a1111", "comfyui"
                   "prediction; --parameters_file of an A1111 inpainted image sets it), or "
                   "ComfyUI's (a latent noise mask: the noised image into each model input, the "
                   "image into each denoised prediction)")
+flags.DEFINE_enum("image_encode", "sample", ["sample", "mode"],
+                  "img2img, inpainting and a hires pixel upscaler: how images become latents: a "
+                  "sample of the VAE's posterior (diffusers', A1111's) or its mode (ComfyUI's "
+                  "VAEEncode; with --rng torch_cpu the initial noise is then the seed's first "
+                  "draw, as ComfyUI's)")
 flags.DEFINE_enum("inpainting_fill", "original", ["original", "fill", "latent_noise",
                                                   "latent_nothing"],
                   "inpainting: what the masked area starts from, A1111's Masked content: the "
@@ -410,6 +415,7 @@ def _run_config() -> run.RunConfig:
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
       inpainting_mask_weight=FLAGS.inpainting_mask_weight, inpaint_blend=FLAGS.inpaint_blend,
+      image_encode=FLAGS.image_encode,
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,

@@ -18,6 +18,10 @@ latents' size where A1111 floors the pixels': a `Hires resize` then), the upscal
 sampler's steps and denoise (ComfyUI runs the last `steps` of int(steps / denoise), as A1111's
 hires pass), and its own sampler, scheduler, CFG and prompts where they differ.
 
+A KSampler over a VAEEncode latent is img2img (its denoise the strength, the image encoded to
+the posterior's mode: `Image encode: mode`), over a SetLatentNoiseMask latent inpainting (`Inpaint
+blend: ComfyUI`); the image and mask files are not in the graph: the notes ask for them.
+
 The settings come back, and where sdjax's scheduler takes the `comfyui` option (Euler, Euler a,
 Heun, LMS, DPM++ SDE, the DPM++ multistep family) it steps as ComfyUI's KSampler: from its noise times
 sqrt(1 + sigma_max^2) (A1111: sigma_max), the UNet at the nearest whole timestep. Its ancestral
@@ -341,8 +345,6 @@ class _Reader:
     masked = _linked(self.graph, value)
     if masked is not None and masked[1]["class_type"] == "SetLatentNoiseMask":
       self.fields.update({"Inpaint blend": "ComfyUI", "Mask blur": "0"})
-      if isinstance(denoise, int | float):  # the run's strength (sdjax's default is A1111's)
-        self.fields["Denoising strength"] = str(float(denoise))
       self.note(None, f"node {masked[0]} (SetLatentNoiseMask) inpaints: give its mask too "
                       "(--mask_image, or a jsonl line's mask_image; white repaints)")
       value = _inputs(masked[1]).get("samples")
@@ -363,6 +365,16 @@ class _Reader:
                                 "the steps' noise differs")
       if denoise not in (None, 1, 1.0):
         self.note(None, f"denoise {denoise} of an empty latent: sdjax denoises fully")
+      return
+    if found is not None and found[1]["class_type"] == "VAEEncode":  # img2img
+      self.fields["Image encode"] = "mode"  # its posterior's mode
+      if isinstance(denoise, int | float):
+        self.fields["Denoising strength"] = str(float(denoise))
+      image = _linked(self.graph, _inputs(found[1]).get("pixels"))
+      named = (f" ({image[1]['class_type']} {_inputs(image[1])['image']})" if image is not None
+               and isinstance(_inputs(image[1]).get("image"), str) else "")
+      self.note(None, f"the latent is node {found[0]} (VAEEncode)'s image{named}: give it with "
+                      "--init_image (or a jsonl line's init_image)")
       return
     kind = "nothing" if found is None else f"node {found[0]} ({found[1]['class_type']})"
     self.note(None, f"the latent comes from {kind} (img2img, or a hires or refiner pass), not "

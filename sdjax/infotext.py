@@ -56,6 +56,7 @@ _ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
                "PerturbedAttentionGuidance_adaptive_scale": "pag_adaptive_scale",
                "Seed high": "seed_high", "Noise multiplier": "noise_multiplier",
                "Extra noise": "extra_noise", "Image CFG scale": "image_guidance_scale",
+               "Image encode": "image_encode",
                "Prompt 2": "prompt_2", "Token merging ratio": "token_merging_ratio",
                "Negative prompt 2": "negative_prompt_2"}
 

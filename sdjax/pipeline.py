@@ -389,7 +389,7 @@ class Pipeline:
                pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
                token_merging_ratio: float = 0.0, hires_token_merging_ratio: float | None = None,
                inpainting_mask_weight: float = 1.0, inpaint_blend: str = "diffusers",
-               tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
+               image_encode: str = "sample", tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
                subseed_strength: float = 0.0, ensd: int = 0,
                seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
                s_min_uncond_all: bool = False, skip_early_cond: float = 0.0,
@@ -674,6 +674,11 @@ class Pipeline:
         KSampler samples a latent noise mask with a plain model (the mask's bilinear resize,
         unrounded; the latents plus sigma times the initial noise into each model input, the
         latents into each denoised prediction, nothing after the loop).
+      image_encode: how init images (and a hires pass's pixel upscaler's) become latents
+        (`sampling.IMAGE_ENCODES`): "sample" (the default, diffusers'), a sample of the VAE's
+        posterior, each image's noise for it drawn first; or "mode", ComfyUI's VAEEncode: the
+        posterior's mode, nothing drawn (with rng "torch_cpu" the initial noise is then the
+        generator's first draw, as ComfyUI's KSampler draws it).
       tiling: A1111's "Tiling" (seamless images that tile): every convolution of the UNet and
         the VAE pads circularly, as A1111 sets torch's padding_mode="circular" on each; every
         pass and the refiner's stage, not ControlNets or T2I-Adapters.
@@ -755,7 +760,7 @@ class Pipeline:
         freeu=freeu, token_merging_ratio=token_merging_ratio,
         hires_token_merging_ratio=hires_token_merging_ratio,
         inpainting_mask_weight=inpainting_mask_weight, inpaint_blend=inpaint_blend,
-        tiling=tiling, rng=rng,
+        image_encode=image_encode, tiling=tiling, rng=rng,
         subseed=subseed, subseed_strength=subseed_strength,
         ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,

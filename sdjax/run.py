@@ -180,6 +180,9 @@ class RunConfig:
   # How inpainting keeps the image outside the mask (`sampling.INPAINT_BLENDS`): diffusers' or
   # A1111's blend.
   inpaint_blend: str = "diffusers"
+  # How img2img, inpainting and a hires pixel upscaler's images become latents
+  # (`sampling.IMAGE_ENCODES`): a posterior sample or (ComfyUI's) its mode.
+  image_encode: str = "sample"
   # ControlNets steering lines by their control_image (else these, one per ControlNet), their
   # residuals summed in order; per ControlNet a single file's diffusers config ("": none). The
   # scale and share of the steps: one for all, or one per ControlNet.
@@ -635,6 +638,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["noise_multiplier"] = cfg.noise_multiplier
   if cfg.extra_noise:
     settings["extra_noise"] = cfg.extra_noise
+  if cfg.image_encode != "sample":  # absent for the default: older folders still match
+    settings["image_encode"] = cfg.image_encode
   if cfg.image_guidance_scale is not None:
     settings["image_guidance_scale"] = cfg.image_guidance_scale
   if cfg.noise_level is not None:
@@ -1557,6 +1562,7 @@ class _Sampler:
                     eta=cfg.eta, cfg_split=cfg.cfg_parallel, rng=cfg.rng, ensd=cfg.ensd,
                     seed_resize_from=_seed_resize(cfg), brownian=cfg.brownian,
                     step_rng=cfg.step_rng, seed_high=cfg.seed_high,
+                    image_encode=cfg.image_encode,
                     clip_skip=schedule.clip_skip - 1 or None,  # diffusers' count
                     scheduler_options=line_options(cfg, pipe, scheduler, schedule.schedule_type,
                                                    schedule.scheduler_options) or None)
@@ -2325,6 +2331,7 @@ class _Metadata:
            if job.init_image and cfg.noise_multiplier != 1.0 else {}),
         **({"extra_noise": cfg.extra_noise}
            if cfg.extra_noise and (job.init_image or _hires(cfg)) else {}),
+        **({"image_encode": cfg.image_encode} if self._encodes(job) else {}),
         **({"resize_mode": cfg.resize_mode} if job.init_image and cfg.resize_mode != "just"
            else {}),
         **({"mask_image": job.mask_image, **self._mask_record()} if job.mask_image else {}),
@@ -2336,6 +2343,13 @@ class _Metadata:
         **{k: v for k, v in (("template", job.template),
                              ("negative_template", job.negative_template)) if v is not None},
     }
+
+  def _encodes(self, job) -> bool:
+    """Whether --image_encode (not its default) made a line's image: its init image, or the
+    hires pass's pixel upscaler encoded images."""
+    hires = _hires(self.cfg)
+    return self.cfg.image_encode != "sample" and bool(
+        job.init_image or hires is not None and sampling.is_pixel_upscaler(hires.upscaler))
 
   def _mask_record(self) -> dict[str, Any]:
     cfg = self.cfg
@@ -2438,6 +2452,7 @@ class _Metadata:
                   if job.init_image and cfg.noise_multiplier != 1.0 else {}),
                **({"Extra noise": cfg.extra_noise}
                   if cfg.extra_noise and (job.init_image or _hires(cfg)) else {}),
+               **({"Image encode": cfg.image_encode} if self._encodes(job) else {}),
                **(_mask_options(cfg).a1111_parameters() if job.mask_image else {}),
                **({"Conditional mask weight": cfg.inpainting_mask_weight}
                   if cfg.inpainting_mask_weight != 1.0 and job.init_image else {}),

@@ -80,6 +80,11 @@ INPAINT_MODES = ("concat", "blend")
 # blended as A1111's, no blend after the loop, and a run from pure noise starting at the image's
 # latents plus that noise.
 INPAINT_BLENDS = ("diffusers", "a1111", "comfyui")
+# How img2img, inpainting and a hires pass's pixel upscaler turn images into latents
+# (SampleSpec.image_encode): "sample", a sample of the VAE's posterior (diffusers' pipelines,
+# each image's draw of its noise); "mode", its mode (ComfyUI's VAEEncode), which draws nothing:
+# with a generator's rng the initial noise is then its first draw, as ComfyUI's KSampler.
+IMAGE_ENCODES = ("sample", "mode")
 
 # How many times the sampling program has been traced (tests assert one trace per shape).
 trace_count = 0
@@ -144,6 +149,12 @@ class SampleSpec:
   mask_weight: float = 1.0
   # How an inpainting run keeps the image outside the mask (INPAINT_BLENDS).
   inpaint_blend: str = "diffusers"
+  # How the run's images become latents (IMAGE_ENCODES).
+  image_encode: str = "sample"
+  # The scheduler's `comfyui` form (an option its state holds, not its program): an img2img or
+  # hires pass from the schedule's first level starts as ComfyUI's KSampler, from the image's
+  # latents plus the noise times a text-to-image run's scale (`_started`).
+  comfyui: bool = False
   # A1111's Noise multiplier for img2img (its initial_noise_multiplier): an img2img or inpainting
   # run's initial noise times this before it noises the image (not a hires pass's); 1: off.
   noise_multiplier: float = 1.0
@@ -370,7 +381,16 @@ def _torch_draw_order(spec: SampleSpec) -> tuple[int, ...]:
   noise, inpainting the masked image after (for any model: one draw unused by a model that
   does not take it); an instruct-pix2pix edit from pure noise only that (its image's latents
   are the posterior's mode); a continued run (denoising_start) draws none; a hires pass starts
-  its seed's generator again, its noise first, as A1111's does."""
+  its seed's generator again, its noise first, as A1111's does. Images encoded to the
+  posterior's mode (`image_encode`) draw nothing."""
+  order = _draws_before_steps(spec)
+  if spec.image_encode == "mode":
+    return tuple(tag for tag in order if tag not in (_POSTERIOR, _MASKED_POSTERIOR))
+  return order
+
+
+def _draws_before_steps(spec: SampleSpec) -> tuple[int, ...]:
+  """`_torch_draw_order` with every encoded image a posterior sample."""
   if spec.init_latents:
     return ()
   if spec.upscale is not None:
@@ -1107,21 +1127,25 @@ def _initial_latents(spec: SampleSpec, vae: AutoencoderKL, params, source, noise
   if spec.upscale is not None:
     h, w, top, left = spec.upscale_crop or (*spec.latent_hw, 0, 0)
     if is_pixel_upscaler(spec.upscale):
-      latents = _pixel_upscaled(spec.upscale, vae, params, init, (h, w), source)
+      latents = _pixel_upscaled(spec, vae, params, init, (h, w), source)
     else:
       latents = interpolate.resize(init, (h, w), *LATENT_UPSCALERS[spec.upscale])
     latents = latents[:, top:top + spec.latent_hw[0], left:left + spec.latent_hw[1]]
     return _started(spec, state, latents, source.sample(_HIRES_NOISE, latents.shape[1:]))
   if not spec.img2img:
     return noise * sched.init_noise_sigma(state)
-  return _started(spec, state, _encode_sample(vae, params, init, source, _POSTERIOR), noise)
+  return _started(spec, state, _encode(spec, vae, params, init, source, _POSTERIOR), noise)
 
 
 def _started(spec: SampleSpec, state, latents, noise):
   """An img2img or hires pass's first latent: `latents` noised to its start (and A1111's Extra
-  noise)."""
-  start = spec.scheduler.img2img_noise(state, latents, noise, spec.begin)
-  return _extra_noise(spec, state, start, noise)
+  noise). ComfyUI's from the first level: the latents plus the noise at `init_noise_sigma`
+  (sqrt(1 + sigma_0^2) where that is the largest training level: its `max_denoise`)."""
+  sched = spec.scheduler
+  if spec.comfyui and spec.begin == 0:
+    scaled = rounded(noise.astype(jnp.float32) * sched.init_noise_sigma(state))
+    return _extra_noise(spec, state, latents.astype(jnp.float32) + scaled, noise)
+  return _extra_noise(spec, state, sched.img2img_noise(state, latents, noise, spec.begin), noise)
 
 
 def _extra_noise(spec: SampleSpec, state, start, noise):
@@ -1135,12 +1159,12 @@ def _extra_noise(spec: SampleSpec, state, start, noise):
   return start + rounded(rounded(noise * jnp.float32(spec.extra_noise)) * signal)
 
 
-def _pixel_upscaled(upscaler, vae: AutoencoderKL, params, images, latent_hw, source):
-  """A1111's hires fix with a pixel upscaler: the first pass's images [B, H, W, 3] in [0, 1] as
-  8-bit levels (truncated, as A1111 converts them), resized by PIL's arithmetic and a model
-  upscaler's passes (`upscaling.resize_steps`; its weights params["upscaler"]) to `latent_hw`
-  latent pixels, and encoded (a posterior sample)."""
-  s = vae.config.downscale
+def _pixel_upscaled(spec: SampleSpec, vae: AutoencoderKL, params, images, latent_hw, source):
+  """A1111's hires fix with a pixel upscaler (`spec.upscale`): the first pass's images
+  [B, H, W, 3] in [0, 1] as 8-bit levels (truncated, as A1111 converts them), resized by PIL's
+  arithmetic and a model upscaler's passes (`upscaling.resize_steps`; its weights
+  params["upscaler"]) to `latent_hw` latent pixels, and encoded (`_encode`)."""
+  upscaler, s = spec.upscale, vae.config.downscale
   levels = jnp.floor(images.astype(jnp.float32) * jnp.float32(255.0)).astype(jnp.int32)
   for size, resample in upscaling.resize_steps(upscaler, images.shape[1:3],
                                               (latent_hw[0] * s, latent_hw[1] * s)):
@@ -1148,16 +1172,18 @@ def _pixel_upscaled(upscaler, vae: AutoencoderKL, params, images, latent_hw, sou
       levels = upscaling.model_pass(upscaler, params["upscaler"], levels)
     else:
       levels = interpolate.pil_resize(levels, size, resample)
-  return _encode_sample(vae, params, levels.astype(jnp.float32) / jnp.float32(255.0), source,
-                        _POSTERIOR)
+  return _encode(spec, vae, params, levels.astype(jnp.float32) / jnp.float32(255.0), source,
+                 _POSTERIOR)
 
 
-def _encode_sample(vae: AutoencoderKL, params, images, source, stream: int):
-  """Diffusion latents of images [B, H, W, 3] in [0, 1]: a sample of the VAE's posterior, its
-  noise `source`'s of `stream`."""
+def _encode(spec: SampleSpec, vae: AutoencoderKL, params, images, source, stream: int):
+  """Diffusion latents of images [B, H, W, 3] in [0, 1] (`spec.image_encode`): a sample of the
+  VAE's posterior, its noise `source`'s of `stream`, or its mode."""
   posterior = encode_images(vae, params["vae"], images)
-  eps = source.sample(stream, posterior.mean.shape[1:])
-  latents = posterior.mean.astype(jnp.float32) + posterior.std.astype(jnp.float32) * eps
+  latents = posterior.mean.astype(jnp.float32)
+  if spec.image_encode == "sample":
+    eps = source.sample(stream, posterior.mean.shape[1:])
+    latents = latents + posterior.std.astype(jnp.float32) * eps
   return vae.config.to_diffusion_latents(latents)
 
 
@@ -1174,7 +1200,7 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
   mask = repaint[:, ::s, ::s].astype(jnp.float32)
   image_latents = masked_latents = None
   if spec.inpaint == "blend" or spec.begin > 0 or spec.inpaint_blend != "diffusers":
-    image_latents = _encode_sample(vae, params, images, source, _POSTERIOR)
+    image_latents = _encode(spec, vae, params, images, source, _POSTERIOR)
     if spec.masked_content != "original":  # A1111: the latents the masked area starts from
       instead = noise if spec.masked_content == "latent noise" else jnp.zeros_like(noise)
       image_latents = jnp.where(mask > 0, instead, image_latents)
@@ -1184,7 +1210,7 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
       signed = 2 * images.astype(jnp.float32) - 1
       hidden = signed * (1 - repaint.astype(jnp.float32))
       masked = (_lerp(signed, hidden, spec.mask_weight) + 1) / 2
-    masked_latents = _encode_sample(vae, params, masked, source, _MASKED_POSTERIOR)
+    masked_latents = _encode(spec, vae, params, masked, source, _MASKED_POSTERIOR)
   return mask, image_latents, masked_latents
 
 
@@ -1811,7 +1837,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             strength: float = 1.0, clip_skip: int | None = None, eta: float = 0.0,
             denoising_end: float | None = None, denoising_start: float | None = None,
             cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original",
-            inpaint_blend: str = "diffusers",
+            inpaint_blend: str = "diffusers", image_encode: str = "sample",
             scheduler_options: dict[str, Any] | None = None, control: bool = False,
             control_guess: bool = False, rng: str = "jax", ensd: int = 0,
             seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
@@ -1833,6 +1859,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   (`SampleSpec.noise_batch`); `brownian`: the device of the Brownian tree an SDE sampler's noise
   comes from (`BrownianNoise`; other schedulers ignore it), or None; `step_rng`: a generator of its own for the steps' fresh noise
   (`SampleSpec.step_rng`); `seed_high`: the seeds' high 32 bits (`SampleSpec.seed_high`);
+  `image_encode` (IMAGE_ENCODES): how images become latents (`SampleSpec.image_encode`);
   `handoff` (REFINER_SWITCHES): how `denoising_end` / `denoising_start` hand the run over,
   "diffusers" (its cutoff; the second stage's sampler starts afresh) or "a1111" (its switch; the
   base returns its scheduler state with its latents, and the second stage's sampler runs on
@@ -1864,6 +1891,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
     if not (isinstance(value, int | float | np.floating) and 0 <= value < math.inf):
       raise ValueError(f"{name} must be a number >= 0, got {value!r}")
   check_noise_batch(noise_batch, rng, brownian, seed_resize_from)
+  if image_encode not in IMAGE_ENCODES:
+    raise ValueError(f"unknown image_encode {image_encode!r}; use one of "
+                     f"{', '.join(IMAGE_ENCODES)}")
   latent_hw = check_size(pipe, height, width)
   mode = inpaint_mode(pipe, inpaint and img2img)
   edit = is_edit_model(pipe)
@@ -1953,7 +1983,9 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     cfg_split=cfg_split and guidance, inpaint=mode,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
                     ("latent noise", "latent nothing") else "original",
-                    inpaint_blend=inpaint_blend if mode else "diffusers", control=control,
+                    inpaint_blend=inpaint_blend if mode else "diffusers",
+                    image_encode=image_encode, comfyui=bool(sched.cfg.get(sigma_schedules.COMFYUI)),
+                    control=control,
                     control_guess=control and control_guess, rng=rng, ensd=int(ensd),
                     seed_resize=seed_resize_latents(pipe, seed_resize_from), step_rng=step_rng,
                     seed_high=int(seed_high),
@@ -2280,7 +2312,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                   seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
                   step_rng: str | None = None, seed_high: int = 0, extra_noise: float = 0.0,
                   denoising_end: float | int | None = None,
-                  denoising_start: float | int | None = None, handoff: str = "diffusers"):
+                  denoising_start: float | int | None = None, handoff: str = "diffusers",
+                  image_encode: str = "sample"):
   """The spec and scheduler state of the hires pass after a first pass of `steps` steps at
   (height, width). As A1111's `sample_img2img` with given steps: `hires.steps` (or `steps`)
   steps run, the last ones of a schedule of int(n / min(strength, 0.999)) steps, its start with
@@ -2294,7 +2327,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
   `hires.schedule_type` replaces whatever placed the first pass's. `denoising_end` /
   `denoising_start` (with `handoff`, as `prepare`'s) hand the pass to a refiner at that point of
   its schedule, as A1111's refiner in its hires pass ("Hires refiner: second pass"): the
-  model's part, or (`pipe` the refiner) the refiner's, which continues the model's latents."""
+  model's part, or (`pipe` the refiner) the refiner's, which continues the model's latents.
+  `image_encode`: how a pixel upscaler's images become latents (`prepare`'s)."""
   hires.check()
   # Listed levels are the first pass's.
   scheduler_options = {k: v for k, v in (scheduler_options or {}).items()
@@ -2336,7 +2370,8 @@ def prepare_hires(pipe, batch: int, hires: Hires, *, steps: int, scheduler: str 
                         control_guess=control_guess, rng=rng, ensd=ensd,
                         seed_resize_from=seed_resize_from, step_rng=step_rng,
                         seed_high=seed_high, denoising_end=denoising_end,
-                        denoising_start=denoising_start, handoff=handoff)
+                        denoising_start=denoising_start, handoff=handoff,
+                        image_encode=image_encode)
   begin = 0 if a1111 or planned else spec.scheduler.step_position(state, total - n)
   if spec.end is not None and begin >= spec.end and handoff == "a1111":
     spec = dataclasses.replace(spec, end=begin)  # A1111: the refiner's from the pass's start
@@ -2412,6 +2447,7 @@ def generate(
     masked_content: str = "original",
     inpainting_mask_weight: float = 1.0,
     inpaint_blend: str = "diffusers",
+    image_encode: str = "sample",
     scheduler_options: dict[str, Any] | None = None,
     controlnet=None,
     control_images: Any = None,
@@ -2561,7 +2597,7 @@ def generate(
                 clip_skip=clip_skip, eta=eta, cfg_split=cfg_parallel,
                 scheduler_options=scheduler_options, rng=rng, ensd=ensd,
                 seed_resize_from=seed_resize_from, brownian=brownian, step_rng=step_rng,
-                seed_high=seed_high)
+                seed_high=seed_high, image_encode=image_encode)
   if latents is not None and rng != "jax":
     raise ValueError(f"rng={rng!r} draws the initial noise from the seeds: give seed, not "
                      "latents")

@@ -53,9 +53,10 @@ def randn(*shape, seed=0) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def img2img_draws(module: str, seed: int, latent_shape, noise):
+def img2img_draws(module: str, seed: int, latent_shape, noise, mode: bool = False):
   """diffusers' img2img pipeline in `module` given our draws: the VAE posterior sample from each
-  image's key (as `generate(init_images=..., seed=seed)` draws it) and `noise` [B, h, w, 4]."""
+  image's key (as `generate(init_images=..., seed=seed)` draws it; `mode`: the posterior's mode,
+  as generate(image_encode="mode")) and `noise` [B, h, w, 4]."""
   from sdjax import sampling  # noqa: PLC0415
 
   keys = sampling.image_keys(jnp.asarray(sampling.make_seeds(seed, len(noise))))
@@ -63,7 +64,7 @@ def img2img_draws(module: str, seed: int, latent_shape, noise):
 
   def retrieve_latents(encoder_output, generator=None, sample_mode="sample"):
     dist = encoder_output.latent_dist
-    return dist.mean + dist.std * post_eps
+    return dist.mode() if mode else dist.mean + dist.std * post_eps
 
   with mock.patch(f"{module}.retrieve_latents", retrieve_latents), \
        mock.patch(f"{module}.randn_tensor", lambda *a, **k: nchw(noise)), torch.no_grad():

@@ -324,9 +324,16 @@ def test_advanced_sampler_and_img2img():
   graph = default_graph(denoise=0.6)
   graph["5"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["16", 0], "vae": ["4", 2]}}
   graph["16"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
-  found = comfyui.reproduce(graph)
+  found = comfyui.reproduce(graph)  # img2img: its image encoded to the posterior's mode
   assert "width" not in found.flags
-  assert "the latent comes from node 5 (VAEEncode)" in _notes(found)
+  assert (float(found.flags["strength"]), found.flags["image_encode"]) == (0.6, "mode")
+  assert ("the latent is node 5 (VAEEncode)'s image (LoadImage photo.png): give it with "
+          "--init_image") in _notes(found)
+  graph["5"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["15", 0]}}
+  graph["15"] = {"class_type": "SomeLatentNode", "inputs": {}}
+  found = comfyui.reproduce(graph)
+  assert "strength" not in found.flags and "image_encode" not in found.flags
+  assert "the latent comes from node 15 (SomeLatentNode)" in _notes(found)
   assert "with strength 0.6" in _notes(found)
 
 
@@ -341,10 +348,10 @@ def test_noise_mask_is_comfyuis_inpainting():
                 "inputs": {"samples": ["15", 0], "mask": ["16", 1]}}
   found = comfyui.reproduce(graph)
   assert (found.flags["inpaint_blend"], float(found.flags["mask_blur"])) == ("comfyui", 0)
-  assert float(found.flags["strength"]) == 0.8
+  assert (float(found.flags["strength"]), found.flags["image_encode"]) == (0.8, "mode")
   notes = _notes(found)
   assert "node 5 (SetLatentNoiseMask) inpaints: give its mask too" in notes
-  assert "the latent comes from node 15 (VAEEncode)" in notes and "strength 0.8" in notes
+  assert "the latent is node 15 (VAEEncode)'s image (LoadImage photo.png)" in notes
   assert "changes the latent" not in notes
   graph["3"]["inputs"]["sampler_name"] = "uni_pc"
   found = comfyui.reproduce(graph)

@@ -428,6 +428,8 @@ def test_bad_inpainting_arguments(inpainting, plain):
   with pytest.raises(ValueError, match="^unknown inpaint_blend 'comfy'; use one of diffusers, "
                                        "a1111, comfyui$"):
     plain[1].generate(PROMPTS, inpaint_blend="comfy", **kw)
+  with pytest.raises(ValueError, match="^unknown image_encode 'argmax'; use one of sample, mode$"):
+    plain[1].generate(PROMPTS, init_images=images, image_encode="argmax", **kw)
   with pytest.raises(ValueError, match="^inpaint_blend 'comfyui' is a plain model's"):
     pipe.generate(PROMPTS, init_images=images, mask_images=masks, inpaint_blend="comfyui",
                   scheduler="euler", **kw)
@@ -583,9 +585,9 @@ def _torch_inpaint_inputs(ref, images, seeds):
 
 
 def test_run_with_comfyui_blend(plain, tmp_path):
-  """main.py's --inpaint_blend comfyui: a mask line on a plain model is generate()'s image (the
-  original pasted back outside the blurred mask), its PNG says `Inpaint blend: ComfyUI`, and its
-  text makes the flag again."""
+  """main.py's --inpaint_blend comfyui --image_encode mode: a mask line on a plain model is
+  generate()'s image (the original pasted back outside the blurred mask), its PNG says
+  `Inpaint blend: ComfyUI` and `Image encode: mode`, and its text makes the flags again."""
   import json
   import os
 
@@ -603,54 +605,71 @@ def test_run_with_comfyui_blend(plain, tmp_path):
             scheduler_options={"k_diffusion": True, "comfyui": True})
   cfg = run.RunConfig(model=folder, prompts=(run.PromptLine(
       "a cat", init_image=str(tmp_path / "a.png"), mask_image=str(tmp_path / "m.png")),),
-      height=H, width=W, seed=1, strength=1.0, inpaint_blend="comfyui",
+      height=H, width=W, seed=1, strength=1.0, inpaint_blend="comfyui", image_encode="mode",
       output_dir=str(tmp_path / "out"), compilation_cache="", show_progress=False, **kw)
   assert run.generate_run(cfg).images == 1
   record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
-  assert record["inpaint_blend"] == "comfyui"
+  assert record["inpaint_blend"] == "comfyui" and record["image_encode"] == "mode"
   prepared = masks.prepare(Image.open(tmp_path / "a.png"), Image.open(tmp_path / "m.png"), H, W,
                            masks.MaskOptions(blur=4.0, overlay=True))
   expected = pipe.generate("a cat", init_images=prepared.image[None],
                            mask_images=prepared.mask[None], strength=1.0, seed=1,
-                           inpaint_blend="comfyui", **kw)
+                           inpaint_blend="comfyui", image_encode="mode", **kw)
   expected = prepared.finish(outputs.to_uint8(expected[0])).astype(int)
   written = Image.open(os.path.join(tmp_path / "out", record["file"]))
   assert np.abs(np.asarray(written, int) - expected).max() <= 1
   assert "Inpaint blend: ComfyUI" in written.text["parameters"]
-  assert infotext.reproduce(written.text["parameters"]).flags["inpaint_blend"] == "comfyui"
+  assert "Image encode: mode" in written.text["parameters"]
+  flags = infotext.reproduce(written.text["parameters"]).flags
+  assert flags["inpaint_blend"] == "comfyui" and flags["image_encode"] == "mode"
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.6])
-def test_comfyui_blend_matches_its_loop(plain, strength):
+@pytest.mark.parametrize(("strength", "encode", "masked"), [
+    (1.0, "sample", True), (0.6, "mode", True), (0.6, "mode", False), (1.0, "mode", False)])
+def test_comfyui_blend_matches_its_loop(plain, strength, encode, masked):
   """inpaint_blend="comfyui": ComfyUI's KSampler over a latent with a noise mask, written out
   over diffusers' UNet and VAE (Euler a in ComfyUI's form: the UNet at whole timesteps): the
   mask through torch's bilinear to the latents' size (unrounded), the run from the image's
   latents plus the noise times its first level (sqrt(1 + sigma_max^2) from the training
   schedule's largest), each
   call's input outside the mask the latents plus sigma times that noise, each denoised
-  prediction blended with the latents, nothing after the loop. The latents and draws are
-  sdjax's (the posterior sample and torch generators in diffusers' order): the blend is
-  ComfyUI's, not its VAE encode."""
+  prediction blended with the latents, nothing after the loop. With image_encode="sample" the
+  latents and draws are sdjax's (the posterior sample and torch generators in diffusers' order);
+  with "mode" they are ComfyUI's too: its VAEEncode's posterior mode, the noise its seed's CPU
+  generator's first draw, the steps' noise (step_rng="torch_cpu", ComfyUI's sampler on CPU) a
+  generator of the seed's own. Without a mask: ComfyUI's img2img, the same loop unblended."""
   import k_diffusion_reference as kd  # noqa: PLC0415
 
   ref, pipe, _ = plain
   images, masks, _ = _inputs(7)
   seeds, steps = (31, 32), 8
   options = {"k_diffusion": True, "comfyui": True, "timestep_spacing": "linspace"}
-  kw = dict(negative_prompts=NEGATIVES, init_images=images, mask_images=masks, strength=strength,
-            steps=steps, seed=seeds[0], guidance_scale=GUIDANCE, scheduler="euler_ancestral",
+  kw = dict(negative_prompts=NEGATIVES, init_images=images, strength=strength, steps=steps,
+            seed=seeds[0], guidance_scale=GUIDANCE, scheduler="euler_ancestral",
             scheduler_options=options, rng="torch_cpu")
-  ours = pipe.generate(PROMPTS, inpaint_blend="comfyui", **kw)
+  comfyui = dict(image_encode="mode", step_rng="torch_cpu") if encode == "mode" else {}
+  if masked:
+    kw.update(mask_images=masks, inpaint_blend="comfyui")
+  ours = pipe.generate(PROMPTS, **kw, **comfyui)
 
   spec, state = sampling.prepare(pipe, 2, steps=steps, scheduler="euler_ancestral", height=H,
                                  width=W, guidance_scale=GUIDANCE, img2img=True,
-                                 strength=strength, inpaint=True, scheduler_options=options)
+                                 strength=strength, inpaint=masked, scheduler_options=options)
   timesteps = np.asarray(state.timesteps)[spec.begin:]
   assert np.array_equal(timesteps, np.round(timesteps))
   gens, init, noise, context = _torch_inpaint_inputs(ref, images, seeds)
   shape, sf = init[:1].shape, ref.vae.config.scaling_factor
+  if encode == "mode":  # ComfyUI's: the mode, the noise each seed's first draw
+    with torch.no_grad():
+      init = torch.cat([ref.vae.encode(nchw(2 * images[i:i + 1] - 1)).latent_dist.mode() * sf
+                        for i in range(2)])
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    noise = torch.cat([torch.randn(shape, generator=g) for g in gens])
+    gens = [torch.Generator().manual_seed(s) for s in seeds]  # the steps' own
   mask = torch.nn.functional.interpolate(nchw(masks[..., None].astype(np.float32)),
                                          size=shape[2:], mode="bilinear")
+  if not masked:
+    mask = torch.ones_like(mask)
   calls = iter(timesteps)
 
   def denoiser(config, timesteps=None):
@@ -679,9 +698,13 @@ def test_comfyui_blend_matches_its_loop(plain, strength):
     expected = (ref.vae.decode(x / sf).sample / 2 + 0.5).clamp(0, 1)
   expected = expected.permute(0, 2, 3, 1).numpy()
   err = rel_err(ours, expected)
-  print(f"\nComfyUI's inpaint loop at denoise {strength}: {err:.2e}")
+  print(f"\nComfyUI's loop at denoise {strength}, {encode}, masked {masked}: {err:.2e}")
   assert err <= 1e-5
-  assert rel_err(pipe.generate(PROMPTS, inpaint_blend="a1111", **kw), expected) > 1e-3
+  if masked:
+    assert rel_err(pipe.generate(PROMPTS, **{**kw, "inpaint_blend": "a1111"}, **comfyui),
+                   expected) > 1e-3
+  else:  # the posterior sample (diffusers' draws) makes another image
+    assert rel_err(pipe.generate(PROMPTS, **kw, step_rng="torch_cpu"), expected) > 1e-3
 
 
 @pytest.mark.parametrize(("name", "prediction_type"), [

@@ -503,12 +503,14 @@ def test_hires_fix_matches_diffusers(pipes, name, upscaler, hires_prompts, resiz
   assert err <= 1e-4  # seen 7.0e-7, 4.0e-7; the first pass's prompts in the second: 1.3e-3
 
 
-def _pixel_hires_err(pipes, enlarge, upscaler, *, noise_seed, seed, hires_steps, strength):
+def _pixel_hires_err(pipes, enlarge, upscaler, *, noise_seed, seed, hires_steps, strength,
+                     image_encode="sample"):
   """rel(ours, diffusers') of a hires fix with a pixel upscaler: diffusers' text-to-image
   images (16x32, 3 euler steps) as A1111 turns them into 8-bit levels (truncated), enlarged to
   24x48 by `enlarge` (uint8 [16, 32, 3] -> [24, 48, 3], A1111's resize_image written with
   PIL), then diffusers' img2img pipeline on them for the steps A1111 runs, with our draws of
-  the posterior sample and the second pass's noise; ours `generate(hires_upscaler=upscaler)`.
+  the posterior sample (`image_encode` "mode": its mode) and the second pass's noise; ours
+  `generate(hires_upscaler=upscaler, image_encode=image_encode)`.
   The 8-bit levels are those of our first pass, checked against diffusers' to 1e-6 first: a
   level is a floor, which a float32 ulp between the two first passes can move by one (a jump of
   1/255 that the rest of the fix carries), and that says nothing of the steps after it."""
@@ -530,7 +532,7 @@ def _pixel_hires_err(pipes, enlarge, upscaler, *, noise_seed, seed, hires_steps,
   levels = np.floor(ours_first * np.float32(255.0)).astype(np.uint8)  # A1111's astype(np.uint8)
   enlarged = np.stack([enlarge(x) for x in levels])
   module = "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img"
-  with img2img_draws(module, seed, (12, 24, 4), second):
+  with img2img_draws(module, seed, (12, 24, 4), second, mode=image_encode == "mode"):
     expected = img_pipe(PROMPTS, negative_prompt=NEGATIVES,
                         image=enlarged.astype(np.float32) / np.float32(255.0),
                         strength=(hires_steps + 0.5) / total, num_inference_steps=total,
@@ -538,14 +540,15 @@ def _pixel_hires_err(pipes, enlarge, upscaler, *, noise_seed, seed, hires_steps,
   ours = pipe.generate(PROMPTS, negative_prompts=NEGATIVES, steps=steps, guidance_scale=GUIDANCE,
                        scheduler="euler", height=16, width=32, latents=noise, seed=seed,
                        hires_scale=1.5, hires_steps=hires_steps, hires_strength=strength,
-                       hires_upscaler=upscaler)
+                       hires_upscaler=upscaler, image_encode=image_encode)
   assert ours.shape == (2, 24, 48, 3)
   return rel(ours, expected)
 
 
 @pytest.mark.parametrize("upscaler", ["lanczos", "nearest"])  # "none": Lanczos, by its steps
 def test_pixel_hires_upscaler_matches_diffusers(pipes, upscaler):
-  """A1111's pixel upscalers (Lanczos, Nearest): here one PIL resize, 16x32 -> 24x48."""
+  """A1111's pixel upscalers (Lanczos, Nearest): here one PIL resize, 16x32 -> 24x48 (Nearest's
+  images encoded to the posterior's mode, image_encode="mode")."""
   from PIL import Image  # noqa: PLC0415
 
   if _v_prediction(pipes[1]) != (upscaler == "nearest"):
@@ -560,7 +563,7 @@ def test_pixel_hires_upscaler_matches_diffusers(pipes, upscaler):
     return np.asarray(Image.fromarray(x).resize((48, 24), filt))
 
   err = _pixel_hires_err(pipes, enlarge, upscaler, noise_seed=8, seed=5, hires_steps=3,
-                         strength=0.6)
+                         strength=0.6, image_encode="mode" if upscaler == "nearest" else "sample")
   print(f"\nhires {upscaler} (pixel): {err:.2e}")
   assert err <= 1e-5
 
