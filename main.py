@@ -108,7 +108,8 @@ flags.DEFINE_enum("inpaint_blend", "diffusers", ["diffusers", "a1111", "comfyui"
                   "way, A1111's (its latent mask blends the image into each step's denoised "
                   "prediction; --parameters_file of an A1111 inpainted image sets it), or "
                   "ComfyUI's (a latent noise mask: the noised image into each model input, the "
-                  "image into each denoised prediction)")
+                  "image into each denoised prediction; an inpainting model's inputs as its "
+                  "InpaintModelConditioning; nothing pasted back after)")
 flags.DEFINE_enum("image_encode", "sample", ["sample", "mode"],
                   "img2img, inpainting and a hires pixel upscaler: how images become latents: a "
                   "sample of the VAE's posterior (diffusers', A1111's) or its mode (ComfyUI's "

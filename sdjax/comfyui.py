@@ -145,6 +145,9 @@ _CHECKPOINT_NODES = {"CheckpointLoaderSimple": "ckpt_name", "CheckpointLoader": 
 _LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
 # Its node that sets the model's prediction type and zero-terminal-SNR schedule (zsnr).
 _MODEL_SAMPLING = "ModelSamplingDiscrete"
+# An inpainting model's conditioning and latent (its masked image and mask for the UNet, the
+# image's latents with a noise mask): `_Reader.inpaint_conditioning`.
+_INPAINT_CONDITIONING = "InpaintModelConditioning"
 _LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
 _TEXT_NODES = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXL": "text_g",
                "CLIPTextEncodeSDXLRefiner": "text"}
@@ -223,7 +226,7 @@ class _Reader:
       if kind in _TEXT_NODES or kind in _CHECKPOINT_NODES or kind in _LORA_NODES or (
           kind == _MODEL_SAMPLING or passes is None):
         return node_id, node
-      if kind != "CLIPSetLastLayer":
+      if kind not in ("CLIPSetLastLayer", _INPAINT_CONDITIONING):  # (its inputs: `latent`)
         self.note(None, f"node {node_id} ({kind}) changes the {what}: not reproduced")
       value = _inputs(node)[passes]
     return None
@@ -343,6 +346,9 @@ class _Reader:
     """The size (an empty latent's), or what an img2img latent came from; a noise mask on it
     (SetLatentNoiseMask) is ComfyUI's inpainting (`Inpaint blend`, no mask blur)."""
     masked = _linked(self.graph, value)
+    if masked is not None and masked[1]["class_type"] == _INPAINT_CONDITIONING:
+      self.inpaint_conditioning(masked[0], _inputs(masked[1]), denoise)
+      return
     if masked is not None and masked[1]["class_type"] == "SetLatentNoiseMask":
       self.fields.update({"Inpaint blend": "ComfyUI", "Mask blur": "0"})
       self.note(None, f"node {masked[0]} (SetLatentNoiseMask) inpaints: give its mask too "
@@ -380,6 +386,25 @@ class _Reader:
     self.note(None, f"the latent comes from {kind} (img2img, or a hires or refiner pass), not "
                     f"an empty latent: give its image as a jsonl line's init_image"
                     + (f" with strength {denoise}" if denoise not in (None, 1, 1.0) else ""))
+
+  def inpaint_conditioning(self, node_id: str, inputs: dict[str, Any], denoise) -> None:
+    """The latent of an InpaintModelConditioning node: its image's (the posterior's mode), with
+    a noise mask unless `noise_mask` is off; an inpainting model's UNet sees its masked image and
+    mask (sdjax's `inpaint_blend` comfyui makes them as it does)."""
+    self.fields["Image encode"] = "mode"
+    if isinstance(denoise, int | float):
+      self.fields["Denoising strength"] = str(float(denoise))
+    self.fields["Mask blur"] = "0"
+    if inputs.get("noise_mask", True) is not False:  # (its default: on)
+      self.fields["Inpaint blend"] = "ComfyUI"
+    else:
+      self.note("inpaint_blend", f"node {node_id} ({_INPAINT_CONDITIONING}) adds no noise mask: "
+                                 "sdjax's inpainting keeps the image outside the mask its own "
+                                 "ways, and makes an inpainting model's inputs as ComfyUI only "
+                                 "with its blend (--inpaint_blend comfyui)")
+    self.note(None, f"node {node_id} ({_INPAINT_CONDITIONING}) inpaints its image: give it and "
+                    "its mask (--init_image and --mask_image, or a jsonl line's init_image and "
+                    "mask_image; white repaints)")
 
   def vae(self, sampler_id: str) -> None:
     """A VAELoader on the way from the sampler to the decode."""

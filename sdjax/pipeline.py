@@ -671,9 +671,10 @@ class Pipeline:
         inpaints with any model: its latent mask (PIL's bicubic resize of the 8-bit mask,
         rounded) blends the image's latents into each call's denoised prediction (into its
         DDIM / PLMS / UniPC model input) and into the final latents; or "comfyui", as ComfyUI's
-        KSampler samples a latent noise mask with a plain model (the mask's bilinear resize,
-        unrounded; the latents plus sigma times the initial noise into each model input, the
-        latents into each denoised prediction, nothing after the loop).
+        KSampler samples a latent noise mask (the mask's bilinear resize, unrounded; the latents
+        plus sigma times the initial noise into each model input, the latents into each
+        denoised prediction, nothing after the loop; an inpainting model's UNet inputs as its
+        InpaintModelConditioning makes them: the mask rounded half to even).
       image_encode: how init images (and a hires pass's pixel upscaler's) become latents
         (`sampling.IMAGE_ENCODES`): "sample" (the default, diffusers'), a sample of the VAE's
         posterior, each image's noise for it drawn first; or "mode", ComfyUI's VAEEncode: the

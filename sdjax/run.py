@@ -740,9 +740,11 @@ def _controlnet_record(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
+  """The inpainting options: A1111's, its original pasted back over the result, save with
+  ComfyUI's blend (ComfyUI saves the decoded image as it is)."""
   return masks.MaskOptions(cfg.mask_blur, cfg.inpaint_full_res_padding if cfg.inpaint_full_res
-                           else None, overlay=True, invert=cfg.inpainting_mask_invert,
-                           masked_content=cfg.inpainting_fill)
+                           else None, overlay=cfg.inpaint_blend != "comfyui",
+                           invert=cfg.inpainting_mask_invert, masked_content=cfg.inpainting_fill)
 
 
 def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None,

@@ -78,7 +78,8 @@ INPAINT_MODES = ("concat", "blend")
 # bilinear to the latents' size, unrounded, every model call's input outside it the image's
 # latents noised to the call's level with the run's initial noise, its denoised prediction
 # blended as A1111's, no blend after the loop, and a run from pure noise starting at the image's
-# latents plus that noise.
+# latents plus that noise; an inpainting model's UNet inputs as its InpaintModelConditioning
+# makes them (`_inpaint_inputs`).
 INPAINT_BLENDS = ("diffusers", "a1111", "comfyui")
 # How img2img, inpainting and a hires pass's pixel upscaler turn images into latents
 # (SampleSpec.image_encode): "sample", a sample of the VAE's posterior (diffusers' pipelines,
@@ -1193,11 +1194,19 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
   latents' size by torch's default (nearest, top-left) interpolation, the masked image the
   image with the mask's pixels at 0 in [-1, 1] (mid grey). Only what the mode uses is encoded
   (the image latents: for "blend", or to start from at strength < 1); `spec.masked_content`
-  replaces their masked area (outside it they are what "blend" keeps)."""
+  replaces their masked area (outside it they are what "blend" keeps). With ComfyUI's blend
+  (an inpainting model's inputs as its InpaintModelConditioning makes them) the mask is rounded
+  (half to even) at the image's size for the masked image, and after torch's bilinear at the
+  latents' size for the model, and the masked image is (image - 0.5) * (1 - mask) + 0.5."""
   images, masks = init
-  repaint = masks.astype(jnp.float32) >= 0.5
-  s = vae.config.downscale
-  mask = repaint[:, ::s, ::s].astype(jnp.float32)
+  comfyui = spec.inpaint_blend == "comfyui"
+  if comfyui:
+    repaint = jnp.round(masks.astype(jnp.float32)) > 0
+    mask = jnp.round(interpolate.resize(masks, spec.latent_hw, "bilinear"))
+  else:
+    repaint = masks.astype(jnp.float32) >= 0.5
+    s = vae.config.downscale
+    mask = repaint[:, ::s, ::s].astype(jnp.float32)
   image_latents = masked_latents = None
   if spec.inpaint == "blend" or spec.begin > 0 or spec.inpaint_blend != "diffusers":
     image_latents = _encode(spec, vae, params, images, source, _POSTERIOR)
@@ -1206,6 +1215,9 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
       image_latents = jnp.where(mask > 0, instead, image_latents)
   if spec.inpaint == "concat":
     masked = jnp.where(repaint, jnp.float32(0.5), images.astype(jnp.float32))
+    if comfyui:  # its arithmetic: an image level less 0.5 may round
+      keep = 1 - repaint.astype(jnp.float32)
+      masked = (images.astype(jnp.float32) - jnp.float32(0.5)) * keep + jnp.float32(0.5)
     if spec.mask_weight != 1.0:  # A1111's lerp in [-1, 1], of the rounded mask
       signed = 2 * images.astype(jnp.float32) - 1
       hidden = signed * (1 - repaint.astype(jnp.float32))
@@ -1331,9 +1343,8 @@ class _ComfyUIBlend(_A1111Blend):
     return self._output(xk, self.keep(x0), sigma, a)
 
 
-def check_inpaint_blend(sched, blend: str, mode: str | None = None) -> None:
-  """`blend` is one of INPAINT_BLENDS, and "a1111" or "comfyui" one the scheduler can run (in
-  an inpainting run of `mode`, INPAINT_MODES: "comfyui" a plain model's)."""
+def check_inpaint_blend(sched, blend: str) -> None:
+  """`blend` is one of INPAINT_BLENDS, and "a1111" or "comfyui" one the scheduler can run."""
   if blend not in INPAINT_BLENDS:
     raise ValueError(f"unknown inpaint_blend {blend!r}; use one of {', '.join(INPAINT_BLENDS)}")
   if blend == "a1111" and not schedulers.takes_a1111_blend(sched.name):
@@ -1343,9 +1354,6 @@ def check_inpaint_blend(sched, blend: str, mode: str | None = None) -> None:
     raise ValueError(f"inpaint_blend 'comfyui' blends ComfyUI's k-diffusion samplers' inputs and "
                      f"denoised predictions, which scheduler {sched.name!r} does not make so "
                      "(pick another for it)")
-  if blend == "comfyui" and mode == "concat":
-    raise ValueError("inpaint_blend 'comfyui' is a plain model's (ComfyUI's SetLatentNoiseMask): "
-                     "not an inpainting model's, whose inputs ComfyUI makes its own way")
 
 
 def _keep_unmasked(spec: SampleSpec, mask, image_latents, noise, x, state, i):
@@ -1927,7 +1935,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   sched = schedulers.get_scheduler(scheduler, pipe.scheduler_config, eta=float(eta),
                                    options=model_schedule(pipe, scheduler_options))
   if mode is not None or inpaint_blend not in INPAINT_BLENDS:
-    check_inpaint_blend(sched, inpaint_blend, mode)
+    check_inpaint_blend(sched, inpaint_blend)
   if sched.plans_its_run and (denoising_start is not None or denoising_end is not None):
     raise ValueError(f"scheduler {sched.name!r} plans its steps between its run's ends: no "
                      "refiner handoff (pick another for it)")

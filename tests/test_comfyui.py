@@ -359,6 +359,30 @@ def test_noise_mask_is_comfyuis_inpainting():
   assert "does not blend the image into its calls as ComfyUI does" in _notes(found)
 
 
+def test_inpaint_model_conditioning():
+  """InpaintModelConditioning (its conditioning and latent: an inpainting model's workflow) is
+  ComfyUI's blend over the image's posterior mode, its positive and negative prompts read
+  through it; without its noise mask, a note (sdjax makes those inputs only with the blend)."""
+  graph = default_graph(denoise=1.0)
+  graph["16"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+  graph["12"] = {"class_type": "InpaintModelConditioning", "inputs": {
+      "positive": ["6", 0], "negative": ["7", 0], "vae": ["4", 2], "pixels": ["16", 0],
+      "mask": ["16", 1], "noise_mask": True}}
+  graph["3"]["inputs"].update(positive=["12", 0], negative=["12", 1], latent_image=["12", 2])
+  found = comfyui.reproduce(graph)
+  assert found.flags["prompt"][0].startswith("beautiful scenery")
+  assert found.flags["negative_prompt"] == "text, watermark"
+  assert (found.flags["inpaint_blend"], found.flags["image_encode"]) == ("comfyui", "mode")
+  assert (float(found.flags["strength"]), float(found.flags["mask_blur"])) == (1.0, 0.0)
+  notes = _notes(found)
+  assert "node 12 (InpaintModelConditioning) inpaints its image: give it and its mask" in notes
+  assert "changes the" not in notes
+  graph["12"]["inputs"]["noise_mask"] = False
+  found = comfyui.reproduce(graph)
+  assert "inpaint_blend" not in found.flags and found.flags["image_encode"] == "mode"
+  assert "adds no noise mask" in _notes(found)
+
+
 def test_not_a_workflow():
   assert comfyui.parse_graph("a cat\nSteps: 20, Sampler: Euler") is None
   assert comfyui.parse_graph('{"prompt": "a cat"}') is None

@@ -430,9 +430,6 @@ def test_bad_inpainting_arguments(inpainting, plain):
     plain[1].generate(PROMPTS, inpaint_blend="comfy", **kw)
   with pytest.raises(ValueError, match="^unknown image_encode 'argmax'; use one of sample, mode$"):
     plain[1].generate(PROMPTS, init_images=images, image_encode="argmax", **kw)
-  with pytest.raises(ValueError, match="^inpaint_blend 'comfyui' is a plain model's"):
-    pipe.generate(PROMPTS, init_images=images, mask_images=masks, inpaint_blend="comfyui",
-                  scheduler="euler", **kw)
   with pytest.raises(ValueError, match="^inpaint_blend 'comfyui' blends ComfyUI's k-diffusion "
                                        "samplers' inputs and denoised predictions, which "
                                        "scheduler 'ddim' does not make so"):
@@ -586,7 +583,7 @@ def _torch_inpaint_inputs(ref, images, seeds):
 
 def test_run_with_comfyui_blend(plain, tmp_path):
   """main.py's --inpaint_blend comfyui --image_encode mode: a mask line on a plain model is
-  generate()'s image (the original pasted back outside the blurred mask), its PNG says
+  generate()'s image (the original not pasted back, as ComfyUI's), its PNG says
   `Inpaint blend: ComfyUI` and `Image encode: mode`, and its text makes the flags again."""
   import json
   import os
@@ -611,7 +608,7 @@ def test_run_with_comfyui_blend(plain, tmp_path):
   record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
   assert record["inpaint_blend"] == "comfyui" and record["image_encode"] == "mode"
   prepared = masks.prepare(Image.open(tmp_path / "a.png"), Image.open(tmp_path / "m.png"), H, W,
-                           masks.MaskOptions(blur=4.0, overlay=True))
+                           masks.MaskOptions(blur=4.0))
   expected = pipe.generate("a cat", init_images=prepared.image[None],
                            mask_images=prepared.mask[None], strength=1.0, seed=1,
                            inpaint_blend="comfyui", image_encode="mode", **kw)
@@ -624,9 +621,10 @@ def test_run_with_comfyui_blend(plain, tmp_path):
   assert flags["inpaint_blend"] == "comfyui" and flags["image_encode"] == "mode"
 
 
-@pytest.mark.parametrize(("strength", "encode", "masked"), [
-    (1.0, "sample", True), (0.6, "mode", True), (0.6, "mode", False), (1.0, "mode", False)])
-def test_comfyui_blend_matches_its_loop(plain, strength, encode, masked):
+@pytest.mark.parametrize(("strength", "encode", "masked", "model"), [
+    (1.0, "sample", True, "plain"), (0.6, "mode", True, "plain"), (0.6, "mode", False, "plain"),
+    (1.0, "mode", False, "plain"), (1.0, "mode", True, "inpainting")])
+def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model):
   """inpaint_blend="comfyui": ComfyUI's KSampler over a latent with a noise mask, written out
   over diffusers' UNet and VAE (Euler a in ComfyUI's form: the UNet at whole timesteps): the
   mask through torch's bilinear to the latents' size (unrounded), the run from the image's
@@ -637,11 +635,16 @@ def test_comfyui_blend_matches_its_loop(plain, strength, encode, masked):
   latents and draws are sdjax's (the posterior sample and torch generators in diffusers' order);
   with "mode" they are ComfyUI's too: its VAEEncode's posterior mode, the noise its seed's CPU
   generator's first draw, the steps' noise (step_rng="torch_cpu", ComfyUI's sampler on CPU) a
-  generator of the seed's own. Without a mask: ComfyUI's img2img, the same loop unblended."""
+  generator of the seed's own. Without a mask: ComfyUI's img2img, the same loop unblended. An
+  inpainting model's UNet also sees its InpaintModelConditioning inputs: the mask's bilinear
+  resize rounded (half to even), and the mode of the image less 0.5 times 1 - the rounded
+  mask, plus 0.5."""
   import k_diffusion_reference as kd  # noqa: PLC0415
 
-  ref, pipe, _ = plain
+  ref, pipe, _ = request.getfixturevalue(model)
   images, masks, _ = _inputs(7)
+  if model == "inpainting":
+    masks[1, 3:6, 5:12] = 0.5  # ComfyUI's round keeps it, diffusers' binarizing repaints it
   seeds, steps = (31, 32), 8
   options = {"k_diffusion": True, "comfyui": True, "timestep_spacing": "linspace"}
   kw = dict(negative_prompts=NEGATIVES, init_images=images, strength=strength, steps=steps,
@@ -670,13 +673,22 @@ def test_comfyui_blend_matches_its_loop(plain, strength, encode, masked):
                                          size=shape[2:], mode="bilinear")
   if not masked:
     mask = torch.ones_like(mask)
+  concat = []
+  if model == "inpainting":
+    repaint = torch.round(torch.from_numpy(masks[..., None].astype(np.float32)))
+    hidden = (torch.from_numpy(images) - 0.5) * (1.0 - repaint) + 0.5
+    with torch.no_grad():
+      concat = [torch.round(mask), torch.cat([
+          ref.vae.encode(2 * hidden[i:i + 1].permute(0, 3, 1, 2) - 1).latent_dist.mode() * sf
+          for i in range(2)])]
   calls = iter(timesteps)
 
   def denoiser(config, timesteps=None):
     def call(x, sigma):
       x = x * mask + (init + noise * sigma) * (1 - mask)
+      x_in = torch.cat([x / (sigma**2 + 1) ** 0.5, *concat], dim=1)
       with torch.no_grad():
-        eps_u, eps_c = ref.unet(torch.cat([x, x]) / (sigma**2 + 1) ** 0.5, float(next(calls)),
+        eps_u, eps_c = ref.unet(torch.cat([x_in, x_in]), float(next(calls)),
                                 encoder_hidden_states=context).sample.chunk(2)
       denoised = x - sigma * (eps_u + GUIDANCE * (eps_c - eps_u))
       return denoised * mask + init * (1 - mask)
@@ -700,7 +712,7 @@ def test_comfyui_blend_matches_its_loop(plain, strength, encode, masked):
   err = rel_err(ours, expected)
   print(f"\nComfyUI's loop at denoise {strength}, {encode}, masked {masked}: {err:.2e}")
   assert err <= 1e-5
-  if masked:
+  if masked:  # (an inpainting model's UNet inputs as diffusers makes them with A1111's blend)
     assert rel_err(pipe.generate(PROMPTS, **{**kw, "inpaint_blend": "a1111"}, **comfyui),
                    expected) > 1e-3
   else:  # the posterior sample (diffusers' draws) makes another image
