@@ -110,6 +110,9 @@ flags.DEFINE_enum("inpaint_blend", "diffusers", ["diffusers", "a1111", "comfyui"
                   "ComfyUI's (a latent noise mask: the noised image into each model input, the "
                   "image into each denoised prediction; an inpainting model's inputs as its "
                   "InpaintModelConditioning; nothing pasted back after)")
+flags.DEFINE_integer("grow_mask_by", None, "inpainting with --inpaint_blend comfyui: ComfyUI's "
+                     "VAEEncodeForInpaint (its grow_mask_by, 0-64): the image's latents those of "
+                     "the image greyed under the mask, the mask grown by this many pixels")
 flags.DEFINE_enum("image_encode", "sample", ["sample", "mode"],
                   "img2img, inpainting and a hires pixel upscaler: how images become latents: a "
                   "sample of the VAE's posterior (diffusers', A1111's) or its mode (ComfyUI's "
@@ -416,7 +419,7 @@ def _run_config() -> run.RunConfig:
       inpainting_mask_invert=FLAGS.inpainting_mask_invert,
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
       inpainting_mask_weight=FLAGS.inpainting_mask_weight, inpaint_blend=FLAGS.inpaint_blend,
-      image_encode=FLAGS.image_encode,
+      image_encode=FLAGS.image_encode, grow_mask_by=FLAGS.grow_mask_by,
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,

@@ -148,6 +148,8 @@ _MODEL_SAMPLING = "ModelSamplingDiscrete"
 # An inpainting model's conditioning and latent (its masked image and mask for the UNet, the
 # image's latents with a noise mask): `_Reader.inpaint_conditioning`.
 _INPAINT_CONDITIONING = "InpaintModelConditioning"
+# A latent with a noise mask from a masked image, the mask grown (`--grow_mask_by`).
+_ENCODE_FOR_INPAINT = "VAEEncodeForInpaint"
 _LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
 _TEXT_NODES = {"CLIPTextEncode": "text", "CLIPTextEncodeSDXL": "text_g",
                "CLIPTextEncodeSDXLRefiner": "text"}
@@ -346,8 +348,9 @@ class _Reader:
     """The size (an empty latent's), or what an img2img latent came from; a noise mask on it
     (SetLatentNoiseMask) is ComfyUI's inpainting (`Inpaint blend`, no mask blur)."""
     masked = _linked(self.graph, value)
-    if masked is not None and masked[1]["class_type"] == _INPAINT_CONDITIONING:
-      self.inpaint_conditioning(masked[0], _inputs(masked[1]), denoise)
+    if masked is not None and masked[1]["class_type"] in (_INPAINT_CONDITIONING,
+                                                          _ENCODE_FOR_INPAINT):
+      self.inpaint_latent(masked[0], masked[1], denoise)
       return
     if masked is not None and masked[1]["class_type"] == "SetLatentNoiseMask":
       self.fields.update({"Inpaint blend": "ComfyUI", "Mask blur": "0"})
@@ -387,10 +390,19 @@ class _Reader:
                     f"an empty latent: give its image as a jsonl line's init_image"
                     + (f" with strength {denoise}" if denoise not in (None, 1, 1.0) else ""))
 
-  def inpaint_conditioning(self, node_id: str, inputs: dict[str, Any], denoise) -> None:
+  def inpaint_latent(self, node_id: str, node: dict[str, Any], denoise) -> None:
     """The latent of an InpaintModelConditioning node: its image's (the posterior's mode), with
     a noise mask unless `noise_mask` is off; an inpainting model's UNet sees its masked image and
-    mask (sdjax's `inpaint_blend` comfyui makes them as it does)."""
+    mask (sdjax's `inpaint_blend` comfyui makes them as it does). A VAEEncodeForInpaint's: its
+    masked image's, the mask grown by its grow_mask_by (`--grow_mask_by`)."""
+    kind, inputs = node["class_type"], _inputs(node)
+    if kind == _ENCODE_FOR_INPAINT:
+      grow = inputs.get("grow_mask_by", 6)
+      if isinstance(grow, int) and not isinstance(grow, bool):
+        self.fields["Grow mask by"] = str(grow)
+      else:
+        self.note("grow_mask_by", f"node {node_id}'s grow_mask_by comes from another node: give "
+                                  "--grow_mask_by")
     self.fields["Image encode"] = "mode"
     if isinstance(denoise, int | float):
       self.fields["Denoising strength"] = str(float(denoise))
@@ -398,11 +410,11 @@ class _Reader:
     if inputs.get("noise_mask", True) is not False:  # (its default: on)
       self.fields["Inpaint blend"] = "ComfyUI"
     else:
-      self.note("inpaint_blend", f"node {node_id} ({_INPAINT_CONDITIONING}) adds no noise mask: "
+      self.note("inpaint_blend", f"node {node_id} ({kind}) adds no noise mask: "
                                  "sdjax's inpainting keeps the image outside the mask its own "
                                  "ways, and makes an inpainting model's inputs as ComfyUI only "
                                  "with its blend (--inpaint_blend comfyui)")
-    self.note(None, f"node {node_id} ({_INPAINT_CONDITIONING}) inpaints its image: give it and "
+    self.note(None, f"node {node_id} ({kind}) inpaints its image: give it and "
                     "its mask (--init_image and --mask_image, or a jsonl line's init_image and "
                     "mask_image; white repaints)")
 

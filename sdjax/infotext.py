@@ -682,7 +682,7 @@ def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str,
   """A1111's img2img inpaint settings: Mask blur, "Only masked" with its padding, Masked content
   (A1111 writes it for fill; sdjax for the latent ones too); its blend (`--inpaint_blend
   a1111`: an A1111 image's, an sdjax image's where it says `Inpaint blend: A1111`; `ComfyUI`:
-  --inpaint_blend comfyui)."""
+  --inpaint_blend comfyui, with its VAEEncodeForInpaint's `Grow mask by`)."""
   blend = fields.pop("Inpaint blend", None)
   if blend in ("A1111", "ComfyUI") and made_by_sdjax:
     flags["inpaint_blend"] = blend.lower()
@@ -693,6 +693,12 @@ def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str,
       notes.append(("inpaint_blend", f"an inpainted image: sdjax's {scheduler} does not blend "
                                      "the image into its calls as ComfyUI does (diffusers' way "
                                      "instead): the repainted pixels differ"))
+  grow = fields.pop("Grow mask by", None)  # ComfyUI's VAEEncodeForInpaint: with its blend
+  if grow is not None and flags.get("inpaint_blend") == "comfyui":
+    flags["grow_mask_by"] = grow
+  elif grow is not None:
+    notes.append(("grow_mask_by", "its mask grown by ComfyUI's VAEEncodeForInpaint: sdjax grows "
+                                  "it with ComfyUI's blend only, the image differs"))
   if "Mask blur" in fields:  # A1111 writes it for inpainting only
     flags["mask_blur"] = str(_number("Mask blur", fields.pop("Mask blur")))
     if made_by_sdjax or made_in == "ComfyUI":  # (ComfyUI's: its noise mask's blend, above)

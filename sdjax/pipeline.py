@@ -389,7 +389,8 @@ class Pipeline:
                pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
                token_merging_ratio: float = 0.0, hires_token_merging_ratio: float | None = None,
                inpainting_mask_weight: float = 1.0, inpaint_blend: str = "diffusers",
-               image_encode: str = "sample", tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
+               image_encode: str = "sample", grow_mask_by: int | None = None,
+               tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
                subseed_strength: float = 0.0, ensd: int = 0,
                seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
                s_min_uncond_all: bool = False, skip_early_cond: float = 0.0,
@@ -675,6 +676,12 @@ class Pipeline:
         plus sigma times the initial noise into each model input, the latents into each
         denoised prediction, nothing after the loop; an inpainting model's UNet inputs as its
         InpaintModelConditioning makes them: the mask rounded half to even).
+      grow_mask_by: with inpaint_blend "comfyui", ComfyUI's VAEEncodeForInpaint (its
+        grow_mask_by, 0-64; ComfyUI's default 6): the image's latents are those of the image
+        with the rounded mask's pixels mid grey (an inpainting model's masked image latents
+        too), and the mask blended with (and an inpainting model's) is the rounded mask grown
+        by that many pixels; None (the default): the image as it is (its SetLatentNoiseMask or
+        InpaintModelConditioning).
       image_encode: how init images (and a hires pass's pixel upscaler's) become latents
         (`sampling.IMAGE_ENCODES`): "sample" (the default, diffusers'), a sample of the VAE's
         posterior, each image's noise for it drawn first; or "mode", ComfyUI's VAEEncode: the
@@ -761,7 +768,7 @@ class Pipeline:
         freeu=freeu, token_merging_ratio=token_merging_ratio,
         hires_token_merging_ratio=hires_token_merging_ratio,
         inpainting_mask_weight=inpainting_mask_weight, inpaint_blend=inpaint_blend,
-        image_encode=image_encode, tiling=tiling, rng=rng,
+        image_encode=image_encode, grow_mask_by=grow_mask_by, tiling=tiling, rng=rng,
         subseed=subseed, subseed_strength=subseed_strength,
         ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,

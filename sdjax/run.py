@@ -183,6 +183,9 @@ class RunConfig:
   # How img2img, inpainting and a hires pixel upscaler's images become latents
   # (`sampling.IMAGE_ENCODES`): a posterior sample or (ComfyUI's) its mode.
   image_encode: str = "sample"
+  # With inpaint_blend "comfyui": ComfyUI's VAEEncodeForInpaint, its mask grown by this many
+  # pixels (`sampling.SampleSpec.grow_mask_by`); None: the image as it is.
+  grow_mask_by: int | None = None
   # ControlNets steering lines by their control_image (else these, one per ControlNet), their
   # residuals summed in order; per ControlNet a single file's diffusers config ("": none). The
   # scale and share of the steps: one for all, or one per ControlNet.
@@ -414,6 +417,13 @@ def validate(cfg: RunConfig) -> None:
   if cfg.step_rng is not None and cfg.step_rng not in sampling.RNGS[1:]:
     raise RunError(f"--step_rng must be one of {', '.join(sampling.RNGS[1:])}, got "
                    f"{cfg.step_rng!r}")
+  if cfg.grow_mask_by is not None and cfg.inpaint_blend != "comfyui":
+    raise RunError("--grow_mask_by is ComfyUI's VAEEncodeForInpaint: give --inpaint_blend "
+                   "comfyui too")
+  try:
+    sampling.check_grow_mask_by(cfg.grow_mask_by, cfg.inpaint_blend)
+  except ValueError as e:
+    raise RunError(f"--{e}") from None
   if cfg.noise_batch != 1 and cfg.subseed_strength:
     raise RunError("--noise_batch and --subseed_strength (A1111's variation seeds) do not go "
                    "together")
@@ -654,6 +664,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["inpainting_mask_weight"] = cfg.inpainting_mask_weight
   if cfg.inpaint_blend != "diffusers":  # absent for the default: older folders still match
     settings["inpaint_blend"] = cfg.inpaint_blend
+  if cfg.grow_mask_by is not None:
+    settings["grow_mask_by"] = cfg.grow_mask_by
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.cfg_parallel:  # its own program: pixels differ by rounding
@@ -1588,7 +1600,7 @@ class _Sampler:
       try:
         spec, state = sampling.prepare(
             pipe, cfg.batch_size, **common, **extra, inpaint=inpaint,
-            inpaint_blend=cfg.inpaint_blend,
+            inpaint_blend=cfg.inpaint_blend, grow_mask_by=cfg.grow_mask_by if inpaint else None,
             denoising_end=cfg.refiner_start if first_handoff else None,
             handoff=cfg.refiner_switch if first_handoff else "diffusers",
             noise_batch=cfg.noise_batch)
@@ -2366,6 +2378,8 @@ class _Metadata:
       record["inpainting_mask_weight"] = cfg.inpainting_mask_weight
     if cfg.inpaint_blend != "diffusers":
       record["inpaint_blend"] = cfg.inpaint_blend
+    if cfg.grow_mask_by is not None:
+      record["grow_mask_by"] = cfg.grow_mask_by
     return record
 
   def _brownian(self, scheduler: str) -> str | None:
@@ -2460,6 +2474,8 @@ class _Metadata:
                   if cfg.inpainting_mask_weight != 1.0 and job.init_image else {}),
                **({"Inpaint blend": _INPAINT_BLEND_NAMES[cfg.inpaint_blend]}
                   if cfg.inpaint_blend != "diffusers" and job.mask_image else {}),
+               **({"Grow mask by": cfg.grow_mask_by}
+                  if cfg.grow_mask_by is not None and job.mask_image else {}),
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(
                    options)), **self._hires_prompts(job),

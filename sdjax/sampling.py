@@ -152,6 +152,11 @@ class SampleSpec:
   inpaint_blend: str = "diffusers"
   # How the run's images become latents (IMAGE_ENCODES).
   image_encode: str = "sample"
+  # ComfyUI's VAEEncodeForInpaint (with inpaint_blend "comfyui"): the image's latents are those
+  # of the image with the rounded mask's pixels mid grey (an inpainting model's masked image
+  # latents too), and the mask is grown by this many pixels (`_encoded_for_inpaint`); None: the
+  # image as it is (SetLatentNoiseMask, InpaintModelConditioning).
+  grow_mask_by: int | None = None
   # The scheduler's `comfyui` form (an option its state holds, not its program): an img2img or
   # hires pass from the schedule's first level starts as ComfyUI's KSampler, from the image's
   # latents plus the noise times a text-to-image run's scale (`_started`).
@@ -887,6 +892,8 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
                         image_latents)
     x = x.astype(jnp.float32)
   elif spec.inpaint is not None:
+    if spec.grow_mask_by is not None:
+      init = _encoded_for_inpaint(init, spec.grow_mask_by)
     mask, image_latents, masked_latents = _inpaint_inputs(spec, nets.vae, params, source, noise,
                                                           init)
     if spec.inpaint == "concat":
@@ -1213,7 +1220,9 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
     if spec.masked_content != "original":  # A1111: the latents the masked area starts from
       instead = noise if spec.masked_content == "latent noise" else jnp.zeros_like(noise)
       image_latents = jnp.where(mask > 0, instead, image_latents)
-  if spec.inpaint == "concat":
+  if spec.inpaint == "concat" and spec.grow_mask_by is not None:  # its latents, masked
+    masked_latents = image_latents
+  elif spec.inpaint == "concat":
     masked = jnp.where(repaint, jnp.float32(0.5), images.astype(jnp.float32))
     if comfyui:  # its arithmetic: an image level less 0.5 may round
       keep = 1 - repaint.astype(jnp.float32)
@@ -1224,6 +1233,22 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
       masked = (_lerp(signed, hidden, spec.mask_weight) + 1) / 2
     masked_latents = _encode(spec, vae, params, masked, source, _MASKED_POSTERIOR)
   return mask, image_latents, masked_latents
+
+
+def _encoded_for_inpaint(init, grow: int):
+  """ComfyUI's VAEEncodeForInpaint of (images, masks): the images with the rounded mask's pixels
+  mid grey (its arithmetic, (image - 0.5) * (1 - mask) + 0.5), and the rounded mask grown by
+  `grow` pixels, as its convolution with a grow x grow box of ones padded by
+  ceil((grow - 1) / 2) on each side and cut to the image's size makes it (clamped to 1)."""
+  images, masks = init
+  rounded = jnp.round(masks.astype(jnp.float32))
+  filled = (images.astype(jnp.float32) - jnp.float32(0.5)) * (1 - rounded) + jnp.float32(0.5)
+  if grow > 1:
+    low = math.ceil((grow - 1) / 2)
+    pads = ((0, 0), (low, grow - 1 - low), (low, grow - 1 - low), (0, 0))
+    rounded = jax.lax.reduce_window(rounded, jnp.float32(0), jax.lax.max, (1, grow, grow, 1),
+                                    (1, 1, 1, 1), pads)
+  return filled, rounded
 
 
 def _lerp(start, end, weight: float):
@@ -1354,6 +1379,18 @@ def check_inpaint_blend(sched, blend: str) -> None:
     raise ValueError(f"inpaint_blend 'comfyui' blends ComfyUI's k-diffusion samplers' inputs and "
                      f"denoised predictions, which scheduler {sched.name!r} does not make so "
                      "(pick another for it)")
+
+
+def check_grow_mask_by(grow: int | None, blend: str | None) -> None:
+  """`grow` (ComfyUI's VAEEncodeForInpaint's grow_mask_by) is None, or an integer in [0, 64]
+  of an inpainting run (`blend` its INPAINT_BLENDS one) with ComfyUI's blend."""
+  if grow is None:
+    return
+  if isinstance(grow, bool) or not isinstance(grow, int | np.integer) or not 0 <= grow <= 64:
+    raise ValueError(f"grow_mask_by must be an integer in [0, 64] (ComfyUI's), got {grow!r}")
+  if blend != "comfyui":
+    raise ValueError("grow_mask_by is ComfyUI's VAEEncodeForInpaint: give mask_images and "
+                     "inpaint_blend 'comfyui' too")
 
 
 def _keep_unmasked(spec: SampleSpec, mask, image_latents, noise, x, state, i):
@@ -1846,7 +1883,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             denoising_end: float | None = None, denoising_start: float | None = None,
             cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original",
             inpaint_blend: str = "diffusers", image_encode: str = "sample",
-            scheduler_options: dict[str, Any] | None = None, control: bool = False,
+            grow_mask_by: int | None = None, scheduler_options: dict[str, Any] | None = None, control: bool = False,
             control_guess: bool = False, rng: str = "jax", ensd: int = 0,
             seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
             step_rng: str | None = None, seed_high: int = 0, noise_multiplier: float = 1.0,
@@ -1868,6 +1905,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
   comes from (`BrownianNoise`; other schedulers ignore it), or None; `step_rng`: a generator of its own for the steps' fresh noise
   (`SampleSpec.step_rng`); `seed_high`: the seeds' high 32 bits (`SampleSpec.seed_high`);
   `image_encode` (IMAGE_ENCODES): how images become latents (`SampleSpec.image_encode`);
+  `grow_mask_by`: ComfyUI's VAEEncodeForInpaint (`SampleSpec.grow_mask_by`), with the
+  "comfyui" blend;
   `handoff` (REFINER_SWITCHES): how `denoising_end` / `denoising_start` hand the run over,
   "diffusers" (its cutoff; the second stage's sampler starts afresh) or "a1111" (its switch; the
   base returns its scheduler state with its latents, and the second stage's sampler runs on
@@ -1936,6 +1975,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                                    options=model_schedule(pipe, scheduler_options))
   if mode is not None or inpaint_blend not in INPAINT_BLENDS:
     check_inpaint_blend(sched, inpaint_blend)
+  check_grow_mask_by(grow_mask_by, inpaint_blend if mode else None)
   if sched.plans_its_run and (denoising_start is not None or denoising_end is not None):
     raise ValueError(f"scheduler {sched.name!r} plans its steps between its run's ends: no "
                      "refiner handoff (pick another for it)")
@@ -1992,7 +2032,7 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
                     ("latent noise", "latent nothing") else "original",
                     inpaint_blend=inpaint_blend if mode else "diffusers",
-                    image_encode=image_encode, comfyui=bool(sched.cfg.get(sigma_schedules.COMFYUI)),
+                    image_encode=image_encode, grow_mask_by=grow_mask_by, comfyui=bool(sched.cfg.get(sigma_schedules.COMFYUI)),
                     control=control,
                     control_guess=control and control_guess, rng=rng, ensd=int(ensd),
                     seed_resize=seed_resize_latents(pipe, seed_resize_from), step_rng=step_rng,
@@ -2456,6 +2496,7 @@ def generate(
     inpainting_mask_weight: float = 1.0,
     inpaint_blend: str = "diffusers",
     image_encode: str = "sample",
+    grow_mask_by: int | None = None,
     scheduler_options: dict[str, Any] | None = None,
     controlnet=None,
     control_images: Any = None,
@@ -2632,7 +2673,7 @@ def generate(
                         denoising_end=refiner_start if first_handoff else None,
                         handoff=refiner_switch if first_handoff else "diffusers",
                         inpaint=mask_images is not None, masked_content=masked_content,
-                        inpaint_blend=inpaint_blend,
+                        inpaint_blend=inpaint_blend, grow_mask_by=grow_mask_by,
                         control=controlnet is not None,
                         control_guess=controlled is not None and uses_guess_mode(
                             controlled.controlnet, guess_mode),

@@ -383,6 +383,23 @@ def test_inpaint_model_conditioning():
   assert "adds no noise mask" in _notes(found)
 
 
+def test_vae_encode_for_inpaint():
+  """VAEEncodeForInpaint's latent: ComfyUI's blend with its grow_mask_by; over a sampler sdjax
+  cannot blend so, neither (a note each)."""
+  graph = default_graph(denoise=1.0)
+  graph["16"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+  graph["5"] = {"class_type": "VAEEncodeForInpaint", "inputs": {
+      "pixels": ["16", 0], "vae": ["4", 2], "mask": ["16", 1], "grow_mask_by": 8}}
+  found = comfyui.reproduce(graph)
+  assert (found.flags["inpaint_blend"], found.flags["grow_mask_by"]) == ("comfyui", "8")
+  assert (found.flags["image_encode"], float(found.flags["mask_blur"])) == ("mode", 0.0)
+  assert "node 5 (VAEEncodeForInpaint) inpaints its image: give it and its mask" in _notes(found)
+  graph["3"]["inputs"]["sampler_name"] = "uni_pc"
+  found = comfyui.reproduce(graph)
+  assert "inpaint_blend" not in found.flags and "grow_mask_by" not in found.flags
+  assert "sdjax grows it with ComfyUI's blend only" in _notes(found)
+
+
 def test_not_a_workflow():
   assert comfyui.parse_graph("a cat\nSteps: 20, Sampler: Euler") is None
   assert comfyui.parse_graph('{"prompt": "a cat"}') is None

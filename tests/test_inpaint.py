@@ -16,7 +16,7 @@ import torch
 from parity import nchw, rel_err, single_file_round_trip
 
 import sdjax
-from sdjax import sampling, testing
+from sdjax import run, sampling, testing
 
 torch.set_num_threads(1)
 
@@ -430,6 +430,16 @@ def test_bad_inpainting_arguments(inpainting, plain):
     plain[1].generate(PROMPTS, inpaint_blend="comfy", **kw)
   with pytest.raises(ValueError, match="^unknown image_encode 'argmax'; use one of sample, mode$"):
     plain[1].generate(PROMPTS, init_images=images, image_encode="argmax", **kw)
+  with pytest.raises(ValueError, match="^grow_mask_by is ComfyUI's VAEEncodeForInpaint: give "
+                                       "mask_images and inpaint_blend 'comfyui' too$"):
+    plain[1].generate(PROMPTS, init_images=images, mask_images=masks, grow_mask_by=6, **kw)
+  with pytest.raises(ValueError, match=r"^grow_mask_by must be an integer in \[0, 64\]"):
+    plain[1].generate(PROMPTS, init_images=images, mask_images=masks, inpaint_blend="comfyui",
+                      scheduler="euler", grow_mask_by=65, **kw)
+  for config, message in ((dict(grow_mask_by=6), "give --inpaint_blend comfyui too"),
+                          (dict(grow_mask_by=-1, inpaint_blend="comfyui"), "got -1")):
+    with pytest.raises(run.RunError, match=f"^--grow_mask_by .*{message}$"):
+      run.validate(run.RunConfig(model="m", prompts=(run.PromptLine("a"),), **config))
   with pytest.raises(ValueError, match="^inpaint_blend 'comfyui' blends ComfyUI's k-diffusion "
                                        "samplers' inputs and denoised predictions, which "
                                        "scheduler 'ddim' does not make so"):
@@ -461,7 +471,7 @@ def test_run_with_mask_lines(inpainting, tmp_path):
 
   from PIL import Image
 
-  from sdjax import infotext, masks, outputs, run
+  from sdjax import infotext, masks, outputs
 
   _, pipe, folder = inpainting
   rng = np.random.default_rng(5)
@@ -582,15 +592,17 @@ def _torch_inpaint_inputs(ref, images, seeds):
 
 
 def test_run_with_comfyui_blend(plain, tmp_path):
-  """main.py's --inpaint_blend comfyui --image_encode mode: a mask line on a plain model is
+  """main.py's --inpaint_blend comfyui --image_encode mode --grow_mask_by 6 (VAEEncodeForInpaint):
+  a mask line on a plain model is
   generate()'s image (the original not pasted back, as ComfyUI's), its PNG says
-  `Inpaint blend: ComfyUI` and `Image encode: mode`, and its text makes the flags again."""
+  `Inpaint blend: ComfyUI`, `Image encode: mode` and `Grow mask by: 6`, and its text makes the
+  flags again."""
   import json
   import os
 
   from PIL import Image
 
-  from sdjax import infotext, masks, outputs, run
+  from sdjax import infotext, masks, outputs
 
   _, pipe, folder = plain
   rng = np.random.default_rng(6)
@@ -603,28 +615,31 @@ def test_run_with_comfyui_blend(plain, tmp_path):
   cfg = run.RunConfig(model=folder, prompts=(run.PromptLine(
       "a cat", init_image=str(tmp_path / "a.png"), mask_image=str(tmp_path / "m.png")),),
       height=H, width=W, seed=1, strength=1.0, inpaint_blend="comfyui", image_encode="mode",
-      output_dir=str(tmp_path / "out"), compilation_cache="", show_progress=False, **kw)
+      grow_mask_by=6, output_dir=str(tmp_path / "out"), compilation_cache="", show_progress=False, **kw)
   assert run.generate_run(cfg).images == 1
   record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
   assert record["inpaint_blend"] == "comfyui" and record["image_encode"] == "mode"
+  assert record["grow_mask_by"] == 6
   prepared = masks.prepare(Image.open(tmp_path / "a.png"), Image.open(tmp_path / "m.png"), H, W,
                            masks.MaskOptions(blur=4.0))
   expected = pipe.generate("a cat", init_images=prepared.image[None],
                            mask_images=prepared.mask[None], strength=1.0, seed=1,
-                           inpaint_blend="comfyui", image_encode="mode", **kw)
+                           inpaint_blend="comfyui", image_encode="mode", grow_mask_by=6, **kw)
   expected = prepared.finish(outputs.to_uint8(expected[0])).astype(int)
   written = Image.open(os.path.join(tmp_path / "out", record["file"]))
   assert np.abs(np.asarray(written, int) - expected).max() <= 1
-  assert "Inpaint blend: ComfyUI" in written.text["parameters"]
+  assert "Inpaint blend: ComfyUI, Grow mask by: 6" in written.text["parameters"]
   assert "Image encode: mode" in written.text["parameters"]
   flags = infotext.reproduce(written.text["parameters"]).flags
   assert flags["inpaint_blend"] == "comfyui" and flags["image_encode"] == "mode"
+  assert flags["grow_mask_by"] == "6"
 
 
-@pytest.mark.parametrize(("strength", "encode", "masked", "model"), [
-    (1.0, "sample", True, "plain"), (0.6, "mode", True, "plain"), (0.6, "mode", False, "plain"),
-    (1.0, "mode", False, "plain"), (1.0, "mode", True, "inpainting")])
-def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model):
+@pytest.mark.parametrize(("strength", "encode", "masked", "model", "grow"), [
+    (1.0, "sample", True, "plain", None), (0.6, "mode", True, "plain", None),
+    (0.6, "mode", False, "plain", None), (1.0, "mode", False, "plain", None),
+    (1.0, "mode", True, "inpainting", None), (1.0, "mode", True, "inpainting", 6)])
+def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model, grow):
   """inpaint_blend="comfyui": ComfyUI's KSampler over a latent with a noise mask, written out
   over diffusers' UNet and VAE (Euler a in ComfyUI's form: the UNet at whole timesteps): the
   mask through torch's bilinear to the latents' size (unrounded), the run from the image's
@@ -638,7 +653,9 @@ def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model
   generator of the seed's own. Without a mask: ComfyUI's img2img, the same loop unblended. An
   inpainting model's UNet also sees its InpaintModelConditioning inputs: the mask's bilinear
   resize rounded (half to even), and the mode of the image less 0.5 times 1 - the rounded
-  mask, plus 0.5."""
+  mask, plus 0.5. With `grow` (VAEEncodeForInpaint's grow_mask_by): the image's latents are
+  those of that masked image (the inpainting model's masked latents too), the mask the rounded
+  one through its padded box convolution, clamped and cut."""
   import k_diffusion_reference as kd  # noqa: PLC0415
 
   ref, pipe, _ = request.getfixturevalue(model)
@@ -652,7 +669,7 @@ def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model
             scheduler_options=options, rng="torch_cpu")
   comfyui = dict(image_encode="mode", step_rng="torch_cpu") if encode == "mode" else {}
   if masked:
-    kw.update(mask_images=masks, inpaint_blend="comfyui")
+    kw.update(mask_images=masks, inpaint_blend="comfyui", grow_mask_by=grow)
   ours = pipe.generate(PROMPTS, **kw, **comfyui)
 
   spec, state = sampling.prepare(pipe, 2, steps=steps, scheduler="euler_ancestral", height=H,
@@ -662,9 +679,17 @@ def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model
   assert np.array_equal(timesteps, np.round(timesteps))
   gens, init, noise, context = _torch_inpaint_inputs(ref, images, seeds)
   shape, sf = init[:1].shape, ref.vae.config.scaling_factor
+  repaint = torch.round(torch.from_numpy(masks[..., None].astype(np.float32)))
+  hidden = (torch.from_numpy(images) - 0.5) * (1.0 - repaint) + 0.5
+  if grow is not None:  # VAEEncodeForInpaint: the masked image's latents, the mask grown
+    grown = torch.nn.functional.conv2d(repaint.permute(0, 3, 1, 2), torch.ones(1, 1, grow, grow),
+                                       padding=math.ceil((grow - 1) / 2))
+    masks = torch.clamp(grown, 0, 1)[:, 0, :H, :W].round().numpy()
+    assert masks.sum() > repaint.sum()
   if encode == "mode":  # ComfyUI's: the mode, the noise each seed's first draw
+    encoded = images if grow is None else hidden.numpy()
     with torch.no_grad():
-      init = torch.cat([ref.vae.encode(nchw(2 * images[i:i + 1] - 1)).latent_dist.mode() * sf
+      init = torch.cat([ref.vae.encode(nchw(2 * encoded[i:i + 1] - 1)).latent_dist.mode() * sf
                         for i in range(2)])
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     noise = torch.cat([torch.randn(shape, generator=g) for g in gens])
@@ -675,10 +700,8 @@ def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model
     mask = torch.ones_like(mask)
   concat = []
   if model == "inpainting":
-    repaint = torch.round(torch.from_numpy(masks[..., None].astype(np.float32)))
-    hidden = (torch.from_numpy(images) - 0.5) * (1.0 - repaint) + 0.5
     with torch.no_grad():
-      concat = [torch.round(mask), torch.cat([
+      concat = [torch.round(mask), init if grow is not None else torch.cat([
           ref.vae.encode(2 * hidden[i:i + 1].permute(0, 3, 1, 2) - 1).latent_dist.mode() * sf
           for i in range(2)])]
   calls = iter(timesteps)
@@ -713,7 +736,8 @@ def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model
   print(f"\nComfyUI's loop at denoise {strength}, {encode}, masked {masked}: {err:.2e}")
   assert err <= 1e-5
   if masked:  # (an inpainting model's UNet inputs as diffusers makes them with A1111's blend)
-    assert rel_err(pipe.generate(PROMPTS, **{**kw, "inpaint_blend": "a1111"}, **comfyui),
+    assert rel_err(pipe.generate(PROMPTS, **{**kw, "inpaint_blend": "a1111",
+                                             "grow_mask_by": None}, **comfyui),
                    expected) > 1e-3
   else:  # the posterior sample (diffusers' draws) makes another image
     assert rel_err(pipe.generate(PROMPTS, **kw, step_rng="torch_cpu"), expected) > 1e-3
