@@ -155,9 +155,7 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
       latents = sampling.sample_fn(spec, nets, first, cond[0], seeds, noise, guidance_scale,
                                    guidance_rescale, init, state[0], cfg_axis, control)
       if first_refiner is not None:
-        carried = state[-1]
-        if spec.output_state:  # A1111's switch: the sampler runs on into the refiner
-          latents, carried = latents
+        latents, carried = sampling.handed_over(spec, latents, state[-1], init)
         latents = sampling.sample_fn(first_refiner[0], first_refiner[1].networks, params[1],
                                      cond[-1], seeds, noise, guidance_scale, guidance_rescale,
                                      latents, carried, cfg_axis)
@@ -176,12 +174,7 @@ def sharded_sampler(mesh: Mesh, spec: sampling.SampleSpec, pipe, refiner=None, h
                                 guidance_rescale, init, state, cfg_axis, control)
     latents = sampling.sample_fn(spec, nets, params[0], cond[0], seeds, noise, guidance_scale,
                                  guidance_rescale, init, state[0], cfg_axis, control)
-    carried = state[1]
-    if spec.output_state:  # A1111's switch: the sampler runs on into the refiner
-      latents, carried = latents
-      if refiner[0].inpaint is not None:  # and so does A1111's blend: its latents, the masks
-        carried, image_latents = carried
-        latents = (latents, image_latents, init[1])
+    latents, carried = sampling.handed_over(spec, latents, state[1], init)
     return sampling.sample_fn(refiner[0], refiner[1].networks, params[1], cond[1], seeds, noise,
                               guidance_scale, guidance_rescale, latents, carried, cfg_axis)
 

@@ -2766,10 +2766,7 @@ def generate(
     init = (init, *low_res)
   out = _sample(spec, nets, params, cond, seeds, noise, scalars, init, state, control)
   if first_stage is not None:
-    out, carried = out if spec.output_state else (out, None)
-    if mask_images is not None:  # A1111's blend runs on: the image's latents and the masks
-      carried, image_latents = carried
-      out = (out, image_latents, init[1])
+    out, carried = handed_over(spec, out, None, init)
     out = _refine(refiner, out, prompts, negatives, seeds, noise, scalars, micro,
                   {**named, "handoff": refiner_switch}, refiner_start, a1111, spec.tiling,
                   stream_draws(spec, len(state.timesteps)), cfg_skip, carried, first_stage)
@@ -3073,6 +3070,20 @@ def _init_input(init_images, mask_images):
   if mask_images is None:
     return jnp.asarray(init_images)
   return jnp.asarray(init_images), jnp.asarray(mask_images)
+
+
+def handed_over(spec: SampleSpec, out, carried, init):
+  """(latents, scheduler state) that a stage's program output `out` hands the refiner after it:
+  with A1111's switch (`spec.output_state`) the state its sampler runs on from, else `carried`
+  (the refiner's own); after inpainting (A1111's blend runs on too) the latents come with the
+  image's latents and the masks of `init`, as the refiner's stage takes them."""
+  if not spec.output_state:
+    return out, carried
+  latents, carried = out
+  if spec.inpaint is not None:
+    carried, image_latents = carried
+    latents = (latents, image_latents, init[1])
+  return latents, carried
 
 
 def _refine(refiner, latents, prompts, negatives, seeds, noise, scalars, micro, common,
