@@ -355,7 +355,8 @@ class _Reader:
     if masked is not None and masked[1]["class_type"] == "SetLatentNoiseMask":
       self.fields.update({"Inpaint blend": "ComfyUI", "Mask blur": "0"})
       self.note(None, f"node {masked[0]} (SetLatentNoiseMask) inpaints: give its mask too "
-                      "(--mask_image, or a jsonl line's mask_image; white repaints)")
+                      "(--mask_image, or a jsonl line's mask_image: its LoadImage file, whose "
+                      "transparent pixels repaint, or white repaints)")
       value = _inputs(masked[1]).get("samples")
     found = self.follow(value, ("samples",), "latent")
     if found is not None and "width" in _inputs(found[1]) and "height" in _inputs(found[1]):
@@ -416,7 +417,7 @@ class _Reader:
                                  "with its blend (--inpaint_blend comfyui)")
     self.note(None, f"node {node_id} ({kind}) inpaints its image: give it and "
                     "its mask (--init_image and --mask_image, or a jsonl line's init_image and "
-                    "mask_image; white repaints)")
+                    "mask_image: its LoadImage file for both, whose transparent pixels repaint)")
 
   def vae(self, sampler_id: str) -> None:
     """A VAELoader on the way from the sampler to the decode."""

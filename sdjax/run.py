@@ -1851,7 +1851,9 @@ class _Sampler:
           rows[key] = masks.Prepared(image[0], mask[0], None, None, None)
         else:
           rows[key] = masks.prepare(outputs.open_image(job.init_image),
-                                    outputs.open_image(job.mask_image, "L"), *size, options,
+                                    masks.read_mask(outputs.open_image(job.mask_image, None),
+                                                    self.cfg.inpaint_blend == "comfyui"),
+                                    *size, options,
                                     self.cfg.resize_mode)
       except ValueError as e:
         raise RunError(f"image {job.index} ({job.prompt!r}): {e}") from None

@@ -593,10 +593,10 @@ def _torch_inpaint_inputs(ref, images, seeds):
 
 def test_run_with_comfyui_blend(plain, tmp_path):
   """main.py's --inpaint_blend comfyui --image_encode mode --grow_mask_by 6 (VAEEncodeForInpaint):
-  a mask line on a plain model is
-  generate()'s image (the original not pasted back, as ComfyUI's), its PNG says
-  `Inpaint blend: ComfyUI`, `Image encode: mode` and `Grow mask by: 6`, and its text makes the
-  flags again."""
+  a line whose image is also its mask (its transparent pixels repainted, as ComfyUI's LoadImage
+  reads them) on a plain model is generate()'s image (the original not pasted back, as
+  ComfyUI's), its PNG says `Inpaint blend: ComfyUI`, `Image encode: mode` and `Grow mask by: 6`,
+  and its text makes the flags again."""
   import json
   import os
 
@@ -606,21 +606,22 @@ def test_run_with_comfyui_blend(plain, tmp_path):
 
   _, pipe, folder = plain
   rng = np.random.default_rng(6)
-  Image.fromarray(rng.integers(0, 255, (H, W, 3), np.uint8)).save(tmp_path / "a.png")
+  pixels = rng.integers(0, 255, (H, W, 3), np.uint8)
   mask = np.zeros((H, W), np.uint8)
   mask[4:12, 6:18] = 255
-  Image.fromarray(mask).save(tmp_path / "m.png")
+  Image.fromarray(np.dstack([pixels, 255 - mask])).save(tmp_path / "a.png")  # RGBA
   kw = dict(steps=3, guidance_scale=GUIDANCE, scheduler="euler_ancestral",
             scheduler_options={"k_diffusion": True, "comfyui": True})
   cfg = run.RunConfig(model=folder, prompts=(run.PromptLine(
-      "a cat", init_image=str(tmp_path / "a.png"), mask_image=str(tmp_path / "m.png")),),
+      "a cat", init_image=str(tmp_path / "a.png"), mask_image=str(tmp_path / "a.png")),),
       height=H, width=W, seed=1, strength=1.0, inpaint_blend="comfyui", image_encode="mode",
-      grow_mask_by=6, output_dir=str(tmp_path / "out"), compilation_cache="", show_progress=False, **kw)
+      grow_mask_by=6, output_dir=str(tmp_path / "out"), compilation_cache="",
+      show_progress=False, **kw)
   assert run.generate_run(cfg).images == 1
   record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
   assert record["inpaint_blend"] == "comfyui" and record["image_encode"] == "mode"
   assert record["grow_mask_by"] == 6
-  prepared = masks.prepare(Image.open(tmp_path / "a.png"), Image.open(tmp_path / "m.png"), H, W,
+  prepared = masks.prepare(Image.fromarray(pixels), Image.fromarray(mask), H, W,
                            masks.MaskOptions(blur=4.0))
   expected = pipe.generate("a cat", init_images=prepared.image[None],
                            mask_images=prepared.mask[None], strength=1.0, seed=1,

@@ -179,3 +179,25 @@ def test_prepare_fills_what_is_sampled_not_the_overlay(padding):
   assert "Masked content" not in masks.MaskOptions().a1111_parameters()
   with pytest.raises(ValueError, match="masked content must be one of"):
     masks.MaskOptions(masked_content="latent_noise").check()
+
+
+def test_read_mask_as_a1111_and_comfyui():
+  """A mask file: A1111 reads an RGBA one with transparency by its alpha, thresholded above 128
+  (its create_binary_mask), ComfyUI's LoadImage by 255 - alpha (transparent repaints); an
+  opaque RGBA one (A1111) or one without alpha is its grey levels either way."""
+  rng = np.random.default_rng(3)
+  rgb = rng.integers(0, 256, (6, 7, 3), np.uint8)
+  alpha = rng.integers(0, 256, (6, 7), np.uint8)
+  alpha[0, :3] = (128, 129, 255)
+  image = Image.fromarray(np.dstack([rgb, alpha]))
+  grey = np.asarray(Image.fromarray(rgb).convert("L"))
+  a1111 = np.asarray(masks.read_mask(image))
+  np.testing.assert_array_equal(a1111, np.where(alpha > 128, 255, 0))
+  assert a1111[0, :3].tolist() == [0, 255, 255]
+  np.testing.assert_array_equal(np.asarray(masks.read_mask(image, comfyui=True)), 255 - alpha)
+  opaque = Image.fromarray(np.dstack([rgb, np.full_like(alpha, 255)]))
+  np.testing.assert_array_equal(np.asarray(masks.read_mask(opaque)), grey)
+  for comfyui in (False, True):
+    read = masks.read_mask(Image.fromarray(rgb), comfyui)
+    assert read.mode == "L"
+    np.testing.assert_array_equal(np.asarray(read), grey)
