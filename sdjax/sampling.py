@@ -1223,10 +1223,11 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
   if spec.inpaint == "concat" and spec.grow_mask_by is not None:  # its latents, masked
     masked_latents = image_latents
   elif spec.inpaint == "concat":
-    masked = jnp.where(repaint, jnp.float32(0.5), images.astype(jnp.float32))
     if comfyui:  # its arithmetic: an image level less 0.5 may round
       keep = 1 - repaint.astype(jnp.float32)
       masked = (images.astype(jnp.float32) - jnp.float32(0.5)) * keep + jnp.float32(0.5)
+    else:
+      masked = jnp.where(repaint, jnp.float32(0.5), images.astype(jnp.float32))
     if spec.mask_weight != 1.0:  # A1111's lerp in [-1, 1], of the rounded mask
       signed = 2 * images.astype(jnp.float32) - 1
       hidden = signed * (1 - repaint.astype(jnp.float32))
@@ -1883,8 +1884,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
             denoising_end: float | None = None, denoising_start: float | None = None,
             cfg_split: bool = False, inpaint: bool = False, masked_content: str = "original",
             inpaint_blend: str = "diffusers", image_encode: str = "sample",
-            grow_mask_by: int | None = None, scheduler_options: dict[str, Any] | None = None, control: bool = False,
-            control_guess: bool = False, rng: str = "jax", ensd: int = 0,
+            grow_mask_by: int | None = None, scheduler_options: dict[str, Any] | None = None,
+            control: bool = False, control_guess: bool = False, rng: str = "jax", ensd: int = 0,
             seed_resize_from: tuple[int, int] | None = None, brownian: str | None = None,
             step_rng: str | None = None, seed_high: int = 0, noise_multiplier: float = 1.0,
             extra_noise: float = 0.0, noise_batch: int = 1, handoff: str = "diffusers"):
@@ -2032,7 +2033,8 @@ def prepare(pipe, batch: int, *, steps: int, scheduler: str | None, height: int,
                     masked_content=masked_content if mode and begin > 0 and masked_content in
                     ("latent noise", "latent nothing") else "original",
                     inpaint_blend=inpaint_blend if mode else "diffusers",
-                    image_encode=image_encode, grow_mask_by=grow_mask_by, comfyui=bool(sched.cfg.get(sigma_schedules.COMFYUI)),
+                    image_encode=image_encode, grow_mask_by=grow_mask_by,
+                    comfyui=bool(sched.cfg.get(sigma_schedules.COMFYUI)),
                     control=control,
                     control_guess=control and control_guess, rng=rng, ensd=int(ensd),
                     seed_resize=seed_resize_latents(pipe, seed_resize_from), step_rng=step_rng,
