@@ -489,12 +489,24 @@ def read_depth(path: str) -> np.ndarray:
 
 
 def read_image(path: str, size: tuple[int, int], mode: str = "RGB",
-               resize_mode: str = "just") -> np.ndarray:
+               resize_mode: str = "just", flatten_alpha: bool = False) -> np.ndarray:
   """An image file (local path or fsspec URL) as float32 [H, W, 3] in [0, 1], resized to `size`
   (height, width) by `resize` (`resize_mode`); ValueError if unreadable. `mode` "L": grey levels
-  [H, W]."""
-  image = resize(open_image(path, mode), *size, resize_mode)
+  [H, W]. `flatten_alpha`: an RGBA file `flatten`ed (A1111's img2img), not just converted."""
+  image = flatten(open_image(path, None)) if flatten_alpha else open_image(path, mode)
+  image = resize(image, *size, resize_mode)
   return np.asarray(image, np.float32) / np.float32(255.0)
+
+
+def flatten(image: Image.Image, background: str = "#ffffff") -> Image.Image:
+  """An image as A1111's img2img takes it (its images.flatten over its
+  img2img_background_color, white by default), RGB: an RGBA one over the background, its alpha
+  the paste's mask (PIL's 8-bit blend), where converting would drop the alpha."""
+  if image.mode == "RGBA":
+    canvas = Image.new("RGBA", image.size, background)
+    canvas.paste(image, mask=image)
+    image = canvas
+  return image.convert("RGB")
 
 
 # A1111's img2img resize modes, by their names there.

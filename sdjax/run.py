@@ -751,6 +751,14 @@ def _controlnet_record(cfg: RunConfig) -> dict[str, Any]:
   return record
 
 
+def _comfyui_files(cfg: RunConfig) -> bool:
+  """Whether init and mask files are read as ComfyUI's LoadImage reads them (RGB, the alpha
+  dropped; a mask from the transparent pixels: `masks.read_mask`), under its encode or blend
+  (--image_encode mode, --inpaint_blend comfyui); else as A1111's img2img (an RGBA image
+  `outputs.flatten`ed over white, an RGBA mask's alpha)."""
+  return cfg.inpaint_blend == "comfyui" or cfg.image_encode == "mode"
+
+
 def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
   """The inpainting options: A1111's, its original pasted back over the result, save with
   ComfyUI's blend (ComfyUI saves the decoded image as it is)."""
@@ -1835,9 +1843,11 @@ class _Sampler:
     (everything repainted)."""
     if sampling.is_upscaler_model(self.pipe):  # its low-res images: the latents' size
       size = (size[0] // self.pipe.vae_scale, size[1] // self.pipe.vae_scale)
+    comfyui = _comfyui_files(self.cfg)
     if not inpaint:
       return _read_each(jobs, "init_image", lambda path: outputs.read_image(
-          path, size, resize_mode=self.cfg.resize_mode), np.zeros((*size, 3), np.float32)), None
+          path, size, resize_mode=self.cfg.resize_mode, flatten_alpha=not comfyui),
+          np.zeros((*size, 3), np.float32)), None
     options, rows = _mask_options(self.cfg), {}
     for job in jobs:
       key = job.init_image, job.mask_image
@@ -1847,14 +1857,15 @@ class _Sampler:
         if job.mask_image is None:  # an inpainting model's: everything
           image, mask = sampling.unmasked_inpainting(
               None if job.init_image is None else outputs.read_image(
-                  job.init_image, size, resize_mode=self.cfg.resize_mode)[None], 1, *size)
+                  job.init_image, size, resize_mode=self.cfg.resize_mode,
+                  flatten_alpha=not comfyui)[None], 1, *size)
           rows[key] = masks.Prepared(image[0], mask[0], None, None, None)
         else:
-          rows[key] = masks.prepare(outputs.open_image(job.init_image),
+          image = outputs.open_image(job.init_image, None)
+          rows[key] = masks.prepare(image if comfyui else outputs.flatten(image),
                                     masks.read_mask(outputs.open_image(job.mask_image, None),
-                                                    self.cfg.inpaint_blend == "comfyui"),
-                                    *size, options,
-                                    self.cfg.resize_mode)
+                                                    comfyui),
+                                    *size, options, self.cfg.resize_mode)
       except ValueError as e:
         raise RunError(f"image {job.index} ({job.prompt!r}): {e}") from None
     prepared = [rows[job.init_image, job.mask_image] for job in jobs]

@@ -465,7 +465,8 @@ def test_run_with_mask_lines(inpainting, tmp_path):
   size) make generate()'s images with the original pasted back outside the mask; records keep
   the mask; --inpaint_blend a1111 is generate()'s too. "Only masked" is generate()'s
   `padding_mask_crop`, at the original's size. A text-to-image line on an inpainting model is
-  generate()'s too; a mask needs an image."""
+  generate()'s too; a mask needs an image. The image is RGBA: flattened over white first, as
+  A1111's img2img takes it."""
   import json
   import os
 
@@ -475,7 +476,8 @@ def test_run_with_mask_lines(inpainting, tmp_path):
 
   _, pipe, folder = inpainting
   rng = np.random.default_rng(5)
-  Image.fromarray(rng.integers(0, 255, (20, 28, 3), np.uint8)).save(tmp_path / "a.png")
+  Image.fromarray(rng.integers(0, 255, (20, 28, 4), np.uint8)).save(tmp_path / "a.png")
+  flat = outputs.flatten(Image.open(tmp_path / "a.png"))
   mask = np.zeros((32, 48), np.uint8)
   mask[8:24, 12:40] = 255
   Image.fromarray(mask).save(tmp_path / "m.png")
@@ -493,7 +495,7 @@ def test_run_with_mask_lines(inpainting, tmp_path):
   for record, name in zip(records, ["m.png", "noisy.png"], strict=True):
     assert record["mask_image"] == str(tmp_path / name) and record["strength"] == 0.8
     assert record["mask_blur"] == 4.0 and (record["height"], record["width"]) == (H, W)
-    prepared = masks.prepare(Image.open(tmp_path / "a.png"), Image.open(tmp_path / name), H, W,
+    prepared = masks.prepare(flat, Image.open(tmp_path / name), H, W,
                              masks.MaskOptions(blur=4.0, overlay=True))
     expected = pipe.generate(record["prompt"], init_images=prepared.image[None],
                              mask_images=prepared.mask[None], strength=0.8,
@@ -509,7 +511,7 @@ def test_run_with_mask_lines(inpainting, tmp_path):
   assert run.generate_run(a1111).images == 2
   record = json.loads(open(tmp_path / "a1111" / outputs.MANIFEST_NAME).readline())
   assert record["inpaint_blend"] == "a1111" and "inpaint_blend" not in records[0]
-  prepared = masks.prepare(Image.open(tmp_path / "a.png"), Image.open(tmp_path / "m.png"), H, W,
+  prepared = masks.prepare(flat, Image.open(tmp_path / "m.png"), H, W,
                            masks.MaskOptions(blur=4.0, overlay=True))
   expected = pipe.generate("a cat", init_images=prepared.image[None],
                            mask_images=prepared.mask[None], strength=0.8, seed=record["seed"],
@@ -536,7 +538,7 @@ def test_run_with_mask_lines(inpainting, tmp_path):
   assert record["inpainting_mask_invert"] and len(record["inpaint_region"]) == 4
   assert record["inpainting_fill"] == "fill" and record["inpainting_mask_weight"] == 0.6
   expected = pipe.generate(
-      "a cat", init_images=np.asarray(Image.open(tmp_path / "a.png"))[None] / 255,
+      "a cat", init_images=np.asarray(flat)[None] / 255,
       mask_images=1 - np.asarray(Image.open(tmp_path / "m_small.png"))[None] / 255, mask_blur=1,
       padding_mask_crop=2, masked_content="fill", inpainting_mask_weight=0.6, height=H, width=W,
       strength=0.8, seed=record["seed"], **kw)

@@ -524,3 +524,24 @@ def test_schedule_type_options():
     assert outputs.a1111_schedule_type(options) == label, name
   with pytest.raises(ValueError, match="unknown schedule type 'Fast'; pick one of Automatic, "):
     outputs.schedule_type_options("Fast")
+
+
+def test_flatten_is_a1111s(tmp_path):
+  """An RGBA image as A1111's img2img takes it: over white by its alpha (transparent: white,
+  opaque: its colour, between: PIL's 8-bit blend); read_image(flatten_alpha=True) reads a file
+  so, where converting drops the alpha."""
+  rng = np.random.default_rng(4)
+  rgb = rng.integers(0, 256, (5, 6, 3), np.uint8)
+  alpha = rng.integers(0, 256, (5, 6), np.uint8)
+  alpha[0, :2] = (0, 255)
+  image = Image.fromarray(np.dstack([rgb, alpha]))
+  flat = np.asarray(outputs.flatten(image), int)
+  assert flat[0, 0].tolist() == [255, 255, 255] and flat[0, 1].tolist() == rgb[0, 1].tolist()
+  a = alpha[..., None] / 255
+  assert np.abs(flat - (rgb * a + 255 * (1 - a))).max() <= 1
+  assert np.array_equal(np.asarray(outputs.flatten(Image.fromarray(rgb))), rgb)
+  image.save(tmp_path / "a.png")
+  read = outputs.read_image(str(tmp_path / "a.png"), (5, 6), flatten_alpha=True)
+  assert np.array_equal(np.round(read * 255).astype(int), flat)
+  dropped = outputs.read_image(str(tmp_path / "a.png"), (5, 6))
+  assert np.array_equal(np.round(dropped * 255).astype(int), rgb)
