@@ -73,7 +73,8 @@ flags.DEFINE_string("init_image", None, "--prompt's image to start from (img2img
                     "lines give their own (jsonl init_image)")
 flags.DEFINE_string("mask_image", None, "with --init_image, what --prompt repaints (inpainting: "
                     "white repaints; an RGBA file with transparency: its alpha, as A1111's, or "
-                    "with --inpaint_blend comfyui its transparent pixels, as ComfyUI's LoadImage)")
+                    "under --inpaint_blend comfyui or --image_encode mode its transparent "
+                    "pixels, as ComfyUI's LoadImage)")
 flags.DEFINE_string("depth_image", None, "with --init_image and a depth-to-image model, its depth "
                     "map (grey levels, 8 or 16 bits, larger nearer)")
 flags.DEFINE_float("strength", 0.75, "img2img and inpainting (jsonl lines with an init_image): "
