@@ -384,7 +384,8 @@ class _Reader:
       named = (f" ({image[1]['class_type']} {_inputs(image[1])['image']})" if image is not None
                and isinstance(_inputs(image[1]).get("image"), str) else "")
       self.note(None, f"the latent is node {found[0]} (VAEEncode)'s image{named}: give it with "
-                      "--init_image (or a jsonl line's init_image)")
+                      "--init_image (or a jsonl line's init_image) and its size (--width, "
+                      "--height: ComfyUI samples at the image's)")
       return
     kind = "nothing" if found is None else f"node {found[0]} ({found[1]['class_type']})"
     self.note(None, f"the latent comes from {kind} (img2img, or a hires or refiner pass), not "
@@ -417,7 +418,8 @@ class _Reader:
                                  "with its blend (--inpaint_blend comfyui)")
     self.note(None, f"node {node_id} ({kind}) inpaints its image: give it and "
                     "its mask (--init_image and --mask_image, or a jsonl line's init_image and "
-                    "mask_image: its LoadImage file for both, whose transparent pixels repaint)")
+                    "mask_image: its LoadImage file for both, whose transparent pixels repaint) "
+                    "and its size (--width, --height: ComfyUI samples at the image's)")
 
   def vae(self, sampler_id: str) -> None:
     """A VAELoader on the way from the sampler to the decode."""

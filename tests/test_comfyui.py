@@ -329,6 +329,7 @@ def test_advanced_sampler_and_img2img():
   assert (float(found.flags["strength"]), found.flags["image_encode"]) == (0.6, "mode")
   assert ("the latent is node 5 (VAEEncode)'s image (LoadImage photo.png): give it with "
           "--init_image") in _notes(found)
+  assert "and its size (--width, --height: ComfyUI samples at the image's)" in _notes(found)
   graph["5"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["15", 0]}}
   graph["15"] = {"class_type": "SomeLatentNode", "inputs": {}}
   found = comfyui.reproduce(graph)
