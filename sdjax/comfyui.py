@@ -428,6 +428,13 @@ class _Reader:
       if vae is not None and vae[1]["class_type"] == "VAELoader":
         self.note("vae", f"made with the VAE {_inputs(vae[1]).get('vae_name')}: give it with "
                          "--vae")
+    decoded = {node_id for node_id, node in self.graph.items() if node["class_type"] == "VAEDecode"
+               and (_linked(self.graph, _inputs(node).get("samples")) or ("",))[0] == sampler_id}
+    for node_id, node in self.graph.items():  # its inpainting workflows' paste of the original
+      if node["class_type"] == "ImageCompositeMasked" and any(
+          (_linked(self.graph, value) or ("",))[0] in decoded for value in _inputs(node).values()):
+        self.note(None, f"node {node_id} (ImageCompositeMasked) composites the decoded image with "
+                        "another through a mask: not reproduced (sdjax saves the decoded image)")
 
 
 def _decodes(graph, sampler_id: str) -> list[dict[str, Any]]:

@@ -378,6 +378,14 @@ def test_inpaint_model_conditioning():
   notes = _notes(found)
   assert "node 12 (InpaintModelConditioning) inpaints its image: give it and its mask" in notes
   assert "changes the" not in notes
+  graph["13"] = {"class_type": "ImageCompositeMasked", "inputs": {  # the original pasted back
+      "destination": ["16", 0], "source": ["8", 0], "x": 0, "y": 0, "resize_source": False,
+      "mask": ["16", 1]}}
+  graph["9"]["inputs"]["images"] = ["13", 0]
+  assert ("node 13 (ImageCompositeMasked) composites the decoded image with another through a "
+          "mask: not reproduced") in _notes(comfyui.reproduce(graph))
+  del graph["13"]
+  graph["9"]["inputs"]["images"] = ["8", 0]
   graph["12"]["inputs"]["noise_mask"] = False
   found = comfyui.reproduce(graph)
   assert "inpaint_blend" not in found.flags and found.flags["image_encode"] == "mode"
