@@ -146,7 +146,7 @@ _LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
 # Its node that sets the model's prediction type and zero-terminal-SNR schedule (zsnr).
 _MODEL_SAMPLING = "ModelSamplingDiscrete"
 # An inpainting model's conditioning and latent (its masked image and mask for the UNet, the
-# image's latents with a noise mask): `_Reader.inpaint_conditioning`.
+# image's latents with a noise mask): `_Reader.inpaint_latent`.
 _INPAINT_CONDITIONING = "InpaintModelConditioning"
 # A latent with a noise mask from a masked image, the mask grown (`--grow_mask_by`).
 _ENCODE_FOR_INPAINT = "VAEEncodeForInpaint"
@@ -423,24 +423,23 @@ class _Reader:
 
   def vae(self, sampler_id: str) -> None:
     """A VAELoader on the way from the sampler to the decode."""
-    for node in _decodes(self.graph, sampler_id):
+    decodes = _decodes(self.graph, sampler_id)
+    for node in decodes.values():
       vae = _linked(self.graph, _inputs(node).get("vae"))
       if vae is not None and vae[1]["class_type"] == "VAELoader":
         self.note("vae", f"made with the VAE {_inputs(vae[1]).get('vae_name')}: give it with "
                          "--vae")
-    decoded = {node_id for node_id, node in self.graph.items() if node["class_type"] == "VAEDecode"
-               and (_linked(self.graph, _inputs(node).get("samples")) or ("",))[0] == sampler_id}
     for node_id, node in self.graph.items():  # its inpainting workflows' paste of the original
       if node["class_type"] == "ImageCompositeMasked" and any(
-          (_linked(self.graph, value) or ("",))[0] in decoded for value in _inputs(node).values()):
+          (_linked(self.graph, value) or ("",))[0] in decodes for value in _inputs(node).values()):
         self.note(None, f"node {node_id} (ImageCompositeMasked) composites the decoded image with "
                         "another through a mask: not reproduced (sdjax saves the decoded image)")
 
 
-def _decodes(graph, sampler_id: str) -> list[dict[str, Any]]:
-  """The VAEDecode nodes decoding the sampler's latents."""
-  return [node for node in graph.values() if node["class_type"] == "VAEDecode"
-          and (_linked(graph, _inputs(node).get("samples")) or ("",))[0] == sampler_id]
+def _decodes(graph, sampler_id: str) -> dict[str, dict[str, Any]]:
+  """The VAEDecode nodes decoding the sampler's latents, by id."""
+  return {node_id: node for node_id, node in graph.items() if node["class_type"] == "VAEDecode"
+          and (_linked(graph, _inputs(node).get("samples")) or ("",))[0] == sampler_id}
 
 
 def _hires_pass(graph, first_id: str, others: list[str]):

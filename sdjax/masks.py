@@ -114,8 +114,9 @@ def read_mask(image: Image.Image, comfyui: bool = False) -> Image.Image:
   """A mask file's image as the 8-bit mask it stands for (white repaints). A1111's reading (its
   create_binary_mask, rounding on): an RGBA image whose alpha is not all opaque is that alpha,
   thresholded (above 128: 255, else 0), any other image its grey levels. ComfyUI's (`comfyui`:
-  its LoadImage's mask; `run._comfyui_files`): an image with an alpha channel is 255 - alpha (what is transparent is
-  repainted), any other its grey levels (as its LoadImageMask reads a channel)."""
+  its LoadImage's mask; `run._comfyui_files`): an image with an alpha channel is 255 - alpha
+  (what is transparent is repainted), any other its grey levels (as its LoadImageMask reads a
+  channel)."""
   if comfyui and "A" in image.getbands():
     return ImageOps.invert(image.getchannel("A"))
   if not comfyui and image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):

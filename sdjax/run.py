@@ -420,8 +420,8 @@ def validate(cfg: RunConfig) -> None:
   if cfg.grow_mask_by is not None and cfg.inpaint_blend != "comfyui":
     raise RunError("--grow_mask_by is ComfyUI's VAEEncodeForInpaint: give --inpaint_blend "
                    "comfyui too")
-  try:
-    sampling.check_grow_mask_by(cfg.grow_mask_by, cfg.inpaint_blend)
+  try:  # (its range: the blend is checked above, in the flags' words)
+    sampling.check_grow_mask_by(cfg.grow_mask_by, "comfyui")
   except ValueError as e:
     raise RunError(f"--{e}") from None
   if cfg.noise_batch != 1 and cfg.subseed_strength:
