@@ -22,7 +22,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sdjax import infotext, outputs, run, sampling, schedulers, upscaling
+from sdjax import infotext, masks, outputs, run, sampling, schedulers, upscaling
 from sdjax.conditioning import MicroConditioning
 
 _OVERRIDABLE = ("model", "steps", "guidance_scale", "scheduler", "height", "width",
@@ -115,6 +115,11 @@ flags.DEFINE_enum("inpaint_blend", "diffusers", ["diffusers", "a1111", "comfyui"
 flags.DEFINE_integer("grow_mask_by", None, "inpainting with --inpaint_blend comfyui: ComfyUI's "
                      "VAEEncodeForInpaint (its grow_mask_by, 0-64): the image's latents those of "
                      "the image greyed under the mask, the mask grown by this many pixels")
+flags.DEFINE_list("soft_inpainting", None, "inpainting with --inpaint_blend a1111: A1111's Soft "
+                  "inpainting (for blurred masks: the mask's grey edge blends the original in, "
+                  "and the original is pasted back where the result changed little): 'on' (its "
+                  "defaults) or its six settings BIAS,PRESERVATION,CONTRAST_BOOST,"
+                  "MASK_INFLUENCE,THRESHOLD,CONTRAST (default 1,0.5,4,0,0.5,2)")
 flags.DEFINE_enum("image_encode", "sample", ["sample", "mode"],
                   "img2img, inpainting and a hires pixel upscaler: how images become latents: a "
                   "sample of the VAE's posterior (diffusers', A1111's) or its mode (ComfyUI's "
@@ -422,6 +427,7 @@ def _run_config() -> run.RunConfig:
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
       inpainting_mask_weight=FLAGS.inpainting_mask_weight, inpaint_blend=FLAGS.inpaint_blend,
       image_encode=FLAGS.image_encode, grow_mask_by=FLAGS.grow_mask_by,
+      soft_inpainting=_soft_inpainting(),
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,
@@ -635,6 +641,14 @@ def _pair(name: str):
   if len(pair) != 2:
     raise run.RunError(f"--{name} must be two integers A,B, got {','.join(value)}")
   return pair
+
+
+def _soft_inpainting():
+  try:
+    soft = masks.soft_inpainting(FLAGS.soft_inpainting)
+  except ValueError as e:
+    raise run.RunError(f"--soft_inpainting: {e}") from None
+  return None if soft is None else dataclasses.astuple(soft)
 
 
 def _freeu():

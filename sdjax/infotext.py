@@ -720,6 +720,17 @@ def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str,
   elif content is not None:
     notes.append(("inpainting_fill", f"Masked content: {content} is not one sdjax has "
                                      f"({', '.join(masks.MASKED_CONTENT)})"))
+  # A1111's Soft inpainting (its extension writes all six settings): with its blend
+  soft = fields.pop("Soft inpainting enabled", None) == "True"
+  settings = [fields.pop(label, None) for label in masks.SOFT_INPAINTING_LABELS]
+  if soft and flags.get("inpaint_blend") == "a1111":
+    defaults = dataclasses.astuple(masks.SoftInpainting())
+    flags["soft_inpainting"] = [str(_number(label, value)) if value is not None else f"{d:g}"
+                                for label, value, d in zip(masks.SOFT_INPAINTING_LABELS,
+                                                           settings, defaults, strict=True)]
+  elif soft:
+    notes.append(("soft_inpainting", "soft inpainting: sdjax makes it with A1111's blend only "
+                                     "(here not taken: the repainted pixels differ)"))
 
 
 def _hires_upscalers() -> dict[str, str]:

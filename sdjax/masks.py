@@ -13,6 +13,7 @@ with OpenCV's kernel rather than PIL's, which differs by a grey level here and t
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
@@ -44,6 +45,8 @@ class MaskOptions:
   masked_content: what the masked area starts from (MASKED_CONTENT); all but "original" fill it
     on the host (`fill`, after the blur and the resize, as A1111), the latent ones go on in
     `sampling`.
+  soft: A1111's soft inpainting (`SoftInpainting`): the original pasted back by
+    `soft_overlay`'s mask, made from the final latents, instead of the (doubled) mask.
   """
 
   blur: float = 0.0
@@ -51,6 +54,7 @@ class MaskOptions:
   overlay: bool = False
   invert: bool = False
   masked_content: str = "original"
+  soft: SoftInpainting | None = None
 
   def check(self) -> None:
     if not self.blur >= 0:
@@ -63,7 +67,7 @@ class MaskOptions:
   def host_work(self) -> bool:
     """Whether anything happens here, besides the sampler's own binarizing of the mask."""
     return (bool(self.blur) or self.padding is not None or self.overlay or self.invert
-            or self.masked_content != "original")
+            or self.masked_content != "original" or self.soft is not None)
 
   def a1111_parameters(self) -> dict[str, str]:
     """A1111's infotext entries for these options."""
@@ -72,7 +76,164 @@ class MaskOptions:
       extra.update({"Inpaint area": "Only masked", "Masked area padding": str(self.padding)})
     if self.masked_content != "original":
       extra["Masked content"] = self.masked_content
+    if self.soft is not None:
+      extra.update(self.soft.a1111_parameters())
     return extra
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftInpainting:
+  """A1111's "Soft inpainting" (its built-in extension), which lets a soft (blurred) mask's
+  grey edge blend the original into the result instead of cutting it at 0.5. On the device
+  (`sampling`): the latent mask is not rounded; each of the sampler's blends is a
+  magnitude-keeping interpolation (`sampling.latent_blend`) towards the image's latents by
+  the mask raised to sigma ** schedule_bias * preservation_strength; no blend after the loop.
+  Here (`soft_overlay`): the original is pasted back where the final latents moved little from
+  the image's. Defaults and ranges are A1111's sliders'.
+
+  schedule_bias: when the original is preserved (below 1: more near the end, at low sigma).
+  preservation_strength: how strongly partially masked areas keep the original.
+  transition_contrast_boost: the blend's magnitude power (higher: the larger magnitude wins).
+  mask_influence: how much the mask biases the difference threshold (0: not at all).
+  difference_threshold: the latent distance at which the original's opacity is 50%.
+  difference_contrast: how sharp that transition is.
+  """
+
+  schedule_bias: float = 1.0
+  preservation_strength: float = 0.5
+  transition_contrast_boost: float = 4.0
+  mask_influence: float = 0.0
+  difference_threshold: float = 0.5
+  difference_contrast: float = 2.0
+
+  def check(self) -> SoftInpainting:
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      low, high = _SOFT_RANGES[field.name]
+      if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not (
+          low <= value <= high):
+        raise ValueError(f"soft inpainting's {field.name} must be a number in [{low:g}, "
+                         f"{high:g}] (A1111's slider), got {value!r}")
+    return self
+
+  def a1111_parameters(self) -> dict[str, str]:
+    """A1111's infotext entries (its extension's labels)."""
+    return {"Soft inpainting enabled": "True", **{
+        label: f"{getattr(self, field.name):g}" for field, label in zip(
+            dataclasses.fields(self), SOFT_INPAINTING_LABELS, strict=True)}}
+
+
+# A1111's infotext labels of `SoftInpainting`'s fields, in order.
+SOFT_INPAINTING_LABELS = (
+    "Soft inpainting schedule bias", "Soft inpainting preservation strength",
+    "Soft inpainting transition contrast boost", "Soft inpainting mask influence",
+    "Soft inpainting difference threshold", "Soft inpainting difference contrast")
+_SOFT_RANGES = {"schedule_bias": (0, 8), "preservation_strength": (0, 8),
+                "transition_contrast_boost": (1, 32), "mask_influence": (0, 1),
+                "difference_threshold": (0, 8), "difference_contrast": (0, 8)}
+
+
+def soft_inpainting(values) -> SoftInpainting | None:
+  """`SoftInpainting` from None (off), "on" (A1111's defaults) or its six numbers in A1111's
+  order (schedule bias, preservation strength, transition contrast boost, mask influence,
+  difference threshold, difference contrast), as a list or a comma-separated string."""
+  if values is None or isinstance(values, SoftInpainting):
+    return values if values is None else values.check()
+  if isinstance(values, str):
+    values = [v.strip() for v in values.split(",")]
+  values = list(values)
+  if values == ["on"]:
+    return SoftInpainting()
+  if len(values) != 6:
+    raise ValueError("soft inpainting takes 'on' (A1111's defaults) or six numbers: schedule "
+                     "bias, preservation strength, transition contrast boost, mask influence, "
+                     f"difference threshold, difference contrast; got {values!r}")
+  try:
+    numbers = [float(v) for v in values]
+  except (TypeError, ValueError):
+    raise ValueError(f"soft inpainting's settings must be numbers, got {values!r}") from None
+  return SoftInpainting(*numbers).check()
+
+
+def soft_latent_mask(mask: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
+  """A1111's latent mask of a float32 mask [H, W] (or [H, W, 1]) of 8-bit levels / 255 with
+  soft inpainting (its mask rounding off): the 8-bit mask as RGB through PIL's default
+  (bicubic) resize to the latents' size, / 255, float32 [h, w]."""
+  levels = np.round(np.asarray(mask, np.float32).reshape(mask.shape[:2]) * 255).astype(np.uint8)
+  small = Image.fromarray(levels).convert("RGB").resize(latent_hw[::-1])
+  return np.asarray(small, np.float32)[..., 0] / np.float32(255)
+
+
+def soft_overlay(distance: np.ndarray, latent_mask: np.ndarray, soft: SoftInpainting,
+                 height: int, width: int) -> Image.Image:
+  """Soft inpainting's overlay mask (L, `width` x `height`: white where the result shows, the
+  original pasted where black), A1111's apply_adaptive_masks for one image: the distance
+  between the final latents and the image's (float32 [h, w]) through two weighted-histogram
+  filters (`weighted_histogram_filter`: the upper tenth's mean, then the middle half's),
+  divided by the threshold (scaled by the mask where mask_influence > 0), through
+  1 / (1 + d ** contrast), smootherstep and 1 - that, as 8-bit levels (truncated), then
+  "Resize and fill" to the image's size and a Gaussian blur of radius 4. `latent_mask` is
+  `soft_latent_mask`'s."""
+  one = np.float32(1)
+  scalar = one - np.clip(latent_mask.astype(np.float32), 0, 1) ** np.float32(
+      soft.preservation_strength / 2)
+  scalar = np.float32(0.5 * (1 - soft.mask_influence)) + scalar * np.float32(
+      soft.mask_influence)
+  scalar = scalar / (np.float32(1.00001) - scalar)
+  d = weighted_histogram_filter(distance.astype(np.float32), 0.9, 1.0)
+  d = weighted_histogram_filter(d, 0.25, 0.75)
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    d = d / (np.float32(soft.difference_threshold) * scalar)
+    m = one / (one + d ** np.float32(soft.difference_contrast))
+  m = m * m * m * (m * (np.float32(6) * m - np.float32(15)) + np.float32(10))  # smootherstep
+  m = np.nan_to_num((one - m) * np.float32(255), nan=0.0)
+  levels = Image.fromarray(m.astype(np.uint8))
+  whole = outputs.resize_fill(levels, height, width)
+  return whole.filter(ImageFilter.GaussianBlur(4))
+
+
+def _soft_kernel() -> np.ndarray:
+  """A1111's 5 x 5 kernel of the filters: a Gaussian of standard deviation 1.5 (exp(-r^2 /
+  1.5^2)) lowered and rescaled to 1 at the centre and 0 at radius 3, float64."""
+  r2 = np.add.outer(np.arange(-2, 3) ** 2.0, np.arange(-2, 3) ** 2.0)
+  zero = math.exp(-9 / 2.25)
+  return np.maximum((np.exp(-r2 / 2.25) - zero) * (1 / (1 - zero)), 0.0)
+
+
+def weighted_histogram_filter(image: np.ndarray, low: float, high: float) -> np.ndarray:
+  """A1111's weighted histogram filter of a float32 image [h, w] with `_soft_kernel`: at each
+  pixel, the window's values (those inside the image) sorted, each as tall as its kernel
+  weight, stacked; the mean of the stack between fractions `low` and `high` of its height
+  (widened to a height of at least 1 about its middle, kept inside the stack), weighted by
+  each value's overlap with that range. float32."""
+  kernel = _soft_kernel()
+  h, w = image.shape
+  padded = np.pad(image.astype(np.float64), 2, constant_values=np.inf)
+  inside = np.pad(np.ones((h, w)), 2)
+  # [h, w, 25]: each pixel's window in row-major order, outside pixels +inf with weight 0
+  values = np.stack([padded[i:i + h, j:j + w] for i in range(5) for j in range(5)], -1)
+  weights = np.stack([inside[i:i + h, j:j + w] * kernel[i, j]
+                      for i in range(5) for j in range(5)], -1)
+  order = np.argsort(values, axis=-1, kind="stable")
+  values = np.take_along_axis(values, order, -1)
+  weights = np.take_along_axis(weights, order, -1)
+  tops = np.cumsum(weights, -1)
+  bottoms = tops - weights
+  total = tops[..., -1:]
+  start, end = total * low, total * high
+  narrow = end - start < 1
+  middle = (start + end) / 2
+  start, end = np.where(narrow, middle - 0.5, start), np.where(narrow, middle + 0.5, end)
+  over = narrow & (end > total)
+  start, end = np.where(over, total - 1, start), np.where(over, total, end)
+  under = narrow & (start < 0)
+  start, end = np.where(under, 0, start), np.where(under, 1, end)
+  overlap = np.maximum(np.minimum(end, tops) - np.maximum(start, bottoms), 0)
+  overlap = np.where(weights > 0, overlap, 0)
+  value = np.sum(np.where(overlap > 0, values, 0) * overlap, -1)
+  weight = np.sum(overlap, -1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(weight != 0, value / weight, 0).astype(np.float32)
 
 
 def check_masked_content(value: str) -> str:
@@ -91,13 +252,28 @@ class Prepared:
   original: Image.Image | None  # RGB: pasted over the result (None: nothing to paste)
   overlay_mask: Image.Image | None  # L: where the result shows through
   crop: tuple[int, int, int, int] | None  # (x1, y1, x2, y2) in the original ("Only masked")
+  soft: SoftInpainting | None = None  # the overlay mask made by `soft_overlay`
 
-  def finish(self, generated: np.ndarray) -> np.ndarray:
-    """The final image (uint8 [H, W, 3]) from the decoded one (uint8 [h, w, 3])."""
+  def finish(self, generated: np.ndarray, distance: np.ndarray | None = None) -> np.ndarray:
+    """The final image (uint8 [H, W, 3]) from the decoded one (uint8 [h, w, 3]); with soft
+    inpainting, the distance between its latents and the image's (float32 [h / 8, w / 8],
+    `sampling`'s second output) makes the overlay mask."""
     if self.original is None:
       return generated
-    return np.asarray(overlay(Image.fromarray(generated), self.original, self.overlay_mask,
-                              self.crop))
+    mask = self.overlay_mask
+    if self.soft is not None:
+      if distance is None:
+        raise ValueError("soft inpainting's overlay needs the latents' distance map")
+      h, w = generated.shape[:2]
+      distance = np.asarray(distance, np.float32).reshape(distance.shape[:2])
+      mask = soft_overlay(distance, soft_latent_mask(self.mask, distance.shape), self.soft,
+                          h, w)
+      if self.crop is not None:  # A1111's uncrop: black (the original) outside the box
+        x1, y1, x2, y2 = self.crop
+        placed = Image.new("L", self.original.size)
+        placed.paste(outputs.resize_cover(mask, y2 - y1, x2 - x1), (x1, y1))
+        mask = placed
+    return np.asarray(overlay(Image.fromarray(generated), self.original, mask, self.crop))
 
 
 def cut_as(image: Image.Image, prepared: Prepared, height: int, width: int,
@@ -110,17 +286,19 @@ def cut_as(image: Image.Image, prepared: Prepared, height: int, width: int,
   return outputs.resize_fill(image.crop(prepared.crop), height, width)
 
 
-def read_mask(image: Image.Image, comfyui: bool = False) -> Image.Image:
+def read_mask(image: Image.Image, comfyui: bool = False, rounded: bool = True) -> Image.Image:
   """A mask file's image as the 8-bit mask it stands for (white repaints). A1111's reading (its
   create_binary_mask, rounding on): an RGBA image whose alpha is not all opaque is that alpha,
   thresholded (above 128: 255, else 0), any other image its grey levels. ComfyUI's (`comfyui`:
   its LoadImage's mask; `run._comfyui_files`): an image with an alpha channel is 255 - alpha
   (what is transparent is repainted), any other its grey levels (as its LoadImageMask reads a
-  channel)."""
+  channel). Not `rounded` (A1111's soft inpainting turns its rounding off), the alpha is the
+  mask as it is."""
   if comfyui and "A" in image.getbands():
     return ImageOps.invert(image.getchannel("A"))
   if not comfyui and image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
-    return image.getchannel("A").point(lambda level: 255 if level > 128 else 0)
+    alpha = image.getchannel("A")
+    return alpha.point(lambda level: 255 if level > 128 else 0) if rounded else alpha
   return image.convert("L")
 
 
@@ -147,14 +325,16 @@ def prepare(image: Image.Image, mask: Image.Image, height: int, width: int,
     sampled_image = outputs.resize(image, height, width, resize_mode)
     sampled_mask = outputs.resize(mask, height, width, resize_mode)
     original = overlay_mask = None
-    if options.overlay:  # A1111: the doubled mask, so what is repainted shows whole
+    if options.soft is not None:  # A1111's soft inpainting makes its own overlay mask
+      original = sampled_image
+    elif options.overlay:  # A1111: the doubled mask, so what is repainted shows whole
       original = sampled_image
       doubled = np.clip(np.asarray(sampled_mask, np.float32) * 2, 0, 255).astype(np.uint8)
       overlay_mask = Image.fromarray(doubled)
   if options.masked_content != "original":  # what is sampled; the overlay keeps the original
     sampled_image = fill(sampled_image, sampled_mask)
   return Prepared(_unit(sampled_image), _unit(sampled_mask)[..., None], original, overlay_mask,
-                  region)
+                  region, options.soft)
 
 
 def fill(image: Image.Image, mask: Image.Image) -> Image.Image:

@@ -390,6 +390,7 @@ class Pipeline:
                token_merging_ratio: float = 0.0, hires_token_merging_ratio: float | None = None,
                inpainting_mask_weight: float = 1.0, inpaint_blend: str = "diffusers",
                image_encode: str = "sample", grow_mask_by: int | None = None,
+               soft_inpainting: Any = None,
                tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
                subseed_strength: float = 0.0, ensd: int = 0,
                seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
@@ -682,6 +683,14 @@ class Pipeline:
         too), and the mask blended with (and an inpainting model's) is the rounded mask grown
         by that many pixels; None (the default): the image as it is (its SetLatentNoiseMask or
         InpaintModelConditioning).
+      soft_inpainting: with inpaint_blend "a1111", A1111's Soft inpainting (its built-in
+        extension; for soft, blurred masks): "on" (its defaults), a `masks.SoftInpainting` or
+        its six numbers (schedule bias, preservation strength, transition contrast boost, mask
+        influence, difference threshold, difference contrast). The latent mask is not rounded,
+        each blend keeps the latents' magnitude and weighs the original by the mask raised to
+        sigma^bias * preservation, nothing is blended after the loop, and the original is
+        pasted back where the final latents moved little from the image's (an overlay mask
+        made from their distance, `masks.soft_overlay`) rather than by the mask.
       image_encode: how init images (and a hires pass's pixel upscaler's) become latents
         (`sampling.IMAGE_ENCODES`): "sample" (the default, diffusers'), a sample of the VAE's
         posterior, each image's noise for it drawn first; or "mode", ComfyUI's VAEEncode: the
@@ -698,7 +707,8 @@ class Pipeline:
       `padding_mask_crop`, at the size of `init_images`).
     """
     options = masks.MaskOptions(mask_blur, padding_mask_crop, mask_overlay,
-                                masked_content=masked_content)
+                                masked_content=masked_content,
+                                soft=masks.soft_inpainting(soft_inpainting))
     prepared = None
     if options.host_work:
       prepared, init_images, mask_images, height, width = _prepare_masks(
@@ -768,7 +778,8 @@ class Pipeline:
         freeu=freeu, token_merging_ratio=token_merging_ratio,
         hires_token_merging_ratio=hires_token_merging_ratio,
         inpainting_mask_weight=inpainting_mask_weight, inpaint_blend=inpaint_blend,
-        image_encode=image_encode, grow_mask_by=grow_mask_by, tiling=tiling, rng=rng,
+        image_encode=image_encode, grow_mask_by=grow_mask_by, soft_inpainting=options.soft,
+        tiling=tiling, rng=rng,
         subseed=subseed, subseed_strength=subseed_strength,
         ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all, skip_early_cond=skip_early_cond,
@@ -778,10 +789,11 @@ class Pipeline:
         noise_multiplier=noise_multiplier, extra_noise=extra_noise, noise_batch=noise_batch,
         image_guidance_scale=image_guidance_scale, depth_maps=depth_maps,
         noise_level=noise_level)
+    images, distances = images if options.soft is not None else (images, [None] * len(images))
     if prepared is None:
       return images
-    return np.stack([p.finish(outputs.to_uint8(image)) for p, image in zip(
-        prepared, images, strict=True)]).astype(np.float32) / np.float32(255.0)
+    return np.stack([p.finish(outputs.to_uint8(image), d) for p, image, d in zip(
+        prepared, images, distances, strict=True)]).astype(np.float32) / np.float32(255.0)
 
   # -- export ------------------------------------------------------------------------------------
   def save_pretrained(self, folder: str) -> None:
@@ -799,8 +811,8 @@ def _prepare_masks(pipe, init_images, mask_images, height, width, options):
   width)."""
   options.check()
   if init_images is None or mask_images is None:
-    raise ValueError("mask_blur, padding_mask_crop, mask_overlay and masked_content are "
-                     "inpainting options: give init_images and mask_images")
+    raise ValueError("mask_blur, padding_mask_crop, mask_overlay, masked_content and "
+                     "soft_inpainting are inpainting options: give init_images and mask_images")
   init_images, mask_images = np.asarray(init_images), np.asarray(mask_images)
   if mask_images.ndim == 4 and mask_images.shape[-1] == 1:
     mask_images = mask_images[..., 0]

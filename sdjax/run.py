@@ -186,6 +186,9 @@ class RunConfig:
   # With inpaint_blend "comfyui": ComfyUI's VAEEncodeForInpaint, its mask grown by this many
   # pixels (`sampling.SampleSpec.grow_mask_by`); None: the image as it is.
   grow_mask_by: int | None = None
+  # With inpaint_blend "a1111": A1111's Soft inpainting, its six settings
+  # (`masks.SoftInpainting`); None: off.
+  soft_inpainting: tuple[float, ...] | None = None
   # ControlNets steering lines by their control_image (else these, one per ControlNet), their
   # residuals summed in order; per ControlNet a single file's diffusers config ("": none). The
   # scale and share of the steps: one for all, or one per ControlNet.
@@ -424,6 +427,15 @@ def validate(cfg: RunConfig) -> None:
     sampling.check_grow_mask_by(cfg.grow_mask_by, "comfyui")
   except ValueError as e:
     raise RunError(f"--{e}") from None
+  if cfg.soft_inpainting is not None:
+    try:
+      masks.soft_inpainting(cfg.soft_inpainting)
+    except ValueError as e:
+      raise RunError(f"--soft_inpainting: {e}") from None
+    if cfg.inpaint_blend != "a1111":
+      raise RunError("--soft_inpainting is A1111's inpainting: give --inpaint_blend a1111 too")
+    if cfg.cfg_parallel or cfg.refiner is not None:
+      raise RunError("--soft_inpainting is not made with --cfg_parallel or --refiner")
   if cfg.noise_batch != 1 and cfg.subseed_strength:
     raise RunError("--noise_batch and --subseed_strength (A1111's variation seeds) do not go "
                    "together")
@@ -660,6 +672,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["inpainting"] = dataclasses.asdict(_mask_options(cfg))
     if cfg.inpainting_fill == "original":  # absent for the default: older folders still match
       del settings["inpainting"]["masked_content"]
+    if cfg.soft_inpainting is None:  # (the same)
+      del settings["inpainting"]["soft"]
   if cfg.inpainting_mask_weight != 1.0:  # absent for the default: older folders still match
     settings["inpainting_mask_weight"] = cfg.inpainting_mask_weight
   if cfg.inpaint_blend != "diffusers":  # absent for the default: older folders still match
@@ -764,7 +778,8 @@ def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
   ComfyUI's blend (ComfyUI saves the decoded image as it is)."""
   return masks.MaskOptions(cfg.mask_blur, cfg.inpaint_full_res_padding if cfg.inpaint_full_res
                            else None, overlay=cfg.inpaint_blend != "comfyui",
-                           invert=cfg.inpainting_mask_invert, masked_content=cfg.inpainting_fill)
+                           invert=cfg.inpainting_mask_invert, masked_content=cfg.inpainting_fill,
+                           soft=masks.soft_inpainting(cfg.soft_inpainting))
 
 
 def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None,
@@ -1436,7 +1451,10 @@ def _write(writer, metadata, batch, images, finish, progress) -> int:
   """Fetches a finished batch, finishes inpainted images (`masks.Prepared.finish`, where `finish`
   has one for the row), runs the safety checker over them and hands the real ones to the writer
   threads."""
-  ready = []
+  ready, distances = [], None
+  if isinstance(images, tuple):  # soft inpainting's: (images, distance maps)
+    images, distances = images
+    distances = list(parallel.local_rows_numpy(distances))
   for row, image in enumerate(parallel.local_rows_numpy(images)):
     shard, job = batch[row]
     if shard is not None:
@@ -1449,7 +1467,7 @@ def _write(writer, metadata, batch, images, finish, progress) -> int:
                        f"{metadata.guidance(job):g}, {metadata.cfg.dtype})") from None
       record = metadata.record(job)
       if finish is not None and finish[row] is not None:
-        image = finish[row].finish(image)
+        image = finish[row].finish(image, None if distances is None else distances[row])
         if finish[row].crop is not None:  # "Only masked": the original's size
           record.update(height=image.shape[0], width=image.shape[1],
                         inpaint_region=list(finish[row].crop))
@@ -1615,6 +1633,9 @@ class _Sampler:
       except ValueError as e:
         what = {None: "text-to-image", "img2img": "img2img", "inpaint": "inpainting"}[kind]
         raise RunError(f"{what} lines: {e}") from None
+      if kind == "inpaint" and cfg.soft_inpainting is not None:  # (lines with masks)
+        spec = dataclasses.replace(spec, soft_inpainting=masks.soft_inpainting(
+            cfg.soft_inpainting))
       if spec.control:  # A1111's Control Modes (both passes of the hires fix)
         try:
           spec = dataclasses.replace(spec, control_modes=sampling.control_modes(
@@ -1864,7 +1885,7 @@ class _Sampler:
           image = outputs.open_image(job.init_image, None)
           rows[key] = masks.prepare(image if comfyui else outputs.flatten(image),
                                     masks.read_mask(outputs.open_image(job.mask_image, None),
-                                                    comfyui),
+                                                    comfyui, options.soft is None),
                                     *size, options, self.cfg.resize_mode)
       except ValueError as e:
         raise RunError(f"image {job.index} ({job.prompt!r}): {e}") from None
@@ -2393,6 +2414,8 @@ class _Metadata:
       record["inpaint_blend"] = cfg.inpaint_blend
     if cfg.grow_mask_by is not None:
       record["grow_mask_by"] = cfg.grow_mask_by
+    if cfg.soft_inpainting is not None:
+      record["soft_inpainting"] = list(cfg.soft_inpainting)
     return record
 
   def _brownian(self, scheduler: str) -> str | None:

@@ -152,6 +152,11 @@ class SampleSpec:
   inpaint_blend: str = "diffusers"
   # How the run's images become latents (IMAGE_ENCODES).
   image_encode: str = "sample"
+  # A1111's soft inpainting (with inpaint_blend "a1111", `masks.SoftInpainting`): the latent
+  # mask unrounded, each blend `latent_blend`'s (`_SoftBlend`), none after the loop, and the
+  # program returns (images, the distance between the final latents and the image's [B, h, w])
+  # for the host's overlay (`masks.soft_overlay`).
+  soft_inpainting: masks.SoftInpainting | None = None
   # ComfyUI's VAEEncodeForInpaint (with inpaint_blend "comfyui"): the image's latents are those
   # of the image with the rounded mask's pixels mid grey (an inpainting model's masked image
   # latents too), and the mask is grown by this many pixels (`_encoded_for_inpaint`); None: the
@@ -901,7 +906,10 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
 
       def predict(x, t, call):
         return unet_predict(jnp.concatenate([x, mask, masked_latents], axis=-1), t, call)
-    if spec.inpaint_blend == "a1111":
+    if spec.soft_inpainting is not None:
+      blend = _SoftBlend(spec.scheduler, a1111_latent_mask(init[1], spec.latent_hw, False),
+                         image_latents, spec.soft_inpainting)
+    elif spec.inpaint_blend == "a1111":
       blend = _A1111Blend(spec.scheduler, a1111_latent_mask(init[1], spec.latent_hw),
                           image_latents)
     elif spec.inpaint_blend == "comfyui":
@@ -924,6 +932,8 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
     carried = (carried, blend.init)
   if spec.output_latents:  # with `spec.output_state`: (x, state), or (x, (state, image latents))
     return x if carried is None else (x, carried)
+  if spec.soft_inpainting is not None:  # A1111's, for the host's overlay (`masks.soft_overlay`)
+    return decode_images(nets.vae, params["vae"], x), jnp.linalg.norm(x - blend.init, axis=-1)
   return decode_images(nets.vae, params["vae"], x)
 
 
@@ -1207,9 +1217,14 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
   latents' size for the model, and the masked image is (image - 0.5) * (1 - mask) + 0.5."""
   images, masks = init
   comfyui = spec.inpaint_blend == "comfyui"
+  soft = spec.soft_inpainting is not None
   if comfyui:
     repaint = jnp.round(masks.astype(jnp.float32)) > 0
     mask = jnp.round(interpolate.resize(masks, spec.latent_hw, "bilinear"))
+  elif soft:  # A1111's soft inpainting: the mask as it is (its rounding off)
+    repaint = masks.astype(jnp.float32)
+    s = vae.config.downscale
+    mask = repaint[:, ::s, ::s]
   else:
     repaint = masks.astype(jnp.float32) >= 0.5
     s = vae.config.downscale
@@ -1219,16 +1234,20 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
     image_latents = _encode(spec, vae, params, images, source, _POSTERIOR)
     if spec.masked_content != "original":  # A1111: the latents the masked area starts from
       instead = noise if spec.masked_content == "latent noise" else jnp.zeros_like(noise)
-      image_latents = jnp.where(mask > 0, instead, image_latents)
+      if soft:  # its unrounded latent mask's blend
+        nmask = a1111_latent_mask(masks, spec.latent_hw, False)
+        image_latents = image_latents * (1 - nmask) + instead * nmask
+      else:
+        image_latents = jnp.where(mask > 0, instead, image_latents)
   if spec.inpaint == "concat" and spec.grow_mask_by is not None:  # its latents, masked
     masked_latents = image_latents
   elif spec.inpaint == "concat":
     if comfyui:  # its arithmetic: an image level less 0.5 may round
       keep = 1 - repaint.astype(jnp.float32)
       masked = (images.astype(jnp.float32) - jnp.float32(0.5)) * keep + jnp.float32(0.5)
-    else:
+    elif not soft:  # (soft: the lerp below, of the mask as it is)
       masked = jnp.where(repaint, jnp.float32(0.5), images.astype(jnp.float32))
-    if spec.mask_weight != 1.0:  # A1111's lerp in [-1, 1], of the rounded mask
+    if spec.mask_weight != 1.0 or soft:  # A1111's lerp in [-1, 1], of the (rounded) mask
       signed = 2 * images.astype(jnp.float32) - 1
       hidden = signed * (1 - repaint.astype(jnp.float32))
       masked = (_lerp(signed, hidden, spec.mask_weight) + 1) / 2
@@ -1272,13 +1291,32 @@ def check_mask_weight(pipe, weight) -> float:
   return float(weight)
 
 
-def a1111_latent_mask(masks, latent_hw: tuple[int, int]):
+def a1111_latent_mask(masks, latent_hw: tuple[int, int], rounded: bool = True):
   """A1111's latent mask of float32 masks [B, H, W, 1] in [0, 1] (8-bit levels / 255): each
   8-bit mask through PIL's bicubic resize to the latents' size, / 255, rounded half to even
-  (its `latmask`): 1 where the latents repaint, [B, h, w, 1] float32."""
+  (its `latmask`; not `rounded`: its soft inpainting's): 1 where the latents repaint,
+  [B, h, w, 1] float32."""
   levels = jnp.round(masks.astype(jnp.float32) * 255).astype(jnp.int32)
   small = interpolate.pil_resize(levels, latent_hw, "bicubic").astype(jnp.float32)
-  return jnp.round(small / jnp.float32(255))
+  return jnp.round(small / jnp.float32(255)) if rounded else small / jnp.float32(255)
+
+
+def latent_blend(a, b, t, power: float):
+  """A1111's soft inpainting blend of latents a (the image's) and b [B, h, w, C] at t [B, h, w,
+  1]: their linear interpolation a (1 - t) + b t, rescaled per pixel to the magnitude
+  (|a|^power (1 - t) + |b|^power t)^(1 / power) (|.|: the norm over channels; the linear
+  magnitude + 1e-5 divides), which leans to the larger magnitude as `power` grows. A1111 takes
+  the powers in float64; here each norm is first divided by the larger of the two (the same
+  value, no overflow at power 32 in float32)."""
+  interp = a * (1 - t) + b * t
+  current = jnp.linalg.norm(interp, axis=-1, keepdims=True) + jnp.float32(1e-5)
+  na = jnp.linalg.norm(a, axis=-1, keepdims=True)
+  nb = jnp.linalg.norm(b, axis=-1, keepdims=True)
+  top = jnp.maximum(na, nb)
+  unit = jnp.where(top > 0, top, 1)
+  p = jnp.float32(power)
+  want = top * ((na / unit) ** p * (1 - t) + (nb / unit) ** p * t) ** (1 / p)
+  return interp * (want / current)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1369,6 +1407,30 @@ class _ComfyUIBlend(_A1111Blend):
     return self._output(xk, self.keep(x0), sigma, a)
 
 
+@dataclasses.dataclass(frozen=True)
+class _SoftBlend(_A1111Blend):
+  """A1111's blend with its soft inpainting (`masks.SoftInpainting` `soft`): `nmask` unrounded,
+  each blend `latent_blend(init, x, nmask ** (level ** schedule_bias * preservation_strength))`
+  at the call's level (its sigma; a timestep sampler's: its timestep, which A1111 hands its CFG
+  denoiser in the sigma's place); nothing after the loop."""
+  soft: Any = None
+  final = False
+
+  def _soft(self, x, level):
+    t = self.nmask ** (level ** jnp.float32(self.soft.schedule_bias)
+                       * jnp.float32(self.soft.preservation_strength))
+    return latent_blend(self.init, x, t, self.soft.transition_contrast_boost)
+
+  def model_input(self, state, x_in, i):
+    if not self.into_input:
+      return x_in
+    return self._soft(x_in, jnp.asarray(state.timesteps)[i].astype(jnp.float32))
+
+  def output(self, state, x, out, i):
+    sigma, a, xk = self._levels(state, x, i)
+    return self._output(xk, self._soft(self._x0(xk, out, sigma, a), sigma), sigma, a)
+
+
 def check_inpaint_blend(sched, blend: str) -> None:
   """`blend` is one of INPAINT_BLENDS, and "a1111" or "comfyui" one the scheduler can run."""
   if blend not in INPAINT_BLENDS:
@@ -1380,6 +1442,19 @@ def check_inpaint_blend(sched, blend: str) -> None:
     raise ValueError(f"inpaint_blend 'comfyui' blends ComfyUI's k-diffusion samplers' inputs and "
                      f"denoised predictions, which scheduler {sched.name!r} does not make so "
                      "(pick another for it)")
+
+
+def check_soft_inpainting(inpaint: bool, blend: str, cfg_parallel: bool = False,
+                          refined: bool = False) -> None:
+  """A1111's soft inpainting is an inpainting run's (`inpaint`) with A1111's blend, on one
+  device's program (not cfg_parallel's), with no refiner."""
+  if not inpaint or blend != "a1111":
+    raise ValueError("soft inpainting is A1111's inpainting: give mask_images and "
+                     "inpaint_blend 'a1111' too")
+  if cfg_parallel:
+    raise ValueError("soft inpainting is not made with cfg_parallel")
+  if refined:
+    raise ValueError("soft inpainting is not made with a refiner")
 
 
 def check_grow_mask_by(grow: int | None, blend: str | None) -> None:
@@ -2499,6 +2574,7 @@ def generate(
     inpaint_blend: str = "diffusers",
     image_encode: str = "sample",
     grow_mask_by: int | None = None,
+    soft_inpainting: Any = None,
     scheduler_options: dict[str, Any] | None = None,
     controlnet=None,
     control_images: Any = None,
@@ -2541,7 +2617,9 @@ def generate(
   fills the images for any but "original"; `ip`: the IP-Adapters' (images, scales) of
   `pipeline.ip_adapter_input`, whose pipeline `pipe` is; `hires_prompts`,
   `hires_negative_prompts`: the hires pass's, None: the first pass's; `hires_model`: the
-  pipeline of the hires pass, None: `pipe`, with the same IP-Adapters as `pipe`)."""
+  pipeline of the hires pass, None: `pipe`, with the same IP-Adapters as `pipe`). With
+  `soft_inpainting` (`masks.soft_inpainting`'s input) returns (images, the distance maps
+  [N, h, w] the caller's overlay takes: `masks.Prepared.finish`)."""
   if prompt_syntax not in PROMPT_SYNTAXES:
     raise ValueError(f"unknown prompt syntax {prompt_syntax!r}; use one of "
                      f"{', '.join(PROMPT_SYNTAXES)}")
@@ -2601,6 +2679,10 @@ def generate(
   if refiner is not None:
     check_handoff(refiner_start, steps)
     check_refined(pipe, mask_images is not None, refiner_switch, inpaint_blend)
+  soft_inpainting = masks.soft_inpainting(soft_inpainting)
+  if soft_inpainting is not None:
+    check_soft_inpainting(mask_images is not None, inpaint_blend, cfg_parallel,
+                          refiner is not None)
   hires_prompts = prompts if hires_prompts is None else _as_list(hires_prompts, n,
                                                                    "hires_prompts")
   hires_negatives = negatives if hires_negative_prompts is None else _as_list(
@@ -2692,6 +2774,7 @@ def generate(
       "hires_token_merging_ratio", hires_token_merging_ratio)
   spec = with_cfg_skip(dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=tiling,
                                            token_merging=merging,
+                                           soft_inpainting=soft_inpainting,
                                            mask_weight=check_mask_weight(
                                                pipe, inpainting_mask_weight)),
                        state, cfg_skip, steps)
@@ -2788,6 +2871,8 @@ def generate(
                   scalars, out,
                   hires_state, None if controlled is None else control_input(
                       hires_control_images, hires_spec, hires_state))
+  if spec.soft_inpainting is not None:  # (images, distance maps)
+    return tuple(np.asarray(o) for o in out)
   if not hires_handoff:
     return np.asarray(out)
   # the refiner's part of the hires pass, at its size, with its prompts

@@ -189,6 +189,26 @@ def test_img2img_and_inpaint_fields():
               "inpaint_blend"} & set(plain)
 
 
+def test_soft_inpainting_fields():
+  """A1111's Soft inpainting (its extension writes "enabled" and all six settings) is
+  --soft_inpainting in its order, with A1111's blend; without that blend (a sampler that does
+  not take it) a note; settings without "enabled: True" are dropped."""
+  text = ("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Denoising strength: 0.75, "
+          "Mask blur: 8, Soft inpainting enabled: True, Soft inpainting schedule bias: 1.5, "
+          "Soft inpainting preservation strength: 0.5, Soft inpainting transition contrast "
+          "boost: 4, Soft inpainting mask influence: 0.2, Soft inpainting difference "
+          "threshold: 0.5, Soft inpainting difference contrast: 2, Version: v1.10.1")
+  found = reproduce(text)
+  assert found.flags["inpaint_blend"] == "a1111"
+  assert found.flags["soft_inpainting"] == ["1.5", "0.5", "4.0", "0.2", "0.5", "2.0"]
+  assert not [n for n in found.notes if "Soft" in str(n)]
+  cfg_pp = reproduce(text.replace("Euler a,", "Euler CFG++,"))
+  assert "soft_inpainting" not in cfg_pp.flags
+  assert "with A1111's blend only" in dict(cfg_pp.notes)["soft_inpainting"]
+  off = reproduce(text.replace("enabled: True", "enabled: False"))
+  assert "soft_inpainting" not in off.flags and "Soft inpainting" not in str(off.notes)
+
+
 def test_forge_schedule_types():
   """Forge's Align Your Steps GITS / 11 / 32 and Turbo read as the schedule types they are."""
   for label, name in (("Align Your Steps GITS", "align_your_steps_gits"),

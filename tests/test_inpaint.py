@@ -563,15 +563,17 @@ def test_run_with_mask_lines(inpainting, tmp_path):
   assert not os.path.exists(tmp_path / "lone" / "00000")
 
 
-def _a1111_latent_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+def _a1111_latent_mask(mask: np.ndarray, h: int, w: int, rounded: bool = True) -> np.ndarray:
   """A1111's `latmask` of a float [H, W] mask of 8-bit levels: the L image as RGB through PIL's
-  default (bicubic) resize to the latents' size, channel 0, / 255, np.around. (One axis at a
-  time, horizontal first: Pillow up to 12's order, which A1111 pins.)"""
+  default (bicubic) resize to the latents' size, channel 0, / 255, np.around (not `rounded`:
+  its soft inpainting's). (One axis at a time, horizontal first: Pillow up to 12's order, which
+  A1111 pins.)"""
   from PIL import Image  # noqa: PLC0415
 
   image = Image.fromarray(np.round(mask * 255).astype(np.uint8)).convert("RGB")
   image = image.resize((w, image.height), Image.BICUBIC).resize((w, h), Image.BICUBIC)
-  return np.around(np.asarray(image, np.float32)[..., 0] / 255)
+  small = np.asarray(image, np.float32)[..., 0] / 255
+  return np.around(small) if rounded else small
 
 
 def _torch_inpaint_inputs(ref, images, seeds):
@@ -746,6 +748,54 @@ def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model
     assert rel_err(pipe.generate(PROMPTS, **kw, step_rng="torch_cpu"), expected) > 1e-3
 
 
+def _a1111_loop(ref, spec, state, name, init, noise, gens, context, blend, concat=(),
+                v=False):
+  """A1111's img2img inpaint loop over diffusers' UNet (its inputs `concat` beside the latents),
+  from the image's latents `init` noised to the run's first level: k-diffusion's Euler a (its
+  step noise drawn from `gens`), every denoised prediction through `blend(x0, sigma)` (`v`: the
+  UNet's output read as v, k-diffusion's v denoiser), or its DDIM (sdjax's `a1111` form's
+  steps, which tests/test_scheduler_ddim.py checks against A1111's loop), every model input
+  through `blend(x, t)`, t the call's timestep (float32), which A1111 hands its CFG denoiser in
+  the sigma's place. The final latents, unblended."""
+  import k_diffusion_reference as kd  # noqa: PLC0415
+
+  calls = iter(np.asarray(state.timesteps)[spec.begin:])
+
+  def guided(x_in):
+    x_in = torch.cat([x_in, *concat], dim=1)
+    with torch.no_grad():
+      eps_u, eps_c = ref.unet(torch.cat([x_in, x_in]), float(next(calls)),
+                              encoder_hidden_states=context).sample.chunk(2)
+    return eps_u + GUIDANCE * (eps_c - eps_u)
+
+  if name == "euler_ancestral":
+    sigmas = torch.from_numpy(np.asarray(state.sigmas)[spec.begin:])
+
+    def denoiser(config, timesteps=None):
+      if not v:
+        return lambda x, sigma: blend(x - sigma * guided(x / (sigma**2 + 1) ** 0.5), sigma)
+      # k-diffusion's v denoiser: c_skip x + c_out v, v the model's at c_in x
+      return lambda x, sigma: blend(x / (sigma**2 + 1) - sigma / (sigma**2 + 1) ** 0.5 * guided(
+          x / (sigma**2 + 1) ** 0.5), sigma)
+
+    step_noises = [torch.cat([torch.randn(init[:1].shape, generator=g) for g in gens])
+                   for _ in range(len(sigmas) - 1)]
+    with mock.patch.object(kd, "denoiser", denoiser):
+      return torch.from_numpy(kd.sample_euler_ancestral(None, sigmas, init + noise * sigmas[0],
+                                                        step_noises)[-1])
+  sched = spec.scheduler
+
+  def nhwc(t):
+    return jnp.asarray(t.permute(0, 2, 3, 1).numpy())
+
+  x = sched.img2img_noise(state, nhwc(init), nhwc(noise), spec.begin)
+  for i in range(spec.begin, len(state.timesteps)):
+    x_in = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)
+    t = torch.tensor(float(state.timesteps[i]), dtype=torch.float32)
+    x, state = sched.step(state, nhwc(guided(blend(x_in, t))), i, x)
+  return torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)
+
+
 @pytest.mark.parametrize(("name", "prediction_type"), [
     ("euler_ancestral", "epsilon"), ("ddim", "epsilon"), ("euler_ancestral", "v_prediction")])
 def test_a1111_blend_matches_its_loop(plain, name, prediction_type):
@@ -757,8 +807,6 @@ def test_a1111_blend_matches_its_loop(plain, name, prediction_type):
   diffusers' order (the image's posterior, the noise, the masked image's posterior, each
   step's); a v model's (the UNet's output read as v) through k-diffusion's v denoiser. Another
   image than the default (diffusers') blend's."""
-  import k_diffusion_reference as kd  # noqa: PLC0415
-
   ref, pipe, _ = plain
   images, masks, _ = _inputs(7)
   masks = np.round(masks * 255) / 255  # 8-bit levels, as masks read from files
@@ -773,50 +821,16 @@ def test_a1111_blend_matches_its_loop(plain, name, prediction_type):
   spec, state = sampling.prepare(pipe, 2, steps=steps, scheduler=name, height=H, width=W,
                                  guidance_scale=GUIDANCE, img2img=True, strength=strength,
                                  inpaint=True, scheduler_options=options)
-  timesteps = np.asarray(state.timesteps)[spec.begin:]
   gens, init, noise, context = _torch_inpaint_inputs(ref, images, seeds)
-  shape, sf = init[:1].shape, ref.vae.config.scaling_factor
+  sf = ref.vae.config.scaling_factor
   nmask = torch.from_numpy(np.stack([_a1111_latent_mask(m, H // 2, W // 2) for m in masks]))[
       :, None]
 
-  def blend(x):
+  def blend(x, level=None):
     return x * nmask + init * (1 - nmask)
 
-  calls = iter(timesteps)
-
-  def guided(x_in):
-    with torch.no_grad():
-      eps_u, eps_c = ref.unet(torch.cat([x_in, x_in]), float(next(calls)),
-                              encoder_hidden_states=context).sample.chunk(2)
-    return eps_u + GUIDANCE * (eps_c - eps_u)
-
-  if name == "euler_ancestral":
-    sigmas = torch.from_numpy(np.asarray(state.sigmas)[spec.begin:])
-
-    def denoiser(config, timesteps=None):
-      if prediction_type == "epsilon":
-        return lambda x, sigma: blend(x - sigma * guided(x / (sigma**2 + 1) ** 0.5))
-      # k-diffusion's v denoiser: c_skip x + c_out v, v the model's at c_in x
-      return lambda x, sigma: blend(x / (sigma**2 + 1) - sigma / (sigma**2 + 1) ** 0.5 * guided(
-          x / (sigma**2 + 1) ** 0.5))
-
-    step_noises = [torch.cat([torch.randn(shape, generator=g) for g in gens])
-                   for _ in range(len(timesteps))]
-    with mock.patch.object(kd, "denoiser", denoiser):
-      x = torch.from_numpy(kd.sample_euler_ancestral(None, sigmas, init + noise * sigmas[0],
-                                                     step_noises)[-1])
-  else:  # A1111's DDIM: sdjax's `a1111` form's steps (tests/test_scheduler_ddim.py checks them
-    # against A1111's loop), each model input blended with the clean latents outside the mask
-    sched = spec.scheduler
-
-    def nhwc(t):
-      return jnp.asarray(t.permute(0, 2, 3, 1).numpy())
-
-    x = sched.img2img_noise(state, nhwc(init), nhwc(noise), spec.begin)
-    for i in range(spec.begin, len(state.timesteps)):
-      x_in = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)
-      x, state = sched.step(state, nhwc(guided(blend(x_in))), i, x)
-    x = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)
+  x = _a1111_loop(ref, spec, state, name, init, noise, gens, context, blend,
+                  v=prediction_type == "v_prediction")
   with torch.no_grad():
     expected = (ref.vae.decode(blend(x) / sf).sample / 2 + 0.5).clamp(0, 1)
   expected = expected.permute(0, 2, 3, 1).numpy()
@@ -825,3 +839,163 @@ def test_a1111_blend_matches_its_loop(plain, name, prediction_type):
   assert err <= 1e-5
   default = pipe.generate(PROMPTS, **kw)
   assert rel_err(default, expected) > 100 * max(err, 1e-7)
+
+
+@pytest.mark.parametrize(("model", "name", "settings"), [
+    ("plain", "euler_ancestral", (1.0, 0.5, 4.0, 0.0, 0.5, 2.0)),
+    ("plain", "ddim", (0.5, 1.5, 2.0, 0.5, 0.25, 3.0)),
+    ("inpainting", "euler_ancestral", (1.5, 1.0, 8.0, 0.0, 1.0, 2.0))])
+def test_soft_inpainting_matches_its_loop(request, model, name, settings):
+  """A1111's Soft inpainting (`soft_inpainting`, with its blend) against its loop written out
+  over diffusers' UNet and VAE: the latent mask unrounded, every blend (Euler a: of each
+  denoised prediction at the call's sigma; DDIM: of each model input at the call's timestep,
+  as A1111 hands it its CFG denoiser) its magnitude-keeping blend towards the clean image
+  latents by nmask ** (level ** bias * preservation), no blend after the loop; then its pixel
+  composite: the original pasted back over the decoded image by the overlay mask it makes
+  from the distance between the final latents and the image's. Graded masks (a ramp; scattered
+  levels). An inpainting model's UNet also sees A1111's conditioning with the rounding off:
+  the mask as it is (torch's nearest to the latents' size) and the latents of the image times
+  1 - that mask (in [-1, 1]; the masked image's posterior draw). The distance maps match, the
+  images as 8-bit images but where rounding differs by a level; the result is not plain A1111
+  inpainting's. With DDIM, "latent nothing" masked content: the image filled, its latents
+  times 1 - the unrounded mask (where the run starts, what it blends towards, what the distance
+  is from)."""
+  import soft_inpainting_reference as soft_ref  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+
+  from sdjax import masks as mask_lib  # noqa: PLC0415
+
+  ref, pipe, _ = request.getfixturevalue(model)
+  images, masks, _ = _inputs(7)
+  masks[0] = np.clip(np.linspace(-2, 1.5, W)[None] * np.ones((H, 1)), 0, 1)  # a ramp
+  masks = (np.round(masks * 255) / 255).astype(np.float32)  # 8-bit levels, as files'
+  images = (_levels(images) / 255).astype(np.float32)  # 8-bit originals, pasted back as they are
+  seeds, steps, strength = (31, 32), 8, 0.6
+  power, scale, detail = settings[:3]
+  options = {"k_diffusion": True} if name != "ddim" else {"a1111": True}
+  kw = dict(negative_prompts=NEGATIVES, init_images=images, mask_images=masks, strength=strength,
+            steps=steps, seed=seeds[0], guidance_scale=GUIDANCE, scheduler=name,
+            scheduler_options=options, rng="torch_cpu", inpaint_blend="a1111")
+  content = "latent nothing" if name == "ddim" else "original"
+  ours = pipe.generate(PROMPTS, soft_inpainting=",".join(map(str, settings)),
+                       masked_content=content, **kw)
+  encoded = images
+  if content != "original":  # the host's fill first, as A1111's
+    encoded = np.stack([np.asarray(mask_lib.fill(
+        Image.fromarray(_levels(i).astype(np.uint8)), Image.fromarray(_levels(m).astype(
+            np.uint8))), np.float32) / 255 for i, m in zip(images, masks, strict=True)])
+  _, distances = sampling.generate(pipe, PROMPTS, soft_inpainting=settings,
+                                   masked_content=content, **{**kw, "init_images": encoded})
+
+  spec, state = sampling.prepare(pipe, 2, steps=steps, scheduler=name, height=H, width=W,
+                                 guidance_scale=GUIDANCE, img2img=True, strength=strength,
+                                 inpaint=True, scheduler_options=options)
+  gens, init, noise, context = _torch_inpaint_inputs(ref, encoded, seeds)
+  shape, sf = init[:1].shape, ref.vae.config.scaling_factor
+  nmask = torch.from_numpy(np.stack([_a1111_latent_mask(m, H // 2, W // 2, rounded=False)
+                                     for m in masks]))[:, None]
+  assert ((nmask > 0.05) & (nmask < 0.95)).any()
+  if content == "latent nothing":
+    init = init * (1 - nmask)
+  concat = []
+  if model == "inpainting":  # A1111's conditioning, unrounded, with the masked posterior draw
+    m = torch.from_numpy(masks[:, None])
+    hidden = nchw(2 * images - 1) * (1 - m)
+    draws = [torch.Generator().manual_seed(s) for s in seeds]
+    eps = torch.cat([[torch.randn(shape, generator=g) for _ in range(3)][-1] for g in draws])
+    with torch.no_grad():
+      dist = ref.vae.encode(hidden).latent_dist
+    concat = [torch.nn.functional.interpolate(m, size=shape[2:]),
+              (dist.mean + dist.std * eps) * sf]
+
+  def blend(x, level):
+    return soft_ref.latent_blend(init, x, soft_ref.blend_weight(nmask, level, power, scale),
+                                 detail)
+
+  x = _a1111_loop(ref, spec, state, name, init, noise, gens, context, blend, concat)
+  distance = torch.norm(x - init, p=2, dim=1)
+  err = rel_err(distances, distance.numpy())
+  with torch.no_grad():
+    decoded = (ref.vae.decode(x / sf).sample / 2 + 0.5).clamp(0, 1)
+  decoded = _levels(decoded.permute(0, 2, 3, 1).numpy()).astype(np.uint8)
+  expected, overlays = [], []
+  for i in range(2):
+    overlay = soft_ref.overlay_mask(nmask[i, 0], distance[i], settings, W, H)
+    overlays.append(np.asarray(overlay))
+    expected.append(np.asarray(soft_ref.composite(
+        Image.fromarray(decoded[i]), Image.fromarray((images[i] * 255).round().astype(np.uint8)),
+        overlay)))
+  diff = np.abs(_levels(ours) - np.stack(expected).astype(int))
+  print(f"\nA1111's soft inpainting, {name}: distances {err:.2e}; {(diff > 0).mean():.2%} of "
+        f"values differ, by at most {diff.max()}")
+  assert err <= 1e-5
+  assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
+  if name == "euler_ancestral" and model == "plain":  # the original pasted back in part (A1111's DDIM steps its own
+    # latents from each blended input: they move everywhere, and the overlay keeps little)
+    assert overlays[0].min() < 64 and overlays[0].max() > 192
+  plain_a1111 = pipe.generate(PROMPTS, **kw)
+  assert np.abs(_levels(plain_a1111) - _levels(ours)).max() > 8
+
+
+def test_run_with_soft_inpainting(plain, tmp_path):
+  """main.py's --soft_inpainting (with --inpaint_blend a1111): mask lines make generate()'s
+  images (its overlay from the latents' distance maps, which the run's program hands back
+  beside its images); a mask with transparency is its alpha as it is (A1111's rounding off);
+  records and PNGs say so, and the PNG's infotext reads back to the same flags. Bad settings,
+  another blend or --cfg_parallel: one-line errors."""
+  import json
+
+  from PIL import Image
+
+  from sdjax import infotext, masks, outputs
+
+  _, pipe, folder = plain
+  rng = np.random.default_rng(8)
+  Image.fromarray(rng.integers(0, 255, (H, W, 3), np.uint8)).save(tmp_path / "a.png")
+  alpha = np.zeros((H, W), np.uint8)
+  alpha[:, 10:] = np.linspace(40, 255, W - 10).astype(np.uint8)  # graded, mostly below 129
+  rgba = np.dstack([rng.integers(0, 255, (H, W, 3), np.uint8), alpha])
+  Image.fromarray(rgba).save(tmp_path / "m.png")
+  path = tmp_path / "soft.jsonl"
+  path.write_text(json.dumps({"prompt": "a cat", "init_image": "a.png", "mask_image": "m.png"})
+                  + "\n")
+  settings = (1.0, 0.5, 4.0, 0.0, 0.5, 2.0)
+  kw = dict(steps=3, guidance_scale=GUIDANCE, scheduler="euler")
+  cfg = run.RunConfig(model=folder, prompts_file=str(path), height=H, width=W, seed=1,
+                      strength=0.8, mask_blur=2, inpaint_blend="a1111", soft_inpainting=settings,
+                      output_dir=str(tmp_path / "out"), compilation_cache="",
+                      show_progress=False, **kw)
+  assert run.generate_run(cfg).images == 1
+  record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
+  assert record["soft_inpainting"] == list(settings)
+  soft = masks.SoftInpainting(*settings)
+  mask = masks.read_mask(Image.open(tmp_path / "m.png"), rounded=False)
+  np.testing.assert_array_equal(np.asarray(mask), alpha)
+  prepared = masks.prepare(Image.open(tmp_path / "a.png"), mask, H, W,
+                           masks.MaskOptions(blur=2, overlay=True, soft=soft))
+  expected = pipe.generate("a cat", init_images=prepared.image[None],
+                           mask_images=prepared.mask[None], strength=0.8, seed=record["seed"],
+                           inpaint_blend="a1111", soft_inpainting=soft, **kw)
+  written = Image.open(tmp_path / "out" / record["file"])
+  assert np.abs(np.asarray(written, int) - _levels(expected[0])).max() <= 1
+  parameters = written.text["parameters"]
+  assert "Inpaint blend: A1111, " in parameters
+  assert "Soft inpainting enabled: True, Soft inpainting schedule bias: 1, " in parameters
+  flags = infotext.reproduce(parameters).flags
+  assert flags["inpaint_blend"] == "a1111" and flags["soft_inpainting"] == [
+      f"{x:.1f}" for x in settings]
+  hard = pipe.generate("a cat", init_images=prepared.image[None],
+                       mask_images=prepared.mask[None], strength=0.8, seed=record["seed"],
+                       inpaint_blend="a1111", **kw)
+  assert np.abs(_levels(hard[0]) - _levels(expected[0])).max() > 8
+  for changes, message in (
+      (dict(inpaint_blend="diffusers"), "give --inpaint_blend a1111 too"),
+      (dict(soft_inpainting=(1.0, 0.5, 0.5, 0.0, 0.5, 2.0)), "transition_contrast_boost"),
+      (dict(cfg_parallel=True), "not made with --cfg_parallel")):
+    with pytest.raises(run.RunError, match=message):
+      run.generate_run(dataclasses.replace(cfg, output_dir=str(tmp_path / "bad"), **changes))
+  with pytest.raises(ValueError, match="inpaint_blend 'a1111' too"):
+    pipe.generate("a cat", init_images=prepared.image[None], mask_images=prepared.mask[None],
+                  soft_inpainting="on", **kw)
+  with pytest.raises(ValueError, match="soft_inpainting are inpainting options"):
+    pipe.generate("a cat", soft_inpainting="on", **kw)

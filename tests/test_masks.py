@@ -195,9 +195,118 @@ def test_read_mask_as_a1111_and_comfyui():
   np.testing.assert_array_equal(a1111, np.where(alpha > 128, 255, 0))
   assert a1111[0, :3].tolist() == [0, 255, 255]
   np.testing.assert_array_equal(np.asarray(masks.read_mask(image, comfyui=True)), 255 - alpha)
+  # A1111's soft inpainting turns the rounding off: the alpha as it is
+  np.testing.assert_array_equal(np.asarray(masks.read_mask(image, rounded=False)), alpha)
   opaque = Image.fromarray(np.dstack([rgb, np.full_like(alpha, 255)]))
   np.testing.assert_array_equal(np.asarray(masks.read_mask(opaque)), grey)
   for comfyui in (False, True):
     read = masks.read_mask(Image.fromarray(rgb), comfyui)
     assert read.mode == "L"
     np.testing.assert_array_equal(np.asarray(read), grey)
+
+
+@pytest.mark.parametrize(("shape", "low", "high"), [((7, 9), 0.9, 1.0), ((7, 9), 0.25, 0.75),
+                                                    ((3, 2), 0.0, 0.1), ((1, 5), 0.4, 0.6)])
+def test_weighted_histogram_filter_as_a1111(shape, low, high):
+  """The vectorised filter against A1111's, pixel by pixel: windows cut at the edges, ties
+  (repeated values), the narrow range widened to 1 and pushed back inside the stack at either
+  end."""
+  import soft_inpainting_reference as ref  # noqa: PLC0415
+
+  rng = np.random.default_rng(shape[0] * 10 + int(low * 10))
+  image = rng.choice(rng.uniform(0, 3, 5), shape).astype(np.float32)  # few values: ties
+  image[0, 0] = 0
+  ours = masks.weighted_histogram_filter(image, low, high)
+  expected = ref.histogram_filter(image, low, high)
+  assert ours.dtype == np.float32
+  np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-7)
+  if shape == (7, 9):  # not the identity, nor the mean
+    assert np.abs(ours - image).max() > 0.1
+
+
+@pytest.mark.parametrize("settings", [(1, 0.5, 4, 0, 0.5, 2), (1, 1.5, 4, 0.6, 0.8, 3.5)])
+def test_soft_overlay_as_a1111(settings):
+  """`soft_overlay` (and `soft_latent_mask`) against A1111's apply_adaptive_masks: the latent
+  mask's bias (with mask influence), the two filters, the contrast curve, 8-bit levels,
+  "Resize and fill" to the image's size, the blur. Its mask is black where the latents did not
+  move (the original pasted back), white where they moved far."""
+  import soft_inpainting_reference as ref  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+
+  rng = np.random.default_rng(9)
+  mask = np.zeros((48, 64), np.float32)
+  mask[10:40, 16:50] = 1
+  mask = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).filter(
+      ImageFilter.GaussianBlur(6)), np.float32) / 255
+  latent = masks.soft_latent_mask(mask[..., None], (6, 8))
+  image = Image.fromarray(np.round(mask * 255).astype(np.uint8)).convert("RGB")
+  expected_latent = np.asarray(image.resize((8, 6)), np.float32)[..., 0] / 255
+  np.testing.assert_array_equal(latent, expected_latent)
+  assert ((latent > 0.05) & (latent < 0.95)).any()  # graded: not rounded
+  distance = (rng.uniform(0, 1.5, (6, 8)) * latent).astype(np.float32)
+  soft = masks.SoftInpainting(*settings)
+  ours = masks.soft_overlay(distance, latent, soft, 48, 64)
+  expected = ref.overlay_mask(torch.from_numpy(latent), torch.from_numpy(distance), settings,
+                              64, 48)
+  assert ours.mode == "L" and ours.size == (64, 48)
+  diff = np.abs(np.asarray(ours, int) - np.asarray(expected, int))
+  assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+  assert np.asarray(ours).min() < 40 and np.asarray(ours).max() > 200
+
+
+def test_soft_inpainting_settings():
+  """'on' is A1111's defaults; six numbers in its order; out of its sliders' ranges, a clear
+  error; the infotext's labels are its extension's."""
+  assert masks.soft_inpainting("on") == masks.SoftInpainting()
+  assert masks.soft_inpainting(None) is None
+  soft = masks.soft_inpainting("2, 0.75, 8, 0.25, 1, 3")
+  assert soft == masks.SoftInpainting(2, 0.75, 8, 0.25, 1, 3)
+  assert soft.a1111_parameters() == {
+      "Soft inpainting enabled": "True", "Soft inpainting schedule bias": "2",
+      "Soft inpainting preservation strength": "0.75",
+      "Soft inpainting transition contrast boost": "8", "Soft inpainting mask influence": "0.25",
+      "Soft inpainting difference threshold": "1", "Soft inpainting difference contrast": "3"}
+  for bad, match in (("1,2,3", "six numbers"), ("1,2,3,4,5,x", "must be numbers"),
+                     ("1,0.5,0.5,0,0.5,2", r"transition_contrast_boost must be a number in "
+                                           r"\[1, 32\]"),
+                     ("1,0.5,4,2,0.5,2", "mask_influence")):
+    with pytest.raises(ValueError, match=match):
+      masks.soft_inpainting(bad)
+
+
+def test_soft_inpainting_only_masked():
+  """Soft inpainting with "Only masked": `Prepared.finish` makes the overlay mask at the
+  sampler's size from the distance map, uncrops it into the original (black outside the box)
+  and pastes the original over the uncropped result, as A1111's post_sample and apply_overlay;
+  outside the box the original's own pixels."""
+  import soft_inpainting_reference as ref  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+
+  rng = np.random.default_rng(4)
+  original = _image(rng, 40, 56)
+  mask = _mask(rng, 40, 56, (20, 10, 40, 30), blur=3)
+  soft = masks.SoftInpainting(1, 0.5, 4, 0.3, 0.5, 2)
+  prepared = masks.prepare(original, mask, 32, 48, masks.MaskOptions(padding=4, soft=soft))
+  assert prepared.crop is not None and prepared.soft == soft
+  generated = rng.integers(0, 256, (32, 48, 3), np.uint8)
+  distance = rng.uniform(0, 1.2, (4, 6)).astype(np.float32)
+  distance[:, :2] = 0
+  ours = prepared.finish(generated, distance)
+
+  latent = masks.soft_latent_mask(prepared.mask, (4, 6))
+  small = ref.overlay_mask(torch.from_numpy(latent), torch.from_numpy(distance),
+                           dataclasses.astuple(soft), 48, 32)
+  x1, y1, x2, y2 = prepared.crop
+  box = (x1, y1, x2 - x1, y2 - y1)
+  whole_mask = ref.uncrop(small, original.size, box).convert("L")
+  placed = ref.uncrop(Image.fromarray(generated), original.size, box)
+  expected = ref.composite(placed, original, whole_mask)
+  assert ours.shape == (40, 56, 3)
+  np.testing.assert_array_equal(ours, np.asarray(expected))
+  outside = np.ones((40, 56), bool)
+  outside[y1:y2, x1:x2] = False
+  np.testing.assert_array_equal(ours[outside], np.asarray(original)[outside])
+  inside = np.asarray(whole_mask)[~outside]
+  assert inside.min() < 64 and inside.max() > 192
+  with pytest.raises(ValueError, match="needs the latents' distance map"):
+    prepared.finish(generated)
