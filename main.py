@@ -120,6 +120,9 @@ flags.DEFINE_list("soft_inpainting", None, "inpainting with --inpaint_blend a111
                   "and the original is pasted back where the result changed little): 'on' (its "
                   "defaults) or its six settings BIAS,PRESERVATION,CONTRAST_BOOST,"
                   "MASK_INFLUENCE,THRESHOLD,CONTRAST (default 1,0.5,4,0,0.5,2)")
+flags.DEFINE_float("differential_diffusion", None, "inpainting with --inpaint_blend comfyui: "
+                   "ComfyUI's DifferentialDiffusion node, its strength (0-1, its default 1): a "
+                   "grey mask's lighter parts join the repainting at later steps")
 flags.DEFINE_enum("image_encode", "sample", ["sample", "mode"],
                   "img2img, inpainting and a hires pixel upscaler: how images become latents: a "
                   "sample of the VAE's posterior (diffusers', A1111's) or its mode (ComfyUI's "
@@ -427,7 +430,7 @@ def _run_config() -> run.RunConfig:
       inpainting_fill=FLAGS.inpainting_fill.replace("_", " "),
       inpainting_mask_weight=FLAGS.inpainting_mask_weight, inpaint_blend=FLAGS.inpaint_blend,
       image_encode=FLAGS.image_encode, grow_mask_by=FLAGS.grow_mask_by,
-      soft_inpainting=_soft_inpainting(),
+      soft_inpainting=_soft_inpainting(), differential_diffusion=FLAGS.differential_diffusion,
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,

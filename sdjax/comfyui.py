@@ -20,7 +20,8 @@ hires pass), and its own sampler, scheduler, CFG and prompts where they differ.
 
 A KSampler over a VAEEncode latent is img2img (its denoise the strength, the image encoded to
 the posterior's mode: `Image encode: mode`), over a SetLatentNoiseMask latent inpainting (`Inpaint
-blend: ComfyUI`); the image and mask files are not in the graph: the notes ask for them.
+blend: ComfyUI`; a DifferentialDiffusion on the model's way: `Differential diffusion`); the image
+and mask files are not in the graph: the notes ask for them.
 
 The settings come back, and where sdjax's scheduler takes the `comfyui` option (Euler, Euler a,
 Heun, LMS, DPM++ SDE, the DPM++ multistep family) it steps as ComfyUI's KSampler: from its noise times
@@ -148,6 +149,8 @@ _MODEL_SAMPLING = "ModelSamplingDiscrete"
 # An inpainting model's conditioning and latent (its masked image and mask for the UNet, the
 # image's latents with a noise mask): `_Reader.inpaint_latent`.
 _INPAINT_CONDITIONING = "InpaintModelConditioning"
+# Its node that thresholds a noise mask at each step (`--differential_diffusion`).
+_DIFFERENTIAL = "DifferentialDiffusion"
 # A latent with a noise mask from a masked image, the mask grown (`--grow_mask_by`).
 _ENCODE_FOR_INPAINT = "VAEEncodeForInpaint"
 _LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
@@ -226,7 +229,7 @@ class _Reader:
       kind = node["class_type"]
       passes = next((name for name in through if name in _inputs(node)), None)
       if kind in _TEXT_NODES or kind in _CHECKPOINT_NODES or kind in _LORA_NODES or (
-          kind == _MODEL_SAMPLING or passes is None):
+          kind in (_MODEL_SAMPLING, _DIFFERENTIAL) or passes is None):
         return node_id, node
       if kind not in ("CLIPSetLastLayer", _INPAINT_CONDITIONING):  # (its inputs: `latent`)
         self.note(None, f"node {node_id} ({kind}) changes the {what}: not reproduced")
@@ -299,8 +302,9 @@ class _Reader:
       value = _inputs(node).get("clip")
 
   def model(self, value) -> None:
-    """The checkpoint (its file name), the LoRAs on the model's way and its sampling settings
-    (ModelSamplingDiscrete: the one nearest the sampler, the last ComfyUI applied)."""
+    """The checkpoint (its file name), the LoRAs on the model's way, its sampling settings
+    (ModelSamplingDiscrete: the one nearest the sampler, the last ComfyUI applied) and a
+    DifferentialDiffusion's strength."""
     sampling_seen = False
     while (found := self.follow(value, ("model",), "model")) is not None:
       node_id, node = found
@@ -309,6 +313,15 @@ class _Reader:
         if not sampling_seen:
           self.model_sampling(node_id, inputs)
         sampling_seen = True
+        value = inputs.get("model")
+        continue
+      if kind == _DIFFERENTIAL:  # (its strength: ComfyUI's default 1)
+        strength = inputs.get("strength", 1.0)
+        if isinstance(strength, int | float) and not isinstance(strength, bool):
+          self.fields["Differential diffusion"] = f"{strength:g}"
+        else:
+          self.note("differential_diffusion", f"node {node_id}'s strength comes from another "
+                                              "node: give --differential_diffusion")
         value = inputs.get("model")
         continue
       if kind in _CHECKPOINT_NODES:

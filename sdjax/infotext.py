@@ -693,6 +693,12 @@ def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str,
       notes.append(("inpaint_blend", f"an inpainted image: sdjax's {scheduler} does not blend "
                                      "the image into its calls as ComfyUI does (diffusers' way "
                                      "instead): the repainted pixels differ"))
+  differential = fields.pop("Differential diffusion", None)  # ComfyUI's node: with its blend
+  if differential is not None and flags.get("inpaint_blend") == "comfyui":
+    flags["differential_diffusion"] = str(_number("Differential diffusion", differential))
+  elif differential is not None and blend is not None:  # (without a mask it does nothing)
+    notes.append(("differential_diffusion", "ComfyUI's DifferentialDiffusion: sdjax makes it "
+                                            "with ComfyUI's blend only, the image differs"))
   grow = fields.pop("Grow mask by", None)  # ComfyUI's VAEEncodeForInpaint: with its blend
   if grow is not None and flags.get("inpaint_blend") == "comfyui":
     flags["grow_mask_by"] = grow

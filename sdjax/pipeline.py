@@ -390,7 +390,7 @@ class Pipeline:
                token_merging_ratio: float = 0.0, hires_token_merging_ratio: float | None = None,
                inpainting_mask_weight: float = 1.0, inpaint_blend: str = "diffusers",
                image_encode: str = "sample", grow_mask_by: int | None = None,
-               soft_inpainting: Any = None,
+               soft_inpainting: Any = None, differential_diffusion: float | None = None,
                tiling: bool | str = False, rng: str = "jax", subseed: int | None = None,
                subseed_strength: float = 0.0, ensd: int = 0,
                seed_resize_from: tuple[int, int] | None = None, s_min_uncond: float = 0.0,
@@ -691,6 +691,10 @@ class Pipeline:
         sigma^bias * preservation, nothing is blended after the loop, and the original is
         pasted back where the final latents moved little from the image's (an overlay mask
         made from their distance, `masks.soft_overlay`) rather than by the mask.
+      differential_diffusion: with inpaint_blend "comfyui", ComfyUI's DifferentialDiffusion
+        node's strength (0-1; its default 1): at each call the blend's mask is where the mask
+        reaches the call's timestep over the run's first (a grey mask's lighter parts join the
+        repainting later), mixed with the mask itself by 1 - strength; None: off.
       image_encode: how init images (and a hires pass's pixel upscaler's) become latents
         (`sampling.IMAGE_ENCODES`): "sample" (the default, diffusers'), a sample of the VAE's
         posterior, each image's noise for it drawn first; or "mode", ComfyUI's VAEEncode: the
@@ -779,6 +783,7 @@ class Pipeline:
         hires_token_merging_ratio=hires_token_merging_ratio,
         inpainting_mask_weight=inpainting_mask_weight, inpaint_blend=inpaint_blend,
         image_encode=image_encode, grow_mask_by=grow_mask_by, soft_inpainting=options.soft,
+        differential_diffusion=differential_diffusion,
         tiling=tiling, rng=rng,
         subseed=subseed, subseed_strength=subseed_strength,
         ensd=ensd, seed_resize_from=seed_resize_from, s_min_uncond=s_min_uncond,

@@ -189,6 +189,9 @@ class RunConfig:
   # With inpaint_blend "a1111": A1111's Soft inpainting, its six settings
   # (`masks.SoftInpainting`); None: off.
   soft_inpainting: tuple[float, ...] | None = None
+  # With inpaint_blend "comfyui": ComfyUI's DifferentialDiffusion, its strength
+  # (`sampling.SampleSpec.differential`); None: off.
+  differential_diffusion: float | None = None
   # ControlNets steering lines by their control_image (else these, one per ControlNet), their
   # residuals summed in order; per ControlNet a single file's diffusers config ("": none). The
   # scale and share of the steps: one for all, or one per ControlNet.
@@ -436,6 +439,14 @@ def validate(cfg: RunConfig) -> None:
       raise RunError("--soft_inpainting is A1111's inpainting: give --inpaint_blend a1111 too")
     if cfg.cfg_parallel or cfg.refiner is not None:
       raise RunError("--soft_inpainting is not made with --cfg_parallel or --refiner")
+  if cfg.differential_diffusion is not None:
+    if cfg.inpaint_blend != "comfyui":
+      raise RunError("--differential_diffusion is ComfyUI's DifferentialDiffusion: give "
+                     "--inpaint_blend comfyui too")
+    try:
+      sampling.check_differential(cfg.differential_diffusion, "comfyui")
+    except ValueError as e:
+      raise RunError(f"--{e}") from None
   if cfg.noise_batch != 1 and cfg.subseed_strength:
     raise RunError("--noise_batch and --subseed_strength (A1111's variation seeds) do not go "
                    "together")
@@ -680,6 +691,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["inpaint_blend"] = cfg.inpaint_blend
   if cfg.grow_mask_by is not None:
     settings["grow_mask_by"] = cfg.grow_mask_by
+  if cfg.differential_diffusion is not None:
+    settings["differential_diffusion"] = cfg.differential_diffusion
   if cfg.loras:
     settings["loras"] = [list(x) for x in cfg.loras]
   if cfg.cfg_parallel:  # its own program: pixels differ by rounding
@@ -1633,9 +1646,9 @@ class _Sampler:
       except ValueError as e:
         what = {None: "text-to-image", "img2img": "img2img", "inpaint": "inpainting"}[kind]
         raise RunError(f"{what} lines: {e}") from None
-      if kind == "inpaint" and cfg.soft_inpainting is not None:  # (lines with masks)
+      if kind == "inpaint":  # (lines with masks)
         spec = dataclasses.replace(spec, soft_inpainting=masks.soft_inpainting(
-            cfg.soft_inpainting))
+            cfg.soft_inpainting), differential=cfg.differential_diffusion)
       if spec.control:  # A1111's Control Modes (both passes of the hires fix)
         try:
           spec = dataclasses.replace(spec, control_modes=sampling.control_modes(
@@ -2416,6 +2429,8 @@ class _Metadata:
       record["grow_mask_by"] = cfg.grow_mask_by
     if cfg.soft_inpainting is not None:
       record["soft_inpainting"] = list(cfg.soft_inpainting)
+    if cfg.differential_diffusion is not None:
+      record["differential_diffusion"] = cfg.differential_diffusion
     return record
 
   def _brownian(self, scheduler: str) -> str | None:
@@ -2512,6 +2527,8 @@ class _Metadata:
                   if cfg.inpaint_blend != "diffusers" and job.mask_image else {}),
                **({"Grow mask by": cfg.grow_mask_by}
                   if cfg.grow_mask_by is not None and job.mask_image else {}),
+               **({"Differential diffusion": cfg.differential_diffusion}
+                  if cfg.differential_diffusion is not None and job.mask_image else {}),
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(
                    options)), **self._hires_prompts(job),

@@ -162,6 +162,10 @@ class SampleSpec:
   # latents too), and the mask is grown by this many pixels (`_encoded_for_inpaint`); None: the
   # image as it is (SetLatentNoiseMask, InpaintModelConditioning).
   grow_mask_by: int | None = None
+  # ComfyUI's DifferentialDiffusion (with inpaint_blend "comfyui"), its strength: at each call
+  # the blend's mask is where the mask reaches the call's share of the run's timesteps
+  # (`_ComfyUIBlend.mask_at`); None: off.
+  differential: float | None = None
   # The scheduler's `comfyui` form (an option its state holds, not its program): an img2img or
   # hires pass from the schedule's first level starts as ComfyUI's KSampler, from the image's
   # latents plus the noise times a text-to-image run's scale (`_started`).
@@ -914,7 +918,8 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
                           image_latents)
     elif spec.inpaint_blend == "comfyui":
       blend = _ComfyUIBlend(spec.scheduler, interpolate.resize(
-          init[1], spec.latent_hw, "bilinear"), image_latents, noise)
+          init[1], spec.latent_hw, "bilinear"), image_latents, noise, spec.differential,
+          spec.begin)
     elif spec.inpaint == "blend":
       after_step = functools.partial(_keep_unmasked, spec, mask, image_latents, noise)
     x = _initial_latents(spec, nets.vae, params, source, noise, image_latents, state)
@@ -1391,20 +1396,45 @@ class _ComfyUIBlend(_A1111Blend):
   k-diffusion's x), and its denoised prediction (of that input) is blended as A1111's; nothing
   after the loop."""
   noise: Any = None
+  differential: float | None = None  # DifferentialDiffusion's strength (`mask_at`)
+  begin: int = 0  # the run's first position (its first level: `mask_at`)
   final = False
   into_input = False
 
-  def _blended(self, xk, sigma):
-    return xk * self.nmask + (self.init + sigma * self.noise) * (1 - self.nmask)
+  def mask_at(self, state, i):
+    """The call's mask: `nmask`, or with DifferentialDiffusion where `nmask` >= the call's
+    share of the run's timesteps (ComfyUI's model timestep of the call's sigma, the nearest
+    training level's, over the first call's; the run ending at the lowest level, timestep 0),
+    mixed with `nmask` by 1 - strength where 0 < strength < 1."""
+    if self.differential is None:
+      return self.nmask
+    table = euler.train_sigmas(sigma_schedules.form_alphas_cumprod(self.scheduler.cfg,
+                                                                   "comfyui"))
+    log_table = jnp.asarray(np.log(table), jnp.float32)
+    sigmas = self.scheduler.call_sigmas(state)
+
+    def timestep(sigma):
+      return jnp.argmin(jnp.abs(jnp.log(sigma) - log_table)).astype(jnp.float32)
+
+    threshold = timestep(sigmas[i]) / timestep(sigmas[self.begin])
+    binary = (self.nmask >= threshold).astype(jnp.float32)
+    strength = self.differential
+    if strength and strength < 1:
+      return jnp.float32(strength) * binary + jnp.float32(1 - strength) * self.nmask
+    return binary
+
+  def _blended(self, xk, sigma, mask):
+    return xk * mask + (self.init + sigma * self.noise) * (1 - mask)
 
   def model_input(self, state, x_in, i):
     sigma, a = self._sigma(state, i)
-    return a * self._blended(x_in / a, sigma)  # x_in = a xk in both forms
+    return a * self._blended(x_in / a, sigma, self.mask_at(state, i))  # x_in = a xk, both forms
 
   def output(self, state, x, out, i):
     sigma, a, xk = self._levels(state, x, i)
-    x0 = self._x0(self._blended(xk, sigma), out, sigma, a)
-    return self._output(xk, self.keep(x0), sigma, a)
+    mask = self.mask_at(state, i)
+    x0 = self._x0(self._blended(xk, sigma, mask), out, sigma, a)
+    return self._output(xk, x0 * mask + self.init * (1 - mask), sigma, a)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1455,6 +1485,21 @@ def check_soft_inpainting(inpaint: bool, blend: str, cfg_parallel: bool = False,
     raise ValueError("soft inpainting is not made with cfg_parallel")
   if refined:
     raise ValueError("soft inpainting is not made with a refiner")
+
+
+def check_differential(strength, blend: str | None) -> float | None:
+  """`strength` (ComfyUI's DifferentialDiffusion) is None, or a number in [0, 1] of an
+  inpainting run (`blend` its INPAINT_BLENDS one) with ComfyUI's blend."""
+  if strength is None:
+    return None
+  if isinstance(strength, bool) or not isinstance(strength, int | float) or not (
+      0 <= strength <= 1):
+    raise ValueError(f"differential_diffusion must be a number in [0, 1] (ComfyUI's "
+                     f"DifferentialDiffusion strength), got {strength!r}")
+  if blend != "comfyui":
+    raise ValueError("differential_diffusion is ComfyUI's DifferentialDiffusion: give "
+                     "mask_images and inpaint_blend 'comfyui' too")
+  return float(strength)
 
 
 def check_grow_mask_by(grow: int | None, blend: str | None) -> None:
@@ -2575,6 +2620,7 @@ def generate(
     image_encode: str = "sample",
     grow_mask_by: int | None = None,
     soft_inpainting: Any = None,
+    differential_diffusion: float | None = None,
     scheduler_options: dict[str, Any] | None = None,
     controlnet=None,
     control_images: Any = None,
@@ -2680,6 +2726,8 @@ def generate(
     check_handoff(refiner_start, steps)
     check_refined(pipe, mask_images is not None, refiner_switch, inpaint_blend)
   soft_inpainting = masks.soft_inpainting(soft_inpainting)
+  differential = check_differential(differential_diffusion,
+                                    inpaint_blend if mask_images is not None else None)
   if soft_inpainting is not None:
     check_soft_inpainting(mask_images is not None, inpaint_blend, cfg_parallel,
                           refiner is not None)
@@ -2775,6 +2823,7 @@ def generate(
   spec = with_cfg_skip(dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=tiling,
                                            token_merging=merging,
                                            soft_inpainting=soft_inpainting,
+                                           differential=differential,
                                            mask_weight=check_mask_weight(
                                                pipe, inpainting_mask_weight)),
                        state, cfg_skip, steps)

@@ -341,7 +341,8 @@ def test_advanced_sampler_and_img2img():
 def test_noise_mask_is_comfyuis_inpainting():
   """A KSampler over a SetLatentNoiseMask latent (LoadImage's mask) is ComfyUI's inpainting:
   --inpaint_blend comfyui with no mask blur, a note asking for the mask as for the image; a
-  sampler sdjax cannot blend so (its uni_pc: sdjax's UniPC) a note instead."""
+  DifferentialDiffusion on the model's way --differential_diffusion; a sampler sdjax cannot
+  blend so (its uni_pc: sdjax's UniPC) a note instead of either."""
   graph = default_graph(denoise=0.8)
   graph["16"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
   graph["15"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["16", 0], "vae": ["4", 2]}}
@@ -354,10 +355,20 @@ def test_noise_mask_is_comfyuis_inpainting():
   assert "node 5 (SetLatentNoiseMask) inpaints: give its mask too" in notes
   assert "the latent is node 15 (VAEEncode)'s image (LoadImage photo.png)" in notes
   assert "changes the latent" not in notes
+  # a DifferentialDiffusion on the model's way: --differential_diffusion, its strength
+  graph["17"] = {"class_type": "DifferentialDiffusion",
+                 "inputs": {"model": graph["3"]["inputs"]["model"], "strength": 0.7}}
+  graph["3"]["inputs"]["model"] = ["17", 0]
+  found = comfyui.reproduce(graph)
+  assert float(found.flags["differential_diffusion"]) == 0.7
+  assert "differential" not in str(_notes(found)).lower()
+  del graph["17"]["inputs"]["strength"]  # (its default)
+  assert float(comfyui.reproduce(graph).flags["differential_diffusion"]) == 1.0
   graph["3"]["inputs"]["sampler_name"] = "uni_pc"
   found = comfyui.reproduce(graph)
-  assert "inpaint_blend" not in found.flags
+  assert "inpaint_blend" not in found.flags and "differential_diffusion" not in found.flags
   assert "does not blend the image into its calls as ComfyUI does" in _notes(found)
+  assert "DifferentialDiffusion: sdjax makes it with ComfyUI's blend only" in _notes(found)
 
 
 def test_inpaint_model_conditioning():

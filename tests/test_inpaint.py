@@ -596,11 +596,12 @@ def _torch_inpaint_inputs(ref, images, seeds):
 
 
 def test_run_with_comfyui_blend(plain, tmp_path):
-  """main.py's --inpaint_blend comfyui --image_encode mode --grow_mask_by 6 (VAEEncodeForInpaint):
-  a line whose image is also its mask (its transparent pixels repainted, as ComfyUI's LoadImage
-  reads them) on a plain model is generate()'s image (the original not pasted back, as
-  ComfyUI's), its PNG says `Inpaint blend: ComfyUI`, `Image encode: mode` and `Grow mask by: 6`,
-  and its text makes the flags again."""
+  """main.py's --inpaint_blend comfyui --image_encode mode --grow_mask_by 6 (VAEEncodeForInpaint)
+  --differential_diffusion 0.5: a line whose image is also its mask (its transparent pixels
+  repainted, as ComfyUI's LoadImage reads them) on a plain model is generate()'s image (the
+  original not pasted back, as ComfyUI's), its PNG says `Inpaint blend: ComfyUI`, `Image
+  encode: mode`, `Grow mask by: 6` and `Differential diffusion: 0.5`, and its text makes the
+  flags again. Differential diffusion with another blend: a one-line error."""
   import json
   import os
 
@@ -619,32 +620,41 @@ def test_run_with_comfyui_blend(plain, tmp_path):
   cfg = run.RunConfig(model=folder, prompts=(run.PromptLine(
       "a cat", init_image=str(tmp_path / "a.png"), mask_image=str(tmp_path / "a.png")),),
       height=H, width=W, seed=1, strength=1.0, inpaint_blend="comfyui", image_encode="mode",
-      grow_mask_by=6, output_dir=str(tmp_path / "out"), compilation_cache="",
-      show_progress=False, **kw)
+      grow_mask_by=6, differential_diffusion=0.5, output_dir=str(tmp_path / "out"),
+      compilation_cache="", show_progress=False, **kw)
   assert run.generate_run(cfg).images == 1
   record = json.loads(open(tmp_path / "out" / outputs.MANIFEST_NAME).readline())
   assert record["inpaint_blend"] == "comfyui" and record["image_encode"] == "mode"
-  assert record["grow_mask_by"] == 6
+  assert record["grow_mask_by"] == 6 and record["differential_diffusion"] == 0.5
   prepared = masks.prepare(Image.fromarray(pixels), Image.fromarray(mask), H, W,
                            masks.MaskOptions(blur=4.0))
   expected = pipe.generate("a cat", init_images=prepared.image[None],
                            mask_images=prepared.mask[None], strength=1.0, seed=1,
-                           inpaint_blend="comfyui", image_encode="mode", grow_mask_by=6, **kw)
+                           inpaint_blend="comfyui", image_encode="mode", grow_mask_by=6,
+                           differential_diffusion=0.5, **kw)
   expected = prepared.finish(outputs.to_uint8(expected[0])).astype(int)
   written = Image.open(os.path.join(tmp_path / "out", record["file"]))
   assert np.abs(np.asarray(written, int) - expected).max() <= 1
-  assert "Inpaint blend: ComfyUI, Grow mask by: 6" in written.text["parameters"]
+  assert ("Inpaint blend: ComfyUI, Grow mask by: 6, Differential diffusion: 0.5"
+          in written.text["parameters"])
   assert "Image encode: mode" in written.text["parameters"]
   flags = infotext.reproduce(written.text["parameters"]).flags
   assert flags["inpaint_blend"] == "comfyui" and flags["image_encode"] == "mode"
-  assert flags["grow_mask_by"] == "6"
+  assert flags["grow_mask_by"] == "6" and flags["differential_diffusion"] == "0.5"
+  with pytest.raises(run.RunError, match="^--differential_diffusion is ComfyUI's "
+                                         "DifferentialDiffusion: give --inpaint_blend comfyui"):
+    run.generate_run(dataclasses.replace(cfg, inpaint_blend="a1111", grow_mask_by=None))
+  with pytest.raises(run.RunError, match=r"^--differential_diffusion must be a number in \[0, 1\]"):
+    run.generate_run(dataclasses.replace(cfg, differential_diffusion=1.5))
 
 
-@pytest.mark.parametrize(("strength", "encode", "masked", "model", "grow"), [
-    (1.0, "sample", True, "plain", None), (0.6, "mode", True, "plain", None),
-    (0.6, "mode", False, "plain", None), (1.0, "mode", False, "plain", None),
-    (1.0, "mode", True, "inpainting", None), (1.0, "mode", True, "inpainting", 6)])
-def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model, grow):
+@pytest.mark.parametrize(("strength", "encode", "masked", "model", "grow", "differential"), [
+    (1.0, "sample", True, "plain", None, None), (0.6, "mode", True, "plain", None, None),
+    (0.6, "mode", False, "plain", None, None), (1.0, "mode", False, "plain", None, None),
+    (1.0, "mode", True, "inpainting", None, None), (1.0, "mode", True, "inpainting", 6, None),
+    (0.6, "mode", True, "plain", None, 1.0), (1.0, "mode", True, "inpainting", None, 0.4)])
+def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model, grow,
+                                        differential):
   """inpaint_blend="comfyui": ComfyUI's KSampler over a latent with a noise mask, written out
   over diffusers' UNet and VAE (Euler a in ComfyUI's form: the UNet at whole timesteps): the
   mask through torch's bilinear to the latents' size (unrounded), the run from the image's
@@ -660,13 +670,18 @@ def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model
   resize rounded (half to even), and the mode of the image less 0.5 times 1 - the rounded
   mask, plus 0.5. With `grow` (VAEEncodeForInpaint's grow_mask_by): the image's latents are
   those of that masked image (the inpainting model's masked latents too), the mask the rounded
-  one through its padded box convolution, clamped and cut."""
+  one through its padded box convolution, clamped and cut. With `differential`
+  (DifferentialDiffusion's strength), each call's mask is where the mask reaches the call's
+  model timestep (its sigma's nearest in ComfyUI's float32 table of the float64 schedule) over
+  the first call's, mixed with the mask by 1 - strength below 1 (a graded mask)."""
   import k_diffusion_reference as kd  # noqa: PLC0415
 
   ref, pipe, _ = request.getfixturevalue(model)
   images, masks, _ = _inputs(7)
   if model == "inpainting":
     masks[1, 3:6, 5:12] = 0.5  # ComfyUI's round keeps it, diffusers' binarizing repaints it
+  if differential is not None:  # grey levels that join the repainting at different steps
+    masks[0] = np.clip(np.linspace(-0.5, 1.5, W)[None] * np.ones((H, 1)), 0, 1)
   seeds, steps = (31, 32), 8
   options = {"k_diffusion": True, "comfyui": True, "timestep_spacing": "linspace"}
   kw = dict(negative_prompts=NEGATIVES, init_images=images, strength=strength, steps=steps,
@@ -674,7 +689,8 @@ def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model
             scheduler_options=options, rng="torch_cpu")
   comfyui = dict(image_encode="mode", step_rng="torch_cpu") if encode == "mode" else {}
   if masked:
-    kw.update(mask_images=masks, inpaint_blend="comfyui", grow_mask_by=grow)
+    kw.update(mask_images=masks, inpaint_blend="comfyui", grow_mask_by=grow,
+              differential_diffusion=differential)
   ours = pipe.generate(PROMPTS, **kw, **comfyui)
 
   spec, state = sampling.prepare(pipe, 2, steps=steps, scheduler="euler_ancestral", height=H,
@@ -710,20 +726,39 @@ def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model
           ref.vae.encode(2 * hidden[i:i + 1].permute(0, 3, 1, 2) - 1).latent_dist.mode() * sf
           for i in range(2)])]
   calls = iter(timesteps)
+  sigmas = torch.from_numpy(np.asarray(state.sigmas)[spec.begin:])
+  config = ref.scheduler.config
+  assert config.beta_schedule == "scaled_linear"  # ComfyUI's "linear": float64, then float32
+  betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, 1000,
+                         dtype=torch.float64) ** 2
+  table = torch.cumprod(1 - betas, 0)
+  log_table = (((1 - table) / table) ** 0.5).float().log()
+
+  def mask_at(sigma):  # DifferentialDiffusion's mask at the call (the run ends at level 0)
+    if differential is None:
+      return mask
+
+    def timestep(s):
+      return (s.log() - log_table).abs().argmin()
+
+    binary = (mask >= timestep(sigma) / timestep(sigmas[0])).to(mask.dtype)
+    if differential < 1:
+      return differential * binary + (1 - differential) * mask
+    return binary
 
   def denoiser(config, timesteps=None):
     def call(x, sigma):
-      x = x * mask + (init + noise * sigma) * (1 - mask)
+      mask_now = mask_at(sigma)
+      x = x * mask_now + (init + noise * sigma) * (1 - mask_now)
       x_in = torch.cat([x / (sigma**2 + 1) ** 0.5, *concat], dim=1)
       with torch.no_grad():
         eps_u, eps_c = ref.unet(torch.cat([x_in, x_in]), float(next(calls)),
                                 encoder_hidden_states=context).sample.chunk(2)
       denoised = x - sigma * (eps_u + GUIDANCE * (eps_c - eps_u))
-      return denoised * mask + init * (1 - mask)
+      return denoised * mask_now + init * (1 - mask_now)
 
     return call
 
-  sigmas = torch.from_numpy(np.asarray(state.sigmas)[spec.begin:])
   alphas = ref.scheduler.alphas_cumprod.double()
   sigma_max = float(((1 - alphas[-1]) / alphas[-1]) ** 0.5)  # ComfyUI's max_denoise test
   full = math.isclose(float(sigmas[0]), sigma_max, rel_tol=1e-5) or sigmas[0] > sigma_max
@@ -738,11 +773,15 @@ def test_comfyui_blend_matches_its_loop(request, strength, encode, masked, model
     expected = (ref.vae.decode(x / sf).sample / 2 + 0.5).clamp(0, 1)
   expected = expected.permute(0, 2, 3, 1).numpy()
   err = rel_err(ours, expected)
-  print(f"\nComfyUI's loop at denoise {strength}, {encode}, masked {masked}: {err:.2e}")
+  print(f"\nComfyUI's loop at denoise {strength}, {encode}, masked {masked}, differential "
+        f"{differential}: {err:.2e}")
   assert err <= 1e-5
+  if differential is not None:  # the per-call mask shows
+    plain = pipe.generate(PROMPTS, **{**kw, "differential_diffusion": None}, **comfyui)
+    assert rel_err(plain, expected) > 1e-3
   if masked:  # (an inpainting model's UNet inputs as diffusers makes them with A1111's blend)
-    assert rel_err(pipe.generate(PROMPTS, **{**kw, "inpaint_blend": "a1111",
-                                             "grow_mask_by": None}, **comfyui),
+    assert rel_err(pipe.generate(PROMPTS, **{**kw, "inpaint_blend": "a1111", "grow_mask_by": None,
+                                             "differential_diffusion": None}, **comfyui),
                    expected) > 1e-3
   else:  # the posterior sample (diffusers' draws) makes another image
     assert rel_err(pipe.generate(PROMPTS, **kw, step_rng="torch_cpu"), expected) > 1e-3
@@ -999,3 +1038,7 @@ def test_run_with_soft_inpainting(plain, tmp_path):
                   soft_inpainting="on", **kw)
   with pytest.raises(ValueError, match="soft_inpainting are inpainting options"):
     pipe.generate("a cat", soft_inpainting="on", **kw)
+  with pytest.raises(ValueError, match="DifferentialDiffusion: give mask_images and "
+                                       "inpaint_blend 'comfyui' too"):
+    pipe.generate("a cat", init_images=prepared.image[None], mask_images=prepared.mask[None],
+                  inpaint_blend="a1111", differential_diffusion=1.0, **kw)
