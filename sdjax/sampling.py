@@ -1242,8 +1242,10 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
       if soft:  # its unrounded latent mask's blend
         nmask = a1111_latent_mask(masks, spec.latent_hw, False)
         image_latents = image_latents * (1 - nmask) + instead * nmask
-      else:
-        image_latents = jnp.where(mask > 0, instead, image_latents)
+      else:  # where A1111's latent mask repaints, with its blend; else where diffusers' does
+        where = (a1111_latent_mask(masks, spec.latent_hw) if spec.inpaint_blend == "a1111"
+                 else mask)
+        image_latents = jnp.where(where > 0, instead, image_latents)
   if spec.inpaint == "concat" and spec.grow_mask_by is not None:  # its latents, masked
     masked_latents = image_latents
   elif spec.inpaint == "concat":
