@@ -19,7 +19,8 @@ sampler's steps and denoise (ComfyUI runs the last `steps` of int(steps / denois
 hires pass), and its own sampler, scheduler, CFG and prompts where they differ.
 
 A KSampler over a VAEEncode latent is img2img (its denoise the strength, the image encoded to
-the posterior's mode: `Image encode: mode`), over a SetLatentNoiseMask latent inpainting (`Inpaint
+the posterior's mode: `Image encode: mode`; a KSamplerAdvanced from step k of n: n - k steps at
+the strength that places n levels), over a SetLatentNoiseMask latent inpainting (`Inpaint
 blend: ComfyUI`; a DifferentialDiffusion on the model's way: `Differential diffusion`); the image
 and mask files are not in the graph: the notes ask for them.
 
@@ -871,6 +872,30 @@ def _sampler_node(graph) -> tuple[str, dict[str, Any], list[str]]:
   return first[0], first[1], [i for i, _ in samplers if i != first[0]]
 
 
+def _image_latent(graph, value) -> bool:
+  """Whether a sampler's latent is an image's (a VAEEncode's, through latent nodes, or an
+  inpainting one's): img2img rather than an empty latent's."""
+  seen = set()
+  while (link := _linked(graph, value)) is not None and link[0] not in seen:
+    seen.add(link[0])
+    kind, inputs = link[1]["class_type"], _inputs(link[1])
+    if kind in ("VAEEncode", _INPAINT_CONDITIONING, _ENCODE_FOR_INPAINT):
+      return True
+    if "samples" not in inputs:
+      return False
+    value = inputs["samples"]
+  return False
+
+
+def _img2img_from_step(inputs: dict[str, Any]) -> bool:
+  """Whether a KSamplerAdvanced's settings are a KSampler's img2img: noise added, from a step
+  after the first to the end of its schedule."""
+  start, total = inputs.get("start_at_step", 0), inputs.get("steps")
+  end = inputs.get("end_at_step", 10000)
+  return (all(isinstance(v, int) and not isinstance(v, bool) for v in (start, total, end))
+          and 0 < start < total <= end and inputs.get("add_noise", "enable") != "disable")
+
+
 def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   """The main.py flags that make a ComfyUI workflow's text-to-image pass again, with notes on
   what they cannot give. ValueError for a graph without a sampler or readable prompts."""
@@ -947,12 +972,23 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
       refiner = None
   if refiner is None and inputs.get("add_noise") == "disable":
     reader.note(None, f"node {sampler_id} adds no noise to its latent: sdjax starts from noise")
-  if refiner is None and (inputs.get("start_at_step", 0) > 0
-                          or inputs.get("end_at_step", 10000) < inputs.get("steps", 0)):
+  denoise = None if advanced else inputs.get("denoise")
+  start, total = inputs.get("start_at_step", 0), inputs.get("steps")
+  from_step = (advanced and refiner is None and not table and _image_latent(
+      graph, inputs.get("latent_image")) and _img2img_from_step(inputs))
+  if from_step:  # img2img from a step of its schedule: a KSampler's steps and denoise
+    denoise = (total - start) / (total + 0.5)  # int((total - start) / denoise) == total
+    fields["Steps"] = str(total - start)
+    reader.note(None, f"node {sampler_id} runs steps {start} to {total} of its image's "
+                      f"schedule: as --steps {total - start} --strength {denoise:.6g} (ComfyUI's "
+                      "KSampler places int(steps / strength) and runs the last steps: the same "
+                      "levels)")
+  elif refiner is None and (inputs.get("start_at_step", 0) > 0
+                            or inputs.get("end_at_step", 10000) < inputs.get("steps", 0)):
     reader.note(None, f"node {sampler_id} runs steps {inputs.get('start_at_step', 0)} to "
                       f"{inputs.get('end_at_step', inputs.get('steps'))} only: sdjax runs them "
                       "all")
-  reader.latent(inputs.get("latent_image"), None if advanced else inputs.get("denoise"))
+  reader.latent(inputs.get("latent_image"), denoise)
   reader.micro_conditioning()  # SDXL's, by the size
   if refiner is not None:
     _refiner(reader, inputs, *refiner)

@@ -338,6 +338,45 @@ def test_advanced_sampler_and_img2img():
   assert "with strength 0.6" in _notes(found)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_advanced_sampler_img2img_from_a_step(sampler):
+  """A KSamplerAdvanced over an image's latent from step k of n to the end, noise added, is a
+  KSampler's img2img of n - k steps at a denoise that places n (ComfyUI's KSampler: the last
+  steps of int(steps / denoise)): the same levels. Stopping early, or without noise: notes."""
+  from sdjax import schedulers  # noqa: PLC0415
+
+  graph = default_graph()
+  graph["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
+      "add_noise": "enable", "noise_seed": 7, "steps": 20, "cfg": 6.5, "sampler_name": sampler,
+      "scheduler": "karras", "start_at_step": 8, "end_at_step": 10000,
+      "return_with_leftover_noise": "disable", "model": ["4", 0], "positive": ["6", 0],
+      "negative": ["7", 0], "latent_image": ["19", 0]}}
+  graph["19"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["5", 0]}}
+  graph["5"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["16", 0], "vae": ["4", 2]}}
+  graph["16"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+  found = comfyui.reproduce(graph)
+  steps, strength = int(found.flags["steps"]), float(found.flags["strength"])
+  assert steps == 12 and found.flags["image_encode"] == "mode"
+  options = json.loads(found.flags["scheduler_options"])
+  assert options["comfyui"] is True
+  config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear"}
+  sched = schedulers.get_scheduler(comfyui.SAMPLERS[sampler], config, options=options)
+  assert sched.img2img_steps(steps, strength) == (20, 8)  # the 20-step levels from the 8th
+  assert "runs steps 8 to 20 of its image's schedule: as --steps 12" in _notes(found)
+  assert "only: sdjax runs them all" not in _notes(found)
+  for change, note in (({"end_at_step": 15}, "runs steps 8 to 15 only"),
+                       ({"add_noise": "disable"}, "adds no noise to its latent")):
+    found = comfyui.reproduce({**graph, "3": {"class_type": "KSamplerAdvanced", "inputs": {
+        **graph["3"]["inputs"], **change}}})
+    assert found.flags["steps"] == "20" and "strength" not in found.flags
+    assert note in _notes(found)
+  graph["19"]["inputs"]["samples"] = ["20", 0]  # an empty latent: not img2img
+  graph["20"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512}}
+  found = comfyui.reproduce(graph)
+  assert found.flags["steps"] == "20" and "runs steps 8 to 10000 only" in _notes(found)
+
+
 def test_noise_mask_is_comfyuis_inpainting():
   """A KSampler over a SetLatentNoiseMask latent (LoadImage's mask) is ComfyUI's inpainting:
   --inpaint_blend comfyui with no mask blur, a note asking for the mask as for the image; a
