@@ -368,6 +368,7 @@ class _Reader:
       return
     if masked is not None and masked[1]["class_type"] == "SetLatentNoiseMask":
       self.fields.update({"Inpaint blend": "ComfyUI", "Mask blur": "0"})
+      self.mask(_inputs(masked[1]).get("mask"))
       self.note(None, f"node {masked[0]} (SetLatentNoiseMask) inpaints: give its mask too "
                       "(--mask_image, or a jsonl line's mask_image: its LoadImage file, whose "
                       "transparent pixels repaint, or white repaints)")
@@ -423,6 +424,7 @@ class _Reader:
     if isinstance(denoise, int | float):
       self.fields["Denoising strength"] = str(float(denoise))
     self.fields["Mask blur"] = "0"
+    self.mask(inputs.get("mask"))
     if inputs.get("noise_mask", True) is not False:  # (its default: on)
       self.fields["Inpaint blend"] = "ComfyUI"
     else:
@@ -434,6 +436,29 @@ class _Reader:
                     "its mask (--init_image and --mask_image, or a jsonl line's init_image and "
                     "mask_image: its LoadImage file for both, whose transparent pixels repaint) "
                     "and its size (--width, --height: ComfyUI samples at the image's)")
+
+  def mask(self, value) -> None:
+    """The mask's way from its file: an InvertMask (or an odd number of them) repaints the rest
+    (`Mask mode: Inpaint not masked`, --inpainting_mask_invert); any other node between it and
+    its LoadImage / LoadImageMask changes it: noted. A LoadImageMask of a colour channel: noted
+    (sdjax reads a file's alpha, else its grey levels)."""
+    inverted, seen = False, set()
+    while (link := _linked(self.graph, value)) is not None and link[0] not in seen:
+      seen.add(link[0])
+      node_id, node = link
+      kind, inputs = node["class_type"], _inputs(node)
+      if kind == "InvertMask":
+        inverted = not inverted
+      elif kind == "LoadImageMask" and inputs.get("channel", "alpha") != "alpha":
+        self.note("mask_image", f"node {node_id} (LoadImageMask) reads the mask from the "
+                                f"{inputs.get('channel')} channel: sdjax reads a file's alpha, "
+                                "else its grey levels (give the mask as a grey image)")
+      elif kind not in ("LoadImage", "LoadImageMask"):
+        self.note("mask_image", f"node {node_id} ({kind}) changes the mask: not reproduced "
+                                "(give the mask it makes)")
+      value = inputs.get("mask")
+    if inverted:
+      self.fields["Mask mode"] = "Inpaint not masked"
 
   def vae(self, sampler_id: str) -> None:
     """A VAELoader on the way from the sampler to the decode."""

@@ -720,6 +720,9 @@ def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str,
     flags["inpaint_full_res"] = "true"
     if "Masked area padding" in fields:
       flags["inpaint_full_res_padding"] = fields.pop("Masked area padding")
+  if fields.get("Mask mode") in ("Inpaint masked", "Inpaint not masked"):  # its invert
+    if fields.pop("Mask mode") == "Inpaint not masked":
+      flags["inpainting_mask_invert"] = "true"
   content = fields.pop("Masked content", None)
   if content in masks.MASKED_CONTENT:
     flags["inpainting_fill"] = content.replace(" ", "_")

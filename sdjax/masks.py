@@ -76,6 +76,8 @@ class MaskOptions:
       extra.update({"Inpaint area": "Only masked", "Masked area padding": str(self.padding)})
     if self.masked_content != "original":
       extra["Masked content"] = self.masked_content
+    if self.invert:  # (A1111's paste field of its inpainting_mask_invert)
+      extra["Mask mode"] = "Inpaint not masked"
     if self.soft is not None:
       extra.update(self.soft.a1111_parameters())
     return extra

@@ -380,8 +380,9 @@ def test_advanced_sampler_img2img_from_a_step(sampler):
 def test_noise_mask_is_comfyuis_inpainting():
   """A KSampler over a SetLatentNoiseMask latent (LoadImage's mask) is ComfyUI's inpainting:
   --inpaint_blend comfyui with no mask blur, a note asking for the mask as for the image; a
-  DifferentialDiffusion on the model's way --differential_diffusion; a sampler sdjax cannot
-  blend so (its uni_pc: sdjax's UniPC) a note instead of either."""
+  DifferentialDiffusion on the model's way --differential_diffusion, an InvertMask on the
+  mask's --inpainting_mask_invert; a sampler sdjax cannot blend so (its uni_pc: sdjax's UniPC)
+  a note instead of either."""
   graph = default_graph(denoise=0.8)
   graph["16"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
   graph["15"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["16", 0], "vae": ["4", 2]}}
@@ -403,6 +404,20 @@ def test_noise_mask_is_comfyuis_inpainting():
   assert "differential" not in str(_notes(found)).lower()
   del graph["17"]["inputs"]["strength"]  # (its default)
   assert float(comfyui.reproduce(graph).flags["differential_diffusion"]) == 1.0
+  # the mask's way: an InvertMask repaints the rest (A1111's Mask mode); other mask nodes and a
+  # LoadImageMask's colour channel: notes
+  graph["21"] = {"class_type": "InvertMask", "inputs": {"mask": ["16", 1]}}
+  graph["5"]["inputs"]["mask"] = ["21", 0]
+  found = comfyui.reproduce(graph)
+  assert found.flags["inpainting_mask_invert"] == "true" and "changes the mask" not in str(
+      found.notes)
+  graph["22"] = {"class_type": "GrowMask", "inputs": {"mask": ["23", 0], "expand": 4}}
+  graph["23"] = {"class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "red"}}
+  graph["21"]["inputs"]["mask"] = ["22", 0]
+  notes = _notes(comfyui.reproduce(graph))
+  assert "node 22 (GrowMask) changes the mask: not reproduced" in notes
+  assert "node 23 (LoadImageMask) reads the mask from the red channel" in notes
+  graph["5"]["inputs"]["mask"] = ["16", 1]
   graph["3"]["inputs"]["sampler_name"] = "uni_pc"
   found = comfyui.reproduce(graph)
   assert "inpaint_blend" not in found.flags and "differential_diffusion" not in found.flags

@@ -184,6 +184,8 @@ def test_img2img_and_inpaint_fields():
   assert "inpaint_blend" not in _flags(sdjax)
   assert _flags(sdjax.replace("Version", "Inpaint blend: A1111, Version"))["inpaint_blend"] == (
       "a1111")
+  assert _flags(text + "fill, Mask mode: Inpaint not masked")["inpainting_mask_invert"] == "true"
+  assert "inpainting_mask_invert" not in _flags(text + "fill, Mask mode: Inpaint masked")
   plain = _flags("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1")
   assert not {"strength", "mask_blur", "inpaint_full_res", "inpainting_fill",
               "inpaint_blend"} & set(plain)

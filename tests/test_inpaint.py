@@ -545,8 +545,10 @@ def test_run_with_mask_lines(inpainting, tmp_path):
   written = Image.open(tmp_path / "full" / record["file"])
   assert np.abs(np.asarray(written, int) - np.round(expected[0] * 255)).max() <= 1
   assert ("Inpaint area: Only masked, Masked area padding: 2, Masked content: fill, "
-          "Conditional mask weight: 0.6" in written.text["parameters"])
-  assert infotext.reproduce(written.text["parameters"]).flags["inpainting_mask_weight"] == "0.6"
+          "Mask mode: Inpaint not masked, Conditional mask weight: 0.6"
+          in written.text["parameters"])
+  flags = infotext.reproduce(written.text["parameters"]).flags
+  assert flags["inpainting_mask_weight"] == "0.6" and flags["inpainting_mask_invert"] == "true"
   text = tmp_path / "text.jsonl"  # as A1111: from grey, everything repainted, pure noise
   text.write_text('{"prompt": "a cat"}\n')
   run.generate_run(dataclasses.replace(cfg, prompts_file=str(text), batch_size=1,
