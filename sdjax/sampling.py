@@ -903,19 +903,20 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
   elif spec.inpaint is not None:
     if spec.grow_mask_by is not None:
       init = _encoded_for_inpaint(init, spec.grow_mask_by)
+    nmask = None  # A1111's latent mask (rounded, save with its soft inpainting)
+    if spec.inpaint_blend == "a1111":
+      nmask = a1111_latent_mask(init[1], spec.latent_hw, spec.soft_inpainting is None)
     mask, image_latents, masked_latents = _inpaint_inputs(spec, nets.vae, params, source, noise,
-                                                          init)
+                                                          init, nmask)
     if spec.inpaint == "concat":
       unet_predict = predict
 
       def predict(x, t, call):
         return unet_predict(jnp.concatenate([x, mask, masked_latents], axis=-1), t, call)
     if spec.soft_inpainting is not None:
-      blend = _SoftBlend(spec.scheduler, a1111_latent_mask(init[1], spec.latent_hw, False),
-                         image_latents, spec.soft_inpainting)
+      blend = _SoftBlend(spec.scheduler, nmask, image_latents, spec.soft_inpainting)
     elif spec.inpaint_blend == "a1111":
-      blend = _A1111Blend(spec.scheduler, a1111_latent_mask(init[1], spec.latent_hw),
-                          image_latents)
+      blend = _A1111Blend(spec.scheduler, nmask, image_latents)
     elif spec.inpaint_blend == "comfyui":
       blend = _ComfyUIBlend(spec.scheduler, interpolate.resize(
           init[1], spec.latent_hw, "bilinear"), image_latents, noise, spec.differential,
@@ -1210,7 +1211,8 @@ def _encode(spec: SampleSpec, vae: AutoencoderKL, params, images, source, stream
   return vae.config.to_diffusion_latents(latents)
 
 
-def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise, init):
+def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise, init,
+                    nmask=None):
   """(mask [B, h, w, 1], image latents, masked image latents) of an inpainting run, as
   diffusers' inpainting pipeline makes them: the mask binarized at 0.5 and brought to the
   latents' size by torch's default (nearest, top-left) interpolation, the masked image the
@@ -1219,19 +1221,17 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
   replaces their masked area (outside it they are what "blend" keeps). With ComfyUI's blend
   (an inpainting model's inputs as its InpaintModelConditioning makes them) the mask is rounded
   (half to even) at the image's size for the masked image, and after torch's bilinear at the
-  latents' size for the model, and the masked image is (image - 0.5) * (1 - mask) + 0.5."""
+  latents' size for the model, and the masked image is (image - 0.5) * (1 - mask) + 0.5. With
+  A1111's blend, `nmask` is its latent mask (`a1111_latent_mask`): where latent masked content
+  goes; with its soft inpainting every mask is as it is (its rounding off)."""
   images, masks = init
   comfyui = spec.inpaint_blend == "comfyui"
   soft = spec.soft_inpainting is not None
   if comfyui:
     repaint = jnp.round(masks.astype(jnp.float32)) > 0
     mask = jnp.round(interpolate.resize(masks, spec.latent_hw, "bilinear"))
-  elif soft:  # A1111's soft inpainting: the mask as it is (its rounding off)
-    repaint = masks.astype(jnp.float32)
-    s = vae.config.downscale
-    mask = repaint[:, ::s, ::s]
-  else:
-    repaint = masks.astype(jnp.float32) >= 0.5
+  else:  # (A1111's soft inpainting: the mask as it is)
+    repaint = masks.astype(jnp.float32) if soft else masks.astype(jnp.float32) >= 0.5
     s = vae.config.downscale
     mask = repaint[:, ::s, ::s].astype(jnp.float32)
   image_latents = masked_latents = None
@@ -1239,13 +1239,10 @@ def _inpaint_inputs(spec: SampleSpec, vae: AutoencoderKL, params, source, noise,
     image_latents = _encode(spec, vae, params, images, source, _POSTERIOR)
     if spec.masked_content != "original":  # A1111: the latents the masked area starts from
       instead = noise if spec.masked_content == "latent noise" else jnp.zeros_like(noise)
-      if soft:  # its unrounded latent mask's blend
-        nmask = a1111_latent_mask(masks, spec.latent_hw, False)
+      if nmask is not None:  # A1111's: its latent mask's blend (where it repaints, rounded)
         image_latents = image_latents * (1 - nmask) + instead * nmask
-      else:  # where A1111's latent mask repaints, with its blend; else where diffusers' does
-        where = (a1111_latent_mask(masks, spec.latent_hw) if spec.inpaint_blend == "a1111"
-                 else mask)
-        image_latents = jnp.where(where > 0, instead, image_latents)
+      else:  # where diffusers' mask repaints
+        image_latents = jnp.where(mask > 0, instead, image_latents)
   if spec.inpaint == "concat" and spec.grow_mask_by is not None:  # its latents, masked
     masked_latents = image_latents
   elif spec.inpaint == "concat":
@@ -1410,13 +1407,10 @@ class _ComfyUIBlend(_A1111Blend):
     mixed with `nmask` by 1 - strength where 0 < strength < 1."""
     if self.differential is None:
       return self.nmask
-    table = euler.train_sigmas(sigma_schedules.form_alphas_cumprod(self.scheduler.cfg,
-                                                                   "comfyui"))
-    log_table = jnp.asarray(np.log(table), jnp.float32)
     sigmas = self.scheduler.call_sigmas(state)
 
     def timestep(sigma):
-      return jnp.argmin(jnp.abs(jnp.log(sigma) - log_table)).astype(jnp.float32)
+      return jnp.argmin(jnp.abs(jnp.log(sigma) - self._log_table)).astype(jnp.float32)
 
     threshold = timestep(sigmas[i]) / timestep(sigmas[self.begin])
     binary = (self.nmask >= threshold).astype(jnp.float32)
@@ -1424,6 +1418,14 @@ class _ComfyUIBlend(_A1111Blend):
     if strength and strength < 1:
       return jnp.float32(strength) * binary + jnp.float32(1 - strength) * self.nmask
     return binary
+
+  @functools.cached_property
+  def _log_table(self):
+    """log of ComfyUI's float32 table of the model's noise levels (its ModelSamplingDiscrete's
+    log_sigmas), made once per blend (its model_input and output both ask)."""
+    table = euler.train_sigmas(sigma_schedules.form_alphas_cumprod(self.scheduler.cfg,
+                                                                   "comfyui"))
+    return np.log(table).astype(np.float32)
 
   def _blended(self, xk, sigma, mask):
     return xk * mask + (self.init + sigma * self.noise) * (1 - mask)
