@@ -10,6 +10,7 @@ penultimate hidden states of two encoders, adds the second one's projected poole
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -42,6 +43,37 @@ class Networks:
   @property
   def is_sdxl(self) -> bool:
     return self.text_encoder_2 is not None
+
+
+def apply(module, params, *args, method=None, **kwargs):
+  """`module.apply({"params": params}, *args, method=method, **kwargs)`, traced once per
+  module, method, input shapes and static inputs in this process: a network that several
+  programs call (a run's samplers, a hires fix's passes, the UNet under each scheduler) is
+  traced once and each program calls that trace (XLA inlines the call: the same HLO). Array
+  inputs (and tracers) are the call's arguments; any other leaf (Python numbers and flags, a
+  `PerturbedLayers`' set) is static, as it is to an inline trace. Keyed also on what the
+  networks read when traced (`layers.trace_settings`)."""
+  leaves, tree = jax.tree.flatten((args, kwargs))
+  arrays = tuple(isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in leaves)
+  static = tuple(None if a else leaf for a, leaf in zip(arrays, leaves, strict=True))
+  try:
+    call = _traced(module, method, tree, arrays, static, layers.trace_settings())
+  except TypeError:  # an unhashable static input: trace inline
+    return module.apply({"params": params}, *args, method=method, **kwargs)
+  return call(params, [leaf for a, leaf in zip(arrays, leaves, strict=True) if a])
+
+
+@functools.lru_cache(maxsize=128)
+def _traced(module, method, tree, arrays, static, settings):
+  del settings  # the key only: the trace reads them
+
+  def call(params, inputs):
+    inputs = iter(inputs)
+    args, kwargs = jax.tree.unflatten(tree, [next(inputs) if a else leaf
+                                             for a, leaf in zip(arrays, static, strict=True)])
+    return module.apply({"params": params}, *args, method=method, **kwargs)
+
+  return jax.jit(call)
 
 
 @flax.struct.dataclass
@@ -130,7 +162,7 @@ def _encode_side_a1111(nets: Networks, params, ids: PromptIds, clip_skip: int | 
   encoder weighted on its own, as A1111's SDXL embedders) and pooled embeds of the first chunk."""
   if not nets.is_sdxl:
     def encode(tokens, token_embeds):
-      return nets.text_encoder.apply({"params": params["text_encoder"]}, tokens, clip_skip,
+      return apply(nets.text_encoder, params["text_encoder"], tokens, clip_skip,
                                      token_embeds)["prompt_embeds"]
 
     return prompt_lib.encode_weighted(encode, ids.ids), None
@@ -138,13 +170,13 @@ def _encode_side_a1111(nets: Networks, params, ids: PromptIds, clip_skip: int | 
   contexts = []
   if nets.text_encoder is not None:
     def encode_1(tokens, token_embeds):
-      return nets.text_encoder.apply({"params": params["text_encoder"]}, tokens, None,
+      return apply(nets.text_encoder, params["text_encoder"], tokens, None,
                                      token_embeds)["hidden_states"][layer]
 
     contexts.append(prompt_lib.encode_weighted(encode_1, ids.ids))
 
   def encode_2(tokens, token_embeds):
-    out = nets.text_encoder_2.apply({"params": params["text_encoder_2"]}, tokens, None,
+    out = apply(nets.text_encoder_2, params["text_encoder_2"], tokens, None,
                                     token_embeds)
     return out["hidden_states"][layer], out["text_embeds"]
 
@@ -157,15 +189,15 @@ def encode_side(nets: Networks, params, ids: PromptIds, clip_skip: int | None):
   if isinstance(ids.ids if ids.ids is not None else ids.ids_2, prompt_lib.PromptBatch):
     return _encode_side_a1111(nets, params, ids, clip_skip)
   if not nets.is_sdxl:
-    out = nets.text_encoder.apply({"params": params["text_encoder"]}, ids.ids, clip_skip)
+    out = apply(nets.text_encoder, params["text_encoder"], ids.ids, clip_skip)
     return out["prompt_embeds"], None
   # diffusers' SDXL encode_prompt: hidden_states[-(clip_skip + 2)], no final LayerNorm.
   layer = -((clip_skip or 0) + 2)
   hidden = []
   if nets.text_encoder is not None:
-    out = nets.text_encoder.apply({"params": params["text_encoder"]}, ids.ids)
+    out = apply(nets.text_encoder, params["text_encoder"], ids.ids)
     hidden.append(out["hidden_states"][layer])
-  out = nets.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids.ids_2)
+  out = apply(nets.text_encoder_2, params["text_encoder_2"], ids.ids_2)
   hidden.append(out["hidden_states"][layer])
   return jnp.concatenate(hidden, axis=-1), out["text_embeds"]  # B, 77, D1 + D2
 
@@ -216,15 +248,15 @@ def image_tokens(nets: Networks, params, cond: Conditioning):
     blank = (_image_features(encoder, p["image_encoder"], jnp.zeros_like(flat[:1]), hidden)
              if hidden else jnp.zeros_like(features[:1]))
     width = projection.config.cross_attention_dim
-    positive.append(projection.apply({"params": p["image_proj"]}, features).reshape(b, -1, width))
-    blank = projection.apply({"params": p["image_proj"]}, blank).reshape(1, -1, width)
+    positive.append(apply(projection, p["image_proj"], features).reshape(b, -1, width))
+    blank = apply(projection, p["image_proj"], blank).reshape(1, -1, width)
     negative.append(jnp.broadcast_to(jnp.tile(blank, (1, k, 1)), positive[-1].shape))  # K
   return tuple(negative), tuple(positive)
 
 
 def _image_features(encoder, params, pixels, hidden: bool):
   """An IP-Adapter image encoder's penultimate hidden states (`hidden`), else image_embeds."""
-  out = encoder.apply({"params": params}, pixels)
+  out = apply(encoder, params, pixels)
   return out["hidden_states"][-2] if hidden else out["image_embeds"]
 
 
@@ -279,7 +311,7 @@ def _soften(residuals: list, mode: str, factors, cond_rows) -> list:
 def adapter_features(nets: Networks, params, images) -> tuple:
   """The control inputs with each T2I-Adapter's images [B, H, W, c] replaced by its feature maps
   (a list): an adapter sees neither latents nor timestep, so this runs once per image."""
-  return tuple(net.apply({"params": p}, x) if isinstance(net, T2IAdapter) else x
+  return tuple(apply(net, p, x) if isinstance(net, T2IAdapter) else x
                for net, p, x in zip(nets.controlnet, params["controlnet"], images, strict=True))
 
 
@@ -315,7 +347,7 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
       # An inpainting UNet's input is the latents, the mask, the masked image's latents: a
       # ControlNet sees the latents (as diffusers' ControlNet inpainting pipelines).
       with layers.circular_padding(""):  # A1111's Tiling is the model's, not the ControlNet's
-        d, m = net.apply({"params": net_params}, x_[..., :net.config.in_channels], t_,
+        d, m = apply(net, net_params, x_[..., :net.config.in_channels], t_,
                          emb_.context, image[skip:], scales[i], emb_.text_embeds,
                          emb_.time_ids, emb_.context_bias, cond_, guess is not None)
       *d, m = _soften([*d, m], modes[i], [_SOFT_CONTROLNET ** (12 - j) for j in range(13)],
@@ -340,7 +372,7 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
     residuals["pag"] = pag
   if emb.class_labels is not None:
     residuals["class_labels"] = emb.class_labels
-  return nets.unet.apply({"params": unet_params}, x, t, emb.context, emb.text_embeds,
+  return apply(nets.unet, unet_params, x, t, emb.context, emb.text_embeds,
                          emb.time_ids, emb.context_bias, timestep_cond, **residuals)
 
 

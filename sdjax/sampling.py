@@ -977,8 +977,8 @@ def decode_images(vae: AutoencoderKL, vae_params, x):
   """
 
   def decode(z):
-    images = vae.apply({"params": vae_params}, vae.config.from_diffusion_latents(z),
-                       method=AutoencoderKL.decode)
+    images = conditioning.apply(vae, vae_params, vae.config.from_diffusion_latents(z),
+                                method=AutoencoderKL.decode)
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
   return _in_chunks(decode, x, decode_chunk(*x.shape[:3]))
@@ -990,7 +990,7 @@ def encode_images(vae: AutoencoderKL, vae_params, images):
   s = vae.config.downscale
   per = decode_chunk(images.shape[0], images.shape[1] // s, images.shape[2] // s)
   return _in_chunks(
-      lambda x: vae.apply({"params": vae_params}, 2.0 * x - 1.0, method=AutoencoderKL.encode),
+      lambda x: conditioning.apply(vae, vae_params, 2.0 * x - 1.0, method=AutoencoderKL.encode),
       images, per)
 
 

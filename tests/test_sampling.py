@@ -12,7 +12,8 @@ import torch
 from parity import img2img_draws, nchw
 
 import sdjax
-from sdjax import sampling, schedulers, testing, upscaling
+from sdjax import conditioning, sampling, schedulers, testing, upscaling
+from sdjax.models import layers
 
 PROMPTS = ["a red circle in the center", "a photo of a cat"]
 NEGATIVES = ["blue", ""]  # the second image has no negative prompt: diffusers' empty default
@@ -125,6 +126,39 @@ def test_custom_sigmas_match_diffusers(pipes):
   err = rel(ours, expected)
   print(f"dpmpp_2m custom timesteps: {err:.2e}")
   assert err <= 1e-4
+
+
+def _network_traces(fn, *args):
+  """The traces of the networks (the jit calls) in `fn`'s jaxpr, in order."""
+  return [e.params["jaxpr"] for e in jax.make_jaxpr(fn)(*args).eqns if e.primitive.name == "jit"]
+
+
+def test_networks_are_traced_once(pipes):
+  """conditioning.apply: programs that call a network with inputs of the same shapes call one
+  trace of it (what a run's samplers share), made again for other shapes, other static inputs
+  and another circular padding; its outputs are an inline trace's, bit for bit."""
+  _sd1_only(pipes)
+  pipe = pipes[1]
+  unet, params = pipe.unet, pipe.params["unet"]
+  x, ctx = jnp.ones((2, 2, 2, 4)), jnp.ones((2, 77, unet.config.cross_attention_dim))
+
+  def call(x, t=None):
+    return conditioning.apply(unet, params, x, jnp.float32(3.0) if t is None else t, ctx)
+
+  first, = _network_traces(lambda x: call(x) * 2, x)
+  again, other_t = _network_traces(lambda x: call(x + 1) + call(x, jnp.float32(5.0)), x)
+  assert again is first and other_t is first
+  shape, = _network_traces(call, jnp.ones((1, 2, 2, 4)))
+  with layers.circular_padding("xy"):  # a function of its own: jax keys its trace on none
+    tiled, = _network_traces(lambda x: call(x), x)
+  assert shape is not first and tiled is not first
+  ids = jnp.ones((1, 77), jnp.int32)
+  skips = [_network_traces(lambda i, k=k: conditioning.apply(
+      pipe.text_encoder, pipe.params["text_encoder"], i, k)["prompt_embeds"], ids)[0]
+           for k in (None, 1, 1)]
+  assert skips[0] is not skips[1] and skips[1] is skips[2]  # clip_skip: static
+  np.testing.assert_array_equal(jax.jit(call)(x), jax.jit(
+      lambda x: unet.apply({"params": params}, x, jnp.float32(3.0), ctx))(x))
 
 
 def test_align_your_steps_follows_the_model():

@@ -86,6 +86,14 @@ _CIRCULAR = contextvars.ContextVar("sdjax_circular_padding", default="")
 TILING_AXES = ("xy", "x", "y")
 
 
+def trace_settings() -> tuple:
+  """What the networks read when traced besides their inputs and configs: the circular padding
+  in force, token merging's setting, the kernels SDJAX_ATTENTION / SDJAX_CONV force. A cached
+  trace (`conditioning.apply`) is keyed on it."""
+  return (_CIRCULAR.get(), token_merging.setting(), os.environ.get("SDJAX_ATTENTION"),
+          os.environ.get("SDJAX_CONV"))
+
+
 @contextlib.contextmanager
 def circular_padding(axes: str):
   """Convolutions traced inside pad circularly along `axes` ("xy", "x", "y"; "": none)."""

@@ -52,6 +52,11 @@ def applied(ratio: float, latent_size: tuple[int, int]):
     _SETTING.reset(token)
 
 
+def setting() -> tuple[float, tuple[int, int]] | None:
+  """The (ratio, latent size) transformer blocks traced now merge with (None: off)."""
+  return _SETTING.get()
+
+
 def merging(x: jax.Array) -> tuple[Callable, Callable] | None:
   """(merge, unmerge) for a transformer block whose input tokens are `x` [B, N, C], as tomesd's
   `compute_merge` decides them; None where the block keeps its tokens."""
