@@ -13,6 +13,7 @@
   python tools/benchmark.py --arch builtin --what run --batch 8 --steps 4 --images 256
   python tools/benchmark.py --arch builtin --what first_image --prompts 2000000 --steps 2
   python tools/benchmark.py --what dynamic_prompts --prompts 100000 --json
+  python tools/benchmark.py --arch sdxl --what programs --programs euler,dpmpp_2m --batch 1
   python tools/benchmark.py --arch sd15 --what unet_step --backend both \
       --kernels blocked,chunked --repeats 2 --json   # interleaved in one process
   python tools/benchmark.py --arch sd15 --what unet_step --backend both --kernels blocked \
@@ -36,6 +37,10 @@ writing, manifests) on the built-in model against the bare compiled sampler at t
 both after compiling, and reports both images/s and their ratio. `--what first_image` starts
 main.py on a synthetic `--prompts`-line jsonl file (built-in model, warm compilation cache) and
 reports the seconds until its first PNG exists and the process's peak resident memory then.
+`--what programs --programs euler,dpmpp_2m,heun` compiles those schedulers' samplers (`--batch`
+images, `--steps`) one after the other in one process and reports each one's seconds of
+tracing, lowering and XLA compile (jax's monitoring events); `--inline_networks` traces the
+networks into every program again, as before `conditioning.apply` shared their traces.
 `--what encode` times writing one image in each `--image_format` (milliseconds and bytes), and
 `--what run --line_groups N` feeds the run jsonl lines of N guidance scales in turn.
 `--what image_encoder --encoder vit-h` times an IP-Adapter's CLIP image encoder (`--batch`
@@ -85,8 +90,13 @@ _ARCH = flags.DEFINE_enum("arch", "sd15", ["sd15", "sd21_base", "sd21", "sdxl", 
 _WHAT = flags.DEFINE_enum("what", "unet_step", ["unet_step", "vae_decode", "generate", "run",
                                                "first_image", "lora_merge", "encode",
                                                "image_encoder", "dynamic_prompts", "rng",
-                                               "safety_checker", "upscaler", "brownian"],
+                                               "safety_checker", "upscaler", "brownian",
+                                               "programs"],
                           "what to time")
+_PROGRAMS = flags.DEFINE_list("programs", ["euler", "dpmpp_2m", "heun"], "programs: the "
+                              "schedulers whose samplers compile in turn, in one process")
+_INLINE = flags.DEFINE_bool("inline_networks", False, "programs: trace the networks inline in "
+                            "each program (as before conditioning.apply traced them once)")
 _ENCODER = flags.DEFINE_enum("encoder", "vit-h", ["vit-bigg", "vit-h", "vit-l"],
                              "image_encoder: which (testing.CLIP_VISION_SIZES)")
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 32, "lora_merge: rank of the synthetic LoRA, "
@@ -406,6 +416,42 @@ def _xla_memory(compiled) -> dict[str, int]:
   return dict(xla_argument_bytes=int(m.argument_size_in_bytes),
               xla_temp_bytes=int(m.temp_size_in_bytes),
               xla_output_bytes=int(m.output_size_in_bytes))
+
+
+def bench_programs() -> list[dict]:
+  """Trace, lowering and XLA compile seconds of each of --programs' samplers, in turn."""
+  import collections  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.monitoring  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from sdjax import conditioning, sampling  # noqa: PLC0415
+
+  if _INLINE.value:
+    conditioning.apply = lambda module, params, *args, method=None, **kwargs: module.apply(
+        {"params": params}, *args, method=method, **kwargs)
+  seconds = collections.Counter()
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, duration, **_: seconds.update({event.rsplit("/", 1)[-1]: duration}))
+  pipe, _ = _jax_pipeline()
+  (h, w), b = _size(), _BATCH.value
+  seeds = jnp.arange(b, dtype=jnp.uint32)
+  rows = []
+  for name in _PROGRAMS.value:
+    spec, state = sampling.prepare(pipe, b, steps=_STEPS.value, scheduler=name, height=h,
+                                   width=w, guidance_scale=_GUIDANCE.value)
+    args = (spec, pipe.networks, pipe.params, _conditioning(pipe, b, h, w), seeds,
+            sampling.initial_noise(seeds, (h // 8, w // 8, 4)), jnp.float32(_GUIDANCE.value),
+            jnp.float32(0.0), None, state)
+    seconds.clear()
+    start = time.perf_counter()
+    jax.jit(sampling.sample_fn, static_argnums=(0, 1)).lower(*args).compile()
+    rows.append(dict(program=name, wall_s=time.perf_counter() - start,
+                     trace_s=seconds["jaxpr_trace_duration"],
+                     lower_s=seconds["jaxpr_to_mlir_module_duration"],
+                     compile_s=seconds["backend_compile_duration"]))
+  return rows
 
 
 def bench_run():
@@ -1083,6 +1129,14 @@ def main(argv):
     return
   if _WHAT.value == "safety_checker":
     print(json.dumps(bench_safety_checker()))
+    return
+  if _WHAT.value == "programs":
+    h, w = _size()
+    for row in bench_programs():
+      print(json.dumps(dict(arch=_ARCH.value, what="programs", batch=_BATCH.value, height=h,
+                            width=w, steps=_STEPS.value, inline_networks=_INLINE.value,
+                            **{k: round(v, 3) if isinstance(v, float) else v
+                               for k, v in row.items()})))
     return
   if _BACKEND.value == "both":
     h, w = _size()
