@@ -270,6 +270,9 @@ flags.DEFINE_enum("output_format", "png", ["png", "webdataset"], "png: image fil
 flags.DEFINE_integer("images_per_folder", 10000, "png: images per subfolder")
 flags.DEFINE_enum("image_format", "png", ["png", "jpg", "webp"], "the image files (in folders "
                   "or tars); jpg and webp carry the A1111 parameters in EXIF, as A1111 saves them")
+flags.DEFINE_enum("pixel_levels", "round", ["round", "floor"], "how pixels become 8-bit levels: "
+                  "round (diffusers') or floor (A1111's and ComfyUI's: --parameters_file of "
+                  "their images sets it)")
 flags.DEFINE_integer("image_quality", 80, "jpg and lossy webp quality, 1-100 (A1111's default)")
 flags.DEFINE_bool("webp_lossless", False, "webp: lossless (same pixels as png, smaller)")
 flags.DEFINE_integer("shard_size", 1000, "images per shard: a webdataset tar; for png, the unit "
@@ -458,6 +461,7 @@ def _run_config() -> run.RunConfig:
       seed_resize_from_w=FLAGS.seed_resize_from_w, seed_resize_from_h=FLAGS.seed_resize_from_h,
       output_dir=FLAGS.output_dir, output_format=FLAGS.output_format,
       images_per_folder=FLAGS.images_per_folder, image_format=FLAGS.image_format,
+      pixel_levels=FLAGS.pixel_levels,
       image_quality=FLAGS.image_quality, webp_lossless=FLAGS.webp_lossless,
       hires_scale=FLAGS.hires_scale, hires_steps=FLAGS.hires_steps,
       hires_strength=FLAGS.hires_strength,

@@ -52,6 +52,7 @@ _ONE_TO_ONE = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed",
                "Aesthetic score": "aesthetic_score",
                "Negative aesthetic score": "negative_aesthetic_score",
                "NGMS": "s_min_uncond", "Skip Early CFG": "skip_early_cond",
+               "Pixel levels": "pixel_levels",
                "PerturbedAttentionGuidance_scale": "pag_scale",
                "PerturbedAttentionGuidance_adaptive_scale": "pag_adaptive_scale",
                "Seed high": "seed_high", "Noise multiplier": "noise_multiplier",
@@ -116,6 +117,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   made_by_sdjax = fields.get("Version", "").startswith("sdjax")
   if not made_by_sdjax:
     _backcompat(fields, flags["prompt"][0])
+    flags["pixel_levels"] = "floor"  # A1111 and ComfyUI truncate to 8 bits
   model_hash = fields.get("Model hash") or None
   _model(fields, flags, notes, model_hash)
   scheduler = _sampler(fields, flags, notes, made_by_sdjax, made_in)

@@ -446,19 +446,28 @@ def read_parameters(data: bytes) -> str | None:
   return comment[8:].decode(codes[comment[:8]], errors="replace")
 
 
-def to_uint8(image: Any) -> np.ndarray:
+PIXEL_LEVELS = ("round", "floor")
+
+
+def to_uint8(image: Any, levels: str = "round") -> np.ndarray:
   """A float [H, W, 3] image in [0, 1] as uint8: `clip(round(image * 255), 0, 255)` in float32.
 
   `np.round` rounds halves to even (127.5 -> 128, 126.5 -> 126), exactly like diffusers'
-  `numpy_to_pil`, so files match a diffusers run byte for byte. Values outside [0, 1] are clipped;
-  NaN or inf raise, as they mean a broken decode that a black pixel would hide.
+  `numpy_to_pil`, so files match a diffusers run byte for byte. `levels="floor"` truncates
+  instead, as A1111 (`(255. * x).astype(np.uint8)`) and ComfyUI's SaveImage make their files.
+  Values outside [0, 1] are clipped; NaN or inf raise, as they mean a broken decode that a
+  black pixel would hide.
   """
   array = np.asarray(image, dtype=np.float32)
   if array.ndim != 3 or array.shape[-1] != 3:
     raise ValueError(f"expected an image of shape [H, W, 3], got {array.shape}")
   if not np.isfinite(array).all():
     raise ValueError("image holds NaN or inf values")
-  return np.clip(np.round(array * 255), 0, 255).astype(np.uint8)
+  if levels not in PIXEL_LEVELS:
+    raise ValueError(f"pixel levels must be one of {', '.join(PIXEL_LEVELS)}, got {levels!r}")
+  scaled = array * np.float32(255)
+  return np.clip(np.floor(scaled) if levels == "floor" else np.round(scaled), 0, 255
+                 ).astype(np.uint8)
 
 
 def open_image(path: str, mode: str | None = "RGB") -> Image.Image:

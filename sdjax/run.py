@@ -132,6 +132,8 @@ class RunConfig:
   output_format: str = "png"  # or "webdataset"
   images_per_folder: int = 10000  # png
   image_format: str = "png"  # or "jpg", "webp": the image files, in either output format
+  # How float pixels become 8-bit levels: "round" (diffusers') or "floor" (A1111's, ComfyUI's).
+  pixel_levels: str = "round"
   image_quality: int = 80  # jpg and lossy webp (A1111's default)
   webp_lossless: bool = False
   shard_size: int = 1000  # images per shard (a tar, or a unit of png resume and work split)
@@ -398,6 +400,9 @@ def validate(cfg: RunConfig) -> None:
   if cfg.image_format not in outputs.IMAGE_FORMATS:
     raise RunError(f"--image_format must be one of {', '.join(outputs.IMAGE_FORMATS)}, "
                    f"got {cfg.image_format!r}")
+  if cfg.pixel_levels not in outputs.PIXEL_LEVELS:
+    raise RunError(f"--pixel_levels must be one of {', '.join(outputs.PIXEL_LEVELS)}, "
+                   f"got {cfg.pixel_levels!r}")
   if not 1 <= cfg.image_quality <= 100:
     raise RunError(f"--image_quality must be in [1, 100], got {cfg.image_quality}")
   for name in ("height", "width"):
@@ -715,6 +720,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["freeu"] = list(cfg.freeu)
   if cfg.token_merging_ratio:  # absent when off: older folders still match
     settings["token_merging_ratio"] = cfg.token_merging_ratio
+  if cfg.pixel_levels != "round":  # absent for the default: older folders still match
+    settings["pixel_levels"] = cfg.pixel_levels
   if cfg.pag_scale:  # absent when off: older folders still match
     settings["pag"] = {"scale": cfg.pag_scale, "adaptive_scale": cfg.pag_adaptive_scale,
                        "applied_layers": list(cfg.pag_applied_layers)}
@@ -1007,7 +1014,8 @@ def _check_settings(store: sinks.Store, settings: dict[str, Any], overwrite: boo
   if previous == settings:
     return
   if previous is not None and not overwrite:
-    changed = sorted(k for k in settings if previous.get(k) != settings[k])
+    # (a setting only one of the runs has counts: absent is its default)
+    changed = sorted(k for k in {*settings, *previous} if previous.get(k) != settings.get(k))
     # (a run stopped before its first image, e.g. by bad input, leaves its settings alone)
     made = ("; use another --output_dir, or --overwrite to replace it" if sinks.holds_outputs(
         store) else ", which made no image yet: --overwrite replaces them (or use another "
@@ -1472,7 +1480,7 @@ def _write(writer, metadata, batch, images, finish, progress) -> int:
     shard, job = batch[row]
     if shard is not None:
       try:
-        image = outputs.to_uint8(image)
+        image = outputs.to_uint8(image, metadata.cfg.pixel_levels)
       except ValueError:  # NaN or inf: say for which image, under what settings
         steps, scheduler, *_ = metadata.schedule(job)
         raise RunError(f"image {job.index} ({job.prompt!r}): NaN or inf pixels, the sampler "
@@ -2377,6 +2385,7 @@ class _Metadata:
            if (varied := variation(cfg, job)) else {}),
         **({"clip_skip": schedule.clip_skip} if schedule.clip_skip != 1 else {}),
         **({"token_merging_ratio": cfg.token_merging_ratio} if cfg.token_merging_ratio else {}),
+        **({"pixel_levels": cfg.pixel_levels} if cfg.pixel_levels != "round" else {}),
         "model": self.pipe.name, "model_name": self.model_name, "model_hash": self.model_hash,
         "dtype": cfg.dtype, "sdjax_version": sdjax.__version__,
         **({"init_image": job.init_image} if job.init_image else {}),
@@ -2558,6 +2567,8 @@ class _Metadata:
                # A1111's, as it writes them: the passes' ratios where not 0
                **({"Token merging ratio": cfg.token_merging_ratio}
                   if cfg.token_merging_ratio else {}),
+               **({"Pixel levels": cfg.pixel_levels}  # sdjax's
+                  if cfg.pixel_levels != "round" else {}),
                **({"Token merging ratio hr": _hires_merging(cfg)}
                   if _hires(cfg) and _hires_merging(cfg) else {})})
 

@@ -60,7 +60,8 @@ def test_default_workflow():
                            '"comfyui": true}',
       "schedule_type": "Normal", "rng": "torch_cpu", "width": "512", "height": "768",
       "steps": "20", "guidance_scale": "8.0", "seed": str(156680208700286 % 2**32),
-      "seed_high": str(156680208700286 >> 32), "emphasis": "ComfyUI"}
+      "seed_high": str(156680208700286 >> 32), "emphasis": "ComfyUI",
+      "pixel_levels": "floor"}  # SaveImage truncates to 8 bits
   notes = _notes(found)
   assert "checkpoint v1-5-pruned-emaonly.safetensors: give it with --model" in notes
   assert "sqrt(1 + sigma_max^2)" not in notes and "GPU" not in notes

@@ -56,7 +56,8 @@ def test_a1111_image():
       "hires_upscaler": "4x-UltraSharp",  # an ESRGAN file, found in --upscaler_dir by main.py
       "rng": "nv",  # no RNG: A1111's GPU source, an NVIDIA GPU's noise
       # k-diffusion's placement, and its start and timesteps in diffusers' DPM-Solver++
-      "scheduler_options": '{"timestep_spacing": "linspace", "k_diffusion": true}'}
+      "scheduler_options": '{"timestep_spacing": "linspace", "k_diffusion": true}',
+      "pixel_levels": "floor"}  # A1111's 8-bit levels: truncated
   notes = dict(found.notes)
   assert set(notes) == {"model", "vae", "rng", None}
   assert notes["vae"] == "made with the VAE sdxl_vae.safetensors: give it with --vae"
@@ -151,7 +152,7 @@ def test_what_sdjax_lacks_is_a_note_not_a_flag():
           "CFG scale: 7, Seed: 1, RNG: NV, Eta: 0.67, Denoising strength: 0.5, Mask blur x: 4")
   found = reproduce(text)
   assert set(found.flags) == {"prompt", "negative_prompt", "steps", "guidance_scale", "seed",
-                              "rng", "strength"}
+                              "rng", "strength", "pixel_levels"}
   notes = dict(found.notes)
   assert set(notes) == {"scheduler", "schedule_type", "init_image", None}
   assert notes["init_image"] == (
@@ -371,6 +372,17 @@ def test_sdjax_image_round_trip():
       "tiling_axes": "x", "freeu": ["0.9", "0.2", "1.5", "1.6"],
       "pag_applied_layers": ["mid", "up_blocks.0"], "steps": "12", "guidance_scale": "4.5",
       "seed": "3", "emphasis": "No norm", "guidance_rescale": "0.7", "pag_scale": "3.0"}
+
+
+def test_pixel_levels():
+  """A1111's and ComfyUI's images are truncated to 8 bits (--pixel_levels floor); an sdjax
+  image's levels are what it says (rounded, diffusers', where it says nothing)."""
+  a1111 = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512"
+  assert _flags(a1111)["pixel_levels"] == "floor"
+  sdjax_image = a1111 + ", Version: sdjax 0.1.0"
+  assert "pixel_levels" not in _flags(sdjax_image)
+  assert _flags(sdjax_image.replace("Size", "Pixel levels: floor, Size"))["pixel_levels"] == (
+      "floor")
 
 
 def test_hires_fix():

@@ -806,7 +806,8 @@ def test_prompts_file_lines_from_images(reference_run, model, cache, tmp_path):
 def test_a1111_image_by_flag_and_by_line(model, cache, tmp_path):
   """An A1111 image's parameters make the same pixels by --parameters_file and by a jsonl line:
   the line carries what the flags would set beside its fields, A1111's placement of the noise
-  levels and its DPM2's form (scheduler options)."""
+  levels and its DPM2's form (scheduler options); its run-wide settings (torch's CPU noise,
+  A1111's truncated 8-bit levels) are the run's flags."""
   params = tmp_path / "a1111.txt"
   params.write_text("a (cat:1.2)\nNegative prompt: a dog\nSteps: 3, Sampler: DPM2 a, "
                     "Schedule type: Automatic, CFG scale: 3.5, Seed: 11, Size: 24x16, RNG: CPU, "
@@ -817,7 +818,7 @@ def test_a1111_image_by_flag_and_by_line(model, cache, tmp_path):
   main_py(["--model", model, "--parameters_file", str(params), "--output_dir", by_flag,
            "--compilation_cache", cache])
   main_py(["--model", model, "--prompts_file", str(prompts), "--rng", "torch_cpu",
-           "--output_dir", by_line, "--compilation_cache", cache])
+           "--pixel_levels", "floor", "--output_dir", by_line, "--compilation_cache", cache])
   (flag, line) = (_manifest(out)[0] for out in (by_flag, by_line))
   assert flag["scheduler"] == line["scheduler"] == "kdpm2_ancestral"
   assert flag["scheduler_options"] == line["scheduler_options"]

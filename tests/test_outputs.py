@@ -230,6 +230,19 @@ def test_write_png_overwrites_atomically(tmp_path):
     assert png.text["parameters"] == "new"
 
 
+def test_floor_levels_truncate_as_a1111():
+  """levels="floor": A1111's `(255. * x).astype(np.uint8)` of the clamped float32 image, and
+  ComfyUI's SaveImage (`np.clip(255. * i, 0, 255).astype(np.uint8)`)."""
+  image = np.random.default_rng(0).uniform(-0.1, 1.1, (8, 8, 3)).astype(np.float32)
+  image[0, 0] = [0.5, 10.5 / 255, 1.0]
+  a1111 = (255.0 * np.clip(image, 0.0, 1.0)).astype(np.uint8)
+  np.testing.assert_array_equal(outputs.to_uint8(image, "floor"), a1111)
+  np.testing.assert_array_equal(outputs.to_uint8(image, "floor")[0, 0], [127, 10, 255])
+  assert (outputs.to_uint8(image) != a1111).any()  # diffusers' rounding: another image
+  with pytest.raises(ValueError, match="^pixel levels must be one of round, floor, got 'up'$"):
+    outputs.to_uint8(image, "up")
+
+
 def test_write_png_rejects_bad_images(tmp_path):
   with pytest.raises(ValueError, match="shape"):
     write_png(tmp_path / "a.png", np.zeros((4, 4)), "")

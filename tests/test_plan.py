@@ -382,7 +382,8 @@ def test_parameters_lines_say_what_they_leave_to_the_run(tmp_path, caplog):
   said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert [s.split(": ", 1)[1] for s in said] == [  # not the model: the run's is the lines'
       '"parameters" ' + str(tmp_path / "a.txt") + " (and any line like it) asks for run-wide "
-      "settings, which the run's flags decide: --ensd=31337 --hires_scale=2 --rng=torch_cpu",
+      "settings, which the run's flags decide: --ensd=31337 --hires_scale=2 --pixel_levels=floor "
+      "--rng=torch_cpu",
       '"parameters" ' + str(tmp_path / "a.txt") + ": Sampler: Euler SMEA Dy is not one sdjax has: "
       "the model's own is used (or give --scheduler)"]
   assert said[0].startswith(str(tmp_path / "p.jsonl") + " line 1:")

@@ -94,6 +94,31 @@ def test_lossless_webp_run_has_the_png_pixels(model, cache, single_run, tmp_path
     run.generate_run(_config(model, out, cache, image_format="jpg", image_quality=0))
 
 
+def test_floor_pixel_levels_run(model, cache, single_run, tmp_path):
+  """--pixel_levels floor (A1111's and ComfyUI's 8-bit levels): the same run's images truncated,
+  not rounded (one level lower where the fraction is at least a half), written into the PNG and
+  the manifest, read back by --parameters_file; another run's settings in the same folder."""
+  from sdjax import infotext  # noqa: PLC0415
+
+  out = str(tmp_path / "out")
+  assert run.generate_run(_config(model, out, cache, pixel_levels="floor")).images == 5
+  ref, got = _pixels(sinks.Store(single_run)), _pixels(sinks.Store(out))
+  lower = np.concatenate([(ref[k].astype(int) - got[k]).ravel() for k in range(5)])
+  assert set(np.unique(lower)) == {0, 1} and 0.3 < lower.mean() < 0.7
+  record = _records(out)[0]
+  assert record["pixel_levels"] == "floor"
+  text = Image.open(os.path.join(out, record["file"])).text["parameters"]
+  assert outputs.parse_a1111_parameters(text)["Pixel levels"] == "floor"
+  assert infotext.reproduce(text).flags["pixel_levels"] == "floor"
+  assert "Pixel levels" not in Image.open(os.path.join(single_run, record["file"])).text[
+      "parameters"]
+  with pytest.raises(run.RunError, match=r"other settings \(pixel_levels differ\)"):
+    run.generate_run(_config(model, out, cache))
+  with pytest.raises(run.RunError, match=r"^--pixel_levels must be one of round, floor, got "
+                                         r"'ceil'$"):
+    run.generate_run(_config(model, str(tmp_path / "other"), cache, pixel_levels="ceil"))
+
+
 def test_a_run_that_made_no_image_says_so(model, cache, tmp_path):
   """A run stopped by bad input before its first image leaves its settings in the folder: a
   rerun with other settings is told that it made no image yet, so --overwrite loses nothing
