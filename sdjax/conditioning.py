@@ -163,7 +163,7 @@ def _encode_side_a1111(nets: Networks, params, ids: PromptIds, clip_skip: int | 
   if not nets.is_sdxl:
     def encode(tokens, token_embeds):
       return apply(nets.text_encoder, params["text_encoder"], tokens, clip_skip,
-                                     token_embeds)["prompt_embeds"]
+                   token_embeds)["prompt_embeds"]
 
     return prompt_lib.encode_weighted(encode, ids.ids), None
   layer = -((clip_skip or 0) + 2)
@@ -171,13 +171,12 @@ def _encode_side_a1111(nets: Networks, params, ids: PromptIds, clip_skip: int | 
   if nets.text_encoder is not None:
     def encode_1(tokens, token_embeds):
       return apply(nets.text_encoder, params["text_encoder"], tokens, None,
-                                     token_embeds)["hidden_states"][layer]
+                   token_embeds)["hidden_states"][layer]
 
     contexts.append(prompt_lib.encode_weighted(encode_1, ids.ids))
 
   def encode_2(tokens, token_embeds):
-    out = apply(nets.text_encoder_2, params["text_encoder_2"], tokens, None,
-                                    token_embeds)
+    out = apply(nets.text_encoder_2, params["text_encoder_2"], tokens, None, token_embeds)
     return out["hidden_states"][layer], out["text_embeds"]
 
   context, pooled = prompt_lib.encode_weighted(encode_2, ids.ids_2)
@@ -347,9 +346,9 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
       # An inpainting UNet's input is the latents, the mask, the masked image's latents: a
       # ControlNet sees the latents (as diffusers' ControlNet inpainting pipelines).
       with layers.circular_padding(""):  # A1111's Tiling is the model's, not the ControlNet's
-        d, m = apply(net, net_params, x_[..., :net.config.in_channels], t_,
-                         emb_.context, image[skip:], scales[i], emb_.text_embeds,
-                         emb_.time_ids, emb_.context_bias, cond_, guess is not None)
+        d, m = apply(net, net_params, x_[..., :net.config.in_channels], t_, emb_.context,
+                     image[skip:], scales[i], emb_.text_embeds, emb_.time_ids,
+                     emb_.context_bias, cond_, guess is not None)
       *d, m = _soften([*d, m], modes[i], [_SOFT_CONTROLNET ** (12 - j) for j in range(13)],
                       cond_rows)
       down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
@@ -372,8 +371,8 @@ def predict(nets: Networks, params, x, t, emb: Embeddings, timestep_cond=None, c
     residuals["pag"] = pag
   if emb.class_labels is not None:
     residuals["class_labels"] = emb.class_labels
-  return apply(nets.unet, unet_params, x, t, emb.context, emb.text_embeds,
-                         emb.time_ids, emb.context_bias, timestep_cond, **residuals)
+  return apply(nets.unet, unet_params, x, t, emb.context, emb.text_embeds, emb.time_ids,
+               emb.context_bias, timestep_cond, **residuals)
 
 
 def merge_params(params: dict, extra: dict) -> dict:
