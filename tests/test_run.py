@@ -88,7 +88,7 @@ def test_lossless_webp_run_has_the_png_pixels(model, cache, single_run, tmp_path
     params = outputs.parse_a1111_parameters(outputs.read_parameters(data))
     assert params["Seed"] == str(r["seed"]) and params["prompt"] == r["prompt"]
   assert json.loads(store.read(sinks.RUN_JSON))["image_format"] == "webp"
-  with pytest.raises(run.RunError, match=r"other settings \(image_format differ\)"):
+  with pytest.raises(run.RunError, match=r"other settings \(image_format, webp_lossless differ\)"):
     run.generate_run(_config(model, out, cache, image_format="jpg"))
   with pytest.raises(run.RunError, match=r"--image_quality must be in \[1, 100\], got 0"):
     run.generate_run(_config(model, out, cache, image_format="jpg", image_quality=0))
