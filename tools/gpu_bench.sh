@@ -16,6 +16,10 @@
 # device command may run 10 minutes and a session has about 15 in all: pick the parts that fit,
 # in this order.
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the image lacks them.
+# SMOKE=1 (on a CPU, before a device session): every command at toy size (sdxl_small for sdxl's
+# networks, 64x64, batch 1, 2 steps, 1 timed call, 4 images a run) to catch a flag or code path
+# that no longer works (all parts but compile: about 30 min on 2 cores, torch float16 on a CPU
+# is slow). Its numbers mean nothing.
 set -u
 OUTDIR=${1:-/tmp/gpu_bench}  # results.jsonl, gpu.txt and errors.log land here
 PARTS=${2:-sdxl run sd15}
@@ -26,11 +30,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUTDIR/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUTDIR/gpu.txt"
 PEAK=989  # H100 SXM dense bf16/fp16 TFLOP/s (datasheet)
 GEN_FLOPS=82.5e12  # per image: 50 steps x 2 (CFG) x 0.80 TFLOP UNet + 2.5 TFLOP VAE decode
 bench() {  # label, then benchmark flags; T=seconds before it is stopped (default 240)
   local label=$1; shift
+  if [[ -n "${SMOKE:-}" ]]; then
+    local args=() a
+    for a in "$@"; do [[ $a == sdxl ]] && args+=(sdxl_small) || args+=("$a"); done
+    set -- "${args[@]}" --height 64 --width 64 --batch 1 --steps 2 --repeats 1 --images 4
+  fi
   echo "== $label $*"
   if timeout "${T:-240}" python3 tools/benchmark.py --json --peak_tflops $PEAK "$@" \
       >"$WORK/$label.json" 2>"$WORK/$label.err"; then
@@ -105,8 +114,8 @@ python3 - "$OUTDIR/results.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
   r = json.loads(line)
-  print(f"{r['label']:>22} {r['median_s']:8.3f}s {r.get('images_per_s', 0):7.2f} img/s "
+  print(f"{r['label']:>22} {r.get('median_s', 0):8.3f}s {r.get('images_per_s', 0):7.2f} img/s "
         f"{r.get('tflops_per_s', 0):7.1f} TFLOP/s mfu {r.get('mfu', 0):.3f} "
-        f"compile {r['compile_s']:.1f}s peak {r.get('peak_bytes', 0) / 2**30:.1f} GiB"
+        f"compile {r.get('compile_s', 0):.1f}s peak {r.get('peak_bytes', 0) / 2**30:.1f} GiB"
         + (f" main.py/bare {r['run_vs_bare']:.3f}" if "run_vs_bare" in r else ""))
 PY
