@@ -111,7 +111,7 @@ flags.DEFINE_enum("inpaint_blend", "diffusers", ["diffusers", "a1111", "comfyui"
                   "prediction; --parameters_file of an A1111 inpainted image sets it), or "
                   "ComfyUI's (a latent noise mask: the noised image into each model input, the "
                   "image into each denoised prediction; an inpainting model's inputs as its "
-                  "InpaintModelConditioning; nothing pasted back after)")
+                  "InpaintModelConditioning; nothing pasted back after: see --comfyui_composite)")
 flags.DEFINE_integer("grow_mask_by", None, "inpainting with --inpaint_blend comfyui: ComfyUI's "
                      "VAEEncodeForInpaint (its grow_mask_by, 0-64): the image's latents those of "
                      "the image greyed under the mask, the mask grown by this many pixels")
@@ -123,6 +123,10 @@ flags.DEFINE_list("soft_inpainting", None, "inpainting with --inpaint_blend a111
 flags.DEFINE_float("differential_diffusion", None, "inpainting with --inpaint_blend comfyui: "
                    "ComfyUI's DifferentialDiffusion node, its strength (0-1, its default 1): a "
                    "grey mask's lighter parts join the repainting at later steps")
+flags.DEFINE_bool("comfyui_composite", False, "inpainting with --inpaint_blend comfyui: "
+                  "ComfyUI's ImageCompositeMasked after the decode, as its inpainting workflows "
+                  "paste the image back: the decoded image where the mask repaints, the image "
+                  "elsewhere, blended by a grey mask (in float, before the 8-bit levels)")
 flags.DEFINE_enum("image_encode", "sample", ["sample", "mode"],
                   "img2img, inpainting and a hires pixel upscaler: how images become latents: a "
                   "sample of the VAE's posterior (diffusers', A1111's) or its mode (ComfyUI's "
@@ -434,6 +438,7 @@ def _run_config() -> run.RunConfig:
       inpainting_mask_weight=FLAGS.inpainting_mask_weight, inpaint_blend=FLAGS.inpaint_blend,
       image_encode=FLAGS.image_encode, grow_mask_by=FLAGS.grow_mask_by,
       soft_inpainting=_soft_inpainting(), differential_diffusion=FLAGS.differential_diffusion,
+      comfyui_composite=FLAGS.comfyui_composite,
       controlnet=tuple(FLAGS.controlnet), controlnet_config=tuple(FLAGS.controlnet_config),
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,

@@ -22,7 +22,8 @@ A KSampler over a VAEEncode latent is img2img (its denoise the strength, the ima
 the posterior's mode: `Image encode: mode`; a KSamplerAdvanced from step k of n: n - k steps at
 the strength that places n levels), over a SetLatentNoiseMask latent inpainting (`Inpaint
 blend: ComfyUI`; a DifferentialDiffusion on the model's way: `Differential diffusion`); the image
-and mask files are not in the graph: the notes ask for them.
+and mask files are not in the graph: the notes ask for them. An ImageCompositeMasked pasting that
+image back over the decoded one through that mask is `Inpaint composite` (--comfyui_composite).
 
 The settings come back, and where sdjax's scheduler takes the `comfyui` option (Euler, Euler a,
 Heun, LMS, DPM++ SDE, the DPM++ multistep family) it steps as ComfyUI's KSampler: from its noise times
@@ -214,6 +215,9 @@ class _Reader:
     self.texts_l: dict[str, str | None] = {}  # the first pass's, by "prompt" / "negative_prompt"
     self.notes: list[tuple[str | None, str]] = []
     self._noted: set[str] = set()
+    # an inpainting's image and mask, as the sampler's latent links them (for ImageCompositeMasked)
+    self.image_link: Any = None
+    self.mask_link: Any = None
 
   def note(self, flag: str | None, text: str) -> None:
     if text not in self._noted:
@@ -369,6 +373,9 @@ class _Reader:
     if masked is not None and masked[1]["class_type"] == "SetLatentNoiseMask":
       self.fields.update({"Inpaint blend": "ComfyUI", "Mask blur": "0"})
       self.mask(_inputs(masked[1]).get("mask"))
+      encode = _linked(self.graph, _inputs(masked[1]).get("samples"))
+      if encode is not None and encode[1]["class_type"] == "VAEEncode":
+        self.image_link = _inputs(encode[1]).get("pixels")
       self.note(None, f"node {masked[0]} (SetLatentNoiseMask) inpaints: give its mask too "
                       "(--mask_image, or a jsonl line's mask_image: its LoadImage file, whose "
                       "transparent pixels repaint, or white repaints)")
@@ -425,6 +432,7 @@ class _Reader:
       self.fields["Denoising strength"] = str(float(denoise))
     self.fields["Mask blur"] = "0"
     self.mask(inputs.get("mask"))
+    self.image_link = inputs.get("pixels")
     if inputs.get("noise_mask", True) is not False:  # (its default: on)
       self.fields["Inpaint blend"] = "ComfyUI"
     else:
@@ -443,6 +451,7 @@ class _Reader:
     its LoadImage / LoadImageMask changes it: noted. A LoadImageMask of a colour channel: noted
     (sdjax reads a file's alpha, else its grey levels)."""
     inverted, seen = False, set()
+    self.mask_link = value
     while (link := _linked(self.graph, value)) is not None and link[0] not in seen:
       seen.add(link[0])
       node_id, node = link
@@ -469,10 +478,21 @@ class _Reader:
         self.note("vae", f"made with the VAE {_inputs(vae[1]).get('vae_name')}: give it with "
                          "--vae")
     for node_id, node in self.graph.items():  # its inpainting workflows' paste of the original
-      if node["class_type"] == "ImageCompositeMasked" and any(
-          (_linked(self.graph, value) or ("",))[0] in decodes for value in _inputs(node).values()):
-        self.note(None, f"node {node_id} (ImageCompositeMasked) composites the decoded image with "
-                        "another through a mask: not reproduced (sdjax saves the decoded image)")
+      inputs = _inputs(node)
+      if node["class_type"] != "ImageCompositeMasked" or not any(
+          (_linked(self.graph, value) or ("",))[0] in decodes for value in inputs.values()):
+        continue
+      if (self.fields.get("Inpaint blend") == "ComfyUI" and self.image_link is not None
+          and (_linked(self.graph, inputs.get("source")) or ("",))[0] in decodes
+          and inputs.get("destination") == self.image_link
+          and inputs.get("mask") == self.mask_link
+          and inputs.get("x", 0) == 0 and inputs.get("y", 0) == 0):
+        self.fields["Inpaint composite"] = "ComfyUI"  # (--comfyui_composite)
+      else:
+        self.note(None, f"node {node_id} (ImageCompositeMasked) composites the decoded image "
+                        "with another through a mask: reproduced only as the paste of the "
+                        "sampler's own image through its own mask at (0, 0); sdjax saves the "
+                        "decoded image")
 
 
 def _decodes(graph, sampler_id: str) -> dict[str, dict[str, Any]]:

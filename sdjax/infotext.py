@@ -684,7 +684,8 @@ def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str,
   """A1111's img2img inpaint settings: Mask blur, "Only masked" with its padding, Masked content
   (A1111 writes it for fill; sdjax for the latent ones too); its blend (`--inpaint_blend
   a1111`: an A1111 image's, an sdjax image's where it says `Inpaint blend: A1111`; `ComfyUI`:
-  --inpaint_blend comfyui, with its VAEEncodeForInpaint's `Grow mask by`)."""
+  --inpaint_blend comfyui, with its VAEEncodeForInpaint's `Grow mask by` and its
+  ImageCompositeMasked's `Inpaint composite`)."""
   blend = fields.pop("Inpaint blend", None)
   if blend in ("A1111", "ComfyUI") and made_by_sdjax:
     flags["inpaint_blend"] = blend.lower()
@@ -701,6 +702,13 @@ def _inpainting(fields, flags, notes, made_by_sdjax: bool, made_in: str,
   elif differential is not None and blend is not None:  # (without a mask it does nothing)
     notes.append(("differential_diffusion", "ComfyUI's DifferentialDiffusion: sdjax makes it "
                                             "with ComfyUI's blend only, the image differs"))
+  composite = fields.pop("Inpaint composite", None)  # ComfyUI's ImageCompositeMasked: the same
+  if composite == "ComfyUI" and flags.get("inpaint_blend") == "comfyui":
+    flags["comfyui_composite"] = "true"
+  elif composite is not None:
+    notes.append(("comfyui_composite", "the image pasted back by ComfyUI's ImageCompositeMasked: "
+                                       "sdjax pastes it so with ComfyUI's blend only, the image "
+                                       "differs"))
   grow = fields.pop("Grow mask by", None)  # ComfyUI's VAEEncodeForInpaint: with its blend
   if grow is not None and flags.get("inpaint_blend") == "comfyui":
     flags["grow_mask_by"] = grow

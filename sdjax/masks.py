@@ -1,7 +1,8 @@
 """Inpainting's work on the host, on 8-bit images, as AUTOMATIC1111 does it (and diffusers after
 it): blurring the mask, "Only masked" (the mask's bounding box, padded and widened to the output's
 aspect, is inpainted at the full output size and pasted back into the original) and the overlay
-that gives the result the original's own pixels outside the mask.
+that gives the result the original's own pixels outside the mask; and ComfyUI's paste back
+(its ImageCompositeMasked node: `MaskOptions.composite`), in float before the 8-bit levels.
 
 The sampler (`sampling.generate`, `run.py`) only ever sees an image and a mask of the size it
 generates; `prepare` makes them from the user's files, `Prepared.finish` turns the decoded image
@@ -47,6 +48,10 @@ class MaskOptions:
     `sampling`.
   soft: A1111's soft inpainting (`SoftInpainting`): the original pasted back by
     `soft_overlay`'s mask, made from the final latents, instead of the (doubled) mask.
+  composite: ComfyUI's ImageCompositeMasked of the decoded image over the image through the
+    mask, as its inpainting workflows paste the original back: `mask * decoded + (1 - mask) *
+    image` in float32, before the 8-bit levels (`Prepared.composite`); the mask as ComfyUI loads
+    it (`comfyui_mask`), or with a blur the blurred one the sampler gets. Whole picture only.
   """
 
   blur: float = 0.0
@@ -55,6 +60,7 @@ class MaskOptions:
   invert: bool = False
   masked_content: str = "original"
   soft: SoftInpainting | None = None
+  composite: bool = False
 
   def check(self) -> None:
     if not self.blur >= 0:
@@ -62,12 +68,15 @@ class MaskOptions:
     if self.padding is not None and self.padding < 0:
       raise ValueError(f"the only-masked padding must be >= 0, got {self.padding}")
     check_masked_content(self.masked_content)
+    if self.composite and (self.padding is not None or self.overlay or self.soft is not None):
+      raise ValueError("ComfyUI's composite pastes the whole picture back: not with \"Only "
+                       "masked\", the overlay or soft inpainting")
 
   @property
   def host_work(self) -> bool:
     """Whether anything happens here, besides the sampler's own binarizing of the mask."""
     return (bool(self.blur) or self.padding is not None or self.overlay or self.invert
-            or self.masked_content != "original" or self.soft is not None)
+            or self.masked_content != "original" or self.soft is not None or self.composite)
 
   def a1111_parameters(self) -> dict[str, str]:
     """A1111's infotext entries for these options."""
@@ -255,12 +264,30 @@ class Prepared:
   overlay_mask: Image.Image | None  # L: where the result shows through
   crop: tuple[int, int, int, int] | None  # (x1, y1, x2, y2) in the original ("Only masked")
   soft: SoftInpainting | None = None  # the overlay mask made by `soft_overlay`
+  # ComfyUI's composite (`MaskOptions.composite`): (the image, float32 [h, w, 3] in [0, 1], and
+  # the mask, float32 [h, w, 1], as ComfyUI loads them)
+  pasted: tuple[np.ndarray, np.ndarray] | None = None
+
+  @property
+  def finishes(self) -> bool:
+    """Whether the decoded image changes (`composite`, `finish`)."""
+    return self.original is not None or self.pasted is not None
+
+  def composite(self, decoded: np.ndarray) -> np.ndarray:
+    """The decoded image (float [h, w, 3] in [0, 1]) with ComfyUI's composite over the image
+    (`MaskOptions.composite`), in float32 as its ImageCompositeMasked: the result goes to the
+    8-bit levels next; unchanged without."""
+    if self.pasted is None:
+      return decoded
+    image, mask = self.pasted
+    decoded = np.asarray(decoded, np.float32)
+    return mask * decoded + (np.ones_like(mask) - mask) * image
 
   def finish(self, generated: np.ndarray, distance: np.ndarray | None = None) -> np.ndarray:
     """The final image (uint8 [H, W, 3]) from the decoded one (uint8 [h, w, 3]); with soft
     inpainting, the distance between its latents and the image's (float32 [h / 8, w / 8],
     `sampling`'s second output) makes the overlay mask."""
-    if self.original is None:
+    if self.original is None:  # (ComfyUI's composite, if any, came before the levels)
       return generated
     mask = self.overlay_mask
     if self.soft is not None:
@@ -304,12 +331,26 @@ def read_mask(image: Image.Image, comfyui: bool = False, rounded: bool = True) -
   return image.convert("L")
 
 
+def comfyui_mask(mask: Image.Image, from_alpha: bool, invert: bool = False) -> np.ndarray:
+  """The float32 [h, w, 1] mask ComfyUI computes from the 8-bit one `read_mask(comfyui=True)`
+  made (white repaints), bit for bit: from a file's alpha (`from_alpha`) its LoadImage's
+  `1 - alpha / 255`, else LoadImageMask's `level / 255`; `invert`: then InvertMask's `1 - mask`.
+  (1 - a / 255 and (255 - a) / 255 differ in the last bit for most levels.)"""
+  levels = np.asarray(mask.convert("L"), np.float32)
+  one = np.float32(1.0)
+  unit = one - (np.float32(255) - levels) / np.float32(255) if from_alpha else _unit(mask)
+  return (one - unit if invert else unit)[..., None]
+
+
 def prepare(image: Image.Image, mask: Image.Image, height: int, width: int,
-            options: MaskOptions, resize_mode: str = "just") -> Prepared:
+            options: MaskOptions, resize_mode: str = "just", mask_from_alpha: bool = False
+            ) -> Prepared:
   """The sampler's image and mask (`height` x `width`) from an image and a mask of any (common)
   size; the mask is resized to the image's size first if they differ. The whole picture is
-  resized to the output by `resize_mode` (`outputs.RESIZE_MODES`)."""
+  resized to the output by `resize_mode` (`outputs.RESIZE_MODES`). `mask_from_alpha`: the mask
+  is ComfyUI's reading of a file's alpha (`comfyui_mask`; for `options.composite`)."""
   image, mask = image.convert("RGB"), mask.convert("L")
+  unflipped = mask
   if options.invert:
     mask = ImageOps.invert(mask)
   if mask.size != image.size:
@@ -333,10 +374,18 @@ def prepare(image: Image.Image, mask: Image.Image, height: int, width: int,
       original = sampled_image
       doubled = np.clip(np.asarray(sampled_mask, np.float32) * 2, 0, 255).astype(np.uint8)
       overlay_mask = Image.fromarray(doubled)
+  pasted = None
+  if options.composite and options.blur:  # the blurred mask, as the sampler gets it
+    pasted = (_unit(sampled_image), _unit(sampled_mask)[..., None])
+  elif options.composite:  # the file's, read as ComfyUI reads it
+    resized = outputs.resize(unflipped.resize(image.size, Image.Resampling.LANCZOS)
+                             if unflipped.size != image.size else unflipped,
+                             height, width, resize_mode)
+    pasted = (_unit(sampled_image), comfyui_mask(resized, mask_from_alpha, options.invert))
   if options.masked_content != "original":  # what is sampled; the overlay keeps the original
     sampled_image = fill(sampled_image, sampled_mask)
   return Prepared(_unit(sampled_image), _unit(sampled_mask)[..., None], original, overlay_mask,
-                  region, options.soft)
+                  region, options.soft, pasted)
 
 
 def fill(image: Image.Image, mask: Image.Image) -> Image.Image:

@@ -194,6 +194,9 @@ class RunConfig:
   # With inpaint_blend "comfyui": ComfyUI's DifferentialDiffusion, its strength
   # (`sampling.SampleSpec.differential`); None: off.
   differential_diffusion: float | None = None
+  # With inpaint_blend "comfyui": ComfyUI's ImageCompositeMasked pastes the image back over the
+  # decoded one through the mask (`masks.MaskOptions.composite`).
+  comfyui_composite: bool = False
   # ControlNets steering lines by their control_image (else these, one per ControlNet), their
   # residuals summed in order; per ControlNet a single file's diffusers config ("": none). The
   # scale and share of the steps: one for all, or one per ControlNet.
@@ -452,6 +455,13 @@ def validate(cfg: RunConfig) -> None:
       sampling.check_differential(cfg.differential_diffusion, "comfyui")
     except ValueError as e:
       raise RunError(f"--{e}") from None
+  if cfg.comfyui_composite:
+    if cfg.inpaint_blend != "comfyui":
+      raise RunError("--comfyui_composite is ComfyUI's ImageCompositeMasked: give "
+                     "--inpaint_blend comfyui too")
+    if cfg.inpaint_full_res:
+      raise RunError("--comfyui_composite pastes the whole picture back: not with "
+                     "--inpaint_full_res")
   if cfg.noise_batch != 1 and cfg.subseed_strength:
     raise RunError("--noise_batch and --subseed_strength (A1111's variation seeds) do not go "
                    "together")
@@ -690,6 +700,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
       del settings["inpainting"]["masked_content"]
     if cfg.soft_inpainting is None:  # (the same)
       del settings["inpainting"]["soft"]
+    if not cfg.comfyui_composite:  # (the same)
+      del settings["inpainting"]["composite"]
   if cfg.inpainting_mask_weight != 1.0:  # absent for the default: older folders still match
     settings["inpainting_mask_weight"] = cfg.inpainting_mask_weight
   if cfg.inpaint_blend != "diffusers":  # absent for the default: older folders still match
@@ -799,7 +811,8 @@ def _mask_options(cfg: RunConfig) -> masks.MaskOptions:
   return masks.MaskOptions(cfg.mask_blur, cfg.inpaint_full_res_padding if cfg.inpaint_full_res
                            else None, overlay=cfg.inpaint_blend != "comfyui",
                            invert=cfg.inpainting_mask_invert, masked_content=cfg.inpainting_fill,
-                           soft=masks.soft_inpainting(cfg.soft_inpainting))
+                           soft=masks.soft_inpainting(cfg.soft_inpainting),
+                           composite=cfg.comfyui_composite)
 
 
 def line_options(cfg: RunConfig, pipe, scheduler: str, schedule_type: str | None,
@@ -1479,7 +1492,10 @@ def _write(writer, metadata, batch, images, finish, progress) -> int:
   for row, image in enumerate(parallel.local_rows_numpy(images)):
     shard, job = batch[row]
     if shard is not None:
+      finishing = finish is not None and finish[row] is not None
       try:
+        if finishing:  # ComfyUI's composite, in float before the levels
+          image = finish[row].composite(image)
         image = outputs.to_uint8(image, metadata.cfg.pixel_levels)
       except ValueError:  # NaN or inf: say for which image, under what settings
         steps, scheduler, *_ = metadata.schedule(job)
@@ -1487,7 +1503,7 @@ def _write(writer, metadata, batch, images, finish, progress) -> int:
                        f"diverged ({steps} {scheduler} steps, guidance "
                        f"{metadata.guidance(job):g}, {metadata.cfg.dtype})") from None
       record = metadata.record(job)
-      if finish is not None and finish[row] is not None:
+      if finishing:
         image = finish[row].finish(image, None if distances is None else distances[row])
         if finish[row].crop is not None:  # "Only masked": the original's size
           record.update(height=image.shape[0], width=image.shape[1],
@@ -1904,15 +1920,16 @@ class _Sampler:
           rows[key] = masks.Prepared(image[0], mask[0], None, None, None)
         else:
           image = outputs.open_image(job.init_image, None)
+          mask = outputs.open_image(job.mask_image, None)
           rows[key] = masks.prepare(image if comfyui else outputs.flatten(image),
-                                    masks.read_mask(outputs.open_image(job.mask_image, None),
-                                                    comfyui, options.soft is None),
-                                    *size, options, self.cfg.resize_mode)
+                                    masks.read_mask(mask, comfyui, options.soft is None),
+                                    *size, options, self.cfg.resize_mode,
+                                    mask_from_alpha="A" in mask.getbands())
       except ValueError as e:
         raise RunError(f"image {job.index} ({job.prompt!r}): {e}") from None
     prepared = [rows[job.init_image, job.mask_image] for job in jobs]
     return ((np.stack([p.image for p in prepared]), np.stack([p.mask for p in prepared])),
-            [p if p.original is not None else None for p in prepared])
+            [p if p.finishes else None for p in prepared])
 
   def _depth_maps(self, jobs, size) -> np.ndarray:
     """The batch's depth maps (a depth-to-image model's), float32 [B, h, w] at the latents' size:
@@ -2440,6 +2457,8 @@ class _Metadata:
       record["soft_inpainting"] = list(cfg.soft_inpainting)
     if cfg.differential_diffusion is not None:
       record["differential_diffusion"] = cfg.differential_diffusion
+    if cfg.comfyui_composite:
+      record["comfyui_composite"] = True
     return record
 
   def _brownian(self, scheduler: str) -> str | None:
@@ -2538,6 +2557,8 @@ class _Metadata:
                   if cfg.grow_mask_by is not None and job.mask_image else {}),
                **({"Differential diffusion": cfg.differential_diffusion}
                   if cfg.differential_diffusion is not None and job.mask_image else {}),
+               **({"Inpaint composite": "ComfyUI"}
+                  if cfg.comfyui_composite and job.mask_image else {}),
                **self._controlnet_extra(),
                **self._hires_extra(height, width, scheduler, outputs.a1111_schedule_type(
                    options)), **self._hires_prompts(job),

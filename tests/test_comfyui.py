@@ -396,6 +396,11 @@ def test_noise_mask_is_comfyuis_inpainting():
   assert "node 5 (SetLatentNoiseMask) inpaints: give its mask too" in notes
   assert "the latent is node 15 (VAEEncode)'s image (LoadImage photo.png)" in notes
   assert "changes the latent" not in notes
+  assert "comfyui_composite" not in found.flags
+  composite = {"class_type": "ImageCompositeMasked", "inputs": {  # the encoded image pasted back
+      "destination": ["16", 0], "source": ["8", 0], "x": 0, "y": 0, "mask": ["16", 1]}}
+  found = comfyui.reproduce({**graph, "13": composite})
+  assert found.flags["comfyui_composite"] == "true"
   # a DifferentialDiffusion on the model's way: --differential_diffusion, its strength
   graph["17"] = {"class_type": "DifferentialDiffusion",
                  "inputs": {"model": graph["3"]["inputs"]["model"], "strength": 0.7}}
@@ -448,8 +453,19 @@ def test_inpaint_model_conditioning():
       "destination": ["16", 0], "source": ["8", 0], "x": 0, "y": 0, "resize_source": False,
       "mask": ["16", 1]}}
   graph["9"]["inputs"]["images"] = ["13", 0]
-  assert ("node 13 (ImageCompositeMasked) composites the decoded image with another through a "
-          "mask: not reproduced") in _notes(comfyui.reproduce(graph))
+  found = comfyui.reproduce(graph)  # the sampler's image through its mask: --comfyui_composite
+  assert found.flags["comfyui_composite"] == "true"
+  assert "ImageCompositeMasked" not in _notes(found)
+  for change in ({"x": 8}, {"y": 16}, {"mask": ["16", 0]}, {"destination": ["8", 0]}):
+    graph["13"]["inputs"].update(change)  # elsewhere, through another mask, over another image
+    found = comfyui.reproduce(graph)
+    assert "comfyui_composite" not in found.flags, change
+    assert ("node 13 (ImageCompositeMasked) composites the decoded image with another through "
+            "a mask: reproduced only as the paste of the sampler's own image") in _notes(found)
+    graph["13"]["inputs"].update(x=0, y=0, mask=["16", 1], destination=["16", 0])
+  graph["12"]["inputs"]["noise_mask"] = False  # no blend: no composite either
+  assert "comfyui_composite" not in comfyui.reproduce(graph).flags
+  graph["12"]["inputs"]["noise_mask"] = True
   del graph["13"]
   graph["9"]["inputs"]["images"] = ["8", 0]
   graph["12"]["inputs"]["noise_mask"] = False

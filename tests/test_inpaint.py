@@ -603,7 +603,9 @@ def test_run_with_comfyui_blend(plain, tmp_path):
   repainted, as ComfyUI's LoadImage reads them) on a plain model is generate()'s image (the
   original not pasted back, as ComfyUI's), its PNG says `Inpaint blend: ComfyUI`, `Image
   encode: mode`, `Grow mask by: 6` and `Differential diffusion: 0.5`, and its text makes the
-  flags again. Differential diffusion with another blend: a one-line error."""
+  flags again. With --comfyui_composite (ComfyUI's ImageCompositeMasked) the image is pasted
+  back through the mask before ComfyUI's 8-bit levels, and its PNG says so. Differential
+  diffusion or the composite with another blend: a one-line error."""
   import json
   import os
 
@@ -643,6 +645,31 @@ def test_run_with_comfyui_blend(plain, tmp_path):
   flags = infotext.reproduce(written.text["parameters"]).flags
   assert flags["inpaint_blend"] == "comfyui" and flags["image_encode"] == "mode"
   assert flags["grow_mask_by"] == "6" and flags["differential_diffusion"] == "0.5"
+  # ComfyUI's paste back: the image where the mask keeps it, the decoded image where it repaints
+  composite = dataclasses.replace(cfg, comfyui_composite=True, mask_blur=0.0,
+                                  pixel_levels="floor", output_dir=str(tmp_path / "composite"))
+  assert run.generate_run(composite).images == 1
+  record = json.loads(open(tmp_path / "composite" / outputs.MANIFEST_NAME).readline())
+  assert record["comfyui_composite"] is True
+  sampled = pipe.generate("a cat", init_images=(pixels / np.float32(255))[None],
+                          mask_images=(mask / np.float32(255))[None], strength=1.0, seed=1,
+                          inpaint_blend="comfyui", image_encode="mode", grow_mask_by=6,
+                          differential_diffusion=0.5, **kw)[0]
+  kept = 1. - (255 - mask[..., None]).astype(np.float32) / 255.0  # its LoadImage's mask
+  expected = np.floor(255. * (kept * sampled + (1 - kept) * pixels / np.float32(255)))
+  written = Image.open(tmp_path / "composite" / record["file"])
+  assert np.abs(np.asarray(written, int) - expected).max() <= 1
+  np.testing.assert_array_equal(np.asarray(written)[mask == 0], pixels[mask == 0])
+  assert np.abs(np.asarray(written, int)[mask == 255] - pixels[mask == 255]).mean() > 20
+  assert "Inpaint composite: ComfyUI" in written.text["parameters"]
+  assert infotext.reproduce(written.text["parameters"]).flags["comfyui_composite"] == "true"
+  for change, message in ((dict(inpaint_blend="a1111", grow_mask_by=None,
+                                differential_diffusion=None), "^--comfyui_composite is ComfyUI's "
+                           "ImageCompositeMasked: give --inpaint_blend comfyui too$"),
+                          (dict(inpaint_full_res=True), "^--comfyui_composite pastes the whole "
+                           "picture back: not with --inpaint_full_res$")):
+    with pytest.raises(run.RunError, match=message):
+      run.generate_run(dataclasses.replace(composite, **change))
   with pytest.raises(run.RunError, match="^--differential_diffusion is ComfyUI's "
                                          "DifferentialDiffusion: give --inpaint_blend comfyui"):
     run.generate_run(dataclasses.replace(cfg, inpaint_blend="a1111", grow_mask_by=None))

@@ -7,7 +7,7 @@ import pytest
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageFilter, ImageOps
 
-from sdjax import masks
+from sdjax import masks, outputs
 
 PROCESSOR = VaeImageProcessor()  # diffusers' inpainting pipelines': Lanczos
 
@@ -203,6 +203,63 @@ def test_read_mask_as_a1111_and_comfyui():
     read = masks.read_mask(Image.fromarray(rgb), comfyui)
     assert read.mode == "L"
     np.testing.assert_array_equal(np.asarray(read), grey)
+
+
+def _comfyui_composite(destination, source, mask):
+  """ComfyUI's ImageCompositeMasked at (0, 0) of same-sized images, as its `composite` computes
+  it in torch (NCHW, float32; its bilinear resize of a same-sized mask is the identity)."""
+  import torch  # noqa: PLC0415
+
+  destination = torch.from_numpy(destination).movedim(-1, 0)[None].clone()
+  source = torch.from_numpy(source).movedim(-1, 0)[None]
+  mask = torch.from_numpy(mask).reshape((-1, 1, *mask.shape[-2:]))
+  inverse_mask = torch.ones_like(mask) - mask
+  destination[..., :, :] = mask * source + inverse_mask * destination
+  return destination[0].movedim(0, -1).numpy()
+
+
+@pytest.mark.parametrize("reading", ["alpha", "inverted alpha", "grey", "blurred"])
+def test_comfyui_composite_is_its_image_composite_masked(reading):
+  """`MaskOptions(composite=True)`: the decoded image pasted over the image through the mask as
+  ComfyUI's ImageCompositeMasked does it, bit for bit in float32, with the mask as ComfyUI loads
+  it: LoadImage's 1 - alpha / 255 of an RGBA file (InvertMask: 1 - that), LoadImageMask's
+  level / 255 of a grey one; and then as its SaveImage writes 8 bits (floor). With a mask
+  blur, the blurred mask the sampler gets. The sampler's own inputs are unchanged by it."""
+  rng = np.random.default_rng(5)
+  h, w = 9, 11
+  rgb = rng.integers(0, 256, (h, w, 3), np.uint8)
+  alpha = rng.integers(0, 256, (h, w), np.uint8)
+  alpha[:2] = 255  # kept whole
+  decoded = rng.random((h, w, 3), dtype=np.float32)
+  image = Image.fromarray(rgb)
+  invert = reading == "inverted alpha"
+  if reading == "grey":
+    file = Image.fromarray(alpha)
+    mask = alpha.astype(np.float32) / 255.0  # LoadImageMask, a colour channel
+  else:
+    file = Image.fromarray(np.dstack([rgb, alpha]))
+    mask = 1. - alpha.astype(np.float32) / 255.0  # LoadImage's MASK
+    mask = 1. - mask if invert else mask  # InvertMask
+  blur = 2.0 if reading == "blurred" else 0.0
+  read = masks.read_mask(file, comfyui=True)
+  options = masks.MaskOptions(blur=blur, invert=invert, composite=True)
+  prepared = masks.prepare(image, read, h, w, options, mask_from_alpha="A" in file.getbands())
+  plain = masks.prepare(image, read, h, w, dataclasses.replace(options, composite=False))
+  np.testing.assert_array_equal(prepared.image, plain.image)
+  np.testing.assert_array_equal(prepared.mask, plain.mask)
+  assert prepared.finishes and not plain.finishes
+  if blur:
+    mask = prepared.mask[..., 0]
+  expected = _comfyui_composite(rgb.astype(np.float32) / 255.0, decoded, mask)
+  ours = prepared.composite(decoded)
+  assert ours.dtype == np.float32
+  np.testing.assert_array_equal(ours, expected)
+  saved = np.clip(255. * expected, 0, 255).astype(np.uint8)  # its SaveImage
+  np.testing.assert_array_equal(outputs.to_uint8(ours, "floor"), saved)
+  if reading == "alpha":  # opaque: the image's own pixels
+    np.testing.assert_array_equal(saved[:2], rgb[:2])
+  with pytest.raises(ValueError, match="^ComfyUI's composite pastes the whole picture back"):
+    dataclasses.replace(options, overlay=True).check()
 
 
 @pytest.mark.parametrize(("shape", "low", "high"), [((7, 9), 0.9, 1.0), ((7, 9), 0.25, 0.75),
