@@ -686,6 +686,30 @@ def test_bad_lora(models, tmp_path, sd, message):
   assert "\n" not in str(e.value)
 
 
+def test_bfloat16_and_float8_files(models, tmp_path):
+  """A LoRA saved in bfloat16 or float8 (kohya's --save_precision, fp8 saves) reads as float32
+  of its values, its metadata kept, and merges as the float32 file of those values does."""
+  from safetensors.numpy import load_file
+
+  ref, pipe, _ = models
+  path = _kohya_file(str(tmp_path / "kohya.safetensors"), ref, 1.0)
+  metadata = {"ss_network_dim": "2"}
+  for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+    rounded = {k: torch.from_numpy(v).to(dtype) for k, v in load_file(path).items()}
+    low, high = str(tmp_path / "low.safetensors"), str(tmp_path / "high.safetensors")
+    save_file(rounded, low, metadata=metadata)
+    save_file({k: v.float() for k, v in rounded.items()}, high, metadata=metadata)
+    tensors, meta = lora.read_tensors(low)
+    assert meta == metadata and sorted(tensors) == sorted(rounded)
+    for key, value in rounded.items():
+      assert tensors[key].dtype == np.float32
+      np.testing.assert_array_equal(tensors[key], value.float().numpy(), err_msg=key)
+    for got, want in zip(jax.tree_util.tree_leaves(lora.apply_loras(pipe, [(low, 0.7)])),
+                         jax.tree_util.tree_leaves(lora.apply_loras(pipe, [(high, 0.7)])),
+                         strict=True):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_bad_files(models, tmp_path):
   _, pipe, _ = models
   with pytest.raises(LoraError, match="does not exist"):

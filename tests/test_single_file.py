@@ -136,6 +136,37 @@ def test_half_precision_file(family_files, tmp_path):
   _assert_params_equal(pipe.params, ref.params, cast=cast)
 
 
+@pytest.mark.parametrize("form", ["safetensors", "ckpt"])
+def test_float8_file(family_files, form, tmp_path):
+  """A float8 checkpoint (the UNet's weights in torch's float8_e4m3fn, .ckpt's in float8_e5m2,
+  the rest float16, as ComfyUI's and Forge's fp8 saves) loads equal to the folder rounded alike,
+  which is what diffusers' from_single_file makes of the same file (float32 weights)."""
+  import diffusers
+  import ml_dtypes
+  from safetensors.torch import save_file as save_torch
+
+  family, folder, torch_pipe, ref, exported, _ = family_files
+  eight = torch.float8_e4m3fn if form == "safetensors" else torch.float8_e5m2
+  unet_cast = ml_dtypes.float8_e4m3fn if form == "safetensors" else ml_dtypes.float8_e5m2
+  state = {k: torch.from_numpy(v).to(eight if k.startswith(single_file.UNET_PREFIX)
+                                     else torch.float16) for k, v in load_file(exported).items()}
+  path = str(tmp_path / f"model-fp8.{form}")
+  if form == "safetensors":
+    save_torch(state, path)
+  else:  # torch saves float8 with _rebuild_tensor_v3 over untyped storages
+    torch.save({"state_dict": state}, path)
+  pipe = sdjax.load_pipeline(path, config=folder)
+  for name in ("unet", "vae", "text_encoder"):
+    _assert_params_equal(pipe.params[name], ref.params[name],
+                         cast=unet_cast if name == "unet" else np.float16)
+  if family == "sd1" and form == "safetensors":  # (the rounding is diffusers', once is enough)
+    theirs = diffusers.StableDiffusionPipeline.from_single_file(
+        path, config=folder, local_files_only=True, safety_checker=None)
+    for name, dtype in (("unet", eight), ("vae", torch.float16)):
+      for key, value in getattr(torch_pipe, name).state_dict().items():
+        assert torch.equal(getattr(theirs, name).state_dict()[key], value.to(dtype).float()), key
+
+
 def test_export_round_trip(family_files, loaded, tmp_path):
   """Exporting the loaded file again writes the same tensors under the same names."""
   exported = family_files[4]

@@ -43,7 +43,12 @@ import numpy as np
 from flax import traverse_util
 
 from sdjax.checkpoints import hub, safe_pickle, single_file
-from sdjax.checkpoints.weights import TEXT_PREFIX, torch_key
+from sdjax.checkpoints.weights import (
+    TEXT_PREFIX,
+    read_safetensors,
+    read_safetensors_metadata,
+    torch_key,
+)
 
 
 class LoraError(ValueError):
@@ -230,15 +235,10 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """A flat tensor file's tensors (float32) and its safetensors metadata header."""
   if not os.path.isfile(path):
     raise LoraError(f"no such file: {path}")
-  if path.endswith(".safetensors"):
-    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
-
-    try:
-      with safe_open(path, "numpy") as f:
-        tensors = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
-        return tensors, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-      raise LoraError(f"cannot read {path}: {e}") from None
+  if path.endswith(".safetensors"):  # (any dtype sdjax reads: bfloat16, float8 too)
+    tensors = read_safetensors(path, LoraError)
+    return ({k: np.asarray(v, np.float32) for k, v in tensors.items()},
+            read_safetensors_metadata(path, LoraError))
   raw = read_pickle(path)
   if not isinstance(raw, Mapping) or not all(isinstance(v, np.ndarray) for v in raw.values()):
     raise LoraError(f"{path} is not a flat dict of tensors")

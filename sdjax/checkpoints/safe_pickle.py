@@ -43,6 +43,7 @@ _TORCH_DTYPES = {
     "float64": np.float64, "float32": np.float32, "float16": np.float16,
     "bfloat16": ml_dtypes.bfloat16, "int64": np.int64, "int32": np.int32, "int16": np.int16,
     "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+    "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
@@ -95,9 +96,24 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> np.ndarra
         f"tensor of size {size} reaches element {last} of a storage of {storage.size}: "
         "the file is truncated or corrupt")
   item = storage.itemsize
+  # strided over unsigned ints of the same width: as_strided cannot build ml_dtypes' float8
+  bits = storage.view(f"u{item}") if item in (1, 2, 4, 8) else storage
   view = np.lib.stride_tricks.as_strided(
-      storage[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False)
-  return np.array(view)  # contiguous copy, independent of the storage buffer
+      bits[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False)
+  return np.array(view).view(storage.dtype)  # contiguous copy, independent of the storage
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype,
+                       *unused) -> np.ndarray:
+  """`torch._utils._rebuild_tensor_v3`, as torch saves dtypes without a typed storage class
+  (float8): an untyped storage's bytes read as `dtype`, then `_rebuild_tensor`."""
+  del requires_grad, hooks, unused
+  if not isinstance(dtype, np.dtype):
+    raise UnsafePickleError(f"a tensor's dtype {str(dtype)[:40]} is not one of torch's")
+  if not isinstance(storage, np.ndarray) or storage.ndim != 1 or storage.dtype != np.uint8 or (
+      storage.size % dtype.itemsize):
+    raise UnsafePickleError("a tensor's storage is not an untyped storage record of the file")
+  return _rebuild_tensor(storage.view(dtype), storage_offset, size, stride)
 
 
 def _skip_tensor(*unused) -> None:
@@ -189,6 +205,7 @@ _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
@@ -208,6 +225,7 @@ _ALLOWED = {
     ("builtins", "slice"): slice,
 }
 _ALLOWED.update({("torch", name): _StorageType(name) for name in _STORAGE_DTYPES})
+_ALLOWED[("torch.storage", "UntypedStorage")] = _StorageType("UntypedStorage")  # (with v3)
 _ALLOWED.update({("torch", name): np.dtype(dt) for name, dt in _TORCH_DTYPES.items()})
 
 
@@ -232,7 +250,7 @@ class SafeUnpickler(pickle.Unpickler):
       raise UnsafePickleError(
           f"refusing to load: the file names the global {module}.{name}, which a weights file "
           "does not need (it could run code)") from None
-    if found is _rebuild_tensor and not self._rebuild_tensors:
+    if (found is _rebuild_tensor or found is _rebuild_tensor_v3) and not self._rebuild_tensors:
       return _skip_tensor
     return found
 

@@ -191,6 +191,8 @@ def weight_candidates(stem: str, variant: str | None) -> list[str]:
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    # float8 checkpoints (ComfyUI's and Forge's fp8 saves): torch's float8_e4m3fn / e5m2
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
