@@ -18,8 +18,8 @@
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the image lacks them.
 # SMOKE=1 (on a CPU, before a device session): every command at toy size (sdxl_small for sdxl's
 # networks, 64x64, batch 1, 2 steps, 1 timed call, 4 images a run) to catch a flag or code path
-# that no longer works (all parts but compile: about 30 min on 2 cores, torch float16 on a CPU
-# is slow). Its numbers mean nothing.
+# that no longer works (all parts but compile: about 15 min on 2 cores, 4 of them torch float16
+# on a CPU, which is slow). Its numbers mean nothing.
 set -u
 OUTDIR=${1:-/tmp/gpu_bench}  # results.jsonl, gpu.txt and errors.log land here
 PARTS=${2:-sdxl run sd15}
