@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 MANIFEST_NAME = "manifest.jsonl"
 GRID_NAME = "grid.png"
@@ -471,8 +471,9 @@ def to_uint8(image: Any, levels: str = "round") -> np.ndarray:
 
 
 def open_image(path: str, mode: str | None = "RGB") -> Image.Image:
-  """An image file (local path or fsspec URL) in `mode` (None: its own), at its own size;
-  ValueError if unreadable."""
+  """An image file (local path or fsspec URL) in `mode` (None: its own), at its own size, turned
+  upright by its EXIF orientation (a phone's photo), as A1111's `images.read`, ComfyUI's
+  LoadImage and diffusers' `load_image` turn it; ValueError if unreadable."""
   import fsspec  # noqa: PLC0415
 
   try:
@@ -481,6 +482,10 @@ def open_image(path: str, mode: str | None = "RGB") -> Image.Image:
       image.load()
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from None
+  try:
+    image = ImageOps.exif_transpose(image)
+  except (OSError, ValueError, SyntaxError, TypeError, KeyError):
+    pass  # a broken EXIF block: the image as it is, as A1111 takes it
   return image if mode is None else image.convert(mode)
 
 

@@ -558,3 +558,30 @@ def test_flatten_is_a1111s(tmp_path):
   assert np.array_equal(np.round(read * 255).astype(int), flat)
   dropped = outputs.read_image(str(tmp_path / "a.png"), (5, 6))
   assert np.array_equal(np.round(dropped * 255).astype(int), rgb)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_exif_orientation_turns_images_upright(tmp_path, fmt):
+  """A photo whose EXIF says how to turn it (every orientation 1-8) is read upright, as
+  diffusers' load_image (and A1111's images.read, ComfyUI's LoadImage: the same
+  ImageOps.exif_transpose) reads it: init images, masks (the alpha too) and control images all
+  come through open_image."""
+  from diffusers.utils import load_image
+
+  rng = np.random.default_rng(8)
+  rgba = rng.integers(0, 256, (5, 7, 4), np.uint8)
+  upright = {1: rgba, 3: rgba[::-1, ::-1], 6: np.rot90(rgba, -1), 8: np.rot90(rgba)}
+  for orientation in range(1, 9):
+    image = Image.fromarray(rgba if fmt == "png" else rgba[..., :3])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = str(tmp_path / f"o{orientation}.{fmt}")
+    image.save(path, exif=exif.tobytes(), **({"quality": 95} if fmt == "jpeg" else {}))
+    ours = outputs.open_image(path)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(load_image(path)))
+    assert ours.size == ((5, 7) if orientation >= 5 else (7, 5))
+    if fmt == "png" and orientation in upright:  # the pixels themselves, alpha included
+      np.testing.assert_array_equal(np.asarray(outputs.open_image(path, None)),
+                                    upright[orientation])
+      read = outputs.read_image(path, ours.size[::-1])
+      np.testing.assert_array_equal(np.round(read * 255), upright[orientation][..., :3])
