@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -264,13 +265,19 @@ class _Reader:
     return text
 
   def _string(self, text, which: str) -> str:
-    """A text input's string: its own, or a string node's output."""
+    """A text input's string: its own, or a string node's output; its textual-inversion
+    embeddings named as A1111 names them (`_a1111_embeddings`)."""
     while (link := _linked(self.graph, text)) is not None:
       text = next((v for v in _inputs(link[1]).values() if isinstance(v, str)), None)
       if text is None:
         raise ValueError(f"ComfyUI workflow: node {link[0]} ({link[1]['class_type']}) gives "
                          f"the {which} text: not a plain string")
-    return text if isinstance(text, str) else str(text)
+    text, names = _a1111_embeddings(text if isinstance(text, str) else str(text))
+    if names:
+      self.note("embeddings_dir", f"the {which} text names textual-inversion embeddings "
+                                  f"({', '.join(names)}; ComfyUI's embedding:NAME, here A1111's "
+                                  "NAME): give --embeddings_dir (ComfyUI's models/embeddings)")
+    return text
 
   def micro_conditioning(self) -> None:
     """SDXL's Original size, Crop and Target size fields of a CLIPTextEncodeSDXL's inputs (a
@@ -493,6 +500,25 @@ class _Reader:
                         "with another through a mask: reproduced only as the paste of the "
                         "sampler's own image through its own mask at (0, 0); sdjax saves the "
                         "decoded image")
+
+
+# ComfyUI's textual-inversion syntax: `embedding:NAME` where a word starts (its prompt's start,
+# after a space, a newline or a weighting parenthesis), NAME the file's name up to a space (with
+# or without .safetensors / .pt / .bin), a comma after it not part of it.
+_EMBEDDING = re.compile(r"(^|[\s(])embedding:([^\s,():]+?)(\.safetensors|\.pt|\.bin)?(?=[\s,():]|$)")
+
+
+def _a1111_embeddings(text: str) -> tuple[str, list[str]]:
+  """(`text` with each `embedding:NAME` as A1111's NAME, the trigger word its file stem: the
+  embedding's vectors in its place, as ComfyUI puts them, once --embeddings_dir loads it; the
+  names)."""
+  names = []
+
+  def name(match):
+    names.append(match.group(2))
+    return match.group(1) + match.group(2)
+
+  return _EMBEDDING.sub(name, text), list(dict.fromkeys(names))
 
 
 def _decodes(graph, sampler_id: str) -> dict[str, dict[str, Any]]:

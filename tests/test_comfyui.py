@@ -163,6 +163,26 @@ def test_model_sampling_discrete(sampling, zsnr):
   assert "changes the model" not in _notes(found)
 
 
+def test_embeddings_are_a1111s_trigger_words():
+  """ComfyUI's `embedding:NAME` (its file, with or without the extension; where a word starts:
+  the text's start, after a space, a newline or a weighting parenthesis; a comma after it not
+  part of the name) is A1111's NAME, the trigger word --embeddings_dir gives the file's stem:
+  the embedding's vectors in its place, as ComfyUI's tokenizer puts them; one note asks for the
+  folder. Elsewhere "embedding:" stays text."""
+  graph = default_graph()
+  graph["6"]["inputs"]["text"] = "a photo of embedding:my-style.safetensors, myembedding:x"
+  graph["7"]["inputs"]["text"] = ("embedding:EasyNegative, (embedding:bad_hands.pt:1.2) worst,"
+                                  "\nembedding:EasyNegative")
+  found = comfyui.reproduce(graph)
+  assert found.flags["prompt"] == ["a photo of my-style, myembedding:x"]
+  assert found.flags["negative_prompt"] == "EasyNegative, (bad_hands:1.2) worst,\nEasyNegative"
+  notes = [(flag, text) for flag, text in found.notes if "embedding" in text]
+  assert [flag for flag, _ in notes] == ["embeddings_dir", "embeddings_dir"]
+  assert "(EasyNegative, bad_hands; ComfyUI's embedding:NAME, here A1111's NAME)" in notes[1][1]
+  graph["7"]["inputs"]["text"] = "an embedding: text"
+  assert comfyui.reproduce(graph).flags["negative_prompt"] == "an embedding: text"
+
+
 def test_loras_clip_skip_vae_and_a_second_pass():
   graph = default_graph()
   graph["10"] = {"class_type": "LoraLoader", "inputs": {
