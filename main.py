@@ -332,6 +332,10 @@ flags.DEFINE_bool("tiling", False, "A1111's Tiling: seamless images (the UNet's 
                   "convolutions pad circularly)")
 flags.DEFINE_list("freeu", None, "FreeU as diffusers' enable_freeu: S1,S2,B1,B2 (SD1.5: "
                   "0.9,0.2,1.5,1.6; SDXL: 0.6,0.4,1.1,1.2)")
+flags.DEFINE_enum("freeu_form", "diffusers", ["diffusers", "comfyui", "comfyui_v2"],
+                  "--freeu as diffusers' enable_freeu (the first two up blocks), or as ComfyUI's "
+                  "FreeU or FreeU_V2 node (every up-block layer whose input has 4 or 2 times the "
+                  "UNet's first channels; V2 scaled by the channels' mean)")
 flags.DEFINE_float("token_merging_ratio", 0.0, "A1111's Token merging ratio (ToMe SD): the "
                    "share of the full-resolution blocks' tokens their self-attention merges, "
                    "faster at large sizes, a slightly different image (0: off; below 1)")
@@ -443,6 +447,7 @@ def _run_config() -> run.RunConfig:
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,
       pag_applied_layers=tuple(FLAGS.pag_applied_layers), freeu=_freeu(),
+      freeu_form=FLAGS.freeu_form,
       token_merging_ratio=FLAGS.token_merging_ratio,
       hires_token_merging_ratio=FLAGS.hires_token_merging_ratio,
       tiling=FLAGS.tiling_axes if FLAGS.tiling else False,

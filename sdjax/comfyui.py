@@ -154,6 +154,9 @@ _MODEL_SAMPLING = "ModelSamplingDiscrete"
 _INPAINT_CONDITIONING = "InpaintModelConditioning"
 # Its node that thresholds a noise mask at each step (`--differential_diffusion`).
 _DIFFERENTIAL = "DifferentialDiffusion"
+# Its FreeU nodes: sdjax's freeu forms (--freeu_form), with their inputs' defaults.
+_FREEU_NODES = {"FreeU": ("comfyui", {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2}),
+                "FreeU_V2": ("comfyui_v2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})}
 # A latent with a noise mask from a masked image, the mask grown (`--grow_mask_by`).
 _ENCODE_FOR_INPAINT = "VAEEncodeForInpaint"
 _LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
@@ -235,7 +238,7 @@ class _Reader:
       kind = node["class_type"]
       passes = next((name for name in through if name in _inputs(node)), None)
       if kind in _TEXT_NODES or kind in _CHECKPOINT_NODES or kind in _LORA_NODES or (
-          kind in (_MODEL_SAMPLING, _DIFFERENTIAL) or passes is None):
+          kind in (_MODEL_SAMPLING, _DIFFERENTIAL, *_FREEU_NODES) or passes is None):
         return node_id, node
       if kind not in ("CLIPSetLastLayer", _INPAINT_CONDITIONING):  # (its inputs: `latent`)
         self.note(None, f"node {node_id} ({kind}) changes the {what}: not reproduced")
@@ -315,8 +318,9 @@ class _Reader:
 
   def model(self, value) -> None:
     """The checkpoint (its file name), the LoRAs on the model's way, its sampling settings
-    (ModelSamplingDiscrete: the one nearest the sampler, the last ComfyUI applied) and a
-    DifferentialDiffusion's strength."""
+    (ModelSamplingDiscrete: the one nearest the sampler, the last ComfyUI applied), a
+    DifferentialDiffusion's strength and a FreeU or FreeU_V2 node's factors (`FreeU`, `FreeU
+    form`: --freeu, --freeu_form)."""
     sampling_seen = False
     while (found := self.follow(value, ("model",), "model")) is not None:
       node_id, node = found
@@ -336,6 +340,10 @@ class _Reader:
                                               "node: give --differential_diffusion")
         value = inputs.get("model")
         continue
+      if kind in _FREEU_NODES:
+        self.freeu(node_id, kind, inputs)
+        value = inputs.get("model")
+        continue
       if kind in _CHECKPOINT_NODES:
         # A name relative to ComfyUI's models folder ("SDXL/x.safetensors" is no hub id).
         self.note("model", f"made with the checkpoint {inputs.get(_CHECKPOINT_NODES[kind])}: "
@@ -350,6 +358,22 @@ class _Reader:
         stem = name.rsplit(".", 1)[0] if name.endswith(_LORA_EXTENSIONS) else name
         self.loras.insert(0, f"<lora:{stem}:{clip:g}:{strength:g}>")  # text encoder, UNet
       value = inputs.get("model")
+
+  def freeu(self, node_id: str, kind: str, inputs: dict[str, Any]) -> None:
+    """A FreeU / FreeU_V2 node: its factors (ComfyUI's defaults where absent); a second one
+    (ComfyUI applies both) is noted."""
+    form, defaults = _FREEU_NODES[kind]
+    factors = [inputs.get(name, defaults[name]) for name in ("s1", "s2", "b1", "b2")]
+    if "FreeU" in self.fields:
+      self.note("freeu", f"node {node_id} ({kind}) applies FreeU a second time: not reproduced "
+                         "(sdjax applies one)")
+    elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in factors):
+      self.fields["FreeU"] = ", ".join(f"{name}={value:g}" for name, value in zip(
+          ("s1", "s2", "b1", "b2"), factors, strict=True))
+      self.fields["FreeU form"] = outputs.FREEU_FORM_NAMES[form]
+    else:
+      self.note("freeu", f"node {node_id} ({kind})'s factors come from other nodes: give "
+                         f"--freeu and --freeu_form {form}")
 
   def model_sampling(self, node_id: str, inputs: dict[str, Any]) -> None:
     """ModelSamplingDiscrete: zsnr is A1111's Noise Schedule (ComfyUI's rescale, in the comfyui

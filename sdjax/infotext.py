@@ -771,6 +771,12 @@ def _looks(fields, flags) -> None:
     if sorted(factors) != sorted(names):
       raise ValueError(f"FreeU: {text!r} is not s1=..., s2=..., b1=..., b2=...")
     flags["freeu"] = [str(_number("FreeU", factors[name])) for name in names]
+    form = fields.pop("FreeU form", None)  # sdjax's (and `comfyui.reproduce`'s) other forms
+    forms = {name: key for key, name in outputs.FREEU_FORM_NAMES.items()}
+    if form is not None and form not in forms:
+      raise ValueError(f"FreeU form: {form!r} is not one of {', '.join(forms)}")
+    if form is not None:
+      flags["freeu_form"] = forms[form]
   if "PerturbedAttentionGuidance_layers" in fields:
     text = fields.pop("PerturbedAttentionGuidance_layers")
     try:

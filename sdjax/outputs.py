@@ -447,6 +447,8 @@ def read_parameters(data: bytes) -> str | None:
 
 
 PIXEL_LEVELS = ("round", "floor")
+# `FreeU form` in PNGs: the forms other than diffusers' (`unet.FREEU_FORMS`), by their name there.
+FREEU_FORM_NAMES = {"comfyui": "ComfyUI FreeU", "comfyui_v2": "ComfyUI FreeU_V2"}
 
 
 def to_uint8(image: Any, levels: str = "round") -> np.ndarray:

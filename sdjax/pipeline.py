@@ -387,6 +387,7 @@ class Pipeline:
                ip_adapter_images=None, ip_adapter_scale=1.0,
                ip_adapter_masks=None, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0,
                pag_applied_layers: str | Sequence[str] = "mid", freeu=None,
+               freeu_form: str = "diffusers",
                token_merging_ratio: float = 0.0, hires_token_merging_ratio: float | None = None,
                inpainting_mask_weight: float = 1.0, inpaint_blend: str = "diffusers",
                image_encode: str = "sample", grow_mask_by: int | None = None,
@@ -657,6 +658,12 @@ class Pipeline:
         1.1, 1.2, FreeU's authors' values). In the UNet's first two up blocks, half the
         backbone's channels are scaled by b1 / b2 and the skip features' lowest frequencies by
         s1 / s2. Every pass of this call (not a refiner's stage); None: off.
+      freeu_form: "diffusers" (above), "comfyui" or "comfyui_v2": ComfyUI's FreeU / FreeU_V2
+        nodes, which scale by (b1, s1) / (b2, s2) every up-block layer whose backbone input has
+        4 / 2 times the UNet's first channels, whichever up block it is in (SD1.5: b1 in the
+        first two and the third's first layer, b2 in the third's others and the fourth's
+        first), V2 the backbone by (b - 1) times its channel mean min-max normalised per image,
+        plus 1.
       token_merging_ratio: A1111's "Token merging ratio" (ToMe SD, tomesd's patch as A1111
         applies it, `models.token_merging`): in the UNet's full-resolution transformer blocks
         the self-attention runs over the tokens left after merging that share of them into
@@ -779,7 +786,7 @@ class Pipeline:
         control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
         guess_mode=guess_mode, control_mode=control_mode, ip=ip, pag_scale=pag_scale,
         pag_adaptive_scale=pag_adaptive_scale, pag_applied_layers=pag_applied_layers,
-        freeu=freeu, token_merging_ratio=token_merging_ratio,
+        freeu=freeu, freeu_form=freeu_form, token_merging_ratio=token_merging_ratio,
         hires_token_merging_ratio=hires_token_merging_ratio,
         inpainting_mask_weight=inpainting_mask_weight, inpaint_blend=inpaint_blend,
         image_encode=image_encode, grow_mask_by=grow_mask_by, soft_inpainting=options.soft,

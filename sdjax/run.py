@@ -215,6 +215,7 @@ class RunConfig:
   pag_adaptive_scale: float = 0.0
   pag_applied_layers: tuple[str, ...] = ("mid",)
   freeu: tuple[float, float, float, float] | None = None  # (s1, s2, b1, b2); see generate()
+  freeu_form: str = "diffusers"  # diffusers' or ComfyUI's FreeU / FreeU_V2; see generate()
   # Token merging's ratio (A1111's "Token merging ratio"; 0: off) and the hires pass's (None:
   # the same); see generate().
   token_merging_ratio: float = 0.0
@@ -618,6 +619,12 @@ def validate(cfg: RunConfig) -> None:
   except ValueError as e:
     raise RunError(f"--freeu: {e}") from None
   try:
+    sampling.check_freeu_form(cfg.freeu_form)
+  except ValueError as e:
+    raise RunError(f"--{e}") from None
+  if cfg.freeu_form != "diffusers" and cfg.freeu is None:
+    raise RunError("--freeu_form is FreeU's: give --freeu too")
+  try:
     sampling.tiling_axes(cfg.tiling)
   except ValueError as e:
     raise RunError(f"--tiling: {e}") from None
@@ -730,6 +737,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["clip_skip"] = cfg.clip_skip
   if cfg.freeu is not None:  # absent when off: older folders still match
     settings["freeu"] = list(cfg.freeu)
+  if cfg.freeu_form != "diffusers":  # (the same)
+    settings["freeu_form"] = cfg.freeu_form
   if cfg.token_merging_ratio:  # absent when off: older folders still match
     settings["token_merging_ratio"] = cfg.token_merging_ratio
   if cfg.pixel_levels != "round":  # absent for the default: older folders still match
@@ -1685,7 +1694,7 @@ class _Sampler:
         raise RunError(f"--{e}") from None
       spec = dataclasses.replace(spec, pag=_pag(cfg, pipe),
                                  freeu=sampling.freeu_factors(cfg.freeu),
-                                 tiling=sampling.tiling_axes(cfg.tiling),
+                                 freeu_form=cfg.freeu_form, tiling=sampling.tiling_axes(cfg.tiling),
                                  token_merging=cfg.token_merging_ratio, mask_weight=weight)
       try:
         spec = sampling.with_cfg_skip(spec, state, _cfg_skip(cfg), steps)
@@ -1717,7 +1726,8 @@ class _Sampler:
                                          control_guess=spec.control_guess, **handed, **common)
           hires = (sampling.with_cfg_skip(dataclasses.replace(
               hires[0], control_modes=spec.control_modes, pag=_pag(cfg, self.hires_pipe or pipe),
-              freeu=spec.freeu, tiling=spec.tiling, token_merging=_hires_merging(cfg)),
+              freeu=spec.freeu, freeu_form=spec.freeu_form, tiling=spec.tiling,
+              token_merging=_hires_merging(cfg)),
               hires[1], _cfg_skip(cfg),
               cfg.hires_steps or steps), hires[1])
         except ValueError as e:
@@ -2585,6 +2595,8 @@ class _Metadata:
                **self._tiling_extra(),
                **({"FreeU": ", ".join(f"{k}={v:g}" for k, v in zip(
                    sampling.FREEU_NAMES, cfg.freeu, strict=True))} if cfg.freeu else {}),
+               **({"FreeU form": outputs.FREEU_FORM_NAMES[cfg.freeu_form]}
+                  if cfg.freeu and cfg.freeu_form != "diffusers" else {}),
                # A1111's, as it writes them: the passes' ratios where not 0
                **({"Token merging ratio": cfg.token_merging_ratio}
                   if cfg.token_merging_ratio else {}),

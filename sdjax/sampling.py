@@ -44,6 +44,7 @@ from sdjax import prompts as prompt_lib
 from sdjax.checkpoints.weights import torch_key
 from sdjax.conditioning import Conditioning, MicroConditioning, Networks, PromptIds
 from sdjax.models import layers, token_merging
+from sdjax.models import unet as unet_lib
 from sdjax.models.adapter import T2IAdapter
 from sdjax.models.layers import PerturbedLayers
 from sdjax.models.vae import AutoencoderKL
@@ -187,8 +188,10 @@ class SampleSpec:
   # Perturbed-attention guidance (`Pag`): a third UNet pass whose self-attention in the chosen
   # blocks is the identity, guided away from; None: off.
   pag: Pag | None = None
-  # FreeU's (s1, s2, b1, b2) in the UNet (`UNet2DConditionModel.freeu`); None: off.
+  # FreeU's (s1, s2, b1, b2) in the UNet (`UNet2DConditionModel.freeu`); None: off. Its form
+  # (`unet.FREEU_FORMS`): diffusers' or ComfyUI's nodes'.
   freeu: tuple[float, float, float, float] | None = None
+  freeu_form: str = "diffusers"
   # Token merging's ratio in the UNet (`UNet2DConditionModel.token_merging`); 0: off.
   token_merging: float = 0.0
   # A1111's Tiling: the UNet's and the VAE's convolutions pad circularly (not the ControlNets')
@@ -768,7 +771,8 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
   global trace_count
   trace_count += 1
   if spec.freeu is not None:
-    nets = dataclasses.replace(nets, unet=nets.unet.clone(freeu=spec.freeu))
+    nets = dataclasses.replace(nets, unet=nets.unet.clone(freeu=spec.freeu,
+                                                          freeu_form=spec.freeu_form))
   if spec.token_merging:
     nets = dataclasses.replace(nets, unet=nets.unet.clone(token_merging=spec.token_merging))
   if spec.fixed_guidance is not None:
@@ -2639,6 +2643,7 @@ def generate(
     pag_adaptive_scale: float = 0.0,
     pag_applied_layers: str | Sequence[str] = "mid",
     freeu: Any = None,
+    freeu_form: str = "diffusers",
     token_merging_ratio: float = 0.0,
     hires_token_merging_ratio: float | None = None,
     tiling: bool | str = False,
@@ -2820,11 +2825,13 @@ def generate(
   pag = perturbed_guidance(pipe, pag_scale, pag_adaptive_scale, pag_applied_layers,
                            guess_mode=spec.control_guess, cfg_parallel=cfg_parallel)
   freeu = freeu_factors(freeu)
+  freeu_form = check_freeu_form(freeu_form)
   tiling = tiling_axes(tiling)
   merging = token_merging.check_ratio("token_merging_ratio", token_merging_ratio)
   hires_merging = merging if hires_token_merging_ratio is None else token_merging.check_ratio(
       "hires_token_merging_ratio", hires_token_merging_ratio)
-  spec = with_cfg_skip(dataclasses.replace(spec, pag=pag, freeu=freeu, tiling=tiling,
+  spec = with_cfg_skip(dataclasses.replace(spec, pag=pag, freeu=freeu, freeu_form=freeu_form,
+                                           tiling=tiling,
                                            token_merging=merging,
                                            soft_inpainting=soft_inpainting,
                                            differential=differential,
@@ -2851,6 +2858,7 @@ def generate(
         hires_model, pag_scale, pag_adaptive_scale, pag_applied_layers)
     hires_stage = (with_cfg_skip(dataclasses.replace(
         hires_stage[0], control_modes=spec.control_modes, pag=hires_pag, freeu=freeu,
+        freeu_form=freeu_form,
         tiling=spec.tiling, token_merging=hires_merging), hires_stage[1], cfg_skip,
         hires.steps or steps), hires_stage[1])
     if first_stage is None:
@@ -3045,6 +3053,15 @@ def freeu_factors(value) -> tuple[float, float, float, float] | None:
   if len(factors) != 4 or not all(math.isfinite(f) for f in factors):
     raise ValueError(f"freeu takes four numbers (s1, s2, b1, b2), got {value!r}")
   return factors
+
+
+def check_freeu_form(form: str) -> str:
+  """FreeU's form: diffusers' `enable_freeu`, ComfyUI's FreeU node or its FreeU_V2
+  (`unet.FREEU_FORMS`)."""
+  if form not in unet_lib.FREEU_FORMS:
+    raise ValueError(f"freeu_form must be one of {', '.join(unet_lib.FREEU_FORMS)}, got "
+                     f"{form!r}")
+  return form
 
 
 def perturbed_guidance(pipe, scale: float, adaptive_scale: float = 0.0,

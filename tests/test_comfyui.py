@@ -163,6 +163,28 @@ def test_model_sampling_discrete(sampling, zsnr):
   assert "changes the model" not in _notes(found)
 
 
+def test_freeu_nodes():
+  """A FreeU or FreeU_V2 node on the model's way is --freeu with --freeu_form comfyui /
+  comfyui_v2 (its factors, ComfyUI's defaults where absent); a second one, which ComfyUI
+  applies too, a note."""
+  graph = default_graph()
+  graph["3"]["inputs"]["model"] = ["10", 0]
+  graph["10"] = {"class_type": "FreeU_V2", "inputs": {
+      "model": ["4", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}}
+  found = comfyui.reproduce(graph)
+  assert found.flags["freeu"] == ["0.9", "0.2", "1.3", "1.4"]
+  assert found.flags["freeu_form"] == "comfyui_v2" and "FreeU" not in _notes(found)
+  graph["10"] = {"class_type": "FreeU", "inputs": {"model": ["4", 0], "b2": 1.5}}
+  found = comfyui.reproduce(graph)
+  assert found.flags["freeu"] == ["0.9", "0.2", "1.1", "1.5"]
+  assert found.flags["freeu_form"] == "comfyui"
+  graph["11"] = {"class_type": "FreeU_V2", "inputs": {"model": ["10", 0]}}
+  graph["3"]["inputs"]["model"] = ["11", 0]
+  found = comfyui.reproduce(graph)
+  assert found.flags["freeu_form"] == "comfyui_v2"  # the one nearest the sampler
+  assert "node 10 (FreeU) applies FreeU a second time: not reproduced" in _notes(found)
+
+
 def test_embeddings_are_a1111s_trigger_words():
   """ComfyUI's `embedding:NAME` (its file, with or without the extension; where a word starts:
   the text's start, after a space, a newline or a weighting parenthesis; a comma after it not
@@ -193,7 +215,8 @@ def test_loras_clip_skip_vae_and_a_second_pass():
   graph["11"] = {"class_type": "CLIPSetLastLayer", "inputs": {"stop_at_clip_layer": -2,
                                                               "clip": ["10", 1]}}
   graph["12"] = {"class_type": "VAELoader", "inputs": {"vae_name": "vae-ft-mse.safetensors"}}
-  graph["13"] = {"class_type": "FreeU_V2", "inputs": {"model": ["19", 0], "b1": 1.3}}
+  graph["13"] = {"class_type": "PatchModelAddDownscale", "inputs": {"model": ["19", 0],
+                                                                    "block_number": 3}}
   graph["3"]["inputs"]["model"] = ["13", 0]
   for node in ("6", "7"):
     graph[node]["inputs"]["clip"] = ["11", 0]
@@ -215,7 +238,7 @@ def test_loras_clip_skip_vae_and_a_second_pass():
   assert [(t.name, t.te_scale, t.unet_scale) for t in tags] == [("sub/style", 0.5, 0.8),
                                                                   ("only", 0.0, 1.2)]
   assert "added to the prompt as A1111 tags: give --lora_dir" in notes
-  assert "node 13 (FreeU_V2) changes the model: not reproduced" in notes
+  assert "node 13 (PatchModelAddDownscale) changes the model: not reproduced" in notes
   assert "made with the VAE vae-ft-mse.safetensors: give it with --vae" in notes
   assert "1 more sampler pass(es) (nodes 15" in notes
   assert "made in a batch of 4 drawn from its seed at once" in notes

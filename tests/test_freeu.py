@@ -29,6 +29,18 @@ def test_fourier_filter_matches_diffusers(shape):
   assert np.abs(np.asarray(ours) - x).max() > 1e-3  # the filter changed something
 
 
+def _unet_inputs(name, config, height, width):
+  """A CFG pair's latents, timesteps, context and (SDXL) added conditions, for both UNets."""
+  x, ctx = randn(2, height, width, 4), randn(2, 77, config["cross_attention_dim"], seed=1)
+  t = np.array([3.0, 801.0], np.float32)
+  if name != "sdxl":
+    return x, t, ctx, (), {}
+  text_embeds = randn(2, 20, seed=3)
+  time_ids = np.tile(np.float32([[64, 96, 0, 0, 64, 96]]), (2, 1))
+  return x, t, ctx, (text_embeds, time_ids), {"added_cond_kwargs": {
+      "text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)}}
+
+
 @pytest.mark.parametrize("name", ["sd1", "sdxl"])
 def test_unet_matches_diffusers(name):
   """The UNet with FreeU on (the first two up blocks; SDXL's are attention blocks) against
@@ -36,15 +48,7 @@ def test_unet_matches_diffusers(name):
   config = {"sd1": testing.UNET_SD1, "sdxl": testing.UNET_SDXL}[name]
   tm = testing.torch_unet(config, seed=3)
   fm = UNet2DConditionModel(UNetConfig.from_dict(dict(tm.config)), freeu=SD15)
-  x, ctx = randn(2, 8, 12, 4), randn(2, 77, config["cross_attention_dim"], seed=1)
-  t = np.array([3.0, 801.0], np.float32)
-  extra, torch_extra = (), {}
-  if name == "sdxl":
-    text_embeds = randn(2, 20, seed=3)
-    time_ids = np.tile(np.float32([[64, 96, 0, 0, 64, 96]]), (2, 1))
-    extra = (text_embeds, time_ids)
-    torch_extra = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(text_embeds),
-                                         "time_ids": torch.from_numpy(time_ids)}}
+  x, t, ctx, extra, torch_extra = _unet_inputs(name, config, 8, 12)
   params = transfer(tm, fm, x, t, ctx, *extra)
   tm.enable_freeu(s1=SD15[0], s2=SD15[1], b1=SD15[2], b2=SD15[3])
   with torch.no_grad():
@@ -53,6 +57,65 @@ def test_unet_matches_diffusers(name):
   plain = fm.clone(freeu=None).apply({"params": params}, x, t, ctx, *extra)
   assert np.abs(np.asarray(plain) - ref).max() > 1e-2
   print(f"\nFreeU UNet {name}: {err:.2e}")
+
+
+def _comfyui_freeu(model_channels, s1, s2, b1, b2, v2):
+  """ComfyUI's FreeU (v2: FreeU_V2) node's output block patch, as comfy_extras/nodes_freelunch.py
+  computes it (NCHW torch), in the form of diffusers' `apply_freeu`, which diffusers' up blocks
+  call before each layer: by the backbone's channels, in every up block."""
+  scales = {model_channels * 4: (b1, s1), model_channels * 2: (b2, s2)}
+
+  def patch(resolution_idx, h, hsp, **unused):
+    scale = scales.get(int(h.shape[1]))
+    if scale is None:
+      return h, hsp
+    h = h.clone()
+    if v2:
+      hidden_mean = h.mean(1).unsqueeze(1)
+      b = hidden_mean.shape[0]
+      hidden_max, _ = torch.max(hidden_mean.view(b, -1), dim=-1, keepdim=True)
+      hidden_min, _ = torch.min(hidden_mean.view(b, -1), dim=-1, keepdim=True)
+      hidden_mean = (hidden_mean - hidden_min.unsqueeze(2).unsqueeze(3)) / (
+          hidden_max - hidden_min).unsqueeze(2).unsqueeze(3)
+      h[:, :h.shape[1] // 2] = h[:, :h.shape[1] // 2] * ((scale[0] - 1) * hidden_mean + 1)
+    else:
+      h[:, :h.shape[1] // 2] = h[:, :h.shape[1] // 2] * scale[0]
+    return h, torch_fourier_filter(hsp, threshold=1, scale=scale[1])
+
+  return patch
+
+
+@pytest.mark.parametrize("form", ["comfyui", "comfyui_v2"])
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_unet_matches_comfyuis_nodes(name, form, monkeypatch):
+  """`freeu_form` "comfyui" / "comfyui_v2": ComfyUI's FreeU / FreeU_V2 nodes, which patch every
+  output block whose backbone input has 4 or 2 times the model's first channels (V2 scaling by
+  the backbone's normalised channel mean), against diffusers' UNet with that patch in place of
+  its own `apply_freeu`; not diffusers' FreeU (which patches the first two up blocks only).
+  Channels in SD1.5's and SDXL's ratios (1, 2, 4, 4 and 1, 2, 4), so that both of the node's
+  scales apply."""
+  from diffusers.models.unets import unet_2d_blocks
+
+  config = {"sd1": {**testing.UNET_SD1, "block_out_channels": [8, 16, 32, 32],
+                    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3},
+            "sdxl": {**testing.UNET_SDXL, "block_out_channels": [8, 16, 32]}}[name]
+  tm = testing.torch_unet(config, seed=3)
+  fm = UNet2DConditionModel(UNetConfig.from_dict(dict(tm.config)), freeu=SD15, freeu_form=form)
+  x, t, ctx, extra, torch_extra = _unet_inputs(name, config, 16, 16)
+  params = transfer(tm, fm, x, t, ctx, *extra)
+  tm.enable_freeu(s1=SD15[0], s2=SD15[1], b1=SD15[2], b2=SD15[3])
+  patch = _comfyui_freeu(tm.config.block_out_channels[0], *SD15, v2=form == "comfyui_v2")
+  applied = []
+  monkeypatch.setattr(unet_2d_blocks, "apply_freeu", lambda i, h, hsp, **kw: (
+      applied.append(h.shape[1]), patch(i, h, hsp))[1])
+  with torch.no_grad():
+    ref = nhwc(tm(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx), **torch_extra).sample)
+  assert {32, 16} <= set(applied) and 8 in applied  # both scales, and a layer of neither
+  err = assert_close(fm.apply({"params": params}, x, t, ctx, *extra), ref)
+  diffusers_form = fm.clone(freeu_form="diffusers").apply({"params": params}, x, t, ctx, *extra)
+  assert np.abs(np.asarray(diffusers_form) - ref).max() > 1e-2
+  print(f"\nFreeU UNet {name} as ComfyUI's {form}: {err:.2e}")
 
 
 def test_generate_matches_diffusers(sd1):
@@ -87,8 +150,9 @@ def test_generate_matches_diffusers(sd1):
 
 def test_run_with_freeu(sd1, tmp_path):
   """main.py --freeu: the image is generate()'s; run.json and PNG parameters name it; a bad
-  value is a one-line error."""
-  from sdjax import outputs, run  # noqa: PLC0415
+  value is a one-line error. --freeu_form comfyui_v2 (ComfyUI's FreeU_V2 node): generate()'s
+  image of that form, `FreeU form: ComfyUI FreeU_V2` in the PNG, read back."""
+  from sdjax import infotext, outputs, run  # noqa: PLC0415
 
   _, pipe = sd1
   cfg, _, png, kw = one_image_run(pipe, tmp_path / "out", freeu=SD15)
@@ -97,6 +161,22 @@ def test_run_with_freeu(sd1, tmp_path):
   params = outputs.parse_a1111_parameters(png.text["parameters"])
   assert params["FreeU"] == "s1=0.9, s2=0.2, b1=1.5, b2=1.6"
   assert json.load(open(tmp_path / "out" / "run.json"))["freeu"] == list(SD15)
+  assert "FreeU form" not in params and "freeu_form" not in json.load(
+      open(tmp_path / "out" / "run.json"))
+  diffusers_form = np.asarray(png, np.float32)
+  cfg, _, png, kw = one_image_run(pipe, tmp_path / "v2", freeu=SD15, freeu_form="comfyui_v2")
+  expected = pipe.generate("a cat", freeu=SD15, freeu_form="comfyui_v2", **kw)
+  assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
+  assert np.abs(np.asarray(png, np.float32) - diffusers_form).max() > 4
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert params["FreeU form"] == "ComfyUI FreeU_V2"
+  assert json.load(open(tmp_path / "v2" / "run.json"))["freeu_form"] == "comfyui_v2"
+  flags = infotext.reproduce(png.text["parameters"]).flags
+  assert flags["freeu"] == ["0.9", "0.2", "1.5", "1.6"] and flags["freeu_form"] == "comfyui_v2"
   with pytest.raises(run.RunError, match="--freeu: freeu takes four numbers"):
     run.generate_run(dataclasses.replace(cfg, freeu=(1.0, 2.0),
                                          output_dir=str(tmp_path / "bad")))
+  with pytest.raises(run.RunError, match="^--freeu_form must be one of diffusers, comfyui, "):
+    run.generate_run(dataclasses.replace(cfg, freeu_form="v2", output_dir=str(tmp_path / "b")))
+  with pytest.raises(run.RunError, match="^--freeu_form is FreeU's: give --freeu too$"):
+    run.generate_run(dataclasses.replace(cfg, freeu=None, output_dir=str(tmp_path / "b")))

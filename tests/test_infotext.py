@@ -473,6 +473,8 @@ def test_builtin_model_needs_no_flag():
     ("", "no A1111 parameters line (Steps: ..., Sampler: ..., Seed: ...) after the prompt"),
     ("Size: 512", "Size: '512' is not WIDTHxHEIGHT"),
     ('FreeU: "s1=0.9, s2=0.2"', "FreeU: 's1=0.9, s2=0.2' is not s1=..., s2=..., b1=..., b2=..."),
+    ('FreeU: "s1=0.9, s2=0.2, b1=1.5, b2=1.6", FreeU form: V3',
+     "FreeU form: 'V3' is not one of ComfyUI FreeU, ComfyUI FreeU_V2"),
     ("Eta: lots", "Eta: 'lots' is not a number"),
     ("Scheduler options: karras", "Scheduler options: 'karras' is not key=value"),
     ("PerturbedAttentionGuidance_layers: mid", "PerturbedAttentionGuidance_layers: 'mid' is not "

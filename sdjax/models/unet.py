@@ -221,8 +221,8 @@ class _Block(nn.Module):
     """`intrablock`: a T2I-Adapter's feature map, added to a down block's output (and to its
     last skip, which is that output): with attention, to its last layer's, before the
     downsampler, as diffusers' `down_intrablock_additional_residuals`. `ip`: IP-Adapters'
-    image tokens (see `layers.Attention`). `freeu`: an up block's FreeU (b, s) (static), as
-    diffusers' `apply_freeu` before each layer."""
+    image tokens (see `layers.Attention`). `freeu`: an up block's FreeU (static; see
+    `_freeu_scales`), before each layer."""
     cfg, d, pd = self.config, self.dtype, self.param_dtype
     outputs = []
     skips = list(skips)
@@ -230,10 +230,7 @@ class _Block(nn.Module):
       if self.up:
         skip = skips.pop()
         if freeu is not None:
-          b, s = freeu
-          half = x.shape[-1] // 2
-          x = jnp.concatenate([x[..., :half] * jnp.asarray(b, x.dtype), x[..., half:]], -1)
-          skip = fourier_filter(skip, 1, s)
+          x, skip = _apply_freeu(x, skip, freeu)
         x = jnp.concatenate([x, skip], axis=-1)  # B, H, W, C + C_skip
       x = ResnetBlock2D(
           self.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype=d, param_dtype=pd,
@@ -307,6 +304,43 @@ class _MidBlock(nn.Module):
     return resnet("resnets_1")(x, temb)
 
 
+FREEU_FORMS = ("diffusers", "comfyui", "comfyui_v2")
+
+
+def _freeu_scales(form: str, factors, block: int, model_channels: int):
+  """The FreeU an up block applies: ((backbone channels or None: any, b, s, v2), ...), the
+  first entry that fits a layer's input applies; None: none. diffusers' `apply_freeu`: the
+  first two up blocks, (b1, s1) and (b2, s2). ComfyUI's FreeU and FreeU_V2 nodes (an output
+  block patch): any layer whose backbone input has 4 or 2 times the model's first channels;
+  V2 scales the backbone by its channel mean, min-max normalised per image."""
+  s1, s2, b1, b2 = factors
+  if form == "diffusers":
+    return None if block > 1 else ((None, b1, s1, False),) if block == 0 else (
+        (None, b2, s2, False),)
+  v2 = form == "comfyui_v2"
+  return ((4 * model_channels, b1, s1, v2), (2 * model_channels, b2, s2, v2))
+
+
+def _apply_freeu(x, skip, scales):
+  """(x, skip) of an up block's layer with FreeU (`_freeu_scales`): half the backbone's
+  channels times b (V2: times (b - 1) * its normalised channel mean + 1), the skip's lowest
+  frequencies times s."""
+  for channels, b, s, v2 in scales:
+    if channels is not None and channels != x.shape[-1]:
+      continue
+    factor = jnp.asarray(b, x.dtype)
+    if v2:  # ComfyUI's FreeU_V2
+      mean = jnp.mean(x, axis=-1, keepdims=True)
+      flat = mean.reshape(mean.shape[0], -1)
+      low = jnp.min(flat, axis=-1)[:, None, None, None]
+      high = jnp.max(flat, axis=-1)[:, None, None, None]
+      factor = jnp.asarray(b - 1, x.dtype) * ((mean - low) / (high - low)) + 1
+    half = x.shape[-1] // 2
+    x = jnp.concatenate([x[..., :half] * factor, x[..., half:]], -1)
+    return x, fourier_filter(skip, 1, s)
+  return x, skip
+
+
 def fourier_filter(x, threshold: int, scale: float):
   """FreeU's filter, as diffusers' `fourier_filter`: x [B, H, W, C] with its centred lowest
   (2 * threshold)^2 spatial frequencies times `scale`, in float32, back in x's dtype."""
@@ -358,8 +392,10 @@ class UNet2DConditionModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   # FreeU (Si et al. 2023) as diffusers' `enable_freeu(s1, s2, b1, b2)`: in the first two up
   # blocks, before each layer, half the backbone channels times b and the skip's lowest
-  # frequencies times s (`freeu`); None: off.
+  # frequencies times s (`freeu`); None: off. `freeu_form` (`FREEU_FORMS`): diffusers' or
+  # ComfyUI's FreeU / FreeU_V2 nodes (`_freeu_scales`).
   freeu: tuple[float, float, float, float] | None = None
+  freeu_form: str = "diffusers"
   # Token merging (ToMe SD as A1111 applies it, `token_merging`): the share of the tokens of
   # the full-resolution transformer blocks that their self-attention merges; 0: off.
   token_merging: float = 0.0
@@ -403,10 +439,8 @@ class UNet2DConditionModel(nn.Module):
       for i, block_type in enumerate(cfg.up_block_types):
         n = cfg.per_block("layers_per_block")[-1 - i] + 1
         block_skips, skips = skips[-n:], skips[:-n]
-        freeu = None
-        if self.freeu is not None and i < 2:
-          s1, s2, b1, b2 = self.freeu
-          freeu = (b1, s1) if i == 0 else (b2, s2)
+        freeu = None if self.freeu is None else _freeu_scales(
+            self.freeu_form, self.freeu, i, cfg.block_out_channels[0])
         x, _ = self._block(i, block_type, up=True)(x, temb, context, block_skips, context_bias,
                                                    None, ip, pag, freeu)
 
