@@ -155,6 +155,10 @@ _INPAINT_CONDITIONING = "InpaintModelConditioning"
 # Its node that thresholds a noise mask at each step (`--differential_diffusion`).
 _DIFFERENTIAL = "DifferentialDiffusion"
 # Its FreeU nodes: sdjax's freeu forms (--freeu_form), with their inputs' defaults.
+# Its PerturbedAttentionGuidance node: sdjax's PAG over the mid block's self-attention (its
+# post-CFG `cfg_result + (cond_pred - pag) * scale` in x0 is diffusers' term in eps), scale 3
+# by default.
+_PAG = "PerturbedAttentionGuidance"
 _FREEU_NODES = {"FreeU": ("comfyui", {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2}),
                 "FreeU_V2": ("comfyui_v2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})}
 # A latent with a noise mask from a masked image, the mask grown (`--grow_mask_by`).
@@ -238,7 +242,7 @@ class _Reader:
       kind = node["class_type"]
       passes = next((name for name in through if name in _inputs(node)), None)
       if kind in _TEXT_NODES or kind in _CHECKPOINT_NODES or kind in _LORA_NODES or (
-          kind in (_MODEL_SAMPLING, _DIFFERENTIAL, *_FREEU_NODES) or passes is None):
+          kind in (_MODEL_SAMPLING, _DIFFERENTIAL, _PAG, *_FREEU_NODES) or passes is None):
         return node_id, node
       if kind not in ("CLIPSetLastLayer", _INPAINT_CONDITIONING):  # (its inputs: `latent`)
         self.note(None, f"node {node_id} ({kind}) changes the {what}: not reproduced")
@@ -319,8 +323,9 @@ class _Reader:
   def model(self, value) -> None:
     """The checkpoint (its file name), the LoRAs on the model's way, its sampling settings
     (ModelSamplingDiscrete: the one nearest the sampler, the last ComfyUI applied), a
-    DifferentialDiffusion's strength and a FreeU or FreeU_V2 node's factors (`FreeU`, `FreeU
-    form`: --freeu, --freeu_form)."""
+    DifferentialDiffusion's strength, a FreeU or FreeU_V2 node's factors (`FreeU`, `FreeU
+    form`: --freeu, --freeu_form) and a PerturbedAttentionGuidance node's scale (--pag_scale,
+    its mid block: sdjax's default --pag_applied_layers)."""
     sampling_seen = False
     while (found := self.follow(value, ("model",), "model")) is not None:
       node_id, node = found
@@ -342,6 +347,19 @@ class _Reader:
         continue
       if kind in _FREEU_NODES:
         self.freeu(node_id, kind, inputs)
+        value = inputs.get("model")
+        continue
+      if kind == _PAG:
+        scale = inputs.get("scale", 3.0)
+        if "PerturbedAttentionGuidance_scale" in self.fields:
+          self.note("pag_scale", f"node {node_id} ({kind}) adds a second perturbed pass: not "
+                                 "reproduced")
+        elif isinstance(scale, int | float) and not isinstance(scale, bool):
+          if scale:  # (0: ComfyUI's node does nothing)
+            self.fields["PerturbedAttentionGuidance_scale"] = f"{scale:g}"
+        else:
+          self.note("pag_scale", f"node {node_id}'s scale comes from another node: give "
+                                 "--pag_scale")
         value = inputs.get("model")
         continue
       if kind in _CHECKPOINT_NODES:

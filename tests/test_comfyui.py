@@ -185,6 +185,23 @@ def test_freeu_nodes():
   assert "node 10 (FreeU) applies FreeU a second time: not reproduced" in _notes(found)
 
 
+def test_pag_node():
+  """A PerturbedAttentionGuidance node is --pag_scale (its scale, 3 by default; 0: none) over
+  sdjax's default layers, the mid block's self-attention, where the node perturbs it; its
+  post-CFG term in x0, (cond - perturbed) * scale, is diffusers' in eps."""
+  graph = default_graph()
+  graph["3"]["inputs"]["model"] = ["10", 0]
+  graph["10"] = {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": ["4", 0],
+                                                                        "scale": 2.5}}
+  found = comfyui.reproduce(graph)
+  assert found.flags["pag_scale"] == "2.5" and "pag_applied_layers" not in found.flags
+  assert "PerturbedAttentionGuidance" not in _notes(found)
+  del graph["10"]["inputs"]["scale"]
+  assert comfyui.reproduce(graph).flags["pag_scale"] == "3"
+  graph["10"]["inputs"]["scale"] = 0
+  assert "pag_scale" not in comfyui.reproduce(graph).flags
+
+
 def test_embeddings_are_a1111s_trigger_words():
   """ComfyUI's `embedding:NAME` (its file, with or without the extension; where a word starts:
   the text's start, after a space, a newline or a weighting parenthesis; a comma after it not
