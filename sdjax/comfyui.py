@@ -337,12 +337,9 @@ class _Reader:
         value = inputs.get("model")
         continue
       if kind == _DIFFERENTIAL:  # (its strength: ComfyUI's default 1)
-        strength = inputs.get("strength", 1.0)
-        if isinstance(strength, int | float) and not isinstance(strength, bool):
+        strength = self.number(node_id, inputs, "strength", 1.0, "differential_diffusion")
+        if strength is not None:
           self.fields["Differential diffusion"] = f"{strength:g}"
-        else:
-          self.note("differential_diffusion", f"node {node_id}'s strength comes from another "
-                                              "node: give --differential_diffusion")
         value = inputs.get("model")
         continue
       if kind in _FREEU_NODES:
@@ -350,16 +347,11 @@ class _Reader:
         value = inputs.get("model")
         continue
       if kind == _PAG:
-        scale = inputs.get("scale", 3.0)
         if "PerturbedAttentionGuidance_scale" in self.fields:
           self.note("pag_scale", f"node {node_id} ({kind}) adds a second perturbed pass: not "
                                  "reproduced")
-        elif isinstance(scale, int | float) and not isinstance(scale, bool):
-          if scale:  # (0: ComfyUI's node does nothing)
-            self.fields["PerturbedAttentionGuidance_scale"] = f"{scale:g}"
-        else:
-          self.note("pag_scale", f"node {node_id}'s scale comes from another node: give "
-                                 "--pag_scale")
+        elif scale := self.number(node_id, inputs, "scale", 3.0, "pag_scale"):  # (0: none)
+          self.fields["PerturbedAttentionGuidance_scale"] = f"{scale:g}"
         value = inputs.get("model")
         continue
       if kind in _CHECKPOINT_NODES:
@@ -376,6 +368,16 @@ class _Reader:
         stem = name.rsplit(".", 1)[0] if name.endswith(_LORA_EXTENSIONS) else name
         self.loras.insert(0, f"<lora:{stem}:{clip:g}:{strength:g}>")  # text encoder, UNet
       value = inputs.get("model")
+
+  def number(self, node_id: str, inputs: dict[str, Any], name: str, default: float,
+             flag: str) -> float | None:
+    """A node's number input (`default` where absent); None, and a note asking for `flag`,
+    where another node gives it."""
+    value = inputs.get(name, default)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+      return value
+    self.note(flag, f"node {node_id}'s {name} comes from another node: give --{flag}")
+    return None
 
   def freeu(self, node_id: str, kind: str, inputs: dict[str, Any]) -> None:
     """A FreeU / FreeU_V2 node: its factors (ComfyUI's defaults where absent); a second one
