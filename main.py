@@ -547,6 +547,9 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
   if _CONFIG.value is not None and _CONFIG.value.get("model") is not None:
     given.add("model")
   applied = {name: value for name, value in found.flags.items() if name not in given}
+  if not FLAGS["controlnet"].present:  # its ControlNets' settings go with the models (a note)
+    applied = {name: value for name, value in applied.items()
+               if name not in infotext.CONTROLNET_FLAGS}
   settled = {flag for flag, _ in found.notes if flag is not None and FLAGS[flag].present}
   for name, value in applied.items():
     try:

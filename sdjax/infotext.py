@@ -141,6 +141,7 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   _inpainting(fields, flags, notes, made_by_sdjax, made_in, scheduler)
   _looks(fields, flags)
   _sdxl(fields, flags, notes, scheduler, made_by_sdjax)
+  _controlnets(fields, flags, notes, made_by_sdjax, made_in)
   for key, flag in _ONE_TO_ONE.items():
     if key in fields:
       flags[flag] = fields.pop(key)
@@ -152,6 +153,52 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   if fields:  # extensions' and img2img's fields: say what is left out, once
     notes.append((None, "not reproduced: " + ", ".join(f"{k}: {v}" for k, v in fields.items())))
   return Reproduction(flags, tuple(notes), model_hash)
+
+
+# The ControlNet flags a `ControlNet N` unit sets (main.py applies them only with --controlnet).
+CONTROLNET_FLAGS = ("controlnet_scale", "control_guidance_start", "control_guidance_end",
+                    "control_mode", "control_type")
+
+
+def _controlnets(fields, flags, notes, made_by_sdjax: bool, made_in: str) -> None:
+  """A1111's ControlNet extension's units (`ControlNet 0`, ...: Module, Model, Weight, Guidance
+  Start / End, Control Mode; sdjax's Union Control Type) as the flags of as many ControlNets, in
+  order; a note names their models (give each with --controlnet, and its image). IP-Adapter
+  units (an ip-adapter module) are left to the closing note."""
+  units = sorted((int(key.split()[1]), key) for key in fields
+                 if re.fullmatch(r"ControlNet \d+", key))
+  found = []
+  for _, key in units:
+    unit = dict(item.partition(": ")[::2] for item in fields[key].split(", "))
+    if unit.get("Module", "none").startswith("ip-adapter"):
+      continue
+    if "Model" not in unit:
+      raise ValueError(f"{key}: {fields[key]!r} names no Model")
+    found.append(unit)
+    del fields[key]
+  if not found:
+    return
+  for flag, name, default in (("controlnet_scale", "Weight", "1"),
+                              ("control_guidance_start", "Guidance Start", "0"),
+                              ("control_guidance_end", "Guidance End", "1")):
+    flags[flag] = [str(_number(name, unit.get(name, default))) for unit in found]
+  modes = [unit.get("Control Mode", "Balanced") for unit in found]  # (A1111's names: run checks)
+  if any(mode.lower() != "balanced" for mode in modes):
+    flags["control_mode"] = modes
+  if any("Union Control Type" in unit for unit in found):
+    flags["control_type"] = [unit.get("Union Control Type", "") for unit in found]
+  models = ", ".join(unit["Model"] for unit in found)
+  modules = sorted({unit["Module"] for unit in found if unit.get("Module", "none") != "none"})
+  notes.append(("controlnet", f"made with the ControlNet(s) {models}: give each with "
+                              "--controlnet, in this order, and its control image with "
+                              "--control_image (or a jsonl line's control_image)"
+                + (f"; {made_in} made those images with its preprocessor(s) "
+                   f"{', '.join(modules)}: give the preprocessed images" if modules else "")
+                + ("" if made_by_sdjax or all(float(end) >= 1 for end in
+                                               flags["control_guidance_end"]) else
+                   f"; {made_in}'s ControlNet extension keeps a ControlNet up to the step that "
+                   "starts past its Guidance End, diffusers' (sdjax's) to the step that ends "
+                   "past it: one step less here")))
 
 
 def read_parameters_file(path: str) -> str | None:

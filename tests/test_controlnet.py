@@ -439,7 +439,7 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
   from PIL import Image  # noqa: PLC0415
 
   import sdjax  # noqa: PLC0415
-  from sdjax import outputs, run  # noqa: PLC0415
+  from sdjax import infotext, outputs, run  # noqa: PLC0415
 
   _, pipe, controlnet = sd1_controlnet
   file = original_layout_file(controlnet, str(tmp_path / "control_tiny.safetensors"))
@@ -484,6 +484,11 @@ def test_run_with_control_images(sd1_controlnet, tmp_path):
                                       "Weight: 0.9, Guidance Start: 0, Guidance End: 0.8")
     assert params["ControlNet 1"] == ("Model: depth, Weight: 0.5, Guidance Start: 0, "
                                       "Guidance End: 0.8")
+    found = infotext.reproduce(png.text["parameters"])  # its ControlNets' settings read back
+    assert found.flags["controlnet_scale"] == ["0.9", "0.5"]
+    assert found.flags["control_guidance_end"] == ["0.8", "0.8"]
+    assert "control_mode" not in found.flags and "control_type" not in found.flags
+    assert [flag for flag, _ in found.notes] == ["controlnet"]
   path.write_text('{"prompt": "a cat", "control_image": "edges.png"}\n')
   with pytest.raises(run.RunError, match=r'"control_image" must be a list of one per '
                                          r'ControlNet \(2\)'):

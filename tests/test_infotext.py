@@ -469,6 +469,38 @@ def test_builtin_model_needs_no_flag():
   assert "model" not in flags and flags["rng"] == "jax"
 
 
+def test_controlnet_units():
+  """A1111's ControlNet units (its extension's `ControlNet N`: Weight, Guidance Start / End,
+  Control Mode; sdjax's Union Control Type) are as many ControlNets' flags, in order; a note
+  names the models and the preprocessors (and, for an A1111 Guidance End below 1, the step the
+  rules differ by); an IP-Adapter unit stays a "not reproduced" note."""
+  text = ('a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, '
+          'ControlNet 1: "Module: none, Model: depth [12345678], Weight: 0.5, Guidance End: '
+          '0.8", ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], '
+          'Weight: 0.8, Resize Mode: Crop and Resize, Processor Res: 512, Guidance Start: 0.1, '
+          'Guidance End: 1, Pixel Perfect: False, Control Mode: My prompt is more important", '
+          'ControlNet 2: "Module: ip-adapter_clip_h, Model: ip-adapter_sd15, Weight: 0.6"')
+  found = reproduce(text)
+  assert found.flags["controlnet_scale"] == ["0.8", "0.5"]
+  assert found.flags["control_guidance_start"] == ["0.1", "0.0"]
+  assert found.flags["control_guidance_end"] == ["1.0", "0.8"]
+  assert found.flags["control_mode"] == ["My prompt is more important", "Balanced"]
+  assert "control_type" not in found.flags
+  notes = dict(found.notes)
+  assert notes["controlnet"].startswith(
+      "made with the ControlNet(s) control_v11p_sd15_canny [d14c016b], depth [12345678]: give "
+      "each with --controlnet, in this order")
+  assert "preprocessor(s) canny: give the preprocessed images" in notes["controlnet"]
+  assert "one step less here" in notes["controlnet"]
+  assert notes[None] == ("not reproduced: ControlNet 2: Module: ip-adapter_clip_h, Model: "
+                         "ip-adapter_sd15, Weight: 0.6")
+  sdjax_made = reproduce("a cat\nSteps: 20, Sampler: Euler, Seed: 1, ControlNet 0: \"Model: u, "
+                         "Weight: 1, Guidance Start: 0, Guidance End: 0.5, Union Control Type: "
+                         "canny\", Version: sdjax 0.1.0")
+  assert sdjax_made.flags["control_type"] == ["canny"]
+  assert "one step" not in dict(sdjax_made.notes)["controlnet"]
+
+
 @pytest.mark.parametrize("field,error", [
     ("", "no A1111 parameters line (Steps: ..., Sampler: ..., Seed: ...) after the prompt"),
     ("Size: 512", "Size: '512' is not WIDTHxHEIGHT"),
@@ -476,6 +508,9 @@ def test_builtin_model_needs_no_flag():
     ('FreeU: "s1=0.9, s2=0.2, b1=1.5, b2=1.6", FreeU form: V3',
      "FreeU form: 'V3' is not one of ComfyUI FreeU, ComfyUI FreeU_V2"),
     ("Eta: lots", "Eta: 'lots' is not a number"),
+    ('ControlNet 0: "Module: none, Weight: 1"', "ControlNet 0: 'Module: none, Weight: 1' names "
+                                                "no Model"),
+    ('ControlNet 0: "Model: x, Weight: lots"', "Weight: 'lots' is not a number"),
     ("Scheduler options: karras", "Scheduler options: 'karras' is not key=value"),
     ("PerturbedAttentionGuidance_layers: mid", "PerturbedAttentionGuidance_layers: 'mid' is not "
                                                "a list of names"),

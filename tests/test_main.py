@@ -712,10 +712,20 @@ def test_parameters_file_makes_the_image_again(model, cache, tmp_path):
   # (not an error for a --hires_refiner without --refiner).
   params.write_text(text + ", Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8, "
                            "Hires refiner: first pass")
-  (code, err), = _in_one_process([["--model", model, "--parameters_file", str(params),
-                                   "--output_dir", str(tmp_path / "refined"),
-                                   "--compilation_cache", cache]])
+  # So are the settings of ControlNet units without --controlnet (no error for a
+  # --control_mode without one): the note names the model.
+  units = tmp_path / "units.txt"
+  units.write_text(text + ', ControlNet 0: "Module: none, Model: canny [0123456789], Weight: '
+                          '0.5, Control Mode: ControlNet is more important"')
+  (code, err), (code_units, err_units) = _in_one_process([
+      ["--model", model, "--parameters_file", str(params), "--output_dir",
+       str(tmp_path / "refined"), "--compilation_cache", cache],
+      ["--model", model, "--parameters_file", str(units), "--output_dir",
+       str(tmp_path / "units"), "--compilation_cache", cache]])
   assert code == 0 and "Refiner: sd_xl_refiner_1.0 [7440042bbd]: give it with --refiner" in err
+  assert code_units == 0, err_units
+  assert "made with the ControlNet(s) canny [0123456789]: give each with --controlnet" in err_units
+  np.testing.assert_array_equal(_pixels(str(tmp_path / "units"))[name], want)
 
 
 def test_model_hires_upscaler(model, cache, tmp_path):
