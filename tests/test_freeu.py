@@ -85,8 +85,7 @@ def _comfyui_freeu(model_channels, s1, s2, b1, b2, v2):
   return patch
 
 
-@pytest.mark.parametrize("form", ["comfyui", "comfyui_v2"])
-@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+@pytest.mark.parametrize(("name", "form"), [("sd1", "comfyui_v2"), ("sdxl", "comfyui")])
 def test_unet_matches_comfyuis_nodes(name, form, monkeypatch):
   """`freeu_form` "comfyui" / "comfyui_v2": ComfyUI's FreeU / FreeU_V2 nodes, which patch every
   output block whose backbone input has 4 or 2 times the model's first channels (V2 scaling by
