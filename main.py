@@ -547,9 +547,10 @@ def _apply_parameters_file() -> infotext.Reproduction | None:
   if _CONFIG.value is not None and _CONFIG.value.get("model") is not None:
     given.add("model")
   applied = {name: value for name, value in found.flags.items() if name not in given}
-  if not FLAGS["controlnet"].present:  # its ControlNets' settings go with the models (a note)
-    applied = {name: value for name, value in applied.items()
-               if name not in infotext.CONTROLNET_FLAGS}
+  for models, settings in (("controlnet", infotext.CONTROLNET_FLAGS),
+                           ("ip_adapter", infotext.IP_ADAPTER_FLAGS)):
+    if not FLAGS[models].present:  # their settings go with the models, which a note names
+      applied = {name: value for name, value in applied.items() if name not in settings}
   settled = {flag for flag, _ in found.notes if flag is not None and FLAGS[flag].present}
   for name, value in applied.items():
     try:

@@ -155,27 +155,28 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   return Reproduction(flags, tuple(notes), model_hash)
 
 
-# The ControlNet flags a `ControlNet N` unit sets (main.py applies them only with --controlnet).
+# The flags `ControlNet N` units set: a ControlNet's, an IP-Adapter's (main.py applies them only
+# with --controlnet / --ip_adapter, which give the models).
 CONTROLNET_FLAGS = ("controlnet_scale", "control_guidance_start", "control_guidance_end",
                     "control_mode", "control_type")
+IP_ADAPTER_FLAGS = ("ip_adapter_scale",)
 
 
 def _controlnets(fields, flags, notes, made_by_sdjax: bool, made_in: str) -> None:
   """A1111's ControlNet extension's units (`ControlNet 0`, ...: Module, Model, Weight, Guidance
   Start / End, Control Mode; sdjax's Union Control Type) as the flags of as many ControlNets, in
-  order; a note names their models (give each with --controlnet, and its image). IP-Adapter
-  units (an ip-adapter module) are left to the closing note."""
+  order; a note names their models (give each with --controlnet, and its image). Units of an
+  ip-adapter module are IP-Adapters (`_ip_adapters`)."""
   units = sorted((int(key.split()[1]), key) for key in fields
                  if re.fullmatch(r"ControlNet \d+", key))
-  found = []
+  found, adapters = [], []
   for _, key in units:
-    unit = dict(item.partition(": ")[::2] for item in fields[key].split(", "))
-    if unit.get("Module", "none").startswith("ip-adapter"):
-      continue
+    text = fields.pop(key)
+    unit = dict(item.partition(": ")[::2] for item in text.split(", "))
     if "Model" not in unit:
-      raise ValueError(f"{key}: {fields[key]!r} names no Model")
-    found.append(unit)
-    del fields[key]
+      raise ValueError(f"{key}: {text!r} names no Model")
+    (adapters if unit.get("Module", "none").startswith("ip-adapter") else found).append(unit)
+  _ip_adapters(adapters, fields, flags, notes, made_in)
   if not found:
     return
   for flag, name, default in (("controlnet_scale", "Weight", "1"),
@@ -199,6 +200,31 @@ def _controlnets(fields, flags, notes, made_by_sdjax: bool, made_in: str) -> Non
                    f"; {made_in}'s ControlNet extension keeps a ControlNet up to the step that "
                    "starts past its Guidance End, diffusers' (sdjax's) to the step that ends "
                    "past it: one step less here")))
+
+
+def _ip_adapters(units, fields, flags, notes, made_in: str) -> None:
+  """IP-Adapter units (A1111's ControlNet extension's, sdjax's): their Weight, or sdjax's
+  `IP-Adapter N layer scales` (InstantStyle's), as --ip_adapter_scale, one per unit in order; a
+  note names the models and their image encoders (the module), and a Guidance Start / End
+  sdjax does not apply."""
+  if not units:
+    return
+  scales = []
+  for i, unit in enumerate(units):
+    layers = fields.pop(f"IP-Adapter {i} layer scales", None)
+    scales.append(layers if layers is not None else str(_number("Weight",
+                                                                unit.get("Weight", "1"))))
+  flags["ip_adapter_scale"] = scales
+  bounded = [unit["Model"] for unit in units
+             if _number("Guidance Start", unit.get("Guidance Start", "0")) > 0
+             or _number("Guidance End", unit.get("Guidance End", "1")) < 1]
+  notes.append(("ip_adapter", "made with the IP-Adapter(s) " + ", ".join(
+      f"{unit['Model']} ({unit.get('Module', 'ip-adapter')})" for unit in units)
+      + ": give each with --ip_adapter, in this order (its image encoder with "
+        "--ip_adapter_encoder where it has none beside it), and its image with "
+        "--ip_adapter_image (or a jsonl line's ip_adapter_image)"
+      + (f"; {made_in} applied {', '.join(bounded)} only within its Guidance Start / End, "
+         "sdjax applies an IP-Adapter at every step" if bounded else "")))
 
 
 def read_parameters_file(path: str) -> str | None:

@@ -473,13 +473,15 @@ def test_controlnet_units():
   """A1111's ControlNet units (its extension's `ControlNet N`: Weight, Guidance Start / End,
   Control Mode; sdjax's Union Control Type) are as many ControlNets' flags, in order; a note
   names the models and the preprocessors (and, for an A1111 Guidance End below 1, the step the
-  rules differ by); an IP-Adapter unit stays a "not reproduced" note."""
+  rules differ by). IP-Adapter units (an ip-adapter module) are --ip_adapter_scale, sdjax's
+  per-layer scales where it wrote them, with a note of their own."""
   text = ('a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, '
           'ControlNet 1: "Module: none, Model: depth [12345678], Weight: 0.5, Guidance End: '
           '0.8", ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], '
           'Weight: 0.8, Resize Mode: Crop and Resize, Processor Res: 512, Guidance Start: 0.1, '
           'Guidance End: 1, Pixel Perfect: False, Control Mode: My prompt is more important", '
-          'ControlNet 2: "Module: ip-adapter_clip_h, Model: ip-adapter_sd15, Weight: 0.6"')
+          'ControlNet 2: "Module: ip-adapter_clip_h, Model: ip-adapter_sd15, Weight: 0.6, '
+          'Guidance End: 0.5"')
   found = reproduce(text)
   assert found.flags["controlnet_scale"] == ["0.8", "0.5"]
   assert found.flags["control_guidance_start"] == ["0.1", "0.0"]
@@ -492,13 +494,26 @@ def test_controlnet_units():
       "each with --controlnet, in this order")
   assert "preprocessor(s) canny: give the preprocessed images" in notes["controlnet"]
   assert "one step less here" in notes["controlnet"]
-  assert notes[None] == ("not reproduced: ControlNet 2: Module: ip-adapter_clip_h, Model: "
-                         "ip-adapter_sd15, Weight: 0.6")
+  assert found.flags["ip_adapter_scale"] == ["0.6"] and None not in notes
+  assert notes["ip_adapter"] == (
+      "made with the IP-Adapter(s) ip-adapter_sd15 (ip-adapter_clip_h): give each with "
+      "--ip_adapter, in this order (its image encoder with --ip_adapter_encoder where it has "
+      "none beside it), and its image with --ip_adapter_image (or a jsonl line's "
+      "ip_adapter_image); A1111 applied ip-adapter_sd15 only within its Guidance Start / End, "
+      "sdjax applies an IP-Adapter at every step")
   sdjax_made = reproduce("a cat\nSteps: 20, Sampler: Euler, Seed: 1, ControlNet 0: \"Model: u, "
                          "Weight: 1, Guidance Start: 0, Guidance End: 0.5, Union Control Type: "
                          "canny\", Version: sdjax 0.1.0")
   assert sdjax_made.flags["control_type"] == ["canny"]
   assert "one step" not in dict(sdjax_made.notes)["controlnet"]
+  layers = '{"up":{"block_0":[0,1,0]}}'
+  sdjax_made = reproduce('a cat\nSteps: 20, Sampler: Euler, Seed: 1, ControlNet 0: "Module: '
+                         'ip-adapter_clip, Model: ip-plus, Weight: 1, Guidance Start: 0, '
+                         'Guidance End: 1", ControlNet 1: "Module: ip-adapter_clip_h, Model: '
+                         f'two, Weight: 0.5", IP-Adapter 0 layer scales: {json.dumps(layers)}, '
+                         'Version: sdjax 0.1.0')  # (quoted as A1111 quotes a value with commas)
+  assert sdjax_made.flags["ip_adapter_scale"] == [layers, "0.5"]
+  assert "Guidance" not in dict(sdjax_made.notes)["ip_adapter"]
 
 
 @pytest.mark.parametrize("field,error", [

@@ -471,7 +471,7 @@ def test_run_with_ip_adapter(sd1_ip, tmp_path):
   import sys  # noqa: PLC0415
 
   import sdjax  # noqa: PLC0415
-  from sdjax import outputs, run  # noqa: PLC0415
+  from sdjax import infotext, outputs, run  # noqa: PLC0415
 
   _, pipe, models = sd1_ip
   file = str(models / "ip-plus.safetensors")
@@ -526,6 +526,9 @@ def test_run_with_ip_adapter(sd1_ip, tmp_path):
   params = outputs.parse_a1111_parameters(png.text["parameters"])
   assert "Weight: 1," in params["ControlNet 0"]
   assert json.loads(params["IP-Adapter 0 layer scales"]) == style
+  found = infotext.reproduce(png.text["parameters"])  # read back: the scales, a note
+  scale, = found.flags["ip_adapter_scale"]
+  assert json.loads(scale) == style and "ip_adapter" in dict(found.notes)
   path.write_text("".join(json.dumps(line) + "\n" for line in lines))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "JAX_PLATFORMS": "cpu",

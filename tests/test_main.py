@@ -716,7 +716,8 @@ def test_parameters_file_makes_the_image_again(model, cache, tmp_path):
   # --control_mode without one): the note names the model.
   units = tmp_path / "units.txt"
   units.write_text(text + ', ControlNet 0: "Module: none, Model: canny [0123456789], Weight: '
-                          '0.5, Control Mode: ControlNet is more important"')
+                          '0.5, Control Mode: ControlNet is more important", ControlNet 1: '
+                          '"Module: ip-adapter_clip_h, Model: ip-adapter_sd15, Weight: 0.6"')
   (code, err), (code_units, err_units) = _in_one_process([
       ["--model", model, "--parameters_file", str(params), "--output_dir",
        str(tmp_path / "refined"), "--compilation_cache", cache],
@@ -725,6 +726,7 @@ def test_parameters_file_makes_the_image_again(model, cache, tmp_path):
   assert code == 0 and "Refiner: sd_xl_refiner_1.0 [7440042bbd]: give it with --refiner" in err
   assert code_units == 0, err_units
   assert "made with the ControlNet(s) canny [0123456789]: give each with --controlnet" in err_units
+  assert "made with the IP-Adapter(s) ip-adapter_sd15 (ip-adapter_clip_h)" in err_units
   np.testing.assert_array_equal(_pixels(str(tmp_path / "units"))[name], want)
 
 
