@@ -155,6 +155,9 @@ _INPAINT_CONDITIONING = "InpaintModelConditioning"
 # Its node that thresholds a noise mask at each step (`--differential_diffusion`).
 _DIFFERENTIAL = "DifferentialDiffusion"
 # Its FreeU nodes: sdjax's freeu forms (--freeu_form), with their inputs' defaults.
+# Its ControlNet nodes: apply (to a conditioning, or a pair), and load.
+_CONTROLNET_APPLY = ("ControlNetApply", "ControlNetApplyAdvanced")
+_CONTROLNET_LOADERS = ("ControlNetLoader", "DiffControlNetLoader")
 # Its PerturbedAttentionGuidance node: sdjax's PAG over the mid block's self-attention (its
 # post-CFG `cfg_result + (cond_pred - pag) * scale` in x0 is diffusers' term in eps), scale 3
 # by default.
@@ -226,6 +229,9 @@ class _Reader:
     # an inpainting's image and mask, as the sampler's latent links them (for ImageCompositeMasked)
     self.image_link: Any = None
     self.mask_link: Any = None
+    # ControlNet apply nodes on the conditionings' way: id -> which ("positive conditioning",
+    # ...), in the order met
+    self.controls: dict[str, set[str]] = {}
 
   def note(self, flag: str | None, text: str) -> None:
     if text not in self._noted:
@@ -244,7 +250,9 @@ class _Reader:
       if kind in _TEXT_NODES or kind in _CHECKPOINT_NODES or kind in _LORA_NODES or (
           kind in (_MODEL_SAMPLING, _DIFFERENTIAL, _PAG, *_FREEU_NODES) or passes is None):
         return node_id, node
-      if kind not in ("CLIPSetLastLayer", _INPAINT_CONDITIONING):  # (its inputs: `latent`)
+      if kind in _CONTROLNET_APPLY:  # (`controlnets`)
+        self.controls.setdefault(node_id, set()).add(what)
+      elif kind not in ("CLIPSetLastLayer", _INPAINT_CONDITIONING):  # (its inputs: `latent`)
         self.note(None, f"node {node_id} ({kind}) changes the {what}: not reproduced")
       value = _inputs(node)[passes]
     return None
@@ -285,6 +293,56 @@ class _Reader:
                                   f"({', '.join(names)}; ComfyUI's embedding:NAME, here A1111's "
                                   "NAME): give --embeddings_dir (ComfyUI's models/embeddings)")
     return text
+
+  def controlnets(self) -> None:
+    """The ControlNets the sampler's conditionings went through, as A1111's `ControlNet N`
+    units (`infotext` reads them: --controlnet_scale, --control_guidance_start / _end), the one
+    nearest the text first (ComfyUI chains them so and sums their residuals): a
+    ControlNetApplyAdvanced on both conditionings' way, or a ControlNetApply on the positive's
+    (ComfyUI applies its ControlNet to the negative too), steers both halves of guidance as
+    sdjax's do; its strength the Weight (0: none), its start / end percent the Guidance Start /
+    End (noted: ComfyUI counts them in noise levels). Its image's LoadImage file, or the node
+    that made it (the unit's Module: a preprocessor), is noted."""
+    units, images = [], []
+    both = {"positive conditioning", "negative conditioning"}
+    for node_id in reversed(list(self.controls)):
+      node = self.graph[node_id]
+      kind, inputs, seen = node["class_type"], _inputs(node), self.controls[node_id]
+      if (kind == "ControlNetApplyAdvanced" and seen != both) or (
+          kind == "ControlNetApply" and "positive conditioning" not in seen):
+        self.note("controlnet", f"node {node_id} ({kind}) controls only the "
+                                f"{', '.join(sorted(seen))}: not reproduced (sdjax's "
+                                "ControlNets steer both halves of guidance)")
+        continue
+      strength = self.number(node_id, inputs, "strength", 1.0, "controlnet_scale")
+      start = self.number(node_id, inputs, "start_percent", 0.0, "control_guidance_start")
+      end = self.number(node_id, inputs, "end_percent", 1.0, "control_guidance_end")
+      if strength == 0 or None in (strength, start, end):  # (0: ComfyUI's node does nothing)
+        continue
+      loader = _linked(self.graph, inputs.get("control_net"))
+      if loader is not None and loader[1]["class_type"] in _CONTROLNET_LOADERS:
+        name = str(_inputs(loader[1]).get("control_net_name"))
+      else:
+        name = f"node {loader[0] if loader else '?'}'s"
+      image = _linked(self.graph, inputs.get("image"))
+      module = "none"
+      if image is not None and image[1]["class_type"] == "LoadImage":
+        images.append(str(_inputs(image[1]).get("image")))
+      else:
+        module = image[1]["class_type"] if image is not None else "none"
+        images.append(f"node {image[0] if image else '?'} ({module})'s image")
+      units.append(f"Module: {module}, Model: {name}, Weight: {strength:g}, Guidance Start: "
+                   f"{start:g}, Guidance End: {end:g}")
+    for i, unit in enumerate(units):
+      self.fields[f"ControlNet {i}"] = unit
+    if units:
+      self.note("control_image", f"the ControlNets' images: {', '.join(images)}: give them "
+                                 "with --control_image, in order, at the image's size (ComfyUI "
+                                 "fits another size by nearest-exact scaling and a centre crop)")
+    if any(", Guidance Start: 0, Guidance End: 1" not in unit for unit in units):
+      self.note("control_guidance_end", "ComfyUI bounds a ControlNet by noise levels (start / "
+                                        "end percent of the model's timesteps), sdjax by the "
+                                        "share of the steps: the steps it steers may differ")
 
   def micro_conditioning(self) -> None:
     """SDXL's Original size, Crop and Target size fields of a CLIPTextEncodeSDXL's inputs (a
@@ -1026,6 +1084,7 @@ def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   fields["negative_prompt"] = ("" if negative is None and node["class_type"] in
                                _CUSTOM_SAMPLER_NODES else reader.text(negative, "negative"))
   texts_l["negative_prompt"] = reader.text_l
+  reader.controlnets()  # (the first pass's conditionings')
   for key, name, flag in (("Steps", "steps", "steps"), ("CFG scale", "cfg", "guidance_scale"),
                           ("Seed", "noise_seed" if advanced else "seed", "seed")):
     value = inputs.get(name)

@@ -195,8 +195,8 @@ def _controlnets(fields, flags, notes, made_by_sdjax: bool, made_in: str) -> Non
                               "--control_image (or a jsonl line's control_image)"
                 + (f"; {made_in} made those images with its preprocessor(s) "
                    f"{', '.join(modules)}: give the preprocessed images" if modules else "")
-                + ("" if made_by_sdjax or all(float(end) >= 1 for end in
-                                               flags["control_guidance_end"]) else
+                + ("" if made_by_sdjax or made_in != "A1111" or all(
+                    float(end) >= 1 for end in flags["control_guidance_end"]) else
                    f"; {made_in}'s ControlNet extension keeps a ControlNet up to the step that "
                    "starts past its Guidance End, diffusers' (sdjax's) to the step that ends "
                    "past it: one step less here")))

@@ -185,6 +185,51 @@ def test_freeu_nodes():
   assert "node 10 (FreeU) applies FreeU a second time: not reproduced" in _notes(found)
 
 
+def test_controlnet_nodes():
+  """ControlNetApplyAdvanced on both conditionings' way (or a ControlNetApply on the
+  positive's, which ComfyUI applies to the negative too) is a ControlNet: its strength, start and
+  end percent as --controlnet_scale and --control_guidance_start / _end, in chain order from
+  the text; notes name the models, the images (a preprocessor node's as its module) and that
+  ComfyUI bounds it in noise levels. One on the positive's way only, or of strength 0, is not."""
+  graph = default_graph()
+  graph["10"] = {"class_type": "ControlNetLoader",
+                 "inputs": {"control_net_name": "control_v11p_sd15_canny.pth"}}
+  graph["11"] = {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}
+  graph["12"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+      "positive": ["6", 0], "negative": ["7", 0], "control_net": ["10", 0], "image": ["11", 0],
+      "strength": 0.8, "start_percent": 0.0, "end_percent": 1.0}}
+  graph["13"] = {"class_type": "ControlNetLoader",
+                 "inputs": {"control_net_name": "depth.safetensors"}}
+  graph["14"] = {"class_type": "Canny", "inputs": {"image": ["11", 0]}}
+  graph["15"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+      "positive": ["12", 0], "negative": ["12", 1], "control_net": ["13", 0], "image": ["14", 0],
+      "strength": 0.5, "start_percent": 0.1, "end_percent": 0.9}}
+  graph["3"]["inputs"].update(positive=["15", 0], negative=["15", 1])
+  found = comfyui.reproduce(graph)
+  assert found.flags["controlnet_scale"] == ["0.8", "0.5"]
+  assert found.flags["control_guidance_start"] == ["0.0", "0.1"]
+  assert found.flags["control_guidance_end"] == ["1.0", "0.9"]
+  notes = dict(found.notes)
+  assert notes["controlnet"].startswith("made with the ControlNet(s) control_v11p_sd15_canny.pth,"
+                                        " depth.safetensors: give each with --controlnet")
+  assert "ComfyUI made those images with its preprocessor(s) Canny" in notes["controlnet"]
+  assert notes["control_image"].startswith("the ControlNets' images: edges.png, node 14 (Canny)'s"
+                                           " image: give them with --control_image")
+  assert "ComfyUI bounds a ControlNet by noise levels" in notes["control_guidance_end"]
+  assert "changes the" not in _notes(found)
+  graph["15"]["inputs"]["strength"] = 0  # does nothing
+  graph["3"]["inputs"]["negative"] = ["7", 0]  # the first on the positive's way only
+  found = comfyui.reproduce(graph)
+  assert "controlnet_scale" not in found.flags
+  assert "node 12 (ControlNetApplyAdvanced) controls only the positive conditioning: not " \
+         "reproduced" in _notes(found)
+  graph["12"] = {"class_type": "ControlNetApply", "inputs": {  # its old node: both halves
+      "conditioning": ["6", 0], "control_net": ["10", 0], "image": ["11", 0], "strength": 1.0}}
+  found = comfyui.reproduce(graph)
+  assert found.flags["controlnet_scale"] == ["1.0"] and "control_guidance_end" not in dict(
+      found.notes)
+
+
 def test_pag_node():
   """A PerturbedAttentionGuidance node is --pag_scale (its scale, 3 by default; 0: none) over
   sdjax's default layers, the mid block's self-attention, where the node perturbs it; its
