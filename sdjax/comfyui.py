@@ -369,7 +369,9 @@ class _Reader:
 
   def _clip(self, value) -> None:
     """Clip skip from a CLIPSetLastLayer on the text encoder's way (-2: the penultimate)."""
-    while (link := _linked(self.graph, value)) is not None:
+    seen = set()
+    while (link := _linked(self.graph, value)) is not None and link[0] not in seen:
+      seen.add(link[0])
       node = link[1]
       if node["class_type"] == "CLIPSetLastLayer":
         layer = _inputs(node).get("stop_at_clip_layer", -1)
@@ -384,9 +386,13 @@ class _Reader:
     DifferentialDiffusion's strength, a FreeU or FreeU_V2 node's factors (`FreeU`, `FreeU
     form`: --freeu, --freeu_form) and a PerturbedAttentionGuidance node's scale (--pag_scale,
     its mid block: sdjax's default --pag_applied_layers)."""
-    sampling_seen = False
+    sampling_seen, seen = False, set()
     while (found := self.follow(value, ("model",), "model")) is not None:
       node_id, node = found
+      if node_id in seen:
+        raise ValueError(f"ComfyUI workflow: the model's links run in a circle through node "
+                         f"{node_id}")
+      seen.add(node_id)
       kind, inputs = node["class_type"], _inputs(node)
       if kind == _MODEL_SAMPLING:
         if not sampling_seen:
@@ -1071,7 +1077,16 @@ def _img2img_from_step(inputs: dict[str, Any]) -> bool:
 
 def reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   """The main.py flags that make a ComfyUI workflow's text-to-image pass again, with notes on
-  what they cannot give. ValueError for a graph without a sampler or readable prompts."""
+  what they cannot give. ValueError for a graph without a sampler or readable prompts, or one
+  no ComfyUI could have run (an input of the wrong kind, links in a circle)."""
+  try:
+    return _reproduce(graph)
+  except (TypeError, KeyError, AttributeError, IndexError) as e:
+    raise ValueError(f"ComfyUI workflow: a node's inputs are not what its kind takes "
+                     f"({type(e).__name__}: {e})") from None
+
+
+def _reproduce(graph: dict[str, dict[str, Any]]) -> infotext.Reproduction:
   sampler_id, node, others = _sampler_node(graph)
   reader = _Reader(graph)
   inputs = _ksampler_inputs(reader, sampler_id, node)

@@ -230,6 +230,27 @@ def test_controlnet_nodes():
       found.notes)
 
 
+def test_broken_graphs_are_one_line_errors():
+  """A graph no ComfyUI could run is a ValueError, never a hang or another exception: links in a
+  circle on the model's or the CLIP's way, an input of the wrong kind."""
+  graph = default_graph()
+  graph["3"]["inputs"]["model"] = ["10", 0]
+  graph["10"] = {"class_type": "FreeU", "inputs": {"model": ["11", 0]}}
+  graph["11"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["10", 0],
+                                                                  "lora_name": "a.safetensors"}}
+  with pytest.raises(ValueError, match="^ComfyUI workflow: the model's links run in a circle "
+                                       "through node 10$"):
+    comfyui.reproduce(graph)
+  graph = default_graph()
+  graph["6"]["inputs"]["clip"] = ["12", 0]
+  graph["12"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["12", 0]}}  # (no layer)
+  assert "clip_skip" not in comfyui.reproduce(graph).flags
+  graph = default_graph(sampler_name=["euler"])
+  with pytest.raises(ValueError, match="^ComfyUI workflow: a node's inputs are not what its kind "
+                                       "takes \\(TypeError: "):
+    comfyui.reproduce(graph)
+
+
 def test_pag_node():
   """A PerturbedAttentionGuidance node is --pag_scale (its scale, 3 by default; 0: none) over
   sdjax's default layers, the mid block's self-attention, where the node perturbs it; its
