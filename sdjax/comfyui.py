@@ -154,7 +154,6 @@ _MODEL_SAMPLING = "ModelSamplingDiscrete"
 _INPAINT_CONDITIONING = "InpaintModelConditioning"
 # Its node that thresholds a noise mask at each step (`--differential_diffusion`).
 _DIFFERENTIAL = "DifferentialDiffusion"
-# Its FreeU nodes: sdjax's freeu forms (--freeu_form), with their inputs' defaults.
 # Its ControlNet nodes: apply (to a conditioning, or a pair), and load.
 _CONTROLNET_APPLY = ("ControlNetApply", "ControlNetApplyAdvanced")
 _CONTROLNET_LOADERS = ("ControlNetLoader", "DiffControlNetLoader")
@@ -162,6 +161,7 @@ _CONTROLNET_LOADERS = ("ControlNetLoader", "DiffControlNetLoader")
 # post-CFG `cfg_result + (cond_pred - pag) * scale` in x0 is diffusers' term in eps), scale 3
 # by default.
 _PAG = "PerturbedAttentionGuidance"
+# Its FreeU nodes: sdjax's freeu forms (--freeu_form), with their inputs' defaults.
 _FREEU_NODES = {"FreeU": ("comfyui", {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2}),
                 "FreeU_V2": ("comfyui_v2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})}
 # A latent with a noise mask from a masked image, the mask grown (`--grow_mask_by`).
