@@ -154,6 +154,10 @@ flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
 flags.DEFINE_float("guidance_rescale", 0.0, "rescale the guided prediction's spread towards the "
                    "conditional one's (diffusers' guidance_rescale, arXiv:2305.08891; 0.7 for "
                    "v-prediction models trained with zero terminal SNR; 0: off)")
+flags.DEFINE_enum("guidance_rescale_form", "diffusers", ["diffusers", "comfyui"],
+                  "--guidance_rescale on the model's output (diffusers'), or as ComfyUI's "
+                  "RescaleCFG node (its multiplier): on the v it builds from the denoised "
+                  "predictions (the same for a v-prediction model; k-diffusion samplers)")
 flags.DEFINE_integer("clip_skip", 1, "A1111's Clip skip (SD1/SD2): condition on the text "
                      "encoder's layer this far from the end: 1 the last (default), 2 the "
                      "penultimate, as NovelAI-descended anime models want")
@@ -447,7 +451,7 @@ def _run_config() -> run.RunConfig:
       control_image=tuple(FLAGS.control_image), control_type=tuple(FLAGS.control_type),
       pag_scale=FLAGS.pag_scale, pag_adaptive_scale=FLAGS.pag_adaptive_scale,
       pag_applied_layers=tuple(FLAGS.pag_applied_layers), freeu=_freeu(),
-      freeu_form=FLAGS.freeu_form,
+      freeu_form=FLAGS.freeu_form, guidance_rescale_form=FLAGS.guidance_rescale_form,
       token_merging_ratio=FLAGS.token_merging_ratio,
       hires_token_merging_ratio=FLAGS.hires_token_merging_ratio,
       tiling=FLAGS.tiling_axes if FLAGS.tiling else False,

@@ -161,6 +161,8 @@ _CONTROLNET_LOADERS = ("ControlNetLoader", "DiffControlNetLoader")
 # post-CFG `cfg_result + (cond_pred - pag) * scale` in x0 is diffusers' term in eps), scale 3
 # by default.
 _PAG = "PerturbedAttentionGuidance"
+# Its RescaleCFG node (--guidance_rescale, its multiplier, 0.7 by default, in the comfyui form).
+_RESCALE_CFG = "RescaleCFG"
 # Its FreeU nodes: sdjax's freeu forms (--freeu_form), with their inputs' defaults.
 _FREEU_NODES = {"FreeU": ("comfyui", {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2}),
                 "FreeU_V2": ("comfyui_v2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})}
@@ -248,7 +250,8 @@ class _Reader:
       kind = node["class_type"]
       passes = next((name for name in through if name in _inputs(node)), None)
       if kind in _TEXT_NODES or kind in _CHECKPOINT_NODES or kind in _LORA_NODES or (
-          kind in (_MODEL_SAMPLING, _DIFFERENTIAL, _PAG, *_FREEU_NODES) or passes is None):
+          kind in (_MODEL_SAMPLING, _DIFFERENTIAL, _PAG, _RESCALE_CFG, *_FREEU_NODES)
+          or passes is None):
         return node_id, node
       if kind in _CONTROLNET_APPLY:  # (`controlnets`)
         self.controls.setdefault(node_id, set()).add(what)
@@ -408,6 +411,13 @@ class _Reader:
         continue
       if kind in _FREEU_NODES:
         self.freeu(node_id, kind, inputs)
+        value = inputs.get("model")
+        continue
+      if kind == _RESCALE_CFG:  # (the one nearest the sampler: ComfyUI keeps the last set)
+        multiplier = self.number(node_id, inputs, "multiplier", 0.7, "guidance_rescale")
+        if multiplier is not None and "Guidance rescale" not in self.fields:
+          self.fields["Guidance rescale"] = f"{multiplier:g}"
+          self.fields["Guidance rescale form"] = "ComfyUI RescaleCFG"
         value = inputs.get("model")
         continue
       if kind == _PAG:

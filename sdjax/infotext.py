@@ -142,6 +142,15 @@ def from_fields(fields: dict[str, str], made_in: str = "A1111") -> Reproduction:
   _looks(fields, flags)
   _sdxl(fields, flags, notes, scheduler, made_by_sdjax)
   _controlnets(fields, flags, notes, made_by_sdjax, made_in)
+  form = fields.pop("Guidance rescale form", None)  # sdjax's, `comfyui.reproduce`'s RescaleCFG
+  if form is not None and form != "ComfyUI RescaleCFG":
+    raise ValueError(f"Guidance rescale form: {form!r} is not ComfyUI RescaleCFG")
+  if form is not None and (scheduler is None or schedulers.takes_comfyui_blend(scheduler)):
+    flags["guidance_rescale_form"] = "comfyui"
+  elif form is not None:
+    notes.append(("guidance_rescale_form", f"ComfyUI's RescaleCFG: sdjax's {scheduler} does not "
+                                           "give it each call's noise level (diffusers' rescale "
+                                           "instead, the same for a v-prediction model)"))
   for key, flag in _ONE_TO_ONE.items():
     if key in fields:
       flags[flag] = fields.pop(key)

@@ -356,6 +356,7 @@ class Pipeline:
                strength: float | None = None, mask_blur: float = 0.0,
                padding_mask_crop: int | None = None, mask_overlay: bool = False,
                masked_content: str = "original", guidance_rescale: float = 0.0,
+               guidance_rescale_form: str = "diffusers",
                clip_skip: int | None = None,
                prompts_2=None, negative_prompts_2=None,
                original_size: tuple[int, int] | None = None,
@@ -535,6 +536,11 @@ class Pipeline:
         initial noise or zeros); all but "original" change only what strength < 1 starts from
         (and what an inpainting model sees where a blurred mask is grey).
       guidance_rescale: rescales guided noise towards the conditional one's std (0 = off).
+      guidance_rescale_form: "diffusers" (above: on the model's output) or "comfyui", ComfyUI's
+        RescaleCFG node (its multiplier the guidance_rescale): on the v-space it builds from
+        the denoised predictions at each call's noise level (`sampling.comfyui_rescale`; for a
+        v-prediction model that is diffusers' rescale). k-diffusion samplers that take
+        ComfyUI's inpainting blend; not with cfg_parallel, PAG or instruct-pix2pix.
       clip_skip: condition on the text encoder's output this many layers before the last.
       prompts_2, negative_prompts_2: SDXL: prompts for the second text encoder (default: the
         same as `prompts` / `negative_prompts`).
@@ -769,7 +775,8 @@ class Pipeline:
         height=height, width=width,
         seed=seed, latents=latents, init_images=init_images, mask_images=mask_images,
         strength=strength, masked_content=masked_content,
-        guidance_rescale=guidance_rescale, clip_skip=clip_skip, prompts_2=prompts_2,
+        guidance_rescale=guidance_rescale, guidance_rescale_form=guidance_rescale_form,
+        clip_skip=clip_skip, prompts_2=prompts_2,
         negative_prompts_2=negative_prompts_2, micro=micro, refiner=refiner,
         refiner_start=refiner_start, refiner_switch=refiner_switch,
         hires_refiner=hires_refiner, eta=eta,

@@ -75,6 +75,8 @@ class RunConfig:
   steps: int | None = None
   guidance_scale: float | None = None
   guidance_rescale: float = 0.0  # diffusers' guidance_rescale (run-wide; 0: off)
+  # Its form (`sampling.GUIDANCE_RESCALE_FORMS`): diffusers' or ComfyUI's RescaleCFG node's.
+  guidance_rescale_form: str = "diffusers"
   # A1111's "Clip skip" (SD1/SD2): condition on the text encoder's layer this far from the end
   # (1: the last, as trained; 2: the penultimate, for NovelAI-descended models); diffusers'
   # clip_skip is one less.
@@ -733,6 +735,8 @@ def _settings(cfg: RunConfig, pipe, height: int, width: int, scheduler: str,
     settings["tiling"] = True if axes == "xy" else axes
   if cfg.guidance_rescale:  # absent when off: older folders still match
     settings["guidance_rescale"] = cfg.guidance_rescale
+  if cfg.guidance_rescale_form != "diffusers":  # (the same)
+    settings["guidance_rescale_form"] = cfg.guidance_rescale_form
   if cfg.clip_skip != 1:  # absent when off: older folders still match
     settings["clip_skip"] = cfg.clip_skip
   if cfg.freeu is not None:  # absent when off: older folders still match
@@ -1692,10 +1696,17 @@ class _Sampler:
         weight = sampling.check_mask_weight(pipe, cfg.inpainting_mask_weight)
       except ValueError as e:
         raise RunError(f"--{e}") from None
+      try:
+        rescale_form = sampling.check_rescale_form(
+            cfg.guidance_rescale_form, spec.scheduler.name, cfg.cfg_parallel, _pag(cfg, pipe),
+            cfg.guidance_rescale)
+      except ValueError as e:
+        raise RunError(f"--{e}") from None
       spec = dataclasses.replace(spec, pag=_pag(cfg, pipe),
                                  freeu=sampling.freeu_factors(cfg.freeu),
                                  freeu_form=cfg.freeu_form, tiling=sampling.tiling_axes(cfg.tiling),
-                                 token_merging=cfg.token_merging_ratio, mask_weight=weight)
+                                 token_merging=cfg.token_merging_ratio, mask_weight=weight,
+                                 rescale_form=rescale_form)
       try:
         spec = sampling.with_cfg_skip(spec, state, _cfg_skip(cfg), steps)
       except ValueError as e:
@@ -1726,7 +1737,8 @@ class _Sampler:
                                          control_guess=spec.control_guess, **handed, **common)
           hires = (sampling.with_cfg_skip(dataclasses.replace(
               hires[0], control_modes=spec.control_modes, pag=_pag(cfg, self.hires_pipe or pipe),
-              freeu=spec.freeu, freeu_form=spec.freeu_form, tiling=spec.tiling,
+              freeu=spec.freeu, freeu_form=spec.freeu_form, rescale_form=spec.rescale_form,
+              tiling=spec.tiling,
               token_merging=_hires_merging(cfg)),
               hires[1], _cfg_skip(cfg),
               cfg.hires_steps or steps), hires[1])
@@ -2592,6 +2604,8 @@ class _Metadata:
                **self._sdxl_extra(height, width), **self._network_hashes(job),
                **self._emphasis(job), **self._pag_extra(),
                **({"Guidance rescale": cfg.guidance_rescale} if cfg.guidance_rescale else {}),
+               **({"Guidance rescale form": "ComfyUI RescaleCFG"}
+                  if cfg.guidance_rescale and cfg.guidance_rescale_form == "comfyui" else {}),
                **self._tiling_extra(),
                **({"FreeU": ", ".join(f"{k}={v:g}" for k, v in zip(
                    sampling.FREEU_NAMES, cfg.freeu, strict=True))} if cfg.freeu else {}),

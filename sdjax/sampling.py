@@ -192,6 +192,9 @@ class SampleSpec:
   # (`unet.FREEU_FORMS`): diffusers' or ComfyUI's nodes'.
   freeu: tuple[float, float, float, float] | None = None
   freeu_form: str = "diffusers"
+  # How guidance_rescale rescales (`GUIDANCE_RESCALE_FORMS`): diffusers' (the model output's
+  # std) or ComfyUI's RescaleCFG node (`comfyui_rescale`).
+  rescale_form: str = "diffusers"
   # Token merging's ratio in the UNet (`UNet2DConditionModel.token_merging`); 0: off.
   token_merging: float = 0.0
   # A1111's Tiling: the UNet's and the VAE's convolutions pad circularly (not the ControlNets')
@@ -599,6 +602,45 @@ def _generator_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseS
                       spec.seed_resize, step_generator=generator)
 
 
+GUIDANCE_RESCALE_FORMS = ("diffusers", "comfyui")
+
+
+def comfyui_rescale(eps_uncond, eps_cond, scale, multiplier, x_in, sigma, prediction_type: str):
+  """Classifier-free guidance with ComfyUI's RescaleCFG node (its sampler_cfg_function, in the
+  order it computes): the two denoised predictions in the v-space it builds from them, with
+  the model's input x_in (= k-diffusion's x / sqrt(sigma^2 + 1)) at noise level sigma, the
+  guided one rescaled to the conditional one's std (torch's unbiased) by `multiplier`, back to
+  the model's output. In v that is diffusers' rescale of a v-prediction model's output; for
+  an epsilon model it is not."""
+  s2 = sigma * sigma + 1
+  a = jax.lax.rsqrt(s2)
+  x_orig = x_in / a  # k-diffusion's x, ComfyUI's "input"
+
+  def denoised(out):
+    if prediction_type == "epsilon":
+      return x_orig - sigma * out
+    if prediction_type == "v_prediction":
+      return a * a * x_orig - sigma * a * out
+    return out
+
+  cond, uncond = x_orig - denoised(eps_cond), x_orig - denoised(eps_uncond)  # its args
+  x = x_orig / s2
+  root = (sigma ** 2 + 1) ** 0.5
+  cond = ((x - (x_orig - cond)) * root) / sigma
+  uncond = ((x - (x_orig - uncond)) * root) / sigma
+  x_cfg = uncond + scale * (cond - uncond)
+  axes = tuple(range(1, x_cfg.ndim))
+  ro_pos = jnp.std(cond, axis=axes, keepdims=True, ddof=1)
+  ro_cfg = jnp.std(x_cfg, axis=axes, keepdims=True, ddof=1)
+  x_final = multiplier * (x_cfg * (ro_pos / ro_cfg)) + (1 - multiplier) * x_cfg
+  result = x_orig - (x_orig - (x - x_final * sigma / s2 ** 0.5))  # its cfg_result (denoised)
+  if prediction_type == "epsilon":
+    return (x_orig - result) / sigma
+  if prediction_type == "v_prediction":
+    return (a * a * x_orig - result) / (sigma * a)
+  return result
+
+
 def guide(eps_uncond, eps_cond, scale, rescale=None, extra=None):
   """Classifier-free guidance, with optional rescaling (arXiv:2305.08891, section 3.4);
   `extra` (perturbed-attention guidance's term) added before the rescaling, as diffusers."""
@@ -797,6 +839,9 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
                      "pag_scale, and a model that is not instruct-pix2pix or an x4 upscaler")
   if spec.edit:
     check_edit(spec)
+    if spec.guidance_rescale and spec.rescale_form == "comfyui":
+      raise ValueError("guidance_rescale_form 'comfyui' is not made with an instruct-pix2pix "
+                       "model's guidance")
   if spec.guidance and not scheduled and not spec.cfg_split:
     both = conditioning.Embeddings.concat(negative, positive)  # [uncond, cond] rows
 
@@ -876,8 +921,13 @@ def _sample_fn(spec: SampleSpec, nets: Networks, params, cond: Conditioning, see
                                control=controls(call, lambda i: jnp.concatenate([i, i]), halves),
                                guess=guess(len(x)))
     eps_uncond, eps_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
-    eps = guide(eps_uncond, eps_cond, guidance_scale,
-                guidance_rescale if spec.guidance_rescale else None)
+    if spec.guidance_rescale and spec.rescale_form == "comfyui":
+      sigma = spec.scheduler.call_sigmas(state)[call + spec.begin]
+      eps = comfyui_rescale(eps_uncond, eps_cond, guidance_scale, guidance_rescale, x, sigma,
+                            spec.scheduler.prediction_type)
+    else:
+      eps = guide(eps_uncond, eps_cond, guidance_scale,
+                  guidance_rescale if spec.guidance_rescale else None)
     return (eps, eps_uncond) if spec.scheduler.takes_uncond else eps
 
   after_step = blend = None
@@ -2644,6 +2694,7 @@ def generate(
     pag_applied_layers: str | Sequence[str] = "mid",
     freeu: Any = None,
     freeu_form: str = "diffusers",
+    guidance_rescale_form: str = "diffusers",
     token_merging_ratio: float = 0.0,
     hires_token_merging_ratio: float | None = None,
     tiling: bool | str = False,
@@ -2826,12 +2877,14 @@ def generate(
                            guess_mode=spec.control_guess, cfg_parallel=cfg_parallel)
   freeu = freeu_factors(freeu)
   freeu_form = check_freeu_form(freeu_form)
+  rescale_form = check_rescale_form(guidance_rescale_form, spec.scheduler.name, cfg_parallel,
+                                    pag, guidance_rescale)
   tiling = tiling_axes(tiling)
   merging = token_merging.check_ratio("token_merging_ratio", token_merging_ratio)
   hires_merging = merging if hires_token_merging_ratio is None else token_merging.check_ratio(
       "hires_token_merging_ratio", hires_token_merging_ratio)
   spec = with_cfg_skip(dataclasses.replace(spec, pag=pag, freeu=freeu, freeu_form=freeu_form,
-                                           tiling=tiling,
+                                           rescale_form=rescale_form, tiling=tiling,
                                            token_merging=merging,
                                            soft_inpainting=soft_inpainting,
                                            differential=differential,
@@ -2858,7 +2911,7 @@ def generate(
         hires_model, pag_scale, pag_adaptive_scale, pag_applied_layers)
     hires_stage = (with_cfg_skip(dataclasses.replace(
         hires_stage[0], control_modes=spec.control_modes, pag=hires_pag, freeu=freeu,
-        freeu_form=freeu_form,
+        freeu_form=freeu_form, rescale_form=rescale_form,
         tiling=spec.tiling, token_merging=hires_merging), hires_stage[1], cfg_skip,
         hires.steps or steps), hires_stage[1])
     if first_stage is None:
@@ -3061,6 +3114,24 @@ def check_freeu_form(form: str) -> str:
   if form not in unet_lib.FREEU_FORMS:
     raise ValueError(f"freeu_form must be one of {', '.join(unet_lib.FREEU_FORMS)}, got "
                      f"{form!r}")
+  return form
+
+
+def check_rescale_form(form: str, scheduler: str, cfg_parallel: bool = False, pag=None,
+                       rescale: float = 0.0) -> str:
+  """guidance_rescale's form (`GUIDANCE_RESCALE_FORMS`); ComfyUI's RescaleCFG needs each call's
+  noise level: a k-diffusion sampler that runs ComfyUI's blend (`takes_comfyui_blend`), not
+  with cfg_parallel or perturbed-attention guidance."""
+  if form not in GUIDANCE_RESCALE_FORMS:
+    raise ValueError(f"guidance_rescale_form must be one of {', '.join(GUIDANCE_RESCALE_FORMS)}"
+                     f", got {form!r}")
+  if form == "comfyui" and rescale:
+    if not schedulers.takes_comfyui_blend(scheduler):
+      raise ValueError(f"guidance_rescale_form 'comfyui' (ComfyUI's RescaleCFG) rescales at "
+                       f"each call's noise level: a k-diffusion sampler's, not {scheduler!r}")
+    if cfg_parallel or pag is not None:
+      raise ValueError("guidance_rescale_form 'comfyui' is not made with cfg_parallel or "
+                       "perturbed-attention guidance")
   return form
 
 

@@ -251,6 +251,22 @@ def test_broken_graphs_are_one_line_errors():
     comfyui.reproduce(graph)
 
 
+def test_rescale_cfg_node():
+  """A RescaleCFG node is --guidance_rescale (its multiplier, 0.7 by default) in ComfyUI's form
+  (--guidance_rescale_form comfyui); over a sampler sdjax cannot give each call's noise level
+  (its uni_pc: sdjax's UniPC), diffusers' rescale and a note."""
+  graph = default_graph()
+  graph["3"]["inputs"]["model"] = ["10", 0]
+  graph["10"] = {"class_type": "RescaleCFG", "inputs": {"model": ["4", 0]}}
+  found = comfyui.reproduce(graph)
+  assert (found.flags["guidance_rescale"], found.flags["guidance_rescale_form"]) == (
+      "0.7", "comfyui")
+  graph["3"]["inputs"]["sampler_name"] = "uni_pc"
+  found = comfyui.reproduce(graph)
+  assert "guidance_rescale_form" not in found.flags and found.flags["guidance_rescale"] == "0.7"
+  assert "ComfyUI's RescaleCFG: sdjax's unipc does not give it" in _notes(found)
+
+
 def test_pag_node():
   """A PerturbedAttentionGuidance node is --pag_scale (its scale, 3 by default; 0: none) over
   sdjax's default layers, the mid block's self-attention, where the node perturbs it; its

@@ -523,6 +523,7 @@ def test_controlnet_units():
     ('FreeU: "s1=0.9, s2=0.2, b1=1.5, b2=1.6", FreeU form: V3',
      "FreeU form: 'V3' is not one of ComfyUI FreeU, ComfyUI FreeU_V2"),
     ("Eta: lots", "Eta: 'lots' is not a number"),
+    ("Guidance rescale form: other", "Guidance rescale form: 'other' is not ComfyUI RescaleCFG"),
     ('ControlNet 0: "Module: none, Weight: 1"', "ControlNet 0: 'Module: none, Weight: 1' names "
                                                 "no Model"),
     ('ControlNet 0: "Model: x, Weight: lots"', "Weight: 'lots' is not a number"),

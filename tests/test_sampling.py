@@ -1183,3 +1183,124 @@ def test_a1111_and_comfyui_unipc_in_a_run(pipes):
   with pytest.raises(ValueError, match="higher strength"):
     pipe.generate(PROMPTS[:1], scheduler_options={"a1111": True, **solver},
                   **{**kw, "strength": 0.3})
+
+
+def _comfyui_rescale_cfg(cond_pred, uncond_pred, cond_scale, x, sigma, multiplier):
+  """ComfyUI's cfg_function (comfy/samplers.py) with its RescaleCFG node's sampler_cfg_function
+  (comfy_extras/nodes_model_advanced.py), as they compute it in torch: the guided denoised
+  prediction from the two denoised ones at k-diffusion's x and noise level sigma."""
+  args = {"cond": x - cond_pred, "uncond": x - uncond_pred, "cond_scale": cond_scale,
+          "sigma": sigma, "input": x}
+  cond, uncond, sigma = args["cond"], args["uncond"], args["sigma"]
+  sigma = sigma.view(sigma.shape[:1] + (1,) * (cond.ndim - 1))
+  x_orig = args["input"]
+  x_ = x_orig / (sigma * sigma + 1.0)
+  cond = ((x_ - (x_orig - cond)) * (sigma ** 2 + 1.0) ** 0.5) / (sigma)
+  uncond = ((x_ - (x_orig - uncond)) * (sigma ** 2 + 1.0) ** 0.5) / (sigma)
+  x_cfg = uncond + cond_scale * (cond - uncond)
+  ro_pos = torch.std(cond, dim=(1, 2, 3), keepdim=True)
+  ro_cfg = torch.std(x_cfg, dim=(1, 2, 3), keepdim=True)
+  x_rescaled = x_cfg * (ro_pos / ro_cfg)
+  x_final = multiplier * x_rescaled + (1.0 - multiplier) * x_cfg
+  return x - (x_orig - (x_ - x_final * sigma / (sigma * sigma + 1.0) ** 0.5))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_comfyui_rescale_is_its_rescale_cfg(prediction_type):
+  """`comfyui_rescale` (guidance_rescale_form "comfyui") against ComfyUI's RescaleCFG in its
+  cfg_function, on model outputs at three noise levels: the denoised predictions ComfyUI's
+  model wrapper makes of them (epsilon: x - sigma out; v: x / (sigma^2 + 1) - out sigma /
+  sqrt(sigma^2 + 1)), its guided one, back to sdjax's model output. For a v-prediction model
+  it is diffusers' rescale of the output; for an epsilon model it is not."""
+  rng = np.random.default_rng(4)
+  for sigma in (0.03, 1.2, 14.6):
+    x = rng.standard_normal((2, 5, 6, 4), dtype=np.float32) * np.float32((sigma ** 2 + 1) ** 0.5)
+    out_c, out_u = (rng.standard_normal((2, 5, 6, 4), dtype=np.float32) for _ in range(2))
+    s = np.float32(sigma)
+    x_in = x / np.sqrt(np.float32(s * s + 1))  # the model's input
+
+    def denoised(out, x=x, s=s):
+      t_out, t_x, t_s = torch.from_numpy(out), torch.from_numpy(x), torch.tensor(s)
+      if prediction_type == "epsilon":
+        return t_x - t_out * t_s
+      return t_x * 1.0 / (t_s ** 2 + 1.0) - t_out * t_s * 1.0 / (t_s ** 2 + 1.0) ** 0.5
+
+    want = _comfyui_rescale_cfg(denoised(out_c), denoised(out_u), 5.0, torch.from_numpy(x),
+                                torch.tensor([s, s]), 0.7).numpy()
+    ours = sampling.comfyui_rescale(jnp.asarray(out_u), jnp.asarray(out_c), jnp.float32(5.0),
+                                    jnp.float32(0.7), jnp.asarray(x_in), jnp.float32(s),
+                                    prediction_type)
+    if prediction_type == "epsilon":
+      ours_denoised = x - s * np.asarray(ours)
+    else:
+      a2 = np.float32(1) / np.float32(s * s + 1)
+      ours_denoised = a2 * x - s * np.sqrt(a2) * np.asarray(ours)
+    err = np.abs(ours_denoised - want).max() / np.abs(want).max()
+    assert err < 2e-6, (sigma, err)
+    plain = sampling.guide(jnp.asarray(out_u), jnp.asarray(out_c), jnp.float32(5.0),
+                           jnp.float32(0.7))
+    differs = np.abs(np.asarray(plain) - np.asarray(ours)).max() / np.abs(np.asarray(ours)).max()
+    assert (differs < 1e-5) == (prediction_type == "v_prediction"), (sigma, differs)
+
+
+def test_comfyui_rescale_in_generate(sd1):
+  """generate(guidance_rescale_form="comfyui") with Euler in ComfyUI's form: at each call the
+  guided output is `comfyui_rescale` of the pair at that call's noise level and input (two
+  steps written out with the pipeline's own UNet, scheduler and VAE); diffusers' form makes
+  another image (an epsilon model)."""
+  from parity import randn  # noqa: PLC0415
+
+  _, pipe = sd1
+  options = {"k_diffusion": True, "comfyui": True}
+  common = dict(steps=2, guidance_scale=5.0, guidance_rescale=0.7, scheduler="euler",
+                scheduler_options=options, height=16, width=16)
+  latents = randn(1, 8, 8, 4, seed=12)
+  ours = pipe.generate(["a photo of a cat"], latents=latents, guidance_rescale_form="comfyui",
+                       **common)
+  sched = schedulers.get_scheduler("euler", pipe.scheduler_config, options=options)
+  state = sched.set_timesteps(2, sample_shape=(1, 8, 8, 4))
+  sigmas = np.append(np.asarray(sched.call_sigmas(state), np.float32), np.float32(0))  # to 0
+  positive, negative, *_ = pipe.encode_prompt(["a photo of a cat"], [""])
+  context = jnp.concatenate([negative, positive])
+  x = jnp.asarray(latents) * sched.init_noise_sigma(state)
+  for i in range(2):
+    x_in = sched.scale_model_input(state, x, i)
+    out = pipe.predict_noise(jnp.concatenate([x_in, x_in]),
+                             jnp.full((2,), state.timesteps[i], jnp.float32), context)
+    eps = sampling.comfyui_rescale(out[:1], out[1:], jnp.float32(5.0), jnp.float32(0.7), x_in,
+                                   jnp.float32(sigmas[i]), "epsilon")
+    denoised = x - sigmas[i] * eps
+    x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+  want = np.asarray(sampling.decode_images(pipe.vae, pipe.params["vae"], x))
+  err = float(np.linalg.norm(ours - want) / np.linalg.norm(want))
+  print(f"\nComfyUI RescaleCFG in generate: {err:.2e}")
+  assert err <= 2e-6, err
+  plain = pipe.generate(["a photo of a cat"], latents=latents, **common)
+  assert np.abs(plain - ours).max() > 1e-3
+  with pytest.raises(ValueError, match="guidance_rescale_form 'comfyui' .* not 'ddim'"):
+    pipe.generate(["a cat"], latents=latents, guidance_rescale_form="comfyui",
+                  **{**common, "scheduler": "ddim", "scheduler_options": None})
+
+
+def test_run_with_comfyui_rescale(sd1, tmp_path):
+  """main.py --guidance_rescale 0.7 --guidance_rescale_form comfyui: generate()'s image, run.json
+  and the PNG's `Guidance rescale form: ComfyUI RescaleCFG`, read back; over a sampler that
+  cannot give it each call's noise level (DDIM), a one-line error."""
+  import json  # noqa: PLC0415
+
+  from parity import one_image_run  # noqa: PLC0415
+
+  from sdjax import infotext, outputs, run  # noqa: PLC0415
+
+  _, pipe = sd1
+  cfg, _, png, kw = one_image_run(pipe, tmp_path / "out", guidance_rescale=0.7,
+                                  guidance_rescale_form="comfyui")
+  expected = pipe.generate("a cat", guidance_rescale=0.7, guidance_rescale_form="comfyui", **kw)
+  assert np.abs(np.asarray(png, np.float32) - expected[0] * 255).max() <= 1.0
+  params = outputs.parse_a1111_parameters(png.text["parameters"])
+  assert params["Guidance rescale form"] == "ComfyUI RescaleCFG"
+  assert json.load(open(tmp_path / "out" / "run.json"))["guidance_rescale_form"] == "comfyui"
+  flags = infotext.reproduce(png.text["parameters"]).flags
+  assert (flags["guidance_rescale"], flags["guidance_rescale_form"]) == ("0.7", "comfyui")
+  with pytest.raises(run.RunError, match="^--guidance_rescale_form 'comfyui' .* not 'ddim'"):
+    run.generate_run(dataclasses.replace(cfg, scheduler="ddim", output_dir=str(tmp_path / "b")))
