@@ -605,6 +605,25 @@ def _generator_source(spec: SampleSpec, seeds, shape, positions: int) -> _NoiseS
 GUIDANCE_RESCALE_FORMS = ("diffusers", "comfyui")
 
 
+def denoised_of(prediction_type: str, xk, out, sigma, a):
+  """The denoised prediction of model output `out` at k-diffusion's x `xk`, noise level sigma,
+  a = 1 / sqrt(sigma^2 + 1)."""
+  if prediction_type == "epsilon":
+    return xk - sigma * out
+  if prediction_type == "v_prediction":  # x0 = alpha_t x_in - sigma_t v = a x_in - sigma a v
+    return a * a * xk - sigma * a * out
+  return out  # "sample": the model's output is x0
+
+
+def output_of(prediction_type: str, xk, x0, sigma, a):
+  """The model output whose denoised prediction at xk is x0 (`denoised_of`'s inverse)."""
+  if prediction_type == "epsilon":
+    return (xk - x0) / sigma
+  if prediction_type == "v_prediction":
+    return (a * a * xk - x0) / (sigma * a)
+  return x0
+
+
 def comfyui_rescale(eps_uncond, eps_cond, scale, multiplier, x_in, sigma, prediction_type: str):
   """Classifier-free guidance with ComfyUI's RescaleCFG node (its sampler_cfg_function, in the
   order it computes): the two denoised predictions in the v-space it builds from them, with
@@ -615,15 +634,8 @@ def comfyui_rescale(eps_uncond, eps_cond, scale, multiplier, x_in, sigma, predic
   s2 = sigma * sigma + 1
   a = jax.lax.rsqrt(s2)
   x_orig = x_in / a  # k-diffusion's x, ComfyUI's "input"
-
-  def denoised(out):
-    if prediction_type == "epsilon":
-      return x_orig - sigma * out
-    if prediction_type == "v_prediction":
-      return a * a * x_orig - sigma * a * out
-    return out
-
-  cond, uncond = x_orig - denoised(eps_cond), x_orig - denoised(eps_uncond)  # its args
+  cond = x_orig - denoised_of(prediction_type, x_orig, eps_cond, sigma, a)  # its args
+  uncond = x_orig - denoised_of(prediction_type, x_orig, eps_uncond, sigma, a)
   x = x_orig / s2
   root = (sigma ** 2 + 1) ** 0.5
   cond = ((x - (x_orig - cond)) * root) / sigma
@@ -634,11 +646,7 @@ def comfyui_rescale(eps_uncond, eps_cond, scale, multiplier, x_in, sigma, predic
   ro_cfg = jnp.std(x_cfg, axis=axes, keepdims=True, ddof=1)
   x_final = multiplier * (x_cfg * (ro_pos / ro_cfg)) + (1 - multiplier) * x_cfg
   result = x_orig - (x_orig - (x - x_final * sigma / s2 ** 0.5))  # its cfg_result (denoised)
-  if prediction_type == "epsilon":
-    return (x_orig - result) / sigma
-  if prediction_type == "v_prediction":
-    return (a * a * x_orig - result) / (sigma * a)
-  return result
+  return output_of(prediction_type, x_orig, result, sigma, a)
 
 
 def guide(eps_uncond, eps_cond, scale, rescale=None, extra=None):
@@ -1418,22 +1426,10 @@ class _A1111Blend:
     return sigma, a, x / self.sample_scale(state, i)
 
   def _x0(self, xk, out, sigma, a):
-    """The denoised prediction of model output `out` at input xk (k-diffusion's x)."""
-    kind = self.scheduler.prediction_type
-    if kind == "epsilon":
-      return xk - sigma * out
-    if kind == "v_prediction":  # x0 = alpha x_in - sigma_t v, x_in = a xk, sigma_t = sigma a
-      return a * a * xk - sigma * a * out
-    return out  # "sample": the model's output is x0
+    return denoised_of(self.scheduler.prediction_type, xk, out, sigma, a)
 
   def _output(self, xk, x0, sigma, a):
-    """The model output whose denoised prediction at xk is x0 (`_x0`'s inverse)."""
-    kind = self.scheduler.prediction_type
-    if kind == "epsilon":
-      return (xk - x0) / sigma
-    if kind == "v_prediction":
-      return (a * a * xk - x0) / (sigma * a)
-    return x0
+    return output_of(self.scheduler.prediction_type, xk, x0, sigma, a)
 
   def output(self, state, x, out, i):
     """The model output `out` at position i (sample `x`) whose denoised prediction is blended."""
